@@ -1,0 +1,56 @@
+# Corral developer entry points. `make run` and `make test` are all a fresh machine needs.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+DEPS    := $(VENV)/.deps-stamp
+PROTOS  := $(wildcard proto/corral/v1/*.proto)
+PB2     := $(PROTOS:.proto=_pb2.py)
+PYX     := $(wildcard ext/*.pyx)
+EXT_SO  := $(VENV)/.ext-stamp
+PYTEST_ARGS ?=
+
+.PHONY: build run test test-unit bench lint clean proto ext
+
+build: $(DEPS) proto ext
+
+# The virtualenv with runtime + dev dependencies and an editable install of corral.
+$(DEPS): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "setuptools>=77" wheel "cython>=3.0,<4"
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+proto: $(DEPS) $(PB2)
+
+proto/corral/v1/%_pb2.py: proto/corral/v1/%.proto $(DEPS)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $<
+
+ext: $(DEPS) $(EXT_SO)
+
+$(EXT_SO): $(PYX) $(wildcard ext/*.pxd) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+# The main job on embedded defaults: run the example agent inside a default sandbox.
+run: build
+	$(VENV)/bin/corral run -- python3 examples/token_agent.py --tokens 40
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+test-unit: build
+	$(PY) -m pytest $(PYTEST_ARGS) tests/unit
+
+bench: build
+	$(PY) bench/spawn.py --json
+	$(PY) bench/stream_core.py --json
+
+lint: build
+	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info ext/*.c ext/*.so ext/*.html \
+	       proto/corral/v1/*_pb2.py proto/corral/v1/*_pb2.pyi proto/corral/v1/*_pb2_grpc.py \
+	       .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,935 @@
+# cython: language_level=3
+"""Process creation for the native sandbox: clone into namespaces, contain, execve.
+
+Everything between clone() and execve() in this module is C compiled from Cython with
+the GIL released, calling raw syscalls only: no Python object is touched, nothing is
+allocated, no lock is taken. A daemon with gRPC and asyncio threads can therefore spawn
+safely (see FIELD-NOTES "Spawning from a multithreaded Python process").
+
+The parent (Python) turns a plan built by ``corral.sandbox.contain`` into a
+``ChildPlan``: plain C arrays owned by that object. Two entry points use it:
+
+``spawn_init(plan, ...)``
+    clone() with new user/pid/mount/net/uts/ipc namespaces; the child becomes PID 1,
+    builds the sandbox (mounts, pivot_root, limits, seccomp) and execs corral-init.
+``spawn_join(plan, init_pidfd, ...)``
+    fork a helper that joins the sandbox's namespaces through the init's pidfd, which
+    clones (CLONE_PARENT) the real process: a child of the caller, inside the sandbox,
+    that applies landlock + seccomp again and execs the command.
+
+Failures in a child are reported over a close-on-exec pipe as fixed-size records
+(step, errno, detail index); end-of-file without a record means execve succeeded.
+"""
+
+from libc.errno cimport errno, EINTR, EEXIST, ENOENT, EACCES
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset, strlen, memcpy
+from posix.unistd cimport read, write, close, _exit, pipe, chdir, setsid, dup2, getpid
+from posix.types cimport pid_t
+
+import os
+
+cdef extern from * nogil:
+    """
+    #include <fcntl.h>
+    #include <grp.h>
+    #include <net/if.h>
+    #include <sched.h>
+    #include <signal.h>
+    #include <stdint.h>
+    #include <sys/ioctl.h>
+    #include <sys/mount.h>
+    #include <sys/prctl.h>
+    #include <sys/resource.h>
+    #include <sys/socket.h>
+    #include <sys/stat.h>
+    #include <sys/statvfs.h>
+    #include <sys/syscall.h>
+    #include <sys/wait.h>
+    #include <linux/capability.h>
+    #include <linux/securebits.h>
+    #include <unistd.h>
+
+    #ifndef SYS_pidfd_open
+    #define SYS_pidfd_open 434
+    #endif
+    #ifndef SYS_mount_setattr
+    #define SYS_mount_setattr 442
+    #endif
+    #ifndef SYS_close_range
+    #define SYS_close_range 436
+    #endif
+    #ifndef SYS_landlock_create_ruleset
+    #define SYS_landlock_create_ruleset 444
+    #define SYS_landlock_add_rule 445
+    #define SYS_landlock_restrict_self 446
+    #endif
+    #ifndef CLOSE_RANGE_CLOEXEC
+    #define CLOSE_RANGE_CLOEXEC (1U << 2)
+    #endif
+    #ifndef AT_RECURSIVE
+    #define AT_RECURSIVE 0x8000
+    #endif
+    #ifndef CLONE_NEWCGROUP
+    #define CLONE_NEWCGROUP 0x02000000
+    #endif
+    #define CORRAL_MOUNT_ATTR_RDONLY 0x00000001
+    #define CORRAL_MOUNT_ATTR_NOSUID 0x00000002
+    #define CORRAL_MOUNT_ATTR_NODEV  0x00000004
+    #define CORRAL_MOUNT_ATTR_NOEXEC 0x00000008
+
+    struct corral_mount_attr { uint64_t attr_set, attr_clr, propagation, userns_fd; };
+    struct corral_ll_ruleset_attr { uint64_t handled_access_fs, handled_access_net, scoped; };
+    struct corral_ll_path_beneath { uint64_t allowed_access; int32_t parent_fd; } __attribute__((packed));
+    struct corral_sock_fprog { unsigned short len; void *filter; };
+    struct corral_cap_header { uint32_t version; int pid; };
+    struct corral_cap_data { uint32_t effective, permitted, inheritable; };
+
+    static long corral_raw_clone(unsigned long flags) {
+        /* fork-like raw clone: no atfork handlers run, the child continues on a copy
+           of this stack. */
+        return syscall(SYS_clone, flags, 0, 0, 0, 0);
+    }
+    static int corral_pivot_root(const char *new_root, const char *put_old) {
+        return (int)syscall(SYS_pivot_root, new_root, put_old);
+    }
+    static int corral_mount_setattr(const char *path, unsigned int flags, uint64_t set) {
+        struct corral_mount_attr a = {set, 0, 0, 0};
+        return (int)syscall(SYS_mount_setattr, AT_FDCWD, path, flags, &a, sizeof a);
+    }
+    static int corral_open_tree_clone(const char *path) {
+        /* OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE */
+        return (int)syscall(428 /* SYS_open_tree */, AT_FDCWD, path, 1 | O_CLOEXEC | AT_RECURSIVE);
+    }
+    static int corral_move_mount_fd(int fd, const char *target) {
+        /* MOVE_MOUNT_F_EMPTY_PATH: attach the detached tree behind fd at target */
+        return (int)syscall(429 /* SYS_move_mount */, fd, "", AT_FDCWD, target, 0x00000004);
+    }
+    static int corral_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+    static int corral_setns(int fd, int nstype) { return (int)syscall(SYS_setns, fd, nstype); }
+    static int corral_unshare(int flags) { return (int)syscall(SYS_unshare, flags); }
+    static int corral_close_range_cloexec(unsigned int first) {
+        return (int)syscall(SYS_close_range, first, ~0U, CLOSE_RANGE_CLOEXEC);
+    }
+    static int corral_setresuid0(void) {
+        if (syscall(SYS_setresgid, 0, 0, 0)) return -1;
+        return (int)syscall(SYS_setresuid, 0, 0, 0);
+    }
+    static int corral_execveat_fd(int fd, char *const argv[], char *const envp[]) {
+        return (int)syscall(SYS_execveat, fd, "", argv, envp, AT_EMPTY_PATH);
+    }
+    static int corral_seccomp_load(void *filter, unsigned short len) {
+        struct corral_sock_fprog prog = {len, filter};
+        return (int)syscall(SYS_seccomp, 1 /* SECCOMP_SET_MODE_FILTER */, 0, &prog);
+    }
+    static int corral_landlock_create(uint64_t fs, uint64_t scoped, int abi) {
+        struct corral_ll_ruleset_attr a = {fs, 0, scoped};
+        /* Older ABIs reject a larger struct; pass only the fields they know. */
+        size_t size = abi >= 6 ? sizeof a : (abi >= 4 ? 16 : 8);
+        return (int)syscall(SYS_landlock_create_ruleset, &a, size, 0);
+    }
+    static int corral_landlock_add_path(int ruleset, int parent_fd, uint64_t access) {
+        struct corral_ll_path_beneath pb = {access, parent_fd};
+        return (int)syscall(SYS_landlock_add_rule, ruleset, 1 /* PATH_BENEATH */, &pb, 0);
+    }
+    static int corral_landlock_restrict(int ruleset) {
+        return (int)syscall(SYS_landlock_restrict_self, ruleset, 0);
+    }
+    static int corral_drop_caps(int last_cap) {
+        /* Lock root out of regaining capabilities on execve, then empty every set. */
+        if (prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
+                  SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
+                  SECBIT_KEEP_CAPS_LOCKED, 0, 0, 0))
+            return -1;
+        for (int cap = 0; cap <= last_cap; cap++) {
+            if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL)
+                return -1;
+        }
+        if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) && errno != EINVAL)
+            return -1;
+        struct corral_cap_header h = {_LINUX_CAPABILITY_VERSION_3, 0};
+        struct corral_cap_data d[2];
+        memset(d, 0, sizeof d);
+        return (int)syscall(SYS_capset, &h, d);
+    }
+    static int corral_loopback_up(void) {
+        int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (s < 0) return -1;
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        memcpy(ifr.ifr_name, "lo", 3);
+        int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+        if (rc == 0) {
+            ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+            rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+        }
+        int saved = errno;
+        close(s);
+        errno = saved;
+        return rc;
+    }
+    static int corral_set_rlimit(int resource, unsigned long long soft, unsigned long long hard) {
+        struct rlimit rl = {(rlim_t)soft, (rlim_t)hard};
+        return setrlimit(resource, &rl);
+    }
+    static void corral_set_errno(int e) { errno = e; }
+    static int corral_write_all(int fd, const char *buf, size_t len) {
+        while (len > 0) {
+            ssize_t n = write(fd, buf, len);
+            if (n < 0) { if (errno == EINTR) continue; return -1; }
+            buf += n; len -= (size_t)n;
+        }
+        return 0;
+    }
+    """
+    long corral_raw_clone(unsigned long flags)
+    int corral_pivot_root(const char *new_root, const char *put_old)
+    int corral_mount_setattr(const char *path, unsigned int flags, unsigned long long set)
+    int corral_pidfd_open(pid_t pid)
+    int corral_open_tree_clone(const char *path)
+    int corral_move_mount_fd(int fd, const char *target)
+    int corral_setns(int fd, int nstype)
+    int corral_unshare(int flags)
+    int corral_close_range_cloexec(unsigned int first)
+    int corral_setresuid0()
+    int corral_execveat_fd(int fd, char **argv, char **envp)
+    int corral_seccomp_load(void *filter, unsigned short len)
+    int corral_landlock_create(unsigned long long fs, unsigned long long scoped, int abi)
+    int corral_landlock_add_path(int ruleset, int parent_fd, unsigned long long access)
+    int corral_landlock_restrict(int ruleset)
+    int corral_drop_caps(int last_cap)
+    int corral_loopback_up()
+    int corral_set_rlimit(int resource, unsigned long long soft, unsigned long long hard)
+    int corral_write_all(int fd, const char *buf, size_t len)
+    void corral_set_errno(int e)
+
+    int mount(const char *source, const char *target, const char *fstype,
+              unsigned long flags, const void *data)
+    int umount2(const char *target, int flags)
+    int mkdir(const char *path, unsigned int mode)
+    int symlink(const char *target, const char *linkpath)
+    int open(const char *path, int flags, ...)
+    int fcntl(int fd, int cmd, ...)
+    int execve(const char *path, char **argv, char **envp)
+    int sethostname(const char *name, size_t len)
+    int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)
+    int kill(pid_t pid, int sig)
+    pid_t waitpid(pid_t pid, int *status, int options)
+
+    int O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_CLOEXEC, O_PATH, O_DIRECTORY, O_NOFOLLOW
+    int F_DUPFD_CLOEXEC
+    int MS_BIND, MS_REC, MS_PRIVATE, MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT
+    int MNT_DETACH, AT_RECURSIVE
+    int CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUTS
+    int CLONE_NEWIPC, CLONE_NEWCGROUP, CLONE_PARENT
+    int SIGCHLD, SIGKILL
+    int PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PR_SET_DUMPABLE
+    int CORRAL_MOUNT_ATTR_RDONLY, CORRAL_MOUNT_ATTR_NOSUID, CORRAL_MOUNT_ATTR_NODEV
+    int CORRAL_MOUNT_ATTR_NOEXEC
+
+
+# --------------------------------------------------------------------------------------
+# Steps: every child failure names one of these. contain.py maps them to readable names.
+# --------------------------------------------------------------------------------------
+
+cdef enum Step:
+    STEP_NONE = 0
+    STEP_WAIT_PARENT = 1
+    STEP_CGROUP_ATTACH = 2
+    STEP_SETRESUID = 3
+    STEP_UNSHARE_CGROUP = 4
+    STEP_HOSTNAME = 5
+    STEP_LOOPBACK = 6
+    STEP_MOUNT = 7
+    STEP_MKDIR = 8
+    STEP_WRITE_FILE = 9
+    STEP_SYMLINK = 10
+    STEP_READONLY = 11
+    STEP_PIVOT_ROOT = 12
+    STEP_CHDIR = 13
+    STEP_SETSID = 14
+    STEP_FDS = 15
+    STEP_RLIMIT = 16
+    STEP_CAPS = 17
+    STEP_NO_NEW_PRIVS = 18
+    STEP_LANDLOCK = 19
+    STEP_SECCOMP = 20
+    STEP_EXECVE = 21
+    STEP_SETNS = 22
+    STEP_CLONE = 23
+    STEP_PDEATHSIG = 24
+
+STEP_NAMES = {
+    STEP_WAIT_PARENT: "wait-for-parent",
+    STEP_CGROUP_ATTACH: "cgroup-attach",
+    STEP_SETRESUID: "setresuid",
+    STEP_UNSHARE_CGROUP: "unshare(CLONE_NEWCGROUP)",
+    STEP_HOSTNAME: "sethostname",
+    STEP_LOOPBACK: "loopback-up",
+    STEP_MOUNT: "mount",
+    STEP_MKDIR: "mkdir",
+    STEP_WRITE_FILE: "write-file",
+    STEP_SYMLINK: "symlink",
+    STEP_READONLY: "mount_setattr",
+    STEP_PIVOT_ROOT: "pivot_root",
+    STEP_CHDIR: "chdir",
+    STEP_SETSID: "setsid",
+    STEP_FDS: "dup2(fds)",
+    STEP_RLIMIT: "setrlimit",
+    STEP_CAPS: "drop-capabilities",
+    STEP_NO_NEW_PRIVS: "prctl(PR_SET_NO_NEW_PRIVS)",
+    STEP_LANDLOCK: "landlock",
+    STEP_SECCOMP: "seccomp",
+    STEP_EXECVE: "execve",
+    STEP_SETNS: "setns",
+    STEP_CLONE: "clone",
+    STEP_PDEATHSIG: "prctl(PR_SET_PDEATHSIG)",
+}
+
+# Mount plan op kinds; corral.sandbox.mounts produces them (same numbers).
+cdef enum OpKind:
+    OP_MKDIR = 1        # target, mode
+    OP_MOUNT = 2        # source, target, fstype, flags, data
+    OP_SETATTR = 3      # target: mount_setattr(flags = MOUNT_ATTR_* to set), mode 1 = recursive
+    OP_FILE = 4         # target, data (content), mode
+    OP_SYMLINK = 5      # source (link text), target
+    OP_PIVOT = 6        # target: the new root
+    OP_MASK_FILE = 7    # target: bind /dev/null over it when it exists
+    OP_MASK_DIR = 8     # target: empty read-only tmpfs over it when it exists
+    OP_TOUCH = 9        # target: empty file (a bind-mount point)
+    OP_RO_SELF = 10     # target: bound onto itself and made read-only, when it exists
+    OP_ATTACH = 11      # target: attach the detached mount tree of descriptor `flags`
+
+OP_KINDS = {
+    "mkdir": OP_MKDIR, "mount": OP_MOUNT, "setattr": OP_SETATTR, "file": OP_FILE,
+    "symlink": OP_SYMLINK, "pivot": OP_PIVOT, "mask_file": OP_MASK_FILE,
+    "mask_dir": OP_MASK_DIR, "touch": OP_TOUCH, "ro_self": OP_RO_SELF,
+    "attach": OP_ATTACH,
+}
+
+cdef struct mount_op:
+    int kind
+    char *source
+    char *target
+    char *fstype
+    unsigned long flags
+    char *data
+    size_t data_len
+    unsigned int mode
+
+cdef struct ll_rule:
+    char *path
+    unsigned long long access
+
+cdef struct rlimit_op:
+    int resource
+    unsigned long long soft
+    unsigned long long hard
+
+cdef struct fd_map:
+    int parent_fd
+    int child_fd
+
+cdef struct report:
+    int kind        # 1 = failure, 2 = pid of the joined process
+    int step
+    int err
+    int detail      # index of the failing op / rule / path, or the pid
+
+
+cdef struct child_plan:
+    mount_op *ops
+    int n_ops
+    ll_rule *ll_rules
+    int n_ll_rules
+    unsigned long long ll_handled
+    unsigned long long ll_scoped
+    int ll_abi
+    rlimit_op *rlimits
+    int n_rlimits
+    fd_map *fds
+    int n_fds
+    char **argv
+    char **envp
+    char **search_path   # PATH entries for a bare command name
+    char *cwd
+    char *hostname
+    char *bpf
+    unsigned short bpf_len
+    int *cgroup_fds
+    int n_cgroup_fds
+    int last_cap
+    int pdeathsig
+    int exec_fd          # init: execveat this fd instead of argv[0]
+
+
+cdef class ChildPlan:
+    """Everything a child needs, as C data owned by this object (freed with it)."""
+
+    cdef list _keep            # bytes objects whose buffers the C arrays point into
+    cdef child_plan c
+
+    def __cinit__(self):
+        self._keep = []
+
+    def __init__(self, *, argv, envp=(), search_path=(), cwd="/", hostname=None,
+                 mount_ops=(), landlock_rules=(), landlock_handled=0, landlock_scoped=0,
+                 landlock_abi=0, rlimits=(), fds=(), seccomp_bpf=None, cgroup_fds=(),
+                 last_cap=40, pdeathsig=0, exec_fd=-1):
+        """Build the C arrays.
+
+        Args:
+            argv: the command (argv[0] is resolved through search_path when it has no '/').
+            envp: "K=V" strings.
+            mount_ops: (kind, source, target, fstype, flags, data, mode) tuples.
+            landlock_rules: (path, access_mask) tuples; empty with landlock_handled=0
+                means no landlock.
+            rlimits: (resource, soft, hard) tuples.
+            fds: (parent_fd, child_fd) pairs to install in the child; all other
+                descriptors are closed on execve.
+            seccomp_bpf: raw struct sock_filter array, or None for no filter.
+            cgroup_fds: open cgroup.procs descriptors the child writes "0" into.
+        """
+        cdef int i
+        if not argv:
+            raise ValueError("argv must not be empty")
+        self.c.argv = self._strv(argv)
+        self.c.envp = self._strv(envp)
+        self.c.search_path = self._strv(search_path)
+        self.c.cwd = self._str(cwd)
+        self.c.hostname = self._str(hostname) if hostname else NULL
+
+        ops = list(mount_ops)
+        self.c.n_ops = len(ops)
+        self.c.ops = <mount_op *>self._alloc(sizeof(mount_op) * (self.c.n_ops + 1))
+        for i, (kind, source, target, fstype, flags, data, mode) in enumerate(ops):
+            self.c.ops[i].kind = OP_KINDS[kind]
+            self.c.ops[i].source = self._str(source) if source is not None else NULL
+            self.c.ops[i].target = self._str(target)
+            self.c.ops[i].fstype = self._str(fstype) if fstype is not None else NULL
+            self.c.ops[i].flags = flags
+            if data is None:
+                self.c.ops[i].data = NULL
+                self.c.ops[i].data_len = 0
+            else:
+                raw = data.encode() if isinstance(data, str) else bytes(data)
+                self.c.ops[i].data = self._bytes(raw)
+                self.c.ops[i].data_len = len(raw)
+            self.c.ops[i].mode = mode
+
+        rules = list(landlock_rules)
+        self.c.n_ll_rules = len(rules)
+        self.c.ll_rules = <ll_rule *>self._alloc(sizeof(ll_rule) * (self.c.n_ll_rules + 1))
+        for i, (path, access) in enumerate(rules):
+            self.c.ll_rules[i].path = self._str(path)
+            self.c.ll_rules[i].access = access
+        self.c.ll_handled = landlock_handled
+        self.c.ll_scoped = landlock_scoped
+        self.c.ll_abi = landlock_abi
+
+        lims = list(rlimits)
+        self.c.n_rlimits = len(lims)
+        self.c.rlimits = <rlimit_op *>self._alloc(sizeof(rlimit_op) * (self.c.n_rlimits + 1))
+        for i, (res, soft, hard) in enumerate(lims):
+            self.c.rlimits[i].resource = res
+            self.c.rlimits[i].soft = soft
+            self.c.rlimits[i].hard = hard
+
+        fdl = list(fds)
+        self.c.n_fds = len(fdl)
+        self.c.fds = <fd_map *>self._alloc(sizeof(fd_map) * (self.c.n_fds + 1))
+        for i, (pfd, cfd) in enumerate(fdl):
+            self.c.fds[i].parent_fd = pfd
+            self.c.fds[i].child_fd = cfd
+
+        if seccomp_bpf:
+            if len(seccomp_bpf) % 8 or len(seccomp_bpf) // 8 > 4096:
+                raise ValueError("seccomp program must be 1..4096 sock_filter entries")
+            self.c.bpf = self._bytes(bytes(seccomp_bpf))
+            self.c.bpf_len = len(seccomp_bpf) // 8
+        else:
+            self.c.bpf = NULL
+            self.c.bpf_len = 0
+
+        cg = list(cgroup_fds)
+        self.c.n_cgroup_fds = len(cg)
+        self.c.cgroup_fds = <int *>self._alloc(sizeof(int) * (self.c.n_cgroup_fds + 1))
+        for i, fd in enumerate(cg):
+            self.c.cgroup_fds[i] = fd
+        self.c.last_cap = last_cap
+        self.c.pdeathsig = pdeathsig
+        self.c.exec_fd = exec_fd
+
+    def __dealloc__(self):
+        # The arrays are malloc'd; the strings they point into belong to self._keep.
+        free(self.c.ops)
+        free(self.c.ll_rules)
+        free(self.c.rlimits)
+        free(self.c.fds)
+        free(self.c.argv)
+        free(self.c.envp)
+        free(self.c.search_path)
+        free(self.c.cgroup_fds)
+
+    cdef void *_alloc(self, size_t size) except NULL:
+        cdef void *p = malloc(size)
+        if p == NULL:
+            raise MemoryError()
+        memset(p, 0, size)
+        return p
+
+    cdef char *_bytes(self, bytes raw) except NULL:
+        # NUL-terminated copy kept alive by self._keep.
+        cdef bytes buf = raw + b"\0"
+        self._keep.append(buf)
+        return <char *>buf
+
+    cdef char *_str(self, value) except NULL:
+        raw = os.fsencode(value)
+        if b"\0" in raw:
+            raise ValueError(f"{value!r} contains a NUL byte")
+        return self._bytes(raw)
+
+    cdef char **_strv(self, values) except NULL:
+        items = list(values)
+        cdef char **v = <char **>self._alloc(sizeof(char *) * (len(items) + 1))
+        cdef int i
+        try:
+            for i, item in enumerate(items):
+                v[i] = self._str(item)
+        except BaseException:
+            free(v)
+            raise
+        v[len(items)] = NULL
+        return v
+
+
+# --------------------------------------------------------------------------------------
+# Child side: async-signal-safe C only.
+# --------------------------------------------------------------------------------------
+
+cdef void fail(int report_fd, int step, int detail) noexcept nogil:
+    cdef report r
+    r.kind = 1
+    r.step = step
+    r.err = errno
+    r.detail = detail
+    corral_write_all(report_fd, <const char *>&r, sizeof(report))
+    _exit(126)
+
+
+cdef int read_byte(int fd) noexcept nogil:
+    cdef char c
+    cdef ssize_t n
+    while True:
+        n = read(fd, &c, 1)
+        if n < 0 and errno == EINTR:
+            continue
+        return <int>n
+
+
+cdef int attach_cgroups(child_plan *plan) noexcept nogil:
+    cdef int i
+    for i in range(plan.n_cgroup_fds):
+        if corral_write_all(plan.cgroup_fds[i], "0", 1) != 0:
+            return i + 1
+    return 0
+
+
+cdef int apply_mounts(child_plan *plan, int report_fd) noexcept nogil:
+    cdef int i, fd
+    cdef mount_op *op
+    for i in range(plan.n_ops):
+        op = &plan.ops[i]
+        if op.kind == OP_MKDIR:
+            if mkdir(op.target, op.mode) != 0 and errno != EEXIST:
+                fail(report_fd, STEP_MKDIR, i)
+        elif op.kind == OP_MOUNT:
+            if mount(op.source, op.target, op.fstype, op.flags, op.data) != 0:
+                fail(report_fd, STEP_MOUNT, i)
+        elif op.kind == OP_SETATTR:
+            if corral_mount_setattr(op.target, AT_RECURSIVE if op.mode else 0, op.flags) != 0:
+                fail(report_fd, STEP_READONLY, i)
+        elif op.kind == OP_FILE or op.kind == OP_TOUCH:
+            fd = open(op.target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, op.mode)
+            if fd < 0:
+                fail(report_fd, STEP_WRITE_FILE, i)
+            if op.kind == OP_FILE and corral_write_all(fd, op.data, op.data_len) != 0:
+                fail(report_fd, STEP_WRITE_FILE, i)
+            close(fd)
+        elif op.kind == OP_SYMLINK:
+            if symlink(op.source, op.target) != 0:
+                fail(report_fd, STEP_SYMLINK, i)
+        elif op.kind == OP_MASK_FILE:
+            if mount("/dev/null", op.target, NULL, MS_BIND, NULL) != 0 and errno != ENOENT:
+                fail(report_fd, STEP_MOUNT, i)
+        elif op.kind == OP_MASK_DIR:
+            if mount("tmpfs", op.target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                     "size=0,mode=0555") != 0 and errno != ENOENT:
+                fail(report_fd, STEP_MOUNT, i)
+        elif op.kind == OP_RO_SELF:
+            if mount(op.target, op.target, NULL, MS_BIND | MS_REC, NULL) != 0:
+                if errno == ENOENT:
+                    continue
+                fail(report_fd, STEP_MOUNT, i)
+            if corral_mount_setattr(op.target, AT_RECURSIVE,
+                                    CORRAL_MOUNT_ATTR_RDONLY | CORRAL_MOUNT_ATTR_NOSUID
+                                    | CORRAL_MOUNT_ATTR_NODEV) != 0:
+                fail(report_fd, STEP_READONLY, i)
+        elif op.kind == OP_ATTACH:
+            if corral_move_mount_fd(<int>op.flags, op.target) != 0:
+                fail(report_fd, STEP_MOUNT, i)
+        elif op.kind == OP_PIVOT:
+            # pivot_root(".", ".") stacks the old root under the new one; detaching it
+            # leaves only the new tree, with no directory needed for the old root.
+            if chdir(op.target) != 0:
+                fail(report_fd, STEP_PIVOT_ROOT, i)
+            if corral_pivot_root(".", ".") != 0:
+                fail(report_fd, STEP_PIVOT_ROOT, i)
+            if umount2(".", MNT_DETACH) != 0:
+                fail(report_fd, STEP_PIVOT_ROOT, i)
+            if chdir("/") != 0:
+                fail(report_fd, STEP_PIVOT_ROOT, i)
+    return 0
+
+
+cdef int install_fds(child_plan *plan, int report_fd) noexcept nogil:
+    # Two passes so that a target number that is also a source is not clobbered:
+    # first lift every source above all targets, then dup2 into place.
+    cdef int i, high = 0, fd
+    cdef int lifted[64]
+    if plan.n_fds > 64:
+        corral_set_errno(24)  # EMFILE
+        fail(report_fd, STEP_FDS, 0)
+    for i in range(plan.n_fds):
+        if plan.fds[i].child_fd > high:
+            high = plan.fds[i].child_fd
+        if plan.fds[i].parent_fd > high:
+            high = plan.fds[i].parent_fd
+    for i in range(plan.n_fds):
+        fd = fcntl(plan.fds[i].parent_fd, F_DUPFD_CLOEXEC, high + 1 + i)
+        if fd < 0:
+            fail(report_fd, STEP_FDS, i)
+        lifted[i] = fd
+    for i in range(plan.n_fds):
+        if dup2(lifted[i], plan.fds[i].child_fd) < 0:
+            fail(report_fd, STEP_FDS, i)
+    return 0
+
+
+cdef int apply_landlock(child_plan *plan, int report_fd) noexcept nogil:
+    cdef int ruleset, i, fd
+    if plan.ll_handled == 0:
+        return 0
+    ruleset = corral_landlock_create(plan.ll_handled, plan.ll_scoped, plan.ll_abi)
+    if ruleset < 0:
+        fail(report_fd, STEP_LANDLOCK, -1)
+    for i in range(plan.n_ll_rules):
+        fd = open(plan.ll_rules[i].path, O_PATH | O_CLOEXEC)
+        if fd < 0:
+            if errno == ENOENT:
+                continue  # an optional path (e.g. /dev/tty absent): nothing to allow
+            fail(report_fd, STEP_LANDLOCK, i)
+        if corral_landlock_add_path(ruleset, fd, plan.ll_rules[i].access) != 0:
+            fail(report_fd, STEP_LANDLOCK, i)
+        close(fd)
+    if corral_landlock_restrict(ruleset) != 0:
+        fail(report_fd, STEP_LANDLOCK, plan.n_ll_rules)
+    close(ruleset)
+    return 0
+
+
+cdef void exec_command(child_plan *plan, int report_fd) noexcept nogil:
+    """execve argv[0], searching the plan's PATH when the name has no slash."""
+    cdef char buf[4096]
+    cdef char *name = plan.argv[0]
+    cdef char *dir
+    cdef size_t nlen, dlen
+    cdef int i = 0, saved = ENOENT, seen_eacces = 0
+    cdef const char *p = name
+    while p[0] != 0:
+        if p[0] == 47:  # '/'
+            execve(name, plan.argv, plan.envp)
+            fail(report_fd, STEP_EXECVE, -1)
+        p += 1
+    nlen = strlen(name)
+    while plan.search_path[i] != NULL:
+        dir = plan.search_path[i]
+        i += 1
+        dlen = strlen(dir)
+        if dlen + 1 + nlen + 1 > sizeof(buf):
+            continue
+        memcpy(buf, dir, dlen)
+        buf[dlen] = 47
+        memcpy(buf + dlen + 1, name, nlen + 1)
+        execve(buf, plan.argv, plan.envp)
+        if errno == EACCES:
+            seen_eacces = 1
+        elif errno != ENOENT and errno != 20:  # ENOTDIR
+            saved = errno
+    corral_set_errno(EACCES if seen_eacces else saved)
+    fail(report_fd, STEP_EXECVE, -1)
+
+
+cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexcept nogil:
+    """The tail both children share, in the order of corral.sandbox.contain."""
+    cdef int i
+    if chdir(plan.cwd) != 0:
+        fail(report_fd, STEP_CHDIR, -1)
+    if setsid() < 0:
+        fail(report_fd, STEP_SETSID, -1)
+    install_fds(plan, report_fd)
+    for i in range(plan.n_rlimits):
+        if corral_set_rlimit(plan.rlimits[i].resource, plan.rlimits[i].soft,
+                             plan.rlimits[i].hard) != 0:
+            fail(report_fd, STEP_RLIMIT, i)
+    if corral_drop_caps(plan.last_cap) != 0:
+        fail(report_fd, STEP_CAPS, -1)
+    if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        fail(report_fd, STEP_NO_NEW_PRIVS, -1)
+    if not is_init:
+        # corral-init is exec'd from a descriptor that lives outside the sandbox's view,
+        # which landlock would refuse to execute; it runs nothing else, so it does not
+        # need the filesystem rules.
+        apply_landlock(plan, report_fd)
+    # Every descriptor not installed above is closed by the execve (or on failure, by
+    # _exit); the report pipe is close-on-exec, so end-of-file tells success.
+    if corral_close_range_cloexec(3) != 0:
+        fail(report_fd, STEP_FDS, -1)
+    if plan.bpf != NULL and corral_seccomp_load(plan.bpf, plan.bpf_len) != 0:
+        fail(report_fd, STEP_SECCOMP, -1)
+    if is_init:
+        corral_execveat_fd(plan.exec_fd, plan.argv, plan.envp)
+        fail(report_fd, STEP_EXECVE, -1)
+    exec_command(plan, report_fd)
+
+
+cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
+    """PID 1 of a new sandbox; runs after clone() with the new namespaces."""
+    if plan.pdeathsig and prctl(PR_SET_PDEATHSIG, plan.pdeathsig, 0, 0, 0) != 0:
+        fail(report_fd, STEP_PDEATHSIG, -1)
+    # The parent writes uid_map/gid_map, then one byte; EOF means it gave up.
+    if read_byte(go_fd) != 1:
+        fail(report_fd, STEP_WAIT_PARENT, -1)
+    close(go_fd)
+    if corral_setresuid0() != 0:
+        fail(report_fd, STEP_SETRESUID, -1)
+    if attach_cgroups(plan) != 0:
+        fail(report_fd, STEP_CGROUP_ATTACH, -1)
+    # A cgroup namespace rooted at the sandbox's own cgroup, now that we are in it.
+    if corral_unshare(CLONE_NEWCGROUP) != 0:
+        fail(report_fd, STEP_UNSHARE_CGROUP, -1)
+    if plan.hostname != NULL and sethostname(plan.hostname, strlen(plan.hostname)) != 0:
+        fail(report_fd, STEP_HOSTNAME, -1)
+    if corral_loopback_up() != 0:
+        fail(report_fd, STEP_LOOPBACK, -1)
+    apply_mounts(plan, report_fd)
+    contain_and_exec(plan, report_fd, True)
+
+
+cdef void join_child(child_plan *plan, int ns_pidfd, int report_fd) noexcept nogil:
+    """Helper that enters a sandbox and clones the command as the caller's child."""
+    cdef long pid
+    cdef report r
+    if attach_cgroups(plan) != 0:
+        fail(report_fd, STEP_CGROUP_ATTACH, -1)
+    if corral_setns(ns_pidfd, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
+                    | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP) != 0:
+        fail(report_fd, STEP_SETNS, -1)
+    pid = corral_raw_clone(CLONE_PARENT)
+    if pid < 0:
+        fail(report_fd, STEP_CLONE, -1)
+    if pid == 0:
+        # The command: a child of the runtime, PID n of the sandbox.
+        if plan.pdeathsig and prctl(PR_SET_PDEATHSIG, plan.pdeathsig, 0, 0, 0) != 0:
+            fail(report_fd, STEP_PDEATHSIG, -1)
+        if corral_setresuid0() != 0:
+            fail(report_fd, STEP_SETRESUID, -1)
+        contain_and_exec(plan, report_fd, False)
+    r.kind = 2
+    r.step = 0
+    r.err = 0
+    r.detail = <int>pid
+    corral_write_all(report_fd, <const char *>&r, sizeof(report))
+    _exit(0)
+
+
+# --------------------------------------------------------------------------------------
+# Parent side.
+# --------------------------------------------------------------------------------------
+
+class SpawnError(OSError):
+    """A child failed a containment step before execve."""
+
+    def __init__(self, step, err, detail):
+        self.step = step
+        self.step_name = STEP_NAMES.get(step, f"step-{step}")
+        self.detail = detail
+        super().__init__(err, f"{self.step_name}: {os.strerror(err)}")
+
+
+cdef int write_file(const char *path, const char *data, size_t len) noexcept nogil:
+    cdef int fd = open(path, O_WRONLY | O_CLOEXEC)
+    cdef int rc
+    if fd < 0:
+        return -1
+    rc = corral_write_all(fd, data, len)
+    close(fd)
+    return rc
+
+
+cdef object read_reports(int fd):
+    """Read every report until EOF; returns (failure or None, joined pid or 0)."""
+    cdef report r
+    cdef ssize_t n
+    cdef size_t got
+    failure = None
+    pid = 0
+    while True:
+        got = 0
+        while got < sizeof(report):
+            with nogil:
+                n = read(fd, (<char *>&r) + got, sizeof(report) - got)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                raise OSError(errno, "reading the child's report pipe")
+            if n == 0:
+                break
+            got += n
+        if got == 0:
+            return failure, pid
+        if got != sizeof(report):
+            raise OSError(5, "short report from a sandbox child")
+        if r.kind == 1 and failure is None:
+            failure = SpawnError(r.step, r.err, r.detail)
+        elif r.kind == 2:
+            pid = r.detail
+
+
+cdef int cloexec_pipe(int fds[2]) except -1:
+    cdef int r = pipe(fds)
+    if r != 0:
+        raise OSError(errno, "pipe")
+    os.set_inheritable(fds[0], False)
+    os.set_inheritable(fds[1], False)
+    return 0
+
+
+def open_tree_clone(path):
+    """A detached copy of the mount tree at path (open_tree(OPEN_TREE_CLONE|AT_RECURSIVE)).
+
+    The descriptor is opened with this process's privileges, so a child in new namespaces
+    can attach it (OP_ATTACH) even where its own ids could not reach the path.
+    """
+    cdef bytes raw = os.fsencode(path)
+    cdef int fd = corral_open_tree_clone(raw)
+    if fd < 0:
+        raise OSError(errno, os.strerror(errno), path)
+    return fd
+
+
+def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map):
+    """Create a sandbox's PID 1; returns (pid, pidfd).
+
+    The child gets new user, PID, mount, network, UTS and IPC namespaces; it waits
+    until its uid/gid maps are written, then contains itself and execs corral-init.
+
+    Raises:
+        SpawnError: the child failed a step (step, errno, detail are attributes).
+        OSError: clone itself or writing the maps failed.
+    """
+    cdef int go[2]
+    cdef int rep[2]
+    cdef long pid
+    cdef int status
+    cdef unsigned long flags = (CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET
+                                | CLONE_NEWUTS | CLONE_NEWIPC | SIGCHLD)
+    cloexec_pipe(go)
+    try:
+        cloexec_pipe(rep)
+    except BaseException:
+        close(go[0]); close(go[1])
+        raise
+    with nogil:
+        pid = corral_raw_clone(flags)
+        if pid == 0:
+            close(go[1])
+            close(rep[0])
+            init_child(&plan.c, go[0], rep[1])
+            _exit(127)  # not reached
+    close(go[0])
+    close(rep[1])
+    if pid < 0:
+        err = errno
+        close(go[1]); close(rep[0])
+        raise OSError(err, "clone(CLONE_NEWUSER|CLONE_NEWPID|CLONE_NEWNS|...)")
+    try:
+        base = f"/proc/{pid}/".encode()
+        for name, data in ((b"uid_map", uid_map), (b"setgroups", b"deny"),
+                           (b"gid_map", gid_map)):
+            path = base + name
+            if write_file(path, data, len(data)) != 0:
+                raise OSError(errno, f"writing {path.decode()}")
+        if write(go[1], b"g", 1) != 1:
+            raise OSError(errno, "releasing the sandbox child")
+        close(go[1])
+        go[1] = -1
+        failure, _ = read_reports(rep[0])
+        if failure is not None:
+            raise failure
+        pidfd = corral_pidfd_open(<pid_t>pid)
+        if pidfd < 0:
+            raise OSError(errno, "pidfd_open")
+        return pid, pidfd
+    except BaseException:
+        kill(<pid_t>pid, SIGKILL)
+        with nogil:
+            waitpid(<pid_t>pid, &status, 0)
+        raise
+    finally:
+        if go[1] >= 0:
+            close(go[1])
+        close(rep[0])
+
+
+def spawn_join(ChildPlan plan, int init_pidfd):
+    """Start plan.argv inside the sandbox whose PID 1 is behind init_pidfd.
+
+    Returns the host pid of the new process, a child of the caller.
+
+    Raises:
+        SpawnError: a step failed (execve's failure is step "execve").
+    """
+    cdef int rep[2]
+    cdef long helper
+    cdef int status = 0
+    cloexec_pipe(rep)
+    with nogil:
+        helper = corral_raw_clone(SIGCHLD)
+        if helper == 0:
+            close(rep[0])
+            join_child(&plan.c, init_pidfd, rep[1])
+            _exit(127)
+    close(rep[1])
+    if helper < 0:
+        err = errno
+        close(rep[0])
+        raise OSError(err, "clone (join helper)")
+    try:
+        failure, pid = read_reports(rep[0])
+    finally:
+        close(rep[0])
+        with nogil:
+            while waitpid(<pid_t>helper, &status, 0) < 0 and errno == EINTR:
+                pass
+    cdef pid_t joined = pid
+    if failure is not None:
+        if joined:
+            with nogil:
+                while waitpid(joined, &status, 0) < 0 and errno == EINTR:
+                    pass
+        raise failure
+    if not pid:
+        raise OSError(5, f"join helper exited ({status:#x}) without starting the command")
+    return pid

@@ -1,0 +1,1 @@
+"""Sandbox backends: native (namespaces, cgroups, seccomp, landlock) and Docker."""

@@ -1,0 +1,559 @@
+"""Native backend: a sandbox is a PID-1 reaper holding namespaces and a cgroup.
+
+``Sandbox.start()`` creates PID 1 (corral-init) inside new namespaces; ``exec()`` joins
+it, so many commands can run in one sandbox over time (runc's init/exec model).
+``destroy()`` kills PID 1, which makes the kernel kill everything in the PID namespace,
+then kills the cgroup for good measure and removes every directory the sandbox used.
+Sandboxes left behind by a crashed caller are swept at the next start (``sweep()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno as errno_mod
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal as signal_mod
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from .. import cgroups, contain
+from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
+from ..spec import SandboxSpec
+
+PIPE = -1
+DEVNULL = -3
+
+
+def runtime_base() -> str:
+    """Where sandboxes keep their root mount point and state file."""
+    if os.geteuid() == 0:
+        return "/run/corral/sandboxes"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR", tempfile.gettempdir()), "corral",
+                        "sandboxes")
+
+
+class ExitReason(str, enum.Enum):
+    """Why a command ended."""
+
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    """Outcome of ``run()``: like subprocess.CompletedProcess, plus why it ended."""
+
+    argv: tuple[str, ...]
+    returncode: int  # exit code, or -N when killed by signal N
+    stdout: bytes
+    stderr: bytes
+    reason: ExitReason
+    duration_s: float
+
+    @property
+    def exit_status(self) -> int:
+        """Shell convention: the exit code, or 128+N when killed by signal N."""
+        return self.returncode if self.returncode >= 0 else 128 - self.returncode
+
+
+def _setup_error(exc: OSError, plan_ops=None, argv0: str | None = None) -> CorralError:
+    """Turn a child's report into the error a user can act on."""
+    from corral.ext import _spawn
+
+    if isinstance(exc, _spawn.SpawnError):
+        if exc.step_name == "execve" and argv0 is not None and exc.errno in (
+            errno_mod.ENOENT, errno_mod.EACCES, errno_mod.ENOTDIR, errno_mod.ENOEXEC,
+        ):
+            return CommandNotFound(argv0, exc.errno)
+        path = None
+        if plan_ops is not None and 0 <= exc.detail < len(plan_ops):
+            path = plan_ops[exc.detail].target
+        return SandboxSetupError(exc.step_name, path, exc.errno)
+    return SandboxSetupError(exc.strerror or "spawn", getattr(exc, "filename", None),
+                             exc.errno or errno_mod.EIO)
+
+
+class Process:
+    """A command running in a sandbox; a direct child of this process."""
+
+    def __init__(self, sandbox: Sandbox, pid: int, argv: list[str], stdin, stdout, stderr,
+                 timeout_s: float | None):
+        self.sandbox = sandbox
+        self.pid = pid
+        self.argv = tuple(argv)
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s if timeout_s else None
+        self.returncode: int | None = None
+        self.reason: ExitReason | None = None
+        self.pidfd = os.pidfd_open(pid)
+        self._oom_before = sandbox._oom_kills()
+        self._timed_out = False
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        """The pidfd: readable once the process has exited (for selectors/asyncio)."""
+        return self.pidfd
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal_mod.pidfd_send_signal(self.pidfd, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the command and its process group."""
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal_mod.SIGKILL)
+            self.send_signal(signal_mod.SIGKILL)
+
+    def _reap(self, block: bool) -> int | None:
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            try:
+                pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.pid, 0
+            if pid == 0:
+                return None
+            self._finish(status)
+            return self.returncode
+
+    def _finish(self, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            self.returncode = -sig
+            if self._timed_out:
+                self.reason = ExitReason.TIMEOUT
+            elif sig == signal_mod.SIGKILL and self.sandbox._oom_kills() > self._oom_before:
+                self.reason = ExitReason.OOM
+            else:
+                self.reason = ExitReason.SIGNALED
+        else:
+            self.returncode = os.WEXITSTATUS(status)
+            self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.EXITED
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+        self.pidfd = -1
+
+    def poll(self) -> int | None:
+        return self._reap(block=False)
+
+    def expire(self) -> None:
+        """Enforce the wall-clock limit now (the deadline has passed)."""
+        self._timed_out = True
+        self.kill()
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for exit; the spec's timeout kills the command when it passes.
+
+        Raises:
+            TimeoutError: ``timeout`` (the caller's, not the spec's) passed first.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            limits = [t for t in (self.remaining(), None if end is None else end - time.monotonic())
+                      if t is not None]
+            wait_s = min(limits) if limits else None
+            if self.pidfd >= 0:
+                sel = selectors.DefaultSelector()
+                sel.register(self.pidfd, selectors.EVENT_READ)
+                ready = sel.select(wait_s)
+                sel.close()
+            else:
+                ready = True
+            if ready:
+                self._reap(block=True)
+            elif self.deadline is not None and time.monotonic() >= self.deadline:
+                self.expire()
+            elif end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"{self.argv[0]} still running after {timeout}s")
+        return self.returncode
+
+    def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
+        """Feed stdin, collect stdout/stderr until exit (the spec's timeout applies)."""
+        out, err = bytearray(), bytearray()
+        sel = selectors.DefaultSelector()
+        bufs = {}
+        for f, buf in ((self.stdout, out), (self.stderr, err)):
+            if f is not None:
+                sel.register(f, selectors.EVENT_READ)
+                bufs[f.fileno()] = buf
+        pending = memoryview(input or b"")
+        if self.stdin is not None:
+            if pending:
+                os.set_blocking(self.stdin.fileno(), False)
+                sel.register(self.stdin, selectors.EVENT_WRITE)
+            else:
+                self.stdin.close()
+        while sel.get_map():
+            remaining = self.remaining()
+            if remaining == 0:
+                self.expire()
+                remaining = None
+            for key, _ in sel.select(remaining):
+                fd = key.fileobj.fileno()
+                if key.fileobj is self.stdin:
+                    try:
+                        n = os.write(fd, pending[:65536])
+                        pending = pending[n:]
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(self.stdin)
+                        self.stdin.close()
+                    continue
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    bufs[fd] += chunk
+                else:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+        sel.close()
+        self.wait()
+        return bytes(out), bytes(err)
+
+
+class Sandbox:
+    """A native Linux sandbox: create / exec / signal / destroy (also a context manager)."""
+
+    _swept = False
+
+    def __init__(self, spec: SandboxSpec | None = None, *, runtime_dir: str | None = None,
+                 name: str | None = None):
+        self.spec = spec or SandboxSpec()
+        self.id = name or "sbx-" + secrets.token_hex(6)
+        cgroups.check_name(self.id)
+        self.runtime_dir = os.path.join(runtime_dir or runtime_base(), self.id)
+        self.state = "new"
+        self.init_pid: int | None = None
+        self.workspace: str | None = None
+        self._own_workspace = False
+        self._init_pidfd = -1
+        self._cgroup: cgroups.Cgroup | None = None
+        self._cgroup_fds: tuple[int, ...] = ()
+        self._prepared: contain.Prepared | None = None
+        self._processes: list[Process] = []
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, spec: SandboxSpec | None = None, **kwargs) -> Sandbox:
+        sandbox = cls(spec, **kwargs)
+        sandbox.start()
+        return sandbox
+
+    def __enter__(self) -> Sandbox:
+        if self.state == "new":
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def start(self) -> None:
+        """Create PID 1 with its namespaces, cgroup and filesystem view.
+
+        Raises:
+            InvalidSpec: the spec's profile or paths are unusable.
+            SandboxSetupError: a kernel step failed (step, path and errno named).
+        """
+        from corral.ext import _spawn
+
+        if self.state != "new":
+            raise CorralError(f"sandbox {self.id} is {self.state}, not new")
+        if not Sandbox._swept:
+            Sandbox._swept = True
+            sweep(os.path.dirname(self.runtime_dir))
+        self._prepared = contain.prepare(self.spec)
+        self.state = "starting"
+        opened: list[int] = []
+        try:
+            os.makedirs(os.path.dirname(self.runtime_dir), mode=0o711, exist_ok=True)
+            os.chmod(os.path.dirname(self.runtime_dir), 0o711)
+            os.mkdir(self.runtime_dir, 0o711)
+            root = os.path.join(self.runtime_dir, "root")
+            os.mkdir(root, 0o700)
+            os.chown(root, self.spec.uid_base, self.spec.uid_base)
+            self._setup_workspace()
+            self._write_state()
+            layout = cgroups.detect()
+            limits = cgroups.CgroupLimits(
+                memory_bytes=self.spec.memory_bytes, pids_max=self.spec.pids_max,
+                cpu_quota=self.spec.cpus,
+            )
+            self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
+            self._cgroup_fds = tuple(
+                os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in self._cgroup.procs_files
+            )
+            # The workspace and user binds are cloned here, by a process that can reach
+            # them, and attached by the child: its own ids may not traverse the host
+            # directories above them.
+            detached = {}
+            for source in [self.workspace, *(b.source for b in self.spec.binds)]:
+                try:
+                    fd = _spawn.open_tree_clone(source)
+                except OSError as exc:
+                    raise SandboxSetupError("open_tree", source, exc.errno) from None
+                opened.append(fd)
+                detached[source] = fd
+            init_fd = os.open(contain.init_binary(), os.O_RDONLY | os.O_CLOEXEC)
+            opened.append(init_fd)
+            plan = contain.init_plan(
+                self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
+                cgroup_fds=self._cgroup_fds, detached=detached,
+            )
+            uid_map = contain.id_map(self.spec)
+            try:
+                self.init_pid, self._init_pidfd = _spawn.spawn_init(plan, uid_map, uid_map)
+            except OSError as exc:
+                from .. import mounts
+                ops = mounts.plan(self.spec, root, self.workspace, detached=detached)
+                raise _setup_error(exc, ops) from None
+            self._write_state()
+            self.state = "running"
+        except BaseException:
+            self._cleanup()
+            raise
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def _setup_workspace(self) -> None:
+        if self.spec.workspace:
+            self.workspace = self.spec.workspace
+            return
+        self.workspace = tempfile.mkdtemp(prefix=f"corral-{self.id}-")
+        self._own_workspace = True
+        # Root inside the sandbox is uid_base outside; the fresh workspace is its own.
+        os.chown(self.workspace, self.spec.uid_base, self.spec.uid_base)
+        os.chmod(self.workspace, 0o755)
+
+    def _write_state(self) -> None:
+        state = {
+            "id": self.id,
+            "creator": os.getpid(),
+            "init_pid": self.init_pid,
+            "init_start": _start_time(self.init_pid) if self.init_pid else None,
+            "workspace": self.workspace if self._own_workspace else None,
+        }
+        tmp = os.path.join(self.runtime_dir, "state.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, os.path.join(self.runtime_dir, "state.json"))
+
+    def destroy(self) -> None:
+        """Kill every process of the sandbox and remove everything it used. Idempotent."""
+        with self._lock:
+            if self.state in ("destroyed", "new"):
+                self.state = "destroyed"
+                return
+            self.state = "destroying"
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._init_pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal_mod.pidfd_send_signal(self._init_pidfd, signal_mod.SIGKILL)
+        if self._cgroup is not None:
+            with contextlib.suppress(CorralError, OSError):
+                self._cgroup.kill()
+        for proc in self._processes:
+            proc.kill()
+            with contextlib.suppress(ChildProcessError):
+                proc._reap(block=True)
+        if self.init_pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, 0)
+        if self._init_pidfd >= 0:
+            os.close(self._init_pidfd)
+            self._init_pidfd = -1
+        for fd in self._cgroup_fds:
+            os.close(fd)
+        self._cgroup_fds = ()
+        if self._cgroup is not None:
+            self._cgroup.destroy()
+            self._cgroup = None
+        if self._own_workspace and self.workspace:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            self._own_workspace = False
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self.state = "destroyed"
+
+    # -- commands -------------------------------------------------------------------------
+
+    def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str = "/workspace", stdin: int | None = PIPE, stdout: int | None = PIPE,
+             stderr: int | None = PIPE, pass_fds: dict[int, int] | None = None,
+             timeout_s: float | None = None) -> Process:
+        """Run argv inside the sandbox; returns the running Process.
+
+        Args:
+            env: extra variables on top of the spec's environment.
+            stdin, stdout, stderr: PIPE, DEVNULL, an open descriptor, or None (DEVNULL).
+            pass_fds: {descriptor number inside: open descriptor here}, e.g. the
+                protocol's CORRAL_EVENTS_FD.
+            timeout_s: wall-clock limit, defaults to the spec's.
+
+        Raises:
+            CommandNotFound: argv[0] does not exist or cannot be executed in the sandbox.
+            SandboxSetupError: joining the sandbox failed.
+        """
+        from corral.ext import _spawn
+
+        if self.state != "running":
+            raise CorralError(f"sandbox {self.id} is {self.state}; cannot exec")
+        if not argv:
+            raise InvalidSpec("argv", "the command is empty")
+        environment = self.spec.environment()
+        if env:
+            for key, value in env.items():
+                environment = [e for e in environment if not e.startswith(key + "=")]
+                environment.append(f"{key}={value}")
+        ours: list[int] = []  # descriptors this call opened and must close
+        parent_ends = [None, None, None]
+        fds: list[tuple[int, int]] = []
+        try:
+            for child_fd, how in enumerate((stdin, stdout, stderr)):
+                if how == PIPE:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    mine, theirs = (w, r) if child_fd == 0 else (r, w)
+                    parent_ends[child_fd] = mine
+                    ours.append(theirs)
+                    fds.append((theirs, child_fd))
+                elif how is None or how == DEVNULL:
+                    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    ours.append(fd)
+                    fds.append((fd, child_fd))
+                else:
+                    fds.append((how, child_fd))
+            for child_fd, parent_fd in (pass_fds or {}).items():
+                fds.append((parent_fd, child_fd))
+            plan = contain.exec_plan(
+                self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
+                cgroup_fds=self._cgroup_fds, die_with_parent=self.spec.die_with_parent,
+            )
+            try:
+                pid = _spawn.spawn_join(plan, self._init_pidfd)
+            except OSError as exc:
+                raise _setup_error(exc, argv0=argv[0]) from None
+        except BaseException:
+            for fd in parent_ends:
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+        files = [
+            os.fdopen(fd, "wb" if i == 0 else "rb", buffering=0) if fd is not None else None
+            for i, fd in enumerate(parent_ends)
+        ]
+        proc = Process(self, pid, list(argv), *files,
+                       timeout_s=timeout_s if timeout_s is not None else self.spec.timeout_s)
+        self._processes = [p for p in self._processes if p.returncode is None]
+        self._processes.append(proc)
+        return proc
+
+    def signal(self, sig: int) -> int:
+        """Send sig to every process of the sandbox but PID 1; returns how many got it."""
+        sent = 0
+        for pid in self.pids():
+            if pid == self.init_pid:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                sent += 1
+        return sent
+
+    def pids(self) -> list[int]:
+        """Host pids of every process in the sandbox's cgroup."""
+        return self._cgroup.pids() if self._cgroup is not None else []
+
+    def stats(self) -> dict:
+        return self._cgroup.stats() if self._cgroup is not None else {}
+
+    def _oom_kills(self) -> int:
+        if self._cgroup is None:
+            return 0
+        with contextlib.suppress(OSError):
+            return self._cgroup.oom_kills()
+        return 0
+
+
+def _start_time(pid: int | None) -> int | None:
+    """Start time of a process in clock ticks (field 22 of /proc/PID/stat)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data.rsplit(")", 1)[1].split()[19])
+
+
+def sweep(base: str | None = None) -> list[str]:
+    """Remove what sandboxes of dead callers left behind; returns the ids removed.
+
+    A sandbox whose creator crashed dies with it (PR_SET_PDEATHSIG on PID 1), but its
+    directories, cgroup and temporary workspace stay until someone removes them.
+    """
+    base = base or runtime_base()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return removed
+    layout = None
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            with open(os.path.join(path, "state.json")) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            state = None
+        if state is not None:
+            creator_alive = os.path.exists(f"/proc/{state.get('creator')}")
+            init_alive = state.get("init_pid") and _start_time(state["init_pid"]) == state.get(
+                "init_start")
+            if creator_alive or init_alive:
+                continue
+        elif time.time() - os.stat(path).st_mtime < 60:
+            continue  # being created right now
+        if layout is None:
+            layout = cgroups.detect()
+        with contextlib.suppress(CorralError, OSError):
+            cgroups.Cgroup.open(layout, name).destroy()
+        if state and state.get("workspace"):
+            shutil.rmtree(state["workspace"], ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None = None,
+        timeout_s: float | None = None) -> CompletedRun:
+    """Run one command in a fresh sandbox and destroy it; returns its CompletedRun."""
+    started = time.monotonic()
+    with Sandbox.create(spec) as sandbox:
+        proc = sandbox.exec(argv, timeout_s=timeout_s)
+        out, err = proc.communicate(input)
+    return CompletedRun(tuple(argv), proc.returncode, out, err, proc.reason,
+                        time.monotonic() - started)

@@ -1,0 +1,170 @@
+"""The order of containment, in one place; builds the child plans that _spawn executes.
+
+A sandbox's first process (its PID 1) and every command later run in it go through the
+same ordered steps. The parent does what needs host privileges or may allocate; the child
+(C code in ext/_spawn.pyx, no Python) does the rest, in exactly this order:
+
+  parent  1. prepare: compile seccomp BPF, probe landlock ABI, plan mounts, create cgroup
+  child   2. clone(NEWUSER|NEWPID|NEWNS|NEWNET|NEWUTS|NEWIPC); wait for the parent
+  parent  3. write uid_map / setgroups=deny / gid_map, release the child
+  child   4. setresuid/setresgid(0) inside the user namespace
+          5. join the cgroup (write "0" to each cgroup.procs), unshare(NEWCGROUP)
+          6. sethostname, bring up loopback (the only interface)
+          7. mounts in plan order, pivot_root, root and /dev read-only
+          8. chdir, setsid (no controlling terminal), install stdio and protocol fds
+          9. rlimits (nofile, core=0, fsize)
+         10. drop every capability (bounding, ambient, effective, permitted), lock securebits
+         11. no_new_privs
+         12. landlock (commands only: corral-init is exec'd from outside the sandbox view)
+         13. mark every other descriptor close-on-exec
+         14. seccomp, last, so the setup above is not filtered
+         15. execve (PID 1: corral-init; commands: argv)
+
+A command joins an existing sandbox through its PID 1's pidfd: a helper writes itself into
+the cgroup, setns() into all seven namespaces at once, and clones the command as a child
+of the runtime; the command then runs steps 4 and 8-15.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+from dataclasses import dataclass
+
+from . import landlock, mounts, seccomp
+from .spec import SandboxSpec
+
+#: The steps above, by name, as the child reports them (ext/_spawn.pyx STEP_NAMES).
+ORDER = (
+    "clone",
+    "wait-for-parent",
+    "setresuid",
+    "cgroup-attach",
+    "unshare(CLONE_NEWCGROUP)",
+    "sethostname",
+    "loopback-up",
+    "mount",
+    "pivot_root",
+    "chdir",
+    "setsid",
+    "dup2(fds)",
+    "setrlimit",
+    "drop-capabilities",
+    "prctl(PR_SET_NO_NEW_PRIVS)",
+    "landlock",
+    "seccomp",
+    "execve",
+)
+
+#: Highest capability number to drop; CAP_LAST_CAP is read from the kernel when possible.
+_CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
+
+
+@functools.cache
+def last_cap() -> int:
+    try:
+        with open(_CAP_LAST_CAP_FILE) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 63  # dropping unknown capabilities returns EINVAL, which the child ignores
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Parent-side work that depends only on the spec (shared by every process of a sandbox)."""
+
+    spec: SandboxSpec
+    seccomp_profile: seccomp.SeccompProfile
+    seccomp_bpf: bytes | None
+    landlock: landlock.LandlockPlan
+    rlimits: tuple[tuple[int, int, int], ...]
+
+
+def _rlimits(spec: SandboxSpec) -> tuple[tuple[int, int, int], ...]:
+    """(resource, soft, hard), clamped to what this process may grant."""
+    out = []
+    for res, want in (
+        (resource.RLIMIT_NOFILE, spec.nofile),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_FSIZE, spec.fsize_bytes),
+    ):
+        _, hard = resource.getrlimit(res)
+        value = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        out.append((res, value, value))
+    return tuple(out)
+
+
+def prepare(spec: SandboxSpec) -> Prepared:
+    """Step 1: compile and probe everything the children will need.
+
+    Raises:
+        InvalidSpec: the seccomp profile cannot be loaded or compiled.
+    """
+    profile = seccomp.load_profile(spec.profile)
+    writable = tuple(b.target for b in spec.binds if b.writable)
+    return Prepared(
+        spec=spec,
+        seccomp_profile=profile,
+        seccomp_bpf=seccomp.prepare(profile),
+        landlock=landlock.prepare(extra_writable=writable),
+        rlimits=_rlimits(spec),
+    )
+
+
+def id_map(spec: SandboxSpec) -> bytes:
+    """uid_map/gid_map line: ids 0..count-1 inside are base.. outside (root is unprivileged)."""
+    return f"0 {spec.uid_base} {spec.uid_count}\n".encode()
+
+
+def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
+              cgroup_fds: tuple[int, ...], detached: dict[str, int] | None = None):
+    """The ChildPlan of a sandbox's PID 1 (steps 4-15, exec'ing corral-init)."""
+    from corral.ext import _spawn
+
+    spec = prepared.spec
+    ops = mounts.plan(spec, root, workspace, detached=detached)
+    return _spawn.ChildPlan(
+        argv=["corral-init"],
+        envp=[],
+        cwd="/",
+        hostname=spec.hostname,
+        mount_ops=[op.as_tuple() for op in ops],
+        rlimits=prepared.rlimits,
+        seccomp_bpf=prepared.seccomp_bpf,
+        cgroup_fds=cgroup_fds,
+        last_cap=last_cap(),
+        pdeathsig=9 if spec.die_with_parent else 0,
+        exec_fd=init_fd,
+    )
+
+
+def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
+              fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...], die_with_parent: bool):
+    """The ChildPlan of a command joining the sandbox (steps 4, 8-15)."""
+    from corral.ext import _spawn
+
+    path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/bin:/bin")
+    ll = prepared.landlock
+    return _spawn.ChildPlan(
+        argv=argv,
+        envp=env,
+        search_path=[p for p in path.split(":") if p.startswith("/")],
+        cwd=cwd,
+        fds=fds,
+        rlimits=prepared.rlimits,
+        landlock_rules=ll.rules,
+        landlock_handled=ll.handled,
+        landlock_abi=ll.abi,
+        seccomp_bpf=prepared.seccomp_bpf,
+        cgroup_fds=cgroup_fds,
+        last_cap=last_cap(),
+        pdeathsig=9 if die_with_parent else 0,
+    )
+
+
+def init_binary() -> str:
+    """Path of corral-init, built next to the _spawn extension."""
+    from corral.ext import _spawn
+
+    return os.path.join(os.path.dirname(_spawn.__file__), "corral-init")

@@ -1,0 +1,241 @@
+"""Mount plan of the native sandbox: a pure list of MountOps, applied by the child in C.
+
+``plan(spec, root, workspace)`` decides everything (which host paths appear, where, with
+which flags) without touching the system, so it is unit-tested without root. The child
+(ext/_spawn.pyx) executes the ops in order: everything up to ``pivot`` happens on paths
+under ``root`` while the host tree is still visible (bind sources, and the fully visible
+/proc that mounting a new procfs requires); after ``pivot`` paths are sandbox paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .spec import SandboxSpec
+
+# mount(2) flags
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+# mount_setattr(2) attributes
+ATTR_RDONLY = 0x1
+ATTR_NOSUID = 0x2
+ATTR_NODEV = 0x4
+ATTR_NOEXEC = 0x8
+
+READ_ONLY = ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV
+
+#: Host directories shared read-only (when they exist; merged-/usr symlinks are copied as links).
+HOST_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+#: Host files and directories of /etc that programs need and that hold no host secrets.
+HOST_ETC_ENTRIES = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/localtime",
+    "/etc/protocols",
+    "/etc/services",
+    "/etc/mime.types",
+    "/etc/os-release",
+)
+#: Device nodes bound from the host into the sandbox's /dev.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+#: /proc files hidden behind /dev/null: kernel memory, host-wide triggers and layouts.
+PROC_MASKED_FILES = (
+    "/proc/kcore",
+    "/proc/kallsyms",
+    "/proc/kmsg",
+    "/proc/keys",
+    "/proc/key-users",
+    "/proc/sysrq-trigger",
+    "/proc/timer_list",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/kpagecount",
+    "/proc/kpageflags",
+    "/proc/kpagecgroup",
+    "/proc/config.gz",
+)
+#: /proc directories replaced by an empty read-only tmpfs.
+PROC_MASKED_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound", "/proc/firmware")
+#: /proc subtrees kept visible but read-only.
+PROC_READ_ONLY = ("/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/sysvipc")
+
+
+@dataclass(frozen=True)
+class MountOp:
+    """One step of the plan; field meaning depends on kind (see ext/_spawn.pyx OpKind)."""
+
+    kind: str  # mkdir mount setattr file symlink pivot mask_file mask_dir touch ro_self attach
+    target: str
+    source: str | None = None
+    fstype: str | None = None
+    flags: int = 0
+    data: str | None = None
+    mode: int = 0
+
+    def as_tuple(self) -> tuple:
+        return (self.kind, self.source, self.target, self.fstype, self.flags, self.data, self.mode)
+
+
+class HostView:
+    """What the plan needs to know about host paths; tests pass a dict-backed fake."""
+
+    def kind(self, path: str) -> str | None:
+        """'dir', 'file', 'link:<target>' or None when absent."""
+        try:
+            if os.path.islink(path):
+                return "link:" + os.readlink(path)
+            if os.path.isdir(path):
+                return "dir"
+            if os.path.exists(path):
+                return "file"
+        except OSError:
+            return None
+        return None
+
+
+def etc_files(spec: SandboxSpec) -> dict[str, str]:
+    """The generated, minimal /etc: one user (root), no network names but localhost."""
+    return {
+        "passwd": "root:x:0:0:root:/workspace:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "group": "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n",
+        "hosts": f"127.0.0.1\tlocalhost {spec.hostname}\n::1\tlocalhost ip6-localhost\n",
+        "hostname": spec.hostname + "\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+        "resolv.conf": "",
+    }
+
+
+def _parents(path: str) -> list[str]:
+    """'/a/b/c' -> ['/a', '/a/b'] (the directories to create before c)."""
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def plan(
+    spec: SandboxSpec,
+    root: str,
+    workspace: str,
+    host: HostView | None = None,
+    detached: dict[str, int] | None = None,
+) -> list[MountOp]:
+    """Ordered mount operations that build the sandbox's filesystem view.
+
+    Args:
+        spec: the sandbox spec (binds, tmp size, hostname).
+        root: host directory that becomes the sandbox's root (a tmpfs is mounted on it).
+        workspace: host directory mounted writable at /workspace.
+        host: view of the host's paths (defaults to the real filesystem).
+        detached: host paths the caller already cloned with open_tree(2), to their
+            descriptors; the child attaches those instead of bind-mounting by path (the
+            workspace and user binds: the child's ids may not reach them).
+    """
+    host = host or HostView()
+    detached = detached or {}
+    ops: list[MountOp] = []
+    made: set[str] = set()
+
+    def inside(path: str) -> str:
+        return root + path
+
+    def mkdirs(path: str, mode: int = 0o755) -> None:
+        for d in [*_parents(path), path]:
+            if d not in made:
+                made.add(d)
+                ops.append(MountOp("mkdir", inside(d), mode=mode))
+
+    def bind(source: str, target: str, writable: bool, kind: str | None = None) -> None:
+        kind = kind or host.kind(source)
+        if kind is None:
+            return
+        if kind.startswith("link:"):
+            # Keep merged-/usr style links as links: the target is bound on its own.
+            for d in _parents(target):
+                mkdirs(d)
+            ops.append(MountOp("symlink", inside(target), source=kind[5:]))
+            return
+        if kind == "dir":
+            mkdirs(target)
+        else:
+            for d in _parents(target):
+                mkdirs(d)
+            ops.append(MountOp("touch", inside(target), mode=0o644))
+        if source in detached:
+            ops.append(MountOp("attach", inside(target), flags=detached[source]))
+        else:
+            ops.append(MountOp("mount", inside(target), source=source, flags=MS_BIND | MS_REC))
+        attrs = ATTR_NOSUID | ATTR_NODEV if writable else READ_ONLY
+        ops.append(MountOp("setattr", inside(target), flags=attrs, mode=1))
+
+    # 1. Nothing we mount may propagate back to the host.
+    ops.append(MountOp("mount", "/", source=None, flags=MS_REC | MS_PRIVATE))
+    # 2. A small tmpfs as the new root; it only holds mount points and generated /etc.
+    ops.append(MountOp("mount", root, source="tmpfs", fstype="tmpfs",
+                       flags=MS_NOSUID | MS_NODEV, data="mode=0755,size=4m"))
+    # 3. Host system directories, read-only.
+    for d in HOST_SYSTEM_DIRS:
+        bind(d, d, writable=False)
+    # 4. A minimal /etc: generated files plus a few read-only host entries.
+    mkdirs("/etc")
+    for name, content in etc_files(spec).items():
+        ops.append(MountOp("file", inside("/etc/" + name), data=content, mode=0o644))
+    for entry in HOST_ETC_ENTRIES:
+        bind(entry, entry, writable=False)
+    # 5. /dev: a tmpfs with a few bound host nodes, a private devpts, shm.
+    mkdirs("/dev")
+    ops.append(MountOp("mount", inside("/dev"), source="tmpfs", fstype="tmpfs",
+                       flags=MS_NOSUID | MS_NOEXEC, data="mode=0755,size=64k"))
+    made.discard("/dev/pts")
+    made.discard("/dev/shm")
+    for dev in DEVICES:
+        path = "/dev/" + dev
+        if host.kind(path) is not None:
+            ops.append(MountOp("touch", inside(path), mode=0o666))
+            ops.append(MountOp("mount", inside(path), source=path, flags=MS_BIND))
+            ops.append(MountOp("setattr", inside(path), flags=ATTR_NOSUID | ATTR_NOEXEC))
+    ops.append(MountOp("mkdir", inside("/dev/pts"), mode=0o755))
+    ops.append(MountOp("mount", inside("/dev/pts"), source="devpts", fstype="devpts",
+                       flags=MS_NOSUID | MS_NOEXEC, data="newinstance,ptmxmode=0666,mode=620"))
+    ops.append(MountOp("symlink", inside("/dev/ptmx"), source="pts/ptmx"))
+    ops.append(MountOp("mkdir", inside("/dev/shm"), mode=0o1777))
+    ops.append(MountOp("mount", inside("/dev/shm"), source="tmpfs", fstype="tmpfs",
+                       flags=MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                       data=f"mode=1777,size={spec.tmp_bytes}"))
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        ops.append(MountOp("symlink", inside("/dev/" + name), source=target))
+    # 6. A fresh /proc of the sandbox's PID namespace, with the host-wide parts hidden.
+    mkdirs("/proc", 0o555)
+    ops.append(MountOp("mount", inside("/proc"), source="proc", fstype="proc",
+                       flags=MS_NOSUID | MS_NODEV | MS_NOEXEC))
+    for path in PROC_READ_ONLY:
+        ops.append(MountOp("ro_self", inside(path)))
+    for path in PROC_MASKED_FILES:
+        ops.append(MountOp("mask_file", inside(path)))
+    for path in PROC_MASKED_DIRS:
+        ops.append(MountOp("mask_dir", inside(path)))
+    # 7. Writable scratch: /tmp and the workspace.
+    mkdirs("/tmp", 0o1777)
+    ops.append(MountOp("mount", inside("/tmp"), source="tmpfs", fstype="tmpfs",
+                       flags=MS_NOSUID | MS_NODEV, data=f"mode=1777,size={spec.tmp_bytes}"))
+    bind(workspace, "/workspace", writable=True, kind="dir")
+    # 8. The user's extra binds, in the order given.
+    for b in spec.binds:
+        bind(b.source, b.target, writable=b.writable)
+    # 9. Switch root, then freeze the root tmpfs itself.
+    ops.append(MountOp("pivot", root))
+    ops.append(MountOp("setattr", "/", flags=READ_ONLY, mode=0))
+    ops.append(MountOp("setattr", "/dev", flags=READ_ONLY | ATTR_NOEXEC, mode=0))
+    return ops

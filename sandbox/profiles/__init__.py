@@ -1,0 +1,1 @@
+"""Seccomp profiles shipped with Corral, in Docker's JSON profile format."""

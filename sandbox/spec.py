@@ -1,0 +1,240 @@
+"""SandboxSpec: the validated, immutable description of one sandbox (units in every name)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from .errors import InvalidSpec
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+# Paths inside the sandbox that Corral itself builds; a user mount may not replace them.
+RESERVED_TARGETS = ("/", "/proc", "/dev", "/tmp", "/workspace", "/etc")
+
+
+def parse_size(value: str | int, field_name: str) -> int:
+    """Parse '512M', '2G', '64KiB' or a plain byte count into bytes (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise InvalidSpec(field_name, f"{value} must be a positive number of bytes")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+        raise InvalidSpec(field_name, f"{value!r} is not a size; use e.g. 512M or 2G")
+    number = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if number < 1:
+        raise InvalidSpec(field_name, f"{value!r} must be at least 1 byte")
+    return int(number)
+
+
+def parse_duration(value: str | float | int, field_name: str) -> float:
+    """Parse '30s', '2h', '1m30s', '500ms' or plain seconds into seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            pos, seconds = 0, 0.0
+            for m in _DURATION_RE.finditer(text):
+                if m.start() != pos:
+                    break
+                seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+                pos = m.end()
+            if pos != len(text) or not text:
+                raise InvalidSpec(
+                    field_name, f"{value!r} is not a duration; use e.g. 30s, 5m, 2h or 1m30s"
+                ) from None
+    if seconds <= 0:
+        raise InvalidSpec(field_name, f"{value!r} must be longer than zero")
+    return seconds
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host path made visible inside the sandbox."""
+
+    source: str  # absolute host path
+    target: str  # absolute path inside the sandbox
+    writable: bool = False
+
+    @classmethod
+    def parse(cls, text: str, writable: bool) -> BindMount:
+        """Parse 'PATH' (same path inside) or 'HOST:INSIDE'."""
+        field_name = "rw" if writable else "ro"
+        source, sep, target = text.partition(":")
+        if not sep:
+            target = source
+        if not source or not target:
+            raise InvalidSpec(field_name, f"{text!r} is not PATH or HOST_PATH:SANDBOX_PATH")
+        return cls(os.path.abspath(source), target, writable)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a sandbox may use and see. Frozen; validated on construction.
+
+    Sizes are bytes, durations seconds, CPU in cores. None means "no limit" where allowed.
+    """
+
+    #: Seccomp profile: "default", "unconfined", or a path to a Docker-format JSON file.
+    profile: str = "default"
+    #: cgroup memory limit in bytes; swap is always disabled.
+    memory_bytes: int = 512 * MiB
+    #: cgroup pids limit (processes + threads).
+    pids_max: int = 256
+    #: CPU quota in cores (0.5 = half a core), None for no quota.
+    cpus: float | None = 1.0
+    #: Wall-clock limit of each command in seconds, None for none.
+    timeout_s: float | None = None
+    #: Host directory mounted writable at /workspace; None = a fresh temporary directory.
+    workspace: str | None = None
+    #: Size cap of the tmpfs at /tmp (and /dev/shm), in bytes.
+    tmp_bytes: int = 64 * MiB
+    #: RLIMIT_NOFILE (open descriptors per process).
+    nofile: int = 1024
+    #: RLIMIT_FSIZE in bytes: the largest file a process may write.
+    fsize_bytes: int = 1 * GiB
+    #: Extra host paths: read-only and writable bind mounts.
+    binds: tuple[BindMount, ...] = ()
+    #: Environment of commands (on top of a clean PATH/HOME/LANG/TERM base).
+    env: tuple[tuple[str, str], ...] = ()
+    #: Hostname inside the UTS namespace.
+    hostname: str = "corral"
+    #: First host uid/gid of the sandbox's id range (root inside maps to it).
+    uid_base: int = 100000
+    #: Number of ids mapped (0..uid_count-1 inside).
+    uid_count: int = 65536
+    #: Kill the sandbox when the process that created it dies.
+    die_with_parent: bool = True
+    #: Free-form labels carried into the audit trail.
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self):
+        if not isinstance(self.profile, str) or not self.profile:
+            raise InvalidSpec("profile", "must name a profile or a JSON file")
+        for name in ("memory_bytes", "pids_max", "tmp_bytes", "nofile", "fsize_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidSpec(name, f"{value!r} must be a positive integer")
+        if self.memory_bytes < 8 * MiB:
+            raise InvalidSpec("memory_bytes", f"{self.memory_bytes} is below the 8M minimum")
+        if self.pids_max < 2:
+            raise InvalidSpec("pids_max", f"{self.pids_max} is below 2 (init + one command)")
+        if self.cpus is not None and not (0.01 <= float(self.cpus) <= 4096):
+            raise InvalidSpec("cpus", f"{self.cpus!r} must be between 0.01 and 4096 cores")
+        if self.timeout_s is not None and not float(self.timeout_s) > 0:
+            raise InvalidSpec("timeout_s", f"{self.timeout_s!r} must be longer than zero")
+        if self.workspace is not None:
+            if not os.path.isdir(self.workspace):
+                raise InvalidSpec("workspace", f"{self.workspace!r} is not an existing directory")
+            object.__setattr__(self, "workspace", os.path.realpath(self.workspace))
+        if not _HOSTNAME_RE.match(self.hostname):
+            raise InvalidSpec("hostname", f"{self.hostname!r} is not a valid host name")
+        if not (1 <= self.uid_base and self.uid_base + self.uid_count <= 2**32 - 1):
+            raise InvalidSpec("uid_base", "root inside must map to an unprivileged host id (>0)")
+        if self.uid_count < 1:
+            raise InvalidSpec("uid_count", "must map at least one id")
+        seen = set()
+        for b in self.binds:
+            field_name = "rw" if b.writable else "ro"
+            target = PurePosixPath(b.target)
+            if not target.is_absolute() or ".." in target.parts:
+                raise InvalidSpec(field_name, f"{b.target!r} must be an absolute path without '..'")
+            norm = str(target)
+            if any(norm == r or (r != "/" and norm.startswith(r + "/") and r != "/tmp"
+                                 and r != "/workspace")
+                   for r in RESERVED_TARGETS):
+                raise InvalidSpec(field_name, f"{b.target!r} is managed by Corral itself")
+            if norm in seen:
+                raise InvalidSpec(field_name, f"{b.target!r} is mounted twice")
+            seen.add(norm)
+            if not os.path.exists(b.source):
+                raise InvalidSpec(field_name, f"{b.source!r} does not exist on the host")
+        for key, value in self.env:
+            if not _ENV_NAME_RE.match(key):
+                raise InvalidSpec("env", f"{key!r} is not a valid variable name")
+            if "\0" in value:
+                raise InvalidSpec("env", f"value of {key} contains a NUL byte")
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        profile: str = "default",
+        memory: str | int | None = None,
+        pids: int | str | None = None,
+        cpus: float | str | None = None,
+        timeout: str | float | None = None,
+        workspace: str | None = None,
+        ro: Iterable[str] = (),
+        rw: Iterable[str] = (),
+        env: Mapping[str, str] | Iterable[str] = (),
+        tmp_size: str | int | None = None,
+        hostname: str | None = None,
+    ) -> SandboxSpec:
+        """Build a spec from user-facing strings (CLI flags, config, API fields)."""
+        kw: dict = {"profile": profile}
+        if memory is not None:
+            kw["memory_bytes"] = parse_size(memory, "memory")
+        if pids is not None:
+            try:
+                kw["pids_max"] = int(pids)
+            except ValueError:
+                raise InvalidSpec("pids", f"{pids!r} is not a whole number") from None
+        if cpus is not None:
+            try:
+                kw["cpus"] = float(cpus)
+            except ValueError:
+                raise InvalidSpec("cpus", f"{cpus!r} is not a number of cores, e.g. 0.5") from None
+        if timeout is not None:
+            kw["timeout_s"] = parse_duration(timeout, "timeout")
+        if workspace is not None:
+            kw["workspace"] = workspace
+        if tmp_size is not None:
+            kw["tmp_bytes"] = parse_size(tmp_size, "tmp_size")
+        if hostname is not None:
+            kw["hostname"] = hostname
+        kw["binds"] = tuple(BindMount.parse(p, False) for p in ro) + tuple(
+            BindMount.parse(p, True) for p in rw
+        )
+        pairs = []
+        items = env.items() if isinstance(env, Mapping) else env
+        for item in items:
+            if isinstance(item, str):
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise InvalidSpec("env", f"{item!r} is not KEY=VALUE")
+            else:
+                key, value = item
+            pairs.append((key, value))
+        kw["env"] = tuple(pairs)
+        return cls(**kw)
+
+    def environment(self) -> list[str]:
+        """The complete environment of a command: a clean base plus the spec's variables."""
+        base = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/workspace",
+            "LANG": "C.UTF-8",
+            "TERM": "xterm-256color",
+            "USER": "root",
+            "HOSTNAME": self.hostname,
+            "TMPDIR": "/tmp",
+        }
+        base.update(dict(self.env))
+        return [f"{k}={v}" for k, v in base.items()]
