@@ -123,7 +123,7 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
     from corral.ext import _spawn
 
     spec = prepared.spec
-    ops = mounts.plan(spec, root, workspace, detached=detached)
+    ops = mounts.plan(spec, root, workspace, detached=detached, support=support_files())
     return _spawn.ChildPlan(
         argv=["corral-init"],
         envp=[],
@@ -161,6 +161,20 @@ def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
         last_cap=last_cap(),
         pdeathsig=9 if die_with_parent else 0,
     )
+
+
+#: Where the agent protocol helper appears in every sandbox (PYTHONPATH points there).
+AGENT_HELPER_DIR = "/opt/corral/lib"
+
+
+def support_files() -> dict[str, str]:
+    """Read-only files every sandbox gets: the dependency-free agent protocol helper."""
+    from corral.ext import _spawn
+
+    helper = os.path.join(os.path.dirname(_spawn.__file__), "agent.py")
+    if not os.path.isfile(helper):
+        return {}
+    return {AGENT_HELPER_DIR + "/corral_agent.py": helper}
 
 
 def init_binary() -> str:

@@ -130,6 +130,7 @@ def plan(
     workspace: str,
     host: HostView | None = None,
     detached: dict[str, int] | None = None,
+    support: dict[str, str] | None = None,
 ) -> list[MountOp]:
     """Ordered mount operations that build the sandbox's filesystem view.
 
@@ -141,6 +142,8 @@ def plan(
         detached: host paths the caller already cloned with open_tree(2), to their
             descriptors; the child attaches those instead of bind-mounting by path (the
             workspace and user binds: the child's ids may not reach them).
+        support: read-only files Corral itself provides inside every sandbox
+            ({sandbox path: host path}), e.g. the agent protocol helper.
     """
     host = host or HostView()
     detached = detached or {}
@@ -231,7 +234,9 @@ def plan(
     ops.append(MountOp("mount", inside("/tmp"), source="tmpfs", fstype="tmpfs",
                        flags=MS_NOSUID | MS_NODEV, data=f"mode=1777,size={spec.tmp_bytes}"))
     bind(workspace, "/workspace", writable=True, kind="dir")
-    # 8. The user's extra binds, in the order given.
+    # 8. Corral's own support files, then the user's extra binds in the order given.
+    for target, source in (support or {}).items():
+        bind(source, target, writable=False)
     for b in spec.binds:
         bind(b.source, b.target, writable=b.writable)
     # 9. Switch root, then freeze the root tmpfs itself.

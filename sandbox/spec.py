@@ -235,6 +235,8 @@ class SandboxSpec:
             "USER": "root",
             "HOSTNAME": self.hostname,
             "TMPDIR": "/tmp",
+            # The agent protocol helper: `import corral_agent` works in every sandbox.
+            "PYTHONPATH": "/opt/corral/lib",
         }
         base.update(dict(self.env))
         return [f"{k}={v}" for k, v in base.items()]

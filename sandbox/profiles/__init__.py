@@ -1,1 +1,1 @@
-"""Seccomp profiles shipped with Corral, in Docker's JSON profile format."""
+"""Builtin seccomp profiles in Docker's JSON format, shipped as package data (see README.md)."""
