@@ -173,6 +173,21 @@ cdef extern from * nogil:
         return setrlimit(resource, &rl);
     }
     static void corral_set_errno(int e) { errno = e; }
+    static int corral_reset_signals(void) {
+        /* A Python parent ignores SIGPIPE and SIGXFSZ and may block signals in the
+           spawning thread; ignored dispositions and the mask survive execve, so give
+           the command the defaults a shell would. */
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = SIG_DFL;
+        for (int sig = 1; sig < _NSIG; sig++) {
+            if (sig == SIGKILL || sig == SIGSTOP) continue;
+            sigaction(sig, &sa, NULL);  /* EINVAL for the few reserved numbers: ignored */
+        }
+        sigset_t none;
+        sigemptyset(&none);
+        return sigprocmask(SIG_SETMASK, &none, NULL);
+    }
     static int corral_write_all(int fd, const char *buf, size_t len) {
         while (len > 0) {
             ssize_t n = write(fd, buf, len);
@@ -202,6 +217,7 @@ cdef extern from * nogil:
     int corral_set_rlimit(int resource, unsigned long long soft, unsigned long long hard)
     int corral_write_all(int fd, const char *buf, size_t len)
     void corral_set_errno(int e)
+    int corral_reset_signals()
 
     int mount(const char *source, const char *target, const char *fstype,
               unsigned long flags, const void *data)
@@ -258,6 +274,7 @@ cdef enum Step:
     STEP_SETNS = 22
     STEP_CLONE = 23
     STEP_PDEATHSIG = 24
+    STEP_SIGNALS = 25
 
 STEP_NAMES = {
     STEP_WAIT_PARENT: "wait-for-parent",
@@ -284,6 +301,7 @@ STEP_NAMES = {
     STEP_SETNS: "setns",
     STEP_CLONE: "clone",
     STEP_PDEATHSIG: "prctl(PR_SET_PDEATHSIG)",
+    STEP_SIGNALS: "reset-signals",
 }
 
 # Mount plan op kinds; corral.sandbox.mounts produces them (same numbers).
@@ -674,6 +692,8 @@ cdef void exec_command(child_plan *plan, int report_fd) noexcept nogil:
 cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexcept nogil:
     """The tail both children share, in the order of corral.sandbox.contain."""
     cdef int i
+    if corral_reset_signals() != 0:
+        fail(report_fd, STEP_SIGNALS, -1)
     if chdir(plan.cwd) != 0:
         fail(report_fd, STEP_CHDIR, -1)
     if setsid() < 0:

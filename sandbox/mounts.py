@@ -9,7 +9,9 @@ under ``root`` while the host tree is still visible (bind sources, and the fully
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 from dataclasses import dataclass
 
 from .spec import SandboxSpec
@@ -93,16 +95,28 @@ class HostView:
 
     def kind(self, path: str) -> str | None:
         """'dir', 'file', 'link:<target>' or None when absent."""
-        try:
-            if os.path.islink(path):
-                return "link:" + os.readlink(path)
-            if os.path.isdir(path):
-                return "dir"
-            if os.path.exists(path):
-                return "file"
-        except OSError:
-            return None
+        if path in _STATIC_PATHS:
+            return _static_kind(path)
+        return _probe_kind(path)
+
+
+#: System paths whose shape does not change while a runtime runs; probed once.
+_STATIC_PATHS = frozenset(HOST_SYSTEM_DIRS + HOST_ETC_ENTRIES + tuple("/dev/" + d for d in DEVICES))
+
+
+@functools.cache
+def _static_kind(path: str) -> str | None:
+    return _probe_kind(path)
+
+
+def _probe_kind(path: str) -> str | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
         return None
+    if stat.S_ISLNK(st.st_mode):
+        return "link:" + os.readlink(path)
+    return "dir" if stat.S_ISDIR(st.st_mode) else "file"
 
 
 def etc_files(spec: SandboxSpec) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno as errno_mod
+import functools
 import json
 import os
 import secrets
@@ -293,7 +294,7 @@ class Sandbox:
             os.chown(root, self.spec.uid_base, self.spec.uid_base)
             self._setup_workspace()
             self._write_state()
-            layout = cgroups.detect()
+            layout = _cgroup_layout()
             limits = cgroups.CgroupLimits(
                 memory_bytes=self.spec.memory_bytes, pids_max=self.spec.pids_max,
                 cpu_quota=self.spec.cpus,
@@ -326,7 +327,6 @@ class Sandbox:
                 from .. import mounts
                 ops = mounts.plan(self.spec, root, self.workspace, detached=detached)
                 raise _setup_error(exc, ops) from None
-            self._write_state()
             self.state = "running"
         except BaseException:
             self._cleanup()
@@ -368,19 +368,19 @@ class Sandbox:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        # SIGKILL to PID 1 makes the kernel kill every process of the PID namespace, and
+        # PID 1's exit completes only after they are all gone: once it is reaped, the
+        # cgroup normally holds nothing and its kill below is a cheap check.
         if self._init_pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal_mod.pidfd_send_signal(self._init_pidfd, signal_mod.SIGKILL)
-        if self._cgroup is not None:
-            with contextlib.suppress(CorralError, OSError):
-                self._cgroup.kill()
+        if self.init_pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, 0)
         for proc in self._processes:
             proc.kill()
             with contextlib.suppress(ChildProcessError):
                 proc._reap(block=True)
-        if self.init_pid:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.init_pid, 0)
         if self._init_pidfd >= 0:
             os.close(self._init_pidfd)
             self._init_pidfd = -1
@@ -388,7 +388,7 @@ class Sandbox:
             os.close(fd)
         self._cgroup_fds = ()
         if self._cgroup is not None:
-            self._cgroup.destroy()
+            self._cgroup.destroy()  # kills anything left (a process outside the PID ns)
             self._cgroup = None
         if self._own_workspace and self.workspace:
             shutil.rmtree(self.workspace, ignore_errors=True)
@@ -497,6 +497,12 @@ class Sandbox:
         return 0
 
 
+@functools.cache
+def _cgroup_layout() -> cgroups.CgroupLayout:
+    """The host's cgroup layout, detected once per process."""
+    return cgroups.detect()
+
+
 def _start_time(pid: int | None) -> int | None:
     """Start time of a process in clock ticks (field 22 of /proc/PID/stat)."""
     if not pid:
@@ -538,7 +544,7 @@ def sweep(base: str | None = None) -> list[str]:
         elif time.time() - os.stat(path).st_mtime < 60:
             continue  # being created right now
         if layout is None:
-            layout = cgroups.detect()
+            layout = _cgroup_layout()
         with contextlib.suppress(CorralError, OSError):
             cgroups.Cgroup.open(layout, name).destroy()
         if state and state.get("workspace"):
