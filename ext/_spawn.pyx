@@ -173,6 +173,28 @@ cdef extern from * nogil:
         return setrlimit(resource, &rl);
     }
     static void corral_set_errno(int e) { errno = e; }
+    #include <sys/mman.h>
+    #define CORRAL_STACK_SIZE (256 * 1024)
+    static void *corral_stack_alloc(void) {
+        void *p = mmap(NULL, CORRAL_STACK_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    static void corral_stack_free(void *p) { if (p) munmap(p, CORRAL_STACK_SIZE); }
+    static void *corral_stack_top(void *p) { return (char *)p + CORRAL_STACK_SIZE; }
+    static int corral_vfork_clone(int (*fn)(void *), void *stack_top, int flags, void *arg) {
+        /* vfork-style: the child borrows this address space (no page tables copied) and
+           the calling thread sleeps until it execs or exits. */
+        return clone(fn, stack_top, CLONE_VM | CLONE_VFORK | flags, arg);
+    }
+    static int corral_block_signals(sigset_t *old) {
+        sigset_t all;
+        sigfillset(&all);
+        return pthread_sigmask(SIG_BLOCK, &all, old);
+    }
+    static void corral_restore_signals(const sigset_t *old) {
+        pthread_sigmask(SIG_SETMASK, old, NULL);
+    }
     static int corral_reset_signals(void) {
         /* A Python parent ignores SIGPIPE and SIGXFSZ and may block signals in the
            spawning thread; ignored dispositions and the mask survive execve, so give
@@ -217,6 +239,14 @@ cdef extern from * nogil:
     int corral_set_rlimit(int resource, unsigned long long soft, unsigned long long hard)
     int corral_write_all(int fd, const char *buf, size_t len)
     void corral_set_errno(int e)
+    ctypedef struct sigset_t:
+        pass
+    void *corral_stack_alloc()
+    void corral_stack_free(void *p)
+    void *corral_stack_top(void *p)
+    int corral_vfork_clone(int (*fn)(void *) noexcept nogil, void *stack_top, int flags, void *arg)
+    int corral_block_signals(sigset_t *old)
+    void corral_restore_signals(const sigset_t *old)
     int corral_reset_signals()
 
     int mount(const char *source, const char *target, const char *fstype,
@@ -747,30 +777,43 @@ cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
     contain_and_exec(plan, report_fd, True)
 
 
-cdef void join_child(child_plan *plan, int ns_pidfd, int report_fd) noexcept nogil:
+cdef struct join_args:
+    child_plan *plan
+    int ns_pidfd
+    int report_fd
+    void *command_stack_top
+
+
+cdef int command_main(void *arg) noexcept nogil:
+    """The command: a child of the runtime (CLONE_PARENT), PID n of the sandbox."""
+    cdef join_args *a = <join_args *>arg
+    if a.plan.pdeathsig and prctl(PR_SET_PDEATHSIG, a.plan.pdeathsig, 0, 0, 0) != 0:
+        fail(a.report_fd, STEP_PDEATHSIG, -1)
+    if corral_setresuid0() != 0:
+        fail(a.report_fd, STEP_SETRESUID, -1)
+    contain_and_exec(a.plan, a.report_fd, False)
+    return 127  # not reached: contain_and_exec execs or _exits
+
+
+cdef int join_main(void *arg) noexcept nogil:
     """Helper that enters a sandbox and clones the command as the caller's child."""
-    cdef long pid
+    cdef join_args *a = <join_args *>arg
+    cdef int pid
     cdef report r
-    if attach_cgroups(plan) != 0:
-        fail(report_fd, STEP_CGROUP_ATTACH, -1)
-    if corral_setns(ns_pidfd, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
+    if attach_cgroups(a.plan) != 0:
+        fail(a.report_fd, STEP_CGROUP_ATTACH, -1)
+    if corral_setns(a.ns_pidfd, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
                     | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP) != 0:
-        fail(report_fd, STEP_SETNS, -1)
-    pid = corral_raw_clone(CLONE_PARENT)
+        fail(a.report_fd, STEP_SETNS, -1)
+    # Still sharing the runtime's memory; this helper sleeps until the command execs.
+    pid = corral_vfork_clone(command_main, a.command_stack_top, CLONE_PARENT, arg)
     if pid < 0:
-        fail(report_fd, STEP_CLONE, -1)
-    if pid == 0:
-        # The command: a child of the runtime, PID n of the sandbox.
-        if plan.pdeathsig and prctl(PR_SET_PDEATHSIG, plan.pdeathsig, 0, 0, 0) != 0:
-            fail(report_fd, STEP_PDEATHSIG, -1)
-        if corral_setresuid0() != 0:
-            fail(report_fd, STEP_SETRESUID, -1)
-        contain_and_exec(plan, report_fd, False)
+        fail(a.report_fd, STEP_CLONE, -1)
     r.kind = 2
     r.step = 0
     r.err = 0
-    r.detail = <int>pid
-    corral_write_all(report_fd, <const char *>&r, sizeof(report))
+    r.detail = pid
+    corral_write_all(a.report_fd, <const char *>&r, sizeof(report))
     _exit(0)
 
 
@@ -918,31 +961,51 @@ def spawn_join(ChildPlan plan, int init_pidfd):
 
     Returns the host pid of the new process, a child of the caller.
 
+    The helper and the command are vfork-style clones: neither copies the runtime's page
+    tables, so the cost does not grow with the runtime's memory. Every signal is blocked
+    in this thread while they borrow its address space; the command restores defaults.
+
     Raises:
         SpawnError: a step failed (execve's failure is step "execve").
     """
     cdef int rep[2]
-    cdef long helper
+    cdef int helper = -1
     cdef int status = 0
-    cloexec_pipe(rep)
-    with nogil:
-        helper = corral_raw_clone(SIGCHLD)
-        if helper == 0:
-            close(rep[0])
-            join_child(&plan.c, init_pidfd, rep[1])
-            _exit(127)
-    close(rep[1])
-    if helper < 0:
-        err = errno
-        close(rep[0])
-        raise OSError(err, "clone (join helper)")
+    cdef int err = 0
+    cdef join_args args
+    cdef sigset_t old_mask
+    cdef void *helper_stack = corral_stack_alloc()
+    cdef void *command_stack = corral_stack_alloc()
+    if helper_stack == NULL or command_stack == NULL:
+        corral_stack_free(helper_stack)
+        corral_stack_free(command_stack)
+        raise MemoryError("stacks for the join helper")
     try:
-        failure, pid = read_reports(rep[0])
-    finally:
-        close(rep[0])
+        cloexec_pipe(rep)
+        args.plan = &plan.c
+        args.ns_pidfd = init_pidfd
+        args.report_fd = rep[1]
+        args.command_stack_top = corral_stack_top(command_stack)
         with nogil:
-            while waitpid(<pid_t>helper, &status, 0) < 0 and errno == EINTR:
-                pass
+            corral_block_signals(&old_mask)
+            helper = corral_vfork_clone(join_main, corral_stack_top(helper_stack), SIGCHLD,
+                                        &args)
+            err = errno
+            corral_restore_signals(&old_mask)
+        close(rep[1])
+        if helper < 0:
+            close(rep[0])
+            raise OSError(err, "clone (join helper)")
+        try:
+            failure, pid = read_reports(rep[0])
+        finally:
+            close(rep[0])
+            with nogil:
+                while waitpid(helper, &status, 0) < 0 and errno == EINTR:
+                    pass
+    finally:
+        corral_stack_free(helper_stack)
+        corral_stack_free(command_stack)
     cdef pid_t joined = pid
     if failure is not None:
         if joined:
