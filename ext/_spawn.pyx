@@ -85,11 +85,6 @@ cdef extern from * nogil:
     struct corral_cap_header { uint32_t version; int pid; };
     struct corral_cap_data { uint32_t effective, permitted, inheritable; };
 
-    static long corral_raw_clone(unsigned long flags) {
-        /* fork-like raw clone: no atfork handlers run, the child continues on a copy
-           of this stack. */
-        return syscall(SYS_clone, flags, 0, 0, 0, 0);
-    }
     static int corral_pivot_root(const char *new_root, const char *put_old) {
         return (int)syscall(SYS_pivot_root, new_root, put_old);
     }
@@ -118,9 +113,9 @@ cdef extern from * nogil:
     static int corral_execveat_fd(int fd, char *const argv[], char *const envp[]) {
         return (int)syscall(SYS_execveat, fd, "", argv, envp, AT_EMPTY_PATH);
     }
-    static int corral_seccomp_load(void *filter, unsigned short len) {
+    static int corral_seccomp_load(void *filter, unsigned short len, unsigned int flags) {
         struct corral_sock_fprog prog = {len, filter};
-        return (int)syscall(SYS_seccomp, 1 /* SECCOMP_SET_MODE_FILTER */, 0, &prog);
+        return (int)syscall(SYS_seccomp, 1 /* SECCOMP_SET_MODE_FILTER */, flags, &prog);
     }
     static int corral_landlock_create(uint64_t fs, uint64_t scoped, int abi) {
         struct corral_ll_ruleset_attr a = {fs, 0, scoped};
@@ -187,6 +182,12 @@ cdef extern from * nogil:
            the calling thread sleeps until it execs or exits. */
         return clone(fn, stack_top, CLONE_VM | CLONE_VFORK | flags, arg);
     }
+    static int corral_vfork_clone_ns(int (*fn)(void *), void *stack_top, int flags, void *arg) {
+        /* CLONE_VM without CLONE_VFORK: the caller must keep the stack alive and must
+           not return to the runtime until the child has exec'd (see init_launcher). */
+        return clone(fn, stack_top, CLONE_VM | SIGCHLD | flags, arg);
+    }
+    static int corral_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
     static int corral_block_signals(sigset_t *old) {
         sigset_t all;
         sigfillset(&all);
@@ -219,7 +220,6 @@ cdef extern from * nogil:
         return 0;
     }
     """
-    long corral_raw_clone(unsigned long flags)
     int corral_pivot_root(const char *new_root, const char *put_old)
     int corral_mount_setattr(const char *path, unsigned int flags, unsigned long long set)
     int corral_pidfd_open(pid_t pid)
@@ -230,7 +230,7 @@ cdef extern from * nogil:
     int corral_close_range_cloexec(unsigned int first)
     int corral_setresuid0()
     int corral_execveat_fd(int fd, char **argv, char **envp)
-    int corral_seccomp_load(void *filter, unsigned short len)
+    int corral_seccomp_load(void *filter, unsigned short len, unsigned int flags)
     int corral_landlock_create(unsigned long long fs, unsigned long long scoped, int abi)
     int corral_landlock_add_path(int ruleset, int parent_fd, unsigned long long access)
     int corral_landlock_restrict(int ruleset)
@@ -245,7 +245,9 @@ cdef extern from * nogil:
     void corral_stack_free(void *p)
     void *corral_stack_top(void *p)
     int corral_vfork_clone(int (*fn)(void *) noexcept nogil, void *stack_top, int flags, void *arg)
+    int corral_vfork_clone_ns(int (*fn)(void *) noexcept nogil, void *stack_top, int flags, void *arg)
     int corral_block_signals(sigset_t *old)
+    int corral_pipe_cloexec(int *fds)
     void corral_restore_signals(const sigset_t *old)
     int corral_reset_signals()
 
@@ -305,6 +307,7 @@ cdef enum Step:
     STEP_CLONE = 23
     STEP_PDEATHSIG = 24
     STEP_SIGNALS = 25
+    STEP_ID_MAPS = 26
 
 STEP_NAMES = {
     STEP_WAIT_PARENT: "wait-for-parent",
@@ -332,6 +335,7 @@ STEP_NAMES = {
     STEP_CLONE: "clone",
     STEP_PDEATHSIG: "prctl(PR_SET_PDEATHSIG)",
     STEP_SIGNALS: "reset-signals",
+    STEP_ID_MAPS: "write uid_map/gid_map",
 }
 
 # Mount plan op kinds; corral.sandbox.mounts produces them (same numbers).
@@ -404,6 +408,7 @@ cdef struct child_plan:
     char *hostname
     char *bpf
     unsigned short bpf_len
+    unsigned int bpf_flags
     int *cgroup_fds
     int n_cgroup_fds
     int last_cap
@@ -422,7 +427,7 @@ cdef class ChildPlan:
 
     def __init__(self, *, argv, envp=(), search_path=(), cwd="/", hostname=None,
                  mount_ops=(), landlock_rules=(), landlock_handled=0, landlock_scoped=0,
-                 landlock_abi=0, rlimits=(), fds=(), seccomp_bpf=None, cgroup_fds=(),
+                 landlock_abi=0, rlimits=(), fds=(), seccomp_bpf=None, seccomp_flags=0, cgroup_fds=(),
                  last_cap=40, pdeathsig=0, exec_fd=-1):
         """Build the C arrays.
 
@@ -436,6 +441,7 @@ cdef class ChildPlan:
             fds: (parent_fd, child_fd) pairs to install in the child; all other
                 descriptors are closed on execve.
             seccomp_bpf: raw struct sock_filter array, or None for no filter.
+            seccomp_flags: flags of seccomp(SECCOMP_SET_MODE_FILTER), e.g. LOG.
             cgroup_fds: open cgroup.procs descriptors the child writes "0" into.
         """
         cdef int i
@@ -495,6 +501,7 @@ cdef class ChildPlan:
                 raise ValueError("seccomp program must be 1..4096 sock_filter entries")
             self.c.bpf = self._bytes(bytes(seccomp_bpf))
             self.c.bpf_len = len(seccomp_bpf) // 8
+            self.c.bpf_flags = seccomp_flags
         else:
             self.c.bpf = NULL
             self.c.bpf_len = 0
@@ -746,7 +753,7 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
     # _exit); the report pipe is close-on-exec, so end-of-file tells success.
     if corral_close_range_cloexec(3) != 0:
         fail(report_fd, STEP_FDS, -1)
-    if plan.bpf != NULL and corral_seccomp_load(plan.bpf, plan.bpf_len) != 0:
+    if plan.bpf != NULL and corral_seccomp_load(plan.bpf, plan.bpf_len, plan.bpf_flags) != 0:
         fail(report_fd, STEP_SECCOMP, -1)
     if is_init:
         corral_execveat_fd(plan.exec_fd, plan.argv, plan.envp)
@@ -775,6 +782,105 @@ cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
         fail(report_fd, STEP_LOOPBACK, -1)
     apply_mounts(plan, report_fd)
     contain_and_exec(plan, report_fd, True)
+
+
+cdef struct init_args:
+    child_plan *plan
+    int report_fd
+    int go_r            # C0 -> PID 1: one byte once the id maps are written
+    int go_w
+    int exec_r          # PID 1 holds the close-on-exec write end: EOF = exec'd or dead
+    int exec_w
+    void *init_stack_top
+    const char *uid_map
+    size_t uid_map_len
+    const char *gid_map
+    size_t gid_map_len
+
+
+cdef int init_main(void *arg) noexcept nogil:
+    """PID 1 of the new namespaces; shares the runtime's memory until it execs."""
+    cdef init_args *a = <init_args *>arg
+    close(a.go_w)
+    close(a.exec_r)
+    init_child(a.plan, a.go_r, a.report_fd)
+    return 127  # not reached
+
+
+cdef int proc_path(char *buf, long pid, const char *leaf) noexcept nogil:
+    """buf = "/proc/<pid>/<leaf>" without snprintf (async-signal-safe)."""
+    cdef char digits[24]
+    cdef int n = 0, i = 0
+    cdef size_t leaf_len = strlen(leaf)
+    while True:
+        digits[n] = <char>(48 + pid % 10)
+        n += 1
+        pid //= 10
+        if pid == 0:
+            break
+    memcpy(buf, b"/proc/", 6)
+    i = 6
+    while n > 0:
+        n -= 1
+        buf[i] = digits[n]
+        i += 1
+    buf[i] = 47  # '/'
+    memcpy(buf + i + 1, leaf, leaf_len + 1)
+    return 0
+
+
+cdef int write_proc_file(long pid, const char *leaf, const char *data, size_t len) noexcept nogil:
+    cdef char path[64]
+    proc_path(path, pid, leaf)
+    return write_file(path, data, len)
+
+
+cdef int init_launcher(void *arg) noexcept nogil:
+    """C0: vfork child of the runtime that creates PID 1 and writes its id maps.
+
+    PID 1 is cloned with CLONE_VM (no page tables copied) and CLONE_PARENT (it is the
+    runtime's child). This launcher still has the runtime's privileges, so it writes
+    uid_map/setgroups/gid_map itself, releases PID 1, and waits until PID 1 has exec'd
+    corral-init (or died) before exiting: only then may the runtime run on the memory
+    PID 1 was borrowing.
+    """
+    cdef init_args *a = <init_args *>arg
+    cdef int pid
+    cdef report r
+    cdef int fds[2]
+    # The two pipes between launcher and PID 1 are made here, not by the runtime: the
+    # runtime's own copy of a write end would keep the launcher from ever seeing EOF.
+    if corral_pipe_cloexec(fds) != 0:
+        fail(a.report_fd, STEP_CLONE, -1)
+    a.go_r = fds[0]
+    a.go_w = fds[1]
+    if corral_pipe_cloexec(fds) != 0:
+        fail(a.report_fd, STEP_CLONE, -1)
+    a.exec_r = fds[0]
+    a.exec_w = fds[1]
+    pid = corral_vfork_clone_ns(init_main, a.init_stack_top,
+                                CLONE_PARENT | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
+                                | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC, arg)
+    close(a.go_r)
+    close(a.exec_w)
+    if pid < 0:
+        fail(a.report_fd, STEP_CLONE, -1)
+    r.kind = 2
+    r.step = 0
+    r.err = 0
+    r.detail = pid
+    corral_write_all(a.report_fd, <const char *>&r, sizeof(report))
+    if (write_proc_file(pid, "uid_map", a.uid_map, a.uid_map_len) != 0
+            or write_proc_file(pid, "setgroups", "deny", 4) != 0
+            or write_proc_file(pid, "gid_map", a.gid_map, a.gid_map_len) != 0):
+        kill(pid, SIGKILL)
+        fail(a.report_fd, STEP_ID_MAPS, -1)
+    if corral_write_all(a.go_w, "g", 1) != 0:
+        kill(pid, SIGKILL)
+        fail(a.report_fd, STEP_WAIT_PARENT, -1)
+    close(a.go_w)
+    read_byte(a.exec_r)  # returns 0 at EOF: PID 1 exec'd or exited
+    _exit(0)
 
 
 cdef struct join_args:
@@ -895,65 +1001,73 @@ def open_tree_clone(path):
 def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map):
     """Create a sandbox's PID 1; returns (pid, pidfd).
 
-    The child gets new user, PID, mount, network, UTS and IPC namespaces; it waits
-    until its uid/gid maps are written, then contains itself and execs corral-init.
+    A vfork-style launcher clones PID 1 into new user, PID, mount, network, UTS and IPC
+    namespaces, writes its uid/gid maps and releases it; PID 1 contains itself and execs
+    corral-init. Neither clone copies the runtime's page tables.
 
     Raises:
         SpawnError: the child failed a step (step, errno, detail are attributes).
-        OSError: clone itself or writing the maps failed.
+        OSError: clone itself failed.
     """
-    cdef int go[2]
     cdef int rep[2]
-    cdef long pid
-    cdef int status
-    cdef unsigned long flags = (CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET
-                                | CLONE_NEWUTS | CLONE_NEWIPC | SIGCHLD)
-    cloexec_pipe(go)
+    cdef int launcher = -1
+    cdef int status = 0
+    cdef int err = 0
+    cdef init_args args
+    cdef sigset_t old_mask
+    cdef pid_t child
+    cdef void *launcher_stack = corral_stack_alloc()
+    cdef void *init_stack = corral_stack_alloc()
+    if launcher_stack == NULL or init_stack == NULL:
+        corral_stack_free(launcher_stack)
+        corral_stack_free(init_stack)
+        raise MemoryError("stacks for the sandbox launcher")
+    rep[0] = rep[1] = -1
     try:
         cloexec_pipe(rep)
-    except BaseException:
-        close(go[0]); close(go[1])
-        raise
-    with nogil:
-        pid = corral_raw_clone(flags)
-        if pid == 0:
-            close(go[1])
-            close(rep[0])
-            init_child(&plan.c, go[0], rep[1])
-            _exit(127)  # not reached
-    close(go[0])
-    close(rep[1])
-    if pid < 0:
-        err = errno
-        close(go[1]); close(rep[0])
-        raise OSError(err, "clone(CLONE_NEWUSER|CLONE_NEWPID|CLONE_NEWNS|...)")
-    try:
-        base = f"/proc/{pid}/".encode()
-        for name, data in ((b"uid_map", uid_map), (b"setgroups", b"deny"),
-                           (b"gid_map", gid_map)):
-            path = base + name
-            if write_file(path, data, len(data)) != 0:
-                raise OSError(errno, f"writing {path.decode()}")
-        if write(go[1], b"g", 1) != 1:
-            raise OSError(errno, "releasing the sandbox child")
-        close(go[1])
-        go[1] = -1
-        failure, _ = read_reports(rep[0])
-        if failure is not None:
-            raise failure
-        pidfd = corral_pidfd_open(<pid_t>pid)
-        if pidfd < 0:
-            raise OSError(errno, "pidfd_open")
-        return pid, pidfd
-    except BaseException:
-        kill(<pid_t>pid, SIGKILL)
+        args.plan = &plan.c
+        args.report_fd = rep[1]
+        args.init_stack_top = corral_stack_top(init_stack)
+        args.uid_map = uid_map
+        args.uid_map_len = len(uid_map)
+        args.gid_map = gid_map
+        args.gid_map_len = len(gid_map)
         with nogil:
-            waitpid(<pid_t>pid, &status, 0)
-        raise
+            corral_block_signals(&old_mask)
+            launcher = corral_vfork_clone(init_launcher, corral_stack_top(launcher_stack),
+                                          SIGCHLD, &args)
+            err = errno
+            corral_restore_signals(&old_mask)
+        close(rep[1])
+        rep[1] = -1
+        if launcher < 0:
+            raise OSError(err, "clone (sandbox launcher)")
+        try:
+            failure, pid = read_reports(rep[0])
+        finally:
+            with nogil:
+                while waitpid(launcher, &status, 0) < 0 and errno == EINTR:
+                    pass
     finally:
-        if go[1] >= 0:
-            close(go[1])
-        close(rep[0])
+        for fd in (rep[0], rep[1]):
+            if fd >= 0:
+                close(fd)
+        corral_stack_free(launcher_stack)
+        corral_stack_free(init_stack)
+    child = pid
+    if failure is None and not child:
+        failure = OSError(5, f"sandbox launcher exited ({status:#x}) without creating PID 1")
+    if failure is None:
+        pidfd = corral_pidfd_open(child)
+        if pidfd >= 0:
+            return pid, pidfd
+        failure = OSError(errno, "pidfd_open")
+    if child:
+        kill(child, SIGKILL)
+        with nogil:
+            while waitpid(child, &status, 0) < 0 and errno == EINTR:
+                pass
+    raise failure
 
 
 def spawn_join(ChildPlan plan, int init_pidfd):

@@ -128,7 +128,8 @@ def _run_streaming(spec, argv: list[str]) -> int:
         try:
             threading.Thread(target=_copy_stdin, args=(proc.stdin,), daemon=True).start()
             sel = selectors.DefaultSelector()
-            sinks = {proc.stdout.fileno(): sys.stdout.buffer, proc.stderr.fileno(): sys.stderr.buffer}
+            sinks = {proc.stdout.fileno(): sys.stdout.buffer,
+                     proc.stderr.fileno(): sys.stderr.buffer}
             for f in (proc.stdout, proc.stderr):
                 sel.register(f, selectors.EVENT_READ)
             while sel.get_map():

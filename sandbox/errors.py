@@ -63,7 +63,9 @@ class SandboxSetupError(CorralError):
         name = _errno.errorcode.get(errno, str(errno))
         where = f" {path!r}" if path else ""
         extra = f" ({detail})" if detail else ""
-        super().__init__(f"sandbox setup failed at {step}{where}: {name} {os.strerror(errno)}{extra}")
+        super().__init__(
+            f"sandbox setup failed at {step}{where}: {name} {os.strerror(errno)}{extra}"
+        )
 
 
 class CommandNotFound(CorralError):

@@ -51,7 +51,8 @@ def abi_version() -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     version = libc.syscall(
-        _SYS_landlock_create_ruleset, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
+        _SYS_landlock_create_ruleset, None, ctypes.c_size_t(0),
+        ctypes.c_uint32(_CREATE_RULESET_VERSION),
     )
     return max(int(version), 0)
 

@@ -240,6 +240,8 @@ _UNCONFINED_DIGEST = hashlib.sha256(b'"unconfined"').hexdigest()
 def load_profile(name_or_path: str) -> SeccompProfile:
     """Load a builtin profile by name ("default", "unconfined") or a Docker JSON file by path.
 
+    A file that happens to be called "default" or "unconfined" is reached as "./default".
+
     Raises:
         InvalidSpec: the file is missing, unreadable or not a valid profile (field "profile").
         UnsupportedHost: libseccomp.so.2 is not installed.
@@ -249,7 +251,7 @@ def load_profile(name_or_path: str) -> SeccompProfile:
             name="unconfined", source="builtin", digest=_UNCONFINED_DIGEST, unconfined=True
         )
     if name_or_path == "default":
-        return parse_profile(_builtin_bytes("default.json"), name="default", source="builtin")
+        return _builtin_profile("default")
     path = os.path.abspath(name_or_path)
     try:
         with open(path, "rb") as f:
@@ -276,8 +278,9 @@ def load_profile(name_or_path: str) -> SeccompProfile:
 
 
 @functools.cache
-def _builtin_bytes(filename: str) -> bytes:
-    return resources.files("corral.sandbox.profiles").joinpath(filename).read_bytes()
+def _builtin_profile(name: str) -> SeccompProfile:
+    data = resources.files("corral.sandbox.profiles").joinpath(f"{name}.json").read_bytes()
+    return parse_profile(data, name=name, source="builtin")
 
 
 def parse_profile(data: bytes | str, *, name: str, source: str) -> SeccompProfile:
@@ -291,13 +294,30 @@ def parse_profile(data: bytes | str, *, name: str, source: str) -> SeccompProfil
     Raises:
         InvalidSpec: the document is not a valid profile (field "profile").
     """
-    # Spawning is a hot path and a profile is immutable: the same text parses to the same object.
-    return _parse_cached(data, name, source)
+    # Spawning is a hot path and a profile is immutable: the same text parses to the same
+    # object. The key holds a hash, not the text, so the cache stays small whatever it is fed.
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    key = (hashlib.sha256(raw).digest(), name, source)
+    with _PARSED_LOCK:
+        profile = _parsed.get(key)
+        if profile is not None:
+            _parsed.move_to_end(key)
+            return profile
+    profile = _parse(data, name, source)
+    with _PARSED_LOCK:
+        _parsed[key] = profile
+        if len(_parsed) > _CACHE_SIZE:
+            _parsed.popitem(last=False)
+    return profile
 
 
-@functools.lru_cache(maxsize=64)
-def _parse_cached(data: bytes | str, name: str, source: str) -> SeccompProfile:
-    where = f"builtin profile {name!r}" if source == "builtin" else repr(name)
+_CACHE_SIZE = 64
+_parsed: OrderedDict[tuple[bytes, str, str], SeccompProfile] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
+
+
+def _parse(data: bytes | str, name: str, source: str) -> SeccompProfile:
+    where = _where(name, source)
     if isinstance(data, bytes):
         try:
             text = data.decode("utf-8")
@@ -313,28 +333,33 @@ def _parse_cached(data: bytes | str, name: str, source: str) -> SeccompProfile:
         raise InvalidSpec(
             "profile", f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
-    except _DuplicateKey as e:
+    except _NotAProfile as e:
         raise InvalidSpec(
             "profile", f"{where} is not valid JSON for a profile: {e.args[0]}"
         ) from None
     return _Validator(where).profile(doc, name=name, source=source)
 
 
-class _DuplicateKey(ValueError):
-    pass
+def _where(name: str, source: str) -> str:
+    """How messages name a profile: the path the user gave, or the builtin's name."""
+    return f"builtin profile {name!r}" if source == "builtin" else repr(name)
+
+
+class _NotAProfile(ValueError):
+    """Valid JSON that no profile may contain: duplicate keys, NaN, Infinity."""
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     result: dict[str, object] = {}
     for key, value in pairs:
         if key in result:
-            raise _DuplicateKey(f"key {key!r} appears twice in one object")
+            raise _NotAProfile(f"key {key!r} appears twice in one object")
         result[key] = value
     return result
 
 
 def _no_constant(token: str) -> object:
-    raise _DuplicateKey(f"{token} is not a number a profile can use")
+    raise _NotAProfile(f"{token} is not a number a profile can use")
 
 
 def _canonical_json(doc: object) -> bytes:
@@ -399,7 +424,7 @@ class _Validator:
                 "listenerPath", "is set, but Corral runs no seccomp listener; remove it"
             )
         architectures = self.architectures(top)
-        flags = self.strings(top.get("flags", []), "flags")
+        flags = self.strings(_given(top, "flags", []), "flags")
         for i, flag in enumerate(flags):
             if flag not in FILTER_FLAGS:
                 raise self.fail(
@@ -408,7 +433,7 @@ class _Validator:
                 )
         rules = tuple(
             self.rule(entry, f"syscalls[{i}]")
-            for i, entry in enumerate(self.array(top.get("syscalls", []), "syscalls"))
+            for i, entry in enumerate(self.array(_given(top, "syscalls", []), "syscalls"))
         )
         self.check_conflicts(rules)
         return SeccompProfile(
@@ -447,22 +472,27 @@ class _Validator:
         return self.uint(value, path, _MAX_ERRNO, "an errno number (0..4095)")
 
     def architectures(self, top: dict) -> tuple[str, ...]:
-        names = list(self.strings(top.get("architectures", []), "architectures"))
-        for i, entry in enumerate(self.array(top.get("archMap", []), "archMap")):
+        named = [
+            (f"architectures[{i}]", arch)
+            for i, arch in enumerate(
+                self.strings(_given(top, "architectures", []), "architectures")
+            )
+        ]
+        for i, entry in enumerate(self.array(_given(top, "archMap", []), "archMap")):
             entry = self.obj(entry, f"archMap[{i}]", _ARCHMAP_KEYS)
             if "architecture" not in entry:
                 raise self.fail(f"archMap[{i}].architecture", "is missing")
-            names.append(self.string(entry["architecture"], f"archMap[{i}].architecture"))
-            names.extend(
-                self.strings(entry.get("subArchitectures", []), f"archMap[{i}].subArchitectures")
-            )
-        for arch in names:
+            path = f"archMap[{i}].architecture"
+            named.append((path, self.string(entry["architecture"], path)))
+            path = f"archMap[{i}].subArchitectures"
+            subs = self.strings(_given(entry, "subArchitectures", []), path)
+            named.extend((f"{path}[{j}]", arch) for j, arch in enumerate(subs))
+        for path, arch in named:
             if arch not in ARCHITECTURES:
                 raise self.fail(
-                    "architectures",
-                    f"name {arch!r} is not a seccomp architecture; use e.g. SCMP_ARCH_X86_64",
+                    path, f"{arch!r} is not a seccomp architecture; use e.g. SCMP_ARCH_X86_64"
                 )
-        return tuple(dict.fromkeys(names))
+        return tuple(dict.fromkeys(arch for _, arch in named))
 
     def rule(self, value: object, path: str) -> SyscallRule:
         entry = self.obj(value, path, _RULE_KEYS)
@@ -472,14 +502,16 @@ class _Validator:
             names = self.strings(entry["names"], f"{path}.names")
             if not names:
                 raise self.fail(f"{path}.names", "is empty; list at least one syscall name")
+            name_paths = [f"{path}.names[{i}]" for i in range(len(names))]
         elif "name" in entry:
             names = (self.string(entry["name"], f"{path}.name"),)
+            name_paths = [f"{path}.name"]
         else:
             raise self.fail(path, 'has no "names"; list the syscalls the rule is for')
-        for i, syscall in enumerate(names):
+        for name_path, syscall in zip(name_paths, names, strict=True):
             if not _SYSCALL_NAME.match(syscall):
                 raise self.fail(
-                    f"{path}.names[{i}]",
+                    name_path,
                     f"{syscall!r} is not a syscall name (lowercase letters, digits and _)",
                 )
         if "action" not in entry:
@@ -488,11 +520,11 @@ class _Validator:
         errno_ret = self.errno_ret(entry.get("errnoRet"), f"{path}.errnoRet", action)
         args = tuple(
             self.arg(arg, f"{path}.args[{i}]")
-            for i, arg in enumerate(self.array(entry.get("args") or [], f"{path}.args"))
+            for i, arg in enumerate(self.array(_given(entry, "args", []), f"{path}.args"))
         )
-        includes = self.scope(entry.get("includes") or {}, f"{path}.includes")
-        excludes = self.scope(entry.get("excludes") or {}, f"{path}.excludes")
-        comment = self.string(entry.get("comment") or "", f"{path}.comment")
+        includes = self.scope(_given(entry, "includes", {}), f"{path}.includes")
+        excludes = self.scope(_given(entry, "excludes", {}), f"{path}.excludes")
+        comment = self.string(_given(entry, "comment", ""), f"{path}.comment")
         return SyscallRule(
             names=names,
             action=action,
@@ -523,11 +555,11 @@ class _Validator:
 
     def scope(self, value: object, path: str) -> RuleScope:
         scope = self.obj(value, path, _SCOPE_KEYS)
-        caps = self.strings(scope.get("caps") or [], f"{path}.caps")
+        caps = self.strings(_given(scope, "caps", []), f"{path}.caps")
         for i, cap in enumerate(caps):
             if not _CAP_NAME.match(cap):
                 raise self.fail(f"{path}.caps[{i}]", f"{cap!r} is not a capability name")
-        arches = self.strings(scope.get("arches") or [], f"{path}.arches")
+        arches = self.strings(_given(scope, "arches", []), f"{path}.arches")
         min_kernel = None
         if scope.get("minKernel"):
             text = self.string(scope["minKernel"], f"{path}.minKernel")
@@ -583,6 +615,12 @@ class _Validator:
                     )
 
 
+def _given(obj: dict, key: str, default: object) -> object:
+    """obj[key], with JSON null or absence meaning `default` (as Go's decoder treats them)."""
+    value = obj.get(key)
+    return default if value is None else value
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -623,7 +661,6 @@ _ATTR_ACT_BADARCH = 2
 _ATTR_CTL_NNP = 3
 _ATTR_CTL_TSYNC = 4
 _ATTR_CTL_OPTIMIZE = 8
-_NR_SCMP_ERROR = -1
 
 _LIB_LOCK = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -685,9 +722,8 @@ def _condition_sets(args: tuple[ArgCondition, ...]) -> list[tuple[ArgCondition, 
 
 # -- compilation -------------------------------------------------------------------------------
 
-_CACHE_SIZE = 64
-_cache: OrderedDict[str, bytes] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
+_programs: OrderedDict[str, bytes] = OrderedDict()  # by profile digest
+_PROGRAMS_LOCK = threading.Lock()
 
 
 def prepare(profile: SeccompProfile) -> bytes | None:
@@ -703,20 +739,20 @@ def prepare(profile: SeccompProfile) -> bytes | None:
     """
     if profile.unconfined:
         return None
-    with _CACHE_LOCK:
-        program = _cache.get(profile.digest)
+    with _PROGRAMS_LOCK:
+        program = _programs.get(profile.digest)
         if program is None:
             program = _compile(profile)
-            _cache[profile.digest] = program
-            if len(_cache) > _CACHE_SIZE:
-                _cache.popitem(last=False)
+            _programs[profile.digest] = program
+            if len(_programs) > _CACHE_SIZE:
+                _programs.popitem(last=False)
         else:
-            _cache.move_to_end(profile.digest)
+            _programs.move_to_end(profile.digest)
         return program
 
 
 def _compile(profile: SeccompProfile) -> bytes:
-    where = "builtin profile" if profile.source == "builtin" else repr(profile.name)
+    where = _where(profile.name, profile.source)
     lib = _libseccomp()
     default = profile.default_action_value
     ctx = lib.seccomp_init(default)
@@ -867,6 +903,10 @@ def describe(profile: SeccompProfile) -> dict:
         "unconfined": False,
         "default": _action_text(profile.default_action, profile.default_errno_ret),
         "other_architectures": "SCMP_ACT_KILL_PROCESS",
+        # numbers above the newest syscall the profile names (see the module docstring)
+        "newer_syscalls": _action_text(profile.default_action, profile.default_errno_ret)
+        if profile.default_action in _PERMISSIVE_ACTIONS
+        else "SCMP_ACT_ERRNO(ENOSYS)",
         "allowed": sorted(allowed),
         "denied": dict(sorted(denied.items())),
         "conditional": dict(sorted(conditional.items())),

@@ -40,7 +40,7 @@ def runtime_base() -> str:
                         "sandboxes")
 
 
-class ExitReason(str, enum.Enum):
+class ExitReason(enum.StrEnum):
     """Why a command ended."""
 
     EXITED = "exited"
@@ -391,9 +391,9 @@ class Sandbox:
             self._cgroup.destroy()  # kills anything left (a process outside the PID ns)
             self._cgroup = None
         if self._own_workspace and self.workspace:
-            shutil.rmtree(self.workspace, ignore_errors=True)
+            _remove_tree(self.workspace)
             self._own_workspace = False
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        _remove_tree(self.runtime_dir)
         self.state = "destroyed"
 
     # -- commands -------------------------------------------------------------------------
@@ -495,6 +495,20 @@ class Sandbox:
         with contextlib.suppress(OSError):
             return self._cgroup.oom_kills()
         return 0
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a directory we created; the common cases (empty, or our own state file) fast."""
+    for name in ("state.json", "root"):
+        with contextlib.suppress(OSError):
+            target = os.path.join(path, name)
+            os.rmdir(target) if name == "root" else os.unlink(target)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 import pytest
 
 from corral.sandbox import InvalidSpec, SandboxSpec, parse_duration, parse_size
-from corral.sandbox.spec import GiB, KiB, MiB, BindMount
+from corral.sandbox.spec import BindMount, GiB, KiB, MiB
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,8 @@ def test_build_from_flags(tmp_path):
         ({"pids": "many"}, r"^pids: 'many' is not a whole number$"),
         ({"cpus": "half"}, r"^cpus: 'half' is not a number of cores, e\.g\. 0\.5$"),
         ({"cpus": "0"}, r"^cpus: 0\.0 must be between 0\.01 and 4096 cores$"),
-        ({"workspace": "/nonexistent/ws"}, r"^workspace: '/nonexistent/ws' is not an existing directory$"),
+        ({"workspace": "/nonexistent/ws"},
+         r"^workspace: '/nonexistent/ws' is not an existing directory$"),
         ({"ro": ["/nonexistent/x"]}, r"^ro: '/nonexistent/x' does not exist on the host$"),
         ({"ro": ["/usr:relative"]}, r"^ro: 'relative' must be an absolute path without '\.\.'$"),
         ({"rw": ["/usr:/proc/x"]}, r"^rw: '/proc/x' is managed by Corral itself$"),
