@@ -14,6 +14,15 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
+
+# Cython finds a module's own .pxd (ext/_stream.pxd) by its dotted name, i.e. at
+# corral/ext/_stream.pxd under an include directory; corral.ext lives in ext/, so give
+# Cython a directory where corral/ext leads there.
+PXD_ROOT = HERE / "build" / "cython-include"
+(PXD_ROOT / "corral").mkdir(parents=True, exist_ok=True)
+if (PXD_ROOT / "corral" / "ext").is_symlink():
+    (PXD_ROOT / "corral" / "ext").unlink()
+(PXD_ROOT / "corral" / "ext").symlink_to(HERE / "ext", target_is_directory=True)
 EXTENSIONS = [
     Extension(f"corral.ext.{pyx.stem}", [f"ext/{pyx.name}"], extra_compile_args=["-O2"])
     for pyx in sorted((HERE / "ext").glob("_*.pyx"))
@@ -39,6 +48,7 @@ setup(
     cmdclass={"build_ext": BuildExtAndInit},
     ext_modules=cythonize(
         EXTENSIONS,
+        include_path=[str(PXD_ROOT)],
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
     ),
