@@ -34,7 +34,7 @@ $(EXT_SO): $(PYX) $(wildcard ext/*.pxd) setup.py
 
 # The main job on embedded defaults: run the example agent inside a default sandbox.
 run: build
-	$(VENV)/bin/corral run -- python3 examples/token_agent.py --tokens 40
+	$(VENV)/bin/corral run --ro $(CURDIR)/examples:/examples -- python3 /examples/token_agent.py
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS) tests
