@@ -90,7 +90,8 @@ class Workspace:
     def write(self, path: str, content: bytes, mode: int = 0o644) -> int:
         """Create or replace a file; returns its size. Parent directories must exist."""
         if len(content) > MAX_WRITE_BYTES:
-            raise InvalidSpec("content", f"{len(content)} bytes is over the {MAX_WRITE_BYTES} limit")
+            raise InvalidSpec("content",
+                              f"{len(content)} bytes is over the {MAX_WRITE_BYTES} byte limit")
         if relative(path) == ".":
             raise InvalidSpec("path", "names the workspace itself, not a file")
         fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode & 0o777)
