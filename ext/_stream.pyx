@@ -522,19 +522,31 @@ cdef class TokenStream:
         return self._next_seq - before
 
     def append_event(self, kind, payload=b""):
-        """Append a runtime-made event (e.g. a TURN_END after a forced stop); returns its seq.
+        """Append a runtime-made entry (e.g. a TURN_END after a forced stop); returns its seq.
 
-        The event is not queued for next_event(): its caller already knows it.
+        TOKEN is accepted too, for text the runtime merges into the stream itself (a plain
+        agent's stdout in a session); its payload must be valid UTF-8. The entry is not
+        queued for next_event(): its caller already knows it.
 
         Raises:
-            ValueError: kind is not TURN_END..TOOL_CALL, or the payload breaks its kind's rules.
+            ValueError: kind is not TOKEN..TOOL_CALL, or the payload breaks its kind's rules.
         """
-        if not EventKind.TURN_END <= kind <= EventKind.TOOL_CALL:
+        if not EventKind.TOKEN <= kind <= EventKind.TOOL_CALL:
             raise ValueError(
-                f"append_event() takes an event kind from 2 (TURN_END) to 7 (TOOL_CALL), "
+                f"append_event() takes an event kind from 1 (TOKEN) to 7 (TOOL_CALL), "
                 f"got {int(kind)}")
         cdef bytes data = bytes(payload)
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t bad
+        if kind == K_TOKEN:
+            bad = _utf8_error_at(p, len(data))
+            if bad >= 0:
+                raise ValueError(
+                    f"TOKEN payload is not valid UTF-8 (byte {bad} of the payload)")
+            self._tokens += 1
+            self._token_bytes += len(data)
+            self._append(p, len(data), K_TOKEN, 0)
+            return self._next_seq - 1
         problem = _payload_problem(kind, p, len(data))
         if problem is not None:
             raise ValueError(problem[1])

@@ -462,18 +462,30 @@ class TokenStream:
         return self._next_seq - before
 
     def append_event(self, kind: int, payload: bytes = b"") -> int:
-        """Append a runtime-made event (e.g. a TURN_END after a forced stop); returns its seq.
+        """Append a runtime-made entry (e.g. a TURN_END after a forced stop); returns its seq.
 
-        The event is not queued for next_event(): its caller already knows it.
+        TOKEN is accepted too, for text the runtime merges into the stream itself (a plain
+        agent's stdout in a session); its payload must be valid UTF-8. The entry is not
+        queued for next_event(): its caller already knows it.
 
         Raises:
-            ValueError: kind is not TURN_END..TOOL_CALL, or the payload breaks its kind's rules.
+            ValueError: kind is not TOKEN..TOOL_CALL, or the payload breaks its kind's rules.
         """
-        if not EventKind.TURN_END <= kind <= EventKind.TOOL_CALL:
+        if not EventKind.TOKEN <= kind <= EventKind.TOOL_CALL:
             raise ValueError(
-                f"append_event() takes an event kind from 2 (TURN_END) to 7 (TOOL_CALL), "
+                f"append_event() takes an event kind from 1 (TOKEN) to 7 (TOOL_CALL), "
                 f"got {int(kind)}")
         payload = bytes(payload)
+        if kind == EventKind.TOKEN:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"TOKEN payload is not valid UTF-8 (byte {exc.start} of the payload)"
+                ) from None
+            self._tokens += 1
+            self._token_bytes += len(payload)
+            return self._append(payload, _TOKEN, 0)
         problem = _payload_problem(kind, payload)
         if problem is not None:
             raise ValueError(problem[1])

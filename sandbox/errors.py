@@ -37,6 +37,24 @@ class PermissionDenied(CorralError):
     grpc_status = "PERMISSION_DENIED"
 
 
+class Unauthenticated(CorralError):
+    """No credentials, or credentials the daemon does not know."""
+
+    grpc_status = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(CorralError):
+    """A limit of the daemon (sandboxes, sessions, buffered input) is reached."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(CorralError):
+    """The daemon is shutting down or cannot be reached."""
+
+    grpc_status = "UNAVAILABLE"
+
+
 class InvalidTransition(CorralError):
     """A lifecycle move that the transition table does not allow."""
 
@@ -86,3 +104,28 @@ class UnsupportedHost(CorralError):
     """The host lacks a kernel feature the requested policy needs."""
 
     grpc_status = "FAILED_PRECONDITION"
+
+
+class AuditError(CorralError):
+    """The audit log cannot be opened or written; the action it would record must not proceed."""
+
+    grpc_status = "INTERNAL"
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"audit log {path}: {message}")
+
+
+class AuditTampered(AuditError):
+    """The audit log fails its integrity check; carries the first broken record and why."""
+
+    grpc_status = "DATA_LOSS"
+
+    def __init__(self, path: str, broken_at_seq: int, problem: str):
+        self.broken_at_seq = broken_at_seq
+        self.problem = problem
+        super().__init__(
+            path,
+            f"failed its integrity check: {problem}; keep it as evidence (move it and its "
+            f".head aside) and start a new log",
+        )

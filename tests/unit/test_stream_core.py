@@ -512,12 +512,28 @@ def test_append_event(impl):
     assert stream.statistics().events == 1
     with pytest.raises(ValueError, match=r'^TURN_END payload has no string "status"$'):
         stream.append_event(impl.EventKind.TURN_END, b"{}")
-    with pytest.raises(ValueError, match=r"^append_event\(\) takes an event kind from 2 "
-                                         r"\(TURN_END\) to 7 \(TOOL_CALL\), got 1$"):
-        stream.append_event(impl.EventKind.TOKEN, b"x")
+    with pytest.raises(ValueError, match=r"^append_event\(\) takes an event kind from 1 "
+                                         r"\(TOKEN\) to 7 \(TOOL_CALL\), got 64$"):
+        stream.append_event(impl.EventKind.ERROR, b"x")
     with pytest.raises(ValueError, match=r"^LOG payload is not valid UTF-8 "
                                          r"\(byte 0 of the payload\)$"):
         stream.append_event(impl.EventKind.LOG, b"\xff")
+
+
+def test_append_token_merges_runtime_text(impl):
+    """A plain agent's stdout joins a session stream as tokens, between the agent's frames."""
+    stream = impl.TokenStream()
+    cursor = stream.subscribe()
+    stream.feed(tok("a") + b"\x02\x00")  # mid-frame again
+    assert stream.append_event(impl.EventKind.TOKEN, "ü".encode()) == 2
+    stream.feed(b"\x00\x00\x01bc")
+    batch = stream_pb2.StreamBatch.FromString(stream.take(cursor))
+    assert (batch.first_seq, batch.text, list(batch.lengths)) == (1, "aübc".encode(), [1, 2, 2])
+    assert stream.statistics().tokens == 3
+    assert stream.next_event() is None
+    with pytest.raises(ValueError, match=r"^TOKEN payload is not valid UTF-8 "
+                                         r"\(byte 1 of the payload\)$"):
+        stream.append_event(impl.EventKind.TOKEN, b"a\xff")
 
 
 @pytest.mark.parametrize("kwargs,message", [

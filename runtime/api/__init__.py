@@ -1,0 +1,1 @@
+"""gRPC servicers: translate corral.v1 messages to domain calls and back, nothing else."""

@@ -1,0 +1,66 @@
+"""One place where domain errors become gRPC statuses (and denials become audit records)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated
+
+log = logging.getLogger("corral.api")
+
+
+def status_of(exc: CorralError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
+
+
+def _record_denial(servicer, context, exc: CorralError, method: str) -> None:
+    if isinstance(exc, (PermissionDenied, Unauthenticated)) and servicer.audit is not None:
+        caller = getattr(context, "corral_caller", None)
+        servicer.audit.append(
+            "denied",
+            tenant=caller.tenant if caller else "",
+            peer=caller.peer if caller else (context.peer() or ""),
+            detail={"method": method, "reason": str(exc), "status": exc.grpc_status},
+        )
+
+
+def unary(method):
+    """Wrap a unary servicer coroutine: CorralError -> its status; a bug -> INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except CorralError as exc:
+            _record_denial(self, context, exc, method.__qualname__)
+            await context.abort(status_of(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("%s failed", method.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
+
+    return wrapper
+
+
+def streaming(method):
+    """Same as unary, for async-generator servicer methods."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except CorralError as exc:
+            _record_denial(self, context, exc, method.__qualname__)
+            await context.abort(status_of(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("%s failed", method.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
+
+    return wrapper

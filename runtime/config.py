@@ -1,0 +1,134 @@
+"""Daemon configuration: flags and a TOML file that use the same names, with defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from corral.sandbox.errors import InvalidSpec
+from corral.sandbox.spec import parse_duration
+
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def default_socket() -> str:
+    """$XDG_RUNTIME_DIR/corral.sock for users, /run/corral/corral.sock for root."""
+    if os.geteuid() != 0 and os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "corral.sock")
+    return "/run/corral/corral.sock"
+
+
+def default_state() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/corral"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "corral")
+
+
+def check_tenant(name: str, field_name: str = "tenant") -> str:
+    if not _TENANT_RE.match(name or ""):
+        raise InvalidSpec(field_name, f"{name!r} is not a tenant name (a-z, 0-9, '-', '_')")
+    return name
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `corral daemon` can be told; each field is also a flag (--socket ...)."""
+
+    #: Unix socket to listen on (mode 0600).
+    socket: str = field(default_factory=default_socket)
+    #: Also listen on TCP, e.g. "127.0.0.1:7070" (bearer tokens required; TLS with tls_cert).
+    listen: str | None = None
+    #: Directory of the daemon's state: audit.db, state.db.
+    state: str = field(default_factory=default_state)
+    #: Bearer token -> tenant, for TCP clients ([tenants.NAME] token = "..." in TOML).
+    tokens: dict[str, str] = field(default_factory=dict)
+    #: Tenants allowed to read every tenant's audit records.
+    operators: tuple[str, ...] = ("local",)
+    #: PEM files for TLS on the TCP listener; client CA turns on mTLS.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    #: Seconds a session with no client attached survives before it is reaped.
+    session_idle_ttl_s: float = 300.0
+    #: Default lifetime of a sandbox in seconds (a request may ask for less).
+    sandbox_ttl_s: float = 3600.0
+    #: Most sandboxes alive at once (sessions included).
+    max_sandboxes: int = 512
+    #: Replay log of each session/exec stream, in bytes.
+    stream_log_bytes: int = 8 << 20
+
+    def validate(self) -> DaemonConfig:
+        if self.listen is not None:
+            host, sep, port = self.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise InvalidSpec("listen", f"{self.listen!r} is not HOST:PORT")
+            if not self.tokens:
+                raise InvalidSpec("listen", "a TCP listener needs at least one tenant token")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidSpec("tls_cert", "tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidSpec("tls_client_ca", "mTLS needs tls_cert and tls_key too")
+        for path_field in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, path_field)
+            if path and not os.path.isfile(path):
+                raise InvalidSpec(path_field, f"{path!r} is not a readable file")
+        for token, tenant in self.tokens.items():
+            check_tenant(tenant)
+            if len(token) < 16:
+                raise InvalidSpec("tokens", f"the token of tenant {tenant!r} is shorter than 16")
+        for name in ("session_idle_ttl_s", "sandbox_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidSpec(name, "must be longer than zero")
+        if self.max_sandboxes < 1:
+            raise InvalidSpec("max_sandboxes", "must be at least 1")
+        return self
+
+
+_DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_ttl_s"}
+
+
+def load(path: str | None, overrides: dict) -> DaemonConfig:
+    """Merge a TOML file (if any) and flag overrides (flags win) into a validated config.
+
+    The file uses the flag names: socket, listen, state, tls_cert, tls_key, tls_client_ca,
+    session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, operators, and one table per
+    tenant: [tenants.acme] token = "...".
+    """
+    values: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise InvalidSpec("config", f"{path!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidSpec("config", f"{path}: {exc}") from None
+        values.update(_from_mapping(raw, path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(DaemonConfig)}
+    return DaemonConfig(**{k: v for k, v in values.items() if k in known}).validate()
+
+
+def _from_mapping(raw: dict, path: str) -> dict:
+    out: dict = {}
+    for key, value in raw.items():
+        if key == "tenants":
+            tokens = {}
+            for tenant, table in value.items():
+                if not isinstance(table, dict) or not isinstance(table.get("token"), str):
+                    raise InvalidSpec("config", f"{path}: [tenants.{tenant}] needs token = \"...\"")
+                tokens[table["token"]] = check_tenant(tenant)
+            out["tokens"] = tokens
+        elif key in _DURATIONS:
+            out[_DURATIONS[key]] = parse_duration(value, key)
+        elif key == "operators":
+            out["operators"] = tuple(check_tenant(t, "operators") for t in value)
+        elif key in {f.name for f in dataclasses.fields(DaemonConfig)} and key != "tokens":
+            out[key] = value
+        else:
+            raise InvalidSpec("config", f"{path}: unknown setting {key!r}")
+    return out

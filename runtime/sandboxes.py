@@ -1,0 +1,422 @@
+"""Sandboxes as the daemon holds them: tenants, TTLs, commands with streamed output, files.
+
+Domain layer: no gRPC types here. Kernel work (clone, cgroups, kill) runs on the daemon's
+spawner threads, which live as long as the daemon: PR_SET_PDEATHSIG fires when the
+*thread* that spawned a sandbox exits, so a short-lived worker thread would kill it.
+Everything else runs on the event loop; no thread per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from corral.ext import TokenStream
+from corral.sandbox import Process, Sandbox, SandboxSpec
+from corral.sandbox.errors import (
+    CorralError,
+    InvalidSpec,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from corral.sandbox.workspace import Workspace
+
+from .auth import Caller
+from .streams import StreamHub
+
+log = logging.getLogger("corral.sandboxes")
+
+MAX_INPUT_BYTES = 1 << 20
+MAX_STDIN_BUFFER = 4 << 20
+
+
+def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
+    """sha256 of the canonical policy a sandbox runs under (spec + seccomp profile)."""
+    fields = {k: v for k, v in spec.__dict__.items() if k not in ("workspace", "labels")}
+    fields["seccomp_digest"] = seccomp_digest
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class PipeWriter:
+    """Non-blocking writes of raw bytes into a pipe from the event loop, bounded."""
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop, limit: int = MAX_STDIN_BUFFER):
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._loop = loop
+        self._buf = bytearray()
+        self._limit = limit
+        self._close_when_drained = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        """Queue data; raises ResourceExhausted when the reader is too far behind."""
+        if self.closed:
+            raise CorralError("stdin is closed")
+        if len(self._buf) + len(data) > self._limit:
+            raise ResourceExhausted(
+                f"the command is not reading its stdin ({len(self._buf)} bytes queued)")
+        was_empty = not self._buf
+        self._buf += data
+        if was_empty:
+            self._flush()
+
+    def close(self) -> None:
+        """Close once everything queued is written."""
+        self._close_when_drained = True
+        if not self._buf:
+            self._shut()
+
+    def _flush(self) -> None:
+        while self._buf:
+            try:
+                n = os.write(self.fd, self._buf[:65536])
+            except BlockingIOError:
+                self._loop.add_writer(self.fd, self._on_writable)
+                return
+            except OSError:  # EPIPE: the command closed stdin or exited
+                self._buf.clear()
+                self._shut()
+                return
+            del self._buf[:n]
+        with contextlib.suppress(Exception):
+            self._loop.remove_writer(self.fd)
+        if self._close_when_drained:
+            self._shut()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _shut(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self.fd)
+            os.close(self.fd)
+
+
+@dataclass
+class ExecHandle:
+    """A command the daemon started in a sandbox, with its output hubs."""
+
+    id: str
+    sandbox_id: str
+    argv: tuple[str, ...]
+    process: Process
+    stdout: StreamHub
+    stderr: StreamHub
+    stdin: PipeWriter | None
+    started_at: float
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    returncode: int | None = None
+    reason: str = ""
+    duration_s: float = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+
+@dataclass
+class ManagedSandbox:
+    """A sandbox plus what the daemon knows about it."""
+
+    id: str
+    tenant: str
+    spec: SandboxSpec
+    sandbox: Sandbox
+    policy_digest: str
+    created_at: float
+    expires_at: float
+    workspace: Workspace
+    execs: dict[str, ExecHandle] = field(default_factory=dict)
+    owner_session: str | None = None
+    destroyed: bool = False
+
+
+class SandboxManager:
+    """Every sandbox of the daemon, by id, with tenant checks on each access."""
+
+    def __init__(self, audit, *, default_ttl_s: float = 3600.0, max_sandboxes: int = 512,
+                 stream_log_bytes: int = 8 << 20, runtime_dir: str | None = None):
+        self.audit = audit
+        self.default_ttl_s = default_ttl_s
+        self.max_sandboxes = max_sandboxes
+        self.stream_log_bytes = stream_log_bytes
+        self.runtime_dir = runtime_dir
+        self._sandboxes: dict[str, ManagedSandbox] = {}
+        self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corral-spawn")
+        self._pending = 0
+        self._reaper: asyncio.Task | None = None
+        self._shutting_down = False
+
+    # -- lifecycle of the manager ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
+
+    async def shutdown(self, reason: str = "daemon-shutdown") -> None:
+        """Destroy every sandbox; the spawner threads go last."""
+        self._shutting_down = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for msb in list(self._sandboxes.values()):
+            with contextlib.suppress(Exception):
+                await self._destroy(msb, reason, tenant="", peer="daemon")
+        self._spawner.shutdown(wait=True)
+
+    async def run_blocking(self, fn: Callable, *args):
+        """Run kernel work on a spawner thread (see the module docstring)."""
+        return await asyncio.get_running_loop().run_in_executor(self._spawner, fn, *args)
+
+    # -- sandboxes ----------------------------------------------------------------------------
+
+    async def create(self, caller: Caller, spec: SandboxSpec, ttl_s: float | None = None,
+                     owner_session: str | None = None) -> ManagedSandbox:
+        if self._shutting_down:
+            raise CorralError("the daemon is shutting down")
+        if len(self._sandboxes) + self._pending >= self.max_sandboxes:
+            raise ResourceExhausted(f"the daemon already runs {self.max_sandboxes} sandboxes")
+        ttl = min(ttl_s or self.default_ttl_s, self.default_ttl_s)
+        sandbox = Sandbox(spec, runtime_dir=self.runtime_dir)
+        self._pending += 1
+        try:
+            await self.run_blocking(sandbox.start)
+        finally:
+            self._pending -= 1
+        now = time.time()
+        digest = policy_digest(spec, sandbox._prepared.seccomp_profile.digest)
+        msb = ManagedSandbox(
+            id=sandbox.id, tenant=caller.tenant, spec=spec, sandbox=sandbox,
+            policy_digest=digest, created_at=now, expires_at=now + ttl,
+            workspace=Workspace(sandbox.workspace, spec.uid_base, spec.uid_base),
+            owner_session=owner_session,
+        )
+        self._sandboxes[msb.id] = msb
+        self.audit.append(
+            "sandbox.create", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
+            session_id=owner_session or "",
+            detail={"policy_digest": digest, "profile": spec.profile,
+                    "memory_bytes": spec.memory_bytes, "pids_max": spec.pids_max,
+                    "cpus": spec.cpus, "ttl_s": ttl, "init_pid": sandbox.init_pid},
+        )
+        return msb
+
+    def get(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
+        """The caller's sandbox; another tenant's is a PermissionDenied (and audited)."""
+        msb = self._sandboxes.get(sandbox_id)
+        if msb is None or msb.destroyed:
+            raise NotFound(f"sandbox {sandbox_id!r} does not exist")
+        if msb.tenant != caller.tenant:
+            raise PermissionDenied(f"sandbox {sandbox_id!r} belongs to another tenant")
+        return msb
+
+    def list(self, caller: Caller) -> list[ManagedSandbox]:
+        return [m for m in self._sandboxes.values()
+                if m.tenant == caller.tenant and not m.destroyed]
+
+    def all(self) -> list[ManagedSandbox]:
+        return list(self._sandboxes.values())
+
+    async def destroy(self, caller: Caller, sandbox_id: str, reason: str = "requested") -> None:
+        msb = self.get(caller, sandbox_id)
+        await self._destroy(msb, reason, caller.tenant, caller.peer)
+
+    async def _destroy(self, msb: ManagedSandbox, reason: str, tenant: str, peer: str) -> None:
+        if msb.destroyed:
+            return
+        msb.destroyed = True
+        self._sandboxes.pop(msb.id, None)
+        await self.run_blocking(msb.sandbox.destroy)
+        for handle in msb.execs.values():
+            self._on_exit(handle)
+        self.audit.append("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
+                          sandbox_id=msb.id, session_id=msb.owner_session or "",
+                          detail={"reason": reason})
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for msb in list(self._sandboxes.values()):
+                if msb.expires_at <= now and not msb.destroyed:
+                    log.info("sandbox %s reached its TTL", msb.id)
+                    with contextlib.suppress(Exception):
+                        await self._destroy(msb, "ttl", "", "daemon")
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def exec(self, caller: Caller, sandbox_id: str, argv: list[str], *,
+                   env: dict[str, str] | None = None, cwd: str = "", stdin: bytes = b"",
+                   keep_stdin_open: bool = False, timeout_s: float | None = None,
+                   pass_fds: dict[int, int] | None = None, session_id: str = "",
+                   stdout_mode: str = "text") -> ExecHandle:
+        """Start argv in the sandbox; output is read by the loop into two hubs."""
+        msb = self.get(caller, sandbox_id)
+        _check_argv(argv)
+        if len(stdin) > MAX_INPUT_BYTES:
+            raise InvalidSpec("stdin", f"{len(stdin)} bytes is over the {MAX_INPUT_BYTES} limit")
+        loop = asyncio.get_running_loop()
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
+        (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
+        theirs = [in_r, out_w, err_w]
+        try:
+            process = await self.run_blocking(
+                lambda: msb.sandbox.exec(
+                    list(argv), env=env or None, cwd=cwd or "/workspace", stdin=in_r,
+                    stdout=out_w, stderr=err_w, pass_fds=pass_fds,
+                    timeout_s=timeout_s or None,
+                )
+            )
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        exec_id = "exe-" + secrets.token_hex(6)
+        stdout = StreamHub(TokenStream(stdout_mode, log_bytes=self.stream_log_bytes))
+        stderr = StreamHub(TokenStream("text", log_bytes=self.stream_log_bytes))
+        stdout.attach_fd(out_r)
+        stderr.attach_fd(err_r)
+        writer = PipeWriter(in_w, loop)
+        handle = ExecHandle(exec_id, msb.id, tuple(argv), process, stdout, stderr, writer,
+                            time.monotonic())
+        msb.execs[exec_id] = handle
+        self.audit.append(
+            "exec.start", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
+            session_id=session_id,
+            detail={"exec_id": exec_id, "argv": list(argv), "pid": process.pid,
+                    "policy_digest": msb.policy_digest, "stdin_bytes": len(stdin)},
+        )
+        if stdin:
+            writer.write(stdin)
+        if not keep_stdin_open:
+            writer.close()
+        loop.add_reader(process.pidfd, self._on_exit, handle)
+        if process.deadline is not None:
+            loop.call_at(loop.time() + process.remaining(), self._expire, handle)
+        return handle
+
+    def _expire(self, handle: ExecHandle) -> None:
+        if handle.running:
+            handle.process.expire()
+
+    def _on_exit(self, handle: ExecHandle) -> None:
+        if not handle.running:
+            return
+        proc = handle.process
+        loop = asyncio.get_running_loop()
+        if proc.pidfd >= 0:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(proc.pidfd)
+        try:
+            code = proc.poll()
+        except ChildProcessError:
+            code = proc.returncode
+        if code is None:
+            # spurious wake-up: keep waiting
+            loop.add_reader(proc.pidfd, self._on_exit, handle)
+            return
+        handle.returncode = code
+        handle.reason = str(proc.reason.value if proc.reason else "exited")
+        handle.duration_s = time.monotonic() - handle.started_at
+        handle.exited.set()
+        msb = self._sandboxes.get(handle.sandbox_id)
+        self.audit.append(
+            {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),
+            tenant=msb.tenant if msb else "", peer="daemon", sandbox_id=handle.sandbox_id,
+            detail={"exec_id": handle.id, "returncode": code, "reason": handle.reason,
+                    "duration_s": round(handle.duration_s, 6)},
+        )
+
+    def get_exec(self, caller: Caller, sandbox_id: str, exec_id: str) -> ExecHandle:
+        msb = self.get(caller, sandbox_id)
+        handle = msb.execs.get(exec_id)
+        if handle is None:
+            raise NotFound(f"exec {exec_id!r} does not exist in sandbox {sandbox_id!r}")
+        return handle
+
+    def send_input(self, caller: Caller, sandbox_id: str, exec_id: str, data: bytes,
+                   close: bool) -> None:
+        handle = self.get_exec(caller, sandbox_id, exec_id)
+        if len(data) > MAX_INPUT_BYTES:
+            raise InvalidSpec("data", f"{len(data)} bytes is over the {MAX_INPUT_BYTES} limit")
+        if handle.stdin is None or handle.stdin.closed:
+            raise CorralError(f"stdin of {exec_id} is closed")
+        if data:
+            handle.stdin.write(data)
+        if close:
+            handle.stdin.close()
+        self.audit.append("exec.input", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=sandbox_id,
+                          detail={"exec_id": exec_id, "bytes": len(data), "close": close})
+
+    def signal(self, caller: Caller, sandbox_id: str, exec_id: str, sig: int) -> int:
+        msb = self.get(caller, sandbox_id)
+        if not 1 <= sig <= 64:
+            raise InvalidSpec("signal", f"{sig} is not a signal number (1-64)")
+        if exec_id:
+            handle = self.get_exec(caller, sandbox_id, exec_id)
+            delivered = 0
+            if handle.running:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(handle.process.pid, sig)
+                    delivered = 1
+        else:
+            delivered = msb.sandbox.signal(sig)
+        self.audit.append("sandbox.signal", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=sandbox_id,
+                          detail={"exec_id": exec_id, "signal": sig, "delivered": delivered})
+        return delivered
+
+    # -- files --------------------------------------------------------------------------------
+
+    async def write_file(self, caller: Caller, sandbox_id: str, path: str, content: bytes,
+                         mode: int) -> int:
+        msb = self.get(caller, sandbox_id)
+        size = await asyncio.get_running_loop().run_in_executor(
+            None, msb.workspace.write, path, content, mode or 0o644)
+        self.audit.append("file.write", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=sandbox_id, detail={"path": path, "bytes": size})
+        return size
+
+    async def read_file(self, caller: Caller, sandbox_id: str, path: str,
+                        max_bytes: int) -> tuple[bytes, bool]:
+        msb = self.get(caller, sandbox_id)
+        data, truncated = await asyncio.get_running_loop().run_in_executor(
+            None, msb.workspace.read, path, max_bytes)
+        self.audit.append("file.read", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=sandbox_id, detail={"path": path, "bytes": len(data)})
+        return data, truncated
+
+    async def list_files(self, caller: Caller, sandbox_id: str, path: str):
+        msb = self.get(caller, sandbox_id)
+        entries = await asyncio.get_running_loop().run_in_executor(
+            None, msb.workspace.list, path or ".")
+        self.audit.append("file.list", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=sandbox_id, detail={"path": path or "."})
+        return entries
+
+
+def _check_argv(argv: list[str]) -> None:
+    if not argv or not argv[0]:
+        raise InvalidSpec("argv", "the command is empty")
+    if len(argv) > 4096 or sum(len(a) for a in argv) > 1 << 20:
+        raise InvalidSpec("argv", "more than 4096 arguments or 1 MiB in all")
+    for arg in argv:
+        if "\0" in arg:
+            raise InvalidSpec("argv", "an argument contains a NUL byte")
+
