@@ -168,6 +168,11 @@ cdef extern from * nogil:
         return setrlimit(resource, &rl);
     }
     static void corral_set_errno(int e) { errno = e; }
+    #include <poll.h>
+    static int corral_fd_readable(int fd) {
+        struct pollfd p = {fd, POLLIN, 0};
+        return poll(&p, 1, 0) == 1;
+    }
     #include <sys/mman.h>
     #define CORRAL_STACK_SIZE (256 * 1024)
     static void *corral_stack_alloc(void) {
@@ -239,6 +244,7 @@ cdef extern from * nogil:
     int corral_set_rlimit(int resource, unsigned long long soft, unsigned long long hard)
     int corral_write_all(int fd, const char *buf, size_t len)
     void corral_set_errno(int e)
+    int corral_fd_readable(int fd)
     ctypedef struct sigset_t:
         pass
     void *corral_stack_alloc()
@@ -265,7 +271,7 @@ cdef extern from * nogil:
     pid_t waitpid(pid_t pid, int *status, int options)
 
     int O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_CLOEXEC, O_PATH, O_DIRECTORY, O_NOFOLLOW
-    int F_DUPFD_CLOEXEC
+    int F_DUPFD_CLOEXEC, F_SETFD
     int MS_BIND, MS_REC, MS_PRIVATE, MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT
     int MNT_DETACH, AT_RECURSIVE
     int CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUTS
@@ -413,6 +419,7 @@ cdef struct child_plan:
     int n_cgroup_fds
     int last_cap
     int pdeathsig
+    int parent_pidfd     # pidfd of the runtime itself, set by spawn_init/spawn_join
     int exec_fd          # init: execveat this fd instead of argv[0]
 
 
@@ -513,6 +520,7 @@ cdef class ChildPlan:
             self.c.cgroup_fds[i] = fd
         self.c.last_cap = last_cap
         self.c.pdeathsig = pdeathsig
+        self.c.parent_pidfd = -1
         self.c.exec_fd = exec_fd
 
     def __dealloc__(self):
@@ -753,6 +761,9 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
     # _exit); the report pipe is close-on-exec, so end-of-file tells success.
     if corral_close_range_cloexec(3) != 0:
         fail(report_fd, STEP_FDS, -1)
+    for i in range(plan.n_fds):  # ...but the descriptors installed on purpose stay open
+        if plan.fds[i].child_fd >= 3 and fcntl(plan.fds[i].child_fd, F_SETFD, 0) != 0:
+            fail(report_fd, STEP_FDS, i)
     if plan.bpf != NULL and corral_seccomp_load(plan.bpf, plan.bpf_len, plan.bpf_flags) != 0:
         fail(report_fd, STEP_SECCOMP, -1)
     if is_init:
@@ -761,16 +772,29 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
     exec_command(plan, report_fd)
 
 
+cdef void set_death_signal(child_plan *plan, int report_fd) noexcept nogil:
+    """PR_SET_PDEATHSIG, after the last uid change (a credential change clears it).
+
+    The runtime may have died before the signal was armed; its pidfd, opened before the
+    clone, is readable once it has exited, and then this child must not go on.
+    """
+    if not plan.pdeathsig:
+        return
+    if prctl(PR_SET_PDEATHSIG, plan.pdeathsig, 0, 0, 0) != 0:
+        fail(report_fd, STEP_PDEATHSIG, -1)
+    if plan.parent_pidfd >= 0 and corral_fd_readable(plan.parent_pidfd):
+        _exit(126)
+
+
 cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
     """PID 1 of a new sandbox; runs after clone() with the new namespaces."""
-    if plan.pdeathsig and prctl(PR_SET_PDEATHSIG, plan.pdeathsig, 0, 0, 0) != 0:
-        fail(report_fd, STEP_PDEATHSIG, -1)
     # The parent writes uid_map/gid_map, then one byte; EOF means it gave up.
     if read_byte(go_fd) != 1:
         fail(report_fd, STEP_WAIT_PARENT, -1)
     close(go_fd)
     if corral_setresuid0() != 0:
         fail(report_fd, STEP_SETRESUID, -1)
+    set_death_signal(plan, report_fd)
     if attach_cgroups(plan) != 0:
         fail(report_fd, STEP_CGROUP_ATTACH, -1)
     # A cgroup namespace rooted at the sandbox's own cgroup, now that we are in it.
@@ -887,39 +911,61 @@ cdef struct join_args:
     child_plan *plan
     int ns_pidfd
     int report_fd
+    void *relay_stack_top
     void *command_stack_top
 
 
 cdef int command_main(void *arg) noexcept nogil:
-    """The command: a child of the runtime (CLONE_PARENT), PID n of the sandbox."""
+    """The command: PID n of the sandbox; once its relay exits, a child of PID 1."""
     cdef join_args *a = <join_args *>arg
-    if a.plan.pdeathsig and prctl(PR_SET_PDEATHSIG, a.plan.pdeathsig, 0, 0, 0) != 0:
-        fail(a.report_fd, STEP_PDEATHSIG, -1)
+    cdef report r
+    # Our pid inside the namespace, which is how PID 1 will report our exit.
+    r.kind = 3
+    r.step = 0
+    r.err = 0
+    r.detail = getpid()
+    corral_write_all(a.report_fd, <const char *>&r, sizeof(report))
     if corral_setresuid0() != 0:
         fail(a.report_fd, STEP_SETRESUID, -1)
     contain_and_exec(a.plan, a.report_fd, False)
     return 127  # not reached: contain_and_exec execs or _exits
 
 
+cdef int relay_main(void *arg) noexcept nogil:
+    """First process inside the sandbox's PID namespace: clones the command, then exits.
+
+    An orphan goes to the child reaper of its *parent's* PID namespace; the join helper
+    lives in the runtime's, so only a parent inside the sandbox hands the command to the
+    sandbox's PID 1.
+    """
+    cdef join_args *a = <join_args *>arg
+    if corral_vfork_clone(command_main, a.command_stack_top, SIGCHLD, arg) < 0:
+        fail(a.report_fd, STEP_CLONE, -1)
+    _exit(0)
+
+
 cdef int join_main(void *arg) noexcept nogil:
-    """Helper that enters a sandbox and clones the command as the caller's child."""
+    """Helper that enters a sandbox and starts the command there as a child of PID 1.
+
+    helper (runtime's PID ns) -> relay (sandbox's) -> command; the relay exits once the
+    command has exec'd, so PID 1 adopts the command, reaps it and reports its wait status
+    (corral_init.c). Commands therefore never linger as zombies the runtime must reap,
+    even when the runtime itself is killed.
+    """
     cdef join_args *a = <join_args *>arg
     cdef int pid
-    cdef report r
+    cdef int status
     if attach_cgroups(a.plan) != 0:
         fail(a.report_fd, STEP_CGROUP_ATTACH, -1)
     if corral_setns(a.ns_pidfd, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
                     | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP) != 0:
         fail(a.report_fd, STEP_SETNS, -1)
-    # Still sharing the runtime's memory; this helper sleeps until the command execs.
-    pid = corral_vfork_clone(command_main, a.command_stack_top, CLONE_PARENT, arg)
+    # Still sharing the runtime's memory; each clone sleeps until its child execs or exits.
+    pid = corral_vfork_clone(relay_main, a.relay_stack_top, SIGCHLD, arg)
     if pid < 0:
         fail(a.report_fd, STEP_CLONE, -1)
-    r.kind = 2
-    r.step = 0
-    r.err = 0
-    r.detail = pid
-    corral_write_all(a.report_fd, <const char *>&r, sizeof(report))
+    while waitpid(pid, &status, 0) < 0 and errno == EINTR:
+        pass
     _exit(0)
 
 
@@ -947,8 +993,11 @@ cdef int write_file(const char *path, const char *data, size_t len) noexcept nog
     return rc
 
 
-cdef object read_reports(int fd):
-    """Read every report until EOF; returns (failure or None, joined pid or 0)."""
+cdef object read_reports(int fd, list ns_pid=None):
+    """Read every report until EOF; returns (failure or None, joined pid or 0).
+
+    A kind-3 record (a command's pid inside its namespace) is appended to ns_pid.
+    """
     cdef report r
     cdef ssize_t n
     cdef size_t got
@@ -974,6 +1023,8 @@ cdef object read_reports(int fd):
             failure = SpawnError(r.step, r.err, r.detail)
         elif r.kind == 2:
             pid = r.detail
+        elif r.kind == 3 and ns_pid is not None:
+            ns_pid.append(r.detail)
 
 
 cdef int cloexec_pipe(int fds[2]) except -1:
@@ -1025,6 +1076,7 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map):
     rep[0] = rep[1] = -1
     try:
         cloexec_pipe(rep)
+        plan.c.parent_pidfd = corral_pidfd_open(getpid()) if plan.c.pdeathsig else -1
         args.plan = &plan.c
         args.report_fd = rep[1]
         args.init_stack_top = corral_stack_top(init_stack)
@@ -1049,9 +1101,10 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map):
                 while waitpid(launcher, &status, 0) < 0 and errno == EINTR:
                     pass
     finally:
-        for fd in (rep[0], rep[1]):
+        for fd in (rep[0], rep[1], plan.c.parent_pidfd):
             if fd >= 0:
                 close(fd)
+        plan.c.parent_pidfd = -1
         corral_stack_free(launcher_stack)
         corral_stack_free(init_stack)
     child = pid
@@ -1073,9 +1126,10 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map):
 def spawn_join(ChildPlan plan, int init_pidfd):
     """Start plan.argv inside the sandbox whose PID 1 is behind init_pidfd.
 
-    Returns the host pid of the new process, a child of the caller.
+    Returns the command's pid inside the sandbox. The command is a child of the
+    sandbox's PID 1, which reaps it and reports its wait status on the status pipe.
 
-    The helper and the command are vfork-style clones: neither copies the runtime's page
+    The helper, relay and command are vfork-style clones: none copies the runtime's page
     tables, so the cost does not grow with the runtime's memory. Every signal is blocked
     in this thread while they borrow its address space; the command restores defaults.
 
@@ -1088,10 +1142,13 @@ def spawn_join(ChildPlan plan, int init_pidfd):
     cdef int err = 0
     cdef join_args args
     cdef sigset_t old_mask
+    cdef list ns_pid = []
     cdef void *helper_stack = corral_stack_alloc()
+    cdef void *relay_stack = corral_stack_alloc()
     cdef void *command_stack = corral_stack_alloc()
-    if helper_stack == NULL or command_stack == NULL:
+    if helper_stack == NULL or relay_stack == NULL or command_stack == NULL:
         corral_stack_free(helper_stack)
+        corral_stack_free(relay_stack)
         corral_stack_free(command_stack)
         raise MemoryError("stacks for the join helper")
     try:
@@ -1099,6 +1156,7 @@ def spawn_join(ChildPlan plan, int init_pidfd):
         args.plan = &plan.c
         args.ns_pidfd = init_pidfd
         args.report_fd = rep[1]
+        args.relay_stack_top = corral_stack_top(relay_stack)
         args.command_stack_top = corral_stack_top(command_stack)
         with nogil:
             corral_block_signals(&old_mask)
@@ -1111,7 +1169,7 @@ def spawn_join(ChildPlan plan, int init_pidfd):
             close(rep[0])
             raise OSError(err, "clone (join helper)")
         try:
-            failure, pid = read_reports(rep[0])
+            failure, _ = read_reports(rep[0], ns_pid)
         finally:
             close(rep[0])
             with nogil:
@@ -1119,14 +1177,10 @@ def spawn_join(ChildPlan plan, int init_pidfd):
                     pass
     finally:
         corral_stack_free(helper_stack)
+        corral_stack_free(relay_stack)
         corral_stack_free(command_stack)
-    cdef pid_t joined = pid
     if failure is not None:
-        if joined:
-            with nogil:
-                while waitpid(joined, &status, 0) < 0 and errno == EINTR:
-                    pass
-        raise failure
-    if not pid:
+        raise failure  # the failed command exits; PID 1 reaps it
+    if not ns_pid:
         raise OSError(5, f"join helper exited ({status:#x}) without starting the command")
-    return pid
+    return ns_pid[0]

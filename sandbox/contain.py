@@ -21,8 +21,9 @@ same ordered steps. The parent does what needs host privileges or may allocate; 
          15. execve (PID 1: corral-init; commands: argv)
 
 A command joins an existing sandbox through its PID 1's pidfd: a helper writes itself into
-the cgroup, setns() into all seven namespaces at once, and clones the command as a child
-of the runtime; the command then runs steps 4 and 8-15.
+the cgroup, setns() into all seven namespaces at once, clones the command and exits, so
+the command becomes a child of PID 1, which reaps it and reports its wait status to the
+runtime on a pipe (descriptor 3 of corral-init); the command runs steps 4 and 8-15.
 """
 
 from __future__ import annotations
@@ -117,8 +118,13 @@ def id_map(spec: SandboxSpec) -> bytes:
     return f"0 {spec.uid_base} {spec.uid_count}\n".encode()
 
 
+#: Descriptor of PID 1 on which it reports the wait status of every process it reaps.
+INIT_STATUS_FD = 3
+
+
 def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
-              cgroup_fds: tuple[int, ...], detached: dict[str, int] | None = None):
+              cgroup_fds: tuple[int, ...], status_fd: int,
+              detached: dict[str, int] | None = None):
     """The ChildPlan of a sandbox's PID 1 (steps 4-15, exec'ing corral-init)."""
     from corral.ext import _spawn
 
@@ -128,6 +134,7 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
         argv=["corral-init"],
         envp=[],
         cwd="/",
+        fds=[(status_fd, INIT_STATUS_FD)],
         hostname=spec.hostname,
         mount_ops=[op.as_tuple() for op in ops],
         rlimits=prepared.rlimits,
@@ -141,8 +148,12 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
 
 
 def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
-              fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...], die_with_parent: bool):
-    """The ChildPlan of a command joining the sandbox (steps 4, 8-15)."""
+              fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...]):
+    """The ChildPlan of a command joining the sandbox (steps 4, 8-15).
+
+    No parent-death signal: a command's parent is the sandbox's PID 1 (its launcher exits
+    at once), and it dies with PID 1, whose own parent-death signal ties it to the runtime.
+    """
     from corral.ext import _spawn
 
     path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/bin:/bin")
@@ -161,7 +172,6 @@ def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
         seccomp_flags=prepared.seccomp_profile.load_flags,
         cgroup_fds=cgroup_fds,
         last_cap=last_cap(),
-        pdeathsig=9 if die_with_parent else 0,
     )
 
 

@@ -16,9 +16,11 @@ import functools
 import json
 import os
 import secrets
+import select
 import selectors
 import shutil
 import signal as signal_mod
+import struct
 import tempfile
 import threading
 import time
@@ -84,12 +86,17 @@ def _setup_error(exc: OSError, plan_ops=None, argv0: str | None = None) -> Corra
 
 
 class Process:
-    """A command running in a sandbox; a direct child of this process."""
+    """A command running in a sandbox.
 
-    def __init__(self, sandbox: Sandbox, pid: int, argv: list[str], stdin, stdout, stderr,
-                 timeout_s: float | None):
+    Its parent is the sandbox's PID 1, which reaps it and reports its wait status on the
+    sandbox's status pipe; `wait()` and `poll()` read that pipe (Sandbox.collect_exits).
+    """
+
+    def __init__(self, sandbox: Sandbox, pid: int, ns_pid: int, argv: list[str], stdin,
+                 stdout, stderr, timeout_s: float | None):
         self.sandbox = sandbox
-        self.pid = pid
+        self.pid = pid  # host pid
+        self.ns_pid = ns_pid  # pid inside the sandbox
         self.argv = tuple(argv)
         self.stdin = stdin
         self.stdout = stdout
@@ -98,42 +105,36 @@ class Process:
         self.deadline = self.started + timeout_s if timeout_s else None
         self.returncode: int | None = None
         self.reason: ExitReason | None = None
-        self.pidfd = os.pidfd_open(pid)
+        #: Called (with this Process) once it has ended, from whichever thread noticed.
+        self.on_exit = None
+        try:
+            self.pidfd = os.pidfd_open(pid) if pid else -1
+        except ProcessLookupError:  # it already ended; its status is on the way
+            self.pidfd = -1
         self._oom_before = sandbox._oom_kills()
         self._timed_out = False
-        self._lock = threading.Lock()
-
-    def fileno(self) -> int:
-        """The pidfd: readable once the process has exited (for selectors/asyncio)."""
-        return self.pidfd
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
+        if self.returncode is None and self.pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal_mod.pidfd_send_signal(self.pidfd, sig)
 
     def kill(self) -> None:
         """SIGKILL the command and its process group."""
         if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal_mod.SIGKILL)
+            if self.pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal_mod.SIGKILL)
             self.send_signal(signal_mod.SIGKILL)
 
-    def _reap(self, block: bool) -> int | None:
-        with self._lock:
-            if self.returncode is not None:
-                return self.returncode
-            try:
-                pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                pid, status = self.pid, 0
-            if pid == 0:
-                return None
-            self._finish(status)
-            return self.returncode
-
-    def _finish(self, status: int) -> None:
-        if os.WIFSIGNALED(status):
+    def _finish(self, status: int | None) -> None:
+        """Record how the command ended (status None: its sandbox was destroyed first)."""
+        if self.returncode is not None:
+            return
+        if status is None:
+            self.returncode = -signal_mod.SIGKILL
+            self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.SIGNALED
+        elif os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             self.returncode = -sig
             if self._timed_out:
@@ -145,12 +146,19 @@ class Process:
         else:
             self.returncode = os.WEXITSTATUS(status)
             self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.EXITED
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
-        self.pidfd = -1
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = -1
+        if self.on_exit is not None:
+            self.on_exit(self)
 
     def poll(self) -> int | None:
-        return self._reap(block=False)
+        if self.returncode is None:
+            self.sandbox.collect_exits()
+            if self.returncode is None and self.sandbox.status_fd < 0:
+                self._finish(None)  # the sandbox is gone, and with it this command
+        return self.returncode
 
     def expire(self) -> None:
         """Enforce the wall-clock limit now (the deadline has passed)."""
@@ -167,23 +175,14 @@ class Process:
             TimeoutError: ``timeout`` (the caller's, not the spec's) passed first.
         """
         end = None if timeout is None else time.monotonic() + timeout
-        while self.returncode is None:
+        while self.poll() is None:
             limits = [t for t in (self.remaining(), None if end is None else end - time.monotonic())
                       if t is not None]
-            wait_s = min(limits) if limits else None
-            if self.pidfd >= 0:
-                sel = selectors.DefaultSelector()
-                sel.register(self.pidfd, selectors.EVENT_READ)
-                ready = sel.select(wait_s)
-                sel.close()
-            else:
-                ready = True
-            if ready:
-                self._reap(block=True)
-            elif self.deadline is not None and time.monotonic() >= self.deadline:
-                self.expire()
-            elif end is not None and time.monotonic() >= end:
-                raise TimeoutError(f"{self.argv[0]} still running after {timeout}s")
+            if not self.sandbox.wait_exits(min(limits) if limits else None):
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    self.expire()
+                elif end is not None and time.monotonic() >= end:
+                    raise TimeoutError(f"{self.argv[0]} still running after {timeout}s")
         return self.returncode
 
     def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
@@ -249,8 +248,13 @@ class Sandbox:
         self._cgroup: cgroups.Cgroup | None = None
         self._cgroup_fds: tuple[int, ...] = ()
         self._prepared: contain.Prepared | None = None
-        self._processes: list[Process] = []
         self._lock = threading.Lock()
+        # PID 1 reports {ns pid, wait status} for every process it reaps on this pipe.
+        self.status_fd = -1
+        self._status_buf = b""
+        self._status_lock = threading.Lock()
+        self._processes: dict[int, Process] = {}  # ns pid -> running command
+        self._unclaimed: dict[int, int] = {}  # exits reported before their Process existed
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -316,9 +320,12 @@ class Sandbox:
                 detached[source] = fd
             init_fd = os.open(contain.init_binary(), os.O_RDONLY | os.O_CLOEXEC)
             opened.append(init_fd)
+            self.status_fd, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            opened.append(status_w)
+            os.set_blocking(status_w, True)
             plan = contain.init_plan(
                 self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
-                cgroup_fds=self._cgroup_fds, detached=detached,
+                cgroup_fds=self._cgroup_fds, status_fd=status_w, detached=detached,
             )
             uid_map = contain.id_map(self.spec)
             try:
@@ -368,19 +375,24 @@ class Sandbox:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        # SIGKILL to PID 1 makes the kernel kill every process of the PID namespace, and
-        # PID 1's exit completes only after they are all gone: once it is reaped, the
-        # cgroup normally holds nothing and its kill below is a cheap check.
+        # SIGKILL to PID 1 makes the kernel kill every process of the PID namespace (PID 1
+        # reaps them), and PID 1's exit completes only after they are all gone: once it is
+        # reaped, the cgroup normally holds nothing and its kill below is a cheap check.
         if self._init_pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal_mod.pidfd_send_signal(self._init_pidfd, signal_mod.SIGKILL)
         if self.init_pid:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.init_pid, 0)
-        for proc in self._processes:
-            proc.kill()
-            with contextlib.suppress(ChildProcessError):
-                proc._reap(block=True)
+        if self.status_fd >= 0:
+            self.collect_exits()  # what PID 1 reported before it died
+            with self._status_lock:
+                if self.status_fd >= 0:
+                    os.close(self.status_fd)
+                    self.status_fd = -1
+        for proc in list(self._processes.values()):
+            proc._finish(None)
+        self._processes.clear()
         if self._init_pidfd >= 0:
             os.close(self._init_pidfd)
             self._init_pidfd = -1
@@ -395,6 +407,80 @@ class Sandbox:
             self._own_workspace = False
         _remove_tree(self.runtime_dir)
         self.state = "destroyed"
+
+    # -- exits reported by PID 1 ----------------------------------------------------------
+
+    def collect_exits(self) -> int:
+        """Read PID 1's exit reports without blocking; returns how many commands ended."""
+        ended = []
+        with self._status_lock:
+            if self.status_fd < 0:
+                return 0
+            data = self._status_buf
+            init_gone = False
+            while True:
+                try:
+                    chunk = os.read(self.status_fd, 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    init_gone = True  # PID 1 died: nothing will ever be reported again
+                    break
+                data += chunk
+            whole = len(data) - len(data) % 8
+            self._status_buf = data[whole:]
+            for off in range(0, whole, 8):
+                ns_pid, status = struct.unpack_from("=ii", data, off)
+                proc = self._processes.pop(ns_pid, None)
+                if proc is not None:
+                    ended.append((proc, status))
+                else:
+                    self._unclaimed[ns_pid] = status
+                    if len(self._unclaimed) > 65536:  # orphans nobody asks about
+                        self._unclaimed.pop(next(iter(self._unclaimed)))
+            if init_gone:
+                ended += [(proc, None) for proc in self._processes.values()]
+                self._processes.clear()
+                os.close(self.status_fd)
+                self.status_fd = -1
+        for proc, status in ended:
+            proc._finish(status)
+        return len(ended)
+
+    def wait_exits(self, timeout: float | None) -> bool:
+        """Block until PID 1 reports something (or timeout); True when a report arrived."""
+        fd = self.status_fd
+        if fd < 0:
+            return True  # nothing more will come: poll() settles every process now
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+
+    def _host_pid(self, ns_pid: int) -> int:
+        """The host pid of PID 1's child ns_pid, 0 when it already ended."""
+        try:
+            with open(f"/proc/{self.init_pid}/task/{self.init_pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return 0
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("NSpid:"):
+                            if int(line.split()[-1]) == ns_pid:
+                                return int(pid)
+                            break
+            except (OSError, ValueError):
+                continue
+        return 0
+
+    def _track(self, proc: Process) -> None:
+        with self._status_lock:
+            status = self._unclaimed.pop(proc.ns_pid, None)
+            if status is None:
+                self._processes[proc.ns_pid] = proc
+        if status is not None:
+            proc._finish(status)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -447,10 +533,10 @@ class Sandbox:
                 fds.append((parent_fd, child_fd))
             plan = contain.exec_plan(
                 self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
-                cgroup_fds=self._cgroup_fds, die_with_parent=self.spec.die_with_parent,
+                cgroup_fds=self._cgroup_fds,
             )
             try:
-                pid = _spawn.spawn_join(plan, self._init_pidfd)
+                ns_pid = _spawn.spawn_join(plan, self._init_pidfd)
             except OSError as exc:
                 raise _setup_error(exc, argv0=argv[0]) from None
         except BaseException:
@@ -465,10 +551,9 @@ class Sandbox:
             os.fdopen(fd, "wb" if i == 0 else "rb", buffering=0) if fd is not None else None
             for i, fd in enumerate(parent_ends)
         ]
-        proc = Process(self, pid, list(argv), *files,
+        proc = Process(self, self._host_pid(ns_pid), ns_pid, list(argv), *files,
                        timeout_s=timeout_s if timeout_s is not None else self.spec.timeout_s)
-        self._processes = [p for p in self._processes if p.returncode is None]
-        self._processes.append(proc)
+        self._track(proc)
         return proc
 
     def signal(self, sig: int) -> int:

@@ -1,0 +1,635 @@
+"""Spawn latency: create + exec + wait + destroy of /bin/true, Corral vs bwrap vs unshare.
+
+Every candidate runs from this one warm Python process, round-robin within each iteration
+(the starting candidate rotates), so that noise and drift hit all of them alike:
+
+  corral    Sandbox.create() + exec(["/bin/true"]) + wait() + destroy(), native backend,
+            default spec (fresh temp workspace, cgroup limits, landlock, seccomp "default")
+  bwrap     subprocess.run(bwrap ... /bin/true) with the closest equivalent flags: all
+            namespaces, same read-only host view and generated /etc, /proc, /dev, tmpfs /tmp
+            with the same size cap, a fresh temp workspace at /workspace (made and removed
+            inside the timed region, as Corral does), no capabilities, new session, the same
+            compiled seccomp BPF passed through a memfd
+  unshare   subprocess.run(unshare --user --map-root-user --pid --fork --mount --net --uts
+            --ipc /bin/true): the namespaces alone, no filesystem view, no seccomp
+  spawn_*   /bin/true without any sandbox, by posix_spawn (vfork) and by fork+exec: what
+            creating a child of this Python process costs before any isolation
+
+Then the cold CLI, `corral run -- /bin/true` as a new process (`cli_ms_p50`), next to the
+bare interpreter start (`python_startup_ms_p50`), and, with --profile, where Corral's
+time goes inside its own functions (wrappers installed by this script only).
+
+  bench/spawn.py [--iterations N] [--warmup N] [--cli-iterations N] [--quick] [--json]
+                 [--profile] [--no-cli]
+
+Times are milliseconds of time.perf_counter(); p99 is the nearest-rank percentile. The
+JSON object has at least corral_ms_p50, corral_ms_p99, bwrap_ms_p50, bwrap_ms_p99,
+unshare_ms_p50 and cli_ms_p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+DEVNULL = subprocess.DEVNULL
+
+#: What the bwrap command cannot express, so its figure buys less isolation than Corral's.
+BWRAP_GAPS = [
+    "no cgroup: no memory (no swap), pids or CPU limits and no cgroup-wide kill; Corral "
+    "creates and removes one cgroup per sandbox in every v1 hierarchy (mkdir/rmdir)",
+    "no landlock: Corral's command is also confined to writing /workspace, /tmp, /dev/shm "
+    "and terminals by a landlock ruleset",
+    "no rlimits: Corral sets nofile, core=0 and fsize",
+    "id mapping: bwrap maps root inside to the caller's uid (here uid "
+    f"{os.getuid()}); Corral maps root inside to an unprivileged host id (uid_base)",
+    "bwrap's /proc hides less: Corral also masks kcore, kallsyms, keys, timer_list, "
+    "sched_debug and friends and makes /proc/{sys,irq,bus,fs,sysvipc} read-only",
+    "one-shot: bwrap runs one command; a Corral sandbox keeps a PID-1 reaper so that later "
+    "exec() calls join it, and the figure includes starting that reaper, joining it "
+    "(setns) and tearing it down",
+    "state: Corral writes a state file and sweeps sandboxes of dead callers; bwrap keeps "
+    "no state",
+]
+
+UNSHARE_GAPS = [
+    "namespaces only: no new root, no read-only host view, no /proc or /dev of its own, no "
+    "seccomp, no capability drop, no cgroup, no landlock",
+]
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (pct in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(statistics.median(values), 3),
+        "p99": round(percentile(values, 99), 3),
+        "mean": round(statistics.fmean(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+# -- candidates ----------------------------------------------------------------------------
+
+
+class CorralCandidate:
+    """Create + exec + wait + destroy through the Python API, timing each phase."""
+
+    name = "corral"
+
+    def __init__(self) -> None:
+        from corral.sandbox import DEVNULL as CORRAL_DEVNULL
+        from corral.sandbox import Sandbox, SandboxSpec
+
+        self._sandbox_cls = Sandbox
+        self._spec = SandboxSpec()
+        self._devnull = CORRAL_DEVNULL
+        self.phases: dict[str, list[float]] = {"start": [], "exec": [], "wait": [], "destroy": []}
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        sandbox = self._sandbox_cls(self._spec)
+        try:
+            sandbox.start()
+            t1 = time.perf_counter()
+            proc = sandbox.exec(["/bin/true"], stdin=self._devnull, stdout=self._devnull,
+                                stderr=self._devnull)
+            t2 = time.perf_counter()
+            code = proc.wait()
+            t3 = time.perf_counter()
+        finally:
+            sandbox.destroy()
+        t4 = time.perf_counter()
+        if code != 0:
+            raise RuntimeError(f"corral: /bin/true exited {code}")
+        for key, dt in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            self.phases[key].append(dt * 1000)
+        return (t4 - t0) * 1000
+
+
+class BwrapCandidate:
+    """bwrap with the flags closest to Corral's default policy, via subprocess.run."""
+
+    name = "bwrap"
+
+    def __init__(self, bwrap: str) -> None:
+        from corral.sandbox import SandboxSpec, mounts, seccomp
+
+        spec = SandboxSpec()
+        self._fds: list[int] = []
+        bpf = seccomp.prepare(seccomp.load_profile(spec.profile))
+        args = [bwrap, "--unshare-all", "--uid", "0", "--gid", "0", "--hostname", spec.hostname,
+                "--die-with-parent", "--new-session", "--clearenv"]
+        for entry in spec.environment():
+            key, _, value = entry.partition("=")
+            args += ["--setenv", key, value]
+        for path in mounts.HOST_SYSTEM_DIRS:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                args += ["--ro-bind", path, path]
+        for name, content in mounts.etc_files(spec).items():
+            args += ["--perms", "0644", "--ro-bind-data", str(self._memfd(content.encode())),
+                     "/etc/" + name]
+        for path in mounts.HOST_ETC_ENTRIES:
+            args += ["--ro-bind-try", path, path]
+        args += ["--proc", "/proc", "--dev", "/dev",
+                 "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp",
+                 "--bind", "{workspace}", "/workspace", "--chdir", "/workspace",
+                 "--cap-drop", "ALL"]
+        if bpf is not None:
+            args += ["--seccomp", str(self._memfd(bpf))]
+        self.argv = args + ["/bin/true"]
+        self._ws_index = self.argv.index("{workspace}")
+
+    def _memfd(self, data: bytes) -> int:
+        fd = os.memfd_create("corral-bench", 0)
+        os.write(fd, data)
+        self._fds.append(fd)
+        return fd
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        workspace = tempfile.mkdtemp(prefix="corral-bench-bwrap-")
+        argv = list(self.argv)
+        argv[self._ws_index] = workspace
+        for fd in self._fds:  # bwrap reads each to EOF; the offset is shared with us
+            os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            code = subprocess.run(argv, pass_fds=self._fds, stdin=DEVNULL, stdout=DEVNULL,
+                                  stderr=DEVNULL).returncode
+            dt = (time.perf_counter() - t0) * 1000
+            if code != 0:  # once more, untimed, to say why
+                for fd in self._fds:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                why = subprocess.run(argv, pass_fds=self._fds, stdin=DEVNULL,
+                                     capture_output=True).stderr.decode(errors="replace")
+                raise RuntimeError(f"bwrap exited {code}: {why.strip()}")
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+        return dt
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+
+
+class CommandCandidate:
+    """Any argv through subprocess.run (vfork + exec in CPython 3.11)."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.argv = argv
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        code = subprocess.run(self.argv, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL).returncode
+        dt = (time.perf_counter() - t0) * 1000
+        if code != 0:
+            raise RuntimeError(f"{self.name}: {' '.join(self.argv)} exited {code}")
+        return dt
+
+
+def spawn_posix() -> float:
+    """/bin/true by os.posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK))."""
+    t0 = time.perf_counter()
+    pid = os.posix_spawn("/bin/true", ["true"], {})
+    os.waitpid(pid, 0)
+    return (time.perf_counter() - t0) * 1000
+
+
+def spawn_fork() -> float:
+    """/bin/true by fork + execv: the page tables of this process are copied."""
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv("/bin/true", ["true"])
+        finally:
+            os._exit(127)
+    os.waitpid(pid, 0)
+    return (time.perf_counter() - t0) * 1000
+
+
+spawn_posix.name = "spawn_posix"  # type: ignore[attr-defined]
+spawn_fork.name = "spawn_fork"  # type: ignore[attr-defined]
+
+
+def round_robin(candidates: list, iterations: int, warmup: int) -> dict[str, list[float]]:
+    """Run every candidate once per iteration, rotating who goes first."""
+    for i in range(warmup):
+        for c in candidates[i % len(candidates):] + candidates[:i % len(candidates)]:
+            c()
+    for c in candidates:
+        if isinstance(c, CorralCandidate):
+            for key in c.phases:
+                c.phases[key].clear()
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    gc.collect()
+    gc.disable()  # collections happen between iterations, not inside a timed call
+    try:
+        for i in range(iterations):
+            k = i % len(candidates)
+            for c in candidates[k:] + candidates[:k]:
+                times[c.name].append(c())
+            gc.collect(0)
+    finally:
+        gc.enable()
+    return times
+
+
+# -- Corral profile (wrappers around its functions, installed by this script only) ---------
+
+
+def install_profile() -> dict[str, float]:
+    """Wrap Corral's internal steps with timers; returns the accumulator (seconds)."""
+    import importlib
+
+    acc: dict[str, float] = {}
+
+    def wrap(owner, attr: str, label: str) -> None:
+        raw = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+        if raw is None:
+            return
+        is_classmethod = isinstance(raw, classmethod)
+        func = raw.__func__ if is_classmethod else raw
+
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(owner, attr, classmethod(timed) if is_classmethod else timed)
+
+    native = importlib.import_module("corral.sandbox.backends.native")
+    cgroups = importlib.import_module("corral.sandbox.cgroups")
+    contain = importlib.import_module("corral.sandbox.contain")
+    mounts = importlib.import_module("corral.sandbox.mounts")
+    spawn = importlib.import_module("corral.ext._spawn")
+    targets = [
+        (contain, "prepare", "contain.prepare (seccomp/landlock/rlimits)"),
+        (contain, "init_plan", "contain.init_plan (incl. mounts.plan)"),
+        (mounts, "plan", "  mounts.plan"),
+        (contain, "exec_plan", "contain.exec_plan"),
+        (spawn, "open_tree_clone", "_spawn.open_tree_clone (workspace)"),
+        (spawn, "spawn_init", "_spawn.spawn_init (clone PID 1 ... execveat corral-init)"),
+        (spawn, "spawn_join", "_spawn.spawn_join (helper, setns, clone, ... execve)"),
+        (native, "sweep", "native.sweep"),
+        (native, "_cgroup_layout", "native._cgroup_layout"),
+        (cgroups, "detect", "cgroups.detect"),
+        (cgroups.Cgroup, "create", "Cgroup.create (mkdir + limit writes)"),
+        (cgroups.Cgroup, "kill", "Cgroup.kill (all calls)"),
+        (cgroups.Cgroup, "destroy", "Cgroup.destroy (incl. its kill)"),
+        (cgroups, "_rmdir_tree", "  cgroups._rmdir_tree"),
+        (native.Sandbox, "_setup_workspace", "Sandbox._setup_workspace (mkdtemp)"),
+        (native.Sandbox, "_write_state", "Sandbox._write_state (json)"),
+        (native.Sandbox, "_cleanup", "Sandbox._cleanup (all of destroy)"),
+        (native.Process, "__init__", "Process.__init__ (pidfd, oom counter)"),
+        (native.Process, "wait", "Process.wait"),
+        (native.shutil, "rmtree", "shutil.rmtree (workspace, runtime dir)"),
+        (native.time, "sleep", "time.sleep (inside corral)"),
+    ]
+    for owner, attr, label in targets:
+        wrap(owner, attr, label)
+    return acc
+
+
+def profile_corral(iterations: int, warmup: int) -> dict[str, float]:
+    """Per-iteration mean of each wrapped step, in ms (wrapped calls nest; see labels)."""
+    acc = install_profile()
+    corral = CorralCandidate()
+    for _ in range(warmup):
+        corral()
+    acc.clear()
+    total = 0.0
+    for _ in range(iterations):
+        total += corral()
+    out = {"total (create+exec+wait+destroy)": round(total / iterations, 3)}
+    for label, seconds in sorted(acc.items(), key=lambda kv: -kv[1]):
+        out[label] = round(seconds / iterations * 1000, 3)
+    return out
+
+
+# -- cgroup attach after idle --------------------------------------------------------------
+
+
+def attach_probe(samples: int, idle_s: float = 0.1) -> dict:
+    """Time moving a fresh process into a new cgroup, right after another move vs after idle.
+
+    A write to cgroup.procs takes the kernel's cgroup_threadgroup_rwsem for writing; when
+    no move happened for a while its rcu_sync has gone back to the fast (reader) mode and
+    the writer waits out an RCU grace period first. Corral pays this once per create (PID 1
+    joins the cgroup) and once per exec (the join helper does), so sporadic use sees it,
+    a tight loop does not. `favordynmods` on any mounted hierarchy removes the wait.
+    """
+    from corral.sandbox import cgroups
+
+    layout = cgroups.detect()
+    cg = cgroups.Cgroup.create(layout, f"bench-attach-{os.getpid()}", cgroups.CgroupLimits())
+    out: dict[str, list[float]] = {"back_to_back": [], "after_idle": []}
+    try:
+        for i in range(2 * samples):
+            key = "after_idle" if i % 2 else "back_to_back"
+            pid = os.posix_spawn("/bin/sleep", ["sleep", "30"], {})
+            try:
+                if key == "after_idle":
+                    time.sleep(idle_s)
+                else:
+                    cg.attach(pid)  # a move just before the timed one
+                    pid2, pid = pid, os.posix_spawn("/bin/sleep", ["sleep", "30"], {})
+                    os.kill(pid2, 9)
+                    os.waitpid(pid2, 0)
+                t0 = time.perf_counter()
+                cg.attach(pid)
+                out[key].append((time.perf_counter() - t0) * 1000)
+            finally:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+    finally:
+        cg.destroy()
+    mounts = open("/proc/self/mounts").read()
+    return {
+        "attach_back_to_back_ms_p50": round(statistics.median(out["back_to_back"]), 3),
+        "attach_after_idle_ms_p50": round(statistics.median(out["after_idle"]), 3),
+        "attach_after_idle_ms_max": round(max(out["after_idle"]), 3),
+        "idle_s": idle_s,
+        "samples": samples,
+        "favordynmods": "favordynmods" in mounts,
+    }
+
+
+# -- cold CLI ------------------------------------------------------------------------------
+
+
+def corral_cli() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "corral")
+    found = here if os.access(here, os.X_OK) else shutil.which("corral")
+    if not found:
+        sys.exit("bench/spawn.py: the corral CLI is not built; run `make build` first")
+    return found
+
+
+class CliCandidate(CommandCandidate):
+    """A cold CLI run, optionally with bytecode caching forced on (into a temp prefix)."""
+
+    def __init__(self, name: str, argv: list[str], pycache_prefix: str | None = None) -> None:
+        super().__init__(name, argv)
+        self.env = None
+        if pycache_prefix:
+            self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            self.env["PYTHONPYCACHEPREFIX"] = pycache_prefix
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        code = subprocess.run(self.argv, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL,
+                              env=self.env).returncode
+        dt = (time.perf_counter() - t0) * 1000
+        if code != 0:
+            raise RuntimeError(f"{self.name}: {' '.join(self.argv)} exited {code}")
+        return dt
+
+
+def cold_cli(iterations: int) -> dict[str, list[float]]:
+    """`corral run -- /bin/true` as the environment has it, with bytecode, and bare Python.
+
+    With PYTHONDONTWRITEBYTECODE set (as in some CI images) no .pyc is ever written, so
+    every cold start compiles Corral's sources again; `cli_pyc` shows the CLI once .pyc
+    files exist (written under a temporary PYTHONPYCACHEPREFIX, not into the tree).
+    """
+    argv = [corral_cli(), "run", "--", "/bin/true"]
+    with tempfile.TemporaryDirectory(prefix="corral-bench-pyc-") as prefix:
+        candidates = [
+            CliCandidate("cli", argv),
+            CliCandidate("cli_pyc", argv, pycache_prefix=prefix),
+            CliCandidate("python_startup", [sys.executable, "-c", "pass"]),
+        ]
+        return round_robin(candidates, iterations, warmup=2)
+
+
+def import_times(top: int = 12) -> dict[str, list]:
+    """Heaviest imports of `corral run -- /bin/true` by -X importtime (one run, in ms)."""
+    code = "import sys; from corral.runtime.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code, "run", "--",
+                           "/bin/true"], stdin=DEVNULL, stdout=DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    rows = []
+    for line in proc.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+        if m:
+            rows.append((m.group(4), int(m.group(1)), int(m.group(2)), len(m.group(3))))
+    top_level = [r for r in rows if r[3] == 1]
+    total_us = sum(r[2] for r in top_level)
+    return {
+        "total_ms": round(total_us / 1000, 3),
+        "by_cumulative_ms": [[n, round(c / 1000, 3)] for n, _s, c, _d in
+                             sorted(top_level, key=lambda r: -r[2])[:top]],
+        "by_self_ms": [[n, round(s / 1000, 3)] for n, s, _c, _d in
+                       sorted(rows, key=lambda r: -r[1])[:top]],
+    }
+
+
+# -- machine -------------------------------------------------------------------------------
+
+
+def version_of(argv: list[str]) -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else None
+
+
+def machine_info(bwrap: str, unshare: str) -> dict:
+    from corral.sandbox import cgroups
+
+    try:
+        cgroup = f"v{cgroups.detect().version}"
+    except Exception as exc:  # noqa: BLE001 - informational only
+        cgroup = f"unknown ({exc})"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+        commit = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        commit = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uid": os.getuid(),
+        "cgroup": cgroup,
+        "bwrap": version_of([bwrap, "--version"]),
+        "unshare": version_of([unshare, "--version"]),
+        "commit": commit,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def require(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        print(f"bench/spawn.py: {tool} not found; install it with: apt-get install {package}",
+              file=sys.stderr)
+        sys.exit(2)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=200,
+                        help="timed rounds; each runs every candidate once (default: 200)")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="untimed rounds first (default: 20)")
+    parser.add_argument("--cli-iterations", type=int, default=30,
+                        help="cold `corral run -- /bin/true` runs (default: 30)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 15 rounds, 3 warm-up, 5 CLI runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time Corral's internal steps (separate run, wrapped calls)")
+    parser.add_argument("--no-cli", action="store_true", help="skip the cold CLI runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations, args.warmup, args.cli_iterations = 15, 3, 5
+    if args.iterations < 1 or args.warmup < 0 or args.cli_iterations < 1:
+        parser.error("--iterations and --cli-iterations must be at least 1, --warmup at least 0")
+
+    try:
+        import corral.ext._spawn  # noqa: F401 - the compiled part must be built
+        import corral.sandbox  # noqa: F401
+    except ImportError as exc:
+        print(f"bench/spawn.py: Corral is not built ({exc}); run `make build` first",
+              file=sys.stderr)
+        return 2
+    bwrap = require("bwrap", "bubblewrap")
+    unshare = require("unshare", "util-linux")
+
+    load_start = os.getloadavg()[0]
+    corral = CorralCandidate()
+    bw = BwrapCandidate(bwrap)
+    candidates = [
+        corral,
+        bw,
+        CommandCandidate("unshare", [unshare, "--user", "--map-root-user", "--pid", "--fork",
+                                     "--mount", "--net", "--uts", "--ipc", "/bin/true"]),
+        spawn_posix,
+        spawn_fork,
+    ]
+    try:
+        times = round_robin(candidates, args.iterations, args.warmup)
+    finally:
+        bw.close()
+
+    result: dict = {}
+    for name in ("corral", "bwrap", "unshare", "spawn_posix", "spawn_fork"):
+        s = summary(times[name])
+        for key in ("p50", "p99", "mean", "min", "max"):
+            result[f"{name}_ms_{key}"] = s[key]
+    result["ratio_corral_vs_bwrap_p50"] = round(result["corral_ms_p50"] / result["bwrap_ms_p50"], 3)
+    result["ratio_corral_vs_bwrap_p99"] = round(result["corral_ms_p99"] / result["bwrap_ms_p99"], 3)
+    result["corral_phases_ms"] = {k: summary(v) for k, v in corral.phases.items()}
+    result["iterations"] = args.iterations
+    result["warmup"] = args.warmup
+    if not args.no_cli:
+        cli = cold_cli(args.cli_iterations)
+        result["cli_ms_p50"] = round(statistics.median(cli["cli"]), 3)
+        result["cli_ms_p99"] = round(percentile(cli["cli"], 99), 3)
+        result["cli_pyc_ms_p50"] = round(statistics.median(cli["cli_pyc"]), 3)
+        result["python_startup_ms_p50"] = round(statistics.median(cli["python_startup"]), 3)
+        result["pythondontwritebytecode"] = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
+        result["cli_iterations"] = args.cli_iterations
+        result["cli_imports"] = import_times()
+    try:
+        result["cgroup_attach"] = attach_probe(3 if args.quick else 8)
+    except Exception as exc:  # noqa: BLE001 - a probe, not the benchmark
+        result["cgroup_attach"] = {"error": str(exc)}
+    if args.profile:
+        result["corral_profile_ms_per_iter"] = profile_corral(args.iterations, args.warmup)
+    result["machine"] = machine_info(bwrap, unshare)
+    result["machine"]["loadavg_start"] = load_start
+    result["machine"]["loadavg_end"] = os.getloadavg()[0]
+    result["bwrap_argv"] = [a if not a.startswith("/tmp/corral-bench") else "{workspace}"
+                            for a in bw.argv]
+    result["notes"] = {
+        "method": "one warm Python process; per round every candidate runs once, the first "
+                  "one rotating; GC runs between rounds, not inside a timed call; bwrap and "
+                  "unshare start through subprocess.run (vfork+exec), as a Python runtime "
+                  "would start them; spawn_posix/spawn_fork are /bin/true with no sandbox",
+        "bwrap_lacks": BWRAP_GAPS,
+        "unshare_lacks": UNSHARE_GAPS,
+    }
+
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+def print_table(r: dict) -> None:
+    m = r["machine"]
+    print(f"spawn of /bin/true, {r['iterations']} rounds ({r['warmup']} warm-up), "
+          f"kernel {m['kernel']}, {m['nproc']} CPUs, cgroup {m['cgroup']}, {m['bwrap']}, "
+          f"load {m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}, commit {m['commit']}")
+    print(f"{'candidate':<14}{'p50 ms':>9}{'p99 ms':>9}{'mean':>9}{'min':>9}{'max':>9}")
+    for name in ("corral", "bwrap", "unshare", "spawn_posix", "spawn_fork"):
+        print(f"{name:<14}" + "".join(f"{r[f'{name}_ms_{k}']:>9.3f}"
+                                      for k in ("p50", "p99", "mean", "min", "max")))
+    print(f"corral / bwrap: p50 x{r['ratio_corral_vs_bwrap_p50']}, "
+          f"p99 x{r['ratio_corral_vs_bwrap_p99']}")
+    print("corral phases:  " + ", ".join(f"{k} {v['p50']:.3f}"
+                                         for k, v in r["corral_phases_ms"].items()) + " (p50 ms)")
+    if "cli_ms_p50" in r:
+        print(f"cold CLI `corral run -- /bin/true`: p50 {r['cli_ms_p50']:.3f} ms "
+              f"(p99 {r['cli_ms_p99']:.3f}), with .pyc {r['cli_pyc_ms_p50']:.3f}, bare "
+              f"`python -c pass` {r['python_startup_ms_p50']:.3f} ms, over {r['cli_iterations']}"
+              f" runs" + (" (PYTHONDONTWRITEBYTECODE is set)" if r["pythondontwritebytecode"]
+                          else ""))
+        imp = r["cli_imports"]
+        print(f"  imports {imp['total_ms']:.1f} ms; heaviest: " + ", ".join(
+            f"{n} {ms:.1f}" for n, ms in imp["by_cumulative_ms"][:6]))
+    a = r.get("cgroup_attach", {})
+    if "attach_after_idle_ms_p50" in a:
+        print(f"cgroup attach (cgroup.procs write): {a['attach_back_to_back_ms_p50']:.3f} ms right "
+              f"after another move, {a['attach_after_idle_ms_p50']:.3f} ms after {a['idle_s']} s "
+              f"idle (max {a['attach_after_idle_ms_max']:.3f}); favordynmods: {a['favordynmods']}")
+    if "corral_profile_ms_per_iter" in r:
+        print("corral profile (ms per iteration; wrapped calls nest):")
+        for label, ms in r["corral_profile_ms_per_iter"].items():
+            print(f"  {ms:8.3f}  {label}")
+    print("bwrap lacks: " + "; ".join(g.split(":")[0] for g in r["notes"]["bwrap_lacks"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

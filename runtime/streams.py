@@ -1,0 +1,975 @@
+"""The asyncio adapter between agent file descriptors and the token core (corral.ext).
+
+What this module owns: reading an agent's output fds on the event loop and feeding them to a
+`TokenStream` (`StreamHub`), handing subscribers their already-encoded batches as soon as
+there is something to send (`Watcher`), writing control frames to an agent without ever
+blocking the loop (`ControlWriter`), and creating the protocol pipes with the right fd
+ownership (`AgentPipes`, `make_pipe_pair`). It knows nothing of gRPC: the servicers pass the
+batches on as they are.
+
+Rules this adapter keeps
+------------------------
+1. No thread per stream. Every fd is non-blocking and served by `loop.add_reader` /
+   `loop.add_writer`; nothing here ever makes a blocking call.
+2. One readable event is one `readv` of at most `read_budget` bytes (256 KiB; 16 KiB with the
+   Python twin) into a buffer shared by every hub of the loop, so one busy agent cannot
+   starve the loop: what is left in the pipe is read on the next loop iteration, after the
+   other ready callbacks. A short read means the pipe is drained: no EAGAIN round trip.
+3. Producer first, subscribers never in the way. The hub feeds the core and wakes only the
+   watchers that are waiting; it never looks at how far a watcher has got. A slow watcher
+   falls behind in the core's bounded log and learns what it lost inside its next batch.
+4. Flush when the consumer is ready. A watcher that asks while data is waiting gets all of
+   it (up to max_bytes) in one `take()`, without yielding to the loop; a watcher that is
+   caught up sleeps on a future that the next read resolves. With `coalesce_s` > 0 a hot
+   stream's tiny batches are held back to at most one per coalesce_s, which bounds the
+   messages per second a watcher costs downstream (default 0: never held back).
+5. Events before watchers. After each read the hub drains `next_event()` into `on_event`
+   (turn ends, progress, errors; the core's event queue must be drained or it would grow),
+   then wakes the watchers, so the daemon's bookkeeping always runs before any subscriber
+   sees the entry.
+6. Writes to an agent never block. A control frame is written at once when the pipe has
+   room; the rest is queued (bounded, 4 MiB by default) and finished by `loop.add_writer`.
+   Past the bound `send_input` raises `ControlQueueFull`: the agent is not reading.
+
+Fd ownership
+------------
+The daemon creates both protocol pipes with `AgentPipes.open()` (all four ends O_CLOEXEC,
+so no other child inherits them), passes `pass_fds()` to the sandbox's exec (the spawn path
+dup2()s events_w to fd 3 and control_r to fd 4, which clears O_CLOEXEC on the copies only), then
+calls `close_agent_ends()` so that the agent's exit is seen as EOF. It gives `events_r` to
+`StreamHub.attach_fd` and `control_w` to `ControlWriter`; both take ownership (they set
+O_NONBLOCK on their own end and close it). O_NONBLOCK is a property of the open file
+description, and each pipe end is its own description, so the agent's ends stay blocking.
+
+Everything here belongs to one event loop and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import fcntl
+import os
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from corral.sandbox.errors import CorralError, InvalidSpec
+
+if TYPE_CHECKING:
+    from corral.ext._stream_py import StreamEvent, StreamStatistics, TokenStream
+
+__all__ = [
+    "AGENT_CONTROL_FD",
+    "AGENT_EVENTS_FD",
+    "DEFAULT_BATCH_BYTES",
+    "DEFAULT_CONTROL_QUEUE_BYTES",
+    "DEFAULT_READ_BUDGET",
+    "MAX_CONTROL_PAYLOAD",
+    "TWIN_READ_BUDGET",
+    "AgentPipes",
+    "ControlClosed",
+    "ControlQueueFull",
+    "ControlStatistics",
+    "ControlWriter",
+    "HubStatistics",
+    "StreamHub",
+    "Watcher",
+    "WatcherStatistics",
+    "make_pipe_pair",
+    "pipe_capacity",
+]
+
+AGENT_EVENTS_FD = 3  # CORRAL_EVENTS_FD inside the sandbox
+AGENT_CONTROL_FD = 4  # CORRAL_CONTROL_FD inside the sandbox
+PROTOCOL_VERSION = 1
+DEFAULT_READ_BUDGET = 256 << 10  # bytes read per readable event, at most (compiled core)
+TWIN_READ_BUDGET = 16 << 10  # the same for the pure-Python twin, which decodes ~50x slower
+DEFAULT_BATCH_BYTES = 64 << 10  # bytes of one encoded StreamBatch, at most
+DEFAULT_CONTROL_QUEUE_BYTES = 4 << 20  # control bytes queued for an agent that is not reading
+MAX_CONTROL_PAYLOAD = 1 << 20  # bytes; ext/agent.py refuses larger control frames
+DEFAULT_COALESCE_ENTRIES = 64  # coalescing: a batch of fewer entries is "tiny"
+
+# control frame types (docs/agent-protocol.md)
+_INPUT, _INTERRUPT, _SHUTDOWN = 0x81, 0x82, 0x83
+_INTERRUPT_FRAME = b"\x00\x00\x00\x00\x82"
+_SHUTDOWN_FRAME = b"\x00\x00\x00\x00\x83"
+
+
+class ControlQueueFull(CorralError):
+    """The agent is not reading its control pipe and the bounded queue is full."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, queued: int, limit: int, size: int) -> None:
+        self.queued = queued
+        self.limit = limit
+        self.size = size
+        super().__init__(
+            f"the agent is not reading its control pipe: {queued} bytes of control frames are "
+            f"already queued (limit {limit}); refused a frame of {size} bytes")
+
+
+class ControlClosed(CorralError):
+    """The control pipe is gone: the agent closed its end, or the runtime closed ours."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+# --- pipes ----------------------------------------------------------------------------------
+
+
+def make_pipe_pair(*, size: int | None = None) -> tuple[int, int]:
+    """A pipe (read end, write end), both O_CLOEXEC and blocking.
+
+    Args:
+        size: capacity in bytes to ask for (F_SETPIPE_SZ). Best effort: an unprivileged
+            process cannot go past /proc/sys/fs/pipe-max-size (1 MiB by default), and the
+            kernel rounds up to a power-of-two number of pages; on refusal the pipe keeps
+            its default (64 KiB). `pipe_capacity(fd)` says what it got.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    if size is not None:
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EBUSY, errno.EINVAL):
+                os.close(r)
+                os.close(w)
+                raise
+    return r, w
+
+
+def pipe_capacity(fd: int) -> int:
+    """Bytes a pipe holds before a writer blocks (F_GETPIPE_SZ)."""
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+@dataclasses.dataclass
+class AgentPipes:
+    """The two protocol pipes of one agent; each end is an fd number, or None once closed.
+
+    The daemon keeps `events_r` (-> StreamHub.attach_fd) and `control_w` (-> ControlWriter);
+    `events_w` and `control_r` go into the sandbox as fds 3 and 4.
+    """
+
+    events_r: int | None
+    events_w: int | None
+    control_r: int | None
+    control_w: int | None
+
+    @classmethod
+    def open(cls, *, events_pipe_bytes: int | None = 1 << 20) -> AgentPipes:
+        """Both pipes, every end O_CLOEXEC.
+
+        Args:
+            events_pipe_bytes: capacity to ask for the events pipe (best effort, see
+                make_pipe_pair). A larger pipe lets a fast agent run ahead of the loop
+                instead of blocking every 64 KiB; None keeps the kernel default.
+        """
+        events_r, events_w = make_pipe_pair(size=events_pipe_bytes)
+        try:
+            control_r, control_w = make_pipe_pair()
+        except BaseException:
+            os.close(events_r)
+            os.close(events_w)
+            raise
+        return cls(events_r, events_w, control_r, control_w)
+
+    def pass_fds(self) -> dict[int, int]:
+        """{fd number inside the sandbox: fd here}, for `Sandbox.exec(pass_fds=...)`."""
+        if self.events_w is None or self.control_r is None:
+            raise ValueError("the agent's pipe ends were already closed")
+        return {AGENT_EVENTS_FD: self.events_w, AGENT_CONTROL_FD: self.control_r}
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        """The variables that tell an agent where its pipes are (docs/agent-protocol.md)."""
+        return {"CORRAL_PROTOCOL": str(PROTOCOL_VERSION),
+                "CORRAL_EVENTS_FD": str(AGENT_EVENTS_FD),
+                "CORRAL_CONTROL_FD": str(AGENT_CONTROL_FD)}
+
+    def close_agent_ends(self) -> None:
+        """Close our copies of the agent's ends, once the agent has them (or failed to start).
+
+        Until then the events pipe cannot reach EOF: a write end is still open here.
+        """
+        for name in ("events_w", "control_r"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+    def close(self) -> None:
+        """Close every end still held here (after a failed start, or in tests)."""
+        for name in ("events_r", "events_w", "control_r", "control_w"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+
+# --- reading: StreamHub and Watcher ---------------------------------------------------------
+
+
+_buffers = threading.local()
+
+
+def _read_buffer(size: int) -> tuple[bytearray, memoryview]:
+    """A reusable read buffer of `size` bytes for this thread (one loop per thread).
+
+    Every hub on a loop shares it: a read is fed to the core (which copies what it keeps)
+    before the callback returns, so 256 idle sessions do not hold 256 buffers.
+    """
+    cache = getattr(_buffers, "by_size", None)
+    if cache is None:
+        cache = _buffers.by_size = {}
+    entry = cache.get(size)
+    if entry is None:
+        buf = bytearray(size)
+        entry = cache[size] = (buf, memoryview(buf))
+    return entry
+
+
+@dataclasses.dataclass(frozen=True)
+class HubStatistics:
+    """A snapshot of one hub's counters (trio's `statistics()` convention)."""
+
+    fd: int | None  # the fd being read, None when none is attached (any more)
+    eof: bool  # input ended: EOF, a read error, or close()
+    ended: bool  # watchers are told the stream is over once they have read the tail
+    error: str | None  # the read error that ended input, e.g. "[Errno 5] Input/output error"
+    readable_events: int  # times the loop reported the fd readable
+    read_calls: int  # read syscalls made
+    budget_cuts: int  # readable events that stopped at the budget with data maybe left
+    bytes_read: int  # bytes read from the fd, ever
+    max_bytes_per_event: int  # the most bytes one readable event read (<= read_budget)
+    entries_appended: int  # log entries added through the hub: reads, append_event, close
+    events_dispatched: int  # entries handed to on_event
+    on_event_failures: int  # on_event raised (reported to the loop's exception handler)
+    wakeups: int  # times a waiting watcher was woken
+    watchers: int  # watchers not closed
+    waiting: int  # watchers waiting for data now
+    stream: StreamStatistics  # the token core's own counters
+
+
+@dataclasses.dataclass(frozen=True)
+class WatcherStatistics:
+    """A snapshot of one watcher's counters."""
+
+    next_seq: int  # the seq its next batch starts at, unless it fell behind
+    batches: int  # batches returned
+    entries: int  # entries in those batches
+    bytes: int  # encoded bytes of those batches
+    lost_entries: int  # entries evicted before this watcher read them
+    waits: int  # times it had to wait for data
+    coalesce_waits: int  # times it held a hot stream's tiny batch back (coalesce_s)
+    closed: bool
+
+
+class StreamHub:
+    """One token stream on the event loop: reads its fd, feeds the core, wakes watchers.
+
+    Args:
+        stream: the token core for this output (frames mode for CORRAL_EVENTS_FD, text mode
+            for stdout/stderr); the hub is its only feeder.
+        on_event: called synchronously with each non-token entry (StreamEvent: TURN_END,
+            PROGRESS, ..., ERROR) in seq order, before watchers are woken. Exceptions it raises
+            go to the loop's exception handler; reading goes on.
+        read_budget: bytes one readable event reads at most; None picks DEFAULT_READ_BUDGET
+            (256 KiB, under 1 ms of decoding in the compiled core) or, for the Python twin,
+            TWIN_READ_BUDGET (16 KiB, a few ms), so a busy stream never holds the loop long.
+        end_on_eof: when False, watchers keep waiting after input EOF until `close()`, so the
+            runtime can still append its own final events (a forced TURN_END) first.
+    """
+
+    def __init__(self, stream: TokenStream, *,
+                 on_event: Callable[[StreamEvent], None] | None = None,
+                 read_budget: int | None = None, end_on_eof: bool = True) -> None:
+        if read_budget is None:
+            twin = type(stream).__module__.endswith("._stream_py")
+            read_budget = TWIN_READ_BUDGET if twin else DEFAULT_READ_BUDGET
+        if read_budget < 1:
+            raise ValueError(f"read_budget must be at least 1 byte, got {read_budget}")
+        self._stream = stream
+        self._on_event = on_event
+        self._read_budget = read_budget
+        self._end_on_eof = end_on_eof
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int | None = None
+        self._owns_fd = True
+        self._eof = False
+        self._ended = False
+        self._error: OSError | None = None
+        self._eof_event = asyncio.Event()
+        # watchers waiting for any new entry, and watchers filling a batch (coalescing) that
+        # wait for the stream to reach a seq: only those get woken, and only when it does
+        self._waiting: dict[Watcher, asyncio.Future[None]] = {}
+        self._filling: dict[Watcher, tuple[asyncio.Future[None], int]] = {}
+        self._watchers = 0
+        # counters
+        self._readable_events = 0
+        self._read_calls = 0
+        self._budget_cuts = 0
+        self._bytes_read = 0
+        self._max_per_event = 0
+        self._entries = 0
+        self._dispatched = 0
+        self._on_event_failures = 0
+        self._wakeups = 0
+
+    # --- input ------------------------------------------------------------------------
+
+    @property
+    def stream(self) -> TokenStream:
+        return self._stream
+
+    @property
+    def eof(self) -> bool:
+        """Input ended (EOF, a read error, or close()); nothing more will be read."""
+        return self._eof
+
+    @property
+    def ended(self) -> bool:
+        """No entry will be added any more; watchers end after the tail."""
+        return self._ended
+
+    @property
+    def error(self) -> OSError | None:
+        """The read error that ended input, or None (clean EOF, still reading, close())."""
+        return self._error
+
+    def attach_fd(self, fd: int, *, loop: asyncio.AbstractEventLoop | None = None,
+                  owns_fd: bool = True) -> None:
+        """Start reading `fd` on the loop (the running one by default).
+
+        The fd is made non-blocking. With owns_fd (the default) the hub closes it at EOF,
+        on a read error, or on close().
+
+        Raises:
+            RuntimeError: an fd is already attached, or the hub's input has ended.
+        """
+        if self._fd is not None:
+            raise RuntimeError(f"StreamHub already reads fd {self._fd}; one fd per stream")
+        if self._eof:
+            raise RuntimeError("StreamHub input has ended; attach_fd() needs a new hub")
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self._loop = loop
+        self._fd = fd
+        self._owns_fd = owns_fd
+        buf, self._view = _read_buffer(self._read_budget)
+        self._bufs = (buf,)
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        # One readv of up to read_budget bytes: the buffer is the budget, so a short read
+        # means the pipe is drained (no EAGAIN round trip), and a full one leaves the rest
+        # for the next loop iteration, after every other ready callback had its turn.
+        fd = self._fd
+        if fd is None:  # close() ran earlier in this loop iteration
+            return
+        self._readable_events += 1
+        try:
+            n = os.readv(fd, self._bufs)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EIO (a pty's other side), EBADF, ...: input is over
+            self._end_input(exc)
+            return
+        self._read_calls += 1
+        if n == 0:
+            self._end_input(None)
+            return
+        self._bytes_read += n
+        if n > self._max_per_event:
+            self._max_per_event = n
+        if n == self._read_budget:
+            self._budget_cuts += 1
+        appended = self._stream.feed(self._view[:n])
+        self._entries += appended
+        self._dispatch_events()
+        if appended and (self._waiting or self._filling):
+            self._wake()
+
+    def _dispatch_events(self) -> None:
+        next_event = self._stream.next_event
+        event = next_event()
+        while event is not None:
+            self._dispatched += 1
+            if self._on_event is not None:
+                try:
+                    self._on_event(event)
+                except Exception as exc:
+                    self._on_event_failures += 1
+                    loop = self._loop or asyncio.get_running_loop()
+                    loop.call_exception_handler({
+                        "message": f"StreamHub on_event callback failed on seq {event.seq}",
+                        "exception": exc, "hub": self})
+            event = next_event()
+
+    def _detach(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        self._fd = None
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+        if self._owns_fd:
+            os.close(fd)
+
+    def _end_input(self, error: OSError | None) -> None:
+        self._detach()
+        self._error = error
+        if not self._stream.closed:
+            self._entries += self._stream.close()
+        self._dispatch_events()
+        self._eof = True
+        self._eof_event.set()
+        if self._end_on_eof:
+            self._ended = True
+        self._wake()
+
+    async def wait_eof(self) -> None:
+        """Wait until input has ended (EOF, a read error, or close())."""
+        await self._eof_event.wait()
+
+    def append_event(self, kind: int, payload: bytes = b"") -> int:
+        """Append a runtime-made event (e.g. TURN_END "interrupted") and wake watchers.
+
+        Returns its seq. on_event is not called for it: the caller already knows.
+
+        Raises:
+            RuntimeError: the hub has ended (watchers may already have finished).
+            ValueError: the core refuses the kind or payload.
+        """
+        if self._ended:
+            raise RuntimeError(
+                "append_event() after the hub ended: its watchers may already have finished; "
+                "use end_on_eof=False to add final events after EOF")
+        seq = self._stream.append_event(kind, payload)
+        self._entries += 1
+        if self._waiting or self._filling:
+            self._wake()
+        return seq
+
+    def close(self) -> None:
+        """End the hub: stop reading (closing an owned fd), close the stream, end watchers.
+
+        Watchers still get every entry the log holds, then None. Idempotent.
+        """
+        if self._ended:
+            return
+        self._detach()
+        if not self._stream.closed:
+            self._entries += self._stream.close()
+        self._dispatch_events()
+        self._eof = True
+        self._eof_event.set()
+        self._ended = True
+        self._wake()
+
+    # --- watchers -----------------------------------------------------------------------
+
+    def watch(self, after_seq: int | None = None, *, coalesce_s: float = 0.0,
+              coalesce_entries: int = DEFAULT_COALESCE_ENTRIES) -> Watcher:
+        """A new subscriber.
+
+        Args:
+            after_seq: None starts at the oldest entry the log still holds; N starts at N + 1
+                (a resume after seq N; 0 means from the very first entry, and the first batch
+                reports anything already evicted as lost).
+            coalesce_s: a batch of fewer than `coalesce_entries` entries goes out at most once
+                per coalesce_s seconds: when the previous batch left less than coalesce_s ago
+                (the stream is hot), the watcher waits for more until then; the wait ends
+                early when coalesce_entries are there, when the hub ends and when the watcher
+                closes. A cold stream's first entry goes out at once. 0 (default): never wait.
+
+        Raises:
+            ValueError: after_seq is negative or beyond the newest entry.
+        """
+        if after_seq is None:
+            cursor = self._stream.subscribe()
+        else:
+            newest = self._stream.next_seq - 1
+            if not 0 <= after_seq <= newest:
+                raise ValueError(
+                    f"after_seq must be between 0 and {newest} (the newest seq), got {after_seq}")
+            cursor = self._stream.subscribe(after_seq + 1)
+        if coalesce_s < 0:
+            raise ValueError(f"coalesce_s must be 0 or more seconds, got {coalesce_s}")
+        self._watchers += 1
+        return Watcher(self, cursor, coalesce_s, coalesce_entries)
+
+    def _wake(self) -> None:
+        waiting = self._waiting
+        if waiting:
+            self._waiting = {}
+            for fut in waiting.values():
+                if not fut.done():
+                    fut.set_result(None)
+                    self._wakeups += 1
+        if self._filling:
+            next_seq = self._stream.next_seq
+            ended = self._ended
+            for watcher, (fut, target) in list(self._filling.items()):
+                if ended or next_seq >= target:
+                    del self._filling[watcher]
+                    if not fut.done():
+                        fut.set_result(None)
+                        self._wakeups += 1
+
+    def statistics(self) -> HubStatistics:
+        return HubStatistics(
+            fd=self._fd,
+            eof=self._eof,
+            ended=self._ended,
+            error=str(self._error) if self._error is not None else None,
+            readable_events=self._readable_events,
+            read_calls=self._read_calls,
+            budget_cuts=self._budget_cuts,
+            bytes_read=self._bytes_read,
+            max_bytes_per_event=self._max_per_event,
+            entries_appended=self._entries,
+            events_dispatched=self._dispatched,
+            on_event_failures=self._on_event_failures,
+            wakeups=self._wakeups,
+            watchers=self._watchers,
+            waiting=len(self._waiting) + len(self._filling),
+            stream=self._stream.statistics(),
+        )
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "eof" if self._eof else f"fd {self._fd}"
+        return f"<StreamHub {state} next_seq={self._stream.next_seq} watchers={self._watchers}>"
+
+
+class Watcher:
+    """One subscriber of a StreamHub: encoded `corral.v1.StreamBatch` bytes, as they come.
+
+    Made by `StreamHub.watch()`. Use `await next_batch()` or `async for batch in watcher`;
+    `close()` (or leaving a `with` block) unsubscribes.
+    """
+
+    __slots__ = ("_hub", "_cursor", "_take", "_coalesce_s", "_coalesce_entries", "_closed",
+                 "_waiting", "_waits", "_coalesce_waits", "_last_batch_at")
+
+    def __init__(self, hub: StreamHub, cursor: Any, coalesce_s: float,
+                 coalesce_entries: int) -> None:
+        self._hub = hub
+        self._cursor = cursor
+        self._take = hub._stream.take
+        self._coalesce_s = coalesce_s
+        self._coalesce_entries = coalesce_entries
+        self._closed = False
+        self._waiting = False
+        self._waits = 0
+        self._coalesce_waits = 0
+        self._last_batch_at = float("-inf")  # loop time of the last batch (coalescing only)
+
+    @property
+    def next_seq(self) -> int:
+        """The seq this watcher's next batch starts at, unless it fell behind."""
+        return self._cursor.next_seq
+
+    @property
+    def lost_entries(self) -> int:
+        """Entries evicted before this watcher read them, ever (each batch also says so)."""
+        return self._cursor.statistics().lost_entries
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def next_batch(self, max_bytes: int = DEFAULT_BATCH_BYTES) -> bytes | None:
+        """The next encoded StreamBatch, waiting while caught up.
+
+        Returns everything available up to max_bytes in one batch (a single larger entry
+        travels alone), or None once the hub has ended and this watcher has read it all,
+        or once the watcher is closed.
+
+        Raises:
+            RuntimeError: another next_batch() of this watcher is already waiting.
+        """
+        if self._closed:
+            return None
+        if self._waiting:
+            raise RuntimeError("another next_batch() of this watcher is already waiting")
+        if self._coalesce_s:
+            return await self._next_batch_coalesced(max_bytes)
+        batch = self._take(self._cursor, max_bytes)
+        if batch is not None:
+            return batch
+        hub = self._hub
+        cursor = self._cursor
+        while not hub._ended:
+            await self._wait_for_data(None)
+            if self._closed:
+                return None
+            batch = self._take(cursor, max_bytes)
+            if batch is not None:
+                return batch
+        # ended: the tail may have arrived together with the end
+        return self._take(cursor, max_bytes)
+
+    async def _next_batch_coalesced(self, max_bytes: int) -> bytes | None:
+        """next_batch() with the coalescing rule: a batch of fewer than coalesce_entries
+        entries goes out at most once per coalesce_s (a hot stream waits for more, a cold
+        one, whose previous batch left long enough ago, does not)."""
+        hub = self._hub
+        stream = hub._stream
+        cursor = self._cursor
+        loop = asyncio.get_running_loop()
+        while True:
+            pending = stream.next_seq - cursor.next_seq
+            if pending:
+                if pending < self._coalesce_entries and not hub._ended:
+                    deadline = self._last_batch_at + self._coalesce_s
+                    if deadline > loop.time():
+                        self._coalesce_waits += 1
+                        await self._coalesce(deadline)
+                        if self._closed:
+                            return None
+                batch = self._take(cursor, max_bytes)
+                if batch is not None:
+                    self._last_batch_at = loop.time()
+                    return batch
+            if hub._ended:
+                return self._take(cursor, max_bytes)
+            await self._wait_for_data(None)
+            if self._closed:
+                return None
+
+    async def _coalesce(self, deadline: float) -> None:
+        """Wait until coalesce_entries are pending, the hub ends, or the deadline."""
+        target = self._cursor.next_seq + self._coalesce_entries
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining > 0:
+            await self._wait_for_data(remaining, target)
+
+    async def _wait_for_data(self, timeout: float | None, target_seq: int = 0) -> None:
+        """Until the hub has news (an entry; with target_seq, the stream reaching that seq;
+        the end) or timeout seconds pass."""
+        hub = self._hub
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if target_seq:
+            hub._filling[self] = (fut, target_seq)
+        else:
+            hub._waiting[self] = fut
+        self._waiting = True
+        self._waits += 1
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, fut)
+        try:
+            await fut
+        finally:
+            self._waiting = False
+            if timer is not None:
+                timer.cancel()
+            # cancelled or timed out: forget it here, the hub has not
+            if hub._waiting.get(self) is fut:
+                del hub._waiting[self]
+            elif self in hub._filling and hub._filling[self][0] is fut:
+                del hub._filling[self]
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> bytes:
+        batch = await self.next_batch()
+        if batch is None:
+            raise StopAsyncIteration
+        return batch
+
+    def close(self) -> None:
+        """Unsubscribe; a next_batch() waiting now returns None. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        hub = self._hub
+        hub._watchers -= 1
+        hub._stream.unsubscribe(self._cursor)
+        fut = hub._waiting.pop(self, None)
+        filling = hub._filling.pop(self, None)
+        for f in (fut, filling[0] if filling else None):
+            if f is not None and not f.done():
+                f.set_result(None)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def statistics(self) -> WatcherStatistics:
+        c = self._cursor.statistics()
+        return WatcherStatistics(
+            next_seq=c.next_seq, batches=c.batches, entries=c.entries, bytes=c.bytes,
+            lost_entries=c.lost_entries, waits=self._waits,
+            coalesce_waits=self._coalesce_waits, closed=self._closed)
+
+    def __repr__(self) -> str:
+        return f"<Watcher next_seq={self.next_seq}{' closed' if self._closed else ''}>"
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --- writing: ControlWriter -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlStatistics:
+    """A snapshot of one control writer's counters."""
+
+    frames_sent: int  # frames written completely
+    bytes_written: int  # bytes written to the pipe
+    frames_queued: int  # frames (or their rest) waiting for the pipe to drain
+    bytes_queued: int  # bytes waiting
+    max_queued_bytes: int  # the bound on bytes_queued (one frame may pass it; see send_input)
+    high_water: int  # the most bytes ever queued
+    refused: int  # send_input() calls refused with ControlQueueFull
+    merged: int  # interrupt/shutdown requests merged into one still queued
+    closed: bool  # no more frames can be sent
+    peer_closed: bool  # closed because the agent closed its end
+
+
+class ControlWriter:
+    """Non-blocking writer of control frames (INPUT, INTERRUPT, SHUTDOWN) to an agent.
+
+    A frame is written at once when the pipe has room; what does not fit is queued and
+    finished from `loop.add_writer`, in order. Takes ownership of `fd` (made non-blocking,
+    closed by close()). It also watches for the agent closing its end of the pipe (the
+    kernel reports EPOLLERR on our end), so `closed` turns True without waiting for a write.
+
+    Args:
+        fd: the write end of the control pipe.
+        max_queued_bytes: bytes queued at most before send_input() refuses.
+        loop: the running loop by default.
+    """
+
+    def __init__(self, fd: int, *, max_queued_bytes: int = DEFAULT_CONTROL_QUEUE_BYTES,
+                 loop: asyncio.AbstractEventLoop | None = None, owns_fd: bool = True) -> None:
+        if max_queued_bytes < 1:
+            raise ValueError(f"max_queued_bytes must be at least 1, got {max_queued_bytes}")
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self._loop = loop
+        self._fd: int | None = fd
+        self._owns_fd = owns_fd
+        self._max = max_queued_bytes
+        self._queue: deque[tuple[memoryview, int]] = deque()  # (unwritten rest, frame type)
+        self._queued = 0
+        self._writing = False  # add_writer is registered
+        self._closed = False
+        self._peer_closed = False
+        self._reason = ""
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._pending_interrupts = 0  # INTERRUPT frames queued and not yet fully written
+        self._pending_shutdowns = 0
+        # counters
+        self._frames_sent = 0
+        self._bytes_written = 0
+        self._high_water = 0
+        self._refused = 0
+        self._merged = 0
+        # epoll reports EPOLLERR on a pipe's write end once the read end is closed, and
+        # asyncio's selector turns that into a "readable" callback: early EPIPE detection.
+        loop.add_reader(fd, self._on_peer_event)
+
+    @property
+    def closed(self) -> bool:
+        """No more frames can be sent: close() was called or the agent closed its end."""
+        return self._closed
+
+    @property
+    def peer_closed(self) -> bool:
+        """The agent closed its end of the control pipe (EPIPE)."""
+        return self._peer_closed
+
+    def send_input(self, text: str) -> None:
+        """Send an INPUT frame (steering text).
+
+        Raises:
+            InvalidSpec: the text is over MAX_CONTROL_PAYLOAD bytes of UTF-8.
+            ControlQueueFull: frames are already queued and this one would pass the bound.
+            ControlClosed: the pipe is closed.
+        """
+        payload = text.encode("utf-8")
+        if len(payload) > MAX_CONTROL_PAYLOAD:
+            raise InvalidSpec("input", f"is {len(payload)} bytes of UTF-8; the limit is "
+                                       f"{MAX_CONTROL_PAYLOAD} bytes (1 MiB)")
+        frame = len(payload).to_bytes(4, "little") + b"\x81" + payload
+        self._send(frame, _INPUT)
+
+    def send_interrupt(self) -> bool:
+        """Send an INTERRUPT frame; False when one is still queued (the two are merged).
+
+        Not subject to the queue bound: it is small and at most one waits at a time.
+
+        Raises:
+            ControlClosed: the pipe is closed.
+        """
+        if self._pending_interrupts:
+            self._check_open()
+            self._merged += 1
+            return False
+        self._send(_INTERRUPT_FRAME, _INTERRUPT)
+        return True
+
+    def send_shutdown(self) -> bool:
+        """Send a SHUTDOWN frame; False when one is still queued (the two are merged).
+
+        Raises:
+            ControlClosed: the pipe is closed.
+        """
+        if self._pending_shutdowns:
+            self._check_open()
+            self._merged += 1
+            return False
+        self._send(_SHUTDOWN_FRAME, _SHUTDOWN)
+        return True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ControlClosed(self._reason)
+
+    def _send(self, frame: bytes, kind: int) -> None:
+        self._check_open()
+        if self._queue:
+            if kind == _INPUT and self._queued + len(frame) > self._max:
+                self._refused += 1
+                raise ControlQueueFull(self._queued, self._max, len(frame))
+            self._enqueue(memoryview(frame), kind)
+            return
+        try:
+            n = os.write(self._fd, frame)  # type: ignore[arg-type]
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._fail(exc)
+            raise ControlClosed(self._reason) from None
+        self._bytes_written += n
+        if n == len(frame):
+            self._frames_sent += 1
+            return
+        self._enqueue(memoryview(frame)[n:], kind)
+
+    def _enqueue(self, rest: memoryview, kind: int) -> None:
+        self._queue.append((rest, kind))
+        self._queued += len(rest)
+        if kind == _INTERRUPT:
+            self._pending_interrupts += 1
+        elif kind == _SHUTDOWN:
+            self._pending_shutdowns += 1
+        if self._queued > self._high_water:
+            self._high_water = self._queued
+        if not self._writing:
+            self._writing = True
+            self._drained.clear()
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        queue = self._queue
+        fd = self._fd
+        if fd is None:  # shut earlier in this loop iteration (the peer-closed callback)
+            return
+        while queue:
+            rest, kind = queue[0]
+            try:
+                n = os.write(fd, rest)  # type: ignore[arg-type]
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._bytes_written += n
+            self._queued -= n
+            if n < len(rest):
+                queue[0] = (rest[n:], kind)
+                return
+            queue.popleft()
+            self._frames_sent += 1
+            if kind == _INTERRUPT:
+                self._pending_interrupts -= 1
+            elif kind == _SHUTDOWN:
+                self._pending_shutdowns -= 1
+        self._writing = False
+        self._loop.remove_writer(fd)  # type: ignore[arg-type]
+        self._drained.set()
+
+    def _on_peer_event(self) -> None:
+        # A pipe's write end is never readable, so this runs only on an error condition;
+        # poll() confirms it (POLLERR: no reader left) before the writer gives up.
+        if self._fd is None:
+            return
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        for _, mask in poller.poll(0):
+            if mask & select.POLLERR:
+                self._fail(OSError(errno.EPIPE, os.strerror(errno.EPIPE)))
+
+    def _fail(self, exc: OSError) -> None:
+        if exc.errno == errno.EPIPE:
+            self._peer_closed = True
+            self._shut("the agent closed its control pipe (CORRAL_CONTROL_FD); "
+                       "it can no longer receive input or interrupts")
+        else:
+            self._shut(f"writing to the agent's control pipe failed: {exc}")
+
+    def _shut(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._reason = reason
+        fd = self._fd
+        self._fd = None
+        if fd is not None:
+            self._loop.remove_reader(fd)
+            if self._writing:
+                self._loop.remove_writer(fd)
+            if self._owns_fd:
+                os.close(fd)
+        self._writing = False
+        self._queue.clear()
+        self._queued = 0
+        self._pending_interrupts = self._pending_shutdowns = 0
+        self._drained.set()
+
+    def close(self) -> None:
+        """Close our end now; queued frames are dropped. The agent reads EOF (= SHUTDOWN).
+
+        Idempotent.
+        """
+        self._shut("the control pipe was closed by the runtime")
+
+    async def drain(self) -> None:
+        """Wait until every queued frame is written, or the writer is closed."""
+        await self._drained.wait()
+
+    def statistics(self) -> ControlStatistics:
+        return ControlStatistics(
+            frames_sent=self._frames_sent,
+            bytes_written=self._bytes_written,
+            frames_queued=len(self._queue),
+            bytes_queued=self._queued,
+            max_queued_bytes=self._max,
+            high_water=self._high_water,
+            refused=self._refused,
+            merged=self._merged,
+            closed=self._closed,
+            peer_closed=self._peer_closed,
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd {self._fd}"
+        return f"<ControlWriter {state} queued={self._queued}>"
+
