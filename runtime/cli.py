@@ -66,6 +66,100 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_policy_flags(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    daemon = sub.add_parser(
+        "daemon", help="run the gRPC daemon",
+        description="Run the Corral daemon: sandboxes, sessions and the audit log over gRPC. "
+                    "Every flag can also be set in the --config TOML file under the same name "
+                    "(with '_' for '-'); flags win.",
+    )
+    daemon.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    daemon.add_argument("--socket", metavar="PATH",
+                        help="unix socket, mode 0600 (default: $XDG_RUNTIME_DIR/corral.sock "
+                             "or /run/corral/corral.sock)")
+    daemon.add_argument("--listen", metavar="HOST:PORT",
+                        help="also listen on TCP; clients need a tenant's bearer token")
+    daemon.add_argument("--state", metavar="DIR",
+                        help="state directory: audit.db (default: /var/lib/corral)")
+    daemon.add_argument("--tls-cert", metavar="PEM", help="TLS certificate for --listen")
+    daemon.add_argument("--tls-key", metavar="PEM", help="TLS private key for --listen")
+    daemon.add_argument("--tls-client-ca", metavar="PEM",
+                        help="require client certificates signed by this CA (mTLS)")
+    daemon.add_argument("--session-idle-ttl", metavar="DURATION",
+                        help="reap a session nobody watched for this long (default: 5m)")
+    daemon.add_argument("--sandbox-ttl", metavar="DURATION",
+                        help="longest life of a sandbox (default: 1h)")
+    daemon.add_argument("--max-sandboxes", metavar="N", type=int,
+                        help="most sandboxes at once (default: 512)")
+
+    def client_flags(p):
+        p.add_argument("--socket", metavar="PATH",
+                       help="daemon socket (default: $CORRAL_SOCKET, else the default path)")
+        p.add_argument("--target", metavar="HOST:PORT", help="daemon over TCP instead")
+        p.add_argument("--token", metavar="TOKEN", help="bearer token for --target "
+                                                         "(default: $CORRAL_TOKEN)")
+        p.add_argument("--tenant", metavar="NAME", help="act as this tenant (local socket only)")
+
+    ps = sub.add_parser("ps", help="list sandboxes and their commands")
+    client_flags(ps)
+    ps.add_argument("--json", action="store_true", help="one JSON object per sandbox")
+
+    create = sub.add_parser("create", help="create a sandbox on the daemon; prints its id")
+    client_flags(create)
+    create.add_argument("--profile", metavar="NAME")
+    create.add_argument("--memory", metavar="SIZE")
+    create.add_argument("--pids", metavar="N", type=int)
+    create.add_argument("--cpus", metavar="CORES", type=float)
+    create.add_argument("--ttl", metavar="DURATION", help="destroy it after this long")
+    create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+
+    destroy = sub.add_parser("destroy", help="destroy a sandbox on the daemon")
+    client_flags(destroy)
+    destroy.add_argument("sandbox_id", metavar="SANDBOX")
+
+    exe = sub.add_parser("exec", help="run a command in a daemon sandbox, streaming its output",
+                         usage="corral exec [OPTIONS] SANDBOX -- CMD [ARGS...]")
+    client_flags(exe)
+    exe.add_argument("--timeout", metavar="DURATION")
+    exe.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    exe.add_argument("sandbox_id", metavar="SANDBOX")
+    exe.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    session = sub.add_parser(
+        "session", help="start (or attach to) an interactive agent session",
+        usage="corral session [OPTIONS] [--attach ID] [-- CMD [ARGS...]]",
+        description="Prints the agent's tokens live. Lines typed on stdin steer the running "
+                    "turn; Ctrl-C interrupts the turn, a second Ctrl-C detaches (the session "
+                    "keeps running; `corral session --attach ID` comes back).",
+    )
+    client_flags(session)
+    session.add_argument("--attach", metavar="SESSION", help="attach to a running session")
+    session.add_argument("--after-seq", type=int, default=0, metavar="SEQ",
+                         help="with --attach: replay entries after this sequence number")
+    session.add_argument("--watch", action="store_true", help="with --attach: watch only")
+    session.add_argument("--input", metavar="TEXT", help="first input of the session")
+    session.add_argument("--memory", metavar="SIZE")
+    session.add_argument("--ro-examples", action="store_true", help=argparse.SUPPRESS)
+    session.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    audit = sub.add_parser("audit", help="read and verify the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_verb", metavar="VERB")
+    for name, text in (("tail", "follow new records"), ("query", "search records"),
+                       ("verify", "check the hash chain; exit 1 when broken")):
+        ap = audit_sub.add_parser(name, help=text)
+        client_flags(ap)
+        ap.add_argument("--db", metavar="FILE",
+                        help="read this audit.db directly instead of asking the daemon")
+        if name != "verify":
+            ap.add_argument("--sandbox", metavar="ID")
+            ap.add_argument("--kind", metavar="KIND", help="exact kind or a prefix ending in '.'")
+            ap.add_argument("--json", action="store_true", help="one JSON object per record")
+        if name == "query":
+            ap.add_argument("--session", metavar="ID")
+            ap.add_argument("--since", metavar="DURATION", help="e.g. 1h: records newer than that")
+            ap.add_argument("--limit", type=int, default=100)
+            ap.add_argument("--of-tenant", dest="for_tenant", metavar="NAME",
+                            help="operators: another tenant's records")
     return parser
 
 
@@ -193,8 +287,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verb == "run":
         return cmd_run(args)
+    if args.verb == "daemon":
+        return cmd_daemon(args)
+    if args.verb in ("ps", "create", "destroy", "exec", "session", "audit"):
+        from corral.runtime import cli_client
+
+        return cli_client.dispatch(args)
     parser.print_help(sys.stderr)
     return EXIT_USAGE
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from corral.runtime import config, daemon
+    from corral.sandbox.errors import InvalidSpec
+    from corral.sandbox.spec import parse_duration
+
+    try:
+        overrides = {
+            "socket": args.socket, "listen": args.listen, "state": args.state,
+            "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca, "max_sandboxes": args.max_sandboxes,
+            "session_idle_ttl_s": (parse_duration(args.session_idle_ttl, "session-idle-ttl")
+                                   if args.session_idle_ttl else None),
+            "sandbox_ttl_s": (parse_duration(args.sandbox_ttl, "sandbox-ttl")
+                              if args.sandbox_ttl else None),
+        }
+        cfg = config.load(args.config, overrides)
+    except InvalidSpec as exc:
+        return _fail(f"daemon: {exc}", EXIT_USAGE)
+    return daemon.run(cfg)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,9 @@ class SandboxManager:
             owner_session=owner_session,
         )
         self._sandboxes[msb.id] = msb
+        # PID 1 reports every exit on the status pipe; the loop reads it (no thread).
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sandbox.status_fd, self._collect_exits, msb, sandbox.status_fd)
         self.audit.append(
             "sandbox.create", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
             session_id=owner_session or "",
@@ -233,14 +236,21 @@ class SandboxManager:
         msb = self.get(caller, sandbox_id)
         await self._destroy(msb, reason, caller.tenant, caller.peer)
 
+    def _collect_exits(self, msb: ManagedSandbox, fd: int) -> None:
+        msb.sandbox.collect_exits()
+        if msb.sandbox.status_fd != fd:  # PID 1 is gone and the pipe was closed
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+
     async def _destroy(self, msb: ManagedSandbox, reason: str, tenant: str, peer: str) -> None:
         if msb.destroyed:
             return
         msb.destroyed = True
         self._sandboxes.pop(msb.id, None)
+        if msb.sandbox.status_fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(msb.sandbox.status_fd)
         await self.run_blocking(msb.sandbox.destroy)
-        for handle in msb.execs.values():
-            self._on_exit(handle)
         self.audit.append("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
                           sandbox_id=msb.id, session_id=msb.owner_session or "",
                           detail={"reason": reason})
@@ -305,7 +315,9 @@ class SandboxManager:
             writer.write(stdin)
         if not keep_stdin_open:
             writer.close()
-        loop.add_reader(process.pidfd, self._on_exit, handle)
+        process.on_exit = lambda _p: loop.call_soon_threadsafe(self._on_exit, handle)
+        if process.returncode is not None:  # it ended before on_exit was set
+            self._on_exit(handle)
         if process.deadline is not None:
             loop.call_at(loop.time() + process.remaining(), self._expire, handle)
         return handle
@@ -315,22 +327,10 @@ class SandboxManager:
             handle.process.expire()
 
     def _on_exit(self, handle: ExecHandle) -> None:
-        if not handle.running:
-            return
         proc = handle.process
-        loop = asyncio.get_running_loop()
-        if proc.pidfd >= 0:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(proc.pidfd)
-        try:
-            code = proc.poll()
-        except ChildProcessError:
-            code = proc.returncode
-        if code is None:
-            # spurious wake-up: keep waiting
-            loop.add_reader(proc.pidfd, self._on_exit, handle)
+        if not handle.running or proc.returncode is None:
             return
-        handle.returncode = code
+        handle.returncode = proc.returncode
         handle.reason = str(proc.reason.value if proc.reason else "exited")
         handle.duration_s = time.monotonic() - handle.started_at
         handle.exited.set()
@@ -338,8 +338,8 @@ class SandboxManager:
         self.audit.append(
             {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),
             tenant=msb.tenant if msb else "", peer="daemon", sandbox_id=handle.sandbox_id,
-            detail={"exec_id": handle.id, "returncode": code, "reason": handle.reason,
-                    "duration_s": round(handle.duration_s, 6)},
+            detail={"exec_id": handle.id, "returncode": handle.returncode,
+                    "reason": handle.reason, "duration_s": round(handle.duration_s, 6)},
         )
 
     def get_exec(self, caller: Caller, sandbox_id: str, exec_id: str) -> ExecHandle:
@@ -371,7 +371,7 @@ class SandboxManager:
         if exec_id:
             handle = self.get_exec(caller, sandbox_id, exec_id)
             delivered = 0
-            if handle.running:
+            if handle.running and handle.process.pid:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(handle.process.pid, sig)
                     delivered = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 
@@ -11,6 +12,22 @@ from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("corral.api")
 
+#: The Caller of the RPC running in this task (set by Servicer.caller), for denial records.
+current_caller: contextvars.ContextVar = contextvars.ContextVar("corral_caller", default=None)
+
+
+class Servicer:
+    """Base of every servicer: who is calling, and the audit log denials go to."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.audit = daemon.audit
+
+    def caller(self, context):
+        caller = self.daemon.auth.identify(context)
+        current_caller.set(caller)
+        return caller
+
 
 def status_of(exc: CorralError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
@@ -18,7 +35,7 @@ def status_of(exc: CorralError) -> grpc.StatusCode:
 
 def _record_denial(servicer, context, exc: CorralError, method: str) -> None:
     if isinstance(exc, (PermissionDenied, Unauthenticated)) and servicer.audit is not None:
-        caller = getattr(context, "corral_caller", None)
+        caller = current_caller.get()
         servicer.audit.append(
             "denied",
             tenant=caller.tenant if caller else "",

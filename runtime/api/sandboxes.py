@@ -1,0 +1,188 @@
+"""corral.v1.Sandboxes servicer: proto <-> SandboxManager calls, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+
+from corral.sandbox import SandboxSpec
+from corral.sandbox.errors import InvalidSpec
+from corral.v1 import sandbox_pb2 as pb
+
+from .errors import Servicer, streaming, unary
+from .wire import field_bytes, field_varint
+
+MAX_TIMEOUT_S = 30 * 86400.0
+
+
+def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
+    """Build a SandboxSpec; zero values keep the defaults (docs/policy.md)."""
+    kw: dict = {}
+    if msg.profile:
+        if "/" in msg.profile:
+            raise InvalidSpec("spec.profile", "remote callers name a profile, not a file path")
+        kw["profile"] = msg.profile
+    if msg.memory_bytes:
+        kw["memory_bytes"] = int(msg.memory_bytes)
+    if msg.pids_max:
+        kw["pids_max"] = int(msg.pids_max)
+    if msg.cpus:
+        kw["cpus"] = float(msg.cpus)
+    if msg.command_timeout_s:
+        if not 0 < msg.command_timeout_s <= MAX_TIMEOUT_S:
+            raise InvalidSpec("spec.command_timeout_s", "must be between 0 and 30 days")
+        kw["timeout_s"] = float(msg.command_timeout_s)
+    if msg.tmp_bytes:
+        kw["tmp_bytes"] = int(msg.tmp_bytes)
+    if msg.hostname:
+        kw["hostname"] = msg.hostname
+    if msg.env:
+        if len(msg.env) > 256:
+            raise InvalidSpec("spec.env", "more than 256 variables")
+        kw["env"] = tuple(sorted(msg.env.items()))
+    return SandboxSpec(**kw)
+
+
+def spec_to_proto(spec: SandboxSpec, ttl_s: float) -> pb.SandboxSpec:
+    return pb.SandboxSpec(
+        profile=spec.profile, memory_bytes=spec.memory_bytes, pids_max=spec.pids_max,
+        cpus=spec.cpus or 0.0, command_timeout_s=spec.timeout_s or 0.0,
+        tmp_bytes=spec.tmp_bytes, env=dict(spec.env), hostname=spec.hostname,
+        ttl_s=int(ttl_s),
+    )
+
+
+def sandbox_to_proto(msb) -> pb.Sandbox:
+    return pb.Sandbox(
+        id=msb.id, tenant=msb.tenant,
+        state=pb.SANDBOX_STATE_DESTROYED if msb.destroyed else pb.SANDBOX_STATE_RUNNING,
+        spec=spec_to_proto(msb.spec, msb.expires_at - msb.created_at),
+        policy_digest=msb.policy_digest, created_at=msb.created_at, expires_at=msb.expires_at,
+        init_pid=msb.sandbox.init_pid or 0,
+        execs=[
+            pb.ExecInfo(id=h.id, argv=list(h.argv), running=h.running,
+                        returncode=h.returncode or 0, reason=h.reason)
+            for h in msb.execs.values()
+        ],
+    )
+
+
+def _output_event(stream: int, batch: bytes) -> bytes:
+    """ExecEvent{output: ExecOutput{stream, batch}} around an already-encoded batch."""
+    return field_bytes(2, field_varint(1, stream) + field_bytes(2, batch))
+
+
+async def stream_exec(handle, stdout_after: int | None = None, stderr_after: int | None = None):
+    """Yield encoded ExecEvent output messages until both streams end, then the exit."""
+    watchers = {
+        pb.OUTPUT_STREAM_STDOUT: handle.stdout.watch(stdout_after),
+        pb.OUTPUT_STREAM_STDERR: handle.stderr.watch(stderr_after),
+    }
+    pending = {asyncio.ensure_future(w.next_batch()): s for s, w in watchers.items()}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                stream = pending.pop(fut)
+                batch = fut.result()
+                if batch is None:
+                    continue
+                yield _output_event(stream, batch)
+                pending[asyncio.ensure_future(watchers[stream].next_batch())] = stream
+        await handle.exited.wait()
+        yield pb.ExecEvent(exited=pb.ExecExited(
+            returncode=handle.returncode, reason=handle.reason, duration_s=handle.duration_s,
+        )).SerializeToString()
+    finally:
+        for fut in pending:
+            fut.cancel()
+        for w in watchers.values():
+            w.close()
+
+
+class SandboxesServicer(Servicer):
+    def __init__(self, daemon):
+        super().__init__(daemon)
+        self.manager = daemon.sandboxes
+
+    @unary
+    async def Create(self, request, context):
+        caller = self.caller(context)
+        spec = spec_from_proto(request.spec)
+        msb = await self.manager.create(caller, spec, ttl_s=request.spec.ttl_s or None)
+        return sandbox_to_proto(msb)
+
+    @unary
+    async def Get(self, request, context):
+        return sandbox_to_proto(self.manager.get(self.caller(context), request.sandbox_id))
+
+    @unary
+    async def List(self, request, context):
+        caller = self.caller(context)
+        return pb.ListSandboxesResponse(
+            sandboxes=[sandbox_to_proto(m) for m in self.manager.list(caller)])
+
+    @streaming
+    async def Exec(self, request, context):
+        caller = self.caller(context)
+        if request.timeout_s and not 0 < request.timeout_s <= MAX_TIMEOUT_S:
+            raise InvalidSpec("timeout_s", "must be between 0 and 30 days")
+        handle = await self.manager.exec(
+            caller, request.sandbox_id, list(request.argv), env=dict(request.env),
+            cwd=request.cwd, stdin=request.stdin, keep_stdin_open=request.keep_stdin_open,
+            timeout_s=request.timeout_s or None,
+        )
+        yield pb.ExecEvent(started=pb.ExecStarted(
+            exec_id=handle.id, pid=handle.process.pid)).SerializeToString()
+        async for event in stream_exec(handle):
+            yield event
+
+    @streaming
+    async def Attach(self, request, context):
+        caller = self.caller(context)
+        handle = self.manager.get_exec(caller, request.sandbox_id, request.exec_id)
+        yield pb.ExecEvent(started=pb.ExecStarted(
+            exec_id=handle.id, pid=handle.process.pid)).SerializeToString()
+        async for event in stream_exec(handle, request.stdout_after_seq or None,
+                                       request.stderr_after_seq or None):
+            yield event
+
+    @unary
+    async def SendInput(self, request, context):
+        caller = self.caller(context)
+        self.manager.send_input(caller, request.sandbox_id, request.exec_id, request.data,
+                                request.close)
+        return pb.SendInputResponse()
+
+    @unary
+    async def Signal(self, request, context):
+        caller = self.caller(context)
+        n = self.manager.signal(caller, request.sandbox_id, request.exec_id, request.signal)
+        return pb.SignalResponse(delivered=n)
+
+    @unary
+    async def WriteFile(self, request, context):
+        caller = self.caller(context)
+        size = await self.manager.write_file(caller, request.sandbox_id, request.path,
+                                             request.content, request.mode)
+        return pb.WriteFileResponse(size=size)
+
+    @unary
+    async def ReadFile(self, request, context):
+        caller = self.caller(context)
+        data, truncated = await self.manager.read_file(caller, request.sandbox_id, request.path,
+                                                       request.max_bytes)
+        return pb.ReadFileResponse(content=data, truncated=truncated)
+
+    @unary
+    async def ListFiles(self, request, context):
+        caller = self.caller(context)
+        entries = await self.manager.list_files(caller, request.sandbox_id, request.path)
+        return pb.ListFilesResponse(entries=[
+            pb.FileEntry(name=e.name, kind=e.kind, size=e.size, mode=e.mode, mtime=e.mtime)
+            for e in entries])
+
+    @unary
+    async def Destroy(self, request, context):
+        caller = self.caller(context)
+        await self.manager.destroy(caller, request.sandbox_id)
+        return pb.DestroySandboxResponse()

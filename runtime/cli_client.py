@@ -1,0 +1,276 @@
+"""CLI verbs that talk to a running daemon: ps, create, destroy, exec, session, audit."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+
+from corral.sandbox.errors import InvalidSpec
+from corral.sandbox.spec import parse_duration, parse_size
+
+from .client import Client, ClientError, decode_batch
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"corral: {message}", file=sys.stderr)
+    return code
+
+
+def _connect(args) -> Client:
+    return Client.connect(socket=args.socket, target=args.target, token=args.token,
+                          tenant=args.tenant)
+
+
+def _argv(args) -> list[str]:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return argv
+
+
+def _env(items) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidSpec("env", f"{item!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def dispatch(args) -> int:
+    try:
+        verb = {"ps": ps, "create": create, "destroy": destroy, "exec": exec_,
+                "session": session, "audit": audit}[args.verb]
+        return verb(args)
+    except InvalidSpec as exc:
+        return _fail(f"{args.verb}: {exc}", EXIT_USAGE)
+    except ClientError as exc:
+        code = EXIT_USAGE if exc.code.name == "INVALID_ARGUMENT" else 1
+        return _fail(f"{args.verb}: {exc}", code)
+
+
+def ps(args) -> int:
+    with _connect(args) as client:
+        boxes = client.list_sandboxes()
+    if args.json:
+        from google.protobuf import json_format
+
+        for b in boxes:
+            print(json.dumps(json_format.MessageToDict(b)))
+        return 0
+    if not boxes:
+        print("no sandboxes")
+        return 0
+    print(f"{'SANDBOX':18} {'TENANT':10} {'AGE':>7} {'TTL LEFT':>9} {'MEMORY':>7}  COMMANDS")
+    now = time.time()
+    for b in boxes:
+        running = [e for e in b.execs if e.running]
+        cmds = ", ".join(f"{e.id}:{' '.join(e.argv)[:30]}" for e in running) or "-"
+        print(f"{b.id:18} {b.tenant:10} {now - b.created_at:6.0f}s {b.expires_at - now:8.0f}s "
+              f"{b.spec.memory_bytes >> 20:6d}M  {cmds}")
+    return 0
+
+
+def create(args) -> int:
+    spec: dict = {}
+    if args.profile:
+        spec["profile"] = args.profile
+    if args.memory:
+        spec["memory_bytes"] = parse_size(args.memory, "memory")
+    if args.pids:
+        spec["pids_max"] = args.pids
+    if args.cpus:
+        spec["cpus"] = args.cpus
+    if args.ttl:
+        spec["ttl_s"] = int(parse_duration(args.ttl, "ttl"))
+    if args.env:
+        spec["env"] = _env(args.env)
+    with _connect(args) as client:
+        print(client.create_sandbox(**spec).id)
+    return 0
+
+
+def destroy(args) -> int:
+    with _connect(args) as client:
+        client.destroy_sandbox(args.sandbox_id)
+    return 0
+
+
+def exec_(args) -> int:
+    argv = _argv(args)
+    if not argv:
+        return _fail("exec: no command given; usage: corral exec SANDBOX -- CMD [ARGS...]",
+                     EXIT_USAGE)
+    kw = {"env": _env(args.env)}
+    if args.timeout:
+        kw["timeout_s"] = parse_duration(args.timeout, "timeout")
+    if not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        if data:
+            kw["stdin"] = data
+    sinks = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+    with _connect(args) as client:
+        for event in client.exec(args.sandbox_id, argv, **kw):
+            kind = event.WhichOneof("event")
+            if kind == "output":
+                sink = sinks[event.output.stream]
+                sink.write(event.output.batch.text)
+                sink.flush()
+            elif kind == "exited":
+                ex = event.exited
+                if ex.reason == "timeout":
+                    _fail(f"{argv[0]}: killed after its timeout")
+                    return 124
+                if ex.reason == "oom":
+                    _fail(f"{argv[0]}: killed by the memory limit (OOM)")
+                    return 137
+                return ex.returncode if ex.returncode >= 0 else 128 - ex.returncode
+    return _fail("exec: the stream ended without an exit status")
+
+
+def session(args) -> int:
+    """Print tokens live; stdin lines steer; Ctrl-C interrupts, a second one detaches."""
+    argv = _argv(args)
+    with _connect(args) as client:
+        if args.attach:
+            stream = client.resume_session(args.attach, args.after_seq, args.watch)
+        else:
+            if not argv:
+                return _fail("session: no command given; usage: corral session -- CMD",
+                             EXIT_USAGE)
+            spec = {}
+            if args.memory:
+                spec["memory_bytes"] = parse_size(args.memory, "memory")
+            stream = client.open_session(argv, input=args.input or "", **spec)
+        interrupts = []
+
+        def on_sigint(_signum, _frame):
+            interrupts.append(time.monotonic())
+            if len(interrupts) == 1 and not args.watch:
+                stream.interrupt()
+            else:
+                print(f"\ncorral: detached; `corral session --attach {stream.session_id} "
+                      f"--after-seq {stream.last_seq}` comes back", file=sys.stderr)
+                stream.detach()
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        if not args.watch:
+            threading.Thread(target=_pump_lines, args=(stream,), daemon=True).start()
+        tokens = 0
+        started = time.monotonic()
+        try:
+            for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "opened":
+                    print(f"corral: session {event.opened.session_id} in sandbox "
+                          f"{event.opened.sandbox_id}", file=sys.stderr)
+                elif kind == "batch":
+                    decoded = decode_batch(event.batch)
+                    tokens += len(decoded.texts)
+                    if decoded.lost:
+                        print(f"\n[corral: {decoded.lost} entries were lost while this "
+                              "client was behind]", file=sys.stderr)
+                    sys.stdout.write("".join(decoded.texts))
+                    sys.stdout.flush()
+                elif kind == "turn_ended":
+                    interrupts.clear()
+                    print(f"\n[turn {event.turn_ended.turn} {event.turn_ended.status}]",
+                          file=sys.stderr)
+                elif kind == "exited":
+                    rate = tokens / max(time.monotonic() - started, 1e-9)
+                    print(f"corral: agent exited ({event.exited.reason}, code "
+                          f"{event.exited.returncode}); {tokens} tokens, {rate:,.0f} tokens/s",
+                          file=sys.stderr)
+                    code = event.exited.returncode
+                    return code if code >= 0 else 128 - code
+        finally:
+            signal.signal(signal.SIGINT, old)
+    return 0
+
+
+def _pump_lines(stream) -> None:
+    try:
+        for line in sys.stdin:
+            stream.send_input(line.rstrip("\n"))
+    except (OSError, ValueError):
+        pass
+
+
+def audit(args) -> int:
+    from .audit import AuditLog, format_record
+
+    verb = args.audit_verb
+    if verb is None:
+        return _fail("audit: which one? tail, query or verify", EXIT_USAGE)
+    if args.db:
+        log = AuditLog.open(args.db, readonly=True)
+        try:
+            if verb == "verify":
+                result = log.verify()
+                return _print_verify(result.ok, result.checked, result.broken_at_seq,
+                                     result.problem)
+            records = log.query(**_query_filters(args), latest=True)
+            for rec in records:
+                print(json.dumps(rec.to_dict()) if args.json else format_record(rec))
+            return 0
+        finally:
+            log.close()
+    with _connect(args) as client:
+        if verb == "verify":
+            r = client.audit_verify()
+            return _print_verify(r.ok, r.checked, r.broken_at_seq, r.problem)
+        if verb == "query":
+            for rec in client.audit_query(**_query_filters(args)):
+                _print_record(rec, args.json)
+            return 0
+        try:
+            last = client.audit_query(limit=1)
+            after = last[-1].seq if last else 0
+            for rec in client.audit_watch(after_seq=max(after - 10, 0),
+                                          sandbox_id=args.sandbox or "", kind=args.kind or ""):
+                _print_record(rec, args.json)
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def _query_filters(args) -> dict:
+    filters: dict = {}
+    if getattr(args, "sandbox", None):
+        filters["sandbox_id"] = args.sandbox
+    if getattr(args, "session", None):
+        filters["session_id"] = args.session
+    if getattr(args, "kind", None):
+        filters["kind"] = args.kind
+    if getattr(args, "since", None):
+        filters["since"] = time.time() - parse_duration(args.since, "since")
+    if getattr(args, "for_tenant", None):
+        filters["tenant"] = args.for_tenant
+    filters["limit"] = getattr(args, "limit", 100) or 100
+    return filters
+
+
+def _print_record(rec, as_json: bool) -> None:
+    from google.protobuf import json_format
+
+    if as_json:
+        print(json.dumps(json_format.MessageToDict(rec, preserving_proto_field_name=True)))
+        return
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.time))
+    ids = " ".join(x for x in (rec.sandbox_id, rec.session_id) if x)
+    print(f"{stamp}Z #{rec.seq} {rec.tenant or '-'} {rec.kind} {ids} {rec.detail_json}")
+
+
+def _print_verify(ok: bool, checked: int, broken_at: int, problem: str) -> int:
+    if ok:
+        print(f"audit chain OK: {checked} records verified")
+        return 0
+    print(f"audit chain BROKEN at record {broken_at}: {problem}", file=sys.stderr)
+    return 1
+

@@ -1,0 +1,267 @@
+"""Python client of the Corral daemon (synchronous, over grpc), used by the CLI and tests.
+
+    from corral.runtime.client import Client
+    with Client.connect() as c:                       # $CORRAL_SOCKET or the default socket
+        sb = c.create_sandbox(memory_bytes=256 << 20)
+        for event in c.exec(sb.id, ["python3", "-c", "print(42)"]):
+            ...
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, stream_pb2
+
+from .config import default_socket
+
+SOCKET_ENV = "CORRAL_SOCKET"
+TOKEN_ENV = "CORRAL_TOKEN"
+
+
+class ClientError(Exception):
+    """An RPC failed; carries the gRPC status name and the daemon's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        super().__init__(f"{code.name}: {message}")
+
+
+def _wrap(exc: grpc.RpcError) -> ClientError:
+    return ClientError(exc.code(), exc.details() or "")
+
+
+@dataclass
+class Tokens:
+    """Tokens of one StreamBatch, decoded for display."""
+
+    first_seq: int
+    texts: list[str]
+    events: list[stream_pb2.StreamEvent]
+    lost: int
+    last_seq: int
+
+
+def decode_batch(batch: stream_pb2.StreamBatch) -> Tokens:
+    texts, pos = [], 0
+    raw = batch.text
+    for length in batch.lengths:
+        texts.append(raw[pos:pos + length].decode("utf-8"))
+        pos += length
+    last = batch.first_seq + len(batch.lengths) + len(batch.events) - 1
+    return Tokens(batch.first_seq, texts, list(batch.events), batch.lost.count, last)
+
+
+class SessionStream:
+    """One open Sessions.Open stream: send steering, iterate server events."""
+
+    def __init__(self, stub, first: session_pb2.SessionRequest, metadata):
+        self._requests: queue.Queue = queue.Queue()
+        self._requests.put(first)
+        self._closed = threading.Event()
+        self._call = stub.Open(self._request_iter(), metadata=metadata)
+        self.session_id = ""
+        self.last_seq = 0
+
+    def _request_iter(self):
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    def send_input(self, text: str) -> None:
+        self._requests.put(session_pb2.SessionRequest(input=session_pb2.SessionInput(text=text)))
+
+    def interrupt(self) -> None:
+        self._requests.put(session_pb2.SessionRequest(interrupt=session_pb2.SessionInterrupt()))
+
+    def close_session(self) -> None:
+        self._requests.put(session_pb2.SessionRequest(close=session_pb2.SessionClose()))
+
+    def detach(self) -> None:
+        """Drop this connection; the session keeps running on the daemon."""
+        self._requests.put(None)
+        self._call.cancel()
+
+    def __iter__(self) -> Iterator[session_pb2.SessionEvent]:
+        try:
+            for event in self._call:
+                kind = event.WhichOneof("event")
+                if kind == "opened":
+                    self.session_id = event.opened.session_id
+                elif kind == "batch":
+                    b = event.batch
+                    self.last_seq = b.first_seq + len(b.lengths) + len(b.events) - 1
+                yield event
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise _wrap(exc) from None
+        finally:
+            self._requests.put(None)
+
+
+class Client:
+    """A connection to one daemon."""
+
+    def __init__(self, channel: grpc.Channel, metadata: tuple = ()):
+        self.channel = channel
+        self.metadata = tuple(metadata)
+        self.sandboxes = _stub(channel, sandbox_pb2, "Sandboxes")
+        self.sessions = _stub(channel, session_pb2, "Sessions")
+        self.audit = _stub(channel, audit_pb2, "Audit")
+
+    @classmethod
+    def connect(cls, socket: str | None = None, target: str | None = None,
+                token: str | None = None, tenant: str | None = None,
+                root_certificates: bytes | None = None) -> Client:
+        """Unix socket (default: $CORRAL_SOCKET, else the daemon's default path) or TCP."""
+        metadata = []
+        if target:
+            token = token or os.environ.get(TOKEN_ENV)
+            if not token:
+                raise ClientError(grpc.StatusCode.UNAUTHENTICATED,
+                                  f"--target needs a token (--token or ${TOKEN_ENV})")
+            metadata.append(("authorization", f"Bearer {token}"))
+            if root_certificates:
+                channel = grpc.secure_channel(
+                    target, grpc.ssl_channel_credentials(root_certificates))
+            else:
+                channel = grpc.insecure_channel(target)
+        else:
+            path = socket or os.environ.get(SOCKET_ENV) or default_socket()
+            if not os.path.exists(path):
+                raise ClientError(grpc.StatusCode.UNAVAILABLE,
+                                  f"no daemon socket at {path}; start one with `corral daemon`")
+            channel = grpc.insecure_channel(f"unix:{path}")
+            if tenant:
+                metadata.append(("x-corral-tenant", tenant))
+        return cls(channel, metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout=60.0):
+        try:
+            return method(request, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    # -- sandboxes --------------------------------------------------------------------------
+
+    def create_sandbox(self, **spec) -> sandbox_pb2.Sandbox:
+        return self._call(self.sandboxes.Create, sandbox_pb2.CreateSandboxRequest(
+            spec=sandbox_pb2.SandboxSpec(**spec)))
+
+    def get_sandbox(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
+        return self._call(self.sandboxes.Get, sandbox_pb2.GetSandboxRequest(sandbox_id=sandbox_id))
+
+    def list_sandboxes(self) -> list[sandbox_pb2.Sandbox]:
+        return list(self._call(self.sandboxes.List, sandbox_pb2.ListSandboxesRequest()).sandboxes)
+
+    def destroy_sandbox(self, sandbox_id: str) -> None:
+        self._call(self.sandboxes.Destroy, sandbox_pb2.DestroySandboxRequest(sandbox_id=sandbox_id))
+
+    def exec(self, sandbox_id: str, argv: list[str], **kw) -> Iterator[sandbox_pb2.ExecEvent]:
+        request = sandbox_pb2.ExecRequest(sandbox_id=sandbox_id, argv=argv, **kw)
+        try:
+            yield from self.sandboxes.Exec(request, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def attach(self, sandbox_id: str, exec_id: str, **kw) -> Iterator[sandbox_pb2.ExecEvent]:
+        request = sandbox_pb2.AttachRequest(sandbox_id=sandbox_id, exec_id=exec_id, **kw)
+        try:
+            yield from self.sandboxes.Attach(request, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def send_input(self, sandbox_id: str, exec_id: str, data: bytes, close: bool = False):
+        return self._call(self.sandboxes.SendInput, sandbox_pb2.SendInputRequest(
+            sandbox_id=sandbox_id, exec_id=exec_id, data=data, close=close))
+
+    def signal(self, sandbox_id: str, sig: int, exec_id: str = "") -> int:
+        return self._call(self.sandboxes.Signal, sandbox_pb2.SignalRequest(
+            sandbox_id=sandbox_id, exec_id=exec_id, signal=sig)).delivered
+
+    def write_file(self, sandbox_id: str, path: str, content: bytes, mode: int = 0o644) -> int:
+        return self._call(self.sandboxes.WriteFile, sandbox_pb2.WriteFileRequest(
+            sandbox_id=sandbox_id, path=path, content=content, mode=mode)).size
+
+    def read_file(self, sandbox_id: str, path: str, max_bytes: int = 0) -> bytes:
+        return self._call(self.sandboxes.ReadFile, sandbox_pb2.ReadFileRequest(
+            sandbox_id=sandbox_id, path=path, max_bytes=max_bytes)).content
+
+    def list_files(self, sandbox_id: str, path: str = "") -> list[sandbox_pb2.FileEntry]:
+        return list(self._call(self.sandboxes.ListFiles, sandbox_pb2.ListFilesRequest(
+            sandbox_id=sandbox_id, path=path)).entries)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def open_session(self, argv: list[str], *, sandbox_id: str = "", env=None, input: str = "",
+                     **spec) -> SessionStream:
+        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input)
+        if sandbox_id:
+            start.sandbox_id = sandbox_id
+        else:
+            start.spec.CopyFrom(sandbox_pb2.SandboxSpec(**spec))
+        return SessionStream(self.sessions, session_pb2.SessionRequest(start=start),
+                             self.metadata)
+
+    def resume_session(self, session_id: str, after_seq: int = 0,
+                       watch_only: bool = False) -> SessionStream:
+        req = session_pb2.SessionRequest(resume=session_pb2.SessionResume(
+            session_id=session_id, after_seq=after_seq, watch_only=watch_only))
+        return SessionStream(self.sessions, req, self.metadata)
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def audit_query(self, **filters) -> list[audit_pb2.AuditRecord]:
+        return list(self._call(self.audit.Query, audit_pb2.AuditQueryRequest(**filters)).records)
+
+    def audit_verify(self) -> audit_pb2.AuditVerifyResponse:
+        return self._call(self.audit.Verify, audit_pb2.AuditVerifyRequest(), timeout=600)
+
+    def audit_watch(self, **filters) -> Iterator[audit_pb2.AuditRecord]:
+        try:
+            yield from self.audit.Watch(audit_pb2.AuditWatchRequest(**filters),
+                                        metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+
+def _stub(channel, module, service: str):
+    """A stub built from the service descriptor (no generated *_pb2_grpc import needed)."""
+    from google.protobuf import message_factory
+
+    desc = module.DESCRIPTOR.services_by_name[service]
+
+    class Stub:
+        pass
+
+    stub = Stub()
+    for method in desc.methods:
+        req = message_factory.GetMessageClass(method.input_type)
+        resp = message_factory.GetMessageClass(method.output_type)
+        path = f"/{desc.full_name}/{method.name}"
+        factory = {
+            (False, False): channel.unary_unary,
+            (False, True): channel.unary_stream,
+            (True, False): channel.stream_unary,
+            (True, True): channel.stream_stream,
+        }[(method.client_streaming, method.server_streaming)]
+        setattr(stub, method.name, factory(path, request_serializer=req.SerializeToString,
+                                           response_deserializer=resp.FromString))
+    return stub

@@ -1,0 +1,336 @@
+"""Interactive sessions: an agent streaming tokens, steered and interrupted, watched by many.
+
+A session is one agent process in a sandbox with the protocol's two pipes: its events fd
+(CORRAL_EVENTS_FD=3, agent -> runtime frames) feeds one TokenStream, the replay log every
+watcher reads; its control fd (CORRAL_CONTROL_FD=4) carries INPUT, INTERRUPT, SHUTDOWN.
+A plain agent (one that never writes a frame) is still a session: its stdout joins the
+same stream as tokens, its stderr as LOG entries, input goes to its stdin as a line and an
+interrupt is SIGINT.
+
+Sessions outlive their clients: a dropped connection resumes from the last seq it saw, and
+a session nobody watches for `idle_ttl_s` is closed and its sandbox reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+
+from corral.ext import EventKind, TokenStream
+from corral.sandbox.errors import CorralError, InvalidSpec, NotFound, PermissionDenied
+from corral.v1 import stream_pb2
+
+from .auth import Caller
+from .streams import ControlWriter, StreamHub
+
+log = logging.getLogger("corral.sessions")
+
+EVENTS_FD = 3
+CONTROL_FD = 4
+INTERRUPT_GRACE_S = 2.0
+SHUTDOWN_GRACE_S = 2.0
+MAX_INPUT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    turn: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class TurnEnded:
+    turn: int
+    status: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    returncode: int
+    reason: str
+
+
+@dataclass
+class Session:
+    id: str
+    tenant: str
+    sandbox_id: str
+    owns_sandbox: bool
+    hub: StreamHub
+    control: ControlWriter
+    exec_handle: object = None
+    turn: int = 1
+    turn_open: bool = True
+    attached: int = 0
+    detached_since: float | None = None
+    exited: Exited | None = None
+    closing: bool = False
+    exited_reason: str = ""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    listeners: set = field(default_factory=set)
+    _interrupt_timer: asyncio.TimerHandle | None = None
+    _tasks: list = field(default_factory=list)
+
+    @property
+    def protocol_seen(self) -> bool:
+        """True once the agent wrote any frame: it speaks the protocol."""
+        return self.hub.stream.statistics().frames > 0
+
+    def publish(self, event) -> None:
+        for queue in list(self.listeners):
+            queue.put_nowait(event)
+
+
+class SessionManager:
+    def __init__(self, sandboxes, audit, *, idle_ttl_s: float = 300.0,
+                 stream_log_bytes: int = 8 << 20):
+        self.sandboxes = sandboxes
+        self.audit = audit
+        self.idle_ttl_s = idle_ttl_s
+        self.stream_log_bytes = stream_log_bytes
+        self._sessions: dict[str, Session] = {}
+        self._reaper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    async def shutdown(self, reason: str) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(self._end(s, reason) for s in list(self._sessions.values())),
+                             return_exceptions=True)
+
+    # -- opening --------------------------------------------------------------------------
+
+    async def open(self, caller: Caller, *, argv: list[str], spec=None, sandbox_id: str = "",
+                   env: dict[str, str] | None = None, first_input: str = "") -> Session:
+        """Start an agent in a new sandbox (spec) or an existing one (sandbox_id)."""
+        if not argv:
+            raise InvalidSpec("start.argv", "the agent command is empty")
+        session_id = "ses-" + secrets.token_hex(6)
+        owns = not sandbox_id
+        if owns:
+            msb = await self.sandboxes.create(caller, spec, owner_session=session_id)
+        else:
+            msb = self.sandboxes.get(caller, sandbox_id)
+        events_r, events_w = os.pipe2(os.O_CLOEXEC)
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        agent_env = dict(env or {})
+        agent_env.update({"CORRAL_EVENTS_FD": str(EVENTS_FD),
+                          "CORRAL_CONTROL_FD": str(CONTROL_FD),
+                          "CORRAL_PROTOCOL": "1", "CORRAL_SESSION_ID": session_id})
+        try:
+            handle = await self.sandboxes.exec(
+                caller, msb.id, argv, env=agent_env, keep_stdin_open=True,
+                pass_fds={EVENTS_FD: events_w, CONTROL_FD: control_r}, session_id=session_id,
+            )
+        except BaseException:
+            for fd in (events_r, control_w):
+                os.close(fd)
+            if owns:
+                with contextlib.suppress(Exception):
+                    await self.sandboxes.destroy(caller, msb.id, "session start failed")
+            raise
+        finally:
+            os.close(events_w)
+            os.close(control_r)
+        holder: list[Session] = []
+        # end_on_eof=False: after the agent's last frame the runtime may still append its
+        # own final TURN_END; watchers end when _watch_exit closes the hub.
+        hub = StreamHub(TokenStream("frames", log_bytes=self.stream_log_bytes),
+                        on_event=lambda ev: self._on_agent_event(holder[0], ev),
+                        end_on_eof=False)
+        session = Session(
+            id=session_id, tenant=caller.tenant, sandbox_id=msb.id, owns_sandbox=owns,
+            hub=hub, control=ControlWriter(control_w), exec_handle=handle,
+        )
+        holder.append(session)
+        hub.attach_fd(events_r)
+        self._sessions[session_id] = session
+        loop = asyncio.get_running_loop()
+        session._tasks = [
+            loop.create_task(self._forward_text(session, handle.stdout, EventKind.TOKEN)),
+            loop.create_task(self._forward_text(session, handle.stderr, EventKind.LOG)),
+            loop.create_task(self._watch_exit(session)),
+        ]
+        self.audit.append("session.open", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=msb.id, session_id=session_id,
+                          detail={"argv": list(argv), "owns_sandbox": owns,
+                                  "exec_id": handle.id, "policy_digest": msb.policy_digest})
+        if first_input:
+            self.input(caller, session, first_input, audit=False)
+        return session
+
+    def get(self, caller: Caller, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"session {session_id!r} does not exist")
+        if session.tenant != caller.tenant:
+            raise PermissionDenied(f"session {session_id!r} belongs to another tenant")
+        return session
+
+    def attach(self, session: Session) -> None:
+        session.attached += 1
+        session.detached_since = None
+
+    def detach(self, session: Session) -> None:
+        session.attached -= 1
+        if session.attached <= 0:
+            session.attached = 0
+            session.detached_since = time.monotonic()
+
+    # -- steering -------------------------------------------------------------------------
+
+    def input(self, caller: Caller, session: Session, text: str, audit: bool = True) -> None:
+        """Deliver steering text into the running turn (or start the next turn)."""
+        data = text.encode("utf-8")
+        if len(data) > MAX_INPUT_BYTES:
+            raise InvalidSpec("input.text", f"{len(data)} bytes is over the 1 MiB limit")
+        if session.exited is not None:
+            raise CorralError(f"session {session.id} has ended")
+        if not session.turn_open:
+            session.turn += 1
+            session.turn_open = True
+            session.publish(TurnStarted(session.turn, session.hub.stream.next_seq))
+        session.control.send_input(text)
+        if not session.protocol_seen and session.exec_handle.stdin is not None:
+            with contextlib.suppress(CorralError):
+                session.exec_handle.stdin.write(data + b"\n")
+        if audit:
+            self.audit.append("session.input", tenant=caller.tenant, peer=caller.peer,
+                              sandbox_id=session.sandbox_id, session_id=session.id,
+                              detail={"bytes": len(data), "turn": session.turn})
+
+    def interrupt(self, caller: Caller, session: Session) -> None:
+        """End the current turn: INTERRUPT (SIGINT for a plain agent), forced after a grace."""
+        if session.exited is not None:
+            raise CorralError(f"session {session.id} has ended")
+        self.audit.append("session.interrupt", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=session.sandbox_id, session_id=session.id,
+                          detail={"turn": session.turn, "protocol": session.protocol_seen})
+        if session.protocol_seen:
+            session.control.send_interrupt()
+        elif session.exec_handle.process.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(session.exec_handle.process.pid, signal.SIGINT)
+        if session.turn_open and session._interrupt_timer is None:
+            loop = asyncio.get_running_loop()
+            session._interrupt_timer = loop.call_later(
+                INTERRUPT_GRACE_S, self._force_turn_end, session, "interrupted")
+
+    async def close(self, caller: Caller, session: Session) -> None:
+        self.audit.append("session.close", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=session.sandbox_id, session_id=session.id, detail={})
+        await self._end(session, "closed")
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _on_agent_event(self, session: Session, event) -> None:
+        if event.kind == EventKind.TURN_END and session.turn_open:
+            try:
+                status = json.loads(event.payload).get("status", "completed")
+            except (ValueError, AttributeError):
+                status = "completed"
+            self._turn_ended(session, str(status), event.seq)
+
+    def _turn_ended(self, session: Session, status: str, seq: int) -> None:
+        session.turn_open = False
+        if session._interrupt_timer is not None:
+            session._interrupt_timer.cancel()
+            session._interrupt_timer = None
+        session.publish(TurnEnded(session.turn, status, seq))
+
+    def _force_turn_end(self, session: Session, status: str) -> None:
+        session._interrupt_timer = None
+        if session.turn_open:
+            payload = json.dumps({"status": status, "forced": True}).encode()
+            seq = session.hub.append_event(EventKind.TURN_END, payload)
+            self._turn_ended(session, status, seq)
+
+    async def _forward_text(self, session: Session, source: StreamHub, kind: int) -> None:
+        """Merge a plain agent's stdout (tokens) or stderr (log lines) into the session."""
+        watcher = source.watch()
+        try:
+            while (raw := await watcher.next_batch()) is not None:
+                batch = stream_pb2.StreamBatch.FromString(raw)
+                text = batch.text
+                pos = 0
+                for length in batch.lengths:
+                    chunk = text[pos:pos + length]
+                    pos += length
+                    if chunk:
+                        session.hub.append_event(kind, chunk)
+        finally:
+            watcher.close()
+
+    async def _watch_exit(self, session: Session) -> None:
+        handle = session.exec_handle
+        await handle.exited.wait()
+        # Everything the agent wrote before it exited is in the pipes: drain them first.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(session.hub.wait_eof(), 2.0)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(handle.stdout.wait_eof(), handle.stderr.wait_eof()), 2.0)
+        await asyncio.sleep(0)  # let the forwarders append their last entries
+        if session.turn_open:
+            status = "interrupted" if session._interrupt_timer else (
+                "completed" if handle.returncode == 0 else "failed")
+            self._force_turn_end(session, status)
+        reason = handle.reason if not session.closing else session.exited_reason
+        session.exited = Exited(handle.returncode, reason)
+        session.hub.close()
+        session.control.close()
+        session.publish(session.exited)
+        session.ended.set()
+        self.audit.append("session.exit", tenant=session.tenant, peer="daemon",
+                          sandbox_id=session.sandbox_id, session_id=session.id,
+                          detail={"returncode": handle.returncode, "reason": reason})
+        if session.owns_sandbox:
+            msb = self.sandboxes._sandboxes.get(session.sandbox_id)
+            if msb is not None:
+                await self.sandboxes._destroy(msb, "session ended", session.tenant, "daemon")
+
+    async def _end(self, session: Session, reason: str) -> None:
+        """Ask the agent to stop (SHUTDOWN, SIGTERM, SIGKILL), wait for its exit."""
+        if session.exited is None and not session.closing:
+            session.closing = True
+            session.exited_reason = reason
+            proc = session.exec_handle.process
+            with contextlib.suppress(Exception):
+                session.control.send_shutdown()
+            for sig, wait_s in ((None, SHUTDOWN_GRACE_S), (signal.SIGTERM, SHUTDOWN_GRACE_S),
+                                (signal.SIGKILL, 5.0)):
+                if sig is not None and proc.pid:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, sig)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(session.exec_handle.exited.wait(), wait_s)
+                if session.exec_handle.exited.is_set():
+                    break
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(session.ended.wait(), 10.0)
+        self._sessions.pop(session.id, None)
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                if session.detached_since is None:
+                    continue
+                if now - session.detached_since >= self.idle_ttl_s:
+                    log.info("session %s idle for %.0fs: reaping", session.id, self.idle_ttl_s)
+                    if session.exited is None:
+                        self.audit.append("session.idle", tenant=session.tenant, peer="daemon",
+                                          sandbox_id=session.sandbox_id, session_id=session.id,
+                                          detail={"idle_ttl_s": self.idle_ttl_s})
+                    await self._end(session, "idle")
