@@ -12,6 +12,8 @@ PYTEST_ARGS ?=
 .PHONY: build run test test-unit bench lint clean proto ext
 
 build: $(DEPS) proto ext
+	@# byte-compile once: a cold `corral run` must not recompile sources on every start
+	$(PY) -m compileall -q runtime sandbox ext proto/corral examples bench >/dev/null
 
 # The virtualenv with runtime + dev dependencies and an editable install of corral.
 $(DEPS): pyproject.toml setup.py
@@ -28,7 +30,7 @@ proto/corral/v1/%_pb2.py: proto/corral/v1/%.proto $(DEPS)
 
 ext: $(DEPS) $(EXT_SO)
 
-$(EXT_SO): $(PYX) $(wildcard ext/*.pxd) setup.py
+$(EXT_SO): $(PYX) $(wildcard ext/*.pxd) ext/corral_init.c setup.py
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 

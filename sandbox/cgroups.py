@@ -770,8 +770,20 @@ class Cgroup:
         """
         if not self.exists():
             return
-        self.kill()
+        # Fast path: a sandbox whose PID 1 is already reaped leaves empty cgroups, and
+        # rmdir is the kernel's own "is it empty?" check.
+        left = []
         for d in reversed(self.paths):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(d)
+        if not left:
+            return
+        self.kill()
+        for d in left:
             if not _rmdir_tree(d, RMDIR_TIMEOUT_S):
                 raise SandboxSetupError("cgroup rmdir", d, _errno.EBUSY, "a process remains")
 

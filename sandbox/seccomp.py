@@ -47,7 +47,6 @@ import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from importlib import resources
 
 from .errors import InvalidSpec, SandboxSetupError, UnsupportedHost
 
@@ -213,6 +212,9 @@ class SeccompProfile:
         return value
 
 
+_PROFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
+
+
 def _action_value(action: str, errno_ret: int | None) -> int:
     value = ACTIONS[action]
     if action == "SCMP_ACT_ERRNO":
@@ -279,7 +281,9 @@ def load_profile(name_or_path: str) -> SeccompProfile:
 
 @functools.cache
 def _builtin_profile(name: str) -> SeccompProfile:
-    data = resources.files("corral.sandbox.profiles").joinpath(f"{name}.json").read_bytes()
+    # A plain open() next to this module: importlib.resources costs ~8 ms of CLI start-up.
+    with open(os.path.join(_PROFILES_DIR, f"{name}.json"), "rb") as f:
+        data = f.read()
     return parse_profile(data, name=name, source="builtin")
 
 

@@ -15,7 +15,6 @@ import errno as errno_mod
 import functools
 import json
 import os
-import secrets
 import select
 import selectors
 import shutil
@@ -237,7 +236,7 @@ class Sandbox:
     def __init__(self, spec: SandboxSpec | None = None, *, runtime_dir: str | None = None,
                  name: str | None = None):
         self.spec = spec or SandboxSpec()
-        self.id = name or "sbx-" + secrets.token_hex(6)
+        self.id = name or "sbx-" + os.urandom(6).hex()
         cgroups.check_name(self.id)
         self.runtime_dir = os.path.join(runtime_dir or runtime_base(), self.id)
         self.state = "new"
