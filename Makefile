@@ -36,7 +36,7 @@ $(EXT_SO): $(PYX) $(wildcard ext/*.pxd) ext/corral_init.c setup.py
 
 # The main job on embedded defaults: run the example agent inside a default sandbox.
 run: build
-	$(VENV)/bin/corral run --ro $(CURDIR)/examples:/examples -- python3 /examples/token_agent.py
+	$(PY) examples/demo.py
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS) tests
