@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --attach: replay entries after this sequence number")
     session.add_argument("--watch", action="store_true", help="with --attach: watch only")
     session.add_argument("--input", metavar="TEXT", help="first input of the session")
-    session.add_argument("--memory", metavar="SIZE")
-    session.add_argument("--ro-examples", action="store_true", help=argparse.SUPPRESS)
+    session.add_argument("--memory", metavar="SIZE", help="memory limit of the new sandbox")
+    session.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
+                         help="upload a local file into the new sandbox's /workspace first "
+                              "(repeatable)")
     session.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     audit = sub.add_parser("audit", help="read and verify the audit log")

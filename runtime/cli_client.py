@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -137,60 +138,90 @@ def exec_(args) -> int:
 def session(args) -> int:
     """Print tokens live; stdin lines steer; Ctrl-C interrupts, a second one detaches."""
     argv = _argv(args)
+    cleanup: list = []
     with _connect(args) as client:
-        if args.attach:
-            stream = client.resume_session(args.attach, args.after_seq, args.watch)
-        else:
-            if not argv:
-                return _fail("session: no command given; usage: corral session -- CMD",
-                             EXIT_USAGE)
-            spec = {}
-            if args.memory:
-                spec["memory_bytes"] = parse_size(args.memory, "memory")
-            stream = client.open_session(argv, input=args.input or "", **spec)
-        interrupts = []
-
-        def on_sigint(_signum, _frame):
-            interrupts.append(time.monotonic())
-            if len(interrupts) == 1 and not args.watch:
-                stream.interrupt()
-            else:
-                print(f"\ncorral: detached; `corral session --attach {stream.session_id} "
-                      f"--after-seq {stream.last_seq}` comes back", file=sys.stderr)
-                stream.detach()
-
-        old = signal.signal(signal.SIGINT, on_sigint)
-        if not args.watch:
-            threading.Thread(target=_pump_lines, args=(stream,), daemon=True).start()
-        tokens = 0
-        started = time.monotonic()
         try:
-            for event in stream:
-                kind = event.WhichOneof("event")
-                if kind == "opened":
-                    print(f"corral: session {event.opened.session_id} in sandbox "
-                          f"{event.opened.sandbox_id}", file=sys.stderr)
-                elif kind == "batch":
-                    decoded = decode_batch(event.batch)
-                    tokens += len(decoded.texts)
-                    if decoded.lost:
-                        print(f"\n[corral: {decoded.lost} entries were lost while this "
-                              "client was behind]", file=sys.stderr)
-                    sys.stdout.write("".join(decoded.texts))
-                    sys.stdout.flush()
-                elif kind == "turn_ended":
-                    interrupts.clear()
-                    print(f"\n[turn {event.turn_ended.turn} {event.turn_ended.status}]",
-                          file=sys.stderr)
-                elif kind == "exited":
-                    rate = tokens / max(time.monotonic() - started, 1e-9)
-                    print(f"corral: agent exited ({event.exited.reason}, code "
-                          f"{event.exited.returncode}); {tokens} tokens, {rate:,.0f} tokens/s",
-                          file=sys.stderr)
-                    code = event.exited.returncode
-                    return code if code >= 0 else 128 - code
+            return _session(args, argv, client, cleanup)
         finally:
-            signal.signal(signal.SIGINT, old)
+            for fn in cleanup:
+                try:
+                    fn()
+                except ClientError:
+                    pass
+
+
+def _upload_pair(item: str) -> tuple[str, str]:
+    local, sep, remote = item.partition(":")
+    if not os.path.isfile(local):
+        raise InvalidSpec("put", f"{local!r} is not a file")
+    return local, remote if sep else os.path.basename(local)
+
+
+def _session(args, argv, client, cleanup) -> int:
+    if args.attach:
+        stream = client.resume_session(args.attach, args.after_seq, args.watch)
+    else:
+        if not argv:
+            return _fail("session: no command given; usage: corral session -- CMD",
+                         EXIT_USAGE)
+        spec = {}
+        if args.memory:
+            spec["memory_bytes"] = parse_size(args.memory, "memory")
+        uploads = [_upload_pair(item) for item in args.put]
+        if uploads:
+            sandbox = client.create_sandbox(**spec)
+            cleanup.append(lambda: client.destroy_sandbox(sandbox.id))
+            for local, remote in uploads:
+                with open(local, "rb") as f:
+                    client.write_file(sandbox.id, remote, f.read(),
+                                      0o755 if os.access(local, os.X_OK) else 0o644)
+            stream = client.open_session(argv, sandbox_id=sandbox.id,
+                                         input=args.input or "")
+        else:
+            stream = client.open_session(argv, input=args.input or "", **spec)
+    interrupts = []
+
+    def on_sigint(_signum, _frame):
+        interrupts.append(time.monotonic())
+        if len(interrupts) == 1 and not args.watch:
+            stream.interrupt()
+        else:
+            print(f"\ncorral: detached; `corral session --attach {stream.session_id} "
+                  f"--after-seq {stream.last_seq}` comes back", file=sys.stderr)
+            stream.detach()
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    if not args.watch:
+        threading.Thread(target=_pump_lines, args=(stream,), daemon=True).start()
+    tokens = 0
+    started = time.monotonic()
+    try:
+        for event in stream:
+            kind = event.WhichOneof("event")
+            if kind == "opened":
+                print(f"corral: session {event.opened.session_id} in sandbox "
+                      f"{event.opened.sandbox_id}", file=sys.stderr)
+            elif kind == "batch":
+                decoded = decode_batch(event.batch)
+                tokens += len(decoded.texts)
+                if decoded.lost:
+                    print(f"\n[corral: {decoded.lost} entries were lost while this "
+                          "client was behind]", file=sys.stderr)
+                sys.stdout.write("".join(decoded.texts))
+                sys.stdout.flush()
+            elif kind == "turn_ended":
+                interrupts.clear()
+                print(f"\n[turn {event.turn_ended.turn} {event.turn_ended.status}]",
+                      file=sys.stderr)
+            elif kind == "exited":
+                rate = tokens / max(time.monotonic() - started, 1e-9)
+                print(f"corral: agent exited ({event.exited.reason}, code "
+                      f"{event.exited.returncode}); {tokens} tokens, {rate:,.0f} tokens/s",
+                      file=sys.stderr)
+                code = event.exited.returncode
+                return code if code >= 0 else 128 - code
+    finally:
+        signal.signal(signal.SIGINT, old)
     return 0
 
 
