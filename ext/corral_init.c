@@ -55,6 +55,14 @@ int main(void)
     sigprocmask(SIG_BLOCK, &all, NULL);
 
     for (;;) {
+        /* Reap first, then wait: a command can end before the mask above is in place
+           (the runtime starts commands as soon as this program is exec'd), and a
+           SIGCHLD that arrives unblocked is discarded, never queued. */
+        int status;
+        pid_t pid;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+            report((int32_t)pid, (int32_t)status);
+
         siginfo_t info;
         int sig = sigwaitinfo(&all, &info);
         if (sig < 0) {
@@ -63,10 +71,7 @@ int main(void)
             _exit(111);
         }
         if (sig == SIGCHLD) {
-            int status;
-            pid_t pid;
-            while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
-                report((int32_t)pid, (int32_t)status);
+            continue; /* reaped at the top of the loop */
         } else if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP) {
             /* A polite stop from the runtime: end everything in the namespace, then leave. */
             if (info.si_pid == 0) /* sent from outside the namespace */

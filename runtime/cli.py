@@ -202,7 +202,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_streaming(spec, argv: list[str]) -> int:
     """Run argv, copying its output live and our stdin to it; returns the exit status."""
-    import selectors
     import signal
     import threading
 
@@ -223,25 +222,8 @@ def _run_streaming(spec, argv: list[str]) -> int:
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             threading.Thread(target=_copy_stdin, args=(proc.stdin,), daemon=True).start()
-            sel = selectors.DefaultSelector()
-            sinks = {proc.stdout.fileno(): sys.stdout.buffer,
-                     proc.stderr.fileno(): sys.stderr.buffer}
-            for f in (proc.stdout, proc.stderr):
-                sel.register(f, selectors.EVENT_READ)
-            while sel.get_map():
-                remaining = proc.remaining()
-                if remaining == 0:
-                    proc.expire()
-                for key, _ in sel.select(remaining):
-                    fd = key.fileobj.fileno()
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    sink = sinks[fd]
-                    sink.write(chunk)
-                    sink.flush()
-            proc.wait()
+            proc.stdin = None  # the thread owns it now
+            proc.pump(_writer(sys.stdout.buffer), _writer(sys.stderr.buffer))
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -253,6 +235,14 @@ def _run_streaming(spec, argv: list[str]) -> int:
               file=sys.stderr)
         return 137
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _writer(stream):
+    def write(chunk: bytes) -> None:
+        stream.write(chunk)
+        stream.flush()
+
+    return write
 
 
 def _copy_stdin(dest) -> None:

@@ -64,7 +64,9 @@ class DaemonConfig:
     def validate(self) -> DaemonConfig:
         if self.listen is not None:
             host, sep, port = self.listen.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            # Port 0: the kernel picks a free one; the daemon logs it and records it in
+            # its daemon.start audit record (tcp_port).
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
                 raise InvalidSpec("listen", f"{self.listen!r} is not HOST:PORT")
             if not self.tokens:
                 raise InvalidSpec("listen", "a TCP listener needs at least one tenant token")

@@ -11,7 +11,8 @@ import time
 
 import grpc
 
-from corral.sandbox import sweep
+from corral.sandbox import Sandbox, sweep
+from corral.sandbox.errors import CorralError
 from corral.v1 import audit_pb2, sandbox_pb2, session_pb2
 
 from .api.audit import AuditServicer
@@ -50,9 +51,12 @@ class Daemon:
         self.audit = AuditLog.open(os.path.join(cfg.state, "audit.db"))
         # Sandboxes of a daemon that died (SIGKILL, crash) died with it; remove what they
         # left and say so in the chain, which simply continues.
-        for sandbox_id in await asyncio.get_running_loop().run_in_executor(None, sweep):
+        for sandbox_id in await asyncio.get_running_loop().run_in_executor(None, _sweep):
             self.audit.append("sandbox.reaped", tenant="", peer="daemon", sandbox_id=sandbox_id,
                               detail={"reason": "its daemon died"})
+        # Swept just now: the first Sandbox.start of this process need not sweep again (a
+        # sweep there can fail a caller's Create for a sandbox that is not theirs).
+        Sandbox._swept = True
         self.sandboxes = SandboxManager(
             self.audit, default_ttl_s=cfg.sandbox_ttl_s, max_sandboxes=cfg.max_sandboxes,
             stream_log_bytes=cfg.stream_log_bytes,
@@ -87,8 +91,8 @@ class Daemon:
         self.audit.append("daemon.start", tenant="", peer="daemon", detail={
             "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
             "tcp_port": self.tcp_port or 0})
-        log.info("corral daemon listening on unix:%s%s", cfg.socket,
-                 f" and {cfg.listen}" if cfg.listen else "")
+        tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
+        log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
 
     async def _add_health_and_reflection(self, server, descriptors) -> None:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -137,27 +141,32 @@ class Daemon:
             raise RuntimeError(f"cannot listen on {cfg.listen}")
         return port
 
-    async def stop(self, reason: str = "daemon-shutdown") -> None:
+    async def stop(self, reason: str = "daemon-shutdown", cause: str = "") -> None:
         """Stop accepting, end sessions with a reason, destroy every sandbox."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
-        log.info("corral daemon stopping: %s", reason)
+        log.info("corral daemon stopping: %s%s", reason, f" ({cause})" if cause else "")
         if self.server is not None:
             from grpc_health.v1 import health_pb2
 
             for name in self._health_names:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Refuse new sandboxes, commands and sessions (UNAVAILABLE), end the sessions, then
+        # destroy the sandboxes, and only then stop the server: every open Exec and session
+        # stream ends with its exited event instead of being cut off at the grace period.
+        if self.sandboxes is not None:
+            self.sandboxes.refuse_new()
         if self.sessions is not None:
             await self.sessions.shutdown(reason)
-        if self.server is not None:
-            await self.server.stop(SHUTDOWN_GRACE_S)
         if self.sandboxes is not None:
             await self.sandboxes.shutdown(reason)
+        if self.server is not None:
+            await self.server.stop(SHUTDOWN_GRACE_S)
         if self.audit is not None:
             self.audit.append("daemon.stop", tenant="", peer="daemon",
-                              detail={"reason": reason, "pid": os.getpid()})
+                              detail={"reason": reason, "cause": cause, "pid": os.getpid()})
             self.audit.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket)
@@ -167,10 +176,28 @@ class Daemon:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
+            # Sessions end with the documented reason "daemon-shutdown"; the signal that
+            # asked for it goes to the log and the daemon.stop record.
             loop.add_signal_handler(sig, lambda s=sig: loop.create_task(
-                self.stop(f"signal {signal.Signals(s).name}")))
+                self.stop("daemon-shutdown", cause=f"signal {signal.Signals(s).name}")))
         await self.start()
         await self._stopped.wait()
+
+
+def _sweep() -> list[str]:
+    """sweep(), retried when a sandbox of another live process vanishes while it looks.
+
+    sweep() lists the runtime directory and then stats each entry; a concurrent destroy
+    (another daemon, `corral run`) can remove one in between (FileNotFoundError).
+    """
+    for attempt in range(5):
+        try:
+            return sweep()
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
+    return []
 
 
 def _socket_in_use(path: str) -> bool:
@@ -193,7 +220,7 @@ def run(config: DaemonConfig) -> int:
     daemon = Daemon(config)
     try:
         asyncio.run(daemon.serve_forever())
-    except RuntimeError as exc:
+    except (RuntimeError, CorralError) as exc:  # e.g. AuditTampered: refuse, say why
         log.error("%s", exc)
         return 1
     log.info("corral daemon stopped after %.1fs", time.monotonic() - started)

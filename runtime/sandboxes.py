@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -28,6 +30,8 @@ from corral.sandbox.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    SandboxSetupError,
+    Unavailable,
 )
 from corral.sandbox.workspace import Workspace
 
@@ -38,6 +42,13 @@ log = logging.getLogger("corral.sandboxes")
 
 MAX_INPUT_BYTES = 1 << 20
 MAX_STDIN_BUFFER = 4 << 20
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Ended(CorralError):
+    """The command, its stdin or the session a request is about has already ended."""
+
+    grpc_status = "FAILED_PRECONDITION"
 
 
 def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
@@ -63,7 +74,7 @@ class PipeWriter:
     def write(self, data: bytes) -> None:
         """Queue data; raises ResourceExhausted when the reader is too far behind."""
         if self.closed:
-            raise CorralError("stdin is closed")
+            raise Ended("stdin is closed")
         if len(self._buf) + len(data) > self._limit:
             raise ResourceExhausted(
                 f"the command is not reading its stdin ({len(self._buf)} bytes queued)")
@@ -166,6 +177,10 @@ class SandboxManager:
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
 
+    def refuse_new(self) -> None:
+        """From now on Create and Exec answer UNAVAILABLE (the daemon is stopping)."""
+        self._shutting_down = True
+
     async def shutdown(self, reason: str = "daemon-shutdown") -> None:
         """Destroy every sandbox; the spawner threads go last."""
         self._shutting_down = True
@@ -185,7 +200,7 @@ class SandboxManager:
     async def create(self, caller: Caller, spec: SandboxSpec, ttl_s: float | None = None,
                      owner_session: str | None = None) -> ManagedSandbox:
         if self._shutting_down:
-            raise CorralError("the daemon is shutting down")
+            raise Unavailable("the daemon is shutting down")
         if len(self._sandboxes) + self._pending >= self.max_sandboxes:
             raise ResourceExhausted(f"the daemon already runs {self.max_sandboxes} sandboxes")
         ttl = min(ttl_s or self.default_ttl_s, self.default_ttl_s)
@@ -273,8 +288,12 @@ class SandboxManager:
                    pass_fds: dict[int, int] | None = None, session_id: str = "",
                    stdout_mode: str = "text") -> ExecHandle:
         """Start argv in the sandbox; output is read by the loop into two hubs."""
+        if self._shutting_down:
+            raise Unavailable("the daemon is shutting down")
         msb = self.get(caller, sandbox_id)
         _check_argv(argv)
+        _check_env(env or {})
+        cwd = _check_cwd(cwd)
         if len(stdin) > MAX_INPUT_BYTES:
             raise InvalidSpec("stdin", f"{len(stdin)} bytes is over the {MAX_INPUT_BYTES} limit")
         loop = asyncio.get_running_loop()
@@ -284,11 +303,18 @@ class SandboxManager:
         try:
             process = await self.run_blocking(
                 lambda: msb.sandbox.exec(
-                    list(argv), env=env or None, cwd=cwd or "/workspace", stdin=in_r,
+                    list(argv), env=env or None, cwd=cwd, stdin=in_r,
                     stdout=out_w, stderr=err_w, pass_fds=pass_fds,
                     timeout_s=timeout_s or None,
                 )
             )
+        except SandboxSetupError as exc:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            if exc.step == "chdir":  # the caller's cwd, not the sandbox, is at fault
+                raise InvalidSpec("cwd", f"{cwd!r} cannot be entered inside the sandbox: "
+                                         f"{os.strerror(exc.errno)}") from None
+            raise
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -355,7 +381,7 @@ class SandboxManager:
         if len(data) > MAX_INPUT_BYTES:
             raise InvalidSpec("data", f"{len(data)} bytes is over the {MAX_INPUT_BYTES} limit")
         if handle.stdin is None or handle.stdin.closed:
-            raise CorralError(f"stdin of {exec_id} is closed")
+            raise Ended(f"stdin of {exec_id} is closed")
         if data:
             handle.stdin.write(data)
         if close:
@@ -409,6 +435,25 @@ class SandboxManager:
         self.audit.append("file.list", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=sandbox_id, detail={"path": path or "."})
         return entries
+
+
+def _check_env(env: dict[str, str]) -> None:
+    if len(env) > 256:
+        raise InvalidSpec("env", "more than 256 variables")
+    for key, value in env.items():
+        if not _ENV_NAME_RE.match(key):
+            raise InvalidSpec("env", f"{key!r} is not a variable name (A-Z, a-z, 0-9, _)")
+        if "\0" in value:
+            raise InvalidSpec("env", f"the value of {key} contains a NUL byte")
+
+
+def _check_cwd(cwd: str) -> str:
+    """The working directory as an absolute path; a relative one is under /workspace."""
+    if "\0" in cwd:
+        raise InvalidSpec("cwd", "contains a NUL byte")
+    if len(cwd) > 4096:
+        raise InvalidSpec("cwd", "longer than 4096 bytes")
+    return posixpath.join("/workspace", cwd) if cwd else "/workspace"
 
 
 def _check_argv(argv: list[str]) -> None:

@@ -28,6 +28,7 @@ from corral.sandbox.errors import CorralError, InvalidSpec, NotFound, Permission
 from corral.v1 import stream_pb2
 
 from .auth import Caller
+from .sandboxes import Ended
 from .streams import ControlWriter, StreamHub
 
 log = logging.getLogger("corral.sessions")
@@ -195,7 +196,7 @@ class SessionManager:
         if len(data) > MAX_INPUT_BYTES:
             raise InvalidSpec("input.text", f"{len(data)} bytes is over the 1 MiB limit")
         if session.exited is not None:
-            raise CorralError(f"session {session.id} has ended")
+            raise Ended(f"session {session.id} has ended")
         if not session.turn_open:
             session.turn += 1
             session.turn_open = True
@@ -212,7 +213,7 @@ class SessionManager:
     def interrupt(self, caller: Caller, session: Session) -> None:
         """End the current turn: INTERRUPT (SIGINT for a plain agent), forced after a grace."""
         if session.exited is not None:
-            raise CorralError(f"session {session.id} has ended")
+            raise Ended(f"session {session.id} has ended")
         self.audit.append("session.interrupt", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=session.sandbox_id, session_id=session.id,
                           detail={"turn": session.turn, "protocol": session.protocol_seen})

@@ -125,12 +125,15 @@ INIT_STATUS_FD = 3
 def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
               cgroup_fds: tuple[int, ...], status_fd: int,
               detached: dict[str, int] | None = None):
-    """The ChildPlan of a sandbox's PID 1 (steps 4-15, exec'ing corral-init)."""
+    """(ChildPlan, mount ops) of a sandbox's PID 1 (steps 4-15, exec'ing corral-init).
+
+    The ops are returned so a failure report (which names an op index) can name its path.
+    """
     from corral.ext import _spawn
 
     spec = prepared.spec
     ops = mounts.plan(spec, root, workspace, detached=detached, support=support_files())
-    return _spawn.ChildPlan(
+    plan = _spawn.ChildPlan(
         argv=["corral-init"],
         envp=[],
         cwd="/",
@@ -145,6 +148,7 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
         pdeathsig=9 if spec.die_with_parent else 0,
         exec_fd=init_fd,
     )
+    return plan, ops
 
 
 def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,

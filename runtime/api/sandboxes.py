@@ -12,6 +12,7 @@ from .errors import Servicer, streaming, unary
 from .wire import field_bytes, field_varint
 
 MAX_TIMEOUT_S = 30 * 86400.0
+PID_MAX_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit
 
 
 def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
@@ -24,6 +25,8 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
     if msg.memory_bytes:
         kw["memory_bytes"] = int(msg.memory_bytes)
     if msg.pids_max:
+        if msg.pids_max > PID_MAX_LIMIT:  # the kernel refuses more (EINVAL from pids.max)
+            raise InvalidSpec("spec.pids_max", f"{msg.pids_max} is over {PID_MAX_LIMIT}")
         kw["pids_max"] = int(msg.pids_max)
     if msg.cpus:
         kw["cpus"] = float(msg.cpus)

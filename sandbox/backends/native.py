@@ -187,12 +187,22 @@ class Process:
     def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
         """Feed stdin, collect stdout/stderr until exit (the spec's timeout applies)."""
         out, err = bytearray(), bytearray()
+        self.pump(out.extend, err.extend, input)
+        return bytes(out), bytes(err)
+
+    def pump(self, on_stdout, on_stderr, input: bytes | None = None) -> int:
+        """Copy output to the callbacks as it comes, feed stdin; returns the exit code.
+
+        Ends when the command has exited and its pipes are drained, even if a process it
+        left behind still holds them open; the spec's timeout is enforced meanwhile.
+        """
         sel = selectors.DefaultSelector()
-        bufs = {}
-        for f, buf in ((self.stdout, out), (self.stderr, err)):
+        sinks = {}
+        for f, sink in ((self.stdout, on_stdout), (self.stderr, on_stderr)):
             if f is not None:
+                os.set_blocking(f.fileno(), False)
                 sel.register(f, selectors.EVENT_READ)
-                bufs[f.fileno()] = buf
+                sinks[f.fileno()] = sink
         pending = memoryview(input or b"")
         if self.stdin is not None:
             if pending:
@@ -200,32 +210,53 @@ class Process:
                 sel.register(self.stdin, selectors.EVENT_WRITE)
             else:
                 self.stdin.close()
-        while sel.get_map():
-            remaining = self.remaining()
-            if remaining == 0:
-                self.expire()
-                remaining = None
-            for key, _ in sel.select(remaining):
-                fd = key.fileobj.fileno()
-                if key.fileobj is self.stdin:
-                    try:
-                        n = os.write(fd, pending[:65536])
-                        pending = pending[n:]
-                    except BrokenPipeError:
-                        pending = pending[:0]
-                    if not pending:
-                        sel.unregister(self.stdin)
-                        self.stdin.close()
-                    continue
+        status_fd = self.sandbox.status_fd
+        if status_fd >= 0:
+            sel.register(status_fd, selectors.EVENT_READ)
+        expired = False
+        try:
+            while any(key.fileobj is not status_fd for key in sel.get_map().values()):
+                if self.poll() is not None:
+                    break
+                remaining = None if expired else self.remaining()
+                if remaining == 0:
+                    self.expire()
+                    expired, remaining = True, None
+                for key, _ in sel.select(remaining):
+                    if key.fileobj is status_fd:
+                        continue  # poll() at the top of the loop reads it
+                    if key.fileobj is self.stdin:
+                        try:
+                            n = os.write(key.fd, pending[:65536])
+                            pending = pending[n:]
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(self.stdin)
+                            self.stdin.close()
+                        continue
+                    if not self._drain(key.fd, sinks[key.fd]):
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+            # exited: what is still in the pipes belongs to the output too
+            for fd, sink in sinks.items():
+                with contextlib.suppress(OSError, ValueError):
+                    self._drain(fd, sink)
+        finally:
+            sel.close()
+        return self.wait()
+
+    @staticmethod
+    def _drain(fd: int, sink) -> bool:
+        """Read what a non-blocking pipe holds into sink; False at end of file."""
+        while True:
+            try:
                 chunk = os.read(fd, 65536)
-                if chunk:
-                    bufs[fd] += chunk
-                else:
-                    sel.unregister(key.fileobj)
-                    key.fileobj.close()
-        sel.close()
-        self.wait()
-        return bytes(out), bytes(err)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            sink(chunk)
 
 
 class Sandbox:
@@ -322,7 +353,7 @@ class Sandbox:
             self.status_fd, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             opened.append(status_w)
             os.set_blocking(status_w, True)
-            plan = contain.init_plan(
+            plan, ops = contain.init_plan(
                 self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
                 cgroup_fds=self._cgroup_fds, status_fd=status_w, detached=detached,
             )
@@ -330,8 +361,6 @@ class Sandbox:
             try:
                 self.init_pid, self._init_pidfd = _spawn.spawn_init(plan, uid_map, uid_map)
             except OSError as exc:
-                from .. import mounts
-                ops = mounts.plan(self.spec, root, self.workspace, detached=detached)
                 raise _setup_error(exc, ops) from None
             self.state = "running"
         except BaseException:
@@ -639,8 +668,12 @@ def sweep(base: str | None = None) -> list[str]:
                 "init_start")
             if creator_alive or init_alive:
                 continue
-        elif time.time() - os.stat(path).st_mtime < 60:
-            continue  # being created right now
+        else:
+            try:
+                if time.time() - os.stat(path).st_mtime < 60:
+                    continue  # being created right now
+            except FileNotFoundError:
+                continue  # someone else removed it meanwhile
         if layout is None:
             layout = _cgroup_layout()
         with contextlib.suppress(CorralError, OSError):
