@@ -31,6 +31,8 @@ from ..spec import SandboxSpec
 
 PIPE = -1
 DEVNULL = -3
+#: How long a SIGKILLed command's exit waits for the cgroup to count an OOM kill.
+OOM_COUNT_GRACE_S = 0.1
 
 
 def runtime_base() -> str:
@@ -138,7 +140,7 @@ class Process:
             self.returncode = -sig
             if self._timed_out:
                 self.reason = ExitReason.TIMEOUT
-            elif sig == signal_mod.SIGKILL and self.sandbox._oom_kills() > self._oom_before:
+            elif sig == signal_mod.SIGKILL and self._oom_killed():
                 self.reason = ExitReason.OOM
             else:
                 self.reason = ExitReason.SIGNALED
@@ -151,6 +153,20 @@ class Process:
             self.pidfd = -1
         if self.on_exit is not None:
             self.on_exit(self)
+
+    def _oom_killed(self) -> bool:
+        """Did the memory cgroup's OOM killer send the SIGKILL that ended us?
+
+        The kernel signals the victim before it counts the kill, so a victim that dies and
+        is reaped at once can be seen before the counter moves: give it a moment.
+        """
+        deadline = time.monotonic() + OOM_COUNT_GRACE_S
+        while True:
+            if self.sandbox._oom_kills() > self._oom_before:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
     def poll(self) -> int | None:
         if self.returncode is None:

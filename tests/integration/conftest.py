@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonProcess, upload_agents
+from .daemon_harness import DaemonProcess, upload_agents
 
 from corral.runtime.client import ClientError
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from daemon_harness import (
+from .daemon_harness import (
     STREAM_AGENT,
     SessionRecorder,
     collect_exec,

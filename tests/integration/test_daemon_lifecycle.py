@@ -10,7 +10,7 @@ import signal
 import threading
 
 import pytest
-from daemon_harness import (
+from .daemon_harness import (
     STREAM_AGENT,
     SessionRecorder,
     alive,

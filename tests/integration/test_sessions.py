@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from daemon_harness import PLAIN_AGENT, STREAM_AGENT, SessionRecorder, numbered
+from .daemon_harness import PLAIN_AGENT, STREAM_AGENT, SessionRecorder, numbered
 
 from corral.v1 import stream_pb2
 

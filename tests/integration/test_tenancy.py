@@ -10,7 +10,7 @@ import json
 
 import grpc
 import pytest
-from daemon_harness import STREAM_AGENT, DaemonProcess, SessionRecorder, upload_agents
+from .daemon_harness import STREAM_AGENT, DaemonProcess, SessionRecorder, upload_agents
 
 from corral.runtime.client import Client, ClientError
 

@@ -9,7 +9,7 @@ import math
 
 import grpc
 import pytest
-from daemon_harness import SessionRecorder, collect_exec
+from .daemon_harness import SessionRecorder, collect_exec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

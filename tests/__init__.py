@@ -1,0 +1,1 @@
+"""Corral test suite."""
