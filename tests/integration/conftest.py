@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
-from .daemon_harness import DaemonProcess, upload_agents
 
 from corral.runtime.client import ClientError
+
+from .daemon_harness import DaemonProcess, upload_agents
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,14 +11,15 @@ import threading
 import time
 
 import pytest
+
+from corral.runtime.client import ClientError
+
 from .daemon_harness import (
     STREAM_AGENT,
     SessionRecorder,
     collect_exec,
     upload_agents,
 )
-
-from corral.runtime.client import ClientError
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

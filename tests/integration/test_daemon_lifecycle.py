@@ -10,6 +10,9 @@ import signal
 import threading
 
 import pytest
+
+from corral.runtime.client import ClientError
+
 from .daemon_harness import (
     STREAM_AGENT,
     SessionRecorder,
@@ -21,8 +24,6 @@ from .daemon_harness import (
     upload_agents,
     wait_until,
 )
-
-from corral.runtime.client import ClientError
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

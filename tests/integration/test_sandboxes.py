@@ -9,10 +9,11 @@ import threading
 import uuid
 
 import pytest
-from .daemon_harness import alive, collect_exec, sandbox_footprint, wait_until
 
 from corral.runtime.client import ClientError
 from corral.v1 import sandbox_pb2
+
+from .daemon_harness import alive, collect_exec, sandbox_footprint, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

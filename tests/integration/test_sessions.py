@@ -7,9 +7,10 @@ import threading
 import time
 
 import pytest
-from .daemon_harness import PLAIN_AGENT, STREAM_AGENT, SessionRecorder, numbered
 
 from corral.v1 import stream_pb2
+
+from .daemon_harness import PLAIN_AGENT, STREAM_AGENT, SessionRecorder, numbered
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

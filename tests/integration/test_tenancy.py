@@ -10,9 +10,10 @@ import json
 
 import grpc
 import pytest
-from .daemon_harness import STREAM_AGENT, DaemonProcess, SessionRecorder, upload_agents
 
 from corral.runtime.client import Client, ClientError
+
+from .daemon_harness import STREAM_AGENT, DaemonProcess, SessionRecorder, upload_agents
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

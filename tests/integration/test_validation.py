@@ -9,12 +9,13 @@ import math
 
 import grpc
 import pytest
-from .daemon_harness import SessionRecorder, collect_exec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from corral.runtime.client import Client, ClientError
 from corral.v1 import session_pb2
+
+from .daemon_harness import SessionRecorder, collect_exec
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from .conftest import TRYOP, MiB, alive, cgroup_dirs, command_names, probe_spec, wait_until
 
 from corral.sandbox import (
     DEVNULL,
@@ -35,6 +34,8 @@ from corral.sandbox import (
     sweep,
 )
 from corral.sandbox.backends.native import runtime_base
+
+from .conftest import TRYOP, MiB, alive, cgroup_dirs, command_names, probe_spec, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 

@@ -26,6 +26,10 @@ import time
 import uuid
 
 import pytest
+
+from corral.sandbox import DEVNULL, PIPE, BindMount, Sandbox, SandboxSpec, contain, mounts, run
+from corral.sandbox import landlock as landlock_mod
+
 from .conftest import (
     TRYOP,
     MiB,
@@ -38,9 +42,6 @@ from .conftest import (
     tryop,
     wait_until,
 )
-
-from corral.sandbox import DEVNULL, PIPE, BindMount, Sandbox, SandboxSpec, contain, mounts, run
-from corral.sandbox import landlock as landlock_mod
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
