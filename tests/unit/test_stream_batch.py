@@ -8,9 +8,10 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_stream_core import IMPLS, batch_entries, load_impl
 
 from corral.v1 import stream_pb2
+
+from .test_stream_core import IMPLS, batch_entries, load_impl
 
 TOKEN, TURN_END, CHECKPOINT, LOG = 1, 2, 4, 6
 

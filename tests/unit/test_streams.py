@@ -19,7 +19,6 @@ import threading
 import time
 
 import pytest
-from test_stream_core import IMPLS, batch_entries, load_impl
 
 from corral.ext import agent as agent_helper
 from corral.runtime.streams import (
@@ -36,6 +35,8 @@ from corral.runtime.streams import (
     pipe_capacity,
 )
 from corral.sandbox.errors import CorralError, InvalidSpec
+
+from .test_stream_core import IMPLS, batch_entries, load_impl
 
 TOKEN, TURN_END, PROGRESS, LOG, ERROR = 1, 2, 3, 6, 64
 BAD_UTF8, TRUNCATED_FRAME = 3, 5
