@@ -47,6 +47,9 @@ test-unit: build
 bench: build
 	$(PY) bench/spawn.py --json
 	$(PY) bench/stream_core.py --json
+	$(PY) bench/stream_loop.py --json
+	$(PY) bench/audit.py --json
+	$(PY) bench/sessions.py --json
 
 lint: build
 	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples
