@@ -44,6 +44,15 @@ def _record_denial(servicer, context, exc: CorralError, method: str) -> None:
         )
 
 
+async def _abort(servicer, context, exc: Exception, method: str) -> None:
+    """End the RPC for exc: a CorralError with its own status, anything else INTERNAL."""
+    if isinstance(exc, CorralError):
+        _record_denial(servicer, context, exc, method)
+        await context.abort(status_of(exc), str(exc))
+    log.error("%s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
+
+
 def unary(method):
     """Wrap a unary servicer coroutine: CorralError -> its status; a bug -> INTERNAL."""
 
@@ -51,14 +60,10 @@ def unary(method):
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except CorralError as exc:
-            _record_denial(self, context, exc, method.__qualname__)
-            await context.abort(status_of(exc), str(exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("%s failed", method.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
+        except Exception as exc:
+            await _abort(self, context, exc, method.__qualname__)
 
     return wrapper
 
@@ -71,13 +76,9 @@ def streaming(method):
         try:
             async for item in method(self, request, context):
                 yield item
-        except CorralError as exc:
-            _record_denial(self, context, exc, method.__qualname__)
-            await context.abort(status_of(exc), str(exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("%s failed", method.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
+        except Exception as exc:
+            await _abort(self, context, exc, method.__qualname__)
 
     return wrapper
