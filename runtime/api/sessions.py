@@ -11,7 +11,7 @@ from corral.v1 import session_pb2 as pb
 from ..sessions import Exited, TurnEnded, TurnStarted
 from .errors import Servicer, streaming
 from .sandboxes import spec_from_proto
-from .wire import field_bytes
+from .wire import field_bytes, first_seq
 
 
 def _event(**kw) -> bytes:
@@ -75,6 +75,7 @@ class SessionsServicer(Servicer):
                                                  after_seq=after))
             if session.exited is not None:
                 queue.put_nowait(session.exited)
+            lost = watcher.lost_entries
             batch_fut = asyncio.ensure_future(watcher.next_batch())
             queue_fut = asyncio.ensure_future(queue.get())
             stream_done = False
@@ -87,6 +88,12 @@ class SessionsServicer(Servicer):
                     if batch is None:
                         stream_done = True
                     else:
+                        if watcher.lost_entries > lost:
+                            # the log evicted entries this client had not read: say so,
+                            # then the batch (which starts at the first one still held)
+                            lost = watcher.lost_entries
+                            yield _event(lagged=pb.SessionLagged(
+                                first_available_seq=first_seq(batch)))
                         yield field_bytes(2, batch)
                         batch_fut = asyncio.ensure_future(watcher.next_batch())
                 if queue_fut in done:

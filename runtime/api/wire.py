@@ -18,6 +18,19 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def first_seq(batch: bytes) -> int:
+    """StreamBatch.first_seq (field 1, a varint) of an encoded batch, without decoding it."""
+    if not batch or batch[0] != 0x08:  # canonical encoding puts field 1 first; 0 is omitted
+        return 0
+    value, shift = 0, 0
+    for byte in batch[1:11]:
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value
+        shift += 7
+    return 0
+
+
 def field_bytes(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2) holding payload."""
     return varint((number << 3) | 2) + varint(len(payload)) + payload
