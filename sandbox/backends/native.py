@@ -94,7 +94,7 @@ class Process:
     """
 
     def __init__(self, sandbox: Sandbox, pid: int, ns_pid: int, argv: list[str], stdin,
-                 stdout, stderr, timeout_s: float | None):
+                 stdout, stderr, timeout_s: float | None, oom_before: int = 0):
         self.sandbox = sandbox
         self.pid = pid  # host pid
         self.ns_pid = ns_pid  # pid inside the sandbox
@@ -112,7 +112,8 @@ class Process:
             self.pidfd = os.pidfd_open(pid) if pid else -1
         except ProcessLookupError:  # it already ended; its status is on the way
             self.pidfd = -1
-        self._oom_before = sandbox._oom_kills()
+        # read by exec() before the command started: it may be OOM-killed at once
+        self._oom_before = oom_before
         self._timed_out = False
 
     def send_signal(self, sig: int) -> None:
@@ -300,7 +301,9 @@ class Sandbox:
         self._status_buf = b""
         self._status_lock = threading.Lock()
         self._processes: dict[int, Process] = {}  # ns pid -> running command
-        self._unclaimed: dict[int, int] = {}  # exits reported before their Process existed
+        # exits reported before their Process existed: ns pid -> (report number, status)
+        self._unclaimed: dict[int, tuple[int, int]] = {}
+        self._reports = 0  # exit reports read so far
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -475,11 +478,12 @@ class Sandbox:
             self._status_buf = data[whole:]
             for off in range(0, whole, 8):
                 ns_pid, status = struct.unpack_from("=ii", data, off)
+                self._reports += 1
                 proc = self._processes.pop(ns_pid, None)
                 if proc is not None:
                     ended.append((proc, status))
                 else:
-                    self._unclaimed[ns_pid] = status
+                    self._unclaimed[ns_pid] = (self._reports, status)
                     if len(self._unclaimed) > 65536:  # orphans nobody asks about
                         self._unclaimed.pop(next(iter(self._unclaimed)))
             if init_gone:
@@ -518,9 +522,17 @@ class Sandbox:
                 continue
         return 0
 
-    def _track(self, proc: Process) -> None:
+    def _track(self, proc: Process, after_report: int) -> None:
+        """Start watching for proc's exit report.
+
+        A report for its pid that was read before the command started belongs to an
+        earlier process with the same pid (an orphan PID 1 reaped), never to this one.
+        """
         with self._status_lock:
-            status = self._unclaimed.pop(proc.ns_pid, None)
+            status = None
+            early = self._unclaimed.pop(proc.ns_pid, None)
+            if early is not None and early[0] > after_report:
+                status = early[1]
             if status is None:
                 self._processes[proc.ns_pid] = proc
         if status is not None:
@@ -579,6 +591,10 @@ class Sandbox:
                 self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
                 cgroup_fds=self._cgroup_fds,
             )
+            self.collect_exits()  # every report read from here on came after the start
+            with self._status_lock:
+                after_report = self._reports
+            oom_before = self._oom_kills()
             try:
                 ns_pid = _spawn.spawn_join(plan, self._init_pidfd)
             except OSError as exc:
@@ -596,8 +612,9 @@ class Sandbox:
             for i, fd in enumerate(parent_ends)
         ]
         proc = Process(self, self._host_pid(ns_pid), ns_pid, list(argv), *files,
-                       timeout_s=timeout_s if timeout_s is not None else self.spec.timeout_s)
-        self._track(proc)
+                       timeout_s=timeout_s if timeout_s is not None else self.spec.timeout_s,
+                       oom_before=oom_before)
+        self._track(proc, after_report)
         return proc
 
     def signal(self, sig: int) -> int:

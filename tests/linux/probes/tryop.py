@@ -400,9 +400,7 @@ def op_namespaces():
             for ns in ("user", "pid", "mnt", "net", "uts", "ipc", "cgroup")}
 
 
-def op_pids():
-    """Every pid in this /proc ("all"), the ones still running ("live": not zombies),
-    and this probe's own."""
+def _pid_listing():
     live, everything = [], []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -415,7 +413,22 @@ def op_pids():
             continue  # gone meanwhile
         if state not in ("Z", "X"):
             live.append(int(name))
-    return {"self": os.getpid(), "all": sorted(everything), "live": sorted(live)}
+    return sorted(everything), sorted(live)
+
+
+def op_pids(settle_s: str = "2"):
+    """Every pid in this /proc ("all"), the ones still running ("live"), and this probe's.
+
+    The runtime starts a command through a short-lived relay process inside the namespace
+    (it exits, and is reaped from outside, once the command has exec'd); the listing is
+    repeated until only PID 1 and this probe remain, or `settle_s` has passed."""
+    me = os.getpid()
+    end = time.monotonic() + float(settle_s)
+    while True:
+        everything, live = _pid_listing()
+        if everything == sorted({1, me}) or time.monotonic() >= end:
+            return {"self": me, "all": everything, "live": live}
+        time.sleep(0.01)
 
 
 def op_kill(pid: str, sig: str):
