@@ -744,10 +744,6 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
     if setsid() < 0:
         fail(report_fd, STEP_SETSID, -1)
     install_fds(plan, report_fd)
-    for i in range(plan.n_rlimits):
-        if corral_set_rlimit(plan.rlimits[i].resource, plan.rlimits[i].soft,
-                             plan.rlimits[i].hard) != 0:
-            fail(report_fd, STEP_RLIMIT, i)
     if corral_drop_caps(plan.last_cap) != 0:
         fail(report_fd, STEP_CAPS, -1)
     if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -757,6 +753,12 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
         # which landlock would refuse to execute; it runs nothing else, so it does not
         # need the filesystem rules.
         apply_landlock(plan, report_fd)
+    # rlimits after landlock: this child still holds every descriptor of the runtime (a
+    # daemon may have thousands), and landlock needs a few more below RLIMIT_NOFILE.
+    for i in range(plan.n_rlimits):
+        if corral_set_rlimit(plan.rlimits[i].resource, plan.rlimits[i].soft,
+                             plan.rlimits[i].hard) != 0:
+            fail(report_fd, STEP_RLIMIT, i)
     # Every descriptor not installed above is closed by the execve (or on failure, by
     # _exit); the report pipe is close-on-exec, so end-of-file tells success.
     if corral_close_range_cloexec(3) != 0:

@@ -47,6 +47,13 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        # Every sandbox, command and session holds a few descriptors here: take the hard
+        # limit, not the usual soft 1024.
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.makedirs(cfg.state, mode=0o700, exist_ok=True)
         self.audit = AuditLog.open(os.path.join(cfg.state, "audit.db"))
         # Sandboxes of a daemon that died (SIGKILL, crash) died with it; remove what they

@@ -214,9 +214,6 @@ class SessionManager:
         """End the current turn: INTERRUPT (SIGINT for a plain agent), forced after a grace."""
         if session.exited is not None:
             raise Ended(f"session {session.id} has ended")
-        self.audit.append("session.interrupt", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=session.sandbox_id, session_id=session.id,
-                          detail={"turn": session.turn, "protocol": session.protocol_seen})
         if session.protocol_seen:
             session.control.send_interrupt()
         elif session.exec_handle.process.pid:
@@ -226,6 +223,10 @@ class SessionManager:
             loop = asyncio.get_running_loop()
             session._interrupt_timer = loop.call_later(
                 INTERRUPT_GRACE_S, self._force_turn_end, session, "interrupted")
+        # recorded right after sending: the fsync must not delay the agent
+        self.audit.append("session.interrupt", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=session.sandbox_id, session_id=session.id,
+                          detail={"turn": session.turn, "protocol": session.protocol_seen})
 
     async def close(self, caller: Caller, session: Session) -> None:
         self.audit.append("session.close", tenant=caller.tenant, peer=caller.peer,

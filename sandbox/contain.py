@@ -12,10 +12,11 @@ same ordered steps. The parent does what needs host privileges or may allocate; 
           6. sethostname, bring up loopback (the only interface)
           7. mounts in plan order, pivot_root, root and /dev read-only
           8. chdir, setsid (no controlling terminal), install stdio and protocol fds
-          9. rlimits (nofile, core=0, fsize)
-         10. drop every capability (bounding, ambient, effective, permitted), lock securebits
-         11. no_new_privs
-         12. landlock (commands only: corral-init is exec'd from outside the sandbox view)
+          9. drop every capability (bounding, ambient, effective, permitted), lock securebits
+         10. no_new_privs
+         11. landlock (commands only: corral-init is exec'd from outside the sandbox view)
+         12. rlimits (nofile, core=0, fsize) — after landlock, which opens descriptors while
+             the child still holds all of the runtime's
          13. mark every other descriptor close-on-exec
          14. seccomp, last, so the setup above is not filtered
          15. execve (PID 1: corral-init; commands: argv)
@@ -50,10 +51,10 @@ ORDER = (
     "chdir",
     "setsid",
     "dup2(fds)",
-    "setrlimit",
     "drop-capabilities",
     "prctl(PR_SET_NO_NEW_PRIVS)",
     "landlock",
+    "setrlimit",
     "seccomp",
     "execve",
 )
