@@ -164,20 +164,27 @@ cdef inline int _utf8_unit(const unsigned char* s, Py_ssize_t n,
     return U_VALID
 
 
+cdef inline Py_ssize_t _skip_ascii(const unsigned char* s, Py_ssize_t i,
+                                   Py_ssize_t n) noexcept nogil:
+    """Index of the first non-ASCII byte of s[i:n] (or n), eight bytes at a time."""
+    cdef uint64_t word
+    while i + 8 <= n:
+        memcpy(&word, s + i, 8)
+        if word & 0x8080808080808080ULL:
+            break
+        i += 8
+    while i < n and s[i] < 0x80:
+        i += 1
+    return i
+
+
 cdef inline Py_ssize_t _utf8_error_at(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     """Index of the first ill-formed sequence in s[:n], or -1 when all of it is UTF-8."""
     cdef Py_ssize_t i = 0
     cdef Py_ssize_t ln
-    cdef uint64_t word
     while i < n:
         if s[i] < 0x80:
-            while i + 8 <= n:
-                memcpy(&word, s + i, 8)
-                if word & 0x8080808080808080ULL:
-                    break
-                i += 8
-            while i < n and s[i] < 0x80:
-                i += 1
+            i = _skip_ascii(s, i, n)
             continue
         if _utf8_unit(s + i, n - i, &ln) != U_VALID:
             return i
@@ -204,16 +211,9 @@ cdef Py_ssize_t _utf8_replace(const unsigned char* s, Py_ssize_t n, unsigned cha
     cdef Py_ssize_t ln
     cdef unsigned char* w = out
     cdef int status
-    cdef uint64_t word
     while i < n:
         if s[i] < 0x80:
-            while i + 8 <= n:
-                memcpy(&word, s + i, 8)
-                if word & 0x8080808080808080ULL:
-                    break
-                i += 8
-            while i < n and s[i] < 0x80:
-                i += 1
+            i = _skip_ascii(s, i, n)
             continue
         status = _utf8_unit(s + i, n - i, &ln)
         if status == U_VALID:

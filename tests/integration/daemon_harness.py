@@ -32,6 +32,8 @@ from corral.runtime.client import Client, ClientError, SessionStream
 from corral.sandbox.backends.native import runtime_base
 from corral.v1 import stream_pb2
 
+from ..processes import alive, cgroup_dirs, wait_until  # noqa: F401 (for the tests)
+
 AGENTS_DIR = Path(__file__).resolve().parent / "agents"
 #: Where `upload_agents` puts the test agents inside a sandbox.
 STREAM_AGENT = "/workspace/stream_agent.py"
@@ -40,29 +42,10 @@ EVENT_TOKEN = stream_pb2.EVENT_KIND_TOKEN
 _SUN_PATH_MAX = 107  # bytes of a unix socket path, NUL excluded
 
 
-def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
 
 
-def alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie (a zombie has nothing left to run)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
-def cgroup_dirs(sandbox_id: str) -> list[str]:
-    """Every cgroup directory of a sandbox, in any hierarchy (v1 or v2)."""
-    return sorted(glob.glob(f"/sys/fs/cgroup/*/corral/{sandbox_id}")
-                  + glob.glob(f"/sys/fs/cgroup/corral/{sandbox_id}"))
 
 
 def sandbox_footprint(sandbox_id: str) -> dict[str, list[str]]:

@@ -25,6 +25,8 @@ import pytest
 from corral.sandbox import BindMount, Sandbox, SandboxSpec, cgroups, run
 from corral.sandbox.backends.native import runtime_base
 
+from ..processes import alive, cgroup_dirs, wait_until  # noqa: F401 (for the tests)
+
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 #: The probe helpers, visible read-only inside every probe sandbox.
 PROBES_MOUNT = BindMount(str(PROBES_DIR), "/probes", writable=False)
@@ -101,29 +103,8 @@ def tryop(*args: str, spec: SandboxSpec | None = None, sandbox: Sandbox | None =
 # -- process helpers -------------------------------------------------------------------------
 
 
-def alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
-def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
-def cgroup_dirs(sandbox_id: str) -> list[str]:
-    """Every cgroup directory of a sandbox, in any hierarchy."""
-    return sorted(glob.glob(f"/sys/fs/cgroup/*/corral/{sandbox_id}")
-                  + glob.glob(f"/sys/fs/cgroup/corral/{sandbox_id}"))
 
 
 def command_names(sandbox) -> list[str]:

@@ -759,14 +759,17 @@ def test_cpu_quota_throttles_a_busy_loop():
     assert 0 < p.value < 0.5
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def test_oom_pressure_while_joining_never_touches_the_runtime():
     """Commands join a sandbox pinned at its memory limit. Until execve a joining
     command shares the runtime's memory; the OOM killer must never pick it, or it would
     kill the runtime too. Run in a child process so a failure cannot take pytest down."""
     script = textwrap.dedent(f"""
         import sys, time
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from conftest import probe_spec
+        sys.path.insert(0, {REPO_ROOT!r})
+        from tests.linux.conftest import probe_spec
         from corral.sandbox import DEVNULL, Sandbox
         ballast = bytearray(b"x" * (200 << 20))  # a runtime bigger than any hog
         with Sandbox.create(probe_spec(memory_bytes=64 << 20)) as sb:
