@@ -1,0 +1,1 @@
+"""Deep tasks: a durable scheduler placing long-running agents on labelled nodes."""

@@ -1,0 +1,159 @@
+"""Deep tasks as the scheduler holds them: the validated spec and the mutable record.
+
+No gRPC types here: runtime/api/tasks.py translates. Validation errors name the request
+field (``spec.selector``, ``spec.resources[gpu]``, ...) so a caller can fix the request.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from corral.sandbox.errors import CorralError, InvalidSpec
+
+from .states import TaskState
+
+_LABEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
+_LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_RESOURCE_RE = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)*$")
+MAX_PRIORITY = 1000
+MAX_RETRIES = 100
+MAX_RUNTIME_S = 30 * 86400.0
+MAX_FILES_BYTES = 16 << 20
+
+
+class Unsatisfiable(CorralError):
+    """No node of the cluster could ever run the task (its selector or resources)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+def check_label_key(key: str, field_name: str) -> str:
+    if not _LABEL_KEY_RE.match(key or ""):
+        raise InvalidSpec(field_name, f"{key!r} is not a label key (a-z, 0-9, '.', '_', '-', "
+                                      "'/', at most 63 characters)")
+    return key
+
+
+def check_label_value(key: str, value: str, field_name: str) -> str:
+    if not _LABEL_VALUE_RE.match(value or ""):
+        raise InvalidSpec(field_name, f"the value {value!r} of {key!r} is not a label value "
+                                      "(A-Z, a-z, 0-9, '.', '_', '-', at most 63 characters)")
+    return value
+
+
+def check_resource(name: str, amount: float, field_name: str) -> float:
+    if not _RESOURCE_RE.match(name or ""):
+        raise InvalidSpec(field_name, f"{name!r} is not a resource name (e.g. cpu, "
+                                      "accelerator.h200)")
+    if not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
+        raise InvalidSpec(f"{field_name}[{name}]", f"{amount!r} must be a positive number")
+    return float(amount)
+
+
+def parse_pairs(items: list[str], field_name: str) -> dict[str, str]:
+    """['k=v', ...] (CLI --selector) -> {k: v}, rejecting anything else by field name."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidSpec(field_name, f"{item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What to run and where; validated on construction (fields named as in the API)."""
+
+    argv: tuple[str, ...]
+    #: SandboxSpec keyword arguments (JSON-able: memory_bytes, pids_max, cpus, env, ...).
+    sandbox: dict = field(default_factory=dict)
+    selector: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
+    priority: int = 0
+    retries: int = 0
+    max_runtime_s: float = 0.0
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.argv or not self.argv[0]:
+            raise InvalidSpec("spec.argv", "the command is empty")
+        if any("\0" in a for a in self.argv):
+            raise InvalidSpec("spec.argv", "an argument contains a NUL byte")
+        for key, value in self.selector.items():
+            check_label_key(key, "spec.selector")
+            check_label_value(key, value, "spec.selector")
+        for name, amount in self.resources.items():
+            check_resource(name, amount, "spec.resources")
+        if not isinstance(self.priority, int) or not 0 <= self.priority <= MAX_PRIORITY:
+            raise InvalidSpec("spec.priority", f"{self.priority!r} must be between 0 and "
+                                               f"{MAX_PRIORITY} (higher runs first)")
+        if not 0 <= self.retries <= MAX_RETRIES:
+            raise InvalidSpec("spec.retries", f"{self.retries!r} must be between 0 and "
+                                              f"{MAX_RETRIES}")
+        if not (math.isfinite(self.max_runtime_s) and 0 <= self.max_runtime_s <= MAX_RUNTIME_S):
+            raise InvalidSpec("spec.max_runtime_s", "must be between 0 (none) and 30 days")
+        total = 0
+        for path, content in self.files.items():
+            norm = posixpath.normpath(path) if path else ""
+            if not path or path.startswith("/") or norm.startswith("..") or "\0" in path:
+                raise InvalidSpec("spec.files", f"{path!r} must be a relative path inside "
+                                                "/workspace")
+            total += len(content)
+        if total > MAX_FILES_BYTES:
+            raise InvalidSpec("spec.files", f"{total} bytes is over the {MAX_FILES_BYTES} limit")
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "argv": list(self.argv), "sandbox": self.sandbox, "selector": self.selector,
+            "resources": self.resources, "priority": self.priority, "retries": self.retries,
+            "max_runtime_s": self.max_runtime_s,
+            "files": {k: base64.b64encode(v).decode() for k, v in self.files.items()},
+        }, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskSpec:
+        d = json.loads(text)
+        d["argv"] = tuple(d["argv"])
+        d["files"] = {k: base64.b64decode(v) for k, v in d.get("files", {}).items()}
+        return cls(**d)
+
+
+@dataclass
+class DeepTask:
+    """One task's record; the store persists it, the scheduler mutates it."""
+
+    id: str
+    seq: int  # submission order, for FIFO within a tenant and priority
+    tenant: str
+    spec: TaskSpec
+    state: TaskState = TaskState.QUEUED
+    node: str = ""
+    attempt: int = 0
+    submitted_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    progress_json: str = ""
+    reason: str = ""
+    result_json: str = ""
+    checkpoint_seq: int = 0
+    exit_code: int = 0
+    devices: tuple[str, ...] = ()
+    #: What the executor needs to find the attempt again (JSON object).
+    runner_json: str = ""
+    #: In memory only: a cancel was asked for while the attempt runs.
+    cancel_requested: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
