@@ -385,11 +385,13 @@ def run_single(sock: str, agent: bytes, tokens: int, pipe_bytes: int, cpu: CpuWi
 
 
 class SessionDriver:
-    """One Sessions.Open stream of a worker: reads events, records latencies, interrupts."""
+    """One session of a worker: records latencies, interrupts. With --api open it has its own
+    Sessions.Open stream; with --api many it shares the worker's OpenMany stream (`ref`)."""
 
-    def __init__(self, worker, sandbox_id: str):
+    def __init__(self, worker, sandbox_id: str, ref: str | None = None):
         self.w = worker
         self.sandbox_id = sandbox_id
+        self.ref = ref  # its name on the worker's OpenMany stream; None: own Open stream
         self.call = None
         self.opened = asyncio.get_running_loop().create_future()
         self.exited = asyncio.get_running_loop().create_future()
@@ -403,47 +405,61 @@ class SessionDriver:
         self.error: str | None = None
 
     async def run(self, argv: list[str]) -> None:
+        """--api open: one Sessions.Open stream for this session."""
         pb = self.w.pb
         try:
             self.call = self.w.open_rpc()
             await self.call.write(pb.SessionRequest(start=pb.SessionStart(
                 argv=argv, sandbox_id=self.sandbox_id)))
-            await self._read()
+            while True:
+                ev = await self.call.read()
+                if ev is grpc_eof() or self.on_event(ev, time.monotonic_ns()):
+                    return
         except Exception as exc:  # noqa: BLE001 - reported, not fatal to the other sessions
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
-            for fut in (self.opened, self.exited):
-                if not fut.done():
-                    fut.set_result(None)
+            self.finish()
 
-    async def _read(self) -> None:
+    def finish(self) -> None:
+        for fut in (self.opened, self.exited):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def send(self, **request) -> None:
+        pb = self.w.pb
+        if self.ref is None:
+            await self.call.write(pb.SessionRequest(**request))
+        else:
+            await self.w.mux_write(pb.MuxRequest(ref=self.ref, **request))
+
+    def on_event(self, ev, now: int) -> bool:
+        """Record one SessionEvent; True once the session has exited."""
         w = self.w
-        call = self.call
-        lat = w.latency
-        monotonic_ns = time.monotonic_ns
-        findall = STAMP.findall
-        while True:
-            ev = await call.read()
-            if ev is grpc_eof():
-                return
-            now = monotonic_ns()
-            kind = ev.WhichOneof("event")
-            if kind == "batch":
-                batch = ev.batch
-                in_window = w.t0 <= now <= w.t1
-                if in_window:
-                    self.messages += 1
-                    self.tokens += len(batch.lengths)
-                    for stamp in findall(batch.text):
-                        lat.append(now - int(stamp, 16))
-                        self.bursts += 1
-                for e in batch.events:
-                    self._agent_event(e, now, in_window)
-            elif kind == "opened":
+        kind = ev.WhichOneof("event")
+        if kind == "batch":
+            batch = ev.batch
+            in_window = w.t0 <= now <= w.t1
+            if in_window:
+                self.messages += 1
+                self.tokens += len(batch.lengths)
+                lat = w.latency
+                for stamp in STAMP.findall(batch.text):
+                    lat.append(now - int(stamp, 16))
+                    self.bursts += 1
+            for e in batch.events:
+                self._agent_event(e, now, in_window)
+        elif kind == "opened":
+            if not self.opened.done():
                 self.opened.set_result(None)
-            elif kind == "exited":
+        elif kind == "exited":
+            if not self.exited.done():
                 self.exited.set_result(ev.exited.returncode)
-                return
+            return True
+        elif kind == "error":
+            self.error = f"{ev.error.code}: {ev.error.message}"
+            self.finish()
+            return True
+        return False
 
     def _agent_event(self, e, now: int, in_window: bool) -> None:
         try:
@@ -470,22 +486,23 @@ class SessionDriver:
         while time.monotonic_ns() < t1 and not self.exited.done():
             self.answered.clear()
             self.pending_interrupt = time.monotonic_ns()
-            await self.call.write(pb.SessionRequest(interrupt=pb.SessionInterrupt()))
+            await self.send(interrupt=pb.SessionInterrupt())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.answered.wait(), 10)
             self.answered.clear()
             self.pending_input = time.monotonic_ns()
-            await self.call.write(pb.SessionRequest(input=pb.SessionInput(text="go on")))
+            await self.send(input=pb.SessionInput(text="go on"))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.answered.wait(), 10)
             await asyncio.sleep(rng.uniform(0.5 * mean_s, 1.5 * mean_s))
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await self.call.write(self.w.pb.SessionRequest(close=self.w.pb.SessionClose()))
+            await self.send(close=self.w.pb.SessionClose())
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.exited), 15)
-        self.call.cancel()
+        if self.call is not None:
+            self.call.cancel()
 
 
 _EOF = None
@@ -523,6 +540,38 @@ class Worker:
             "/corral.v1.Sessions/Open",
             request_serializer=session_pb2.SessionRequest.SerializeToString,
             response_deserializer=session_pb2.SessionEvent.FromString)
+        self.many_rpc = self.channel.stream_stream(
+            "/corral.v1.Sessions/OpenMany",
+            request_serializer=session_pb2.MuxRequest.SerializeToString,
+            response_deserializer=session_pb2.MuxBatch.FromString)
+        self.mux_call = None
+        self.mux_lock = asyncio.Lock()
+        self.mux_messages = 0  # MuxBatch messages received inside the window
+
+    async def mux_write(self, request) -> None:
+        async with self.mux_lock:  # grpc.aio allows one write in flight per call
+            await self.mux_call.write(request)
+
+    async def mux_read(self, drivers: dict[str, SessionDriver]) -> None:
+        """Dispatch the OpenMany stream's events to the sessions by ref."""
+        try:
+            while True:
+                message = await self.mux_call.read()
+                if message is grpc_eof():
+                    return
+                now = time.monotonic_ns()
+                if self.t0 <= now <= self.t1:
+                    self.mux_messages += 1
+                for item in message.events:
+                    driver = drivers.get(item.ref)
+                    if driver is not None:
+                        driver.on_event(item.event, now)
+        except Exception as exc:  # noqa: BLE001
+            for d in drivers.values():
+                d.error = d.error or f"{type(exc).__name__}: {exc}"
+        finally:
+            for d in drivers.values():
+                d.finish()
 
     async def main(self) -> None:
         from corral.runtime.client import Client
@@ -555,14 +604,23 @@ class Worker:
         # something part-way still gets its first sessions running (and says what failed)
         drivers: list[SessionDriver] = []
         tasks = []
-        for _ in range(cfg["sessions"]):
+        many = cfg["api"] == "many"
+        by_ref: dict[str, SessionDriver] = {}
+        if many:
+            self.mux_call = self.many_rpc()
+            tasks.append(asyncio.ensure_future(self.mux_read(by_ref)))
+        for i in range(cfg["sessions"]):
             before = len(sandboxes)
             await loop.run_in_executor(None, setup_one)
             if len(sandboxes) == before:
                 continue
-            d = SessionDriver(self, sandboxes[-1])
+            d = SessionDriver(self, sandboxes[-1], ref=f"s{i}" if many else None)
             drivers.append(d)
-            tasks.append(asyncio.ensure_future(d.run(argv)))
+            if many:
+                by_ref[d.ref] = d
+                await d.send(start=self.pb.SessionStart(argv=argv, sandbox_id=d.sandbox_id))
+            else:
+                tasks.append(asyncio.ensure_future(d.run(argv)))
             await d.opened
         opened = sum(1 for d in drivers if d.error is None)
         emit({"ready": True, "opened": opened, "setup_s": round(time.monotonic() - t, 2),
@@ -582,7 +640,10 @@ class Worker:
         for task in interrupters:
             task.cancel()
         await asyncio.gather(*interrupters, return_exceptions=True)
-        await asyncio.gather(*(d.close() for d in drivers if d.call is not None))
+        await asyncio.gather(*(d.close() for d in drivers if d.call is not None or many))
+        if many:
+            with contextlib.suppress(Exception):
+                await self.mux_call.done_writing()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.channel.close()
 
@@ -601,7 +662,8 @@ class Worker:
             "input_ns": list(self.inputs),
             "tokens": sum(d.tokens for d in drivers),
             "bursts": sum(d.bursts for d in drivers),
-            "messages": sum(d.messages for d in drivers),
+            "messages": (self.mux_messages if many else sum(d.messages for d in drivers)),
+            "session_batches": sum(d.messages for d in drivers),
             "agent_bursts": sum(f.get("bursts", 0) for f in finals),
             "agent_skipped": sum(f.get("skipped", 0) for f in finals),
             "agents_reported": len(finals),
@@ -634,7 +696,7 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
         cfg = {"socket": daemon.socket, "agent": agent_path, "sessions": count,
                "rate": args.rate, "burst_ms": args.burst_ms,
                "agent_max_s": 120 + duration + args.warmup,
-               "interrupt_every_s": interrupt_every_s, "seed": 1000 + i}
+               "interrupt_every_s": interrupt_every_s, "seed": 1000 + i, "api": args.api}
         procs.append(subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -682,6 +744,7 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
     tokens = sum(r["tokens"] for r in results)
     bursts = sum(r["bursts"] for r in results)
     messages = sum(r["messages"] for r in results)
+    session_batches = sum(r["session_batches"] for r in results)
     expected_bursts = opened * duration * 1000 / args.burst_ms
     latency = dist_ms(lat)
     interrupt = dist_ms(intr)
@@ -703,6 +766,9 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
         "agent_skipped_bursts": sum(r["agent_skipped"] for r in results),
         "batch_messages_per_s": round(messages / duration),
         "bursts_per_message": round(bursts / messages, 3) if messages else None,
+        "session_batches_per_message": (round(session_batches / messages, 3)
+                                        if messages else None),
+        "api": args.api,
         "client_workers": len(procs),
         "client_cores": round(client_cpu / duration, 3),
         "setup_s": max(r["setup_s"] for r in readies),
@@ -715,6 +781,9 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
     out["daemon_us_per_message"] = (round(usage["daemon_cpu_s"] / messages * 1e6, 1)
                                     if messages else None)
     out["client_us_per_message"] = round(client_cpu / messages * 1e6, 1) if messages else None
+    # per agent burst: the same unit whatever the API packs into one message
+    out["daemon_us_per_burst"] = (round(usage["daemon_cpu_s"] / bursts * 1e6, 1)
+                                  if bursts else None)
     out["meets_latency_target"] = bool(
         opened == n and latency["p99"] is not None and latency["p99"] <= 20.0
         and out["bursts_delivered_ratio"] is not None and out["bursts_delivered_ratio"] >= 0.98)
@@ -840,6 +909,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 32 sessions, short windows, no sweep")
     ap.add_argument("--sessions", type=int, default=256, help="concurrent sessions (256)")
+    ap.add_argument("--api", choices=("many", "open"), default="many",
+                    help="many: each client worker multiplexes its sessions over one "
+                         "Sessions.OpenMany stream (default); open: one Sessions.Open "
+                         "stream per session")
     ap.add_argument("--workers", type=int, default=4,
                     help="client processes sharing the sessions (4)")
     ap.add_argument("--rate", type=int, default=1000, help="tokens/s per paced session")

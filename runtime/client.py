@@ -107,6 +107,90 @@ class SessionStream:
             self._requests.put(None)
 
 
+class SessionMux:
+    """One Sessions.OpenMany stream: many sessions, each under a ref of the caller's choice.
+
+        mux = client.open_many()
+        mux.start("a", ["python3", "agent.py"], sandbox_id=sb.id)
+        for ref, event in mux:          # (ref, SessionEvent), in order per session
+            ...
+
+    Requests are queued and sent in order; iterate on one thread. `close()` half-closes:
+    the stream ends once every session on it has exited or been detached.
+    """
+
+    def __init__(self, stub, metadata):
+        self._requests: queue.Queue = queue.Queue()
+        self._call = stub.OpenMany(self._request_iter(), metadata=metadata)
+        self.session_ids: dict[str, str] = {}  # ref -> session id, once opened
+        self.last_seq: dict[str, int] = {}  # ref -> newest seq received
+
+    def _request_iter(self):
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    def _send(self, ref: str, **request) -> None:
+        self._requests.put(session_pb2.MuxRequest(ref=ref, **request))
+
+    def start(self, ref: str, argv: list[str], *, sandbox_id: str = "", env=None,
+              input: str = "", **spec) -> None:
+        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input)
+        if sandbox_id:
+            start.sandbox_id = sandbox_id
+        else:
+            start.spec.CopyFrom(sandbox_pb2.SandboxSpec(**spec))
+        self._send(ref, start=start)
+
+    def resume(self, ref: str, session_id: str, after_seq: int = 0,
+               watch_only: bool = False) -> None:
+        self._send(ref, resume=session_pb2.SessionResume(
+            session_id=session_id, after_seq=after_seq, watch_only=watch_only))
+
+    def send_input(self, ref: str, text: str) -> None:
+        self._send(ref, input=session_pb2.SessionInput(text=text))
+
+    def interrupt(self, ref: str) -> None:
+        self._send(ref, interrupt=session_pb2.SessionInterrupt())
+
+    def close_session(self, ref: str) -> None:
+        self._send(ref, close=session_pb2.SessionClose())
+
+    def detach(self, ref: str) -> None:
+        """Stop watching ref's session on this stream; the session keeps running."""
+        self._send(ref, detach=session_pb2.SessionDetach())
+
+    def close(self) -> None:
+        """No more requests; the stream ends when its sessions have all ended or detached."""
+        self._requests.put(None)
+
+    def cancel(self) -> None:
+        """Drop the stream now; its sessions keep running on the daemon."""
+        self._requests.put(None)
+        self._call.cancel()
+
+    def __iter__(self) -> Iterator[tuple[str, session_pb2.SessionEvent]]:
+        try:
+            for message in self._call:
+                for item in message.events:
+                    ref, event = item.ref, item.event
+                    kind = event.WhichOneof("event")
+                    if kind == "opened":
+                        self.session_ids[ref] = event.opened.session_id
+                    elif kind == "batch":
+                        b = event.batch
+                        self.last_seq[ref] = (b.first_seq + len(b.lengths) + len(b.events)
+                                              - 1)
+                    yield ref, event
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise _wrap(exc) from None
+        finally:
+            self._requests.put(None)
+
+
 class Client:
     """A connection to one daemon."""
 
@@ -225,6 +309,10 @@ class Client:
         req = session_pb2.SessionRequest(resume=session_pb2.SessionResume(
             session_id=session_id, after_seq=after_seq, watch_only=watch_only))
         return SessionStream(self.sessions, req, self.metadata)
+
+    def open_many(self) -> SessionMux:
+        """A Sessions.OpenMany stream: start, resume and steer many sessions over one call."""
+        return SessionMux(self.sessions, self.metadata)
 
     # -- audit ------------------------------------------------------------------------------
 

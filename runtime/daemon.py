@@ -86,7 +86,7 @@ class Daemon:
             generic_handler(sandboxes_desc, SandboxesServicer(self),
                             streaming_bytes=frozenset({"Exec", "Attach"})),
             generic_handler(sessions_desc, SessionsServicer(self),
-                            streaming_bytes=frozenset({"Open"})),
+                            streaming_bytes=frozenset({"Open", "OpenMany"})),
             generic_handler(audit_desc, AuditServicer(self)),
         ))
         await self._add_health_and_reflection(server, [sandboxes_desc, sessions_desc, audit_desc])

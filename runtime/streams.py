@@ -47,6 +47,7 @@ Everything here belongs to one event loop and is not thread-safe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -309,6 +310,8 @@ class StreamHub:
         # wait for the stream to reach a seq: only those get woken, and only when it does
         self._waiting: dict[Watcher, asyncio.Future[None]] = {}
         self._filling: dict[Watcher, tuple[asyncio.Future[None], int]] = {}
+        # plain callbacks run on every wake (the multiplexed stream's "this one has news")
+        self._notify: list[Callable[[], None]] = []
         self._watchers = 0
         # counters
         self._readable_events = 0
@@ -393,7 +396,7 @@ class StreamHub:
         appended = self._stream.feed(self._view[:n])
         self._entries += appended
         self._dispatch_events()
-        if appended and (self._waiting or self._filling):
+        if appended and (self._waiting or self._filling or self._notify):
             self._wake()
 
     def _dispatch_events(self) -> None:
@@ -453,7 +456,7 @@ class StreamHub:
                 "use end_on_eof=False to add final events after EOF")
         seq = self._stream.append_event(kind, payload)
         self._entries += 1
-        if self._waiting or self._filling:
+        if self._waiting or self._filling or self._notify:
             self._wake()
         return seq
 
@@ -505,7 +508,26 @@ class StreamHub:
         self._watchers += 1
         return Watcher(self, cursor, coalesce_s, coalesce_entries)
 
+    def add_notify(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` (synchronously, on the loop) whenever entries are added and when
+        the hub ends. For consumers that poll many hubs with `Watcher.take_ready()` instead
+        of awaiting one future per watcher. Exceptions go to the loop's exception handler."""
+        self._notify.append(callback)
+
+    def remove_notify(self, callback: Callable[[], None]) -> None:
+        """Forget a callback given to add_notify (no error when it is not there)."""
+        with contextlib.suppress(ValueError):
+            self._notify.remove(callback)
+
     def _wake(self) -> None:
+        for callback in self._notify:
+            try:
+                callback()
+            except Exception as exc:
+                loop = self._loop or asyncio.get_running_loop()
+                loop.call_exception_handler({
+                    "message": "StreamHub notify callback failed", "exception": exc,
+                    "hub": self})
         waiting = self._waiting
         if waiting:
             self._waiting = {}
@@ -584,6 +606,22 @@ class Watcher:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def finished(self) -> bool:
+        """The hub has ended and this watcher has read everything (or it was closed)."""
+        return self._closed or (self._hub._ended
+                                and self._cursor.next_seq >= self._hub._stream.next_seq)
+
+    def take_ready(self, max_bytes: int = DEFAULT_BATCH_BYTES) -> bytes | None:
+        """The next encoded StreamBatch if entries are waiting, else None; never waits.
+
+        The polling twin of next_batch() for a consumer woken by `StreamHub.add_notify`;
+        `finished` tells "nothing now" from "nothing ever again".
+        """
+        if self._closed:
+            return None
+        return self._take(self._cursor, max_bytes)
 
     async def next_batch(self, max_bytes: int = DEFAULT_BATCH_BYTES) -> bytes | None:
         """The next encoded StreamBatch, waiting while caught up.

@@ -1,17 +1,33 @@
-"""corral.v1.Sessions servicer: the bidirectional Open stream <-> SessionManager."""
+"""corral.v1.Sessions servicer: the bidirectional Open and OpenMany streams <-> SessionManager.
+
+`Open` carries one session; `OpenMany` multiplexes any number of them over one stream, each
+named by a client-chosen ref (see `_Mux`). Both send the token core's pre-encoded batches
+without decoding them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections import deque
 
-from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
+from corral.sandbox.errors import CorralError, InvalidSpec, NotFound, PermissionDenied
 from corral.v1 import session_pb2 as pb
 
+from ..sandboxes import Ended
 from ..sessions import Exited, TurnEnded, TurnStarted
-from .errors import Servicer, streaming
+from ..streams import DEFAULT_BATCH_BYTES
+from .errors import Servicer, _record_denial, streaming
 from .sandboxes import spec_from_proto
-from .wire import field_bytes, first_seq
+from .wire import field_bytes, first_seq, varint
+
+log = logging.getLogger("corral.api.sessions")
+
+#: An OpenMany message is cut once it holds this many bytes (more sessions' news waits for
+#: the next one); far under gRPC's usual 4 MiB receive limit.
+MUX_MESSAGE_BYTES = 1 << 20
+MAX_REF_BYTES = 64
 
 
 def _event(**kw) -> bytes:
@@ -116,6 +132,26 @@ class SessionsServicer(Servicer):
             session.listeners.discard(queue)
             self.manager.detach(session)
 
+    @streaming
+    async def OpenMany(self, request_iterator, context):
+        mux = _Mux(self, self.caller(context))
+        reader = asyncio.ensure_future(mux.read_requests(request_iterator))
+        try:
+            while True:
+                if not mux.has_news:
+                    if mux.finished:
+                        return
+                    if reader.done() and reader.exception() is not None:
+                        raise reader.exception()
+                    await mux.wait()
+                    continue
+                message = mux.cut()
+                if message:
+                    yield message
+        finally:
+            reader.cancel()
+            mux.close()
+
     async def _read_requests(self, caller, session, requests, watch_only, queue) -> None:
         """Steering messages from this client, applied as they arrive."""
         try:
@@ -138,3 +174,261 @@ class SessionsServicer(Servicer):
         except Exception as exc:  # the client went away mid-read
             with contextlib.suppress(Exception):
                 queue.put_nowait(CorralError(f"reading requests failed: {exc}"))
+
+
+# --- OpenMany: many sessions over one stream ---------------------------------------------------
+
+
+def _start_kwargs(start) -> dict:
+    target = start.WhichOneof("target")
+    return dict(argv=list(start.argv),
+                spec=spec_from_proto(start.spec) if target != "sandbox_id" else None,
+                sandbox_id=start.sandbox_id if target == "sandbox_id" else "",
+                env=dict(start.env), first_input=start.input)
+
+
+def _error_event(exc: Exception) -> bytes:
+    if isinstance(exc, CorralError):
+        return _event(error=pb.SessionError(code=exc.grpc_status, message=str(exc),
+                                            field=getattr(exc, "field", "") or ""))
+    return _event(error=pb.SessionError(code="INTERNAL",
+                                        message="internal error; see the daemon's log"))
+
+
+class _Sub:
+    """One session watched on an OpenMany stream under a ref."""
+
+    __slots__ = ("mux", "ref", "ref_field", "session", "watcher", "watch_only", "lost",
+                 "pending", "exited", "notify", "dirty")
+
+    def __init__(self, mux: _Mux, ref: str, session, after: int, watch_only: bool) -> None:
+        self.mux = mux
+        self.ref = ref
+        self.ref_field = field_bytes(1, ref.encode())
+        self.session = session
+        self.watch_only = watch_only
+        self.pending: deque[bytes] = deque()  # encoded SessionEvents to send before news
+        self.exited: Exited | None = None
+        self.dirty = False
+        self.watcher = session.hub.watch(after or None)
+        self.lost = self.watcher.lost_entries
+        self.notify = self.mark
+        session.hub.add_notify(self.notify)
+        session.listeners.add(self)
+        mux.manager.attach(session)
+
+    def mark(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.mux.dirty.append(self)
+            self.mux.wake()
+
+    def put_nowait(self, event) -> None:
+        """Session.publish() target: turn started/ended, exited."""
+        if isinstance(event, Exited):
+            self.exited = event
+        elif isinstance(event, BaseException):
+            self.pending.append(_error_event(event))
+        else:
+            self.pending.append(_session_event(event))
+        self.mark()
+
+    def release(self) -> None:
+        session = self.session
+        session.hub.remove_notify(self.notify)
+        session.listeners.discard(self)
+        self.watcher.close()
+        self.mux.manager.detach(session)
+
+
+class _Mux:
+    """The state of one OpenMany stream.
+
+    Sessions with news mark themselves dirty (a hub notify callback or a published event);
+    the response generator wakes once, cuts one MuxBatch holding every dirty session's batch
+    and events (up to MUX_MESSAGE_BYTES; the rest stays dirty, round robin), and yields it.
+    While gRPC is sending one message, news piles up into the next: the busier the daemon,
+    the fewer and fuller the messages. Nothing here waits per session.
+    """
+
+    def __init__(self, servicer: SessionsServicer, caller) -> None:
+        self.servicer = servicer
+        self.manager = servicer.manager
+        self.caller = caller
+        self.subs: dict[str, _Sub] = {}
+        self.starting: set[str] = set()
+        self.dirty: deque[_Sub] = deque()
+        self.loose: list[tuple[bytes, bytes]] = []  # (ref field, event): refs with no _Sub
+        self.requests_done = False
+        self.tasks: set[asyncio.Task] = set()
+        self._wakeup: asyncio.Future | None = None
+
+    # -- waking ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        fut = self._wakeup
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait(self) -> None:
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    @property
+    def has_news(self) -> bool:
+        return bool(self.dirty or self.loose)
+
+    @property
+    def finished(self) -> bool:
+        """The client half-closed and nothing is left to watch or send."""
+        return (self.requests_done and not self.subs and not self.starting
+                and not self.has_news and not self.tasks)
+
+    # -- cutting one message -----------------------------------------------------------------
+
+    def cut(self) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+
+        def add(ref_field: bytes, header: bytes, payload: bytes = b"") -> int:
+            # MuxBatch.events[i] = MuxEvent{ref, event=SessionEvent bytes}; the SessionEvent
+            # is header + payload (payload: a batch the core encoded, never copied here)
+            event_len = len(header) + len(payload)
+            inner = ref_field + b"\x12" + varint(event_len)
+            head = b"\x0a" + varint(len(inner) + event_len) + inner
+            parts.append(head)
+            parts.append(header)
+            if payload:
+                parts.append(payload)
+            return len(head) + event_len
+
+        for ref_field, event in self.loose:
+            size += add(ref_field, event)
+        self.loose.clear()
+        dirty = self.dirty
+        for _ in range(len(dirty)):
+            if size >= MUX_MESSAGE_BYTES:
+                break
+            sub = dirty.popleft()
+            sub.dirty = False
+            if self.subs.get(sub.ref) is not sub:
+                continue  # detached since it was marked
+            while sub.pending:
+                size += add(sub.ref_field, sub.pending.popleft())
+            watcher = sub.watcher
+            batch = watcher.take_ready(DEFAULT_BATCH_BYTES)
+            if batch is not None:
+                if watcher.lost_entries > sub.lost:
+                    sub.lost = watcher.lost_entries
+                    size += add(sub.ref_field, _event(lagged=pb.SessionLagged(
+                        first_available_seq=first_seq(batch))))
+                size += add(sub.ref_field, b"\x12" + varint(len(batch)), batch)
+                if watcher.next_seq < sub.session.hub.stream.next_seq:
+                    sub.mark()  # more than one batch was waiting
+            if sub.exited is not None and watcher.finished:
+                size += add(sub.ref_field, _session_event(sub.exited))
+                del self.subs[sub.ref]
+                sub.release()
+        return b"".join(parts)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def fail(self, ref: str, exc: Exception, method: str) -> None:
+        if isinstance(exc, CorralError):
+            _record_denial(self.servicer, None, exc, method)
+        else:
+            log.error("%s failed for ref %r", method, ref, exc_info=exc)
+        self.loose.append((field_bytes(1, ref.encode()), _error_event(exc)))
+        self.wake()
+
+    async def read_requests(self, requests) -> None:
+        try:
+            async for req in requests:
+                try:
+                    await self.handle(req)
+                except CorralError as exc:
+                    self.fail(req.ref, exc, "SessionsServicer.OpenMany")
+        finally:
+            self.requests_done = True
+            self.wake()
+
+    async def handle(self, req) -> None:
+        ref = req.ref
+        kind = req.WhichOneof("request")
+        if not ref or len(ref.encode()) > MAX_REF_BYTES:
+            raise InvalidSpec("ref", f"must be 1-{MAX_REF_BYTES} bytes, got "
+                                     f"{len(ref.encode())}")
+        if kind is None:
+            raise InvalidSpec("request", "no request set")
+        if kind in ("start", "resume"):
+            if ref in self.subs or ref in self.starting:
+                raise InvalidSpec("ref", f"{ref!r} is already in use on this stream")
+            self.starting.add(ref)
+            self._spawn(self._open(ref, req))
+            return
+        sub = self.subs.get(ref)
+        if sub is None:
+            if ref in self.starting:
+                raise Ended(f"ref {ref!r} is still starting: wait for its opened event")
+            raise NotFound(f"no session is watched as {ref!r} on this stream")
+        caller, manager, session = self.caller, self.manager, sub.session
+        if kind in ("input", "interrupt", "close") and sub.watch_only:
+            raise PermissionDenied(f"{ref!r} was resumed watch-only")
+        if kind == "input":
+            manager.input(caller, session, req.input.text)
+        elif kind == "interrupt":
+            manager.interrupt(caller, session)
+        elif kind == "close":
+            self._spawn(manager.close(caller, session), ref)
+        elif kind == "detach":
+            del self.subs[ref]
+            sub.release()
+
+    def _spawn(self, coro, ref: str | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None and ref is not None:
+                self.fail(ref, t.exception(), "SessionsServicer.OpenMany")
+            self.wake()
+
+        task.add_done_callback(done)
+
+    async def _open(self, ref: str, req) -> None:
+        caller = self.caller
+        try:
+            if req.WhichOneof("request") == "start":
+                session = await self.manager.open(caller, **_start_kwargs(req.start))
+                after, watch_only = 0, False
+            else:
+                resume = req.resume
+                session = self.manager.get(caller, resume.session_id)
+                after, watch_only = resume.after_seq, resume.watch_only
+                self.servicer.audit.append(
+                    "session.resume", tenant=caller.tenant, peer=caller.peer,
+                    sandbox_id=session.sandbox_id, session_id=session.id,
+                    detail={"after_seq": after, "watch_only": watch_only, "ref": ref})
+            sub = _Sub(self, ref, session, after, watch_only)
+        except Exception as exc:
+            self.fail(ref, exc, "SessionsServicer.OpenMany")
+            return
+        finally:
+            self.starting.discard(ref)
+        self.subs[ref] = sub
+        sub.pending.append(_event(opened=pb.SessionOpened(
+            session_id=session.id, sandbox_id=session.sandbox_id, after_seq=after)))
+        if session.exited is not None:
+            sub.exited = session.exited
+        sub.mark()
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for sub in self.subs.values():
+            sub.release()
+        self.subs.clear()

@@ -306,6 +306,49 @@ def test_append_event_wakes_a_waiting_watcher(core):
     assert batch_entries(raw)[0] == [(1, TURN_END, b'{"status":"interrupted"}', 0, "")]
 
 
+def test_notify_callbacks_let_a_poller_drain_many_hubs_without_waiting(core):
+    """add_notify + take_ready: what OpenMany uses instead of one future per watcher."""
+    async def main():
+        hubs, writers, watchers, notified = [], [], [], []
+        for i in range(3):
+            r, w = make_pipe_pair()
+            hub = StreamHub(core.TokenStream("frames"))
+            hub.attach_fd(r)
+            hub.add_notify(lambda i=i: notified.append(i))
+            hubs.append(hub)
+            writers.append(w)
+            watchers.append(hub.watch())
+        assert [wt.take_ready() for wt in watchers] == [None, None, None]
+        assert not any(wt.finished for wt in watchers)
+        os.write(writers[1], frame(TOKEN, b"one") + frame(TOKEN, b"two"))
+        while not notified:
+            await asyncio.sleep(0.001)
+        assert notified == [1]
+        got, _ = batch_entries(watchers[1].take_ready())
+        assert [e[2] for e in got] == [b"one", b"two"]
+        assert watchers[1].take_ready() is None and not watchers[1].finished
+        # a failing callback is reported to the loop; the others still run, reading goes on
+        reported = []
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: reported.append(ctx))
+        hubs[0].add_notify(lambda: 1 / 0)
+        hubs[0].append_event(PROGRESS, b"{}")
+        assert notified[-1] == 0 and "notify callback failed" in reported[0]["message"]
+        assert batch_entries(watchers[0].take_ready())[0][0][1] == PROGRESS
+        for w in writers:
+            os.close(w)
+        for hub in hubs:
+            await hub.wait_eof()
+        assert all(wt.finished for wt in watchers)  # ended and read to the end
+        count = len(notified)
+        hubs[2].remove_notify(hubs[2]._notify[0])
+        hubs[2].remove_notify(print)  # not there: no error
+        for wt in watchers:
+            wt.close()
+        return count
+
+    assert run(main()) >= 5  # 1 read + 1 event + 3 ends
+
+
 def test_end_on_eof_false_lets_the_runtime_add_final_events(core):
     async def main():
         r, w = make_pipe_pair()
