@@ -128,7 +128,9 @@ def etc_files(spec: SandboxSpec) -> dict[str, str]:
         "hosts": f"127.0.0.1\tlocalhost {spec.hostname}\n::1\tlocalhost ip6-localhost\n",
         "hostname": spec.hostname + "\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
-        "resolv.conf": "",
+        # with an egress policy, the proxy's resolver on the egress link (sandbox/net.py)
+        "resolv.conf": ("nameserver 100.127.255.1\noptions attempts:1\n"
+                        if spec.allow_net else ""),
     }
 
 

@@ -123,6 +123,9 @@ class SandboxSpec:
     die_with_parent: bool = True
     #: Free-form labels carried into the audit trail.
     labels: tuple[tuple[str, str], ...] = field(default=())
+    #: Egress allow-list: HOST[:PORT], *.DOMAIN[:PORT], IP[:PORT], CIDR[:PORT] (canonical
+    #: form). Empty = loopback only, no link at all (sandbox/proxy.py has the rules).
+    allow_net: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.profile, str) or not self.profile:
@@ -170,6 +173,13 @@ class SandboxSpec:
                 raise InvalidSpec("env", f"{key!r} is not a valid variable name")
             if "\0" in value:
                 raise InvalidSpec("env", f"value of {key} contains a NUL byte")
+        if self.allow_net:
+            from .proxy import parse_rule
+
+            if isinstance(self.allow_net, str) or len(self.allow_net) > 256:
+                raise InvalidSpec("allow_net", "must be a list of at most 256 rules")
+            rules = tuple(dict.fromkeys(str(parse_rule(r)) for r in self.allow_net))
+            object.__setattr__(self, "allow_net", rules)
 
     @classmethod
     def build(
@@ -186,6 +196,7 @@ class SandboxSpec:
         env: Mapping[str, str] | Iterable[str] = (),
         tmp_size: str | int | None = None,
         hostname: str | None = None,
+        allow_net: Iterable[str] = (),
     ) -> SandboxSpec:
         """Build a spec from user-facing strings (CLI flags, config, API fields)."""
         kw: dict = {"profile": profile}
@@ -223,6 +234,7 @@ class SandboxSpec:
                 key, value = item
             pairs.append((key, value))
         kw["env"] = tuple(pairs)
+        kw["allow_net"] = tuple(allow_net)
         return cls(**kw)
 
     def environment(self) -> list[str]:
@@ -238,5 +250,13 @@ class SandboxSpec:
             # The agent protocol helper: `import corral_agent` works in every sandbox.
             "PYTHONPATH": "/opt/corral/lib",
         }
+        if self.allow_net:
+            # Proxy-aware programs use the explicit proxy; the rest are steered anyway.
+            from .proxy import GATEWAY, PROXY_PORT
+
+            url = f"http://{GATEWAY}:{PROXY_PORT}"
+            for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+                base[key] = url
+            base["no_proxy"] = base["NO_PROXY"] = "localhost,127.0.0.1,::1"
         base.update(dict(self.env))
         return [f"{k}={v}" for k, v in base.items()]

@@ -282,7 +282,7 @@ class Sandbox:
     _swept = False
 
     def __init__(self, spec: SandboxSpec | None = None, *, runtime_dir: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, on_net_event=None):
         self.spec = spec or SandboxSpec()
         self.id = name or "sbx-" + os.urandom(6).hex()
         cgroups.check_name(self.id)
@@ -304,6 +304,10 @@ class Sandbox:
         # exits reported before their Process existed: ns pid -> (report number, status)
         self._unclaimed: dict[int, tuple[int, int]] = {}
         self._reports = 0  # exit reports read so far
+        #: Egress (spec.allow_net): the link and proxy registration (sandbox/net.py), and
+        #: who hears of every connection attempt (a dict per attempt, proxy thread).
+        self.egress = None
+        self.on_net_event = on_net_event
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -381,6 +385,11 @@ class Sandbox:
                 self.init_pid, self._init_pidfd = _spawn.spawn_init(plan, uid_map, uid_map)
             except OSError as exc:
                 raise _setup_error(exc, ops) from None
+            if self.spec.allow_net:  # before any command runs
+                from .. import net
+
+                self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
+                                              self.on_net_event)
             self.state = "running"
         except BaseException:
             self._cleanup()
@@ -440,6 +449,9 @@ class Sandbox:
         for proc in list(self._processes.values()):
             proc._finish(None)
         self._processes.clear()
+        if self.egress is not None:  # its connections are reported, then the link goes
+            self.egress.close()
+            self.egress = None
         if self._init_pidfd >= 0:
             os.close(self._init_pidfd)
             self._init_pidfd = -1

@@ -1,0 +1,467 @@
+"""Sandbox networking: an egress namespace per sandbox, its veth pair, and the steering.
+
+A sandbox with an egress policy gets this, all of it outside the sandbox's reach:
+
+  sandbox netns                      egress netns (anonymous, ours)          host netns
+  ─────────────                      ─────────────────────────────           ──────────
+  lo, eth0 100.127.255.2/30  ─veth─  corral-eg 100.127.255.1/30              the proxy's
+  default via 100.127.255.1          rule: iif corral-eg -> table 100          upstream
+  /etc/resolv.conf -> .1             table 100: local 0.0.0.0/0 (AnyIP)        sockets
+                                     sk_lookup BPF: every TCP SYN -> listener
+                                                    every UDP datagram -> udp sink
+                                     (both sockets created here, served from the host)
+
+* Nothing is routed or NATed anywhere: every packet the sandbox sends is delivered
+  *locally* in the egress namespace (AnyIP for what arrives on the veth), and a
+  BPF sk_lookup program hands every TCP connection and UDP datagram, whatever its
+  destination address and port, to the proxy's two sockets. The original destination is
+  simply the accepted socket's own address (getsockname) -- no conntrack, no NAT tables.
+  ip_forward stays 0 in the egress namespace, so nothing could leave it even if a rule
+  were missing.
+* The egress namespace is anonymous: no /run/netns entry. It lives as long as something
+  holds it (our namespace fd, the two sockets, the BPF link); `NetAttachment.close()`
+  drops them all and the kernel deletes the namespace and with it the veth pair (deleting
+  one end of a veth deletes both). If the process dies, the kernel does the same, so a
+  crash cannot leave a namespace or veth behind.
+* Namespaces are entered only from short-lived threads that exist for that purpose
+  (setns(CLONE_NEWNET) changes the calling thread only); no long-lived thread of the
+  runtime ever leaves the host namespace, so the proxy's upstream connections are always
+  made from the host.
+* Every sandbox uses the same link addresses: each pair lives in its own two namespaces.
+
+The proxy (sandbox/proxy.py) serves the sockets; this module only builds and removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from .errors import SandboxSetupError, UnsupportedHost
+
+#: The egress side of the link: where the proxy listens and the resolver answers.
+GATEWAY = "100.127.255.1"
+#: The sandbox side of the link.
+SANDBOX_ADDR = "100.127.255.2"
+PREFIX_LEN = 30
+#: Port of the explicit (HTTP_PROXY) proxy on GATEWAY; every other TCP port is transparent.
+PROXY_PORT = 3128
+DNS_PORT = 53
+EGRESS_IFNAME = "corral-eg"
+SANDBOX_IFNAME = "eth0"
+#: Routing table of the AnyIP route in the egress namespace.
+ANYIP_TABLE = 100
+
+CLONE_NEWNET = 0x40000000
+_SYS_BPF = 321  # x86_64
+_SIOCGSKNS = 0x894C
+
+
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    return _libc
+
+
+def _setns(fd: int, nstype: int, what: str) -> None:
+    if _lib().setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise SandboxSetupError("setns", what, err)
+
+
+def _unshare_net() -> None:
+    if _lib().unshare(CLONE_NEWNET) != 0:
+        raise SandboxSetupError("unshare(CLONE_NEWNET)", "egress namespace", ctypes.get_errno())
+
+
+def in_netns(ns_fd: int | None, fn, *args, what: str = "netns"):
+    """Run fn(*args) in a fresh thread inside the network namespace ns_fd; return its result.
+
+    ns_fd None: the thread first makes a new network namespace (unshare). The thread ends
+    with fn, so no thread of the caller's ever leaves its namespace. Sockets fn creates
+    stay in that namespace when used from other threads.
+    """
+    result: dict = {}
+
+    def body():
+        try:
+            if ns_fd is None:
+                _unshare_net()
+            else:
+                _setns(ns_fd, CLONE_NEWNET, what)
+            result["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    t = threading.Thread(target=body, name="corral-netns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def socket_netns_inode(sock: socket.socket) -> int:
+    """Inode of the network namespace a socket belongs to (SIOCGSKNS)."""
+    import fcntl
+
+    fd = fcntl.ioctl(sock.fileno(), _SIOCGSKNS)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+# -- BPF: the sk_lookup program that steers everything to the proxy's sockets ----------------
+
+_BPF_MAP_CREATE, _BPF_MAP_UPDATE_ELEM, _BPF_PROG_LOAD, _BPF_LINK_CREATE = 0, 2, 5, 28
+_BPF_MAP_TYPE_SOCKMAP = 15
+_BPF_PROG_TYPE_SK_LOOKUP = 30
+_BPF_SK_LOOKUP = 36
+_HELPER_MAP_LOOKUP, _HELPER_SK_RELEASE, _HELPER_SK_ASSIGN = 1, 86, 124
+#: Sockmap slots: the TCP listener and the UDP sink.
+SLOT_TCP, SLOT_UDP = 0, 1
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def sk_lookup_program(map_fd: int) -> bytes:
+    """The steering program: IPv4 TCP -> slot 0, IPv4 UDP -> slot 1, anything else passes.
+
+    struct bpf_sk_lookup: family at offset 8, protocol at 12. Returns SK_PASS (1) always;
+    the socket was assigned when the slot held one.
+    """
+    r0, r1, r2, r3, r6, r7, r10 = 0, 1, 2, 3, 6, 7, 10
+    mov_x, mov_k, ldx_w, stx_w, add_k = 0xBF, 0xB7, 0x61, 0x63, 0x07
+    jeq_k, jne_k, call, exit_ = 0x15, 0x55, 0x85, 0x95
+    pass_ = 22  # index of the SK_PASS exit; jump offsets are relative to the next insn
+    prog = [
+        _insn(mov_x, r6, r1),                                   # 0  r6 = ctx
+        _insn(ldx_w, r2, r6, 8),                                # 1  r2 = family
+        _insn(jne_k, r2, 0, pass_ - 3, socket.AF_INET),         # 2  not IPv4: pass
+        _insn(ldx_w, r2, r6, 12),                               # 3  r2 = protocol
+        _insn(mov_k, r3, 0, 0, SLOT_TCP),                       # 4  r3 = TCP slot
+        _insn(jeq_k, r2, 0, 8 - 6, socket.IPPROTO_TCP),         # 5  TCP: key at 8
+        _insn(mov_k, r3, 0, 0, SLOT_UDP),                       # 6  r3 = UDP slot
+        _insn(jne_k, r2, 0, pass_ - 8, socket.IPPROTO_UDP),     # 7  neither: pass
+        _insn(stx_w, r10, r3, -4),                              # 8  key on the stack
+        _insn(mov_x, r2, r10),                                  # 9
+        _insn(add_k, r2, 0, 0, -4),                             # 10 r2 = &key
+        _insn(0x18, r1, 1, 0, map_fd),                          # 11 r1 = map (PSEUDO_MAP_FD)
+        _insn(0, 0, 0, 0, 0),                                   # 12 upper half of the load
+        _insn(call, 0, 0, 0, _HELPER_MAP_LOOKUP),               # 13 r0 = socket or NULL
+        _insn(jeq_k, r0, 0, pass_ - 15, 0),                     # 14 empty slot: pass
+        _insn(mov_x, r7, r0),                                   # 15 r7 = socket reference
+        _insn(mov_x, r1, r6),                                   # 16
+        _insn(mov_x, r2, r7),                                   # 17
+        _insn(mov_k, r3, 0, 0, 0),                              # 18
+        _insn(call, 0, 0, 0, _HELPER_SK_ASSIGN),                # 19 bpf_sk_assign(ctx, sk, 0)
+        _insn(mov_x, r1, r7),                                   # 20
+        _insn(call, 0, 0, 0, _HELPER_SK_RELEASE),               # 21 drop the reference
+        _insn(mov_k, r0, 0, 0, 1),                              # 22 SK_PASS
+        _insn(exit_),                                           # 23
+    ]
+    return b"".join(prog)
+
+
+def _bpf(cmd: int, attr: bytes) -> int:
+    buf = ctypes.create_string_buffer(attr, 128)
+    ret = _lib().syscall(_SYS_BPF, cmd, buf, 128)
+    if ret < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return ret
+
+
+class SkLookup:
+    """A sockmap, the steering program and its link to one network namespace."""
+
+    def __init__(self, ns_fd: int, tcp_listener: socket.socket, udp_sink: socket.socket):
+        self.map_fd = self.prog_fd = self.link_fd = -1
+        try:
+            self.map_fd = _bpf(_BPF_MAP_CREATE, struct.pack(
+                "<IIIII", _BPF_MAP_TYPE_SOCKMAP, 4, 4, 2, 0))
+            for slot, sock in ((SLOT_TCP, tcp_listener), (SLOT_UDP, udp_sink)):
+                key = ctypes.c_uint32(slot)
+                value = ctypes.c_uint32(sock.fileno())
+                _bpf(_BPF_MAP_UPDATE_ELEM, struct.pack(
+                    "<IIQQQ", self.map_fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0))
+            self.prog_fd = self._load(self.map_fd)
+            self.link_fd = _bpf(_BPF_LINK_CREATE, struct.pack(
+                "<IIII", self.prog_fd, ns_fd, _BPF_SK_LOOKUP, 0))
+        except OSError as exc:
+            self.close()
+            if exc.errno in (errno_mod.EINVAL, errno_mod.ENOSYS, errno_mod.EOPNOTSUPP):
+                raise UnsupportedHost(
+                    f"egress steering needs BPF sk_lookup (Linux 5.9+): bpf() said "
+                    f"{os.strerror(exc.errno)}") from None
+            raise SandboxSetupError("bpf(sk_lookup)", "egress namespace", exc.errno) from None
+
+    @staticmethod
+    def _load(map_fd: int) -> int:
+        insns = sk_lookup_program(map_fd)
+        insn_buf = ctypes.create_string_buffer(insns, len(insns))
+        license_ = ctypes.create_string_buffer(b"GPL")
+        log = ctypes.create_string_buffer(65536)
+        attr = struct.pack("<IIQQIIQII16sII", _BPF_PROG_TYPE_SK_LOOKUP, len(insns) // 8,
+                           ctypes.addressof(insn_buf), ctypes.addressof(license_), 0, 0, 0, 0,
+                           0, b"corral_egress", 0, _BPF_SK_LOOKUP)
+        try:
+            return _bpf(_BPF_PROG_LOAD, attr)
+        except OSError:
+            pass
+        # Load again with the verifier log, to say why.
+        attr = struct.pack("<IIQQIIQII16sII", _BPF_PROG_TYPE_SK_LOOKUP, len(insns) // 8,
+                           ctypes.addressof(insn_buf), ctypes.addressof(license_), 1,
+                           len(log), ctypes.addressof(log), 0, 0, b"corral_egress", 0,
+                           _BPF_SK_LOOKUP)
+        try:
+            return _bpf(_BPF_PROG_LOAD, attr)
+        except OSError as exc:
+            text = log.value.decode(errors="replace").strip().splitlines()
+            raise OSError(exc.errno, f"{exc.strerror}: {' | '.join(text[-3:])}") from None
+
+    def close(self) -> None:
+        for name in ("link_fd", "prog_fd", "map_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, -1)
+
+
+# -- the attachment -----------------------------------------------------------------------------
+
+
+@dataclass
+class NetAttachment:
+    """Everything that gives one sandbox its egress link; close() removes all of it."""
+
+    egress_ns_fd: int
+    #: Inode of the egress namespace (to prove it is gone after close()).
+    egress_ns_inode: int
+    #: The proxy's TCP listener and UDP sink, both inside the egress namespace.
+    tcp_listener: socket.socket
+    udp_sink: socket.socket
+    steering: SkLookup
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        """Drop every reference to the egress namespace: the kernel then deletes it, and
+        with it the veth pair and every rule and route. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.steering.close()
+        for sock in (self.tcp_listener, self.udp_sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.egress_ns_fd)
+        self.egress_ns_fd = -1
+
+
+def _ipr():
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:  # pragma: no cover - an install without the dependency
+        raise UnsupportedHost("egress networking needs pyroute2 (pip install pyroute2)") from None
+    return IPRoute()
+
+
+def _netlink_error(step: str, exc: Exception) -> SandboxSetupError:
+    code = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno_mod.EIO
+    return SandboxSetupError(step, None, abs(int(code)), str(exc))
+
+
+def _setup_egress(sandbox_ns_fd: int):
+    """In a fresh egress namespace: veth pair, addresses, AnyIP, the two proxy sockets."""
+    ns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _ipr() as ipr:
+            try:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                ipr.link("set", index=lo, state="up")
+                ipr.link("add", ifname=EGRESS_IFNAME, kind="veth",
+                         peer={"ifname": SANDBOX_IFNAME})
+                eg = ipr.link_lookup(ifname=EGRESS_IFNAME)[0]
+                peer = ipr.link_lookup(ifname=SANDBOX_IFNAME)[0]
+                ipr.link("set", index=peer, net_ns_fd=sandbox_ns_fd)
+                ipr.addr("add", index=eg, address=GATEWAY, prefixlen=PREFIX_LEN)
+                ipr.link("set", index=eg, state="up")
+                # AnyIP for what the sandbox sends: every destination is local here.
+                ipr.route("add", dst="0.0.0.0/0", type="local", scope=254,
+                          table=ANYIP_TABLE, oif=lo)
+                ipr.rule("add", iifname=EGRESS_IFNAME, table=ANYIP_TABLE, priority=100)
+            except Exception as exc:
+                raise _netlink_error("egress link", exc) from None
+        for name in ("all", "default", EGRESS_IFNAME):
+            _write_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "1")
+        _write_sysctl("net/ipv4/ip_forward", "0")
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # The AnyIP route is only seen by packets arriving on the veth, so replies
+            # from a destination address that is not ours need a transparent socket
+            # (no source-address check on output); accepted sockets inherit it.
+            tcp.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+            tcp.bind(("0.0.0.0", PROXY_PORT))
+            tcp.listen(1024)
+            tcp.setblocking(False)
+            udp.setsockopt(socket.SOL_IP, _IP_RECVORIGDSTADDR, 1)
+            udp.bind(("0.0.0.0", DNS_PORT))
+            udp.setblocking(False)
+        except OSError as exc:
+            tcp.close()
+            udp.close()
+            raise SandboxSetupError("bind", f"{GATEWAY}:{PROXY_PORT}", exc.errno) from None
+        return ns_fd, os.fstat(ns_fd).st_ino, tcp, udp
+    except BaseException:
+        os.close(ns_fd)
+        raise
+
+
+_IP_TRANSPARENT = 19
+#: setsockopt(IP_RECVORIGDSTADDR): recvmsg reports each datagram's destination.
+_IP_RECVORIGDSTADDR = 20
+
+
+def _write_sysctl(name: str, value: str) -> None:
+    """Write a net sysctl of the calling thread's network namespace (resolved at open)."""
+    try:
+        with open(f"/proc/sys/{name}", "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise SandboxSetupError("sysctl", f"/proc/sys/{name}", exc.errno) from None
+
+
+def _setup_sandbox_side() -> None:
+    with _ipr() as ipr:
+        try:
+            idx = ipr.link_lookup(ifname=SANDBOX_IFNAME)[0]
+            ipr.addr("add", index=idx, address=SANDBOX_ADDR, prefixlen=PREFIX_LEN)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY)
+        except Exception as exc:
+            raise _netlink_error("sandbox link", exc) from None
+    for name in ("all", "default", SANDBOX_IFNAME):
+        _write_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "1")
+
+
+def attach(init_pid: int) -> NetAttachment:
+    """Give the sandbox whose PID 1 is init_pid its egress link; returns what holds it.
+
+    Raises:
+        SandboxSetupError: a netlink, namespace or BPF step failed (step named).
+        UnsupportedHost: the kernel lacks BPF sk_lookup, or pyroute2 is missing.
+    """
+    try:
+        sandbox_ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxSetupError("open", f"/proc/{init_pid}/ns/net", exc.errno) from None
+    try:
+        ns_fd, inode, tcp, udp = in_netns(None, _setup_egress, sandbox_ns_fd)
+        try:
+            steering = SkLookup(ns_fd, tcp, udp)
+        except BaseException:
+            tcp.close()
+            udp.close()
+            os.close(ns_fd)
+            raise
+        attachment = NetAttachment(ns_fd, inode, tcp, udp, steering)
+        try:
+            in_netns(sandbox_ns_fd, _setup_sandbox_side, what=f"/proc/{init_pid}/ns/net")
+        except BaseException:
+            attachment.close()
+            raise
+        return attachment
+    finally:
+        os.close(sandbox_ns_fd)
+
+
+def interfaces(ns_fd: int) -> dict:
+    """Links (name, state, addresses) and IPv4 routes of a network namespace (for inspect)."""
+
+    def read():
+        with _ipr() as ipr:
+            links = {}
+            for link in ipr.get_links():
+                links[link["index"]] = {
+                    "name": link.get_attr("IFLA_IFNAME"),
+                    "state": link.get_attr("IFLA_OPERSTATE") or "",
+                    "kind": (link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or ""),
+                    "addresses": [],
+                }
+            for addr in ipr.get_addr():
+                entry = links.get(addr["index"])
+                if entry is not None:
+                    entry["addresses"].append(
+                        f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
+            routes = []
+            for r in ipr.get_routes(family=socket.AF_INET, table=254):
+                dst = r.get_attr("RTA_DST")
+                oif = r.get_attr("RTA_OIF")
+                routes.append({
+                    "dst": f"{dst}/{r['dst_len']}" if dst else "default",
+                    "gateway": r.get_attr("RTA_GATEWAY") or "",
+                    "dev": links.get(oif, {}).get("name", "") if oif else "",
+                })
+            return {"links": sorted(links.values(), key=lambda e: e["name"]), "routes": routes}
+
+    return in_netns(ns_fd, read)
+
+
+class EgressLink:
+    """A sandbox's egress: its attachment plus its registration with the process's proxy."""
+
+    def __init__(self, sandbox_id: str, attachment: NetAttachment, proxy):
+        self.sandbox_id = sandbox_id
+        self.attachment = attachment
+        self.proxy = proxy
+
+    @property
+    def egress_ns_inode(self) -> int:
+        return self.attachment.egress_ns_inode
+
+    def close(self) -> None:
+        """End the sandbox's connections (reported), then remove the link. Idempotent."""
+        try:
+            self.proxy.unregister(self.sandbox_id)
+        finally:
+            self.attachment.close()
+
+
+def open_egress(sandbox_id: str, init_pid: int, allow_net, on_event=None) -> EgressLink:
+    """Link the sandbox to the process's egress proxy under its allow_net rules.
+
+    Raises:
+        SandboxSetupError, UnsupportedHost: see attach().
+    """
+    from .proxy import EgressPolicy, shared_proxy
+
+    proxy = shared_proxy()
+    policy = EgressPolicy(allow_net, proxy.config)
+    attachment = attach(init_pid)
+    try:
+        proxy.register(sandbox_id, attachment.tcp_listener, attachment.udp_sink, policy,
+                       on_event)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            proxy.unregister(sandbox_id)
+        attachment.close()
+        raise
+    return EgressLink(sandbox_id, attachment, proxy)

@@ -1,0 +1,957 @@
+"""The egress proxy: policy rules, the per-connection decision, and the asyncio server.
+
+Every TCP connection and UDP datagram a sandbox sends ends here (sandbox/net.py steers
+them with BPF sk_lookup); nothing else leaves a sandbox. The rules this file keeps:
+
+1. Deny by default. A connection is allowed by exactly one of:
+   * a **name rule** (`example.com`, `*.example.com`, with an optional `:PORT`) matching
+     the name the client asked for -- the CONNECT target, the absolute URI of a plain
+     HTTP request, or, for transparently steered connections, the TLS SNI or HTTP Host;
+   * an **address rule** (`203.0.113.7`, `10.0.0.0/8`, with an optional `:PORT`) matching
+     the destination address.
+2. A name is only as good as its addresses. The proxy resolves allowed names itself. An
+   explicit request connects to the first resolved address that passes rule 3. A
+   transparent connection keeps the destination the client chose, and that address must
+   be one the name resolves to: an allowed Host header or SNI sent to another address
+   (a forged Host) is denied.
+3. Non-public addresses (loopback, link-local incl. 169.254.169.254, private, shared,
+   reserved, multicast -- anything `ipaddress` does not call global) are denied even when
+   an allowed name resolves to them, unless an address rule names them or the operator
+   declared them routable (`EgressConfig.routable`, e.g. a corporate model endpoint).
+4. Protected endpoints (the daemon's own ports, the proxy itself) are denied whatever
+   the rules say.
+5. UDP is dropped, except DNS to the proxy's resolver (GATEWAY:53), which answers A
+   queries for allowed names (with the addresses rule 3 lets through) and NXDOMAIN for
+   everything else. AAAA gets an empty answer: sandboxes have no IPv6 route.
+6. Every attempt is an event (allowed or denied; destination, bytes, duration), handed
+   to the callback the sandbox was registered with; allowed connections report when they
+   end. UDP denials are capped per sandbox (a flood cannot flood the audit log); the
+   count of those not reported is in the final `net.summary` event.
+
+Pure parts (rules, decisions, TLS/HTTP/DNS parsing) have no I/O and are unit-tested;
+`EgressProxy` runs them on its own event loop thread, shared by every sandbox of the
+process (the CLI's one sandbox, or all of the daemon's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import InvalidSpec
+
+GATEWAY = "100.127.255.1"  # same as net.GATEWAY (kept import-free of pyroute2/net)
+PROXY_PORT = 3128
+DNS_PORT = 53
+LINK_NET = ipaddress.ip_network("100.127.255.0/30")
+
+_LABEL_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+# -- rules ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetRule:
+    """One --allow-net entry: a name, a *.wildcard, or an address/CIDR; port None = any."""
+
+    kind: str  # "name" | "wildcard" | "address"
+    name: str = ""  # lower-case; for a wildcard the suffix after "*."
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "address":
+            host = str(self.network.network_address) if self.network.num_addresses == 1 \
+                else str(self.network)
+            if self.network.version == 6:
+                host = f"[{host}]"
+        else:
+            host = ("*." if self.kind == "wildcard" else "") + self.name
+        return host if self.port is None else f"{host}:{self.port}"
+
+    def matches_name(self, name: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.kind == "name":
+            return name == self.name
+        if self.kind == "wildcard":
+            return name.endswith("." + self.name)
+        return False
+
+    def matches_address(self, address, port: int) -> bool:
+        if self.kind != "address" or (self.port is not None and self.port != port):
+            return False
+        return address.version == self.network.version and address in self.network
+
+
+def _port(text: str, rule: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise InvalidSpec("allow_net", f"{rule!r}: port {text!r} is not 1-65535")
+    return int(text)
+
+
+def normalize_name(name: str) -> str | None:
+    """A host name in canonical form (lower case, no trailing dot), None if it is not one."""
+    name = name.strip().lower().rstrip(".")
+    if not name or len(name) > 253:
+        return None
+    if not all(_LABEL_RE.match(label) for label in name.split(".")):
+        return None
+    return name
+
+
+def parse_rule(text: str) -> NetRule:
+    """Parse HOST[:PORT], *.DOMAIN[:PORT], IP[:PORT], CIDR[:PORT] or [IPV6](/LEN)?[:PORT].
+
+    Raises:
+        InvalidSpec: on field "allow_net", naming the rule and what is wrong with it.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidSpec("allow_net", "an empty rule; use HOST[:PORT], *.DOMAIN, IP or CIDR")
+    raw = text.strip()
+    port = None
+    if raw.startswith("["):
+        host, sep, rest = raw[1:].partition("]")
+        if not sep:
+            raise InvalidSpec("allow_net", f"{text!r}: missing ']'")
+        if rest:
+            if not rest.startswith(":"):
+                raise InvalidSpec("allow_net", f"{text!r}: expected ':PORT' after ']'")
+            port = _port(rest[1:], text)
+    elif raw.count(":") > 1:
+        host = raw  # a bare IPv6 address or network, no port
+    else:
+        host, sep, port_text = raw.rpartition(":")
+        if sep:
+            port = _port(port_text, text)
+        else:
+            host = raw
+    try:
+        network = ipaddress.ip_network(host, strict=True)
+    except ValueError as exc:
+        if "/" in host or host.replace(".", "").isdigit() or ":" in host:
+            raise InvalidSpec("allow_net", f"{text!r}: not an address or network ({exc})") \
+                from None
+        network = None
+    if network is not None:
+        return NetRule("address", network=network, port=port)
+    wildcard = host.startswith("*.")
+    name = normalize_name(host[2:] if wildcard else host)
+    if name is None or "*" in host[2 if wildcard else 0:]:
+        raise InvalidSpec("allow_net", f"{text!r}: not a host name, *.domain, IP or CIDR")
+    return NetRule("wildcard" if wildcard else "name", name=name, port=port)
+
+
+def parse_rules(texts: Iterable[str]) -> tuple[NetRule, ...]:
+    return tuple(parse_rule(t) for t in texts)
+
+
+# -- decisions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+    address: str = ""  # where the proxy connects (allowed) or what was refused
+    rule: str = ""
+
+
+@dataclass
+class EgressConfig:
+    """Process-wide settings of the proxy (operator knobs, not sandbox policy).
+
+    hosts: name -> addresses, consulted before DNS (an /etc/hosts for the proxy; tests
+        use it to name the servers of their own "internet").
+    routable: non-public networks that name rules may reach (rule 3).
+    protected: (address, port) pairs nobody may reach; address "" = any address.
+    """
+
+    hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    routable: tuple = ()
+    protected: set[tuple[str, int]] = field(default_factory=set)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EgressConfig:
+        """CORRAL_EGRESS_HOSTS (a hosts-format file) and CORRAL_EGRESS_ROUTABLE (CIDRs,
+        comma separated)."""
+        env = os.environ if environ is None else environ
+        cfg = cls()
+        path = env.get("CORRAL_EGRESS_HOSTS")
+        if path:
+            with open(path) as f:
+                cfg.hosts = parse_hosts(f.read())
+        routable = env.get("CORRAL_EGRESS_ROUTABLE", "")
+        nets = []
+        for item in filter(None, (x.strip() for x in routable.split(","))):
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise InvalidSpec("CORRAL_EGRESS_ROUTABLE", f"{item!r} is not a network") \
+                    from None
+        cfg.routable = tuple(nets)
+        return cfg
+
+
+def parse_hosts(text: str) -> dict[str, tuple[str, ...]]:
+    """hosts-file text -> {name: (address, ...)} in file order (IPv4 only)."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            addr = ipaddress.ip_address(fields[0])
+        except ValueError:
+            continue
+        if addr.version != 4:
+            continue
+        for name in fields[1:]:
+            norm = normalize_name(name)
+            if norm:
+                out.setdefault(norm, []).append(str(addr))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+class EgressPolicy:
+    """A sandbox's rules plus the process's config: the pure decision functions."""
+
+    def __init__(self, rules: Iterable[NetRule | str], config: EgressConfig | None = None):
+        self.rules = tuple(r if isinstance(r, NetRule) else parse_rule(r) for r in rules)
+        self.config = config or EgressConfig()
+
+    def name_rule(self, name: str | None, port: int) -> NetRule | None:
+        if not name:
+            return None
+        return next((r for r in self.rules if r.matches_name(name, port)), None)
+
+    def name_allowed(self, name: str) -> bool:
+        """Is some name rule (any port) matching name? (What the resolver answers.)"""
+        return any(r.kind != "address" and r.matches_name(name, r.port or 0)
+                   for r in self.rules)
+
+    def address_rule(self, address, port: int) -> NetRule | None:
+        return next((r for r in self.rules if r.matches_address(address, port)), None)
+
+    def protected(self, address, port: int) -> bool:
+        if address in LINK_NET:
+            return True
+        for host, p in self.config.protected:
+            if p == port and (not host or ipaddress.ip_address(host) == address
+                              or (address.is_loopback and ipaddress.ip_address(host).is_loopback)
+                              or ipaddress.ip_address(host).is_unspecified):
+                return True
+        return False
+
+    def _reachable(self, address, port: int) -> str | None:
+        """Why a name rule may not lead to address (rule 3), or None."""
+        if address.is_global and not address.is_multicast:
+            return None
+        if any(address in net for net in self.config.routable):
+            return None
+        if self.address_rule(address, port):
+            return None
+        return f"{address} is a non-public address ({_kind(address)})"
+
+    def decide(self, port: int, *, name: str | None = None, dst: str | None = None,
+               resolved: Iterable[str] = ()) -> Decision:
+        """The decision for one connection attempt.
+
+        Args:
+            name: the name asked for (CONNECT/URI host, SNI or Host), if any.
+            dst: the destination the client chose (transparent) or an IP literal it asked
+                for; None when the proxy picks the address (explicit request by name).
+            resolved: the addresses `name` resolves to.
+        """
+        dst_addr = None
+        if dst is not None:
+            dst_addr = ipaddress.ip_address(dst)
+            if self.protected(dst_addr, port):
+                return Decision(False, f"{dst}:{port} is a protected endpoint", dst)
+            rule = self.address_rule(dst_addr, port)
+            if rule is not None:
+                return Decision(True, "address rule", dst, str(rule))
+        if name is None:
+            what = f"{dst}:{port}" if dst else f"port {port}"
+            return Decision(False, f"no rule allows {what}", dst or "")
+        rule = self.name_rule(name, port)
+        if rule is None:
+            return Decision(False, f"no rule allows {name}:{port}", dst or "")
+        addresses = list(dict.fromkeys(resolved))
+        if not addresses:
+            return Decision(False, f"{name} does not resolve", dst or "", str(rule))
+        if dst is not None:
+            if dst not in addresses:
+                return Decision(False, f"{dst} is not an address of {name} (forged name)",
+                                dst, str(rule))
+            candidates = [dst]
+        else:
+            candidates = addresses
+        reasons = []
+        for cand in candidates:
+            addr = ipaddress.ip_address(cand)
+            if self.protected(addr, port):
+                reasons.append(f"{cand}:{port} is a protected endpoint")
+                continue
+            why = self._reachable(addr, port)
+            if why is None:
+                return Decision(True, "name rule", cand, str(rule))
+            reasons.append(why)
+        return Decision(False, reasons[0], candidates[0], str(rule))
+
+    def dns_answers(self, name: str, resolved: Iterable[str]) -> list[str]:
+        """The A records the resolver gives for an allowed name (rule 3 applied)."""
+        out = []
+        for cand in resolved:
+            addr = ipaddress.ip_address(cand)
+            if addr.version != 4 or self.protected(addr, 0):
+                continue
+            if self._reachable(addr, 0) is None or any(
+                    r.kind == "address" and addr in r.network for r in self.rules):
+                out.append(cand)
+        return out
+
+
+def _kind(address) -> str:
+    for attr, word in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
+                       ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
+                       ("is_private", "private"), ("is_reserved", "reserved")):
+        if getattr(address, attr):
+            return word
+    return "not global"
+
+
+# -- sniffing: TLS ClientHello SNI, HTTP request head ---------------------------------------------
+
+NEED_MORE = object()
+MAX_HEAD = 64 * 1024
+
+
+def parse_sni(data: bytes):
+    """The SNI host name of a TLS ClientHello; NEED_MORE if incomplete; None if absent
+    or not TLS."""
+    if len(data) < 5:
+        return NEED_MORE if (not data or data[0] == 0x16) else None
+    if data[0] != 0x16 or data[1] != 0x03:
+        return None
+    rec_len = struct.unpack_from("!H", data, 3)[0]
+    body = data[5:5 + rec_len]
+    if len(body) < 4:
+        return NEED_MORE
+    if body[0] != 0x01:
+        return None
+    hs_len = int.from_bytes(body[1:4], "big")
+    if hs_len > len(body) - 4:
+        # a ClientHello split over several records: reassemble the handshake bytes
+        hs, pos = bytearray(body[4:]), 5 + rec_len
+        while len(hs) < hs_len:
+            if len(data) < pos + 5:
+                return NEED_MORE if len(data) < MAX_HEAD else None
+            if data[pos] != 0x16:
+                return None
+            n = struct.unpack_from("!H", data, pos + 3)[0]
+            if len(data) < pos + 5 + n:
+                return NEED_MORE if len(data) < MAX_HEAD else None
+            hs += data[pos + 5:pos + 5 + n]
+            pos += 5 + n
+        hello = bytes(hs[:hs_len])
+    else:
+        hello = body[4:4 + hs_len]
+    try:
+        p = 2 + 32
+        p += 1 + hello[p]
+        p += 2 + struct.unpack_from("!H", hello, p)[0]
+        p += 1 + hello[p]
+        if p + 2 > len(hello):
+            return None
+        end = p + 2 + struct.unpack_from("!H", hello, p)[0]
+        p += 2
+        while p + 4 <= end:
+            ext, n = struct.unpack_from("!HH", hello, p)
+            p += 4
+            if ext == 0:
+                q = p + 2
+                while q + 3 <= p + n:
+                    kind, ln = hello[q], struct.unpack_from("!H", hello, q + 1)[0]
+                    if kind == 0:
+                        return normalize_name(hello[q + 3:q + 3 + ln].decode("ascii"))
+                    q += 3 + ln
+                return None
+            p += n
+    except (IndexError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class HttpHead:
+    method: str
+    target: str
+    version: str
+    headers: tuple[tuple[str, str], ...]
+    length: int  # bytes of the head, including the blank line
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+_METHOD_RE = re.compile(rb"^[A-Z]{3,10} ")
+
+
+def parse_http_head(data: bytes):
+    """An HTTP/1.x request head; NEED_MORE if incomplete; None if not HTTP."""
+    if not data:
+        return NEED_MORE
+    if not _METHOD_RE.match(data[:11]) and not (len(data) < 11 and data.isalpha()):
+        return None
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return NEED_MORE if len(data) < MAX_HEAD else None
+    try:
+        lines = data[:end].decode("latin-1").split("\r\n")
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        return None
+    if not version.startswith("HTTP/1."):
+        return None
+    headers = []
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if not sep or not key or key != key.strip():
+            return None
+        headers.append((key, value.strip()))
+    return HttpHead(method, target, version, tuple(headers), end + 4)
+
+
+def split_host_port(text: str, default_port: int) -> tuple[str, int] | None:
+    """'host:port', '[v6]:port' or 'host' -> (host, port); None if malformed."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            return None
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            return None
+        return host, int(port_text)
+    return host, default_port
+
+
+def ip_literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+# -- DNS ------------------------------------------------------------------------------------------
+
+QTYPE_A, QTYPE_AAAA = 1, 28
+RCODE_NOERROR, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_REFUSED = 0, 1, 3, 5
+
+
+@dataclass(frozen=True)
+class DnsQuery:
+    id: int
+    flags: int
+    name: str
+    qtype: int
+    qclass: int
+    question: bytes  # the raw question section, echoed in the answer
+
+
+def parse_dns_query(data: bytes) -> DnsQuery | None:
+    """The single question of a standard query; None when malformed or not a query."""
+    if len(data) < 12:
+        return None
+    qid, flags, qd, an, ns, _ar = struct.unpack_from("!HHHHHH", data, 0)
+    if flags & 0x8000 or (flags >> 11) & 0xF != 0 or qd != 1 or an or ns:
+        return None
+    p, labels = 12, []
+    while True:
+        if p >= len(data):
+            return None
+        n = data[p]
+        p += 1
+        if n == 0:
+            break
+        if n > 63 or p + n > len(data):
+            return None  # compression pointers do not occur in a question
+        labels.append(data[p:p + n])
+        p += n
+    if p + 4 > len(data):
+        return None
+    qtype, qclass = struct.unpack_from("!HH", data, p)
+    try:
+        name = b".".join(labels).decode("ascii").lower()
+    except UnicodeDecodeError:
+        return None
+    return DnsQuery(qid, flags, name, qtype, qclass, data[12:p + 4])
+
+
+def build_dns_response(q: DnsQuery, rcode: int, addresses: Iterable[str] = (),
+                       ttl: int = 30) -> bytes:
+    answers = [ipaddress.IPv4Address(a).packed for a in addresses] if rcode == 0 else []
+    flags = 0x8000 | (q.flags & 0x0100) | 0x0080 | 0x0400 | rcode  # QR, RD copy, RA, AA
+    out = struct.pack("!HHHHHH", q.id, flags, 1, len(answers), 0, 0) + q.question
+    for packed in answers:
+        out += struct.pack("!HHHIH", 0xC00C, QTYPE_A, 1, ttl, 4) + packed
+    return out
+
+
+def build_dns_query(name: str, qtype: int = QTYPE_A, qid: int = 0x1234) -> bytes:
+    """A standard recursive query (used by tests and the bench)."""
+    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + q + struct.pack("!HH", qtype, 1)
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+SNIFF_TIMEOUT_S = 2.0
+HEAD_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+MAX_UDP_DENIAL_EVENTS = 64
+CHUNK = 256 * 1024
+
+
+class Resolver:
+    """Name -> IPv4 addresses: the config's hosts first, then the host's resolver.
+
+    Addresses given out for a name are remembered for a while, so a transparent
+    connection made after our own DNS answer is never mistaken for a forged name when
+    the name's round-robin answer changes.
+    """
+
+    REMEMBER_S = 300.0
+
+    def __init__(self, config: EgressConfig):
+        self.config = config
+        self._seen: dict[str, dict[str, float]] = {}
+
+    async def resolve(self, name: str) -> list[str]:
+        fixed = self.config.hosts.get(name)
+        if fixed is not None:
+            found = list(fixed)
+        else:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    name, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError, OSError):
+                infos = []
+            found = list(dict.fromkeys(info[4][0] for info in infos))
+        now = time.monotonic()
+        seen = self._seen.setdefault(name, {})
+        for addr in found:
+            seen[addr] = now + self.REMEMBER_S
+        for addr in [a for a, until in seen.items() if until < now]:
+            del seen[addr]
+        return found + [a for a in seen if a not in found]
+
+
+@dataclass
+class _Registration:
+    sandbox_id: str
+    policy: EgressPolicy
+    on_event: Callable[[dict], None] | None
+    server: asyncio.AbstractServer | None = None
+    udp: socket.socket | None = None
+    tasks: set = field(default_factory=set)
+    udp_denials: int = 0
+    suppressed: int = 0
+    counts: dict = field(default_factory=lambda: {"allowed": 0, "denied": 0})
+
+
+class EgressProxy:
+    """One per process: serves the egress sockets of every registered sandbox on its own
+    event loop thread (the daemon's loop never copies egress bytes)."""
+
+    def __init__(self, config: EgressConfig | None = None):
+        self.config = config or EgressConfig.from_env()
+        self.resolver = Resolver(self.config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._regs: dict[str, _Registration] = {}
+        self._lock = threading.Lock()
+
+    # -- life ------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run():
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=run, name="corral-egress", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def protect(self, host: str, port: int) -> None:
+        """Never let any sandbox reach host:port (host '' = any address)."""
+        self.config.protected.add((host, int(port)))
+
+    def _call(self, coro, timeout: float = 30.0):
+        loop = self._ensure_started()
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    def register(self, sandbox_id: str, tcp_listener: socket.socket, udp_sink: socket.socket,
+                 policy: EgressPolicy, on_event: Callable[[dict], None] | None) -> None:
+        """Start serving one sandbox's sockets (blocking until they are served)."""
+        reg = _Registration(sandbox_id, policy, on_event)
+        self._call(self._register(reg, tcp_listener, udp_sink))
+
+    def unregister(self, sandbox_id: str) -> None:
+        """Stop serving, end the sandbox's connections and report them. Idempotent."""
+        if self._loop is None or sandbox_id not in self._regs:
+            return
+        self._call(self._unregister(sandbox_id))
+
+    def connections(self, sandbox_id: str) -> int:
+        reg = self._regs.get(sandbox_id)
+        return len(reg.tasks) if reg else 0
+
+    async def _register(self, reg, tcp_listener, udp_sink) -> None:
+        self._regs[reg.sandbox_id] = reg
+        reg.server = await asyncio.start_server(
+            lambda r, w: self._spawn(reg, self._serve_tcp(reg, r, w)), sock=tcp_listener,
+            limit=MAX_HEAD)
+        reg.udp = udp_sink
+        asyncio.get_running_loop().add_reader(udp_sink.fileno(), self._on_udp, reg)
+
+    async def _unregister(self, sandbox_id: str) -> None:
+        reg = self._regs.pop(sandbox_id, None)
+        if reg is None:
+            return
+        loop = asyncio.get_running_loop()
+        if reg.udp is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(reg.udp.fileno())
+        if reg.server is not None:
+            reg.server.close()
+        for task in list(reg.tasks):
+            task.cancel()
+        if reg.tasks:
+            await asyncio.wait(list(reg.tasks), timeout=5)
+        self._emit(reg, {"kind": "net.summary", "allowed": reg.counts["allowed"],
+                         "denied": reg.counts["denied"], "suppressed": reg.suppressed},
+                   force=True)
+
+    def _spawn(self, reg, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        reg.tasks.add(task)
+        task.add_done_callback(reg.tasks.discard)
+        return task
+
+    def _emit(self, reg: _Registration, event: dict, force: bool = False) -> None:
+        event = {"sandbox_id": reg.sandbox_id, **event}
+        if "decision" in event:
+            reg.counts["allowed" if event["decision"] == "allow" else "denied"] += 1
+        if reg.on_event is not None:
+            try:
+                reg.on_event(event)
+            except Exception:  # an audit sink failing must not kill the proxy
+                pass
+
+    # -- TCP -------------------------------------------------------------------------------
+
+    async def _serve_tcp(self, reg, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        sock = writer.get_extra_info("socket")
+        started = time.monotonic()
+        dst_ip, dst_port = sock.getsockname()[:2]
+        peer = writer.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if peer else ""
+        event = {"kind": "net.connect", "client": client, "port": dst_port, "name": "",
+                 "address": dst_ip, "bytes_out": 0, "bytes_in": 0}
+        upstream = None
+        try:
+            if (dst_ip, dst_port) == (GATEWAY, PROXY_PORT):
+                upstream, first = await self._explicit(reg, reader, writer, event)
+            else:
+                upstream, first = await self._transparent(reg, reader, writer, event,
+                                                          dst_ip, dst_port)
+            if upstream is None:
+                return
+            up_reader, up_writer = upstream
+            if first:
+                up_writer.write(first)
+                event["bytes_out"] += len(first)
+            await self._pipe(reader, writer, up_reader, up_writer, event)
+        except asyncio.CancelledError:
+            event.setdefault("error", "sandbox destroyed")
+        except Exception as exc:  # a broken client must never take the proxy down
+            event.setdefault("error", f"{type(exc).__name__}: {exc}")
+        finally:
+            for w in (writer, upstream[1] if upstream else None):
+                if w is not None:
+                    with contextlib.suppress(Exception):
+                        w.close()
+            event["duration_s"] = round(time.monotonic() - started, 6)
+            if "decision" in event:
+                self._emit(reg, event)
+
+    async def _explicit(self, reg, reader, writer, event):
+        """HTTP proxy protocol: CONNECT host:port, or a request with an absolute URI."""
+        head = await self._read_head(reader, HEAD_TIMEOUT_S, parse_http_head)
+        if not isinstance(head, HttpHead):
+            event.update(mode="proxy", decision="deny", reason="not an HTTP proxy request")
+            await _respond(writer, 400, "Bad Request", "corral: not an HTTP proxy request\n")
+            return None, b""
+        buffered = reader._buffer  # what came after the head stays for the upstream
+        if head.method == "CONNECT":
+            event["mode"] = "connect"
+            hp = split_host_port(head.target, 443)
+            default_port = 443
+        else:
+            event["mode"] = "http"
+            default_port = 80
+            m = re.match(r"^http://([^/?#]+)(.*)$", head.target, re.IGNORECASE)
+            hp = split_host_port(m.group(1).rpartition("@")[2], 80) if m else None
+        if hp is None:
+            event.update(decision="deny", reason=f"bad proxy target {head.target[:200]!r}")
+            await _respond(writer, 400, "Bad Request", "corral: bad proxy target\n")
+            return None, b""
+        host, port = hp
+        literal = ip_literal(host)
+        name = None if literal else normalize_name(host)
+        event.update(name=name or "", port=port or default_port, address=literal or "")
+        if literal is None and name is None:
+            event.update(decision="deny", reason=f"{host[:200]!r} is not a host name")
+            await _respond(writer, 400, "Bad Request", "corral: not a host name\n")
+            return None, b""
+        resolved = await self.resolver.resolve(name) if name and reg.policy.name_rule(
+            name, port) else []
+        decision = reg.policy.decide(port, name=name, dst=literal, resolved=resolved)
+        event.update(address=decision.address, reason=decision.reason, rule=decision.rule,
+                     decision="allow" if decision.allowed else "deny")
+        if not decision.allowed:
+            await _respond(writer, 403, "Forbidden",
+                           f"corral: egress denied: {decision.reason}\n")
+            return None, b""
+        upstream = await self._connect(decision.address, port, event)
+        if upstream is None:
+            await _respond(writer, 502, "Bad Gateway", f"corral: {event['error']}\n")
+            return None, b""
+        del reader._buffer[:head.length]
+        if head.method == "CONNECT":
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            first = bytes(buffered)
+        else:
+            m = re.match(r"^http://[^/?#]+(.*)$", head.target, re.IGNORECASE)
+            path = m.group(1) or "/"
+            lines = [f"{head.method} {path} {head.version}"]
+            lines += [f"{k}: {v}" for k, v in head.headers
+                      if not k.lower().startswith("proxy-")]
+            first = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + bytes(buffered)
+        reader._buffer.clear()
+        return upstream, first
+
+    async def _transparent(self, reg, reader, writer, event, dst_ip, dst_port):
+        """A connection that did not ask for a proxy: its destination is its own."""
+        event["mode"] = "transparent"
+        policy = reg.policy
+        addr_decision = policy.decide(dst_port, dst=dst_ip)
+        if addr_decision.allowed or "protected" in addr_decision.reason:
+            decision, name = addr_decision, None
+        else:
+            sniffed = await self._read_head(reader, SNIFF_TIMEOUT_S, _sniff_name)
+            name = sniffed if isinstance(sniffed, str) else None
+            resolved = await self.resolver.resolve(name) if name and policy.name_rule(
+                name, dst_port) else []
+            decision = policy.decide(dst_port, name=name, dst=dst_ip, resolved=resolved)
+        event.update(name=name or "", reason=decision.reason, rule=decision.rule,
+                     decision="allow" if decision.allowed else "deny")
+        if not decision.allowed:
+            _reset(writer)
+            return None, b""
+        upstream = await self._connect(dst_ip, dst_port, event)
+        if upstream is None:
+            _reset(writer)
+            return None, b""
+        first = bytes(reader._buffer)
+        reader._buffer.clear()
+        return upstream, first
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader, timeout: float, parse):
+        """Wait for bytes until parse() gives an answer (or timeout: its last answer)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        result = NEED_MORE
+        while True:
+            result = parse(bytes(reader._buffer))
+            if result is not NEED_MORE or reader.at_eof():
+                return result
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(reader._wait_for_data("_read_head"), remaining)
+            except TimeoutError:
+                return None
+
+    async def _connect(self, host: str, port: int, event: dict):
+        try:
+            r, w = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            event["error"] = f"upstream {host}:{port}: " + (
+                os.strerror(exc.errno) if getattr(exc, "errno", None) else "timed out")
+            return None
+        sock = w.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return r, w
+
+    @staticmethod
+    async def _pipe(c_reader, c_writer, u_reader, u_writer, event):
+        async def copy(src, dst, key):
+            try:
+                while True:
+                    data = await src.read(CHUNK)
+                    if not data:
+                        break
+                    dst.write(data)
+                    event[key] += len(data)
+                    await dst.drain()
+            finally:
+                with contextlib.suppress(Exception):
+                    if dst.can_write_eof():
+                        dst.write_eof()
+
+        with contextlib.suppress(OSError):
+            c_writer.get_extra_info("socket").setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        up = asyncio.ensure_future(copy(c_reader, u_writer, "bytes_out"))
+        down = asyncio.ensure_future(copy(u_reader, c_writer, "bytes_in"))
+        try:
+            await asyncio.gather(up, down)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            up.cancel()
+            down.cancel()
+
+    # -- UDP -------------------------------------------------------------------------------
+
+    def _on_udp(self, reg: _Registration) -> None:
+        for _ in range(64):
+            try:
+                data, anc, _flags, peer = reg.udp.recvmsg(4096, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            dst = _orig_dst(anc)
+            if dst == (GATEWAY, DNS_PORT):
+                self._spawn(reg, self._dns(reg, data, peer))
+                continue
+            reg.udp_denials += 1
+            if reg.udp_denials > MAX_UDP_DENIAL_EVENTS:
+                reg.suppressed += 1
+                reg.counts["denied"] += 1
+                continue
+            self._emit(reg, {
+                "kind": "net.udp", "decision": "deny", "mode": "udp",
+                "client": f"{peer[0]}:{peer[1]}", "address": dst[0] if dst else "",
+                "port": dst[1] if dst else 0, "bytes_out": len(data),
+                "reason": "UDP is dropped (only DNS to the sandbox resolver)"})
+
+    async def _dns(self, reg: _Registration, data: bytes, peer) -> None:
+        q = parse_dns_query(data)
+        event = {"kind": "net.dns", "mode": "dns", "client": f"{peer[0]}:{peer[1]}",
+                 "address": GATEWAY, "port": DNS_PORT}
+        if q is None:
+            event.update(decision="deny", reason="malformed DNS query", name="")
+            self._emit(reg, event)
+            return
+        name = normalize_name(q.name) or ""
+        event["name"] = name
+        event["qtype"] = q.qtype
+        if not name or not reg.policy.name_allowed(name):
+            reply = build_dns_response(q, RCODE_NXDOMAIN)
+            event.update(decision="deny", reason=f"no rule allows {name or q.name!r}")
+        elif q.qtype == QTYPE_A and q.qclass == 1:
+            answers = reg.policy.dns_answers(name, await self.resolver.resolve(name))
+            reply = build_dns_response(q, RCODE_NOERROR if answers else RCODE_NXDOMAIN,
+                                       answers)
+            event.update(decision="allow" if answers else "deny",
+                         reason="name rule" if answers else "no public address",
+                         answers=answers)
+        else:
+            reply = build_dns_response(q, RCODE_NOERROR)  # no AAAA etc.: no IPv6 route
+            event.update(decision="allow", reason="name rule (no records of this type)")
+        with contextlib.suppress(OSError):
+            reg.udp.sendto(reply, peer)
+        self._emit(reg, event)
+
+
+def _sniff_name(data: bytes):
+    """SNI or Host of the first bytes of a connection; NEED_MORE; or None."""
+    if not data:
+        return NEED_MORE
+    if data[0] == 0x16:
+        return parse_sni(data)
+    head = parse_http_head(data)
+    if isinstance(head, HttpHead):
+        host = head.header("host")
+        hp = split_host_port(host, 80) if host else None
+        return normalize_name(hp[0]) if hp else None
+    return head  # NEED_MORE or None
+
+
+def _orig_dst(ancillary) -> tuple[str, int] | None:
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_IP and kind == 20 and len(payload) >= 8:  # IP_ORIGDSTADDR
+            port = struct.unpack_from("!H", payload, 2)[0]
+            return socket.inet_ntoa(payload[4:8]), port
+    return None
+
+
+async def _respond(writer, code: int, text: str, body: str) -> None:
+    payload = body.encode()
+    writer.write(f"HTTP/1.1 {code} {text}\r\nContent-Type: text/plain\r\n"
+                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                 + payload)
+    with contextlib.suppress(Exception):
+        await writer.drain()
+
+
+def _reset(writer) -> None:
+    """Refuse a transparent connection with a RST (SO_LINGER 0), not a polite FIN."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+_shared: EgressProxy | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_proxy() -> EgressProxy:
+    """The process's proxy (configured from the environment at first use)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = EgressProxy()
+        return _shared
