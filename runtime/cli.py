@@ -65,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_policy_flags(run)
+    run.add_argument("--backend", choices=("native", "docker"), default="native",
+                     help="where the sandbox runs: Corral's own kernel setup, or a container "
+                          "on a Docker engine (default: %(default)s)")
+    run.add_argument("--docker-host", metavar="URL",
+                     help="Docker engine for --backend docker (default: $DOCKER_HOST, else "
+                          "unix:///var/run/docker.sock)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    from corral.runtime import probe as probe_verb
+
+    probe_verb.add_parser(sub)
 
     daemon = sub.add_parser(
         "daemon", help="run the gRPC daemon",
@@ -184,12 +194,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = SandboxSpec.build(
             profile=args.profile, memory=args.memory, pids=args.pids, cpus=args.cpus,
             timeout=args.timeout, workspace=args.workspace, ro=args.ro, rw=args.rw,
-            env=args.env, tmp_size=args.tmp_size,
+            env=args.env, tmp_size=args.tmp_size, backend=args.backend,
         )
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", EXIT_USAGE)
     try:
-        return _run_streaming(spec, argv)
+        return _run_streaming(spec, argv, docker_host=args.docker_host)
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", EXIT_USAGE)
     except CommandNotFound as exc:
@@ -200,14 +210,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"run: {exc}", 125)
 
 
-def _run_streaming(spec, argv: list[str]) -> int:
+def _run_streaming(spec, argv: list[str], docker_host: str | None = None) -> int:
     """Run argv, copying its output live and our stdin to it; returns the exit status."""
     import signal
     import threading
 
-    from corral.sandbox import ExitReason, Sandbox
+    from corral.sandbox import ExitReason
+    from corral.sandbox.backends import open_sandbox
 
-    with Sandbox.create(spec) as sandbox:
+    with open_sandbox(spec, docker_host=docker_host) as sandbox:
         proc = sandbox.exec(argv)
         interrupts = []
 
@@ -281,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.verb == "daemon":
         return cmd_daemon(args)
+    if args.verb == "probe":
+        from corral.runtime import probe as probe_verb
+
+        return probe_verb.main(args)
     if args.verb in ("ps", "create", "destroy", "exec", "session", "audit"):
         from corral.runtime import cli_client
 

@@ -21,6 +21,8 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
+#: Sandbox backends a spec may name.
+BACKENDS = ("native", "docker")
 # Paths inside the sandbox that Corral itself builds; a user mount may not replace them.
 RESERVED_TARGETS = ("/", "/proc", "/dev", "/tmp", "/workspace", "/etc")
 
@@ -126,10 +128,15 @@ class SandboxSpec:
     #: Egress allow-list: HOST[:PORT], *.DOMAIN[:PORT], IP[:PORT], CIDR[:PORT] (canonical
     #: form). Empty = loopback only, no link at all (sandbox/proxy.py has the rules).
     allow_net: tuple[str, ...] = ()
+    #: Where the sandbox runs: "native" (Corral's own kernel setup) or "docker" (an engine).
+    backend: str = "native"
 
     def __post_init__(self):
         if not isinstance(self.profile, str) or not self.profile:
             raise InvalidSpec("profile", "must name a profile or a JSON file")
+        if self.backend not in BACKENDS:
+            raise InvalidSpec("backend", f"{self.backend!r} is not a backend; use "
+                                         f"{' or '.join(BACKENDS)}")
         for name in ("memory_bytes", "pids_max", "tmp_bytes", "nofile", "fsize_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -196,10 +203,13 @@ class SandboxSpec:
         env: Mapping[str, str] | Iterable[str] = (),
         tmp_size: str | int | None = None,
         hostname: str | None = None,
+        backend: str | None = None,
         allow_net: Iterable[str] = (),
     ) -> SandboxSpec:
         """Build a spec from user-facing strings (CLI flags, config, API fields)."""
         kw: dict = {"profile": profile}
+        if backend is not None:
+            kw["backend"] = backend
         if memory is not None:
             kw["memory_bytes"] = parse_size(memory, "memory")
         if pids is not None:

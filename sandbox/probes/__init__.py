@@ -1,0 +1,1 @@
+"""The conformance probe suite: hostile programs run inside a sandbox, judged from outside."""
