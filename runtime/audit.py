@@ -87,6 +87,8 @@ own, so a long check never stalls appends or queries (WAL readers see a stable s
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -313,6 +315,7 @@ class AuditStatistics:
     subscribers: int
     callback_errors: int  # subscriber callbacks that raised (logged, then ignored)
     head_write_errors: int  # anchor writes that failed after the record was committed
+    commits: int  # transactions (fsyncs) that wrote them: appends / commits = group size
 
 
 # -- input checks ------------------------------------------------------------------------------
@@ -594,6 +597,34 @@ def _check_format(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
         raise AuditError(path, f"cannot create the audit schema: {exc}") from None
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A validated record waiting for its seq, hash and commit."""
+
+    kind: str
+    tenant: str
+    peer: str
+    sandbox_id: str
+    session_id: str
+    detail_json: str
+    detail_obj: dict[str, Any]
+    time: float | None
+    future: concurrent.futures.Future
+
+
+def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time) -> _Pending:
+    _check_kind(kind)
+    _check_text("tenant", tenant)
+    _check_text("peer", peer)
+    _check_text("sandbox_id", sandbox_id)
+    _check_text("session_id", session_id)
+    detail_json, detail_obj = _encode_detail(detail)
+    if time is not None:
+        time = _check_seconds("time", time)
+    return _Pending(kind, tenant, peer, sandbox_id, session_id, detail_json, detail_obj, time,
+                    concurrent.futures.Future())
+
+
 class AuditLog:
     """The daemon's audit log; create with `AuditLog.open(path)`. Thread-safe."""
 
@@ -619,7 +650,13 @@ class AuditLog:
         self._appends = 0
         self._callback_errors = 0
         self._head_write_errors = 0
+        self._commits = 0
         self._closed = False
+        # group commit: records submitted and not yet written, and the thread writing them
+        self._queue: list[_Pending] = []
+        self._queue_cv = threading.Condition(threading.Lock())
+        self._committer: threading.Thread | None = None
+        self._stopping = False
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -753,66 +790,144 @@ class AuditLog:
     ) -> AuditRecord:
         """Append one record; it is durable (fsynced) when this returns.
 
+        Records submitted earlier and not yet written go into the same transaction first
+        (they keep their lower seqs), so `append` and `submit` interleave in call order.
+
         Args:
             kind: what happened, a dotted name such as "exec.start" (a-z 0-9 _ . -).
             tenant, peer: who. sandbox_id, session_id: on what ("" when not applicable).
             detail: a JSON object of particulars (argv, sizes, reason...).
-            time: Unix seconds; default now (read under the lock, so it follows seq order
+            time: Unix seconds; default now (read at commit, so it follows seq order
                 unless the clock steps back).
         Raises:
             InvalidSpec: a malformed argument, named.
             AuditError: the record could not be written; the action must not proceed.
         """
-        _check_kind(kind)
-        _check_text("tenant", tenant)
-        _check_text("peer", peer)
-        _check_text("sandbox_id", sandbox_id)
-        _check_text("session_id", session_id)
-        detail_json, detail_obj = _encode_detail(detail)
-        if time is not None:
-            time = _check_seconds("time", time)
+        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time)
         with self._lock:
-            if self._writer is None:
-                raise AuditError(self.path, "is closed" if self._closed else "is open read-only")
-            seq = self._last_seq + 1
-            prev = self._last_hash
-            when = _time.time() if time is None else time
+            self._commit_locked(item)
+        return item.future.result()
+
+    def submit(
+        self,
+        kind: str,
+        *,
+        tenant: str,
+        peer: str = "",
+        sandbox_id: str = "",
+        session_id: str = "",
+        detail: dict[str, Any] | None = None,
+        time: float | None = None,
+    ) -> concurrent.futures.Future[AuditRecord]:
+        """Queue one record for the group-commit thread; never waits for the disk.
+
+        Returns a future resolved with the record once it is durable (or failed with
+        AuditError). Everything queued while one commit runs is written by the next one,
+        in a single transaction with a single fsync: under load the log costs one fsync per
+        group, not per record. For callers that must not block (the daemon's event loop):
+        `await asyncio.wrap_future(log.submit(...))` before returning an action's result, or
+        fire-and-forget for records of actions already under way (steering input,
+        interrupt), whose failure is logged.
+
+        Raises:
+            InvalidSpec: a malformed argument, named (at once, nothing is queued).
+            AuditError: the log is closed or read-only.
+        """
+        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time)
+        with self._queue_cv:
+            if self._writer is None or self._stopping:
+                raise AuditError(self.path, "is closed" if self._closed or self._stopping
+                                 else "is open read-only")
+            self._queue.append(item)
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_loop, name="corral-audit-commit", daemon=True)
+                self._committer.start()
+            self._queue_cv.notify()
+        return item.future
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._queue_cv:
+                while not self._queue and not self._stopping:
+                    self._queue_cv.wait()
+                if not self._queue:
+                    return
+            with self._lock:
+                self._commit_locked(None)
+
+    def _commit_locked(self, item: _Pending | None) -> None:
+        """Write everything queued, then item, in one transaction. Caller holds _lock."""
+        with self._queue_cv:
+            items, self._queue = self._queue, []
+        if item is not None:
+            items.append(item)
+        if not items:
+            return
+        if self._writer is None:
+            error = AuditError(self.path, "is closed" if self._closed else "is open read-only")
+            for it in items:
+                it.future.set_exception(error)
+            return
+        seq, prev = self._last_seq, self._last_hash
+        rows, records = [], []
+        for it in items:
+            seq += 1
+            when = _time.time() if it.time is None else it.time
             digest = record_hash(
-                prev, seq=seq, time=when, tenant=tenant, peer=peer, kind=kind,
-                sandbox_id=sandbox_id, session_id=session_id, detail_json=detail_json,
+                prev, seq=seq, time=when, tenant=it.tenant, peer=it.peer, kind=it.kind,
+                sandbox_id=it.sandbox_id, session_id=it.session_id, detail_json=it.detail_json,
             )  # fmt: skip
-            try:
-                self._writer.execute(
-                    _INSERT,
-                    (seq, when, tenant, peer, kind, sandbox_id, session_id, detail_json, prev,
-                     digest),
-                )  # fmt: skip
-            except sqlite3.IntegrityError:
-                raise AuditError(
-                    self.path, f"record {seq} already exists: something else writes to this log"
-                ) from None
-            except sqlite3.Error as exc:
-                raise AuditError(self.path, f"cannot append record {seq}: {exc}") from None
-            self._last_seq, self._last_hash = seq, digest
-            self._appends += 1
-            try:
-                os.pwrite(self._head_fd, _head_slot(seq, digest), (seq % 2) * _HEAD_SLOT_BYTES)
-            except OSError as exc:
-                # The record is committed and the anchor merely lags (still a valid lower
-                # bound); failing the action now would leave a record of something undone.
-                self._head_write_errors += 1
-                _log.error("audit head anchor %s not updated: %s", self.head_path, exc)
-            record = AuditRecord(
-                seq, when, tenant, peer, kind, sandbox_id, session_id, detail_obj, prev, digest
-            )
+            rows.append((seq, when, it.tenant, it.peer, it.kind, it.sandbox_id, it.session_id,
+                         it.detail_json, prev, digest))
+            records.append(AuditRecord(seq, when, it.tenant, it.peer, it.kind, it.sandbox_id,
+                                       it.session_id, it.detail_obj, prev, digest))
+            prev = digest
+        writer = self._writer
+        try:
+            if len(rows) == 1:
+                writer.execute(_INSERT, rows[0])  # autocommit: one statement, one transaction
+            else:
+                writer.execute("BEGIN IMMEDIATE")
+                try:
+                    writer.executemany(_INSERT, rows)
+                    writer.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        writer.execute("ROLLBACK")
+                    raise
+        except sqlite3.IntegrityError:
+            error = AuditError(
+                self.path, f"records {rows[0][0]}-{seq} collide with existing ones: something "
+                           "else writes to this log")
+        except sqlite3.Error as exc:
+            error = AuditError(self.path, f"cannot append records {rows[0][0]}-{seq}: {exc}")
+        else:
+            error = None
+        if error is not None:
+            for it in items:
+                it.future.set_exception(error)
+            return
+        self._last_seq, self._last_hash = seq, prev
+        self._appends += len(rows)
+        self._commits += 1
+        try:
+            os.pwrite(self._head_fd, _head_slot(seq, prev), (seq % 2) * _HEAD_SLOT_BYTES)
+        except OSError as exc:
+            # The records are committed and the anchor merely lags (still a valid lower
+            # bound); failing the actions now would leave records of things undone.
+            self._head_write_errors += 1
+            _log.error("audit head anchor %s not updated: %s", self.head_path, exc)
+        for it, record in zip(items, records, strict=True):
+            it.future.set_result(record)
             # Under the lock, so every subscriber sees records in seq order.
             for callback in self._subscribers.values():
                 try:
                     callback(record)
                 except Exception:
                     self._callback_errors += 1
-                    _log.exception("audit subscriber %r failed on record %d", callback, seq)
-        return record
+                    _log.exception("audit subscriber %r failed on record %d", callback,
+                                   record.seq)
 
     def subscribe(self, callback: Callable[[AuditRecord], object]) -> int:
         """Call callback(record) after each append; returns a token for `unsubscribe`.
@@ -1008,6 +1123,7 @@ class AuditLog:
             subscribers=len(self._subscribers),
             callback_errors=self._callback_errors,
             head_write_errors=self._head_write_errors,
+            commits=self._commits,
         )
 
     def _check_open(self) -> None:
@@ -1015,7 +1131,16 @@ class AuditLog:
             raise AuditError(self.path, "is closed")
 
     def close(self) -> None:
-        """Flush the anchor and release the log (and its writer lock); idempotent."""
+        """Write what is queued, flush the anchor, release the log (and its writer lock);
+        idempotent."""
+        with self._queue_cv:
+            self._stopping = True
+            self._queue_cv.notify()
+            committer = self._committer
+        if committer is not None and committer is not threading.current_thread():
+            committer.join()
+        with self._lock:
+            self._commit_locked(None)
         with self._lock, self._read_lock:
             if self._closed:
                 return

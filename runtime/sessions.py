@@ -206,9 +206,9 @@ class SessionManager:
             with contextlib.suppress(CorralError):
                 session.exec_handle.stdin.write(data + b"\n")
         if audit:
-            self.audit.append("session.input", tenant=caller.tenant, peer=caller.peer,
-                              sandbox_id=session.sandbox_id, session_id=session.id,
-                              detail={"bytes": len(data), "turn": session.turn})
+            self._record_later("session.input", tenant=caller.tenant, peer=caller.peer,
+                               sandbox_id=session.sandbox_id, session_id=session.id,
+                               detail={"bytes": len(data), "turn": session.turn})
 
     def interrupt(self, caller: Caller, session: Session) -> None:
         """End the current turn: INTERRUPT (SIGINT for a plain agent), forced after a grace."""
@@ -223,10 +223,9 @@ class SessionManager:
             loop = asyncio.get_running_loop()
             session._interrupt_timer = loop.call_later(
                 INTERRUPT_GRACE_S, self._force_turn_end, session, "interrupted")
-        # recorded right after sending: the fsync must not delay the agent
-        self.audit.append("session.interrupt", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=session.sandbox_id, session_id=session.id,
-                          detail={"turn": session.turn, "protocol": session.protocol_seen})
+        self._record_later("session.interrupt", tenant=caller.tenant, peer=caller.peer,
+                           sandbox_id=session.sandbox_id, session_id=session.id,
+                           detail={"turn": session.turn, "protocol": session.protocol_seen})
 
     async def close(self, caller: Caller, session: Session) -> None:
         self.audit.append("session.close", tenant=caller.tenant, peer=caller.peer,
@@ -234,6 +233,20 @@ class SessionManager:
         await self._end(session, "closed")
 
     # -- internals ------------------------------------------------------------------------
+
+    def _record_later(self, kind: str, **fields) -> None:
+        """Audit a steering action already delivered (input, interrupt) without waiting for
+        the disk: the record joins the log's next group commit, so neither the agent nor the
+        event loop waits for an fsync, and the log keeps call order. Steering has no result
+        to hold back; a record that cannot be written is logged as an error."""
+        future = self.audit.submit(kind, **fields)
+
+        def check(f) -> None:
+            if f.exception() is not None:
+                log.error("audit record %s for session %s was not written: %s", kind,
+                          fields.get("session_id"), f.exception())
+
+        future.add_done_callback(check)
 
     def _on_agent_event(self, session: Session, event) -> None:
         if event.kind == EventKind.TURN_END and session.turn_open:

@@ -663,3 +663,64 @@ def test_format_record_is_terminal_safe_and_short():
     assert line.startswith("1970-01-01T00:00:00.000Z #1 evil\\x1b[2J denied {")
     assert "\x1b" not in line and "\u202e" not in line and "\\u202e" in line
     assert line.endswith("…") and len(line) < 300
+
+
+# -- group commit (submit) ---------------------------------------------------------------------
+
+
+def test_records_queued_behind_a_commit_share_one_transaction(log):
+    log.append("first", tenant="t")
+    before = log.statistics()
+    with log._lock:  # a commit in progress: everything submitted now queues behind it
+        futures = [log.submit("queued", tenant="t", detail={"i": i}) for i in range(50)]
+        assert not any(f.done() for f in futures)
+    records = [f.result(timeout=10) for f in futures]
+    after = log.statistics()
+    assert [r.seq for r in records] == list(range(2, 52))
+    assert [r.detail["i"] for r in records] == list(range(50))
+    assert after.appends - before.appends == 50
+    assert after.commits - before.commits == 1  # one transaction, one fsync, for all 50
+    assert log.verify().ok
+    assert [r.seq for r in log.query(kind="queued", limit=100)] == list(range(2, 52))
+
+
+def test_append_and_submit_keep_call_order(log):
+    with log._lock:
+        queued = log.submit("a", tenant="t")
+    # append writes what was submitted before it first, in the same transaction
+    rec = log.append("b", tenant="t")
+    assert queued.result(timeout=10).seq == rec.seq - 1
+    assert [r.kind for r in log.query(limit=10)] == ["a", "b"]
+
+
+def test_submit_validates_at_once_and_close_writes_what_is_queued(path):
+    log = AuditLog.open(path)
+    with pytest.raises(InvalidSpec, match="^kind"):
+        log.submit("Bad Kind", tenant="t")
+    with log._lock:
+        futures = [log.submit("late", tenant="t") for _ in range(5)]
+    log.close()
+    assert [f.result(timeout=10).seq for f in futures] == [1, 2, 3, 4, 5]
+    with pytest.raises(AuditError, match="is closed"):
+        log.submit("after", tenant="t")
+    with AuditLog.open(path, readonly=True) as ro:
+        assert ro.last_seq() == 5 and ro.verify().ok
+        with pytest.raises(AuditError, match="read-only"):
+            ro.submit("x", tenant="t")
+
+
+def test_a_failed_group_fails_every_record_in_it_and_writes_none(log, path):
+    log.append("first", tenant="t")
+    other = sqlite3.connect(path)
+    other.execute("DROP TRIGGER IF EXISTS records_no_update")
+    # something else takes seq 3: the group 2-4 collides and must leave no partial write
+    row = other.execute("SELECT * FROM records WHERE seq = 1").fetchone()
+    other.execute(f"INSERT INTO records VALUES ({', '.join('?' * len(row))})", (3, *row[1:]))
+    other.commit()
+    other.close()
+    with log._lock:
+        futures = [log.submit("g", tenant="t") for _ in range(3)]
+    for f in futures:
+        with pytest.raises(AuditError, match="collide with existing ones"):
+            f.result(timeout=10)
+    assert [r.seq for r in log.query(limit=10)] == [1, 3]
