@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_policy_flags(run)
+    run.add_argument("--allow-net", action="append", default=[], metavar="RULE",
+                     help="allow egress to HOST[:PORT], *.DOMAIN[:PORT], IP[:PORT] or "
+                          "CIDR[:PORT] through Corral's egress proxy (repeatable; default: "
+                          "no network but loopback)")
+    run.add_argument("--audit", metavar="FILE",
+                     help="with --allow-net: append every connection attempt to FILE as JSON "
+                          "lines (default: one line per attempt on stderr)")
     run.add_argument("--backend", choices=("native", "docker"), default="native",
                      help="where the sandbox runs: Corral's own kernel setup, or a container "
                           "on a Docker engine (default: %(default)s)")
@@ -122,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--cpus", metavar="CORES", type=float)
     create.add_argument("--ttl", metavar="DURATION", help="destroy it after this long")
     create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument("--allow-net", action="append", default=[], metavar="RULE",
+                        help="allow egress to HOST[:PORT], *.DOMAIN, IP or CIDR (repeatable)")
+
+    inspect = sub.add_parser(
+        "inspect", help="show the policy a daemon sandbox really runs under",
+        description="Read the effective confinement of every process in SANDBOX from the "
+                    "live kernel (namespaces, id maps, seccomp, capabilities, cgroup limits, "
+                    "mounts, landlock, interfaces and routes) and compare it with the spec. "
+                    "Exit status 3 when anything differs from the spec.")
+    client_flags(inspect)
+    inspect.add_argument("--json", action="store_true", help="the full report as JSON")
+    inspect.add_argument("sandbox_id", metavar="SANDBOX")
 
     destroy = sub.add_parser("destroy", help="destroy a sandbox on the daemon")
     client_flags(destroy)
@@ -195,9 +214,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             profile=args.profile, memory=args.memory, pids=args.pids, cpus=args.cpus,
             timeout=args.timeout, workspace=args.workspace, ro=args.ro, rw=args.rw,
             env=args.env, tmp_size=args.tmp_size, backend=args.backend,
+            allow_net=args.allow_net,
         )
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", EXIT_USAGE)
+    if spec.allow_net:
+        _net_log(args.audit)
     try:
         return _run_streaming(spec, argv, docker_host=args.docker_host)
     except InvalidSpec as exc:
@@ -248,6 +270,29 @@ def _run_streaming(spec, argv: list[str], docker_host: str | None = None) -> int
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
+def _net_log(path: str | None) -> None:
+    """Where this process's egress proxy reports each connection attempt (no daemon)."""
+    import json
+    import threading
+
+    from corral.sandbox import proxy
+
+    lock = threading.Lock()
+    out = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (process lifetime)
+
+    def sink(event: dict) -> None:
+        with lock:
+            if out is not None:
+                out.write(json.dumps(event, sort_keys=True) + "\n")
+            elif event.get("decision"):
+                dest = event.get("name") or event.get("address", "")
+                print(f"corral: egress {event['decision']} {event.get('mode', '')} "
+                      f"{dest}:{event.get('port', '')} ({event.get('reason', '')})",
+                      file=sys.stderr, flush=True)
+
+    proxy.shared_proxy().default_on_event = sink
+
+
 def _writer(stream):
     def write(chunk: bytes) -> None:
         stream.write(chunk)
@@ -296,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         from corral.runtime import probe as probe_verb
 
         return probe_verb.main(args)
-    if args.verb in ("ps", "create", "destroy", "exec", "session", "audit"):
+    if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect"):
         from corral.runtime import cli_client
 
         return cli_client.dispatch(args)

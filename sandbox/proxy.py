@@ -522,7 +522,7 @@ def build_dns_query(name: str, qtype: int = QTYPE_A, qid: int = 0x1234) -> bytes
 
 # -- the server -----------------------------------------------------------------------------------
 
-SNIFF_TIMEOUT_S = 2.0
+SNIFF_TIMEOUT_S = 1.0
 HEAD_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_UDP_DENIAL_EVENTS = 64
@@ -574,6 +574,8 @@ class _Registration:
     udp_denials: int = 0
     suppressed: int = 0
     counts: dict = field(default_factory=lambda: {"allowed": 0, "denied": 0})
+    #: address -> names our resolver answered with it, for this sandbox (DNS pinning)
+    pins: dict = field(default_factory=dict)
 
 
 class EgressProxy:
@@ -587,6 +589,8 @@ class EgressProxy:
         self._thread: threading.Thread | None = None
         self._regs: dict[str, _Registration] = {}
         self._lock = threading.Lock()
+        #: Who hears of attempts of sandboxes registered without their own callback.
+        self.default_on_event: Callable[[dict], None] | None = None
 
     # -- life ------------------------------------------------------------------------------
 
@@ -667,9 +671,10 @@ class EgressProxy:
         event = {"sandbox_id": reg.sandbox_id, **event}
         if "decision" in event:
             reg.counts["allowed" if event["decision"] == "allow" else "denied"] += 1
-        if reg.on_event is not None:
+        sink = reg.on_event or self.default_on_event
+        if sink is not None:
             try:
-                reg.on_event(event)
+                sink(event)
             except Exception:  # an audit sink failing must not kill the proxy
                 pass
 
@@ -707,17 +712,18 @@ class EgressProxy:
                     with contextlib.suppress(Exception):
                         w.close()
             event["duration_s"] = round(time.monotonic() - started, 6)
-            if "decision" in event:
-                self._emit(reg, event)
+            if "decision" not in event:  # ended (client gone, sandbox destroyed) undecided
+                event.update(decision="deny", reason="closed before a decision: "
+                             + event.get("error", "the client went away"))
+            self._emit(reg, event)
 
     async def _explicit(self, reg, reader, writer, event):
         """HTTP proxy protocol: CONNECT host:port, or a request with an absolute URI."""
-        head = await self._read_head(reader, HEAD_TIMEOUT_S, parse_http_head)
+        head, buf = await self._read_head(reader, HEAD_TIMEOUT_S, parse_http_head)
         if not isinstance(head, HttpHead):
             event.update(mode="proxy", decision="deny", reason="not an HTTP proxy request")
             await _respond(writer, 400, "Bad Request", "corral: not an HTTP proxy request\n")
             return None, b""
-        buffered = reader._buffer  # what came after the head stays for the upstream
         if head.method == "CONNECT":
             event["mode"] = "connect"
             hp = split_host_port(head.target, 443)
@@ -752,18 +758,17 @@ class EgressProxy:
         if upstream is None:
             await _respond(writer, 502, "Bad Gateway", f"corral: {event['error']}\n")
             return None, b""
-        del reader._buffer[:head.length]
+        rest = bytes(buf[head.length:])  # what came after the head goes upstream
         if head.method == "CONNECT":
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            first = bytes(buffered)
+            first = rest
         else:
             m = re.match(r"^http://[^/?#]+(.*)$", head.target, re.IGNORECASE)
             path = m.group(1) or "/"
             lines = [f"{head.method} {path} {head.version}"]
             lines += [f"{k}: {v}" for k, v in head.headers
                       if not k.lower().startswith("proxy-")]
-            first = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + bytes(buffered)
-        reader._buffer.clear()
+            first = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + rest
         return upstream, first
 
     async def _transparent(self, reg, reader, writer, event, dst_ip, dst_port):
@@ -772,10 +777,17 @@ class EgressProxy:
         policy = reg.policy
         addr_decision = policy.decide(dst_port, dst=dst_ip)
         if addr_decision.allowed or "protected" in addr_decision.reason:
-            decision, name = addr_decision, None
+            decision, name, buf = addr_decision, None, b""
         else:
-            sniffed = await self._read_head(reader, SNIFF_TIMEOUT_S, _sniff_name)
+            sniffed, buf = await self._read_head(reader, SNIFF_TIMEOUT_S, _sniff_name)
             name = sniffed if isinstance(sniffed, str) else None
+            if name is None:
+                # Nothing names the destination (a raw protocol): it is allowed if our
+                # resolver gave this sandbox the address for a name allowed on this port.
+                name = next((n for n in sorted(reg.pins.get(dst_ip, ()))
+                             if policy.name_rule(n, dst_port)), None)
+                if name is not None:
+                    event["pinned"] = True
             resolved = await self.resolver.resolve(name) if name and policy.name_rule(
                 name, dst_port) else []
             decision = policy.decide(dst_port, name=name, dst=dst_ip, resolved=resolved)
@@ -788,27 +800,24 @@ class EgressProxy:
         if upstream is None:
             _reset(writer)
             return None, b""
-        first = bytes(reader._buffer)
-        reader._buffer.clear()
-        return upstream, first
+        return upstream, bytes(buf)
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader, timeout: float, parse):
-        """Wait for bytes until parse() gives an answer (or timeout: its last answer)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        result = NEED_MORE
-        while True:
-            result = parse(bytes(reader._buffer))
-            if result is not NEED_MORE or reader.at_eof():
-                return result
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            try:
-                await asyncio.wait_for(reader._wait_for_data("_read_head"), remaining)
-            except TimeoutError:
-                return None
+        """Read until parse() gives an answer: (answer or None on timeout/EOF, bytes read)."""
+        buf = bytearray()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    result = parse(bytes(buf))
+                    if result is not NEED_MORE:
+                        return result, buf
+                    chunk = await reader.read(MAX_HEAD)
+                    if not chunk:
+                        return None, buf
+                    buf += chunk
+        except TimeoutError:
+            return None, buf
 
     async def _connect(self, host: str, port: int, event: dict):
         try:
@@ -893,6 +902,8 @@ class EgressProxy:
             event.update(decision="deny", reason=f"no rule allows {name or q.name!r}")
         elif q.qtype == QTYPE_A and q.qclass == 1:
             answers = reg.policy.dns_answers(name, await self.resolver.resolve(name))
+            for addr in answers:
+                reg.pins.setdefault(addr, set()).add(name)
             reply = build_dns_response(q, RCODE_NOERROR if answers else RCODE_NXDOMAIN,
                                        answers)
             event.update(decision="allow" if answers else "deny",
@@ -916,7 +927,7 @@ def _sniff_name(data: bytes):
     if isinstance(head, HttpHead):
         host = head.header("host")
         hp = split_host_port(host, 80) if host else None
-        return normalize_name(hp[0]) if hp else None
+        return normalize_name(hp[0]) if hp and not ip_literal(hp[0]) else None
     return head  # NEED_MORE or None
 
 
