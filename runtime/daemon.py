@@ -13,11 +13,12 @@ import grpc
 
 from corral.sandbox import Sandbox, sweep
 from corral.sandbox.errors import CorralError
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2
+from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, task_pb2
 
 from .api.audit import AuditServicer
 from .api.sandboxes import SandboxesServicer
 from .api.sessions import SessionsServicer
+from .api.tasks import task_handlers
 from .api.wire import generic_handler
 from .audit import AuditLog
 from .auth import Authenticator
@@ -40,6 +41,7 @@ class Daemon:
         self.auth = Authenticator(config.tokens, config.operators)
         self.sandboxes: SandboxManager | None = None
         self.sessions: SessionManager | None = None
+        self.scheduler = None  # corral.runtime.tasks.scheduler.Scheduler
         self.server: grpc.aio.Server | None = None
         self.tcp_port: int | None = None
         self._stopped = asyncio.Event()
@@ -73,6 +75,9 @@ class Daemon:
                                        idle_ttl_s=cfg.session_idle_ttl_s,
                                        stream_log_bytes=cfg.stream_log_bytes)
         self.sessions.start()
+        from .tasks.service import start_scheduler
+
+        self.scheduler = await start_scheduler(cfg, self.audit)
 
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -88,8 +93,10 @@ class Daemon:
             generic_handler(sessions_desc, SessionsServicer(self),
                             streaming_bytes=frozenset({"Open", "OpenMany"})),
             generic_handler(audit_desc, AuditServicer(self)),
+            *task_handlers(self),
         ))
-        await self._add_health_and_reflection(server, [sandboxes_desc, sessions_desc, audit_desc])
+        await self._add_health_and_reflection(server, [sandboxes_desc, sessions_desc, audit_desc,
+                                                       *task_pb2.DESCRIPTOR.services_by_name.values()])
         self._bind_unix(server)
         if cfg.listen:
             self.tcp_port = self._bind_tcp(server)
@@ -168,6 +175,8 @@ class Daemon:
         if self.sessions is not None:
             await self.sessions.shutdown(reason)
         if self.sandboxes is not None:
+        if self.scheduler is not None:  # stops placing; deep tasks keep running
+            await self.scheduler.stop()
             await self.sandboxes.shutdown(reason)
         if self.server is not None:
             await self.server.stop(SHUTDOWN_GRACE_S)

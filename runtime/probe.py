@@ -1,10 +1,101 @@
-"""`corral probe`: placeholder while the suite lands."""
+"""`corral probe`: run the conformance probe suite against a backend and report, probe by
+probe, what was contained and what ESCAPED.
+
+Exit status: 0 when every probe was contained, 1 when any ESCAPED, 3 when a probe could not
+be run (and none escaped), 125 when the backend cannot make a sandbox at all, 2 on a usage
+error. Imports only the standard library at the top (the CLI builds its parser from here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_ESCAPED = 1
+EXIT_USAGE = 2
+EXIT_PROBE_ERRORS = 3
+EXIT_NO_BACKEND = 125
+
+EPILOG = """\
+Each probe is a small program run inside a fresh sandbox of the backend (or a host-side
+procedure around one) that tries one thing a hostile agent would try: capabilities and the
+seccomp mode, kernel attack surface (io_uring, userfaultfd, keyctl, bpf, perf, kexec,
+modules, open_by_handle_at, the new mount API, AF_VSOCK/AF_ALG/netlink), privilege (user
+namespaces, setuid binaries, ptrace, /proc/self/exe), the filesystem (host paths, /proc/sys,
+/sys, kcore, kallsyms, core_pattern, device nodes, symlinks, the workspace file API),
+resources (fork bomb, memory, disk, descriptors, stdout flood, survivors, timeouts), the
+network (host loopback, engine and daemon sockets, metadata address, raw sockets, DNS) and
+the terminal (TIOCSTI). Probes are harmless if they escape.
+
+exit status: 0 all contained, 1 something ESCAPED, 3 a probe could not run, 125 the
+backend cannot create a sandbox, 2 usage error.
+"""
 
 
-def add_parser(sub):
-    p = sub.add_parser("probe", help="audit a backend with the conformance probe suite")
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register `corral probe` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "probe", help="audit a backend: run hostile probes inside its sandboxes",
+        description="Run the conformance probe suite inside sandboxes of a backend and judge "
+                    "every probe 'contained' or 'ESCAPED' on the evidence the kernel gave "
+                    "(errno, signal, what was read).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("native", "docker"), default="native",
+                   help="backend to audit (default: %(default)s)")
+    p.add_argument("--profile", default="default", metavar="NAME|FILE",
+                   help="seccomp profile of the probed sandboxes: 'default', 'unconfined' or "
+                        "a Docker-format JSON file (default: %(default)s)")
+    p.add_argument("--docker-host", metavar="URL",
+                   help="Docker engine for --backend docker (default: $DOCKER_HOST, else "
+                        "unix:///var/run/docker.sock)")
+    p.add_argument("--only", action="append", default=[], metavar="PROBE",
+                   help="run only this probe (repeatable)")
+    p.add_argument("--category", action="append", default=[], metavar="CATEGORY",
+                   help="run only this category: identity, kernel, privilege, filesystem, "
+                        "resources, network, terminal (repeatable)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="one JSON document: backend, profile, summary, probes "
+                          "(name, category, attempt, verdict, outcome, evidence)")
+    out.add_argument("--markdown", action="store_true", help="a Markdown report")
+    out.add_argument("--list", action="store_true", help="list the probes and exit")
     return p
 
 
-def main(args):
-    return 2
+def main(args: argparse.Namespace) -> int:
+    from corral.sandbox.errors import CorralError, InvalidSpec
+    from corral.sandbox.probes import suite
+
+    try:
+        probes = suite.select(args.only, args.category)
+    except ValueError as exc:
+        print(f"corral: probe: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.list:
+        for p in probes:
+            print(f"{p.name:<22} {p.category:<11} {p.attempt}")
+        return 0
+    try:
+        results = suite.run_suite(args.backend, profile=args.profile,
+                                  docker_host=args.docker_host, probes=probes)
+    except InvalidSpec as exc:
+        print(f"corral: probe: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CorralError as exc:
+        print(f"corral: probe: cannot create a {args.backend} sandbox: {exc}", file=sys.stderr)
+        return EXIT_NO_BACKEND
+    if args.json:
+        sys.stdout.write(suite.to_json(results, backend=args.backend, profile=args.profile)
+                         + "\n")
+    elif args.markdown:
+        sys.stdout.write(suite.render_markdown(results, backend=args.backend,
+                                               profile=args.profile))
+    else:
+        sys.stdout.write(suite.render_table(results, backend=args.backend,
+                                            profile=args.profile))
+    counts = suite.summary(results)
+    if counts[suite.ESCAPED]:
+        return EXIT_ESCAPED
+    if counts[suite.ERROR]:
+        return EXIT_PROBE_ERRORS
+    return 0

@@ -41,7 +41,7 @@ import time
 from urllib.parse import quote
 
 from .. import seccomp
-from ..errors import CommandNotFound, CorralError, InvalidSpec, UnsupportedHost, Unavailable
+from ..errors import CommandNotFound, CorralError, InvalidSpec, Unavailable, UnsupportedHost
 from ..spec import SandboxSpec
 from .native import DEVNULL, PIPE, CompletedRun, ExitReason
 
@@ -380,7 +380,7 @@ def sweep(url: str | None = None) -> list[str]:
         with contextlib.suppress(Exception):
             api.remove_container(info["Id"], force=True, v=True)
         workspace = labels.get(LABEL_WORKSPACE)
-        if workspace and os.path.basename(workspace).startswith("corral-"):
+        if workspace and os.path.basename(workspace).startswith("corral."):
             shutil.rmtree(workspace, ignore_errors=True)
         removed.append(labels.get(LABEL, info["Id"][:12]))
     return removed
@@ -764,7 +764,8 @@ class DockerSandbox:
         if self.spec.workspace:
             self.workspace = self.spec.workspace
             return
-        self.workspace = tempfile.mkdtemp(prefix=f"corral-{self.id}-")
+        # Not "corral-<id>-": native sandboxes' leak checks claim that pattern.
+        self.workspace = tempfile.mkdtemp(prefix=f"corral.{self.id}.")
         self._own_workspace = True
         if os.geteuid() == 0:
             os.chown(self.workspace, self.spec.uid_base, self.spec.uid_base)
@@ -998,7 +999,7 @@ class PrivateEngine:
     """
 
     def __init__(self, base: str | None = None, storage_driver: str | None = None):
-        self.dir = tempfile.mkdtemp(prefix="corral-dockerd-", dir=base)
+        self.dir = tempfile.mkdtemp(prefix="corral.dockerd.", dir=base)
         self.socket = os.path.join(self.dir, "docker.sock")
         self.url = "unix://" + self.socket
         self.storage_driver = storage_driver

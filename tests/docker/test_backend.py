@@ -14,9 +14,9 @@ import time
 import pytest
 
 from corral.sandbox import CommandNotFound, ExitReason, InvalidSpec, SandboxSpec
-from corral.sandbox.errors import Unavailable
 from corral.sandbox.backends import docker, open_sandbox
 from corral.sandbox.backends.docker import LABEL, DockerSandbox
+from corral.sandbox.errors import Unavailable
 
 from ..processes import alive, wait_until
 

@@ -1,0 +1,576 @@
+"""The probe program: tries one hostile operation from INSIDE a sandbox and reports, as JSON,
+exactly what the kernel answered. Never run it anywhere else.
+
+The suite passes this file's source to the sandbox's own python3, so it needs no mount:
+
+    python3 -I -c "$(cat inside.py)" OP [ARG...]
+
+It prints one line, {"op": OP, "ok": bool, "errno": "EPERM" | null, "value": ...}, and exits
+0 whatever the outcome; the suite (sandbox/probes/suite.py) judges it. An operation the
+seccomp filter kills prints nothing: the suite sees the signal instead.
+
+Every operation is harmless if the policy failed to stop it: what it would change belongs to
+the sandbox itself (its own hostname, network namespace, terminal), it writes back the value
+it read, removes what it creates and detaches from what it attaches to; network operations
+either target 127.0.0.1 or use UDP connect(), which sends no packet. Standard library only.
+"""
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+#: x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+NR = {
+    "ioctl": 16, "getpid": 39, "clone": 56, "ptrace": 101, "syslog": 103, "capset": 126,
+    "personality": 135, "iopl": 172, "mount": 165, "settimeofday": 164, "reboot": 169,
+    "sethostname": 170, "init_module": 175, "delete_module": 176, "kexec_load": 246,
+    "add_key": 248, "keyctl": 250, "unshare": 272, "perf_event_open": 298,
+    "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310, "finit_module": 313,
+    "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "clone3": 435,
+}
+#: Syscalls whose success hands back a descriptor the probe closes at once.
+RETURNS_FD = {"io_uring_setup", "userfaultfd", "perf_event_open", "fsopen", "open_tree", "bpf",
+              "open_by_handle_at"}
+X32_SYSCALL_BIT = 0x40000000
+TIOCSTI = 0x5412
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+
+
+class Outcome(Exception):
+    """Raised by an op to report a result it judged itself (args[0] is a dict)."""
+
+
+def errname(err):
+    return errno.errorcode.get(err, str(err))
+
+
+def raw_syscall(nr, *args):
+    ctypes.set_errno(0)
+    ret = libc.syscall(ctypes.c_long(nr), *args)
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _arg(text, keep):
+    """'12', '0x10', '-100', 's:text' (C string), 'buf:N' (N zero bytes), 'null',
+    'fd:PATH' (opened read-only; its number is passed)."""
+    if text == "null":
+        return None
+    if text.startswith("s:"):
+        value = ctypes.c_char_p(text[2:].encode())
+    elif text.startswith("buf:"):
+        value = ctypes.create_string_buffer(int(text[4:], 0))
+    elif text.startswith("fd:"):
+        return ctypes.c_long(os.open(text[3:], os.O_RDONLY | os.O_CLOEXEC))
+    else:
+        return ctypes.c_long(int(text, 0))
+    keep.append(value)
+    return value
+
+
+# -- syscalls ----------------------------------------------------------------------------------
+
+
+def op_syscall(name, *argv):
+    """A raw syscall by name with literal arguments; closes a descriptor it returns, and a
+    clone child that should never have been made leaves at once."""
+    keep = []
+    ret = raw_syscall(NR[name], *(_arg(a, keep) for a in argv))
+    if name == "clone":
+        if ret == 0:
+            os._exit(0)
+        os.waitpid(ret, 0)
+    if name in RETURNS_FD and ret >= 0:
+        os.close(ret)
+    return ret
+
+
+def op_clone3_newuser():
+    """clone3 asking for a new user namespace (flags in memory, out of a filter's sight)."""
+    args = ctypes.create_string_buffer(88)  # struct clone_args
+    ctypes.c_uint64.from_buffer(args, 0).value = 0x10000000  # CLONE_NEWUSER
+    ctypes.c_uint64.from_buffer(args, 32).value = signal.SIGCHLD  # exit_signal
+    ret = raw_syscall(NR["clone3"], args, ctypes.c_size_t(88))
+    if ret == 0:
+        os._exit(0)
+    os.waitpid(ret, 0)
+    return ret
+
+
+def op_x32_getpid():
+    """getpid through the x32 syscall table (bit 30 set): a foreign ABI for the filter."""
+    return raw_syscall(X32_SYSCALL_BIT | NR["getpid"])
+
+
+def op_i386_getpid():
+    """getpid through int 0x80, the i386 syscall table, from a few bytes of machine code."""
+    import mmap
+
+    code = bytes.fromhex("b814000000" "cd80" "c3")  # mov eax, 20 (getpid); int 0x80; ret
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    return ctypes.CFUNCTYPE(ctypes.c_int)(address)()
+
+
+def op_capset_sys_admin():
+    """Ask for CAP_SYS_ADMIN in the effective and permitted sets (capset v3)."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)(1 << 21, 1 << 21, 0, 0, 0, 0)
+    return raw_syscall(NR["capset"], header, data)
+
+
+def op_ptrace_attach(pid):
+    """PTRACE_ATTACH, detaching at once should it ever succeed."""
+    raw_syscall(NR["ptrace"], ctypes.c_long(16), ctypes.c_long(int(pid)), None, None)
+    os.waitpid(int(pid), os.WNOHANG | 0x40000000)  # __WALL
+    raw_syscall(NR["ptrace"], ctypes.c_long(17), ctypes.c_long(int(pid)), None, None)
+    return "attached"
+
+
+def op_process_vm_readv(pid):
+    class Iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    buf = ctypes.create_string_buffer(8)
+    local = Iovec(ctypes.addressof(buf), 8)
+    remote = Iovec(0x400000, 8)
+    return raw_syscall(NR["process_vm_readv"], ctypes.c_long(int(pid)), ctypes.byref(local),
+                       ctypes.c_ulong(1), ctypes.byref(remote), ctypes.c_ulong(1),
+                       ctypes.c_ulong(0))
+
+
+# -- identity ----------------------------------------------------------------------------------
+
+
+def op_status():
+    keep = ("Uid", "Gid", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
+            "Seccomp")
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in keep:
+                out[key] = " ".join(value.split())
+    return out
+
+
+def op_host_uid():
+    """The host uid this process runs as: its uid pushed through every id map above it
+    (only the first level is visible; an identity map there means the host's own ids)."""
+    uid = os.getuid()
+    with open("/proc/self/uid_map") as f:
+        for line in f:
+            inside, outside, count = map(int, line.split())
+            if inside <= uid < inside + count:
+                return {"uid": uid, "host_uid": outside + uid - inside, "map": line.split()}
+    raise Outcome({"errno": None, "uid": uid, "unmapped": True})
+
+
+def op_pids():
+    """How many processes this PID namespace shows, and the command lines of the first few."""
+    pids = sorted(int(n) for n in os.listdir("/proc") if n.isdigit())
+    names = {}
+    for pid in pids[:16]:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                names[pid] = f.read().strip()
+        except OSError:
+            pass
+    return {"count": len(pids), "comm": names}
+
+
+def op_setuid_gain(path):
+    """Run a setuid-root binary and read its credentials while it runs.
+
+    The child's stderr is a pipe filled to the brim, so its first message blocks it; while
+    it waits, /proc shows the uid and capabilities the setuid bit gave (or did not give) it.
+    Everything it would do after the message (newgrp: start a shell) never happens: the
+    child is killed once its credentials are read."""
+    st = os.stat(path)
+    if not st.st_mode & stat.S_ISUID:
+        raise Outcome({"errno": None, "not_setuid": path})
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"\0" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(write_end, 2)
+            devnull = os.open("/dev/null", os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.execv(path, [path, "nogroup"])
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    status = {}
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    status = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                break
+            if status.get("Name", "").strip() == os.path.basename(path) and \
+                    status.get("State", "").strip().startswith("S"):
+                break
+            time.sleep(0.01)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+    return {"path": path, "euid": status.get("Uid", "").split()[1:2],
+            "CapEff": status.get("CapEff", "").strip(), "self_uid": os.getuid()}
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def _flags(text):
+    value = 0
+    for name in text.split("|"):
+        value |= getattr(os, name)
+    return value
+
+
+def op_open(path, flags="O_RDONLY"):
+    """open(2) only: a descriptor that opens is closed unused; a file it created is removed."""
+    fd = os.open(path, _flags(flags) | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
+    st = os.fstat(fd)
+    os.close(fd)
+    if "O_CREAT" in flags:
+        os.unlink(path)
+    return {"opened": path, "rdev": [os.major(st.st_rdev), os.minor(st.st_rdev)],
+            "chr": stat.S_ISCHR(st.st_mode)}
+
+
+def op_rewrite(path, flags="O_WRONLY"):
+    """Read a file, then write the very same bytes back (harmless if the write is let in)."""
+    with open(path, "rb") as f:
+        before = f.read()
+    fd = os.open(path, _flags(flags) | os.O_CLOEXEC)
+    try:
+        os.write(fd, before)
+    finally:
+        os.close(fd)
+    return before.decode(errors="replace")
+
+
+def op_read(path, limit="4096"):
+    with open(path, "rb") as f:
+        return f.read(int(limit)).decode(errors="replace")
+
+
+def op_read_via_symlink(target, limit="4096"):
+    """Read `target` through a symlink made in /workspace (removed afterwards)."""
+    link = f"/workspace/.corral-probe-link-{os.getpid()}"
+    os.symlink(target, link)
+    try:
+        with open(link, "rb") as f:
+            return f.read(int(limit)).decode(errors="replace")
+    finally:
+        os.unlink(link)
+
+
+def op_listdir(path):
+    return sorted(os.listdir(path))
+
+
+def op_kallsyms():
+    """The first symbols of /proc/kallsyms: are real kernel addresses readable?"""
+    with open("/proc/kallsyms") as f:
+        lines = [f.readline() for _ in range(64)]
+    lines = [line for line in lines if line]
+    addresses = {line.split()[0] for line in lines}
+    nonzero = sorted(a for a in addresses if int(a, 16) != 0)
+    return {"lines": len(lines), "nonzero_addresses": nonzero[:3]}
+
+
+def op_dev_scan():
+    """Every device node under /dev (not following links): kind and major:minor."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk("/dev"):
+        for name in filenames + dirnames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                kind = "chr" if stat.S_ISCHR(st.st_mode) else "blk"
+                found[path] = f"{kind} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return found
+
+
+def op_mknod(path, kind):
+    """mknod a character (1:3, the null device) or block (7:0, a loop device) node; removed."""
+    mode = (stat.S_IFCHR if kind == "char" else stat.S_IFBLK) | 0o600
+    os.mknod(path, mode, os.makedev(1, 3) if kind == "char" else os.makedev(7, 0))
+    os.unlink(path)
+    return "created"
+
+
+def op_mount_proc():
+    """mount a new procfs on a directory of /tmp (unmounted and removed should it work)."""
+    target = f"/tmp/.corral-probe-proc-{os.getpid()}"
+    os.mkdir(target)
+    try:
+        raw_syscall(NR["mount"], ctypes.c_char_p(b"proc"), ctypes.c_char_p(target.encode()),
+                    ctypes.c_char_p(b"proc"), ctypes.c_ulong(0), None)
+        libc.umount2(ctypes.c_char_p(target.encode()), 2)
+        return "mounted"
+    finally:
+        os.rmdir(target)
+
+
+def op_workspace_links(host_path):
+    """Plant links in /workspace for the host-side file API to follow (the suite removes them
+    with the workspace): one to a host path, one to the root directory."""
+    os.symlink(host_path, "/workspace/escape-file")
+    os.symlink("/", "/workspace/escape-dir")
+    return sorted(os.listdir("/workspace"))
+
+
+# -- resources ---------------------------------------------------------------------------------
+
+
+def op_forkbomb(cap):
+    """Fork children that wait, until fork fails (or `cap`); then kill and reap them all."""
+    children = []
+    try:
+        while len(children) < int(cap):
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                raise Outcome({"errno": errname(exc.errno), "forked": len(children)}) from None
+            if pid == 0:
+                signal.pause()
+                os._exit(0)
+            children.append(pid)
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            os.waitpid(pid, 0)
+    return {"forked": len(children)}
+
+
+def op_balloon(max_mib):
+    """Allocate and touch 1 MiB blocks up to max_mib; the memory limit should kill first."""
+    blocks = []
+    try:
+        for _ in range(int(max_mib)):
+            blocks.append(bytearray(b"\x01" * (1 << 20)))
+    except MemoryError:
+        raise Outcome({"errno": "ENOMEM", "mib": len(blocks)}) from None
+    return {"mib": len(blocks)}
+
+
+def op_fill(path, max_bytes):
+    """Write 64 KiB chunks until the kernel refuses (or max_bytes); the file is removed."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    chunk = b"\0" * 65536
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        while written < int(max_bytes):
+            try:
+                written += os.write(fd, chunk)
+            except OSError as exc:
+                raise Outcome({"errno": errname(exc.errno), "written": written}) from None
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"written": written}
+
+
+def op_nofile(cap):
+    """Open /dev/null until EMFILE (or `cap`); report how many descriptors were open then."""
+    fds = []
+    try:
+        while len(fds) < int(cap):
+            fds.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        raise Outcome({"errno": errname(exc.errno), "highest": max(fds) + 1 if fds else 0}) \
+            from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"opened": len(fds)}
+
+
+def op_flood(mib):
+    """Write `mib` MiB to stdout as fast as the pipe takes it."""
+    block = b"x" * (1 << 20)
+    out = sys.stdout.buffer
+    for _ in range(int(mib)):
+        out.write(block)
+    out.flush()
+    return None
+
+
+def op_survivor(marker):
+    """Double-fork a process that leaves this session and sleeps, carrying `marker` in its
+    command line, so the host can look for it after the sandbox is destroyed."""
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        if os.fork() == 0:
+            devnull = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(600)",
+                                      marker])
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return "forked"
+
+
+# -- network -----------------------------------------------------------------------------------
+
+
+def op_socket(family, type_="1", proto="0"):
+    s = socket.socket(int(family, 0), int(type_, 0), int(proto, 0))
+    s.close()
+    return "created"
+
+
+def op_connect_tcp(host, port):
+    with socket.create_connection((host, int(port)), timeout=5):
+        return "connected"
+
+
+def op_connect_unix(path):
+    """Connect to a unix socket; '@name' is an abstract one. Nothing is sent."""
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(address)
+    return "connected"
+
+
+def op_udp_route(host, port):
+    """connect() a UDP socket: the kernel picks a route, and no packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, int(port)))
+        return {"via": s.getsockname()[0]}
+
+
+def op_nameserver():
+    """The first nameserver of /etc/resolv.conf (or none)."""
+    try:
+        with open("/etc/resolv.conf") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    return parts[1]
+    except OSError:
+        pass
+    return None
+
+
+def op_interfaces():
+    with open("/proc/net/dev") as f:
+        return sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+
+
+def op_netlink_setlink_mtu():
+    """RTM_NEWLINK on the sandbox's own loopback, setting the MTU it already has: a change
+    request through netlink (CAP_NET_ADMIN), harmless even if accepted."""
+    import fcntl
+
+    ifindex = socket.if_nametoindex("lo")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        reply = fcntl.ioctl(s, 0x8921, struct.pack("16si", b"lo", 0))  # SIOCGIFMTU
+    mtu = struct.unpack_from("i", reply, 16)[0]
+    ifla_mtu = struct.pack("=HHI", 8, 4, mtu)  # rtattr: len, IFLA_MTU, value
+    ifinfo = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    body = ifinfo + ifla_mtu
+    header = struct.pack("=IHHII", 16 + len(body), 16, 0x1 | 0x4, 1, 0)  # NEWLINK, REQUEST|ACK
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:
+        s.settimeout(5)
+        s.send(header + body)
+        reply = s.recv(65536)
+    err = struct.unpack_from("=i", reply, 16)[0]
+    if err < 0:
+        raise OSError(-err, os.strerror(-err))
+    return {"mtu": mtu}
+
+
+# -- terminals ---------------------------------------------------------------------------------
+
+
+def op_tiocsti(where):
+    """Push one harmless byte into a terminal's input queue: on descriptor 0 ('stdin'), or on
+    a pty this probe creates in the sandbox's own devpts ('pty')."""
+    fds = []
+    try:
+        if where == "stdin":
+            target = 0
+        else:
+            master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            fds.append(master)
+            unlock = ctypes.c_int(0)
+            number = ctypes.c_uint(0)
+            for req, argp in ((TIOCSPTLCK, unlock), (TIOCGPTN, number)):
+                raw_syscall(NR["ioctl"], ctypes.c_long(master), ctypes.c_ulong(req),
+                            ctypes.byref(argp))
+            target = os.open(f"/dev/pts/{number.value}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            fds.append(target)
+        byte = ctypes.c_char(b"#")
+        return raw_syscall(NR["ioctl"], ctypes.c_long(target), ctypes.c_ulong(TIOCSTI),
+                           ctypes.byref(byte))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+OPS = {name[3:]: fn for name, fn in list(globals().items()) if name.startswith("op_")}
+
+
+def main(argv):
+    if not argv or argv[0] not in OPS:
+        print(f"usage: inside.py {{{','.join(sorted(OPS))}}} [ARG...]", file=sys.stderr)
+        return 2
+    result = {"op": argv[0], "ok": False, "errno": None, "value": None}
+    try:
+        result["value"] = OPS[argv[0]](*argv[1:])
+        result["ok"] = True
+    except OSError as exc:
+        result["errno"] = errname(exc.errno) if exc.errno else None
+        result["value"] = str(exc)
+    except Outcome as outcome:
+        detail = outcome.args[0]
+        result["errno"] = detail.get("errno")
+        result["value"] = detail
+    line = json.dumps(result)
+    if argv[0] == "flood":
+        sys.stderr.write(line + "\n")
+    else:
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
