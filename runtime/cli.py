@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument("--limit", type=int, default=100)
             ap.add_argument("--of-tenant", dest="for_tenant", metavar="NAME",
                             help="operators: another tenant's records")
+    from corral.runtime.tasks import cli as task_cli
+
+    task_cli.add_parsers(sub, client_flags)
     return parser
 
 
@@ -341,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         from corral.runtime import probe as probe_verb
 
         return probe_verb.main(args)
+    if args.verb in ("task", "nodes"):
+        from corral.runtime.tasks import cli as task_cli
+
+        return task_cli.dispatch(args)
     if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect"):
         from corral.runtime import cli_client
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, stream_pb2
+from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, stream_pb2, task_pb2
 
 from .config import default_socket
 
@@ -200,6 +200,8 @@ class Client:
         self.sandboxes = _stub(channel, sandbox_pb2, "Sandboxes")
         self.sessions = _stub(channel, session_pb2, "Sessions")
         self.audit = _stub(channel, audit_pb2, "Audit")
+        self.tasks = _stub(channel, task_pb2, "Tasks")
+        self.nodes = _stub(channel, task_pb2, "Nodes")
 
     @classmethod
     def connect(cls, socket: str | None = None, target: str | None = None,
@@ -328,6 +330,52 @@ class Client:
                                         metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _wrap(exc) from None
+
+    # -- deep tasks and nodes ---------------------------------------------------------------
+
+    def submit_task(self, argv: list[str], *, selector=None, resources=None, priority: int = 0,
+                    retries: int = 0, max_runtime_s: float = 0.0, files=None,
+                    **sandbox) -> task_pb2.Task:
+        """Submit a deep task; returns it once the daemon has committed it."""
+        spec = task_pb2.TaskSpec(argv=argv, selector=selector or {}, resources=resources or {},
+                                 priority=priority, retries=retries,
+                                 max_runtime_s=max_runtime_s, files=files or {},
+                                 sandbox=sandbox_pb2.SandboxSpec(**sandbox))
+        return self._call(self.tasks.Submit, task_pb2.SubmitTaskRequest(spec=spec))
+
+    def get_task(self, task_id: str) -> task_pb2.Task:
+        return self._call(self.tasks.Get, task_pb2.GetTaskRequest(task_id=task_id))
+
+    def list_tasks(self, state: int = 0, limit: int = 0) -> list[task_pb2.Task]:
+        return list(self._call(self.tasks.List, task_pb2.ListTasksRequest(
+            state=state, limit=limit)).tasks)
+
+    def cancel_task(self, task_id: str) -> task_pb2.Task:
+        return self._call(self.tasks.Cancel, task_pb2.CancelTaskRequest(task_id=task_id))
+
+    def task_result(self, task_id: str, max_bytes: int = 0) -> task_pb2.TaskResult:
+        return self._call(self.tasks.Result, task_pb2.TaskResultRequest(
+            task_id=task_id, max_bytes=max_bytes))
+
+    def watch_task(self, task_id: str) -> Iterator[task_pb2.TaskUpdate]:
+        try:
+            yield from self.tasks.Watch(task_pb2.WatchTaskRequest(task_id=task_id),
+                                        metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def list_nodes(self) -> list[task_pb2.Node]:
+        return list(self._call(self.nodes.List, task_pb2.ListNodesRequest()).nodes)
+
+    def get_node(self, name: str) -> task_pb2.Node:
+        return self._call(self.nodes.Get, task_pb2.GetNodeRequest(name=name))
+
+    def cordon_node(self, name: str, on: bool = True) -> task_pb2.Node:
+        method = self.nodes.Cordon if on else self.nodes.Uncordon
+        return self._call(method, task_pb2.CordonNodeRequest(name=name))
+
+    def drain_node(self, name: str) -> task_pb2.Node:
+        return self._call(self.nodes.Drain, task_pb2.DrainNodeRequest(name=name))
 
 
 def _stub(channel, module, service: str):

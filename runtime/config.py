@@ -60,6 +60,11 @@ class DaemonConfig:
     max_sandboxes: int = 512
     #: Replay log of each session/exec stream, in bytes.
     stream_log_bytes: int = 8 << 20
+    #: Deep-task nodes ([[nodes]] tables: name, labels, resources, devices, executor);
+    #: none declared = one local node "local" with this machine's cpu and memory.
+    nodes: tuple = ()
+    #: Ray cluster address for nodes with executor = "ray" ("auto", "127.0.0.1:6379").
+    ray_address: str | None = None
 
     def validate(self) -> DaemonConfig:
         if self.listen is not None:
@@ -129,6 +134,10 @@ def _from_mapping(raw: dict, path: str) -> dict:
             out[_DURATIONS[key]] = parse_duration(value, key)
         elif key == "operators":
             out["operators"] = tuple(check_tenant(t, "operators") for t in value)
+        elif key == "nodes":
+            from .tasks.config import nodes_from_toml
+
+            out["nodes"] = nodes_from_toml(value, path)
         elif key in {f.name for f in dataclasses.fields(DaemonConfig)} and key != "tokens":
             out[key] = value
         else:

@@ -109,7 +109,9 @@ def prepare(spec: SandboxSpec) -> Prepared:
         spec=spec,
         seccomp_profile=profile,
         seccomp_bpf=seccomp.prepare(profile),
-        landlock=landlock.prepare(extra_writable=writable),
+        landlock=landlock.prepare(
+            extra_writable=writable,
+            devices=tuple("/dev/" + os.path.basename(d) for d in spec.devices)),
         rlimits=_rlimits(spec),
     )
 

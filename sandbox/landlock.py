@@ -71,7 +71,7 @@ class LandlockPlan:
 
 
 def prepare(extra_writable: tuple[str, ...] = (), extra_readable: tuple[str, ...] = (),
-            abi: int | None = None) -> LandlockPlan:
+            abi: int | None = None, devices: tuple[str, ...] = ()) -> LandlockPlan:
     """Plan the default rules: read/execute everywhere, write only in the writable trees.
 
     Args:
@@ -79,6 +79,7 @@ def prepare(extra_writable: tuple[str, ...] = (), extra_readable: tuple[str, ...
         extra_readable: unused by the default (everything is readable), kept for profiles
             that narrow reads.
         abi: override the probed ABI (tests plan for older kernels with it).
+        devices: further device nodes (sandbox paths) opened read-write, like /dev/null.
     """
     abi = abi_version() if abi is None else abi
     if abi <= 0:
@@ -88,6 +89,6 @@ def prepare(extra_writable: tuple[str, ...] = (), extra_readable: tuple[str, ...
     device_rw = handled & (READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV)
     rules: list[tuple[str, int]] = [("/", READ)]
     rules += [(path, write_tree) for path in (*WRITABLE_TREES, *extra_writable)]
-    rules += [(path, device_rw) for path in WRITABLE_DEVICES]
+    rules += [(path, device_rw) for path in (*WRITABLE_DEVICES, *devices)]
     rules += [(path, READ) for path in extra_readable]
     return LandlockPlan(abi, handled, tuple(rules))

@@ -224,6 +224,11 @@ def plan(
             ops.append(MountOp("touch", inside(path), mode=0o666))
             ops.append(MountOp("mount", inside(path), source=path, flags=MS_BIND))
             ops.append(MountOp("setattr", inside(path), flags=ATTR_NOSUID | ATTR_NOEXEC))
+    for dev in spec.devices:  # granted devices (a task's accelerator): usable, not executable
+        path = "/dev/" + os.path.basename(dev)
+        ops.append(MountOp("touch", inside(path), mode=0o666))
+        ops.append(MountOp("mount", inside(path), source=dev, flags=MS_BIND))
+        ops.append(MountOp("setattr", inside(path), flags=ATTR_NOSUID | ATTR_NOEXEC))
     ops.append(MountOp("mkdir", inside("/dev/pts"), mode=0o755))
     ops.append(MountOp("mount", inside("/dev/pts"), source="devpts", fstype="devpts",
                        flags=MS_NOSUID | MS_NOEXEC, data="newinstance,ptmxmode=0666,mode=620"))

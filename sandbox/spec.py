@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -21,6 +22,9 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
+#: Names in the sandbox's /dev that Corral makes itself; a granted device may not take one.
+_DEV_MANAGED = frozenset({"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx",
+                          "shm", "fd", "stdin", "stdout", "stderr"})
 #: Sandbox backends a spec may name.
 BACKENDS = ("native", "docker")
 # Paths inside the sandbox that Corral itself builds; a user mount may not replace them.
@@ -128,6 +132,9 @@ class SandboxSpec:
     #: Egress allow-list: HOST[:PORT], *.DOMAIN[:PORT], IP[:PORT], CIDR[:PORT] (canonical
     #: form). Empty = loopback only, no link at all (sandbox/proxy.py has the rules).
     allow_net: tuple[str, ...] = ()
+    #: Host device nodes granted to the sandbox (e.g. a task's accelerator), each shown
+    #: read-write at /dev/<its name>.
+    devices: tuple[str, ...] = ()
     #: Where the sandbox runs: "native" (Corral's own kernel setup) or "docker" (an engine).
     backend: str = "native"
 
@@ -175,6 +182,19 @@ class SandboxSpec:
             seen.add(norm)
             if not os.path.exists(b.source):
                 raise InvalidSpec(field_name, f"{b.source!r} does not exist on the host")
+        names = set()
+        for dev in self.devices:
+            name = os.path.basename(dev)
+            if not os.path.isabs(dev) or name in names or name in _DEV_MANAGED:
+                raise InvalidSpec("devices", f"{dev!r} must be an absolute path whose name is "
+                                             "not already in the sandbox's /dev")
+            names.add(name)
+            try:
+                st = os.stat(dev)
+            except OSError:
+                raise InvalidSpec("devices", f"{dev!r} does not exist on the host") from None
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise InvalidSpec("devices", f"{dev!r} is not a character or block device")
         for key, value in self.env:
             if not _ENV_NAME_RE.match(key):
                 raise InvalidSpec("env", f"{key!r} is not a valid variable name")

@@ -151,8 +151,12 @@ class DeepTask:
     devices: tuple[str, ...] = ()
     #: What the executor needs to find the attempt again (JSON object).
     runner_json: str = ""
+    #: Attempts that failed or were lost (drained attempts do not count).
+    failures: int = 0
     #: In memory only: a cancel was asked for while the attempt runs.
     cancel_requested: bool = False
+    #: In memory only: the node is being drained; the attempt ends and the task requeues.
+    drain_requested: bool = False
 
     @property
     def terminal(self) -> bool:

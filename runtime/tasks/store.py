@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     checkpoint_seq INTEGER NOT NULL DEFAULT 0,
     exit_code INTEGER NOT NULL DEFAULT 0,
     devices TEXT NOT NULL DEFAULT '',
-    runner_json TEXT NOT NULL DEFAULT ''
+    runner_json TEXT NOT NULL DEFAULT '',
+    failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS node_flags (
     name TEXT PRIMARY KEY,
@@ -58,7 +59,7 @@ CREATE TABLE IF NOT EXISTS node_flags (
 """
 _MUTABLE = ("state", "node", "attempt", "updated_at", "started_at", "finished_at",
             "progress_json", "reason", "result_json", "checkpoint_seq", "exit_code", "devices",
-            "runner_json")
+            "runner_json", "failures")
 _INSERT = (f"INSERT INTO tasks (id, seq, tenant, spec, submitted_at, {', '.join(_MUTABLE)}) "
            f"VALUES ({', '.join('?' * (5 + len(_MUTABLE)))})")
 _UPDATE = f"UPDATE tasks SET {', '.join(m + ' = ?' for m in _MUTABLE)} WHERE id = ?"
@@ -67,7 +68,8 @@ _UPDATE = f"UPDATE tasks SET {', '.join(m + ' = ?' for m in _MUTABLE)} WHERE id 
 def _mutable_values(task: DeepTask) -> tuple:
     return (int(task.state), task.node, task.attempt, task.updated_at, task.started_at,
             task.finished_at, task.progress_json, task.reason, task.result_json,
-            task.checkpoint_seq, task.exit_code, "\n".join(task.devices), task.runner_json)
+            task.checkpoint_seq, task.exit_code, "\n".join(task.devices), task.runner_json,
+            task.failures)
 
 
 @dataclass
@@ -101,14 +103,15 @@ class TaskStore:
                 + " FROM tasks ORDER BY seq"):
             (tid, seq, tenant, spec, submitted_at, state, node, attempt, updated_at, started_at,
              finished_at, progress_json, reason, result_json, checkpoint_seq, exit_code, devices,
-             runner_json) = row
+             runner_json, failures) = row
             tasks.append(DeepTask(
                 id=tid, seq=seq, tenant=tenant, spec=TaskSpec.from_json(spec),
                 state=TaskState(state), node=node, attempt=attempt, submitted_at=submitted_at,
                 updated_at=updated_at, started_at=started_at, finished_at=finished_at,
                 progress_json=progress_json, reason=reason, result_json=result_json,
                 checkpoint_seq=checkpoint_seq, exit_code=exit_code,
-                devices=tuple(d for d in devices.split("\n") if d), runner_json=runner_json))
+                devices=tuple(d for d in devices.split("\n") if d), runner_json=runner_json,
+                failures=failures))
         flags = {name: (bool(c), bool(d)) for name, c, d in
                  self._conn.execute("SELECT name, cordoned, draining FROM node_flags")}
         return tasks, flags

@@ -1,0 +1,243 @@
+"""corral.v1.Tasks and corral.v1.Nodes servicers: proto <-> Scheduler calls, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+import stat
+
+from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
+from corral.v1 import stream_pb2
+from corral.v1 import task_pb2 as pb
+
+from ..tasks.model import TaskSpec
+from ..tasks.states import TaskState
+from .errors import Servicer, streaming, unary
+from .sandboxes import spec_from_proto as sandbox_spec_from_proto
+
+DEFAULT_RESULT_BYTES = 16 << 20
+LOG_CHUNK = 64 << 10
+
+
+class NotFinished(CorralError):
+    """The task has no result yet."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
+    """A validated TaskSpec; errors name the request field (spec.priority, ...)."""
+    sb = sandbox_spec_from_proto(msg.sandbox)
+    sandbox = {"profile": sb.profile, "memory_bytes": sb.memory_bytes, "pids_max": sb.pids_max,
+               "cpus": sb.cpus, "tmp_bytes": sb.tmp_bytes, "hostname": sb.hostname,
+               "env": [list(p) for p in sb.env]}
+    return TaskSpec(argv=tuple(msg.argv), sandbox=sandbox, selector=dict(msg.selector),
+                    resources=dict(msg.resources), priority=msg.priority, retries=msg.retries,
+                    max_runtime_s=msg.max_runtime_s, files=dict(msg.files))
+
+
+def spec_to_proto(spec: TaskSpec) -> pb.TaskSpec:
+    from corral.v1 import sandbox_pb2
+
+    sb = spec.sandbox
+    return pb.TaskSpec(
+        argv=list(spec.argv), selector=spec.selector, resources=spec.resources,
+        priority=spec.priority, retries=spec.retries, max_runtime_s=spec.max_runtime_s,
+        sandbox=sandbox_pb2.SandboxSpec(
+            profile=sb.get("profile", ""), memory_bytes=sb.get("memory_bytes", 0),
+            pids_max=sb.get("pids_max", 0), cpus=sb.get("cpus") or 0.0,
+            tmp_bytes=sb.get("tmp_bytes", 0), hostname=sb.get("hostname", ""),
+            env=dict(tuple(p) for p in sb.get("env", []))))
+
+
+def task_to_proto(task) -> pb.Task:
+    return pb.Task(
+        id=task.id, tenant=task.tenant, spec=spec_to_proto(task.spec), state=int(task.state),
+        node=task.node, attempt=task.attempt, submitted_at=task.submitted_at,
+        updated_at=task.updated_at, progress_json=task.progress_json, reason=task.reason,
+        result_json=task.result_json, checkpoint_seq=task.checkpoint_seq,
+        started_at=task.started_at, finished_at=task.finished_at, exit_code=task.exit_code,
+        devices=list(task.devices))
+
+
+def node_to_proto(node) -> pb.Node:
+    return pb.Node(name=node.name, labels=node.labels, capacity=node.capacity,
+                   free={k: round(v, 9) for k, v in node.free.items()},
+                   cordoned=node.cordoned, heartbeat_at=node.heartbeat_at,
+                   draining=node.draining, executor=node.executor, tasks=sorted(node.tasks),
+                   lost=node.lost)
+
+
+class TasksServicer(Servicer):
+    def __init__(self, daemon):
+        super().__init__(daemon)
+        self.scheduler = daemon.scheduler
+
+    @unary
+    async def Submit(self, request, context):
+        caller = self.caller(context)
+        task = await self.scheduler.submit(caller, spec_from_proto(request.spec))
+        return task_to_proto(task)
+
+    @unary
+    async def Get(self, request, context):
+        return task_to_proto(self.scheduler.get(self.caller(context), request.task_id))
+
+    @unary
+    async def List(self, request, context):
+        caller = self.caller(context)
+        state = TaskState(request.state) if request.state else None
+        tasks = self.scheduler.list(caller, state, limit=request.limit or 1000)
+        return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+
+    @unary
+    async def Cancel(self, request, context):
+        task = await self.scheduler.cancel(self.caller(context), request.task_id)
+        return task_to_proto(task)
+
+    @unary
+    async def Result(self, request, context):
+        task = self.scheduler.get(self.caller(context), request.task_id)
+        if not task.terminal:
+            raise NotFinished(f"task {task.id} is {task.state.name}; it has no result yet")
+        budget = request.max_bytes or DEFAULT_RESULT_BYTES
+        files = await asyncio.get_running_loop().run_in_executor(
+            None, _read_tree, self.scheduler.result_dir(task), budget)
+        return pb.TaskResult(task=task_to_proto(task), result_json=task.result_json,
+                             files=[pb.TaskFile(path=p, content=c, truncated=t)
+                                    for p, c, t in files])
+
+    @streaming
+    async def Watch(self, request, context):
+        caller = self.caller(context)
+        sched = self.scheduler
+        task = sched.get(caller, request.task_id)
+        wake = sched.subscribe(task.id)
+        log_reader = _LogReader()
+        try:
+            last = None
+            while True:
+                snapshot = task_to_proto(task)
+                key = snapshot.SerializeToString()
+                if key != last:
+                    last = key
+                    yield pb.TaskUpdate(task=snapshot)
+                for batch in log_reader.read(sched.attempt_log(task), task.attempt):
+                    yield pb.TaskUpdate(log=batch)
+                if task.terminal:
+                    return
+                try:
+                    item = await asyncio.wait_for(wake.get(), timeout=1.0)
+                except TimeoutError:
+                    continue
+                if item is None:  # the daemon is stopping
+                    return
+        finally:
+            sched.unsubscribe(task.id, wake)
+
+
+class _LogReader:
+    """New bytes of an attempt's log as StreamBatch text, split on UTF-8 boundaries."""
+
+    def __init__(self):
+        self.attempt = 0
+        self.offset = 0
+        self.seq = 1
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def read(self, path: str, attempt: int):
+        if attempt != self.attempt:
+            self.attempt, self.offset = attempt, 0
+            self.decoder.reset()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            while True:
+                chunk = os.pread(fd, LOG_CHUNK, self.offset)
+                if not chunk:
+                    return
+                self.offset += len(chunk)
+                text = self.decoder.decode(chunk).encode("utf-8")
+                if text:
+                    batch = stream_pb2.StreamBatch(first_seq=self.seq, text=text,
+                                                   lengths=[len(text)], end_seq=self.seq + 1)
+                    self.seq += 1
+                    yield batch
+        finally:
+            os.close(fd)
+
+
+def _read_tree(root: str, budget: int) -> list[tuple[str, bytes, bool]]:
+    """(relative path, content, truncated) of regular files under root; links never followed."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                take = max(0, min(st.st_size, budget))
+                data = os.pread(fd, take, 0) if take else b""
+            finally:
+                os.close(fd)
+            budget -= len(data)
+            out.append((os.path.relpath(path, root), data, len(data) < st.st_size))
+    return out
+
+
+class NodesServicer(Servicer):
+    def __init__(self, daemon):
+        super().__init__(daemon)
+        self.scheduler = daemon.scheduler
+
+    def _operator(self, context):
+        caller = self.caller(context)
+        if not caller.operator:
+            raise PermissionDenied("only operators cordon, uncordon or drain nodes")
+        return caller
+
+    @unary
+    async def List(self, request, context):
+        self.caller(context)
+        return pb.ListNodesResponse(
+            nodes=[node_to_proto(n) for n in self.scheduler.nodes.nodes.values()])
+
+    @unary
+    async def Get(self, request, context):
+        self.caller(context)
+        if not request.name:
+            raise InvalidSpec("name", "is empty")
+        return node_to_proto(self.scheduler.nodes.get(request.name))
+
+    @unary
+    async def Cordon(self, request, context):
+        node = await self.scheduler.cordon(self._operator(context), request.name, True)
+        return node_to_proto(node)
+
+    @unary
+    async def Uncordon(self, request, context):
+        node = await self.scheduler.cordon(self._operator(context), request.name, False)
+        return node_to_proto(node)
+
+    @unary
+    async def Drain(self, request, context):
+        node = await self.scheduler.drain(self._operator(context), request.name)
+        return node_to_proto(node)
+
+
+def task_handlers(daemon) -> list:
+    """The generic handlers of Tasks and Nodes (registered by the daemon)."""
+    from .wire import generic_handler
+
+    services = pb.DESCRIPTOR.services_by_name
+    return [generic_handler(services["Tasks"], TasksServicer(daemon)),
+            generic_handler(services["Nodes"], NodesServicer(daemon))]

@@ -1,0 +1,296 @@
+"""`corral task ...` and `corral nodes ...`: deep tasks and nodes on a running daemon.
+
+Imported by runtime/cli.py only to add its parsers (argparse only at import time); the
+client and protobuf modules are imported when a verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EXIT_USAGE = 2
+STATE_NAMES = ("", "QUEUED", "PLACED", "RUNNING", "RETRYING", "SUCCEEDED", "FAILED",
+               "CANCELLED")
+
+
+def add_parsers(sub, client_flags) -> None:
+    task = sub.add_parser("task", help="submit and follow deep tasks",
+                          description="Deep tasks: durable, placed on labelled nodes, resumed "
+                                      "from their last checkpoint after a failure.")
+    verbs = task.add_subparsers(dest="task_verb", metavar="VERB")
+    submit = verbs.add_parser(
+        "submit", help="submit a task; prints its id",
+        usage="corral task submit [OPTIONS] -- CMD [ARGS...]",
+        description="Submit CMD as a deep task. The id is printed once the daemon has "
+                    "committed the task to disk.")
+    client_flags(submit)
+    submit.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE",
+                        help="node label the task needs (repeatable; all must match)")
+    submit.add_argument("--resources", action="append", default=[], metavar="NAME=N",
+                        help="countable resource it holds, e.g. cpu=2 or accelerator.h200=1 "
+                             "(repeatable)")
+    submit.add_argument("--priority", type=int, default=0, metavar="N",
+                        help="0-1000, higher runs first (default: 0)")
+    submit.add_argument("--retries", type=int, default=0, metavar="N",
+                        help="attempts after a failed one, each from the last checkpoint")
+    submit.add_argument("--max-runtime", metavar="DURATION",
+                        help="wall-clock limit of one attempt, e.g. 30m or 2h")
+    submit.add_argument("--memory", metavar="SIZE", help="memory limit of its sandbox")
+    submit.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
+                        help="copy a local file into the task's /workspace (repeatable)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    get = verbs.add_parser("get", help="show one task")
+    client_flags(get)
+    get.add_argument("task_id", metavar="ID")
+    get.add_argument("--json", action="store_true", help="print the task as JSON")
+
+    ls = verbs.add_parser("ls", help="list tasks, newest first")
+    client_flags(ls)
+    ls.add_argument("--state", choices=[s.lower() for s in STATE_NAMES[1:]])
+    ls.add_argument("--json", action="store_true", help="one JSON object per task")
+
+    watch = verbs.add_parser("watch", help="follow a task: live progress bar and its log")
+    client_flags(watch)
+    watch.add_argument("task_id", metavar="ID")
+
+    cancel = verbs.add_parser("cancel", help="cancel a task (kills its whole process tree)")
+    client_flags(cancel)
+    cancel.add_argument("task_id", metavar="ID")
+
+    result = verbs.add_parser("result", help="print a finished task's RESULT and save its "
+                                             "/workspace/out files")
+    client_flags(result)
+    result.add_argument("task_id", metavar="ID")
+    result.add_argument("--out", metavar="DIR", help="write the output files under DIR")
+
+    nodes = sub.add_parser("nodes", help="list nodes; cordon, uncordon or drain one",
+                           usage="corral nodes [ls | get NAME | cordon NAME | uncordon NAME | "
+                                 "drain NAME]")
+    client_flags(nodes)
+    nodes.add_argument("--json", action="store_true", help="one JSON object per node")
+    nodes.add_argument("nodes_verb", nargs="?", default="ls",
+                       choices=("ls", "get", "cordon", "uncordon", "drain"))
+    nodes.add_argument("name", nargs="?", metavar="NAME")
+
+
+def dispatch(args) -> int:
+    from corral.runtime.client import ClientError
+    from corral.sandbox.errors import InvalidSpec
+
+    try:
+        if args.verb == "nodes":
+            return _nodes(args)
+        verb = getattr(args, "task_verb", None)
+        if verb is None:
+            print("corral: task: which verb? (submit, get, ls, watch, cancel, result)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return {"submit": _submit, "get": _get, "ls": _ls, "watch": _watch,
+                "cancel": _cancel, "result": _result}[verb](args)
+    except InvalidSpec as exc:
+        print(f"corral: {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClientError as exc:
+        print(f"corral: {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.code.name == "INVALID_ARGUMENT" else 1
+
+
+def _connect(args):
+    from corral.runtime.client import Client
+
+    return Client.connect(socket=args.socket, target=args.target, token=args.token,
+                          tenant=args.tenant)
+
+
+def _submit(args) -> int:
+    import os
+
+    from corral.runtime.tasks.model import parse_pairs
+    from corral.sandbox.errors import InvalidSpec
+    from corral.sandbox.spec import parse_duration, parse_size
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("corral: task submit: no command; usage: corral task submit [OPTIONS] -- CMD",
+              file=sys.stderr)
+        return EXIT_USAGE
+    selector = parse_pairs(args.selector, "selector")
+    resources = {}
+    for name, amount in parse_pairs(args.resources, "resources").items():
+        try:
+            resources[name] = float(amount)
+        except ValueError:
+            raise InvalidSpec(f"resources[{name}]", f"{amount!r} is not a number") from None
+    files = {}
+    for item in args.put:
+        local, sep, inside = item.partition(":")
+        with open(local, "rb") as f:
+            files[inside if sep else os.path.basename(local)] = f.read()
+    sandbox = {}
+    if args.memory:
+        sandbox["memory_bytes"] = parse_size(args.memory, "memory")
+    if args.env:
+        sandbox["env"] = parse_pairs(args.env, "env")
+    with _connect(args) as client:
+        task = client.submit_task(
+            argv, selector=selector, resources=resources, priority=args.priority,
+            retries=args.retries, files=files,
+            max_runtime_s=parse_duration(args.max_runtime, "max-runtime")
+            if args.max_runtime else 0.0, **sandbox)
+    print(task.id)
+    return 0
+
+
+def task_dict(task) -> dict:
+    from google.protobuf import json_format
+
+    d = json_format.MessageToDict(task, preserving_proto_field_name=True)
+    d["state"] = STATE_NAMES[task.state]
+    d.get("spec", {}).pop("files", None)
+    return d
+
+
+def _get(args) -> int:
+    with _connect(args) as client:
+        task = client.get_task(args.task_id)
+    if args.json:
+        print(json.dumps(task_dict(task), indent=2, sort_keys=True))
+        return 0
+    print(f"id:         {task.id}\nstate:      {STATE_NAMES[task.state]}  ({task.reason})\n"
+          f"tenant:     {task.tenant}\nnode:       {task.node or '-'}\n"
+          f"attempt:    {task.attempt}\ncheckpoint: {task.checkpoint_seq or '-'}\n"
+          f"progress:   {task.progress_json or '-'}\ncommand:    {' '.join(task.spec.argv)}")
+    if task.result_json:
+        print(f"result:     {task.result_json}")
+    return 0
+
+
+def _ls(args) -> int:
+    state = STATE_NAMES.index(args.state.upper()) if args.state else 0
+    with _connect(args) as client:
+        tasks = client.list_tasks(state=state)
+    if args.json:
+        for t in tasks:
+            print(json.dumps(task_dict(t), sort_keys=True))
+        return 0
+    print(f"{'ID':22} {'STATE':10} {'TENANT':10} {'NODE':12} {'TRY':>3} {'PRIO':>4}  COMMAND")
+    for t in tasks:
+        print(f"{t.id:22} {STATE_NAMES[t.state]:10} {t.tenant:10} {t.node or '-':12} "
+              f"{t.attempt:>3} {t.spec.priority:>4}  {' '.join(t.spec.argv)[:60]}")
+    return 0
+
+
+def progress_line(task, width: int = 30) -> str:
+    """'[#####.....]  50% 5/10 RUNNING' from the task's last PROGRESS (done/total)."""
+    try:
+        p = json.loads(task.progress_json) if task.progress_json else {}
+    except ValueError:
+        p = {}
+    done, total = p.get("done"), p.get("total")
+    state = STATE_NAMES[task.state]
+    if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        frac = max(0.0, min(1.0, done / total))
+        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+        return f"[{bar}] {frac * 100:5.1f}% {done:g}/{total:g} {state} (attempt {task.attempt})"
+    msg = p.get("message", "")
+    return f"{state} (attempt {task.attempt}) {msg}".rstrip()
+
+
+def _watch(args) -> int:
+    tty = sys.stderr.isatty()
+    last = None
+    with _connect(args) as client:
+        for update in client.watch_task(args.task_id):
+            if update.HasField("log"):
+                if tty and last:
+                    sys.stderr.write("\r\033[K")
+                sys.stdout.write(update.log.text.decode("utf-8", "replace"))
+                sys.stdout.flush()
+                if tty and last:
+                    sys.stderr.write(last)
+                continue
+            task = update.task
+            line = progress_line(task)
+            if line != last:
+                sys.stderr.write(("\r\033[K" + line) if tty else line + "\n")
+                sys.stderr.flush()
+                last = line
+    if tty:
+        sys.stderr.write("\n")
+    print(f"{task.id}: {STATE_NAMES[task.state]} ({task.reason})", file=sys.stderr)
+    return 0 if STATE_NAMES[task.state] == "SUCCEEDED" else 1
+
+
+def _cancel(args) -> int:
+    with _connect(args) as client:
+        task = client.cancel_task(args.task_id)
+        end = time.monotonic() + 30
+        while task.state in (2, 3) and time.monotonic() < end:  # PLACED, RUNNING: wait
+            time.sleep(0.2)
+            task = client.get_task(args.task_id)
+    print(f"{task.id}: {STATE_NAMES[task.state]}")
+    return 0
+
+
+def _result(args) -> int:
+    import os
+
+    with _connect(args) as client:
+        res = client.task_result(args.task_id)
+    print(res.result_json or "{}")
+    for f in res.files:
+        if args.out:
+            path = os.path.join(args.out, os.path.normpath(f.path))
+            if os.path.relpath(path, args.out).startswith(".."):
+                continue
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as out:
+                out.write(f.content)
+        print(f"{f.path}\t{len(f.content)} bytes{' (truncated)' if f.truncated else ''}",
+              file=sys.stderr)
+    return 0 if STATE_NAMES[res.task.state] == "SUCCEEDED" else 1
+
+
+def _nodes(args) -> int:
+    verb = args.nodes_verb
+    if verb != "ls" and not args.name:
+        print(f"corral: nodes {verb}: which node?", file=sys.stderr)
+        return EXIT_USAGE
+    with _connect(args) as client:
+        if verb == "ls":
+            nodes = client.list_nodes()
+        elif verb == "get":
+            nodes = [client.get_node(args.name)]
+        elif verb == "drain":
+            nodes = [client.drain_node(args.name)]
+        else:
+            nodes = [client.cordon_node(args.name, verb == "cordon")]
+    if args.json:
+        from google.protobuf import json_format
+
+        for n in nodes:
+            print(json.dumps(json_format.MessageToDict(n, preserving_proto_field_name=True),
+                             sort_keys=True))
+        return 0
+    print(f"{'NODE':14} {'EXEC':5} {'STATUS':10} {'TASKS':>5}  LABELS / FREE of CAPACITY")
+    for n in nodes:
+        status = ("lost" if n.lost else "draining" if n.draining else
+                  "cordoned" if n.cordoned else "ready")
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
+        res = " ".join(f"{k}={_num(n.free.get(k, 0))}/{_num(v)}"
+                       for k, v in sorted(n.capacity.items()))
+        print(f"{n.name:14} {n.executor:5} {status:10} {len(n.tasks):>5}  {labels}  {res}")
+    return 0
+
+
+def _num(v: float) -> str:
+    if v >= 1 << 30 and v % (1 << 20) == 0:
+        return f"{v / (1 << 30):.0f}G"
+    return f"{v:g}"

@@ -1,0 +1,247 @@
+"""The local executor: each attempt runs under a shim process on this machine.
+
+Launch writes the attempt's plan and starts ``python -m corral.runtime.tasks.shim`` in its
+own session; the executor then follows the attempt through two descriptors on the event
+loop, no thread and no polling: the task's notify FIFO (one byte per change the shim
+persisted) and a pidfd of the shim (readable once it has exited). After a daemon restart
+``recover()`` finds a live shim by its lock (flock held for its whole life) and attaches
+the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .files import TaskFiles, read_json
+from .runner import process_alive
+from .shim import LOCK_NAME
+
+log = logging.getLogger("corral.tasks.local")
+
+#: After SIGTERM (cancel), how long a shim gets before SIGKILL (its sandbox dies with it).
+CANCEL_GRACE_S = 5.0
+
+
+@dataclass
+class _Watch:
+    task_id: str
+    attempt: int
+    files: TaskFiles
+    attempt_dir: str
+    pid: int
+    pidfd: int = -1
+    fifo: int = -1
+    popen: subprocess.Popen | None = None
+    started: bool = False
+    progress_mtime: int = 0
+    result_mtime: int = 0
+    checkpoint_seq: int = 0
+    done: bool = False
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self):
+        self.scheduler = None
+        self._watches: dict[str, _Watch] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self._loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        """Detach from every attempt (they keep running; the next daemon re-attaches)."""
+        for w in list(self._watches.values()):
+            self._close(w)
+        self._watches.clear()
+
+    def node_alive(self, node) -> bool:
+        return True
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    async def launch(self, task, node, plan) -> None:
+        files = TaskFiles(plan.tasks_root, task.id)
+        attempt_dir = files.attempt_dir(plan.attempt)
+
+        def prepare() -> str:
+            files.create()
+            os.makedirs(attempt_dir, mode=0o700, exist_ok=True)
+            path = os.path.join(attempt_dir, "plan.json")
+            with open(path, "w") as f:
+                f.write(plan.to_json())
+            return path
+
+        plan_path = await self._loop.run_in_executor(None, prepare)
+        w = _Watch(task.id, plan.attempt, files, attempt_dir, pid=0,
+                   checkpoint_seq=task.checkpoint_seq)
+        # The FIFO's reader is open before the shim's writer: no byte is missed.
+        w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        shim_log = open(os.path.join(attempt_dir, "shim.log"), "ab")  # noqa: SIM115
+        try:
+            w.popen = subprocess.Popen(
+                [sys.executable, "-m", "corral.runtime.tasks.shim", plan_path],
+                stdin=subprocess.DEVNULL, stdout=shim_log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, cwd="/")
+        except BaseException:
+            os.close(w.fifo)
+            raise
+        finally:
+            shim_log.close()
+        w.pid = w.popen.pid
+        w.pidfd = os.pidfd_open(w.pid)
+        self._attach(w)
+
+    def started(self, task) -> bool:
+        files = TaskFiles(self.scheduler.tasks_root, task.id)
+        return os.path.exists(os.path.join(files.attempt_dir(task.attempt), "shim.json"))
+
+    async def recover(self, task) -> bool:
+        files = TaskFiles(self.scheduler.tasks_root, task.id)
+        attempt_dir = files.attempt_dir(task.attempt)
+        if not _lock_held(os.path.join(attempt_dir, LOCK_NAME)):
+            return False
+        shim = read_json(os.path.join(attempt_dir, "shim.json")) or {}
+        pid = shim.get("pid")
+        if not pid or not process_alive(pid, shim.get("start")):
+            return False
+        w = _Watch(task.id, task.attempt, files, attempt_dir, pid=pid,
+                   checkpoint_seq=task.checkpoint_seq, started=bool(task.started_at))
+        try:
+            w.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._attach(w)
+        return True
+
+    def final_outcome(self, task) -> dict | None:
+        """The exit record of the task's current attempt, if it ended unobserved."""
+        files = TaskFiles(self.scheduler.tasks_root, task.id)
+        return read_json(os.path.join(files.attempt_dir(task.attempt), "exit.json"))
+
+    def cancel(self, task) -> None:
+        w = self._watches.get(task.id)
+        if w is None or w.done:
+            return
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(w.pidfd, signal.SIGTERM)
+        self._loop.call_later(CANCEL_GRACE_S, self._force_kill, w)
+
+    def _force_kill(self, w: _Watch) -> None:
+        if not w.done and w.pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
+
+    # -- following an attempt ----------------------------------------------------------------
+
+    def _attach(self, w: _Watch) -> None:
+        self._watches[w.task_id] = w
+        self._loop.add_reader(w.fifo, self._on_bell, w)
+        self._loop.add_reader(w.pidfd, self._on_exit, w)
+        self._loop.call_soon(self._on_bell, w)  # what happened before we looked
+
+    def _on_bell(self, w: _Watch) -> None:
+        if w.done:
+            return
+        try:
+            while os.read(w.fifo, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        except OSError:
+            pass
+        self._loop.create_task(self._sync(w))
+
+    async def _sync(self, w: _Watch) -> None:
+        sched = self.scheduler
+        if not w.started:
+            runner = read_json(os.path.join(w.attempt_dir, "runner.json"))
+            if runner is not None:
+                w.started = True
+                await sched.on_started(w.task_id, w.attempt, runner.get("started_at", 0.0),
+                                       runner)
+        kw = {}
+        st = _mtime(os.path.join(w.attempt_dir, "progress.json"))
+        if st != w.progress_mtime:
+            w.progress_mtime = st
+            with contextlib.suppress(OSError):
+                with open(os.path.join(w.attempt_dir, "progress.json"), encoding="utf-8",
+                          errors="replace") as f:
+                    kw["progress_json"] = f.read()
+        st = _mtime(os.path.join(w.attempt_dir, "result.json"))
+        if st != w.result_mtime:
+            w.result_mtime = st
+            with contextlib.suppress(OSError):
+                with open(os.path.join(w.attempt_dir, "result.json"), encoding="utf-8",
+                          errors="replace") as f:
+                    kw["result_json"] = f.read()
+        seq = w.files.latest_checkpoint()
+        if seq != w.checkpoint_seq:
+            w.checkpoint_seq = seq
+            kw["checkpoint_seq"] = seq
+        if kw:
+            await sched.on_update(w.task_id, w.attempt, **kw)
+        sched.on_log(w.task_id)
+
+    def _on_exit(self, w: _Watch) -> None:
+        if w.done:
+            return
+        self._close(w)
+        w.done = True
+        self._watches.pop(w.task_id, None)
+        if w.popen is not None:
+            with contextlib.suppress(Exception):
+                w.popen.wait(timeout=1)
+
+        async def finish() -> None:
+            await self._sync(w)
+            outcome = read_json(os.path.join(w.attempt_dir, "exit.json")) or {
+                "outcome": "lost", "returncode": -1,
+                "reason": "the attempt's shim ended without an exit record"}
+            await self.scheduler.on_exit(w.task_id, w.attempt, outcome)
+
+        self._loop.create_task(finish())
+
+    def _close(self, w: _Watch) -> None:
+        for attr in ("fifo", "pidfd"):
+            fd = getattr(w, attr)
+            if fd >= 0:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(fd)
+                os.close(fd)
+                setattr(w, attr, -1)
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _lock_held(path: str) -> bool:
+    """True when another process holds the flock on path (a shim is alive)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

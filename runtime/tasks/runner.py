@@ -1,0 +1,314 @@
+"""One attempt of a deep task, start to end, on the machine that hosts its sandbox.
+
+``AttemptRunner.run()`` blocks: it builds the attempt's workspace (the spec's files, the
+last checkpoint restored), starts the sandbox and the agent with an events pipe, reads its
+frames with the token core, and persists what matters into the task's directory as it
+happens (see files.py): PROGRESS, CHECKPOINT frames and $CORRAL_CHECKPOINT_DIR snapshots,
+RESULT, the log; at the end /workspace/out and exit.json. It enforces the attempt's
+deadline and ends everything on cancel().
+
+The local executor runs it in a shim process (shim.py) so that the sandbox outlives a
+daemon restart; the Ray executor runs it inside the node's actor.
+
+Inside the sandbox the agent finds:
+  CORRAL_TASK_ID, CORRAL_ATTEMPT        which task and attempt (1, 2, ...)
+  CORRAL_CHECKPOINT_DIR                 a directory persisted with every checkpoint and
+                                        restored on retry (/workspace/.corral/checkpoint)
+  CORRAL_CHECKPOINT_FILE                the last CHECKPOINT frame's payload, restored
+                                        (only set when there is one)
+  CORRAL_EVENTS_FD                      the frames pipe (docs/agent-protocol.md)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+
+from corral.ext import TokenStream
+from corral.sandbox import PIPE, Sandbox, SandboxSpec
+from corral.sandbox.errors import CorralError
+
+from .files import TaskFiles, atomic_write, copy_tree_safe, tree_signature
+
+EVENTS_FD = 3
+CHECKPOINT_DIR_INSIDE = "/workspace/.corral/checkpoint"
+CHECKPOINT_FILE_INSIDE = "/workspace/.corral/last-checkpoint"
+#: How often the checkpoint directory is looked at for files the agent wrote.
+DIR_SCAN_S = 0.5
+# frame kinds (corral.v1.EventKind)
+_PROGRESS, _CHECKPOINT, _RESULT, _LOG, _TOKEN = 3, 4, 5, 6, 1
+
+
+@dataclass
+class AttemptPlan:
+    """Everything a runner needs; JSON-able (the shim reads it from attempt.json)."""
+
+    task_id: str
+    attempt: int
+    argv: list[str]
+    sandbox: dict = field(default_factory=dict)  # SandboxSpec keyword arguments
+    files: dict[str, str] = field(default_factory=dict)  # path -> latin-1 text of the bytes
+    devices: list[str] = field(default_factory=list)
+    deadline: float = 0.0  # Unix time; 0 = none
+    tasks_root: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> AttemptPlan:
+        return cls(**json.loads(text))
+
+
+class AttemptRunner:
+    """Runs one attempt; thread-safe cancel()."""
+
+    def __init__(self, plan: AttemptPlan, on_change=None):
+        self.plan = plan
+        self.files = TaskFiles(plan.tasks_root, plan.task_id)
+        self.dir = self.files.attempt_dir(plan.attempt)
+        self.workspace = os.path.join(self.dir, "workspace")
+        self._cancel = threading.Event()
+        self._bell = -1
+        self._on_change = on_change  # extra callback (the Ray actor) after each persist
+        self.sandbox: Sandbox | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _changed(self) -> None:
+        self.files.ring(self._bell)
+        if self._on_change is not None:
+            self._on_change()
+
+    # -- the attempt -------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Run to the end; returns (and writes) the exit record."""
+        self.files.create()
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._bell = self.files.open_bell_writer()
+        try:
+            outcome = self._run()
+        except CorralError as exc:
+            outcome = {"outcome": "error", "returncode": -1, "reason": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - recorded for the daemon, then re-raised
+            outcome = {"outcome": "error", "returncode": -1, "reason": f"runner failed: {exc!r}"}
+            self._finish(outcome)
+            raise
+        self._finish(outcome)
+        return outcome
+
+    def _finish(self, outcome: dict) -> None:
+        if self.sandbox is not None:
+            try:
+                self.sandbox.destroy()
+            except Exception:  # noqa: BLE001 - the exit record matters more
+                pass
+        outcome["finished_at"] = time.time()
+        atomic_write(os.path.join(self.dir, "exit.json"), json.dumps(outcome).encode())
+        shutil.rmtree(self.workspace, ignore_errors=True)
+        self._changed()
+        if self._bell >= 0:
+            os.close(self._bell)
+            self._bell = -1
+
+    def _prepare_workspace(self, uid: int) -> dict[str, str]:
+        shutil.rmtree(self.workspace, ignore_errors=True)
+        os.makedirs(self.workspace, mode=0o755)
+        os.chown(self.workspace, uid, uid)
+        for rel, text in self.plan.files.items():
+            path = os.path.join(self.workspace, os.path.normpath(rel))
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(text.encode("latin-1"))
+            os.chown(path, uid, uid)
+        corral_dir = os.path.join(self.workspace, ".corral")
+        os.makedirs(corral_dir, exist_ok=True)
+        os.chown(corral_dir, uid, uid)
+        env = {"CORRAL_TASK_ID": self.plan.task_id, "CORRAL_ATTEMPT": str(self.plan.attempt),
+               "CORRAL_CHECKPOINT_DIR": CHECKPOINT_DIR_INSIDE,
+               "CORRAL_EVENTS_FD": str(EVENTS_FD)}
+        seq = self.files.latest_checkpoint()
+        ckpt_dir = os.path.join(self.workspace, ".corral", "checkpoint")
+        if seq:
+            copy_tree_safe(os.path.join(self.files.checkpoint_dir(seq), "files"), ckpt_dir,
+                           uid=uid)
+            frame = self.files.checkpoint_frame(seq)
+            if frame is not None:
+                path = os.path.join(self.workspace, ".corral", "last-checkpoint")
+                with open(path, "wb") as f:
+                    f.write(frame)
+                os.chown(path, uid, uid)
+                env["CORRAL_CHECKPOINT_FILE"] = CHECKPOINT_FILE_INSIDE
+        os.makedirs(ckpt_dir, exist_ok=True)
+        os.chown(ckpt_dir, uid, uid)
+        return env
+
+    def _run(self) -> dict:
+        plan = self.plan
+        kw = dict(plan.sandbox)
+        if "env" in kw:
+            kw["env"] = tuple(tuple(p) for p in kw["env"])
+        uid = kw.get("uid_base", SandboxSpec.uid_base)
+        env = self._prepare_workspace(uid)
+        spec = SandboxSpec(**kw, workspace=self.workspace, devices=tuple(plan.devices))
+        log = open(os.path.join(self.dir, "log"), "ab", buffering=0)  # noqa: SIM115
+        try:
+            if self._cancel.is_set():
+                return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
+            self.sandbox = Sandbox(spec)
+            self.sandbox.start()
+            atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({
+                "pid": os.getpid(), "start": _start_time(os.getpid()),
+                "sandbox_id": self.sandbox.id, "started_at": time.time()}).encode())
+            events_r, events_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                proc = self.sandbox.exec(plan.argv, env=env, stdin=None, stdout=PIPE,
+                                         stderr=PIPE, pass_fds={EVENTS_FD: events_w})
+            finally:
+                os.close(events_w)
+            self._changed()  # running
+            return self._pump(proc, events_r, log)
+        finally:
+            log.close()
+
+    def _pump(self, proc, events_r: int, log) -> dict:
+        # TOKEN frames are not kept (a deep task reports through PROGRESS/RESULT/LOG).
+        stream = TokenStream("frames", log_bytes=1 << 20)
+        sel = selectors.DefaultSelector()
+        open_fds = {}
+        for f, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+            os.set_blocking(f.fileno(), False)
+            sel.register(f.fileno(), selectors.EVENT_READ, name)
+            open_fds[f.fileno()] = f
+        os.set_blocking(events_r, False)
+        sel.register(events_r, selectors.EVENT_READ, "events")
+        if self.sandbox.status_fd >= 0:
+            sel.register(self.sandbox.status_fd, selectors.EVENT_READ, "status")
+        ckpt_host = os.path.join(self.workspace, ".corral", "checkpoint")
+        dir_sig = tree_signature(ckpt_host)
+        next_scan = time.monotonic() + DIR_SCAN_S
+        last_frame = self.files.checkpoint_frame()
+        ending = None
+        events_open = True
+        try:
+            while True:
+                if self._cancel.is_set() and ending is None:
+                    ending = "cancelled"
+                    self.sandbox.destroy()  # PID 1 and the cgroup: the whole tree
+                if (self.plan.deadline and time.time() >= self.plan.deadline
+                        and ending is None):
+                    ending = "timeout"
+                    self.sandbox.destroy()
+                if proc.poll() is not None and not open_fds and not events_open:
+                    break
+                if proc.returncode is not None and self.sandbox.state == "destroyed":
+                    break
+                timeout = DIR_SCAN_S
+                if self.plan.deadline:
+                    timeout = max(0.0, min(timeout, self.plan.deadline - time.time()))
+                for key, _ in sel.select(timeout):
+                    fd, what = key.fd, key.data
+                    if what == "status":
+                        self.sandbox.collect_exits()
+                        if self.sandbox.status_fd != fd:
+                            sel.unregister(fd)
+                        continue
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(fd)
+                        if what == "events":
+                            events_open = False
+                            os.close(events_r)
+                        else:
+                            open_fds.pop(fd).close()
+                        continue
+                    if what == "events":
+                        stream.feed(chunk)
+                        last_frame = self._drain(stream, log, last_frame, ckpt_host)
+                    else:
+                        log.write(chunk)
+                if time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + DIR_SCAN_S
+                    sig = tree_signature(ckpt_host)
+                    if sig != dir_sig:
+                        dir_sig = sig
+                        self.files.save_checkpoint(last_frame, ckpt_host)
+                        self._changed()
+        finally:
+            sel.close()
+            for f in open_fds.values():
+                f.close()
+            if events_open:
+                os.close(events_r)
+        if ending is None:  # a final look at the checkpoint directory and /workspace/out
+            if tree_signature(ckpt_host) != dir_sig:
+                self.files.save_checkpoint(last_frame, ckpt_host)
+            if proc.returncode == 0:
+                out_tmp = self.files.out + ".tmp"
+                shutil.rmtree(out_tmp, ignore_errors=True)
+                copy_tree_safe(os.path.join(self.workspace, "out"), out_tmp, fsync=True)
+                os.makedirs(out_tmp, exist_ok=True)
+                shutil.rmtree(self.files.out, ignore_errors=True)
+                os.rename(out_tmp, self.files.out)
+        rc = proc.returncode if proc.returncode is not None else -9
+        if ending is not None:
+            return {"outcome": ending, "returncode": rc,
+                    "reason": "cancelled" if ending == "cancelled"
+                    else "max runtime reached"}
+        reason = str(proc.reason.value) if proc.reason else "exited"
+        if rc == 0:
+            return {"outcome": "succeeded", "returncode": 0, "reason": "exited 0"}
+        why = f"exited {rc}" if rc > 0 else f"killed by signal {-rc}"
+        if reason == "oom":
+            why = "killed by the memory limit (OOM)"
+        return {"outcome": "failed", "returncode": rc, "reason": why}
+
+    def _drain(self, stream, log, last_frame, ckpt_host):
+        while True:
+            ev = stream.next_event()
+            if ev is None:
+                return last_frame
+            kind = int(ev.kind)
+            if kind == _PROGRESS:
+                atomic_write(os.path.join(self.dir, "progress.json"), bytes(ev.payload))
+                self._changed()
+            elif kind == _CHECKPOINT:
+                last_frame = bytes(ev.payload)
+                self.files.save_checkpoint(last_frame, ckpt_host)
+                self._changed()
+            elif kind == _RESULT:
+                atomic_write(os.path.join(self.dir, "result.json"), bytes(ev.payload))
+                self._changed()
+            elif kind == _LOG:
+                log.write(bytes(ev.payload) + b"\n")
+            elif kind == 64:  # malformed input: say so in the log
+                log.write(f"corral: bad frame from the agent: {ev.message}\n".encode())
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start: int | None) -> bool:
+    """pid is running (not a zombie) and is the same process (start time)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and (start is None or int(fields[19]) == start)

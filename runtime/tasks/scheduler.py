@@ -1,0 +1,456 @@
+"""The deep-task scheduler: admission, queues, placement, attempts, recovery.
+
+Domain layer (asyncio, no gRPC types). Every task lives in memory (``self.tasks``) and in the
+TaskStore; a state change is made in memory, checked against the transition table, and
+written through the store's group commit; whatever depends on it (a launch, an answer to
+the caller) waits for that commit.
+
+Order of placement: priority first (higher first); within one priority the tenant holding
+the fewest placed or running tasks goes next (ties: the one served longest ago), and
+within a tenant submissions are first-in first-out. A task that fits nowhere right now does
+not block the ones behind it (the next few of that tenant are tried, then other tenants).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections import deque
+
+from corral.sandbox.errors import NotFound, PermissionDenied, Unavailable
+
+from . import states
+from .files import TaskFiles
+from .model import DeepTask, TaskSpec
+from .nodes import Node, NodeConfig, NodeRegistry
+from .runner import AttemptPlan
+from .states import TaskState
+from .store import TaskStore
+
+log = logging.getLogger("corral.tasks")
+
+#: How many queued tasks of one tenant a pass tries before moving on to the next tenant.
+SCAN_PER_TENANT = 32
+HEARTBEAT_S = 5.0
+
+
+class Scheduler:
+    """Tasks and nodes of one daemon."""
+
+    def __init__(self, state_dir: str, audit, node_configs: list[NodeConfig], *,
+                 executors: dict | None = None):
+        self.state_dir = state_dir
+        self.tasks_root = os.path.join(state_dir, "tasks")
+        self.audit = audit
+        self.store = TaskStore(os.path.join(state_dir, "tasks.db"), audit)
+        self.nodes = NodeRegistry()
+        for cfg in node_configs:
+            self.nodes.add(Node.from_config(cfg))
+        self.executors = executors or {}
+        self.tasks: dict[str, DeepTask] = {}
+        # priority -> tenant -> FIFO of waiting task ids
+        self._queues: dict[int, dict[str, deque]] = {}
+        self._active: dict[str, int] = {}  # tenant -> placed + running tasks
+        self._served: dict[str, int] = {}  # tenant -> placement counter when last served
+        self._served_n = 0
+        self._seq = 0
+        self._watchers: dict[str, set[asyncio.Queue]] = {}
+        self._kick_pending = False
+        self._heartbeat: asyncio.Task | None = None
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.placements = 0
+        self.placement_ns = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        os.makedirs(self.tasks_root, mode=0o700, exist_ok=True)
+        tasks, flags = self.store.load()
+        self.store.start(self._loop)
+        for name, (cordoned, draining) in flags.items():
+            if name in self.nodes.nodes:
+                node = self.nodes.nodes[name]
+                node.cordoned, node.draining = cordoned, draining
+        for ex in self.executors.values():
+            await ex.start(self)
+        for task in tasks:
+            self.tasks[task.id] = task
+            self._seq = max(self._seq, task.seq)
+        for task in tasks:
+            if task.state in states.WAITING:
+                self._enqueue(task)
+            elif task.state in states.ACTIVE:
+                await self._recover(task)
+        self._heartbeat = self._loop.create_task(self._beat())
+        self.kick()
+
+    async def _recover(self, task: DeepTask) -> None:
+        """A task that was placed or running when the last daemon ended."""
+        node = self.nodes.nodes.get(task.node)
+        executor = self.executors.get(node.executor) if node else None
+        if node is not None:
+            self.nodes.reserve_exact(node, task.id, task.spec.resources, task.devices)
+            self._active[task.tenant] = self._active.get(task.tenant, 0) + 1
+        attached = executor is not None and await executor.recover(task)
+        if attached:
+            self.audit.append("task.reattached", tenant=task.tenant, peer="daemon",
+                              detail={"task_id": task.id, "node": task.node,
+                                      "attempt": task.attempt})
+            return
+        outcome = executor.final_outcome(task) if executor is not None else None
+        if outcome is not None:  # it ended while no daemon was watching
+            if task.state == TaskState.PLACED:
+                await self._move(task, TaskState.RUNNING, task.reason)
+            await self._finish_attempt(task, outcome)
+        elif task.state == TaskState.PLACED and not (executor and executor.started(task)):
+            self._release(task)
+            await self._move(task, TaskState.QUEUED, "placement undone: the daemon restarted "
+                                                     "before the attempt started")
+            self._enqueue(task)
+        else:
+            if task.state == TaskState.PLACED:
+                await self._move(task, TaskState.RUNNING, task.reason)
+            await self._finish_attempt(task, {"outcome": "lost", "returncode": -1,
+                                              "reason": "its runner is gone (daemon restart "
+                                                        "or node loss)"})
+
+    async def stop(self) -> None:
+        """Stop placing; running attempts keep running (a restarted daemon re-attaches)."""
+        self._closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for ex in self.executors.values():
+            with contextlib.suppress(Exception):
+                await ex.stop()
+        for queues in self._watchers.values():
+            for q in queues:
+                q.put_nowait(None)
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+
+    async def _beat(self) -> None:
+        while True:
+            now = time.time()
+            for node in self.nodes.nodes.values():
+                ex = self.executors.get(node.executor)
+                if ex is not None and ex.node_alive(node):
+                    node.heartbeat_at = now
+            await asyncio.sleep(HEARTBEAT_S)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def submit(self, caller, spec: TaskSpec) -> DeepTask:
+        if self._closing:
+            raise Unavailable("the daemon is shutting down")
+        self.nodes.check_satisfiable(spec)
+        self._seq += 1
+        now = time.time()
+        task = DeepTask(id="task-" + secrets.token_hex(8), seq=self._seq, tenant=caller.tenant,
+                        spec=spec, submitted_at=now, updated_at=now)
+        self.tasks[task.id] = task
+        try:
+            await self.store.insert(task, [("task.submit", {
+                "tenant": caller.tenant, "peer": caller.peer, "task_id": task.id})])
+        except BaseException:
+            self.tasks.pop(task.id, None)
+            raise
+        self._enqueue(task)
+        self.kick()
+        return task
+
+    def get(self, caller, task_id: str) -> DeepTask:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id!r} does not exist")
+        if task.tenant != caller.tenant and not caller.operator:
+            raise PermissionDenied(f"task {task_id!r} belongs to another tenant")
+        return task
+
+    def list(self, caller, state: TaskState | None = None, limit: int = 1000) -> list[DeepTask]:
+        out = []
+        for task in reversed(self.tasks.values()):
+            if (task.tenant == caller.tenant or caller.operator) and (
+                    state is None or task.state == state):
+                out.append(task)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def cancel(self, caller, task_id: str) -> DeepTask:
+        task = self.get(caller, task_id)
+        self.audit.append("task.cancel", tenant=caller.tenant, peer=caller.peer,
+                          detail={"task_id": task.id, "state": task.state.name})
+        if task.terminal:
+            return task
+        if task.state in states.WAITING:
+            self._dequeue(task)
+            task.finished_at = time.time()
+            await self._move(task, TaskState.CANCELLED, f"cancelled by {caller.tenant}")
+            return task
+        task.cancel_requested = True
+        self._executor_of(task).cancel(task)
+        return task
+
+    def result_dir(self, task: DeepTask) -> str:
+        return TaskFiles(self.tasks_root, task.id).out
+
+    def attempt_log(self, task: DeepTask) -> str:
+        return os.path.join(TaskFiles(self.tasks_root, task.id).attempt_dir(task.attempt), "log")
+
+    # -- nodes -------------------------------------------------------------------------------
+
+    async def cordon(self, caller, name: str, on: bool) -> Node:
+        node = self.nodes.get(name)
+        node.cordoned = on
+        if not on:
+            node.draining = False
+        await self.store.set_node_flags(name, node.cordoned, node.draining, [(
+            "node.cordon" if on else "node.uncordon",
+            {"tenant": caller.tenant, "peer": caller.peer, "detail": {"node": name}})])
+        self.kick()
+        return node
+
+    async def drain(self, caller, name: str) -> Node:
+        """Cordon the node and send its tasks back to the queue (they resume elsewhere)."""
+        node = self.nodes.get(name)
+        node.cordoned = node.draining = True
+        await self.store.set_node_flags(name, True, True, [(
+            "node.drain", {"tenant": caller.tenant, "peer": caller.peer,
+                           "detail": {"node": name, "tasks": sorted(node.tasks)}})])
+        for task_id in list(node.tasks):
+            task = self.tasks[task_id]
+            task.drain_requested = True
+            self._executor_of(task).cancel(task)
+        return node
+
+    def node_lost(self, name: str, reason: str) -> None:
+        """An executor reports that a node is gone; its attempts end as lost."""
+        node = self.nodes.nodes.get(name)
+        if node is None or node.lost:
+            return
+        node.lost = True
+        self.audit.append("node.lost", tenant="", peer="daemon",
+                          detail={"node": name, "reason": reason, "tasks": sorted(node.tasks)})
+
+    # -- queues and placement ---------------------------------------------------------------
+
+    def _enqueue(self, task: DeepTask) -> None:
+        self._queues.setdefault(task.spec.priority, {}).setdefault(task.tenant, deque()).append(
+            task.id)
+
+    def _dequeue(self, task: DeepTask) -> None:
+        q = self._queues.get(task.spec.priority, {}).get(task.tenant)
+        if q is not None:
+            with contextlib.suppress(ValueError):
+                q.remove(task.id)
+
+    def kick(self) -> None:
+        """Run a placement pass soon (coalesced: many kicks, one pass)."""
+        if not self._kick_pending and self._loop is not None and not self._closing:
+            self._kick_pending = True
+            self._loop.call_soon(self._pass)
+
+    def _pass(self) -> None:
+        self._kick_pending = False
+        if self._closing:
+            return
+        for priority in sorted(self._queues, reverse=True):
+            tenants = self._queues[priority]
+            while True:
+                order = sorted((t for t, q in tenants.items() if q),
+                               key=lambda t: (self._active.get(t, 0), self._served.get(t, 0)))
+                if not order:
+                    break
+                placed = False
+                for tenant in order:
+                    if self._place_one(tenants[tenant]):
+                        placed = True
+                        break
+                if not placed:
+                    break
+            for tenant in [t for t, q in tenants.items() if not q]:
+                del tenants[tenant]
+
+    def _place_one(self, queue: deque) -> bool:
+        for i, task_id in enumerate(queue):
+            if i >= SCAN_PER_TENANT:
+                return False
+            task = self.tasks[task_id]
+            t0 = time.perf_counter_ns()
+            node = self.nodes.place(task.spec.selector, task.spec.resources)
+            self.placement_ns += time.perf_counter_ns() - t0
+            if node is None:
+                continue
+            del queue[i]
+            self._assign(task, node)
+            return True
+        return False
+
+    def _assign(self, task: DeepTask, node: Node) -> None:
+        self.placements += 1
+        devices = self.nodes.reserve(node, task.id, task.spec.resources)
+        self._active[task.tenant] = self._active.get(task.tenant, 0) + 1
+        self._served_n += 1
+        self._served[task.tenant] = self._served_n
+        task.node = node.name
+        task.devices = devices
+        task.attempt += 1
+        task.started_at = 0.0
+        task.progress_json = ""
+        task.cancel_requested = False
+        self._loop.create_task(self._launch(task, node))
+
+    async def _launch(self, task: DeepTask, node: Node) -> None:
+        attempt = task.attempt
+        await self._move(task, TaskState.PLACED, f"placed on {node.name}", audit=[(
+            "task.placed", {"tenant": task.tenant, "peer": "scheduler", "detail": {
+                "task_id": task.id, "node": node.name, "attempt": attempt,
+                "priority": task.spec.priority, "selector": task.spec.selector,
+                "resources": task.spec.resources, "devices": list(task.devices),
+                "checkpoint_seq": task.checkpoint_seq}})])
+        if task.cancel_requested or task.attempt != attempt:
+            return
+        plan = AttemptPlan(
+            task_id=task.id, attempt=attempt, argv=list(task.spec.argv),
+            sandbox=dict(task.spec.sandbox),
+            files={k: v.decode("latin-1") for k, v in task.spec.files.items()},
+            devices=list(task.devices),
+            deadline=(time.time() + task.spec.max_runtime_s) if task.spec.max_runtime_s else 0.0,
+            tasks_root=self.tasks_root)
+        try:
+            await self.executors[node.executor].launch(task, node, plan)
+        except Exception as exc:  # noqa: BLE001 - the attempt fails, the daemon goes on
+            log.exception("launching %s on %s failed", task.id, node.name)
+            await self.on_exit(task.id, attempt, {"outcome": "error", "returncode": -1,
+                                                  "reason": f"launch failed: {exc}"})
+
+    def _executor_of(self, task: DeepTask):
+        return self.executors[self.nodes.nodes[task.node].executor]
+
+    def _release(self, task: DeepTask) -> None:
+        if task.node:
+            self.nodes.release(task.node, task.id, task.spec.resources, task.devices)
+            self._active[task.tenant] = max(0, self._active.get(task.tenant, 0) - 1)
+        self.kick()
+
+    # -- state changes -----------------------------------------------------------------------
+
+    async def _move(self, task: DeepTask, to: TaskState, reason: str, audit=None) -> None:
+        states.check(task.state, to)
+        task.state = to
+        task.reason = reason
+        task.updated_at = time.time()
+        self._notify(task)
+        await self.store.update(task, audit)
+
+    def _notify(self, task: DeepTask, log_bytes: bool = False) -> None:
+        for q in self._watchers.get(task.id, ()):
+            if q.qsize() < 2:  # a pending wake-up is enough: watchers read the latest state
+                q.put_nowait(task.id)
+
+    def subscribe(self, task_id: str) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self._watchers.setdefault(task_id, set()).add(q)
+        return q
+
+    def unsubscribe(self, task_id: str, q: asyncio.Queue) -> None:
+        subs = self._watchers.get(task_id)
+        if subs is not None:
+            subs.discard(q)
+            if not subs:
+                del self._watchers[task_id]
+
+    # -- executor callbacks ------------------------------------------------------------------
+
+    def _current(self, task_id: str, attempt: int) -> DeepTask | None:
+        task = self.tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.terminal:
+            return None
+        return task
+
+    async def on_started(self, task_id: str, attempt: int, started_at: float,
+                         runner: dict) -> None:
+        task = self._current(task_id, attempt)
+        if task is None or task.state != TaskState.PLACED:
+            return
+        task.started_at = started_at
+        task.runner_json = json.dumps(runner)
+        await self._move(task, TaskState.RUNNING, f"running on {task.node}", audit=[(
+            "task.start", {"tenant": task.tenant, "peer": "scheduler",
+                           "sandbox_id": runner.get("sandbox_id", ""),
+                           "detail": {"task_id": task.id, "node": task.node,
+                                      "attempt": attempt, "checkpoint_seq": task.checkpoint_seq}})])
+
+    async def on_update(self, task_id: str, attempt: int, *, progress_json: str | None = None,
+                        checkpoint_seq: int | None = None,
+                        result_json: str | None = None) -> None:
+        task = self._current(task_id, attempt)
+        if task is None:
+            return
+        changed = False
+        if progress_json is not None and progress_json != task.progress_json:
+            task.progress_json, changed = progress_json, True
+        if checkpoint_seq is not None and checkpoint_seq != task.checkpoint_seq:
+            task.checkpoint_seq, changed = checkpoint_seq, True
+        if result_json is not None and result_json != task.result_json:
+            task.result_json, changed = result_json, True
+        if changed:
+            task.updated_at = time.time()
+            self._notify(task)
+            await self.store.update(task)
+
+    def on_log(self, task_id: str) -> None:
+        task = self.tasks.get(task_id)
+        if task is not None:
+            self._notify(task)
+
+    async def on_exit(self, task_id: str, attempt: int, outcome: dict) -> None:
+        task = self._current(task_id, attempt)
+        if task is None:
+            return
+        if task.state == TaskState.PLACED:
+            if outcome.get("outcome") in ("error", "lost") or task.cancel_requested:
+                pass  # never started: PLACED moves straight on
+            else:
+                await self._move(task, TaskState.RUNNING, task.reason)
+        await self._finish_attempt(task, outcome)
+
+    async def _finish_attempt(self, task: DeepTask, outcome: dict) -> None:
+        kind = outcome.get("outcome", "error")
+        task.exit_code = int(outcome.get("returncode", -1))
+        reason = outcome.get("reason", kind)
+        self._release(task)
+        drained = task.drain_requested
+        task.drain_requested = False
+        detail = {"task_id": task.id, "node": task.node, "attempt": task.attempt,
+                  "outcome": kind, "returncode": task.exit_code, "reason": reason}
+        if task.cancel_requested or (kind == "cancelled" and not drained):
+            to, why = TaskState.CANCELLED, "cancelled"
+        elif kind == "succeeded":
+            to, why = TaskState.SUCCEEDED, reason
+        elif drained:
+            to, why = TaskState.RETRYING, f"node {task.node} drained"
+        elif kind == "timeout":
+            to, why = TaskState.FAILED, f"max runtime of {task.spec.max_runtime_s:g}s reached"
+        else:
+            task.failures += 1
+            if task.failures <= task.spec.retries:
+                to, why = TaskState.RETRYING, f"attempt {task.attempt} {reason}; retrying"
+            else:
+                to, why = TaskState.FAILED, reason
+        if to in states.TERMINAL:
+            task.finished_at = time.time()
+        if task.state == TaskState.PLACED and to == TaskState.SUCCEEDED:
+            await self._move(task, TaskState.RUNNING, task.reason)
+        await self._move(task, to, why, audit=[(
+            "task." + to.name.lower(), {"tenant": task.tenant, "peer": "scheduler",
+                                        "detail": detail})])
+        if to == TaskState.RETRYING:
+            self._enqueue(task)
+            self.kick()

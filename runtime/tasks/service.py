@@ -1,0 +1,20 @@
+"""Builds the daemon's scheduler from its config: nodes, executors, state directory."""
+
+from __future__ import annotations
+
+from .config import default_nodes
+from .local import LocalExecutor
+from .scheduler import Scheduler
+
+
+async def start_scheduler(cfg, audit) -> Scheduler:
+    nodes = tuple(cfg.nodes) or default_nodes()
+    executors: dict = {"local": LocalExecutor()}
+    if any(n.executor == "ray" for n in nodes):
+        from .ray_executor import RayExecutor
+
+        executors["ray"] = RayExecutor(address=cfg.ray_address,
+                                       nodes=[n for n in nodes if n.executor == "ray"])
+    scheduler = Scheduler(cfg.state, audit, list(nodes), executors=executors)
+    await scheduler.start()
+    return scheduler

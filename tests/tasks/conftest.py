@@ -1,0 +1,54 @@
+"""Fixtures of the deep-task tests: daemons with declared nodes, and cleanup of shims.
+
+Deep-task attempts run under shims that outlive their daemon on purpose; each test's daemon
+keeps its state under the test's tmp_path, so whatever shim a test leaves is found by that
+path in /proc and ended here (the test process is made the subreaper that reaps them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ..integration.daemon_harness import DaemonProcess, reap, set_child_subreaper
+from .helpers import shims_under
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="tests/tasks need root (the daemon makes sandboxes)")
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in item.path.resolve().parents and "unit" not in item.name:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def task_daemon(tmp_path):
+    """task_daemon(config_toml, name="d") -> a started DaemonProcess; all cleaned up after."""
+    made: list[DaemonProcess] = []
+    set_child_subreaper(True)
+
+    def make(config: str = "", name: str = "d", start: bool = True) -> DaemonProcess:
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        d = DaemonProcess(tmp_path / name, config=config or None)
+        made.append(d)
+        return d.start() if start else d
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            d.ensure_stopped()
+        pids = shims_under(str(tmp_path))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        reap(pids)
+        set_child_subreaper(False)

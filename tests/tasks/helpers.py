@@ -1,0 +1,62 @@
+"""Helpers of the deep-task tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from corral.runtime.client import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+DEEP_TASK = (ROOT / "examples" / "agents" / "deep_task.py").read_bytes()
+QUEUED, PLACED, RUNNING, RETRYING, SUCCEEDED, FAILED, CANCELLED = range(1, 8)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+def shims_under(path: str) -> list[int]:
+    """Pids of shim processes whose plan lives under path."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"corral.runtime.tasks.shim" in cmd and any(a.startswith(path.encode()) for a in cmd):
+            out.append(int(pid))
+    return out
+
+
+def wait_task(client: Client, task_id: str, predicate, timeout_s: float = 60.0, what: str = ""):
+    """Poll Get until predicate(task) holds; returns the task (AssertionError on timeout)."""
+    end = time.monotonic() + timeout_s
+    task = client.get_task(task_id)
+    while time.monotonic() < end:
+        if predicate(task):
+            return task
+        time.sleep(0.05)
+        task = client.get_task(task_id)
+    raise AssertionError(f"task {task_id} never got {what or predicate}: state {task.state} "
+                         f"reason {task.reason!r} progress {task.progress_json!r}")
+
+
+def wait_done(client: Client, task_id: str, timeout_s: float = 60.0):
+    return wait_task(client, task_id, lambda t: t.state in TERMINAL, timeout_s, "terminal")
+
+
+def progress(task) -> dict:
+    return json.loads(task.progress_json) if task.progress_json else {}
+
+
+def deep_task(client: Client, *args: str, **kw):
+    """Submit examples/agents/deep_task.py with args."""
+    return client.submit_task(["python3", "/workspace/deep_task.py", *args],
+                              files={"deep_task.py": DEEP_TASK}, **kw)
+
+
+def answer(steps: int) -> int:
+    return sum(i * i for i in range(steps))

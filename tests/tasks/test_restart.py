@@ -1,0 +1,84 @@
+"""A daemon SIGKILLed mid-task and restarted: the task is never lost and never restarts
+from zero. With its sandbox alive the new daemon re-attaches; with the sandbox gone too it
+retries from the last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from .helpers import (
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    answer,
+    deep_task,
+    progress,
+    shims_under,
+    wait_done,
+    wait_task,
+)
+
+ONE_SLOT = """
+[[nodes]]
+name = "solo"
+labels = { pool = "solo" }
+resources = { cpu = 1 }
+"""
+
+
+def _running_past(step: int):
+    return lambda t: t.state == RUNNING and progress(t).get("done", 0) >= step \
+        and t.checkpoint_seq >= 1
+
+
+def test_sigkill_restart_reattaches_to_the_live_sandbox(task_daemon):
+    d = task_daemon(ONE_SLOT)
+    c = d.client()
+    t = deep_task(c, "--steps", "60", "--step-seconds", "0.05", "--checkpoint-every", "5",
+                  retries=2)
+    before = wait_task(c, t.id, _running_past(12), what="step 12")
+    assert d.kill() == -signal.SIGKILL
+    shims = shims_under(str(d.root))
+    assert len(shims) == 1  # the attempt did not die with its daemon
+    d.start()
+    c = d.client()
+    after = wait_task(c, t.id, lambda t: progress(t).get("done", 0) > progress(before)["done"],
+                      what="more progress")
+    assert after.attempt == 1
+    done = wait_done(c, t.id)
+    assert done.state == SUCCEEDED, done.reason
+    result = json.loads(done.result_json)
+    assert result == {"answer": answer(60), "steps": 60, "resumed_from": 0, "attempt": 1}
+    kinds = [r.kind for r in c.audit_query(kind="task.")]
+    assert "task.reattached" in kinds
+    # The restarted daemon's orphan sweep left the task's sandbox alone.
+    [start] = c.audit_query(kind="task.start")
+    assert start.sandbox_id.startswith("sbx-")
+    assert start.sandbox_id not in {r.sandbox_id for r in c.audit_query(kind="sandbox.reaped")}
+
+
+def test_sigkill_restart_with_the_sandbox_gone_resumes_from_checkpoint(task_daemon):
+    d = task_daemon(ONE_SLOT)
+    c = d.client()
+    t = deep_task(c, "--steps", "60", "--step-seconds", "0.05", "--checkpoint-every", "5",
+                  retries=2, resources={"cpu": 1})
+    queued = c.submit_task(["true"], resources={"cpu": 1})
+    wait_task(c, t.id, _running_past(17), what="step 17")
+    assert c.get_task(queued.id).state == QUEUED
+    d.kill()
+    for pid in shims_under(str(d.root)):  # the node's runner dies too: the sandbox with it
+        os.kill(pid, signal.SIGKILL)
+    d.start()
+    c = d.client()
+    done = wait_done(c, t.id)
+    assert done.state == SUCCEEDED, done.reason
+    assert done.attempt == 2
+    result = json.loads(done.result_json)
+    assert result["answer"] == answer(60)
+    assert result["attempt"] == 2
+    assert result["resumed_from"] >= 15  # from the checkpoint, not from zero
+    assert wait_done(c, queued.id).state == SUCCEEDED  # the queued task survived too
+    kinds = [r.kind for r in c.audit_query(kind="task.")]
+    assert "task.retrying" in kinds
