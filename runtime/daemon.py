@@ -172,11 +172,11 @@ class Daemon:
         # stream ends with its exited event instead of being cut off at the grace period.
         if self.sandboxes is not None:
             self.sandboxes.refuse_new()
+        if self.scheduler is not None:  # stops placing; deep tasks keep running
+            await self.scheduler.stop()
         if self.sessions is not None:
             await self.sessions.shutdown(reason)
         if self.sandboxes is not None:
-        if self.scheduler is not None:  # stops placing; deep tasks keep running
-            await self.scheduler.stop()
             await self.sandboxes.shutdown(reason)
         if self.server is not None:
             await self.server.stop(SHUTDOWN_GRACE_S)
