@@ -54,6 +54,7 @@ import fcntl
 import os
 import select
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -218,6 +219,48 @@ class AgentPipes:
 
 _buffers = threading.local()
 
+#: CORRAL_STREAM_REACTOR=0 makes compiled-core hubs use one loop.add_reader per fd, like the
+#: twin (for A/B measurements; bench/sessions.py --daemon-env).
+_USE_REACTOR = os.environ.get("CORRAL_STREAM_REACTOR", "1") != "0"
+_reactors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _reactor_for(loop: asyncio.AbstractEventLoop, stream: Any, read_budget: int) -> Any:
+    """The loop's Reactor for hubs of this read budget, made and registered on first use;
+    None for the Python twin (it keeps one add_reader per fd) or without the extension."""
+    if not _USE_REACTOR or type(stream).__module__ != "corral.ext._stream":
+        return None
+    try:
+        from corral.ext._reactor import Reactor
+    except ImportError:
+        return None
+    by_budget = _reactors.get(loop)
+    if by_budget is None:
+        by_budget = _reactors[loop] = {}
+    reactor = by_budget.get(read_budget)
+    if reactor is None:
+        def on_error(owner: object, exc: BaseException) -> None:
+            loop.call_exception_handler({"message": "reading an agent stream failed",
+                                         "exception": exc, "hub": owner})
+
+        reactor = by_budget[read_budget] = Reactor(read_budget, on_error=on_error)
+        loop.add_reader(reactor.fileno(), reactor.drain)
+    return reactor
+
+
+def _release_reactor(loop: asyncio.AbstractEventLoop, reactor: Any, fd: int) -> None:
+    """Take fd out of the reactor; the last one out closes it (no epoll fd outlives use)."""
+    reactor.remove(fd)
+    if len(reactor):
+        return
+    by_budget = _reactors.get(loop, {})
+    for budget, candidate in list(by_budget.items()):
+        if candidate is reactor:
+            del by_budget[budget]
+    if not loop.is_closed():
+        loop.remove_reader(reactor.fileno())
+    reactor.close()
+
 
 def _read_buffer(size: int) -> tuple[bytearray, memoryview]:
     """A reusable read buffer of `size` bytes for this thread (one loop per thread).
@@ -302,6 +345,7 @@ class StreamHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None
         self._owns_fd = True
+        self._reactor: Any = None  # the loop's Reactor serving our fd (compiled core only)
         self._eof = False
         self._ended = False
         self._error: OSError | None = None
@@ -365,9 +409,34 @@ class StreamHub:
         self._loop = loop
         self._fd = fd
         self._owns_fd = owns_fd
+        reactor = _reactor_for(loop, self._stream, self._read_budget)
+        if reactor is not None:
+            reactor.add(fd, self, self._stream.feed)
+            self._reactor = reactor
+            return
         buf, self._view = _read_buffer(self._read_budget)
         self._bufs = (buf,)
         loop.add_reader(fd, self._on_readable)
+
+    def _reactor_read(self, n: int, appended: int) -> None:
+        # The compiled path's twin of _on_readable: the reactor (ext/_reactor.pyx) made the
+        # read(2) and fed the core; n < 0 is -errno, 0 is EOF.
+        if self._fd is None:
+            return
+        self._readable_events += 1
+        if n <= 0:
+            self._end_input(OSError(-n, os.strerror(-n)) if n else None)
+            return
+        self._read_calls += 1
+        self._bytes_read += n
+        if n > self._max_per_event:
+            self._max_per_event = n
+        if n == self._read_budget:
+            self._budget_cuts += 1
+        self._entries += appended
+        self._dispatch_events()
+        if appended and (self._waiting or self._filling or self._notify):
+            self._wake()
 
     def _on_readable(self) -> None:
         # One readv of up to read_budget bytes: the buffer is the budget, so a short read
@@ -421,7 +490,11 @@ class StreamHub:
             return
         self._fd = None
         assert self._loop is not None
-        self._loop.remove_reader(fd)
+        if self._reactor is not None:
+            _release_reactor(self._loop, self._reactor, fd)
+            self._reactor = None
+        else:
+            self._loop.remove_reader(fd)
         if self._owns_fd:
             os.close(fd)
 
