@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import grpc
+
 from corral.sandbox.errors import InvalidSpec
 from corral.sandbox.spec import parse_duration, parse_size
 
@@ -22,9 +24,28 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _read_pem(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{flag} {path}: {exc.strerror}") from None
+
+
 def _connect(args) -> Client:
+    ca = getattr(args, "tls_ca", None)
+    cert = getattr(args, "tls_client_cert", None)
+    key = getattr(args, "tls_client_key", None)
+    if bool(cert) != bool(key):
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                          "--tls-client-cert and --tls-client-key go together")
     return Client.connect(socket=args.socket, target=args.target, token=args.token,
-                          tenant=args.tenant)
+                          tenant=args.tenant, root_certificates=_read_pem(ca, "--tls-ca"),
+                          client_cert=_read_pem(cert, "--tls-client-cert"),
+                          client_key=_read_pem(key, "--tls-client-key"))
 
 
 def _argv(args) -> list[str]:
@@ -47,7 +68,7 @@ def _env(items) -> dict[str, str]:
 def dispatch(args) -> int:
     try:
         verb = {"ps": ps, "create": create, "destroy": destroy, "exec": exec_,
-                "session": session, "audit": audit}[args.verb]
+                "session": session, "audit": audit, "inspect": inspect}[args.verb]
         return verb(args)
     except InvalidSpec as exc:
         return _fail(f"{args.verb}: {exc}", EXIT_USAGE)
@@ -92,8 +113,32 @@ def create(args) -> int:
         spec["ttl_s"] = int(parse_duration(args.ttl, "ttl"))
     if args.env:
         spec["env"] = _env(args.env)
+    if args.allow_net:
+        spec["allow_net"] = args.allow_net
     with _connect(args) as client:
         print(client.create_sandbox(**spec).id)
+    return 0
+
+
+#: Exit status of `corral inspect` when the live state differs from the spec.
+EXIT_MISMATCH = 3
+
+
+def inspect(args) -> int:
+    from corral.sandbox.inspect import format_table
+
+    with _connect(args) as client:
+        resp = client.inspect_sandbox(args.sandbox_id)
+    report = json.loads(resp.report_json)
+    if args.json:
+        print(json.dumps({"report": report, "mismatches": list(resp.mismatches),
+                          "policy_digest": resp.policy_digest}, indent=2))
+    else:
+        print(format_table(report, list(resp.mismatches), resp.policy_digest))
+    if resp.mismatches:
+        print(f"corral: inspect: {args.sandbox_id} differs from its spec in "
+              f"{len(resp.mismatches)} way(s)", file=sys.stderr)
+        return EXIT_MISMATCH
     return 0
 
 

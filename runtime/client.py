@@ -251,6 +251,11 @@ class Client:
         return self._call(self.sandboxes.Create, sandbox_pb2.CreateSandboxRequest(
             spec=sandbox_pb2.SandboxSpec(**spec)))
 
+    def inspect_sandbox(self, sandbox_id: str) -> sandbox_pb2.InspectSandboxResponse:
+        """The policy the sandbox really runs under (read from the kernel) and mismatches."""
+        return self._call(self.sandboxes.Inspect,
+                          sandbox_pb2.InspectSandboxRequest(sandbox_id=sandbox_id))
+
     def get_sandbox(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
         return self._call(self.sandboxes.Get, sandbox_pb2.GetSandboxRequest(sandbox_id=sandbox_id))
 

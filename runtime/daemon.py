@@ -100,6 +100,9 @@ class Daemon:
         self._bind_unix(server)
         if cfg.listen:
             self.tcp_port = self._bind_tcp(server)
+            from corral.sandbox.proxy import shared_proxy  # no sandbox may reach our port
+
+            shared_proxy().protect(cfg.listen.rpartition(":")[0], self.tcp_port)
         await server.start()
         self.server = server
         self.audit.append("daemon.start", tenant="", peer="daemon", detail={

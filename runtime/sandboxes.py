@@ -204,7 +204,9 @@ class SandboxManager:
         if len(self._sandboxes) + self._pending >= self.max_sandboxes:
             raise ResourceExhausted(f"the daemon already runs {self.max_sandboxes} sandboxes")
         ttl = min(ttl_s or self.default_ttl_s, self.default_ttl_s)
-        sandbox = Sandbox(spec, runtime_dir=self.runtime_dir)
+        loop = asyncio.get_running_loop()
+        sandbox = Sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
+            loop.call_soon_threadsafe(self._net_event, caller.tenant, event)))
         self._pending += 1
         try:
             await self.run_blocking(sandbox.start)
@@ -227,9 +229,33 @@ class SandboxManager:
             session_id=owner_session or "",
             detail={"policy_digest": digest, "profile": spec.profile,
                     "memory_bytes": spec.memory_bytes, "pids_max": spec.pids_max,
-                    "cpus": spec.cpus, "ttl_s": ttl, "init_pid": sandbox.init_pid},
+                    "cpus": spec.cpus, "ttl_s": ttl, "init_pid": sandbox.init_pid,
+                    "allow_net": list(spec.allow_net)},
         )
         return msb
+
+    def _net_event(self, tenant: str, event: dict) -> None:
+        """An egress attempt (proxy thread -> loop): one audit record, kind net.*."""
+        detail = dict(event)
+        kind = detail.pop("kind", "net.connect")
+        sandbox_id = detail.pop("sandbox_id", "")
+        future = self.audit.submit(kind, tenant=tenant, peer="egress", sandbox_id=sandbox_id,
+                                   detail=detail)
+        future.add_done_callback(
+            lambda f: f.exception() and log.error("egress audit record lost: %s", f.exception()))
+
+    async def inspect(self, caller: Caller, sandbox_id: str) -> tuple[dict, list[str], str]:
+        """The live policy report of a sandbox, its mismatches with the spec, its digest."""
+        from corral.sandbox import inspect as live
+
+        msb = self.get(caller, sandbox_id)
+        rep = await asyncio.get_running_loop().run_in_executor(
+            None, live.report, msb.sandbox, msb.spec)
+        problems = live.mismatches(rep, msb.spec)
+        self.audit.append("sandbox.inspect", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=sandbox_id,
+                          detail={"policy_digest": msb.policy_digest, "mismatches": problems})
+        return rep, problems, msb.policy_digest
 
     def get(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
         """The caller's sandbox; another tenant's is a PermissionDenied (and audited)."""

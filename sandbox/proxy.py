@@ -612,8 +612,11 @@ class EgressProxy:
             return self._loop
 
     def protect(self, host: str, port: int) -> None:
-        """Never let any sandbox reach host:port (host '' = any address)."""
-        self.config.protected.add((host, int(port)))
+        """Never let any sandbox reach host:port (host '', a name or 0.0.0.0: any address)."""
+        literal = ip_literal(host.strip("[]"))
+        if literal is None or ipaddress.ip_address(literal).is_unspecified:
+            literal = ""
+        self.config.protected.add((literal, int(port)))
 
     def _call(self, coro, timeout: float = 30.0):
         loop = self._ensure_started()

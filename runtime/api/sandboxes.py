@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from corral.sandbox import SandboxSpec
 from corral.sandbox.errors import InvalidSpec
@@ -42,6 +43,8 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
         if len(msg.env) > 256:
             raise InvalidSpec("spec.env", "more than 256 variables")
         kw["env"] = tuple(sorted(msg.env.items()))
+    if msg.allow_net:
+        kw["allow_net"] = tuple(msg.allow_net)
     return SandboxSpec(**kw)
 
 
@@ -50,7 +53,7 @@ def spec_to_proto(spec: SandboxSpec, ttl_s: float) -> pb.SandboxSpec:
         profile=spec.profile, memory_bytes=spec.memory_bytes, pids_max=spec.pids_max,
         cpus=spec.cpus or 0.0, command_timeout_s=spec.timeout_s or 0.0,
         tmp_bytes=spec.tmp_bytes, env=dict(spec.env), hostname=spec.hostname,
-        ttl_s=int(ttl_s),
+        ttl_s=int(ttl_s), allow_net=list(spec.allow_net),
     )
 
 
@@ -183,6 +186,13 @@ class SandboxesServicer(Servicer):
         return pb.ListFilesResponse(entries=[
             pb.FileEntry(name=e.name, kind=e.kind, size=e.size, mode=e.mode, mtime=e.mtime)
             for e in entries])
+
+    @unary
+    async def Inspect(self, request, context):
+        caller = self.caller(context)
+        report, problems, digest = await self.manager.inspect(caller, request.sandbox_id)
+        return pb.InspectSandboxResponse(report_json=json.dumps(report), mismatches=problems,
+                                         policy_digest=digest)
 
     @unary
     async def Destroy(self, request, context):

@@ -1,0 +1,229 @@
+"""The effective policy of a running sandbox, read from the live kernel, and its mismatches.
+
+Nothing here trusts the spec or Corral's own bookkeeping for what it reports: every value
+comes from /proc, the cgroup files or netlink at the moment of the call. The spec is only
+used afterwards, to say loudly where the two differ.
+
+What each check can prove:
+
+* namespaces: `/proc/PID/ns/*` inodes compared with the inspector's own (a namespace
+  shared with the host has the same inode);
+* ids: `uid_map`/`gid_map` as the kernel holds them;
+* seccomp, no_new_privs, capabilities: `/proc/PID/status` (`Seccomp`, `Seccomp_filters`,
+  `NoNewPrivs`, `CapEff`, `CapPrm`, `CapBnd`, `CapAmb`);
+* cgroup: the process's membership (`/proc/PID/cgroup`) and the limit files of the cgroup
+  it is in (not of the one Corral meant to put it in);
+* mounts: `/proc/PID/mountinfo`, the mount table as the process sees it;
+* landlock: the kernel has no per-process landlock attribute in /proc; what is provable
+  from outside is that the *process was exec'd by Corral's command path* (which calls
+  landlock_restrict_self when the ABI is available) -- so the report states the host's
+  landlock ABI and marks landlock "unverified from outside" rather than claiming it. The
+  policy probes (tests/linux) prove it from inside.
+* network: links, addresses and routes of the process's network namespace via netlink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .spec import SandboxSpec
+
+NAMESPACES = ("user", "pid", "mnt", "net", "uts", "ipc", "cgroup")
+_STATUS_KEYS = ("Name", "NSpid", "Seccomp", "Seccomp_filters", "NoNewPrivs", "CapEff",
+                "CapPrm", "CapInh", "CapBnd", "CapAmb", "Uid", "Gid")
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _ns_inode(pid: int | str, name: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/{name}").st_ino
+    except OSError:
+        return None
+
+
+def process_report(pid: int) -> dict | None:
+    """What the kernel says confines one process; None if it is gone."""
+    status_text = _read(f"/proc/{pid}/status")
+    if status_text is None:
+        return None
+    status = {}
+    for line in status_text.splitlines():
+        key, _, value = line.partition(":")
+        if key in _STATUS_KEYS:
+            status[key] = " ".join(value.split())
+    namespaces = {}
+    for name in NAMESPACES:
+        inode, host = _ns_inode(pid, name), _ns_inode("self", name)
+        namespaces[name] = {"inode": inode, "shared_with_host": inode == host}
+    mounts = []
+    for line in (_read(f"/proc/{pid}/mountinfo") or "").splitlines():
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        sep = fields.index("-")
+        mounts.append({"target": fields[4], "options": fields[5], "fstype": fields[sep + 1],
+                       "source": fields[sep + 2]})
+    cmdline = (_read(f"/proc/{pid}/cmdline") or "").replace("\0", " ").strip()
+    return {
+        "pid": pid,
+        "ns_pid": int(status.get("NSpid", "0").split()[-1] or 0),
+        "name": status.get("Name", ""),
+        "cmdline": cmdline[:200],
+        "uid_map": (_read(f"/proc/{pid}/uid_map") or "").split(),
+        "gid_map": (_read(f"/proc/{pid}/gid_map") or "").split(),
+        "seccomp_mode": int(status.get("Seccomp", "0")),
+        "seccomp_filters": int(status.get("Seccomp_filters", "0")),
+        "no_new_privs": status.get("NoNewPrivs") == "1",
+        "cap_eff": status.get("CapEff", ""),
+        "cap_prm": status.get("CapPrm", ""),
+        "cap_bnd": status.get("CapBnd", ""),
+        "cap_amb": status.get("CapAmb", ""),
+        "namespaces": namespaces,
+        "cgroups": [line.split(":", 2)[2] for line in
+                    (_read(f"/proc/{pid}/cgroup") or "").splitlines() if line.count(":") >= 2],
+        "mounts": mounts,
+    }
+
+
+def cgroup_limits(pid: int) -> dict:
+    """Limits of the cgroups the process is in, read from the cgroup files themselves."""
+    out: dict = {}
+    for line in (_read(f"/proc/{pid}/cgroup") or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        for ctrl in controllers.split(",") if controllers else [""]:
+            base = f"/sys/fs/cgroup/{ctrl}{path}" if ctrl else f"/sys/fs/cgroup{path}"
+            files = {"memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
+                     "pids": ("pids.max",), "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us"),
+                     "": ("memory.max", "memory.swap.max", "pids.max", "cpu.max")}.get(ctrl, ())
+            for name in files:
+                value = _read(os.path.join(base, name))
+                if value is not None:
+                    out[name] = value.strip()
+    return out
+
+
+def landlock_status() -> dict:
+    from . import landlock
+
+    abi = 0
+    with contextlib.suppress(Exception):
+        abi = landlock.prepare(extra_writable=()).abi
+    return {"host_abi": abi,
+            "verified": False,
+            "note": "no /proc attribute shows a landlock domain; commands are restricted by "
+                    "Corral's exec path when host_abi > 0 (proved from inside by the policy "
+                    "probes)"}
+
+
+def report(sandbox, spec: SandboxSpec) -> dict:
+    """The live report of a native Sandbox: every process, its cgroup, its network."""
+    pids = sorted(set(sandbox.pids()) | ({sandbox.init_pid} if sandbox.init_pid else set()))
+    processes = [r for r in (process_report(p) for p in pids) if r is not None]
+    rep = {
+        "sandbox_id": sandbox.id,
+        "init_pid": sandbox.init_pid,
+        "processes": processes,
+        "cgroup_limits": cgroup_limits(sandbox.init_pid) if sandbox.init_pid else {},
+        "landlock": landlock_status(),
+        "network": {},
+    }
+    if sandbox.init_pid:
+        with contextlib.suppress(OSError):
+            fd = os.open(f"/proc/{sandbox.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                from . import net
+
+                rep["network"] = net.interfaces(fd)
+            except Exception as exc:  # pyroute2 missing or netlink refused: say so
+                rep["network"] = {"error": str(exc)}
+            finally:
+                os.close(fd)
+    return rep
+
+
+def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
+    """Every way the live state differs from what the spec promises."""
+    out = []
+    want_map = ["0", str(spec.uid_base), str(spec.uid_count)]
+    for p in rep["processes"]:
+        who = f"pid {p['pid']} ({p['name']})"
+        for name, ns in p["namespaces"].items():
+            if ns["shared_with_host"]:
+                out.append(f"{who}: {name} namespace is the host's")
+        if p["uid_map"] != want_map:
+            out.append(f"{who}: uid_map {' '.join(p['uid_map'])!r} != {' '.join(want_map)!r}")
+        if p["gid_map"] != want_map:
+            out.append(f"{who}: gid_map {' '.join(p['gid_map'])!r} != {' '.join(want_map)!r}")
+        if spec.profile != "unconfined" and p["seccomp_mode"] != 2:
+            out.append(f"{who}: seccomp mode {p['seccomp_mode']}, expected 2 (filter)")
+        if not p["no_new_privs"]:
+            out.append(f"{who}: no_new_privs is off")
+        for key in ("cap_eff", "cap_prm", "cap_bnd", "cap_amb"):
+            if p[key] and int(p[key], 16) != 0:
+                out.append(f"{who}: {key} is {p[key]}, expected none")
+        if not any(m["target"] == "/" for m in p["mounts"]):
+            out.append(f"{who}: no root mount visible")
+    limits = rep["cgroup_limits"]
+    mem = limits.get("memory.limit_in_bytes") or limits.get("memory.max")
+    if mem is None or mem == "max" or int(mem) != spec.memory_bytes:
+        out.append(f"cgroup memory limit is {mem}, spec says {spec.memory_bytes}")
+    pids = limits.get("pids.max")
+    if pids is None or pids == "max" or int(pids) != spec.pids_max:
+        out.append(f"cgroup pids.max is {pids}, spec says {spec.pids_max}")
+    net_links = {link["name"]: link for link in rep["network"].get("links", [])}
+    if "error" in rep["network"]:
+        out.append(f"network: could not be read: {rep['network']['error']}")
+    elif spec.allow_net:
+        eth = net_links.get("eth0")
+        if eth is None or "100.127.255.2/30" not in eth["addresses"]:
+            out.append("network: allow_net is set but the egress link eth0 is missing")
+        routes = rep["network"].get("routes", [])
+        if [r for r in routes if r["dst"] == "default"] != [
+                {"dst": "default", "gateway": "100.127.255.1", "dev": "eth0"}]:
+            out.append("network: the default route does not lead to the egress proxy")
+        if set(net_links) - {"lo", "eth0"}:
+            out.append(f"network: unexpected links {sorted(set(net_links) - {'lo', 'eth0'})}")
+    elif set(net_links) - {"lo"}:
+        out.append(f"network: spec allows no egress, but links {sorted(set(net_links))} exist")
+    return out
+
+
+def format_table(rep: dict, problems: list[str], policy_digest: str = "") -> str:
+    """The report as a human-readable table."""
+    lines = [f"sandbox {rep['sandbox_id']}  init pid {rep['init_pid']}"
+             + (f"  policy {policy_digest[:16]}" if policy_digest else "")]
+    lines.append(f"{'PID':>7} {'NSPID':>5} {'NAME':14} {'SECCOMP':>7} {'FILTERS':>7} "
+                 f"{'NNP':>3} {'CAPEFF':16} {'CAPBND':16} {'HOST NS':8} MOUNTS")
+    for p in rep["processes"]:
+        host_ns = ",".join(n for n, ns in p["namespaces"].items() if ns["shared_with_host"])
+        lines.append(f"{p['pid']:>7} {p['ns_pid']:>5} {p['name'][:14]:14} {p['seccomp_mode']:>7} "
+                     f"{p['seccomp_filters']:>7} {'yes' if p['no_new_privs'] else 'NO':>3} "
+                     f"{p['cap_eff']:16} {p['cap_bnd']:16} {host_ns or 'none':8} "
+                     f"{len(p['mounts'])}")
+    if rep["processes"]:
+        p = rep["processes"][0]
+        lines.append(f"uid_map: {' '.join(p['uid_map'])}   gid_map: {' '.join(p['gid_map'])}")
+    limits = sorted(rep["cgroup_limits"].items())
+    lines.append("cgroup: " + ", ".join(f"{k}={v}" for k, v in limits))
+    ll = rep["landlock"]
+    lines.append(f"landlock: host ABI {ll['host_abi']}, not verifiable from outside")
+    netinfo = rep["network"]
+    for link in netinfo.get("links", []):
+        lines.append(f"link {link['name']:10} {link['state']:8} {' '.join(link['addresses'])}")
+    for r in netinfo.get("routes", []):
+        lines.append(f"route {r['dst']:18} via {r['gateway'] or '-':15} dev {r['dev']}")
+    if problems:
+        lines.append("")
+        lines.append(f"!!! {len(problems)} MISMATCH(ES) WITH THE SPEC !!!")
+        lines += [f"!!! {m}" for m in problems]
+    else:
+        lines.append("matches the spec")
+    return "\n".join(lines)
