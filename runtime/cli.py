@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token", metavar="TOKEN", help="bearer token for --target "
                                                          "(default: $CORRAL_TOKEN)")
         p.add_argument("--tenant", metavar="NAME", help="act as this tenant (local socket only)")
+        p.add_argument("--tls-ca", metavar="PEM",
+                       help="with --target: verify the daemon's TLS certificate against this CA")
+        p.add_argument("--tls-client-cert", metavar="PEM",
+                       help="with --target: client certificate for a daemon that asks for mTLS")
+        p.add_argument("--tls-client-key", metavar="PEM", help="its private key")
 
     ps = sub.add_parser("ps", help="list sandboxes and their commands")
     client_flags(ps)

@@ -206,8 +206,14 @@ class Client:
     @classmethod
     def connect(cls, socket: str | None = None, target: str | None = None,
                 token: str | None = None, tenant: str | None = None,
-                root_certificates: bytes | None = None) -> Client:
-        """Unix socket (default: $CORRAL_SOCKET, else the daemon's default path) or TCP."""
+                root_certificates: bytes | None = None, client_cert: bytes | None = None,
+                client_key: bytes | None = None) -> Client:
+        """Unix socket (default: $CORRAL_SOCKET, else the daemon's default path) or TCP.
+
+        Over TCP, TLS is used when root_certificates (PEM of the CA that signed the daemon's
+        certificate) or a client certificate is given; client_cert + client_key (PEM) answer
+        a daemon that requires mTLS.
+        """
         metadata = []
         if target:
             token = token or os.environ.get(TOKEN_ENV)
@@ -215,9 +221,9 @@ class Client:
                 raise ClientError(grpc.StatusCode.UNAUTHENTICATED,
                                   f"--target needs a token (--token or ${TOKEN_ENV})")
             metadata.append(("authorization", f"Bearer {token}"))
-            if root_certificates:
-                channel = grpc.secure_channel(
-                    target, grpc.ssl_channel_credentials(root_certificates))
+            if root_certificates or client_cert:
+                channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
+                    root_certificates, private_key=client_key, certificate_chain=client_cert))
             else:
                 channel = grpc.insecure_channel(target)
         else:
