@@ -66,7 +66,9 @@ IMAGE_PROGRAMS = (
     "touch", "wc", "sort", "uniq", "tr", "cut", "grep", "sed", "dd", "stat", "readlink",
     "realpath", "uname", "setsid", "kill", "ps", "test", "[", "yes", "seq", "nproc", "date",
     "du", "find", "xargs", "basename", "dirname", "tee", "mktemp", "pwd", "whoami",
-    "hostname", "newgrp", "python3",
+    "hostname", "newgrp", "python3", "sha256sum", "md5sum", "base64", "od", "cmp", "tac",
+    "expr", "sync", "nice", "nohup", "chown", "chgrp", "truncate", "split", "join", "paste",
+    "fold", "comm", "gzip", "tar", "awk", "less", "more", "diff", "patch", "file", "which",
 )
 #: Parts of the host's python standard library left out of the image.
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "site-packages",
@@ -1016,7 +1018,7 @@ class PrivateEngine:
         dockerd = shutil.which("dockerd", path="/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/bin")
         if dockerd is None:
             raise UnsupportedHost("dockerd is not installed (Debian: apt-get install docker.io)")
-        name = os.path.basename(self.dir)
+        name = "corral-dockerd-" + os.urandom(4).hex()  # containerd: [A-Za-z0-9._-] only
         argv = [dockerd, "--host", self.url, "--data-root", os.path.join(self.dir, "data"),
                 "--exec-root", os.path.join(self.dir, "exec"),
                 "--pidfile", os.path.join(self.dir, "dockerd.pid"),
