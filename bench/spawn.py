@@ -24,7 +24,10 @@ time goes inside its own functions (wrappers installed by this script only).
 
 Times are milliseconds of time.perf_counter(); p99 is the nearest-rank percentile. The
 JSON object has at least corral_ms_p50, corral_ms_p99, bwrap_ms_p50, bwrap_ms_p99,
-unshare_ms_p50 and cli_ms_p50.
+unshare_ms_p50 and cli_ms_p50; with a Docker engine (a private dockerd is started unless
+--docker-host names one) also docker_backend_ms_p50 (create + exec + wait + destroy through
+Corral's docker backend) and docker_run_ms_p50 (plain `docker run --rm IMAGE /bin/true`),
+measured round-robin with native Corral in a separate, shorter run (--docker-iterations).
 """
 
 from __future__ import annotations
@@ -209,6 +212,74 @@ class CommandCandidate:
         if code != 0:
             raise RuntimeError(f"{self.name}: {' '.join(self.argv)} exited {code}")
         return dt
+
+
+class DockerBackendCandidate:
+    """Create + exec + wait + destroy of /bin/true through Corral's docker backend."""
+
+    name = "docker_backend"
+
+    def __init__(self, url: str) -> None:
+        from corral.sandbox import DEVNULL as CORRAL_DEVNULL
+        from corral.sandbox import SandboxSpec
+        from corral.sandbox.backends.docker import DockerSandbox
+
+        self._cls = DockerSandbox
+        self._spec = SandboxSpec(backend="docker")
+        self._url = url
+        self._devnull = CORRAL_DEVNULL
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        sandbox = self._cls(self._spec, docker_host=self._url)
+        try:
+            sandbox.start()
+            code = sandbox.exec(["/bin/true"], stdin=self._devnull, stdout=self._devnull,
+                                stderr=self._devnull).wait()
+        finally:
+            sandbox.destroy()
+        dt = (time.perf_counter() - t0) * 1000
+        if code != 0:
+            raise RuntimeError(f"docker backend: /bin/true exited {code}")
+        return dt
+
+
+def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
+    """Native Corral vs the docker backend vs plain `docker run --rm`, round-robin in this
+    run. Uses the engine at url, else starts a private dockerd (removed afterwards)."""
+    from corral.sandbox.backends import docker as docker_backend
+
+    cli = shutil.which("docker")
+    if cli is None:
+        return {"error": "the docker CLI is not installed (apt-get install docker.io)"}
+    engine = None
+    try:
+        if url is None:
+            engine = docker_backend.PrivateEngine().start()
+            url = engine.url
+        image = docker_backend.base_image(url)
+        candidates = [
+            CorralCandidate(),
+            DockerBackendCandidate(url),
+            CommandCandidate("docker_run", [cli, "-H", url, "run", "--rm", "--network", "none",
+                                            image, "/bin/true"]),
+        ]
+        times = round_robin(candidates, iterations, warmup)
+    finally:
+        if engine is not None:
+            engine.stop()
+    out: dict = {}
+    for name in ("corral", "docker_backend", "docker_run"):
+        s = summary(times[name])
+        for key in ("p50", "p99", "mean", "min", "max"):
+            out[f"{name}_ms_{key}"] = s[key]
+    out["ratio_docker_run_vs_corral_p50"] = round(out["docker_run_ms_p50"]
+                                                  / out["corral_ms_p50"], 1)
+    out["ratio_docker_backend_vs_corral_p50"] = round(out["docker_backend_ms_p50"]
+                                                      / out["corral_ms_p50"], 1)
+    out["iterations"], out["warmup"] = iterations, warmup
+    out["engine"] = "private dockerd" if engine is not None else url
+    return out
 
 
 def spawn_posix() -> float:
@@ -519,9 +590,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also time Corral's internal steps (separate run, wrapped calls)")
     parser.add_argument("--no-cli", action="store_true", help="skip the cold CLI runs")
+    parser.add_argument("--docker-iterations", type=int, default=20,
+                        help="rounds of native vs docker backend vs `docker run --rm` "
+                             "(default: 20)")
+    parser.add_argument("--docker-host", metavar="URL",
+                        help="engine for the docker columns (default: start a private dockerd)")
+    parser.add_argument("--no-docker", action="store_true", help="skip the docker columns")
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations, args.warmup, args.cli_iterations = 15, 3, 5
+        args.docker_iterations = 3
     if args.iterations < 1 or args.warmup < 0 or args.cli_iterations < 1:
         parser.error("--iterations and --cli-iterations must be at least 1, --warmup at least 0")
 
@@ -574,6 +652,16 @@ def main(argv: list[str] | None = None) -> int:
         result["cgroup_attach"] = attach_probe(3 if args.quick else 8)
     except Exception as exc:  # noqa: BLE001 - a probe, not the benchmark
         result["cgroup_attach"] = {"error": str(exc)}
+    if not args.no_docker:
+        try:
+            docker = docker_columns(args.docker_iterations, min(args.warmup, 3),
+                                    args.docker_host)
+        except Exception as exc:  # noqa: BLE001 - no engine: the other columns still stand
+            docker = {"error": str(exc)}
+        result["docker"] = docker
+        for key in ("docker_backend_ms_p50", "docker_run_ms_p50"):
+            if key in docker:
+                result[key] = docker[key]
     if args.profile:
         result["corral_profile_ms_per_iter"] = profile_corral(args.iterations, args.warmup)
     result["machine"] = machine_info(bwrap, unshare)
@@ -619,6 +707,14 @@ def print_table(r: dict) -> None:
         imp = r["cli_imports"]
         print(f"  imports {imp['total_ms']:.1f} ms; heaviest: " + ", ".join(
             f"{n} {ms:.1f}" for n, ms in imp["by_cumulative_ms"][:6]))
+    d = r.get("docker", {})
+    if "docker_run_ms_p50" in d:
+        print(f"docker ({d['iterations']} rounds, {d['engine']}): corral {d['corral_ms_p50']:.3f}"
+              f", docker backend {d['docker_backend_ms_p50']:.3f}, `docker run --rm` "
+              f"{d['docker_run_ms_p50']:.3f} ms p50; docker run / corral "
+              f"x{d['ratio_docker_run_vs_corral_p50']}")
+    elif "error" in d:
+        print(f"docker columns skipped: {d['error']}")
     a = r.get("cgroup_attach", {})
     if "attach_after_idle_ms_p50" in a:
         print(f"cgroup attach (cgroup.procs write): {a['attach_back_to_back_ms_p50']:.3f} ms right "
