@@ -205,8 +205,9 @@ class SandboxManager:
             raise ResourceExhausted(f"the daemon already runs {self.max_sandboxes} sandboxes")
         ttl = min(ttl_s or self.default_ttl_s, self.default_ttl_s)
         loop = asyncio.get_running_loop()
+        policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         sandbox = Sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
-            loop.call_soon_threadsafe(self._net_event, caller.tenant, event)))
+            loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)))
         self._pending += 1
         try:
             await self.run_blocking(sandbox.start)
@@ -214,6 +215,7 @@ class SandboxManager:
             self._pending -= 1
         now = time.time()
         digest = policy_digest(spec, sandbox._prepared.seccomp_profile.digest)
+        policy["digest"] = digest
         msb = ManagedSandbox(
             id=sandbox.id, tenant=caller.tenant, spec=spec, sandbox=sandbox,
             policy_digest=digest, created_at=now, expires_at=now + ttl,
@@ -234,11 +236,12 @@ class SandboxManager:
         )
         return msb
 
-    def _net_event(self, tenant: str, event: dict) -> None:
+    def _net_event(self, tenant: str, policy: dict, event: dict) -> None:
         """An egress attempt (proxy thread -> loop): one audit record, kind net.*."""
         detail = dict(event)
         kind = detail.pop("kind", "net.connect")
         sandbox_id = detail.pop("sandbox_id", "")
+        detail["policy_digest"] = policy.get("digest", "")  # the policy that decided
         future = self.audit.submit(kind, tenant=tenant, peer="egress", sandbox_id=sandbox_id,
                                    detail=detail)
         future.add_done_callback(

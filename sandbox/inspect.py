@@ -178,6 +178,18 @@ def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
     pids = limits.get("pids.max")
     if pids is None or pids == "max" or int(pids) != spec.pids_max:
         out.append(f"cgroup pids.max is {pids}, spec says {spec.pids_max}")
+    want_quota = None if spec.cpus is None else round(spec.cpus * 100000)
+    if "cpu.max" in limits:
+        quota_text, _, period_text = limits["cpu.max"].partition(" ")
+        quota = None if quota_text == "max" else round(
+            int(quota_text) * 100000 / int(period_text or 100000))
+    elif "cpu.cfs_quota_us" in limits:
+        q, period = int(limits["cpu.cfs_quota_us"]), int(limits.get("cpu.cfs_period_us", 100000))
+        quota = None if q < 0 else round(q * 100000 / period)
+    else:
+        quota = "unreadable"
+    if quota != want_quota:
+        out.append(f"cgroup CPU quota is {quota} per 100000us, spec says {want_quota}")
     net_links = {link["name"]: link for link in rep["network"].get("links", [])}
     if "error" in rep["network"]:
         out.append(f"network: could not be read: {rep['network']['error']}")

@@ -526,6 +526,10 @@ SNIFF_TIMEOUT_S = 1.0
 HEAD_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_UDP_DENIAL_EVENTS = 64
+#: Connections one sandbox may hold open through the proxy at once.
+MAX_CONNECTIONS = 512
+#: Events per second one sandbox may produce (burst EVENT_BURST); the rest are counted.
+EVENT_RATE, EVENT_BURST = 200.0, 1000.0
 CHUNK = 256 * 1024
 
 
@@ -576,6 +580,8 @@ class _Registration:
     counts: dict = field(default_factory=lambda: {"allowed": 0, "denied": 0})
     #: address -> names our resolver answered with it, for this sandbox (DNS pinning)
     pins: dict = field(default_factory=dict)
+    tokens: float = EVENT_BURST
+    refilled: float = field(default_factory=time.monotonic)
 
 
 class EgressProxy:
@@ -641,8 +647,7 @@ class EgressProxy:
     async def _register(self, reg, tcp_listener, udp_sink) -> None:
         self._regs[reg.sandbox_id] = reg
         reg.server = await asyncio.start_server(
-            lambda r, w: self._spawn(reg, self._serve_tcp(reg, r, w)), sock=tcp_listener,
-            limit=MAX_HEAD)
+            lambda r, w: self._accepted(reg, r, w), sock=tcp_listener, limit=MAX_HEAD)
         reg.udp = udp_sink
         asyncio.get_running_loop().add_reader(udp_sink.fileno(), self._on_udp, reg)
 
@@ -664,6 +669,15 @@ class EgressProxy:
                          "denied": reg.counts["denied"], "suppressed": reg.suppressed},
                    force=True)
 
+    def _accepted(self, reg, reader, writer) -> None:
+        if len(reg.tasks) >= MAX_CONNECTIONS:
+            _reset(writer)
+            writer.close()
+            reg.suppressed += 1
+            reg.counts["denied"] += 1
+            return
+        self._spawn(reg, self._serve_tcp(reg, reader, writer))
+
     def _spawn(self, reg, coro):
         task = asyncio.get_running_loop().create_task(coro)
         reg.tasks.add(task)
@@ -674,6 +688,14 @@ class EgressProxy:
         event = {"sandbox_id": reg.sandbox_id, **event}
         if "decision" in event:
             reg.counts["allowed" if event["decision"] == "allow" else "denied"] += 1
+        if not force:
+            now = time.monotonic()
+            reg.tokens = min(EVENT_BURST, reg.tokens + (now - reg.refilled) * EVENT_RATE)
+            reg.refilled = now
+            if reg.tokens < 1:
+                reg.suppressed += 1
+                return
+            reg.tokens -= 1
         sink = reg.on_event or self.default_on_event
         if sink is not None:
             try:

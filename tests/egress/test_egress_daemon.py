@@ -4,6 +4,8 @@ attempt; `Sandboxes.Inspect` reads the live policy back."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -60,6 +62,15 @@ def test_daemon_sandbox_egress_is_audited_and_inspectable(egress_daemon, interne
         assert {link["name"] for link in report["network"]["links"]} == {"lo", "eth0"}
         assert all(p["seccomp_mode"] == 2 and p["no_new_privs"]
                    for p in report["processes"])
+        cli = [sys.executable, "-m", "corral.runtime.cli", "inspect", "--socket",
+               egress_daemon.socket, box.id]
+        table = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines()[-1] == "matches the spec"
+        assert "route default            via 100.127.255.1   dev eth0" in table.stdout
+        as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60)
+        doc = json.loads(as_json.stdout)
+        assert (doc["mismatches"], doc["policy_digest"]) == ([], box.policy_digest)
         client.write_file(box.id, "client.py", CLIENT.replace("PORT", str(port)).encode())
         events = list(client.exec(box.id, ["python3", "-I", "/workspace/client.py"]))
         exited = [e.exited for e in events if e.HasField("exited")]
@@ -81,4 +92,7 @@ def test_daemon_sandbox_egress_is_audited_and_inspectable(egress_daemon, interne
     ], key=str)
     assert [r.kind for r in records].index("net.summary") < [r.kind for r in records].index(
         "sandbox.destroy")
-    assert all(r.peer == "egress" for r in records if r.kind.startswith("net."))
+    assert all(r.peer == "egress" and r.detail["policy_digest"] == box.policy_digest
+               for r in records if r.kind.startswith("net."))
+    inspected = [r for r in records if r.kind == "sandbox.inspect"]
+    assert [r.detail["mismatches"] for r in inspected] == [[], [], []]

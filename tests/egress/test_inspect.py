@@ -1,0 +1,95 @@
+"""`sandbox/inspect.py`: the live policy of a sandbox, and loud mismatches when the kernel
+state no longer matches the spec (here changed behind Corral's back, from the host)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from corral.sandbox import Sandbox, SandboxSpec, cgroups, net
+from corral.sandbox import inspect as live
+
+MiB = 1 << 20
+
+
+def test_a_fresh_sandbox_matches_its_spec(internet):
+    spec = SandboxSpec(allow_net=("allowed.test",), memory_bytes=128 * MiB, pids_max=64,
+                       cpus=0.5)
+    with Sandbox.create(spec) as sb:
+        proc = sb.exec(["sleep", "30"])
+        try:
+            rep = live.report(sb, spec)
+            problems = live.mismatches(rep, spec)
+        finally:
+            proc.kill()
+            proc.communicate()
+    assert problems == []
+    names = sorted(p["name"] for p in rep["processes"])
+    assert names == ["corral-init", "sleep"]
+    for p in rep["processes"]:
+        assert not any(ns["shared_with_host"] for ns in p["namespaces"].values())
+        assert (p["seccomp_mode"], p["no_new_privs"], int(p["cap_eff"], 16)) == (2, True, 0)
+        assert p["seccomp_filters"] >= 1
+        assert p["uid_map"] == ["0", "100000", "65536"]
+    limits = rep["cgroup_limits"]
+    assert int(limits.get("memory.limit_in_bytes") or limits["memory.max"]) == 128 * MiB
+    assert limits["pids.max"] == "64"
+    links = {link["name"]: link for link in rep["network"]["links"]}
+    assert links["eth0"]["addresses"] == ["100.127.255.2/30"]
+    assert {"dst": "default", "gateway": "100.127.255.1", "dev": "eth0"} in rep[
+        "network"]["routes"]
+    table = live.format_table(rep, problems)
+    assert "matches the spec" in table and "MISMATCH" not in table
+
+
+def test_changes_behind_corrals_back_are_flagged(internet):
+    spec = SandboxSpec(allow_net=("allowed.test",), memory_bytes=128 * MiB)
+    with Sandbox.create(spec) as sb:
+        layout = cgroups.detect()
+        cg = cgroups.Cgroup(layout, sb.id)
+        memory_file = next(
+            os.path.join(os.path.dirname(p), name) for p in cg.procs_files
+            for name in ("memory.limit_in_bytes", "memory.max")
+            if os.path.exists(os.path.join(os.path.dirname(p), name)))
+        with open(memory_file, "w") as f:
+            f.write(str(96 * MiB))  # (v1: above memsw.limit_in_bytes is refused)
+
+        def drop_default_route():
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                ipr.route("del", dst="0.0.0.0/0", gateway="100.127.255.1")
+
+        fd = os.open(f"/proc/{sb.init_pid}/ns/net", os.O_RDONLY)
+        try:
+            net.in_netns(fd, drop_default_route)
+        finally:
+            os.close(fd)
+        rep = live.report(sb, spec)
+        problems = live.mismatches(rep, spec)
+    assert problems == [
+        f"cgroup memory limit is {96 * MiB}, spec says {128 * MiB}",
+        "network: the default route does not lead to the egress proxy",
+    ]
+    table = live.format_table(rep, problems)
+    assert "!!! 2 MISMATCH(ES) WITH THE SPEC !!!" in table
+
+
+def test_a_link_in_a_sandbox_without_egress_is_flagged():
+    spec = SandboxSpec(memory_bytes=128 * MiB)
+    with Sandbox.create(spec) as sb:
+        def add_dummy():
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                ipr.link("add", ifname="sneaky0", kind="veth", peer={"ifname": "sneaky1"})
+
+        fd = os.open(f"/proc/{sb.init_pid}/ns/net", os.O_RDONLY)
+        try:
+            net.in_netns(fd, add_dummy)
+        finally:
+            os.close(fd)
+        problems = live.mismatches(live.report(sb, spec), spec)
+    assert problems == [
+        "network: spec allows no egress, but links ['lo', 'sneaky0', 'sneaky1'] exist"]
+    assert "sneaky0" not in {name for _, name in socket.if_nameindex()}
