@@ -198,8 +198,8 @@ def _error_event(exc: Exception) -> bytes:
 class _Sub:
     """One session watched on an OpenMany stream under a ref."""
 
-    __slots__ = ("mux", "ref", "ref_field", "session", "watcher", "watch_only", "lost",
-                 "pending", "exited", "notify", "dirty")
+    __slots__ = ("mux", "ref", "ref_field", "session", "watcher", "watch_only", "pending",
+                 "exited", "notify", "dirty")
 
     def __init__(self, mux: _Mux, ref: str, session, after: int, watch_only: bool) -> None:
         self.mux = mux
@@ -211,7 +211,6 @@ class _Sub:
         self.exited: Exited | None = None
         self.dirty = False
         self.watcher = session.hub.watch(after or None)
-        self.lost = self.watcher.lost_entries
         self.notify = self.mark
         session.hub.add_notify(self.notify)
         session.listeners.add(self)
@@ -319,12 +318,14 @@ class _Mux:
             while sub.pending:
                 size += add(sub.ref_field, sub.pending.popleft())
             watcher = sub.watcher
+            expected = watcher.next_seq
             batch = watcher.take_ready(DEFAULT_BATCH_BYTES)
             if batch is not None:
-                if watcher.lost_entries > sub.lost:
-                    sub.lost = watcher.lost_entries
+                first = first_seq(batch)
+                if first > expected:
+                    # the log evicted entries this client had not read: say so first
                     size += add(sub.ref_field, _event(lagged=pb.SessionLagged(
-                        first_available_seq=first_seq(batch))))
+                        first_available_seq=first)))
                 size += add(sub.ref_field, b"\x12" + varint(len(batch)), batch)
                 if watcher.next_seq < sub.session.hub.stream.next_seq:
                     sub.mark()  # more than one batch was waiting

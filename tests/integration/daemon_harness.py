@@ -81,6 +81,7 @@ class DaemonProcess:
         self.args = tuple(args)
         self.config_path = None
         if config is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
             self.config_path = self.root / "corral.toml"
             self.config_path.write_text(config)
             os.chmod(self.config_path, 0o600)

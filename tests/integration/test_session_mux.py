@@ -259,3 +259,33 @@ def test_cancelling_the_stream_leaves_its_sessions_running(client, sandbox):
     again.stream.send_input("go")
     again.join()
     assert again.tokens() == ["in:go", "t0", "t1", "t2", "t3"]
+
+
+def test_a_resume_behind_the_replay_log_is_told_where_it_starts(make_daemon):
+    from .daemon_harness import upload_agents
+
+    d = make_daemon("small-log", config="stream_log_bytes = 65536\n").start()
+    client = d.client()
+    sb = client.create_sandbox(memory_bytes=256 << 20)
+    upload_agents(client, sb.id)
+    owner = SessionRecorder(client.open_session(
+        _agent("--idle", "--tokens", 3000, "--pad", 64, "--exit", 0), sandbox_id=sb.id))
+    owner.wait_for(lambda r: r.session_id, what="opened")
+    sid = owner.session_id
+    owner.stream.send_input("go")
+    owner.wait_for(lambda r: r.turn_ends(), what="the turn's end")
+    mux = client.open_many()
+    rec = MuxRecorder(mux)
+    mux.resume("late", sid, after_seq=1)  # far behind: the 64 KiB log dropped the start
+    rec.wait_for(lambda r: r.of_kind("late", "lagged") and r.seqs("late"), what="lagged")
+    lagged = rec.first("late", "lagged")
+    seqs = rec.seqs("late")
+    assert lagged.first_available_seq > 1
+    assert seqs[0] == lagged.first_available_seq
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous from there
+    assert rec.tokens("late")[-1] == owner.tokens()[-1]
+    rec.wait_for(lambda r: r.first("late", "exited") is not None, what="exit")
+    mux.close()
+    rec.join()
+    owner.join()
+    client.destroy_sandbox(sb.id)
