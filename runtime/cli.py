@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         usage="corral session [OPTIONS] [--attach ID] [-- CMD [ARGS...]]",
         description="Prints the agent's tokens live. Lines typed on stdin steer the running "
                     "turn; Ctrl-C interrupts the turn, a second Ctrl-C detaches (the session "
-                    "keeps running; `corral session --attach ID` comes back).",
+                    "keeps running; `corral session --attach ID` comes back). End of stdin "
+                    "only ends steering: the tokens keep printing until the agent exits, so "
+                    "`echo QUESTION | corral session -- AGENT` works in scripts.",
     )
     client_flags(session)
     session.add_argument("--attach", metavar="SESSION", help="attach to a running session")
