@@ -14,6 +14,9 @@ from .errors import InvalidSpec
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+#: The largest byte count or limit a spec takes (cgroup page counters, tmpfs sizes and
+#: rlimits all hold it; int64 fields on the wire too).
+MAX_QUANTITY = 1 << 62
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
@@ -148,6 +151,9 @@ class SandboxSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidSpec(name, f"{value!r} must be a positive integer")
+            if value > MAX_QUANTITY:
+                # past what cgroup counters, tmpfs and rlimits hold (and int64 on the wire)
+                raise InvalidSpec(name, f"{value} is over the limit of {MAX_QUANTITY} (2**62)")
         if self.memory_bytes < 8 * MiB:
             raise InvalidSpec("memory_bytes", f"{self.memory_bytes} is below the 8M minimum")
         if self.pids_max < 2:

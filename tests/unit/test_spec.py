@@ -114,3 +114,15 @@ def test_build_rejects_with_field_named(kwargs, message):
 def test_uid_base_zero_would_map_root_to_root():
     with pytest.raises(InvalidSpec, match=r"^uid_base: root inside must map to an unprivileged"):
         SandboxSpec(uid_base=0)
+
+
+@pytest.mark.parametrize("field", ["memory_bytes", "tmp_bytes", "fsize_bytes", "pids_max",
+                                   "nofile"])
+def test_quantities_past_2_62_are_refused_naming_the_field(field):
+    from corral.sandbox.errors import InvalidSpec
+    from corral.sandbox.spec import MAX_QUANTITY, SandboxSpec
+
+    with pytest.raises(InvalidSpec) as info:
+        SandboxSpec(**{field: MAX_QUANTITY + 1})
+    assert info.value.field == field
+    assert "over the limit" in str(info.value)
