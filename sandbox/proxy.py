@@ -572,7 +572,7 @@ class _Registration:
     sandbox_id: str
     policy: EgressPolicy
     on_event: Callable[[dict], None] | None
-    server: asyncio.AbstractServer | None = None
+    listener: socket.socket | None = None
     udp: socket.socket | None = None
     tasks: set = field(default_factory=set)
     udp_denials: int = 0
@@ -646,10 +646,12 @@ class EgressProxy:
 
     async def _register(self, reg, tcp_listener, udp_sink) -> None:
         self._regs[reg.sandbox_id] = reg
-        reg.server = await asyncio.start_server(
-            lambda r, w: self._accepted(reg, r, w), sock=tcp_listener, limit=MAX_HEAD)
+        loop = asyncio.get_running_loop()
+        reg.listener = tcp_listener
+        tcp_listener.setblocking(False)
+        loop.add_reader(tcp_listener.fileno(), self._on_accept, reg)
         reg.udp = udp_sink
-        asyncio.get_running_loop().add_reader(udp_sink.fileno(), self._on_udp, reg)
+        loop.add_reader(udp_sink.fileno(), self._on_udp, reg)
 
     async def _unregister(self, sandbox_id: str) -> None:
         reg = self._regs.pop(sandbox_id, None)
@@ -659,8 +661,9 @@ class EgressProxy:
         if reg.udp is not None:
             with contextlib.suppress(Exception):
                 loop.remove_reader(reg.udp.fileno())
-        if reg.server is not None:
-            reg.server.close()
+        if reg.listener is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(reg.listener.fileno())
         for task in list(reg.tasks):
             task.cancel()
         if reg.tasks:
@@ -669,14 +672,21 @@ class EgressProxy:
                          "denied": reg.counts["denied"], "suppressed": reg.suppressed},
                    force=True)
 
-    def _accepted(self, reg, reader, writer) -> None:
-        if len(reg.tasks) >= MAX_CONNECTIONS:
-            _reset(writer)
-            writer.close()
-            reg.suppressed += 1
-            reg.counts["denied"] += 1
-            return
-        self._spawn(reg, self._serve_tcp(reg, reader, writer))
+    def _on_accept(self, reg: _Registration) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = reg.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. EMFILE: the listener stays, the backlog waits
+                return
+            conn.setblocking(False)
+            if len(reg.tasks) >= MAX_CONNECTIONS:
+                _reset(conn)
+                reg.suppressed += 1
+                reg.counts["denied"] += 1
+                continue
+            self._spawn(reg, self._serve_tcp(reg, conn))
 
     def _spawn(self, reg, coro):
         task = asyncio.get_running_loop().create_task(coro)
@@ -705,70 +715,65 @@ class EgressProxy:
 
     # -- TCP -------------------------------------------------------------------------------
 
-    async def _serve_tcp(self, reg, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        sock = writer.get_extra_info("socket")
+    async def _serve_tcp(self, reg, conn: socket.socket):
+        loop = asyncio.get_running_loop()
         started = time.monotonic()
-        dst_ip, dst_port = sock.getsockname()[:2]
-        peer = writer.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if peer else ""
-        event = {"kind": "net.connect", "client": client, "port": dst_port, "name": "",
-                 "address": dst_ip, "bytes_out": 0, "bytes_in": 0}
+        event = {"kind": "net.connect", "client": "", "port": 0, "name": "", "address": "",
+                 "bytes_out": 0, "bytes_in": 0}
         upstream = None
         try:
+            dst_ip, dst_port = conn.getsockname()[:2]
+            peer = conn.getpeername()
+            event.update(client=f"{peer[0]}:{peer[1]}", port=dst_port, address=dst_ip)
             if (dst_ip, dst_port) == (GATEWAY, PROXY_PORT):
-                upstream, first = await self._explicit(reg, reader, writer, event)
+                upstream, first = await self._explicit(reg, conn, event)
             else:
-                upstream, first = await self._transparent(reg, reader, writer, event,
-                                                          dst_ip, dst_port)
+                upstream, first = await self._transparent(reg, conn, event, dst_ip, dst_port)
             if upstream is None:
                 return
-            up_reader, up_writer = upstream
             if first:
-                up_writer.write(first)
+                await loop.sock_sendall(upstream, first)
                 event["bytes_out"] += len(first)
-            await self._pipe(reader, writer, up_reader, up_writer, event)
+            await _splice_both(loop, conn, upstream, event)
         except asyncio.CancelledError:
             event.setdefault("error", "sandbox destroyed")
         except Exception as exc:  # a broken client must never take the proxy down
             event.setdefault("error", f"{type(exc).__name__}: {exc}")
         finally:
-            for w in (writer, upstream[1] if upstream else None):
-                if w is not None:
-                    with contextlib.suppress(Exception):
-                        w.close()
+            for sock in (conn, upstream):
+                if sock is not None:
+                    sock.close()
             event["duration_s"] = round(time.monotonic() - started, 6)
             if "decision" not in event:  # ended (client gone, sandbox destroyed) undecided
                 event.update(decision="deny", reason="closed before a decision: "
                              + event.get("error", "the client went away"))
             self._emit(reg, event)
 
-    async def _explicit(self, reg, reader, writer, event):
+    async def _explicit(self, reg, conn, event):
         """HTTP proxy protocol: CONNECT host:port, or a request with an absolute URI."""
-        head, buf = await self._read_head(reader, HEAD_TIMEOUT_S, parse_http_head)
+        head, buf = await _read_head(conn, HEAD_TIMEOUT_S, parse_http_head)
         if not isinstance(head, HttpHead):
             event.update(mode="proxy", decision="deny", reason="not an HTTP proxy request")
-            await _respond(writer, 400, "Bad Request", "corral: not an HTTP proxy request\n")
+            await _respond(conn, 400, "Bad Request", "corral: not an HTTP proxy request\n")
             return None, b""
         if head.method == "CONNECT":
             event["mode"] = "connect"
             hp = split_host_port(head.target, 443)
-            default_port = 443
         else:
             event["mode"] = "http"
-            default_port = 80
             m = re.match(r"^http://([^/?#]+)(.*)$", head.target, re.IGNORECASE)
             hp = split_host_port(m.group(1).rpartition("@")[2], 80) if m else None
         if hp is None:
             event.update(decision="deny", reason=f"bad proxy target {head.target[:200]!r}")
-            await _respond(writer, 400, "Bad Request", "corral: bad proxy target\n")
+            await _respond(conn, 400, "Bad Request", "corral: bad proxy target\n")
             return None, b""
         host, port = hp
         literal = ip_literal(host)
         name = None if literal else normalize_name(host)
-        event.update(name=name or "", port=port or default_port, address=literal or "")
+        event.update(name=name or "", port=port, address=literal or "")
         if literal is None and name is None:
             event.update(decision="deny", reason=f"{host[:200]!r} is not a host name")
-            await _respond(writer, 400, "Bad Request", "corral: not a host name\n")
+            await _respond(conn, 400, "Bad Request", "corral: not a host name\n")
             return None, b""
         resolved = await self.resolver.resolve(name) if name and reg.policy.name_rule(
             name, port) else []
@@ -776,27 +781,27 @@ class EgressProxy:
         event.update(address=decision.address, reason=decision.reason, rule=decision.rule,
                      decision="allow" if decision.allowed else "deny")
         if not decision.allowed:
-            await _respond(writer, 403, "Forbidden",
-                           f"corral: egress denied: {decision.reason}\n")
+            await _respond(conn, 403, "Forbidden", f"corral: egress denied: {decision.reason}\n")
             return None, b""
-        upstream = await self._connect(decision.address, port, event)
+        upstream = await _connect(decision.address, port, event)
         if upstream is None:
-            await _respond(writer, 502, "Bad Gateway", f"corral: {event['error']}\n")
+            await _respond(conn, 502, "Bad Gateway", f"corral: {event['error']}\n")
             return None, b""
         rest = bytes(buf[head.length:])  # what came after the head goes upstream
         if head.method == "CONNECT":
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            first = rest
-        else:
-            m = re.match(r"^http://[^/?#]+(.*)$", head.target, re.IGNORECASE)
-            path = m.group(1) or "/"
-            lines = [f"{head.method} {path} {head.version}"]
-            lines += [f"{k}: {v}" for k, v in head.headers
-                      if not k.lower().startswith("proxy-")]
-            first = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + rest
-        return upstream, first
+            try:
+                await asyncio.get_running_loop().sock_sendall(
+                    conn, b"HTTP/1.1 200 Connection established\r\n\r\n")
+            except BaseException:
+                upstream.close()
+                raise
+            return upstream, rest
+        m = re.match(r"^http://[^/?#]+(.*)$", head.target, re.IGNORECASE)
+        lines = [f"{head.method} {m.group(1) or '/'} {head.version}"]
+        lines += [f"{k}: {v}" for k, v in head.headers if not k.lower().startswith("proxy-")]
+        return upstream, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + rest
 
-    async def _transparent(self, reg, reader, writer, event, dst_ip, dst_port):
+    async def _transparent(self, reg, conn, event, dst_ip, dst_port):
         """A connection that did not ask for a proxy: its destination is its own."""
         event["mode"] = "transparent"
         policy = reg.policy
@@ -804,7 +809,7 @@ class EgressProxy:
         if addr_decision.allowed or "protected" in addr_decision.reason:
             decision, name, buf = addr_decision, None, b""
         else:
-            sniffed, buf = await self._read_head(reader, SNIFF_TIMEOUT_S, _sniff_name)
+            sniffed, buf = await _read_head(conn, SNIFF_TIMEOUT_S, _sniff_name)
             name = sniffed if isinstance(sniffed, str) else None
             if name is None:
                 # Nothing names the destination (a raw protocol): it is allowed if our
@@ -819,72 +824,13 @@ class EgressProxy:
         event.update(name=name or "", reason=decision.reason, rule=decision.rule,
                      decision="allow" if decision.allowed else "deny")
         if not decision.allowed:
-            _reset(writer)
+            _reset(conn)
             return None, b""
-        upstream = await self._connect(dst_ip, dst_port, event)
+        upstream = await _connect(dst_ip, dst_port, event)
         if upstream is None:
-            _reset(writer)
+            _reset(conn)
             return None, b""
         return upstream, bytes(buf)
-
-    @staticmethod
-    async def _read_head(reader: asyncio.StreamReader, timeout: float, parse):
-        """Read until parse() gives an answer: (answer or None on timeout/EOF, bytes read)."""
-        buf = bytearray()
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    result = parse(bytes(buf))
-                    if result is not NEED_MORE:
-                        return result, buf
-                    chunk = await reader.read(MAX_HEAD)
-                    if not chunk:
-                        return None, buf
-                    buf += chunk
-        except TimeoutError:
-            return None, buf
-
-    async def _connect(self, host: str, port: int, event: dict):
-        try:
-            r, w = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:
-            event["error"] = f"upstream {host}:{port}: " + (
-                os.strerror(exc.errno) if getattr(exc, "errno", None) else "timed out")
-            return None
-        sock = w.get_extra_info("socket")
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return r, w
-
-    @staticmethod
-    async def _pipe(c_reader, c_writer, u_reader, u_writer, event):
-        async def copy(src, dst, key):
-            try:
-                while True:
-                    data = await src.read(CHUNK)
-                    if not data:
-                        break
-                    dst.write(data)
-                    event[key] += len(data)
-                    await dst.drain()
-            finally:
-                with contextlib.suppress(Exception):
-                    if dst.can_write_eof():
-                        dst.write_eof()
-
-        with contextlib.suppress(OSError):
-            c_writer.get_extra_info("socket").setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        up = asyncio.ensure_future(copy(c_reader, u_writer, "bytes_out"))
-        down = asyncio.ensure_future(copy(u_reader, c_writer, "bytes_in"))
-        try:
-            await asyncio.gather(up, down)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            up.cancel()
-            down.cancel()
 
     # -- UDP -------------------------------------------------------------------------------
 
@@ -964,20 +910,164 @@ def _orig_dst(ancillary) -> tuple[str, int] | None:
     return None
 
 
-async def _respond(writer, code: int, text: str, body: str) -> None:
+async def _respond(conn: socket.socket, code: int, text: str, body: str) -> None:
     payload = body.encode()
-    writer.write(f"HTTP/1.1 {code} {text}\r\nContent-Type: text/plain\r\n"
-                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                 + payload)
-    with contextlib.suppress(Exception):
-        await writer.drain()
-
-
-def _reset(writer) -> None:
-    """Refuse a transparent connection with a RST (SO_LINGER 0), not a polite FIN."""
-    sock = writer.get_extra_info("socket")
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await asyncio.get_running_loop().sock_sendall(conn, (
+            f"HTTP/1.1 {code} {text}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Refuse a transparent connection with a RST (SO_LINGER 0), not a polite FIN."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+async def _read_head(conn: socket.socket, timeout: float, parse):
+    """Read until parse() gives an answer: (answer, or None on timeout/EOF; bytes read)."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                result = parse(bytes(buf))
+                if result is not NEED_MORE:
+                    return result, buf
+                chunk = await loop.sock_recv(conn, MAX_HEAD)
+                if not chunk:
+                    return None, buf
+                buf += chunk
+    except TimeoutError:
+        return None, buf
+
+
+async def _connect(host: str, port: int, event: dict) -> socket.socket | None:
+    """A non-blocking TCP connection from the proxy's thread, which is in the host netns."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        event["error"] = f"upstream {host}:{port}: " + (
+            os.strerror(exc.errno) if getattr(exc, "errno", None) else "timed out")
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+_SPLICE_FLAGS = 0x1 | 0x2  # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+_F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20
+
+
+class _Splice:
+    """One direction of a relayed connection: src -> pipe -> dst with splice(2), driven by
+    the loop's readiness callbacks. Bytes never enter Python; a full dst stops reading
+    src (backpressure); EOF on src becomes shutdown(SHUT_WR) on dst once drained."""
+
+    def __init__(self, loop, src: socket.socket, dst: socket.socket, event: dict, key: str):
+        self.loop, self.src, self.dst, self.event, self.key = loop, src, dst, event, key
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.capacity = 65536
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            self.capacity = fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_BYTES)
+        self.pending = 0
+        self.eof = False
+        self.done = loop.create_future()
+        self.reading = self.writing = False
+        self._read_on()
+
+    def _read_on(self):
+        if not self.reading:
+            self.loop.add_reader(self.src.fileno(), self._readable)
+            self.reading = True
+
+    def _read_off(self):
+        if self.reading:
+            self.loop.remove_reader(self.src.fileno())
+            self.reading = False
+
+    def _readable(self):
+        try:
+            n = os.splice(self.src.fileno(), self.pipe_w, self.capacity - self.pending,
+                          flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            return self._finish(exc)
+        if n == 0:
+            self.eof = True
+            self._read_off()
+        self.pending += n
+        self._flush()
+
+    def _writable(self):
+        self._flush()
+
+    def _flush(self):
+        while self.pending:
+            try:
+                n = os.splice(self.pipe_r, self.dst.fileno(), self.pending, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                self._read_off()
+                if not self.writing:
+                    self.loop.add_writer(self.dst.fileno(), self._writable)
+                    self.writing = True
+                return
+            except OSError as exc:
+                return self._finish(exc)
+            self.pending -= n
+            self.event[self.key] += n
+        if self.writing:
+            self.loop.remove_writer(self.dst.fileno())
+            self.writing = False
+        if self.eof:
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+            self._finish(None)
+        elif self.pending < self.capacity:
+            self._read_on()
+
+    def _finish(self, exc):
+        self.close()
+        if not self.done.done():
+            self.done.set_result(exc)
+
+    def close(self):
+        self._read_off()
+        if self.writing:
+            self.loop.remove_writer(self.dst.fileno())
+            self.writing = False
+        for fd in (self.pipe_r, self.pipe_w):
+            if fd >= 0:
+                os.close(fd)
+        self.pipe_r = self.pipe_w = -1
+
+
+async def _splice_both(loop, conn: socket.socket, upstream: socket.socket, event: dict):
+    """Relay both directions until both reached EOF (or one failed)."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    up = _Splice(loop, conn, upstream, event, "bytes_out")
+    down = _Splice(loop, upstream, conn, event, "bytes_in")
+    try:
+        pending = {up.done, down.done}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(f.result() is not None for f in done):
+                break  # a reset or error on either side ends both
+    finally:
+        up.close()
+        down.close()
 
 
 _shared: EgressProxy | None = None
