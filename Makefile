@@ -50,6 +50,7 @@ bench: build
 	$(PY) bench/stream_loop.py --json
 	$(PY) bench/audit.py --json
 	$(PY) bench/sessions.py --json
+	$(PY) bench/egress.py --json
 
 lint: build
 	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples

@@ -678,7 +678,10 @@ class EgressProxy:
                 conn, _addr = reg.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # e.g. EMFILE: the listener stays, the backlog waits
+            except OSError:  # e.g. EMFILE: pause accepting a moment (level-triggered)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(reg.listener.fileno())
+                loop.call_later(0.1, self._resume_accepting, reg)
                 return
             conn.setblocking(False)
             if len(reg.tasks) >= MAX_CONNECTIONS:
@@ -687,6 +690,10 @@ class EgressProxy:
                 reg.counts["denied"] += 1
                 continue
             self._spawn(reg, self._serve_tcp(reg, conn))
+
+    def _resume_accepting(self, reg: _Registration) -> None:
+        if self._regs.get(reg.sandbox_id) is reg:
+            asyncio.get_running_loop().add_reader(reg.listener.fileno(), self._on_accept, reg)
 
     def _spawn(self, reg, coro):
         task = asyncio.get_running_loop().create_task(coro)
