@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--pids", metavar="N", type=int)
     create.add_argument("--cpus", metavar="CORES", type=float)
     create.add_argument("--ttl", metavar="DURATION", help="destroy it after this long")
+    create.add_argument("--backend", choices=("native", "docker"),
+                        help="where the daemon runs it (default: native; docker uses the "
+                             "daemon's DOCKER_HOST engine)")
     create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--allow-net", action="append", default=[], metavar="RULE",
                         help="allow egress to HOST[:PORT], *.DOMAIN, IP or CIDR (repeatable)")

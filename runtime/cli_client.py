@@ -115,6 +115,8 @@ def create(args) -> int:
         spec["env"] = _env(args.env)
     if args.allow_net:
         spec["allow_net"] = args.allow_net
+    if getattr(args, "backend", None):
+        spec["backend"] = args.backend
     with _connect(args) as client:
         print(client.create_sandbox(**spec).id)
     return 0

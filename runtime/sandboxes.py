@@ -206,8 +206,13 @@ class SandboxManager:
         ttl = min(ttl_s or self.default_ttl_s, self.default_ttl_s)
         loop = asyncio.get_running_loop()
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
-        sandbox = Sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
-            loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)))
+        if spec.backend == "docker":  # a container on the engine at the daemon's DOCKER_HOST
+            from corral.sandbox.backends.docker import DockerSandbox
+
+            sandbox = DockerSandbox(spec)
+        else:
+            sandbox = Sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
+                loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)))
         self._pending += 1
         try:
             await self.run_blocking(sandbox.start)
@@ -232,7 +237,7 @@ class SandboxManager:
             detail={"policy_digest": digest, "profile": spec.profile,
                     "memory_bytes": spec.memory_bytes, "pids_max": spec.pids_max,
                     "cpus": spec.cpus, "ttl_s": ttl, "init_pid": sandbox.init_pid,
-                    "allow_net": list(spec.allow_net)},
+                    "allow_net": list(spec.allow_net), "backend": spec.backend},
         )
         return msb
 

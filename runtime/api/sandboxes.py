@@ -45,6 +45,8 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
         kw["env"] = tuple(sorted(msg.env.items()))
     if msg.allow_net:
         kw["allow_net"] = tuple(msg.allow_net)
+    if msg.backend:
+        kw["backend"] = msg.backend
     return SandboxSpec(**kw)
 
 
@@ -53,7 +55,7 @@ def spec_to_proto(spec: SandboxSpec, ttl_s: float) -> pb.SandboxSpec:
         profile=spec.profile, memory_bytes=spec.memory_bytes, pids_max=spec.pids_max,
         cpus=spec.cpus or 0.0, command_timeout_s=spec.timeout_s or 0.0,
         tmp_bytes=spec.tmp_bytes, env=dict(spec.env), hostname=spec.hostname,
-        ttl_s=int(ttl_s), allow_net=list(spec.allow_net),
+        ttl_s=int(ttl_s), allow_net=list(spec.allow_net), backend=spec.backend,
     )
 
 

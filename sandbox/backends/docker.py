@@ -21,12 +21,14 @@ Corral looked and how to point it elsewhere (``DOCKER_HOST`` or ``--docker-host`
 from __future__ import annotations
 
 import contextlib
+import errno as errno_mod
 import functools
 import hashlib
 import io
 import json
 import os
 import re
+import select as select_mod
 import selectors
 import shutil
 import signal as signal_mod
@@ -38,12 +40,20 @@ import tarfile
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from .. import seccomp
-from ..errors import CommandNotFound, CorralError, InvalidSpec, Unavailable, UnsupportedHost
+from ..errors import (
+    CommandNotFound,
+    CorralError,
+    InvalidSpec,
+    SandboxSetupError,
+    Unavailable,
+    UnsupportedHost,
+)
 from ..spec import SandboxSpec
-from .native import DEVNULL, PIPE, CompletedRun, ExitReason
+from .native import PIPE, CompletedRun, ExitReason
 
 #: Label every Corral container carries: the sandbox id.
 LABEL = "corral.sandbox"
@@ -128,6 +138,11 @@ def _reason(exc: BaseException) -> str:
         if m:
             return m.group(0)
     return text[:200]
+
+
+def _is_fd(how) -> bool:
+    """An open descriptor given for stdin/stdout/stderr (not PIPE, DEVNULL or None)."""
+    return isinstance(how, int) and how >= 0
 
 
 def _is_local(url: str) -> bool:
@@ -480,7 +495,7 @@ class DockerProcess:
 
     def __init__(self, sandbox: DockerSandbox, exec_id: str, sock: socket.socket,
                  leftover: bytes, argv: list[str], timeout_s: float | None, oom_before: int,
-                 want_stdin: bool, stdout: int | None, stderr: int | None):
+                 want_stdin: bool, keep: tuple[bool, bool]):
         self.sandbox = sandbox
         self.exec_id = exec_id
         self.argv = tuple(argv)
@@ -488,7 +503,7 @@ class DockerProcess:
         self._buf = bytearray(leftover)
         self._eof = False
         self.stdin = _Stdin(sock) if want_stdin else None
-        self._keep = (stdout == PIPE, stderr == PIPE)
+        self._keep = keep
         self.started = time.monotonic()
         self.deadline = self.started + timeout_s if timeout_s else None
         self.returncode: int | None = None
@@ -547,7 +562,8 @@ class DockerProcess:
             elif on_stdout is not None:
                 on_stdout(payload)
 
-    def pump(self, on_stdout, on_stderr, input: bytes | None = None) -> int:
+    def pump(self, on_stdout, on_stderr, input: bytes | None = None, *,
+             close_stdin: bool = True) -> int:
         """Copy output to the callbacks as it comes, feed stdin; returns the exit code.
 
         The spec's timeout is enforced meanwhile (the command is killed when it passes).
@@ -556,7 +572,7 @@ class DockerProcess:
         on_stderr = on_stderr if self._keep[1] else None
         self._frames(on_stdout, on_stderr)
         pending = memoryview(input or b"")
-        if self.stdin is not None and not pending:
+        if self.stdin is not None and not pending and close_stdin:
             self.stdin.close()
         sel = selectors.DefaultSelector()
         self._sock.setblocking(False)
@@ -591,6 +607,60 @@ class DockerProcess:
             sel.close()
             self._close()
         return self.wait()
+
+    def _relay(self, stdin_fd: int | None, stdout_fd: int | None, stderr_fd: int | None,
+               on_end) -> None:
+        """Copy between the caller's descriptors and the exec's connection on threads of
+        our own (the caller may close its descriptors as soon as exec() returns)."""
+        ins = os.dup(stdin_fd) if stdin_fd is not None else None
+        outs = [os.dup(fd) if fd is not None else None for fd in (stdout_fd, stderr_fd)]
+        self.stdin = None if ins is not None else self.stdin
+
+        def sink(fd):
+            if fd is None:
+                return lambda _chunk: None
+
+            def write(chunk: bytes) -> None:
+                view = memoryview(chunk)
+                while view:
+                    try:
+                        view = view[os.write(fd, view):]
+                    except BlockingIOError:
+                        select_mod.select([], [fd], [], 1.0)
+                    except OSError:
+                        return  # the reader went away: drop the rest
+            return write
+
+        def feed() -> None:
+            try:
+                while True:
+                    chunk = os.read(ins, 65536)
+                    if not chunk:
+                        break
+                    self._sock.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                os.close(ins)
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_WR)
+
+        def copy_out() -> None:
+            try:
+                self.pump(sink(outs[0]), sink(outs[1]), close_stdin=False)
+            except Exception:  # the sandbox went away under us
+                self._finish(None)
+            finally:
+                for fd in outs:
+                    if fd is not None:
+                        os.close(fd)
+                on_end()
+
+        if ins is not None:
+            threading.Thread(target=feed, name=f"corral-docker-in-{self.exec_id[:8]}",
+                             daemon=True).start()
+        threading.Thread(target=copy_out, name=f"corral-docker-out-{self.exec_id[:8]}",
+                         daemon=True).start()
 
     def _read(self, on_stdout, on_stderr) -> None:
         while True:
@@ -687,6 +757,11 @@ class DockerProcess:
 # -- sandboxes --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    seccomp_profile: seccomp.SeccompProfile
+
+
 class DockerSandbox:
     """A sandbox on a Docker engine: create / exec / signal / destroy (a context manager)."""
 
@@ -704,8 +779,13 @@ class DockerSandbox:
         self.workspace: str | None = None
         self._own_workspace = False
         self._lock = threading.Lock()
-        self._cgroup_files: tuple[str, ...] | None = None
         self.api = None
+        #: Readable when a relayed command ended (the daemon's loop watches it); see
+        #: collect_exits(). Same role as the native backend's status pipe.
+        self.status_fd = self._status_w = -1
+        self._status_lock = threading.Lock()
+        #: What the policy digest is computed from (the native backend's Prepared shape).
+        self._prepared: _Prepared | None = None
 
     @classmethod
     def create(cls, spec: SandboxSpec | None = None, **kwargs) -> DockerSandbox:
@@ -743,6 +823,7 @@ class DockerSandbox:
             sweep(self.url)
         image = base_image(self.url)
         self.state = "starting"
+        self.status_fd, self._status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             self._setup_workspace()
             config = container_config(self.api, self.spec, image, self.id, self.workspace,
@@ -757,6 +838,7 @@ class DockerSandbox:
                     raise InvalidSpec("spec", f"the engine refused it: {message}") from None
                 raise CorralError(f"docker: creating sandbox {self.id}: {message}") from None
             self.init_pid = int(info["State"].get("Pid") or 0) or None
+            self._prepared = _Prepared(seccomp.load_profile(self.spec.profile))
             self.state = "running"
         except BaseException:
             self._cleanup()
@@ -798,6 +880,11 @@ class DockerSandbox:
         if self._own_workspace and self.workspace:
             shutil.rmtree(self.workspace, ignore_errors=True)
             self._own_workspace = False
+        with self._status_lock:
+            for fd in (self.status_fd, self._status_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.status_fd = self._status_w = -1
         self.state = "destroyed"
 
     # -- commands -------------------------------------------------------------------------
@@ -810,8 +897,9 @@ class DockerSandbox:
 
         Args:
             env: extra variables on top of the spec's environment.
-            stdin, stdout, stderr: PIPE or DEVNULL/None (descriptors do not cross to an
-                engine; output not asked for is discarded).
+            stdin, stdout, stderr: PIPE, DEVNULL/None, or an open descriptor. Descriptors do
+                not cross to an engine: a relay thread copies between them and the exec's
+                connection (stdout and stderr must then both be descriptors or DEVNULL).
             timeout_s: wall-clock limit, defaults to the spec's.
 
         Raises:
@@ -823,10 +911,13 @@ class DockerSandbox:
         if not argv:
             raise InvalidSpec("argv", "the command is empty")
         if pass_fds:
-            raise InvalidSpec("pass_fds", "the docker backend cannot pass descriptors")
-        for name, how in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
-            if how not in (PIPE, DEVNULL, None):
-                raise InvalidSpec(name, "the docker backend takes PIPE or DEVNULL only")
+            raise InvalidSpec("pass_fds", "the docker backend cannot pass descriptors (the "
+                                          "agent protocol's event and control fds need the "
+                                          "native backend)")
+        relay = any(_is_fd(h) for h in (stdout, stderr))
+        if relay and PIPE in (stdout, stderr):
+            raise InvalidSpec("stdout", "give descriptors (or DEVNULL) for both outputs, or "
+                                        "PIPE for both")
         docker = _sdk()
         environment = self.spec.environment()
         for key, value in (env or {}).items():
@@ -835,19 +926,43 @@ class DockerSandbox:
         try:
             exec_id = self.api.exec_create(
                 self.container_id, list(argv), stdout=True, stderr=True,
-                stdin=stdin == PIPE, user=f"{self.spec.uid_base}:{self.spec.uid_base}",
+                stdin=stdin == PIPE or _is_fd(stdin),
+                user=f"{self.spec.uid_base}:{self.spec.uid_base}",
                 environment=environment, workdir=cwd)["Id"]
         except docker.errors.APIError as exc:
             raise CorralError(f"docker: exec in {self.id}: {exc.explanation or exc}") from None
         oom_before = self._oom_kills()
         sock, leftover = self._start_exec(exec_id)
+        keep = (stdout == PIPE or _is_fd(stdout), stderr == PIPE or _is_fd(stderr))
         proc = DockerProcess(self, exec_id, sock, leftover, list(argv),
                              timeout_s if timeout_s is not None else self.spec.timeout_s,
-                             oom_before, stdin == PIPE, stdout, stderr)
-        self._check_started(proc)
+                             oom_before, stdin == PIPE or _is_fd(stdin), keep)
+        self._check_started(proc, cwd)
+        if relay or _is_fd(stdin):
+            proc._relay(stdin if _is_fd(stdin) else None,
+                        stdout if _is_fd(stdout) else None,
+                        stderr if _is_fd(stderr) else None, self._notify_exit)
         return proc
 
-    def _check_started(self, proc: DockerProcess) -> None:
+    def _notify_exit(self) -> None:
+        """Wake whoever watches status_fd: a relayed command has ended."""
+        with self._status_lock, contextlib.suppress(OSError):
+            if self._status_w >= 0:
+                os.write(self._status_w, b"x")
+
+    def collect_exits(self) -> int:
+        """Drain status_fd's wake-ups; returns how many commands ended since the last call
+        (their on_exit callbacks have already run, from the relay threads)."""
+        count = 0
+        with self._status_lock, contextlib.suppress(OSError):
+            while self.status_fd >= 0:
+                chunk = os.read(self.status_fd, 4096)
+                if not chunk:
+                    break
+                count += len(chunk)
+        return count
+
+    def _check_started(self, proc: DockerProcess, cwd: str) -> None:
         """Wait until the engine has started the command (learning its pid), or tell
         CommandNotFound when the runtime could not execute it."""
         delay = 0.0005
@@ -869,6 +984,8 @@ class DockerSandbox:
         text = proc._read_to_eof().decode(errors="replace")
         if "OCI runtime exec failed" in text:
             proc._finish(code)
+            if "chdir" in text:
+                raise SandboxSetupError("chdir", cwd, errno_mod.ENOENT)
             raise CommandNotFound(proc.argv[0], 2 if "not found" in text or "no such" in text
                                   else 13)
 

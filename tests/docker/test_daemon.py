@@ -1,0 +1,94 @@
+"""Sandboxes.Create with backend "docker" over the daemon's real socket: the same API, a
+container on the engine at the daemon's DOCKER_HOST."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from corral.runtime.client import ClientError
+from corral.sandbox.backends import docker
+
+from ..integration.daemon_harness import DaemonProcess, collect_exec
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def daemon(docker_host, tmp_path):
+    d = DaemonProcess(tmp_path / "daemon").start()
+    try:
+        yield d
+        assert d.stop() == 0, d.log()
+    finally:
+        d.ensure_stopped()
+
+
+def _containers(url: str) -> list[str]:
+    api = docker.client(url)
+    return [c["Labels"][docker.LABEL]
+            for c in api.containers(all=True, filters={"label": docker.LABEL})]
+
+
+def test_create_exec_files_destroy_on_docker(daemon, docker_host):
+    client = daemon.client()
+    sb = client.create_sandbox(backend="docker", memory_bytes=64 * MiB)
+    try:
+        assert sb.spec.backend == "docker"
+        assert _containers(docker_host) == [sb.id]
+        res = collect_exec(client.exec(sb.id, ["sh", "-c", "id -u; cat; echo err >&2; exit 5"],
+                                       stdin=b"piped\n"))
+        assert (res.stdout, res.stderr) == (b"100000\npiped\n", b"err\n")
+        assert (res.returncode, res.reason) == (5, "exited")
+        assert client.write_file(sb.id, "in.txt", b"from the api\n") == 13
+        res = collect_exec(client.exec(sb.id, ["sh", "-c", "cat in.txt > out.txt"]))
+        assert res.returncode == 0
+        assert client.read_file(sb.id, "out.txt") == b"from the api\n"
+        timed = collect_exec(client.exec(sb.id, ["sleep", "60"], timeout_s=0.5))
+        assert (timed.returncode, timed.reason) == (-signal.SIGKILL, "timeout")
+        oom = collect_exec(client.exec(sb.id, ["python3", "-c", "b = b'x' * (256 << 20)"]))
+        assert (oom.returncode, oom.reason) == (-signal.SIGKILL, "oom")
+    finally:
+        client.destroy_sandbox(sb.id)
+    assert _containers(docker_host) == []
+    created = [r for r in daemon.records() if r.kind == "sandbox.create"]
+    assert created[-1].detail["backend"] == "docker"
+
+
+def test_unknown_backend_is_invalid_argument(daemon):
+    client = daemon.client()
+    with pytest.raises(ClientError) as info:
+        client.create_sandbox(backend="lxc")
+    assert info.value.code.name == "INVALID_ARGUMENT"
+    assert "backend: 'lxc' is not a backend; use native or docker" in str(info.value)
+
+
+def test_daemon_stop_removes_its_docker_sandboxes(docker_host, tmp_path):
+    d = DaemonProcess(tmp_path / "daemon").start()
+    try:
+        client = d.client()
+        ids = [client.create_sandbox(backend="docker").id for _ in range(2)]
+        assert sorted(_containers(docker_host)) == sorted(ids)
+        assert d.stop() == 0, d.log()
+    finally:
+        d.ensure_stopped()
+    assert _containers(docker_host) == []
+
+
+def test_cli_create_on_docker(daemon, docker_host):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "corral.runtime.cli"]
+    made = subprocess.run([*cli, "create", "--socket", daemon.socket, "--backend", "docker"],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    sandbox_id = made.stdout.strip()
+    assert _containers(docker_host) == [sandbox_id]
+    gone = subprocess.run([*cli, "destroy", "--socket", daemon.socket, sandbox_id],
+                          capture_output=True, text=True, timeout=120)
+    assert gone.returncode == 0, gone.stderr
+    assert _containers(docker_host) == []
