@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest life of a sandbox (default: 1h)")
     daemon.add_argument("--max-sandboxes", metavar="N", type=int,
                         help="most sandboxes at once (default: 512)")
+    daemon.add_argument("--mux-interval-ms", metavar="MS", type=float,
+                        help="Sessions.OpenMany: least ms between two messages of one stream; "
+                             "its sessions' news travels together (default: 2; 0: at once)")
 
     def client_flags(p):
         p.add_argument("--socket", metavar="PATH",
@@ -376,6 +379,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             "socket": args.socket, "listen": args.listen, "state": args.state,
             "tls_cert": args.tls_cert, "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca, "max_sandboxes": args.max_sandboxes,
+            "mux_interval_ms": args.mux_interval_ms,
             "session_idle_ttl_s": (parse_duration(args.session_idle_ttl, "session-idle-ttl")
                                    if args.session_idle_ttl else None),
             "sandbox_ttl_s": (parse_duration(args.sandbox_ttl, "sandbox-ttl")

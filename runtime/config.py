@@ -60,6 +60,10 @@ class DaemonConfig:
     max_sandboxes: int = 512
     #: Replay log of each session/exec stream, in bytes.
     stream_log_bytes: int = 8 << 20
+    #: Sessions.OpenMany: least milliseconds between two messages of one stream. News of
+    #: its sessions waits at most this long and travels together, which bounds a watching
+    #: platform to 1000/N messages per second per stream; 0 sends as soon as the loop is free.
+    mux_interval_ms: float = 2.0
     #: Deep-task nodes ([[nodes]] tables: name, labels, resources, devices, executor);
     #: none declared = one local node "local" with this machine's cpu and memory.
     nodes: tuple = ()
@@ -92,6 +96,10 @@ class DaemonConfig:
                 raise InvalidSpec(name, "must be longer than zero")
         if self.max_sandboxes < 1:
             raise InvalidSpec("max_sandboxes", "must be at least 1")
+        if not isinstance(self.mux_interval_ms, (int, float)) or not (
+                0 <= self.mux_interval_ms <= 1000):
+            raise InvalidSpec("mux_interval_ms", f"{self.mux_interval_ms!r} must be between 0 "
+                                                 "and 1000 ms")
         return self
 
 
@@ -102,7 +110,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     """Merge a TOML file (if any) and flag overrides (flags win) into a validated config.
 
     The file uses the flag names: socket, listen, state, tls_cert, tls_key, tls_client_ca,
-    session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, operators, and one table per
+    session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, stream_log_bytes,
+    mux_interval_ms, operators, and one table per
     tenant: [tenants.acme] token = "...".
     """
     values: dict = {}

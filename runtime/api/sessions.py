@@ -136,6 +136,9 @@ class SessionsServicer(Servicer):
     async def OpenMany(self, request_iterator, context):
         mux = _Mux(self, self.caller(context))
         reader = asyncio.ensure_future(mux.read_requests(request_iterator))
+        loop = asyncio.get_running_loop()
+        interval = self.daemon.config.mux_interval_ms / 1000
+        last = float("-inf")
         try:
             while True:
                 if not mux.has_news:
@@ -145,7 +148,12 @@ class SessionsServicer(Servicer):
                         raise reader.exception()
                     await mux.wait()
                     continue
+                # at most one message per interval: what arrives meanwhile joins this one
+                delay = last + interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 message = mux.cut()
+                last = loop.time()
                 if message:
                     yield message
         finally:

@@ -66,6 +66,8 @@ def test_missing_config_file():
         ({"tokens": {"short": "a"}}, r"^tokens: the token of tenant 'a' is shorter than 16$"),
         ({"tls_cert": "/x.pem"}, r"^tls_cert: tls_cert and tls_key go together$"),
         ({"max_sandboxes": 0}, r"^max_sandboxes: must be at least 1$"),
+        ({"mux_interval_ms": -1}, r"^mux_interval_ms: -1 must be between 0 and 1000 ms$"),
+        ({"mux_interval_ms": "2"}, r"^mux_interval_ms: '2' must be between 0 and 1000 ms$"),
     ],
 )
 def test_validate(kwargs, message):
