@@ -209,6 +209,9 @@ class SandboxSpec:
         if self.allow_net:
             from .proxy import parse_rule
 
+            if getattr(self, "backend", "native") != "native":
+                raise InvalidSpec("allow_net", "only the native backend has an egress proxy; "
+                                               "drop --allow-net or use --backend native")
             if isinstance(self.allow_net, str) or len(self.allow_net) > 256:
                 raise InvalidSpec("allow_net", "must be a list of at most 256 rules")
             rules = tuple(dict.fromkeys(str(parse_rule(r)) for r in self.allow_net))

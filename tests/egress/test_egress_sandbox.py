@@ -166,13 +166,36 @@ except OSError as e:
     out['error'] = type(e).__name__
 """, {"error": "ConnectionResetError"},
         ("net.connect", "transparent", "", 80, "no rule allows 169.254.169.254:80")),
+    "an unlisted SNI sent to an allowed name's address": ("""
+import ssl
+ctx = ssl.create_default_context(cafile='/certs/cert.pem')
+try:
+    with socket.create_connection(({allowed!r}, 443), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname='other.test') as tls:
+            out['reply'] = tls.recv(100).decode()
+except OSError as e:
+    out['error'] = type(e).__name__
+""", {"error": "ConnectionResetError"},
+        ("net.connect", "transparent", "other.test", 443, "no rule allows other.test:443")),
+    "an allowed name on a port its rule does not list": ("""
+s = socket.create_connection(('100.127.255.1', 3128), timeout=10)
+s.sendall(b'CONNECT allowed.test:7000 HTTP/1.1\\r\\n\\r\\n')
+out['reply'] = s.recv(200).decode().split('\\r\\n')[0]
+""", {"reply": "HTTP/1.1 403 Forbidden"},
+        ("net.connect", "connect", "allowed.test", 7000, "no rule allows allowed.test:7000")),
+    "not an HTTP proxy request": ("""
+s = socket.create_connection(('100.127.255.1', 3128), timeout=10)
+s.sendall(b'\\x00\\x01garbage\\r\\n\\r\\n')
+out['reply'] = s.recv(200).decode().split('\\r\\n')[0]
+""", {"reply": "HTTP/1.1 400 Bad Request"},
+        ("net.connect", "proxy", "", 3128, "not an HTTP proxy request")),
 }
 
 
 @pytest.mark.parametrize("case", list(DENIALS))
 def test_denied_and_reported(internet, case):
     code, expected, (kind, mode, name, port, reason) = DENIALS[case]
-    sb, events = sandbox(internet, "allowed.test", "metadata.test")
+    sb, events = sandbox(internet, "allowed.test:80", "allowed.test:443", "metadata.test")
     try:
         got = run_py(sb, code.format(other=internet.other, allowed=internet.allowed))
         assert got == expected
@@ -280,3 +303,47 @@ def test_no_allow_net_means_no_link_at_all():
     finally:
         sb.destroy()
     assert got == {"links": ["lo"], "proxy": None}
+
+
+def test_wildcards_and_address_rules(internet):
+    """*.test allows names below test; an address rule allows a raw connection that the
+    routable range alone (name rules only) does not."""
+    sb, events = sandbox(internet, "*.test:80", f"{internet.other}:7000")
+    try:
+        got = run_py(sb, HTTP_GET.format(url="http://other.test/w") + f"""
+s = socket.create_connection(({internet.other!r}, 7000), timeout=10)
+s.sendall(b'raw')
+out['raw'] = s.recv(100).decode()
+try:
+    s2 = socket.create_connection(({internet.allowed!r}, 7000), timeout=10)
+    s2.sendall(b'raw')
+    out['raw2'] = s2.recv(100).decode()
+except OSError as e:
+    out['raw2'] = type(e).__name__
+""")
+    finally:
+        sb.destroy()
+    assert got == {"status": 200, "body": f"hello from {internet.other} for other.test /w",
+                   "raw": "echo:raw", "raw2": "ConnectionResetError"}
+    decided = sorted((e["decision"], e["port"], e["address"], e["rule"])
+                     for e in events_of(events))
+    assert decided == [("allow", 80, internet.other, "*.test:80"),
+                       ("allow", 7000, internet.other, f"{internet.other}:7000"),
+                       ("deny", 7000, internet.allowed, "")]
+
+
+def test_udp_denials_are_capped_and_counted(internet):
+    sb, events = sandbox(internet, "allowed.test")
+    try:
+        run_py(sb, f"""
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(100):
+    u.sendto(b'%d' % i, ({internet.allowed!r}, 9999))
+import time; time.sleep(0.3)
+""")
+    finally:
+        sb.destroy()
+    assert len(events_of(events, "net.udp")) == 64
+    (summary,) = events_of(events, "net.summary")
+    assert (summary["denied"], summary["suppressed"]) == (100, 36)
+    assert not internet.udp_received

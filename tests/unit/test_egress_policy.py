@@ -171,3 +171,51 @@ def test_dns_round_trip():
 def test_hosts_file():
     assert parse_hosts("# c\n10.0.0.1 a.test B.test\n::1 v6.test\n10.0.0.2 a.test\n") == {
         "a.test": ("10.0.0.1", "10.0.0.2"), "b.test": ("10.0.0.1",)}
+
+
+def test_docker_backend_refuses_allow_net():
+    with pytest.raises(InvalidSpec, match=r"^allow_net: only the native backend has an egress"):
+        SandboxSpec(allow_net=("a.test",), backend="docker")
+
+
+def test_config_from_environment(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("10.9.0.1 api.test\n")
+    cfg = EgressConfig.from_env({"CORRAL_EGRESS_HOSTS": str(hosts),
+                                 "CORRAL_EGRESS_ROUTABLE": "10.9.0.0/16, 192.168.7.0/24"})
+    assert cfg.hosts == {"api.test": ("10.9.0.1",)}
+    assert [str(n) for n in cfg.routable] == ["10.9.0.0/16", "192.168.7.0/24"]
+    with pytest.raises(InvalidSpec, match=r"^CORRAL_EGRESS_ROUTABLE: 'nope' is not a network$"):
+        EgressConfig.from_env({"CORRAL_EGRESS_ROUTABLE": "nope"})
+
+
+def test_protect_normalizes_wildcards_and_names():
+    from corral.sandbox.proxy import EgressProxy
+
+    p = EgressProxy(EgressConfig())
+    p.protect("0.0.0.0", 7070)
+    p.protect("localhost", 7071)
+    p.protect("[::1]", 7072)
+    p.protect("127.0.0.1", 7073)
+    assert p.config.protected == {("", 7070), ("", 7071), ("::1", 7072), ("127.0.0.1", 7073)}
+    pol = EgressPolicy(["0.0.0.0/0"], p.config)
+    assert not pol.decide(7070, dst="93.184.216.34").allowed
+    assert not pol.decide(7073, dst="127.0.0.1").allowed
+    assert pol.decide(7074, dst="93.184.216.34").allowed
+
+
+def test_sk_lookup_program_shape():
+    """24 instructions, the map fd in the 64-bit load, every jump inside the program, and
+    the only exit last (the kernel verifier checks more; tests/egress load it for real)."""
+    import struct
+
+    from corral.sandbox.net import sk_lookup_program
+
+    prog = sk_lookup_program(77)
+    insns = [struct.unpack_from("<BBhi", prog, i) for i in range(0, len(prog), 8)]
+    assert len(insns) == 24
+    assert insns[11] == (0x18, 0x11, 0, 77)  # r1 = map fd 77 (src = BPF_PSEUDO_MAP_FD)
+    for i, (code, _regs, off, _imm) in enumerate(insns):
+        if code in (0x15, 0x55):  # conditional jumps
+            assert 0 <= i + 1 + off < len(insns) and insns[i + 1 + off][0] in (0x63, 0xB7)
+    assert [i for i, insn in enumerate(insns) if insn[0] == 0x95] == [23]
