@@ -385,7 +385,8 @@ class Scheduler:
             "task.start", {"tenant": task.tenant, "peer": "scheduler",
                            "sandbox_id": runner.get("sandbox_id", ""),
                            "detail": {"task_id": task.id, "node": task.node,
-                                      "attempt": attempt, "checkpoint_seq": task.checkpoint_seq}})])
+                                      "attempt": attempt, "checkpoint_seq": task.checkpoint_seq,
+                                      "runner": runner}})])
 
     async def on_update(self, task_id: str, attempt: int, *, progress_json: str | None = None,
                         checkpoint_seq: int | None = None,

@@ -1,0 +1,362 @@
+"""The Ray executor: one long-lived actor per labelled Ray node hosts that node's sandboxes.
+
+Placement stays the scheduler's (labels and resources from the daemon's `[[nodes]]` with
+``executor = "ray"``); each such node's actor is pinned to the Ray node carrying the label
+``corral.node=<name>`` (``label_selector``), so "task placed on node N" means "its sandbox runs
+on the Ray node labelled N". The actor runs the same AttemptRunner as the local shim, in a
+thread of its own process: the sandbox's PID 1 dies with the actor, i.e. with its Ray node.
+
+What crosses Ray, and only this: the attempt's plan and last checkpoint (daemon -> actor);
+runner start, PROGRESS and RESULT payloads, new checkpoints, the attempt's log and, at the
+end, its exit record and /workspace/out (actor -> daemon, pulled by the daemon's poll loop).
+Tokens never do: interactive token streams stay on the daemon's gRPC data plane.
+
+A node whose actor dies (ActorDiedError: the Ray node was lost) is marked lost; its attempts
+end as "lost" and their tasks are retried from the last checkpoint the daemon holds, on
+another matching node. The actors are detached: a restarted daemon finds them by name and
+re-attaches to the attempts they still run.
+
+Needs the optional extra ``corral[ray]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+
+from .files import TaskFiles, read_json
+
+log = logging.getLogger("corral.tasks.ray")
+
+NAMESPACE = "corral"
+NODE_LABEL = "corral.node"
+POLL_S = 0.1
+PING_S = 2.0
+MAX_LOG_CHUNK = 256 << 10
+
+
+def ray_environment() -> None:
+    """Environment every Corral process that talks to Ray needs (FIELD-NOTES: Ray)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Keep a driver on 127.0.0.1: Ray otherwise turns a loopback address into the host's
+    # routable IP, where a cluster bound to loopback does not listen.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _tar_dir(path: str) -> bytes | None:
+    if not os.path.isdir(path):
+        return None
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(path, arcname=".")
+    return buf.getvalue()
+
+
+def _untar(data: bytes, dest: str) -> None:
+    os.makedirs(dest, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        tar.extractall(dest, filter="data")  # no links out, no absolute paths, no devices
+
+
+def _save_checkpoint_tar(files: TaskFiles, data: bytes) -> int:
+    tmp = tempfile.mkdtemp(prefix="corral-ckpt-")
+    try:
+        _untar(data, tmp)
+        frame_path = os.path.join(tmp, "frame")
+        frame = None
+        if os.path.exists(frame_path):
+            with open(frame_path, "rb") as f:
+                frame = f.read()
+        files_dir = os.path.join(tmp, "files")
+        return files.save_checkpoint(frame, files_dir if os.path.isdir(files_dir) else None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NodeHost:
+    """The body of a node's actor (a plain class so it is testable without Ray)."""
+
+    def __init__(self, node: str, root: str | None = None):
+        self.node = node
+        self.root = root or os.path.join(tempfile.gettempdir(), f"corral-ray-{node}-{os.getpid()}")
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self._runners: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def ping(self) -> dict:
+        return {"node": self.node, "pid": os.getpid(), "attempts": sorted(self._runners)}
+
+    def where(self) -> str:
+        """The id of the Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def start(self, plan_json: str, checkpoint_tar: bytes | None) -> None:
+        from .runner import AttemptPlan, AttemptRunner
+
+        plan = AttemptPlan.from_json(plan_json)
+        plan.tasks_root = self.root
+        files = TaskFiles(self.root, plan.task_id)
+        shutil.rmtree(files.dir, ignore_errors=True)  # a fresh start on this node
+        files.create()
+        if checkpoint_tar:
+            _save_checkpoint_tar(files, checkpoint_tar)
+        runner = AttemptRunner(plan)
+        key = f"{plan.task_id}/{plan.attempt}"
+        with self._lock:
+            self._runners[key] = runner
+        # The runner's thread spawns the sandbox and lives as long as it (PDEATHSIG).
+        threading.Thread(target=self._run, args=(runner,), name=f"attempt-{key}",
+                         daemon=True).start()
+
+    @staticmethod
+    def _run(runner) -> None:
+        try:
+            runner.run()
+        except Exception:  # noqa: BLE001 - recorded in exit.json by the runner
+            log.exception("attempt failed")
+
+    def cancel(self, task_id: str, attempt: int) -> bool:
+        runner = self._runners.get(f"{task_id}/{attempt}")
+        if runner is None:
+            return False
+        runner.cancel()
+        return True
+
+    def poll(self, task_id: str, attempt: int, have_checkpoint: int, log_offset: int) -> dict:
+        """What the attempt persisted since the daemon last asked."""
+        files = TaskFiles(self.root, task_id)
+        adir = files.attempt_dir(attempt)
+        known = f"{task_id}/{attempt}" in self._runners
+        out: dict = {"known": known or os.path.isdir(adir)}
+        out["runner"] = read_json(os.path.join(adir, "runner.json"))
+        if out["runner"] is not None:
+            out["runner"]["ray_node_id"] = self.where()
+        for name in ("progress", "result"):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(adir, f"{name}.json"), encoding="utf-8",
+                          errors="replace") as f:
+                    out[name] = f.read()
+        seq = files.latest_checkpoint()
+        if seq > have_checkpoint:
+            out["checkpoint"] = (seq, _tar_dir(files.checkpoint_dir(seq)))
+        with contextlib.suppress(OSError):
+            with open(os.path.join(adir, "log"), "rb") as f:
+                f.seek(log_offset)
+                out["log"] = f.read(MAX_LOG_CHUNK)
+        exit_record = read_json(os.path.join(adir, "exit.json"))
+        if exit_record is not None and not out.get("log"):
+            out["exit"] = exit_record  # only once the log is drained
+            if exit_record.get("outcome") == "succeeded":
+                out["out"] = _tar_dir(files.out)
+        return out
+
+    def forget(self, task_id: str, attempt: int) -> None:
+        with self._lock:
+            self._runners.pop(f"{task_id}/{attempt}", None)
+        shutil.rmtree(TaskFiles(self.root, task_id).dir, ignore_errors=True)
+
+
+_actor_class = None
+
+
+def actor_class():
+    """NodeHost as a Ray actor class (made on first use: importing Ray is slow)."""
+    global _actor_class
+    if _actor_class is None:
+        import ray
+
+        _actor_class = ray.remote(num_cpus=0, max_concurrency=64, max_restarts=0)(NodeHost)
+    return _actor_class
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str | None, nodes):
+        self.address = address
+        self.node_names = [n.name for n in nodes]
+        self.scheduler = None
+        self.actors: dict[str, object] = {}
+        self._alive: dict[str, bool] = {}
+        self._polls: dict[str, asyncio.Task] = {}
+        self._pinger: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _ray(self, fn, *args):
+        return await self._loop.run_in_executor(None, fn, *args)
+
+    async def _call(self, ref):
+        return await asyncio.wrap_future(ref.future())
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self._loop = asyncio.get_running_loop()
+        ray_environment()
+        import ray
+
+        await self._ray(lambda: ray.init(address=self.address or "auto", namespace=NAMESPACE,
+                                         log_to_driver=False))
+        cls = actor_class()
+        for name in self.node_names:
+            self.actors[name] = cls.options(
+                name=f"corral-node-{name}", namespace=NAMESPACE, lifetime="detached",
+                get_if_exists=True, label_selector={NODE_LABEL: name},
+            ).remote(name)
+            self._alive[name] = True
+        self._pinger = self._loop.create_task(self._ping_loop())
+
+    async def stop(self) -> None:
+        """Stop following attempts (the actors and their sandboxes keep running)."""
+        if self._pinger is not None:
+            self._pinger.cancel()
+        for t in self._polls.values():
+            t.cancel()
+        self._polls.clear()
+        import ray
+
+        with contextlib.suppress(Exception):
+            await self._ray(ray.shutdown)
+
+    async def _ping_loop(self) -> None:
+        while True:
+            for name, actor in list(self.actors.items()):
+                if not self._alive.get(name):
+                    continue
+                try:
+                    await asyncio.wait_for(self._call(actor.ping.remote()), timeout=30)
+                except TimeoutError:
+                    continue  # e.g. its Ray node is still starting
+                except Exception as exc:  # noqa: BLE001 - ActorDiedError and kin
+                    self._lost(name, f"its Ray actor died: {type(exc).__name__}")
+            await asyncio.sleep(PING_S)
+
+    def _lost(self, name: str, reason: str) -> None:
+        if self._alive.get(name):
+            self._alive[name] = False
+            self.scheduler.node_lost(name, reason)
+
+    def node_alive(self, node) -> bool:
+        return self._alive.get(node.name, False)
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    async def launch(self, task, node, plan) -> None:
+        files = TaskFiles(plan.tasks_root, task.id)
+        await self._ray(files.create)
+        seq = files.latest_checkpoint()
+        tar = await self._ray(_tar_dir, files.checkpoint_dir(seq)) if seq else None
+        actor = self.actors[node.name]
+        await self._call(actor.start.remote(plan.to_json(), tar))
+        self._follow(task.id, plan.attempt, node.name, seq)
+
+    def started(self, task) -> bool:
+        return False
+
+    def final_outcome(self, task) -> dict | None:
+        return None
+
+    async def recover(self, task) -> bool:
+        actor = self.actors.get(task.node)
+        if actor is None:
+            return False
+        try:
+            state = await asyncio.wait_for(self._call(actor.poll.remote(
+                task.id, task.attempt, task.checkpoint_seq, 0)), timeout=30)
+        except Exception:  # noqa: BLE001 - a dead actor: the attempt is lost
+            return False
+        if not state.get("known"):
+            return False
+        self._follow(task.id, task.attempt, task.node, task.checkpoint_seq,
+                     started=bool(task.started_at))
+        return True
+
+    def cancel(self, task) -> None:
+        actor = self.actors.get(task.node)
+        if actor is not None:
+            with contextlib.suppress(Exception):
+                actor.cancel.remote(task.id, task.attempt)
+
+    def _follow(self, task_id: str, attempt: int, node: str, have: int,
+                started: bool = False) -> None:
+        old = self._polls.pop(task_id, None)
+        if old is not None:
+            old.cancel()
+        self._polls[task_id] = self._loop.create_task(
+            self._poll(task_id, attempt, node, have, started))
+
+    async def _poll(self, task_id: str, attempt: int, node: str, have: int,
+                    started: bool) -> None:
+        sched = self.scheduler
+        actor = self.actors[node]
+        files = TaskFiles(sched.tasks_root, task_id)
+        log_path = os.path.join(files.attempt_dir(attempt), "log")
+        await self._ray(lambda: os.makedirs(files.attempt_dir(attempt), exist_ok=True))
+        log_offset = await self._ray(lambda: os.path.getsize(log_path)
+                                     if os.path.exists(log_path) else 0)
+        try:
+            while True:
+                try:
+                    state = await self._call(actor.poll.remote(task_id, attempt, have,
+                                                               log_offset))
+                except Exception as exc:  # noqa: BLE001 - ActorDiedError: the node is gone
+                    self._lost(node, f"its Ray actor died: {type(exc).__name__}")
+                    await sched.on_exit(task_id, attempt, {
+                        "outcome": "lost", "returncode": -1,
+                        "reason": f"node {node} was lost ({type(exc).__name__})"})
+                    return
+                if state.get("runner") and not started:
+                    started = True
+                    await sched.on_started(task_id, attempt,
+                                           state["runner"].get("started_at", 0.0),
+                                           state["runner"])
+                kw = {}
+                if state.get("checkpoint"):
+                    seq, tar = state["checkpoint"]
+                    if tar is not None:
+                        have = await self._ray(_save_checkpoint_tar, files, tar)
+                        kw["checkpoint_seq"] = have
+                if state.get("progress") is not None:
+                    kw["progress_json"] = state["progress"]
+                if state.get("result") is not None:
+                    kw["result_json"] = state["result"]
+                if kw:
+                    await sched.on_update(task_id, attempt, **kw)
+                if state.get("log"):
+                    chunk = state["log"]
+                    await self._ray(_append, log_path, chunk)
+                    log_offset += len(chunk)
+                    sched.on_log(task_id)
+                    continue
+                if state.get("exit") is not None:
+                    if state.get("out") is not None:
+                        await self._ray(_replace_out, files, state["out"])
+                    with contextlib.suppress(Exception):
+                        actor.forget.remote(task_id, attempt)
+                    await sched.on_exit(task_id, attempt, state["exit"])
+                    return
+                await asyncio.sleep(POLL_S)
+        finally:
+            if self._polls.get(task_id) is asyncio.current_task():
+                del self._polls[task_id]
+
+
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def _replace_out(files: TaskFiles, data: bytes) -> None:
+    tmp = files.out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _untar(data, tmp)
+    shutil.rmtree(files.out, ignore_errors=True)
+    os.rename(tmp, files.out)
