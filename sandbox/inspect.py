@@ -14,11 +14,11 @@ What each check can prove:
 * cgroup: the process's membership (`/proc/PID/cgroup`) and the limit files of the cgroup
   it is in (not of the one Corral meant to put it in);
 * mounts: `/proc/PID/mountinfo`, the mount table as the process sees it;
-* landlock: the kernel has no per-process landlock attribute in /proc; what is provable
-  from outside is that the *process was exec'd by Corral's command path* (which calls
-  landlock_restrict_self when the ABI is available) -- so the report states the host's
-  landlock ABI and marks landlock "unverified from outside" rather than claiming it. The
-  policy probes (tests/linux) prove it from inside.
+* landlock: the kernel shows no landlock domain in /proc, so a running process cannot be
+  checked from outside. What can be proved is that a *new command* is restricted: a probe
+  (`sh -c 'printf x > /proc/self/comm'`) writes a file that its DAC permissions and its
+  mount allow and only landlock forbids; EACCES proves enforcement, success proves its
+  absence. Existing processes went through the same exec path, which is all one can say.
 * network: links, addresses and routes of the process's network namespace via netlink.
 """
 
@@ -110,21 +110,41 @@ def cgroup_limits(pid: int) -> dict:
     return out
 
 
-def landlock_status() -> dict:
+PROBE_ARGV = ["/bin/sh", "-c", "printf x > /proc/self/comm"]
+
+
+def landlock_status(sandbox=None) -> dict:
+    """The host's landlock ABI, and (with a sandbox) the probe's verdict for new commands."""
     from . import landlock
 
     abi = 0
     with contextlib.suppress(Exception):
         abi = landlock.prepare(extra_writable=()).abi
-    return {"host_abi": abi,
-            "verified": False,
-            "note": "no /proc attribute shows a landlock domain; commands are restricted by "
-                    "Corral's exec path when host_abi > 0 (proved from inside by the policy "
-                    "probes)"}
+    out = {"host_abi": abi, "new_commands": "not probed",
+           "running_processes": "not observable from outside (no /proc attribute)"}
+    if sandbox is None:
+        return out
+    try:
+        proc = sandbox.exec(PROBE_ARGV, stdin=None, timeout_s=10)
+        _, err = proc.communicate()
+    except Exception as exc:  # a full sandbox (pids, memory) cannot run the probe
+        out["new_commands"] = f"probe failed: {exc}"
+        return out
+    if proc.returncode == 0:
+        out["new_commands"] = "NOT restricted: a write only landlock forbids succeeded"
+    elif b"Permission denied" in err:
+        out["new_commands"] = "restricted (a write only landlock forbids got EACCES)"
+    else:
+        out["new_commands"] = f"probe inconclusive: {err.decode(errors='replace').strip()}"
+    return out
 
 
-def report(sandbox, spec: SandboxSpec) -> dict:
-    """The live report of a native Sandbox: every process, its cgroup, its network."""
+def report(sandbox, spec: SandboxSpec, probe: bool = True) -> dict:
+    """The live report of a native Sandbox: every process, its cgroup, its network.
+
+    Args:
+        probe: run the landlock probe command in the sandbox (see the module docstring).
+    """
     pids = sorted(set(sandbox.pids()) | ({sandbox.init_pid} if sandbox.init_pid else set()))
     processes = [r for r in (process_report(p) for p in pids) if r is not None]
     rep = {
@@ -132,7 +152,7 @@ def report(sandbox, spec: SandboxSpec) -> dict:
         "init_pid": sandbox.init_pid,
         "processes": processes,
         "cgroup_limits": cgroup_limits(sandbox.init_pid) if sandbox.init_pid else {},
-        "landlock": landlock_status(),
+        "landlock": landlock_status(sandbox if probe else None),
         "network": {},
     }
     if sandbox.init_pid:
@@ -171,6 +191,14 @@ def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
                 out.append(f"{who}: {key} is {p[key]}, expected none")
         if not any(m["target"] == "/" for m in p["mounts"]):
             out.append(f"{who}: no root mount visible")
+    first = rep["processes"][0]["cgroups"] if rep["processes"] else []
+    for p in rep["processes"][1:]:
+        if p["cgroups"] != first:
+            out.append(f"pid {p['pid']} ({p['name']}): in other cgroups than PID 1: "
+                       f"{p['cgroups']}")
+    ll = rep["landlock"]
+    if ll["host_abi"] > 0 and ll["new_commands"].startswith("NOT"):
+        out.append(f"landlock: new commands are {ll['new_commands']}")
     limits = rep["cgroup_limits"]
     mem = limits.get("memory.limit_in_bytes") or limits.get("memory.max")
     if mem is None or mem == "max" or int(mem) != spec.memory_bytes:
@@ -226,7 +254,8 @@ def format_table(rep: dict, problems: list[str], policy_digest: str = "") -> str
     limits = sorted(rep["cgroup_limits"].items())
     lines.append("cgroup: " + ", ".join(f"{k}={v}" for k, v in limits))
     ll = rep["landlock"]
-    lines.append(f"landlock: host ABI {ll['host_abi']}, not verifiable from outside")
+    lines.append(f"landlock: host ABI {ll['host_abi']}; new commands: {ll['new_commands']}; "
+                 f"running processes: {ll['running_processes']}")
     netinfo = rep["network"]
     for link in netinfo.get("links", []):
         lines.append(f"link {link['name']:10} {link['state']:8} {' '.join(link['addresses'])}")

@@ -38,8 +38,26 @@ def test_a_fresh_sandbox_matches_its_spec(internet):
     assert links["eth0"]["addresses"] == ["100.127.255.2/30"]
     assert {"dst": "default", "gateway": "100.127.255.1", "dev": "eth0"} in rep[
         "network"]["routes"]
+    assert rep["landlock"]["new_commands"] == (
+        "restricted (a write only landlock forbids got EACCES)")
     table = live.format_table(rep, problems)
     assert "matches the spec" in table and "MISMATCH" not in table
+
+
+def test_commands_without_landlock_are_caught_by_the_probe():
+    """Simulate an exec path that lost its landlock step: the probe's write succeeds."""
+    import dataclasses
+
+    from corral.sandbox import landlock
+
+    spec = SandboxSpec(memory_bytes=128 * MiB)
+    with Sandbox.create(spec) as sb:
+        if sb._prepared.landlock.abi == 0:
+            raise AssertionError("this kernel has no landlock; the probe cannot be tested")
+        sb._prepared = dataclasses.replace(sb._prepared, landlock=landlock.LandlockPlan(0, 0, ()))
+        problems = live.mismatches(live.report(sb, spec), spec)
+    assert problems == ["landlock: new commands are NOT restricted: a write only landlock "
+                        "forbids succeeded"]
 
 
 def test_changes_behind_corrals_back_are_flagged(internet):
