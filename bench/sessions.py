@@ -275,7 +275,7 @@ class CpuWindow:
 
 class Daemon:
     def __init__(self, workdir: str, impl: str, extra_env: dict[str, str],
-                 packages: list[str]):
+                 packages: list[str], daemon_args: list[str] = ()):
         self.dir = tempfile.mkdtemp(prefix=f"daemon-{impl}-", dir=workdir)
         self.socket = os.path.join(self.dir, "corral.sock")
         self.log_path = os.path.join(self.dir, "daemon.log")
@@ -291,7 +291,8 @@ class Daemon:
         nice = extra_env.pop("__nice", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", DAEMON_LAUNCHER, "daemon", "--socket", self.socket,
-             "--state", os.path.join(self.dir, "state"), "--session-idle-ttl", "10m"],
+             "--state", os.path.join(self.dir, "state"), "--session-idle-ttl", "10m",
+             *daemon_args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=(lambda: os.nice(int(nice))) if nice else None)
         self.pid = self.proc.pid
@@ -456,7 +457,7 @@ class SessionDriver:
                 self.exited.set_result(ev.exited.returncode)
             return True
         elif kind == "error":
-            self.error = f"{ev.error.code}: {ev.error.message}"
+            self.error = self.error or f"{ev.error.code}: {ev.error.message}"
             self.finish()
             return True
         return False
@@ -828,7 +829,7 @@ def run_impl(impl: str, args, workdir: str, agent_path: str, log) -> dict:
     extra_env = dict(kv.split("=", 1) for kv in args.daemon_env)
     if args.daemon_nice:
         extra_env["__nice"] = str(args.daemon_nice)
-    daemon = Daemon(workdir, impl, extra_env, args.daemon_package)
+    daemon = Daemon(workdir, impl, extra_env, args.daemon_package, args.daemon_arg)
     try:
         with open(agent_path, "rb") as f:
             agent = f.read()
@@ -948,6 +949,9 @@ def main(argv=None) -> int:
     ap.add_argument("--client-nice", type=int, default=0,
                     help="run the client workers at this nice value")
     ap.add_argument("--daemon-env", action="append", default=[], metavar="K=V")
+    ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                    help="extra `corral daemon` argument, e.g. --daemon-arg=--mux-interval-ms=0"
+                         " (repeatable)")
     ap.add_argument("--daemon-package", action="append", default=[], metavar="NAME=DIR",
                     help="daemon imports package NAME (e.g. corral.runtime) from DIR: A/B "
                          "runs of a patched copy; repeatable")
@@ -999,7 +1003,7 @@ def main(argv=None) -> int:
         result["settings"] = {k: getattr(args, k) for k in (
             "sessions", "workers", "rate", "burst_ms", "duration", "warmup", "interrupt_every",
             "tokens", "twin_tokens", "repeats", "quick", "daemon_env", "daemon_package",
-            "daemon_nice", "client_nice", "parts",
+            "daemon_nice", "client_nice", "parts", "api", "daemon_arg",
             "pipe_bytes")}
         result["machine"]["loadavg_end"] = os.getloadavg()[0]
     finally:

@@ -8,11 +8,14 @@ creates belong to the sandbox's root (uid_base outside), so the sandbox can chan
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as errno_mod
 import os
 import stat
 import struct
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -30,6 +33,49 @@ MAX_WRITE_BYTES = 64 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+WRITING, CLONING = 0, 1
+
+
+class _WriteCloneExclusion:
+    """Keeps "a file is open for writing" and "a process is being cloned" apart in time.
+
+    A child cloned while this process holds a descriptor open for writing gets a copy of it
+    and keeps it until its own execve (O_CLOEXEC closes it only then), and sandbox children
+    do a lot before exec. Meanwhile execve of that file, say an agent binary just uploaded
+    to a workspace, fails with ETXTBSY in any sandbox. So writers of workspace files and
+    the spawn calls take turns: any number of either may run together, never both kinds,
+    and a group that is waiting gets in before more of the running group (no starvation).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = [0, 0]
+        self._waiting = [0, 0]
+
+    @contextlib.contextmanager
+    def hold(self, group: int) -> Iterator[None]:
+        other = 1 - group
+        with self._cond:
+            self._waiting[group] += 1
+            try:
+                while self._active[other] or (self._waiting[other] and self._active[group]):
+                    self._cond.wait()
+            finally:
+                self._waiting[group] -= 1
+            self._active[group] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active[group] -= 1
+                if not self._active[group]:
+                    self._cond.notify_all()
+
+
+#: `with WRITE_CLONE.hold(WRITING)` around a write descriptor's life, `hold(CLONING)` around
+#: a clone of a sandbox process (sandbox/backends/native.py).
+WRITE_CLONE = _WriteCloneExclusion()
 
 
 def _openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
@@ -94,19 +140,21 @@ class Workspace:
                               f"{len(content)} bytes is over the {MAX_WRITE_BYTES} byte limit")
         if relative(path) == ".":
             raise InvalidSpec("path", "names the workspace itself, not a file")
-        fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode & 0o777)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidSpec("path", f"{path!r} is not a regular file")
-            os.fchown(fd, self.owner_uid, self.owner_gid)
-            os.fchmod(fd, mode & 0o777)
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view):]
-            return len(content)
-        finally:
-            os.close(fd)
+        with WRITE_CLONE.hold(WRITING):
+            fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                            mode & 0o777)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise InvalidSpec("path", f"{path!r} is not a regular file")
+                os.fchown(fd, self.owner_uid, self.owner_gid)
+                os.fchmod(fd, mode & 0o777)
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view):]
+                return len(content)
+            finally:
+                os.close(fd)
 
     def read(self, path: str, max_bytes: int = MAX_READ_BYTES) -> tuple[bytes, bool]:
         """(content, truncated): at most max_bytes of a regular file."""

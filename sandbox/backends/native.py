@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from .. import cgroups, contain
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
 from ..spec import SandboxSpec
+from ..workspace import CLONING, WRITE_CLONE
 
 PIPE = -1
 DEVNULL = -3
@@ -382,7 +383,8 @@ class Sandbox:
             )
             uid_map = contain.id_map(self.spec)
             try:
-                self.init_pid, self._init_pidfd = _spawn.spawn_init(plan, uid_map, uid_map)
+                with WRITE_CLONE.hold(CLONING):
+                    self.init_pid, self._init_pidfd = _spawn.spawn_init(plan, uid_map, uid_map)
             except OSError as exc:
                 raise _setup_error(exc, ops) from None
             if self.spec.allow_net:  # before any command runs
@@ -608,7 +610,8 @@ class Sandbox:
                 after_report = self._reports
             oom_before = self._oom_kills()
             try:
-                ns_pid = _spawn.spawn_join(plan, self._init_pidfd)
+                with WRITE_CLONE.hold(CLONING):
+                    ns_pid = _spawn.spawn_join(plan, self._init_pidfd)
             except OSError as exc:
                 raise _setup_error(exc, argv0=argv[0]) from None
         except BaseException:
