@@ -40,6 +40,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -512,6 +513,7 @@ class DockerProcess:
         self._oom_before = oom_before
         self._timed_out = False
         self._pid = 0
+        self._pumping = False
         if not want_stdin:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
@@ -570,6 +572,10 @@ class DockerProcess:
         """
         on_stdout = on_stdout if self._keep[0] else None
         on_stderr = on_stderr if self._keep[1] else None
+        if self._sock is None:  # already drained and closed
+            self._frames(on_stdout, on_stderr)
+            return self.wait()
+        self._pumping = True
         self._frames(on_stdout, on_stderr)
         pending = memoryview(input or b"")
         if self.stdin is not None and not pending and close_stdin:
@@ -631,19 +637,21 @@ class DockerProcess:
                         return  # the reader went away: drop the rest
             return write
 
+        sock = self._sock  # pump() drops its reference when the command has ended
+
         def feed() -> None:
             try:
                 while True:
                     chunk = os.read(ins, 65536)
                     if not chunk:
                         break
-                    self._sock.sendall(chunk)
+                    sock.sendall(chunk)
             except OSError:
                 pass
             finally:
                 os.close(ins)
                 with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_WR)
+                    sock.shutdown(socket.SHUT_WR)
 
         def copy_out() -> None:
             try:
@@ -687,10 +695,31 @@ class DockerProcess:
         self._eof = True
         return bytes(self._buf)
 
+    def _absorb(self) -> None:
+        """Take what the connection holds, without blocking, so that output nobody reads
+        cannot stall the command: frames of streams asked for stay buffered for a later
+        pump(), the rest is dropped."""
+        if self._sock is None or self._eof or self._pumping:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.setblocking(False)
+            while True:
+                try:
+                    chunk = self._sock.recv(262144)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not chunk:
+                    self._eof = True
+                    break
+                self._buf += chunk
+        if not any(self._keep):
+            self._frames(None, None)
+
     def _close(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
+            self._sock = None
 
     def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
         out, err = bytearray(), bytearray()
@@ -722,6 +751,7 @@ class DockerProcess:
         end = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
         while self.poll() is None:
+            self._absorb()
             now = time.monotonic()
             if self.deadline is not None and now >= self.deadline and not self._timed_out:
                 self.expire()
@@ -749,7 +779,8 @@ class DockerProcess:
         else:
             self.returncode = code
             self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.EXITED
-        self._close()
+        if self._eof or not any(self._keep):
+            self._close()  # else output may still be on its way: pump() reads it, then closes
         if self.on_exit is not None:
             self.on_exit(self)
 
@@ -784,6 +815,7 @@ class DockerSandbox:
         #: collect_exits(). Same role as the native backend's status pipe.
         self.status_fd = self._status_w = -1
         self._status_lock = threading.Lock()
+        self._procs: weakref.WeakSet[DockerProcess] = weakref.WeakSet()
         #: What the policy digest is computed from (the native backend's Prepared shape).
         self._prepared: _Prepared | None = None
 
@@ -880,6 +912,9 @@ class DockerSandbox:
         if self._own_workspace and self.workspace:
             shutil.rmtree(self.workspace, ignore_errors=True)
             self._own_workspace = False
+        for proc in list(self._procs):
+            if proc._eof or not proc._pumping:  # a pump in progress closes its own
+                proc._close()
         with self._status_lock:
             for fd in (self.status_fd, self._status_w):
                 if fd >= 0:
@@ -934,9 +969,9 @@ class DockerSandbox:
         oom_before = self._oom_kills()
         sock, leftover = self._start_exec(exec_id)
         keep = (stdout == PIPE or _is_fd(stdout), stderr == PIPE or _is_fd(stderr))
-        proc = DockerProcess(self, exec_id, sock, leftover, list(argv),
+        self._procs.add(proc := DockerProcess(self, exec_id, sock, leftover, list(argv),
                              timeout_s if timeout_s is not None else self.spec.timeout_s,
-                             oom_before, stdin == PIPE or _is_fd(stdin), keep)
+                             oom_before, stdin == PIPE or _is_fd(stdin), keep))
         self._check_started(proc, cwd)
         if relay or _is_fd(stdin):
             proc._relay(stdin if _is_fd(stdin) else None,

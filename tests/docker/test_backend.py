@@ -135,7 +135,7 @@ def test_timeout_kills_the_command(docker_host):
         after = sb.exec(["true"])
         after.communicate()
     assert (proc.returncode, proc.reason) == (-signal.SIGKILL, ExitReason.TIMEOUT)
-    assert took < 30
+    assert took >= 1.0  # not before the limit
     assert after.returncode == 0  # the sandbox itself lives on
 
 
@@ -283,3 +283,43 @@ def test_spec_names_a_known_backend():
     with pytest.raises(InvalidSpec, match=r"^backend: 'podman' is not a backend; use native or "
                                           r"docker$"):
         SandboxSpec(backend="podman")
+
+
+def test_output_nobody_reads_does_not_stall_the_command(docker_host):
+    """DEVNULL output is drained while waiting: 8 MiB never fills the connection."""
+    from corral.sandbox import DEVNULL
+
+    with DockerSandbox.create(_spec()) as sb:
+        proc = sb.exec(["head", "-c", str(8 * MiB), "/dev/zero"], stdin=DEVNULL,
+                       stdout=DEVNULL, stderr=DEVNULL)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_output_kept_while_waiting_is_delivered_later(docker_host):
+    with DockerSandbox.create(_spec()) as sb:
+        proc = sb.exec(["sh", "-c", "head -c 300000 /dev/zero; echo end >&2"])
+        assert proc.wait(timeout=60) == 0
+        out, err = proc.communicate()
+    assert (len(out), err) == (300000, b"end\n")
+
+
+def test_exec_into_descriptors_relays_both_ways(docker_host):
+    """The daemon's way: descriptors for stdin/stdout/stderr, closed by the caller at once."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    with DockerSandbox.create(_spec()) as sb:
+        ended = []
+        proc = sb.exec(["sh", "-c", "cat; echo done >&2"], stdin=in_r, stdout=out_w,
+                       stderr=err_w)
+        proc.on_exit = ended.append
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        os.write(in_w, b"relayed\n")
+        os.close(in_w)
+        with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+            got = (out.read(), err.read())
+        assert wait_until(lambda: proc.returncode is not None)
+        assert wait_until(lambda: sb.collect_exits() >= 0 and ended == [proc])
+    assert got == (b"relayed\n", b"done\n")
+    assert proc.returncode == 0
