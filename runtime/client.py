@@ -354,6 +354,14 @@ class Client:
                                  sandbox=sandbox_pb2.SandboxSpec(**sandbox))
         return self._call(self.tasks.Submit, task_pb2.SubmitTaskRequest(spec=spec))
 
+    def submit_tasks(self, specs) -> Iterator[task_pb2.SubmitAck]:
+        """Submit many TaskSpecs on one stream; yields one ack per spec, in order."""
+        requests = (task_pb2.SubmitTaskRequest(spec=s) for s in specs)
+        try:
+            yield from self.tasks.SubmitStream(requests, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
     def get_task(self, task_id: str) -> task_pb2.Task:
         return self._call(self.tasks.Get, task_pb2.GetTaskRequest(task_id=task_id))
 

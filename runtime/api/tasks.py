@@ -26,12 +26,25 @@ class NotFinished(CorralError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+def _sandbox_kwargs(msg) -> dict:
+    sb = sandbox_spec_from_proto(msg)
+    return {"profile": sb.profile, "memory_bytes": sb.memory_bytes, "pids_max": sb.pids_max,
+            "cpus": sb.cpus, "tmp_bytes": sb.tmp_bytes, "hostname": sb.hostname,
+            "env": [list(p) for p in sb.env]}
+
+
+_DEFAULT_SANDBOX: dict | None = None
+
+
 def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
     """A validated TaskSpec; errors name the request field (spec.priority, ...)."""
-    sb = sandbox_spec_from_proto(msg.sandbox)
-    sandbox = {"profile": sb.profile, "memory_bytes": sb.memory_bytes, "pids_max": sb.pids_max,
-               "cpus": sb.cpus, "tmp_bytes": sb.tmp_bytes, "hostname": sb.hostname,
-               "env": [list(p) for p in sb.env]}
+    global _DEFAULT_SANDBOX
+    if msg.HasField("sandbox") and msg.sandbox.ByteSize():
+        sandbox = _sandbox_kwargs(msg.sandbox)
+    else:  # the common case: defaults, validated once
+        if _DEFAULT_SANDBOX is None:
+            _DEFAULT_SANDBOX = _sandbox_kwargs(msg.sandbox)
+        sandbox = dict(_DEFAULT_SANDBOX)
     return TaskSpec(argv=tuple(msg.argv), sandbox=sandbox, selector=dict(msg.selector),
                     resources=dict(msg.resources), priority=msg.priority, retries=msg.retries,
                     max_runtime_s=msg.max_runtime_s, files=dict(msg.files))
@@ -78,7 +91,42 @@ class TasksServicer(Servicer):
     async def Submit(self, request, context):
         caller = self.caller(context)
         task = await self.scheduler.submit(caller, spec_from_proto(request.spec))
-        return task_to_proto(task)
+        # The answer echoes the request's spec: no need to rebuild it from the domain object.
+        return pb.Task(id=task.id, tenant=task.tenant, spec=request.spec,
+                       state=int(task.state), submitted_at=task.submitted_at,
+                       updated_at=task.updated_at, node=task.node, attempt=task.attempt,
+                       reason=task.reason)
+
+    @streaming
+    async def SubmitStream(self, request_iterator, context):
+        caller = self.caller(context)
+        pending: asyncio.Queue = asyncio.Queue(maxsize=4096)  # bounded: back-pressure
+
+        async def admit(request):
+            try:
+                task = await self.scheduler.submit(caller, spec_from_proto(request.spec))
+                return task.id, "", ""
+            except CorralError as exc:
+                return "", exc.grpc_status, str(exc)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await pending.put(asyncio.ensure_future(admit(request)))
+            await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            index = 0
+            while True:
+                fut = await pending.get()
+                if fut is None:
+                    break
+                task_id, code, error = await fut
+                yield pb.SubmitAck(index=index, task_id=task_id, error_code=code, error=error)
+                index += 1
+            await reader
+        finally:
+            reader.cancel()
 
     @unary
     async def Get(self, request, context):

@@ -257,3 +257,27 @@ def test_cli_verbs(task_daemon, tmp_path):
     assert corral("nodes", "uncordon", "solo").returncode == 0
     assert wait_done(c, queued).state == SUCCEEDED
     assert progress(c.get_task(task_id))["done"] == 10
+
+
+def test_submit_stream_acks_each_task_after_its_commit(task_daemon):
+    from corral.v1 import task_pb2
+
+    d = task_daemon(ONE_SLOT)
+    c = d.client()
+    c.cordon_node("solo")  # nothing runs: only admission is under test
+    specs = [task_pb2.TaskSpec(argv=["true"], priority=i) for i in range(50)]
+    specs[20] = task_pb2.TaskSpec(argv=["true"], priority=-3)
+    acks = list(c.submit_tasks(specs))
+    assert [a.index for a in acks] == list(range(50))
+    bad = acks[20]
+    assert (bad.task_id, bad.error_code) == ("", "INVALID_ARGUMENT")
+    assert bad.error.startswith("spec.priority: ")
+    ids = [a.task_id for a in acks if a.task_id]
+    assert len(ids) == 49
+    assert {t.id for t in c.list_tasks()} == set(ids)
+    # Acknowledged = committed: a SIGKILLed daemon still has every one of them, queued.
+    d.kill()
+    d.start()
+    c = d.client()
+    assert {t.id: t.state for t in c.list_tasks()} == {i: QUEUED for i in ids}
+    assert [n.cordoned for n in c.list_nodes()] == [True]
