@@ -82,3 +82,34 @@ def test_sigkill_restart_with_the_sandbox_gone_resumes_from_checkpoint(task_daem
     assert wait_done(c, queued.id).state == SUCCEEDED  # the queued task survived too
     kinds = [r.kind for r in c.audit_query(kind="task.")]
     assert "task.retrying" in kinds
+
+
+TWO_NODES = """
+[[nodes]]
+name = "left"
+labels = { pool = "deep" }
+resources = { cpu = 1 }
+
+[[nodes]]
+name = "right"
+labels = { pool = "deep" }
+resources = { cpu = 1 }
+"""
+
+
+def test_drain_moves_a_running_task_to_another_node_from_its_checkpoint(task_daemon):
+    d = task_daemon(TWO_NODES)
+    c = d.client()
+    t = deep_task(c, "--steps", "40", "--step-seconds", "0.05", "--checkpoint-every", "5",
+                  selector={"pool": "deep"}, resources={"cpu": 1})
+    first = wait_task(c, t.id, _running_past(8), what="step 8").node
+    drained = c.drain_node(first)
+    assert drained.draining and drained.cordoned
+    done = wait_done(c, t.id)
+    assert done.state == SUCCEEDED, done.reason
+    assert done.node != first and done.attempt == 2
+    result = json.loads(done.result_json)
+    assert result["resumed_from"] >= 5 and result["answer"] == answer(40)
+    # A drain is not a failure: a task without retries still got its second attempt.
+    assert {n.name: (n.draining, list(n.tasks)) for n in c.list_nodes()}[first] == (True, [])
+    assert c.cordon_node(first, on=False).draining is False
