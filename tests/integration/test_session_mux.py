@@ -186,6 +186,10 @@ def test_a_failed_request_is_an_error_for_its_ref_only(client, sandboxes, daemon
     rec.wait_for(lambda r: len(r.of_kind("", "error")) == 1
                  and len(r.of_kind("x" * 65, "error")) == 1, what="ref errors")
     assert rec.first("", "error").field == "ref"
+    mux.send_input("ok", "x" * ((1 << 20) + 1))  # over the 1 MiB input limit
+    rec.wait_for(lambda r: len(r.of_kind("ok", "error")) == 2, what="the oversize input")
+    big = rec.of_kind("ok", "error")[1]
+    assert (big.code, big.field) == ("INVALID_ARGUMENT", "input.text")
     # the stream and the good session went on: it still takes input and completes
     mux.send_input("ok", "go")
     rec.wait_for(lambda r: r.first("ok", "exited") is not None, what="ok exit")
