@@ -96,3 +96,26 @@ def test_daemon_sandbox_egress_is_audited_and_inspectable(egress_daemon, interne
                for r in records if r.kind.startswith("net."))
     inspected = [r for r in records if r.kind == "sandbox.inspect"]
     assert [r.detail["mismatches"] for r in inspected] == [[], [], []]
+
+
+def test_cli_create_with_allow_net_and_inspect(egress_daemon):
+    base = [sys.executable, "-m", "corral.runtime.cli"]
+    sock = ["--socket", egress_daemon.socket]
+    created = subprocess.run([*base, "create", *sock, "--allow-net", "Allowed.TEST:443",
+                              "--allow-net", "10.0.0.0/8"], capture_output=True, text=True,
+                             timeout=60)
+    assert created.returncode == 0, created.stderr
+    box_id = created.stdout.strip()
+    try:
+        box = egress_daemon.client().get_sandbox(box_id)
+        assert list(box.spec.allow_net) == ["allowed.test:443", "10.0.0.0/8"]
+        table = subprocess.run([*base, "inspect", *sock, box_id], capture_output=True,
+                               text=True, timeout=60)
+        assert table.returncode == 0, table.stderr
+        assert "link eth0       UP       100.127.255.2/30" in table.stdout
+    finally:
+        subprocess.run([*base, "destroy", *sock, box_id], check=True, timeout=60)
+    bad = subprocess.run([*base, "create", *sock, "--allow-net", "10.0.0.1/8"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "allow_net: '10.0.0.1/8': not an address or network" in bad.stderr
