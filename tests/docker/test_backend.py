@@ -275,6 +275,12 @@ def test_cli_runs_on_the_docker_backend(docker_host):
          "1s", "--", "sleep", "30"], capture_output=True, text=True, timeout=120)
     assert timed.returncode == 124
     assert "killed after the 1s timeout" in timed.stderr
+    oom = subprocess.run(
+        [sys.executable, "-m", "corral.runtime.cli", "run", "--backend", "docker", "--memory",
+         "32M", "--", "python3", "-c", "b = b'x' * (256 << 20)"],
+        capture_output=True, text=True, timeout=120)
+    assert oom.returncode == 137
+    assert "killed by the 32M memory limit (OOM)" in oom.stderr
 
 
 def test_spec_names_a_known_backend():

@@ -92,3 +92,18 @@ def test_cli_create_on_docker(daemon, docker_host):
                           capture_output=True, text=True, timeout=120)
     assert gone.returncode == 0, gone.stderr
     assert _containers(docker_host) == []
+
+
+def test_sandbox_ttl_removes_the_container(daemon, docker_host):
+    from ..processes import wait_until
+
+    client = daemon.client()
+    sb = client.create_sandbox(backend="docker", ttl_s=1)
+    assert _containers(docker_host) == [sb.id]
+    assert wait_until(lambda: _containers(docker_host) == [], timeout_s=30)
+
+    def reasons():  # the record follows the container's removal
+        return [r.detail.get("reason") for r in daemon.records("sandbox.destroy")
+                if r.sandbox_id == sb.id]
+
+    assert wait_until(lambda: reasons() == ["ttl"], timeout_s=10), reasons()
