@@ -804,8 +804,13 @@ class EgressProxy:
                 raise
             return upstream, rest
         m = re.match(r"^http://[^/?#]+(.*)$", head.target, re.IGNORECASE)
+        # One request per connection: the server closes after answering, so the client's
+        # next request comes on a new connection and gets its own decision.
         lines = [f"{head.method} {m.group(1) or '/'} {head.version}"]
-        lines += [f"{k}: {v}" for k, v in head.headers if not k.lower().startswith("proxy-")]
+        lines += [f"{k}: {v}" for k, v in head.headers
+                  if not k.lower().startswith("proxy-")
+                  and k.lower() not in ("connection", "keep-alive")]
+        lines.append("Connection: close")
         return upstream, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + rest
 
     async def _transparent(self, reg, conn, event, dst_ip, dst_port):

@@ -347,3 +347,25 @@ import time; time.sleep(0.3)
     (summary,) = events_of(events, "net.summary")
     assert (summary["denied"], summary["suppressed"]) == (100, 36)
     assert not internet.udp_received
+
+
+def test_a_second_request_on_a_proxy_connection_cannot_ride_the_first(internet):
+    sb, events = sandbox(internet, "allowed.test")
+    seen_before = len(internet.http_seen)
+    try:
+        got = run_py(sb, """
+s = socket.create_connection(('100.127.255.1', 3128), timeout=10)
+s.sendall(b'GET http://allowed.test/1 HTTP/1.1\\r\\nHost: allowed.test\\r\\n'
+          b'Connection: keep-alive\\r\\n\\r\\n'
+          b'GET http://other.test/2 HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n')
+data = b''
+while (chunk := s.recv(4096)):
+    data += chunk
+out['responses'] = data.count(b'HTTP/1.1 200')
+out['body'] = data.split(b'\\r\\n\\r\\n', 1)[1].decode()
+""")
+    finally:
+        sb.destroy()
+    assert got == {"responses": 1,
+                   "body": f"hello from {internet.allowed} for allowed.test /1"}
+    assert internet.http_seen[seen_before:] == [(internet.allowed, "allowed.test", "/1")]
