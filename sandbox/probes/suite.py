@@ -836,6 +836,7 @@ def render_markdown(results: list[Result], *, backend: str, profile: str) -> str
         for r in rows:
             verdict = r.verdict if r.verdict == CONTAINED else f"**{r.verdict}**"
             evidence = r.evidence.replace("|", "\\|")
-            out.append(f"| `{r.name}` | {r.attempt} | {verdict} | {evidence} |")
+            attempt = r.attempt.replace("|", "\\|")
+            out.append(f"| `{r.name}` | {attempt} | {verdict} | {evidence} |")
         out.append("")
     return "\n".join(out)
