@@ -62,15 +62,37 @@ def read_json(path: str) -> dict | None:
         return None
 
 
+def open_beneath(base: str, rel: str = "") -> int:
+    """A directory descriptor of base/rel, opened one component at a time without following
+    a symbolic link anywhere below base (an agent may have replaced any of them)."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [p for p in rel.split("/") if p and p != "."]:
+            if part == "..":
+                raise OSError(errno.EPERM, "'..' in a path beneath a workspace", rel)
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def copy_tree_safe(src: str, dst: str, limit: int = MAX_COPY_BYTES, *, uid: int | None = None,
-                   fsync: bool = False) -> int:
+                   fsync: bool = False, beneath: str | None = None) -> int:
     """Copy regular files and directories of src into dst (created), never following links.
 
+    With `beneath`, src is relative to that directory and no component of it may be a link.
     Returns the bytes copied; stops quietly at `limit`. Files are chowned to uid when given.
     A missing or non-directory src copies nothing.
     """
     try:
-        top = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if beneath is not None:
+            top = open_beneath(beneath, src)
+        else:
+            top = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return 0
     try:
@@ -137,15 +159,23 @@ def _copy_file(fd: int, target: str, budget: int, uid: int | None, fsync: bool) 
     return copied
 
 
-def tree_signature(path: str) -> tuple:
-    """A cheap fingerprint of a tree (names, sizes, mtimes) to notice that it changed."""
-    sig = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(root, name))
-                sig.append((root, name, st.st_size, st.st_mtime_ns))
+def tree_signature(rel: str, beneath: str) -> tuple:
+    """A cheap fingerprint (names, sizes, mtimes) of beneath/rel, to notice that it changed;
+    no link is followed, so an agent cannot point it elsewhere."""
+    try:
+        top = open_beneath(beneath, rel)
+    except OSError:
+        return ()
+    sig: list = []
+    try:
+        for root, dirs, files, _fd in os.fwalk(dir_fd=top, follow_symlinks=False):
+            dirs.sort()
+            for name in sorted(files):
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=_fd, follow_symlinks=False)
+                    sig.append((root, name, st.st_size, st.st_mtime_ns))
+    finally:
+        os.close(top)
     return tuple(sig)
 
 
@@ -189,8 +219,11 @@ class TaskFiles:
             return None
 
     def save_checkpoint(self, frame: bytes | None, files_src: str | None,
-                        files_is_dir_tree: bool = True) -> int:
-        """Persist a new checkpoint (frame bytes and/or a copy of a directory); its seq."""
+                        beneath: str | None = None) -> int:
+        """Persist a new checkpoint (frame bytes and/or a copy of a directory); its seq.
+
+        With `beneath`, files_src is relative to it and is opened without following links.
+        """
         seq = self.latest_checkpoint() + 1
         final = self.checkpoint_dir(seq)
         tmp = final + ".tmp"
@@ -199,7 +232,7 @@ class TaskFiles:
         if frame is not None:
             atomic_write(os.path.join(tmp, "frame"), frame)
         if files_src is not None:
-            copy_tree_safe(files_src, os.path.join(tmp, "files"), fsync=True)
+            copy_tree_safe(files_src, os.path.join(tmp, "files"), fsync=True, beneath=beneath)
         fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)

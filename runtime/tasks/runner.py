@@ -38,6 +38,8 @@ from .files import TaskFiles, atomic_write, copy_tree_safe, tree_signature
 EVENTS_FD = 3
 CHECKPOINT_DIR_INSIDE = "/workspace/.corral/checkpoint"
 CHECKPOINT_FILE_INSIDE = "/workspace/.corral/last-checkpoint"
+#: Largest log file of one attempt; what comes after is counted and dropped.
+MAX_LOG_BYTES = 64 << 20
 #: How often the checkpoint directory is looked at for files the agent wrote.
 DIR_SCAN_S = 0.5
 # frame kinds (corral.v1.EventKind)
@@ -126,6 +128,9 @@ class AttemptRunner:
             path = os.path.join(self.workspace, os.path.normpath(rel))
             parent = os.path.dirname(path)
             os.makedirs(parent, exist_ok=True)
+            while parent != self.workspace:  # the agent owns the directories it was given
+                os.chown(parent, uid, uid)
+                parent = os.path.dirname(parent)
             with open(path, "wb") as f:
                 f.write(text.encode("latin-1"))
             os.chown(path, uid, uid)
@@ -159,7 +164,7 @@ class AttemptRunner:
         uid = kw.get("uid_base", SandboxSpec.uid_base)
         env = self._prepare_workspace(uid)
         spec = SandboxSpec(**kw, workspace=self.workspace, devices=tuple(plan.devices))
-        log = open(os.path.join(self.dir, "log"), "ab", buffering=0)  # noqa: SIM115
+        log = _CappedLog(os.path.join(self.dir, "log"))
         try:
             if self._cancel.is_set():
                 return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
@@ -192,8 +197,9 @@ class AttemptRunner:
         sel.register(events_r, selectors.EVENT_READ, "events")
         if self.sandbox.status_fd >= 0:
             sel.register(self.sandbox.status_fd, selectors.EVENT_READ, "status")
-        ckpt_host = os.path.join(self.workspace, ".corral", "checkpoint")
-        dir_sig = tree_signature(ckpt_host)
+        # The agent owns the workspace: every path into it is walked without following links.
+        ws, ckpt_rel = self.workspace, ".corral/checkpoint"
+        dir_sig = tree_signature(ckpt_rel, ws)
         next_scan = time.monotonic() + DIR_SCAN_S
         last_frame = self.files.checkpoint_frame()
         ending = None
@@ -235,15 +241,15 @@ class AttemptRunner:
                         continue
                     if what == "events":
                         stream.feed(chunk)
-                        last_frame = self._drain(stream, log, last_frame, ckpt_host)
+                        last_frame = self._drain(stream, log, last_frame)
                     else:
                         log.write(chunk)
                 if time.monotonic() >= next_scan:
                     next_scan = time.monotonic() + DIR_SCAN_S
-                    sig = tree_signature(ckpt_host)
+                    sig = tree_signature(ckpt_rel, ws)
                     if sig != dir_sig:
                         dir_sig = sig
-                        self.files.save_checkpoint(last_frame, ckpt_host)
+                        self.files.save_checkpoint(last_frame, ckpt_rel, beneath=ws)
                         self._changed()
         finally:
             sel.close()
@@ -252,12 +258,12 @@ class AttemptRunner:
             if events_open:
                 os.close(events_r)
         if ending is None:  # a final look at the checkpoint directory and /workspace/out
-            if tree_signature(ckpt_host) != dir_sig:
-                self.files.save_checkpoint(last_frame, ckpt_host)
+            if tree_signature(ckpt_rel, ws) != dir_sig:
+                self.files.save_checkpoint(last_frame, ckpt_rel, beneath=ws)
             if proc.returncode == 0:
                 out_tmp = self.files.out + ".tmp"
                 shutil.rmtree(out_tmp, ignore_errors=True)
-                copy_tree_safe(os.path.join(self.workspace, "out"), out_tmp, fsync=True)
+                copy_tree_safe("out", out_tmp, fsync=True, beneath=ws)
                 os.makedirs(out_tmp, exist_ok=True)
                 shutil.rmtree(self.files.out, ignore_errors=True)
                 os.rename(out_tmp, self.files.out)
@@ -274,7 +280,7 @@ class AttemptRunner:
             why = "killed by the memory limit (OOM)"
         return {"outcome": "failed", "returncode": rc, "reason": why}
 
-    def _drain(self, stream, log, last_frame, ckpt_host):
+    def _drain(self, stream, log, last_frame):
         while True:
             ev = stream.next_event()
             if ev is None:
@@ -285,7 +291,8 @@ class AttemptRunner:
                 self._changed()
             elif kind == _CHECKPOINT:
                 last_frame = bytes(ev.payload)
-                self.files.save_checkpoint(last_frame, ckpt_host)
+                self.files.save_checkpoint(last_frame, ".corral/checkpoint",
+                                           beneath=self.workspace)
                 self._changed()
             elif kind == _RESULT:
                 atomic_write(os.path.join(self.dir, "result.json"), bytes(ev.payload))
@@ -294,6 +301,31 @@ class AttemptRunner:
                 log.write(bytes(ev.payload) + b"\n")
             elif kind == 64:  # malformed input: say so in the log
                 log.write(f"corral: bad frame from the agent: {ev.message}\n".encode())
+
+
+class _CappedLog:
+    """The attempt's log file, at most MAX_LOG_BYTES (an agent must not fill the disk)."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "ab", buffering=0)  # noqa: SIM115
+        self.written = self._f.tell()
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        room = MAX_LOG_BYTES - self.written
+        if room <= 0:
+            self.dropped += len(data)
+            return
+        if len(data) > room:
+            self.dropped += len(data) - room
+            data = data[:room]
+        self._f.write(data)
+        self.written += len(data)
+
+    def close(self) -> None:
+        if self.dropped:
+            self._f.write(f"\ncorral: log limit reached; {self.dropped} bytes dropped\n".encode())
+        self._f.close()
 
 
 def _start_time(pid: int) -> int | None:
