@@ -143,6 +143,9 @@ def parse_rule(text: str) -> NetRule:
                 from None
         network = None
     if network is not None:
+        if network.version != 4:
+            raise InvalidSpec("allow_net", f"{text!r}: IPv6 egress is not supported (sandboxes "
+                                           "get an IPv4 link only)")
         return NetRule("address", network=network, port=port)
     wildcard = host.startswith("*.")
     name = normalize_name(host[2:] if wildcard else host)

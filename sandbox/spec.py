@@ -214,7 +214,8 @@ class SandboxSpec:
                                                "drop --allow-net or use --backend native")
             if isinstance(self.allow_net, str) or len(self.allow_net) > 256:
                 raise InvalidSpec("allow_net", "must be a list of at most 256 rules")
-            rules = tuple(dict.fromkeys(str(parse_rule(r)) for r in self.allow_net))
+            # canonical and sorted: the same grant always has the same policy digest
+            rules = tuple(sorted({str(parse_rule(r)) for r in self.allow_net}))
             object.__setattr__(self, "allow_net", rules)
 
     @classmethod

@@ -53,7 +53,7 @@ def test_daemon_sandbox_egress_is_audited_and_inspectable(egress_daemon, interne
     client = egress_daemon.client()
     box = client.create_sandbox(allow_net=["allowed.test:80", "127.0.0.1"],
                                 memory_bytes=256 << 20)
-    assert list(box.spec.allow_net) == ["allowed.test:80", "127.0.0.1"]
+    assert list(box.spec.allow_net) == ["127.0.0.1", "allowed.test:80"]
     try:
         inspected = client.inspect_sandbox(box.id)
         assert list(inspected.mismatches) == []
@@ -81,7 +81,7 @@ def test_daemon_sandbox_egress_is_audited_and_inspectable(egress_daemon, interne
         records = log.query(sandbox_id=box.id)
     create = next(r for r in records if r.kind == "sandbox.create")
     assert create.detail["policy_digest"] == box.policy_digest
-    assert create.detail["allow_net"] == ["allowed.test:80", "127.0.0.1"]
+    assert create.detail["allow_net"] == ["127.0.0.1", "allowed.test:80"]
     net = [(r.kind, r.detail.get("decision"), r.detail.get("name"), r.detail.get("reason"))
            for r in records if r.kind.startswith("net.") and r.kind != "net.summary"]
     assert sorted(net, key=str) == sorted([
@@ -108,7 +108,7 @@ def test_cli_create_with_allow_net_and_inspect(egress_daemon):
     box_id = created.stdout.strip()
     try:
         box = egress_daemon.client().get_sandbox(box_id)
-        assert list(box.spec.allow_net) == ["allowed.test:443", "10.0.0.0/8"]
+        assert list(box.spec.allow_net) == ["10.0.0.0/8", "allowed.test:443"]
         table = subprocess.run([*base, "inspect", *sock, box_id], capture_output=True,
                                text=True, timeout=60)
         assert table.returncode == 0, table.stderr
