@@ -44,6 +44,49 @@ def _session_event(ev) -> bytes:
     raise TypeError(ev)
 
 
+def _deliverable(event, next_seq: int) -> bool:
+    """Whether a client whose next entry is next_seq may get this turn event now: only once
+    it has every entry the event comes after (a turn's end after its TURN_END entry, a
+    turn's start after the entries before it), so events and batches never cross."""
+    if isinstance(event, TurnEnded):
+        return next_seq > event.seq
+    if isinstance(event, TurnStarted):
+        return next_seq >= event.seq
+    return True
+
+
+class _Inbox:
+    """What one Open stream is told: published session events (and request errors) in
+    order, and a wake-up for hub news. Session.publish() and the request reader call
+    put_nowait; the hub calls wake."""
+
+    __slots__ = ("events", "error", "_waiter")
+
+    def __init__(self) -> None:
+        self.events: deque = deque()
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        if isinstance(item, BaseException):
+            self.error = self.error or item
+        else:
+            self.events.append(item)
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
 class SessionsServicer(Servicer):
     def __init__(self, daemon):
         super().__init__(daemon)
@@ -80,56 +123,50 @@ class SessionsServicer(Servicer):
             raise InvalidSpec("request", "the first message must be start or resume")
 
         self.manager.attach(session)
-        queue: asyncio.Queue = asyncio.Queue()
-        session.listeners.add(queue)
+        inbox = _Inbox()
+        session.listeners.add(inbox)
+        session.hub.add_notify(inbox.wake)
         watcher = session.hub.watch(after or None)
         reader = asyncio.ensure_future(self._read_requests(caller, session, requests,
-                                                            watch_only, queue))
+                                                            watch_only, inbox))
         try:
             yield _event(opened=pb.SessionOpened(session_id=session.id,
                                                  sandbox_id=session.sandbox_id,
                                                  after_seq=after))
-            if session.exited is not None:
-                queue.put_nowait(session.exited)
-            lost = watcher.lost_entries
-            batch_fut = asyncio.ensure_future(watcher.next_batch())
-            queue_fut = asyncio.ensure_future(queue.get())
-            stream_done = False
-            exited = None
+            exited = session.exited
+            events = inbox.events
             while True:
-                waiting = {queue_fut} if stream_done else {batch_fut, queue_fut}
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if batch_fut in done:
-                    batch = batch_fut.result()
-                    if batch is None:
-                        stream_done = True
-                    else:
-                        if watcher.lost_entries > lost:
-                            # the log evicted entries this client had not read: say so,
-                            # then the batch (which starts at the first one still held)
-                            lost = watcher.lost_entries
-                            yield _event(lagged=pb.SessionLagged(
-                                first_available_seq=first_seq(batch)))
-                        yield field_bytes(2, batch)
-                        batch_fut = asyncio.ensure_future(watcher.next_batch())
-                if queue_fut in done:
-                    item = queue_fut.result()
-                    if isinstance(item, BaseException):
-                        raise item
+                # Woken by the hub (entries, end) or by a published event; nothing here
+                # runs a task per batch. The checks and the wait below have no await in
+                # between, so no wake-up can fall between them.
+                if inbox.error is not None:
+                    raise inbox.error
+                expected = watcher.next_seq
+                batch = watcher.take_ready()
+                if batch is not None:
+                    first = first_seq(batch)
+                    if first > expected:
+                        # the log evicted entries this client had not read: say so, then
+                        # the batch (which starts at the first one still held)
+                        yield _event(lagged=pb.SessionLagged(first_available_seq=first))
+                    yield field_bytes(2, batch)
+                while events and _deliverable(events[0], watcher.next_seq):
+                    item = events.popleft()
                     if isinstance(item, Exited):
                         exited = item
                     else:
                         yield _session_event(item)
-                    queue_fut = asyncio.ensure_future(queue.get())
-                if exited is not None and stream_done:
+                if batch is not None:
+                    continue
+                if exited is not None and watcher.finished and not events:
                     yield _session_event(exited)
                     return
+                await inbox.wait()
         finally:
-            for fut in (locals().get("batch_fut"), locals().get("queue_fut"), reader):
-                if fut is not None:
-                    fut.cancel()
+            reader.cancel()
+            session.hub.remove_notify(inbox.wake)
             watcher.close()
-            session.listeners.discard(queue)
+            session.listeners.discard(inbox)
             self.manager.detach(session)
 
     @streaming
@@ -207,7 +244,7 @@ class _Sub:
     """One session watched on an OpenMany stream under a ref."""
 
     __slots__ = ("mux", "ref", "ref_field", "session", "watcher", "watch_only", "pending",
-                 "exited", "notify", "dirty")
+                 "events", "exited", "notify", "dirty")
 
     def __init__(self, mux: _Mux, ref: str, session, after: int, watch_only: bool) -> None:
         self.mux = mux
@@ -216,6 +253,8 @@ class _Sub:
         self.session = session
         self.watch_only = watch_only
         self.pending: deque[bytes] = deque()  # encoded SessionEvents to send before news
+        self.events: deque = deque()  # turn events, each sent once its entries are (see
+        # _deliverable)
         self.exited: Exited | None = None
         self.dirty = False
         self.watcher = session.hub.watch(after or None)
@@ -237,7 +276,7 @@ class _Sub:
         elif isinstance(event, BaseException):
             self.pending.append(_error_event(event))
         else:
-            self.pending.append(_session_event(event))
+            self.events.append(event)
         self.mark()
 
     def release(self) -> None:
@@ -337,7 +376,10 @@ class _Mux:
                 size += add(sub.ref_field, b"\x12" + varint(len(batch)), batch)
                 if watcher.next_seq < sub.session.hub.stream.next_seq:
                     sub.mark()  # more than one batch was waiting
-            if sub.exited is not None and watcher.finished:
+            events = sub.events
+            while events and _deliverable(events[0], watcher.next_seq):
+                size += add(sub.ref_field, _session_event(events.popleft()))
+            if sub.exited is not None and watcher.finished and not events:
                 size += add(sub.ref_field, _session_event(sub.exited))
                 del self.subs[sub.ref]
                 sub.release()
