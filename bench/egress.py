@@ -1,12 +1,16 @@
 """Egress proxy cost: connection setup and throughput, through the proxy vs direct, on loopback.
 
-One sink server (a separate process, so it never shares a GIL with the proxy) listens on
-127.0.0.1 of the host. The same stdlib client script runs twice per round, round-robin:
+A sink server (a separate process, so it never shares a GIL with the proxy) listens on
+127.0.0.1 of the host and, with the same socket code, inside a network namespace this bench
+makes (10.214.250.10, joined to the host by a veth pair, like the tests' "internet"). The
+same stdlib client script runs four ways per round, round-robin:
 
-  direct   on the host, connecting to 127.0.0.1:PORT itself
-  proxy    inside a sandbox with --allow-net 127.0.0.1:PORT: an explicit proxy CONNECT to
-           127.0.0.1:PORT through Corral's egress proxy (veth -> egress namespace -> proxy
-           thread of this process -> host loopback)
+  direct               on the host, to 127.0.0.1:PORT
+  proxy                in a sandbox: explicit CONNECT to 127.0.0.1:PORT through Corral's
+                       egress proxy (veth -> egress namespace -> proxy -> host loopback)
+  transparent_direct   on the host, to 10.214.250.10:PORT (over the bench's veth)
+  transparent_proxy    in a sandbox, plainly to 10.214.250.10:PORT (an address rule): steered
+                       by sk_lookup to the proxy, which connects on over the same veth
 
 Connection setup = connect (+ CONNECT and its 200 for the proxy) + a one-byte echo, so the
 upstream connection is really open in both cases. Throughput = one connection sending
@@ -16,7 +20,8 @@ upstream connection is really open in both cases. Throughput = one connection se
 
 JSON keys: connect_ms_p50_direct, connect_ms_p50_proxy, connect_ms_p99_direct,
 connect_ms_p99_proxy, connect_overhead_ms_p50, throughput_mb_s_direct,
-throughput_mb_s_proxy, throughput_ratio, targets (the issue's: overhead <= 1 ms,
+throughput_mb_s_proxy, throughput_ratio (the loopback pair), the same with a
+"transparent_" prefix for the veth pair, targets (the issue's: overhead <= 1 ms,
 ratio >= 0.5) and whether they were met, machine.
 """
 
@@ -25,16 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 
 SERVER = r"""
 import socket, threading, struct, sys
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(('127.0.0.1', 0)); srv.listen(512)
-print(srv.getsockname()[1], flush=True)
+srv = socket.socket(fileno=int(sys.argv[1]))
 def handle(c):
     with c:
         kind = c.recv(1)
@@ -54,10 +57,11 @@ while True:
 
 CLIENT = r"""
 import json, socket, struct, sys, time
-port, n, mbytes, via = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+port, n, mbytes, via, host = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                              sys.argv[4], sys.argv[5])
 def connect():
-    if via == 'direct':
-        s = socket.create_connection(('127.0.0.1', port))
+    if via != 'proxy':
+        s = socket.create_connection((host, port))
     else:
         s = socket.create_connection(('100.127.255.1', 3128))
         s.sendall(b'CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n' % port)
@@ -100,6 +104,46 @@ def percentile(values, q):
     return ordered[k]
 
 
+SERVER_NET = "10.214.250"
+WAYS = ("direct", "proxy", "transparent_direct", "transparent_proxy")
+
+
+def listener(host: str, port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    return sock
+
+
+def server_namespace(port: int):
+    """A namespace holding a listener on SERVER_NET.10:port, joined to the host by a veth
+    pair; it (and the host end) disappears with the last descriptor: (ns fd, listener)."""
+    from pyroute2 import IPRoute
+
+    from corral.sandbox import net
+
+    def build():
+        ns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        host_ns = os.open(f"/proc/{os.getpid()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        with IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("add", ifname="bench0", kind="veth", peer={"ifname": "cbench0"})
+            idx = ipr.link_lookup(ifname="bench0")[0]
+            ipr.addr("add", index=idx, address=f"{SERVER_NET}.10", prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="cbench0")[0], net_ns_fd=host_ns)
+        os.close(host_ns)
+        return ns_fd, listener("0.0.0.0", port)
+
+    ns_fd, sock = net.in_netns(None, build)
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname="cbench0")[0]
+        ipr.addr("add", index=idx, address=f"{SERVER_NET}.1", prefixlen=24)
+        ipr.link("set", index=idx, state="up")
+    return ns_fd, sock
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--connections", type=int, default=200, help="connections per round")
@@ -114,51 +158,69 @@ def main() -> int:
     from corral.sandbox import Sandbox, SandboxSpec
 
     python = "/usr/bin/python3"  # the interpreter inside sandboxes, used on both sides
-    server = subprocess.Popen([python, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    local = listener("127.0.0.1", 0)
+    port = local.getsockname()[1]
+    ns_fd, remote = server_namespace(port)
+    servers = [subprocess.Popen([python, "-c", SERVER, str(sock.fileno())],
+                                pass_fds=[sock.fileno()]) for sock in (local, remote)]
+    local.close()
+    remote.close()
+    lat = {way: [] for way in WAYS}
+    mbs = {way: [] for way in WAYS}
+    load_start = os.getloadavg()[0]
     try:
-        port = int(server.stdout.readline())
-        spec = SandboxSpec(allow_net=(f"127.0.0.1:{port}",), cpus=None, timeout_s=600)
-        lat = {"direct": [], "proxy": []}
-        mbs = {"direct": [], "proxy": []}
-        load_start = os.getloadavg()[0]
+        spec = SandboxSpec(allow_net=(f"127.0.0.1:{port}", f"{SERVER_NET}.10:{port}"),
+                           cpus=None, timeout_s=600)
         with Sandbox.create(spec) as sandbox:
-            argv = [str(port), str(args.connections), str(args.mbytes)]
             for rnd in range(args.rounds):
-                order = ("direct", "proxy") if rnd % 2 == 0 else ("proxy", "direct")
-                for via in order:
-                    if via == "direct":
-                        out = subprocess.run([python, "-c", CLIENT, *argv, via],
-                                             capture_output=True, check=True).stdout
+                order = WAYS[rnd % len(WAYS):] + WAYS[:rnd % len(WAYS)]
+                for way in order:
+                    host = f"{SERVER_NET}.10" if way.startswith("transparent") else "127.0.0.1"
+                    via = "proxy" if way == "proxy" else "plain"
+                    argv = [python, "-c", CLIENT, str(port), str(args.connections),
+                            str(args.mbytes), via, host]
+                    if way.endswith("direct"):
+                        out = subprocess.run(argv, capture_output=True, check=True).stdout
                     else:
-                        proc = sandbox.exec([python, "-c", CLIENT, *argv, via])
+                        proc = sandbox.exec(argv)
                         out, err = proc.communicate()
                         if proc.returncode != 0:
                             raise SystemExit(f"client in the sandbox failed: {err.decode()}")
                     doc = json.loads(out)
-                    lat[via] += doc["latencies_ms"][5:]  # the first few warm up caches
-                    mbs[via].append(doc["mb_s"])
+                    lat[way] += doc["latencies_ms"][5:]  # the first few warm up caches
+                    mbs[way].append(doc["mb_s"])
     finally:
-        server.kill()
-        server.wait()
-    result = {
-        "connect_ms_p50_direct": round(statistics.median(lat["direct"]), 4),
-        "connect_ms_p50_proxy": round(statistics.median(lat["proxy"]), 4),
-        "connect_ms_p99_direct": round(percentile(lat["direct"], 99), 4),
-        "connect_ms_p99_proxy": round(percentile(lat["proxy"], 99), 4),
-        "throughput_mb_s_direct": round(statistics.median(mbs["direct"]), 1),
-        "throughput_mb_s_proxy": round(statistics.median(mbs["proxy"]), 1),
-    }
-    result["connect_overhead_ms_p50"] = round(
-        result["connect_ms_p50_proxy"] - result["connect_ms_p50_direct"], 4)
-    result["throughput_ratio"] = round(
-        result["throughput_mb_s_proxy"] / result["throughput_mb_s_direct"], 3)
+        for server in servers:
+            server.kill()
+            server.wait()
+        os.close(ns_fd)  # the server namespace goes, and both ends of its veth with it
+    result = {}
+    for prefix, direct, proxied in (("", "direct", "proxy"),
+                                    ("transparent_", "transparent_direct",
+                                     "transparent_proxy")):
+        part = {
+            "connect_ms_p50_direct": round(statistics.median(lat[direct]), 4),
+            "connect_ms_p50_proxy": round(statistics.median(lat[proxied]), 4),
+            "connect_ms_p99_direct": round(percentile(lat[direct], 99), 4),
+            "connect_ms_p99_proxy": round(percentile(lat[proxied], 99), 4),
+            "throughput_mb_s_direct": round(statistics.median(mbs[direct]), 1),
+            "throughput_mb_s_proxy": round(statistics.median(mbs[proxied]), 1),
+        }
+        part["connect_overhead_ms_p50"] = round(
+            part["connect_ms_p50_proxy"] - part["connect_ms_p50_direct"], 4)
+        part["throughput_ratio"] = round(
+            part["throughput_mb_s_proxy"] / part["throughput_mb_s_direct"], 3)
+        result.update({prefix + k: v for k, v in part.items()})
+
     result["targets"] = {
         "overhead_ms_max": 1.0, "ratio_min": 0.5,
         "overhead_met": result["connect_overhead_ms_p50"] <= 1.0,
         "ratio_met": result["throughput_ratio"] >= 0.5,
     }
     result["config"] = {"connections_per_round": args.connections, "mbytes": args.mbytes,
-                        "rounds": args.rounds, "mode": "explicit CONNECT via the proxy"}
+                        "rounds": args.rounds,
+                        "modes": {"proxy": "explicit CONNECT, loopback upstream",
+                                  "transparent_proxy": "steered, address rule, veth upstream"}}
     result["machine"] = {"nproc": os.cpu_count(), "kernel": os.uname().release,
                          "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
     if args.json:
