@@ -473,7 +473,14 @@ class _Stdin:
         self.closed = False
 
     def write(self, data: bytes) -> int:
-        self._sock.sendall(data)
+        """Send all of data (waiting for room: pump() may have made the socket
+        non-blocking from another thread)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self._sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                select_mod.select([], [self._sock], [], 1.0)
         return len(data)
 
     def fileno(self) -> int:
@@ -641,11 +648,12 @@ class DockerProcess:
 
         def feed() -> None:
             try:
+                writer = _Stdin(sock)
                 while True:
                     chunk = os.read(ins, 65536)
                     if not chunk:
                         break
-                    sock.sendall(chunk)
+                    writer.write(chunk)
             except OSError:
                 pass
             finally:
@@ -1001,7 +1009,10 @@ class DockerSandbox:
         """Wait until the engine has started the command (learning its pid), or tell
         CommandNotFound when the runtime could not execute it."""
         delay = 0.0005
+        give_up = time.monotonic() + REQUEST_TIMEOUT_S
         while True:
+            if time.monotonic() > give_up:  # the engine never said: the pid stays unknown
+                return
             try:
                 info = self.api.exec_inspect(proc.exec_id)
             except Exception:

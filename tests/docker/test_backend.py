@@ -329,3 +329,14 @@ def test_exec_into_descriptors_relays_both_ways(docker_host):
         assert wait_until(lambda: sb.collect_exits() >= 0 and ended == [proc])
     assert got == (b"relayed\n", b"done\n")
     assert proc.returncode == 0
+
+
+def test_cli_streams_a_large_stdin(docker_host):
+    data = b"".join(b"%07d\n" % i for i in range(400_000))  # 3.2 MB
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.runtime.cli", "run", "--backend", "docker", "--",
+         "sha256sum"], input=data, capture_output=True, timeout=120)
+    import hashlib
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
