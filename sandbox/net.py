@@ -8,7 +8,8 @@ A sandbox with an egress policy gets this, all of it outside the sandbox's reach
   default via 100.127.255.1          rule: iif corral-eg -> table 100          upstream
   /etc/resolv.conf -> .1             table 100: local 0.0.0.0/0 (AnyIP)        sockets
                                      sk_lookup BPF: every TCP SYN -> listener
-                                                    every UDP datagram -> udp sink
+                                                    (IP_TRANSPARENT: it may answer as any
+                                                    address) every UDP datagram -> udp sink
                                      (both sockets created here, served from the host)
 
 * Nothing is routed or NATed anywhere: every packet the sandbox sends is delivered

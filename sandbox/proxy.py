@@ -533,7 +533,6 @@ MAX_UDP_DENIAL_EVENTS = 64
 MAX_CONNECTIONS = 512
 #: Events per second one sandbox may produce (burst EVENT_BURST); the rest are counted.
 EVENT_RATE, EVENT_BURST = 200.0, 1000.0
-CHUNK = 256 * 1024
 
 
 class Resolver:

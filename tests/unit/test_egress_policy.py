@@ -219,3 +219,14 @@ def test_sk_lookup_program_shape():
         if code in (0x15, 0x55):  # conditional jumps
             assert 0 <= i + 1 + off < len(insns) and insns[i + 1 + off][0] in (0x63, 0xB7)
     assert [i for i, insn in enumerate(insns) if insn[0] == 0x95] == [23]
+
+
+def test_the_link_constants_agree():
+    from corral.sandbox import mounts, net, proxy
+
+    assert (proxy.GATEWAY, proxy.PROXY_PORT, proxy.DNS_PORT) == (
+        net.GATEWAY, net.PROXY_PORT, net.DNS_PORT)
+    assert str(proxy.LINK_NET) == f"{net.GATEWAY[:-1]}0/{net.PREFIX_LEN}"
+    etc = mounts.etc_files(SandboxSpec(allow_net=("a.test",)))
+    assert etc["resolv.conf"].splitlines()[0] == f"nameserver {net.GATEWAY}"
+    assert mounts.etc_files(SandboxSpec())["resolv.conf"] == ""
