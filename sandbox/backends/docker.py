@@ -1155,8 +1155,18 @@ def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None
 # -- a private engine -------------------------------------------------------------------------
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 class PrivateEngine:
-    """A dockerd of our own: private socket, data root and containerd, no host networking.
+    """A dockerd of our own: private socket, data root and containerd, no host networking
+    (no bridge, no iptables rules, --ip-forward=false: dockerd would otherwise turn the
+    host's net.ipv4.ip_forward on).
 
     For tests, benchmarks and probe runs on a machine that has dockerd installed but
     should not share (or does not run) a system engine. ``stop()`` ends it and removes
@@ -1164,6 +1174,8 @@ class PrivateEngine:
     """
 
     def __init__(self, base: str | None = None, storage_driver: str | None = None):
+        #: The host's net.ipv4.ip_forward when the engine started (it must not change it).
+        self.ip_forward_before: str | None = None
         self.dir = tempfile.mkdtemp(prefix="corral.dockerd.", dir=base)
         self.socket = os.path.join(self.dir, "docker.sock")
         self.url = "unix://" + self.socket
@@ -1181,11 +1193,13 @@ class PrivateEngine:
         dockerd = shutil.which("dockerd", path="/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/bin")
         if dockerd is None:
             raise UnsupportedHost("dockerd is not installed (Debian: apt-get install docker.io)")
+        self.ip_forward_before = _read_text("/proc/sys/net/ipv4/ip_forward")
         name = "corral-dockerd-" + os.urandom(4).hex()  # containerd: [A-Za-z0-9._-] only
         argv = [dockerd, "--host", self.url, "--data-root", os.path.join(self.dir, "data"),
                 "--exec-root", os.path.join(self.dir, "exec"),
                 "--pidfile", os.path.join(self.dir, "dockerd.pid"),
-                "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--bridge=none",
+                "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--ip-forward=false",
+                "--bridge=none",
                 "--containerd-namespace", name, "--containerd-plugins-namespace", name + "-p",
                 "--log-level=warn", "--no-new-privileges"]
         for driver in ([self.storage_driver] if self.storage_driver else ["overlay2", "vfs"]):

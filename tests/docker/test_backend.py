@@ -340,3 +340,10 @@ def test_cli_streams_a_large_stdin(docker_host):
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_private_engine_leaves_the_host_network_alone(docker_engine, docker_host):
+    """No bridge, no forwarding switched on: dockerd's defaults would set ip_forward=1."""
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        assert f.read().strip() == docker_engine.ip_forward_before
+    assert not os.path.exists("/sys/class/net/docker0")
