@@ -79,6 +79,12 @@ class Daemon:
 
     def stop(self):
         self.client.close()
+        if self.proc.poll() is not None:  # it died under the benchmark: say why
+            self.log.close()
+            with open(os.path.join(self.root, "daemon.log")) as f:
+                sys.stderr.write(f"the daemon exited with {self.proc.returncode}:\n"
+                                 f"{f.read()[-4000:]}")
+            raise RuntimeError(f"the daemon died; its state is kept in {self.root}")
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
         self.log.close()

@@ -100,29 +100,34 @@ class TasksServicer(Servicer):
     @streaming
     async def SubmitStream(self, request_iterator, context):
         caller = self.caller(context)
-        pending: asyncio.Queue = asyncio.Queue(maxsize=4096)  # bounded: back-pressure
-
-        async def admit(request):
-            try:
-                task = await self.scheduler.submit(caller, spec_from_proto(request.spec))
-                return task.id, "", ""
-            except CorralError as exc:
-                return "", exc.grpc_status, str(exc)
+        sched = self.scheduler
+        # (task, commit future) or (None, refusal), in request order; bounded: back-pressure.
+        pending: asyncio.Queue = asyncio.Queue(maxsize=4096)
 
         async def read() -> None:
             async for request in request_iterator:
-                await pending.put(asyncio.ensure_future(admit(request)))
+                try:
+                    item = sched.admit(caller, spec_from_proto(request.spec))
+                except CorralError as exc:
+                    item = (None, exc)
+                await pending.put(item)
             await pending.put(None)
 
         reader = asyncio.ensure_future(read())
         try:
             index = 0
             while True:
-                fut = await pending.get()
-                if fut is None:
+                item = await pending.get()
+                if item is None:
                     break
-                task_id, code, error = await fut
-                yield pb.SubmitAck(index=index, task_id=task_id, error_code=code, error=error)
+                task, committed = item
+                if task is None:
+                    ack = pb.SubmitAck(index=index, error_code=committed.grpc_status,
+                                       error=str(committed))
+                else:
+                    await sched.admitted(task, committed)
+                    ack = pb.SubmitAck(index=index, task_id=task.id)
+                yield ack
                 index += 1
             await reader
         finally:

@@ -146,6 +146,17 @@ class Scheduler:
     # -- requests ----------------------------------------------------------------------------
 
     async def submit(self, caller, spec: TaskSpec) -> DeepTask:
+        """Admit a task; returns once it is committed (and queued)."""
+        task, committed = self.admit(caller, spec)
+        await self.admitted(task, committed)
+        return task
+
+    def admit(self, caller, spec: TaskSpec) -> tuple[DeepTask, asyncio.Future]:
+        """First half of submit, without waiting: check, record, queue the row's write.
+
+        Raises:
+            Unavailable, InvalidSpec, Unsatisfiable: refused; nothing was written.
+        """
         if self._closing:
             raise Unavailable("the daemon is shutting down")
         self.nodes.check_satisfiable(spec)
@@ -154,15 +165,18 @@ class Scheduler:
         task = DeepTask(id="task-" + secrets.token_hex(8), seq=self._seq, tenant=caller.tenant,
                         spec=spec, submitted_at=now, updated_at=now)
         self.tasks[task.id] = task
+        return task, self.store.insert(task, [("task.submit", {
+            "tenant": caller.tenant, "peer": caller.peer, "task_id": task.id})])
+
+    async def admitted(self, task: DeepTask, committed: asyncio.Future) -> None:
+        """Second half: wait for the commit, then make the task placeable."""
         try:
-            await self.store.insert(task, [("task.submit", {
-                "tenant": caller.tenant, "peer": caller.peer, "task_id": task.id})])
+            await committed
         except BaseException:
             self.tasks.pop(task.id, None)
             raise
         self._enqueue(task)
         self.kick()
-        return task
 
     def get(self, caller, task_id: str) -> DeepTask:
         task = self.tasks.get(task_id)
