@@ -50,7 +50,7 @@ def _pct(values, q):
 
 class Daemon:
     def __init__(self, config: str):
-        self.root = tempfile.mkdtemp(prefix="corral-bench-sched-")
+        self.root = tempfile.mkdtemp(prefix="cbench-sched-")
         self.socket = os.path.join(self.root, "corral.sock")
         with open(os.path.join(self.root, "corral.toml"), "w") as f:
             f.write(config)
@@ -160,7 +160,7 @@ def bench_sqlite_peer(n: int) -> float:
     from corral.runtime.tasks.model import DeepTask, TaskSpec
     from corral.runtime.tasks.store import _INSERT, _connect, _mutable_values
 
-    root = tempfile.mkdtemp(prefix="corral-bench-sqlite-")
+    root = tempfile.mkdtemp(prefix="cbench-sqlite-")
     try:
         conn = _connect(os.path.join(root, "tasks.db"))
         spec = TaskSpec(argv=("true",))
