@@ -177,32 +177,39 @@ class EgressConfig:
         use it to name the servers of their own "internet").
     routable: non-public networks that name rules may reach (rule 3).
     protected: (address, port) pairs nobody may reach; address "" = any address.
+    upstream_only: when set, the only networks the proxy ever connects to, whatever any
+        rule allows (defence in depth for operators; the tests confine it to their own
+        namespaces so that even a policy bug could not send a packet elsewhere).
     """
 
     hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)
     routable: tuple = ()
+    upstream_only: tuple = ()
     protected: set[tuple[str, int]] = field(default_factory=set)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EgressConfig:
-        """CORRAL_EGRESS_HOSTS (a hosts-format file) and CORRAL_EGRESS_ROUTABLE (CIDRs,
-        comma separated)."""
+        """CORRAL_EGRESS_HOSTS (a hosts-format file), CORRAL_EGRESS_ROUTABLE and
+        CORRAL_EGRESS_UPSTREAM_ONLY (CIDRs, comma separated)."""
         env = os.environ if environ is None else environ
         cfg = cls()
         path = env.get("CORRAL_EGRESS_HOSTS")
         if path:
             with open(path) as f:
                 cfg.hosts = parse_hosts(f.read())
-        routable = env.get("CORRAL_EGRESS_ROUTABLE", "")
-        nets = []
-        for item in filter(None, (x.strip() for x in routable.split(","))):
-            try:
-                nets.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                raise InvalidSpec("CORRAL_EGRESS_ROUTABLE", f"{item!r} is not a network") \
-                    from None
-        cfg.routable = tuple(nets)
+        cfg.routable = _networks(env, "CORRAL_EGRESS_ROUTABLE")
+        cfg.upstream_only = _networks(env, "CORRAL_EGRESS_UPSTREAM_ONLY")
         return cfg
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple:
+    nets = []
+    for item in filter(None, (x.strip() for x in env.get(name, "").split(","))):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise InvalidSpec(name, f"{item!r} is not a network") from None
+    return tuple(nets)
 
 
 def parse_hosts(text: str) -> dict[str, tuple[str, ...]]:
@@ -275,6 +282,15 @@ class EgressPolicy:
                 for; None when the proxy picks the address (explicit request by name).
             resolved: the addresses `name` resolves to.
         """
+        decision = self._decide(port, name, dst, resolved)
+        limit = self.config.upstream_only
+        if decision.allowed and limit and not any(
+                ipaddress.ip_address(decision.address) in net for net in limit):
+            return Decision(False, f"{decision.address} is outside the operator's upstream "
+                                   "networks", decision.address, decision.rule)
+        return decision
+
+    def _decide(self, port, name, dst, resolved) -> Decision:
         dst_addr = None
         if dst is not None:
             dst_addr = ipaddress.ip_address(dst)

@@ -18,6 +18,7 @@ Nothing here ever sends a packet beyond this machine.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import random
 import shutil
@@ -184,7 +185,10 @@ def internet(tmp_path_factory):
     # The in-process proxy (Sandbox API tests) resolves the test names and may reach them.
     cfg = proxy.shared_proxy().config
     cfg.hosts = proxy.parse_hosts(hosts.read_text())
-    cfg.routable = (__import__("ipaddress").ip_network(inet.subnet),)
+    cfg.routable = (ipaddress.ip_network(inet.subnet),)
+    # Even a policy bug could not make this proxy connect anywhere but to our servers.
+    cfg.upstream_only = (ipaddress.ip_network(inet.subnet),
+                         ipaddress.ip_network("127.0.0.0/8"))
     try:
         yield inet
     finally:
@@ -200,7 +204,8 @@ def internet(tmp_path_factory):
 def cli_env(inet: Internet) -> dict[str, str]:
     """Environment for a `corral` subprocess whose proxy knows the test internet."""
     return {**os.environ, "CORRAL_EGRESS_HOSTS": inet.hosts_file,
-            "CORRAL_EGRESS_ROUTABLE": inet.subnet}
+            "CORRAL_EGRESS_ROUTABLE": inet.subnet,
+            "CORRAL_EGRESS_UPSTREAM_ONLY": f"{inet.subnet},127.0.0.0/8"}
 
 
 def host_links() -> set[str]:

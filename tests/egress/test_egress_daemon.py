@@ -35,6 +35,7 @@ print(json.dumps(out))
 def egress_daemon(internet, tmp_path, monkeypatch):
     monkeypatch.setenv("CORRAL_EGRESS_HOSTS", internet.hosts_file)
     monkeypatch.setenv("CORRAL_EGRESS_ROUTABLE", internet.subnet)
+    monkeypatch.setenv("CORRAL_EGRESS_UPSTREAM_ONLY", f"{internet.subnet},127.0.0.0/8")
     (tmp_path / "d").mkdir()
     d = DaemonProcess(tmp_path / "d", args=("--listen", "127.0.0.1:0"),
                       config='[tenants.acme]\ntoken = "egress-test-token-0123456789"\n')

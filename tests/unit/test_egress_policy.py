@@ -185,6 +185,7 @@ def test_config_from_environment(tmp_path):
                                  "CORRAL_EGRESS_ROUTABLE": "10.9.0.0/16, 192.168.7.0/24"})
     assert cfg.hosts == {"api.test": ("10.9.0.1",)}
     assert [str(n) for n in cfg.routable] == ["10.9.0.0/16", "192.168.7.0/24"]
+    assert EgressConfig.from_env({}).upstream_only == ()
     with pytest.raises(InvalidSpec, match=r"^CORRAL_EGRESS_ROUTABLE: 'nope' is not a network$"):
         EgressConfig.from_env({"CORRAL_EGRESS_ROUTABLE": "nope"})
 
@@ -230,3 +231,15 @@ def test_the_link_constants_agree():
     etc = mounts.etc_files(SandboxSpec(allow_net=("a.test",)))
     assert etc["resolv.conf"].splitlines()[0] == f"nameserver {net.GATEWAY}"
     assert mounts.etc_files(SandboxSpec())["resolv.conf"] == ""
+
+
+def test_upstream_only_confines_every_allowed_decision():
+    import ipaddress
+
+    p = policy("x.example", "0.0.0.0/0",
+               upstream_only=(ipaddress.ip_network("198.51.100.0/24"),))
+    assert p.decide(80, dst="198.51.100.7").allowed
+    d = p.decide(80, dst="93.184.216.34")
+    assert (d.allowed, d.reason) == (
+        False, "93.184.216.34 is outside the operator's upstream networks")
+    assert not p.decide(80, name="x.example", resolved=["93.184.216.34"]).allowed
