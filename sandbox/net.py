@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno as errno_mod
+import logging
 import os
 import socket
 import struct
@@ -439,9 +440,17 @@ class EgressLink:
         return self.attachment.egress_ns_inode
 
     def close(self) -> None:
-        """End the sandbox's connections (reported), then remove the link. Idempotent."""
+        """End the sandbox's connections (reported), then remove the link. Idempotent.
+
+        Never raises: it runs inside a sandbox's teardown, which must go on to the cgroup
+        and directories whatever the proxy does. Closing the attachment alone already cuts
+        the sandbox off (its namespace and link go with the last reference).
+        """
         try:
             self.proxy.unregister(self.sandbox_id)
+        except Exception as exc:  # a hung or stopped proxy loop: report, cut off anyway
+            logging.getLogger("corral.net").warning(
+                "egress of %s: the proxy did not end its connections: %s", self.sandbox_id, exc)
         finally:
             self.attachment.close()
 
