@@ -6,7 +6,9 @@ them with BPF sk_lookup); nothing else leaves a sandbox. The rules this file kee
 1. Deny by default. A connection is allowed by exactly one of:
    * a **name rule** (`example.com`, `*.example.com`, with an optional `:PORT`) matching
      the name the client asked for -- the CONNECT target, the absolute URI of a plain
-     HTTP request, or, for transparently steered connections, the TLS SNI or HTTP Host;
+     HTTP request, or, for transparently steered connections, the TLS SNI or HTTP Host
+     (and, when the first bytes name nothing -- a raw protocol -- the allowed name the
+     sandbox's resolver gave it this address for: DNS pinning);
    * an **address rule** (`203.0.113.7`, `10.0.0.0/8`, with an optional `:PORT`) matching
      the destination address.
 2. A name is only as good as its addresses. The proxy resolves allowed names itself. An
@@ -18,15 +20,17 @@ them with BPF sk_lookup); nothing else leaves a sandbox. The rules this file kee
    reserved, multicast -- anything `ipaddress` does not call global) are denied even when
    an allowed name resolves to them, unless an address rule names them or the operator
    declared them routable (`EgressConfig.routable`, e.g. a corporate model endpoint).
-4. Protected endpoints (the daemon's own ports, the proxy itself) are denied whatever
-   the rules say.
+4. Protected endpoints (the daemon's own ports, the egress link itself) are denied
+   whatever the rules say, and so is every address outside `EgressConfig.upstream_only`
+   when the operator set it.
 5. UDP is dropped, except DNS to the proxy's resolver (GATEWAY:53), which answers A
    queries for allowed names (with the addresses rule 3 lets through) and NXDOMAIN for
    everything else. AAAA gets an empty answer: sandboxes have no IPv6 route.
 6. Every attempt is an event (allowed or denied; destination, bytes, duration), handed
    to the callback the sandbox was registered with; allowed connections report when they
-   end. UDP denials are capped per sandbox (a flood cannot flood the audit log); the
-   count of those not reported is in the final `net.summary` event.
+   end. Events are rate-limited per sandbox (EVENT_RATE, EVENT_BURST; UDP denials capped
+   at MAX_UDP_DENIAL_EVENTS) and so are open connections (MAX_CONNECTIONS); what is not
+   reported is counted in the final `net.summary` event.
 
 Pure parts (rules, decisions, TLS/HTTP/DNS parsing) have no I/O and are unit-tested;
 `EgressProxy` runs them on its own event loop thread, shared by every sandbox of the
