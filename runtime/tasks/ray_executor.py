@@ -205,14 +205,17 @@ class RayExecutor:
 
         await self._ray(lambda: ray.init(address=self.address or "auto", namespace=NAMESPACE,
                                          log_to_driver=False))
-        cls = actor_class()
         for name in self.node_names:
-            self.actors[name] = cls.options(
-                name=f"corral-node-{name}", namespace=NAMESPACE, lifetime="detached",
-                get_if_exists=True, label_selector={NODE_LABEL: name},
-            ).remote(name)
+            self.actors[name] = self._actor(name)
             self._alive[name] = True
         self._pinger = self._loop.create_task(self._ping_loop())
+
+    def _actor(self, name: str):
+        """The node's actor: the running one, or a new one (pending until its Ray node is up)."""
+        return actor_class().options(
+            name=f"corral-node-{name}", namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True, label_selector={NODE_LABEL: name},
+        ).remote(name)
 
     async def stop(self) -> None:
         """Stop following attempts (the actors and their sandboxes keep running)."""
@@ -230,6 +233,7 @@ class RayExecutor:
         while True:
             for name, actor in list(self.actors.items()):
                 if not self._alive.get(name):
+                    await self._try_rejoin(name)
                     continue
                 try:
                     await asyncio.wait_for(self._call(actor.ping.remote()), timeout=30)
@@ -238,6 +242,17 @@ class RayExecutor:
                 except Exception as exc:  # noqa: BLE001 - ActorDiedError and kin
                     self._lost(name, f"its Ray actor died: {type(exc).__name__}")
             await asyncio.sleep(PING_S)
+
+    async def _try_rejoin(self, name: str) -> None:
+        """A lost node whose Ray node (same label) is back gets a new actor and work again."""
+        try:
+            actor = await self._ray(self._actor, name)
+            await asyncio.wait_for(self._call(actor.ping.remote()), timeout=PING_S)
+        except Exception:  # noqa: BLE001 - still gone (pending actor, or dead again)
+            return
+        self.actors[name] = actor
+        self._alive[name] = True
+        self.scheduler.node_back(name)
 
     def _lost(self, name: str, reason: str) -> None:
         if self._alive.get(name):

@@ -252,6 +252,16 @@ class Scheduler:
         self.audit.append("node.lost", tenant="", peer="daemon",
                           detail={"node": name, "reason": reason, "tasks": sorted(node.tasks)})
 
+    def node_back(self, name: str) -> None:
+        """A lost node answers again (its Ray node rejoined): it gets work again."""
+        node = self.nodes.nodes.get(name)
+        if node is None or not node.lost:
+            return
+        node.lost = False
+        node.heartbeat_at = time.time()
+        self.audit.append("node.back", tenant="", peer="daemon", detail={"node": name})
+        self.kick()
+
     # -- queues and placement ---------------------------------------------------------------
 
     def _enqueue(self, task: DeepTask) -> None:

@@ -26,7 +26,7 @@ from .helpers import (
     wait_task,
 )
 
-DEVICE = "/tmp/corral-test-accel0"
+DEVICE = "/tmp/ctask-accel0"
 
 NODES = f"""
 [[nodes]]
@@ -63,7 +63,7 @@ def accel_device():
 def test_selector_resources_and_devices(task_daemon, accel_device):
     d = task_daemon(NODES)
     c = d.client()
-    probe = ["sh", "-c", "test -c /dev/corral-test-accel0 && echo x > /dev/corral-test-accel0 "
+    probe = ["sh", "-c", "test -c /dev/ctask-accel0 && echo x > /dev/ctask-accel0 "
                          "&& echo granted || echo absent; exit 0"]
     on_gpu = c.submit_task(probe, selector={"pool": "deep"}, resources={"accelerator.h200": 1})
     plain = c.submit_task(probe, selector={"pool": "deep"})

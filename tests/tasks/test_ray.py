@@ -104,3 +104,12 @@ def test_a_lost_node_resumes_the_task_from_its_checkpoint_elsewhere(ray_cluster,
     res = c.task_result(t.id)
     assert [(f.path, f.content) for f in res.files] == [("answer.txt", f"{answer(60)}\n".encode())]
     assert os.path.exists(d.root / "state" / "tasks" / t.id / "checkpoints" / "LATEST")
+    # The Ray node comes back under the same label: a new actor, and work lands there again.
+    nodes[first] = cluster.add_node(**SMALL, labels={NODE_LABEL: first, **LABELS[first]})
+    cluster.wait_for_nodes()
+    zone = LABELS[first]["zone"]
+    again = c.submit_task(["true"], selector={"zone": zone})
+    done = wait_done(c, again.id, timeout_s=120)
+    assert (done.state, done.node) == (SUCCEEDED, first)
+    assert _ray_node_of(c, again.id, 1) == nodes[first].node_id
+    assert any(json.loads(r.detail_json)["node"] == first for r in c.audit_query(kind="node.back"))
