@@ -234,6 +234,7 @@ def test_cli_verbs(task_daemon, tmp_path):
     watch = corral("task", "watch", task_id)
     assert watch.returncode == 0, watch.stderr
     assert "100.0% 10/10" in watch.stderr
+    assert "attempt 1: starting at step 0 of 10" in watch.stdout  # the LOG frame, streamed
     assert f"{task_id}: SUCCEEDED" in watch.stderr
     got = corral("task", "get", task_id, "--json")
     info = json.loads(got.stdout)
@@ -281,3 +282,25 @@ def test_submit_stream_acks_each_task_after_its_commit(task_daemon):
     c = d.client()
     assert {t.id: t.state for t in c.list_tasks()} == {i: QUEUED for i in ids}
     assert [n.cordoned for n in c.list_nodes()] == [True]
+
+
+def test_tenants_see_only_their_own_tasks_and_only_operators_manage_nodes(task_daemon):
+    c = task_daemon(ONE_SLOT).client()  # "local" is an operator
+    bob = _tenant_client(c, "bob")
+    mine = bob.submit_task(["true"])
+    other = _tenant_client(c, "carol")
+    for call in (lambda: other.get_task(mine.id), lambda: other.cancel_task(mine.id)):
+        with pytest.raises(ClientError) as info:
+            call()
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert [t.id for t in other.list_tasks()] == []
+    assert [t.id for t in bob.list_tasks()] == [mine.id]
+    assert c.get_task(mine.id).tenant == "bob"  # operators see every tenant's
+    with pytest.raises(ClientError) as info:
+        bob.cordon_node("solo")
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert [n.name for n in bob.list_nodes()] == ["solo"]
+    submits = [json.loads(r.detail_json) for r in c.audit_query(kind="task.submit")
+               if r.tenant == "bob"]
+    assert [s["task_ids"] for s in submits] == [[mine.id]]
+    assert wait_done(c, mine.id).state == SUCCEEDED
