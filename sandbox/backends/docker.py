@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -1176,6 +1177,8 @@ class PrivateEngine:
     def __init__(self, base: str | None = None, storage_driver: str | None = None):
         #: The host's net.ipv4.ip_forward when the engine started (it must not change it).
         self.ip_forward_before: str | None = None
+        #: Its containerd namespace and cgroup parent ("corral-dockerd-<hex>").
+        self.name: str | None = None
         self.dir = tempfile.mkdtemp(prefix="corral.dockerd.", dir=base)
         self.socket = os.path.join(self.dir, "docker.sock")
         self.url = "unix://" + self.socket
@@ -1194,13 +1197,15 @@ class PrivateEngine:
         if dockerd is None:
             raise UnsupportedHost("dockerd is not installed (Debian: apt-get install docker.io)")
         self.ip_forward_before = _read_text("/proc/sys/net/ipv4/ip_forward")
-        name = "corral-dockerd-" + os.urandom(4).hex()  # containerd: [A-Za-z0-9._-] only
+        # containerd namespaces and the cgroup parent: [A-Za-z0-9._-] only
+        name = self.name = "corral-dockerd-" + os.urandom(4).hex()
         argv = [dockerd, "--host", self.url, "--data-root", os.path.join(self.dir, "data"),
                 "--exec-root", os.path.join(self.dir, "exec"),
                 "--pidfile", os.path.join(self.dir, "dockerd.pid"),
                 "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--ip-forward=false",
                 "--bridge=none",
                 "--containerd-namespace", name, "--containerd-plugins-namespace", name + "-p",
+                "--cgroup-parent", "/" + name,
                 "--log-level=warn", "--no-new-privileges"]
         for driver in ([self.storage_driver] if self.storage_driver else ["overlay2", "vfs"]):
             self._log = open(os.path.join(self.dir, "dockerd.log"), "ab")
@@ -1265,7 +1270,18 @@ class PrivateEngine:
                     api.remove_container(info["Id"], force=True, v=True)
         self._end_process()
         self._unmount_all()
+        self._remove_cgroups()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _remove_cgroups(self) -> None:
+        """rmdir the (by now empty) cgroup parent its containers lived under."""
+        if not self.name:
+            return
+        for parent in sorted(glob.glob(f"/sys/fs/cgroup/*/{self.name}")
+                             + glob.glob(f"/sys/fs/cgroup/{self.name}"), reverse=True):
+            for dirpath, _dirs, _files in sorted(os.walk(parent), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
 
     def _unmount_all(self) -> None:
         """Detach mounts the engine left under its directories (overlay, shm, netns)."""

@@ -347,3 +347,31 @@ def test_private_engine_leaves_the_host_network_alone(docker_engine, docker_host
     with open("/proc/sys/net/ipv4/ip_forward") as f:
         assert f.read().strip() == docker_engine.ip_forward_before
     assert not os.path.exists("/sys/class/net/docker0")
+
+
+def test_containers_live_under_the_engines_own_cgroup_parent(docker_engine, docker_host):
+    with DockerSandbox.create(_spec()) as sb:
+        with open(f"/proc/{sb.init_pid}/cgroup") as f:
+            paths = {line.rstrip().split(":", 2)[2] for line in f}
+        container_id = sb.container_id
+    assert paths == {f"/{docker_engine.name}/{container_id}"}
+
+
+def test_private_engine_stop_removes_everything_it_made():
+    if os.geteuid() != 0:
+        pytest.skip("dockerd needs root")
+    import glob
+
+    engine = docker.PrivateEngine().start()
+    pid = engine.proc.pid
+    with DockerSandbox.create(_spec(), docker_host=engine.url) as sb:
+        sb.exec(["sh", "-c", "sleep 1000 &"]).communicate()
+        pids = sb.pids()
+    DockerSandbox.create(_spec(), docker_host=engine.url)  # left running for stop()
+    engine.stop()
+    assert not alive(pid)
+    assert not any(alive(p) for p in pids)
+    assert not os.path.exists(engine.dir)
+    assert glob.glob(f"/sys/fs/cgroup/*/{engine.name}") == []
+    with open("/proc/self/mountinfo") as f:
+        assert [line for line in f if engine.dir in line] == []
