@@ -51,6 +51,7 @@ bench: build
 	$(PY) bench/audit.py --json
 	$(PY) bench/sessions.py --json
 	$(PY) bench/egress.py --json
+	$(PY) bench/scheduler.py --json
 
 lint: build
 	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples
