@@ -113,3 +113,24 @@ def test_a_lost_node_resumes_the_task_from_its_checkpoint_elsewhere(ray_cluster,
     assert (done.state, done.node) == (SUCCEEDED, first)
     assert _ray_node_of(c, again.id, 1) == nodes[first].node_id
     assert any(json.loads(r.detail_json)["node"] == first for r in c.audit_query(kind="node.back"))
+
+
+def test_a_restarted_daemon_reattaches_to_attempts_on_ray(ray_cluster, task_daemon):
+    cluster, nodes = ray_cluster
+    d = task_daemon(_config(cluster.address))
+    c = d.client()
+    t = deep_task(c, "--steps", "50", "--step-seconds", "0.05", "--checkpoint-every", "5",
+                  selector={"zone": "c"}, retries=1)
+    before = wait_task(c, t.id, lambda t: t.state == RUNNING and progress(t).get("done", 0) >= 8,
+                       timeout_s=120, what="step 8")
+    d.kill()  # the driver dies; the detached actor and its sandbox go on
+    d.start()
+    c = d.client()
+    done = wait_done(c, t.id, timeout_s=120)
+    assert done.state == SUCCEEDED, done.reason
+    assert (done.node, done.attempt) == ("ray-c", 1)
+    result = json.loads(done.result_json)
+    assert result == {"answer": answer(50), "steps": 50, "resumed_from": 0, "attempt": 1}
+    assert progress(before)["done"] < 50
+    assert any(json.loads(r.detail_json)["task_id"] == t.id
+               for r in c.audit_query(kind="task.reattached"))
