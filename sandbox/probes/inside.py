@@ -265,6 +265,25 @@ def op_open(path, flags="O_RDONLY"):
             "chr": stat.S_ISCHR(st.st_mode)}
 
 
+def op_open_any(pattern, flags="O_WRONLY"):
+    """open(2) the first path matching a glob that opens (none matching: ENOENT); a
+    descriptor that opens is closed unused: nothing is ever written."""
+    import glob
+
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise OSError(errno.ENOENT, f"nothing matches {pattern}")
+    refused = {}
+    for path in paths:
+        try:
+            return op_open(path, flags)
+        except OSError as exc:
+            refused[path] = errname(exc.errno)
+    first = next(iter(refused.values()))
+    raise Outcome({"errno": first if len(set(refused.values())) == 1 else "various",
+                   "refused": refused})
+
+
 def op_rewrite(path, flags="O_WRONLY"):
     """Read a file, then write the very same bytes back (harmless if the write is let in)."""
     with open(path, "rb") as f:

@@ -356,6 +356,15 @@ def _masked_or_denied(o: Outcome, _ctx) -> bool:
     return o.value.get("chr") and o.value.get("rdev") == [1, 3]
 
 
+def _write_refused(o: Outcome, _ctx) -> bool:
+    """Contained when every candidate refused the open for writing."""
+    if o.ok:
+        return False
+    if o.errno == "various":
+        return all(e in ("ENOENT", "EACCES", "EPERM", "EROFS") for e in o.value["refused"].values())
+    return o.errno in ("ENOENT", "EACCES", "EPERM", "EROFS")
+
+
 def _empty_read(o: Outcome, _ctx) -> bool:
     return (o.ok and o.value == "") or (not o.ok and o.errno in ("ENOENT", "EACCES", "EPERM"))
 
@@ -649,6 +658,13 @@ PROBES: tuple[Probe, ...] = (
           denied("ENOENT", "EROFS", "EACCES", "EPERM")),
     Probe("sys-firmware", "filesystem", "list /sys/firmware", ("listdir", "/sys/firmware"),
           lambda o, _c: (o.ok and o.value == []) or o.errno in ("ENOENT", "EACCES")),
+    Probe("cgroup-release-agent", "filesystem",
+          "open a cgroup v1 release_agent for writing (CVE-2022-0492; no write)",
+          ("open_any", "/sys/fs/cgroup/*/release_agent"), _write_refused),
+    Probe("cgroup-procs", "filesystem", "open a host cgroup's cgroup.procs to move out (no write)",
+          ("open_any", "/sys/fs/cgroup/*/cgroup.procs"), _write_refused),
+    Probe("modprobe-path", "filesystem", "open /proc/sys/kernel/modprobe for writing (no write)",
+          ("open", "/proc/sys/kernel/modprobe", "O_WRONLY"), _write_refused),
     Probe("device-nodes", "filesystem", "find disks or kernel memory devices in /dev",
           ("dev_scan",), _harmless_devices),
     Probe("mknod-char", "filesystem", "create a character device node",
