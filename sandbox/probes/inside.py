@@ -371,6 +371,46 @@ def op_workspace_links(host_path):
     return sorted(os.listdir("/workspace"))
 
 
+def op_join_watch(seconds, marker):
+    """Watch for processes joining this sandbox (commands being started into it) and try to
+    open each one's memory and executable for writing, as CVE-2019-5736 did with runc.
+    Nothing is ever written; a descriptor that opens is closed at once and counted. A
+    joiner that has already become the command the suite started (its command line carries
+    `marker`) is the sandbox's own process, not the runtime's, and is only counted."""
+    seen = {int(n) for n in os.listdir("/proc") if n.isdigit()}  # there before: not joiners
+    before = len(seen)
+    opened, refused, own = [], {}, 0
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in seen:
+                continue
+            seen.add(int(name))
+            for leaf, flags in (("mem", os.O_RDWR), ("exe", os.O_WRONLY)):
+                try:
+                    fd = os.open(f"/proc/{name}/{leaf}", flags | os.O_CLOEXEC)
+                except OSError as exc:
+                    key = f"{leaf}:{errname(exc.errno)}"
+                    refused[key] = refused.get(key, 0) + 1
+                else:
+                    os.close(fd)
+                    if _has_marker(name, marker):
+                        own += 1
+                    else:
+                        opened.append(f"{name}/{leaf}")
+    if opened:
+        raise Outcome({"errno": None, "opened": opened, "refused": refused})
+    return {"seen": len(seen) - before, "refused": refused, "own_program": own}
+
+
+def _has_marker(pid, marker):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return False
+
+
 # -- resources ---------------------------------------------------------------------------------
 
 

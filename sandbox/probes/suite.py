@@ -505,6 +505,31 @@ def _streamed(o: Outcome, _ctx) -> bool:
     return bool(o.ok)
 
 
+def _join_watch_procedure(ctx: Context, probe: Probe) -> Outcome:
+    """A command watches processes being joined into its sandbox while the runtime starts
+    commands there, trying to open their /proc/PID/mem and exe for writing."""
+    from ..backends.native import DEVNULL
+
+    marker = "corral-join-probe-" + os.urandom(4).hex()
+    with ctx.open() as sb:
+        watcher = sb.exec(["python3", "-I", "-c", inside_source(), "join_watch", "2", marker],
+                          stdin=DEVNULL)
+        time.sleep(0.3)
+        joined = 0
+        while watcher.poll() is None and joined < 200:
+            sb.exec(["true", marker], stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL).wait()
+            joined += 1
+        out, err = watcher.communicate()
+    outcome = parse_report(out, err, watcher.returncode, watcher.reason)
+    if isinstance(outcome.value, dict):
+        outcome.value["joined"] = joined
+    return outcome
+
+
+def _no_joiner_opened(o: Outcome, _ctx) -> bool:
+    return bool(o.ok) and o.value["joined"] > 0 and o.value["seen"] > 0
+
+
 def _file_api_procedure(ctx: Context, probe: Probe) -> Outcome:
     """The sandbox plants links in /workspace; the host-side file API must not follow them
     out of the workspace (reading a host file, or writing through a linked directory)."""
@@ -627,6 +652,9 @@ PROBES: tuple[Probe, ...] = (
           ("ptrace_attach", "1"), denied("EPERM", "EACCES")),
     Probe("process-vm-readv", "privilege", "read PID 1's memory (process_vm_readv)",
           ("process_vm_readv", "1"), denied("EPERM", "EACCES", "ESRCH")),
+    Probe("join-hijack", "privilege",
+          "open a joining command's /proc/PID/exe or mem for writing (CVE-2019-5736)",
+          (), _no_joiner_opened, procedure=_join_watch_procedure),
     Probe("proc-self-exe-write", "privilege", "open /proc/self/exe for writing (runc CVE)",
           ("open", "/proc/self/exe", "O_WRONLY"), denied("EACCES", "ETXTBSY", "EROFS", "EPERM")),
     Probe("mount-proc", "privilege", "mount a fresh procfs", ("mount_proc",),
