@@ -39,6 +39,17 @@ SCAN_PER_TENANT = 32
 HEARTBEAT_S = 5.0
 
 
+def sandbox_limits(spec: TaskSpec) -> dict:
+    """The attempt's SandboxSpec arguments: what the task holds is what its cgroup allows
+    (resources cpu -> CPU quota in cores, memory -> memory limit in bytes)."""
+    sandbox = dict(spec.sandbox)
+    if "cpu" in spec.resources:
+        sandbox["cpus"] = float(spec.resources["cpu"])
+    if "memory" in spec.resources:
+        sandbox["memory_bytes"] = max(8 << 20, int(spec.resources["memory"]))
+    return sandbox
+
+
 class Scheduler:
     """Tasks and nodes of one daemon."""
 
@@ -342,7 +353,7 @@ class Scheduler:
             return
         plan = AttemptPlan(
             task_id=task.id, attempt=attempt, argv=list(task.spec.argv),
-            sandbox=dict(task.spec.sandbox),
+            sandbox=sandbox_limits(task.spec),
             files={k: v.decode("latin-1") for k, v in task.spec.files.items()},
             devices=list(task.devices),
             deadline=(time.time() + task.spec.max_runtime_s) if task.spec.max_runtime_s else 0.0,

@@ -72,6 +72,15 @@ def test_spec_json_round_trip():
     assert TaskSpec.from_json(spec.to_json()) == spec
 
 
+def test_held_resources_become_the_sandbox_limits():
+    from corral.runtime.tasks.scheduler import sandbox_limits
+
+    spec = TaskSpec(argv=("x",), sandbox={"cpus": 1.0, "memory_bytes": 1 << 29},
+                    resources={"cpu": 2, "memory": 3 << 30})
+    assert sandbox_limits(spec) == {"cpus": 2.0, "memory_bytes": 3 << 30}
+    assert sandbox_limits(TaskSpec(argv=("x",), sandbox={"cpus": 1.0})) == {"cpus": 1.0}
+
+
 # -- placement -------------------------------------------------------------------------------
 
 
