@@ -1000,6 +1000,8 @@ async def _connect(host: str, port: int, event: dict) -> socket.socket | None:
 _SPLICE_FLAGS = 0x1 | 0x2  # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
+#: Splices per readiness wake-up of one direction before yielding to the loop.
+SPLICE_ROUNDS = 8
 
 
 class _Splice:
@@ -1032,18 +1034,23 @@ class _Splice:
             self.reading = False
 
     def _readable(self):
-        try:
-            n = os.splice(self.src.fileno(), self.pipe_w, self.capacity - self.pending,
-                          flags=_SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            return self._finish(exc)
-        if n == 0:
-            self.eof = True
-            self._read_off()
-        self.pending += n
-        self._flush()
+        # Keep moving while data keeps coming (up to a bound, to stay fair to the other
+        # connections on this loop): one readiness wake-up, many splices.
+        for _ in range(SPLICE_ROUNDS):
+            try:
+                n = os.splice(self.src.fileno(), self.pipe_w, self.capacity - self.pending,
+                              flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                return self._finish(exc)
+            if n == 0:
+                self.eof = True
+                self._read_off()
+            self.pending += n
+            self._flush()
+            if self.pending or self.eof or self.done.done():
+                return  # the destination is full (writer armed), or this direction ended
 
     def _writable(self):
         self._flush()
