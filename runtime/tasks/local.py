@@ -101,6 +101,8 @@ class LocalExecutor:
         w.pid = w.popen.pid
         w.pidfd = os.pidfd_open(w.pid)
         self._attach(w)
+        if task.cancel_requested or task.drain_requested:  # asked while we were starting it
+            self.cancel(task)
 
     def started(self, task) -> bool:
         files = TaskFiles(self.scheduler.tasks_root, task.id)

@@ -272,6 +272,8 @@ class RayExecutor:
         actor = self.actors[node.name]
         await self._call(actor.start.remote(plan.to_json(), tar))
         self._follow(task.id, plan.attempt, node.name, seq)
+        if task.cancel_requested or task.drain_requested:  # asked while we were starting it
+            self.cancel(task)
 
     def started(self, task) -> bool:
         return False

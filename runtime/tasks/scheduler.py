@@ -349,7 +349,11 @@ class Scheduler:
                 "priority": task.spec.priority, "selector": task.spec.selector,
                 "resources": task.spec.resources, "devices": list(task.devices),
                 "checkpoint_seq": task.checkpoint_seq}})])
-        if task.cancel_requested or task.attempt != attempt:
+        if task.attempt != attempt:
+            return
+        if task.cancel_requested:  # cancelled while the placement was being committed
+            await self._finish_attempt(task, {"outcome": "cancelled", "returncode": 0,
+                                              "reason": "cancelled before it started"})
             return
         plan = AttemptPlan(
             task_id=task.id, attempt=attempt, argv=list(task.spec.argv),

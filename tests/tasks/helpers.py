@@ -60,3 +60,12 @@ def deep_task(client: Client, *args: str, **kw):
 
 def answer(steps: int) -> int:
     return sum(i * i for i in range(steps))
+
+
+def wait_until_true(predicate, timeout_s: float = 20.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())

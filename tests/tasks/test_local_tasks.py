@@ -304,3 +304,21 @@ def test_tenants_see_only_their_own_tasks_and_only_operators_manage_nodes(task_d
                if r.tenant == "bob"]
     assert [s["task_ids"] for s in submits] == [[mine.id]]
     assert wait_done(c, mine.id).state == SUCCEEDED
+
+
+def test_cancel_right_after_submit_always_ends_cancelled(task_daemon):
+    from .helpers import shims_under
+
+    d = task_daemon(ONE_SLOT)
+    c = d.client()
+    ids = []
+    for _ in range(6):  # whichever state the cancel meets: queued, placed or running
+        t = c.submit_task(["sleep", "600"], resources={"cpu": 1})
+        c.cancel_task(t.id)
+        ids.append(t.id)
+    for task_id in ids:
+        assert wait_done(c, task_id).state == CANCELLED
+    assert [n.free["cpu"] for n in c.list_nodes()] == [1.0]
+    from .helpers import wait_until_true
+
+    assert wait_until_true(lambda: shims_under(str(d.root)) == [])
