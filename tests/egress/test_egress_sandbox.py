@@ -369,3 +369,28 @@ out['body'] = data.split(b'\\r\\n\\r\\n', 1)[1].decode()
     assert got == {"responses": 1,
                    "body": f"hello from {internet.allowed} for allowed.test /1"}
     assert internet.http_seen[seen_before:] == [(internet.allowed, "allowed.test", "/1")]
+
+
+def test_the_sandbox_cannot_rewire_its_link_or_spoof(internet):
+    """Root inside holds no capabilities: its routes stay, raw sockets are refused, so the
+    only way out stays the proxy."""
+    sb, _ = sandbox(internet, "allowed.test")
+    try:
+        got = run_py(sb, """
+import errno, struct
+nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+rtmsg = struct.pack('BBBBBBBBI', socket.AF_INET, 0, 0, 0, 254, 0, 0, 0, 0)
+nl.send(struct.pack('IHHII', 16 + len(rtmsg), 25, 1 | 4, 1, 0) + rtmsg)  # RTM_DELROUTE
+reply = nl.recv(4096)
+out['delroute'] = errno.errorcode.get(-struct.unpack_from('i', reply, 16)[0])
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    out['raw'] = 'ok'
+except OSError as e:
+    out['raw'] = errno.errorcode[e.errno]
+out['route'] = open('/proc/net/route').read().split('\\n')[1].split()[:3]
+""")
+    finally:
+        sb.destroy()
+    assert got == {"delroute": "EPERM", "raw": "EPERM",
+                   "route": ["eth0", "00000000", "01FF7F64"]}
