@@ -4,12 +4,14 @@ attempt; `Sandboxes.Inspect` reads the live policy back."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from corral.runtime.audit import AuditLog
+from corral.sandbox import cgroups
 
 from ..integration.daemon_harness import DaemonProcess
 
@@ -114,6 +116,20 @@ def test_cli_create_with_allow_net_and_inspect(egress_daemon):
                                text=True, timeout=60)
         assert table.returncode == 0, table.stderr
         assert "link eth0       UP       100.127.255.2/30" in table.stdout
+        # change the memory limit behind the daemon's back: inspect must say so, loudly
+        cg = cgroups.Cgroup(cgroups.detect(), box_id)
+        limit_file = next(
+            os.path.join(os.path.dirname(p), n) for p in cg.procs_files
+            for n in ("memory.limit_in_bytes", "memory.max")
+            if os.path.exists(os.path.join(os.path.dirname(p), n)))
+        with open(limit_file, "w") as f:
+            f.write(str(64 << 20))
+        table = subprocess.run([*base, "inspect", *sock, box_id], capture_output=True,
+                               text=True, timeout=60)
+        assert table.returncode == 3
+        assert f"!!! cgroup memory limit is {64 << 20}, spec says {512 << 20}" in table.stdout
+        assert table.stderr == (f"corral: inspect: {box_id} differs from its spec in 1 "
+                                "way(s)\n")
     finally:
         subprocess.run([*base, "destroy", *sock, box_id], check=True, timeout=60)
     bad = subprocess.run([*base, "create", *sock, "--allow-net", "10.0.0.1/8"],
