@@ -272,6 +272,7 @@ def bench_ray(runs: int) -> dict:
         small, num_cpus=0, include_dashboard=False, labels={NODE_LABEL: "head"}))
     cluster.add_node(**small, labels={NODE_LABEL: "ray-1"})
     cluster.wait_for_nodes()
+    session_dir = cluster.head_node.get_session_dir_path()
     try:
         d = Daemon(f'ray_address = "{cluster.address}"\n[[nodes]]\nname = "ray-1"\n'
                    'executor = "ray"\nresources = { cpu = 1 }\n')
@@ -282,6 +283,7 @@ def bench_ray(runs: int) -> dict:
             d.stop()
     finally:
         cluster.shutdown()
+        shutil.rmtree(session_dir, ignore_errors=True)
     return {"submit_to_running_ms_p50_ray": round(statistics.median(lat), 1),
             "submit_to_running_ms_p99_ray": round(_pct(lat, 0.99), 1)}
 

@@ -85,7 +85,7 @@ class NodeHost:
 
     def __init__(self, node: str, root: str | None = None):
         self.node = node
-        self.root = root or os.path.join(tempfile.gettempdir(), f"corral-ray-{node}-{os.getpid()}")
+        self.root = root or _session_root(node)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self._runners: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -163,6 +163,18 @@ class NodeHost:
         with self._lock:
             self._runners.pop(f"{task_id}/{attempt}", None)
         shutil.rmtree(TaskFiles(self.root, task_id).dir, ignore_errors=True)
+
+
+def _session_root(node: str) -> str:
+    """Attempt directories under the Ray session's own directory (removed with its logs)."""
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        base = os.path.join(ctx.get_temp_dir(), ctx.get_session_name())
+    except Exception:  # noqa: BLE001 - not inside Ray: a private temporary directory
+        base = tempfile.mkdtemp(prefix="corral-ray-")
+    return os.path.join(base, "corral", node, str(os.getpid()))
 
 
 _actor_class = None

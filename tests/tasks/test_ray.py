@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -36,10 +37,12 @@ def ray_cluster():
     nodes = {name: cluster.add_node(**SMALL, labels={NODE_LABEL: name, **labels})
              for name, labels in LABELS.items()}
     cluster.wait_for_nodes()
+    session_dir = cluster.head_node.get_session_dir_path()
     try:
         yield cluster, nodes
     finally:
         cluster.shutdown()
+        shutil.rmtree(session_dir, ignore_errors=True)  # Ray's logs and the actors' dirs
 
 
 def _config(address: str) -> str:
