@@ -394,3 +394,28 @@ out['route'] = open('/proc/net/route').read().split('\\n')[1].split()[:3]
         sb.destroy()
     assert got == {"delroute": "EPERM", "raw": "EPERM",
                    "route": ["eth0", "00000000", "01FF7F64"]}
+
+
+def test_curl_through_the_proxy_and_transparently(internet):
+    """The real client: curl with the proxy variables (HTTP, HTTPS CONNECT) and with
+    --noproxy (its own DNS lookup through the sandbox resolver, then steered)."""
+    sb, events = sandbox(internet, "allowed.test")
+    try:
+        outputs = []
+        for args in (["http://allowed.test/c1"],
+                     ["--cacert", "/certs/cert.pem", "https://allowed.test/c2"],
+                     ["--noproxy", "*", "http://allowed.test/c3"],
+                     ["--noproxy", "*", "--cacert", "/certs/cert.pem",
+                      "https://allowed.test/c4"],
+                     ["-o", "/dev/null", "-w", "%{http_code}", "http://other.test/c5"]):
+            proc = sb.exec(["curl", "-sS", "--max-time", "10", *args])
+            out, err = proc.communicate()
+            outputs.append((proc.returncode, out.decode(), err.decode()))
+    finally:
+        sb.destroy()
+    hello = f"hello from {internet.allowed} for allowed.test"
+    assert outputs == [(0, f"{hello} /c1", ""), (0, f"{hello} /c2", ""),
+                       (0, f"{hello} /c3", ""), (0, f"{hello} /c4", ""), (0, "403", "")]
+    modes = sorted((e["mode"], e["decision"]) for e in events_of(events))
+    assert modes == [("connect", "allow"), ("http", "allow"), ("http", "deny"),
+                     ("transparent", "allow"), ("transparent", "allow")]
