@@ -7,11 +7,14 @@ path in /proc and ended here (the test process is made the subreaper that reaps 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
 
 import pytest
+
+from corral.sandbox import sweep
 
 from ..integration.daemon_harness import DaemonProcess, reap, set_child_subreaper
 from .helpers import shims_under
@@ -52,3 +55,6 @@ def task_daemon(tmp_path):
                 pass
         reap(pids)
         set_child_subreaper(False)
+        if pids:  # their sandboxes died with them; remove what those left (run dir, cgroup)
+            with contextlib.suppress(FileNotFoundError):
+                sweep()
