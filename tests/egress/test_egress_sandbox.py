@@ -419,3 +419,20 @@ def test_curl_through_the_proxy_and_transparently(internet):
     modes = sorted((e["mode"], e["decision"]) for e in events_of(events))
     assert modes == [("connect", "allow"), ("http", "allow"), ("http", "deny"),
                      ("transparent", "allow"), ("transparent", "allow")]
+
+
+def test_two_sandboxes_two_policies(internet):
+    a, events_a = sandbox(internet, "allowed.test")
+    b, events_b = sandbox(internet, "other.test")
+    try:
+        code = "\n".join(HTTP_GET.format(url=f"http://{name}/two").replace(
+            "out['status'], out['body']", f"out['{name}']")
+            for name in ("allowed.test", "other.test"))
+        got_a, got_b = run_py(a, code), run_py(b, code)
+    finally:
+        a.destroy()
+        b.destroy()
+    assert got_a["allowed.test"][0] == 200 and got_a["other.test"][0] == 403
+    assert got_b["allowed.test"][0] == 403 and got_b["other.test"][0] == 200
+    assert {e["sandbox_id"] for e in events_a} == {a.id}
+    assert {e["sandbox_id"] for e in events_b} == {b.id}
