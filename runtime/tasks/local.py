@@ -127,6 +127,18 @@ class LocalExecutor:
         self._attach(w)
         return True
 
+    def leftovers(self, task) -> dict:
+        """Progress, result and checkpoint the attempt persisted (for a daemon that was down)."""
+        files = TaskFiles(self.scheduler.tasks_root, task.id)
+        adir = files.attempt_dir(task.attempt)
+        out: dict = {"checkpoint_seq": files.latest_checkpoint()}
+        for name in ("progress", "result"):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(adir, f"{name}.json"), encoding="utf-8",
+                          errors="replace") as f:
+                    out[f"{name}_json"] = f.read()
+        return out
+
     def final_outcome(self, task) -> dict | None:
         """The exit record of the task's current attempt, if it ended unobserved."""
         files = TaskFiles(self.scheduler.tasks_root, task.id)

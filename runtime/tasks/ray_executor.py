@@ -293,6 +293,9 @@ class RayExecutor:
     def final_outcome(self, task) -> dict | None:
         return None
 
+    def leftovers(self, task) -> dict:
+        return {}  # what the actor holds comes with the next poll
+
     async def recover(self, task) -> bool:
         actor = self.actors.get(task.node)
         if actor is None:

@@ -115,6 +115,10 @@ class Scheduler:
                               detail={"task_id": task.id, "node": task.node,
                                       "attempt": task.attempt})
             return
+        if executor is not None:  # what the attempt persisted while no daemon watched
+            left = executor.leftovers(task)
+            if left:
+                await self.on_update(task.id, task.attempt, **left)
         outcome = executor.final_outcome(task) if executor is not None else None
         if outcome is not None:  # it ended while no daemon was watching
             if task.state == TaskState.PLACED:
@@ -122,6 +126,7 @@ class Scheduler:
             await self._finish_attempt(task, outcome)
         elif task.state == TaskState.PLACED and not (executor and executor.started(task)):
             self._release(task)
+            task.attempt -= 1  # that attempt never ran
             await self._move(task, TaskState.QUEUED, "placement undone: the daemon restarted "
                                                      "before the attempt started")
             self._enqueue(task)

@@ -113,3 +113,22 @@ def test_drain_moves_a_running_task_to_another_node_from_its_checkpoint(task_dae
     # A drain is not a failure: a task without retries still got its second attempt.
     assert {n.name: (n.draining, list(n.tasks)) for n in c.list_nodes()}[first] == (True, [])
     assert c.cordon_node(first, on=False).draining is False
+
+
+def test_a_task_that_ended_while_no_daemon_ran_is_settled_at_restart(task_daemon):
+    from .helpers import wait_until_true
+
+    d = task_daemon(ONE_SLOT)
+    c = d.client()
+    t = deep_task(c, "--steps", "20", "--step-seconds", "0.05", "--checkpoint-every", "5")
+    wait_task(c, t.id, lambda t: t.state == RUNNING, what="running")
+    d.kill()
+    assert wait_until_true(lambda: shims_under(str(d.root)) == [], timeout_s=60)
+    d.start()
+    c = d.client()
+    done = wait_done(c, t.id)
+    assert done.state == SUCCEEDED, done.reason
+    assert done.attempt == 1
+    assert progress(done)["done"] == 20
+    assert json.loads(done.result_json)["answer"] == answer(20)
+    assert done.checkpoint_seq >= 4
