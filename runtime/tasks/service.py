@@ -11,6 +11,12 @@ async def start_scheduler(cfg, audit) -> Scheduler:
     nodes = tuple(cfg.nodes) or default_nodes()
     executors: dict = {"local": LocalExecutor()}
     if any(n.executor == "ray" for n in nodes):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            names = ", ".join(n.name for n in nodes if n.executor == "ray")
+            raise RuntimeError(f"nodes {names} use executor = \"ray\": install the corral[ray] "
+                               "extra (pip install 'corral[ray]')") from None
         from .ray_executor import RayExecutor
 
         executors["ray"] = RayExecutor(address=cfg.ray_address,
