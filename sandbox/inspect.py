@@ -72,13 +72,16 @@ def process_report(pid: int) -> dict | None:
         mounts.append({"target": fields[4], "options": fields[5], "fstype": fields[sep + 1],
                        "source": fields[sep + 2]})
     cmdline = (_read(f"/proc/{pid}/cmdline") or "").replace("\0", " ").strip()
+    uid_map, gid_map = _read(f"/proc/{pid}/uid_map"), _read(f"/proc/{pid}/gid_map")
+    if uid_map is None or gid_map is None or not os.path.exists(f"/proc/{pid}/ns"):
+        return None  # it ended while we read: half a report would be a false alarm
     return {
         "pid": pid,
         "ns_pid": int(status.get("NSpid", "0").split()[-1] or 0),
         "name": status.get("Name", ""),
         "cmdline": cmdline[:200],
-        "uid_map": (_read(f"/proc/{pid}/uid_map") or "").split(),
-        "gid_map": (_read(f"/proc/{pid}/gid_map") or "").split(),
+        "uid_map": uid_map.split(),
+        "gid_map": gid_map.split(),
         "seccomp_mode": int(status.get("Seccomp", "0")),
         "seccomp_filters": int(status.get("Seccomp_filters", "0")),
         "no_new_privs": status.get("NoNewPrivs") == "1",
