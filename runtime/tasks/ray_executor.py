@@ -215,8 +215,12 @@ class RayExecutor:
         ray_environment()
         import ray
 
-        await self._ray(lambda: ray.init(address=self.address or "auto", namespace=NAMESPACE,
-                                         log_to_driver=False))
+        try:
+            await self._ray(lambda: ray.init(address=self.address or "auto",
+                                             namespace=NAMESPACE, log_to_driver=False))
+        except Exception as exc:  # noqa: BLE001 - ConnectionError and kin: say where
+            raise RuntimeError(f"cannot reach the Ray cluster at {self.address or 'auto'} "
+                               f"(ray_address): {exc}") from None
         for name in self.node_names:
             self.actors[name] = self._actor(name)
             self._alive[name] = True
