@@ -192,8 +192,7 @@ def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
         for key in ("cap_eff", "cap_prm", "cap_bnd", "cap_amb"):
             if p[key] and int(p[key], 16) != 0:
                 out.append(f"{who}: {key} is {p[key]}, expected none")
-        if not any(m["target"] == "/" for m in p["mounts"]):
-            out.append(f"{who}: no root mount visible")
+        out += [f"{who}: {problem}" for problem in _mount_problems(p["mounts"], spec)]
     first = rep["processes"][0]["cgroups"] if rep["processes"] else []
     for p in rep["processes"][1:]:
         if p["cgroups"] != first:
@@ -237,6 +236,40 @@ def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
     elif set(net_links) - {"lo"}:
         out.append(f"network: spec allows no egress, but links {sorted(set(net_links))} exist")
     return out
+
+
+#: Mount points that may be writable in every sandbox.
+_WRITABLE_TARGETS = {"/workspace", "/tmp", "/dev/shm", "/dev/pts", "/proc"}
+#: Parts of /proc that must be read-only mounts of their own (the parent /proc is rw).
+_READONLY_PROC = ("/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/sysvipc")
+
+
+def _mount_problems(mounts: list[dict], spec: SandboxSpec) -> list[str]:
+    """The mount table against the policy: root read-only, the read-only parts of /proc
+    in place, nothing else writable that the spec did not grant. Writable device nodes
+    (/dev/null and friends, and the /dev/null masks over /proc files) are devtmpfs binds."""
+    problems = []
+    top = {}
+    for m in mounts:  # a later mount on the same point hides the earlier one
+        top[m["target"]] = m
+    if "/" not in top:
+        problems.append("no root mount visible")
+    elif "ro" not in top["/"]["options"].split(","):
+        problems.append("the root filesystem is writable")
+    for path in _READONLY_PROC:
+        m = top.get(path)
+        if m is None or "ro" not in m["options"].split(","):
+            problems.append(f"{path} is not a read-only mount")
+    granted = _WRITABLE_TARGETS | {b.target for b in spec.binds if b.writable}
+    for target, m in top.items():
+        if "rw" not in m["options"].split(",") or target in granted or target == "/":
+            continue
+        if target.startswith(("/dev/", "/proc/")) and m["fstype"] == "devtmpfs":
+            continue
+        if any(target.startswith(g + "/") for g in granted - {"/proc"}):
+            continue
+        problems.append(f"{target} is mounted writable ({m['fstype']} {m['source']})")
+    return problems
 
 
 def format_table(rep: dict, problems: list[str], policy_digest: str = "") -> str:
