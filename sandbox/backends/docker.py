@@ -398,11 +398,15 @@ def sweep(url: str | None = None) -> list[str]:
             continue
         with contextlib.suppress(Exception):
             api.remove_container(info["Id"], force=True, v=True)
-        workspace = labels.get(LABEL_WORKSPACE)
-        if workspace and os.path.basename(workspace).startswith("corral."):
-            shutil.rmtree(workspace, ignore_errors=True)
+        _remove_workspace(labels.get(LABEL_WORKSPACE))
         removed.append(labels.get(LABEL, info["Id"][:12]))
     return removed
+
+
+def _remove_workspace(path: str | None) -> None:
+    """Remove a temporary workspace a container's label names (only ones Corral made)."""
+    if path and os.path.basename(path).startswith("corral.sbx-"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- policy -> Engine API ---------------------------------------------------------------------
@@ -1268,6 +1272,7 @@ class PrivateEngine:
                 api = _sdk().APIClient(base_url=self.url, version=API_VERSION, timeout=30)
                 for info in api.containers(all=True):
                     api.remove_container(info["Id"], force=True, v=True)
+                    _remove_workspace((info.get("Labels") or {}).get(LABEL_WORKSPACE))
         self._end_process()
         self._unmount_all()
         self._remove_cgroups()

@@ -31,20 +31,33 @@ def backend(request) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_containers_left(request):
-    """After a docker test: no Corral container remains on the private engine."""
-    is_docker = "backend" in request.fixturenames and \
-        getattr(request.node, "callspec", None) is not None and \
-        request.node.callspec.params.get("backend") == "docker"
-    yield
-    if not is_docker:
-        return
-    from corral.sandbox.backends import docker
+def no_leftovers(request, monkeypatch):
+    """After each test: no temporary workspace of its sandboxes remains (either backend),
+    and no Corral container remains on the private engine."""
+    from corral.sandbox.backends import docker, native
 
-    api = docker.client(request.getfixturevalue("docker_engine").url)
-    left = api.containers(all=True, filters={"label": docker.LABEL})
-    for c in left:
-        api.remove_container(c["Id"], force=True)
-    if left:
-        pytest.fail(f"{request.node.nodeid} left containers {[c['Names'] for c in left]}",
-                    pytrace=False)
+    made: list[str] = []
+    for cls in (native.Sandbox, docker.DockerSandbox):
+        setup = cls._setup_workspace
+
+        def recording_setup(self, _setup=setup):
+            _setup(self)
+            if self._own_workspace:
+                made.append(self.workspace)
+
+        monkeypatch.setattr(cls, "_setup_workspace", recording_setup)
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    yield
+    problems = {}
+    workspaces = [w for w in made if os.path.exists(w)]
+    if workspaces:
+        problems["workspaces"] = workspaces
+    if params.get("backend") == "docker":
+        api = docker.client(request.getfixturevalue("docker_engine").url)
+        left = api.containers(all=True, filters={"label": docker.LABEL})
+        for c in left:
+            api.remove_container(c["Id"], force=True)
+        if left:
+            problems["containers"] = [c["Names"] for c in left]
+    if problems:
+        pytest.fail(f"{request.node.nodeid} left behind {problems}", pytrace=False)

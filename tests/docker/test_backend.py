@@ -367,8 +367,9 @@ def test_private_engine_stop_removes_everything_it_made():
     with DockerSandbox.create(_spec(), docker_host=engine.url) as sb:
         sb.exec(["sh", "-c", "sleep 1000 &"]).communicate()
         pids = sb.pids()
-    DockerSandbox.create(_spec(), docker_host=engine.url)  # left running for stop()
+    left = DockerSandbox.create(_spec(), docker_host=engine.url)  # for stop() to remove
     engine.stop()
+    assert not os.path.exists(left.workspace)
     assert not alive(pid)
     assert not any(alive(p) for p in pids)
     assert not os.path.exists(engine.dir)
