@@ -1200,9 +1200,12 @@ class PrivateEngine:
         dockerd = shutil.which("dockerd", path="/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/bin")
         if dockerd is None:
             raise UnsupportedHost("dockerd is not installed (Debian: apt-get install docker.io)")
+        PrivateEngine.sweep(os.path.dirname(self.dir))
         self.ip_forward_before = _read_text("/proc/sys/net/ipv4/ip_forward")
         # containerd namespaces and the cgroup parent: [A-Za-z0-9._-] only
         name = self.name = "corral-dockerd-" + os.urandom(4).hex()
+        with open(os.path.join(self.dir, "owner"), "w") as f:
+            f.write(f"{_creator()}\n{name}\n")
         argv = [dockerd, "--host", self.url, "--data-root", os.path.join(self.dir, "data"),
                 "--exec-root", os.path.join(self.dir, "exec"),
                 "--pidfile", os.path.join(self.dir, "dockerd.pid"),
@@ -1223,6 +1226,29 @@ class PrivateEngine:
         tail = self.log_tail()
         self.stop()
         raise Unavailable(f"private dockerd did not start: {tail}")
+
+    @classmethod
+    def sweep(cls, base: str | None = None) -> list[str]:
+        """Stop and remove private engines whose owner process is gone (a test run that was
+        killed before its stop()); returns their directories."""
+        removed = []
+        for path in glob.glob(os.path.join(base or tempfile.gettempdir(), "corral.dockerd.*")):
+            try:
+                with open(os.path.join(path, "owner")) as f:
+                    owner, name = f.read().split()
+            except (OSError, ValueError):
+                continue  # starting right now, or not ours
+            if _creator_alive(owner):
+                continue
+            stale = cls.__new__(cls)
+            stale.dir, stale.name, stale.proc, stale._log = path, name, None, None
+            stale.url = "unix://" + os.path.join(path, "docker.sock")
+            stale._kill_everything()
+            stale._unmount_all()
+            stale._remove_cgroups()
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
 
     def _wait_ready(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
@@ -1277,6 +1303,32 @@ class PrivateEngine:
         self._unmount_all()
         self._remove_cgroups()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _kill_everything(self) -> None:
+        """SIGKILL what an engine whose owner died left running: dockerd, containerd and
+        the shims (their command lines name its containerd namespace), then every process
+        in its containers' cgroups."""
+        for _ in range(50):
+            victims = set()
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit() or int(pid) == os.getpid():
+                    continue
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmdline = f.read()
+                    if self.name.encode() in cmdline or self.dir.encode() in cmdline:
+                        victims.add(int(pid))
+            for procs in glob.glob(f"/sys/fs/cgroup/*/{self.name}/**/cgroup.procs",
+                                   recursive=True):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(procs) as f:
+                        victims.update(int(x) for x in f.read().split())
+            if not victims:
+                return
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal_mod.SIGKILL)
+            time.sleep(0.1)
 
     def _remove_cgroups(self) -> None:
         """rmdir the (by now empty) cgroup parent its containers lived under."""

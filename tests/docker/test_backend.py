@@ -376,3 +376,40 @@ def test_private_engine_stop_removes_everything_it_made():
     assert glob.glob(f"/sys/fs/cgroup/*/{engine.name}") == []
     with open("/proc/self/mountinfo") as f:
         assert [line for line in f if engine.dir in line] == []
+
+
+def test_engine_of_a_killed_test_run_is_swept():
+    """A run SIGKILLed before PrivateEngine.stop() leaves dockerd, containerd, shims and a
+    running container; the next engine's start sweeps all of it."""
+    if os.geteuid() != 0:
+        pytest.skip("dockerd needs root")
+    import glob
+
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {REPO_ROOT!r})
+        from corral.sandbox import SandboxSpec
+        from corral.sandbox.backends.docker import DockerSandbox, PrivateEngine
+        engine = PrivateEngine().start()
+        sb = DockerSandbox.create(SandboxSpec(backend="docker"), docker_host=engine.url)
+        sb.exec(["sh", "-c", "sleep 1000 &"]).communicate()
+        print(engine.dir, engine.name, " ".join(map(str, sb.pids())), flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    engine_dir, name, *pids = result.stdout.decode().split()
+    assert os.path.isdir(engine_dir) and all(alive(int(p)) for p in pids)
+    assert engine_dir in docker.PrivateEngine.sweep()
+    assert not any(alive(int(p)) for p in pids)
+    assert not os.path.exists(engine_dir)
+    assert glob.glob(f"/sys/fs/cgroup/*/{name}") == []
+    with open("/proc/self/mountinfo") as f:
+        assert [line for line in f if engine_dir in line] == []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    assert name.encode() not in f.read()
+            except OSError:
+                pass
