@@ -134,7 +134,9 @@ def host_status(pid: int) -> dict[str, str]:
 
 
 #: A temporary workspace: tempfile.mkdtemp(prefix=f"corral-{id}-") adds 8 random characters.
-_WORKSPACE_RE = re.compile(r"^corral-.+-[A-Za-z0-9_]{8}$")
+# A native sandbox's temporary workspace: corral-<id>-<mkdtemp suffix>, ids being sbx-<hex>
+# (other tools' temporary folders, corral-dockerd-*, corral-ray-*, ..., are not ours).
+_WORKSPACE_RE = re.compile(r"^corral-sbx-[0-9a-f]+-[A-Za-z0-9_]{8}$")
 
 
 @dataclass(frozen=True)
