@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import fcntl
 import functools
 import glob
 import hashlib
@@ -63,6 +64,10 @@ LABEL = "corral.sandbox"
 LABEL_CREATOR = "corral.creator"
 #: Label holding a temporary workspace directory the sandbox owns (removed by sweep()).
 LABEL_WORKSPACE = "corral.workspace"
+#: Label holding the host directory of the sandbox's descriptor FIFOs (removed by sweep()).
+LABEL_FDS = "corral.fds"
+#: Where a sandbox's descriptor FIFOs appear inside its container (read-only bind).
+FDS_INSIDE = "/run/corral-fds"
 IMAGE_REPOSITORY = "corral-base"
 #: Bumped when the image's layout changes (part of the image tag's digest).
 IMAGE_LAYOUT_VERSION = "1"
@@ -314,7 +319,8 @@ def rootfs_plan() -> RootfsPlan:
         plan._add_dir_chain(os.path.dirname(inside))
         with open(host, "rb") as f:
             plan.generated[inside] = f.read()
-    for d in ("/etc", "/tmp", "/workspace", "/proc", "/dev", "/sys", "/run", "/opt"):
+    for d in ("/etc", "/tmp", "/workspace", "/proc", "/dev", "/sys", "/run", "/opt",
+              FDS_INSIDE):
         plan.dirs.add(d)
     return plan
 
@@ -399,6 +405,7 @@ def sweep(url: str | None = None) -> list[str]:
         with contextlib.suppress(Exception):
             api.remove_container(info["Id"], force=True, v=True)
         _remove_workspace(labels.get(LABEL_WORKSPACE))
+        _remove_workspace(labels.get(LABEL_FDS))
         removed.append(labels.get(LABEL, info["Id"][:12]))
     return removed
 
@@ -427,7 +434,7 @@ def seccomp_option(profile: str) -> str:
 
 
 def container_config(api, spec: SandboxSpec, image: str, sandbox_id: str, workspace: str,
-                     own_workspace: bool) -> dict:
+                     own_workspace: bool, fds_dir: str | None = None) -> dict:
     """The create-container request for a spec (keyword arguments of create_container)."""
     docker = _sdk()
     user = f"{spec.uid_base}:{spec.uid_base}"
@@ -435,6 +442,8 @@ def container_config(api, spec: SandboxSpec, image: str, sandbox_id: str, worksp
     for b in spec.binds:
         mounts.append(docker.types.Mount(b.target, b.source, type="bind",
                                          read_only=not b.writable))
+    if fds_dir is not None:  # FIFOs for pass_fds; writable as FIFOs even on a read-only bind
+        mounts.append(docker.types.Mount(FDS_INSIDE, fds_dir, type="bind", read_only=True))
     host_config = api.create_host_config(
         read_only=True,
         security_opt=["no-new-privileges:true", seccomp_option(spec.profile)],
@@ -458,6 +467,8 @@ def container_config(api, spec: SandboxSpec, image: str, sandbox_id: str, worksp
     labels = {LABEL: sandbox_id, LABEL_CREATOR: _creator()}
     if own_workspace:
         labels[LABEL_WORKSPACE] = workspace
+    if fds_dir is not None:
+        labels[LABEL_FDS] = fds_dir
     labels.update({f"corral.label.{k}": v for k, v in spec.labels})
     return dict(
         image=image, command=["sleep", "infinity"], hostname=spec.hostname, user=user,
@@ -526,6 +537,8 @@ class DockerProcess:
         self._timed_out = False
         self._pid = 0
         self._pumping = False
+        #: Called once when the command has ended (the descriptor relays stop then).
+        self._on_finish: list = []
         if not want_stdin:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
@@ -794,11 +807,133 @@ class DockerProcess:
             self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.EXITED
         if self._eof or not any(self._keep):
             self._close()  # else output may still be on its way: pump() reads it, then closes
+        for hook in self._on_finish:
+            with contextlib.suppress(Exception):
+                hook()
         if self.on_exit is not None:
             self.on_exit(self)
 
 
 # -- sandboxes --------------------------------------------------------------------------------
+
+
+class _PassedFds:
+    """Descriptors handed to a command (``pass_fds``) across the engine, through FIFOs.
+
+    Nothing but bytes crosses into a container, so each {fd inside: fd here} becomes a FIFO
+    in the sandbox's host-side fds directory, bound read-only at FDS_INSIDE (a FIFO stays
+    writable on a read-only mount). The command is started through ``sh -c 'exec 3>FIFO
+    4<FIFO; exec "$@"'``, and a relay thread per descriptor copies between the FIFO and the
+    caller's descriptor: out of the sandbox when the caller passed a write end (the agent
+    protocol's events fd), into it for a read end (the control fd). The host side holds each
+    FIFO open read-write, so no open ever blocks; relays stop when the command ends.
+    """
+
+    def __init__(self, sandbox: DockerSandbox, pass_fds: dict[int, int]):
+        self.links: list[tuple[str, int, int, str]] = []  # (direction, fifo fd, dup, path)
+        self.redirections: list[str] = []
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._threads: list[threading.Thread] = []
+        self._running = 0
+        self._lock = threading.Lock()
+        tag = os.urandom(4).hex()
+        try:
+            for inside, here in sorted(pass_fds.items()):
+                if not 3 <= inside <= 9:
+                    raise InvalidSpec("pass_fds", f"descriptor {inside}: the docker backend "
+                                                  "passes descriptors 3 to 9")
+                access = fcntl.fcntl(here, fcntl.F_GETFL) & os.O_ACCMODE
+                if access not in (os.O_WRONLY, os.O_RDONLY):
+                    raise InvalidSpec("pass_fds", f"descriptor {inside}: pass one end of a "
+                                                  "pipe (read or write), not a read-write one")
+                name = f"{tag}-{inside}"
+                path = os.path.join(sandbox._fds_dir, name)
+                os.mkfifo(path, 0o600)
+                if os.geteuid() == 0:
+                    os.chown(path, sandbox.spec.uid_base, sandbox.spec.uid_base)
+                fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                direction = "out" if access == os.O_WRONLY else "in"
+                self.links.append((direction, fifo, os.dup(here), path))
+                arrow = ">" if direction == "out" else "<"
+                self.redirections.append(f"{inside}{arrow}{FDS_INSIDE}/{name}")
+        except BaseException:
+            self.close()
+            raise
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["/bin/sh", "-c", f"exec {' '.join(self.redirections)}; exec \"$@\"",
+                "corral-exec", *argv]
+
+    def start(self) -> None:
+        self._running = len(self.links)
+        for link in self.links:
+            t = threading.Thread(target=self._copy, args=link, daemon=True,
+                                 name=f"corral-docker-fd-{link[0]}")
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """The command ended: relays drain what is left and close (from _finish)."""
+        with contextlib.suppress(OSError):
+            os.close(self._stop_w)
+        self._stop_w = -1
+
+    def close(self) -> None:
+        self.stop()
+        for _direction, fifo, here, path in self.links:
+            for fd in (fifo, here):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.links = []
+        with contextlib.suppress(OSError):
+            os.close(self._stop_r)
+
+    def _copy(self, direction: str, fifo: int, here: int, path: str) -> None:
+        src, dst = (fifo, here) if direction == "out" else (here, fifo)
+        try:
+            while True:
+                ready, _, _ = select_mod.select([src, self._stop_r], [], [])
+                if src in ready:
+                    try:
+                        chunk = os.read(src, 65536)
+                    except BlockingIOError:
+                        chunk = None
+                    if chunk == b"":
+                        break  # the caller closed its end (control) or no writer left
+                    if chunk:
+                        _write_all(dst, chunk)
+                        continue
+                if self._stop_r in ready:
+                    if direction == "out":  # what the command wrote before it ended
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            while chunk := os.read(fifo, 65536):
+                                _write_all(here, chunk)
+                    break
+        except OSError:
+            pass
+        finally:
+            for fd in (fifo, here):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                with contextlib.suppress(OSError):
+                    os.close(self._stop_r)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select_mod.select([], [fd], [], 1.0)
 
 
 @dataclass(frozen=True)
@@ -829,6 +964,7 @@ class DockerSandbox:
         self.status_fd = self._status_w = -1
         self._status_lock = threading.Lock()
         self._procs: weakref.WeakSet[DockerProcess] = weakref.WeakSet()
+        self._fds_dir: str | None = None
         #: What the policy digest is computed from (the native backend's Prepared shape).
         self._prepared: _Prepared | None = None
 
@@ -871,8 +1007,12 @@ class DockerSandbox:
         self.status_fd, self._status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             self._setup_workspace()
+            self._fds_dir = tempfile.mkdtemp(prefix=f"corral.{self.id}.fds.")
+            if os.geteuid() == 0:
+                os.chown(self._fds_dir, self.spec.uid_base, self.spec.uid_base)
+            os.chmod(self._fds_dir, 0o700)
             config = container_config(self.api, self.spec, image, self.id, self.workspace,
-                                      self._own_workspace)
+                                      self._own_workspace, self._fds_dir)
             try:
                 self.container_id = self.api.create_container(**config)["Id"]
                 self.api.start(self.container_id)
@@ -925,6 +1065,9 @@ class DockerSandbox:
         if self._own_workspace and self.workspace:
             shutil.rmtree(self.workspace, ignore_errors=True)
             self._own_workspace = False
+        if self._fds_dir is not None:
+            shutil.rmtree(self._fds_dir, ignore_errors=True)
+            self._fds_dir = None
         for proc in list(self._procs):
             if proc._eof or not proc._pumping:  # a pump in progress closes its own
                 proc._close()
@@ -958,10 +1101,6 @@ class DockerSandbox:
             raise CorralError(f"sandbox {self.id} is {self.state}; cannot exec")
         if not argv:
             raise InvalidSpec("argv", "the command is empty")
-        if pass_fds:
-            raise InvalidSpec("pass_fds", "the docker backend cannot pass descriptors (the "
-                                          "agent protocol's event and control fds need the "
-                                          "native backend)")
         relay = any(_is_fd(h) for h in (stdout, stderr))
         if relay and PIPE in (stdout, stderr):
             raise InvalidSpec("stdout", "give descriptors (or DEVNULL) for both outputs, or "
@@ -971,21 +1110,37 @@ class DockerSandbox:
         for key, value in (env or {}).items():
             environment = [e for e in environment if not e.startswith(key + "=")]
             environment.append(f"{key}={value}")
+        passed = _PassedFds(self, pass_fds) if pass_fds else None
+        command = passed.wrap(list(argv)) if passed else list(argv)
         try:
             exec_id = self.api.exec_create(
-                self.container_id, list(argv), stdout=True, stderr=True,
+                self.container_id, command, stdout=True, stderr=True,
                 stdin=stdin == PIPE or _is_fd(stdin),
                 user=f"{self.spec.uid_base}:{self.spec.uid_base}",
                 environment=environment, workdir=cwd)["Id"]
         except docker.errors.APIError as exc:
+            if passed:
+                passed.close()
             raise CorralError(f"docker: exec in {self.id}: {exc.explanation or exc}") from None
+        except BaseException:
+            if passed:
+                passed.close()
+            raise
         oom_before = self._oom_kills()
-        sock, leftover = self._start_exec(exec_id)
+        try:
+            sock, leftover = self._start_exec(exec_id)
+        except BaseException:
+            if passed:
+                passed.close()
+            raise
         keep = (stdout == PIPE or _is_fd(stdout), stderr == PIPE or _is_fd(stderr))
         self._procs.add(proc := DockerProcess(self, exec_id, sock, leftover, list(argv),
                              timeout_s if timeout_s is not None else self.spec.timeout_s,
                              oom_before, stdin == PIPE or _is_fd(stdin), keep))
-        self._check_started(proc, cwd)
+        if passed:
+            proc._on_finish.append(passed.stop)
+            passed.start()
+        self._check_started(proc, cwd, wrapped=passed is not None)
         if relay or _is_fd(stdin):
             proc._relay(stdin if _is_fd(stdin) else None,
                         stdout if _is_fd(stdout) else None,
@@ -1010,7 +1165,7 @@ class DockerSandbox:
                 count += len(chunk)
         return count
 
-    def _check_started(self, proc: DockerProcess, cwd: str) -> None:
+    def _check_started(self, proc: DockerProcess, cwd: str, wrapped: bool = False) -> None:
         """Wait until the engine has started the command (learning its pid), or tell
         CommandNotFound when the runtime could not execute it."""
         delay = 0.0005
@@ -1033,7 +1188,9 @@ class DockerSandbox:
         if code not in (126, 127):
             return
         text = proc._read_to_eof().decode(errors="replace")
-        if "OCI runtime exec failed" in text:
+        wrapper_failed = wrapped and (f"exec: {proc.argv[0]}: not found" in text
+                                      or f"exec: {proc.argv[0]}: Permission denied" in text)
+        if "OCI runtime exec failed" in text or wrapper_failed:
             proc._finish(code)
             if "chdir" in text:
                 raise SandboxSetupError("chdir", cwd, errno_mod.ENOENT)
@@ -1298,7 +1455,8 @@ class PrivateEngine:
                 api = _sdk().APIClient(base_url=self.url, version=API_VERSION, timeout=30)
                 for info in api.containers(all=True):
                     api.remove_container(info["Id"], force=True, v=True)
-                    _remove_workspace((info.get("Labels") or {}).get(LABEL_WORKSPACE))
+                    for label in (LABEL_WORKSPACE, LABEL_FDS):
+                        _remove_workspace((info.get("Labels") or {}).get(label))
         self._end_process()
         self._unmount_all()
         self._remove_cgroups()

@@ -57,7 +57,8 @@ def test_host_config_carries_the_whole_policy(docker_host):
     (seccomp_opt,) = [o for o in hc["SecurityOpt"] if o.startswith("seccomp=")]
     with open(os.path.join(REPO_ROOT, "sandbox", "profiles", "default.json")) as f:
         assert json.loads(seccomp_opt[len("seccomp="):]) == json.load(f)
-    assert [(m["Destination"], m["RW"]) for m in info["Mounts"]] == [("/workspace", True)]
+    assert sorted((m["Destination"], m["RW"]) for m in info["Mounts"]) == [
+        ("/run/corral-fds", False), ("/workspace", True)]
     assert cfg["User"] == "100000:100000"
     assert cfg["Labels"][LABEL] == sb.id
     assert cfg["Hostname"] == "corral"
@@ -413,3 +414,47 @@ def test_engine_of_a_killed_test_run_is_swept():
                     assert name.encode() not in f.read()
             except OSError:
                 pass
+
+
+PROTOCOL_ECHO = """
+import os
+events, control = int(os.environ["EV"]), int(os.environ["CT"])
+os.write(events, b"hello from inside\\n")
+data = b""
+while chunk := os.read(control, 4096):
+    data += chunk
+os.write(events, b"got " + data)
+print("stdout too")
+"""
+
+
+def test_pass_fds_cross_the_engine_both_ways(docker_host):
+    """The agent protocol's descriptors: a write end to read events from, a read end to
+    send control bytes through, as the daemon passes them."""
+    events_r, events_w = os.pipe()
+    control_r, control_w = os.pipe()
+    with DockerSandbox.create(_spec()) as sb:
+        proc = sb.exec(["python3", "-c", PROTOCOL_ECHO], env={"EV": "3", "CT": "4"},
+                       pass_fds={3: events_w, 4: control_r})
+        os.close(events_w)
+        os.close(control_r)
+        os.write(control_w, b"control bytes")
+        os.close(control_w)
+        out, err = proc.communicate()
+        with os.fdopen(events_r, "rb") as f:
+            events = f.read()
+        fifos_gone = wait_until(lambda: os.listdir(sb._fds_dir) == [])
+    assert (proc.returncode, out, err) == (0, b"stdout too\n", b"")
+    assert events == b"hello from inside\ngot control bytes"
+    assert fifos_gone  # the relays remove their FIFOs once the command has ended
+
+
+def test_pass_fds_keeps_command_not_found(docker_host):
+    r, w = os.pipe()
+    try:
+        with DockerSandbox.create(_spec()) as sb:
+            with pytest.raises(CommandNotFound):
+                sb.exec(["no-such-agent"], pass_fds={3: w})
+    finally:
+        os.close(r)
+        os.close(w)

@@ -107,3 +107,35 @@ def test_sandbox_ttl_removes_the_container(daemon, docker_host):
                 if r.sandbox_id == sb.id]
 
     assert wait_until(lambda: reasons() == ["ttl"], timeout_s=10), reasons()
+
+
+def test_agent_session_runs_in_a_docker_sandbox(daemon, docker_host):
+    """Sessions.Open in a docker sandbox: the protocol's events and control descriptors
+    cross the engine (FIFOs), tokens arrive in order, steering reaches the agent."""
+    from ..integration.daemon_harness import STREAM_AGENT, SessionRecorder, upload_agents
+
+    client = daemon.client()
+    sb = client.create_sandbox(backend="docker")
+    try:
+        upload_agents(client, sb.id)
+        rec = SessionRecorder(client.open_session(
+            ["python3", STREAM_AGENT, "--tokens", "500", "--exit", "3"], sandbox_id=sb.id))
+        rec.join()
+        assert rec.error is None, rec.error
+        assert rec.tokens() == [f"t{i}" for i in range(500)]
+        assert rec.turn_ends() == [(1, "completed")]
+        exited = rec.first("exited")
+        assert (exited.returncode, exited.reason) == (3, "exited")
+        steer = SessionRecorder(client.open_session(
+            ["python3", STREAM_AGENT, "--tokens", "0", "--rate", "200"], sandbox_id=sb.id))
+        steer.wait_for(lambda r: len(r.tokens()) >= 5, what="5 tokens")
+        steer.stream.send_input("steer-1")
+        steer.wait_for(lambda r: "in:steer-1" in r.tokens(), what="the steering echo")
+        steer.stream.interrupt()
+        steer.wait_for(lambda r: r.turn_ends(), what="the interrupted turn's end")
+        assert steer.turn_ends()[0][1] == "interrupted"
+        steer.stream.close_session()
+        steer.join()
+        assert steer.first("exited") is not None
+    finally:
+        client.destroy_sandbox(sb.id)

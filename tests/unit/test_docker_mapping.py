@@ -31,7 +31,7 @@ def test_container_config_maps_the_whole_spec(tmp_path):
                        tmp_bytes=4 * MiB, nofile=77, fsize_bytes=5 * MiB, hostname="box",
                        env=(("A", "1"),), labels=(("team", "x"),),
                        binds=(BindMount(str(tmp_path / "data"), "/data", False),))
-    cfg = docker.container_config(_api(), spec, "corral-base:t", "sbx-1", "/w", True)
+    cfg = docker.container_config(_api(), spec, "corral-base:t", "sbx-1", "/w", True, "/f")
     hc = cfg["host_config"]
     assert (cfg["image"], cfg["command"], cfg["user"], cfg["working_dir"], cfg["hostname"]) == (
         "corral-base:t", ["sleep", "infinity"], "100000:100000", "/workspace", "box")
@@ -46,7 +46,9 @@ def test_container_config_maps_the_whole_spec(tmp_path):
         33, 64 * MiB, 64 * MiB, 250_000_000)
     assert hc["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={4 * MiB},mode=1777"}
     assert [(m["Target"], m["Source"], m["ReadOnly"]) for m in hc["Mounts"]] == [
-        ("/workspace", "/w", False), ("/data", str(tmp_path / "data"), True)]
+        ("/workspace", "/w", False), ("/data", str(tmp_path / "data"), True),
+        ("/run/corral-fds", "/f", True)]
+    assert cfg["labels"][docker.LABEL_FDS] == "/f"
     assert {u["Name"]: u["Hard"] for u in hc["Ulimits"]} == {
         "nofile": 77, "fsize": 5 * MiB, "core": 0}
     assert hc["SecurityOpt"][0] == "no-new-privileges:true"
