@@ -41,6 +41,15 @@ resources = {{ cpu = 4, "accelerator.h200" = 1 }}
 devices = {{ "accelerator.h200" = ["{DEVICE}"] }}
 """
 
+#: A task that runs until the test creates /workspace/go (see open_gate).
+GATED = ["sh", "-c", "while [ ! -e /workspace/go ]; do sleep 0.02; done"]
+
+
+def open_gate(daemon, task_id: str, attempt: int = 1) -> None:
+    ws = daemon.root / "state" / "tasks" / task_id / f"attempt-{attempt}" / "workspace"
+    (ws / "go").write_text("")
+
+
 ONE_SLOT = """
 [[nodes]]
 name = "solo"
@@ -88,10 +97,11 @@ def test_selector_resources_and_devices(task_daemon, accel_device):
 def test_resources_make_a_second_task_wait(task_daemon, accel_device):
     d = task_daemon(NODES)
     c = d.client()
-    first = c.submit_task(["sleep", "1"], resources={"accelerator.h200": 1})
+    first = c.submit_task(GATED, resources={"accelerator.h200": 1})
     second = c.submit_task(["true"], resources={"accelerator.h200": 1})
     wait_task(c, first.id, lambda t: t.state == RUNNING, what="running")
     assert c.get_task(second.id).state == QUEUED
+    open_gate(d, first.id)
     a, b = wait_done(c, first.id), wait_done(c, second.id)
     assert a.state == b.state == SUCCEEDED
     assert b.started_at >= a.finished_at
@@ -118,14 +128,17 @@ def test_bad_submissions_name_the_field(task_daemon):
 
 
 def test_priority_first_then_fair_share(task_daemon):
-    c = task_daemon(ONE_SLOT).client()  # tenant "local"
-    blocker = c.submit_task(["sleep", "2"], resources={"cpu": 1})
+    d = task_daemon(ONE_SLOT)
+    c = d.client()  # tenant "local"
+    blocker = c.submit_task(GATED, resources={"cpu": 1})
     wait_task(c, blocker.id, lambda t: t.state == RUNNING, what="running")
     alice_low = [c.submit_task(["true"], resources={"cpu": 1}) for _ in range(5)]
     bob_client = _tenant_client(c, "bob")
     bob_one = bob_client.submit_task(["true"], resources={"cpu": 1})
     alice_high = c.submit_task(["true"], resources={"cpu": 1}, priority=5)
     everything = [blocker, *alice_low, bob_one, alice_high]
+    assert [c.get_task(t.id).state for t in everything[1:]] == [QUEUED] * 7
+    open_gate(d, blocker.id)
     for t in everything:
         assert wait_done(c, t.id, timeout_s=120).state == SUCCEEDED
     order = sorted((c.get_task(t.id) for t in everything), key=lambda t: t.started_at)
@@ -184,7 +197,6 @@ def test_max_runtime_is_enforced(task_daemon):
     assert done.state == FAILED
     assert done.reason == "max runtime of 1s reached"
     assert done.attempt == 1  # a timeout is not retried
-    assert done.finished_at - done.started_at < 30
 
 
 def test_crash_then_retry_resumes_from_checkpoint(task_daemon):
