@@ -28,6 +28,10 @@ class NotFinished(CorralError):
 
 def _sandbox_kwargs(msg) -> dict:
     sb = sandbox_spec_from_proto(msg)
+    if sb.backend != "native":  # the task runner drives native sandboxes only (so far)
+        raise InvalidSpec("spec.sandbox.backend",
+                          f"deep tasks run on the native backend; {sb.backend!r} is not "
+                          "supported for tasks yet")
     return {"profile": sb.profile, "memory_bytes": sb.memory_bytes, "pids_max": sb.pids_max,
             "cpus": sb.cpus, "tmp_bytes": sb.tmp_bytes, "hostname": sb.hostname,
             "env": [list(p) for p in sb.env]}

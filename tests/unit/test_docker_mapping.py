@@ -105,3 +105,15 @@ def test_rootfs_tar_entries_are_root_owned_and_keep_setuid(tmp_path):
     assert entry.mode == 0o4755
     assert all((m.uid, m.gid) == (0, 0) for m in members.values())
     assert members["etc/hostname"].size == 2
+
+
+def test_tasks_refuse_the_docker_backend_rather_than_run_natively():
+    from corral.runtime.api.tasks import spec_from_proto
+    from corral.v1 import sandbox_pb2, task_pb2
+
+    with pytest.raises(InvalidSpec, match=r"^spec\.sandbox\.backend: deep tasks run on the "
+                                          r"native backend; 'docker' is not supported"):
+        spec_from_proto(task_pb2.TaskSpec(argv=["true"],
+                                          sandbox=sandbox_pb2.SandboxSpec(backend="docker")))
+    assert spec_from_proto(task_pb2.TaskSpec(
+        argv=["true"], sandbox=sandbox_pb2.SandboxSpec(backend="native"))).argv == ("true",)
