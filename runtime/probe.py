@@ -17,8 +17,9 @@ EXIT_PROBE_ERRORS = 3
 EXIT_NO_BACKEND = 125
 
 EPILOG = """\
-Each probe is a small program run inside a fresh sandbox of the backend (or a host-side
-procedure around one) that tries one thing a hostile agent would try: capabilities and the
+Each probe is a small program run inside a sandbox of the backend (a fresh one where it
+needs limits of its own, or a host-side procedure around one) that tries one thing a hostile
+agent would try, and reports what the kernel answered: capabilities and the
 seccomp mode, kernel attack surface (io_uring, userfaultfd, keyctl, bpf, perf, kexec,
 modules, open_by_handle_at, the new mount API, AF_VSOCK/AF_ALG/netlink), privilege (user
 namespaces, setuid binaries, ptrace, /proc/self/exe), the filesystem (host paths, /proc/sys,
