@@ -1401,6 +1401,14 @@ class PrivateEngine:
             stale.dir, stale.name, stale.proc, stale._log = path, name, None, None
             stale.url = "unix://" + os.path.join(path, "docker.sock")
             stale._kill_everything()
+            # Its containers' temporary directories, named in their labels on disk.
+            for config in glob.glob(os.path.join(path, "data", "containers", "*",
+                                                 "config.v2.json")):
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    with open(config) as f:
+                        labels = (json.load(f).get("Config") or {}).get("Labels") or {}
+                    for label in (LABEL_WORKSPACE, LABEL_FDS):
+                        _remove_workspace(labels.get(label))
             stale._unmount_all()
             stale._remove_cgroups()
             shutil.rmtree(path, ignore_errors=True)

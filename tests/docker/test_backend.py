@@ -223,18 +223,19 @@ def test_sweep_removes_containers_of_a_dead_creator(docker_host):
         from corral.sandbox import SandboxSpec
         from corral.sandbox.backends.docker import DockerSandbox
         sb = DockerSandbox.create(SandboxSpec(backend="docker"), docker_host={docker_host!r})
-        print(sb.id, sb.workspace, flush=True)
+        print(sb.id, sb.workspace, sb._fds_dir, flush=True)
         os.kill(os.getpid(), 9)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
-    sandbox_id, workspace = result.stdout.decode().split()
+    sandbox_id, workspace, fds_dir = result.stdout.decode().split()
     api = docker.client(docker_host)
     assert [c["Labels"][LABEL] for c in api.containers(all=True, filters={"label": LABEL})] \
         == [sandbox_id]
     assert docker.sweep(docker_host) == [sandbox_id]
     assert api.containers(all=True, filters={"label": LABEL}) == []
     assert not os.path.exists(workspace)
+    assert not os.path.exists(fds_dir)
 
 
 def test_sweep_leaves_live_sandboxes_alone(docker_host):
@@ -394,14 +395,17 @@ def test_engine_of_a_killed_test_run_is_swept():
         engine = PrivateEngine().start()
         sb = DockerSandbox.create(SandboxSpec(backend="docker"), docker_host=engine.url)
         sb.exec(["sh", "-c", "sleep 1000 &"]).communicate()
-        print(engine.dir, engine.name, " ".join(map(str, sb.pids())), flush=True)
+        print(engine.dir, engine.name, sb.workspace, sb._fds_dir,
+              " ".join(map(str, sb.pids())), flush=True)
         os.kill(os.getpid(), 9)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
-    engine_dir, name, *pids = result.stdout.decode().split()
+    engine_dir, name, workspace, fds_dir, *pids = result.stdout.decode().split()
     assert os.path.isdir(engine_dir) and all(alive(int(p)) for p in pids)
+    assert os.path.isdir(workspace) and os.path.isdir(fds_dir)
     assert engine_dir in docker.PrivateEngine.sweep()
+    assert not os.path.exists(workspace) and not os.path.exists(fds_dir)
     assert not any(alive(int(p)) for p in pids)
     assert not os.path.exists(engine_dir)
     assert glob.glob(f"/sys/fs/cgroup/*/{name}") == []
