@@ -312,6 +312,15 @@ def op_read_via_symlink(target, limit="4096"):
         os.unlink(link)
 
 
+def op_digest(path):
+    """sha256 and size of a file: compared with the host's copy without ever printing it."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def op_listdir(path):
     return sorted(os.listdir(path))
 
@@ -321,9 +330,8 @@ def op_kallsyms():
     with open("/proc/kallsyms") as f:
         lines = [f.readline() for _ in range(64)]
     lines = [line for line in lines if line]
-    addresses = {line.split()[0] for line in lines}
-    nonzero = sorted(a for a in addresses if int(a, 16) != 0)
-    return {"lines": len(lines), "nonzero_addresses": nonzero[:3]}
+    nonzero = sum(1 for line in lines if int(line.split()[0], 16) != 0)
+    return {"lines": len(lines), "nonzero_addresses": nonzero}  # a count: no address leaks
 
 
 def op_dev_scan():

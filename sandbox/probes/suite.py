@@ -324,15 +324,19 @@ def _not_host_listing(path: str) -> Judge:
 
 
 def _not_host_file(path: str) -> Judge:
+    """Contained unless the sandbox read the host's file (compared by sha256: the report
+    never carries its content)."""
+    import hashlib
+
     def judge(o: Outcome, _ctx) -> bool:
         if not o.ok:
             return o.errno in ("ENOENT", "EACCES", "EPERM")
         try:
             with open(path, "rb") as f:
-                host = f.read(4096).decode(errors="replace")
+                host = f.read(1 << 20)
         except OSError:
             return True
-        return not host or o.value != host
+        return not host or o.value["sha256"] != hashlib.sha256(host).hexdigest()
 
     return judge
 
@@ -599,7 +603,9 @@ PROBES: tuple[Probe, ...] = (
          attempt="add a key to a kernel keyring"),
     _sys("bpf", "0", "buf:128", "128", attempt="create an eBPF map"),
     _sys("perf_event_open", "buf:128", "0", "-1", "-1", "0", attempt="open a perf event"),
-    _sys("kexec_load", "0", "0", "null", "0", attempt="load a new kernel"),
+    # An unknown flag (bit 15): past the permission check the kernel says EINVAL, so even an
+    # escape can never unload a loaded (crash) kernel, as 0 segments would.
+    _sys("kexec_load", "0", "0", "null", "0x8000", attempt="load a new kernel"),
     _sys("kexec_file_load", "-1", "-1", "0", "s:", "0", attempt="load a kernel from a file"),
     _sys("init_module", "null", "0", "s:", attempt="load a kernel module"),
     _sys("finit_module", "-1", "s:", "0", attempt="load a kernel module from a file"),
@@ -668,8 +674,8 @@ PROBES: tuple[Probe, ...] = (
     Probe("host-file-dotdot", "filesystem", "read a host file through /workspace/../..",
           lambda ctx: ("read", "/workspace/../../.." + ctx.scratch["secret_path"]),
           _not_the_secret, setup=_secret_file),
-    Probe("etc-shadow", "filesystem", "read the host's /etc/shadow", ("read", "/etc/shadow"),
-          _not_host_file("/etc/shadow")),
+    Probe("etc-shadow", "filesystem", "read the host's /etc/shadow (compared by digest)",
+          ("digest", "/etc/shadow"), _not_host_file("/etc/shadow")),
     Probe("root-home", "filesystem", "list the host's /root", ("listdir", "/root"),
           _not_host_listing("/root")),
     Probe("core-pattern", "filesystem", "rewrite /proc/sys/kernel/core_pattern (same value)",
