@@ -207,3 +207,29 @@ def test_destroy_ends_every_process_and_is_idempotent(backend):
     assert wait_until(lambda: not any(alive(p) for p in pids))
     sb.destroy()
     assert sb.state == "destroyed"
+
+
+def test_rlimits(backend):
+    with open_sandbox(spec(backend, nofile=200, fsize_bytes=3 * MiB)) as sb:
+        _, out, _ = sh(sb, "ulimit -n; ulimit -Hn; ulimit -c; ulimit -f")
+    # dash reports the file size limit in 512-byte blocks
+    assert out.split() == [b"200", b"200", b"0", str(3 * MiB // 512).encode()]
+
+
+SPIN = """
+import os, time
+end = time.monotonic() + 1.0
+while time.monotonic() < end:
+    pass
+t = os.times()
+print(t.user + t.system)
+"""
+
+
+def test_cpu_quota_throttles_a_busy_loop(backend):
+    """A tenth of a core for one wall-clock second: far less than a second of CPU."""
+    with open_sandbox(spec(backend, cpus=0.1)) as sb:
+        proc = sb.exec(["python3", "-c", SPIN])
+        out, _ = proc.communicate()
+    assert proc.returncode == 0
+    assert 0 < float(out) < 0.5
