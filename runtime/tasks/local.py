@@ -1,7 +1,8 @@
 """The local executor: each attempt runs under a shim process on this machine.
 
-Launch writes the attempt's plan and starts ``python -m corral.runtime.tasks.shim`` in its
-own session; the executor then follows the attempt through two descriptors on the event
+Launch writes the attempt's plan and has the warm zygote (zygote.py) fork a shim for it
+(or, without one, starts ``python -m corral.runtime.tasks.shim``), in its own session; the
+executor then follows the attempt through two descriptors on the event
 loop, no thread and no polling: the task's notify FIFO (one byte per change the shim
 persisted) and a pidfd of the shim (readable once it has exited). After a daemon restart
 ``recover()`` finds a live shim by its lock (flock held for its whole life) and attaches
@@ -13,12 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
+
+from corral.sandbox.errors import Unavailable
 
 from .files import TaskFiles, read_json
 from .runner import process_alive
@@ -39,7 +45,6 @@ class _Watch:
     pid: int
     pidfd: int = -1
     fifo: int = -1
-    popen: subprocess.Popen | None = None
     started: bool = False
     progress_mtime: int = 0
     result_mtime: int = 0
@@ -47,23 +52,70 @@ class _Watch:
     done: bool = False
 
 
+class Zygote:
+    """The daemon's end of zygote.py: spawn(plan, log) -> (pid, pidfd) of a new shim."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "corral.runtime.tasks.zygote", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd="/")
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self._lock = threading.Lock()
+
+    def spawn(self, plan_path: str, log_path: str) -> tuple[int, int]:
+        """Blocking (run it off the loop). Raises OSError/ConnectionError when it is gone."""
+        with self._lock:
+            self.sock.sendall(json.dumps({"plan": plan_path, "log": log_path}).encode())
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 1)
+        if not data:
+            raise ConnectionError("the shim zygote exited")
+        return json.loads(data)["pid"], (fds[0] if fds else -1)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+
+
 class LocalExecutor:
     name = "local"
 
-    def __init__(self):
+    def __init__(self, use_zygote: bool = True):
         self.scheduler = None
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._use_zygote = use_zygote
+        self._zygote: Zygote | None = None
+        self._direct: dict[int, subprocess.Popen] = {}  # shims started without the zygote
+        self._stopping = False
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
         self._loop = asyncio.get_running_loop()
+        if self._use_zygote:
+            try:
+                self._zygote = Zygote()
+            except OSError as exc:
+                log.warning("no shim zygote (%s); each attempt starts a new interpreter", exc)
 
     async def stop(self) -> None:
         """Detach from every attempt (they keep running; the next daemon re-attaches)."""
+        self._stopping = True
         for w in list(self._watches.values()):
             self._close(w)
         self._watches.clear()
+        if self._zygote is not None:
+            await self._loop.run_in_executor(None, self._zygote.close)
+            self._zygote = None
 
     def node_alive(self, node) -> bool:
         return True
@@ -87,22 +139,38 @@ class LocalExecutor:
                    checkpoint_seq=task.checkpoint_seq)
         # The FIFO's reader is open before the shim's writer: no byte is missed.
         w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        shim_log = open(os.path.join(attempt_dir, "shim.log"), "ab")  # noqa: SIM115
+        log_path = os.path.join(attempt_dir, "shim.log")
         try:
-            w.popen = subprocess.Popen(
-                [sys.executable, "-m", "corral.runtime.tasks.shim", plan_path],
-                stdin=subprocess.DEVNULL, stdout=shim_log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, cwd="/")
+            w.pid, w.pidfd = await self._spawn(plan_path, log_path)
         except BaseException:
             os.close(w.fifo)
             raise
-        finally:
-            shim_log.close()
-        w.pid = w.popen.pid
-        w.pidfd = os.pidfd_open(w.pid)
         self._attach(w)
         if task.cancel_requested or task.drain_requested:  # asked while we were starting it
             self.cancel(task)
+
+    async def _spawn(self, plan_path: str, log_path: str) -> tuple[int, int]:
+        """(pid, pidfd) of a new shim: forked by the warm zygote, else a new interpreter."""
+        if self._stopping:
+            raise Unavailable("the daemon is stopping")
+        if self._zygote is not None:
+            try:
+                return await self._loop.run_in_executor(None, self._zygote.spawn, plan_path,
+                                                        log_path)
+            except (OSError, ValueError) as exc:
+                if self._stopping:
+                    raise Unavailable("the daemon is stopping") from None
+                log.warning("the shim zygote failed (%s); starting shims directly from now on",
+                            exc)
+                zygote, self._zygote = self._zygote, None
+                await self._loop.run_in_executor(None, zygote.close)
+        with open(log_path, "ab") as shim_log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "corral.runtime.tasks.shim", plan_path],
+                stdin=subprocess.DEVNULL, stdout=shim_log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, cwd="/")
+        self._direct[proc.pid] = proc  # reaped when it exits
+        return proc.pid, os.pidfd_open(proc.pid)
 
     def started(self, task) -> bool:
         files = TaskFiles(self.scheduler.tasks_root, task.id)
@@ -162,7 +230,10 @@ class LocalExecutor:
     def _attach(self, w: _Watch) -> None:
         self._watches[w.task_id] = w
         self._loop.add_reader(w.fifo, self._on_bell, w)
-        self._loop.add_reader(w.pidfd, self._on_exit, w)
+        if w.pidfd >= 0:
+            self._loop.add_reader(w.pidfd, self._on_exit, w)
+        else:  # it had already exited (and been reaped) when we asked
+            self._loop.call_soon(self._on_exit, w)
         self._loop.call_soon(self._on_bell, w)  # what happened before we looked
 
     def _on_bell(self, w: _Watch) -> None:
@@ -214,9 +285,10 @@ class LocalExecutor:
         self._close(w)
         w.done = True
         self._watches.pop(w.task_id, None)
-        if w.popen is not None:
+        proc = self._direct.pop(w.pid, None)
+        if proc is not None:
             with contextlib.suppress(Exception):
-                w.popen.wait(timeout=1)
+                proc.wait(timeout=1)
 
         async def finish() -> None:
             await self._sync(w)

@@ -367,9 +367,13 @@ class Scheduler:
             devices=list(task.devices),
             deadline=(time.time() + task.spec.max_runtime_s) if task.spec.max_runtime_s else 0.0,
             tasks_root=self.tasks_root)
+        if self._closing:  # left PLACED: the next daemon puts it back in the queue
+            return
         try:
             await self.executors[node.executor].launch(task, node, plan)
         except Exception as exc:  # noqa: BLE001 - the attempt fails, the daemon goes on
+            if self._closing:
+                return
             log.exception("launching %s on %s failed", task.id, node.name)
             await self.on_exit(task.id, attempt, {"outcome": "error", "returncode": -1,
                                                   "reason": f"launch failed: {exc}"})

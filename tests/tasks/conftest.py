@@ -17,7 +17,7 @@ import pytest
 from corral.sandbox import sweep
 
 from ..integration.daemon_harness import DaemonProcess, reap, set_child_subreaper
-from .helpers import shims_under
+from .helpers import shims_under, wait_until_true
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,6 +47,9 @@ def task_daemon(tmp_path):
     finally:
         for d in made:
             d.ensure_stopped()
+        # A shim forked just before its daemon stopped records itself in a moment.
+        wait_until_true(lambda: all((p.parent / "shim.json").exists()
+                                    for p in tmp_path.rglob("attempt-*/plan.json")), 5.0)
         pids = shims_under(str(tmp_path))
         for pid in pids:
             try:

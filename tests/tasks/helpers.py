@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -16,19 +15,21 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 def shims_under(path: str) -> list[int]:
-    """Pids of shim processes whose plan lives under path."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    """Pids of live shims of attempts under path (each records itself in shim.json)."""
+    out = set()
+    for shim_json in Path(path).rglob("attempt-*/shim.json"):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
+            info = json.loads(shim_json.read_text())
+            with open(f"/proc/{info['pid']}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{info['pid']}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, KeyError):
             continue
-        if b"corral.runtime.tasks.shim" in cmd and any(a.startswith(path.encode()) for a in cmd):
-            out.append(int(pid))
-    return out
+        if (fields[0] != "Z" and int(fields[19]) == info.get("start")
+                and b"corral.runtime.tasks" in cmd):
+            out.add(info["pid"])
+    return sorted(out)
 
 
 def wait_task(client: Client, task_id: str, predicate, timeout_s: float = 60.0, what: str = ""):

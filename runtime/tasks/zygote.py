@@ -1,0 +1,83 @@
+"""A warm, single-threaded process that forks attempt shims: `python -m ...zygote FD`.
+
+Starting a shim as a new Python process costs ~100 ms of interpreter start and imports per
+attempt. The zygote pays that once: it imports what a shim needs, then for each request on
+its socket (descriptor FD, a SOCK_SEQPACKET from the daemon) forks a child that becomes the
+shim (new session, stdio to the attempt's shim.log) and answers with the child's pid and a
+pidfd of it (SCM_RIGHTS), so the daemon follows the shim exactly as one it started itself.
+Forking is safe here: the zygote never starts a thread. The kernel reaps its children
+(SIGCHLD ignored); each child restores SIGCHLD before it runs the attempt. The zygote ends
+when the daemon closes the socket (or dies); the shims it forked run on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+
+def serve(sock: socket.socket) -> None:
+    from . import shim
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        message = sock.recv(65536)
+        if not message:
+            return  # the daemon is gone or let us go
+        for line in message.splitlines():
+            request = json.loads(line)
+            pid = os.fork()
+            if pid == 0:  # the shim
+                code = 1
+                try:
+                    sock.close()
+                    os.setsid()
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    os.dup2(null, 0)
+                    os.dup2(log, 1)
+                    os.dup2(log, 2)
+                    os.close(null)
+                    os.close(log)
+                    os.chdir("/")
+                    code = shim.main([request["plan"]])
+                except BaseException:  # noqa: BLE001 - a child must never return into the loop
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pidfd = -1
+            reply = (json.dumps({"pid": pid}) + "\n").encode()
+            if pidfd >= 0:
+                socket.send_fds(sock, [reply], [pidfd])
+                os.close(pidfd)
+            else:
+                sock.sendall(reply)
+
+
+def main(argv: list[str]) -> int:
+    # Warm: everything a shim imports, before the first fork.
+    from corral.ext import TokenStream  # noqa: F401
+
+    from . import runner, shim  # noqa: F401
+
+    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        serve(sock)
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
