@@ -48,7 +48,10 @@ the figure to compare A/B runs by on a machine with other load (latency moves fa
 
 `--daemon-package corral.runtime=DIR` runs the daemon with that package imported from DIR (a
 patched copy, for A/B runs of a prototype; repeatable); `--daemon-env K=V` adds to the daemon's
-environment (`CORRAL_BENCH_UVLOOP=1` installs uvloop first, if importable).
+environment (`CORRAL_BENCH_UVLOOP=1` installs uvloop first, if importable;
+`CORRAL_BENCH_GC_LOG=FILE` writes the daemon's cyclic-GC pauses per generation there at exit;
+`CORRAL_BENCH_GC_FREEZE=1` freezes what the imports made). `--daemon-arg=--mux-interval-ms=0`
+passes a flag to `corral daemon`; `--api open` uses one Sessions.Open stream per session.
 """
 
 from __future__ import annotations
@@ -97,6 +100,25 @@ if remap:
         name, _, path = item.partition("=")
         for finder in finders:
             finder.MAPPING[name] = path
+if os.environ.get("CORRAL_BENCH_GC_LOG"):
+    # how long the cyclic GC holds the loop: per generation, count and worst pause (ns)
+    import atexit, gc, json, time
+    _gc = {"start": 0, "stats": {}}
+    def _gc_cb(phase, info):
+        if phase == "start":
+            _gc["start"] = time.perf_counter_ns()
+        else:
+            d = time.perf_counter_ns() - _gc["start"]
+            st = _gc["stats"].setdefault(str(info["generation"]), [0, 0, 0])
+            st[0] += 1; st[1] += d; st[2] = max(st[2], d)
+    gc.callbacks.append(_gc_cb)
+    def _gc_dump():
+        with open(os.environ["CORRAL_BENCH_GC_LOG"], "w") as f:
+            json.dump({"gc": _gc["stats"], "objects": len(gc.get_objects())}, f)
+    atexit.register(_gc_dump)
+if os.environ.get("CORRAL_BENCH_GC_FREEZE"):
+    import gc
+    gc.freeze()
 if os.environ.get("CORRAL_BENCH_UVLOOP"):
     import uvloop
     uvloop.install()
