@@ -175,6 +175,9 @@ class TasksServicer(Servicer):
         try:
             last = None
             while True:
+                # Read before the snapshot: the state may change while a yield waits, and
+                # the stream must never end without having sent the terminal state.
+                terminal = task.terminal
                 snapshot = task_to_proto(task)
                 key = snapshot.SerializeToString()
                 if key != last:
@@ -182,7 +185,7 @@ class TasksServicer(Servicer):
                     yield pb.TaskUpdate(task=snapshot)
                 for batch in log_reader.read(sched.attempt_log(task), task.attempt):
                     yield pb.TaskUpdate(log=batch)
-                if task.terminal:
+                if terminal:
                     return
                 try:
                     item = await asyncio.wait_for(wake.get(), timeout=1.0)
