@@ -28,13 +28,12 @@ class NotFinished(CorralError):
 
 def _sandbox_kwargs(msg) -> dict:
     sb = sandbox_spec_from_proto(msg)
-    if sb.backend != "native":  # the task runner drives native sandboxes only (so far)
-        raise InvalidSpec("spec.sandbox.backend",
-                          f"deep tasks run on the native backend; {sb.backend!r} is not "
-                          "supported for tasks yet")
-    return {"profile": sb.profile, "memory_bytes": sb.memory_bytes, "pids_max": sb.pids_max,
-            "cpus": sb.cpus, "tmp_bytes": sb.tmp_bytes, "hostname": sb.hostname,
-            "env": [list(p) for p in sb.env]}
+    kwargs = {"profile": sb.profile, "memory_bytes": sb.memory_bytes, "pids_max": sb.pids_max,
+              "cpus": sb.cpus, "tmp_bytes": sb.tmp_bytes, "hostname": sb.hostname,
+              "env": [list(p) for p in sb.env]}
+    if sb.backend != "native":
+        kwargs["backend"] = sb.backend
+    return kwargs
 
 
 _DEFAULT_SANDBOX: dict | None = None
@@ -65,7 +64,8 @@ def spec_to_proto(spec: TaskSpec) -> pb.TaskSpec:
             profile=sb.get("profile", ""), memory_bytes=sb.get("memory_bytes", 0),
             pids_max=sb.get("pids_max", 0), cpus=sb.get("cpus") or 0.0,
             tmp_bytes=sb.get("tmp_bytes", 0), hostname=sb.get("hostname", ""),
-            env=dict(tuple(p) for p in sb.get("env", []))))
+            env=dict(tuple(p) for p in sb.get("env", [])),
+            backend=sb.get("backend", "native")))
 
 
 def task_to_proto(task) -> pb.Task:

@@ -168,28 +168,57 @@ class AttemptRunner:
         try:
             if self._cancel.is_set():
                 return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
-            self.sandbox = Sandbox(spec)
+            docker = spec.backend == "docker"
+            if docker:
+                from corral.sandbox.backends.docker import DockerSandbox
+
+                self.sandbox = DockerSandbox(spec)
+            else:
+                self.sandbox = Sandbox(spec)
             self.sandbox.start()
             atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({
                 "pid": os.getpid(), "start": _start_time(os.getpid()),
                 "sandbox_id": self.sandbox.id, "started_at": time.time()}).encode())
             events_r, events_w = os.pipe2(os.O_CLOEXEC)
+            ours: list[int] = [events_w]  # ends the command's side holds; closed after exec
             try:
-                proc = self.sandbox.exec(plan.argv, env=env, stdin=None, stdout=PIPE,
-                                         stderr=PIPE, pass_fds={EVENTS_FD: events_w})
+                if docker:
+                    # an engine takes descriptors, not pipes of its own: a relay thread
+                    # copies the exec's output into ours (file objects, like PIPE's)
+                    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+                    ours += [out_w, err_w]
+                    outputs = (os.fdopen(out_r, "rb", buffering=0),
+                               os.fdopen(err_r, "rb", buffering=0))
+                    try:
+                        proc = self.sandbox.exec(plan.argv, env=env, stdin=None,
+                                                 stdout=out_w, stderr=err_w,
+                                                 pass_fds={EVENTS_FD: events_w})
+                    except BaseException:
+                        for f in outputs:
+                            f.close()
+                        raise
+                else:
+                    proc = self.sandbox.exec(plan.argv, env=env, stdin=None, stdout=PIPE,
+                                             stderr=PIPE, pass_fds={EVENTS_FD: events_w})
+                    outputs = (proc.stdout, proc.stderr)
+            except BaseException:
+                os.close(events_r)
+                raise
             finally:
-                os.close(events_w)
+                for fd in ours:
+                    os.close(fd)
             self._changed()  # running
-            return self._pump(proc, events_r, log)
+            return self._pump(proc, outputs, events_r, log)
         finally:
             log.close()
 
-    def _pump(self, proc, events_r: int, log) -> dict:
+    def _pump(self, proc, outputs, events_r: int, log) -> dict:
         # TOKEN frames are not kept (a deep task reports through PROGRESS/RESULT/LOG).
         stream = TokenStream("frames", log_bytes=1 << 20)
         sel = selectors.DefaultSelector()
         open_fds = {}
-        for f, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        for f, name in zip(outputs, ("stdout", "stderr"), strict=True):
             os.set_blocking(f.fileno(), False)
             sel.register(f.fileno(), selectors.EVENT_READ, name)
             open_fds[f.fileno()] = f

@@ -139,3 +139,36 @@ def test_agent_session_runs_in_a_docker_sandbox(daemon, docker_host):
         assert steer.first("exited") is not None
     finally:
         client.destroy_sandbox(sb.id)
+
+
+def test_a_deep_task_runs_on_docker_and_resumes_from_its_checkpoint(daemon, docker_host):
+    import json
+
+    from ..tasks.helpers import SUCCEEDED, answer, deep_task, wait_done
+
+    client = daemon.client()
+    t = deep_task(client, "--steps", "30", "--step-seconds", "0.01", "--checkpoint-every", "5",
+                  "--crash-at", "17", retries=1, backend="docker", memory_bytes=128 * MiB)
+    assert t.spec.sandbox.backend == "docker"
+    done = wait_done(client, t.id, timeout_s=120)
+    assert done.state == SUCCEEDED, done.reason
+    assert done.attempt == 2  # the first attempt crashed at step 17 ...
+    result = json.loads(done.result_json)
+    # ... and the second started from the checkpoint of step 15, not from zero
+    assert result == {"answer": answer(30), "steps": 30, "resumed_from": 15, "attempt": 2}
+    res = client.task_result(t.id)
+    assert [(f.path, f.content) for f in res.files] == [("answer.txt", f"{answer(30)}\n".encode())]
+    assert _containers(docker_host) == []  # each attempt's container went with it
+    started = [r for r in daemon.records() if r.kind == "sandbox.create"]
+    assert started == []  # task sandboxes are the runner's, not Sandboxes.Create's
+
+
+def test_a_task_on_docker_runs_in_a_container(daemon, docker_host):
+    from ..tasks.helpers import FAILED, SUCCEEDED, wait_done
+
+    client = daemon.client()
+    probe = ["sh", "-c", "test -e /.dockerenv"]  # the engine puts this in every container
+    on_docker = client.submit_task(probe, backend="docker")
+    on_native = client.submit_task(probe)
+    assert wait_done(client, on_docker.id, timeout_s=120).state == SUCCEEDED
+    assert wait_done(client, on_native.id, timeout_s=120).state == FAILED

@@ -107,13 +107,18 @@ def test_rootfs_tar_entries_are_root_owned_and_keep_setuid(tmp_path):
     assert members["etc/hostname"].size == 2
 
 
-def test_tasks_refuse_the_docker_backend_rather_than_run_natively():
-    from corral.runtime.api.tasks import spec_from_proto
+def test_task_specs_keep_the_backend_through_the_api():
+    from corral.runtime.api.tasks import spec_from_proto, spec_to_proto
     from corral.v1 import sandbox_pb2, task_pb2
 
-    with pytest.raises(InvalidSpec, match=r"^spec\.sandbox\.backend: deep tasks run on the "
-                                          r"native backend; 'docker' is not supported"):
+    docker_spec = spec_from_proto(task_pb2.TaskSpec(
+        argv=["true"], sandbox=sandbox_pb2.SandboxSpec(backend="docker")))
+    assert docker_spec.sandbox["backend"] == "docker"
+    assert spec_to_proto(docker_spec).sandbox.backend == "docker"
+    native = spec_from_proto(task_pb2.TaskSpec(
+        argv=["true"], sandbox=sandbox_pb2.SandboxSpec(backend="native")))
+    assert "backend" not in native.sandbox  # the default stays implicit (and stored as such)
+    assert spec_to_proto(native).sandbox.backend == "native"
+    with pytest.raises(InvalidSpec, match=r"^backend: 'vm' is not a backend"):
         spec_from_proto(task_pb2.TaskSpec(argv=["true"],
-                                          sandbox=sandbox_pb2.SandboxSpec(backend="docker")))
-    assert spec_from_proto(task_pb2.TaskSpec(
-        argv=["true"], sandbox=sandbox_pb2.SandboxSpec(backend="native"))).argv == ("true",)
+                                          sandbox=sandbox_pb2.SandboxSpec(backend="vm")))
