@@ -9,7 +9,7 @@ PYX     := $(wildcard ext/*.pyx)
 EXT_SO  := $(VENV)/.ext-stamp
 PYTEST_ARGS ?=
 
-.PHONY: build run test test-unit bench lint clean proto ext
+.PHONY: build run test test-unit bench lint clean proto ext sysdeps
 
 build: $(DEPS) proto ext
 	@# byte-compile once: a cold `corral run` must not recompile sources on every start
@@ -38,13 +38,17 @@ $(EXT_SO): $(PYX) $(wildcard ext/*.pxd) ext/corral_init.c setup.py
 run: build
 	$(PY) examples/demo.py
 
-test: build
+# System packages the tests use (bubblewrap, docker.io, openssl, curl): installed when missing.
+sysdeps:
+	bash .ci/system-deps
+
+test: build sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 test-unit: build
 	$(PY) -m pytest $(PYTEST_ARGS) tests/unit
 
-bench: build
+bench: build sysdeps
 	$(PY) bench/spawn.py --json
 	$(PY) bench/stream_core.py --json
 	$(PY) bench/stream_loop.py --json
