@@ -152,6 +152,9 @@ class SessionManager:
         session = Session(
             id=session_id, tenant=caller.tenant, sandbox_id=msb.id, owns_sandbox=owns,
             hub=hub, control=ControlWriter(control_w), exec_handle=handle,
+            # unwatched until a stream attaches: a client gone while its start was still
+            # running leaves a session the idle reaper ends like any other
+            detached_since=time.monotonic(),
         )
         holder.append(session)
         hub.attach_fd(events_r)
