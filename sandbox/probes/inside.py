@@ -5,25 +5,30 @@ The suite passes this file's source to the sandbox's own python3, so it needs no
 
     python3 -I -c "$(cat inside.py)" OP [ARG...]
 
+(tests/linux bind this directory read-only at /probes and run `python3 -I /probes/inside.py`.)
+
 It prints one line, {"op": OP, "ok": bool, "errno": "EPERM" | null, "value": ...}, and exits
 0 whatever the outcome; the suite (sandbox/probes/suite.py) judges it. An operation the
 seccomp filter kills prints nothing: the suite sees the signal instead.
 
 Every operation is harmless if the policy failed to stop it: what it would change belongs to
-the sandbox itself (its own hostname, network namespace, terminal), it writes back the value
-it read, removes what it creates and detaches from what it attaches to; network operations
-either target 127.0.0.1 or use UDP connect(), which sends no packet. Standard library only.
+the sandbox itself (its own hostname, network namespace, terminal, processes), it writes
+back the value it read, removes what it creates and detaches from what it attaches to;
+network operations either target 127.0.0.1 or use UDP connect(), which sends no packet.
+Standard library only.
 """
 
 import ctypes
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 import stat
 import struct
 import sys
+import threading
 import time
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -32,16 +37,21 @@ libc.syscall.restype = ctypes.c_long
 #: x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 NR = {
     "ioctl": 16, "getpid": 39, "clone": 56, "ptrace": 101, "syslog": 103, "capset": 126,
-    "personality": 135, "iopl": 172, "mount": 165, "settimeofday": 164, "reboot": 169,
-    "sethostname": 170, "init_module": 175, "delete_module": 176, "kexec_load": 246,
-    "add_key": 248, "keyctl": 250, "unshare": 272, "perf_event_open": 298,
-    "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310, "finit_module": 313,
+    "personality": 135, "modify_ldt": 154, "pivot_root": 155, "chroot": 161, "acct": 163,
+    "settimeofday": 164, "mount": 165, "umount2": 166, "swapon": 167, "reboot": 169,
+    "sethostname": 170, "iopl": 172, "ioperm": 173, "init_module": 175,
+    "delete_module": 176, "clock_settime": 227, "kexec_load": 246, "add_key": 248,
+    "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298,
+    "fanotify_init": 300, "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308,
+    "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
     "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
-    "open_tree": 428, "move_mount": 429, "fsopen": 430, "clone3": 435,
+    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
+    "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "clone3": 435,
+    "pidfd_getfd": 438, "mount_setattr": 442, "landlock_create_ruleset": 444,
 }
 #: Syscalls whose success hands back a descriptor the probe closes at once.
 RETURNS_FD = {"io_uring_setup", "userfaultfd", "perf_event_open", "fsopen", "open_tree", "bpf",
-              "open_by_handle_at"}
+              "open_by_handle_at", "fspick", "fsmount", "pidfd_getfd", "fanotify_init"}
 X32_SYSCALL_BIT = 0x40000000
 TIOCSTI = 0x5412
 TIOCGPTN = 0x80045430
@@ -109,6 +119,30 @@ def op_clone3_newuser():
         os._exit(0)
     os.waitpid(ret, 0)
     return ret
+
+
+def op_clone3():
+    """clone3 with a plain fork's arguments (glibc's first choice for fork and threads)."""
+    args = ctypes.create_string_buffer(88)  # struct clone_args, CLONE_ARGS_SIZE_VER2
+    ctypes.c_uint64.from_buffer(args, 32).value = signal.SIGCHLD  # exit_signal
+    ret = raw_syscall(NR["clone3"], args, ctypes.c_size_t(88))
+    if ret == 0:
+        os._exit(0)
+    os.waitpid(ret, 0)
+    return ret
+
+
+def op_threads(count="4"):
+    """Start threads (pthread_create: clone3, falling back to clone) and join them; the
+    value is how many distinct thread ids ran."""
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(threading.get_native_id()))
+               for _ in range(int(count))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(set(seen))
 
 
 def op_x32_getpid():
@@ -192,6 +226,59 @@ def op_pids():
         except OSError:
             pass
     return {"count": len(pids), "comm": names}
+
+
+def _pid_listing():
+    live, everything = [], []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        everything.append(int(name))
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone meanwhile
+        if state not in ("Z", "X"):
+            live.append(int(name))
+    return sorted(everything), sorted(live)
+
+
+def op_pids_settled(settle_s="2"):
+    """Every pid in this /proc ("all"), the ones still running ("live"), and this probe's.
+
+    A runtime may start a command through a short-lived relay process inside the namespace
+    (it exits, and is reaped, once the command has exec'd); the listing is repeated until
+    only PID 1 and this probe remain, or `settle_s` has passed."""
+    me = os.getpid()
+    end = time.monotonic() + float(settle_s)
+    while True:
+        everything, live = _pid_listing()
+        if everything == sorted({1, me}) or time.monotonic() >= end:
+            return {"self": me, "all": everything, "live": live}
+        time.sleep(0.01)
+
+
+def op_namespaces():
+    return {ns: os.readlink(f"/proc/self/ns/{ns}")
+            for ns in ("user", "pid", "mnt", "net", "uts", "ipc", "cgroup")}
+
+
+def op_rlimits():
+    names = ("RLIMIT_CORE", "RLIMIT_NOFILE", "RLIMIT_FSIZE")
+    return {n: list(resource.getrlimit(getattr(resource, n))) for n in names}
+
+
+def op_sid():
+    return {"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0)}
+
+
+def op_kill(pid, sig):
+    """Send a signal to a process of the sandbox (its PID 1, say); then wait a moment, so
+    that a signal that did land has taken effect before anyone looks."""
+    os.kill(int(pid), int(sig))
+    time.sleep(0.2)
+    return "sent"
 
 
 def op_setuid_gain(path):
@@ -325,6 +412,40 @@ def op_listdir(path):
     return sorted(os.listdir(path))
 
 
+def op_stat(path):
+    """lstat(2): kind, permission bits, owner, device numbers and size."""
+    st = os.lstat(path)
+    kind = ("chr" if stat.S_ISCHR(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
+            else "reg" if stat.S_ISREG(st.st_mode) else "lnk" if stat.S_ISLNK(st.st_mode)
+            else "other")
+    return {"kind": kind, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
+            "rdev": [os.major(st.st_rdev), os.minor(st.st_rdev)], "size": st.st_size}
+
+
+def op_readlink(path):
+    return os.readlink(path)
+
+
+def op_mkdir(path):
+    """mkdir(2) a directory, removed at once."""
+    os.mkdir(path)
+    os.rmdir(path)
+    return "created"
+
+
+def op_write_null(path):
+    """Write one byte to a file only once fstat shows it is the null device (1:3): a mask
+    that failed would leave the real file there, and nothing is written to it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        rdev = os.fstat(fd).st_rdev
+        if (os.major(rdev), os.minor(rdev)) != (1, 3):
+            raise Outcome({"errno": None, "rdev": [os.major(rdev), os.minor(rdev)]})
+        return os.write(fd, b"x")
+    finally:
+        os.close(fd)
+
+
 def op_kallsyms():
     """The first symbols of /proc/kallsyms: are real kernel addresses readable?"""
     with open("/proc/kallsyms") as f:
@@ -351,9 +472,13 @@ def op_dev_scan():
 
 
 def op_mknod(path, kind):
-    """mknod a character (1:3, the null device) or block (7:0, a loop device) node; removed."""
-    mode = (stat.S_IFCHR if kind == "char" else stat.S_IFBLK) | 0o600
-    os.mknod(path, mode, os.makedev(1, 3) if kind == "char" else os.makedev(7, 0))
+    """mknod a character (1:3, the null device) or block (7:0, a loop device) node, or a
+    FIFO ('fifo'); removed at once."""
+    if kind == "fifo":
+        os.mknod(path, stat.S_IFIFO | 0o600)
+    else:
+        mode = (stat.S_IFCHR if kind == "char" else stat.S_IFBLK) | 0o600
+        os.mknod(path, mode, os.makedev(1, 3) if kind == "char" else os.makedev(7, 0))
     os.unlink(path)
     return "created"
 
@@ -379,12 +504,13 @@ def op_workspace_links(host_path):
     return sorted(os.listdir("/workspace"))
 
 
-def op_join_watch(seconds, marker):
+def op_join_watch(seconds, marker=None):
     """Watch for processes joining this sandbox (commands being started into it) and try to
     open each one's memory and executable for writing, as CVE-2019-5736 did with runc.
     Nothing is ever written; a descriptor that opens is closed at once and counted. A
     joiner that has already become the command the suite started (its command line carries
-    `marker`) is the sandbox's own process, not the runtime's, and is only counted."""
+    `marker`) is the sandbox's own process, not the runtime's, and is only counted; without
+    a marker every joiner that opens is reported."""
     seen = {int(n) for n in os.listdir("/proc") if n.isdigit()}  # there before: not joiners
     before = len(seen)
     opened, refused, own = [], {}, 0
@@ -412,6 +538,8 @@ def op_join_watch(seconds, marker):
 
 
 def _has_marker(pid, marker):
+    if marker is None:
+        return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return marker.encode() in f.read()
@@ -472,6 +600,28 @@ def op_fill(path, max_bytes):
     return {"written": written}
 
 
+def op_fsize(path, size, xfsz="default"):
+    """Create a file and write one byte at offset `size` (just past RLIMIT_FSIZE when size
+    equals it), SIGXFSZ left at its default or ignored ('ignore'); the file is removed."""
+    if xfsz == "ignore":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        return os.pwrite(fd, b"x", int(size))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def op_spin(seconds):
+    """Busy-loop for `seconds` of wall-clock time; report the CPU seconds it got."""
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        pass
+    t = os.times()
+    return t.user + t.system
+
+
 def op_nofile(cap):
     """Open /dev/null until EMFILE (or `cap`); report how many descriptors were open then."""
     fds = []
@@ -521,6 +671,25 @@ def op_socket(family, type_="1", proto="0"):
     s = socket.socket(int(family, 0), int(type_, 0), int(proto, 0))
     s.close()
     return "created"
+
+
+def op_socketpair(family):
+    a, b = socket.socketpair(int(family, 0), socket.SOCK_STREAM)
+    a.close()
+    b.close()
+    return "created"
+
+
+def op_loopback_echo():
+    """Listen on the sandbox's own 127.0.0.1 and talk to it: the loopback works."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname(), timeout=5) as client:
+            conn, _ = server.accept()
+            with conn:
+                client.sendall(b"ping")
+                return conn.recv(4).decode()
 
 
 def op_connect_tcp(host, port):
@@ -588,9 +757,11 @@ def op_netlink_setlink_mtu():
 # -- terminals ---------------------------------------------------------------------------------
 
 
-def op_tiocsti(where):
+def op_tiocsti(where, request="0x5412"):
     """Push one harmless byte into a terminal's input queue: on descriptor 0 ('stdin'), or on
-    a pty this probe creates in the sandbox's own devpts ('pty')."""
+    a pty this probe creates in the sandbox's own devpts ('pty'). `request` is the ioctl's
+    request number: TIOCSTI by default; with its upper bits set, or TIOCLINUX, it tests how
+    exactly a filter matches."""
     fds = []
     try:
         if where == "stdin":
@@ -606,7 +777,7 @@ def op_tiocsti(where):
             target = os.open(f"/dev/pts/{number.value}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
             fds.append(target)
         byte = ctypes.c_char(b"#")
-        return raw_syscall(NR["ioctl"], ctypes.c_long(target), ctypes.c_ulong(TIOCSTI),
+        return raw_syscall(NR["ioctl"], ctypes.c_long(target), ctypes.c_ulong(int(request, 0)),
                            ctypes.byref(byte))
     finally:
         for fd in fds:

@@ -22,15 +22,17 @@ from pathlib import Path
 
 import pytest
 
+import corral.sandbox.probes
 from corral.sandbox import BindMount, Sandbox, SandboxSpec, cgroups, run
 from corral.sandbox.backends.native import runtime_base
 
 from ..processes import alive, cgroup_dirs, wait_until  # noqa: F401 (for the tests)
 
-PROBES_DIR = Path(__file__).resolve().parent / "probes"
-#: The probe helpers, visible read-only inside every probe sandbox.
+#: sandbox/probes: the probe program inside.py (the conformance suite's own, which passes its
+#: source with -c instead), bound read-only at /probes in every probe sandbox.
+PROBES_DIR = Path(corral.sandbox.probes.__file__).resolve().parent
 PROBES_MOUNT = BindMount(str(PROBES_DIR), "/probes", writable=False)
-TRYOP = ["python3", "-I", "/probes/tryop.py"]
+INSIDE = ["python3", "-I", "/probes/inside.py"]
 
 MiB = 1 << 20
 
@@ -51,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 
 @dataclass(frozen=True)
 class Probe:
-    """What one tryop run reported, and how its process ended."""
+    """What one inside.py run reported, and how its process ended."""
 
     ok: bool | None  # None: the probe printed nothing (it was killed)
     errno: str | None
@@ -88,10 +90,10 @@ def parse_probe(stdout: bytes, stderr: bytes, returncode: int, reason) -> Probe:
                  stderr.decode(errors="replace"))
 
 
-def tryop(*args: str, spec: SandboxSpec | None = None, sandbox: Sandbox | None = None,
-          **exec_kw) -> Probe:
-    """Run tryop.py OP ARGS in a fresh default sandbox (or in `sandbox`)."""
-    argv = [*TRYOP, *args]
+def inside(*args: str, spec: SandboxSpec | None = None, sandbox: Sandbox | None = None,
+           **exec_kw) -> Probe:
+    """Run inside.py OP ARGS in a fresh default sandbox (or in `sandbox`)."""
+    argv = [*INSIDE, *args]
     if sandbox is not None:
         proc = sandbox.exec(argv, **exec_kw)
         out, err = proc.communicate()

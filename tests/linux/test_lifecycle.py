@@ -35,11 +35,18 @@ from corral.sandbox import (
 )
 from corral.sandbox.backends.native import runtime_base
 
-from .conftest import TRYOP, MiB, alive, cgroup_dirs, command_names, probe_spec, wait_until
+from .conftest import (
+    INSIDE,
+    PROBES_DIR,
+    MiB,
+    alive,
+    cgroup_dirs,
+    command_names,
+    probe_spec,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
-
-HERE = Path(__file__).resolve().parent
 
 
 def traces(sandbox_id: str, workspace: str | None) -> dict[str, object]:
@@ -143,7 +150,7 @@ def test_timeout():
 
 
 def test_oom():
-    result = run([*TRYOP, "balloon", "1024"], probe_spec(memory_bytes=48 * MiB))
+    result = run([*INSIDE, "balloon", "1024"], probe_spec(memory_bytes=48 * MiB))
     assert (result.returncode, result.reason) == (-signal.SIGKILL, ExitReason.OOM)
     assert result.exit_status == 137
 
@@ -373,8 +380,8 @@ def test_cli_timeout():
 
 
 def test_cli_oom():
-    result = corral_cli("run", "--memory", "48M", "--ro", f"{HERE / 'probes'}:/probes", "--",
-                        *TRYOP, "balloon", "1024")
+    result = corral_cli("run", "--memory", "48M", "--ro", f"{PROBES_DIR}:/probes", "--",
+                        *INSIDE, "balloon", "1024")
     assert result.returncode == 137
     assert one_line(result.stderr) == "corral: python3: killed by the 48M memory limit (OOM)"
 

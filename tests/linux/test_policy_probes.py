@@ -1,10 +1,11 @@
 """The default policy, proven from inside real sandboxes: one probe per line, exact outcomes.
 
-Each probe runs tests/linux/probes/tryop.py (bound read-only at /probes) in a fresh default
-sandbox and asserts exactly what the kernel answered: the errno name, the signal, the
-absence, the value read. Where two layers guard the same thing, the test says which one
-answers first for the flags used (e.g. O_TRUNC meets the read-only mount before the
-permission check; a plain O_WRONLY meets the permission check first).
+Each probe runs sandbox/probes/inside.py, the conformance suite's probe program (bound
+read-only at /probes), in a fresh default sandbox and asserts exactly what the kernel
+answered: the errno name, the signal, the absence, the value read. Where two layers guard
+the same thing, the test says which one answers first for the flags used (e.g. O_TRUNC
+meets the read-only mount before the permission check; a plain O_WRONLY meets the
+permission check first).
 
 Every probe is harmless if it escapes: it writes back what it read, removes what it creates,
 detaches what it attaches, changes only the sandbox's own namespaces, and the one network
@@ -31,22 +32,22 @@ from corral.sandbox import DEVNULL, PIPE, BindMount, Sandbox, SandboxSpec, conta
 from corral.sandbox import landlock as landlock_mod
 
 from .conftest import (
-    TRYOP,
+    INSIDE,
     MiB,
     alive,
     cgroup_dirs,
     command_names,
     host_status,
+    inside,
     parse_probe,
     probe_spec,
-    tryop,
     wait_until,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 if os.uname().machine != "x86_64":
-    pytest.skip("tryop's syscall numbers are x86_64's", allow_module_level=True)
+    pytest.skip("inside.py's syscall numbers are x86_64's", allow_module_level=True)
 
 SIGSYS = int(signal.SIGSYS)
 ZERO_CAPS = "0000000000000000"
@@ -73,7 +74,7 @@ STATUS_LINES = [
 
 @pytest.mark.parametrize("key,expected", STATUS_LINES)
 def test_status_of_a_command(key, expected):
-    p = tryop("status")
+    p = inside("status")
     assert p.ok, p
     assert p.value[key] == expected
 
@@ -84,7 +85,7 @@ def test_status_of_a_command(key, expected):
     param("setgroups", "/proc/self/setgroups", "deny"),
 ])
 def test_id_maps(path, expected):
-    p = tryop("read", path)
+    p = inside("read", path)
     assert p.ok, p
     assert " ".join(p.value.split()) == expected
 
@@ -106,25 +107,25 @@ def test_root_inside_is_an_unprivileged_id_on_the_host():
 
 @pytest.mark.parametrize("ns", ["user", "pid", "mnt", "net", "uts", "ipc", "cgroup"])
 def test_namespace_differs_from_the_host(ns):
-    p = tryop("namespaces")
+    p = inside("namespaces")
     assert p.ok, p
     assert p.value[ns].startswith(f"{ns}:[")
     assert p.value[ns] != os.readlink(f"/proc/self/ns/{ns}")
 
 
 def test_hostname_is_the_sandbox_own():
-    p = tryop("read", "/proc/sys/kernel/hostname")
+    p = inside("read", "/proc/sys/kernel/hostname")
     assert p.value == "corral\n"
 
 
 def test_only_the_sandbox_processes_are_visible():
-    p = tryop("pids")
+    p = inside("pids_settled")
     # PID 1 (corral-init) and the probe itself: nothing of the host.
     assert p.value["all"] == sorted({1, p.value["self"]})
 
 
 def test_cgroup_view_is_rooted_at_the_sandbox():
-    p = tryop("read", "/proc/self/cgroup")
+    p = inside("read", "/proc/self/cgroup")
     lines = p.value.splitlines()
     assert lines
     assert [line.rsplit(":", 1)[1] for line in lines] == ["/"] * len(lines)
@@ -135,7 +136,7 @@ def test_setuid_root_binary_gains_nothing():
     nosuid and no_new_privs is set: it runs as the sandbox's root with no capabilities.
     While it is blocked writing its first message (stderr is a full pipe), the host sees
     its credentials: effective uid 0 would mean the setuid bit took effect."""
-    st = tryop("stat", "/usr/bin/newgrp")
+    st = inside("stat", "/usr/bin/newgrp")
     assert st.value["mode"] & 0o4000, "precondition: newgrp is setuid on this host"
     assert st.value["uid"] == 65534  # host root, unmapped inside: the overflow uid
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -190,7 +191,7 @@ def _support_tops() -> set[str]:
 def test_root_directory_lists_exactly_the_policy():
     expected = {os.path.basename(d) for d in mounts.HOST_SYSTEM_DIRS if _host_has(d)}
     expected |= {"dev", "etc", "proc", "tmp", "workspace", "probes"} | _support_tops()
-    p = tryop("listdir", "/")
+    p = inside("listdir", "/")
     assert p.value == sorted(expected)
 
 
@@ -198,12 +199,12 @@ def test_support_files_are_all_there_is_of_their_directories():
     """/opt holds the agent helper and nothing of the host's /opt."""
     for sandbox_path in contain.support_files():
         directory, name = os.path.split(sandbox_path)
-        p = tryop("listdir", directory)
+        p = inside("listdir", directory)
         assert p.value == [name]
         top = "/" + sandbox_path.split("/")[1]
-        assert tryop("listdir", top).value == [sandbox_path.split("/")[2]]
+        assert inside("listdir", top).value == [sandbox_path.split("/")[2]]
         # A host file owned by the host's root: the permission check answers first.
-        assert tryop("open", sandbox_path, "O_WRONLY").outcome == "EACCES"
+        assert inside("open", sandbox_path, "O_WRONLY").outcome == "EACCES"
         with Sandbox.create(probe_spec()) as sb:
             assert "ro" in _mount_options(sb, sandbox_path)
 
@@ -211,12 +212,12 @@ def test_support_files_are_all_there_is_of_their_directories():
 def test_etc_holds_only_generated_files_and_harmless_host_entries():
     generated = set(mounts.etc_files(SandboxSpec()))
     shared = {os.path.basename(e) for e in mounts.HOST_ETC_ENTRIES if _host_has(e)}
-    p = tryop("listdir", "/etc")
+    p = inside("listdir", "/etc")
     assert p.value == sorted(generated | shared)
 
 
 def test_dev_lists_exactly_the_minimal_set():
-    p = tryop("listdir", "/dev")
+    p = inside("listdir", "/dev")
     assert p.value == ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr",
                        "stdin", "stdout", "tty", "urandom", "zero"]
 
@@ -226,7 +227,7 @@ def test_dev_lists_exactly_the_minimal_set():
     ("urandom", [1, 9]), ("tty", [5, 0]),
 ])
 def test_device_node(name, rdev):
-    p = tryop("stat", f"/dev/{name}")
+    p = inside("stat", f"/dev/{name}")
     assert (p.value["kind"], p.value["rdev"]) == ("chr", rdev)
 
 
@@ -240,7 +241,7 @@ HOST_PATHS_OUT_OF_VIEW = [
 
 @pytest.mark.parametrize("path", HOST_PATHS_OUT_OF_VIEW)
 def test_host_path_is_absent(path):
-    p = tryop("stat", path)
+    p = inside("stat", path)
     assert p.outcome == "ENOENT"
 
 
@@ -249,7 +250,7 @@ def test_host_tmp_is_not_shared():
     with open(marker, "w") as f:
         f.write("host secret\n")
     try:
-        p = tryop("stat", marker)
+        p = inside("stat", marker)
     finally:
         os.unlink(marker)
     assert p.outcome == "ENOENT"
@@ -258,21 +259,21 @@ def test_host_tmp_is_not_shared():
 @pytest.mark.parametrize("path", mounts.PROC_MASKED_FILES)
 def test_proc_file_is_masked(path):
     """Each masked /proc file is the null device: reads are empty and a write goes
-    nowhere. (tryop writes only after fstat shows 1:3.) Files this kernel lacks stay absent."""
-    p = tryop("write_null", path)
+    nowhere. (write_null writes only after fstat shows 1:3.) Files this kernel lacks stay absent."""
+    p = inside("write_null", path)
     if not _host_has(path):
         assert p.outcome == "ENOENT"
         return
     assert p.outcome == "ok", p
     assert p.value == 1
-    st = tryop("stat", path)
+    st = inside("stat", path)
     assert (st.value["kind"], st.value["rdev"]) == ("chr", [1, 3])
-    assert tryop("read", path).value == ""
+    assert inside("read", path).value == ""
 
 
 @pytest.mark.parametrize("path", mounts.PROC_MASKED_DIRS)
 def test_proc_directory_is_masked(path):
-    p = tryop("listdir", path)
+    p = inside("listdir", path)
     if not _host_has(path):
         assert p.outcome == "ENOENT"
     else:
@@ -288,7 +289,7 @@ def test_proc_directory_is_masked(path):
 def test_core_pattern_cannot_be_written(flags, expected):
     with open("/proc/sys/kernel/core_pattern") as f:
         host_before = f.read()
-    p = tryop("rewrite", "/proc/sys/kernel/core_pattern", flags)
+    p = inside("rewrite", "/proc/sys/kernel/core_pattern", flags)
     with open("/proc/sys/kernel/core_pattern") as f:
         assert f.read() == host_before
     assert p.outcome == expected
@@ -298,10 +299,10 @@ def test_core_pattern_cannot_be_written(flags, expected):
 def test_proc_self_exe_cannot_be_opened_for_writing(flags):
     """/proc/self/exe is the host's python, on a read-only bind and owned by the host's
     root: without a DAC override the permission check refuses before the mount is asked.
-    (tryop only opens: nothing would be written even if the open succeeded.)"""
-    link = tryop("readlink", "/proc/self/exe")
+    (inside.py's open only opens: nothing would be written even if the open succeeded.)"""
+    link = inside("readlink", "/proc/self/exe")
     assert link.value == os.path.realpath("/usr/bin/python3")
-    assert tryop("open", "/proc/self/exe", flags).outcome == "EACCES"
+    assert inside("open", "/proc/self/exe", flags).outcome == "EACCES"
 
 
 def test_proc_self_exe_cannot_be_truncated(tmp_path):
@@ -314,7 +315,7 @@ def test_proc_self_exe_cannot_be_truncated(tmp_path):
     shutil.copy2(host_python, copy)
     size = copy.stat().st_size
     spec = probe_spec(binds=(BindMount(str(tmp_path), "/copy", writable=False),))
-    result = run(["/copy/python3", "-I", "/probes/tryop.py", "open", "/proc/self/exe",
+    result = run(["/copy/python3", "-I", "/probes/inside.py", "open", "/proc/self/exe",
                   "O_WRONLY|O_TRUNC"], spec)
     p = parse_probe(result.stdout, result.stderr, result.returncode, result.reason)
     assert copy.stat().st_size == size
@@ -331,11 +332,11 @@ def test_proc_self_exe_cannot_be_truncated(tmp_path):
 ])
 def test_pid1_is_not_inspectable(op, path):
     """corral-init is non-dumpable, so ptrace-mode access to it needs CAP_SYS_PTRACE."""
-    assert tryop(op, path).outcome == "EACCES"
+    assert inside(op, path).outcome == "EACCES"
 
 
 WRITES = [
-    # (case, tryop args, exact outcome)
+    # (case, inside.py args, exact outcome)
     param("create-in-usr", ["open", "/usr/corral-probe", "O_WRONLY|O_CREAT"], "EROFS"),
     param("mkdir-in-usr", ["mkdir", "/usr/corral-probe"], "EROFS"),
     param("host-binary-O_WRONLY", ["open", "/usr/bin/python3.11", "O_WRONLY"], "EACCES"),
@@ -350,13 +351,13 @@ WRITES = [
     param("workspace", ["open", "/workspace/corral-probe", "O_WRONLY|O_CREAT"], "ok"),
     param("tmp", ["open", "/tmp/corral-probe", "O_WRONLY|O_CREAT"], "ok"),
     param("dev-shm", ["open", "/dev/shm/corral-probe", "O_WRONLY|O_CREAT"], "ok"),
-    param("dev-null", ["write", "/dev/null"], "ok"),
+    param("dev-null", ["write_null", "/dev/null"], "ok"),
 ]
 
 
 @pytest.mark.parametrize("args,expected", WRITES)
 def test_write(args, expected):
-    assert tryop(*args).outcome == expected
+    assert inside(*args).outcome == expected
 
 
 def test_workspace_writes_reach_the_host_directory():
@@ -391,8 +392,8 @@ def test_landlock_alone_refuses_writing_a_device(device):
     assert landlock_mod.abi_version() > 0, "the policy needs landlock; this kernel lacks it"
     with Sandbox.create(probe_spec()) as sb:
         options = _mount_options(sb, f"/dev/{device}")
-        st = tryop("stat", f"/dev/{device}", sandbox=sb)
-        p = tryop("open", f"/dev/{device}", "O_WRONLY", sandbox=sb)
+        st = inside("stat", f"/dev/{device}", sandbox=sb)
+        p = inside("open", f"/dev/{device}", "O_WRONLY", sandbox=sb)
     assert "rw" in options
     assert st.value["mode"] == 0o666
     assert p.outcome == "EACCES"
@@ -408,7 +409,7 @@ def test_landlock_alone_refuses_writing_a_device(device):
     param("mknod-fifo-in-tmp", ["mknod", "/tmp/corral-probe", "fifo"], "ok"),
 ])
 def test_landlock_rule(args, expected):
-    assert tryop(*args).outcome == expected
+    assert inside(*args).outcome == expected
 
 
 @pytest.mark.parametrize("writable,expected", [
@@ -418,7 +419,7 @@ def test_landlock_rule(args, expected):
 def test_user_bind_mount(tmp_path, writable, expected):
     os.chmod(tmp_path, 0o777)  # root inside is uid 100000 on the host
     spec = probe_spec(binds=(BindMount(str(tmp_path), "/data", writable),))
-    p = tryop("open", "/data/corral-probe", "O_WRONLY|O_CREAT", spec=spec)
+    p = inside("open", "/data/corral-probe", "O_WRONLY|O_CREAT", spec=spec)
     assert p.outcome == expected
     assert os.listdir(tmp_path) == []
 
@@ -426,7 +427,7 @@ def test_user_bind_mount(tmp_path, writable, expected):
 # == seccomp ================================================================================
 
 SECCOMP_DENIALS = [
-    # (case, tryop args, exact errno) -- see sandbox/profiles/default.json
+    # (case, inside.py args, exact errno) -- see sandbox/profiles/default.json
     param("mount", ["syscall", "mount", "s:none", "s:/tmp", "s:tmpfs", "0", "null"], "EPERM"),
     param("umount-a-proc-mask", ["syscall", "umount2", "s:/proc/kallsyms", "2"], "EPERM"),
     param("pivot_root", ["syscall", "pivot_root", "s:.", "s:."], "EPERM"),
@@ -485,7 +486,7 @@ SECCOMP_DENIALS = [
 
 @pytest.mark.parametrize("args,expected", SECCOMP_DENIALS)
 def test_seccomp_denies(args, expected):
-    p = tryop(*args)
+    p = inside(*args)
     assert p.outcome == expected, p
 
 
@@ -496,7 +497,7 @@ def test_seccomp_denies(args, expected):
 ])
 def test_seccomp_allows(args):
     """clone3's ENOSYS must leave threads working (pthread_create falls back to clone)."""
-    p = tryop(*args)
+    p = inside(*args)
     assert p.outcome == "ok", p
     if args[0] == "threads":
         assert p.value == 4  # four distinct thread ids
@@ -504,7 +505,7 @@ def test_seccomp_allows(args):
 
 @pytest.mark.parametrize("op", ["x32_getpid", "i386_getpid"])
 def test_foreign_syscall_abi_kills_the_process(op):
-    p = tryop(op)
+    p = inside(op)
     assert (p.ok, p.returncode, p.reason) == (None, -SIGSYS, "signaled")
 
 
@@ -530,9 +531,9 @@ FILTER_DIFFERENTIAL = [
 def test_the_filter_is_what_denies(args, expected):
     kw = {"stdin": DEVNULL} if args[0] == "tiocsti" else {}
     with Sandbox.create(probe_spec()) as sb:
-        confined = tryop(*args, sandbox=sb, **kw)
+        confined = inside(*args, sandbox=sb, **kw)
     with Sandbox.create(probe_spec(profile="unconfined")) as sb:
-        unconfined = tryop(*args, sandbox=sb, **kw)
+        unconfined = inside(*args, sandbox=sb, **kw)
     assert confined.outcome == expected
     if unconfined.outcome == expected:
         pytest.skip(f"this kernel itself answers {expected}: the filter's part cannot be seen")
@@ -557,7 +558,7 @@ SOCKETS = [
 
 @pytest.mark.parametrize("args,expected", SOCKETS)
 def test_socket_family(args, expected):
-    assert tryop(*args).outcome == expected
+    assert inside(*args).outcome == expected
 
 
 # == terminals ==============================================================================
@@ -573,13 +574,13 @@ def test_socket_family(args, expected):
 ])
 def test_tiocsti_is_denied(target, request_code, stdin):
     with Sandbox.create(probe_spec()) as sb:
-        p = tryop("tiocsti", target, request_code, sandbox=sb, stdin=stdin)
+        p = inside("tiocsti", target, request_code, sandbox=sb, stdin=stdin)
     assert p.outcome == "EPERM", p
 
 
 def test_no_controlling_terminal():
-    assert tryop("open", "/dev/tty", "O_RDWR").outcome == "ENXIO"
-    session = tryop("sid").value
+    assert inside("open", "/dev/tty", "O_RDWR").outcome == "ENXIO"
+    session = inside("sid").value
     assert session["sid"] == session["pid"] == session["pgid"]  # a new session's leader
 
 
@@ -587,11 +588,11 @@ def test_no_controlling_terminal():
 
 
 def test_only_loopback():
-    assert tryop("interfaces").value == ["lo"]
+    assert inside("interfaces").value == ["lo"]
 
 
 def test_loopback_works_inside():
-    assert tryop("loopback_echo").value == "ping"
+    assert inside("loopback_echo").value == "ping"
 
 
 def test_host_loopback_listener_is_unreachable():
@@ -600,7 +601,7 @@ def test_host_loopback_listener_is_unreachable():
         listener.listen(8)
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        p = tryop("connect", "127.0.0.1", str(port))
+        p = inside("connect_tcp", "127.0.0.1", str(port))
         with pytest.raises(BlockingIOError):
             listener.accept()
     assert p.outcome == "ECONNREFUSED"
@@ -612,9 +613,9 @@ def test_host_loopback_listener_is_unreachable():
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_signal_to_pid1_from_inside_is_ignored(sig):
     with Sandbox.create(probe_spec()) as sb:
-        p = tryop("kill", "1", str(int(sig)), sandbox=sb)
+        p = inside("kill", "1", str(int(sig)), sandbox=sb)
         init_alive = alive(sb.init_pid)
-        after = tryop("pids", sandbox=sb)
+        after = inside("pids_settled", sandbox=sb)
     assert p.outcome == "ok"  # the kernel accepts it and drops it: PID 1 has no handler
     assert init_alive
     assert after.outcome == "ok"
@@ -625,7 +626,7 @@ def test_joining_commands_cannot_be_hijacked():
     each one's /proc/PID/mem and exe for writing (the CVE-2019-5736 pattern: before its
     execve a joining command still runs the runtime's image, in the runtime's memory)."""
     with Sandbox.create(probe_spec()) as sb:
-        watcher = sb.exec([*TRYOP, "join_watch", "2"], stdin=DEVNULL)
+        watcher = sb.exec([*INSIDE, "join_watch", "2"], stdin=DEVNULL)
         time.sleep(0.3)
         joined = 0
         while watcher.poll() is None:
@@ -663,8 +664,8 @@ def test_double_forked_daemon_dies_with_the_sandbox():
 
 def test_fork_bomb_stops_at_the_pids_limit():
     with Sandbox.create(probe_spec(pids_max=32)) as sb:
-        p = tryop("forkbomb", "512", sandbox=sb)
-        after = tryop("pids", sandbox=sb)
+        p = inside("forkbomb", "512", sandbox=sb)
+        after = inside("pids_settled", sandbox=sb)
     assert p.errno == "EAGAIN"
     # PID 1 and the probe count against the limit; so may, for a moment, the relay that
     # started the probe (it exits once the probe has exec'd). The limit is what stopped it.
@@ -677,13 +678,13 @@ def test_fork_bomb_stops_at_the_pids_limit():
 
 
 def test_memory_balloon_is_killed_by_the_limit():
-    p = tryop("balloon", "1024", spec=probe_spec(memory_bytes=64 * MiB))
+    p = inside("balloon", "1024", spec=probe_spec(memory_bytes=64 * MiB))
     assert (p.ok, p.returncode, p.reason) == (None, -signal.SIGKILL, "oom")
 
 
 @pytest.mark.parametrize("path", ["/tmp/fill", "/dev/shm/fill"])
 def test_disk_fill_stops_at_the_tmpfs_cap(path):
-    p = tryop("fill", path, str(64 * MiB), spec=probe_spec(tmp_bytes=8 * MiB))
+    p = inside("fill", path, str(64 * MiB), spec=probe_spec(tmp_bytes=8 * MiB))
     assert p.errno == "ENOSPC"
     assert p.value["written"] == 8 * MiB
 
@@ -693,7 +694,7 @@ def test_disk_fill_stops_at_the_tmpfs_cap(path):
     param("first-byte-past", MiB, "EFBIG"),  # python ignores SIGXFSZ, so write() says EFBIG
 ])
 def test_workspace_file_size_limit(offset, expected):
-    p = tryop("fsize", "/workspace/big", str(offset), spec=probe_spec(fsize_bytes=MiB))
+    p = inside("fsize", "/workspace/big", str(offset), spec=probe_spec(fsize_bytes=MiB))
     assert p.outcome == expected
 
 
@@ -709,13 +710,13 @@ def test_file_size_limit_signals_sigxfsz():
 
 
 def test_open_descriptors_stop_at_nofile():
-    p = tryop("nofile", spec=probe_spec(nofile=64))
+    p = inside("nofile", "100000", spec=probe_spec(nofile=64))
     assert p.errno == "EMFILE"
     assert p.value["highest"] == 64
 
 
 def test_rlimits():
-    p = tryop("rlimits", spec=probe_spec(nofile=200, fsize_bytes=3 * MiB))
+    p = inside("rlimits", spec=probe_spec(nofile=200, fsize_bytes=3 * MiB))
     assert p.value == {"RLIMIT_CORE": [0, 0], "RLIMIT_NOFILE": [200, 200],
                        "RLIMIT_FSIZE": [3 * MiB, 3 * MiB]}
 
@@ -754,7 +755,7 @@ def test_cgroup_limits_as_the_host_sees_them():
 
 def test_cpu_quota_throttles_a_busy_loop():
     """A tenth of a core for one wall-clock second: far less than a second of CPU."""
-    p = tryop("spin", "1.0", spec=probe_spec(cpus=0.1))
+    p = inside("spin", "1.0", spec=probe_spec(cpus=0.1))
     assert p.ok, p
     assert 0 < p.value < 0.5
 
@@ -774,7 +775,7 @@ def test_oom_pressure_while_joining_never_touches_the_runtime():
         ballast = bytearray(b"x" * (200 << 20))  # a runtime bigger than any hog
         with Sandbox.create(probe_spec(memory_bytes=64 << 20)) as sb:
             hog = sb.exec(["/bin/sh", "-c",
-                           "while :; do python3 -I /probes/tryop.py balloon; done"],
+                           "while :; do python3 -I /probes/inside.py balloon 1024; done"],
                           stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
             end, joined = time.monotonic() + 3, 0
             while time.monotonic() < end:
