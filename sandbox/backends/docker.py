@@ -817,6 +817,21 @@ class DockerProcess:
 # -- sandboxes --------------------------------------------------------------------------------
 
 
+def _wrapper_state(pid: int) -> str:
+    """"wrapper" while pid still runs _PassedFds' shell, "exec'd" once it runs the command,
+    "gone" when it has exited (read from /proc: the engine is local)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            parts = f.read().split(b"\0")
+    except OSError:
+        return "gone"
+    if not parts or parts == [b""]:
+        return "gone"  # a zombie has no command line
+    if parts[:2] == [b"/bin/sh", b"-c"] and parts[3:4] == [b"corral-exec"]:
+        return "wrapper"
+    return "exec'd"
+
+
 class _PassedFds:
     """Descriptors handed to a command (``pass_fds``) across the engine, through FIFOs.
 
@@ -1178,8 +1193,16 @@ class DockerSandbox:
             except Exception:
                 return
             if info.get("Running") and info.get("Pid"):  # Running comes before the Pid
-                proc._pid = int(info["Pid"])
-                return
+                pid = int(info["Pid"])
+                # Through the pass_fds wrapper, a running pid is the shell, not yet the
+                # command: wait for its exec (or its exit, 127 when argv[0] is missing).
+                state = _wrapper_state(pid) if wrapped and self.local else "exec'd"
+                if state == "exec'd":
+                    proc._pid = pid
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+                continue
             code = info.get("ExitCode")
             if code is not None:
                 break

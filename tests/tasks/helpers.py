@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,9 +19,12 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 def shims_under(path: str) -> list[int]:
     """Pids of live shims of attempts under path (each records itself in shim.json)."""
     out = set()
-    for shim_json in Path(path).rglob("attempt-*/shim.json"):
+    # glob.glob skips directories that vanish while it walks (a checkpoint being replaced);
+    # Path.rglob raises FileNotFoundError for them
+    for shim_json in glob.glob(os.path.join(path, "**", "attempt-*", "shim.json"),
+                               recursive=True):
         try:
-            info = json.loads(shim_json.read_text())
+            info = json.loads(Path(shim_json).read_text())
             with open(f"/proc/{info['pid']}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{info['pid']}/cmdline", "rb") as f:
