@@ -33,7 +33,7 @@ def status_of(exc: CorralError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
 
 
-def _record_denial(servicer, context, exc: CorralError, method: str) -> None:
+def record_denial(servicer, context, exc: CorralError, method: str) -> None:
     if isinstance(exc, (PermissionDenied, Unauthenticated)) and servicer.audit is not None:
         caller = current_caller.get()
         servicer.audit.append(
@@ -47,7 +47,7 @@ def _record_denial(servicer, context, exc: CorralError, method: str) -> None:
 async def _abort(servicer, context, exc: Exception, method: str) -> None:
     """End the RPC for exc: a CorralError with its own status, anything else INTERNAL."""
     if isinstance(exc, CorralError):
-        _record_denial(servicer, context, exc, method)
+        record_denial(servicer, context, exc, method)
         await context.abort(status_of(exc), str(exc))
     log.error("%s failed", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")

@@ -18,7 +18,7 @@ from corral.v1 import session_pb2 as pb
 from ..sandboxes import Ended
 from ..sessions import Exited, TurnEnded, TurnStarted
 from ..streams import DEFAULT_BATCH_BYTES
-from .errors import Servicer, _record_denial, streaming
+from .errors import Servicer, record_denial, streaming
 from .sandboxes import spec_from_proto
 from .wire import field_bytes, first_seq, varint
 
@@ -389,7 +389,7 @@ class _Mux:
 
     def fail(self, ref: str, exc: Exception, method: str) -> None:
         if isinstance(exc, CorralError):
-            _record_denial(self.servicer, None, exc, method)
+            record_denial(self.servicer, None, exc, method)
         else:
             log.error("%s failed for ref %r", method, ref, exc_info=exc)
         self.loose.append((field_bytes(1, ref.encode()), _error_event(exc)))
