@@ -34,6 +34,9 @@ def status_of(exc: CorralError) -> grpc.StatusCode:
 
 
 def record_denial(servicer, context, exc: CorralError, method: str) -> None:
+    """Write a `denied` audit record when exc is a denial (PERMISSION_DENIED or
+    UNAUTHENTICATED); other errors are not denials. `context` (for the peer) may be None
+    once the caller is known, as for a failed request on an OpenMany stream."""
     if isinstance(exc, (PermissionDenied, Unauthenticated)) and servicer.audit is not None:
         caller = current_caller.get()
         servicer.audit.append(
