@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,20 +53,21 @@ def decode_batch(batch: stream_pb2.StreamBatch) -> Tokens:
     for length in batch.lengths:
         texts.append(raw[pos:pos + length].decode("utf-8"))
         pos += length
-    last = batch.first_seq + len(batch.lengths) + len(batch.events) - 1
-    return Tokens(batch.first_seq, texts, list(batch.events), batch.lost.count, last)
+    return Tokens(batch.first_seq, texts, list(batch.events), batch.lost.count,
+                  _last_seq(batch))
 
 
-class SessionStream:
-    """One open Sessions.Open stream: send steering, iterate server events."""
+def _last_seq(batch: stream_pb2.StreamBatch) -> int:
+    """The seq of a batch's last entry (tokens and events)."""
+    return batch.first_seq + len(batch.lengths) + len(batch.events) - 1
 
-    def __init__(self, stub, first: session_pb2.SessionRequest, metadata):
+
+class _QueuedRequests:
+    """A bidirectional call fed from a queue: requests go out in order from any thread;
+    None ends the request side."""
+
+    def __init__(self) -> None:
         self._requests: queue.Queue = queue.Queue()
-        self._requests.put(first)
-        self._closed = threading.Event()
-        self._call = stub.Open(self._request_iter(), metadata=metadata)
-        self.session_id = ""
-        self.last_seq = 0
 
     def _request_iter(self):
         while True:
@@ -75,6 +75,28 @@ class SessionStream:
             if item is None:
                 return
             yield item
+
+    def _responses(self, call):
+        """The call's responses; a cancel of ours ends them quietly, other errors are
+        ClientError; the request side is ended either way."""
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise _wrap(exc) from None
+        finally:
+            self._requests.put(None)
+
+
+class SessionStream(_QueuedRequests):
+    """One open Sessions.Open stream: send steering, iterate server events."""
+
+    def __init__(self, stub, first: session_pb2.SessionRequest, metadata):
+        super().__init__()
+        self._requests.put(first)
+        self._call = stub.Open(self._request_iter(), metadata=metadata)
+        self.session_id = ""
+        self.last_seq = 0
 
     def send_input(self, text: str) -> None:
         self._requests.put(session_pb2.SessionRequest(input=session_pb2.SessionInput(text=text)))
@@ -91,23 +113,16 @@ class SessionStream:
         self._call.cancel()
 
     def __iter__(self) -> Iterator[session_pb2.SessionEvent]:
-        try:
-            for event in self._call:
-                kind = event.WhichOneof("event")
-                if kind == "opened":
-                    self.session_id = event.opened.session_id
-                elif kind == "batch":
-                    b = event.batch
-                    self.last_seq = b.first_seq + len(b.lengths) + len(b.events) - 1
-                yield event
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise _wrap(exc) from None
-        finally:
-            self._requests.put(None)
+        for event in self._responses(self._call):
+            kind = event.WhichOneof("event")
+            if kind == "opened":
+                self.session_id = event.opened.session_id
+            elif kind == "batch":
+                self.last_seq = _last_seq(event.batch)
+            yield event
 
 
-class SessionMux:
+class SessionMux(_QueuedRequests):
     """One Sessions.OpenMany stream: many sessions, each under a ref of the caller's choice.
 
         mux = client.open_many()
@@ -120,17 +135,10 @@ class SessionMux:
     """
 
     def __init__(self, stub, metadata):
-        self._requests: queue.Queue = queue.Queue()
+        super().__init__()
         self._call = stub.OpenMany(self._request_iter(), metadata=metadata)
         self.session_ids: dict[str, str] = {}  # ref -> session id, once opened
         self.last_seq: dict[str, int] = {}  # ref -> newest seq received
-
-    def _request_iter(self):
-        while True:
-            item = self._requests.get()
-            if item is None:
-                return
-            yield item
 
     def _send(self, ref: str, **request) -> None:
         self._requests.put(session_pb2.MuxRequest(ref=ref, **request))
@@ -172,23 +180,15 @@ class SessionMux:
         self._call.cancel()
 
     def __iter__(self) -> Iterator[tuple[str, session_pb2.SessionEvent]]:
-        try:
-            for message in self._call:
-                for item in message.events:
-                    ref, event = item.ref, item.event
-                    kind = event.WhichOneof("event")
-                    if kind == "opened":
-                        self.session_ids[ref] = event.opened.session_id
-                    elif kind == "batch":
-                        b = event.batch
-                        self.last_seq[ref] = (b.first_seq + len(b.lengths) + len(b.events)
-                                              - 1)
-                    yield ref, event
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise _wrap(exc) from None
-        finally:
-            self._requests.put(None)
+        for message in self._responses(self._call):
+            for item in message.events:
+                ref, event = item.ref, item.event
+                kind = event.WhichOneof("event")
+                if kind == "opened":
+                    self.session_ids[ref] = event.opened.session_id
+                elif kind == "batch":
+                    self.last_seq[ref] = _last_seq(event.batch)
+                yield ref, event
 
 
 class Client:

@@ -56,6 +56,7 @@ from ..errors import (
     UnsupportedHost,
 )
 from ..spec import SandboxSpec
+from .base import SandboxLifecycle
 from .native import PIPE, CompletedRun, ExitReason
 
 #: Label every Corral container carries: the sandbox id.
@@ -956,7 +957,7 @@ class _Prepared:
     seccomp_profile: seccomp.SeccompProfile
 
 
-class DockerSandbox:
+class DockerSandbox(SandboxLifecycle):
     """A sandbox on a Docker engine: create / exec / signal / destroy (a context manager)."""
 
     _swept: set[str] = set()
@@ -982,20 +983,6 @@ class DockerSandbox:
         self._fds_dir: str | None = None
         #: What the policy digest is computed from (the native backend's Prepared shape).
         self._prepared: _Prepared | None = None
-
-    @classmethod
-    def create(cls, spec: SandboxSpec | None = None, **kwargs) -> DockerSandbox:
-        sandbox = cls(spec, **kwargs)
-        sandbox.start()
-        return sandbox
-
-    def __enter__(self) -> DockerSandbox:
-        if self.state == "new":
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.destroy()
 
     def start(self) -> None:
         """Create and start the container.

@@ -29,6 +29,7 @@ from .. import cgroups, contain
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
+from .base import SandboxLifecycle
 
 PIPE = -1
 DEVNULL = -3
@@ -277,7 +278,7 @@ class Process:
             sink(chunk)
 
 
-class Sandbox:
+class Sandbox(SandboxLifecycle):
     """A native Linux sandbox: create / exec / signal / destroy (also a context manager)."""
 
     _swept = False
@@ -311,20 +312,6 @@ class Sandbox:
         self.on_net_event = on_net_event
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    @classmethod
-    def create(cls, spec: SandboxSpec | None = None, **kwargs) -> Sandbox:
-        sandbox = cls(spec, **kwargs)
-        sandbox.start()
-        return sandbox
-
-    def __enter__(self) -> Sandbox:
-        if self.state == "new":
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.destroy()
 
     def start(self) -> None:
         """Create PID 1 with its namespaces, cgroup and filesystem view.
