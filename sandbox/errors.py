@@ -44,7 +44,8 @@ class Unauthenticated(CorralError):
 
 
 class ResourceExhausted(CorralError):
-    """A limit of the daemon (sandboxes, sessions, buffered input) is reached."""
+    """A limit of the daemon (sandboxes, sessions, buffered input) or of the host
+    (descriptors, disk, memory) is reached."""
 
     grpc_status = "RESOURCE_EXHAUSTED"
 
@@ -70,7 +71,12 @@ class InvalidTransition(CorralError):
 
 
 class SandboxSetupError(CorralError):
-    """A kernel step of containment failed; carries the step, the path and the errno."""
+    """A kernel step of containment failed; carries the step, the path and the errno.
+
+    A step that failed because the host ran out of something (descriptors, disk, memory,
+    processes) is the operator's to fix, not a bug: it maps to RESOURCE_EXHAUSTED and its
+    message says what ran out and what to change.
+    """
 
     grpc_status = "INTERNAL"
 
@@ -81,9 +87,66 @@ class SandboxSetupError(CorralError):
         name = _errno.errorcode.get(errno, str(errno))
         where = f" {path!r}" if path else ""
         extra = f" ({detail})" if detail else ""
+        advice = exhaustion_advice(errno, step)
+        if advice:
+            self.grpc_status = "RESOURCE_EXHAUSTED"
+            extra += f": {advice}"
         super().__init__(
             f"sandbox setup failed at {step}{where}: {name} {os.strerror(errno)}{extra}"
         )
+
+
+#: errnos that say the host or the daemon ran out of something, not that a request is bad.
+EXHAUSTION_ERRNOS = frozenset({
+    _errno.EMFILE, _errno.ENFILE, _errno.ENOSPC, _errno.EDQUOT, _errno.ENOMEM,
+})
+
+
+def exhaustion_advice(errno: int, step: str = "") -> str:
+    """What ran out and what an operator can do about it; "" when errno is no exhaustion.
+
+    EAGAIN counts only from a process-creating step (clone, fork): there it means a pid,
+    thread or memory limit, elsewhere it is a retry hint.
+    """
+    if errno == _errno.EMFILE:
+        return ("the daemon is out of file descriptors (RLIMIT_NOFILE); raise its limit "
+                "(LimitNOFILE= in its unit, prlimit) or lower max_sandboxes")
+    if errno == _errno.ENFILE:
+        return "the host is out of file descriptors (fs.file-max); raise it or run fewer sandboxes"
+    if errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return "a filesystem or quota is full; free space (df, df -i) or lower workspace caps"
+    if errno == _errno.ENOMEM:
+        return "the host is out of memory or kernel memory; run fewer or smaller sandboxes"
+    if errno == _errno.EAGAIN and step.startswith(("clone", "fork", "spawn")):
+        return ("the host refused a new process (pid, thread or memory limit: "
+                "kernel.pid_max, kernel.threads-max, the daemon's RLIMIT_NPROC)")
+    return ""
+
+
+def as_exhaustion(exc: BaseException) -> ResourceExhausted | None:
+    """The ResourceExhausted an exception really is, or None; the one classifier of
+    exhaustion (used where errors become statuses).
+
+    Covers an OSError with an exhaustion errno, SQLite's "database or disk is full" (also
+    inside an AuditError) and a SandboxSetupError already classified as exhaustion.
+    """
+    if isinstance(exc, ResourceExhausted):
+        return exc
+    if isinstance(exc, SandboxSetupError):
+        return ResourceExhausted(str(exc)) if exc.grpc_status == "RESOURCE_EXHAUSTED" else None
+    text = str(exc)
+    if "database or disk is full" in text:
+        where = f" ({exc.path})" if isinstance(exc, AuditError) else ""
+        return ResourceExhausted(
+            f"the daemon's state filesystem is full{where}: {text}; free space on it "
+            "(df on the --state directory); the daemon serves again once it has room")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        advice = exhaustion_advice(exc.errno)
+        if advice:
+            name = _errno.errorcode.get(exc.errno, str(exc.errno))
+            what = f" {exc.filename!r}" if exc.filename else ""
+            return ResourceExhausted(f"{name}{what}: {advice}")
+    return None
 
 
 class CommandNotFound(CorralError):

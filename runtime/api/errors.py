@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated
+from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated, as_exhaustion
 
 log = logging.getLogger("corral.api")
 
@@ -27,6 +27,19 @@ class Servicer:
         caller = self.daemon.auth.identify(context)
         current_caller.set(caller)
         return caller
+
+
+#: Called with each ResourceExhausted an RPC ended with (the daemon's health monitor looks
+#: again at once instead of at its next tick).
+exhaustion_listeners: list = []
+
+
+def exhaustion_seen(exc) -> None:
+    for listener in list(exhaustion_listeners):
+        try:
+            listener(exc)
+        except Exception:  # noqa: BLE001 - a listener never changes the answer
+            log.exception("exhaustion listener failed")
 
 
 def status_of(exc: CorralError) -> grpc.StatusCode:
@@ -48,7 +61,13 @@ def record_denial(servicer, context, exc: CorralError, method: str) -> None:
 
 
 async def _abort(servicer, context, exc: Exception, method: str) -> None:
-    """End the RPC for exc: a CorralError with its own status, anything else INTERNAL."""
+    """End the RPC for exc: a CorralError with its own status, running out of descriptors,
+    disk or memory RESOURCE_EXHAUSTED (as_exhaustion), anything else INTERNAL."""
+    exhausted = as_exhaustion(exc)
+    if exhausted is not None:
+        log.warning("%s refused: %s", method, exhausted)
+        exhaustion_seen(exhausted)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exhausted))
     if isinstance(exc, CorralError):
         record_denial(servicer, context, exc, method)
         await context.abort(status_of(exc), str(exc))
