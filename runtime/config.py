@@ -69,6 +69,24 @@ class DaemonConfig:
     nodes: tuple = ()
     #: Ray cluster address for nodes with executor = "ray" ("auto", "127.0.0.1:6379").
     ray_address: str | None = None
+    #: [policy]: what every non-operator tenant may ask for and hold (runtime/policy.py,
+    #: docs/policy.md): profiles, allow_net, max_memory, max_pids, max_cpus, max_tmp,
+    #: max_ttl, max_priority, max_sandboxes, max_sessions, max_running_tasks,
+    #: max_queued_tasks.
+    policy: dict = field(default_factory=dict)
+    #: The same keys inside [tenants.NAME], on top of [policy] for that tenant.
+    tenant_policies: dict = field(default_factory=dict)
+
+    def policy_book(self):
+        """Every tenant's policy (runtime/policy.py), built from [policy] and [tenants.*].
+
+        Raises:
+            InvalidSpec: a bad policy key or value, named as policy.KEY or tenants.NAME.KEY.
+        """
+        from .policy import PolicyBook
+
+        return PolicyBook.from_config(self.policy, self.tenant_policies, self.sandbox_ttl_s,
+                                      self.operators)
 
     def validate(self) -> DaemonConfig:
         if self.listen is not None:
@@ -100,6 +118,7 @@ class DaemonConfig:
                 0 <= self.mux_interval_ms <= 1000):
             raise InvalidSpec("mux_interval_ms", f"{self.mux_interval_ms!r} must be between 0 "
                                                  "and 1000 ms")
+        self.policy_book()  # refuse a bad policy at start, naming its key
         return self
 
 
@@ -133,12 +152,25 @@ def _from_mapping(raw: dict, path: str) -> dict:
     out: dict = {}
     for key, value in raw.items():
         if key == "tenants":
-            tokens = {}
+            tokens, policies = {}, {}
             for tenant, table in value.items():
-                if not isinstance(table, dict) or not isinstance(table.get("token"), str):
-                    raise InvalidSpec("config", f"{path}: [tenants.{tenant}] needs token = \"...\"")
-                tokens[table["token"]] = check_tenant(tenant)
+                if not isinstance(table, dict):
+                    raise InvalidSpec("config", f"{path}: [tenants.{tenant}] must be a table")
+                check_tenant(tenant)
+                if "token" in table:
+                    if not isinstance(table["token"], str):
+                        raise InvalidSpec("config", f"{path}: tenants.{tenant}.token must be "
+                                                    "a string")
+                    tokens[table["token"]] = tenant
+                # a table without a token sets the policy of a tenant that reaches the
+                # daemon over the unix socket (x-corral-tenant) only
+                policies[tenant] = {k: v for k, v in table.items() if k != "token"}
             out["tokens"] = tokens
+            out["tenant_policies"] = policies
+        elif key == "policy":
+            if not isinstance(value, dict):
+                raise InvalidSpec("config", f"{path}: [policy] must be a table")
+            out["policy"] = dict(value)
         elif key in _DURATIONS:
             out[_DURATIONS[key]] = parse_duration(value, key)
         elif key == "operators":

@@ -39,6 +39,8 @@ class Daemon:
         self.config = config
         self.audit: AuditLog | None = None
         self.auth = Authenticator(config.tokens, config.operators)
+        #: Every tenant's operator policy: limits, profiles, egress rules and quotas.
+        self.policies = config.policy_book()
         self.sandboxes: SandboxManager | None = None
         self.sessions: SessionManager | None = None
         self.scheduler = None  # corral.runtime.tasks.scheduler.Scheduler
@@ -68,7 +70,7 @@ class Daemon:
         Sandbox._swept = True
         self.sandboxes = SandboxManager(
             self.audit, default_ttl_s=cfg.sandbox_ttl_s, max_sandboxes=cfg.max_sandboxes,
-            stream_log_bytes=cfg.stream_log_bytes,
+            stream_log_bytes=cfg.stream_log_bytes, policies=self.policies,
         )
         self.sandboxes.start()
         self.sessions = SessionManager(self.sandboxes, self.audit,
@@ -77,7 +79,7 @@ class Daemon:
         self.sessions.start()
         from .tasks.service import start_scheduler
 
-        self.scheduler = await start_scheduler(cfg, self.audit)
+        self.scheduler = await start_scheduler(cfg, self.audit, self.policies)
 
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -36,6 +36,7 @@ from corral.sandbox.errors import (
 from corral.sandbox.workspace import Workspace
 
 from .auth import Caller
+from .policy import PolicyBook, TenantPolicy
 from .streams import StreamHub
 
 log = logging.getLogger("corral.sandboxes")
@@ -88,6 +89,11 @@ class PipeWriter:
         self._close_when_drained = True
         if not self._buf:
             self._shut()
+
+    def abort(self) -> None:
+        """Close now, dropping anything queued (the command has exited). Idempotent."""
+        self._buf.clear()
+        self._shut()
 
     def _flush(self) -> None:
         while self._buf:
@@ -160,8 +166,11 @@ class SandboxManager:
     """Every sandbox of the daemon, by id, with tenant checks on each access."""
 
     def __init__(self, audit, *, default_ttl_s: float = 3600.0, max_sandboxes: int = 512,
-                 stream_log_bytes: int = 8 << 20, runtime_dir: str | None = None):
+                 stream_log_bytes: int = 8 << 20, runtime_dir: str | None = None,
+                 policies: PolicyBook | None = None):
         self.audit = audit
+        #: Each tenant's operator policy (runtime/policy.py): what it may ask for and hold.
+        self.policies = policies or PolicyBook(TenantPolicy.tenant_default(), {})
         self.default_ttl_s = default_ttl_s
         self.max_sandboxes = max_sandboxes
         self.stream_log_bytes = stream_log_bytes
@@ -169,6 +178,7 @@ class SandboxManager:
         self._sandboxes: dict[str, ManagedSandbox] = {}
         self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corral-spawn")
         self._pending = 0
+        self._pending_by_tenant: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
         self._shutting_down = False
 
@@ -201,9 +211,15 @@ class SandboxManager:
                      owner_session: str | None = None) -> ManagedSandbox:
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
+        rules = self.policies.of(caller)
+        rules.check_sandbox(spec)
+        # The tenant's quota before the daemon's: one tenant never fills the daemon alone.
+        tenant = caller.tenant
+        rules.check_count("sandboxes", self.count(tenant) + self._pending_by_tenant.get(
+            tenant, 0), "max_sandboxes")
         if len(self._sandboxes) + self._pending >= self.max_sandboxes:
             raise ResourceExhausted(f"the daemon already runs {self.max_sandboxes} sandboxes")
-        ttl = min(ttl_s or self.default_ttl_s, self.default_ttl_s)
+        ttl = rules.ttl(min(ttl_s or self.default_ttl_s, self.default_ttl_s))
         loop = asyncio.get_running_loop()
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         if spec.backend == "docker":  # a container on the engine at the daemon's DOCKER_HOST
@@ -214,10 +230,15 @@ class SandboxManager:
             sandbox = Sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
                 loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)))
         self._pending += 1
+        self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
         try:
             await self.run_blocking(sandbox.start)
         finally:
             self._pending -= 1
+            if self._pending_by_tenant[tenant] == 1:
+                del self._pending_by_tenant[tenant]
+            else:
+                self._pending_by_tenant[tenant] -= 1
         now = time.time()
         digest = policy_digest(spec, sandbox._prepared.seccomp_profile.digest)
         policy["digest"] = digest
@@ -280,6 +301,10 @@ class SandboxManager:
 
     def all(self) -> list[ManagedSandbox]:
         return list(self._sandboxes.values())
+
+    def count(self, tenant: str) -> int:
+        """Live sandboxes of one tenant (what its max_sandboxes quota counts)."""
+        return sum(1 for m in self._sandboxes.values() if m.tenant == tenant)
 
     async def destroy(self, caller: Caller, sandbox_id: str, reason: str = "requested") -> None:
         msb = self.get(caller, sandbox_id)
@@ -394,6 +419,12 @@ class SandboxManager:
         handle.reason = str(proc.reason.value if proc.reason else "exited")
         handle.duration_s = time.monotonic() - handle.started_at
         handle.exited.set()
+        # The command is gone: its stdin's write end goes now (kept open, as for every
+        # session's agent, it leaked one descriptor per command), and the process forgets
+        # this handle (handle -> process -> on_exit -> handle was a reference cycle).
+        proc.on_exit = None
+        if handle.stdin is not None:
+            handle.stdin.abort()
         msb = self._sandboxes.get(handle.sandbox_id)
         self.audit.append(
             {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),

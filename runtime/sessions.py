@@ -21,6 +21,7 @@ import os
 import secrets
 import signal
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from corral.ext import EventKind, TokenStream
@@ -98,6 +99,8 @@ class SessionManager:
         self.idle_ttl_s = idle_ttl_s
         self.stream_log_bytes = stream_log_bytes
         self._sessions: dict[str, Session] = {}
+        #: Opens under way per tenant (counted into its max_sessions quota).
+        self._opening: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -116,6 +119,21 @@ class SessionManager:
         """Start an agent in a new sandbox (spec) or an existing one (sandbox_id)."""
         if not argv:
             raise InvalidSpec("start.argv", "the agent command is empty")
+        tenant = caller.tenant
+        held = sum(1 for s in self._sessions.values() if s.tenant == tenant)
+        self.sandboxes.policies.of(caller).check_count(
+            "sessions", held + self._opening.get(tenant, 0), "max_sessions")
+        self._opening[tenant] = self._opening.get(tenant, 0) + 1
+        try:
+            return await self._open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
+                                    env=env, first_input=first_input)
+        finally:
+            self._opening[tenant] -= 1
+            if not self._opening[tenant]:
+                del self._opening[tenant]
+
+    async def _open(self, caller: Caller, *, argv: list[str], spec, sandbox_id: str,
+                    env: dict[str, str] | None, first_input: str) -> Session:
         session_id = "ses-" + secrets.token_hex(6)
         owns = not sandbox_id
         if owns:
@@ -143,11 +161,13 @@ class SessionManager:
         finally:
             os.close(events_w)
             os.close(control_r)
-        holder: list[Session] = []
+        holder: list[weakref.ref] = []
         # end_on_eof=False: after the agent's last frame the runtime may still append its
         # own final TURN_END; watchers end when _watch_exit closes the hub.
+        # The callback holds the session weakly: session -> hub -> callback -> session would
+        # be a cycle, and the replay log (megabytes) would wait for the cyclic GC.
         hub = StreamHub(TokenStream("frames", log_bytes=self.stream_log_bytes),
-                        on_event=lambda ev: self._on_agent_event(holder[0], ev),
+                        on_event=lambda ev: self._on_agent_event(holder[0](), ev),
                         end_on_eof=False)
         session = Session(
             id=session_id, tenant=caller.tenant, sandbox_id=msb.id, owns_sandbox=owns,
@@ -156,7 +176,7 @@ class SessionManager:
             # running leaves a session the idle reaper ends like any other
             detached_since=time.monotonic(),
         )
-        holder.append(session)
+        holder.append(weakref.ref(session))
         hub.attach_fd(events_r)
         self._sessions[session_id] = session
         loop = asyncio.get_running_loop()
@@ -251,7 +271,9 @@ class SessionManager:
 
         future.add_done_callback(check)
 
-    def _on_agent_event(self, session: Session, event) -> None:
+    def _on_agent_event(self, session: Session | None, event) -> None:
+        if session is None:  # gone already: nobody is left to tell
+            return
         if event.kind == EventKind.TURN_END and session.turn_open:
             try:
                 status = json.loads(event.payload).get("status", "completed")
@@ -312,6 +334,11 @@ class SessionManager:
         self.audit.append("session.exit", tenant=session.tenant, peer="daemon",
                           sandbox_id=session.sandbox_id, session_id=session.id,
                           detail={"returncode": handle.returncode, "reason": reason})
+        # The session's own log holds everything the command's output hubs read (the
+        # forwarders copied it): let those logs go now, not when the session is reaped.
+        session.exec_handle = None
+        handle.stdout.close()
+        handle.stderr.close()
         if session.owns_sandbox:
             msb = self.sandboxes._sandboxes.get(session.sandbox_id)
             if msb is not None:
@@ -337,6 +364,21 @@ class SessionManager:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(session.ended.wait(), 10.0)
         self._sessions.pop(session.id, None)
+        self._release(session)
+
+    @staticmethod
+    def _release(session: Session) -> None:
+        """Drop what a removed session still holds, so its replay logs (megabytes each) go
+        with the last reference instead of waiting for the cyclic GC. Its finished tasks are
+        forgotten (one that ended with an exception holds a traceback whose frames point
+        back here); once the session has ended, its hub and control pipe are closed (they
+        normally are already: this is idempotent)."""
+        session._tasks = [t for t in session._tasks if not t.done()]
+        session.listeners.clear()
+        if not session.ended.is_set():  # _watch_exit still runs and closes them itself
+            return
+        session.hub.close()
+        session.control.close()
 
     async def _reap_idle(self) -> None:
         while True:

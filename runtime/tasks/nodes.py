@@ -105,6 +105,11 @@ class NodeRegistry:
         self._resource_names: set[str] = set()
         self._order: list[str] = []  # stable first-fit order for an empty selector
 
+    @property
+    def resource_names(self) -> frozenset[str]:
+        """Every resource some node offers."""
+        return frozenset(self._resource_names)
+
     def add(self, node: Node) -> Node:
         if node.name in self.nodes:
             self.remove(node.name)

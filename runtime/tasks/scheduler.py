@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,9 @@ import time
 from collections import deque
 
 from corral.sandbox.errors import NotFound, PermissionDenied, Unavailable
+from corral.sandbox.spec import SandboxSpec
+
+from ..policy import PolicyBook, TenantPolicy
 
 from . import states
 from .files import TaskFiles
@@ -54,8 +58,10 @@ class Scheduler:
     """Tasks and nodes of one daemon."""
 
     def __init__(self, state_dir: str, audit, node_configs: list[NodeConfig], *,
-                 executors: dict | None = None):
+                 executors: dict | None = None, policies: PolicyBook | None = None):
         self.state_dir = state_dir
+        #: Each tenant's operator policy: task limits, priority cap, task quotas.
+        self.policies = policies or PolicyBook(TenantPolicy.tenant_default(), {})
         self.tasks_root = os.path.join(state_dir, "tasks")
         self.audit = audit
         self.store = TaskStore(os.path.join(state_dir, "tasks.db"), audit)
@@ -175,6 +181,8 @@ class Scheduler:
         """
         if self._closing:
             raise Unavailable("the daemon is shutting down")
+        spec = self._held_resources(spec)
+        self._check_policy(caller, spec)
         self.nodes.check_satisfiable(spec)
         self._seq += 1
         now = time.time()
@@ -183,6 +191,45 @@ class Scheduler:
         self.tasks[task.id] = task
         return task, self.store.insert(task, [("task.submit", {
             "tenant": caller.tenant, "peer": caller.peer, "task_id": task.id})])
+
+    def _held_resources(self, spec: TaskSpec) -> TaskSpec:
+        """The spec with the cpu and memory it holds named, when the nodes count them.
+
+        A task that names no cpu still takes a core (its sandbox's CPU quota, 1 by default)
+        and the memory its sandbox may use: otherwise any number of "no resources" tasks
+        would run at once, outside placement accounting.
+        """
+        known = self.nodes.resource_names
+        extra: dict[str, float] = {}
+        if "cpu" in known and "cpu" not in spec.resources:
+            extra["cpu"] = float(spec.sandbox.get("cpus") or 1.0)
+        if "memory" in known and "memory" not in spec.resources:
+            extra["memory"] = float(spec.sandbox.get("memory_bytes")
+                                    or SandboxSpec.memory_bytes)
+        if not extra:
+            return spec
+        return dataclasses.replace(spec, resources={**spec.resources, **extra})
+
+    def _check_policy(self, caller, spec: TaskSpec) -> None:
+        """The tenant's policy: sandbox limits, priority, tasks not yet finished.
+
+        Raises:
+            PolicyDenied, QuotaExceeded: refused; nothing was written.
+        """
+        rules = self.policies.of(caller)
+        rules.check_priority(spec.priority)
+        limits = sandbox_limits(spec)
+        rules.check_sandbox(SandboxSpec(**{
+            k: tuple(tuple(p) for p in v) if k == "env" else tuple(v) if k == "allow_net"
+            else v for k, v in limits.items()}), "spec.sandbox")
+        open_tasks = sum(1 for t in self.tasks.values()
+                         if t.tenant == caller.tenant and not t.terminal)
+        rules.check_count("unfinished tasks", open_tasks, "max_queued_tasks")
+
+    def _may_start(self, tenant: str) -> bool:
+        """Whether the tenant is under its max_running_tasks quota."""
+        limit = self.policies.of_tenant(tenant).max_running_tasks
+        return limit is None or self._active.get(tenant, 0) < limit
 
     async def admitted(self, task: DeepTask, committed: asyncio.Future) -> None:
         """Second half: wait for the commit, then make the task placeable."""
@@ -303,7 +350,7 @@ class Scheduler:
         for priority in sorted(self._queues, reverse=True):
             tenants = self._queues[priority]
             while True:
-                order = sorted((t for t, q in tenants.items() if q),
+                order = sorted((t for t, q in tenants.items() if q and self._may_start(t)),
                                key=lambda t: (self._active.get(t, 0), self._served.get(t, 0)))
                 if not order:
                     break

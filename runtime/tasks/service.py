@@ -7,7 +7,7 @@ from .local import LocalExecutor
 from .scheduler import Scheduler
 
 
-async def start_scheduler(cfg, audit) -> Scheduler:
+async def start_scheduler(cfg, audit, policies=None) -> Scheduler:
     nodes = tuple(cfg.nodes) or default_nodes()
     executors: dict = {"local": LocalExecutor()}
     if any(n.executor == "ray" for n in nodes):
@@ -21,6 +21,7 @@ async def start_scheduler(cfg, audit) -> Scheduler:
 
         executors["ray"] = RayExecutor(address=cfg.ray_address,
                                        nodes=[n for n in nodes if n.executor == "ray"])
-    scheduler = Scheduler(cfg.state, audit, list(nodes), executors=executors)
+    scheduler = Scheduler(cfg.state, audit, list(nodes), executors=executors,
+                          policies=policies)
     await scheduler.start()
     return scheduler

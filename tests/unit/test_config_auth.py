@@ -41,7 +41,13 @@ token = "{TOKEN}"
     ("text", "message"),
     [
         ("bogus = 1", r"^config: .*: unknown setting 'bogus'$"),
-        ("[tenants.acme]\nname = 'x'", r"^config: .*: \[tenants\.acme\] needs token = \"\.\.\.\"$"),
+        ("[tenants.acme]\nname = 'x'", r"^tenants\.acme\.name: unknown policy setting \(known: "),
+        ("[tenants.acme]\ntoken = 7", r"^config: .*: tenants\.acme\.token must be a string$"),
+        ("[policy]\nmax_memory = 'lots'", r"^policy\.max_memory: 'lots' is not a size"),
+        ("[policy]\nallow_net = ['*']", r"^policy\.allow_net: '\*': not a host name"),
+        ("[policy]\nmax_sandboxes = -1", r"^policy\.max_sandboxes: -1 must be a whole number"),
+        ("[policy]\nprofiles = ['rel/p.json']", r"^policy\.profiles: 'rel/p\.json': a profile "
+                                                 r"file must be an absolute path$"),
         ("[tenants.'Bad Name']\ntoken = 'x'", r"^tenant: 'Bad Name' is not a tenant name"),
         ("session_idle_ttl = 'soon'", r"^session_idle_ttl: 'soon' is not a duration"),
         ("listen = '127.0.0.1:99'", r"^listen: a TCP listener needs at least one tenant token$"),
