@@ -18,6 +18,14 @@ from corral.v1 import session_pb2 as pb
 from ..sandboxes import Ended
 from ..sessions import Exited, TurnEnded, TurnStarted
 from ..streams import DEFAULT_BATCH_BYTES
+from .bounds import (
+    EVENT_COST_BYTES,
+    MANY_OPENING,
+    MANY_QUEUED_BYTES,
+    OPEN_QUEUED_EVENTS,
+    StreamOverflow,
+    bounded_message,
+)
 from .errors import Servicer, record_denial, streaming
 from .sandboxes import spec_from_proto
 from .wire import field_bytes, first_seq, varint
@@ -58,7 +66,10 @@ def _deliverable(event, next_seq: int) -> bool:
 class _Inbox:
     """What one Open stream is told: published session events (and request errors) in
     order, and a wake-up for hub news. Session.publish() and the request reader call
-    put_nowait; the hub calls wake."""
+    put_nowait; the hub calls wake.
+
+    At most OPEN_QUEUED_EVENTS events wait for a client that does not read: one more ends
+    the stream with RESOURCE_EXHAUSTED (the session keeps running; resume comes back)."""
 
     __slots__ = ("events", "error", "_waiter")
 
@@ -70,7 +81,11 @@ class _Inbox:
     def put_nowait(self, item) -> None:
         if isinstance(item, BaseException):
             self.error = self.error or item
-        else:
+        elif len(self.events) >= OPEN_QUEUED_EVENTS:
+            self.events.clear()
+            self.error = self.error or StreamOverflow(
+                "too many session events", f"{OPEN_QUEUED_EVENTS} events")
+        elif self.error is None:
             self.events.append(item)
         self.wake()
 
@@ -178,6 +193,8 @@ class SessionsServicer(Servicer):
         last = float("-inf")
         try:
             while True:
+                if mux.error is not None:
+                    raise mux.error
                 if not mux.has_news:
                     if mux.finished:
                         return
@@ -234,8 +251,9 @@ def _start_kwargs(start) -> dict:
 
 def _error_event(exc: Exception) -> bytes:
     if isinstance(exc, CorralError):
-        return _event(error=pb.SessionError(code=exc.grpc_status, message=str(exc),
-                                            field=getattr(exc, "field", "") or ""))
+        return _event(error=pb.SessionError(
+            code=exc.grpc_status, message=bounded_message(str(exc)),
+            field=bounded_message(getattr(exc, "field", "") or "")))
     return _event(error=pb.SessionError(code="INTERNAL",
                                         message="internal error; see the daemon's log"))
 
@@ -274,12 +292,21 @@ class _Sub:
         if isinstance(event, Exited):
             self.exited = event
         elif isinstance(event, BaseException):
-            self.pending.append(_error_event(event))
-        else:
+            self.push(_error_event(event))
+        elif self.mux.owe(EVENT_COST_BYTES):
             self.events.append(event)
         self.mark()
 
+    def push(self, event: bytes) -> None:
+        """Queue an encoded SessionEvent to send before this session's news."""
+        if self.mux.owe(len(event) + EVENT_COST_BYTES):
+            self.pending.append(event)
+
     def release(self) -> None:
+        self.mux.paid(sum(len(e) + EVENT_COST_BYTES for e in self.pending)
+                      + EVENT_COST_BYTES * len(self.events))
+        self.pending.clear()
+        self.events.clear()
         session = self.session
         session.hub.remove_notify(self.notify)
         session.listeners.discard(self)
@@ -295,6 +322,12 @@ class _Mux:
     and events (up to MUX_MESSAGE_BYTES; the rest stays dirty, round robin), and yields it.
     While gRPC is sending one message, news piles up into the next: the busier the daemon,
     the fewer and fuller the messages. Nothing here waits per session.
+
+    Bounds (runtime/api/bounds.py): what the stream owes its client (loose errors, each
+    session's pending and turn events) is counted in `queued`; past MANY_QUEUED_BYTES it
+    is dropped and the stream ends with RESOURCE_EXHAUSTED (its sessions keep running).
+    At most MANY_OPENING starts, resumes and closes run at once; the next request is read
+    when one ends.
     """
 
     def __init__(self, servicer: SessionsServicer, caller) -> None:
@@ -304,10 +337,40 @@ class _Mux:
         self.subs: dict[str, _Sub] = {}
         self.starting: set[str] = set()
         self.dirty: deque[_Sub] = deque()
-        self.loose: list[tuple[bytes, bytes]] = []  # (ref field, event): refs with no _Sub
+        self.loose: deque[tuple[bytes, bytes]] = deque()  # (ref field, event): no _Sub
         self.requests_done = False
         self.tasks: set[asyncio.Task] = set()
         self._wakeup: asyncio.Future | None = None
+        self._task_done = asyncio.Event()
+        #: bytes (with EVENT_COST_BYTES per item) of everything queued for the client
+        self.queued = 0
+        #: set once the stream must end (StreamOverflow); nothing is queued after it
+        self.error: CorralError | None = None
+
+    # -- what the stream owes its client -----------------------------------------------------
+
+    def owe(self, nbytes: int) -> bool:
+        """Count nbytes more queued for the client; False (queue nothing) once over."""
+        if self.error is not None:
+            return False
+        if self.queued + nbytes > MANY_QUEUED_BYTES:
+            self.error = StreamOverflow("more than 4 MiB of session events",
+                                        f"{MANY_QUEUED_BYTES} bytes")
+            self.loose.clear()
+            self.dirty.clear()
+            for sub in self.subs.values():
+                sub.dirty = False
+                sub.pending.clear()
+                sub.events.clear()
+            self.queued = 0
+            self.wake()
+            return False
+        self.queued += nbytes
+        return True
+
+    def paid(self, nbytes: int) -> None:
+        if self.error is None:
+            self.queued -= nbytes
 
     # -- waking ------------------------------------------------------------------------------
 
@@ -351,9 +414,11 @@ class _Mux:
                 parts.append(payload)
             return len(head) + event_len
 
-        for ref_field, event in self.loose:
+        loose = self.loose
+        while loose and size < MUX_MESSAGE_BYTES:
+            ref_field, event = loose.popleft()
+            self.paid(len(event) + EVENT_COST_BYTES)
             size += add(ref_field, event)
-        self.loose.clear()
         dirty = self.dirty
         for _ in range(len(dirty)):
             if size >= MUX_MESSAGE_BYTES:
@@ -363,7 +428,9 @@ class _Mux:
             if self.subs.get(sub.ref) is not sub:
                 continue  # detached since it was marked
             while sub.pending:
-                size += add(sub.ref_field, sub.pending.popleft())
+                event = sub.pending.popleft()
+                self.paid(len(event) + EVENT_COST_BYTES)
+                size += add(sub.ref_field, event)
             watcher = sub.watcher
             expected = watcher.next_seq
             batch = watcher.take_ready(DEFAULT_BATCH_BYTES)
@@ -378,6 +445,7 @@ class _Mux:
                     sub.mark()  # more than one batch was waiting
             events = sub.events
             while events and _deliverable(events[0], watcher.next_seq):
+                self.paid(EVENT_COST_BYTES)
                 size += add(sub.ref_field, _session_event(events.popleft()))
             if sub.exited is not None and watcher.finished and not events:
                 size += add(sub.ref_field, _session_event(sub.exited))
@@ -392,12 +460,21 @@ class _Mux:
             record_denial(self.servicer, None, exc, method)
         else:
             log.error("%s failed for ref %r", method, ref, exc_info=exc)
-        self.loose.append((field_bytes(1, ref.encode()), _error_event(exc)))
+        event = _error_event(exc)
+        # a ref over MAX_REF_BYTES is refused; its answer echoes only its start
+        ref_bytes = ref.encode()[:MAX_REF_BYTES].decode("utf-8", "ignore").encode()
+        if self.owe(len(event) + EVENT_COST_BYTES):
+            self.loose.append((field_bytes(1, ref_bytes), event))
         self.wake()
 
     async def read_requests(self, requests) -> None:
         try:
             async for req in requests:
+                if self.error is not None:
+                    break  # the stream is ending: read no more
+                while len(self.tasks) >= MANY_OPENING:
+                    self._task_done.clear()
+                    await self._task_done.wait()
                 try:
                     await self.handle(req)
                 except CorralError as exc:
@@ -444,6 +521,7 @@ class _Mux:
 
         def done(t: asyncio.Task) -> None:
             self.tasks.discard(t)
+            self._task_done.set()
             if not t.cancelled() and t.exception() is not None and ref is not None:
                 self.fail(ref, t.exception(), "SessionsServicer.OpenMany")
             self.wake()
@@ -471,7 +549,7 @@ class _Mux:
         finally:
             self.starting.discard(ref)
         self.subs[ref] = sub
-        sub.pending.append(_event(opened=pb.SessionOpened(
+        sub.push(_event(opened=pb.SessionOpened(
             session_id=session.id, sandbox_id=session.sandbox_id, after_seq=after)))
         if session.exited is not None:
             sub.exited = session.exited
