@@ -117,7 +117,10 @@ __all__ = [
     "AuditRecord",
     "AuditStatistics",
     "HeadAnchor",
+    "MAX_DETAIL_BYTES",
+    "TRUNCATED",
     "VerifyResult",
+    "bound_detail",
     "format_record",
     "record_hash",
     "verify_records",
@@ -139,8 +142,14 @@ _SYNCHRONOUS = "FULL"
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
 _MAX_KIND_CHARS = 128
 _MAX_TEXT_CHARS = 1024
-#: The canonical detail JSON of one record may not exceed this (bytes of UTF-8).
-MAX_DETAIL_BYTES = 256 * 1024
+#: The canonical detail JSON of one record never exceeds this (bytes of UTF-8): a larger
+#: detail is shrunk to fit (see `bound_detail`), never refused.
+MAX_DETAIL_BYTES = 64 * 1024
+#: The key (or marker value) that says a part of a detail was shortened.
+TRUNCATED = "corral.truncated"
+# (longest string kept, most list items / dict keys kept, deepest nesting kept), tried in
+# order until the detail fits; past the last one the detail becomes a summary of itself.
+_SHRINK_LEVELS = ((4096, 256, 8), (512, 32, 6), (64, 8, 4))
 #: `query()` returns at most this many records per call; page on with after_seq.
 MAX_QUERY_LIMIT = 10_000
 
@@ -358,8 +367,60 @@ def _check_seconds(field: str, value: object) -> float:
     return seconds
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _shrink(value: Any, chars: int, items: int, depth: int) -> Any:
+    """value with long strings, long lists, wide dicts and deep nesting replaced by markers
+    that keep a head, the original size and the sha256 of what was cut."""
+    if isinstance(value, str):
+        if len(value) <= chars:
+            return value
+        return {TRUNCATED: "string", "head": value[:chars], "chars": len(value),
+                "sha256": _sha256(value)}
+    if isinstance(value, list | tuple | dict) and depth <= 0:
+        return {TRUNCATED: "nesting", "sha256": _sha256(_canonical_json(value))}
+    if isinstance(value, list | tuple):
+        out = [_shrink(v, chars, items, depth - 1) for v in value[:items]]
+        if len(value) > items:
+            out.append({TRUNCATED: "list", "items": len(value),
+                        "sha256": _sha256(_canonical_json(value))})
+        return out
+    if isinstance(value, dict):
+        keys = sorted(value)
+        out = {}
+        for key in keys[:items]:
+            out[key[:chars]] = _shrink(value[key], chars, items, depth - 1)
+        if len(keys) > items or any(len(k) > chars for k in keys[:items]):
+            out[TRUNCATED] = {"keys": len(keys), "sha256": _sha256(_canonical_json(value))}
+        return out
+    return value
+
+
+def bound_detail(detail: dict[str, Any], text: str, size: int) -> str:
+    """The canonical JSON of detail, shrunk to at most MAX_DETAIL_BYTES.
+
+    `text` is detail's canonical JSON and `size` its UTF-8 length. Tenant input (argv, paths,
+    labels, task ids...) reaches details, and an action must never go unrecorded, or be
+    refused, because its record is large: long strings keep their head, long lists their
+    first items, each with a ``corral.truncated`` marker holding the original length and the
+    sha256 of the full value, so the record still pins exactly what was asked.
+    """
+    if size <= MAX_DETAIL_BYTES:
+        return text
+    for chars, items, depth in _SHRINK_LEVELS:
+        shrunk = _canonical_json(_shrink(detail, chars, items, depth))
+        if len(shrunk.encode("utf-8")) <= MAX_DETAIL_BYTES:
+            return shrunk
+    keys = sorted(detail)
+    return _canonical_json({TRUNCATED: "detail", "bytes": size, "sha256": _sha256(text),
+                            "keys": [k[:64] for k in keys[:16]], "key_count": len(keys)})
+
+
 def _encode_detail(detail: object) -> tuple[str, dict[str, Any]]:
-    """(canonical detail_json, the detail as a reader will get it back)."""
+    """(canonical detail_json, the detail as a reader will get it back), at most
+    MAX_DETAIL_BYTES (a larger detail is shrunk, see `bound_detail`)."""
     if detail is None:
         return "{}", {}
     if not isinstance(detail, dict):
@@ -373,11 +434,18 @@ def _encode_detail(detail: object) -> tuple[str, dict[str, Any]]:
     except UnicodeEncodeError:
         raise InvalidSpec("detail", "is not valid Unicode (a lone surrogate)") from None
     if size > MAX_DETAIL_BYTES:
-        raise InvalidSpec(
-            "detail", f"is {size} bytes of JSON; the limit is {MAX_DETAIL_BYTES} bytes"
-        )
+        text = bound_detail(detail, text, size)
     # Tuples become lists, int keys become strings: hand back what a query will return.
     return text, json.loads(text)
+
+
+def _bound_text(field: str, value: object) -> str:
+    """A record's text column from (possibly tenant-given) text: checked, and cut to
+    _MAX_TEXT_CHARS with its sha256 rather than refused, so the record is always written."""
+    if isinstance(value, str) and len(value) > _MAX_TEXT_CHARS:
+        digest = _sha256(value)[:32]
+        value = f"{value[:_MAX_TEXT_CHARS - 128]}…[{TRUNCATED} {len(value)} chars sha256:{digest}]"
+    return _check_text(field, value)
 
 
 def _check_count(field: str, value: object, lo: int, hi: int | None = None) -> int:
@@ -614,10 +682,10 @@ class _Pending:
 
 def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time) -> _Pending:
     _check_kind(kind)
-    _check_text("tenant", tenant)
-    _check_text("peer", peer)
-    _check_text("sandbox_id", sandbox_id)
-    _check_text("session_id", session_id)
+    tenant = _bound_text("tenant", tenant)
+    peer = _bound_text("peer", peer)
+    sandbox_id = _bound_text("sandbox_id", sandbox_id)
+    session_id = _bound_text("session_id", session_id)
     detail_json, detail_obj = _encode_detail(detail)
     if time is not None:
         time = _check_seconds("time", time)

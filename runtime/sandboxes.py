@@ -356,6 +356,15 @@ class SandboxManager:
         if len(stdin) > MAX_INPUT_BYTES:
             raise InvalidSpec("stdin", f"{len(stdin)} bytes is over the {MAX_INPUT_BYTES} limit")
         loop = asyncio.get_running_loop()
+        exec_id = "exe-" + secrets.token_hex(6)
+        # Audited before it runs (nothing may run unrecorded); the detail is bounded, so the
+        # append cannot fail for the size of argv. The pid is in its exec.exit record.
+        self.audit.append(
+            "exec.start", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
+            session_id=session_id,
+            detail={"exec_id": exec_id, "argv": list(argv),
+                    "policy_digest": msb.policy_digest, "stdin_bytes": len(stdin)},
+        )
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
         (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
         theirs = [in_r, out_w, err_w]
@@ -367,21 +376,21 @@ class SandboxManager:
                     timeout_s=timeout_s or None,
                 )
             )
-        except SandboxSetupError as exc:
+        except BaseException as exc:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
-            if exc.step == "chdir":  # the caller's cwd, not the sandbox, is at fault
+            with contextlib.suppress(Exception):  # never hide why the spawn failed
+                self.audit.submit("exec.failed", tenant=caller.tenant, peer=caller.peer,
+                                  sandbox_id=msb.id, session_id=session_id,
+                                  detail={"exec_id": exec_id, "error": str(exc) or repr(exc)})
+            if isinstance(exc, SandboxSetupError) and exc.step == "chdir":
+                # the caller's cwd, not the sandbox, is at fault
                 raise InvalidSpec("cwd", f"{cwd!r} cannot be entered inside the sandbox: "
                                          f"{os.strerror(exc.errno)}") from None
-            raise
-        except BaseException:
-            for fd in (in_w, out_r, err_r):
-                os.close(fd)
             raise
         finally:
             for fd in theirs:
                 os.close(fd)
-        exec_id = "exe-" + secrets.token_hex(6)
         stdout = StreamHub(TokenStream(stdout_mode, log_bytes=self.stream_log_bytes))
         stderr = StreamHub(TokenStream("text", log_bytes=self.stream_log_bytes))
         stdout.attach_fd(out_r)
@@ -390,12 +399,6 @@ class SandboxManager:
         handle = ExecHandle(exec_id, msb.id, tuple(argv), process, stdout, stderr, writer,
                             time.monotonic())
         msb.execs[exec_id] = handle
-        self.audit.append(
-            "exec.start", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
-            session_id=session_id,
-            detail={"exec_id": exec_id, "argv": list(argv), "pid": process.pid,
-                    "policy_digest": msb.policy_digest, "stdin_bytes": len(stdin)},
-        )
         if stdin:
             writer.write(stdin)
         if not keep_stdin_open:
@@ -429,7 +432,7 @@ class SandboxManager:
         self.audit.append(
             {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),
             tenant=msb.tenant if msb else "", peer="daemon", sandbox_id=handle.sandbox_id,
-            detail={"exec_id": handle.id, "returncode": handle.returncode,
+            detail={"exec_id": handle.id, "pid": proc.pid, "returncode": handle.returncode,
                     "reason": handle.reason, "duration_s": round(handle.duration_s, 6)},
         )
 

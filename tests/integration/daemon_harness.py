@@ -223,7 +223,8 @@ class DaemonProcess:
             detail = json.loads(rec.detail_json or "{}")
             if rec.kind == "sandbox.create":
                 pids.setdefault(rec.sandbox_id, []).append(detail.get("init_pid") or 0)
-            elif rec.kind == "exec.start":
+            elif rec.kind in ("exec.exit", "exec.oom", "exec.timeout"):  # exec.start is
+                # written before the spawn, so the pid is in the exit record
                 pids.setdefault(rec.sandbox_id, []).append(detail.get("pid") or 0)
         return pids
 
