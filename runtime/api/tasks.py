@@ -13,6 +13,7 @@ from corral.v1 import task_pb2 as pb
 
 from ..tasks.model import TaskSpec
 from ..tasks.states import TaskState
+from .bounds import SUBMIT_PENDING_ACKS, bounded_message
 from .errors import Servicer, streaming, unary
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
 
@@ -105,8 +106,10 @@ class TasksServicer(Servicer):
     async def SubmitStream(self, request_iterator, context):
         caller = self.caller(context)
         sched = self.scheduler
-        # (task, commit future) or (None, refusal), in request order; bounded: back-pressure.
-        pending: asyncio.Queue = asyncio.Queue(maxsize=4096)
+        # (task, commit future) or (None, refusal), in request order. Bounded: when the
+        # client reads no acks, this stream stops reading its requests (back-pressure), so
+        # it holds at most this many acks (a refusal's message is cut by bounded_message).
+        pending: asyncio.Queue = asyncio.Queue(maxsize=SUBMIT_PENDING_ACKS)
 
         async def read() -> None:
             async for request in request_iterator:
@@ -127,7 +130,7 @@ class TasksServicer(Servicer):
                 task, committed = item
                 if task is None:
                     ack = pb.SubmitAck(index=index, error_code=committed.grpc_status,
-                                       error=str(committed))
+                                       error=bounded_message(str(committed)))
                 else:
                     await sched.admitted(task, committed)
                     ack = pb.SubmitAck(index=index, task_id=task.id)
