@@ -46,7 +46,7 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .. import seccomp
+from .. import seccomp, workspace_fs
 from ..errors import (
     CommandNotFound,
     CorralError,
@@ -413,7 +413,9 @@ def sweep(url: str | None = None) -> list[str]:
 
 def _remove_workspace(path: str | None) -> None:
     """Remove a temporary workspace a container's label names (only ones Corral made)."""
-    if path and os.path.basename(path).startswith("corral.sbx-"):
+    if workspace_fs.is_managed(path):
+        workspace_fs.remove(path)
+    elif path and os.path.basename(path).startswith("corral.sbx-"):  # an older version's
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -1035,12 +1037,9 @@ class DockerSandbox(SandboxLifecycle):
         if self.spec.workspace:
             self.workspace = self.spec.workspace
             return
-        # Not "corral-<id>-": native sandboxes' leak checks claim that pattern.
-        self.workspace = tempfile.mkdtemp(prefix=f"corral.{self.id}.")
+        # A capped tmpfs (nosuid, nodev) under a 0700 parent: see sandbox/workspace_fs.py.
+        self.workspace = workspace_fs.create(self.id, self.spec.uid_base, self.spec.uid_base)
         self._own_workspace = True
-        if os.geteuid() == 0:
-            os.chown(self.workspace, self.spec.uid_base, self.spec.uid_base)
-        os.chmod(self.workspace, 0o755 if os.geteuid() == 0 else 0o777)
 
     def destroy(self) -> None:
         """Remove the container (killing everything in it) and its temporary workspace.
@@ -1065,7 +1064,7 @@ class DockerSandbox(SandboxLifecycle):
                     time.sleep(0.2)
             self.container_id = None
         if self._own_workspace and self.workspace:
-            shutil.rmtree(self.workspace, ignore_errors=True)
+            workspace_fs.remove(self.workspace)
             self._own_workspace = False
         if self._fds_dir is not None:
             shutil.rmtree(self._fds_dir, ignore_errors=True)

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import cgroups, contain
+from .. import cgroups, contain, workspace_fs
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
@@ -391,11 +391,10 @@ class Sandbox(SandboxLifecycle):
         if self.spec.workspace:
             self.workspace = self.spec.workspace
             return
-        self.workspace = tempfile.mkdtemp(prefix=f"corral-{self.id}-")
+        # A capped tmpfs (nosuid, nodev) under a 0700 parent, owned by root inside the
+        # sandbox (uid_base outside): see sandbox/workspace_fs.py.
+        self.workspace = workspace_fs.create(self.id, self.spec.uid_base, self.spec.uid_base)
         self._own_workspace = True
-        # Root inside the sandbox is uid_base outside; the fresh workspace is its own.
-        os.chown(self.workspace, self.spec.uid_base, self.spec.uid_base)
-        os.chmod(self.workspace, 0o755)
 
     def _write_state(self) -> None:
         state = {
@@ -451,7 +450,7 @@ class Sandbox(SandboxLifecycle):
             self._cgroup.destroy()  # kills anything left (a process outside the PID ns)
             self._cgroup = None
         if self._own_workspace and self.workspace:
-            _remove_tree(self.workspace)
+            workspace_fs.remove(self.workspace)
             self._own_workspace = False
         _remove_tree(self.runtime_dir)
         self.state = "destroyed"
@@ -714,7 +713,10 @@ def sweep(base: str | None = None) -> list[str]:
         with contextlib.suppress(CorralError, OSError):
             cgroups.Cgroup.open(layout, name).destroy()
         if state and state.get("workspace"):
-            shutil.rmtree(state["workspace"], ignore_errors=True)
+            if workspace_fs.is_managed(state["workspace"]):
+                workspace_fs.remove(state["workspace"])
+            else:  # a /tmp workspace of an older version
+                shutil.rmtree(state["workspace"], ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(name)
     return removed

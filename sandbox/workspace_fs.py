@@ -1,0 +1,239 @@
+"""Where workspaces live: one size- and inode-capped tmpfs each, under a root-only parent.
+
+A workspace used to be a plain directory (a temporary one in /tmp, 0755, or a task's under
+the daemon's --state) with no quota: one agent writing until ENOSPC filled the daemon's own
+disk, every tenant's next call failed, and a setuid file left there could be run by any
+host user. Now every workspace Corral makes is:
+
+* a tmpfs mounted `nosuid,nodev` with `size=` and `nr_inodes=` (a byte and an inode cap:
+  the agent gets ENOSPC in its own workspace, nothing else fills), never on the state
+  database's filesystem;
+* under `root()` (mode 0700, owned by the daemon's user), so no other host user can
+  reach a file a sandbox left there, whatever its mode;
+* owned: `<root>/<name>.owner` names the process that made it (pid and start time), so
+  `sweep()` unmounts and removes the workspaces of dead owners (a killed daemon's
+  sandboxes, a lost task attempt) at the next start.
+
+Why tmpfs: mounting one costs ~0.3 ms here, against ~24 ms for a loop-mounted ext4 image
+(truncate + mkfs + mount), and this host's ext4 has no project quota enabled. Its pages are
+memory: written by a sandbox they are charged to that sandbox's memory cgroup, and the cap
+is an upper bound, not a reservation. Without the privilege to mount (not root), or with
+`CORRAL_WORKSPACE_FS=dir`, workspaces are plain directories under the same 0700 parent,
+without caps.
+
+Settings come from the environment, so a deep task's shim (another process) uses the
+daemon's: CORRAL_WORKSPACE_ROOT, CORRAL_WORKSPACE_BYTES, CORRAL_WORKSPACE_INODES,
+CORRAL_WORKSPACE_FS (tmpfs | dir). The daemon sets them from its flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as errno_mod
+import json
+import os
+import tempfile
+import time
+
+from .errors import SandboxSetupError
+
+DEFAULT_BYTES = 1 << 30
+DEFAULT_INODES = 65536
+_MS_NOSUID, _MS_NODEV = 2, 4
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def root() -> str:
+    """The 0700 directory every workspace sits in."""
+    configured = os.environ.get("CORRAL_WORKSPACE_ROOT")
+    if configured:
+        return configured
+    if os.geteuid() == 0:
+        return "/run/corral/workspaces"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR", tempfile.gettempdir()), "corral",
+                        "workspaces")
+
+
+def max_bytes() -> int:
+    return int(os.environ.get("CORRAL_WORKSPACE_BYTES") or DEFAULT_BYTES)
+
+
+def max_inodes() -> int:
+    return int(os.environ.get("CORRAL_WORKSPACE_INODES") or DEFAULT_INODES)
+
+
+def kind() -> str:
+    """tmpfs (capped) or dir (plain directory, no caps)."""
+    wanted = os.environ.get("CORRAL_WORKSPACE_FS") or ("tmpfs" if os.geteuid() == 0 else "dir")
+    return wanted if wanted in ("tmpfs", "dir") else "tmpfs"
+
+
+def configure(*, root_dir: str | None = None, size_bytes: int | None = None,
+              inodes: int | None = None, fs: str | None = None) -> None:
+    """Set this process's (and its children's) workspace settings."""
+    for key, value in (("CORRAL_WORKSPACE_ROOT", root_dir), ("CORRAL_WORKSPACE_BYTES", size_bytes),
+                       ("CORRAL_WORKSPACE_INODES", inodes), ("CORRAL_WORKSPACE_FS", fs)):
+        if value is not None:
+            os.environ[key] = str(value)
+
+
+def ensure_root() -> str:
+    base = root()
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    if os.stat(base).st_mode & 0o777 != 0o700:
+        os.chmod(base, 0o700)  # a parent made by an older version, or by someone's umask
+    return base
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def create(name: str, uid: int, gid: int, *, size_bytes: int | None = None,
+           owner_pid: int | None = None) -> str:
+    """Make the workspace `name` for a sandbox whose root is uid:gid outside; returns its path.
+
+    Raises:
+        SandboxSetupError: the mount failed (ENOSPC/ENOMEM: RESOURCE_EXHAUSTED).
+    """
+    base = ensure_root()
+    path = os.path.join(base, name)
+    pid = owner_pid or os.getpid()
+    owner = {"pid": pid, "start": _start_time(pid), "created_at": time.time()}
+    tmp = os.path.join(base, f".{name}.owner.tmp")
+    with open(tmp, "w") as f:
+        json.dump(owner, f)
+    os.replace(tmp, path + ".owner")  # the owner is known before anything exists to sweep
+    try:
+        os.mkdir(path, 0o700)
+        if kind() == "tmpfs":
+            size = size_bytes or max_bytes()
+            data = f"size={size},nr_inodes={max_inodes()},mode=0755,uid={uid},gid={gid}"
+            if _libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                           data.encode()) != 0:
+                err = ctypes.get_errno()
+                raise SandboxSetupError("workspace mount", path, err, "tmpfs " + data)
+        elif os.geteuid() == 0:
+            os.chown(path, uid, gid)
+            os.chmod(path, 0o755)
+        else:  # cannot give it away: let the sandbox's ids write (the parent is still 0700)
+            os.chmod(path, 0o777)
+    except BaseException:
+        remove(path)
+        raise
+    return path
+
+
+def is_managed(path: str | None) -> bool:
+    """Was path made by create() (a workspace this module must remove)?"""
+    return bool(path) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(root()) \
+        and os.path.exists(path + ".owner")
+
+
+def remove(path: str) -> None:
+    """Unmount and remove a workspace create() made; idempotent."""
+    encoded = os.fsencode(path)
+    # detach: a process still inside (a lingering helper) cannot keep it mounted here
+    while _libc.umount2(encoded, _MNT_DETACH) == 0:
+        pass  # mounted twice (a retry after a crash): take every layer off
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        _remove_tree_iteratively(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + ".owner")
+
+
+def _remove_tree_iteratively(path: str) -> None:
+    """Remove a tree without recursion and with two descriptors, however deep (a
+    1,500-level tree a sandbox made must not stop it): every directory found is moved up to
+    the top, emptied there and removed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        top = os.open(path, flags)
+    except OSError:
+        return
+    hoisted = 0
+    try:
+        while True:
+            names = os.listdir(top)
+            if not names:
+                break
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=top)
+                    continue
+                except IsADirectoryError:
+                    pass
+                except OSError:
+                    continue
+                try:
+                    fd = os.open(name, flags, dir_fd=top)
+                except OSError:
+                    continue
+                try:
+                    for entry in os.scandir(fd):
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                hoisted += 1
+                                os.rename(entry.name, f".corral-rm-{hoisted}", src_dir_fd=fd,
+                                          dst_dir_fd=top)
+                            else:
+                                os.unlink(entry.name, dir_fd=fd)
+                        except OSError:
+                            continue
+                finally:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=top)
+    finally:
+        os.close(top)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def sweep() -> list[str]:
+    """Remove the workspaces whose owner process is gone; returns their names."""
+    base = root()
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in names:
+        if not entry.endswith(".owner") or entry.startswith("."):
+            continue
+        name = entry[: -len(".owner")]
+        try:
+            with open(os.path.join(base, entry)) as f:
+                owner = json.load(f)
+            alive = _start_time(int(owner["pid"])) == owner.get("start")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            alive = False
+        if not alive:
+            remove(os.path.join(base, name))
+            removed.append(name)
+    return removed
+
+
+def usage(path: str) -> dict:
+    """Bytes and inodes a workspace uses and may use (statvfs of its own tmpfs)."""
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        if exc.errno == errno_mod.ENOENT:
+            return {}
+        raise
+    return {"bytes_used": (st.f_blocks - st.f_bfree) * st.f_frsize,
+            "bytes_max": st.f_blocks * st.f_frsize,
+            "inodes_used": st.f_files - st.f_ffree, "inodes_max": st.f_files}
