@@ -124,14 +124,14 @@ def exhaustion_advice(errno: int, step: str = "") -> str:
 
 
 def as_exhaustion(exc: BaseException) -> ResourceExhausted | None:
-    """The ResourceExhausted an exception really is, or None; the one classifier of
-    exhaustion (used where errors become statuses).
+    """The ResourceExhausted an exception that is not one already really is, or None; the
+    one classifier of exhaustion (used where errors become statuses).
 
     Covers an OSError with an exhaustion errno, SQLite's "database or disk is full" (also
     inside an AuditError) and a SandboxSetupError already classified as exhaustion.
     """
     if isinstance(exc, ResourceExhausted):
-        return exc
+        return None  # already says so, in its own words (and may be a tenant's denial)
     if isinstance(exc, SandboxSetupError):
         return ResourceExhausted(str(exc)) if exc.grpc_status == "RESOURCE_EXHAUSTED" else None
     text = str(exc)

@@ -21,6 +21,7 @@ Inside the sandbox the agent finds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from corral.ext import TokenStream
-from corral.sandbox import PIPE, Sandbox, SandboxSpec
+from corral.sandbox import PIPE, Sandbox, SandboxSpec, workspace_fs
 from corral.sandbox.errors import CorralError
 
 from .files import TaskFiles, atomic_write, copy_tree_safe, tree_signature
@@ -74,7 +75,10 @@ class AttemptRunner:
         self.plan = plan
         self.files = TaskFiles(plan.tasks_root, plan.task_id)
         self.dir = self.files.attempt_dir(plan.attempt)
-        self.workspace = os.path.join(self.dir, "workspace")
+        # The sandbox's /workspace: a capped tmpfs off the state filesystem (workspace_fs),
+        # named after the task and attempt; attempt-<n>/workspace links to it.
+        self.workspace = os.path.join(workspace_fs.root(), f"{plan.task_id}-{plan.attempt}")
+        self._workspace_link = os.path.join(self.dir, "workspace")
         self._cancel = threading.Event()
         self._bell = -1
         self._on_change = on_change  # extra callback (the Ray actor) after each persist
@@ -114,16 +118,20 @@ class AttemptRunner:
                 pass
         outcome["finished_at"] = time.time()
         atomic_write(os.path.join(self.dir, "exit.json"), json.dumps(outcome).encode())
-        shutil.rmtree(self.workspace, ignore_errors=True)
+        workspace_fs.remove(self.workspace)
+        with contextlib.suppress(OSError):
+            os.unlink(self._workspace_link)
         self._changed()
         if self._bell >= 0:
             os.close(self._bell)
             self._bell = -1
 
     def _prepare_workspace(self, uid: int) -> dict[str, str]:
-        shutil.rmtree(self.workspace, ignore_errors=True)
-        os.makedirs(self.workspace, mode=0o755)
-        os.chown(self.workspace, uid, uid)
+        workspace_fs.remove(self.workspace)  # an earlier try of this very attempt
+        workspace_fs.create(os.path.basename(self.workspace), uid, uid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._workspace_link)
+        os.symlink(self.workspace, self._workspace_link)
         for rel, text in self.plan.files.items():
             path = os.path.join(self.workspace, os.path.normpath(rel))
             parent = os.path.dirname(path)
