@@ -57,6 +57,9 @@ NR = dict(
     name_to_handle_at=303, setns=308, process_vm_readv=310, finit_module=313, seccomp=317,
     bpf=321, userfaultfd=323, io_uring_setup=425, io_uring_enter=426, open_tree=428,
     move_mount=429, fsopen=430, fsmount=432, clone3=435, futex_requeue=456, open_tree_attr=467,
+    open=2, creat=85, chmod=90, fchmod=91, mknod=133, openat=257, mknodat=259, fchmodat=268,
+    openat2=437, fchmodat2=452, mbind=237, set_mempolicy=238, get_mempolicy=239,
+    memfd_secret=447, set_mempolicy_home_node=450,
 )  # fmt: skip
 X32_SYSCALL_BIT = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -567,6 +570,72 @@ def test_default_denies_dangerous_syscalls_with_exact_errnos(default_bpf):
 
 
 @x86_64_only
+def test_default_refuses_setuid_and_setgid_modes_but_not_plain_ones(default_bpf, tmp_path):
+    """Every call that sets a file mode: with S_ISUID or S_ISGID in the mode, EPERM before
+    the kernel sees it (high garbage bits do not matter; the kernel truncates to umode_t);
+    without them, the call works. openat2 hides its mode in memory: ENOSYS."""
+    target = tmp_path / "f"
+    target.write_bytes(b"")
+    path = ctypes.create_string_buffer(str(target).encode())
+    new = ctypes.create_string_buffer(str(tmp_path / "n").encode())
+    addr, new_addr = ctypes.addressof(path), ctypes.addressof(new)
+    at_fdcwd = -100
+
+    def probe():
+        fd = os.open(str(target), os.O_RDONLY)
+        out = {}
+        for label, bits in (("suid", 0o4755), ("sgid", 0o2755), ("both", 0o6755),
+                            ("suid-high", (1 << 40) | 0o4755)):
+            out[f"chmod-{label}"] = sc("chmod", addr, bits)
+            out[f"fchmod-{label}"] = sc("fchmod", fd, bits)
+            out[f"fchmodat-{label}"] = sc("fchmodat", at_fdcwd, addr, bits)
+            out[f"fchmodat2-{label}"] = sc("fchmodat2", at_fdcwd, addr, bits, 0)
+            out[f"creat-{label}"] = sc("creat", new_addr, bits)
+            out[f"open-{label}"] = sc("open", new_addr, os.O_CREAT | os.O_WRONLY, bits)
+            out[f"openat-{label}"] = sc("openat", at_fdcwd, new_addr, os.O_CREAT | os.O_WRONLY,
+                                        bits)
+            out[f"mknod-{label}"] = sc("mknod", new_addr, 0o100000 | bits, 0)
+            out[f"mknodat-{label}"] = sc("mknodat", at_fdcwd, new_addr, 0o100000 | bits, 0)
+        out["openat2"] = sc("openat2", at_fdcwd, new_addr, 0, 24)
+        out["new-file-exists"] = os.path.exists(new.value)
+        out["mode-after"] = oct(os.stat(str(target)).st_mode & 0o7777)
+        # plain modes still work, and a file created without the bits is fine
+        out["chmod-755"] = sc("chmod", addr, 0o755)
+        out["fchmod-700"] = sc("fchmod", fd, 0o700)
+        out["fchmodat-1777-sticky"] = sc("fchmodat", at_fdcwd, addr, 0o1777)
+        out["mode-plain"] = oct(os.stat(str(target)).st_mode & 0o7777)
+        nfd = os.open(new.value, os.O_CREAT | os.O_WRONLY, 0o755)
+        os.close(nfd)
+        os.unlink(new.value)
+        os.close(fd)
+        return out
+
+    results = run_probe(default_bpf, probe)
+    expected = {k: errno.EPERM for k in results}
+    expected.update({"openat2": errno.ENOSYS, "new-file-exists": False, "mode-after": "0o644",
+                     "chmod-755": 0, "fchmod-700": 0, "fchmodat-1777-sticky": 0,
+                     "mode-plain": "0o1777"})
+    os.chmod(target, 0o644)
+    assert results == expected
+
+
+@x86_64_only
+def test_default_denies_numa_policy_and_secret_memory(default_bpf):
+    def probe():
+        return {name: sc(name, *args) for name, args in (
+            ("mbind", (0, 4096, 0, 0, 0, 0)),
+            ("set_mempolicy", (0, 0, 0)),  # MPOL_DEFAULT: a no-op if it got through
+            ("get_mempolicy", (0, 0, 0, 0, 0)),
+            ("set_mempolicy_home_node", (0, 4096, 0, 0)),
+            ("memfd_secret", (0,)),
+        )}
+
+    assert run_probe(default_bpf, probe) == {
+        "mbind": errno.EPERM, "set_mempolicy": errno.EPERM, "get_mempolicy": errno.EPERM,
+        "set_mempolicy_home_node": errno.EPERM, "memfd_secret": errno.EPERM}
+
+
+@x86_64_only
 def test_default_denies_clone_with_namespace_flags(default_bpf):
     def probe():
         sigchld = 17
@@ -933,7 +1002,16 @@ def test_describe_default_profile():
         assert summary["denied"][name] == "SCMP_ACT_ERRNO(EPERM)"
         assert name not in summary["allowed"]
     assert {"read", "write", "execve", "futex", "rseq"} <= set(summary["allowed"])
-    assert set(summary["conditional"]) == {"clone", "ioctl", "personality", "socket", "socketpair"}
+    assert set(summary["conditional"]) == {
+        "clone", "ioctl", "personality", "socket", "socketpair",
+        "chmod", "fchmod", "creat", "mknod", "fchmodat", "fchmodat2", "open", "mknodat", "openat"}
+    assert summary["conditional"]["openat"] == [
+        {"action": "SCMP_ACT_ALLOW", "when": ["arg3 & 0xc00 == 0x0"], "combine": "all"}
+    ]
+    assert summary["denied"]["openat2"] == "SCMP_ACT_ERRNO(ENOSYS)"
+    for name in ("mbind", "set_mempolicy", "get_mempolicy", "set_mempolicy_home_node",
+                 "memfd_secret"):
+        assert summary["denied"][name] == "SCMP_ACT_ERRNO(EPERM)"
     assert summary["conditional"]["clone"] == [
         {"action": "SCMP_ACT_ALLOW", "when": ["arg0 & 0x7e020000 == 0x0"], "combine": "all"}
     ]
