@@ -4,6 +4,14 @@ Every path is resolved by the kernel with openat2(RESOLVE_BENEATH | RESOLVE_NO_M
 relative to a descriptor of the workspace directory, so no '..', absolute symlink or
 /proc magic link planted by the sandboxed program can lead outside it. Files the runtime
 creates belong to the sandbox's root (uid_base outside), so the sandbox can change them.
+
+No call here may block on something the sandbox controls: a FIFO (its open waits for the
+other end), a socket or device node, a file under a lease (an open for writing waits for
+the lease holder). The target is first opened with O_PATH (which opens nothing) and its
+type checked, then opened for real with O_NONBLOCK | O_NOFOLLOW and checked again with
+fstat, so a swap in between is caught too. Anything but a regular file is InvalidSpec;
+a lease is Unavailable. WRITE_CLONE is therefore only ever held across calls that finish
+by themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .errors import InvalidSpec, NotFound, PermissionDenied
+from .errors import InvalidSpec, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 
 _SYS_openat2 = 437
 RESOLVE_NO_XDEV = 0x01
@@ -30,6 +38,8 @@ _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 
 MAX_READ_BYTES = 4 << 20
 MAX_WRITE_BYTES = 64 << 20
+#: Entries one ListFiles returns at most; a larger directory is refused, not cut.
+MAX_LIST_ENTRIES = 10_000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -133,20 +143,43 @@ class Workspace:
         finally:
             os.close(dirfd)
 
+    def _check_kind(self, path: str, must_exist: bool) -> None:
+        """Refuse anything but a regular file before opening it (O_PATH opens nothing)."""
+        try:
+            fd = self._open(path, os.O_PATH | os.O_NOFOLLOW)
+        except NotFound:
+            if must_exist:
+                raise
+            return
+        try:
+            kind = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
+        if not stat.S_ISLNK(kind):  # a link: the real open refuses it (ELOOP)
+            _require_regular(kind, path)
+
     def write(self, path: str, content: bytes, mode: int = 0o644) -> int:
-        """Create or replace a file; returns its size. Parent directories must exist."""
+        """Create or replace a file; returns its size. Parent directories must exist.
+
+        Raises:
+            InvalidSpec: the path names something that is not a regular file (a FIFO,
+                socket, device, directory) or content is too large.
+            Unavailable: another process holds a lease on the file.
+        """
         if len(content) > MAX_WRITE_BYTES:
             raise InvalidSpec("content",
                               f"{len(content)} bytes is over the {MAX_WRITE_BYTES} byte limit")
         if relative(path) == ".":
             raise InvalidSpec("path", "names the workspace itself, not a file")
+        self._check_kind(path, must_exist=False)
+        # Every call under WRITE_CLONE returns by itself: O_NONBLOCK makes the open of a
+        # FIFO (swapped in since the check) or of a leased file fail instead of waiting.
         with WRITE_CLONE.hold(WRITING):
-            fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+            fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
                             mode & 0o777)
             try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise InvalidSpec("path", f"{path!r} is not a regular file")
+                _require_regular(os.fstat(fd).st_mode, path)
+                os.ftruncate(fd, 0)
                 os.fchown(fd, self.owner_uid, self.owner_gid)
                 os.fchmod(fd, mode & 0o777)
                 view = memoryview(content)
@@ -157,12 +190,16 @@ class Workspace:
                 os.close(fd)
 
     def read(self, path: str, max_bytes: int = MAX_READ_BYTES) -> tuple[bytes, bool]:
-        """(content, truncated): at most max_bytes of a regular file."""
+        """(content, truncated): at most max_bytes of a regular file.
+
+        Raises:
+            InvalidSpec: the path names something that is not a regular file.
+        """
         max_bytes = min(max_bytes or MAX_READ_BYTES, MAX_READ_BYTES)
+        self._check_kind(path, must_exist=True)
         fd = self._open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise InvalidSpec("path", f"{path!r} is not a regular file")
+            _require_regular(os.fstat(fd).st_mode, path)
             chunks, size = [], 0
             while size <= max_bytes:
                 chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
@@ -176,11 +213,24 @@ class Workspace:
             os.close(fd)
 
     def list(self, path: str = ".") -> list[FileEntry]:
-        """Entries of a directory (not recursive), sorted by name."""
-        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
+        """Entries of a directory (not recursive), sorted by name.
+
+        Raises:
+            ResourceExhausted: the directory has more than MAX_LIST_ENTRIES entries (it is
+                read no further than that).
+        """
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
         try:
+            names = []
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if len(names) == MAX_LIST_ENTRIES:
+                        raise ResourceExhausted(
+                            f"{path!r} has more than {MAX_LIST_ENTRIES} entries; list one "
+                            f"of its subdirectories or read files by name")
+                    names.append(entry.name)
             entries = []
-            for name in sorted(os.listdir(fd)):
+            for name in sorted(names):
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
@@ -200,6 +250,18 @@ class Workspace:
             os.close(fd)
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def _require_regular(mode: int, path: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise InvalidSpec("path", f"{path!r} is {what}, not a regular file")
+
+
 def _translate(exc: OSError, path: str) -> Exception:
     if exc.errno == errno_mod.ENOENT:
         return NotFound(f"{path!r} does not exist in the workspace")
@@ -213,4 +275,12 @@ def _translate(exc: OSError, path: str) -> Exception:
         return InvalidSpec("path", f"{path!r} is a directory")
     if exc.errno in (errno_mod.EACCES, errno_mod.EPERM):
         return PermissionDenied(f"{path!r}: {exc.strerror}")
+    if exc.errno == errno_mod.EWOULDBLOCK:
+        return Unavailable(f"{path!r} is held by a lease of a process in the sandbox; "
+                           f"try again later")
+    if exc.errno == errno_mod.ENXIO:
+        return InvalidSpec("path", f"{path!r} is a FIFO or socket, not a regular file")
+    if exc.errno == errno_mod.ETXTBSY:
+        return Unavailable(f"{path!r} is a program running in the sandbox; "
+                           f"it cannot be written now")
     return exc

@@ -46,7 +46,7 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .. import seccomp, workspace_fs
+from .. import fstree, seccomp, workspace_fs
 from ..errors import (
     CommandNotFound,
     CorralError,
@@ -416,7 +416,7 @@ def _remove_workspace(path: str | None) -> None:
     if workspace_fs.is_managed(path):
         workspace_fs.remove(path)
     elif path and os.path.basename(path).startswith("corral.sbx-"):  # an older version's
-        shutil.rmtree(path, ignore_errors=True)
+        fstree.remove_tree(path, ignore_errors=True)
 
 
 # -- policy -> Engine API ---------------------------------------------------------------------

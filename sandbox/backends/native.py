@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import cgroups, contain, workspace_fs
+from .. import cgroups, contain, fstree, workspace_fs
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
@@ -716,7 +716,7 @@ def sweep(base: str | None = None) -> list[str]:
             if workspace_fs.is_managed(state["workspace"]):
                 workspace_fs.remove(state["workspace"])
             else:  # a /tmp workspace of an older version
-                shutil.rmtree(state["workspace"], ignore_errors=True)
+                fstree.remove_tree(state["workspace"], ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(name)
     return removed

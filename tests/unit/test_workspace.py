@@ -78,7 +78,7 @@ def test_missing_and_wrong_kind(ws):
     with pytest.raises(NotFound, match=r"^'nope' does not exist in the workspace$"):
         ws.read("nope")
     os.mkfifo(os.path.join(ws.root, "fifo"))
-    with pytest.raises(InvalidSpec, match=r"^path: 'fifo' is not a regular file$"):
+    with pytest.raises(InvalidSpec, match=r"^path: 'fifo' is a FIFO, not a regular file$"):
         ws.read("fifo")
     with pytest.raises(InvalidSpec, match=r"^path: names the workspace itself, not a file$"):
         ws.write("/workspace", b"")
