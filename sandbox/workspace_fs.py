@@ -36,6 +36,7 @@ import os
 import tempfile
 import time
 
+from . import fstree
 from .errors import SandboxSetupError
 
 DEFAULT_BYTES = 1 << 30
@@ -146,58 +147,10 @@ def remove(path: str) -> None:
         os.rmdir(path)
     except FileNotFoundError:
         pass
-    except OSError:
-        _remove_tree_iteratively(path)
+    except OSError:  # a plain-directory workspace (kind dir) with files in it
+        fstree.remove_tree(path, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path + ".owner")
-
-
-def _remove_tree_iteratively(path: str) -> None:
-    """Remove a tree without recursion and with two descriptors, however deep (a
-    1,500-level tree a sandbox made must not stop it): every directory found is moved up to
-    the top, emptied there and removed."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        top = os.open(path, flags)
-    except OSError:
-        return
-    hoisted = 0
-    try:
-        while True:
-            names = os.listdir(top)
-            if not names:
-                break
-            for name in names:
-                try:
-                    os.unlink(name, dir_fd=top)
-                    continue
-                except IsADirectoryError:
-                    pass
-                except OSError:
-                    continue
-                try:
-                    fd = os.open(name, flags, dir_fd=top)
-                except OSError:
-                    continue
-                try:
-                    for entry in os.scandir(fd):
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                hoisted += 1
-                                os.rename(entry.name, f".corral-rm-{hoisted}", src_dir_fd=fd,
-                                          dst_dir_fd=top)
-                            else:
-                                os.unlink(entry.name, dir_fd=fd)
-                        except OSError:
-                            continue
-                finally:
-                    os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.rmdir(name, dir_fd=top)
-    finally:
-        os.close(top)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
 
 
 def sweep() -> list[str]:
