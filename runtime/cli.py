@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest life of a sandbox (default: 1h)")
     daemon.add_argument("--max-sandboxes", metavar="N", type=int,
                         help="most sandboxes at once (default: 512)")
+    daemon.add_argument("--workspace-root", metavar="DIR",
+                        help="root-only directory of every workspace, each a tmpfs mounted "
+                             "nosuid,nodev with a byte and inode cap (default: "
+                             "/run/corral/workspaces)")
+    daemon.add_argument("--workspace-size", metavar="SIZE",
+                        help="byte cap of one workspace; its bytes are memory, charged to the "
+                             "sandbox's memory limit (default: 1G)")
+    daemon.add_argument("--workspace-inodes", metavar="N", type=int,
+                        help="inode (file) cap of one workspace (default: 65536)")
+    daemon.add_argument("--disk-reserve", metavar="SIZE",
+                        help="bytes kept in <state>/.reserve and released when the state "
+                             "filesystem fills, so audit and task records still write; new "
+                             "work is refused (RESOURCE_EXHAUSTED, health NOT_SERVING) until "
+                             "twice that is free (default: 64M, at most 5%% of the filesystem)")
     daemon.add_argument("--mux-interval-ms", metavar="MS", type=float,
                         help="Sessions.OpenMany: least ms between two messages of one stream; "
                              "its sessions' news travels together (default: 2; 0: at once)")
@@ -372,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     from corral.runtime import config, daemon
     from corral.sandbox.errors import InvalidSpec
-    from corral.sandbox.spec import parse_duration
+    from corral.sandbox.spec import parse_duration, parse_size
 
     try:
         overrides = {
@@ -380,6 +394,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             "tls_cert": args.tls_cert, "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca, "max_sandboxes": args.max_sandboxes,
             "mux_interval_ms": args.mux_interval_ms,
+            "workspace_root": args.workspace_root, "workspace_inodes": args.workspace_inodes,
+            "workspace_bytes": (parse_size(args.workspace_size, "workspace-size")
+                                if args.workspace_size else None),
+            "disk_reserve_bytes": (parse_size(args.disk_reserve, "disk-reserve")
+                                   if args.disk_reserve else None),
             "session_idle_ttl_s": (parse_duration(args.session_idle_ttl, "session-idle-ttl")
                                    if args.session_idle_ttl else None),
             "sandbox_ttl_s": (parse_duration(args.sandbox_ttl, "sandbox-ttl")

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from corral.sandbox.errors import InvalidSpec
-from corral.sandbox.spec import parse_duration
+from corral.sandbox.spec import parse_duration, parse_size
 
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -69,6 +69,18 @@ class DaemonConfig:
     nodes: tuple = ()
     #: Ray cluster address for nodes with executor = "ray" ("auto", "127.0.0.1:6379").
     ray_address: str | None = None
+    #: Root-only (0700) directory holding every workspace, each a capped tmpfs
+    #: (sandbox/workspace_fs.py); None = /run/corral/workspaces (root).
+    workspace_root: str | None = None
+    #: Byte cap of one workspace (tmpfs size=; its pages count as the sandbox's memory).
+    workspace_bytes: int = 1 << 30
+    #: Inode cap of one workspace (tmpfs nr_inodes=).
+    workspace_inodes: int = 65536
+    #: Bytes preallocated in <state>/.reserve, released when the state filesystem runs
+    #: full so the audit log and task store can still write; None = min(64 MiB, 5% of it).
+    disk_reserve_bytes: int | None = None
+    #: Seconds between two looks at free disk, inodes and descriptors (health, admission).
+    resource_check_s: float = 1.0
     #: [policy]: what every non-operator tenant may ask for and hold (runtime/policy.py,
     #: docs/policy.md): profiles, allow_net, max_memory, max_pids, max_cpus, max_tmp,
     #: max_ttl, max_priority, max_sandboxes, max_sessions, max_running_tasks,
@@ -118,11 +130,20 @@ class DaemonConfig:
                 0 <= self.mux_interval_ms <= 1000):
             raise InvalidSpec("mux_interval_ms", f"{self.mux_interval_ms!r} must be between 0 "
                                                  "and 1000 ms")
+        if self.workspace_bytes < 1 << 20:
+            raise InvalidSpec("workspace_bytes", f"{self.workspace_bytes} is under 1 MiB")
+        if self.workspace_inodes < 64:
+            raise InvalidSpec("workspace_inodes", f"{self.workspace_inodes} is under 64")
+        if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
+            raise InvalidSpec("disk_reserve_bytes", "must not be negative")
+        if not 0.05 <= self.resource_check_s <= 60:
+            raise InvalidSpec("resource_check_s", "must be between 0.05 and 60 seconds")
         self.policy_book()  # refuse a bad policy at start, naming its key
         return self
 
 
 _DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_ttl_s"}
+_SIZES = {"workspace_size": "workspace_bytes", "disk_reserve": "disk_reserve_bytes"}
 
 
 def load(path: str | None, overrides: dict) -> DaemonConfig:
@@ -130,7 +151,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
 
     The file uses the flag names: socket, listen, state, tls_cert, tls_key, tls_client_ca,
     session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, stream_log_bytes,
-    mux_interval_ms, operators, and one table per
+    mux_interval_ms, workspace_root, workspace_size ("1G"), workspace_inodes,
+    disk_reserve ("64M"), resource_check_s, operators, and one table per
     tenant: [tenants.acme] token = "...".
     """
     values: dict = {}
@@ -173,6 +195,8 @@ def _from_mapping(raw: dict, path: str) -> dict:
             out["policy"] = dict(value)
         elif key in _DURATIONS:
             out[_DURATIONS[key]] = parse_duration(value, key)
+        elif key in _SIZES:
+            out[_SIZES[key]] = parse_size(value, key)
         elif key == "operators":
             out["operators"] = tuple(check_tenant(t, "operators") for t in value)
         elif key == "nodes":
