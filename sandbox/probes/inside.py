@@ -48,10 +48,13 @@ NR = {
     "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
     "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "clone3": 435,
     "pidfd_getfd": 438, "mount_setattr": 442, "landlock_create_ruleset": 444,
+    "mbind": 237, "set_mempolicy": 238, "get_mempolicy": 239, "memfd_secret": 447,
+    "set_mempolicy_home_node": 450, "openat2": 437,
 }
 #: Syscalls whose success hands back a descriptor the probe closes at once.
 RETURNS_FD = {"io_uring_setup", "userfaultfd", "perf_event_open", "fsopen", "open_tree", "bpf",
-              "open_by_handle_at", "fspick", "fsmount", "pidfd_getfd", "fanotify_init"}
+              "open_by_handle_at", "fspick", "fsmount", "pidfd_getfd", "fanotify_init",
+              "memfd_secret", "openat2"}
 X32_SYSCALL_BIT = 0x40000000
 TIOCSTI = 0x5412
 TIOCGPTN = 0x80045430
@@ -481,6 +484,47 @@ def op_mknod(path, kind):
         os.mknod(path, mode, os.makedev(1, 3) if kind == "char" else os.makedev(7, 0))
     os.unlink(path)
     return "created"
+
+
+def op_chmod(directory, mode, how="chmod"):
+    """Make a 0644 file in `directory`, then give it `mode` (octal) by chmod, fchmod or
+    fchmodat; report the mode it ends with. The file is always removed."""
+    path = os.path.join(directory, f".corral-probe-mode-{os.getpid()}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        if how == "fchmod":
+            os.fchmod(fd, int(mode, 8))
+        elif how == "fchmodat":
+            raw_syscall(268, ctypes.c_long(-100), ctypes.c_char_p(path.encode()),
+                        ctypes.c_long(int(mode, 8)))
+        else:
+            os.chmod(path, int(mode, 8))
+        return {"mode": oct(stat.S_IMODE(os.fstat(fd).st_mode))}
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def op_create_mode(directory, mode, how="openat"):
+    """Create a file in `directory` whose create mode is `mode` (octal), by openat, creat or
+    mknodat (S_IFREG); report its mode (umask 0). Removed at once."""
+    path = os.path.join(directory, f".corral-probe-create-{os.getpid()}")
+    old = os.umask(0)
+    try:
+        if how == "mknodat":
+            os.mknod(path, stat.S_IFREG | int(mode, 8))
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        elif how == "creat":
+            fd = raw_syscall(85, ctypes.c_char_p(path.encode()), ctypes.c_long(int(mode, 8)))
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, int(mode, 8))
+    finally:
+        os.umask(old)
+    try:
+        return {"mode": oct(stat.S_IMODE(os.fstat(fd).st_mode))}
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def op_mount_proc():
