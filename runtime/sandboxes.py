@@ -181,6 +181,9 @@ class SandboxManager:
         self._pending_by_tenant: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
         self._shutting_down = False
+        #: Called with "sandbox" or "exec" before either starts: raises ResourceExhausted
+        #: when the daemon cannot afford it (disk, descriptors: runtime/resources.py).
+        self.admission: Callable[[str], None] = lambda kind: None
 
     # -- lifecycle of the manager ------------------------------------------------------------
 
@@ -211,6 +214,7 @@ class SandboxManager:
                      owner_session: str | None = None) -> ManagedSandbox:
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
+        self.admission("sandbox")
         rules = self.policies.of(caller)
         rules.check_sandbox(spec)
         # The tenant's quota before the daemon's: one tenant never fills the daemon alone.
@@ -349,6 +353,7 @@ class SandboxManager:
         """Start argv in the sandbox; output is read by the loop into two hubs."""
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
+        self.admission("exec")
         msb = self.get(caller, sandbox_id)
         _check_argv(argv)
         _check_env(env or {})

@@ -80,6 +80,9 @@ class Scheduler:
         self._kick_pending = False
         self._heartbeat: asyncio.Task | None = None
         self._closing = False
+        #: Called with "task" before one is admitted: raises ResourceExhausted when the
+        #: daemon cannot afford it (state disk full: runtime/resources.py).
+        self.admission = lambda kind: None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.placements = 0
         self.placement_ns = 0
@@ -181,6 +184,7 @@ class Scheduler:
         """
         if self._closing:
             raise Unavailable("the daemon is shutting down")
+        self.admission("task")
         spec = self._held_resources(spec)
         self._check_policy(caller, spec)
         self.nodes.check_satisfiable(spec)
