@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the Corral daemon: sandboxes, sessions and the audit log over gRPC. "
                     "Every flag can also be set in the --config TOML file under the same name "
                     "(with '_' for '-'); flags win.",
+        epilog="Tenant policy (TOML only; docs/policy.md): [policy] bounds every tenant that "
+               "is not an operator: profiles (default: [\"default\"]), allow_net (default: "
+               "[\"public\"], i.e. no address rule touching loopback, private, link-local "
+               "or reserved space), max_memory (4G), max_pids (1024), max_cpus (host cores), "
+               "max_tmp (1G), max_ttl (the sandbox TTL), max_priority (10), and the quotas "
+               "max_sandboxes (32), max_sessions (32), max_running_tasks (4), "
+               "max_queued_tasks (1000). The same keys in [tenants.NAME] apply to that tenant "
+               "on top of [policy]. Operators get the host's size as their only limit. A "
+               "request over a limit is PERMISSION_DENIED, over a quota RESOURCE_EXHAUSTED; "
+               "both are audited as 'denied'.",
     )
     daemon.add_argument("--config", metavar="FILE", help="TOML configuration file")
     daemon.add_argument("--socket", metavar="PATH",

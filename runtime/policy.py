@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 
-from corral.sandbox.errors import InvalidSpec, PermissionDenied, ResourceExhausted
+from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
 from corral.sandbox.proxy import NetRule, parse_rule
 from corral.sandbox.spec import SandboxSpec, parse_duration, parse_size
 
@@ -55,8 +55,15 @@ class PolicyDenied(PermissionDenied):
     """The tenant's policy never allows what the request asks for."""
 
 
-class QuotaExceeded(ResourceExhausted):
-    """The tenant already holds as much of something as its policy allows."""
+class QuotaExceeded(CorralError):
+    """The tenant already holds as much of something as its policy allows.
+
+    RESOURCE_EXHAUSTED like the daemon's own exhaustion, but a denial of this tenant (it
+    is audited as one), not a sign that the daemon is short of anything.
+    """
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    denial = True
 
 
 def host_memory_bytes() -> int:
@@ -324,7 +331,8 @@ def _convert(name: str, value, where: str):
 
 def _at_most(field_name: str, asked, limit) -> None:
     if limit is not None and asked > limit:
-        show = _size if field_name.endswith("_bytes") else (lambda v: f"{v:g}")
+        show = (_size if field_name.endswith("_bytes") else
+                (lambda v: f"{v:g}") if isinstance(limit, float) else str)
         raise PolicyDenied(f"{field_name}: {show(asked)} is over this tenant's limit of "
                            f"{show(limit)}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
@@ -9,6 +10,8 @@ import logging
 import grpc
 
 from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated, as_exhaustion
+
+from .bounds import bounded_message
 
 log = logging.getLogger("corral.api")
 
@@ -46,18 +49,29 @@ def status_of(exc: CorralError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
 
 
-def record_denial(servicer, context, exc: CorralError, method: str) -> None:
-    """Write a `denied` audit record when exc is a denial (PERMISSION_DENIED or
-    UNAUTHENTICATED); other errors are not denials. `context` (for the peer) may be None
-    once the caller is known, as for a failed request on an OpenMany stream."""
-    if isinstance(exc, (PermissionDenied, Unauthenticated)) and servicer.audit is not None:
-        caller = current_caller.get()
-        servicer.audit.append(
-            "denied",
+def record_denial(servicer, context, exc: CorralError, method: str):
+    """Record a denial (PERMISSION_DENIED, UNAUTHENTICATED, or a class marked `denial`, such
+    as a tenant's quota); other errors are not denials. `context` (for the peer) may be None
+    once the caller is known, as for a failed request on an OpenMany stream.
+
+    Denials are rate-limited per (tenant, peer host, status) (`AuditLog.deny`): a flood of
+    bad tokens costs a counter, not an fsync per call, and ends up in `denied.summary`
+    records. Returns the future of the `denied` record, or None (not recorded on its own).
+    Never waits for the disk.
+    """
+    denial = isinstance(exc, (PermissionDenied, Unauthenticated)) or getattr(exc, "denial", False)
+    if not denial or servicer.audit is None:
+        return None
+    caller = current_caller.get()
+    try:
+        return servicer.audit.deny(
             tenant=caller.tenant if caller else "",
-            peer=caller.peer if caller else (context.peer() or ""),
-            detail={"method": method, "reason": str(exc), "status": exc.grpc_status},
+            peer=caller.peer if caller else ((context.peer() if context else "") or ""),
+            status=exc.grpc_status, method=method, reason=str(exc),
         )
+    except CorralError:  # the log is closing: the refusal stands, the daemon's log says so
+        log.exception("%s: denial not recorded", method)
+        return None
 
 
 async def _abort(servicer, context, exc: Exception, method: str) -> None:
@@ -69,8 +83,14 @@ async def _abort(servicer, context, exc: Exception, method: str) -> None:
         exhaustion_seen(exhausted)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exhausted))
     if isinstance(exc, CorralError):
-        record_denial(servicer, context, exc, method)
-        await context.abort(status_of(exc), str(exc))
+        pending = record_denial(servicer, context, exc, method)
+        if pending is not None:  # recorded before the answer, without blocking the loop
+            try:
+                await asyncio.wrap_future(pending)
+            except Exception:  # noqa: BLE001 - the refusal stands; the log says why
+                log.exception("%s: denial not recorded", method)
+        # a message may quote a request's field: never echo more than ~200 bytes of it
+        await context.abort(status_of(exc), bounded_message(str(exc)))
     log.error("%s failed", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
 

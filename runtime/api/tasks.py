@@ -96,11 +96,14 @@ class TasksServicer(Servicer):
     async def Submit(self, request, context):
         caller = self.caller(context)
         task = await self.scheduler.submit(caller, spec_from_proto(request.spec))
-        # The answer echoes the request's spec: no need to rebuild it from the domain object.
-        return pb.Task(id=task.id, tenant=task.tenant, spec=request.spec,
-                       state=int(task.state), submitted_at=task.submitted_at,
-                       updated_at=task.updated_at, node=task.node, attempt=task.attempt,
-                       reason=task.reason)
+        # The answer echoes the request's spec (no need to rebuild it from the domain
+        # object) with what the task holds: the cpu and memory it got by default.
+        answer = pb.Task(id=task.id, tenant=task.tenant, spec=request.spec,
+                         state=int(task.state), submitted_at=task.submitted_at,
+                         updated_at=task.updated_at, node=task.node, attempt=task.attempt,
+                         reason=task.reason)
+        answer.spec.resources.update(task.spec.resources)
+        return answer
 
     @streaming
     async def SubmitStream(self, request_iterator, context):
