@@ -7,15 +7,17 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 
 import grpc
 
-from corral.sandbox import Sandbox, sweep
+from corral.sandbox import Sandbox, sweep, workspace_fs
 from corral.sandbox.errors import CorralError
 from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, task_pb2
 
 from .api.audit import AuditServicer
+from .api.errors import exhaustion_listeners
 from .api.sandboxes import SandboxesServicer
 from .api.sessions import SessionsServicer
 from .api.tasks import task_handlers
@@ -23,12 +25,15 @@ from .api.wire import generic_handler
 from .audit import AuditLog
 from .auth import Authenticator
 from .config import DaemonConfig
+from .resources import ResourceGuard
 from .sandboxes import SandboxManager
 from .sessions import SessionManager
 
 log = logging.getLogger("corral.daemon")
 
 SHUTDOWN_GRACE_S = 5.0
+#: Longest a stop may take before the process exits anyway (status 1).
+STOP_DEADLINE_S = 25.0
 MAX_MESSAGE_BYTES = 16 << 20
 
 
@@ -48,6 +53,12 @@ class Daemon:
         self.tcp_port: int | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.resources: ResourceGuard | None = None
+        self._serving = True  # as health says
+        self._check_wanted = asyncio.Event()
+        self._monitor: asyncio.Task | None = None
+        #: Steps of stop() that failed (each logged; the process still exits).
+        self.stop_failures: list[str] = []
 
     async def start(self) -> None:
         cfg = self.config
@@ -59,6 +70,19 @@ class Daemon:
         if hard == resource.RLIM_INFINITY or hard > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.makedirs(cfg.state, mode=0o700, exist_ok=True)
+        # Workspaces: capped tmpfs mounts under a 0700 root, settings inherited by the task
+        # shims through the environment; those of dead owners (a killed daemon's sandboxes,
+        # lost attempts) go first, before anything is written.
+        workspace_fs.configure(root_dir=cfg.workspace_root, size_bytes=cfg.workspace_bytes,
+                               inodes=cfg.workspace_inodes)
+        workspace_fs.ensure_root()
+        for name in workspace_fs.sweep():
+            log.info("removed workspace %s: its owner is gone", name)
+        # On a full state disk the reserve is released here, so the audit log still opens.
+        self.resources = ResourceGuard(
+            cfg.state, reserve_bytes=cfg.disk_reserve_bytes,
+            extra_paths=(workspace_fs.root(),) if workspace_fs.kind() == "dir" else ())
+        self.resources.check()
         self.audit = AuditLog.open(os.path.join(cfg.state, "audit.db"))
         # Sandboxes of a daemon that died (SIGKILL, crash) died with it; remove what they
         # left and say so in the chain, which simply continues.
@@ -72,6 +96,7 @@ class Daemon:
             self.audit, default_ttl_s=cfg.sandbox_ttl_s, max_sandboxes=cfg.max_sandboxes,
             stream_log_bytes=cfg.stream_log_bytes, policies=self.policies,
         )
+        self.sandboxes.admission = self.resources.admit
         self.sandboxes.start()
         self.sessions = SessionManager(self.sandboxes, self.audit,
                                        idle_ttl_s=cfg.session_idle_ttl_s,
@@ -80,6 +105,7 @@ class Daemon:
         from .tasks.service import start_scheduler
 
         self.scheduler = await start_scheduler(cfg, self.audit, self.policies)
+        self.scheduler.admission = self.resources.admit
 
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -112,6 +138,56 @@ class Daemon:
             "tcp_port": self.tcp_port or 0})
         tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
         log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
+        await self._apply_health()  # NOT_SERVING from the start on a full disk
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_resources())
+        exhaustion_listeners.append(self._on_exhaustion)
+
+    # -- health from resources -------------------------------------------------------------------
+
+    async def _watch_resources(self) -> None:
+        """Every resource_check_s: free disk, inodes and descriptors -> admission and health."""
+        while not self._stopping:
+            self._check_wanted.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._check_wanted.wait(), self.config.resource_check_s)
+            if self._stopping:
+                return
+            try:
+                self.resources.check()
+                await self._apply_health()
+            except Exception:  # noqa: BLE001 - the monitor must outlive one bad look
+                log.exception("resource check failed")
+
+    def _on_exhaustion(self, _exc) -> None:
+        """An RPC just ran out of something: look now, not at the next tick."""
+        self._check_wanted.set()
+
+    async def _apply_health(self) -> None:
+        """Mutating services (and the overall "") NOT_SERVING while the guard refuses work."""
+        from grpc_health.v1 import health_pb2
+
+        serving = not self.resources.reason
+        if serving == self._serving or self._stopping:
+            return
+        self._serving = serving
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self._mutating_health_names:
+            await self.health.set(name, status)
+        if serving:
+            log.warning("health: SERVING again")
+        else:
+            log.error("health: NOT_SERVING (%s)", self.resources.reason)
+
+    def statistics(self) -> dict:
+        """Figures for metrics and operators: serving, why not, free disk and descriptors."""
+        stats = dict(self.resources.statistics()) if self.resources is not None else {}
+        stats["sandboxes"] = len(self.sandboxes.all()) if self.sandboxes is not None else 0
+        stats["workspace_root"] = workspace_fs.root()
+        stats["workspace_bytes"] = workspace_fs.max_bytes()
+        stats["workspace_inodes"] = workspace_fs.max_inodes()
+        stats["workspace_fs"] = workspace_fs.kind()
+        return stats
 
     async def _add_health_and_reflection(self, server, descriptors) -> None:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -121,6 +197,8 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [d.full_name for d in descriptors]
         self._health_names = ["", *names]
+        self._mutating_health_names = ["", *(n for n in names if n.rsplit(".", 1)[-1] in (
+            "Sandboxes", "Sessions", "Tasks"))]
         for name in self._health_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
@@ -161,37 +239,69 @@ class Daemon:
         return port
 
     async def stop(self, reason: str = "daemon-shutdown", cause: str = "") -> None:
-        """Stop accepting, end sessions with a reason, destroy every sandbox."""
+        """Stop accepting, end sessions with a reason, destroy every sandbox.
+
+        Every step runs even when an earlier one fails (a full disk fails the last audit
+        append): failures are logged and kept in stop_failures, and the daemon is marked
+        stopped whatever happened. A watchdog ends the process if stopping takes longer than
+        STOP_DEADLINE_S (a step stuck in the kernel or on a lock).
+        """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
+        _start_stop_watchdog(STOP_DEADLINE_S)
         log.info("corral daemon stopping: %s%s", reason, f" ({cause})" if cause else "")
+        try:
+            await self._stop_steps(reason, cause)
+        finally:
+            self._stopped.set()
+
+    async def _step(self, name: str, step) -> None:
+        try:
+            result = step()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as exc:  # noqa: BLE001 - keep stopping, say what failed
+            self.stop_failures.append(f"{name}: {exc}")
+            log.error("stopping: %s failed: %s", name, exc)
+
+    async def _stop_steps(self, reason: str, cause: str) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        with contextlib.suppress(ValueError):
+            exhaustion_listeners.remove(self._on_exhaustion)
         if self.server is not None:
             from grpc_health.v1 import health_pb2
 
-            for name in self._health_names:
-                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            async def not_serving():
+                for name in self._health_names:
+                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+            await self._step("health", not_serving)
         # Refuse new sandboxes, commands and sessions (UNAVAILABLE), end the sessions, then
         # destroy the sandboxes, and only then stop the server: every open Exec and session
         # stream ends with its exited event instead of being cut off at the grace period.
         if self.sandboxes is not None:
             self.sandboxes.refuse_new()
         if self.scheduler is not None:  # stops placing; deep tasks keep running
-            await self.scheduler.stop()
+            await self._step("scheduler", self.scheduler.stop)
         if self.sessions is not None:
-            await self.sessions.shutdown(reason)
+            await self._step("sessions", lambda: self.sessions.shutdown(reason))
         if self.sandboxes is not None:
-            await self.sandboxes.shutdown(reason)
+            await self._step("sandboxes", lambda: self.sandboxes.shutdown(reason))
         if self.server is not None:
-            await self.server.stop(SHUTDOWN_GRACE_S)
+            await self._step("server", lambda: self.server.stop(SHUTDOWN_GRACE_S))
         if self.audit is not None:
-            self.audit.append("daemon.stop", tenant="", peer="daemon",
-                              detail={"reason": reason, "cause": cause, "pid": os.getpid()})
-            self.audit.close()
+            if self.resources is not None:  # a full disk: the reserve makes room for it
+                await self._step("disk check", self.resources.check)
+            await self._step("audit daemon.stop", lambda: self.audit.append(
+                "daemon.stop", tenant="", peer="daemon",
+                detail={"reason": reason, "cause": cause, "pid": os.getpid(),
+                        "failures": list(self.stop_failures)}))
+            await self._step("audit close", self.audit.close)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket)
-        self._stopped.set()
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
@@ -203,6 +313,19 @@ class Daemon:
                 self.stop("daemon-shutdown", cause=f"signal {signal.Signals(s).name}")))
         await self.start()
         await self._stopped.wait()
+
+
+def _start_stop_watchdog(deadline_s: float) -> None:
+    """End the process if stopping has not ended it within deadline_s (any stop path)."""
+
+    def expire():
+        log.error("corral daemon did not stop within %.0fs; exiting now", deadline_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(deadline_s, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _sweep() -> list[str]:
@@ -243,6 +366,10 @@ def run(config: DaemonConfig) -> int:
         asyncio.run(daemon.serve_forever())
     except (RuntimeError, CorralError) as exc:  # e.g. AuditTampered: refuse, say why
         log.error("%s", exc)
+        return 1
+    if daemon.stop_failures:
+        log.error("corral daemon stopped after %.1fs with failures: %s",
+                  time.monotonic() - started, "; ".join(daemon.stop_failures))
         return 1
     log.info("corral daemon stopped after %.1fs", time.monotonic() - started)
     return 0

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from corral.runtime.audit import AuditLog
 from corral.runtime.client import Client, ClientError, SessionStream
+from corral.sandbox import workspace_fs
 from corral.sandbox.backends.native import runtime_base
 from corral.v1 import stream_pb2
 
@@ -54,7 +55,8 @@ def sandbox_footprint(sandbox_id: str) -> dict[str, list[str]]:
         "runtime dir": [p for p in [os.path.join(runtime_base(), sandbox_id)]
                         if os.path.exists(p)],
         "cgroups": cgroup_dirs(sandbox_id),
-        "workspace": glob.glob(f"/tmp/corral-{sandbox_id}-*"),
+        "workspace": [p for p in [os.path.join(workspace_fs.root(), sandbox_id)]
+                      if os.path.exists(p)] + glob.glob(f"/tmp/corral-{sandbox_id}-*"),
     }
     return {k: v for k, v in found.items() if v}
 
@@ -106,8 +108,9 @@ class DaemonProcess:
             cmd += ["--config", str(self.config_path)]
         return cmd
 
-    def start(self, timeout_s: float = 20.0) -> DaemonProcess:
-        """Start and wait until the health check says SERVING."""
+    def start(self, timeout_s: float = 20.0, status: str = "SERVING") -> DaemonProcess:
+        """Start and wait until the health check says `status` (NOT_SERVING: a daemon that
+        came up but refuses work, e.g. on a full disk)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
@@ -117,11 +120,11 @@ class DaemonProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited with {self.proc.returncode} while "
                                    f"starting:\n{self.log()}")
-            if os.path.exists(self.socket) and self.health() == "SERVING":
+            if os.path.exists(self.socket) and self.health() == status:
                 return self
             time.sleep(0.05)
         self.kill()
-        raise RuntimeError(f"the daemon did not become SERVING in {timeout_s}s:\n{self.log()}")
+        raise RuntimeError(f"the daemon did not become {status} in {timeout_s}s:\n{self.log()}")
 
     def run_to_exit(self, timeout_s: float = 20.0) -> int:
         """Start the daemon expecting it to refuse; returns its exit status."""
