@@ -345,9 +345,8 @@ class Sandbox(SandboxLifecycle):
                 cpu_quota=self.spec.cpus,
             )
             self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
-            self._cgroup_fds = tuple(
-                os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in self._cgroup.procs_files
-            )
+            cgroup_fds = self._open_cgroup_procs()
+            opened.extend(cgroup_fds)
             # The workspace and user binds are cloned here, by a process that can reach
             # them, and attached by the child: its own ids may not traverse the host
             # directories above them.
@@ -366,7 +365,7 @@ class Sandbox(SandboxLifecycle):
             os.set_blocking(status_w, True)
             plan, ops = contain.init_plan(
                 self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
-                cgroup_fds=self._cgroup_fds, status_fd=status_w, detached=detached,
+                cgroup_fds=cgroup_fds, status_fd=status_w, detached=detached,
             )
             uid_map = contain.id_map(self.spec)
             try:
@@ -386,6 +385,23 @@ class Sandbox(SandboxLifecycle):
         finally:
             for fd in opened:
                 os.close(fd)
+
+    def _open_cgroup_procs(self) -> tuple[int, ...]:
+        """The cgroup.procs files a new process attaches itself through, opened for one
+        spawn: an idle sandbox holds only PID 1's pidfd and status pipe (one descriptor per
+        controller, five on cgroup v1, would be held for nothing between commands)."""
+        fds: list[int] = []
+        try:
+            for path in self._cgroup.procs_files:
+                try:
+                    fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+                except OSError as exc:
+                    raise SandboxSetupError("cgroup open", path, exc.errno) from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return tuple(fds)
 
     def _setup_workspace(self) -> None:
         if self.spec.workspace:
@@ -587,9 +603,11 @@ class Sandbox(SandboxLifecycle):
                     fds.append((how, child_fd))
             for child_fd, parent_fd in (pass_fds or {}).items():
                 fds.append((parent_fd, child_fd))
+            cgroup_fds = self._open_cgroup_procs()
+            ours.extend(cgroup_fds)
             plan = contain.exec_plan(
                 self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
-                cgroup_fds=self._cgroup_fds,
+                cgroup_fds=cgroup_fds,
             )
             self.collect_exits()  # every report read from here on came after the start
             with self._status_lock:

@@ -1,0 +1,158 @@
+"""Density: what one idle sandbox costs the daemon, and how many fit under its descriptors.
+
+Starts a real `corral daemon` under a lowered RLIMIT_NOFILE (`prlimit --nofile=N:N`, so the
+run stays short: the daemon can raise its soft limit only up to that hard limit), then:
+
+  fds_per_idle_sandbox     descriptors the daemon holds per idle sandbox: /proc/PID/fd
+                           after --sample creates, minus before, divided by --sample
+  rss_per_idle_sandbox     the daemon's RSS growth per idle sandbox (bytes), same sample,
+                           plus init_rss_per_sandbox: PID 1 (corral-init) of one sandbox
+  max_idle_sandboxes       Create until the daemon refuses: how many were alive then, and
+                           how the first refusal was answered (refused_with: the gRPC status;
+                           RESOURCE_EXHAUSTED is the descriptor budget refusing cleanly,
+                           INTERNAL would be the kernel's EMFILE reaching a caller)
+  exec_after_refusal       an exec in an existing sandbox still works at the limit (the
+                           daemon's own descriptor reserve)
+  max_idle_sandboxes_per_1m_fds   the same figure scaled to RLIMIT_NOFILE = 1,048,576
+
+  bench/density.py [--nofile N] [--sample N] [--json-only]
+
+Prints one JSON object on the last line. Needs root (sandboxes, cgroups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from corral.runtime.client import Client, ClientError
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def start_daemon(root: str, nofile: int) -> tuple[subprocess.Popen, str]:
+    socket = os.path.join(root, "corral.sock")
+    cmd = ["prlimit", f"--nofile={nofile}:{nofile}", "--", sys.executable, "-m",
+           "corral.runtime.cli", "daemon", "--socket", socket, "--state",
+           os.path.join(root, "state"), "--workspace-root", os.path.join(root, "ws"),
+           "--max-sandboxes", "100000", "--workspace-size", "16M"]
+    log = open(os.path.join(root, "daemon.log"), "ab")  # noqa: SIM115 - the daemon's
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(socket):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not start; see {root}/daemon.log")
+        time.sleep(0.05)
+    return proc, socket
+
+
+def daemon_pid(proc: subprocess.Popen) -> int:
+    """prlimit execs the daemon, so the child's pid is the daemon's."""
+    return proc.pid
+
+
+def measure(nofile: int, sample: int) -> dict:
+    root = tempfile.mkdtemp(prefix="corral-density-")
+    proc, socket = start_daemon(root, nofile)
+    pid = daemon_pid(proc)
+    client = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = Client.connect(socket=socket)
+                client.list_sandboxes()
+                break
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        # warm: the first create loads profiles and starts the spawner threads
+        first = client.create_sandbox(memory_bytes=64 << 20)
+        time.sleep(0.2)
+        fds0, rss0 = fd_count(pid), rss_bytes(pid)
+        ids = [first.id]
+        for _ in range(sample):
+            ids.append(client.create_sandbox(memory_bytes=64 << 20).id)
+        time.sleep(0.2)
+        fds1, rss1 = fd_count(pid), rss_bytes(pid)
+        init_rss = rss_bytes(client.get_sandbox(ids[-1]).init_pid)
+        refused_with, refused_message = "", ""
+        started = time.monotonic()
+        while True:
+            try:
+                ids.append(client.create_sandbox(memory_bytes=64 << 20).id)
+            except ClientError as exc:
+                refused_with, refused_message = exc.code.name, str(exc)
+                break
+        fill_s = time.monotonic() - started
+        alive = len(ids)
+        exec_ok = False
+        try:
+            events = list(client.exec(ids[0], ["true"]))
+            exec_ok = any(e.HasField("exited") and e.exited.returncode == 0 for e in events)
+        except ClientError as exc:
+            exec_ok = f"{exc.code.name}"
+        per_fd = (fds1 - fds0) / sample
+        for sandbox_id in ids:
+            try:
+                client.destroy_sandbox(sandbox_id)
+            except ClientError:
+                pass
+        return {
+            "nofile": nofile,
+            "fds_per_idle_sandbox": round(per_fd, 2),
+            "rss_per_idle_sandbox": round((rss1 - rss0) / sample),
+            "init_rss_per_sandbox": init_rss,
+            "max_idle_sandboxes": alive,
+            "max_idle_sandboxes_per_1m_fds": round(alive * (1 << 20) / nofile),
+            "refused_with": refused_with,
+            "refused_message": refused_message,
+            "exec_after_refusal": exec_ok,
+            "daemon_fds_after_destroy": fd_count(pid) if proc.poll() is None else None,
+            "fill_s": round(fill_s, 2),
+        }
+    finally:
+        if client is not None:
+            client.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nofile", type=int, default=1024,
+                        help="RLIMIT_NOFILE (soft = hard) of the daemon (default: 1024)")
+    parser.add_argument("--sample", type=int, default=50,
+                        help="idle sandboxes the per-sandbox figures are measured over")
+    parser.add_argument("--json-only", action="store_true", help="no progress on stderr")
+    args = parser.parse_args()
+    result = measure(args.nofile, args.sample)
+    print(json.dumps(result, sort_keys=True))
+    return 0 if result["refused_with"] == "RESOURCE_EXHAUSTED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
