@@ -23,6 +23,15 @@ them with BPF sk_lookup); nothing else leaves a sandbox. The rules this file kee
 4. Protected endpoints (the daemon's own ports, the egress link itself) are denied
    whatever the rules say, and so is every address outside `EgressConfig.upstream_only`
    when the operator set it.
+4a. This host is not a destination by accident. An address is judged as what Linux
+   connects it to: the unspecified addresses (0.0.0.0/8, ::) as loopback, an IPv4-mapped
+   IPv6 address as its IPv4 address. A destination on this host -- loopback, or one of
+   the host's own addresses (its local route) -- is reached only through an address rule
+   that names it: a rule inside 127.0.0.0/8 for loopback, the single address (/32)
+   otherwise. A wide rule (0.0.0.0/0, 10.0.0.0/8) or an operator's routable range never
+   leads to the host's own listeners. After connecting, the proxy checks the socket's
+   real peer against the decision again (same address, not protected, not this host
+   unless named), so no rewrite on the way reaches what the decision refused.
 5. UDP is dropped, except DNS to the proxy's resolver (GATEWAY:53), which answers A
    queries for allowed names (with the addresses rule 3 lets through) and NXDOMAIN for
    everything else. AAAA gets an empty answer: sandboxes have no IPv6 route.
@@ -190,6 +199,9 @@ class EgressConfig:
     routable: tuple = ()
     upstream_only: tuple = ()
     protected: set[tuple[str, int]] = field(default_factory=set)
+    #: Is this address one of this host's own (rule 4a)? The proxy asks the kernel's
+    #: routing table (`host_local`); None = only loopback counts (pure unit tests).
+    is_local: Callable[[object], bool] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EgressConfig:
@@ -203,6 +215,7 @@ class EgressConfig:
                 cfg.hosts = parse_hosts(f.read())
         cfg.routable = _networks(env, "CORRAL_EGRESS_ROUTABLE")
         cfg.upstream_only = _networks(env, "CORRAL_EGRESS_UPSTREAM_ONLY")
+        cfg.is_local = host_local
         return cfg
 
 
@@ -236,6 +249,54 @@ def parse_hosts(text: str) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+_LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+_LOOPBACK_V6 = ipaddress.ip_network("::1/128")
+_ZERO_NET = ipaddress.ip_network("0.0.0.0/8")
+_LOOPBACK_ADDRESS = ipaddress.ip_address("127.0.0.1")
+
+
+def judged_address(address):
+    """The address a destination is judged as: where Linux really connects it.
+
+    0.0.0.0/8 -> 127.0.0.1 and :: -> ::1 (connect() to an unspecified address reaches the
+    local host); ::ffff:a.b.c.d -> a.b.c.d.
+    """
+    if not isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        address = ipaddress.ip_address(address)
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.is_unspecified:
+            return ipaddress.ip_address("::1")
+    if address.version == 4 and address in _ZERO_NET:
+        return _LOOPBACK_ADDRESS
+    return address
+
+
+def host_local(address) -> bool:
+    """Is address one of this host's own (a `local` route)? Asked of the kernel by a UDP
+    connect(), which sends nothing: for a local address the source it picks is the
+    address itself."""
+    address = judged_address(address)
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+            probe.connect((str(address), 9))
+            return ipaddress.ip_address(probe.getsockname()[0]) == address
+    except OSError:
+        return False  # no route at all: not this host
+
+
+def _names_host_address(network, address) -> bool:
+    """Does a rule's (or routable) network name a host-local address explicitly?"""
+    if address.is_loopback:
+        loop = _LOOPBACK_V4 if address.version == 4 else _LOOPBACK_V6
+        return network.version == address.version and network.subnet_of(loop)
+    return network.num_addresses == 1
+
+
 class EgressPolicy:
     """A sandbox's rules plus the process's config: the pure decision functions."""
 
@@ -253,28 +314,74 @@ class EgressPolicy:
         return any(r.kind != "address" and r.matches_name(name, r.port or 0)
                    for r in self.rules)
 
-    def address_rule(self, address, port: int) -> NetRule | None:
-        return next((r for r in self.rules if r.matches_address(address, port)), None)
+    def is_host_local(self, address) -> bool:
+        """Is the (judged) address this host's own: loopback or a local route (rule 4a)?"""
+        address = judged_address(address)
+        return address.is_loopback or bool(self.config.is_local and
+                                           self.config.is_local(address))
+
+    def address_rule(self, address, port: int | None) -> NetRule | None:
+        """The address rule allowing address:port (any port when port is None); a host-local
+        address needs a rule that names it (rule 4a)."""
+        address = judged_address(address)
+        local = self.is_host_local(address)
+        for r in self.rules:
+            if r.kind != "address" or (port is not None and r.port not in (None, port)):
+                continue
+            if address.version == r.network.version and address in r.network and (
+                    not local or _names_host_address(r.network, address)):
+                return r
+        return None
 
     def protected(self, address, port: int) -> bool:
+        address = judged_address(address)
         if address in LINK_NET:
             return True
         for host, p in self.config.protected:
-            if p == port and (not host or ipaddress.ip_address(host) == address
-                              or (address.is_loopback and ipaddress.ip_address(host).is_loopback)
-                              or ipaddress.ip_address(host).is_unspecified):
+            if p != port:
+                continue
+            if not host:
+                return True
+            known = ipaddress.ip_address(host)
+            if known.is_unspecified or judged_address(known) == address or (
+                    address.is_loopback and judged_address(known).is_loopback):
                 return True
         return False
 
-    def _reachable(self, address, port: int) -> str | None:
-        """Why a name rule may not lead to address (rule 3), or None."""
-        if address.is_global and not address.is_multicast:
+    def _reachable(self, address, port: int | None) -> str | None:
+        """Why a name rule may not lead to address (rule 3 and 4a), or None."""
+        address = judged_address(address)
+        local = self.is_host_local(address)
+        if not local and address.is_global and not address.is_multicast:
             return None
-        if any(address in net for net in self.config.routable):
+        if any(address.version == net.version and address in net and (
+                not local or _names_host_address(net, address))
+               for net in self.config.routable):
             return None
         if self.address_rule(address, port):
             return None
+        if local and not address.is_loopback:
+            return f"{address} is an address of this host"
         return f"{address} is a non-public address ({_kind(address)})"
+
+    def peer_refusal(self, requested: str, peer: str, local: str, port: int) -> str | None:
+        """Why an established upstream connection must be dropped, or None (rule 4a).
+
+        Args:
+            requested: the address the decision allowed (and the proxy connected to).
+            peer, local: the socket's getpeername() and getsockname() addresses.
+        """
+        want, got = judged_address(requested), judged_address(peer)
+        if want != got:
+            return f"connected to {peer}, not {requested}"
+        if self.protected(got, port):
+            return f"{peer}:{port} is a protected endpoint"
+        if ipaddress.ip_address(local) == ipaddress.ip_address(peer) or got.is_loopback:
+            # delivered on this host: only an address rule naming it may lead here
+            rule = self.address_rule(got, port)
+            if rule is None or not _names_host_address(rule.network, got):
+                return f"{peer} is an address of this host"
+        return None
 
     def decide(self, port: int, *, name: str | None = None, dst: str | None = None,
                resolved: Iterable[str] = ()) -> Decision:
@@ -286,10 +393,12 @@ class EgressPolicy:
                 for; None when the proxy picks the address (explicit request by name).
             resolved: the addresses `name` resolves to.
         """
+        if dst is not None:
+            dst = str(judged_address(dst))
         decision = self._decide(port, name, dst, resolved)
         limit = self.config.upstream_only
         if decision.allowed and limit and not any(
-                ipaddress.ip_address(decision.address) in net for net in limit):
+                judged_address(decision.address) in net for net in limit):
             return Decision(False, f"{decision.address} is outside the operator's upstream "
                                    "networks", decision.address, decision.rule)
         return decision
@@ -318,7 +427,8 @@ class EgressPolicy:
                                 dst, str(rule))
             candidates = [dst]
         else:
-            candidates = addresses
+            # judged as what connect() would reach (0.0.0.0 is this host's loopback)
+            candidates = list(dict.fromkeys(str(judged_address(a)) for a in addresses))
         reasons = []
         for cand in candidates:
             addr = ipaddress.ip_address(cand)
@@ -338,8 +448,7 @@ class EgressPolicy:
             addr = ipaddress.ip_address(cand)
             if addr.version != 4 or self.protected(addr, 0):
                 continue
-            if self._reachable(addr, 0) is None or any(
-                    r.kind == "address" and addr in r.network for r in self.rules):
+            if self._reachable(addr, None) is None:
                 out.append(cand)
         return out
 
@@ -812,9 +921,13 @@ class EgressProxy:
         if not decision.allowed:
             await _respond(conn, 403, "Forbidden", f"corral: egress denied: {decision.reason}\n")
             return None, b""
-        upstream = await _connect(decision.address, port, event)
+        upstream = await _connect(decision.address, port, event, reg.policy)
         if upstream is None:
-            await _respond(conn, 502, "Bad Gateway", f"corral: {event['error']}\n")
+            if event["decision"] == "deny":  # the connected peer was refused (rule 4a)
+                await _respond(conn, 403, "Forbidden",
+                               f"corral: egress denied: {event['reason']}\n")
+            else:
+                await _respond(conn, 502, "Bad Gateway", f"corral: {event['error']}\n")
             return None, b""
         rest = bytes(buf[head.length:])  # what came after the head goes upstream
         if head.method == "CONNECT":
@@ -860,7 +973,7 @@ class EgressProxy:
         if not decision.allowed:
             _reset(conn)
             return None, b""
-        upstream = await _connect(dst_ip, dst_port, event)
+        upstream = await _connect(decision.address, dst_port, event, policy)
         if upstream is None:
             _reset(conn)
             return None, b""
@@ -977,8 +1090,14 @@ async def _read_head(conn: socket.socket, timeout: float, parse):
         return None, buf
 
 
-async def _connect(host: str, port: int, event: dict) -> socket.socket | None:
-    """A non-blocking TCP connection from the proxy's thread, which is in the host netns."""
+async def _connect(host: str, port: int, event: dict,
+                   policy: EgressPolicy) -> socket.socket | None:
+    """A non-blocking TCP connection from the proxy's thread, which is in the host netns.
+
+    The connected socket's real peer is judged again (rule 4a): a peer other than the
+    address decided on, a protected endpoint or an unnamed address of this host turns the
+    event into a denial and the connection is closed before a byte is relayed.
+    """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                          socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -993,6 +1112,17 @@ async def _connect(host: str, port: int, event: dict) -> socket.socket | None:
     except BaseException:
         sock.close()
         raise
+    try:
+        peer, local = sock.getpeername()[0], sock.getsockname()[0]
+    except OSError as exc:  # reset already
+        sock.close()
+        event["error"] = f"upstream {host}:{port}: {os.strerror(exc.errno)}"
+        return None
+    why = policy.peer_refusal(host, peer, local, port)
+    if why is not None:
+        _reset(sock)
+        event.update(decision="deny", reason=why)
+        return None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

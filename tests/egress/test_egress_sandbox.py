@@ -6,6 +6,7 @@ checks both what the client saw and the proxy's event for the attempt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -231,6 +232,111 @@ out['reply'] = s.recv(200).decode().split('\\r\\n')[0]
     assert got == {"reply": "HTTP/1.1 403 Forbidden"}
     (e,) = events_of(events, decision="deny")
     assert e["reason"] == f"127.0.0.1:{port} is a protected endpoint"
+
+
+@contextlib.contextmanager
+def host_listener(address: str):
+    """A listener on this host (never accepted from: a connection that got through waits in
+    its backlog, where the test finds it)."""
+    listener = socket.socket()
+    listener.bind((address, 0))
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        yield listener, listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def reached(listener) -> bool:
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+@contextlib.contextmanager
+def upstream_also(*networks: str):
+    """Widen the test proxy's upstream confinement for one test (the 0.0.0.0/8 spelling of
+    this host), as an operator who never set CORRAL_EGRESS_UPSTREAM_ONLY would have it."""
+    import ipaddress
+
+    cfg = proxy.shared_proxy().config
+    saved = cfg.upstream_only
+    cfg.upstream_only = saved + tuple(ipaddress.ip_network(n) for n in networks)
+    try:
+        yield
+    finally:
+        cfg.upstream_only = saved
+
+
+CONNECT_TO = """
+s = socket.create_connection(('100.127.255.1', 3128), timeout=10)
+s.sendall(b'CONNECT {target} HTTP/1.1\\r\\n\\r\\n')
+out['reply'] = s.recv(300).decode()
+"""
+
+
+def test_the_daemon_port_is_refused_at_0_0_0_0_under_an_allow_everything_rule(internet):
+    """Issue 18.4: Linux connects 0.0.0.0 to this host, so CONNECT 0.0.0.0:PORT with
+    allow_net=["0.0.0.0/0"] reached the protected daemon port on 127.0.0.1."""
+    with host_listener("127.0.0.1") as (listener, port), upstream_also("0.0.0.0/8"):
+        proxy.shared_proxy().protect("127.0.0.1", port)
+        sb, events = sandbox(internet, "0.0.0.0/0")
+        try:
+            got = [run_py(sb, CONNECT_TO.format(target=f"{target}:{port}"))["reply"]
+                   for target in ("0.0.0.0", "0.0.0.9", "[::ffff:127.0.0.1]")]
+        finally:
+            sb.destroy()
+        assert not reached(listener)
+    reason = f"127.0.0.1:{port} is a protected endpoint"
+    body = f"corral: egress denied: {reason}\n"
+    assert got == [f"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: "
+                   f"{len(body)}\r\nConnection: close\r\n\r\n{body}"] * 3
+    assert [e["reason"] for e in events_of(events, decision="deny")] == [reason] * 3
+
+
+def test_wide_rules_do_not_reach_host_loopback_services(internet):
+    """An unprotected service on 127.0.0.1 (a host's redis, say) is not reached by
+    0.0.0.0/0, whether asked for as 0.0.0.0 or 127.0.0.1."""
+    with host_listener("127.0.0.1") as (listener, port), upstream_also("0.0.0.0/8"):
+        sb, events = sandbox(internet, "0.0.0.0/0")
+        try:
+            got = [run_py(sb, CONNECT_TO.format(target=f"{target}:{port}"))["reply"]
+                   .split("\r\n")[0] for target in ("0.0.0.0", "127.0.0.1")]
+        finally:
+            sb.destroy()
+        assert not reached(listener)
+    assert got == ["HTTP/1.1 403 Forbidden"] * 2
+    assert [e["reason"] for e in events_of(events, decision="deny")] == [
+        f"no rule allows 127.0.0.1:{port}"] * 2
+
+
+def test_the_host_own_address_is_not_reached_through_a_network_rule(internet):
+    """The host's side of the test link ({subnet}.2) is an address of this host: a rule for
+    the whole /24 (and the routable range) reaches the servers there, not the host."""
+    host_address = internet.subnet.rsplit(".", 1)[0] + ".2"
+    with host_listener(host_address) as (listener, port):
+        sb, events = sandbox(internet, internet.subnet)
+        try:
+            got = run_py(sb, CONNECT_TO.format(target=f"{host_address}:{port}") + f"""
+try:
+    t = socket.create_connection(({host_address!r}, {port}), timeout=10)
+    t.sendall(b'x')
+    out['raw'] = t.recv(10).decode()
+except OSError as e:
+    out['raw'] = type(e).__name__
+""")
+        finally:
+            sb.destroy()
+        assert not reached(listener)
+    assert got["reply"].split("\r\n")[0] == "HTTP/1.1 403 Forbidden"
+    assert got["raw"] == "ConnectionResetError"
+    assert sorted((e["mode"], e["reason"]) for e in events_of(events, decision="deny")) == [
+        ("connect", f"no rule allows {host_address}:{port}"),
+        ("transparent", f"no rule allows {host_address}:{port}")]
 
 
 RELAY = """
