@@ -41,6 +41,8 @@ FDS_PER_EXEC = 8
 #: Per deep task attempt followed by the daemon: the shim's pidfd and its notify FIFO.
 FDS_PER_TASK = 4
 RESERVE_NAME = ".reserve"
+#: New work is refused below this much free space even without a reserve (--disk-reserve 0).
+MIN_FREE_BYTES = 1 << 20
 
 
 def open_fds() -> int:
@@ -182,7 +184,7 @@ class ResourceGuard:
         for i, free in enumerate(fses):
             state_fs = i == 0
             # refused below the reserve; back only with twice the reserve (hysteresis)
-            need = self.reserve_bytes * (2 if self.reason else 1)
+            need = max(self.reserve_bytes, MIN_FREE_BYTES) * (2 if self.reason else 1)
             need_inodes = self.reserve_inodes * (2 if self.reason else 1)
             if free.free_bytes < need:
                 if state_fs and held and self.release_reserve():
