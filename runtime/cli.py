@@ -19,10 +19,19 @@ minimal /etc, fresh /proc with host-wide files masked, minimal /dev, tmpfs /tmp,
 /workspace (the working directory), no capabilities, no_new_privs, landlock (writes only
 to /workspace, /tmp, /dev/shm and terminals), the "default" seccomp profile.
 
+output: when stdout or stderr is a terminal, what the command writes there is filtered:
+text, newlines, tabs and colour (SGR) sequences pass; other escape sequences (clipboard
+writes, window titles, cursor moves, terminal queries), control characters and bidi
+overrides are dropped. --raw turns the filter off; pipes and files always get the bytes
+unchanged.
+
 exit status: the command's own, 128+N when it was killed by signal N, 124 on timeout,
 137 when the memory limit killed it, 125 when the sandbox could not be set up, 127 when
 the command does not exist inside the sandbox, 2 on a usage error.
 """
+
+RAW_HELP = ("write the output to a terminal unchanged (default: only text, newlines, tabs "
+            "and colours reach a terminal; pipes and files always get every byte)")
 
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
@@ -78,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--docker-host", metavar="URL",
                      help="Docker engine for --backend docker (default: $DOCKER_HOST, else "
                           "unix:///var/run/docker.sock)")
+    run.add_argument("--raw", action="store_true", help=RAW_HELP)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     from corral.runtime import probe as probe_verb
@@ -149,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --target: client certificate for a daemon that asks for mTLS")
         p.add_argument("--tls-client-key", metavar="PEM", help="its private key")
 
-    ps = sub.add_parser("ps", help="list sandboxes and their commands")
+    ps = sub.add_parser("ps", help="list sandboxes and their commands",
+                        description="List sandboxes. Control and bidi characters of commands "
+                                    "are shown escaped (\\x1b, \\u202e); --json has them as "
+                                    "they are.")
     client_flags(ps)
     ps.add_argument("--json", action="store_true", help="one JSON object per sandbox")
 
@@ -186,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(exe)
     exe.add_argument("--timeout", metavar="DURATION")
     exe.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    exe.add_argument("--raw", action="store_true", help=RAW_HELP)
     exe.add_argument("sandbox_id", metavar="SANDBOX")
     exe.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
@@ -196,13 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "turn; Ctrl-C interrupts the turn, a second Ctrl-C detaches (the session "
                     "keeps running; `corral session --attach ID` comes back). End of stdin "
                     "only ends steering: the tokens keep printing until the agent exits, so "
-                    "`echo QUESTION | corral session -- AGENT` works in scripts.",
+                    "`echo QUESTION | corral session -- AGENT` works in scripts. On a "
+                    "terminal only text, newlines, tabs and colours of the agent's output are "
+                    "shown (--raw: all of it).",
     )
     client_flags(session)
     session.add_argument("--attach", metavar="SESSION", help="attach to a running session")
     session.add_argument("--after-seq", type=int, default=0, metavar="SEQ",
                          help="with --attach: replay entries after this sequence number")
     session.add_argument("--watch", action="store_true", help="with --attach: watch only")
+    session.add_argument("--raw", action="store_true", help=RAW_HELP)
     session.add_argument("--input", metavar="TEXT", help="first input of the session")
     session.add_argument("--memory", metavar="SIZE", help="memory limit of the new sandbox")
     session.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
@@ -261,7 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if spec.allow_net:
         _net_log(args.audit)
     try:
-        return _run_streaming(spec, argv, docker_host=args.docker_host)
+        return _run_streaming(spec, argv, docker_host=args.docker_host, raw=args.raw)
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", EXIT_USAGE)
     except CommandNotFound as exc:
@@ -272,11 +289,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"run: {exc}", 125)
 
 
-def _run_streaming(spec, argv: list[str], docker_host: str | None = None) -> int:
+def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
+                   raw: bool = False) -> int:
     """Run argv, copying its output live and our stdin to it; returns the exit status."""
     import signal
     import threading
 
+    from corral.runtime.terminal import TerminalWriter
     from corral.sandbox import ExitReason
     from corral.sandbox.backends import open_sandbox
 
@@ -296,7 +315,13 @@ def _run_streaming(spec, argv: list[str], docker_host: str | None = None) -> int
         try:
             threading.Thread(target=_copy_stdin, args=(proc.stdin,), daemon=True).start()
             proc.stdin = None  # the thread owns it now
-            proc.pump(_writer(sys.stdout.buffer), _writer(sys.stderr.buffer))
+            out = TerminalWriter(sys.stdout.buffer, raw=raw)
+            err = TerminalWriter(sys.stderr.buffer, raw=raw)
+            try:
+                proc.pump(out.write, err.write)
+            finally:
+                out.close()
+                err.close()
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -331,14 +356,6 @@ def _net_log(path: str | None) -> None:
                       file=sys.stderr, flush=True)
 
     proxy.shared_proxy().default_on_event = sink
-
-
-def _writer(stream):
-    def write(chunk: bytes) -> None:
-        stream.write(chunk)
-        stream.flush()
-
-    return write
 
 
 def _copy_stdin(dest) -> None:

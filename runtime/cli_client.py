@@ -15,12 +15,14 @@ from corral.sandbox.errors import InvalidSpec
 from corral.sandbox.spec import parse_duration, parse_size
 
 from .client import Client, ClientError, decode_batch
+from .terminal import TerminalWriter, visible
 
 EXIT_USAGE = 2
 
 
 def _fail(message: str, code: int = 1) -> int:
-    print(f"corral: {message}", file=sys.stderr)
+    # the daemon's messages may quote what a tenant or a sandbox wrote
+    print(f"corral: {visible(message)}", file=sys.stderr)
     return code
 
 
@@ -93,7 +95,7 @@ def ps(args) -> int:
     now = time.time()
     for b in boxes:
         running = [e for e in b.execs if e.running]
-        cmds = ", ".join(f"{e.id}:{' '.join(e.argv)[:30]}" for e in running) or "-"
+        cmds = ", ".join(f"{e.id}:{visible(' '.join(e.argv)[:30])}" for e in running) or "-"
         print(f"{b.id:18} {b.tenant:10} {now - b.created_at:6.0f}s {b.expires_at - now:8.0f}s "
               f"{b.spec.memory_bytes >> 20:6d}M  {cmds}")
     return 0
@@ -162,14 +164,21 @@ def exec_(args) -> int:
         data = sys.stdin.buffer.read()
         if data:
             kw["stdin"] = data
-    sinks = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+    sinks = {1: TerminalWriter(sys.stdout.buffer, raw=args.raw),
+             2: TerminalWriter(sys.stderr.buffer, raw=args.raw)}
+    try:
+        return _exec_stream(args, argv, kw, sinks)
+    finally:
+        for sink in sinks.values():
+            sink.close()
+
+
+def _exec_stream(args, argv, kw, sinks) -> int:
     with _connect(args) as client:
         for event in client.exec(args.sandbox_id, argv, **kw):
             kind = event.WhichOneof("event")
             if kind == "output":
-                sink = sinks[event.output.stream]
-                sink.write(event.output.batch.text)
-                sink.flush()
+                sinks[event.output.stream].write(event.output.batch.text)
             elif kind == "exited":
                 ex = event.exited
                 if ex.reason == "timeout":
@@ -242,6 +251,7 @@ def _session(args, argv, client, cleanup) -> int:
         threading.Thread(target=_pump_lines, args=(stream,), daemon=True).start()
     tokens = 0
     started = time.monotonic()
+    out = TerminalWriter(sys.stdout.buffer, raw=args.raw)
     try:
         for event in stream:
             kind = event.WhichOneof("event")
@@ -254,11 +264,10 @@ def _session(args, argv, client, cleanup) -> int:
                 if decoded.lost:
                     print(f"\n[corral: {decoded.lost} entries were lost while this "
                           "client was behind]", file=sys.stderr)
-                sys.stdout.write("".join(decoded.texts))
-                sys.stdout.flush()
+                out.write("".join(decoded.texts).encode())
             elif kind == "turn_ended":
                 interrupts.clear()
-                print(f"\n[turn {event.turn_ended.turn} {event.turn_ended.status}]",
+                print(f"\n[turn {event.turn_ended.turn} {visible(event.turn_ended.status)}]",
                       file=sys.stderr)
             elif kind == "exited":
                 rate = tokens / max(time.monotonic() - started, 1e-9)
@@ -268,6 +277,7 @@ def _session(args, argv, client, cleanup) -> int:
                 code = event.exited.returncode
                 return code if code >= 0 else 128 - code
     finally:
+        out.close()
         signal.signal(signal.SIGINT, old)
     return 0
 
@@ -342,7 +352,9 @@ def _print_record(rec, as_json: bool) -> None:
         return
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.time))
     ids = " ".join(x for x in (rec.sandbox_id, rec.session_id) if x)
-    print(f"{stamp}Z #{rec.seq} {rec.tenant or '-'} {rec.kind} {ids} {rec.detail_json}")
+    # tenant-chosen text (argv, paths, names) is shown escaped: \u202e, \x9b, \x1b
+    print(visible(f"{stamp}Z #{rec.seq} {rec.tenant or '-'} {rec.kind} {ids} "
+                  f"{rec.detail_json}"))
 
 
 def _print_verify(ok: bool, checked: int, broken_at: int, problem: str) -> int:
