@@ -54,9 +54,15 @@ def add_parsers(sub, client_flags) -> None:
     ls.add_argument("--state", choices=[s.lower() for s in STATE_NAMES[1:]])
     ls.add_argument("--json", action="store_true", help="one JSON object per task")
 
-    watch = verbs.add_parser("watch", help="follow a task: live progress bar and its log")
+    watch = verbs.add_parser(
+        "watch", help="follow a task: live progress bar and its log",
+        description="Follow a task. On a terminal only text, newlines, tabs and colours of "
+                    "its log are shown: other escape sequences, control characters and bidi "
+                    "overrides are dropped (--raw: all of it); a pipe gets every byte.")
     client_flags(watch)
     watch.add_argument("task_id", metavar="ID")
+    watch.add_argument("--raw", action="store_true",
+                       help="write the log to a terminal unchanged")
 
     cancel = verbs.add_parser("cancel", help="cancel a task (kills its whole process tree)")
     client_flags(cancel)
@@ -93,11 +99,18 @@ def dispatch(args) -> int:
         return {"submit": _submit, "get": _get, "ls": _ls, "watch": _watch,
                 "cancel": _cancel, "result": _result}[verb](args)
     except InvalidSpec as exc:
-        print(f"corral: {args.verb}: {exc}", file=sys.stderr)
+        print(f"corral: {args.verb}: {_visible(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except ClientError as exc:
-        print(f"corral: {args.verb}: {exc}", file=sys.stderr)
+        # the daemon's messages may quote what a tenant or a sandbox wrote
+        print(f"corral: {args.verb}: {_visible(str(exc))}", file=sys.stderr)
         return EXIT_USAGE if exc.code.name == "INVALID_ARGUMENT" else 1
+
+
+def _visible(text: str) -> str:
+    from corral.runtime.terminal import visible
+
+    return visible(text)
 
 
 def _connect(args):
@@ -163,12 +176,15 @@ def _get(args) -> int:
     if args.json:
         print(json.dumps(task_dict(task), indent=2, sort_keys=True))
         return 0
-    print(f"id:         {task.id}\nstate:      {STATE_NAMES[task.state]}  ({task.reason})\n"
+    # what the task wrote (reason, progress, result, argv) is shown escaped: \x1b, \u202e
+    print(f"id:         {task.id}\nstate:      {STATE_NAMES[task.state]}  "
+          f"({_visible(task.reason)})\n"
           f"tenant:     {task.tenant}\nnode:       {task.node or '-'}\n"
           f"attempt:    {task.attempt}\ncheckpoint: {task.checkpoint_seq or '-'}\n"
-          f"progress:   {task.progress_json or '-'}\ncommand:    {' '.join(task.spec.argv)}")
+          f"progress:   {_visible(task.progress_json) or '-'}\n"
+          f"command:    {_visible(' '.join(task.spec.argv))}")
     if task.result_json:
-        print(f"result:     {task.result_json}")
+        print(f"result:     {_visible(task.result_json)}")
     return 0
 
 
@@ -183,7 +199,7 @@ def _ls(args) -> int:
     print(f"{'ID':22} {'STATE':10} {'TENANT':10} {'NODE':12} {'TRY':>3} {'PRIO':>4}  COMMAND")
     for t in tasks:
         print(f"{t.id:22} {STATE_NAMES[t.state]:10} {t.tenant:10} {t.node or '-':12} "
-              f"{t.attempt:>3} {t.spec.priority:>4}  {' '.join(t.spec.argv)[:60]}")
+              f"{t.attempt:>3} {t.spec.priority:>4}  {_visible(' '.join(t.spec.argv)[:60])}")
     return 0
 
 
@@ -200,10 +216,20 @@ def progress_line(task, width: int = 30) -> str:
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
         return f"[{bar}] {frac * 100:5.1f}% {done:g}/{total:g} {state} (attempt {task.attempt})"
     msg = p.get("message", "")
-    return f"{state} (attempt {task.attempt}) {msg}".rstrip()
+    return f"{state} (attempt {task.attempt}) {_visible(str(msg))}".rstrip()
 
 
 def _watch(args) -> int:
+    from corral.runtime.terminal import TerminalWriter
+
+    out = TerminalWriter(sys.stdout.buffer, raw=args.raw)
+    try:
+        return _watch_updates(args, out)
+    finally:
+        out.close()
+
+
+def _watch_updates(args, out) -> int:
     tty = sys.stderr.isatty()
     last = None
     with _connect(args) as client:
@@ -211,8 +237,8 @@ def _watch(args) -> int:
             if update.HasField("log"):
                 if tty and last:
                     sys.stderr.write("\r\033[K")
-                sys.stdout.write(update.log.text.decode("utf-8", "replace"))
-                sys.stdout.flush()
+                    sys.stderr.flush()
+                out.write(update.log.text)
                 if tty and last:
                     sys.stderr.write(last)
                 continue
@@ -224,7 +250,7 @@ def _watch(args) -> int:
                 last = line
     if tty:
         sys.stderr.write("\n")
-    print(f"{task.id}: {STATE_NAMES[task.state]} ({task.reason})", file=sys.stderr)
+    print(f"{task.id}: {STATE_NAMES[task.state]} ({_visible(task.reason)})", file=sys.stderr)
     return 0 if STATE_NAMES[task.state] == "SUCCEEDED" else 1
 
 
@@ -244,7 +270,7 @@ def _result(args) -> int:
 
     with _connect(args) as client:
         res = client.task_result(args.task_id)
-    print(res.result_json or "{}")
+    print(_visible(res.result_json) or "{}")
     for f in res.files:
         if args.out:
             path = os.path.join(args.out, os.path.normpath(f.path))
@@ -253,8 +279,8 @@ def _result(args) -> int:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as out:
                 out.write(f.content)
-        print(f"{f.path}\t{len(f.content)} bytes{' (truncated)' if f.truncated else ''}",
-              file=sys.stderr)
+        print(f"{_visible(f.path)}\t{len(f.content)} bytes"
+              f"{' (truncated)' if f.truncated else ''}", file=sys.stderr)
     return 0 if STATE_NAMES[res.task.state] == "SUCCEEDED" else 1
 
 
