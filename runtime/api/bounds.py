@@ -24,8 +24,8 @@ ECHO_TAIL_BYTES = 64
 #: Events (turn started/ended, request errors) an Open stream may owe its client.
 OPEN_QUEUED_EVENTS = 4096
 #: Bytes of encoded events an OpenMany stream may owe its client (opened, errors, turn
-#: events of all its sessions); four MuxBatch messages' worth.
-MANY_QUEUED_BYTES = 4 << 20
+#: events of all its sessions); one MuxBatch message's worth.
+MANY_QUEUED_BYTES = 1 << 20
 #: Starts and resumes one OpenMany stream may have in flight; the next request is read
 #: once one of them is done (back-pressure, nothing refused).
 MANY_OPENING = 64

@@ -155,6 +155,9 @@ class SessionsServicer(Servicer):
                 # runs a task per batch. The checks and the wait below have no await in
                 # between, so no wake-up can fall between them.
                 if inbox.error is not None:
+                    if isinstance(inbox.error, StreamOverflow):
+                        log.warning("Sessions.Open of tenant %s ended: its client left more "
+                                    "than %d events unread", caller.tenant, OPEN_QUEUED_EVENTS)
                     raise inbox.error
                 expected = watcher.next_seq
                 batch = watcher.take_ready()
@@ -354,8 +357,10 @@ class _Mux:
         if self.error is not None:
             return False
         if self.queued + nbytes > MANY_QUEUED_BYTES:
-            self.error = StreamOverflow("more than 4 MiB of session events",
+            self.error = StreamOverflow("more than 1 MiB of session events",
                                         f"{MANY_QUEUED_BYTES} bytes")
+            log.warning("Sessions.OpenMany of tenant %s ended: its client left more than "
+                        "%d bytes unread", self.caller.tenant, MANY_QUEUED_BYTES)
             self.loose.clear()
             self.dirty.clear()
             for sub in self.subs.values():
