@@ -424,7 +424,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             "workspace_root": args.workspace_root, "workspace_inodes": args.workspace_inodes,
             "workspace_bytes": (parse_size(args.workspace_size, "workspace-size")
                                 if args.workspace_size else None),
-            "disk_reserve_bytes": (parse_size(args.disk_reserve, "disk-reserve")
+            "disk_reserve_bytes": (config.size_or_zero(args.disk_reserve, "disk-reserve")
                                    if args.disk_reserve else None),
             "session_idle_ttl_s": (parse_duration(args.session_idle_ttl, "session-idle-ttl")
                                    if args.session_idle_ttl else None),

@@ -146,6 +146,13 @@ _DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_
 _SIZES = {"workspace_size": "workspace_bytes", "disk_reserve": "disk_reserve_bytes"}
 
 
+def size_or_zero(value, field_name: str) -> int:
+    """parse_size, where 0 (none at all) is allowed too."""
+    if value in (0, "0"):
+        return 0
+    return parse_size(value, field_name)
+
+
 def load(path: str | None, overrides: dict) -> DaemonConfig:
     """Merge a TOML file (if any) and flag overrides (flags win) into a validated config.
 
@@ -196,7 +203,7 @@ def _from_mapping(raw: dict, path: str) -> dict:
         elif key in _DURATIONS:
             out[_DURATIONS[key]] = parse_duration(value, key)
         elif key in _SIZES:
-            out[_SIZES[key]] = parse_size(value, key)
+            out[_SIZES[key]] = size_or_zero(value, key)
         elif key == "operators":
             out["operators"] = tuple(check_tenant(t, "operators") for t in value)
         elif key == "nodes":

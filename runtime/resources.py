@@ -158,11 +158,6 @@ class ResourceGuard:
                     "still be written", self.reserve_path, self.reserve_bytes)
         return True
 
-    def prepare_start(self) -> None:
-        """Before the daemon's first write: on a full disk release the reserve (so the
-        audit log opens), else make sure it exists."""
-        self.check()
-
     # -- the periodic check ----------------------------------------------------------------------
 
     def check(self) -> str:
@@ -184,7 +179,10 @@ class ResourceGuard:
         for i, free in enumerate(fses):
             state_fs = i == 0
             # refused below the reserve; back only with twice the reserve (hysteresis)
-            need = max(self.reserve_bytes, MIN_FREE_BYTES) * (2 if self.reason else 1)
+            # without its reserve (released, or never taken) the daemon needs room for it
+            # twice over before it serves: the reserve is taken back first
+            recovering = self.reason or (state_fs and self.reserve_bytes > 0 and not held)
+            need = max(self.reserve_bytes, MIN_FREE_BYTES) * (2 if recovering else 1)
             need_inodes = self.reserve_inodes * (2 if self.reason else 1)
             if free.free_bytes < need:
                 if state_fs and held and self.release_reserve():

@@ -89,9 +89,11 @@ def ensure_root() -> str:
 
 
 def _start_time(pid: int) -> int | None:
+    """Start time of a live process (None when gone or a zombie: an orphan nobody reaps)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -168,7 +170,8 @@ def sweep() -> list[str]:
         try:
             with open(os.path.join(base, entry)) as f:
                 owner = json.load(f)
-            alive = _start_time(int(owner["pid"])) == owner.get("start")
+            start = _start_time(int(owner["pid"]))
+            alive = start is not None and start == owner.get("start")
         except FileNotFoundError:
             continue
         except (OSError, ValueError, KeyError, TypeError):
