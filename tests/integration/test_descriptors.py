@@ -1,0 +1,68 @@
+"""The descriptor budget: an idle sandbox costs the daemon 2 descriptors, and at the limit
+Create is refused with RESOURCE_EXHAUSTED (never the kernel's EMFILE as INTERNAL) while
+what runs keeps working."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from corral.runtime.client import ClientError
+
+from .daemon_harness import DaemonProcess, collect_exec
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+NOFILE = 300
+
+
+class LimitedDaemon(DaemonProcess):
+    """A daemon whose hard RLIMIT_NOFILE is NOFILE (it cannot raise its soft limit past)."""
+
+    def command(self) -> list[str]:
+        return ["prlimit", f"--nofile={NOFILE}:{NOFILE}", "--", *super().command()]
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_descriptors_run_out_as_resource_exhausted(tmp_path):
+    daemon = LimitedDaemon(tmp_path, args=("--max-sandboxes", "10000",
+                                           "--workspace-root", str(tmp_path / "ws")))
+    daemon.start()
+    try:
+        client = daemon.client()
+        first = client.create_sandbox()
+        before = _fds(daemon.pid)
+        ids = [client.create_sandbox().id for _ in range(20)]
+        assert (_fds(daemon.pid) - before) / 20 == 2  # PID 1's pidfd and status pipe
+
+        refused = None
+        for _ in range(NOFILE):
+            try:
+                ids.append(client.create_sandbox().id)
+            except ClientError as exc:
+                refused = exc
+                break
+        assert refused is not None
+        assert refused.code.name == "RESOURCE_EXHAUSTED"
+        assert str(refused).startswith(
+            "RESOURCE_EXHAUSTED: cannot start a new sandbox: the daemon has ")
+        assert str(refused).endswith(
+            f"of its {NOFILE} descriptors open (RLIMIT_NOFILE) and keeps {NOFILE // 4} for "
+            "itself; end idle sandboxes or sessions, or raise the daemon's descriptor limit "
+            "(LimitNOFILE=, prlimit)")
+        assert len(ids) >= 80  # (300 - 75 kept - what the daemon holds) / 2
+        # what exists still works: an exec, a file, a destroy, then a create again
+        res = collect_exec(client.exec(first.id, ["echo", "still"]))
+        assert (res.returncode, res.stdout) == (0, b"still\n")
+        client.write_file(first.id, "f.txt", b"x")
+        for sandbox_id in ids[:10]:
+            client.destroy_sandbox(sandbox_id)
+        client.create_sandbox()
+        assert "Too many open files" not in daemon.log()
+        assert daemon.stop() == 0
+    finally:
+        daemon.ensure_stopped()
