@@ -74,6 +74,15 @@ def add_parsers(sub, client_flags) -> None:
     result.add_argument("task_id", metavar="ID")
     result.add_argument("--out", metavar="DIR", help="write the output files under DIR")
 
+    recover = verbs.add_parser(
+        "recover", help="rebuild a damaged or missing tasks.db (daemon stopped)",
+        description="Offline: set a damaged tasks.db aside (renamed, never deleted), copy "
+                    "every row that can still be read into a new one, and record each task "
+                    "known from its directory or the audit log but not restored as lost "
+                    "(quarantine table, task.store_recovered audit record).")
+    recover.add_argument("--state", required=True, metavar="DIR",
+                         help="the daemon's state directory (its --state)")
+
     nodes = sub.add_parser("nodes", help="list nodes; cordon, uncordon or drain one",
                            usage="corral nodes [ls | get NAME | cordon NAME | uncordon NAME | "
                                  "drain NAME]")
@@ -97,7 +106,7 @@ def dispatch(args) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         return {"submit": _submit, "get": _get, "ls": _ls, "watch": _watch,
-                "cancel": _cancel, "result": _result}[verb](args)
+                "cancel": _cancel, "result": _result, "recover": _recover}[verb](args)
     except InvalidSpec as exc:
         print(f"corral: {args.verb}: {_visible(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
@@ -111,6 +120,28 @@ def _visible(text: str) -> str:
     from corral.runtime.terminal import visible
 
     return visible(text)
+
+
+def _recover(args) -> int:
+    import os
+
+    from corral.runtime.audit import AuditLog
+    from corral.runtime.tasks.recover import check_offline, recover
+    from corral.sandbox.errors import CorralError
+
+    audit_path = os.path.join(args.state, "audit.db")
+    try:
+        check_offline(args.state)
+        audit = AuditLog.open(audit_path) if os.path.exists(audit_path) else None
+        try:
+            print(recover(args.state, audit).summary())
+        finally:
+            if audit is not None:
+                audit.close()
+    except CorralError as exc:
+        print(f"corral: task recover: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _connect(args):

@@ -34,7 +34,7 @@ from .model import DeepTask, TaskSpec
 from .nodes import Node, NodeConfig, NodeRegistry
 from .runner import AttemptPlan
 from .states import TaskState
-from .store import TaskStore
+from .store import TaskStore, check_complete
 
 log = logging.getLogger("corral.tasks")
 
@@ -92,7 +92,8 @@ class Scheduler:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         os.makedirs(self.tasks_root, mode=0o700, exist_ok=True)
-        tasks, flags = self.store.load()
+        tasks, flags = self.store.load()  # TaskStoreDamaged: refuse, naming the recovery
+        check_complete(self.store, tasks, self.tasks_root, self.audit)  # TaskStoreMissing
         self.store.start(self._loop)
         for name, (cordoned, draining) in flags.items():
             if name in self.nodes.nodes:

@@ -10,18 +10,31 @@ a submission waits for exactly one.
 
 Reads never touch the database: the scheduler keeps every task in memory and the store is
 read back only by ``load()`` at start.
+
+Faults at start (docs/architecture.md, "Task store faults"):
+  * a row that does not decode (an unknown state, a spec that is not valid JSON or not a
+    valid spec) is moved to the ``quarantine`` table, with one log line and one
+    ``task.quarantined`` audit record each; every other task loads;
+  * a file SQLite cannot read (truncated, overwritten, failing ``PRAGMA quick_check``) is
+    refused with ``TaskStoreDamaged``: one line naming the file and the recovery command,
+    ``corral task recover --state DIR`` (recover.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
+
+from corral.sandbox.errors import CorralError
 
 from .model import DeepTask, TaskSpec
 from .states import TaskState
@@ -56,7 +69,37 @@ CREATE TABLE IF NOT EXISTS node_flags (
     cordoned INTEGER NOT NULL,
     draining INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    qid INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    tenant TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL,
+    quarantined_at REAL NOT NULL,
+    row_json TEXT NOT NULL DEFAULT ''
+);
 """
+#: Columns of a tasks row, in the order load() reads them.
+_COLUMNS = ("id", "seq", "tenant", "spec", "submitted_at", "state", "node", "attempt",
+            "updated_at", "started_at", "finished_at", "progress_json", "reason",
+            "result_json", "checkpoint_seq", "exit_code", "devices", "runner_json", "failures")
+
+
+def recover_hint(path: str) -> str:
+    """The recovery command for the store at path (its state directory is path's parent)."""
+    return f"corral task recover --state {os.path.dirname(os.path.abspath(path))}"
+
+
+class TaskStoreDamaged(CorralError):
+    """tasks.db cannot be read as a database; the daemon refuses to start on it."""
+
+    grpc_status = "DATA_LOSS"
+
+    def __init__(self, path: str, detail: object):
+        self.path = path
+        super().__init__(
+            f"the task store {path} is damaged ({detail}); with the daemon stopped, run "
+            f"`{recover_hint(path)}` to set it aside and rebuild it from what can still be "
+            f"read (docs/architecture.md, \"Task store faults\")")
 _MUTABLE = ("state", "node", "attempt", "updated_at", "started_at", "finished_at",
             "progress_json", "reason", "result_json", "checkpoint_seq", "exit_code", "devices",
             "runner_json", "failures")
@@ -87,7 +130,13 @@ class TaskStore:
         self.path = path
         self.audit = audit
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._conn = _connect(path)
+        #: False when this store was created just now (start checks that against the
+        #: task directories and the audit log: a deleted store must not start empty).
+        self.existed = os.path.exists(path)
+        try:
+            self._conn = _connect(path)
+        except sqlite3.DatabaseError as exc:
+            raise TaskStoreDamaged(path, exc) from None
         self._thread = threading.Thread(target=self._write_loop, name="corral-taskstore",
                                         daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,25 +145,59 @@ class TaskStore:
         self._closed = False
 
     def load(self) -> tuple[list[DeepTask], dict[str, tuple[bool, bool]]]:
-        """Every task, and the persisted (cordoned, draining) flags of nodes."""
-        tasks = []
-        for row in self._conn.execute(
-                "SELECT id, seq, tenant, spec, submitted_at, " + ", ".join(_MUTABLE)
-                + " FROM tasks ORDER BY seq"):
-            (tid, seq, tenant, spec, submitted_at, state, node, attempt, updated_at, started_at,
-             finished_at, progress_json, reason, result_json, checkpoint_seq, exit_code, devices,
-             runner_json, failures) = row
-            tasks.append(DeepTask(
-                id=tid, seq=seq, tenant=tenant, spec=TaskSpec.from_json(spec),
-                state=TaskState(state), node=node, attempt=attempt, submitted_at=submitted_at,
-                updated_at=updated_at, started_at=started_at, finished_at=finished_at,
-                progress_json=progress_json, reason=reason, result_json=result_json,
-                checkpoint_seq=checkpoint_seq, exit_code=exit_code,
-                devices=tuple(d for d in devices.split("\n") if d), runner_json=runner_json,
-                failures=failures))
-        flags = {name: (bool(c), bool(d)) for name, c, d in
-                 self._conn.execute("SELECT name, cordoned, draining FROM node_flags")}
+        """Every task, and the persisted (cordoned, draining) flags of nodes.
+
+        Rows that do not decode are moved to the quarantine table (see the module docstring).
+
+        Raises:
+            TaskStoreDamaged: SQLite cannot read the file, or its quick check fails.
+        """
+        try:
+            problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise TaskStoreDamaged(self.path, "; ".join(map(str, problems)))
+            rows = self._conn.execute(
+                f"SELECT rowid, {', '.join(_COLUMNS)} FROM tasks ORDER BY seq").fetchall()
+            flags = {name: (bool(c), bool(d)) for name, c, d in
+                     self._conn.execute("SELECT name, cordoned, draining FROM node_flags")}
+        except sqlite3.DatabaseError as exc:
+            raise TaskStoreDamaged(self.path, exc) from None
+        tasks, bad = [], []
+        for row in rows:
+            try:
+                tasks.append(task_from_row(row[1:]))
+            except (ValueError, TypeError, KeyError, AttributeError, CorralError) as exc:
+                bad.append((row, _why(exc)))
+        if bad:
+            self._quarantine(bad)
         return tasks, flags
+
+    def quarantined_ids(self) -> set[str]:
+        """Ids of the tasks in the quarantine table."""
+        return {r[0] for r in self._conn.execute("SELECT task_id FROM quarantine")}
+
+    def _quarantine(self, bad: list[tuple[tuple, str]]) -> None:
+        """Move rows that do not decode to the quarantine table: one log line and one audit
+        record each. The row's raw values are kept there (row_json) for a person to repair."""
+        now = time.time()
+        with self._conn:
+            for row, reason in bad:
+                rowid, raw = row[0], dict(zip(_COLUMNS, row[1:]))
+                task_id, tenant = str(raw["id"]), raw["tenant"]
+                tenant = tenant if isinstance(tenant, str) else ""
+                self._conn.execute(
+                    "INSERT INTO quarantine (task_id, tenant, reason, quarantined_at, row_json)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (task_id, tenant, reason, now, json.dumps(raw, default=repr)))
+                self._conn.execute("DELETE FROM tasks WHERE rowid = ?", (rowid,))
+        for row, reason in bad:
+            task_id, tenant = str(row[1]), row[3] if isinstance(row[3], str) else ""
+            log.error("task store %s: task %s does not load (%s); moved to its quarantine "
+                      "table, every other task loads", self.path, task_id, reason)
+            if self.audit is not None:
+                self.audit.append("task.quarantined", tenant=tenant, peer="daemon",
+                                  detail={"task_id": task_id, "reason": reason,
+                                          "store": self.path, "table": "quarantine"})
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -213,6 +296,78 @@ def _resolve(futures: list[asyncio.Future], error: BaseException | None) -> None
             fut.set_result(None)
         else:
             fut.set_exception(RuntimeError(f"task store write failed: {error}"))
+
+
+class TaskStoreMissing(CorralError):
+    """tasks.db is gone (or lost tasks) while task directories or the audit log show them."""
+
+    grpc_status = "DATA_LOSS"
+
+
+def check_complete(store: TaskStore, tasks: list[DeepTask], tasks_root: str, audit) -> None:
+    """Refuse a store that lost tasks: a task directory whose id the store does not know
+    (in its tasks or quarantine table), or a store created just now while the audit log
+    records submissions. Starting on it would silently forget those tasks.
+
+    Raises:
+        TaskStoreMissing: with the counts, the file and the recovery command.
+    """
+    known = {t.id for t in tasks} | store.quarantined_ids()
+    try:
+        dirs = {name for name in os.listdir(tasks_root) if name.startswith("task-")}
+    except FileNotFoundError:
+        dirs = set()
+    unknown = dirs - known
+    audited = (not store.existed and audit is not None
+               and bool(audit.query(kind="task.submit", limit=1)))
+    if not unknown and not audited:
+        return
+    if not store.existed:  # the empty file made just now must not pass the next start
+        store.close()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(store.path + suffix)
+    what = "is missing" if not store.existed else f"does not know {len(unknown)} task(s)"
+    evidence = []
+    if unknown:
+        evidence.append(f"{len(unknown)} task directories under {tasks_root} "
+                        f"(e.g. {min(unknown)})")
+    if audited:
+        evidence.append("task.submit records in the audit log")
+    raise TaskStoreMissing(
+        f"the task store {store.path} {what}, but {' and '.join(evidence)} show tasks; "
+        f"restore it from a backup, or with the daemon stopped run `{recover_hint(store.path)}`"
+        " to rebuild it and record every task it cannot restore (docs/architecture.md, "
+        "\"Task store faults\")")
+
+
+def task_from_row(row: tuple) -> DeepTask:
+    """A DeepTask from the tasks columns in _COLUMNS order; raises when a value is wrong."""
+    (tid, seq, tenant, spec, submitted_at, state, node, attempt, updated_at, started_at,
+     finished_at, progress_json, reason, result_json, checkpoint_seq, exit_code, devices,
+     runner_json, failures) = row
+    for name, value, kind in (("id", tid, str), ("tenant", tenant, str), ("node", node, str),
+                              ("devices", devices, str), ("seq", seq, int),
+                              ("attempt", attempt, int), ("failures", failures, int)):
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} is {value!r}, not {kind.__name__}")
+    return DeepTask(
+        id=tid, seq=seq, tenant=tenant, spec=TaskSpec.from_json(spec),
+        state=TaskState(state), node=node, attempt=attempt, submitted_at=submitted_at,
+        updated_at=updated_at, started_at=started_at, finished_at=finished_at,
+        progress_json=progress_json, reason=reason, result_json=result_json,
+        checkpoint_seq=checkpoint_seq, exit_code=exit_code,
+        devices=tuple(d for d in devices.split("\n") if d), runner_json=runner_json,
+        failures=failures)
+
+
+def _why(exc: BaseException) -> str:
+    """A one-line reason for a row that does not load."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"its spec is not JSON: {exc}"
+    if isinstance(exc, ValueError) and "TaskState" in str(exc):
+        return f"unknown state: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _connect(path: str) -> sqlite3.Connection:
