@@ -79,12 +79,13 @@ def task_to_proto(task) -> pb.Task:
         devices=list(task.devices))
 
 
-def node_to_proto(node) -> pb.Node:
+def node_to_proto(node, tasks=None) -> pb.Node:
+    """The node as the API shows it; tasks: the ids to list (default: all it holds)."""
     return pb.Node(name=node.name, labels=node.labels, capacity=node.capacity,
                    free={k: round(v, 9) for k, v in node.free.items()},
                    cordoned=node.cordoned, heartbeat_at=node.heartbeat_at,
-                   draining=node.draining, executor=node.executor, tasks=sorted(node.tasks),
-                   lost=node.lost)
+                   draining=node.draining, executor=node.executor,
+                   tasks=sorted(node.tasks if tasks is None else tasks), lost=node.lost)
 
 
 class TasksServicer(Servicer):
@@ -271,18 +272,27 @@ class NodesServicer(Servicer):
             raise PermissionDenied("only operators cordon, uncordon or drain nodes")
         return caller
 
+    def _shown(self, caller, node) -> pb.Node:
+        """A tenant sees only its own tasks on a node; operators see every one."""
+        if caller.operator:
+            return node_to_proto(node)
+        tasks = self.scheduler.tasks
+        own = [tid for tid in node.tasks
+               if (task := tasks.get(tid)) is not None and task.tenant == caller.tenant]
+        return node_to_proto(node, own)
+
     @unary
     async def List(self, request, context):
-        self.caller(context)
+        caller = self.caller(context)
         return pb.ListNodesResponse(
-            nodes=[node_to_proto(n) for n in self.scheduler.nodes.nodes.values()])
+            nodes=[self._shown(caller, n) for n in self.scheduler.nodes.nodes.values()])
 
     @unary
     async def Get(self, request, context):
-        self.caller(context)
+        caller = self.caller(context)
         if not request.name:
             raise InvalidSpec("name", "is empty")
-        return node_to_proto(self.scheduler.nodes.get(request.name))
+        return self._shown(caller, self.scheduler.nodes.get(request.name))
 
     @unary
     async def Cordon(self, request, context):
