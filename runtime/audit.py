@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -116,12 +117,15 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditStatistics",
+    "DenialLimiter",
     "HeadAnchor",
+    "Segment",
     "MAX_DETAIL_BYTES",
     "TRUNCATED",
     "VerifyResult",
     "bound_detail",
     "format_record",
+    "list_segments",
     "record_hash",
     "verify_records",
 ]
@@ -145,6 +149,10 @@ _MAX_TEXT_CHARS = 1024
 #: The canonical detail JSON of one record never exceeds this (bytes of UTF-8): a larger
 #: detail is shrunk to fit (see `bound_detail`), never refused.
 MAX_DETAIL_BYTES = 64 * 1024
+#: Kinds the log writes itself: the last record of a sealed segment, and the record that
+#: accounts for removed segments ("pruned up to seq N, hash H").
+SEAL_KIND = "audit.seal"
+PRUNE_KIND = "audit.prune"
 #: The key (or marker value) that says a part of a detail was shortened.
 TRUNCATED = "corral.truncated"
 # (longest string kept, most list items / dict keys kept, deepest nesting kept), tried in
@@ -307,6 +315,10 @@ class VerifyResult:
     checked: int  # records examined
     broken_at_seq: int = 0  # when not ok: the first record that breaks the chain (0: none)
     problem: str = ""
+    # sealed segments checked (the active one not counted)
+    segments: int = dataclasses.field(default=0, compare=False)
+    # the oldest record there is (> 1 after pruning; 0: empty log)
+    first_seq: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,34 +489,40 @@ class _ChainChecker:
         self.prev_hash = prev_hash
         self.locate = locate
         self.checked = 0
+        self.last_kind = ""
+        self.prune: tuple[int, int, str] | None = None  # the latest audit.prune claim
 
     def feed(self, row: tuple) -> tuple[int, str] | None:
         seq, prev_hash, stored_hash = row[0], row[8], row[9]
         self.checked += 1
         expected = self.next_seq
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return expected, f"record {expected}: its seq is not an integer (damaged)"
         if seq != expected:
-            if isinstance(seq, int) and seq > expected:
+            if seq > expected:
                 if seq - 1 == expected:
                     return seq, f"record {seq}: previous record {expected} is missing"
                 return seq, f"record {seq}: previous records {expected}-{seq - 1} are missing"
             return seq, f"record {seq}: out of sequence after record {expected - 1}"
+        for name, value in (("prev_hash", prev_hash), ("hash", stored_hash)):
+            if not _is_hash(value):
+                return seq, f"record {seq}: its {name} is not 64 hex digits (damaged)"
         try:
             content_ok = stored_hash == record_hash(
-                prev_hash if isinstance(prev_hash, str) else "",
-                seq=seq, time=row[1], tenant=row[2], peer=row[3], kind=row[4],
+                prev_hash, seq=seq, time=row[1], tenant=row[2], peer=row[3], kind=row[4],
                 sandbox_id=row[5], session_id=row[6], detail_json=row[7],
             )  # fmt: skip
         except (TypeError, ValueError):  # a column of the wrong type: tampered with
             content_ok = False
         if prev_hash != self.prev_hash:
-            found = self.locate(prev_hash) if self.locate and isinstance(prev_hash, str) else None
+            found = self.locate(prev_hash) if self.locate else None
             if found is not None and found != seq:
                 return seq, (
                     f"record {seq}: out of order: its prev_hash is the hash of record {found}, "
                     f"not of record {seq - 1}: records were reordered"
                 )
             if not content_ok:
-                return seq, f"record {seq}: content does not match its hash"
+                return seq, _content_problem(row)
             if seq == 1:
                 return seq, "record 1: prev_hash is not the genesis value"
             return seq, (
@@ -512,10 +530,60 @@ class _ChainChecker:
                 f"record {seq - 1} was edited and re-hashed"
             )
         if not content_ok:
-            return seq, f"record {seq}: content does not match its hash"
+            return seq, _content_problem(row)
+        detail = row[7]
+        if not detail.startswith("{") or not isinstance(_loads_or_none(detail), dict):
+            # hashed as stored, so only a writer that re-hashed it gets here
+            return seq, f"record {seq}: detail_json is not a JSON object"
         self.next_seq = seq + 1
         self.prev_hash = stored_hash
+        self.last_kind = row[4]
+        if row[4] == PRUNE_KIND:
+            self.prune = _prune_claim(seq, detail)
         return None
+
+
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_hash(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and _HASH_RE.match(value) is not None
+
+
+def _loads_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _content_problem(row: tuple) -> str:
+    """Why a record's hash fails, as precisely as the damage allows."""
+    seq = row[0]
+    for name, value in zip(_COLUMNS.split(", ")[1:8], row[1:8], strict=True):
+        if name == "time":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"record {seq}: its time is not a number (damaged)"
+            continue
+        if not isinstance(value, str):
+            return f"record {seq}: its {name} is not text (damaged)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"record {seq}: its {name} is not valid UTF-8 (damaged bytes)"
+    if not isinstance(_loads_or_none(row[7]), dict):
+        return f"record {seq}: content does not match its hash (detail_json is not JSON)"
+    return f"record {seq}: content does not match its hash"
+
+
+def _prune_claim(seq: int, detail_json: str) -> tuple[int, int, str] | None:
+    """(seq of the audit.prune record, up_to_seq, hash) it states, or None if malformed."""
+    detail = _loads_or_none(detail_json)
+    if isinstance(detail, dict):
+        up_to, digest = detail.get("up_to_seq"), detail.get("hash")
+        if isinstance(up_to, int) and not isinstance(up_to, bool) and _is_hash(digest):
+            return seq, up_to, digest
+    return None
 
 
 def _head_problem(
@@ -537,6 +605,30 @@ def _head_problem(
         return head.seq, (
             f"record {head.seq}: hash does not match the head anchor: the chain was rewritten"
         )
+    return None
+
+
+def _prune_problem(first: tuple[int, str] | None, claim: tuple[int, int, str] | None,
+                   seals: dict[int, str]) -> tuple[int, str] | None:
+    """Records before the oldest one must be accounted for by the latest audit.prune record
+    ("pruned up to seq N, hash H"), and what it names must be true."""
+    if first is None:
+        return None
+    first_seq, first_prev = first
+    if claim is None:
+        if first_seq == 2:
+            return 2, "record 2: previous record 1 is missing"
+        if first_seq > 2:  # and no audit.prune record accounts for them
+            return first_seq, f"record {first_seq}: previous records 1-{first_seq - 1} are missing"
+        return None
+    at, up_to, digest = claim
+    if up_to < first_seq - 1:
+        return up_to + 1, (f"records {up_to + 1}-{first_seq - 1} are missing: the log was "
+                           f"pruned only up to record {up_to} (record {at})")
+    expected = first_prev if up_to == first_seq - 1 else seals.get(up_to)
+    if expected != digest:
+        return at, (f"record {at}: {PRUNE_KIND} says record {up_to} had hash "
+                    f"{digest[:16]}..., which does not match the chain")
     return None
 
 
@@ -665,6 +757,191 @@ def _check_format(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
         raise AuditError(path, f"cannot create the audit schema: {exc}") from None
 
 
+# -- segments ----------------------------------------------------------------------------------
+
+#: Sealed segments live in ``<path>.segments/``, one SQLite file each, named by the records
+#: they hold: ``<first seq, 20 digits>-<last seq, 20 digits>.db``.
+SEGMENTS_SUFFIX = ".segments"
+#: Rotation and pruning take this flock exclusively (without waiting); verify and export
+#: share it, so the set of files does not change under a check.
+FILES_LOCK_SUFFIX = ".lock"
+_SEGMENT_NAME_RE = re.compile(r"^(\d{20})-(\d{20})\.db$")
+# What a row costs beyond its text: two hashes, seq, time, SQLite's row and index overhead.
+_ROW_OVERHEAD_BYTES = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A sealed segment file; first_seq and last_seq as its name states them."""
+
+    first_seq: int
+    last_seq: int
+    path: str
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def _segment_name(first_seq: int, last_seq: int) -> str:
+    return f"{first_seq:020d}-{last_seq:020d}.db"
+
+
+def list_segments(path: str) -> list[Segment]:
+    """The sealed segments of the log at path, oldest first (by name)."""
+    folder = path + SEGMENTS_SUFFIX
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name in names:
+        m = _SEGMENT_NAME_RE.match(name)
+        if m:
+            out.append(Segment(int(m.group(1)), int(m.group(2)), os.path.join(folder, name)))
+    out.sort(key=lambda seg: (seg.first_seq, seg.last_seq))
+    return out
+
+
+def _connect_sealed(path: str) -> sqlite3.Connection:
+    """A read-only connection to a sealed segment (immutable: no locks, no side files)."""
+    uri = Path(path).absolute().as_uri() + "?mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise AuditError(path, f"cannot open the sealed segment: {exc}") from None
+    conn.text_factory = _decode_text
+    return conn
+
+
+def _segment_end(segment: Segment) -> tuple[int, str]:
+    """(seq, hash) of a sealed segment's last record."""
+    conn = _connect_sealed(segment.path)
+    try:
+        row = conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise AuditError(segment.path, f"cannot read the sealed segment: {exc}") from None
+    finally:
+        conn.close()
+    if row is None:
+        raise AuditError(segment.path, "is a sealed segment with no records")
+    return row[0], row[1]
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files_lock(path: str, *, exclusive: bool) -> int | None:
+    """flock on ``<path>.lock``: exclusive never waits (None: someone reads; try later),
+    shared waits for a rotation to finish (None only for a copy we cannot lock)."""
+    lock_path = path + FILES_LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            if exclusive:
+                return None
+            return -1  # a read-only copy nobody rotates
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
+def _open_writer(path: str) -> sqlite3.Connection:
+    """The writer connection of the active segment at path (created, with schema, if new)."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise AuditError(path, f"cannot open: {exc.strerror}") from None
+    writer = _connect(path, readonly=False)
+    try:
+        _check_format(writer, path, create=True)
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.execute(f"PRAGMA synchronous = {_SYNCHRONOUS}")
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def _finish_rotation(path: str, writer: sqlite3.Connection) -> sqlite3.Connection:
+    """A rotation interrupted after its seal was committed: move the sealed file into the
+    segments folder now. Returns the writer of the (new) active segment."""
+    row = writer.execute(
+        "SELECT seq, kind FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is None or row[1] != SEAL_KIND:
+        return writer
+    first = writer.execute("SELECT min(seq) FROM records").fetchone()[0]
+    writer.close()
+    folder = path + SEGMENTS_SUFFIX
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o400)
+    os.rename(path, os.path.join(folder, _segment_name(first, row[0])))
+    _fsync_dir(folder)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _log.info("audit segment %d-%d sealed before the last stop: moved into %s",
+              first, row[0], folder)
+    return _open_writer(path)
+
+
+def _check_continues(path: str, writer: sqlite3.Connection,
+                     sealed_end: tuple[int, str]) -> None:
+    """The active segment's first record must follow the last seal."""
+    row = writer.execute(
+        "SELECT seq, prev_hash FROM records ORDER BY seq LIMIT 1").fetchone()
+    if row is None:
+        return
+    if row[0] != sealed_end[0] + 1:
+        raise AuditTampered(path, row[0], f"record {row[0]}: the active segment does not "
+                                          f"follow the last sealed one (it ends at record "
+                                          f"{sealed_end[0]})")
+    if row[1] != sealed_end[1]:
+        raise AuditTampered(path, row[0], f"record {row[0]}: prev_hash is not the hash of "
+                                          f"the seal of the last sealed segment")
+
+
+def _hash_at(path: str, writer: sqlite3.Connection, seq: int) -> str | None:
+    row = writer.execute("SELECT hash FROM records WHERE seq = ?", (seq,)).fetchone()
+    if row is not None:
+        return row[0]
+    for segment in list_segments(path):
+        if segment.first_seq <= seq <= segment.last_seq:
+            conn = _connect_sealed(segment.path)
+            try:
+                row = conn.execute("SELECT hash FROM records WHERE seq = ?", (seq,)).fetchone()
+            finally:
+                conn.close()
+            return row[0] if row else None
+    return None
+
+
+def _rows_after(path: str, writer: sqlite3.Connection, after_seq: int) -> Iterable[tuple]:
+    sql = f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq"
+    for segment in list_segments(path):
+        if segment.last_seq > after_seq:
+            conn = _connect_sealed(segment.path)
+            try:
+                yield from conn.execute(sql, (after_seq,)).fetchall()
+            finally:
+                conn.close()
+    yield from writer.execute(sql, (after_seq,))
+
+
 @dataclass(slots=True)
 class _Pending:
     """A validated record waiting for its seq, hash and commit."""
@@ -725,47 +1002,96 @@ class AuditLog:
         self._queue_cv = threading.Condition(threading.Lock())
         self._committer: threading.Thread | None = None
         self._stopping = False
+        self._denials: DenialLimiter | None = None
+        self._denials_lock = threading.Lock()
+        # segments: limits (0 = none), the active segment's size, read-only sealed connections
+        self.segment_records = 0
+        self.segment_bytes = 0
+        self.retention_s = 0.0
+        self._active_records = 0
+        self._active_bytes = 0
+        self._active_first = self._last_seq + 1
+        self._rotating = False
+        self._rotate_after = 0  # after a rotation that had to wait: retry at this many records
+        self._rotations = 0
+        self._sealed: dict[str, sqlite3.Connection] = {}
+        self._clock: Callable[[], float] = _time.time  # record times; tests replace it
 
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> AuditLog:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        verify: str = "tail",
+        segment_records: int = 0,
+        segment_bytes: int = 0,
+        retention_s: float = 0.0,
+    ) -> AuditLog:
         """Open (creating if needed, mode 0600) the audit log at `path` for appending.
 
-        With readonly=True nothing is created, locked or repaired: for `verify()`, `query()`
-        and `export_jsonl()` on a log the daemon refused to open, or one copied elsewhere.
+        With readonly=True nothing is created, locked, rotated or repaired: for `verify()`,
+        `query()` and `export_jsonl()` on a log the daemon refused to open, or one copied
+        elsewhere (with its ``.segments`` folder).
 
+        Args:
+            verify: "tail" checks the head anchor and the records past it (milliseconds);
+                "full" also recomputes the whole chain, every segment, before any append
+                (streamed: memory does not grow with the log).
+            segment_records, segment_bytes: seal the active segment into
+                ``<path>.segments/`` once it holds this many records, or about this many
+                bytes of record content; 0 = no limit of that kind.
+            retention_s: remove sealed segments whose last record is older than this, with
+                an `audit.prune` record in the chain; 0 = keep everything.
         Raises:
             AuditError: not a Corral audit log, unreadable, or open for writing elsewhere.
-            AuditTampered: (writing only) the head anchor disagrees with the chain's end.
+            AuditTampered: (writing only) the head anchor disagrees with the chain's end, the
+                active segment does not continue the last sealed one, or (verify="full")
+                any record breaks the chain.
         """
         path = os.fspath(path)
+        if verify not in ("tail", "full"):
+            raise InvalidSpec("verify_audit", f"{verify!r} is not 'full' or 'tail'")
+        _check_count("segment_bytes", segment_bytes, 0)
+        if _check_count("segment_records", segment_records, 0) == 1:
+            raise InvalidSpec("segment_records", "1 leaves no room beside the seal; use at "
+                                                 "least 2, or 0 for no limit")
+        if isinstance(retention_s, bool) or not isinstance(retention_s, int | float) or not (
+                math.isfinite(retention_s) and retention_s >= 0):
+            raise InvalidSpec("audit_retention", f"{retention_s!r} is not a duration >= 0")
         if readonly:
-            if not os.path.isfile(path):
+            segments = list_segments(path)
+            if not os.path.isfile(path) and not segments:
                 raise AuditError(path, "does not exist")
-            reader = _connect(path, readonly=True)
-            try:
-                _check_format(reader, path, create=False)
-                last = reader.execute(
-                    "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
-                ).fetchone()
-            except BaseException:
-                reader.close()
-                raise
+            reader = None
+            if os.path.isfile(path):
+                reader = _connect(path, readonly=True)
+                try:
+                    _check_format(reader, path, create=False)
+                    last = reader.execute(
+                        "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
+                    ).fetchone()
+                except BaseException:
+                    reader.close()
+                    raise
+            else:  # a rotation stopped between its two steps: only sealed segments
+                last = None
+            if last is None and segments:
+                last = _segment_end(segments[-1])
             return cls(path, reader, None, None, tuple(last) if last else (0, GENESIS_HASH))
 
-        try:
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-        except OSError as exc:
-            raise AuditError(path, f"cannot open: {exc.strerror}") from None
-        writer = _connect(path, readonly=False)
+        writer = _open_writer(path)
         reader = head_fd = None
         try:
-            _check_format(writer, path, create=True)
-            writer.execute("PRAGMA journal_mode = WAL")
-            writer.execute(f"PRAGMA synchronous = {_SYNCHRONOUS}")
             head_fd = cls._lock_head(path, writer)
-            last = cls._reconcile_head(path, writer, head_fd)
+            writer = _finish_rotation(path, writer)
+            segments = list_segments(path)
+            sealed_end = _segment_end(segments[-1]) if segments else None
+            last = cls._reconcile_head(path, writer, head_fd, sealed_end)
+            if sealed_end is not None:
+                _check_continues(path, writer, sealed_end)
             reader = _connect(path, readonly=False)
             reader.execute("PRAGMA query_only = 1")
         except BaseException:
@@ -775,7 +1101,28 @@ class AuditLog:
             if head_fd is not None:
                 os.close(head_fd)
             raise
-        return cls(path, reader, writer, head_fd, last)
+        log = cls(path, reader, writer, head_fd, last)
+        log.segment_records, log.segment_bytes, log.retention_s = (
+            segment_records, segment_bytes, float(retention_s))
+        log._count_active()
+        if verify == "full":
+            result = log.verify()
+            if not result.ok:
+                log.close()
+                raise AuditTampered(path, result.broken_at_seq, result.problem)
+        if log.retention_s:
+            log.prune()
+        return log
+
+    def _count_active(self) -> None:
+        row = self._writer.execute(
+            "SELECT count(*), coalesce(sum(length(detail_json) + length(tenant) + length(peer)"
+            " + length(kind) + length(sandbox_id) + length(session_id)), 0), min(seq) "
+            "FROM records"
+        ).fetchone()
+        self._active_records = row[0]
+        self._active_bytes = row[1] + row[0] * _ROW_OVERHEAD_BYTES
+        self._active_first = row[2] if row[2] is not None else self._last_seq + 1
 
     @staticmethod
     def _lock_head(path: str, writer: sqlite3.Connection) -> int:
@@ -785,7 +1132,7 @@ class AuditLog:
         try:
             fd = os.open(head_path, flags)
         except FileNotFoundError:
-            if writer.execute("SELECT 1 FROM records LIMIT 1").fetchone():
+            if writer.execute("SELECT 1 FROM records LIMIT 1").fetchone() or list_segments(path):
                 problem = _read_head(head_path)
                 raise AuditTampered(path, 0, str(problem)) from None
             try:
@@ -804,10 +1151,15 @@ class AuditLog:
         return fd
 
     @staticmethod
-    def _reconcile_head(path: str, writer: sqlite3.Connection, head_fd: int) -> tuple[int, str]:
-        """Check the anchor against the chain's end; move a lagging anchor on. -> (seq, hash)."""
+    def _reconcile_head(path: str, writer: sqlite3.Connection, head_fd: int,
+                        sealed_end: tuple[int, str] | None = None) -> tuple[int, str]:
+        """Check the anchor against the chain's end; move a lagging anchor on. -> (seq, hash).
+
+        sealed_end: (seq, hash) of the last sealed segment's seal, the chain's end when the
+        active segment is still empty.
+        """
         last = writer.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-        last_seq, last_hash = tuple(last) if last else (0, GENESIS_HASH)
+        last_seq, last_hash = tuple(last) if last else (sealed_end or (0, GENESIS_HASH))
         data = os.pread(head_fd, 2 * _HEAD_SLOT_BYTES, 0)
         if not data.strip(b"\x00") and last_seq == 0:
             head: HeadAnchor | str = HeadAnchor(0, GENESIS_HASH)  # created just now
@@ -817,9 +1169,8 @@ class AuditLog:
             )
         hash_at_head = None
         if isinstance(head, HeadAnchor) and 0 < head.seq <= last_seq:
-            row = writer.execute("SELECT hash FROM records WHERE seq = ?", (head.seq,)).fetchone()
-            hash_at_head = row[0] if row else None
-            if row is None:
+            hash_at_head = _hash_at(path, writer, head.seq)
+            if hash_at_head is None:
                 raise AuditTampered(
                     path, head.seq, f"record {head.seq}: missing, but the head anchor names it"
                 )
@@ -830,9 +1181,7 @@ class AuditLog:
         if head.seq < last_seq:
             # A crash between commit and anchor write: the records past the anchor must link.
             checker = _ChainChecker(head.seq + 1, head.hash)
-            for row in writer.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq", (head.seq,)
-            ):
+            for row in _rows_after(path, writer, head.seq):
                 problem = checker.feed(row)
                 if problem:
                     raise AuditTampered(path, *problem)
@@ -914,6 +1263,19 @@ class AuditLog:
             self._queue_cv.notify()
         return item.future
 
+    def deny(self, *, tenant: str, peer: str, status: str, method: str, reason: str,
+             sandbox_id: str = "", session_id: str = "",
+             ) -> concurrent.futures.Future[AuditRecord] | None:
+        """Record a refused call, rate-limited per (tenant, peer host, status) by a
+        `DenialLimiter`: a `denied` record (its future is returned; never waits for the disk)
+        or a count in the window's `denied.summary` (None)."""
+        if self._denials is None:
+            with self._denials_lock:
+                if self._denials is None:
+                    self._denials = DenialLimiter(self)
+        return self._denials.deny(tenant=tenant, peer=peer, status=status, method=method,
+                                  reason=reason, sandbox_id=sandbox_id, session_id=session_id)
+
     def _commit_loop(self) -> None:
         while True:
             with self._queue_cv:
@@ -941,7 +1303,7 @@ class AuditLog:
         rows, records = [], []
         for it in items:
             seq += 1
-            when = _time.time() if it.time is None else it.time
+            when = self._clock() if it.time is None else it.time
             digest = record_hash(
                 prev, seq=seq, time=when, tenant=it.tenant, peer=it.peer, kind=it.kind,
                 sandbox_id=it.sandbox_id, session_id=it.session_id, detail_json=it.detail_json,
@@ -979,6 +1341,10 @@ class AuditLog:
         self._last_seq, self._last_hash = seq, prev
         self._appends += len(rows)
         self._commits += 1
+        self._active_records += len(rows)
+        self._active_bytes += sum(
+            len(r[7]) + len(r[2]) + len(r[3]) + len(r[4]) + len(r[5]) + len(r[6])
+            for r in rows) + len(rows) * _ROW_OVERHEAD_BYTES
         try:
             os.pwrite(self._head_fd, _head_slot(seq, prev), (seq % 2) * _HEAD_SLOT_BYTES)
         except OSError as exc:
@@ -996,6 +1362,166 @@ class AuditLog:
                     self._callback_errors += 1
                     _log.exception("audit subscriber %r failed on record %d", callback,
                                    record.seq)
+        if self._rotation_due():
+            try:
+                self._rotate_locked()
+            except Exception:  # noqa: BLE001 - the records are written; rotation retries
+                self._rotate_after = self._active_records + 1024
+                _log.exception("audit segment rotation failed; retrying later")
+
+    # -- segments ------------------------------------------------------------------------------
+
+    def _rotation_due(self) -> bool:
+        if self._rotating or self._writer is None or self._active_records < self._rotate_after:
+            return False
+        # a segment holds at most segment_records records, its seal included
+        return bool((self.segment_records and self._active_records + 1 >= self.segment_records)
+                    or (self.segment_bytes and self._active_bytes >= self.segment_bytes))
+
+    def rotate(self) -> Segment | None:
+        """Seal the active segment now (if it holds records); None when it must wait."""
+        with self._lock:
+            if self._writer is None:
+                raise AuditError(self.path, "is closed" if self._closed else "is open read-only")
+            if not self._active_records:
+                return None
+            return self._rotate_locked()
+
+    def _rotate_locked(self) -> Segment | None:
+        """Seal the active segment: its last record is an `audit.seal`, the file moves to
+        ``<path>.segments/`` read-only, and a new active segment continues the chain (its
+        first record's prev_hash is the seal's hash). Caller holds _lock.
+
+        Returns None, writing nothing, while a verify or export reads the files or another
+        process has the active segment open (it is retried 1024 records later).
+        """
+        lock = _files_lock(self.path, exclusive=True)
+        if lock is None:
+            self._rotate_after = self._active_records + 1024
+            return None
+        self._rotating = True
+        try:
+            with self._read_lock:
+                self._reader.close()
+                self._reader = None
+                try:
+                    segment = self._seal_and_move_locked()
+                finally:
+                    if self._writer is None:  # failed between close and reopen: reopen
+                        self._writer = _finish_rotation(self.path, _open_writer(self.path))
+                        self._count_active()
+                    self._reader = _connect(self.path, readonly=False)
+                    self._reader.execute("PRAGMA query_only = 1")
+            if segment is not None and self.retention_s:
+                self._prune_locked(self.retention_s, None, files_locked=True)
+            return segment
+        finally:
+            self._rotating = False
+            _release(lock)
+
+    def _seal_and_move_locked(self) -> Segment | None:
+        writer = self._writer
+        # A sealed file is self-contained: no WAL. Leaving WAL needs the file to ourselves;
+        # don't wait for other readers.
+        writer.execute("PRAGMA busy_timeout = 0")
+        try:
+            mode = writer.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+        except sqlite3.OperationalError:
+            mode = "busy"
+        finally:
+            writer.execute("PRAGMA busy_timeout = 5000")
+        if mode.lower() != "delete":
+            self._rotate_after = self._active_records + 1024
+            return None
+        first = self._active_first
+        seal = _prepare(SEAL_KIND, "", "daemon", "", "", {
+            "first_seq": first, "records": self._active_records + 1 + len(self._queue),
+            "limit_records": self.segment_records, "limit_bytes": self.segment_bytes,
+        }, None)
+        self._commit_locked(seal)  # what is queued goes first: the seal is the last record
+        try:
+            last = seal.future.result().seq
+        except AuditError:
+            writer.execute("PRAGMA journal_mode = WAL")
+            raise
+        writer.close()
+        self._writer = None
+        folder = self.path + SEGMENTS_SUFFIX
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        segment = Segment(first, last, os.path.join(folder, _segment_name(first, last)))
+        os.chmod(self.path, 0o400)
+        os.rename(self.path, segment.path)
+        _fsync_dir(folder)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self._writer = _open_writer(self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self._active_records = self._active_bytes = 0
+        self._active_first = last + 1
+        self._rotate_after = 0
+        self._rotations += 1
+        _log.info("audit segment %s sealed", segment.name)
+        return segment
+
+    def prune(self, retention_s: float | None = None, *, now: float | None = None) -> int:
+        """Remove the oldest sealed segments whose last record is older than retention_s
+        (default: the log's retention); returns how many were removed.
+
+        First an `audit.prune` record ("pruned up to seq N, hash H": N is the last removed
+        record, H its hash) is committed; `verify()` then requires the oldest remaining
+        record to follow exactly that record, so a segment removed without one, or more
+        removed than it states, is reported.
+        """
+        with self._lock:
+            if self._writer is None:
+                raise AuditError(self.path, "is closed" if self._closed else "is open read-only")
+            return self._prune_locked(self.retention_s if retention_s is None else retention_s,
+                                      now)
+
+    def _prune_locked(self, retention_s: float, now: float | None, *,
+                      files_locked: bool = False) -> int:
+        if not retention_s:
+            return 0
+        cutoff = (self._clock() if now is None else now) - retention_s
+        lock = None if files_locked else _files_lock(self.path, exclusive=True)
+        if lock is None and not files_locked:
+            return 0  # a verify or export is reading: the next rotation prunes
+        try:
+            doomed: list[tuple[Segment, str]] = []
+            for segment in list_segments(self.path):
+                conn = _connect_sealed(segment.path)
+                try:
+                    row = conn.execute("SELECT seq, time, hash, kind FROM records "
+                                       "ORDER BY seq DESC LIMIT 1").fetchone()
+                except sqlite3.DatabaseError:
+                    row = None
+                finally:
+                    conn.close()
+                if (row is None or row[0] != segment.last_seq or row[3] != SEAL_KIND
+                        or not isinstance(row[1], float | int) or row[1] >= cutoff):
+                    break  # only whole, old, sealed segments, oldest first, without gaps
+                doomed.append((segment, row[2]))
+            if not doomed:
+                return 0
+            last, last_hash = doomed[-1]
+            record = _prepare(PRUNE_KIND, "", "daemon", "", "", {
+                "up_to_seq": last.last_seq, "hash": last_hash,
+                "first_seq": doomed[0][0].first_seq, "segments": len(doomed),
+                "retention_s": retention_s, "cutoff_time": cutoff,
+            }, None)
+            self._commit_locked(record)
+            record.future.result()  # durable before anything is removed
+            with self._read_lock:
+                for segment, _ in doomed:
+                    conn = self._sealed.pop(segment.path, None)
+                    if conn is not None:
+                        conn.close()
+                    os.unlink(segment.path)
+            _fsync_dir(self.path + SEGMENTS_SUFFIX)
+            _log.info("audit pruned up to record %d (%d segments older than %ss)",
+                      last.last_seq, len(doomed), retention_s)
+            return len(doomed)
+        finally:
+            _release(lock)
 
     def subscribe(self, callback: Callable[[AuditRecord], object]) -> int:
         """Call callback(record) after each append; returns a token for `unsubscribe`.
@@ -1031,8 +1557,22 @@ class AuditLog:
                 return self._last_seq
         with self._read_lock:
             self._check_open()
-            row = self._reader.execute("SELECT max(seq) FROM records").fetchone()
-        return row[0] or 0
+            row = (self._reader.execute("SELECT max(seq) FROM records").fetchone()
+                   if self._reader is not None else (None,))
+        if row[0]:
+            return row[0]
+        segments = list_segments(self.path)
+        return _segment_end(segments[-1])[0] if segments else 0
+
+    def _sealed_conn(self, segment: Segment) -> sqlite3.Connection:
+        """A cached read-only connection to a sealed segment. Caller holds _read_lock."""
+        conn = self._sealed.pop(segment.path, None)
+        if conn is None:
+            conn = _connect_sealed(segment.path)
+            if len(self._sealed) >= 16:
+                self._sealed.pop(next(iter(self._sealed))).close()
+        self._sealed[segment.path] = conn  # most recently used last
+        return conn
 
     def query(
         self,
@@ -1047,7 +1587,7 @@ class AuditLog:
         after_seq: int = 0,
         latest: bool = False,
     ) -> list[AuditRecord]:
-        """Records matching every given filter, oldest first (newest last).
+        """Records matching every given filter, oldest first (newest last), across segments.
 
         Args:
             since, until: Unix seconds, since <= time < until; None = unbounded.
@@ -1090,62 +1630,167 @@ class AuditLog:
                 where.append("kind = ?")
                 params.append(kind)
         order = "DESC" if latest else "ASC"
-        sql = f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY seq {order}"
+        sql = (f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} "
+               f"ORDER BY seq {order} LIMIT ?")
+        rows: list[tuple] = []
         with self._read_lock:
             self._check_open()
-            rows = self._reader.execute(sql + " LIMIT ?", (*params, limit)).fetchall()
+            # Newest first for `latest`; the active segment is the newest.
+            sources: list[Segment | None] = [
+                s for s in list_segments(self.path) if s.last_seq > after_seq]
+            sources.append(None)
+            if latest:
+                sources.reverse()
+            for source in sources:
+                try:
+                    conn = self._reader if source is None else self._sealed_conn(source)
+                    if conn is None:
+                        continue
+                    rows += conn.execute(sql, (*params, limit - len(rows))).fetchall()
+                except (sqlite3.DatabaseError, AuditError) as exc:
+                    if source is None:
+                        raise AuditError(self.path, f"cannot query: {exc}") from None
+                    _log.warning("audit segment %s skipped by a query: %s", source.path, exc)
+                if len(rows) >= limit:
+                    break
         if latest:
             rows.reverse()
         return [AuditRecord._from_row(r) for r in rows]
 
     def verify(self) -> VerifyResult:
-        """Recompute the whole chain from the genesis and compare its end with the head anchor.
+        """Recompute the whole chain, every sealed segment then the active one, from the
+        genesis (or the last `audit.prune` anchor), and compare its end with the head anchor.
 
-        Reports the first problem: an edited record ("record 7: content does not match its
-        hash"), a removed one ("record 8: previous record 7 is missing"), reordered records,
-        a record edited and re-hashed (the next record's prev_hash no longer matches), records
-        removed from the end ("chain ends at record 41 but the head anchor says 44: ..."), or a
-        missing or unreadable anchor.
+        Reports the first problem, whatever the damage: an edited record ("record 7: content
+        does not match its hash"), bytes that are not UTF-8, a detail that is not JSON, a
+        damaged hash, a removed record ("record 8: previous record 7 is missing"), reordered
+        records, a record edited and re-hashed (the next record's prev_hash no longer
+        matches), records removed from the end ("chain ends at record 41 but the head anchor
+        says 44: ..."), a missing or unreadable anchor, a sealed segment removed, truncated
+        or renamed, segments removed beyond what an `audit.prune` record states, or a file
+        SQLite cannot read ("record 9 onward: ... cannot be read"). Rows are streamed: memory
+        does not grow with the log.
         """
         self._check_open()
+        lock = _files_lock(self.path, exclusive=False)
+        try:
+            result = self._verify()
+        finally:
+            _release(lock)
+        # Text from a damaged file can hold anything: keep the report printable ASCII.
+        return dataclasses.replace(result, problem=_printable(result.problem).encode(
+            "ascii", "backslashreplace").decode("ascii"))
+
+    def _verify(self) -> VerifyResult:
         # The anchor first, then the snapshot: the anchor is written after its record commits,
         # so the snapshot always reaches it and a live daemon never trips a false alarm.
         head = _read_head(self.head_path)
-        conn = _connect(self.path, readonly=True)
-        try:
-            conn.execute("BEGIN")
+        head_seq = head.seq if isinstance(head, HeadAnchor) else -1
+        segments = list_segments(self.path)
+        files: list[tuple[Segment | None, str]] = [(s, s.path) for s in segments]
+        if os.path.isfile(self.path):
+            files.append((None, self.path))
+        checker = _ChainChecker()
+        first: tuple[int, str] | None = None  # (seq, prev_hash) of the oldest record there is
+        seals: dict[int, str] = {}  # seq -> hash of each seal: prune anchors point at one
+        hash_at_head = None
+        conn = None
 
-            def locate(digest: str) -> int | None:
+        def locate(digest: str) -> int | None:
+            try:
                 row = conn.execute(
-                    "SELECT seq FROM records WHERE hash = ? LIMIT 1", (digest,)
-                ).fetchone()
-                return row[0] if row else None
+                    "SELECT seq FROM records WHERE hash = ? LIMIT 1", (digest,)).fetchone()
+            except (sqlite3.Error, UnicodeError):
+                return None
+            return row[0] if row else None
 
-            checker = _ChainChecker(locate=locate)
-            hash_at_head = None
-            head_seq = head.seq if isinstance(head, HeadAnchor) else -1
-            cursor = conn.execute(f"SELECT {_COLUMNS} FROM records ORDER BY seq")
-            while rows := cursor.fetchmany(2048):
-                for row in rows:
+        def fail(seq: int, problem: str) -> VerifyResult:
+            return VerifyResult(False, checker.checked, seq, problem, len(segments),
+                                first[0] if first else 0)
+
+        for segment, file_path in files:
+            label = (f"sealed segment {segment.name}" if segment else
+                     f"active segment {os.path.basename(file_path)}")
+            try:
+                conn = (_connect_sealed(file_path) if segment
+                        else _connect(file_path, readonly=True))
+            except AuditError as exc:
+                return fail(checker.next_seq, f"record {checker.next_seq} onward: {exc}")
+            try:
+                conn.execute("BEGIN")
+                in_file = 0
+                last_row = None
+                cursor = conn.execute(f"SELECT {_COLUMNS} FROM records ORDER BY seq")
+                while rows := cursor.fetchmany(2048):
+                    for row in rows:
+                        if first is None:
+                            first = (row[0], row[8])
+                            if isinstance(row[0], int) and row[0] > 1 and _is_hash(row[8]):
+                                # pruned: start from the oldest record; the prune anchor
+                                # must account for everything before it (checked below)
+                                checker = _ChainChecker(row[0], row[8])
+                            checker.locate = locate
+                        if segment and in_file == 0 and row[0] != segment.first_seq:
+                            return fail(row[0] if isinstance(row[0], int) else 0,
+                                        f"{label}: named for records {segment.first_seq}-"
+                                        f"{segment.last_seq} but starts at record {row[0]}")
+                        if in_file and checker.last_kind == SEAL_KIND:
+                            return fail(row[0], f"record {row[0]}: follows the seal of its "
+                                                f"segment in the same file ({label})")
+                        problem = checker.feed(row)
+                        if problem:
+                            return fail(*problem)
+                        in_file += 1
+                        last_row = row
+                        if row[4] == SEAL_KIND:
+                            seals[row[0]] = row[9]
+                        if row[0] == head_seq:
+                            hash_at_head = row[9]
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                # The batch that failed is lost: read on one record at a time to name the
+                # first one that cannot be read (or that breaks the chain).
+                for seq in range(checker.next_seq, checker.next_seq + 2048):
+                    try:
+                        row = conn.execute(f"SELECT {_COLUMNS} FROM records WHERE seq = ?",
+                                           (seq,)).fetchone()
+                    except sqlite3.DatabaseError as point_exc:
+                        exc = point_exc
+                        break
+                    if row is None:
+                        break
                     problem = checker.feed(row)
                     if problem:
-                        return VerifyResult(False, checker.checked, *problem)
-                    if row[0] == head_seq:
-                        hash_at_head = row[9]
-            conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise AuditError(self.path, f"cannot read the chain: {exc}") from None
-        finally:
-            conn.close()
+                        return fail(*problem)
+                return fail(checker.next_seq, f"record {checker.next_seq} onward: the "
+                                              f"{label} cannot be read ({exc}): the file "
+                                              "is damaged")
+            finally:
+                conn.close()
+            if segment is not None:
+                if last_row is None:
+                    return fail(segment.first_seq, f"{label} holds no records")
+                if last_row[0] != segment.last_seq:
+                    return fail(last_row[0] + 1, f"{label}: named for records "
+                                                 f"{segment.first_seq}-{segment.last_seq} "
+                                                 f"but ends at record {last_row[0]}")
+                if last_row[4] != SEAL_KIND:
+                    return fail(last_row[0] + 1, f"{label} is not sealed: its last record "
+                                                 f"{last_row[0]} is not an {SEAL_KIND}")
         problem = _head_problem(head, checker.next_seq - 1, hash_at_head)
         if problem:
-            return VerifyResult(False, checker.checked, *problem)
-        return VerifyResult(True, checker.checked)
+            return fail(*problem)
+        problem = _prune_problem(first, checker.prune, seals)
+        if problem:
+            return fail(*problem)
+        return VerifyResult(True, checker.checked, 0, "", len(segments),
+                            first[0] if first else 0)
 
     def export_jsonl(self, path_or_file: str | os.PathLike[str] | IO, after_seq: int = 0) -> int:
-        """Write records with seq > after_seq as JSON lines (`AuditRecord.to_dict()` fields,
-        detail_json verbatim as stored) to a path (created 0600) or an open file; returns how
-        many. Ship them off the host; `verify_records()` checks them there.
+        """Write records with seq > after_seq, from every segment, as JSON lines
+        (`AuditRecord.to_dict()` fields, detail_json verbatim as stored) to a path (created
+        0600) or an open file; returns how many. Ship them off the host; `verify_records()`
+        checks them there.
         """
         after_seq = _check_count("after_seq", after_seq, 0)
         self._check_open()
@@ -1165,21 +1810,29 @@ class AuditLog:
 
     def _export(self, write: Callable[[str], object], after_seq: int) -> int:
         names = _COLUMNS.split(", ")
-        conn = _connect(self.path, readonly=True)
         count = 0
+        lock = _files_lock(self.path, exclusive=False)
         try:
-            conn.execute("BEGIN")
-            cursor = conn.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq", (after_seq,)
-            )
-            while rows := cursor.fetchmany(2048):
-                write(
-                    "".join(_canonical_json(dict(zip(names, r, strict=True))) + "\n" for r in rows)
-                )
-                count += len(rows)
-            conn.execute("COMMIT")
+            files = [s.path for s in list_segments(self.path) if s.last_seq > after_seq]
+            if os.path.isfile(self.path):
+                files.append(self.path)
+            for file_path in files:
+                conn = (_connect(file_path, readonly=True) if file_path == self.path
+                        else _connect_sealed(file_path))
+                try:
+                    conn.execute("BEGIN")
+                    cursor = conn.execute(
+                        f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq",
+                        (after_seq,))
+                    while rows := cursor.fetchmany(2048):
+                        write("".join(_canonical_json(dict(zip(names, r, strict=True))) + "\n"
+                                      for r in rows))
+                        count += len(rows)
+                    conn.execute("COMMIT")
+                finally:
+                    conn.close()
         finally:
-            conn.close()
+            _release(lock)
         return count
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -1201,6 +1854,8 @@ class AuditLog:
     def close(self) -> None:
         """Write what is queued, flush the anchor, release the log (and its writer lock);
         idempotent."""
+        if self._denials is not None:
+            self._denials.close()  # its summaries go into the final commit
         with self._queue_cv:
             self._stopping = True
             self._queue_cv.notify()
@@ -1216,7 +1871,11 @@ class AuditLog:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
-            self._reader.close()
+            if self._reader is not None:
+                self._reader.close()
+            for conn in self._sealed.values():
+                conn.close()
+            self._sealed.clear()
             if self._head_fd is not None:
                 try:
                     os.fsync(self._head_fd)
@@ -1233,6 +1892,152 @@ class AuditLog:
     def __repr__(self) -> str:
         mode = "closed" if self._closed else "read-only" if self._writer is None else "writing"
         return f"<AuditLog {self.path} {mode} last_seq={self._last_seq}>"
+
+
+# -- denials ------------------------------------------------------------------------------------
+
+#: Denials of one (tenant, peer host, status) are recorded one by one up to DENIAL_BURST per
+#: window of DENIAL_WINDOW_S seconds; the rest of the window becomes one `denied.summary`.
+DENIAL_WINDOW_S = 10.0
+DENIAL_BURST = 16
+# More keys than this in flight share one overflow key per status: a peer with many addresses
+# cannot turn aggregation back into a record per call.
+_MAX_DENIAL_KEYS = 256
+_MAX_SUMMARY_METHODS = 32
+
+
+def _peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7': a client's ports change per connection."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        host, sep, port = peer.rpartition(":")
+        if sep and port.isdigit():
+            return host
+    return peer
+
+
+@dataclass(slots=True)
+class _DenialWindow:
+    tenant: str
+    peer: str
+    status: str
+    opened: float  # monotonic
+    recorded: int = 0  # written as their own `denied` records
+    suppressed: int = 0  # counted into the window's `denied.summary`
+    first_time: float = 0.0
+    last_time: float = 0.0
+    methods: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class DenialLimiter:
+    """Rate-limits and aggregates `denied` records per (tenant, peer host, status).
+
+    An unauthenticated flood must not write a record per call at fsync speed, yet no denial
+    may go uncounted: the first `burst` denials of a key in a window are `denied` records;
+    the others are counted, and when the window ends (or the log closes) one
+    `denied.summary` record holds their number, methods and times. So the denials that
+    happened are always the `denied` records plus the sum of the summaries' ``count``.
+    """
+
+    def __init__(self, log: AuditLog, *, window_s: float = DENIAL_WINDOW_S,
+                 burst: int = DENIAL_BURST, max_keys: int = _MAX_DENIAL_KEYS,
+                 clock: Callable[[], float] = _time.monotonic):
+        self._log = log
+        self.window_s = window_s
+        self.burst = burst
+        self.max_keys = max_keys
+        self._clock = clock
+        self._windows: dict[tuple[str, str, str], _DenialWindow] = {}
+        self._cv = threading.Condition(threading.Lock())
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+
+    def deny(self, *, tenant: str, peer: str, status: str, method: str, reason: str,
+             sandbox_id: str = "", session_id: str = "",
+             ) -> concurrent.futures.Future[AuditRecord] | None:
+        """Count one denial; returns the future of its own `denied` record, or None when it
+        went into the window's summary."""
+        with self._cv:
+            if self._closed:
+                raise AuditError(self._log.path, "is closed")
+            now = self._clock()
+            key = (tenant, _peer_host(peer), status)
+            window = self._windows.get(key)
+            if window is not None and now - window.opened >= self.window_s:
+                self._end_locked(key)
+                window = None
+            if window is None:
+                if len(self._windows) >= self.max_keys:
+                    key = ("*", "*", status)
+                    window = self._windows.get(key)
+                if window is None:
+                    window = self._windows[key] = _DenialWindow(*key, opened=now)
+                    self._start_flusher_locked()
+            if window.recorded < self.burst:
+                window.recorded += 1
+                return self._log.submit(
+                    "denied", tenant=tenant, peer=peer, sandbox_id=sandbox_id,
+                    session_id=session_id,
+                    detail={"method": method, "reason": reason, "status": status})
+            wall = _time.time()
+            if not window.suppressed:
+                window.first_time = wall
+            window.suppressed += 1
+            window.last_time = wall
+            if method in window.methods or len(window.methods) < _MAX_SUMMARY_METHODS:
+                window.methods[method] = window.methods.get(method, 0) + 1
+            else:
+                window.methods["other"] = window.methods.get("other", 0) + 1
+            return None
+
+    def _end_locked(self, key: tuple[str, str, str]) -> None:
+        window = self._windows.pop(key)
+        if window.suppressed:
+            self._log.submit(
+                "denied.summary", tenant=window.tenant, peer=window.peer,
+                detail={"status": window.status, "count": window.suppressed,
+                        "recorded": window.recorded, "window_s": self.window_s,
+                        "first_time": window.first_time, "last_time": window.last_time,
+                        "methods": window.methods})
+
+    def _start_flusher_locked(self) -> None:
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                             name="corral-audit-denials")
+            self._flusher.start()
+        self._cv.notify()
+
+    def _flush_loop(self) -> None:
+        with self._cv:
+            while not self._closed:
+                if not self._windows:
+                    self._cv.wait()
+                    continue
+                now = self._clock()
+                due = min(w.opened for w in self._windows.values()) + self.window_s
+                if due > now:
+                    self._cv.wait(due - now)
+                    continue
+                for key in [k for k, w in self._windows.items()
+                            if now - w.opened >= self.window_s]:
+                    try:
+                        self._end_locked(key)
+                    except AuditError as exc:
+                        _log.error("denied.summary not recorded: %s", exc)
+
+    def close(self) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            for key in list(self._windows):
+                try:
+                    self._end_locked(key)
+                except AuditError as exc:
+                    _log.error("denied.summary not recorded: %s", exc)
+            self._closed = True
+            self._cv.notify_all()
+            flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join()
 
 
 # -- for people --------------------------------------------------------------------------------
