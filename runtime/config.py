@@ -88,6 +88,17 @@ class DaemonConfig:
     policy: dict = field(default_factory=dict)
     #: The same keys inside [tenants.NAME], on top of [policy] for that tenant.
     tenant_policies: dict = field(default_factory=dict)
+    #: Audit check at start: "tail" (the head anchor and the records past it) or "full"
+    #: (every record of every segment, streamed; refuses to start on a broken chain).
+    verify_audit: str = "tail"
+    #: Seal the active audit segment into <state>/audit.db.segments/ at this many records
+    #: (its audit.seal record included); 0 = no record limit.
+    audit_segment_records: int = 100_000
+    #: ... or at about this many bytes of record content; 0 = no byte limit.
+    audit_segment_bytes: int = 64 << 20
+    #: Remove sealed audit segments whose last record is older than this many seconds, behind
+    #: an audit.prune record (TOML: audit_retention = "90d"); 0 = keep every segment.
+    audit_retention_s: float = 0.0
 
     def policy_book(self):
         """Every tenant's policy (runtime/policy.py), built from [policy] and [tenants.*].
@@ -138,12 +149,34 @@ class DaemonConfig:
             raise InvalidSpec("disk_reserve_bytes", "must not be negative")
         if not 0.05 <= self.resource_check_s <= 60:
             raise InvalidSpec("resource_check_s", "must be between 0.05 and 60 seconds")
+        if self.verify_audit not in ("full", "tail"):
+            raise InvalidSpec("verify_audit", f"{self.verify_audit!r} is not 'full' or 'tail'")
+        for name in ("audit_segment_records", "audit_segment_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidSpec(name, f"{value!r} must be a whole number >= 0 (0: no limit)")
+        if self.audit_segment_records == 1:
+            raise InvalidSpec("audit_segment_records", "1 leaves no room beside the seal; use "
+                                                       "at least 2, or 0 for no limit")
+        if self.audit_segment_bytes and self.audit_segment_bytes < 4096:
+            raise InvalidSpec("audit_segment_bytes", f"{self.audit_segment_bytes} is under "
+                                                     "4096 bytes")
+        if self.audit_retention_s < 0:
+            raise InvalidSpec("audit_retention", "must not be negative")
         self.policy_book()  # refuse a bad policy at start, naming its key
         return self
 
 
 _DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_ttl_s"}
-_SIZES = {"workspace_size": "workspace_bytes", "disk_reserve": "disk_reserve_bytes"}
+_SIZES = {"workspace_size": "workspace_bytes", "disk_reserve": "disk_reserve_bytes",
+          "audit_segment_size": "audit_segment_bytes"}
+
+
+def retention_seconds(value, field_name: str = "audit_retention") -> float:
+    """A retention age: a duration, or 0 / "forever" to keep everything."""
+    if value in (0, "0", "forever"):
+        return 0.0
+    return parse_duration(value, field_name)
 
 
 def size_or_zero(value, field_name: str) -> int:
@@ -159,8 +192,9 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     The file uses the flag names: socket, listen, state, tls_cert, tls_key, tls_client_ca,
     session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, stream_log_bytes,
     mux_interval_ms, workspace_root, workspace_size ("1G"), workspace_inodes,
-    disk_reserve ("64M"), resource_check_s, operators, and one table per
-    tenant: [tenants.acme] token = "...".
+    disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
+    audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"), and one
+    table per tenant: [tenants.acme] token = "...".
     """
     values: dict = {}
     if path:
@@ -200,6 +234,8 @@ def _from_mapping(raw: dict, path: str) -> dict:
             if not isinstance(value, dict):
                 raise InvalidSpec("config", f"{path}: [policy] must be a table")
             out["policy"] = dict(value)
+        elif key == "audit_retention":
+            out["audit_retention_s"] = retention_seconds(value)
         elif key in _DURATIONS:
             out[_DURATIONS[key]] = parse_duration(value, key)
         elif key in _SIZES:
