@@ -1276,6 +1276,12 @@ class AuditLog:
         return self._denials.deny(tenant=tenant, peer=peer, status=status, method=method,
                                   reason=reason, sandbox_id=sandbox_id, session_id=session_id)
 
+    def flush_denials(self) -> None:
+        """Queue the `denied.summary` of every open denial window now (the daemon does so
+        before its last record, daemon.stop)."""
+        if self._denials is not None:
+            self._denials.flush()
+
     def _commit_loop(self) -> None:
         while True:
             with self._queue_cv:
@@ -2023,6 +2029,12 @@ class DenialLimiter:
                         self._end_locked(key)
                     except AuditError as exc:
                         _log.error("denied.summary not recorded: %s", exc)
+
+    def flush(self) -> None:
+        """Write the summaries of every open window now."""
+        with self._cv:
+            for key in list(self._windows):
+                self._end_locked(key)
 
     def close(self) -> None:
         with self._cv:

@@ -142,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "filesystem fills, so audit and task records still write; new "
                              "work is refused (RESOURCE_EXHAUSTED, health NOT_SERVING) until "
                              "twice that is free (default: 64M, at most 5%% of the filesystem)")
+    daemon.add_argument("--verify-audit", choices=("full", "tail"),
+                        help="audit check at start: 'tail' checks the head anchor and the "
+                             "records past it; 'full' re-hashes every record of every segment "
+                             "(streamed) and refuses to start on a broken chain (default: tail)")
+    daemon.add_argument("--audit-segment-records", metavar="N", type=int,
+                        help="seal the active audit segment into <state>/audit.db.segments/ "
+                             "at N records, its audit.seal included; each segment's first "
+                             "record chains to the previous seal, so `corral audit verify` "
+                             "still proves the whole history (default: 100000; 0: no limit)")
+    daemon.add_argument("--audit-segment-size", metavar="SIZE",
+                        help="... or at about SIZE of record content (default: 64M; 0: none)")
+    daemon.add_argument("--audit-retention", metavar="DURATION",
+                        help="remove sealed audit segments whose last record is older than "
+                             "this (e.g. 90d), at start and at each rotation, after an "
+                             "audit.prune record 'pruned up to seq N, hash H' that verify "
+                             "checks (default: forever)")
     daemon.add_argument("--mux-interval-ms", metavar="MS", type=float,
                         help="Sessions.OpenMany: least ms between two messages of one stream; "
                              "its sessions' news travels together (default: 2; 0: at once)")
@@ -430,6 +446,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                                    if args.session_idle_ttl else None),
             "sandbox_ttl_s": (parse_duration(args.sandbox_ttl, "sandbox-ttl")
                               if args.sandbox_ttl else None),
+            "verify_audit": args.verify_audit,
+            "audit_segment_records": args.audit_segment_records,
+            "audit_segment_bytes": (config.size_or_zero(args.audit_segment_size,
+                                                        "audit-segment-size")
+                                    if args.audit_segment_size else None),
+            "audit_retention_s": (config.retention_seconds(args.audit_retention,
+                                                           "audit-retention")
+                                  if args.audit_retention else None),
         }
         cfg = config.load(args.config, overrides)
     except InvalidSpec as exc:

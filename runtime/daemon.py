@@ -83,7 +83,11 @@ class Daemon:
             cfg.state, reserve_bytes=cfg.disk_reserve_bytes,
             extra_paths=(workspace_fs.root(),) if workspace_fs.kind() == "dir" else ())
         self.resources.check()
-        self.audit = AuditLog.open(os.path.join(cfg.state, "audit.db"))
+        # verify_audit="full" re-hashes every segment before anything is appended.
+        self.audit = await asyncio.get_running_loop().run_in_executor(None, lambda: AuditLog.open(
+            os.path.join(cfg.state, "audit.db"), verify=cfg.verify_audit,
+            segment_records=cfg.audit_segment_records, segment_bytes=cfg.audit_segment_bytes,
+            retention_s=cfg.audit_retention_s))
         # Sandboxes of a daemon that died (SIGKILL, crash) died with it; remove what they
         # left and say so in the chain, which simply continues.
         for sandbox_id in await asyncio.get_running_loop().run_in_executor(None, _sweep):
@@ -295,6 +299,8 @@ class Daemon:
         if self.audit is not None:
             if self.resources is not None:  # a full disk: the reserve makes room for it
                 await self._step("disk check", self.resources.check)
+            # counted denials go in before the last record
+            await self._step("audit denials", self.audit.flush_denials)
             await self._step("audit daemon.stop", lambda: self.audit.append(
                 "daemon.stop", tenant="", peer="daemon",
                 detail={"reason": reason, "cause": cause, "pid": os.getpid(),
