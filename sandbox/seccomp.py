@@ -56,9 +56,11 @@ __all__ = [
     "SeccompProfile",
     "SyscallRule",
     "describe",
+    "builtin_profile_names",
     "load_profile",
     "parse_profile",
     "prepare",
+    "requested_profile",
 ]
 
 # -- the vocabulary of the profile format ------------------------------------------------------
@@ -239,10 +241,47 @@ BUILTIN_PROFILES = ("default", "unconfined")
 _UNCONFINED_DIGEST = hashlib.sha256(b'"unconfined"').hexdigest()
 
 
-def load_profile(name_or_path: str) -> SeccompProfile:
-    """Load a builtin profile by name ("default", "unconfined") or a Docker JSON file by path.
+@functools.cache
+def builtin_profile_names() -> tuple[str, ...]:
+    """"unconfined" and the NAME of every NAME.json shipped in sandbox/profiles/."""
+    names = {"unconfined"}
+    for entry in os.listdir(_PROFILES_DIR):
+        stem, ext = os.path.splitext(entry)
+        if ext == ".json" and stem:
+            names.add(stem)
+    return tuple(sorted(names))
 
-    A file that happens to be called "default" or "unconfined" is reached as "./default".
+
+def requested_profile(name: str, field_name: str = "profile") -> str:
+    """The profile an API caller names, as the daemon will load it.
+
+    Only a built-in name (`builtin_profile_names`) or a normalized absolute path: a bare
+    name is never looked up as a file (the daemon's working directory is nobody's to
+    choose), and whether the caller may use a given file is the tenant policy's decision
+    (runtime/policy.py, `profiles`). The local CLI loads a file the user names through
+    `load_profile` instead.
+
+    Raises:
+        InvalidSpec: anything else (field `field_name`).
+    """
+    if name in builtin_profile_names():
+        return name
+    if os.path.isabs(name):
+        if "\0" in name or os.path.normpath(name) != name:
+            raise InvalidSpec(field_name, f"{name!r} is not a normalized absolute path (no "
+                                          "'..', '.', '//' or trailing '/')")
+        return name
+    raise InvalidSpec(field_name, f"no built-in profile named {name!r}; name one of "
+                                  f"{', '.join(builtin_profile_names())}, or the absolute "
+                                  "path of a profile file the operator allows")
+
+
+def load_profile(name_or_path: str) -> SeccompProfile:
+    """Load a builtin profile by name (`builtin_profile_names`) or a Docker JSON file by path.
+
+    A file that happens to be called like a built-in is reached as "./default". A relative
+    path is resolved in the working directory: for the local CLI only (API callers' names
+    go through `requested_profile` first).
 
     Raises:
         InvalidSpec: the file is missing, unreadable or not a valid profile (field "profile").
@@ -252,8 +291,8 @@ def load_profile(name_or_path: str) -> SeccompProfile:
         return SeccompProfile(
             name="unconfined", source="builtin", digest=_UNCONFINED_DIGEST, unconfined=True
         )
-    if name_or_path == "default":
-        return _builtin_profile("default")
+    if name_or_path in builtin_profile_names():
+        return _builtin_profile(name_or_path)
     path = os.path.abspath(name_or_path)
     try:
         with open(path, "rb") as f:

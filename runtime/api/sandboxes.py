@@ -7,6 +7,7 @@ import json
 
 from corral.sandbox import SandboxSpec
 from corral.sandbox.errors import InvalidSpec
+from corral.sandbox.seccomp import requested_profile
 from corral.v1 import sandbox_pb2 as pb
 
 from .errors import Servicer, streaming, unary
@@ -20,9 +21,9 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
     """Build a SandboxSpec; zero values keep the defaults (docs/policy.md)."""
     kw: dict = {}
     if msg.profile:
-        if "/" in msg.profile:
-            raise InvalidSpec("spec.profile", "remote callers name a profile, not a file path")
-        kw["profile"] = msg.profile
+        # a built-in, or an absolute path (the tenant's policy says which files it may use);
+        # never a name looked up in the daemon's working directory
+        kw["profile"] = requested_profile(msg.profile, "spec.profile")
     if msg.memory_bytes:
         kw["memory_bytes"] = int(msg.memory_bytes)
     if msg.pids_max:
