@@ -110,6 +110,37 @@ cdef extern from * nogil:
         if (syscall(SYS_setresgid, 0, 0, 0)) return -1;
         return (int)syscall(SYS_setresuid, 0, 0, 0);
     }
+    static int corral_become_owner(unsigned int uid) {
+        /* Only the effective uid: the launcher keeps real and saved uid 0 and can switch
+           back. SECBIT_NO_SETUID_FIXUP keeps its effective capabilities meanwhile (a host
+           that restricts unprivileged user namespaces still lets it create one). A raw
+           syscall: glibc's setresuid would change every thread of the runtime, whose
+           memory this vfork child shares. */
+        int bits = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+        if (bits >= 0)
+            prctl(PR_SET_SECUREBITS, bits | SECBIT_NO_SETUID_FIXUP, 0, 0, 0);
+        return (int)syscall(SYS_setresuid, -1, uid, -1);
+    }
+    static int corral_back_to_root(void) {
+        return (int)syscall(SYS_setresuid, -1, 0, -1);
+    }
+    static int corral_lift_user_pools(void) {
+        /* A new user namespace copies these four limits of its creator as the cap on what
+           everything inside may charge, together, to the owner in the parent namespace.
+           Lifted, each sandbox is its own accounting domain, bounded by its processes' own
+           limits and its cgroup, whichever other sandbox shares its owner uid. PID 1 sets
+           the runtime's values back for itself (ChildPlan rlimits). Raising a hard limit
+           needs CAP_SYS_RESOURCE; without it the pools stay shared by the sandboxes of
+           one owner uid (host root is not charged either way). Returns how many were
+           lifted. */
+        static const int pooled[] = {RLIMIT_MSGQUEUE, RLIMIT_SIGPENDING, RLIMIT_NPROC,
+                                     RLIMIT_MEMLOCK};
+        struct rlimit inf = {RLIM_INFINITY, RLIM_INFINITY};
+        int lifted = 0;
+        for (unsigned i = 0; i < sizeof pooled / sizeof pooled[0]; i++)
+            if (setrlimit(pooled[i], &inf) == 0) lifted++;
+        return lifted;
+    }
     static int corral_execveat_fd(int fd, char *const argv[], char *const envp[]) {
         return (int)syscall(SYS_execveat, fd, "", argv, envp, AT_EMPTY_PATH);
     }
@@ -234,6 +265,9 @@ cdef extern from * nogil:
     int corral_unshare(int flags)
     int corral_close_range_cloexec(unsigned int first)
     int corral_setresuid0()
+    int corral_become_owner(unsigned int uid)
+    int corral_back_to_root()
+    int corral_lift_user_pools()
     int corral_execveat_fd(int fd, char **argv, char **envp)
     int corral_seccomp_load(void *filter, unsigned short len, unsigned int flags)
     int corral_landlock_create(unsigned long long fs, unsigned long long scoped, int abi)
@@ -314,6 +348,8 @@ cdef enum Step:
     STEP_PDEATHSIG = 24
     STEP_SIGNALS = 25
     STEP_ID_MAPS = 26
+    STEP_OWNER = 27
+    STEP_SYSCTL = 28
 
 STEP_NAMES = {
     STEP_WAIT_PARENT: "wait-for-parent",
@@ -342,6 +378,8 @@ STEP_NAMES = {
     STEP_PDEATHSIG: "prctl(PR_SET_PDEATHSIG)",
     STEP_SIGNALS: "reset-signals",
     STEP_ID_MAPS: "write uid_map/gid_map",
+    STEP_OWNER: "setresuid(owner)",
+    STEP_SYSCTL: "write /proc/sys/user limit",
 }
 
 # Mount plan op kinds; corral.sandbox.mounts produces them (same numbers).
@@ -421,6 +459,8 @@ cdef struct child_plan:
     int pdeathsig
     int parent_pidfd     # pidfd of the runtime itself, set by spawn_init/spawn_join
     int exec_fd          # init: execveat this fd instead of argv[0]
+    char **sysctl_paths  # init: /proc/sys/user/* files of the new user namespace...
+    char **sysctl_values # ...and the values written to them (NULL-terminated arrays)
 
 
 cdef class ChildPlan:
@@ -435,7 +475,7 @@ cdef class ChildPlan:
     def __init__(self, *, argv, envp=(), search_path=(), cwd="/", hostname=None,
                  mount_ops=(), landlock_rules=(), landlock_handled=0, landlock_scoped=0,
                  landlock_abi=0, rlimits=(), fds=(), seccomp_bpf=None, seccomp_flags=0, cgroup_fds=(),
-                 last_cap=40, pdeathsig=0, exec_fd=-1):
+                 last_cap=40, pdeathsig=0, exec_fd=-1, sysctls=()):
         """Build the C arrays.
 
         Args:
@@ -450,6 +490,8 @@ cdef class ChildPlan:
             seccomp_bpf: raw struct sock_filter array, or None for no filter.
             seccomp_flags: flags of seccomp(SECCOMP_SET_MODE_FILTER), e.g. LOG.
             cgroup_fds: open cgroup.procs descriptors the child writes "0" into.
+            sysctls: (path, value) pairs PID 1 writes once it is root in its new user
+                namespace: that namespace's own /proc/sys/user limits.
         """
         cdef int i
         if not argv:
@@ -522,6 +564,9 @@ cdef class ChildPlan:
         self.c.pdeathsig = pdeathsig
         self.c.parent_pidfd = -1
         self.c.exec_fd = exec_fd
+        pairs = list(sysctls)
+        self.c.sysctl_paths = self._strv([path for path, _ in pairs])
+        self.c.sysctl_values = self._strv([str(value) for _, value in pairs])
 
     def __dealloc__(self):
         # The arrays are malloc'd; the strings they point into belong to self._keep.
@@ -533,6 +578,8 @@ cdef class ChildPlan:
         free(self.c.envp)
         free(self.c.search_path)
         free(self.c.cgroup_fds)
+        free(self.c.sysctl_paths)
+        free(self.c.sysctl_values)
 
     cdef void *_alloc(self, size_t size) except NULL:
         cdef void *p = malloc(size)
@@ -788,6 +835,17 @@ cdef void set_death_signal(child_plan *plan, int report_fd) noexcept nogil:
         _exit(126)
 
 
+cdef void write_sysctls(child_plan *plan, int report_fd) noexcept nogil:
+    """Cap this user namespace's own quotas (/proc/sys/user/*: the files are per user
+    namespace, and its root may lower them); a sandbox's charges stop here first."""
+    cdef int i = 0
+    while plan.sysctl_paths[i] != NULL:
+        if write_file(plan.sysctl_paths[i], plan.sysctl_values[i],
+                      strlen(plan.sysctl_values[i])) != 0:
+            fail(report_fd, STEP_SYSCTL, i)
+        i += 1
+
+
 cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
     """PID 1 of a new sandbox; runs after clone() with the new namespaces."""
     # The parent writes uid_map/gid_map, then one byte; EOF means it gave up.
@@ -797,6 +855,7 @@ cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
     if corral_setresuid0() != 0:
         fail(report_fd, STEP_SETRESUID, -1)
     set_death_signal(plan, report_fd)
+    write_sysctls(plan, report_fd)
     if attach_cgroups(plan) != 0:
         fail(report_fd, STEP_CGROUP_ATTACH, -1)
     # A cgroup namespace rooted at the sandbox's own cgroup, now that we are in it.
@@ -822,6 +881,7 @@ cdef struct init_args:
     size_t uid_map_len
     const char *gid_map
     size_t gid_map_len
+    long owner_uid      # >= 0: create the user namespace with this effective uid
 
 
 cdef int init_main(void *arg) noexcept nogil:
@@ -872,6 +932,7 @@ cdef int init_launcher(void *arg) noexcept nogil:
     """
     cdef init_args *a = <init_args *>arg
     cdef int pid
+    cdef int err
     cdef report r
     cdef int fds[2]
     # The two pipes between launcher and PID 1 are made here, not by the runtime: the
@@ -884,12 +945,25 @@ cdef int init_launcher(void *arg) noexcept nogil:
         fail(a.report_fd, STEP_CLONE, -1)
     a.exec_r = fds[0]
     a.exec_w = fds[1]
+    # The user namespace's owner is the creator's effective uid, and the kernel charges
+    # every per-user quota spent inside (inotify, mqueue bytes, namespaces) to the owner in
+    # the parent namespace as well: create it as the sandbox's own host uid, not as root.
+    if a.owner_uid >= 0:
+        corral_lift_user_pools()
+        if corral_become_owner(<unsigned int>a.owner_uid) != 0:
+            fail(a.report_fd, STEP_OWNER, -1)
     pid = corral_vfork_clone_ns(init_main, a.init_stack_top,
                                 CLONE_PARENT | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
                                 | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC, arg)
+    err = errno
+    if a.owner_uid >= 0 and corral_back_to_root() != 0:
+        if pid > 0:
+            kill(pid, SIGKILL)
+        fail(a.report_fd, STEP_OWNER, -1)
     close(a.go_r)
     close(a.exec_w)
     if pid < 0:
+        corral_set_errno(err)
         fail(a.report_fd, STEP_CLONE, -1)
     r.kind = 2
     r.step = 0
@@ -1051,12 +1125,14 @@ def open_tree_clone(path):
     return fd
 
 
-def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map):
+def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1):
     """Create a sandbox's PID 1; returns (pid, pidfd).
 
     A vfork-style launcher clones PID 1 into new user, PID, mount, network, UTS and IPC
     namespaces, writes its uid/gid maps and releases it; PID 1 contains itself and execs
-    corral-init. Neither clone copies the runtime's page tables.
+    corral-init. Neither clone copies the runtime's page tables. With owner_uid >= 0 the
+    launcher creates the user namespace with that effective uid (the namespace's owner,
+    charged for its per-user quotas), then returns to root to write the maps.
 
     Raises:
         SpawnError: the child failed a step (step, errno, detail are attributes).
@@ -1086,6 +1162,7 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map):
         args.uid_map_len = len(uid_map)
         args.gid_map = gid_map
         args.gid_map_len = len(gid_map)
+        args.owner_uid = owner_uid
         with nogil:
             corral_block_signals(&old_mask)
             launcher = corral_vfork_clone(init_launcher, corral_stack_top(launcher_stack),

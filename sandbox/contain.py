@@ -5,9 +5,13 @@ same ordered steps. The parent does what needs host privileges or may allocate; 
 (C code in ext/_spawn.pyx, no Python) does the rest, in exactly this order:
 
   parent  1. prepare: compile seccomp BPF, probe landlock ABI, plan mounts, create cgroup
-  child   2. clone(NEWUSER|NEWPID|NEWNS|NEWNET|NEWUTS|NEWIPC); wait for the parent
+  child   2. clone(NEWUSER|NEWPID|NEWNS|NEWNET|NEWUTS|NEWIPC) as the sandbox's own host uid
+             (effective uid = uid_base, so the user namespace's owner -- who the kernel
+             charges for per-user quotas -- is not root), with the pooled rlimits lifted;
+             wait for the parent
   parent  3. write uid_map / setgroups=deny / gid_map, release the child
-  child   4. setresuid/setresgid(0) inside the user namespace
+  child   4. setresuid/setresgid(0) inside the user namespace; PID 1 caps the namespace's
+             own quotas (USER_NAMESPACE_LIMITS into /proc/sys/user/*)
           5. join the cgroup (write "0" to each cgroup.procs), unshare(NEWCGROUP)
           6. sethostname, bring up loopback (the only interface)
           7. mounts in plan order, pivot_root, root and /dev read-only
@@ -39,9 +43,11 @@ from .spec import SandboxSpec
 
 #: The steps above, by name, as the child reports them (ext/_spawn.pyx STEP_NAMES).
 ORDER = (
+    "setresuid(owner)",
     "clone",
     "wait-for-parent",
     "setresuid",
+    "write /proc/sys/user limit",
     "cgroup-attach",
     "unshare(CLONE_NEWCGROUP)",
     "sethostname",
@@ -61,6 +67,48 @@ ORDER = (
 
 #: Highest capability number to drop; CAP_LAST_CAP is read from the kernel when possible.
 _CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
+
+
+#: What one sandbox may spend of the kernel's per-user quotas, written by its PID 1 into its
+#: user namespace's own /proc/sys/user/* (counts; the kernel's host defaults are per user:
+#: 128 inotify instances, a memory-sized number of watches). Every charge inside is also
+#: charged to the namespace's owner (uid_base) on the host, against the host's limits:
+#: sandboxes sharing a uid_base share those, and each can take only the share below.
+#: Nested namespaces exist only under profiles that allow them (not the default).
+USER_NAMESPACE_LIMITS: dict[str, int] = {
+    "max_inotify_instances": 32,
+    "max_inotify_watches": 16384,
+    "max_fanotify_groups": 8,
+    "max_fanotify_marks": 8192,
+    "max_user_namespaces": 16,
+    "max_mnt_namespaces": 64,
+    "max_pid_namespaces": 64,
+    "max_net_namespaces": 64,
+    "max_ipc_namespaces": 64,
+    "max_uts_namespaces": 64,
+    "max_cgroup_namespaces": 64,
+    "max_time_namespaces": 64,
+}
+_USER_SYSCTL_DIR = "/proc/sys/user"
+
+#: rlimit-counted per-user quotas (POSIX message queue bytes, queued signals, processes,
+#: locked shared memory) whose pool the launcher lifts for the new namespace (see
+#: ext/_spawn.pyx corral_lift_user_pools); PID 1 takes the runtime's own values back.
+POOLED_RLIMITS = (resource.RLIMIT_MSGQUEUE, resource.RLIMIT_SIGPENDING,
+                  resource.RLIMIT_NPROC, resource.RLIMIT_MEMLOCK)
+
+
+def user_namespace_sysctls() -> list[tuple[str, int]]:
+    """(path, value) for each USER_NAMESPACE_LIMITS file this kernel has."""
+    return [(f"{_USER_SYSCTL_DIR}/{name}", value)
+            for name, value in USER_NAMESPACE_LIMITS.items()
+            if os.path.exists(f"{_USER_SYSCTL_DIR}/{name}")]
+
+
+def namespace_owner(spec: SandboxSpec) -> int:
+    """The effective uid the sandbox's user namespace is created with: its own host uid
+    when the runtime is root (else the runtime's own, which is what the kernel uses)."""
+    return spec.uid_base if os.geteuid() == 0 else -1
 
 
 @functools.cache
@@ -136,6 +184,8 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
 
     spec = prepared.spec
     ops = mounts.plan(spec, root, workspace, detached=detached, support=support_files())
+    pooled = tuple((res, *resource.getrlimit(res)) for res in POOLED_RLIMITS) \
+        if namespace_owner(spec) >= 0 else ()
     plan = _spawn.ChildPlan(
         argv=["corral-init"],
         envp=[],
@@ -143,7 +193,8 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
         fds=[(status_fd, INIT_STATUS_FD)],
         hostname=spec.hostname,
         mount_ops=[op.as_tuple() for op in ops],
-        rlimits=prepared.rlimits,
+        rlimits=prepared.rlimits + pooled,
+        sysctls=user_namespace_sysctls(),
         seccomp_bpf=prepared.seccomp_bpf,
         seccomp_flags=prepared.seccomp_profile.load_flags,
         cgroup_fds=cgroup_fds,

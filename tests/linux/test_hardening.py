@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from corral.sandbox import Sandbox
+from corral.sandbox import PIPE, Sandbox
 
 from .conftest import inside, probe_spec
 
@@ -91,3 +91,117 @@ def test_writable_mounts_are_nosuid(target):
 ])
 def test_memory_placement_calls_are_denied(args):
     assert inside(*args).outcome == "EPERM"
+
+
+# == per-user kernel quotas =================================================================
+
+libc = ctypes.CDLL(None, use_errno=True)
+NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4)
+
+HOLD_INOTIFY = """
+import os, sys, ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+held = []
+while True:
+    fd = libc.inotify_init1(0o2000000)
+    if fd < 0:
+        break
+    held.append(fd)
+print(len(held), ctypes.get_errno(), flush=True)
+sys.stdin.read()
+"""
+
+def _host_root_inotify() -> int:
+    """0, or the errno of one inotify_init1 by host root (in a forked child, whose
+    descriptor dies with it)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            fd = libc.inotify_init1(0o2000000)
+            os.write(w, bytes([0 if fd >= 0 else ctypes.get_errno()]))
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        data = os.read(r, 1)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    return data[0]
+
+
+def _namespace_owner(pid: int) -> int:
+    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        uid = ctypes.c_uint32()
+        assert libc.ioctl(fd, NS_GET_OWNER_UID, ctypes.byref(uid)) == 0, ctypes.get_errno()
+        return uid.value
+    finally:
+        os.close(fd)
+
+
+def test_the_sandbox_user_namespace_belongs_to_its_own_host_uid():
+    """The kernel charges per-user quotas spent inside to the namespace's owner: uid_base,
+    not host root."""
+    with Sandbox.create(probe_spec()) as sb:
+        assert _namespace_owner(sb.init_pid) == sb.spec.uid_base
+        limits = inside("read", "/proc/sys/user/max_inotify_instances", sandbox=sb).value
+    assert limits == "32\n"
+
+
+def test_a_sandbox_exhausting_inotify_instances_leaves_host_root_its_own():
+    """Issue 18.8: one sandbox took all 128 inotify instances of uid 0 and host root got
+    EMFILE. Now the sandbox runs out at its own namespace's cap (EMFILE after 32), charged
+    to uid_base, and host root, probed while the sandbox holds them all, is unaffected."""
+    assert _host_root_inotify() == 0  # precondition: root has some to spare
+    with Sandbox.create(probe_spec()) as sb:
+        holder = sb.exec(["python3", "-I", "-c", HOLD_INOTIFY], stdin=PIPE, stdout=PIPE)
+        try:
+            held, err = map(int, holder.stdout.readline().split())
+            root_after = _host_root_inotify()
+        finally:
+            holder.stdin.close()
+            holder.wait()
+            holder.stdout.close()
+    assert (held, err) == (32, 24)  # EMFILE
+    assert root_after == 0
+
+
+NEST_USER_NAMESPACES = """
+import os, sys, ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+made, err, children = 0, 0, []
+r, w = os.pipe()
+for _ in range(40):
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        ok = libc.unshare(0x10000000) == 0
+        os.write(res_w, str(0 if ok else ctypes.get_errno()).encode())
+        os.read(r, 1)  # hold the namespace until the parent is done
+        os._exit(0)
+    os.close(res_w)
+    code = int(os.read(res_r, 16))
+    os.close(res_r)
+    children.append(pid)
+    if code:
+        err = code
+        break
+    made += 1
+os.close(w)
+for pid in children:
+    os.waitpid(pid, 0)
+print(made, err)
+"""
+
+
+def test_nested_user_namespaces_stop_at_the_sandbox_cap():
+    """Under a profile that lets a sandbox make user namespaces at all, it gets 16 (its
+    own max_user_namespaces), then ENOSPC: never the owner's whole host quota."""
+    with Sandbox.create(probe_spec(profile="unconfined")) as sb:
+        proc = sb.exec(["python3", "-I", "-c", NEST_USER_NAMESPACES], stdout=PIPE)
+        out, _ = proc.communicate()
+    assert out.split() == [b"16", b"28"]  # ENOSPC
