@@ -81,7 +81,10 @@ def _setup_error(exc: OSError, plan_ops=None, argv0: str | None = None) -> Corra
         ):
             return CommandNotFound(argv0, exc.errno)
         path = None
-        if plan_ops is not None and 0 <= exc.detail < len(plan_ops):
+        if exc.step_name == "write /proc/sys/user limit":
+            limits = contain.user_namespace_sysctls()
+            path = limits[exc.detail][0] if 0 <= exc.detail < len(limits) else None
+        elif plan_ops is not None and 0 <= exc.detail < len(plan_ops):
             path = plan_ops[exc.detail].target
         return SandboxSetupError(exc.step_name, path, exc.errno)
     return SandboxSetupError(exc.strerror or "spawn", getattr(exc, "filename", None),
@@ -370,7 +373,8 @@ class Sandbox(SandboxLifecycle):
             uid_map = contain.id_map(self.spec)
             try:
                 with WRITE_CLONE.hold(CLONING):
-                    self.init_pid, self._init_pidfd = _spawn.spawn_init(plan, uid_map, uid_map)
+                    self.init_pid, self._init_pidfd = _spawn.spawn_init(
+                        plan, uid_map, uid_map, contain.namespace_owner(self.spec))
             except OSError as exc:
                 raise _setup_error(exc, ops) from None
             if self.spec.allow_net:  # before any command runs
