@@ -6,14 +6,16 @@ run stays short: the daemon can raise its soft limit only up to that hard limit)
   fds_per_idle_sandbox     descriptors the daemon holds per idle sandbox: /proc/PID/fd
                            after --sample creates, minus before, divided by --sample
   rss_per_idle_sandbox     the daemon's RSS growth per idle sandbox (bytes), same sample,
-                           plus init_rss_per_sandbox: PID 1 (corral-init) of one sandbox
+                           plus init_rss_per_sandbox and init_pss_per_sandbox: PID 1
+                           (corral-init) of one sandbox, outside the daemon
   max_idle_sandboxes       Create until the daemon refuses: how many were alive then, and
                            how the first refusal was answered (refused_with: the gRPC status;
                            RESOURCE_EXHAUSTED is the descriptor budget refusing cleanly,
                            INTERNAL would be the kernel's EMFILE reaching a caller)
   exec_after_refusal       an exec in an existing sandbox still works at the limit (the
                            daemon's own descriptor reserve)
-  max_idle_sandboxes_per_1m_fds   the same figure scaled to RLIMIT_NOFILE = 1,048,576
+  max_idle_sandboxes_at_1m_fds    the same budget projected to RLIMIT_NOFILE = 1,048,576
+                           (max_sandboxes, 512 by default, caps it sooner)
 
   bench/density.py [--nofile N] [--sample N] [--json-only]
 
@@ -43,6 +45,18 @@ def rss_bytes(pid: int) -> int:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
+    return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (corral-init's text) split among their users."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
@@ -92,7 +106,8 @@ def measure(nofile: int, sample: int) -> dict:
             ids.append(client.create_sandbox(memory_bytes=64 << 20).id)
         time.sleep(0.2)
         fds1, rss1 = fd_count(pid), rss_bytes(pid)
-        init_rss = rss_bytes(client.get_sandbox(ids[-1]).init_pid)
+        init_pid = client.get_sandbox(ids[-1]).init_pid
+        init_rss, init_pss = rss_bytes(init_pid), pss_bytes(init_pid)
         refused_with, refused_message = "", ""
         started = time.monotonic()
         while True:
@@ -121,7 +136,11 @@ def measure(nofile: int, sample: int) -> dict:
             "rss_per_idle_sandbox": round((rss1 - rss0) / sample),
             "init_rss_per_sandbox": init_rss,
             "max_idle_sandboxes": alive,
-            "max_idle_sandboxes_per_1m_fds": round(alive * (1 << 20) / nofile),
+            # the same budget at RLIMIT_NOFILE = 2**20: what the daemon holds, its reserve
+            # (256 at that limit) and one create's headroom, the rest at this cost each
+            "max_idle_sandboxes_at_1m_fds": int(((1 << 20) - fds0 - 256 - 12) / per_fd) + 1
+            if per_fd else None,
+            "init_pss_per_sandbox": init_pss,
             "refused_with": refused_with,
             "refused_message": refused_message,
             "exec_after_refusal": exec_ok,
