@@ -46,6 +46,19 @@ MAX_STDIN_BUFFER = 4 << 20
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def signal_command(process, sig: int) -> bool:
+    """Signal a command's process group through its pidfd (a native Process), never by
+    a number that may have been reused since it was reaped; a backend without process
+    groups signals the command itself. True when delivered."""
+    group = getattr(process, "signal_group", None)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group is not None:
+            return group(sig)
+        process.send_signal(sig)
+        return True
+    return False
+
+
 class Ended(CorralError):
     """The command, its stdin or the session a request is about has already ended."""
 
@@ -471,9 +484,7 @@ class SandboxManager:
             handle = self.get_exec(caller, sandbox_id, exec_id)
             delivered = 0
             if handle.running and handle.process.pid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(handle.process.pid, sig)
-                    delivered = 1
+                delivered = int(signal_command(handle.process, sig))
         else:
             delivered = msb.sandbox.signal(sig)
         self.audit.append("sandbox.signal", tenant=caller.tenant, peer=caller.peer,

@@ -29,7 +29,7 @@ from corral.sandbox.errors import CorralError, InvalidSpec, NotFound, Permission
 from corral.v1 import stream_pb2
 
 from .auth import Caller
-from .sandboxes import Ended
+from .sandboxes import Ended, signal_command
 from .streams import ControlWriter, StreamHub
 
 log = logging.getLogger("corral.sessions")
@@ -240,8 +240,7 @@ class SessionManager:
         if session.protocol_seen:
             session.control.send_interrupt()
         elif session.exec_handle.process.pid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(session.exec_handle.process.pid, signal.SIGINT)
+            signal_command(session.exec_handle.process, signal.SIGINT)
         if session.turn_open and session._interrupt_timer is None:
             loop = asyncio.get_running_loop()
             session._interrupt_timer = loop.call_later(
@@ -355,8 +354,7 @@ class SessionManager:
             for sig, wait_s in ((None, SHUTDOWN_GRACE_S), (signal.SIGTERM, SHUTDOWN_GRACE_S),
                                 (signal.SIGKILL, 5.0)):
                 if sig is not None and proc.pid:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, sig)
+                    signal_command(proc, sig)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(session.exec_handle.exited.wait(), wait_s)
                 if session.exec_handle.exited.is_set():

@@ -126,12 +126,34 @@ class Process:
             with contextlib.suppress(ProcessLookupError):
                 signal_mod.pidfd_send_signal(self.pidfd, sig)
 
+    def signal_group(self, sig: int) -> bool:
+        """Send sig to the command's process group (it is a session leader); True if sent.
+
+        Only through the pidfd held since the command started, never by number: once the
+        command is reaped its number (and so its group id, when the group is empty) may
+        name another process, anywhere on the host. PIDFD_SIGNAL_PROCESS_GROUP (Linux 6.9)
+        reaches the group of the pidfd's own process, whose number cannot be reused while
+        any member remains. Older kernels: the sandbox's processes of that group, each
+        through its own pidfd (Sandbox.signal_where).
+        """
+        if self.returncode is not None or self.pidfd < 0:
+            return False
+        try:
+            signal_mod.pidfd_send_signal(self.pidfd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno_mod.EINVAL:
+                raise
+        leader = self.pid
+        return self.sandbox.signal_where(sig, lambda stat: stat.pgid == leader) > 0
+
     def kill(self) -> None:
         """SIGKILL the command and its process group."""
         if self.returncode is None:
-            if self.pidfd >= 0:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.pid, signal_mod.SIGKILL)
+            with contextlib.suppress(PermissionError):
+                self.signal_group(signal_mod.SIGKILL)
             self.send_signal(signal_mod.SIGKILL)
 
     def _finish(self, status: int | None) -> None:
@@ -642,13 +664,45 @@ class Sandbox(SandboxLifecycle):
 
     def signal(self, sig: int) -> int:
         """Send sig to every process of the sandbox but PID 1; returns how many got it."""
+        return self.signal_where(sig, lambda stat: True)
+
+    def signal_where(self, sig: int, select) -> int:
+        """Send sig to each process of the sandbox but PID 1 whose `_ProcStat` passes
+        select; returns how many got it.
+
+        Never by number: each pid listed in the cgroup is opened as a pidfd first, then
+        checked to be in this sandbox's cgroup (its /proc cgroup line is PID 1's) and still
+        alive, so a number reused by a process elsewhere between the listing and the
+        signal is never hit. One descriptor at a time.
+        """
+        if self.init_pid is None or self._cgroup is None:
+            return 0
+        try:
+            with open(f"/proc/{self.init_pid}/cgroup", "rb") as f:
+                ours = f.read()
+        except OSError:
+            return 0
         sent = 0
         for pid in self.pids():
             if pid == self.init_pid:
                 continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-                sent += 1
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone already
+                continue
+            try:
+                with open(f"/proc/{pid}/cgroup", "rb") as f:
+                    same = f.read() == ours
+                stat = _ProcStat.read(pid)
+                # alive now => the /proc files read above were this pidfd's process
+                signal_mod.pidfd_send_signal(fd, 0)
+                if same and select(stat):
+                    signal_mod.pidfd_send_signal(fd, sig)
+                    sent += 1
+            except (OSError, ValueError):
+                pass
+            finally:
+                os.close(fd)
         return sent
 
     def pids(self) -> list[int]:
@@ -664,6 +718,24 @@ class Sandbox(SandboxLifecycle):
         with contextlib.suppress(OSError):
             return self._cgroup.oom_kills()
         return 0
+
+
+#: pidfd_send_signal flag: signal the process group of the pidfd's process (Linux 6.9).
+PIDFD_SIGNAL_PROCESS_GROUP = 4
+
+
+@dataclass(frozen=True)
+class _ProcStat:
+    """The fields of /proc/PID/stat a signal selection needs."""
+
+    pgid: int
+
+    @classmethod
+    def read(cls, pid: int) -> _ProcStat:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2:].split()  # after "pid (comm) "
+        return cls(pgid=int(fields[2]))
 
 
 def _remove_tree(path: str) -> None:

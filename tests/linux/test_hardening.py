@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 
 import pytest
 
-from corral.sandbox import PIPE, Sandbox
+from corral.sandbox import DEVNULL, PIPE, Sandbox
 
-from .conftest import inside, probe_spec
+from .conftest import inside, probe_spec, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -205,3 +206,107 @@ def test_nested_user_namespaces_stop_at_the_sandbox_cap():
         proc = sb.exec(["python3", "-I", "-c", NEST_USER_NAMESPACES], stdout=PIPE)
         out, _ = proc.communicate()
     assert out.split() == [b"16", b"28"]  # ENOSPC
+
+
+# == signals by pidfd, never by a reused number =============================================
+
+
+def _innocent_with_pid(pid: int):
+    """A host process (a session and group leader, as a shell or daemon would be) made
+    to get exactly `pid`, by setting the PID namespace's last pid just below it; returns
+    (its pid, the pipe end that releases it) or None if another fork took the number."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        r, w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.close(w)
+                os.close(ready_r)
+                os.setsid()
+                os.write(ready_w, b"!")
+                os.read(r, 1)
+            finally:
+                os._exit(0)
+        os.close(r)
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"!"  # it leads its own group now
+        os.close(ready_r)
+        if child == pid:
+            return child, w
+        os.close(w)
+        os.waitpid(child, 0)
+    return None
+
+
+def _release(child: int, w: int) -> int:
+    """Let the innocent process exit; its wait status (a signal would show here)."""
+    os.close(w)
+    _, status = os.waitpid(child, 0)
+    return status
+
+
+def _reaped_but_unsettled(sb):
+    """A command that has exited and been reaped by the sandbox's PID 1, whose exit the
+    runtime has not read yet (so it still counts as running): the window in which its
+    host pid number is free for anyone."""
+    proc = sb.exec(["sh", "-c", "read line"], stdin=PIPE, stdout=DEVNULL, stderr=DEVNULL)
+    assert proc.pid > 0 and proc.pidfd >= 0  # found while it waited for its input
+    proc.stdin.close()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{proc.pid}"))
+    assert proc.returncode is None
+    return proc
+
+
+@pytest.mark.parametrize("how", ["signal_group", "kill"])
+def test_a_reused_pid_is_never_signalled_through_a_finished_command(how):
+    """Issue 18 (Low): Signal, interrupt and timeout did killpg(pid) by number. Once the
+    command is reaped, that number (and group id) can belong to any host process."""
+    with Sandbox.create(probe_spec()) as sb:
+        proc = _reaped_but_unsettled(sb)
+        innocent = _innocent_with_pid(proc.pid)
+        assert innocent is not None, "could not place a process on the freed pid"
+        try:
+            if how == "signal_group":
+                assert proc.signal_group(signal.SIGTERM) is False
+            else:
+                proc.kill()
+        finally:
+            status = _release(*innocent)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_a_stale_listing_never_signals_a_process_outside_the_sandbox(monkeypatch):
+    """Sandbox.signal lists the cgroup, then signals: a pid reused in between by a host
+    process must not be hit (simulated: the listing names a host process)."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(w)
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    os.close(r)
+    try:
+        with Sandbox.create(probe_spec()) as sb:
+            monkeypatch.setattr(sb, "pids", lambda: [sb.init_pid, child])
+            assert sb.signal(signal.SIGTERM) == 0
+    finally:
+        status = _release(child, w)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_signal_group_reaches_the_whole_group_of_a_running_command():
+    script = "sleep 300 & sleep 300 & echo ready; wait"
+    with Sandbox.create(probe_spec()) as sb:
+        proc = sb.exec(["sh", "-c", script], stdin=DEVNULL, stdout=PIPE, stderr=DEVNULL)
+        assert proc.stdout.readline() == b"ready\n"
+        assert wait_until(lambda: len(sb.pids()) == 4)  # PID 1, sh, two sleeps
+        assert proc.signal_group(signal.SIGTERM) is True
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        assert wait_until(lambda: sb.pids() == [sb.init_pid])
+        proc.stdout.close()
+        assert sb.signal(signal.SIGTERM) == 0  # nothing left but PID 1
