@@ -433,13 +433,31 @@ def _survivor_procedure(ctx: Context, probe: Probe) -> Outcome:
         time.sleep(0.05)
         left = _processes_with(marker)
     for pid in left:  # it escaped: end it, the probe's evidence is already taken
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal_mod.SIGKILL)
+        _kill_if_marked(pid, marker)
     value = {"forked": inner.short, "seen_before_destroy": len(before),
              "alive_after_destroy": len(left)}
     if left:
         return Outcome(True, None, value)
     return Outcome(False, "ESRCH", {"errno": "ESRCH", **value})
+
+
+def _kill_if_marked(pid: int, marker: str) -> None:
+    """SIGKILL pid through a pidfd, only while it is still the process carrying marker
+    (a number found earlier may since name another process)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            marked = marker.encode() in f.read()
+        signal_mod.pidfd_send_signal(fd, 0)  # alive now: the cmdline read was its own
+        if marked:
+            signal_mod.pidfd_send_signal(fd, signal_mod.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _processes_with(marker: str) -> list[int]:
