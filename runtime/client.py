@@ -346,13 +346,18 @@ class Client:
 
     def submit_task(self, argv: list[str], *, selector=None, resources=None, priority: int = 0,
                     retries: int = 0, max_runtime_s: float = 0.0, files=None,
-                    **sandbox) -> task_pb2.Task:
-        """Submit a deep task; returns it once the daemon has committed it."""
+                    request_id: str = "", **sandbox) -> task_pb2.Task:
+        """Submit a deep task; returns it once the daemon has committed it.
+
+        request_id: an idempotency key (e.g. a UUID made once per task): a Submit retried
+        with it returns the task the first one made instead of making another.
+        """
         spec = task_pb2.TaskSpec(argv=argv, selector=selector or {}, resources=resources or {},
                                  priority=priority, retries=retries,
                                  max_runtime_s=max_runtime_s, files=files or {},
                                  sandbox=sandbox_pb2.SandboxSpec(**sandbox))
-        return self._call(self.tasks.Submit, task_pb2.SubmitTaskRequest(spec=spec))
+        return self._call(self.tasks.Submit, task_pb2.SubmitTaskRequest(
+            spec=spec, request_id=request_id))
 
     def submit_tasks(self, specs) -> Iterator[task_pb2.SubmitAck]:
         """Submit many TaskSpecs on one stream; yields one ack per spec, in order."""

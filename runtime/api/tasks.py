@@ -76,7 +76,7 @@ def task_to_proto(task) -> pb.Task:
         updated_at=task.updated_at, progress_json=task.progress_json, reason=task.reason,
         result_json=task.result_json, checkpoint_seq=task.checkpoint_seq,
         started_at=task.started_at, finished_at=task.finished_at, exit_code=task.exit_code,
-        devices=list(task.devices))
+        devices=list(task.devices), request_id=task.request_id)
 
 
 def node_to_proto(node, tasks=None) -> pb.Node:
@@ -96,13 +96,14 @@ class TasksServicer(Servicer):
     @unary
     async def Submit(self, request, context):
         caller = self.caller(context)
-        task = await self.scheduler.submit(caller, spec_from_proto(request.spec))
+        task = await self.scheduler.submit(caller, spec_from_proto(request.spec),
+                                           request.request_id)
         # The answer echoes the request's spec (no need to rebuild it from the domain
         # object) with what the task holds: the cpu and memory it got by default.
         answer = pb.Task(id=task.id, tenant=task.tenant, spec=request.spec,
                          state=int(task.state), submitted_at=task.submitted_at,
                          updated_at=task.updated_at, node=task.node, attempt=task.attempt,
-                         reason=task.reason)
+                         reason=task.reason, request_id=task.request_id)
         answer.spec.resources.update(task.spec.resources)
         return answer
 
@@ -118,7 +119,8 @@ class TasksServicer(Servicer):
         async def read() -> None:
             async for request in request_iterator:
                 try:
-                    item = sched.admit(caller, spec_from_proto(request.spec))
+                    item = sched.admit(caller, spec_from_proto(request.spec),
+                                       request.request_id)
                 except CorralError as exc:
                     item = (None, exc)
                 await pending.put(item)

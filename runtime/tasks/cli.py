@@ -42,6 +42,9 @@ def add_parsers(sub, client_flags) -> None:
     submit.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
                         help="copy a local file into the task's /workspace (repeatable)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--request-id", default="", metavar="ID",
+                        help="idempotency key: submitting again with the same ID (a retry) "
+                             "prints the task the first submission made, not a new one")
     submit.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     get = verbs.add_parser("get", help="show one task")
@@ -185,7 +188,7 @@ def _submit(args) -> int:
     with _connect(args) as client:
         task = client.submit_task(
             argv, selector=selector, resources=resources, priority=args.priority,
-            retries=args.retries, files=files,
+            retries=args.retries, files=files, request_id=args.request_id,
             max_runtime_s=parse_duration(args.max_runtime, "max-runtime")
             if args.max_runtime else 0.0, **sandbox)
     print(task.id)

@@ -36,6 +36,23 @@ class Unsatisfiable(CorralError):
         super().__init__(f"{field_name}: {message}")
 
 
+class RequestIdReused(CorralError):
+    """A Submit's request_id already made a task of this tenant, with a different spec."""
+
+    grpc_status = "ALREADY_EXISTS"
+
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def check_request_id(request_id: str) -> str:
+    """An idempotency key: printable ASCII, at most MAX_REQUEST_ID_CHARS."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not all(" " < c <= "~" for c in request_id):
+        raise InvalidSpec("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable "
+                                        "ASCII characters without spaces, e.g. a UUID")
+    return request_id
+
+
 def check_label_key(key: str, field_name: str) -> str:
     if not _LABEL_KEY_RE.match(key or ""):
         raise InvalidSpec(field_name, f"{key!r} is not a label key (a-z, 0-9, '.', '_', '-', "
@@ -153,6 +170,8 @@ class DeepTask:
     runner_json: str = ""
     #: Attempts that failed or were lost (drained attempts do not count).
     failures: int = 0
+    #: The caller's idempotency key (SubmitTaskRequest.request_id), "" for none.
+    request_id: str = ""
     #: In memory only: a cancel was asked for while the attempt runs.
     cancel_requested: bool = False
     #: In memory only: the node is being drained; the attempt ends and the task requeues.

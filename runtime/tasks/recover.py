@@ -175,7 +175,12 @@ def _fit_page_count(path: str) -> None:
 
 
 def _read_table(conn: sqlite3.Connection, table: str, columns: tuple) -> tuple[list, int]:
-    select = f"SELECT {', '.join(columns)} FROM {table}"
+    try:  # a store older than a column gives its default (NULL -> the schema's default)
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    except sqlite3.DatabaseError:
+        have = set(columns)
+    wanted = [c if c in have or not have else "''" for c in columns]
+    select = f"SELECT {', '.join(wanted)} FROM {table}"
     try:
         return conn.execute(select).fetchall(), 0
     except sqlite3.DatabaseError as exc:

@@ -12,6 +12,10 @@ daemon restart; the Ray executor runs it inside the node's actor.
 
 Inside the sandbox the agent finds:
   CORRAL_TASK_ID, CORRAL_ATTEMPT        which task and attempt (1, 2, ...)
+  CORRAL_ATTEMPT_ID                     this run's own id, never given to another run:
+                                        tasks are at-least-once, so a side effect keyed
+                                        by CORRAL_TASK_ID is done once however many
+                                        attempts run (docs/agent-protocol.md)
   CORRAL_CHECKPOINT_DIR                 a directory persisted with every checkpoint and
                                         restored on retry (/workspace/.corral/checkpoint)
   CORRAL_CHECKPOINT_FILE                the last CHECKPOINT frame's payload, restored
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import selectors
 import shutil
 import threading
@@ -59,6 +64,13 @@ class AttemptPlan:
     devices: list[str] = field(default_factory=list)
     deadline: float = 0.0  # Unix time; 0 = none
     tasks_root: str = ""
+    #: Unique per run of an attempt (CORRAL_ATTEMPT_ID): attempt numbers say which try it
+    #: is; this says which process tree, should one number ever run twice.
+    attempt_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.attempt_id:
+            self.attempt_id = f"{self.task_id}.{self.attempt}.{secrets.token_hex(4)}"
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -146,6 +158,7 @@ class AttemptRunner:
         os.makedirs(corral_dir, exist_ok=True)
         os.chown(corral_dir, uid, uid)
         env = {"CORRAL_TASK_ID": self.plan.task_id, "CORRAL_ATTEMPT": str(self.plan.attempt),
+               "CORRAL_ATTEMPT_ID": self.plan.attempt_id,
                "CORRAL_CHECKPOINT_DIR": CHECKPOINT_DIR_INSIDE,
                "CORRAL_EVENTS_FD": str(EVENTS_FD)}
         seq = self.files.latest_checkpoint()
@@ -186,7 +199,8 @@ class AttemptRunner:
             self.sandbox.start()
             atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({
                 "pid": os.getpid(), "start": _start_time(os.getpid()),
-                "sandbox_id": self.sandbox.id, "started_at": time.time()}).encode())
+                "sandbox_id": self.sandbox.id, "started_at": time.time(),
+                "attempt_id": plan.attempt_id}).encode())
             events_r, events_w = os.pipe2(os.O_CLOEXEC)
             ours: list[int] = [events_w]  # ends the command's side holds; closed after exec
             try:

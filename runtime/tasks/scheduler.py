@@ -30,7 +30,7 @@ from ..policy import PolicyBook, TenantPolicy
 
 from . import states
 from .files import TaskFiles
-from .model import DeepTask, TaskSpec
+from .model import DeepTask, RequestIdReused, TaskSpec, check_request_id
 from .nodes import Node, NodeConfig, NodeRegistry
 from .runner import AttemptPlan
 from .states import TaskState
@@ -76,6 +76,10 @@ class Scheduler:
         self._served: dict[str, int] = {}  # tenant -> placement counter when last served
         self._served_n = 0
         self._seq = 0
+        # (tenant, request_id) -> its task, for as long as the task is kept (idempotent
+        # Submit); tasks admitted whose commit no admitted() has seen yet, with that commit
+        self._requests: dict[tuple[str, str], DeepTask] = {}
+        self._fresh: dict[str, asyncio.Future] = {}
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._kick_pending = False
         self._heartbeat: asyncio.Task | None = None
@@ -104,6 +108,8 @@ class Scheduler:
         for task in tasks:
             self.tasks[task.id] = task
             self._seq = max(self._seq, task.seq)
+            if task.request_id:
+                self._requests[(task.tenant, task.request_id)] = task
         for task in tasks:
             if task.state in states.WAITING:
                 self._enqueue(task)
@@ -171,31 +177,60 @@ class Scheduler:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def submit(self, caller, spec: TaskSpec) -> DeepTask:
+    async def submit(self, caller, spec: TaskSpec, request_id: str = "") -> DeepTask:
         """Admit a task; returns once it is committed (and queued)."""
-        task, committed = self.admit(caller, spec)
+        task, committed = self.admit(caller, spec, request_id)
         await self.admitted(task, committed)
         return task
 
-    def admit(self, caller, spec: TaskSpec) -> tuple[DeepTask, asyncio.Future]:
+    def admit(self, caller, spec: TaskSpec,
+              request_id: str = "") -> tuple[DeepTask, asyncio.Future]:
         """First half of submit, without waiting: check, record, queue the row's write.
+
+        A request_id this tenant already used returns that task (and its commit) instead.
 
         Raises:
             Unavailable, InvalidSpec, Unsatisfiable: refused; nothing was written.
+            RequestIdReused: the request_id made a task with another spec.
         """
         if self._closing:
             raise Unavailable("the daemon is shutting down")
-        self.admission("task")
         spec = self._held_resources(spec)
+        if request_id:
+            replayed = self._replayed(caller, spec, request_id)
+            if replayed is not None:
+                return replayed
+        self.admission("task")
         self._check_policy(caller, spec)
         self.nodes.check_satisfiable(spec)
         self._seq += 1
         now = time.time()
         task = DeepTask(id="task-" + secrets.token_hex(8), seq=self._seq, tenant=caller.tenant,
-                        spec=spec, submitted_at=now, updated_at=now)
+                        spec=spec, submitted_at=now, updated_at=now, request_id=request_id)
         self.tasks[task.id] = task
-        return task, self.store.insert(task, [("task.submit", {
+        committed = self.store.insert(task, [("task.submit", {
             "tenant": caller.tenant, "peer": caller.peer, "task_id": task.id})])
+        self._fresh[task.id] = committed
+        if request_id:
+            self._requests[(task.tenant, request_id)] = task
+        return task, committed
+
+    def _replayed(self, caller, spec: TaskSpec,
+                  request_id: str) -> tuple[DeepTask, asyncio.Future] | None:
+        """The task a repeated request_id made, with its commit (done unless still under
+        way); None for a new request_id."""
+        task = self._requests.get((caller.tenant, check_request_id(request_id)))
+        if task is None:
+            return None
+        if task.spec != spec:
+            raise RequestIdReused(
+                f"request_id {request_id!r} already made task {task.id} with a different "
+                "spec; a new task needs a new request_id")
+        committed = self._fresh.get(task.id)
+        if committed is None:
+            committed = self._loop.create_future()
+            committed.set_result(None)
+        return task, committed
 
     def _held_resources(self, spec: TaskSpec) -> TaskSpec:
         """The spec with the cpu and memory it holds named, when the nodes count them.
@@ -237,14 +272,20 @@ class Scheduler:
         return limit is None or self._active.get(tenant, 0) < limit
 
     async def admitted(self, task: DeepTask, committed: asyncio.Future) -> None:
-        """Second half: wait for the commit, then make the task placeable."""
+        """Second half: wait for the commit, then make the task placeable. The first call
+        for a task after its commit queues it (or, when the commit failed, forgets it); a
+        repeated request's call finds that done."""
         try:
             await committed
         except BaseException:
-            self.tasks.pop(task.id, None)
+            if self._fresh.pop(task.id, None) is not None:
+                self.tasks.pop(task.id, None)
+                if task.request_id:
+                    self._requests.pop((task.tenant, task.request_id), None)
             raise
-        self._enqueue(task)
-        self.kick()
+        if self._fresh.pop(task.id, None) is not None:
+            self._enqueue(task)
+            self.kick()
 
     def get(self, caller, task_id: str) -> DeepTask:
         task = self.tasks.get(task_id)

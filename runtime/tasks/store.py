@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     exit_code INTEGER NOT NULL DEFAULT 0,
     devices TEXT NOT NULL DEFAULT '',
     runner_json TEXT NOT NULL DEFAULT '',
-    failures INTEGER NOT NULL DEFAULT 0
+    failures INTEGER NOT NULL DEFAULT 0,
+    request_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS node_flags (
     name TEXT PRIMARY KEY,
@@ -81,7 +82,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
 #: Columns of a tasks row, in the order load() reads them.
 _COLUMNS = ("id", "seq", "tenant", "spec", "submitted_at", "state", "node", "attempt",
             "updated_at", "started_at", "finished_at", "progress_json", "reason",
-            "result_json", "checkpoint_seq", "exit_code", "devices", "runner_json", "failures")
+            "result_json", "checkpoint_seq", "exit_code", "devices", "runner_json", "failures",
+            "request_id")
 
 
 def recover_hint(path: str) -> str:
@@ -103,8 +105,8 @@ class TaskStoreDamaged(CorralError):
 _MUTABLE = ("state", "node", "attempt", "updated_at", "started_at", "finished_at",
             "progress_json", "reason", "result_json", "checkpoint_seq", "exit_code", "devices",
             "runner_json", "failures")
-_INSERT = (f"INSERT INTO tasks (id, seq, tenant, spec, submitted_at, {', '.join(_MUTABLE)}) "
-           f"VALUES ({', '.join('?' * (5 + len(_MUTABLE)))})")
+_INSERT = (f"INSERT INTO tasks (id, seq, tenant, spec, submitted_at, request_id, "
+           f"{', '.join(_MUTABLE)}) VALUES ({', '.join('?' * (6 + len(_MUTABLE)))})")
 _UPDATE = f"UPDATE tasks SET {', '.join(m + ' = ?' for m in _MUTABLE)} WHERE id = ?"
 
 
@@ -218,7 +220,7 @@ class TaskStore:
     def insert(self, task: DeepTask, audit: list | None = None) -> asyncio.Future:
         """Queue the task's first row; the future resolves once it is committed."""
         params = (task.id, task.seq, task.tenant, task.spec.to_json(), task.submitted_at,
-                  *_mutable_values(task))
+                  task.request_id, *_mutable_values(task))
         return self._put(_INSERT, params, audit)
 
     def update(self, task: DeepTask, audit: list | None = None) -> asyncio.Future:
@@ -345,8 +347,9 @@ def task_from_row(row: tuple) -> DeepTask:
     """A DeepTask from the tasks columns in _COLUMNS order; raises when a value is wrong."""
     (tid, seq, tenant, spec, submitted_at, state, node, attempt, updated_at, started_at,
      finished_at, progress_json, reason, result_json, checkpoint_seq, exit_code, devices,
-     runner_json, failures) = row
+     runner_json, failures, request_id) = row
     for name, value, kind in (("id", tid, str), ("tenant", tenant, str), ("node", node, str),
+                              ("request_id", request_id, str),
                               ("devices", devices, str), ("seq", seq, int),
                               ("attempt", attempt, int), ("failures", failures, int)):
         if not isinstance(value, kind):
@@ -358,7 +361,7 @@ def task_from_row(row: tuple) -> DeepTask:
         progress_json=progress_json, reason=reason, result_json=result_json,
         checkpoint_seq=checkpoint_seq, exit_code=exit_code,
         devices=tuple(d for d in devices.split("\n") if d), runner_json=runner_json,
-        failures=failures)
+        failures=failures, request_id=request_id)
 
 
 def _why(exc: BaseException) -> str:
@@ -376,6 +379,9 @@ def _connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.executescript(_SCHEMA)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(tasks)")}
+    if "request_id" not in columns:  # a store written before Submit had request ids
+        conn.execute("ALTER TABLE tasks ADD COLUMN request_id TEXT NOT NULL DEFAULT ''")
     conn.commit()
     os.chmod(path, 0o600)
     return conn
