@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from corral.sandbox.errors import InvalidSpec
+from corral.sandbox.errors import CorralError, InvalidSpec
 from corral.sandbox.spec import parse_duration, parse_size
 
 from .client import Client, ClientError, decode_batch
@@ -297,22 +297,28 @@ def audit(args) -> int:
     if verb is None:
         return _fail("audit: which one? tail, query or verify", EXIT_USAGE)
     if args.db:
-        log = AuditLog.open(args.db, readonly=True)
+        try:
+            log = AuditLog.open(args.db, readonly=True)
+        except CorralError as exc:  # not a log, or too damaged to open: say which, no trace
+            return _fail(f"audit: {exc}", 1)
         try:
             if verb == "verify":
                 result = log.verify()
                 return _print_verify(result.ok, result.checked, result.broken_at_seq,
-                                     result.problem)
+                                     result.problem, result.segments, result.first_seq)
             records = log.query(**_query_filters(args), latest=True)
             for rec in records:
                 print(json.dumps(rec.to_dict()) if args.json else format_record(rec))
             return 0
+        except CorralError as exc:
+            return _fail(f"audit: {exc}", 1)
         finally:
             log.close()
     with _connect(args) as client:
         if verb == "verify":
             r = client.audit_verify()
-            return _print_verify(r.ok, r.checked, r.broken_at_seq, r.problem)
+            return _print_verify(r.ok, r.checked, r.broken_at_seq, r.problem, r.segments,
+                                 r.first_seq)
         if verb == "query":
             for rec in client.audit_query(**_query_filters(args)):
                 _print_record(rec, args.json)
@@ -357,9 +363,18 @@ def _print_record(rec, as_json: bool) -> None:
                   f"{rec.detail_json}"))
 
 
-def _print_verify(ok: bool, checked: int, broken_at: int, problem: str) -> int:
+def _print_verify(ok: bool, checked: int, broken_at: int, problem: str, segments: int = 0,
+                  first_seq: int = 0) -> int:
     if ok:
-        print(f"audit chain OK: {checked} records verified")
+        extra = []
+        if segments:
+            extra.append(f"{segments} sealed segment{'s' if segments != 1 else ''} and the "
+                         "active one")
+        if first_seq > 1:
+            extra.append(f"pruned up to record {first_seq - 1}, as its audit.prune record "
+                         "states")
+        print(f"audit chain OK: {checked} records verified"
+              + (f" ({'; '.join(extra)})" if extra else ""))
         return 0
     print(f"audit chain BROKEN at record {broken_at}: {problem}", file=sys.stderr)
     return 1

@@ -152,6 +152,7 @@ class ExecHandle:
     returncode: int | None = None
     reason: str = ""
     duration_s: float = 0.0
+    pid: int = 0  # host pid at the spawn (the Process forgets it once reaped)
 
     @property
     def running(self) -> bool:
@@ -415,7 +416,7 @@ class SandboxManager:
         stderr.attach_fd(err_r)
         writer = PipeWriter(in_w, loop)
         handle = ExecHandle(exec_id, msb.id, tuple(argv), process, stdout, stderr, writer,
-                            time.monotonic())
+                            time.monotonic(), pid=process.pid or 0)
         msb.execs[exec_id] = handle
         if stdin:
             writer.write(stdin)
@@ -450,7 +451,7 @@ class SandboxManager:
         self.audit.append(
             {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),
             tenant=msb.tenant if msb else "", peer="daemon", sandbox_id=handle.sandbox_id,
-            detail={"exec_id": handle.id, "pid": proc.pid, "returncode": handle.returncode,
+            detail={"exec_id": handle.id, "pid": handle.pid, "returncode": handle.returncode,
                     "reason": handle.reason, "duration_s": round(handle.duration_s, 6)},
         )
 

@@ -89,4 +89,5 @@ class AuditServicer(Servicer):
         result = await asyncio.get_running_loop().run_in_executor(None, self.audit.verify)
         return pb.AuditVerifyResponse(ok=result.ok, checked=result.checked,
                                       broken_at_seq=result.broken_at_seq or 0,
-                                      problem=result.problem or "")
+                                      problem=result.problem or "", segments=result.segments,
+                                      first_seq=result.first_seq)
