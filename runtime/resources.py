@@ -86,7 +86,8 @@ class ResourceGuard:
         self.reserve_inodes = reserve_inodes
         self._fd_reserve = fd_reserve
         self.reserve_path = os.path.join(state_dir, RESERVE_NAME)
-        self.reason = ""  # why new work is refused; "" while it is admitted
+        self.reason = ""  # why health says NOT_SERVING; "" while serving
+        self.disk_reason = ""  # the part of it that refuses every new sandbox, exec, task
         self.reserve_released = 0  # times the reserve was given up
         self._lock = threading.Lock()
         self._fds_at_check = open_fds()
@@ -109,8 +110,8 @@ class ResourceGuard:
             ResourceExhausted: the state disk is full, or the descriptors it needs would eat
                 into the daemon's own reserve.
         """
-        if self.reason:
-            raise ResourceExhausted(f"cannot start a new {kind}: {self.reason}")
+        if self.disk_reason:
+            raise ResourceExhausted(f"cannot start a new {kind}: {self.disk_reason}")
         cost = {"sandbox": FDS_PER_SANDBOX, "exec": FDS_PER_EXEC}.get(kind, FDS_PER_TASK)
         limit = fd_limit()
         with self._lock:
@@ -181,35 +182,41 @@ class ResourceGuard:
             # refused below the reserve; back only with twice the reserve (hysteresis)
             # without its reserve (released, or never taken) the daemon needs room for it
             # twice over before it serves: the reserve is taken back first
-            recovering = self.reason or (state_fs and self.reserve_bytes > 0 and not held)
+            recovering = self.disk_reason or (state_fs and self.reserve_bytes > 0 and not held)
             need = max(self.reserve_bytes, MIN_FREE_BYTES) * (2 if recovering else 1)
-            need_inodes = self.reserve_inodes * (2 if self.reason else 1)
+            need_inodes = self.reserve_inodes * (2 if self.disk_reason else 1)
             if free.free_bytes < need:
                 if state_fs and held and self.release_reserve():
                     held = False
                 reasons.append(f"filesystem of {free.path} has {free.free_bytes} bytes free, "
-                               f"below the {need}-byte reserve; free space there")
+                               f"less than the {need} the daemon keeps free (--disk-reserve); "
+                               "free space there")
             elif free.free_inodes < need_inodes:
                 reasons.append(f"filesystem of {free.path} has {free.free_inodes} inodes free, "
                                f"below {need_inodes}; remove files there")
+        disk_reason = "; ".join(reasons)
         with self._lock:
             self._fds_at_check, self._fds_admitted = open_fds(), 0
             fds = self._fds_at_check
         limit = fd_limit()
-        if fds + self.fd_reserve > limit:
-            reasons.append(f"{fds} of {limit} descriptors open (RLIMIT_NOFILE), inside the "
-                           f"{self.fd_reserve} kept for the daemon; end idle sandboxes or "
-                           "raise the limit")
+        # not serving once a new sandbox would be refused (commands may still fit)
+        if fds + FDS_PER_SANDBOX + self.fd_reserve > limit:
+            reasons.append(f"{fds} of {limit} descriptors open (RLIMIT_NOFILE), too few left "
+                           f"beside the {self.fd_reserve} kept for the daemon for a new "
+                           "sandbox; end idle sandboxes or raise the limit")
         reason = "; ".join(reasons)
         # retaken only with room for it twice over, or it would be released at once
-        if not reason and not held and fses and fses[0].free_bytes >= 2 * self.reserve_bytes:
+        if not disk_reason and not held and fses and fses[0].free_bytes >= 2 * self.reserve_bytes:
             self.take_reserve()
-        if reason != self.reason:
-            if reason:
+        # logged when the state changes, not each time the figures in the reason move
+        if (bool(reason), bool(disk_reason)) != (bool(self.reason), bool(self.disk_reason)):
+            if disk_reason:
                 log.error("refusing new sandboxes, commands and tasks: %s", reason)
+            elif reason:
+                log.error("refusing new sandboxes: %s", reason)
             else:
                 log.warning("serving again: %s recovered", self.reason)
-        self.reason = reason
+        self.reason, self.disk_reason = reason, disk_reason
         self._last = {"fses": fses, "fds": fds, "fd_limit": limit}
         return reason
 

@@ -10,7 +10,7 @@ import pytest
 
 from corral.runtime.client import ClientError
 
-from .daemon_harness import DaemonProcess, collect_exec
+from .daemon_harness import DaemonProcess, collect_exec, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -55,12 +55,20 @@ def test_descriptors_run_out_as_resource_exhausted(tmp_path):
             "itself; end idle sandboxes or sessions, or raise the daemon's descriptor limit "
             "(LimitNOFILE=, prlimit)")
         assert len(ids) >= 80  # (300 - 75 kept - what the daemon holds) / 2
+        # health says so too, and names the reason in the log
+        assert wait_until(lambda: daemon.health("corral.v1.Sandboxes") == "NOT_SERVING",
+                          timeout_s=10)
+        assert daemon.health("corral.v1.Audit") == "SERVING"
+        assert f"of {NOFILE} descriptors open (RLIMIT_NOFILE), too few left beside the " \
+               f"{NOFILE // 4} kept for the daemon for a new sandbox" in daemon.log()
         # what exists still works: an exec, a file, a destroy, then a create again
         res = collect_exec(client.exec(first.id, ["echo", "still"]))
         assert (res.returncode, res.stdout) == (0, b"still\n")
         client.write_file(first.id, "f.txt", b"x")
         for sandbox_id in ids[:10]:
             client.destroy_sandbox(sandbox_id)
+        assert wait_until(lambda: daemon.health("corral.v1.Sandboxes") == "SERVING",
+                          timeout_s=10)
         client.create_sandbox()
         assert "Too many open files" not in daemon.log()
         assert daemon.stop() == 0
