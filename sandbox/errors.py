@@ -176,6 +176,8 @@ class AuditError(CorralError):
 
     def __init__(self, path: str, message: str):
         self.path = path
+        if "database or disk is full" in message:  # the operator's to fix, not a bug
+            self.grpc_status = "RESOURCE_EXHAUSTED"
         super().__init__(f"audit log {path}: {message}")
 
 

@@ -56,6 +56,9 @@ def test_full_database_and_oserrors():
     audit = as_exhaustion(AuditError("/s/audit.db", "cannot append records 4-5: database or "
                                                     "disk is full"))
     assert str(audit).startswith("the daemon's state filesystem is full (/s/audit.db): ")
+    assert AuditError("/s/audit.db", "cannot append records 4-5: database or disk is full"
+                      ).grpc_status == "RESOURCE_EXHAUSTED"  # also where statuses are read raw
+    assert AuditError("/s/audit.db", "cannot open: locked").grpc_status == "INTERNAL"
     emfile = as_exhaustion(OSError(errno.EMFILE, "Too many open files", "/p"))
     assert str(emfile).startswith("EMFILE '/p': the daemon is out of file descriptors")
     refused = ResourceExhausted("quota")
