@@ -49,15 +49,15 @@ def status_of(exc: CorralError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
 
 
-def record_denial(servicer, context, exc: CorralError, method: str):
-    """Record a denial (PERMISSION_DENIED, UNAUTHENTICATED, or a class marked `denial`, such
+def deny_later(servicer, context, exc: CorralError, method: str):
+    """Count a denial (PERMISSION_DENIED, UNAUTHENTICATED, or a class marked `denial`, such
     as a tenant's quota); other errors are not denials. `context` (for the peer) may be None
     once the caller is known, as for a failed request on an OpenMany stream.
 
     Denials are rate-limited per (tenant, peer host, status) (`AuditLog.deny`): a flood of
     bad tokens costs a counter, not an fsync per call, and ends up in `denied.summary`
-    records. Returns the future of the `denied` record, or None (not recorded on its own).
-    Never waits for the disk.
+    records. Returns the future of the `denied` record, or None (not a denial, or counted
+    into a summary). Never waits for the disk.
     """
     denial = isinstance(exc, (PermissionDenied, Unauthenticated)) or getattr(exc, "denial", False)
     if not denial or servicer.audit is None:
@@ -74,6 +74,17 @@ def record_denial(servicer, context, exc: CorralError, method: str):
         return None
 
 
+def record_denial(servicer, context, exc: CorralError, method: str) -> None:
+    """`deny_later`, then wait until its `denied` record (if any) is durable, for callers
+    that answer synchronously. Only the first denials of a window wait (DENIAL_BURST)."""
+    pending = deny_later(servicer, context, exc, method)
+    if pending is not None:
+        try:
+            pending.result()
+        except Exception:  # noqa: BLE001 - the refusal stands; the log says why
+            log.exception("%s: denial not recorded", method)
+
+
 async def _abort(servicer, context, exc: Exception, method: str) -> None:
     """End the RPC for exc: a CorralError with its own status, running out of descriptors,
     disk or memory RESOURCE_EXHAUSTED (as_exhaustion), anything else INTERNAL."""
@@ -83,7 +94,7 @@ async def _abort(servicer, context, exc: Exception, method: str) -> None:
         exhaustion_seen(exhausted)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exhausted))
     if isinstance(exc, CorralError):
-        pending = record_denial(servicer, context, exc, method)
+        pending = deny_later(servicer, context, exc, method)
         if pending is not None:  # recorded before the answer, without blocking the loop
             try:
                 await asyncio.wrap_future(pending)
