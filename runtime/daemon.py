@@ -59,6 +59,9 @@ class Daemon:
         self._monitor: asyncio.Task | None = None
         #: Steps of stop() that failed (each logged; the process still exits).
         self.stop_failures: list[str] = []
+        #: When this daemon is its process (`corral daemon`): end the process if a stop
+        #: takes longer than this. None in a process that embeds a Daemon (tests).
+        self.exit_deadline_s: float | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -247,14 +250,16 @@ class Daemon:
 
         Every step runs even when an earlier one fails (a full disk fails the last audit
         append): failures are logged and kept in stop_failures, and the daemon is marked
-        stopped whatever happened. A watchdog ends the process if stopping takes longer than
-        STOP_DEADLINE_S (a step stuck in the kernel or on a lock).
+        stopped whatever happened. With exit_deadline_s set (`corral daemon` sets
+        STOP_DEADLINE_S), a watchdog ends the process if stopping takes longer (a step stuck
+        in the kernel or on a lock).
         """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
-        _start_stop_watchdog(STOP_DEADLINE_S)
+        if self.exit_deadline_s is not None:
+            _start_stop_watchdog(self.exit_deadline_s)
         log.info("corral daemon stopping: %s%s", reason, f" ({cause})" if cause else "")
         try:
             await self._stop_steps(reason, cause)
@@ -368,6 +373,7 @@ def run(config: DaemonConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     started = time.monotonic()
     daemon = Daemon(config)
+    daemon.exit_deadline_s = STOP_DEADLINE_S  # this process is the daemon: stops end it
     try:
         asyncio.run(daemon.serve_forever())
     except (RuntimeError, CorralError) as exc:  # e.g. AuditTampered: refuse, say why
