@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "this (e.g. 90d), at start and at each rotation, after an "
                              "audit.prune record 'pruned up to seq N, hash H' that verify "
                              "checks (default: forever)")
+    daemon.add_argument("--task-retention", metavar="DURATION",
+                        help="remove a finished task (its row, RESULT, output files, log, "
+                             "checkpoint) and a lost attempt's workspace this long after it "
+                             "ended, behind a task.expired record; 0: keep them (default: 7d)")
     daemon.add_argument("--mux-interval-ms", metavar="MS", type=float,
                         help="Sessions.OpenMany: least ms between two messages of one stream; "
                              "its sessions' news travels together (default: 2; 0: at once)")
@@ -454,6 +458,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             "audit_retention_s": (config.retention_seconds(args.audit_retention,
                                                            "audit-retention")
                                   if args.audit_retention else None),
+            "task_retention_s": (config.retention_seconds(args.task_retention,
+                                                          "task-retention")
+                                 if args.task_retention else None),
         }
         cfg = config.load(args.config, overrides)
     except InvalidSpec as exc:

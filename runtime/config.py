@@ -99,6 +99,10 @@ class DaemonConfig:
     #: Remove sealed audit segments whose last record is older than this many seconds, behind
     #: an audit.prune record (TOML: audit_retention = "90d"); 0 = keep every segment.
     audit_retention_s: float = 0.0
+    #: Remove a finished task (row, RESULT, output files, log, checkpoint) and a lost
+    #: attempt's workspace this many seconds after it ended, behind a task.expired /
+    #: task.workspace_expired record (TOML: task_retention = "7d"); 0 = keep everything.
+    task_retention_s: float = 7 * 86400.0
 
     def policy_book(self):
         """Every tenant's policy (runtime/policy.py), built from [policy] and [tenants.*].
@@ -163,6 +167,9 @@ class DaemonConfig:
                                                      "4096 bytes")
         if self.audit_retention_s < 0:
             raise InvalidSpec("audit_retention", "must not be negative")
+        if not isinstance(self.task_retention_s, (int, float)) or self.task_retention_s < 0:
+            raise InvalidSpec("task_retention", f"{self.task_retention_s!r} must be a duration "
+                                                "(e.g. 7d) or 0 to keep every task")
         self.policy_book()  # refuse a bad policy at start, naming its key
         return self
 
@@ -193,8 +200,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, stream_log_bytes,
     mux_interval_ms, workspace_root, workspace_size ("1G"), workspace_inodes,
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
-    audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"), and one
-    table per tenant: [tenants.acme] token = "...".
+    audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
+    task_retention ("7d"), and one table per tenant: [tenants.acme] token = "...".
     """
     values: dict = {}
     if path:
@@ -236,6 +243,8 @@ def _from_mapping(raw: dict, path: str) -> dict:
             out["policy"] = dict(value)
         elif key == "audit_retention":
             out["audit_retention_s"] = retention_seconds(value)
+        elif key == "task_retention":
+            out["task_retention_s"] = retention_seconds(value, "task_retention")
         elif key in _DURATIONS:
             out[_DURATIONS[key]] = parse_duration(value, key)
         elif key in _SIZES:

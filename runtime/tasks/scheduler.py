@@ -32,6 +32,7 @@ from . import states
 from .files import TaskFiles
 from .model import DeepTask, RequestIdReused, TaskSpec, check_request_id
 from .nodes import Node, NodeConfig, NodeRegistry
+from .retention import TaskRetention
 from .runner import AttemptPlan
 from .states import TaskState
 from .store import TaskStore, check_complete
@@ -58,7 +59,8 @@ class Scheduler:
     """Tasks and nodes of one daemon."""
 
     def __init__(self, state_dir: str, audit, node_configs: list[NodeConfig], *,
-                 executors: dict | None = None, policies: PolicyBook | None = None):
+                 executors: dict | None = None, policies: PolicyBook | None = None,
+                 retention_s: float = 0.0):
         self.state_dir = state_dir
         #: Each tenant's operator policy: task limits, priority cap, task quotas.
         self.policies = policies or PolicyBook(TenantPolicy.tenant_default(), {})
@@ -83,6 +85,8 @@ class Scheduler:
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._kick_pending = False
         self._heartbeat: asyncio.Task | None = None
+        #: Removes finished tasks and lost attempts' workspaces after retention_s (0: never).
+        self.retention = TaskRetention(self, retention_s)
         self._closing = False
         #: Called with "task" before one is admitted: raises ResourceExhausted when the
         #: daemon cannot afford it (state disk full: runtime/resources.py).
@@ -116,6 +120,7 @@ class Scheduler:
             elif task.state in states.ACTIVE:
                 await self._recover(task)
         self._heartbeat = self._loop.create_task(self._beat())
+        self.retention.start()
         self.kick()
 
     async def _recover(self, task: DeepTask) -> None:
@@ -158,6 +163,7 @@ class Scheduler:
         self._closing = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        self.retention.stop()
         for ex in self.executors.values():
             with contextlib.suppress(Exception):
                 await ex.stop()
@@ -286,6 +292,15 @@ class Scheduler:
         if self._fresh.pop(task.id, None) is not None:
             self._enqueue(task)
             self.kick()
+
+    def forget(self, task: DeepTask) -> None:
+        """Drop a finished task whose row and directory are gone (retention): its request
+        id is free again, and its Watch streams end."""
+        self.tasks.pop(task.id, None)
+        if task.request_id:
+            self._requests.pop((task.tenant, task.request_id), None)
+        for q in self._watchers.pop(task.id, ()):
+            q.put_nowait(None)
 
     def get(self, caller, task_id: str) -> DeepTask:
         task = self.tasks.get(task_id)

@@ -22,6 +22,6 @@ async def start_scheduler(cfg, audit, policies=None) -> Scheduler:
         executors["ray"] = RayExecutor(address=cfg.ray_address,
                                        nodes=[n for n in nodes if n.executor == "ray"])
     scheduler = Scheduler(cfg.state, audit, list(nodes), executors=executors,
-                          policies=policies)
+                          policies=policies, retention_s=cfg.task_retention_s)
     await scheduler.start()
     return scheduler

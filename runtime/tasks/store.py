@@ -227,6 +227,21 @@ class TaskStore:
         """Queue the task's current mutable fields (a snapshot taken now)."""
         return self._put(_UPDATE, (*_mutable_values(task), task.id), audit)
 
+    def delete(self, task_ids: list[str], audit: list | None = None) -> asyncio.Future:
+        """Queue the removal of tasks' rows (retention); resolves once all are committed
+        (the writer commits in order, so the last one's commit covers the others).
+
+        Raises:
+            ValueError: no task ids.
+        """
+        if not task_ids:
+            raise ValueError("delete() needs at least one task id")
+        last = len(task_ids) - 1
+        futures = [self._put("DELETE FROM tasks WHERE id = ?", (task_id,),
+                             audit if i == last else None)
+                   for i, task_id in enumerate(task_ids)]
+        return futures[-1]
+
     def set_node_flags(self, name: str, cordoned: bool, draining: bool,
                        audit: list | None = None) -> asyncio.Future:
         return self._put("INSERT OR REPLACE INTO node_flags (name, cordoned, draining) "
