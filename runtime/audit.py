@@ -78,6 +78,36 @@ waits for the disk. Should that ever bind, group commit (one fsync for the appen
 behind it) is the next step. `verify()` checks ~110,000 records/s, `export_jsonl()` writes
 ~100,000/s, and a query by sandbox takes ~0.6 ms on a 100,000-record log.
 
+Bounded details
+---------------
+A record is never refused, and no action left unrecorded, for its size: a detail whose
+canonical JSON exceeds MAX_DETAIL_BYTES is shrunk (`bound_detail`). Strings, lists and objects
+over a level's limits become markers ``{"corral.truncated": "string"|"list"|"nesting", ...}``
+(a kept ``head`` / first items, the original ``chars`` / ``items`` / ``keys`` count and the
+``sha256`` of the full value), tighter levels are tried in turn, and the last resort is
+``{"corral.truncated": "detail", "bytes", "sha256", "keys", "key_count"}``. The stored text is
+what is hashed, as for any record.
+
+Segments, seals and pruning
+---------------------------
+The log may rotate (``segment_records`` / ``segment_bytes``): the active segment ``<path>``
+gets a last record of kind ``audit.seal`` and moves, read-only and out of WAL mode, to
+``<path>.segments/<first seq:020d>-<last seq:020d>.db``; the next record, in a fresh ``<path>``,
+has the seal's hash as its prev_hash. There is one chain across all files: `verify()` feeds
+the segments in order, then the active one, to one checker, and also requires each sealed file
+to start and end where its name says and to end with its seal. Pruning (``retention_s``)
+removes the oldest sealed segments only after committing an ``audit.prune`` record whose
+detail states ``up_to_seq`` N and ``hash`` H (the last removed record and its hash);
+`verify()` then starts at the oldest record left and requires the latest ``audit.prune`` to
+account exactly for the gap (oldest record N+1, prev_hash H). ``<path>.lock`` is flocked
+shared by verify and export and exclusively (without waiting) by rotation and pruning.
+
+Denials
+-------
+`deny()` / `DenialLimiter` bound what refused callers cost: per (tenant, peer host, status)
+the first DENIAL_BURST denials of a DENIAL_WINDOW_S window are ``denied`` records, the rest one
+``denied.summary`` record with their ``count``; every denial is in one or the other.
+
 Threads
 -------
 One writer connection and one reader connection, each behind a lock; SQLite's statement cache
