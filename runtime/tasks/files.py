@@ -16,8 +16,10 @@ Ray executor receives the same data from its actor and writes it here itself)::
     notify                      FIFO: one byte per change, the daemon's doorbell
 
 Every file is replaced atomically (write, fsync, rename, fsync the directory): a reader or
-a crash never sees half of one. Copies out of a workspace never follow a symbolic link and
-take only regular files and directories: the agent controls those trees.
+a crash never sees half of one. Copies out of a workspace never follow a symbolic link,
+take only regular files and directories, never open anything that could block (a FIFO),
+walk without recursion at any depth, keep holes as holes, and stop at MAX_COPY_BYTES data
+bytes and MAX_COPY_ENTRIES entries: the agent controls those trees.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import stat
+from dataclasses import dataclass
 
+from corral.sandbox import fstree
+
+#: Data bytes one copy out of a workspace takes at most (holes of sparse files are free).
 MAX_COPY_BYTES = 256 << 20
+#: Files and directories one copy out of a workspace takes at most.
+MAX_COPY_ENTRIES = 100_000
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -70,8 +77,8 @@ def open_beneath(base: str, rel: str = "") -> int:
         for part in [p for p in rel.split("/") if p and p != "."]:
             if part == "..":
                 raise OSError(errno.EPERM, "'..' in a path beneath a workspace", rel)
-            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=fd)
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                          | os.O_NONBLOCK, dir_fd=fd)
             os.close(fd)
             fd = nxt
     except BaseException:
@@ -80,100 +87,168 @@ def open_beneath(base: str, rel: str = "") -> int:
     return fd
 
 
-def copy_tree_safe(src: str, dst: str, limit: int = MAX_COPY_BYTES, *, uid: int | None = None,
-                   fsync: bool = False, beneath: str | None = None) -> int:
+@dataclass
+class CopyReport:
+    """What copy_tree() did: data bytes written, entries made, and what it left out."""
+
+    bytes: int = 0
+    entries: int = 0
+    skipped: int = 0  # links, FIFOs, sockets, devices, unreadable entries
+    complete: bool = True  # False: a limit stopped it
+
+
+def copy_tree(src: str, dst: str, limit: int = MAX_COPY_BYTES, *, uid: int | None = None,
+              fsync: bool = False, beneath: str | None = None,
+              max_entries: int = MAX_COPY_ENTRIES) -> CopyReport:
     """Copy regular files and directories of src into dst (created), never following links.
 
-    With `beneath`, src is relative to that directory and no component of it may be a link.
-    Returns the bytes copied; stops quietly at `limit`. Files are chowned to uid when given.
-    A missing or non-directory src copies nothing.
+    The walk is iterative and descriptor-relative (sandbox/fstree.py), so any depth works;
+    files are opened with O_NONBLOCK and type-checked (a FIFO is skipped, never waited on)
+    and copied sparsely (holes stay holes). At most `limit` data bytes and `max_entries`
+    entries are copied; the report says whether a limit was reached. With `beneath`, src
+    is relative to that directory and no component of it may be a link. Files are chowned
+    to uid when given. A missing or non-directory src copies nothing.
     """
+    report = CopyReport()
     try:
         if beneath is not None:
             top = open_beneath(beneath, src)
         else:
-            top = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            top = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                          | os.O_NONBLOCK)
     except OSError:
-        return 0
+        return report
     try:
-        return _copy_dir(top, dst, limit, uid, fsync)
+        _copy_walk(top, dst, limit, uid, fsync, max_entries, report)
+    except fstree.TreeChanged:
+        report.complete = False
     finally:
         os.close(top)
+    return report
 
 
-def _copy_dir(dir_fd: int, dst: str, budget: int, uid: int | None, fsync: bool) -> int:
+def copy_tree_safe(src: str, dst: str, limit: int = MAX_COPY_BYTES, *, uid: int | None = None,
+                   fsync: bool = False, beneath: str | None = None) -> int:
+    """copy_tree(), returning only the data bytes copied."""
+    return copy_tree(src, dst, limit, uid=uid, fsync=fsync, beneath=beneath).bytes
+
+
+def _copy_walk(top: int, dst: str, limit: int, uid: int | None, fsync: bool,
+               max_entries: int, report: CopyReport) -> None:
     os.makedirs(dst, mode=0o755, exist_ok=True)
     if uid is not None:
         os.chown(dst, uid, uid)
-    used = 0
-    with os.scandir(dir_fd) as it:
-        entries = list(it)
-    for entry in entries:
-        if used >= budget:
-            break
+    # The destination is ours: its directories along the current path, by depth, each with
+    # the source path it copies; at most MAX_OPEN_DIRS open (the others reopened by "..").
+    dst_fds = [os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    made: list[tuple[str, ...]] = [()]
+
+    def leave() -> None:
+        fd = dst_fds.pop()
+        made.pop()
         try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        target = os.path.join(dst, entry.name)
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                sub = os.open(entry.name, flags | os.O_DIRECTORY, dir_fd=dir_fd)
-            except OSError:
-                continue
-            try:
-                used += _copy_dir(sub, target, budget - used, uid, fsync)
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(st.st_mode):
-            try:
-                fd = os.open(entry.name, flags, dir_fd=dir_fd)
-            except OSError:
-                continue
-            try:
-                used += _copy_file(fd, target, budget - used, uid, fsync)
-            finally:
-                os.close(fd)
-    return used
+            if dst_fds[-1] < 0:
+                dst_fds[-1] = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                      dir_fd=fd)
+        finally:
+            os.close(fd)
 
-
-def _copy_file(fd: int, target: str, budget: int, uid: int | None, fsync: bool) -> int:
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        return 0
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    copied = 0
     try:
-        while copied < budget:
-            chunk = os.read(fd, min(1 << 20, budget - copied))
-            if not chunk:
-                break
-            os.write(out, chunk)
-            copied += len(chunk)
-        if fsync:
-            os.fsync(out)
-        if uid is not None:
-            os.fchown(out, uid, uid)
+        for entry in fstree.walk(top):
+            if report.entries >= max_entries or report.bytes >= limit:
+                report.complete = False
+                return
+            depth = len(entry.parts) - 1
+            while len(made) > depth + 1:
+                leave()
+            if made[-1] != entry.parts[:depth]:  # its directory could not be made
+                report.skipped += 1
+                continue
+            try:
+                if stat.S_ISDIR(entry.st.st_mode):
+                    _copy_dir_entry(entry, dst_fds, uid)
+                    made.append(entry.parts)
+                    report.entries += 1
+                    old = len(dst_fds) - 1 - fstree.MAX_OPEN_DIRS
+                    if old >= 1 and dst_fds[old] >= 0:
+                        os.close(dst_fds[old])
+                        dst_fds[old] = -1
+                    continue
+                if not stat.S_ISREG(entry.st.st_mode):
+                    report.skipped += 1
+                    continue
+                copied, whole = _copy_file_entry(entry, dst_fds[-1], limit - report.bytes,
+                                                 uid, fsync)
+            except OSError:
+                report.skipped += 1
+                continue
+            if copied is None:
+                report.skipped += 1
+                continue
+            report.bytes += copied
+            report.entries += 1
+            if not whole:
+                report.complete = False
+                return
     finally:
-        os.close(out)
-    return copied
+        for fd in dst_fds:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _copy_dir_entry(entry: fstree.Entry, dst_fds: list[int], uid: int | None) -> None:
+    parent = dst_fds[-1]
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(entry.name, 0o755, dir_fd=parent)
+    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  dir_fd=parent)
+    try:
+        if uid is not None:
+            os.fchown(sub, uid, uid)
+    except BaseException:
+        os.close(sub)
+        raise
+    dst_fds.append(sub)
+
+
+def _copy_file_entry(entry: fstree.Entry, parent: int, budget: int, uid: int | None,
+                     fsync: bool) -> tuple[int | None, bool]:
+    fd = fstree.open_file(entry.dir_fd, entry.name)
+    if fd is None:  # not a regular file (any more): never opened in a blocking way
+        return None, True
+    try:
+        out = os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o644, dir_fd=parent)
+        try:
+            copied, whole = fstree.copy_file(fd, out, budget)
+            if fsync:
+                os.fsync(out)
+            if uid is not None:
+                os.fchown(out, uid, uid)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+    return copied, whole
 
 
 def tree_signature(rel: str, beneath: str) -> tuple:
     """A cheap fingerprint (names, sizes, mtimes) of beneath/rel, to notice that it changed;
-    no link is followed, so an agent cannot point it elsewhere."""
+    no link is followed, so an agent cannot point it elsewhere. Walked iteratively, at most
+    MAX_COPY_ENTRIES entries (what a checkpoint would copy)."""
     try:
         top = open_beneath(beneath, rel)
     except OSError:
         return ()
     sig: list = []
     try:
-        for root, dirs, files, _fd in os.fwalk(dir_fd=top, follow_symlinks=False):
-            dirs.sort()
-            for name in sorted(files):
-                with contextlib.suppress(OSError):
-                    st = os.stat(name, dir_fd=_fd, follow_symlinks=False)
-                    sig.append((root, name, st.st_size, st.st_mtime_ns))
+        for entry in fstree.walk(top):
+            st = entry.st
+            sig.append((entry.parts, st.st_mode, st.st_size, st.st_mtime_ns))
+            if len(sig) > MAX_COPY_ENTRIES:
+                break
+    except fstree.TreeChanged:
+        sig.append("changing")
     finally:
         os.close(top)
     return tuple(sig)
@@ -227,20 +302,20 @@ class TaskFiles:
         seq = self.latest_checkpoint() + 1
         final = self.checkpoint_dir(seq)
         tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        fstree.remove_tree(tmp, ignore_errors=True)
         os.makedirs(tmp, mode=0o700)
         if frame is not None:
             atomic_write(os.path.join(tmp, "frame"), frame)
         if files_src is not None:
             copy_tree_safe(files_src, os.path.join(tmp, "files"), fsync=True, beneath=beneath)
         fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        fstree.remove_tree(final, ignore_errors=True)
         os.rename(tmp, final)
         fsync_dir(self.checkpoints)
         atomic_write(os.path.join(self.checkpoints, "LATEST"), str(seq).encode())
         for name in os.listdir(self.checkpoints):  # keep only the newest
             if name.isdigit() and int(name) < seq:
-                shutil.rmtree(os.path.join(self.checkpoints, name), ignore_errors=True)
+                fstree.remove_tree(os.path.join(self.checkpoints, name), ignore_errors=True)
         return seq
 
     # -- doorbell -------------------------------------------------------------------------------
