@@ -56,6 +56,7 @@ bench: build sysdeps
 	$(PY) bench/sessions.py --json
 	$(PY) bench/egress.py --json
 	$(PY) bench/scheduler.py --json
+	$(PY) bench/density.py
 
 lint: build
 	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples

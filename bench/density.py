@@ -17,7 +17,7 @@ run stays short: the daemon can raise its soft limit only up to that hard limit)
   max_idle_sandboxes_at_1m_fds    the same budget projected to RLIMIT_NOFILE = 1,048,576
                            (max_sandboxes, 512 by default, caps it sooner)
 
-  bench/density.py [--nofile N] [--sample N] [--json-only]
+  bench/density.py [--nofile N] [--sample N]
 
 Prints one JSON object on the last line. Needs root (sandboxes, cgroups).
 """
@@ -166,7 +166,6 @@ def main() -> int:
                         help="RLIMIT_NOFILE (soft = hard) of the daemon (default: 1024)")
     parser.add_argument("--sample", type=int, default=50,
                         help="idle sandboxes the per-sandbox figures are measured over")
-    parser.add_argument("--json-only", action="store_true", help="no progress on stderr")
     args = parser.parse_args()
     result = measure(args.nofile, args.sample)
     print(json.dumps(result, sort_keys=True))
