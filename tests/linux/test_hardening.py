@@ -71,7 +71,7 @@ def test_openat2_says_not_implemented_so_callers_fall_back():
     assert p.outcome == "ENOSYS", p
 
 
-@pytest.mark.parametrize("target", ["/workspace", "/tmp"])
+@pytest.mark.parametrize("target", ["/workspace", "/tmp", "/dev/shm"])
 def test_writable_mounts_are_nosuid(target):
     with Sandbox.create(probe_spec()) as sb:
         options = _mount_options(sb, target)
