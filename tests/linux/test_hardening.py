@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from corral.sandbox import DEVNULL, PIPE, Sandbox
+from corral.sandbox import DEVNULL, PIPE, Sandbox, contain
 
 from .conftest import inside, probe_spec, wait_until
 
@@ -148,8 +148,11 @@ def test_the_sandbox_user_namespace_belongs_to_its_own_host_uid():
     not host root."""
     with Sandbox.create(probe_spec()) as sb:
         assert _namespace_owner(sb.init_pid) == sb.spec.uid_base
-        limits = inside("read", "/proc/sys/user/max_inotify_instances", sandbox=sb).value
-    assert limits == "32\n"
+        limits = {os.path.basename(path): inside("read", path, sandbox=sb).value
+                  for path, _ in contain.user_namespace_sysctls()}
+    assert "max_inotify_instances" in limits and "max_user_namespaces" in limits
+    assert limits == {name: f"{value}\n" for name, value in contain.USER_NAMESPACE_LIMITS.items()
+                      if name in limits}
 
 
 def test_a_sandbox_exhausting_inotify_instances_leaves_host_root_its_own():
