@@ -1,4 +1,5 @@
-"""Audit log cost: append latency and throughput under synchronous=FULL and NORMAL, verify speed.
+"""Audit log cost: append latency and throughput under synchronous=FULL and NORMAL, verify speed,
+a bad-token flood through deny() (records written, cost per call) and appends across rotations.
 
 Each append is the real thing: validate, hash, INSERT (5 indexes), commit, head anchor write.
 The log lives in --dir (default: a temporary folder under the current directory, so it is on the
@@ -92,6 +93,51 @@ def _verify_and_query(folder: str, records: int) -> dict:
     }
 
 
+def _denial_flood(folder: str, calls: int) -> dict:
+    """An unauthenticated flood through `deny()`: records written and the cost per call."""
+    audit._SYNCHRONOUS = "FULL"
+    path = os.path.join(folder, "denials.db")
+    with audit.AuditLog.open(path) as log:
+        t0 = time.perf_counter()
+        for i in range(calls):
+            future = log.deny(tenant="", peer=f"ipv4:203.0.113.9:{1024 + i % 60000}",
+                              status="UNAUTHENTICATED", method="SandboxesServicer.List",
+                              reason="unknown bearer token")
+            if future is not None:
+                future.result()  # as the daemon does: the refusal waits for its record
+        per_call = (time.perf_counter() - t0) / calls
+    with audit.AuditLog.open(path, readonly=True) as log:
+        records = log.query(limit=audit.MAX_QUERY_LIMIT)
+    counted = sum(r.detail.get("count", 0) for r in records if r.kind == "denied.summary")
+    return {
+        "denial_calls": calls,
+        "denial_records": len(records),
+        "denials_accounted": counted + sum(r.kind == "denied" for r in records),
+        "denial_us_per_call": round(per_call * 1e6, 1),
+    }
+
+
+def _rotation(folder: str, records: int, segment_records: int) -> dict:
+    """Appends across rotations: the slowest append (the one that seals) and verify."""
+    audit._SYNCHRONOUS = "FULL"
+    path = os.path.join(folder, "rotate.db")
+    worst = 0.0
+    with audit.AuditLog.open(path, segment_records=segment_records) as log:
+        for i in range(records):
+            t0 = time.perf_counter()
+            log.append("exec.start", tenant="bench", sandbox_id=f"sb-{i % 50}", detail=DETAIL)
+            worst = max(worst, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        result = log.verify()
+        verify_s = time.perf_counter() - t0
+        assert result.ok, result
+    return {
+        "rotation_segments": result.segments,
+        "rotation_worst_append_ms": round(worst * 1e3, 2),
+        "rotation_verify_records_per_s": round(result.checked / verify_s),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -109,6 +155,8 @@ def main() -> None:
             "normal": _appends(folder, "NORMAL", args.appends, 1),
             "normal_4_threads": _appends(folder, "NORMAL", args.appends, 4),
             **_verify_and_query(folder, args.verify_records),
+            **_denial_flood(folder, 2000),
+            **_rotation(folder, 5000, 1000),
         }
     finally:
         audit._SYNCHRONOUS = "FULL"
