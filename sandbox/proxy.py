@@ -215,7 +215,7 @@ class EgressConfig:
                 cfg.hosts = parse_hosts(f.read())
         cfg.routable = _networks(env, "CORRAL_EGRESS_ROUTABLE")
         cfg.upstream_only = _networks(env, "CORRAL_EGRESS_UPSTREAM_ONLY")
-        cfg.is_local = host_local
+        cfg.is_local = HostLocalCache()
         return cfg
 
 
@@ -287,6 +287,29 @@ def host_local(address) -> bool:
             return ipaddress.ip_address(probe.getsockname()[0]) == address
     except OSError:
         return False  # no route at all: not this host
+
+
+class HostLocalCache:
+    """host_local() answers kept for TTL_S seconds (a decision asks several times per
+    connection). A host address added meanwhile is still caught: the connected peer is
+    judged again after connect (rule 4a)."""
+
+    TTL_S = 2.0
+    MAX_ENTRIES = 4096
+
+    def __init__(self):
+        self._seen: dict[object, tuple[float, bool]] = {}
+
+    def __call__(self, address) -> bool:
+        now = time.monotonic()
+        hit = self._seen.get(address)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if len(self._seen) >= self.MAX_ENTRIES:
+            self._seen.clear()
+        local = host_local(address)
+        self._seen[address] = (now + self.TTL_S, local)
+        return local
 
 
 def _names_host_address(network, address) -> bool:
