@@ -377,9 +377,22 @@ class Client:
     def cancel_task(self, task_id: str) -> task_pb2.Task:
         return self._call(self.tasks.Cancel, task_pb2.CancelTaskRequest(task_id=task_id))
 
-    def task_result(self, task_id: str, max_bytes: int = 0) -> task_pb2.TaskResult:
+    def task_result(self, task_id: str, max_bytes: int = 0, path: str = "",
+                    offset: int = 0) -> task_pb2.TaskResult:
+        """One page of a finished task's result, from (path, offset) on."""
         return self._call(self.tasks.Result, task_pb2.TaskResultRequest(
-            task_id=task_id, max_bytes=max_bytes))
+            task_id=task_id, max_bytes=max_bytes, path=path, offset=offset))
+
+    def task_result_pages(self, task_id: str, max_bytes: int = 0
+                          ) -> Iterator[task_pb2.TaskResult]:
+        """Every page of a finished task's result, following next_path / next_offset."""
+        path, offset = "", 0
+        while True:
+            page = self.task_result(task_id, max_bytes, path, offset)
+            yield page
+            if not page.next_path:
+                return
+            path, offset = page.next_path, page.next_offset
 
     def watch_task(self, task_id: str) -> Iterator[task_pb2.TaskUpdate]:
         try:

@@ -6,7 +6,9 @@ import asyncio
 import codecs
 import os
 import stat
+from dataclasses import dataclass, field
 
+from corral.sandbox import fstree
 from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
 from corral.v1 import stream_pb2
 from corral.v1 import task_pb2 as pb
@@ -17,7 +19,16 @@ from .bounds import SUBMIT_PENDING_ACKS, bounded_message
 from .errors import Servicer, streaming, unary
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
 
+#: File bytes of one Result answer when the request names none (the message limit caps it).
 DEFAULT_RESULT_BYTES = 16 << 20
+#: Path bytes (with PIECE_OVERHEAD each) and pieces one Result answer carries at most.
+RESULT_META_BYTES = 1 << 20
+RESULT_PIECES = 10_000
+PIECE_OVERHEAD = 32
+#: A hole of a sparse file shorter than this is sent as zeros, not as a new piece.
+MIN_HOLE_BYTES = 1 << 20
+#: Result answers being read at once (each holds up to a message's worth of file bytes).
+RESULT_READS = 4
 LOG_CHUNK = 64 << 10
 
 
@@ -92,6 +103,7 @@ class TasksServicer(Servicer):
     def __init__(self, daemon):
         super().__init__(daemon)
         self.scheduler = daemon.scheduler
+        self._result_reads = asyncio.Semaphore(RESULT_READS)
 
     @unary
     async def Submit(self, request, context):
@@ -167,12 +179,19 @@ class TasksServicer(Servicer):
         task = self.scheduler.get(self.caller(context), request.task_id)
         if not task.terminal:
             raise NotFinished(f"task {task.id} is {task.state.name}; it has no result yet")
-        budget = request.max_bytes or DEFAULT_RESULT_BYTES
-        files = await asyncio.get_running_loop().run_in_executor(
-            None, _read_tree, self.scheduler.result_dir(task), budget)
-        return pb.TaskResult(task=task_to_proto(task), result_json=task.result_json,
-                             files=[pb.TaskFile(path=p, content=c, truncated=t)
-                                    for p, c, t in files])
+        if "\0" in request.path or request.path.startswith("/") or ".." in \
+                request.path.split("/"):
+            raise InvalidSpec("path", f"{request.path!r} is not a path relative to out/")
+        msg = pb.TaskResult(task=task_to_proto(task), result_json=task.result_json)
+        budget = result_budget(request.max_bytes, msg.ByteSize())
+        async with self._result_reads:  # at most RESULT_READS answers in memory at once
+            page = await asyncio.get_running_loop().run_in_executor(
+                None, _read_tree, self.scheduler.result_dir(task), budget,
+                request.path, request.offset)
+        msg.files.extend(pb.TaskFile(path=p.path, content=p.content, truncated=p.truncated,
+                                     offset=p.offset, size=p.size) for p in page.pieces)
+        msg.next_path, msg.next_offset = page.next_path, page.next_offset
+        return msg
 
     @streaming
     async def Watch(self, request, context):
@@ -239,28 +258,105 @@ class _LogReader:
             os.close(fd)
 
 
-def _read_tree(root: str, budget: int) -> list[tuple[str, bytes, bool]]:
-    """(relative path, content, truncated) of regular files under root; links never followed."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
+@dataclass
+class ResultPiece:
+    path: str
+    content: bytes
+    offset: int
+    size: int
+    truncated: bool
+
+
+@dataclass
+class ResultPage:
+    pieces: list[ResultPiece] = field(default_factory=list)
+    next_path: str = ""
+    next_offset: int = 0
+
+
+def result_budget(max_bytes: int, envelope_bytes: int) -> int:
+    """File bytes one Result answer may carry: what was asked (0: DEFAULT_RESULT_BYTES),
+    never more than the message limit leaves after the task, the paths and the framing."""
+    from ..daemon import MAX_MESSAGE_BYTES
+
+    room = MAX_MESSAGE_BYTES - envelope_bytes - RESULT_META_BYTES - (64 << 10)
+    return max(1, min(max_bytes or DEFAULT_RESULT_BYTES, room))
+
+
+def _read_tree(root: str, budget: int, start: str = "", start_offset: int = 0) -> ResultPage:
+    """One page of the regular files under root, from (start, start_offset) on: at most
+    `budget` content bytes, RESULT_META_BYTES of paths and RESULT_PIECES pieces. Links are
+    never followed, anything but a regular file is left out (and never opened in a way that
+    could block), holes of sparse files are skipped, and the walk is iterative (any depth).
+    """
+    page = ResultPage()
+    try:
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                      | os.O_NONBLOCK)
+    except OSError:
+        return page
+    start_parts = tuple(p for p in start.split("/") if p) if start else ()
+    used = meta = 0
+    try:
+        for entry in fstree.walk(top, start=start_parts):
+            if not stat.S_ISREG(entry.st.st_mode):
+                continue
+            path = entry.path
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError:
+                cost = len(path.encode("utf-8")) + PIECE_OVERHEAD
+            except UnicodeEncodeError:  # not UTF-8: no proto string can carry its name
+                continue
+            offset = start_offset if entry.parts == start_parts else 0
+            fd = fstree.open_file(entry.dir_fd, entry.name)
+            if fd is None:
                 continue
             try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                take = max(0, min(st.st_size, budget))
-                data = os.pread(fd, take, 0) if take else b""
+                size = os.fstat(fd).st_size
+                offset = min(offset, size)
+                first = len(page.pieces)
+                stop_at = None
+                ranges = list(_merged_ranges(fd, offset, size)) or [(offset, offset)]
+                for start_pos, end_pos in ranges:
+                    if (used >= budget and end_pos > start_pos) or meta + cost > \
+                            RESULT_META_BYTES or len(page.pieces) >= RESULT_PIECES:
+                        stop_at = start_pos
+                        break
+                    take = min(end_pos - start_pos, budget - used)
+                    data = os.pread(fd, take, start_pos) if take else b""
+                    page.pieces.append(ResultPiece(path, data, start_pos, size, False))
+                    used += len(data)
+                    meta += cost
+                    if start_pos + len(data) < end_pos:
+                        stop_at = start_pos + len(data)
+                        break
             finally:
                 os.close(fd)
-            budget -= len(data)
-            out.append((os.path.relpath(path, root), data, len(data) < st.st_size))
-    return out
+            for piece in page.pieces[first:-1]:
+                piece.truncated = True
+            if stop_at is not None:
+                if len(page.pieces) > first:
+                    page.pieces[-1].truncated = True
+                page.next_path, page.next_offset = path, stop_at
+                return page
+    except fstree.TreeChanged:
+        pass  # out/ is the daemon's own copy: nothing moves it while a task is finished
+    finally:
+        os.close(top)
+    return page
+
+
+def _merged_ranges(fd: int, offset: int, size: int):
+    """Data ranges of fd from offset, holes shorter than MIN_HOLE_BYTES read as zeros."""
+    pending = None
+    for start, stop in fstree.data_ranges(fd, offset, size):
+        if pending is not None and start - pending[1] < MIN_HOLE_BYTES:
+            pending = (pending[0], stop)
+            continue
+        if pending is not None:
+            yield pending
+        pending = (start, stop)
+    if pending is not None:
+        yield pending
 
 
 class NodesServicer(Servicer):

@@ -300,22 +300,54 @@ def _cancel(args) -> int:
 
 
 def _result(args) -> int:
+    """Print the RESULT and every output file's size; with --out, write the files there.
+
+    Files come page by page (each answer within the message limit) and a file may come in
+    pieces: each piece is written at its offset and the file is then extended to its size,
+    so a big file never sits in memory and a sparse one stays sparse.
+    """
     import os
 
-    with _connect(args) as client:
-        res = client.task_result(args.task_id)
-    print(_visible(res.result_json) or "{}")
-    for f in res.files:
-        if args.out:
-            path = os.path.join(args.out, os.path.normpath(f.path))
-            if os.path.relpath(path, args.out).startswith(".."):
-                continue
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as out:
-                out.write(f.content)
-        print(f"{_visible(f.path)}\t{len(f.content)} bytes"
-              f"{' (truncated)' if f.truncated else ''}", file=sys.stderr)
-    return 0 if STATE_NAMES[res.task.state] == "SUCCEEDED" else 1
+    current: dict = {"path": None, "fd": -1, "size": 0}
+
+    def finish_file() -> None:
+        if current["fd"] >= 0:
+            os.ftruncate(current["fd"], current["size"])
+            os.close(current["fd"])
+        if current["path"] is not None:
+            print(f"{_visible(current['path'])}\t{current['size']} bytes", file=sys.stderr)
+        current.update(path=None, fd=-1, size=0)
+
+    state = None
+    try:
+        with _connect(args) as client:
+            for page in client.task_result_pages(args.task_id):
+                if state is None:
+                    state = page.task.state
+                    print(_visible(page.result_json) or "{}")
+                for f in page.files:
+                    if f.path != current["path"]:
+                        finish_file()
+                        current.update(path=f.path, size=f.size)
+                        if args.out:
+                            current["fd"] = _open_output(args.out, f.path)
+                    if current["fd"] >= 0 and f.content:
+                        os.pwrite(current["fd"], f.content, f.offset)
+    finally:
+        finish_file()
+    return 0 if STATE_NAMES[state] == "SUCCEEDED" else 1
+
+
+def _open_output(out_dir: str, rel: str) -> int:
+    """A fresh file out_dir/rel for writing, or -1 when rel would leave out_dir."""
+    import os
+
+    path = os.path.join(out_dir, os.path.normpath(rel))
+    if os.path.isabs(os.path.normpath(rel)) or os.path.relpath(path, out_dir).startswith(".."):
+        return -1
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o644)
 
 
 def _nodes(args) -> int:

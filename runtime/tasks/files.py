@@ -262,6 +262,8 @@ class TaskFiles:
         self.checkpoints = os.path.join(self.dir, "checkpoints")
         self.out = os.path.join(self.dir, "out")
         self.notify_path = os.path.join(self.dir, "notify")
+        #: Data bytes the last save_checkpoint() wrote (frame and files; holes are free).
+        self.last_checkpoint_bytes = 0
 
     def create(self) -> None:
         os.makedirs(self.checkpoints, mode=0o700, exist_ok=True)
@@ -306,8 +308,12 @@ class TaskFiles:
         os.makedirs(tmp, mode=0o700)
         if frame is not None:
             atomic_write(os.path.join(tmp, "frame"), frame)
+        written = len(frame or b"")
         if files_src is not None:
-            copy_tree_safe(files_src, os.path.join(tmp, "files"), fsync=True, beneath=beneath)
+            report = copy_tree(files_src, os.path.join(tmp, "files"), fsync=True,
+                               beneath=beneath)
+            written += report.bytes
+        self.last_checkpoint_bytes = written
         fsync_dir(tmp)
         fstree.remove_tree(final, ignore_errors=True)
         os.rename(tmp, final)

@@ -30,16 +30,15 @@ import json
 import os
 import secrets
 import selectors
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 
 from corral.ext import TokenStream
-from corral.sandbox import PIPE, Sandbox, SandboxSpec, workspace_fs
+from corral.sandbox import PIPE, Sandbox, SandboxSpec, fstree, workspace_fs
 from corral.sandbox.errors import CorralError
 
-from .files import TaskFiles, atomic_write, copy_tree_safe, tree_signature
+from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, tree_signature
 
 EVENTS_FD = 3
 CHECKPOINT_DIR_INSIDE = "/workspace/.corral/checkpoint"
@@ -48,6 +47,13 @@ CHECKPOINT_FILE_INSIDE = "/workspace/.corral/last-checkpoint"
 MAX_LOG_BYTES = 64 << 20
 #: How often the checkpoint directory is looked at for files the agent wrote.
 DIR_SCAN_S = 0.5
+#: Checkpoints of one attempt are paced: the next one is taken no sooner than this many
+#: seconds after the last, and no sooner than the last one's bytes take to write at
+#: CHECKPOINT_BYTES_PER_S. CHECKPOINT frames and directory changes in between are not
+#: lost: the newest frame (and the directory as it is then) makes the next checkpoint,
+#: and one still waiting when the attempt ends is taken then.
+CHECKPOINT_MIN_INTERVAL_S = 2.0
+CHECKPOINT_BYTES_PER_S = 4 << 20
 # frame kinds (corral.v1.EventKind)
 _PROGRESS, _CHECKPOINT, _RESULT, _LOG, _TOKEN = 3, 4, 5, 6, 1
 
@@ -78,6 +84,36 @@ class AttemptPlan:
     @classmethod
     def from_json(cls, text: str) -> AttemptPlan:
         return cls(**json.loads(text))
+
+
+class CheckpointPacer:
+    """When the next checkpoint may be taken (see CHECKPOINT_MIN_INTERVAL_S)."""
+
+    def __init__(self, min_interval_s: float = CHECKPOINT_MIN_INTERVAL_S,
+                 bytes_per_s: float = CHECKPOINT_BYTES_PER_S):
+        self.min_interval_s = min_interval_s
+        self.bytes_per_s = bytes_per_s
+        self.pending = False
+        self.not_before = 0.0
+        self.taken = 0
+        self.deferred = 0  # requests folded into a later checkpoint
+
+    def request(self) -> None:
+        if self.pending:
+            self.deferred += 1
+        self.pending = True
+
+    def due(self, now: float) -> bool:
+        return self.pending and now >= self.not_before
+
+    def wait_s(self, now: float) -> float | None:
+        """Seconds until a pending checkpoint is due; None when none is pending."""
+        return max(0.0, self.not_before - now) if self.pending else None
+
+    def taken_at(self, now: float, bytes_written: int) -> None:
+        self.pending = False
+        self.taken += 1
+        self.not_before = now + max(self.min_interval_s, bytes_written / self.bytes_per_s)
 
 
 class AttemptRunner:
@@ -252,7 +288,8 @@ class AttemptRunner:
         ws, ckpt_rel = self.workspace, ".corral/checkpoint"
         dir_sig = tree_signature(ckpt_rel, ws)
         next_scan = time.monotonic() + DIR_SCAN_S
-        last_frame = self.files.checkpoint_frame()
+        self._last_frame = self.files.checkpoint_frame()
+        self._pacer = pacer = CheckpointPacer()
         ending = None
         events_open = True
         try:
@@ -269,6 +306,9 @@ class AttemptRunner:
                 if proc.returncode is not None and self.sandbox.state == "destroyed":
                     break
                 timeout = DIR_SCAN_S
+                wait = pacer.wait_s(time.monotonic())
+                if wait is not None:
+                    timeout = min(timeout, wait)
                 if self.plan.deadline:
                     timeout = max(0.0, min(timeout, self.plan.deadline - time.time()))
                 for key, _ in sel.select(timeout):
@@ -292,7 +332,7 @@ class AttemptRunner:
                         continue
                     if what == "events":
                         stream.feed(chunk)
-                        last_frame = self._drain(stream, log, last_frame)
+                        self._drain(stream, log)
                     else:
                         log.write(chunk)
                 if time.monotonic() >= next_scan:
@@ -300,24 +340,33 @@ class AttemptRunner:
                     sig = tree_signature(ckpt_rel, ws)
                     if sig != dir_sig:
                         dir_sig = sig
-                        self.files.save_checkpoint(last_frame, ckpt_rel, beneath=ws)
-                        self._changed()
+                        pacer.request()
+                if pacer.due(time.monotonic()):
+                    self._take_checkpoint()
         finally:
             sel.close()
             for f in open_fds.values():
                 f.close()
             if events_open:
                 os.close(events_r)
-        if ending is None:  # a final look at the checkpoint directory and /workspace/out
-            if tree_signature(ckpt_rel, ws) != dir_sig:
-                self.files.save_checkpoint(last_frame, ckpt_rel, beneath=ws)
-            if proc.returncode == 0:
-                out_tmp = self.files.out + ".tmp"
-                shutil.rmtree(out_tmp, ignore_errors=True)
-                copy_tree_safe("out", out_tmp, fsync=True, beneath=ws)
-                os.makedirs(out_tmp, exist_ok=True)
-                shutil.rmtree(self.files.out, ignore_errors=True)
-                os.rename(out_tmp, self.files.out)
+        # A checkpoint still waiting for its turn is taken now, whatever the ending: the
+        # agent sent it before the end, and pacing must never lose the newest one.
+        if ending is None and tree_signature(ckpt_rel, ws) != dir_sig:
+            pacer.request()
+        if pacer.pending:
+            self._take_checkpoint()
+        if ending is None and proc.returncode == 0:  # /workspace/out of a success
+            out_tmp = self.files.out + ".tmp"
+            fstree.remove_tree(out_tmp, ignore_errors=True)
+            report = copy_tree("out", out_tmp, fsync=True, beneath=ws)
+            if not report.complete or report.skipped:
+                log.write(f"corral: out/ copied {report.entries} entries, {report.bytes} "
+                          f"bytes; {report.skipped} left out (links, FIFOs, devices)"
+                          f"{'' if report.complete else '; stopped at the copy limit'}\n"
+                          .encode())
+            os.makedirs(out_tmp, exist_ok=True)
+            fstree.remove_tree(self.files.out, ignore_errors=True)
+            os.rename(out_tmp, self.files.out)
         rc = proc.returncode if proc.returncode is not None else -9
         if ending is not None:
             return {"outcome": ending, "returncode": rc,
@@ -331,20 +380,24 @@ class AttemptRunner:
             why = "killed by the memory limit (OOM)"
         return {"outcome": "failed", "returncode": rc, "reason": why}
 
-    def _drain(self, stream, log, last_frame):
+    def _take_checkpoint(self) -> None:
+        self.files.save_checkpoint(self._last_frame, ".corral/checkpoint",
+                                   beneath=self.workspace)
+        self._pacer.taken_at(time.monotonic(), self.files.last_checkpoint_bytes)
+        self._changed()
+
+    def _drain(self, stream, log) -> None:
         while True:
             ev = stream.next_event()
             if ev is None:
-                return last_frame
+                return
             kind = int(ev.kind)
             if kind == _PROGRESS:
                 atomic_write(os.path.join(self.dir, "progress.json"), bytes(ev.payload))
                 self._changed()
-            elif kind == _CHECKPOINT:
-                last_frame = bytes(ev.payload)
-                self.files.save_checkpoint(last_frame, ".corral/checkpoint",
-                                           beneath=self.workspace)
-                self._changed()
+            elif kind == _CHECKPOINT:  # taken when the pacer allows (the newest frame wins)
+                self._last_frame = bytes(ev.payload)
+                self._pacer.request()
             elif kind == _RESULT:
                 atomic_write(os.path.join(self.dir, "result.json"), bytes(ev.payload))
                 self._changed()

@@ -63,7 +63,8 @@ def test_write_file_onto_a_fifo_is_refused_and_other_tenants_go_on(make_daemon):
     # A reader inside does not change the answer (the open would succeed, the type check
     # refuses), and the writer's bytes never reach the FIFO.
     reader = other.create_sandbox()  # keeps the clone path busy while we write
-    _run(hostile, sb.id, "cat /workspace/input.txt > /workspace/got 2>/dev/null </dev/null & sleep 0.2")
+    _run(hostile, sb.id,
+         "cat /workspace/input.txt > /workspace/got 2>/dev/null </dev/null & sleep 0.2")
     assert _write(hostile, sb.id, "input.txt", b"hello") == (
         "INVALID_ARGUMENT", "path: 'input.txt' is a FIFO, not a regular file")
     _run(hostile, sb.id, "echo done > /workspace/input.txt")
