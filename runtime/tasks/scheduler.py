@@ -27,7 +27,6 @@ from corral.sandbox.errors import NotFound, PermissionDenied, Unavailable
 from corral.sandbox.spec import SandboxSpec
 
 from ..policy import PolicyBook, TenantPolicy
-
 from . import states
 from .files import TaskFiles
 from .model import DeepTask, RequestIdReused, TaskSpec, check_request_id

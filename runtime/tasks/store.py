@@ -184,7 +184,7 @@ class TaskStore:
         now = time.time()
         with self._conn:
             for row, reason in bad:
-                rowid, raw = row[0], dict(zip(_COLUMNS, row[1:]))
+                rowid, raw = row[0], dict(zip(_COLUMNS, row[1:], strict=True))
                 task_id, tenant = str(raw["id"]), raw["tenant"]
                 tenant = tenant if isinstance(tenant, str) else ""
                 self._conn.execute(
