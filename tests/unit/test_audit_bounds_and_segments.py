@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 
 import pytest
 
@@ -148,6 +149,21 @@ def test_denials_from_many_addresses_share_one_overflow_window(path):
         summaries = log.query(kind="denied.summary", limit=1000)
     assert len(denied) == 5  # four addresses, then the overflow key's first
     assert [(s.peer, s.detail["count"]) for s in summaries] == [("*", 95)]
+
+
+def test_a_window_that_ends_quietly_is_summarised_by_the_flusher(path):
+    with AuditLog.open(path) as log:
+        limiter = DenialLimiter(log, window_s=0.05, burst=1)
+        for _ in range(5):
+            limiter.deny(tenant="", peer="ipv4:10.0.0.9:1", status="UNAUTHENTICATED",
+                         method="M", reason="r")
+        deadline = time.monotonic() + 30  # no new denial comes: the flusher thread ends it
+        while not log.query(kind="denied.summary") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        summaries = log.query(kind="denied.summary")
+        limiter.close()
+    assert [(s.peer, s.detail["count"], s.detail["recorded"]) for s in summaries] == [
+        ("ipv4:10.0.0.9", 4, 1)]
 
 
 def test_closing_the_log_writes_the_open_windows_summaries(path):
