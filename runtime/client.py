@@ -20,6 +20,10 @@ from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, stream_pb2, task_pb2
 
 from .config import default_socket
 
+#: The daemon answers up to 16 MiB in one message (runtime/daemon.py MAX_MESSAGE_BYTES, a
+#: Tasks.Result page that asked for it); gRPC clients take 4 MiB unless told otherwise.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
+
 SOCKET_ENV = "CORRAL_SOCKET"
 TOKEN_ENV = "CORRAL_TOKEN"
 
@@ -223,15 +227,16 @@ class Client:
             metadata.append(("authorization", f"Bearer {token}"))
             if root_certificates or client_cert:
                 channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
-                    root_certificates, private_key=client_key, certificate_chain=client_cert))
+                    root_certificates, private_key=client_key, certificate_chain=client_cert),
+                    options=CHANNEL_OPTIONS)
             else:
-                channel = grpc.insecure_channel(target)
+                channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
             path = socket or os.environ.get(SOCKET_ENV) or default_socket()
             if not os.path.exists(path):
                 raise ClientError(grpc.StatusCode.UNAVAILABLE,
                                   f"no daemon socket at {path}; start one with `corral daemon`")
-            channel = grpc.insecure_channel(f"unix:{path}")
+            channel = grpc.insecure_channel(f"unix:{path}", options=CHANNEL_OPTIONS)
             if tenant:
                 metadata.append(("x-corral-tenant", tenant))
         return cls(channel, metadata)

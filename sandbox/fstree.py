@@ -257,7 +257,9 @@ def walk(top_fd: int, *, start: tuple[str, ...] = ()) -> Iterator[Entry]:
         TreeChanged: a directory was moved away while it was walked.
     """
     start_key = path_key(start)
+    passed = not start_key  # every later entry comes after start: no more comparing
     stack = _DirStack(top_fd)
+    prefixes: list[tuple[str, ...]] = [()]  # the path of each directory on the stack
     try:
         stack.top.pending = _sorted_names(top_fd)
         while True:
@@ -266,13 +268,16 @@ def walk(top_fd: int, *, start: tuple[str, ...] = ()) -> Iterator[Entry]:
                 if not stack.depth:
                     return
                 stack.pop()
+                prefixes.pop()
                 continue
             name = frame.pending.pop()
-            parts = tuple(f.name for f in stack.frames[1:]) + (name,)
-            key = path_key(parts)
-            is_prefix = key == start_key[:len(key)] and len(key) < len(start_key)
-            if key < start_key and not is_prefix:
-                continue
+            parts = prefixes[-1] + (name,)
+            if not passed:
+                key = path_key(parts)
+                is_prefix = key == start_key[:len(key)] and len(key) < len(start_key)
+                if key < start_key and not is_prefix:
+                    continue
+                passed = not is_prefix
             try:
                 st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -283,6 +288,7 @@ def walk(top_fd: int, *, start: tuple[str, ...] = ()) -> Iterator[Entry]:
                     sub = stack.push(name)
                 except OSError:  # gone, replaced, or not ours to read: not part of the walk
                     continue
+                prefixes.append(parts)
                 sub.pending = _sorted_names(sub.fd)
     finally:
         stack.close()

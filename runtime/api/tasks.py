@@ -19,8 +19,10 @@ from .bounds import SUBMIT_PENDING_ACKS, bounded_message
 from .errors import Servicer, streaming, unary
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
 
-#: File bytes of one Result answer when the request names none (the message limit caps it).
-DEFAULT_RESULT_BYTES = 16 << 20
+#: File bytes of one Result answer when the request names none: the answer then fits the
+#: 4 MiB a gRPC client receives by default. A larger max_bytes is capped by the message
+#: limit (16 MiB) instead.
+DEFAULT_RESULT_BYTES = 2 << 20
 #: Path bytes (with PIECE_OVERHEAD each) and pieces one Result answer carries at most.
 RESULT_META_BYTES = 1 << 20
 RESULT_PIECES = 10_000

@@ -286,7 +286,7 @@ class AttemptRunner:
             sel.register(self.sandbox.status_fd, selectors.EVENT_READ, "status")
         # The agent owns the workspace: every path into it is walked without following links.
         ws, ckpt_rel = self.workspace, ".corral/checkpoint"
-        dir_sig = tree_signature(ckpt_rel, ws)
+        self._dir_sig = tree_signature(ckpt_rel, ws)
         next_scan = time.monotonic() + DIR_SCAN_S
         self._last_frame = self.files.checkpoint_frame()
         self._pacer = pacer = CheckpointPacer()
@@ -336,10 +336,14 @@ class AttemptRunner:
                     else:
                         log.write(chunk)
                 if time.monotonic() >= next_scan:
-                    next_scan = time.monotonic() + DIR_SCAN_S
+                    began = time.monotonic()
                     sig = tree_signature(ckpt_rel, ws)
-                    if sig != dir_sig:
-                        dir_sig = sig
+                    # a huge directory is looked at less often: scanning is at most ~1/5
+                    # of the runner's time
+                    next_scan = time.monotonic() + max(DIR_SCAN_S,
+                                                       4 * (time.monotonic() - began))
+                    if sig != self._dir_sig:
+                        self._dir_sig = sig
                         pacer.request()
                 if pacer.due(time.monotonic()):
                     self._take_checkpoint()
@@ -351,7 +355,7 @@ class AttemptRunner:
                 os.close(events_r)
         # A checkpoint still waiting for its turn is taken now, whatever the ending: the
         # agent sent it before the end, and pacing must never lose the newest one.
-        if ending is None and tree_signature(ckpt_rel, ws) != dir_sig:
+        if ending is None and tree_signature(ckpt_rel, ws) != self._dir_sig:
             pacer.request()
         if pacer.pending:
             self._take_checkpoint()
@@ -381,6 +385,8 @@ class AttemptRunner:
         return {"outcome": "failed", "returncode": rc, "reason": why}
 
     def _take_checkpoint(self) -> None:
+        # what is copied is at least as new as this signature: no change is missed
+        self._dir_sig = tree_signature(".corral/checkpoint", self.workspace)
         self.files.save_checkpoint(self._last_frame, ".corral/checkpoint",
                                    beneath=self.workspace)
         self._pacer.taken_at(time.monotonic(), self.files.last_checkpoint_bytes)
