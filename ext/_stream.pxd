@@ -18,6 +18,7 @@ cdef class Cursor:
 @cython.final
 cdef class TokenStream:
     cdef bint _text_mode
+    cdef bint _bytes_mode              # one TOKEN entry per feed, bytes kept as they came
     cdef bint _failed
     cdef bint _closed
     cdef uint64_t _log_limit          # bytes
@@ -77,4 +78,5 @@ cdef class TokenStream:
     cdef int _entries_room(self) except -1
     cdef int _pbuf_room(self, size_t need) except -1
     cdef void _evict(self) noexcept
+    cdef str _mode_name(self)
     cdef Cursor _check_cursor(self, object cursor, bint allow_unsubscribed)

@@ -37,7 +37,7 @@ class TokenStream:
 
     def __init__(
         self,
-        mode: Literal["frames", "text"] = "frames",
+        mode: Literal["frames", "text", "bytes"] = "frames",
         *,
         log_bytes: int = ...,
         max_frame_bytes: int = ...,

@@ -28,6 +28,7 @@ from corral.ext._stream_py import (
     HEADER_SIZE,
     MAX_FRAME_BYTES_LIMIT,
     MAX_LOG_BYTES_LIMIT,
+    MODES,
     CursorStatistics,
     ErrorCode,
     EventKind,
@@ -298,7 +299,9 @@ cdef class TokenStream:
     """One agent output stream: decoder, bounded replay log and subscriber cursors.
 
     Args:
-        mode: "frames" for the protocol v1 events fd, "text" for a plain agent's output.
+        mode: "frames" for the protocol v1 events fd, "text" for a plain agent's output
+            (UTF-8, invalid bytes replaced), "bytes" for output kept byte-exact (one entry
+            per feed, no decoding).
         log_bytes: replay log budget in bytes (stored bytes + ENTRY_OVERHEAD per entry).
         max_frame_bytes: the largest frame payload accepted, in bytes.
 
@@ -315,8 +318,8 @@ cdef class TokenStream:
 
     def __init__(self, mode="frames", *, log_bytes=DEFAULT_LOG_BYTES,
                  max_frame_bytes=DEFAULT_MAX_FRAME_BYTES):
-        if mode not in ("frames", "text"):
-            raise ValueError(f"mode must be 'frames' or 'text', not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'frames', 'text' or 'bytes', not {mode!r}")
         if not 1 <= log_bytes <= MAX_LOG_BYTES_LIMIT:
             raise ValueError(
                 f"log_bytes must be between 1 and {MAX_LOG_BYTES_LIMIT}, got {log_bytes}")
@@ -324,6 +327,7 @@ cdef class TokenStream:
             raise ValueError(f"max_frame_bytes must be between 1 and {MAX_FRAME_BYTES_LIMIT}, "
                              f"got {max_frame_bytes}")
         self._text_mode = mode == "text"
+        self._bytes_mode = mode == "bytes"
         self._log_limit = log_bytes
         self._max_frame = max_frame_bytes
         self._first_seq = 1
@@ -358,7 +362,12 @@ cdef class TokenStream:
                 self._bytes_discarded += view.len
                 return 0
             before = self._next_seq
-            if self._text_mode:
+            if self._bytes_mode:
+                if view.len:
+                    self._tokens += 1
+                    self._token_bytes += view.len
+                    self._append(<const unsigned char*>view.buf, view.len, K_TOKEN, 0)
+            elif self._text_mode:
                 self._feed_text(<const unsigned char*>view.buf, view.len)
             else:
                 self._feed_frames(<const unsigned char*>view.buf, view.len, base)
@@ -907,7 +916,7 @@ cdef class TokenStream:
         for c in self._cursors:
             lag = max(lag, self._next_seq - c.next_seq)
         return StreamStatistics(
-            mode="text" if self._text_mode else "frames",
+            mode=self._mode_name(),
             bytes_fed=self._bytes_fed,
             bytes_discarded=self._bytes_discarded,
             frames=self._frames,
@@ -928,7 +937,9 @@ cdef class TokenStream:
             max_lag=lag,
         )
 
+    cdef str _mode_name(self):
+        return "bytes" if self._bytes_mode else "text" if self._text_mode else "frames"
+
     def __repr__(self):
-        mode = "text" if self._text_mode else "frames"
-        return (f"<TokenStream {mode} seq {self._first_seq}..{self._next_seq - 1} "
+        return (f"<TokenStream {self._mode_name()} seq {self._first_seq}..{self._next_seq - 1} "
                 f"log {self._log_bytes}/{self._log_limit} B>")

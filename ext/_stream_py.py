@@ -32,7 +32,10 @@ Rules this core keeps; `_stream.pyx` keeps exactly the same ones, and the differ
 7. A batch is built in two passes: the first decides how many entries fit in `max_bytes`
    (reserving `BATCH_OVERHEAD` for the fixed fields), the second writes protobuf wire format
    directly: canonical, i.e. byte-identical to what the generated classes would serialize.
-8. Plain text mode decodes UTF-8 incrementally: a chunk never ends inside a code point, and
+8. Bytes mode (a command's stdout and stderr through `Sandboxes.Exec`) stores every read as
+   one TOKEN entry exactly as it came, with no decoding: binary output stays byte-exact.
+   Such a "token" is raw bytes, not text; `append_event(TOKEN, ...)` still wants UTF-8.
+9. Plain text mode decodes UTF-8 incrementally: a chunk never ends inside a code point, and
    invalid bytes become U+FFFD following Unicode's "maximal subpart" practice (the same
    text as Python's `bytes.decode("utf-8", "replace")` of the whole stream). A read's complete
    part is one chunk; only a valid-but-cut sequence at its end waits for the next read.
@@ -61,6 +64,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_FRAME_BYTES_LIMIT",
     "MAX_LOG_BYTES_LIMIT",
+    "MODES",
     "Cursor",
     "CursorStatistics",
     "ErrorCode",
@@ -84,6 +88,7 @@ MAX_LOG_BYTES_LIMIT = 1 << 40
 ENTRY_OVERHEAD = 16  # bytes each log entry costs on top of its stored bytes
 BATCH_OVERHEAD = 64  # bytes take() reserves for a batch's fixed fields (they need at most 58)
 DEFAULT_TAKE_BYTES = 64 << 10
+MODES = ("frames", "text", "bytes")
 
 
 class FrameType(enum.IntEnum):
@@ -157,7 +162,7 @@ class StreamClosedError(RuntimeError):
 class StreamStatistics:
     """A snapshot of one stream's counters (trio's `statistics()` convention)."""
 
-    mode: str  # "frames" or "text"
+    mode: str  # "frames", "text" or "bytes"
     bytes_fed: int  # every byte given to feed()
     bytes_discarded: int  # bytes dropped: after a fatal error, or a partial frame at close()
     frames: int  # complete frames decoded, good or bad
@@ -329,7 +334,9 @@ class TokenStream:
     """One agent output stream: decoder, bounded replay log and subscriber cursors.
 
     Args:
-        mode: "frames" for the protocol v1 events fd, "text" for a plain agent's output.
+        mode: "frames" for the protocol v1 events fd, "text" for a plain agent's output
+            (UTF-8, invalid bytes replaced), "bytes" for output kept byte-exact (one entry
+            per feed, no decoding).
         log_bytes: replay log budget in bytes (stored bytes + ENTRY_OVERHEAD per entry).
         max_frame_bytes: the largest frame payload accepted, in bytes.
 
@@ -339,15 +346,17 @@ class TokenStream:
 
     def __init__(self, mode: str = "frames", *, log_bytes: int = DEFAULT_LOG_BYTES,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if mode not in ("frames", "text"):
-            raise ValueError(f"mode must be 'frames' or 'text', not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'frames', 'text' or 'bytes', not {mode!r}")
         if not 1 <= log_bytes <= MAX_LOG_BYTES_LIMIT:
             raise ValueError(
                 f"log_bytes must be between 1 and {MAX_LOG_BYTES_LIMIT}, got {log_bytes}")
         if not 1 <= max_frame_bytes <= MAX_FRAME_BYTES_LIMIT:
             raise ValueError(f"max_frame_bytes must be between 1 and {MAX_FRAME_BYTES_LIMIT}, "
                              f"got {max_frame_bytes}")
+        self._mode = mode
         self._text_mode = mode == "text"
+        self._bytes_mode = mode == "bytes"
         self._log_limit = log_bytes
         self._max_frame = max_frame_bytes
         # log: entry i (i >= _ehead) has seq _first_seq + i - _ehead and stored bytes
@@ -396,6 +405,10 @@ class TokenStream:
             self._bytes_discarded += len(data)
             return 0
         before = self._next_seq
+        if self._bytes_mode:
+            if data:
+                self._append_token(data)
+            return self._next_seq - before
         if self._text_mode:
             data = self._tail + data
             cut = _incomplete_tail_start(data)
@@ -745,7 +758,7 @@ class TokenStream:
     def statistics(self) -> StreamStatistics:
         lag = max((self._next_seq - c._next_seq for c in self._cursors), default=0)
         return StreamStatistics(
-            mode="text" if self._text_mode else "frames",
+            mode=self._mode,
             bytes_fed=self._bytes_fed,
             bytes_discarded=self._bytes_discarded,
             frames=self._frames,
@@ -767,6 +780,5 @@ class TokenStream:
         )
 
     def __repr__(self) -> str:
-        mode = "text" if self._text_mode else "frames"
-        return (f"<TokenStream {mode} seq {self._first_seq}..{self._next_seq - 1} "
+        return (f"<TokenStream {self._mode} seq {self._first_seq}..{self._next_seq - 1} "
                 f"log {self._log_bytes}/{self._log_limit} B>")

@@ -537,7 +537,7 @@ def test_append_token_merges_runtime_text(impl):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"mode": "lines"}, r"^mode must be 'frames' or 'text', not 'lines'$"),
+    ({"mode": "lines"}, r"^mode must be 'frames', 'text' or 'bytes', not 'lines'$"),
     ({"log_bytes": 0}, r"^log_bytes must be between 1 and 1099511627776, got 0$"),
     ({"max_frame_bytes": 0}, r"^max_frame_bytes must be between 1 and 1073741824, got 0$"),
     ({"max_frame_bytes": (1 << 30) + 1},
