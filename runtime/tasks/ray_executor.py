@@ -26,10 +26,11 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import tarfile
 import tempfile
 import threading
+
+from corral.sandbox import fstree
 
 from .files import TaskFiles, read_json
 
@@ -77,7 +78,7 @@ def _save_checkpoint_tar(files: TaskFiles, data: bytes) -> int:
         files_dir = os.path.join(tmp, "files")
         return files.save_checkpoint(frame, files_dir if os.path.isdir(files_dir) else None)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fstree.remove_tree(tmp, ignore_errors=True)
 
 
 class NodeHost:
@@ -105,7 +106,7 @@ class NodeHost:
         plan = AttemptPlan.from_json(plan_json)
         plan.tasks_root = self.root
         files = TaskFiles(self.root, plan.task_id)
-        shutil.rmtree(files.dir, ignore_errors=True)  # a fresh start on this node
+        fstree.remove_tree(files.dir, ignore_errors=True)  # a fresh start on this node
         files.create()
         if checkpoint_tar:
             _save_checkpoint_tar(files, checkpoint_tar)
@@ -162,7 +163,7 @@ class NodeHost:
     def forget(self, task_id: str, attempt: int) -> None:
         with self._lock:
             self._runners.pop(f"{task_id}/{attempt}", None)
-        shutil.rmtree(TaskFiles(self.root, task_id).dir, ignore_errors=True)
+        fstree.remove_tree(TaskFiles(self.root, task_id).dir, ignore_errors=True)
 
 
 def _session_root(node: str) -> str:
@@ -392,7 +393,7 @@ def _append(path: str, data: bytes) -> None:
 
 def _replace_out(files: TaskFiles, data: bytes) -> None:
     tmp = files.out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    fstree.remove_tree(tmp, ignore_errors=True)
     _untar(data, tmp)
-    shutil.rmtree(files.out, ignore_errors=True)
+    fstree.remove_tree(files.out, ignore_errors=True)
     os.rename(tmp, files.out)
