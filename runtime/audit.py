@@ -1789,12 +1789,13 @@ class AuditLog:
             except sqlite3.DatabaseError as exc:
                 # The batch that failed is lost: read on one record at a time to name the
                 # first one that cannot be read (or that breaks the chain).
+                error = exc
                 for seq in range(checker.next_seq, checker.next_seq + 2048):
                     try:
                         row = conn.execute(f"SELECT {_COLUMNS} FROM records WHERE seq = ?",
                                            (seq,)).fetchone()
                     except sqlite3.DatabaseError as point_exc:
-                        exc = point_exc
+                        error = point_exc
                         break
                     if row is None:
                         break
@@ -1802,7 +1803,7 @@ class AuditLog:
                     if problem:
                         return fail(*problem)
                 return fail(checker.next_seq, f"record {checker.next_seq} onward: the "
-                                              f"{label} cannot be read ({exc}): the file "
+                                              f"{label} cannot be read ({error}): the file "
                                               "is damaged")
             finally:
                 conn.close()
