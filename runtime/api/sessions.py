@@ -71,12 +71,16 @@ class _Inbox:
     At most OPEN_QUEUED_EVENTS events wait for a client that does not read: one more ends
     the stream with RESOURCE_EXHAUSTED (the session keeps running; resume comes back)."""
 
-    __slots__ = ("events", "error", "_waiter")
+    __slots__ = ("events", "error", "_waiter", "_woken")
 
     def __init__(self) -> None:
         self.events: deque = deque()
         self.error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
+        # A wake-up that came while the stream was not waiting (it was sending): the next
+        # wait() returns at once. Without it, news that arrived during a yield was lost
+        # and the stream slept until the session's next entry.
+        self._woken = False
 
     def put_nowait(self, item) -> None:
         if isinstance(item, BaseException):
@@ -91,10 +95,15 @@ class _Inbox:
 
     def wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if waiter is None:
+            self._woken = True
+        elif not waiter.done():
             waiter.set_result(None)
 
     async def wait(self) -> None:
+        if self._woken:
+            self._woken = False
+            return
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
