@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import errno as errno_mod
 import json
+import logging
 import os
 import tempfile
 import time
@@ -121,16 +122,38 @@ def create(name: str, uid: int, gid: int, *, size_bytes: int | None = None,
             if _libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV,
                            data.encode()) != 0:
                 err = ctypes.get_errno()
-                raise SandboxSetupError("workspace mount", path, err, "tmpfs " + data)
-        elif os.geteuid() == 0:
-            os.chown(path, uid, gid)
-            os.chmod(path, 0o755)
-        else:  # cannot give it away: let the sandbox's ids write (the parent is still 0700)
-            os.chmod(path, 0o777)
+                if err != errno_mod.EPERM:
+                    raise SandboxSetupError("workspace mount", path, err, "tmpfs " + data)
+                _warn_no_mount(path)
+                _give_away(path, uid, gid)
+        else:
+            _give_away(path, uid, gid)
     except BaseException:
         remove(path)
         raise
     return path
+
+
+_warned = False
+
+
+def _warn_no_mount(path: str) -> None:
+    """Root without CAP_SYS_ADMIN (a container): plain directories, said once."""
+    global _warned
+    if not _warned:
+        _warned = True
+        logging.getLogger("corral.workspaces").warning(
+            "cannot mount a tmpfs at %s (EPERM): workspaces are plain directories without "
+            "byte or inode caps; give the daemon CAP_SYS_ADMIN to cap them", path)
+
+
+def _give_away(path: str, uid: int, gid: int) -> None:
+    """A plain-directory workspace owned by the sandbox's root."""
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o755)
+    else:  # cannot give it away: let the sandbox's ids write (the parent is still 0700)
+        os.chmod(path, 0o777)
 
 
 def is_managed(path: str | None) -> bool:
