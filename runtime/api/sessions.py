@@ -274,7 +274,7 @@ class _Sub:
     """One session watched on an OpenMany stream under a ref."""
 
     __slots__ = ("mux", "ref", "ref_field", "session", "watcher", "watch_only", "pending",
-                 "events", "exited", "notify", "dirty")
+                 "events", "exited", "dirty")
 
     def __init__(self, mux: _Mux, ref: str, session, after: int, watch_only: bool) -> None:
         self.mux = mux
@@ -288,8 +288,10 @@ class _Sub:
         self.exited: Exited | None = None
         self.dirty = False
         self.watcher = session.hub.watch(after or None)
-        self.notify = self.mark
-        session.hub.add_notify(self.notify)
+        # Not kept on self: sub -> bound method -> sub would be a reference cycle holding
+        # the session (and its replay log) until the cyclic GC ran; bound methods compare
+        # equal, so remove_notify(self.mark) finds it.
+        session.hub.add_notify(self.mark)
         session.listeners.add(self)
         mux.manager.attach(session)
 
@@ -320,7 +322,7 @@ class _Sub:
         self.pending.clear()
         self.events.clear()
         session = self.session
-        session.hub.remove_notify(self.notify)
+        session.hub.remove_notify(self.mark)
         session.listeners.discard(self)
         self.watcher.close()
         self.mux.manager.detach(session)

@@ -68,6 +68,25 @@ def session_cycle(client: Client, tokens: int) -> None:
     assert rec.first("exited").reason == "closed"
 
 
+def mux_cycle(client: Client, tokens: int) -> None:
+    """Two sessions on one OpenMany stream: each reads its turn and is closed."""
+    mux = client.open_many()
+    for ref in ("a", "b"):
+        mux.start(ref, agent(tokens))
+    ended: dict[str, str] = {}
+    for ref, event in mux:
+        kind = event.WhichOneof("event")
+        if kind == "turn_ended":
+            mux.close_session(ref)
+        elif kind == "exited":
+            ended[ref] = event.exited.reason
+            if len(ended) == 2:
+                mux.close()
+        elif kind == "error":
+            raise AssertionError(event.error)
+    assert ended == {"a": "closed", "b": "closed"}
+
+
 def exec_cycle(client: Client) -> None:
     """Two commands with stdin kept open in a new sandbox: one fed and closed by the
     client, one that exits with its stdin still open (as a session's agent does)."""
@@ -165,6 +184,7 @@ def test_finished_sessions_and_commands_are_freed_without_the_cyclic_gc(tmp_path
             try:
                 for _ in range(3):
                     session_cycle(client, 200)
+                    mux_cycle(client, 200)
                     exec_cycle(client)
                     # a session whose agent exits on its own, reaped by the idle reaper
                     stream = client.open_session(["sh", "-c", "echo hi; echo err >&2"])
