@@ -27,7 +27,15 @@ Rules this adapter keeps
    (turn ends, progress, errors; the core's event queue must be drained or it would grow),
    then wakes the watchers, so the daemon's bookkeeping always runs before any subscriber
    sees the entry.
-6. Writes to an agent never block. A control frame is written at once when the pipe has
+6. Lossless hubs hold the program back instead of dropping (`StreamHub(lossless=True)`,
+   bytes mode: a command's output through Sandboxes.Exec). Entries no lossless watcher has
+   taken may fill half the replay log at most; then the hub stops reading the fd, the pipe
+   fills and the program's write(2) blocks, until a watcher takes enough (flow control, as
+   Docker and E2B block the writer). The other half keeps entries already sent, so a reader
+   that drops and resumes with after_seq finds what was still in flight. With no watcher
+   the position the last one left at holds the line. Watchers made with `lossy=True` never
+   hold the program back (they may lose entries, and their batches say so).
+7. Writes to an agent never block. A control frame is written at once when the pipe has
    room; the rest is queued (bounded, 4 MiB by default) and finished by `loop.add_writer`.
    Past the bound `send_input` raises `ControlQueueFull`: the agent is not reading.
 
@@ -59,6 +67,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from corral.ext._stream_py import ENTRY_OVERHEAD
 from corral.sandbox.errors import CorralError, InvalidSpec
 
 if TYPE_CHECKING:
@@ -71,6 +80,7 @@ __all__ = [
     "DEFAULT_CONTROL_QUEUE_BYTES",
     "DEFAULT_READ_BUDGET",
     "MAX_CONTROL_PAYLOAD",
+    "SeqOutOfRange",
     "TWIN_READ_BUDGET",
     "AgentPipes",
     "ControlClosed",
@@ -113,6 +123,17 @@ class ControlQueueFull(CorralError):
         super().__init__(
             f"the agent is not reading its control pipe: {queued} bytes of control frames are "
             f"already queued (limit {limit}); refused a frame of {size} bytes")
+
+
+class SeqOutOfRange(InvalidSpec, ValueError):
+    """A resume point (after_seq) past the newest entry of a stream: INVALID_ARGUMENT,
+    naming the request's field. Also a ValueError, as watch() always raised."""
+
+    def __init__(self, field: str, after_seq: int, newest: int) -> None:
+        self.after_seq = after_seq
+        self.newest = newest
+        super().__init__(field, f"{after_seq} is past the newest entry of the stream "
+                                f"(seq {newest}); resume from 0 to {newest}")
 
 
 class ControlClosed(CorralError):
@@ -298,6 +319,9 @@ class HubStatistics:
     watchers: int  # watchers not closed
     waiting: int  # watchers waiting for data now
     stream: StreamStatistics  # the token core's own counters
+    lossless: bool = False  # flow control: the hub stops reading rather than lose entries
+    paused: bool = False  # not reading now: untaken entries fill the held half of the log
+    pauses: int = 0  # times reading stopped for a slow (or absent) watcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,16 +352,42 @@ class StreamHub:
             TWIN_READ_BUDGET (16 KiB, a few ms), so a busy stream never holds the loop long.
         end_on_eof: when False, watchers keep waiting after input EOF until `close()`, so the
             runtime can still append its own final events (a forced TURN_END) first.
+        lossless: flow control instead of loss (rule 6); needs a bytes-mode stream, whose
+            entries are exactly the reads. One read takes at most a quarter of the log.
     """
 
     def __init__(self, stream: TokenStream, *,
                  on_event: Callable[[StreamEvent], None] | None = None,
-                 read_budget: int | None = None, end_on_eof: bool = True) -> None:
+                 read_budget: int | None = None, end_on_eof: bool = True,
+                 lossless: bool = False) -> None:
         if read_budget is None:
             twin = type(stream).__module__.endswith("._stream_py")
             read_budget = TWIN_READ_BUDGET if twin else DEFAULT_READ_BUDGET
         if read_budget < 1:
             raise ValueError(f"read_budget must be at least 1 byte, got {read_budget}")
+        self._lossless = lossless
+        if lossless:
+            stats = stream.statistics()
+            if stats.mode != "bytes":
+                raise ValueError(f"a lossless hub needs a bytes-mode stream, not {stats.mode!r}")
+            if stats.next_seq != 1:
+                raise ValueError("a lossless hub needs a stream nothing was fed to yet")
+            limit = stats.log_bytes_limit
+            read_budget = max(1, min(read_budget, limit // 4))
+            # untaken entries may cost this much of the log; the rest keeps sent ones
+            self._hold_limit = limit // 2
+            if read_budget + ENTRY_OVERHEAD > self._hold_limit:
+                raise ValueError(f"a replay log of {limit} bytes is too small for a "
+                                 f"lossless hub")
+        self._paused = False
+        self._pauses = 0
+        # cumulative log cost (bytes + ENTRY_OVERHEAD) before seq _cost_seq + i is
+        # _costs[_cost_head + i]; kept for the entries the log still holds (lossless only)
+        self._costs: list[int] = [0]
+        self._cost_head = 0
+        self._cost_seq = 1
+        self._held: set[Any] = set()  # cursors of the watchers that hold the program back
+        self._low_seq = 1  # where the last of them left off, while there is none
         self._stream = stream
         self._on_event = on_event
         self._read_budget = read_budget
@@ -409,14 +459,96 @@ class StreamHub:
         self._loop = loop
         self._fd = fd
         self._owns_fd = owns_fd
+        buf, self._view = _read_buffer(self._read_budget)
+        self._bufs = (buf,)
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        loop, fd = self._loop, self._fd
+        assert loop is not None and fd is not None
         reactor = _reactor_for(loop, self._stream, self._read_budget)
         if reactor is not None:
             reactor.add(fd, self, self._stream.feed)
             self._reactor = reactor
-            return
-        buf, self._view = _read_buffer(self._read_budget)
-        self._bufs = (buf,)
-        loop.add_reader(fd, self._on_readable)
+        else:
+            loop.add_reader(fd, self._on_readable)
+
+    def _stop_reading(self) -> None:
+        loop, fd = self._loop, self._fd
+        assert loop is not None and fd is not None
+        if self._reactor is not None:
+            _release_reactor(loop, self._reactor, fd)
+            self._reactor = None
+        else:
+            loop.remove_reader(fd)
+
+    # --- flow control (lossless hubs) ---------------------------------------------------
+
+    def _record_read(self, n: int, appended: int) -> None:
+        """Account a read's entry (bytes mode: one per read) and stop reading when the
+        untaken entries fill the held half of the log."""
+        costs = self._costs
+        if appended:
+            costs.append(costs[-1] + n + ENTRY_OVERHEAD)
+            first = self._stream.first_seq
+            if first > self._cost_seq:  # entries the log evicted: forget their costs
+                drop = min(first - self._cost_seq, len(costs) - self._cost_head - 1)
+                self._cost_head += drop
+                self._cost_seq += drop
+                if self._cost_head > 1024 and self._cost_head * 2 > len(costs):
+                    del costs[:self._cost_head]
+                    self._cost_head = 0
+        if not self._paused and (self._untaken() + self._read_budget + ENTRY_OVERHEAD
+                                 > self._hold_limit):
+            self._paused = True
+            self._pauses += 1
+            self._stop_reading()
+
+    def _untaken(self) -> int:
+        """Log cost of the entries the slowest holding watcher has not taken."""
+        held = self._held
+        low = min(c.next_seq for c in held) if held else self._low_seq
+        costs = self._costs
+        i = low - self._cost_seq
+        last = len(costs) - self._cost_head - 1
+        i = 0 if i < 0 else last if i > last else i
+        return costs[-1] - costs[self._cost_head + i]
+
+    def _maybe_resume(self) -> None:
+        """Read again once the holding watchers took back half of the held budget."""
+        if self._paused and self._untaken() <= self._hold_limit // 2:
+            self._paused = False
+            if self._fd is not None:
+                self._start_reading()
+
+    def _take_held(self, cursor: Any, max_bytes: int) -> bytes | None:
+        batch = self._stream.take(cursor, max_bytes)
+        if self._paused and batch is not None:
+            self._maybe_resume()
+        return batch
+
+    def _forget_held(self, cursor: Any) -> None:
+        if cursor in self._held:
+            self._held.discard(cursor)
+            if not self._held:
+                self._low_seq = cursor.next_seq
+            self._maybe_resume()
+
+    def release_flow_control(self) -> None:
+        """Stop holding the program back from now on (its sandbox is going away): the hub
+        reads to EOF, and entries no one took may be evicted. Idempotent."""
+        if self._lossless:
+            self._lossless = False
+            self._held.clear()
+            if self._paused:
+                self._paused = False
+                if self._fd is not None:
+                    self._start_reading()
+
+    @property
+    def paused(self) -> bool:
+        """A lossless hub that stopped reading until a watcher takes what it holds."""
+        return self._paused
 
     def _reactor_read(self, n: int, appended: int) -> None:
         # The compiled path's twin of _on_readable: the reactor (ext/_reactor.pyx) made the
@@ -434,6 +566,8 @@ class StreamHub:
         if n == self._read_budget:
             self._budget_cuts += 1
         self._entries += appended
+        if self._lossless:
+            self._record_read(n, appended)
         self._dispatch_events()
         if appended and (self._waiting or self._filling or self._notify):
             self._wake()
@@ -464,6 +598,8 @@ class StreamHub:
             self._budget_cuts += 1
         appended = self._stream.feed(self._view[:n])
         self._entries += appended
+        if self._lossless:
+            self._record_read(n, appended)
         self._dispatch_events()
         if appended and (self._waiting or self._filling or self._notify):
             self._wake()
@@ -488,13 +624,11 @@ class StreamHub:
         fd = self._fd
         if fd is None:
             return
-        self._fd = None
         assert self._loop is not None
-        if self._reactor is not None:
-            _release_reactor(self._loop, self._reactor, fd)
-            self._reactor = None
-        else:
-            self._loop.remove_reader(fd)
+        if not self._paused:  # a paused hub has its fd registered nowhere
+            self._stop_reading()
+        self._paused = False
+        self._fd = None
         if self._owns_fd:
             os.close(fd)
 
@@ -552,7 +686,8 @@ class StreamHub:
     # --- watchers -----------------------------------------------------------------------
 
     def watch(self, after_seq: int | None = None, *, coalesce_s: float = 0.0,
-              coalesce_entries: int = DEFAULT_COALESCE_ENTRIES) -> Watcher:
+              coalesce_entries: int = DEFAULT_COALESCE_ENTRIES, lossy: bool = False,
+              field: str = "after_seq") -> Watcher:
         """A new subscriber.
 
         Args:
@@ -564,22 +699,32 @@ class StreamHub:
                 (the stream is hot), the watcher waits for more until then; the wait ends
                 early when coalesce_entries are there, when the hub ends and when the watcher
                 closes. A cold stream's first entry goes out at once. 0 (default): never wait.
+            lossy: on a lossless hub, this watcher does not hold the program back: it may
+                lose entries when it is slow (its batches say so). Other hubs lose anyway.
+            field: how the request names after_seq, for the error message.
 
         Raises:
-            ValueError: after_seq is negative or beyond the newest entry.
+            SeqOutOfRange: after_seq is beyond the newest entry (INVALID_ARGUMENT, and a
+                ValueError).
+            ValueError: after_seq is negative.
         """
         if after_seq is None:
             cursor = self._stream.subscribe()
         else:
             newest = self._stream.next_seq - 1
-            if not 0 <= after_seq <= newest:
-                raise ValueError(
-                    f"after_seq must be between 0 and {newest} (the newest seq), got {after_seq}")
+            if after_seq < 0:
+                raise ValueError(f"after_seq must be 0 or more, got {after_seq}")
+            if after_seq > newest:
+                raise SeqOutOfRange(field, after_seq, newest)
             cursor = self._stream.subscribe(after_seq + 1)
         if coalesce_s < 0:
+            self._stream.unsubscribe(cursor)
             raise ValueError(f"coalesce_s must be 0 or more seconds, got {coalesce_s}")
         self._watchers += 1
-        return Watcher(self, cursor, coalesce_s, coalesce_entries)
+        held = self._lossless and not lossy
+        if held:
+            self._held.add(cursor)
+        return Watcher(self, cursor, coalesce_s, coalesce_entries, held)
 
     def add_notify(self, callback: Callable[[], None]) -> None:
         """Call `callback()` (synchronously, on the loop) whenever entries are added and when
@@ -636,6 +781,9 @@ class StreamHub:
             watchers=self._watchers,
             waiting=len(self._waiting) + len(self._filling),
             stream=self._stream.statistics(),
+            lossless=self._lossless,
+            paused=self._paused,
+            pauses=self._pauses,
         )
 
     def __repr__(self) -> str:
@@ -654,10 +802,11 @@ class Watcher:
                  "_waiting", "_waits", "_coalesce_waits", "_last_batch_at")
 
     def __init__(self, hub: StreamHub, cursor: Any, coalesce_s: float,
-                 coalesce_entries: int) -> None:
+                 coalesce_entries: int, held: bool = False) -> None:
         self._hub = hub
         self._cursor = cursor
-        self._take = hub._stream.take
+        # a watcher that holds a lossless hub's program back lets it read again as it takes
+        self._take = hub._take_held if held else hub._stream.take
         self._coalesce_s = coalesce_s
         self._coalesce_entries = coalesce_entries
         self._closed = False
@@ -804,6 +953,7 @@ class Watcher:
         hub = self._hub
         hub._watchers -= 1
         hub._stream.unsubscribe(self._cursor)
+        hub._forget_held(self._cursor)
         fut = hub._waiting.pop(self, None)
         filling = hub._filling.pop(self, None)
         for f in (fut, filling[0] if filling else None):

@@ -386,8 +386,8 @@ def test_watch_after_seq_resumes_right_after_it(core):
         resumed, _ = await collect(hub.watch(after_seq=7))
         everything, _ = await collect(hub.watch(after_seq=0))
         caught_up = await hub.watch(after_seq=10).next_batch()
-        with pytest.raises(ValueError, match=r"^after_seq must be between 0 and 10 \(the "
-                                             r"newest seq\), got 11$"):
+        with pytest.raises(InvalidSpec, match=r"^after_seq: 11 is past the newest entry of "
+                                              r"the stream \(seq 10\); resume from 0 to 10$"):
             hub.watch(after_seq=11)
         return resumed, everything, caught_up
 

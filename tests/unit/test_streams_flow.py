@@ -1,0 +1,160 @@
+"""Flow control of lossless hubs (runtime/streams.py rule 6) over real pipes, both cores:
+a slow or absent reader blocks the writer, nothing is lost, every byte arrives as written."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+
+import pytest
+
+from corral.runtime.streams import StreamHub, make_pipe_pair
+from corral.v1 import stream_pb2
+
+from .test_stream_core import IMPLS, load_impl
+from .test_streams import no_fd_left_open, run  # noqa: F401 - the fixture applies here too
+
+LOG = 1 << 20  # a small replay log, so the program is held back many times
+
+
+@pytest.fixture(params=IMPLS)
+def core(request):
+    return load_impl(request.param)
+
+
+class Writer(threading.Thread):
+    """Writes `total` pseudo-random bytes into a blocking pipe, then closes it."""
+
+    def __init__(self, fd: int, total: int, chunk: int = 100_000) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.total, self.chunk = fd, total, chunk
+        self.digest = hashlib.sha256()
+        self.written = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        seed = hashlib.sha256(b"seed").digest()
+        try:
+            while self.written < self.total:
+                seed = hashlib.sha256(seed).digest()
+                data = (seed * (self.chunk // 32 + 1))[:min(self.chunk, self.total - self.written)]
+                self.digest.update(data)
+                view = memoryview(data)
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                self.written += len(data)
+        finally:
+            os.close(self.fd)
+            self.done.set()
+
+
+async def read_all(watcher, delay: float = 0.0) -> tuple[bytes, int]:
+    digest, lost, size = hashlib.sha256(), 0, 0
+    async for raw in watcher:
+        batch = stream_pb2.StreamBatch.FromString(raw)
+        lost += batch.lost.count
+        digest.update(batch.text)
+        size += len(batch.text)
+        if delay:
+            await asyncio.sleep(delay)
+    return digest.digest(), lost
+
+
+def test_a_slow_reader_gets_every_byte_and_the_writer_waits(core):
+    async def main():
+        r, w = make_pipe_pair()
+        hub = StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True)
+        hub.attach_fd(r)
+        writer = Writer(w, 8 * LOG)
+        writer.start()
+        digest, lost = await read_all(hub.watch(), delay=0.002)
+        writer.join()
+        return hub, writer, digest, lost
+
+    hub, writer, digest, lost = run(main())
+    assert (digest, lost) == (writer.digest.digest(), 0)
+    stats = hub.statistics()
+    assert stats.pauses > 0 and stats.stream.evicted_entries > 0  # held back, not dropped
+    assert stats.bytes_read == 8 * LOG
+
+
+def test_with_no_reader_the_hub_stops_and_a_late_one_gets_everything(core):
+    async def main():
+        r, w = make_pipe_pair()
+        hub = StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True)
+        hub.attach_fd(r)
+        writer = Writer(w, 4 * LOG)
+        writer.start()
+        while not hub.paused:
+            await asyncio.sleep(0.01)
+        held = hub.statistics()
+        assert not writer.done.is_set()  # the writer is blocked on a full pipe
+        digest, lost = await read_all(hub.watch(after_seq=0))
+        writer.join()
+        return held, writer, digest, lost
+
+    held, writer, digest, lost = run(main())
+    assert (digest, lost) == (writer.digest.digest(), 0)
+    assert held.stream.evicted_entries == 0
+    assert held.stream.log_bytes <= LOG // 2
+
+
+def test_a_reader_that_drops_and_resumes_after_its_last_seq_loses_nothing(core):
+    async def main():
+        r, w = make_pipe_pair()
+        hub = StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True)
+        hub.attach_fd(r)
+        writer = Writer(w, 8 * LOG)
+        writer.start()
+        digest, last, rounds = hashlib.sha256(), None, 0
+        while True:
+            watcher = hub.watch(last)
+            ended = True
+            for _ in range(7):  # a few batches, then drop the stream
+                raw = await watcher.next_batch(32 << 10)
+                if raw is None:
+                    break
+                batch = stream_pb2.StreamBatch.FromString(raw)
+                assert not batch.HasField("lost")
+                digest.update(batch.text)
+                last = batch.first_seq + len(batch.lengths) - 1
+            else:
+                ended = False
+            watcher.close()
+            rounds += 1
+            await asyncio.sleep(0.005)  # the writer runs on while no one watches
+            if ended:
+                break
+        writer.join()
+        return writer, digest.digest(), rounds
+
+    writer, digest, rounds = run(main())
+    assert digest == writer.digest.digest()
+    assert rounds > 10
+
+
+def test_a_lossy_watcher_does_not_hold_the_program_back(core):
+    async def main():
+        r, w = make_pipe_pair()
+        hub = StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True)
+        hub.attach_fd(r)
+        lossy = hub.watch(lossy=True)
+        holder = hub.watch()
+        writer = Writer(w, 4 * LOG)
+        writer.start()
+        holder_digest, holder_lost = await read_all(holder)  # reads at full speed
+        lossy_digest, lossy_lost = await read_all(lossy)  # reads only at the end
+        writer.join()
+        return writer, holder_digest, holder_lost, lossy_lost
+
+    writer, holder_digest, holder_lost, lossy_lost = run(main())
+    assert (holder_digest, holder_lost) == (writer.digest.digest(), 0)
+    assert lossy_lost > 0
+
+
+def test_lossless_needs_a_bytes_stream(core):
+    with pytest.raises(ValueError, match=r"^a lossless hub needs a bytes-mode stream, not 'text'$"):
+        StreamHub(core.TokenStream("text"), lossless=True)
