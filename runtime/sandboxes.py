@@ -43,6 +43,8 @@ log = logging.getLogger("corral.sandboxes")
 
 MAX_INPUT_BYTES = 1 << 20
 MAX_STDIN_BUFFER = 4 << 20
+#: Finished commands a sandbox remembers (for Attach and Get); older ones are forgotten.
+MAX_FINISHED_EXECS = 64
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -448,6 +450,8 @@ class SandboxManager:
         if handle.stdin is not None:
             handle.stdin.abort()
         msb = self._sandboxes.get(handle.sandbox_id)
+        if msb is not None:
+            _retire_finished(msb.execs)
         self.audit.append(
             {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),
             tenant=msb.tenant if msb else "", peer="daemon", sandbox_id=handle.sandbox_id,
@@ -520,6 +524,19 @@ class SandboxManager:
         self.audit.append("file.list", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=sandbox_id, detail={"path": path or "."})
         return entries
+
+
+def _retire_finished(execs: dict[str, ExecHandle]) -> None:
+    """Forget the oldest finished commands past MAX_FINISHED_EXECS.
+
+    A long-lived sandbox runs any number of commands; each finished one kept its handle
+    (argv, output hubs) for ever, so memory and the size of a Get/List answer grew without
+    bound (a tenant's 300 KB argvs made ListSandboxes pass the 16 MiB message limit). A
+    client attached to a retired command keeps its stream; a new Attach gets NOT_FOUND.
+    """
+    finished = [k for k, h in execs.items() if not h.running]
+    for exec_id in finished[:max(0, len(finished) - MAX_FINISHED_EXECS)]:
+        del execs[exec_id]
 
 
 def _check_env(env: dict[str, str]) -> None:

@@ -68,11 +68,32 @@ def sandbox_to_proto(msb) -> pb.Sandbox:
         policy_digest=msb.policy_digest, created_at=msb.created_at, expires_at=msb.expires_at,
         init_pid=msb.sandbox.init_pid or 0,
         execs=[
-            pb.ExecInfo(id=h.id, argv=list(h.argv), running=h.running,
+            pb.ExecInfo(id=h.id, argv=shown_argv(h.argv), running=h.running,
                         returncode=h.returncode or 0, reason=h.reason)
             for h in msb.execs.values()
         ],
     )
+
+
+#: Bytes of one command's argv shown in a Sandbox answer (the audit trail has its digest).
+SHOWN_ARGV_BYTES = 4096
+
+
+def shown_argv(argv) -> list[str]:
+    """argv cut to SHOWN_ARGV_BYTES in all, with a last element saying what was left out, so
+    that a sandbox's answer stays small whatever its commands were."""
+    shown, used = [], 0
+    for i, arg in enumerate(argv):
+        if used + len(arg) > SHOWN_ARGV_BYTES:
+            room = max(0, SHOWN_ARGV_BYTES - used)
+            if room:
+                shown.append(arg[:room])
+            shown.append(f"...({len(argv) - i} arguments cut, "
+                         f"{sum(len(a) for a in argv[i:]) - room} bytes)")
+            break
+        shown.append(arg)
+        used += len(arg)
+    return shown
 
 
 def _output_event(stream: int, batch: bytes) -> bytes:
