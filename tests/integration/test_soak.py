@@ -2,8 +2,9 @@
 
 One daemon of its own runs WARMUP cycles (the first sandbox, session, task and shim zygote
 fill thread pools, gRPC buffers, the reactor, allocator arenas), then a baseline is taken,
-then CYCLES more. Each cycle: a session that streams 2 MB and is closed, a sandbox with two
-commands whose stdin is kept open, and a deep task run to its end. After them:
+then CYCLES more. Each cycle: a session that streams 2 MB and is closed, two sessions on one
+OpenMany stream, a sandbox with two commands whose stdin is kept open, and a deep task run
+to its end. After them:
 
 * descriptors (/proc/PID/fd) and child processes are exactly at the baseline: each of
   these is a leak from the first cycle on;
@@ -11,7 +12,7 @@ commands whose stdin is kept open, and a deep task run to its end. After them:
   thread when none is idle at the moment of a call, so its count may still creep up by one
   or two after the warm-up without any leak (it stops at its max_workers);
 * RSS grows by less than RSS_SLACK_KIB, with the cyclic GC left to run on its own schedule:
-  the cycles move 100 MB of tokens through session logs that are freed by reference
+  the cycles move 80 MB of tokens through session logs that are freed by reference
   counting now (it grew ~2.6 MB per session while those logs waited for the GC);
 * every sandbox the daemon made, sessions' and tasks' included, left no runtime directory,
   cgroup, workspace (mount or temporary directory) or live process, and no line of the
@@ -19,7 +20,7 @@ commands whose stdin is kept open, and a deep task run to its end. After them:
   shares the host's mount namespace, so other work on the machine moves its mount count:
   the mounts are matched by name, not counted.)
 
-Measured on the 2-core CI machine: about 30 s in all (each cycle makes three sandboxes).
+Measured on the 2-core CI machine: about 35 s in all (each cycle makes five sandboxes).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import pytest
 from corral.sandbox import workspace_fs
 
 from .daemon_harness import sandbox_footprint, wait_until
-from .test_leaks import exec_cycle, rss_kib, session_cycle
+from .test_leaks import exec_cycle, mux_cycle, rss_kib, session_cycle
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 WARMUP = 5
-CYCLES = 50
+CYCLES = 40
 TOKENS = 2000  # of 1000 bytes: 2 MB per session
 THREAD_SLACK = 2
 RSS_SLACK_KIB = 16 << 10
@@ -86,6 +87,7 @@ def task_cycle(client, i: int) -> str:
 
 def cycle(client, i: int) -> None:
     session_cycle(client, TOKENS)
+    mux_cycle(client, TOKENS // 10)
     exec_cycle(client)
     task_cycle(client, i)
 
@@ -123,7 +125,7 @@ def test_soak_sessions_commands_and_tasks_return_the_daemon_to_its_baseline(make
     task_sandboxes = {r.sandbox_id for r in client.audit_query(kind="task.start", limit=1000)}
     assert len(task_sandboxes) == WARMUP + CYCLES
     made = set(daemon.created()) | task_sandboxes
-    assert len(made) == 3 * (WARMUP + CYCLES)  # a session's, a command's and a task's
+    assert len(made) == 5 * (WARMUP + CYCLES)  # 3 sessions', a command's and a task's
     assert {s: footprint(s) for s in made if footprint(s)} == {}
     assert mounts_naming(daemon.pid, made | {str(daemon.root)}) == []
     assert daemon.leftovers() == {}
