@@ -21,18 +21,18 @@ MESSAGE_BYTES = 320
 #: (the value's end and the explanation), so a quoted value costs at most ~200 bytes.
 ECHO_HEAD_BYTES = 144
 ECHO_TAIL_BYTES = 64
-#: Events (turn started/ended, request errors) an Open stream may owe its client.
-OPEN_QUEUED_EVENTS = 4096
-#: Bytes of encoded events an OpenMany stream may owe its client (opened, errors, turn
-#: events of all its sessions); one MuxBatch message's worth.
-MANY_QUEUED_BYTES = 1 << 20
+#: Bytes of events a Sessions stream may owe its client: turn events (an agent chooses a
+#: turn's status text) on Open; opened, errors and turn events of all its sessions on
+#: OpenMany. One MuxBatch message's worth. Token batches are not counted: they stay in
+#: the session's replay log, which has its own byte budget.
+QUEUED_BYTES = 1 << 20
 #: Starts and resumes one OpenMany stream may have in flight; the next request is read
 #: once one of them is done (back-pressure, nothing refused).
 MANY_OPENING = 64
 #: Acks a Tasks.SubmitStream may owe its client; then it reads no more requests until the
 #: client reads (back-pressure: a submission is never refused for a slow reader).
 SUBMIT_PENDING_ACKS = 4096
-#: What a queued turn event is counted as (a Python object, not yet encoded).
+#: What a queued event is counted as beyond its text (the Python objects holding it).
 EVENT_COST_BYTES = 64
 
 

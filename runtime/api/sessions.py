@@ -21,8 +21,7 @@ from ..streams import DEFAULT_BATCH_BYTES
 from .bounds import (
     EVENT_COST_BYTES,
     MANY_OPENING,
-    MANY_QUEUED_BYTES,
-    OPEN_QUEUED_EVENTS,
+    QUEUED_BYTES,
     StreamOverflow,
     bounded_message,
 )
@@ -52,6 +51,15 @@ def _session_event(ev) -> bytes:
     raise TypeError(ev)
 
 
+def _cost(event) -> int:
+    """What a queued turn event counts against QUEUED_BYTES (its status is the agent's)."""
+    return EVENT_COST_BYTES + len(getattr(event, "status", ""))
+
+
+def _overflow() -> StreamOverflow:
+    return StreamOverflow("more than 1 MiB of session events", f"{QUEUED_BYTES} bytes")
+
+
 def _deliverable(event, next_seq: int) -> bool:
     """Whether a client whose next entry is next_seq may get this turn event now: only once
     it has every entry the event comes after (a turn's end after its TURN_END entry, a
@@ -68,13 +76,16 @@ class _Inbox:
     order, and a wake-up for hub news. Session.publish() and the request reader call
     put_nowait; the hub calls wake.
 
-    At most OPEN_QUEUED_EVENTS events wait for a client that does not read: one more ends
-    the stream with RESOURCE_EXHAUSTED (the session keeps running; resume comes back)."""
+    At most QUEUED_BYTES of events wait for a client that does not read; past that they
+    are dropped and the stream ends with RESOURCE_EXHAUSTED (the session keeps running;
+    resume comes back)."""
 
-    __slots__ = ("events", "error", "_waiter", "_woken")
+    __slots__ = ("tenant", "events", "queued", "error", "_waiter", "_woken")
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
         self.events: deque = deque()
+        self.queued = 0  # _cost() of the events held
         self.error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
         # A wake-up that came while the stream was not waiting (it was sending): the next
@@ -85,13 +96,21 @@ class _Inbox:
     def put_nowait(self, item) -> None:
         if isinstance(item, BaseException):
             self.error = self.error or item
-        elif len(self.events) >= OPEN_QUEUED_EVENTS:
-            self.events.clear()
-            self.error = self.error or StreamOverflow(
-                "too many session events", f"{OPEN_QUEUED_EVENTS} events")
         elif self.error is None:
-            self.events.append(item)
+            self.queued += _cost(item)
+            if self.queued > QUEUED_BYTES:
+                self.events.clear()
+                self.error = _overflow()
+                log.warning("Sessions.Open of tenant %s ended: its client left more than %d "
+                            "bytes unread", self.tenant, QUEUED_BYTES)
+            else:
+                self.events.append(item)
         self.wake()
+
+    def pop(self):
+        item = self.events.popleft()
+        self.queued -= _cost(item)
+        return item
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -147,7 +166,7 @@ class SessionsServicer(Servicer):
             raise InvalidSpec("request", "the first message must be start or resume")
 
         self.manager.attach(session)
-        inbox = _Inbox()
+        inbox = _Inbox(caller.tenant)
         session.listeners.add(inbox)
         session.hub.add_notify(inbox.wake)
         watcher = session.hub.watch(after or None)
@@ -164,9 +183,6 @@ class SessionsServicer(Servicer):
                 # runs a task per batch. The checks and the wait below have no await in
                 # between, so no wake-up can fall between them.
                 if inbox.error is not None:
-                    if isinstance(inbox.error, StreamOverflow):
-                        log.warning("Sessions.Open of tenant %s ended: its client left more "
-                                    "than %d events unread", caller.tenant, OPEN_QUEUED_EVENTS)
                     raise inbox.error
                 expected = watcher.next_seq
                 batch = watcher.take_ready()
@@ -178,7 +194,7 @@ class SessionsServicer(Servicer):
                         yield _event(lagged=pb.SessionLagged(first_available_seq=first))
                     yield field_bytes(2, batch)
                 while events and _deliverable(events[0], watcher.next_seq):
-                    item = events.popleft()
+                    item = inbox.pop()
                     if isinstance(item, Exited):
                         exited = item
                     else:
@@ -307,7 +323,7 @@ class _Sub:
             self.exited = event
         elif isinstance(event, BaseException):
             self.push(_error_event(event))
-        elif self.mux.owe(EVENT_COST_BYTES):
+        elif self.mux.owe(_cost(event)):
             self.events.append(event)
         self.mark()
 
@@ -318,7 +334,7 @@ class _Sub:
 
     def release(self) -> None:
         self.mux.paid(sum(len(e) + EVENT_COST_BYTES for e in self.pending)
-                      + EVENT_COST_BYTES * len(self.events))
+                      + sum(_cost(e) for e in self.events))
         self.pending.clear()
         self.events.clear()
         session = self.session
@@ -338,7 +354,7 @@ class _Mux:
     the fewer and fuller the messages. Nothing here waits per session.
 
     Bounds (runtime/api/bounds.py): what the stream owes its client (loose errors, each
-    session's pending and turn events) is counted in `queued`; past MANY_QUEUED_BYTES it
+    session's pending and turn events) is counted in `queued`; past QUEUED_BYTES it
     is dropped and the stream ends with RESOURCE_EXHAUSTED (its sessions keep running).
     At most MANY_OPENING starts, resumes and closes run at once; the next request is read
     when one ends.
@@ -367,11 +383,10 @@ class _Mux:
         """Count nbytes more queued for the client; False (queue nothing) once over."""
         if self.error is not None:
             return False
-        if self.queued + nbytes > MANY_QUEUED_BYTES:
-            self.error = StreamOverflow("more than 1 MiB of session events",
-                                        f"{MANY_QUEUED_BYTES} bytes")
+        if self.queued + nbytes > QUEUED_BYTES:
+            self.error = _overflow()
             log.warning("Sessions.OpenMany of tenant %s ended: its client left more than "
-                        "%d bytes unread", self.caller.tenant, MANY_QUEUED_BYTES)
+                        "%d bytes unread", self.caller.tenant, QUEUED_BYTES)
             self.loose.clear()
             self.dirty.clear()
             for sub in self.subs.values():
@@ -461,8 +476,9 @@ class _Mux:
                     sub.mark()  # more than one batch was waiting
             events = sub.events
             while events and _deliverable(events[0], watcher.next_seq):
-                self.paid(EVENT_COST_BYTES)
-                size += add(sub.ref_field, _session_event(events.popleft()))
+                event = events.popleft()
+                self.paid(_cost(event))
+                size += add(sub.ref_field, _session_event(event))
             if sub.exited is not None and watcher.finished and not events:
                 size += add(sub.ref_field, _session_event(sub.exited))
                 del self.subs[sub.ref]

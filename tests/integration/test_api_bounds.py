@@ -6,6 +6,8 @@ Each test starts its own daemon, so its memory figures are its own.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -83,6 +85,42 @@ def test_unread_open_many_stream_is_bounded_and_ends_resource_exhausted(make_dae
     # the daemon is still fine
     assert d.health() == "SERVING"
     assert client.list_sandboxes() == []
+
+
+#: An agent that ends every turn at once, with a status of 900 KB (the agent's choice).
+BIG_STATUS_AGENT = ["python3", "-c", (
+    "import corral_agent as a\n"
+    "while a.wait() is not None:\n"
+    "    a.turn_end('s' * 900_000)\n")]
+
+
+def test_unread_open_stream_is_bounded_and_ends_resource_exhausted(make_daemon):
+    d = make_daemon().start()
+    client = d.client()
+    peak_before = _status_kib(d.pid, "VmHWM")
+
+    def requests():
+        yield session_pb2.SessionRequest(start=session_pb2.SessionStart(
+            argv=BIG_STATUS_AGENT, spec=sandbox_pb2.SandboxSpec()))
+        for i in range(300):  # each input opens a turn the agent ends with 900 KB
+            # spaced, so the agent ends one turn before the next input opens another
+            # (inputs that arrive within one turn share it); two turns pass the bound
+            time.sleep(0.02)
+            yield session_pb2.SessionRequest(input=session_pb2.SessionInput(text=str(i)))
+
+    call = client.sessions.Open(requests(), metadata=client.metadata)
+    ended = "Sessions.Open of tenant local ended: its client left more than 1048576 bytes " \
+            "unread"
+    assert wait_until(lambda: ended in d.log(), timeout_s=240), d.log()[-2000:]
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    assert info.value.details().startswith(
+        "this stream ended: its client left more than 1 MiB of session events unread")
+    growth = _status_kib(d.pid, "VmHWM") - peak_before
+    assert growth < RSS_GROWTH_BYTES, f"the daemon's peak RSS grew by {growth >> 20} MiB"
+    assert d.health() == "SERVING"
 
 
 def test_unary_error_echoes_at_most_the_start_and_end_of_a_large_field(make_daemon):
