@@ -6,7 +6,7 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from corral.sandbox.errors import InvalidSpec, Unauthenticated
+from corral.sandbox.errors import InvalidSpec, NotFound, Unauthenticated
 
 from .config import check_tenant
 
@@ -21,6 +21,25 @@ class Caller:
     tenant: str
     peer: str
     operator: bool = False
+
+
+class ForeignId(NotFound):
+    """Another tenant's id, answered exactly as an unknown one (NOT_FOUND, the same message)
+    so that a caller cannot learn which ids exist; the daemon still records the attempt as a
+    denial (`denial`, with `audit_reason` naming the owner in the audit log only)."""
+
+    denial = True
+
+    def __init__(self, message: str, kind: str, object_id: str, owner: str) -> None:
+        super().__init__(message)
+        self.audit_reason = f"{kind} {object_id!r} belongs to tenant {owner!r}"
+
+
+def check_owner(caller: Caller, owner: str, kind: str, object_id: str, message: str) -> None:
+    """Raise ForeignId (as NOT_FOUND with `message`, the unknown-id message) when the caller
+    is not `owner`."""
+    if owner != caller.tenant:
+        raise ForeignId(message, kind, object_id, owner)
 
 
 class Authenticator:

@@ -28,14 +28,13 @@ from corral.sandbox.errors import (
     CorralError,
     InvalidSpec,
     NotFound,
-    PermissionDenied,
     ResourceExhausted,
     SandboxSetupError,
     Unavailable,
 )
-from corral.sandbox.workspace import Workspace
+from corral.sandbox.workspace import MAX_READ_BYTES, Workspace
 
-from .auth import Caller
+from .auth import Caller, check_owner
 from .policy import PolicyBook, TenantPolicy
 from .streams import StreamHub
 
@@ -307,12 +306,13 @@ class SandboxManager:
         return rep, problems, msb.policy_digest
 
     def get(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
-        """The caller's sandbox; another tenant's is a PermissionDenied (and audited)."""
+        """The caller's sandbox; another tenant's is NOT_FOUND like an unknown id (and
+        audited as a denial)."""
         msb = self._sandboxes.get(sandbox_id)
+        missing = f"sandbox {sandbox_id!r} does not exist"
         if msb is None or msb.destroyed:
-            raise NotFound(f"sandbox {sandbox_id!r} does not exist")
-        if msb.tenant != caller.tenant:
-            raise PermissionDenied(f"sandbox {sandbox_id!r} belongs to another tenant")
+            raise NotFound(missing)
+        check_owner(caller, msb.tenant, "sandbox", sandbox_id, missing)
         return msb
 
     def list(self, caller: Caller) -> list[ManagedSandbox]:
@@ -341,6 +341,9 @@ class SandboxManager:
             return
         msb.destroyed = True
         self._sandboxes.pop(msb.id, None)
+        for handle in msb.execs.values():  # its commands die: no reader holds them back
+            handle.stdout.release_flow_control()
+            handle.stderr.release_flow_control()
         if msb.sandbox.status_fd >= 0:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(msb.sandbox.status_fd)
@@ -365,8 +368,16 @@ class SandboxManager:
                    env: dict[str, str] | None = None, cwd: str = "", stdin: bytes = b"",
                    keep_stdin_open: bool = False, timeout_s: float | None = None,
                    pass_fds: dict[int, int] | None = None, session_id: str = "",
-                   stdout_mode: str = "text") -> ExecHandle:
-        """Start argv in the sandbox; output is read by the loop into two hubs."""
+                   stdout_mode: str = "text", stderr_mode: str = "text",
+                   lossless: bool = False) -> ExecHandle:
+        """Start argv in the sandbox; output is read by the loop into two hubs.
+
+        Args:
+            stdout_mode, stderr_mode: the token core's mode for each output ("text" for a
+                session's agent, "bytes" for Exec: byte-exact).
+            lossless: hubs with flow control (bytes mode only): a command whose output no
+                reader takes blocks in write(2) instead of losing it (runtime/streams.py).
+        """
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
         self.admission("exec")
@@ -412,8 +423,10 @@ class SandboxManager:
         finally:
             for fd in theirs:
                 os.close(fd)
-        stdout = StreamHub(TokenStream(stdout_mode, log_bytes=self.stream_log_bytes))
-        stderr = StreamHub(TokenStream("text", log_bytes=self.stream_log_bytes))
+        stdout = StreamHub(TokenStream(stdout_mode, log_bytes=self.stream_log_bytes),
+                           lossless=lossless)
+        stderr = StreamHub(TokenStream(stderr_mode, log_bytes=self.stream_log_bytes),
+                           lossless=lossless)
         stdout.attach_fd(out_r)
         stderr.attach_fd(err_r)
         writer = PipeWriter(in_w, loop)
@@ -511,6 +524,9 @@ class SandboxManager:
     async def read_file(self, caller: Caller, sandbox_id: str, path: str,
                         max_bytes: int) -> tuple[bytes, bool]:
         msb = self.get(caller, sandbox_id)
+        if max_bytes > MAX_READ_BYTES:  # refused, never quietly capped
+            raise InvalidSpec("max_bytes", f"{max_bytes} is over the maximum of "
+                                           f"{MAX_READ_BYTES} bytes (4 MiB) one ReadFile returns")
         data, truncated = await asyncio.get_running_loop().run_in_executor(
             None, msb.workspace.read, path, max_bytes)
         self.audit.append("file.read", tenant=caller.tenant, peer=caller.peer,

@@ -25,10 +25,10 @@ import weakref
 from dataclasses import dataclass, field
 
 from corral.ext import EventKind, TokenStream
-from corral.sandbox.errors import CorralError, InvalidSpec, NotFound, PermissionDenied
+from corral.sandbox.errors import CorralError, InvalidSpec, NotFound
 from corral.v1 import stream_pb2
 
-from .auth import Caller
+from .auth import Caller, check_owner
 from .sandboxes import Ended, signal_command
 from .streams import ControlWriter, StreamHub
 
@@ -195,10 +195,11 @@ class SessionManager:
 
     def get(self, caller: Caller, session_id: str) -> Session:
         session = self._sessions.get(session_id)
+        missing = f"session {session_id!r} does not exist"
         if session is None:
-            raise NotFound(f"session {session_id!r} does not exist")
-        if session.tenant != caller.tenant:
-            raise PermissionDenied(f"session {session_id!r} belongs to another tenant")
+            raise NotFound(missing)
+        # another tenant's: NOT_FOUND as for an unknown id, audited as a denial
+        check_owner(caller, session.tenant, "session", session_id, missing)
         return session
 
     def attach(self, session: Session) -> None:

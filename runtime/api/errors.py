@@ -67,7 +67,9 @@ def deny_later(servicer, context, exc: CorralError, method: str):
         return servicer.audit.deny(
             tenant=caller.tenant if caller else "",
             peer=caller.peer if caller else ((context.peer() if context else "") or ""),
-            status=exc.grpc_status, method=method, reason=str(exc),
+            status=exc.grpc_status, method=method,
+            # what the caller was not told (auth.ForeignId: whose id it was) goes on record
+            reason=getattr(exc, "audit_reason", None) or str(exc),
         )
     except CorralError:  # the log is closing: the refusal stands, the daemon's log says so
         log.exception("%s: denial not recorded", method)

@@ -23,9 +23,10 @@ import secrets
 import time
 from collections import deque
 
-from corral.sandbox.errors import NotFound, PermissionDenied, Unavailable
+from corral.sandbox.errors import NotFound, Unavailable
 from corral.sandbox.spec import SandboxSpec
 
+from ..auth import check_owner
 from ..policy import PolicyBook, TenantPolicy
 from . import states
 from .files import TaskFiles
@@ -303,10 +304,11 @@ class Scheduler:
 
     def get(self, caller, task_id: str) -> DeepTask:
         task = self.tasks.get(task_id)
+        missing = f"task {task_id!r} does not exist"
         if task is None:
-            raise NotFound(f"task {task_id!r} does not exist")
-        if task.tenant != caller.tenant and not caller.operator:
-            raise PermissionDenied(f"task {task_id!r} belongs to another tenant")
+            raise NotFound(missing)
+        if not caller.operator:  # another tenant's: NOT_FOUND as for an unknown id, audited
+            check_owner(caller, task.tenant, "task", task_id, missing)
         return task
 
     def list(self, caller, state: TaskState | None = None, limit: int = 1000) -> list[DeepTask]:

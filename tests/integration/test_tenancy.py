@@ -1,5 +1,8 @@
 """Tenants: one never sees or touches another's sandboxes and sessions; every denial is audited.
 
+Another tenant's id is answered exactly as an unknown one (NOT_FOUND, the same message), so
+a caller cannot even learn that the id exists; the audit log still records the denial.
+
 On the unix socket the tenant is the x-corral-tenant header; on TCP it is the bearer token,
 and a call without a known token is UNAUTHENTICATED.
 """
@@ -19,11 +22,16 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 
 def _denied_code(fn) -> str:
+    return _denied(fn)[0]
+
+
+def _denied(fn) -> tuple[str, str]:
+    """(status name, message) of the ClientError fn raises."""
     with pytest.raises(ClientError) as exc:
         result = fn()
         if hasattr(result, "__next__"):
             list(result)
-    return exc.value.code.name
+    return exc.value.code.name, str(exc.value)
 
 
 def _denials(daemon, tenant: str) -> list[dict]:
@@ -43,24 +51,36 @@ def test_a_tenant_cannot_touch_another_tenants_sandbox_or_session(daemon):
     exec_id = next(acme.exec(sb.id, ["sleep", "30"])).started.exec_id
 
     before = len(_denials(daemon, "evil"))
-    attempts = {
-        "Get": lambda: evil.get_sandbox(sb.id),
-        "Exec": lambda: evil.exec(sb.id, ["id"]),
-        "Attach": lambda: evil.attach(sb.id, exec_id),
-        "SendInput": lambda: evil.send_input(sb.id, exec_id, b"x"),
-        "Signal": lambda: evil.signal(sb.id, 9, exec_id=exec_id),
-        "WriteFile": lambda: evil.write_file(sb.id, "planted", b"x"),
-        "ReadFile": lambda: evil.read_file(sb.id, "stream_agent.py"),
-        "ListFiles": lambda: evil.list_files(sb.id),
-        "Destroy": lambda: evil.destroy_sandbox(sb.id),
-        "Open": lambda: _resume(evil, owner.session_id),
-    }
-    for method, fn in attempts.items():
-        assert _denied_code(fn) == "PERMISSION_DENIED", method
-    # Each denial is one "denied" record of the tenant that tried, naming the method.
+
+    def attempts(sandbox_id: str, session_id: str) -> dict:
+        return {
+            "Get": lambda: evil.get_sandbox(sandbox_id),
+            "Exec": lambda: evil.exec(sandbox_id, ["id"]),
+            "Attach": lambda: evil.attach(sandbox_id, exec_id),
+            "SendInput": lambda: evil.send_input(sandbox_id, exec_id, b"x"),
+            "Signal": lambda: evil.signal(sandbox_id, 9, exec_id=exec_id),
+            "WriteFile": lambda: evil.write_file(sandbox_id, "planted", b"x"),
+            "ReadFile": lambda: evil.read_file(sandbox_id, "stream_agent.py"),
+            "ListFiles": lambda: evil.list_files(sandbox_id),
+            "Destroy": lambda: evil.destroy_sandbox(sandbox_id),
+            "Open": lambda: _resume(evil, session_id),
+        }
+
+    # Someone else's ids get the very answer unknown ids get: nothing says they exist.
+    unknown_sb, unknown_session = "sbx-000000000000", "ses-000000000000"
+    for method, fn in attempts(unknown_sb, unknown_session).items():
+        code, message = _denied(fn)
+        foreign_code, foreign_message = _denied(attempts(sb.id, owner.session_id)[method])
+        assert code == foreign_code == "NOT_FOUND", method
+        assert foreign_message == message.replace(unknown_sb, sb.id).replace(
+            unknown_session, owner.session_id), method
+    # Each attempt on a foreign id is one "denied" record of the tenant that tried, naming
+    # the method and, for the operator only, whose it was; unknown ids are no denials.
     denials = _denials(daemon, "evil")[before:]
-    assert [d["method"].split(".")[-1] for d in denials] == list(attempts)
-    assert all(d["status"] == "PERMISSION_DENIED" for d in denials)
+    assert [d["method"].split(".")[-1] for d in denials] == list(attempts("", ""))
+    assert all(d["status"] == "NOT_FOUND" for d in denials)
+    assert [d["reason"] for d in denials] == [f"sandbox {sb.id!r} belongs to tenant 'acme'"] * 9 \
+        + [f"session {owner.session_id!r} belongs to tenant 'acme'"]
 
     # Nothing of acme's shows for evil, and nothing was done to it.
     assert sb.id not in [b.id for b in evil.list_sandboxes()]
@@ -133,8 +153,8 @@ def test_tcp_listener_needs_a_known_bearer_token(tcp_daemon):
         sb = acme.create_sandbox()
         assert sb.tenant == "acme"
         assert sb.id not in [b.id for b in evil.list_sandboxes()]
-        assert _denied_code(lambda: evil.get_sandbox(sb.id)) == "PERMISSION_DENIED"
-        assert _denied_code(lambda: evil.destroy_sandbox(sb.id)) == "PERMISSION_DENIED"
+        assert _denied_code(lambda: evil.get_sandbox(sb.id)) == "NOT_FOUND"
+        assert _denied_code(lambda: evil.destroy_sandbox(sb.id)) == "NOT_FOUND"
         res = list(acme.exec(sb.id, ["echo", "over tcp"]))
         assert res[-1].exited.returncode == 0
         acme.destroy_sandbox(sb.id)

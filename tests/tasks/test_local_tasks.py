@@ -301,10 +301,14 @@ def test_tenants_see_only_their_own_tasks_and_only_operators_manage_nodes(task_d
     bob = _tenant_client(c, "bob")
     mine = bob.submit_task(["true"])
     other = _tenant_client(c, "carol")
-    for call in (lambda: other.get_task(mine.id), lambda: other.cancel_task(mine.id)):
+    # another tenant's task is answered as an unknown one: NOT_FOUND, the same message
+    for call in (lambda t: other.get_task(t), lambda t: other.cancel_task(t)):
         with pytest.raises(ClientError) as info:
-            call()
-        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+            call(mine.id)
+        with pytest.raises(ClientError) as unknown:
+            call("task-0000000000000000")
+        assert info.value.code == unknown.value.code == grpc.StatusCode.NOT_FOUND
+        assert str(info.value) == str(unknown.value).replace("task-0000000000000000", mine.id)
     assert [t.id for t in other.list_tasks()] == []
     assert [t.id for t in bob.list_tasks()] == [mine.id]
     assert c.get_task(mine.id).tenant == "bob"  # operators see every tenant's
