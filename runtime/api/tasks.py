@@ -15,6 +15,7 @@ from corral.v1 import task_pb2 as pb
 
 from ..tasks.model import TaskSpec
 from ..tasks.states import TaskState
+from . import wire
 from .bounds import SUBMIT_PENDING_ACKS, bounded_message
 from .errors import Servicer, streaming, unary
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
@@ -184,16 +185,13 @@ class TasksServicer(Servicer):
         if "\0" in request.path or request.path.startswith("/") or ".." in \
                 request.path.split("/"):
             raise InvalidSpec("path", f"{request.path!r} is not a path relative to out/")
-        msg = pb.TaskResult(task=task_to_proto(task), result_json=task.result_json)
-        budget = result_budget(request.max_bytes, msg.ByteSize())
-        async with self._result_reads:  # at most RESULT_READS answers in memory at once
-            page = await asyncio.get_running_loop().run_in_executor(
-                None, _read_tree, self.scheduler.result_dir(task), budget,
+        head = pb.TaskResult(task=task_to_proto(task),
+                             result_json=task.result_json).SerializeToString()
+        budget = result_budget(request.max_bytes, len(head))
+        async with self._result_reads:  # at most RESULT_READS answers being built at once
+            return await asyncio.get_running_loop().run_in_executor(
+                None, _encode_result, head, self.scheduler.result_dir(task), budget,
                 request.path, request.offset)
-        msg.files.extend(pb.TaskFile(path=p.path, content=p.content, truncated=p.truncated,
-                                     offset=p.offset, size=p.size) for p in page.pieces)
-        msg.next_path, msg.next_offset = page.next_path, page.next_offset
-        return msg
 
     @streaming
     async def Watch(self, request, context):
@@ -274,6 +272,25 @@ class ResultPage:
     pieces: list[ResultPiece] = field(default_factory=list)
     next_path: str = ""
     next_offset: int = 0
+
+
+def _encode_result(head: bytes, root: str, budget: int, path: str, offset: int) -> bytes:
+    """The TaskResult answer, encoded here (Result's serializer is the identity): the file
+    bytes are copied once, from the pread buffers into the answer, never through message
+    objects. Fields may come in any order on the wire; `head` carries task and result_json.
+    """
+    page = _read_tree(root, budget, path, offset)
+    parts = [head]
+    for p in page.pieces:
+        meta = pb.TaskFile(path=p.path, truncated=p.truncated, offset=p.offset,
+                           size=p.size).SerializeToString()
+        content_field = [wire.varint((2 << 3) | 2), wire.varint(len(p.content))]
+        inner = len(meta) + sum(map(len, content_field)) + len(p.content)
+        parts += [wire.varint((3 << 3) | 2), wire.varint(inner), meta, *content_field,
+                  p.content]
+    parts.append(pb.TaskResult(next_path=page.next_path,
+                               next_offset=page.next_offset).SerializeToString())
+    return b"".join(parts)
 
 
 def result_budget(max_bytes: int, envelope_bytes: int) -> int:
@@ -415,5 +432,7 @@ def task_handlers(daemon) -> list:
     from .wire import generic_handler
 
     services = pb.DESCRIPTOR.services_by_name
-    return [generic_handler(services["Tasks"], TasksServicer(daemon)),
+    # Result answers are encoded by the servicer (identity serializer): see _encode_result
+    return [generic_handler(services["Tasks"], TasksServicer(daemon),
+                            streaming_bytes=frozenset({"Result"})),
             generic_handler(services["Nodes"], NodesServicer(daemon))]
