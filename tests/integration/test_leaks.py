@@ -20,7 +20,7 @@ from corral.runtime.config import DaemonConfig
 from corral.runtime.daemon import Daemon
 from corral.v1 import sandbox_pb2
 
-from .daemon_harness import SessionRecorder
+from .daemon_harness import DaemonProcess, SessionRecorder
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -108,23 +108,41 @@ def stdout_of(events) -> bytes:
     return out
 
 
-def test_sessions_return_descriptors_and_memory(make_daemon):
-    """30 sessions of 2 MB each: the daemon's descriptors are back to their count, and its
-    RSS grows by far less than one session's log per session (it grew ~2.6 MB a session)."""
-    daemon = make_daemon().start()
-    client = daemon.client()
-    for _ in range(3):  # warm-up: first sandbox, first session, gRPC buffers, the reactor
-        session_cycle(client, 2000)
-        exec_cycle(client)
-    fds, rss = fd_count(daemon.pid), rss_kib(daemon.pid)
-    for _ in range(30):
-        session_cycle(client, 2000)
-        exec_cycle(client)
-    assert fd_count(daemon.pid) == fds, os.listdir(f"/proc/{daemon.pid}/fd")
-    # 30 sessions x 2 MB of tokens were held twice before (session log + stdout log) and
-    # freed only by the cyclic GC; 16 MiB of slack covers allocator and gRPC noise.
-    assert rss_kib(daemon.pid) - rss < 16 << 10, (rss, rss_kib(daemon.pid))
-    assert daemon.stop() == 0
+class GcOffDaemon(DaemonProcess):
+    """A daemon whose cyclic garbage collector never runs: whatever sits in a reference
+    cycle stays in memory, so memory that comes back was freed by reference counting."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        assert cmd[1:4] == ["-m", "corral.runtime.cli", "daemon"], cmd
+        boot = ("import gc, runpy, sys; gc.disable(); sys.argv[0] = 'corral'; "
+                "runpy.run_module('corral.runtime.cli', run_name='__main__')")
+        return [cmd[0], "-c", boot, *cmd[3:]]
+
+
+def test_sessions_return_descriptors_and_memory(tmp_path):
+    """30 sessions of 2 MB each (and commands), with the daemon's GC off: its descriptors
+    are back to their count, and its RSS grows by far less than one session's log per
+    session (it grew ~2.6 MB a session, freed only when the cyclic GC ran)."""
+    daemon = GcOffDaemon(tmp_path / "d").start()
+    try:
+        client = daemon.client()
+        for _ in range(3):  # warm-up: first sandbox, first session, gRPC buffers, the reactor
+            session_cycle(client, 2000)
+            exec_cycle(client)
+        fds, rss = fd_count(daemon.pid), rss_kib(daemon.pid)
+        for _ in range(30):
+            session_cycle(client, 2000)
+            exec_cycle(client)
+        assert fd_count(daemon.pid) == fds, os.listdir(f"/proc/{daemon.pid}/fd")
+        # 30 sessions x 2 MB of tokens, held twice before (session log + stdout log) until
+        # the cyclic GC ran; 16 MiB of slack covers allocator and gRPC noise.
+        grown = rss_kib(daemon.pid) - rss
+        print(f"daemon RSS {rss} KiB -> +{grown} KiB after 30 sessions, GC off")
+        assert grown < 16 << 10
+    finally:
+        daemon.ensure_stopped()
+    assert daemon.proc.returncode == 0
 
 
 class InProcessDaemon:
