@@ -349,7 +349,8 @@ class SessionManager:
         if session.exited is None and not session.closing:
             session.closing = True
             session.exited_reason = reason
-            proc = session.exec_handle.process
+            handle = session.exec_handle  # _watch_exit drops it once the agent has exited
+            proc = handle.process
             with contextlib.suppress(Exception):
                 session.control.send_shutdown()
             for sig, wait_s in ((None, SHUTDOWN_GRACE_S), (signal.SIGTERM, SHUTDOWN_GRACE_S),
@@ -357,8 +358,8 @@ class SessionManager:
                 if sig is not None and proc.pid:
                     signal_command(proc, sig)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(session.exec_handle.exited.wait(), wait_s)
-                if session.exec_handle.exited.is_set():
+                    await asyncio.wait_for(handle.exited.wait(), wait_s)
+                if handle.exited.is_set():
                     break
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(session.ended.wait(), 10.0)
