@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 
@@ -122,6 +123,9 @@ class TenantPolicy:
     max_running_tasks: int | None = 4
     #: Deep tasks waiting or running (not yet finished) at once; more are refused.
     max_queued_tasks: int | None = 1000
+    #: API requests per second, averaged over a 2-second burst (every RPC, and every
+    #: start or resume on a session stream).
+    max_request_rate: float | None = 200.0
 
     # -- building ---------------------------------------------------------------------------
 
@@ -132,7 +136,7 @@ class TenantPolicy:
                    max_memory_bytes=host_memory_bytes(), max_pids=host_pid_max(),
                    max_cpus=float(host_cpus()), max_tmp_bytes=host_memory_bytes(),
                    max_ttl_s=None, max_priority=None, max_sandboxes=None, max_sessions=None,
-                   max_running_tasks=None, max_queued_tasks=None)
+                   max_running_tasks=None, max_queued_tasks=None, max_request_rate=None)
 
     @classmethod
     def tenant_default(cls) -> TenantPolicy:
@@ -256,6 +260,7 @@ class PolicyBook:
         self.per_tenant = dict(per_tenant)
         self.operators = frozenset(operators)
         self.operator_default = operator_default or TenantPolicy.operator_default()
+        self._buckets: dict[str, list[float]] = {}  # tenant -> [tokens, last refill]
 
     def of(self, caller) -> TenantPolicy:
         """The policy of a Caller (anything with .tenant and .operator)."""
@@ -263,6 +268,32 @@ class PolicyBook:
         if own is not None:
             return own
         return self.operator_default if caller.operator else self.default
+
+    def charge(self, caller) -> None:
+        """Count one request of the caller against its tenant's max_request_rate.
+
+        A token bucket per tenant: max_request_rate tokens a second, up to two seconds'
+        worth saved up, so a burst passes and a flood is cut to the rate.
+
+        Raises:
+            QuotaExceeded: the tenant is over its rate (nothing was done).
+        """
+        rate = self.of(caller).max_request_rate
+        if rate is None:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(caller.tenant)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_BUCKETS:  # tenants are configured, but be safe
+                self._buckets.clear()
+            bucket = self._buckets[caller.tenant] = [2 * rate, now]
+        tokens = min(2 * rate, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            raise QuotaExceeded(f"this tenant is over its request rate ({rate:g} a second); "
+                                "retry later")
+        bucket[0] = tokens - 1.0
 
     def of_tenant(self, tenant: str) -> TenantPolicy:
         """The policy of a tenant by name (for work whose caller is gone, e.g. queued
@@ -295,8 +326,10 @@ _KEY_FIELDS = {
     "max_pids": "max_pids", "max_cpus": "max_cpus", "max_tmp": "max_tmp_bytes",
     "max_ttl": "max_ttl_s", "max_priority": "max_priority", "max_sandboxes": "max_sandboxes",
     "max_sessions": "max_sessions", "max_running_tasks": "max_running_tasks",
-    "max_queued_tasks": "max_queued_tasks",
+    "max_queued_tasks": "max_queued_tasks", "max_request_rate": "max_request_rate",
 }
+#: Tenants with a rate bucket at most (a bound on the map, whatever names callers use).
+_MAX_BUCKETS = 4096
 
 
 def _convert(name: str, value, where: str):
@@ -320,9 +353,9 @@ def _convert(name: str, value, where: str):
         return parse_size(value, where)
     if name == "max_ttl_s":
         return parse_duration(value, where)
-    if name == "max_cpus":
+    if name in ("max_cpus", "max_request_rate"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise InvalidSpec(where, f"{value!r} must be a positive number of cores")
+            raise InvalidSpec(where, f"{value!r} must be a positive number")
         return float(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidSpec(where, f"{value!r} must be a whole number, 0 or more")

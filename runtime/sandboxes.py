@@ -35,6 +35,7 @@ from corral.sandbox.errors import (
 from corral.sandbox.workspace import MAX_READ_BYTES, Workspace
 
 from .auth import Caller, check_owner
+from .fair import FairSlots
 from .policy import PolicyBook, TenantPolicy
 from .streams import StreamHub
 
@@ -42,6 +43,8 @@ log = logging.getLogger("corral.sandboxes")
 
 MAX_INPUT_BYTES = 1 << 20
 MAX_STDIN_BUFFER = 4 << 20
+#: Spawner threads: kernel work of every tenant, in fair turns.
+SPAWNERS = 2
 #: Finished commands a sandbox remembers (for Attach and Get); older ones are forgotten.
 MAX_FINISHED_EXECS = 64
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -191,7 +194,8 @@ class SandboxManager:
         self.stream_log_bytes = stream_log_bytes
         self.runtime_dir = runtime_dir
         self._sandboxes: dict[str, ManagedSandbox] = {}
-        self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corral-spawn")
+        self._spawner = ThreadPoolExecutor(max_workers=SPAWNERS, thread_name_prefix="corral-spawn")
+        self._turns = FairSlots(SPAWNERS)
         self._pending = 0
         self._pending_by_tenant: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
@@ -219,9 +223,12 @@ class SandboxManager:
                 await self._destroy(msb, reason, tenant="", peer="daemon")
         self._spawner.shutdown(wait=True)
 
-    async def run_blocking(self, fn: Callable, *args):
-        """Run kernel work on a spawner thread (see the module docstring)."""
-        return await asyncio.get_running_loop().run_in_executor(self._spawner, fn, *args)
+    async def run_blocking(self, fn: Callable, *args, tenant: str = ""):
+        """Run kernel work on a spawner thread (see the module docstring), taking turns
+        with other tenants' work (runtime/fair.py): one tenant's burst never queues
+        another tenant's create or exec behind all of it."""
+        async with self._turns.turn(tenant):
+            return await asyncio.get_running_loop().run_in_executor(self._spawner, fn, *args)
 
     # -- sandboxes ----------------------------------------------------------------------------
 
@@ -251,7 +258,7 @@ class SandboxManager:
         self._pending += 1
         self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
         try:
-            await self.run_blocking(sandbox.start)
+            await self.run_blocking(sandbox.start, tenant=tenant)
         finally:
             self._pending -= 1
             if self._pending_by_tenant[tenant] == 1:
@@ -347,7 +354,7 @@ class SandboxManager:
         if msb.sandbox.status_fd >= 0:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(msb.sandbox.status_fd)
-        await self.run_blocking(msb.sandbox.destroy)
+        await self.run_blocking(msb.sandbox.destroy, tenant=msb.tenant)
         self.audit.append("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
                           sandbox_id=msb.id, session_id=msb.owner_session or "",
                           detail={"reason": reason})
@@ -406,7 +413,8 @@ class SandboxManager:
                     list(argv), env=env or None, cwd=cwd, stdin=in_r,
                     stdout=out_w, stderr=err_w, pass_fds=pass_fds,
                     timeout_s=timeout_s or None,
-                )
+                ),
+                tenant=caller.tenant,
             )
         except BaseException as exc:
             for fd in (in_w, out_r, err_r):
@@ -552,7 +560,11 @@ def _retire_finished(execs: dict[str, ExecHandle]) -> None:
     """
     finished = [k for k, h in execs.items() if not h.running]
     for exec_id in finished[:max(0, len(finished) - MAX_FINISHED_EXECS)]:
-        del execs[exec_id]
+        handle = execs.pop(exec_id)
+        # no new reader can come: output it still holds back is read to EOF (and its pipe
+        # closed) for the readers it has, instead of waiting for one for ever
+        handle.stdout.release_flow_control()
+        handle.stderr.release_flow_control()
 
 
 def _check_env(env: dict[str, str]) -> None:

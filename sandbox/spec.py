@@ -28,6 +28,11 @@ _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: Names in the sandbox's /dev that Corral makes itself; a granted device may not take one.
 _DEV_MANAGED = frozenset({"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx",
                           "shm", "fd", "stdin", "stdout", "stderr"})
+#: The kernel's MAX_ARG_STRLEN: the longest "NAME=value" string execve takes.
+MAX_ENV_ENTRY_BYTES = 128 * KiB
+#: Environment of a sandbox's commands in all (argv and the runtime's own variables share
+#: the rest of execve's room).
+MAX_ENV_BYTES = 1 * MiB
 #: Sandbox backends a spec may name.
 BACKENDS = ("native", "docker")
 # Paths inside the sandbox that Corral itself builds; a user mount may not replace them.
@@ -206,6 +211,13 @@ class SandboxSpec:
                 raise InvalidSpec("env", f"{key!r} is not a valid variable name")
             if "\0" in value:
                 raise InvalidSpec("env", f"value of {key} contains a NUL byte")
+            if len(key) + len(value.encode()) + 2 > MAX_ENV_ENTRY_BYTES:
+                # execve refuses one longer string (E2BIG): every command would fail
+                raise InvalidSpec("env", f"{key}=... is {len(value.encode())} bytes; one "
+                                         f"variable holds at most {MAX_ENV_ENTRY_BYTES - 2} "
+                                         "bytes with its name")
+        if sum(len(k) + len(v.encode()) + 2 for k, v in self.env) > MAX_ENV_BYTES:
+            raise InvalidSpec("env", f"the variables hold more than {MAX_ENV_BYTES} bytes in all")
         if self.allow_net:
             from .proxy import parse_rule
 

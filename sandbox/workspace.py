@@ -36,6 +36,8 @@ RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 
+#: The kernel's PATH_MAX: a longer path could never be opened (ENAMETOOLONG).
+MAX_PATH_BYTES = 4096
 MAX_READ_BYTES = 4 << 20
 MAX_WRITE_BYTES = 64 << 20
 #: Entries one ListFiles returns at most; a larger directory is refused, not cut.
@@ -114,6 +116,9 @@ def relative(path: str) -> str:
     """
     if "\0" in path:
         raise InvalidSpec("path", "contains a NUL byte")
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise InvalidSpec("path", f"{len(os.fsencode(path))} bytes is over the "
+                                  f"{MAX_PATH_BYTES} byte limit of a path")
     p = PurePosixPath(path)
     if p.is_absolute():
         try:
@@ -269,6 +274,8 @@ def _translate(exc: OSError, path: str) -> Exception:
         return PermissionDenied(f"{path!r} resolves outside the workspace")
     if exc.errno == errno_mod.ELOOP:
         return PermissionDenied(f"{path!r} is or goes through a symlink that is not allowed")
+    if exc.errno == errno_mod.ENAMETOOLONG:
+        return InvalidSpec("path", f"{_shown(path)}: a name in it is over 255 bytes")
     if exc.errno == errno_mod.ENOTDIR:
         return InvalidSpec("path", f"{path!r}: a parent is not a directory")
     if exc.errno == errno_mod.EISDIR:
@@ -284,3 +291,8 @@ def _translate(exc: OSError, path: str) -> Exception:
         return Unavailable(f"{path!r} is a program running in the sandbox; "
                            f"it cannot be written now")
     return exc
+
+
+def _shown(path: str, limit: int = 120) -> str:
+    """repr() of a request path, cut so an error never echoes a huge one."""
+    return repr(path if len(path) <= limit else path[:limit] + "...")

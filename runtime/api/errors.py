@@ -27,8 +27,16 @@ class Servicer:
         self.audit = daemon.audit
 
     def caller(self, context):
+        """Who is calling; also counts the request against the tenant's request rate.
+
+        Raises:
+            Unauthenticated: an unknown token. QuotaExceeded: over the request rate.
+        """
         caller = self.daemon.auth.identify(context)
         current_caller.set(caller)
+        policies = getattr(self.daemon, "policies", None)
+        if policies is not None:
+            policies.charge(caller)
         return caller
 
 

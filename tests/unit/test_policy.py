@@ -112,3 +112,23 @@ def test_bad_settings_are_named():
         PolicyBook.from_config({}, {"acme": {"max_ttl": "forever"}}, 60.0)
     with pytest.raises(InvalidSpec, match=r"^policy\.max_cpus: 0 must be a positive number"):
         PolicyBook.from_config({"max_cpus": 0}, {}, 60.0)
+
+
+def test_request_rate_is_a_token_bucket(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("corral.runtime.policy.time.monotonic", lambda: now[0])
+    book = PolicyBook.from_config({"max_request_rate": 10}, {}, 60.0)
+    acme, local = Caller("acme", "x"), Caller("local", "x", operator=True)
+    for _ in range(20):  # two seconds' worth may come at once
+        book.charge(acme)
+    with pytest.raises(QuotaExceeded, match=r"^this tenant is over its request rate \(10 a "
+                                            r"second\); retry later$"):
+        book.charge(acme)
+    now[0] += 0.5  # five more have come back
+    for _ in range(5):
+        book.charge(acme)
+    with pytest.raises(QuotaExceeded):
+        book.charge(acme)
+    for _ in range(1000):  # operators have no rate
+        book.charge(local)
+    book.charge(Caller("bob", "x"))  # every tenant has its own bucket
