@@ -21,6 +21,9 @@ MESSAGE_BYTES = 320
 #: (the value's end and the explanation), so a quoted value costs at most ~200 bytes.
 ECHO_HEAD_BYTES = 144
 ECHO_TAIL_BYTES = 64
+#: Bytes of a refused OpenMany ref echoed in its error event (refs are at most 64 bytes;
+#: a longer one still comes back whole up to this, so the client can tell which it was).
+ECHO_REF_BYTES = 256
 #: Bytes of events a Sessions stream may owe its client: turn events (an agent chooses a
 #: turn's status text) on Open; opened, errors and turn events of all its sessions on
 #: OpenMany. One MuxBatch message's worth. Token batches are not counted: they stay in

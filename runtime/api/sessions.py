@@ -19,6 +19,7 @@ from ..sandboxes import Ended
 from ..sessions import Exited, TurnEnded, TurnStarted
 from ..streams import DEFAULT_BATCH_BYTES
 from .bounds import (
+    ECHO_REF_BYTES,
     EVENT_COST_BYTES,
     MANY_OPENING,
     QUEUED_BYTES,
@@ -493,8 +494,8 @@ class _Mux:
         else:
             log.error("%s failed for ref %r", method, ref, exc_info=exc)
         event = _error_event(exc)
-        # a ref over MAX_REF_BYTES is refused; its answer echoes only its start
-        ref_bytes = ref.encode()[:MAX_REF_BYTES].decode("utf-8", "ignore").encode()
+        # a ref over MAX_REF_BYTES is refused; a huge one is echoed by its start only
+        ref_bytes = ref.encode()[:ECHO_REF_BYTES].decode("utf-8", "ignore").encode()
         if self.owe(len(event) + EVENT_COST_BYTES):
             self.loose.append((field_bytes(1, ref_bytes), event))
         self.wake()
