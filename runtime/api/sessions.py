@@ -492,7 +492,7 @@ class _Mux:
         if isinstance(exc, CorralError):
             record_denial(self.servicer, None, exc, method)
         else:
-            log.error("%s failed for ref %r", method, ref, exc_info=exc)
+            log.error("%s failed for ref %r", method, ref[:MAX_REF_BYTES], exc_info=exc)
         event = _error_event(exc)
         # a ref over MAX_REF_BYTES is refused; a huge one is echoed by its start only
         ref_bytes = ref.encode()[:ECHO_REF_BYTES].decode("utf-8", "ignore").encode()
