@@ -360,6 +360,7 @@ def _net_log(path: str | None) -> None:
     import json
     import threading
 
+    from corral.runtime.terminal import visible
     from corral.sandbox import proxy
 
     lock = threading.Lock()
@@ -370,9 +371,10 @@ def _net_log(path: str | None) -> None:
             if out is not None:
                 out.write(json.dumps(event, sort_keys=True) + "\n")
             elif event.get("decision"):
+                # the name is what the sandbox asked for (CONNECT, SNI, Host): shown escaped
                 dest = event.get("name") or event.get("address", "")
-                print(f"corral: egress {event['decision']} {event.get('mode', '')} "
-                      f"{dest}:{event.get('port', '')} ({event.get('reason', '')})",
+                print(visible(f"corral: egress {event['decision']} {event.get('mode', '')} "
+                              f"{dest}:{event.get('port', '')} ({event.get('reason', '')})"),
                       file=sys.stderr, flush=True)
 
     proxy.shared_proxy().default_on_event = sink
