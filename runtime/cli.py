@@ -247,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "(repeatable)")
     session.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
-    audit = sub.add_parser("audit", help="read and verify the audit log")
+    audit = sub.add_parser(
+        "audit", help="read and verify the audit log",
+        description="Read and verify the audit log. One line per record; control, format "
+                    "and bidi characters a tenant chose (argv, paths) are shown escaped "
+                    "(\\x9b, \\u202e), so a line reads as what was recorded; --json gives the "
+                    "exact text.")
     audit_sub = audit.add_subparsers(dest="audit_verb", metavar="VERB")
     for name, text in (("tail", "follow new records"), ("query", "search records"),
                        ("verify", "check the hash chain; exit 1 when broken")):
