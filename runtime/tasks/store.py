@@ -102,6 +102,8 @@ class TaskStoreDamaged(CorralError):
             f"the task store {path} is damaged ({detail}); with the daemon stopped, run "
             f"`{recover_hint(path)}` to set it aside and rebuild it from what can still be "
             f"read (docs/architecture.md, \"Task store faults\")")
+
+
 _MUTABLE = ("state", "node", "attempt", "updated_at", "started_at", "finished_at",
             "progress_json", "reason", "result_json", "checkpoint_seq", "exit_code", "devices",
             "runner_json", "failures")
@@ -180,26 +182,28 @@ class TaskStore:
 
     def _quarantine(self, bad: list[tuple[tuple, str]]) -> None:
         """Move rows that do not decode to the quarantine table: one log line and one audit
-        record each. The row's raw values are kept there (row_json) for a person to repair."""
-        now = time.time()
-        with self._conn:
-            for row, reason in bad:
-                rowid, raw = row[0], dict(zip(_COLUMNS, row[1:], strict=True))
-                task_id, tenant = str(raw["id"]), raw["tenant"]
-                tenant = tenant if isinstance(tenant, str) else ""
-                self._conn.execute(
-                    "INSERT INTO quarantine (task_id, tenant, reason, quarantined_at, row_json)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (task_id, tenant, reason, now, json.dumps(raw, default=repr)))
-                self._conn.execute("DELETE FROM tasks WHERE rowid = ?", (rowid,))
+        record each. The row's raw values are kept there (row_json) for a person to repair.
+        Recorded first: a crash before the move records the same row again at the next
+        start, never moves one unrecorded."""
+        moves = []
         for row, reason in bad:
-            task_id, tenant = str(row[1]), row[3] if isinstance(row[3], str) else ""
+            rowid, raw = row[0], dict(zip(_COLUMNS, row[1:], strict=True))
+            task_id = str(raw["id"])
+            tenant = raw["tenant"] if isinstance(raw["tenant"], str) else ""
             log.error("task store %s: task %s does not load (%s); moved to its quarantine "
                       "table, every other task loads", self.path, task_id, reason)
             if self.audit is not None:
                 self.audit.append("task.quarantined", tenant=tenant, peer="daemon",
                                   detail={"task_id": task_id, "reason": reason,
                                           "store": self.path, "table": "quarantine"})
+            moves.append((rowid, task_id, tenant, reason, json.dumps(raw, default=repr)))
+        now = time.time()
+        with self._conn:
+            for rowid, task_id, tenant, reason, row_json in moves:
+                self._conn.execute(
+                    "INSERT INTO quarantine (task_id, tenant, reason, quarantined_at, row_json)"
+                    " VALUES (?, ?, ?, ?, ?)", (task_id, tenant, reason, now, row_json))
+                self._conn.execute("DELETE FROM tasks WHERE rowid = ?", (rowid,))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
