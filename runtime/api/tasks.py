@@ -126,7 +126,7 @@ class TasksServicer(Servicer):
     async def SubmitStream(self, request_iterator, context):
         caller = self.caller(context)
         sched = self.scheduler
-        # (task, commit future) or (None, refusal), in request order. Bounded: when the
+        # (task, commit future) or (None, (status, message)), in request order. Bounded: when the
         # client reads no acks, this stream stops reading its requests (back-pressure), so
         # it holds at most this many acks (a refusal's message is cut by bounded_message).
         pending: asyncio.Queue = asyncio.Queue(maxsize=SUBMIT_PENDING_ACKS)
@@ -137,7 +137,9 @@ class TasksServicer(Servicer):
                     item = sched.admit(caller, spec_from_proto(request.spec),
                                        request.request_id)
                 except CorralError as exc:
-                    item = (None, exc)
+                    # only the status and a bounded message wait: the exception would
+                    # keep its traceback, and with it the refused request, alive
+                    item = (None, (exc.grpc_status, bounded_message(str(exc))))
                 await pending.put(item)
             await pending.put(None)
 
@@ -150,8 +152,8 @@ class TasksServicer(Servicer):
                     break
                 task, committed = item
                 if task is None:
-                    ack = pb.SubmitAck(index=index, error_code=committed.grpc_status,
-                                       error=bounded_message(str(committed)))
+                    ack = pb.SubmitAck(index=index, error_code=committed[0],
+                                       error=committed[1])
                 else:
                     await sched.admitted(task, committed)
                     ack = pb.SubmitAck(index=index, task_id=task.id)
