@@ -214,12 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(destroy)
     destroy.add_argument("sandbox_id", metavar="SANDBOX")
 
-    exe = sub.add_parser("exec", help="run a command in a daemon sandbox, streaming its output",
-                         usage="corral exec [OPTIONS] SANDBOX -- CMD [ARGS...]")
+    exe = sub.add_parser(
+        "exec", help="run a command in a daemon sandbox, streaming its output",
+        usage="corral exec [OPTIONS] SANDBOX -- CMD [ARGS...]",
+        description="Streams the command's stdout and stderr byte for byte (binary output "
+                    "arrives as written: `corral exec SB -- cat blob | sha256sum`). Nothing "
+                    "is dropped: while this reader is slow the daemon stops reading the "
+                    "command's output, and the command waits in write(2). The exit status "
+                    "is the command's own.")
     client_flags(exe)
     exe.add_argument("--timeout", metavar="DURATION")
     exe.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     exe.add_argument("--raw", action="store_true", help=RAW_HELP)
+    exe.add_argument("--allow-loss", action="store_true",
+                     help="never hold the command back: output this reader is too slow for "
+                          "is dropped; a loss is reported on stderr and the exit status is "
+                          "then non-zero (the command's own, or 1 when it exited 0)")
     exe.add_argument("sandbox_id", metavar="SANDBOX")
     exe.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 

@@ -158,6 +158,8 @@ def exec_(args) -> int:
         return _fail("exec: no command given; usage: corral exec SANDBOX -- CMD [ARGS...]",
                      EXIT_USAGE)
     kw = {"env": _env(args.env)}
+    if getattr(args, "allow_loss", False):
+        kw["allow_loss"] = True
     if args.timeout:
         kw["timeout_s"] = parse_duration(args.timeout, "timeout")
     if not sys.stdin.isatty():
@@ -174,21 +176,39 @@ def exec_(args) -> int:
 
 
 def _exec_stream(args, argv, kw, sinks) -> int:
+    lost = {1: 0, 2: 0}  # entries (reads of the command's pipe) dropped, per stream
     with _connect(args) as client:
         for event in client.exec(args.sandbox_id, argv, **kw):
             kind = event.WhichOneof("event")
             if kind == "output":
-                sinks[event.output.stream].write(event.output.batch.text)
+                batch = event.output.batch
+                if batch.HasField("lost"):
+                    lost[event.output.stream] += batch.lost.count
+                sinks[event.output.stream].write(batch.text)
             elif kind == "exited":
                 ex = event.exited
                 if ex.reason == "timeout":
                     _fail(f"{argv[0]}: killed after its timeout")
-                    return 124
-                if ex.reason == "oom":
+                    status = 124
+                elif ex.reason == "oom":
                     _fail(f"{argv[0]}: killed by the memory limit (OOM)")
-                    return 137
-                return ex.returncode if ex.returncode >= 0 else 128 - ex.returncode
+                    status = 137
+                else:
+                    status = ex.returncode if ex.returncode >= 0 else 128 - ex.returncode
+                return _report_loss(argv, lost, status)
     return _fail("exec: the stream ended without an exit status")
+
+
+def _report_loss(argv, lost: dict[int, int], status: int) -> int:
+    """One stderr line when output was dropped (only --allow-loss allows it); the status is
+    then non-zero: the command's own, or 1 when it exited 0."""
+    if not any(lost.values()):
+        return status
+    parts = [f"{n} chunks of {name}" for name, n in (("stdout", lost[1]), ("stderr", lost[2]))
+             if n]
+    _fail(f"exec: {' and '.join(parts)} of {argv[0]} were lost (this reader was too slow; "
+          f"the command exited with status {status})")
+    return status or 1
 
 
 def session(args) -> int:

@@ -40,6 +40,17 @@ def _wrap(exc: grpc.RpcError) -> ClientError:
     return ClientError(exc.code(), exc.details() or "")
 
 
+class FileContent(bytes):
+    """What Client.read_file returns: the bytes read, and whether the file is longer."""
+
+    truncated: bool
+
+    def __new__(cls, content: bytes, *, truncated: bool = False) -> FileContent:
+        self = super().__new__(cls, content)
+        self.truncated = truncated
+        return self
+
+
 @dataclass
 class Tokens:
     """Tokens of one StreamBatch, decoded for display."""
@@ -302,9 +313,12 @@ class Client:
         return self._call(self.sandboxes.WriteFile, sandbox_pb2.WriteFileRequest(
             sandbox_id=sandbox_id, path=path, content=content, mode=mode)).size
 
-    def read_file(self, sandbox_id: str, path: str, max_bytes: int = 0) -> bytes:
-        return self._call(self.sandboxes.ReadFile, sandbox_pb2.ReadFileRequest(
-            sandbox_id=sandbox_id, path=path, max_bytes=max_bytes)).content
+    def read_file(self, sandbox_id: str, path: str, max_bytes: int = 0) -> FileContent:
+        """The file's bytes, at most max_bytes (0: 4 MiB, the most the daemon returns; more
+        is INVALID_ARGUMENT); `.truncated` says whether the file is longer."""
+        reply = self._call(self.sandboxes.ReadFile, sandbox_pb2.ReadFileRequest(
+            sandbox_id=sandbox_id, path=path, max_bytes=max_bytes))
+        return FileContent(reply.content, truncated=reply.truncated)
 
     def list_files(self, sandbox_id: str, path: str = "") -> list[sandbox_pb2.FileEntry]:
         return list(self._call(self.sandboxes.ListFiles, sandbox_pb2.ListFilesRequest(

@@ -29,10 +29,11 @@ Rules this adapter keeps
    sees the entry.
 6. Lossless hubs hold the program back instead of dropping (`StreamHub(lossless=True)`,
    bytes mode: a command's output through Sandboxes.Exec). Entries no lossless watcher has
-   taken may fill half the replay log at most; then the hub stops reading the fd, the pipe
+   taken may fill a quarter of the replay log at most; then the hub stops reading the fd, the pipe
    fills and the program's write(2) blocks, until a watcher takes enough (flow control, as
-   Docker and E2B block the writer). The other half keeps entries already sent, so a reader
-   that drops and resumes with after_seq finds what was still in flight. With no watcher
+   Docker and E2B block the writer). The other three quarters keep entries already taken,
+   so a reader that drops and resumes with after_seq finds what was still in flight
+   (taken here, but in gRPC's buffers when the client went away). With no watcher
    the position the last one left at holds the line. Watchers made with `lossy=True` never
    hold the program back (they may lose entries, and their batches say so).
 7. Writes to an agent never block. A control frame is written at once when the pipe has
@@ -353,7 +354,7 @@ class StreamHub:
         end_on_eof: when False, watchers keep waiting after input EOF until `close()`, so the
             runtime can still append its own final events (a forced TURN_END) first.
         lossless: flow control instead of loss (rule 6); needs a bytes-mode stream, whose
-            entries are exactly the reads. One read takes at most a quarter of the log.
+            entries are exactly the reads. One read takes at most an eighth of the log.
     """
 
     def __init__(self, stream: TokenStream, *,
@@ -373,9 +374,9 @@ class StreamHub:
             if stats.next_seq != 1:
                 raise ValueError("a lossless hub needs a stream nothing was fed to yet")
             limit = stats.log_bytes_limit
-            read_budget = max(1, min(read_budget, limit // 4))
-            # untaken entries may cost this much of the log; the rest keeps sent ones
-            self._hold_limit = limit // 2
+            read_budget = max(1, min(read_budget, limit // 8))
+            # untaken entries may cost this much of the log; the rest keeps taken ones
+            self._hold_limit = limit // 4
             if read_budget + ENTRY_OVERHEAD > self._hold_limit:
                 raise ValueError(f"a replay log of {limit} bytes is too small for a "
                                  f"lossless hub")

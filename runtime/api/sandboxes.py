@@ -14,6 +14,9 @@ from .errors import Servicer, streaming, unary
 from .wire import field_bytes, field_varint
 
 MAX_TIMEOUT_S = 30 * 86400.0
+#: Bytes of command output one ExecOutput message carries at most: fewer, fuller messages
+#: (gRPC costs per message); under the 4 MiB a gRPC client accepts by default.
+EXEC_BATCH_BYTES = 1 << 20
 PID_MAX_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit
 
 
@@ -101,13 +104,31 @@ def _output_event(stream: int, batch: bytes) -> bytes:
     return field_bytes(2, field_varint(1, stream) + field_bytes(2, batch))
 
 
-async def stream_exec(handle, stdout_after: int | None = None, stderr_after: int | None = None):
-    """Yield encoded ExecEvent output messages until both streams end, then the exit."""
+def exec_watchers(handle, stdout_after: int | None = None, stderr_after: int | None = None,
+                  *, lossy: bool = False) -> dict:
+    """A watcher per output stream. Unless lossy, the reader holds the command back when
+    it is slow (lossless hubs).
+
+    Raises:
+        SeqOutOfRange: an after_seq past the newest entry (INVALID_ARGUMENT, naming it).
+    """
     watchers = {
-        pb.OUTPUT_STREAM_STDOUT: handle.stdout.watch(stdout_after),
-        pb.OUTPUT_STREAM_STDERR: handle.stderr.watch(stderr_after),
+        pb.OUTPUT_STREAM_STDOUT: handle.stdout.watch(stdout_after, lossy=lossy,
+                                                     field="stdout_after_seq"),
     }
-    pending = {asyncio.ensure_future(w.next_batch()): s for s, w in watchers.items()}
+    try:
+        watchers[pb.OUTPUT_STREAM_STDERR] = handle.stderr.watch(
+            stderr_after, lossy=lossy, field="stderr_after_seq")
+    except BaseException:
+        watchers[pb.OUTPUT_STREAM_STDOUT].close()
+        raise
+    return watchers
+
+
+async def stream_exec(handle, watchers: dict):
+    """Yield encoded ExecEvent output messages until both streams end, then the exit."""
+    pending = {asyncio.ensure_future(w.next_batch(EXEC_BATCH_BYTES)): s
+               for s, w in watchers.items()}
     try:
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -117,7 +138,8 @@ async def stream_exec(handle, stdout_after: int | None = None, stderr_after: int
                 if batch is None:
                     continue
                 yield _output_event(stream, batch)
-                pending[asyncio.ensure_future(watchers[stream].next_batch())] = stream
+                pending[asyncio.ensure_future(
+                    watchers[stream].next_batch(EXEC_BATCH_BYTES))] = stream
         await handle.exited.wait()
         yield pb.ExecEvent(exited=pb.ExecExited(
             returncode=handle.returncode, reason=handle.reason, duration_s=handle.duration_s,
@@ -160,20 +182,24 @@ class SandboxesServicer(Servicer):
             caller, request.sandbox_id, list(request.argv), env=dict(request.env),
             cwd=request.cwd, stdin=request.stdin, keep_stdin_open=request.keep_stdin_open,
             timeout_s=request.timeout_s or None,
+            # byte-exact output; lossless (flow control) unless the request allows loss
+            stdout_mode="bytes", stderr_mode="bytes", lossless=not request.allow_loss,
         )
+        watchers = exec_watchers(handle, lossy=request.allow_loss)
         yield pb.ExecEvent(started=pb.ExecStarted(
             exec_id=handle.id, pid=handle.process.pid)).SerializeToString()
-        async for event in stream_exec(handle):
+        async for event in stream_exec(handle, watchers):
             yield event
 
     @streaming
     async def Attach(self, request, context):
         caller = self.caller(context)
         handle = self.manager.get_exec(caller, request.sandbox_id, request.exec_id)
+        watchers = exec_watchers(handle, request.stdout_after_seq or None,
+                                 request.stderr_after_seq or None, lossy=request.allow_loss)
         yield pb.ExecEvent(started=pb.ExecStarted(
             exec_id=handle.id, pid=handle.process.pid)).SerializeToString()
-        async for event in stream_exec(handle, request.stdout_after_seq or None,
-                                       request.stderr_after_seq or None):
+        async for event in stream_exec(handle, watchers):
             yield event
 
     @unary
