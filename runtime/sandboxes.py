@@ -549,6 +549,207 @@ class SandboxManager:
                           sandbox_id=sandbox_id, detail={"path": path or "."})
         return entries
 
+    # Files of any size, trees and watches (sandbox/workspace.py, archive.py,
+    # workspace_watch.py). Kernel file work runs on the default executor, a chunk at a time;
+    # nothing is held between chunks but the chunk in hand.
+
+    #: Watch streams the daemon runs at once: each is an inotify instance on the daemon's
+    #: own (root's) quota, shared with the host.
+    MAX_FILE_WATCHES = 16
+    _file_watches = 0
+
+    def _file_audit(self, kind: str, caller: Caller, sandbox_id: str, **detail) -> None:
+        self.audit.append(kind, tenant=caller.tenant, peer=caller.peer, sandbox_id=sandbox_id,
+                          detail=detail)
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def stat_file(self, caller: Caller, sandbox_id: str, path: str):
+        msb = self.get(caller, sandbox_id)
+        info = await self._in_thread(msb.workspace.stat, path or ".")
+        self._file_audit("file.stat", caller, sandbox_id, path=path or ".")
+        return info
+
+    async def make_dir(self, caller: Caller, sandbox_id: str, path: str, mode: int,
+                       parents: bool) -> int:
+        msb = self.get(caller, sandbox_id)
+        made = await self._in_thread(msb.workspace.mkdir, path, mode or 0o755, parents)
+        self._file_audit("file.mkdir", caller, sandbox_id, path=path, parents=parents,
+                         created=made)
+        return made
+
+    async def remove_file(self, caller: Caller, sandbox_id: str, path: str,
+                          recursive: bool) -> str:
+        msb = self.get(caller, sandbox_id)
+        kind = await self._in_thread(msb.workspace.remove, path, recursive)
+        self._file_audit("file.remove", caller, sandbox_id, path=path, recursive=recursive,
+                         kind=kind)
+        return kind
+
+    async def rename_file(self, caller: Caller, sandbox_id: str, src: str, dst: str,
+                          no_replace: bool) -> None:
+        msb = self.get(caller, sandbox_id)
+        await self._in_thread(msb.workspace.rename, src, dst, no_replace)
+        self._file_audit("file.rename", caller, sandbox_id, from_path=src, to_path=dst,
+                         no_replace=no_replace)
+
+    async def upload(self, caller: Caller, sandbox_id: str, path: str, *, mode: int,
+                     offset: int, sha256: str, parts) -> tuple[int, str, int]:
+        """Write a file from `parts`, an async iterator of ("chunk", offset, data) and
+        ("end", size); (size, sha256 of the whole file, bytes received)."""
+        from corral.sandbox.workspace import DigestMismatch
+
+        msb = self.get(caller, sandbox_id)
+        if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise InvalidSpec("start.sha256", "is not 64 lowercase hex digits")
+        upload = await self._in_thread(msb.workspace.upload, path, offset, mode)
+        size, digest, complete = upload.pos, "", False
+        try:
+            end_size = 0
+            async for part in parts:
+                if part[0] == "end":
+                    end_size = part[1]
+                    break
+                await self._in_thread(upload.write, part[2], part[1])
+            size, digest = await self._in_thread(upload.finish, end_size)
+            complete = True
+        finally:
+            upload.close()
+            self._file_audit("file.upload", caller, sandbox_id, path=path, offset=offset,
+                             bytes=upload.received, size=size, sha256=digest,
+                             complete=complete)
+        if sha256 and digest != sha256:
+            raise DigestMismatch(f"sha256: the file has {digest}, not {sha256} as the client "
+                                 f"said; upload it again")
+        return size, digest, upload.received
+
+    async def download(self, caller: Caller, sandbox_id: str, path: str, offset: int,
+                       length: int):
+        """Async iterator of ("stat", FileStat), ("chunk", offset, data), ("end", size,
+        sha256) (sandbox/workspace.py Workspace.download)."""
+        msb = self.get(caller, sandbox_id)
+        parts = msb.workspace.download(path, offset, length)
+        first = await self._in_thread(next, parts)  # refusals come before the audit record
+        self._file_audit("file.download", caller, sandbox_id, path=path, offset=offset,
+                         length=length)
+        return self._drain(parts, first)
+
+    async def _drain(self, parts, first):
+        try:
+            item = first
+            while item is not None:
+                yield item
+                item = await self._in_thread(next, parts, None)
+        finally:
+            parts.close()
+
+    def _workspace_caps(self, msb: ManagedSandbox) -> tuple[int, int]:
+        """(bytes, entries) one archive may bring: the workspace's size and inode caps."""
+        from corral.sandbox import workspace_fs
+
+        cap_bytes, cap_inodes = workspace_fs.max_bytes(), workspace_fs.max_inodes()
+        with contextlib.suppress(OSError):
+            vfs = os.statvfs(msb.workspace.root)
+            if vfs.f_files:
+                cap_inodes = min(cap_inodes, vfs.f_files)
+            cap_bytes = min(cap_bytes, vfs.f_blocks * vfs.f_frsize)
+        return cap_bytes, cap_inodes
+
+    async def put_archive(self, caller: Caller, sandbox_id: str, path: str, chunks):
+        """Extract a tar stream (an async iterator of bytes) beneath the directory path."""
+        msb = self.get(caller, sandbox_id)
+        cap_bytes, cap_entries = self._workspace_caps(msb)
+        extractor = await self._in_thread(
+            lambda: msb.workspace.put_archive(path or ".", max_bytes=cap_bytes,
+                                              max_entries=cap_entries))
+        report, error = None, ""
+        try:
+            async for data in chunks:
+                await self._in_thread(extractor.feed, data)
+            report = await self._in_thread(extractor.finish)
+            return report
+        except Exception as exc:
+            error = str(exc)[:200]
+            raise
+        finally:
+            extractor.close()
+            r = report or extractor.report
+            self._file_audit("archive.put", caller, sandbox_id, path=path or ".",
+                             files=r.files, dirs=r.dirs, symlinks=r.symlinks,
+                             hardlinks=r.hardlinks, bytes=r.bytes, skipped=r.skipped,
+                             error=error)
+
+    async def get_archive(self, caller: Caller, sandbox_id: str, path: str):
+        """(FileStat of path, async iterator of tar bytes)."""
+        msb = self.get(caller, sandbox_id)
+        info, chunks = await self._in_thread(msb.workspace.archive, path or ".")
+        self._file_audit("archive.get", caller, sandbox_id, path=path or ".", kind=info.kind)
+
+        async def stream():
+            try:
+                while True:
+                    data = await self._in_thread(next, chunks, None)
+                    if data is None:
+                        return
+                    yield data
+            finally:
+                chunks.close()
+
+        return info, stream()
+
+    async def watch_files(self, caller: Caller, sandbox_id: str, path: str):
+        """Async iterator of lists of WatchEvent (sandbox/workspace_watch.py); the first list
+        is one "watching" event. Ends when the directory goes away or the sandbox does."""
+        from corral.sandbox.workspace_watch import TreeWatch, WatchEvent
+
+        msb = self.get(caller, sandbox_id)
+        if self._file_watches >= self.MAX_FILE_WATCHES:
+            raise ResourceExhausted(f"the daemon already runs {self.MAX_FILE_WATCHES} file "
+                                    f"watches; end one first")
+        self._file_watches += 1
+        try:
+            watch = await self._in_thread(TreeWatch, msb.workspace, path or ".")
+        except BaseException:
+            self._file_watches -= 1
+            raise
+        self._file_audit("file.watch", caller, sandbox_id, path=path or ".",
+                         watched_dirs=watch.watched_dirs)
+        return self._watch_stream(msb, watch, WatchEvent)
+
+    async def _watch_stream(self, msb: ManagedSandbox, watch, event_cls):
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def readable() -> None:
+            try:
+                if watch.read():
+                    ready.set()
+            except OSError:
+                watch.ended = True
+            if watch.dropped or watch.ended:
+                ready.set()
+
+        loop.add_reader(watch.fileno(), readable)
+        try:
+            first = [event_cls(watch.root, "watching", True, 0, watch.watched_dirs)]
+            if watch.limited:
+                first.append(event_cls(watch.root, "limit", True, 0, watch.limited))
+            yield first
+            while True:
+                events = watch.take()
+                if events:
+                    yield events
+                    continue
+                if watch.ended or msb.destroyed:
+                    return
+                ready.clear()
+                await ready.wait()
+        finally:
+            loop.remove_reader(watch.fileno())
+            watch.close()
+            self._file_watches -= 1
+
 
 def _retire_finished(execs: dict[str, ExecHandle]) -> None:
     """Forget the oldest finished commands past MAX_FINISHED_EXECS.

@@ -12,6 +12,18 @@ type checked, then opened for real with O_NONBLOCK | O_NOFOLLOW and checked agai
 fstat, so a swap in between is caught too. Anything but a regular file is InvalidSpec;
 a lease is Unavailable. WRITE_CLONE is therefore only ever held across calls that finish
 by themselves.
+
+Files of any size move in chunks (`Upload`, `download`), with offsets to resume and a sha256
+of the whole file at the end, and whole trees as tar streams (`put_archive`, `archive`;
+sandbox/archive.py keeps the extraction rules). Memory is constant per stream: nothing is
+held but the chunk in hand. A stream lives as long as its client, so it never keeps a write
+descriptor, nor WRITE_CLONE, between chunks: it holds the file by an O_PATH descriptor
+(which a concurrently cloned child may copy without making the file busy) and reopens it
+for writing, under WRITE_CLONE, only while one chunk is written. Holes stay holes: a
+download sends only data ranges (SEEK_DATA/SEEK_HOLE), an upload writes no all-zero chunk.
+`stat`, `mkdir`, `remove` (fstree: iterative, never through a link) and `rename`
+(renameat2, RENAME_NOREPLACE on request) resolve their parents the same way as every other
+call. Watching a tree is sandbox/workspace_watch.py.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as errno_mod
+import hashlib
 import os
 import stat
 import struct
@@ -27,7 +40,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .errors import InvalidSpec, NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from .errors import (
+    CorralError,
+    InvalidSpec,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 
 _SYS_openat2 = 437
 RESOLVE_NO_XDEV = 0x01
@@ -42,6 +62,12 @@ MAX_READ_BYTES = 4 << 20
 MAX_WRITE_BYTES = 64 << 20
 #: Entries one ListFiles returns at most; a larger directory is refused, not cut.
 MAX_LIST_ENTRIES = 10_000
+#: Bytes of one chunk a download sends, and the most one upload chunk may carry.
+CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 4 << 20
+_SYS_renameat2 = 316
+RENAME_NOREPLACE = 1
+_ZEROS = bytes(CHUNK_BYTES)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -97,6 +123,154 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     return fd
+
+
+class DigestMismatch(CorralError):
+    """What arrived is not what the client said it sent (sha256 differs)."""
+
+    grpc_status = "DATA_LOSS"
+
+
+class AlreadyExists(CorralError):
+    grpc_status = "ALREADY_EXISTS"
+
+
+@dataclass(frozen=True)
+class FileStat:
+    path: str
+    kind: str  # file | dir | symlink | other
+    size: int
+    mode: int
+    mtime: float
+    link_target: str = ""
+    allocated_bytes: int = 0
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def _hash_zeros(digest, count: int) -> None:
+    while count > 0:
+        n = min(count, CHUNK_BYTES)
+        digest.update(_ZEROS[:n])
+        count -= n
+
+
+def _hash_prefix(digest, fd: int, end: int) -> None:
+    """Feed bytes [0, end) of a file into digest, holes as zeros, a chunk at a time."""
+    from . import fstree
+
+    pos = 0
+    for start, stop in fstree.data_ranges(fd, 0, end):
+        _hash_zeros(digest, start - pos)
+        pos = start
+        while pos < stop:
+            data = os.pread(fd, min(CHUNK_BYTES, stop - pos), pos)
+            if not data:
+                break
+            digest.update(data)
+            pos += len(data)
+        pos = stop
+    _hash_zeros(digest, end - pos)
+
+
+def _is_zero(data) -> bool:
+    return len(data) <= CHUNK_BYTES and data == _ZEROS[:len(data)]
+
+
+class Upload:
+    """One file written in chunks from a client; see the module docstring.
+
+    Made by Workspace.upload. Chunks come in order (an offset past the end leaves a hole);
+    finish() sets the size and returns it with the sha256 of the whole file.
+    """
+
+    def __init__(self, ws: Workspace, path: str, offset: int, mode: int):
+        self.path = path
+        if relative(path) == ".":
+            raise InvalidSpec("path", "names the workspace itself, not a file")
+        ws._check_kind(path, must_exist=offset > 0)
+        with WRITE_CLONE.hold(WRITING):
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (0 if offset else os.O_CREAT)
+            fd = ws._open(path, flags, mode & 0o777)
+            try:
+                st = os.fstat(fd)
+                _require_regular(st.st_mode, path)
+                if offset > st.st_size:
+                    raise InvalidSpec("offset", f"{offset} is past the end of {path!r} "
+                                                f"({st.st_size} bytes); resume at most there")
+                os.ftruncate(fd, offset)
+                os.fchown(fd, ws.owner_uid, ws.owner_gid)
+                os.fchmod(fd, mode & 0o777)
+                self._file = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            finally:
+                os.close(fd)
+        self.start = self.pos = offset
+        self.received = 0
+        self._digest = hashlib.sha256()
+        if offset:
+            rfd = self._reopen(os.O_RDONLY)
+            try:
+                _hash_prefix(self._digest, rfd, offset)
+            finally:
+                os.close(rfd)
+
+    def _reopen(self, flags: int) -> int:
+        try:
+            return os.open(f"/proc/self/fd/{self._file}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _translate(exc, self.path) from None
+
+    def write(self, data: bytes, offset: int = 0) -> None:
+        """Write one chunk at offset (0: right after the previous one)."""
+        if len(data) > MAX_CHUNK_BYTES:
+            raise InvalidSpec("chunk.data", f"{len(data)} bytes is over the {MAX_CHUNK_BYTES} "
+                                            f"byte limit of one chunk")
+        at = offset or self.pos
+        if at < self.pos:
+            raise InvalidSpec("chunk.offset", f"{at} goes back before {self.pos}, where the "
+                                              f"upload is; chunks come in order")
+        _hash_zeros(self._digest, at - self.pos)
+        self._digest.update(data)
+        self.received += len(data)
+        if data and not _is_zero(data):
+            with WRITE_CLONE.hold(WRITING):
+                fd = self._reopen(os.O_WRONLY)
+                try:
+                    view, pos = memoryview(data), at
+                    while view:
+                        n = os.pwrite(fd, view, pos)
+                        view, pos = view[n:], pos + n
+                finally:
+                    os.close(fd)
+        self.pos = at + len(data)
+
+    def finish(self, size: int = 0) -> tuple[int, str]:
+        """Extend the file to size (0: where the last chunk ended); (size, sha256 hex)."""
+        if size and size < self.pos:
+            raise InvalidSpec("end.size", f"{size} is less than the {self.pos} bytes written")
+        end = max(size, self.pos)
+        _hash_zeros(self._digest, end - self.pos)
+        with WRITE_CLONE.hold(WRITING):
+            fd = self._reopen(os.O_WRONLY)
+            try:
+                os.ftruncate(fd, end)
+            finally:
+                os.close(fd)
+        self.pos = end
+        return end, self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._file >= 0:
+            os.close(self._file)
+            self._file = -1
 
 
 @dataclass(frozen=True)
@@ -253,6 +427,249 @@ class Workspace:
             return entries
         finally:
             os.close(fd)
+
+
+    # -- streams and tree operations ------------------------------------------------------
+
+    def _open_dir(self, path: str) -> int:
+        """A read descriptor of a directory beneath the workspace (never blocks)."""
+        return self._open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
+
+    def _parent(self, path: str, field: str = "path") -> tuple[int, str]:
+        """(descriptor of the parent directory, last component) of a path that is not the
+        workspace itself."""
+        rel = relative(path)
+        if rel == ".":
+            raise InvalidSpec(field, "names the workspace itself")
+        parent, _, name = rel.rpartition("/")
+        return self._open_dir(parent or "."), name
+
+    def stat(self, path: str) -> FileStat:
+        """What path is (a link is described, not followed).
+
+        Raises:
+            NotFound: nothing is there.
+        """
+        fd = self._open(path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            target = ""
+            if stat.S_ISLNK(st.st_mode):
+                with contextlib.suppress(OSError):
+                    target = os.readlink("", dir_fd=fd)
+        finally:
+            os.close(fd)
+        return FileStat(relative(path), _kind(st.st_mode), st.st_size, stat.S_IMODE(st.st_mode),
+                        st.st_mtime, target, st.st_blocks * 512)
+
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> int:
+        """Make a directory (and its missing parents with parents=True); returns how many
+        were made. An existing directory is fine with parents=True.
+
+        Raises:
+            InvalidSpec: a component exists and is not a directory; a parent is missing
+                (parents=False).
+            AlreadyExists: the directory exists (parents=False).
+        """
+        rel = relative(path)
+        parts = [] if rel == "." else rel.split("/")
+        made = 0
+        for i in range(len(parts)):
+            sub = "/".join(parts[:i + 1])
+            last = i == len(parts) - 1
+            try:
+                os.close(self._open(sub, os.O_PATH | os.O_DIRECTORY))
+                if last and not parents:
+                    raise AlreadyExists(f"path: {path!r} exists")
+                continue
+            except NotFound:
+                if not parents and not last:
+                    raise NotFound(f"path: the parent {sub!r} of {path!r} does not exist; "
+                                   f"set parents to make it") from None
+            except InvalidSpec:
+                raise InvalidSpec("path", f"{sub!r} exists and is not a directory") from None
+            pfd = self._open_dir("/".join(parts[:i]) or ".")
+            try:
+                try:
+                    os.mkdir(parts[i], 0o700, dir_fd=pfd)
+                except FileExistsError:
+                    if not parents:
+                        raise AlreadyExists(f"path: {path!r} exists") from None
+                    continue  # made meanwhile: checked on the next level's open
+                made += 1
+                dfd = _openat2(pfd, parts[i], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchown(dfd, self.owner_uid, self.owner_gid)
+                    os.fchmod(dfd, mode & 0o1777 if mode else 0o755)
+                finally:
+                    os.close(dfd)
+            finally:
+                os.close(pfd)
+        return made
+
+    def remove(self, path: str, recursive: bool = False) -> str:
+        """Remove a file, link or directory (a non-empty one with recursive); returns the
+        kind removed. Links are removed, never followed.
+
+        Raises:
+            NotFound: nothing is there.
+            InvalidSpec: a non-empty directory without recursive, or the workspace itself.
+        """
+        from . import fstree
+
+        pfd, name = self._parent(path)
+        try:
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise NotFound(f"{path!r} does not exist in the workspace") from None
+            kind = _kind(st.st_mode)
+            try:
+                if kind != "dir":
+                    os.unlink(name, dir_fd=pfd)
+                elif recursive:
+                    fstree.remove_at(pfd, name)
+                else:
+                    os.rmdir(name, dir_fd=pfd)
+            except OSError as exc:
+                if exc.errno == errno_mod.ENOTEMPTY:
+                    raise InvalidSpec("recursive", f"{path!r} is a directory that is not "
+                                                   f"empty; set recursive to remove it") from None
+                if exc.errno == errno_mod.ENOENT:
+                    raise NotFound(f"{path!r} does not exist in the workspace") from None
+                raise _translate(exc, path) from None
+            return kind
+        finally:
+            os.close(pfd)
+
+    def rename(self, src: str, dst: str, no_replace: bool = False) -> None:
+        """Move src to dst within the workspace (renameat2; RENAME_NOREPLACE on request).
+
+        Raises:
+            NotFound: src does not exist, or dst's parent does not.
+            AlreadyExists: dst exists and no_replace is set.
+            InvalidSpec: a directory into itself, a directory over a file or the reverse.
+        """
+        sfd, sname = self._parent(src, "from_path")
+        try:
+            dfd, dname = self._parent(dst, "to_path")
+        except BaseException:
+            os.close(sfd)
+            raise
+        try:
+            flags = RENAME_NOREPLACE if no_replace else 0
+            rc = _libc.syscall(_SYS_renameat2, sfd, os.fsencode(sname), dfd,
+                               os.fsencode(dname), flags)
+            if rc < 0:
+                err = ctypes.get_errno()
+                if err == errno_mod.EEXIST and no_replace:
+                    raise AlreadyExists(f"to_path: {dst!r} exists (no_replace)")
+                if err == errno_mod.ENOENT:
+                    raise NotFound(f"from_path: {src!r} does not exist in the workspace")
+                if err in (errno_mod.EINVAL, errno_mod.EISDIR, errno_mod.ENOTDIR,
+                           errno_mod.ENOTEMPTY, errno_mod.EEXIST):
+                    raise InvalidSpec("to_path", f"cannot move {src!r} to {dst!r}: "
+                                                 f"{os.strerror(err)}")
+                raise _translate(OSError(err, os.strerror(err), src), src)
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+
+    def upload(self, path: str, offset: int = 0, mode: int = 0o644) -> Upload:
+        """Start writing path in chunks; offset 0 makes or truncates it, offset N resumes an
+        existing file (it is cut to N first; N at most its size)."""
+        return Upload(self, path, offset, mode or 0o644)
+
+    def download(self, path: str, offset: int = 0, length: int = 0) -> Iterator[tuple]:
+        """Yield ("stat", FileStat), then ("chunk", offset, bytes) for each piece of data
+        (holes are skipped: zeros between chunks), then ("end", size, sha256 hex). The
+        digest covers bytes 0 to size, also when offset > 0. length 0 = to the end.
+
+        Raises:
+            InvalidSpec: not a regular file; offset past the end.
+        """
+        from . import fstree
+
+        self._check_kind(path, must_exist=True)
+        fd = self._open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            _require_regular(st.st_mode, path)
+            if offset > st.st_size:
+                raise InvalidSpec("offset", f"{offset} is past the end of {path!r} "
+                                            f"({st.st_size} bytes)")
+            end = min(st.st_size, offset + length) if length else st.st_size
+            yield ("stat", FileStat(relative(path), "file", st.st_size,
+                                    stat.S_IMODE(st.st_mode), st.st_mtime, "",
+                                    st.st_blocks * 512))
+            digest = hashlib.sha256()
+            _hash_prefix(digest, fd, offset)
+            pos = offset
+            for start, stop in fstree.data_ranges(fd, offset, end):
+                _hash_zeros(digest, start - pos)
+                pos = start
+                while pos < stop:
+                    data = os.pread(fd, min(CHUNK_BYTES, stop - pos), pos)
+                    if not data:  # the file shrank meanwhile: it ends here
+                        end = pos
+                        break
+                    digest.update(data)
+                    yield ("chunk", pos, data)
+                    pos += len(data)
+                if pos < stop:
+                    break
+            _hash_zeros(digest, end - pos)
+            yield ("end", end, digest.hexdigest())
+        finally:
+            os.close(fd)
+
+    def put_archive(self, path: str, *, max_bytes: int, max_entries: int):
+        """A TarExtractor (sandbox/archive.py) writing beneath the directory path; the
+        caller feeds it, then calls finish() (or close() on failure)."""
+        from .archive import TarExtractor
+
+        fd = self._open_dir(path)
+        extractor = TarExtractor(fd, owner=(self.owner_uid, self.owner_gid),
+                                 max_bytes=max_bytes, max_entries=max_entries)
+        close = extractor.close
+
+        def close_all() -> None:  # the target descriptor goes with the extractor
+            close()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+        extractor.close = close_all
+        return extractor
+
+    def archive(self, path: str) -> tuple[FileStat, Iterator[bytes]]:
+        """(what path is, a tar stream of it): a directory with everything below it, or one
+        file, named by its last component ("workspace" for the workspace itself)."""
+        from .archive import tar_stream
+
+        info = self.stat(path)
+        if info.kind == "dir":
+            fd = self._open_dir(path)
+        elif info.kind == "file":
+            self._check_kind(path, must_exist=True)
+            fd = self._open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                _require_regular(os.fstat(fd).st_mode, path)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            raise InvalidSpec("path", f"{path!r} is a {info.kind}; archive a file or a "
+                                      f"directory")
+        rel = relative(path)
+        name = "workspace" if rel == "." else rel.rpartition("/")[2]
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from tar_stream(fd, name)
+            finally:
+                os.close(fd)
+
+        return info, chunks()
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),

@@ -151,6 +151,30 @@ async def stream_exec(handle, watchers: dict):
             w.close()
 
 
+FILE_EVENT_KINDS = {
+    "watching": pb.FILE_EVENT_KIND_WATCHING, "created": pb.FILE_EVENT_KIND_CREATED,
+    "modified": pb.FILE_EVENT_KIND_MODIFIED, "attrib": pb.FILE_EVENT_KIND_ATTRIB,
+    "closed_write": pb.FILE_EVENT_KIND_CLOSED_WRITE, "deleted": pb.FILE_EVENT_KIND_DELETED,
+    "moved_from": pb.FILE_EVENT_KIND_MOVED_FROM, "moved_to": pb.FILE_EVENT_KIND_MOVED_TO,
+    "overflow": pb.FILE_EVENT_KIND_OVERFLOW, "limit": pb.FILE_EVENT_KIND_LIMIT,
+}
+
+
+def file_stat_to_proto(info) -> pb.FileStat:
+    return pb.FileStat(path=info.path, kind=info.kind, size=info.size, mode=info.mode,
+                       mtime=info.mtime, link_target=info.link_target,
+                       allocated_bytes=info.allocated_bytes)
+
+
+async def _first(request_iterator, part: str):
+    """The first message of a client stream, which must be its `part` (start)."""
+    async for req in request_iterator:
+        if req.WhichOneof("part") != part:
+            break
+        return getattr(req, part)
+    raise InvalidSpec(part, f"the first message must be a {part}")
+
+
 class SandboxesServicer(Servicer):
     def __init__(self, daemon):
         super().__init__(daemon)
@@ -236,6 +260,106 @@ class SandboxesServicer(Servicer):
         return pb.ListFilesResponse(entries=[
             pb.FileEntry(name=e.name, kind=e.kind, size=e.size, mode=e.mode, mtime=e.mtime)
             for e in entries])
+
+    # -- files of any size -------------------------------------------------------------------
+
+    @unary
+    async def StatFile(self, request, context):
+        caller = self.caller(context)
+        info = await self.manager.stat_file(caller, request.sandbox_id, request.path)
+        return file_stat_to_proto(info)
+
+    @unary
+    async def MakeDir(self, request, context):
+        caller = self.caller(context)
+        made = await self.manager.make_dir(caller, request.sandbox_id, request.path,
+                                           request.mode, request.parents)
+        return pb.MakeDirResponse(created=made)
+
+    @unary
+    async def RemoveFile(self, request, context):
+        caller = self.caller(context)
+        kind = await self.manager.remove_file(caller, request.sandbox_id, request.path,
+                                              request.recursive)
+        return pb.RemoveFileResponse(kind=kind)
+
+    @unary
+    async def RenameFile(self, request, context):
+        caller = self.caller(context)
+        await self.manager.rename_file(caller, request.sandbox_id, request.from_path,
+                                       request.to_path, request.no_replace)
+        return pb.RenameFileResponse()
+
+    @unary
+    async def Upload(self, request_iterator, context):
+        caller = self.caller(context)
+        start = await _first(request_iterator, "start")
+
+        async def parts():
+            async for req in request_iterator:
+                which = req.WhichOneof("part")
+                if which == "chunk":
+                    yield ("chunk", req.chunk.offset, req.chunk.data)
+                elif which == "end":
+                    yield ("end", req.end.size)
+                    return
+                else:
+                    raise InvalidSpec("part", f"{which or 'an empty part'} after the start; "
+                                              f"send chunks, then an end")
+
+        size, digest, received = await self.manager.upload(
+            caller, start.sandbox_id, start.path, mode=start.mode, offset=start.offset,
+            sha256=start.sha256, parts=parts())
+        return pb.UploadResponse(size=size, sha256=digest, bytes_received=received)
+
+    @streaming
+    async def Download(self, request, context):
+        caller = self.caller(context)
+        parts = await self.manager.download(caller, request.sandbox_id, request.path,
+                                            request.offset, request.length)
+        async for part in parts:
+            if part[0] == "chunk":
+                yield pb.DownloadResponse(chunk=pb.FileChunk(offset=part[1], data=part[2]))
+            elif part[0] == "stat":
+                yield pb.DownloadResponse(stat=file_stat_to_proto(part[1]))
+            else:
+                yield pb.DownloadResponse(end=pb.DownloadEnd(size=part[1], sha256=part[2]))
+
+    @unary
+    async def PutArchive(self, request_iterator, context):
+        caller = self.caller(context)
+        start = await _first(request_iterator, "start")
+
+        async def chunks():
+            async for req in request_iterator:
+                if req.WhichOneof("part") != "data":
+                    raise InvalidSpec("part", "only data may follow the start")
+                yield req.data
+
+        r = await self.manager.put_archive(caller, start.sandbox_id, start.path, chunks())
+        return pb.PutArchiveResponse(files=r.files, dirs=r.dirs, symlinks=r.symlinks,
+                                     hardlinks=r.hardlinks, bytes=r.bytes, skipped=r.skipped,
+                                     skipped_names=r.skipped_names)
+
+    @streaming
+    async def GetArchive(self, request, context):
+        caller = self.caller(context)
+        info, chunks = await self.manager.get_archive(caller, request.sandbox_id, request.path)
+        yield pb.GetArchiveResponse(stat=file_stat_to_proto(info))
+        async for data in chunks:
+            yield pb.GetArchiveResponse(data=data)
+
+    @streaming
+    async def WatchFiles(self, request, context):
+        caller = self.caller(context)
+        events = await self.manager.watch_files(caller, request.sandbox_id, request.path)
+        try:
+            async for batch in events:
+                yield pb.WatchFilesResponse(events=[
+                    pb.FileEvent(path=e.path, kind=FILE_EVENT_KINDS[e.kind], is_dir=e.is_dir,
+                                 cookie=e.cookie, dropped=e.dropped) for e in batch])
+        finally:
+            await events.aclose()
 
     @unary
     async def Inspect(self, request, context):
