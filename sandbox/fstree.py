@@ -228,68 +228,109 @@ def path_key(parts: tuple[str, ...] | list[str]) -> tuple[bytes, ...]:
     return tuple(os.fsencode(p) for p in parts)
 
 
+class _Node:
+    """A directory's place in the tree: its name and its parent's node (None: the top)."""
+
+    __slots__ = ("name", "parent")
+
+    def __init__(self, name: str, parent: _Node | None):
+        self.name, self.parent = name, parent
+
+
 @dataclass
 class Entry:
-    """One entry of a walk. dir_fd is the containing directory; valid until the next one."""
+    """One entry of a walk. dir_fd is the containing directory; valid until the next one.
+    depth is 0 for an entry directly below the top. parts and path cost O(depth): a walk
+    never builds them itself, so walking a deep chain stays linear."""
 
-    parts: tuple[str, ...]
+    name: str
+    depth: int
     dir_fd: int
     st: os.stat_result
+    parent: _Node | None
 
     @property
-    def name(self) -> str:
-        return self.parts[-1]
+    def parts(self) -> tuple[str, ...]:
+        names = [self.name]
+        node = self.parent
+        while node is not None:
+            names.append(node.name)
+            node = node.parent
+        return tuple(reversed(names))
 
     @property
     def path(self) -> str:
         return "/".join(self.parts)
 
 
-def walk(top_fd: int, *, start: tuple[str, ...] = ()) -> Iterator[Entry]:
+@dataclass
+class WalkStats:
+    """What a walk left out: directories not entered because of max_depth."""
+
+    pruned: int = 0
+
+
+def walk(top_fd: int, *, start: tuple[str, ...] = (), max_depth: int | None = None,
+         stats: WalkStats | None = None) -> Iterator[Entry]:
     """Every entry below top_fd, depth first, names sorted by bytes, a directory before its
-    contents; links are reported (lstat), never followed.
+    contents; links are reported (lstat), never followed. Each entry costs O(1) (plus its
+    directory's sort), whatever its depth.
 
     With `start`, entries before that path in this order are skipped (an ancestor of it is
-    still reported, so a copy can make it). Reads at most MAX_DIR_NAMES names of one
-    directory. top_fd stays open and owned by the caller.
+    still reported, so a copy can make it). With `max_depth`, entries deeper than that many
+    levels are left out (a directory at the last level is reported, not entered, and
+    counted in stats.pruned). Reads at most MAX_DIR_NAMES names of one directory. top_fd
+    stays open and owned by the caller.
 
     Raises:
         TreeChanged: a directory was moved away while it was walked.
     """
-    start_key = path_key(start)
-    passed = not start_key  # every later entry comes after start: no more comparing
+    start_keys = [name_key(p) for p in start]
+    passed = not start_keys  # past start: every later entry comes after it, no comparing
     stack = _DirStack(top_fd)
-    prefixes: list[tuple[str, ...]] = [()]  # the path of each directory on the stack
+    nodes: list[_Node | None] = [None]  # the node of each directory on the stack
     try:
         stack.top.pending = _sorted_names(top_fd)
         while True:
             frame = stack.top
+            depth = stack.depth
             if not frame.pending:
-                if not stack.depth:
+                if not depth:
                     return
                 stack.pop()
-                prefixes.pop()
+                nodes.pop()
+                passed = True  # left the directory on start's path: the rest is after it
                 continue
             name = frame.pending.pop()
-            parts = prefixes[-1] + (name,)
-            if not passed:
-                key = path_key(parts)
-                is_prefix = key == start_key[:len(key)] and len(key) < len(start_key)
-                if key < start_key and not is_prefix:
+            descend = True
+            if not passed:  # this directory is start[:depth]; compare one name only
+                key = name_key(name)
+                if key < start_keys[depth]:
                     continue
-                passed = not is_prefix
+                if key > start_keys[depth] or depth == len(start_keys) - 1:
+                    passed = True
             try:
                 st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield Entry(parts, frame.fd, st)
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    sub = stack.push(name)
-                except OSError:  # gone, replaced, or not ours to read: not part of the walk
-                    continue
-                prefixes.append(parts)
-                sub.pending = _sorted_names(sub.fd)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if not passed and not is_dir:  # a file where start has a directory
+                passed = True
+            yield Entry(name, depth, frame.fd, st, nodes[-1])
+            if not is_dir:
+                continue
+            if max_depth is not None and depth + 1 >= max_depth:
+                if stats is not None:
+                    stats.pruned += 1
+                descend = False
+            if not descend:
+                continue
+            try:
+                sub = stack.push(name)
+            except OSError:  # gone, replaced, or not ours to read: not part of the walk
+                continue
+            nodes.append(_Node(name, nodes[-1]))
+            sub.pending = _sorted_names(sub.fd)
     finally:
         stack.close()
 

@@ -327,7 +327,10 @@ def _read_tree(root: str, budget: int, start: str = "", start_offset: int = 0) -
                 cost = len(path.encode("utf-8")) + PIECE_OVERHEAD
             except UnicodeEncodeError:  # not UTF-8: no proto string can carry its name
                 continue
-            offset = start_offset if entry.parts == start_parts else 0
+            offset = 0
+            if (start_parts and entry.depth == len(start_parts) - 1
+                    and entry.name == start_parts[-1] and entry.parts == start_parts):
+                offset = start_offset
             fd = fstree.open_file(entry.dir_fd, entry.name)
             if fd is None:
                 continue

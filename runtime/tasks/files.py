@@ -37,6 +37,9 @@ from corral.sandbox import fstree
 MAX_COPY_BYTES = 256 << 20
 #: Files and directories one copy out of a workspace takes at most.
 MAX_COPY_ENTRIES = 100_000
+#: Directory levels one copy out of a workspace takes at most (deeper ones are left out and
+#: counted): every later reader of the copy then pays at most this much per path.
+MAX_COPY_DEPTH = 2048
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -104,8 +107,9 @@ def copy_tree(src: str, dst: str, limit: int = MAX_COPY_BYTES, *, uid: int | Non
 
     The walk is iterative and descriptor-relative (sandbox/fstree.py), so any depth works;
     files are opened with O_NONBLOCK and type-checked (a FIFO is skipped, never waited on)
-    and copied sparsely (holes stay holes). At most `limit` data bytes and `max_entries`
-    entries are copied; the report says whether a limit was reached. With `beneath`, src
+    and copied sparsely (holes stay holes). At most `limit` data bytes, `max_entries`
+    entries and MAX_COPY_DEPTH levels are copied; the report says whether a limit was
+    reached. With `beneath`, src
     is relative to that directory and no component of it may be a link. Files are chowned
     to uid when given. A missing or non-directory src copies nothing.
     """
@@ -138,49 +142,53 @@ def _copy_walk(top: int, dst: str, limit: int, uid: int | None, fsync: bool,
     os.makedirs(dst, mode=0o755, exist_ok=True)
     if uid is not None:
         os.chown(dst, uid, uid)
-    # The destination is ours: its directories along the current path, by depth, each with
-    # the source path it copies; at most MAX_OPEN_DIRS open (the others reopened by "..").
-    dst_fds = [os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
-    made: list[tuple[str, ...]] = [()]
+    # The destination is ours: its directory at each depth of the current path (-1: one
+    # that could not be made, whose entries are left out; None: closed, at most
+    # MAX_OPEN_DIRS stay open, reopened by ".."). The walk is depth first, so an entry's
+    # directory is always the last one made one level up.
+    dst_fds: list[int | None] = [os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
 
     def leave() -> None:
         fd = dst_fds.pop()
-        made.pop()
+        if fd is None or fd < 0:
+            return
         try:
-            if dst_fds[-1] < 0:
+            if dst_fds[-1] is None:
                 dst_fds[-1] = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                                       dir_fd=fd)
         finally:
             os.close(fd)
 
+    stats = fstree.WalkStats()
     try:
-        for entry in fstree.walk(top):
+        for entry in fstree.walk(top, max_depth=MAX_COPY_DEPTH, stats=stats):
             if report.entries >= max_entries or report.bytes >= limit:
                 report.complete = False
                 return
-            depth = len(entry.parts) - 1
-            while len(made) > depth + 1:
+            while len(dst_fds) > entry.depth + 1:
                 leave()
-            if made[-1] != entry.parts[:depth]:  # its directory could not be made
-                report.skipped += 1
+            parent = dst_fds[-1]
+            is_dir = stat.S_ISDIR(entry.st.st_mode)
+            if parent is None or parent < 0 or not (is_dir or stat.S_ISREG(entry.st.st_mode)):
+                report.skipped += 1  # its directory was not made; a link, FIFO, device
+                if is_dir:
+                    dst_fds.append(-1)
                 continue
             try:
-                if stat.S_ISDIR(entry.st.st_mode):
-                    _copy_dir_entry(entry, dst_fds, uid)
-                    made.append(entry.parts)
+                if is_dir:
+                    dst_fds.append(_copy_dir_entry(entry, parent, uid))
                     report.entries += 1
                     old = len(dst_fds) - 1 - fstree.MAX_OPEN_DIRS
-                    if old >= 1 and dst_fds[old] >= 0:
+                    if old >= 1 and dst_fds[old] is not None and dst_fds[old] >= 0:
                         os.close(dst_fds[old])
-                        dst_fds[old] = -1
+                        dst_fds[old] = None
                     continue
-                if not stat.S_ISREG(entry.st.st_mode):
-                    report.skipped += 1
-                    continue
-                copied, whole = _copy_file_entry(entry, dst_fds[-1], limit - report.bytes,
-                                                 uid, fsync)
+                copied, whole = _copy_file_entry(entry, parent, limit - report.bytes, uid,
+                                                 fsync)
             except OSError:
                 report.skipped += 1
+                if is_dir:
+                    dst_fds.append(-1)
                 continue
             if copied is None:
                 report.skipped += 1
@@ -192,12 +200,14 @@ def _copy_walk(top: int, dst: str, limit: int, uid: int | None, fsync: bool,
                 return
     finally:
         for fd in dst_fds:
-            if fd >= 0:
+            if fd is not None and fd >= 0:
                 os.close(fd)
+        if stats.pruned:
+            report.skipped += stats.pruned
+            report.complete = False
 
 
-def _copy_dir_entry(entry: fstree.Entry, dst_fds: list[int], uid: int | None) -> None:
-    parent = dst_fds[-1]
+def _copy_dir_entry(entry: fstree.Entry, parent: int, uid: int | None) -> int:
     with contextlib.suppress(FileExistsError):
         os.mkdir(entry.name, 0o755, dir_fd=parent)
     sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -208,7 +218,7 @@ def _copy_dir_entry(entry: fstree.Entry, dst_fds: list[int], uid: int | None) ->
     except BaseException:
         os.close(sub)
         raise
-    dst_fds.append(sub)
+    return sub
 
 
 def _copy_file_entry(entry: fstree.Entry, parent: int, budget: int, uid: int | None,
@@ -242,9 +252,9 @@ def tree_signature(rel: str, beneath: str) -> tuple:
         return ()
     sig: list = []
     try:
-        for entry in fstree.walk(top):
-            st = entry.st
-            sig.append((entry.parts, st.st_mode, st.st_size, st.st_mtime_ns))
+        for entry in fstree.walk(top, max_depth=MAX_COPY_DEPTH):
+            st = entry.st  # depth first: (depth, name) in order pins every path down
+            sig.append((entry.depth, entry.name, st.st_mode, st.st_size, st.st_mtime_ns))
             if len(sig) > MAX_COPY_ENTRIES:
                 break
     except fstree.TreeChanged:
