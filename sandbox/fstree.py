@@ -173,7 +173,13 @@ def _push_writable(stack: _DirStack, name: str) -> None:
     try:
         frame = stack.push(name)
     except PermissionError:  # a mode-000 directory, when we are not root
-        os.chmod(name, 0o700, dir_fd=stack.top.fd, follow_symlinks=False)
+        # chmod through an O_PATH descriptor: there is no fchmodat(AT_SYMLINK_NOFOLLOW)
+        pfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=stack.top.fd)
+        try:
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
+        finally:
+            os.close(pfd)
         frame = stack.push(name)
     st = os.fstat(frame.fd)
     if stat.S_IMODE(st.st_mode) & 0o700 != 0o700 and st.st_uid == os.geteuid() != 0:
