@@ -101,6 +101,41 @@ cdef extern from * nogil:
         return (int)syscall(429 /* SYS_move_mount */, fd, "", AT_FDCWD, target, 0x00000004);
     }
     static int corral_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+    #define CORRAL_MOUNT_ATTR_IDMAP 0x00100000
+    static int corral_idmap_tree(int tree_fd, int userns_fd, uint64_t extra) {
+        /* Give a detached mount tree (open_tree(OPEN_TREE_CLONE)) the id mapping of
+           userns_fd, and the extra MOUNT_ATTR_* bits, on every mount in it. */
+        struct corral_mount_attr a = {CORRAL_MOUNT_ATTR_IDMAP | extra, 0, 0, (uint64_t)userns_fd};
+        return (int)syscall(SYS_mount_setattr, tree_fd, "", AT_EMPTY_PATH | AT_RECURSIVE,
+                            &a, sizeof a);
+    }
+    static int corral_hold_userns(void *arg) {
+        /* A process that only exists so that its new user namespace can be given id maps
+           and opened; every signal is blocked, SIGKILL ends it. */
+        (void)arg;
+        for (;;) pause();
+        return 0;
+    }
+    static int corral_clone_userns_holder(void *stack_top) {
+        return clone(corral_hold_userns, stack_top, CLONE_VM | CLONE_NEWUSER | SIGCHLD, NULL);
+    }
+    static int corral_exec_helper(void *arg) {
+        /* A setuid id-map helper (newuidmap/newgidmap), run by the launcher. */
+        char **argv = (char **)arg;
+        static char *const empty_env[] = {NULL};
+        execve(argv[0], argv, empty_env);
+        _exit(127);
+    }
+    static int corral_run_helper(char **argv, void *stack_top) {
+        /* Returns the helper's wait status, or -1 when it could not be started. */
+        int status = 0;
+        int pid = clone(corral_exec_helper, stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD, argv);
+        if (pid < 0) return -1;
+        while (waitpid(pid, &status, 0) < 0) {
+            if (errno != EINTR) return -1;
+        }
+        return status;
+    }
     static int corral_setns(int fd, int nstype) { return (int)syscall(SYS_setns, fd, nstype); }
     static int corral_unshare(int flags) { return (int)syscall(SYS_unshare, flags); }
     static int corral_close_range_cloexec(unsigned int first) {
@@ -259,6 +294,9 @@ cdef extern from * nogil:
     int corral_pivot_root(const char *new_root, const char *put_old)
     int corral_mount_setattr(const char *path, unsigned int flags, unsigned long long set)
     int corral_pidfd_open(pid_t pid)
+    int corral_idmap_tree(int tree_fd, int userns_fd, unsigned long long extra)
+    int corral_clone_userns_holder(void *stack_top)
+    int corral_run_helper(char **argv, void *stack_top)
     int corral_open_tree_clone(const char *path)
     int corral_move_mount_fd(int fd, const char *target)
     int corral_setns(int fd, int nstype)
@@ -882,6 +920,10 @@ cdef struct init_args:
     const char *gid_map
     size_t gid_map_len
     long owner_uid      # >= 0: create the user namespace with this effective uid
+    char **uid_helper   # not NULL: run these (newuidmap, newgidmap) instead of writing the
+    char **gid_helper   # maps; argv[1] points to pid_text, filled in with PID 1's pid
+    char *pid_text
+    void *helper_stack_top
 
 
 cdef int init_main(void *arg) noexcept nogil:
@@ -913,6 +955,36 @@ cdef int proc_path(char *buf, long pid, const char *leaf) noexcept nogil:
     buf[i] = 47  # '/'
     memcpy(buf + i + 1, leaf, leaf_len + 1)
     return 0
+
+
+cdef void format_pid(char *buf, long pid) noexcept nogil:
+    """buf = decimal pid, NUL-terminated (buf holds at least 24 bytes)."""
+    cdef char digits[24]
+    cdef int n = 0, i = 0
+    while True:
+        digits[n] = <char>(48 + pid % 10)
+        n += 1
+        pid //= 10
+        if pid == 0:
+            break
+    while n > 0:
+        n -= 1
+        buf[i] = digits[n]
+        i += 1
+    buf[i] = 0
+
+
+cdef int run_map_helper(init_args *a, char **argv, int which, long pid) noexcept nogil:
+    """Run newuidmap/newgidmap for PID 1; on failure kill it and report which helper
+    (1 uid, 2 gid) and its wait status in the detail."""
+    cdef int status = corral_run_helper(argv, a.helper_stack_top)
+    if status == 0:
+        return 0
+    kill(pid, SIGKILL)
+    if status > 0:
+        corral_set_errno(1)  # EPERM: the helper refused the mapping (it said why on stderr)
+    fail(a.report_fd, STEP_ID_MAPS, (which << 16) | (status & 0xffff))
+    return -1
 
 
 cdef int write_proc_file(long pid, const char *leaf, const char *data, size_t len) noexcept nogil:
@@ -970,7 +1042,13 @@ cdef int init_launcher(void *arg) noexcept nogil:
     r.err = 0
     r.detail = pid
     corral_write_all(a.report_fd, <const char *>&r, sizeof(report))
-    if (write_proc_file(pid, "uid_map", a.uid_map, a.uid_map_len) != 0
+    if a.uid_helper != NULL:
+        # Unprivileged, with subordinate ids: the setuid helpers check /etc/subuid and
+        # /etc/subgid and write the maps (and setgroups) for us.
+        format_pid(a.pid_text, pid)
+        run_map_helper(a, a.uid_helper, 1, pid)
+        run_map_helper(a, a.gid_helper, 2, pid)
+    elif (write_proc_file(pid, "uid_map", a.uid_map, a.uid_map_len) != 0
             or write_proc_file(pid, "setgroups", "deny", 4) != 0
             or write_proc_file(pid, "gid_map", a.gid_map, a.gid_map_len) != 0):
         kill(pid, SIGKILL)
@@ -1125,14 +1203,87 @@ def open_tree_clone(path):
     return fd
 
 
-def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1):
+cdef char **helper_argv(list keep, list argv, char *pid_text) except NULL:
+    """A NULL-terminated C argv of a map helper; argv[1] is replaced by pid_text."""
+    cdef char **v = <char **>malloc(sizeof(char *) * (len(argv) + 1))
+    cdef int i
+    if v == NULL:
+        raise MemoryError()
+    for i, item in enumerate(argv):
+        raw = os.fsencode(item) + b"\0"
+        keep.append(raw)
+        v[i] = pid_text if i == 1 else <char *>raw
+    v[len(argv)] = NULL
+    return v
+
+
+def userns_with_maps(bytes uid_map, bytes gid_map):
+    """A descriptor of a new user namespace with these id maps (for an idmapped mount).
+
+    A holder process is cloned into the namespace (sharing this address space, on its own
+    stack, every signal blocked), the maps are written, its ns/user is opened, and it is
+    killed and reaped. Needs CAP_SETUID/CAP_SETGID over the mapped host ids (root).
+
+    Raises:
+        OSError: clone, a map write or the open failed (filename says which file).
+    """
+    cdef void *stack = corral_stack_alloc()
+    cdef sigset_t old_mask
+    cdef int pid, err = 0, status = 0, fd = -1
+    cdef char path[64]
+    if stack == NULL:
+        raise MemoryError("stack for the user namespace holder")
+    try:
+        with nogil:
+            corral_block_signals(&old_mask)
+            pid = corral_clone_userns_holder(corral_stack_top(stack))
+            err = errno
+            corral_restore_signals(&old_mask)
+        if pid < 0:
+            raise OSError(err, "clone(CLONE_NEWUSER): " + os.strerror(err))
+        try:
+            for leaf, data in ((b"uid_map", uid_map), (b"setgroups", b"deny"),
+                               (b"gid_map", gid_map)):
+                if write_proc_file(pid, leaf, data, len(data)) != 0:
+                    err = errno
+                    raise OSError(err, os.strerror(err), f"/proc/{pid}/{leaf.decode()}")
+            proc_path(path, pid, "ns/user")
+            fd = open(path, O_RDONLY | O_CLOEXEC)
+            if fd < 0:
+                err = errno
+                raise OSError(err, os.strerror(err), f"/proc/{pid}/ns/user")
+        finally:
+            kill(pid, SIGKILL)
+            with nogil:
+                while waitpid(pid, &status, 0) < 0 and errno == EINTR:
+                    pass
+    finally:
+        corral_stack_free(stack)
+    return fd
+
+
+def idmap_tree(int tree_fd, int userns_fd, unsigned long long attrs=0):
+    """Idmap a detached mount tree (from open_tree_clone) through userns_fd's maps,
+    setting the MOUNT_ATTR_* bits attrs too, on every mount in it.
+
+    Raises:
+        OSError: mount_setattr failed (EINVAL: a filesystem in the tree cannot be idmapped).
+    """
+    if corral_idmap_tree(tree_fd, userns_fd, attrs) != 0:
+        raise OSError(errno, os.strerror(errno))
+
+
+def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
+               map_helpers=None):
     """Create a sandbox's PID 1; returns (pid, pidfd).
 
     A vfork-style launcher clones PID 1 into new user, PID, mount, network, UTS and IPC
     namespaces, writes its uid/gid maps and releases it; PID 1 contains itself and execs
     corral-init. Neither clone copies the runtime's page tables. With owner_uid >= 0 the
     launcher creates the user namespace with that effective uid (the namespace's owner,
-    charged for its per-user quotas), then returns to root to write the maps.
+    charged for its per-user quotas), then returns to root to write the maps. With
+    map_helpers = (newuidmap argv, newgidmap argv) the launcher runs those instead (argv[1]
+    becomes PID 1's pid): how an unprivileged caller maps its subordinate ids.
 
     Raises:
         SpawnError: the child failed a step (step, errno, detail are attributes).
@@ -1147,12 +1298,26 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1):
     cdef pid_t child
     cdef void *launcher_stack = corral_stack_alloc()
     cdef void *init_stack = corral_stack_alloc()
+    cdef void *helper_stack = NULL
+    cdef char pid_text[24]
+    cdef list keep = []
     if launcher_stack == NULL or init_stack == NULL:
         corral_stack_free(launcher_stack)
         corral_stack_free(init_stack)
         raise MemoryError("stacks for the sandbox launcher")
     rep[0] = rep[1] = -1
+    args.uid_helper = NULL
+    args.gid_helper = NULL
+    args.pid_text = pid_text
+    args.helper_stack_top = NULL
     try:
+        if map_helpers is not None:
+            helper_stack = corral_stack_alloc()
+            if helper_stack == NULL:
+                raise MemoryError("stack for the id map helpers")
+            args.helper_stack_top = corral_stack_top(helper_stack)
+            args.uid_helper = helper_argv(keep, list(map_helpers[0]), pid_text)
+            args.gid_helper = helper_argv(keep, list(map_helpers[1]), pid_text)
         cloexec_pipe(rep)
         plan.c.parent_pidfd = corral_pidfd_open(getpid()) if plan.c.pdeathsig else -1
         args.plan = &plan.c
@@ -1186,6 +1351,9 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1):
         plan.c.parent_pidfd = -1
         corral_stack_free(launcher_stack)
         corral_stack_free(init_stack)
+        corral_stack_free(helper_stack)
+        free(args.uid_helper)
+        free(args.gid_helper)
     child = pid
     if failure is None and not child:
         failure = OSError(5, f"sandbox launcher exited ({status:#x}) without creating PID 1")

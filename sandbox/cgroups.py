@@ -267,6 +267,35 @@ def detect(
     return layout_from_text(texts[0], texts[1])
 
 
+#: The line an unprivileged caller sees (stderr, `corral inspect`) where it has no cgroup.
+NO_DELEGATION = "no delegated cgroup: memory/pids/cpu limits not applied; rlimits only"
+
+
+def delegation_problem(layout: CgroupLayout) -> str | None:
+    """Why this process cannot make cgroups under the layout, or None when it can.
+
+    Root can. Anyone else needs a subtree it may write: on v2 a delegated one (systemd's
+    `Delegate=yes`, e.g. `systemd-run --user --scope -p Delegate=yes corral ...`); v1 has
+    no safe delegation, so an unprivileged caller never has cgroups there.
+    """
+    if os.geteuid() == 0:
+        return None
+    if layout.version == 1:
+        closed = [path for path in (b if os.path.isdir(b) else os.path.dirname(b)
+                                    for b in layout.bases().values())
+                  if not os.access(path, os.W_OK)]
+        if closed:
+            return (f"cgroup v1: {closed[0]} is not writable by uid {os.geteuid()} (v1 "
+                    f"cannot be delegated to an unprivileged user)")
+        return None
+    parent = layout.parent or layout.root
+    for path in (parent, os.path.join(parent, "cgroup.subtree_control")):
+        if not os.access(path, os.W_OK):
+            return (f"cgroup v2: {path} is not writable by uid {os.geteuid()}; run under a "
+                    f"delegated scope (systemd-run --user --scope -p Delegate=yes)")
+    return None
+
+
 # -- what a sandbox asks for -------------------------------------------------------------------
 
 

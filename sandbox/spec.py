@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import stat
@@ -129,8 +130,10 @@ class SandboxSpec:
     env: tuple[tuple[str, str], ...] = ()
     #: Hostname inside the UTS namespace.
     hostname: str = "corral"
-    #: First host uid/gid of the sandbox's id range (root inside maps to it).
-    uid_base: int = 100000
+    #: First host uid/gid of the sandbox's id range (root inside maps to it). None: the
+    #: sandbox takes its own range of Corral's pool when it starts (sandbox/ids.py), and
+    #: its ``spec`` then names it; an unprivileged caller's root inside is the caller.
+    uid_base: int | None = None
     #: Number of ids mapped (0..uid_count-1 inside).
     uid_count: int = 65536
     #: Kill the sandbox when the process that created it dies.
@@ -173,7 +176,9 @@ class SandboxSpec:
             object.__setattr__(self, "workspace", os.path.realpath(self.workspace))
         if not _HOSTNAME_RE.match(self.hostname):
             raise InvalidSpec("hostname", f"{self.hostname!r} is not a valid host name")
-        if not (1 <= self.uid_base and self.uid_base + self.uid_count <= 2**32 - 1):
+        if self.uid_base is not None and not (
+                isinstance(self.uid_base, int) and 1 <= self.uid_base
+                and self.uid_base + self.uid_count <= 2**32 - 1):
             raise InvalidSpec("uid_base", "root inside must map to an unprivileged host id (>0)")
         if self.uid_count < 1:
             raise InvalidSpec("uid_count", "must map at least one id")
@@ -288,6 +293,20 @@ class SandboxSpec:
         kw["env"] = tuple(pairs)
         kw["allow_net"] = tuple(allow_net)
         return cls(**kw)
+
+    def with_ids(self, uid_base: int, uid_count: int) -> SandboxSpec:
+        """This spec with its host id range fixed (by the sandbox that starts it). Nothing
+        else is validated again: a bind source that vanished since is the start's error.
+
+        Raises:
+            InvalidSpec: the range maps root inside to host root or past the last id.
+        """
+        if not (1 <= uid_base and uid_count >= 1 and uid_base + uid_count <= 2**32 - 1):
+            raise InvalidSpec("uid_base", "root inside must map to an unprivileged host id (>0)")
+        fixed = copy.copy(self)
+        object.__setattr__(fixed, "uid_base", uid_base)
+        object.__setattr__(fixed, "uid_count", uid_count)
+        return fixed
 
     def environment(self) -> list[str]:
         """The complete environment of a command: a clean base plus the spec's variables."""

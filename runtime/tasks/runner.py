@@ -218,7 +218,10 @@ class AttemptRunner:
         kw = dict(plan.sandbox)
         if "env" in kw:
             kw["env"] = tuple(tuple(p) for p in kw["env"])
-        uid = kw.get("uid_base", SandboxSpec.uid_base)
+        # The workspace belongs to this runtime's user (or the plan's fixed ids): the
+        # sandbox sees it through an idmapped mount, its root as the owner, whichever id
+        # range the attempt's sandbox takes.
+        uid = kw.get("uid_base") or os.geteuid()
         env = self._prepare_workspace(uid)
         spec = SandboxSpec(**kw, workspace=self.workspace, devices=tuple(plan.devices))
         log = _CappedLog(os.path.join(self.dir, "log"))

@@ -1010,6 +1010,12 @@ class DockerSandbox(SandboxLifecycle):
         self.state = "starting"
         self.status_fd, self._status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
+            if self.spec.uid_base is None:  # its own host ids, as a native sandbox's
+                from .. import ids
+
+                self._ids = ids.allocate(self.id) if os.geteuid() == 0 else ids.IdRange(
+                    os.getuid(), 1)
+                self.spec = self.spec.with_ids(self._ids.base, self._ids.count)
             self._setup_workspace()
             self._fds_dir = tempfile.mkdtemp(prefix=f"corral.{self.id}.fds.")
             if os.geteuid() == 0:
@@ -1066,6 +1072,8 @@ class DockerSandbox(SandboxLifecycle):
         if self._own_workspace and self.workspace:
             workspace_fs.remove(self.workspace)
             self._own_workspace = False
+        if getattr(self, "_ids", None) is not None:
+            self._ids.release()
         if self._fds_dir is not None:
             shutil.rmtree(self._fds_dir, ignore_errors=True)
             self._fds_dir = None

@@ -19,13 +19,14 @@ import select
 import selectors
 import shutil
 import signal as signal_mod
+import stat as stat_mod
 import struct
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
-from .. import cgroups, contain, fstree, workspace_fs
+from .. import cgroups, contain, fstree, ids, workspace_fs
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
@@ -38,11 +39,30 @@ OOM_COUNT_GRACE_S = 0.1
 
 
 def runtime_base() -> str:
-    """Where sandboxes keep their root mount point and state file."""
+    """Where sandboxes keep their root mount point and state file (one tree per user)."""
     if os.geteuid() == 0:
         return "/run/corral/sandboxes"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR", tempfile.gettempdir()), "corral",
-                        "sandboxes")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "corral", "sandboxes")
+    return os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}", "sandboxes")
+
+
+def _own_directory(path: str, mode: int) -> None:
+    """Make path (and its parents) and check that it is a directory of ours, not a link or
+    a directory someone else planted in a shared /tmp.
+
+    Raises:
+        SandboxSetupError: path exists but is not this user's directory.
+    """
+    os.makedirs(path, mode=mode, exist_ok=True)
+    st = os.lstat(path)
+    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise SandboxSetupError("runtime directory", path, errno_mod.EPERM,
+                                f"it is not a directory owned by uid {os.geteuid()}; "
+                                f"remove it or set XDG_RUNTIME_DIR")
+    if st.st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
 
 
 class ExitReason(enum.StrEnum):
@@ -71,10 +91,20 @@ class CompletedRun:
         return self.returncode if self.returncode >= 0 else 128 - self.returncode
 
 
-def _setup_error(exc: OSError, plan_ops=None, argv0: str | None = None) -> CorralError:
+def _setup_error(exc: OSError, plan_ops=None, argv0: str | None = None,
+                 helpers=None) -> CorralError:
     """Turn a child's report into the error a user can act on."""
     from corral.ext import _spawn
 
+    if isinstance(exc, _spawn.SpawnError) and helpers and exc.step_name.startswith("write uid"):
+        which, status = exc.detail >> 16, exc.detail & 0xFFFF
+        helper = helpers[0 if which == 1 else 1]
+        ran = (f"exit status {os.waitstatus_to_exitcode(status)}" if status != 0xFFFF
+               else "could not be started")
+        return SandboxSetupError(
+            f"{os.path.basename(helper[0])} {' '.join(helper[2:])}", helper[0], exc.errno,
+            f"{ran}; it printed why above. Check this user's lines in {ids.SUBUID} and "
+            f"{ids.SUBGID}, or set CORRAL_ROOTLESS_IDS=single to map only your own uid")
     if isinstance(exc, _spawn.SpawnError):
         if exc.step_name == "execve" and argv0 is not None and exc.errno in (
             errno_mod.ENOENT, errno_mod.EACCES, errno_mod.ENOTDIR, errno_mod.ENOEXEC,
@@ -335,6 +365,14 @@ class Sandbox(SandboxLifecycle):
         #: who hears of every connection attempt (a dict per attempt, proxy thread).
         self.egress = None
         self.on_net_event = on_net_event
+        #: This sandbox's host ids, taken from Corral's pool at start (released at destroy).
+        self._ids: ids.IdRange | None = None
+        #: How ids map, in words (`corral inspect`, `corral doctor`).
+        self.id_mapping: str = ""
+        #: What this sandbox runs without that a default one has, one line each (e.g. no
+        #: cgroup limits for an unprivileged caller on a host without delegation).
+        self.notes: list[str] = []
+        self._rootless: ids.Rootless | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -352,37 +390,41 @@ class Sandbox(SandboxLifecycle):
         if not Sandbox._swept:
             Sandbox._swept = True
             sweep(os.path.dirname(self.runtime_dir))
-        self._prepared = contain.prepare(self.spec)
+            if os.geteuid() == 0:
+                ids.sweep()
+        privileged = os.geteuid() == 0
         self.state = "starting"
         opened: list[int] = []
         try:
-            os.makedirs(os.path.dirname(self.runtime_dir), mode=0o711, exist_ok=True)
-            os.chmod(os.path.dirname(self.runtime_dir), 0o711)
+            uid_map, gid_map, helpers = self._resolve_ids(privileged)
+            self._prepared = contain.prepare(self.spec)
+            if privileged:
+                os.makedirs(os.path.dirname(self.runtime_dir), mode=0o711, exist_ok=True)
+                os.chmod(os.path.dirname(self.runtime_dir), 0o711)
+            else:
+                _own_directory(os.path.dirname(os.path.dirname(self.runtime_dir)), 0o700)
+                _own_directory(os.path.dirname(self.runtime_dir), 0o700)
             os.mkdir(self.runtime_dir, 0o711)
             root = os.path.join(self.runtime_dir, "root")
             os.mkdir(root, 0o700)
-            os.chown(root, self.spec.uid_base, self.spec.uid_base)
+            if privileged:
+                os.chown(root, self.spec.uid_base, self.spec.uid_base)
             self._setup_workspace()
             self._write_state()
             layout = _cgroup_layout()
-            limits = cgroups.CgroupLimits(
-                memory_bytes=self.spec.memory_bytes, pids_max=self.spec.pids_max,
-                cpu_quota=self.spec.cpus,
-            )
-            self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
-            cgroup_fds = self._open_cgroup_procs()
-            opened.extend(cgroup_fds)
-            # The workspace and user binds are cloned here, by a process that can reach
-            # them, and attached by the child: its own ids may not traverse the host
-            # directories above them.
-            detached = {}
-            for source in [self.workspace, *(b.source for b in self.spec.binds)]:
-                try:
-                    fd = _spawn.open_tree_clone(source)
-                except OSError as exc:
-                    raise SandboxSetupError("open_tree", source, exc.errno) from None
-                opened.append(fd)
-                detached[source] = fd
+            missing = cgroups.delegation_problem(layout)
+            if missing is None:
+                limits = cgroups.CgroupLimits(
+                    memory_bytes=self.spec.memory_bytes, pids_max=self.spec.pids_max,
+                    cpu_quota=self.spec.cpus,
+                )
+                self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
+                cgroup_fds = self._open_cgroup_procs()
+                opened.extend(cgroup_fds)
+            else:
+                self.notes.append(cgroups.NO_DELEGATION)
+                cgroup_fds = ()
+            detached = self._detach_binds(opened) if privileged else {}
             init_fd = os.open(contain.init_binary(), os.O_RDONLY | os.O_CLOEXEC)
             opened.append(init_fd)
             self.status_fd, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -392,13 +434,15 @@ class Sandbox(SandboxLifecycle):
                 self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
                 cgroup_fds=cgroup_fds, status_fd=status_w, detached=detached,
             )
-            uid_map = contain.id_map(self.spec)
             try:
                 with WRITE_CLONE.hold(CLONING):
                     self.init_pid, self._init_pidfd = _spawn.spawn_init(
-                        plan, uid_map, uid_map, contain.namespace_owner(self.spec))
+                        plan, uid_map, gid_map, contain.namespace_owner(self.spec),
+                        map_helpers=helpers)
             except OSError as exc:
-                raise _setup_error(exc, ops) from None
+                raise _setup_error(exc, ops, helpers=helpers) from None
+            if self._ids is not None:
+                self._ids.note_init(self.init_pid)
             if self.spec.allow_net:  # before any command runs
                 from .. import net
 
@@ -412,11 +456,83 @@ class Sandbox(SandboxLifecycle):
             for fd in opened:
                 os.close(fd)
 
+    def _resolve_ids(self, privileged: bool):
+        """Fix this sandbox's host ids in its spec; returns (uid_map, gid_map, helpers).
+
+        Root: a range of Corral's pool of its own (unless the spec names one). Anyone else:
+        root inside is the caller, ids 1..N its subordinate range when it has one.
+        """
+        if privileged:
+            if self.spec.uid_base is None:
+                self._ids = ids.allocate(self.id)
+                self.spec = self.spec.with_ids(self._ids.base, self._ids.count)
+            id_map = contain.id_map(self.spec)
+            self.id_mapping = (f"root inside = uid {self.spec.uid_base}, ids 0..."
+                               f"{self.spec.uid_count - 1} = {self.spec.uid_base}..."
+                               f"{self.spec.uid_base + self.spec.uid_count - 1} (this "
+                               f"sandbox's own range)")
+            return id_map, id_map, None
+        mapping = ids.rootless()
+        self.spec = self.spec.with_ids(mapping.uid, mapping.count)
+        self.id_mapping = mapping.describe()
+        self._rootless = mapping
+        return mapping.uid_map(), mapping.gid_map(), mapping.helpers()
+
+    def _detach_binds(self, opened: list[int]) -> dict[str, int]:
+        """Clone the workspace and the user's binds here, where they can be reached, for
+        the child to attach (its ids may not traverse the host directories above them).
+
+        A directory the caller brought (--workspace, --ro, --rw, a task's workspace) is
+        idmapped: the directory's owner on the host is root inside, so what the sandbox
+        writes there belongs to that owner, not to an id nobody has. Only that one id is
+        mapped: a file of any other host user shows as nobody and cannot be made.
+        """
+        from corral.ext import _spawn
+
+        detached: dict[str, int] = {}
+        namespaces: dict[tuple[int, int], int] = {}
+        try:
+            for source in [self.workspace, *(b.source for b in self.spec.binds)]:
+                if source in detached:
+                    continue
+                try:
+                    fd = _spawn.open_tree_clone(source)
+                except OSError as exc:
+                    raise SandboxSetupError("open_tree", source, exc.errno) from None
+                opened.append(fd)
+                detached[source] = fd
+                if source == self.workspace and self._own_workspace:
+                    continue  # made for this sandbox, already owned by its root
+                st = os.stat(source)
+                owner = (st.st_uid, st.st_gid)
+                if owner not in namespaces:
+                    try:
+                        namespaces[owner] = _spawn.userns_with_maps(
+                            f"{owner[0]} {self.spec.uid_base} 1\n".encode(),
+                            f"{owner[1]} {self.spec.uid_base} 1\n".encode())
+                    except OSError as exc:
+                        raise SandboxSetupError("idmap user namespace", exc.filename,
+                                                exc.errno) from None
+                try:
+                    _spawn.idmap_tree(fd, namespaces[owner], ATTR_NOSUID_NODEV)
+                except OSError as exc:
+                    hint = ("its filesystem cannot be idmapped (Linux >= 5.12; tmpfs >= 6.3, "
+                            "overlayfs >= 5.19; not NFS or FUSE): use a directory on ext4, "
+                            "xfs, btrfs or tmpfs" if exc.errno == errno_mod.EINVAL else "")
+                    raise SandboxSetupError("mount_setattr(MOUNT_ATTR_IDMAP)", source,
+                                            exc.errno, hint) from None
+        finally:
+            for fd in namespaces.values():
+                os.close(fd)
+        return detached
+
     def _open_cgroup_procs(self) -> tuple[int, ...]:
         """The cgroup.procs files a new process attaches itself through, opened for one
         spawn: an idle sandbox holds only PID 1's pidfd and status pipe (one descriptor per
         controller, five on cgroup v1, would be held for nothing between commands)."""
         fds: list[int] = []
+        if self._cgroup is None:
+            return ()
         try:
             for path in self._cgroup.procs_files:
                 try:
@@ -495,6 +611,8 @@ class Sandbox(SandboxLifecycle):
             workspace_fs.remove(self.workspace)
             self._own_workspace = False
         _remove_tree(self.runtime_dir)
+        if self._ids is not None:  # nothing of the sandbox is left to own these ids
+            self._ids.release()
         self.state = "destroyed"
 
     # -- exits reported by PID 1 ----------------------------------------------------------
@@ -675,11 +793,13 @@ class Sandbox(SandboxLifecycle):
         alive, so a number reused by a process elsewhere between the listing and the
         signal is never hit. One descriptor at a time.
         """
-        if self.init_pid is None or self._cgroup is None:
+        if self.init_pid is None:
             return 0
+        # Membership test: the sandbox's cgroup, or without one (an unprivileged caller
+        # on a host with no delegation) its PID namespace.
+        probe = "cgroup" if self._cgroup is not None else "ns/pid"
         try:
-            with open(f"/proc/{self.init_pid}/cgroup", "rb") as f:
-                ours = f.read()
+            ours = _membership(self.init_pid, probe)
         except OSError:
             return 0
         sent = 0
@@ -691,8 +811,7 @@ class Sandbox(SandboxLifecycle):
             except OSError:  # gone already
                 continue
             try:
-                with open(f"/proc/{pid}/cgroup", "rb") as f:
-                    same = f.read() == ours
+                same = _membership(pid, probe) == ours
                 stat = _ProcStat.read(pid)
                 # alive now => the /proc files read above were this pidfd's process
                 signal_mod.pidfd_send_signal(fd, 0)
@@ -706,8 +825,23 @@ class Sandbox(SandboxLifecycle):
         return sent
 
     def pids(self) -> list[int]:
-        """Host pids of every process in the sandbox's cgroup."""
-        return self._cgroup.pids() if self._cgroup is not None else []
+        """Host pids of every process in the sandbox's cgroup (without a cgroup: in its
+        PID namespace)."""
+        if self._cgroup is not None:
+            return self._cgroup.pids()
+        if self.init_pid is None:
+            return []
+        try:
+            ours = _membership(self.init_pid, "ns/pid")
+        except OSError:
+            return []
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                with contextlib.suppress(OSError):
+                    if _membership(int(name), "ns/pid") == ours:
+                        found.append(int(name))
+        return found
 
     def stats(self) -> dict:
         return self._cgroup.stats() if self._cgroup is not None else {}
@@ -722,6 +856,8 @@ class Sandbox(SandboxLifecycle):
 
 #: pidfd_send_signal flag: signal the process group of the pidfd's process (Linux 6.9).
 PIDFD_SIGNAL_PROCESS_GROUP = 4
+#: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, set together with an idmap.
+ATTR_NOSUID_NODEV = 0x2 | 0x4
 
 
 @dataclass(frozen=True)
@@ -736,6 +872,14 @@ class _ProcStat:
             data = f.read()
         fields = data[data.rindex(b")") + 2:].split()  # after "pid (comm) "
         return cls(pgid=int(fields[2]))
+
+
+def _membership(pid: int, what: str) -> bytes:
+    """What makes pid part of a sandbox: its /proc cgroup file, or its PID namespace."""
+    if what == "ns/pid":
+        return os.readlink(f"/proc/{pid}/ns/pid").encode()
+    with open(f"/proc/{pid}/cgroup", "rb") as f:
+        return f.read()
 
 
 def _remove_tree(path: str) -> None:
