@@ -269,9 +269,9 @@ class SandboxManager:
         digest = policy_digest(spec, sandbox._prepared.seccomp_profile.digest)
         policy["digest"] = digest
         msb = ManagedSandbox(
-            id=sandbox.id, tenant=caller.tenant, spec=spec, sandbox=sandbox,
+            id=sandbox.id, tenant=caller.tenant, spec=sandbox.spec, sandbox=sandbox,
             policy_digest=digest, created_at=now, expires_at=now + ttl,
-            workspace=Workspace(sandbox.workspace, spec.uid_base, spec.uid_base),
+            workspace=Workspace(sandbox.workspace, sandbox.spec.uid_base, sandbox.spec.uid_base),
             owner_session=owner_session,
         )
         self._sandboxes[msb.id] = msb
