@@ -48,10 +48,11 @@ MAX_LOG_BYTES = 64 << 20
 #: How often the checkpoint directory is looked at for files the agent wrote.
 DIR_SCAN_S = 0.5
 #: Checkpoints of one attempt are paced: the next one is taken no sooner than this many
-#: seconds after the last, and no sooner than the last one's bytes take to write at
-#: CHECKPOINT_BYTES_PER_S. CHECKPOINT frames and directory changes in between are not
-#: lost: the newest frame (and the directory as it is then) makes the next checkpoint,
-#: and one still waiting when the attempt ends is taken then.
+#: seconds after the last, no sooner than the last one's bytes take to write at
+#: CHECKPOINT_BYTES_PER_S, and no sooner than four times as long as taking it took.
+#: CHECKPOINT frames and directory changes in between are not lost: the newest frame (and
+#: the directory as it is then) makes the next checkpoint, and one still waiting when the
+#: attempt ends is taken then.
 CHECKPOINT_MIN_INTERVAL_S = 2.0
 CHECKPOINT_BYTES_PER_S = 4 << 20
 # frame kinds (corral.v1.EventKind)
@@ -110,10 +111,13 @@ class CheckpointPacer:
         """Seconds until a pending checkpoint is due; None when none is pending."""
         return max(0.0, self.not_before - now) if self.pending else None
 
-    def taken_at(self, now: float, bytes_written: int) -> None:
+    def taken_at(self, now: float, bytes_written: int, took_s: float = 0.0) -> None:
+        """A checkpoint was taken at `now`: it wrote that many bytes in took_s seconds (a
+        slow one, many small files each fsynced, waits 4x its own time before the next)."""
         self.pending = False
         self.taken += 1
-        self.not_before = now + max(self.min_interval_s, bytes_written / self.bytes_per_s)
+        self.not_before = now + max(self.min_interval_s, bytes_written / self.bytes_per_s,
+                                    4 * took_s)
 
 
 class AttemptRunner:
@@ -389,10 +393,12 @@ class AttemptRunner:
 
     def _take_checkpoint(self) -> None:
         # what is copied is at least as new as this signature: no change is missed
+        began = time.monotonic()
         self._dir_sig = tree_signature(".corral/checkpoint", self.workspace)
         self.files.save_checkpoint(self._last_frame, ".corral/checkpoint",
                                    beneath=self.workspace)
-        self._pacer.taken_at(time.monotonic(), self.files.last_checkpoint_bytes)
+        now = time.monotonic()
+        self._pacer.taken_at(now, self.files.last_checkpoint_bytes, now - began)
         self._changed()
 
     def _drain(self, stream, log) -> None:

@@ -126,3 +126,5 @@ def test_checkpoint_pacer_folds_requests_and_waits_for_the_bytes():
     assert pacer.due(18.0)
     pacer.taken_at(18.0, 0)
     assert not pacer.pending and pacer.not_before == 20.0 and pacer.taken == 2
+    pacer.taken_at(30.0, 0, took_s=3.0)  # a slow one (thousands of fsyncs): 4x its time
+    assert pacer.not_before == 42.0
