@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import queue
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +26,9 @@ from .config import default_socket
 #: The daemon answers up to 16 MiB in one message (runtime/daemon.py MAX_MESSAGE_BYTES, a
 #: Tasks.Result page that asked for it); gRPC clients take 4 MiB unless told otherwise.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
+
+#: Bytes per Upload chunk the client sends (the daemon takes up to 4 MiB).
+UPLOAD_CHUNK_BYTES = 1 << 20
 
 SOCKET_ENV = "CORRAL_SOCKET"
 TOKEN_ENV = "CORRAL_TOKEN"
@@ -324,6 +330,190 @@ class Client:
         return list(self._call(self.sandboxes.ListFiles, sandbox_pb2.ListFilesRequest(
             sandbox_id=sandbox_id, path=path)).entries)
 
+    # -- files of any size ------------------------------------------------------------------
+
+    def stat_file(self, sandbox_id: str, path: str = "") -> sandbox_pb2.FileStat:
+        return self._call(self.sandboxes.StatFile, sandbox_pb2.StatFileRequest(
+            sandbox_id=sandbox_id, path=path))
+
+    def make_dir(self, sandbox_id: str, path: str, mode: int = 0, parents: bool = True) -> int:
+        """mkdir (-p with parents); returns how many directories were made."""
+        return self._call(self.sandboxes.MakeDir, sandbox_pb2.MakeDirRequest(
+            sandbox_id=sandbox_id, path=path, mode=mode, parents=parents)).created
+
+    def remove_file(self, sandbox_id: str, path: str, recursive: bool = False) -> str:
+        """Remove a file, link or (recursive) tree; returns the kind removed."""
+        return self._call(self.sandboxes.RemoveFile, sandbox_pb2.RemoveFileRequest(
+            sandbox_id=sandbox_id, path=path, recursive=recursive)).kind
+
+    def rename_file(self, sandbox_id: str, from_path: str, to_path: str,
+                    no_replace: bool = False) -> None:
+        self._call(self.sandboxes.RenameFile, sandbox_pb2.RenameFileRequest(
+            sandbox_id=sandbox_id, from_path=from_path, to_path=to_path,
+            no_replace=no_replace))
+
+    def upload(self, sandbox_id: str, path: str, source, *, offset: int = 0, mode: int = 0,
+               chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> sandbox_pb2.UploadResponse:
+        """Write path from source, in chunks, and check the daemon's sha256 against ours.
+
+        source: a local file path (read sparsely: holes are not sent), a binary file object
+        (read from its position), or an iterable of bytes. offset > 0 resumes: the remote
+        file is cut there and source's bytes from that offset on are sent (a path or a
+        seekable file; an iterable gives only what comes after offset).
+
+        Raises:
+            ClientError: the RPC failed, or DATA_LOSS when the digests differ.
+        """
+        digest = hashlib.sha256()
+        close = None
+        if isinstance(source, (str, os.PathLike)):
+            source = close = open(source, "rb")
+        try:
+            if hasattr(source, "read"):
+                pieces = _file_pieces(source, offset, chunk_bytes, digest)
+            else:
+                pieces = ((0, bytes(b)) for b in source)
+                pieces = _hashed(pieces, digest, offset)
+            start = sandbox_pb2.UploadStart(sandbox_id=sandbox_id, path=path, mode=mode,
+                                            offset=offset)
+            sizes = {}
+
+            def requests():
+                yield sandbox_pb2.UploadRequest(start=start)
+                for at, data in pieces:
+                    if data:
+                        yield sandbox_pb2.UploadRequest(chunk=sandbox_pb2.FileChunk(
+                            offset=at, data=data))
+                    sizes["end"] = max(sizes.get("end", 0), at + len(data))
+                yield sandbox_pb2.UploadRequest(end=sandbox_pb2.UploadEnd(
+                    size=sizes.get("end", 0)))
+
+            try:
+                reply = self.sandboxes.Upload(requests(), metadata=self.metadata)
+            except grpc.RpcError as exc:
+                raise _wrap(exc) from None
+        finally:
+            if close is not None:
+                close.close()
+        if reply.sha256 != digest.hexdigest():
+            raise ClientError(grpc.StatusCode.DATA_LOSS,
+                              f"sha256: the daemon wrote {reply.sha256}, we sent "
+                              f"{digest.hexdigest()}")
+        return reply
+
+    def download_parts(self, sandbox_id: str, path: str, offset: int = 0,
+                       length: int = 0) -> Iterator[sandbox_pb2.DownloadResponse]:
+        """The raw Download stream: stat, chunks (holes not sent), end."""
+        request = sandbox_pb2.DownloadRequest(sandbox_id=sandbox_id, path=path, offset=offset,
+                                              length=length)
+        try:
+            yield from self.sandboxes.Download(request, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def download(self, sandbox_id: str, path: str, dest, *, offset: int = 0,
+                 length: int = 0) -> sandbox_pb2.DownloadEnd:
+        """Read path into dest (a local path, or a binary file object written from its
+        position) and check the daemon's sha256 against what arrived.
+
+        offset > 0 resumes: a local path is kept up to offset and written from there (the
+        digest then covers the local prefix too). Holes stay holes in a seekable dest.
+
+        Raises:
+            ClientError: the RPC failed, or DATA_LOSS when the digests differ.
+        """
+        digest = hashlib.sha256()
+        close = None
+        if isinstance(dest, (str, os.PathLike)):
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, offset)
+            dest = close = os.fdopen(fd, "r+b")
+        try:
+            base = dest.tell() - offset if dest.seekable() else None
+            if offset:
+                if base is None:
+                    raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                                      "offset: resuming needs a seekable destination")
+                _hash_local(dest.fileno(), base, offset, digest)
+            end = None
+            pos = offset
+            for part in self.download_parts(sandbox_id, path, offset, length):
+                which = part.WhichOneof("part")
+                if which == "chunk":
+                    at, data = part.chunk.offset, part.chunk.data
+                    _zeros_to(dest, digest, pos, at, base)
+                    if base is not None:
+                        _pwrite_all(dest.fileno(), data, base + at)
+                    else:
+                        dest.write(data)
+                    digest.update(data)
+                    pos = at + len(data)
+                elif which == "end":
+                    end = part.end
+                    _zeros_to(dest, digest, pos, end.size, base)
+                    if base is not None:
+                        dest.flush()
+                        os.ftruncate(dest.fileno(), max(base + end.size,
+                                                        os.fstat(dest.fileno()).st_size
+                                                        if close is None else 0))
+                        dest.seek(base + end.size)
+            if end is None:
+                raise ClientError(grpc.StatusCode.DATA_LOSS, "the download ended early")
+        finally:
+            if close is not None:
+                close.close()
+        if end.sha256 != digest.hexdigest():
+            raise ClientError(grpc.StatusCode.DATA_LOSS,
+                              f"sha256: the daemon sent {end.sha256}, we got "
+                              f"{digest.hexdigest()}")
+        return end
+
+    def put_archive(self, sandbox_id: str, path: str,
+                    chunks) -> sandbox_pb2.PutArchiveResponse:
+        """Extract a tar stream (an iterable of bytes) beneath the directory path."""
+        def requests():
+            yield sandbox_pb2.PutArchiveRequest(start=sandbox_pb2.PutArchiveStart(
+                sandbox_id=sandbox_id, path=path))
+            for data in chunks:
+                if data:
+                    yield sandbox_pb2.PutArchiveRequest(data=bytes(data))
+
+        try:
+            return self.sandboxes.PutArchive(requests(), metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def get_archive(self, sandbox_id: str,
+                    path: str) -> tuple[sandbox_pb2.FileStat, Iterator[bytes]]:
+        """(what path is, the tar stream of it in pieces)."""
+        call = self.sandboxes.GetArchive(sandbox_pb2.GetArchiveRequest(
+            sandbox_id=sandbox_id, path=path), metadata=self.metadata)
+        try:
+            first = next(call)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+        def data():
+            try:
+                for part in call:
+                    yield part.data
+            except grpc.RpcError as exc:
+                raise _wrap(exc) from None
+            finally:
+                call.cancel()
+
+        return first.stat, data()
+
+    def watch_files(self, sandbox_id: str, path: str = "") -> Iterator[sandbox_pb2.FileEvent]:
+        """Changes under path as they happen; the first event is WATCHING."""
+        try:
+            for reply in self.sandboxes.WatchFiles(sandbox_pb2.WatchFilesRequest(
+                    sandbox_id=sandbox_id, path=path), metadata=self.metadata):
+                yield from reply.events
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise _wrap(exc) from None
+
     # -- sessions ---------------------------------------------------------------------------
 
     def open_session(self, argv: list[str], *, sandbox_id: str = "", env=None, input: str = "",
@@ -432,6 +622,94 @@ class Client:
 
     def drain_node(self, name: str) -> task_pb2.Node:
         return self._call(self.nodes.Drain, task_pb2.DrainNodeRequest(name=name))
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _file_pieces(f, offset: int, chunk_bytes: int, digest):
+    """(offset, data) pieces of a binary file from offset on; holes of a regular file are
+    skipped (an offset jump), and digest sees every byte from 0, holes as zeros."""
+    from corral.sandbox import fstree
+
+    fd = f.fileno() if hasattr(f, "fileno") else None
+    regular = False
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            regular = stat.S_ISREG(os.fstat(fd).st_mode) and f.seekable()
+    if not regular:  # a pipe or a stream: everything, in order
+        if offset:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                              "offset: resuming needs a regular file as the source")
+        pos = 0
+        while True:
+            data = f.read(chunk_bytes)
+            if not data:
+                return
+            digest.update(data)
+            yield pos, data
+            pos += len(data)
+    base = f.tell()
+    size = os.fstat(fd).st_size - base
+    _hash_local(fd, base, offset, digest)
+    pos = offset
+    for start, stop in fstree.data_ranges(fd, base + offset, base + size):
+        _hash_zeros(digest, start - base - pos)
+        pos = start - base
+        while pos < stop - base:
+            data = os.pread(fd, min(chunk_bytes, stop - base - pos), base + pos)
+            if not data:
+                break
+            digest.update(data)
+            yield pos, data
+            pos += len(data)
+    _hash_zeros(digest, size - pos)
+    yield size, b""  # where the file ends (a hole up to there)
+
+
+def _hashed(pieces, digest, offset: int):
+    pos = offset
+    for _, data in pieces:
+        digest.update(data)
+        yield pos, data
+        pos += len(data)
+
+
+def _hash_zeros(digest, count: int) -> None:
+    while count > 0:
+        n = min(count, len(_ZEROS))
+        digest.update(_ZEROS[:n])
+        count -= n
+
+
+def _hash_local(fd: int, base: int, count: int, digest) -> None:
+    pos = 0
+    while pos < count:
+        data = os.pread(fd, min(1 << 20, count - pos), base + pos)
+        if not data:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"offset: the local file has only {pos} of the {count} bytes "
+                              f"to resume after")
+        digest.update(data)
+        pos += len(data)
+
+
+def _zeros_to(dest, digest, pos: int, at: int, base) -> None:
+    """A hole from pos to at: hashed as zeros, written as zeros only to a stream."""
+    gap = at - pos
+    _hash_zeros(digest, gap)
+    if base is None:
+        while gap > 0:
+            n = min(gap, len(_ZEROS))
+            dest.write(_ZEROS[:n])
+            gap -= n
+
+
+def _pwrite_all(fd: int, data: bytes, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
 
 
 def _stub(channel, module, service: str):

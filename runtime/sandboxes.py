@@ -558,8 +558,8 @@ class SandboxManager:
     MAX_FILE_WATCHES = 16
     _file_watches = 0
 
-    def _file_audit(self, kind: str, caller: Caller, sandbox_id: str, **detail) -> None:
-        self.audit.append(kind, tenant=caller.tenant, peer=caller.peer, sandbox_id=sandbox_id,
+    def _file_audit(self, record: str, caller: Caller, sandbox_id: str, **detail) -> None:
+        self.audit.append(record, tenant=caller.tenant, peer=caller.peer, sandbox_id=sandbox_id,
                           detail=detail)
 
     async def _in_thread(self, fn, *args):
@@ -605,17 +605,23 @@ class SandboxManager:
             raise InvalidSpec("start.sha256", "is not 64 lowercase hex digits")
         upload = await self._in_thread(msb.workspace.upload, path, offset, mode)
         size, digest, complete = upload.pos, "", False
+        loop = asyncio.get_running_loop()
+        writing = None  # the chunk being written (and hashed) while the next one arrives
         try:
             end_size = 0
             async for part in parts:
                 if part[0] == "end":
                     end_size = part[1]
                     break
-                await self._in_thread(upload.write, part[2], part[1])
+                if writing is not None:
+                    await writing
+                writing = loop.run_in_executor(None, upload.write, part[2], part[1])
+            if writing is not None:
+                await writing
             size, digest = await self._in_thread(upload.finish, end_size)
             complete = True
         finally:
-            upload.close()
+            upload.close()  # waits for a write still running on the executor
             self._file_audit("file.upload", caller, sandbox_id, path=path, offset=offset,
                              bytes=upload.received, size=size, sha256=digest,
                              complete=complete)
@@ -635,14 +641,26 @@ class SandboxManager:
                          length=length)
         return self._drain(parts, first)
 
-    async def _drain(self, parts, first):
+    async def _drain(self, parts, first=None):
+        """Items of a blocking iterator, each next one read on the executor while the
+        current one is being sent; the iterator is closed at the end or on cancel."""
+        loop = asyncio.get_running_loop()
+        ahead = None
         try:
-            item = first
-            while item is not None:
+            if first is not None:
+                yield first
+            ahead = loop.run_in_executor(None, next, parts, None)
+            while True:
+                item = await ahead
+                if item is None:
+                    return
+                ahead = loop.run_in_executor(None, next, parts, None)
                 yield item
-                item = await self._in_thread(next, parts, None)
         finally:
-            parts.close()
+            # A next() still running (cancelled meanwhile) makes close() raise: the
+            # iterator then closes its descriptors itself when it is collected.
+            with contextlib.suppress(ValueError):
+                parts.close()
 
     def _workspace_caps(self, msb: ManagedSandbox) -> tuple[int, int]:
         """(bytes, entries) one archive may bring: the workspace's size and inode caps."""
@@ -686,17 +704,7 @@ class SandboxManager:
         info, chunks = await self._in_thread(msb.workspace.archive, path or ".")
         self._file_audit("archive.get", caller, sandbox_id, path=path or ".", kind=info.kind)
 
-        async def stream():
-            try:
-                while True:
-                    data = await self._in_thread(next, chunks, None)
-                    if data is None:
-                        return
-                    yield data
-            finally:
-                chunks.close()
-
-        return info, stream()
+        return info, self._drain(chunks)
 
     async def watch_files(self, caller: Caller, sandbox_id: str, path: str):
         """Async iterator of lists of WatchEvent (sandbox/workspace_watch.py); the first list

@@ -33,6 +33,7 @@ import errno as errno_mod
 import os
 import stat
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -267,12 +268,14 @@ class TarExtractor:
 
     Args:
         owner: (uid, gid) every created entry is given, or None to keep the caller's.
+        owns_target: close target_fd in close() (else it stays the caller's).
         max_bytes, max_entries: caps on the archive's data bytes and entries.
     """
 
     def __init__(self, target_fd: int, *, owner: tuple[int, int] | None = None,
-                 max_bytes: int, max_entries: int):
+                 max_bytes: int, max_entries: int, owns_target: bool = False):
         self._target = target_fd
+        self._owns_target = owns_target
         self._owner = owner
         self._max_bytes = max_bytes
         self._max_entries = max_entries
@@ -284,8 +287,16 @@ class TarExtractor:
         self._member: Member | None = None
         self._written = 0
         self._total = 0
+        self._lock = threading.Lock()
+        self._closed = False
 
     def feed(self, data: bytes) -> None:
+        with self._lock:  # close() from another thread waits: no descriptor is reused
+            if self._closed:
+                raise InvalidSpec("archive", "the extraction is closed")
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         from .workspace import WRITE_CLONE, WRITING
 
         events = self._reader.feed(data)
@@ -314,10 +325,15 @@ class TarExtractor:
         return self.report
 
     def close(self) -> None:
-        for fd in (self._wfd, self._file, self._parent[1] if self._parent else None):
-            if fd is not None:
-                os.close(fd)
-        self._wfd = self._file = self._parent = None
+        with self._lock:
+            self._closed = True
+            for fd in (self._wfd, self._file, self._parent[1] if self._parent else None):
+                if fd is not None:
+                    os.close(fd)
+            self._wfd = self._file = self._parent = None
+            if self._owns_target and self._target >= 0:
+                os.close(self._target)
+                self._target = -1
 
     # -- one entry -----------------------------------------------------------------------
 

@@ -214,6 +214,9 @@ class Upload:
                 os.close(fd)
         self.start = self.pos = offset
         self.received = 0
+        # write/finish may run on a worker thread while close() comes from another (a
+        # cancelled stream): close waits, so no descriptor number is reused under a write
+        self._lock = threading.Lock()
         self._digest = hashlib.sha256()
         if offset:
             rfd = self._reopen(os.O_RDONLY)
@@ -230,6 +233,12 @@ class Upload:
 
     def write(self, data: bytes, offset: int = 0) -> None:
         """Write one chunk at offset (0: right after the previous one)."""
+        with self._lock:
+            self._write(data, offset)
+
+    def _write(self, data: bytes, offset: int) -> None:
+        if self._file < 0:
+            raise Unavailable(f"the upload of {self.path!r} is closed")
         if len(data) > MAX_CHUNK_BYTES:
             raise InvalidSpec("chunk.data", f"{len(data)} bytes is over the {MAX_CHUNK_BYTES} "
                                             f"byte limit of one chunk")
@@ -254,6 +263,12 @@ class Upload:
 
     def finish(self, size: int = 0) -> tuple[int, str]:
         """Extend the file to size (0: where the last chunk ended); (size, sha256 hex)."""
+        with self._lock:
+            return self._finish(size)
+
+    def _finish(self, size: int) -> tuple[int, str]:
+        if self._file < 0:
+            raise Unavailable(f"the upload of {self.path!r} is closed")
         if size and size < self.pos:
             raise InvalidSpec("end.size", f"{size} is less than the {self.pos} bytes written")
         end = max(size, self.pos)
@@ -268,9 +283,10 @@ class Upload:
         return end, self._digest.hexdigest()
 
     def close(self) -> None:
-        if self._file >= 0:
-            os.close(self._file)
-            self._file = -1
+        with self._lock:
+            if self._file >= 0:
+                os.close(self._file)
+                self._file = -1
 
 
 @dataclass(frozen=True)
@@ -307,8 +323,14 @@ def relative(path: str) -> str:
 class Workspace:
     """File access beneath one sandbox's workspace directory."""
 
-    def __init__(self, root: str, owner_uid: int, owner_gid: int):
+    def __init__(self, root: str, owner_uid: int | None = None, owner_gid: int | None = None):
+        """owner: the sandbox's root outside; None = whoever owns the workspace directory
+        (the sandbox's root: it was given the directory when the sandbox started)."""
         self.root = root
+        if owner_uid is None or owner_gid is None:
+            st = os.stat(root)
+            owner_uid = st.st_uid if owner_uid is None else owner_uid
+            owner_gid = st.st_gid if owner_gid is None else owner_gid
         self.owner_uid = owner_uid
         self.owner_gid = owner_gid
 
@@ -629,17 +651,8 @@ class Workspace:
         from .archive import TarExtractor
 
         fd = self._open_dir(path)
-        extractor = TarExtractor(fd, owner=(self.owner_uid, self.owner_gid),
-                                 max_bytes=max_bytes, max_entries=max_entries)
-        close = extractor.close
-
-        def close_all() -> None:  # the target descriptor goes with the extractor
-            close()
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-        extractor.close = close_all
-        return extractor
+        return TarExtractor(fd, owner=(self.owner_uid, self.owner_gid), max_bytes=max_bytes,
+                            max_entries=max_entries, owns_target=True)
 
     def archive(self, path: str) -> tuple[FileStat, Iterator[bytes]]:
         """(what path is, a tar stream of it): a directory with everything below it, or one
@@ -699,6 +712,9 @@ def _translate(exc: OSError, path: str) -> Exception:
         return InvalidSpec("path", f"{path!r} is a directory")
     if exc.errno in (errno_mod.EACCES, errno_mod.EPERM):
         return PermissionDenied(f"{path!r}: {exc.strerror}")
+    if exc.errno == errno_mod.ESTALE:  # fstree.TreeChanged
+        return Unavailable(f"{path!r}: the sandbox moved directories while it was walked; "
+                           f"try again")
     if exc.errno == errno_mod.EWOULDBLOCK:
         return Unavailable(f"{path!r} is held by a lease of a process in the sandbox; "
                            f"try again later")
