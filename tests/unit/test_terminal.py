@@ -129,3 +129,19 @@ def test_writer_filters_a_terminal_unless_raw():
 ])
 def test_visible(text, shown):
     assert visible(text) == shown
+
+
+def test_run_egress_lines_show_the_sandbox_chosen_name_escaped(monkeypatch, capsys):
+    from corral.runtime import cli
+    from corral.sandbox import proxy
+
+    class FakeProxy:
+        default_on_event = None
+
+    fake = FakeProxy()
+    monkeypatch.setattr(proxy, "shared_proxy", lambda: fake)
+    cli._net_log(None)
+    fake.default_on_event({"decision": "deny", "mode": "connect", "port": 443,
+                           "name": "evil\x1b]0;owned\x07\u202e.com", "reason": "no rule"})
+    assert capsys.readouterr().err == (
+        "corral: egress deny connect evil\\x1b]0;owned\\x07\\u202e.com:443 (no rule)\n")
