@@ -505,6 +505,15 @@ class Sandbox(SandboxLifecycle):
                     continue  # made for this sandbox, already owned by its root
                 st = os.stat(source)
                 owner = (st.st_uid, st.st_gid)
+                writable = source == self.workspace or any(
+                    b.writable for b in self.spec.binds if b.source == source)
+                if writable and self._prepared.seccomp_profile.unconfined:
+                    # seccomp's mode rules are what keep setuid/setgid files out
+                    raise InvalidSpec("profile", (
+                        f"'unconfined' has no seccomp filter, so nothing would stop the "
+                        f"sandbox leaving a setuid file in {source}, owned by uid {owner[0]} "
+                        f"on the host; keep the default profile (or one with its chmod, "
+                        f"open and mknod mode rules) for a writable directory of yours"))
                 if owner not in namespaces:
                     try:
                         namespaces[owner] = _spawn.userns_with_maps(
