@@ -12,6 +12,9 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
+from corral.runtime.client import ClientError
 from corral.runtime.daemon import MAX_MESSAGE_BYTES
 from corral.sandbox import fstree
 
@@ -214,3 +217,7 @@ def test_a_fifo_in_out_never_stalls_the_attempt(task_daemon):
     assert done.state == SUCCEEDED, done.reason
     assert [(f.path, f.content) for f in c.task_result(t.id).files] == [("ok", b"ok")]
     assert done.state != FAILED
+    for bad in ("../secret", "/etc/passwd"):
+        with pytest.raises(ClientError) as info:
+            c.task_result(t.id, path=bad)
+        assert str(info.value) == f"INVALID_ARGUMENT: path: {bad!r} is not a path relative to out/"
