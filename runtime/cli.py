@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(destroy)
     destroy.add_argument("sandbox_id", metavar="SANDBOX")
 
+    from corral.runtime import cli_cp
+
+    cli_cp.add_parser(sub, client_flags)
+
     exe = sub.add_parser(
         "exec", help="run a command in a daemon sandbox, streaming its output",
         usage="corral exec [OPTIONS] SANDBOX -- CMD [ARGS...]",
@@ -439,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         from corral.runtime.tasks import cli as task_cli
 
         return task_cli.dispatch(args)
-    if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect"):
+    if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect", "cp"):
         from corral.runtime import cli_client
 
         return cli_client.dispatch(args)

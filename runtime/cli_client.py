@@ -1,4 +1,4 @@
-"""CLI verbs that talk to a running daemon: ps, create, destroy, exec, session, audit."""
+"""CLI verbs that talk to a running daemon: ps, create, destroy, exec, session, audit, cp."""
 
 from __future__ import annotations
 
@@ -70,13 +70,23 @@ def _env(items) -> dict[str, str]:
 def dispatch(args) -> int:
     try:
         verb = {"ps": ps, "create": create, "destroy": destroy, "exec": exec_,
-                "session": session, "audit": audit, "inspect": inspect}[args.verb]
+                "session": session, "audit": audit, "inspect": inspect, "cp": cp}[args.verb]
         return verb(args)
     except InvalidSpec as exc:
         return _fail(f"{args.verb}: {exc}", EXIT_USAGE)
     except ClientError as exc:
         code = EXIT_USAGE if exc.code.name == "INVALID_ARGUMENT" else 1
         return _fail(f"{args.verb}: {exc}", code)
+
+
+def cp(args) -> int:
+    from . import cli_cp
+
+    try:
+        return cli_cp.run(args, _connect)
+    except OSError as exc:  # a local path: one line, not a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        return _fail(f"cp:{where}: {exc.strerror}")
 
 
 def ps(args) -> int:

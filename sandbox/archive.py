@@ -269,11 +269,15 @@ class TarExtractor:
     Args:
         owner: (uid, gid) every created entry is given, or None to keep the caller's.
         owns_target: close target_fd in close() (else it stays the caller's).
+        strip: leading components dropped from every name (and hardlink target); an entry
+            with no more than that is skipped (as `tar --strip-components`).
         max_bytes, max_entries: caps on the archive's data bytes and entries.
     """
 
     def __init__(self, target_fd: int, *, owner: tuple[int, int] | None = None,
-                 max_bytes: int, max_entries: int, owns_target: bool = False):
+                 max_bytes: int, max_entries: int, owns_target: bool = False,
+                 strip: int = 0):
+        self._strip = strip
         self._target = target_fd
         self._owns_target = owns_target
         self._owner = owner
@@ -348,6 +352,10 @@ class TarExtractor:
                                     f"bytes, the workspace's size cap")
         parts = _entry_parts(m.name, where)
         self._member = m
+        if self._strip:
+            if len(parts) <= self._strip:
+                return
+            parts = parts[self._strip:]
         if not parts:  # the target itself ("./")
             if m.kind != "dir":
                 raise InvalidSpec(where, f"{m.name!r} names the target directory itself")
@@ -379,7 +387,7 @@ class TarExtractor:
                 os.chown(name, *self._owner, dir_fd=pfd, follow_symlinks=False)
             self.report.symlinks += 1
         elif m.kind == "hardlink":
-            src_parts = _entry_parts(m.linkname, where, "link target")
+            src_parts = _entry_parts(m.linkname, where, "link target")[self._strip:]
             src = self._open_beneath("/".join(src_parts) or ".", os.O_PATH | os.O_NOFOLLOW,
                                      where)
             try:
