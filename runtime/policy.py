@@ -33,10 +33,8 @@ from dataclasses import dataclass, fields, replace
 
 from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
 from corral.sandbox.proxy import NetRule, parse_rule
+from corral.sandbox.seccomp import builtin_profile_names
 from corral.sandbox.spec import SandboxSpec, parse_duration, parse_size
-
-#: Seccomp profiles built into Corral (sandbox/seccomp.py load_profile).
-BUILTIN_PROFILES = ("default", "unconfined")
 
 #: The word in an ``allow_net`` policy list that stands for "any rule that names only
 #: public destinations" (the tenant default).
@@ -132,7 +130,7 @@ class TenantPolicy:
     @classmethod
     def operator_default(cls) -> TenantPolicy:
         """Every built-in profile, any egress rule, limits at the host's size."""
-        return cls(profiles=("default", "unconfined"), allow_net=None,
+        return cls(profiles=builtin_profile_names(), allow_net=None,
                    max_memory_bytes=host_memory_bytes(), max_pids=host_pid_max(),
                    max_cpus=float(host_cpus()), max_tmp_bytes=host_memory_bytes(),
                    max_ttl_s=None, max_priority=None, max_sandboxes=None, max_sessions=None,
@@ -168,7 +166,7 @@ class TenantPolicy:
         p = field_prefix
         if spec.profile not in self.profiles:
             allowed = ", ".join(self.profiles) or "none"
-            if spec.profile not in BUILTIN_PROFILES and not os.path.isabs(spec.profile):
+            if spec.profile not in builtin_profile_names() and not os.path.isabs(spec.profile):
                 # not a profile at all: a caller mistake, never a lookup on disk
                 raise InvalidSpec("profile", f"no profile named {_quote(spec.profile)}; "
                                              f"this tenant may use: {allowed}")
@@ -345,9 +343,11 @@ def _convert(name: str, value, where: str):
                         raise InvalidSpec(where, str(exc).removeprefix(f"{exc.field}: ")) \
                             from None
         else:
+            builtin = builtin_profile_names()
             for v in value:
-                if "/" in v and not os.path.isabs(v):
-                    raise InvalidSpec(where, f"{v!r}: a profile file must be an absolute path")
+                if v not in builtin and not os.path.isabs(v):
+                    raise InvalidSpec(where, f"{v!r} is not a built-in profile "
+                                             f"({', '.join(builtin)}) or an absolute path")
         return tuple(value)
     if name.endswith("_bytes"):
         return parse_size(value, where)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from corral.sandbox.errors import PermissionDenied
 from corral.v1 import audit_pb2 as pb
 
+from ..policy import QuotaExceeded
 from .errors import Servicer, streaming, unary
 
 MAX_QUERY_RECORDS = 10000
+#: Bytes of records one Watch holds for a client that reads slower than they commit.
+WATCH_QUEUE_BYTES = 4 << 20
+#: Audit.Watch streams one tenant may hold at once (each is called for every record).
+MAX_WATCHES_PER_TENANT = 16
 
 
 def record_to_proto(rec) -> pb.AuditRecord:
@@ -20,9 +26,20 @@ def record_to_proto(rec) -> pb.AuditRecord:
     )
 
 
+#: The largest seq a record can have (SQLite's INTEGER); a uint64 after_seq above it means
+#: "after every record" (SQLite refuses to bind it).
+MAX_SEQ = (1 << 63) - 1
+
+
+def _size(rec) -> int:
+    """What a queued record costs, roughly: its detail plus the fixed fields."""
+    return len(rec.detail_json) + 256
+
+
 class AuditServicer(Servicer):
     def __init__(self, daemon):
         super().__init__(daemon)
+        self._watches: dict[str, int] = {}  # tenant -> open Watch streams
 
     def _tenant_filter(self, caller, requested: str) -> str | None:
         """Operators may read any tenant (all when unset); others only their own."""
@@ -39,7 +56,8 @@ class AuditServicer(Servicer):
             since=request.since or None, until=request.until or None,
             sandbox_id=request.sandbox_id or None, session_id=request.session_id or None,
             tenant=self._tenant_filter(caller, request.tenant), kind=request.kind or None,
-            limit=min(request.limit or 1000, MAX_QUERY_RECORDS), after_seq=request.after_seq,
+            limit=min(request.limit or 1000, MAX_QUERY_RECORDS),
+            after_seq=min(request.after_seq, MAX_SEQ),
         )
         return pb.AuditQueryResponse(records=[record_to_proto(r) for r in records])
 
@@ -48,7 +66,16 @@ class AuditServicer(Servicer):
         caller = self.caller(context)
         tenant = self._tenant_filter(caller, "")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        held = self._watches.get(caller.tenant, 0)
+        if held >= MAX_WATCHES_PER_TENANT:
+            raise QuotaExceeded(f"this tenant already has {held} audit watches, the most "
+                                f"one tenant may hold ({MAX_WATCHES_PER_TENANT})")
+        self._watches[caller.tenant] = held + 1
+        # Records waiting for this watcher, bounded in bytes: a watcher this slow loses
+        # the oldest (its next record's seq tells it so; Query fills the gap).
+        pending: deque = deque()
+        pending_bytes = [0]
+        ready = asyncio.Event()
 
         def matches(rec) -> bool:
             return ((tenant is None or rec.tenant == tenant)
@@ -61,27 +88,37 @@ class AuditServicer(Servicer):
                 loop.call_soon_threadsafe(_put, rec)
 
         def _put(rec) -> None:
-            if queue.full():  # a watcher this slow loses the oldest; it can Query the gap
-                queue.get_nowait()
-            queue.put_nowait(rec)
+            pending.append(rec)
+            pending_bytes[0] += _size(rec)
+            while pending_bytes[0] > WATCH_QUEUE_BYTES and len(pending) > 1:
+                pending_bytes[0] -= _size(pending.popleft())
+            ready.set()
 
         token = self.audit.subscribe(on_record)
         try:
-            last = request.after_seq
-            if request.after_seq:
-                for rec in self.audit.query(after_seq=request.after_seq, tenant=tenant,
+            last = min(request.after_seq, MAX_SEQ)
+            if last:
+                for rec in self.audit.query(after_seq=last, tenant=tenant,
                                             sandbox_id=request.sandbox_id or None,
                                             kind=request.kind or None, limit=MAX_QUERY_RECORDS):
                     last = rec.seq
                     yield record_to_proto(rec)
             while True:
-                rec = await queue.get()
+                if not pending:
+                    ready.clear()
+                    await ready.wait()
+                    continue
+                rec = pending.popleft()
+                pending_bytes[0] -= _size(rec)
                 if rec.seq <= last:
                     continue
                 last = rec.seq
                 yield record_to_proto(rec)
         finally:
             self.audit.unsubscribe(token)
+            self._watches[caller.tenant] -= 1
+            if not self._watches[caller.tenant]:
+                del self._watches[caller.tenant]
 
     @unary
     async def Verify(self, request, context):

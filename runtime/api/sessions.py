@@ -159,6 +159,7 @@ class SessionsServicer(Servicer):
         elif kind == "resume":
             session = self.manager.get(caller, first.resume.session_id)
             after = first.resume.after_seq
+            session.hub.check_after_seq(after, "resume.after_seq")  # before attaching
             watch_only = first.resume.watch_only
             self.audit.append("session.resume", tenant=caller.tenant, peer=caller.peer,
                               sandbox_id=session.sandbox_id, session_id=session.id,
@@ -304,7 +305,7 @@ class _Sub:
         # _deliverable)
         self.exited: Exited | None = None
         self.dirty = False
-        self.watcher = session.hub.watch(after or None)
+        self.watcher = session.hub.watch(after or None, field="resume.after_seq")
         # Not kept on self: sub -> bound method -> sub would be a reference cycle holding
         # the session (and its replay log) until the cyclic GC ran; bound methods compare
         # equal, so remove_notify(self.mark) finds it.
@@ -527,6 +528,9 @@ class _Mux:
         if kind in ("start", "resume"):
             if ref in self.subs or ref in self.starting:
                 raise InvalidSpec("ref", f"{ref!r} is already in use on this stream")
+            # each start or resume counts like a call of its own (the stream's own
+            # opening was counted by Servicer.caller)
+            self.servicer.daemon.policies.charge(self.caller)
             self.starting.add(ref)
             self._spawn(self._open(ref, req))
             return

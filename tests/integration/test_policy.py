@@ -227,3 +227,53 @@ def test_tasks_hold_resources_and_a_running_quota(policy_daemon):
     finally:
         for t in tasks:
             acme.cancel_task(t.id)
+
+
+def test_audit_watches_are_bounded_per_tenant(policy_daemon):
+    from corral.runtime.api.audit import MAX_WATCHES_PER_TENANT
+    from corral.v1 import audit_pb2
+
+    acme = _tcp(policy_daemon, ACME)
+    calls = [acme.audit.Watch(audit_pb2.AuditWatchRequest(), metadata=acme.metadata)
+             for _ in range(MAX_WATCHES_PER_TENANT)]
+    try:
+        # the 16 are open once the daemon has each (a record of acme's reaches them)
+        sb = acme.create_sandbox()
+        acme.destroy_sandbox(sb.id)
+        for call in calls:
+            assert next(call).kind == "sandbox.create"
+        extra = acme.audit.Watch(audit_pb2.AuditWatchRequest(), metadata=acme.metadata)
+        with pytest.raises(grpc.RpcError) as exc:
+            next(extra)
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert exc.value.details() == (f"this tenant already has {MAX_WATCHES_PER_TENANT} "
+                                       "audit watches, the most one tenant may hold "
+                                       f"({MAX_WATCHES_PER_TENANT})")
+    finally:
+        for call in calls:
+            call.cancel()
+    # given back when they end
+    assert wait_until(lambda: _watch_opens(acme), timeout_s=10)
+
+
+def _watch_opens(client) -> bool:
+    from corral.v1 import audit_pb2
+
+    call = client.audit.Watch(audit_pb2.AuditWatchRequest(kind="nothing.matches"),
+                              metadata=client.metadata)
+    try:
+        # a refused watch ends at once; an open one is still running after a moment
+        return not call.done() if not _wait_done(call, 0.5) else False
+    finally:
+        call.cancel()
+
+
+def _wait_done(call, seconds: float) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if call.done():
+            return True
+        time.sleep(0.02)
+    return False

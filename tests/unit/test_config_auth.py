@@ -46,8 +46,9 @@ token = "{TOKEN}"
         ("[policy]\nmax_memory = 'lots'", r"^policy\.max_memory: 'lots' is not a size"),
         ("[policy]\nallow_net = ['*']", r"^policy\.allow_net: '\*': not a host name"),
         ("[policy]\nmax_sandboxes = -1", r"^policy\.max_sandboxes: -1 must be a whole number"),
-        ("[policy]\nprofiles = ['rel/p.json']", r"^policy\.profiles: 'rel/p\.json': a profile "
-                                                 r"file must be an absolute path$"),
+        ("[policy]\nprofiles = ['gpu.json']", r"^policy\.profiles: 'gpu\.json' is not a "
+                                               r"built-in profile \(default, unconfined\) or "
+                                               r"an absolute path$"),
         ("[tenants.'Bad Name']\ntoken = 'x'", r"^tenant: 'Bad Name' is not a tenant name"),
         ("session_idle_ttl = 'soon'", r"^session_idle_ttl: 'soon' is not a duration"),
         ("listen = '127.0.0.1:99'", r"^listen: a TCP listener needs at least one tenant token$"),
