@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                "max_tmp (1G), max_ttl (the sandbox TTL), max_priority (10), and the quotas "
                "max_sandboxes (32), max_sessions (32), max_running_tasks (4), "
                "max_queued_tasks (1000), max_request_rate (200 a second). The same keys in "
-               "[tenants.NAME] apply to that tenant on top of [policy]. Operators get the host's size as their only limit. A "
-               "request over a limit is PERMISSION_DENIED, over a quota RESOURCE_EXHAUSTED; "
-               "both are audited as 'denied'.",
+               "[tenants.NAME] apply to that tenant on top of [policy]. Operators get the "
+               "host's size as their only limit. A request over a limit is "
+               "PERMISSION_DENIED, over a quota RESOURCE_EXHAUSTED; both are audited as "
+               "'denied'.",
     )
     daemon.add_argument("--config", metavar="FILE", help="TOML configuration file")
     daemon.add_argument("--socket", metavar="PATH",
