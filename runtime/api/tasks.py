@@ -283,13 +283,14 @@ def _encode_result(head: bytes, root: str, budget: int, path: str, offset: int) 
     """
     page = _read_tree(root, budget, path, offset)
     parts = [head]
-    for p in page.pieces:
-        meta = pb.TaskFile(path=p.path, truncated=p.truncated, offset=p.offset,
+    for p in page.pieces:  # fields in number order, as the generated code would write them
+        path = pb.TaskFile(path=p.path).SerializeToString()
+        content = [wire.varint((2 << 3) | 2), wire.varint(len(p.content)), p.content] \
+            if p.content else []
+        rest = pb.TaskFile(truncated=p.truncated, offset=p.offset,
                            size=p.size).SerializeToString()
-        content_field = [wire.varint((2 << 3) | 2), wire.varint(len(p.content))]
-        inner = len(meta) + sum(map(len, content_field)) + len(p.content)
-        parts += [wire.varint((3 << 3) | 2), wire.varint(inner), meta, *content_field,
-                  p.content]
+        inner = len(path) + sum(map(len, content)) + len(rest)
+        parts += [wire.varint((3 << 3) | 2), wire.varint(inner), path, *content, rest]
     parts.append(pb.TaskResult(next_path=page.next_path,
                                next_offset=page.next_offset).SerializeToString())
     return b"".join(parts)
