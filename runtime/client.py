@@ -372,8 +372,7 @@ class Client:
             if hasattr(source, "read"):
                 pieces = _file_pieces(source, offset, chunk_bytes, digest)
             else:
-                pieces = ((0, bytes(b)) for b in source)
-                pieces = _hashed(pieces, digest, offset)
+                pieces = _hashed(source, digest, offset, chunk_bytes)
             start = sandbox_pb2.UploadStart(sandbox_id=sandbox_id, path=path, mode=mode,
                                             offset=offset)
             sizes = {}
@@ -425,11 +424,13 @@ class Client:
         digest = hashlib.sha256()
         close = None
         if isinstance(dest, (str, os.PathLike)):
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             os.ftruncate(fd, offset)
             dest = close = os.fdopen(fd, "r+b")
         try:
-            base = dest.tell() - offset if dest.seekable() else None
+            # where byte 0 of the remote file is in dest (a file object is at byte offset)
+            base = (0 if close is not None else dest.tell() - offset) if dest.seekable() \
+                else None
             if offset:
                 if base is None:
                     raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -667,12 +668,16 @@ def _file_pieces(f, offset: int, chunk_bytes: int, digest):
     yield size, b""  # where the file ends (a hole up to there)
 
 
-def _hashed(pieces, digest, offset: int):
+def _hashed(blobs, digest, offset: int, chunk_bytes: int):
+    """(offset, data) pieces of an iterable of bytes, cut to chunk_bytes."""
     pos = offset
-    for _, data in pieces:
-        digest.update(data)
-        yield pos, data
-        pos += len(data)
+    for blob in blobs:
+        view = memoryview(blob)
+        for i in range(0, len(view), chunk_bytes):
+            data = bytes(view[i:i + chunk_bytes])
+            digest.update(data)
+            yield pos, data
+            pos += len(data)
 
 
 def _hash_zeros(digest, count: int) -> None:

@@ -199,7 +199,8 @@ class Upload:
         ws._check_kind(path, must_exist=offset > 0)
         with WRITE_CLONE.hold(WRITING):
             flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (0 if offset else os.O_CREAT)
-            fd = ws._open(path, flags, mode & 0o777)
+            fd = ws._open(path, flags, 0 if offset else mode & 0o777)  # openat2: no mode
+            # without O_CREAT
             try:
                 st = os.fstat(fd)
                 _require_regular(st.st_mode, path)

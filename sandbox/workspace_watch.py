@@ -10,7 +10,9 @@ The daemon caps how many watches run at once (runtime/sandboxes.py).
 Directories are added by descriptor: each is opened beneath the workspace with
 openat2(RESOLVE_BENEATH) and watched through /proc/self/fd/N, so a symlink planted by the
 sandbox never makes the daemon watch (or report on) anything outside it. Directories made
-or moved in later are added as their events arrive. Sans-IO apart from the inotify
+or moved in later are added as their events arrive, and what is already inside them is
+reported as created (it may have been made before the watch was added: an entry can be
+reported twice, never missed). Sans-IO apart from the inotify
 descriptor: the caller polls `fileno()` and calls `read()`.
 """
 
@@ -198,6 +200,10 @@ class TreeWatch:
                     self._add(sub, f"{rel}/{entry.path}" if rel != "." else entry.path)
                 finally:
                     os.close(sub)
+            if not root:  # made before its directory was watched: said as created
+                for entry in fstree.walk(fd):
+                    path = f"{rel}/{entry.path}" if rel != "." else entry.path
+                    self._push(WatchEvent(path, "created", stat.S_ISDIR(entry.st.st_mode)))
         finally:
             os.close(fd)
         if self.limited > limited:  # said once per tree added
