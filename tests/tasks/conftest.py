@@ -17,7 +17,7 @@ import pytest
 from corral.sandbox import sweep
 
 from ..integration.daemon_harness import DaemonProcess, reap, set_child_subreaper
-from .helpers import shims_under, wait_until_true
+from .helpers import attempt_files, shims_under, wait_until_true
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,8 +48,9 @@ def task_daemon(tmp_path):
         for d in made:
             d.ensure_stopped()
         # A shim forked just before its daemon stopped records itself in a moment.
-        wait_until_true(lambda: all((p.parent / "shim.json").exists()
-                                    for p in tmp_path.rglob("attempt-*/plan.json")), 5.0)
+        wait_until_true(lambda: all(os.path.exists(os.path.join(os.path.dirname(p),
+                                                                "shim.json"))
+                                    for p in attempt_files(str(tmp_path), "plan.json")), 5.0)
         pids = shims_under(str(tmp_path))
         for pid in pids:
             try:

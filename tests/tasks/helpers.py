@@ -16,13 +16,24 @@ QUEUED, PLACED, RUNNING, RETRYING, SUCCEEDED, FAILED, CANCELLED = range(1, 8)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
+def attempt_files(path: str, name: str) -> list[str]:
+    """`name` in every attempt directory of the daemons under path (path itself, or the
+    tmp_path holding them): <root>/state/tasks/<task>/attempt-<n>/<name>.
+
+    The depth is fixed on purpose. A recursive search (Path.rglob, glob's "**") recurses
+    into the agents' own trees, and a test's 1,500-level tree makes it hit RecursionError;
+    glob.glob also skips directories that vanish while it looks (a checkpoint replaced).
+    """
+    found = []
+    for root in (path, os.path.join(path, "*")):
+        found += glob.glob(os.path.join(root, "state", "tasks", "*", "attempt-*", name))
+    return found
+
+
 def shims_under(path: str) -> list[int]:
     """Pids of live shims of attempts under path (each records itself in shim.json)."""
     out = set()
-    # glob.glob skips directories that vanish while it walks (a checkpoint being replaced);
-    # Path.rglob raises FileNotFoundError for them
-    for shim_json in glob.glob(os.path.join(path, "**", "attempt-*", "shim.json"),
-                               recursive=True):
+    for shim_json in attempt_files(path, "shim.json"):
         try:
             info = json.loads(Path(shim_json).read_text())
             with open(f"/proc/{info['pid']}/stat") as f:
