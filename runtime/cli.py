@@ -340,6 +340,8 @@ def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
     from corral.sandbox.backends import open_sandbox
 
     with open_sandbox(spec, docker_host=docker_host) as sandbox:
+        for note in getattr(sandbox, "notes", ()):  # what it runs without, e.g. cgroups
+            print(f"corral: {note}", file=sys.stderr, flush=True)
         proc = sandbox.exec(argv)
         interrupts = []
 

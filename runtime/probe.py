@@ -76,6 +76,14 @@ def main(args: argparse.Namespace) -> int:
         for p in probes:
             print(f"{p.name:<22} {p.category:<11} {p.attempt}")
         return 0
+    if args.backend == "native":
+        from corral.sandbox import cgroups
+
+        try:
+            if cgroups.delegation_problem(cgroups.detect()) is not None:
+                print(f"corral: {cgroups.NO_DELEGATION}", file=sys.stderr, flush=True)
+        except CorralError:
+            pass  # the first sandbox's start names what is wrong
     try:
         results = suite.run_suite(args.backend, profile=args.profile,
                                   docker_host=args.docker_host, probes=probes)

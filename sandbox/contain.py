@@ -131,22 +131,33 @@ class Prepared:
     rlimits: tuple[tuple[int, int, int], ...]
 
 
-def _rlimits(spec: SandboxSpec) -> tuple[tuple[int, int, int], ...]:
-    """(resource, soft, hard), clamped to what this process may grant."""
-    out = []
-    for res, want in (
+def _rlimits(spec: SandboxSpec, cgroup: bool = True) -> tuple[tuple[int, int, int], ...]:
+    """(resource, soft, hard), clamped to what this process may grant.
+
+    Without a cgroup (an unprivileged caller with no delegated subtree) the spec's memory
+    and pids limits become what rlimits can do: RLIMIT_DATA caps each process's heap and
+    private mappings, RLIMIT_NPROC the sandbox's tasks (counted per user namespace, so the
+    caller's own processes outside do not count against it). No CPU quota.
+    """
+    wanted = [
         (resource.RLIMIT_NOFILE, spec.nofile),
         (resource.RLIMIT_CORE, 0),
         (resource.RLIMIT_FSIZE, spec.fsize_bytes),
-    ):
+    ]
+    if not cgroup:
+        wanted += [(resource.RLIMIT_DATA, spec.memory_bytes),
+                   (resource.RLIMIT_NPROC, spec.pids_max)]
+    out = []
+    for res, want in wanted:
         _, hard = resource.getrlimit(res)
         value = want if hard == resource.RLIM_INFINITY else min(want, hard)
         out.append((res, value, value))
     return tuple(out)
 
 
-def prepare(spec: SandboxSpec) -> Prepared:
-    """Step 1: compile and probe everything the children will need.
+def prepare(spec: SandboxSpec, cgroup: bool = True) -> Prepared:
+    """Step 1: compile and probe everything the children will need (cgroup: whether the
+    sandbox gets one; rlimits stand in for its limits when not).
 
     Raises:
         InvalidSpec: the seccomp profile cannot be loaded or compiled.
@@ -160,7 +171,7 @@ def prepare(spec: SandboxSpec) -> Prepared:
         landlock=landlock.prepare(
             extra_writable=writable,
             devices=tuple("/dev/" + os.path.basename(d) for d in spec.devices)),
-        rlimits=_rlimits(spec),
+        rlimits=_rlimits(spec, cgroup),
     )
 
 

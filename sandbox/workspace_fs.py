@@ -34,6 +34,7 @@ import errno as errno_mod
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 
@@ -54,8 +55,11 @@ def root() -> str:
         return configured
     if os.geteuid() == 0:
         return "/run/corral/workspaces"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR", tempfile.gettempdir()), "corral",
-                        "workspaces")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "corral", "workspaces")
+    # one tree per user: a shared /tmp/corral would be the first user's, 0700
+    return os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}", "workspaces")
 
 
 def max_bytes() -> int:
@@ -84,7 +88,13 @@ def configure(*, root_dir: str | None = None, size_bytes: int | None = None,
 def ensure_root() -> str:
     base = root()
     os.makedirs(base, mode=0o700, exist_ok=True)
-    if os.stat(base).st_mode & 0o777 != 0o700:
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        # someone else's directory (or a link) planted where ours goes, e.g. in /tmp
+        raise SandboxSetupError("workspace root", base, errno_mod.EPERM,
+                                f"it is not a directory owned by uid {os.geteuid()}; remove "
+                                f"it or set CORRAL_WORKSPACE_ROOT")
+    if st.st_mode & 0o777 != 0o700:
         os.chmod(base, 0o700)  # a parent made by an older version, or by someone's umask
     return base
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno as errno_mod
+import fcntl
 import functools
 import json
 import os
@@ -397,7 +398,11 @@ class Sandbox(SandboxLifecycle):
         opened: list[int] = []
         try:
             uid_map, gid_map, helpers = self._resolve_ids(privileged)
-            self._prepared = contain.prepare(self.spec)
+            layout = _cgroup_layout()
+            missing = cgroups.delegation_problem(layout)
+            if missing is not None:
+                self.notes.append(cgroups.NO_DELEGATION)
+            self._prepared = contain.prepare(self.spec, cgroup=missing is None)
             if privileged:
                 os.makedirs(os.path.dirname(self.runtime_dir), mode=0o711, exist_ok=True)
                 os.chmod(os.path.dirname(self.runtime_dir), 0o711)
@@ -411,8 +416,6 @@ class Sandbox(SandboxLifecycle):
                 os.chown(root, self.spec.uid_base, self.spec.uid_base)
             self._setup_workspace()
             self._write_state()
-            layout = _cgroup_layout()
-            missing = cgroups.delegation_problem(layout)
             if missing is None:
                 limits = cgroups.CgroupLimits(
                     memory_bytes=self.spec.memory_bytes, pids_max=self.spec.pids_max,
@@ -422,10 +425,15 @@ class Sandbox(SandboxLifecycle):
                 cgroup_fds = self._open_cgroup_procs()
                 opened.extend(cgroup_fds)
             else:
-                self.notes.append(cgroups.NO_DELEGATION)
                 cgroup_fds = ()
             detached = self._detach_binds(opened) if privileged else {}
             init_fd = os.open(contain.init_binary(), os.O_RDONLY | os.O_CLOEXEC)
+            if init_fd <= contain.INIT_STATUS_FD:
+                # PID 1 installs its status pipe as descriptor 3 before it execs corral-init
+                # from this one: keep them apart (a caller with only stdio open, and no
+                # cgroup or bind descriptors before this, gets 3 here).
+                low, init_fd = init_fd, fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+                os.close(low)
             opened.append(init_fd)
             self.status_fd, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             opened.append(status_w)
