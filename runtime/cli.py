@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe_verb.add_parser(sub)
 
+    from corral.runtime import doctor
+
+    doctor.add_parser(sub)
+
     daemon = sub.add_parser(
         "daemon", help="run the gRPC daemon",
         description="Run the Corral daemon: sandboxes, sessions and the audit log over gRPC. "
@@ -438,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.verb == "daemon":
         return cmd_daemon(args)
+    if args.verb == "doctor":
+        from corral.runtime import doctor
+
+        return doctor.main(args)
     if args.verb == "probe":
         from corral.runtime import probe as probe_verb
 

@@ -105,12 +105,14 @@ def test_the_range_of_a_killed_caller_is_swept_by_the_next_start(tmp_path):
     ready.mkdir()
     victim = corral_popen("run", "--rw", f"{ready}:/ready", "--", "sh", "-c",
                           "touch /ready/up; exec sleep 600")
-    assert wait_until(lambda: (ready / "up").exists(), timeout_s=60)
-    [slot] = slots_of(victim.pid)
-    with open(os.path.join(ids.state_dir(), slot)) as f:
-        init_pid = json.load(f)["init_pid"]
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    try:
+        assert wait_until(lambda: (ready / "up").exists(), timeout_s=60)
+        [slot] = slots_of(victim.pid)
+        with open(os.path.join(ids.state_dir(), slot)) as f:
+            init_pid = json.load(f)["init_pid"]
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
     assert slots_of(victim.pid) == [slot]  # nobody gave it back
     # PID 1 dies with its caller (PDEATHSIG); once it is gone the next start sweeps
     assert wait_until(lambda: ids._start_time(init_pid) is None, timeout_s=60)
