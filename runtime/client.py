@@ -15,6 +15,7 @@ import os
 import queue
 import stat
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -28,7 +29,7 @@ from .config import default_socket
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
 
 #: Bytes per Upload chunk the client sends (the daemon takes up to 4 MiB).
-UPLOAD_CHUNK_BYTES = 1 << 20
+UPLOAD_CHUNK_BYTES = 2 << 20
 
 SOCKET_ENV = "CORRAL_SOCKET"
 TOKEN_ENV = "CORRAL_TOKEN"
@@ -388,7 +389,9 @@ class Client:
                     size=sizes.get("end", 0)))
 
             try:
-                reply = self.sandboxes.Upload(requests(), metadata=self.metadata)
+                with ThreadPoolExecutor(1, thread_name_prefix="corral-upload") as pool:
+                    pieces = _read_ahead(pieces, pool)  # read + hash the next chunk meanwhile
+                    reply = self.sandboxes.Upload(requests(), metadata=self.metadata)
             except grpc.RpcError as exc:
                 raise _wrap(exc) from None
         finally:
@@ -438,26 +441,38 @@ class Client:
                 _hash_local(dest.fileno(), base, offset, digest)
             end = None
             pos = offset
-            for part in self.download_parts(sandbox_id, path, offset, length):
-                which = part.WhichOneof("part")
-                if which == "chunk":
-                    at, data = part.chunk.offset, part.chunk.data
-                    _zeros_to(dest, digest, pos, at, base)
-                    if base is not None:
-                        _pwrite_all(dest.fileno(), data, base + at)
-                    else:
-                        dest.write(data)
-                    digest.update(data)
-                    pos = at + len(data)
-                elif which == "end":
-                    end = part.end
-                    _zeros_to(dest, digest, pos, end.size, base)
-                    if base is not None:
-                        dest.flush()
-                        os.ftruncate(dest.fileno(), max(base + end.size,
-                                                        os.fstat(dest.fileno()).st_size
-                                                        if close is None else 0))
-                        dest.seek(base + end.size)
+
+            def store(at: int, data: bytes) -> None:
+                nonlocal pos
+                _zeros_to(dest, digest, pos, at, base)
+                if base is not None:
+                    _pwrite_all(dest.fileno(), data, base + at)
+                else:
+                    dest.write(data)
+                digest.update(data)
+                pos = at + len(data)
+
+            # each chunk is hashed and written on a worker while the next one arrives
+            storing = None
+            with ThreadPoolExecutor(1, thread_name_prefix="corral-download") as pool:
+                for part in self.download_parts(sandbox_id, path, offset, length):
+                    which = part.WhichOneof("part")
+                    if storing is not None:
+                        storing.result()
+                        storing = None
+                    if which == "chunk":
+                        storing = pool.submit(store, part.chunk.offset, part.chunk.data)
+                    elif which == "end":
+                        end = part.end
+                if storing is not None:
+                    storing.result()
+            if end is not None:
+                _zeros_to(dest, digest, pos, end.size, base)
+                if base is not None:  # a hole at the end: the file still has its size
+                    dest.flush()
+                    keep = os.fstat(dest.fileno()).st_size if close is None else 0
+                    os.ftruncate(dest.fileno(), max(base + end.size, keep))
+                    dest.seek(base + end.size)
             if end is None:
                 raise ClientError(grpc.StatusCode.DATA_LOSS, "the download ended early")
         finally:
@@ -666,6 +681,17 @@ def _file_pieces(f, offset: int, chunk_bytes: int, digest):
             pos += len(data)
     _hash_zeros(digest, size - pos)
     yield size, b""  # where the file ends (a hole up to there)
+
+
+def _read_ahead(pieces, pool):
+    """The items of an iterator, the next one produced on pool while this one is used."""
+    ahead = pool.submit(next, pieces, None)
+    while True:
+        item = ahead.result()
+        if item is None:
+            return
+        ahead = pool.submit(next, pieces, None)
+        yield item
 
 
 def _hashed(blobs, digest, offset: int, chunk_bytes: int):

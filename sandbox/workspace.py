@@ -62,12 +62,14 @@ MAX_READ_BYTES = 4 << 20
 MAX_WRITE_BYTES = 64 << 20
 #: Entries one ListFiles returns at most; a larger directory is refused, not cut.
 MAX_LIST_ENTRIES = 10_000
-#: Bytes of one chunk a download sends, and the most one upload chunk may carry.
-CHUNK_BYTES = 1 << 20
+#: Bytes of one chunk a download sends: 64 KiB under 4 MiB, so that the message fits the
+#: 4 MiB a gRPC client receives by default.
+CHUNK_BYTES = (4 << 20) - (64 << 10)
+#: Bytes one upload chunk may carry at most.
 MAX_CHUNK_BYTES = 4 << 20
 _SYS_renameat2 = 316
 RENAME_NOREPLACE = 1
-_ZEROS = bytes(CHUNK_BYTES)
+_ZEROS = bytes(MAX_CHUNK_BYTES)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -182,7 +184,7 @@ def _hash_prefix(digest, fd: int, end: int) -> None:
 
 
 def _is_zero(data) -> bool:
-    return len(data) <= CHUNK_BYTES and data == _ZEROS[:len(data)]
+    return len(data) <= MAX_CHUNK_BYTES and data == _ZEROS[:len(data)]
 
 
 class Upload:
