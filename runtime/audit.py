@@ -185,6 +185,9 @@ SEAL_KIND = "audit.seal"
 PRUNE_KIND = "audit.prune"
 #: The key (or marker value) that says a part of a detail was shortened.
 TRUNCATED = "corral.truncated"
+#: The detail key naming the digest of the tenant policy in force when a record was written
+#: (set by the daemon through `AuditLog.policy_digest`; runtime/policy_files.py).
+POLICY_KEY = "corral.policy"
 # (longest string kept, most list items / dict keys kept, deepest nesting kept), tried in
 # order until the detail fits; past the last one the detail becomes a summary of itself.
 _SHRINK_LEVELS = ((4096, 256, 8), (512, 32, 6), (64, 8, 4))
@@ -990,13 +993,18 @@ class _Pending:
     future: concurrent.futures.Future
 
 
-def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time) -> _Pending:
+def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
+             policy: str = "") -> _Pending:
     _check_kind(kind)
     tenant = _bound_text("tenant", tenant)
     peer = _bound_text("peer", peer)
     sandbox_id = _bound_text("sandbox_id", sandbox_id)
     session_id = _bound_text("session_id", session_id)
     detail_json, detail_obj = _encode_detail(detail)
+    if policy:
+        # after bounding, so a shrunk detail keeps it; it adds < 100 bytes to the bound
+        detail_obj[POLICY_KEY] = policy
+        detail_json = _canonical_json(detail_obj)
     if time is not None:
         time = _check_seconds("time", time)
     return _Pending(kind, tenant, peer, sandbox_id, session_id, detail_json, detail_obj, time,
@@ -1049,6 +1057,9 @@ class AuditLog:
         self._rotations = 0
         self._sealed: dict[str, sqlite3.Connection] = {}
         self._clock: Callable[[], float] = _time.time  # record times; tests replace it
+        #: When set, every appended record's detail carries it under POLICY_KEY: the digest
+        #: of the tenant policy in force (the daemon sets it, and swaps it on a reload).
+        self.policy_digest = ""
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -1253,7 +1264,8 @@ class AuditLog:
             InvalidSpec: a malformed argument, named.
             AuditError: the record could not be written; the action must not proceed.
         """
-        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time)
+        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
+                        self.policy_digest)
         with self._lock:
             self._commit_locked(item)
         return item.future.result()
@@ -1283,7 +1295,8 @@ class AuditLog:
             InvalidSpec: a malformed argument, named (at once, nothing is queued).
             AuditError: the log is closed or read-only.
         """
-        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time)
+        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
+                        self.policy_digest)
         with self._queue_cv:
             if self._writer is None or self._stopping:
                 raise AuditError(self.path, "is closed" if self._closed or self._stopping
@@ -1851,6 +1864,20 @@ class AuditLog:
     def _export(self, write: Callable[[str], object], after_seq: int) -> int:
         names = _COLUMNS.split(", ")
         count = 0
+        for rows in self.row_batches(after_seq):
+            write("".join(_canonical_json(dict(zip(names, r, strict=True))) + "\n"
+                          for r in rows))
+            count += len(rows)
+        return count
+
+    def row_batches(self, after_seq: int = 0, batch: int = 2048) -> Iterable[list[tuple]]:
+        """Records with seq > after_seq, every segment then the active one, as lists of row
+        tuples in `_COLUMNS` order (text exactly as stored), each file read in one snapshot.
+
+        Holds the files lock shared while it runs (a rotation waits): consume it promptly.
+        """
+        after_seq = _check_count("after_seq", after_seq, 0)
+        self._check_open()
         lock = _files_lock(self.path, exclusive=False)
         try:
             files = [s.path for s in list_segments(self.path) if s.last_seq > after_seq]
@@ -1864,16 +1891,13 @@ class AuditLog:
                     cursor = conn.execute(
                         f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq",
                         (after_seq,))
-                    while rows := cursor.fetchmany(2048):
-                        write("".join(_canonical_json(dict(zip(names, r, strict=True))) + "\n"
-                                      for r in rows))
-                        count += len(rows)
+                    while rows := cursor.fetchmany(batch):
+                        yield rows
                     conn.execute("COMMIT")
                 finally:
                     conn.close()
         finally:
             _release(lock)
-        return count
 
     # -- lifecycle -----------------------------------------------------------------------------
 
