@@ -15,12 +15,19 @@ Every candidate runs from this one warm Python process, round-robin within each 
   spawn_*   /bin/true without any sandbox, by posix_spawn (vfork) and by fork+exec: what
             creating a child of this Python process costs before any isolation
 
+Rootless (as root, unless --no-rootless): the same create + exec + wait + destroy run by an
+ordinary user (a temporary one unless --rootless-user names one), next to bwrap as that
+user, round-robin in one process of theirs: `rootless_ms_p50` (the user's subordinate ids
+mapped through newuidmap/newgidmap), `rootless_single_ms_p50` (only the user mapped, as
+bwrap does) and `bwrap_rootless_ms_p50`. No cgroup there (v1 cannot be delegated).
+
 Then the cold CLI, `corral run -- /bin/true` as a new process (`cli_ms_p50`), next to the
 bare interpreter start (`python_startup_ms_p50`), and, with --profile, where Corral's
 time goes inside its own functions (wrappers installed by this script only).
 
   bench/spawn.py [--iterations N] [--warmup N] [--cli-iterations N] [--quick] [--json]
-                 [--profile] [--no-cli]
+                 [--profile] [--no-cli] [--no-rootless] [--rootless-user NAME]
+                 [--rootless-iterations N]
 
 Times are milliseconds of time.perf_counter(); p99 is the nearest-rank percentile. The
 JSON object has at least corral_ms_p50, corral_ms_p99, bwrap_ms_p50, bwrap_ms_p99,
@@ -242,6 +249,109 @@ class DockerBackendCandidate:
         if code != 0:
             raise RuntimeError(f"docker backend: /bin/true exited {code}")
         return dt
+
+
+class RootlessCorralCandidate(CorralCandidate):
+    """CorralCandidate run by an unprivileged user; ids="single" maps only the user (as
+    bwrap does), "auto" uses the user's subordinate range through newuidmap/newgidmap."""
+
+    def __init__(self, name: str, ids: str) -> None:
+        super().__init__()
+        self.name = name
+        self._ids = ids
+
+    def __call__(self) -> float:
+        os.environ["CORRAL_ROOTLESS_IDS"] = self._ids
+        return super().__call__()
+
+
+def rootless_worker(iterations: int, warmup: int, bwrap: str) -> dict:
+    """Run as the unprivileged user: Corral (both id maps) and bwrap, round-robin."""
+    bw = BwrapCandidate(bwrap)
+    bw.name = "bwrap_rootless"
+    candidates = [RootlessCorralCandidate("rootless", "auto"),
+                  RootlessCorralCandidate("rootless_single", "single"), bw]
+    try:
+        times = round_robin(candidates, iterations, warmup)
+    finally:
+        bw.close()
+    return {name: summary(values) for name, values in times.items()}
+
+
+#: Where the bench keeps the interpreter an unprivileged user runs it with.
+USER_VENV_CACHE = "/var/cache/corral-bench"
+
+
+def user_python() -> str:
+    """A Python every user can run that imports this checkout's corral.
+
+    The build venv's interpreter may live under /root (0700): make a venv from
+    /usr/bin/python3 (it must be the same minor version: the extensions are built for it)
+    whose .pth files add the build venv's site-packages and Corral's editable finder.
+    """
+    import hashlib
+    import sysconfig
+    from pathlib import Path
+
+    system = "/usr/bin/python3"
+    version = subprocess.run([system, "-c", "import sys; print(sys.version)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if not version.startswith(f"{sys.version_info.major}.{sys.version_info.minor}."):
+        raise RuntimeError(f"{system} is {version.split()[0]}; the extensions are built for "
+                           f"{sys.version_info.major}.{sys.version_info.minor}")
+    site = sysconfig.get_paths()["purelib"]
+    finder = next(Path(site).glob("__editable___corral_*_finder.py"))
+    key = hashlib.sha256(f"{version}\0{site}\0{finder.read_text()}".encode()).hexdigest()[:16]
+    venv = Path(USER_VENV_CACHE) / f"venv-{key}"
+    if not (venv / ".ready").exists():
+        Path(USER_VENV_CACHE).mkdir(mode=0o755, parents=True, exist_ok=True)
+        subprocess.run([system, "-m", "venv", "--without-pip", "--clear", str(venv)],
+                       check=True)
+        own = next((venv / "lib").glob("python3*/site-packages"))
+        (own / "00-corral-deps.pth").write_text(site + "\n")
+        (own / "zz-corral.pth").write_text(f"import {finder.stem}; {finder.stem}.install()\n")
+        (venv / ".ready").write_text(version + "\n")
+    return str(venv / "bin" / "python")
+
+
+def rootless_columns(iterations: int, warmup: int, user: str | None) -> dict:
+    """rootless_ms_* (Corral as an ordinary user, its subordinate ids mapped),
+    rootless_single_ms_* (only the user mapped) and bwrap_rootless_ms_* (bwrap as the same
+    user), round-robin in one process of that user. Without --rootless-user a temporary
+    user is made (useradd, which gives it subordinate ids) and removed afterwards."""
+    import pwd
+
+    made = None
+    if user is None:
+        made = user = "corralbench" + os.urandom(3).hex()
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", user], check=True)
+    try:
+        pw = pwd.getpwnam(user)
+        os.chmod(pw.pw_dir, 0o755)
+        proc = subprocess.run(
+            [user_python(), os.path.abspath(__file__), "--rootless-worker", "--iterations",
+             str(iterations), "--warmup", str(warmup)],
+            user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd=pw.pw_dir,
+            env={"HOME": pw.pw_dir, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the rootless worker exited {proc.returncode}: "
+                               f"{proc.stderr.strip()[-2000:]}")
+        times = json.loads(proc.stdout)
+    finally:
+        if made is not None:
+            subprocess.run(["userdel", "--remove", made], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            shutil.rmtree(f"/tmp/corral-{pw.pw_uid}", ignore_errors=True)
+    out: dict = {"user": user, "iterations": iterations, "warmup": warmup}
+    for name, s in times.items():
+        for key in ("p50", "p99", "mean", "min", "max"):
+            out[f"{name}_ms_{key}"] = s[key]
+    out["ratio_rootless_vs_bwrap_p50"] = round(out["rootless_ms_p50"]
+                                               / out["bwrap_rootless_ms_p50"], 3)
+    out["ratio_rootless_single_vs_bwrap_p50"] = round(out["rootless_single_ms_p50"]
+                                                      / out["bwrap_rootless_ms_p50"], 3)
+    return out
 
 
 def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
@@ -596,10 +706,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docker-host", metavar="URL",
                         help="engine for the docker columns (default: start a private dockerd)")
     parser.add_argument("--no-docker", action="store_true", help="skip the docker columns")
+    parser.add_argument("--rootless-user", metavar="NAME",
+                        help="ordinary user for the rootless columns (default: a temporary "
+                             "one, made with useradd and removed)")
+    parser.add_argument("--rootless-iterations", type=int, default=60,
+                        help="rounds of rootless Corral vs rootless bwrap (default: 60)")
+    parser.add_argument("--no-rootless", action="store_true", help="skip the rootless columns")
+    parser.add_argument("--rootless-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rootless_worker:  # we are the unprivileged user: time, print, done
+        print(json.dumps(rootless_worker(args.iterations, args.warmup,
+                                         require("bwrap", "bubblewrap"))))
+        return 0
     if args.quick:
         args.iterations, args.warmup, args.cli_iterations = 15, 3, 5
         args.docker_iterations = 3
+        args.rootless_iterations = 15
     if args.iterations < 1 or args.warmup < 0 or args.cli_iterations < 1:
         parser.error("--iterations and --cli-iterations must be at least 1, --warmup at least 0")
 
@@ -662,6 +784,16 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("docker_backend_ms_p50", "docker_run_ms_p50"):
             if key in docker:
                 result[key] = docker[key]
+    if not args.no_rootless and os.geteuid() == 0:
+        try:
+            rootless = rootless_columns(args.rootless_iterations, min(args.warmup, 5),
+                                        args.rootless_user)
+        except Exception as exc:  # noqa: BLE001 - the root columns still stand
+            rootless = {"error": str(exc)}
+        result["rootless"] = rootless
+        for key in ("rootless_ms_p50", "rootless_single_ms_p50", "bwrap_rootless_ms_p50"):
+            if key in rootless:
+                result[key] = rootless[key]
     if args.profile:
         result["corral_profile_ms_per_iter"] = profile_corral(args.iterations, args.warmup)
     result["machine"] = machine_info(bwrap, unshare)
