@@ -157,7 +157,12 @@ def report(sandbox, spec: SandboxSpec, probe: bool = True) -> dict:
         "cgroup_limits": cgroup_limits(sandbox.init_pid) if sandbox.init_pid else {},
         "landlock": landlock_status(sandbox if probe else None),
         "network": {},
+        # what the sandbox runs without (no delegated cgroup: rlimits only), and its ids
+        "notes": list(getattr(sandbox, "notes", ())),
+        "id_mapping": getattr(sandbox, "id_mapping", ""),
     }
+    if hasattr(sandbox, "id_map_lines"):
+        rep["expected_id_maps"] = sandbox.id_map_lines()
     if sandbox.init_pid:
         with contextlib.suppress(OSError):
             fd = os.open(f"/proc/{sandbox.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -175,16 +180,18 @@ def report(sandbox, spec: SandboxSpec, probe: bool = True) -> dict:
 def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
     """Every way the live state differs from what the spec promises."""
     out = []
-    want_map = ["0", str(spec.uid_base), str(spec.uid_count)]
+    expected = rep.get("expected_id_maps") or {}
+    want_uid = sum(expected.get("uid", []), []) or ["0", str(spec.uid_base), str(spec.uid_count)]
+    want_gid = sum(expected.get("gid", []), []) or want_uid
     for p in rep["processes"]:
         who = f"pid {p['pid']} ({p['name']})"
         for name, ns in p["namespaces"].items():
             if ns["shared_with_host"]:
                 out.append(f"{who}: {name} namespace is the host's")
-        if p["uid_map"] != want_map:
-            out.append(f"{who}: uid_map {' '.join(p['uid_map'])!r} != {' '.join(want_map)!r}")
-        if p["gid_map"] != want_map:
-            out.append(f"{who}: gid_map {' '.join(p['gid_map'])!r} != {' '.join(want_map)!r}")
+        if p["uid_map"] != want_uid:
+            out.append(f"{who}: uid_map {' '.join(p['uid_map'])!r} != {' '.join(want_uid)!r}")
+        if p["gid_map"] != want_gid:
+            out.append(f"{who}: gid_map {' '.join(p['gid_map'])!r} != {' '.join(want_gid)!r}")
         if spec.profile != "unconfined" and p["seccomp_mode"] != 2:
             out.append(f"{who}: seccomp mode {p['seccomp_mode']}, expected 2 (filter)")
         if not p["no_new_privs"]:
@@ -288,7 +295,10 @@ def format_table(rep: dict, problems: list[str], policy_digest: str = "") -> str
         p = rep["processes"][0]
         lines.append(f"uid_map: {' '.join(p['uid_map'])}   gid_map: {' '.join(p['gid_map'])}")
     limits = sorted(rep["cgroup_limits"].items())
-    lines.append("cgroup: " + ", ".join(f"{k}={v}" for k, v in limits))
+    lines.append("cgroup: " + (", ".join(f"{k}={v}" for k, v in limits) or "none"))
+    lines += [f"note: {note}" for note in rep.get("notes", ())]
+    if rep.get("id_mapping"):
+        lines.append(f"ids: {rep['id_mapping']}")
     ll = rep["landlock"]
     lines.append(f"landlock: host ABI {ll['host_abi']}; new commands: {ll['new_commands']}; "
                  f"running processes: {ll['running_processes']}")

@@ -486,6 +486,13 @@ class Sandbox(SandboxLifecycle):
         self._rootless = mapping
         return mapping.uid_map(), mapping.gid_map(), mapping.helpers()
 
+    def id_map_lines(self) -> dict[str, list[list[str]]]:
+        """uid_map and gid_map as /proc shows them for this sandbox's processes."""
+        if self._rootless is not None:
+            return {"uid": self._rootless.lines("uid"), "gid": self._rootless.lines("gid")}
+        line = [["0", str(self.spec.uid_base), str(self.spec.uid_count)]]
+        return {"uid": line, "gid": line}
+
     def _detach_binds(self, opened: list[int]) -> dict[str, int]:
         """Clone the workspace and the user's binds here, where they can be reached, for
         the child to attach (its ids may not traverse the host directories above them).
