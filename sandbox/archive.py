@@ -365,14 +365,7 @@ class TarExtractor:
             if len(self.report.skipped_names) < MAX_SKIPPED_NAMES:
                 self.report.skipped_names.append(m.name)
             return
-        pfd = self._parent_fd(parts[:-1], where)
-        name = parts[-1]
-        if m.kind == "dir":
-            self._make_dir(pfd, name, m, where)
-            self.report.dirs += 1
-            return
-        self._clear(pfd, name, where)
-        if m.kind == "symlink":
+        if m.kind == "symlink":  # checked before anything of the entry is made
             depth = len(parts) - 1
             link = PurePosixPath(m.linkname)
             for part in link.parts:  # lexically: never above the target directory
@@ -382,12 +375,21 @@ class TarExtractor:
             if not m.linkname or "\0" in m.linkname or link.is_absolute() or depth < 0:
                 raise InvalidSpec(where, f"symlink {m.name!r} -> {m.linkname!r} points "
                                          f"outside the target directory")
+        elif m.kind == "hardlink":
+            src_parts = _entry_parts(m.linkname, where, "link target")[self._strip:]
+        pfd = self._parent_fd(parts[:-1], where)
+        name = parts[-1]
+        if m.kind == "dir":
+            self._make_dir(pfd, name, m, where)
+            self.report.dirs += 1
+            return
+        self._clear(pfd, name, where)
+        if m.kind == "symlink":
             os.symlink(m.linkname, name, dir_fd=pfd)
             if self._owner:
                 os.chown(name, *self._owner, dir_fd=pfd, follow_symlinks=False)
             self.report.symlinks += 1
         elif m.kind == "hardlink":
-            src_parts = _entry_parts(m.linkname, where, "link target")[self._strip:]
             src = self._open_beneath("/".join(src_parts) or ".", os.O_PATH | os.O_NOFOLLOW,
                                      where)
             try:

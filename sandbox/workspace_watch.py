@@ -161,12 +161,13 @@ class TreeWatch:
             return 0
         path = f"{base}/{name}" if base != "." else name
         is_dir = bool(mask & IN_ISDIR)
-        if is_dir and mask & (IN_CREATE | IN_MOVED_TO):
-            self._add_tree(path)
         kind = next((k for bit, k in KINDS if mask & bit), None)
-        if kind is None:
-            return 0
-        return self._push(WatchEvent(path, kind, is_dir, cookie))
+        added = self._push(WatchEvent(path, kind, is_dir, cookie)) if kind else 0
+        if is_dir and mask & (IN_CREATE | IN_MOVED_TO):  # its contents after it
+            before = len(self.pending)
+            self._add_tree(path)
+            added += len(self.pending) - before
+        return added
 
     def _add_tree(self, rel: str, root: bool = False) -> None:
         """Watch rel and the directories below it (iteratively, bounded)."""
