@@ -51,7 +51,9 @@ def start_daemon(root: str, workspace_bytes: int) -> tuple[subprocess.Popen, str
     deadline = time.monotonic() + 30
     while not os.path.exists(socket):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the daemon did not start; see {root}/daemon.log")
+            with open(os.path.join(root, "daemon.log"), errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(f"the daemon did not start:\n{tail}")
         time.sleep(0.05)
     return proc, socket
 
