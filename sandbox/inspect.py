@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from .cgroups import NO_DELEGATION
 from .spec import SandboxSpec
 
 NAMESPACES = ("user", "pid", "mnt", "net", "uts", "ipc", "cgroup")
@@ -171,10 +172,28 @@ def report(sandbox, spec: SandboxSpec, probe: bool = True) -> dict:
 
                 rep["network"] = net.interfaces(fd)
             except Exception as exc:  # pyroute2 missing or netlink refused: say so
-                rep["network"] = {"error": str(exc)}
+                rep["network"] = ({"error": str(exc)} if os.geteuid() == 0
+                                  else _proc_net(sandbox.init_pid, str(exc)))
             finally:
                 os.close(fd)
     return rep
+
+
+def _proc_net(pid: int, why: str) -> dict:
+    """Links and routes of pid's network namespace from /proc/PID/net (an unprivileged
+    runtime cannot enter it: the namespace belongs to the sandbox's user namespace)."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            names = [line.split(":", 1)[0].strip() for line in f.read().splitlines()[2:]]
+        with open(f"/proc/{pid}/net/route") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+    except OSError as exc:
+        return {"error": f"{why}; /proc/{pid}/net: {exc.strerror}"}
+    routes = [{"dst": "default" if r[1] == "00000000" else r[1], "gateway": r[2], "dev": r[0]}
+              for r in rows if len(r) > 2]
+    return {"links": [{"name": n, "state": "", "kind": "", "addresses": []}
+                      for n in sorted(names)],
+            "routes": routes, "source": f"/proc/{pid}/net (unprivileged: names only)"}
 
 
 def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
@@ -208,6 +227,8 @@ def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
     ll = rep["landlock"]
     if ll["host_abi"] > 0 and ll["new_commands"].startswith("NOT"):
         out.append(f"landlock: new commands are {ll['new_commands']}")
+    if NO_DELEGATION in rep.get("notes", ()):  # no cgroup (said in the report): rlimits only
+        return out + _network_problems(rep, spec)
     limits = rep["cgroup_limits"]
     mem = limits.get("memory.limit_in_bytes") or limits.get("memory.max")
     if mem is None or mem == "max" or int(mem) != spec.memory_bytes:
@@ -227,6 +248,11 @@ def mismatches(rep: dict, spec: SandboxSpec) -> list[str]:
         quota = "unreadable"
     if quota != want_quota:
         out.append(f"cgroup CPU quota is {quota} per 100000us, spec says {want_quota}")
+    return out + _network_problems(rep, spec)
+
+
+def _network_problems(rep: dict, spec: SandboxSpec) -> list[str]:
+    out = []
     net_links = {link["name"]: link for link in rep["network"].get("links", [])}
     if "error" in rep["network"]:
         out.append(f"network: could not be read: {rep['network']['error']}")
@@ -295,7 +321,10 @@ def format_table(rep: dict, problems: list[str], policy_digest: str = "") -> str
         p = rep["processes"][0]
         lines.append(f"uid_map: {' '.join(p['uid_map'])}   gid_map: {' '.join(p['gid_map'])}")
     limits = sorted(rep["cgroup_limits"].items())
-    lines.append("cgroup: " + (", ".join(f"{k}={v}" for k, v in limits) or "none"))
+    if NO_DELEGATION in rep.get("notes", ()):
+        lines.append("cgroup: none of its own (its processes are in the caller's)")
+    else:
+        lines.append("cgroup: " + (", ".join(f"{k}={v}" for k, v in limits) or "none"))
     lines += [f"note: {note}" for note in rep.get("notes", ())]
     if rep.get("id_mapping"):
         lines.append(f"ids: {rep['id_mapping']}")

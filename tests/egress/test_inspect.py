@@ -30,7 +30,7 @@ def test_a_fresh_sandbox_matches_its_spec(internet):
         assert not any(ns["shared_with_host"] for ns in p["namespaces"].values())
         assert (p["seccomp_mode"], p["no_new_privs"], int(p["cap_eff"], 16)) == (2, True, 0)
         assert p["seccomp_filters"] >= 1
-        assert p["uid_map"] == ["0", "100000", "65536"]
+        assert p["uid_map"] == ["0", str(sb.spec.uid_base), "65536"]  # its own range
     limits = rep["cgroup_limits"]
     assert int(limits.get("memory.limit_in_bytes") or limits["memory.max"]) == 128 * MiB
     assert limits["pids.max"] == "64"

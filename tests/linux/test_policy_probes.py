@@ -28,7 +28,7 @@ import uuid
 
 import pytest
 
-from corral.sandbox import DEVNULL, PIPE, BindMount, Sandbox, SandboxSpec, contain, mounts, run
+from corral.sandbox import DEVNULL, PIPE, BindMount, Sandbox, SandboxSpec, contain, ids, mounts, run
 from corral.sandbox import landlock as landlock_mod
 
 from .conftest import (
@@ -79,15 +79,22 @@ def test_status_of_a_command(key, expected):
     assert p.value[key] == expected
 
 
-@pytest.mark.parametrize("path,expected", [
-    param("uid_map", "/proc/self/uid_map", "0 100000 65536"),
-    param("gid_map", "/proc/self/gid_map", "0 100000 65536"),
-    param("setgroups", "/proc/self/setgroups", "deny"),
-])
-def test_id_maps(path, expected):
+@pytest.mark.parametrize("path", [param("uid_map", "/proc/self/uid_map"),
+                                  param("gid_map", "/proc/self/gid_map")])
+def test_id_maps(path):
+    """Root inside is the first id of the sandbox's own 65536-id range of Corral's pool."""
     p = inside("read", path)
     assert p.ok, p
-    assert " ".join(p.value.split()) == expected
+    inside_id, base, count = (int(x) for x in p.value.split())
+    pool = ids.pool()
+    assert (inside_id, count) == (0, 65536)
+    assert pool.start <= base and base + count <= pool.end and (base - pool.start) % count == 0
+
+
+def test_setgroups_is_denied():
+    p = inside("read", "/proc/self/setgroups")
+    assert p.ok, p
+    assert p.value.strip() == "deny"
 
 
 def test_root_inside_is_an_unprivileged_id_on_the_host():
@@ -99,8 +106,9 @@ def test_root_inside_is_an_unprivileged_id_on_the_host():
         finally:
             proc.kill()
             proc.wait()
-    assert status["Uid"] == "100000 100000 100000 100000"
-    assert status["Gid"] == "100000 100000 100000 100000"
+    base = sb.spec.uid_base
+    assert status["Uid"] == f"{base} {base} {base} {base}"
+    assert status["Gid"] == f"{base} {base} {base} {base}"
     assert status["CapEff"] == ZERO_CAPS
     assert status["CapBnd"] == ZERO_CAPS
 
@@ -167,7 +175,8 @@ def test_setuid_root_binary_gains_nothing():
             proc.wait()
             reader.join()
             os.close(read_end)
-    assert status["Uid"] == "100000 100000 100000 100000"
+    base = sb.spec.uid_base
+    assert status["Uid"] == f"{base} {base} {base} {base}"
     assert status["CapEff"] == ZERO_CAPS
     assert status["CapPrm"] == ZERO_CAPS
     assert status["NoNewPrivs"] == "1"
@@ -310,7 +319,7 @@ def test_proc_self_exe_cannot_be_truncated(tmp_path):
     escape would truncate the binary, so the probe runs on a copy of python, bound
     read-only like /usr is; the host's own python is never the target."""
     host_python = os.path.realpath("/usr/bin/python3")
-    os.chmod(tmp_path, 0o755)  # root inside is uid 100000 on the host
+    os.chmod(tmp_path, 0o755)
     copy = tmp_path / "python3"
     shutil.copy2(host_python, copy)
     size = copy.stat().st_size
@@ -370,7 +379,7 @@ def test_workspace_writes_reach_the_host_directory():
         owner = os.stat(path).st_uid
     assert proc.returncode == 0
     assert content == "from-inside\n"
-    assert owner == 100000
+    assert owner == sb.spec.uid_base  # Corral's own workspace: made for the sandbox's root
 
 
 # == landlock ===============================================================================
@@ -417,7 +426,7 @@ def test_landlock_rule(args, expected):
     param("ro-bind", False, "EROFS"),
 ])
 def test_user_bind_mount(tmp_path, writable, expected):
-    os.chmod(tmp_path, 0o777)  # root inside is uid 100000 on the host
+    os.chmod(tmp_path, 0o700)  # idmapped: its owner is root inside, whatever its mode
     spec = probe_spec(binds=(BindMount(str(tmp_path), "/data", writable),))
     p = inside("open", "/data/corral-probe", "O_WRONLY|O_CREAT", spec=spec)
     assert p.outcome == expected
