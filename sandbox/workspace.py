@@ -217,6 +217,7 @@ class Upload:
                 os.close(fd)
         self.start = self.pos = offset
         self.received = 0
+        self.max_size = ws.max_size
         # write/finish may run on a worker thread while close() comes from another (a
         # cancelled stream): close waits, so no descriptor number is reused under a write
         self._lock = threading.Lock()
@@ -246,6 +247,9 @@ class Upload:
             raise InvalidSpec("chunk.data", f"{len(data)} bytes is over the {MAX_CHUNK_BYTES} "
                                             f"byte limit of one chunk")
         at = offset or self.pos
+        if at + len(data) > self.max_size:
+            raise InvalidSpec("chunk.offset", f"the file would reach {at + len(data)} bytes, "
+                                              f"over the workspace's cap of {self.max_size}")
         if at < self.pos:
             raise InvalidSpec("chunk.offset", f"{at} goes back before {self.pos}, where the "
                                               f"upload is; chunks come in order")
@@ -274,6 +278,9 @@ class Upload:
             raise Unavailable(f"the upload of {self.path!r} is closed")
         if size and size < self.pos:
             raise InvalidSpec("end.size", f"{size} is less than the {self.pos} bytes written")
+        if size > self.max_size:
+            raise InvalidSpec("end.size", f"{size} is over the workspace's cap of "
+                                          f"{self.max_size} bytes")
         end = max(size, self.pos)
         _hash_zeros(self._digest, end - self.pos)
         with WRITE_CLONE.hold(WRITING):
@@ -336,6 +343,19 @@ class Workspace:
             owner_gid = st.st_gid if owner_gid is None else owner_gid
         self.owner_uid = owner_uid
         self.owner_gid = owner_gid
+
+    @property
+    def max_size(self) -> int:
+        """The largest file (logical size, holes included) the streaming calls handle: the
+        workspace's byte cap. Hashing a hole costs as much as hashing data, so a sparse
+        file beyond it could keep a worker busy for hours."""
+        from . import workspace_fs
+
+        cap = workspace_fs.max_bytes()
+        with contextlib.suppress(OSError):
+            vfs = os.statvfs(self.root)
+            cap = min(cap, vfs.f_blocks * vfs.f_frsize) if vfs.f_blocks else cap
+        return cap
 
     def _open(self, path: str, flags: int, mode: int = 0) -> int:
         rel = relative(path)
@@ -624,6 +644,10 @@ class Workspace:
                 raise InvalidSpec("offset", f"{offset} is past the end of {path!r} "
                                             f"({st.st_size} bytes)")
             end = min(st.st_size, offset + length) if length else st.st_size
+            if end > self.max_size:  # only a sparse file can be: its holes would be hashed
+                raise InvalidSpec("path", f"{path!r} is {st.st_size} bytes (sparse), over the "
+                                          f"workspace's cap of {self.max_size}; download a "
+                                          f"range that ends below it (length)")
             yield ("stat", FileStat(relative(path), "file", st.st_size,
                                     stat.S_IMODE(st.st_mode), st.st_mtime, "",
                                     st.st_blocks * 512))
@@ -723,6 +747,8 @@ def _translate(exc: OSError, path: str) -> Exception:
                            f"try again later")
     if exc.errno == errno_mod.ENXIO:
         return InvalidSpec("path", f"{path!r} is a FIFO or socket, not a regular file")
+    if exc.errno == errno_mod.ENAMETOOLONG:
+        return InvalidSpec("path", f"{path[:64]!r}... is longer than the kernel allows")
     if exc.errno == errno_mod.ETXTBSY:
         return Unavailable(f"{path!r} is a program running in the sandbox; "
                            f"it cannot be written now")

@@ -190,8 +190,8 @@ class TreeWatch:
                 if not stat.S_ISDIR(entry.st.st_mode):
                     continue
                 if len(self._paths) >= self._max_dirs:
-                    self.limited += 1
-                    continue
+                    self.limited += 1  # at least this one; the walk stops here (bounded work)
+                    break
                 try:
                     sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                   | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=entry.dir_fd)
@@ -202,7 +202,12 @@ class TreeWatch:
                 finally:
                     os.close(sub)
             if not root:  # made before its directory was watched: said as created
+                room = self._max_pending
                 for entry in fstree.walk(fd):
+                    if not room:  # no more than the queue holds: the rest is an overflow
+                        self.dropped += 1
+                        break
+                    room -= 1
                     path = f"{rel}/{entry.path}" if rel != "." else entry.path
                     self._push(WatchEvent(path, "created", stat.S_ISDIR(entry.st.st_mode)))
         finally:

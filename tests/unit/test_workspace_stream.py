@@ -98,6 +98,24 @@ def test_holes_are_neither_written_nor_sent(ws):
                        hashlib.sha256(full[:64 * MIB + 4096]).hexdigest())
 
 
+def test_logical_sizes_past_the_workspace_cap_are_refused(ws, monkeypatch):
+    monkeypatch.setenv("CORRAL_WORKSPACE_BYTES", str(64 * MIB))
+    up = ws.upload("a")
+    with pytest.raises(InvalidSpec, match=r"^chunk\.offset: the file would reach 67108865 "
+                                          r"bytes, over the workspace's cap of 67108864$"):
+        up.write(b"x", offset=64 * MIB)
+    with pytest.raises(InvalidSpec, match=r"^end\.size: 67108865 is over the workspace's cap"):
+        up.finish(64 * MIB + 1)
+    up.close()
+    with open(os.path.join(ws.root, "giant"), "wb") as f:
+        f.truncate(1 << 40)  # a sparse terabyte: hashing its holes would take an hour
+    with pytest.raises(InvalidSpec, match=r"^path: 'giant' is 1099511627776 bytes \(sparse\), "
+                                          r"over the workspace's cap of 67108864; download a "
+                                          r"range that ends below it \(length\)$"):
+        next(ws.download("giant"))
+    assert [p[0] for p in ws.download("giant", length=MIB)] == ["stat", "end"]
+
+
 # -- tar reader -------------------------------------------------------------------------------
 
 
@@ -348,7 +366,7 @@ def test_watch_caps_its_directories(ws):
         os.makedirs(os.path.join(ws.root, f"d{i}"))
     watch = TreeWatch(ws, ".", max_dirs=3)
     try:
-        assert (watch.watched_dirs, watch.limited) == (3, 3)
+        assert (watch.watched_dirs, watch.limited) == (3, 1)  # the walk stops at the cap
     finally:
         watch.close()
     with pytest.raises(InvalidSpec, match=r"^path: .*not a directory"):
