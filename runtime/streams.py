@@ -712,11 +712,7 @@ class StreamHub:
         if after_seq is None:
             cursor = self._stream.subscribe()
         else:
-            newest = self._stream.next_seq - 1
-            if after_seq < 0:
-                raise ValueError(f"after_seq must be 0 or more, got {after_seq}")
-            if after_seq > newest:
-                raise SeqOutOfRange(field, after_seq, newest)
+            self.check_after_seq(after_seq, field)
             cursor = self._stream.subscribe(after_seq + 1)
         if coalesce_s < 0:
             self._stream.unsubscribe(cursor)
@@ -726,6 +722,19 @@ class StreamHub:
         if held:
             self._held.add(cursor)
         return Watcher(self, cursor, coalesce_s, coalesce_entries, held)
+
+    def check_after_seq(self, after_seq: int, field: str = "after_seq") -> None:
+        """What watch(after_seq) refuses, checked before anything is attached.
+
+        Raises:
+            SeqOutOfRange: after_seq is past the newest entry (INVALID_ARGUMENT).
+            ValueError: after_seq is negative.
+        """
+        if after_seq < 0:
+            raise ValueError(f"after_seq must be 0 or more, got {after_seq}")
+        newest = self._stream.next_seq - 1
+        if after_seq > newest:
+            raise SeqOutOfRange(field, after_seq, newest)
 
     def add_notify(self, callback: Callable[[], None]) -> None:
         """Call `callback()` (synchronously, on the loop) whenever entries are added and when

@@ -170,7 +170,12 @@ class TasksServicer(Servicer):
     @unary
     async def List(self, request, context):
         caller = self.caller(context)
-        state = TaskState(request.state) if request.state else None
+        state = None
+        if request.state:
+            try:
+                state = TaskState(request.state)
+            except ValueError:
+                raise InvalidSpec("state", f"{request.state} is not a TaskState value") from None
         tasks = self.scheduler.list(caller, state, limit=request.limit or 1000)
         return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
 

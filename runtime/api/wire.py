@@ -40,11 +40,87 @@ def field_varint(number: int, value: int) -> bytes:
     return varint(number << 3) + varint(value)
 
 
+class Undecodable:
+    """What the request deserializer hands on for bytes that are not the method's message;
+    the handler answers INVALID_ARGUMENT (gRPC would answer UNKNOWN with a Python class
+    name)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _request_deserializer(request_cls):
+    name = request_cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return request_cls.FromString(data)
+        except Exception:  # noqa: BLE001 - DecodeError, RecursionError (nesting), ...
+            return Undecodable(f"request: the {len(data)} bytes received are not a "
+                               f"valid {name} message")
+
+    return deserialize
+
+
+async def _refuse(context, bad: Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+
+def _checked(fn, client_streaming: bool, server_streaming: bool):
+    """fn, refusing undecodable requests (INVALID_ARGUMENT) before the servicer sees them."""
+    if client_streaming:
+        async def requests_checked(requests, context):
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await _refuse(context, request)
+                yield request
+
+        if server_streaming:
+            async def stream_stream(requests, context):
+                async for item in fn(requests_checked(requests, context), context):
+                    yield item
+            return stream_stream
+
+        async def stream_unary(requests, context):
+            return await fn(requests_checked(requests, context), context)
+        return stream_unary
+    if server_streaming:
+        async def unary_stream(request, context):
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            async for item in fn(request, context):
+                yield item
+        return unary_stream
+
+    async def unary_unary(request, context):
+        if isinstance(request, Undecodable):
+            await _refuse(context, request)
+        return await fn(request, context)
+    return unary_unary
+
+
+def _unimplemented(method_name: str, server_streaming: bool):
+    async def unimplemented(request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{method_name} is declared but this daemon does not serve it")
+
+    if not server_streaming:
+        return unimplemented
+
+    async def unimplemented_stream(request, context):
+        await unimplemented(request, context)
+        yield b""  # never reached: makes this an async generator
+    return unimplemented_stream
+
+
 def generic_handler(service_descriptor, servicer, streaming_bytes: frozenset[str] = frozenset()):
     """A grpc generic handler for one service, built from its descriptor.
 
     Methods named in streaming_bytes yield pre-encoded bytes (identity serializer); the
-    others return or yield message objects.
+    others return or yield message objects. A request that does not decode is answered
+    INVALID_ARGUMENT; a method the servicer lacks, UNIMPLEMENTED.
     """
     from google.protobuf import message_factory
 
@@ -52,9 +128,14 @@ def generic_handler(service_descriptor, servicer, streaming_bytes: frozenset[str
     for method in service_descriptor.methods:
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
-        fn = getattr(servicer, method.name)
-        serializer = None if method.name in streaming_bytes else response_cls.SerializeToString
         kind = (method.client_streaming, method.server_streaming)
+        fn = getattr(servicer, method.name, None)
+        if fn is None:
+            fn = _unimplemented(f"{service_descriptor.full_name}.{method.name}",
+                                method.server_streaming)
+        else:
+            fn = _checked(fn, *kind)
+        serializer = None if method.name in streaming_bytes else response_cls.SerializeToString
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -62,6 +143,7 @@ def generic_handler(service_descriptor, servicer, streaming_bytes: frozenset[str
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[kind]
         handlers[method.name] = factory(
-            fn, request_deserializer=request_cls.FromString, response_serializer=serializer
+            fn, request_deserializer=_request_deserializer(request_cls),
+            response_serializer=serializer,
         )
     return grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers)
