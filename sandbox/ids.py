@@ -11,9 +11,11 @@ So, as Kubernetes does for user-namespaced pods:
   makes later can be given those ids. `CORRAL_ID_POOL=START:COUNT` names a pool instead
   (nothing is written then).
 * Every sandbox takes one range of `RANGE` ids from it (`allocate`), recorded as a file
-  `<state>/<slot>` created with link(2), so concurrent processes never take the same slot.
-  The file names the owning process (pid and start time); `release()` removes it when the
-  sandbox is destroyed, and `sweep()` removes those of dead owners.
+  `<state>/<slot>` created with O_EXCL, so concurrent processes never take the same slot.
+  The file names the owning process (pid and start time) and, once it exists, the
+  sandbox's PID 1 (an appended line); `release()` removes it when the sandbox is destroyed,
+  and `sweep()` removes those whose owner and PID 1 are both gone. Three small file
+  operations per sandbox, no lock.
 * Unprivileged (`rootless()`): root inside is the caller itself, so files the sandbox writes
   belong to the caller. With a range in /etc/subuid and /etc/subgid and the setuid
   `newuidmap`/`newgidmap` installed (package `uidmap`), ids 1..N inside map to that range;
@@ -30,6 +32,7 @@ import pwd
 import random
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 from .errors import CorralError, ResourceExhausted
@@ -249,13 +252,11 @@ class IdRange:
         process that made it is gone (a task whose supervisor was restarted)."""
         if self.path is None:
             return
-        with open(self.path) as f:
-            record = json.load(f)
-        record.update(init_pid=pid, init_start=_start_time(pid))
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, b'{"init_pid": %d}\n' % pid)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Give the range back; idempotent."""
@@ -274,37 +275,74 @@ def allocate(owner: str, owner_pid: int | None = None) -> IdRange:
     """
     found = pool()
     slots = found.count // RANGE
-    directory = state_dir()
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    directory = _ensure_state_dir()
     pid = owner_pid or os.getpid()
-    record = json.dumps({"pid": pid, "start": _start_time(pid), "sandbox": owner}).encode()
-    tmp = os.path.join(directory, f".{pid}-{os.urandom(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, record)
-    finally:
-        os.close(fd)
-    try:
-        for attempt in range(2):
-            first = random.randrange(slots)
-            for i in range(slots):
-                slot = (first + i) % slots
-                path = os.path.join(directory, str(slot))
-                try:
-                    os.link(tmp, path)  # atomic: the slot file appears with its owner in it
-                except FileExistsError:
-                    continue
-                return IdRange(found.start + slot * RANGE, RANGE, path)
-            if attempt == 0 and not sweep():
-                break
-    finally:
-        os.unlink(tmp)
+    record = json.dumps({"pid": pid, "start": _own_start(pid), "sandbox": owner}).encode()
+    for attempt in range(2):
+        first = random.randrange(slots)
+        for i in range(slots):
+            slot = (first + i) % slots
+            path = os.path.join(directory, str(slot))
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, record + b"\n")
+            finally:
+                os.close(fd)
+            return IdRange(found.start + slot * RANGE, RANGE, path)
+        if attempt == 0 and not sweep():
+            break
     raise ResourceExhausted(f"all {slots} id ranges of Corral's pool "
                             f"({found.start}:{found.count}) are taken by running sandboxes")
 
 
+_made_dirs: set[str] = set()
+
+
+def _ensure_state_dir() -> str:
+    directory = state_dir()
+    if directory not in _made_dirs:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _made_dirs.add(directory)
+    return directory
+
+
+_own_starts: dict[int, int | None] = {}
+
+
+def _own_start(pid: int) -> int | None:
+    """Start time of pid, remembered for this process's own pid (it does not change)."""
+    if pid not in _own_starts:
+        _own_starts.clear()  # a fork: another pid now
+        _own_starts[pid] = _start_time(pid)
+    return _own_starts[pid]
+
+
+#: A slot file younger than this whose record cannot be read is being written right now.
+_WRITING_GRACE_S = 60
+
+
+def _slot_alive(path: str) -> bool:
+    """Does the owner, or the sandbox's PID 1, of this slot file still run?"""
+    with open(path) as f:
+        text = f.read()
+    try:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        owner = records[0]
+        if _start_time(int(owner["pid"])) == owner.get("start"):
+            return True
+        # PID 1 was noted without its start time: a reused pid keeps the range taken until
+        # that process ends (a leak, never a sharing)
+        return any(_start_time(int(r["init_pid"])) is not None
+                   for r in records[1:] if "init_pid" in r)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return time.time() - os.stat(path).st_mtime < _WRITING_GRACE_S
+
+
 def sweep() -> list[int]:
-    """Release the ranges whose owner process is gone; returns their slots."""
+    """Release the ranges whose owner process and PID 1 are gone; returns their slots."""
     directory = state_dir()
     try:
         names = os.listdir(directory)
@@ -316,14 +354,10 @@ def sweep() -> list[int]:
             continue
         path = os.path.join(directory, name)
         try:
-            with open(path) as f:
-                owner = json.load(f)
-            alive = _start_time(int(owner["pid"])) == owner.get("start") or (
-                bool(owner.get("init_pid"))
-                and _start_time(int(owner["init_pid"])) == owner.get("init_start"))
+            alive = _slot_alive(path)
         except FileNotFoundError:
             continue
-        except (OSError, ValueError, KeyError, TypeError):
+        except OSError:
             alive = False
         if not alive:
             with contextlib.suppress(FileNotFoundError):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from corral.sandbox import CommandNotFound, ExitReason, InvalidSpec, SandboxSpec
+from corral.sandbox import CommandNotFound, ExitReason, InvalidSpec, SandboxSpec, ids
 from corral.sandbox.backends import docker, open_sandbox
 from corral.sandbox.backends.docker import LABEL, DockerSandbox
 from corral.sandbox.errors import Unavailable
@@ -59,7 +59,7 @@ def test_host_config_carries_the_whole_policy(docker_host):
         assert json.loads(seccomp_opt[len("seccomp="):]) == json.load(f)
     assert sorted((m["Destination"], m["RW"]) for m in info["Mounts"]) == [
         ("/run/corral-fds", False), ("/workspace", True)]
-    assert cfg["User"] == "100000:100000"
+    assert cfg["User"] == f"{sb.spec.uid_base}:{sb.spec.uid_base}"  # its own range's root
     assert cfg["Labels"][LABEL] == sb.id
     assert cfg["Hostname"] == "corral"
 
@@ -178,7 +178,7 @@ def test_workspace_is_shared_across_commands_and_owned_by_the_sandbox_uid(docker
         out, _ = sb.exec(["cat", "note"]).communicate()
         st = os.stat(os.path.join(sb.workspace, "note"))
     assert out == b"kept\n"
-    assert (st.st_uid, st.st_gid) == (100000, 100000)
+    assert (st.st_uid, st.st_gid) == (sb.spec.uid_base, sb.spec.uid_base)
 
 
 def test_user_workspace_and_binds(docker_host, tmp_path):
@@ -271,7 +271,10 @@ def test_cli_runs_on_the_docker_backend(docker_host):
         [sys.executable, "-m", "corral.runtime.cli", "run", "--backend", "docker", "--memory",
          "64M", "--", "sh", "-c", "id -u; cat; exit 3"],
         input="piped\n", capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stdout) == (3, "100000\npiped\n"), result.stderr
+    uid, piped = result.stdout.splitlines()
+    assert (result.returncode, piped) == (3, "piped"), result.stderr
+    pool = ids.pool()  # the container's user is the root of a range of Corral's pool
+    assert pool.start <= int(uid) < pool.end and (int(uid) - pool.start) % ids.RANGE == 0
     timed = subprocess.run(
         [sys.executable, "-m", "corral.runtime.cli", "run", "--backend", "docker", "--timeout",
          "1s", "--", "sleep", "30"], capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from corral.runtime.client import ClientError
+from corral.sandbox import ids
 from corral.sandbox.backends import docker
 
 from ..integration.daemon_harness import DaemonProcess, collect_exec
@@ -41,7 +42,10 @@ def test_create_exec_files_destroy_on_docker(daemon, docker_host):
         assert _containers(docker_host) == [sb.id]
         res = collect_exec(client.exec(sb.id, ["sh", "-c", "id -u; cat; echo err >&2; exit 5"],
                                        stdin=b"piped\n"))
-        assert (res.stdout, res.stderr) == (b"100000\npiped\n", b"err\n")
+        uid, piped = res.stdout.splitlines()
+        assert (piped, res.stderr) == (b"piped", b"err\n")
+        pool = ids.pool()  # the container's user: the root of a range of Corral's pool
+        assert pool.start <= int(uid) < pool.end and (int(uid) - pool.start) % ids.RANGE == 0
         assert (res.returncode, res.reason) == (5, "exited")
         assert client.write_file(sb.id, "in.txt", b"from the api\n") == 13
         res = collect_exec(client.exec(sb.id, ["sh", "-c", "cat in.txt > out.txt"]))

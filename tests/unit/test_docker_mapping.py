@@ -30,7 +30,8 @@ def test_container_config_maps_the_whole_spec(tmp_path):
     spec = SandboxSpec(backend="docker", memory_bytes=64 * MiB, pids_max=33, cpus=0.25,
                        tmp_bytes=4 * MiB, nofile=77, fsize_bytes=5 * MiB, hostname="box",
                        env=(("A", "1"),), labels=(("team", "x"),),
-                       binds=(BindMount(str(tmp_path / "data"), "/data", False),))
+                       binds=(BindMount(str(tmp_path / "data"), "/data", False),),
+                       uid_base=100000)  # fixed here; a sandbox takes its own at start
     cfg = docker.container_config(_api(), spec, "corral-base:t", "sbx-1", "/w", True, "/f")
     hc = cfg["host_config"]
     assert (cfg["image"], cfg["command"], cfg["user"], cfg["working_dir"], cfg["hostname"]) == (
