@@ -128,3 +128,40 @@ class AuditServicer(Servicer):
                                       broken_at_seq=result.broken_at_seq or 0,
                                       problem=result.problem or "", segments=result.segments,
                                       first_seq=result.first_seq)
+
+    @unary
+    async def Status(self, request, context):
+        caller = self.caller(context)
+        if not caller.operator:
+            raise PermissionDenied("only operators read the audit signing and sink status")
+        gov = self.daemon.governance
+        stats = gov.statistics() if gov is not None else {"sinks": [], "signing": None}
+        signing = stats.get("signing") or {}
+        pem = b""
+        if gov is not None and gov.signer is not None:
+            from ..signing import public_pem
+
+            pem = public_pem(gov.signer.public_key)
+        return pb.AuditStatusResponse(
+            last_seq=self.audit.last_seq(), policy_digest=stats.get("policy_digest", ""),
+            policy_reloads=stats.get("policy_reloads", 0),
+            signing_key_id=signing.get("key_id", ""),
+            signing_public_key_pem=pem.decode("ascii"),
+            checkpoints=signing.get("checkpoints", 0),
+            signed_through=signing.get("signed_through", 0),
+            unsigned_records=signing.get("unsigned_records", 0),
+            signing_failures=signing.get("failures", 0),
+            sinks=[pb.AuditSinkStatus(name=s["name"], delivered_seq=s["delivered_seq"],
+                                      lag=s["lag"], errors=s["errors"],
+                                      last_error=s["last_error"][:1000], dropped=s["dropped"])
+                   for s in stats["sinks"]])
+
+    @unary
+    async def Report(self, request, context):
+        from .. import report
+        from ..signing import _canonical
+
+        caller = self.caller(context)
+        body, signature = await report.build(self.daemon, caller, request.sandbox_id)
+        return pb.AuditReportResponse(report_json=_canonical(body),
+                                      signature_json=_canonical(signature))
