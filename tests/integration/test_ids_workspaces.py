@@ -24,7 +24,7 @@ def slot_of(sandbox_id: str) -> str | None:
         if name.isdigit():
             try:
                 with open(os.path.join(directory, name)) as f:
-                    if json.load(f).get("sandbox") == sandbox_id:
+                    if json.loads(f.readline()).get("sandbox") == sandbox_id:
                         return name
             except (OSError, ValueError):
                 continue

@@ -36,7 +36,7 @@ def slots_of(pid: int) -> list[str]:
         if name.isdigit():
             try:
                 with open(os.path.join(directory, name)) as f:
-                    if json.load(f).get("pid") == pid:
+                    if json.loads(f.readline()).get("pid") == pid:
                         found.append(name)
             except (OSError, ValueError):
                 continue
@@ -109,7 +109,7 @@ def test_the_range_of_a_killed_caller_is_swept_by_the_next_start(tmp_path):
         assert wait_until(lambda: (ready / "up").exists(), timeout_s=60)
         [slot] = slots_of(victim.pid)
         with open(os.path.join(ids.state_dir(), slot)) as f:
-            init_pid = json.load(f)["init_pid"]
+            init_pid = json.loads(f.read().splitlines()[1])["init_pid"]  # noted at start
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
