@@ -200,9 +200,21 @@ class TenantPolicy:
             raise PolicyDenied(f"{field_name}: {_quote(text)} is not allowed for this tenant: "
                                f"{why}")
 
-    def ttl(self, requested_s: float) -> float:
-        """The lifetime a sandbox gets: what was asked, capped by the policy."""
-        return requested_s if self.max_ttl_s is None else min(requested_s, self.max_ttl_s)
+    def ttl(self, requested_s: float | None, default_s: float,
+            field_name: str = "spec.ttl_s") -> float:
+        """The lifetime a sandbox gets: what was asked, never silently shortened; when
+        nothing was asked, default_s within the policy's maximum.
+
+        Raises:
+            PolicyDenied: what was asked is over the policy's max_ttl.
+        """
+        limit = self.max_ttl_s
+        if not requested_s:
+            return default_s if limit is None else min(default_s, limit)
+        if limit is not None and requested_s > limit:
+            raise PolicyDenied(f"{field_name}: {requested_s:g} is over this tenant's limit of "
+                               f"{limit:g} seconds (max_ttl)")
+        return requested_s
 
     def check_priority(self, priority: int) -> None:
         _at_most("spec.priority", priority, self.max_priority)

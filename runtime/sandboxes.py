@@ -245,7 +245,10 @@ class SandboxManager:
             tenant, 0), "max_sandboxes")
         if len(self._sandboxes) + self._pending >= self.max_sandboxes:
             raise ResourceExhausted(f"the daemon already runs {self.max_sandboxes} sandboxes")
-        ttl = rules.ttl(min(ttl_s or self.default_ttl_s, self.default_ttl_s))
+        if ttl_s and ttl_s > self.default_ttl_s:  # refused, never quietly shortened
+            raise InvalidSpec("spec.ttl_s", f"{ttl_s:g} is over the daemon's maximum of "
+                                            f"{self.default_ttl_s:g} (sandbox_ttl)")
+        ttl = rules.ttl(ttl_s, self.default_ttl_s)
         loop = asyncio.get_running_loop()
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         if spec.backend == "docker":  # a container on the engine at the daemon's DOCKER_HOST

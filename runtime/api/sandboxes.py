@@ -18,6 +18,9 @@ MAX_TIMEOUT_S = 30 * 86400.0
 #: (gRPC costs per message); under the 4 MiB a gRPC client accepts by default.
 EXEC_BATCH_BYTES = 1 << 20
 PID_MAX_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit
+#: The smallest /tmp (and /dev/shm) a spec may ask for: tmpfs would silently round a few
+#: bytes up to a page, and less than this is no room for a program's temporary files.
+MIN_TMP_BYTES = 1 << 20
 
 
 def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
@@ -40,6 +43,9 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
             raise InvalidSpec("spec.command_timeout_s", "must be between 0 and 30 days")
         kw["timeout_s"] = float(msg.command_timeout_s)
     if msg.tmp_bytes:
+        if msg.tmp_bytes < MIN_TMP_BYTES:
+            raise InvalidSpec("spec.tmp_bytes", f"{msg.tmp_bytes} is under the minimum of "
+                                                f"{MIN_TMP_BYTES} (1 MiB)")
         kw["tmp_bytes"] = int(msg.tmp_bytes)
     if msg.hostname:
         kw["hostname"] = msg.hostname

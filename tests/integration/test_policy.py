@@ -135,12 +135,25 @@ def test_the_operator_grants_what_the_default_refuses(policy_daemon):
 
 
 def test_ttl_is_capped_by_the_policy(policy_daemon):
+    """Over the policy's max_ttl is refused (never quietly cut); no ttl gets the daemon's
+    default within it; what is within it is honoured."""
     acme = _tcp(policy_daemon, ACME)
-    sb = acme.create_sandbox(ttl_s=86400)
-    try:
-        assert sb.spec.ttl_s == 600
-    finally:
-        acme.destroy_sandbox(sb.id)
+    with pytest.raises(ClientError) as exc:
+        acme.create_sandbox(ttl_s=1200)
+    assert exc.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert _msg(exc.value) == ("spec.ttl_s: 1200 is over this tenant's limit of 600 seconds "
+                               "(max_ttl)")
+    with pytest.raises(ClientError) as exc:
+        acme.create_sandbox(ttl_s=86400)  # over the daemon's own maximum first
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert _msg(exc.value) == ("spec.ttl_s: 86400 is over the daemon's maximum of 3600 "
+                               "(sandbox_ttl)")
+    for asked, got in ((0, 600), (300, 300)):
+        sb = acme.create_sandbox(ttl_s=asked)
+        try:
+            assert sb.spec.ttl_s == got
+        finally:
+            acme.destroy_sandbox(sb.id)
 
 
 def test_one_tenant_cannot_fill_the_daemon(policy_daemon):
