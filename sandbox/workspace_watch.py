@@ -177,7 +177,8 @@ class TreeWatch:
             fd = self._ws._open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
         except InvalidSpec:
             if root:
-                raise InvalidSpec("path", f"{rel!r} is not a directory; watch a directory")
+                raise InvalidSpec("path", f"{rel!r} is not a directory; watch a "
+                                          f"directory") from None
             return
         except Exception:
             if root:

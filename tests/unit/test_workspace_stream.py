@@ -167,7 +167,7 @@ def test_reader_gives_the_same_events_however_the_stream_is_split(fmt):
     rng = random.Random(7)
     for _ in range(20):
         cuts = sorted(rng.sample(range(1, len(raw)), 12))
-        pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+        pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
         assert _events(pieces) == whole
     assert _events([raw + os.urandom(3000)]) == whole  # after the end: ignored
 
