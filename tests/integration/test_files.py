@@ -16,7 +16,7 @@ import pytest
 
 from corral.runtime.client import ClientError
 
-from .daemon_harness import DaemonProcess
+from .daemon_harness import DaemonProcess, wait_until
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -373,6 +373,24 @@ def test_watch_reports_changes_and_the_daemon_caps_watches(fdaemon, fclient, sb)
                               "end one first")
     for call in calls:
         call.cancel()
+
+    def watch_again() -> bool:  # each cancel ends its watch on the daemon, freeing its turn
+        try:
+            stream = fclient.watch_files(sb.id)
+            next(stream)
+            stream.close()
+            return True
+        except ClientError:
+            return False
+
+    assert wait_until(watch_again)
+
+    # a watch ends, quietly, when its sandbox goes
+    other = fclient.create_sandbox()
+    stream = fclient.watch_files(other.id)
+    assert next(stream).kind == pb.FILE_EVENT_KIND_WATCHING
+    fclient.destroy_sandbox(other.id)
+    assert list(stream) == []
 
 
 def test_file_calls_are_audited(fdaemon, fclient, sb, tmp_path):
