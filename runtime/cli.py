@@ -13,11 +13,20 @@ import sys
 EXIT_USAGE = 2
 
 RUN_EPILOG = """\
-default policy: new user/PID/mount/network/UTS/IPC/cgroup namespaces (root inside is an
-unprivileged id outside), loopback-only network, read-only host /usr /bin /sbin /lib*,
-minimal /etc, fresh /proc with host-wide files masked, minimal /dev, tmpfs /tmp, writable
-/workspace (the working directory), no capabilities, no_new_privs, landlock (writes only
+default policy: new user/PID/mount/network/UTS/IPC/cgroup namespaces (root inside is the
+first id of the sandbox's own range of 65536 unprivileged host ids), loopback-only network,
+read-only host /usr /bin /sbin /lib*, minimal /etc, fresh /proc with host-wide files
+masked, minimal /dev, tmpfs /tmp, writable /workspace (the working directory), no capabilities, no_new_privs, landlock (writes only
 to /workspace, /tmp, /dev/shm and terminals), the "default" seccomp profile.
+
+your directories: --workspace, --rw and --ro directories are idmapped: the directory's
+owner on the host is root inside, so files the command writes there are the owner's. It
+cannot leave a setuid/setgid file, a device node or another user's file there.
+
+as an ordinary user (rootless): root inside is you; ids 1..65535 your /etc/subuid range
+(newuidmap, package uidmap) or nothing else. Without a cgroup you may write (cgroup v1, or
+v2 without delegation) one line says so and RLIMIT_DATA/RLIMIT_NPROC stand in for --memory
+and --pids; --cpus is not applied. `corral doctor` shows what this user has.
 
 output: when stdout or stderr is a terminal, what the command writes there is filtered:
 text, newlines, tabs and colour (SGR) sequences pass; other escape sequences (clipboard
@@ -45,8 +54,8 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", metavar="DURATION",
                    help="wall-clock limit, e.g. 30s, 5m, 1h30m (default: none)")
     p.add_argument("--workspace", metavar="DIR",
-                   help="host directory mounted writable at /workspace "
-                        "(default: a fresh temporary directory, removed afterwards)")
+                   help="host directory mounted writable at /workspace, its owner as root "
+                        "inside (default: a fresh temporary directory, removed afterwards)")
     p.add_argument("--ro", action="append", default=[], metavar="PATH[:INSIDE]",
                    help="also show a host path, read-only (repeatable)")
     p.add_argument("--rw", action="append", default=[], metavar="PATH[:INSIDE]",
