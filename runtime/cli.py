@@ -16,8 +16,9 @@ RUN_EPILOG = """\
 default policy: new user/PID/mount/network/UTS/IPC/cgroup namespaces (root inside is the
 first id of the sandbox's own range of 65536 unprivileged host ids), loopback-only network,
 read-only host /usr /bin /sbin /lib*, minimal /etc, fresh /proc with host-wide files
-masked, minimal /dev, tmpfs /tmp, writable /workspace (the working directory), no capabilities, no_new_privs, landlock (writes only
-to /workspace, /tmp, /dev/shm and terminals), the "default" seccomp profile.
+masked, minimal /dev, tmpfs /tmp, writable /workspace (the working directory), no
+capabilities, no_new_privs, landlock (writes only to /workspace, /tmp, /dev/shm and
+terminals), the "default" seccomp profile.
 
 your directories: --workspace, --rw and --ro directories are idmapped: the directory's
 owner on the host is root inside, so files the command writes there are the owner's. It
