@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 
 from corral.sandbox import cgroups
 
+from ..processes import wait_until
 from .conftest import as_user_do, run_as, subid_range
 
 NO_CGROUP_LINE = f"corral: {cgroups.NO_DELEGATION}\n"
@@ -126,3 +129,39 @@ def test_the_whole_probe_suite_as_a_user_contains_everything(rootless_user, user
     assert (r.returncode, escaped) == (0, []), r.stderr
     assert report["summary"]["contained"] == len(report["probes"]) >= 90
     assert r.stderr == NO_CGROUP_LINE
+
+
+def test_the_daemon_as_a_user(rootless_user, user_python):
+    """`corral daemon`, create, exec and inspect, all as the user: inspect shows the note
+    and the sandbox's real two-line map, and finds nothing to flag."""
+    sock = str(rootless_user.home / "corral.sock")
+    daemon = subprocess.Popen(
+        [user_python, "-m", "corral.runtime.cli", "daemon", "--socket", sock, "--state",
+         str(rootless_user.home / "state")],
+        user=rootless_user.uid, group=rootless_user.gid, extra_groups=[],
+        env={"HOME": str(rootless_user.home), "PATH": "/usr/bin:/bin"},
+        cwd=str(rootless_user.home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: daemon.poll() is not None or run_as(
+            rootless_user, user_python, "ps", "--socket", sock).returncode == 0,
+            timeout_s=60) and daemon.poll() is None
+        created = run_as(rootless_user, user_python, "create", "--socket", sock)
+        assert created.returncode == 0, created.stderr
+        sb = created.stdout.strip()
+        r = run_as(rootless_user, user_python, "exec", "--socket", sock, sb, "--", "sh", "-c",
+                   "id -u; echo x > f; stat -c %u f")
+        assert (r.returncode, r.stdout) == (0, "0\n0\n"), r.stderr
+        r = run_as(rootless_user, user_python, "inspect", "--socket", sock, sb)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"note: {cgroups.NO_DELEGATION}\n" in r.stdout
+        assert "cgroup: none of its own (its processes are in the caller's)\n" in r.stdout
+        sub = subid_range(rootless_user, "/etc/subuid")
+        assert f"uid_map: 0 {rootless_user.uid} 1 1 {sub[0]} 65535" in r.stdout
+        assert r.stdout.endswith("matches the spec\n")
+        assert run_as(rootless_user, user_python, "destroy", "--socket", sock,
+                      sb).returncode == 0
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, _ = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, out
