@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from corral.ext import TokenStream
-from corral.sandbox import PIPE, Sandbox, SandboxSpec, fstree, workspace_fs
+from corral.sandbox import PIPE, Sandbox, SandboxSpec, fstree, ids, workspace_fs
 from corral.sandbox.errors import CorralError
 
 from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, tree_signature
@@ -168,6 +168,8 @@ class AttemptRunner:
                 self.sandbox.destroy()
             except Exception:  # noqa: BLE001 - the exit record matters more
                 pass
+        if getattr(self, "_ids", None) is not None:
+            self._ids.release()
         outcome["finished_at"] = time.time()
         atomic_write(os.path.join(self.dir, "exit.json"), json.dumps(outcome).encode())
         workspace_fs.remove(self.workspace)
@@ -222,9 +224,14 @@ class AttemptRunner:
         kw = dict(plan.sandbox)
         if "env" in kw:
             kw["env"] = tuple(tuple(p) for p in kw["env"])
-        # The workspace belongs to this runtime's user (or the plan's fixed ids): the
+        # The workspace belongs to this runtime's user (or the plan's fixed ids): a native
         # sandbox sees it through an idmapped mount, its root as the owner, whichever id
-        # range the attempt's sandbox takes.
+        # range the attempt's sandbox takes. A container cannot be idmapped: its range is
+        # taken here, before the workspace is made for it, and given back in _finish.
+        if (kw.get("backend") == "docker" and kw.get("uid_base") is None
+                and os.geteuid() == 0):
+            self._ids = ids.allocate(f"{plan.task_id}-{plan.attempt}")
+            kw["uid_base"] = self._ids.base
         uid = kw.get("uid_base") or os.geteuid()
         env = self._prepare_workspace(uid)
         spec = SandboxSpec(**kw, workspace=self.workspace, devices=tuple(plan.devices))
