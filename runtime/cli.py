@@ -284,11 +284,47 @@ def build_parser() -> argparse.ArgumentParser:
                     "exact text.")
     audit_sub = audit.add_subparsers(dest="audit_verb", metavar="VERB")
     for name, text in (("tail", "follow new records"), ("query", "search records"),
-                       ("verify", "check the hash chain; exit 1 when broken")):
+                       ("verify", "check the hash chain (and with --pubkey its signatures); "
+                                  "exit 1 when broken"),
+                       ("export", "stream records with hashes and signatures, for a SIEM"),
+                       ("status", "operators: signing key, checkpoints, each sink's lag")):
         ap = audit_sub.add_parser(name, help=text)
         client_flags(ap)
         ap.add_argument("--db", metavar="FILE",
                         help="read this audit.db directly instead of asking the daemon")
+        if name == "verify":
+            ap.description = (
+                "Recompute the hash chain and name the first broken record. With --pubkey, "
+                "also check every audit.checkpoint signature against that Ed25519 public key "
+                "(the daemon writes it to <state>/audit-signing.key.pub) and that every "
+                "record is covered by one: a copy re-hashed end to end, head anchor "
+                "included, fails, naming the first record past the last valid signature.")
+            ap.add_argument("--pubkey", metavar="FILE",
+                            help="Ed25519 public key (PEM, or 32 bytes raw/hex/base64)")
+            ap.add_argument("--file", metavar="EXPORT",
+                            help="verify an exported copy (jsonl or ocsf lines, '-' for "
+                                 "stdin) instead: needs only --pubkey, no daemon, no db")
+        if name == "export":
+            ap.description = (
+                "Write records after --since (or the --cursor file's seq) as JSON lines: "
+                "every column, detail_json verbatim, hashes, and the audit.checkpoint "
+                "records that carry the signatures, so the output verifies with only the "
+                "public key (`corral audit verify --file OUT --pubkey KEY`). "
+                "--format ocsf writes OCSF 1.1 API Activity events (class 6003), each "
+                "keeping the record whole under unmapped.corral_record.")
+            ap.add_argument("--since", type=int, default=0, metavar="SEQ",
+                            help="records after this seq (the last one you already have; "
+                                 "default 0: from the first)")
+            ap.add_argument("--format", choices=("jsonl", "ocsf"), default="jsonl")
+            ap.add_argument("--out", metavar="FILE",
+                            help="append to FILE (created 0600) instead of stdout")
+            ap.add_argument("--cursor", metavar="FILE",
+                            help="resume after the seq in FILE and store the last seq "
+                                 "written there once the output is flushed")
+            continue
+        if name == "status":
+            ap.add_argument("--json", action="store_true", help="the figures as JSON")
+            continue
         if name != "verify":
             ap.add_argument("--sandbox", metavar="ID")
             ap.add_argument("--kind", metavar="KIND", help="exact kind or a prefix ending in '.'")
@@ -299,6 +335,39 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument("--limit", type=int, default=100)
             ap.add_argument("--of-tenant", dest="for_tenant", metavar="NAME",
                             help="operators: another tenant's records")
+    policy = sub.add_parser(
+        "policy", help="check and compare tenant policy files",
+        description="Tenant policy as code: a TOML file (or a directory of them) with "
+                    "[policy] and [tenants.NAME] tables, as in the daemon config, without "
+                    "tokens; the daemon reads it from policy_file and reloads it on SIGHUP "
+                    "(docs/policy.md). No daemon needed.")
+    policy_sub = policy.add_subparsers(dest="policy_verb", metavar="VERB")
+    pc = policy_sub.add_parser("check", help="validate a policy file or directory; print "
+                                             "its digest")
+    pc.add_argument("path", metavar="FILE|DIR")
+    pd = policy_sub.add_parser(
+        "diff", help="what B allows that A did not",
+        description="One line per widening: a new tenant, a seccomp profile, a network "
+                    "rule (\"tenant acme may now reach 10.0.0.0/8:5432\"), each limit and "
+                    "each quota raised or lifted, for each tenant and for the default of "
+                    "every other tenant. Exit 0 when B allows nothing more than A, 1 when it "
+                    "does, 2 on an invalid file.")
+    pd.add_argument("old", metavar="A")
+    pd.add_argument("new", metavar="B")
+
+    report = sub.add_parser(
+        "report", help="signed attestation report of a sandbox",
+        description="Ask the daemon for a report of SANDBOX: the effective policy read from "
+                    "the kernel, the requested spec, its policy digests, the egress rules and "
+                    "attempts (denials listed), and its audit records, signed with the audit "
+                    "key. --check verifies a saved JSON report against a public key.")
+    client_flags(report)
+    report.add_argument("sandbox", nargs="?", metavar="SANDBOX")
+    report.add_argument("--format", choices=("json", "markdown"), default="json")
+    report.add_argument("--check", metavar="FILE",
+                        help="verify a report saved with --format json (needs --pubkey)")
+    report.add_argument("--pubkey", metavar="FILE", help="the audit key's public half")
+
     from corral.runtime.tasks import cli as task_cli
 
     task_cli.add_parsers(sub, client_flags)
@@ -464,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
         from corral.runtime.tasks import cli as task_cli
 
         return task_cli.dispatch(args)
+    if args.verb == "policy":
+        from corral.runtime import cli_governance
+
+        return cli_governance.policy(args)
+    if args.verb == "report":
+        from corral.runtime import cli_governance
+
+        return cli_governance.report(args)
     if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect", "cp"):
         from corral.runtime import cli_client
 

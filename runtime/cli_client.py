@@ -325,7 +325,13 @@ def audit(args) -> int:
 
     verb = args.audit_verb
     if verb is None:
-        return _fail("audit: which one? tail, query or verify", EXIT_USAGE)
+        return _fail("audit: which one? tail, query, verify or export", EXIT_USAGE)
+    if verb == "export":
+        return _audit_export(args)
+    if verb == "status":
+        return _audit_status(args)
+    if verb == "verify" and (args.pubkey or args.file):
+        return _audit_verify_signed(args)
     if args.db:
         try:
             log = AuditLog.open(args.db, readonly=True)
@@ -409,3 +415,117 @@ def _print_verify(ok: bool, checked: int, broken_at: int, problem: str, segments
     print(f"audit chain BROKEN at record {broken_at}: {problem}", file=sys.stderr)
     return 1
 
+
+
+def _audit_rows(args, after_seq: int):
+    """Row tuples after a seq, in batches: from --db, or paged through the daemon's Query."""
+    from .audit import AuditLog
+
+    if args.db:
+        log = AuditLog.open(args.db, readonly=True)
+        try:
+            yield from log.row_batches(after_seq)
+        finally:
+            log.close()
+        return
+    with _connect(args) as client:
+        while True:
+            page = client.audit_query(after_seq=after_seq, limit=10_000)
+            if not page:
+                return
+            yield [(r.seq, r.time, r.tenant, r.peer, r.kind, r.sandbox_id, r.session_id,
+                    r.detail_json, r.prev_hash, r.hash) for r in page]
+            after_seq = page[-1].seq
+
+
+def _audit_export(args) -> int:
+    from . import audit_export
+
+    after = args.since
+    if args.cursor:
+        after = max(after, audit_export.read_cursor(args.cursor))
+    if args.out:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        out = open(fd, "w", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+    else:
+        out = sys.stdout
+    last = after
+    try:
+        for rows in _audit_rows(args, after):
+            out.write(audit_export.format_rows(rows, args.format))
+            last = rows[-1][0]
+        out.flush()
+        if args.out:
+            os.fsync(out.fileno())
+    except BrokenPipeError:
+        return 1  # the reader went away: the cursor stays where it was
+    except CorralError as exc:
+        return _fail(f"audit: {exc}", 1)
+    finally:
+        if args.out:
+            out.close()
+    if args.cursor and last > after:
+        audit_export.write_cursor(args.cursor, last)
+    return 0
+
+
+def _audit_verify_signed(args) -> int:
+    from . import audit_export
+    from .audit import AuditLog
+    from .signing import load_public_key, verify_signed
+
+    if not args.pubkey:
+        return _fail("audit: verify --file needs --pubkey FILE (the daemon's "
+                     "audit-signing.key.pub)", EXIT_USAGE)
+    try:
+        key = load_public_key(args.pubkey)
+        if args.file:
+            copy = sys.stdin if args.file == "-" else audit_export.open_copy(args.file)
+            with copy:
+                result = verify_signed(audit_export.read_copy(copy, args.file), key)
+        else:
+            if args.db:  # the chain, its anchor and segments first, as plain verify does
+                log = AuditLog.open(args.db, readonly=True)
+                try:
+                    chain = log.verify()
+                finally:
+                    log.close()
+                if not chain.ok:
+                    return _print_verify(False, chain.checked, chain.broken_at_seq,
+                                         chain.problem)
+            result = verify_signed((r for rows in _audit_rows(args, 0) for r in rows), key)
+    except CorralError as exc:
+        return _fail(f"audit: {exc}", 1)
+    if not result.ok:
+        print(f"audit signatures BROKEN at record {result.broken_at_seq}: {result.problem}",
+              file=sys.stderr)
+        return 1
+    print(f"audit chain OK and signed: {result.checked} records verified, records "
+          f"{result.first_seq}-{result.signed_through} pinned by {result.signatures} "
+          f"checkpoint signature{'s' if result.signatures != 1 else ''} of key {result.key_id}")
+    return 0
+
+
+def _audit_status(args) -> int:
+    from google.protobuf import json_format
+
+    with _connect(args) as client:
+        st = client.audit_status()
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(st, preserving_proto_field_name=True,
+                                                   always_print_fields_with_no_presence=True),
+                         sort_keys=True))
+        return 0
+    print(f"last record {st.last_seq}; tenant policy {st.policy_digest or '-'} "
+          f"({st.policy_reloads} reload{'s' if st.policy_reloads != 1 else ''})")
+    if st.signing_key_id:
+        print(f"signing key {st.signing_key_id}: {st.checkpoints} checkpoints, signed through "
+              f"record {st.signed_through}, {st.unsigned_records} records since, "
+              f"{st.signing_failures} failures")
+    else:
+        print("signing off")
+    for s in st.sinks:
+        print(visible(f"sink {s.name}: delivered through {s.delivered_seq}, lag {s.lag}, "
+                      f"{s.errors} errors, {s.dropped} dropped"
+                      + (f" (last error: {s.last_error})" if s.last_error else "")))
+    return 0

@@ -560,6 +560,15 @@ class Client:
     def audit_verify(self) -> audit_pb2.AuditVerifyResponse:
         return self._call(self.audit.Verify, audit_pb2.AuditVerifyRequest(), timeout=600)
 
+    def audit_status(self) -> audit_pb2.AuditStatusResponse:
+        """Operators: the signing key, checkpoints, and each audit sink's lag."""
+        return self._call(self.audit.Status, audit_pb2.AuditStatusRequest())
+
+    def audit_report(self, sandbox_id: str) -> audit_pb2.AuditReportResponse:
+        """A signed attestation report of one sandbox (runtime/report.py)."""
+        return self._call(self.audit.Report, audit_pb2.AuditReportRequest(
+            sandbox_id=sandbox_id), timeout=120)
+
     def audit_watch(self, **filters) -> Iterator[audit_pb2.AuditRecord]:
         try:
             yield from self.audit.Watch(audit_pb2.AuditWatchRequest(**filters),

@@ -88,6 +88,12 @@ class DaemonConfig:
     policy: dict = field(default_factory=dict)
     #: The same keys inside [tenants.NAME], on top of [policy] for that tenant.
     tenant_policies: dict = field(default_factory=dict)
+    #: [policy] and [tenants.NAME] policy keys read from this file, or every *.toml of this
+    #: directory, instead (runtime/policy_files.py); SIGHUP reloads it. Tokens stay here.
+    policy_file: str | None = None
+    #: [audit]: signing (signing_key, signing_command, signing_public_key, signing),
+    #: checkpoint_records, checkpoint_interval and [audit.sinks.NAME] (runtime/governance.py).
+    audit: dict = field(default_factory=dict)
     #: Audit check at start: "tail" (the head anchor and the records past it) or "full"
     #: (every record of every segment, streamed; refuses to start on a broken chain).
     verify_audit: str = "tail"
@@ -170,6 +176,9 @@ class DaemonConfig:
         if not isinstance(self.task_retention_s, (int, float)) or self.task_retention_s < 0:
             raise InvalidSpec("task_retention", f"{self.task_retention_s!r} must be a duration "
                                                 "(e.g. 7d) or 0 to keep every task")
+        from .governance import check_audit_settings
+
+        check_audit_settings(self.audit)
         self.policy_book()  # refuse a bad policy at start, naming its key
         return self
 
@@ -214,8 +223,23 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
             raise InvalidSpec("config", f"{path}: {exc}") from None
         values.update(_from_mapping(raw, path))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("policy_file"):
+        values.update(policy_from_file(values["policy_file"], values))
     known = {f.name for f in dataclasses.fields(DaemonConfig)}
     return DaemonConfig(**{k: v for k, v in values.items() if k in known}).validate()
+
+
+def policy_from_file(path: str, values: dict) -> dict:
+    """policy and tenant_policies from a policy file, refusing policy keys in the daemon
+    config too (one place decides)."""
+    from .policy_files import load_source
+
+    if values.get("policy") or any(values.get("tenant_policies", {}).values()):
+        raise InvalidSpec("policy_file", f"the tenant policy is read from {path}: remove "
+                                         "[policy] and the policy keys of [tenants.NAME] "
+                                         "from the daemon config (keep the tokens)")
+    source = load_source(path)
+    return {"policy": source.policy, "tenant_policies": source.tenants}
 
 
 def _from_mapping(raw: dict, path: str) -> dict:
@@ -237,6 +261,10 @@ def _from_mapping(raw: dict, path: str) -> dict:
                 policies[tenant] = {k: v for k, v in table.items() if k != "token"}
             out["tokens"] = tokens
             out["tenant_policies"] = policies
+        elif key == "audit":
+            if not isinstance(value, dict):
+                raise InvalidSpec("config", f"{path}: [audit] must be a table")
+            out["audit"] = dict(value)
         elif key == "policy":
             if not isinstance(value, dict):
                 raise InvalidSpec("config", f"{path}: [policy] must be a table")

@@ -25,6 +25,7 @@ from .api.wire import generic_handler
 from .audit import AuditLog
 from .auth import Authenticator
 from .config import DaemonConfig
+from .governance import Governance
 from .resources import ResourceGuard
 from .sandboxes import SandboxManager
 from .sessions import SessionManager
@@ -43,6 +44,8 @@ class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config
         self.audit: AuditLog | None = None
+        #: Signed checkpoints, audit sinks, the policy digest and its reloads.
+        self.governance: Governance | None = None
         self.auth = Authenticator(config.tokens, config.operators)
         #: Every tenant's operator policy: limits, profiles, egress rules and quotas.
         self.policies = config.policy_book()
@@ -91,6 +94,9 @@ class Daemon:
             os.path.join(cfg.state, "audit.db"), verify=cfg.verify_audit,
             segment_records=cfg.audit_segment_records, segment_bytes=cfg.audit_segment_bytes,
             retention_s=cfg.audit_retention_s))
+        # The signing key, the policy digest on every record from here on, the sinks.
+        self.governance = Governance(self)
+        await asyncio.get_running_loop().run_in_executor(None, self.governance.start)
         # Sandboxes of a daemon that died (SIGKILL, crash) died with it; remove what they
         # left and say so in the chain, which simply continues.
         for sandbox_id in await asyncio.get_running_loop().run_in_executor(None, _sweep):
@@ -142,7 +148,7 @@ class Daemon:
         self.server = server
         self.audit.append("daemon.start", tenant="", peer="daemon", detail={
             "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
-            "tcp_port": self.tcp_port or 0})
+            "tcp_port": self.tcp_port or 0, **self.governance.start_detail()})
         tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
         log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
         await self._apply_health()  # NOT_SERVING from the start on a full disk
@@ -194,6 +200,8 @@ class Daemon:
         stats["workspace_bytes"] = workspace_fs.max_bytes()
         stats["workspace_inodes"] = workspace_fs.max_inodes()
         stats["workspace_fs"] = workspace_fs.kind()
+        if self.governance is not None:  # signing, sink lag, policy digest
+            stats["audit"] = self.governance.statistics()
         return stats
 
     async def _add_health_and_reflection(self, server, descriptors) -> None:
@@ -310,6 +318,9 @@ class Daemon:
                 "daemon.stop", tenant="", peer="daemon",
                 detail={"reason": reason, "cause": cause, "pid": os.getpid(),
                         "failures": list(self.stop_failures)}))
+            if self.governance is not None:  # the last checkpoint signs daemon.stop
+                await self._step("audit evidence", lambda: asyncio.to_thread(
+                    self.governance.stop))
             await self._step("audit close", self.audit.close)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket)
@@ -322,6 +333,9 @@ class Daemon:
             # asked for it goes to the log and the daemon.stop record.
             loop.add_signal_handler(sig, lambda s=sig: loop.create_task(
                 self.stop("daemon-shutdown", cause=f"signal {signal.Signals(s).name}")))
+        # SIGHUP: reload the tenant policy from policy_file (an audited, signed event).
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.governance is not None and (
+            loop.run_in_executor(None, self.governance.reload_policy)))
         await self.start()
         await self._stopped.wait()
 
