@@ -2,7 +2,7 @@
 
 Makes one file of --size bytes of random data (default 2 GiB), then, RUNS times, copies it
 into a sandbox and back out with each candidate, in the same run, candidates alternating
-which goes first:
+which goes first (and `sync` before each timed copy, so none pays for another's writeback):
 
 | candidate       | upload                                  | download                         |
 |-----------------|-----------------------------------------|----------------------------------|
@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def sha256(path: str) -> str:
 
 
 def timed(fn) -> float:
+    os.sync()  # the previous copy's dirty pages are not this one's to write back
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -97,6 +99,7 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="where the source and copies go "
                                                     "(default: a temporary directory)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the engine and daemon
     size = parse_size(args.size, "size")
     root = tempfile.mkdtemp(prefix="corral-bench-files-", dir=args.dir)
     src = os.path.join(root, "src.bin")
