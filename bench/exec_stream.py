@@ -5,7 +5,8 @@ through `Sandboxes.Exec` (the Python client, one reader that keeps up), RUNS tim
 run: bytes the client received (short of BYTES means output was dropped), seconds from the
 request to the exit event, and MB/s (10^6 bytes) of what arrived. With --binary the command
 is `head -c BYTES /dev/urandom` and the client checks nothing but the count (the kernel's
-random generator then bounds the rate).
+random generator then bounds the rate); with --allow-loss the request allows loss (no flow
+control: the command never waits, a reader too slow for it loses output).
 
 Prints one JSON object: {"bytes", "runs": [{"received", "seconds", "mb_s"}], "worst_mb_s",
 "best_mb_s", "complete_runs"}.
@@ -39,10 +40,10 @@ def start_daemon(root: str) -> tuple[subprocess.Popen, str]:
     return proc, socket
 
 
-def one_run(client: Client, sandbox_id: str, size: int, source: str) -> dict:
+def one_run(client: Client, sandbox_id: str, size: int, source: str, **kw) -> dict:
     received = 0
     start = time.perf_counter()
-    for event in client.exec(sandbox_id, ["head", "-c", str(size), source]):
+    for event in client.exec(sandbox_id, ["head", "-c", str(size), source], **kw):
         if event.WhichOneof("event") == "output" and event.output.stream == 1:
             received += len(event.output.batch.text)
     seconds = time.perf_counter() - start
@@ -56,6 +57,8 @@ def main() -> int:
     parser.add_argument("--bytes", type=int, default=256 << 20, help="output per run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--binary", action="store_true", help="/dev/urandom, not /dev/zero")
+    parser.add_argument("--allow-loss", action="store_true",
+                        help="ExecRequest.allow_loss: no flow control (what arrives may be less)")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="corral-bench-exec-")
     proc, socket = start_daemon(root)
@@ -68,7 +71,8 @@ def main() -> int:
             except Exception:  # noqa: BLE001 - not serving yet
                 time.sleep(0.1)
         source = "/dev/urandom" if args.binary else "/dev/zero"
-        runs = [one_run(client, sandbox.id, args.bytes, source) for _ in range(args.runs)]
+        kw = {"allow_loss": True} if args.allow_loss else {}
+        runs = [one_run(client, sandbox.id, args.bytes, source, **kw) for _ in range(args.runs)]
         client.destroy_sandbox(sandbox.id)
         client.close()
     finally:
@@ -76,7 +80,8 @@ def main() -> int:
         proc.wait(30)
         shutil.rmtree(root, ignore_errors=True)
     rates = [r["mb_s"] for r in runs]
-    print(json.dumps({"bytes": args.bytes, "source": source, "runs": runs,
+    print(json.dumps({"bytes": args.bytes, "source": source, "allow_loss": args.allow_loss,
+                      "runs": runs,
                       "worst_mb_s": min(rates), "best_mb_s": max(rates),
                       "complete_runs": sum(r["received"] == args.bytes for r in runs)}))
     return 0
