@@ -273,3 +273,21 @@ def test_resume_past_the_newest_entry_is_invalid_argument(fuzz_daemon):
 def test_health_is_served_after_the_fuzz(fuzz_daemon):
     assert fuzz_daemon.health() == health_pb2.HealthCheckResponse.ServingStatus.Name(
         health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_what_the_fuzz_found_stays_fixed(fuzz_daemon):
+    """Two findings of the fuzz, pinned: an unknown TaskState, and an after_seq past what
+    SQLite stores (both were INTERNAL)."""
+    with grpc.insecure_channel(f"unix:{fuzz_daemon.socket}") as channel:
+        tasks = channel.unary_unary("/corral.v1.Tasks/List",
+                                    request_serializer=task_pb2.ListTasksRequest.SerializeToString)
+        with pytest.raises(grpc.RpcError) as exc:
+            tasks(task_pb2.ListTasksRequest(state=189), timeout=5)
+        assert (exc.value.code(), exc.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "state: 189 is not a TaskState value")
+        query = channel.unary_unary(
+            "/corral.v1.Audit/Query",
+            request_serializer=audit_pb2.AuditQueryRequest.SerializeToString,
+            response_deserializer=audit_pb2.AuditQueryResponse.FromString)
+        assert list(query(audit_pb2.AuditQueryRequest(after_seq=2**64 - 1), timeout=5)
+                    .records) == []
