@@ -130,6 +130,15 @@ def test_text_differential(schedule, log_bytes):
 
 
 @FUZZ
+@given(schedule=schedules(st.binary(max_size=64)),
+       log_bytes=st.sampled_from([1, 60, 1 << 20]))
+def test_bytes_differential(schedule, log_bytes):
+    expected = run(oracle, "bytes", log_bytes, 1 << 20, schedule)
+    got = run(compiled, "bytes", log_bytes, 1 << 20, schedule)
+    assert got == expected
+
+
+@FUZZ
 @given(payload=st.binary(max_size=40))
 def test_utf8_verdicts_match_python(payload):
     """Both cores accept exactly what Python's strict decoder accepts, and cite its offset."""
