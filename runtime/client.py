@@ -295,6 +295,10 @@ class Client:
         self._call(self.sandboxes.Destroy, sandbox_pb2.DestroySandboxRequest(sandbox_id=sandbox_id))
 
     def exec(self, sandbox_id: str, argv: list[str], **kw) -> Iterator[sandbox_pb2.ExecEvent]:
+        """Run argv; yields started, output (stdout/stderr bytes exactly as written, one
+        StreamBatch each) and exited. kw are ExecRequest fields: env, cwd, stdin,
+        keep_stdin_open, timeout_s, and allow_loss=True to never hold the command back
+        (a slow reader then loses output, and `batch.lost` says so)."""
         request = sandbox_pb2.ExecRequest(sandbox_id=sandbox_id, argv=argv, **kw)
         try:
             yield from self.sandboxes.Exec(request, metadata=self.metadata)
