@@ -151,6 +151,11 @@ class DaemonConfig:
                 0 <= self.mux_interval_ms <= 1000):
             raise InvalidSpec("mux_interval_ms", f"{self.mux_interval_ms!r} must be between 0 "
                                                  "and 1000 ms")
+        if not isinstance(self.stream_log_bytes, int) or not (
+                64 << 10 <= self.stream_log_bytes <= 1 << 40):
+            # exec output's flow control keeps a quarter of it for unread output
+            raise InvalidSpec("stream_log_bytes", f"{self.stream_log_bytes!r} must be between "
+                                                  "64 KiB and 1 TiB")
         if self.workspace_bytes < 1 << 20:
             raise InvalidSpec("workspace_bytes", f"{self.workspace_bytes} is under 1 MiB")
         if self.workspace_inodes < 64:
