@@ -130,7 +130,8 @@ class Daemon:
         audit_desc = audit_pb2.DESCRIPTOR.services_by_name["Audit"]
         server.add_generic_rpc_handlers((
             generic_handler(sandboxes_desc, SandboxesServicer(self),
-                            streaming_bytes=frozenset({"Exec", "Attach"})),
+                            streaming_bytes=frozenset({"Exec", "Attach", "Download",
+                                                       "GetArchive"})),
             generic_handler(sessions_desc, SessionsServicer(self),
                             streaming_bytes=frozenset({"Open", "OpenMany"})),
             generic_handler(audit_desc, AuditServicer(self)),
@@ -205,19 +206,24 @@ class Daemon:
         return stats
 
     async def _add_health_and_reflection(self, server, descriptors) -> None:
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
+        from grpc_health.v1 import health, health_pb2
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
 
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [d.full_name for d in descriptors]
         self._health_names = ["", *names]
         self._mutating_health_names = ["", *(n for n in names if n.rsplit(".", 1)[-1] in (
             "Sandboxes", "Sessions", "Tasks"))]
         for name in self._health_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+        # Through generic_handler like ours: a request that does not decode is then
+        # INVALID_ARGUMENT here too, not UNKNOWN with a Python class name.
+        server.add_generic_rpc_handlers([
+            generic_handler(health_pb2.DESCRIPTOR.services_by_name["Health"], self.health),
+            generic_handler(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+                            reflection.aio.ReflectionServicer(
+                                [*names, reflection.SERVICE_NAME, health.SERVICE_NAME])),
+        ])
 
     def _bind_unix(self, server) -> None:
         path = self.config.socket
