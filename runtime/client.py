@@ -382,20 +382,22 @@ class Client:
                                             offset=offset)
             sizes = {}
 
-            def requests():
-                yield sandbox_pb2.UploadRequest(start=start)
+            def requests():  # encoded here: one copy of each chunk, not three
+                yield sandbox_pb2.UploadRequest(start=start).SerializeToString()
                 for at, data in pieces:
                     if data:
-                        yield sandbox_pb2.UploadRequest(chunk=sandbox_pb2.FileChunk(
-                            offset=at, data=data))
+                        yield _upload_chunk(at, data)
                     sizes["end"] = max(sizes.get("end", 0), at + len(data))
                 yield sandbox_pb2.UploadRequest(end=sandbox_pb2.UploadEnd(
-                    size=sizes.get("end", 0)))
+                    size=sizes.get("end", 0))).SerializeToString()
 
+            upload = self.channel.stream_unary(
+                "/corral.v1.Sandboxes/Upload", request_serializer=None,
+                response_deserializer=sandbox_pb2.UploadResponse.FromString)
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="corral-upload") as pool:
                     pieces = _read_ahead(pieces, pool)  # read + hash the next chunk meanwhile
-                    reply = self.sandboxes.Upload(requests(), metadata=self.metadata)
+                    reply = upload(requests(), metadata=self.metadata)
             except grpc.RpcError as exc:
                 raise _wrap(exc) from None
         finally:
@@ -694,6 +696,21 @@ def _file_pieces(f, offset: int, chunk_bytes: int, digest):
             pos += len(data)
     _hash_zeros(digest, size - pos)
     yield size, b""  # where the file ends (a hole up to there)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _upload_chunk(offset: int, data: bytes) -> bytes:
+    """UploadRequest{chunk: FileChunk{offset, data}}, encoded with one copy of data."""
+    inner = b"".join((b"\x08", _varint(offset), b"\x12", _varint(len(data))))
+    return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
 
 
 def _read_ahead(pieces, pool):
