@@ -454,8 +454,16 @@ class Sandbox(SandboxLifecycle):
             if self.spec.allow_net:  # before any command runs
                 from .. import net
 
-                self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
-                                              self.on_net_event)
+                try:
+                    self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
+                                                  self.on_net_event)
+                except SandboxSetupError as exc:
+                    if privileged or exc.errno != errno_mod.EPERM:
+                        raise
+                    raise SandboxSetupError(exc.step, exc.path, exc.errno, (
+                        "--allow-net needs root: the egress link is a veth pair into a "
+                        "network namespace Corral owns on the host, which an unprivileged "
+                        "user cannot make; run without --allow-net, or as root")) from None
             self.state = "running"
         except BaseException:
             self._cleanup()

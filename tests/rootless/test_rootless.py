@@ -165,3 +165,14 @@ def test_the_daemon_as_a_user(rootless_user, user_python):
         daemon.send_signal(signal.SIGTERM)
         out, _ = daemon.communicate(timeout=60)
     assert daemon.returncode == 0, out
+
+
+def test_allow_net_as_a_user_is_one_clear_error(rootless_user, user_python):
+    r = run_as(rootless_user, user_python, "run", "--allow-net", "example.com:443", "--",
+               "true")
+    assert r.returncode == 125
+    assert r.stderr == (
+        "corral: run: sandbox setup failed at unshare(CLONE_NEWNET) 'egress namespace': "
+        "EPERM Operation not permitted (--allow-net needs root: the egress link is a veth "
+        "pair into a network namespace Corral owns on the host, which an unprivileged user "
+        "cannot make; run without --allow-net, or as root)\n")
