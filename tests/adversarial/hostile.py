@@ -1,0 +1,130 @@
+"""A hostile tenant, run as its own process beside a well-behaved one (issue 18).
+
+    python -m tests.adversarial.hostile --target 127.0.0.1:PORT --token TOKEN --seconds N
+
+Every attack runs on its own thread until the time is up, then everything it made is
+destroyed and one JSON line of counts is printed. Attacks (each is a finding of the issue):
+
+* fifo      mkfifo in its sandbox, then WriteFile onto the FIFO, again and again
+* unauth    calls with an unknown bearer token (flooding the denial path)
+* oversized creates and execs with fields at and over every size limit
+* burst     concurrent creates past its sandbox quota, then destroys
+* openmany  OpenMany starts with 1 MB fields on a stream it never reads
+
+It runs at nice 10: the test is about the daemon's fairness to other tenants, not about
+this 2-core machine's CPU scheduler (the attacker's client work would otherwise compete
+with the daemon for the same cores). The attacker never needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import threading
+import time
+from collections import Counter
+
+from corral.runtime.client import Client, ClientError
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    os.nice(10)
+    counts: Counter = Counter()
+    lock = threading.Lock()
+    stop = time.monotonic() + args.seconds
+    made: list[str] = []
+
+    def tally(name: str, outcome: str) -> None:
+        with lock:
+            counts[f"{name}.{outcome}"] += 1
+
+    def client() -> Client:
+        return Client.connect(target=args.target, token=args.token)
+
+    def attempt(name: str, fn) -> None:
+        try:
+            fn()
+            tally(name, "ok")
+        except ClientError as exc:
+            tally(name, exc.code.name)
+
+    def fifo() -> None:
+        c = client()
+        sb = c.create_sandbox()
+        made.append(sb.id)
+        list(c.exec(sb.id, ["mkfifo", "/workspace/input.txt"]))
+        while time.monotonic() < stop:
+            attempt("fifo", lambda: c.write_file(sb.id, "input.txt", b"x" * 100))
+
+    def unauth() -> None:
+        bad = Client.connect(target=args.target, token="not-a-token-0123456789abcdef")
+        while time.monotonic() < stop:
+            attempt("unauth", bad.list_sandboxes)
+
+    def oversized() -> None:
+        c = client()
+        sb = c.create_sandbox()
+        made.append(sb.id)
+        big = "x" * (1 << 20)
+        while time.monotonic() < stop:
+            attempt("oversized.env", lambda: c.create_sandbox(env={"A": big}))
+            attempt("oversized.argv", lambda: list(c.exec(sb.id, ["true"] + ["y" * 1000] * 300)))
+            attempt("oversized.path", lambda: c.write_file(sb.id, "p" * 100_000, b"x"))
+            time.sleep(0.01)
+
+    def burst() -> None:
+        c = client()
+        while time.monotonic() < stop:
+            ids: list[str] = []
+
+            def one(ids=ids):
+                try:
+                    ids.append(c.create_sandbox().id)
+                    tally("burst", "ok")
+                except ClientError as exc:
+                    tally("burst", exc.code.name)
+
+            threads = [threading.Thread(target=one) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for sid in ids:
+                with contextlib.suppress(ClientError):
+                    c.destroy_sandbox(sid)
+
+    def openmany() -> None:
+        c = client()
+        big = "z" * (1 << 20)
+        mux = c.open_many()  # never read
+        n = 0
+        while time.monotonic() < stop:
+            n += 1
+            mux.start(f"r{n}", ["true"], hostname=big)
+            tally("openmany", "sent")
+            time.sleep(0.002)
+        mux.close()
+
+    attacks = [fifo, unauth, oversized, burst, openmany]
+    threads = [threading.Thread(target=a, name=a.__name__) for a in attacks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(args.seconds + 60)
+    c = client()
+    for sb in c.list_sandboxes():
+        with contextlib.suppress(ClientError):
+            c.destroy_sandbox(sb.id)
+    print(json.dumps(dict(counts), sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
