@@ -1,5 +1,6 @@
 """Audit log cost: append latency and throughput under synchronous=FULL and NORMAL, verify speed,
-a bad-token flood through deny() (records written, cost per call) and appends across rotations.
+a bad-token flood through deny() (records written, cost per call), appends across rotations,
+appends with signed checkpoints against plain ones, and export in both formats.
 
 Each append is the real thing: validate, hash, INSERT (5 indexes), commit, head anchor write.
 The log lives in --dir (default: a temporary folder under the current directory, so it is on the
@@ -63,6 +64,107 @@ def _appends(folder: str, synchronous: str, count: int, threads: int) -> dict:
         "append_us_p50": round(_percentile(latencies, 0.50) * 1e6, 1),
         "append_us_p99": round(_percentile(latencies, 0.99) * 1e6, 1),
     }
+
+
+def _signed_appends(folder: str, count: int, rounds: int = 4) -> dict:
+    """Appends with signed checkpoints (every 1000 records, as the daemon's default, and the
+    policy digest on every record, as the daemon writes them) against plain appends, in
+    alternating rounds on fresh logs so disk noise hits both alike."""
+    from corral.runtime.signing import Checkpointer, FileSigner, checkpoint_message
+
+    audit._SYNCHRONOUS = "FULL"
+    signer = FileSigner.load_or_create(os.path.join(folder, "bench-signing.key"))
+    plain: list[float] = []
+    signed: list[float] = []
+    cpu = {"plain": 0.0, "signed": 0.0}  # process CPU seconds (every thread): no disk waits
+    checkpoints = 0
+    for r in range(rounds):
+        for mode in ("plain", "signed") if r % 2 == 0 else ("signed", "plain"):
+            path = os.path.join(folder, f"sign-{mode}-{r}.db")
+            with audit.AuditLog.open(path) as log:
+                cp = None
+                if mode == "signed":
+                    log.policy_digest = "sha256:" + "ef" * 32
+                    cp = Checkpointer(log, signer, every_records=1000, interval_s=60)
+                log.append("bench.warmup", tenant="bench")
+                out = signed if mode == "signed" else plain
+                c0 = time.process_time()
+                for i in range(count // rounds):
+                    t0 = time.perf_counter()
+                    log.append("exec.start", tenant="bench", peer="uid=1000 pid=1",
+                               sandbox_id="sb-1", session_id=f"s-{i % 64}", detail=DETAIL)
+                    out.append(time.perf_counter() - t0)
+                if cp is not None:
+                    cp.close()
+                    checkpoints += cp.checkpoints
+                cpu[mode] += time.process_time() - c0
+    plain.sort()
+    signed.sort()
+    t0 = time.perf_counter()
+    for i in range(1000):
+        signer.sign(checkpoint_message(i, "ab" * 32, 1.5, signer.key_id))
+    sign_us = (time.perf_counter() - t0) / 1000 * 1e6
+    p50_plain, p50_signed = _percentile(plain, 0.5), _percentile(signed, 0.5)
+    return {
+        "unsigned_append_us_p50": round(p50_plain * 1e6, 1),
+        "signed_append_us_p50": round(p50_signed * 1e6, 1),
+        "signed_append_us_p99": round(_percentile(signed, 0.99) * 1e6, 1),
+        "signing_overhead_pct": round((p50_signed / p50_plain - 1) * 100, 1),
+        "unsigned_append_cpu_us": round(cpu["plain"] / len(plain) * 1e6, 1),
+        "signed_append_cpu_us": round(cpu["signed"] / len(signed) * 1e6, 1),
+        "signing_cpu_overhead_pct": round((cpu["signed"] / cpu["plain"] - 1) * 100, 1),
+        "signed_checkpoints": checkpoints,
+        "ed25519_sign_us": round(sign_us, 1),
+    }
+
+
+def _export_formats(folder: str) -> dict:
+    """The CLI's export path (row batches -> jsonl / OCSF text) and the signature check of
+    an exported copy, on the log _verify_and_query built, signed every 1000 records."""
+    from corral.runtime import audit_export
+    from corral.runtime.signing import FileSigner, verify_signed
+
+    path = os.path.join(folder, "verify.db")
+    signer = FileSigner.load_or_create(os.path.join(folder, "bench-signing.key"))
+    out = {}
+    with audit.AuditLog.open(path, readonly=True) as log:
+        for fmt in ("jsonl", "ocsf"):
+            t0 = time.perf_counter()
+            n = 0
+            with open(os.path.join(folder, f"export.{fmt}"), "w") as f:
+                for rows in log.row_batches():
+                    f.write(audit_export.format_rows(rows, fmt))
+                    n += len(rows)
+            out[f"export_{fmt}_records_per_s"] = round(n / (time.perf_counter() - t0))
+    # a signed copy: a checkpoint after every 1000 records of the exported lines
+    import base64
+
+    from corral.runtime.signing import CHECKPOINT_KIND, checkpoint_message
+
+    rows = []
+    with open(os.path.join(folder, "export.jsonl")) as f:
+        rows = list(audit_export.read_copy(f))
+    signed, prev = [], audit.GENESIS_HASH
+    seq = 0
+    for i, r in enumerate(rows):
+        for row in [r] + ([] if (i + 1) % 1000 else [None]):
+            seq += 1
+            if row is None:
+                detail = {"seq": seq - 1, "hash": prev, "time": 1.0, "key_id": signer.key_id,
+                          "reason": "records", "signature": base64.b64encode(signer.sign(
+                              checkpoint_message(seq - 1, prev, 1.0, signer.key_id))).decode()}
+                row = (0, 1.0, "", "daemon", CHECKPOINT_KIND, "", "",
+                       audit._canonical_json(detail), "", "")
+            digest = audit.record_hash(prev, seq=seq, time=row[1], tenant=row[2], peer=row[3],
+                                       kind=row[4], sandbox_id=row[5], session_id=row[6],
+                                       detail_json=row[7])
+            signed.append((seq, *row[1:8], prev, digest))
+            prev = digest
+    t0 = time.perf_counter()
+    result = verify_signed(signed, signer.public_key)
+    assert result.ok, result
+    out["verify_signed_records_per_s"] = round(len(signed) / (time.perf_counter() - t0))
+    return out
 
 
 def _verify_and_query(folder: str, records: int) -> dict:
@@ -144,20 +246,31 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=4000)
     parser.add_argument("--verify-records", type=int, default=100_000)
     parser.add_argument("--dir", default=None, help="where to put the logs (default: ./tmp*)")
+    parser.add_argument("--only", choices=("governance",),
+                        help="governance: only signed appends, export and the signature check")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="corral-audit-bench-", dir=args.dir or os.getcwd())
     try:
-        result = {
-            "python": platform.python_version(),
-            "sqlite": audit.sqlite3.sqlite_version,
-            "full": _appends(folder, "FULL", args.appends, 1),
-            "full_4_threads": _appends(folder, "FULL", args.appends, 4),
-            "normal": _appends(folder, "NORMAL", args.appends, 1),
-            "normal_4_threads": _appends(folder, "NORMAL", args.appends, 4),
-            **_verify_and_query(folder, args.verify_records),
-            **_denial_flood(folder, 2000),
-            **_rotation(folder, 5000, 1000),
-        }
+        if args.only == "governance":
+            result = {
+                **_signed_appends(folder, args.appends),
+                **_verify_and_query(folder, args.verify_records),
+                **_export_formats(folder),
+            }
+        else:
+            result = {
+                "python": platform.python_version(),
+                "sqlite": audit.sqlite3.sqlite_version,
+                "full": _appends(folder, "FULL", args.appends, 1),
+                "full_4_threads": _appends(folder, "FULL", args.appends, 4),
+                "normal": _appends(folder, "NORMAL", args.appends, 1),
+                "normal_4_threads": _appends(folder, "NORMAL", args.appends, 4),
+                **_signed_appends(folder, args.appends),
+                **_verify_and_query(folder, args.verify_records),
+                **_export_formats(folder),
+                **_denial_flood(folder, 2000),
+                **_rotation(folder, 5000, 1000),
+            }
     finally:
         audit._SYNCHRONOUS = "FULL"
         shutil.rmtree(folder, ignore_errors=True)

@@ -125,6 +125,7 @@ import hashlib
 import io
 import itertools
 import json
+import json.encoder
 import logging
 import math
 import os
@@ -668,6 +669,35 @@ def _prune_problem(first: tuple[int, str] | None, claim: tuple[int, int, str] | 
     return None
 
 
+_EXPORT_NAMES = _COLUMNS.split(", ")
+_escape = json.encoder.encode_basestring  # C-accelerated: exactly what json.dumps writes
+
+
+def jsonl_lines(rows: Iterable[tuple]) -> str:
+    """Rows as export lines: each the canonical JSON object of its columns by name, and a
+    newline. Built field by field (about twice json.dumps' speed) and byte-identical to
+    `_canonical_json(dict(zip(names, row)))`, which a row of unexpected types (only a
+    tampered file has them) goes through instead."""
+    out = []
+    for r in rows:
+        seq, t, tenant, peer, kind, sandbox_id, session_id, detail, prev_hash, digest = r
+        if (type(seq) is int and type(t) is float and math.isfinite(t)
+                and all(type(v) is str for v in (tenant, peer, kind, sandbox_id, session_id,
+                                                 detail, prev_hash, digest))):
+            try:
+                out.append(
+                    f'{{"detail_json":{_escape(detail)},"hash":{_escape(digest)},'
+                    f'"kind":{_escape(kind)},"peer":{_escape(peer)},'
+                    f'"prev_hash":{_escape(prev_hash)},"sandbox_id":{_escape(sandbox_id)},'
+                    f'"seq":{seq},"session_id":{_escape(session_id)},'
+                    f'"tenant":{_escape(tenant)},"time":{t!r}}}\n')
+                continue
+            except UnicodeError:
+                pass
+        out.append(_canonical_json(dict(zip(_EXPORT_NAMES, r, strict=True))) + "\n")
+    return "".join(out)
+
+
 def verify_records(records: Iterable[AuditRecord | Mapping[str, Any]]) -> VerifyResult:
     """Check a shipped copy of the chain (e.g. `export_jsonl()` lines, parsed) in seq order.
 
@@ -1000,9 +1030,11 @@ def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
     peer = _bound_text("peer", peer)
     sandbox_id = _bound_text("sandbox_id", sandbox_id)
     session_id = _bound_text("session_id", session_id)
+    if policy and (detail is None or isinstance(detail, dict)):
+        detail = {**detail, POLICY_KEY: policy} if detail else {POLICY_KEY: policy}
     detail_json, detail_obj = _encode_detail(detail)
-    if policy:
-        # after bounding, so a shrunk detail keeps it; it adds < 100 bytes to the bound
+    if policy and detail_obj.get(POLICY_KEY) != policy:
+        # a detail shrunk to fit lost it: put it back whole (< 100 bytes over the bound)
         detail_obj[POLICY_KEY] = policy
         detail_json = _canonical_json(detail_obj)
     if time is not None:
@@ -1862,11 +1894,9 @@ class AuditLog:
         return self._export(path_or_file.write, after_seq)
 
     def _export(self, write: Callable[[str], object], after_seq: int) -> int:
-        names = _COLUMNS.split(", ")
         count = 0
         for rows in self.row_batches(after_seq):
-            write("".join(_canonical_json(dict(zip(names, r, strict=True))) + "\n"
-                          for r in rows))
+            write(jsonl_lines(rows))
             count += len(rows)
         return count
 

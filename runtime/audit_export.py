@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from corral.sandbox.errors import InvalidSpec
 
-from .audit import _COLUMNS, _canonical_json
+from .audit import _COLUMNS, _canonical_json, jsonl_lines
 
 NAMES = tuple(_COLUMNS.split(", "))
 FORMATS = ("jsonl", "ocsf")
@@ -38,7 +38,7 @@ def row_to_dict(row: tuple) -> dict[str, Any]:
 
 
 def jsonl_line(row: tuple) -> str:
-    return _canonical_json(row_to_dict(row)) + "\n"
+    return jsonl_lines((row,))
 
 
 def _activity(kind: str) -> tuple[int, str]:
@@ -85,7 +85,7 @@ def ocsf_event(row: tuple) -> dict[str, Any]:
 
 def format_rows(rows: Iterable[tuple], fmt: str) -> str:
     if fmt == "jsonl":
-        return "".join(_canonical_json(row_to_dict(r)) + "\n" for r in rows)
+        return jsonl_lines(rows)
     return "".join(_canonical_json(ocsf_event(r)) + "\n" for r in rows)
 
 

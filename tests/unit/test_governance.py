@@ -265,3 +265,25 @@ def test_syslog_message_is_rfc5424_with_the_record_whole():
                     f'[corral@32473 seq="7" hash="{"a" * 64}" tenant="acme" sandbox="sb-1"] '
                     ).encode()
     assert json.loads(body)["detail_json"] == row[7]
+
+
+# -- export lines ---------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from corral.runtime.audit import _EXPORT_NAMES, _canonical_json, jsonl_lines  # noqa: E402
+
+_text = st.text(alphabet=st.characters(codec=None, blacklist_categories=()), max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.tuples(st.integers(1, 1 << 62), st.floats(allow_nan=False, allow_infinity=False),
+                 _text, _text, _text, _text, _text, _text, _text, _text))
+def test_export_lines_are_byte_identical_to_canonical_json(row):
+    assert jsonl_lines([row]) == _canonical_json(dict(zip(_EXPORT_NAMES, row))) + "\n"
+
+
+def test_export_lines_of_odd_types_fall_back_to_canonical_json():
+    row = (3, 7, "t", "p", "k", "", "", "{}", None, b"x".decode())  # int time, None hash
+    assert jsonl_lines([row]) == _canonical_json(dict(zip(_EXPORT_NAMES, row))) + "\n"
