@@ -102,6 +102,20 @@ detail states ``up_to_seq`` N and ``hash`` H (the last removed record and its ha
 account exactly for the gap (oldest record N+1, prev_hash H). ``<path>.lock`` is flocked
 shared by verify and export and exclusively (without waiting) by rotation and pruning.
 
+Signed checkpoints, the policy digest, export
+---------------------------------------------
+Records of kind ``audit.checkpoint`` carry an Ed25519 signature over an earlier record's
+``(seq, hash)`` and the signing time (runtime/signing.py has the exact message); they are
+ordinary records, hashed and chained like any other, so a signature over record N's hash
+pins records 1..N and ships with every export. This closes what the anchor cannot: a chain
+re-hashed end to end, anchor rewritten, no longer matches what was signed, and
+``corral audit verify --pubkey`` names the first record past the last valid signature. When
+the daemon sets `policy_digest`, every record's detail carries it under ``corral.policy``
+(merged in before the detail is bounded, put back if shrinking dropped it): the digest of the
+tenant policy in force (runtime/policy_files.py). `row_batches()` streams the raw rows of
+every segment; `jsonl_lines()` writes them as export lines, byte-identical to the canonical
+JSON of the columns by name.
+
 Denials
 -------
 `deny()` / `DenialLimiter` bound what refused callers cost: per (tenant, peer host, status)
