@@ -530,8 +530,10 @@ class Sandbox(SandboxLifecycle):
                 owner = (st.st_uid, st.st_gid)
                 writable = source == self.workspace or any(
                     b.writable for b in self.spec.binds if b.source == source)
-                if writable and self._prepared.seccomp_profile.unconfined:
-                    # seccomp's mode rules are what keep setuid/setgid files out
+                if (writable and self._prepared.seccomp_profile.unconfined
+                        and not workspace_fs.is_managed(source)):
+                    # seccomp's mode rules are what keep setuid/setgid files out (a task's
+                    # workspace sits under Corral's 0700 root: no other user reaches it)
                     raise InvalidSpec("profile", (
                         f"'unconfined' has no seccomp filter, so nothing would stop the "
                         f"sandbox leaving a setuid file in {source}, owned by uid {owner[0]} "
