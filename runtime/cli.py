@@ -123,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                "[tenants.NAME] apply to that tenant on top of [policy]. Operators get the "
                "host's size as their only limit. A request over a limit is "
                "PERMISSION_DENIED, over a quota RESOURCE_EXHAUSTED; both are audited as "
-               "'denied'.",
+               "'denied'. policy_file = FILE|DIR reads [policy] and [tenants.NAME] policy "
+               "keys from version-controlled files instead (`corral policy check|diff`); "
+               "SIGHUP reloads them, as an audited, signed policy.reload record. "
+               "[audit] (docs/operations.md): signing_key (default <state>/audit-signing.key, "
+               "made at first start, public half in .pub) or signing_command + "
+               "signing_public_key, checkpoint_records (1000), checkpoint_interval (60s), "
+               "and [audit.sinks.NAME] tables: type = file|syslog|otlp.",
     )
     daemon.add_argument("--config", metavar="FILE", help="TOML configuration file")
     daemon.add_argument("--socket", metavar="PATH",

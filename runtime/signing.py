@@ -469,9 +469,13 @@ class Checkpointer:
             deadline = _time.monotonic() + self.interval_s
             if due:
                 try:
-                    self.checkpoint(reason, wait=False)
+                    future = self.checkpoint(reason, wait=False)
                 except Exception as exc:  # noqa: BLE001 - retried at the next tick
                     _log.error("audit checkpoint failed: %s", exc)
+                    continue
+                if future is not None:
+                    future.add_done_callback(lambda f: f.exception() and _log.error(
+                        "audit checkpoint record not written: %s", f.exception()))
 
     def checkpoint(self, reason: str = "request", *, wait: bool = True):
         """Sign the newest record and append the checkpoint; returns its record (wait=True)

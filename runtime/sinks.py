@@ -158,38 +158,81 @@ class SyslogSink:
 
 
 class OtlpSink:
-    """OTLP logs through the OpenTelemetry SDK (opentelemetry-sdk and
-    opentelemetry-exporter-otlp), when installed."""
+    """OTLP logs through the OpenTelemetry SDK (opentelemetry-sdk, and
+    opentelemetry-exporter-otlp-proto-grpc for the network exporter), when installed.
 
-    def __init__(self, name: str, endpoint: str):
+    Each record is one log record: body the export line, attributes corral.seq (the dedup
+    key), corral.hash, corral.kind, corral.tenant; severity WARN for denials, INFO otherwise.
+    The exporter runs synchronously per record and its result is checked, so a collector
+    that is down fails the batch (and the cursor stays) instead of dropping it.
+    """
+
+    def __init__(self, name: str, endpoint: str, exporter=None):
         try:
-            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+            from opentelemetry._logs import LogRecord, SeverityNumber
             from opentelemetry.sdk._logs import LoggerProvider
             from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+            if exporter is None:
+                from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
+                    OTLPLogExporter,
+                )
+
+                exporter = OTLPLogExporter(endpoint=endpoint, insecure=True)
         except ImportError:
             raise InvalidSpec(f"audit.sinks.{name}", "an otlp sink needs the OpenTelemetry "
                                                      "SDK: pip install opentelemetry-sdk "
-                                                     "opentelemetry-exporter-otlp") from None
+                                                     "opentelemetry-exporter-otlp-proto-grpc"
+                              ) from None
         self.name = name
+        self._record, self._severity = LogRecord, SeverityNumber
+        self._checked = _CheckedExporter(exporter)
         self._provider = LoggerProvider()
-        self._provider.add_log_record_processor(
-            SimpleLogRecordProcessor(OTLPLogExporter(endpoint=endpoint, insecure=True)))
+        self._provider.add_log_record_processor(SimpleLogRecordProcessor(self._checked))
         self._logger = self._provider.get_logger("corral.audit")
 
     def deliver(self, rows: list[tuple]) -> None:
-        from opentelemetry.sdk._logs import LogRecord
-
         for row in rows:
             rec = _row_dict(row)
-            self._logger.emit(LogRecord(
+            self._checked.failure = ""
+            denied = rec["kind"].startswith("denied")
+            self._logger.emit(self._record(
                 timestamp=int(rec["time"] * 1e9), body=jsonl_line(row).rstrip("\n"),
+                severity_number=self._severity.WARN if denied else self._severity.INFO,
+                severity_text="WARN" if denied else "INFO",
                 attributes={"corral.seq": rec["seq"], "corral.hash": rec["hash"],
                             "corral.kind": rec["kind"], "corral.tenant": rec["tenant"]}))
-        if not self._provider.force_flush(5000):
-            raise SinkError("the OTLP exporter did not flush within 5s")
+            if self._checked.failure:
+                raise SinkError(f"OTLP export of record {rec['seq']} failed: "
+                                f"{self._checked.failure}")
 
     def close(self) -> None:
         self._provider.shutdown()
+
+
+class _CheckedExporter:
+    """Passes batches to an OTLP exporter and keeps why the last one failed (the SDK's
+    processor only logs it)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.failure = ""
+
+    def export(self, batch):
+        try:
+            result = self.inner.export(batch)
+        except Exception as exc:
+            self.failure = str(exc) or type(exc).__name__
+            raise
+        if getattr(result, "name", "SUCCESS") != "SUCCESS":
+            self.failure = f"the exporter answered {result.name}"
+        return result
+
+    def shutdown(self):
+        return self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        flush = getattr(self.inner, "force_flush", None)
+        return flush(timeout_millis) if flush else True
 
 
 def make_sink(name: str, table: Mapping[str, Any]):

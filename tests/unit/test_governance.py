@@ -287,3 +287,29 @@ def test_export_lines_are_byte_identical_to_canonical_json(row):
 def test_export_lines_of_odd_types_fall_back_to_canonical_json():
     row = (3, 7, "t", "p", "k", "", "", "{}", None, b"x".decode())  # int time, None hash
     assert jsonl_lines([row]) == _canonical_json(dict(zip(_EXPORT_NAMES, row))) + "\n"
+
+
+def test_otlp_sink_emits_one_log_record_per_audit_record_and_surfaces_failures():
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
+
+    from corral.runtime.sinks import OtlpSink, SinkError
+
+    memory = InMemoryLogRecordExporter()
+    sink = OtlpSink("otel", "", exporter=memory)
+    rows = [(1, 1.5, "acme", "p", "sandbox.create", "sb-1", "", "{}", "0" * 64, "a" * 64),
+            (2, 2.5, "acme", "p", "denied", "", "", '{"reason":"x"}', "a" * 64, "b" * 64)]
+    sink.deliver(rows)
+    got = memory.get_finished_logs()
+    assert [(g.log_record.attributes["corral.seq"], g.log_record.severity_text,
+             g.log_record.timestamp) for g in got] == [(1, "INFO", 1_500_000_000),
+                                                       (2, "WARN", 2_500_000_000)]
+    assert json.loads(got[1].log_record.body)["hash"] == "b" * 64
+
+    class Down(InMemoryLogRecordExporter):
+        def export(self, batch):
+            raise ConnectionRefusedError("collector at 127.0.0.1:4317 refused")
+
+    down = OtlpSink("otel", "", exporter=Down())
+    with pytest.raises(SinkError, match=r"^OTLP export of record 1 failed: collector at "
+                                        r"127.0.0.1:4317 refused$"):
+        down.deliver(rows)
