@@ -15,7 +15,7 @@ import signal
 
 import pytest
 
-from corral.sandbox import CommandNotFound, ExitReason, SandboxSpec
+from corral.sandbox import CommandNotFound, ExitReason, SandboxSpec, ids
 from corral.sandbox.backends import open_sandbox
 
 from ..processes import alive, wait_until
@@ -91,8 +91,9 @@ def test_workspace_is_shared_and_owned_by_the_sandbox_id(backend):
         _, out, _ = sh(sb, "pwd; cat file")
         st = os.stat(os.path.join(sb.workspace, "file"))
         workspace = sb.workspace
+        base = sb.spec.uid_base  # the sandbox's own range, taken at start
     assert out == b"/workspace\ndata\n"
-    assert (st.st_uid, st.st_gid) == (100000, 100000)
+    assert (st.st_uid, st.st_gid) == (base, base)
     assert not os.path.exists(workspace)  # a temporary workspace goes with the sandbox
 
 
@@ -151,7 +152,10 @@ def test_commands_are_an_unprivileged_id_on_the_host(backend):
         finally:
             proc.kill()
             proc.communicate()
-    assert status["Uid"].split() == ["100000"] * 4
+        base = sb.spec.uid_base  # the sandbox's own range, taken at start
+    pool = ids.pool()
+    assert pool.start <= base < pool.end
+    assert status["Uid"].split() == [str(base)] * 4
     assert status["CapEff"] == "0000000000000000"
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
