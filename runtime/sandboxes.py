@@ -559,6 +559,8 @@ class SandboxManager:
     #: Watch streams the daemon runs at once: each is an inotify instance on the daemon's
     #: own (root's) quota, shared with the host.
     MAX_FILE_WATCHES = 16
+    #: ... and one tenant at most this many of them, so that one cannot take every turn.
+    MAX_FILE_WATCHES_PER_TENANT = 4
     _file_watches = 0
 
     def _file_audit(self, record: str, caller: Caller, sandbox_id: str, **detail) -> None:
@@ -715,20 +717,36 @@ class SandboxManager:
         from corral.sandbox.workspace_watch import TreeWatch, WatchEvent
 
         msb = self.get(caller, sandbox_id)
+        if not hasattr(self, "_watches_by_tenant"):
+            self._watches_by_tenant: dict[str, int] = {}
+        mine = self._watches_by_tenant.get(caller.tenant, 0)
+        if mine >= self.MAX_FILE_WATCHES_PER_TENANT:
+            raise ResourceExhausted(f"tenant {caller.tenant!r} already runs "
+                                    f"{self.MAX_FILE_WATCHES_PER_TENANT} file watches; end "
+                                    f"one first")
         if self._file_watches >= self.MAX_FILE_WATCHES:
             raise ResourceExhausted(f"the daemon already runs {self.MAX_FILE_WATCHES} file "
                                     f"watches; end one first")
         self._file_watches += 1
+        self._watches_by_tenant[caller.tenant] = mine + 1
         try:
             watch = await self._in_thread(TreeWatch, msb.workspace, path or ".")
         except BaseException:
-            self._file_watches -= 1
+            self._watch_ended(caller.tenant)
             raise
         self._file_audit("file.watch", caller, sandbox_id, path=path or ".",
                          watched_dirs=watch.watched_dirs)
-        return self._watch_stream(msb, watch, WatchEvent)
+        return self._watch_stream(msb, watch, WatchEvent, caller.tenant)
 
-    async def _watch_stream(self, msb: ManagedSandbox, watch, event_cls):
+    def _watch_ended(self, tenant: str) -> None:
+        self._file_watches -= 1
+        left = self._watches_by_tenant.get(tenant, 1) - 1
+        if left:
+            self._watches_by_tenant[tenant] = left
+        else:
+            self._watches_by_tenant.pop(tenant, None)
+
+    async def _watch_stream(self, msb: ManagedSandbox, watch, event_cls, tenant: str):
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
 
@@ -759,7 +777,7 @@ class SandboxManager:
         finally:
             loop.remove_reader(watch.fileno())
             watch.close()
-            self._file_watches -= 1
+            self._watch_ended(tenant)
 
 
 def _retire_finished(execs: dict[str, ExecHandle]) -> None:

@@ -361,18 +361,31 @@ def test_watch_reports_changes_and_the_daemon_caps_watches(fdaemon, fclient, sb)
                     ("FILE_EVENT_KIND_DELETED", "w/g", False)]
     events.close()
 
-    # at most 16 watches at once on a daemon (each is an inotify instance on its quota)
-    c = fdaemon.client()
-    calls = [c.sandboxes.WatchFiles(pb.WatchFilesRequest(sandbox_id=sb.id),
-                                    metadata=c.metadata) for _ in range(16)]
-    for call in calls:
-        assert next(call).events[0].kind == pb.FILE_EVENT_KIND_WATCHING
+    # at most 4 watches per tenant and 16 on a daemon (each is an inotify instance on the
+    # daemon's quota)
+    calls, made = [], []
+    for n in range(4):
+        c = fdaemon.client(tenant=f"w{n}")
+        box = c.create_sandbox()
+        made.append((c, box.id))
+        for _ in range(4):
+            call = c.sandboxes.WatchFiles(pb.WatchFilesRequest(sandbox_id=box.id),
+                                          metadata=c.metadata)
+            assert next(call).events[0].kind == pb.FILE_EVENT_KIND_WATCHING
+            calls.append(call)
+        if n == 0:
+            with pytest.raises(ClientError) as err:
+                next(c.watch_files(box.id))
+            assert str(err.value) == ("RESOURCE_EXHAUSTED: tenant 'w0' already runs 4 file "
+                                      "watches; end one first")
     with pytest.raises(ClientError) as err:
         next(fclient.watch_files(sb.id))
     assert str(err.value) == ("RESOURCE_EXHAUSTED: the daemon already runs 16 file watches; "
                               "end one first")
     for call in calls:
         call.cancel()
+    for c, box_id in made:
+        c.destroy_sandbox(box_id)
 
     def watch_again() -> bool:  # each cancel ends its watch on the daemon, freeing its turn
         try:
