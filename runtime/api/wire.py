@@ -6,6 +6,8 @@ identity (see runtime/daemon.py), and the .proto stays the truth for other clien
 
 from __future__ import annotations
 
+import inspect
+
 import grpc
 
 
@@ -69,7 +71,12 @@ async def _refuse(context, bad: Undecodable) -> None:
 
 
 def _checked(fn, client_streaming: bool, server_streaming: bool):
-    """fn, refusing undecodable requests (INVALID_ARGUMENT) before the servicer sees them."""
+    """fn, refusing undecodable requests (INVALID_ARGUMENT) before the servicer sees them.
+
+    A streaming fn may yield its responses or write them with context.write (grpc's own
+    health servicer does); the wrapper is of the same kind, as grpc looks at which it is.
+    """
+    yields = inspect.isasyncgenfunction(fn)
     if client_streaming:
         async def requests_checked(requests, context):
             async for request in requests:
@@ -77,7 +84,7 @@ def _checked(fn, client_streaming: bool, server_streaming: bool):
                     await _refuse(context, request)
                 yield request
 
-        if server_streaming:
+        if server_streaming and yields:
             async def stream_stream(requests, context):
                 async for item in fn(requests_checked(requests, context), context):
                     yield item
@@ -86,7 +93,7 @@ def _checked(fn, client_streaming: bool, server_streaming: bool):
         async def stream_unary(requests, context):
             return await fn(requests_checked(requests, context), context)
         return stream_unary
-    if server_streaming:
+    if server_streaming and yields:
         async def unary_stream(request, context):
             if isinstance(request, Undecodable):
                 await _refuse(context, request)

@@ -1,6 +1,7 @@
 """Nothing a client sends makes the daemon answer INTERNAL or UNKNOWN (issue 17).
 
-A property-based test over every RPC of every corral.v1 service, found by walking the proto
+A property-based test over every RPC of every service the daemon serves (corral.v1, health,
+reflection), found by walking the proto
 descriptors (a method added later is fuzzed without touching this file): hypothesis builds
 requests field by field from each method's input descriptor (huge and negative numbers,
 NaN, unknown enum values, text, ids that exist and ids that do not), and also mutates their
@@ -19,6 +20,7 @@ import pytest
 from google.protobuf import descriptor as pd
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +38,7 @@ DOCUMENTED = {
     "UNIMPLEMENTED", "UNAUTHENTICATED",
 }
 CALL_TIMEOUT_S = 1.5
-MODULES = (sandbox_pb2, session_pb2, audit_pb2, task_pb2)
+MODULES = (sandbox_pb2, session_pb2, audit_pb2, task_pb2, health_pb2, reflection_pb2)
 METHODS = [(service, method) for module in MODULES
            for service in module.DESCRIPTOR.services_by_name.values()
            for method in service.methods]
