@@ -1,0 +1,50 @@
+"""`corral doctor` as root, through the CLI: every feature is asked of the kernel and found
+here, the pool is shown, and nothing is left behind (no mount, no namespace holder)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from corral.sandbox import ids
+
+CORRAL = str(Path(sys.executable).with_name("corral"))
+
+
+def _mounts() -> set[str]:
+    """Mount points, but those of sandbox workspaces (other tests may run meanwhile)."""
+    points = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    return {p for p in points if not p.startswith("/run/corral/")}
+
+
+def test_doctor_json_as_root():
+    before = _mounts()
+    r = subprocess.run([CORRAL, "doctor", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stderr) == (0, "")
+    report = json.loads(r.stdout)
+    assert (report["uid"], report["rootless"]) == (0, False)
+    checks = {c["feature"]: c for c in report["checks"]}
+    assert list(checks) == ["user namespaces", "subordinate ids", "idmapped mounts",
+                            "cgroups", "landlock", "seccomp", "overlayfs"]
+    assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(checks, "ok")
+    assert [name for name, c in checks.items() if c["required"]] == ["user namespaces",
+                                                                     "seccomp"]
+    pool = ids.pool()
+    assert checks["subordinate ids"]["found"].startswith(f"pool {pool.start}:{pool.count} (")
+    assert "your directories (ext4 at /tmp): yes" in checks["idmapped mounts"]["found"]
+    assert "tmpfs (task workspaces) (a new tmpfs): yes" in checks["idmapped mounts"]["found"]
+    assert checks["cgroups"]["found"].startswith("v1 (")
+    assert _mounts() == before
+
+
+def test_doctor_table_says_what_corral_does_without_each():
+    r = subprocess.run([CORRAL, "doctor"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("corral doctor for root (uid 0, root) on Linux ")
+    features = [line.split("  ")[0] for line in lines[2:] if not line.startswith(" ")]
+    assert features == ["user namespaces", "subordinate ids", "idmapped mounts", "cgroups",
+                        "landlock", "seccomp", "overlayfs"]
