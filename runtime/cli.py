@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(report)
     report.add_argument("sandbox", nargs="?", metavar="SANDBOX")
     report.add_argument("--format", choices=("json", "markdown"), default="json")
+    report.add_argument("--probes", action="store_true",
+                        help="run the probe suite for the sandbox's policy class when no "
+                             "verdicts are cached for it on this kernel (about 30 s)")
     report.add_argument("--check", metavar="FILE",
                         help="verify a report saved with --format json (needs --pubkey)")
     report.add_argument("--pubkey", metavar="FILE", help="the audit key's public half")

@@ -52,7 +52,7 @@ def report(args) -> int:
         return _fail("report: which sandbox? corral report SANDBOX", EXIT_USAGE)
     try:
         with _connect(args) as client:
-            answer = client.audit_report(args.sandbox)
+            answer = client.audit_report(args.sandbox, run_probes=args.probes)
     except ClientError as exc:
         return _fail(f"report: {exc}", EXIT_USAGE if exc.code.name == "INVALID_ARGUMENT" else 1)
     body = json.loads(answer.report_json)

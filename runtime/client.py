@@ -570,10 +570,11 @@ class Client:
         """Operators: the signing key, checkpoints, and each audit sink's lag."""
         return self._call(self.audit.Status, audit_pb2.AuditStatusRequest())
 
-    def audit_report(self, sandbox_id: str) -> audit_pb2.AuditReportResponse:
+    def audit_report(self, sandbox_id: str, run_probes: bool = False
+                     ) -> audit_pb2.AuditReportResponse:
         """A signed attestation report of one sandbox (runtime/report.py)."""
         return self._call(self.audit.Report, audit_pb2.AuditReportRequest(
-            sandbox_id=sandbox_id), timeout=120)
+            sandbox_id=sandbox_id, run_probes=run_probes), timeout=600)
 
     def audit_watch(self, **filters) -> Iterator[audit_pb2.AuditRecord]:
         try:

@@ -9,6 +9,9 @@ The daemon assembles it (`build`) from what it can prove, each part named by its
   effective policy;
 * ``egress``: the spec's rules, and from the audit trail the connection attempts by
   decision and destination (denials listed);
+* ``probes``: the verdicts of the conformance probe suite (`corral probe`) for the
+  sandbox's policy class (backend, seccomp profile, kernel release), cached in
+  ``<state>/probe-cache/`` per class digest; run on request (``--probes``);
 * ``lifecycle``: every non-egress audit record of the sandbox (seq, time, kind, hash);
 * ``audit_head``: seq and hash of the newest record when the report was made.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -67,7 +71,57 @@ def _egress(spec_rules, records) -> dict[str, Any]:
     }
 
 
-async def build(daemon, caller, sandbox_id: str) -> tuple[dict, dict]:
+_probe_lock = threading.Lock()
+
+
+def probe_class(spec) -> dict:
+    """What the probe suite's verdicts depend on: the backend, the seccomp profile (a
+    profile file by the sha256 of its content) and the kernel."""
+    profile = spec.profile
+    if os.path.isabs(profile):
+        try:
+            with open(profile, "rb") as f:
+                profile = f"{profile} sha256:{hashlib.sha256(f.read()).hexdigest()}"
+        except OSError:
+            profile = f"{profile} (unreadable)"
+    cls = {"backend": spec.backend, "profile": profile, "kernel": os.uname().release}
+    cls["digest"] = "sha256:" + hashlib.sha256(_canonical(cls).encode()).hexdigest()
+    return cls
+
+
+def probe_verdicts(state_dir: str, spec, run: bool) -> dict[str, Any]:
+    """Cached verdicts of the probe suite for the spec's policy class on this kernel; with
+    run=True the suite runs (about 30 s, one run at a time) when none are cached."""
+    from corral.sandbox.probes import suite
+
+    cls = probe_class(spec)
+    folder = os.path.join(state_dir, "probe-cache")
+    path = os.path.join(folder, cls["digest"].removeprefix("sha256:") + ".json")
+    with _probe_lock:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return {"status": "cached", **json.load(f)}
+        except (OSError, ValueError):
+            pass
+        if not run:
+            return {"status": "not run", "class": cls,
+                    "how": "corral report SANDBOX --probes runs them (about 30 s); they are "
+                           "cached per policy class and kernel"}
+        started = time.time()
+        results = suite.run_suite(spec.backend, profile=spec.profile)
+        entry = {"class": cls, "ran_at": started, "summary": suite.summary(results),
+                 "probes": [{"name": r.name, "category": r.category, "verdict": r.verdict}
+                            for r in results]}
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(entry, f, sort_keys=True)
+        os.replace(tmp, path)
+        return {"status": "ran", **entry}
+
+
+async def build(daemon, caller, sandbox_id: str, *, run_probes: bool = False
+                ) -> tuple[dict, dict]:
     """(report, signature) for one of the caller's sandboxes.
 
     Raises:
@@ -89,6 +143,8 @@ async def build(daemon, caller, sandbox_id: str) -> tuple[dict, dict]:
     loop = asyncio.get_running_loop()
     records = await loop.run_in_executor(None, lambda: daemon.audit.query(
         sandbox_id=sandbox_id, limit=MAX_LIFECYCLE_RECORDS))
+    probes = await loop.run_in_executor(None, probe_verdicts, daemon.config.state, msb.spec,
+                                        run_probes)
     head = await loop.run_in_executor(None, lambda: daemon.audit.query(limit=1, latest=True))
     spec = json_format.MessageToDict(spec_to_proto(msb.spec, msb.expires_at - msb.created_at),
                                      preserving_proto_field_name=True)
@@ -105,6 +161,7 @@ async def build(daemon, caller, sandbox_id: str) -> tuple[dict, dict]:
         "tenant_policy": {"digest": gov.policy_digest,
                           "policy": describe(daemon.policies.of(caller))},
         "egress": _egress(msb.spec.allow_net, records),
+        "probes": probes,
         "lifecycle": [{"seq": r.seq, "time": r.time, "kind": r.kind, "hash": r.hash}
                       for r in records if not r.kind.startswith("net.")],
         "audit_head": {"seq": head[0].seq, "hash": head[0].hash} if head else {},
@@ -148,6 +205,18 @@ def to_markdown(report: dict, signature: dict) -> str:
     out += [f"| allowed | `{a['destination']}` | {a['count']} | |" for a in eg["allowed"]]
     out += [f"| denied | `{d['destination']}` | {d['count']} | {d['reason']} |"
             for d in eg["denied"]]
+    pr = report.get("probes", {})
+    out += ["", "## Probe verdicts for this policy class", ""]
+    if pr.get("summary"):
+        cls = pr["class"]
+        out.append(f"{pr['status']}: backend {cls['backend']}, profile `{cls['profile']}`, "
+                   f"kernel {cls['kernel']}: " + ", ".join(
+                       f"{n} {k}" for k, n in sorted(pr["summary"].items())))
+        escaped = [p["name"] for p in pr["probes"] if p["verdict"] == "ESCAPED"]
+        if escaped:
+            out.append("**ESCAPED:** " + ", ".join(f"`{n}`" for n in escaped))
+    else:
+        out.append(f"{pr.get('status', 'not run')}: {pr.get('how', '')}")
     out += ["", "## Lifecycle (audit records)", "", "| seq | time | kind |", "|---|---|---|"]
     out += [f"| {r['seq']} | {time.strftime('%H:%M:%S', time.gmtime(r['time']))} | {r['kind']} |"
             for r in report["lifecycle"]]

@@ -162,6 +162,7 @@ class AuditServicer(Servicer):
         from ..signing import _canonical
 
         caller = self.caller(context)
-        body, signature = await report.build(self.daemon, caller, request.sandbox_id)
+        body, signature = await report.build(self.daemon, caller, request.sandbox_id,
+                                             run_probes=request.run_probes)
         return pb.AuditReportResponse(report_json=_canonical(body),
                                       signature_json=_canonical(signature))

@@ -22,7 +22,7 @@ from corral.runtime.client import ClientError
 
 from .daemon_harness import collect_exec
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 CLI = [sys.executable, "-m", "corral.runtime.cli"]
 
@@ -351,8 +351,18 @@ def test_report_lists_the_egress_rule_and_the_denials(make_daemon, tmp_path):
     d = make_daemon("report").start()
     client = d.client()
     sb = client.create_sandbox(allow_net=["example.invalid:443"])
-    # a connection the rule does not allow: denied by the egress proxy
-    collect_exec(client.exec(sb.id, ["sh", "-c", "exec 3<>/dev/tcp/192.0.2.1/80 || true"]))
+    # what the rule does not allow: a TCP connection and a UDP datagram, both refused
+    probe = ("import socket\n"
+             "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "u.sendto(b'x', ('192.0.2.1', 9))\n"
+             "t = socket.socket(); t.settimeout(5)\n"
+             "try: t.connect(('192.0.2.1', 80)); t.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); "
+             "t.recv(10)\n"
+             "except OSError: pass\n")
+    collect_exec(client.exec(sb.id, ["python3", "-c", probe]))
+    denied = _wait(lambda: (r := [x for x in client.audit_query(sandbox_id=sb.id, kind="net.")
+                                  if json.loads(x.detail_json).get("decision") == "deny"])
+                   and len(r) >= 2 and r, "two egress denials")
     res = corral("report", sb.id, "--socket", d.socket)
     assert res.returncode == 0, res.stderr
     saved = json.loads(res.stdout)
@@ -362,12 +372,18 @@ def test_report_lists_the_egress_rule_and_the_denials(make_daemon, tmp_path):
     assert body["tenant_policy"]["digest"] == client.audit_status().policy_digest
     kinds = [r["kind"] for r in body["lifecycle"]]
     assert kinds[0] == "sandbox.create" and "exec.start" in kinds
-    denials = client.audit_query(sandbox_id=sb.id, kind="net.")
-    denied = [r for r in denials if json.loads(r.detail_json).get("decision") == "deny"]
-    assert len(body["egress"]["denied"]) == len({
-        (f"{json.loads(r.detail_json).get('name') or json.loads(r.detail_json).get('address')}"
-         f":{json.loads(r.detail_json).get('port', '')}",
-         json.loads(r.detail_json).get("reason", "")) for r in denied})
+    expected = {}
+    for r in denied:
+        det = json.loads(r.detail_json)
+        key = (f"{det.get('name') or det.get('address') or '?'}:{det.get('port', '')}",
+               det.get("reason", ""))
+        expected[key] = expected.get(key, 0) + 1
+    assert sorted((x["destination"], x["reason"], x["count"])
+                  for x in body["egress"]["denied"]) == sorted(
+        (k[0], k[1], n) for k, n in expected.items())
+    assert {x["reason"] for x in body["egress"]["denied"]} >= {
+        "UDP is dropped (only DNS to the sandbox resolver)"}
+    assert body["egress"]["records"]["net.udp"] >= 1 and body["egress"]["allowed"] == []
     (tmp_path / "r.json").write_text(res.stdout)
     ok = corral("report", "--check", str(tmp_path / "r.json"), "--pubkey", _pubkey(d))
     assert ok.returncode == 0 and ok.stdout.startswith(f"report OK: sandbox {sb.id} ")
@@ -381,5 +397,17 @@ def test_report_lists_the_egress_rule_and_the_denials(make_daemon, tmp_path):
     md = corral("report", sb.id, "--socket", d.socket, "--format", "markdown")
     assert md.returncode == 0 and f"# Sandbox report: {sb.id}" in md.stdout
     assert "Rules: `example.invalid:443`" in md.stdout
+    assert body["probes"]["status"] == "not run"
+    assert body["probes"]["class"]["profile"] == "default"
+
+    # probe verdicts: run once for this policy class and kernel, then from the cache
+    ran = json.loads(corral("report", sb.id, "--socket", d.socket, "--probes").stdout)
+    probes = ran["report"]["probes"]
+    assert probes["status"] == "ran" and probes["summary"]["ESCAPED"] == 0
+    assert probes["summary"]["contained"] == len(probes["probes"]) - probes["summary"]["error"]
+    again = json.loads(corral("report", sb.id, "--socket", d.socket).stdout)["report"]
+    assert again["probes"] == {**probes, "status": "cached"}
+    cache = list((d.state / "probe-cache").iterdir())
+    assert [p.name for p in cache] == [probes["class"]["digest"][7:] + ".json"]
     client.destroy_sandbox(sb.id)
     assert d.stop() == 0
