@@ -32,6 +32,7 @@ class Writer(threading.Thread):
         self.fd, self.total, self.chunk = fd, total, chunk
         self.digest = hashlib.sha256()
         self.written = 0
+        self.broken = False  # the reading end was closed under it (EPIPE)
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -46,6 +47,8 @@ class Writer(threading.Thread):
                     n = os.write(self.fd, view)
                     view = view[n:]
                 self.written += len(data)
+        except BrokenPipeError:
+            self.broken = True
         finally:
             os.close(self.fd)
             self.done.set()
@@ -158,3 +161,33 @@ def test_a_lossy_watcher_does_not_hold_the_program_back(core):
 def test_lossless_needs_a_bytes_stream(core):
     with pytest.raises(ValueError, match=r"^a lossless hub needs a bytes-mode stream, not 'text'$"):
         StreamHub(core.TokenStream("text"), lossless=True)
+
+
+def test_a_paused_hub_closes_its_fd_and_release_reads_to_the_end(core):
+    async def main():
+        r, w = make_pipe_pair()
+        hub = StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True)
+        hub.attach_fd(r)
+        writer = Writer(w, 4 * LOG)
+        writer.start()
+        while not hub.paused:
+            await asyncio.sleep(0.01)
+        hub.release_flow_control()  # the sandbox is going away: read on, evicting
+        await hub.wait_eof()
+        writer.join()
+        released = hub.statistics()
+
+        r2, w2 = make_pipe_pair()
+        other = StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True)
+        other.attach_fd(r2)
+        second = Writer(w2, 4 * LOG)
+        second.start()
+        while not other.paused:
+            await asyncio.sleep(0.01)
+        other.close()  # paused: its fd is registered nowhere, and is closed all the same
+        second.join()  # the blocked writer gets EPIPE: nothing reads that pipe any more
+        return released, other.statistics(), second.broken
+
+    released, closed, broken = run(main())
+    assert (released.bytes_read, released.paused, released.lossless) == (4 * LOG, False, False)
+    assert (closed.fd, closed.paused, closed.ended, broken) == (None, False, True, True)
