@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "(the daemon writes it to <state>/audit-signing.key.pub) and that every "
                 "record is covered by one: a copy re-hashed end to end, head anchor "
                 "included, fails, naming the first record past the last valid signature.")
-            ap.add_argument("--pubkey", metavar="FILE",
-                            help="Ed25519 public key (PEM, or 32 bytes raw/hex/base64)")
+            ap.add_argument("--pubkey", metavar="FILE", action="append",
+                            help="Ed25519 public key (PEM, or 32 bytes raw/hex/base64); "
+                                 "repeat for a log signed by a rotated key")
             ap.add_argument("--file", metavar="EXPORT",
                             help="verify an exported copy (jsonl or ocsf lines, '-' for "
                                  "stdin) instead: needs only --pubkey, no daemon, no db")

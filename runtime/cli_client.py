@@ -478,7 +478,7 @@ def _audit_verify_signed(args) -> int:
         return _fail("audit: verify --file needs --pubkey FILE (the daemon's "
                      "audit-signing.key.pub)", EXIT_USAGE)
     try:
-        key = load_public_key(args.pubkey)
+        key = [load_public_key(path) for path in args.pubkey]
         if args.file:
             copy = sys.stdin if args.file == "-" else audit_export.open_copy(args.file)
             with copy:
@@ -502,7 +502,8 @@ def _audit_verify_signed(args) -> int:
         return 1
     print(f"audit chain OK and signed: {result.checked} records verified, records "
           f"{result.first_seq}-{result.signed_through} pinned by {result.signatures} "
-          f"checkpoint signature{'s' if result.signatures != 1 else ''} of key {result.key_id}")
+          f"checkpoint signature{'s' if result.signatures != 1 else ''} of key "
+          f"{result.key_id.replace(',', ' or ')}")
     return 0
 
 

@@ -330,7 +330,8 @@ class SignedVerifyResult:
 def verify_signed(rows: Iterable[tuple], public_key,
                   on_chain: Callable[[tuple], tuple[int, str] | None] | None = None,
                   ) -> SignedVerifyResult:
-    """Check rows (tuples in runtime/audit.py's _COLUMNS order, seq order) against a key.
+    """Check rows (tuples in runtime/audit.py's _COLUMNS order, seq order) against a key,
+    or a list of keys (a key rotated: each checkpoint names the key that signed it).
 
     `on_chain(row)` checks the hash chain (returns (seq, problem) at a break); by default an
     audit._ChainChecker starting at the first row (a copy may start after record 1).
@@ -339,7 +340,9 @@ def verify_signed(rows: Iterable[tuple], public_key,
 
     from .audit import GENESIS_HASH, _ChainChecker
 
-    kid = key_id(_raw_public(public_key))
+    keys = {key_id(_raw_public(k)): k for k in (
+        public_key if isinstance(public_key, list | tuple) else [public_key])}
+    kid = ",".join(keys)
     recent: collections.OrderedDict[int, tuple[str, bool]] = collections.OrderedDict()
     checked = signatures = signed_through = last_seq = first_seq = 0
     checker = None
@@ -383,11 +386,12 @@ def verify_signed(rows: Iterable[tuple], public_key,
         except (ValueError, KeyError, TypeError, binascii.Error):
             return past_signature(f"record {seq}: an {CHECKPOINT_KIND} without a readable "
                                   "seq, hash, time, key_id and signature")
-        if c_kid != kid:
+        if c_kid not in keys:
+            given = "the given public key" if len(keys) == 1 else "any given public key"
             return past_signature(f"record {seq}: the checkpoint is signed by key {c_kid}, "
-                                  f"not by the given public key ({kid})")
+                                  f"not by {given} ({kid})")
         try:
-            public_key.verify(sig, checkpoint_message(c_seq, c_hash, c_time, c_kid))
+            keys[c_kid].verify(sig, checkpoint_message(c_seq, c_hash, c_time, c_kid))
         except InvalidSignature:
             return past_signature(f"record {seq}: the checkpoint's signature does not verify "
                                   "with the given public key: forged or altered")

@@ -313,3 +313,19 @@ def test_otlp_sink_emits_one_log_record_per_audit_record_and_surfaces_failures()
     with pytest.raises(SinkError, match=r"^OTLP export of record 1 failed: collector at "
                                         r"127.0.0.1:4317 refused$"):
         down.deliver(rows)
+
+
+def test_a_rotated_key_verifies_with_both_public_keys(tmp_path):
+    log = AuditLog.open(tmp_path / "audit.db")
+    old = FileSigner.load_or_create(str(tmp_path / "old"))
+    new = FileSigner.load_or_create(str(tmp_path / "new"))
+    for signer in (old, new):  # a daemon restarted with a new key
+        cp = Checkpointer(log, signer, every_records=100, interval_s=3600)
+        log.append("x.act", tenant="t")
+        cp.close()
+    rows = _rows(log)
+    assert verify_signed(rows, [old.public_key, new.public_key]).ok
+    only_new = verify_signed(rows, new.public_key)
+    assert only_new.problem.startswith(f"record 2: the checkpoint is signed by key {old.key_id}, "
+                                       f"not by the given public key ({new.key_id})")
+    log.close()
