@@ -41,7 +41,8 @@ def check_audit_settings(table: Mapping[str, Any]) -> dict:
 
     for key in table:
         if key not in _KEYS:
-            raise InvalidSpec(f"audit.{key}", f"unknown setting (known: {', '.join(sorted(_KEYS))})")
+            known = ", ".join(sorted(_KEYS))
+            raise InvalidSpec(f"audit.{key}", f"unknown setting (known: {known})")
     out = dict(table)
     n = table.get("checkpoint_records", DEFAULT_CHECKPOINT_RECORDS)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -58,7 +59,8 @@ def check_audit_settings(table: Mapping[str, Any]) -> dict:
     command = table.get("signing_command")
     if command is not None and not (
             (isinstance(command, str) and command.strip())
-            or (isinstance(command, list) and command and all(isinstance(a, str) for a in command))):
+            or (isinstance(command, list) and command
+                and all(isinstance(a, str) for a in command))):
         raise InvalidSpec("audit.signing_command", "must be a command line or a list of "
                                                    "arguments")
     for key in ("signing_key", "signing_public_key"):

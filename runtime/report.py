@@ -182,7 +182,8 @@ def to_markdown(report: dict, signature: dict) -> str:
     """The report for people; the JSON form is what the signature covers."""
     out = [f"# Sandbox report: {report['sandbox_id']}", "",
            f"* tenant: `{report['tenant']}`",
-           f"* generated: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(report['generated_at']))}"
+           "* generated: "
+           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(report['generated_at']))}"
            f" on kernel {report['kernel']}",
            f"* sandbox policy digest: `{report['sandbox_policy_digest']}`",
            f"* tenant policy digest: `{report['tenant_policy']['digest']}`",

@@ -281,12 +281,12 @@ _text = st.text(alphabet=st.characters(codec=None, blacklist_categories=()), max
 @given(st.tuples(st.integers(1, 1 << 62), st.floats(allow_nan=False, allow_infinity=False),
                  _text, _text, _text, _text, _text, _text, _text, _text))
 def test_export_lines_are_byte_identical_to_canonical_json(row):
-    assert jsonl_lines([row]) == _canonical_json(dict(zip(_EXPORT_NAMES, row))) + "\n"
+    assert jsonl_lines([row]) == _canonical_json(dict(zip(_EXPORT_NAMES, row, strict=True))) + "\n"
 
 
 def test_export_lines_of_odd_types_fall_back_to_canonical_json():
     row = (3, 7, "t", "p", "k", "", "", "{}", None, b"x".decode())  # int time, None hash
-    assert jsonl_lines([row]) == _canonical_json(dict(zip(_EXPORT_NAMES, row))) + "\n"
+    assert jsonl_lines([row]) == _canonical_json(dict(zip(_EXPORT_NAMES, row, strict=True))) + "\n"
 
 
 def test_otlp_sink_emits_one_log_record_per_audit_record_and_surfaces_failures():
