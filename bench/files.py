@@ -15,7 +15,9 @@ tmpfs); Docker's is a private dockerd (sandbox/backends/docker.py PrivateEngine)
 Corral's base image imported from the host, the container created but not started (docker cp
 works on it all the same). Every download is checked afterwards with sha256 against the
 source, outside the timing; Corral's own transfers are also checked end to end by the
-daemon's digest (included in the timing: it is part of every Corral copy).
+daemon's digest (included in the timing: it is part of every Corral copy). Downloads land
+on a tmpfs (--out-dir, default /dev/shm) for every candidate alike, so that the local disk's
+writeback, shared with whatever else the host runs, does not decide the figures.
 
 Prints one JSON object: {"bytes", "runs": [{candidate: {"upload_mb_s", "download_mb_s"}}],
 "summary": {candidate: {"upload_worst", "upload_best", "download_worst",
@@ -96,8 +98,12 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="2G", help="bytes of the file (default 2G)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--dir", default=None, help="where the source and copies go "
-                                                    "(default: a temporary directory)")
+    parser.add_argument("--dir", default=None, help="where the source goes (default: a "
+                                                    "temporary directory)")
+    parser.add_argument("--out-dir", default="/dev/shm",
+                        help="where downloads land (default /dev/shm, a tmpfs: the local "
+                             "disk's writeback, shared with whatever else runs, is not what "
+                             "is measured; '' = next to the source)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the engine and daemon
     size = parse_size(args.size, "size")
@@ -114,6 +120,7 @@ def main() -> int:
     proc = None
     client = None
     container = None
+    out_dir = None
     try:
         api = backend.client(engine.url)
         image = backend.base_image(engine.url)
@@ -125,7 +132,9 @@ def main() -> int:
         corral_cli = [sys.executable, "-m", "corral.runtime.cli", "cp", "--socket", socket,
                       "-q"]
         docker_cli = [docker_bin, "-H", engine.url, "cp", "-q"]
-        out = os.path.join(root, "out.bin")
+        out_dir = tempfile.mkdtemp(prefix="corral-bench-files-out-", dir=args.out_dir) \
+            if args.out_dir else root
+        out = os.path.join(out_dir, "out.bin")
 
         def up(name: str) -> float:
             if name == "corral_cp":
@@ -174,6 +183,8 @@ def main() -> int:
                 backend.client(engine.url).remove_container(container, force=True)
         engine.stop()
         shutil.rmtree(root, ignore_errors=True)
+        if out_dir is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
