@@ -102,12 +102,12 @@ cdef extern from * nogil:
     }
     static int corral_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
     #define CORRAL_MOUNT_ATTR_IDMAP 0x00100000
-    static int corral_idmap_tree(int tree_fd, int userns_fd, uint64_t extra) {
+    static int corral_idmap_tree(int tree_fd, int userns_fd, uint64_t extra, int recursive) {
         /* Give a detached mount tree (open_tree(OPEN_TREE_CLONE)) the id mapping of
-           userns_fd, and the extra MOUNT_ATTR_* bits, on every mount in it. */
+           userns_fd, and the extra MOUNT_ATTR_* bits, on its top mount or every mount. */
         struct corral_mount_attr a = {CORRAL_MOUNT_ATTR_IDMAP | extra, 0, 0, (uint64_t)userns_fd};
-        return (int)syscall(SYS_mount_setattr, tree_fd, "", AT_EMPTY_PATH | AT_RECURSIVE,
-                            &a, sizeof a);
+        return (int)syscall(SYS_mount_setattr, tree_fd, "",
+                            AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &a, sizeof a);
     }
     static int corral_hold_userns(void *arg) {
         /* A process that only exists so that its new user namespace can be given id maps
@@ -303,7 +303,7 @@ cdef extern from * nogil:
     int corral_pivot_root(const char *new_root, const char *put_old)
     int corral_mount_setattr(const char *path, unsigned int flags, unsigned long long set)
     int corral_pidfd_open(pid_t pid)
-    int corral_idmap_tree(int tree_fd, int userns_fd, unsigned long long extra)
+    int corral_idmap_tree(int tree_fd, int userns_fd, unsigned long long extra, int recursive)
     int corral_clone_userns_holder(void *stack_top)
     void corral_run_helpers(char **argv1, void *stack1, char **argv2, void *stack2,
                             int *status1, int *status2)
@@ -1275,14 +1275,14 @@ def userns_with_maps(bytes uid_map, bytes gid_map):
     return fd
 
 
-def idmap_tree(int tree_fd, int userns_fd, unsigned long long attrs=0):
+def idmap_tree(int tree_fd, int userns_fd, unsigned long long attrs=0, bint recursive=True):
     """Idmap a detached mount tree (from open_tree_clone) through userns_fd's maps,
-    setting the MOUNT_ATTR_* bits attrs too, on every mount in it.
+    setting the MOUNT_ATTR_* bits attrs too, on every mount in it (recursive) or its top.
 
     Raises:
         OSError: mount_setattr failed (EINVAL: a filesystem in the tree cannot be idmapped).
     """
-    if corral_idmap_tree(tree_fd, userns_fd, attrs) != 0:
+    if corral_idmap_tree(tree_fd, userns_fd, attrs, recursive) != 0:
         raise OSError(errno, os.strerror(errno))
 
 

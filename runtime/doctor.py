@@ -170,9 +170,15 @@ def check_idmapped_mounts() -> Check:
                      "-")
     results = []
     bad = False
-    for label, path in (("your directories", tempfile.gettempdir()),
-                        ("tmpfs (task workspaces)", None)):
-        err = _try_idmap(path)
+    # a new empty directory: /tmp itself may hold other mounts (a recursive clone takes them)
+    scratch = tempfile.mkdtemp(prefix="corral-doctor-")
+    try:
+        probes = [("your directories", scratch, tempfile.gettempdir()),
+                  ("tmpfs (task workspaces)", None, None)]
+        outcomes = [(label, shown, _try_idmap(path)) for label, path, shown in probes]
+    finally:
+        os.rmdir(scratch)
+    for label, path, err in outcomes:
         where = f"{_fstype(path)} at {path}" if path else "a new tmpfs"
         if err == 0:
             results.append(f"{label} ({where}): yes")

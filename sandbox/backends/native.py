@@ -548,7 +548,16 @@ class Sandbox(SandboxLifecycle):
                         raise SandboxSetupError("idmap user namespace", exc.filename,
                                                 exc.errno) from None
                 try:
-                    _spawn.idmap_tree(fd, namespaces[owner], ATTR_NOSUID_NODEV)
+                    try:
+                        _spawn.idmap_tree(fd, namespaces[owner], ATTR_NOSUID_NODEV)
+                    except OSError as exc:
+                        if exc.errno != errno_mod.EINVAL:
+                            raise
+                        # a mount inside it cannot be idmapped (a proc, a FUSE mount):
+                        # the directory itself is, and what is mounted below keeps its own
+                        # ids (unmapped inside: nobody's, not writable)
+                        _spawn.idmap_tree(fd, namespaces[owner], ATTR_NOSUID_NODEV,
+                                          recursive=False)
                 except OSError as exc:
                     hint = ("its filesystem cannot be idmapped (Linux >= 5.12; tmpfs >= 6.3, "
                             "overlayfs >= 5.19; not NFS or FUSE): use a directory on ext4, "

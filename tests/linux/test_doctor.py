@@ -1,5 +1,5 @@
 """`corral doctor` as root, through the CLI: every feature is asked of the kernel and found
-here, the pool is shown, and nothing is left behind (no mount, no namespace holder)."""
+here, and the pool is shown."""
 
 from __future__ import annotations
 
@@ -13,14 +13,7 @@ from corral.sandbox import ids
 CORRAL = str(Path(sys.executable).with_name("corral"))
 
 
-def _mounts() -> set[str]:
-    """Mount points, but those of sandbox workspaces (other tests may run meanwhile)."""
-    points = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
-    return {p for p in points if not p.startswith("/run/corral/")}
-
-
 def test_doctor_json_as_root():
-    before = _mounts()
     r = subprocess.run([CORRAL, "doctor", "--json"], capture_output=True, text=True,
                        timeout=120)
     assert (r.returncode, r.stderr) == (0, "")
@@ -35,11 +28,10 @@ def test_doctor_json_as_root():
     pool = ids.pool()
     assert checks["subordinate ids"]["found"].startswith(f"pool {pool.start}:{pool.count} (")
     found = checks["idmapped mounts"]["found"]
-    assert found.split("; ")[1].startswith("your directories (")
-    assert found.split("; ")[1].endswith(" at /tmp): yes")
-    assert found.split("; ")[2] == "tmpfs (task workspaces) (a new tmpfs): yes"
+    assert found.split("; ")[-2].startswith("your directories (")
+    assert found.split("; ")[-2].endswith(" at /tmp): yes")
+    assert found.split("; ")[-1] == "tmpfs (task workspaces) (a new tmpfs): yes"
     assert checks["cgroups"]["found"].startswith("v1 (")
-    assert _mounts() == before
 
 
 def test_doctor_table_says_what_corral_does_without_each():

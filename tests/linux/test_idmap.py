@@ -184,3 +184,19 @@ def test_files_made_through_the_idmap_survive_the_sandbox(tmp_path, flag):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "kept").read_text() == "kept\n"
     assert os.stat(tmp_path / "kept")[4:6] == (0, 0)
+
+
+def test_a_mount_inside_the_workspace_that_cannot_be_idmapped_keeps_its_own_ids(tmp_path):
+    """The directory is idmapped; an mqueue filesystem mounted inside it cannot be, so it
+    is attached as it is: its files show as nobody's inside."""
+    workspace = tmp_path / "ws"
+    (workspace / "q").mkdir(parents=True)
+    os.chown(workspace, OTHER_UID, OTHER_GID)
+    subprocess.run(["mount", "-t", "mqueue", "mqueue", str(workspace / "q")], check=True)
+    try:
+        r = corral("run", "--workspace", str(workspace), "--", "sh", "-c",
+                   "echo x > f && stat -c '%n %u' f q")
+    finally:
+        subprocess.run(["umount", str(workspace / "q")], check=True)
+    assert (r.returncode, r.stdout) == (0, "f 0\nq 65534\n"), r.stderr
+    assert os.stat(workspace / "f")[4:6] == (OTHER_UID, OTHER_GID)
