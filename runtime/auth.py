@@ -25,21 +25,26 @@ class Caller:
 
 class ForeignId(NotFound):
     """Another tenant's id, answered exactly as an unknown one (NOT_FOUND, the same message)
-    so that a caller cannot learn which ids exist; the daemon still records the attempt as a
-    denial (`denial`, with `audit_reason` naming the owner in the audit log only)."""
+    so that a caller cannot learn which ids exist. The daemon still records the attempt as a
+    denial, but under no tenant (`audit_tenant` ""), which only operators read: in the
+    caller's own records a denial would tell it that the id exists (unknown ids make none).
+    `audit_reason` names both tenants."""
 
     denial = True
+    audit_tenant = ""
 
-    def __init__(self, message: str, kind: str, object_id: str, owner: str) -> None:
+    def __init__(self, message: str, caller: str, kind: str, object_id: str,
+                 owner: str) -> None:
         super().__init__(message)
-        self.audit_reason = f"{kind} {object_id!r} belongs to tenant {owner!r}"
+        self.audit_reason = (f"tenant {caller!r} asked for {kind} {object_id!r} of tenant "
+                             f"{owner!r}")
 
 
 def check_owner(caller: Caller, owner: str, kind: str, object_id: str, message: str) -> None:
     """Raise ForeignId (as NOT_FOUND with `message`, the unknown-id message) when the caller
     is not `owner`."""
     if owner != caller.tenant:
-        raise ForeignId(message, kind, object_id, owner)
+        raise ForeignId(message, caller.tenant, kind, object_id, owner)
 
 
 class Authenticator:

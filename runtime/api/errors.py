@@ -73,7 +73,8 @@ def deny_later(servicer, context, exc: CorralError, method: str):
     caller = current_caller.get()
     try:
         return servicer.audit.deny(
-            tenant=caller.tenant if caller else "",
+            # auth.ForeignId is recorded under no tenant (operators only), see there
+            tenant=getattr(exc, "audit_tenant", caller.tenant if caller else ""),
             peer=caller.peer if caller else ((context.peer() if context else "") or ""),
             status=exc.grpc_status, method=method,
             # what the caller was not told (auth.ForeignId: whose id it was) goes on record
