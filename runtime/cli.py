@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument("--pubkey", metavar="FILE", action="append",
                             help="Ed25519 public key (PEM, or 32 bytes raw/hex/base64); "
                                  "repeat for a log signed by a rotated key")
+            ap.add_argument("--unsigned-tail-ok", action="store_true",
+                            help="with --pubkey: accept records after the last checkpoint (a "
+                                 "running daemon's newest), naming them, instead of failing")
             ap.add_argument("--file", metavar="EXPORT",
                             help="verify an exported copy (jsonl or ocsf lines, '-' for "
                                  "stdin) instead: needs only --pubkey, no daemon, no db")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -325,6 +326,8 @@ class SignedVerifyResult:
     broken_at_seq: int = 0  # when not ok: the first record past the last valid signature
     problem: str = ""
     first_seq: int = 0  # the first record seen
+    # set when the only problem is records after the last signature (a live log's newest)
+    unsigned_from: int = 0
 
 
 def verify_signed(rows: Iterable[tuple], public_key,
@@ -412,9 +415,10 @@ def verify_signed(rows: Iterable[tuple], public_key,
     unsigned = [s for s, (_h, ckpt) in recent.items() if s > signed_through and not ckpt]
     if unsigned:
         first = unsigned[0]
-        return past_signature(f"records {first}-{last_seq} are not covered by any signature "
-                              "(a running daemon signs every checkpoint_records records, "
-                              "every checkpoint_interval and when it stops)")
+        return dataclasses.replace(past_signature(
+            f"records {first}-{last_seq} are not covered by any signature (a running daemon "
+            "signs every checkpoint_records records, every checkpoint_interval and when it "
+            "stops)"), unsigned_from=first)
     return result(True)
 
 

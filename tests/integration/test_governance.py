@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -344,6 +345,15 @@ def test_policy_file_reload_is_audited_signed_and_swaps_the_policy(make_daemon, 
                    "policy.reload_failed")[0]
     assert json.loads(failed.detail_json)["digest"] == detail["digest"]  # still in force
     acme.destroy_sandbox(sb.id)
+    # live, through the daemon: its newest records are not signed yet, and are named
+    live = corral("audit", "verify", "--socket", d.socket, "--pubkey", _pubkey(d))
+    assert live.returncode == 1 and "are not covered by any signature" in live.stderr
+    tail_ok = corral("audit", "verify", "--socket", d.socket, "--pubkey", _pubkey(d),
+                     "--unsigned-tail-ok")
+    assert tail_ok.returncode == 0, tail_ok.stderr
+    assert re.fullmatch(r"audit chain OK: (\d+) records verified, records 1-(\d+) signed by "
+                        r"key [0-9a-f]{16}; records (\d+)-\1 are not signed yet\n",
+                        tail_ok.stdout), tail_ok.stdout
     assert d.stop() == 0
     assert corral("audit", "verify", "--db", d.audit_db, "--pubkey", _pubkey(d)).returncode == 0
 
