@@ -12,7 +12,10 @@ fills such a gap). Lag, delivered seq, errors and drops are in `statistics()`, t
 statistics and `corral audit status`.
 
 A new sink starts at the head of the log (records from then on); history is
-`corral audit export`'s job.
+`corral audit export`'s job. Over UDP a record whose message would exceed one datagram
+(65,000 bytes) is sent with its detail replaced by ``{"corral.truncated": "datagram",
+"bytes": N}``: seq and hash still name it, and the whole record is in the log and the export
+(use TCP or a file sink to ship it whole).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 from corral.sandbox.errors import CorralError, InvalidSpec
 from corral.sandbox.spec import parse_size
 
+from .audit import _canonical_json as _canonical
 from .audit_export import jsonl_line, read_cursor, write_cursor
 
 _log = logging.getLogger("corral.sinks")
@@ -40,6 +44,7 @@ DEFAULT_MAX_LAG = 1_000_000
 _BATCH = 512
 _BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _SYSLOG_FACILITY_AUDIT = 13  # RFC 5424 "log audit"
+_MAX_DATAGRAM = 65000
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -144,7 +149,11 @@ class SyslogSink:
             for row in rows:
                 msg = syslog_message(row, self.hostname, self.app_name, self.facility)
                 if self.protocol == "udp":
-                    sock.send(msg[:65000])
+                    if len(msg) > _MAX_DATAGRAM:  # never a cut JSON: say where the rest is
+                        msg = syslog_message(row[:7] + (_canonical({
+                            "corral.truncated": "datagram", "bytes": len(msg)}),) + row[8:],
+                            self.hostname, self.app_name, self.facility)
+                    sock.send(msg)
                 else:
                     sock.sendall(b"%d " % len(msg) + msg)
         except OSError:
@@ -302,6 +311,12 @@ class SinkWorker:
         self.cursor_path, self.max_lag = cursor_path, max_lag
         if os.path.exists(cursor_path):
             self.delivered = read_cursor(cursor_path)
+            if self.delivered > log.last_seq():  # a different (new) log: start at its head
+                _log.warning("audit sink %s: its cursor %d is past the log's last record %d "
+                             "(a new log?); delivering from %d on", name, self.delivered,
+                             log.last_seq(), log.last_seq() + 1)
+                self.delivered = log.last_seq()
+                write_cursor(cursor_path, self.delivered)
         else:
             self.delivered = log.last_seq()
             write_cursor(cursor_path, self.delivered)

@@ -329,3 +329,23 @@ def test_a_rotated_key_verifies_with_both_public_keys(tmp_path):
     assert only_new.problem.startswith(f"record 2: the checkpoint is signed by key {old.key_id}, "
                                        f"not by the given public key ({new.key_id})")
     log.close()
+
+
+def test_a_record_too_big_for_a_datagram_is_sent_as_a_named_stub():
+    import socket as so
+
+    from corral.runtime.sinks import SyslogSink
+
+    rx = so.socket(so.AF_INET, so.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    sink = SyslogSink("s", f"127.0.0.1:{rx.getsockname()[1]}")
+    big = json.dumps({"argv": ["x" * 60000, "y" * 30000]}, separators=(",", ":"))
+    row = (9, 1.0, "t", "p", "exec.start", "sb", "", big, "0" * 64, "c" * 64)
+    sink.deliver([row])
+    body = json.loads(rx.recv(70000).split(b"\xef\xbb\xbf", 1)[1])
+    assert (body["seq"], body["hash"]) == (9, "c" * 64)
+    whole = len(syslog_message(row, sink.hostname))
+    assert whole > 65000
+    assert json.loads(body["detail_json"]) == {"corral.truncated": "datagram", "bytes": whole}
+    sink.close()
+    rx.close()
