@@ -11,7 +11,8 @@ So, as Kubernetes does for user-namespaced pods:
   makes later can be given those ids. `CORRAL_ID_POOL=START:COUNT` names a pool instead
   (nothing is written then).
 * Every sandbox takes one range of `RANGE` ids from it (`allocate`), recorded as a file
-  `<state>/<slot>` created with O_EXCL, so concurrent processes never take the same slot.
+  `<state>/<first id>` created with O_EXCL, so concurrent processes never take the same
+  range (ranges are 65536-aligned, so even two pools that overlap name the same files).
   The file names the owning process (pid and start time) and, once it exists, the
   sandbox's PID 1 (an appended line); `release()` removes it when the sandbox is destroyed,
   and `sweep()` removes those whose owner and PID 1 are both gone. Three small file
@@ -132,10 +133,17 @@ def pool() -> SubIdEntry:
         except ValueError:
             raise IdPoolError(f"CORRAL_ID_POOL={configured!r} is not START:COUNT, "
                               f"e.g. {POOL_START}:{RANGE * 64}") from None
-        if start < 1 or count < RANGE or start + count > MAX_ID:
-            raise IdPoolError(f"CORRAL_ID_POOL={configured!r}: need 1 <= START and "
-                              f"{RANGE} <= COUNT with START+COUNT <= {MAX_ID}")
-        return SubIdEntry(POOL_NAME, start, count)
+        if start < 1 or start % RANGE or count < RANGE or start + count > MAX_ID:
+            raise IdPoolError(f"CORRAL_ID_POOL={configured!r}: need START a multiple of "
+                              f"{RANGE} and {RANGE} <= COUNT with START+COUNT <= {MAX_ID}")
+        named = SubIdEntry(POOL_NAME, start, count)
+        for path in (SUBUID, SUBGID):
+            clash = _overlaps(named, parse_subids(_read(path)))
+            if clash:
+                e = clash[0]
+                raise IdPoolError(f"CORRAL_ID_POOL={configured!r} overlaps '{e.name}:"
+                                  f"{e.start}:{e.count}' in {path}; pick a span no entry has")
+        return named
     key = tuple(_mtime(p) for p in (SUBUID, SUBGID))
     cached = _pool_cache.get("pool")
     if cached is not None and cached[0] == key:
@@ -176,9 +184,10 @@ def _registered() -> SubIdEntry | None:
                 f"{path}: '{e.name}:{e.start}:{e.count}' overlaps Corral's id pool "
                 f"{found.start}:{found.count}; move one of them (sandboxes would share host "
                 f"ids with {e.name}'s)")
-    if found.count < RANGE:
-        raise IdPoolError(f"{SUBUID}: Corral's pool {found.start}:{found.count} is smaller "
-                          f"than one sandbox's {RANGE} ids")
+    if found.count < RANGE or found.start % RANGE:
+        raise IdPoolError(f"{SUBUID}: Corral's pool {found.start}:{found.count} must start "
+                          f"at a multiple of {RANGE} and hold at least one sandbox's {RANGE} "
+                          f"ids")
     return found
 
 
@@ -282,7 +291,7 @@ def allocate(owner: str, owner_pid: int | None = None) -> IdRange:
         first = random.randrange(slots)
         for i in range(slots):
             slot = (first + i) % slots
-            path = os.path.join(directory, str(slot))
+            path = os.path.join(directory, str(found.start + slot * RANGE))
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
@@ -342,7 +351,7 @@ def _slot_alive(path: str) -> bool:
 
 
 def sweep() -> list[int]:
-    """Release the ranges whose owner process and PID 1 are gone; returns their slots."""
+    """Release the ranges whose owner process and PID 1 are gone; returns their first ids."""
     directory = state_dir()
     try:
         names = os.listdir(directory)

@@ -138,3 +138,31 @@ def test_api_sandboxes_fix_their_range_in_their_spec_and_release_it():
     finally:
         sb.destroy()
     assert not os.path.exists(slot)
+
+
+def test_a_named_pool_that_overlaps_a_users_range_is_refused():
+    name = "ctid" + uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "--no-create-home", name], check=True)
+    try:
+        theirs = next(e for e in ids.parse_subids(Path(ids.SUBUID).read_text())
+                      if e.name == name)
+        start = theirs.start - theirs.start % ids.RANGE
+        r = subprocess.run([CORRAL, "run", "--", "true"], capture_output=True, text=True,
+                           env={**os.environ, "CORRAL_ID_POOL": f"{start}:{2 * ids.RANGE}"},
+                           timeout=60)
+    finally:
+        subprocess.run(["userdel", name], check=True)
+    assert r.returncode == 125
+    assert r.stderr.startswith(f"corral: run: CORRAL_ID_POOL='{start}:{2 * ids.RANGE}' "
+                               f"overlaps '")
+    assert r.stderr.endswith(f"' in {ids.SUBUID}; pick a span no entry has\n")
+
+
+def test_a_named_pool_is_used_as_given(tmp_path):
+    start = ids.MAX_ID // ids.RANGE * ids.RANGE - 4 * ids.RANGE  # high, away from the rest
+    env = {**os.environ, "CORRAL_ID_POOL": f"{start}:{2 * ids.RANGE}"}
+    r = subprocess.run([CORRAL, "run", "--", "cat", "/proc/self/uid_map"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    _, base, count = map_line(r.stdout)
+    assert base in (start, start + ids.RANGE) and count == ids.RANGE
