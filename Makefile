@@ -57,6 +57,10 @@ bench: build sysdeps
 	$(PY) bench/egress.py --json
 	$(PY) bench/scheduler.py --json
 	$(PY) bench/density.py
+	$(PY) bench/exec_stream.py
+	$(PY) bench/files.py
+	$(PY) bench/audit_flood.py --json
+	$(PY) bench/audit_sinks.py --json
 
 lint: build
 	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples
