@@ -53,7 +53,7 @@ DIR_SCAN_S = 0.5
 #: CHECKPOINT frames and directory changes in between are not lost: the newest frame (and
 #: the directory as it is then) makes the next checkpoint, and one still waiting when the
 #: attempt ends is taken then.
-CHECKPOINT_MIN_INTERVAL_S = 2.0
+CHECKPOINT_MIN_INTERVAL_S = 0.2
 CHECKPOINT_BYTES_PER_S = 4 << 20
 # frame kinds (corral.v1.EventKind)
 _PROGRESS, _CHECKPOINT, _RESULT, _LOG, _TOKEN = 3, 4, 5, 6, 1
