@@ -1,8 +1,8 @@
 """Which seccomp profile a remote caller's name reaches, through a real daemon.
 
 Only a built-in (sandbox/profiles/) or an absolute path: a bare name is never looked up in
-the daemon's working directory, even where a policy lists it, so a NAME.json planted there
-is never loaded. An absolute path the operator's policy lists is used.
+the daemon's working directory (a policy that lists one does not load), so a NAME.json
+planted there is never loaded. An absolute path the operator's policy lists is used.
 """
 
 from __future__ import annotations
@@ -35,10 +35,17 @@ def test_a_bare_name_is_never_a_file_in_the_daemons_directory(make_daemon, plant
     allowed = tmp_path / "profiles" / "ok.json"
     allowed.parent.mkdir()
     allowed.write_text(json.dumps(ALLOW_ALL))
-    # a policy that (wrongly) lists bare file names, and one absolute path
+    # a policy that (wrongly) lists a bare file name is refused when the daemon starts
+    wrong = make_daemon("wrong", config="""
+[policy]
+profiles = ["default", "evil.json"]
+""")
+    assert wrong.run_to_exit() == 2
+    assert ("policy.profiles: 'evil.json' is not a built-in profile (default, unconfined) "
+            "or an absolute path") in wrong.log()
     d = make_daemon(config=f"""
 [policy]
-profiles = ["default", "evil.json", "evil", "{allowed}"]
+profiles = ["default", "{allowed}"]
 """).start()
     acme = d.client("acme")
     for name in ("evil.json", "evil"):
