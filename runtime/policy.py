@@ -65,6 +65,10 @@ class QuotaExceeded(CorralError):
     denial = True
 
 
+class RateLimited(QuotaExceeded):
+    """The tenant sent requests faster than its max_request_rate."""
+
+
 def host_memory_bytes() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -279,14 +283,16 @@ class PolicyBook:
             return own
         return self.operator_default if caller.operator else self.default
 
-    def charge(self, caller) -> None:
-        """Count one request of the caller against its tenant's max_request_rate.
+    def charge(self, caller, weight: float = 1.0) -> None:
+        """Count a request of the caller against its tenant's max_request_rate.
 
         A token bucket per tenant: max_request_rate tokens a second, up to two seconds'
-        worth saved up, so a burst passes and a flood is cut to the rate.
+        worth saved up, so a burst passes and a flood is cut to the rate. A big request
+        weighs more (`request_weight`): a flood of megabyte requests costs the daemon its
+        bytes, not just its count.
 
         Raises:
-            QuotaExceeded: the tenant is over its rate (nothing was done).
+            RateLimited: the tenant is over its rate (nothing was done).
         """
         rate = self.of(caller).max_request_rate
         if rate is None:
@@ -299,11 +305,16 @@ class PolicyBook:
             bucket = self._buckets[caller.tenant] = [2 * rate, now]
         tokens = min(2 * rate, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
-        if tokens < 1.0:
+        if tokens < weight:
             bucket[0] = tokens
-            raise QuotaExceeded(f"this tenant is over its request rate ({rate:g} a second); "
-                                "retry later")
-        bucket[0] = tokens - 1.0
+            raise RateLimited(f"this tenant is over its request rate ({rate:g} a second); "
+                              "retry later")
+        bucket[0] = tokens - weight
+
+    @staticmethod
+    def request_weight(nbytes: int) -> float:
+        """What a request of nbytes counts against the rate: 1, plus 1 per 64 KiB."""
+        return 1.0 + nbytes / REQUEST_WEIGHT_BYTES
 
     def of_tenant(self, tenant: str) -> TenantPolicy:
         """The policy of a tenant by name (for work whose caller is gone, e.g. queued
@@ -338,6 +349,8 @@ _KEY_FIELDS = {
     "max_sessions": "max_sessions", "max_running_tasks": "max_running_tasks",
     "max_queued_tasks": "max_queued_tasks", "max_request_rate": "max_request_rate",
 }
+#: A request counts once more against the rate for every this many bytes it carries.
+REQUEST_WEIGHT_BYTES = 64 << 10
 #: Tenants with a rate bucket at most (a bound on the map, whatever names callers use).
 _MAX_BUCKETS = 4096
 

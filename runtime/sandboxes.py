@@ -226,8 +226,11 @@ class SandboxManager:
     async def run_blocking(self, fn: Callable, *args, tenant: str = ""):
         """Run kernel work on a spawner thread (see the module docstring), taking turns
         with other tenants' work (runtime/fair.py): one tenant's burst never queues
-        another tenant's create or exec behind all of it."""
-        async with self._turns.turn(tenant):
+        another tenant's create or exec behind all of it, and a tenant that is not an
+        operator holds one spawner less than there are, so one is free for the others."""
+        limit = (None if self.policies.of_tenant(tenant) is self.policies.operator_default
+                 else max(1, SPAWNERS - 1))
+        async with self._turns.turn(tenant, limit):
             return await asyncio.get_running_loop().run_in_executor(self._spawner, fn, *args)
 
     # -- sandboxes ----------------------------------------------------------------------------

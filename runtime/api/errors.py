@@ -11,10 +11,16 @@ import grpc
 
 from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated, as_exhaustion
 
+from ..policy import QuotaExceeded
 from .bounds import bounded_message
 
 log = logging.getLogger("corral.api")
 
+#: Seconds an unauthenticated, over-quota or over-rate request waits for its refusal.
+REFUSAL_DELAY_S = 0.1
+#: Bytes of the unary request running in this task (0 for streams), for its rate weight.
+current_request_bytes: contextvars.ContextVar = contextvars.ContextVar(
+    "corral_request_bytes", default=0)
 #: The Caller of the RPC running in this task (set by Servicer.caller), for denial records.
 current_caller: contextvars.ContextVar = contextvars.ContextVar("corral_caller", default=None)
 
@@ -36,7 +42,7 @@ class Servicer:
         current_caller.set(caller)
         policies = getattr(self.daemon, "policies", None)
         if policies is not None:
-            policies.charge(caller)
+            policies.charge(caller, policies.request_weight(current_request_bytes.get()))
         return caller
 
 
@@ -104,6 +110,12 @@ async def _abort(servicer, context, exc: Exception, method: str) -> None:
         log.warning("%s refused: %s", method, exhausted)
         exhaustion_seen(exhausted)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exhausted))
+    if isinstance(exc, (Unauthenticated, QuotaExceeded)):
+        # A flood is answered slowly: a caller that waits for each answer (most do) is
+        # cut to a few requests a second per connection, at no cost to the daemon (a
+        # timer, not a thread), and the loop keeps its time for other tenants. Quota and
+        # rate refusals are both a tenant over its share.
+        await asyncio.sleep(REFUSAL_DELAY_S)
     if isinstance(exc, CorralError):
         pending = deny_later(servicer, context, exc, method)
         if pending is not None:  # recorded before the answer, without blocking the loop
@@ -122,6 +134,8 @@ def unary(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        # what the request weighs against the tenant's rate (Servicer.caller charges it)
+        current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
@@ -137,6 +151,7 @@ def streaming(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
         try:
             async for item in method(self, request, context):
                 yield item

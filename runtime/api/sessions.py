@@ -15,6 +15,7 @@ from collections import deque
 from corral.sandbox.errors import CorralError, InvalidSpec, NotFound, PermissionDenied
 from corral.v1 import session_pb2 as pb
 
+from ..policy import RateLimited
 from ..sandboxes import Ended
 from ..sessions import Exited, TurnEnded, TurnStarted
 from ..streams import DEFAULT_BATCH_BYTES
@@ -511,6 +512,12 @@ class _Mux:
                     await self._task_done.wait()
                 try:
                     await self.handle(req)
+                except RateLimited as exc:
+                    # over the tenant's rate: the stream ends and reads nothing more (a
+                    # client that floods it pays for a new stream, not the daemon)
+                    self.fail(req.ref, exc, "SessionsServicer.OpenMany")
+                    self.error = exc
+                    break
                 except CorralError as exc:
                     self.fail(req.ref, exc, "SessionsServicer.OpenMany")
         finally:
@@ -528,9 +535,10 @@ class _Mux:
         if kind in ("start", "resume"):
             if ref in self.subs or ref in self.starting:
                 raise InvalidSpec("ref", f"{ref!r} is already in use on this stream")
-            # each start or resume counts like a call of its own (the stream's own
-            # opening was counted by Servicer.caller)
-            self.servicer.daemon.policies.charge(self.caller)
+            # each start or resume counts like a call of its own, weighed by its size (the
+            # stream's own opening was counted by Servicer.caller)
+            policies = self.servicer.daemon.policies
+            policies.charge(self.caller, policies.request_weight(req.ByteSize()))
             self.starting.add(ref)
             self._spawn(self._open(ref, req))
             return

@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--target", required=True)
     ap.add_argument("--token", required=True)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--attacks", default="fifo,unauth,oversized,burst,openmany",
+                    help="comma-separated subset of the attacks to run")
     args = ap.parse_args()
     os.nice(10)
     counts: Counter = Counter()
@@ -107,12 +109,16 @@ def main() -> int:
         n = 0
         while time.monotonic() < stop:
             n += 1
+            if mux._call.done():  # the daemon ended it: open another, as a flood would
+                tally("openmany", "reopened")
+                mux = c.open_many()
             mux.start(f"r{n}", ["true"], hostname=big)
             tally("openmany", "sent")
             time.sleep(0.002)
         mux.close()
 
-    attacks = [fifo, unauth, oversized, burst, openmany]
+    known = {a.__name__: a for a in (fifo, unauth, oversized, burst, openmany)}
+    attacks = [known[name] for name in args.attacks.split(",")]
     threads = [threading.Thread(target=a, name=a.__name__) for a in attacks]
     for t in threads:
         t.start()

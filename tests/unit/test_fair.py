@@ -82,3 +82,30 @@ def test_cancelled_waiters_and_holders_give_their_slot_back():
 def test_slots_must_exist():
     with pytest.raises(ValueError, match="^slots must be at least 1, got 0$"):
         FairSlots(0)
+
+
+def test_a_key_at_its_limit_leaves_a_slot_free_for_others():
+    async def main():
+        slots = FairSlots(2)
+        gate = asyncio.Event()
+        started: list[str] = []
+
+        async def job(key, name, limit):
+            async with slots.turn(key, limit):
+                started.append(name)
+                await gate.wait()
+
+        a = [asyncio.create_task(job("a", f"a{i}", 1)) for i in range(3)]
+        await asyncio.sleep(0)
+        assert started == ["a0"] and slots.waiting() == {"a": 2}  # one slot stays free
+        b = asyncio.create_task(job("b", "b0", 1))
+        await asyncio.sleep(0)
+        assert started == ["a0", "b0"]  # at once, on the slot a could not take
+        unlimited = asyncio.create_task(job("ops", "ops0", None))
+        await asyncio.sleep(0)
+        assert "ops0" not in started  # both slots are busy now: it waits its turn
+        gate.set()
+        await asyncio.gather(*a, b, unlimited)
+        assert sorted(started) == ["a0", "a1", "a2", "b0", "ops0"]
+
+    run(main())
