@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import CorralError, ResourceExhausted
+from .procinfo import live_start_time
 
 #: Ids per sandbox (0..65535 inside, what most images expect).
 RANGE = 65536
@@ -239,15 +240,6 @@ def _reserve_name() -> None:
 # -- per-sandbox ranges --------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 @dataclass
 class IdRange:
     """One sandbox's host ids: base..base+count-1 (root inside is base)."""
@@ -325,7 +317,7 @@ def _own_start(pid: int) -> int | None:
     """Start time of pid, remembered for this process's own pid (it does not change)."""
     if pid not in _own_starts:
         _own_starts.clear()  # a fork: another pid now
-        _own_starts[pid] = _start_time(pid)
+        _own_starts[pid] = live_start_time(pid)
     return _own_starts[pid]
 
 
@@ -340,11 +332,11 @@ def _slot_alive(path: str) -> bool:
     try:
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
         owner = records[0]
-        if _start_time(int(owner["pid"])) == owner.get("start"):
+        if live_start_time(int(owner["pid"])) == owner.get("start"):
             return True
         # PID 1 was noted without its start time: a reused pid keeps the range taken until
         # that process ends (a leak, never a sharing)
-        return any(_start_time(int(r["init_pid"])) is not None
+        return any(live_start_time(int(r["init_pid"])) is not None
                    for r in records[1:] if "init_pid" in r)
     except (ValueError, KeyError, TypeError, IndexError):
         return time.time() - os.stat(path).st_mtime < _WRITING_GRACE_S

@@ -40,6 +40,7 @@ import time
 
 from . import fstree
 from .errors import SandboxSetupError
+from .procinfo import live_start_time
 
 DEFAULT_BYTES = 1 << 30
 DEFAULT_INODES = 65536
@@ -99,16 +100,6 @@ def ensure_root() -> str:
     return base
 
 
-def _start_time(pid: int) -> int | None:
-    """Start time of a live process (None when gone or a zombie: an orphan nobody reaps)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def create(name: str, uid: int, gid: int, *, size_bytes: int | None = None,
            owner_pid: int | None = None) -> str:
     """Make the workspace `name` for a sandbox whose root is uid:gid outside; returns its path.
@@ -119,7 +110,7 @@ def create(name: str, uid: int, gid: int, *, size_bytes: int | None = None,
     base = ensure_root()
     path = os.path.join(base, name)
     pid = owner_pid or os.getpid()
-    owner = {"pid": pid, "start": _start_time(pid), "created_at": time.time()}
+    owner = {"pid": pid, "start": live_start_time(pid), "created_at": time.time()}
     tmp = os.path.join(base, f".{name}.owner.tmp")
     with open(tmp, "w") as f:
         json.dump(owner, f)
@@ -203,7 +194,7 @@ def sweep() -> list[str]:
         try:
             with open(os.path.join(base, entry)) as f:
                 owner = json.load(f)
-            start = _start_time(int(owner["pid"]))
+            start = live_start_time(int(owner["pid"]))
             alive = start is not None and start == owner.get("start")
         except FileNotFoundError:
             continue

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from corral.sandbox import Sandbox, SandboxSpec, ids
+from corral.sandbox.procinfo import live_start_time
 
 from ..processes import wait_until
 
@@ -115,7 +116,7 @@ def test_the_range_of_a_killed_caller_is_swept_by_the_next_start(tmp_path):
         victim.wait(timeout=30)
     assert slots_of(victim.pid) == [slot]  # nobody gave it back
     # PID 1 dies with its caller (PDEATHSIG); once it is gone the next start sweeps
-    assert wait_until(lambda: ids._start_time(init_pid) is None, timeout_s=60)
+    assert wait_until(lambda: live_start_time(init_pid) is None, timeout_s=60)
     subprocess.run([CORRAL, "run", "--", "true"], check=True, timeout=60)
     assert slots_of(victim.pid) == []
 
