@@ -431,50 +431,94 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _shrink(value: Any, chars: int, items: int, depth: int) -> Any:
+def _shrink(value: Any, chars: int, items: int, depth: int,
+            digests: dict[int, str] | None = None) -> Any:
     """value with long strings, long lists, wide dicts and deep nesting replaced by markers
-    that keep a head, the original size and the sha256 of what was cut."""
+    that keep a head, the original size and the sha256 of what was cut. `digests` keeps
+    each container's sha256 by id across the levels of one `bound_detail` (encoding a
+    large value again at every level is what made big records slow)."""
+    digests = {} if digests is None else digests
+
+    def digest(v: Any) -> str:
+        key = id(v)
+        if key not in digests:
+            digests[key] = _sha256(_canonical_json(v))
+        return digests[key]
+
     if isinstance(value, str):
         if len(value) <= chars:
             return value
         return {TRUNCATED: "string", "head": value[:chars], "chars": len(value),
                 "sha256": _sha256(value)}
     if isinstance(value, list | tuple | dict) and depth <= 0:
-        return {TRUNCATED: "nesting", "sha256": _sha256(_canonical_json(value))}
+        return {TRUNCATED: "nesting", "sha256": digest(value)}
     if isinstance(value, list | tuple):
-        out = [_shrink(v, chars, items, depth - 1) for v in value[:items]]
+        out = [_shrink(v, chars, items, depth - 1, digests) for v in value[:items]]
         if len(value) > items:
-            out.append({TRUNCATED: "list", "items": len(value),
-                        "sha256": _sha256(_canonical_json(value))})
+            out.append({TRUNCATED: "list", "items": len(value), "sha256": digest(value)})
         return out
     if isinstance(value, dict):
         keys = sorted(value)
         out = {}
         for key in keys[:items]:
-            out[key[:chars]] = _shrink(value[key], chars, items, depth - 1)
+            out[key[:chars]] = _shrink(value[key], chars, items, depth - 1, digests)
         if len(keys) > items or any(len(k) > chars for k in keys[:items]):
-            out[TRUNCATED] = {"keys": len(keys), "sha256": _sha256(_canonical_json(value))}
+            out[TRUNCATED] = {"keys": len(keys), "sha256": digest(value)}
         return out
     return value
 
 
-def bound_detail(detail: dict[str, Any], text: str, size: int) -> str:
+def _over_json_bytes(value: Any, limit: int) -> bool:
+    """Whether value's JSON is surely over limit bytes: its strings (with their quotes)
+    alone pass it. A cheap walk that lets `bound_detail` skip encoding a level whose result
+    cannot fit."""
+    total = 0
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v) + 2
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                total += len(k) + 3 if isinstance(k, str) else 3
+                stack.append(item)
+        elif isinstance(v, list | tuple):
+            total += len(v) + 1
+            stack.extend(v)
+        else:
+            total += 1
+        if total > limit:
+            return True
+    return False
+
+
+def bound_detail(detail: dict[str, Any], text: str | None = None,
+                 size: int | None = None) -> str:
     """The canonical JSON of detail, shrunk to at most MAX_DETAIL_BYTES.
 
-    `text` is detail's canonical JSON and `size` its UTF-8 length. Tenant input (argv, paths,
-    labels, task ids...) reaches details, and an action must never go unrecorded, or be
-    refused, because its record is large: long strings keep their head, long lists their
-    first items, each with a ``corral.truncated`` marker holding the original length and the
-    sha256 of the full value, so the record still pins exactly what was asked.
+    `text` is detail's canonical JSON and `size` its UTF-8 length, when the caller has them
+    (a detail surely too large is not encoded whole: its parts are, for their digests).
+    Tenant input (argv, paths, labels, task ids...) reaches details, and an action must
+    never go unrecorded, or be refused, because its record is large: long strings keep
+    their head, long lists their first items, each with a ``corral.truncated`` marker
+    holding the original length and the sha256 of the full value, so the record still pins
+    exactly what was asked.
     """
-    if size <= MAX_DETAIL_BYTES:
+    if text is not None and size is not None and size <= MAX_DETAIL_BYTES:
         return text
+    digests: dict[int, str] = {}
     for chars, items, depth in _SHRINK_LEVELS:
-        shrunk = _canonical_json(_shrink(detail, chars, items, depth))
+        candidate = _shrink(detail, chars, items, depth, digests)
+        if _over_json_bytes(candidate, MAX_DETAIL_BYTES):
+            continue  # cannot fit: not worth encoding
+        shrunk = _canonical_json(candidate)
         if len(shrunk.encode("utf-8")) <= MAX_DETAIL_BYTES:
             return shrunk
+    if text is None:
+        text = _canonical_json(detail)
     keys = sorted(detail)
-    return _canonical_json({TRUNCATED: "detail", "bytes": size, "sha256": _sha256(text),
+    return _canonical_json({TRUNCATED: "detail", "bytes": len(text.encode("utf-8")),
+                            "sha256": _sha256(text),
                             "keys": [k[:64] for k in keys[:16]], "key_count": len(keys)})
 
 
@@ -486,15 +530,17 @@ def _encode_detail(detail: object) -> tuple[str, dict[str, Any]]:
     if not isinstance(detail, dict):
         raise InvalidSpec("detail", f"must be a dict, got {type(detail).__name__}")
     try:
-        text = _canonical_json(detail)
+        if _over_json_bytes(detail, MAX_DETAIL_BYTES):  # no need to encode it all first
+            text = bound_detail(detail)
+        else:
+            text = _canonical_json(detail)
+            size = len(text.encode("utf-8"))
+            if size > MAX_DETAIL_BYTES:
+                text = bound_detail(detail, text, size)
     except (TypeError, ValueError) as exc:  # unserialisable, NaN, circular, mixed key types
+        if isinstance(exc, UnicodeEncodeError):
+            raise InvalidSpec("detail", "is not valid Unicode (a lone surrogate)") from None
         raise InvalidSpec("detail", f"is not JSON-serializable: {exc}") from None
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidSpec("detail", "is not valid Unicode (a lone surrogate)") from None
-    if size > MAX_DETAIL_BYTES:
-        text = bound_detail(detail, text, size)
     # Tuples become lists, int keys become strings: hand back what a query will return.
     return text, json.loads(text)
 

@@ -820,6 +820,20 @@ class DockerProcess:
 # -- sandboxes --------------------------------------------------------------------------------
 
 
+def _frame_payloads(raw: bytes) -> bytes:
+    """The payloads of the complete stream frames (8-byte header: kind, 0, 0, 0, size) at
+    the start of raw, joined in order; stops at the first thing that is not a frame."""
+    out = bytearray()
+    at = 0
+    while at + 8 <= len(raw) and raw[at] in (0, 1, 2) and raw[at + 1:at + 4] == b"\0\0\0":
+        size = struct.unpack_from(">I", raw, at + 4)[0]
+        if at + 8 + size > len(raw):
+            break
+        out += raw[at + 8:at + 8 + size]
+        at += 8 + size
+    return bytes(out)
+
+
 def _wrapper_state(pid: int) -> str:
     """"wrapper" while pid still runs _PassedFds' shell, "exec'd" once it runs the command,
     "gone" when it has exited (read from /proc: the engine is local)."""
@@ -1204,7 +1218,11 @@ class DockerSandbox(SandboxLifecycle):
             delay = min(delay * 2, 0.02)
         if code not in (126, 127):
             return
-        text = proc._read_to_eof().decode(errors="replace")
+        raw = proc._read_to_eof()
+        # The engine's own message comes raw; the wrapper shell's in stream frames, and a
+        # shell may write one line in several pieces (each its own frame when the engine
+        # reads them apart): match against the payloads joined as well as the raw bytes.
+        text = raw.decode(errors="replace") + "\n" + _frame_payloads(raw).decode(errors="replace")
         wrapper_failed = wrapped and (f"exec: {proc.argv[0]}: not found" in text
                                       or f"exec: {proc.argv[0]}: Permission denied" in text)
         if "OCI runtime exec failed" in text or wrapper_failed:

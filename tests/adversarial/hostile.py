@@ -2,13 +2,14 @@
 
     python -m tests.adversarial.hostile --target 127.0.0.1:PORT --token TOKEN --seconds N
 
-Every attack runs on its own thread until the time is up, then everything it made is
-destroyed and one JSON line of counts is printed. Attacks (each is a finding of the issue):
+Every attack runs on its own thread until the time is up (or SIGTERM comes), then
+everything it made is destroyed and one JSON line of counts is printed. Attacks (each is
+a finding of the issue):
 
 * fifo      mkfifo in its sandbox, then WriteFile onto the FIFO, again and again
 * unauth    calls with an unknown bearer token (flooding the denial path)
 * oversized creates and execs with fields at and over every size limit
-* burst     concurrent creates past its sandbox quota, then destroys
+* burst     concurrent creates past its sandbox quota, more while it is full, destroys
 * openmany  OpenMany starts with 1 MB fields on a stream it never reads
 
 It runs at nice 10: the test is about the daemon's fairness to other tenants, not about
@@ -22,11 +23,15 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import threading
 import time
 from collections import Counter
 
 from corral.runtime.client import Client, ClientError
+
+#: Seconds the burst attack holds its filled quota before giving it back and bursting again.
+BURST_HOLD_S = 1.0
 
 
 def main() -> int:
@@ -41,6 +46,12 @@ def main() -> int:
     counts: Counter = Counter()
     lock = threading.Lock()
     stop = time.monotonic() + args.seconds
+    ended = threading.Event()
+    # SIGTERM ends the attacks early, as the time running out would (cleanup still runs)
+    signal.signal(signal.SIGTERM, lambda *_: ended.set())
+
+    def running() -> bool:
+        return not ended.is_set() and time.monotonic() < stop
     made: list[str] = []
 
     def tally(name: str, outcome: str) -> None:
@@ -62,12 +73,12 @@ def main() -> int:
         sb = c.create_sandbox()
         made.append(sb.id)
         list(c.exec(sb.id, ["mkfifo", "/workspace/input.txt"]))
-        while time.monotonic() < stop:
+        while running():
             attempt("fifo", lambda: c.write_file(sb.id, "input.txt", b"x" * 100))
 
     def unauth() -> None:
         bad = Client.connect(target=args.target, token="not-a-token-0123456789abcdef")
-        while time.monotonic() < stop:
+        while running():
             attempt("unauth", bad.list_sandboxes)
 
     def oversized() -> None:
@@ -75,15 +86,17 @@ def main() -> int:
         sb = c.create_sandbox()
         made.append(sb.id)
         big = "x" * (1 << 20)
-        while time.monotonic() < stop:
+        while running():
             attempt("oversized.env", lambda: c.create_sandbox(env={"A": big}))
             attempt("oversized.argv", lambda: list(c.exec(sb.id, ["true"] + ["y" * 1000] * 300)))
             attempt("oversized.path", lambda: c.write_file(sb.id, "p" * 100_000, b"x"))
             time.sleep(0.01)
 
     def burst() -> None:
+        """Fill the quota at once (8 concurrent creates for 4 places), hold it for a while
+        hammering the refused create, then give it back and fill it again."""
         c = client()
-        while time.monotonic() < stop:
+        while running():
             ids: list[str] = []
 
             def one(ids=ids):
@@ -98,6 +111,9 @@ def main() -> int:
                 t.start()
             for t in threads:
                 t.join()
+            held_until = time.monotonic() + BURST_HOLD_S
+            while running() and time.monotonic() < held_until:
+                one()
             for sid in ids:
                 with contextlib.suppress(ClientError):
                     c.destroy_sandbox(sid)
@@ -107,7 +123,7 @@ def main() -> int:
         big = "z" * (1 << 20)
         mux = c.open_many()  # never read
         n = 0
-        while time.monotonic() < stop:
+        while running():
             n += 1
             if mux._call.done():  # the daemon ended it: open another, as a flood would
                 tally("openmany", "reopened")

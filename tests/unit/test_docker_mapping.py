@@ -123,3 +123,20 @@ def test_task_specs_keep_the_backend_through_the_api():
     with pytest.raises(InvalidSpec, match=r"^backend: 'vm' is not a backend"):
         spec_from_proto(task_pb2.TaskSpec(argv=["true"],
                                           sandbox=sandbox_pb2.SandboxSpec(backend="vm")))
+
+
+def test_a_message_written_in_pieces_is_found_across_its_frames():
+    """The pass_fds wrapper's "exec: X: not found" may reach the engine in several writes,
+    each its own stream frame: the payloads are joined before matching (a CI failure that
+    took CommandNotFound for a started command)."""
+    from corral.sandbox.backends.docker import _frame_payloads
+
+    def frame(kind: int, data: bytes) -> bytes:
+        return bytes([kind, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+    raw = frame(2, b"corral-exec: 1: exec: no-such") + frame(2, b"-agent: not found\n")
+    assert b"exec: no-such-agent: not found" not in raw
+    assert _frame_payloads(raw) == b"corral-exec: 1: exec: no-such-agent: not found\n"
+    # a torn last frame and bytes that are not frames end the walk
+    assert _frame_payloads(raw + frame(1, b"abc")[:-1]) == _frame_payloads(raw)
+    assert _frame_payloads(b"OCI runtime exec failed: ...") == b""
