@@ -209,6 +209,8 @@ class Daemon:
         from grpc_health.v1 import health, health_pb2
         from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+        from .api import reflection as reflection_v1
+
         self.health = health.aio.HealthServicer()
         names = [d.full_name for d in descriptors]
         self._health_names = ["", *names]
@@ -218,11 +220,15 @@ class Daemon:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         # Through generic_handler like ours: a request that does not decode is then
         # INVALID_ARGUMENT here too, not UNKNOWN with a Python class name.
+        # Reflection v1 (what current tools ask for) beside v1alpha, one servicer behind both.
+        v1 = reflection_v1.v1_service_descriptor()
+        alpha = reflection.aio.ReflectionServicer(
+            [*names, reflection_v1.V1_SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME])
         server.add_generic_rpc_handlers([
             generic_handler(health_pb2.DESCRIPTOR.services_by_name["Health"], self.health),
             generic_handler(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-                            reflection.aio.ReflectionServicer(
-                                [*names, reflection.SERVICE_NAME, health.SERVICE_NAME])),
+                            alpha),
+            generic_handler(v1, reflection_v1.V1Reflection(alpha, v1)),
         ])
 
     def _bind_unix(self, server) -> None:

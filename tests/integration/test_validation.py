@@ -193,3 +193,42 @@ def test_reflection_lists_the_services(daemon):
 def test_client_without_daemon_says_where_it_looked(tmp_path):
     err = _fails(lambda: Client.connect(socket=str(tmp_path / "none.sock")))
     assert err.code.name == "UNAVAILABLE" and "none.sock" in str(err)
+
+
+def test_reflection_v1_answers_as_v1alpha_does(daemon):
+    """grpc.reflection.v1 (what grpcurl and current tools ask first), with raw bytes on the
+    wire: the v1 method path, the same field numbers, the same answers as v1alpha."""
+    from google.protobuf import descriptor_pb2
+
+    def ask(channel, path: str, requests) -> list:
+        call = channel.stream_stream(
+            path, request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        return list(call(iter(requests), timeout=5))
+
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="corral.v1.Sandboxes"),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="no.such.Service"),
+    ]
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+        v1 = ask(channel, "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", requests)
+        alpha = ask(channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                    requests)
+    assert [r.SerializeToString() for r in v1] == [r.SerializeToString() for r in alpha]
+    listed, sandboxes, reflection_v1, missing = v1
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"corral.v1.Sandboxes", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection", "grpc.health.v1.Health"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in sandboxes.file_descriptor_response.file_descriptor_proto]
+    assert "Exec" in [m.name for f in files for s in f.service if s.name == "Sandboxes"
+                      for m in s.method]
+    [v1_file] = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                 for raw in reflection_v1.file_descriptor_response.file_descriptor_proto]
+    assert (v1_file.package, [s.name for s in v1_file.service]) == (
+        "grpc.reflection.v1", ["ServerReflection"])
+    assert v1_file.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
