@@ -351,6 +351,8 @@ cdef extern from * nogil:
     int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)
     int kill(pid_t pid, int sig)
     pid_t waitpid(pid_t pid, int *status, int options)
+    int ioctl(int fd, unsigned long request, ...)
+    unsigned long TIOCSCTTY
 
     int O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_CLOEXEC, O_PATH, O_DIRECTORY, O_NOFOLLOW
     int F_DUPFD_CLOEXEC, F_SETFD
@@ -398,6 +400,7 @@ cdef enum Step:
     STEP_ID_MAPS = 26
     STEP_OWNER = 27
     STEP_SYSCTL = 28
+    STEP_CTTY = 29
 
 STEP_NAMES = {
     STEP_WAIT_PARENT: "wait-for-parent",
@@ -428,6 +431,7 @@ STEP_NAMES = {
     STEP_ID_MAPS: "write uid_map/gid_map",
     STEP_OWNER: "setresuid(owner)",
     STEP_SYSCTL: "write /proc/sys/user limit",
+    STEP_CTTY: "ioctl(TIOCSCTTY)",
 }
 
 # Mount plan op kinds; corral.sandbox.mounts produces them (same numbers).
@@ -509,6 +513,7 @@ cdef struct child_plan:
     int exec_fd          # init: execveat this fd instead of argv[0]
     char **sysctl_paths  # init: /proc/sys/user/* files of the new user namespace...
     char **sysctl_values # ...and the values written to them (NULL-terminated arrays)
+    int ctty             # commands: make descriptor 0 (a pty slave) the controlling terminal
 
 
 cdef class ChildPlan:
@@ -523,7 +528,7 @@ cdef class ChildPlan:
     def __init__(self, *, argv, envp=(), search_path=(), cwd="/", hostname=None,
                  mount_ops=(), landlock_rules=(), landlock_handled=0, landlock_scoped=0,
                  landlock_abi=0, rlimits=(), fds=(), seccomp_bpf=None, seccomp_flags=0, cgroup_fds=(),
-                 last_cap=40, pdeathsig=0, exec_fd=-1, sysctls=()):
+                 last_cap=40, pdeathsig=0, exec_fd=-1, sysctls=(), ctty=False):
         """Build the C arrays.
 
         Args:
@@ -540,6 +545,8 @@ cdef class ChildPlan:
             cgroup_fds: open cgroup.procs descriptors the child writes "0" into.
             sysctls: (path, value) pairs PID 1 writes once it is root in its new user
                 namespace: that namespace's own /proc/sys/user limits.
+            ctty: after setsid and the fds, make descriptor 0 (which must be a terminal,
+                e.g. a pty slave of the sandbox's own devpts) the controlling terminal.
         """
         cdef int i
         if not argv:
@@ -612,6 +619,7 @@ cdef class ChildPlan:
         self.c.pdeathsig = pdeathsig
         self.c.parent_pidfd = -1
         self.c.exec_fd = exec_fd
+        self.c.ctty = 1 if ctty else 0
         pairs = list(sysctls)
         self.c.sysctl_paths = self._strv([path for path, _ in pairs])
         self.c.sysctl_values = self._strv([str(value) for _, value in pairs])
@@ -839,6 +847,11 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
     if setsid() < 0:
         fail(report_fd, STEP_SETSID, -1)
     install_fds(plan, report_fd)
+    # A session leader with no terminal yet (setsid above): its stdin becomes its
+    # controlling terminal, so the pty's line discipline turns ^C/^Z into signals for the
+    # foreground group and /dev/tty opens it.
+    if plan.ctty and ioctl(0, TIOCSCTTY, 0) != 0:
+        fail(report_fd, STEP_CTTY, -1)
     if corral_drop_caps(plan.last_cap) != 0:
         fail(report_fd, STEP_CAPS, -1)
     if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:

@@ -156,6 +156,8 @@ from typing import IO, Any
 
 from corral.sandbox.errors import AuditError, AuditTampered, InvalidSpec
 
+from .metrics import NO_METRICS
+
 __all__ = [
     "GENESIS_HASH",
     "HEAD_SUFFIX",
@@ -1106,6 +1108,8 @@ def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
 class AuditLog:
     """The daemon's audit log; create with `AuditLog.open(path)`. Thread-safe."""
 
+    metrics = NO_METRICS  # the daemon's DaemonMetrics when --metrics is on
+
     def __init__(
         self,
         path: str,
@@ -1438,6 +1442,7 @@ class AuditLog:
             items.append(item)
         if not items:
             return
+        t0 = self.metrics.clock()
         if self._writer is None:
             error = AuditError(self.path, "is closed" if self._closed else "is open read-only")
             for it in items:
@@ -1496,6 +1501,7 @@ class AuditLog:
             # bound); failing the actions now would leave records of things undone.
             self._head_write_errors += 1
             _log.error("audit head anchor %s not updated: %s", self.head_path, exc)
+        self.metrics.audit_committed(t0)
         for it, record in zip(items, records, strict=True):
             it.future.set_result(record)
             # Under the lock, so every subscriber sees records in seq order.

@@ -32,13 +32,33 @@ and --pids; --cpus is not applied. `corral doctor` shows what this user has.
 output: when stdout or stderr is a terminal, what the command writes there is filtered:
 text, newlines, tabs and colour (SGR) sequences pass; other escape sequences (clipboard
 writes, window titles, cursor moves, terminal queries), control characters and bidi
-overrides are dropped. --raw turns the filter off; pipes and files always get the bytes
-unchanged.
+overrides are dropped (under -t, see terminals). --raw turns the filter off; pipes
+and files always get the bytes unchanged.
+
+terminals: -t gives the command a pty of the sandbox's own /dev/pts (`tty` prints
+/dev/pts/N; it is the command's controlling terminal, sized like yours and resized with
+it); -i sends your keys to it. With -it your terminal is raw while it runs (^C, ^Z, ^\\
+reach the command as in a local shell) and its mode is restored however the run ends
+(exit, kill, timeout, OOM, SIGTERM/SIGHUP to corral). -t needs a terminal on stdin. The
+output filter then also keeps what a full-screen program needs (cursor moves, erases,
+scrolling regions, the alternate screen, cursor keys, bracketed paste, mouse modes) but
+still drops whatever makes your terminal answer or act for the program (status and
+device queries, window reports, titles, OSC 52 clipboard writes, DCS/APC strings), and
+puts back the modes the command left set; --raw passes everything. A program inside
+cannot type into your terminal: it never holds it (its pty is its own), and TIOCSTI is
+refused by the default seccomp profile. Only the native backend has terminals.
 
 exit status: the command's own, 128+N when it was killed by signal N, 124 on timeout,
 137 when the memory limit killed it, 125 when the sandbox could not be set up, 127 when
-the command does not exist inside the sandbox, 2 on a usage error.
+the command does not exist inside the sandbox, 2 on a usage error (also -t without a
+terminal on stdin), 128+N when corral itself got signal N (SIGTERM, SIGHUP) under -t.
 """
+
+TTY_HELP = ("give the command a terminal (a pty inside the sandbox, sized like yours); "
+            "stdin must be a terminal")
+INTERACTIVE_HELP = ("with -t: send your keys to the command, your terminal raw meanwhile; "
+                    "without -t stdin is passed as it always is (run streams it, exec "
+                    "sends a pipe or file whole)")
 
 RAW_HELP = ("write the output to a terminal unchanged (default: only text, newlines, tabs "
             "and colours reach a terminal; pipes and files always get every byte)")
@@ -98,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Docker engine for --backend docker (default: $DOCKER_HOST, else "
                           "unix:///var/run/docker.sock)")
     run.add_argument("--raw", action="store_true", help=RAW_HELP)
+    run.add_argument("-i", "--interactive", action="store_true", help=INTERACTIVE_HELP)
+    run.add_argument("-t", "--tty", action="store_true", help=TTY_HELP)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     from corral.runtime import probe as probe_verb
@@ -163,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "filesystem fills, so audit and task records still write; new "
                              "work is refused (RESOURCE_EXHAUSTED, health NOT_SERVING) until "
                              "twice that is free (default: 64M, at most 5%% of the filesystem)")
+    daemon.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. "
+                             "127.0.0.1:9464 (port 0: any free one, recorded as metrics_port "
+                             "in daemon.start); loopback only unless --metrics-public; "
+                             "default: off (docs/operations.md lists every metric)")
+    daemon.add_argument("--metrics-public", action="store_true", default=None,
+                        help="allow a --metrics address that is not loopback")
+    daemon.add_argument("--tracing", metavar="otlp|file:PATH",
+                        help="OpenTelemetry spans per RPC and per sandbox phase: otlp "
+                             "(OTLP/gRPC to $OTEL_EXPORTER_OTLP_ENDPOINT; pip install "
+                             "'corral[otlp]') or file:PATH (one JSON object a span); "
+                             "default: off, nothing imported")
+    daemon.add_argument("--log-format", choices=("text", "json"),
+                        help="daemon log on stderr: text (default) or json, one object a "
+                             "line with time, level, logger, message and the tenant, "
+                             "sandbox, session and task ids when known")
     daemon.add_argument("--verify-audit", choices=("full", "tail"),
                         help="audit check at start: 'tail' checks the head anchor and the "
                              "records past it; 'full' re-hashes every record of every segment "
@@ -206,6 +244,48 @@ def build_parser() -> argparse.ArgumentParser:
                                     "they are.")
     client_flags(ps)
     ps.add_argument("--json", action="store_true", help="one JSON object per sandbox")
+    ps.add_argument("-l", "--selector", metavar="SELECTOR", default="",
+                    help="only sandboxes whose labels match: requirements joined by commas, "
+                         "k=v, k!=v (or absent), k (present), !k (absent); e.g. "
+                         "'team=ml,!gpu'")
+    ps.add_argument("--destroyed", action="store_true",
+                    help="the destroyed sandboxes the daemon still remembers instead")
+
+    sessions = sub.add_parser("sessions", help="list sessions",
+                              description="List this tenant's sessions: running ones, and "
+                                          "those whose agent exited and that the daemon still "
+                                          "holds (until idle for its session_idle_ttl).")
+    client_flags(sessions)
+    sessions.add_argument("--json", action="store_true", help="one JSON object per session")
+    sessions.add_argument("-l", "--selector", metavar="SELECTOR", default="",
+                          help="only sessions whose labels match (the grammar of `corral ps "
+                               "--selector`)")
+    sessions.add_argument("--state", choices=("running", "exited"),
+                          help="only sessions in this state")
+
+    timeout = sub.add_parser(
+        "timeout", help="set when a sandbox is destroyed: DURATION from now",
+        description="Extend or shorten a sandbox's lifetime: the daemon destroys it DURATION "
+                    "from now (e.g. 30m, 2h). Refused above the daemon's sandbox_ttl or the "
+                    "tenant's max_ttl. Prints the new expiry time.")
+    client_flags(timeout)
+    timeout.add_argument("sandbox_id", metavar="SANDBOX")
+    timeout.add_argument("duration", metavar="DURATION",
+                         help="the new lifetime from now, e.g. 90s, 30m, 2h")
+
+    stats = sub.add_parser(
+        "stats", help="a sandbox's CPU, memory, pids and I/O, sampled until it is destroyed",
+        description="Print a sandbox's usage every INTERVAL until it is destroyed or you press "
+                    "Ctrl-C: CPU (percent of one core over the interval), memory and its limit, "
+                    "processes and their limit, storage I/O, workspace use. A figure this "
+                    "host cannot measure shows as '-'.")
+    client_flags(stats)
+    stats.add_argument("sandbox_id", metavar="SANDBOX")
+    stats.add_argument("--interval", metavar="DURATION", default="1s",
+                       help="time between samples, 0.1s to 1h (default: %(default)s)")
+    stats.add_argument("--no-stream", action="store_true",
+                       help="print one sample (two, a CPU interval apart, with CPU) and exit")
+    stats.add_argument("--json", action="store_true", help="one JSON object per sample")
 
     create = sub.add_parser("create", help="create a sandbox on the daemon; prints its id")
     client_flags(create)
@@ -220,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--allow-net", action="append", default=[], metavar="RULE",
                         help="allow egress to HOST[:PORT], *.DOMAIN, IP or CIDR (repeatable)")
+    create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="a label to find the sandbox by (`corral ps --selector`); "
+                             "repeatable")
+    create.add_argument("--request-id", metavar="ID", default="",
+                        help="idempotency key: running the same create again with this ID "
+                             "prints the sandbox the first one made instead of making another")
 
     inspect = sub.add_parser(
         "inspect", help="show the policy a daemon sandbox really runs under",
@@ -246,11 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "arrives as written: `corral exec SB -- cat blob | sha256sum`). Nothing "
                     "is dropped: while this reader is slow the daemon stops reading the "
                     "command's output, and the command waits in write(2). The exit status "
-                    "is the command's own.")
+                    "is the command's own. -t runs it on a terminal, -it with your keys and "
+                    "your terminal raw: as `corral run -it` (see `corral run --help`), "
+                    "through the daemon (Exec with tty; window changes are sent as "
+                    "Resize).")
     client_flags(exe)
     exe.add_argument("--timeout", metavar="DURATION")
     exe.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     exe.add_argument("--raw", action="store_true", help=RAW_HELP)
+    exe.add_argument("-i", "--interactive", action="store_true", help=INTERACTIVE_HELP)
+    exe.add_argument("-t", "--tty", action="store_true", help=TTY_HELP)
     exe.add_argument("--allow-loss", action="store_true",
                      help="never hold the command back: output this reader is too slow for "
                           "is dropped; a loss is reported on stderr and the exit status is "
@@ -276,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     session.add_argument("--watch", action="store_true", help="with --attach: watch only")
     session.add_argument("--raw", action="store_true", help=RAW_HELP)
     session.add_argument("--input", metavar="TEXT", help="first input of the session")
+    session.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                         help="a label to find the session by (`corral sessions --selector`); "
+                              "repeatable")
+    session.add_argument("--request-id", metavar="ID", default="",
+                         help="idempotency key: the same start again with this ID attaches "
+                              "to the session the first one started")
     session.add_argument("--memory", metavar="SIZE", help="memory limit of the new sandbox")
     session.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
                          help="upload a local file into the new sandbox's /workspace first "
@@ -413,8 +510,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"run: {exc}", EXIT_USAGE)
     if spec.allow_net:
         _net_log(args.audit)
+    if args.tty and not os.isatty(0):
+        return _fail("run: -t needs a terminal on stdin (it is a pipe or a file); drop -t "
+                     "to stream stdin to the command", EXIT_USAGE)
     try:
-        return _run_streaming(spec, argv, docker_host=args.docker_host, raw=args.raw)
+        return _run_streaming(spec, argv, docker_host=args.docker_host, raw=args.raw,
+                              tty=args.tty, interactive=args.interactive)
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", EXIT_USAGE)
     except CommandNotFound as exc:
@@ -426,43 +527,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
-                   raw: bool = False) -> int:
-    """Run argv, copying its output live and our stdin to it; returns the exit status."""
-    import signal
-    import threading
-
-    from corral.runtime.terminal import TerminalWriter
+                   raw: bool = False, tty: bool = False, interactive: bool = False) -> int:
+    """Run argv, copying its output live and our stdin to it; returns the exit status
+    (tty: on a pty, see corral.runtime.interactive)."""
     from corral.sandbox import ExitReason
     from corral.sandbox.backends import open_sandbox
 
     with open_sandbox(spec, docker_host=docker_host) as sandbox:
         for note in getattr(sandbox, "notes", ()):  # what it runs without, e.g. cgroups
             print(f"corral: {note}", file=sys.stderr, flush=True)
-        proc = sandbox.exec(argv)
-        interrupts = []
+        if tty:
+            from corral.runtime import interactive as term
 
-        def on_signal(signum, _frame):
-            # First Ctrl-C interrupts the command; a second one (or SIGTERM) kills it.
-            interrupts.append(signum)
-            if signum == signal.SIGINT and len(interrupts) == 1:
-                proc.send_signal(signal.SIGINT)
-            else:
-                proc.kill()
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            threading.Thread(target=_copy_stdin, args=(proc.stdin,), daemon=True).start()
-            proc.stdin = None  # the thread owns it now
-            out = TerminalWriter(sys.stdout.buffer, raw=raw)
-            err = TerminalWriter(sys.stderr.buffer, raw=raw)
-            try:
-                proc.pump(out.write, err.write)
-            finally:
-                out.close()
-                err.close()
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+            size = term.RawTerminal(0).window()
+            env = {"TERM": os.environ["TERM"]} if os.environ.get("TERM") else None
+            proc = sandbox.exec(argv, tty=size, env=env)
+            stopped = term.run_on_terminal(proc, interactive=interactive, raw=raw)
+            if stopped is not None:
+                return 128 + stopped
+        else:
+            proc = sandbox.exec(argv)
+            _pump_streaming(proc, raw)
     if proc.reason == ExitReason.TIMEOUT:
         print(f"corral: {argv[0]}: killed after the {spec.timeout_s:g}s timeout", file=sys.stderr)
         return 124
@@ -471,6 +556,39 @@ def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
               file=sys.stderr)
         return 137
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _pump_streaming(proc, raw: bool) -> None:
+    """Copy proc's output live and our stdin to it until it ends (no tty)."""
+    import signal
+    import threading
+
+    from corral.runtime.terminal import TerminalWriter
+
+    interrupts = []
+
+    def on_signal(signum, _frame):
+        # First Ctrl-C interrupts the command; a second one (or SIGTERM) kills it.
+        interrupts.append(signum)
+        if signum == signal.SIGINT and len(interrupts) == 1:
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.kill()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        threading.Thread(target=_copy_stdin, args=(proc.stdin,), daemon=True).start()
+        proc.stdin = None  # the thread owns it now
+        out = TerminalWriter(sys.stdout.buffer, raw=raw)
+        err = TerminalWriter(sys.stderr.buffer, raw=raw)
+        try:
+            proc.pump(out.write, err.write)
+        finally:
+            out.close()
+            err.close()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _net_log(path: str | None) -> None:
@@ -554,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         from corral.runtime import cli_governance
 
         return cli_governance.report(args)
-    if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect", "cp"):
+    if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect", "cp",
+                     "sessions", "timeout", "stats"):
         from corral.runtime import cli_client
 
         return cli_client.dispatch(args)
@@ -593,6 +712,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             "task_retention_s": (config.retention_seconds(args.task_retention,
                                                           "task-retention")
                                  if args.task_retention else None),
+            "metrics": args.metrics, "metrics_public": args.metrics_public,
+            "log_format": args.log_format, "tracing": args.tracing,
         }
         cfg = config.load(args.config, overrides)
     except InvalidSpec as exc:

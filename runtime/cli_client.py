@@ -70,7 +70,8 @@ def _env(items) -> dict[str, str]:
 def dispatch(args) -> int:
     try:
         verb = {"ps": ps, "create": create, "destroy": destroy, "exec": exec_,
-                "session": session, "audit": audit, "inspect": inspect, "cp": cp}[args.verb]
+                "session": session, "audit": audit, "inspect": inspect, "cp": cp,
+                "sessions": sessions, "timeout": timeout, "stats": stats}[args.verb]
         return verb(args)
     except InvalidSpec as exc:
         return _fail(f"{args.verb}: {exc}", EXIT_USAGE)
@@ -89,9 +90,27 @@ def cp(args) -> int:
         return _fail(f"cp:{where}: {exc.strerror}")
 
 
+def _labels(items) -> dict[str, str]:
+    """--label KEY=VALUE flags (a bare KEY is an empty value); the daemon checks them."""
+    labels = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key:
+            raise InvalidSpec("label", f"{item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _shown_labels(labels) -> str:
+    return ",".join(f"{k}={v}" if v else k for k, v in sorted(labels.items())) or "-"
+
+
 def ps(args) -> int:
+    from corral.v1 import sandbox_pb2
+
+    state = sandbox_pb2.SANDBOX_STATE_DESTROYED if getattr(args, "destroyed", False) else 0
     with _connect(args) as client:
-        boxes = client.list_sandboxes()
+        boxes = client.list_sandboxes(getattr(args, "selector", ""), state)
     if args.json:
         from google.protobuf import json_format
 
@@ -101,13 +120,98 @@ def ps(args) -> int:
     if not boxes:
         print("no sandboxes")
         return 0
-    print(f"{'SANDBOX':18} {'TENANT':10} {'AGE':>7} {'TTL LEFT':>9} {'MEMORY':>7}  COMMANDS")
+    labelled = any(b.labels for b in boxes)
+    print(f"{'SANDBOX':18} {'TENANT':10} {'AGE':>7} {'TTL LEFT':>9} {'MEMORY':>7}  COMMANDS"
+          + ("  LABELS" if labelled else ""))
     now = time.time()
     for b in boxes:
         running = [e for e in b.execs if e.running]
         cmds = ", ".join(f"{e.id}:{visible(' '.join(e.argv)[:30])}" for e in running) or "-"
         print(f"{b.id:18} {b.tenant:10} {now - b.created_at:6.0f}s {b.expires_at - now:8.0f}s "
-              f"{b.spec.memory_bytes >> 20:6d}M  {cmds}")
+              f"{b.spec.memory_bytes >> 20:6d}M  {cmds}"
+              + (f"  {_shown_labels(b.labels)}" if labelled else ""))
+    return 0
+
+
+def sessions(args) -> int:
+    from corral.v1 import session_pb2
+
+    state = {"running": session_pb2.SESSION_STATE_RUNNING,
+             "exited": session_pb2.SESSION_STATE_EXITED}.get(args.state or "", 0)
+    with _connect(args) as client:
+        found = client.list_sessions(args.selector, state)
+    if args.json:
+        from google.protobuf import json_format
+
+        for s in found:
+            print(json.dumps(json_format.MessageToDict(s)))
+        return 0
+    if not found:
+        print("no sessions")
+        return 0
+    print(f"{'SESSION':18} {'SANDBOX':18} {'STATE':8} {'AGE':>7} {'TURN':>5} {'LAST SEQ':>9}  "
+          "LABELS")
+    now = time.time()
+    for s in found:
+        state_name = "exited" if s.state == session_pb2.SESSION_STATE_EXITED else "running"
+        print(f"{s.session_id:18} {s.sandbox_id:18} {state_name:8} {now - s.created_at:6.0f}s "
+              f"{s.turn:5d} {s.last_seq:9d}  {_shown_labels(s.labels)}")
+    return 0
+
+
+def timeout(args) -> int:
+    ttl = parse_duration(args.duration, "DURATION")
+    with _connect(args) as client:
+        sb = client.set_timeout(args.sandbox_id, max(1, round(ttl)))
+    print(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sb.expires_at)))
+    return 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GiB"
+
+
+def stats(args) -> int:
+    from google.protobuf import json_format
+
+    interval = parse_duration(args.interval, "interval")
+    header = f"{'CPU %':>7} {'MEMORY / LIMIT':>21} {'PIDS':>9} {'READ':>9} {'WRITTEN':>9} " \
+             f"{'WORKSPACE':>9}"
+    shown = 0
+    with _connect(args) as client:
+        samples = client.stats(args.sandbox_id, interval)
+        try:
+            for sample in samples:
+                has = sample.HasField
+                if args.no_stream and has("cpu_usage_us") and not has("cpu_percent"):
+                    continue  # CPU needs a second sample
+                if args.json:
+                    print(json.dumps(json_format.MessageToDict(
+                        sample, preserving_proto_field_name=True)), flush=True)
+                else:
+                    if shown == 0:
+                        print(header)
+                    cpu = f"{sample.cpu_percent:.1f}" if has("cpu_percent") else "-"
+                    mem = _human_bytes(sample.memory_bytes) if has("memory_bytes") else "-"
+                    pids = str(sample.pids) if has("pids") else "-"
+                    read = _human_bytes(sample.io_read_bytes) if has("io_read_bytes") else "-"
+                    wrote = _human_bytes(sample.io_write_bytes) if has("io_write_bytes") else "-"
+                    ws = (_human_bytes(sample.workspace_bytes) if has("workspace_bytes")
+                          else "-")
+                    print(f"{cpu:>7} {mem + ' / ' + _human_bytes(sample.memory_limit_bytes):>21} "
+                          f"{pids + '/' + str(sample.pids_limit):>9} {read:>9} {wrote:>9} "
+                          f"{ws:>9}", flush=True)
+                shown += 1
+                if args.no_stream:
+                    break
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            samples.close()
     return 0
 
 
@@ -129,8 +233,10 @@ def create(args) -> int:
         spec["allow_net"] = args.allow_net
     if getattr(args, "backend", None):
         spec["backend"] = args.backend
+    labels = _labels(getattr(args, "label", []))
     with _connect(args) as client:
-        print(client.create_sandbox(**spec).id)
+        print(client.create_sandbox(labels=labels, request_id=getattr(args, "request_id", ""),
+                                    **spec).id)
     return 0
 
 
@@ -158,7 +264,8 @@ def inspect(args) -> int:
 
 def destroy(args) -> int:
     with _connect(args) as client:
-        client.destroy_sandbox(args.sandbox_id)
+        if client.destroy_sandbox(args.sandbox_id):
+            print(f"corral: destroy: {args.sandbox_id} was already destroyed", file=sys.stderr)
     return 0
 
 
@@ -172,6 +279,15 @@ def exec_(args) -> int:
         kw["allow_loss"] = True
     if args.timeout:
         kw["timeout_s"] = parse_duration(args.timeout, "timeout")
+    if getattr(args, "tty", False):
+        if not os.isatty(0):
+            return _fail("exec: -t needs a terminal on stdin (it is a pipe or a file); drop "
+                         "-t to send stdin to the command", EXIT_USAGE)
+        from . import interactive
+
+        with _connect(args) as client:
+            return interactive.exec_on_terminal(client, args.sandbox_id, argv, kw,
+                                                interactive=args.interactive, raw=args.raw)
     if not sys.stdin.isatty():
         data = sys.stdin.buffer.read()
         if data:
@@ -254,6 +370,8 @@ def _session(args, argv, client, cleanup) -> int:
         if args.memory:
             spec["memory_bytes"] = parse_size(args.memory, "memory")
         uploads = [_upload_pair(item) for item in args.put]
+        once = {"labels": _labels(getattr(args, "label", [])),
+                "request_id": getattr(args, "request_id", "")}
         if uploads:
             sandbox = client.create_sandbox(**spec)
             cleanup.append(lambda: client.destroy_sandbox(sandbox.id))
@@ -262,9 +380,9 @@ def _session(args, argv, client, cleanup) -> int:
                     client.write_file(sandbox.id, remote, f.read(),
                                       0o755 if os.access(local, os.X_OK) else 0o644)
             stream = client.open_session(argv, sandbox_id=sandbox.id,
-                                         input=args.input or "")
+                                         input=args.input or "", **once)
         else:
-            stream = client.open_session(argv, input=args.input or "", **spec)
+            stream = client.open_session(argv, input=args.input or "", **once, **spec)
     interrupts = []
 
     def on_sigint(_signum, _frame):

@@ -166,8 +166,10 @@ class SessionMux(_QueuedRequests):
         self._requests.put(session_pb2.MuxRequest(ref=ref, **request))
 
     def start(self, ref: str, argv: list[str], *, sandbox_id: str = "", env=None,
-              input: str = "", **spec) -> None:
-        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input)
+              input: str = "", labels=None, request_id: str = "", **spec) -> None:
+        """Start a session as ref; labels and request_id as Client.open_session."""
+        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input,
+                                         labels=labels or {}, request_id=request_id)
         if sandbox_id:
             start.sandbox_id = sandbox_id
         else:
@@ -276,9 +278,12 @@ class Client:
 
     # -- sandboxes --------------------------------------------------------------------------
 
-    def create_sandbox(self, **spec) -> sandbox_pb2.Sandbox:
+    def create_sandbox(self, *, labels=None, request_id: str = "",
+                       **spec) -> sandbox_pb2.Sandbox:
+        """Create a sandbox; spec are SandboxSpec fields. labels: {key: value} to find it
+        by; request_id: an idempotency key (a retry with it returns the same sandbox)."""
         return self._call(self.sandboxes.Create, sandbox_pb2.CreateSandboxRequest(
-            spec=sandbox_pb2.SandboxSpec(**spec)))
+            spec=sandbox_pb2.SandboxSpec(**spec), labels=labels or {}, request_id=request_id))
 
     def inspect_sandbox(self, sandbox_id: str) -> sandbox_pb2.InspectSandboxResponse:
         """The policy the sandbox really runs under (read from the kernel) and mismatches."""
@@ -288,17 +293,39 @@ class Client:
     def get_sandbox(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
         return self._call(self.sandboxes.Get, sandbox_pb2.GetSandboxRequest(sandbox_id=sandbox_id))
 
-    def list_sandboxes(self) -> list[sandbox_pb2.Sandbox]:
-        return list(self._call(self.sandboxes.List, sandbox_pb2.ListSandboxesRequest()).sandboxes)
+    def list_sandboxes(self, selector: str = "", state: int = 0) -> list[sandbox_pb2.Sandbox]:
+        """Every sandbox of the caller's matching a label selector ("k=v,k2!=v2,k3,!k4")
+        and state (SANDBOX_STATE_*; 0: the running ones), over as many pages as it takes."""
+        found, token = [], ""
+        while True:
+            page = self.list_sandboxes_page(selector, state, page_token=token)
+            found.extend(page.sandboxes)
+            token = page.next_page_token
+            if not token:
+                return found
 
-    def destroy_sandbox(self, sandbox_id: str) -> None:
-        self._call(self.sandboxes.Destroy, sandbox_pb2.DestroySandboxRequest(sandbox_id=sandbox_id))
+    def list_sandboxes_page(self, selector: str = "", state: int = 0, page_size: int = 0,
+                            page_token: str = "") -> sandbox_pb2.ListSandboxesResponse:
+        """One page of Sandboxes.List (page_size 0: 100; next_page_token for the next)."""
+        return self._call(self.sandboxes.List, sandbox_pb2.ListSandboxesRequest(
+            selector=selector, state=state, page_size=page_size, page_token=page_token))
+
+    def set_timeout(self, sandbox_id: str, ttl_s: int) -> sandbox_pb2.Sandbox:
+        """Destroy the sandbox ttl_s seconds from now (extends or shortens its TTL)."""
+        return self._call(self.sandboxes.SetTimeout, sandbox_pb2.SetTimeoutRequest(
+            sandbox_id=sandbox_id, ttl_s=ttl_s))
+
+    def destroy_sandbox(self, sandbox_id: str) -> bool:
+        """Destroy a sandbox; True when it had already been destroyed (not an error)."""
+        return self._call(self.sandboxes.Destroy, sandbox_pb2.DestroySandboxRequest(
+            sandbox_id=sandbox_id)).already_destroyed
 
     def exec(self, sandbox_id: str, argv: list[str], **kw) -> Iterator[sandbox_pb2.ExecEvent]:
         """Run argv; yields started, output (stdout/stderr bytes exactly as written, one
         StreamBatch each) and exited. kw are ExecRequest fields: env, cwd, stdin,
         keep_stdin_open, timeout_s, and allow_loss=True to never hold the command back
-        (a slow reader then loses output, and `batch.lost` says so)."""
+        (a slow reader then loses output, and `batch.lost` says so); tty=True with rows
+        and cols runs it on a terminal (all output on stdout; see resize())."""
         request = sandbox_pb2.ExecRequest(sandbox_id=sandbox_id, argv=argv, **kw)
         try:
             yield from self.sandboxes.Exec(request, metadata=self.metadata)
@@ -315,6 +342,11 @@ class Client:
     def send_input(self, sandbox_id: str, exec_id: str, data: bytes, close: bool = False):
         return self._call(self.sandboxes.SendInput, sandbox_pb2.SendInputRequest(
             sandbox_id=sandbox_id, exec_id=exec_id, data=data, close=close))
+
+    def resize(self, sandbox_id: str, exec_id: str, rows: int, cols: int) -> None:
+        """Set the window of a command started with tty=True (Exec's rows and cols)."""
+        self._call(self.sandboxes.Resize, sandbox_pb2.ResizeRequest(
+            sandbox_id=sandbox_id, exec_id=exec_id, rows=rows, cols=cols))
 
     def signal(self, sandbox_id: str, sig: int, exec_id: str = "") -> int:
         return self._call(self.sandboxes.Signal, sandbox_pb2.SignalRequest(
@@ -536,11 +568,29 @@ class Client:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise _wrap(exc) from None
 
+    def stats(self, sandbox_id: str, interval_s: float = 1.0) -> Iterator[sandbox_pb2.SandboxStats]:
+        """Usage samples of a sandbox every interval_s (0.1 to 3600) until it is destroyed
+        (the iterator then ends) or the caller stops iterating. A figure the host cannot
+        measure is absent (`sample.HasField("cpu_usage_us")` is False)."""
+        call = self.sandboxes.Stats(sandbox_pb2.StatsRequest(
+            sandbox_id=sandbox_id, interval_s=interval_s), metadata=self.metadata)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise _wrap(exc) from None
+        finally:
+            call.cancel()
+
     # -- sessions ---------------------------------------------------------------------------
 
     def open_session(self, argv: list[str], *, sandbox_id: str = "", env=None, input: str = "",
-                     **spec) -> SessionStream:
-        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input)
+                     labels=None, request_id: str = "", **spec) -> SessionStream:
+        """Start a session in sandbox_id, or in a new sandbox of spec (SandboxSpec fields).
+        labels: {key: value} to find it by; request_id: an idempotency key (a retry with it
+        attaches to the session the first start made)."""
+        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input,
+                                         labels=labels or {}, request_id=request_id)
         if sandbox_id:
             start.sandbox_id = sandbox_id
         else:
@@ -553,6 +603,26 @@ class Client:
         req = session_pb2.SessionRequest(resume=session_pb2.SessionResume(
             session_id=session_id, after_seq=after_seq, watch_only=watch_only))
         return SessionStream(self.sessions, req, self.metadata)
+
+    def get_session(self, session_id: str) -> session_pb2.SessionInfo:
+        return self._call(self.sessions.Get, session_pb2.GetSessionRequest(session_id=session_id))
+
+    def list_sessions(self, selector: str = "", state: int = 0) -> list[session_pb2.SessionInfo]:
+        """Every session of the caller's matching a label selector and state
+        (SESSION_STATE_*; 0: all), over as many pages as it takes."""
+        found, token = [], ""
+        while True:
+            page = self.list_sessions_page(selector, state, page_token=token)
+            found.extend(page.sessions)
+            token = page.next_page_token
+            if not token:
+                return found
+
+    def list_sessions_page(self, selector: str = "", state: int = 0, page_size: int = 0,
+                           page_token: str = "") -> session_pb2.ListSessionsResponse:
+        """One page of Sessions.List (page_size 0: 100; next_page_token for the next)."""
+        return self._call(self.sessions.List, session_pb2.ListSessionsRequest(
+            selector=selector, state=state, page_size=page_size, page_token=page_token))
 
     def open_many(self) -> SessionMux:
         """A Sessions.OpenMany stream: start, resume and steer many sessions over one call."""
@@ -587,16 +657,18 @@ class Client:
 
     def submit_task(self, argv: list[str], *, selector=None, resources=None, priority: int = 0,
                     retries: int = 0, max_runtime_s: float = 0.0, files=None,
-                    request_id: str = "", **sandbox) -> task_pb2.Task:
+                    request_id: str = "", labels=None, **sandbox) -> task_pb2.Task:
         """Submit a deep task; returns it once the daemon has committed it.
 
         request_id: an idempotency key (e.g. a UUID made once per task): a Submit retried
         with it returns the task the first one made instead of making another.
+        labels: {key: value} to find the task by (list_tasks(selector=...)).
         """
         spec = task_pb2.TaskSpec(argv=argv, selector=selector or {}, resources=resources or {},
                                  priority=priority, retries=retries,
                                  max_runtime_s=max_runtime_s, files=files or {},
-                                 sandbox=sandbox_pb2.SandboxSpec(**sandbox))
+                                 sandbox=sandbox_pb2.SandboxSpec(**sandbox),
+                                 labels=labels or {})
         return self._call(self.tasks.Submit, task_pb2.SubmitTaskRequest(
             spec=spec, request_id=request_id))
 
@@ -611,9 +683,17 @@ class Client:
     def get_task(self, task_id: str) -> task_pb2.Task:
         return self._call(self.tasks.Get, task_pb2.GetTaskRequest(task_id=task_id))
 
-    def list_tasks(self, state: int = 0, limit: int = 0) -> list[task_pb2.Task]:
-        return list(self._call(self.tasks.List, task_pb2.ListTasksRequest(
-            state=state, limit=limit)).tasks)
+    def list_tasks(self, state: int = 0, limit: int = 0,
+                   selector: str = "") -> list[task_pb2.Task]:
+        """The newest tasks (at most limit; 0: 1000) in a state whose labels match a
+        selector; list_tasks_page pages on from there."""
+        return list(self.list_tasks_page(state, limit, selector).tasks)
+
+    def list_tasks_page(self, state: int = 0, limit: int = 0, selector: str = "",
+                        page_token: str = "") -> task_pb2.ListTasksResponse:
+        """One page of Tasks.List, newest first (next_page_token: the older ones)."""
+        return self._call(self.tasks.List, task_pb2.ListTasksRequest(
+            state=state, limit=limit, selector=selector, page_token=page_token))
 
     def cancel_task(self, task_id: str) -> task_pb2.Task:
         return self._call(self.tasks.Cancel, task_pb2.CancelTaskRequest(task_id=task_id))

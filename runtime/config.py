@@ -109,6 +109,17 @@ class DaemonConfig:
     #: attempt's workspace this many seconds after it ended, behind a task.expired /
     #: task.workspace_expired record (TOML: task_retention = "7d"); 0 = keep everything.
     task_retention_s: float = 7 * 86400.0
+    #: Serve Prometheus metrics on this HOST:PORT (runtime/metrics.py), e.g.
+    #: "127.0.0.1:9464"; port 0 = the kernel picks (daemon.start records metrics_port).
+    #: None = off: nothing listens and prometheus_client is not imported.
+    metrics: str | None = None
+    #: Allow a metrics address that is not loopback (every tenant's activity shows there).
+    metrics_public: bool = False
+    #: Daemon log lines on stderr: "text", or "json" (one object a line, runtime/logs.py).
+    log_format: str = "text"
+    #: OpenTelemetry spans (runtime/tracing.py): "otlp" (OTEL_EXPORTER_OTLP_* settings) or
+    #: "file:PATH" (one JSON object a span); None = off, nothing imported.
+    tracing: str | None = None
 
     def policy_book(self):
         """Every tenant's policy (runtime/policy.py), built from [policy] and [tenants.*].
@@ -181,6 +192,22 @@ class DaemonConfig:
         if not isinstance(self.task_retention_s, (int, float)) or self.task_retention_s < 0:
             raise InvalidSpec("task_retention", f"{self.task_retention_s!r} must be a duration "
                                                 "(e.g. 7d) or 0 to keep every task")
+        if self.metrics is not None:
+            from .metrics import check_address
+
+            try:
+                check_address(self.metrics, bool(self.metrics_public))
+            except ValueError as exc:
+                raise InvalidSpec("metrics", str(exc)) from None
+        if self.tracing is not None:
+            from .tracing import check_target
+
+            try:
+                check_target(self.tracing)
+            except ValueError as exc:
+                raise InvalidSpec("tracing", str(exc)) from None
+        if self.log_format not in ("text", "json"):
+            raise InvalidSpec("log_format", f"{self.log_format!r} is not 'text' or 'json'")
         from .governance import check_audit_settings
 
         check_audit_settings(self.audit)
@@ -215,7 +242,9 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     mux_interval_ms, workspace_root, workspace_size ("1G"), workspace_inodes,
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
-    task_retention ("7d"), and one table per tenant: [tenants.acme] token = "...".
+    task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
+    ("text"|"json"), tracing ("otlp"|"file:PATH"), and one table per tenant:
+    [tenants.acme] token = "...".
     """
     values: dict = {}
     if path:

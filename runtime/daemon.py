@@ -26,9 +26,11 @@ from .audit import AuditLog
 from .auth import Authenticator
 from .config import DaemonConfig
 from .governance import Governance
+from .metrics import NO_METRICS
 from .resources import ResourceGuard
 from .sandboxes import SandboxManager
 from .sessions import SessionManager
+from .tracing import NO_TRACING
 
 log = logging.getLogger("corral.daemon")
 
@@ -65,6 +67,10 @@ class Daemon:
         #: When this daemon is its process (`corral daemon`): end the process if a stop
         #: takes longer than this. None in a process that embeds a Daemon (tests).
         self.exit_deadline_s: float | None = None
+        #: Prometheus metrics (runtime/metrics.py); NO_METRICS when off.
+        self.metrics = NO_METRICS
+        #: OpenTelemetry spans (runtime/tracing.py); NO_TRACING when off.
+        self.tracing = NO_TRACING
 
     async def start(self) -> None:
         cfg = self.config
@@ -76,6 +82,14 @@ class Daemon:
         if hard == resource.RLIM_INFINITY or hard > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.makedirs(cfg.state, mode=0o700, exist_ok=True)
+        if cfg.metrics is not None:  # only now is prometheus_client imported
+            from .metrics import DaemonMetrics
+
+            self.metrics = DaemonMetrics(self, cfg.metrics, cfg.metrics_public)
+        if cfg.tracing is not None:  # only now is opentelemetry imported
+            from .tracing import Tracing
+
+            self.tracing = Tracing(cfg.tracing)
         # Workspaces: capped tmpfs mounts under a 0700 root, settings inherited by the task
         # shims through the environment; those of dead owners (a killed daemon's sandboxes,
         # lost attempts) go first, before anything is written.
@@ -94,6 +108,7 @@ class Daemon:
             os.path.join(cfg.state, "audit.db"), verify=cfg.verify_audit,
             segment_records=cfg.audit_segment_records, segment_bytes=cfg.audit_segment_bytes,
             retention_s=cfg.audit_retention_s))
+        self.audit.metrics = self.metrics
         # The signing key, the policy digest on every record from here on, the sinks.
         self.governance = Governance(self)
         await asyncio.get_running_loop().run_in_executor(None, self.governance.start)
@@ -110,15 +125,19 @@ class Daemon:
             stream_log_bytes=cfg.stream_log_bytes, policies=self.policies,
         )
         self.sandboxes.admission = self.resources.admit
+        self.sandboxes.metrics = self.metrics
+        self.sandboxes.tracing = self.tracing
         self.sandboxes.start()
         self.sessions = SessionManager(self.sandboxes, self.audit,
                                        idle_ttl_s=cfg.session_idle_ttl_s,
                                        stream_log_bytes=cfg.stream_log_bytes)
+        self.sessions.metrics = self.metrics
         self.sessions.start()
         from .tasks.service import start_scheduler
 
         self.scheduler = await start_scheduler(cfg, self.audit, self.policies)
         self.scheduler.admission = self.resources.admit
+        self.scheduler.metrics = self.metrics
 
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -145,11 +164,20 @@ class Daemon:
             from corral.sandbox.proxy import shared_proxy  # no sandbox may reach our port
 
             shared_proxy().protect(cfg.listen.rpartition(":")[0], self.tcp_port)
+        if self.metrics.enabled:
+            self.metrics.start()
+            from corral.sandbox.proxy import shared_proxy
+
+            shared_proxy().protect(self.metrics.host, self.metrics.port)  # not from inside
+            shared_proxy().decision_listeners.append(self.metrics.egress_decision)
+            log.info("corral daemon metrics on http://%s:%d/metrics", self.metrics.host,
+                     self.metrics.port)
         await server.start()
         self.server = server
         self.audit.append("daemon.start", tenant="", peer="daemon", detail={
             "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
-            "tcp_port": self.tcp_port or 0, **self.governance.start_detail()})
+            "tcp_port": self.tcp_port or 0, "metrics_port": self.metrics.port,
+            **self.governance.start_detail()})
         tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
         log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
         await self._apply_health()  # NOT_SERVING from the start on a full disk
@@ -334,6 +362,14 @@ class Daemon:
                 await self._step("audit evidence", lambda: asyncio.to_thread(
                     self.governance.stop))
             await self._step("audit close", self.audit.close)
+        if self.metrics.enabled:
+            from corral.sandbox.proxy import shared_proxy
+
+            with contextlib.suppress(ValueError):
+                shared_proxy().decision_listeners.remove(self.metrics.egress_decision)
+            await self._step("metrics", self.metrics.stop)
+        if self.tracing.enabled:  # the last spans leave (export is on the SDK's thread)
+            await self._step("tracing", lambda: asyncio.to_thread(self.tracing.shutdown))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket)
 
@@ -396,7 +432,9 @@ def _socket_in_use(path: str) -> bool:
 
 
 def run(config: DaemonConfig) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .logs import configure
+
+    configure(config.log_format)
     started = time.monotonic()
     daemon = Daemon(config)
     daemon.exit_deadline_s = STOP_DEADLINE_S  # this process is the daemon: stops end it

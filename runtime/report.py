@@ -145,6 +145,7 @@ async def build(daemon, caller, sandbox_id: str, *, run_probes: bool = False
         sandbox_id=sandbox_id, limit=MAX_LIFECYCLE_RECORDS))
     probes = await loop.run_in_executor(None, probe_verdicts, daemon.config.state, msb.spec,
                                         run_probes)
+    daemon.metrics.probes_ran(probes)
     head = await loop.run_in_executor(None, lambda: daemon.audit.query(limit=1, latest=True))
     spec = json_format.MessageToDict(spec_to_proto(msb.spec, msb.expires_at - msb.created_at),
                                      preserving_proto_field_name=True)

@@ -18,12 +18,13 @@ import posixpath
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from corral.ext import TokenStream
-from corral.sandbox import Process, Sandbox, SandboxSpec
+from corral.sandbox import Process, Sandbox, SandboxSpec, ptys
 from corral.sandbox.errors import (
     CorralError,
     InvalidSpec,
@@ -36,8 +37,12 @@ from corral.sandbox.workspace import MAX_READ_BYTES, Workspace
 
 from .auth import Caller, check_owner
 from .fair import FairSlots
+from .idempotency import RequestLedger
+from .labels import EVERYTHING, Selector
+from .metrics import NO_METRICS
 from .policy import PolicyBook, TenantPolicy
 from .streams import StreamHub
+from .tracing import NO_TRACING
 
 log = logging.getLogger("corral.sandboxes")
 
@@ -47,6 +52,9 @@ MAX_STDIN_BUFFER = 4 << 20
 SPAWNERS = 2
 #: Finished commands a sandbox remembers (for Attach and Get); older ones are forgotten.
 MAX_FINISHED_EXECS = 64
+#: Destroyed sandboxes the daemon remembers (for Destroy's already_destroyed, a replayed
+#: Create and List{state: DESTROYED}); the oldest are forgotten first.
+MAX_TOMBSTONES = 4096
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -178,10 +186,35 @@ class ManagedSandbox:
     execs: dict[str, ExecHandle] = field(default_factory=dict)
     owner_session: str | None = None
     destroyed: bool = False
+    #: The client's key/value metadata (runtime/labels.py), checked.
+    labels: dict[str, str] = field(default_factory=dict)
+    #: Creation order in this daemon: List pages in this order.
+    seq: int = 0
+
+
+@dataclass
+class DestroyedSandbox:
+    """What the daemon remembers of a destroyed sandbox (MAX_TOMBSTONES of them)."""
+
+    id: str
+    tenant: str
+    spec: SandboxSpec
+    policy_digest: str
+    created_at: float
+    expires_at: float
+    labels: dict[str, str]
+    seq: int
+    owner_session: str | None = None
+    destroyed: bool = True
+    sandbox: None = None
+    execs: dict = field(default_factory=dict)
 
 
 class SandboxManager:
     """Every sandbox of the daemon, by id, with tenant checks on each access."""
+
+    metrics = NO_METRICS  # the daemon's DaemonMetrics when --metrics is on
+    tracing = NO_TRACING  # the daemon's Tracing when --tracing is on
 
     def __init__(self, audit, *, default_ttl_s: float = 3600.0, max_sandboxes: int = 512,
                  stream_log_bytes: int = 8 << 20, runtime_dir: str | None = None,
@@ -194,6 +227,10 @@ class SandboxManager:
         self.stream_log_bytes = stream_log_bytes
         self.runtime_dir = runtime_dir
         self._sandboxes: dict[str, ManagedSandbox] = {}
+        self._seq = 0
+        self._tombstones: OrderedDict[str, DestroyedSandbox] = OrderedDict()
+        #: Create's request_id (runtime/idempotency.py): sandbox ids by tenant and id.
+        self.requests = RequestLedger("sandbox")
         self._spawner = ThreadPoolExecutor(max_workers=SPAWNERS, thread_name_prefix="corral-spawn")
         self._turns = FairSlots(SPAWNERS)
         self._pending = 0
@@ -236,9 +273,16 @@ class SandboxManager:
     # -- sandboxes ----------------------------------------------------------------------------
 
     async def create(self, caller: Caller, spec: SandboxSpec, ttl_s: float | None = None,
-                     owner_session: str | None = None) -> ManagedSandbox:
+                     owner_session: str | None = None,
+                     labels: dict[str, str] | None = None) -> ManagedSandbox:
+        """Start a sandbox of the caller's.
+
+        Args:
+            labels: already checked (runtime/labels.py check_labels).
+        """
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
+        t0 = self.metrics.clock()
         self.admission("sandbox")
         rules = self.policies.of(caller)
         rules.check_sandbox(spec)
@@ -264,7 +308,9 @@ class SandboxManager:
         self._pending += 1
         self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
         try:
-            await self.run_blocking(sandbox.start, tenant=tenant)
+            await self.run_blocking(self.tracing.phase_in_thread(
+                self.metrics.timed_spawn(sandbox.start, spec.backend), "sandbox.spawn",
+                backend=spec.backend), tenant=tenant)
         finally:
             self._pending -= 1
             if self._pending_by_tenant[tenant] == 1:
@@ -278,8 +324,10 @@ class SandboxManager:
             id=sandbox.id, tenant=caller.tenant, spec=sandbox.spec, sandbox=sandbox,
             policy_digest=digest, created_at=now, expires_at=now + ttl,
             workspace=Workspace(sandbox.workspace, sandbox.spec.uid_base, sandbox.spec.uid_base),
-            owner_session=owner_session,
+            owner_session=owner_session, labels=dict(labels or {}),
         )
+        self._seq += 1
+        msb.seq = self._seq
         self._sandboxes[msb.id] = msb
         # PID 1 reports every exit on the status pipe; the loop reads it (no thread).
         loop = asyncio.get_running_loop()
@@ -290,9 +338,30 @@ class SandboxManager:
             detail={"policy_digest": digest, "profile": spec.profile,
                     "memory_bytes": spec.memory_bytes, "pids_max": spec.pids_max,
                     "cpus": spec.cpus, "ttl_s": ttl, "init_pid": sandbox.init_pid,
-                    "allow_net": list(spec.allow_net), "backend": spec.backend},
+                    "allow_net": list(spec.allow_net), "backend": spec.backend,
+                    **({"labels": msb.labels} if msb.labels else {})},
         )
+        self.metrics.sandbox_created(spec.backend, t0)
         return msb
+
+    async def create_once(self, caller: Caller, spec: SandboxSpec, *, ttl_s: float | None,
+                          labels: dict[str, str], request_id: str, fingerprint: str):
+        """create(), once per request_id of this tenant (runtime/idempotency.py): a retry
+        gets the sandbox the first request made, live or (a DestroyedSandbox) destroyed.
+
+        Raises:
+            RequestIdReused: the request_id made a sandbox for a different request.
+            NotFound: the sandbox it made is destroyed and no longer remembered.
+        """
+        if not request_id:
+            return await self.create(caller, spec, ttl_s=ttl_s, labels=labels)
+
+        async def make() -> str:
+            msb = await self.create(caller, spec, ttl_s=ttl_s, labels=labels)
+            return msb.id
+
+        sandbox_id, _ = await self.requests.run(caller.tenant, request_id, fingerprint, make)
+        return self.get_or_destroyed(caller, sandbox_id)
 
     def _net_event(self, tenant: str, policy: dict, event: dict) -> None:
         """An egress attempt (proxy thread -> loop): one audit record, kind net.*."""
@@ -332,6 +401,81 @@ class SandboxManager:
         return [m for m in self._sandboxes.values()
                 if m.tenant == caller.tenant and not m.destroyed]
 
+    def find(self, caller: Caller, selector: Selector = EVERYTHING, *,
+             destroyed: bool = False) -> list:
+        """The caller's live sandboxes (or, destroyed=True, the destroyed ones the daemon
+        still remembers) whose labels match selector, in creation order."""
+        pool = self._tombstones.values() if destroyed else self._sandboxes.values()
+        found = [m for m in pool if m.tenant == caller.tenant and m.destroyed == destroyed
+                 and selector.matches(m.labels)]
+        return sorted(found, key=lambda m: m.seq)
+
+    def get_or_destroyed(self, caller: Caller, sandbox_id: str):
+        """The caller's sandbox, live or remembered as destroyed (a DestroyedSandbox)."""
+        gone = self._tombstones.get(sandbox_id)
+        if gone is not None and gone.tenant == caller.tenant:
+            return gone
+        return self.get(caller, sandbox_id)
+
+    def usage(self, caller: Caller, sandbox_id: str) -> dict:
+        """One usage sample of the caller's sandbox (Sandboxes.Stats); blocking reads of
+        cgroup files, /proc or the engine: call it off the loop. Keys a host cannot measure
+        are absent."""
+        msb = self.get(caller, sandbox_id)
+        raw = {k: v for k, v in msb.sandbox.stats().items() if v is not None}
+        sample: dict = {"time": time.time(), "memory_limit_bytes": msb.spec.memory_bytes,
+                        "pids_limit": msb.spec.pids_max}
+        for key in ("cpu_usage_us", "cpu_throttled_periods", "memory_bytes",
+                    "memory_peak_bytes", "pids", "oom_kills", "io_read_bytes",
+                    "io_write_bytes"):
+            if key in raw:
+                sample[key] = int(raw[key])
+        if "io_read_bytes" not in sample:  # no cgroup counter: the live processes' own
+            read = written = 0
+            seen = False
+            for pid in msb.sandbox.pids():
+                with contextlib.suppress(OSError, ValueError):
+                    with open(f"/proc/{pid}/io") as f:
+                        fields = dict(line.split(":", 1) for line in f.read().splitlines())
+                    read += int(fields["read_bytes"])
+                    written += int(fields["write_bytes"])
+                    seen = True
+            if seen:
+                sample["io_read_bytes"], sample["io_write_bytes"] = read, written
+        from corral.sandbox import workspace_fs
+
+        root = getattr(msb.workspace, "root", None)
+        if root and msb.spec.workspace is None and workspace_fs.kind() == "tmpfs":
+            # a workspace of its own, on its own capped tmpfs: statvfs is its use
+            with contextlib.suppress(OSError):
+                used = workspace_fs.usage(root)
+                if used:
+                    sample["workspace_bytes"] = used["bytes_used"]
+                    sample["workspace_bytes_max"] = used["bytes_max"]
+        return sample
+
+    async def set_timeout(self, caller: Caller, sandbox_id: str, ttl_s: float) -> ManagedSandbox:
+        """Make the sandbox expire ttl_s seconds from now (longer or shorter than before).
+
+        Raises:
+            InvalidSpec: ttl_s under 1 second or over the daemon's maximum (sandbox_ttl).
+            PolicyDenied: over the tenant's max_ttl.
+        """
+        msb = self.get(caller, sandbox_id)
+        if not ttl_s or ttl_s < 1:
+            raise InvalidSpec("ttl_s", "must be at least 1 second")
+        if ttl_s > self.default_ttl_s:
+            raise InvalidSpec("ttl_s", f"{ttl_s:g} is over the daemon's maximum of "
+                                       f"{self.default_ttl_s:g} (sandbox_ttl)")
+        self.policies.of(caller).ttl(ttl_s, self.default_ttl_s, field_name="ttl_s")
+        before = msb.expires_at
+        msb.expires_at = time.time() + ttl_s
+        self.audit.append("sandbox.timeout", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=msb.id, session_id=msb.owner_session or "",
+                          detail={"ttl_s": ttl_s, "expires_at": round(msb.expires_at, 3),
+                                  "previous_expires_at": round(before, 3)})
+        return msb
+
     def all(self) -> list[ManagedSandbox]:
         return list(self._sandboxes.values())
 
@@ -339,9 +483,15 @@ class SandboxManager:
         """Live sandboxes of one tenant (what its max_sandboxes quota counts)."""
         return sum(1 for m in self._sandboxes.values() if m.tenant == tenant)
 
-    async def destroy(self, caller: Caller, sandbox_id: str, reason: str = "requested") -> None:
+    async def destroy(self, caller: Caller, sandbox_id: str, reason: str = "requested") -> bool:
+        """Destroy the caller's sandbox; True when it was already destroyed (the daemon
+        remembers the last MAX_TOMBSTONES; older ids are NOT_FOUND)."""
+        gone = self._tombstones.get(sandbox_id)
+        if gone is not None and gone.tenant == caller.tenant:
+            return True
         msb = self.get(caller, sandbox_id)
         await self._destroy(msb, reason, caller.tenant, caller.peer)
+        return False
 
     def _collect_exits(self, msb: ManagedSandbox, fd: int) -> None:
         msb.sandbox.collect_exits()
@@ -354,6 +504,12 @@ class SandboxManager:
             return
         msb.destroyed = True
         self._sandboxes.pop(msb.id, None)
+        self._tombstones[msb.id] = DestroyedSandbox(
+            id=msb.id, tenant=msb.tenant, spec=msb.spec, policy_digest=msb.policy_digest,
+            created_at=msb.created_at, expires_at=msb.expires_at, labels=msb.labels,
+            seq=msb.seq, owner_session=msb.owner_session)
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
         for handle in msb.execs.values():  # its commands die: no reader holds them back
             handle.stdout.release_flow_control()
             handle.stderr.release_flow_control()
@@ -382,10 +538,12 @@ class SandboxManager:
                    keep_stdin_open: bool = False, timeout_s: float | None = None,
                    pass_fds: dict[int, int] | None = None, session_id: str = "",
                    stdout_mode: str = "text", stderr_mode: str = "text",
-                   lossless: bool = False) -> ExecHandle:
+                   lossless: bool = False, tty: tuple[int, int] | None = None) -> ExecHandle:
         """Start argv in the sandbox; output is read by the loop into two hubs.
 
         Args:
+            tty: (rows, cols): run it on a pty of the sandbox's own devpts; everything it
+                writes comes on stdout (stderr's hub ends at once), stdin is typed into it.
             stdout_mode, stderr_mode: the token core's mode for each output ("text" for a
                 session's agent, "bytes" for Exec: byte-exact).
             lossless: hubs with flow control (bytes mode only): a command whose output no
@@ -393,6 +551,7 @@ class SandboxManager:
         """
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
+        t0 = self.metrics.clock()
         self.admission("exec")
         msb = self.get(caller, sandbox_id)
         _check_argv(argv)
@@ -400,6 +559,8 @@ class SandboxManager:
         cwd = _check_cwd(cwd)
         if len(stdin) > MAX_INPUT_BYTES:
             raise InvalidSpec("stdin", f"{len(stdin)} bytes is over the {MAX_INPUT_BYTES} limit")
+        if tty is not None:
+            ptys.check_window(*tty)
         loop = asyncio.get_running_loop()
         exec_id = "exe-" + secrets.token_hex(6)
         # Audited before it runs (nothing may run unrecorded); the detail is bounded, so the
@@ -408,18 +569,19 @@ class SandboxManager:
             "exec.start", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
             session_id=session_id,
             detail={"exec_id": exec_id, "argv": list(argv),
-                    "policy_digest": msb.policy_digest, "stdin_bytes": len(stdin)},
+                    "policy_digest": msb.policy_digest, "stdin_bytes": len(stdin),
+                    **({"tty": list(tty)} if tty is not None else {})},
         )
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
         (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
         theirs = [in_r, out_w, err_w]
         try:
-            process = await self.run_blocking(
+            process = await self.run_blocking(self.tracing.phase_in_thread(
                 lambda: msb.sandbox.exec(
                     list(argv), env=env or None, cwd=cwd, stdin=in_r,
                     stdout=out_w, stderr=err_w, pass_fds=pass_fds,
-                    timeout_s=timeout_s or None,
-                ),
+                    timeout_s=timeout_s or None, **({"tty": tty} if tty else {}),
+                ), "exec.spawn", backend=msb.spec.backend),
                 tenant=caller.tenant,
             )
         except BaseException as exc:
@@ -441,6 +603,15 @@ class SandboxManager:
                            lossless=lossless)
         stderr = StreamHub(TokenStream(stderr_mode, log_bytes=self.stream_log_bytes),
                            lossless=lossless)
+        if tty is not None:
+            # the pty master (two descriptors of it) replaces the stdin and stdout pipes;
+            # stderr's pipe, never given to the command, ends at once
+            os.close(out_r)
+            os.close(in_w)
+            out_r, in_w = os.dup(process.stdout.fileno()), os.dup(process.stdin.fileno())
+            process.stdout.close()
+            process.stdin.close()
+            process.stdout = process.stdin = None
         stdout.attach_fd(out_r)
         stderr.attach_fd(err_r)
         writer = PipeWriter(in_w, loop)
@@ -456,6 +627,7 @@ class SandboxManager:
             self._on_exit(handle)
         if process.deadline is not None:
             loop.call_at(loop.time() + process.remaining(), self._expire, handle)
+        self.metrics.exec_started(msb.spec.backend, t0)
         return handle
 
     def _expire(self, handle: ExecHandle) -> None:
@@ -507,6 +679,28 @@ class SandboxManager:
         self.audit.append("exec.input", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=sandbox_id,
                           detail={"exec_id": exec_id, "bytes": len(data), "close": close})
+
+    def resize(self, caller: Caller, sandbox_id: str, exec_id: str, rows: int,
+               cols: int) -> None:
+        """Set the window of a command started with a tty.
+
+        Raises:
+            NotFound: no such exec. InvalidSpec: a size out of range, or no tty.
+            Ended: the command has ended.
+        """
+        handle = self.get_exec(caller, sandbox_id, exec_id)
+        ptys.check_window(rows, cols)
+        if not handle.running:
+            raise Ended(f"{exec_id} has ended; its terminal is gone")
+        resize = getattr(handle.process, "resize", None)
+        if resize is None:
+            raise InvalidSpec("tty", f"{exec_id} was not started with a tty")
+        try:
+            resize(rows, cols)
+        except InvalidSpec:
+            raise
+        except (CorralError, OSError):
+            raise Ended(f"{exec_id} has ended; its terminal is gone") from None
 
     def signal(self, caller: Caller, sandbox_id: str, exec_id: str, sig: int) -> int:
         msb = self.get(caller, sandbox_id)

@@ -29,6 +29,9 @@ from corral.sandbox.errors import CorralError, InvalidSpec, NotFound
 from corral.v1 import stream_pb2
 
 from .auth import Caller, check_owner
+from .idempotency import RequestLedger
+from .labels import EVERYTHING, Selector
+from .metrics import NO_METRICS
 from .sandboxes import Ended, signal_command
 from .streams import ControlWriter, StreamHub
 
@@ -80,6 +83,16 @@ class Session:
     listeners: set = field(default_factory=set)
     _interrupt_timer: asyncio.TimerHandle | None = None
     _tasks: list = field(default_factory=list)
+    #: The client's key/value metadata (runtime/labels.py), checked.
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0  # Unix time
+    #: Start order in this daemon: Sessions.List pages in this order.
+    seq: int = 0
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the newest entry of its stream (0 before the first)."""
+        return self.hub.stream.next_seq - 1
 
     @property
     def protocol_seen(self) -> bool:
@@ -92,6 +105,8 @@ class Session:
 
 
 class SessionManager:
+    metrics = NO_METRICS  # the daemon's DaemonMetrics when --metrics is on
+
     def __init__(self, sandboxes, audit, *, idle_ttl_s: float = 300.0,
                  stream_log_bytes: int = 8 << 20):
         self.sandboxes = sandboxes
@@ -102,9 +117,21 @@ class SessionManager:
         #: Opens under way per tenant (counted into its max_sessions quota).
         self._opening: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
+        self._seq = 0
+        #: SessionStart.request_id (runtime/idempotency.py): session ids by tenant and id.
+        self.requests = RequestLedger("session")
 
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    def find(self, caller: Caller, selector: Selector = EVERYTHING,
+             exited: bool | None = None) -> list[Session]:
+        """The caller's sessions whose labels match selector (and, unless exited is None,
+        that have or have not exited), in start order."""
+        found = [s for s in self._sessions.values() if s.tenant == caller.tenant
+                 and selector.matches(s.labels)
+                 and (exited is None or (s.exited is not None) == exited)]
+        return sorted(found, key=lambda s: s.seq)
 
     async def shutdown(self, reason: str) -> None:
         if self._reaper is not None:
@@ -115,8 +142,37 @@ class SessionManager:
     # -- opening --------------------------------------------------------------------------
 
     async def open(self, caller: Caller, *, argv: list[str], spec=None, sandbox_id: str = "",
-                   env: dict[str, str] | None = None, first_input: str = "") -> Session:
-        """Start an agent in a new sandbox (spec) or an existing one (sandbox_id)."""
+                   env: dict[str, str] | None = None, first_input: str = "",
+                   labels: dict[str, str] | None = None, request_id: str = "",
+                   fingerprint: str = "") -> Session:
+        """Start an agent in a new sandbox (spec) or an existing one (sandbox_id).
+
+        Args:
+            labels: already checked (runtime/labels.py); a sandbox made for it gets them too.
+            request_id, fingerprint: once per request_id of this tenant: a retry with the
+                same fingerprint gets the session the first one started.
+
+        Raises:
+            RequestIdReused: the request_id started a session for a different start.
+            Ended: the session the request_id started is no longer held.
+        """
+        if request_id:
+            async def make() -> str:
+                session = await self.open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
+                                          env=env, first_input=first_input, labels=labels)
+                return session.id
+
+            session_id, replayed = await self.requests.run(caller.tenant, request_id,
+                                                           fingerprint, make)
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise Ended(f"request_id {request_id!r} started session {session_id}, "
+                            "which has ended and is no longer held")
+            if replayed:
+                self.audit.append("session.resume", tenant=caller.tenant, peer=caller.peer,
+                                  sandbox_id=session.sandbox_id, session_id=session.id,
+                                  detail={"after_seq": 0, "request_id": request_id})
+            return session
         if not argv:
             raise InvalidSpec("start.argv", "the agent command is empty")
         tenant = caller.tenant
@@ -126,18 +182,20 @@ class SessionManager:
         self._opening[tenant] = self._opening.get(tenant, 0) + 1
         try:
             return await self._open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
-                                    env=env, first_input=first_input)
+                                    env=env, first_input=first_input, labels=labels or {})
         finally:
             self._opening[tenant] -= 1
             if not self._opening[tenant]:
                 del self._opening[tenant]
 
     async def _open(self, caller: Caller, *, argv: list[str], spec, sandbox_id: str,
-                    env: dict[str, str] | None, first_input: str) -> Session:
+                    env: dict[str, str] | None, first_input: str,
+                    labels: dict[str, str]) -> Session:
         session_id = "ses-" + secrets.token_hex(6)
         owns = not sandbox_id
         if owns:
-            msb = await self.sandboxes.create(caller, spec, owner_session=session_id)
+            msb = await self.sandboxes.create(caller, spec, owner_session=session_id,
+                                              labels=labels)
         else:
             msb = self.sandboxes.get(caller, sandbox_id)
         events_r, events_w = os.pipe2(os.O_CLOEXEC)
@@ -174,8 +232,10 @@ class SessionManager:
             hub=hub, control=ControlWriter(control_w), exec_handle=handle,
             # unwatched until a stream attaches: a client gone while its start was still
             # running leaves a session the idle reaper ends like any other
-            detached_since=time.monotonic(),
+            detached_since=time.monotonic(), labels=dict(labels), created_at=time.time(),
         )
+        self._seq += 1
+        session.seq = self._seq
         holder.append(weakref.ref(session))
         hub.attach_fd(events_r)
         self._sessions[session_id] = session
@@ -188,7 +248,8 @@ class SessionManager:
         self.audit.append("session.open", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=msb.id, session_id=session_id,
                           detail={"argv": list(argv), "owns_sandbox": owns,
-                                  "exec_id": handle.id, "policy_digest": msb.policy_digest})
+                                  "exec_id": handle.id, "policy_digest": msb.policy_digest,
+                                  **({"labels": labels} if labels else {})})
         if first_input:
             self.input(caller, session, first_input, audit=False)
         return session
@@ -242,6 +303,8 @@ class SessionManager:
             session.control.send_interrupt()
         elif session.exec_handle.process.pid:
             signal_command(session.exec_handle.process, signal.SIGINT)
+        if session.turn_open:
+            self.metrics.interrupt_sent(session.id)
         if session.turn_open and session._interrupt_timer is None:
             loop = asyncio.get_running_loop()
             session._interrupt_timer = loop.call_later(
@@ -283,6 +346,7 @@ class SessionManager:
 
     def _turn_ended(self, session: Session, status: str, seq: int) -> None:
         session.turn_open = False
+        self.metrics.turn_ended(session.id)
         if session._interrupt_timer is not None:
             session._interrupt_timer.cancel()
             session._interrupt_timer = None
@@ -363,7 +427,8 @@ class SessionManager:
                     break
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(session.ended.wait(), 10.0)
-        self._sessions.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is not None:
+            self.metrics.session_removed(session)
         self._release(session)
 
     @staticmethod

@@ -21,6 +21,20 @@ task watch). Sans-IO: `feed(bytes) -> bytes` any split of the input gives the sa
 - Bytes that are not UTF-8 become U+FFFD (a raw 0x9B byte is CSI to a Latin-1 terminal).
 - A CSI longer than CSI_MAX_CHARS is dropped (its bytes are not kept while it lasts).
 
+`TerminalFilter(tty=True)` - for a program given a terminal (`run -t`, `exec -t`): a
+full-screen program must move the cursor, so on top of the above it keeps what only draws:
+BS and BEL; cursor moves, erases, insert/delete, scrolling regions and save/restore
+(CSI with plain numeric parameters and a final among `@ A-H I J K L M P S T X Z ` a b d e
+f g h l m r s u`, cursor shape `CSI n SP q`, soft reset `CSI ! p`); the private modes of
+TTY_PRIVATE_MODES (`CSI ? n h/l`: alternate screen, cursor keys, cursor visibility,
+autowrap, bracketed paste, mouse and focus reports, all of which only change what the
+user's own keys and mouse send to the program); and `ESC 7 8 = > M D E`, `ESC ( 0/B`.
+Still dropped: everything that makes the terminal answer (DSR `CSI n`, DA `CSI c`,
+`CSI t` window reports, `CSI x`, DECRQM `CSI $ p`, `CSI > ...`, `CSI = ...`, ENQ), every
+OSC (titles, OSC 52 clipboard writes, colour queries), DCS, APC, PM and SOS, `ESC c`.
+`restore()` gives the sequences that put back every mode the program left changed
+(TerminalWriter writes them at close), so the shell after it is usable.
+
 `visible(text)` - for one-line listings (audit records, ps, task fields): nothing is
 dropped, every control, format or separator character is shown as an escape (`\\x1b`,
 `\\u202e`), so a reader sees what the tenant wrote.
@@ -52,17 +66,64 @@ _ESC_STRINGS = frozenset("P X ] ^ _".split())
 _KEPT_CONTROLS = frozenset("\n\t\r")
 _SHORT_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
+#: Under a tty: the controls, CSI finals (plain numeric parameters) and ESC finals kept.
+_TTY_CONTROLS = frozenset("\n\t\r\x07\x08")
+_TTY_CSI_FINALS = frozenset("@ABCDEFGHIJKLMPSTXZ`abdefghlmrsu")
+_TTY_ESC_FINALS = frozenset("78=>MDE")
+_TTY_CHARSETS = frozenset(("(0", "(B", ")0", ")B"))
+_CSI_NUMERIC = re.compile(r"[0-9;]*")
+#: Private modes (`CSI ? n h` / `l`) a program under a tty may set, with the state a
+#: terminal starts in (restore() goes back to it).
+TTY_PRIVATE_MODES = {1: "l", 7: "h", 12: "l", 25: "h", 47: "l", 1047: "l", 1048: "l",
+                     1049: "l", 2004: "l", 1000: "l", 1002: "l", 1003: "l", 1004: "l",
+                     1005: "l", 1006: "l", 1015: "l"}
+
 
 class TerminalFilter:
     """Streaming filter of terminal output (the rules are in the module docstring)."""
 
-    __slots__ = ("_decoder", "_state", "_csi", "_osc")
+    __slots__ = ("_decoder", "_state", "_csi", "_osc", "_tty", "_modes", "_keypad",
+                 "_region")
 
-    def __init__(self) -> None:
+    def __init__(self, *, tty: bool = False) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._state = _GROUND
         self._csi: list[str] = []  # the CSI being parsed (parameters and intermediates)
         self._osc = False  # the string being dropped is an OSC (BEL ends it too)
+        self._tty = tty  # a program's terminal: what draws is kept (module docstring)
+        self._modes: dict[int, str] = {}  # private modes the program changed, tty only
+        self._keypad = False  # ESC = (application keypad) in force
+        self._region = False  # a scrolling region was set
+
+    def restore(self) -> bytes:
+        """tty: the sequences that undo every mode the program left changed (private
+        modes, keypad, scrolling region, colours); empty otherwise."""
+        if not self._tty:
+            return b""
+        out = [f"\x1b[?{mode}{TTY_PRIVATE_MODES[mode]}"
+               for mode, state in self._modes.items() if state != TTY_PRIVATE_MODES[mode]]
+        if self._keypad:
+            out.append("\x1b>")
+        if self._region:
+            out.append("\x1b[r")
+        out.append("\x1b[0m")
+        return "".join(out).encode()
+
+    def _keep_csi(self, params: str, final: str, out: list[str]) -> None:
+        """Under a tty, CSI params final is copied when it only draws."""
+        if params.startswith("?") and final in "hl":
+            modes = params[1:].split(";")
+            if all(m.isdigit() and int(m) in TTY_PRIVATE_MODES for m in modes):
+                for m in modes:
+                    self._modes[int(m)] = final
+                out.append(f"\x1b[{params}{final}")
+            return
+        if ((final in _TTY_CSI_FINALS and _CSI_NUMERIC.fullmatch(params))
+                or (final == "q" and re.fullmatch(r"[0-9]? ", params))
+                or (final == "p" and params == "!")):
+            if final == "r":
+                self._region = bool(params)
+            out.append(f"\x1b[{params}{final}")
 
     def feed(self, data: bytes) -> bytes:
         """The part of data (after what was fed before) that may reach the terminal."""
@@ -103,7 +164,7 @@ class TerminalFilter:
             elif c in _C1_STRINGS:
                 self._osc = c == "\x9d"
                 self._state = _STRING
-            elif c in _KEPT_CONTROLS:
+            elif c in _KEPT_CONTROLS or (self._tty and c in _TTY_CONTROLS):
                 out.append(c)
             # else: another C0 or C1 control, DEL or a bidi control: dropped
         elif state == _ESC:
@@ -114,9 +175,15 @@ class TerminalFilter:
                 self._osc = c == "]"
                 self._state = _STRING
             elif "\x20" <= c <= "\x2f":
+                self._csi[:] = [c]
                 self._state = _ESC_INTERMEDIATE
             elif "\x30" <= c <= "\x7e":
-                self._state = _GROUND  # a two-character sequence (ESC c, ESC 7 ...): dropped
+                # a two-character sequence (ESC c, ESC 7 ...): dropped but under a tty
+                if self._tty and c in _TTY_ESC_FINALS:
+                    out.append(_ESC_CHAR + c)
+                    if c in "=>":
+                        self._keypad = c == "="
+                self._state = _GROUND
             elif c == _ESC_CHAR:
                 pass  # ESC ESC: the second one starts the sequence
             else:
@@ -124,6 +191,9 @@ class TerminalFilter:
                 self._step(c, out)
         elif state == _ESC_INTERMEDIATE:
             if "\x30" <= c <= "\x7e":
+                if self._tty and len(self._csi) == 1 and self._csi[0] + c in _TTY_CHARSETS:
+                    out.append(_ESC_CHAR + self._csi[0] + c)
+                self._csi.clear()
                 self._state = _GROUND
             elif not "\x20" <= c <= "\x2f":
                 self._state = _GROUND
@@ -133,6 +203,8 @@ class TerminalFilter:
                 if (state == _CSI and c == "m"
                         and _SGR_PARAMS.fullmatch(params := "".join(self._csi))):
                     out.append(f"\x1b[{params}m")
+                elif state == _CSI and self._tty:
+                    self._keep_csi("".join(self._csi), c, out)
                 self._csi.clear()
                 self._state = _GROUND
             elif "\x20" <= c <= "\x3f":  # parameters and intermediates
@@ -159,15 +231,16 @@ class TerminalFilter:
 
 
 class TerminalWriter:
-    """write(bytes) to a binary stream, filtered when it is a terminal and raw is False."""
+    """write(bytes) to a binary stream, filtered when it is a terminal and raw is False
+    (program_tty: the program has a terminal of its own; see TerminalFilter(tty=True))."""
 
-    def __init__(self, stream, *, raw: bool = False) -> None:
+    def __init__(self, stream, *, raw: bool = False, program_tty: bool = False) -> None:
         self.stream = stream
         try:
             tty = stream.isatty()
         except (AttributeError, ValueError):
             tty = False
-        self.filter = TerminalFilter() if tty and not raw else None
+        self.filter = TerminalFilter(tty=program_tty) if tty and not raw else None
 
     def write(self, data: bytes) -> None:
         if self.filter is not None:
@@ -179,7 +252,7 @@ class TerminalWriter:
     def close(self) -> None:
         """The stream ended: what the filter still held (an incomplete character) goes out."""
         if self.filter is not None:
-            tail = self.filter.flush()
+            tail = self.filter.flush() + self.filter.restore()
             if tail:
                 self.stream.write(tail)
                 self.stream.flush()

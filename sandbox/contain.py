@@ -15,7 +15,9 @@ same ordered steps. The parent does what needs host privileges or may allocate; 
           5. join the cgroup (write "0" to each cgroup.procs), unshare(NEWCGROUP)
           6. sethostname, bring up loopback (the only interface)
           7. mounts in plan order, pivot_root, root and /dev read-only
-          8. chdir, setsid (no controlling terminal), install stdio and protocol fds
+          8. chdir, setsid (no controlling terminal), install stdio and protocol fds;
+             a command given a pty (exec with tty) makes its stdin, a slave of the
+             sandbox's own devpts, its controlling terminal (TIOCSCTTY)
           9. drop every capability (bounding, ambient, effective, permitted), lock securebits
          10. no_new_privs
          11. landlock (commands only: corral-init is exec'd from outside the sandbox view)
@@ -57,6 +59,7 @@ ORDER = (
     "chdir",
     "setsid",
     "dup2(fds)",
+    "ioctl(TIOCSCTTY)",
     "drop-capabilities",
     "prctl(PR_SET_NO_NEW_PRIVS)",
     "landlock",
@@ -217,7 +220,7 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
 
 
 def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
-              fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...]):
+              fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...], ctty: bool = False):
     """The ChildPlan of a command joining the sandbox (steps 4, 8-15).
 
     No parent-death signal: a command's parent is the sandbox's PID 1 (its launcher exits
@@ -241,6 +244,7 @@ def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
         seccomp_flags=prepared.seccomp_profile.load_flags,
         cgroup_fds=cgroup_fds,
         last_cap=last_cap(),
+        ctty=ctty,
     )
 
 

@@ -751,6 +751,9 @@ class EgressProxy:
         self._lock = threading.Lock()
         #: Who hears of attempts of sandboxes registered without their own callback.
         self.default_on_event: Callable[[dict], None] | None = None
+        #: Called (on the proxy's thread) with every decided attempt, before the per-sandbox
+        #: rate limit of audit events: the daemon's metrics count them all.
+        self.decision_listeners: list[Callable[[dict], None]] = []
 
     # -- life ------------------------------------------------------------------------------
 
@@ -859,6 +862,9 @@ class EgressProxy:
         event = {"sandbox_id": reg.sandbox_id, **event}
         if "decision" in event:
             reg.counts["allowed" if event["decision"] == "allow" else "denied"] += 1
+            for listener in self.decision_listeners:
+                with contextlib.suppress(Exception):  # metrics never break the proxy
+                    listener(event)
         if not force:
             now = time.monotonic()
             reg.tokens = min(EVENT_BURST, reg.tokens + (now - reg.refilled) * EVENT_RATE)

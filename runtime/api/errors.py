@@ -11,7 +11,11 @@ import grpc
 
 from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated, as_exhaustion
 
+from .. import tracing
+from ..logs import bind, bind_request
+from ..metrics import NO_METRICS, code_of
 from ..policy import QuotaExceeded
+from ..tracing import NO_TRACING
 from .bounds import bounded_message
 
 log = logging.getLogger("corral.api")
@@ -40,6 +44,8 @@ class Servicer:
         """
         caller = self.daemon.auth.identify(context)
         current_caller.set(caller)
+        bind(tenant=caller.tenant)  # on this RPC's log lines (--log-format json)
+        tracing.current().set("corral.tenant", caller.tenant)
         policies = getattr(self.daemon, "policies", None)
         if policies is not None:
             policies.charge(caller, policies.request_weight(current_request_bytes.get()))
@@ -105,6 +111,7 @@ def record_denial(servicer, context, exc: CorralError, method: str) -> None:
 async def _abort(servicer, context, exc: Exception, method: str) -> None:
     """End the RPC for exc: a CorralError with its own status, running out of descriptors,
     disk or memory RESOURCE_EXHAUSTED (as_exhaustion), anything else INTERNAL."""
+    getattr(servicer.daemon, "metrics", NO_METRICS).rpc_failed(method, exc)
     exhausted = as_exhaustion(exc)
     if exhausted is not None:
         log.warning("%s refused: %s", method, exhausted)
@@ -136,12 +143,17 @@ def unary(method):
     async def wrapper(self, request, context):
         # what the request weighs against the tenant's rate (Servicer.caller charges it)
         current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
+        bind_request(request)  # its ids on this RPC's log lines
+        span = getattr(self.daemon, "tracing", NO_TRACING).rpc(method.__qualname__)
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            span.failed(code_of(exc), str(exc))
             await _abort(self, context, exc, method.__qualname__)
+        finally:
+            span.end()
 
     return wrapper
 
@@ -152,12 +164,17 @@ def streaming(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
+        bind_request(request)
+        span = getattr(self.daemon, "tracing", NO_TRACING).rpc(method.__qualname__)
         try:
             async for item in method(self, request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            span.failed(code_of(exc), str(exc))
             await _abort(self, context, exc, method.__qualname__)
+        finally:
+            span.end()
 
     return wrapper

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from corral.sandbox import SandboxSpec
-from corral.sandbox.errors import InvalidSpec
+from corral.sandbox.errors import InvalidSpec, NotFound
 from corral.sandbox.seccomp import requested_profile
 from corral.v1 import sandbox_pb2 as pb
 
+from ..labels import Selector, check_labels, check_page_size, page, page_token, parse_page_token
 from .errors import Servicer, streaming, unary
 from .wire import field_bytes, field_varint, varint
+
+#: Sandboxes.Stats: the shortest and longest sampling interval a client may ask for.
+STATS_MIN_INTERVAL_S = 0.1
+STATS_MAX_INTERVAL_S = 3600.0
 
 MAX_TIMEOUT_S = 30 * 86400.0
 #: Bytes of command output one ExecOutput message carries at most: fewer, fuller messages
@@ -75,7 +81,8 @@ def sandbox_to_proto(msb) -> pb.Sandbox:
         state=pb.SANDBOX_STATE_DESTROYED if msb.destroyed else pb.SANDBOX_STATE_RUNNING,
         spec=spec_to_proto(msb.spec, msb.expires_at - msb.created_at),
         policy_digest=msb.policy_digest, created_at=msb.created_at, expires_at=msb.expires_at,
-        init_pid=msb.sandbox.init_pid or 0,
+        init_pid=(msb.sandbox.init_pid or 0) if msb.sandbox is not None else 0,
+        labels=msb.labels,
         execs=[
             pb.ExecInfo(id=h.id, argv=shown_argv(h.argv), running=h.running,
                         returncode=h.returncode or 0, reason=h.reason)
@@ -196,7 +203,13 @@ class SandboxesServicer(Servicer):
     async def Create(self, request, context):
         caller = self.caller(context)
         spec = spec_from_proto(request.spec)
-        msb = await self.manager.create(caller, spec, ttl_s=request.spec.ttl_s or None)
+        labels = check_labels(request.labels)
+        # what a retry under the same request_id must ask for: the request without its id
+        fingerprint = pb.CreateSandboxRequest(spec=request.spec, labels=request.labels)
+        msb = await self.manager.create_once(
+            caller, spec, ttl_s=request.spec.ttl_s or None, labels=labels,
+            request_id=request.request_id,
+            fingerprint=fingerprint.SerializeToString(deterministic=True).hex())
         return sandbox_to_proto(msb)
 
     @unary
@@ -206,20 +219,63 @@ class SandboxesServicer(Servicer):
     @unary
     async def List(self, request, context):
         caller = self.caller(context)
+        selector = Selector.parse(request.selector)
+        size = check_page_size(request.page_size)
+        if request.state not in (pb.SANDBOX_STATE_UNSPECIFIED, pb.SANDBOX_STATE_RUNNING,
+                                 pb.SANDBOX_STATE_DESTROYED):
+            raise InvalidSpec("state", f"{request.state} is not a SandboxState")
+        destroyed = request.state == pb.SANDBOX_STATE_DESTROYED
+        query = f"{request.selector}\0{int(destroyed)}"
+        after = parse_page_token(request.page_token, "sandboxes", query)
+        chosen, last = page(self.manager.find(caller, selector, destroyed=destroyed), after,
+                            size, lambda m: m.seq)
         return pb.ListSandboxesResponse(
-            sandboxes=[sandbox_to_proto(m) for m in self.manager.list(caller)])
+            sandboxes=[sandbox_to_proto(m) for m in chosen],
+            next_page_token=page_token("sandboxes", query, last) if last is not None else "")
+
+    @unary
+    async def SetTimeout(self, request, context):
+        caller = self.caller(context)
+        return sandbox_to_proto(
+            await self.manager.set_timeout(caller, request.sandbox_id, request.ttl_s))
+
+    @streaming
+    async def Stats(self, request, context):
+        caller = self.caller(context)
+        interval = request.interval_s or 1.0
+        if not STATS_MIN_INTERVAL_S <= interval <= STATS_MAX_INTERVAL_S:
+            raise InvalidSpec("interval_s", f"{interval:g} is outside {STATS_MIN_INTERVAL_S:g} "
+                                            f"to {STATS_MAX_INTERVAL_S:g} seconds")
+        self.manager.get(caller, request.sandbox_id)  # NOT_FOUND before the stream starts
+        previous: tuple[float, int] | None = None
+        while True:
+            try:
+                sample = await asyncio.to_thread(self.manager.usage, caller, request.sandbox_id)
+            except NotFound:
+                return  # destroyed meanwhile: the stream ends
+            cpu = sample.get("cpu_usage_us")
+            if cpu is not None:
+                now = time.monotonic()
+                if previous is not None and now > previous[0]:
+                    sample["cpu_percent"] = max(0, cpu - previous[1]) / 1e4 / (now - previous[0])
+                previous = (now, cpu)
+            yield pb.SandboxStats(**sample)
+            await asyncio.sleep(interval)
 
     @streaming
     async def Exec(self, request, context):
         caller = self.caller(context)
         if request.timeout_s and not 0 < request.timeout_s <= MAX_TIMEOUT_S:
             raise InvalidSpec("timeout_s", "must be between 0 and 30 days")
+        if not request.tty and (request.rows or request.cols):
+            raise InvalidSpec("tty", "rows and cols are the size of a terminal; set tty")
         handle = await self.manager.exec(
             caller, request.sandbox_id, list(request.argv), env=dict(request.env),
             cwd=request.cwd, stdin=request.stdin, keep_stdin_open=request.keep_stdin_open,
             timeout_s=request.timeout_s or None,
             # byte-exact output; lossless (flow control) unless the request allows loss
             stdout_mode="bytes", stderr_mode="bytes", lossless=not request.allow_loss,
+            tty=(request.rows, request.cols) if request.tty else None,
         )
         watchers = exec_watchers(handle, lossy=request.allow_loss)
         yield pb.ExecEvent(started=pb.ExecStarted(
@@ -244,6 +300,13 @@ class SandboxesServicer(Servicer):
         self.manager.send_input(caller, request.sandbox_id, request.exec_id, request.data,
                                 request.close)
         return pb.SendInputResponse()
+
+    @unary
+    async def Resize(self, request, context):
+        caller = self.caller(context)
+        self.manager.resize(caller, request.sandbox_id, request.exec_id, request.rows,
+                            request.cols)
+        return pb.ResizeResponse()
 
     @unary
     async def Signal(self, request, context):
@@ -387,5 +450,5 @@ class SandboxesServicer(Servicer):
     @unary
     async def Destroy(self, request, context):
         caller = self.caller(context)
-        await self.manager.destroy(caller, request.sandbox_id)
-        return pb.DestroySandboxResponse()
+        already = await self.manager.destroy(caller, request.sandbox_id)
+        return pb.DestroySandboxResponse(already_destroyed=already)

@@ -15,6 +15,8 @@ from collections import deque
 from corral.sandbox.errors import CorralError, InvalidSpec, NotFound, PermissionDenied
 from corral.v1 import session_pb2 as pb
 
+from ..labels import Selector, check_labels, check_page_size, page, page_token, parse_page_token
+from ..metrics import NO_METRICS
 from ..policy import RateLimited
 from ..sandboxes import Ended
 from ..sessions import Exited, TurnEnded, TurnStarted
@@ -27,7 +29,7 @@ from .bounds import (
     StreamOverflow,
     bounded_message,
 )
-from .errors import Servicer, record_denial, streaming
+from .errors import Servicer, record_denial, streaming, unary
 from .sandboxes import spec_from_proto
 from .wire import field_bytes, first_seq, varint
 
@@ -82,7 +84,8 @@ class _Inbox:
     are dropped and the stream ends with RESOURCE_EXHAUSTED (the session keeps running;
     resume comes back)."""
 
-    __slots__ = ("tenant", "events", "queued", "error", "_waiter", "_woken")
+    __slots__ = ("tenant", "events", "queued", "error", "_waiter", "_woken", "clock",
+                 "woken_at")
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
@@ -94,6 +97,8 @@ class _Inbox:
         # wait() returns at once. Without it, news that arrived during a yield was lost
         # and the stream slept until the session's next entry.
         self._woken = False
+        self.clock = NO_METRICS.clock  # metrics: when news came, for the token latency
+        self.woken_at = 0.0
 
     def put_nowait(self, item) -> None:
         if isinstance(item, BaseException):
@@ -115,6 +120,7 @@ class _Inbox:
         return item
 
     def wake(self) -> None:
+        self.woken_at = self.woken_at or self.clock()
         waiter = self._waiter
         if waiter is None:
             self._woken = True
@@ -125,6 +131,7 @@ class _Inbox:
         if self._woken:
             self._woken = False
             return
+        self.woken_at = 0.0  # what woke it last was sent already
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
@@ -148,14 +155,7 @@ class SessionsServicer(Servicer):
         kind = first.WhichOneof("request")
         watch_only = False
         if kind == "start":
-            start = first.start
-            target = start.WhichOneof("target")
-            session = await self.manager.open(
-                caller, argv=list(start.argv),
-                spec=spec_from_proto(start.spec) if target != "sandbox_id" else None,
-                sandbox_id=start.sandbox_id if target == "sandbox_id" else "",
-                env=dict(start.env), first_input=start.input,
-            )
+            session = await self.manager.open(caller, **_start_kwargs(first.start))
             after = 0
         elif kind == "resume":
             session = self.manager.get(caller, first.resume.session_id)
@@ -170,6 +170,8 @@ class SessionsServicer(Servicer):
 
         self.manager.attach(session)
         inbox = _Inbox(caller.tenant)
+        metrics = self.daemon.metrics
+        inbox.clock = metrics.clock
         session.listeners.add(inbox)
         session.hub.add_notify(inbox.wake)
         watcher = session.hub.watch(after or None)
@@ -194,8 +196,11 @@ class SessionsServicer(Servicer):
                     if first > expected:
                         # the log evicted entries this client had not read: say so, then
                         # the batch (which starts at the first one still held)
+                        metrics.watcher_lagged()
                         yield _event(lagged=pb.SessionLagged(first_available_seq=first))
                     yield field_bytes(2, batch)
+                    metrics.entries_sent(watcher.next_seq - first, inbox.woken_at)
+                    inbox.woken_at = 0.0
                 while events and _deliverable(events[0], watcher.next_seq):
                     item = inbox.pop()
                     if isinstance(item, Exited):
@@ -245,6 +250,25 @@ class SessionsServicer(Servicer):
             reader.cancel()
             mux.close()
 
+    @unary
+    async def Get(self, request, context):
+        return session_info(self.manager.get(self.caller(context), request.session_id))
+
+    @unary
+    async def List(self, request, context):
+        caller = self.caller(context)
+        selector = Selector.parse(request.selector)
+        size = check_page_size(request.page_size)
+        if request.state not in SESSION_STATES:
+            raise InvalidSpec("state", f"{request.state} is not a SessionState")
+        query = f"{request.selector}\0{request.state}"
+        after = parse_page_token(request.page_token, "sessions", query)
+        chosen, last = page(self.manager.find(caller, selector, SESSION_STATES[request.state]),
+                            after, size, lambda s: s.seq)
+        return pb.ListSessionsResponse(
+            sessions=[session_info(s) for s in chosen],
+            next_page_token=page_token("sessions", query, last) if last is not None else "")
+
     async def _read_requests(self, caller, session, requests, watch_only, queue) -> None:
         """Steering messages from this client, applied as they arrive."""
         try:
@@ -273,11 +297,36 @@ class SessionsServicer(Servicer):
 
 
 def _start_kwargs(start) -> dict:
+    """SessionManager.open's arguments for a SessionStart (Open's and OpenMany's)."""
     target = start.WhichOneof("target")
-    return dict(argv=list(start.argv),
-                spec=spec_from_proto(start.spec) if target != "sandbox_id" else None,
-                sandbox_id=start.sandbox_id if target == "sandbox_id" else "",
-                env=dict(start.env), first_input=start.input)
+    kw = dict(argv=list(start.argv),
+              spec=spec_from_proto(start.spec) if target != "sandbox_id" else None,
+              sandbox_id=start.sandbox_id if target == "sandbox_id" else "",
+              env=dict(start.env), first_input=start.input,
+              labels=check_labels(start.labels, "start.labels"))
+    if start.request_id:
+        # what a retry under the same request_id must ask for: the start without its id
+        same = pb.SessionStart()
+        same.CopyFrom(start)
+        same.ClearField("request_id")
+        kw.update(request_id=start.request_id,
+                  fingerprint=same.SerializeToString(deterministic=True).hex())
+    return kw
+
+
+SESSION_STATES = {pb.SESSION_STATE_UNSPECIFIED: None, pb.SESSION_STATE_RUNNING: False,
+                  pb.SESSION_STATE_EXITED: True}
+
+
+def session_info(session) -> pb.SessionInfo:
+    exited = session.exited
+    return pb.SessionInfo(
+        session_id=session.id, sandbox_id=session.sandbox_id,
+        state=pb.SESSION_STATE_EXITED if exited is not None else pb.SESSION_STATE_RUNNING,
+        labels=session.labels, created_at=session.created_at, last_seq=session.last_seq,
+        turn=session.turn, owns_sandbox=session.owns_sandbox, watchers=session.attached,
+        returncode=exited.returncode if exited is not None else 0,
+        reason=exited.reason if exited is not None else "")
 
 
 def _error_event(exc: Exception) -> bytes:
@@ -474,7 +523,9 @@ class _Mux:
                     # the log evicted entries this client had not read: say so first
                     size += add(sub.ref_field, _event(lagged=pb.SessionLagged(
                         first_available_seq=first)))
+                    self.servicer.daemon.metrics.watcher_lagged()
                 size += add(sub.ref_field, b"\x12" + varint(len(batch)), batch)
+                self.servicer.daemon.metrics.entries_sent(watcher.next_seq - first)
                 if watcher.next_seq < sub.session.hub.stream.next_seq:
                     sub.mark()  # more than one batch was waiting
             events = sub.events

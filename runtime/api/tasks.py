@@ -13,6 +13,7 @@ from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
 from corral.v1 import stream_pb2
 from corral.v1 import task_pb2 as pb
 
+from ..labels import Selector, page_token, parse_page_token
 from ..tasks.model import TaskSpec
 from ..tasks.states import TaskState
 from . import wire
@@ -65,7 +66,8 @@ def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
         sandbox = dict(_DEFAULT_SANDBOX)
     return TaskSpec(argv=tuple(msg.argv), sandbox=sandbox, selector=dict(msg.selector),
                     resources=dict(msg.resources), priority=msg.priority, retries=msg.retries,
-                    max_runtime_s=msg.max_runtime_s, files=dict(msg.files))
+                    max_runtime_s=msg.max_runtime_s, files=dict(msg.files),
+                    labels=dict(msg.labels))
 
 
 def spec_to_proto(spec: TaskSpec) -> pb.TaskSpec:
@@ -75,6 +77,7 @@ def spec_to_proto(spec: TaskSpec) -> pb.TaskSpec:
     return pb.TaskSpec(
         argv=list(spec.argv), selector=spec.selector, resources=spec.resources,
         priority=spec.priority, retries=spec.retries, max_runtime_s=spec.max_runtime_s,
+        labels=spec.labels,
         sandbox=sandbox_pb2.SandboxSpec(
             profile=sb.get("profile", ""), memory_bytes=sb.get("memory_bytes", 0),
             pids_max=sb.get("pids_max", 0), cpus=sb.get("cpus") or 0.0,
@@ -176,8 +179,17 @@ class TasksServicer(Servicer):
                 state = TaskState(request.state)
             except ValueError:
                 raise InvalidSpec("state", f"{request.state} is not a TaskState value") from None
-        tasks = self.scheduler.list(caller, state, limit=request.limit or 1000)
-        return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+        selector = Selector.parse(request.selector)
+        query = f"{request.selector}\0{request.state}"
+        before = parse_page_token(request.page_token, "tasks", query)
+        limit = request.limit or 1000
+        tasks = self.scheduler.list(caller, state, limit=limit + 1, selector=selector,
+                                    before_seq=before)
+        more = len(tasks) > limit
+        tasks = tasks[:limit]
+        return pb.ListTasksResponse(
+            tasks=[task_to_proto(t) for t in tasks],
+            next_page_token=page_token("tasks", query, tasks[-1].seq) if more else "")
 
     @unary
     async def Cancel(self, request, context):

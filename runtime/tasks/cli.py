@@ -45,6 +45,9 @@ def add_parsers(sub, client_flags) -> None:
     submit.add_argument("--request-id", default="", metavar="ID",
                         help="idempotency key: submitting again with the same ID (a retry) "
                              "prints the task the first submission made, not a new one")
+    submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="a label of the task, to find it by (`corral task ls "
+                             "--selector`); repeatable")
     submit.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     get = verbs.add_parser("get", help="show one task")
@@ -56,6 +59,9 @@ def add_parsers(sub, client_flags) -> None:
     client_flags(ls)
     ls.add_argument("--state", choices=[s.lower() for s in STATE_NAMES[1:]])
     ls.add_argument("--json", action="store_true", help="one JSON object per task")
+    ls.add_argument("-l", "--selector", default="", metavar="SELECTOR",
+                    help="only tasks whose labels (--label at submit; not node labels) "
+                         "match: k=v, k!=v, k, !k joined by commas")
 
     watch = verbs.add_parser(
         "watch", help="follow a task: live progress bar and its log",
@@ -189,6 +195,7 @@ def _submit(args) -> int:
         task = client.submit_task(
             argv, selector=selector, resources=resources, priority=args.priority,
             retries=args.retries, files=files, request_id=args.request_id,
+            labels={k: v for k, _, v in (item.partition("=") for item in args.label)},
             max_runtime_s=parse_duration(args.max_runtime, "max-runtime")
             if args.max_runtime else 0.0, **sandbox)
     print(task.id)
@@ -225,7 +232,7 @@ def _get(args) -> int:
 def _ls(args) -> int:
     state = STATE_NAMES.index(args.state.upper()) if args.state else 0
     with _connect(args) as client:
-        tasks = client.list_tasks(state=state)
+        tasks = client.list_tasks(state=state, selector=args.selector)
     if args.json:
         for t in tasks:
             print(json.dumps(task_dict(t), sort_keys=True))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from corral.sandbox.errors import CorralError, InvalidSpec
 
+from ..labels import check_labels
 from .states import TaskState
 
 _LABEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
@@ -100,6 +101,8 @@ class TaskSpec:
     retries: int = 0
     max_runtime_s: float = 0.0
     files: dict[str, bytes] = field(default_factory=dict)
+    #: The client's key/value metadata (runtime/labels.py rules), to find the task by.
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.argv or not self.argv[0]:
@@ -128,6 +131,7 @@ class TaskSpec:
             total += len(content)
         if total > MAX_FILES_BYTES:
             raise InvalidSpec("spec.files", f"{total} bytes is over the {MAX_FILES_BYTES} limit")
+        check_labels(self.labels, "spec.labels")
 
     def to_json(self) -> str:
         return json.dumps({
@@ -135,6 +139,8 @@ class TaskSpec:
             "resources": self.resources, "priority": self.priority, "retries": self.retries,
             "max_runtime_s": self.max_runtime_s,
             "files": {k: base64.b64encode(v).decode() for k, v in self.files.items()},
+            # only when set: a task without labels is stored as before they existed
+            **({"labels": self.labels} if self.labels else {}),
         }, sort_keys=True, separators=(",", ":"))
 
     @classmethod

@@ -27,6 +27,8 @@ from corral.sandbox.errors import NotFound, Unavailable
 from corral.sandbox.spec import SandboxSpec
 
 from ..auth import check_owner
+from ..labels import EVERYTHING, Selector
+from ..metrics import NO_METRICS
 from ..policy import PolicyBook, TenantPolicy
 from . import states
 from .files import TaskFiles
@@ -57,6 +59,8 @@ def sandbox_limits(spec: TaskSpec) -> dict:
 
 class Scheduler:
     """Tasks and nodes of one daemon."""
+
+    metrics = NO_METRICS  # the daemon's DaemonMetrics when --metrics is on
 
     def __init__(self, state_dir: str, audit, node_configs: list[NodeConfig], *,
                  executors: dict | None = None, policies: PolicyBook | None = None,
@@ -311,11 +315,16 @@ class Scheduler:
             check_owner(caller, task.tenant, "task", task_id, missing)
         return task
 
-    def list(self, caller, state: TaskState | None = None, limit: int = 1000) -> list[DeepTask]:
+    def list(self, caller, state: TaskState | None = None, limit: int = 1000,
+             selector: Selector = EVERYTHING, before_seq: int = 0) -> list[DeepTask]:
+        """The caller's tasks (an operator's: everyone's), newest first; with before_seq,
+        only those submitted before that one (the next page)."""
         out = []
         for task in reversed(self.tasks.values()):
+            if before_seq and task.seq >= before_seq:
+                continue
             if (task.tenant == caller.tenant or caller.operator) and (
-                    state is None or task.state == state):
+                    state is None or task.state == state) and selector.matches(task.spec.labels):
                 out.append(task)
                 if len(out) >= limit:
                     break
@@ -392,12 +401,14 @@ class Scheduler:
     def _enqueue(self, task: DeepTask) -> None:
         self._queues.setdefault(task.spec.priority, {}).setdefault(task.tenant, deque()).append(
             task.id)
+        self.metrics.task_queued(task.id)
 
     def _dequeue(self, task: DeepTask) -> None:
         q = self._queues.get(task.spec.priority, {}).get(task.tenant)
         if q is not None:
             with contextlib.suppress(ValueError):
                 q.remove(task.id)
+        self.metrics.task_unqueued(task.id)
 
     def kick(self) -> None:
         """Run a placement pass soon (coalesced: many kicks, one pass)."""
@@ -443,6 +454,7 @@ class Scheduler:
 
     def _assign(self, task: DeepTask, node: Node) -> None:
         self.placements += 1
+        self.metrics.task_placed(task.id)
         devices = self.nodes.reserve(node, task.id, task.spec.resources)
         self._active[task.tenant] = self._active.get(task.tenant, 0) + 1
         self._served_n += 1

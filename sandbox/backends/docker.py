@@ -1106,7 +1106,8 @@ class DockerSandbox(SandboxLifecycle):
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str = "/workspace", stdin: int | None = PIPE, stdout: int | None = PIPE,
              stderr: int | None = PIPE, timeout_s: float | None = None,
-             pass_fds: dict[int, int] | None = None) -> DockerProcess:
+             pass_fds: dict[int, int] | None = None,
+             tty: tuple[int, int] | None = None) -> DockerProcess:
         """Run argv in the sandbox; returns the running DockerProcess.
 
         Args:
@@ -1115,11 +1116,18 @@ class DockerSandbox(SandboxLifecycle):
                 not cross to an engine: a relay thread copies between them and the exec's
                 connection (stdout and stderr must then both be descriptors or DEVNULL).
             timeout_s: wall-clock limit, defaults to the spec's.
+            tty: refused (InvalidSpec): this backend has no terminals yet.
 
         Raises:
             CommandNotFound: argv[0] does not exist or cannot be executed in the sandbox.
             CorralError: the engine refused the exec.
+            InvalidSpec: tty was asked for.
         """
+        if tty is not None:
+            # The engine's own Tty exec (and exec resize) is not wired up: refused rather
+            # than run without the terminal the caller asked for.
+            raise InvalidSpec("tty", "the docker backend does not give commands a terminal "
+                                     "(yet); use the native backend for a tty")
         if self.state != "running":
             raise CorralError(f"sandbox {self.id} is {self.state}; cannot exec")
         if not argv:
@@ -1335,7 +1343,32 @@ class DockerSandbox(SandboxLifecycle):
         return 1 if state.get("OOMKilled") else 0
 
     def stats(self) -> dict:
-        return {"oom_kills": self._oom_kills(), "pids": len(self.pids())}
+        """Usage counters from the engine's one-shot stats (same keys as the native
+        backend's; a key the engine does not report is absent)."""
+        out: dict = {"oom_kills": self._oom_kills()}
+        try:
+            raw = self.api.stats(self.container_id, stream=False, one_shot=True)
+        except Exception:
+            out["pids"] = len(self.pids())
+            return out
+        memory = raw.get("memory_stats") or {}
+        cpu = ((raw.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+        pids = (raw.get("pids_stats") or {}).get("current")
+        for key, value in (("memory_bytes", memory.get("usage")),
+                           ("memory_peak_bytes", memory.get("max_usage")),
+                           ("pids", pids),
+                           ("cpu_usage_us", None if cpu is None else cpu // 1000)):
+            if value is not None:
+                out[key] = int(value)
+        blkio = (raw.get("blkio_stats") or {}).get("io_service_bytes_recursive")
+        if blkio is not None:
+            totals = {"read": 0, "write": 0}
+            for entry in blkio:
+                op = str(entry.get("op", "")).lower()
+                if op in totals:
+                    totals[op] += int(entry.get("value", 0))
+            out["io_read_bytes"], out["io_write_bytes"] = totals["read"], totals["write"]
+        return out
 
 
 def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None = None,

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import cgroups, contain, fstree, ids, workspace_fs
+from .. import cgroups, contain, fstree, ids, ptys, workspace_fs
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
@@ -151,6 +151,26 @@ class Process:
         # read by exec() before the command started: it may be OOM-killed at once
         self._oom_before = oom_before
         self._timed_out = False
+        #: The pty master of a command run with a tty (stdin and stdout are dups of it),
+        #: kept for resize() until the command ends; -1 otherwise.
+        self.pty_fd = -1
+        self.has_tty = False
+        self._pty_lock = threading.Lock()
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the window of the command's pty (its foreground group gets SIGWINCH).
+
+        Raises:
+            InvalidSpec: the command has no tty, or rows/cols out of range.
+            CorralError: the command has ended.
+        """
+        ptys.check_window(rows, cols)
+        with self._pty_lock:
+            if not self.has_tty:
+                raise InvalidSpec("tty", "the command was not started with a tty")
+            if self.pty_fd < 0:
+                raise CorralError(f"{self.argv[0]} has ended; its terminal is gone")
+            ptys.set_window(self.pty_fd, rows, cols)
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None and self.pidfd >= 0:
@@ -210,6 +230,10 @@ class Process:
             with contextlib.suppress(OSError):
                 os.close(self.pidfd)
             self.pidfd = -1
+        with self._pty_lock:
+            if self.pty_fd >= 0:
+                os.close(self.pty_fd)
+                self.pty_fd = -1
         if self.on_exit is not None:
             self.on_exit(self)
 
@@ -323,12 +347,17 @@ class Process:
 
     @staticmethod
     def _drain(fd: int, sink) -> bool:
-        """Read what a non-blocking pipe holds into sink; False at end of file."""
+        """Read what a non-blocking pipe (or pty master) holds into sink; False at end of
+        file (EIO on a pty master: every slave descriptor is closed)."""
         while True:
             try:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
                 return True
+            except OSError as exc:
+                if exc.errno == errno_mod.EIO:
+                    return False
+                raise
             if not chunk:
                 return False
             sink(chunk)
@@ -746,12 +775,16 @@ class Sandbox(SandboxLifecycle):
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str = "/workspace", stdin: int | None = PIPE, stdout: int | None = PIPE,
              stderr: int | None = PIPE, pass_fds: dict[int, int] | None = None,
-             timeout_s: float | None = None) -> Process:
+             timeout_s: float | None = None, tty: tuple[int, int] | None = None) -> Process:
         """Run argv inside the sandbox; returns the running Process.
 
         Args:
             env: extra variables on top of the spec's environment.
             stdin, stdout, stderr: PIPE, DEVNULL, an open descriptor, or None (DEVNULL).
+            tty: (rows, cols): run the command on a new pty of the sandbox's own devpts
+                (its stdin, stdout, stderr and controlling terminal; stdin/stdout/stderr
+                are ignored). Process.stdin and .stdout are the master, .stderr is None,
+                and Process.resize() changes the window.
             pass_fds: {descriptor number inside: open descriptor here}, e.g. the
                 protocol's CORRAL_EVENTS_FD.
             timeout_s: wall-clock limit, defaults to the spec's.
@@ -774,7 +807,16 @@ class Sandbox(SandboxLifecycle):
         ours: list[int] = []  # descriptors this call opened and must close
         parent_ends = [None, None, None]
         fds: list[tuple[int, int]] = []
+        master = -1
         try:
+            if tty is not None:
+                master, slave = ptys.open_in_root(
+                    f"/proc/{self.init_pid}/root", *tty,
+                    owner=self.spec.uid_base if os.geteuid() == 0 else None)
+                ours.append(slave)
+                parent_ends[0] = os.dup(master)  # (os.dup: close-on-exec)
+                parent_ends[1] = os.dup(master)
+                stdin = stdout = stderr = slave
             for child_fd, how in enumerate((stdin, stdout, stderr)):
                 if how == PIPE:
                     r, w = os.pipe2(os.O_CLOEXEC)
@@ -794,7 +836,7 @@ class Sandbox(SandboxLifecycle):
             ours.extend(cgroup_fds)
             plan = contain.exec_plan(
                 self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
-                cgroup_fds=cgroup_fds,
+                cgroup_fds=cgroup_fds, ctty=tty is not None,
             )
             self.collect_exits()  # every report read from here on came after the start
             with self._status_lock:
@@ -809,6 +851,8 @@ class Sandbox(SandboxLifecycle):
             for fd in parent_ends:
                 if fd is not None:
                     os.close(fd)
+            if master >= 0:
+                os.close(master)
             raise
         finally:
             for fd in ours:
@@ -820,6 +864,7 @@ class Sandbox(SandboxLifecycle):
         proc = Process(self, self._host_pid(ns_pid), ns_pid, list(argv), *files,
                        timeout_s=timeout_s if timeout_s is not None else self.spec.timeout_s,
                        oom_before=oom_before)
+        proc.pty_fd, proc.has_tty = master, master >= 0
         self._track(proc, after_report)
         return proc
 

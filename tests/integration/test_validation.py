@@ -187,7 +187,7 @@ def test_reflection_lists_the_services(daemon):
     files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
              for raw in described.file_descriptor_response.file_descriptor_proto]
     services = {s.name: [m.name for m in s.method] for f in files for s in f.service}
-    assert services["Sessions"] == ["Open", "OpenMany"]
+    assert services["Sessions"] == ["Open", "OpenMany", "Get", "List"]
 
 
 def test_client_without_daemon_says_where_it_looked(tmp_path):

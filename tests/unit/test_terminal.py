@@ -145,3 +145,44 @@ def test_run_egress_lines_show_the_sandbox_chosen_name_escaped(monkeypatch, caps
                            "name": "evil\x1b]0;owned\x07\u202e.com", "reason": "no rule"})
     assert capsys.readouterr().err == (
         "corral: egress deny connect evil\\x1b]0;owned\\x07\\u202e.com:443 (no rule)\n")
+
+
+# -- a program with a terminal of its own (run -t, exec -t) ---------------------------------
+
+# (name, input, what reaches the terminal)
+TTY_CASES = [
+    ("text and controls that only draw", b"a\tb\r\nc\x08d\x07", b"a\tb\r\nc\x08d\x07"),
+    ("cursor moves, erases, scrolling region kept",
+     b"\x1b[2J\x1b[H\x1b[10;20H\x1b[K\x1b[3A\x1b[2;20r\x1b[5@\x1b[s\x1b[u",
+     b"\x1b[2J\x1b[H\x1b[10;20H\x1b[K\x1b[3A\x1b[2;20r\x1b[5@\x1b[s\x1b[u"),
+    ("alternate screen, cursor keys, bracketed paste kept",
+     b"\x1b[?1049h\x1b[?1h\x1b[?2004h\x1b[?25l", b"\x1b[?1049h\x1b[?1h\x1b[?2004h\x1b[?25l"),
+    ("cursor shape and soft reset kept", b"\x1b[2 q\x1b[!p", b"\x1b[2 q\x1b[!p"),
+    ("save/restore cursor, keypad, line drawing kept", b"\x1b7\x1b8\x1b=\x1b(0q\x1b(B",
+     b"\x1b7\x1b8\x1b=\x1b(0q\x1b(B"),
+    ("queries dropped", b"a\x1b[6nb\x1b[cc\x1b[>cd\x1b[18te\x1b[?2004$pf\x1b[=cg\x05h",
+     b"abcdefgh"),
+    ("an unknown private mode dropped", b"a\x1b[?9999hb\x1b[?1049;9999hc", b"abc"),
+    ("OSC 52, titles, DCS and full reset still dropped",
+     b"a\x1b]52;c;aGk=\x07b\x1b]0;t\x1b\\c\x1bP$qm\x1b\\d\x1bce", b"abcde"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "shown"), TTY_CASES, ids=[c[0] for c in TTY_CASES])
+def test_tty_filter_keeps_drawing_and_drops_answers(name, data, shown):
+    whole = TerminalFilter(tty=True)
+    assert whole.feed(data) + whole.flush() == shown
+    bytewise = TerminalFilter(tty=True)
+    assert b"".join(bytewise.feed(data[i:i + 1]) for i in range(len(data))) \
+        + bytewise.flush() == shown
+    for cut in range(len(data) + 1):
+        split = TerminalFilter(tty=True)
+        assert split.feed(data[:cut]) + split.feed(data[cut:]) + split.flush() == shown
+
+
+def test_tty_filter_restores_the_modes_the_program_left():
+    f = TerminalFilter(tty=True)
+    f.feed(b"\x1b[?1049h\x1b[?25l\x1b[?2004h\x1b[?2004l\x1b=\x1b[1;10r")
+    assert f.restore() == b"\x1b[?1049l\x1b[?25h\x1b>\x1b[r\x1b[0m"
+    assert TerminalFilter(tty=True).restore() == b"\x1b[0m"
+    assert TerminalFilter().restore() == b""
