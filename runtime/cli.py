@@ -321,9 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(destroy)
     destroy.add_argument("sandbox_id", metavar="SANDBOX")
 
-    from corral.runtime import cli_cp
+    from corral.runtime import cli_cp, cli_image
 
     cli_cp.add_parser(sub, client_flags)
+    cli_image.add_parser(sub)
 
     exe = sub.add_parser(
         "exec", help="run a command in a daemon sandbox, streaming its output",
@@ -664,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         from corral.runtime.tasks import cli as task_cli
 
         return task_cli.dispatch(args)
+    if args.verb == "image":
+        return args.image_main(args)
     if args.verb == "policy":
         from corral.runtime import cli_governance
 

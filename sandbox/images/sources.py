@@ -1,0 +1,313 @@
+"""Where images come from: an OCI layout, a `docker save` tarball, a local Docker engine.
+
+`open_source(ref)` returns an `ImageSource`: the canonical ref, the manifest bytes and
+digest, the config bytes and digest, and one `LayerSource` per layer (bottom first) that
+opens the layer blob as it is stored (compressed or not). Nothing here trusts a digest:
+the store hashes everything on the way in. Registry references are refused for now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .errors import ImageNotFound, LayerDigestMismatch, UnsupportedImage
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+_INDEXES = (OCI_INDEX, DOCKER_LIST)
+_REF_NAME = "org.opencontainers.image.ref.name"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+           "s390x": "s390x", "riscv64": "riscv64"}
+#: Bytes of a manifest, index or config read at most (they are small JSON documents).
+MAX_JSON_BYTES = 4 << 20
+NO_REGISTRY = ("pulling from a registry is not supported yet (issue #12); import the image "
+               "with 'docker save' (docker-archive:FILE) or an OCI layout (oci:DIR[:TAG])")
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    #: Digest of the blob as stored (compressed), or None where the source has none
+    #: (a legacy `docker save` layer is named by an id, not a digest).
+    digest: str | None
+    media_type: str
+    size: int | None
+    open: Callable[[], BinaryIO]
+
+
+@dataclass
+class ImageSource:
+    ref: str
+    manifest: bytes
+    manifest_digest: str
+    config: bytes
+    config_digest: str
+    layers: list[LayerSource]
+    _cleanup: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for fn in reversed(self._cleanup):
+            fn()
+        self._cleanup.clear()
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def canonical_ref(ref: str) -> str:
+    """The form a ref is recorded under: transports with absolute paths, names as given."""
+    if ref.startswith("oci:"):
+        path, tag = _split_oci(ref[4:])
+        return f"oci:{os.path.abspath(path)}" + (f":{tag}" if tag else "")
+    if ref.startswith("docker-archive:"):
+        return "docker-archive:" + os.path.abspath(ref[len("docker-archive:"):])
+    if ref.startswith("docker-daemon:"):
+        return ref[len("docker-daemon:"):]
+    return ref
+
+
+def open_source(ref: str, *, scratch: str) -> ImageSource:
+    """The image REF names; `scratch` is a directory for what must be copied first.
+
+    Raises:
+        ImageNotFound, UnsupportedImage.
+    """
+    if ref.startswith("oci:"):
+        path, tag = _split_oci(ref[4:])
+        return _oci_layout(os.path.abspath(path), tag, canonical_ref(ref))
+    if ref.startswith("docker-archive:"):
+        path = os.path.abspath(ref[len("docker-archive:"):])
+        return _docker_archive(path, canonical_ref(ref))
+    if re.match(r"^(docker|registry|https?)://", ref):
+        raise UnsupportedImage(f"image {ref!r}: {NO_REGISTRY}")
+    name = ref[len("docker-daemon:"):] if ref.startswith("docker-daemon:") else ref
+    return _docker_engine(name, scratch)
+
+
+def _split_oci(rest: str) -> tuple[str, str | None]:
+    # oci:DIR[:TAG]; a ':' followed by something without '/' that is not a directory is the tag
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and "/" not in tail and not os.path.isdir(rest):
+        return head, tail
+    return rest, None
+
+
+def _read_json(data: bytes, what: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise UnsupportedImage(f"{what} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UnsupportedImage(f"{what} is not a JSON object")
+    return doc
+
+
+# -- OCI image layout --------------------------------------------------------------------------
+
+
+def _blob_path(root: str, digest: str, what: str) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise UnsupportedImage(f"{what}: digest {digest!r} is not sha256:<64 hex> (only "
+                               f"sha256 is supported)")
+    return os.path.join(root, "blobs", "sha256", digest[7:])
+
+
+def _read_blob(root: str, digest: str, what: str) -> bytes:
+    path = _blob_path(root, digest, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise ImageNotFound(f"{what}: blob {digest} is missing from the layout") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise UnsupportedImage(f"{what}: {digest} is larger than {MAX_JSON_BYTES} bytes")
+    return data
+
+
+def _host_platform() -> tuple[str, str]:
+    return "linux", _GOARCH.get(os.uname().machine, os.uname().machine)
+
+
+def _pick_platform(index: dict, what: str) -> dict:
+    want = _host_platform()
+    for desc in index.get("manifests") or []:
+        plat = desc.get("platform") or {}
+        if (plat.get("os"), plat.get("architecture")) == want:
+            return desc
+    raise ImageNotFound(f"{what}: no manifest for {want[0]}/{want[1]}")
+
+
+def _oci_layout(root: str, tag: str | None, ref: str) -> ImageSource:
+    try:
+        with open(os.path.join(root, "index.json"), "rb") as f:
+            index = _read_json(f.read(MAX_JSON_BYTES), f"{ref}: index.json")
+    except FileNotFoundError:
+        raise ImageNotFound(f"{ref}: {root} is not an OCI image layout (no index.json)") \
+            from None
+    descs = index.get("manifests") or []
+    if tag is not None:
+        chosen = [d for d in descs if (d.get("annotations") or {}).get(_REF_NAME) == tag]
+        if not chosen:
+            raise ImageNotFound(f"{ref}: no manifest tagged {tag!r} in {root}/index.json")
+    else:
+        chosen = descs
+        if len(chosen) != 1:
+            tags = sorted({(d.get("annotations") or {}).get(_REF_NAME, "?") for d in descs})
+            raise ImageNotFound(f"{ref}: index.json has {len(chosen)} manifests; name one "
+                                f"with oci:{root}:TAG (tags: {', '.join(tags) or 'none'})")
+    desc = chosen[0]
+    for _ in range(2):  # an image index (multi-platform) names one manifest per platform
+        if desc.get("mediaType") not in _INDEXES:
+            break
+        data = _read_blob(root, desc.get("digest"), ref)
+        if sha256_digest(data) != desc["digest"]:
+            raise LayerDigestMismatch(f"{ref}: image index has digest {sha256_digest(data)}, "
+                                      f"not {desc['digest']}; nothing was kept")
+        desc = _pick_platform(_read_json(data, ref), ref)
+    manifest_digest = desc.get("digest")
+    manifest = _read_blob(root, manifest_digest, ref)
+    doc = _read_json(manifest, f"{ref}: manifest")
+    if doc.get("mediaType", desc.get("mediaType")) not in (OCI_MANIFEST, DOCKER_MANIFEST, None):
+        raise UnsupportedImage(f"{ref}: manifest media type {doc.get('mediaType')!r} is not "
+                               f"an image manifest")
+    config_digest = (doc.get("config") or {}).get("digest")
+    config = _read_blob(root, config_digest, f"{ref}: config")
+    layers = []
+    for layer in doc.get("layers") or []:
+        path = _blob_path(root, layer.get("digest"), ref)
+        layers.append(LayerSource(layer["digest"], layer.get("mediaType", ""),
+                                  layer.get("size"), _opener(path, ref)))
+    # the digests are the ones claimed; the store checks each against the bytes
+    return ImageSource(ref, manifest, manifest_digest, config, config_digest, layers)
+
+
+def _opener(path: str, ref: str) -> Callable[[], BinaryIO]:
+    def open_blob() -> BinaryIO:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise ImageNotFound(f"{ref}: layer blob {path} is missing") from None
+    return open_blob
+
+
+# -- docker save tarball -----------------------------------------------------------------------
+
+
+def _docker_archive(path: str, ref: str, name: str | None = None) -> ImageSource:
+    try:
+        outer = tarfile.open(path, "r:*")
+    except FileNotFoundError:
+        raise ImageNotFound(f"{ref}: no such file {path}") from None
+    except tarfile.TarError as exc:
+        raise UnsupportedImage(f"{ref}: {path} is not a tar archive ({exc})") from None
+    src = None
+    try:
+        members = {m.name.removeprefix("./"): m for m in outer.getmembers() if m.isfile()}
+
+        def read(member_name: str, what: str) -> bytes:
+            m = members.get(member_name)
+            if m is None:
+                raise ImageNotFound(f"{ref}: {what} {member_name!r} is not in the archive")
+            if m.size > MAX_JSON_BYTES:
+                raise UnsupportedImage(f"{ref}: {what} {member_name!r} is too large")
+            return outer.extractfile(m).read()
+
+        entries = json.loads(read("manifest.json", "manifest.json"))
+        if not isinstance(entries, list) or not entries:
+            raise UnsupportedImage(f"{ref}: manifest.json lists no image")
+        if name is not None:
+            wanted = [e for e in entries if name in (e.get("RepoTags") or [])]
+            entry = wanted[0] if wanted else entries[0]
+        elif len(entries) == 1:
+            entry = entries[0]
+        else:
+            raise UnsupportedImage(f"{ref}: the archive holds {len(entries)} images; this "
+                                   f"version imports archives of one image")
+        config_name = entry.get("Config") or ""
+        config = read(config_name, "config")
+        config_digest = sha256_digest(config)
+        hexname = os.path.basename(config_name).removesuffix(".json")
+        if re.fullmatch(r"[0-9a-f]{64}", hexname) and hexname != config_digest[7:]:
+            raise LayerDigestMismatch(f"{ref}: config {config_name!r} has digest "
+                                      f"{config_digest}, not sha256:{hexname}")
+        layers = []
+        for layer_name in entry.get("Layers") or []:
+            m = members.get(layer_name)
+            if m is None:
+                raise ImageNotFound(f"{ref}: layer {layer_name!r} is not in the archive")
+            base = os.path.basename(layer_name)
+            digest = ("sha256:" + base if layer_name.startswith("blobs/sha256/")
+                      and re.fullmatch(r"[0-9a-f]{64}", base) else None)
+            layers.append(LayerSource(digest, "", m.size,
+                                      lambda m=m: outer.extractfile(m)))
+        # a legacy archive has no manifest: one is written from the config and layers
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER_TAR, "digest": d, "size": layers[i].size}
+                       for i, d in enumerate(
+                           (json.loads(config).get("rootfs") or {}).get("diff_ids") or [])
+                       if i < len(layers)],
+        }, sort_keys=True, separators=(",", ":")).encode()
+        src = ImageSource(ref, manifest, sha256_digest(manifest), config, config_digest, layers)
+        src._cleanup.append(outer.close)
+        return src
+    finally:
+        if src is None:
+            outer.close()
+
+
+# -- a local Docker engine ---------------------------------------------------------------------
+
+
+def _docker_engine(name: str, scratch: str) -> ImageSource:
+    """Saves NAME from the engine at DOCKER_HOST (or the default socket) and reads that."""
+    docker = shutil.which("docker")
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if docker is None:
+        raise UnsupportedImage(f"image {name!r}: no 'docker' command to read it from a local "
+                               f"engine, and {NO_REGISTRY}")
+    if host.startswith("unix://") and not os.path.exists(host[len("unix://"):]):
+        raise UnsupportedImage(f"image {name!r}: no Docker engine at {host} (set DOCKER_HOST), "
+                               f"and {NO_REGISTRY}")
+    fd, path = tempfile.mkstemp(prefix="docker-save.", suffix=".tar", dir=scratch)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            proc = subprocess.run([docker, "save", name], stdout=out, stderr=subprocess.PIPE,
+                                  env={**os.environ, "DOCKER_HOST": host}, check=False)
+        if proc.returncode != 0:
+            why = proc.stderr.decode(errors="replace").strip().splitlines()
+            why = why[-1] if why else f"exit status {proc.returncode}"
+            if "No such image" in why or "reference does not exist" in why:
+                raise ImageNotFound(f"image {name!r} is not in the Docker engine at {host}, "
+                                    f"and {NO_REGISTRY}")
+            raise UnsupportedImage(f"image {name!r}: docker save failed at {host}: {why}")
+        src = _docker_archive(path, name, name=name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    src._cleanup.insert(0, lambda: os.unlink(path))
+    return src
