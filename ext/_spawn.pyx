@@ -205,8 +205,11 @@ cdef extern from * nogil:
     static int corral_landlock_restrict(int ruleset) {
         return (int)syscall(SYS_landlock_restrict_self, ruleset, 0);
     }
-    static int corral_drop_caps(int last_cap) {
-        /* Lock root out of regaining capabilities on execve, then empty every set. */
+    static int corral_drop_caps(int last_cap, long run_uid, long run_gid) {
+        /* Lock root out of regaining capabilities on execve, then empty every set. With
+           run_uid >= 0, become that user in between: the
+           securebits keep the capabilities through setresuid until capset empties them.
+           Raw syscalls: glibc's set*id would signal every thread of the runtime. */
         if (prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
                   SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
                   SECBIT_KEEP_CAPS_LOCKED, 0, 0, 0))
@@ -214,6 +217,13 @@ cdef extern from * nogil:
         for (int cap = 0; cap <= last_cap; cap++) {
             if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL)
                 return -1;
+        }
+        if (run_uid >= 0) {
+            /* setgroups is "deny" in every sandbox's namespace (EPERM): the groups
+               PID 1 was created with stay, and none is a mapped id inside */
+            if (syscall(SYS_setgroups, 0, NULL) && errno != EPERM) return -1;
+            if (syscall(SYS_setresgid, run_gid, run_gid, run_gid)) return -1;
+            if (syscall(SYS_setresuid, run_uid, run_uid, run_uid)) return -1;
         }
         if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) && errno != EINVAL)
             return -1;
@@ -321,7 +331,7 @@ cdef extern from * nogil:
     int corral_landlock_create(unsigned long long fs, unsigned long long scoped, int abi)
     int corral_landlock_add_path(int ruleset, int parent_fd, unsigned long long access)
     int corral_landlock_restrict(int ruleset)
-    int corral_drop_caps(int last_cap)
+    int corral_drop_caps(int last_cap, long run_uid, long run_gid)
     int corral_loopback_up()
     int corral_set_rlimit(int resource, unsigned long long soft, unsigned long long hard)
     int corral_write_all(int fd, const char *buf, size_t len)
@@ -514,6 +524,8 @@ cdef struct child_plan:
     char **sysctl_paths  # init: /proc/sys/user/* files of the new user namespace...
     char **sysctl_values # ...and the values written to them (NULL-terminated arrays)
     int ctty             # commands: make descriptor 0 (a pty slave) the controlling terminal
+    long run_uid         # commands: the uid/gid inside to run as (-1: root)
+    long run_gid
 
 
 cdef class ChildPlan:
@@ -528,7 +540,7 @@ cdef class ChildPlan:
     def __init__(self, *, argv, envp=(), search_path=(), cwd="/", hostname=None,
                  mount_ops=(), landlock_rules=(), landlock_handled=0, landlock_scoped=0,
                  landlock_abi=0, rlimits=(), fds=(), seccomp_bpf=None, seccomp_flags=0, cgroup_fds=(),
-                 last_cap=40, pdeathsig=0, exec_fd=-1, sysctls=(), ctty=False):
+                 last_cap=40, pdeathsig=0, exec_fd=-1, sysctls=(), ctty=False, user=None):
         """Build the C arrays.
 
         Args:
@@ -547,6 +559,7 @@ cdef class ChildPlan:
                 namespace: that namespace's own /proc/sys/user limits.
             ctty: after setsid and the fds, make descriptor 0 (which must be a terminal,
                 e.g. a pty slave of the sandbox's own devpts) the controlling terminal.
+            user: (uid, gid) inside to run as, with no supplementary groups; None: root.
         """
         cdef int i
         if not argv:
@@ -620,6 +633,7 @@ cdef class ChildPlan:
         self.c.parent_pidfd = -1
         self.c.exec_fd = exec_fd
         self.c.ctty = 1 if ctty else 0
+        self.c.run_uid, self.c.run_gid = (-1, -1) if user is None else (user[0], user[1])
         pairs = list(sysctls)
         self.c.sysctl_paths = self._strv([path for path, _ in pairs])
         self.c.sysctl_values = self._strv([str(value) for _, value in pairs])
@@ -852,7 +866,7 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
     # foreground group and /dev/tty opens it.
     if plan.ctty and ioctl(0, TIOCSCTTY, 0) != 0:
         fail(report_fd, STEP_CTTY, -1)
-    if corral_drop_caps(plan.last_cap) != 0:
+    if corral_drop_caps(plan.last_cap, plan.run_uid, plan.run_gid) != 0:
         fail(report_fd, STEP_CAPS, -1)
     if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         fail(report_fd, STEP_NO_NEW_PRIVS, -1)

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a command in a fresh sandbox",
         description="Run CMD in a fresh sandbox, streaming its output; the sandbox is "
                     "destroyed when CMD ends.",
-        usage="corral run [OPTIONS] -- CMD [ARGS...]",
+        usage="corral run [OPTIONS] [--image REF] -- CMD [ARGS...]",
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--docker-host", metavar="URL",
                      help="Docker engine for --backend docker (default: $DOCKER_HOST, else "
                           "unix:///var/run/docker.sock)")
+    run.add_argument("--image", metavar="REF",
+                     help="root filesystem: an image of the local store (oci:DIR[:TAG], "
+                          "docker-archive:FILE or a local engine's NAME, pulled into the "
+                          "store first when missing), read-only like the default root; "
+                          "its Entrypoint/Cmd run when no CMD is given (args "
+                          "after -- replace Cmd), its Env, WorkingDir and User apply "
+                          "(default: the host's /usr, read-only; see docs/images.md)")
     run.add_argument("--raw", action="store_true", help=RAW_HELP)
     run.add_argument("-i", "--interactive", action="store_true", help=INTERACTIVE_HELP)
     run.add_argument("-t", "--tty", action="store_true", help=TTY_HELP)
@@ -317,6 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="the full report as JSON")
     inspect.add_argument("sandbox_id", metavar="SANDBOX")
 
+    port = sub.add_parser(
+        "port", help="expose a sandbox's port on the host, list or remove exposed ports",
+        description="`corral port SANDBOX PORT` forwards a host port on 127.0.0.1 to "
+                    "127.0.0.1:PORT inside the sandbox and prints the host address "
+                    "(127.0.0.1:N); it stays exposed until removed or the sandbox is "
+                    "destroyed. `corral port SANDBOX` lists the exposed ports (PORT -> "
+                    "ADDRESS). `corral port SANDBOX PORT --remove` closes the forward.")
+    client_flags(port)
+    port.add_argument("sandbox_id", metavar="SANDBOX")
+    port.add_argument("port", metavar="PORT", type=int, nargs="?",
+                      help="the port a program listens on inside the sandbox (1-65535)")
+    port.add_argument("--host-port", metavar="N", type=int, default=0,
+                      help="the host port to listen on (default: any free one)")
+    port.add_argument("--remove", action="store_true", help="stop exposing PORT")
+
     destroy = sub.add_parser("destroy", help="destroy a sandbox on the daemon")
     client_flags(destroy)
     destroy.add_argument("sandbox_id", metavar="SANDBOX")
@@ -497,15 +519,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     argv = list(args.argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    if not argv:
+    if not argv and not args.image:
         return _fail("run: no command given; usage: corral run [OPTIONS] -- CMD [ARGS...]",
                      EXIT_USAGE)
+    if args.image:
+        failed = _ensure_image(args.image)
+        if failed is not None:
+            return failed
     try:
         spec = SandboxSpec.build(
             profile=args.profile, memory=args.memory, pids=args.pids, cpus=args.cpus,
             timeout=args.timeout, workspace=args.workspace, ro=args.ro, rw=args.rw,
             env=args.env, tmp_size=args.tmp_size, backend=args.backend,
-            allow_net=args.allow_net,
+            allow_net=args.allow_net, image=args.image,
         )
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", EXIT_USAGE)
@@ -527,6 +553,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"run: {exc}", 125)
 
 
+def _ensure_image(ref: str) -> int | None:
+    """Pull REF into the local store unless it is there; an exit status when that fails."""
+    from corral.sandbox import CorralError
+    from corral.sandbox.images.errors import ImageNotFound
+    from corral.sandbox.images.store import ImageStore
+
+    try:
+        store = ImageStore()
+        try:
+            store.get(ref)
+        except ImageNotFound:
+            store.pull(ref)
+    except ImageNotFound as exc:
+        return _fail(f"run: {exc}", 1)
+    except (CorralError, OSError) as exc:
+        return _fail(f"run: --image {ref}: {exc}", 2)
+    return None
+
+
 def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
                    raw: bool = False, tty: bool = False, interactive: bool = False) -> int:
     """Run argv, copying its output live and our stdin to it; returns the exit status
@@ -537,17 +582,31 @@ def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
     with open_sandbox(spec, docker_host=docker_host) as sandbox:
         for note in getattr(sandbox, "notes", ()):  # what it runs without, e.g. cgroups
             print(f"corral: {note}", file=sys.stderr, flush=True)
+        extra: dict = {}
+        if spec.image:  # the image's Entrypoint/Cmd, Env, WorkingDir and User
+            from corral.sandbox.images import runconfig
+
+            for note in runconfig.notes(sandbox.image_config):
+                print(f"corral: {note}", file=sys.stderr, flush=True)
+            cmd = sandbox.image_command(argv)
+            argv = cmd.argv
+            extra = {"env": cmd.env, "user": cmd.user}
+            if cmd.cwd:
+                extra["cwd"] = cmd.cwd
         if tty:
             from corral.runtime import interactive as term
 
             size = term.RawTerminal(0).window()
             env = {"TERM": os.environ["TERM"]} if os.environ.get("TERM") else None
-            proc = sandbox.exec(argv, tty=size, env=env)
+            if extra:
+                extra["env"] = {**extra["env"], **(env or {})}
+                env = extra.pop("env")
+            proc = sandbox.exec(argv, tty=size, env=env, **extra)
             stopped = term.run_on_terminal(proc, interactive=interactive, raw=raw)
             if stopped is not None:
                 return 128 + stopped
         else:
-            proc = sandbox.exec(argv)
+            proc = sandbox.exec(argv, **extra)
             _pump_streaming(proc, raw)
     if proc.reason == ExitReason.TIMEOUT:
         print(f"corral: {argv[0]}: killed after the {spec.timeout_s:g}s timeout", file=sys.stderr)
@@ -676,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli_governance.report(args)
     if args.verb in ("ps", "create", "destroy", "exec", "session", "audit", "inspect", "cp",
-                     "sessions", "timeout", "stats"):
+                     "sessions", "timeout", "stats", "port"):
         from corral.runtime import cli_client
 
         return cli_client.dispatch(args)

@@ -71,7 +71,8 @@ def dispatch(args) -> int:
     try:
         verb = {"ps": ps, "create": create, "destroy": destroy, "exec": exec_,
                 "session": session, "audit": audit, "inspect": inspect, "cp": cp,
-                "sessions": sessions, "timeout": timeout, "stats": stats}[args.verb]
+                "sessions": sessions, "timeout": timeout, "stats": stats,
+                "port": port}[args.verb]
         return verb(args)
     except InvalidSpec as exc:
         return _fail(f"{args.verb}: {exc}", EXIT_USAGE)
@@ -164,6 +165,27 @@ def timeout(args) -> int:
     with _connect(args) as client:
         sb = client.set_timeout(args.sandbox_id, max(1, round(ttl)))
     print(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sb.expires_at)))
+    return 0
+
+
+def port(args) -> int:
+    if args.port is None:
+        if args.remove or args.host_port:
+            return _fail("port: --remove and --host-port need a PORT", EXIT_USAGE)
+        with _connect(args) as client:
+            for p in client.list_ports(args.sandbox_id):
+                print(f"{p.port} -> {p.host_address}:{p.host_port}")
+        return 0
+    from .ports import check_port  # the daemon checks the same; a uint32 cannot be negative
+
+    check_port("port", args.port)
+    check_port("host_port", args.host_port, zero_ok=True)
+    with _connect(args) as client:
+        if args.remove:
+            client.unexpose_port(args.sandbox_id, args.port)
+            return 0
+        p = client.expose_port(args.sandbox_id, args.port, args.host_port)
+    print(f"{p.host_address}:{p.host_port}")
     return 0
 
 

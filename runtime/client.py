@@ -320,6 +320,23 @@ class Client:
         return self._call(self.sandboxes.Destroy, sandbox_pb2.DestroySandboxRequest(
             sandbox_id=sandbox_id)).already_destroyed
 
+    def expose_port(self, sandbox_id: str, port: int,
+                    host_port: int = 0) -> sandbox_pb2.ExposedPort:
+        """Forward 127.0.0.1:host_port on the daemon's host (0 = any free port) to
+        127.0.0.1:port inside the sandbox; the answer says where (host_address, host_port)."""
+        return self._call(self.sandboxes.ExposePort, sandbox_pb2.ExposePortRequest(
+            sandbox_id=sandbox_id, port=port, host_port=host_port))
+
+    def unexpose_port(self, sandbox_id: str, port: int) -> sandbox_pb2.ExposedPort:
+        """Stop forwarding: the host listener and its connections close."""
+        return self._call(self.sandboxes.UnexposePort, sandbox_pb2.UnexposePortRequest(
+            sandbox_id=sandbox_id, port=port)).port
+
+    def list_ports(self, sandbox_id: str) -> list[sandbox_pb2.ExposedPort]:
+        """The sandbox's exposed ports."""
+        return list(self._call(self.sandboxes.ListPorts, sandbox_pb2.ListPortsRequest(
+            sandbox_id=sandbox_id)).ports)
+
     def exec(self, sandbox_id: str, argv: list[str], **kw) -> Iterator[sandbox_pb2.ExecEvent]:
         """Run argv; yields started, output (stdout/stderr bytes exactly as written, one
         StreamBatch each) and exited. kw are ExecRequest fields: env, cwd, stdin,

@@ -121,6 +121,8 @@ class TenantPolicy:
     max_sandboxes: int | None = 32
     #: Interactive sessions alive at once.
     max_sessions: int | None = 32
+    #: Sandbox ports exposed on the host at once (runtime/ports.py).
+    max_exposed_ports: int | None = 16
     #: Deep tasks placed or running at once (more wait in the queue).
     max_running_tasks: int | None = 4
     #: Deep tasks waiting or running (not yet finished) at once; more are refused.
@@ -138,7 +140,8 @@ class TenantPolicy:
                    max_memory_bytes=host_memory_bytes(), max_pids=host_pid_max(),
                    max_cpus=float(host_cpus()), max_tmp_bytes=host_memory_bytes(),
                    max_ttl_s=None, max_priority=None, max_sandboxes=None, max_sessions=None,
-                   max_running_tasks=None, max_queued_tasks=None, max_request_rate=None)
+                   max_exposed_ports=None, max_running_tasks=None, max_queued_tasks=None,
+                   max_request_rate=None)
 
     @classmethod
     def tenant_default(cls) -> TenantPolicy:
@@ -346,7 +349,8 @@ _KEY_FIELDS = {
     "profiles": "profiles", "allow_net": "allow_net", "max_memory": "max_memory_bytes",
     "max_pids": "max_pids", "max_cpus": "max_cpus", "max_tmp": "max_tmp_bytes",
     "max_ttl": "max_ttl_s", "max_priority": "max_priority", "max_sandboxes": "max_sandboxes",
-    "max_sessions": "max_sessions", "max_running_tasks": "max_running_tasks",
+    "max_sessions": "max_sessions", "max_exposed_ports": "max_exposed_ports",
+    "max_running_tasks": "max_running_tasks",
     "max_queued_tasks": "max_queued_tasks", "max_request_rate": "max_request_rate",
 }
 #: A request counts once more against the rate for every this many bytes it carries.

@@ -28,6 +28,7 @@ from corral.sandbox import Process, Sandbox, SandboxSpec, ptys
 from corral.sandbox.errors import (
     CorralError,
     InvalidSpec,
+    InvalidTransition,
     NotFound,
     ResourceExhausted,
     SandboxSetupError,
@@ -41,6 +42,7 @@ from .idempotency import RequestLedger
 from .labels import EVERYTHING, Selector
 from .metrics import NO_METRICS
 from .policy import PolicyBook, TenantPolicy
+from .ports import PortTable, check_port
 from .streams import StreamHub
 from .tracing import NO_TRACING
 
@@ -80,6 +82,8 @@ class Ended(CorralError):
 def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
     """sha256 of the canonical policy a sandbox runs under (spec + seccomp profile)."""
     fields = {k: v for k, v in spec.__dict__.items() if k not in ("workspace", "labels")}
+    if not spec.image:  # digests of sandboxes on the host's /usr stay what they were
+        del fields["image"]
     fields["seccomp_digest"] = seccomp_digest
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -240,6 +244,8 @@ class SandboxManager:
         #: Called with "sandbox" or "exec" before either starts: raises ResourceExhausted
         #: when the daemon cannot afford it (disk, descriptors: runtime/resources.py).
         self.admission: Callable[[str], None] = lambda kind: None
+        #: Exposed ports (runtime/ports.py): host listeners forwarding into sandboxes.
+        self.ports = PortTable()
 
     # -- lifecycle of the manager ------------------------------------------------------------
 
@@ -516,10 +522,64 @@ class SandboxManager:
         if msb.sandbox.status_fd >= 0:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(msb.sandbox.status_fd)
+        await self._close_ports(msb, "sandbox-destroyed")
         await self.run_blocking(msb.sandbox.destroy, tenant=msb.tenant)
         self.audit.append("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
                           sandbox_id=msb.id, session_id=msb.owner_session or "",
                           detail={"reason": reason})
+
+    # -- exposed ports (runtime/ports.py) --------------------------------------------------
+
+    async def expose_port(self, caller: Caller, sandbox_id: str, port: int, host_port: int):
+        """Forward 127.0.0.1:host_port on the host to 127.0.0.1:port in the sandbox.
+
+        Raises:
+            InvalidSpec: a port out of range. NotFound: not the caller's sandbox.
+            QuotaExceeded: over max_exposed_ports. PortAlreadyExposed, HostPortInUse.
+            InvalidTransition: a backend without a network namespace of its own here.
+        """
+        check_port("port", port)
+        check_port("host_port", host_port, zero_ok=True)
+        msb = self.get(caller, sandbox_id)
+        if msb.spec.backend != "native" or not getattr(msb.sandbox, "init_pid", None):
+            raise InvalidTransition(f"sandbox {sandbox_id!r}: ports can be exposed only for "
+                                    f"native sandboxes for now (backend "
+                                    f"{msb.spec.backend!r})")
+        self.policies.of(caller).check_count("exposed ports", self.ports.count(caller.tenant),
+                                             "max_exposed_ports")
+        exposed = await self.ports.expose(msb.id, caller.tenant, msb.sandbox.init_pid, port,
+                                          host_port)
+        if msb.destroyed:  # destroyed while the listener was being made
+            await self.ports.unexpose(msb.id, port)
+            raise NotFound(f"sandbox {sandbox_id!r} does not exist")
+        self.audit.append("sandbox.port.expose", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=msb.id,
+                          detail={"port": port, "host_address": exposed.host_address,
+                                  "host_port": exposed.host_port})
+        return exposed
+
+    async def unexpose_port(self, caller: Caller, sandbox_id: str, port: int):
+        check_port("port", port)
+        msb = self.get(caller, sandbox_id)
+        exposed = self.ports.get(msb.id, port)
+        if exposed is None:
+            raise NotFound(f"port {port} of sandbox {sandbox_id!r} is not exposed")
+        await self.ports.unexpose(msb.id, port)
+        self._port_audit(msb, exposed, caller.tenant, caller.peer, "requested")
+        return exposed
+
+    def list_ports(self, caller: Caller, sandbox_id: str):
+        return self.ports.of_sandbox(self.get(caller, sandbox_id).id)
+
+    async def _close_ports(self, msb: ManagedSandbox, reason: str) -> None:
+        for exposed in await self.ports.close_sandbox(msb.id):
+            self._port_audit(msb, exposed, msb.tenant, "daemon", reason)
+
+    def _port_audit(self, msb: ManagedSandbox, exposed, tenant: str, peer: str,
+                    reason: str) -> None:
+        self.audit.append("sandbox.port.unexpose", tenant=tenant, peer=peer, sandbox_id=msb.id,
+                          detail={"port": exposed.port, "host_port": exposed.host_port,
+                                  "connections": exposed.connections, "reason": reason})
 
     async def _reap_expired(self) -> None:
         while True:

@@ -189,7 +189,7 @@ INIT_STATUS_FD = 3
 
 def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
               cgroup_fds: tuple[int, ...], status_fd: int,
-              detached: dict[str, int] | None = None):
+              detached: dict[str, int] | None = None, image_root: int | None = None):
     """(ChildPlan, mount ops) of a sandbox's PID 1 (steps 4-15, exec'ing corral-init).
 
     The ops are returned so a failure report (which names an op index) can name its path.
@@ -197,7 +197,8 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
     from corral.ext import _spawn
 
     spec = prepared.spec
-    ops = mounts.plan(spec, root, workspace, detached=detached, support=support_files())
+    ops = mounts.plan(spec, root, workspace, detached=detached, support=support_files(),
+                      image_root=image_root)
     pooled = tuple((res, *resource.getrlimit(res)) for res in POOLED_RLIMITS) \
         if namespace_owner(spec) >= 0 else ()
     plan = _spawn.ChildPlan(
@@ -220,8 +221,10 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
 
 
 def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
-              fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...], ctty: bool = False):
-    """The ChildPlan of a command joining the sandbox (steps 4, 8-15).
+              fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...], ctty: bool = False,
+              user: tuple[int, int] | None = None):
+    """The ChildPlan of a command joining the sandbox (steps 4, 8-15); user: (uid, gid)
+    inside to run as (an image's User), None for root.
 
     No parent-death signal: a command's parent is the sandbox's PID 1 (its launcher exits
     at once), and it dies with PID 1, whose own parent-death signal ties it to the runtime.
@@ -245,6 +248,7 @@ def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
         cgroup_fds=cgroup_fds,
         last_cap=last_cap(),
         ctty=ctty,
+        user=user,
     )
 
 

@@ -50,6 +50,8 @@ HOST_ETC_ENTRIES = (
     "/etc/mime.types",
     "/etc/os-release",
 )
+#: Generated /etc files that replace an image's own (its passwd, group, nsswitch.conf stay).
+IMAGE_ETC_FILES = ("hosts", "hostname", "resolv.conf")
 #: Device nodes bound from the host into the sandbox's /dev.
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 #: /proc files hidden behind /dev/null: kernel memory, host-wide triggers and layouts.
@@ -147,6 +149,7 @@ def plan(
     host: HostView | None = None,
     detached: dict[str, int] | None = None,
     support: dict[str, str] | None = None,
+    image_root: int | None = None,
 ) -> list[MountOp]:
     """Ordered mount operations that build the sandbox's filesystem view.
 
@@ -160,6 +163,10 @@ def plan(
             workspace and user binds: the child's ids may not reach them).
         support: read-only files Corral itself provides inside every sandbox
             ({sandbox path: host path}), e.g. the agent protocol helper.
+        image_root: the descriptor of a detached overlay of an image's layers
+            (sandbox/images/overlay.py), attached as the root instead of the tmpfs; no
+            host system directory is bound and /etc is the image's (its generated
+            hosts, hostname and resolv.conf are already in the overlay's upper layer).
     """
     host = host or HostView()
     detached = detached or {}
@@ -200,18 +207,22 @@ def plan(
 
     # 1. Nothing we mount may propagate back to the host.
     ops.append(MountOp("mount", "/", source=None, flags=MS_REC | MS_PRIVATE))
-    # 2. A small tmpfs as the new root; it only holds mount points and generated /etc.
-    ops.append(MountOp("mount", root, source="tmpfs", fstype="tmpfs",
-                       flags=MS_NOSUID | MS_NODEV, data="mode=0755,size=4m"))
-    # 3. Host system directories, read-only.
-    for d in HOST_SYSTEM_DIRS:
-        bind(d, d, writable=False)
-    # 4. A minimal /etc: generated files plus a few read-only host entries.
-    mkdirs("/etc")
-    for name, content in etc_files(spec).items():
-        ops.append(MountOp("file", inside("/etc/" + name), data=content, mode=0o644))
-    for entry in HOST_ETC_ENTRIES:
-        bind(entry, entry, writable=False)
+    if image_root is not None:
+        # 2-4. The image's overlay (nosuid,nodev, idmapped layers) is the root and its /etc.
+        ops.append(MountOp("attach", root, flags=image_root))
+    else:
+        # 2. A small tmpfs as the new root; it only holds mount points and generated /etc.
+        ops.append(MountOp("mount", root, source="tmpfs", fstype="tmpfs",
+                           flags=MS_NOSUID | MS_NODEV, data="mode=0755,size=4m"))
+        # 3. Host system directories, read-only.
+        for d in HOST_SYSTEM_DIRS:
+            bind(d, d, writable=False)
+        # 4. A minimal /etc: generated files plus a few read-only host entries.
+        mkdirs("/etc")
+        for name, content in etc_files(spec).items():
+            ops.append(MountOp("file", inside("/etc/" + name), data=content, mode=0o644))
+        for entry in HOST_ETC_ENTRIES:
+            bind(entry, entry, writable=False)
     # 5. /dev: a tmpfs with a few bound host nodes, a private devpts, shm.
     mkdirs("/dev")
     ops.append(MountOp("mount", inside("/dev"), source="tmpfs", fstype="tmpfs",

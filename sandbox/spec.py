@@ -148,10 +148,18 @@ class SandboxSpec:
     devices: tuple[str, ...] = ()
     #: Where the sandbox runs: "native" (Corral's own kernel setup) or "docker" (an engine).
     backend: str = "native"
+    #: Root filesystem: an image REF the local store resolves (sandbox/images), mounted as
+    #: an overlay of its layers with a per-sandbox upper layer on a tmpfs capped at
+    #: tmp_bytes. Empty: the host's /usr (and a few /etc entries) read-only, as always.
+    image: str = ""
 
     def __post_init__(self):
         if not isinstance(self.profile, str) or not self.profile:
             raise InvalidSpec("profile", "must name a profile or a JSON file")
+        if not isinstance(self.image, str) or "\0" in self.image:
+            raise InvalidSpec("image", "must be an image REF (or empty for the host's /usr)")
+        if self.image and self.backend != "native":
+            raise InvalidSpec("image", "only the native backend runs on an image for now")
         if self.backend not in BACKENDS:
             raise InvalidSpec("backend", f"{self.backend!r} is not a backend; use "
                                          f"{' or '.join(BACKENDS)}")
@@ -252,6 +260,7 @@ class SandboxSpec:
         hostname: str | None = None,
         backend: str | None = None,
         allow_net: Iterable[str] = (),
+        image: str | None = None,
     ) -> SandboxSpec:
         """Build a spec from user-facing strings (CLI flags, config, API fields)."""
         kw: dict = {"profile": profile}
@@ -292,6 +301,8 @@ class SandboxSpec:
             pairs.append((key, value))
         kw["env"] = tuple(pairs)
         kw["allow_net"] = tuple(allow_net)
+        if image:
+            kw["image"] = image
         return cls(**kw)
 
     def with_ids(self, uid_base: int, uid_count: int) -> SandboxSpec:

@@ -63,6 +63,8 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
         kw["allow_net"] = tuple(msg.allow_net)
     if msg.backend:
         kw["backend"] = msg.backend
+    if msg.image:
+        kw["image"] = msg.image
     return SandboxSpec(**kw)
 
 
@@ -72,6 +74,7 @@ def spec_to_proto(spec: SandboxSpec, ttl_s: float) -> pb.SandboxSpec:
         cpus=spec.cpus or 0.0, command_timeout_s=spec.timeout_s or 0.0,
         tmp_bytes=spec.tmp_bytes, env=dict(spec.env), hostname=spec.hostname,
         ttl_s=int(ttl_s), allow_net=list(spec.allow_net), backend=spec.backend,
+        image=spec.image,
     )
 
 
@@ -89,6 +92,13 @@ def sandbox_to_proto(msb) -> pb.Sandbox:
             for h in msb.execs.values()
         ],
     )
+
+
+def port_to_proto(exposed) -> pb.ExposedPort:
+    return pb.ExposedPort(sandbox_id=exposed.sandbox_id, port=exposed.port,
+                          host_address=exposed.host_address, host_port=exposed.host_port,
+                          connections=exposed.connections,
+                          open_connections=len(exposed.tasks))
 
 
 #: Bytes of one command's argv shown in a Sandbox answer (the audit trail has its digest).
@@ -452,3 +462,21 @@ class SandboxesServicer(Servicer):
         caller = self.caller(context)
         already = await self.manager.destroy(caller, request.sandbox_id)
         return pb.DestroySandboxResponse(already_destroyed=already)
+
+    @unary
+    async def ExposePort(self, request, context):
+        caller = self.caller(context)
+        return port_to_proto(await self.manager.expose_port(
+            caller, request.sandbox_id, request.port, request.host_port))
+
+    @unary
+    async def UnexposePort(self, request, context):
+        caller = self.caller(context)
+        return pb.UnexposePortResponse(port=port_to_proto(
+            await self.manager.unexpose_port(caller, request.sandbox_id, request.port)))
+
+    @unary
+    async def ListPorts(self, request, context):
+        caller = self.caller(context)
+        return pb.ListPortsResponse(ports=[
+            port_to_proto(p) for p in self.manager.list_ports(caller, request.sandbox_id)])

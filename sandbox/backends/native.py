@@ -403,6 +403,8 @@ class Sandbox(SandboxLifecycle):
         #: cgroup limits for an unprivileged caller on a host without delegation).
         self.notes: list[str] = []
         self._rootless: ids.Rootless | None = None
+        #: The image's layers, held in the store while this sandbox runs (spec.image).
+        self._image = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -444,6 +446,8 @@ class Sandbox(SandboxLifecycle):
             if privileged:
                 os.chown(root, self.spec.uid_base, self.spec.uid_base)
             self._setup_workspace()
+            if self.spec.image:
+                self._hold_image(privileged)
             self._write_state()
             if missing is None:
                 limits = cgroups.CgroupLimits(
@@ -456,6 +460,9 @@ class Sandbox(SandboxLifecycle):
             else:
                 cgroup_fds = ()
             detached = self._detach_binds(opened) if privileged else {}
+            image_fd = self._image_root() if self._image is not None else None
+            if image_fd is not None:
+                opened.append(image_fd)
             init_fd = os.open(contain.init_binary(), os.O_RDONLY | os.O_CLOEXEC)
             if init_fd <= contain.INIT_STATUS_FD:
                 # PID 1 installs its status pipe as descriptor 3 before it execs corral-init
@@ -470,6 +477,7 @@ class Sandbox(SandboxLifecycle):
             plan, ops = contain.init_plan(
                 self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
                 cgroup_fds=cgroup_fds, status_fd=status_w, detached=detached,
+                image_root=image_fd,
             )
             try:
                 with WRITE_CLONE.hold(CLONING):
@@ -500,6 +508,57 @@ class Sandbox(SandboxLifecycle):
         finally:
             for fd in opened:
                 os.close(fd)
+
+    def _hold_image(self, privileged: bool) -> None:
+        """Hold spec.image's layers in the store (released in _cleanup, on every path)."""
+        from ..images.store import ImageStore
+
+        if not privileged:
+            raise InvalidSpec("image", "running on an image needs root for now (the layers "
+                                       "are idmapped into the sandbox's id range)")
+        self._image = ImageStore().hold(self.spec.image)
+
+    @property
+    def image_config(self) -> dict:
+        """The image's config (its `config` object: Env, Cmd, WorkingDir...), {} without."""
+        if self._image is None:
+            return {}
+        return self._image.rootfs.config.get("config") or {}
+
+    def image_command(self, args: list[str]):
+        """The command `docker run` would run on this sandbox's image with these args
+        (sandbox/images/runconfig.py: Entrypoint/Cmd, Env, WorkingDir, User)."""
+        from ..images import runconfig
+
+        root_fd = os.open(f"/proc/{self.init_pid}/root",
+                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return runconfig.resolve(self.image_config, args, self.spec.env, root_fd)
+        finally:
+            os.close(root_fd)
+
+    def _image_root(self) -> int:
+        """The detached overlay root of spec.image (sandbox/images/overlay.py)."""
+        from corral.ext import _spawn
+
+        from .. import mounts
+        from ..images import overlay
+
+        line = f"0 {self.spec.uid_base} {self.spec.uid_count}\n".encode()
+        try:
+            userns = _spawn.userns_with_maps(line, line)
+        except OSError as exc:
+            raise SandboxSetupError("idmap user namespace", exc.filename, exc.errno) from None
+        try:
+            etc = {name: content for name, content in mounts.etc_files(self.spec).items()
+                   if name in mounts.IMAGE_ETC_FILES}
+            return overlay.image_root(self._image.rootfs.layers, self.spec.tmp_bytes,
+                                      userns, self.spec.uid_base, etc)
+        except OSError as exc:
+            raise SandboxSetupError(getattr(exc, "step", "image overlay"), self.spec.image,
+                                    exc.errno, getattr(exc, "detail", "")) from None
+        finally:
+            os.close(userns)
 
     def _resolve_ids(self, privileged: bool):
         """Fix this sandbox's host ids in its spec; returns (uid_map, gid_map, helpers).
@@ -683,6 +742,9 @@ class Sandbox(SandboxLifecycle):
             workspace_fs.remove(self.workspace)
             self._own_workspace = False
         _remove_tree(self.runtime_dir)
+        if self._image is not None:  # after PID 1 (and with it the overlay) is gone
+            self._image.close()
+            self._image = None
         if self._ids is not None:  # nothing of the sandbox is left to own these ids
             self._ids.release()
         self.state = "destroyed"
@@ -775,7 +837,8 @@ class Sandbox(SandboxLifecycle):
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str = "/workspace", stdin: int | None = PIPE, stdout: int | None = PIPE,
              stderr: int | None = PIPE, pass_fds: dict[int, int] | None = None,
-             timeout_s: float | None = None, tty: tuple[int, int] | None = None) -> Process:
+             timeout_s: float | None = None, tty: tuple[int, int] | None = None,
+             user: tuple[int, int] | None = None) -> Process:
         """Run argv inside the sandbox; returns the running Process.
 
         Args:
@@ -788,6 +851,7 @@ class Sandbox(SandboxLifecycle):
             pass_fds: {descriptor number inside: open descriptor here}, e.g. the
                 protocol's CORRAL_EVENTS_FD.
             timeout_s: wall-clock limit, defaults to the spec's.
+            user: (uid, gid) inside to run as (no supplementary groups); None: root.
 
         Raises:
             CommandNotFound: argv[0] does not exist or cannot be executed in the sandbox.
@@ -836,7 +900,7 @@ class Sandbox(SandboxLifecycle):
             ours.extend(cgroup_fds)
             plan = contain.exec_plan(
                 self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
-                cgroup_fds=cgroup_fds, ctty=tty is not None,
+                cgroup_fds=cgroup_fds, ctty=tty is not None, user=user,
             )
             self.collect_exits()  # every report read from here on came after the start
             with self._status_lock:

@@ -107,6 +107,20 @@ def test_which_policy_applies():
     assert book.of_tenant("stranger").profiles == ("default",)
 
 
+def test_max_exposed_ports_key():
+    book = PolicyBook.from_config({"max_exposed_ports": 2}, {"acme": {"max_exposed_ports": 0}},
+                                  60.0)
+    assert book.of(Caller("other", "x")).max_exposed_ports == 2
+    assert book.of(Caller("acme", "x")).max_exposed_ports == 0
+    assert book.of(Caller("local", "x", operator=True)).max_exposed_ports is None
+    assert PolicyBook.from_config({}, {}, 60.0).default.max_exposed_ports == 16
+    with pytest.raises(QuotaExceeded, match=r"already has 2 exposed ports, the most its policy "
+                                            r"allows \(exposed_ports = 2\)"):
+        book.of(Caller("other", "x")).check_count("exposed ports", 2, "max_exposed_ports")
+    with pytest.raises(InvalidSpec, match=r"^policy\.max_exposed_ports: -1 must be a whole"):
+        PolicyBook.from_config({"max_exposed_ports": -1}, {}, 60.0)
+
+
 def test_bad_settings_are_named():
     with pytest.raises(InvalidSpec, match=r"^tenants\.acme\.max_ttl: 'forever' is not a duration"):
         PolicyBook.from_config({}, {"acme": {"max_ttl": "forever"}}, 60.0)
