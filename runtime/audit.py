@@ -155,6 +155,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from corral.sandbox.errors import AuditError, AuditTampered, InvalidSpec
+from corral.sandbox.fstree import fsync_dir as _fsync_dir
 
 from .metrics import NO_METRICS
 
@@ -954,14 +955,6 @@ def _segment_end(segment: Segment) -> tuple[int, str]:
     if row is None:
         raise AuditError(segment.path, "is a sealed segment with no records")
     return row[0], row[1]
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _files_lock(path: str, *, exclusive: bool) -> int | None:

@@ -243,6 +243,15 @@ class _Node:
         self.name, self.parent = name, parent
 
 
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory: the names created, renamed or removed in it are on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 @dataclass
 class Entry:
     """One entry of a walk. dir_fd is the containing directory; valid until the next one.

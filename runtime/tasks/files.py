@@ -32,6 +32,7 @@ import stat
 from dataclasses import dataclass
 
 from corral.sandbox import fstree
+from corral.sandbox.fstree import fsync_dir
 
 #: Data bytes one copy out of a workspace takes at most (holes of sparse files are free).
 MAX_COPY_BYTES = 256 << 20
@@ -54,14 +55,6 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_json(path: str) -> dict | None:

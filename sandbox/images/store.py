@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from .. import fstree
+from ..fstree import fsync_dir as _fsync_dir
 from .errors import ImageNotFound, LayerDigestMismatch, UnsupportedImage
 from .sources import ImageSource, canonical_ref, open_source, sha256_digest
 from .unpack import unpack_layer
@@ -519,14 +520,6 @@ def _write_fsync(path: str, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
