@@ -60,6 +60,9 @@ class DaemonConfig:
     max_sandboxes: int = 512
     #: Replay log of each session/exec stream, in bytes.
     stream_log_bytes: int = 8 << 20
+    #: Exec output already sent that each command stream keeps on top, for a client that
+    #: drops and resumes with Attach{after_seq}: larger than a client's HTTP/2 receive window.
+    exec_replay_bytes: int = 24 << 20
     #: Sessions.OpenMany: least milliseconds between two messages of one stream. News of
     #: its sessions waits at most this long and travels together, which bounds a watching
     #: platform to 1000/N messages per second per stream; 0 sends as soon as the loop is free.
@@ -167,6 +170,10 @@ class DaemonConfig:
             # exec output's flow control keeps a quarter of it for unread output
             raise InvalidSpec("stream_log_bytes", f"{self.stream_log_bytes!r} must be between "
                                                   "64 KiB and 1 TiB")
+        if not isinstance(self.exec_replay_bytes, int) or not (
+                1 << 20 <= self.exec_replay_bytes <= 1 << 40):
+            raise InvalidSpec("exec_replay_bytes", f"{self.exec_replay_bytes!r} must be "
+                                                   "between 1 MiB and 1 TiB")
         if self.workspace_bytes < 1 << 20:
             raise InvalidSpec("workspace_bytes", f"{self.workspace_bytes} is under 1 MiB")
         if self.workspace_inodes < 64:
@@ -239,6 +246,7 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
 
     The file uses the flag names: socket, listen, state, tls_cert, tls_key, tls_client_ca,
     session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, stream_log_bytes,
+    exec_replay_bytes,
     mux_interval_ms, workspace_root, workspace_size ("1G"), workspace_inodes,
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),

@@ -123,6 +123,7 @@ class Daemon:
         self.sandboxes = SandboxManager(
             self.audit, default_ttl_s=cfg.sandbox_ttl_s, max_sandboxes=cfg.max_sandboxes,
             stream_log_bytes=cfg.stream_log_bytes, policies=self.policies,
+            exec_replay_bytes=cfg.exec_replay_bytes,
         )
         self.sandboxes.admission = self.resources.admit
         self.sandboxes.metrics = self.metrics

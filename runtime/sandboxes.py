@@ -54,6 +54,15 @@ MAX_STDIN_BUFFER = 4 << 20
 SPAWNERS = 2
 #: Finished commands a sandbox remembers (for Attach and Get); older ones are forgotten.
 MAX_FINISHED_EXECS = 64
+#: Output the finished commands of one sandbox may keep in their replay logs, together;
+#: past it the oldest finished ones are forgotten (a command's logs hold up to
+#: stream_log_bytes + exec_replay_bytes each, and 64 of them would be gigabytes).
+MAX_FINISHED_OUTPUT_BYTES = 64 << 20
+#: Exec output already sent that a command's hubs keep for a client that drops and
+#: resumes with Attach{after_seq}: more than a gRPC client has in flight (its HTTP/2
+#: receive window, which BDP probing grew to 7 MiB in tests/integration/test_exec_lossless.py,
+#: plus a 1 MiB message and the socket's buffers). grpc-go's window may reach 16 MiB.
+DEFAULT_EXEC_REPLAY_BYTES = 24 << 20
 #: Destroyed sandboxes the daemon remembers (for Destroy's already_destroyed, a replayed
 #: Create and List{state: DESTROYED}); the oldest are forgotten first.
 MAX_TOMBSTONES = 4096
@@ -222,13 +231,15 @@ class SandboxManager:
 
     def __init__(self, audit, *, default_ttl_s: float = 3600.0, max_sandboxes: int = 512,
                  stream_log_bytes: int = 8 << 20, runtime_dir: str | None = None,
-                 policies: PolicyBook | None = None):
+                 policies: PolicyBook | None = None,
+                 exec_replay_bytes: int = DEFAULT_EXEC_REPLAY_BYTES):
         self.audit = audit
         #: Each tenant's operator policy (runtime/policy.py): what it may ask for and hold.
         self.policies = policies or PolicyBook(TenantPolicy.tenant_default(), {})
         self.default_ttl_s = default_ttl_s
         self.max_sandboxes = max_sandboxes
         self.stream_log_bytes = stream_log_bytes
+        self.exec_replay_bytes = exec_replay_bytes
         self.runtime_dir = runtime_dir
         self._sandboxes: dict[str, ManagedSandbox] = {}
         self._seq = 0
@@ -659,10 +670,7 @@ class SandboxManager:
         finally:
             for fd in theirs:
                 os.close(fd)
-        stdout = StreamHub(TokenStream(stdout_mode, log_bytes=self.stream_log_bytes),
-                           lossless=lossless)
-        stderr = StreamHub(TokenStream(stderr_mode, log_bytes=self.stream_log_bytes),
-                           lossless=lossless)
+        stdout, stderr = (self._output_hub(mode, lossless) for mode in (stdout_mode, stderr_mode))
         if tty is not None:
             # the pty master (two descriptors of it) replaces the stdin and stdout pipes;
             # stderr's pipe, never given to the command, ends at once
@@ -689,6 +697,16 @@ class SandboxManager:
             loop.call_at(loop.time() + process.remaining(), self._expire, handle)
         self.metrics.exec_started(msb.spec.backend, t0)
         return handle
+
+    def _output_hub(self, mode: str, lossless: bool) -> StreamHub:
+        """A hub for one output of a command. A lossless one holds the command back once
+        a quarter of stream_log_bytes is unread, and keeps exec_replay_bytes of output
+        already sent on top, for a client that drops and resumes."""
+        if not lossless:
+            return StreamHub(TokenStream(mode, log_bytes=self.stream_log_bytes))
+        hold = self.stream_log_bytes // 4
+        return StreamHub(TokenStream(mode, log_bytes=hold + self.exec_replay_bytes),
+                         lossless=True, hold_bytes=hold)
 
     def _expire(self, handle: ExecHandle) -> None:
         if handle.running:
@@ -1038,7 +1056,8 @@ class SandboxManager:
 
 
 def _retire_finished(execs: dict[str, ExecHandle]) -> None:
-    """Forget the oldest finished commands past MAX_FINISHED_EXECS.
+    """Forget the oldest finished commands past MAX_FINISHED_EXECS, or past
+    MAX_FINISHED_OUTPUT_BYTES of replay log together (the newest one always stays).
 
     A long-lived sandbox runs any number of commands; each finished one kept its handle
     (argv, output hubs) for ever, so memory and the size of a Get/List answer grew without
@@ -1046,7 +1065,15 @@ def _retire_finished(execs: dict[str, ExecHandle]) -> None:
     client attached to a retired command keeps its stream; a new Attach gets NOT_FOUND.
     """
     finished = [k for k, h in execs.items() if not h.running]
-    for exec_id in finished[:max(0, len(finished) - MAX_FINISHED_EXECS)]:
+    kept, keep = 0, 0  # newest first: how many stay within both bounds
+    for exec_id in reversed(finished):
+        handle = execs[exec_id]
+        kept += (handle.stdout.stream.statistics().log_bytes
+                 + handle.stderr.stream.statistics().log_bytes)
+        if keep == MAX_FINISHED_EXECS or (keep and kept > MAX_FINISHED_OUTPUT_BYTES):
+            break
+        keep += 1
+    for exec_id in finished[:len(finished) - keep]:
         handle = execs.pop(exec_id)
         # no new reader can come: output it still holds back is read to EOF (and its pipe
         # closed) for the readers it has, instead of waiting for one for ever

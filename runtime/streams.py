@@ -29,11 +29,12 @@ Rules this adapter keeps
    sees the entry.
 6. Lossless hubs hold the program back instead of dropping (`StreamHub(lossless=True)`,
    bytes mode: a command's output through Sandboxes.Exec). Entries no lossless watcher has
-   taken may fill a quarter of the replay log at most; then the hub stops reading the fd, the pipe
-   fills and the program's write(2) blocks, until a watcher takes enough (flow control, as
-   Docker and E2B block the writer). The other three quarters keep entries already taken,
-   so a reader that drops and resumes with after_seq finds what was still in flight
-   (taken here, but in gRPC's buffers when the client went away). With no watcher
+   taken may fill `hold_bytes` of the replay log at most (a quarter by default); then the
+   hub stops reading the fd, the pipe fills and the program's write(2) blocks, until a
+   watcher takes enough (flow control, as Docker and E2B block the writer). The rest of the
+   log keeps entries already taken, so a reader that drops and resumes with after_seq finds
+   what was still in flight (taken here, but in gRPC's buffers when the client went away:
+   up to its HTTP/2 receive window, which BDP probing grows to several MiB). With no watcher
    the position the last one left at holds the line. Watchers made with `lossy=True` never
    hold the program back (they may lose entries, and their batches say so).
 7. Writes to an agent never block. A control frame is written at once when the pipe has
@@ -354,13 +355,18 @@ class StreamHub:
         end_on_eof: when False, watchers keep waiting after input EOF until `close()`, so the
             runtime can still append its own final events (a forced TURN_END) first.
         lossless: flow control instead of loss (rule 6); needs a bytes-mode stream, whose
-            entries are exactly the reads. One read takes at most an eighth of the log.
+            entries are exactly the reads.
+        hold_bytes: on a lossless hub, the log cost that entries no holding watcher has
+            taken may reach before the hub stops reading (default: a quarter of the log).
+            The rest of the log keeps entries already taken, for a watcher that drops and
+            resumes: make it larger than what a client can have in flight (its HTTP/2
+            receive window and socket buffers). One read takes at most half of the hold.
     """
 
     def __init__(self, stream: TokenStream, *,
                  on_event: Callable[[StreamEvent], None] | None = None,
                  read_budget: int | None = None, end_on_eof: bool = True,
-                 lossless: bool = False) -> None:
+                 lossless: bool = False, hold_bytes: int | None = None) -> None:
         if read_budget is None:
             twin = type(stream).__module__.endswith("._stream_py")
             read_budget = TWIN_READ_BUDGET if twin else DEFAULT_READ_BUDGET
@@ -374,12 +380,18 @@ class StreamHub:
             if stats.next_seq != 1:
                 raise ValueError("a lossless hub needs a stream nothing was fed to yet")
             limit = stats.log_bytes_limit
-            read_budget = max(1, min(read_budget, limit // 8))
+            hold = limit // 4 if hold_bytes is None else hold_bytes
+            if not 0 < hold < limit:
+                raise ValueError(f"hold_bytes must be more than 0 and less than the log's "
+                                 f"{limit} bytes, got {hold}")
+            read_budget = max(1, min(read_budget, hold // 2))
             # untaken entries may cost this much of the log; the rest keeps taken ones
-            self._hold_limit = limit // 4
+            self._hold_limit = hold
             if read_budget + ENTRY_OVERHEAD > self._hold_limit:
                 raise ValueError(f"a replay log of {limit} bytes is too small for a "
                                  f"lossless hub")
+        elif hold_bytes is not None:
+            raise ValueError("hold_bytes is for lossless hubs")
         self._paused = False
         self._pauses = 0
         # cumulative log cost (bytes + ENTRY_OVERHEAD) before seq _cost_seq + i is

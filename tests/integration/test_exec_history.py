@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from corral.runtime.api.sandboxes import SHOWN_ARGV_BYTES
-from corral.runtime.sandboxes import MAX_FINISHED_EXECS
+from corral.runtime.sandboxes import MAX_FINISHED_EXECS, MAX_FINISHED_OUTPUT_BYTES
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -27,3 +27,16 @@ def test_finished_commands_are_retired_and_argvs_cut(client, sandbox):
     assert got.ByteSize() < 2 * MAX_FINISHED_EXECS * SHOWN_ARGV_BYTES
     # listing every sandbox stays far under the 16 MiB message limit
     assert sum(s.ByteSize() for s in client.list_sandboxes()) < 1 << 20
+
+
+def test_finished_commands_keep_at_most_64_mib_of_output_together(client, sandbox):
+    # each command writes 20 MiB: its replay log keeps all of it (8 MiB // 4 + 24 MiB), so
+    # by count 64 would stay (1.3 GiB of daemon memory); by bytes only the newest 3 do
+    assert MAX_FINISHED_OUTPUT_BYTES == 64 << 20
+    ids = []
+    for _ in range(6):
+        events = list(client.exec(sandbox.id, ["head", "-c", str(20 << 20), "/dev/zero"]))
+        assert events[-1].exited.returncode == 0
+        ids.append(events[0].started.exec_id)
+    kept = [e.id for e in client.get_sandbox(sandbox.id).execs]
+    assert kept == ids[-3:]

@@ -191,3 +191,63 @@ def test_a_paused_hub_closes_its_fd_and_release_reads_to_the_end(core):
     released, closed, broken = run(main())
     assert (released.bytes_read, released.paused, released.lossless) == (4 * LOG, False, False)
     assert (closed.fd, closed.paused, closed.ended, broken) == (None, False, True, True)
+
+
+def test_hold_bytes_must_fit_in_the_log_and_needs_a_lossless_hub(core):
+    for hold in (0, LOG, LOG + 1):
+        with pytest.raises(ValueError, match=rf"^hold_bytes must be more than 0 and less than "
+                                             rf"the log's {LOG} bytes, got {hold}$"):
+            StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True, hold_bytes=hold)
+    with pytest.raises(ValueError, match=r"^hold_bytes is for lossless hubs$"):
+        StreamHub(core.TokenStream("bytes", log_bytes=LOG), hold_bytes=LOG // 2)
+
+
+def test_what_a_dropped_reader_had_in_flight_is_replayed_from_the_log_past_the_hold(core):
+    # A client's gRPC stream holds batches the daemon took but the client never saw (its
+    # HTTP/2 window). With hold_bytes small, the rest of the log keeps that much of the
+    # output already taken, and the resume from the last batch the client saw loses nothing.
+    in_flight_bytes = 600 << 10
+    hold = 64 << 10
+
+    async def main():
+        r, w = make_pipe_pair()
+        hub = StreamHub(core.TokenStream("bytes", log_bytes=LOG), lossless=True,
+                        hold_bytes=hold)
+        hub.attach_fd(r)
+        writer = Writer(w, 8 * LOG)
+        writer.start()
+        digest, last, rounds, most_held = hashlib.sha256(), None, 0, 0
+        while True:
+            watcher = hub.watch(last)
+            flight: list = []  # taken from the hub, not yet seen by the "client"
+            ended = True
+            for _ in range(40):
+                raw = await watcher.next_batch(16 << 10)
+                if raw is None:
+                    break
+                batch = stream_pb2.StreamBatch.FromString(raw)
+                assert not batch.HasField("lost")
+                flight.append(batch)
+                while sum(len(b.text) for b in flight) > in_flight_bytes:
+                    seen = flight.pop(0)
+                    digest.update(seen.text)
+                    last = seen.first_seq + len(seen.lengths) - 1
+                if hub.paused:
+                    most_held = max(most_held, hub.statistics().stream.log_bytes)
+            else:
+                ended = False
+            if ended:  # the stream's end reached the client: so did the batches before it
+                for seen in flight:
+                    digest.update(seen.text)
+            watcher.close()  # the batches in flight are lost with the stream
+            rounds += 1
+            await asyncio.sleep(0.002)
+            if ended:
+                break
+        writer.join()
+        return writer, digest.digest(), rounds, hub.statistics()
+
+    writer, digest, rounds, stats = run(main())
+    assert digest == writer.digest.digest()
+    assert rounds > 5
+    assert stats.pauses > 0 and stats.stream.evicted_entries > 0
