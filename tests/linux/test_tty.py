@@ -231,8 +231,12 @@ def test_the_terminal_is_restored_when_corral_itself_is_terminated(screens):
 
 
 def test_tty_without_i_leaves_the_terminal_cooked_and_ctrl_c_interrupts_the_program(screens):
-    s = screens("-t", "--", "sh", "-c", "tty; stty size; sleep 1000", rows=20, cols=60)
-    s.expect(rb"/dev/pts/\d+\r\n20 60\r\n")
+    # "ready" comes from the shell itself once stty is reaped: a ^C that reaches a shell
+    # waiting for a child that then exits normally (stty, just done) lets the shell go on,
+    # as shells do (bash and dash both), and sleep 1000 would then wait for a second ^C
+    s = screens("-t", "--", "sh", "-c", "tty; stty size; echo ready; exec sleep 1000",
+                rows=20, cols=60)
+    s.expect(rb"/dev/pts/\d+\r\n20 60\r\nready\r\n")
     s.type(b"\x03")  # our terminal's own line discipline: SIGINT to corral, which passes it on
     assert s.finish() == 128 + signal.SIGINT
 
