@@ -64,6 +64,7 @@ bench: build sysdeps
 
 lint: build
 	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info ext/*.c ext/*.so ext/*.html \

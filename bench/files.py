@@ -11,7 +11,7 @@ which goes first (and `sync` before each timed copy, so none pays for another's 
 | `docker_cp`     | `docker cp FILE CTR:/big.bin`           | `docker cp CTR:/big.bin OUT`     |
 
 Corral's side is a real `corral daemon` with a workspace cap big enough for the file (a
-tmpfs); Docker's is a private dockerd (sandbox/backends/docker.py PrivateEngine) with
+tmpfs); Docker's is a private dockerd (sandbox/backends/docker/private_engine.py) with
 Corral's base image imported from the host, the container created but not started (docker cp
 works on it all the same). Every download is checked afterwards with sha256 against the
 source, outside the timing; Corral's own transfers are also checked end to end by the
@@ -115,8 +115,9 @@ def main() -> int:
         raise SystemExit("bench/files.py: the docker CLI is not installed")
 
     from corral.sandbox.backends import docker as backend
+    from corral.sandbox.backends.docker.private_engine import PrivateEngine
 
-    engine = backend.PrivateEngine().start()
+    engine = PrivateEngine().start()
     proc = None
     client = None
     container = None

@@ -358,6 +358,7 @@ def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
     """Native Corral vs the docker backend vs plain `docker run --rm`, round-robin in this
     run. Uses the engine at url, else starts a private dockerd (removed afterwards)."""
     from corral.sandbox.backends import docker as docker_backend
+    from corral.sandbox.backends.docker.private_engine import PrivateEngine
 
     cli = shutil.which("docker")
     if cli is None:
@@ -365,7 +366,7 @@ def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
     engine = None
     try:
         if url is None:
-            engine = docker_backend.PrivateEngine().start()
+            engine = PrivateEngine().start()
             url = engine.url
         image = docker_backend.base_image(url)
         candidates = [

@@ -24,9 +24,18 @@ import struct
 import sys
 from typing import Any, NamedTuple, TextIO
 
+# This file is the agent protocol's one home: the runtime (runtime/streams.py, sessions.py,
+# tasks/runner.py) imports these names from corral.ext.agent, and sandboxes get this same
+# file as /opt/corral/lib/corral_agent.py. tests/unit/test_agent_protocol.py fails when a
+# second copy of a number below appears. The token core (ext/_stream.pyx, _stream_py.py)
+# parses the same frames and imports nothing; that test holds its FrameType equal to these.
 PROTOCOL_VERSION = 1
+PROTOCOL_ENV = "CORRAL_PROTOCOL"
 EVENTS_FD_ENV = "CORRAL_EVENTS_FD"
 CONTROL_FD_ENV = "CORRAL_CONTROL_FD"
+#: Where the runtime puts the agent's ends of the two pipes inside a sandbox.
+EVENTS_FD = 3
+CONTROL_FD = 4
 
 # frame types (docs/agent-protocol.md): agent -> runtime
 TOKEN, TURN_END, PROGRESS, CHECKPOINT, RESULT, LOG, TOOL_CALL = range(1, 8)
@@ -34,8 +43,13 @@ TOKEN, TURN_END, PROGRESS, CHECKPOINT, RESULT, LOG, TOOL_CALL = range(1, 8)
 INPUT, INTERRUPT, SHUTDOWN = 0x81, 0x82, 0x83
 MAX_CONTROL_PAYLOAD = 1 << 20  # bytes; the runtime never sends more in one frame
 
-_HEADER = struct.Struct("<IB")
+HEADER = struct.Struct("<IB")  # payload length, frame type
 _CONTROL_KINDS = {INPUT: "input", INTERRUPT: "interrupt", SHUTDOWN: "shutdown"}
+
+
+def encode_frame(frame_type: int, payload: bytes = b"") -> bytes:
+    """One frame: `u32 LE payload length | u8 type | payload`."""
+    return HEADER.pack(len(payload), frame_type) + payload
 
 
 class Control(NamedTuple):
@@ -152,7 +166,7 @@ class Agent:
         err.flush()
 
     def _send(self, frame_type: int, payload: bytes) -> None:
-        data = memoryview(_HEADER.pack(len(payload), frame_type) + payload)
+        data = memoryview(encode_frame(frame_type, payload))
         while data:
             written = os.write(self.events_fd, data)
             data = data[written:]
@@ -194,16 +208,16 @@ class Agent:
 
     def _next_message(self) -> Control | None:
         inbox = self._inbox
-        while len(inbox) >= _HEADER.size:
-            length, frame_type = _HEADER.unpack_from(inbox)
+        while len(inbox) >= HEADER.size:
+            length, frame_type = HEADER.unpack_from(inbox)
             if length > MAX_CONTROL_PAYLOAD:
                 raise ProtocolError(
                     f"control frame of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}; "
                     f"the control pipe is not speaking protocol v{PROTOCOL_VERSION}")
-            end = _HEADER.size + length
+            end = HEADER.size + length
             if len(inbox) < end:
                 return None
-            payload = bytes(inbox[_HEADER.size:end])
+            payload = bytes(inbox[HEADER.size:end])
             del inbox[:end]
             kind = _CONTROL_KINDS.get(frame_type)
             if kind is None:

@@ -5,22 +5,9 @@ the hash of the one before it, so `verify()` can recompute the chain from the ge
 the first record that was edited, removed or reordered; a sidecar *head anchor* catches records
 removed from the end, which a hash chain alone cannot see.
 
-Record hash (the format; an off-host verifier must reproduce it byte for byte)
--------------------------------------------------------------------------------
-``content`` is a JSON object with exactly the keys ``detail_json, kind, peer, sandbox_id, seq,
-session_id, tenant, time``, encoded as:
-
-* keys sorted by code point, no whitespace (separators ``,`` and ``:``), UTF-8, non-ASCII
-  characters written as themselves (not ``\\u`` escapes);
-* strings escaped as Python's ``json`` module does: ``\\" \\\\ \\n \\r \\t \\b \\f``, other
-  characters below U+0020 as ``\\u00xx`` (lowercase hex), everything else (DEL, U+2028) raw;
-* ``seq`` an integer; ``time`` (Unix seconds, a float) as the shortest decimal that reads back as
-  the same double, in Python's ``repr`` form (``1712345678.25``, ``5.0``, ``1e+16``);
-* ``detail_json`` is a string: the detail object itself in this same canonical encoding, so the
-  stored text is hashed as is (no re-parsing, no normalisation ambiguity).
-
-``hash = lowercase hex sha256(UTF-8(prev_hash + content))``, where ``prev_hash`` is the previous
-record's hash, or 64 ``"0"`` (``GENESIS_HASH``) for record 1. `record_hash()` is the reference.
+What a record is, how its hash is computed and how a detail is bounded: runtime/audit_records.py.
+The chain check shared by `verify()`, `verify_records()` and the signed check:
+runtime/audit_chain.py. Rate-limited denial records: runtime/audit_denials.py.
 
 Head anchor (``<path>.head``)
 -----------------------------
@@ -72,21 +59,13 @@ NORMAL         48-72 us      0.3-2.6 ms    7,600-12,700     7,400-10,600 (59-83 
 =============  ============  ============  ===============  ===========================
 
 FULL costs one fsync (~0.2 ms here) per append; NORMAL's p99 is its checkpoint fsyncs. The
-daemon appends per exec, input, interrupt, file op and denial, not per token, so ~4,000/s is
-ample; call `append` off the event loop (``asyncio.to_thread`` or a dedicated thread), since it
-waits for the disk. Should that ever bind, group commit (one fsync for the appends that queued
-behind it) is the next step. `verify()` checks ~110,000 records/s, `export_jsonl()` writes
-~100,000/s, and a query by sandbox takes ~0.6 ms on a 100,000-record log.
-
-Bounded details
----------------
-A record is never refused, and no action left unrecorded, for its size: a detail whose
-canonical JSON exceeds MAX_DETAIL_BYTES is shrunk (`bound_detail`). Strings, lists and objects
-over a level's limits become markers ``{"corral.truncated": "string"|"list"|"nesting", ...}``
-(a kept ``head`` / first items, the original ``chars`` / ``items`` / ``keys`` count and the
-``sha256`` of the full value), tighter levels are tried in turn, and the last resort is
-``{"corral.truncated": "detail", "bytes", "sha256", "keys", "key_count"}``. The stored text is
-what is hashed, as for any record.
+daemon appends per exec, input, interrupt, file op and denial, not per token. `append` waits for
+the disk, so call it off the event loop; the daemon's loop uses `submit` instead, which queues
+the record for one committer thread and returns a future. That is group commit: everything
+queued while a commit runs goes into the next transaction with a single fsync, so under load
+the log costs one fsync per group, not per record (`append` takes what was queued before it
+into its own transaction, keeping call order). `verify()` checks ~110,000 records/s,
+`export_jsonl()` writes ~100,000/s, and a query by sandbox takes ~0.6 ms on a 100,000-record log.
 
 Segments, seals and pruning
 ---------------------------
@@ -116,12 +95,6 @@ tenant policy in force (runtime/policy_files.py). `row_batches()` streams the ra
 every segment; `jsonl_lines()` writes them as export lines, byte-identical to the canonical
 JSON of the columns by name.
 
-Denials
--------
-`deny()` / `DenialLimiter` bound what refused callers cost: per (tenant, peer host, status)
-the first DENIAL_BURST denials of a DENIAL_WINDOW_S window are ``denied`` records, the rest one
-``denied.summary`` record with their ``count``; every denial is in one or the other.
-
 Threads
 -------
 One writer connection and one reader connection, each behind a lock; SQLite's statement cache
@@ -135,11 +108,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import io
 import itertools
-import json
-import json.encoder
 import logging
 import math
 import os
@@ -148,18 +118,44 @@ import sqlite3
 import threading
 import time as _time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn, Required, TypedDict, Unpack
 
 from corral.sandbox.errors import AuditError, AuditTampered, InvalidSpec
 from corral.sandbox.fstree import fsync_dir as _fsync_dir
 
+from .audit_chain import _ChainChecker, _head_problem, _is_hash, _prune_problem, verify_records
+from .audit_denials import DENIAL_BURST, DENIAL_WINDOW_S, DenialLimiter
+from .audit_records import (
+    _COLUMNS,
+    GENESIS_HASH,
+    MAX_DETAIL_BYTES,
+    POLICY_KEY,
+    PRUNE_KIND,
+    SEAL_KIND,
+    TRUNCATED,
+    AuditRecord,
+    HeadAnchor,
+    VerifyResult,
+    _bound_text,
+    _canonical_json,
+    _check_count,
+    _check_kind,
+    _check_seconds,
+    _check_text,
+    _encode_detail,
+    bound_detail,
+    jsonl_lines,
+    record_hash,
+)
 from .metrics import NO_METRICS
 
 __all__ = [
+    "DENIAL_BURST",
+    "DENIAL_WINDOW_S",
     "GENESIS_HASH",
     "HEAD_SUFFIX",
     "AuditLog",
@@ -169,10 +165,15 @@ __all__ = [
     "HeadAnchor",
     "Segment",
     "MAX_DETAIL_BYTES",
+    "POLICY_KEY",
+    "PRUNE_KIND",
+    "RecordFields",
+    "SEAL_KIND",
     "TRUNCATED",
     "VerifyResult",
     "bound_detail",
     "format_record",
+    "jsonl_lines",
     "list_segments",
     "record_hash",
     "verify_records",
@@ -180,8 +181,6 @@ __all__ = [
 
 _log = logging.getLogger("corral.audit")
 
-#: prev_hash of record 1.
-GENESIS_HASH = "0" * 64
 #: The head anchor lives next to the database, at ``<path>.head``.
 HEAD_SUFFIX = ".head"
 
@@ -191,28 +190,9 @@ _FORMAT_VERSION = 1
 # Per-connection; bench/audit.py overrides it to measure NORMAL. Nothing else may.
 _SYNCHRONOUS = "FULL"
 
-_KIND_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
-_MAX_KIND_CHARS = 128
-_MAX_TEXT_CHARS = 1024
-#: The canonical detail JSON of one record never exceeds this (bytes of UTF-8): a larger
-#: detail is shrunk to fit (see `bound_detail`), never refused.
-MAX_DETAIL_BYTES = 64 * 1024
-#: Kinds the log writes itself: the last record of a sealed segment, and the record that
-#: accounts for removed segments ("pruned up to seq N, hash H").
-SEAL_KIND = "audit.seal"
-PRUNE_KIND = "audit.prune"
-#: The key (or marker value) that says a part of a detail was shortened.
-TRUNCATED = "corral.truncated"
-#: The detail key naming the digest of the tenant policy in force when a record was written
-#: (set by the daemon through `AuditLog.policy_digest`; runtime/policy_files.py).
-POLICY_KEY = "corral.policy"
-# (longest string kept, most list items / dict keys kept, deepest nesting kept), tried in
-# order until the detail fits; past the last one the detail becomes a summary of itself.
-_SHRINK_LEVELS = ((4096, 256, 8), (512, 32, 6), (64, 8, 4))
 #: `query()` returns at most this many records per call; page on with after_seq.
 MAX_QUERY_LIMIT = 10_000
 
-_COLUMNS = "seq, time, tenant, peer, kind, sandbox_id, session_id, detail_json, prev_hash, hash"
 _SCHEMA = (
     """CREATE TABLE records (
         seq INTEGER PRIMARY KEY,      -- position in the chain, from 1
@@ -248,138 +228,6 @@ _HEAD_LINE_RE = re.compile(
 _HEAD_SLOT_BYTES = 128
 
 
-# -- records -----------------------------------------------------------------------------------
-
-
-def _canonical_json(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-
-
-def record_hash(
-    prev_hash: str,
-    *,
-    seq: int,
-    time: float,
-    tenant: str,
-    peer: str,
-    kind: str,
-    sandbox_id: str,
-    session_id: str,
-    detail_json: str,
-) -> str:
-    """The reference implementation of a record's hash (format in the module docstring)."""
-    content = _canonical_json(
-        {
-            "detail_json": detail_json,
-            "kind": kind,
-            "peer": peer,
-            "sandbox_id": sandbox_id,
-            "seq": seq,
-            "session_id": session_id,
-            "tenant": tenant,
-            "time": float(time),
-        }
-    )
-    # surrogateescape: text read back from a tampered database may hold undecodable bytes;
-    # they hash as those bytes (and so mismatch) instead of crashing the check.
-    return hashlib.sha256((prev_hash + content).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    """One record, mirroring corral.v1.AuditRecord; `detail` is the parsed detail_json."""
-
-    seq: int
-    time: float  # Unix seconds
-    tenant: str
-    peer: str
-    kind: str
-    sandbox_id: str
-    session_id: str
-    detail: dict[str, Any]  # treat as read-only: detail_json is derived from it
-    prev_hash: str
-    hash: str
-
-    @property
-    def detail_json(self) -> str:
-        """The detail in canonical JSON, exactly as stored and hashed."""
-        return _canonical_json(self.detail)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The proto's fields by name (detail as detail_json), e.g. for AuditRecord(**d)."""
-        return {
-            "seq": self.seq,
-            "time": self.time,
-            "tenant": self.tenant,
-            "peer": self.peer,
-            "kind": self.kind,
-            "sandbox_id": self.sandbox_id,
-            "session_id": self.session_id,
-            "detail_json": self.detail_json,
-            "prev_hash": self.prev_hash,
-            "hash": self.hash,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AuditRecord:
-        """The inverse of `to_dict()` (e.g. one line of `export_jsonl()` output)."""
-        return cls(
-            seq=int(d["seq"]),
-            time=float(d["time"]),
-            tenant=d["tenant"],
-            peer=d["peer"],
-            kind=d["kind"],
-            sandbox_id=d["sandbox_id"],
-            session_id=d["session_id"],
-            detail=_parse_detail(d["detail_json"]),
-            prev_hash=d["prev_hash"],
-            hash=d["hash"],
-        )
-
-    @classmethod
-    def _from_row(cls, row: tuple) -> AuditRecord:
-        seq, t, tenant, peer, kind, sandbox_id, session_id, detail_json, prev_hash, h = row
-        return cls(
-            seq, t, tenant, peer, kind, sandbox_id, session_id,
-            _parse_detail(detail_json), prev_hash, h,
-        )  # fmt: skip
-
-
-def _parse_detail(detail_json: str) -> dict[str, Any]:
-    try:
-        detail = json.loads(detail_json)
-    except (TypeError, ValueError):
-        detail = None
-    if not isinstance(detail, dict):
-        # Only a tampered database gets here; show the text rather than fail the query.
-        return {"corral.unparsable_detail_json": str(detail_json)}
-    return detail
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    """Outcome of a chain check, mirroring corral.v1.AuditVerifyResponse."""
-
-    ok: bool
-    checked: int  # records examined
-    broken_at_seq: int = 0  # when not ok: the first record that breaks the chain (0: none)
-    problem: str = ""
-    # sealed segments checked (the active one not counted)
-    segments: int = dataclasses.field(default=0, compare=False)
-    # the oldest record there is (> 1 after pruning; 0: empty log)
-    first_seq: int = dataclasses.field(default=0, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class HeadAnchor:
-    """What `<path>.head` says the head of the chain is."""
-
-    seq: int
-    hash: str
-
-
 @dataclass(frozen=True, slots=True)
 class AuditStatistics:
     last_seq: int
@@ -388,400 +236,6 @@ class AuditStatistics:
     callback_errors: int  # subscriber callbacks that raised (logged, then ignored)
     head_write_errors: int  # anchor writes that failed after the record was committed
     commits: int  # transactions (fsyncs) that wrote them: appends / commits = group size
-
-
-# -- input checks ------------------------------------------------------------------------------
-
-
-def _check_kind(kind: object, field: str = "kind") -> str:
-    if not isinstance(kind, str):
-        raise InvalidSpec(field, f"must be a string, got {type(kind).__name__}")
-    if not kind:
-        raise InvalidSpec(field, "is empty; use a dotted name such as 'exec.start'")
-    if len(kind) > _MAX_KIND_CHARS or not _KIND_RE.match(kind):
-        raise InvalidSpec(
-            field,
-            f"{kind[:_MAX_KIND_CHARS]!r} is not a kind: use at most {_MAX_KIND_CHARS} of "
-            "a-z 0-9 _ . -, starting with a letter, such as 'exec.start'",
-        )
-    return kind
-
-
-def _check_text(field: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidSpec(field, f"must be a string, got {type(value).__name__}")
-    if len(value) > _MAX_TEXT_CHARS:
-        raise InvalidSpec(field, f"is {len(value)} characters; the limit is {_MAX_TEXT_CHARS}")
-    if "\x00" in value:
-        raise InvalidSpec(field, "contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidSpec(field, "is not valid Unicode (a lone surrogate)") from None
-    return value
-
-
-def _check_seconds(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidSpec(field, f"must be Unix seconds (a number), got {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidSpec(field, f"{value!r} is not a time; use Unix seconds >= 0")
-    return seconds
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _shrink(value: Any, chars: int, items: int, depth: int,
-            digests: dict[int, str] | None = None) -> Any:
-    """value with long strings, long lists, wide dicts and deep nesting replaced by markers
-    that keep a head, the original size and the sha256 of what was cut. `digests` keeps
-    each container's sha256 by id across the levels of one `bound_detail` (encoding a
-    large value again at every level is what made big records slow)."""
-    digests = {} if digests is None else digests
-
-    def digest(v: Any) -> str:
-        key = id(v)
-        if key not in digests:
-            digests[key] = _sha256(_canonical_json(v))
-        return digests[key]
-
-    if isinstance(value, str):
-        if len(value) <= chars:
-            return value
-        return {TRUNCATED: "string", "head": value[:chars], "chars": len(value),
-                "sha256": _sha256(value)}
-    if isinstance(value, list | tuple | dict) and depth <= 0:
-        return {TRUNCATED: "nesting", "sha256": digest(value)}
-    if isinstance(value, list | tuple):
-        out = [_shrink(v, chars, items, depth - 1, digests) for v in value[:items]]
-        if len(value) > items:
-            out.append({TRUNCATED: "list", "items": len(value), "sha256": digest(value)})
-        return out
-    if isinstance(value, dict):
-        keys = sorted(value)
-        out = {}
-        for key in keys[:items]:
-            out[key[:chars]] = _shrink(value[key], chars, items, depth - 1, digests)
-        if len(keys) > items or any(len(k) > chars for k in keys[:items]):
-            out[TRUNCATED] = {"keys": len(keys), "sha256": digest(value)}
-        return out
-    return value
-
-
-def _over_json_bytes(value: Any, limit: int) -> bool:
-    """Whether value's JSON is surely over limit bytes: its strings (with their quotes)
-    alone pass it. A cheap walk that lets `bound_detail` skip encoding a level whose result
-    cannot fit."""
-    total = 0
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            total += len(v) + 2
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                total += len(k) + 3 if isinstance(k, str) else 3
-                stack.append(item)
-        elif isinstance(v, list | tuple):
-            total += len(v) + 1
-            stack.extend(v)
-        else:
-            total += 1
-        if total > limit:
-            return True
-    return False
-
-
-def bound_detail(detail: dict[str, Any], text: str | None = None,
-                 size: int | None = None) -> str:
-    """The canonical JSON of detail, shrunk to at most MAX_DETAIL_BYTES.
-
-    `text` is detail's canonical JSON and `size` its UTF-8 length, when the caller has them
-    (a detail surely too large is not encoded whole: its parts are, for their digests).
-    Tenant input (argv, paths, labels, task ids...) reaches details, and an action must
-    never go unrecorded, or be refused, because its record is large: long strings keep
-    their head, long lists their first items, each with a ``corral.truncated`` marker
-    holding the original length and the sha256 of the full value, so the record still pins
-    exactly what was asked.
-    """
-    if text is not None and size is not None and size <= MAX_DETAIL_BYTES:
-        return text
-    digests: dict[int, str] = {}
-    for chars, items, depth in _SHRINK_LEVELS:
-        candidate = _shrink(detail, chars, items, depth, digests)
-        if _over_json_bytes(candidate, MAX_DETAIL_BYTES):
-            continue  # cannot fit: not worth encoding
-        shrunk = _canonical_json(candidate)
-        if len(shrunk.encode("utf-8")) <= MAX_DETAIL_BYTES:
-            return shrunk
-    if text is None:
-        text = _canonical_json(detail)
-    keys = sorted(detail)
-    return _canonical_json({TRUNCATED: "detail", "bytes": len(text.encode("utf-8")),
-                            "sha256": _sha256(text),
-                            "keys": [k[:64] for k in keys[:16]], "key_count": len(keys)})
-
-
-def _encode_detail(detail: object) -> tuple[str, dict[str, Any]]:
-    """(canonical detail_json, the detail as a reader will get it back), at most
-    MAX_DETAIL_BYTES (a larger detail is shrunk, see `bound_detail`)."""
-    if detail is None:
-        return "{}", {}
-    if not isinstance(detail, dict):
-        raise InvalidSpec("detail", f"must be a dict, got {type(detail).__name__}")
-    try:
-        if _over_json_bytes(detail, MAX_DETAIL_BYTES):  # no need to encode it all first
-            text = bound_detail(detail)
-        else:
-            text = _canonical_json(detail)
-            size = len(text.encode("utf-8"))
-            if size > MAX_DETAIL_BYTES:
-                text = bound_detail(detail, text, size)
-    except (TypeError, ValueError) as exc:  # unserialisable, NaN, circular, mixed key types
-        if isinstance(exc, UnicodeEncodeError):
-            raise InvalidSpec("detail", "is not valid Unicode (a lone surrogate)") from None
-        raise InvalidSpec("detail", f"is not JSON-serializable: {exc}") from None
-    # Tuples become lists, int keys become strings: hand back what a query will return.
-    return text, json.loads(text)
-
-
-def _bound_text(field: str, value: object) -> str:
-    """A record's text column from (possibly tenant-given) text: checked, and cut to
-    _MAX_TEXT_CHARS with its sha256 rather than refused, so the record is always written."""
-    if isinstance(value, str) and len(value) > _MAX_TEXT_CHARS:
-        digest = _sha256(value)[:32]
-        value = f"{value[:_MAX_TEXT_CHARS - 128]}…[{TRUNCATED} {len(value)} chars sha256:{digest}]"
-    return _check_text(field, value)
-
-
-def _check_count(field: str, value: object, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidSpec(field, f"must be an integer, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise InvalidSpec(field, f"{value} must be {bounds}")
-    return value
-
-
-# -- the chain check ---------------------------------------------------------------------------
-
-
-class _ChainChecker:
-    """Feeds rows in seq order; returns (broken_at_seq, problem) at the first break.
-
-    Rows are tuples in `_COLUMNS` order. `locate(hash)` (optional) finds the seq of the record
-    that carries a hash, which turns "does not link" into "records were reordered".
-    """
-
-    def __init__(
-        self,
-        next_seq: int = 1,
-        prev_hash: str = GENESIS_HASH,
-        locate: Callable[[str], int | None] | None = None,
-    ):
-        self.next_seq = next_seq
-        self.prev_hash = prev_hash
-        self.locate = locate
-        self.checked = 0
-        self.last_kind = ""
-        self.prune: tuple[int, int, str] | None = None  # the latest audit.prune claim
-
-    def feed(self, row: tuple) -> tuple[int, str] | None:
-        seq, prev_hash, stored_hash = row[0], row[8], row[9]
-        self.checked += 1
-        expected = self.next_seq
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            return expected, f"record {expected}: its seq is not an integer (damaged)"
-        if seq != expected:
-            if seq > expected:
-                if seq - 1 == expected:
-                    return seq, f"record {seq}: previous record {expected} is missing"
-                return seq, f"record {seq}: previous records {expected}-{seq - 1} are missing"
-            return seq, f"record {seq}: out of sequence after record {expected - 1}"
-        try:
-            content_ok = stored_hash == record_hash(
-                prev_hash, seq=seq, time=row[1], tenant=row[2], peer=row[3], kind=row[4],
-                sandbox_id=row[5], session_id=row[6], detail_json=row[7],
-            )  # fmt: skip
-        except (TypeError, ValueError):  # a column of the wrong type: tampered with
-            content_ok = False
-        # A hash that matches is a sha256 hex digest, and a prev_hash equal to the previous
-        # one is too: look closer only when something fails (the check stays fast).
-        if prev_hash != self.prev_hash:
-            if not _is_hash(prev_hash):
-                return seq, f"record {seq}: its prev_hash is not 64 hex digits (damaged)"
-            found = self.locate(prev_hash) if self.locate else None
-            if found is not None and found != seq:
-                return seq, (
-                    f"record {seq}: out of order: its prev_hash is the hash of record {found}, "
-                    f"not of record {seq - 1}: records were reordered"
-                )
-            if not content_ok:
-                return seq, _content_problem(row)
-            if seq == 1:
-                return seq, "record 1: prev_hash is not the genesis value"
-            return seq, (
-                f"record {seq}: prev_hash does not match the hash of record {seq - 1}: "
-                f"record {seq - 1} was edited and re-hashed"
-            )
-        if not content_ok:
-            return seq, _content_problem(row)
-        detail = row[7]
-        if not (detail.startswith("{") and detail.endswith("}")):
-            # hashed as stored, so only a writer that re-hashed it gets here
-            return seq, f"record {seq}: detail_json is not a JSON object"
-        self.next_seq = seq + 1
-        self.prev_hash = stored_hash
-        self.last_kind = row[4]
-        if row[4] == PRUNE_KIND:
-            self.prune = _prune_claim(seq, detail)
-        return None
-
-
-_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _is_hash(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and _HASH_RE.match(value) is not None
-
-
-def _loads_or_none(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def _content_problem(row: tuple) -> str:
-    """Why a record's hash fails, as precisely as the damage allows."""
-    seq = row[0]
-    if not _is_hash(row[9]):
-        return f"record {seq}: its hash is not 64 hex digits (damaged)"
-    for name, value in zip(_COLUMNS.split(", ")[1:8], row[1:8], strict=True):
-        if name == "time":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return f"record {seq}: its time is not a number (damaged)"
-            continue
-        if not isinstance(value, str):
-            return f"record {seq}: its {name} is not text (damaged)"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"record {seq}: its {name} is not valid UTF-8 (damaged bytes)"
-    if not isinstance(_loads_or_none(row[7]), dict):
-        return f"record {seq}: content does not match its hash (detail_json is not JSON)"
-    return f"record {seq}: content does not match its hash"
-
-
-def _prune_claim(seq: int, detail_json: str) -> tuple[int, int, str] | None:
-    """(seq of the audit.prune record, up_to_seq, hash) it states, or None if malformed."""
-    detail = _loads_or_none(detail_json)
-    if isinstance(detail, dict):
-        up_to, digest = detail.get("up_to_seq"), detail.get("hash")
-        if isinstance(up_to, int) and not isinstance(up_to, bool) and _is_hash(digest):
-            return seq, up_to, digest
-    return None
-
-
-def _head_problem(
-    head: HeadAnchor | str, last_seq: int, hash_at_head: str | None
-) -> tuple[int, str] | None:
-    """Compare the chain's end with the anchor: (broken_at_seq, problem), or None if it holds.
-
-    `head` is the anchor or the problem reading it; `hash_at_head` is the stored hash of
-    record head.seq (None if there is no such record).
-    """
-    if isinstance(head, str):
-        return 0, head
-    if head.seq > last_seq:
-        end = f"chain ends at record {last_seq}" if last_seq else "chain is empty"
-        return last_seq + 1, (
-            f"{end} but the head anchor says {head.seq}: records were removed from the end"
-        )
-    if head.seq > 0 and hash_at_head != head.hash:
-        return head.seq, (
-            f"record {head.seq}: hash does not match the head anchor: the chain was rewritten"
-        )
-    return None
-
-
-def _prune_problem(first: tuple[int, str] | None, claim: tuple[int, int, str] | None,
-                   seals: dict[int, str]) -> tuple[int, str] | None:
-    """Records before the oldest one must be accounted for by the latest audit.prune record
-    ("pruned up to seq N, hash H"), and what it names must be true."""
-    if first is None:
-        return None
-    first_seq, first_prev = first
-    if claim is None:
-        if first_seq == 2:
-            return 2, "record 2: previous record 1 is missing"
-        if first_seq > 2:  # and no audit.prune record accounts for them
-            return first_seq, f"record {first_seq}: previous records 1-{first_seq - 1} are missing"
-        return None
-    at, up_to, digest = claim
-    if up_to < first_seq - 1:
-        return up_to + 1, (f"records {up_to + 1}-{first_seq - 1} are missing: the log was "
-                           f"pruned only up to record {up_to} (record {at})")
-    expected = first_prev if up_to == first_seq - 1 else seals.get(up_to)
-    if expected != digest:
-        return at, (f"record {at}: {PRUNE_KIND} says record {up_to} had hash "
-                    f"{digest[:16]}..., which does not match the chain")
-    return None
-
-
-_EXPORT_NAMES = _COLUMNS.split(", ")
-_escape = json.encoder.encode_basestring  # C-accelerated: exactly what json.dumps writes
-
-
-def jsonl_lines(rows: Iterable[tuple]) -> str:
-    """Rows as export lines: each the canonical JSON object of its columns by name, and a
-    newline. Built field by field (about twice json.dumps' speed) and byte-identical to
-    `_canonical_json(dict(zip(names, row)))`, which a row of unexpected types (only a
-    tampered file has them) goes through instead."""
-    out = []
-    for r in rows:
-        seq, t, tenant, peer, kind, sandbox_id, session_id, detail, prev_hash, digest = r
-        if (type(seq) is int and type(t) is float and math.isfinite(t)
-                and all(type(v) is str for v in (tenant, peer, kind, sandbox_id, session_id,
-                                                 detail, prev_hash, digest))):
-            try:
-                out.append(
-                    f'{{"detail_json":{_escape(detail)},"hash":{_escape(digest)},'
-                    f'"kind":{_escape(kind)},"peer":{_escape(peer)},'
-                    f'"prev_hash":{_escape(prev_hash)},"sandbox_id":{_escape(sandbox_id)},'
-                    f'"seq":{seq},"session_id":{_escape(session_id)},'
-                    f'"tenant":{_escape(tenant)},"time":{t!r}}}\n')
-                continue
-            except UnicodeError:
-                pass
-        out.append(_canonical_json(dict(zip(_EXPORT_NAMES, r, strict=True))) + "\n")
-    return "".join(out)
-
-
-def verify_records(records: Iterable[AuditRecord | Mapping[str, Any]]) -> VerifyResult:
-    """Check a shipped copy of the chain (e.g. `export_jsonl()` lines, parsed) in seq order.
-
-    Mappings are used as they are (their detail_json text is hashed verbatim). A copy that
-    starts after record 1 is checked from its first record on, trusting that record's
-    prev_hash; compare its last hash with the source's to pin the rest.
-    """
-    checker: _ChainChecker | None = None
-    for rec in records:
-        d = rec.to_dict() if isinstance(rec, AuditRecord) else rec
-        row = tuple(d.get(c) for c in _COLUMNS.split(", "))
-        if not isinstance(row[0], int) or isinstance(row[0], bool):
-            checked = (checker.checked if checker else 0) + 1
-            return VerifyResult(False, checked, 0, f"entry {checked}: has no integer seq")
-        if checker is None:
-            start = max(row[0], 1)
-            checker = _ChainChecker(start, row[8] if start > 1 else GENESIS_HASH)
-        problem = checker.feed(row)
-        if problem:
-            return VerifyResult(False, checker.checked, *problem)
-    return VerifyResult(True, checker.checked if checker else 0)
 
 
 # -- head anchor file --------------------------------------------------------------------------
@@ -1063,6 +517,9 @@ def _rows_after(path: str, writer: sqlite3.Connection, after_seq: int) -> Iterab
     yield from writer.execute(sql, (after_seq,))
 
 
+# -- records on their way in -------------------------------------------------------------------
+
+
 @dataclass(slots=True)
 class _Pending:
     """A validated record waiting for its seq, hash and commit."""
@@ -1078,8 +535,27 @@ class _Pending:
     future: concurrent.futures.Future
 
 
-def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
-             policy: str = "") -> _Pending:
+class RecordFields(TypedDict, total=False):
+    """Who did what to which object: the keyword arguments of `AuditLog.append` and `submit`.
+
+    tenant, peer: who (tenant is required). sandbox_id, session_id: on what ("" when not
+    applicable). detail: a JSON object of particulars (argv, sizes, reason...). time: Unix
+    seconds; default now (read at commit, so it follows seq order unless the clock steps
+    back).
+    """
+
+    tenant: Required[str]
+    peer: str
+    sandbox_id: str
+    session_id: str
+    detail: dict[str, Any] | None
+    time: float | None
+
+
+def _prepare(kind: str, policy: str, *, tenant: str, peer: str = "", sandbox_id: str = "",
+             session_id: str = "", detail: dict[str, Any] | None = None,
+             time: float | None = None) -> _Pending:
+    """Validate and encode one record (the policy digest merged into its detail)."""
     _check_kind(kind)
     tenant = _bound_text("tenant", tenant)
     peer = _bound_text("peer", peer)
@@ -1096,6 +572,208 @@ def _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
         time = _check_seconds("time", time)
     return _Pending(kind, tenant, peer, sandbox_id, session_id, detail_json, detail_obj, time,
                     concurrent.futures.Future())
+
+
+# -- the verification pass over every file -----------------------------------------------------
+
+
+class _Broken(Exception):
+    """The first break a verification pass found, raised out of the step that found it."""
+
+    def __init__(self, seq: int, problem: str):
+        super().__init__(problem)
+        self.seq = seq
+        self.problem = problem
+
+
+class _LogVerification:
+    """One pass of `AuditLog.verify`: every sealed segment in order, then the active one,
+    through one chain checker, then the head anchor and the prune anchor against its end."""
+
+    def __init__(self, path: str, head_path: str):
+        self.path = path
+        # The anchor first, then the snapshot: the anchor is written after its record commits,
+        # so the snapshot always reaches it and a live daemon never trips a false alarm.
+        self.head = _read_head(head_path)
+        self.head_seq = self.head.seq if isinstance(self.head, HeadAnchor) else -1
+        self.segments = list_segments(path)
+        self.checker = _ChainChecker()
+        self.first: tuple[int, str] | None = None  # (seq, prev_hash) of the oldest record
+        self.seals: dict[int, str] = {}  # seq -> hash of each seal: prune anchors point at one
+        self.hash_at_head: str | None = None
+        self.conn: sqlite3.Connection | None = None  # the file being read
+
+    def run(self) -> VerifyResult:
+        files: list[tuple[Segment | None, str]] = [(s, s.path) for s in self.segments]
+        if os.path.isfile(self.path):
+            files.append((None, self.path))
+        try:
+            for segment, file_path in files:
+                self._check_file(segment, file_path)
+            problem = _head_problem(self.head, self.checker.next_seq - 1, self.hash_at_head)
+            if problem:
+                raise _Broken(*problem)
+            problem = _prune_problem(self.first, self.checker.prune, self.seals)
+            if problem:
+                raise _Broken(*problem)
+        except _Broken as broken:
+            return self._result(False, broken.seq, broken.problem)
+        return self._result(True, 0, "")
+
+    def _result(self, ok: bool, seq: int, problem: str) -> VerifyResult:
+        return VerifyResult(ok, self.checker.checked, seq, problem, len(self.segments),
+                            self.first[0] if self.first else 0)
+
+    def _locate(self, digest: str) -> int | None:
+        """The seq of the record in the current file that carries digest, if any."""
+        try:
+            row = self.conn.execute(
+                "SELECT seq FROM records WHERE hash = ? LIMIT 1", (digest,)).fetchone()
+        except (sqlite3.Error, UnicodeError):
+            return None
+        return row[0] if row else None
+
+    def _check_file(self, segment: Segment | None, file_path: str) -> None:
+        label = (f"sealed segment {segment.name}" if segment else
+                 f"active segment {os.path.basename(file_path)}")
+        next_seq = self.checker.next_seq
+        try:
+            self.conn = (_connect_sealed(file_path) if segment
+                         else _connect(file_path, readonly=True))
+        except AuditError as exc:
+            raise _Broken(next_seq, f"record {next_seq} onward: {exc}") from None
+        try:
+            last_row = self._feed_file(segment, label)
+        except sqlite3.DatabaseError as exc:
+            self._name_unreadable(label, exc)
+        finally:
+            self.conn.close()
+        if segment is not None:
+            _check_sealed_end(segment, label, last_row)
+
+    def _feed_file(self, segment: Segment | None, label: str) -> tuple | None:
+        """Feed every record of the current file, in one read snapshot. -> its last row."""
+        self.conn.execute("BEGIN")
+        in_file = 0
+        last_row = None
+        cursor = self.conn.execute(f"SELECT {_COLUMNS} FROM records ORDER BY seq")
+        while rows := cursor.fetchmany(2048):
+            for row in rows:
+                if self.first is None:
+                    self._start_at(row)
+                if segment and in_file == 0 and row[0] != segment.first_seq:
+                    raise _Broken(row[0] if isinstance(row[0], int) else 0,
+                                  f"{label}: named for records {segment.first_seq}-"
+                                  f"{segment.last_seq} but starts at record {row[0]}")
+                if in_file and self.checker.last_kind == SEAL_KIND:
+                    raise _Broken(row[0], f"record {row[0]}: follows the seal of its segment "
+                                          f"in the same file ({label})")
+                problem = self.checker.feed(row)
+                if problem:
+                    raise _Broken(*problem)
+                in_file += 1
+                last_row = row
+                if row[4] == SEAL_KIND:
+                    self.seals[row[0]] = row[9]
+                if row[0] == self.head_seq:
+                    self.hash_at_head = row[9]
+        self.conn.execute("COMMIT")
+        return last_row
+
+    def _start_at(self, row: tuple) -> None:
+        """The oldest record there is: the chain starts here."""
+        self.first = (row[0], row[8])
+        if isinstance(row[0], int) and row[0] > 1 and _is_hash(row[8]):
+            # pruned: start from the oldest record; the prune anchor must account for
+            # everything before it (checked at the end)
+            self.checker = _ChainChecker(row[0], row[8])
+        self.checker.locate = self._locate
+
+    def _name_unreadable(self, label: str, error: sqlite3.DatabaseError) -> NoReturn:
+        """The batch that failed is lost: read on one record at a time to name the first one
+        that cannot be read (or that breaks the chain)."""
+        for seq in range(self.checker.next_seq, self.checker.next_seq + 2048):
+            try:
+                row = self.conn.execute(f"SELECT {_COLUMNS} FROM records WHERE seq = ?",
+                                        (seq,)).fetchone()
+            except sqlite3.DatabaseError as point_exc:
+                error = point_exc
+                break
+            if row is None:
+                break
+            problem = self.checker.feed(row)
+            if problem:
+                raise _Broken(*problem)
+        seq = self.checker.next_seq
+        raise _Broken(seq, f"record {seq} onward: the {label} cannot be read ({error}): the "
+                           "file is damaged")
+
+
+def _check_sealed_end(segment: Segment, label: str, last_row: tuple | None) -> None:
+    """A sealed file ends where its name says, with its seal."""
+    if last_row is None:
+        raise _Broken(segment.first_seq, f"{label} holds no records")
+    if last_row[0] != segment.last_seq:
+        raise _Broken(last_row[0] + 1, f"{label}: named for records {segment.first_seq}-"
+                                       f"{segment.last_seq} but ends at record {last_row[0]}")
+    if last_row[4] != SEAL_KIND:
+        raise _Broken(last_row[0] + 1, f"{label} is not sealed: its last record "
+                                       f"{last_row[0]} is not an {SEAL_KIND}")
+
+
+# -- checks of query and open arguments --------------------------------------------------------
+
+
+def _query_filter(*, since: float | None, until: float | None, sandbox_id: str | None,
+                  session_id: str | None, tenant: str | None, kind: str | None,
+                  after_seq: int, limit: int) -> tuple[str, list[object], int]:
+    """The WHERE clause, its parameters and the limit of `AuditLog.query`, every filter
+    checked (after_seq, then limit, then the others: the first bad one is named).
+
+    Raises:
+        InvalidSpec: a malformed filter, named.
+    """
+    where = ["seq > ?"]
+    params: list[object] = [_check_count("after_seq", after_seq, 0)]
+    limit = _check_count("limit", limit, 1, MAX_QUERY_LIMIT)
+    if since is not None:
+        where.append("time >= ?")
+        params.append(_check_seconds("since", since))
+    if until is not None:
+        until = _check_seconds("until", until)
+        if since is not None and until < since:
+            raise InvalidSpec("until", f"{until!r} is before since ({since!r})")
+        where.append("time < ?")
+        params.append(until)
+    for column, value in (("sandbox_id", sandbox_id), ("session_id", session_id),
+                          ("tenant", tenant)):
+        if value:
+            where.append(f"{column} = ?")
+            params.append(_check_text(column, value))
+    if kind:
+        _check_kind(kind)
+        if kind.endswith("."):
+            # "/" sorts right after "."; a range keeps the kind index usable.
+            where.append("kind >= ? AND kind < ?")
+            params += [kind, kind[:-1] + "/"]
+        else:
+            where.append("kind = ?")
+            params.append(kind)
+    return " AND ".join(where), params, limit
+
+
+def _check_open_options(verify: object, segment_records: object, segment_bytes: object,
+                        retention_s: object) -> None:
+    """Refuse `AuditLog.open` options that are not what its docstring allows, naming them."""
+    if verify not in ("tail", "full"):
+        raise InvalidSpec("verify_audit", f"{verify!r} is not 'full' or 'tail'")
+    _check_count("segment_bytes", segment_bytes, 0)
+    if _check_count("segment_records", segment_records, 0) == 1:
+        raise InvalidSpec("segment_records", "1 leaves no room beside the seal; use at "
+                                             "least 2, or 0 for no limit")
+    if isinstance(retention_s, bool) or not isinstance(retention_s, int | float) or not (
+            math.isfinite(retention_s) and retention_s >= 0):
+        raise InvalidSpec("audit_retention", f"{retention_s!r} is not a duration >= 0")
 
 
 class AuditLog:
@@ -1185,36 +863,49 @@ class AuditLog:
                 any record breaks the chain.
         """
         path = os.fspath(path)
-        if verify not in ("tail", "full"):
-            raise InvalidSpec("verify_audit", f"{verify!r} is not 'full' or 'tail'")
-        _check_count("segment_bytes", segment_bytes, 0)
-        if _check_count("segment_records", segment_records, 0) == 1:
-            raise InvalidSpec("segment_records", "1 leaves no room beside the seal; use at "
-                                                 "least 2, or 0 for no limit")
-        if isinstance(retention_s, bool) or not isinstance(retention_s, int | float) or not (
-                math.isfinite(retention_s) and retention_s >= 0):
-            raise InvalidSpec("audit_retention", f"{retention_s!r} is not a duration >= 0")
+        _check_open_options(verify, segment_records, segment_bytes, retention_s)
         if readonly:
-            segments = list_segments(path)
-            if not os.path.isfile(path) and not segments:
-                raise AuditError(path, "does not exist")
-            reader = None
-            if os.path.isfile(path):
-                reader = _connect(path, readonly=True)
-                try:
-                    _check_format(reader, path, create=False)
-                    last = reader.execute(
-                        "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
-                    ).fetchone()
-                except BaseException:
-                    reader.close()
-                    raise
-            else:  # a rotation stopped between its two steps: only sealed segments
-                last = None
-            if last is None and segments:
-                last = _segment_end(segments[-1])
-            return cls(path, reader, None, None, tuple(last) if last else (0, GENESIS_HASH))
+            return cls._open_readonly(path)
+        log = cls._open_for_writing(path)
+        log.segment_records, log.segment_bytes, log.retention_s = (
+            segment_records, segment_bytes, float(retention_s))
+        log._count_active()
+        if verify == "full":
+            result = log.verify()
+            if not result.ok:
+                log.close()
+                raise AuditTampered(path, result.broken_at_seq, result.problem)
+        if log.retention_s:
+            log.prune()
+        return log
 
+    @classmethod
+    def _open_readonly(cls, path: str) -> AuditLog:
+        """The log at path as it is: nothing created, locked, rotated or repaired."""
+        segments = list_segments(path)
+        if not os.path.isfile(path) and not segments:
+            raise AuditError(path, "does not exist")
+        reader = None
+        if os.path.isfile(path):
+            reader = _connect(path, readonly=True)
+            try:
+                _check_format(reader, path, create=False)
+                last = reader.execute(
+                    "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+            except BaseException:
+                reader.close()
+                raise
+        else:  # a rotation stopped between its two steps: only sealed segments
+            last = None
+        if last is None and segments:
+            last = _segment_end(segments[-1])
+        return cls(path, reader, None, None, tuple(last) if last else (0, GENESIS_HASH))
+
+    @classmethod
+    def _open_for_writing(cls, path: str) -> AuditLog:
+        """Lock the log, finish an interrupted rotation and check the anchor and the seal
+        against the chain's end; every handle is closed again if any step refuses."""
         writer = _open_writer(path)
         reader = head_fd = None
         try:
@@ -1234,18 +925,7 @@ class AuditLog:
             if head_fd is not None:
                 os.close(head_fd)
             raise
-        log = cls(path, reader, writer, head_fd, last)
-        log.segment_records, log.segment_bytes, log.retention_s = (
-            segment_records, segment_bytes, float(retention_s))
-        log._count_active()
-        if verify == "full":
-            result = log.verify()
-            if not result.ok:
-                log.close()
-                raise AuditTampered(path, result.broken_at_seq, result.problem)
-        if log.retention_s:
-            log.prune()
-        return log
+        return cls(path, reader, writer, head_fd, last)
 
     def _count_active(self) -> None:
         row = self._writer.execute(
@@ -1327,17 +1007,7 @@ class AuditLog:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def append(
-        self,
-        kind: str,
-        *,
-        tenant: str,
-        peer: str = "",
-        sandbox_id: str = "",
-        session_id: str = "",
-        detail: dict[str, Any] | None = None,
-        time: float | None = None,
-    ) -> AuditRecord:
+    def append(self, kind: str, **fields: Unpack[RecordFields]) -> AuditRecord:
         """Append one record; it is durable (fsynced) when this returns.
 
         Records submitted earlier and not yet written go into the same transaction first
@@ -1345,31 +1015,18 @@ class AuditLog:
 
         Args:
             kind: what happened, a dotted name such as "exec.start" (a-z 0-9 _ . -).
-            tenant, peer: who. sandbox_id, session_id: on what ("" when not applicable).
-            detail: a JSON object of particulars (argv, sizes, reason...).
-            time: Unix seconds; default now (read at commit, so it follows seq order
-                unless the clock steps back).
+            fields: who, on what, the detail and the time (`RecordFields`).
         Raises:
             InvalidSpec: a malformed argument, named.
             AuditError: the record could not be written; the action must not proceed.
         """
-        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
-                        self.policy_digest)
+        item = _prepare(kind, self.policy_digest, **fields)
         with self._lock:
             self._commit_locked(item)
         return item.future.result()
 
-    def submit(
-        self,
-        kind: str,
-        *,
-        tenant: str,
-        peer: str = "",
-        sandbox_id: str = "",
-        session_id: str = "",
-        detail: dict[str, Any] | None = None,
-        time: float | None = None,
-    ) -> concurrent.futures.Future[AuditRecord]:
+    def submit(self, kind: str,
+               **fields: Unpack[RecordFields]) -> concurrent.futures.Future[AuditRecord]:
         """Queue one record for the group-commit thread; never waits for the disk.
 
         Returns a future resolved with the record once it is durable (or failed with
@@ -1384,8 +1041,7 @@ class AuditLog:
             InvalidSpec: a malformed argument, named (at once, nothing is queued).
             AuditError: the log is closed or read-only.
         """
-        item = _prepare(kind, tenant, peer, sandbox_id, session_id, detail, time,
-                        self.policy_digest)
+        item = _prepare(kind, self.policy_digest, **fields)
         with self._queue_cv:
             if self._writer is None or self._stopping:
                 raise AuditError(self.path, "is closed" if self._closed or self._stopping
@@ -1441,6 +1097,24 @@ class AuditLog:
             for it in items:
                 it.future.set_exception(error)
             return
+        rows, records = self._chain(items)
+        error = self._insert(rows)
+        if error is not None:
+            for it in items:
+                it.future.set_exception(error)
+            return
+        self._advance_head(rows)
+        self.metrics.audit_committed(t0)
+        self._deliver(items, records)
+        if self._rotation_due():
+            try:
+                self._rotate_locked()
+            except Exception:  # noqa: BLE001 - the records are written; rotation retries
+                self._rotate_after = self._active_records + 1024
+                _log.exception("audit segment rotation failed; retrying later")
+
+    def _chain(self, items: list[_Pending]) -> tuple[list[tuple], list[AuditRecord]]:
+        """Give items the next seqs, their times and hashes. -> (rows to insert, records)."""
         seq, prev = self._last_seq, self._last_hash
         rows, records = [], []
         for it in items:
@@ -1455,6 +1129,10 @@ class AuditLog:
             records.append(AuditRecord(seq, when, it.tenant, it.peer, it.kind, it.sandbox_id,
                                        it.session_id, it.detail_obj, prev, digest))
             prev = digest
+        return rows, records
+
+    def _insert(self, rows: list[tuple]) -> AuditError | None:
+        """Commit rows in one transaction (one fsync); the error that refused them, if any."""
         writer = self._writer
         try:
             if len(rows) == 1:
@@ -1469,18 +1147,18 @@ class AuditLog:
                         writer.execute("ROLLBACK")
                     raise
         except sqlite3.IntegrityError:
-            error = AuditError(
-                self.path, f"records {rows[0][0]}-{seq} collide with existing ones: something "
-                           "else writes to this log")
+            return AuditError(
+                self.path, f"records {rows[0][0]}-{rows[-1][0]} collide with existing ones: "
+                           "something else writes to this log")
         except sqlite3.Error as exc:
-            error = AuditError(self.path, f"cannot append records {rows[0][0]}-{seq}: {exc}")
-        else:
-            error = None
-        if error is not None:
-            for it in items:
-                it.future.set_exception(error)
-            return
-        self._last_seq, self._last_hash = seq, prev
+            return AuditError(self.path,
+                              f"cannot append records {rows[0][0]}-{rows[-1][0]}: {exc}")
+        return None
+
+    def _advance_head(self, rows: list[tuple]) -> None:
+        """Committed rows become the chain's end: counters, segment size, head anchor."""
+        seq, digest = rows[-1][0], rows[-1][9]
+        self._last_seq, self._last_hash = seq, digest
         self._appends += len(rows)
         self._commits += 1
         self._active_records += len(rows)
@@ -1488,16 +1166,18 @@ class AuditLog:
             len(r[7]) + len(r[2]) + len(r[3]) + len(r[4]) + len(r[5]) + len(r[6])
             for r in rows) + len(rows) * _ROW_OVERHEAD_BYTES
         try:
-            os.pwrite(self._head_fd, _head_slot(seq, prev), (seq % 2) * _HEAD_SLOT_BYTES)
+            os.pwrite(self._head_fd, _head_slot(seq, digest), (seq % 2) * _HEAD_SLOT_BYTES)
         except OSError as exc:
             # The records are committed and the anchor merely lags (still a valid lower
             # bound); failing the actions now would leave records of things undone.
             self._head_write_errors += 1
             _log.error("audit head anchor %s not updated: %s", self.head_path, exc)
-        self.metrics.audit_committed(t0)
+
+    def _deliver(self, items: list[_Pending], records: list[AuditRecord]) -> None:
+        """Resolve each item's future and tell the subscribers. Caller holds _lock, so every
+        subscriber sees records in seq order."""
         for it, record in zip(items, records, strict=True):
             it.future.set_result(record)
-            # Under the lock, so every subscriber sees records in seq order.
             for callback in self._subscribers.values():
                 try:
                     callback(record)
@@ -1505,12 +1185,6 @@ class AuditLog:
                     self._callback_errors += 1
                     _log.exception("audit subscriber %r failed on record %d", callback,
                                    record.seq)
-        if self._rotation_due():
-            try:
-                self._rotate_locked()
-            except Exception:  # noqa: BLE001 - the records are written; rotation retries
-                self._rotate_after = self._active_records + 1024
-                _log.exception("audit segment rotation failed; retrying later")
 
     # -- segments ------------------------------------------------------------------------------
 
@@ -1577,10 +1251,10 @@ class AuditLog:
             self._rotate_after = self._active_records + 1024
             return None
         first = self._active_first
-        seal = _prepare(SEAL_KIND, "", "daemon", "", "", {
+        seal = _prepare(SEAL_KIND, "", tenant="", peer="daemon", detail={
             "first_seq": first, "records": self._active_records + 1 + len(self._queue),
             "limit_records": self.segment_records, "limit_bytes": self.segment_bytes,
-        }, None)
+        })
         self._commit_locked(seal)  # what is queued goes first: the seal is the last record
         try:
             last = seal.future.result().seq
@@ -1646,11 +1320,11 @@ class AuditLog:
             if not doomed:
                 return 0
             last, last_hash = doomed[-1]
-            record = _prepare(PRUNE_KIND, "", "daemon", "", "", {
+            record = _prepare(PRUNE_KIND, "", tenant="", peer="daemon", detail={
                 "up_to_seq": last.last_seq, "hash": last_hash,
                 "first_seq": doomed[0][0].first_seq, "segments": len(doomed),
                 "retention_s": retention_s, "cutoff_time": cutoff,
-            }, None)
+            })
             self._commit_locked(record)
             record.future.result()  # durable before anything is removed
             with self._read_lock:
@@ -1743,38 +1417,11 @@ class AuditLog:
         Raises:
             InvalidSpec: a malformed filter, named.
         """
-        where = ["seq > ?"]
-        params: list[object] = [_check_count("after_seq", after_seq, 0)]
-        limit = _check_count("limit", limit, 1, MAX_QUERY_LIMIT)
-        if since is not None:
-            where.append("time >= ?")
-            params.append(_check_seconds("since", since))
-        if until is not None:
-            until = _check_seconds("until", until)
-            if since is not None and until < since:
-                raise InvalidSpec("until", f"{until!r} is before since ({since!r})")
-            where.append("time < ?")
-            params.append(until)
-        for column, value in (
-            ("sandbox_id", sandbox_id),
-            ("session_id", session_id),
-            ("tenant", tenant),
-        ):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(_check_text(column, value))
-        if kind:
-            _check_kind(kind)
-            if kind.endswith("."):
-                # "/" sorts right after "."; a range keeps the kind index usable.
-                where.append("kind >= ? AND kind < ?")
-                params += [kind, kind[:-1] + "/"]
-            else:
-                where.append("kind = ?")
-                params.append(kind)
+        where, params, limit = _query_filter(
+            since=since, until=until, sandbox_id=sandbox_id, session_id=session_id,
+            tenant=tenant, kind=kind, after_seq=after_seq, limit=limit)
         order = "DESC" if latest else "ASC"
-        sql = (f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} "
-               f"ORDER BY seq {order} LIMIT ?")
+        sql = f"SELECT {_COLUMNS} FROM records WHERE {where} ORDER BY seq {order} LIMIT ?"
         rows: list[tuple] = []
         with self._read_lock:
             self._check_open()
@@ -1817,118 +1464,12 @@ class AuditLog:
         self._check_open()
         lock = _files_lock(self.path, exclusive=False)
         try:
-            result = self._verify()
+            result = _LogVerification(self.path, self.head_path).run()
         finally:
             _release(lock)
         # Text from a damaged file can hold anything: keep the report printable ASCII.
         return dataclasses.replace(result, problem=_printable(result.problem).encode(
             "ascii", "backslashreplace").decode("ascii"))
-
-    def _verify(self) -> VerifyResult:
-        # The anchor first, then the snapshot: the anchor is written after its record commits,
-        # so the snapshot always reaches it and a live daemon never trips a false alarm.
-        head = _read_head(self.head_path)
-        head_seq = head.seq if isinstance(head, HeadAnchor) else -1
-        segments = list_segments(self.path)
-        files: list[tuple[Segment | None, str]] = [(s, s.path) for s in segments]
-        if os.path.isfile(self.path):
-            files.append((None, self.path))
-        checker = _ChainChecker()
-        first: tuple[int, str] | None = None  # (seq, prev_hash) of the oldest record there is
-        seals: dict[int, str] = {}  # seq -> hash of each seal: prune anchors point at one
-        hash_at_head = None
-        conn = None
-
-        def locate(digest: str) -> int | None:
-            try:
-                row = conn.execute(
-                    "SELECT seq FROM records WHERE hash = ? LIMIT 1", (digest,)).fetchone()
-            except (sqlite3.Error, UnicodeError):
-                return None
-            return row[0] if row else None
-
-        def fail(seq: int, problem: str) -> VerifyResult:
-            return VerifyResult(False, checker.checked, seq, problem, len(segments),
-                                first[0] if first else 0)
-
-        for segment, file_path in files:
-            label = (f"sealed segment {segment.name}" if segment else
-                     f"active segment {os.path.basename(file_path)}")
-            try:
-                conn = (_connect_sealed(file_path) if segment
-                        else _connect(file_path, readonly=True))
-            except AuditError as exc:
-                return fail(checker.next_seq, f"record {checker.next_seq} onward: {exc}")
-            try:
-                conn.execute("BEGIN")
-                in_file = 0
-                last_row = None
-                cursor = conn.execute(f"SELECT {_COLUMNS} FROM records ORDER BY seq")
-                while rows := cursor.fetchmany(2048):
-                    for row in rows:
-                        if first is None:
-                            first = (row[0], row[8])
-                            if isinstance(row[0], int) and row[0] > 1 and _is_hash(row[8]):
-                                # pruned: start from the oldest record; the prune anchor
-                                # must account for everything before it (checked below)
-                                checker = _ChainChecker(row[0], row[8])
-                            checker.locate = locate
-                        if segment and in_file == 0 and row[0] != segment.first_seq:
-                            return fail(row[0] if isinstance(row[0], int) else 0,
-                                        f"{label}: named for records {segment.first_seq}-"
-                                        f"{segment.last_seq} but starts at record {row[0]}")
-                        if in_file and checker.last_kind == SEAL_KIND:
-                            return fail(row[0], f"record {row[0]}: follows the seal of its "
-                                                f"segment in the same file ({label})")
-                        problem = checker.feed(row)
-                        if problem:
-                            return fail(*problem)
-                        in_file += 1
-                        last_row = row
-                        if row[4] == SEAL_KIND:
-                            seals[row[0]] = row[9]
-                        if row[0] == head_seq:
-                            hash_at_head = row[9]
-                conn.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                # The batch that failed is lost: read on one record at a time to name the
-                # first one that cannot be read (or that breaks the chain).
-                error = exc
-                for seq in range(checker.next_seq, checker.next_seq + 2048):
-                    try:
-                        row = conn.execute(f"SELECT {_COLUMNS} FROM records WHERE seq = ?",
-                                           (seq,)).fetchone()
-                    except sqlite3.DatabaseError as point_exc:
-                        error = point_exc
-                        break
-                    if row is None:
-                        break
-                    problem = checker.feed(row)
-                    if problem:
-                        return fail(*problem)
-                return fail(checker.next_seq, f"record {checker.next_seq} onward: the "
-                                              f"{label} cannot be read ({error}): the file "
-                                              "is damaged")
-            finally:
-                conn.close()
-            if segment is not None:
-                if last_row is None:
-                    return fail(segment.first_seq, f"{label} holds no records")
-                if last_row[0] != segment.last_seq:
-                    return fail(last_row[0] + 1, f"{label}: named for records "
-                                                 f"{segment.first_seq}-{segment.last_seq} "
-                                                 f"but ends at record {last_row[0]}")
-                if last_row[4] != SEAL_KIND:
-                    return fail(last_row[0] + 1, f"{label} is not sealed: its last record "
-                                                 f"{last_row[0]} is not an {SEAL_KIND}")
-        problem = _head_problem(head, checker.next_seq - 1, hash_at_head)
-        if problem:
-            return fail(*problem)
-        problem = _prune_problem(first, checker.prune, seals)
-        if problem:
-            return fail(*problem)
-        return VerifyResult(True, checker.checked, 0, "", len(segments),
-                            first[0] if first else 0)
 
     def export_jsonl(self, path_or_file: str | os.PathLike[str] | IO, after_seq: int = 0) -> int:
         """Write records with seq > after_seq, from every segment, as JSON lines
@@ -2045,158 +1586,6 @@ class AuditLog:
     def __repr__(self) -> str:
         mode = "closed" if self._closed else "read-only" if self._writer is None else "writing"
         return f"<AuditLog {self.path} {mode} last_seq={self._last_seq}>"
-
-
-# -- denials ------------------------------------------------------------------------------------
-
-#: Denials of one (tenant, peer host, status) are recorded one by one up to DENIAL_BURST per
-#: window of DENIAL_WINDOW_S seconds; the rest of the window becomes one `denied.summary`.
-DENIAL_WINDOW_S = 10.0
-DENIAL_BURST = 16
-# More keys than this in flight share one overflow key per status: a peer with many addresses
-# cannot turn aggregation back into a record per call.
-_MAX_DENIAL_KEYS = 256
-_MAX_SUMMARY_METHODS = 32
-
-
-def _peer_host(peer: str) -> str:
-    """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7': a client's ports change per connection."""
-    if peer.startswith(("ipv4:", "ipv6:")):
-        host, sep, port = peer.rpartition(":")
-        if sep and port.isdigit():
-            return host
-    return peer
-
-
-@dataclass(slots=True)
-class _DenialWindow:
-    tenant: str
-    peer: str
-    status: str
-    opened: float  # monotonic
-    recorded: int = 0  # written as their own `denied` records
-    suppressed: int = 0  # counted into the window's `denied.summary`
-    first_time: float = 0.0
-    last_time: float = 0.0
-    methods: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-class DenialLimiter:
-    """Rate-limits and aggregates `denied` records per (tenant, peer host, status).
-
-    An unauthenticated flood must not write a record per call at fsync speed, yet no denial
-    may go uncounted: the first `burst` denials of a key in a window are `denied` records;
-    the others are counted, and when the window ends (or the log closes) one
-    `denied.summary` record holds their number, methods and times. So the denials that
-    happened are always the `denied` records plus the sum of the summaries' ``count``.
-    """
-
-    def __init__(self, log: AuditLog, *, window_s: float = DENIAL_WINDOW_S,
-                 burst: int = DENIAL_BURST, max_keys: int = _MAX_DENIAL_KEYS,
-                 clock: Callable[[], float] = _time.monotonic):
-        self._log = log
-        self.window_s = window_s
-        self.burst = burst
-        self.max_keys = max_keys
-        self._clock = clock
-        self._windows: dict[tuple[str, str, str], _DenialWindow] = {}
-        self._cv = threading.Condition(threading.Lock())
-        self._flusher: threading.Thread | None = None
-        self._closed = False
-
-    def deny(self, *, tenant: str, peer: str, status: str, method: str, reason: str,
-             sandbox_id: str = "", session_id: str = "",
-             ) -> concurrent.futures.Future[AuditRecord] | None:
-        """Count one denial; returns the future of its own `denied` record, or None when it
-        went into the window's summary."""
-        with self._cv:
-            if self._closed:
-                raise AuditError(self._log.path, "is closed")
-            now = self._clock()
-            key = (tenant, _peer_host(peer), status)
-            window = self._windows.get(key)
-            if window is not None and now - window.opened >= self.window_s:
-                self._end_locked(key)
-                window = None
-            if window is None:
-                if len(self._windows) >= self.max_keys:
-                    key = ("*", "*", status)
-                    window = self._windows.get(key)
-                if window is None:
-                    window = self._windows[key] = _DenialWindow(*key, opened=now)
-                    self._start_flusher_locked()
-            if window.recorded < self.burst:
-                window.recorded += 1
-                return self._log.submit(
-                    "denied", tenant=tenant, peer=peer, sandbox_id=sandbox_id,
-                    session_id=session_id,
-                    detail={"method": method, "reason": reason, "status": status})
-            wall = _time.time()
-            if not window.suppressed:
-                window.first_time = wall
-            window.suppressed += 1
-            window.last_time = wall
-            if method in window.methods or len(window.methods) < _MAX_SUMMARY_METHODS:
-                window.methods[method] = window.methods.get(method, 0) + 1
-            else:
-                window.methods["other"] = window.methods.get("other", 0) + 1
-            return None
-
-    def _end_locked(self, key: tuple[str, str, str]) -> None:
-        window = self._windows.pop(key)
-        if window.suppressed:
-            self._log.submit(
-                "denied.summary", tenant=window.tenant, peer=window.peer,
-                detail={"status": window.status, "count": window.suppressed,
-                        "recorded": window.recorded, "window_s": self.window_s,
-                        "first_time": window.first_time, "last_time": window.last_time,
-                        "methods": window.methods})
-
-    def _start_flusher_locked(self) -> None:
-        if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
-                                             name="corral-audit-denials")
-            self._flusher.start()
-        self._cv.notify()
-
-    def _flush_loop(self) -> None:
-        with self._cv:
-            while not self._closed:
-                if not self._windows:
-                    self._cv.wait()
-                    continue
-                now = self._clock()
-                due = min(w.opened for w in self._windows.values()) + self.window_s
-                if due > now:
-                    self._cv.wait(due - now)
-                    continue
-                for key in [k for k, w in self._windows.items()
-                            if now - w.opened >= self.window_s]:
-                    try:
-                        self._end_locked(key)
-                    except AuditError as exc:
-                        _log.error("denied.summary not recorded: %s", exc)
-
-    def flush(self) -> None:
-        """Write the summaries of every open window now."""
-        with self._cv:
-            for key in list(self._windows):
-                self._end_locked(key)
-
-    def close(self) -> None:
-        with self._cv:
-            if self._closed:
-                return
-            for key in list(self._windows):
-                try:
-                    self._end_locked(key)
-                except AuditError as exc:
-                    _log.error("denied.summary not recorded: %s", exc)
-            self._closed = True
-            self._cv.notify_all()
-            flusher = self._flusher
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join()
 
 
 # -- for people --------------------------------------------------------------------------------

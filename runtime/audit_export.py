@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from corral.sandbox.errors import InvalidSpec
 
-from .audit import _COLUMNS, _canonical_json, jsonl_lines
+from .audit_records import _COLUMNS, _canonical_json, jsonl_lines
 
 NAMES = tuple(_COLUMNS.split(", "))
 FORMATS = ("jsonl", "ocsf")

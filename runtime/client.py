@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -22,11 +23,12 @@ import grpc
 
 from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, stream_pb2, task_pb2
 
-from .config import default_socket
+from .api.wire import MAX_MESSAGE_BYTES, varint
+from .locations import default_socket
 
-#: The daemon answers up to 16 MiB in one message (runtime/daemon.py MAX_MESSAGE_BYTES, a
-#: Tasks.Result page that asked for it); gRPC clients take 4 MiB unless told otherwise.
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
+#: The daemon answers up to MAX_MESSAGE_BYTES in one message; gRPC clients take 4 MiB
+#: unless told otherwise.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 #: Bytes per Upload chunk the client sends (the daemon takes up to 4 MiB).
 UPLOAD_CHUNK_BYTES = 2 << 20
@@ -45,6 +47,16 @@ class ClientError(Exception):
 
 def _wrap(exc: grpc.RpcError) -> ClientError:
     return ClientError(exc.code(), exc.details() or "")
+
+
+def _until_cancelled(responses):
+    """The responses of a streaming call: a cancel of ours ends them quietly, any other
+    failure is a ClientError."""
+    try:
+        yield from responses
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:
+            raise _wrap(exc) from None
 
 
 class FileContent(bytes):
@@ -84,6 +96,18 @@ def _last_seq(batch: stream_pb2.StreamBatch) -> int:
     return batch.first_seq + len(batch.lengths) + len(batch.events) - 1
 
 
+def _session_start(argv: list[str], sandbox_id: str, env, input: str, labels, request_id: str,
+                   spec: dict) -> session_pb2.SessionStart:
+    """A SessionStart in sandbox_id, or, without one, in a new sandbox of spec."""
+    start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input,
+                                     labels=labels or {}, request_id=request_id)
+    if sandbox_id:
+        start.sandbox_id = sandbox_id
+    else:
+        start.spec.CopyFrom(sandbox_pb2.SandboxSpec(**spec))
+    return start
+
+
 class _QueuedRequests:
     """A bidirectional call fed from a queue: requests go out in order from any thread;
     None ends the request side."""
@@ -102,10 +126,7 @@ class _QueuedRequests:
         """The call's responses; a cancel of ours ends them quietly, other errors are
         ClientError; the request side is ended either way."""
         try:
-            yield from call
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise _wrap(exc) from None
+            yield from _until_cancelled(call)
         finally:
             self._requests.put(None)
 
@@ -168,13 +189,8 @@ class SessionMux(_QueuedRequests):
     def start(self, ref: str, argv: list[str], *, sandbox_id: str = "", env=None,
               input: str = "", labels=None, request_id: str = "", **spec) -> None:
         """Start a session as ref; labels and request_id as Client.open_session."""
-        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input,
-                                         labels=labels or {}, request_id=request_id)
-        if sandbox_id:
-            start.sandbox_id = sandbox_id
-        else:
-            start.spec.CopyFrom(sandbox_pb2.SandboxSpec(**spec))
-        self._send(ref, start=start)
+        self._send(ref, start=_session_start(argv, sandbox_id, env, input, labels, request_id,
+                                             spec))
 
     def resume(self, ref: str, session_id: str, after_seq: int = 0,
                watch_only: bool = False) -> None:
@@ -296,13 +312,7 @@ class Client:
     def list_sandboxes(self, selector: str = "", state: int = 0) -> list[sandbox_pb2.Sandbox]:
         """Every sandbox of the caller's matching a label selector ("k=v,k2!=v2,k3,!k4")
         and state (SANDBOX_STATE_*; 0: the running ones), over as many pages as it takes."""
-        found, token = [], ""
-        while True:
-            page = self.list_sandboxes_page(selector, state, page_token=token)
-            found.extend(page.sandboxes)
-            token = page.next_page_token
-            if not token:
-                return found
+        return _every_page(self.list_sandboxes_page, "sandboxes", selector, state)
 
     def list_sandboxes_page(self, selector: str = "", state: int = 0, page_size: int = 0,
                             page_token: str = "") -> sandbox_pb2.ListSandboxesResponse:
@@ -452,11 +462,7 @@ class Client:
         finally:
             if close is not None:
                 close.close()
-        if reply.sha256 != digest.hexdigest():
-            raise ClientError(grpc.StatusCode.DATA_LOSS,
-                              f"sha256: the daemon wrote {reply.sha256}, we sent "
-                              f"{digest.hexdigest()}")
-        return reply
+        return _checked(reply, digest, "the daemon wrote {theirs}, we sent {ours}")
 
     def download_parts(self, sandbox_id: str, path: str, offset: int = 0,
                        length: int = 0) -> Iterator[sandbox_pb2.DownloadResponse]:
@@ -533,11 +539,7 @@ class Client:
         finally:
             if close is not None:
                 close.close()
-        if end.sha256 != digest.hexdigest():
-            raise ClientError(grpc.StatusCode.DATA_LOSS,
-                              f"sha256: the daemon sent {end.sha256}, we got "
-                              f"{digest.hexdigest()}")
-        return end
+        return _checked(end, digest, "the daemon sent {theirs}, we got {ours}")
 
     def put_archive(self, sandbox_id: str, path: str,
                     chunks) -> sandbox_pb2.PutArchiveResponse:
@@ -592,10 +594,7 @@ class Client:
         call = self.sandboxes.Stats(sandbox_pb2.StatsRequest(
             sandbox_id=sandbox_id, interval_s=interval_s), metadata=self.metadata)
         try:
-            yield from call
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise _wrap(exc) from None
+            yield from _until_cancelled(call)
         finally:
             call.cancel()
 
@@ -606,12 +605,7 @@ class Client:
         """Start a session in sandbox_id, or in a new sandbox of spec (SandboxSpec fields).
         labels: {key: value} to find it by; request_id: an idempotency key (a retry with it
         attaches to the session the first start made)."""
-        start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input,
-                                         labels=labels or {}, request_id=request_id)
-        if sandbox_id:
-            start.sandbox_id = sandbox_id
-        else:
-            start.spec.CopyFrom(sandbox_pb2.SandboxSpec(**spec))
+        start = _session_start(argv, sandbox_id, env, input, labels, request_id, spec)
         return SessionStream(self.sessions, session_pb2.SessionRequest(start=start),
                              self.metadata)
 
@@ -627,13 +621,7 @@ class Client:
     def list_sessions(self, selector: str = "", state: int = 0) -> list[session_pb2.SessionInfo]:
         """Every session of the caller's matching a label selector and state
         (SESSION_STATE_*; 0: all), over as many pages as it takes."""
-        found, token = [], ""
-        while True:
-            page = self.list_sessions_page(selector, state, page_token=token)
-            found.extend(page.sessions)
-            token = page.next_page_token
-            if not token:
-                return found
+        return _every_page(self.list_sessions_page, "sessions", selector, state)
 
     def list_sessions_page(self, selector: str = "", state: int = 0, page_size: int = 0,
                            page_token: str = "") -> session_pb2.ListSessionsResponse:
@@ -753,14 +741,37 @@ class Client:
         return self._call(self.nodes.Drain, task_pb2.DrainNodeRequest(name=name))
 
 
+def _every_page(list_page, field: str, *args) -> list:
+    """The `field` items of every page of a List call; list_page(*args, page_token=T) is one
+    page, whose next_page_token names the next ("" after the last)."""
+    found, token = [], ""
+    while True:
+        page = list_page(*args, page_token=token)
+        found.extend(getattr(page, field))
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+def _checked(reply, digest, mismatch: str):
+    """reply, when the sha256 the daemon reports is the one this side computed.
+
+    Raises:
+        ClientError: DATA_LOSS, "sha256: " + mismatch naming both digests.
+    """
+    ours = digest.hexdigest()
+    if reply.sha256 != ours:
+        raise ClientError(grpc.StatusCode.DATA_LOSS,
+                          "sha256: " + mismatch.format(theirs=reply.sha256, ours=ours))
+    return reply
+
+
 _ZEROS = bytes(1 << 20)
 
 
 def _file_pieces(f, offset: int, chunk_bytes: int, digest):
     """(offset, data) pieces of a binary file from offset on; holes of a regular file are
     skipped (an offset jump), and digest sees every byte from 0, holes as zeros."""
-    from corral.sandbox import fstree
-
     fd = f.fileno() if hasattr(f, "fileno") else None
     regular = False
     if fd is not None:
@@ -782,7 +793,7 @@ def _file_pieces(f, offset: int, chunk_bytes: int, digest):
     size = os.fstat(fd).st_size - base
     _hash_local(fd, base, offset, digest)
     pos = offset
-    for start, stop in fstree.data_ranges(fd, base + offset, base + size):
+    for start, stop in _data_ranges(fd, base + offset, base + size):
         _hash_zeros(digest, start - base - pos)
         pos = start - base
         while pos < stop - base:
@@ -796,19 +807,38 @@ def _file_pieces(f, offset: int, chunk_bytes: int, digest):
     yield size, b""  # where the file ends (a hole up to there)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _upload_chunk(offset: int, data: bytes) -> bytes:
     """UploadRequest{chunk: FileChunk{offset, data}}, encoded with one copy of data."""
-    inner = b"".join((b"\x08", _varint(offset), b"\x12", _varint(len(data))))
-    return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
+    inner = b"".join((b"\x08", varint(offset), b"\x12", varint(len(data))))
+    return b"".join((b"\x12", varint(len(inner) + len(data)), inner, data))
+
+
+def _data_ranges(fd: int, offset: int, end: int):
+    """(start, stop) of the data of a local file between offset and end, holes skipped
+    (SEEK_DATA/SEEK_HOLE; all data where the filesystem cannot tell). The client's own
+    copy of sandbox/fstree.py's: the client does not import the sandbox layer."""
+    pos = offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a hole up to the end
+                return
+            if exc.errno != errno.EINVAL:
+                raise
+            start = pos  # no SEEK_DATA on this filesystem
+            stop = end
+        else:
+            if start >= end:
+                return
+            try:
+                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            except OSError:
+                stop = end
+        if stop <= start:
+            return
+        yield start, stop
+        pos = stop
 
 
 def _read_ahead(pieces, pool):

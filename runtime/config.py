@@ -11,21 +11,9 @@ from dataclasses import dataclass, field
 from corral.sandbox.errors import InvalidSpec
 from corral.sandbox.spec import parse_duration, parse_size
 
+from .locations import default_socket, default_state
+
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-def default_socket() -> str:
-    """$XDG_RUNTIME_DIR/corral.sock for users, /run/corral/corral.sock for root."""
-    if os.geteuid() != 0 and os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "corral.sock")
-    return "/run/corral/corral.sock"
-
-
-def default_state() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/corral"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "corral")
 
 
 def check_tenant(name: str, field_name: str = "tenant") -> str:
@@ -136,6 +124,23 @@ class DaemonConfig:
                                       self.operators)
 
     def validate(self) -> DaemonConfig:
+        """Check every setting, naming the first bad one; returns self.
+
+        Raises:
+            InvalidSpec: the setting and why, e.g. "listen: '::1' is not HOST:PORT".
+        """
+        self._check_listeners()
+        self._check_limits()
+        self._check_audit_and_retention()
+        self._check_telemetry()
+        from .governance import check_audit_settings
+
+        check_audit_settings(self.audit)
+        self.policy_book()  # refuse a bad policy at start, naming its key
+        return self
+
+    def _check_listeners(self) -> None:
+        """The TCP listener, its tokens and TLS files."""
         if self.listen is not None:
             host, sep, port = self.listen.rpartition(":")
             # Port 0: the kernel picks a free one; the daemon logs it and records it in
@@ -156,6 +161,9 @@ class DaemonConfig:
             check_tenant(tenant)
             if len(token) < 16:
                 raise InvalidSpec("tokens", f"the token of tenant {tenant!r} is shorter than 16")
+
+    def _check_limits(self) -> None:
+        """Lifetimes, counts, stream buffers, workspace and disk sizes, check intervals."""
         for name in ("session_idle_ttl_s", "sandbox_ttl_s"):
             if getattr(self, name) <= 0:
                 raise InvalidSpec(name, "must be longer than zero")
@@ -182,6 +190,9 @@ class DaemonConfig:
             raise InvalidSpec("disk_reserve_bytes", "must not be negative")
         if not 0.05 <= self.resource_check_s <= 60:
             raise InvalidSpec("resource_check_s", "must be between 0.05 and 60 seconds")
+
+    def _check_audit_and_retention(self) -> None:
+        """The audit check at start, segment sizes, and how long records and tasks stay."""
         if self.verify_audit not in ("full", "tail"):
             raise InvalidSpec("verify_audit", f"{self.verify_audit!r} is not 'full' or 'tail'")
         for name in ("audit_segment_records", "audit_segment_bytes"):
@@ -199,6 +210,9 @@ class DaemonConfig:
         if not isinstance(self.task_retention_s, (int, float)) or self.task_retention_s < 0:
             raise InvalidSpec("task_retention", f"{self.task_retention_s!r} must be a duration "
                                                 "(e.g. 7d) or 0 to keep every task")
+
+    def _check_telemetry(self) -> None:
+        """Metrics address, tracing target and log format."""
         if self.metrics is not None:
             from .metrics import check_address
 
@@ -215,11 +229,6 @@ class DaemonConfig:
                 raise InvalidSpec("tracing", str(exc)) from None
         if self.log_format not in ("text", "json"):
             raise InvalidSpec("log_format", f"{self.log_format!r} is not 'text' or 'json'")
-        from .governance import check_audit_settings
-
-        check_audit_settings(self.audit)
-        self.policy_book()  # refuse a bad policy at start, naming its key
-        return self
 
 
 _DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_ttl_s"}

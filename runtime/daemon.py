@@ -1,4 +1,9 @@
-"""`corral daemon`: the grpc.aio server that owns sandboxes, sessions and the audit log."""
+"""`corral daemon`: the grpc.aio server that owns sandboxes, sessions and the audit log.
+
+This is the composition root: the one module that builds every part (audit log,
+governance, sandbox manager, sessions, scheduler, servicers, server) and wires them to
+each other. No other product module builds them.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import time
 
 import grpc
 
-from corral.sandbox import Sandbox, sweep, workspace_fs
+from corral.sandbox import workspace_fs
+from corral.sandbox.backends.native import sweep_for_this_process
 from corral.sandbox.errors import CorralError
 from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, task_pb2
 
@@ -21,7 +27,7 @@ from .api.errors import exhaustion_listeners
 from .api.sandboxes import SandboxesServicer
 from .api.sessions import SessionsServicer
 from .api.tasks import task_handlers
-from .api.wire import generic_handler
+from .api.wire import MAX_MESSAGE_BYTES, generic_handler
 from .audit import AuditLog
 from .auth import Authenticator
 from .config import DaemonConfig
@@ -37,7 +43,6 @@ log = logging.getLogger("corral.daemon")
 SHUTDOWN_GRACE_S = 5.0
 #: Longest a stop may take before the process exits anyway (status 1).
 STOP_DEADLINE_S = 25.0
-MAX_MESSAGE_BYTES = 16 << 20
 
 
 class Daemon:
@@ -73,53 +78,71 @@ class Daemon:
         self.tracing = NO_TRACING
 
     async def start(self) -> None:
+        """Build and wire every part, in dependency order, then serve."""
         cfg = self.config
-        # Every sandbox, command and session holds a few descriptors here: take the hard
-        # limit, not the usual soft 1024.
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        _raise_descriptor_limit()
         os.makedirs(cfg.state, mode=0o700, exist_ok=True)
-        if cfg.metrics is not None:  # only now is prometheus_client imported
+        self._start_observability()
+        _prepare_workspaces(cfg)
+        await self._open_records()
+        self._start_sandboxes_and_sessions()
+        from .tasks.service import start_scheduler
+
+        self.scheduler = await start_scheduler(cfg, self.audit, self.policies)
+        self.scheduler.admission = self.resources.admit
+        self.scheduler.metrics = self.metrics
+        await self._start_server()
+        self.audit.append("daemon.start", tenant="", peer="daemon", detail={
+            "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
+            "tcp_port": self.tcp_port or 0, "metrics_port": self.metrics.port,
+            **self.governance.start_detail()})
+        tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
+        log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
+        await self._apply_health()  # NOT_SERVING from the start on a full disk
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_resources())
+        exhaustion_listeners.append(self._on_exhaustion)
+
+    def _start_observability(self) -> None:
+        """Metrics and tracing, when configured (only then are their libraries imported)."""
+        cfg = self.config
+        if cfg.metrics is not None:
             from .metrics import DaemonMetrics
 
             self.metrics = DaemonMetrics(self, cfg.metrics, cfg.metrics_public)
-        if cfg.tracing is not None:  # only now is opentelemetry imported
+        if cfg.tracing is not None:
             from .tracing import Tracing
 
             self.tracing = Tracing(cfg.tracing)
-        # Workspaces: capped tmpfs mounts under a 0700 root, settings inherited by the task
-        # shims through the environment; those of dead owners (a killed daemon's sandboxes,
-        # lost attempts) go first, before anything is written.
-        workspace_fs.configure(root_dir=cfg.workspace_root, size_bytes=cfg.workspace_bytes,
-                               inodes=cfg.workspace_inodes)
-        workspace_fs.ensure_root()
-        for name in workspace_fs.sweep():
-            log.info("removed workspace %s: its owner is gone", name)
+
+    async def _open_records(self) -> None:
+        """The disk guard, the audit log, governance; then what a dead daemon's sandboxes
+        left is removed and recorded."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
         # On a full state disk the reserve is released here, so the audit log still opens.
         self.resources = ResourceGuard(
             cfg.state, reserve_bytes=cfg.disk_reserve_bytes,
             extra_paths=(workspace_fs.root(),) if workspace_fs.kind() == "dir" else ())
         self.resources.check()
         # verify_audit="full" re-hashes every segment before anything is appended.
-        self.audit = await asyncio.get_running_loop().run_in_executor(None, lambda: AuditLog.open(
+        self.audit = await loop.run_in_executor(None, lambda: AuditLog.open(
             os.path.join(cfg.state, "audit.db"), verify=cfg.verify_audit,
             segment_records=cfg.audit_segment_records, segment_bytes=cfg.audit_segment_bytes,
             retention_s=cfg.audit_retention_s))
         self.audit.metrics = self.metrics
         # The signing key, the policy digest on every record from here on, the sinks.
         self.governance = Governance(self)
-        await asyncio.get_running_loop().run_in_executor(None, self.governance.start)
+        await loop.run_in_executor(None, self.governance.start)
         # Sandboxes of a daemon that died (SIGKILL, crash) died with it; remove what they
-        # left and say so in the chain, which simply continues.
-        for sandbox_id in await asyncio.get_running_loop().run_in_executor(None, _sweep):
+        # left and say so in the chain, which simply continues. (The sweep also stands for
+        # the one this process's first sandbox start would make: a sweep there can fail a
+        # caller's Create for a sandbox that is not theirs.)
+        for sandbox_id in await loop.run_in_executor(None, _sweep):
             self.audit.append("sandbox.reaped", tenant="", peer="daemon", sandbox_id=sandbox_id,
                               detail={"reason": "its daemon died"})
-        # Swept just now: the first Sandbox.start of this process need not sweep again (a
-        # sweep there can fail a caller's Create for a sandbox that is not theirs).
-        Sandbox._swept = True
+
+    def _start_sandboxes_and_sessions(self) -> None:
+        cfg = self.config
         self.sandboxes = SandboxManager(
             self.audit, default_ttl_s=cfg.sandbox_ttl_s, max_sandboxes=cfg.max_sandboxes,
             stream_log_bytes=cfg.stream_log_bytes, policies=self.policies,
@@ -134,12 +157,10 @@ class Daemon:
                                        stream_log_bytes=cfg.stream_log_bytes)
         self.sessions.metrics = self.metrics
         self.sessions.start()
-        from .tasks.service import start_scheduler
 
-        self.scheduler = await start_scheduler(cfg, self.audit, self.policies)
-        self.scheduler.admission = self.resources.admit
-        self.scheduler.metrics = self.metrics
-
+    async def _start_server(self) -> None:
+        """The gRPC server with every servicer, bound to the socket (and TCP, metrics)."""
+        cfg = self.config
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -175,15 +196,6 @@ class Daemon:
                      self.metrics.port)
         await server.start()
         self.server = server
-        self.audit.append("daemon.start", tenant="", peer="daemon", detail={
-            "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
-            "tcp_port": self.tcp_port or 0, "metrics_port": self.metrics.port,
-            **self.governance.start_detail()})
-        tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
-        log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
-        await self._apply_health()  # NOT_SERVING from the start on a full disk
-        self._monitor = asyncio.get_running_loop().create_task(self._watch_resources())
-        exhaustion_listeners.append(self._on_exhaustion)
 
     # -- health from resources -------------------------------------------------------------------
 
@@ -402,15 +414,37 @@ def _start_stop_watchdog(deadline_s: float) -> None:
     timer.start()
 
 
+def _raise_descriptor_limit() -> None:
+    """Every sandbox, command and session holds a few descriptors here: take the hard
+    limit, not the usual soft 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _prepare_workspaces(cfg: DaemonConfig) -> None:
+    """Workspaces: capped tmpfs mounts under a 0700 root, settings inherited by the task
+    shims through the environment; those of dead owners (a killed daemon's sandboxes, lost
+    attempts) go first, before anything is written."""
+    workspace_fs.configure(root_dir=cfg.workspace_root, size_bytes=cfg.workspace_bytes,
+                           inodes=cfg.workspace_inodes)
+    workspace_fs.ensure_root()
+    for name in workspace_fs.sweep():
+        log.info("removed workspace %s: its owner is gone", name)
+
+
 def _sweep() -> list[str]:
-    """sweep(), retried when a sandbox of another live process vanishes while it looks.
+    """sweep_for_this_process(), retried when a sandbox of another live process vanishes
+    while it looks.
 
     sweep() lists the runtime directory and then stats each entry; a concurrent destroy
     (another daemon, `corral run`) can remove one in between (FileNotFoundError).
     """
     for attempt in range(5):
         try:
-            return sweep()
+            return sweep_for_this_process()
         except FileNotFoundError:
             if attempt == 4:
                 raise

@@ -51,6 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one JSON object: user, kernel, checks (feature, status, found, "
                         "without, required)")
+    p.set_defaults(handler=main)
     return p
 
 

@@ -23,6 +23,8 @@ import tty
 
 from corral.sandbox import ptys
 
+from .cli.exits import exec_ending, killed_by
+
 
 class TerminalLost(Exception):
     """corral itself was asked to stop (SIGTERM, SIGHUP, SIGQUIT) while in raw mode."""
@@ -134,58 +136,18 @@ def run_on_terminal(proc, *, interactive: bool, raw: bool) -> int | None:
             proc.kill()
 
     old_sigint = signal.signal(signal.SIGINT, on_sigint)
-    master = proc.stdout.fileno()
-    keys = proc.stdin.fileno()
-    os.set_blocking(master, False)  # one open file: the stdin dup is non-blocking too
-    pending = bytearray()
+    os.set_blocking(proc.stdout.fileno(), False)  # one open file: stdin's dup is too
     sel = selectors.DefaultSelector()
     try:
         with RawTerminal(0, raw=interactive) as term:
             with contextlib.suppress(CorralError, OSError):  # the window may have changed
                 proc.resize(*term.window())
-            sel.register(master, selectors.EVENT_READ)
-            sel.register(term.wake_fd, selectors.EVENT_READ)
-            if interactive:
-                sel.register(term.fd, selectors.EVENT_READ)
-            if proc.sandbox.status_fd >= 0:
-                sel.register(proc.sandbox.status_fd, selectors.EVENT_READ)
-            expired = False
+            for fd in (proc.stdout.fileno(), term.wake_fd, proc.sandbox.status_fd,
+                       term.fd if interactive else -1):
+                if fd >= 0:
+                    sel.register(fd, selectors.EVENT_READ)
             try:
-                while proc.poll() is None:
-                    remaining = None if expired else proc.remaining()
-                    if remaining == 0:
-                        proc.expire()
-                        expired, remaining = True, None
-                    if pending:  # the program is not reading its keys: retry soon
-                        remaining = 0.05 if remaining is None else min(remaining, 0.05)
-                        try:
-                            del pending[:os.write(keys, pending)]
-                        except BlockingIOError:
-                            pass
-                        except OSError:
-                            pending.clear()
-                    for key, _ in sel.select(remaining):
-                        if key.fd == master:
-                            if not proc._drain(master, out.write):
-                                sel.unregister(master)  # every slave closed; exit follows
-                        elif key.fd == term.wake_fd:
-                            if term.window_changed():
-                                with contextlib.suppress(CorralError, OSError):
-                                    proc.resize(*term.window())
-                        elif key.fd == term.fd:
-                            data = os.read(term.fd, 65536)
-                            if not data:
-                                sel.unregister(term.fd)
-                            elif len(pending) < (1 << 20):
-                                pending += data
-                                try:
-                                    del pending[:os.write(keys, pending)]
-                                except BlockingIOError:
-                                    pass
-                                except OSError:
-                                    pending.clear()
-                with contextlib.suppress(OSError):  # what the program wrote last
-                    proc._drain(master, out.write)
+                _copy_until_exit(proc, term, sel, out)
             except TerminalLost as exc:
                 proc.kill()
                 proc.wait()
@@ -200,6 +162,53 @@ def run_on_terminal(proc, *, interactive: bool, raw: bool) -> int | None:
     return None
 
 
+def _copy_until_exit(proc, term: RawTerminal, sel, out) -> None:
+    """The I/O loop of run_on_terminal: the pty's output to `out`, the user's keys to the
+    pty (held in `pending` while the program does not read them), window changes to a
+    resize; the program's timeout is kept here, as its own wait would."""
+    from corral.sandbox import CorralError
+
+    master, keys = proc.stdout.fileno(), proc.stdin.fileno()
+    pending = bytearray()
+    expired = False
+    while proc.poll() is None:
+        remaining = None if expired else proc.remaining()
+        if remaining == 0:
+            proc.expire()
+            expired, remaining = True, None
+        if pending:  # the program is not reading its keys: retry soon
+            remaining = 0.05 if remaining is None else min(remaining, 0.05)
+            _send_keys(keys, pending)
+        for key, _ in sel.select(remaining):
+            if key.fd == master:
+                if not proc._drain(master, out.write):
+                    sel.unregister(master)  # every slave closed; exit follows
+            elif key.fd == term.wake_fd:
+                if term.window_changed():
+                    with contextlib.suppress(CorralError, OSError):
+                        proc.resize(*term.window())
+            elif key.fd == term.fd:
+                data = os.read(term.fd, 65536)
+                if not data:
+                    sel.unregister(term.fd)
+                elif len(pending) < (1 << 20):
+                    pending += data
+                    _send_keys(keys, pending)
+    with contextlib.suppress(OSError):  # what the program wrote last
+        proc._drain(master, out.write)
+
+
+def _send_keys(fd: int, pending: bytearray) -> None:
+    """Write what the pty takes of `pending` now, keeping the rest; a pty that is gone
+    drops them all."""
+    try:
+        del pending[:os.write(fd, pending)]
+    except BlockingIOError:
+        pass
+    except OSError:
+        pending.clear()
+
+
 def exec_on_terminal(client, sandbox_id: str, argv: list[str], kw: dict, *,
                      interactive: bool, raw: bool) -> int:
     """`corral exec -t`: run argv with tty through the daemon, the user's terminal raw
@@ -212,92 +221,38 @@ def exec_on_terminal(client, sandbox_id: str, argv: list[str], kw: dict, *,
     restores the terminal first.
     """
     import sys
-    import threading
 
     from corral.runtime.terminal import TerminalWriter
 
     out = TerminalWriter(os.fdopen(os.dup(1), "wb", buffering=0), raw=raw, program_tty=True)
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
-    started: dict[str, str] = {}
-    threads: list[threading.Thread] = []
-
-    def pump_input(term: RawTerminal, exec_id: str) -> None:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(stop_r, selectors.EVENT_READ)
-        sel.register(term.wake_fd, selectors.EVENT_READ)
-        if interactive:
-            sel.register(term.fd, selectors.EVENT_READ)
-        try:
-            while True:
-                for key, _ in sel.select():
-                    if key.fd == stop_r:
-                        return
-                    if key.fd == term.wake_fd:
-                        if term.window_changed():
-                            client.resize(sandbox_id, exec_id, *term.window())
-                    else:
-                        data = os.read(term.fd, 65536)
-                        if not data:
-                            sel.unregister(term.fd)
-                        else:
-                            client.send_input(sandbox_id, exec_id, data)
-        except Exception:  # noqa: BLE001 (the command ended or the daemon went: the
-            return  # stream says which)
-        finally:
-            sel.close()
+    exec_ids: list[str] = []  # the command's id, once the daemon has started it
 
     def on_sigint(_signum, _frame):
-        if "id" in started:
+        if exec_ids:
             with contextlib.suppress(Exception):
-                client.signal(sandbox_id, signal.SIGINT, started["id"])
+                client.signal(sandbox_id, signal.SIGINT, exec_ids[0])
 
-    ending = (1, "exec: the stream ended without an exit status")
     old_sigint = signal.signal(signal.SIGINT, on_sigint)
     try:
         with RawTerminal(0, raw=interactive) as term:
-            rows, cols = term.window()
-            env = dict(kw.pop("env", None) or {})
-            if os.environ.get("TERM"):
-                env.setdefault("TERM", os.environ["TERM"])
+            keys = _KeyPump(client, sandbox_id, term, stop_r, interactive=interactive)
             try:
-                for event in client.exec(sandbox_id, argv, tty=True, rows=rows, cols=cols,
-                                         keep_stdin_open=interactive, env=env, **kw):
-                    kind = event.WhichOneof("event")
-                    if kind == "started":
-                        started["id"] = event.started.exec_id
-                        thread = threading.Thread(target=pump_input,
-                                                  args=(term, event.started.exec_id),
-                                                  daemon=True)
-                        thread.start()
-                        threads.append(thread)
-                    elif kind == "output":
-                        out.write(event.output.batch.text)
-                    elif kind == "exited":
-                        ex = event.exited
-                        if ex.reason == "timeout":
-                            ending = (124, f"{argv[0]}: killed after its timeout")
-                        elif ex.reason == "oom":
-                            ending = (137, f"{argv[0]}: killed by the memory limit (OOM)")
-                        else:
-                            ending = (ex.returncode if ex.returncode >= 0
-                                      else 128 - ex.returncode, "")
-                        break
+                status, message = _follow_exec(client, sandbox_id, argv, kw, term, out,
+                                               keys, exec_ids, interactive=interactive)
             except TerminalLost as exc:
-                if "id" in started:
+                if exec_ids:
                     with contextlib.suppress(Exception):
-                        client.signal(sandbox_id, signal.SIGHUP, started["id"])
-                return 128 + exc.signum
+                        client.signal(sandbox_id, signal.SIGHUP, exec_ids[0])
+                return killed_by(exc.signum)
             finally:
                 out.close()
                 os.write(stop_w, b"x")
-                for thread in threads:
-                    thread.join(5)
+                keys.join()
         # the terminal is itself again: messages end lines with \n
-        if ending[1]:
-            print(f"corral: {ending[1]}", file=sys.stderr)
-        return ending[0]
+        if message:
+            print(f"corral: {message}", file=sys.stderr)
+        return status
     finally:
         signal.signal(signal.SIGINT, old_sigint)
         os.close(stop_r)
@@ -305,3 +260,75 @@ def exec_on_terminal(client, sandbox_id: str, argv: list[str], kw: dict, *,
         with contextlib.suppress(OSError):
             out.stream.close()
 
+
+def _follow_exec(client, sandbox_id: str, argv: list[str], kw: dict, term: RawTerminal, out,
+                 keys: _KeyPump, exec_ids: list[str], *, interactive: bool) -> tuple[int, str]:
+    """Write the Exec stream to the terminal until the command exits: its status and the
+    line to print; the key pump starts once the daemon names the command."""
+    rows, cols = term.window()
+    env = dict(kw.pop("env", None) or {})
+    if os.environ.get("TERM"):
+        env.setdefault("TERM", os.environ["TERM"])
+    for event in client.exec(sandbox_id, argv, tty=True, rows=rows, cols=cols,
+                             keep_stdin_open=interactive, env=env, **kw):
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            exec_ids.append(event.started.exec_id)
+            keys.start(event.started.exec_id)
+        elif kind == "output":
+            out.write(event.output.batch.text)
+        elif kind == "exited":
+            return exec_ending(argv[0], event.exited)
+    return 1, "exec: the stream ended without an exit status"
+
+
+class _KeyPump:
+    """The input thread of exec_on_terminal: the user's keys (SendInput) and window
+    changes (Resize) to the command, until a byte on `stop_fd`."""
+
+    def __init__(self, client, sandbox_id: str, term: RawTerminal, stop_fd: int, *,
+                 interactive: bool):
+        self.client = client
+        self.sandbox_id = sandbox_id
+        self.term = term
+        self.stop_fd = stop_fd
+        self.interactive = interactive
+        self._thread = None
+
+    def start(self, exec_id: str) -> None:
+        import threading
+
+        self._thread = threading.Thread(target=self._pump, args=(exec_id,), daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _pump(self, exec_id: str) -> None:
+        import selectors
+
+        term = self.term
+        sel = selectors.DefaultSelector()
+        sel.register(self.stop_fd, selectors.EVENT_READ)
+        sel.register(term.wake_fd, selectors.EVENT_READ)
+        if self.interactive:
+            sel.register(term.fd, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.fd == self.stop_fd:
+                        return
+                    if key.fd == term.wake_fd:
+                        if term.window_changed():
+                            self.client.resize(self.sandbox_id, exec_id, *term.window())
+                    else:
+                        data = os.read(term.fd, 65536)
+                        if not data:
+                            sel.unregister(term.fd)
+                        else:
+                            self.client.send_input(self.sandbox_id, exec_id, data)
+        except Exception:  # noqa: BLE001 (the command ended or the daemon went: the
+            return  # stream says which)
+        finally:
+            sel.close()

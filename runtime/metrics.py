@@ -393,10 +393,9 @@ class DaemonMetrics(NoMetrics):
         tasks: dict[tuple, int] = {}
         tokens = self._tokens_retired
         if daemon.sandboxes is not None:
-            for msb in daemon.sandboxes.all():
-                if not msb.destroyed:
-                    key = ("running", self.tenant_label(msb.tenant), msb.spec.backend)
-                    sandboxes[key] = sandboxes.get(key, 0) + 1
+            for msb in daemon.sandboxes.all():  # the live ones only
+                key = ("running", self.tenant_label(msb.tenant), msb.spec.backend)
+                sandboxes[key] = sandboxes.get(key, 0) + 1
         with self._lock:
             for backend, n in self._starting.items():
                 if n:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import posixpath
@@ -24,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from corral.ext import TokenStream
-from corral.sandbox import Process, Sandbox, SandboxSpec, ptys
+from corral.sandbox import Process, SandboxSpec, new_sandbox, ptys
+from corral.sandbox.backends.base import SandboxLifecycle
 from corral.sandbox.errors import (
     CorralError,
+    Ended,
     InvalidSpec,
     InvalidTransition,
     NotFound,
@@ -34,6 +34,7 @@ from corral.sandbox.errors import (
     SandboxSetupError,
     Unavailable,
 )
+from corral.sandbox.spec import check_argv, check_env
 from corral.sandbox.workspace import MAX_READ_BYTES, Workspace
 
 from .auth import Caller, check_owner
@@ -66,7 +67,6 @@ DEFAULT_EXEC_REPLAY_BYTES = 24 << 20
 #: Destroyed sandboxes the daemon remembers (for Destroy's already_destroyed, a replayed
 #: Create and List{state: DESTROYED}); the oldest are forgotten first.
 MAX_TOMBSTONES = 4096
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def signal_command(process, sig: int) -> bool:
@@ -80,22 +80,6 @@ def signal_command(process, sig: int) -> bool:
         process.send_signal(sig)
         return True
     return False
-
-
-class Ended(CorralError):
-    """The command, its stdin or the session a request is about has already ended."""
-
-    grpc_status = "FAILED_PRECONDITION"
-
-
-def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
-    """sha256 of the canonical policy a sandbox runs under (spec + seccomp profile)."""
-    fields = {k: v for k, v in spec.__dict__.items() if k not in ("workspace", "labels")}
-    if not spec.image:  # digests of sandboxes on the host's /usr stay what they were
-        del fields["image"]
-    fields["seccomp_digest"] = seccomp_digest
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class PipeWriter:
@@ -191,7 +175,7 @@ class ManagedSandbox:
     id: str
     tenant: str
     spec: SandboxSpec
-    sandbox: Sandbox
+    sandbox: SandboxLifecycle
     policy_digest: str
     created_at: float
     expires_at: float
@@ -315,13 +299,9 @@ class SandboxManager:
         ttl = rules.ttl(ttl_s, self.default_ttl_s)
         loop = asyncio.get_running_loop()
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
-        if spec.backend == "docker":  # a container on the engine at the daemon's DOCKER_HOST
-            from corral.sandbox.backends.docker import DockerSandbox
-
-            sandbox = DockerSandbox(spec)
-        else:
-            sandbox = Sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
-                loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)))
+        # a docker sandbox is a container on the engine at the daemon's DOCKER_HOST
+        sandbox = new_sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
+            loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)))
         self._pending += 1
         self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
         try:
@@ -335,7 +315,7 @@ class SandboxManager:
             else:
                 self._pending_by_tenant[tenant] -= 1
         now = time.time()
-        digest = policy_digest(spec, sandbox._prepared.seccomp_profile.digest)
+        digest = sandbox.policy_digest()
         policy["digest"] = digest
         msb = ManagedSandbox(
             id=sandbox.id, tenant=caller.tenant, spec=sandbox.spec, sandbox=sandbox,
@@ -407,24 +387,22 @@ class SandboxManager:
     def get(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
         """The caller's sandbox; another tenant's is NOT_FOUND like an unknown id (and
         audited as a denial)."""
-        msb = self._sandboxes.get(sandbox_id)
+        msb = self._sandboxes.get(sandbox_id)  # live ones only: _destroy removes it
         missing = f"sandbox {sandbox_id!r} does not exist"
-        if msb is None or msb.destroyed:
+        if msb is None:
             raise NotFound(missing)
         check_owner(caller, msb.tenant, "sandbox", sandbox_id, missing)
         return msb
 
     def list(self, caller: Caller) -> list[ManagedSandbox]:
-        return [m for m in self._sandboxes.values()
-                if m.tenant == caller.tenant and not m.destroyed]
+        return [m for m in self._sandboxes.values() if m.tenant == caller.tenant]
 
     def find(self, caller: Caller, selector: Selector = EVERYTHING, *,
              destroyed: bool = False) -> list:
         """The caller's live sandboxes (or, destroyed=True, the destroyed ones the daemon
         still remembers) whose labels match selector, in creation order."""
         pool = self._tombstones.values() if destroyed else self._sandboxes.values()
-        found = [m for m in pool if m.tenant == caller.tenant and m.destroyed == destroyed
-                 and selector.matches(m.labels)]
+        found = [m for m in pool if m.tenant == caller.tenant and selector.matches(m.labels)]
         return sorted(found, key=lambda m: m.seq)
 
     def get_or_destroyed(self, caller: Caller, sandbox_id: str):
@@ -625,13 +603,7 @@ class SandboxManager:
         t0 = self.metrics.clock()
         self.admission("exec")
         msb = self.get(caller, sandbox_id)
-        _check_argv(argv)
-        _check_env(env or {})
-        cwd = _check_cwd(cwd)
-        if len(stdin) > MAX_INPUT_BYTES:
-            raise InvalidSpec("stdin", f"{len(stdin)} bytes is over the {MAX_INPUT_BYTES} limit")
-        if tty is not None:
-            ptys.check_window(*tty)
+        cwd = _check_exec_request(argv, env, cwd, stdin, tty)
         loop = asyncio.get_running_loop()
         exec_id = "exe-" + secrets.token_hex(6)
         # Audited before it runs (nothing may run unrecorded); the detail is bounded, so the
@@ -643,9 +615,45 @@ class SandboxManager:
                     "policy_digest": msb.policy_digest, "stdin_bytes": len(stdin),
                     **({"tty": list(tty)} if tty is not None else {})},
         )
+        process, (in_w, out_r, err_r) = await self._spawn_command(
+            caller, msb, exec_id, session_id, argv, env=env, cwd=cwd, pass_fds=pass_fds,
+            timeout_s=timeout_s, tty=tty)
+        stdout, stderr = (self._output_hub(mode, lossless) for mode in (stdout_mode, stderr_mode))
+        if tty is not None:
+            # the pty master (two descriptors of it) replaces the stdin and stdout pipes;
+            # stderr's pipe, never given to the command, ends at once
+            os.close(out_r)
+            os.close(in_w)
+            out_r, in_w = os.dup(process.stdout.fileno()), os.dup(process.stdin.fileno())
+            process.stdout.close()
+            process.stdin.close()
+            process.stdout = process.stdin = None
+        stdout.attach_fd(out_r)
+        stderr.attach_fd(err_r)
+        writer = PipeWriter(in_w, loop)
+        handle = ExecHandle(exec_id, msb.id, tuple(argv), process, stdout, stderr, writer,
+                            time.monotonic(), pid=process.pid or 0)
+        msb.execs[exec_id] = handle
+        if stdin:
+            writer.write(stdin)
+        if not keep_stdin_open:
+            writer.close()
+        self._follow_exit(handle, loop)
+        self.metrics.exec_started(msb.spec.backend, t0)
+        return handle
+
+    async def _spawn_command(self, caller: Caller, msb: ManagedSandbox, exec_id: str,
+                             session_id: str, argv: list[str], *, env, cwd: str, pass_fds,
+                             timeout_s: float | None, tty: tuple[int, int] | None):
+        """Start the command on a spawner thread with three new pipes; returns its Process
+        and the daemon's ends (stdin's write end, stdout's and stderr's read ends).
+
+        Raises:
+            InvalidSpec: cwd cannot be entered inside the sandbox.
+            CorralError: the spawn failed (also audited as exec.failed).
+        """
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
         (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
-        theirs = [in_r, out_w, err_w]
         try:
             process = await self.run_blocking(self.tracing.phase_in_thread(
                 lambda: msb.sandbox.exec(
@@ -668,35 +676,19 @@ class SandboxManager:
                                          f"{os.strerror(exc.errno)}") from None
             raise
         finally:
-            for fd in theirs:
+            for fd in (in_r, out_w, err_w):  # the command's ends
                 os.close(fd)
-        stdout, stderr = (self._output_hub(mode, lossless) for mode in (stdout_mode, stderr_mode))
-        if tty is not None:
-            # the pty master (two descriptors of it) replaces the stdin and stdout pipes;
-            # stderr's pipe, never given to the command, ends at once
-            os.close(out_r)
-            os.close(in_w)
-            out_r, in_w = os.dup(process.stdout.fileno()), os.dup(process.stdin.fileno())
-            process.stdout.close()
-            process.stdin.close()
-            process.stdout = process.stdin = None
-        stdout.attach_fd(out_r)
-        stderr.attach_fd(err_r)
-        writer = PipeWriter(in_w, loop)
-        handle = ExecHandle(exec_id, msb.id, tuple(argv), process, stdout, stderr, writer,
-                            time.monotonic(), pid=process.pid or 0)
-        msb.execs[exec_id] = handle
-        if stdin:
-            writer.write(stdin)
-        if not keep_stdin_open:
-            writer.close()
+        return process, (in_w, out_r, err_r)
+
+    def _follow_exit(self, handle: ExecHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the loop hear of the command's exit (from the thread that reaps it), and
+        end it at its deadline."""
+        process = handle.process
         process.on_exit = lambda _p: loop.call_soon_threadsafe(self._on_exit, handle)
         if process.returncode is not None:  # it ended before on_exit was set
             self._on_exit(handle)
         if process.deadline is not None:
             loop.call_at(loop.time() + process.remaining(), self._expire, handle)
-        self.metrics.exec_started(msb.spec.backend, t0)
-        return handle
 
     def _output_hub(self, mode: str, lossless: bool) -> StreamHub:
         """A hub for one output of a command. A lossless one holds the command back once
@@ -1081,14 +1073,18 @@ def _retire_finished(execs: dict[str, ExecHandle]) -> None:
         handle.stderr.release_flow_control()
 
 
-def _check_env(env: dict[str, str]) -> None:
-    if len(env) > 256:
-        raise InvalidSpec("env", "more than 256 variables")
-    for key, value in env.items():
-        if not _ENV_NAME_RE.match(key):
-            raise InvalidSpec("env", f"{key!r} is not a variable name (A-Z, a-z, 0-9, _)")
-        if "\0" in value:
-            raise InvalidSpec("env", f"the value of {key} contains a NUL byte")
+def _check_exec_request(argv: list[str], env: dict[str, str] | None, cwd: str, stdin: bytes,
+                        tty: tuple[int, int] | None) -> str:
+    """Refuse a malformed command before anything is audited or spawned; returns the
+    working directory as an absolute path."""
+    check_argv(argv)
+    check_env((env or {}).items())
+    cwd = _check_cwd(cwd)
+    if len(stdin) > MAX_INPUT_BYTES:
+        raise InvalidSpec("stdin", f"{len(stdin)} bytes is over the {MAX_INPUT_BYTES} limit")
+    if tty is not None:
+        ptys.check_window(*tty)
+    return cwd
 
 
 def _check_cwd(cwd: str) -> str:
@@ -1098,14 +1094,3 @@ def _check_cwd(cwd: str) -> str:
     if len(cwd) > 4096:
         raise InvalidSpec("cwd", "longer than 4096 bytes")
     return posixpath.join("/workspace", cwd) if cwd else "/workspace"
-
-
-def _check_argv(argv: list[str]) -> None:
-    if not argv or not argv[0]:
-        raise InvalidSpec("argv", "the command is empty")
-    if len(argv) > 4096 or sum(len(a) for a in argv) > 1 << 20:
-        raise InvalidSpec("argv", "more than 4096 arguments or 1 MiB in all")
-    for arg in argv:
-        if "\0" in arg:
-            raise InvalidSpec("argv", "an argument contains a NUL byte")
-

@@ -1,8 +1,8 @@
 """Interactive sessions: an agent streaming tokens, steered and interrupted, watched by many.
 
-A session is one agent process in a sandbox with the protocol's two pipes: its events fd
-(CORRAL_EVENTS_FD=3, agent -> runtime frames) feeds one TokenStream, the replay log every
-watcher reads; its control fd (CORRAL_CONTROL_FD=4) carries INPUT, INTERRUPT, SHUTDOWN.
+A session is one agent process in a sandbox with the protocol's two pipes (corral.ext.agent):
+its events fd (agent -> runtime frames) feeds one TokenStream, the replay log every watcher
+reads; its control fd carries INPUT, INTERRUPT, SHUTDOWN.
 A plain agent (one that never writes a frame) is still a session: its stdout joins the
 same stream as tokens, its stderr as LOG entries, input goes to its stdin as a line and an
 interrupt is SIGINT.
@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import signal
 import time
@@ -25,42 +24,21 @@ import weakref
 from dataclasses import dataclass, field
 
 from corral.ext import EventKind, TokenStream
-from corral.sandbox.errors import CorralError, InvalidSpec, NotFound
-from corral.v1 import stream_pb2
+from corral.sandbox.errors import CorralError, Ended, InvalidSpec, NotFound
 
 from .auth import Caller, check_owner
 from .idempotency import RequestLedger
 from .labels import EVERYTHING, Selector
 from .metrics import NO_METRICS
-from .sandboxes import Ended, signal_command
-from .streams import ControlWriter, StreamHub
+from .sandboxes import signal_command
+from .session_state import Exited, SessionTurns
+from .streams import AgentPipes, ControlWriter, StreamHub
 
 log = logging.getLogger("corral.sessions")
 
-EVENTS_FD = 3
-CONTROL_FD = 4
 INTERRUPT_GRACE_S = 2.0
 SHUTDOWN_GRACE_S = 2.0
 MAX_INPUT_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class TurnStarted:
-    turn: int
-    seq: int
-
-
-@dataclass(frozen=True)
-class TurnEnded:
-    turn: int
-    status: str
-    seq: int
-
-
-@dataclass(frozen=True)
-class Exited:
-    returncode: int
-    reason: str
 
 
 @dataclass
@@ -72,17 +50,15 @@ class Session:
     hub: StreamHub
     control: ControlWriter
     exec_handle: object = None
-    turn: int = 1
-    turn_open: bool = True
+    #: Its phase and turn number, and the client streams told of their changes.
+    turns: SessionTurns = field(default_factory=SessionTurns)
     attached: int = 0
     detached_since: float | None = None
-    exited: Exited | None = None
-    closing: bool = False
-    exited_reason: str = ""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
-    listeners: set = field(default_factory=set)
     _interrupt_timer: asyncio.TimerHandle | None = None
     _tasks: list = field(default_factory=list)
+    #: The copiers of a plain agent's stdout and stderr into the hub (PlainOutput).
+    plain_output: tuple = ()
     #: The client's key/value metadata (runtime/labels.py), checked.
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0  # Unix time
@@ -99,9 +75,55 @@ class Session:
         """True once the agent wrote any frame: it speaks the protocol."""
         return self.hub.stream.statistics().frames > 0
 
-    def publish(self, event) -> None:
-        for queue in list(self.listeners):
-            queue.put_nowait(event)
+    @property
+    def turn(self) -> int:
+        return self.turns.turn
+
+    @property
+    def exited(self) -> Exited | None:
+        return self.turns.exited
+
+    @property
+    def closing(self) -> bool:
+        return self.turns.closing
+
+    @property
+    def listeners(self) -> set:
+        """The client streams told of turn changes (each with `put_nowait(event)`)."""
+        return self.turns.listeners
+
+
+class PlainOutput:
+    """Copies what a plain agent writes on stdout (TOKEN entries) or stderr (LOG entries)
+    into its session's hub as soon as the command's text hub has read it: each entry's bytes
+    go from one log to the other, with no batch encoded and decoded in between."""
+
+    __slots__ = ("stream", "target", "kind", "next_seq")
+
+    def __init__(self, source: StreamHub, target: StreamHub, kind: int) -> None:
+        # The stream, not its hub: the hub holds this copier's callback, and a reference
+        # back would be a cycle keeping both logs until the cyclic GC ran.
+        self.stream = source.stream
+        self.target = target
+        self.kind = kind
+        self.next_seq = 1
+        source.add_notify(self.copy)
+        self.copy()  # what the hub read while the agent was starting
+
+    def copy(self) -> None:
+        """StreamHub notify callback: append the entries read since the last call."""
+        stream = self.stream
+        end = stream.next_seq
+        start = max(self.next_seq, stream.first_seq)
+        self.next_seq = end
+        for seq in range(start, end):
+            event = stream.get(seq)
+            if event.kind == EventKind.TOKEN and event.payload:
+                self.target.append_event(self.kind, event.payload)
+
+    def stop(self, source: StreamHub) -> None:
+        """Copy nothing more from source (the hub given to the constructor)."""
+        source.remove_notify(self.copy)
 
 
 class SessionManager:
@@ -198,27 +220,22 @@ class SessionManager:
                                               labels=labels)
         else:
             msb = self.sandboxes.get(caller, sandbox_id)
-        events_r, events_w = os.pipe2(os.O_CLOEXEC)
-        control_r, control_w = os.pipe2(os.O_CLOEXEC)
-        agent_env = dict(env or {})
-        agent_env.update({"CORRAL_EVENTS_FD": str(EVENTS_FD),
-                          "CORRAL_CONTROL_FD": str(CONTROL_FD),
-                          "CORRAL_PROTOCOL": "1", "CORRAL_SESSION_ID": session_id})
+        # the kernel's default capacity for the events pipe, as sessions have always had
+        pipes = AgentPipes.open(events_pipe_bytes=None)
+        agent_env = {**(env or {}), **pipes.env(), "CORRAL_SESSION_ID": session_id}
         try:
             handle = await self.sandboxes.exec(
                 caller, msb.id, argv, env=agent_env, keep_stdin_open=True,
-                pass_fds={EVENTS_FD: events_w, CONTROL_FD: control_r}, session_id=session_id,
+                pass_fds=pipes.pass_fds(), session_id=session_id,
             )
         except BaseException:
-            for fd in (events_r, control_w):
-                os.close(fd)
+            pipes.close()
             if owns:
                 with contextlib.suppress(Exception):
                     await self.sandboxes.destroy(caller, msb.id, "session start failed")
             raise
         finally:
-            os.close(events_w)
-            os.close(control_r)
+            pipes.close_agent_ends()
         holder: list[weakref.ref] = []
         # end_on_eof=False: after the agent's last frame the runtime may still append its
         # own final TURN_END; watchers end when _watch_exit closes the hub.
@@ -229,7 +246,7 @@ class SessionManager:
                         end_on_eof=False)
         session = Session(
             id=session_id, tenant=caller.tenant, sandbox_id=msb.id, owns_sandbox=owns,
-            hub=hub, control=ControlWriter(control_w), exec_handle=handle,
+            hub=hub, control=ControlWriter(pipes.control_w), exec_handle=handle,
             # unwatched until a stream attaches: a client gone while its start was still
             # running leaves a session the idle reaper ends like any other
             detached_since=time.monotonic(), labels=dict(labels), created_at=time.time(),
@@ -237,14 +254,12 @@ class SessionManager:
         self._seq += 1
         session.seq = self._seq
         holder.append(weakref.ref(session))
-        hub.attach_fd(events_r)
+        hub.attach_fd(pipes.events_r)
         self._sessions[session_id] = session
         loop = asyncio.get_running_loop()
-        session._tasks = [
-            loop.create_task(self._forward_text(session, handle.stdout, EventKind.TOKEN)),
-            loop.create_task(self._forward_text(session, handle.stderr, EventKind.LOG)),
-            loop.create_task(self._watch_exit(session)),
-        ]
+        session.plain_output = (PlainOutput(handle.stdout, hub, EventKind.TOKEN),
+                                PlainOutput(handle.stderr, hub, EventKind.LOG))
+        session._tasks = [loop.create_task(self._watch_exit(session))]
         self.audit.append("session.open", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=msb.id, session_id=session_id,
                           detail={"argv": list(argv), "owns_sandbox": owns,
@@ -280,12 +295,7 @@ class SessionManager:
         data = text.encode("utf-8")
         if len(data) > MAX_INPUT_BYTES:
             raise InvalidSpec("input.text", f"{len(data)} bytes is over the 1 MiB limit")
-        if session.exited is not None:
-            raise Ended(f"session {session.id} has ended")
-        if not session.turn_open:
-            session.turn += 1
-            session.turn_open = True
-            session.publish(TurnStarted(session.turn, session.hub.stream.next_seq))
+        session.turns.input_arrived(session.id, session.hub.stream.next_seq)
         session.control.send_input(text)
         if not session.protocol_seen and session.exec_handle.stdin is not None:
             with contextlib.suppress(CorralError):
@@ -297,15 +307,14 @@ class SessionManager:
 
     def interrupt(self, caller: Caller, session: Session) -> None:
         """End the current turn: INTERRUPT (SIGINT for a plain agent), forced after a grace."""
-        if session.exited is not None:
-            raise Ended(f"session {session.id} has ended")
+        session.turns.check_running(session.id)
         if session.protocol_seen:
             session.control.send_interrupt()
         elif session.exec_handle.process.pid:
             signal_command(session.exec_handle.process, signal.SIGINT)
-        if session.turn_open:
+        if session.turns.turn_open:
             self.metrics.interrupt_sent(session.id)
-        if session.turn_open and session._interrupt_timer is None:
+        if session.turns.turn_open and session._interrupt_timer is None:
             loop = asyncio.get_running_loop()
             session._interrupt_timer = loop.call_later(
                 INTERRUPT_GRACE_S, self._force_turn_end, session, "interrupted")
@@ -337,7 +346,7 @@ class SessionManager:
     def _on_agent_event(self, session: Session | None, event) -> None:
         if session is None:  # gone already: nobody is left to tell
             return
-        if event.kind == EventKind.TURN_END and session.turn_open:
+        if event.kind == EventKind.TURN_END and session.turns.turn_open:
             try:
                 status = json.loads(event.payload).get("status", "completed")
             except (ValueError, AttributeError):
@@ -345,35 +354,18 @@ class SessionManager:
             self._turn_ended(session, str(status), event.seq)
 
     def _turn_ended(self, session: Session, status: str, seq: int) -> None:
-        session.turn_open = False
         self.metrics.turn_ended(session.id)
         if session._interrupt_timer is not None:
             session._interrupt_timer.cancel()
             session._interrupt_timer = None
-        session.publish(TurnEnded(session.turn, status, seq))
+        session.turns.end_turn(status, seq)
 
     def _force_turn_end(self, session: Session, status: str) -> None:
         session._interrupt_timer = None
-        if session.turn_open:
+        if session.turns.turn_open:
             payload = json.dumps({"status": status, "forced": True}).encode()
             seq = session.hub.append_event(EventKind.TURN_END, payload)
             self._turn_ended(session, status, seq)
-
-    async def _forward_text(self, session: Session, source: StreamHub, kind: int) -> None:
-        """Merge a plain agent's stdout (tokens) or stderr (log lines) into the session."""
-        watcher = source.watch()
-        try:
-            while (raw := await watcher.next_batch()) is not None:
-                batch = stream_pb2.StreamBatch.FromString(raw)
-                text = batch.text
-                pos = 0
-                for length in batch.lengths:
-                    chunk = text[pos:pos + length]
-                    pos += length
-                    if chunk:
-                        session.hub.append_event(kind, chunk)
-        finally:
-            watcher.close()
 
     async def _watch_exit(self, session: Session) -> None:
         handle = session.exec_handle
@@ -384,22 +376,22 @@ class SessionManager:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(
                 asyncio.gather(handle.stdout.wait_eof(), handle.stderr.wait_eof()), 2.0)
-        await asyncio.sleep(0)  # let the forwarders append their last entries
-        if session.turn_open:
+        if session.turns.turn_open:
             status = "interrupted" if session._interrupt_timer else (
                 "completed" if handle.returncode == 0 else "failed")
             self._force_turn_end(session, status)
-        reason = handle.reason if not session.closing else session.exited_reason
-        session.exited = Exited(handle.returncode, reason)
+        for output, source in zip(session.plain_output, (handle.stdout, handle.stderr),
+                                  strict=True):
+            output.stop(source)
         session.hub.close()
         session.control.close()
-        session.publish(session.exited)
+        exited = session.turns.exit(handle.returncode, handle.reason)
         session.ended.set()
         self.audit.append("session.exit", tenant=session.tenant, peer="daemon",
                           sandbox_id=session.sandbox_id, session_id=session.id,
-                          detail={"returncode": handle.returncode, "reason": reason})
-        # The session's own log holds everything the command's output hubs read (the
-        # forwarders copied it): let those logs go now, not when the session is reaped.
+                          detail={"returncode": handle.returncode, "reason": exited.reason})
+        # The session's own log holds everything the command's output hubs read (PlainOutput
+        # copied it): let those logs go now, not when the session is reaped.
         session.exec_handle = None
         handle.stdout.close()
         handle.stderr.close()
@@ -410,9 +402,7 @@ class SessionManager:
 
     async def _end(self, session: Session, reason: str) -> None:
         """Ask the agent to stop (SHUTDOWN, SIGTERM, SIGKILL), wait for its exit."""
-        if session.exited is None and not session.closing:
-            session.closing = True
-            session.exited_reason = reason
+        if session.turns.request_close(reason):
             handle = session.exec_handle  # _watch_exit drops it once the agent has exited
             proc = handle.process
             with contextlib.suppress(Exception):

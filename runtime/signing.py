@@ -49,6 +49,9 @@ from typing import Any
 
 from corral.sandbox.errors import CorralError, InvalidSpec
 
+from .audit_chain import _ChainChecker
+from .audit_records import GENESIS_HASH
+
 _log = logging.getLogger("corral.signing")
 
 CHECKPOINT_KIND = "audit.checkpoint"
@@ -337,89 +340,124 @@ def verify_signed(rows: Iterable[tuple], public_key,
     or a list of keys (a key rotated: each checkpoint names the key that signed it).
 
     `on_chain(row)` checks the hash chain (returns (seq, problem) at a break); by default an
-    audit._ChainChecker starting at the first row (a copy may start after record 1).
+    audit_chain._ChainChecker starting at the first row (a copy may start after record 1).
     """
-    from cryptography.exceptions import InvalidSignature
+    check = _SignedCheck(public_key, on_chain)
+    try:
+        for row in rows:
+            check.feed(row)
+        check.require_coverage()
+    except _Untrusted as exc:
+        return dataclasses.replace(check.past_signature(exc.problem),
+                                   unsigned_from=exc.unsigned_from)
+    return check.result(True)
 
-    from .audit import GENESIS_HASH, _ChainChecker
 
-    keys = {key_id(_raw_public(k)): k for k in (
-        public_key if isinstance(public_key, list | tuple) else [public_key])}
-    kid = ",".join(keys)
-    recent: collections.OrderedDict[int, tuple[str, bool]] = collections.OrderedDict()
-    checked = signatures = signed_through = last_seq = first_seq = 0
-    checker = None
+class _Untrusted(Exception):
+    """Why the records from the first one past the last valid signature cannot be trusted."""
 
-    def result(ok: bool, broken: int = 0, problem: str = "") -> SignedVerifyResult:
-        return SignedVerifyResult(ok, checked, signatures, signed_through, last_seq, kid,
-                                  broken, problem, first_seq)
+    def __init__(self, problem: str, unsigned_from: int = 0):
+        super().__init__(problem)
+        self.problem = problem
+        self.unsigned_from = unsigned_from  # set when only the newest records are unsigned
 
-    def past_signature(problem: str) -> SignedVerifyResult:
-        after = signed_through + 1 if signed_through else first_seq
-        where = (f"the last valid signature covers records up to {signed_through}"
-                 if signed_through else "no record is covered by a valid signature")
-        return result(False, after, f"{problem}; {where}, so record {after} is the first "
-                                    "that cannot be trusted")
 
-    for row in rows:
+class _SignedCheck:
+    """One `verify_signed` pass: the chain so far, the recent hashes checkpoints may sign,
+    and how far valid signatures reach."""
+
+    def __init__(self, public_key, on_chain: Callable[[tuple], tuple[int, str] | None] | None):
+        self.keys = {key_id(_raw_public(k)): k for k in (
+            public_key if isinstance(public_key, list | tuple) else [public_key])}
+        self.kid = ",".join(self.keys)
+        self.on_chain = on_chain
+        self.recent: collections.OrderedDict[int, tuple[str, bool]] = collections.OrderedDict()
+        self.checked = self.signatures = self.signed_through = 0
+        self.last_seq = self.first_seq = 0
+
+    def result(self, ok: bool, broken: int = 0, problem: str = "") -> SignedVerifyResult:
+        return SignedVerifyResult(ok, self.checked, self.signatures, self.signed_through,
+                                  self.last_seq, self.kid, broken, problem, self.first_seq)
+
+    def past_signature(self, problem: str) -> SignedVerifyResult:
+        """A failed result naming the first record no valid signature covers."""
+        after = self.signed_through + 1 if self.signed_through else self.first_seq
+        where = (f"the last valid signature covers records up to {self.signed_through}"
+                 if self.signed_through else "no record is covered by a valid signature")
+        return self.result(False, after, f"{problem}; {where}, so record {after} is the first "
+                                         "that cannot be trusted")
+
+    def feed(self, row: tuple) -> None:
+        """Check one row's link in the chain and, for a checkpoint, its signature."""
         seq = row[0]
-        if on_chain is None:
+        if self.on_chain is None:
             start = seq if isinstance(seq, int) and seq > 1 else 1
-            checker = _ChainChecker(start, row[8] if start > 1 else GENESIS_HASH)
-            on_chain = checker.feed
-        checked += 1
-        problem = on_chain(row)
+            self.on_chain = _ChainChecker(start, row[8] if start > 1 else GENESIS_HASH).feed
+        self.checked += 1
+        problem = self.on_chain(row)
         if problem:
-            return past_signature(f"the hash chain breaks: {problem[1]}")
-        if not first_seq:
-            first_seq = seq
-        last_seq = seq
+            raise _Untrusted(f"the hash chain breaks: {problem[1]}")
+        if not self.first_seq:
+            self.first_seq = seq
+        self.last_seq = seq
         is_checkpoint = row[4] == CHECKPOINT_KIND
-        recent[seq] = (row[9], is_checkpoint)
-        if len(recent) > MAX_CHECKPOINT_LAG:
-            recent.popitem(last=False)
-        if not is_checkpoint:
-            continue
+        self.recent[seq] = (row[9], is_checkpoint)
+        if len(self.recent) > MAX_CHECKPOINT_LAG:
+            self.recent.popitem(last=False)
+        if is_checkpoint:
+            self._check_checkpoint(seq, row[7])
+
+    def _check_checkpoint(self, seq: int, detail_json: str) -> None:
+        """The checkpoint at seq verifies with a given key and signs the hash the chain has."""
+        from cryptography.exceptions import InvalidSignature
+
+        c_seq, c_hash, c_time, c_kid, sig = _read_claim(seq, detail_json)
+        if c_kid not in self.keys:
+            given = "the given public key" if len(self.keys) == 1 else "any given public key"
+            raise _Untrusted(f"record {seq}: the checkpoint is signed by key {c_kid}, not by "
+                             f"{given} ({self.kid})")
         try:
-            claim = json.loads(row[7])
-            c_seq, c_hash, c_time = claim["seq"], claim["hash"], float(claim["time"])
-            c_kid, sig = claim["key_id"], base64.b64decode(claim["signature"], validate=True)
-            if not isinstance(c_seq, int) or not isinstance(c_hash, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            return past_signature(f"record {seq}: an {CHECKPOINT_KIND} without a readable "
-                                  "seq, hash, time, key_id and signature")
-        if c_kid not in keys:
-            given = "the given public key" if len(keys) == 1 else "any given public key"
-            return past_signature(f"record {seq}: the checkpoint is signed by key {c_kid}, "
-                                  f"not by {given} ({kid})")
-        try:
-            keys[c_kid].verify(sig, checkpoint_message(c_seq, c_hash, c_time, c_kid))
+            self.keys[c_kid].verify(sig, checkpoint_message(c_seq, c_hash, c_time, c_kid))
         except InvalidSignature:
-            return past_signature(f"record {seq}: the checkpoint's signature does not verify "
-                                  "with the given public key: forged or altered")
-        if c_seq < first_seq:
-            continue  # signs a record before this copy starts: nothing here to compare
-        seen = recent.get(c_seq)
+            raise _Untrusted(f"record {seq}: the checkpoint's signature does not verify with "
+                             "the given public key: forged or altered") from None
+        if c_seq < self.first_seq:
+            return  # signs a record before this copy starts: nothing here to compare
+        seen = self.recent.get(c_seq)
         if seen is None:
-            return past_signature(f"record {seq}: signs record {c_seq}, which is not among "
-                                  f"the {MAX_CHECKPOINT_LAG} records before it")
+            raise _Untrusted(f"record {seq}: signs record {c_seq}, which is not among the "
+                             f"{MAX_CHECKPOINT_LAG} records before it")
         if seen[0] != c_hash:
-            return past_signature(
+            raise _Untrusted(
                 f"record {seq}: signed hash {c_hash[:16]}... of record {c_seq}, but the chain "
                 f"has {seen[0][:16]}... there: records up to {c_seq} were rewritten after "
                 "they were signed")
-        signatures += 1
-        signed_through = max(signed_through, c_seq)
-    # Covered: every record but trailing checkpoints is at or before a signed record.
-    unsigned = [s for s, (_h, ckpt) in recent.items() if s > signed_through and not ckpt]
-    if unsigned:
-        first = unsigned[0]
-        return dataclasses.replace(past_signature(
-            f"records {first}-{last_seq} are not covered by any signature (a running daemon "
-            "signs every checkpoint_records records, every checkpoint_interval and when it "
-            "stops)"), unsigned_from=first)
-    return result(True)
+        self.signatures += 1
+        self.signed_through = max(self.signed_through, c_seq)
+
+    def require_coverage(self) -> None:
+        """Every record but trailing checkpoints is at or before a signed record."""
+        unsigned = [s for s, (_h, ckpt) in self.recent.items()
+                    if s > self.signed_through and not ckpt]
+        if unsigned:
+            raise _Untrusted(
+                f"records {unsigned[0]}-{self.last_seq} are not covered by any signature (a "
+                "running daemon signs every checkpoint_records records, every "
+                "checkpoint_interval and when it stops)", unsigned_from=unsigned[0])
+
+
+def _read_claim(seq: int, detail_json: str) -> tuple[int, str, float, str, bytes]:
+    """(seq, hash, time, key_id, signature) of the checkpoint record at seq."""
+    try:
+        claim = json.loads(detail_json)
+        c_seq, c_hash, c_time = claim["seq"], claim["hash"], float(claim["time"])
+        c_kid, sig = claim["key_id"], base64.b64decode(claim["signature"], validate=True)
+        if not isinstance(c_seq, int) or not isinstance(c_hash, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise _Untrusted(f"record {seq}: an {CHECKPOINT_KIND} without a readable seq, hash, "
+                         "time, key_id and signature") from None
+    return c_seq, c_hash, c_time, c_kid, sig
 
 
 # -- the daemon's checkpoints -----------------------------------------------------------------

@@ -34,8 +34,8 @@ from typing import Any
 from corral.sandbox.errors import CorralError, InvalidSpec
 from corral.sandbox.spec import parse_size
 
-from .audit import _canonical_json as _canonical
 from .audit_export import jsonl_line, read_cursor, write_cursor
+from .audit_records import _canonical_json as _canonical
 
 _log = logging.getLogger("corral.sinks")
 

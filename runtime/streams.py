@@ -69,19 +69,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from corral.ext import agent as protocol
 from corral.ext._stream_py import ENTRY_OVERHEAD
-from corral.sandbox.errors import CorralError, InvalidSpec
+from corral.sandbox.errors import ControlClosed, ControlQueueFull, InvalidSpec
 
 if TYPE_CHECKING:
     from corral.ext._stream_py import StreamEvent, StreamStatistics, TokenStream
 
 __all__ = [
-    "AGENT_CONTROL_FD",
-    "AGENT_EVENTS_FD",
     "DEFAULT_BATCH_BYTES",
     "DEFAULT_CONTROL_QUEUE_BYTES",
     "DEFAULT_READ_BUDGET",
-    "MAX_CONTROL_PAYLOAD",
     "SeqOutOfRange",
     "TWIN_READ_BUDGET",
     "AgentPipes",
@@ -97,34 +95,15 @@ __all__ = [
     "pipe_capacity",
 ]
 
-AGENT_EVENTS_FD = 3  # CORRAL_EVENTS_FD inside the sandbox
-AGENT_CONTROL_FD = 4  # CORRAL_CONTROL_FD inside the sandbox
-PROTOCOL_VERSION = 1
 DEFAULT_READ_BUDGET = 256 << 10  # bytes read per readable event, at most (compiled core)
 TWIN_READ_BUDGET = 16 << 10  # the same for the pure-Python twin, which decodes ~50x slower
 DEFAULT_BATCH_BYTES = 64 << 10  # bytes of one encoded StreamBatch, at most
 DEFAULT_CONTROL_QUEUE_BYTES = 4 << 20  # control bytes queued for an agent that is not reading
-MAX_CONTROL_PAYLOAD = 1 << 20  # bytes; ext/agent.py refuses larger control frames
 DEFAULT_COALESCE_ENTRIES = 64  # coalescing: a batch of fewer entries is "tiny"
 
-# control frame types (docs/agent-protocol.md)
-_INPUT, _INTERRUPT, _SHUTDOWN = 0x81, 0x82, 0x83
-_INTERRUPT_FRAME = b"\x00\x00\x00\x00\x82"
-_SHUTDOWN_FRAME = b"\x00\x00\x00\x00\x83"
-
-
-class ControlQueueFull(CorralError):
-    """The agent is not reading its control pipe and the bounded queue is full."""
-
-    grpc_status = "RESOURCE_EXHAUSTED"
-
-    def __init__(self, queued: int, limit: int, size: int) -> None:
-        self.queued = queued
-        self.limit = limit
-        self.size = size
-        super().__init__(
-            f"the agent is not reading its control pipe: {queued} bytes of control frames are "
-            f"already queued (limit {limit}); refused a frame of {size} bytes")
+# frame kinds, header and limits are the agent protocol's (corral.ext.agent, its one home)
+_INTERRUPT_FRAME = protocol.encode_frame(protocol.INTERRUPT)
+_SHUTDOWN_FRAME = protocol.encode_frame(protocol.SHUTDOWN)
 
 
 class SeqOutOfRange(InvalidSpec, ValueError):
@@ -136,12 +115,6 @@ class SeqOutOfRange(InvalidSpec, ValueError):
         self.newest = newest
         super().__init__(field, f"{after_seq} is past the newest entry of the stream "
                                 f"(seq {newest}); resume from 0 to {newest}")
-
-
-class ControlClosed(CorralError):
-    """The control pipe is gone: the agent closed its end, or the runtime closed ours."""
-
-    grpc_status = "FAILED_PRECONDITION"
 
 
 # --- pipes ----------------------------------------------------------------------------------
@@ -208,14 +181,14 @@ class AgentPipes:
         """{fd number inside the sandbox: fd here}, for `Sandbox.exec(pass_fds=...)`."""
         if self.events_w is None or self.control_r is None:
             raise ValueError("the agent's pipe ends were already closed")
-        return {AGENT_EVENTS_FD: self.events_w, AGENT_CONTROL_FD: self.control_r}
+        return {protocol.EVENTS_FD: self.events_w, protocol.CONTROL_FD: self.control_r}
 
     @staticmethod
     def env() -> dict[str, str]:
         """The variables that tell an agent where its pipes are (docs/agent-protocol.md)."""
-        return {"CORRAL_PROTOCOL": str(PROTOCOL_VERSION),
-                "CORRAL_EVENTS_FD": str(AGENT_EVENTS_FD),
-                "CORRAL_CONTROL_FD": str(AGENT_CONTROL_FD)}
+        return {protocol.PROTOCOL_ENV: str(protocol.PROTOCOL_VERSION),
+                protocol.EVENTS_FD_ENV: str(protocol.EVENTS_FD),
+                protocol.CONTROL_FD_ENV: str(protocol.CONTROL_FD)}
 
     def close_agent_ends(self) -> None:
         """Close our copies of the agent's ends, once the agent has them (or failed to start).
@@ -1082,16 +1055,15 @@ class ControlWriter:
         """Send an INPUT frame (steering text).
 
         Raises:
-            InvalidSpec: the text is over MAX_CONTROL_PAYLOAD bytes of UTF-8.
+            InvalidSpec: the text is over protocol.MAX_CONTROL_PAYLOAD bytes of UTF-8.
             ControlQueueFull: frames are already queued and this one would pass the bound.
             ControlClosed: the pipe is closed.
         """
         payload = text.encode("utf-8")
-        if len(payload) > MAX_CONTROL_PAYLOAD:
+        if len(payload) > protocol.MAX_CONTROL_PAYLOAD:
             raise InvalidSpec("input", f"is {len(payload)} bytes of UTF-8; the limit is "
-                                       f"{MAX_CONTROL_PAYLOAD} bytes (1 MiB)")
-        frame = len(payload).to_bytes(4, "little") + b"\x81" + payload
-        self._send(frame, _INPUT)
+                                       f"{protocol.MAX_CONTROL_PAYLOAD} bytes (1 MiB)")
+        self._send(protocol.encode_frame(protocol.INPUT, payload), protocol.INPUT)
 
     def send_interrupt(self) -> bool:
         """Send an INTERRUPT frame; False when one is still queued (the two are merged).
@@ -1105,7 +1077,7 @@ class ControlWriter:
             self._check_open()
             self._merged += 1
             return False
-        self._send(_INTERRUPT_FRAME, _INTERRUPT)
+        self._send(_INTERRUPT_FRAME, protocol.INTERRUPT)
         return True
 
     def send_shutdown(self) -> bool:
@@ -1118,7 +1090,7 @@ class ControlWriter:
             self._check_open()
             self._merged += 1
             return False
-        self._send(_SHUTDOWN_FRAME, _SHUTDOWN)
+        self._send(_SHUTDOWN_FRAME, protocol.SHUTDOWN)
         return True
 
     def _check_open(self) -> None:
@@ -1128,7 +1100,7 @@ class ControlWriter:
     def _send(self, frame: bytes, kind: int) -> None:
         self._check_open()
         if self._queue:
-            if kind == _INPUT and self._queued + len(frame) > self._max:
+            if kind == protocol.INPUT and self._queued + len(frame) > self._max:
                 self._refused += 1
                 raise ControlQueueFull(self._queued, self._max, len(frame))
             self._enqueue(memoryview(frame), kind)
@@ -1149,9 +1121,9 @@ class ControlWriter:
     def _enqueue(self, rest: memoryview, kind: int) -> None:
         self._queue.append((rest, kind))
         self._queued += len(rest)
-        if kind == _INTERRUPT:
+        if kind == protocol.INTERRUPT:
             self._pending_interrupts += 1
-        elif kind == _SHUTDOWN:
+        elif kind == protocol.SHUTDOWN:
             self._pending_shutdowns += 1
         if self._queued > self._high_water:
             self._high_water = self._queued
@@ -1181,9 +1153,9 @@ class ControlWriter:
                 return
             queue.popleft()
             self._frames_sent += 1
-            if kind == _INTERRUPT:
+            if kind == protocol.INTERRUPT:
                 self._pending_interrupts -= 1
-            elif kind == _SHUTDOWN:
+            elif kind == protocol.SHUTDOWN:
                 self._pending_shutdowns -= 1
         self._writing = False
         self._loop.remove_writer(fd)  # type: ignore[arg-type]

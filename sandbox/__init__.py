@@ -1,15 +1,7 @@
 """corral.sandbox: SandboxSpec -> validated policy -> a native (or Docker) Linux sandbox."""
 
-from .backends.native import (
-    DEVNULL,
-    PIPE,
-    CompletedRun,
-    ExitReason,
-    Process,
-    Sandbox,
-    run,
-    sweep,
-)
+from .backends.base import DEVNULL, PIPE, CompletedRun, ExitReason, new_sandbox, run
+from .backends.native import Process, Sandbox, sweep
 from .errors import (
     CommandNotFound,
     CorralError,
@@ -37,6 +29,7 @@ __all__ = [
     "SandboxSetupError",
     "SandboxSpec",
     "UnsupportedHost",
+    "new_sandbox",
     "parse_duration",
     "parse_size",
     "run",

@@ -31,6 +31,9 @@ A command joins an existing sandbox through its PID 1's pidfd: a helper writes i
 the cgroup, setns() into all seven namespaces at once, clones the command and exits, so
 the command becomes a child of PID 1, which reaps it and reports its wait status to the
 runtime on a pipe (descriptor 3 of corral-init); the command runs steps 4 and 8-15.
+
+A child step that fails is reported by its name in ext/_spawn.pyx STEP_NAMES, which
+becomes SandboxSetupError.step.
 """
 
 from __future__ import annotations
@@ -42,31 +45,6 @@ from dataclasses import dataclass
 
 from . import landlock, mounts, seccomp
 from .spec import SandboxSpec
-
-#: The steps above, by name, as the child reports them (ext/_spawn.pyx STEP_NAMES).
-ORDER = (
-    "setresuid(owner)",
-    "clone",
-    "wait-for-parent",
-    "setresuid",
-    "write /proc/sys/user limit",
-    "cgroup-attach",
-    "unshare(CLONE_NEWCGROUP)",
-    "sethostname",
-    "loopback-up",
-    "mount",
-    "pivot_root",
-    "chdir",
-    "setsid",
-    "dup2(fds)",
-    "ioctl(TIOCSCTTY)",
-    "drop-capabilities",
-    "prctl(PR_SET_NO_NEW_PRIVS)",
-    "landlock",
-    "setrlimit",
-    "seccomp",
-    "execve",
-)
 
 #: Highest capability number to drop; CAP_LAST_CAP is read from the kernel when possible.
 _CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"

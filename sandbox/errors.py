@@ -1,4 +1,9 @@
-"""The one error tree of Corral; each class names the gRPC status it maps to, once."""
+"""The one error tree of Corral; each class names the gRPC status it maps to, once.
+
+It sits at the bottom of the layers and imports nothing of Corral, so the sandbox, the
+domain (sandboxes, sessions, tasks) and the servicers all raise the same classes; which
+exit status a CLI verb returns for one is that verb's decision, not the error's.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,6 @@ class CorralError(Exception):
 
     #: Name of the grpc.StatusCode this error maps to at the API boundary.
     grpc_status = "INTERNAL"
-    #: Exit status of the CLI when this error ends a command.
-    exit_code = 1
 
 
 # -- caller faults -----------------------------------------------------------------------------
@@ -22,7 +25,6 @@ class InvalidSpec(CorralError):
     """A sandbox spec, policy or argument is malformed; the message names the field."""
 
     grpc_status = "INVALID_ARGUMENT"
-    exit_code = 2
 
     def __init__(self, field: str, message: str):
         self.field = field
@@ -56,15 +58,47 @@ class Unavailable(CorralError):
     grpc_status = "UNAVAILABLE"
 
 
-class InvalidTransition(CorralError):
-    """A lifecycle move that the transition table does not allow."""
+# -- what a request is about is in the wrong state --------------------------------------------
+
+
+class FailedPrecondition(CorralError):
+    """What a request is about is not in a state that allows it (ended, not finished yet,
+    closed, not supported here); the request itself may be fine another time."""
 
     grpc_status = "FAILED_PRECONDITION"
+
+
+class InvalidTransition(FailedPrecondition):
+    """A lifecycle move that the transition table does not allow."""
 
     def __init__(self, from_: str, to: str):
         self.from_ = from_
         self.to = to
         super().__init__(f"illegal transition {from_} -> {to}")
+
+
+class Ended(FailedPrecondition):
+    """The command, its stdin or the session a request is about has already ended."""
+
+
+class NotFinished(FailedPrecondition):
+    """The task has no result yet."""
+
+
+class ControlClosed(FailedPrecondition):
+    """The control pipe is gone: the agent closed its end, or the runtime closed ours."""
+
+
+class ControlQueueFull(ResourceExhausted):
+    """The agent is not reading its control pipe and the bounded queue is full."""
+
+    def __init__(self, queued: int, limit: int, size: int) -> None:
+        self.queued = queued
+        self.limit = limit
+        self.size = size
+        super().__init__(
+            f"the agent is not reading its control pipe: {queued} bytes of control frames are "
+            f"already queued (limit {limit}); refused a frame of {size} bytes")
 
 
 # -- runtime faults ----------------------------------------------------------------------------
@@ -95,6 +129,9 @@ class SandboxSetupError(CorralError):
             f"sandbox setup failed at {step}{where}: {name} {os.strerror(errno)}{extra}"
         )
 
+
+#: What SQLite says when the filesystem under a database (the audit log, the task store) is full.
+SQLITE_DISK_FULL = "database or disk is full"
 
 #: errnos that say the host or the daemon ran out of something, not that a request is bad.
 EXHAUSTION_ERRNOS = frozenset({
@@ -135,7 +172,7 @@ def as_exhaustion(exc: BaseException) -> ResourceExhausted | None:
     if isinstance(exc, SandboxSetupError):
         return ResourceExhausted(str(exc)) if exc.grpc_status == "RESOURCE_EXHAUSTED" else None
     text = str(exc)
-    if "database or disk is full" in text:
+    if SQLITE_DISK_FULL in text:
         where = f" ({exc.path})" if isinstance(exc, AuditError) else ""
         return ResourceExhausted(
             f"the daemon's state filesystem is full{where}: {text}; free space on it "
@@ -153,7 +190,6 @@ class CommandNotFound(CorralError):
     """The program to run does not exist (or is not executable) inside the sandbox."""
 
     grpc_status = "INVALID_ARGUMENT"
-    exit_code = 127
 
     def __init__(self, argv0: str, errno: int):
         self.argv0 = argv0
@@ -163,10 +199,8 @@ class CommandNotFound(CorralError):
         )
 
 
-class UnsupportedHost(CorralError):
+class UnsupportedHost(FailedPrecondition):
     """The host lacks a kernel feature the requested policy needs."""
-
-    grpc_status = "FAILED_PRECONDITION"
 
 
 class AuditError(CorralError):
@@ -176,7 +210,7 @@ class AuditError(CorralError):
 
     def __init__(self, path: str, message: str):
         self.path = path
-        if "database or disk is full" in message:  # the operator's to fix, not a bug
+        if SQLITE_DISK_FULL in message:  # the operator's to fix, not a bug
             self.grpc_status = "RESOURCE_EXHAUSTED"
         super().__init__(f"audit log {path}: {message}")
 

@@ -168,111 +168,131 @@ def plan(
             host system directory is bound and /etc is the image's (its generated
             hosts, hostname and resolv.conf are already in the overlay's upper layer).
     """
-    host = host or HostView()
-    detached = detached or {}
-    ops: list[MountOp] = []
-    made: set[str] = set()
+    steps = _PlanSteps(root, host or HostView(), detached or {})
+    # 1. Nothing we mount may propagate back to the host.
+    steps.add("mount", "/", source=None, flags=MS_REC | MS_PRIVATE)
+    if image_root is not None:
+        # 2-4. The image's overlay (nosuid,nodev, idmapped layers) is the root and its /etc.
+        steps.ops.append(MountOp("attach", root, flags=image_root))
+    else:
+        steps.host_root(spec)  # 2-4. a tmpfs root, host system directories, a minimal /etc
+    steps.dev(spec)  # 5
+    steps.proc()  # 6
+    # 7. Writable scratch: /tmp and the workspace.
+    steps.mkdirs("/tmp", 0o1777)
+    steps.add("mount", steps.inside("/tmp"), source="tmpfs", fstype="tmpfs",
+              flags=MS_NOSUID | MS_NODEV, data=f"mode=1777,size={spec.tmp_bytes}")
+    steps.bind(workspace, "/workspace", writable=True, kind="dir")
+    # 8. Corral's own support files, then the user's extra binds in the order given.
+    for target, source in (support or {}).items():
+        steps.bind(source, target, writable=False)
+    for b in spec.binds:
+        steps.bind(b.source, b.target, writable=b.writable)
+    # 9. Switch root, then freeze the root tmpfs itself.
+    steps.add("pivot", root)
+    steps.add("setattr", "/", flags=READ_ONLY, mode=0)
+    steps.add("setattr", "/dev", flags=READ_ONLY | ATTR_NOEXEC, mode=0)
+    return steps.ops
 
-    def inside(path: str) -> str:
-        return root + path
 
-    def mkdirs(path: str, mode: int = 0o755) -> None:
+class _PlanSteps:
+    """The operations plan() collects, with the directories already made, and its steps."""
+
+    def __init__(self, root: str, host: HostView, detached: dict[str, int]):
+        self.root = root
+        self.host = host
+        self.detached = detached
+        self.ops: list[MountOp] = []
+        self.made: set[str] = set()
+
+    def inside(self, path: str) -> str:
+        return self.root + path
+
+    def add(self, kind: str, target: str, **fields) -> None:
+        self.ops.append(MountOp(kind, target, **fields))
+
+    def mkdirs(self, path: str, mode: int = 0o755) -> None:
         for d in [*_parents(path), path]:
-            if d not in made:
-                made.add(d)
-                ops.append(MountOp("mkdir", inside(d), mode=mode))
+            if d not in self.made:
+                self.made.add(d)
+                self.ops.append(MountOp("mkdir", self.inside(d), mode=mode))
 
-    def bind(source: str, target: str, writable: bool, kind: str | None = None) -> None:
-        kind = kind or host.kind(source)
+    def bind(self, source: str, target: str, writable: bool, kind: str | None = None) -> None:
+        """Bind a host path (attach it, when the caller detached it), read-only unless
+        writable; a link is kept as a link. A path the host lacks is left out."""
+        kind = kind or self.host.kind(source)
         if kind is None:
             return
         if kind.startswith("link:"):
             # Keep merged-/usr style links as links: the target is bound on its own.
             for d in _parents(target):
-                mkdirs(d)
-            ops.append(MountOp("symlink", inside(target), source=kind[5:]))
+                self.mkdirs(d)
+            self.add("symlink", self.inside(target), source=kind[5:])
             return
         if kind == "dir":
-            mkdirs(target)
+            self.mkdirs(target)
         else:
             for d in _parents(target):
-                mkdirs(d)
-            ops.append(MountOp("touch", inside(target), mode=0o644))
-        if source in detached:
-            ops.append(MountOp("attach", inside(target), flags=detached[source]))
+                self.mkdirs(d)
+            self.add("touch", self.inside(target), mode=0o644)
+        if source in self.detached:
+            self.add("attach", self.inside(target), flags=self.detached[source])
         else:
-            ops.append(MountOp("mount", inside(target), source=source, flags=MS_BIND | MS_REC))
+            self.add("mount", self.inside(target), source=source, flags=MS_BIND | MS_REC)
         attrs = ATTR_NOSUID | ATTR_NODEV if writable else READ_ONLY
-        ops.append(MountOp("setattr", inside(target), flags=attrs, mode=1))
+        self.add("setattr", self.inside(target), flags=attrs, mode=1)
 
-    # 1. Nothing we mount may propagate back to the host.
-    ops.append(MountOp("mount", "/", source=None, flags=MS_REC | MS_PRIVATE))
-    if image_root is not None:
-        # 2-4. The image's overlay (nosuid,nodev, idmapped layers) is the root and its /etc.
-        ops.append(MountOp("attach", root, flags=image_root))
-    else:
-        # 2. A small tmpfs as the new root; it only holds mount points and generated /etc.
-        ops.append(MountOp("mount", root, source="tmpfs", fstype="tmpfs",
-                           flags=MS_NOSUID | MS_NODEV, data="mode=0755,size=4m"))
-        # 3. Host system directories, read-only.
+    def host_root(self, spec: SandboxSpec) -> None:
+        """2. A small tmpfs as the new root (it only holds mount points and generated
+        /etc); 3. host system directories, read-only; 4. a minimal /etc: generated files
+        plus a few read-only host entries."""
+        self.add("mount", self.root, source="tmpfs", fstype="tmpfs",
+                 flags=MS_NOSUID | MS_NODEV, data="mode=0755,size=4m")
         for d in HOST_SYSTEM_DIRS:
-            bind(d, d, writable=False)
-        # 4. A minimal /etc: generated files plus a few read-only host entries.
-        mkdirs("/etc")
+            self.bind(d, d, writable=False)
+        self.mkdirs("/etc")
         for name, content in etc_files(spec).items():
-            ops.append(MountOp("file", inside("/etc/" + name), data=content, mode=0o644))
+            self.add("file", self.inside("/etc/" + name), data=content, mode=0o644)
         for entry in HOST_ETC_ENTRIES:
-            bind(entry, entry, writable=False)
-    # 5. /dev: a tmpfs with a few bound host nodes, a private devpts, shm.
-    mkdirs("/dev")
-    ops.append(MountOp("mount", inside("/dev"), source="tmpfs", fstype="tmpfs",
-                       flags=MS_NOSUID | MS_NOEXEC, data="mode=0755,size=64k"))
-    made.discard("/dev/pts")
-    made.discard("/dev/shm")
-    for dev in DEVICES:
-        path = "/dev/" + dev
-        if host.kind(path) is not None:
-            ops.append(MountOp("touch", inside(path), mode=0o666))
-            ops.append(MountOp("mount", inside(path), source=path, flags=MS_BIND))
-            ops.append(MountOp("setattr", inside(path), flags=ATTR_NOSUID | ATTR_NOEXEC))
-    for dev in spec.devices:  # granted devices (a task's accelerator): usable, not executable
-        path = "/dev/" + os.path.basename(dev)
-        ops.append(MountOp("touch", inside(path), mode=0o666))
-        ops.append(MountOp("mount", inside(path), source=dev, flags=MS_BIND))
-        ops.append(MountOp("setattr", inside(path), flags=ATTR_NOSUID | ATTR_NOEXEC))
-    ops.append(MountOp("mkdir", inside("/dev/pts"), mode=0o755))
-    ops.append(MountOp("mount", inside("/dev/pts"), source="devpts", fstype="devpts",
-                       flags=MS_NOSUID | MS_NOEXEC, data="newinstance,ptmxmode=0666,mode=620"))
-    ops.append(MountOp("symlink", inside("/dev/ptmx"), source="pts/ptmx"))
-    ops.append(MountOp("mkdir", inside("/dev/shm"), mode=0o1777))
-    ops.append(MountOp("mount", inside("/dev/shm"), source="tmpfs", fstype="tmpfs",
-                       flags=MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                       data=f"mode=1777,size={spec.tmp_bytes}"))
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        ops.append(MountOp("symlink", inside("/dev/" + name), source=target))
-    # 6. A fresh /proc of the sandbox's PID namespace, with the host-wide parts hidden.
-    mkdirs("/proc", 0o555)
-    ops.append(MountOp("mount", inside("/proc"), source="proc", fstype="proc",
-                       flags=MS_NOSUID | MS_NODEV | MS_NOEXEC))
-    for path in PROC_READ_ONLY:
-        ops.append(MountOp("ro_self", inside(path)))
-    for path in PROC_MASKED_FILES:
-        ops.append(MountOp("mask_file", inside(path)))
-    for path in PROC_MASKED_DIRS:
-        ops.append(MountOp("mask_dir", inside(path)))
-    # 7. Writable scratch: /tmp and the workspace.
-    mkdirs("/tmp", 0o1777)
-    ops.append(MountOp("mount", inside("/tmp"), source="tmpfs", fstype="tmpfs",
-                       flags=MS_NOSUID | MS_NODEV, data=f"mode=1777,size={spec.tmp_bytes}"))
-    bind(workspace, "/workspace", writable=True, kind="dir")
-    # 8. Corral's own support files, then the user's extra binds in the order given.
-    for target, source in (support or {}).items():
-        bind(source, target, writable=False)
-    for b in spec.binds:
-        bind(b.source, b.target, writable=b.writable)
-    # 9. Switch root, then freeze the root tmpfs itself.
-    ops.append(MountOp("pivot", root))
-    ops.append(MountOp("setattr", "/", flags=READ_ONLY, mode=0))
-    ops.append(MountOp("setattr", "/dev", flags=READ_ONLY | ATTR_NOEXEC, mode=0))
-    return ops
+            self.bind(entry, entry, writable=False)
+
+    def dev(self, spec: SandboxSpec) -> None:
+        """5. /dev: a tmpfs with a few bound host nodes and the granted devices, a private
+        devpts, shm, and the fd links."""
+        inside = self.inside
+        self.mkdirs("/dev")
+        self.add("mount", inside("/dev"), source="tmpfs", fstype="tmpfs",
+                 flags=MS_NOSUID | MS_NOEXEC, data="mode=0755,size=64k")
+        self.made.discard("/dev/pts")
+        self.made.discard("/dev/shm")
+        host_nodes = [("/dev/" + dev, "/dev/" + dev) for dev in DEVICES
+                      if self.host.kind("/dev/" + dev) is not None]
+        # granted devices (a task's accelerator): usable, not executable
+        granted = [(dev, "/dev/" + os.path.basename(dev)) for dev in spec.devices]
+        for source, path in host_nodes + granted:
+            self.add("touch", inside(path), mode=0o666)
+            self.add("mount", inside(path), source=source, flags=MS_BIND)
+            self.add("setattr", inside(path), flags=ATTR_NOSUID | ATTR_NOEXEC)
+        self.add("mkdir", inside("/dev/pts"), mode=0o755)
+        self.add("mount", inside("/dev/pts"), source="devpts", fstype="devpts",
+                 flags=MS_NOSUID | MS_NOEXEC, data="newinstance,ptmxmode=0666,mode=620")
+        self.add("symlink", inside("/dev/ptmx"), source="pts/ptmx")
+        self.add("mkdir", inside("/dev/shm"), mode=0o1777)
+        self.add("mount", inside("/dev/shm"), source="tmpfs", fstype="tmpfs",
+                 flags=MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                 data=f"mode=1777,size={spec.tmp_bytes}")
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            self.add("symlink", inside("/dev/" + name), source=target)
+
+    def proc(self) -> None:
+        """6. A fresh /proc of the sandbox's PID namespace, with the host-wide parts hidden."""
+        self.mkdirs("/proc", 0o555)
+        self.add("mount", self.inside("/proc"), source="proc", fstype="proc",
+                 flags=MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for path in PROC_READ_ONLY:
+            self.add("ro_self", self.inside(path))
+        for path in PROC_MASKED_FILES:
+            self.add("mask_file", self.inside(path))
+        for path in PROC_MASKED_DIRS:
+            self.add("mask_dir", self.inside(path))

@@ -167,10 +167,6 @@ def parse_rule(text: str) -> NetRule:
     return NetRule("wildcard" if wildcard else "name", name=name, port=port)
 
 
-def parse_rules(texts: Iterable[str]) -> tuple[NetRule, ...]:
-    return tuple(parse_rule(t) for t in texts)
-
-
 # -- decisions ------------------------------------------------------------------------------------
 
 

@@ -237,7 +237,6 @@ def _action_text(action: str, errno_ret: int | None) -> str:
 
 # -- loading and validation --------------------------------------------------------------------
 
-BUILTIN_PROFILES = ("default", "unconfined")
 _UNCONFINED_DIGEST = hashlib.sha256(b'"unconfined"').hexdigest()
 
 

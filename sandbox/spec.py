@@ -7,7 +7,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 
 from .errors import InvalidSpec
@@ -38,6 +38,47 @@ MAX_ENV_BYTES = 1 * MiB
 BACKENDS = ("native", "docker")
 # Paths inside the sandbox that Corral itself builds; a user mount may not replace them.
 RESERVED_TARGETS = ("/", "/proc", "/dev", "/tmp", "/workspace", "/etc")
+
+
+#: Variables one command (or a spec) may set; execve's room bounds their bytes anyway.
+MAX_ENV_VARS = 256
+#: Arguments of one command, and their bytes in all.
+MAX_ARGS = 4096
+MAX_ARGV_BYTES = 1 * MiB
+
+
+def check_env(pairs: Iterable[tuple[str, str]], field_name: str = "env") -> None:
+    """Variables a command may be given: at most MAX_ENV_VARS, names a shell takes, no NUL.
+
+    The one check for a spec's env and an exec's (a sandbox's or a task's).
+
+    Raises:
+        InvalidSpec: naming field_name.
+    """
+    pairs = list(pairs)
+    if len(pairs) > MAX_ENV_VARS:
+        raise InvalidSpec(field_name, f"more than {MAX_ENV_VARS} variables")
+    for key, value in pairs:
+        if not _ENV_NAME_RE.match(key):
+            raise InvalidSpec(field_name, f"{key!r} is not a valid variable name")
+        if "\0" in value:
+            raise InvalidSpec(field_name, f"value of {key} contains a NUL byte")
+
+
+def check_argv(argv: Iterable[str], field_name: str = "argv") -> None:
+    """A command line execve takes: a program, at most MAX_ARGS arguments and
+    MAX_ARGV_BYTES in all, no NUL. The one check for an exec's argv and a task's.
+
+    Raises:
+        InvalidSpec: naming field_name.
+    """
+    argv = list(argv)
+    if not argv or not argv[0]:
+        raise InvalidSpec(field_name, "the command is empty")
+    if len(argv) > MAX_ARGS or sum(len(a) for a in argv) > MAX_ARGV_BYTES:
+        raise InvalidSpec(field_name, f"more than {MAX_ARGS} arguments or 1 MiB in all")
+    if any("\0" in arg for arg in argv):
+        raise InvalidSpec(field_name, "an argument contains a NUL byte")
 
 
 def parse_size(value: str | int, field_name: str) -> int:
@@ -154,6 +195,18 @@ class SandboxSpec:
     image: str = ""
 
     def __post_init__(self):
+        self._check_choices()
+        self._check_quantities()
+        self._check_placement()
+        self._check_binds()
+        self._check_devices()
+        check_env(self.env)
+        self._check_env_size()
+        if self.allow_net:
+            self._canonical_allow_net()
+
+    def _check_choices(self) -> None:
+        """The named choices: profile, image and backend (and which go together)."""
         if not isinstance(self.profile, str) or not self.profile:
             raise InvalidSpec("profile", "must name a profile or a JSON file")
         if not isinstance(self.image, str) or "\0" in self.image:
@@ -163,6 +216,9 @@ class SandboxSpec:
         if self.backend not in BACKENDS:
             raise InvalidSpec("backend", f"{self.backend!r} is not a backend; use "
                                          f"{' or '.join(BACKENDS)}")
+
+    def _check_quantities(self) -> None:
+        """Byte counts, counts, cores and seconds: positive, and within what the kernel holds."""
         for name in ("memory_bytes", "pids_max", "tmp_bytes", "nofile", "fsize_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -178,6 +234,9 @@ class SandboxSpec:
             raise InvalidSpec("cpus", f"{self.cpus!r} must be between 0.01 and 4096 cores")
         if self.timeout_s is not None and not float(self.timeout_s) > 0:
             raise InvalidSpec("timeout_s", f"{self.timeout_s!r} must be longer than zero")
+
+    def _check_placement(self) -> None:
+        """Where it lives on the host: the workspace directory, host name and id range."""
         if self.workspace is not None:
             if not os.path.isdir(self.workspace):
                 raise InvalidSpec("workspace", f"{self.workspace!r} is not an existing directory")
@@ -190,6 +249,9 @@ class SandboxSpec:
             raise InvalidSpec("uid_base", "root inside must map to an unprivileged host id (>0)")
         if self.uid_count < 1:
             raise InvalidSpec("uid_count", "must map at least one id")
+
+    def _check_binds(self) -> None:
+        """Bind targets: absolute, not Corral's own paths, each once; sources exist."""
         seen = set()
         for b in self.binds:
             field_name = "rw" if b.writable else "ro"
@@ -206,6 +268,9 @@ class SandboxSpec:
             seen.add(norm)
             if not os.path.exists(b.source):
                 raise InvalidSpec(field_name, f"{b.source!r} does not exist on the host")
+
+    def _check_devices(self) -> None:
+        """Granted devices: host character or block nodes whose names /dev has free."""
         names = set()
         for dev in self.devices:
             name = os.path.basename(dev)
@@ -219,11 +284,10 @@ class SandboxSpec:
                 raise InvalidSpec("devices", f"{dev!r} does not exist on the host") from None
             if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise InvalidSpec("devices", f"{dev!r} is not a character or block device")
+
+    def _check_env_size(self) -> None:
+        """What execve takes: each "NAME=value" string, and all of them together."""
         for key, value in self.env:
-            if not _ENV_NAME_RE.match(key):
-                raise InvalidSpec("env", f"{key!r} is not a valid variable name")
-            if "\0" in value:
-                raise InvalidSpec("env", f"value of {key} contains a NUL byte")
             if len(key) + len(value.encode()) + 2 > MAX_ENV_ENTRY_BYTES:
                 # execve refuses one longer string (E2BIG): every command would fail
                 raise InvalidSpec("env", f"{key}=... is {len(value.encode())} bytes; one "
@@ -231,17 +295,19 @@ class SandboxSpec:
                                          "bytes with its name")
         if sum(len(k) + len(v.encode()) + 2 for k, v in self.env) > MAX_ENV_BYTES:
             raise InvalidSpec("env", f"the variables hold more than {MAX_ENV_BYTES} bytes in all")
-        if self.allow_net:
-            from .proxy import parse_rule
 
-            if getattr(self, "backend", "native") != "native":
-                raise InvalidSpec("allow_net", "only the native backend has an egress proxy; "
-                                               "drop --allow-net or use --backend native")
-            if isinstance(self.allow_net, str) or len(self.allow_net) > 256:
-                raise InvalidSpec("allow_net", "must be a list of at most 256 rules")
-            # canonical and sorted: the same grant always has the same policy digest
-            rules = tuple(sorted({str(parse_rule(r)) for r in self.allow_net}))
-            object.__setattr__(self, "allow_net", rules)
+    def _canonical_allow_net(self) -> None:
+        """The egress rules parsed, canonical and sorted: the same grant always has the
+        same policy digest."""
+        from .proxy import parse_rule
+
+        if self.backend != "native":
+            raise InvalidSpec("allow_net", "only the native backend has an egress proxy; "
+                                           "drop --allow-net or use --backend native")
+        if isinstance(self.allow_net, str) or len(self.allow_net) > 256:
+            raise InvalidSpec("allow_net", "must be a list of at most 256 rules")
+        rules = tuple(sorted({str(parse_rule(r)) for r in self.allow_net}))
+        object.__setattr__(self, "allow_net", rules)
 
     @classmethod
     def build(
@@ -303,6 +369,44 @@ class SandboxSpec:
         kw["allow_net"] = tuple(allow_net)
         if image:
             kw["image"] = image
+        return cls(**kw)
+
+    def to_fields(self) -> dict:
+        """The fields that differ from the defaults, JSON-able (lists for tuples): the
+        durable form of a spec (a task's row, an attempt's plan); from_fields reads it."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if f.name == "binds":
+                value = [[b.source, b.target, b.writable] for b in value]
+            elif isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_fields(cls, stored: Mapping) -> SandboxSpec:
+        """A spec from to_fields()'s form, validated again. It is also the form tasks kept
+        before they carried a spec (SandboxSpec keyword arguments, lists for tuples), so
+        rows written then still load.
+
+        Raises:
+            InvalidSpec: a field is unknown or its value invalid.
+        """
+        kw = dict(stored)
+        unknown = kw.keys() - {f.name for f in fields(cls)}
+        if unknown:
+            raise InvalidSpec(sorted(unknown)[0], "is not a sandbox spec field")
+        if "binds" in kw:
+            kw["binds"] = tuple(BindMount(s, t, bool(w)) for s, t, w in kw["binds"])
+        for name in ("env", "labels"):
+            if name in kw:
+                kw[name] = tuple((str(k), str(v)) for k, v in kw[name])
+        for name in ("allow_net", "devices"):
+            if name in kw:
+                kw[name] = tuple(kw[name])
         return cls(**kw)
 
     def with_ids(self, uid_base: int, uid_count: int) -> SandboxSpec:

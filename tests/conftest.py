@@ -17,7 +17,7 @@ def docker_engine():
     """A running private dockerd; yields its PrivateEngine (``.url`` is its socket URL)."""
     if os.geteuid() != 0:
         pytest.skip("the docker backend's tests start their own dockerd, which needs root")
-    from corral.sandbox.backends.docker import PrivateEngine
+    from corral.sandbox.backends.docker.private_engine import PrivateEngine
 
     engine = PrivateEngine().start()
     try:

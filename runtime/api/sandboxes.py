@@ -56,8 +56,6 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
     if msg.hostname:
         kw["hostname"] = msg.hostname
     if msg.env:
-        if len(msg.env) > 256:
-            raise InvalidSpec("spec.env", "more than 256 variables")
         kw["env"] = tuple(sorted(msg.env.items()))
     if msg.allow_net:
         kw["allow_net"] = tuple(msg.allow_net)
@@ -79,6 +77,8 @@ def spec_to_proto(spec: SandboxSpec, ttl_s: float) -> pb.SandboxSpec:
 
 
 def sandbox_to_proto(msb) -> pb.Sandbox:
+    """A live sandbox (a ManagedSandbox: the manager holds no other) is RUNNING; one the
+    daemon remembers after its end (a DestroyedSandbox) is DESTROYED."""
     return pb.Sandbox(
         id=msb.id, tenant=msb.tenant,
         state=pb.SANDBOX_STATE_DESTROYED if msb.destroyed else pb.SANDBOX_STATE_RUNNING,

@@ -8,8 +8,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from corral.sandbox import fstree
-from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
+from corral.sandbox import SandboxSpec, fstree
+from corral.sandbox.errors import CorralError, InvalidSpec, NotFinished, PermissionDenied
 from corral.v1 import stream_pb2
 from corral.v1 import task_pb2 as pb
 
@@ -20,6 +20,7 @@ from . import wire
 from .bounds import SUBMIT_PENDING_ACKS, bounded_message
 from .errors import Servicer, streaming, unary
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
+from .sandboxes import spec_to_proto as sandbox_spec_to_proto
 
 #: File bytes of one Result answer when the request names none: the answer then fits the
 #: 4 MiB a gRPC client receives by default. A larger max_bytes is capped by the message
@@ -36,34 +37,19 @@ RESULT_READS = 4
 LOG_CHUNK = 64 << 10
 
 
-class NotFinished(CorralError):
-    """The task has no result yet."""
-
-    grpc_status = "FAILED_PRECONDITION"
-
-
-def _sandbox_kwargs(msg) -> dict:
-    sb = sandbox_spec_from_proto(msg)
-    kwargs = {"profile": sb.profile, "memory_bytes": sb.memory_bytes, "pids_max": sb.pids_max,
-              "cpus": sb.cpus, "tmp_bytes": sb.tmp_bytes, "hostname": sb.hostname,
-              "env": [list(p) for p in sb.env]}
-    if sb.backend != "native":
-        kwargs["backend"] = sb.backend
-    return kwargs
-
-
-_DEFAULT_SANDBOX: dict | None = None
+#: The SandboxSpec of a request that names none (the common case), validated once.
+_DEFAULT_SANDBOX: SandboxSpec | None = None
 
 
 def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
     """A validated TaskSpec; errors name the request field (spec.priority, ...)."""
     global _DEFAULT_SANDBOX
     if msg.HasField("sandbox") and msg.sandbox.ByteSize():
-        sandbox = _sandbox_kwargs(msg.sandbox)
-    else:  # the common case: defaults, validated once
+        sandbox = sandbox_spec_from_proto(msg.sandbox)
+    else:
         if _DEFAULT_SANDBOX is None:
-            _DEFAULT_SANDBOX = _sandbox_kwargs(msg.sandbox)
-        sandbox = dict(_DEFAULT_SANDBOX)
+            _DEFAULT_SANDBOX = sandbox_spec_from_proto(msg.sandbox)
+        sandbox = _DEFAULT_SANDBOX
     return TaskSpec(argv=tuple(msg.argv), sandbox=sandbox, selector=dict(msg.selector),
                     resources=dict(msg.resources), priority=msg.priority, retries=msg.retries,
                     max_runtime_s=msg.max_runtime_s, files=dict(msg.files),
@@ -71,19 +57,10 @@ def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
 
 
 def spec_to_proto(spec: TaskSpec) -> pb.TaskSpec:
-    from corral.v1 import sandbox_pb2
-
-    sb = spec.sandbox
     return pb.TaskSpec(
         argv=list(spec.argv), selector=spec.selector, resources=spec.resources,
         priority=spec.priority, retries=spec.retries, max_runtime_s=spec.max_runtime_s,
-        labels=spec.labels,
-        sandbox=sandbox_pb2.SandboxSpec(
-            profile=sb.get("profile", ""), memory_bytes=sb.get("memory_bytes", 0),
-            pids_max=sb.get("pids_max", 0), cpus=sb.get("cpus") or 0.0,
-            tmp_bytes=sb.get("tmp_bytes", 0), hostname=sb.get("hostname", ""),
-            env=dict(tuple(p) for p in sb.get("env", [])),
-            backend=sb.get("backend", "native")))
+        labels=spec.labels, sandbox=sandbox_spec_to_proto(spec.sandbox, ttl_s=0))
 
 
 def task_to_proto(task) -> pb.Task:
@@ -316,9 +293,7 @@ def _encode_result(head: bytes, root: str, budget: int, path: str, offset: int) 
 def result_budget(max_bytes: int, envelope_bytes: int) -> int:
     """File bytes one Result answer may carry: what was asked (0: DEFAULT_RESULT_BYTES),
     never more than the message limit leaves after the task, the paths and the framing."""
-    from ..daemon import MAX_MESSAGE_BYTES
-
-    room = MAX_MESSAGE_BYTES - envelope_bytes - RESULT_META_BYTES - (64 << 10)
+    room = wire.MAX_MESSAGE_BYTES - envelope_bytes - RESULT_META_BYTES - (64 << 10)
     return max(1, min(max_bytes or DEFAULT_RESULT_BYTES, room))
 
 

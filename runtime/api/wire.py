@@ -10,6 +10,10 @@ import inspect
 
 import grpc
 
+#: The largest message the daemon sends or takes (a Tasks.Result page that asked for it);
+#: gRPC's own default is 4 MiB. Clients set their receive limit to it.
+MAX_MESSAGE_BYTES = 16 << 20
+
 
 def varint(n: int) -> bytes:
     out = bytearray()

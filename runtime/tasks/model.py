@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from corral.sandbox.errors import CorralError, InvalidSpec
+from corral.sandbox.spec import SandboxSpec, check_argv
 
 from ..labels import check_labels
 from .states import TaskState
@@ -93,8 +94,9 @@ class TaskSpec:
     """What to run and where; validated on construction (fields named as in the API)."""
 
     argv: tuple[str, ...]
-    #: SandboxSpec keyword arguments (JSON-able: memory_bytes, pids_max, cpus, env, ...).
-    sandbox: dict = field(default_factory=dict)
+    #: The attempt's sandbox, less what each attempt fixes itself (workspace, devices,
+    #: ids) and what the held resources set (cpus, memory_bytes: scheduler.sandbox_limits).
+    sandbox: SandboxSpec = field(default_factory=SandboxSpec)
     selector: dict[str, str] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)
     priority: int = 0
@@ -105,10 +107,7 @@ class TaskSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.argv or not self.argv[0]:
-            raise InvalidSpec("spec.argv", "the command is empty")
-        if any("\0" in a for a in self.argv):
-            raise InvalidSpec("spec.argv", "an argument contains a NUL byte")
+        check_argv(self.argv, "spec.argv")
         for key, value in self.selector.items():
             check_label_key(key, "spec.selector")
             check_label_value(key, value, "spec.selector")
@@ -135,7 +134,8 @@ class TaskSpec:
 
     def to_json(self) -> str:
         return json.dumps({
-            "argv": list(self.argv), "sandbox": self.sandbox, "selector": self.selector,
+            "argv": list(self.argv), "sandbox": self.sandbox.to_fields(),
+            "selector": self.selector,
             "resources": self.resources, "priority": self.priority, "retries": self.retries,
             "max_runtime_s": self.max_runtime_s,
             "files": {k: base64.b64encode(v).decode() for k, v in self.files.items()},
@@ -145,8 +145,11 @@ class TaskSpec:
 
     @classmethod
     def from_json(cls, text: str) -> TaskSpec:
+        """The spec of a stored row, of this version or an older one (whose sandbox was
+        SandboxSpec keyword arguments: SandboxSpec.from_fields reads both)."""
         d = json.loads(text)
         d["argv"] = tuple(d["argv"])
+        d["sandbox"] = SandboxSpec.from_fields(d.get("sandbox", {}))
         d["files"] = {k: base64.b64decode(v) for k, v in d.get("files", {}).items()}
         return cls(**d)
 

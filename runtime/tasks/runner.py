@@ -26,6 +26,8 @@ Inside the sandbox the agent finds:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -35,13 +37,16 @@ import time
 from dataclasses import dataclass, field
 
 from corral.ext import TokenStream
-from corral.sandbox import PIPE, Sandbox, SandboxSpec, fstree, ids, workspace_fs
+from corral.ext import agent as protocol
+from corral.sandbox import SandboxSpec, fstree, ids, new_sandbox, workspace_fs
+from corral.sandbox.backends.base import ExitReason, SandboxLifecycle, ids_before_workspace
 from corral.sandbox.errors import CorralError
 
 from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, tree_signature
 
-EVENTS_FD = 3
 CHECKPOINT_DIR_INSIDE = "/workspace/.corral/checkpoint"
+#: The checkpoint directory, relative to the workspace.
+CHECKPOINT_REL = ".corral/checkpoint"
 CHECKPOINT_FILE_INSIDE = "/workspace/.corral/last-checkpoint"
 #: Largest log file of one attempt; what comes after is counted and dropped.
 MAX_LOG_BYTES = 64 << 20
@@ -55,8 +60,6 @@ DIR_SCAN_S = 0.5
 #: attempt ends is taken then.
 CHECKPOINT_MIN_INTERVAL_S = 0.2
 CHECKPOINT_BYTES_PER_S = 4 << 20
-# frame kinds (corral.v1.EventKind)
-_PROGRESS, _CHECKPOINT, _RESULT, _LOG, _TOKEN = 3, 4, 5, 6, 1
 
 
 @dataclass
@@ -66,7 +69,8 @@ class AttemptPlan:
     task_id: str
     attempt: int
     argv: list[str]
-    sandbox: dict = field(default_factory=dict)  # SandboxSpec keyword arguments
+    #: The task's sandbox with its held limits; the runner adds workspace, devices, ids.
+    sandbox: SandboxSpec = field(default_factory=SandboxSpec)
     files: dict[str, str] = field(default_factory=dict)  # path -> latin-1 text of the bytes
     devices: list[str] = field(default_factory=list)
     deadline: float = 0.0  # Unix time; 0 = none
@@ -80,11 +84,13 @@ class AttemptPlan:
             self.attempt_id = f"{self.task_id}.{self.attempt}.{secrets.token_hex(4)}"
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps({**self.__dict__, "sandbox": self.sandbox.to_fields()})
 
     @classmethod
     def from_json(cls, text: str) -> AttemptPlan:
-        return cls(**json.loads(text))
+        d = json.loads(text)
+        d["sandbox"] = SandboxSpec.from_fields(d.get("sandbox", {}))
+        return cls(**d)
 
 
 class CheckpointPacer:
@@ -134,7 +140,7 @@ class AttemptRunner:
         self._cancel = threading.Event()
         self._bell = -1
         self._on_change = on_change  # extra callback (the Ray actor) after each persist
-        self.sandbox: Sandbox | None = None
+        self.sandbox: SandboxLifecycle | None = None
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -202,7 +208,7 @@ class AttemptRunner:
         env = {"CORRAL_TASK_ID": self.plan.task_id, "CORRAL_ATTEMPT": str(self.plan.attempt),
                "CORRAL_ATTEMPT_ID": self.plan.attempt_id,
                "CORRAL_CHECKPOINT_DIR": CHECKPOINT_DIR_INSIDE,
-               "CORRAL_EVENTS_FD": str(EVENTS_FD)}
+               protocol.EVENTS_FD_ENV: str(protocol.EVENTS_FD)}
         seq = self.files.latest_checkpoint()
         ckpt_dir = os.path.join(self.workspace, ".corral", "checkpoint")
         if seq:
@@ -221,189 +227,193 @@ class AttemptRunner:
 
     def _run(self) -> dict:
         plan = self.plan
-        kw = dict(plan.sandbox)
-        if "env" in kw:
-            kw["env"] = tuple(tuple(p) for p in kw["env"])
+        spec = plan.sandbox
         # The workspace belongs to this runtime's user (or the plan's fixed ids): a native
         # sandbox sees it through an idmapped mount, its root as the owner, whichever id
         # range the attempt's sandbox takes. A container cannot be idmapped: its range is
         # taken here, before the workspace is made for it, and given back in _finish.
-        if (kw.get("backend") == "docker" and kw.get("uid_base") is None
-                and os.geteuid() == 0):
+        if ids_before_workspace(spec) and spec.uid_base is None and os.geteuid() == 0:
             self._ids = ids.allocate(f"{plan.task_id}-{plan.attempt}")
-            kw["uid_base"] = self._ids.base
-        uid = kw.get("uid_base") or os.geteuid()
-        env = self._prepare_workspace(uid)
-        spec = SandboxSpec(**kw, workspace=self.workspace, devices=tuple(plan.devices))
+            spec = dataclasses.replace(spec, uid_base=self._ids.base)
+        env = self._prepare_workspace(spec.uid_base or os.geteuid())
+        spec = dataclasses.replace(spec, workspace=self.workspace, devices=tuple(plan.devices))
         log = _CappedLog(os.path.join(self.dir, "log"))
         try:
             if self._cancel.is_set():
                 return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
-            docker = spec.backend == "docker"
-            if docker:
-                from corral.sandbox.backends.docker import DockerSandbox
-
-                self.sandbox = DockerSandbox(spec)
-            else:
-                self.sandbox = Sandbox(spec)
+            self.sandbox = new_sandbox(spec)
             self.sandbox.start()
             atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({
                 "pid": os.getpid(), "start": _start_time(os.getpid()),
                 "sandbox_id": self.sandbox.id, "started_at": time.time(),
                 "attempt_id": plan.attempt_id}).encode())
-            events_r, events_w = os.pipe2(os.O_CLOEXEC)
-            ours: list[int] = [events_w]  # ends the command's side holds; closed after exec
-            try:
-                if docker:
-                    # an engine takes descriptors, not pipes of its own: a relay thread
-                    # copies the exec's output into ours (file objects, like PIPE's)
-                    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-                    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-                    ours += [out_w, err_w]
-                    outputs = (os.fdopen(out_r, "rb", buffering=0),
-                               os.fdopen(err_r, "rb", buffering=0))
-                    try:
-                        proc = self.sandbox.exec(plan.argv, env=env, stdin=None,
-                                                 stdout=out_w, stderr=err_w,
-                                                 pass_fds={EVENTS_FD: events_w})
-                    except BaseException:
-                        for f in outputs:
-                            f.close()
-                        raise
-                else:
-                    proc = self.sandbox.exec(plan.argv, env=env, stdin=None, stdout=PIPE,
-                                             stderr=PIPE, pass_fds={EVENTS_FD: events_w})
-                    outputs = (proc.stdout, proc.stderr)
-            except BaseException:
-                os.close(events_r)
-                raise
-            finally:
-                for fd in ours:
-                    os.close(fd)
+            proc, outputs, events_r = self._start_agent(env)
             self._changed()  # running
             return self._pump(proc, outputs, events_r, log)
         finally:
             log.close()
 
+    def _start_agent(self, env: dict[str, str]):
+        """Run the task's command with the events pipe at fd 3; returns the Process,
+        its stdout and stderr (file objects) and the events pipe's read end.
+
+        The pipes are made here, not by the backend (PIPE): an engine takes descriptors,
+        and one way for every backend keeps the runner free of backend cases.
+        """
+        events_r, events_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        outputs = (os.fdopen(out_r, "rb", buffering=0), os.fdopen(err_r, "rb", buffering=0))
+        try:
+            proc = self.sandbox.exec(self.plan.argv, env=env, stdin=None, stdout=out_w,
+                                     stderr=err_w, pass_fds={protocol.EVENTS_FD: events_w})
+        except BaseException:
+            os.close(events_r)
+            for f in outputs:
+                f.close()
+            raise
+        finally:
+            for fd in (events_w, out_w, err_w):  # the command's ends: it holds them now
+                os.close(fd)
+        return proc, outputs, events_r
+
     def _pump(self, proc, outputs, events_r: int, log) -> dict:
+        """Read the agent's output and frames until it and its sandbox are done, or the
+        attempt is cancelled or out of time; persist what comes as it comes. Returns the
+        exit record."""
         # TOKEN frames are not kept (a deep task reports through PROGRESS/RESULT/LOG).
         stream = TokenStream("frames", log_bytes=1 << 20)
+        sel, open_fds = self._watch(outputs, events_r)
+        # The agent owns the workspace: every path into it is walked without following links.
+        self._dir_sig = tree_signature(CHECKPOINT_REL, self.workspace)
+        self._next_scan = time.monotonic() + DIR_SCAN_S
+        self._last_frame = self.files.checkpoint_frame()
+        self._pacer = CheckpointPacer()
+        ending = None
+        expired = False  # the command's own timeout (spec.timeout_s) was enforced
+        try:
+            while True:
+                ending = ending or self._ending()
+                if proc.poll() is not None and not open_fds:
+                    break
+                if proc.returncode is not None and self.sandbox.state == "destroyed":
+                    break
+                left = None if expired else proc.remaining()
+                if left == 0:
+                    proc.expire()
+                    expired, left = True, None
+                for key, _ in sel.select(self._select_timeout(left)):
+                    self._on_readable(key.fd, key.data, sel, open_fds, stream, log)
+                self._scan_checkpoint_dir()
+                if self._pacer.due(time.monotonic()):
+                    self._take_checkpoint()
+        finally:
+            sel.close()
+            for close in open_fds.values():
+                close()
+        # A checkpoint still waiting for its turn is taken now, whatever the ending: the
+        # agent sent it before the end, and pacing must never lose the newest one.
+        if ending is None and tree_signature(CHECKPOINT_REL, self.workspace) != self._dir_sig:
+            self._pacer.request()
+        if self._pacer.pending:
+            self._take_checkpoint()
+        if ending is None and proc.returncode == 0:
+            self._keep_out(log)
+        return _exit_record(proc, ending)
+
+    def _watch(self, outputs, events_r: int):
+        """A selector over stdout, stderr, the events pipe and the sandbox's exit reports;
+        returns it with {descriptor: its close} of the pipes still open."""
         sel = selectors.DefaultSelector()
         open_fds = {}
         for f, name in zip(outputs, ("stdout", "stderr"), strict=True):
             os.set_blocking(f.fileno(), False)
             sel.register(f.fileno(), selectors.EVENT_READ, name)
-            open_fds[f.fileno()] = f
+            open_fds[f.fileno()] = f.close
         os.set_blocking(events_r, False)
         sel.register(events_r, selectors.EVENT_READ, "events")
+        open_fds[events_r] = functools.partial(os.close, events_r)
         if self.sandbox.status_fd >= 0:
             sel.register(self.sandbox.status_fd, selectors.EVENT_READ, "status")
-        # The agent owns the workspace: every path into it is walked without following links.
-        ws, ckpt_rel = self.workspace, ".corral/checkpoint"
-        self._dir_sig = tree_signature(ckpt_rel, ws)
-        next_scan = time.monotonic() + DIR_SCAN_S
-        self._last_frame = self.files.checkpoint_frame()
-        self._pacer = pacer = CheckpointPacer()
-        ending = None
-        events_open = True
+        return sel, open_fds
+
+    def _ending(self) -> str | None:
+        """"cancelled" or "timeout" once the attempt must end; its sandbox is destroyed
+        then (PID 1 and the cgroup: the whole tree)."""
+        if self._cancel.is_set():
+            why = "cancelled"
+        elif self.plan.deadline and time.time() >= self.plan.deadline:
+            why = "timeout"
+        else:
+            return None
+        self.sandbox.destroy()
+        return why
+
+    def _select_timeout(self, command_left: float | None) -> float:
+        """How long to wait for output: until the next directory scan, pending
+        checkpoint, the command's timeout or the attempt's deadline, whichever is first."""
+        timeout = DIR_SCAN_S if command_left is None else min(DIR_SCAN_S, command_left)
+        wait = self._pacer.wait_s(time.monotonic())
+        if wait is not None:
+            timeout = min(timeout, wait)
+        if self.plan.deadline:
+            timeout = max(0.0, min(timeout, self.plan.deadline - time.time()))
+        return timeout
+
+    def _on_readable(self, fd: int, what: str, sel, open_fds: dict, stream, log) -> None:
+        """One ready descriptor: exit reports, or a pipe's bytes (frames or the log)."""
+        if what == "status":
+            self.sandbox.collect_exits()
+            if self.sandbox.status_fd != fd:
+                sel.unregister(fd)
+            return
         try:
-            while True:
-                if self._cancel.is_set() and ending is None:
-                    ending = "cancelled"
-                    self.sandbox.destroy()  # PID 1 and the cgroup: the whole tree
-                if (self.plan.deadline and time.time() >= self.plan.deadline
-                        and ending is None):
-                    ending = "timeout"
-                    self.sandbox.destroy()
-                if proc.poll() is not None and not open_fds and not events_open:
-                    break
-                if proc.returncode is not None and self.sandbox.state == "destroyed":
-                    break
-                timeout = DIR_SCAN_S
-                wait = pacer.wait_s(time.monotonic())
-                if wait is not None:
-                    timeout = min(timeout, wait)
-                if self.plan.deadline:
-                    timeout = max(0.0, min(timeout, self.plan.deadline - time.time()))
-                for key, _ in sel.select(timeout):
-                    fd, what = key.fd, key.data
-                    if what == "status":
-                        self.sandbox.collect_exits()
-                        if self.sandbox.status_fd != fd:
-                            sel.unregister(fd)
-                        continue
-                    try:
-                        chunk = os.read(fd, 65536)
-                    except BlockingIOError:
-                        continue
-                    if not chunk:
-                        sel.unregister(fd)
-                        if what == "events":
-                            events_open = False
-                            os.close(events_r)
-                        else:
-                            open_fds.pop(fd).close()
-                        continue
-                    if what == "events":
-                        stream.feed(chunk)
-                        self._drain(stream, log)
-                    else:
-                        log.write(chunk)
-                if time.monotonic() >= next_scan:
-                    began = time.monotonic()
-                    sig = tree_signature(ckpt_rel, ws)
-                    # a huge directory is looked at less often: scanning is at most ~1/5
-                    # of the runner's time
-                    next_scan = time.monotonic() + max(DIR_SCAN_S,
-                                                       4 * (time.monotonic() - began))
-                    if sig != self._dir_sig:
-                        self._dir_sig = sig
-                        pacer.request()
-                if pacer.due(time.monotonic()):
-                    self._take_checkpoint()
-        finally:
-            sel.close()
-            for f in open_fds.values():
-                f.close()
-            if events_open:
-                os.close(events_r)
-        # A checkpoint still waiting for its turn is taken now, whatever the ending: the
-        # agent sent it before the end, and pacing must never lose the newest one.
-        if ending is None and tree_signature(ckpt_rel, ws) != self._dir_sig:
-            pacer.request()
-        if pacer.pending:
-            self._take_checkpoint()
-        if ending is None and proc.returncode == 0:  # /workspace/out of a success
-            out_tmp = self.files.out + ".tmp"
-            fstree.remove_tree(out_tmp, ignore_errors=True)
-            report = copy_tree("out", out_tmp, fsync=True, beneath=ws)
-            if not report.complete or report.skipped:
-                log.write(f"corral: out/ copied {report.entries} entries, {report.bytes} "
-                          f"bytes; {report.skipped} left out (links, FIFOs, devices)"
-                          f"{'' if report.complete else '; stopped at the copy limit'}\n"
-                          .encode())
-            os.makedirs(out_tmp, exist_ok=True)
-            fstree.remove_tree(self.files.out, ignore_errors=True)
-            os.rename(out_tmp, self.files.out)
-        rc = proc.returncode if proc.returncode is not None else -9
-        if ending is not None:
-            return {"outcome": ending, "returncode": rc,
-                    "reason": "cancelled" if ending == "cancelled"
-                    else "max runtime reached"}
-        reason = str(proc.reason.value) if proc.reason else "exited"
-        if rc == 0:
-            return {"outcome": "succeeded", "returncode": 0, "reason": "exited 0"}
-        why = f"exited {rc}" if rc > 0 else f"killed by signal {-rc}"
-        if reason == "oom":
-            why = "killed by the memory limit (OOM)"
-        return {"outcome": "failed", "returncode": rc, "reason": why}
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            sel.unregister(fd)
+            open_fds.pop(fd)()
+        elif what == "events":
+            stream.feed(chunk)
+            self._drain(stream, log)
+        else:
+            log.write(chunk)
+
+    def _scan_checkpoint_dir(self) -> None:
+        """When due, look for files the agent wrote to its checkpoint directory; a
+        change asks the pacer for a checkpoint."""
+        if time.monotonic() < self._next_scan:
+            return
+        began = time.monotonic()
+        sig = tree_signature(CHECKPOINT_REL, self.workspace)
+        # a huge directory is looked at less often: scanning is at most ~1/5 of the
+        # runner's time
+        self._next_scan = time.monotonic() + max(DIR_SCAN_S, 4 * (time.monotonic() - began))
+        if sig != self._dir_sig:
+            self._dir_sig = sig
+            self._pacer.request()
+
+    def _keep_out(self, log) -> None:
+        """Copy /workspace/out of a success into the task's directory (what Result reads);
+        what the copy left out is said in the log."""
+        out_tmp = self.files.out + ".tmp"
+        fstree.remove_tree(out_tmp, ignore_errors=True)
+        report = copy_tree("out", out_tmp, fsync=True, beneath=self.workspace)
+        if not report.complete or report.skipped:
+            log.write(f"corral: out/ copied {report.entries} entries, {report.bytes} "
+                      f"bytes; {report.skipped} left out (links, FIFOs, devices)"
+                      f"{'' if report.complete else '; stopped at the copy limit'}\n"
+                      .encode())
+        os.makedirs(out_tmp, exist_ok=True)
+        fstree.remove_tree(self.files.out, ignore_errors=True)
+        os.rename(out_tmp, self.files.out)
 
     def _take_checkpoint(self) -> None:
         # what is copied is at least as new as this signature: no change is missed
         began = time.monotonic()
-        self._dir_sig = tree_signature(".corral/checkpoint", self.workspace)
-        self.files.save_checkpoint(self._last_frame, ".corral/checkpoint",
-                                   beneath=self.workspace)
+        self._dir_sig = tree_signature(CHECKPOINT_REL, self.workspace)
+        self.files.save_checkpoint(self._last_frame, CHECKPOINT_REL, beneath=self.workspace)
         now = time.monotonic()
         self._pacer.taken_at(now, self.files.last_checkpoint_bytes, now - began)
         self._changed()
@@ -414,16 +424,16 @@ class AttemptRunner:
             if ev is None:
                 return
             kind = int(ev.kind)
-            if kind == _PROGRESS:
+            if kind == protocol.PROGRESS:
                 atomic_write(os.path.join(self.dir, "progress.json"), bytes(ev.payload))
                 self._changed()
-            elif kind == _CHECKPOINT:  # taken when the pacer allows (the newest frame wins)
+            elif kind == protocol.CHECKPOINT:  # taken when the pacer allows (the newest frame wins)
                 self._last_frame = bytes(ev.payload)
                 self._pacer.request()
-            elif kind == _RESULT:
+            elif kind == protocol.RESULT:
                 atomic_write(os.path.join(self.dir, "result.json"), bytes(ev.payload))
                 self._changed()
-            elif kind == _LOG:
+            elif kind == protocol.LOG:
                 log.write(bytes(ev.payload) + b"\n")
             elif kind == 64:  # malformed input: say so in the log
                 log.write(f"corral: bad frame from the agent: {ev.message}\n".encode())
@@ -452,6 +462,22 @@ class _CappedLog:
         if self.dropped:
             self._f.write(f"\ncorral: log limit reached; {self.dropped} bytes dropped\n".encode())
         self._f.close()
+
+
+def _exit_record(proc, ending: str | None) -> dict:
+    """The attempt's exit record: how it ended, its return code and why, in words."""
+    rc = proc.returncode if proc.returncode is not None else -9
+    if ending is not None:
+        return {"outcome": ending, "returncode": rc,
+                "reason": "cancelled" if ending == "cancelled" else "max runtime reached"}
+    if rc == 0:
+        return {"outcome": "succeeded", "returncode": 0, "reason": "exited 0"}
+    why = f"exited {rc}" if rc > 0 else f"killed by signal {-rc}"
+    if proc.reason == ExitReason.OOM:
+        why = "killed by the memory limit (OOM)"
+    elif proc.reason == ExitReason.TIMEOUT:
+        why = "killed by its command timeout"
+    return {"outcome": "failed", "returncode": rc, "reason": why}
 
 
 def _start_time(pid: int) -> int | None:

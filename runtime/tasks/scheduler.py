@@ -46,15 +46,15 @@ SCAN_PER_TENANT = 32
 HEARTBEAT_S = 5.0
 
 
-def sandbox_limits(spec: TaskSpec) -> dict:
-    """The attempt's SandboxSpec arguments: what the task holds is what its cgroup allows
+def sandbox_limits(spec: TaskSpec) -> SandboxSpec:
+    """The attempt's SandboxSpec: what the task holds is what its cgroup allows
     (resources cpu -> CPU quota in cores, memory -> memory limit in bytes)."""
-    sandbox = dict(spec.sandbox)
+    held: dict = {}
     if "cpu" in spec.resources:
-        sandbox["cpus"] = float(spec.resources["cpu"])
+        held["cpus"] = float(spec.resources["cpu"])
     if "memory" in spec.resources:
-        sandbox["memory_bytes"] = max(8 << 20, int(spec.resources["memory"]))
-    return sandbox
+        held["memory_bytes"] = max(8 << 20, int(spec.resources["memory"]))
+    return dataclasses.replace(spec.sandbox, **held) if held else spec.sandbox
 
 
 class Scheduler:
@@ -252,10 +252,9 @@ class Scheduler:
         known = self.nodes.resource_names
         extra: dict[str, float] = {}
         if "cpu" in known and "cpu" not in spec.resources:
-            extra["cpu"] = float(spec.sandbox.get("cpus") or 1.0)
+            extra["cpu"] = float(spec.sandbox.cpus or 1.0)
         if "memory" in known and "memory" not in spec.resources:
-            extra["memory"] = float(spec.sandbox.get("memory_bytes")
-                                    or SandboxSpec.memory_bytes)
+            extra["memory"] = float(spec.sandbox.memory_bytes)
         if not extra:
             return spec
         return dataclasses.replace(spec, resources={**spec.resources, **extra})
@@ -268,10 +267,7 @@ class Scheduler:
         """
         rules = self.policies.of(caller)
         rules.check_priority(spec.priority)
-        limits = sandbox_limits(spec)
-        rules.check_sandbox(SandboxSpec(**{
-            k: tuple(tuple(p) for p in v) if k == "env" else tuple(v) if k == "allow_net"
-            else v for k, v in limits.items()}), "spec.sandbox")
+        rules.check_sandbox(sandbox_limits(spec), "spec.sandbox")
         open_tasks = sum(1 for t in self.tasks.values()
                          if t.tenant == caller.tenant and not t.terminal)
         rules.check_count("unfinished tasks", open_tasks, "max_queued_tasks")

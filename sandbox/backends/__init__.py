@@ -1,22 +1,8 @@
-"""Sandbox backends: native (namespaces, cgroups, seccomp, landlock) and Docker."""
+"""Sandbox backends: native (namespaces, cgroups, seccomp, landlock) and Docker, behind
+one contract (base.py: the verbs, the lifecycle table, and the factory that picks one)."""
 
 from __future__ import annotations
 
+from .base import new_sandbox, open_sandbox, run
 
-def open_sandbox(spec, *, docker_host: str | None = None):
-    """A started sandbox on the backend the spec names (``spec.backend``).
-
-    Args:
-        docker_host: the engine for the docker backend (default: $DOCKER_HOST, else the
-            standard socket).
-
-    Raises:
-        Unavailable: the docker backend was asked for and no engine answers.
-    """
-    if spec.backend == "docker":
-        from .docker import DockerSandbox
-
-        return DockerSandbox.create(spec, docker_host=docker_host)
-    from .native import Sandbox
-
-    return Sandbox.create(spec)
+__all__ = ["new_sandbox", "open_sandbox", "run"]

@@ -1,15 +1,97 @@
-"""What every backend's sandbox shares: creating and started-on-entry lifecycle."""
+"""The backend contract: what every backend's sandbox offers, its lifecycle table, and the
+one place a spec's backend is chosen (``new_sandbox``).
+
+A backend's sandbox is made unstarted (``new_sandbox``), started once, used (``exec``,
+``signal``, ``pids``, ``stats``, ``collect_exits`` when ``status_fd`` is readable), and
+destroyed (idempotent).
+Its state moves only along ``TRANSITIONS``. Callers never look inside a backend: what the
+daemon records of one (``policy_digest()``) is part of the contract.
+"""
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import json
+import time
+from dataclasses import dataclass
 from typing import Self
+
+from .. import workspace_fs
+from ..errors import InvalidTransition
+from ..spec import SandboxSpec
+
+#: exec() stdio: a new pipe whose other end the Process holds (like subprocess.PIPE).
+PIPE = -1
+#: exec() stdio: /dev/null.
+DEVNULL = -3
+
+#: The lifecycle: from each state, the states a sandbox may move to. "starting" and
+#: "destroying" are the (blocking) work between; a failed start cleans up to "destroyed",
+#: and a destroy may come while another thread starts it (that start then fails).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "new": frozenset({"starting", "destroyed"}),
+    "starting": frozenset({"running", "destroying", "destroyed"}),
+    "running": frozenset({"destroying"}),
+    "destroying": frozenset({"destroyed"}),
+    "destroyed": frozenset(),
+}
+
+
+class ExitReason(enum.StrEnum):
+    """Why a command ended."""
+
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    """Outcome of ``run()``: like subprocess.CompletedProcess, plus why it ended."""
+
+    argv: tuple[str, ...]
+    returncode: int  # exit code, or -N when killed by signal N
+    stdout: bytes
+    stderr: bytes
+    reason: ExitReason
+    duration_s: float
+
+    @property
+    def exit_status(self) -> int:
+        """Shell convention: the exit code, or 128+N when killed by signal N."""
+        return self.returncode if self.returncode >= 0 else 128 - self.returncode
+
+
+def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
+    """sha256 of the canonical policy a sandbox runs under (spec + seccomp profile)."""
+    fields = {k: v for k, v in spec.__dict__.items() if k not in ("workspace", "labels")}
+    if not spec.image:  # digests of sandboxes on the host's /usr stay what they were
+        del fields["image"]
+    fields["seccomp_digest"] = seccomp_digest
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class SandboxLifecycle:
-    """`create()` = construct + `start()`; `with` starts a new sandbox and destroys it on
-    exit. Subclasses provide `state` ("new" until started), `start()` and `destroy()`."""
+    """What every backend's sandbox is: `create()` = construct + `start()`; `with` starts
+    a new sandbox and destroys it on exit.
 
+    Subclasses set ``spec``, ``id``, ``state`` ("new"), ``status_fd`` (-1 until started),
+    ``init_pid`` and a ``_lock``, and provide the verbs below and ``_cleanup()`` (remove
+    everything the sandbox used, whatever step its start reached, then
+    ``_settle_destroyed()``).
+    """
+
+    spec: SandboxSpec
+    id: str
     state: str
+    #: The host directory at /workspace (set by _setup_workspace during start).
+    workspace: str | None
+    #: Readable when commands ended: call collect_exits() (-1: none, e.g. not started).
+    status_fd: int
+    init_pid: int | None
 
     @classmethod
     def create(cls, spec=None, **kwargs) -> Self:
@@ -25,8 +107,124 @@ class SandboxLifecycle:
     def __exit__(self, *exc) -> None:
         self.destroy()
 
+    def _move(self, to: str) -> None:
+        """Take the next lifecycle step.
+
+        Raises:
+            InvalidTransition: TRANSITIONS has no move from the current state to `to`.
+        """
+        if to not in TRANSITIONS[self.state]:
+            raise InvalidTransition(self.state, to)
+        self.state = to
+
     def start(self) -> None:
+        """Make the sandbox (blocking): new -> running, or destroyed and raising."""
         raise NotImplementedError
 
     def destroy(self) -> None:
+        """End every process of the sandbox and remove what it used. Idempotent."""
+        with self._lock:
+            if self.state == "destroyed":
+                return
+            if self.state == "new":
+                self._move("destroyed")
+                return
+            if self.state != "destroying":  # a second caller cleans up alongside
+                self._move("destroying")
+        self._cleanup()
+
+    def _cleanup(self) -> None:
         raise NotImplementedError
+
+    def _setup_workspace(self) -> None:
+        """The spec's workspace, or a capped tmpfs made for this sandbox (nosuid, nodev,
+        under a 0700 parent), owned by its root inside (uid_base outside): see
+        sandbox/workspace_fs.py. _cleanup removes one it made (_own_workspace)."""
+        if self.spec.workspace:
+            self.workspace = self.spec.workspace
+            return
+        self.workspace = workspace_fs.create(self.id, self.spec.uid_base, self.spec.uid_base)
+        self._own_workspace = True
+
+    def _settle_destroyed(self) -> None:
+        """The last step of _cleanup (which a failed start and a destroy may both run)."""
+        if self.state != "destroyed":
+            self._move("destroyed")
+
+    def exec(self, argv: list[str], **options):
+        """Start a command; returns its Process (the backend's)."""
+        raise NotImplementedError
+
+    def collect_exits(self) -> int:
+        """Read the exits reported on status_fd without blocking; how many ended."""
+        raise NotImplementedError
+
+    def signal(self, sig: int) -> int:
+        """Send sig to every process of the sandbox but PID 1; how many got it."""
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        """Host pids of the sandbox's processes (what this host can see of them)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """Usage counters (cgroup keys: memory, cpu, pids, io, oom_kills); a key the
+        backend cannot measure is absent."""
+        raise NotImplementedError
+
+    @property
+    def seccomp_digest(self) -> str:
+        """The digest of the seccomp profile the started sandbox runs under."""
+        raise NotImplementedError
+
+    def policy_digest(self) -> str:
+        """sha256 of the policy the started sandbox runs under (spec + seccomp profile)."""
+        return policy_digest(self.spec, self.seccomp_digest)
+
+
+def new_sandbox(spec: SandboxSpec, *, runtime_dir: str | None = None, on_net_event=None,
+                docker_host: str | None = None) -> SandboxLifecycle:
+    """An unstarted sandbox on the backend the spec names (``spec.backend``).
+
+    Args:
+        runtime_dir: native only: where its root mount point and state file go.
+        on_net_event: native only: called (on the proxy's thread) for each egress attempt.
+        docker_host: docker only: the engine (default: $DOCKER_HOST, else the standard
+            socket).
+    """
+    if spec.backend == "docker":
+        from .docker import DockerSandbox
+
+        return DockerSandbox(spec, docker_host=docker_host)
+    from .native import Sandbox
+
+    return Sandbox(spec, runtime_dir=runtime_dir, on_net_event=on_net_event)
+
+
+def open_sandbox(spec: SandboxSpec, *, docker_host: str | None = None) -> SandboxLifecycle:
+    """A started sandbox on the backend the spec names.
+
+    Raises:
+        Unavailable: the docker backend was asked for and no engine answers.
+    """
+    sandbox = new_sandbox(spec, docker_host=docker_host)
+    sandbox.start()
+    return sandbox
+
+
+def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None = None,
+        timeout_s: float | None = None, docker_host: str | None = None) -> CompletedRun:
+    """Run one command in a fresh sandbox (on spec.backend) and destroy it."""
+    started = time.monotonic()
+    with open_sandbox(spec or SandboxSpec(), docker_host=docker_host) as sandbox:
+        proc = sandbox.exec(argv, timeout_s=timeout_s)
+        out, err = proc.communicate(input)
+    return CompletedRun(tuple(argv), proc.returncode, out, err, proc.reason,
+                        time.monotonic() - started)
+
+
+def ids_before_workspace(spec: SandboxSpec) -> bool:
+    """Whether whoever makes the sandbox's workspace must fix its host ids first: a
+    native sandbox sees a directory of any owner through an idmapped mount, a container
+    cannot be idmapped (its workspace must belong to its own ids)."""
+    return spec.backend == "docker"

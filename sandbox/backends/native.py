@@ -10,7 +10,6 @@ Sandboxes left behind by a crashed caller are swept at the next start (``sweep()
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno as errno_mod
 import fcntl
 import functools
@@ -31,10 +30,11 @@ from .. import cgroups, contain, fstree, ids, ptys, workspace_fs
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
-from .base import SandboxLifecycle
+from .base import DEVNULL, PIPE, CompletedRun, ExitReason, SandboxLifecycle
 
-PIPE = -1
-DEVNULL = -3
+__all__ = ["DEVNULL", "PIPE", "CompletedRun", "ExitReason", "Process", "Sandbox", "sweep",
+           "sweep_for_this_process"]
+
 #: How long a SIGKILLed command's exit waits for the cgroup to count an OOM kill.
 OOM_COUNT_GRACE_S = 0.1
 
@@ -64,32 +64,6 @@ def _own_directory(path: str, mode: int) -> None:
                                 f"remove it or set XDG_RUNTIME_DIR")
     if st.st_mode & 0o7777 != mode:
         os.chmod(path, mode)
-
-
-class ExitReason(enum.StrEnum):
-    """Why a command ended."""
-
-    EXITED = "exited"
-    SIGNALED = "signaled"
-    TIMEOUT = "timeout"
-    OOM = "oom"
-
-
-@dataclass(frozen=True)
-class CompletedRun:
-    """Outcome of ``run()``: like subprocess.CompletedProcess, plus why it ended."""
-
-    argv: tuple[str, ...]
-    returncode: int  # exit code, or -N when killed by signal N
-    stdout: bytes
-    stderr: bytes
-    reason: ExitReason
-    duration_s: float
-
-    @property
-    def exit_status(self) -> int:
-        """Shell convention: the exit code, or 128+N when killed by signal N."""
-        return self.returncode if self.returncode >= 0 else 128 - self.returncode
 
 
 def _setup_error(exc: OSError, plan_ops=None, argv0: str | None = None,
@@ -415,99 +389,117 @@ class Sandbox(SandboxLifecycle):
             InvalidSpec: the spec's profile or paths are unusable.
             SandboxSetupError: a kernel step failed (step, path and errno named).
         """
-        from corral.ext import _spawn
-
         if self.state != "new":
             raise CorralError(f"sandbox {self.id} is {self.state}, not new")
-        if not Sandbox._swept:
+        if not Sandbox._swept:  # what a crashed caller left, once per process
             Sandbox._swept = True
             sweep(os.path.dirname(self.runtime_dir))
             if os.geteuid() == 0:
                 ids.sweep()
         privileged = os.geteuid() == 0
-        self.state = "starting"
+        self._move("starting")
         opened: list[int] = []
         try:
-            uid_map, gid_map, helpers = self._resolve_ids(privileged)
+            id_maps = self._resolve_ids(privileged)
             layout = _cgroup_layout()
             missing = cgroups.delegation_problem(layout)
             if missing is not None:
                 self.notes.append(cgroups.NO_DELEGATION)
             self._prepared = contain.prepare(self.spec, cgroup=missing is None)
-            if privileged:
-                os.makedirs(os.path.dirname(self.runtime_dir), mode=0o711, exist_ok=True)
-                os.chmod(os.path.dirname(self.runtime_dir), 0o711)
-            else:
-                _own_directory(os.path.dirname(os.path.dirname(self.runtime_dir)), 0o700)
-                _own_directory(os.path.dirname(self.runtime_dir), 0o700)
-            os.mkdir(self.runtime_dir, 0o711)
-            root = os.path.join(self.runtime_dir, "root")
-            os.mkdir(root, 0o700)
-            if privileged:
-                os.chown(root, self.spec.uid_base, self.spec.uid_base)
+            root = self._make_runtime_dir(privileged)
             self._setup_workspace()
             if self.spec.image:
                 self._hold_image(privileged)
             self._write_state()
-            if missing is None:
-                limits = cgroups.CgroupLimits(
-                    memory_bytes=self.spec.memory_bytes, pids_max=self.spec.pids_max,
-                    cpu_quota=self.spec.cpus,
-                )
-                self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
-                cgroup_fds = self._open_cgroup_procs()
-                opened.extend(cgroup_fds)
-            else:
-                cgroup_fds = ()
+            cgroup_fds = self._create_cgroup(layout, opened) if missing is None else ()
             detached = self._detach_binds(opened) if privileged else {}
             image_fd = self._image_root() if self._image is not None else None
             if image_fd is not None:
                 opened.append(image_fd)
-            init_fd = os.open(contain.init_binary(), os.O_RDONLY | os.O_CLOEXEC)
-            if init_fd <= contain.INIT_STATUS_FD:
-                # PID 1 installs its status pipe as descriptor 3 before it execs corral-init
-                # from this one: keep them apart (a caller with only stdio open, and no
-                # cgroup or bind descriptors before this, gets 3 here).
-                low, init_fd = init_fd, fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 10)
-                os.close(low)
-            opened.append(init_fd)
-            self.status_fd, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            opened.append(status_w)
-            os.set_blocking(status_w, True)
-            plan, ops = contain.init_plan(
-                self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
-                cgroup_fds=cgroup_fds, status_fd=status_w, detached=detached,
-                image_root=image_fd,
-            )
-            try:
-                with WRITE_CLONE.hold(CLONING):
-                    self.init_pid, self._init_pidfd = _spawn.spawn_init(
-                        plan, uid_map, gid_map, contain.namespace_owner(self.spec),
-                        map_helpers=helpers)
-            except OSError as exc:
-                raise _setup_error(exc, ops, helpers=helpers) from None
-            if self._ids is not None:
-                self._ids.note_init(self.init_pid)
+            self._spawn_init(root, id_maps, cgroup_fds, detached, image_fd, opened)
             if self.spec.allow_net:  # before any command runs
-                from .. import net
-
-                try:
-                    self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
-                                                  self.on_net_event)
-                except SandboxSetupError as exc:
-                    if privileged or exc.errno != errno_mod.EPERM:
-                        raise
-                    raise SandboxSetupError(exc.step, exc.path, exc.errno, (
-                        "--allow-net needs root: the egress link is a veth pair into a "
-                        "network namespace Corral owns on the host, which an unprivileged "
-                        "user cannot make; run without --allow-net, or as root")) from None
-            self.state = "running"
+                self._open_egress(privileged)
+            self._move("running")
         except BaseException:
             self._cleanup()
             raise
         finally:
             for fd in opened:
                 os.close(fd)
+
+    def _make_runtime_dir(self, privileged: bool) -> str:
+        """This sandbox's runtime directory and its (empty) root mount point; returns the
+        root. Root's tree is traversable by the sandbox's ids, a user's is private."""
+        if privileged:
+            os.makedirs(os.path.dirname(self.runtime_dir), mode=0o711, exist_ok=True)
+            os.chmod(os.path.dirname(self.runtime_dir), 0o711)
+        else:
+            _own_directory(os.path.dirname(os.path.dirname(self.runtime_dir)), 0o700)
+            _own_directory(os.path.dirname(self.runtime_dir), 0o700)
+        os.mkdir(self.runtime_dir, 0o711)
+        root = os.path.join(self.runtime_dir, "root")
+        os.mkdir(root, 0o700)
+        if privileged:
+            os.chown(root, self.spec.uid_base, self.spec.uid_base)
+        return root
+
+    def _create_cgroup(self, layout: cgroups.CgroupLayout, opened: list[int]) -> tuple[int, ...]:
+        """The sandbox's cgroup with the spec's limits; returns the cgroup.procs
+        descriptors PID 1 attaches itself through (also added to `opened`)."""
+        limits = cgroups.CgroupLimits(memory_bytes=self.spec.memory_bytes,
+                                      pids_max=self.spec.pids_max, cpu_quota=self.spec.cpus)
+        self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
+        cgroup_fds = self._open_cgroup_procs()
+        opened.extend(cgroup_fds)
+        return cgroup_fds
+
+    def _spawn_init(self, root: str, id_maps, cgroup_fds: tuple[int, ...],
+                    detached: dict[str, int], image_fd: int | None, opened: list[int]) -> None:
+        """Clone PID 1 into its namespaces (corral-init, run from a descriptor), with the
+        status pipe it reports every exit on."""
+        from corral.ext import _spawn
+
+        uid_map, gid_map, helpers = id_maps
+        init_fd = os.open(contain.init_binary(), os.O_RDONLY | os.O_CLOEXEC)
+        if init_fd <= contain.INIT_STATUS_FD:
+            # PID 1 installs its status pipe as descriptor 3 before it execs corral-init
+            # from this one: keep them apart (a caller with only stdio open, and no
+            # cgroup or bind descriptors before this, gets 3 here).
+            low, init_fd = init_fd, fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+            os.close(low)
+        opened.append(init_fd)
+        self.status_fd, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        opened.append(status_w)
+        os.set_blocking(status_w, True)
+        plan, ops = contain.init_plan(
+            self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
+            cgroup_fds=cgroup_fds, status_fd=status_w, detached=detached,
+            image_root=image_fd,
+        )
+        try:
+            with WRITE_CLONE.hold(CLONING):
+                self.init_pid, self._init_pidfd = _spawn.spawn_init(
+                    plan, uid_map, gid_map, contain.namespace_owner(self.spec),
+                    map_helpers=helpers)
+        except OSError as exc:
+            raise _setup_error(exc, ops, helpers=helpers) from None
+        if self._ids is not None:
+            self._ids.note_init(self.init_pid)
+
+    def _open_egress(self, privileged: bool) -> None:
+        """The egress link and proxy of spec.allow_net (sandbox/net.py)."""
+        from .. import net
+
+        try:
+            self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
+                                          self.on_net_event)
+        except SandboxSetupError as exc:
+            if privileged or exc.errno != errno_mod.EPERM:
+                raise
+            raise SandboxSetupError(exc.step, exc.path, exc.errno, (
+                "--allow-net needs root: the egress link is a veth pair into a "
+                "network namespace Corral owns on the host, which an unprivileged "
+                "user cannot make; run without --allow-net, or as root")) from None
 
     def _hold_image(self, privileged: bool) -> None:
         """Hold spec.image's layers in the store (released in _cleanup, on every path)."""
@@ -676,15 +668,6 @@ class Sandbox(SandboxLifecycle):
             raise
         return tuple(fds)
 
-    def _setup_workspace(self) -> None:
-        if self.spec.workspace:
-            self.workspace = self.spec.workspace
-            return
-        # A capped tmpfs (nosuid, nodev) under a 0700 parent, owned by root inside the
-        # sandbox (uid_base outside): see sandbox/workspace_fs.py.
-        self.workspace = workspace_fs.create(self.id, self.spec.uid_base, self.spec.uid_base)
-        self._own_workspace = True
-
     def _write_state(self) -> None:
         state = {
             "id": self.id,
@@ -698,16 +681,12 @@ class Sandbox(SandboxLifecycle):
             json.dump(state, f)
         os.replace(tmp, os.path.join(self.runtime_dir, "state.json"))
 
-    def destroy(self) -> None:
-        """Kill every process of the sandbox and remove everything it used. Idempotent."""
-        with self._lock:
-            if self.state in ("destroyed", "new"):
-                self.state = "destroyed"
-                return
-            self.state = "destroying"
-        self._cleanup()
+    @property
+    def seccomp_digest(self) -> str:
+        return self._prepared.seccomp_profile.digest
 
     def _cleanup(self) -> None:
+        """Kill every process of the sandbox and remove everything it used."""
         # SIGKILL to PID 1 makes the kernel kill every process of the PID namespace (PID 1
         # reaps them), and PID 1's exit completes only after they are all gone: once it is
         # reaped, the cgroup normally holds nothing and its kill below is a cheap check.
@@ -747,7 +726,7 @@ class Sandbox(SandboxLifecycle):
             self._image = None
         if self._ids is not None:  # nothing of the sandbox is left to own these ids
             self._ids.release()
-        self.state = "destroyed"
+        self._settle_destroyed()
 
     # -- exits reported by PID 1 ----------------------------------------------------------
 
@@ -857,80 +836,105 @@ class Sandbox(SandboxLifecycle):
             CommandNotFound: argv[0] does not exist or cannot be executed in the sandbox.
             SandboxSetupError: joining the sandbox failed.
         """
-        from corral.ext import _spawn
-
         if self.state != "running":
             raise CorralError(f"sandbox {self.id} is {self.state}; cannot exec")
         if not argv:
             raise InvalidSpec("argv", "the command is empty")
-        environment = self.spec.environment()
-        if env:
-            for key, value in env.items():
-                environment = [e for e in environment if not e.startswith(key + "=")]
-                environment.append(f"{key}={value}")
-        ours: list[int] = []  # descriptors this call opened and must close
-        parent_ends = [None, None, None]
-        fds: list[tuple[int, int]] = []
-        master = -1
+        # descriptors this call opened and must close; the parent's ends of stdin, stdout,
+        # stderr and the pty master, closed too unless the command starts
+        ours: list[int] = []
+        parent_ends: list[int | None] = [None, None, None, None]
         try:
-            if tty is not None:
-                master, slave = ptys.open_in_root(
-                    f"/proc/{self.init_pid}/root", *tty,
-                    owner=self.spec.uid_base if os.geteuid() == 0 else None)
-                ours.append(slave)
-                parent_ends[0] = os.dup(master)  # (os.dup: close-on-exec)
-                parent_ends[1] = os.dup(master)
-                stdin = stdout = stderr = slave
-            for child_fd, how in enumerate((stdin, stdout, stderr)):
-                if how == PIPE:
-                    r, w = os.pipe2(os.O_CLOEXEC)
-                    mine, theirs = (w, r) if child_fd == 0 else (r, w)
-                    parent_ends[child_fd] = mine
-                    ours.append(theirs)
-                    fds.append((theirs, child_fd))
-                elif how is None or how == DEVNULL:
-                    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                    ours.append(fd)
-                    fds.append((fd, child_fd))
-                else:
-                    fds.append((how, child_fd))
-            for child_fd, parent_fd in (pass_fds or {}).items():
-                fds.append((parent_fd, child_fd))
-            cgroup_fds = self._open_cgroup_procs()
-            ours.extend(cgroup_fds)
-            plan = contain.exec_plan(
-                self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
-                cgroup_fds=cgroup_fds, ctty=tty is not None, user=user,
-            )
-            self.collect_exits()  # every report read from here on came after the start
-            with self._status_lock:
-                after_report = self._reports
-            oom_before = self._oom_kills()
-            try:
-                with WRITE_CLONE.hold(CLONING):
-                    ns_pid = _spawn.spawn_join(plan, self._init_pidfd)
-            except OSError as exc:
-                raise _setup_error(exc, argv0=argv[0]) from None
+            fds = self._command_stdio((stdin, stdout, stderr), tty, ours, parent_ends)
+            fds += [(parent_fd, child_fd) for child_fd, parent_fd in (pass_fds or {}).items()]
+            ns_pid, after_report, oom_before = self._join(
+                argv, self._command_environment(env), cwd, fds, tty, user, ours)
         except BaseException:
             for fd in parent_ends:
                 if fd is not None:
                     os.close(fd)
-            if master >= 0:
-                os.close(master)
             raise
         finally:
             for fd in ours:
                 os.close(fd)
         files = [
             os.fdopen(fd, "wb" if i == 0 else "rb", buffering=0) if fd is not None else None
-            for i, fd in enumerate(parent_ends)
+            for i, fd in enumerate(parent_ends[:3])
         ]
         proc = Process(self, self._host_pid(ns_pid), ns_pid, list(argv), *files,
                        timeout_s=timeout_s if timeout_s is not None else self.spec.timeout_s,
                        oom_before=oom_before)
-        proc.pty_fd, proc.has_tty = master, master >= 0
+        master = parent_ends[3]
+        proc.pty_fd, proc.has_tty = (master, True) if master is not None else (-1, False)
         self._track(proc, after_report)
         return proc
+
+    def _command_environment(self, env: dict[str, str] | None) -> list[str]:
+        """The spec's environment with the command's own variables over it."""
+        environment = self.spec.environment()
+        if env:
+            for key, value in env.items():
+                environment = [e for e in environment if not e.startswith(key + "=")]
+                environment.append(f"{key}={value}")
+        return environment
+
+    def _command_stdio(self, how: tuple, tty: tuple[int, int] | None, ours: list[int],
+                       parent_ends: list[int | None]) -> list[tuple[int, int]]:
+        """The command's descriptors 0-2 as (descriptor here, number inside) pairs: pipes
+        (PIPE), /dev/null (None, DEVNULL), the caller's, or a new pty's slave (tty).
+        Fills parent_ends (stdin, stdout, stderr, pty master) with the ends kept here."""
+        if tty is not None:
+            master, slave = ptys.open_in_root(
+                f"/proc/{self.init_pid}/root", *tty,
+                owner=self.spec.uid_base if os.geteuid() == 0 else None)
+            parent_ends[3] = master
+            ours.append(slave)
+            parent_ends[0] = os.dup(master)  # (os.dup: close-on-exec)
+            parent_ends[1] = os.dup(master)
+            how = (slave, slave, slave)
+        fds = []
+        for child_fd, what in enumerate(how):
+            if what == PIPE:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                mine, theirs = (w, r) if child_fd == 0 else (r, w)
+                parent_ends[child_fd] = mine
+                ours.append(theirs)
+                fds.append((theirs, child_fd))
+            elif what is None or what == DEVNULL:
+                fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                ours.append(fd)
+                fds.append((fd, child_fd))
+            else:
+                fds.append((what, child_fd))
+        return fds
+
+    def _join(self, argv: list[str], environment: list[str], cwd: str,
+              fds: list[tuple[int, int]], tty: tuple[int, int] | None,
+              user: tuple[int, int] | None, ours: list[int]) -> tuple[int, int, int]:
+        """Spawn the command into the sandbox's namespaces and cgroup; returns its pid
+        inside, the exit reports read before it started, and the OOM kills counted then.
+
+        Raises:
+            CommandNotFound, SandboxSetupError: the spawn failed (_setup_error).
+        """
+        from corral.ext import _spawn
+
+        cgroup_fds = self._open_cgroup_procs()
+        ours.extend(cgroup_fds)
+        plan = contain.exec_plan(
+            self._prepared, list(argv), env=environment, cwd=cwd, fds=fds,
+            cgroup_fds=cgroup_fds, ctty=tty is not None, user=user,
+        )
+        self.collect_exits()  # every report read from here on came after the start
+        with self._status_lock:
+            after_report = self._reports
+        oom_before = self._oom_kills()
+        try:
+            with WRITE_CLONE.hold(CLONING):
+                ns_pid = _spawn.spawn_join(plan, self._init_pidfd)
+        except OSError as exc:
+            raise _setup_error(exc, argv0=argv[0]) from None
+        return ns_pid, after_report, oom_before
 
     def signal(self, sig: int) -> int:
         """Send sig to every process of the sandbox but PID 1; returns how many got it."""
@@ -1066,6 +1070,15 @@ def _start_time(pid: int | None) -> int | None:
     return int(data.rsplit(")", 1)[1].split()[19])
 
 
+def sweep_for_this_process() -> list[str]:
+    """sweep() of the default base, standing for the one this process's first start
+    would make (a daemon sweeps as it starts: a sweep inside a caller's Create could fail
+    it for a sandbox that is not theirs)."""
+    removed = sweep()
+    Sandbox._swept = True
+    return removed
+
+
 def sweep(base: str | None = None) -> list[str]:
     """Remove what sandboxes of dead callers left behind; returns the ids removed.
 
@@ -1110,14 +1123,3 @@ def sweep(base: str | None = None) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(name)
     return removed
-
-
-def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None = None,
-        timeout_s: float | None = None) -> CompletedRun:
-    """Run one command in a fresh sandbox and destroy it; returns its CompletedRun."""
-    started = time.monotonic()
-    with Sandbox.create(spec) as sandbox:
-        proc = sandbox.exec(argv, timeout_s=timeout_s)
-        out, err = proc.communicate(input)
-    return CompletedRun(tuple(argv), proc.returncode, out, err, proc.reason,
-                        time.monotonic() - started)

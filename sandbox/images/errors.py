@@ -25,7 +25,6 @@ class UnsupportedImage(CorralError):
     """A source, compression or media type this version does not handle yet."""
 
     grpc_status = "FAILED_PRECONDITION"
-    exit_code = 2
 
 
 class ImageNotFound(NotFound):

@@ -14,8 +14,10 @@ import time
 import pytest
 
 from corral.sandbox import CommandNotFound, ExitReason, InvalidSpec, SandboxSpec, ids
-from corral.sandbox.backends import docker, open_sandbox
+from corral.sandbox.backends import docker, open_sandbox, run
 from corral.sandbox.backends.docker import LABEL, DockerSandbox
+from corral.sandbox.backends.docker import image as docker_image
+from corral.sandbox.backends.docker.private_engine import PrivateEngine
 from corral.sandbox.errors import Unavailable
 
 from ..processes import alive, wait_until
@@ -82,7 +84,7 @@ def test_a_bad_profile_is_refused_before_the_engine_is_asked(docker_host, tmp_pa
 
 def test_base_image_is_built_once_per_engine(docker_host):
     first = docker.base_image(docker_host)
-    docker._images.pop(docker_host)  # forget the process-wide cache: ask the engine again
+    docker_image._images.pop(docker_host)  # forget the process-wide cache: ask the engine again
     second = docker.base_image(docker_host)
     api = docker.client(docker_host)
     tags = [t for image in api.images(name=docker.IMAGE_REPOSITORY) for t in image["RepoTags"]]
@@ -91,7 +93,7 @@ def test_base_image_is_built_once_per_engine(docker_host):
 
 
 def test_base_image_runs_python_and_the_agent_helper(docker_host):
-    result = docker.run(["python3", "-I", "-c",
+    result = run(["python3", "-I", "-c",
                          "import sys; sys.path.insert(0, '/opt/corral/lib'); "
                          "import corral_agent, ssl, json, ctypes; print('ok')"],
                         _spec(), docker_host=docker_host)
@@ -375,7 +377,7 @@ def test_private_engine_stop_removes_everything_it_made():
         pytest.skip("dockerd needs root")
     import glob
 
-    engine = docker.PrivateEngine().start()
+    engine = PrivateEngine().start()
     pid = engine.proc.pid
     with DockerSandbox.create(_spec(), docker_host=engine.url) as sb:
         sb.exec(["sh", "-c", "sleep 1000 &"]).communicate()
@@ -402,7 +404,8 @@ def test_engine_of_a_killed_test_run_is_swept():
         import os, sys
         sys.path.insert(0, {REPO_ROOT!r})
         from corral.sandbox import SandboxSpec
-        from corral.sandbox.backends.docker import DockerSandbox, PrivateEngine
+        from corral.sandbox.backends.docker import DockerSandbox
+        from corral.sandbox.backends.docker.private_engine import PrivateEngine
         engine = PrivateEngine().start()
         sb = DockerSandbox.create(SandboxSpec(backend="docker"), docker_host=engine.url)
         sb.exec(["sh", "-c", "sleep 1000 &"]).communicate()
@@ -415,7 +418,7 @@ def test_engine_of_a_killed_test_run_is_swept():
     engine_dir, name, workspace, fds_dir, *pids = result.stdout.decode().split()
     assert os.path.isdir(engine_dir) and all(alive(int(p)) for p in pids)
     assert os.path.isdir(workspace) and os.path.isdir(fds_dir)
-    assert engine_dir in docker.PrivateEngine.sweep()
+    assert engine_dir in PrivateEngine.sweep()
     assert not os.path.exists(workspace) and not os.path.exists(fds_dir)
     assert not any(alive(int(p)) for p in pids)
     assert not os.path.exists(engine_dir)

@@ -114,11 +114,12 @@ def test_task_specs_keep_the_backend_through_the_api():
 
     docker_spec = spec_from_proto(task_pb2.TaskSpec(
         argv=["true"], sandbox=sandbox_pb2.SandboxSpec(backend="docker")))
-    assert docker_spec.sandbox["backend"] == "docker"
+    assert docker_spec.sandbox.backend == "docker"
     assert spec_to_proto(docker_spec).sandbox.backend == "docker"
     native = spec_from_proto(task_pb2.TaskSpec(
         argv=["true"], sandbox=sandbox_pb2.SandboxSpec(backend="native")))
-    assert "backend" not in native.sandbox  # the default stays implicit (and stored as such)
+    # the default stays implicit (and stored as such)
+    assert "backend" not in native.sandbox.to_fields()
     assert spec_to_proto(native).sandbox.backend == "native"
     with pytest.raises(InvalidSpec, match=r"^backend: 'vm' is not a backend"):
         spec_from_proto(task_pb2.TaskSpec(argv=["true"],
@@ -129,7 +130,7 @@ def test_a_message_written_in_pieces_is_found_across_its_frames():
     """The pass_fds wrapper's "exec: X: not found" may reach the engine in several writes,
     each its own stream frame: the payloads are joined before matching (a CI failure that
     took CommandNotFound for a started command)."""
-    from corral.sandbox.backends.docker import _frame_payloads
+    from corral.sandbox.backends.docker.fds import _frame_payloads
 
     def frame(kind: int, data: bytes) -> bytes:
         return bytes([kind, 0, 0, 0]) + len(data).to_bytes(4, "big") + data

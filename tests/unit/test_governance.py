@@ -272,7 +272,7 @@ def test_syslog_message_is_rfc5424_with_the_record_whole():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from corral.runtime.audit import _EXPORT_NAMES, _canonical_json, jsonl_lines  # noqa: E402
+from corral.runtime.audit_records import _EXPORT_NAMES, _canonical_json, jsonl_lines  # noqa: E402
 
 _text = st.text(alphabet=st.characters(codec=None, blacklist_categories=()), max_size=20)
 

@@ -22,8 +22,6 @@ import pytest
 
 from corral.ext import agent as agent_helper
 from corral.runtime.streams import (
-    AGENT_CONTROL_FD,
-    AGENT_EVENTS_FD,
     DEFAULT_READ_BUDGET,
     TWIN_READ_BUDGET,
     AgentPipes,
@@ -764,8 +762,7 @@ def test_agent_pipes_are_cloexec_and_map_to_fds_3_and_4():
         for fd in (pipes.events_r, pipes.events_w, pipes.control_r, pipes.control_w):
             assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
             assert os.get_blocking(fd)
-        assert pipes.pass_fds() == {AGENT_EVENTS_FD: pipes.events_w,
-                                    AGENT_CONTROL_FD: pipes.control_r}
+        assert pipes.pass_fds() == {3: pipes.events_w, 4: pipes.control_r}
         assert pipes.env() == {"CORRAL_PROTOCOL": "1", "CORRAL_EVENTS_FD": "3",
                                "CORRAL_CONTROL_FD": "4"}
         with open("/proc/sys/fs/pipe-max-size") as f:

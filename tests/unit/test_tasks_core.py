@@ -13,6 +13,7 @@ from corral.runtime.tasks.nodes import Node, NodeConfig, NodeRegistry
 from corral.runtime.tasks.states import TaskState
 from corral.runtime.tasks.store import TaskStore
 from corral.sandbox.errors import InvalidSpec, InvalidTransition
+from corral.sandbox.spec import SandboxSpec
 
 S = TaskState
 
@@ -66,19 +67,69 @@ def test_spec_validation_names_fields():
 
 
 def test_spec_json_round_trip():
-    spec = TaskSpec(argv=("python3", "-c", "1"), sandbox={"memory_bytes": 1 << 28},
+    spec = TaskSpec(argv=("python3", "-c", "1"),
+                    sandbox=SandboxSpec(memory_bytes=1 << 28, timeout_s=5.0,
+                                        allow_net=("example.com:443",), env=(("A", "1"),)),
                     selector={"pool": "deep"}, resources={"cpu": 1.5}, priority=7, retries=2,
                     max_runtime_s=60, files={"a/b.py": b"\x00\xff"})
     assert TaskSpec.from_json(spec.to_json()) == spec
 
 
+#: A row's spec as the daemon stored it before tasks carried a SandboxSpec: the sandbox
+#: was SandboxSpec keyword arguments (and never had allow_net or timeout_s).
+OLD_ROW_SPEC = ('{"argv":["sh","-c","true"],"files":{},"max_runtime_s":0.0,"priority":0,'
+                '"resources":{"cpu":1.0,"memory":536870912.0},"retries":0,"sandbox":{'
+                '"backend":"docker","cpus":1.0,"env":[["A","1"],["B","x=y"]],"hostname":"job",'
+                '"memory_bytes":536870912,"pids_max":256,"profile":"default",'
+                '"tmp_bytes":67108864},"selector":{}}')
+
+
+def test_a_spec_stored_by_the_old_code_still_loads():
+    spec = TaskSpec.from_json(OLD_ROW_SPEC)
+    assert spec.sandbox == SandboxSpec(backend="docker", env=(("A", "1"), ("B", "x=y")),
+                                       hostname="job")
+    assert TaskSpec.from_json(spec.to_json()) == spec  # and is written back in the new form
+
+
+def test_a_stored_sandbox_field_that_is_no_spec_field_is_refused():
+    text = OLD_ROW_SPEC.replace('"hostname":"job"', '"hostnmae":"job"')
+    with pytest.raises(InvalidSpec, match=r"^hostnmae: is not a sandbox spec field$"):
+        TaskSpec.from_json(text)
+
+
+def test_attempt_plan_carries_the_whole_sandbox_spec():
+    from corral.runtime.tasks.runner import AttemptPlan
+
+    sandbox = SandboxSpec(timeout_s=2.5, allow_net=("10.0.0.0/8",), cpus=0.5)
+    plan = AttemptPlan(task_id="t", attempt=1, argv=["true"], sandbox=sandbox)
+    assert AttemptPlan.from_json(plan.to_json()).sandbox == sandbox
+
+
+def test_task_specs_keep_every_sandbox_field_through_the_api():
+    """allow_net and command_timeout_s were once dropped on the way in (and image with
+    them): the task's sandbox is the SandboxSpec the request asked for, field by field."""
+    from corral.runtime.api.sandboxes import spec_from_proto as sandbox_from_proto
+    from corral.runtime.api.tasks import spec_from_proto, spec_to_proto
+    from corral.v1 import sandbox_pb2, task_pb2
+
+    asked = sandbox_pb2.SandboxSpec(allow_net=["example.com:443"], command_timeout_s=7.5,
+                                    memory_bytes=1 << 28, env={"A": "1"}, hostname="job")
+    spec = spec_from_proto(task_pb2.TaskSpec(argv=["true"], sandbox=asked))
+    assert spec.sandbox == sandbox_from_proto(asked)
+    assert (spec.sandbox.allow_net, spec.sandbox.timeout_s) == (("example.com:443",), 7.5)
+    shown = spec_to_proto(spec).sandbox
+    assert (list(shown.allow_net), shown.command_timeout_s) == (["example.com:443"], 7.5)
+
+
 def test_held_resources_become_the_sandbox_limits():
     from corral.runtime.tasks.scheduler import sandbox_limits
 
-    spec = TaskSpec(argv=("x",), sandbox={"cpus": 1.0, "memory_bytes": 1 << 29},
+    spec = TaskSpec(argv=("x",), sandbox=SandboxSpec(cpus=1.0, memory_bytes=1 << 29,
+                                                     timeout_s=3.0),
                     resources={"cpu": 2, "memory": 3 << 30})
-    assert sandbox_limits(spec) == {"cpus": 2.0, "memory_bytes": 3 << 30}
-    assert sandbox_limits(TaskSpec(argv=("x",), sandbox={"cpus": 1.0})) == {"cpus": 1.0}
+    assert sandbox_limits(spec) == SandboxSpec(cpus=2.0, memory_bytes=3 << 30, timeout_s=3.0)
+    plain = TaskSpec(argv=("x",), sandbox=SandboxSpec(cpus=1.0))
+    assert sandbox_limits(plain) is plain.sandbox
 
 
 # -- placement -------------------------------------------------------------------------------

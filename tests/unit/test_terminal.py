@@ -132,7 +132,7 @@ def test_visible(text, shown):
 
 
 def test_run_egress_lines_show_the_sandbox_chosen_name_escaped(monkeypatch, capsys):
-    from corral.runtime import cli
+    from corral.runtime.cli import run as run_verb
     from corral.sandbox import proxy
 
     class FakeProxy:
@@ -140,7 +140,7 @@ def test_run_egress_lines_show_the_sandbox_chosen_name_escaped(monkeypatch, caps
 
     fake = FakeProxy()
     monkeypatch.setattr(proxy, "shared_proxy", lambda: fake)
-    cli._net_log(None)
+    run_verb.report_egress(None)
     fake.default_on_event({"decision": "deny", "mode": "connect", "port": 443,
                            "name": "evil\x1b]0;owned\x07\u202e.com", "reason": "no rule"})
     assert capsys.readouterr().err == (

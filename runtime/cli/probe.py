@@ -3,7 +3,7 @@ probe, what was contained and what ESCAPED.
 
 Exit status: 0 when every probe was contained, 1 when any ESCAPED, 3 when a probe could not
 be run (and none escaped), 125 when the backend cannot make a sandbox at all, 2 on a usage
-error. Imports only the standard library at the top (the CLI builds its parser from here).
+error.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .exits import EXIT_SETUP_FAILED, EXIT_USAGE
+from .flags import add_docker_host, add_profile
+
 EXIT_ESCAPED = 1
-EXIT_USAGE = 2
 EXIT_PROBE_ERRORS = 3
-EXIT_NO_BACKEND = 125
 
 EPILOG = """\
 Each probe is a small program run inside a sandbox of the backend (a fresh one where it
@@ -33,7 +34,7 @@ backend cannot create a sandbox, 2 usage error.
 """
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parsers(sub) -> None:
     """Register `corral probe` on the CLI's subparsers."""
     p = sub.add_parser(
         "probe", help="audit a backend: run hostile probes inside its sandboxes",
@@ -43,12 +44,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("native", "docker"), default="native",
                    help="backend to audit (default: %(default)s)")
-    p.add_argument("--profile", default="default", metavar="NAME|FILE",
-                   help="seccomp profile of the probed sandboxes: 'default', 'unconfined' or "
-                        "a Docker-format JSON file (default: %(default)s)")
-    p.add_argument("--docker-host", metavar="URL",
-                   help="Docker engine for --backend docker (default: $DOCKER_HOST, else "
-                        "unix:///var/run/docker.sock)")
+    add_profile(p, "seccomp profile of the probed sandboxes")
+    add_docker_host(p)
     p.add_argument("--only", action="append", default=[], metavar="PROBE",
                    help="run only this probe (repeatable)")
     p.add_argument("--category", action="append", default=[], metavar="CATEGORY",
@@ -60,10 +57,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                           "(name, category, attempt, verdict, outcome, evidence)")
     out.add_argument("--markdown", action="store_true", help="a Markdown report")
     out.add_argument("--list", action="store_true", help="list the probes and exit")
-    return p
+    p.set_defaults(handler=probe_verb)
 
 
-def main(args: argparse.Namespace) -> int:
+def probe_verb(args: argparse.Namespace) -> int:
     from corral.sandbox.errors import CorralError, InvalidSpec
     from corral.sandbox.probes import suite
 
@@ -92,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except CorralError as exc:
         print(f"corral: probe: cannot create a {args.backend} sandbox: {exc}", file=sys.stderr)
-        return EXIT_NO_BACKEND
+        return EXIT_SETUP_FAILED
     if args.json:
         sys.stdout.write(suite.to_json(results, backend=args.backend, profile=args.profile)
                          + "\n")

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from corral.sandbox.errors import CorralError
+from .exits import EXIT_USAGE
 
 HELP = "import images into the local store, list, inspect and remove them"
 DESCRIPTION = """\
@@ -21,9 +21,9 @@ Images come from an OCI image layout (oci:DIR[:TAG]), a 'docker save' tarball
 has it. See docs/images.md."""
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     image = sub.add_parser("image", help=HELP, description=DESCRIPTION)
-    image.set_defaults(image_main=main)
+    image.set_defaults(handler=image_verb)
     verbs = image.add_subparsers(dest="image_verb", metavar="VERB")
 
     def verb(name: str, help_: str):
@@ -44,18 +44,19 @@ def add_parser(sub) -> None:
     verb("prune", "remove layers no image uses and leftovers of interrupted pulls")
 
 
-def main(args) -> int:
+def image_verb(args) -> int:
+    from corral.sandbox.errors import CorralError
     from corral.sandbox.images import ImageStore
 
-    if not getattr(args, "image_verb", None):
+    if not args.image_verb:
         print("corral image: name a verb: pull, ls, inspect, rm or prune", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         store = ImageStore(args.store)
         return _VERBS[args.image_verb](store, args)
     except CorralError as exc:
         print(f"corral image {args.image_verb}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _exit_status(exc)
     except OSError as exc:
         print(f"corral image {args.image_verb}: {exc}", file=sys.stderr)
         return 1
@@ -114,14 +115,25 @@ def _inspect(store, args) -> int:
     return 0
 
 
+def _exit_status(exc) -> int:
+    """2 for what the user can correct (a bad reference or layer, a source or media type
+    not handled yet), 1 for the rest."""
+    from corral.sandbox.errors import InvalidSpec
+    from corral.sandbox.images.errors import UnsupportedImage
+
+    return EXIT_USAGE if isinstance(exc, InvalidSpec | UnsupportedImage) else 1
+
+
 def _rm(store, args) -> int:
+    from corral.sandbox.errors import CorralError
+
     results, code = [], 0
     for ref in args.refs:
         try:
             freed = store.remove(ref)
         except CorralError as exc:
             print(f"corral image rm: {exc}", file=sys.stderr)
-            code = exc.exit_code
+            code = _exit_status(exc)
             continue
         results.append(freed)
         if not args.json:

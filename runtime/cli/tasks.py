@@ -1,32 +1,62 @@
-"""`corral task ...` and `corral nodes ...`: deep tasks and nodes on a running daemon.
-
-Imported by runtime/cli.py only to add its parsers (argparse only at import time); the
-client and protobuf modules are imported when a verb runs.
-"""
+"""`corral task ...` and `corral nodes ...`: deep tasks and nodes on a running daemon."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
-EXIT_USAGE = 2
+from corral.runtime.terminal import visible
+
+from .connection import add_daemon_parser, connect, daemon_verb
+from .exits import EXIT_USAGE
+from .flags import add_command, command_argv
+from .output import print_json_lines
+
 STATE_NAMES = ("", "QUEUED", "PLACED", "RUNNING", "RETRYING", "SUCCEEDED", "FAILED",
                "CANCELLED")
 
 
-def add_parsers(sub, client_flags) -> None:
+RECOVER_DESCRIPTION = """\
+Offline: set a damaged tasks.db aside (renamed, never deleted), copy every row that can still be
+read into a new one, and record each task known from its directory or the audit log but not
+restored as lost (quarantine table, task.store_recovered audit record)."""
+WATCH_DESCRIPTION = """\
+Follow a task. On a terminal only text, newlines, tabs and colours of its log are shown: other
+escape sequences, control characters and bidi overrides are dropped (--raw: all of it); a pipe
+gets every byte."""
+
+
+def add_parsers(sub) -> None:
     task = sub.add_parser("task", help="submit and follow deep tasks",
                           description="Deep tasks: durable, placed on labelled nodes, resumed "
                                       "from their last checkpoint after a failure.")
+    task.set_defaults(handler=task_verb)
     verbs = task.add_subparsers(dest="task_verb", metavar="VERB")
-    submit = verbs.add_parser(
-        "submit", help="submit a task; prints its id",
+    _add_submit(verbs)
+    _add_followers(verbs)
+    recover = verbs.add_parser(
+        "recover", help="rebuild a damaged or missing tasks.db (daemon stopped)",
+        description=RECOVER_DESCRIPTION)
+    recover.add_argument("--state", required=True, metavar="DIR",
+                         help="the daemon's state directory (its --state)")
+
+    nodes = add_daemon_parser(sub, "nodes", help="list nodes; cordon, uncordon or drain one",
+                              usage="corral nodes [ls | get NAME | cordon NAME | uncordon NAME "
+                                    "| drain NAME]")
+    nodes.add_argument("--json", action="store_true", help="one JSON object per node")
+    nodes.add_argument("nodes_verb", nargs="?", default="ls",
+                       choices=("ls", "get", "cordon", "uncordon", "drain"))
+    nodes.add_argument("name", nargs="?", metavar="NAME")
+    nodes.set_defaults(handler=nodes_verb)
+
+
+def _add_submit(verbs) -> None:
+    submit = add_daemon_parser(
+        verbs, "submit", help="submit a task; prints its id",
         usage="corral task submit [OPTIONS] -- CMD [ARGS...]",
         description="Submit CMD as a deep task. The id is printed once the daemon has "
                     "committed the task to disk.")
-    client_flags(submit)
     submit.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE",
                         help="node label the task needs (repeatable; all must match)")
     submit.add_argument("--resources", action="append", default=[], metavar="NAME=N",
@@ -48,87 +78,46 @@ def add_parsers(sub, client_flags) -> None:
     submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                         help="a label of the task, to find it by (`corral task ls "
                              "--selector`); repeatable")
-    submit.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    add_command(submit)
 
-    get = verbs.add_parser("get", help="show one task")
-    client_flags(get)
+
+def _add_followers(verbs) -> None:
+    """The verbs about one task or the list of them: get, ls, watch, cancel, result."""
+    get = add_daemon_parser(verbs, "get", help="show one task")
     get.add_argument("task_id", metavar="ID")
     get.add_argument("--json", action="store_true", help="print the task as JSON")
 
-    ls = verbs.add_parser("ls", help="list tasks, newest first")
-    client_flags(ls)
+    ls = add_daemon_parser(verbs, "ls", help="list tasks, newest first")
     ls.add_argument("--state", choices=[s.lower() for s in STATE_NAMES[1:]])
     ls.add_argument("--json", action="store_true", help="one JSON object per task")
     ls.add_argument("-l", "--selector", default="", metavar="SELECTOR",
                     help="only tasks whose labels (--label at submit; not node labels) "
                          "match: k=v, k!=v, k, !k joined by commas")
 
-    watch = verbs.add_parser(
-        "watch", help="follow a task: live progress bar and its log",
-        description="Follow a task. On a terminal only text, newlines, tabs and colours of "
-                    "its log are shown: other escape sequences, control characters and bidi "
-                    "overrides are dropped (--raw: all of it); a pipe gets every byte.")
-    client_flags(watch)
+    watch = add_daemon_parser(
+        verbs, "watch", help="follow a task: live progress bar and its log",
+        description=WATCH_DESCRIPTION)
     watch.add_argument("task_id", metavar="ID")
     watch.add_argument("--raw", action="store_true",
                        help="write the log to a terminal unchanged")
 
-    cancel = verbs.add_parser("cancel", help="cancel a task (kills its whole process tree)")
-    client_flags(cancel)
+    cancel = add_daemon_parser(verbs, "cancel", help="cancel a task (kills its whole process tree)")
     cancel.add_argument("task_id", metavar="ID")
 
-    result = verbs.add_parser("result", help="print a finished task's RESULT and save its "
-                                             "/workspace/out files")
-    client_flags(result)
+    result = add_daemon_parser(verbs, "result", help="print a finished task's RESULT and "
+                                                     "save its /workspace/out files")
     result.add_argument("task_id", metavar="ID")
     result.add_argument("--out", metavar="DIR", help="write the output files under DIR")
 
-    recover = verbs.add_parser(
-        "recover", help="rebuild a damaged or missing tasks.db (daemon stopped)",
-        description="Offline: set a damaged tasks.db aside (renamed, never deleted), copy "
-                    "every row that can still be read into a new one, and record each task "
-                    "known from its directory or the audit log but not restored as lost "
-                    "(quarantine table, task.store_recovered audit record).")
-    recover.add_argument("--state", required=True, metavar="DIR",
-                         help="the daemon's state directory (its --state)")
 
-    nodes = sub.add_parser("nodes", help="list nodes; cordon, uncordon or drain one",
-                           usage="corral nodes [ls | get NAME | cordon NAME | uncordon NAME | "
-                                 "drain NAME]")
-    client_flags(nodes)
-    nodes.add_argument("--json", action="store_true", help="one JSON object per node")
-    nodes.add_argument("nodes_verb", nargs="?", default="ls",
-                       choices=("ls", "get", "cordon", "uncordon", "drain"))
-    nodes.add_argument("name", nargs="?", metavar="NAME")
-
-
-def dispatch(args) -> int:
-    from corral.runtime.client import ClientError
-    from corral.sandbox.errors import InvalidSpec
-
-    try:
-        if args.verb == "nodes":
-            return _nodes(args)
-        verb = getattr(args, "task_verb", None)
-        if verb is None:
-            print("corral: task: which verb? (submit, get, ls, watch, cancel, result)",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        return {"submit": _submit, "get": _get, "ls": _ls, "watch": _watch,
-                "cancel": _cancel, "result": _result, "recover": _recover}[verb](args)
-    except InvalidSpec as exc:
-        print(f"corral: {args.verb}: {_visible(str(exc))}", file=sys.stderr)
+@daemon_verb
+def task_verb(args) -> int:
+    if args.task_verb is None:
+        print("corral: task: which verb? (submit, get, ls, watch, cancel, result)",
+              file=sys.stderr)
         return EXIT_USAGE
-    except ClientError as exc:
-        # the daemon's messages may quote what a tenant or a sandbox wrote
-        print(f"corral: {args.verb}: {_visible(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE if exc.code.name == "INVALID_ARGUMENT" else 1
-
-
-def _visible(text: str) -> str:
-    from corral.runtime.terminal import visible
-
-    return visible(text)
+    return {"submit": _submit, "get": _get, "ls": _ls, "watch": _watch,
+            "cancel": _cancel, "result": _result, "recover": _recover}[args.task_verb](args)
 
 
 def _recover(args) -> int:
@@ -153,13 +142,6 @@ def _recover(args) -> int:
     return 0
 
 
-def _connect(args):
-    from corral.runtime.client import Client
-
-    return Client.connect(socket=args.socket, target=args.target, token=args.token,
-                          tenant=args.tenant)
-
-
 def _submit(args) -> int:
     import os
 
@@ -167,9 +149,7 @@ def _submit(args) -> int:
     from corral.sandbox.errors import InvalidSpec
     from corral.sandbox.spec import parse_duration, parse_size
 
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = command_argv(args)
     if not argv:
         print("corral: task submit: no command; usage: corral task submit [OPTIONS] -- CMD",
               file=sys.stderr)
@@ -191,7 +171,7 @@ def _submit(args) -> int:
         sandbox["memory_bytes"] = parse_size(args.memory, "memory")
     if args.env:
         sandbox["env"] = parse_pairs(args.env, "env")
-    with _connect(args) as client:
+    with connect(args) as client:
         task = client.submit_task(
             argv, selector=selector, resources=resources, priority=args.priority,
             retries=args.retries, files=files, request_id=args.request_id,
@@ -212,26 +192,26 @@ def task_dict(task) -> dict:
 
 
 def _get(args) -> int:
-    with _connect(args) as client:
+    with connect(args) as client:
         task = client.get_task(args.task_id)
     if args.json:
         print(json.dumps(task_dict(task), indent=2, sort_keys=True))
         return 0
     # what the task wrote (reason, progress, result, argv) is shown escaped: \x1b, \u202e
     print(f"id:         {task.id}\nstate:      {STATE_NAMES[task.state]}  "
-          f"({_visible(task.reason)})\n"
+          f"({visible(task.reason)})\n"
           f"tenant:     {task.tenant}\nnode:       {task.node or '-'}\n"
           f"attempt:    {task.attempt}\ncheckpoint: {task.checkpoint_seq or '-'}\n"
-          f"progress:   {_visible(task.progress_json) or '-'}\n"
-          f"command:    {_visible(' '.join(task.spec.argv))}")
+          f"progress:   {visible(task.progress_json) or '-'}\n"
+          f"command:    {visible(' '.join(task.spec.argv))}")
     if task.result_json:
-        print(f"result:     {_visible(task.result_json)}")
+        print(f"result:     {visible(task.result_json)}")
     return 0
 
 
 def _ls(args) -> int:
     state = STATE_NAMES.index(args.state.upper()) if args.state else 0
-    with _connect(args) as client:
+    with connect(args) as client:
         tasks = client.list_tasks(state=state, selector=args.selector)
     if args.json:
         for t in tasks:
@@ -240,7 +220,7 @@ def _ls(args) -> int:
     print(f"{'ID':22} {'STATE':10} {'TENANT':10} {'NODE':12} {'TRY':>3} {'PRIO':>4}  COMMAND")
     for t in tasks:
         print(f"{t.id:22} {STATE_NAMES[t.state]:10} {t.tenant:10} {t.node or '-':12} "
-              f"{t.attempt:>3} {t.spec.priority:>4}  {_visible(' '.join(t.spec.argv)[:60])}")
+              f"{t.attempt:>3} {t.spec.priority:>4}  {visible(' '.join(t.spec.argv)[:60])}")
     return 0
 
 
@@ -257,7 +237,7 @@ def progress_line(task, width: int = 30) -> str:
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
         return f"[{bar}] {frac * 100:5.1f}% {done:g}/{total:g} {state} (attempt {task.attempt})"
     msg = p.get("message", "")
-    return f"{state} (attempt {task.attempt}) {_visible(str(msg))}".rstrip()
+    return f"{state} (attempt {task.attempt}) {visible(str(msg))}".rstrip()
 
 
 def _watch(args) -> int:
@@ -273,7 +253,7 @@ def _watch(args) -> int:
 def _watch_updates(args, out) -> int:
     tty = sys.stderr.isatty()
     last = None
-    with _connect(args) as client:
+    with connect(args) as client:
         for update in client.watch_task(args.task_id):
             if update.HasField("log"):
                 if tty and last:
@@ -291,12 +271,12 @@ def _watch_updates(args, out) -> int:
                 last = line
     if tty:
         sys.stderr.write("\n")
-    print(f"{task.id}: {STATE_NAMES[task.state]} ({_visible(task.reason)})", file=sys.stderr)
+    print(f"{task.id}: {STATE_NAMES[task.state]} ({visible(task.reason)})", file=sys.stderr)
     return 0 if STATE_NAMES[task.state] == "SUCCEEDED" else 1
 
 
 def _cancel(args) -> int:
-    with _connect(args) as client:
+    with connect(args) as client:
         task = client.cancel_task(args.task_id)
         end = time.monotonic() + 30
         while task.state in (2, 3) and time.monotonic() < end:  # PLACED, RUNNING: wait
@@ -322,16 +302,16 @@ def _result(args) -> int:
             os.ftruncate(current["fd"], current["size"])
             os.close(current["fd"])
         if current["path"] is not None:
-            print(f"{_visible(current['path'])}\t{current['size']} bytes", file=sys.stderr)
+            print(f"{visible(current['path'])}\t{current['size']} bytes", file=sys.stderr)
         current.update(path=None, fd=-1, size=0)
 
     state = None
     try:
-        with _connect(args) as client:
+        with connect(args) as client:
             for page in client.task_result_pages(args.task_id):
                 if state is None:
                     state = page.task.state
-                    print(_visible(page.result_json) or "{}")
+                    print(visible(page.result_json) or "{}")
                 for f in page.files:
                     if f.path != current["path"]:
                         finish_file()
@@ -357,12 +337,13 @@ def _open_output(out_dir: str, rel: str) -> int:
                    0o644)
 
 
-def _nodes(args) -> int:
+@daemon_verb
+def nodes_verb(args) -> int:
     verb = args.nodes_verb
     if verb != "ls" and not args.name:
         print(f"corral: nodes {verb}: which node?", file=sys.stderr)
         return EXIT_USAGE
-    with _connect(args) as client:
+    with connect(args) as client:
         if verb == "ls":
             nodes = client.list_nodes()
         elif verb == "get":
@@ -372,11 +353,7 @@ def _nodes(args) -> int:
         else:
             nodes = [client.cordon_node(args.name, verb == "cordon")]
     if args.json:
-        from google.protobuf import json_format
-
-        for n in nodes:
-            print(json.dumps(json_format.MessageToDict(n, preserving_proto_field_name=True),
-                             sort_keys=True))
+        print_json_lines(nodes, proto_names=True, sort_keys=True)
         return 0
     print(f"{'NODE':14} {'EXEC':5} {'STATUS':10} {'TASKS':>5}  LABELS / FREE of CAPACITY")
     for n in nodes:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
+from typing import TYPE_CHECKING
 
-import grpc
+from .connection import add_daemon_parser, connect, daemon_verb, usage_error
+from .output import fail
 
-from corral.sandbox.archive import TarExtractor, tar_stream
-
-from .client import Client, ClientError
+if TYPE_CHECKING:
+    from corral.runtime.client import Client
 
 HELP = "copy files or directories between the host and a sandbox (as docker cp)"
 DESCRIPTION = """\
@@ -36,15 +38,15 @@ _REMOTE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*):(.*)$", re.S)
 _LOCAL_CAP = 1 << 62
 
 
-def add_parser(sub, client_flags) -> None:
-    cp = sub.add_parser("cp", help=HELP, description=DESCRIPTION,
-                        usage="corral cp [OPTIONS] SANDBOX:SRC DEST|-\n"
-                              "       corral cp [OPTIONS] SRC|- SANDBOX:DEST")
-    client_flags(cp)
+def add_parsers(sub) -> None:
+    cp = add_daemon_parser(sub, "cp", help=HELP, description=DESCRIPTION,
+                           usage="corral cp [OPTIONS] SANDBOX:SRC DEST|-\n"
+                                 "       corral cp [OPTIONS] SRC|- SANDBOX:DEST")
     cp.add_argument("-q", "--quiet", action="store_true",
                     help="print nothing on success (default: one line on stderr)")
     cp.add_argument("src", metavar="SRC")
     cp.add_argument("dest", metavar="DEST")
+    cp.set_defaults(handler=cp_verb)
 
 
 def split(arg: str) -> tuple[str | None, str]:
@@ -56,12 +58,20 @@ def split(arg: str) -> tuple[str | None, str]:
     return (m.group(1), m.group(2)) if m else (None, arg)
 
 
-def run(args, connect) -> int:
+@daemon_verb
+def cp_verb(args) -> int:
+    try:
+        return _copy(args)
+    except OSError as exc:  # a local path: one line, not a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        return fail(f"cp:{where}: {exc.strerror}")
+
+
+def _copy(args) -> int:
     src_sb, src = split(args.src)
     dest_sb, dest = split(args.dest)
     if (src_sb is None) == (dest_sb is None):
-        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
-                          "exactly one of SRC and DEST must be SANDBOX:PATH")
+        raise usage_error("exactly one of SRC and DEST must be SANDBOX:PATH")
     with connect(args) as client:
         if dest_sb is not None:
             line = _to_sandbox(client, src, dest_sb, dest or ".")
@@ -73,10 +83,12 @@ def run(args, connect) -> int:
 
 
 def _stat(client: Client, sb: str, path: str):
+    from corral.runtime.client import ClientError
+
     try:
         return client.stat_file(sb, path)
     except ClientError as exc:
-        if exc.code == grpc.StatusCode.NOT_FOUND:
+        if exc.code.name == "NOT_FOUND":
             return None
         raise
 
@@ -92,15 +104,11 @@ def _size(n: int) -> str:
     return f"{n}B"
 
 
-def _usage(message: str) -> ClientError:
-    return ClientError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
 def _to_sandbox(client: Client, src: str, sb: str, dest: str) -> str:
     if src == "-":
         info = _stat(client, sb, dest)
         if info is None or info.kind != "dir":
-            raise _usage(f"DEST: {sb}:{dest} must be an existing directory to extract a tar "
+            raise usage_error(f"DEST: {sb}:{dest} must be an existing directory to extract a tar "
                          f"stream into")
         r = client.put_archive(sb, dest, iter(lambda: sys.stdin.buffer.read(1 << 20), b""))
         return f"extracted {r.files} files, {r.dirs} directories ({_size(r.bytes)}) " \
@@ -108,19 +116,17 @@ def _to_sandbox(client: Client, src: str, sb: str, dest: str) -> str:
     try:
         local = os.lstat(src)
     except OSError as exc:
-        raise _usage(f"SRC: {src}: {exc.strerror}") from None
+        raise usage_error(f"SRC: {src}: {exc.strerror}") from None
     info = _stat(client, sb, dest)
     name = os.path.basename(os.path.normpath(src))
-    import stat as st_mod
-
-    if not st_mod.S_ISDIR(local.st_mode):
+    if not stat.S_ISDIR(local.st_mode):
         if info is not None and info.kind == "dir":
             dest = _join(dest, name)
         elif info is None and dest.endswith("/"):
-            raise _usage(f"DEST: {sb}:{dest} does not exist (a directory must exist)")
-        if st_mod.S_ISLNK(local.st_mode) or not st_mod.S_ISREG(local.st_mode):
-            raise _usage(f"SRC: {src} is not a regular file or directory")
-        r = client.upload(sb, dest, src, mode=st_mod.S_IMODE(local.st_mode))
+            raise usage_error(f"DEST: {sb}:{dest} does not exist (a directory must exist)")
+        if stat.S_ISLNK(local.st_mode) or not stat.S_ISREG(local.st_mode):
+            raise usage_error(f"SRC: {src} is not a regular file or directory")
+        r = client.upload(sb, dest, src, mode=stat.S_IMODE(local.st_mode))
         return f"copied {_size(r.size)} to {sb}:{dest} (sha256 {r.sha256})"
     # a directory, as a tar stream named for where it lands
     contents = src.endswith("/.") or src == "."
@@ -130,7 +136,9 @@ def _to_sandbox(client: Client, src: str, sb: str, dest: str) -> str:
     elif info.kind == "dir":
         parent, top = dest, "." if contents else name
     else:
-        raise _usage(f"DEST: {sb}:{dest} is a file; cannot copy a directory onto it")
+        raise usage_error(f"DEST: {sb}:{dest} is a file; cannot copy a directory onto it")
+    from corral.sandbox.archive import tar_stream
+
     fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         r = client.put_archive(sb, parent, tar_stream(fd, top))
@@ -155,25 +163,25 @@ def _from_sandbox(client: Client, sb: str, src: str, dest: str) -> str:
         local = os.stat(dest)
     except FileNotFoundError:
         pass
-    import stat as st_mod
-
     if info.kind == "file":
-        if local is not None and st_mod.S_ISDIR(local.st_mode):
+        if local is not None and stat.S_ISDIR(local.st_mode):
             dest = os.path.join(dest, name)
         elif local is None and dest.endswith("/"):
-            raise _usage(f"DEST: {dest} does not exist (a directory must exist)")
+            raise usage_error(f"DEST: {dest} does not exist (a directory must exist)")
         end = client.download(sb, src, dest)
         os.chmod(dest, info.mode & 0o777)
         return f"copied {_size(end.size)} to {dest} (sha256 {end.sha256})"
     if info.kind != "dir":
-        raise _usage(f"SRC: {sb}:{src} is a {info.kind}; copy a file or a directory")
+        raise usage_error(f"SRC: {sb}:{src} is a {info.kind}; copy a file or a directory")
     if local is None:
         os.mkdir(dest, 0o755)
         target, strip = dest, 1
-    elif st_mod.S_ISDIR(local.st_mode):
+    elif stat.S_ISDIR(local.st_mode):
         target, strip = dest, 1 if src.endswith("/.") else 0
     else:
-        raise _usage(f"DEST: {dest} is a file; cannot copy a directory onto it")
+        raise usage_error(f"DEST: {dest} is a file; cannot copy a directory onto it")
+    from corral.sandbox.archive import TarExtractor
+
     _, chunks = client.get_archive(sb, src)
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     extractor = TarExtractor(fd, max_bytes=_LOCAL_CAP, max_entries=_LOCAL_CAP, strip=strip,

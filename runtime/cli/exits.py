@@ -1,0 +1,39 @@
+"""The exit statuses of `corral`, as `corral run --help` documents them, in one place.
+
+A command's status follows the shell: its own exit code, or 128+N when signal N killed it
+(returncodes carry that as -N, as subprocess does). Dependency-free, so every verb and the
+terminal code can use it without cost at start-up.
+"""
+
+from __future__ import annotations
+
+#: A usage error: a bad flag or value, or -t without a terminal on stdin.
+EXIT_USAGE = 2
+#: The command ran past its timeout.
+EXIT_TIMEOUT = 124
+#: The sandbox could not be set up.
+EXIT_SETUP_FAILED = 125
+#: The command does not exist inside the sandbox.
+EXIT_NOT_FOUND = 127
+#: The memory limit killed the command (SIGKILL from the OOM killer: 128+9).
+EXIT_OOM = 137
+
+
+def killed_by(signum: int) -> int:
+    """The status of a process that signal `signum` ended: 128+N."""
+    return 128 + signum
+
+
+def shell_status(returncode: int) -> int:
+    """The shell's status of a returncode: the exit code, or 128+N for -N (killed by N)."""
+    return returncode if returncode >= 0 else killed_by(-returncode)
+
+
+def exec_ending(command: str, exited) -> tuple[int, str]:
+    """The status of a daemon Exec's `exited` event, and the line to print for it ("" for
+    none): the daemon names a timeout or an OOM kill as its reason."""
+    if exited.reason == "timeout":
+        return EXIT_TIMEOUT, f"{command}: killed after its timeout"
+    if exited.reason == "oom":
+        return EXIT_OOM, f"{command}: killed by the memory limit (OOM)"
+    return shell_status(exited.returncode), ""

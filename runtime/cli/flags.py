@@ -1,0 +1,84 @@
+"""Flags and arguments several verbs share: the command after `--`, the terminal flags of
+run, exec and session, and the sandbox flags of run and probe."""
+
+from __future__ import annotations
+
+import argparse
+
+TTY_HELP = ("give the command a terminal (a pty inside the sandbox, sized like yours); "
+            "stdin must be a terminal")
+INTERACTIVE_HELP = ("with -t: send your keys to the command, your terminal raw meanwhile; "
+                    "without -t stdin is passed as it always is (run streams it, exec "
+                    "sends a pipe or file whole)")
+RAW_HELP = ("write the output to a terminal unchanged (default: only text, newlines, tabs "
+            "and colours reach a terminal; pipes and files always get every byte)")
+
+
+def add_command(p: argparse.ArgumentParser) -> None:
+    """The trailing `-- CMD [ARGS...]`; `command_argv` reads it back."""
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+
+def command_argv(args: argparse.Namespace) -> list[str]:
+    """CMD [ARGS...] as given, without the `--` that may separate it from the flags."""
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return argv
+
+
+def add_terminal_flags(p: argparse.ArgumentParser) -> None:
+    """--raw, -i and -t of a verb that runs a command (run, exec)."""
+    p.add_argument("--raw", action="store_true", help=RAW_HELP)
+    p.add_argument("-i", "--interactive", action="store_true", help=INTERACTIVE_HELP)
+    p.add_argument("-t", "--tty", action="store_true", help=TTY_HELP)
+
+
+def add_label_flags(p: argparse.ArgumentParser, thing: str, lister: str,
+                    request_id_help: str) -> None:
+    """--label KEY=VALUE (to find `thing` by with `corral LISTER --selector`) and
+    --request-id ID, the idempotency key of a verb that makes one."""
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"a label to find the {thing} by (`corral {lister} --selector`); "
+                        "repeatable")
+    p.add_argument("--request-id", metavar="ID", default="", help=request_id_help)
+
+
+def add_profile(p: argparse.ArgumentParser, what: str) -> None:
+    """--profile NAME|FILE, the seccomp profile of `what` (e.g. 'seccomp profile')."""
+    p.add_argument("--profile", default="default", metavar="NAME|FILE",
+                   help=f"{what}: 'default', 'unconfined' or a Docker-format JSON file "
+                        "(default: %(default)s)")
+
+
+def add_docker_host(p: argparse.ArgumentParser) -> None:
+    """--docker-host URL, the engine of --backend docker."""
+    p.add_argument("--docker-host", metavar="URL",
+                   help="Docker engine for --backend docker (default: $DOCKER_HOST, else "
+                        "unix:///var/run/docker.sock)")
+
+
+def parse_labels(items) -> dict[str, str]:
+    """--label KEY=VALUE flags (a bare KEY is an empty value); the daemon checks them."""
+    from corral.sandbox.errors import InvalidSpec
+
+    labels = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key:
+            raise InvalidSpec("label", f"{item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def parse_env(items) -> dict[str, str]:
+    """--env KEY=VALUE flags as a dict; the '=' is required (KEY= sets an empty value)."""
+    from corral.sandbox.errors import InvalidSpec
+
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidSpec("env", f"{item!r} is not KEY=VALUE")
+        env[key] = value
+    return env

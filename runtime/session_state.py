@@ -1,0 +1,156 @@
+"""A session's turns and life as a plain object, and the rules for telling a client about them.
+
+Nothing here knows the event loop, gRPC or the sandbox: runtime/sessions.py drives a
+`SessionTurns` from what the agent does, and the servicers (runtime/api/sessions.py) hand
+the events it publishes to their clients in the order `deliverable` allows.
+
+Rules this module keeps:
+
+* Every phase change goes through ``SessionTurns._move(to)``; a move missing from
+  ``TRANSITIONS`` raises ``InvalidTransition(from_, to)``. A session starts IN_TURN (turn 1
+  runs from the start); a TURN_END (the agent's, or one the runtime forces) moves it to
+  BETWEEN_TURNS; an input there starts the next turn; it exits only BETWEEN_TURNS (a turn
+  still open when the agent exits is ended first), and nothing leaves EXITED.
+* Each change is published to every listener as one event (`TurnStarted`, `TurnEnded`,
+  `Exited`), in the order the changes happened.
+* Closing is a request, not a phase: a session asked to close keeps running (and steering
+  still reaches it) until its agent exits; the close's reason becomes the exit's reason.
+* A client is told of a turn event only once it has every stream entry the event comes
+  after (`deliverable`), so events and batches never cross on one stream.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from corral.sandbox.errors import Ended, InvalidTransition
+
+
+class Phase(enum.Enum):
+    IN_TURN = "in_turn"
+    BETWEEN_TURNS = "between_turns"
+    EXITED = "exited"
+
+
+#: from -> the phases it may move to.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.IN_TURN: frozenset({Phase.BETWEEN_TURNS}),
+    Phase.BETWEEN_TURNS: frozenset({Phase.IN_TURN, Phase.EXITED}),
+    Phase.EXITED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    turn: int
+    seq: int  # the first stream entry of the turn
+
+
+@dataclass(frozen=True)
+class TurnEnded:
+    turn: int
+    status: str
+    seq: int  # the TURN_END entry
+
+
+@dataclass(frozen=True)
+class Exited:
+    returncode: int
+    reason: str
+
+
+class SessionTurns:
+    """The phase and turn number of one session, and who is told when they change.
+
+    Listeners are objects with `put_nowait(event)` (a client stream's inbox); they are
+    called synchronously, in the order the changes happen.
+    """
+
+    __slots__ = ("phase", "turn", "exited", "close_reason", "listeners")
+
+    def __init__(self) -> None:
+        self.phase = Phase.IN_TURN
+        self.turn = 1
+        self.exited: Exited | None = None
+        #: Set by the first request_close(): the reason the session's exit will give.
+        self.close_reason: str | None = None
+        self.listeners: set = set()
+
+    @property
+    def turn_open(self) -> bool:
+        return self.phase is Phase.IN_TURN
+
+    @property
+    def closing(self) -> bool:
+        """Asked to close, not exited yet."""
+        return self.close_reason is not None and self.exited is None
+
+    def check_running(self, session_id: str) -> None:
+        """Raises:
+        Ended: the session has exited (nothing can steer it any more)."""
+        if self.phase is Phase.EXITED:
+            raise Ended(f"session {session_id} has ended")
+
+    def input_arrived(self, session_id: str, next_seq: int) -> TurnStarted | None:
+        """Steering text is being delivered: between turns it starts the next one, whose
+        first entry will be next_seq.
+
+        Raises:
+            Ended: the session has exited.
+        """
+        self.check_running(session_id)
+        if self.phase is Phase.IN_TURN:
+            return None
+        self._move(Phase.IN_TURN)
+        self.turn += 1
+        return self._publish(TurnStarted(self.turn, next_seq))
+
+    def end_turn(self, status: str, seq: int) -> TurnEnded | None:
+        """The turn ended with `status` at entry seq; None (and no event) between turns."""
+        if self.phase is not Phase.IN_TURN:
+            return None
+        self._move(Phase.BETWEEN_TURNS)
+        return self._publish(TurnEnded(self.turn, status, seq))
+
+    def request_close(self, reason: str) -> bool:
+        """Note a request to end the session; True for the first one while it runs."""
+        if self.exited is not None or self.close_reason is not None:
+            return False
+        self.close_reason = reason
+        return True
+
+    def exit(self, returncode: int, reason: str) -> Exited:
+        """The agent exited (end its turn first). A requested close's reason wins over
+        `reason`.
+
+        Raises:
+            InvalidTransition: a turn is still open, or the session exited already.
+        """
+        self._move(Phase.EXITED)
+        self.exited = Exited(returncode, self.close_reason or reason)
+        return self._publish(self.exited)
+
+    def _move(self, to: Phase) -> None:
+        """Raises:
+        InvalidTransition: TRANSITIONS has no move from the current phase to `to`."""
+        if to not in TRANSITIONS[self.phase]:
+            raise InvalidTransition(self.phase.name, to.name)
+        self.phase = to
+
+    def _publish(self, event):
+        for listener in list(self.listeners):
+            listener.put_nowait(event)
+        return event
+
+
+def deliverable(event, next_seq: int) -> bool:
+    """Whether a client whose next entry is next_seq may get this turn event now: only once
+    it has every entry the event comes after (a turn's end after its TURN_END entry, a
+    turn's start after the entries before it), so events and batches never cross."""
+    if isinstance(event, TurnEnded):
+        return next_seq > event.seq
+    if isinstance(event, TurnStarted):
+        return next_seq >= event.seq
+    return True
+

@@ -1,0 +1,82 @@
+"""The Engine API client: where the engine is (DOCKER_HOST), one client per engine, and
+why a request failed, in words.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+from ...errors import Unavailable, UnsupportedHost
+
+API_VERSION = "1.41"
+
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+#: How long the engine may take to answer one request, in seconds.
+REQUEST_TIMEOUT_S = 60
+
+
+def engine_url(explicit: str | None = None) -> str:
+    """The engine to use: the explicit URL, else $DOCKER_HOST, else the standard socket."""
+    return explicit or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+
+
+def _sdk():
+    try:
+        import docker  # noqa: PLC0415 (optional dependency, imported on use)
+    except ImportError:
+        raise UnsupportedHost(
+            "the docker backend needs the Docker SDK for Python: pip install 'corral[docker]'"
+        ) from None
+    return docker
+
+
+_clients: dict[str, object] = {}
+
+
+_clients_lock = threading.Lock()
+
+
+def client(url: str | None = None):
+    """A connected low-level API client for the engine at url (cached per URL).
+
+    Raises:
+        Unavailable: no engine answers there.
+        UnsupportedHost: the docker SDK is not installed.
+    """
+    url = engine_url(url)
+    with _clients_lock:
+        api = _clients.get(url)
+    if api is not None:
+        return api
+    docker = _sdk()
+    try:
+        api = docker.APIClient(base_url=url, version=API_VERSION, timeout=REQUEST_TIMEOUT_S)
+        api.ping()
+    except Exception as exc:  # the SDK raises requests/urllib3/OS errors alike
+        raise Unavailable(
+            f"no Docker engine answers at {url} ({_reason(exc)}); start dockerd, or point "
+            f"Corral at one with DOCKER_HOST or --docker-host"
+        ) from None
+    with _clients_lock:
+        _clients.setdefault(url, api)
+        return _clients[url]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    for pattern in (r"\[Errno \d+\] [^')\]]+", r"No such file or directory",
+                    r"Connection refused"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(0)
+    return text[:200]
+
+
+def _is_local(url: str) -> bool:
+    """Whether the engine runs on this host (its pids and cgroups are ours to see)."""
+    return url.startswith("unix://") or url.startswith("/")

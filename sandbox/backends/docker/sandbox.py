@@ -1,0 +1,423 @@
+"""DockerSandbox: one container that idles while commands join it with exec (the same
+init/exec model as the native backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from urllib.parse import quote
+
+from ... import seccomp, workspace_fs
+from ...errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError, UnsupportedHost
+from ...spec import SandboxSpec
+from ..base import PIPE, SandboxLifecycle
+from .config import container_config
+from .engine import API_VERSION, REQUEST_TIMEOUT_S, _is_local, _sdk, client, engine_url
+from .fds import _frame_payloads, _PassedFds, _wrapper_state
+from .image import base_image
+from .process import DockerProcess, _is_fd
+from .sweep import sweep
+
+
+class DockerSandbox(SandboxLifecycle):
+    """A sandbox on a Docker engine: create / exec / signal / destroy (a context manager)."""
+
+    _swept: set[str] = set()
+
+    def __init__(self, spec: SandboxSpec | None = None, *, docker_host: str | None = None,
+                 name: str | None = None):
+        self.spec = spec or SandboxSpec()
+        self.id = name or "sbx-" + os.urandom(6).hex()
+        self.url = engine_url(docker_host)
+        self.local = _is_local(self.url)
+        self.state = "new"
+        self.container_id: str | None = None
+        self.init_pid: int | None = None
+        self.workspace: str | None = None
+        self._own_workspace = False
+        self._lock = threading.Lock()
+        self.api = None
+        #: Readable when a relayed command ended (the daemon's loop watches it); see
+        #: collect_exits(). Same role as the native backend's status pipe.
+        self.status_fd = self._status_w = -1
+        self._status_lock = threading.Lock()
+        self._procs: weakref.WeakSet[DockerProcess] = weakref.WeakSet()
+        self._fds_dir: str | None = None
+        #: The seccomp profile the container runs under (its digest is the policy's).
+        self._seccomp: seccomp.SeccompProfile | None = None
+
+    def start(self) -> None:
+        """Create and start the container.
+
+        Raises:
+            Unavailable: no engine answers.
+            InvalidSpec: the profile is unusable, or the engine refused the config.
+            CorralError: the engine failed to create or start the container.
+        """
+        if self.state != "new":
+            raise CorralError(f"sandbox {self.id} is {self.state}, not new")
+        if getattr(self.spec, "allow_net", ()):
+            raise InvalidSpec("allow_net", "the docker backend runs without a network; egress "
+                                           "through Corral's proxy needs the native backend")
+        if getattr(self.spec, "devices", ()):
+            raise InvalidSpec("devices", "the docker backend does not grant host devices")
+        self.api = client(self.url)
+        docker = _sdk()
+        if self.url not in DockerSandbox._swept:
+            DockerSandbox._swept.add(self.url)
+            sweep(self.url)
+        image = base_image(self.url)
+        self._move("starting")
+        self.status_fd, self._status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if self.spec.uid_base is None:  # its own host ids, as a native sandbox's
+                from ... import ids
+
+                self._ids = ids.allocate(self.id) if os.geteuid() == 0 else ids.IdRange(
+                    os.getuid(), 1)
+                self.spec = self.spec.with_ids(self._ids.base, self._ids.count)
+            self._setup_workspace()
+            self._fds_dir = tempfile.mkdtemp(prefix=f"corral.{self.id}.fds.")
+            if os.geteuid() == 0:
+                os.chown(self._fds_dir, self.spec.uid_base, self.spec.uid_base)
+            os.chmod(self._fds_dir, 0o700)
+            config = container_config(self.api, self.spec, image, self.id, self.workspace,
+                                      self._own_workspace, self._fds_dir)
+            try:
+                self.container_id = self.api.create_container(**config)["Id"]
+                self.api.start(self.container_id)
+                info = self.api.inspect_container(self.container_id)
+            except docker.errors.APIError as exc:
+                message = exc.explanation or str(exc)
+                if exc.status_code == 400 or "invalid" in str(message).lower():
+                    raise InvalidSpec("spec", f"the engine refused it: {message}") from None
+                raise CorralError(f"docker: creating sandbox {self.id}: {message}") from None
+            self.init_pid = int(info["State"].get("Pid") or 0) or None
+            self._seccomp = seccomp.load_profile(self.spec.profile)
+            self._move("running")
+        except BaseException:
+            self._cleanup()
+            raise
+
+    @property
+    def seccomp_digest(self) -> str:
+        return self._seccomp.digest
+
+    def _cleanup(self) -> None:
+        """Remove the container (killing everything in it) and its temporary workspace."""
+        if self.container_id is not None and self.api is not None:
+            docker = _sdk()
+            for _ in range(3):
+                try:
+                    self.api.remove_container(self.container_id, force=True, v=True)
+                    break
+                except docker.errors.NotFound:
+                    break
+                except Exception:
+                    time.sleep(0.2)
+            self.container_id = None
+        if self._own_workspace and self.workspace:
+            workspace_fs.remove(self.workspace)
+            self._own_workspace = False
+        if getattr(self, "_ids", None) is not None:
+            self._ids.release()
+        if self._fds_dir is not None:
+            shutil.rmtree(self._fds_dir, ignore_errors=True)
+            self._fds_dir = None
+        for proc in list(self._procs):
+            if proc._eof or not proc._pumping:  # a pump in progress closes its own
+                proc._close()
+        with self._status_lock:
+            for fd in (self.status_fd, self._status_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.status_fd = self._status_w = -1
+        self._settle_destroyed()
+
+    # -- commands -------------------------------------------------------------------------
+
+    def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str = "/workspace", stdin: int | None = PIPE, stdout: int | None = PIPE,
+             stderr: int | None = PIPE, timeout_s: float | None = None,
+             pass_fds: dict[int, int] | None = None,
+             tty: tuple[int, int] | None = None) -> DockerProcess:
+        """Run argv in the sandbox; returns the running DockerProcess.
+
+        Args:
+            env: extra variables on top of the spec's environment.
+            stdin, stdout, stderr: PIPE, DEVNULL/None, or an open descriptor. Descriptors do
+                not cross to an engine: a relay thread copies between them and the exec's
+                connection (stdout and stderr must then both be descriptors or DEVNULL).
+            timeout_s: wall-clock limit, defaults to the spec's.
+            tty: refused (InvalidSpec): this backend has no terminals yet.
+
+        Raises:
+            CommandNotFound: argv[0] does not exist or cannot be executed in the sandbox.
+            CorralError: the engine refused the exec.
+            InvalidSpec: tty was asked for.
+        """
+        if tty is not None:
+            # The engine's own Tty exec (and exec resize) is not wired up: refused rather
+            # than run without the terminal the caller asked for.
+            raise InvalidSpec("tty", "the docker backend does not give commands a terminal "
+                                     "(yet); use the native backend for a tty")
+        if self.state != "running":
+            raise CorralError(f"sandbox {self.id} is {self.state}; cannot exec")
+        if not argv:
+            raise InvalidSpec("argv", "the command is empty")
+        relay = any(_is_fd(h) for h in (stdout, stderr))
+        if relay and PIPE in (stdout, stderr):
+            raise InvalidSpec("stdout", "give descriptors (or DEVNULL) for both outputs, or "
+                                        "PIPE for both")
+        docker = _sdk()
+        environment = self.spec.environment()
+        for key, value in (env or {}).items():
+            environment = [e for e in environment if not e.startswith(key + "=")]
+            environment.append(f"{key}={value}")
+        passed = _PassedFds(self, pass_fds) if pass_fds else None
+        command = passed.wrap(list(argv)) if passed else list(argv)
+        try:
+            exec_id = self.api.exec_create(
+                self.container_id, command, stdout=True, stderr=True,
+                stdin=stdin == PIPE or _is_fd(stdin),
+                user=f"{self.spec.uid_base}:{self.spec.uid_base}",
+                environment=environment, workdir=cwd)["Id"]
+        except docker.errors.APIError as exc:
+            if passed:
+                passed.close()
+            raise CorralError(f"docker: exec in {self.id}: {exc.explanation or exc}") from None
+        except BaseException:
+            if passed:
+                passed.close()
+            raise
+        oom_before = self._oom_kills()
+        try:
+            sock, leftover = self._start_exec(exec_id)
+        except BaseException:
+            if passed:
+                passed.close()
+            raise
+        keep = (stdout == PIPE or _is_fd(stdout), stderr == PIPE or _is_fd(stderr))
+        self._procs.add(proc := DockerProcess(self, exec_id, sock, leftover, list(argv),
+                             timeout_s if timeout_s is not None else self.spec.timeout_s,
+                             oom_before, stdin == PIPE or _is_fd(stdin), keep))
+        if passed:
+            proc._on_finish.append(passed.stop)
+            passed.start()
+        self._check_started(proc, cwd, wrapped=passed is not None)
+        if relay or _is_fd(stdin):
+            proc._relay(stdin if _is_fd(stdin) else None,
+                        stdout if _is_fd(stdout) else None,
+                        stderr if _is_fd(stderr) else None, self._notify_exit)
+        return proc
+
+    def _notify_exit(self) -> None:
+        """Wake whoever watches status_fd: a relayed command has ended."""
+        with self._status_lock, contextlib.suppress(OSError):
+            if self._status_w >= 0:
+                os.write(self._status_w, b"x")
+
+    def collect_exits(self) -> int:
+        """Drain status_fd's wake-ups; returns how many commands ended since the last call
+        (their on_exit callbacks have already run, from the relay threads)."""
+        count = 0
+        with self._status_lock, contextlib.suppress(OSError):
+            while self.status_fd >= 0:
+                chunk = os.read(self.status_fd, 4096)
+                if not chunk:
+                    break
+                count += len(chunk)
+        return count
+
+    def _check_started(self, proc: DockerProcess, cwd: str, wrapped: bool = False) -> None:
+        """Wait until the engine has started the command (learning its pid), or tell
+        CommandNotFound when the runtime could not execute it."""
+        delay = 0.0005
+        give_up = time.monotonic() + REQUEST_TIMEOUT_S
+        while True:
+            if time.monotonic() > give_up:  # the engine never said: the pid stays unknown
+                return
+            try:
+                info = self.api.exec_inspect(proc.exec_id)
+            except Exception:
+                return
+            if info.get("Running") and info.get("Pid"):  # Running comes before the Pid
+                pid = int(info["Pid"])
+                # Through the pass_fds wrapper, a running pid is the shell, not yet the
+                # command: wait for its exec (or its exit, 127 when argv[0] is missing).
+                state = _wrapper_state(pid) if wrapped and self.local else "exec'd"
+                if state == "exec'd":
+                    proc._pid = pid
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+                continue
+            code = info.get("ExitCode")
+            if code is not None:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        if code not in (126, 127):
+            return
+        raw = proc._read_to_eof()
+        # The engine's own message comes raw; the wrapper shell's in stream frames, and a
+        # shell may write one line in several pieces (each its own frame when the engine
+        # reads them apart): match against the payloads joined as well as the raw bytes.
+        text = raw.decode(errors="replace") + "\n" + _frame_payloads(raw).decode(errors="replace")
+        wrapper_failed = wrapped and (f"exec: {proc.argv[0]}: not found" in text
+                                      or f"exec: {proc.argv[0]}: Permission denied" in text)
+        if "OCI runtime exec failed" in text or wrapper_failed:
+            proc._finish(code)
+            if "chdir" in text:
+                raise SandboxSetupError("chdir", cwd, errno_mod.ENOENT)
+            raise CommandNotFound(proc.argv[0], 2 if "not found" in text or "no such" in text
+                                  else 13)
+
+    def _start_exec(self, exec_id: str) -> tuple[socket.socket, bytes]:
+        """Start an exec and take over its connection; returns it and any bytes read past
+        the response headers (output that arrived with them)."""
+        body = json.dumps({"Detach": False, "Tty": False}).encode()
+        path = f"/v{API_VERSION}/exec/{quote(exec_id)}/start"
+        request = (f"POST {path} HTTP/1.1\r\nHost: docker\r\nUser-Agent: corral\r\n"
+                   f"Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        sock = self._connect()
+        try:
+            sock.sendall(request)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise CorralError(f"docker: the engine closed the exec connection of {self.id}")
+                head += chunk
+            header, _, rest = head.partition(b"\r\n\r\n")
+            status = header.split(b"\r\n", 1)[0].split()
+            if len(status) < 2 or status[1] not in (b"101", b"200"):
+                raise CorralError(f"docker: exec start in {self.id} failed: "
+                                  f"{header.decode(errors='replace')[:200]} "
+                                  f"{rest.decode(errors='replace')[:300]}")
+            if b"chunked" in header.lower() and status[1] == b"200":
+                raise CorralError("docker: the engine answered exec start without upgrading")
+            return sock, rest
+        except BaseException:
+            sock.close()
+            raise
+
+    def _connect(self) -> socket.socket:
+        url = self.url
+        if url.startswith("unix://") or url.startswith("/"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(url[len("unix://"):] if url.startswith("unix://") else url)
+            return sock
+        m = re.match(r"^(?:tcp|http)://([^:/]+):(\d+)/?$", url)
+        if not m:
+            raise UnsupportedHost(f"docker backend: cannot stream from {url}; use unix:// or "
+                                  f"tcp://HOST:PORT without TLS")
+        return socket.create_connection((m.group(1), int(m.group(2))), timeout=REQUEST_TIMEOUT_S)
+
+    def signal(self, sig: int) -> int:
+        """Send sig to every process of the sandbox but its init; returns how many got it."""
+        if self.state != "running":
+            return 0
+        sent = 0
+        for pid in self.pids():
+            if pid == self.init_pid:
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                sent += 1
+        return sent
+
+    def pids(self) -> list[int]:
+        """Host pids of the container's processes (a local engine: its cgroup's members)."""
+        if self.state != "running" or not self.local:
+            return []
+        pids: set[int] = set()
+        for path in self._cgroup_paths("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                with open(path) as f:
+                    pids.update(int(x) for x in f.read().split())
+        return sorted(pids)
+
+    def _cgroup_paths(self, leaf: str) -> list[str]:
+        """Files of the container's cgroup as the host sees them (v1: every controller)."""
+        if not self.init_pid:
+            return []
+        try:
+            with open(f"/proc/{self.init_pid}/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                out.append(f"/sys/fs/cgroup{path}/{leaf}")
+            elif leaf == "cgroup.procs" and "pids" in controllers.split(","):
+                out.append(f"/sys/fs/cgroup/pids{path}/{leaf}")
+            elif leaf.startswith("memory.") and "memory" in controllers.split(","):
+                out.append(f"/sys/fs/cgroup/memory{path}/{leaf}")
+        return out
+
+    def _oom_kills(self) -> int:
+        """How many processes the memory limit has killed so far."""
+        if self.local:
+            for leaf in ("memory.oom_control", "memory.events"):
+                for path in self._cgroup_paths(leaf):
+                    with contextlib.suppress(OSError, ValueError):
+                        with open(path) as f:
+                            for line in f:
+                                if line.startswith("oom_kill "):
+                                    return int(line.split()[1])
+        try:
+            state = self.api.inspect_container(self.container_id)["State"]
+        except Exception:
+            return 0
+        return 1 if state.get("OOMKilled") else 0
+
+    def stats(self) -> dict:
+        """Usage counters from the engine's one-shot stats (same keys as the native
+        backend's; a key the engine does not report is absent)."""
+        out: dict = {"oom_kills": self._oom_kills()}
+        try:
+            raw = self.api.stats(self.container_id, stream=False, one_shot=True)
+        except Exception:
+            out["pids"] = len(self.pids())
+            return out
+        memory = raw.get("memory_stats") or {}
+        cpu = ((raw.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+        pids = (raw.get("pids_stats") or {}).get("current")
+        for key, value in (("memory_bytes", memory.get("usage")),
+                           ("memory_peak_bytes", memory.get("max_usage")),
+                           ("pids", pids),
+                           ("cpu_usage_us", None if cpu is None else cpu // 1000)):
+            if value is not None:
+                out[key] = int(value)
+        blkio = (raw.get("blkio_stats") or {}).get("io_service_bytes_recursive")
+        if blkio is not None:
+            totals = {"read": 0, "write": 0}
+            for entry in blkio:
+                op = str(entry.get("op", "")).lower()
+                if op in totals:
+                    totals[op] += int(entry.get("value", 0))
+            out["io_read_bytes"], out["io_write_bytes"] = totals["read"], totals["write"]
+        return out
+
+
+if __name__ == "__main__":  # a quick manual check: python -m corral.sandbox.backends.docker
+    from ..base import run
+
+    result = run(sys.argv[1:] or ["id"], SandboxSpec(backend="docker"))
+    sys.stdout.buffer.write(result.stdout + result.stderr)
+    sys.exit(result.exit_status)

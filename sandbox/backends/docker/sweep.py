@@ -1,0 +1,83 @@
+"""Labels, creators and the sweep: every container carries its sandbox id and who made
+it; those whose creator is gone are removed, with their temporary workspaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+from ... import fstree, workspace_fs
+from .engine import client
+
+#: Label every Corral container carries: the sandbox id.
+LABEL = "corral.sandbox"
+
+
+#: Label naming the creator: "<boot id>:<pid>:<start time>", for sweep().
+LABEL_CREATOR = "corral.creator"
+
+
+#: Label holding a temporary workspace directory the sandbox owns (removed by sweep()).
+LABEL_WORKSPACE = "corral.workspace"
+
+
+#: Label holding the host directory of the sandbox's descriptor FIFOs (removed by sweep()).
+LABEL_FDS = "corral.fds"
+
+
+@functools.cache
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _creator() -> str:
+    return f"{_boot_id()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _creator_alive(value: str) -> bool:
+    try:
+        boot, pid, start = value.split(":")
+    except ValueError:
+        return False
+    if boot != _boot_id():
+        return False
+    return _start_time(int(pid)) == start
+
+
+def sweep(url: str | None = None) -> list[str]:
+    """Remove Corral containers (and their temporary workspaces) whose creator is gone;
+    returns the sandbox ids removed."""
+    api = client(url)
+    removed = []
+    for info in api.containers(all=True, filters={"label": LABEL}):
+        labels = info.get("Labels") or {}
+        if _creator_alive(labels.get(LABEL_CREATOR, "")):
+            continue
+        with contextlib.suppress(Exception):
+            api.remove_container(info["Id"], force=True, v=True)
+        _remove_workspace(labels.get(LABEL_WORKSPACE))
+        _remove_workspace(labels.get(LABEL_FDS))
+        removed.append(labels.get(LABEL, info["Id"][:12]))
+    return removed
+
+
+def _remove_workspace(path: str | None) -> None:
+    """Remove a temporary workspace a container's label names (only ones Corral made)."""
+    if workspace_fs.is_managed(path):
+        workspace_fs.remove(path)
+    elif path and os.path.basename(path).startswith("corral.sbx-"):  # an older version's
+        fstree.remove_tree(path, ignore_errors=True)

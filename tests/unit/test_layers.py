@@ -1,0 +1,42 @@
+"""The layering of docs/architecture.md holds: .importlinter's contracts pass on the tree.
+
+An import that crosses a layer the wrong way (sandbox/ reaching for gRPC, the domain for a
+servicer, the client for the daemon's config) fails here, naming the chain of imports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _lint_imports() -> list[str]:
+    script = Path(sys.executable).with_name("lint-imports")
+    assert script.exists() or shutil.which("lint-imports"), \
+        "import-linter is a dev dependency (pyproject [dev]); `make build` installs it"
+    return [str(script) if script.exists() else "lint-imports", "--no-cache"]
+
+
+def test_every_layer_contract_is_kept():
+    done = subprocess.run(_lint_imports(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
+
+
+def test_a_forbidden_import_is_caught(tmp_path):
+    # the checker sees real imports: the daemon (the composition root) imports the
+    # servicers, so a contract forbidding that must break
+    config = (ROOT / ".importlinter").read_text()
+    bad = tmp_path / "contracts.ini"
+    bad.write_text(config + "\n[importlinter:contract:canary]\nname = canary\n"
+                            "type = forbidden\nsource_modules =\n    corral.runtime.daemon\n"
+                            "forbidden_modules =\n    corral.runtime.api\n")
+    done = subprocess.run([*_lint_imports(), str(bad)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1
+    assert "canary BROKEN" in done.stdout
