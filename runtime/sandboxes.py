@@ -373,7 +373,7 @@ class SandboxManager:
 
     async def inspect(self, caller: Caller, sandbox_id: str) -> tuple[dict, list[str], str]:
         """The live policy report of a sandbox, its mismatches with the spec, its digest."""
-        from corral.sandbox import inspect as live
+        from corral.sandbox import effective as live
 
         msb = self.get(caller, sandbox_id)
         rep = await asyncio.get_running_loop().run_in_executor(

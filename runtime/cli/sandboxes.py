@@ -210,7 +210,7 @@ def create_verb(args) -> int:
 
 @daemon_verb
 def inspect_verb(args) -> int:
-    from corral.sandbox.inspect import format_table
+    from corral.sandbox.effective import format_table
 
     with connect(args) as client:
         resp = client.inspect_sandbox(args.sandbox_id)

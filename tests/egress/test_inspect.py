@@ -1,4 +1,4 @@
-"""`sandbox/inspect.py`: the live policy of a sandbox, and loud mismatches when the kernel
+"""`sandbox/effective.py`: the live policy of a sandbox, and loud mismatches when the kernel
 state no longer matches the spec (here changed behind Corral's back, from the host)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 import socket
 
 from corral.sandbox import Sandbox, SandboxSpec, cgroups, net
-from corral.sandbox import inspect as live
+from corral.sandbox import effective as live
 
 MiB = 1 << 20
 

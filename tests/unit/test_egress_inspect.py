@@ -1,9 +1,9 @@
-"""The pure checks of sandbox/inspect.py: mount tables and limits against a spec."""
+"""The pure checks of sandbox/effective.py: mount tables and limits against a spec."""
 
 from __future__ import annotations
 
 from corral.sandbox import BindMount, SandboxSpec
-from corral.sandbox.inspect import _mount_problems, format_table, mismatches
+from corral.sandbox.effective import _mount_problems, format_table, mismatches
 
 
 def mount(target, options, fstype="tmpfs", source="tmpfs"):
