@@ -715,16 +715,7 @@ class TokenStream:
                 size = end - prev
                 lengths += _ONE_BYTE[size] if size < 0x80 else _varint(size)
             else:
-                seq = start + k - i
-                event_size = self._event_size(seq, kinds[k], codes[k], end - prev)
-                events += b"\x22" + _varint(event_size)
-                events += b"\x08" + _varint(seq) + b"\x10" + _varint(kinds[k])
-                if kinds[k] == _ERROR:
-                    events += b"\x20" + _varint(codes[k])
-                    if stored:
-                        events += b"\x2a" + _varint(len(stored)) + stored
-                elif stored:
-                    events += b"\x1a" + _varint(len(stored)) + stored
+                events += self._encode_event(start + k - i, kinds[k], codes[k], stored)
             prev = end
         out = bytearray(b"\x08" + _varint(start))
         if text:
@@ -742,6 +733,19 @@ class TokenStream:
         cursor._bytes += len(out)
         cursor._lost += lost
         return bytes(out)
+
+    @classmethod
+    def _encode_event(cls, seq: int, kind: int, code: int, stored: bytes) -> bytes:
+        """One StreamEvent as StreamBatch field 4 (tag, length, then the event)."""
+        out = bytearray(b"\x22" + _varint(cls._event_size(seq, kind, code, len(stored))))
+        out += b"\x08" + _varint(seq) + b"\x10" + _varint(kind)
+        if kind == _ERROR:
+            out += b"\x20" + _varint(code)
+            if stored:
+                out += b"\x2a" + _varint(len(stored)) + stored
+        elif stored:
+            out += b"\x1a" + _varint(len(stored)) + stored
+        return out
 
     @staticmethod
     def _event_size(seq: int, kind: int, code: int, size: int) -> int:

@@ -82,8 +82,12 @@ def signal_command(process, sig: int) -> bool:
     return False
 
 
-class PipeWriter:
-    """Non-blocking writes of raw bytes into a pipe from the event loop, bounded."""
+class StdinWriter:
+    """A command's stdin: raw bytes written into its pipe from the event loop, bounded.
+
+    The sibling of streams.ControlWriter, which writes protocol frames to an agent's
+    control pipe (frame kinds, merged interrupts, early EPIPE); this one only copies bytes.
+    """
 
     def __init__(self, fd: int, loop: asyncio.AbstractEventLoop, limit: int = MAX_STDIN_BUFFER):
         os.set_blocking(fd, False)
@@ -155,7 +159,7 @@ class ExecHandle:
     process: Process
     stdout: StreamHub
     stderr: StreamHub
-    stdin: PipeWriter | None
+    stdin: StdinWriter | None
     started_at: float
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     returncode: int | None = None
@@ -630,7 +634,7 @@ class SandboxManager:
             process.stdout = process.stdin = None
         stdout.attach_fd(out_r)
         stderr.attach_fd(err_r)
-        writer = PipeWriter(in_w, loop)
+        writer = StdinWriter(in_w, loop)
         handle = ExecHandle(exec_id, msb.id, tuple(argv), process, stdout, stderr, writer,
                             time.monotonic(), pid=process.pid or 0)
         msb.execs[exec_id] = handle

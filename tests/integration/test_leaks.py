@@ -191,7 +191,7 @@ class InProcessDaemon:
 def test_finished_sessions_and_commands_are_freed_without_the_cyclic_gc(tmp_path):
     """With the GC off, nothing of a finished session or command is left in a cycle."""
     interesting = {"StreamHub", "TokenStream", "Session", "ExecHandle", "Process",
-                   "PipeWriter", "ControlWriter", "Watcher", "ManagedSandbox"}
+                   "StdinWriter", "ControlWriter", "Watcher", "ManagedSandbox"}
     was_enabled = gc.isenabled()
     with InProcessDaemon(str(tmp_path)) as d:
         client = Client.connect(socket=d.config.socket)
