@@ -22,6 +22,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
+from ..sandbox.procinfo import read_or_none
+
 EXIT_MISSING = 1
 #: Verdicts of a check.
 OK, DEGRADED, MISSING = "ok", "degraded", "missing"
@@ -77,7 +79,7 @@ def _try_user_namespace() -> int:
 
 def check_user_namespaces() -> Check:
     err = _try_user_namespace()
-    limit = _read("/proc/sys/user/max_user_namespaces")
+    limit = read_or_none("/proc/sys/user/max_user_namespaces", strip=True)
     if err == 0:
         return Check("user namespaces", OK, f"can create one (max_user_namespaces={limit})",
                      "cannot run native sandboxes: every one is a user namespace; use "
@@ -85,7 +87,7 @@ def check_user_namespaces() -> Check:
     hints = []
     for path, want in (("/proc/sys/kernel/unprivileged_userns_clone", "1"),
                        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "0")):
-        value = _read(path)
+        value = read_or_none(path, strip=True)
         if value is not None and value != want:
             hints.append(f"{path} is {value} (needs {want})")
     if limit == "0":
@@ -234,7 +236,7 @@ def check_seccomp() -> Check:
     from corral.sandbox.errors import CorralError
 
     mode = None
-    for line in (_read("/proc/self/status") or "").splitlines():
+    for line in (read_or_none("/proc/self/status") or "").splitlines():
         if line.startswith("Seccomp:"):
             mode = line.split()[1]
     without = ("sandboxes cannot start with a profile; only --profile unconfined runs "
@@ -253,7 +255,7 @@ def check_seccomp() -> Check:
 
 
 def check_overlayfs() -> Check:
-    have = "overlay" in (_read("/proc/filesystems") or "").split()
+    have = "overlay" in (read_or_none("/proc/filesystems") or "").split()
     modular = os.path.exists(f"/lib/modules/{platform.release()}/kernel/fs/overlayfs")
     without = ("native sandboxes do not use it; the docker backend's private engine falls "
                "back to the vfs storage driver (full copies: slower, more disk)")
@@ -267,7 +269,7 @@ def check_overlayfs() -> Check:
 
 def _fstype(path: str) -> str:
     best, kind = "", "?"
-    for line in (_read("/proc/self/mounts") or "").splitlines():
+    for line in (read_or_none("/proc/self/mounts") or "").splitlines():
         fields = line.split()
         if len(fields) > 2:
             point = fields[1].replace("\\040", " ")
@@ -275,14 +277,6 @@ def _fstype(path: str) -> str:
                     best):
                 best, kind = point, fields[2]
     return kind
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 CHECKS = (check_user_namespaces, check_subordinate_ids, check_idmapped_mounts, check_cgroups,

@@ -628,13 +628,9 @@ def _file_entry(out: bytearray, name: str, ffd: int) -> Iterator[bytes]:
         out += _header(_info(name, st, tarfile.REGTYPE, size=size))
         pos = 0
         for start, stop in fstree.data_ranges(ffd, 0, size):
-            while pos < start:  # a hole: zeros, a piece at a time
-                n = min(start - pos, CHUNK_BYTES)
-                out += _ZEROS[:n]
-                pos += n
-                if len(out) >= CHUNK_BYTES:
-                    yield bytes(out)
-                    out.clear()
+            if pos < start:  # a hole
+                yield from _append_zeros(out, start - pos)
+                pos = start
             while pos < stop:
                 data = os.pread(ffd, min(CHUNK_BYTES, stop - pos), pos)
                 if not data:
@@ -649,13 +645,20 @@ def _file_entry(out: bytearray, name: str, ffd: int) -> Iterator[bytes]:
                 pos += len(data)
             if pos < stop:  # shrank
                 break
-        while pos < size:
-            n = min(size - pos, CHUNK_BYTES)
-            out += _ZEROS[:n]
-            pos += n
-            if len(out) >= CHUNK_BYTES:
-                yield bytes(out)
-                out.clear()
+        # a trailing hole, or the bytes of a file that shrank: its header promised `size`
+        yield from _append_zeros(out, size - pos)
         out += bytes(-size % BLOCK)
     finally:
         os.close(ffd)
+
+
+def _append_zeros(out: bytearray, count: int) -> Iterator[bytes]:
+    """Append `count` zero bytes to out a piece at a time, yielding full pieces (a hole
+    never sits in memory whole)."""
+    while count > 0:
+        n = min(count, CHUNK_BYTES)
+        out += _ZEROS[:n]
+        count -= n
+        if len(out) >= CHUNK_BYTES:
+            yield bytes(out)
+            out.clear()

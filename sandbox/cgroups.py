@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from corral.sandbox.errors import InvalidSpec, NotFound, SandboxSetupError, UnsupportedHost
+from corral.sandbox.procinfo import read_or_none
 
 #: Name of the directory, in each hierarchy, that holds every sandbox cgroup.
 CORRAL_DIR = "corral"
@@ -170,14 +171,6 @@ def choose_v2_parent(root: str, own_path: str | None, root_writable: bool) -> st
     return os.path.join(root, parent) if parent else root
 
 
-def _read_or_none(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def _writable(path: str) -> bool:
     return os.access(path, os.W_OK)
 
@@ -186,7 +179,7 @@ def layout_from_text(
     mounts_text: str,
     cgroup_text: str,
     *,
-    read_file: Callable[[str], str | None] = _read_or_none,
+    read_file: Callable[[str], str | None] = read_or_none,
     writable: Callable[[str], bool] = _writable,
 ) -> CgroupLayout:
     """Decide the layout from /proc/self/mounts and /proc/self/cgroup text.
@@ -484,7 +477,7 @@ def _write(step: str, path: str, value: str) -> None:
 def _read_keyed(path: str) -> dict[str, int]:
     """Read a 'key value' per line file (memory.events, cpu.stat, memory.oom_control)."""
     out: dict[str, int] = {}
-    for line in (_read_or_none(path) or "").splitlines():
+    for line in (read_or_none(path) or "").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
@@ -492,7 +485,7 @@ def _read_keyed(path: str) -> dict[str, int]:
 
 
 def _read_int(path: str) -> int | None:
-    text = _read_or_none(path)
+    text = read_or_none(path)
     if text is None:
         return None
     text = text.strip()
@@ -640,7 +633,7 @@ class Cgroup:
         """Processes in this cgroup (in any of its hierarchies), sorted; [] once it is gone."""
         found: set[int] = set()
         for procs in self.procs_files:
-            found.update(int(p) for p in (_read_or_none(procs) or "").split())
+            found.update(int(p) for p in (read_or_none(procs) or "").split())
         return sorted(found)
 
     def freeze(self, timeout_s: float = FREEZE_TIMEOUT_S) -> None:
@@ -672,7 +665,7 @@ class Cgroup:
     def _is_frozen(self) -> bool:
         d = self._dir["freezer"]
         if self.layout.version == 1:
-            return (_read_or_none(os.path.join(d, "freezer.state")) or "").strip() == "FROZEN"
+            return (read_or_none(os.path.join(d, "freezer.state")) or "").strip() == "FROZEN"
         return _read_keyed(os.path.join(d, "cgroup.events")).get("frozen") == 1
 
     def _wait_frozen(self, timeout_s: float) -> bool:

@@ -28,19 +28,12 @@ import contextlib
 import os
 
 from .cgroups import NO_DELEGATION
+from .procinfo import read_or_none
 from .spec import SandboxSpec
 
 NAMESPACES = ("user", "pid", "mnt", "net", "uts", "ipc", "cgroup")
 _STATUS_KEYS = ("Name", "NSpid", "Seccomp", "Seccomp_filters", "NoNewPrivs", "CapEff",
                 "CapPrm", "CapInh", "CapBnd", "CapAmb", "Uid", "Gid")
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def _ns_inode(pid: int | str, name: str) -> int | None:
@@ -52,7 +45,7 @@ def _ns_inode(pid: int | str, name: str) -> int | None:
 
 def process_report(pid: int) -> dict | None:
     """What the kernel says confines one process; None if it is gone."""
-    status_text = _read(f"/proc/{pid}/status")
+    status_text = read_or_none(f"/proc/{pid}/status")
     if status_text is None:
         return None
     status = {}
@@ -65,15 +58,15 @@ def process_report(pid: int) -> dict | None:
         inode, host = _ns_inode(pid, name), _ns_inode("self", name)
         namespaces[name] = {"inode": inode, "shared_with_host": inode == host}
     mounts = []
-    for line in (_read(f"/proc/{pid}/mountinfo") or "").splitlines():
+    for line in (read_or_none(f"/proc/{pid}/mountinfo") or "").splitlines():
         fields = line.split()
         if len(fields) < 10:
             continue
         sep = fields.index("-")
         mounts.append({"target": fields[4], "options": fields[5], "fstype": fields[sep + 1],
                        "source": fields[sep + 2]})
-    cmdline = (_read(f"/proc/{pid}/cmdline") or "").replace("\0", " ").strip()
-    uid_map, gid_map = _read(f"/proc/{pid}/uid_map"), _read(f"/proc/{pid}/gid_map")
+    cmdline = (read_or_none(f"/proc/{pid}/cmdline") or "").replace("\0", " ").strip()
+    uid_map, gid_map = read_or_none(f"/proc/{pid}/uid_map"), read_or_none(f"/proc/{pid}/gid_map")
     if uid_map is None or gid_map is None or not os.path.exists(f"/proc/{pid}/ns"):
         return None  # it ended while we read: half a report would be a false alarm
     return {
@@ -91,8 +84,9 @@ def process_report(pid: int) -> dict | None:
         "cap_bnd": status.get("CapBnd", ""),
         "cap_amb": status.get("CapAmb", ""),
         "namespaces": namespaces,
-        "cgroups": [line.split(":", 2)[2] for line in
-                    (_read(f"/proc/{pid}/cgroup") or "").splitlines() if line.count(":") >= 2],
+        "cgroups": [line.split(":", 2)[2]
+                    for line in (read_or_none(f"/proc/{pid}/cgroup") or "").splitlines()
+                    if line.count(":") >= 2],
         "mounts": mounts,
     }
 
@@ -100,7 +94,7 @@ def process_report(pid: int) -> dict | None:
 def cgroup_limits(pid: int) -> dict:
     """Limits of the cgroups the process is in, read from the cgroup files themselves."""
     out: dict = {}
-    for line in (_read(f"/proc/{pid}/cgroup") or "").splitlines():
+    for line in (read_or_none(f"/proc/{pid}/cgroup") or "").splitlines():
         _, controllers, path = line.split(":", 2)
         for ctrl in controllers.split(",") if controllers else [""]:
             base = f"/sys/fs/cgroup/{ctrl}{path}" if ctrl else f"/sys/fs/cgroup{path}"
@@ -108,7 +102,7 @@ def cgroup_limits(pid: int) -> dict:
                      "pids": ("pids.max",), "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us"),
                      "": ("memory.max", "memory.swap.max", "pids.max", "cpu.max")}.get(ctrl, ())
             for name in files:
-                value = _read(os.path.join(base, name))
+                value = read_or_none(os.path.join(base, name))
                 if value is not None:
                     out[name] = value.strip()
     return out

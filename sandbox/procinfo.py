@@ -1,6 +1,18 @@
-"""What /proc says of a process: the facts that tell a live owner from a reused pid."""
+"""What /proc says of a process: the facts that tell a live owner from a reused pid, and
+the reading of /proc and /sys files that may be absent."""
 
 from __future__ import annotations
+
+
+def read_or_none(path: str, *, strip: bool = False) -> str | None:
+    """The text of `path` (stripped of surrounding whitespace if `strip`), or None when it
+    cannot be read: a kernel without the file, a process gone, no permission."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text.strip() if strip else text
 
 
 def live_start_time(pid: int) -> int | None:

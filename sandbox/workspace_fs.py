@@ -54,13 +54,19 @@ def root() -> str:
     configured = os.environ.get("CORRAL_WORKSPACE_ROOT")
     if configured:
         return configured
+    return runtime_path("workspaces")
+
+
+def runtime_path(leaf: str) -> str:
+    """`leaf` in Corral's runtime tree: /run/corral as root, else the user's
+    $XDG_RUNTIME_DIR/corral, else /tmp/corral-UID (one tree per user: a shared /tmp/corral
+    would be the first user's, 0700)."""
     if os.geteuid() == 0:
-        return "/run/corral/workspaces"
+        return os.path.join("/run/corral", leaf)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return os.path.join(xdg, "corral", "workspaces")
-    # one tree per user: a shared /tmp/corral would be the first user's, 0700
-    return os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}", "workspaces")
+        return os.path.join(xdg, "corral", leaf)
+    return os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}", leaf)
 
 
 def max_bytes() -> int:

@@ -1,11 +1,14 @@
 """The exit statuses of `corral`, as `corral run --help` documents them, in one place.
 
 A command's status follows the shell: its own exit code, or 128+N when signal N killed it
-(returncodes carry that as -N, as subprocess does). Dependency-free, so every verb and the
-terminal code can use it without cost at start-up.
+(returncodes carry that as -N, as subprocess does): sandbox/exit_status.py is its one home.
 """
 
 from __future__ import annotations
+
+# Re-exported: the verbs and the terminal code take them from here.
+from ...sandbox.exit_status import killed_by as killed_by
+from ...sandbox.exit_status import shell_status as shell_status
 
 #: A usage error: a bad flag or value, or -t without a terminal on stdin.
 EXIT_USAGE = 2
@@ -17,16 +20,6 @@ EXIT_SETUP_FAILED = 125
 EXIT_NOT_FOUND = 127
 #: The memory limit killed the command (SIGKILL from the OOM killer: 128+9).
 EXIT_OOM = 137
-
-
-def killed_by(signum: int) -> int:
-    """The status of a process that signal `signum` ended: 128+N."""
-    return 128 + signum
-
-
-def shell_status(returncode: int) -> int:
-    """The shell's status of a returncode: the exit code, or 128+N for -N (killed by N)."""
-    return returncode if returncode >= 0 else killed_by(-returncode)
 
 
 def exec_ending(command: str, exited) -> tuple[int, str]:

@@ -19,6 +19,7 @@ from typing import Self
 
 from .. import workspace_fs
 from ..errors import InvalidTransition
+from ..exit_status import shell_status
 from ..spec import SandboxSpec
 
 #: exec() stdio: a new pipe whose other end the Process holds (like subprocess.PIPE).
@@ -61,7 +62,7 @@ class CompletedRun:
     @property
     def exit_status(self) -> int:
         """Shell convention: the exit code, or 128+N when killed by signal N."""
-        return self.returncode if self.returncode >= 0 else 128 - self.returncode
+        return shell_status(self.returncode)
 
 
 def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:

@@ -21,7 +21,6 @@ import shutil
 import signal as signal_mod
 import stat as stat_mod
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,12 +40,7 @@ OOM_COUNT_GRACE_S = 0.1
 
 def runtime_base() -> str:
     """Where sandboxes keep their root mount point and state file (one tree per user)."""
-    if os.geteuid() == 0:
-        return "/run/corral/sandboxes"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "corral", "sandboxes")
-    return os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}", "sandboxes")
+    return workspace_fs.runtime_path("sandboxes")
 
 
 def _own_directory(path: str, mode: int) -> None:

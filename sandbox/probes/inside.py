@@ -112,27 +112,27 @@ def op_syscall(name, *argv):
     return ret
 
 
-def op_clone3_newuser():
-    """clone3 asking for a new user namespace (flags in memory, out of a filter's sight)."""
-    args = ctypes.create_string_buffer(88)  # struct clone_args
-    ctypes.c_uint64.from_buffer(args, 0).value = 0x10000000  # CLONE_NEWUSER
+def _clone3(flags: int) -> int:
+    """Fork by clone3 with `flags` (in memory, out of a filter's sight); the child exits at
+    once. Returns the child's pid, as the raw syscall does."""
+    args = ctypes.create_string_buffer(88)  # struct clone_args, CLONE_ARGS_SIZE_VER2
+    ctypes.c_uint64.from_buffer(args, 0).value = flags
     ctypes.c_uint64.from_buffer(args, 32).value = signal.SIGCHLD  # exit_signal
     ret = raw_syscall(NR["clone3"], args, ctypes.c_size_t(88))
     if ret == 0:
         os._exit(0)
     os.waitpid(ret, 0)
     return ret
+
+
+def op_clone3_newuser():
+    """clone3 asking for a new user namespace (flags in memory, out of a filter's sight)."""
+    return _clone3(0x10000000)  # CLONE_NEWUSER
 
 
 def op_clone3():
     """clone3 with a plain fork's arguments (glibc's first choice for fork and threads)."""
-    args = ctypes.create_string_buffer(88)  # struct clone_args, CLONE_ARGS_SIZE_VER2
-    ctypes.c_uint64.from_buffer(args, 32).value = signal.SIGCHLD  # exit_signal
-    ret = raw_syscall(NR["clone3"], args, ctypes.c_size_t(88))
-    if ret == 0:
-        os._exit(0)
-    os.waitpid(ret, 0)
-    return ret
+    return _clone3(0)
 
 
 def op_threads(count="4"):

@@ -137,13 +137,13 @@ class _PassedFds:
                     if chunk == b"":
                         break  # the caller closed its end (control) or no writer left
                     if chunk:
-                        _write_all(dst, chunk)
+                        write_all(dst, chunk)
                         continue
                 if self._stop_r in ready:
                     if direction == "out":  # what the command wrote before it ended
                         with contextlib.suppress(BlockingIOError, OSError):
                             while chunk := os.read(fifo, 65536):
-                                _write_all(here, chunk)
+                                write_all(here, chunk)
                     break
         except OSError:
             pass
@@ -161,7 +161,9 @@ class _PassedFds:
                     os.close(self._stop_r)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, waiting while a non-blocking `fd` is full; OSError
+    (the reader went away) propagates."""
     view = memoryview(data)
     while view:
         try:

@@ -16,18 +16,11 @@ import tempfile
 import time
 
 from ...errors import Unavailable, UnsupportedHost
+from ...procinfo import read_or_none
 from .engine import API_VERSION, _clients, _clients_lock, _sdk
 from .image import _image_lock, _images
 from .sandbox import DockerSandbox
 from .sweep import LABEL_FDS, LABEL_WORKSPACE, _creator, _creator_alive, _remove_workspace
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 class PrivateEngine:
@@ -63,7 +56,7 @@ class PrivateEngine:
         if dockerd is None:
             raise UnsupportedHost("dockerd is not installed (Debian: apt-get install docker.io)")
         PrivateEngine.sweep(os.path.dirname(self.dir))
-        self.ip_forward_before = _read_text("/proc/sys/net/ipv4/ip_forward")
+        self.ip_forward_before = read_or_none("/proc/sys/net/ipv4/ip_forward", strip=True)
         # containerd namespaces and the cgroup parent: [A-Za-z0-9._-] only
         name = self.name = "corral-dockerd-" + os.urandom(4).hex()
         with open(os.path.join(self.dir, "owner"), "w") as f:

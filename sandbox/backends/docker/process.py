@@ -15,7 +15,9 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ...exit_status import signal_of
 from ..base import ExitReason
+from .fds import write_all
 
 if TYPE_CHECKING:  # (annotations only: the sandbox module imports this one)
     from .sandbox import DockerSandbox
@@ -197,14 +199,8 @@ class DockerProcess:
                 return lambda _chunk: None
 
             def write(chunk: bytes) -> None:
-                view = memoryview(chunk)
-                while view:
-                    try:
-                        view = view[os.write(fd, view):]
-                    except BlockingIOError:
-                        select_mod.select([], [fd], [], 1.0)
-                    except OSError:
-                        return  # the reader went away: drop the rest
+                with contextlib.suppress(OSError):  # the reader went away: drop the rest
+                    write_all(fd, chunk)
             return write
 
         sock = self._sock  # pump() drops its reference when the command has ended
@@ -338,8 +334,7 @@ class DockerProcess:
         if code is None:  # the sandbox went away first
             self.returncode = -signal_mod.SIGKILL
             self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.SIGNALED
-        elif code > 128 and code - 128 < 65:
-            sig = code - 128
+        elif (sig := signal_of(code)) is not None:
             self.returncode = -sig
             if self._timed_out:
                 self.reason = ExitReason.TIMEOUT
