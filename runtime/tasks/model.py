@@ -13,7 +13,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from corral.sandbox.errors import CorralError, InvalidSpec
+from corral.sandbox.errors import CorralError, FailedPrecondition, InvalidSpec
 from corral.sandbox.spec import SandboxSpec, check_argv
 
 from ..labels import check_labels
@@ -28,10 +28,8 @@ MAX_RUNTIME_S = 30 * 86400.0
 MAX_FILES_BYTES = 16 << 20
 
 
-class Unsatisfiable(CorralError):
+class Unsatisfiable(FailedPrecondition):
     """No node of the cluster could ever run the task (its selector or resources)."""
-
-    grpc_status = "FAILED_PRECONDITION"
 
     def __init__(self, field_name: str, message: str):
         self.field = field_name
