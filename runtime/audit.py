@@ -152,6 +152,7 @@ from .audit_records import (
     record_hash,
 )
 from .metrics import NO_METRICS
+from .terminal import visible
 
 __all__ = [
     "DENIAL_BURST",
@@ -1595,18 +1596,7 @@ _DETAIL_DISPLAY_CHARS = 240
 
 def _printable(text: str) -> str:
     """Escape control and format characters: audit text reaches terminals and is untrusted."""
-    if text.isprintable():
-        return text
-    out = []
-    for c in text:
-        if c.isprintable():
-            out.append(c)
-        else:
-            n = ord(c)
-            out.append(
-                f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
-            )
-    return "".join(out)
+    return visible(text, short_escapes=False)
 
 
 def format_record(rec: AuditRecord) -> str:

@@ -258,16 +258,18 @@ class TerminalWriter:
                 self.stream.flush()
 
 
-def visible(text: str) -> str:
+def visible(text: str, *, short_escapes: bool = True) -> str:
     """text with every control, format and separator character (newlines, tabs, ESC, C1,
-    bidi controls, U+2028) written as a Python-style escape; the ASCII space is kept."""
+    bidi controls, U+2028) written as a Python-style escape; the ASCII space is kept.
+    short_escapes=False writes \x0a for a newline (and so on) instead of \n: the audit
+    trail's printed form, which must not change."""
     if text.isprintable():
         return text
     out = []
     for c in text:
         if c.isprintable():
             out.append(c)
-        elif c in _SHORT_ESCAPES:
+        elif short_escapes and c in _SHORT_ESCAPES:
             out.append(_SHORT_ESCAPES[c])
         else:
             n = ord(c)

@@ -243,11 +243,25 @@ class _Node:
         self.name, self.parent = name, parent
 
 
-
 def fsync_dir(path: str) -> None:
     """fsync a directory: the names created, renamed or removed in it are on disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: str, data: bytes, *, exclusive: bool = False) -> None:
+    """Write data to a file (mode 0600) and fsync it before returning. exclusive: the file
+    must not exist yet (O_EXCL); otherwise it is truncated. The name itself is durable
+    only once its directory is synced (fsync_dir), which the caller does after a rename."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

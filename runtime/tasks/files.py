@@ -44,15 +44,10 @@ MAX_COPY_DEPTH = 2048
 
 
 def atomic_write(path: str, data: bytes) -> None:
+    """Replace path with data, durably: a synced temporary file renamed over it, then the
+    directory synced (a crash leaves the old content or the new, never a torn file)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fstree.write_synced(tmp, data)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
 

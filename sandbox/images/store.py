@@ -303,7 +303,8 @@ class ImageStore:
                 "unpacked_bytes": _du(os.path.join(work, "root")), "entries": report.entries,
                 "whiteouts": report.whiteouts, "opaque_dirs": report.opaque_dirs,
                 "unpacked_at": time.time()}
-        _write_fsync(os.path.join(work, "layer.json"), json.dumps(meta, indent=1).encode())
+        fstree.write_synced(os.path.join(work, "layer.json"), json.dumps(meta, indent=1).encode(),
+                            exclusive=True)
         return meta
 
     # -- records ------------------------------------------------------------------------------
@@ -456,7 +457,7 @@ class ImageStore:
     def _write_atomic(self, path: str, data: bytes) -> None:
         tmp = self._p("tmp", f"{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
         try:
-            _write_fsync(tmp, data)
+            fstree.write_synced(tmp, data, exclusive=True)
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -512,17 +513,6 @@ def _read_meta(layer_dir: str) -> dict | None:
             return json.load(f)
     except FileNotFoundError:
         return None
-
-
-def _write_fsync(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _syncfs(path: str) -> None:

@@ -186,3 +186,13 @@ def test_tty_filter_restores_the_modes_the_program_left():
     assert f.restore() == b"\x1b[?1049l\x1b[?25h\x1b>\x1b[r\x1b[0m"
     assert TerminalFilter(tty=True).restore() == b"\x1b[0m"
     assert TerminalFilter().restore() == b""
+
+
+def test_the_audit_trail_prints_hex_escapes_where_the_terminal_filter_prints_short_ones():
+    from corral.runtime.audit import _printable
+    from corral.runtime.terminal import visible
+
+    text = "a\nb\t\x1b[31m\u202e\u2028 é\U0001F600"
+    assert _printable(text) == "a\\x0ab\\x09\\x1b[31m\\u202e\\u2028 é\U0001F600"
+    assert visible(text) == "a\\nb\\t\\x1b[31m\\u202e\\u2028 é\U0001F600"
+    assert _printable("plain text") == "plain text"
