@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-from corral.runtime.client import ClientError
 from corral.runtime.api.wire import MAX_MESSAGE_BYTES
+from corral.runtime.client import ClientError
 from corral.sandbox import fstree
 
 from .helpers import FAILED, SUCCEEDED, wait_done
