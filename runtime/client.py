@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import queue
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, stream_pb2, task_pb2
+from corral.ext.sparse import data_ranges
+from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, stream_pb2, task_pb2
 
 from .api.wire import MAX_MESSAGE_BYTES, varint
 from .locations import default_socket
@@ -242,6 +242,7 @@ class Client:
         self.audit = _stub(channel, audit_pb2, "Audit")
         self.tasks = _stub(channel, task_pb2, "Tasks")
         self.nodes = _stub(channel, task_pb2, "Nodes")
+        self.snapshots = _stub(channel, snapshot_pb2, "Snapshots")
 
     @classmethod
     def connect(cls, socket: str | None = None, target: str | None = None,
@@ -324,6 +325,55 @@ class Client:
         """Destroy the sandbox ttl_s seconds from now (extends or shortens its TTL)."""
         return self._call(self.sandboxes.SetTimeout, sandbox_pb2.SetTimeoutRequest(
             sandbox_id=sandbox_id, ttl_s=ttl_s))
+
+    def pause(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
+        """Freeze the sandbox in place (state PAUSED); its TTL clock stops."""
+        return self._call(self.sandboxes.Pause, sandbox_pb2.PauseSandboxRequest(
+            sandbox_id=sandbox_id))
+
+    def resume(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
+        """Thaw a paused sandbox (state RUNNING)."""
+        return self._call(self.sandboxes.Resume, sandbox_pb2.ResumeSandboxRequest(
+            sandbox_id=sandbox_id))
+
+    # -- state: snapshots, copy-on-write workspaces ------------------------------------------
+
+    def snapshot(self, sandbox_id: str, name: str = "") -> snapshot_pb2.Snapshot:
+        """Capture the sandbox's writable state (it is frozen for the copy, then runs on)."""
+        return self._call(self.snapshots.Create, snapshot_pb2.CreateSnapshotRequest(
+            sandbox_id=sandbox_id, name=name), timeout=3600.0)
+
+    def get_snapshot(self, snapshot: str) -> snapshot_pb2.Snapshot:
+        """A snapshot by id or name."""
+        return self._call(self.snapshots.Get, snapshot_pb2.GetSnapshotRequest(snapshot=snapshot))
+
+    def list_snapshots(self) -> list[snapshot_pb2.Snapshot]:
+        return list(self._call(self.snapshots.List,
+                               snapshot_pb2.ListSnapshotsRequest()).snapshots)
+
+    def remove_snapshot(self, snapshot: str) -> None:
+        self._call(self.snapshots.Remove, snapshot_pb2.RemoveSnapshotRequest(snapshot=snapshot))
+
+    def diff(self, sandbox_id: str, *, patch: bool = False,
+             max_patch_bytes: int = 0) -> Iterator[sandbox_pb2.Change]:
+        """What a copy-on-write workspace changed, path by path."""
+        request = sandbox_pb2.DiffRequest(sandbox_id=sandbox_id, patch=patch,
+                                          max_patch_bytes=max_patch_bytes)
+        try:
+            for answer in self.sandboxes.Diff(request, metadata=self.metadata):
+                yield from answer.changes
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def apply(self, sandbox_id: str, force: bool = False) -> sandbox_pb2.ApplyResponse:
+        """Write a copy-on-write workspace's changes into its host directory."""
+        return self._call(self.sandboxes.Apply, sandbox_pb2.ApplyRequest(
+            sandbox_id=sandbox_id, force=force), timeout=3600.0)
+
+    def discard(self, sandbox_id: str) -> int:
+        """Drop a copy-on-write workspace's changes (destroying the sandbox if it runs)."""
+        return self._call(self.sandboxes.Discard, sandbox_pb2.DiscardRequest(
+            sandbox_id=sandbox_id)).discarded
 
     def destroy_sandbox(self, sandbox_id: str) -> bool:
         """Destroy a sandbox; True when it had already been destroyed (not an error)."""
@@ -793,7 +843,7 @@ def _file_pieces(f, offset: int, chunk_bytes: int, digest):
     size = os.fstat(fd).st_size - base
     _hash_local(fd, base, offset, digest)
     pos = offset
-    for start, stop in _data_ranges(fd, base + offset, base + size):
+    for start, stop in data_ranges(fd, base + offset, base + size):
         _hash_zeros(digest, start - base - pos)
         pos = start - base
         while pos < stop - base:
@@ -811,34 +861,6 @@ def _upload_chunk(offset: int, data: bytes) -> bytes:
     """UploadRequest{chunk: FileChunk{offset, data}}, encoded with one copy of data."""
     inner = b"".join((b"\x08", varint(offset), b"\x12", varint(len(data))))
     return b"".join((b"\x12", varint(len(inner) + len(data)), inner, data))
-
-
-def _data_ranges(fd: int, offset: int, end: int):
-    """(start, stop) of the data of a local file between offset and end, holes skipped
-    (SEEK_DATA/SEEK_HOLE; all data where the filesystem cannot tell). The client's own
-    copy of sandbox/fstree.py's: the client does not import the sandbox layer."""
-    pos = offset
-    while pos < end:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # a hole up to the end
-                return
-            if exc.errno != errno.EINVAL:
-                raise
-            start = pos  # no SEEK_DATA on this filesystem
-            stop = end
-        else:
-            if start >= end:
-                return
-            try:
-                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
-            except OSError:
-                stop = end
-        if stop <= start:
-            return
-        yield start, stop
-        pos = stop
 
 
 def _read_ahead(pieces, pool):

@@ -44,6 +44,9 @@ class DaemonConfig:
     session_idle_ttl_s: float = 300.0
     #: Default lifetime of a sandbox in seconds (a request may ask for less).
     sandbox_ttl_s: float = 3600.0
+    #: A paused sandbox's TTL clock stops; this bounds how long it may stay paused (then it
+    #: is destroyed, audited with reason "paused-ttl").
+    paused_ttl_s: float = 86400.0
     #: Most sandboxes alive at once (sessions included).
     max_sandboxes: int = 512
     #: Replay log of each session/exec stream, in bytes.
@@ -55,6 +58,9 @@ class DaemonConfig:
     #: its sessions waits at most this long and travels together, which bounds a watching
     #: platform to 1000/N messages per second per stream; 0 sends as soon as the loop is free.
     mux_interval_ms: float = 2.0
+    #: Deep tasks one session may have delegated and not yet seen finish (protocol v1.1
+    #: DELEGATE); one more is refused with RESOURCE_EXHAUSTED naming this key.
+    max_delegations_per_session: int = 16
     #: Deep-task nodes ([[nodes]] tables: name, labels, resources, devices, executor);
     #: none declared = one local node "local" with this machine's cpu and memory.
     nodes: tuple = ()
@@ -82,6 +88,11 @@ class DaemonConfig:
     #: [policy] and [tenants.NAME] policy keys read from this file, or every *.toml of this
     #: directory, instead (runtime/policy_files.py); SIGHUP reloads it. Tokens stay here.
     policy_file: str | None = None
+    #: [secrets]: the per-tenant secret store (runtime/secret_store.py): dir, and
+    #: [secrets.tenants.NAME] NAME = {file = PATH} or {value = "..."}.
+    secrets: dict = field(default_factory=dict)
+    #: The config file these settings came from (inline secret values need it 0600).
+    config_path: str | None = None
     #: [audit]: signing (signing_key, signing_command, signing_public_key, signing),
     #: checkpoint_records, checkpoint_interval and [audit.sinks.NAME] (runtime/governance.py).
     audit: dict = field(default_factory=dict)
@@ -123,6 +134,16 @@ class DaemonConfig:
         return PolicyBook.from_config(self.policy, self.tenant_policies, self.sandbox_ttl_s,
                                       self.operators)
 
+    def secret_store(self):
+        """The per-tenant secret store of [secrets] (runtime/secret_store.py).
+
+        Raises:
+            InvalidSpec: a bad key, naming it (secrets.dir, secrets.tenants.T.NAME).
+        """
+        from .secret_store import SecretStore
+
+        return SecretStore.from_config(self.secrets, self.config_path)
+
     def validate(self) -> DaemonConfig:
         """Check every setting, naming the first bad one; returns self.
 
@@ -136,6 +157,7 @@ class DaemonConfig:
         from .governance import check_audit_settings
 
         check_audit_settings(self.audit)
+        self.secret_store()  # its keys and inline values checked now, not at first use
         self.policy_book()  # refuse a bad policy at start, naming its key
         return self
 
@@ -164,11 +186,16 @@ class DaemonConfig:
 
     def _check_limits(self) -> None:
         """Lifetimes, counts, stream buffers, workspace and disk sizes, check intervals."""
-        for name in ("session_idle_ttl_s", "sandbox_ttl_s"):
+        for name in ("session_idle_ttl_s", "sandbox_ttl_s", "paused_ttl_s"):
             if getattr(self, name) <= 0:
                 raise InvalidSpec(name, "must be longer than zero")
         if self.max_sandboxes < 1:
             raise InvalidSpec("max_sandboxes", "must be at least 1")
+        if isinstance(self.max_delegations_per_session, bool) or not isinstance(
+                self.max_delegations_per_session, int) or self.max_delegations_per_session < 0:
+            raise InvalidSpec("max_delegations_per_session",
+                              f"{self.max_delegations_per_session!r} must be a whole number "
+                              ">= 0 (0: sessions may not delegate)")
         if not isinstance(self.mux_interval_ms, (int, float)) or not (
                 0 <= self.mux_interval_ms <= 1000):
             raise InvalidSpec("mux_interval_ms", f"{self.mux_interval_ms!r} must be between 0 "
@@ -231,7 +258,8 @@ class DaemonConfig:
             raise InvalidSpec("log_format", f"{self.log_format!r} is not 'text' or 'json'")
 
 
-_DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_ttl_s"}
+_DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_ttl_s",
+              "paused_ttl": "paused_ttl_s"}
 _SIZES = {"workspace_size": "workspace_bytes", "disk_reserve": "disk_reserve_bytes",
           "audit_segment_size": "audit_segment_bytes"}
 
@@ -254,14 +282,16 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     """Merge a TOML file (if any) and flag overrides (flags win) into a validated config.
 
     The file uses the flag names: socket, listen, state, tls_cert, tls_key, tls_client_ca,
-    session_idle_ttl ("5m"), sandbox_ttl ("1h"), max_sandboxes, stream_log_bytes,
+    session_idle_ttl ("5m"), sandbox_ttl ("1h"), paused_ttl ("24h"), max_sandboxes,
+    stream_log_bytes,
     exec_replay_bytes,
-    mux_interval_ms, workspace_root, workspace_size ("1G"), workspace_inodes,
+    mux_interval_ms, max_delegations_per_session, workspace_root, workspace_size ("1G"),
+    workspace_inodes,
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
-    ("text"|"json"), tracing ("otlp"|"file:PATH"), and one table per tenant:
-    [tenants.acme] token = "...".
+    ("text"|"json"), tracing ("otlp"|"file:PATH"), one table per tenant:
+    [tenants.acme] token = "...", and the secret store's [secrets].
     """
     values: dict = {}
     if path:
@@ -312,14 +342,12 @@ def _from_mapping(raw: dict, path: str) -> dict:
                 policies[tenant] = {k: v for k, v in table.items() if k != "token"}
             out["tokens"] = tokens
             out["tenant_policies"] = policies
-        elif key == "audit":
+        elif key in ("audit", "policy", "secrets"):
             if not isinstance(value, dict):
-                raise InvalidSpec("config", f"{path}: [audit] must be a table")
-            out["audit"] = dict(value)
-        elif key == "policy":
-            if not isinstance(value, dict):
-                raise InvalidSpec("config", f"{path}: [policy] must be a table")
-            out["policy"] = dict(value)
+                raise InvalidSpec("config", f"{path}: [{key}] must be a table")
+            out[key] = dict(value)
+            if key == "secrets":  # inline values are allowed only in a 0600 file
+                out["config_path"] = path
         elif key == "audit_retention":
             out["audit_retention_s"] = retention_seconds(value)
         elif key == "task_retention":
@@ -334,7 +362,8 @@ def _from_mapping(raw: dict, path: str) -> dict:
             from .tasks.config import nodes_from_toml
 
             out["nodes"] = nodes_from_toml(value, path)
-        elif key in {f.name for f in dataclasses.fields(DaemonConfig)} and key != "tokens":
+        elif key in {f.name for f in dataclasses.fields(DaemonConfig)} and key not in (
+                "tokens", "config_path"):
             out[key] = value
         else:
             raise InvalidSpec("config", f"{path}: unknown setting {key!r}")

@@ -20,12 +20,13 @@ import grpc
 from corral.sandbox import workspace_fs
 from corral.sandbox.backends.native import sweep_for_this_process
 from corral.sandbox.errors import CorralError
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, task_pb2
+from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
 
 from .api.audit import AuditServicer
 from .api.errors import exhaustion_listeners
 from .api.sandboxes import SandboxesServicer
 from .api.sessions import SessionsServicer
+from .api.snapshots import SnapshotsServicer
 from .api.tasks import task_handlers
 from .api.wire import MAX_MESSAGE_BYTES, generic_handler
 from .audit import AuditLog
@@ -36,6 +37,7 @@ from .metrics import NO_METRICS
 from .resources import ResourceGuard
 from .sandboxes import SandboxManager
 from .sessions import SessionManager
+from .snapshots import SandboxState
 from .tracing import NO_TRACING
 
 log = logging.getLogger("corral.daemon")
@@ -58,6 +60,7 @@ class Daemon:
         self.policies = config.policy_book()
         self.sandboxes: SandboxManager | None = None
         self.sessions: SessionManager | None = None
+        self.state: SandboxState | None = None  # snapshots and change sets (runtime/snapshots.py)
         self.scheduler = None  # corral.runtime.tasks.scheduler.Scheduler
         self.server: grpc.aio.Server | None = None
         self.tcp_port: int | None = None
@@ -91,6 +94,7 @@ class Daemon:
         self.scheduler = await start_scheduler(cfg, self.audit, self.policies)
         self.scheduler.admission = self.resources.admit
         self.scheduler.metrics = self.metrics
+        self.sessions.attach_scheduler(self.scheduler, cfg.max_delegations_per_session)
         await self._start_server()
         self.audit.append("daemon.start", tenant="", peer="daemon", detail={
             "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
@@ -146,9 +150,10 @@ class Daemon:
         self.sandboxes = SandboxManager(
             self.audit, default_ttl_s=cfg.sandbox_ttl_s, max_sandboxes=cfg.max_sandboxes,
             stream_log_bytes=cfg.stream_log_bytes, policies=self.policies,
-            exec_replay_bytes=cfg.exec_replay_bytes,
+            exec_replay_bytes=cfg.exec_replay_bytes, paused_ttl_s=cfg.paused_ttl_s,
         )
         self.sandboxes.admission = self.resources.admit
+        self.sandboxes.secrets = cfg.secret_store()
         self.sandboxes.metrics = self.metrics
         self.sandboxes.tracing = self.tracing
         self.sandboxes.start()
@@ -157,6 +162,7 @@ class Daemon:
                                        stream_log_bytes=cfg.stream_log_bytes)
         self.sessions.metrics = self.metrics
         self.sessions.start()
+        self.state = _sandbox_state(cfg, self.sandboxes, self.audit)
 
     async def _start_server(self) -> None:
         """The gRPC server with every servicer, bound to the socket (and TCP, metrics)."""
@@ -169,6 +175,7 @@ class Daemon:
         sandboxes_desc = sandbox_pb2.DESCRIPTOR.services_by_name["Sandboxes"]
         sessions_desc = session_pb2.DESCRIPTOR.services_by_name["Sessions"]
         audit_desc = audit_pb2.DESCRIPTOR.services_by_name["Audit"]
+        snapshots_desc = snapshot_pb2.DESCRIPTOR.services_by_name["Snapshots"]
         server.add_generic_rpc_handlers((
             generic_handler(sandboxes_desc, SandboxesServicer(self),
                             streaming_bytes=frozenset({"Exec", "Attach", "Download",
@@ -176,10 +183,12 @@ class Daemon:
             generic_handler(sessions_desc, SessionsServicer(self),
                             streaming_bytes=frozenset({"Open", "OpenMany"})),
             generic_handler(audit_desc, AuditServicer(self)),
+            generic_handler(snapshots_desc, SnapshotsServicer(self)),
             *task_handlers(self),
         ))
-        await self._add_health_and_reflection(server, [sandboxes_desc, sessions_desc, audit_desc,
-                                                       *task_pb2.DESCRIPTOR.services_by_name.values()])
+        await self._add_health_and_reflection(server, [
+            sandboxes_desc, sessions_desc, audit_desc, snapshots_desc,
+            *task_pb2.DESCRIPTOR.services_by_name.values()])
         self._bind_unix(server)
         if cfg.listen:
             self.tcp_port = self._bind_tcp(server)
@@ -433,6 +442,20 @@ def _prepare_workspaces(cfg: DaemonConfig) -> None:
     workspace_fs.ensure_root()
     for name in workspace_fs.sweep():
         log.info("removed workspace %s: its owner is gone", name)
+
+
+def _sandbox_state(cfg: DaemonConfig, sandboxes: SandboxManager, audit) -> SandboxState:
+    """Snapshots and copy-on-write change sets under the state directory (the backends and
+    task shims find them through the environment, as they find workspaces); what a crashed
+    daemon left half made goes first."""
+    snapshot_root = os.path.join(cfg.state, "snapshots")
+    changes_root = os.path.join(cfg.state, "changes")
+    os.environ["CORRAL_SNAPSHOT_ROOT"] = snapshot_root
+    os.environ["CORRAL_CHANGES_ROOT"] = changes_root
+    state = SandboxState(sandboxes, audit, snapshot_root=snapshot_root,
+                         changes_root=changes_root)
+    state.sweep()
+    return state
 
 
 def _sweep() -> list[str]:

@@ -130,6 +130,12 @@ class TenantPolicy:
     #: API requests per second, averaged over a 2-second burst (every RPC, and every
     #: start or resume on a session stream).
     max_request_rate: float | None = 200.0
+    #: Host directories (absolute; each with everything below it) the tenant may show at
+    #: /workspace (SandboxSpec.workspace_dir). None = any directory (operators).
+    host_dirs: tuple[str, ...] | None = ()
+    #: Snapshots kept at once, and the bytes their own layers hold (Snapshots.Create).
+    max_snapshots: int | None = 32
+    max_snapshot_bytes: int | None = 8 << 30
 
     # -- building ---------------------------------------------------------------------------
 
@@ -141,7 +147,8 @@ class TenantPolicy:
                    max_cpus=float(host_cpus()), max_tmp_bytes=host_memory_bytes(),
                    max_ttl_s=None, max_priority=None, max_sandboxes=None, max_sessions=None,
                    max_exposed_ports=None, max_running_tasks=None, max_queued_tasks=None,
-                   max_request_rate=None)
+                   max_request_rate=None, host_dirs=None, max_snapshots=None,
+                   max_snapshot_bytes=None)
 
     @classmethod
     def tenant_default(cls) -> TenantPolicy:
@@ -188,6 +195,18 @@ class TenantPolicy:
                                    f"(at most {self.max_cpus:g} cores)")
             _at_most(f"{p}.cpus", float(spec.cpus), self.max_cpus)
         self.check_net(spec.allow_net, f"{p}.allow_net")
+        if spec.workspace is not None:
+            self.check_host_dir(spec.workspace, f"{p}.workspace_dir")
+
+    def check_host_dir(self, path: str, field_name: str) -> None:
+        """Refuse a host directory outside the tenant's host_dirs (path already resolved:
+        no link or '..' can lead out of a granted one)."""
+        if self.host_dirs is None:
+            return
+        if not any(path == d or path.startswith(d.rstrip("/") + "/") for d in self.host_dirs):
+            allowed = ", ".join(self.host_dirs) or "none"
+            raise PolicyDenied(f"{field_name}: {_quote(path)} is not under a host directory "
+                               f"this tenant may use (host_dirs: {allowed})")
 
     def check_net(self, rules: Iterable[str], field_name: str = "spec.allow_net") -> None:
         if self.allow_net is None:
@@ -352,6 +371,8 @@ _KEY_FIELDS = {
     "max_sessions": "max_sessions", "max_exposed_ports": "max_exposed_ports",
     "max_running_tasks": "max_running_tasks",
     "max_queued_tasks": "max_queued_tasks", "max_request_rate": "max_request_rate",
+    "host_dirs": "host_dirs", "max_snapshots": "max_snapshots",
+    "max_snapshot_size": "max_snapshot_bytes",
 }
 #: A request counts once more against the rate for every this many bytes it carries.
 REQUEST_WEIGHT_BYTES = 64 << 10
@@ -360,6 +381,11 @@ _MAX_BUCKETS = 4096
 
 
 def _convert(name: str, value, where: str):
+    if name == "host_dirs":
+        if not isinstance(value, list) or not all(
+                isinstance(v, str) and os.path.isabs(v) and "\0" not in v for v in value):
+            raise InvalidSpec(where, "must be a list of absolute paths")
+        return tuple(os.path.realpath(v) for v in value)
     if name in ("profiles", "allow_net"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise InvalidSpec(where, "must be a list of strings")

@@ -153,6 +153,9 @@ _LIMITS = {
     "max_running_tasks": ("max_running_tasks", "quota"),
     "max_queued_tasks": ("max_queued_tasks", "quota"),
     "max_request_rate": ("max_request_rate", "quota"),
+    "max_exposed_ports": ("max_exposed_ports", "quota"),
+    "max_snapshots": ("max_snapshots", "quota"),
+    "max_snapshot_bytes": ("max_snapshot_size", "quota"),
 }
 
 
@@ -190,11 +193,25 @@ def _net_widenings(who: str, old: TenantPolicy, new: TenantPolicy) -> list[str]:
     return lines
 
 
+def _host_dir_widenings(who: str, old: TenantPolicy, new: TenantPolicy) -> list[str]:
+    if old.host_dirs is None:
+        return []
+    if new.host_dirs is None:
+        return [f"{who} may now show any host directory at /workspace (host_dirs: no limit)"]
+
+    def covered(path: str) -> bool:
+        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in old.host_dirs)
+
+    return [f"{who} may now show host directory {d} at /workspace"
+            for d in new.host_dirs if not covered(d)]
+
+
 def tenant_widenings(who: str, old: TenantPolicy, new: TenantPolicy) -> list[str]:
     """What `new` allows that `old` did not, one line per widening."""
     lines = [f"{who} may now use seccomp profile {p!r}"
              for p in new.profiles if p not in old.profiles]
     lines += _net_widenings(who, old, new)
+    lines += _host_dir_widenings(who, old, new)
     for f in fields(TenantPolicy):
         if f.name not in _LIMITS:
             continue

@@ -27,6 +27,7 @@ from corral.sandbox.backends.base import SandboxLifecycle
 from corral.sandbox.errors import (
     CorralError,
     Ended,
+    FailedPrecondition,
     InvalidSpec,
     InvalidTransition,
     NotFound,
@@ -44,6 +45,7 @@ from .labels import EVERYTHING, Selector
 from .metrics import NO_METRICS
 from .policy import PolicyBook, TenantPolicy
 from .ports import PortTable, check_port
+from .secret_store import SecretStore
 from .streams import StreamHub
 from .tracing import NO_TRACING
 
@@ -191,6 +193,25 @@ class ManagedSandbox:
     labels: dict[str, str] = field(default_factory=dict)
     #: Creation order in this daemon: List pages in this order.
     seq: int = 0
+    #: Unix seconds of the pause while paused (Pause), else 0.
+    paused_at: float = 0.0
+    #: Set while the sandbox runs (not paused): what an exec with wait_if_paused awaits.
+    unpaused: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.unpaused.set()
+
+
+def _workspace_files(sandbox: SandboxLifecycle) -> Workspace:
+    """The file API's view of /workspace. What it creates belongs to root inside: the
+    sandbox's uid_base outside, or, in a host directory shown as it is (idmapped), to that
+    directory's owner. A copy-on-write workspace is its merged overlay (host files are
+    root's inside there too; apply gives them the owner)."""
+    spec = sandbox.spec
+    if spec.workspace is not None and not spec.workspace_cow:
+        st = os.stat(spec.workspace)
+        return Workspace(sandbox.workspace, st.st_uid, st.st_gid)
+    return Workspace(sandbox.workspace, spec.uid_base, spec.uid_base)
 
 
 @dataclass
@@ -207,6 +228,7 @@ class DestroyedSandbox:
     seq: int
     owner_session: str | None = None
     destroyed: bool = True
+    paused_at: float = 0.0
     sandbox: None = None
     execs: dict = field(default_factory=dict)
 
@@ -220,11 +242,13 @@ class SandboxManager:
     def __init__(self, audit, *, default_ttl_s: float = 3600.0, max_sandboxes: int = 512,
                  stream_log_bytes: int = 8 << 20, runtime_dir: str | None = None,
                  policies: PolicyBook | None = None,
-                 exec_replay_bytes: int = DEFAULT_EXEC_REPLAY_BYTES):
+                 exec_replay_bytes: int = DEFAULT_EXEC_REPLAY_BYTES,
+                 paused_ttl_s: float = 86400.0):
         self.audit = audit
         #: Each tenant's operator policy (runtime/policy.py): what it may ask for and hold.
         self.policies = policies or PolicyBook(TenantPolicy.tenant_default(), {})
         self.default_ttl_s = default_ttl_s
+        self.paused_ttl_s = paused_ttl_s
         self.max_sandboxes = max_sandboxes
         self.stream_log_bytes = stream_log_bytes
         self.exec_replay_bytes = exec_replay_bytes
@@ -245,6 +269,9 @@ class SandboxManager:
         self.admission: Callable[[str], None] = lambda kind: None
         #: Exposed ports (runtime/ports.py): host listeners forwarding into sandboxes.
         self.ports = PortTable()
+        #: Where spec.secrets' values come from (runtime/secret_store.py; the daemon's
+        #: [secrets]); an empty store refuses every binding by name.
+        self.secrets = SecretStore()
 
     # -- lifecycle of the manager ------------------------------------------------------------
 
@@ -304,8 +331,13 @@ class SandboxManager:
         loop = asyncio.get_running_loop()
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         # a docker sandbox is a container on the engine at the daemon's DOCKER_HOST
+        # secret values come from the daemon's store, for this tenant; never from a client
+        values = (await self.run_blocking(self.secrets.values_for, tenant, spec.secrets)
+                  if spec.secrets else None)
         sandbox = new_sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
-            loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)))
+            loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)),
+            secrets=values, tenant=tenant)
+        del values  # the sandbox holds them now; nothing here keeps a copy
         self._pending += 1
         self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
         try:
@@ -324,7 +356,7 @@ class SandboxManager:
         msb = ManagedSandbox(
             id=sandbox.id, tenant=caller.tenant, spec=sandbox.spec, sandbox=sandbox,
             policy_digest=digest, created_at=now, expires_at=now + ttl,
-            workspace=Workspace(sandbox.workspace, sandbox.spec.uid_base, sandbox.spec.uid_base),
+            workspace=_workspace_files(sandbox),
             owner_session=owner_session, labels=dict(labels or {}),
         )
         self._seq += 1
@@ -401,6 +433,12 @@ class SandboxManager:
     def list(self, caller: Caller) -> list[ManagedSandbox]:
         return [m for m in self._sandboxes.values() if m.tenant == caller.tenant]
 
+    def find_live(self, caller: Caller, sandbox_id: str) -> ManagedSandbox | None:
+        """The caller's live sandbox, or None (no denial recorded: for a caller that
+        already owns something of it, e.g. its change set)."""
+        msb = self._sandboxes.get(sandbox_id)
+        return msb if msb is not None and msb.tenant == caller.tenant else None
+
     def find(self, caller: Caller, selector: Selector = EVERYTHING, *,
              destroyed: bool = False) -> list:
         """The caller's live sandboxes (or, destroyed=True, the destroyed ones the daemon
@@ -475,6 +513,60 @@ class SandboxManager:
                                   "previous_expires_at": round(before, 3)})
         return msb
 
+    async def pause(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
+        """Freeze the sandbox in place; its TTL clock stops (paused_ttl bounds the pause).
+        Pausing a paused sandbox changes nothing.
+
+        Raises:
+            UnsupportedHost: it cannot be frozen here (rootless, with no cgroup).
+            SandboxSetupError: the freeze timed out (it is thawed and keeps running).
+        """
+        msb = self.get(caller, sandbox_id)
+        if not await self.run_blocking(msb.sandbox.pause, tenant=msb.tenant):
+            return msb
+        msb.paused_at = time.time()
+        msb.unpaused.clear()
+        self.audit.append("sandbox.pause", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=msb.id, session_id=msb.owner_session or "",
+                          detail={"ttl_left_s": round(max(0.0, msb.expires_at - msb.paused_at), 3)})
+        return msb
+
+    async def resume(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
+        """Thaw a paused sandbox: its TTL and its commands' time limits move on by the time
+        it spent paused. Resuming a running sandbox changes nothing."""
+        msb = self.get(caller, sandbox_id)
+        if not msb.paused_at:
+            return msb
+        paused_for = await self.run_blocking(msb.sandbox.resume, tenant=msb.tenant)
+        msb.expires_at += paused_for
+        msb.paused_at = 0.0
+        msb.unpaused.set()
+        loop = asyncio.get_running_loop()
+        for handle in msb.execs.values():  # their deadlines moved on: time them again
+            if handle.running and handle.process.deadline is not None:
+                loop.call_at(loop.time() + handle.process.remaining(), self._expire, handle)
+        self.audit.append("sandbox.resume", tenant=caller.tenant, peer=caller.peer,
+                          sandbox_id=msb.id, session_id=msb.owner_session or "",
+                          detail={"paused_s": round(paused_for, 3),
+                                  "expires_at": round(msb.expires_at, 3)})
+        return msb
+
+    async def _until_running(self, msb: ManagedSandbox, wait_if_paused: bool) -> None:
+        """Return once the sandbox is not paused, or refuse at once (wait_if_paused False).
+
+        Raises:
+            FailedPrecondition: it is paused and the request would not wait.
+            NotFound: it was destroyed while the request waited.
+        """
+        if not msb.paused_at:
+            return
+        if not wait_if_paused:
+            raise FailedPrecondition(f"sandbox {msb.id} is paused: resume it first (or "
+                                     f"ask to wait: wait_if_paused)")
+        await msb.unpaused.wait()
+        if msb.destroyed:
+            raise NotFound(f"sandbox {msb.id} was destroyed while paused")
+
     def all(self) -> list[ManagedSandbox]:
         return list(self._sandboxes.values())
 
@@ -507,6 +599,7 @@ class SandboxManager:
             id=msb.id, tenant=msb.tenant, spec=msb.spec, policy_digest=msb.policy_digest,
             created_at=msb.created_at, expires_at=msb.expires_at, labels=msb.labels,
             seq=msb.seq, owner_session=msb.owner_session)
+        msb.unpaused.set()  # an exec waiting for a resume sees it destroyed
         while len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
         for handle in msb.execs.values():  # its commands die: no reader holds them back
@@ -579,10 +672,16 @@ class SandboxManager:
             await asyncio.sleep(1.0)
             now = time.time()
             for msb in list(self._sandboxes.values()):
-                if msb.expires_at <= now and not msb.destroyed:
-                    log.info("sandbox %s reached its TTL", msb.id)
+                if msb.destroyed:
+                    continue
+                if msb.paused_at:  # its TTL clock stands still; the pause has its own
+                    reason = "paused-ttl" if now - msb.paused_at >= self.paused_ttl_s else ""
+                else:
+                    reason = "ttl" if msb.expires_at <= now else ""
+                if reason:
+                    log.info("sandbox %s reached its %s", msb.id, reason)
                     with contextlib.suppress(Exception):
-                        await self._destroy(msb, "ttl", "", "daemon")
+                        await self._destroy(msb, reason, "", "daemon")
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -591,7 +690,8 @@ class SandboxManager:
                    keep_stdin_open: bool = False, timeout_s: float | None = None,
                    pass_fds: dict[int, int] | None = None, session_id: str = "",
                    stdout_mode: str = "text", stderr_mode: str = "text",
-                   lossless: bool = False, tty: tuple[int, int] | None = None) -> ExecHandle:
+                   lossless: bool = False, tty: tuple[int, int] | None = None,
+                   wait_if_paused: bool = False) -> ExecHandle:
         """Start argv in the sandbox; output is read by the loop into two hubs.
 
         Args:
@@ -601,6 +701,7 @@ class SandboxManager:
                 session's agent, "bytes" for Exec: byte-exact).
             lossless: hubs with flow control (bytes mode only): a command whose output no
                 reader takes blocks in write(2) instead of losing it (runtime/streams.py).
+            wait_if_paused: on a paused sandbox, wait for its resume instead of refusing.
         """
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
@@ -608,6 +709,7 @@ class SandboxManager:
         self.admission("exec")
         msb = self.get(caller, sandbox_id)
         cwd = _check_exec_request(argv, env, cwd, stdin, tty)
+        await self._until_running(msb, wait_if_paused)
         loop = asyncio.get_running_loop()
         exec_id = "exe-" + secrets.token_hex(6)
         # Audited before it runs (nothing may run unrecorded); the detail is bounded, so the
@@ -705,8 +807,19 @@ class SandboxManager:
                          lossless=True, hold_bytes=hold)
 
     def _expire(self, handle: ExecHandle) -> None:
-        if handle.running:
-            handle.process.expire()
+        """End a command at its deadline; not while its sandbox is paused (resume times it
+        again), nor early when a pause moved its deadline on."""
+        if not handle.running:
+            return
+        msb = self._sandboxes.get(handle.sandbox_id)
+        if msb is not None and msb.paused_at:
+            return
+        left = handle.process.remaining()
+        if left:
+            loop = asyncio.get_running_loop()
+            loop.call_at(loop.time() + left, self._expire, handle)
+            return
+        handle.process.expire()
 
     def _on_exit(self, handle: ExecHandle) -> None:
         proc = handle.process

@@ -18,7 +18,8 @@ _EXPORTS = {
     "CommandNotFound": "errors", "CorralError": "errors", "InvalidSpec": "errors",
     "NotFound": "errors", "PermissionDenied": "errors", "SandboxSetupError": "errors",
     "UnsupportedHost": "errors",
-    "BindMount": "spec", "SandboxSpec": "spec", "parse_duration": "spec", "parse_size": "spec",
+    "BindMount": "spec", "SandboxSpec": "spec", "SecretBinding": "spec",
+    "parse_duration": "spec", "parse_size": "spec",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Sandbox",
     "SandboxSetupError",
     "SandboxSpec",
+    "SecretBinding",
     "UnsupportedHost",
     "new_sandbox",
     "parse_duration",
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
         SandboxSetupError,
         UnsupportedHost,
     )
-    from .spec import BindMount, SandboxSpec, parse_duration, parse_size
+    from .spec import BindMount, SandboxSpec, SecretBinding, parse_duration, parse_size
 
 
 def __getattr__(name: str) -> Any:

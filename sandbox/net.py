@@ -455,8 +455,13 @@ class EgressLink:
             self.attachment.close()
 
 
-def open_egress(sandbox_id: str, init_pid: int, allow_net, on_event=None) -> EgressLink:
+def open_egress(sandbox_id: str, init_pid: int, allow_net, on_event=None,
+                secrets=None) -> EgressLink:
     """Link the sandbox to the process's egress proxy under its allow_net rules.
+
+    Args:
+        secrets: the sandbox's SecretSet (sandbox/secrets.py): the proxy then scans what
+            it sends and intercepts its secrets' hosts; None for none.
 
     Raises:
         SandboxSetupError, UnsupportedHost: see attach().
@@ -468,7 +473,7 @@ def open_egress(sandbox_id: str, init_pid: int, allow_net, on_event=None) -> Egr
     attachment = attach(init_pid)
     try:
         proxy.register(sandbox_id, attachment.tcp_listener, attachment.udp_sink, policy,
-                       on_event)
+                       on_event, secrets=secrets)
     except BaseException:
         with contextlib.suppress(Exception):
             proxy.unregister(sandbox_id)

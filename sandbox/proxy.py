@@ -35,6 +35,15 @@ them with BPF sk_lookup); nothing else leaves a sandbox. The rules this file kee
 5. UDP is dropped, except DNS to the proxy's resolver (GATEWAY:53), which answers A
    queries for allowed names (with the addresses rule 3 lets through) and NXDOMAIN for
    everything else. AAAA gets an empty answer: sandboxes have no IPv6 route.
+5a. Secrets (sandbox/secrets.py, sandbox/intercept.py). A sandbox given secrets has every
+   name it asks for (CONNECT or URI host, SNI, Host, DNS query) and every byte it sends
+   scanned for its placeholders: one met toward anything but a host its secret is bound
+   to stops the attempt before it is resolved or forwarded, and is reported as a
+   `net.secret` event (action `blocked-exfiltration`, the secret's name, never a value).
+   A connection to a bound name on port 443 is intercepted: TLS is terminated with the
+   sandbox's CA and HTTP rewritten (placeholder -> value out, value -> placeholder back).
+   Everything else keeps today's pass-through; ciphertext to another host is scanned but
+   cannot be read (a placeholder inside it reaches that host as a placeholder, no more).
 6. Every attempt is an event (allowed or denied; destination, bytes, duration), handed
    to the callback the sandbox was registered with; allowed connections report when they
    end. Events are rate-limited per sandbox (EVENT_RATE, EVENT_BURST; UDP denials capped
@@ -61,6 +70,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import InvalidSpec
+from .secrets import Exfiltration
 
 GATEWAY = "100.127.255.1"  # same as net.GATEWAY (kept import-free of pyroute2/net)
 PROXY_PORT = 3128
@@ -198,11 +208,26 @@ class EgressConfig:
     #: Is this address one of this host's own (rule 4a)? The proxy asks the kernel's
     #: routing table (`host_local`); None = only loopback counts (pure unit tests).
     is_local: Callable[[object], bool] | None = None
+    #: CA bundle that intercepted connections verify their servers with; None = the
+    #: system store. Verification is never off.
+    upstream_ca_file: str | None = None
+    _upstream_tls: object = field(default=None, repr=False, compare=False)
+
+    def upstream_tls_context(self):
+        """The client TLS context of intercepted connections (made once)."""
+        if self._upstream_tls is None:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=self.upstream_ca_file)
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._upstream_tls = ctx
+        return self._upstream_tls
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EgressConfig:
         """CORRAL_EGRESS_HOSTS (a hosts-format file), CORRAL_EGRESS_ROUTABLE and
-        CORRAL_EGRESS_UPSTREAM_ONLY (CIDRs, comma separated)."""
+        CORRAL_EGRESS_UPSTREAM_ONLY (CIDRs, comma separated), CORRAL_EGRESS_UPSTREAM_CA
+        (the CA bundle intercepted connections verify servers with)."""
         env = os.environ if environ is None else environ
         cfg = cls()
         path = env.get("CORRAL_EGRESS_HOSTS")
@@ -212,6 +237,7 @@ class EgressConfig:
         cfg.routable = _networks(env, "CORRAL_EGRESS_ROUTABLE")
         cfg.upstream_only = _networks(env, "CORRAL_EGRESS_UPSTREAM_ONLY")
         cfg.is_local = HostLocalCache()
+        cfg.upstream_ca_file = env.get("CORRAL_EGRESS_UPSTREAM_CA") or None
         return cfg
 
 
@@ -732,6 +758,8 @@ class _Registration:
     pins: dict = field(default_factory=dict)
     tokens: float = EVENT_BURST
     refilled: float = field(default_factory=time.monotonic)
+    #: The sandbox's secrets (sandbox/secrets.SecretSet), None without (rule 5a).
+    secrets: object = None
 
 
 class EgressProxy:
@@ -782,9 +810,14 @@ class EgressProxy:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
     def register(self, sandbox_id: str, tcp_listener: socket.socket, udp_sink: socket.socket,
-                 policy: EgressPolicy, on_event: Callable[[dict], None] | None) -> None:
-        """Start serving one sandbox's sockets (blocking until they are served)."""
-        reg = _Registration(sandbox_id, policy, on_event)
+                 policy: EgressPolicy, on_event: Callable[[dict], None] | None,
+                 secrets=None) -> None:
+        """Start serving one sandbox's sockets (blocking until they are served).
+
+        Args:
+            secrets: the sandbox's SecretSet (rule 5a), or None.
+        """
+        reg = _Registration(sandbox_id, policy, on_event, secrets=secrets or None)
         self._call(self._register(reg, tcp_listener, udp_sink))
 
     def unregister(self, sandbox_id: str) -> None:
@@ -879,7 +912,6 @@ class EgressProxy:
     # -- TCP -------------------------------------------------------------------------------
 
     async def _serve_tcp(self, reg, conn: socket.socket):
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         event = {"kind": "net.connect", "client": "", "port": 0, "name": "", "address": "",
                  "bytes_out": 0, "bytes_in": 0}
@@ -894,15 +926,21 @@ class EgressProxy:
                 upstream, first = await self._transparent(reg, conn, event, dst_ip, dst_port)
             if upstream is None:
                 return
-            if first:
-                await loop.sock_sendall(upstream, first)
-                event["bytes_out"] += len(first)
-            await _splice_both(loop, conn, upstream, event)
+            await self._relay(reg, conn, upstream, first, event)
+        except Exfiltration as exc:
+            self._secret_blocked(reg, event, exc.secret, "stream")
+            _reset(upstream)
+            upstream = None
+            if event.get("mode") == "http" and not event["bytes_in"]:
+                await _respond(conn, 403, "Forbidden", "corral: egress denied: the request "
+                                                       "carries a secret's placeholder\n")
         except asyncio.CancelledError:
             event.setdefault("error", "sandbox destroyed")
         except Exception as exc:  # a broken client must never take the proxy down
             event.setdefault("error", f"{type(exc).__name__}: {exc}")
         finally:
+            if reg.secrets is not None and "error" in event:  # it may quote a peer
+                event["error"] = reg.secrets.redact(event["error"])
             for sock in (conn, upstream):
                 if sock is not None:
                     sock.close()
@@ -911,6 +949,49 @@ class EgressProxy:
                 event.update(decision="deny", reason="closed before a decision: "
                              + event.get("error", "the client went away"))
             self._emit(reg, event)
+
+    async def _relay(self, reg, conn, upstream, first: bytes, event: dict) -> None:
+        """Move the connection's bytes: intercepted toward a secret's host on 443, scanned
+        for placeholders elsewhere when the sandbox has secrets, else spliced (rule 5a)."""
+        loop = asyncio.get_running_loop()
+        secrets = reg.secrets
+        if secrets is not None and event["port"] == 443 and event["mode"] != "http" \
+                and secrets.intercepts(event["name"]):
+            from . import intercept
+
+            await intercept.serve(
+                secrets, event["name"], conn, upstream, first, event,
+                self.config.upstream_tls_context(),
+                lambda secret, where: self._secret_blocked(reg, event, secret, where))
+            return
+        scanner = secrets.outbound() if secrets is not None else None
+        if scanner is not None:
+            first = scanner.feed(first)
+        if first:
+            await loop.sock_sendall(upstream, first)
+            event["bytes_out"] += len(first)
+        if scanner is None:
+            await _splice_both(loop, conn, upstream, event)
+        else:
+            await _relay_scanned(loop, conn, upstream, event, scanner)
+
+    def _secret_blocked(self, reg, event: dict, secret: str, where: str) -> None:
+        """Report a refused placeholder (net.secret) and turn the attempt into a denial."""
+        event.update(decision="deny", reason=f"blocked: the placeholder of secret {secret} "
+                                             f"in the {where}")
+        self._emit(reg, {"kind": "net.secret", "action": "blocked-exfiltration",
+                         "secret": secret, "where": where, "mode": event.get("mode", ""),
+                         "name": event.get("name", ""), "address": event.get("address", ""),
+                         "port": event.get("port", 0)})
+
+    def _leaks_in_name(self, reg, event: dict, text: str, where: str) -> bool:
+        """Does a name the sandbox asked for carry a placeholder? (Reported if so.)"""
+        secret = reg.secrets.placeholder_in_name(text) if reg.secrets is not None else None
+        if secret is None:
+            return False
+        event["name"] = event.get("name") or normalize_name(text) or ""
+        self._secret_blocked(reg, event, secret, where)
+        return True
 
     async def _explicit(self, reg, conn, event):
         """HTTP proxy protocol: CONNECT host:port, or a request with an absolute URI."""
@@ -934,6 +1015,10 @@ class EgressProxy:
         literal = ip_literal(host)
         name = None if literal else normalize_name(host)
         event.update(name=name or "", port=port, address=literal or "")
+        if self._leaks_in_name(reg, event, host, "proxy target"):
+            await _respond(conn, 403, "Forbidden", "corral: egress denied: the target "
+                                                   "carries a secret's placeholder\n")
+            return None, b""
         if literal is None and name is None:
             event.update(decision="deny", reason=f"{host[:200]!r} is not a host name")
             await _respond(conn, 400, "Bad Request", "corral: not a host name\n")
@@ -990,6 +1075,9 @@ class EgressProxy:
                              if policy.name_rule(n, dst_port)), None)
                 if name is not None:
                     event["pinned"] = True
+            elif self._leaks_in_name(reg, event, name, "server name"):
+                _reset(conn)
+                return None, b""
             resolved = await self.resolver.resolve(name) if name and policy.name_rule(
                 name, dst_port) else []
             decision = policy.decide(dst_port, name=name, dst=dst_ip, resolved=resolved)
@@ -1040,7 +1128,9 @@ class EgressProxy:
         name = normalize_name(q.name) or ""
         event["name"] = name
         event["qtype"] = q.qtype
-        if not name or not reg.policy.name_allowed(name):
+        if self._leaks_in_name(reg, event, q.name, "DNS query"):
+            reply = build_dns_response(q, RCODE_REFUSED)
+        elif not name or not reg.policy.name_allowed(name):
             reply = build_dns_response(q, RCODE_NXDOMAIN)
             event.update(decision="deny", reason=f"no rule allows {name or q.name!r}")
         elif q.qtype == QTYPE_A and q.qclass == 1:
@@ -1263,6 +1353,49 @@ async def _splice_both(loop, conn: socket.socket, upstream: socket.socket, event
                 break  # a reset or error on either side ends both
     finally:
         up.close()
+        down.close()
+
+
+#: Bytes one read of a scanned relay takes from the sandbox.
+SCAN_READ_BYTES = 256 * 1024
+
+
+async def _copy_scanned(loop, src: socket.socket, dst: socket.socket, event: dict,
+                        scanner) -> None:
+    """The sandbox -> server direction of a sandbox with secrets: read, scan, send; EOF
+    becomes shutdown(SHUT_WR). Raises Exfiltration before any byte of a placeholder goes
+    out (the scanner holds back what could be the start of one)."""
+    while True:
+        data = await loop.sock_recv(src, SCAN_READ_BYTES)
+        out = scanner.feed(data) if data else scanner.finish()
+        if out:
+            await loop.sock_sendall(dst, out)
+            event["bytes_out"] += len(out)
+        if not data:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            return
+
+
+async def _relay_scanned(loop, conn: socket.socket, upstream: socket.socket, event: dict,
+                         scanner) -> None:
+    """Relay both directions, the sandbox's through the scanner (the server's spliced),
+    until both reached EOF or one failed; an Exfiltration propagates."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    down = _Splice(loop, upstream, conn, event, "bytes_in")
+    up = loop.create_task(_copy_scanned(loop, conn, upstream, event, scanner))
+    try:
+        pending = {up, down.done}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if up in done and up.exception() is not None:
+                if isinstance(up.exception(), Exfiltration):
+                    raise up.exception()
+                break  # the sandbox's side failed (reset): both end
+            if down.done in done and down.done.result() is not None:
+                break
+    finally:
+        up.cancel()
         down.close()
 
 

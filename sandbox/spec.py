@@ -140,6 +140,62 @@ class BindMount:
         return cls(os.path.abspath(source), target, writable)
 
 
+#: The longest secret name (it is also the variable that holds the placeholder).
+MAX_SECRET_NAME = 128
+#: Secrets one sandbox may be given, and hosts one secret may be bound to.
+MAX_SECRETS = 64
+MAX_SECRET_HOSTS = 64
+
+
+@dataclass(frozen=True)
+class SecretBinding:
+    """A secret the sandbox uses by name: inside, the variable NAME holds a placeholder;
+    the egress proxy puts the real value in its place only toward these hosts (HOST or
+    *.DOMAIN, canonical after validation). The value itself is never part of a spec."""
+
+    name: str
+    hosts: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> SecretBinding:
+        """Parse 'NAME@HOST[,HOST...]' (the --secret flag).
+
+        Raises:
+            InvalidSpec: on field "secrets".
+        """
+        name, sep, hosts = text.partition("@")
+        if not sep or not name or not hosts:
+            raise InvalidSpec("secrets", f"{text!r} is not NAME@HOST[,HOST...]")
+        return cls(name, tuple(h for h in hosts.split(",")))
+
+    def checked(self) -> SecretBinding:
+        """This binding validated, its hosts canonical (lower case, sorted, once each).
+
+        Raises:
+            InvalidSpec: on field "secrets", naming the secret and what is wrong.
+        """
+        from .proxy import normalize_name
+
+        if not isinstance(self.name, str) or not _ENV_NAME_RE.match(self.name) \
+                or len(self.name) > MAX_SECRET_NAME:
+            raise InvalidSpec("secrets", f"{str(self.name)[:140]!r} is not a variable name "
+                                         f"of at most {MAX_SECRET_NAME} characters")
+        if isinstance(self.hosts, str) or not self.hosts \
+                or len(self.hosts) > MAX_SECRET_HOSTS:
+            raise InvalidSpec("secrets", f"{self.name}: bind it to 1 to {MAX_SECRET_HOSTS} "
+                                         "hosts (HOST or *.DOMAIN)")
+        hosts = set()
+        for host in self.hosts:
+            text = host if isinstance(host, str) else ""
+            wildcard = text.startswith("*.")
+            name = normalize_name(text[2:] if wildcard else text)
+            if name is None or "*" in text[2 if wildcard else 0:]:
+                raise InvalidSpec("secrets", f"{self.name}: {text[:260]!r} is not HOST or "
+                                             "*.DOMAIN")
+            hosts.add(("*." if wildcard else "") + name)
+        return SecretBinding(self.name, tuple(sorted(hosts)))
+
+
 @dataclass(frozen=True)
 class SandboxSpec:
     """What a sandbox may use and see. Frozen; validated on construction.
@@ -193,15 +249,30 @@ class SandboxSpec:
     #: an overlay of its layers with a per-sandbox upper layer on a tmpfs capped at
     #: tmp_bytes. Empty: the host's /usr (and a few /etc entries) read-only, as always.
     image: str = ""
+    #: Secrets by name and the hosts each may reach (values live outside the spec: see
+    #: sandbox/secrets.py). Each implies allow_net for its hosts on ports 443 and 80.
+    secrets: tuple[SecretBinding, ...] = ()
+    #: Start from this snapshot's filesystem state (sandbox/state): its id ("snap-" + 12
+    #: hex, resolved by the caller from a name). Its layers are read-only lowers under
+    #: upper layers of the sandbox's own; it names the image, so `image` must be empty or
+    #: the same. Empty: a fresh sandbox.
+    snapshot: str = ""
+    #: With `workspace`: show that host directory through a copy-on-write overlay whose
+    #: changes (sandbox/state/changes.py) outlive the sandbox until applied or discarded;
+    #: the host directory is not written while the sandbox runs.
+    workspace_cow: bool = False
 
     def __post_init__(self):
         self._check_choices()
+        self._check_state()
         self._check_quantities()
         self._check_placement()
         self._check_binds()
         self._check_devices()
         check_env(self.env)
         self._check_env_size()
+        if self.secrets:
+            self._check_secrets()
         if self.allow_net:
             self._canonical_allow_net()
 
@@ -216,6 +287,24 @@ class SandboxSpec:
         if self.backend not in BACKENDS:
             raise InvalidSpec("backend", f"{self.backend!r} is not a backend; use "
                                          f"{' or '.join(BACKENDS)}")
+
+    def _check_state(self) -> None:
+        """Where the filesystem state comes from: a snapshot, a copy-on-write workspace."""
+        if not isinstance(self.snapshot, str) or (
+                self.snapshot and not re.fullmatch(r"snap-[0-9a-f]{12}", self.snapshot)):
+            raise InvalidSpec("snapshot", f"{str(self.snapshot)[:80]!r} is not a snapshot id "
+                                          f"(snap- and 12 hex digits)")
+        if not isinstance(self.workspace_cow, bool):
+            raise InvalidSpec("workspace_cow", "must be true or false")
+        if (self.snapshot or self.workspace_cow) and self.backend != "native":
+            raise InvalidSpec("snapshot" if self.snapshot else "workspace_cow",
+                              "only the native backend has snapshots and copy-on-write "
+                              "workspaces")
+        if self.workspace_cow and not self.workspace:
+            raise InvalidSpec("workspace_cow", "needs a host directory (workspace) to show")
+        if self.snapshot and self.workspace:
+            raise InvalidSpec("workspace", "a sandbox from a snapshot gets the snapshot's "
+                                           "workspace; drop the workspace directory")
 
     def _check_quantities(self) -> None:
         """Byte counts, counts, cores and seconds: positive, and within what the kernel holds."""
@@ -296,6 +385,32 @@ class SandboxSpec:
         if sum(len(k) + len(v.encode()) + 2 for k, v in self.env) > MAX_ENV_BYTES:
             raise InvalidSpec("env", f"the variables hold more than {MAX_ENV_BYTES} bytes in all")
 
+    def _check_secrets(self) -> None:
+        """Secret bindings: valid, each name once and not also in env, sorted by name; the
+        hosts they are bound to join allow_net on 443 and 80 (a secret implies the grant,
+        so the policy digest shows it)."""
+        if self.backend != "native":
+            raise InvalidSpec("secrets", "only the native backend has the egress proxy that "
+                                         "puts secrets in; use --backend native")
+        if isinstance(self.secrets, (str, SecretBinding)) or len(self.secrets) > MAX_SECRETS:
+            raise InvalidSpec("secrets", f"must be a list of at most {MAX_SECRETS} bindings")
+        bindings = [b.checked() if isinstance(b, SecretBinding) else None
+                    for b in self.secrets]
+        if None in bindings:
+            raise InvalidSpec("secrets", "each entry must be a SecretBinding(name, hosts)")
+        names = [b.name for b in bindings]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InvalidSpec("secrets", f"{twice[0]} is bound twice; give all its hosts in "
+                                         "one binding")
+        clash = sorted(set(names) & {k for k, _ in self.env})
+        if clash:
+            raise InvalidSpec("secrets", f"{clash[0]} is also set in env; the secret's "
+                                         "placeholder is that variable")
+        object.__setattr__(self, "secrets", tuple(sorted(bindings, key=lambda b: b.name)))
+        implied = [f"{h}:{port}" for b in bindings for h in b.hosts for port in (443, 80)]
+        object.__setattr__(self, "allow_net", (*self.allow_net, *implied))
+
     def _canonical_allow_net(self) -> None:
         """The egress rules parsed, canonical and sorted: the same grant always has the
         same policy digest."""
@@ -327,6 +442,7 @@ class SandboxSpec:
         backend: str | None = None,
         allow_net: Iterable[str] = (),
         image: str | None = None,
+        secrets: Iterable[str | SecretBinding] = (),
     ) -> SandboxSpec:
         """Build a spec from user-facing strings (CLI flags, config, API fields)."""
         kw: dict = {"profile": profile}
@@ -367,6 +483,8 @@ class SandboxSpec:
             pairs.append((key, value))
         kw["env"] = tuple(pairs)
         kw["allow_net"] = tuple(allow_net)
+        kw["secrets"] = tuple(SecretBinding.parse(b) if isinstance(b, str) else b
+                              for b in secrets)
         if image:
             kw["image"] = image
         return cls(**kw)
@@ -381,6 +499,8 @@ class SandboxSpec:
                 continue
             if f.name == "binds":
                 value = [[b.source, b.target, b.writable] for b in value]
+            elif f.name == "secrets":
+                value = [[b.name, list(b.hosts)] for b in value]
             elif isinstance(value, tuple):
                 value = [list(v) if isinstance(v, tuple) else v for v in value]
             out[f.name] = value
@@ -401,6 +521,8 @@ class SandboxSpec:
             raise InvalidSpec(sorted(unknown)[0], "is not a sandbox spec field")
         if "binds" in kw:
             kw["binds"] = tuple(BindMount(s, t, bool(w)) for s, t, w in kw["binds"])
+        if "secrets" in kw:
+            kw["secrets"] = tuple(SecretBinding(str(n), tuple(h)) for n, h in kw["secrets"])
         for name in ("env", "labels"):
             if name in kw:
                 kw[name] = tuple((str(k), str(v)) for k, v in kw[name])

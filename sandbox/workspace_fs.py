@@ -113,14 +113,7 @@ def create(name: str, uid: int, gid: int, *, size_bytes: int | None = None,
     Raises:
         SandboxSetupError: the mount failed (ENOSPC/ENOMEM: RESOURCE_EXHAUSTED).
     """
-    base = ensure_root()
-    path = os.path.join(base, name)
-    pid = owner_pid or os.getpid()
-    owner = {"pid": pid, "start": live_start_time(pid), "created_at": time.time()}
-    tmp = os.path.join(base, f".{name}.owner.tmp")
-    with open(tmp, "w") as f:
-        json.dump(owner, f)
-    os.replace(tmp, path + ".owner")  # the owner is known before anything exists to sweep
+    path = _claim(name, owner_pid)
     try:
         os.mkdir(path, 0o700)
         if kind() == "tmpfs":
@@ -135,6 +128,43 @@ def create(name: str, uid: int, gid: int, *, size_bytes: int | None = None,
                 _give_away(path, uid, gid)
         else:
             _give_away(path, uid, gid)
+    except BaseException:
+        remove(path)
+        raise
+    return path
+
+
+def _claim(name: str, owner_pid: int | None) -> str:
+    """Write the owner file of workspace `name` (before anything exists to sweep); its path."""
+    base = ensure_root()
+    path = os.path.join(base, name)
+    pid = owner_pid or os.getpid()
+    owner = {"pid": pid, "start": live_start_time(pid), "created_at": time.time()}
+    tmp = os.path.join(base, f".{name}.owner.tmp")
+    with open(tmp, "w") as f:
+        json.dump(owner, f)
+    os.replace(tmp, path + ".owner")
+    return path
+
+
+def create_mounted(name: str, mount_fd: int, *, owner_pid: int | None = None) -> str:
+    """Make the workspace `name` out of a detached mount the caller built (an overlay of a
+    snapshot's layers, or of a host directory with its changes: sandbox/state), attached
+    at its place under root(); returns its path. remove() and sweep() take it off like a
+    tmpfs workspace (the caller keeps its own descriptors of what is under it).
+
+    Raises:
+        SandboxSetupError: the attach failed.
+    """
+    from .images import overlay
+
+    path = _claim(name, owner_pid)
+    try:
+        os.mkdir(path, 0o700)
+        try:
+            overlay.attach(mount_fd, path)
+        except OSError as exc:
+            raise SandboxSetupError("workspace attach", path, exc.errno) from None
     except BaseException:
         remove(path)
         raise

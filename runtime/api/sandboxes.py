@@ -9,6 +9,7 @@ import time
 from corral.sandbox import SandboxSpec
 from corral.sandbox.errors import InvalidSpec, NotFound
 from corral.sandbox.seccomp import requested_profile
+from corral.sandbox.spec import SecretBinding
 from corral.v1 import sandbox_pb2 as pb
 
 from ..labels import Selector, check_labels, check_page_size, page, page_token, parse_page_token
@@ -29,8 +30,9 @@ PID_MAX_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit
 MIN_TMP_BYTES = 1 << 20
 
 
-def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
-    """Build a SandboxSpec; zero values keep the defaults (docs/policy.md)."""
+def spec_from_proto(msg: pb.SandboxSpec, snapshot_id: str = "") -> SandboxSpec:
+    """Build a SandboxSpec; zero values keep the defaults (docs/policy.md). msg.snapshot
+    may be a name: the caller resolves it (the tenant's snapshots) and passes its id."""
     kw: dict = {}
     if msg.profile:
         # a built-in, or an absolute path (the tenant's policy says which files it may use);
@@ -63,6 +65,17 @@ def spec_from_proto(msg: pb.SandboxSpec) -> SandboxSpec:
         kw["backend"] = msg.backend
     if msg.image:
         kw["image"] = msg.image
+    if msg.secrets:
+        kw["secrets"] = tuple(SecretBinding(b.name, tuple(b.hosts)) for b in msg.secrets)
+    if msg.workspace_dir:
+        if not msg.workspace_dir.startswith("/"):
+            raise InvalidSpec("spec.workspace_dir", "must be an absolute path on the daemon's "
+                                                    "host")
+        kw["workspace"] = msg.workspace_dir
+    if msg.workspace_cow:
+        kw["workspace_cow"] = True
+    if snapshot_id:
+        kw["snapshot"] = snapshot_id
     return SandboxSpec(**kw)
 
 
@@ -72,16 +85,20 @@ def spec_to_proto(spec: SandboxSpec, ttl_s: float) -> pb.SandboxSpec:
         cpus=spec.cpus or 0.0, command_timeout_s=spec.timeout_s or 0.0,
         tmp_bytes=spec.tmp_bytes, env=dict(spec.env), hostname=spec.hostname,
         ttl_s=int(ttl_s), allow_net=list(spec.allow_net), backend=spec.backend,
-        image=spec.image,
+        image=spec.image, snapshot=spec.snapshot, workspace_dir=spec.workspace or "",
+        workspace_cow=spec.workspace_cow,
+        secrets=[pb.SecretBinding(name=b.name, hosts=list(b.hosts)) for b in spec.secrets],
     )
 
 
 def sandbox_to_proto(msb) -> pb.Sandbox:
-    """A live sandbox (a ManagedSandbox: the manager holds no other) is RUNNING; one the
-    daemon remembers after its end (a DestroyedSandbox) is DESTROYED."""
+    """A live sandbox (a ManagedSandbox: the manager holds no other) is RUNNING or PAUSED;
+    one the daemon remembers after its end (a DestroyedSandbox) is DESTROYED."""
     return pb.Sandbox(
         id=msb.id, tenant=msb.tenant,
-        state=pb.SANDBOX_STATE_DESTROYED if msb.destroyed else pb.SANDBOX_STATE_RUNNING,
+        state=(pb.SANDBOX_STATE_DESTROYED if msb.destroyed else
+               pb.SANDBOX_STATE_PAUSED if msb.paused_at else pb.SANDBOX_STATE_RUNNING),
+        paused_at=msb.paused_at,
         spec=spec_to_proto(msb.spec, msb.expires_at - msb.created_at),
         policy_digest=msb.policy_digest, created_at=msb.created_at, expires_at=msb.expires_at,
         init_pid=(msb.sandbox.init_pid or 0) if msb.sandbox is not None else 0,
@@ -92,6 +109,20 @@ def sandbox_to_proto(msb) -> pb.Sandbox:
             for h in msb.execs.values()
         ],
     )
+
+
+#: Bytes of Change messages one DiffResponse carries (a diff with patches can be large).
+DIFF_BATCH_BYTES = 1 << 20
+_CHANGE_KINDS = {"added": pb.CHANGE_KIND_ADDED, "modified": pb.CHANGE_KIND_MODIFIED,
+                 "deleted": pb.CHANGE_KIND_DELETED, "mode": pb.CHANGE_KIND_MODE}
+
+
+def change_to_proto(change) -> pb.Change:
+    return pb.Change(
+        path=change.path, kind=_CHANGE_KINDS[change.kind], type=change.type,
+        old_mode=change.old_mode, new_mode=change.new_mode, size=change.size,
+        binary=change.binary, patch=change.patch, lines_added=change.lines_added,
+        lines_removed=change.lines_removed, conflict=change.conflict)
 
 
 def port_to_proto(exposed) -> pb.ExposedPort:
@@ -212,7 +243,11 @@ class SandboxesServicer(Servicer):
     @unary
     async def Create(self, request, context):
         caller = self.caller(context)
-        spec = spec_from_proto(request.spec)
+        snapshot_id = ""
+        if request.spec.snapshot:  # an id or a name, of the caller's snapshots only
+            snapshot_id = (await self.manager.run_blocking(
+                self.daemon.state.get, caller, request.spec.snapshot)).id
+        spec = spec_from_proto(request.spec, snapshot_id)
         labels = check_labels(request.labels)
         # what a retry under the same request_id must ask for: the request without its id
         fingerprint = pb.CreateSandboxRequest(spec=request.spec, labels=request.labels)
@@ -231,17 +266,58 @@ class SandboxesServicer(Servicer):
         caller = self.caller(context)
         selector = Selector.parse(request.selector)
         size = check_page_size(request.page_size)
-        if request.state not in (pb.SANDBOX_STATE_UNSPECIFIED, pb.SANDBOX_STATE_RUNNING,
-                                 pb.SANDBOX_STATE_DESTROYED):
+        if request.state not in pb.SandboxState.values():
             raise InvalidSpec("state", f"{request.state} is not a SandboxState")
         destroyed = request.state == pb.SANDBOX_STATE_DESTROYED
-        query = f"{request.selector}\0{int(destroyed)}"
+        found = self.manager.find(caller, selector, destroyed=destroyed)
+        if request.state == pb.SANDBOX_STATE_PAUSED:
+            found = [m for m in found if m.paused_at]
+        query = f"{request.selector}\0{request.state or pb.SANDBOX_STATE_RUNNING}"
         after = parse_page_token(request.page_token, "sandboxes", query)
-        chosen, last = page(self.manager.find(caller, selector, destroyed=destroyed), after,
-                            size, lambda m: m.seq)
+        chosen, last = page(found, after, size, lambda m: m.seq)
         return pb.ListSandboxesResponse(
             sandboxes=[sandbox_to_proto(m) for m in chosen],
             next_page_token=page_token("sandboxes", query, last) if last is not None else "")
+
+    @unary
+    async def Pause(self, request, context):
+        return sandbox_to_proto(
+            await self.manager.pause(self.caller(context), request.sandbox_id))
+
+    @unary
+    async def Resume(self, request, context):
+        return sandbox_to_proto(
+            await self.manager.resume(self.caller(context), request.sandbox_id))
+
+    @streaming
+    async def Diff(self, request, context):
+        caller = self.caller(context)
+        changes = await self.daemon.state.diff(caller, request.sandbox_id,
+                                               patch=request.patch,
+                                               max_patch_bytes=request.max_patch_bytes)
+        batch: list[pb.Change] = []
+        size = 0
+        for change in changes:
+            message = change_to_proto(change)
+            batch.append(message)
+            size += message.ByteSize()
+            if size >= DIFF_BATCH_BYTES:
+                yield pb.DiffResponse(changes=batch)
+                batch, size = [], 0
+        if batch or not changes:
+            yield pb.DiffResponse(changes=batch)
+
+    @unary
+    async def Apply(self, request, context):
+        caller = self.caller(context)
+        result = await self.daemon.state.apply(caller, request.sandbox_id, force=request.force)
+        return pb.ApplyResponse(written=result.written, removed=result.removed)
+
+    @unary
+    async def Discard(self, request, context):
+        caller = self.caller(context)
+        return pb.DiscardResponse(
+            discarded=await self.daemon.state.discard(caller, request.sandbox_id))
 
     @unary
     async def SetTimeout(self, request, context):
@@ -286,6 +362,7 @@ class SandboxesServicer(Servicer):
             # byte-exact output; lossless (flow control) unless the request allows loss
             stdout_mode="bytes", stderr_mode="bytes", lossless=not request.allow_loss,
             tty=(request.rows, request.cols) if request.tty else None,
+            wait_if_paused=request.wait_if_paused,
         )
         watchers = exec_watchers(handle, lossy=request.allow_loss)
         yield pb.ExecEvent(started=pb.ExecStarted(

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         run,
         sandboxes,
         session,
+        state,
         tasks,
     )
 
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parsers in (run.add_parsers, probe.add_parsers, doctor.add_parser,
                         daemon.add_parsers, listing.add_parsers, sandboxes.add_parsers,
                         cp.add_parsers, image.add_parsers, exec.add_parsers,
-                        session.add_parsers, audit.add_parsers, governance.add_parsers,
-                        tasks.add_parsers):
+                        session.add_parsers, state.add_parsers, audit.add_parsers,
+                        governance.add_parsers, tasks.add_parsers):
         add_parsers(sub)
     return parser
 

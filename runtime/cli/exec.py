@@ -32,6 +32,8 @@ def add_parsers(sub) -> None:
                      help="never hold the command back: output this reader is too slow for "
                           "is dropped; a loss is reported on stderr and the exit status is "
                           "then non-zero (the command's own, or 1 when it exited 0)")
+    exe.add_argument("--wait-if-paused", action="store_true",
+                     help="on a paused sandbox, wait until it is resumed (default: refuse)")
     exe.add_argument("sandbox_id", metavar="SANDBOX")
     add_command(exe)
     exe.set_defaults(handler=exec_verb)
@@ -46,6 +48,8 @@ def exec_verb(args) -> int:
     kw = {"env": parse_env(args.env)}
     if args.allow_loss:
         kw["allow_loss"] = True
+    if args.wait_if_paused:
+        kw["wait_if_paused"] = True
     if args.timeout:
         from corral.sandbox.spec import parse_duration
 

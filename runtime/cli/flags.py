@@ -82,3 +82,47 @@ def parse_env(items) -> dict[str, str]:
             raise InvalidSpec("env", f"{item!r} is not KEY=VALUE")
         env[key] = value
     return env
+
+
+def add_secret_flag(p: argparse.ArgumentParser, source: str) -> None:
+    """--secret NAME@HOST[,HOST...] (repeatable; parse_secrets reads them back), its value
+    taken from `source` (e.g. "your variable NAME", "the daemon's secret store")."""
+    p.add_argument("--secret", action="append", default=[], metavar="NAME@HOST[,HOST...]",
+                   help=f"give the command the secret NAME, its value taken from {source}: "
+                        "inside, $NAME holds a placeholder, and the egress proxy puts the "
+                        "value in its place only in requests to HOST (HOST or *.DOMAIN, over "
+                        "HTTPS; it implies --allow-net HOST:443 and :80); repeatable (see "
+                        "docs/policy.md, Secrets)")
+
+
+def parse_secrets(items):
+    """--secret flags as SecretBindings (validated with the spec).
+
+    Raises:
+        InvalidSpec: on field "secrets", naming the flag that is not NAME@HOST[,HOST...].
+    """
+    from corral.sandbox.spec import SecretBinding
+
+    return tuple(SecretBinding.parse(item) for item in items)
+
+
+def secret_values_from_env(bindings, environ=None) -> dict[str, str]:
+    """The values of a local run's secrets: each from the caller's variable NAME.
+
+    Raises:
+        InvalidSpec: on field "secret", naming the first variable that is not set (the
+            message never holds a value).
+    """
+    import os
+
+    from corral.sandbox.errors import InvalidSpec
+
+    env = os.environ if environ is None else environ
+    values = {}
+    for binding in bindings:
+        value = env.get(binding.name)
+        if not value:
+            raise InvalidSpec("secret", f"{binding.name} is not set in your environment; "
+                                        f"export {binding.name}=... (its value) first")
+        values[binding.name] = value
+    return values

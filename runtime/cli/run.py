@@ -12,7 +12,16 @@ import os
 import sys
 
 from . import exits
-from .flags import add_command, add_docker_host, add_profile, add_terminal_flags, command_argv
+from .flags import (
+    add_command,
+    add_docker_host,
+    add_profile,
+    add_secret_flag,
+    add_terminal_flags,
+    command_argv,
+    parse_secrets,
+    secret_values_from_env,
+)
 from .output import fail
 
 #: A local run's messages come from this user's own input: printed as they are.
@@ -97,6 +106,7 @@ def add_parsers(sub) -> None:
                      help="allow egress to HOST[:PORT], *.DOMAIN[:PORT], IP[:PORT] or "
                           "CIDR[:PORT] through Corral's egress proxy (repeatable; default: "
                           "no network but loopback)")
+    add_secret_flag(run, "your variable NAME")
     run.add_argument("--audit", metavar="FILE",
                      help="with --allow-net: append every connection attempt to FILE as JSON "
                           "lines (default: one line per attempt on stderr)")
@@ -133,8 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             profile=args.profile, memory=args.memory, pids=args.pids, cpus=args.cpus,
             timeout=args.timeout, workspace=args.workspace, ro=args.ro, rw=args.rw,
             env=args.env, tmp_size=args.tmp_size, backend=args.backend,
-            allow_net=args.allow_net, image=args.image,
+            allow_net=args.allow_net, image=args.image, secrets=parse_secrets(args.secret),
         )
+        secrets = secret_values_from_env(spec.secrets) if spec.secrets else None
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", exits.EXIT_USAGE)
     if spec.allow_net:
@@ -144,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      "to stream stdin to the command", exits.EXIT_USAGE)
     try:
         return _run_streaming(spec, argv, docker_host=args.docker_host, raw=args.raw,
-                              tty=args.tty, interactive=args.interactive)
+                              tty=args.tty, interactive=args.interactive, secrets=secrets)
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", exits.EXIT_USAGE)
     except CommandNotFound as exc:
@@ -175,13 +186,21 @@ def _ensure_image(ref: str) -> int | None:
 
 
 def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
-                   raw: bool = False, tty: bool = False, interactive: bool = False) -> int:
+                   raw: bool = False, tty: bool = False, interactive: bool = False,
+                   secrets: dict[str, str] | None = None) -> int:
     """Run argv, copying its output live and our stdin to it; returns the exit status
-    (tty: on a pty, see corral.runtime.interactive)."""
+    (tty: on a pty, see corral.runtime.interactive; secrets: the values of
+    spec.secrets, which only the native backend takes)."""
     from corral.sandbox import ExitReason
     from corral.sandbox.backends import open_sandbox
 
-    with open_sandbox(spec, docker_host=docker_host) as sandbox:
+    if secrets:
+        from corral.sandbox.backends.native import Sandbox
+
+        opened = Sandbox(spec, secrets=secrets)
+    else:
+        opened = open_sandbox(spec, docker_host=docker_host)
+    with opened as sandbox:
         for note in getattr(sandbox, "notes", ()):  # what it runs without, e.g. cgroups
             print(f"corral: {note}", file=sys.stderr, flush=True)
         extra: dict = {}
@@ -268,6 +287,11 @@ def report_egress(path: str | None) -> None:
         with lock:
             if out is not None:
                 out.write(json.dumps(event, sort_keys=True) + "\n")
+            elif event.get("kind") == "net.secret":
+                print(visible(f"corral: egress blocked {event.get('mode', '')} "
+                              f"{event.get('name') or event.get('address', '')}: the "
+                              f"placeholder of secret {event['secret']} in the "
+                              f"{event['where']}"), file=sys.stderr, flush=True)
             elif event.get("decision"):
                 # the name is what the sandbox asked for (CONNECT, SNI, Host): shown escaped
                 dest = event.get("name") or event.get("address", "")

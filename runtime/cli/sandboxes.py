@@ -7,9 +7,9 @@ import json
 import sys
 import time
 
-from .connection import add_daemon_parser, connect, daemon_verb
+from .connection import add_daemon_parser, connect, daemon_verb, usage_error
 from .exits import EXIT_USAGE
-from .flags import add_label_flags, parse_env, parse_labels
+from .flags import add_label_flags, add_secret_flag, parse_env, parse_labels, parse_secrets
 from .output import fail
 
 #: Exit status of `corral inspect` when the live state differs from the spec.
@@ -66,6 +66,18 @@ def add_parsers(sub) -> None:
     create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--allow-net", action="append", default=[], metavar="RULE",
                         help="allow egress to HOST[:PORT], *.DOMAIN, IP or CIDR (repeatable)")
+    add_secret_flag(create, "the daemon's secret store (for your tenant)")
+    create.add_argument("--workspace", metavar="DIR",
+                        help="a directory on the daemon's host to show at /workspace (the "
+                             "tenant's policy host_dirs must allow it)")
+    create.add_argument("--cow", action="store_true",
+                        help="with --workspace: copy-on-write; DIR is not touched until "
+                             "`corral apply` (see `corral diff`, `corral discard`)")
+    start = create.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
+                       help="start from a snapshot (id or name): its files, no copy")
+    start.add_argument("--fork", metavar="SANDBOX",
+                       help="snapshot SANDBOX, then start from that snapshot")
     add_label_flags(create, "sandbox", "ps",
                     "idempotency key: running the same create again with this ID prints the "
                     "sandbox the first one made instead of making another")
@@ -201,11 +213,34 @@ def create_verb(args) -> int:
         spec["allow_net"] = args.allow_net
     if getattr(args, "backend", None):
         spec["backend"] = args.backend
+    spec.update(_state_and_secrets(args))
     labels = parse_labels(getattr(args, "label", []))
     with connect(args) as client:
+        if args.fork:
+            spec["snapshot"] = client.snapshot(args.fork).id
+            print(f"corral: create: forking {args.fork} from snapshot {spec['snapshot']}",
+                  file=sys.stderr)
         print(client.create_sandbox(labels=labels, request_id=getattr(args, "request_id", ""),
                                     **spec).id)
     return 0
+
+
+def _state_and_secrets(args) -> dict:
+    """The create flags that name where the sandbox's files come from, and its secrets."""
+    import os
+
+    spec: dict = {}
+    if args.secret:
+        bindings = [b.checked() for b in parse_secrets(args.secret)]
+        spec["secrets"] = [{"name": b.name, "hosts": list(b.hosts)} for b in bindings]
+    if args.cow and not args.workspace:
+        raise usage_error("create: --cow needs --workspace DIR")
+    if args.workspace:
+        spec["workspace_dir"] = os.path.abspath(args.workspace)
+        spec["workspace_cow"] = args.cow
+    if args.from_snapshot:
+        spec["snapshot"] = args.from_snapshot
+    return spec
 
 
 @daemon_verb

@@ -2,8 +2,9 @@
 one place a spec's backend is chosen (``new_sandbox``).
 
 A backend's sandbox is made unstarted (``new_sandbox``), started once, used (``exec``,
-``signal``, ``pids``, ``stats``, ``collect_exits`` when ``status_fd`` is readable), and
-destroyed (idempotent).
+``signal``, ``pids``, ``stats``, ``collect_exits`` when ``status_fd`` is readable), perhaps
+paused and resumed (frozen in place: no CPU, nothing runs, nothing starts), and destroyed
+(idempotent).
 Its state moves only along ``TRANSITIONS``. Callers never look inside a backend: what the
 daemon records of one (``policy_digest()``) is part of the contract.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from .. import workspace_fs
-from ..errors import InvalidTransition
+from ..errors import FailedPrecondition, InvalidTransition
 from ..exit_status import shell_status
 from ..spec import SandboxSpec
 
@@ -33,7 +34,8 @@ DEVNULL = -3
 TRANSITIONS: dict[str, frozenset[str]] = {
     "new": frozenset({"starting", "destroyed"}),
     "starting": frozenset({"running", "destroying", "destroyed"}),
-    "running": frozenset({"destroying"}),
+    "running": frozenset({"paused", "destroying"}),
+    "paused": frozenset({"running", "destroying"}),
     "destroying": frozenset({"destroyed"}),
     "destroyed": frozenset(),
 }
@@ -70,6 +72,9 @@ def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
     fields = {k: v for k, v in spec.__dict__.items() if k not in ("workspace", "labels")}
     if not spec.image:  # digests of sandboxes on the host's /usr stay what they were
         del fields["image"]
+    for name in ("snapshot", "workspace_cow"):  # state sources: named only when used
+        if not fields.get(name, True):
+            del fields[name]
     fields["seccomp_digest"] = seccomp_digest
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -93,6 +98,8 @@ class SandboxLifecycle:
     #: Readable when commands ended: call collect_exits() (-1: none, e.g. not started).
     status_fd: int
     init_pid: int | None
+    #: time.monotonic() of the last pause (meaningful while state is "paused").
+    _paused_at: float = 0.0
 
     @classmethod
     def create(cls, spec=None, **kwargs) -> Self:
@@ -137,6 +144,60 @@ class SandboxLifecycle:
     def _cleanup(self) -> None:
         raise NotImplementedError
 
+    def pause(self) -> bool:
+        """Freeze every process of the sandbox in place: running -> paused.
+
+        Returns False when it was already paused (nothing done).
+
+        Raises:
+            InvalidTransition: it is not running (new, destroying or destroyed).
+            UnsupportedHost: this sandbox cannot be frozen (rootless, with no cgroup).
+            SandboxSetupError: the freeze failed or timed out (the sandbox is thawed and
+                stays running).
+        """
+        with self._lock:
+            if self.state == "paused":
+                return False
+            if "paused" not in TRANSITIONS[self.state]:
+                raise InvalidTransition(self.state, "paused")
+            self._freeze()
+            self._paused_at = time.monotonic()
+            self._move("paused")
+        return True
+
+    def resume(self) -> float:
+        """Thaw a paused sandbox: paused -> running. Its commands' wall-clock limits are
+        moved on by the time spent paused (a pause never times a command out).
+
+        Returns the seconds it was paused (0.0 when it was running already).
+
+        Raises:
+            InvalidTransition: it is neither paused nor running.
+            SandboxSetupError: the thaw failed (the sandbox stays paused).
+        """
+        with self._lock:
+            if self.state == "running":
+                return 0.0
+            if self.state != "paused":
+                raise InvalidTransition(self.state, "running")
+            self._thaw()
+            paused_for = time.monotonic() - self._paused_at
+            self._move("running")
+        for process in self._running_processes():
+            if process.deadline is not None:
+                process.deadline += paused_for
+        return paused_for
+
+    def _freeze(self) -> None:
+        raise NotImplementedError
+
+    def _thaw(self) -> None:
+        raise NotImplementedError
+
+    def _running_processes(self) -> list:
+        """The commands still running (their deadlines move on at resume)."""
+        raise NotImplementedError
+
     def _setup_workspace(self) -> None:
         """The spec's workspace, or a capped tmpfs made for this sandbox (nosuid, nodev,
         under a 0700 parent), owned by its root inside (uid_base outside): see
@@ -151,6 +212,17 @@ class SandboxLifecycle:
         """The last step of _cleanup (which a failed start and a destroy may both run)."""
         if self.state != "destroyed":
             self._move("destroyed")
+
+    def snapshot(self, store, *, name: str = "", tenant: str = "",
+                 max_bytes: int | None = None):
+        """Capture the sandbox's writable filesystem state into a SnapshotStore
+        (sandbox/state); returns the SnapshotRecord. The native backend's does.
+
+        Raises:
+            FailedPrecondition: this backend keeps no snapshots.
+        """
+        raise FailedPrecondition(f"the {self.spec.backend} backend cannot snapshot a sandbox; "
+                                 f"use the native backend")
 
     def exec(self, argv: list[str], **options):
         """Start a command; returns its Process (the backend's)."""
@@ -184,7 +256,8 @@ class SandboxLifecycle:
 
 
 def new_sandbox(spec: SandboxSpec, *, runtime_dir: str | None = None, on_net_event=None,
-                docker_host: str | None = None) -> SandboxLifecycle:
+                docker_host: str | None = None, secrets=None,
+                tenant: str = "") -> SandboxLifecycle:
     """An unstarted sandbox on the backend the spec names (``spec.backend``).
 
     Args:
@@ -192,6 +265,9 @@ def new_sandbox(spec: SandboxSpec, *, runtime_dir: str | None = None, on_net_eve
         on_net_event: native only: called (on the proxy's thread) for each egress attempt.
         docker_host: docker only: the engine (default: $DOCKER_HOST, else the standard
             socket).
+        secrets: native only: the values of spec.secrets by name (never part of the spec).
+        tenant: native only: whose sandbox it is, recorded with a copy-on-write workspace's
+            change set (which outlives the sandbox).
     """
     if spec.backend == "docker":
         from .docker import DockerSandbox
@@ -199,7 +275,8 @@ def new_sandbox(spec: SandboxSpec, *, runtime_dir: str | None = None, on_net_eve
         return DockerSandbox(spec, docker_host=docker_host)
     from .native import Sandbox
 
-    return Sandbox(spec, runtime_dir=runtime_dir, on_net_event=on_net_event)
+    return Sandbox(spec, runtime_dir=runtime_dir, on_net_event=on_net_event, secrets=secrets,
+                   tenant=tenant)
 
 
 def open_sandbox(spec: SandboxSpec, *, docker_host: str | None = None) -> SandboxLifecycle:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from .. import cgroups, contain, fstree, ids, ptys, workspace_fs
-from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError
+from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError, UnsupportedHost
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
 from .base import DEVNULL, PIPE, CompletedRun, ExitReason, SandboxLifecycle
@@ -88,6 +88,15 @@ def _setup_error(exc: OSError, plan_ops=None, argv0: str | None = None,
         return SandboxSetupError(exc.step_name, path, exc.errno)
     return SandboxSetupError(exc.strerror or "spawn", getattr(exc, "filename", None),
                              exc.errno or errno_mod.EIO)
+
+
+def _secret_set(spec: SandboxSpec, values):
+    """The SecretSet of spec.secrets from their values, None when the spec binds none."""
+    if not spec.secrets:
+        return None
+    from ..secrets import SecretSet
+
+    return SecretSet(spec.secrets, values or {})
 
 
 class Process:
@@ -337,7 +346,22 @@ class Sandbox(SandboxLifecycle):
     _swept = False
 
     def __init__(self, spec: SandboxSpec | None = None, *, runtime_dir: str | None = None,
-                 name: str | None = None, on_net_event=None):
+                 name: str | None = None, on_net_event=None, secrets=None,
+                 snapshot_store=None, changes_root: str | None = None, tenant: str = ""):
+        """Args:
+            secrets: values of spec.secrets by name (str or bytes), kept in memory only:
+                the sandbox sees placeholders, the egress proxy puts values in
+                (sandbox/secrets.py). Names the spec does not bind are ignored.
+            snapshot_store: the SnapshotStore spec.snapshot is taken from (default: the
+                store at sandbox/state/snapshots.default_root()).
+            changes_root: where a copy-on-write workspace keeps its change set (default:
+                sandbox/state/changes.default_root()).
+            tenant: whose sandbox it is, recorded with its change set (the daemon's check
+                when the change set outlives the sandbox).
+
+        Raises:
+            InvalidSpec: a secret the spec binds has no value (field "secrets").
+        """
         self.spec = spec or SandboxSpec()
         self.id = name or "sbx-" + os.urandom(6).hex()
         cgroups.check_name(self.id)
@@ -356,6 +380,7 @@ class Sandbox(SandboxLifecycle):
         self._status_buf = b""
         self._status_lock = threading.Lock()
         self._processes: dict[int, Process] = {}  # ns pid -> running command
+        self._frozen = False  # paused: its cgroup frozen (pause/resume)
         # exits reported before their Process existed: ns pid -> (report number, status)
         self._unclaimed: dict[int, tuple[int, int]] = {}
         self._reports = 0  # exit reports read so far
@@ -363,6 +388,7 @@ class Sandbox(SandboxLifecycle):
         #: who hears of every connection attempt (a dict per attempt, proxy thread).
         self.egress = None
         self.on_net_event = on_net_event
+        self.secrets = _secret_set(self.spec, secrets)
         #: This sandbox's host ids, taken from Corral's pool at start (released at destroy).
         self._ids: ids.IdRange | None = None
         #: How ids map, in words (`corral inspect`, `corral doctor`).
@@ -373,6 +399,18 @@ class Sandbox(SandboxLifecycle):
         self._rootless: ids.Rootless | None = None
         #: The image's layers, held in the store while this sandbox runs (spec.image).
         self._image = None
+        #: The snapshot this sandbox starts from (spec.snapshot), held while it runs.
+        self._snapshot = None
+        self._snapshot_store = snapshot_store
+        #: The tmpfs descriptors holding the root's and the workspace's upper layers (a
+        #: snapshot copies them), -1 when there is none.
+        self._root_upper_fd = -1
+        self._workspace_upper_fd = -1
+        self._setup_files: frozenset[str] = frozenset()
+        #: The change set of a copy-on-write workspace (spec.workspace_cow).
+        self.changes = None
+        self._changes_root = changes_root
+        self._tenant = tenant
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -395,12 +433,16 @@ class Sandbox(SandboxLifecycle):
         opened: list[int] = []
         try:
             id_maps = self._resolve_ids(privileged)
+            if self.spec.snapshot:
+                self._hold_snapshot(privileged)
             layout = _cgroup_layout()
             missing = cgroups.delegation_problem(layout)
             if missing is not None:
                 self.notes.append(cgroups.NO_DELEGATION)
             self._prepared = contain.prepare(self.spec, cgroup=missing is None)
             root = self._make_runtime_dir(privileged)
+            if self.secrets is not None:
+                self._prepared = self._with_secret_trust(self._prepared)
             self._setup_workspace()
             if self.spec.image:
                 self._hold_image(privileged)
@@ -470,6 +512,11 @@ class Sandbox(SandboxLifecycle):
             cgroup_fds=cgroup_fds, status_fd=status_w, detached=detached,
             image_root=image_fd,
         )
+        # what the setup makes in the root (bind-mount points, generated files), which a
+        # snapshot of the root's upper layer leaves out: a fork's setup makes them again
+        self._setup_files = frozenset(
+            op.target[len(root) + 1:] for op in ops
+            if op.kind in ("touch", "file", "symlink") and op.target.startswith(root + "/"))
         try:
             with WRITE_CLONE.hold(CLONING):
                 self.init_pid, self._init_pidfd = _spawn.spawn_init(
@@ -486,7 +533,7 @@ class Sandbox(SandboxLifecycle):
 
         try:
             self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
-                                          self.on_net_event)
+                                          self.on_net_event, secrets=self.secrets)
         except SandboxSetupError as exc:
             if privileged or exc.errno != errno_mod.EPERM:
                 raise
@@ -494,6 +541,28 @@ class Sandbox(SandboxLifecycle):
                 "--allow-net needs root: the egress link is a veth pair into a "
                 "network namespace Corral owns on the host, which an unprivileged "
                 "user cannot make; run without --allow-net, or as root")) from None
+
+    def _with_secret_trust(self, prepared: contain.Prepared) -> contain.Prepared:
+        """prepared with the sandbox's trust directory (the host's /etc/ssl/certs plus its
+        CA, written in the runtime directory) bound read-only over /etc/ssl/certs.
+
+        The bind is added past the spec's checks (/etc is Corral's to build): the spec a
+        caller sees and inspects is unchanged.
+        """
+        import copy
+        import dataclasses
+
+        from .. import secrets as secrets_mod
+        from ..spec import BindMount
+
+        trust = os.path.join(self.runtime_dir, "trust")
+        # the links' template sits above the sandboxes' directories, out of sweep()'s way
+        secrets_mod.write_trust_dir(trust, self.secrets.ca.cert_pem, links_parent=(
+            os.path.dirname(os.path.dirname(self.runtime_dir))))
+        spec = copy.copy(prepared.spec)
+        object.__setattr__(spec, "binds", (*spec.binds, BindMount(
+            trust, secrets_mod.TRUST_DIR, False)))
+        return dataclasses.replace(prepared, spec=spec)
 
     def _hold_image(self, privileged: bool) -> None:
         """Hold spec.image's layers in the store (released in _cleanup, on every path)."""
@@ -524,27 +593,175 @@ class Sandbox(SandboxLifecycle):
             os.close(root_fd)
 
     def _image_root(self) -> int:
-        """The detached overlay root of spec.image (sandbox/images/overlay.py)."""
-        from corral.ext import _spawn
-
+        """The detached overlay root of spec.image (sandbox/images/overlay.py), over the
+        snapshot's root layers when it starts from one; its upper's tmpfs is kept."""
         from .. import mounts
         from ..images import overlay
 
         line = f"0 {self.spec.uid_base} {self.spec.uid_count}\n".encode()
-        try:
-            userns = _spawn.userns_with_maps(line, line)
-        except OSError as exc:
-            raise SandboxSetupError("idmap user namespace", exc.filename, exc.errno) from None
+        userns = _userns(line, line)
         try:
             etc = {name: content for name, content in mounts.etc_files(self.spec).items()
                    if name in mounts.IMAGE_ETC_FILES}
-            return overlay.image_root(self._image.rootfs.layers, self.spec.tmp_bytes,
-                                      userns, self.spec.uid_base, etc)
+            above = self._snapshot.root_layers if self._snapshot is not None else ()
+            merged, self._root_upper_fd = overlay.image_root(
+                self._image.rootfs.layers, self.spec.tmp_bytes, userns, self.spec.uid_base,
+                etc, above)
+            return merged
         except OSError as exc:
             raise SandboxSetupError(getattr(exc, "step", "image overlay"), self.spec.image,
                                     exc.errno, getattr(exc, "detail", "")) from None
         finally:
             os.close(userns)
+
+    # -- filesystem state: snapshots, forks, copy-on-write workspaces (sandbox/state) -------
+
+    def _hold_snapshot(self, privileged: bool) -> None:
+        """Hold spec.snapshot (released in _cleanup); its image becomes the spec's.
+
+        Raises:
+            InvalidSpec: not root, or spec.image names another image than the snapshot's.
+            SnapshotNotFound: no such snapshot in the store.
+        """
+        import dataclasses
+
+        from ..state.snapshots import SnapshotStore
+
+        if not privileged:
+            raise InvalidSpec("snapshot", "starting from a snapshot needs root for now (its "
+                                          "layers are idmapped into the sandbox's id range)")
+        store = self._snapshot_store or SnapshotStore()
+        self._snapshot = store.hold(self.spec.snapshot, self.id)
+        image = self._snapshot.record.image
+        if self.spec.image and self.spec.image != image:
+            raise InvalidSpec("image", f"snapshot {self.spec.snapshot} is on image "
+                                       f"{image or '(none: the host /usr)'!r}, not "
+                                       f"{self.spec.image!r}")
+        if image != self.spec.image:
+            self.spec = dataclasses.replace(self.spec, image=image)
+
+    def _setup_workspace(self) -> None:
+        """/workspace: a snapshot's workspace layers under an upper layer of this
+        sandbox's own, a copy-on-write overlay of the host directory, or as before (the
+        spec's directory, or a capped tmpfs)."""
+        if self._snapshot is not None:
+            self._layered_workspace()
+        elif self.spec.workspace_cow:
+            self._cow_workspace()
+        else:
+            super()._setup_workspace()
+
+    def _layered_workspace(self) -> None:
+        """The snapshot's workspace layers (idmapped: 0 = this sandbox's root) under an
+        upper layer on a capped tmpfs, attached as a Corral workspace: no copy."""
+        from ..images import overlay
+
+        line = f"0 {self.spec.uid_base} {self.spec.uid_count}\n".encode()
+        userns = _userns(line, line)
+        try:
+            merged, self._workspace_upper_fd = overlay.layered_dir(
+                self._snapshot.workspace_layers, userns, workspace_fs.max_bytes(),
+                workspace_fs.max_inodes(), self.spec.uid_base, "corral-snapshot")
+        except OSError as exc:
+            raise SandboxSetupError(getattr(exc, "step", "workspace overlay"),
+                                    self.spec.snapshot, exc.errno,
+                                    getattr(exc, "detail", "")) from None
+        finally:
+            os.close(userns)
+        self._attach_workspace(merged)
+
+    def _attach_workspace(self, merged: int) -> None:
+        """Attach a detached workspace overlay at its place (workspace_fs.create_mounted):
+        a workspace of this sandbox's own, removed at destroy and by sweeps."""
+        try:
+            self.workspace = workspace_fs.create_mounted(self.id, merged)
+        finally:
+            os.close(merged)
+        self._own_workspace = True
+
+    def _cow_workspace(self) -> None:
+        """The host directory (idmapped: its owner = root inside) as the lower layer of an
+        overlay whose upper is this sandbox's change set, on disk, capped."""
+        from ..images import overlay
+        from ..state.changes import ChangeSet, default_root
+
+        host = self.spec.workspace
+        if os.geteuid() != 0:
+            raise InvalidSpec("workspace_cow", "a copy-on-write workspace needs root for now")
+        self.changes = ChangeSet.create(self._changes_root or default_root(), self.id, host,
+                                        upper_uid=self.spec.uid_base,
+                                        size_bytes=workspace_fs.max_bytes(),
+                                        inodes=workspace_fs.max_inodes(), tenant=self._tenant)
+        self.changes.mount()
+        owner_uid, owner_gid = self.changes.owner
+        userns = _userns(f"{owner_uid} {self.spec.uid_base} 1\n".encode(),
+                         f"{owner_gid} {self.spec.uid_base} 1\n".encode())
+        fds: list[int] = []
+        try:
+            lowers = overlay.idmapped_lowers([host], userns, fds)
+            merged = overlay.overlay(lowers, self.changes.upper, self.changes.work,
+                                     "corral-cow")
+        except OSError as exc:
+            raise SandboxSetupError(getattr(exc, "step", "copy-on-write overlay"), host,
+                                    exc.errno, getattr(exc, "detail", "")) from None
+        finally:
+            os.close(userns)
+            for fd in fds:
+                os.close(fd)
+        self._attach_workspace(merged)
+
+    def snapshot(self, store, *, name: str = "", tenant: str = "",
+                 max_bytes: int | None = None):
+        """Capture this sandbox's root changes (on an image) and /workspace into store
+        (sandbox/state/capture.py): frozen for the copy, running again after it (a paused
+        sandbox stays paused). Returns the SnapshotRecord.
+
+        Raises:
+            CorralError: the sandbox is not running or paused.
+            FailedPrecondition: it has no cgroup to freeze.
+            ResourceExhausted: the state holds more than max_bytes.
+        """
+        from ..state.capture import StateSources, capture
+        from ..state.layers import IdShift
+
+        # under the lifecycle lock: no pause, resume or destroy while it is frozen and
+        # copied (a destroy closes the upper layers' descriptors read here)
+        with self._lock:
+            if self.state not in ("running", "paused"):
+                raise CorralError(f"sandbox {self.id} is {self.state}; cannot snapshot it")
+            extra = ()
+            if not self._own_workspace:  # the caller's directory: its owner is root inside
+                st = os.stat(self.workspace)
+                extra = ((st.st_uid, 0),)
+            uppers = (self._root_upper_fd, self._workspace_upper_fd)
+            sources = StateSources(
+                sandbox_id=self.id, cgroup=self._cgroup, frozen_already=self._frozen,
+                workspace=(f"/proc/self/fd/{uppers[1]}/upper" if uppers[1] >= 0
+                           else self.workspace),
+                root_upper=f"/proc/self/fd/{uppers[0]}/upper" if uppers[0] >= 0 else None,
+                root_skip=self._setup_files,
+                ids=IdShift(self.spec.uid_base, self.spec.uid_count, extra),
+                parent=self.spec.snapshot, image=self.spec.image)
+            return capture(store, sources, name=name, tenant=tenant, max_bytes=max_bytes)
+
+    def _release_state(self) -> None:
+        """Close the upper layers' descriptors, release the snapshot, and unmount the
+        change set (kept for diff/apply; dropped when the start failed: nothing ran)."""
+        with self._lock:  # snapshot() reads them under it
+            for attr in ("_root_upper_fd", "_workspace_upper_fd"):
+                fd = getattr(self, attr)
+                if fd >= 0:
+                    os.close(fd)
+                    setattr(self, attr, -1)
+        if self._snapshot is not None:
+            self._snapshot.close()
+            self._snapshot = None
+        if self.changes is not None:
+            if self.init_pid is None:  # the start failed before anything ran
+                self.changes.discard()
+                self.changes = None
+            else:
+                self.changes.unmount()
 
     def _resolve_ids(self, privileged: bool):
         """Fix this sandbox's host ids in its spec; returns (uid_map, gid_map, helpers).
@@ -681,6 +898,13 @@ class Sandbox(SandboxLifecycle):
 
     def _cleanup(self) -> None:
         """Kill every process of the sandbox and remove everything it used."""
+        if self._frozen:
+            # a paused sandbox: SIGKILL every process while frozen, then thaw (what
+            # Cgroup.kill does), so none runs another instruction; PID 1 frozen would
+            # never die of the SIGKILL below, nor be reaped
+            with contextlib.suppress(SandboxSetupError):
+                self._cgroup.kill()
+            self._frozen = False
         # SIGKILL to PID 1 makes the kernel kill every process of the PID namespace (PID 1
         # reaps them), and PID 1's exit completes only after they are all gone: once it is
         # reaped, the cgroup normally holds nothing and its kill below is a cheap check.
@@ -718,6 +942,7 @@ class Sandbox(SandboxLifecycle):
         if self._image is not None:  # after PID 1 (and with it the overlay) is gone
             self._image.close()
             self._image = None
+        self._release_state()
         if self._ids is not None:  # nothing of the sandbox is left to own these ids
             self._ids.release()
         self._settle_destroyed()
@@ -866,6 +1091,8 @@ class Sandbox(SandboxLifecycle):
     def _command_environment(self, env: dict[str, str] | None) -> list[str]:
         """The spec's environment with the command's own variables over it."""
         environment = self.spec.environment()
+        if self.secrets is not None:  # placeholders and the CA's trust, never values
+            environment += [f"{k}={v}" for k, v in self.secrets.environment().items()]
         if env:
             for key, value in env.items():
                 environment = [e for e in environment if not e.startswith(key + "=")]
@@ -996,6 +1223,29 @@ class Sandbox(SandboxLifecycle):
     def stats(self) -> dict:
         return self._cgroup.stats() if self._cgroup is not None else {}
 
+    def _freeze(self) -> None:
+        """The cgroup freezer (v1 freezer.state, v2 cgroup.freeze); thawed again when the
+        kernel does not report it frozen in time, so a failed pause leaves it running."""
+        if self._cgroup is None:
+            raise UnsupportedHost(
+                "pause needs the sandbox's own cgroup (its freezer), and this sandbox has "
+                "none: an unprivileged caller on a host with no delegated cgroup v2 subtree")
+        try:
+            self._cgroup.freeze()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._cgroup.thaw()
+            raise
+        self._frozen = True
+
+    def _thaw(self) -> None:
+        self._cgroup.thaw()
+        self._frozen = False
+
+    def _running_processes(self) -> list[Process]:
+        with self._status_lock:
+            return list(self._processes.values())
+
     def _oom_kills(self) -> int:
         if self._cgroup is None:
             return 0
@@ -1032,6 +1282,20 @@ def _membership(pid: int, what: str) -> bytes:
         return f.read()
 
 
+def _userns(uid_map: bytes, gid_map: bytes) -> int:
+    """A user namespace with these maps, for an idmapped mount; its descriptor.
+
+    Raises:
+        SandboxSetupError: it could not be made.
+    """
+    from corral.ext import _spawn
+
+    try:
+        return _spawn.userns_with_maps(uid_map, gid_map)
+    except OSError as exc:
+        raise SandboxSetupError("idmap user namespace", exc.filename, exc.errno) from None
+
+
 def _remove_tree(path: str) -> None:
     """Remove a directory we created; the common cases (empty, or our own state file) fast."""
     for name in ("state.json", "root"):
@@ -1062,6 +1326,14 @@ def _start_time(pid: int | None) -> int | None:
     except OSError:
         return None
     return int(data.rsplit(")", 1)[1].split()[19])
+
+
+def _thaw_abandoned(name: str) -> None:
+    """Thaw the cgroup of a sandbox whose creator died while it was frozen (a pause, a
+    snapshot's capture): PID 1's PR_SET_PDEATHSIG SIGKILL waits for the thaw, and a frozen
+    sandbox would otherwise outlive its creator for good. The next sweep removes it."""
+    with contextlib.suppress(CorralError, OSError):
+        cgroups.Cgroup.open(_cgroup_layout(), name).thaw()
 
 
 def sweep_for_this_process() -> list[str]:
@@ -1097,6 +1369,8 @@ def sweep(base: str | None = None) -> list[str]:
             creator_alive = os.path.exists(f"/proc/{state.get('creator')}")
             init_alive = state.get("init_pid") and _start_time(state["init_pid"]) == state.get(
                 "init_start")
+            if init_alive and not creator_alive:
+                _thaw_abandoned(name)
             if creator_alive or init_alive:
                 continue
         else:

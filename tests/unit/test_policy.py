@@ -146,3 +146,41 @@ def test_request_rate_is_a_token_bucket(monkeypatch):
     for _ in range(1000):  # operators have no rate
         book.charge(local)
     book.charge(Caller("bob", "x"))  # every tenant has its own bucket
+
+
+def test_host_dirs_grant_a_directory_and_what_is_below_it(tmp_path):
+    granted = tmp_path / "projects"
+    (granted / "app").mkdir(parents=True)
+    (tmp_path / "projects-evil").mkdir()
+    book = PolicyBook.from_config({}, {"acme": {"host_dirs": [str(granted)]}}, 60.0)
+    acme = book.of(Caller("acme", "x"))
+    assert acme.host_dirs == (str(granted),)
+    acme.check_sandbox(SandboxSpec(workspace=str(granted)))
+    acme.check_sandbox(SandboxSpec(workspace=str(granted / "app")))
+    # a sibling sharing the prefix as text is not below it
+    with pytest.raises(PolicyDenied, match=r"^spec\.workspace_dir: .*projects-evil.* is not "
+                                           r"under a host directory this tenant may use"):
+        acme.check_sandbox(SandboxSpec(workspace=str(tmp_path / "projects-evil")))
+    # the default grants none; operators any
+    with pytest.raises(PolicyDenied, match=r"\(host_dirs: none\)$"):
+        book.of(Caller("other", "x")).check_sandbox(SandboxSpec(workspace=str(granted)))
+    book.of(Caller("local", "x", operator=True)).check_sandbox(
+        SandboxSpec(workspace=str(tmp_path)))
+    with pytest.raises(InvalidSpec, match=r"^tenants\.acme\.host_dirs: must be a list of "
+                                          r"absolute paths"):
+        PolicyBook.from_config({}, {"acme": {"host_dirs": ["relative/dir"]}}, 60.0)
+
+
+def test_snapshot_quotas_and_their_widenings():
+    from corral.runtime.policy_files import tenant_widenings
+
+    book = PolicyBook.from_config({"max_snapshots": 2, "max_snapshot_size": "1G"}, {}, 60.0)
+    policy = book.of(Caller("other", "x"))
+    assert (policy.max_snapshots, policy.max_snapshot_bytes) == (2, 1 << 30)
+    assert PolicyBook.from_config({}, {}, 60.0).default.max_snapshots == 32
+    wider = PolicyBook.from_config({"max_snapshots": 5, "host_dirs": ["/srv/a"]}, {}, 60.0)
+    assert tenant_widenings("t", policy, wider.default) == [
+        "t may now show host directory /srv/a at /workspace",
+        "t may now hold max_snapshots = 5 (was 2)",
+        "t may now hold max_snapshot_size = 8G (was 1G)",
+    ]

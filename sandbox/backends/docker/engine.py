@@ -12,6 +12,9 @@ from ...errors import Unavailable, UnsupportedHost
 
 API_VERSION = "1.41"
 
+#: The first API version whose exec start takes ConsoleSize (a tty's window from its start).
+CONSOLE_SIZE_API_VERSION = "1.42"
+
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
@@ -65,6 +68,23 @@ def client(url: str | None = None):
     with _clients_lock:
         _clients.setdefault(url, api)
         return _clients[url]
+
+
+_console_size: dict[str, bool] = {}
+
+
+def sizes_consoles(api) -> bool:
+    """Whether the engine behind api sets a tty exec's window at start (API >= 1.42,
+    Docker 23); asked once per engine. Older engines start the pty at 0x0."""
+    url = api.base_url
+    if url not in _console_size:
+        try:
+            version = str(api.version(api_version=False).get("ApiVersion", "0.0"))
+            major, minor = (int(x) for x in version.split(".")[:2])
+        except Exception:  # an engine that does not say is taken to be an old one
+            major, minor = 0, 0
+        _console_size[url] = (major, minor) >= (1, 42)
+    return _console_size[url]
 
 
 def _reason(exc: BaseException) -> str:

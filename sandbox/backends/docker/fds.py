@@ -37,7 +37,7 @@ def _frame_payloads(raw: bytes) -> bytes:
 
 
 def _wrapper_state(pid: int) -> str:
-    """"wrapper" while pid still runs _PassedFds' shell, "exec'd" once it runs the command,
+    """"wrapper" while pid still runs wrap()'s shell, "exec'd" once it runs the command,
     "gone" when it has exited (read from /proc: the engine is local)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -49,6 +49,56 @@ def _wrapper_state(pid: int) -> str:
     if parts[:2] == [b"/bin/sh", b"-c"] and parts[3:4] == [b"corral-exec"]:
         return "wrapper"
     return "exec'd"
+
+
+def wrap(argv: list[str], steps: list[str]) -> list[str]:
+    """argv started through a shell that runs steps first, then execs argv (same pid);
+    _wrapper_state tells the two apart by the "corral-exec" name."""
+    return ["/bin/sh", "-c", "; ".join([*steps, 'exec "$@"']), "corral-exec", *argv]
+
+
+def _host_fifo(sandbox: DockerSandbox, name: str) -> tuple[str, int]:
+    """A FIFO in the sandbox's fds directory, owned by the sandbox's uid, held open
+    read-write here (so no open of it, on either side, ever blocks): (path, fd)."""
+    path = os.path.join(sandbox._fds_dir, name)
+    os.mkfifo(path, 0o600)
+    try:
+        if os.geteuid() == 0:
+            os.chown(path, sandbox.spec.uid_base, sandbox.spec.uid_base)
+        return path, os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+class _StartGate:
+    """Holds a tty command back until its window is set, on engines that cannot size an
+    exec's terminal at its start (API < 1.42: the pty starts at 0x0, and a program that
+    asks at once, `stty size`, would see that).
+
+    The wrapper's first step reads one line from a FIFO of the fds directory; the host
+    writes it after the exec resize. Closing the gate without opening it (the start
+    failed) gives the read its end of file, so the command never waits for nothing.
+    """
+
+    def __init__(self, sandbox: DockerSandbox):
+        self.name = f"{os.urandom(4).hex()}-gate"
+        self.path, self._fd = _host_fifo(sandbox, self.name)
+
+    def step(self) -> str:
+        return f"read -r _ < {FDS_INSIDE}/{self.name}"
+
+    def open(self) -> None:
+        """Let the command start (its window is set)."""
+        if self._fd >= 0:
+            os.write(self._fd, b"go\n")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 class _PassedFds:
@@ -81,11 +131,7 @@ class _PassedFds:
                     raise InvalidSpec("pass_fds", f"descriptor {inside}: pass one end of a "
                                                   "pipe (read or write), not a read-write one")
                 name = f"{tag}-{inside}"
-                path = os.path.join(sandbox._fds_dir, name)
-                os.mkfifo(path, 0o600)
-                if os.geteuid() == 0:
-                    os.chown(path, sandbox.spec.uid_base, sandbox.spec.uid_base)
-                fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                path, fifo = _host_fifo(sandbox, name)
                 direction = "out" if access == os.O_WRONLY else "in"
                 self.links.append((direction, fifo, os.dup(here), path))
                 arrow = ">" if direction == "out" else "<"
@@ -94,9 +140,9 @@ class _PassedFds:
             self.close()
             raise
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        return ["/bin/sh", "-c", f"exec {' '.join(self.redirections)}; exec \"$@\"",
-                "corral-exec", *argv]
+    def step(self) -> str:
+        """The wrapper's line that opens the FIFOs as the command's descriptors."""
+        return f"exec {' '.join(self.redirections)}"
 
     def start(self) -> None:
         self._running = len(self.links)

@@ -1,10 +1,12 @@
 """A command running in a container (an exec): its multiplexed output stream, stdin,
-exit code and why it ended; relayed onto descriptors when the caller gives some.
+exit code and why it ended; relayed onto descriptors when the caller gives some; or, run
+with a tty, its raw terminal stream, window and exit watcher.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errno_mod
 import os
 import select as select_mod
 import selectors
@@ -15,8 +17,12 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ...errors import CorralError, InvalidSpec
 from ...exit_status import signal_of
+from ...ptys import check_window
 from ..base import ExitReason
+from ..native import PIDFD_SIGNAL_PROCESS_GROUP
+from .engine import _sdk
 from .fds import write_all
 
 if TYPE_CHECKING:  # (annotations only: the sandbox module imports this one)
@@ -62,18 +68,30 @@ class DockerProcess:
     Output arrives multiplexed on the exec's hijacked connection; ``pump()`` splits it
     into stdout and stderr as it comes. Exit codes come from the engine, which reports a
     command killed by signal N as 128+N: ``returncode`` turns that into -N, as native does.
+
+    Run with a tty (``has_tty``), the connection carries the terminal's bytes raw, both
+    ways, as a native pty master does: ``stdout`` and ``stdin`` are files over it (the
+    daemon and ``corral run -it`` read and write those), ``stderr`` is None,
+    ``resize()`` is the engine's exec resize, and a watcher thread records the exit
+    (on_exit, the sandbox's status_fd) without reading the output.
     """
 
     def __init__(self, sandbox: DockerSandbox, exec_id: str, sock: socket.socket,
                  leftover: bytes, argv: list[str], timeout_s: float | None, oom_before: int,
-                 want_stdin: bool, keep: tuple[bool, bool]):
+                 want_stdin: bool, keep: tuple[bool, bool], tty: bool = False):
         self.sandbox = sandbox
         self.exec_id = exec_id
         self.argv = tuple(argv)
         self._sock = sock
         self._buf = bytearray(leftover)
         self._eof = False
+        self.has_tty = tty
         self.stdin = _Stdin(sock) if want_stdin else None
+        self.stdout = self.stderr = None
+        if tty:  # two files of the connection, as native's are two of the pty master;
+            # never a half-close: the engine then stops sending a tty's output
+            self.stdin = os.fdopen(os.dup(sock.fileno()), "wb", buffering=0)
+            self.stdout = os.fdopen(os.dup(sock.fileno()), "rb", buffering=0)
         self._keep = keep
         self.started = time.monotonic()
         self.deadline = self.started + timeout_s if timeout_s else None
@@ -84,6 +102,7 @@ class DockerProcess:
         self._timed_out = False
         self._pid = 0
         self._pumping = False
+        self._finish_lock = threading.Lock()
         #: Called once when the command has ended (the descriptor relays stop then).
         self._on_finish: list = []
         if not want_stdin:
@@ -104,6 +123,30 @@ class DockerProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, sig)
 
+    def signal_group(self, sig: int) -> bool:
+        """Send sig to the command's process group (the engine starts every exec as a
+        session leader, as native commands are); True if sent. Through a pidfd of the
+        command, never by a number that may name another process by now; a kernel
+        without group pidfd signals (before 6.9) gets the command alone. A remote
+        engine's processes are out of reach: False."""
+        if self.returncode is not None or not self.pid or not self.sandbox.local:
+            return False
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return False
+        try:
+            signal_mod.pidfd_send_signal(pidfd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno_mod.EINVAL:
+                raise
+            signal_mod.pidfd_send_signal(pidfd, sig)
+        finally:
+            os.close(pidfd)
+        return True
+
     def kill(self) -> None:
         if self.returncode is not None:
             return
@@ -119,11 +162,73 @@ class DockerProcess:
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
+    # -- terminal -------------------------------------------------------------------------
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the window of the command's terminal (the engine's exec resize: TIOCSWINSZ
+        on its pty, so the foreground group inside gets SIGWINCH).
+
+        Raises:
+            InvalidSpec: the command has no tty, or rows/cols out of range.
+            CorralError: the command has ended, or the engine refused.
+        """
+        check_window(rows, cols)
+        if not self.has_tty:
+            raise InvalidSpec("tty", "the command was not started with a tty")
+        if self.returncode is not None:
+            raise CorralError(f"{self.argv[0]} has ended; its terminal is gone")
+        try:
+            self.sandbox.api.exec_resize(self.exec_id, height=rows, width=cols)
+        except _sdk().errors.APIError as exc:
+            raise CorralError(f"docker: resizing the terminal of {self.argv[0]}: "
+                              f"{exc.explanation or exc}") from None
+
+    @staticmethod
+    def _drain(fd: int, sink) -> bool:
+        """Read what a non-blocking terminal stream holds into sink (the loop of
+        `corral run -it`, as for a native pty master); False at its end."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 65536):
+                sink(chunk)
+            return False
+        return True
+
+    def watch_exit(self) -> None:
+        """Record the exit of a tty command on a thread of its own: whoever holds the
+        terminal reads its output, so no pump() will see the end (on_exit then runs and
+        the sandbox's status_fd wakes, as for a relayed command)."""
+        threading.Thread(target=self._watch, name=f"corral-docker-tty-{self.exec_id[:8]}",
+                         daemon=True).start()
+
+    def _watch(self) -> None:
+        try:
+            pidfd = -1
+            if self._pid and self.sandbox.local:  # sleep until it exits, not poll the engine
+                with contextlib.suppress(OSError):
+                    pidfd = os.pidfd_open(self._pid)
+            if pidfd >= 0:
+                try:
+                    while self.poll() is None and not select_mod.select(
+                            [pidfd], [], [], None if self._timed_out else self.remaining())[0]:
+                        self.expire()
+                finally:
+                    os.close(pidfd)
+            self.wait()
+        except Exception:  # the sandbox went away under us
+            self._finish(None)
+        finally:
+            self.sandbox._notify_exit()
+
     # -- output ---------------------------------------------------------------------------
 
     def _frames(self, on_stdout, on_stderr) -> None:
         """Hand every complete frame in the buffer to its sink."""
         buf = self._buf
+        if self.has_tty:  # a terminal's stream is raw: no frames
+            if buf and on_stdout is not None:
+                on_stdout(bytes(buf))
+            buf.clear()
+            return
         while len(buf) >= 8:
             kind, size = buf[0], struct.unpack_from(">I", buf, 4)[0]
             if len(buf) < 8 + size:
@@ -266,8 +371,8 @@ class DockerProcess:
         """Take what the connection holds, without blocking, so that output nobody reads
         cannot stall the command: frames of streams asked for stay buffered for a later
         pump(), the rest is dropped."""
-        if self._sock is None or self._eof or self._pumping:
-            return
+        if self._sock is None or self._eof or self._pumping or self.has_tty:
+            return  # (a tty's output is its reader's, as a pty master's is)
         with contextlib.suppress(OSError):
             self._sock.setblocking(False)
             while True:
@@ -287,6 +392,8 @@ class DockerProcess:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+        if self.has_tty and self.stdout is not None:
+            self.stdout.close()
 
     def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
         out, err = bytearray(), bytearray()
@@ -329,22 +436,10 @@ class DockerProcess:
         return self.returncode
 
     def _finish(self, code: int | None) -> None:
-        if self.returncode is not None:
-            return
-        if code is None:  # the sandbox went away first
-            self.returncode = -signal_mod.SIGKILL
-            self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.SIGNALED
-        elif (sig := signal_of(code)) is not None:
-            self.returncode = -sig
-            if self._timed_out:
-                self.reason = ExitReason.TIMEOUT
-            elif sig == signal_mod.SIGKILL and self.sandbox._oom_kills() > self._oom_before:
-                self.reason = ExitReason.OOM
-            else:
-                self.reason = ExitReason.SIGNALED
-        else:
-            self.returncode = code
-            self.reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.EXITED
+        with self._finish_lock:  # a tty's watcher and a pump may both see the end
+            if self.returncode is not None:
+                return
+            self._record_exit(code)
         if self._eof or not any(self._keep):
             self._close()  # else output may still be on its way: pump() reads it, then closes
         for hook in self._on_finish:
@@ -352,3 +447,23 @@ class DockerProcess:
                 hook()
         if self.on_exit is not None:
             self.on_exit(self)
+
+    def _record_exit(self, code: int | None) -> None:
+        """returncode and reason from the engine's exit code (None: the sandbox is gone);
+        the reason is set first, so whoever sees a returncode sees its reason too."""
+        if code is None:  # the sandbox went away first
+            returncode = -signal_mod.SIGKILL
+            reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.SIGNALED
+        elif (sig := signal_of(code)) is not None:
+            returncode = -sig
+            if self._timed_out:
+                reason = ExitReason.TIMEOUT
+            elif sig == signal_mod.SIGKILL and self.sandbox._oom_kills() > self._oom_before:
+                reason = ExitReason.OOM
+            else:
+                reason = ExitReason.SIGNALED
+        else:
+            returncode = code
+            reason = ExitReason.TIMEOUT if self._timed_out else ExitReason.EXITED
+        self.reason = reason
+        self.returncode = returncode

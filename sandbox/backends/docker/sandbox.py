@@ -20,11 +20,21 @@ from urllib.parse import quote
 
 from ... import seccomp, workspace_fs
 from ...errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError, UnsupportedHost
+from ...ptys import check_window
 from ...spec import SandboxSpec
 from ..base import PIPE, SandboxLifecycle
 from .config import container_config
-from .engine import API_VERSION, REQUEST_TIMEOUT_S, _is_local, _sdk, client, engine_url
-from .fds import _frame_payloads, _PassedFds, _wrapper_state
+from .engine import (
+    API_VERSION,
+    CONSOLE_SIZE_API_VERSION,
+    REQUEST_TIMEOUT_S,
+    _is_local,
+    _sdk,
+    client,
+    engine_url,
+    sizes_consoles,
+)
+from .fds import _frame_payloads, _PassedFds, _StartGate, _wrapper_state, wrap
 from .image import base_image
 from .process import DockerProcess, _is_fd
 from .sweep import sweep
@@ -145,6 +155,23 @@ class DockerSandbox(SandboxLifecycle):
             self.status_fd = self._status_w = -1
         self._settle_destroyed()
 
+    def _freeze(self) -> None:
+        """The engine's pause (its cgroup freezer)."""
+        self._engine_call("pause", self.api.pause)
+
+    def _thaw(self) -> None:
+        self._engine_call("unpause", self.api.unpause)
+
+    def _engine_call(self, what: str, call) -> None:
+        try:
+            call(self.container_id)
+        except Exception as exc:  # the SDK raises requests/urllib3/API errors alike
+            message = getattr(exc, "explanation", None) or str(exc)
+            raise CorralError(f"docker: {what} of sandbox {self.id}: {message}") from None
+
+    def _running_processes(self) -> list:
+        return [proc for proc in list(self._procs) if proc.returncode is None]
+
     # -- commands -------------------------------------------------------------------------
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
@@ -160,18 +187,19 @@ class DockerSandbox(SandboxLifecycle):
                 not cross to an engine: a relay thread copies between them and the exec's
                 connection (stdout and stderr must then both be descriptors or DEVNULL).
             timeout_s: wall-clock limit, defaults to the spec's.
-            tty: refused (InvalidSpec): this backend has no terminals yet.
+            tty: (rows, cols): run the command on a terminal of the engine's (a Tty exec:
+                its stdin, stdout, stderr and controlling terminal; stdin/stdout/stderr
+                are ignored). Process.stdin and .stdout are the raw stream, .stderr is
+                None, and Process.resize() changes the window.
 
         Raises:
             CommandNotFound: argv[0] does not exist or cannot be executed in the sandbox.
             CorralError: the engine refused the exec.
-            InvalidSpec: tty was asked for.
+            InvalidSpec: rows or cols out of range (1..10,000).
         """
         if tty is not None:
-            # The engine's own Tty exec (and exec resize) is not wired up: refused rather
-            # than run without the terminal the caller asked for.
-            raise InvalidSpec("tty", "the docker backend does not give commands a terminal "
-                                     "(yet); use the native backend for a tty")
+            check_window(*tty)
+            stdin, stdout, stderr = PIPE, PIPE, None  # the terminal is all three
         if self.state != "running":
             raise CorralError(f"sandbox {self.id} is {self.state}; cannot exec")
         if not argv:
@@ -180,47 +208,63 @@ class DockerSandbox(SandboxLifecycle):
         if relay and PIPE in (stdout, stderr):
             raise InvalidSpec("stdout", "give descriptors (or DEVNULL) for both outputs, or "
                                         "PIPE for both")
-        docker = _sdk()
         environment = self.spec.environment()
         for key, value in (env or {}).items():
             environment = [e for e in environment if not e.startswith(key + "=")]
             environment.append(f"{key}={value}")
-        passed = _PassedFds(self, pass_fds) if pass_fds else None
-        command = passed.wrap(list(argv)) if passed else list(argv)
+        passed = gate = None
         try:
-            exec_id = self.api.exec_create(
-                self.container_id, command, stdout=True, stderr=True,
-                stdin=stdin == PIPE or _is_fd(stdin),
-                user=f"{self.spec.uid_base}:{self.spec.uid_base}",
-                environment=environment, workdir=cwd)["Id"]
-        except docker.errors.APIError as exc:
-            if passed:
-                passed.close()
-            raise CorralError(f"docker: exec in {self.id}: {exc.explanation or exc}") from None
+            passed = _PassedFds(self, pass_fds) if pass_fds else None
+            # an engine that cannot size the terminal at start: the command waits for it
+            gate = _StartGate(self) if tty and not sizes_consoles(self.api) else None
+            steps = [held.step() for held in (gate, passed) if held is not None]
+            exec_id = self._create_exec(wrap(list(argv), steps) if steps else list(argv),
+                                        environment, cwd, stdin == PIPE or _is_fd(stdin),
+                                        tty is not None)
+            oom_before = self._oom_kills()
+            sock, leftover = self._start_exec(exec_id, tty, console=gate is None)
         except BaseException:
-            if passed:
-                passed.close()
-            raise
-        oom_before = self._oom_kills()
-        try:
-            sock, leftover = self._start_exec(exec_id)
-        except BaseException:
-            if passed:
-                passed.close()
+            for held in (passed, gate):
+                if held is not None:
+                    held.close()
             raise
         keep = (stdout == PIPE or _is_fd(stdout), stderr == PIPE or _is_fd(stderr))
         self._procs.add(proc := DockerProcess(self, exec_id, sock, leftover, list(argv),
                              timeout_s if timeout_s is not None else self.spec.timeout_s,
-                             oom_before, stdin == PIPE or _is_fd(stdin), keep))
+                             oom_before, stdin == PIPE or _is_fd(stdin), keep,
+                             tty=tty is not None))
         if passed:
             proc._on_finish.append(passed.stop)
             passed.start()
-        self._check_started(proc, cwd, wrapped=passed is not None)
-        if relay or _is_fd(stdin):
+        try:
+            self._check_started(proc, cwd, wrapped=bool(steps),
+                                on_running=gate and (lambda: self._size_then_start(proc, gate,
+                                                                                   tty)))
+        finally:
+            if gate:  # (unopened: the wrapper's read ends and the command runs unsized)
+                gate.close()
+        if tty is not None:
+            proc.watch_exit()
+        elif relay or _is_fd(stdin):
             proc._relay(stdin if _is_fd(stdin) else None,
                         stdout if _is_fd(stdout) else None,
                         stderr if _is_fd(stderr) else None, self._notify_exit)
         return proc
+
+    def _create_exec(self, command: list[str], environment: list[str], cwd: str,
+                     stdin: bool, tty: bool) -> str:
+        """The engine's exec instance for command (as the sandbox's user); its id.
+
+        Raises:
+            CorralError: the engine refused it.
+        """
+        try:
+            return self.api.exec_create(
+                self.container_id, command, stdout=True, stderr=True, stdin=stdin, tty=tty,
+                user=f"{self.spec.uid_base}:{self.spec.uid_base}", environment=environment,
+                workdir=cwd)["Id"]
+        except _sdk().errors.APIError as exc:
+            raise CorralError(f"docker: exec in {self.id}: {exc.explanation or exc}") from None
 
     def _notify_exit(self) -> None:
         """Wake whoever watches status_fd: a relayed command has ended."""
@@ -240,9 +284,19 @@ class DockerSandbox(SandboxLifecycle):
                 count += len(chunk)
         return count
 
-    def _check_started(self, proc: DockerProcess, cwd: str, wrapped: bool = False) -> None:
+    @staticmethod
+    def _size_then_start(proc: DockerProcess, gate: _StartGate, tty: tuple[int, int]) -> None:
+        """Set a gated tty command's window, then let it start (a refused resize leaves
+        the engine's own size: the command is not held back for it)."""
+        with contextlib.suppress(CorralError):
+            proc.resize(*tty)
+        gate.open()
+
+    def _check_started(self, proc: DockerProcess, cwd: str, wrapped: bool = False,
+                       on_running=None) -> None:
         """Wait until the engine has started the command (learning its pid), or tell
-        CommandNotFound when the runtime could not execute it."""
+        CommandNotFound when the runtime could not execute it. on_running is called once
+        the wrapper (or the command) runs."""
         delay = 0.0005
         give_up = time.monotonic() + REQUEST_TIMEOUT_S
         while True:
@@ -254,6 +308,9 @@ class DockerSandbox(SandboxLifecycle):
                 return
             if info.get("Running") and info.get("Pid"):  # Running comes before the Pid
                 pid = int(info["Pid"])
+                if on_running is not None:
+                    on_running()
+                    on_running = None
                 # Through the pass_fds wrapper, a running pid is the shell, not yet the
                 # command: wait for its exec (or its exit, 127 when argv[0] is missing).
                 state = _wrapper_state(pid) if wrapped and self.local else "exec'd"
@@ -284,11 +341,17 @@ class DockerSandbox(SandboxLifecycle):
             raise CommandNotFound(proc.argv[0], 2 if "not found" in text or "no such" in text
                                   else 13)
 
-    def _start_exec(self, exec_id: str) -> tuple[socket.socket, bytes]:
+    def _start_exec(self, exec_id: str, tty: tuple[int, int] | None = None,
+                    console: bool = False) -> tuple[socket.socket, bytes]:
         """Start an exec and take over its connection; returns it and any bytes read past
-        the response headers (output that arrived with them)."""
-        body = json.dumps({"Detach": False, "Tty": False}).encode()
-        path = f"/v{API_VERSION}/exec/{quote(exec_id)}/start"
+        the response headers (output that arrived with them). console: the engine sets
+        the tty's window (rows, cols) at start (API >= 1.42)."""
+        start: dict = {"Detach": False, "Tty": tty is not None}
+        version = API_VERSION
+        if tty is not None and console:
+            start["ConsoleSize"], version = list(tty), CONSOLE_SIZE_API_VERSION
+        body = json.dumps(start).encode()
+        path = f"/v{version}/exec/{quote(exec_id)}/start"
         request = (f"POST {path} HTTP/1.1\r\nHost: docker\r\nUser-Agent: corral\r\n"
                    f"Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -297,13 +360,19 @@ class DockerSandbox(SandboxLifecycle):
             sock.sendall(request)
             head = b""
             while b"\r\n\r\n" not in head:
-                chunk = sock.recv(65536)
+                # a terminal's bytes go to whoever reads the connection's files, so none
+                # may be read here with the headers: a tty's are read one byte at a time
+                chunk = sock.recv(1 if tty is not None else 65536)
                 if not chunk:
                     raise CorralError(f"docker: the engine closed the exec connection of {self.id}")
                 head += chunk
             header, _, rest = head.partition(b"\r\n\r\n")
             status = header.split(b"\r\n", 1)[0].split()
             if len(status) < 2 or status[1] not in (b"101", b"200"):
+                if not rest:  # (a tty's headers were read alone) the engine's message
+                    sock.settimeout(REQUEST_TIMEOUT_S)
+                    with contextlib.suppress(OSError):
+                        rest = sock.recv(65536)
                 raise CorralError(f"docker: exec start in {self.id} failed: "
                                   f"{header.decode(errors='replace')[:200]} "
                                   f"{rest.decode(errors='replace')[:300]}")
@@ -341,7 +410,7 @@ class DockerSandbox(SandboxLifecycle):
 
     def pids(self) -> list[int]:
         """Host pids of the container's processes (a local engine: its cgroup's members)."""
-        if self.state != "running" or not self.local:
+        if self.state not in ("running", "paused") or not self.local:
             return []
         pids: set[int] = set()
         for path in self._cgroup_paths("cgroup.procs"):
