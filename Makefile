@@ -34,9 +34,11 @@ $(EXT_SO): $(PYX) $(wildcard ext/*.pxd) ext/corral_init.c setup.py
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
-# The main job on embedded defaults: run the example agent inside a default sandbox.
+# The main job on embedded defaults: run the example agent inside a default sandbox, then
+# the two modes in one loop (a session chatting while its delegated deep task runs).
 run: build
 	$(PY) examples/demo.py
+	$(PY) examples/pair_demo.py
 
 # System packages the tests use (bubblewrap, docker.io, openssl, curl): installed when missing.
 sysdeps:

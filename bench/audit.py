@@ -12,14 +12,14 @@ disk the daemon would use, not a tmpfs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import threading
 import time
+
+import harness
 
 from corral.runtime import audit
 
@@ -274,12 +274,7 @@ def main() -> None:
     finally:
         audit._SYNCHRONOUS = "FULL"
         shutil.rmtree(folder, ignore_errors=True)
-    if args.json:
-        json.dump(result, sys.stdout)
-        print()
-    else:
-        for key, value in result.items():
-            print(f"{key:22} {value}")
+    harness.emit(result, args.json)
 
 
 if __name__ == "__main__":

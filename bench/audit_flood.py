@@ -11,7 +11,6 @@ sandboxes), then: a well-behaved tenant times `List` calls alone; then the same 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ import threading
 import time
 
 import grpc
+import harness
 
 from corral.runtime.audit import AuditLog
 from corral.runtime.client import Client, ClientError
@@ -124,11 +124,7 @@ def main() -> None:
     result["denials_accounted"] = len(records) + sum(s.detail.get("count", 0)
                                                      for s in summaries)
     shutil.rmtree(folder, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:22} {value}")
+    harness.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ alternated run by run so machine noise hits them alike:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
+
+import harness
 
 from corral.runtime.client import Client
 
@@ -33,20 +33,11 @@ def _percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
-def _daemon(root: str, config: str) -> subprocess.Popen:
-    with open(os.path.join(root, "corral.toml"), "w") as f:
+def _daemon(root: str, config: str) -> tuple[subprocess.Popen, str]:
+    path = os.path.join(root, "corral.toml")
+    with open(path, "w") as f:
         f.write(config)
-    log = open(os.path.join(root, "daemon.log"), "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral.runtime.cli", "daemon", "--socket",
-         os.path.join(root, "s.sock"), "--state", os.path.join(root, "state"), "--config",
-         os.path.join(root, "corral.toml")], stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 30
-    while not os.path.exists(os.path.join(root, "s.sock")):
-        if proc.poll() is not None or time.monotonic() > end:
-            raise SystemExit(f"the daemon did not start; see {root}/daemon.log")
-        time.sleep(0.05)
-    return proc
+    return harness.start_daemon(root, "--config", path)
 
 
 def _run(mode: str, creates: int) -> dict:
@@ -64,9 +55,9 @@ def _run(mode: str, creates: int) -> dict:
             hold = None
         config = (f'[audit.sinks.siem]\ntype = "syslog"\nprotocol = "tcp"\n'
                   f'address = "127.0.0.1:{port}"\n')
-    proc = _daemon(root, config)
+    proc, sock = _daemon(root, config)
     try:
-        client = Client.connect(socket=os.path.join(root, "s.sock"))
+        client = Client.connect(socket=sock)
         client.destroy_sandbox(client.create_sandbox().id)  # warm up
         latencies = []
         for _ in range(creates):
@@ -78,8 +69,7 @@ def _run(mode: str, creates: int) -> dict:
         lag = status.sinks[0].lag if status.sinks else 0
         client.close()
     finally:
-        proc.terminate()
-        proc.wait(60)
+        harness.stop_daemon(proc, 60)
         if hold is not None:
             hold.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -104,11 +94,7 @@ def main() -> None:
         result[mode] = {"create_ms_p50_best": min(p50), "create_ms_p50_worst": max(p50),
                         "create_ms_p99_best": min(p99), "create_ms_p99_worst": max(p99),
                         "sink_lag_at_end": [r["sink_lag"] for r in results]}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for mode, figures in result.items():
-            print(f"{mode:8} {figures}")
+    harness.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+import harness
+
 from corral.runtime.client import Client, ClientError
 
 
@@ -60,22 +62,6 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def start_daemon(root: str, nofile: int) -> tuple[subprocess.Popen, str]:
-    socket = os.path.join(root, "corral.sock")
-    cmd = ["prlimit", f"--nofile={nofile}:{nofile}", "--", sys.executable, "-m",
-           "corral.runtime.cli", "daemon", "--socket", socket, "--state",
-           os.path.join(root, "state"), "--workspace-root", os.path.join(root, "ws"),
-           "--max-sandboxes", "100000", "--workspace-size", "16M"]
-    log = open(os.path.join(root, "daemon.log"), "ab")  # noqa: SIM115 - the daemon's
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(socket):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the daemon did not start; see {root}/daemon.log")
-        time.sleep(0.05)
-    return proc, socket
-
-
 def daemon_pid(proc: subprocess.Popen) -> int:
     """prlimit execs the daemon, so the child's pid is the daemon's."""
     return proc.pid
@@ -83,7 +69,9 @@ def daemon_pid(proc: subprocess.Popen) -> int:
 
 def measure(nofile: int, sample: int) -> dict:
     root = tempfile.mkdtemp(prefix="corral-density-")
-    proc, socket = start_daemon(root, nofile)
+    proc, socket = harness.start_daemon(
+        root, "--max-sandboxes", "100000", "--workspace-size", "16M",
+        wrapper=("prlimit", f"--nofile={nofile}:{nofile}", "--"))
     pid = daemon_pid(proc)
     client = None
     try:
@@ -150,12 +138,7 @@ def measure(nofile: int, sample: int) -> dict:
     finally:
         if client is not None:
             client.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        harness.stop_daemon(proc)
         shutil.rmtree(root, ignore_errors=True)
 
 

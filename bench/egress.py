@@ -22,7 +22,8 @@ JSON keys: connect_ms_p50_direct, connect_ms_p50_proxy, connect_ms_p99_direct,
 connect_ms_p99_proxy, connect_overhead_ms_p50, throughput_mb_s_direct,
 throughput_mb_s_proxy, throughput_ratio (the loopback pair), the same with a
 "transparent_" prefix for the veth pair, targets (the issue's: overhead <= 1 ms,
-ratio >= 0.5) and whether they were met, machine.
+ratio >= 0.5) and whether they were met, machine; intercepted_connect_ms_p50,
+intercepted_throughput_mb_s and their peers (bench/_secrets_bench.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import socket
 import statistics
 import subprocess
 import sys
+
+import harness
 
 SERVER = r"""
 import socket, threading, struct, sys
@@ -151,9 +154,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench/egress.py needs root (network namespaces, BPF)", file=sys.stderr)
-        return 2
+    harness.require_root("network namespaces, BPF")
 
     from corral.sandbox import Sandbox, SandboxSpec
 
@@ -217,17 +218,17 @@ def main() -> int:
         "overhead_met": result["connect_overhead_ms_p50"] <= 1.0,
         "ratio_met": result["throughput_ratio"] >= 0.5,
     }
+    import _secrets_bench  # intercepted TLS toward a secret's host vs direct TLS
+
+    result.update(_secrets_bench.measure(python, args.connections, args.mbytes, args.rounds,
+                                         server_namespace, f"{SERVER_NET}.10"))
     result["config"] = {"connections_per_round": args.connections, "mbytes": args.mbytes,
                         "rounds": args.rounds,
                         "modes": {"proxy": "explicit CONNECT, loopback upstream",
                                   "transparent_proxy": "steered, address rule, veth upstream"}}
     result["machine"] = {"nproc": os.cpu_count(), "kernel": os.uname().release,
                          "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:28} {value}")
+    harness.emit(result, args.json)
     return 0
 
 

@@ -16,28 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
+import harness
+
 from corral.runtime.client import Client
-
-
-def start_daemon(root: str) -> tuple[subprocess.Popen, str]:
-    socket = os.path.join(root, "corral.sock")
-    cmd = [sys.executable, "-m", "corral.runtime.cli", "daemon", "--socket", socket,
-           "--state", os.path.join(root, "state"), "--workspace-root", os.path.join(root, "ws")]
-    log = open(os.path.join(root, "daemon.log"), "ab")  # noqa: SIM115 - the daemon's
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(socket):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the daemon did not start; see {root}/daemon.log")
-        time.sleep(0.05)
-    return proc, socket
 
 
 def one_run(client: Client, sandbox_id: str, size: int, source: str, **kw) -> dict:
@@ -61,7 +47,7 @@ def main() -> int:
                         help="ExecRequest.allow_loss: no flow control (what arrives may be less)")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="corral-bench-exec-")
-    proc, socket = start_daemon(root)
+    proc, socket = harness.start_daemon(root)
     try:
         client = Client.connect(socket=socket)
         for _ in range(100):  # the socket exists a moment before the server answers
@@ -76,8 +62,7 @@ def main() -> int:
         client.destroy_sandbox(sandbox.id)
         client.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        harness.stop_daemon(proc)
         shutil.rmtree(root, ignore_errors=True)
     rates = [r["mb_s"] for r in runs]
     print(json.dumps({"bytes": args.bytes, "source": source, "allow_loss": args.allow_loss,

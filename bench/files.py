@@ -38,27 +38,12 @@ import sys
 import tempfile
 import time
 
+import harness
+
 from corral.runtime.client import Client
 from corral.sandbox.spec import parse_size
 
 CANDIDATES = ("corral_cp", "corral_client", "docker_cp")
-
-
-def start_daemon(root: str, workspace_bytes: int) -> tuple[subprocess.Popen, str]:
-    socket = os.path.join(root, "corral.sock")
-    cmd = [sys.executable, "-m", "corral.runtime.cli", "daemon", "--socket", socket,
-           "--state", os.path.join(root, "state"), "--workspace-root", os.path.join(root, "ws"),
-           "--workspace-size", str(workspace_bytes)]
-    log = open(os.path.join(root, "daemon.log"), "ab")  # noqa: SIM115 - the daemon's
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(socket):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            with open(os.path.join(root, "daemon.log"), errors="replace") as f:
-                tail = f.read()[-2000:]
-            raise RuntimeError(f"the daemon did not start:\n{tail}")
-        time.sleep(0.05)
-    return proc, socket
 
 
 def make_source(path: str, size: int) -> str:
@@ -127,7 +112,7 @@ def main() -> int:
         image = backend.base_image(engine.url)
         container = api.create_container(image, command=["sleep", "infinity"])["Id"]
         driver = api.info().get("Driver", "")
-        proc, socket = start_daemon(root, size + (256 << 20))
+        proc, socket = harness.start_daemon(root, "--workspace-size", str(size + (256 << 20)))
         client = Client.connect(socket=socket)
         sb = client.create_sandbox()
         corral_cli = [sys.executable, "-m", "corral.runtime.cli", "cp", "--socket", socket,
@@ -177,8 +162,7 @@ def main() -> int:
         if client is not None:
             client.close()
         if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+            harness.stop_daemon(proc, 60)
         if container is not None:
             with contextlib.suppress(Exception):
                 backend.client(engine.url).remove_container(container, force=True)

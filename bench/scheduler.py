@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -38,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import harness
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -99,14 +100,18 @@ def bench_submissions(n: int, concurrency: int) -> dict:
 
         from corral.v1 import task_pb2
 
-        async def run() -> float:
-            channel = grpc.aio.insecure_channel(f"unix:{d.socket}")
-            submit = channel.unary_unary(
-                "/corral.v1.Tasks/Submit",
+        req = task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(argv=["true"],
+                                                                resources={"cpu": 1}))
+
+        def method(channel, shape: str, name: str, reply):
+            """The raw Tasks.<name> of channel; shape is grpc's (unary_unary, stream_stream)."""
+            return getattr(channel, shape)(
+                f"/corral.v1.Tasks/{name}",
                 request_serializer=task_pb2.SubmitTaskRequest.SerializeToString,
-                response_deserializer=task_pb2.Task.FromString)
-            req = task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(argv=["true"],
-                                                                    resources={"cpu": 1}))
+                response_deserializer=reply.FromString)
+
+        async def unary(channel) -> float:
+            submit = method(channel, "unary_unary", "Submit", task_pb2.Task)
             await submit(req)  # warm
             left = n
 
@@ -118,18 +123,10 @@ def bench_submissions(n: int, concurrency: int) -> dict:
 
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-            elapsed = time.perf_counter() - t0
-            await channel.close()
-            return elapsed
+            return time.perf_counter() - t0
 
-        async def run_stream() -> float:
-            channel = grpc.aio.insecure_channel(f"unix:{d.socket}")
-            stream = channel.stream_stream(
-                "/corral.v1.Tasks/SubmitStream",
-                request_serializer=task_pb2.SubmitTaskRequest.SerializeToString,
-                response_deserializer=task_pb2.SubmitAck.FromString)
-            req = task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(argv=["true"],
-                                                                    resources={"cpu": 1}))
+        async def stream(channel) -> float:
+            submit = method(channel, "stream_stream", "SubmitStream", task_pb2.SubmitAck)
 
             async def requests():
                 for _ in range(n):
@@ -137,16 +134,23 @@ def bench_submissions(n: int, concurrency: int) -> dict:
 
             t0 = time.perf_counter()
             acks = 0
-            async for ack in stream(requests()):
+            async for ack in submit(requests()):
                 assert ack.task_id and not ack.error, ack
                 acks += 1
             elapsed = time.perf_counter() - t0
             assert acks == n
-            await channel.close()
             return elapsed
 
-        elapsed_unary = asyncio.run(run())
-        elapsed_stream = asyncio.run(run_stream())
+        async def on_channel(drive) -> float:
+            """What drive(channel) returns, on a channel of its own to the daemon."""
+            channel = grpc.aio.insecure_channel(f"unix:{d.socket}")
+            try:
+                return await drive(channel)
+            finally:
+                await channel.close()
+
+        elapsed_unary = asyncio.run(on_channel(unary))
+        elapsed_stream = asyncio.run(on_channel(stream))
         tasks = d.client.list_tasks(limit=2 * n + 10)
         assert len(tasks) == 2 * n + 1, len(tasks)
     finally:
@@ -168,8 +172,9 @@ def bench_sqlite_peer(n: int) -> float:
         for i in range(n):
             t = DeepTask(id=f"task-{i}", seq=i, tenant="t", spec=spec, submitted_at=1.0)
             with conn:
-                conn.execute(_INSERT, (t.id, t.seq, t.tenant, spec.to_json(), 1.0,
-                                       *_mutable_values(t)))
+                # the row TaskStore.insert writes (runtime/tasks/store.py), one commit each
+                conn.execute(_INSERT, (t.id, t.seq, t.tenant, spec.to_json(), t.submitted_at,
+                                       t.request_id, t.parent_ref, *_mutable_values(t)))
         elapsed = time.perf_counter() - t0
         conn.close()
     finally:
@@ -297,9 +302,7 @@ def main() -> int:
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--no-ray", action="store_true")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        print("bench/scheduler.py needs root (the daemon makes sandboxes)", file=sys.stderr)
-        return 2
+    harness.require_root("the daemon makes sandboxes")
     result: dict = {"bench": "scheduler", "cpus": os.cpu_count()}
     result.update(bench_placement(args.decisions))
     result.update(bench_submissions(args.submissions, args.concurrency))
@@ -309,11 +312,7 @@ def main() -> int:
         result["submit_to_running_ms_p50_ray"] = None
     else:
         result.update(bench_ray(args.latency_runs))
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        for k, v in sorted(result.items()):
-            print(f"{k:45} {v}")
+    harness.emit(result, args.json, sort_keys=True)
     return 0
 
 

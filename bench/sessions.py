@@ -73,6 +73,8 @@ import tempfile
 import time
 from array import array
 
+import harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT_SOURCE = os.path.join(HERE, "agents", "bench_agent.c")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -162,10 +164,21 @@ def build_agent(outdir: str, static: bool) -> str:
 # --- the daemon --------------------------------------------------------------------------------
 
 
+def stat_name_cpu_s(path: str) -> tuple[str, float]:
+    """(command name, user + system CPU seconds) of a /proc/PID[/task/TID]/stat file.
+
+    Raises:
+        OSError: the process or thread is gone.
+    """
+    with open(path) as f:
+        raw = f.read()
+    # the name is between the first "(" and the last ")": it may hold either
+    fields = raw.rsplit(")", 1)[1].split()
+    return raw[raw.index("(") + 1:raw.rindex(")")], (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return stat_name_cpu_s(f"/proc/{pid}/stat")[1]
 
 
 def threads_cpu_s(pid: int) -> dict[str, float]:
@@ -174,14 +187,11 @@ def threads_cpu_s(pid: int) -> dict[str, float]:
     with contextlib.suppress(FileNotFoundError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    raw = f.read()
+                name, cpu_s = stat_name_cpu_s(f"/proc/{pid}/task/{tid}/stat")
             except FileNotFoundError:
                 continue
-            name = raw[raw.index("(") + 1:raw.rindex(")")]
-            fields = raw.rsplit(")", 1)[1].split()
             name = "main" if tid == str(pid) else re.sub(r"[0-9]+$", "N", name)
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+            out[name] = out.get(name, 0.0) + cpu_s
     return out
 
 
@@ -227,13 +237,9 @@ def all_processes_cpu_s() -> dict[int, tuple[str, float]]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                raw = f.read()
+            out[int(entry)] = stat_name_cpu_s(f"/proc/{entry}/stat")
         except OSError:
             continue
-        name = raw[raw.index("(") + 1:raw.rindex(")")]
-        fields = raw.rsplit(")", 1)[1].split()
-        out[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
     return out
 
 
@@ -926,12 +932,22 @@ def ratio(a, b):
     return round(a / b, 2) if a and b else None
 
 
+#: How much one run measures; --quick also skips the sweep.
+SIZES = {
+    "sessions": harness.Size(256, 32, "concurrent sessions"),
+    "duration": harness.Size(10.0, 3.0, "measurement window, s"),
+    "warmup": harness.Size(3.0, 1.0, "s after every session is open before the window starts"),
+    "idle_duration": harness.Size(5.0, 2.0, "s of the idle-interrupt measurement"),
+    "tokens": harness.Size(20_000_000, 3_000_000, "tokens of the single-session run (compiled)"),
+    "twin_tokens": harness.Size(2_000_000, 300_000, "the same for the Python twin"),
+    "repeats": harness.Size(3, 1, "single-session runs; the median one is reported"),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 32 sessions, short windows, no sweep")
-    ap.add_argument("--sessions", type=int, default=256, help="concurrent sessions (256)")
+    harness.add_sizes(ap, SIZES)
     ap.add_argument("--api", choices=("many", "open"), default="many",
                     help="many: each client worker multiplexes its sessions over one "
                          "Sessions.OpenMany stream (default); open: one Sessions.Open "
@@ -940,20 +956,11 @@ def main(argv=None) -> int:
                     help="client processes sharing the sessions (4)")
     ap.add_argument("--rate", type=int, default=1000, help="tokens/s per paced session")
     ap.add_argument("--burst-ms", type=float, default=10.0, help="ms between bursts (10)")
-    ap.add_argument("--duration", type=float, default=10.0, help="measurement window, s")
-    ap.add_argument("--warmup", type=float, default=3.0,
-                    help="s after every session is open before the window starts")
     ap.add_argument("--interrupt-every", type=float, default=5.0,
                     help="mean s between one session's interrupts under load (5)")
     ap.add_argument("--idle-interrupt-every", type=float, default=0.02)
-    ap.add_argument("--idle-duration", type=float, default=5.0)
-    ap.add_argument("--tokens", type=int, default=20_000_000,
-                    help="tokens of the single-session run (compiled core)")
-    ap.add_argument("--twin-tokens", type=int, default=2_000_000,
-                    help="tokens of the single-session run (Python twin)")
     ap.add_argument("--pipe-bytes", type=int, default=0,
                     help="single run: the agent asks F_SETPIPE_SZ for its events pipe")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parts", default="single,idle,sessions",
                     help="which measurements (comma-separated): single, idle, sessions")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
@@ -981,10 +988,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    harness.apply_quick(args, SIZES)
     if args.quick:
-        args.sessions = min(args.sessions, 32)
-        args.duration, args.warmup, args.idle_duration = 3.0, 1.0, 2.0
-        args.tokens, args.twin_tokens, args.repeats = 3_000_000, 300_000, 1
         args.sweep = False
     if os.geteuid() != 0:
         print("note: the daemon's sandboxes need root (or delegated cgroups)", file=sys.stderr)

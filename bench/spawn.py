@@ -54,6 +54,8 @@ import sys
 import tempfile
 import time
 
+import harness
+
 DEVNULL = subprocess.DEVNULL
 
 #: What the bwrap command cannot express, so its figure buys less isolation than Corral's.
@@ -91,6 +93,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
+    """The figures of one candidate's times (ms): p50, p99, mean, min, max."""
     return {
         "p50": round(statistics.median(values), 3),
         "p99": round(percentile(values, 99), 3),
@@ -98,6 +101,12 @@ def summary(values: list[float]) -> dict[str, float]:
         "min": round(min(values), 3),
         "max": round(max(values), 3),
     }
+
+
+def ms_columns(summaries: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The result's flat keys of candidates' summaries: {name}_ms_{p50, p99, ...}."""
+    return {f"{name}_ms_{key}": value for name, figures in summaries.items()
+            for key, value in figures.items()}
 
 
 # -- candidates ----------------------------------------------------------------------------
@@ -343,10 +352,7 @@ def rootless_columns(iterations: int, warmup: int, user: str | None) -> dict:
             subprocess.run(["userdel", "--remove", made], check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             shutil.rmtree(f"/tmp/corral-{pw.pw_uid}", ignore_errors=True)
-    out: dict = {"user": user, "iterations": iterations, "warmup": warmup}
-    for name, s in times.items():
-        for key in ("p50", "p99", "mean", "min", "max"):
-            out[f"{name}_ms_{key}"] = s[key]
+    out: dict = {"user": user, "iterations": iterations, "warmup": warmup, **ms_columns(times)}
     out["ratio_rootless_vs_bwrap_p50"] = round(out["rootless_ms_p50"]
                                                / out["bwrap_rootless_ms_p50"], 3)
     out["ratio_rootless_single_vs_bwrap_p50"] = round(out["rootless_single_ms_p50"]
@@ -379,11 +385,8 @@ def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
     finally:
         if engine is not None:
             engine.stop()
-    out: dict = {}
-    for name in ("corral", "docker_backend", "docker_run"):
-        s = summary(times[name])
-        for key in ("p50", "p99", "mean", "min", "max"):
-            out[f"{name}_ms_{key}"] = s[key]
+    out = ms_columns({name: summary(times[name])
+                      for name in ("corral", "docker_backend", "docker_run")})
     out["ratio_docker_run_vs_corral_p50"] = round(out["docker_run_ms_p50"]
                                                   / out["corral_ms_p50"], 1)
     out["ratio_docker_backend_vs_corral_p50"] = round(out["docker_backend_ms_p50"]
@@ -687,31 +690,30 @@ def require(tool: str, package: str) -> str:
     return path
 
 
+#: The rounds of each part of the run.
+SIZES = {
+    "iterations": harness.Size(200, 15, "timed rounds; each runs every candidate once"),
+    "warmup": harness.Size(20, 3, "untimed rounds first"),
+    "cli_iterations": harness.Size(30, 5, "cold `corral run -- /bin/true` runs"),
+    "docker_iterations": harness.Size(
+        20, 3, "rounds of native vs docker backend vs `docker run --rm`"),
+    "rootless_iterations": harness.Size(60, 15, "rounds of rootless Corral vs rootless bwrap"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=200,
-                        help="timed rounds; each runs every candidate once (default: 200)")
-    parser.add_argument("--warmup", type=int, default=20,
-                        help="untimed rounds first (default: 20)")
-    parser.add_argument("--cli-iterations", type=int, default=30,
-                        help="cold `corral run -- /bin/true` runs (default: 30)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 15 rounds, 3 warm-up, 5 CLI runs")
+    harness.add_sizes(parser, SIZES)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--profile", action="store_true",
                         help="also time Corral's internal steps (separate run, wrapped calls)")
     parser.add_argument("--no-cli", action="store_true", help="skip the cold CLI runs")
-    parser.add_argument("--docker-iterations", type=int, default=20,
-                        help="rounds of native vs docker backend vs `docker run --rm` "
-                             "(default: 20)")
     parser.add_argument("--docker-host", metavar="URL",
                         help="engine for the docker columns (default: start a private dockerd)")
     parser.add_argument("--no-docker", action="store_true", help="skip the docker columns")
     parser.add_argument("--rootless-user", metavar="NAME",
                         help="ordinary user for the rootless columns (default: a temporary "
                              "one, made with useradd and removed)")
-    parser.add_argument("--rootless-iterations", type=int, default=60,
-                        help="rounds of rootless Corral vs rootless bwrap (default: 60)")
     parser.add_argument("--no-rootless", action="store_true", help="skip the rootless columns")
     parser.add_argument("--rootless-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -719,10 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rootless_worker(args.iterations, args.warmup,
                                          require("bwrap", "bubblewrap"))))
         return 0
-    if args.quick:
-        args.iterations, args.warmup, args.cli_iterations = 15, 3, 5
-        args.docker_iterations = 3
-        args.rootless_iterations = 15
+    harness.apply_quick(args, SIZES)
     if args.iterations < 1 or args.warmup < 0 or args.cli_iterations < 1:
         parser.error("--iterations and --cli-iterations must be at least 1, --warmup at least 0")
 
@@ -752,11 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bw.close()
 
-    result: dict = {}
-    for name in ("corral", "bwrap", "unshare", "spawn_posix", "spawn_fork"):
-        s = summary(times[name])
-        for key in ("p50", "p99", "mean", "min", "max"):
-            result[f"{name}_ms_{key}"] = s[key]
+    result: dict = ms_columns({name: summary(times[name]) for name in
+                               ("corral", "bwrap", "unshare", "spawn_posix", "spawn_fork")})
     result["ratio_corral_vs_bwrap_p50"] = round(result["corral_ms_p50"] / result["bwrap_ms_p50"], 3)
     result["ratio_corral_vs_bwrap_p99"] = round(result["corral_ms_p99"] / result["bwrap_ms_p99"], 3)
     result["corral_phases_ms"] = {k: summary(v) for k, v in corral.phases.items()}

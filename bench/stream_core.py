@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import random
 import struct
 import sys
 import time
+
+import harness
 
 # average 4 bytes: lengths 1..7 uniformly; a few multi-byte characters keep UTF-8 checks honest
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz      ,.é"
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         result["cython_tokens_per_s_4subs"] / result["python_tokens_per_s_4subs"], 1)
     result["ratio_small_reads"] = round(
         result["cython_tokens_per_s_small_reads"] / result["python_tokens_per_s_small_reads"], 1)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:32} {value}")
+    harness.emit(result, args.json)
     return 0
 
 

@@ -18,21 +18,30 @@ CORRAL = os.path.join(os.path.dirname(sys.executable), "corral")
 
 
 def main() -> int:
+    return with_daemon(run_session)
+
+
+def with_daemon(body, config: str = "") -> int:
+    """Start a daemon in a temporary directory (with this TOML config, if any), run
+    body(socket path) against it, stop it; the directory goes with it."""
     with tempfile.TemporaryDirectory(prefix="corral-demo-") as tmp:
         sock = os.path.join(tmp, "corral.sock")
-        daemon = subprocess.Popen(
-            [CORRAL, "daemon", "--socket", sock, "--state", os.path.join(tmp, "state")],
-            stderr=open(os.path.join(tmp, "daemon.log"), "w"),
-        )
+        args = [CORRAL, "daemon", "--socket", sock, "--state", os.path.join(tmp, "state")]
+        if config:
+            with open(os.path.join(tmp, "corral.toml"), "w") as f:
+                f.write(config)
+            args += ["--config", os.path.join(tmp, "corral.toml")]
+        with open(os.path.join(tmp, "daemon.log"), "w") as log:
+            daemon = subprocess.Popen(args, stderr=log)
         try:
-            for _ in range(100):
+            for _ in range(200):
                 if os.path.exists(sock):
                     break
                 if daemon.poll() is not None:
                     print(open(os.path.join(tmp, "daemon.log")).read(), file=sys.stderr)
                     return 1
                 time.sleep(0.05)
-            return run_session(sock)
+            return body(sock)
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)

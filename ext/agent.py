@@ -13,6 +13,10 @@ so the same agent runs by hand.
 Steering: call `poll()` between tokens (it never blocks) or `wait(timeout)`; each returns a
 `Control` ("input" with its text, "interrupt", "shutdown") or None. End of the control pipe
 reads as one "shutdown".
+
+Delegation (protocol v1.1): `delegate(argv, selector={"accelerator": "gpu"}, ...)` hands a
+deep task to the runtime and returns a `Delegation` whose `updates()`, `result()`,
+`cancel()` and `send_input()` follow and steer it while the agent keeps streaming.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import os
 import select
 import struct
 import sys
+import time
+from collections import deque
+from collections.abc import Iterator
 from typing import Any, NamedTuple, TextIO
 
 # This file is the agent protocol's one home: the runtime (runtime/streams.py, sessions.py,
@@ -41,10 +48,21 @@ CONTROL_FD = 4
 TOKEN, TURN_END, PROGRESS, CHECKPOINT, RESULT, LOG, TOOL_CALL = range(1, 8)
 # runtime -> agent
 INPUT, INTERRUPT, SHUTDOWN = 0x81, 0x82, 0x83
+# runtime -> agent, protocol v1.1: what became of the deep tasks a session delegated
+TASK_ACCEPTED, TASK_REFUSED, TASK_UPDATE, TASK_DONE = 0x84, 0x85, 0x86, 0x87
+#: v1.1 requests to the runtime travel as TOOL_CALL frames naming the runtime's own tools:
+#: a v1 token core and every v1 watcher already carry them (docs/agent-protocol.md).
+DELEGATE = "corral.delegate"
+CANCEL_TASK = "corral.cancel_task"
+TASK_INPUT = "corral.task_input"
+#: Where a delegated task's result files appear in the session's sandbox: DIR/<task id>/.
+TASK_RESULTS_DIR = "/workspace/.corral/tasks"
 MAX_CONTROL_PAYLOAD = 1 << 20  # bytes; the runtime never sends more in one frame
 
 HEADER = struct.Struct("<IB")  # payload length, frame type
 _CONTROL_KINDS = {INPUT: "input", INTERRUPT: "interrupt", SHUTDOWN: "shutdown"}
+_TASK_KINDS = {TASK_ACCEPTED: "accepted", TASK_REFUSED: "refused", TASK_UPDATE: "update",
+               TASK_DONE: "done"}
 
 
 def encode_frame(frame_type: int, payload: bytes = b"") -> bytes:
@@ -52,11 +70,98 @@ def encode_frame(frame_type: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(len(payload), frame_type) + payload
 
 
-class Control(NamedTuple):
-    """A message from the runtime: kind is "input", "interrupt" or "shutdown"."""
+class TaskMessage(NamedTuple):
+    """What the runtime says of a delegated task (v1.1): kind "accepted", "refused",
+    "update" or "done", with the frame's JSON object as fields."""
 
     kind: str
-    text: str = ""  # the steering text of an "input"
+    fields: dict
+
+
+class Control(NamedTuple):
+    """A message from the runtime: kind is "input", "interrupt", "shutdown", or "task" for
+    news of a delegated task this agent holds no handle for (one delegated by an earlier
+    agent of the session, told after it resumed): its text is the frame's JSON, with
+    "event" naming the frame ("accepted", "refused", "update", "done")."""
+
+    kind: str
+    text: str = ""  # the steering text of an "input"; a "task" frame's JSON object
+
+
+class DelegationRefused(Exception):
+    """The runtime refused a delegation (TASK_REFUSED): code and message say why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(f"{code}: {message}")
+
+
+class Delegation:
+    """A deep task this agent delegated: its updates, its result, and steering it.
+
+    Made by `Agent.delegate`; the runtime names the task in TASK_ACCEPTED (`task_id`), or
+    refuses it (TASK_REFUSED). Reading updates reads the control pipe: input, interrupts
+    and shutdowns met meanwhile are kept for the agent's next poll().
+    """
+
+    def __init__(self, agent: Agent, ref: str) -> None:
+        self.agent = agent
+        self.ref = ref
+        self.task_id = ""
+        self._messages: deque[TaskMessage] = deque()
+        #: The TASK_DONE or TASK_REFUSED message, once it came.
+        self.outcome: TaskMessage | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def _add(self, message: TaskMessage) -> None:
+        if message.kind == "accepted":
+            self.task_id = str(message.fields.get("task_id", ""))
+        if message.kind in ("refused", "done"):
+            self.outcome = message
+        self._messages.append(message)
+
+    def updates(self, timeout: float | None = None) -> Iterator[TaskMessage]:
+        """The task's messages as they come, until its done (or refused) one; with a
+        timeout, also stops once that many seconds pass with nothing new (0: only what is
+        here already)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while self._messages:
+                message = self._messages.popleft()
+                yield message
+                if message.kind in ("refused", "done"):
+                    return
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not self.agent._pump(left):
+                return
+
+    def result(self, timeout: float | None = None) -> dict:
+        """Wait for the task to end; its TASK_DONE fields (state, result, out_dir).
+
+        Raises:
+            DelegationRefused: the runtime refused the delegation.
+            TimeoutError: timeout seconds passed first, or the control pipe ended.
+        """
+        for _ in self.updates(timeout):
+            pass
+        if self.outcome is None:
+            raise TimeoutError(f"delegation {self.ref!r} has not finished")
+        if self.outcome.kind == "refused":
+            raise DelegationRefused(str(self.outcome.fields.get("code", "")),
+                                    str(self.outcome.fields.get("message", "")))
+        return self.outcome.fields
+
+    def cancel(self) -> None:
+        """Ask the runtime to cancel the task (CANCEL_TASK); its TASK_DONE follows."""
+        self.agent.tool_call(CANCEL_TASK, {"task_id": self.task_id, "ref": self.ref})
+
+    def send_input(self, text: str) -> None:
+        """Steer the running task: the runtime hands `text` to its agent as an INPUT."""
+        self.agent.tool_call(TASK_INPUT, {"task_id": self.task_id, "ref": self.ref,
+                                          "text": text})
 
 
 class ProtocolError(Exception):
@@ -98,6 +203,12 @@ class Agent:
         self._inbox = bytearray()
         self._control_open = self.control_fd is not None
         self._shutdown_owed = False  # the control pipe ended: say "shutdown" once
+        self._held: deque[Control] = deque()  # read while pumping for a Delegation
+        self._delegations: dict[str, Delegation] = {}  # by ref
+        self._following: list[Delegation] = []  # whose messages news() has not all given
+        self._by_task: dict[str, Delegation] = {}
+        self._refs = 0
+        self._routed = 0  # task frames handed to a Delegation, ever
         if self.control_fd is not None:
             os.set_blocking(self.control_fd, False)
 
@@ -153,6 +264,48 @@ class Agent:
         """Announce a tool call the agent is making (for the audit trail and for watchers)."""
         self._event(TOOL_CALL, "tool_call", {"name": name, "arguments": arguments, **fields})
 
+    def delegate(self, argv: list[str], *, image: str = "", selector: dict | None = None,
+                 resources: dict | None = None, priority: int = 0, max_runtime_s: float = 0,
+                 retries: int = 0, files: list[str] | tuple = (), labels: dict | None = None,
+                 ref: str = "") -> Delegation:
+        """Hand a deep task to the runtime (DELEGATE); it runs as this session's tenant.
+
+        Args:
+            argv: the task's command; image: its root filesystem (empty: the host's /usr).
+            selector: node labels it needs, e.g. {"accelerator": "gpu"}.
+            resources: amounts it holds, e.g. {"cpu": 2}; priority 0-1000.
+            max_runtime_s: seconds before it is stopped (0: no limit).
+            files: paths in this session's /workspace copied into the task's /workspace.
+            ref: this agent's name for it (default d1, d2, ...), echoed in TASK_ACCEPTED.
+        """
+        self._refs += 1
+        ref = ref or f"d{self._refs}"
+        handle = Delegation(self, ref)
+        spec = {"argv": list(argv), "image": image, "selector": selector or {},
+                "resources": resources or {}, "priority": priority,
+                "max_runtime_s": max_runtime_s, "retries": retries, "files": list(files),
+                "labels": labels or {}}
+        if self.events_fd is None:  # run by hand: nobody to run it
+            self._note("delegate", spec)
+            handle._add(TaskMessage("refused", {"ref": ref, "code": "UNAVAILABLE",
+                                                "message": "no Corral runtime is connected"}))
+            return handle
+        self._delegations[ref] = handle
+        self._following.append(handle)
+        self.tool_call(DELEGATE, spec, id=ref)
+        return handle
+
+    def news(self) -> Iterator[tuple[Delegation, TaskMessage]]:
+        """Every task message of this agent's delegations not taken yet, as (handle,
+        message), oldest delegation first; reads what the control pipe holds, never
+        blocks. What an agent looks at between its own tokens."""
+        self._pump(0)
+        for handle in list(self._following):
+            while handle._messages:
+                yield handle, handle._messages.popleft()
+            if handle.done:
+                self._following.remove(handle)
+
     def _event(self, frame_type: int, label: str, obj: dict) -> None:
         if self.events_fd is None:
             self._note(label, obj)
@@ -179,6 +332,23 @@ class Agent:
         Raises:
             ProtocolError: the control pipe does not carry protocol v1 frames.
         """
+        if self._held:
+            return self._held.popleft()
+        return self._read_control()
+
+    def _pump(self, timeout: float | None) -> bool:
+        """Read control frames for a Delegation (up to timeout seconds, None: until one
+        comes); other messages are held for poll(). False once the pipe has ended."""
+        routed = self._routed
+        message = self._read_control()
+        if message is None and self._routed == routed and self._control_open:
+            readable, _, _ = select.select([self.control_fd], [], [], timeout)
+            message = self._read_control() if readable else None
+        if message is not None:
+            self._held.append(message)
+        return self._control_open or message is not None
+
+    def _read_control(self) -> Control | None:
         message = self._next_message()
         if message is not None or self.control_fd is None:
             return message
@@ -203,8 +373,13 @@ class Agent:
         message = self.poll()
         if message is not None or not self._control_open:
             return message
-        readable, _, _ = select.select([self.control_fd], [], [], timeout)
-        return self.poll() if readable else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # task frames for a handle are no message: wait on past them
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            readable, _, _ = select.select([self.control_fd], [], [], left)
+            message = self.poll() if readable else None
+            if message is not None or not readable or not self._control_open:
+                return message
 
     def _next_message(self) -> Control | None:
         inbox = self._inbox
@@ -220,11 +395,40 @@ class Agent:
             payload = bytes(inbox[HEADER.size:end])
             del inbox[:end]
             kind = _CONTROL_KINDS.get(frame_type)
-            if kind is None:
+            if kind is not None:
+                text = payload.decode("utf-8", "replace") if frame_type == INPUT else ""
+                return Control(kind, text)
+            if frame_type not in _TASK_KINDS:
                 continue  # a type from a newer protocol revision: ignore it
-            text = payload.decode("utf-8", "replace") if frame_type == INPUT else ""
-            return Control(kind, text)
+            text = payload.decode("utf-8", "replace")
+            try:
+                fields = json.loads(text)
+            except ValueError:
+                fields = None
+            if not isinstance(fields, dict):
+                continue  # not what v1.1 sends: ignore it like an unknown type
+            message = TaskMessage(_TASK_KINDS[frame_type], fields)
+            if not self._route(message):
+                return Control("task", json.dumps({"event": message.kind, **fields}))
         return None
+
+    def _route(self, message: TaskMessage) -> bool:
+        """Hand a task message to its Delegation; False when this agent holds none."""
+        fields = message.fields
+        if message.kind in ("accepted", "refused"):
+            handle = self._delegations.get(str(fields.get("ref", "")))
+        else:
+            handle = self._by_task.get(str(fields.get("task_id", "")))
+        if handle is None:
+            return False
+        handle._add(message)
+        self._routed += 1
+        if message.kind == "accepted":
+            self._by_task[handle.task_id] = handle
+        if message.kind in ("refused", "done"):
+            self._delegations.pop(handle.ref, None)
+            self._by_task.pop(handle.task_id, None)
+        return True
 
 
 def _json(obj: dict) -> bytes:
@@ -268,6 +472,14 @@ def log(message: str) -> None:
 
 def tool_call(name: str, arguments: Any = None, **fields: Any) -> None:
     default_agent().tool_call(name, arguments, **fields)
+
+
+def delegate(argv: list[str], **spec: Any) -> Delegation:
+    return default_agent().delegate(argv, **spec)
+
+
+def news() -> Iterator[tuple[Delegation, TaskMessage]]:
+    return default_agent().news()
 
 
 def poll() -> Control | None:

@@ -35,7 +35,7 @@ from .config import DaemonConfig
 from .governance import Governance
 from .metrics import NO_METRICS
 from .resources import ResourceGuard
-from .sandboxes import SandboxManager
+from .sandboxes import SandboxLimits, SandboxManager
 from .sessions import SessionManager
 from .snapshots import SandboxState
 from .tracing import NO_TRACING
@@ -147,11 +147,10 @@ class Daemon:
 
     def _start_sandboxes_and_sessions(self) -> None:
         cfg = self.config
-        self.sandboxes = SandboxManager(
-            self.audit, default_ttl_s=cfg.sandbox_ttl_s, max_sandboxes=cfg.max_sandboxes,
-            stream_log_bytes=cfg.stream_log_bytes, policies=self.policies,
-            exec_replay_bytes=cfg.exec_replay_bytes, paused_ttl_s=cfg.paused_ttl_s,
-        )
+        self.sandboxes = SandboxManager(self.audit, SandboxLimits(
+            default_ttl_s=cfg.sandbox_ttl_s, paused_ttl_s=cfg.paused_ttl_s,
+            max_sandboxes=cfg.max_sandboxes, stream_log_bytes=cfg.stream_log_bytes,
+            exec_replay_bytes=cfg.exec_replay_bytes), policies=self.policies)
         self.sandboxes.admission = self.resources.admit
         self.sandboxes.secrets = cfg.secret_store()
         self.sandboxes.metrics = self.metrics

@@ -19,7 +19,10 @@ import contextlib
 import os
 import signal
 import termios
+import threading
 import tty
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
 
 from corral.sandbox import ptys
 
@@ -282,22 +285,20 @@ def _follow_exec(client, sandbox_id: str, argv: list[str], kw: dict, term: RawTe
     return 1, "exec: the stream ended without an exit status"
 
 
+@dataclass
 class _KeyPump:
     """The input thread of exec_on_terminal: the user's keys (SendInput) and window
     changes (Resize) to the command, until a byte on `stop_fd`."""
 
-    def __init__(self, client, sandbox_id: str, term: RawTerminal, stop_fd: int, *,
-                 interactive: bool):
-        self.client = client
-        self.sandbox_id = sandbox_id
-        self.term = term
-        self.stop_fd = stop_fd
-        self.interactive = interactive
-        self._thread = None
+    client: Any
+    sandbox_id: str
+    term: RawTerminal
+    stop_fd: int
+    _: KW_ONLY
+    interactive: bool
+    _thread: threading.Thread | None = field(default=None, init=False)
 
     def start(self, exec_id: str) -> None:
-        import threading
-
         self._thread = threading.Thread(target=self._pump, args=(exec_id,), daemon=True)
         self._thread.start()
 

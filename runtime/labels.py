@@ -201,3 +201,36 @@ def page(items: Iterable, after: int, size: int, seq_of) -> tuple[list, int | No
     chosen = ordered[:size]
     more = len(ordered) > size
     return chosen, (seq_of(chosen[-1]) if more else None)
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """A List request's selector, page size and position, checked; `page()` answers it.
+
+    The page token is bound to the query (`kind` and the request's filters): a token of
+    another listing is INVALID_ARGUMENT, never a silently different page.
+    """
+
+    selector: Selector
+    size: int
+    after: int
+    kind: str
+    query: str
+
+    @classmethod
+    def of(cls, request, kind: str, *filters) -> ListQuery:
+        """From a request with selector, page_size and page_token fields.
+
+        Raises:
+            InvalidSpec: a malformed selector, a page size over the maximum, a bad token.
+        """
+        selector = Selector.parse(request.selector)
+        size = check_page_size(request.page_size)
+        query = "\0".join(str(f) for f in (request.selector, *filters))
+        return cls(selector, size, parse_page_token(request.page_token, kind, query), kind,
+                   query)
+
+    def page(self, items: Iterable, seq_of) -> tuple[list, str]:
+        """This page of items (in seq order) and the token of the next ("" at the end)."""
+        chosen, last = page(items, self.after, self.size, seq_of)
+        return chosen, (page_token(self.kind, self.query, last) if last is not None else "")

@@ -108,6 +108,10 @@ def code_of(exc: BaseException) -> str:
     return "INTERNAL"
 
 
+def _measure_nothing(*_args, **_kwargs) -> None:
+    """A hook with metrics off: nothing is measured, nothing is kept."""
+
+
 class NoMetrics:
     """Metrics off: every hook does nothing and costs one method call."""
 
@@ -122,47 +126,11 @@ class NoMetrics:
         """fn, timed as a spawn of `backend` when metrics are on."""
         return fn
 
-    def sandbox_created(self, backend: str, t0: float) -> None:
-        pass
-
-    def exec_started(self, backend: str, t0: float) -> None:
-        pass
-
-    def interrupt_sent(self, session_id: str) -> None:
-        pass
-
-    def turn_ended(self, session_id: str) -> None:
-        pass
-
-    def session_removed(self, session) -> None:
-        pass
-
-    def entries_sent(self, entries: int, woken_at: float = 0.0) -> None:
-        pass
-
-    def watcher_lagged(self) -> None:
-        pass
-
-    def task_queued(self, task_id: str) -> None:
-        pass
-
-    def task_unqueued(self, task_id: str) -> None:
-        pass
-
-    def task_placed(self, task_id: str) -> None:
-        pass
-
-    def audit_committed(self, t0: float) -> None:
-        pass
-
-    def egress_decision(self, event: dict) -> None:
-        pass
-
-    def probes_ran(self, probes: dict) -> None:
-        pass
-
-    def rpc_failed(self, method: str, exc: BaseException) -> None:
-        pass
+    # The hooks, each the same no-op with metrics off; DaemonMetrics defines each one's
+    # arguments and what it measures.
+    sandbox_created = exec_started = interrupt_sent = turn_ended = session_removed = \
+        entries_sent = watcher_lagged = task_queued = task_unqueued = task_placed = \
+        audit_committed = egress_decision = probes_ran = rpc_failed = _measure_nothing
 
 
 NO_METRICS = NoMetrics()

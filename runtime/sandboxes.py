@@ -233,25 +233,35 @@ class DestroyedSandbox:
     execs: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SandboxLimits:
+    """The daemon's bounds on sandboxes, from its config (runtime/config.py)."""
+
+    #: The longest lifetime (sandbox_ttl): a request may ask for less, never more.
+    default_ttl_s: float = 3600.0
+    #: How long a sandbox may stay paused (paused_ttl): its TTL clock stands still meanwhile.
+    paused_ttl_s: float = 86400.0
+    #: Sandboxes alive at once, sessions' included.
+    max_sandboxes: int = 512
+    #: Replay log of each output stream, in bytes (a lossless one holds a quarter of it).
+    stream_log_bytes: int = 8 << 20
+    #: Output already sent that a lossless stream keeps on top, for a reader that resumes.
+    exec_replay_bytes: int = DEFAULT_EXEC_REPLAY_BYTES
+
+
 class SandboxManager:
     """Every sandbox of the daemon, by id, with tenant checks on each access."""
 
     metrics = NO_METRICS  # the daemon's DaemonMetrics when --metrics is on
     tracing = NO_TRACING  # the daemon's Tracing when --tracing is on
 
-    def __init__(self, audit, *, default_ttl_s: float = 3600.0, max_sandboxes: int = 512,
-                 stream_log_bytes: int = 8 << 20, runtime_dir: str | None = None,
-                 policies: PolicyBook | None = None,
-                 exec_replay_bytes: int = DEFAULT_EXEC_REPLAY_BYTES,
-                 paused_ttl_s: float = 86400.0):
+    def __init__(self, audit, limits: SandboxLimits | None = None, *,
+                 runtime_dir: str | None = None, policies: PolicyBook | None = None):
         self.audit = audit
         #: Each tenant's operator policy (runtime/policy.py): what it may ask for and hold.
         self.policies = policies or PolicyBook(TenantPolicy.tenant_default(), {})
-        self.default_ttl_s = default_ttl_s
-        self.paused_ttl_s = paused_ttl_s
-        self.max_sandboxes = max_sandboxes
-        self.stream_log_bytes = stream_log_bytes
-        self.exec_replay_bytes = exec_replay_bytes
+        #: The daemon's own bounds (lifetimes, count, stream memory).
+        self.limits = limits or SandboxLimits()
         self.runtime_dir = runtime_dir
         self._sandboxes: dict[str, ManagedSandbox] = {}
         self._seq = 0
@@ -322,12 +332,13 @@ class SandboxManager:
         tenant = caller.tenant
         rules.check_count("sandboxes", self.count(tenant) + self._pending_by_tenant.get(
             tenant, 0), "max_sandboxes")
-        if len(self._sandboxes) + self._pending >= self.max_sandboxes:
-            raise ResourceExhausted(f"the daemon already runs {self.max_sandboxes} sandboxes")
-        if ttl_s and ttl_s > self.default_ttl_s:  # refused, never quietly shortened
+        if len(self._sandboxes) + self._pending >= self.limits.max_sandboxes:
+            raise ResourceExhausted(
+                f"the daemon already runs {self.limits.max_sandboxes} sandboxes")
+        if ttl_s and ttl_s > self.limits.default_ttl_s:  # refused, never quietly shortened
             raise InvalidSpec("spec.ttl_s", f"{ttl_s:g} is over the daemon's maximum of "
-                                            f"{self.default_ttl_s:g} (sandbox_ttl)")
-        ttl = rules.ttl(ttl_s, self.default_ttl_s)
+                                            f"{self.limits.default_ttl_s:g} (sandbox_ttl)")
+        ttl = rules.ttl(ttl_s, self.limits.default_ttl_s)
         loop = asyncio.get_running_loop()
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         # a docker sandbox is a container on the engine at the daemon's DOCKER_HOST
@@ -501,10 +512,10 @@ class SandboxManager:
         msb = self.get(caller, sandbox_id)
         if not ttl_s or ttl_s < 1:
             raise InvalidSpec("ttl_s", "must be at least 1 second")
-        if ttl_s > self.default_ttl_s:
+        if ttl_s > self.limits.default_ttl_s:
             raise InvalidSpec("ttl_s", f"{ttl_s:g} is over the daemon's maximum of "
-                                       f"{self.default_ttl_s:g} (sandbox_ttl)")
-        self.policies.of(caller).ttl(ttl_s, self.default_ttl_s, field_name="ttl_s")
+                                       f"{self.limits.default_ttl_s:g} (sandbox_ttl)")
+        self.policies.of(caller).ttl(ttl_s, self.limits.default_ttl_s, field_name="ttl_s")
         before = msb.expires_at
         msb.expires_at = time.time() + ttl_s
         self.audit.append("sandbox.timeout", tenant=caller.tenant, peer=caller.peer,
@@ -675,11 +686,12 @@ class SandboxManager:
                 if msb.destroyed:
                     continue
                 if msb.paused_at:  # its TTL clock stands still; the pause has its own
-                    reason = "paused-ttl" if now - msb.paused_at >= self.paused_ttl_s else ""
+                    reason = "paused-ttl" if now - msb.paused_at >= self.limits.paused_ttl_s else ""
                 else:
                     reason = "ttl" if msb.expires_at <= now else ""
                 if reason:
-                    log.info("sandbox %s reached its %s", msb.id, reason)
+                    log.info("sandbox %s reached its %s", msb.id,
+                             "TTL" if reason == "ttl" else "paused TTL (paused_ttl)")
                     with contextlib.suppress(Exception):
                         await self._destroy(msb, reason, "", "daemon")
 
@@ -801,9 +813,9 @@ class SandboxManager:
         a quarter of stream_log_bytes is unread, and keeps exec_replay_bytes of output
         already sent on top, for a client that drops and resumes."""
         if not lossless:
-            return StreamHub(TokenStream(mode, log_bytes=self.stream_log_bytes))
-        hold = self.stream_log_bytes // 4
-        return StreamHub(TokenStream(mode, log_bytes=hold + self.exec_replay_bytes),
+            return StreamHub(TokenStream(mode, log_bytes=self.limits.stream_log_bytes))
+        hold = self.limits.stream_log_bytes // 4
+        return StreamHub(TokenStream(mode, log_bytes=hold + self.limits.exec_replay_bytes),
                          lossless=True, hold_bytes=hold)
 
     def _expire(self, handle: ExecHandle) -> None:

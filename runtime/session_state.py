@@ -16,15 +16,20 @@ Rules this module keeps:
 * Closing is a request, not a phase: a session asked to close keeps running (and steering
   still reaches it) until its agent exits; the close's reason becomes the exit's reason.
 * A client is told of a turn event only once it has every stream entry the event comes
-  after (`deliverable`), so events and batches never cross on one stream.
+  after (`deliverable`), so events and batches never cross on one stream. News of a
+  delegated task (`TaskNote`, published by `tell`) keeps the same rule.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 from corral.sandbox.errors import Ended, InvalidTransition
+
+#: News of delegated tasks a session keeps for clients that resume.
+TASK_LOG_ENTRIES = 4096
 
 
 class Phase(enum.Enum):
@@ -60,6 +65,25 @@ class Exited:
     reason: str
 
 
+@dataclass(frozen=True)
+class TaskNote:
+    """What the session's agent was told of a task it delegated (protocol v1.1), as its
+    watchers get it: event "accepted", "refused", "update" or "done"."""
+
+    event: str
+    seq: int  # it comes after every stream entry before this one
+    task_id: str = ""
+    ref: str = ""
+    state: str = ""
+    node: str = ""
+    attempt: int = 0
+    progress_json: str = ""
+    result_json: str = ""
+    out_dir: str = ""
+    code: str = ""
+    message: str = ""
+
+
 class SessionTurns:
     """The phase and turn number of one session, and who is told when they change.
 
@@ -67,7 +91,7 @@ class SessionTurns:
     called synchronously, in the order the changes happen.
     """
 
-    __slots__ = ("phase", "turn", "exited", "close_reason", "listeners")
+    __slots__ = ("phase", "turn", "exited", "close_reason", "listeners", "task_log")
 
     def __init__(self) -> None:
         self.phase = Phase.IN_TURN
@@ -76,6 +100,9 @@ class SessionTurns:
         #: Set by the first request_close(): the reason the session's exit will give.
         self.close_reason: str | None = None
         self.listeners: set = set()
+        #: What the agent was told of the tasks it delegated, replayed to a client that
+        #: resumes: the session's log of its deep tasks (the oldest go first).
+        self.task_log: deque[TaskNote] = deque(maxlen=TASK_LOG_ENTRIES)
 
     @property
     def turn_open(self) -> bool:
@@ -131,6 +158,12 @@ class SessionTurns:
         self.exited = Exited(returncode, self.close_reason or reason)
         return self._publish(self.exited)
 
+    def tell(self, note: TaskNote) -> TaskNote:
+        """Log news of a delegated task and publish it to every listener (it changes no
+        phase)."""
+        self.task_log.append(note)
+        return self._publish(note)
+
     def _move(self, to: Phase) -> None:
         """Raises:
         InvalidTransition: TRANSITIONS has no move from the current phase to `to`."""
@@ -150,7 +183,7 @@ def deliverable(event, next_seq: int) -> bool:
     turn's start after the entries before it), so events and batches never cross."""
     if isinstance(event, TurnEnded):
         return next_seq > event.seq
-    if isinstance(event, TurnStarted):
+    if isinstance(event, TurnStarted | TaskNote):
         return next_seq >= event.seq
     return True
 

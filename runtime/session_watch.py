@@ -16,7 +16,8 @@ Rules this module keeps:
   must end (its sessions keep running; a resume comes back).
 * A turn event waits until the client has every entry it follows
   (`session_state.deliverable`); the exit goes out after the last entry, and then the
-  session leaves the stream.
+  session leaves the stream. News of delegated tasks (`TaskNote`) travels the same way,
+  and a stream that resumes after entry N first gets the session's task log after N.
 * A watch-only subscription may not steer.
 """
 
@@ -58,6 +59,9 @@ class Watched:
         self.exited: Exited | None = session.exited
         self.dirty = False
         self.watcher = session.hub.watch(after or None, field="resume.after_seq")
+        for note in session.turns.task_log:  # the news of its deep tasks this client may lack
+            if note.seq > after and watch.owe(watch.event_cost(note)):
+                self.events.append(note)
         # Not kept on self: watched -> bound method -> watched would be a reference cycle
         # holding the session (and its replay log) until the cyclic GC ran; bound methods
         # compare equal, so remove_notify(self.mark) finds it.
@@ -73,7 +77,7 @@ class Watched:
             self.watch.wake()
 
     def put_nowait(self, event) -> None:
-        """SessionTurns listener: turn started or ended, exited."""
+        """SessionTurns listener: turn started or ended, task news, exited."""
         if isinstance(event, Exited):
             self.exited = event
         elif self.watch.owe(self.watch.event_cost(event)):

@@ -24,7 +24,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from corral.ext import EventKind, TokenStream
-from corral.sandbox.errors import CorralError, Ended, InvalidSpec, NotFound
+from corral.sandbox.errors import CorralError, Ended, FailedPrecondition, InvalidSpec, NotFound
 
 from .auth import Caller, check_owner
 from .idempotency import RequestLedger
@@ -33,6 +33,7 @@ from .metrics import NO_METRICS
 from .sandboxes import signal_command
 from .session_state import Exited, SessionTurns
 from .streams import AgentPipes, ControlWriter, StreamHub
+from .tasks.delegation import Delegations
 
 log = logging.getLogger("corral.sessions")
 
@@ -142,6 +143,14 @@ class SessionManager:
         self._seq = 0
         #: SessionStart.request_id (runtime/idempotency.py): session ids by tenant and id.
         self.requests = RequestLedger("session")
+        #: The deep tasks sessions delegate (tasks/delegation.py), once attach_scheduler ran.
+        self.delegations = None
+
+    def attach_scheduler(self, scheduler, max_delegations: int) -> None:
+        """Let sessions delegate deep tasks to scheduler (protocol v1.1), at most
+        max_delegations unfinished ones per session."""
+        self.delegations = Delegations(scheduler, self.sandboxes, self.audit,
+                                       self._sessions.get, max_delegations)
 
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
@@ -160,17 +169,20 @@ class SessionManager:
             self._reaper.cancel()
         await asyncio.gather(*(self._end(s, reason) for s in list(self._sessions.values())),
                              return_exceptions=True)
+        if self.delegations is not None:
+            await self.delegations.close()
 
     # -- opening --------------------------------------------------------------------------
 
     async def open(self, caller: Caller, *, argv: list[str], spec=None, sandbox_id: str = "",
                    env: dict[str, str] | None = None, first_input: str = "",
                    labels: dict[str, str] | None = None, request_id: str = "",
-                   fingerprint: str = "") -> Session:
+                   fingerprint: str = "", delegations_from: str = "") -> Session:
         """Start an agent in a new sandbox (spec) or an existing one (sandbox_id).
 
         Args:
             labels: already checked (runtime/labels.py); a sandbox made for it gets them too.
+            delegations_from: a gone session whose delegated tasks this one takes over.
             request_id, fingerprint: once per request_id of this tenant: a retry with the
                 same fingerprint gets the session the first one started.
 
@@ -181,7 +193,8 @@ class SessionManager:
         if request_id:
             async def make() -> str:
                 session = await self.open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
-                                          env=env, first_input=first_input, labels=labels)
+                                          env=env, first_input=first_input, labels=labels,
+                                          delegations_from=delegations_from)
                 return session.id
 
             session_id, replayed = await self.requests.run(caller.tenant, request_id,
@@ -197,14 +210,21 @@ class SessionManager:
             return session
         if not argv:
             raise InvalidSpec("start.argv", "the agent command is empty")
+        if delegations_from:
+            if self.delegations is None:
+                raise FailedPrecondition("this daemon runs no deep tasks to take over")
+            self.delegations.check_adoptable(caller, delegations_from)
         tenant = caller.tenant
         held = sum(1 for s in self._sessions.values() if s.tenant == tenant)
         self.sandboxes.policies.of(caller).check_count(
             "sessions", held + self._opening.get(tenant, 0), "max_sessions")
         self._opening[tenant] = self._opening.get(tenant, 0) + 1
         try:
-            return await self._open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
-                                    env=env, first_input=first_input, labels=labels or {})
+            session = await self._open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
+                                       env=env, first_input=first_input, labels=labels or {})
+            if delegations_from:
+                await self.delegations.adopt(caller, session, delegations_from)
+            return session
         finally:
             self._opening[tenant] -= 1
             if not self._opening[tenant]:
@@ -322,9 +342,13 @@ class SessionManager:
                            sandbox_id=session.sandbox_id, session_id=session.id,
                            detail={"turn": session.turn, "protocol": session.protocol_seen})
 
-    async def close(self, caller: Caller, session: Session) -> None:
+    async def close(self, caller: Caller, session: Session, detach: bool = False) -> None:
+        """End the session; its unfinished delegations are cancelled unless detach."""
         self.audit.append("session.close", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=session.sandbox_id, session_id=session.id, detail={})
+                          sandbox_id=session.sandbox_id, session_id=session.id,
+                          detail={"detach": True} if detach else {})
+        if self.delegations is not None:
+            await self.delegations.session_closing(caller, session.id, detach)
         await self._end(session, "closed")
 
     # -- internals ------------------------------------------------------------------------
@@ -345,6 +369,9 @@ class SessionManager:
 
     def _on_agent_event(self, session: Session | None, event) -> None:
         if session is None:  # gone already: nobody is left to tell
+            return
+        if event.kind == EventKind.TOOL_CALL and self.delegations is not None:
+            self.delegations.on_tool_call(session, event.payload)
             return
         if event.kind == EventKind.TURN_END and session.turns.turn_open:
             try:
@@ -448,4 +475,7 @@ class SessionManager:
                         self.audit.append("session.idle", tenant=session.tenant, peer="daemon",
                                           sandbox_id=session.sandbox_id, session_id=session.id,
                                           detail={"idle_ttl_s": self.idle_ttl_s})
+                        if self.delegations is not None:  # abandoned: its tasks go too
+                            await self.delegations.session_closing(
+                                Caller(session.tenant, "daemon"), session.id, detach=False)
                     await self._end(session, "idle")

@@ -61,6 +61,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import operator
 import os
 import select
 import threading
@@ -102,8 +103,15 @@ DEFAULT_CONTROL_QUEUE_BYTES = 4 << 20  # control bytes queued for an agent that 
 DEFAULT_COALESCE_ENTRIES = 64  # coalescing: a batch of fewer entries is "tiny"
 
 # frame kinds, header and limits are the agent protocol's (corral.ext.agent, its one home)
-_INTERRUPT_FRAME = protocol.encode_frame(protocol.INTERRUPT)
-_SHUTDOWN_FRAME = protocol.encode_frame(protocol.SHUTDOWN)
+# the payload-less control frames: at most one of each kind waits in a queue (later sends
+# merge into it), so each is encoded once here
+_MERGED_FRAMES = {kind: protocol.encode_frame(kind)
+                  for kind in (protocol.INTERRUPT, protocol.SHUTDOWN)}
+
+
+def _read_only(attr: str, doc: str | None = None) -> property:
+    """A property that reads the private attribute `attr`: state only its object changes."""
+    return property(operator.attrgetter(attr), doc=doc)
 
 
 class SeqOutOfRange(InvalidSpec, ValueError):
@@ -406,24 +414,12 @@ class StreamHub:
 
     # --- input ------------------------------------------------------------------------
 
-    @property
-    def stream(self) -> TokenStream:
-        return self._stream
-
-    @property
-    def eof(self) -> bool:
-        """Input ended (EOF, a read error, or close()); nothing more will be read."""
-        return self._eof
-
-    @property
-    def ended(self) -> bool:
-        """No entry will be added any more; watchers end after the tail."""
-        return self._ended
-
-    @property
-    def error(self) -> OSError | None:
-        """The read error that ended input, or None (clean EOF, still reading, close())."""
-        return self._error
+    stream = _read_only("_stream")
+    eof = _read_only(
+        "_eof", "Input ended (EOF, a read error, or close()); nothing more will be read.")
+    ended = _read_only("_ended", "No entry will be added any more; watchers end after the tail.")
+    error = _read_only(
+        "_error", "The read error that ended input, or None (clean EOF, still reading, close()).")
 
     def attach_fd(self, fd: int, *, loop: asyncio.AbstractEventLoop | None = None,
                   owns_fd: bool = True) -> None:
@@ -531,10 +527,8 @@ class StreamHub:
                 if self._fd is not None:
                     self._start_reading()
 
-    @property
-    def paused(self) -> bool:
-        """A lossless hub that stopped reading until a watcher takes what it holds."""
-        return self._paused
+    paused = _read_only(
+        "_paused", "A lossless hub that stopped reading until a watcher takes what it holds.")
 
     def _reactor_read(self, n: int, appended: int) -> None:
         # The compiled path's twin of _on_readable: the reactor (ext/_reactor.pyx) made the
@@ -546,6 +540,11 @@ class StreamHub:
             self._end_input(OSError(-n, os.strerror(-n)) if n else None)
             return
         self._read_calls += 1
+        self._after_read(n, appended)
+
+    def _after_read(self, n: int, appended: int) -> None:
+        """Count a read of n bytes that appended entries (either path: the reactor's or
+        _on_readable), then hand its events on and wake watchers waiting for entries."""
         self._bytes_read += n
         if n > self._max_per_event:
             self._max_per_event = n
@@ -577,18 +576,7 @@ class StreamHub:
         if n == 0:
             self._end_input(None)
             return
-        self._bytes_read += n
-        if n > self._max_per_event:
-            self._max_per_event = n
-        if n == self._read_budget:
-            self._budget_cuts += 1
-        appended = self._stream.feed(self._view[:n])
-        self._entries += appended
-        if self._lossless:
-            self._record_read(n, appended)
-        self._dispatch_events()
-        if appended and (self._waiting or self._filling or self._notify):
-            self._wake()
+        self._after_read(n, self._stream.feed(self._view[:n]))
 
     def _dispatch_events(self) -> None:
         next_event = self._stream.next_event
@@ -820,9 +808,7 @@ class Watcher:
         """Entries evicted before this watcher read them, ever (each batch also says so)."""
         return self._cursor.statistics().lost_entries
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    closed = _read_only("_closed")
 
     @property
     def finished(self) -> bool:
@@ -1029,8 +1015,8 @@ class ControlWriter:
         self._reason = ""
         self._drained = asyncio.Event()
         self._drained.set()
-        self._pending_interrupts = 0  # INTERRUPT frames queued and not yet fully written
-        self._pending_shutdowns = 0
+        # INTERRUPT and SHUTDOWN frames queued and not yet fully written, by kind
+        self._pending = dict.fromkeys(_MERGED_FRAMES, 0)
         # counters
         self._frames_sent = 0
         self._bytes_written = 0
@@ -1041,15 +1027,10 @@ class ControlWriter:
         # asyncio's selector turns that into a "readable" callback: early EPIPE detection.
         loop.add_reader(fd, self._on_peer_event)
 
-    @property
-    def closed(self) -> bool:
-        """No more frames can be sent: close() was called or the agent closed its end."""
-        return self._closed
-
-    @property
-    def peer_closed(self) -> bool:
-        """The agent closed its end of the control pipe (EPIPE)."""
-        return self._peer_closed
+    closed = _read_only(
+        "_closed", "No more frames can be sent: close() was called or the agent closed its end.")
+    peer_closed = _read_only(
+        "_peer_closed", "The agent closed its end of the control pipe (EPIPE).")
 
     def send_input(self, text: str) -> None:
         """Send an INPUT frame (steering text).
@@ -1065,6 +1046,20 @@ class ControlWriter:
                                        f"{protocol.MAX_CONTROL_PAYLOAD} bytes (1 MiB)")
         self._send(protocol.encode_frame(protocol.INPUT, payload), protocol.INPUT)
 
+    def send_frame(self, kind: int, payload: bytes) -> None:
+        """Send a protocol v1.1 task frame (TASK_ACCEPTED ... TASK_DONE), bounded like INPUT.
+
+        Raises:
+            ControlQueueFull: frames are already queued and this one would pass the bound.
+            ControlClosed: the pipe is closed.
+        """
+        frame = protocol.encode_frame(kind, payload)
+        if self._queue and self._queued + len(frame) > self._max:
+            self._check_open()
+            self._refused += 1
+            raise ControlQueueFull(self._queued, self._max, len(frame))
+        self._send(frame, kind)
+
     def send_interrupt(self) -> bool:
         """Send an INTERRUPT frame; False when one is still queued (the two are merged).
 
@@ -1073,12 +1068,7 @@ class ControlWriter:
         Raises:
             ControlClosed: the pipe is closed.
         """
-        if self._pending_interrupts:
-            self._check_open()
-            self._merged += 1
-            return False
-        self._send(_INTERRUPT_FRAME, protocol.INTERRUPT)
-        return True
+        return self._send_merged(protocol.INTERRUPT)
 
     def send_shutdown(self) -> bool:
         """Send a SHUTDOWN frame; False when one is still queued (the two are merged).
@@ -1086,11 +1076,17 @@ class ControlWriter:
         Raises:
             ControlClosed: the pipe is closed.
         """
-        if self._pending_shutdowns:
+        return self._send_merged(protocol.SHUTDOWN)
+
+    def _send_merged(self, kind: int) -> bool:
+        """Send the payload-less frame `kind` unless one is still queued: an agent gains
+        nothing from two interrupts (or shutdowns) in a row, so the second is counted as
+        merged and False is returned."""
+        if self._pending[kind]:
             self._check_open()
             self._merged += 1
             return False
-        self._send(_SHUTDOWN_FRAME, protocol.SHUTDOWN)
+        self._send(_MERGED_FRAMES[kind], kind)
         return True
 
     def _check_open(self) -> None:
@@ -1121,10 +1117,8 @@ class ControlWriter:
     def _enqueue(self, rest: memoryview, kind: int) -> None:
         self._queue.append((rest, kind))
         self._queued += len(rest)
-        if kind == protocol.INTERRUPT:
-            self._pending_interrupts += 1
-        elif kind == protocol.SHUTDOWN:
-            self._pending_shutdowns += 1
+        if kind in self._pending:
+            self._pending[kind] += 1
         if self._queued > self._high_water:
             self._high_water = self._queued
         if not self._writing:
@@ -1153,10 +1147,8 @@ class ControlWriter:
                 return
             queue.popleft()
             self._frames_sent += 1
-            if kind == protocol.INTERRUPT:
-                self._pending_interrupts -= 1
-            elif kind == protocol.SHUTDOWN:
-                self._pending_shutdowns -= 1
+            if kind in self._pending:
+                self._pending[kind] -= 1
         self._writing = False
         self._loop.remove_writer(fd)  # type: ignore[arg-type]
         self._drained.set()
@@ -1196,7 +1188,7 @@ class ControlWriter:
         self._writing = False
         self._queue.clear()
         self._queued = 0
-        self._pending_interrupts = self._pending_shutdowns = 0
+        self._pending = dict.fromkeys(_MERGED_FRAMES, 0)
         self._drained.set()
 
     def close(self) -> None:

@@ -241,6 +241,9 @@ def _pax_records(raw: bytes, where: str) -> dict[str, str]:
 
 @dataclass
 class ExtractReport:
+    """What an extraction wrote, by kind; `skipped` entries (devices, FIFOs) were left out
+    and the first MAX_SKIPPED_NAMES of them are named."""
+
     files: int = 0
     dirs: int = 0
     symlinks: int = 0

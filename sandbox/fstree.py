@@ -23,6 +23,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from corral.ext.sparse import data_ranges
+
 #: Directory descriptors one walk or removal keeps open at most.
 MAX_OPEN_DIRS = 32
 #: Names read from one directory at most by a walk (a removal reads them all, in batches).
@@ -252,6 +254,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def syncfs(path: str) -> None:
+    """Flush everything written to the filesystem that holds path (one syncfs(2) instead
+    of an fsync per file of a tree just written, e.g. an unpacked layer)."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
 def write_synced(path: str, data: bytes, *, exclusive: bool = False) -> None:
     """Write data to a file (mode 0600) and fsync it before returning. exclusive: the file
     must not exist yet (O_EXCL); otherwise it is truncated. The name itself is durable
@@ -391,34 +407,6 @@ def open_file(dir_fd: int, name: str) -> int | None:
 
 
 # -- sparse files -----------------------------------------------------------------------------
-
-
-def data_ranges(fd: int, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
-    """(start, stop) of the data of a file from offset to end (its size), skipping holes."""
-    if end is None:
-        end = os.fstat(fd).st_size
-    pos = offset
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole from pos on
-                return
-            if exc.errno == errno.EINVAL:  # no SEEK_DATA here: all of it is data
-                yield pos, end
-                return
-            raise
-        if data >= end:
-            return
-        try:
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-        except OSError:
-            hole = end
-        stop = min(hole, end)
-        if stop <= data:
-            return
-        yield data, stop
-        pos = stop
 
 
 def copy_file(src_fd: int, dst_fd: int, budget: int) -> tuple[int, bool]:

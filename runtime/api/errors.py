@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -136,24 +137,32 @@ async def _abort(servicer, context, exc: Exception, method: str) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
 
 
+@contextlib.asynccontextmanager
+async def _rpc_scope(servicer, request, context, name: str):
+    """The frame every servicer method runs in: its request weighed and bound to the log,
+    a trace span, and any error but an abort turned into a gRPC status (_abort)."""
+    # what the request weighs against the tenant's rate (Servicer.caller charges it)
+    current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
+    bind_request(request)  # its ids on this RPC's log lines
+    span = getattr(servicer.daemon, "tracing", NO_TRACING).rpc(name)
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        span.failed(code_of(exc), str(exc))
+        await _abort(servicer, context, exc, name)
+    finally:
+        span.end()
+
+
 def unary(method):
     """Wrap a unary servicer coroutine: CorralError -> its status; a bug -> INTERNAL."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        # what the request weighs against the tenant's rate (Servicer.caller charges it)
-        current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
-        bind_request(request)  # its ids on this RPC's log lines
-        span = getattr(self.daemon, "tracing", NO_TRACING).rpc(method.__qualname__)
-        try:
+        async with _rpc_scope(self, request, context, method.__qualname__):
             return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            span.failed(code_of(exc), str(exc))
-            await _abort(self, context, exc, method.__qualname__)
-        finally:
-            span.end()
 
     return wrapper
 
@@ -163,18 +172,8 @@ def streaming(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
-        bind_request(request)
-        span = getattr(self.daemon, "tracing", NO_TRACING).rpc(method.__qualname__)
-        try:
+        async with _rpc_scope(self, request, context, method.__qualname__):
             async for item in method(self, request, context):
                 yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            span.failed(code_of(exc), str(exc))
-            await _abort(self, context, exc, method.__qualname__)
-        finally:
-            span.end()
 
     return wrapper

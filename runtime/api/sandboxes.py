@@ -12,7 +12,7 @@ from corral.sandbox.seccomp import requested_profile
 from corral.sandbox.spec import SecretBinding
 from corral.v1 import sandbox_pb2 as pb
 
-from ..labels import Selector, check_labels, check_page_size, page, page_token, parse_page_token
+from ..labels import ListQuery, check_labels
 from .errors import Servicer, streaming, unary
 from .wire import field_bytes, field_varint, varint
 
@@ -264,20 +264,16 @@ class SandboxesServicer(Servicer):
     @unary
     async def List(self, request, context):
         caller = self.caller(context)
-        selector = Selector.parse(request.selector)
-        size = check_page_size(request.page_size)
         if request.state not in pb.SandboxState.values():
             raise InvalidSpec("state", f"{request.state} is not a SandboxState")
-        destroyed = request.state == pb.SANDBOX_STATE_DESTROYED
-        found = self.manager.find(caller, selector, destroyed=destroyed)
+        listing = ListQuery.of(request, "sandboxes", request.state or pb.SANDBOX_STATE_RUNNING)
+        found = self.manager.find(caller, listing.selector,
+                                  destroyed=request.state == pb.SANDBOX_STATE_DESTROYED)
         if request.state == pb.SANDBOX_STATE_PAUSED:
             found = [m for m in found if m.paused_at]
-        query = f"{request.selector}\0{request.state or pb.SANDBOX_STATE_RUNNING}"
-        after = parse_page_token(request.page_token, "sandboxes", query)
-        chosen, last = page(found, after, size, lambda m: m.seq)
-        return pb.ListSandboxesResponse(
-            sandboxes=[sandbox_to_proto(m) for m in chosen],
-            next_page_token=page_token("sandboxes", query, last) if last is not None else "")
+        chosen, token = listing.page(found, lambda m: m.seq)
+        return pb.ListSandboxesResponse(sandboxes=[sandbox_to_proto(m) for m in chosen],
+                                        next_page_token=token)
 
     @unary
     async def Pause(self, request, context):

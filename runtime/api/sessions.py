@@ -14,10 +14,10 @@ import logging
 from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
 from corral.v1 import session_pb2 as pb
 
-from ..labels import Selector, check_labels, check_page_size, page, page_token, parse_page_token
+from ..labels import ListQuery, check_labels
 from ..metrics import NO_METRICS
 from ..policy import RateLimited
-from ..session_state import Exited, TurnEnded, TurnStarted
+from ..session_state import Exited, TaskNote, TurnEnded, TurnStarted
 from ..session_watch import MAX_REF_BYTES, STEERING, SessionWatch, Watched
 from ..streams import DEFAULT_BATCH_BYTES
 from .bounds import (
@@ -50,11 +50,17 @@ def _session_event(ev) -> bytes:
         return _event(turn_ended=pb.TurnEnded(turn=ev.turn, status=ev.status, seq=ev.seq))
     if isinstance(ev, Exited):
         return _event(exited=pb.SessionExited(returncode=ev.returncode, reason=ev.reason))
+    if isinstance(ev, TaskNote):
+        return _event(task=pb.SessionTaskEvent(**ev.__dict__))
     raise TypeError(ev)
 
 
 def _cost(event) -> int:
-    """What a queued turn event counts against QUEUED_BYTES (its status is the agent's)."""
+    """What a queued turn event counts against QUEUED_BYTES (its status, or a task note's
+    JSON, is the agent's)."""
+    if isinstance(event, TaskNote):
+        return (EVENT_COST_BYTES + len(event.progress_json) + len(event.result_json)
+                + len(event.message))
     return EVENT_COST_BYTES + len(getattr(event, "status", ""))
 
 
@@ -324,9 +330,9 @@ class _Stream(SessionWatch):
         elif kind == "interrupt":
             manager.interrupt(caller, session)
         elif self.single:
-            await manager.close(caller, session)
+            await manager.close(caller, session, req.close.detach)
         else:
-            self._spawn(manager.close(caller, session), sub.ref)
+            self._spawn(manager.close(caller, session, req.close.detach), sub.ref)
 
     def _spawn(self, coro, ref: str | None = None) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -419,17 +425,14 @@ class SessionsServicer(Servicer):
     @unary
     async def List(self, request, context):
         caller = self.caller(context)
-        selector = Selector.parse(request.selector)
-        size = check_page_size(request.page_size)
         if request.state not in SESSION_STATES:
             raise InvalidSpec("state", f"{request.state} is not a SessionState")
-        query = f"{request.selector}\0{request.state}"
-        after = parse_page_token(request.page_token, "sessions", query)
-        chosen, last = page(self.manager.find(caller, selector, SESSION_STATES[request.state]),
-                            after, size, lambda s: s.seq)
-        return pb.ListSessionsResponse(
-            sessions=[session_info(s) for s in chosen],
-            next_page_token=page_token("sessions", query, last) if last is not None else "")
+        listing = ListQuery.of(request, "sessions", request.state)
+        chosen, token = listing.page(
+            self.manager.find(caller, listing.selector, SESSION_STATES[request.state]),
+            lambda s: s.seq)
+        return pb.ListSessionsResponse(sessions=[session_info(s) for s in chosen],
+                                       next_page_token=token)
 
 
 def _start_kwargs(start) -> dict:
@@ -439,7 +442,8 @@ def _start_kwargs(start) -> dict:
               spec=spec_from_proto(start.spec) if target != "sandbox_id" else None,
               sandbox_id=start.sandbox_id if target == "sandbox_id" else "",
               env=dict(start.env), first_input=start.input,
-              labels=check_labels(start.labels, "start.labels"))
+              labels=check_labels(start.labels, "start.labels"),
+              delegations_from=start.delegations_from)
     if start.request_id:
         # what a retry under the same request_id must ask for: the start without its id
         same = pb.SessionStart()

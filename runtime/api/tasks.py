@@ -70,7 +70,8 @@ def task_to_proto(task) -> pb.Task:
         updated_at=task.updated_at, progress_json=task.progress_json, reason=task.reason,
         result_json=task.result_json, checkpoint_seq=task.checkpoint_seq,
         started_at=task.started_at, finished_at=task.finished_at, exit_code=task.exit_code,
-        devices=list(task.devices), request_id=task.request_id)
+        devices=list(task.devices), request_id=task.request_id,
+        parent_session=task.parent_session)
 
 
 def node_to_proto(node, tasks=None) -> pb.Node:
@@ -88,17 +89,26 @@ class TasksServicer(Servicer):
         self.scheduler = daemon.scheduler
         self._result_reads = asyncio.Semaphore(RESULT_READS)
 
+    def _parent(self, caller, request) -> str:
+        """The request's parent_session, once it is known to be a session of the caller's
+        tenant (another tenant's is NOT_FOUND, like an unknown id, and audited)."""
+        if request.parent_session:
+            self.daemon.sessions.get(caller, request.parent_session)
+        return request.parent_session
+
     @unary
     async def Submit(self, request, context):
         caller = self.caller(context)
         task = await self.scheduler.submit(caller, spec_from_proto(request.spec),
-                                           request.request_id)
+                                           request.request_id,
+                                           parent_session=self._parent(caller, request))
         # The answer echoes the request's spec (no need to rebuild it from the domain
         # object) with what the task holds: the cpu and memory it got by default.
         answer = pb.Task(id=task.id, tenant=task.tenant, spec=request.spec,
                          state=int(task.state), submitted_at=task.submitted_at,
                          updated_at=task.updated_at, node=task.node, attempt=task.attempt,
-                         reason=task.reason, request_id=task.request_id)
+                         reason=task.reason, request_id=task.request_id,
+                         parent_session=task.parent_session)
         answer.spec.resources.update(task.spec.resources)
         return answer
 
@@ -115,7 +125,8 @@ class TasksServicer(Servicer):
             async for request in request_iterator:
                 try:
                     item = sched.admit(caller, spec_from_proto(request.spec),
-                                       request.request_id)
+                                       request.request_id,
+                                       parent_session=self._parent(caller, request))
                 except CorralError as exc:
                     # only the status and a bounded message wait: the exception would
                     # keep its traceback, and with it the refused request, alive
@@ -157,11 +168,11 @@ class TasksServicer(Servicer):
             except ValueError:
                 raise InvalidSpec("state", f"{request.state} is not a TaskState value") from None
         selector = Selector.parse(request.selector)
-        query = f"{request.selector}\0{request.state}"
+        query = f"{request.selector}\0{request.state}\0{request.parent_session}"
         before = parse_page_token(request.page_token, "tasks", query)
         limit = request.limit or 1000
         tasks = self.scheduler.list(caller, state, limit=limit + 1, selector=selector,
-                                    before_seq=before)
+                                    before_seq=before, parent_session=request.parent_session)
         more = len(tasks) > limit
         tasks = tasks[:limit]
         return pb.ListTasksResponse(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import NamedTuple
 
 from .exits import EXIT_USAGE
 from .output import fail
@@ -26,137 +27,139 @@ start, public half in .pub) or signing_command + signing_public_key, checkpoint_
 checkpoint_interval (60s), and [audit.sinks.NAME] tables: type = file|syslog|otlp."""
 
 
+class _Flag(NamedTuple):
+    """One `corral daemon` flag and the --config setting it overrides."""
+
+    name: str
+    metavar: str | None
+    help: str
+    type: type | None = None
+    choices: tuple[str, ...] | None = None
+    #: the setting's name where it is not the flag's ("workspace_bytes" for --workspace-size)
+    setting: str = ""
+    #: how the flag's text becomes the setting's value: a key of _readers(); "" as it is
+    read: str = ""
+
+    @property
+    def dest(self) -> str:
+        return self.name[2:].replace("-", "_")
+
+
+#: Where it listens and keeps its state, TLS, lifetimes, and workspace and disk caps.
+_SERVING_FLAGS = (
+    _Flag("--socket", "PATH", "unix socket, mode 0600 (default: $XDG_RUNTIME_DIR/corral.sock "
+                              "or /run/corral/corral.sock)"),
+    _Flag("--listen", "HOST:PORT", "also listen on TCP; clients need a tenant's bearer token"),
+    _Flag("--state", "DIR", "state directory: audit.db (default: /var/lib/corral)"),
+    _Flag("--tls-cert", "PEM", "TLS certificate for --listen"),
+    _Flag("--tls-key", "PEM", "TLS private key for --listen"),
+    _Flag("--tls-client-ca", "PEM", "require client certificates signed by this CA (mTLS)"),
+    _Flag("--session-idle-ttl", "DURATION",
+          "reap a session nobody watched for this long (default: 5m)",
+          setting="session_idle_ttl_s", read="duration"),
+    _Flag("--sandbox-ttl", "DURATION", "longest life of a sandbox (default: 1h)",
+          setting="sandbox_ttl_s", read="duration"),
+    _Flag("--max-sandboxes", "N", "most sandboxes at once (default: 512)", type=int),
+    _Flag("--workspace-root", "DIR",
+          "root-only directory of every workspace, each a tmpfs mounted nosuid,nodev with a "
+          "byte and inode cap (default: /run/corral/workspaces)"),
+    _Flag("--workspace-size", "SIZE",
+          "byte cap of one workspace; its bytes are memory, charged to the sandbox's memory "
+          "limit (default: 1G)", setting="workspace_bytes", read="size"),
+    _Flag("--workspace-inodes", "N", "inode (file) cap of one workspace (default: 65536)",
+          type=int),
+    _Flag("--disk-reserve", "SIZE",
+          "bytes kept in <state>/.reserve and released when the state filesystem fills, so "
+          "audit and task records still write; new work is refused (RESOURCE_EXHAUSTED, "
+          "health NOT_SERVING) until twice that is free (default: 64M, at most 5%% of the "
+          "filesystem)", setting="disk_reserve_bytes", read="size_or_zero"),
+)
+
+#: Metrics, spans and the log format: all off or plain unless asked for.
+_TELEMETRY_FLAGS = (
+    _Flag("--metrics", "HOST:PORT",
+          "serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9464 (port 0: "
+          "any free one, recorded as metrics_port in daemon.start); loopback only unless "
+          "--metrics-public; default: off (docs/operations.md lists every metric)"),
+    _Flag("--tracing", "otlp|file:PATH",
+          "OpenTelemetry spans per RPC and per sandbox phase: otlp (OTLP/gRPC to "
+          "$OTEL_EXPORTER_OTLP_ENDPOINT; pip install 'corral[otlp]') or file:PATH (one JSON "
+          "object a span); default: off, nothing imported"),
+    _Flag("--log-format", None,
+          "daemon log on stderr: text (default) or json, one object a line with time, level, "
+          "logger, message and the tenant, sandbox, session and task ids when known",
+          choices=("text", "json")),
+)
+
+#: How the audit log is checked, cut into segments and pruned; how long finished tasks stay.
+_AUDIT_AND_RETENTION_FLAGS = (
+    _Flag("--verify-audit", None,
+          "audit check at start: 'tail' checks the head anchor and the records past it; "
+          "'full' re-hashes every record of every segment (streamed) and refuses to start on "
+          "a broken chain (default: tail)", choices=("full", "tail")),
+    _Flag("--audit-segment-records", "N",
+          "seal the active audit segment into <state>/audit.db.segments/ at N records, its "
+          "audit.seal included; each segment's first record chains to the previous seal, so "
+          "`corral audit verify` still proves the whole history (default: 100000; 0: no "
+          "limit)", type=int),
+    _Flag("--audit-segment-size", "SIZE",
+          "... or at about SIZE of record content (default: 64M; 0: none)",
+          setting="audit_segment_bytes", read="size_or_zero"),
+    _Flag("--audit-retention", "DURATION",
+          "remove sealed audit segments whose last record is older than this (e.g. 90d), at "
+          "start and at each rotation, after an audit.prune record 'pruned up to seq N, hash "
+          "H' that verify checks (default: forever)",
+          setting="audit_retention_s", read="retention"),
+    _Flag("--task-retention", "DURATION",
+          "remove a finished task (its row, RESULT, output files, log, checkpoint) and a lost "
+          "attempt's workspace this long after it ended, behind a task.expired record; 0: "
+          "keep them (default: 7d)", setting="task_retention_s", read="retention"),
+    _Flag("--mux-interval-ms", "MS",
+          "Sessions.OpenMany: least ms between two messages of one stream; its sessions' "
+          "news travels together (default: 2; 0: at once)", type=float),
+)
+
+_FLAGS = (*_SERVING_FLAGS, *_TELEMETRY_FLAGS, *_AUDIT_AND_RETENTION_FLAGS)
+
+
 def add_parsers(sub) -> None:
     daemon = sub.add_parser(
         "daemon", help="run the gRPC daemon",
         description=DAEMON_DESCRIPTION,
         epilog=DAEMON_EPILOG,
     )
-    _add_serving_flags(daemon)
-    _add_telemetry_flags(daemon)
-    _add_audit_and_retention_flags(daemon)
-    daemon.add_argument("--mux-interval-ms", metavar="MS", type=float,
-                        help="Sessions.OpenMany: least ms between two messages of one stream; "
-                             "its sessions' news travels together (default: 2; 0: at once)")
+    daemon.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    for flag in _FLAGS:
+        daemon.add_argument(flag.name, metavar=flag.metavar, help=flag.help, type=flag.type,
+                            choices=flag.choices)
+    daemon.add_argument("--metrics-public", action="store_true", default=None,
+                        help="allow a --metrics address that is not loopback")
     daemon.set_defaults(handler=cmd_daemon)
 
 
-def _add_serving_flags(p: argparse.ArgumentParser) -> None:
-    """Where it listens and keeps its state, TLS, lifetimes, and workspace and disk caps."""
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--socket", metavar="PATH",
-                   help="unix socket, mode 0600 (default: $XDG_RUNTIME_DIR/corral.sock "
-                        "or /run/corral/corral.sock)")
-    p.add_argument("--listen", metavar="HOST:PORT",
-                   help="also listen on TCP; clients need a tenant's bearer token")
-    p.add_argument("--state", metavar="DIR",
-                   help="state directory: audit.db (default: /var/lib/corral)")
-    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate for --listen")
-    p.add_argument("--tls-key", metavar="PEM", help="TLS private key for --listen")
-    p.add_argument("--tls-client-ca", metavar="PEM",
-                   help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--session-idle-ttl", metavar="DURATION",
-                   help="reap a session nobody watched for this long (default: 5m)")
-    p.add_argument("--sandbox-ttl", metavar="DURATION",
-                   help="longest life of a sandbox (default: 1h)")
-    p.add_argument("--max-sandboxes", metavar="N", type=int,
-                   help="most sandboxes at once (default: 512)")
-    p.add_argument("--workspace-root", metavar="DIR",
-                   help="root-only directory of every workspace, each a tmpfs mounted "
-                        "nosuid,nodev with a byte and inode cap (default: "
-                        "/run/corral/workspaces)")
-    p.add_argument("--workspace-size", metavar="SIZE",
-                   help="byte cap of one workspace; its bytes are memory, charged to the "
-                        "sandbox's memory limit (default: 1G)")
-    p.add_argument("--workspace-inodes", metavar="N", type=int,
-                   help="inode (file) cap of one workspace (default: 65536)")
-    p.add_argument("--disk-reserve", metavar="SIZE",
-                   help="bytes kept in <state>/.reserve and released when the state "
-                        "filesystem fills, so audit and task records still write; new "
-                        "work is refused (RESOURCE_EXHAUSTED, health NOT_SERVING) until "
-                        "twice that is free (default: 64M, at most 5%% of the filesystem)")
+def _readers() -> dict:
+    """How a flag's text is read into its setting's value (imported on use: `corral daemon`
+    only, never another verb, pays for the sandbox modules these load)."""
+    from corral.runtime import config
+    from corral.sandbox.spec import parse_duration, parse_size
 
-
-def _add_telemetry_flags(p: argparse.ArgumentParser) -> None:
-    """Metrics, spans and the log format: all off or plain unless asked for."""
-    p.add_argument("--metrics", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. "
-                        "127.0.0.1:9464 (port 0: any free one, recorded as metrics_port "
-                        "in daemon.start); loopback only unless --metrics-public; "
-                        "default: off (docs/operations.md lists every metric)")
-    p.add_argument("--metrics-public", action="store_true", default=None,
-                   help="allow a --metrics address that is not loopback")
-    p.add_argument("--tracing", metavar="otlp|file:PATH",
-                   help="OpenTelemetry spans per RPC and per sandbox phase: otlp "
-                        "(OTLP/gRPC to $OTEL_EXPORTER_OTLP_ENDPOINT; pip install "
-                        "'corral[otlp]') or file:PATH (one JSON object a span); "
-                        "default: off, nothing imported")
-    p.add_argument("--log-format", choices=("text", "json"),
-                   help="daemon log on stderr: text (default) or json, one object a "
-                        "line with time, level, logger, message and the tenant, "
-                        "sandbox, session and task ids when known")
-
-
-def _add_audit_and_retention_flags(p: argparse.ArgumentParser) -> None:
-    """How the audit log is checked, cut into segments and pruned; how long finished tasks stay."""
-    p.add_argument("--verify-audit", choices=("full", "tail"),
-                   help="audit check at start: 'tail' checks the head anchor and the "
-                        "records past it; 'full' re-hashes every record of every segment "
-                        "(streamed) and refuses to start on a broken chain (default: tail)")
-    p.add_argument("--audit-segment-records", metavar="N", type=int,
-                   help="seal the active audit segment into <state>/audit.db.segments/ "
-                        "at N records, its audit.seal included; each segment's first "
-                        "record chains to the previous seal, so `corral audit verify` "
-                        "still proves the whole history (default: 100000; 0: no limit)")
-    p.add_argument("--audit-segment-size", metavar="SIZE",
-                   help="... or at about SIZE of record content (default: 64M; 0: none)")
-    p.add_argument("--audit-retention", metavar="DURATION",
-                   help="remove sealed audit segments whose last record is older than "
-                        "this (e.g. 90d), at start and at each rotation, after an "
-                        "audit.prune record 'pruned up to seq N, hash H' that verify "
-                        "checks (default: forever)")
-    p.add_argument("--task-retention", metavar="DURATION",
-                   help="remove a finished task (its row, RESULT, output files, log, "
-                        "checkpoint) and a lost attempt's workspace this long after it "
-                        "ended, behind a task.expired record; 0: keep them (default: 7d)")
+    return {"size": parse_size, "size_or_zero": config.size_or_zero,
+            "duration": parse_duration, "retention": config.retention_seconds}
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from corral.runtime import config, daemon
     from corral.sandbox.errors import InvalidSpec
-    from corral.sandbox.spec import parse_duration, parse_size
 
+    readers = _readers()
     try:
-        overrides = {
-            "socket": args.socket, "listen": args.listen, "state": args.state,
-            "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-            "tls_client_ca": args.tls_client_ca, "max_sandboxes": args.max_sandboxes,
-            "mux_interval_ms": args.mux_interval_ms,
-            "workspace_root": args.workspace_root, "workspace_inodes": args.workspace_inodes,
-            "workspace_bytes": (parse_size(args.workspace_size, "workspace-size")
-                                if args.workspace_size else None),
-            "disk_reserve_bytes": (config.size_or_zero(args.disk_reserve, "disk-reserve")
-                                   if args.disk_reserve else None),
-            "session_idle_ttl_s": (parse_duration(args.session_idle_ttl, "session-idle-ttl")
-                                   if args.session_idle_ttl else None),
-            "sandbox_ttl_s": (parse_duration(args.sandbox_ttl, "sandbox-ttl")
-                              if args.sandbox_ttl else None),
-            "verify_audit": args.verify_audit,
-            "audit_segment_records": args.audit_segment_records,
-            "audit_segment_bytes": (config.size_or_zero(args.audit_segment_size,
-                                                        "audit-segment-size")
-                                    if args.audit_segment_size else None),
-            "audit_retention_s": (config.retention_seconds(args.audit_retention,
-                                                           "audit-retention")
-                                  if args.audit_retention else None),
-            "task_retention_s": (config.retention_seconds(args.task_retention,
-                                                          "task-retention")
-                                 if args.task_retention else None),
-            "metrics": args.metrics, "metrics_public": args.metrics_public,
-            "log_format": args.log_format, "tracing": args.tracing,
-        }
+        overrides = {"metrics_public": args.metrics_public}
+        for flag in _FLAGS:
+            value = getattr(args, flag.dest)
+            if flag.read:  # unset or empty: the file's; the flag's name names what is wrong
+                value = readers[flag.read](value, flag.name[2:]) if value else None
+            overrides[flag.setting or flag.dest] = value
         cfg = config.load(args.config, overrides)
     except InvalidSpec as exc:
         return fail(f"daemon: {exc}", EXIT_USAGE, escape=False)
     return daemon.run(cfg)
-

@@ -11,37 +11,35 @@ from corral.runtime.terminal import visible
 from .connection import add_daemon_parser, connect, daemon_verb
 from .output import print_json_lines, shown_labels
 
+#: The label selector's grammar, as both listing verbs' --selector help gives it.
+SELECTOR_GRAMMAR = ("requirements joined by commas, k=v, k!=v (or absent), k (present), "
+                    "!k (absent); e.g. 'team=ml,!gpu'")
+
 
 def add_parsers(sub) -> None:
     ps = _add_listing(
-        sub, "ps", help="list sandboxes and their commands",
+        sub, "ps", ("sandbox", "sandboxes"), ps_verb, help="list sandboxes and their commands",
         description="List sandboxes. Control and bidi characters of commands are shown "
-                    "escaped (\\x1b, \\u202e); --json has them as they are.",
-        json_help="one JSON object per sandbox",
-        selector_help="only sandboxes whose labels match: requirements joined by commas, "
-                      "k=v, k!=v (or absent), k (present), !k (absent); e.g. 'team=ml,!gpu'")
+                    "escaped (\\x1b, \\u202e); --json has them as they are.")
     ps.add_argument("--destroyed", action="store_true",
                     help="the destroyed sandboxes the daemon still remembers instead")
-    ps.set_defaults(handler=ps_verb)
-
     sessions = _add_listing(
-        sub, "sessions", help="list sessions",
+        sub, "sessions", ("session", "sessions"), sessions_verb, help="list sessions",
         description="List this tenant's sessions: running ones, and those whose agent exited "
-                    "and that the daemon still holds (until idle for its session_idle_ttl).",
-        json_help="one JSON object per session",
-        selector_help="only sessions whose labels match (the grammar of `corral ps "
-                      "--selector`)")
+                    "and that the daemon still holds (until idle for its session_idle_ttl).")
     sessions.add_argument("--state", choices=("running", "exited"),
                           help="only sessions in this state")
-    sessions.set_defaults(handler=sessions_verb)
 
 
-def _add_listing(sub, name: str, *, help: str, description: str, json_help: str,
-                 selector_help: str) -> argparse.ArgumentParser:
-    """A listing verb: the connection flags, --json and -l/--selector."""
+def _add_listing(sub, name: str, noun: tuple[str, str], handler, *, help: str,
+                 description: str) -> argparse.ArgumentParser:
+    """A listing verb of what `noun` (singular, plural) names: the connection flags, --json
+    and -l/--selector."""
     p = add_daemon_parser(sub, name, help=help, description=description)
-    p.add_argument("--json", action="store_true", help=json_help)
-    p.add_argument("-l", "--selector", metavar="SELECTOR", default="", help=selector_help)
+    p.add_argument("--json", action="store_true", help=f"one JSON object per {noun[0]}")
+    p.add_argument("-l", "--selector", metavar="SELECTOR", default="",
+                   help=f"only {noun[1]} whose labels match: {SELECTOR_GRAMMAR}")
+    p.set_defaults(handler=handler)
     return p
 
 

@@ -140,6 +140,8 @@ def _follow(args, stream) -> int:
                     print(f"\n[corral: {decoded.lost} entries were lost while this "
                           "client was behind]", file=sys.stderr)
                 out.write("".join(decoded.texts).encode())
+            elif kind == "task":
+                print(f"\n{task_line(event.task)}", file=sys.stderr)
             elif kind == "turn_ended":
                 interrupts.clear()
                 print(f"\n[turn {event.turn_ended.turn} {visible(event.turn_ended.status)}]",
@@ -154,6 +156,32 @@ def _follow(args, stream) -> int:
         out.close()
         signal.signal(signal.SIGINT, old)
     return 0
+
+
+def task_line(ev) -> str:
+    """One delegated task's news as `corral session` prints it inline, e.g.
+    `[task task-3f2... RUNNING on gpu-1: 40%]` (what the agent or task wrote is escaped)."""
+    import json
+
+    name = visible(ev.task_id or ev.ref)
+    if ev.event == "refused":
+        return f"[task {name} refused: {ev.code} {visible(ev.message)}]"
+    if ev.event == "accepted":
+        return f"[task {name} accepted as {visible(ev.ref)}]"
+    where = f" on {visible(ev.node)}" if ev.node else ""
+    if ev.event == "done":
+        extra = f": result in {visible(ev.out_dir)}" if ev.out_dir else ""
+        return f"[task {name} {ev.state}{where}{extra}]"
+    try:
+        progress = json.loads(ev.progress_json) if ev.progress_json else {}
+    except ValueError:
+        progress = {}
+    done, total = (progress.get("done"), progress.get("total")) if isinstance(
+        progress, dict) else (None, None)
+    if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
+        return f"[task {name} {ev.state}{where}: {100 * done / total:.0f}%]"
+    message = progress.get("message") if isinstance(progress, dict) else None
+    return f"[task {name} {ev.state}{where}{': ' + visible(message) if message else ''}]"
 
 
 def _pump_lines(stream) -> None:

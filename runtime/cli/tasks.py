@@ -93,6 +93,8 @@ def _add_followers(verbs) -> None:
     ls.add_argument("-l", "--selector", default="", metavar="SELECTOR",
                     help="only tasks whose labels (--label at submit; not node labels) "
                          "match: k=v, k!=v, k, !k joined by commas")
+    ls.add_argument("--session", default="", metavar="SESSION",
+                    help="only the tasks that session delegated (or was linked to)")
 
     watch = add_daemon_parser(
         verbs, "watch", help="follow a task: live progress bar and its log",
@@ -203,6 +205,7 @@ def _get(args) -> int:
           f"tenant:     {task.tenant}\nnode:       {task.node or '-'}\n"
           f"attempt:    {task.attempt}\ncheckpoint: {task.checkpoint_seq or '-'}\n"
           f"progress:   {visible(task.progress_json) or '-'}\n"
+          f"parent:     {task.parent_session or '-'}\n"
           f"command:    {visible(' '.join(task.spec.argv))}")
     if task.result_json:
         print(f"result:     {visible(task.result_json)}")
@@ -212,7 +215,13 @@ def _get(args) -> int:
 def _ls(args) -> int:
     state = STATE_NAMES.index(args.state.upper()) if args.state else 0
     with connect(args) as client:
-        tasks = client.list_tasks(state=state, selector=args.selector)
+        if args.session:
+            from corral.v1 import task_pb2
+
+            tasks = client._call(client.tasks.List, task_pb2.ListTasksRequest(
+                state=state, selector=args.selector, parent_session=args.session)).tasks
+        else:
+            tasks = client.list_tasks(state=state, selector=args.selector)
     if args.json:
         for t in tasks:
             print(json.dumps(task_dict(t), sort_keys=True))

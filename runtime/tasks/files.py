@@ -28,7 +28,9 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import stat
+import time
 from dataclasses import dataclass
 
 from corral.sandbox import fstree
@@ -260,6 +262,8 @@ class TaskFiles:
         self.checkpoints = os.path.join(self.dir, "checkpoints")
         self.out = os.path.join(self.dir, "out")
         self.notify_path = os.path.join(self.dir, "notify")
+        #: Steering for the running attempt, one file per input, taken in name order.
+        self.inbox = os.path.join(self.dir, "inbox")
         #: Data bytes the last save_checkpoint() wrote (frame and files; holes are free).
         self.last_checkpoint_bytes = 0
 
@@ -321,6 +325,29 @@ class TaskFiles:
             if name.isdigit() and int(name) < seq:
                 fstree.remove_tree(os.path.join(self.checkpoints, name), ignore_errors=True)
         return seq
+
+    # -- steering -------------------------------------------------------------------------------
+
+    def post_input(self, text: str) -> None:
+        """Queue steering text for the running attempt (durably: it survives a restart)."""
+        os.makedirs(self.inbox, mode=0o700, exist_ok=True)
+        name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+        atomic_write(os.path.join(self.inbox, name), text.encode("utf-8"))
+
+    def take_inputs(self) -> list[bytes]:
+        """The queued steering texts, oldest first, each removed as it is taken."""
+        try:
+            names = sorted(n for n in os.listdir(self.inbox) if ".tmp-" not in n)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            path = os.path.join(self.inbox, name)
+            with contextlib.suppress(FileNotFoundError):
+                with open(path, "rb") as f:
+                    out.append(f.read())
+                os.unlink(path)
+        return out
 
     # -- doorbell -------------------------------------------------------------------------------
 

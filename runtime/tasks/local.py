@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -22,9 +21,10 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from corral.sandbox.errors import Unavailable
+from corral.sandbox.locks import flock_held as _lock_held  # a live shim holds its lock
 
 from .files import TaskFiles, read_json
 from .runner import process_alive
@@ -46,8 +46,8 @@ class _Watch:
     pidfd: int = -1
     fifo: int = -1
     started: bool = False
-    progress_mtime: int = 0
-    result_mtime: int = 0
+    # the st_mtime_ns of progress.json and result.json when last read (0: never seen)
+    mtimes: dict[str, int] = field(default_factory=dict)
     checkpoint_seq: int = 0
     done: bool = False
 
@@ -212,6 +212,11 @@ class LocalExecutor:
         files = TaskFiles(self.scheduler.tasks_root, task.id)
         return read_json(os.path.join(files.attempt_dir(task.attempt), "exit.json"))
 
+    async def send_input(self, task, text: str) -> None:
+        """Steering for the running attempt: its runner hands it to the agent."""
+        files = TaskFiles(self.scheduler.tasks_root, task.id)
+        await self._loop.run_in_executor(None, files.post_input, text)
+
     def cancel(self, task) -> None:
         w = self._watches.get(task.id)
         if w is None or w.done:
@@ -257,20 +262,10 @@ class LocalExecutor:
                 await sched.on_started(w.task_id, w.attempt, runner.get("started_at", 0.0),
                                        runner)
         kw = {}
-        st = _mtime(os.path.join(w.attempt_dir, "progress.json"))
-        if st != w.progress_mtime:
-            w.progress_mtime = st
-            with contextlib.suppress(OSError):
-                with open(os.path.join(w.attempt_dir, "progress.json"), encoding="utf-8",
-                          errors="replace") as f:
-                    kw["progress_json"] = f.read()
-        st = _mtime(os.path.join(w.attempt_dir, "result.json"))
-        if st != w.result_mtime:
-            w.result_mtime = st
-            with contextlib.suppress(OSError):
-                with open(os.path.join(w.attempt_dir, "result.json"), encoding="utf-8",
-                          errors="replace") as f:
-                    kw["result_json"] = f.read()
+        for name in ("progress", "result"):
+            text = _changed_text(w, f"{name}.json")
+            if text is not None:
+                kw[f"{name}_json"] = text
         seq = w.files.latest_checkpoint()
         if seq != w.checkpoint_seq:
             w.checkpoint_seq = seq
@@ -316,18 +311,16 @@ def _mtime(path: str) -> int:
         return 0
 
 
-def _lock_held(path: str) -> bool:
-    """True when another process holds the flock on path (a shim is alive)."""
+def _changed_text(w: _Watch, name: str) -> str | None:
+    """The text of the attempt's file `name` when its mtime moved since the last look, else
+    None: the shim rewrites progress and result whole, so an unchanged mtime is no news."""
+    path = os.path.join(w.attempt_dir, name)
+    st = _mtime(path)
+    if st == w.mtimes.get(name, 0):
+        return None
+    w.mtimes[name] = st
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None

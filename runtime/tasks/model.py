@@ -179,6 +179,12 @@ class DeepTask:
     failures: int = 0
     #: The caller's idempotency key (SubmitTaskRequest.request_id), "" for none.
     request_id: str = ""
+    #: The session that delegated it, or that Submit linked it to ("" for none).
+    parent_session: str = ""
+    #: The delegating agent's name for it (its DELEGATE's ref), echoed in TASK_ACCEPTED.
+    parent_ref: str = ""
+    #: Its end was told to its parent session (TASK_DONE): told once, even across restarts.
+    delivered: bool = False
     #: In memory only: a cancel was asked for while the attempt runs.
     cancel_requested: bool = False
     #: In memory only: the node is being drained; the attempt ends and the task requeues.

@@ -204,6 +204,10 @@ class NodeHost:
         except Exception:  # noqa: BLE001 - recorded in exit.json by the runner
             log.exception("attempt failed")
 
+    def send_input(self, task_id: str, text: str) -> None:
+        """Steering for the task's running attempt on this node (its runner forwards it)."""
+        TaskFiles(self.root, task_id).post_input(text)
+
     def cancel(self, task_id: str, attempt: int) -> bool:
         runner = self._runners.get(f"{task_id}/{attempt}")
         if runner is None:
@@ -394,6 +398,10 @@ class RayExecutor:
         self._follow(task.id, task.attempt, task.node, task.checkpoint_seq,
                      started=bool(task.started_at))
         return True
+
+    async def send_input(self, task, text: str) -> None:
+        """Steering for the running attempt, through its node's actor."""
+        await self._call(self.actors[task.node].send_input.remote(task.id, text))
 
     def cancel(self, task) -> None:
         actor = self.actors.get(task.node)

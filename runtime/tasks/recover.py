@@ -27,7 +27,7 @@ import time
 
 from corral.sandbox.errors import CorralError
 
-from .store import _COLUMNS, _connect
+from .store import _ADDED_COLUMNS, _COLUMNS, _connect
 
 #: Rows are read back in chunks of rowids when a full scan of a damaged table fails.
 _CHUNK = 64
@@ -126,6 +126,17 @@ def check_offline(state_dir: str) -> str:
     return path
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Give the salvage copy of an older store the columns added since (their defaults),
+    so its rows read in today's column order; a copy too damaged for it is read as is."""
+    with contextlib.suppress(sqlite3.DatabaseError):
+        have = {r[1] for r in conn.execute("PRAGMA table_info(tasks)")}
+        for name, definition in _ADDED_COLUMNS:
+            if have and name not in have:
+                conn.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
+        conn.commit()
+
+
 def _salvage(path: str) -> tuple[list, list, list, int]:
     """Whatever rows SQLite can still read, from a copy of the file (and of its WAL): a
     full scan per table, else chunks of rowids, else row by row. A truncated file's header
@@ -143,6 +154,7 @@ def _salvage(path: str) -> tuple[list, list, list, int]:
         except sqlite3.DatabaseError:
             return [], [], [], 1
         try:
+            _add_missing_columns(conn)
             out = []
             for table, columns in (("tasks", _COLUMNS),
                                    ("quarantine", ("task_id", "tenant", "reason",

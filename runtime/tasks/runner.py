@@ -21,6 +21,9 @@ Inside the sandbox the agent finds:
   CORRAL_CHECKPOINT_FILE                the last CHECKPOINT frame's payload, restored
                                         (only set when there is one)
   CORRAL_EVENTS_FD                      the frames pipe (docs/agent-protocol.md)
+  CORRAL_CONTROL_FD                     steering (protocol v1.1): INPUT frames posted
+                                        through the task's inbox (TaskFiles.post_input),
+                                        e.g. by the session that delegated it
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class AttemptRunner:
         self._bell = -1
         self._on_change = on_change  # extra callback (the Ray actor) after each persist
         self.sandbox: SandboxLifecycle | None = None
+        self._control: _InputWriter | None = None  # the agent's control pipe, once it runs
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -208,7 +212,9 @@ class AttemptRunner:
         env = {"CORRAL_TASK_ID": self.plan.task_id, "CORRAL_ATTEMPT": str(self.plan.attempt),
                "CORRAL_ATTEMPT_ID": self.plan.attempt_id,
                "CORRAL_CHECKPOINT_DIR": CHECKPOINT_DIR_INSIDE,
-               protocol.EVENTS_FD_ENV: str(protocol.EVENTS_FD)}
+               protocol.PROTOCOL_ENV: str(protocol.PROTOCOL_VERSION),
+               protocol.EVENTS_FD_ENV: str(protocol.EVENTS_FD),
+               protocol.CONTROL_FD_ENV: str(protocol.CONTROL_FD)}
         seq = self.files.latest_checkpoint()
         ckpt_dir = os.path.join(self.workspace, ".corral", "checkpoint")
         if seq:
@@ -247,35 +253,42 @@ class AttemptRunner:
                 "pid": os.getpid(), "start": _start_time(os.getpid()),
                 "sandbox_id": self.sandbox.id, "started_at": time.time(),
                 "attempt_id": plan.attempt_id}).encode())
-            proc, outputs, events_r = self._start_agent(env)
+            proc, outputs, events_r, control_w = self._start_agent(env)
+            self._control = _InputWriter(control_w)
             self._changed()  # running
             return self._pump(proc, outputs, events_r, log)
         finally:
             log.close()
+            if self._control is not None:
+                self._control.close()
 
     def _start_agent(self, env: dict[str, str]):
-        """Run the task's command with the events pipe at fd 3; returns the Process,
-        its stdout and stderr (file objects) and the events pipe's read end.
+        """Run the task's command with the events pipe at fd 3 and the control pipe at 4;
+        returns the Process, its stdout and stderr (file objects), the events pipe's read
+        end and the control pipe's write end.
 
         The pipes are made here, not by the backend (PIPE): an engine takes descriptors,
         and one way for every backend keeps the runner free of backend cases.
         """
         events_r, events_w = os.pipe2(os.O_CLOEXEC)
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         outputs = (os.fdopen(out_r, "rb", buffering=0), os.fdopen(err_r, "rb", buffering=0))
         try:
             proc = self.sandbox.exec(self.plan.argv, env=env, stdin=None, stdout=out_w,
-                                     stderr=err_w, pass_fds={protocol.EVENTS_FD: events_w})
+                                     stderr=err_w, pass_fds={protocol.EVENTS_FD: events_w,
+                                                             protocol.CONTROL_FD: control_r})
         except BaseException:
             os.close(events_r)
+            os.close(control_w)
             for f in outputs:
                 f.close()
             raise
         finally:
-            for fd in (events_w, out_w, err_w):  # the command's ends: it holds them now
+            for fd in (events_w, control_r, out_w, err_w):  # the command's ends
                 os.close(fd)
-        return proc, outputs, events_r
+        return proc, outputs, events_r, control_w
 
     def _pump(self, proc, outputs, events_r: int, log) -> dict:
         """Read the agent's output and frames until it and its sandbox are done, or the
@@ -304,6 +317,7 @@ class AttemptRunner:
                     expired, left = True, None
                 for key, _ in sel.select(self._select_timeout(left)):
                     self._on_readable(key.fd, key.data, sel, open_fds, stream, log)
+                self._control.forward(self.files.take_inputs())
                 self._scan_checkpoint_dir()
                 if self._pacer.due(time.monotonic()):
                     self._take_checkpoint()
@@ -437,6 +451,38 @@ class AttemptRunner:
                 log.write(bytes(ev.payload) + b"\n")
             elif kind == 64:  # malformed input: say so in the log
                 log.write(f"corral: bad frame from the agent: {ev.message}\n".encode())
+
+
+class _InputWriter:
+    """The runner's end of the agent's control pipe: INPUT frames written without ever
+    blocking the runner (what the pipe cannot take now waits for the next round)."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd: int | None = fd
+        self.pending = bytearray()
+
+    def forward(self, texts: list[bytes]) -> None:
+        if self.fd is None:
+            return
+        for text in texts:
+            self.pending += protocol.encode_frame(protocol.INPUT,
+                                                  text[:protocol.MAX_CONTROL_PAYLOAD])
+        while self.pending:
+            try:
+                written = os.write(self.fd, self.pending)
+            except BlockingIOError:
+                return
+            except OSError:  # the agent closed its end: it takes no steering
+                self.close()
+                return
+            del self.pending[:written]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.pending.clear()
 
 
 class _CappedLog:

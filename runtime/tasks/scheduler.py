@@ -23,7 +23,8 @@ import secrets
 import time
 from collections import deque
 
-from corral.sandbox.errors import NotFound, Unavailable
+from corral.ext.agent import MAX_CONTROL_PAYLOAD
+from corral.sandbox.errors import FailedPrecondition, InvalidSpec, NotFound, Unavailable
 from corral.sandbox.spec import SandboxSpec
 
 from ..auth import check_owner
@@ -87,6 +88,9 @@ class Scheduler:
         self._requests: dict[tuple[str, str], DeepTask] = {}
         self._fresh: dict[str, asyncio.Future] = {}
         self._watchers: dict[str, set[asyncio.Queue]] = {}
+        #: Called with each task that changed (state, progress, result), synchronously:
+        #: the delegations of sessions (delegation.py) follow their tasks here.
+        self.listeners: list = []
         self._kick_pending = False
         self._heartbeat: asyncio.Task | None = None
         #: Removes finished tasks and lost attempts' workspaces after retention_s (0: never).
@@ -187,17 +191,25 @@ class Scheduler:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def submit(self, caller, spec: TaskSpec, request_id: str = "") -> DeepTask:
+    async def submit(self, caller, spec: TaskSpec, request_id: str = "", *,
+                     parent_session: str = "", parent_ref: str = "",
+                     link_detail: dict | None = None) -> DeepTask:
         """Admit a task; returns once it is committed (and queued)."""
-        task, committed = self.admit(caller, spec, request_id)
+        task, committed = self.admit(caller, spec, request_id, parent_session=parent_session,
+                                     parent_ref=parent_ref, link_detail=link_detail)
         await self.admitted(task, committed)
         return task
 
-    def admit(self, caller, spec: TaskSpec,
-              request_id: str = "") -> tuple[DeepTask, asyncio.Future]:
+    def admit(self, caller, spec: TaskSpec, request_id: str = "", *, parent_session: str = "",
+              parent_ref: str = "", link_detail: dict | None = None,
+              ) -> tuple[DeepTask, asyncio.Future]:
         """First half of submit, without waiting: check, record, queue the row's write.
 
         A request_id this tenant already used returns that task (and its commit) instead.
+        parent_session (checked by the caller: the tenant's own) links it to a session,
+        parent_ref is that session's agent's name for it; the link is audited with the
+        row's commit (task.delegate when an agent delegated it, else task.link), with
+        link_detail added (its "sandbox_id", the session's sandbox, as the record's own).
 
         Raises:
             Unavailable, InvalidSpec, Unsatisfiable: refused; nothing was written.
@@ -216,10 +228,17 @@ class Scheduler:
         self._seq += 1
         now = time.time()
         task = DeepTask(id="task-" + secrets.token_hex(8), seq=self._seq, tenant=caller.tenant,
-                        spec=spec, submitted_at=now, updated_at=now, request_id=request_id)
+                        spec=spec, submitted_at=now, updated_at=now, request_id=request_id,
+                        parent_session=parent_session, parent_ref=parent_ref)
         self.tasks[task.id] = task
-        committed = self.store.insert(task, [("task.submit", {
-            "tenant": caller.tenant, "peer": caller.peer, "task_id": task.id})])
+        audit = [("task.submit", {"tenant": caller.tenant, "peer": caller.peer,
+                                  "task_id": task.id})]
+        if parent_session:
+            detail = {"task_id": task.id, "ref": parent_ref, **(link_detail or {})}
+            audit.append(("task.delegate" if parent_ref else "task.link", {
+                "tenant": caller.tenant, "peer": caller.peer, "session_id": parent_session,
+                "sandbox_id": detail.pop("sandbox_id", ""), "detail": detail}))
+        committed = self.store.insert(task, audit)
         self._fresh[task.id] = committed
         if request_id:
             self._requests[(task.tenant, request_id)] = task
@@ -312,12 +331,16 @@ class Scheduler:
         return task
 
     def list(self, caller, state: TaskState | None = None, limit: int = 1000,
-             selector: Selector = EVERYTHING, before_seq: int = 0) -> list[DeepTask]:
+             selector: Selector = EVERYTHING, before_seq: int = 0,
+             parent_session: str = "") -> list[DeepTask]:
         """The caller's tasks (an operator's: everyone's), newest first; with before_seq,
-        only those submitted before that one (the next page)."""
+        only those submitted before that one (the next page); with parent_session, only
+        those linked to that session."""
         out = []
         for task in reversed(self.tasks.values()):
             if before_seq and task.seq >= before_seq:
+                continue
+            if parent_session and task.parent_session != parent_session:
                 continue
             if (task.tenant == caller.tenant or caller.operator) and (
                     state is None or task.state == state) and selector.matches(task.spec.labels):
@@ -339,6 +362,25 @@ class Scheduler:
             return task
         task.cancel_requested = True
         self._executor_of(task).cancel(task)
+        return task
+
+    async def send_input(self, caller, task_id: str, text: str) -> DeepTask:
+        """Steering text for a running task's agent (an INPUT frame on its control pipe).
+
+        Raises:
+            FailedPrecondition: the task is not running.
+            InvalidSpec: the text is over the control payload limit.
+        """
+        task = self.get(caller, task_id)
+        if task.state != TaskState.RUNNING:
+            raise FailedPrecondition(f"task {task.id} is {task.state.name}, not RUNNING: only "
+                                     "a running task takes input")
+        if len(text.encode()) > MAX_CONTROL_PAYLOAD:
+            raise InvalidSpec("text", f"is over the {MAX_CONTROL_PAYLOAD}-byte input limit")
+        await self._executor_of(task).send_input(task, text)
+        self.audit.append("task.input", tenant=caller.tenant, peer=caller.peer,
+                          detail={"task_id": task.id, "attempt": task.attempt,
+                                  "bytes": len(text.encode())})
         return task
 
     def result_dir(self, task: DeepTask) -> str:
@@ -518,6 +560,11 @@ class Scheduler:
         for q in self._watchers.get(task.id, ()):
             if q.qsize() < 2:  # a pending wake-up is enough: watchers read the latest state
                 q.put_nowait(task.id)
+        for listener in self.listeners:
+            try:
+                listener(task)
+            except Exception:  # noqa: BLE001 - one listener's bug must not stop a task
+                log.exception("a task listener failed on %s", task.id)
 
     def subscribe(self, task_id: str) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()

@@ -63,7 +63,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     devices TEXT NOT NULL DEFAULT '',
     runner_json TEXT NOT NULL DEFAULT '',
     failures INTEGER NOT NULL DEFAULT 0,
-    request_id TEXT NOT NULL DEFAULT ''
+    request_id TEXT NOT NULL DEFAULT '',
+    parent_session TEXT NOT NULL DEFAULT '',
+    parent_ref TEXT NOT NULL DEFAULT '',
+    delivered INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS node_flags (
     name TEXT PRIMARY KEY,
@@ -83,7 +86,13 @@ CREATE TABLE IF NOT EXISTS quarantine (
 _COLUMNS = ("id", "seq", "tenant", "spec", "submitted_at", "state", "node", "attempt",
             "updated_at", "started_at", "finished_at", "progress_json", "reason",
             "result_json", "checkpoint_seq", "exit_code", "devices", "runner_json", "failures",
-            "request_id")
+            "request_id", "parent_session", "parent_ref", "delivered")
+#: Columns added after the first release, with their definitions: _connect adds the ones
+#: an older store lacks (its rows get the defaults: no request id, no parent session).
+_ADDED_COLUMNS = (("request_id", "TEXT NOT NULL DEFAULT ''"),
+                  ("parent_session", "TEXT NOT NULL DEFAULT ''"),
+                  ("parent_ref", "TEXT NOT NULL DEFAULT ''"),
+                  ("delivered", "INTEGER NOT NULL DEFAULT 0"))
 
 
 def recover_hint(path: str) -> str:
@@ -106,9 +115,9 @@ class TaskStoreDamaged(CorralError):
 
 _MUTABLE = ("state", "node", "attempt", "updated_at", "started_at", "finished_at",
             "progress_json", "reason", "result_json", "checkpoint_seq", "exit_code", "devices",
-            "runner_json", "failures")
-_INSERT = (f"INSERT INTO tasks (id, seq, tenant, spec, submitted_at, request_id, "
-           f"{', '.join(_MUTABLE)}) VALUES ({', '.join('?' * (6 + len(_MUTABLE)))})")
+            "runner_json", "failures", "parent_session", "delivered")
+_INSERT = (f"INSERT INTO tasks (id, seq, tenant, spec, submitted_at, request_id, parent_ref, "
+           f"{', '.join(_MUTABLE)}) VALUES ({', '.join('?' * (7 + len(_MUTABLE)))})")
 _UPDATE = f"UPDATE tasks SET {', '.join(m + ' = ?' for m in _MUTABLE)} WHERE id = ?"
 
 
@@ -116,7 +125,7 @@ def _mutable_values(task: DeepTask) -> tuple:
     return (int(task.state), task.node, task.attempt, task.updated_at, task.started_at,
             task.finished_at, task.progress_json, task.reason, task.result_json,
             task.checkpoint_seq, task.exit_code, "\n".join(task.devices), task.runner_json,
-            task.failures)
+            task.failures, task.parent_session, int(task.delivered))
 
 
 @dataclass
@@ -224,7 +233,7 @@ class TaskStore:
     def insert(self, task: DeepTask, audit: list | None = None) -> asyncio.Future:
         """Queue the task's first row; the future resolves once it is committed."""
         params = (task.id, task.seq, task.tenant, task.spec.to_json(), task.submitted_at,
-                  task.request_id, *_mutable_values(task))
+                  task.request_id, task.parent_ref, *_mutable_values(task))
         return self._put(_INSERT, params, audit)
 
     def update(self, task: DeepTask, audit: list | None = None) -> asyncio.Future:
@@ -366,9 +375,11 @@ def task_from_row(row: tuple) -> DeepTask:
     """A DeepTask from the tasks columns in _COLUMNS order; raises when a value is wrong."""
     (tid, seq, tenant, spec, submitted_at, state, node, attempt, updated_at, started_at,
      finished_at, progress_json, reason, result_json, checkpoint_seq, exit_code, devices,
-     runner_json, failures, request_id) = row
+     runner_json, failures, request_id, parent_session, parent_ref, delivered) = row
     for name, value, kind in (("id", tid, str), ("tenant", tenant, str), ("node", node, str),
                               ("request_id", request_id, str),
+                              ("parent_session", parent_session, str),
+                              ("parent_ref", parent_ref, str),
                               ("devices", devices, str), ("seq", seq, int),
                               ("attempt", attempt, int), ("failures", failures, int)):
         if not isinstance(value, kind):
@@ -380,7 +391,8 @@ def task_from_row(row: tuple) -> DeepTask:
         progress_json=progress_json, reason=reason, result_json=result_json,
         checkpoint_seq=checkpoint_seq, exit_code=exit_code,
         devices=tuple(d for d in devices.split("\n") if d), runner_json=runner_json,
-        failures=failures, request_id=request_id)
+        failures=failures, request_id=request_id, parent_session=parent_session,
+        parent_ref=parent_ref, delivered=bool(delivered))
 
 
 def _why(exc: BaseException) -> str:
@@ -399,8 +411,9 @@ def _connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous = FULL")
     conn.executescript(_SCHEMA)
     columns = {r[1] for r in conn.execute("PRAGMA table_info(tasks)")}
-    if "request_id" not in columns:  # a store written before Submit had request ids
-        conn.execute("ALTER TABLE tasks ADD COLUMN request_id TEXT NOT NULL DEFAULT ''")
+    for name, definition in _ADDED_COLUMNS:  # a store written before they existed
+        if name not in columns:
+            conn.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
     conn.commit()
     os.chmod(path, 0o600)
     return conn

@@ -26,7 +26,6 @@ move a layer they remove out of layers/ in one rename before deleting it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import gzip
 import hashlib
@@ -42,13 +41,13 @@ from typing import BinaryIO
 
 from .. import fstree
 from ..fstree import fsync_dir as _fsync_dir
+from ..locks import Held
 from .errors import ImageNotFound, LayerDigestMismatch, UnsupportedImage
 from .sources import ImageSource, canonical_ref, open_source, sha256_digest
 from .unpack import unpack_layer
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _READ = 1 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def default_root() -> str:
@@ -123,23 +122,12 @@ class Freed:
     in_use: list[str] = field(default_factory=list)
 
 
-class HeldRootfs:
+class HeldRootfs(Held):
     """A Rootfs whose layers stay in the store until `close()` (see `ImageStore.hold`)."""
 
     def __init__(self, rootfs: Rootfs, fds: list[int]):
+        super().__init__(fds)
         self.rootfs = rootfs
-        self._fds = fds
-
-    def close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
-
-    def __enter__(self) -> HeldRootfs:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _Hashing:
@@ -253,7 +241,7 @@ class ImageStore:
             os.mkdir(work, 0o700)
             try:
                 meta = self._unpack(work, diff_id, digest, open_blob, ref)
-                _syncfs(work)
+                fstree.syncfs(work)
                 os.rename(work, final)
             except BaseException:
                 fstree.remove_tree(work, ignore_errors=True)
@@ -513,17 +501,6 @@ def _read_meta(layer_dir: str) -> dict | None:
             return json.load(f)
     except FileNotFoundError:
         return None
-
-
-def _syncfs(path: str) -> None:
-    """Flushes everything an unpack wrote (one syncfs instead of an fsync per file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
 
 
 def _du(path: str) -> int:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..archive import ExtractReport
 from ..workspace import (
     RESOLVE_BENEATH,
     RESOLVE_NO_MAGICLINKS,
@@ -62,11 +63,13 @@ _OVERLAY_XATTRS = (_XATTR_PREFIX + "trusted.overlay.", _XATTR_PREFIX + "user.ove
 
 
 @dataclass
-class UnpackReport:
+class UnpackReport(ExtractReport):
+    """What unpacking a layer wrote: an extraction's counts by kind (a layer skips nothing:
+    each entry is written or the layer refused), the entries read, and the overlay's marks."""
+
     entries: int = 0
     whiteouts: int = 0
     opaque_dirs: int = 0
-    bytes_written: int = 0
 
 
 def _openat2(dirfd: int, path: str, flags: int) -> int:
@@ -152,17 +155,21 @@ class LayerUnpacker:
             return
         if m.isdir():
             self._dir(pfd, name, parts, m, entry)
+            self.report.dirs += 1
         elif m.isreg():
             self._clear(pfd, name, parts, entry)
             self._file(tf, pfd, name, m, entry)
             self._made.add(parts)
+            self.report.files += 1
         elif m.issym():
             self._clear(pfd, name, parts, entry)
             self._call(entry, os.symlink, m.linkname, name, dir_fd=pfd)
             self._meta_nofollow(pfd, name, m, entry)
             self._made.add(parts)
+            self.report.symlinks += 1
         elif m.islnk():
             self._hardlink(pfd, name, parts, m, entry)
+            self.report.hardlinks += 1
         elif m.isfifo():
             self._clear(pfd, name, parts, entry)
             self._call(entry, os.mknod, name, stat.S_IFIFO | 0o600, dir_fd=pfd)
@@ -211,7 +218,7 @@ class LayerUnpacker:
                             view, at = view[n:], at + n
                     pos += len(piece)
                 os.ftruncate(fd, pos)
-                self.report.bytes_written += pos
+                self.report.bytes += pos
                 self._own(fd, m, entry, is_dir=False)
                 os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
             finally:

@@ -35,8 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from .. import fstree
 from ..errors import FailedPrecondition, InvalidSpec, NotFound
-from ..images.store import _syncfs
-from ..locks import flock_held
+from ..locks import Held, flock_held
 from . import state_root
 
 _ID = re.compile(r"^snap-[0-9a-f]{12}$")
@@ -92,7 +91,7 @@ class Swept:
     holds: int = 0
 
 
-class HeldSnapshot:
+class HeldSnapshot(Held):
     """A snapshot and its parents kept from removal until `close()` (see SnapshotStore.hold).
 
     `root_layers` and `workspace_layers` are layer trees, top (this snapshot's) first, as
@@ -101,27 +100,10 @@ class HeldSnapshot:
 
     def __init__(self, record: SnapshotRecord, root_layers: tuple[str, ...],
                  workspace_layers: tuple[str, ...], fds: list[int], paths: list[str]):
+        super().__init__(fds, paths)
         self.record = record
         self.root_layers = root_layers
         self.workspace_layers = workspace_layers
-        self._fds = fds
-        self._paths = paths
-
-    def close(self) -> None:
-        """Release the holds (idempotent)."""
-        fds, self._fds = self._fds, []
-        paths, self._paths = self._paths, []
-        for path in paths:  # unlink before unlocking: an unlocked file is a dead holder's
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        for fd in fds:
-            os.close(fd)
-
-    def __enter__(self) -> HeldSnapshot:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class CaptureWork:
@@ -186,7 +168,7 @@ class SnapshotStore:
         """
         try:
             check_name(name)
-            _syncfs(work.dir)
+            fstree.syncfs(work.dir)
             with self._locked(fcntl.LOCK_EX):
                 if name and any(r.name == name for r in self._records(tenant)):
                     raise InvalidSpec("name", f"tenant {tenant!r} already has a snapshot "

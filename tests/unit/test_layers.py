@@ -28,15 +28,33 @@ def test_every_layer_contract_is_kept():
     assert "0 broken" in done.stdout
 
 
+def _lint_with(config: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """lint-imports run on the tree with `config` as its contracts."""
+    contracts = tmp_path / "contracts.ini"
+    contracts.write_text(config)
+    return subprocess.run([*_lint_imports(), str(contracts)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_a_forbidden_import_is_caught(tmp_path):
     # the checker sees real imports: the daemon (the composition root) imports the
     # servicers, so a contract forbidding that must break
     config = (ROOT / ".importlinter").read_text()
-    bad = tmp_path / "contracts.ini"
-    bad.write_text(config + "\n[importlinter:contract:canary]\nname = canary\n"
-                            "type = forbidden\nsource_modules =\n    corral.runtime.daemon\n"
-                            "forbidden_modules =\n    corral.runtime.api\n")
-    done = subprocess.run([*_lint_imports(), str(bad)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = _lint_with(config + "\n[importlinter:contract:canary]\nname = canary\n"
+                               "type = forbidden\nsource_modules =\n    corral.runtime.daemon\n"
+                               "forbidden_modules =\n    corral.runtime.api\n", tmp_path)
     assert done.returncode == 1
     assert "canary BROKEN" in done.stdout
+
+
+def test_the_client_takes_only_the_sparse_walk_from_the_bottom_layer(tmp_path):
+    # without its one allowed import the client contract breaks on exactly that import:
+    # the client does share corral.ext.sparse, and the rest of corral.ext stays forbidden
+    config = (ROOT / ".importlinter").read_text()
+    allowance = "ignore_imports =\n    corral.runtime.client -> corral.ext.sparse\n"
+    assert allowance in config
+    done = _lint_with(config.replace(allowance, ""), tmp_path)
+    assert done.returncode == 1
+    assert "The client speaks only the wire API BROKEN" in done.stdout
+    assert "corral.runtime.client -> corral.ext.sparse" in done.stdout
+    assert "Contracts: 5 kept, 1 broken." in done.stdout

@@ -196,7 +196,8 @@ class DockerProcess:
     def watch_exit(self) -> None:
         """Record the exit of a tty command on a thread of its own: whoever holds the
         terminal reads its output, so no pump() will see the end (on_exit then runs and
-        the sandbox's status_fd wakes, as for a relayed command)."""
+        the sandbox's status_fd wakes, as for a relayed command). Its deadline stays with
+        whoever waits for it (the daemon, `corral run`, pump, wait): a pause moves it."""
         threading.Thread(target=self._watch, name=f"corral-docker-tty-{self.exec_id[:8]}",
                          daemon=True).start()
 
@@ -208,12 +209,14 @@ class DockerProcess:
                     pidfd = os.pidfd_open(self._pid)
             if pidfd >= 0:
                 try:
-                    while self.poll() is None and not select_mod.select(
-                            [pidfd], [], [], None if self._timed_out else self.remaining())[0]:
-                        self.expire()
+                    if self.poll() is None:
+                        select_mod.select([pidfd], [], [])
                 finally:
                     os.close(pidfd)
-            self.wait()
+            delay = 0.002  # the engine records the exit just after it (or, remote: all along)
+            while self.poll() is None:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
         except Exception:  # the sandbox went away under us
             self._finish(None)
         finally:
