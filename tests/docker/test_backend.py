@@ -112,14 +112,6 @@ def test_streamed_output_exit_code_and_stdin(docker_host):
     assert (proc.returncode, proc.reason) == (7, ExitReason.EXITED)
 
 
-def test_a_terminal_is_refused_naming_the_backend(docker_host):
-    with DockerSandbox.create(_spec()) as sb, pytest.raises(InvalidSpec) as exc:
-        sb.exec(["tty"], tty=(24, 80))
-    assert str(exc.value) == ("tty: the docker backend does not give commands a terminal "
-                              "(yet); use the native backend for a tty")
-    assert exc.value.grpc_status == "INVALID_ARGUMENT"
-
-
 def test_output_is_delivered_as_it_comes(docker_host):
     seen: list[tuple[float, bytes]] = []
     with DockerSandbox.create(_spec()) as sb:

@@ -37,13 +37,19 @@ def _frame_payloads(raw: bytes) -> bytes:
 
 
 def _wrapper_state(pid: int) -> str:
-    """"wrapper" while pid still runs wrap()'s shell, "exec'd" once it runs the command,
-    "gone" when it has exited (read from /proc: the engine is local)."""
+    """"starting" while pid is still the OCI runtime's init (the engine reports the pid
+    before runc has executed anything), "wrapper" while it runs wrap()'s shell, "exec'd"
+    once it runs the command, "gone" when it has exited (read from /proc: the engine is
+    local)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             parts = f.read().split(b"\0")
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            comm = f.read()
     except OSError:
         return "gone"
+    if comm.startswith(b"runc"):  # runc init names itself runc:[2:INIT] until it execs
+        return "starting"
     if not parts or parts == [b""]:
         return "gone"  # a zombie has no command line
     if parts[:2] == [b"/bin/sh", b"-c"] and parts[3:4] == [b"corral-exec"]:

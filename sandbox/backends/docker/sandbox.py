@@ -308,12 +308,14 @@ class DockerSandbox(SandboxLifecycle):
                 return
             if info.get("Running") and info.get("Pid"):  # Running comes before the Pid
                 pid = int(info["Pid"])
-                if on_running is not None:
+                # Through the wrapper, a running pid is the runtime's init, then the shell,
+                # not yet the command: wait for its exec (or its exit, 127 when argv[0] is
+                # missing). on_running: once the shell runs (its terminal exists then).
+                state = _wrapper_state(pid) if wrapped and self.local else "exec'd"
+                if on_running is not None and state in ("wrapper", "exec'd"):
                     on_running()
                     on_running = None
-                # Through the pass_fds wrapper, a running pid is the shell, not yet the
-                # command: wait for its exec (or its exit, 127 when argv[0] is missing).
-                state = _wrapper_state(pid) if wrapped and self.local else "exec'd"
+                    continue
                 if state == "exec'd":
                     proc._pid = pid
                     return
