@@ -292,6 +292,27 @@ def _decode_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _batches_after(conn: sqlite3.Connection, after_seq: int,
+                   batch: int) -> Iterable[list[tuple]]:
+    """Rows with seq > after_seq in batches, text decoded by SQLite's own (C) decoder; a
+    row that is not UTF-8 (a tampered file) makes the rest go through _decode_text, from the
+    last row already given, in the same snapshot."""
+    conn.text_factory = str
+    last = after_seq
+    while True:
+        try:
+            cursor = conn.execute(f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq",
+                                  (last,))
+            while rows := cursor.fetchmany(batch):
+                yield rows
+                last = rows[-1][0]
+            return
+        except sqlite3.OperationalError as exc:
+            if conn.text_factory is _decode_text or "decode" not in str(exc):
+                raise
+            conn.text_factory = _decode_text
+
+
 def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
     uri = Path(path).absolute().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
     try:
@@ -1519,11 +1540,7 @@ class AuditLog:
                         else _connect_sealed(file_path))
                 try:
                     conn.execute("BEGIN")
-                    cursor = conn.execute(
-                        f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq",
-                        (after_seq,))
-                    while rows := cursor.fetchmany(batch):
-                        yield rows
+                    yield from _batches_after(conn, after_seq, batch)
                     conn.execute("COMMIT")
                 finally:
                     conn.close()

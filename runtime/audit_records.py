@@ -390,8 +390,8 @@ def jsonl_lines(rows: Iterable[tuple]) -> str:
     for r in rows:
         seq, t, tenant, peer, kind, sandbox_id, session_id, detail, prev_hash, digest = r
         if (type(seq) is int and type(t) is float and math.isfinite(t)
-                and all(type(v) is str for v in (tenant, peer, kind, sandbox_id, session_id,
-                                                 detail, prev_hash, digest))):
+                and type(tenant) is type(peer) is type(kind) is type(sandbox_id) is str
+                and type(session_id) is type(detail) is type(prev_hash) is type(digest) is str):
             try:
                 out.append(
                     f'{{"detail_json":{_escape(detail)},"hash":{_escape(digest)},'

@@ -637,6 +637,22 @@ def test_export_keeps_tampered_text_verbatim(log):
     assert broken(verify_records(lines)) == broken(log.verify())
 
 
+def test_export_of_text_that_is_not_utf8_keeps_every_row(log):
+    """SQLite's fast decoder refuses such text; the export goes on from that row with
+    the byte-keeping decoder, in order, losing and repeating nothing."""
+    fill(log, 5000)  # more than one batch before and after the bad row
+    tamper(log.path, ("UPDATE records SET tenant = CAST(? AS TEXT) WHERE seq = 3000",
+                      (b"t\xff\xfe",)))
+    buffer = io.BytesIO()
+    assert log.export_jsonl(buffer) == 5000
+    lines = [json.loads(line) for line in buffer.getvalue().decode("utf-8",
+                                                                  "surrogateescape").splitlines()]
+    assert [line["seq"] for line in lines] == list(range(1, 5001))
+    assert lines[2999]["tenant"] == "t\udcff\udcfe"
+    assert broken(verify_records(lines)) == broken(log.verify())
+    assert broken(log.verify())[0] == 3000
+
+
 # -- for people --------------------------------------------------------------------------------
 
 
