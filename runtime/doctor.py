@@ -267,6 +267,19 @@ def check_overlayfs() -> Check:
     return Check("overlayfs", DEGRADED, "not in this kernel", without)
 
 
+def check_egress() -> Check:
+    """--allow-net: transparent steering as root; the explicit proxy only as a user."""
+    from corral.sandbox import net
+
+    without = net.ROOTLESS_NOTE
+    if os.geteuid() != 0:
+        return Check("egress", DEGRADED, "as a user: HTTP(S) through HTTP_PROXY and DNS only "
+                     "(steering every connection needs BPF sk_lookup, CAP_BPF and "
+                     "CAP_NET_ADMIN on the host)", without)
+    return Check("egress", OK, "transparent steering: a veth per sandbox and BPF sk_lookup "
+                 "hand every TCP and UDP flow to the audited proxy", without)
+
+
 def _fstype(path: str) -> str:
     best, kind = "", "?"
     for line in (read_or_none("/proc/self/mounts") or "").splitlines():
@@ -280,7 +293,7 @@ def _fstype(path: str) -> str:
 
 
 CHECKS = (check_user_namespaces, check_subordinate_ids, check_idmapped_mounts, check_cgroups,
-          check_landlock, check_seccomp, check_overlayfs)
+          check_landlock, check_seccomp, check_overlayfs, check_egress)
 
 
 def run_checks() -> list[Check]:

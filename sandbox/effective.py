@@ -250,6 +250,12 @@ def _network_problems(rep: dict, spec: SandboxSpec) -> list[str]:
     net_links = {link["name"]: link for link in rep["network"].get("links", [])}
     if "error" in rep["network"]:
         out.append(f"network: could not be read: {rep['network']['error']}")
+    elif spec.allow_net and _rootless_egress(rep):
+        # no link at all: the proxy's sockets sit on lo (sandbox/net.py attach_rootless)
+        if set(net_links) - {"lo"}:
+            out.append(f"network: unexpected links {sorted(set(net_links) - {'lo'})}")
+        if [r for r in rep["network"].get("routes", []) if r["dst"] == "default"]:
+            out.append("network: a rootless sandbox has a default route (it must have none)")
     elif spec.allow_net:
         eth = net_links.get("eth0")
         if eth is None or "100.127.255.2/30" not in eth["addresses"]:
@@ -263,6 +269,13 @@ def _network_problems(rep: dict, spec: SandboxSpec) -> list[str]:
     elif set(net_links) - {"lo"}:
         out.append(f"network: spec allows no egress, but links {sorted(set(net_links))} exist")
     return out
+
+
+def _rootless_egress(rep: dict) -> bool:
+    """Whether the sandbox's egress is the rootless kind (its start noted so)."""
+    from .net import ROOTLESS_NOTE
+
+    return ROOTLESS_NOTE in rep.get("notes", ())
 
 
 #: Mount points that may be writable in every sandbox.

@@ -30,6 +30,28 @@ A sandbox with an egress policy gets this, all of it outside the sandbox's reach
   made from the host.
 * Every sandbox uses the same link addresses: each pair lives in its own two namespaces.
 
+Rootless (an unprivileged caller, `attach_rootless`): the host part above needs CAP_NET_ADMIN
+on the host (a veth into a namespace of ours) and sk_lookup needs CAP_BPF and CAP_NET_ADMIN
+in the initial user namespace, none of which a user has. The user does own the sandbox's
+user namespace, hence its network namespace, so the proxy's two sockets are made *there*:
+
+  sandbox netns                                          host netns
+  ─────────────                                          ──────────
+  lo 127.0.0.1, 100.127.255.1/32   <- TCP listener :3128 the proxy (as the user),
+  no other link, no route           <- DNS UDP :53       upstream sockets made here
+  HTTP(S)_PROXY, resolv.conf -> .1   (made by egress_sockets.py, fds sent back)
+
+* The same policy, audit events, secrets scanning and interception: the proxy serves
+  these sockets exactly as the root path's (a connection to GATEWAY:PROXY_PORT is an
+  explicit one), and the sandbox's environment and resolv.conf are the same.
+* What cannot be had: transparent steering. A program that ignores HTTP_PROXY gets
+  ENETUNREACH at once (there is no link and no route), and a rule with a port other than
+  80 or 443 -- one only a raw TCP client would need -- is refused at start, naming the
+  rule (`rootless_rule_problem`).
+* The sockets live in the sandbox's namespace but nothing in the sandbox can take them
+  over: its processes have no capabilities, the ports are bound without SO_REUSEADDR or
+  SO_REUSEPORT, and they are bound before any command runs.
+
 The proxy (sandbox/proxy.py) serves the sockets; this module only builds and removes.
 """
 
@@ -43,6 +65,8 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -252,13 +276,16 @@ class SkLookup:
 class NetAttachment:
     """Everything that gives one sandbox its egress link; close() removes all of it."""
 
+    #: Our descriptor of the egress namespace; -1 rootless (the sockets are in the sandbox's).
     egress_ns_fd: int
-    #: Inode of the egress namespace (to prove it is gone after close()).
+    #: Inode of the namespace the proxy's sockets live in: the egress namespace, or the
+    #: sandbox's own rootless (to prove no socket of ours holds it after close()).
     egress_ns_inode: int
-    #: The proxy's TCP listener and UDP sink, both inside the egress namespace.
+    #: The proxy's TCP listener and UDP sink, both inside that namespace.
     tcp_listener: socket.socket
     udp_sink: socket.socket
-    steering: SkLookup
+    #: The sk_lookup program steering every flow; None rootless (explicit proxy only).
+    steering: SkLookup | None
     closed: bool = field(default=False)
 
     def close(self) -> None:
@@ -267,12 +294,14 @@ class NetAttachment:
         if self.closed:
             return
         self.closed = True
-        self.steering.close()
+        if self.steering is not None:
+            self.steering.close()
         for sock in (self.tcp_listener, self.udp_sink):
             with contextlib.suppress(OSError):
                 sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self.egress_ns_fd)
+        if self.egress_ns_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.egress_ns_fd)
         self.egress_ns_fd = -1
 
 
@@ -395,6 +424,99 @@ def attach(init_pid: int) -> NetAttachment:
         os.close(sandbox_ns_fd)
 
 
+#: The program that makes a rootless sandbox's sockets (see its docstring for why a program).
+_SOCKETS_PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "egress_sockets.py")
+#: Ports a rootless sandbox reaches through the explicit proxy: HTTP and HTTPS.
+ROOTLESS_PORTS = (80, 443)
+#: What a rootless sandbox's egress runs without (its notes: stderr of `corral run`, inspect).
+ROOTLESS_NOTE = (f"egress through the HTTP proxy only (HTTP_PROXY=http://{GATEWAY}:{PROXY_PORT}"
+                 f" and DNS): no transparent steering without root (BPF sk_lookup), so a "
+                 f"program that ignores the proxy cannot connect (ENETUNREACH)")
+
+
+def rootless_rule_problem(rules) -> str | None:
+    """Why rules cannot be served rootless (naming the first such rule), or None.
+
+    A rule with a port other than 80 or 443 is for a client speaking its own protocol to
+    that port, which only transparent steering would carry (a proxy-aware client reaches
+    any port of a rule without one, through CONNECT).
+    """
+    for rule in rules:
+        if rule.port is not None and rule.port not in ROOTLESS_PORTS:
+            return (f"rule {str(rule)!r}: an unprivileged sandbox reaches the network only "
+                    f"through the HTTP proxy at http://{GATEWAY}:{PROXY_PORT} (HTTP_PROXY, "
+                    f"HTTPS_PROXY); a client of port {rule.port} needs transparent steering, "
+                    f"a BPF sk_lookup program, which needs CAP_BPF and CAP_NET_ADMIN on the "
+                    f"host; allow port 80 or 443 (or no port), or run as root")
+    return None
+
+
+def _open_namespace(init_pid: int, kind: str) -> int:
+    path = f"/proc/{init_pid}/ns/{kind}"
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxSetupError("open", path, exc.errno) from None
+
+
+def attach_rootless(init_pid: int) -> NetAttachment:
+    """The proxy's sockets inside the sandbox's own network namespace, made by a fresh
+    process that joins the sandbox's user namespace (egress_sockets.py); no egress
+    namespace, no link, no steering.
+
+    Raises:
+        SandboxSetupError: a namespace, address or bind step failed (step named).
+    """
+    userns = _open_namespace(init_pid, "user")
+    netns = reply = theirs = None
+    try:
+        netns = _open_namespace(init_pid, "net")
+        reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ran = subprocess.run(
+                [sys.executable, "-I", "-S", _SOCKETS_PROGRAM, str(userns), str(netns),
+                 str(theirs.fileno()), GATEWAY, str(PROXY_PORT), str(DNS_PORT)],
+                pass_fds=(userns, netns, theirs.fileno()), env={}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SandboxSetupError("egress sockets", _SOCKETS_PROGRAM,
+                                    getattr(exc, "errno", None) or errno_mod.ETIMEDOUT) from None
+        theirs.close()
+        reply.setblocking(False)
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(reply, 512, 2)
+        except BlockingIOError:
+            message, fds = b"", []
+        return _rootless_attachment(message, fds, netns, ran)
+    finally:
+        for fd in (userns, netns):
+            if fd is not None:
+                os.close(fd)
+        for sock in (reply, theirs):
+            if sock is not None:
+                sock.close()
+
+
+def _rootless_attachment(message: bytes, fds: list[int], netns: int,
+                         ran: subprocess.CompletedProcess) -> NetAttachment:
+    """The NetAttachment of egress_sockets.py's reply, or its failure as an error."""
+    if message == b"ok" and len(fds) == 2:
+        tcp, udp = (socket.socket(fileno=fd) for fd in fds)
+        for sock in (tcp, udp):  # served from the proxy's event loop
+            sock.setblocking(False)
+        return NetAttachment(-1, os.fstat(netns).st_ino, tcp, udp, None)
+    for fd in fds:
+        os.close(fd)
+    text = message.decode(errors="replace")
+    if text.startswith("error "):
+        step, _, code = text[len("error "):].rpartition(" ")
+        raise SandboxSetupError(step, "sandbox network namespace", int(code))
+    said = ran.stderr.decode(errors="replace").strip().splitlines()
+    raise SandboxSetupError("egress sockets", _SOCKETS_PROGRAM, errno_mod.EIO,
+                            f"it exited with {ran.returncode}"
+                            + (f": {said[-1]}" if said else ""))
+
+
 def interfaces(ns_fd: int) -> dict:
     """Links (name, state, addresses) and IPv4 routes of a network namespace (for inspect)."""
 
@@ -456,21 +578,27 @@ class EgressLink:
 
 
 def open_egress(sandbox_id: str, init_pid: int, allow_net, on_event=None,
-                secrets=None) -> EgressLink:
+                secrets=None, rootless: bool = False) -> EgressLink:
     """Link the sandbox to the process's egress proxy under its allow_net rules.
 
     Args:
         secrets: the sandbox's SecretSet (sandbox/secrets.py): the proxy then scans what
             it sends and intercepts its secrets' hosts; None for none.
+        rootless: the caller is unprivileged: the explicit proxy only (attach_rootless).
 
     Raises:
-        SandboxSetupError, UnsupportedHost: see attach().
+        SandboxSetupError, UnsupportedHost: see attach(); UnsupportedHost also for a
+            rule that only transparent steering could serve, rootless.
     """
     from .proxy import EgressPolicy, shared_proxy
 
     proxy = shared_proxy()
     policy = EgressPolicy(allow_net, proxy.config)
-    attachment = attach(init_pid)
+    if rootless:
+        problem = rootless_rule_problem(policy.rules)
+        if problem is not None:
+            raise UnsupportedHost(f"allow_net: {problem}")
+    attachment = attach_rootless(init_pid) if rootless else attach(init_pid)
     try:
         proxy.register(sandbox_id, attachment.tcp_listener, attachment.udp_sink, policy,
                        on_event, secrets=secrets)

@@ -528,19 +528,15 @@ class Sandbox(SandboxLifecycle):
             self._ids.note_init(self.init_pid)
 
     def _open_egress(self, privileged: bool) -> None:
-        """The egress link and proxy of spec.allow_net (sandbox/net.py)."""
+        """The egress link and proxy of spec.allow_net (sandbox/net.py); an unprivileged
+        caller gets the explicit proxy only, inside the sandbox's own namespace."""
         from .. import net
 
-        try:
-            self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
-                                          self.on_net_event, secrets=self.secrets)
-        except SandboxSetupError as exc:
-            if privileged or exc.errno != errno_mod.EPERM:
-                raise
-            raise SandboxSetupError(exc.step, exc.path, exc.errno, (
-                "--allow-net needs root: the egress link is a veth pair into a "
-                "network namespace Corral owns on the host, which an unprivileged "
-                "user cannot make; run without --allow-net, or as root")) from None
+        self.egress = net.open_egress(self.id, self.init_pid, self.spec.allow_net,
+                                      self.on_net_event, secrets=self.secrets,
+                                      rootless=not privileged)
+        if not privileged:
+            self.notes.append(net.ROOTLESS_NOTE)
 
     def _with_secret_trust(self, prepared: contain.Prepared) -> contain.Prepared:
         """prepared with the sandbox's trust directory (the host's /etc/ssl/certs plus its

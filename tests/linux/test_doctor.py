@@ -21,7 +21,7 @@ def test_doctor_json_as_root():
     assert (report["uid"], report["rootless"]) == (0, False)
     checks = {c["feature"]: c for c in report["checks"]}
     assert list(checks) == ["user namespaces", "subordinate ids", "idmapped mounts",
-                            "cgroups", "landlock", "seccomp", "overlayfs"]
+                            "cgroups", "landlock", "seccomp", "overlayfs", "egress"]
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(checks, "ok")
     assert [name for name, c in checks.items() if c["required"]] == ["user namespaces",
                                                                      "seccomp"]
@@ -41,4 +41,4 @@ def test_doctor_table_says_what_corral_does_without_each():
     assert lines[0].startswith("corral doctor for root (uid 0, root) on Linux ")
     features = [line.split("  ")[0] for line in lines[2:] if not line.startswith(" ")]
     assert features == ["user namespaces", "subordinate ids", "idmapped mounts", "cgroups",
-                        "landlock", "seccomp", "overlayfs"]
+                        "landlock", "seccomp", "overlayfs", "egress"]

@@ -35,6 +35,8 @@ import pytest
 
 import corral.sandbox
 
+from ..egress.conftest import internet  # noqa: F401 (the egress tests' servers, a fixture)
+
 SYSTEM_PYTHON = "/usr/bin/python3"
 CACHE = Path("/var/cache/corral-tests")
 REPO = Path(corral.sandbox.__file__).resolve().parent.parent

@@ -6,12 +6,15 @@ nothing (a single-id map); every unprivileged mechanism stays on; with no delega
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
-from corral.sandbox import cgroups
+from corral.sandbox import cgroups, net
 
 from ..processes import wait_until
 from .conftest import as_user_do, run_as, subid_range
@@ -116,7 +119,7 @@ def test_doctor_as_a_user(rootless_user, user_python):
     status = {c["feature"]: c["status"] for c in report["checks"]}
     assert status == {"user namespaces": "ok", "subordinate ids": "ok",
                       "idmapped mounts": "ok", "cgroups": "degraded", "landlock": "ok",
-                      "seccomp": "ok", "overlayfs": "ok"}
+                      "seccomp": "ok", "overlayfs": "ok", "egress": "degraded"}
     cg = next(c for c in report["checks"] if c["feature"] == "cgroups")
     assert "not writable by uid" in cg["found"]
     assert cgroups.NO_DELEGATION in cg["without"]
@@ -131,21 +134,33 @@ def test_the_whole_probe_suite_as_a_user_contains_everything(rootless_user, user
     assert r.stderr == NO_CGROUP_LINE
 
 
-def test_the_daemon_as_a_user(rootless_user, user_python):
-    """`corral daemon`, create, exec and inspect, all as the user: inspect shows the note
-    and the sandbox's real two-line map, and finds nothing to flag."""
-    sock = str(rootless_user.home / "corral.sock")
+@contextlib.contextmanager
+def users_daemon(user, python: str, name: str, env: dict | None = None):
+    """`corral daemon` run by user, serving on ~/NAME.sock with state in ~/NAME-state;
+    yields the socket once it answers, and checks it stops cleanly on SIGTERM."""
+    sock = str(user.home / f"{name}.sock")
     daemon = subprocess.Popen(
-        [user_python, "-m", "corral.runtime.cli", "daemon", "--socket", sock, "--state",
-         str(rootless_user.home / "state")],
-        user=rootless_user.uid, group=rootless_user.gid, extra_groups=[],
-        env={"HOME": str(rootless_user.home), "PATH": "/usr/bin:/bin"},
-        cwd=str(rootless_user.home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        [python, "-m", "corral.runtime.cli", "daemon", "--socket", sock, "--state",
+         str(user.home / f"{name}-state")],
+        user=user.uid, group=user.gid, extra_groups=[],
+        env={"HOME": str(user.home), "PATH": "/usr/bin:/bin", **(env or {})},
+        cwd=str(user.home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT)
     try:
         assert wait_until(lambda: daemon.poll() is not None or run_as(
-            rootless_user, user_python, "ps", "--socket", sock).returncode == 0,
+            user, python, "ps", "--socket", sock).returncode == 0,
             timeout_s=60) and daemon.poll() is None
+        yield sock
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, _ = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, out
+
+
+def test_the_daemon_as_a_user(rootless_user, user_python):
+    """`corral daemon`, create, exec and inspect, all as the user: inspect shows the note
+    and the sandbox's real two-line map, and finds nothing to flag."""
+    with users_daemon(rootless_user, user_python, "corral") as sock:
         created = run_as(rootless_user, user_python, "create", "--socket", sock)
         assert created.returncode == 0, created.stderr
         sb = created.stdout.strip()
@@ -161,18 +176,214 @@ def test_the_daemon_as_a_user(rootless_user, user_python):
         assert r.stdout.endswith("matches the spec\n")
         assert run_as(rootless_user, user_python, "destroy", "--socket", sock,
                       sb).returncode == 0
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        out, _ = daemon.communicate(timeout=60)
-    assert daemon.returncode == 0, out
 
 
-def test_allow_net_as_a_user_is_one_clear_error(rootless_user, user_python):
-    r = run_as(rootless_user, user_python, "run", "--allow-net", "example.com:443", "--",
-               "true")
-    assert r.returncode == 125
+#: Inside: through the proxy (HTTP, CONNECT to HTTPS, a denied name), the resolver, and a
+#: client that ignores HTTP_PROXY.
+NET_CLIENT = """
+import errno, socket, ssl, sys, urllib.error, urllib.request
+tls = ssl.create_default_context(cafile='/workspace/cert.pem')
+for url in ('http://allowed.test/user', 'https://allowed.test/tls', 'http://other.test/user'):
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=tls) as r:
+            print(r.status, r.read().decode())
+    except urllib.error.HTTPError as e:
+        print(e.code, e.read().decode().strip())
+print(socket.gethostbyname('allowed.test'))
+try:
+    socket.gethostbyname('other.test')
+except OSError:
+    print('no such name')
+try:
+    socket.create_connection((sys.argv[1], 7000), timeout=10)
+except OSError as e:
+    print('direct:', errno.errorcode[e.errno])
+"""
+
+
+def _net_workspace(user, user_python, internet) -> tuple[str, str]:
+    """A workspace of the user's holding the test server's certificate, and a copy of the
+    test hosts file the user's proxy can read; returns both paths."""
+    cert = (Path(internet.cert_dir) / "cert.pem").read_text()
+    hosts = Path(internet.hosts_file).read_text()
+    as_user_do(user, user_python,
+               f"import os; os.makedirs('net/ws', exist_ok=True); "
+               f"open('net/ws/cert.pem', 'w').write({cert!r}); "
+               f"open('net/hosts', 'w').write({hosts!r})")
+    return str(user.home / "net" / "ws"), str(user.home / "net" / "hosts")
+
+
+def _egress_env(internet, hosts: str) -> dict[str, str]:
+    return {"CORRAL_EGRESS_HOSTS": hosts, "CORRAL_EGRESS_ROUTABLE": internet.subnet,
+            "CORRAL_EGRESS_UPSTREAM_ONLY": f"{internet.subnet},127.0.0.0/8"}
+
+
+def _decisions(audit: Path) -> list[dict]:
+    """The audit file's decisions without what differs run to run (sandbox id, duration,
+    the client's port)."""
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    out = []
+    for event in events:
+        if event["kind"] != "net.summary":
+            del event["sandbox_id"], event["duration_s"]
+            event["client"] = event["client"].rpartition(":")[0]
+            out.append(event)
+    return out
+
+
+def test_allow_net_as_a_user_goes_through_the_proxy(rootless_user, user_python, internet):
+    ws, hosts = _net_workspace(rootless_user, user_python, internet)
+    audit = rootless_user.home / "net" / "audit.jsonl"
+    r = run_as(rootless_user, user_python, "run", "--allow-net", "allowed.test",
+               "--workspace", ws, "--audit", str(audit), "--", "python3", "-I", "-c",
+               NET_CLIENT, internet.allowed, env=_egress_env(internet, hosts))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"{NO_CGROUP_LINE}corral: {net.ROOTLESS_NOTE}\n"
+    assert r.stdout.splitlines() == [
+        f"200 hello from {internet.allowed} for allowed.test /user",
+        f"200 hello from {internet.allowed} for allowed.test /tls",
+        "403 corral: egress denied: no rule allows other.test:80",
+        internet.allowed, "no such name", "direct: ENETUNREACH"]
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sorted((e["kind"], e.get("mode"), e.get("decision"), e.get("name"), e.get("port"))
+                  for e in events[:-1]) == [
+        ("net.connect", "connect", "allow", "allowed.test", 443),
+        ("net.connect", "http", "allow", "allowed.test", 80),
+        ("net.connect", "http", "deny", "other.test", 80),
+        ("net.dns", "dns", "allow", "allowed.test", 53),
+        ("net.dns", "dns", "deny", "other.test", 53)]
+    assert (events[-1]["kind"], events[-1]["allowed"], events[-1]["denied"]) == (
+        "net.summary", 3, 2)
+
+
+def test_a_denied_host_is_the_same_refusal_and_record_as_roots(rootless_user, user_python,
+                                                               internet, tmp_path):
+    """The same command as root and as the user: the same output and the same audit
+    records, but for what differs from run to run."""
+    _, hosts = _net_workspace(rootless_user, user_python, internet)
+    client = ("import urllib.request, urllib.error\ntry:\n"
+              " urllib.request.urlopen('http://other.test/x', timeout=10)\n"
+              "except urllib.error.HTTPError as e:\n print(e.code, e.read().decode().strip())")
+    args = ("run", "--allow-net", "allowed.test:80", "--", "python3", "-I", "-c", client)
+    audit = rootless_user.home / "net" / "denied.jsonl"
+    user = run_as(rootless_user, user_python, args[0], "--audit", str(audit), *args[1:],
+                  env=_egress_env(internet, hosts))
+    root_audit = tmp_path / "denied.jsonl"
+    root = subprocess.run(
+        [sys.executable, "-m", "corral.runtime.cli", args[0], "--audit", str(root_audit),
+         *args[1:]], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **_egress_env(internet, internet.hosts_file)})
+    assert (user.returncode, root.returncode) == (0, 0), user.stderr + root.stderr
+    assert user.stdout == root.stdout == (
+        "403 corral: egress denied: no rule allows other.test:80\n")
+    mine, roots = _decisions(audit), _decisions(root_audit)
+    assert [e["decision"] for e in mine] == ["deny"]
+    # the client's address: the sandbox's end of the veth as root, the gateway address
+    # on its loopback rootless (the connection never leaves the sandbox's namespace)
+    assert (mine[0].pop("client"), roots[0].pop("client")) == ("100.127.255.1",
+                                                               "100.127.255.2")
+    assert mine == roots
+
+
+def test_a_rule_only_transparent_steering_serves_is_one_clear_error(rootless_user,
+                                                                    user_python):
+    r = run_as(rootless_user, user_python, "run", "--allow-net", "allowed.test:80",
+               "--allow-net", "allowed.test:7000", "--", "true")
+    assert (r.returncode, r.stdout) == (125, "")
     assert r.stderr == (
-        "corral: run: sandbox setup failed at unshare(CLONE_NEWNET) 'egress namespace': "
-        "EPERM Operation not permitted (--allow-net needs root: the egress link is a veth "
-        "pair into a network namespace Corral owns on the host, which an unprivileged user "
-        "cannot make; run without --allow-net, or as root)\n")
+        "corral: run: allow_net: rule 'allowed.test:7000': an unprivileged sandbox reaches "
+        "the network only through the HTTP proxy at http://100.127.255.1:3128 (HTTP_PROXY, "
+        "HTTPS_PROXY); a client of port 7000 needs transparent steering, a BPF sk_lookup "
+        "program, which needs CAP_BPF and CAP_NET_ADMIN on the host; allow port 80 or 443 "
+        "(or no port), or run as root\n")
+
+
+def test_secrets_ride_the_rootless_proxy(rootless_user, user_python, internet):
+    """A secret bound to allowed.test: inside, a placeholder; CONNECT to its host on 443 is
+    intercepted, so the server gets the value in the path and the sandbox sees the
+    placeholder in the answer; toward another host the placeholder is refused."""
+    ws, hosts = _net_workspace(rootless_user, user_python, internet)
+    value = "sk-rootless-" + os.urandom(8).hex()
+    client = (
+        "import os, urllib.request, urllib.error\n"
+        "key = os.environ['API_KEY']\n"
+        "print(key.startswith('corral_secret_'))\n"
+        "with urllib.request.urlopen('https://allowed.test/' + key, timeout=10) as r:\n"
+        "    print(r.read().decode() == 'hello from ' + os.environ['ALLOWED']"
+        " + ' for allowed.test /' + key)\n"
+        "try:\n"
+        "    urllib.request.urlopen('http://other.test/' + key, timeout=10)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code, e.read().decode().strip())\n")
+    audit = rootless_user.home / "net" / "secrets.jsonl"
+    r = run_as(rootless_user, user_python, "run", "--secret", "API_KEY@allowed.test",
+               "--allow-net", "other.test:80", "--audit", str(audit), "--env",
+               f"ALLOWED={internet.allowed}", "--", "python3", "-I", "-c", client,
+               env={**_egress_env(internet, hosts), "API_KEY": value,
+                    "CORRAL_EGRESS_UPSTREAM_CA": f"{ws}/cert.pem"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "True", "True",
+        "403 corral: egress denied: the request carries a secret's placeholder"]
+    assert (internet.allowed, "allowed.test", "/" + value) in internet.http_seen
+    assert value not in r.stdout + r.stderr + audit.read_text()
+    blocked = [json.loads(line) for line in audit.read_text().splitlines()
+               if json.loads(line)["kind"] == "net.secret"]
+    assert [(e["action"], e["secret"], e["name"]) for e in blocked] == [
+        ("blocked-exfiltration", "API_KEY", "other.test")]
+
+
+def test_allow_net_through_a_users_daemon(rootless_user, user_python, internet):
+    """The daemon (threads: the sockets are made by a program it execs) serves a
+    sandbox's egress from its own proxy, as the user."""
+    _, hosts = _net_workspace(rootless_user, user_python, internet)
+    with users_daemon(rootless_user, user_python, "corral-net",
+                      _egress_env(internet, hosts)) as sock:
+        created = run_as(rootless_user, user_python, "create", "--socket", sock,
+                         "--allow-net", "allowed.test")
+        assert created.returncode == 0, created.stderr
+        sb = created.stdout.strip()
+        r = run_as(rootless_user, user_python, "exec", "--socket", sock, sb, "--", "python3",
+                   "-I", "-c", "import urllib.request as u\n"
+                   "print(u.urlopen('http://allowed.test/d', timeout=10).read().decode())")
+        assert (r.returncode, r.stdout) == (
+            0, f"hello from {internet.allowed} for allowed.test /d\n"), r.stderr
+        # inspect knows this kind of egress: lo only, no route, nothing to flag
+        r = run_as(rootless_user, user_python, "inspect", "--socket", sock, sb)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"note: {net.ROOTLESS_NOTE}\n" in r.stdout
+        assert r.stdout.endswith("matches the spec\n")
+        assert run_as(rootless_user, user_python, "destroy", "--socket", sock,
+                      sb).returncode == 0
+
+
+def test_the_sandbox_cannot_take_over_its_proxy_sockets(rootless_user, user_python):
+    """The listener and resolver live in the sandbox's own namespace: its processes can
+    neither bind beside them (no SO_REUSEADDR/SO_REUSEPORT on ours) nor remove the
+    address they are bound to (no capabilities)."""
+    code = (
+        "import errno, socket, subprocess\n"
+        "def bind(kind, host, port):\n"
+        "    s = socket.socket(socket.AF_INET, kind)\n"
+        "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+        "    try:\n"
+        "        s.bind((host, port))\n"
+        "        return 'bound'\n"
+        "    except OSError as e:\n"
+        "        return errno.errorcode[e.errno]\n"
+        "print(bind(socket.SOCK_STREAM, '100.127.255.1', 3128),"
+        " bind(socket.SOCK_STREAM, '0.0.0.0', 3128),"
+        " bind(socket.SOCK_DGRAM, '100.127.255.1', 53))\n"
+        "r = subprocess.run(['ip', 'addr', 'del', '100.127.255.1/32', 'dev', 'lo'],"
+        " capture_output=True, text=True)\n"
+        "print(r.returncode, r.stderr.strip())\n"
+        "print(subprocess.run(['ip', '-4', '-br', 'addr', 'show', 'dev', 'lo'],"
+        " capture_output=True, text=True).stdout.split()[2:])\n")
+    r = run_as(rootless_user, user_python, "run", "--allow-net", "allowed.test", "--",
+               "python3", "-I", "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "EADDRINUSE EADDRINUSE EACCES",
+        "2 RTNETLINK answers: Operation not permitted",
+        "['127.0.0.1/8', '100.127.255.1/32']"]
