@@ -129,6 +129,7 @@ class TaskSpec:
         if total > MAX_FILES_BYTES:
             raise InvalidSpec("spec.files", f"{total} bytes is over the {MAX_FILES_BYTES} limit")
         check_labels(self.labels, "spec.labels")
+        _refuse_unsupported(self.sandbox)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -193,3 +194,26 @@ class DeepTask:
     @property
     def terminal(self) -> bool:
         return self.state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+def _refuse_unsupported(sandbox) -> None:
+    """What a task's sandbox cannot have yet, refused at submit, not failed at each attempt:
+    a host directory or a snapshot (an attempt makes its own workspace, from spec.files),
+    and secrets (an attempt runs under a shim, possibly on another node, away from the
+    daemon's secret store).
+
+    Raises:
+        InvalidSpec: naming the field.
+    """
+    if sandbox.workspace is not None or sandbox.workspace_cow:
+        raise InvalidSpec("spec.sandbox.workspace_dir", "a deep task's attempt gets a workspace "
+                                                        "of its own (hand it files with "
+                                                        "spec.files); a host directory is not "
+                                                        "taken")
+    if sandbox.snapshot:
+        raise InvalidSpec("spec.sandbox.snapshot", "a deep task cannot start from a snapshot "
+                                                   "yet; hand it files with spec.files")
+    if sandbox.secrets:
+        raise InvalidSpec("spec.sandbox.secrets", "a deep task takes no secrets yet (its "
+                                                  "attempts run under a shim, on any node, "
+                                                  "away from the daemon's secret store)")
