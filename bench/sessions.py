@@ -44,7 +44,8 @@ the figure to compare A/B runs by on a machine with other load (latency moves fa
     python bench/sessions.py --quick        # smoke run: N = 32, short windows, no sweep
     python bench/sessions.py --sessions 128 --workers 4 --duration 10 --no-sweep --no-twin
     python bench/sessions.py --py-spy out.txt   # + py-spy the daemon over the N-session window
-    python bench/sessions.py --parts single,idle  # only some parts (single, idle, sessions)
+    python bench/sessions.py --parts single,idle  # only some parts (single, idle, sessions,
+                                                  # and mixed: delegated tasks, bench/_mixed.py)
 
 `--daemon-package corral.runtime=DIR` runs the daemon with that package imported from DIR (a
 patched copy, for A/B runs of a prototype; repeatable); `--daemon-env K=V` adds to the daemon's
@@ -885,6 +886,10 @@ def run_impl(impl: str, args, workdir: str, agent_path: str, log) -> dict:
             result["interrupt_idle"] = {k: idle[k] for k in (
                 "interrupt_ms", "interrupt_roundtrip_ms", "input_ms", "latency_ms",
                 "daemon_cores")}
+        if "mixed" in parts and not twin:  # delegated deep tasks beside the sessions
+            import _mixed
+
+            result["mixed"] = _mixed.run_mixed(daemon, agent_path, args, log, run_sessions)
         if "sessions" not in parts:
             return result
         n = args.sessions
@@ -962,7 +967,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pipe-bytes", type=int, default=0,
                     help="single run: the agent asks F_SETPIPE_SZ for its events pipe")
     ap.add_argument("--parts", default="single,idle,sessions",
-                    help="which measurements (comma-separated): single, idle, sessions")
+                    help="which measurements (comma-separated): single, idle, sessions, "
+                         "mixed (sessions while delegated deep tasks run)")
+    ap.add_argument("--mixed-task-steps", type=int, default=20,
+                    help="mixed: PROGRESS reports (100 ms apart) of each delegated task (20)")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     ap.add_argument("--sweep-step", type=int, default=32)
     ap.add_argument("--sweep-duration", type=float, default=6.0)
