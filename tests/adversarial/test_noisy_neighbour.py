@@ -59,8 +59,9 @@ max_request_rate = 50
 NOISE_S = 0.010
 PHASES = 8  # quiet and hostile phases, alternating
 ROUNDS = 10  # measure() rounds in each phase
-# A p99 needs a few hundred samples to be more than the largest one: Exec and token round
-# trips are cheap, so a round takes several of each (creates are fewer: 80 per side).
+# A p99 needs a few hundred samples to be more than the largest one (one stall of the
+# shared machine must not decide it): a round takes several of each, 240 creates a side.
+CREATES = 3
 EXECS = 5
 TOKENS = 5
 SETTLE_S = 0.5
@@ -107,14 +108,15 @@ class TokenClock:
 
 def measure(client: Client, sandbox_id: str, clock: TokenClock, rounds: int,
             into: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """`rounds` rounds of one Create (+ Destroy), EXECS Execs and TOKENS token round trips;
+    """`rounds` rounds of CREATES Creates (+ Destroy), EXECS Execs and TOKENS token round trips;
     the samples are added to `into` (returned)."""
     into = into if into is not None else {"create": [], "exec": [], "token": []}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        sb = client.create_sandbox()
-        into["create"].append(time.perf_counter() - t0)
-        client.destroy_sandbox(sb.id)
+        for _ in range(CREATES):
+            t0 = time.perf_counter()
+            sb = client.create_sandbox()
+            into["create"].append(time.perf_counter() - t0)
+            client.destroy_sandbox(sb.id)
         for _ in range(EXECS):
             t0 = time.perf_counter()
             events = list(client.exec(sandbox_id, ["true"]))
