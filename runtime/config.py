@@ -122,6 +122,10 @@ class DaemonConfig:
     #: OpenTelemetry spans (runtime/tracing.py): "otlp" (OTEL_EXPORTER_OTLP_* settings) or
     #: "file:PATH" (one JSON object a span); None = off, nothing imported.
     tracing: str | None = None
+    #: Turn on the cgroup2 hierarchy's favordynmods flag at start (root only; it stays on
+    #: until reboot on Linux 6.18+): moving a sandbox's process into its cgroup then never
+    #: waits for an RCU grace period (sandbox/cgroup_tuning.py). false leaves the host as is.
+    cgroup_favordynmods: bool = True
 
     def policy_book(self):
         """Every tenant's policy (runtime/policy.py), built from [policy] and [tenants.*].
@@ -254,6 +258,9 @@ class DaemonConfig:
                 check_target(self.tracing)
             except ValueError as exc:
                 raise InvalidSpec("tracing", str(exc)) from None
+        if not isinstance(self.cgroup_favordynmods, bool):
+            raise InvalidSpec("cgroup_favordynmods", f"{self.cgroup_favordynmods!r} is not "
+                                                     "true or false")
         if self.log_format not in ("text", "json"):
             raise InvalidSpec("log_format", f"{self.log_format!r} is not 'text' or 'json'")
 
@@ -290,7 +297,7 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
-    ("text"|"json"), tracing ("otlp"|"file:PATH"), one table per tenant:
+    ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, one table per tenant:
     [tenants.acme] token = "...", and the secret store's [secrets].
     """
     values: dict = {}

@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from corral.sandbox import workspace_fs
+from corral.sandbox import cgroup_tuning, workspace_fs
 from corral.sandbox.backends.native import sweep_for_this_process
 from corral.sandbox.errors import CorralError
 from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
@@ -87,6 +87,8 @@ class Daemon:
         os.makedirs(cfg.state, mode=0o700, exist_ok=True)
         self._start_observability()
         _prepare_workspaces(cfg)
+        cgroup_tuning.configure(cfg.cgroup_favordynmods)
+        favordynmods = cgroup_tuning.ensure()  # before any sandbox joins a cgroup
         await self._open_records()
         self._start_sandboxes_and_sessions()
         from .tasks.service import start_scheduler
@@ -99,6 +101,7 @@ class Daemon:
         self.audit.append("daemon.start", tenant="", peer="daemon", detail={
             "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
             "tcp_port": self.tcp_port or 0, "metrics_port": self.metrics.port,
+            "cgroup_favordynmods": favordynmods,
             **self.governance.start_detail()})
         tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
         log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)

@@ -219,6 +219,27 @@ def check_cgroups() -> Check:
     return Check("cgroups", DEGRADED, f"v{layout.version} ({where}); {problem}", without)
 
 
+def check_cgroup_moves() -> Check:
+    """Whether moving a process into a cgroup waits for an RCU grace period (each spawn
+    and exec moves one): sandbox/cgroup_tuning.py. Doctor only reads; a root sandbox start
+    turns the flag on unless configured not to."""
+    from corral.sandbox import cgroup_tuning
+
+    without = ("each sandbox start and exec after a quiet spell waits out an RCU grace period "
+               "when it joins its cgroup (about 15 ms measured on a v1 host); a root "
+               "`corral run` or daemon turns favordynmods on unless "
+               f"{cgroup_tuning.ENV}=0 or cgroup_favordynmods = false")
+    with open("/proc/self/mountinfo") as f:
+        text = f.read()
+    if cgroup_tuning.is_on(text):
+        return Check("cgroup moves", OK, "cgroup2 favordynmods is on: a move into a cgroup "
+                     "never waits for an RCU grace period", without)
+    if not cgroup_tuning.cgroup2_mounts(text):
+        return Check("cgroup moves", DEGRADED, "no cgroup2 hierarchy mounted, so "
+                     "favordynmods cannot be set (boot with cgroup_favordynmods=true)", without)
+    return Check("cgroup moves", DEGRADED, "cgroup2 favordynmods is off", without)
+
+
 def check_landlock() -> Check:
     from corral.sandbox import landlock
 
@@ -293,7 +314,7 @@ def _fstype(path: str) -> str:
 
 
 CHECKS = (check_user_namespaces, check_subordinate_ids, check_idmapped_mounts, check_cgroups,
-          check_landlock, check_seccomp, check_overlayfs, check_egress)
+          check_cgroup_moves, check_landlock, check_seccomp, check_overlayfs, check_egress)
 
 
 def run_checks() -> list[Check]:

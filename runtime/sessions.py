@@ -177,12 +177,15 @@ class SessionManager:
     async def open(self, caller: Caller, *, argv: list[str], spec=None, sandbox_id: str = "",
                    env: dict[str, str] | None = None, first_input: str = "",
                    labels: dict[str, str] | None = None, request_id: str = "",
-                   fingerprint: str = "", delegations_from: str = "") -> Session:
+                   fingerprint: str = "", delegations_from: str = "",
+                   wait_if_paused: bool = False) -> Session:
         """Start an agent in a new sandbox (spec) or an existing one (sandbox_id).
 
         Args:
             labels: already checked (runtime/labels.py); a sandbox made for it gets them too.
             delegations_from: a gone session whose delegated tasks this one takes over.
+            wait_if_paused: an existing sandbox that is paused is waited for (its Resume)
+                instead of refused with FailedPrecondition.
             request_id, fingerprint: once per request_id of this tenant: a retry with the
                 same fingerprint gets the session the first one started.
 
@@ -194,7 +197,8 @@ class SessionManager:
             async def make() -> str:
                 session = await self.open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
                                           env=env, first_input=first_input, labels=labels,
-                                          delegations_from=delegations_from)
+                                          delegations_from=delegations_from,
+                                          wait_if_paused=wait_if_paused)
                 return session.id
 
             session_id, replayed = await self.requests.run(caller.tenant, request_id,
@@ -221,7 +225,8 @@ class SessionManager:
         self._opening[tenant] = self._opening.get(tenant, 0) + 1
         try:
             session = await self._open(caller, argv=argv, spec=spec, sandbox_id=sandbox_id,
-                                       env=env, first_input=first_input, labels=labels or {})
+                                       env=env, first_input=first_input, labels=labels or {},
+                                       wait_if_paused=wait_if_paused)
             if delegations_from:
                 await self.delegations.adopt(caller, session, delegations_from)
             return session
@@ -232,7 +237,7 @@ class SessionManager:
 
     async def _open(self, caller: Caller, *, argv: list[str], spec, sandbox_id: str,
                     env: dict[str, str] | None, first_input: str,
-                    labels: dict[str, str]) -> Session:
+                    labels: dict[str, str], wait_if_paused: bool = False) -> Session:
         session_id = "ses-" + secrets.token_hex(6)
         owns = not sandbox_id
         if owns:
@@ -247,6 +252,7 @@ class SessionManager:
             handle = await self.sandboxes.exec(
                 caller, msb.id, argv, env=agent_env, keep_stdin_open=True,
                 pass_fds=pipes.pass_fds(), session_id=session_id,
+                wait_if_paused=wait_if_paused,
             )
         except BaseException:
             pipes.close()

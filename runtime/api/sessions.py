@@ -443,7 +443,8 @@ def _start_kwargs(start) -> dict:
               sandbox_id=start.sandbox_id if target == "sandbox_id" else "",
               env=dict(start.env), first_input=start.input,
               labels=check_labels(start.labels, "start.labels"),
-              delegations_from=start.delegations_from)
+              delegations_from=start.delegations_from,
+              wait_if_paused=start.wait_if_paused)
     if start.request_id:
         # what a retry under the same request_id must ask for: the start without its id
         same = pb.SessionStart()

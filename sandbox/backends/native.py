@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import cgroups, contain, fstree, ids, ptys, workspace_fs
+from .. import cgroup_tuning, cgroups, contain, fstree, ids, ptys, workspace_fs
 from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError, UnsupportedHost
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
@@ -1308,7 +1308,9 @@ def _remove_tree(path: str) -> None:
 
 @functools.cache
 def _cgroup_layout() -> cgroups.CgroupLayout:
-    """The host's cgroup layout, detected once per process."""
+    """The host's cgroup layout, detected once per process; cgroup moves made cheap first
+    (sandbox/cgroup_tuning.py: no RCU grace period per attach)."""
+    cgroup_tuning.ensure()
     return cgroups.detect()
 
 

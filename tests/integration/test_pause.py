@@ -12,10 +12,11 @@ import time
 import grpc
 import pytest
 
-from corral.runtime.client import ClientError
+from corral.runtime.client import ClientError, SessionStream
 from corral.v1 import sandbox_pb2 as pb
+from corral.v1 import session_pb2
 
-from .daemon_harness import collect_exec
+from .daemon_harness import SessionRecorder, collect_exec
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -171,3 +172,37 @@ def test_a_pause_outliving_paused_ttl_destroys_the_sandbox(make_daemon):
     assert destroys() == ["paused-ttl"]
     assert sb.id in [s.id for s in c.list_sandboxes(state=pb.SANDBOX_STATE_DESTROYED)]
     assert d.stop() == 0
+
+
+def _start_in(c, sandbox_id: str, **start) -> SessionRecorder:
+    """A session of a one-line agent in an existing sandbox, read on a thread."""
+    req = session_pb2.SessionRequest(start=session_pb2.SessionStart(
+        argv=["sh", "-c", "echo started"], sandbox_id=sandbox_id, **start))
+    return SessionRecorder(SessionStream(c.sessions, req, c.metadata))
+
+
+def test_a_session_start_on_a_paused_sandbox_is_refused_or_waits_as_asked(tenant_client):
+    c = tenant_client
+    sb = c.create_sandbox()
+    c.pause(sb.id)
+    refused = _start_in(c, sb.id)
+    refused.join(20)
+    assert refused.error is not None
+    assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "paused" in str(refused.error) and refused.session_id == ""
+    waiting = _start_in(c, sb.id, wait_if_paused=True)
+    time.sleep(0.5)
+    assert not waiting.done.is_set() and waiting.session_id == ""  # held while paused
+    c.resume(sb.id)
+    waiting.wait_for(lambda r: "started\n" in "".join(r.tokens()), what="the agent's line")
+    waiting.join(20)
+    assert waiting.error is None and waiting.first("exited").returncode == 0
+    # destroyed while the start waits: NOT_FOUND, and no session is left behind
+    c.pause(sb.id)
+    doomed = _start_in(c, sb.id, wait_if_paused=True)
+    time.sleep(0.3)
+    c.destroy_sandbox(sb.id)
+    doomed.join(20)
+    assert doomed.error is not None and doomed.error.code == grpc.StatusCode.NOT_FOUND
+    # the waiting start made no session: only the one that ran (and exited) is listed
+    assert [s.session_id for s in c.list_sessions()] == [waiting.session_id]

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from corral.sandbox import ids
+from corral.sandbox import cgroup_tuning, ids
 
 CORRAL = str(Path(sys.executable).with_name("corral"))
 
 
 def test_doctor_json_as_root():
+    # what a root sandbox start or the daemon does first: doctor only reads it
+    assert cgroup_tuning.enable() in ("on", "already")
     r = subprocess.run([CORRAL, "doctor", "--json"], capture_output=True, text=True,
                        timeout=120)
     assert (r.returncode, r.stderr) == (0, "")
@@ -21,7 +23,8 @@ def test_doctor_json_as_root():
     assert (report["uid"], report["rootless"]) == (0, False)
     checks = {c["feature"]: c for c in report["checks"]}
     assert list(checks) == ["user namespaces", "subordinate ids", "idmapped mounts",
-                            "cgroups", "landlock", "seccomp", "overlayfs", "egress"]
+                            "cgroups", "cgroup moves", "landlock", "seccomp", "overlayfs",
+                            "egress"]
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(checks, "ok")
     assert [name for name, c in checks.items() if c["required"]] == ["user namespaces",
                                                                      "seccomp"]
@@ -32,6 +35,7 @@ def test_doctor_json_as_root():
     assert found.split("; ")[-2].endswith(" at /tmp): yes")
     assert found.split("; ")[-1] == "tmpfs (task workspaces) (a new tmpfs): yes"
     assert checks["cgroups"]["found"].startswith("v1 (")
+    assert checks["cgroup moves"]["found"].startswith("cgroup2 favordynmods is on")
 
 
 def test_doctor_table_says_what_corral_does_without_each():
@@ -41,4 +45,4 @@ def test_doctor_table_says_what_corral_does_without_each():
     assert lines[0].startswith("corral doctor for root (uid 0, root) on Linux ")
     features = [line.split("  ")[0] for line in lines[2:] if not line.startswith(" ")]
     assert features == ["user namespaces", "subordinate ids", "idmapped mounts", "cgroups",
-                        "landlock", "seccomp", "overlayfs", "egress"]
+                        "cgroup moves", "landlock", "seccomp", "overlayfs", "egress"]
