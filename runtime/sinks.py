@@ -43,6 +43,11 @@ SINK_TYPES = ("file", "syslog", "otlp")
 DEFAULT_MAX_LAG = 1_000_000
 _BATCH = 512
 _BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: After a wake, how long a worker lets records gather before it delivers: one query, one
+#: send and one cursor fsync per batch rather than per record, so a busy daemon's sinks do
+#: not compete with its audit commits for the disk and the GIL record by record (issue 22:
+#: a sink must not slow Create). It is also the most a record waits beyond its commit.
+_GATHER_S = 0.1
 _SYSLOG_FACILITY_AUDIT = 13  # RFC 5424 "log audit"
 _MAX_DATAGRAM = 65000
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -345,7 +350,8 @@ class SinkWorker:
                 continue
             failures = 0
             if not more:
-                self._wake.wait(1.0)
+                if self._wake.wait(1.0):
+                    self._stop.wait(_GATHER_S)
                 self._wake.clear()
 
     def _deliver_some(self) -> bool:
