@@ -126,6 +126,12 @@ class DaemonConfig:
     #: until reboot on Linux 6.18+): moving a sandbox's process into its cgroup then never
     #: waits for an RCU grace period (sandbox/cgroup_tuning.py). false leaves the host as is.
     cgroup_favordynmods: bool = True
+    #: The daemon's event loop (runtime/loop.py): "auto" (uvloop when installed), "asyncio"
+    #: or "uvloop".
+    event_loop: str = "auto"
+    #: The cyclic garbage collector (runtime/loop.py): "latency" (start-up frozen, full
+    #: collections on a timer at an on-time tick) or "default" (Python's own).
+    gc_policy: str = "latency"
 
     def policy_book(self):
         """Every tenant's policy (runtime/policy.py), built from [policy] and [tenants.*].
@@ -258,6 +264,12 @@ class DaemonConfig:
                 check_target(self.tracing)
             except ValueError as exc:
                 raise InvalidSpec("tracing", str(exc)) from None
+        from .loop import EVENT_LOOPS, GC_POLICIES
+
+        for name, allowed in (("event_loop", EVENT_LOOPS), ("gc_policy", GC_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise InvalidSpec(name, f"{getattr(self, name)!r} is not one of "
+                                        f"{', '.join(allowed)}")
         if not isinstance(self.cgroup_favordynmods, bool):
             raise InvalidSpec("cgroup_favordynmods", f"{self.cgroup_favordynmods!r} is not "
                                                      "true or false")
@@ -297,7 +309,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
-    ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, one table per tenant:
+    ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, event_loop
+    ("auto"|"asyncio"|"uvloop"), gc_policy ("latency"|"default"), one table per tenant:
     [tenants.acme] token = "...", and the secret store's [secrets].
     """
     values: dict = {}

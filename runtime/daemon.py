@@ -33,6 +33,7 @@ from .audit import AuditLog
 from .auth import Authenticator
 from .config import DaemonConfig
 from .governance import Governance
+from .loop import GcPauses, LatencyGc, loop_factory
 from .metrics import NO_METRICS
 from .resources import ResourceGuard
 from .sandboxes import SandboxLimits, SandboxManager
@@ -79,6 +80,11 @@ class Daemon:
         self.metrics = NO_METRICS
         #: OpenTelemetry spans (runtime/tracing.py); NO_TRACING when off.
         self.tracing = NO_TRACING
+        #: The collector's pauses, and the "latency" policy once started (runtime/loop.py).
+        self.gc_pauses: GcPauses | None = None
+        self.gc: LatencyGc | None = None
+        #: "uvloop" or "asyncio": the loop serve_forever runs on.
+        self.loop_name = ""
 
     async def start(self) -> None:
         """Build and wire every part, in dependency order, then serve."""
@@ -101,13 +107,17 @@ class Daemon:
         self.audit.append("daemon.start", tenant="", peer="daemon", detail={
             "pid": os.getpid(), "socket": cfg.socket, "listen": cfg.listen or "",
             "tcp_port": self.tcp_port or 0, "metrics_port": self.metrics.port,
-            "cgroup_favordynmods": favordynmods,
+            "cgroup_favordynmods": favordynmods, "event_loop": _loop_name(),
+            "gc_policy": cfg.gc_policy,
             **self.governance.start_detail()})
         tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
         log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
         await self._apply_health()  # NOT_SERVING from the start on a full disk
         self._monitor = asyncio.get_running_loop().create_task(self._watch_resources())
         exhaustion_listeners.append(self._on_exhaustion)
+        if cfg.gc_policy == "latency":  # last: what start-up made is frozen
+            self.gc = LatencyGc()
+            self.gc.start(asyncio.get_running_loop())
 
     def _start_observability(self) -> None:
         """Metrics and tracing, when configured (only then are their libraries imported)."""
@@ -255,6 +265,9 @@ class Daemon:
         stats["workspace_fs"] = workspace_fs.kind()
         if self.governance is not None:  # signing, sink lag, policy digest
             stats["audit"] = self.governance.statistics()
+        stats["event_loop"] = self.loop_name
+        if self.gc_pauses is not None:
+            stats["gc"] = self.gc_pauses.statistics()
         return stats
 
     async def _add_health_and_reflection(self, server, descriptors) -> None:
@@ -408,8 +421,15 @@ class Daemon:
         # SIGHUP: reload the tenant policy from policy_file (an audited, signed event).
         loop.add_signal_handler(signal.SIGHUP, lambda: self.governance is not None and (
             loop.run_in_executor(None, self.governance.reload_policy)))
-        await self.start()
-        await self._stopped.wait()
+        self.gc_pauses = GcPauses()
+        self.loop_name = _loop_name()
+        try:
+            await self.start()
+            await self._stopped.wait()
+        finally:
+            if self.gc is not None:
+                self.gc.stop()
+            self.gc_pauses.close()
 
 
 def _start_stop_watchdog(deadline_s: float) -> None:
@@ -477,6 +497,14 @@ def _sweep() -> list[str]:
     return []
 
 
+def _loop_name() -> str:
+    """"uvloop" or "asyncio": the package of the running loop's class."""
+    try:
+        return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    except RuntimeError:
+        return ""
+
+
 def _socket_in_use(path: str) -> bool:
     import socket
 
@@ -499,7 +527,9 @@ def run(config: DaemonConfig) -> int:
     daemon = Daemon(config)
     daemon.exit_deadline_s = STOP_DEADLINE_S  # this process is the daemon: stops end it
     try:
-        asyncio.run(daemon.serve_forever())
+        factory, _ = loop_factory(config.event_loop)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(daemon.serve_forever())
     except (RuntimeError, CorralError) as exc:  # e.g. AuditTampered: refuse, say why
         log.error("%s", exc)
         return 1
