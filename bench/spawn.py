@@ -31,7 +31,9 @@ time goes inside its own functions (wrappers installed by this script only).
 
 Times are milliseconds of time.perf_counter(); p99 is the nearest-rank percentile. The
 JSON object has at least corral_ms_p50, corral_ms_p99, bwrap_ms_p50, bwrap_ms_p99,
-unshare_ms_p50 and cli_ms_p50; with a Docker engine (a private dockerd is started unless
+unshare_ms_p50, bwrap_bare_ms_p50 (issue 21's floor: `bwrap --unshare-all --die-with-parent
+--new-session` with a read-only /usr, proc, dev and a tmpfs /tmp), with
+ratio_default_vs_bwrap_bare_p50, and cli_ms_p50; with a Docker engine (a private dockerd is started unless
 --docker-host names one) also docker_backend_ms_p50 (create + exec + wait + destroy through
 Corral's docker backend) and docker_run_ms_p50 (plain `docker run --rm IMAGE /bin/true`),
 measured round-robin with native Corral in a separate, shorter run (--docker-iterations).
@@ -228,6 +230,17 @@ class CommandCandidate:
         if code != 0:
             raise RuntimeError(f"{self.name}: {' '.join(self.argv)} exited {code}")
         return dt
+
+
+def bwrap_bare_argv(bwrap: str) -> list[str]:
+    """Issue 21's floor: bwrap with namespaces only (read-only /usr, proc, dev, a tmpfs /tmp),
+    none of Corral's cgroup, seccomp, landlock, id map or workspace."""
+    argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+            "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for link in ("bin", "sbin", "lib", "lib64"):  # merged-/usr: the top-level links
+        if os.path.islink(f"/{link}"):
+            argv += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+    return [*argv, "/bin/true"]
 
 
 class DockerBackendCandidate:
@@ -743,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         bw,
         CommandCandidate("unshare", [unshare, "--user", "--map-root-user", "--pid", "--fork",
                                      "--mount", "--net", "--uts", "--ipc", "/bin/true"]),
+        CommandCandidate("bwrap_bare", bwrap_bare_argv(bwrap)),
         spawn_posix,
         spawn_fork,
     ]
@@ -752,7 +766,10 @@ def main(argv: list[str] | None = None) -> int:
         bw.close()
 
     result: dict = ms_columns({name: summary(times[name]) for name in
-                               ("corral", "bwrap", "unshare", "spawn_posix", "spawn_fork")})
+                               ("corral", "bwrap", "unshare", "bwrap_bare", "spawn_posix",
+                                "spawn_fork")})
+    result["ratio_default_vs_bwrap_bare_p50"] = round(result["corral_ms_p50"]
+                                                      / result["bwrap_bare_ms_p50"], 3)
     result["ratio_corral_vs_bwrap_p50"] = round(result["corral_ms_p50"] / result["bwrap_ms_p50"], 3)
     result["ratio_corral_vs_bwrap_p99"] = round(result["corral_ms_p99"] / result["bwrap_ms_p99"], 3)
     result["corral_phases_ms"] = {k: summary(v) for k, v in corral.phases.items()}
