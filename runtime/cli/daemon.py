@@ -119,7 +119,18 @@ _AUDIT_AND_RETENTION_FLAGS = (
           "news travels together (default: 2; 0: at once)", type=float),
 )
 
-_FLAGS = (*_SERVING_FLAGS, *_TELEMETRY_FLAGS, *_AUDIT_AND_RETENTION_FLAGS)
+#: The daemon's loop and collector (runtime/loop.py), chosen for latency by default.
+_LOOP_FLAGS = (
+    _Flag("--event-loop", None,
+          "auto (default: uvloop when installed, else asyncio's), asyncio or uvloop",
+          choices=("auto", "asyncio", "uvloop")),
+    _Flag("--gc-policy", None,
+          "latency (default: start-up frozen, full collections from a 60 s timer at an "
+          "on-time tick of the loop) or default (Python's own collector)",
+          choices=("latency", "default")),
+)
+
+_FLAGS = (*_SERVING_FLAGS, *_TELEMETRY_FLAGS, *_AUDIT_AND_RETENTION_FLAGS, *_LOOP_FLAGS)
 
 
 def add_parsers(sub) -> None:
