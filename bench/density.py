@@ -19,6 +19,12 @@ run stays short: the daemon can raise its soft limit only up to that hard limit)
 
   bench/density.py [--nofile N] [--sample N]
 
+With --scale 10,100,1000,5000 (issue 16) it instead piles up idle sandboxes under the
+daemon's own limits and reports, at each count, create_ms_p50_at_n (one more create and its
+destroy) and list_ms_p50_at_n (every page of List), then idle_sandboxes,
+host_mib_per_idle_sandbox (MemTotal - MemAvailable, delta / N), daemon_mib_per_sandbox,
+daemon_fds_per_sandbox and the ratios of the last count to the first.
+
 Prints one JSON object on the last line. Needs root (sandboxes, cgroups).
 """
 
@@ -142,6 +148,101 @@ def measure(nofile: int, sample: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _used_bytes() -> int:
+    """The host's used memory: MemTotal - MemAvailable (page cache that can go is not used)."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            info[key] = int(rest.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def _total_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _p50_ms(fn, times: int) -> float:
+    samples = []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return round(sorted(samples)[len(samples) // 2], 3)
+
+
+def _grow(client, ids: list[str], n: int, budget: int) -> str:
+    """Create idle sandboxes up to n; "" when there, else why it stopped short."""
+    while len(ids) < n:
+        if len(ids) % 100 == 0 and _used_bytes() > budget:
+            return "memory: 60% of RAM used"
+        try:
+            ids.append(client.create_sandbox(memory_bytes=64 << 20).id)
+        except ClientError as exc:
+            return f"{exc.code.name}: {exc}"
+    return ""
+
+
+def _create_once(client) -> None:
+    client.destroy_sandbox(client.create_sandbox(memory_bytes=64 << 20).id)
+
+
+def scale(points: list[int], samples: int) -> dict:
+    """Create and List latency as idle sandboxes pile up, and their memory cost.
+
+    The daemon takes its hard RLIMIT_NOFILE (an idle sandbox holds 2 descriptors there);
+    creation stops at the last point, when the host's used memory would pass 60% of RAM,
+    or at the daemon's first refusal (idle_sandboxes then says how many, refused_with why).
+    """
+    root = tempfile.mkdtemp(prefix="corral-density-")
+    proc, socket = harness.start_daemon(root, "--max-sandboxes", "100000",
+                                        "--workspace-size", "16M")
+    pid = daemon_pid(proc)
+    client = Client.connect(socket=socket)
+    ids: list[str] = []
+    out: dict = {"create_ms_p50_at_n": {}, "list_ms_p50_at_n": {}}
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the socket exists before the server answers
+            try:
+                client.list_sandboxes()
+                break
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        _create_once(client)  # warm: profiles loaded, spawner threads started
+        used0, rss0 = _used_bytes(), rss_bytes(pid)
+        budget = int(_total_bytes() * 0.6)
+        for n in points:
+            out["stopped_by"] = _grow(client, ids, n, budget)
+            if out["stopped_by"]:
+                break
+            out["create_ms_p50_at_n"][n] = _p50_ms(lambda: _create_once(client), samples)
+            out["list_ms_p50_at_n"][n] = _p50_ms(client.list_sandboxes, max(3, samples // 4))
+        n = len(ids)
+        time.sleep(1.0)
+        out["idle_sandboxes"] = n
+        out["host_mib_per_idle_sandbox"] = round((_used_bytes() - used0) / n / 2**20, 3)
+        out["daemon_mib_per_sandbox"] = round((rss_bytes(pid) - rss0) / n / 2**20, 4)
+        out["daemon_fds_per_sandbox"] = round(fd_count(pid) / n, 2)
+        first, last = min(out["create_ms_p50_at_n"]), max(out["create_ms_p50_at_n"])
+        out["ratio_create_at_n_vs_first"] = round(
+            out["create_ms_p50_at_n"][last] / out["create_ms_p50_at_n"][first], 3)
+        out["ratio_list_at_n_vs_first"] = round(
+            out["list_ms_p50_at_n"][last] / out["list_ms_p50_at_n"][first], 3)
+        return out
+    finally:
+        for sandbox_id in ids:
+            try:
+                client.destroy_sandbox(sandbox_id)
+            except ClientError:
+                pass
+        client.close()
+        harness.stop_daemon(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +250,14 @@ def main() -> int:
                         help="RLIMIT_NOFILE (soft = hard) of the daemon (default: 1024)")
     parser.add_argument("--sample", type=int, default=50,
                         help="idle sandboxes the per-sandbox figures are measured over")
+    parser.add_argument("--scale", metavar="N,N,...",
+                        help="instead: create and List latency and memory per idle sandbox "
+                             "at these counts (issue 16: 10,100,1000,5000)")
     args = parser.parse_args()
+    if args.scale:
+        points = sorted(int(p) for p in args.scale.split(","))
+        print(json.dumps(scale(points, max(8, args.sample // 2)), sort_keys=True))
+        return 0
     result = measure(args.nofile, args.sample)
     print(json.dumps(result, sort_keys=True))
     return 0 if result["refused_with"] == "RESOURCE_EXHAUSTED" else 1
