@@ -1,7 +1,8 @@
-"""`corral image pull|ls|inspect|rm|prune`: the local image store, without a daemon.
+"""`corral image pull|push|ls|inspect|rm|prune`: the local image store, without a daemon.
 
-Each verb prints plain text, or one JSON document with --json. Pull prints one line per
-layer on stderr as each is done (present, or unpacked, with its size).
+Each verb prints plain text, or one JSON document with --json. Pull shows a progress bar
+per layer (bytes of its blob) on stderr when stderr is a terminal, and otherwise prints one
+line per layer as each is done (present, or unpacked, with its size).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from .exits import EXIT_USAGE
 HELP = "import images into the local store, list, inspect and remove them"
 DESCRIPTION = """\
 Images come from an OCI image layout (oci:DIR[:TAG]), a 'docker save' tarball
-(docker-archive:FILE) or, by name, from a local Docker engine (DOCKER_HOST, through
-'docker save'). Pulling from a registry is not supported yet. Each layer is verified
-(sha256 of the blob and of the unpacked tar) and unpacked once, shared by every image that
-has it. See docs/images.md."""
+(docker-archive:FILE), a registry (docker://HOST/REPO[:TAG|@DIGEST], or HOST/REPO[:TAG]
+when no local engine holds that name; credentials as docker keeps them in
+$DOCKER_CONFIG/config.json) or, by name, a local Docker engine (DOCKER_HOST, through
+'docker save'). Each layer is verified (sha256 of the blob and of the unpacked tar) and
+unpacked once, shared by every image that has it. See docs/images.md."""
 
 
 def add_parsers(sub) -> None:
@@ -36,6 +38,9 @@ def add_parsers(sub) -> None:
         return p
 
     verb("pull", "import REF into the store").add_argument("ref", metavar="REF")
+    push = verb("push", "send the image SRC (any REF form) to the registry image DEST")
+    push.add_argument("src", metavar="SRC")
+    push.add_argument("dest", metavar="DEST", help="HOST[:PORT]/REPO[:TAG]")
     verb("ls", "list the images in the store")
     verb("inspect", "show an image's record, config and layer directories").add_argument(
         "ref", metavar="REF")
@@ -63,18 +68,60 @@ def image_verb(args) -> int:
 
 
 def _pull(store, args) -> int:
-    def progress(event) -> None:
-        if args.json:
-            return
-        line = (f"layer {event.index}/{event.count} {event.diff_id[:19]} {event.state} "
-                f"({human(event.bytes)})")
-        print(line, file=sys.stderr, flush=True)
+    if not args.json and sys.stderr.isatty():
+        record = _pull_with_bars(store, args.ref)
+    else:
+        def progress(event) -> None:
+            if args.json:
+                return
+            line = (f"layer {event.index}/{event.count} {event.diff_id[:19]} {event.state} "
+                    f"({human(event.bytes)})")
+            print(line, file=sys.stderr, flush=True)
 
-    record = store.pull(args.ref, progress=progress)
+        record = store.pull(args.ref, progress=progress)
     if args.json:
         print(json.dumps(record.to_json(), indent=1))
     else:
         print(f"{record.ref} {record.id[:19]} {human(record.size)}")
+    return 0
+
+
+def _pull_with_bars(store, ref: str):
+    """store.pull with a rich bar per layer: bytes of its blob as they are read, then
+    'unpacked' or 'present'."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    bars: dict[int, object] = {}
+
+    def bar(index: int, count: int, total: int | None):
+        if index not in bars:
+            bars[index] = progress.add_task(f"layer {index}/{count}", total=total)
+        return bars[index]
+
+    def on_bytes(event) -> None:
+        progress.update(bar(event.index, event.count, event.total), completed=event.done)
+
+    def on_layer(event) -> None:
+        task = bar(event.index, event.count, None)
+        done = progress.tasks[task].completed  # a present layer read no bytes: a full bar
+        progress.update(task, total=done or 1, completed=done or 1,
+                        description=f"layer {event.index}/{event.count} "
+                                    f"{event.diff_id[7:19]} {event.state}")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=Console(stderr=True)) as progress:
+        return store.pull(ref, progress=on_layer, on_bytes=on_bytes)
+
+
+def _push(store, args) -> int:
+    from corral.sandbox.images.sources import push_image
+
+    digest = push_image(args.src, args.dest, scratch=store.root + "/tmp")
+    if args.json:
+        print(json.dumps({"src": args.src, "dest": args.dest, "digest": digest}))
+    else:
+        print(f"{args.dest} {digest}")
     return 0
 
 
@@ -171,4 +218,4 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-_VERBS = {"pull": _pull, "ls": _ls, "inspect": _inspect, "rm": _rm, "prune": _prune}
+_VERBS = {"pull": _pull, "push": _push, "ls": _ls, "inspect": _inspect, "rm": _rm, "prune": _prune}

@@ -43,7 +43,7 @@ from .. import fstree
 from ..fstree import fsync_dir as _fsync_dir
 from ..locks import Held
 from .errors import ImageNotFound, LayerDigestMismatch, UnsupportedImage
-from .sources import ImageSource, canonical_ref, open_source, sha256_digest
+from .sources import BlobProgress, ImageSource, canonical_ref, open_source, sha256_digest
 from .unpack import unpack_layer
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -188,14 +188,19 @@ class ImageStore:
 
     # -- pull ---------------------------------------------------------------------------------
 
-    def pull(self, ref: str, progress: Callable[[LayerEvent], None] | None = None) -> ImageRecord:
+    def pull(self, ref: str, progress: Callable[[LayerEvent], None] | None = None, *,
+             on_bytes: Callable[[BlobProgress], None] | None = None) -> ImageRecord:
         """Imports REF: verifies and stores its manifest and config, unpacks missing layers.
+        `on_bytes` is called as each layer blob is read (a layer already present reads none).
 
         Raises:
-            ImageNotFound, UnsupportedImage, LayerDigestMismatch, UnsafeLayer.
+            ImageNotFound, UnsupportedImage, LayerDigestMismatch, UnsafeLayer,
+            RegistryError (a registry REF).
         """
         with self._flock(self._p("store.lock"), fcntl.LOCK_SH), \
                 open_source(ref, scratch=self._p("tmp")) as src:
+            if on_bytes is not None:
+                src.report_bytes(on_bytes)
             return self._pull(src, progress)
 
     def _pull(self, src: ImageSource, progress) -> ImageRecord:

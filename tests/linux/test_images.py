@@ -184,9 +184,10 @@ def test_zstd_layer_is_refused_with_a_clear_message(store, tmp_path):
 
 
 def test_registry_reference_is_refused_clearly(store, monkeypatch, tmp_path):
-    with pytest.raises(UnsupportedImage, match=r"^image 'docker://python:3.12': pulling from a "
-                                               r"registry is not supported yet"):
-        store.pull("docker://python:3.12")
+    with pytest.raises(UnsupportedImage, match=r"^image 'registry://r/x': the registry:// form "
+                       r"is not read; name a registry image docker://HOST/REPO\[:TAG\] or "
+                       r"HOST/REPO\[:TAG\]$"):
+        store.pull("registry://r/x")
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     with pytest.raises(UnsupportedImage, match=r"^image 'python:3.12': no Docker engine at "
                                                rf"unix://{tmp_path}/no-engine.sock \(set "

@@ -73,10 +73,10 @@ def test_errors_name_the_problem_and_set_the_exit_status(setup, capsys):
     assert capsys.readouterr().err == (
         f"corral image rm: no image {ref!r} in the store {store}; pull it first "
         f"(corral image pull {ref})\n")
-    assert main(["image", "pull", "--store", store, "docker://python:3.12"]) == 2
-    assert capsys.readouterr().err.startswith(
-        "corral image pull: image 'docker://python:3.12': pulling from a registry is not "
-        "supported yet (issue #12)")
+    assert main(["image", "pull", "--store", store, "registry://r/x"]) == 2
+    assert capsys.readouterr().err == (
+        "corral image pull: image 'registry://r/x': the registry:// form is not read; name a "
+        "registry image docker://HOST/REPO[:TAG] or HOST/REPO[:TAG]\n")
     assert main(["image"]) == 2
     assert capsys.readouterr().err == (
         "corral image: name a verb: pull, ls, inspect, rm or prune\n")
