@@ -66,7 +66,7 @@ bench: build sysdeps
 
 lint: build
 	$(VENV)/bin/ruff check runtime sandbox ext tests bench examples
-	$(VENV)/bin/lint-imports --no-cache
+	PYTHONPATH=proto $(VENV)/bin/lint-imports --no-cache  # tests/unit/test_layers.py: why
 
 clean:
 	rm -rf $(VENV) build *.egg-info ext/*.c ext/*.so ext/*.html \

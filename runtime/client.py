@@ -97,10 +97,11 @@ def _last_seq(batch: stream_pb2.StreamBatch) -> int:
 
 
 def _session_start(argv: list[str], sandbox_id: str, env, input: str, labels, request_id: str,
-                   spec: dict) -> session_pb2.SessionStart:
+                   spec: dict, delegations_from: str = "") -> session_pb2.SessionStart:
     """A SessionStart in sandbox_id, or, without one, in a new sandbox of spec."""
     start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input,
-                                     labels=labels or {}, request_id=request_id)
+                                     labels=labels or {}, request_id=request_id,
+                                     delegations_from=delegations_from)
     if sandbox_id:
         start.sandbox_id = sandbox_id
     else:
@@ -147,8 +148,10 @@ class SessionStream(_QueuedRequests):
     def interrupt(self) -> None:
         self._requests.put(session_pb2.SessionRequest(interrupt=session_pb2.SessionInterrupt()))
 
-    def close_session(self) -> None:
-        self._requests.put(session_pb2.SessionRequest(close=session_pb2.SessionClose()))
+    def close_session(self, detach: bool = False) -> None:
+        """End the session; detach=True lets the deep tasks it delegated run on."""
+        self._requests.put(session_pb2.SessionRequest(
+            close=session_pb2.SessionClose(detach=detach)))
 
     def detach(self) -> None:
         """Drop this connection; the session keeps running on the daemon."""
@@ -203,8 +206,9 @@ class SessionMux(_QueuedRequests):
     def interrupt(self, ref: str) -> None:
         self._send(ref, interrupt=session_pb2.SessionInterrupt())
 
-    def close_session(self, ref: str) -> None:
-        self._send(ref, close=session_pb2.SessionClose())
+    def close_session(self, ref: str, detach: bool = False) -> None:
+        """End ref's session; detach=True lets the deep tasks it delegated run on."""
+        self._send(ref, close=session_pb2.SessionClose(detach=detach))
 
     def detach(self, ref: str) -> None:
         """Stop watching ref's session on this stream; the session keeps running."""
@@ -231,18 +235,56 @@ class SessionMux(_QueuedRequests):
                 yield ref, event
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a daemon listens and how to speak to it: the channel address, TLS credentials
+    (None: plaintext) and the metadata of every call. Shared by Client.connect and the
+    asyncio SDK (corral.AsyncClient), which open their channels from it."""
+
+    address: str
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple
+
+    @classmethod
+    def resolve(cls, socket: str | None = None, target: str | None = None,
+                token: str | None = None, tenant: str | None = None,
+                root_certificates: bytes | None = None, client_cert: bytes | None = None,
+                client_key: bytes | None = None) -> Endpoint:
+        """The endpoint Client.connect's arguments name.
+
+        Raises:
+            ClientError: UNAUTHENTICATED for a target without a token, UNAVAILABLE when no
+                daemon socket exists.
+        """
+        if target:
+            token = token or os.environ.get(TOKEN_ENV)
+            if not token:
+                raise ClientError(grpc.StatusCode.UNAUTHENTICATED,
+                                  f"--target needs a token (--token or ${TOKEN_ENV})")
+            credentials = None
+            if root_certificates or client_cert:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates, private_key=client_key, certificate_chain=client_cert)
+            return cls(target, credentials, (("authorization", f"Bearer {token}"),))
+        path = socket or os.environ.get(SOCKET_ENV) or default_socket()
+        if not os.path.exists(path):
+            raise ClientError(grpc.StatusCode.UNAVAILABLE,
+                              f"no daemon socket at {path}; start one with `corral daemon`")
+        return cls(f"unix:{path}", None, (("x-corral-tenant", tenant),) if tenant else ())
+
+
 class Client:
     """A connection to one daemon."""
 
     def __init__(self, channel: grpc.Channel, metadata: tuple = ()):
         self.channel = channel
         self.metadata = tuple(metadata)
-        self.sandboxes = _stub(channel, sandbox_pb2, "Sandboxes")
-        self.sessions = _stub(channel, session_pb2, "Sessions")
-        self.audit = _stub(channel, audit_pb2, "Audit")
-        self.tasks = _stub(channel, task_pb2, "Tasks")
-        self.nodes = _stub(channel, task_pb2, "Nodes")
-        self.snapshots = _stub(channel, snapshot_pb2, "Snapshots")
+        self.sandboxes = service_stub(channel, sandbox_pb2, "Sandboxes")
+        self.sessions = service_stub(channel, session_pb2, "Sessions")
+        self.audit = service_stub(channel, audit_pb2, "Audit")
+        self.tasks = service_stub(channel, task_pb2, "Tasks")
+        self.nodes = service_stub(channel, task_pb2, "Nodes")
+        self.snapshots = service_stub(channel, snapshot_pb2, "Snapshots")
 
     @classmethod
     def connect(cls, socket: str | None = None, target: str | None = None,
@@ -255,28 +297,14 @@ class Client:
         certificate) or a client certificate is given; client_cert + client_key (PEM) answer
         a daemon that requires mTLS.
         """
-        metadata = []
-        if target:
-            token = token or os.environ.get(TOKEN_ENV)
-            if not token:
-                raise ClientError(grpc.StatusCode.UNAUTHENTICATED,
-                                  f"--target needs a token (--token or ${TOKEN_ENV})")
-            metadata.append(("authorization", f"Bearer {token}"))
-            if root_certificates or client_cert:
-                channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
-                    root_certificates, private_key=client_key, certificate_chain=client_cert),
-                    options=CHANNEL_OPTIONS)
-            else:
-                channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        where = Endpoint.resolve(socket, target, token, tenant, root_certificates,
+                                 client_cert, client_key)
+        if where.credentials is not None:
+            channel = grpc.secure_channel(where.address, where.credentials,
+                                          options=CHANNEL_OPTIONS)
         else:
-            path = socket or os.environ.get(SOCKET_ENV) or default_socket()
-            if not os.path.exists(path):
-                raise ClientError(grpc.StatusCode.UNAVAILABLE,
-                                  f"no daemon socket at {path}; start one with `corral daemon`")
-            channel = grpc.insecure_channel(f"unix:{path}", options=CHANNEL_OPTIONS)
-            if tenant:
-                metadata.append(("x-corral-tenant", tenant))
-        return cls(channel, metadata)
+            channel = grpc.insecure_channel(where.address, options=CHANNEL_OPTIONS)
+        return cls(channel, where.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -651,11 +679,14 @@ class Client:
     # -- sessions ---------------------------------------------------------------------------
 
     def open_session(self, argv: list[str], *, sandbox_id: str = "", env=None, input: str = "",
-                     labels=None, request_id: str = "", **spec) -> SessionStream:
+                     labels=None, request_id: str = "", delegations_from: str = "",
+                     **spec) -> SessionStream:
         """Start a session in sandbox_id, or in a new sandbox of spec (SandboxSpec fields).
         labels: {key: value} to find it by; request_id: an idempotency key (a retry with it
-        attaches to the session the first start made)."""
-        start = _session_start(argv, sandbox_id, env, input, labels, request_id, spec)
+        attaches to the session the first start made); delegations_from: a gone session
+        whose delegated deep tasks this one takes over."""
+        start = _session_start(argv, sandbox_id, env, input, labels, request_id, spec,
+                               delegations_from)
         return SessionStream(self.sessions, session_pb2.SessionRequest(start=start),
                              self.metadata)
 
@@ -712,12 +743,15 @@ class Client:
 
     def submit_task(self, argv: list[str], *, selector=None, resources=None, priority: int = 0,
                     retries: int = 0, max_runtime_s: float = 0.0, files=None,
-                    request_id: str = "", labels=None, **sandbox) -> task_pb2.Task:
+                    request_id: str = "", labels=None, parent_session: str = "",
+                    **sandbox) -> task_pb2.Task:
         """Submit a deep task; returns it once the daemon has committed it.
 
         request_id: an idempotency key (e.g. a UUID made once per task): a Submit retried
         with it returns the task the first one made instead of making another.
         labels: {key: value} to find the task by (list_tasks(selector=...)).
+        parent_session: link it to a running session of the caller's (cancelled when that
+        session closes without detach; listed with list_tasks(parent_session=...)).
         """
         spec = task_pb2.TaskSpec(argv=argv, selector=selector or {}, resources=resources or {},
                                  priority=priority, retries=retries,
@@ -725,7 +759,7 @@ class Client:
                                  sandbox=sandbox_pb2.SandboxSpec(**sandbox),
                                  labels=labels or {})
         return self._call(self.tasks.Submit, task_pb2.SubmitTaskRequest(
-            spec=spec, request_id=request_id))
+            spec=spec, request_id=request_id, parent_session=parent_session))
 
     def submit_tasks(self, specs) -> Iterator[task_pb2.SubmitAck]:
         """Submit many TaskSpecs on one stream; yields one ack per spec, in order."""
@@ -738,17 +772,21 @@ class Client:
     def get_task(self, task_id: str) -> task_pb2.Task:
         return self._call(self.tasks.Get, task_pb2.GetTaskRequest(task_id=task_id))
 
-    def list_tasks(self, state: int = 0, limit: int = 0,
-                   selector: str = "") -> list[task_pb2.Task]:
+    def list_tasks(self, state: int = 0, limit: int = 0, selector: str = "",
+                   parent_session: str = "") -> list[task_pb2.Task]:
         """The newest tasks (at most limit; 0: 1000) in a state whose labels match a
-        selector; list_tasks_page pages on from there."""
-        return list(self.list_tasks_page(state, limit, selector).tasks)
+        selector (and, with parent_session, linked to that session); list_tasks_page pages
+        on from there."""
+        return list(self.list_tasks_page(state, limit, selector,
+                                         parent_session=parent_session).tasks)
 
     def list_tasks_page(self, state: int = 0, limit: int = 0, selector: str = "",
-                        page_token: str = "") -> task_pb2.ListTasksResponse:
+                        page_token: str = "", parent_session: str = ""
+                        ) -> task_pb2.ListTasksResponse:
         """One page of Tasks.List, newest first (next_page_token: the older ones)."""
         return self._call(self.tasks.List, task_pb2.ListTasksRequest(
-            state=state, limit=limit, selector=selector, page_token=page_token))
+            state=state, limit=limit, selector=selector, page_token=page_token,
+            parent_session=parent_session))
 
     def cancel_task(self, task_id: str) -> task_pb2.Task:
         return self._call(self.tasks.Cancel, task_pb2.CancelTaskRequest(task_id=task_id))
@@ -923,8 +961,9 @@ def _pwrite_all(fd: int, data: bytes, at: int) -> None:
         view, at = view[n:], at + n
 
 
-def _stub(channel, module, service: str):
-    """A stub built from the service descriptor (no generated *_pb2_grpc import needed)."""
+def service_stub(channel, module, service: str):
+    """A stub built from the service descriptor (no generated *_pb2_grpc import needed); a
+    grpc.aio channel gives an asyncio stub (the SDK's AsyncClient)."""
     from google.protobuf import message_factory
 
     desc = module.DESCRIPTOR.services_by_name[service]

@@ -37,6 +37,9 @@ def add_parsers(sub) -> None:
     session.add_argument("--watch", action="store_true", help="with --attach: watch only")
     session.add_argument("--raw", action="store_true", help=RAW_HELP)
     session.add_argument("--input", metavar="TEXT", help="first input of the session")
+    session.add_argument("--delegations-from", default="", metavar="SESSION",
+                         help="take over the deep tasks a gone session delegated (e.g. after "
+                              "a daemon restart): their news and results come to this one")
     add_label_flags(session, "session", "sessions",
                     "idempotency key: the same start again with this ID attaches to the "
                     "session the first one started")
@@ -92,7 +95,8 @@ def _start(args, argv, client, cleanup):
     if args.memory:
         spec["memory_bytes"] = parse_size(args.memory, "memory")
     uploads = [_upload_pair(item) for item in args.put]
-    once = {"labels": parse_labels(args.label), "request_id": args.request_id}
+    once = {"labels": parse_labels(args.label), "request_id": args.request_id,
+            "delegations_from": args.delegations_from}
     if not uploads:
         return client.open_session(argv, input=args.input or "", **once, **spec)
     sandbox = client.create_sandbox(**spec)

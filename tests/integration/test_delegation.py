@@ -247,3 +247,66 @@ def test_daemon_sigkill_mid_task_the_result_still_arrives_exactly_once(make_daem
     with sqlite3.connect(str(d.state / "tasks.db")) as db:
         assert db.execute("SELECT delivered, parent_session FROM tasks WHERE id = ?",
                           (task_id,)).fetchone() == (1, new.session_id)
+
+
+def _client_session(client, **options) -> tuple[SessionRecorder, str]:
+    """As _session, started through Client.open_session (its delegations_from parameter)."""
+    sb = client.create_sandbox(memory_bytes=256 << 20)
+    for name in ("delegator.py", "worker_task.py"):
+        client.write_file(sb.id, name, (AGENTS / name).read_bytes())
+    rec = SessionRecorder(client.open_session(DELEGATOR, sandbox_id=sb.id, **options))
+    rec.wait_for(lambda r: r.session_id, what="opened")
+    return rec, sb.id
+
+
+def test_the_client_detaches_a_close_and_a_new_session_takes_the_delegations_over(client):
+    old, _ = _client_session(client)
+    _delegate(old, "bg", _task_spec(20, 0.1))
+    task_id = _first(old, event="accepted", ref="bg")["task_id"]
+    old.stream.close_session(detach=True)
+    old.join()
+    assert client.get_task(task_id).state != task_pb2.TASK_STATE_CANCELLED
+    new, _ = _client_session(client, delegations_from=old.session_id)
+    done = _first(new, event="done", task_id=task_id, timeout_s=90)
+    assert done["state"] == "SUCCEEDED" and done["result"]["steps"] == 20
+    assert client.get_task(task_id).parent_session == new.session_id
+    assert [t.id for t in client.list_tasks(parent_session=new.session_id)] == [task_id]
+    assert client.list_tasks(parent_session=old.session_id) == []
+    new.stream.close_session()
+    new.join()
+
+
+def test_the_client_links_a_submitted_task_to_a_session(client):
+    rec, _ = _client_session(client)
+    linked = client.submit_task(["sleep", "600"], resources={"cpu": 0.25},
+                                parent_session=rec.session_id, memory_bytes=64 << 20)
+    assert linked.parent_session == rec.session_id
+    assert [t.id for t in client.list_tasks(parent_session=rec.session_id)] == [linked.id]
+    # a session that still runs keeps its delegations: taking them over is refused
+    other = SessionRecorder(client.open_session(["true"], delegations_from=rec.session_id,
+                                                memory_bytes=64 << 20))
+    other.join()
+    assert other.error is not None and other.error.code.name == "FAILED_PRECONDITION"
+    rec.stream.close_session()  # without detach: the linked task is cancelled
+    rec.join()
+    deadline = time.monotonic() + 20
+    while client.get_task(linked.id).state != task_pb2.TASK_STATE_CANCELLED:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_corral_session_takes_delegations_over_with_a_flag(daemon, client):
+    unknown = _corral(daemon, "session", "--delegations-from", "ses-000000000000", "--",
+                      "true")
+    assert unknown.returncode == 1
+    assert unknown.stderr.decode() == (
+        "corral: session: NOT_FOUND: delegations_from: session 'ses-000000000000' delegated "
+        "no task of this tenant\n")
+    rec, _ = _client_session(client)
+    running = _corral(daemon, "session", "--delegations-from", rec.session_id, "--", "true")
+    assert running.returncode == 1
+    assert running.stderr.decode() == (
+        f"corral: session: FAILED_PRECONDITION: session {rec.session_id} still runs; its "
+        "delegations stay with it\n")
+    rec.stream.close_session()
+    rec.join()

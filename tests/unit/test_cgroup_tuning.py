@@ -9,11 +9,13 @@ from corral.runtime.config import load
 from corral.sandbox import cgroup_tuning as ct
 from corral.sandbox.errors import InvalidSpec
 
-HYBRID = """\
-25 30 0:22 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
-27 25 0:24 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,memory
-"""
+HYBRID = "".join((
+    "25 30 0:22 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755\n",
+    "26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 "
+    "cgroup2 rw,nsdelegate,memory_recursiveprot\n",
+    "27 25 0:24 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:11 - cgroup "
+    "cgroup rw,memory\n",
+))
 V1_ONLY = HYBRID.splitlines()[0] + "\n" + HYBRID.splitlines()[2] + "\n"
 
 
