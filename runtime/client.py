@@ -97,11 +97,13 @@ def _last_seq(batch: stream_pb2.StreamBatch) -> int:
 
 
 def _session_start(argv: list[str], sandbox_id: str, env, input: str, labels, request_id: str,
-                   spec: dict, delegations_from: str = "") -> session_pb2.SessionStart:
+                   spec: dict, delegations_from: str = "",
+                   wait_if_paused: bool = False) -> session_pb2.SessionStart:
     """A SessionStart in sandbox_id, or, without one, in a new sandbox of spec."""
     start = session_pb2.SessionStart(argv=argv, env=env or {}, input=input,
                                      labels=labels or {}, request_id=request_id,
-                                     delegations_from=delegations_from)
+                                     delegations_from=delegations_from,
+                                     wait_if_paused=wait_if_paused)
     if sandbox_id:
         start.sandbox_id = sandbox_id
     else:
@@ -680,13 +682,14 @@ class Client:
 
     def open_session(self, argv: list[str], *, sandbox_id: str = "", env=None, input: str = "",
                      labels=None, request_id: str = "", delegations_from: str = "",
-                     **spec) -> SessionStream:
+                     wait_if_paused: bool = False, **spec) -> SessionStream:
         """Start a session in sandbox_id, or in a new sandbox of spec (SandboxSpec fields).
         labels: {key: value} to find it by; request_id: an idempotency key (a retry with it
         attaches to the session the first start made); delegations_from: a gone session
-        whose delegated deep tasks this one takes over."""
+        whose delegated deep tasks this one takes over; wait_if_paused: a paused sandbox_id
+        is waited for instead of refused."""
         start = _session_start(argv, sandbox_id, env, input, labels, request_id, spec,
-                               delegations_from)
+                               delegations_from, wait_if_paused)
         return SessionStream(self.sessions, session_pb2.SessionRequest(start=start),
                              self.metadata)
 

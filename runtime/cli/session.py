@@ -43,6 +43,12 @@ def add_parsers(sub) -> None:
     add_label_flags(session, "session", "sessions",
                     "idempotency key: the same start again with this ID attaches to the "
                     "session the first one started")
+    session.add_argument("--sandbox", metavar="SB",
+                         help="run the agent in this existing sandbox (kept after the session) "
+                              "instead of a new one")
+    session.add_argument("--wait-if-paused", action="store_true",
+                         help="with --sandbox: if it is paused, wait for its resume instead "
+                              "of failing")
     session.add_argument("--memory", metavar="SIZE", help="memory limit of the new sandbox")
     session.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
                          help="upload a local file into the new sandbox's /workspace first "
@@ -88,7 +94,8 @@ def _session(args, argv, client, cleanup) -> int:
 
 def _start(args, argv, client, cleanup):
     """Open a new session: in a sandbox of its own, or, with --put, in one made first to
-    receive the files (destroyed by `cleanup` when the verb ends)."""
+    receive the files (destroyed by `cleanup` when the verb ends), or in --sandbox."""
+    from corral.sandbox.errors import InvalidSpec
     from corral.sandbox.spec import parse_size
 
     spec = {}
@@ -97,6 +104,15 @@ def _start(args, argv, client, cleanup):
     uploads = [_upload_pair(item) for item in args.put]
     once = {"labels": parse_labels(args.label), "request_id": args.request_id,
             "delegations_from": args.delegations_from}
+    if args.sandbox:
+        if uploads or spec:
+            raise InvalidSpec("--sandbox", "--put and --memory make a new sandbox; with "
+                                           "--sandbox the agent runs in that one")
+        return client.open_session(argv, sandbox_id=args.sandbox, input=args.input or "",
+                                   wait_if_paused=args.wait_if_paused, **once)
+    if args.wait_if_paused:
+        raise InvalidSpec("--wait-if-paused", "only with --sandbox (a new sandbox is never "
+                                              "paused)")
     if not uploads:
         return client.open_session(argv, input=args.input or "", **once, **spec)
     sandbox = client.create_sandbox(**spec)

@@ -56,3 +56,29 @@ def test_audit_verbs(daemon):
     assert queried.returncode == 0 and b'"kind": "daemon.start"' in queried.stdout
     bad = _corral(daemon, "audit", "query", "--kind", "NOT A KIND")
     assert bad.returncode == 2 and b"kind" in bad.stderr
+
+
+def test_session_in_an_existing_sandbox_waits_for_its_resume_when_asked(daemon):
+    made = _corral(daemon, "create")
+    assert made.returncode == 0, made.stderr
+    sandbox_id = made.stdout.decode().strip()
+    try:
+        assert _corral(daemon, "pause", sandbox_id).returncode == 0
+        refused = _corral(daemon, "session", "--sandbox", sandbox_id, "--", "echo", "hi")
+        assert refused.returncode == 1 and b"FAILED_PRECONDITION" in refused.stderr
+        env = dict(os.environ, CORRAL_SOCKET=daemon.socket)
+        waiting = subprocess.Popen([sys.executable, "-m", "corral.runtime.cli", "session",
+                                    "--sandbox", sandbox_id, "--wait-if-paused", "--", "echo",
+                                    "hi"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=1.0)  # held while paused
+        assert _corral(daemon, "resume", sandbox_id).returncode == 0
+        out, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 0, err
+        assert out == b"hi\n" and f"in sandbox {sandbox_id}".encode() in err
+        alone = _corral(daemon, "session", "--wait-if-paused", "--", "true")
+        assert alone.returncode == 2 and b"--wait-if-paused: only with --sandbox" in alone.stderr
+    finally:
+        # the sandbox outlived its session: it is there to destroy
+        assert _corral(daemon, "destroy", sandbox_id).returncode == 0
