@@ -27,16 +27,27 @@ time goes inside its own functions (wrappers installed by this script only).
 
   bench/spawn.py [--iterations N] [--warmup N] [--cli-iterations N] [--quick] [--json]
                  [--profile] [--no-cli] [--no-rootless] [--rootless-user NAME]
-                 [--rootless-iterations N]
+                 [--rootless-iterations N] [--pools]
+
+With --pools (root), Create through a real daemon: a warm-pool hit (`pool_create_ms_p50`)
+against a cold create (`cold_create_ms_p50`) in the same run, at the client and at the
+daemon (bench/pools.py has the method).
 
 Times are milliseconds of time.perf_counter(); p99 is the nearest-rank percentile. The
 JSON object has at least corral_ms_p50, corral_ms_p99, bwrap_ms_p50, bwrap_ms_p99,
 unshare_ms_p50, bwrap_bare_ms_p50 (issue 21's floor: `bwrap --unshare-all --die-with-parent
 --new-session` with a read-only /usr, proc, dev and a tmpfs /tmp), with
-ratio_default_vs_bwrap_bare_p50, and cli_ms_p50; with a Docker engine (a private dockerd is started unless
---docker-host names one) also docker_backend_ms_p50 (create + exec + wait + destroy through
-Corral's docker backend) and docker_run_ms_p50 (plain `docker run --rm IMAGE /bin/true`),
-measured round-robin with native Corral in a separate, shorter run (--docker-iterations).
+ratio_default_vs_bwrap_bare_p50, and cli_ms_p50; with a Docker engine (a private dockerd is
+started unless --docker-host names one) also docker_backend_ms_p50 (create + exec + wait +
+destroy through Corral's docker backend) and docker_run_ms_p50 (plain `docker run --rm IMAGE
+/bin/true`), measured round-robin with native Corral in a separate, shorter run
+(--docker-iterations).
+
+Images (as root, unless --no-image): `image_ms_p50` is the corral candidate on a small image
+of /bin/true and its libraries (spec.image, layers already unpacked in a private store),
+round-robin with `corral_ms_p50` (host /usr) and `docker_run_image_ms_p50` (`docker run
+--rm` of the same image, loaded into the engine); ratio_image_vs_corral_p50 (target <= 1.3)
+and ratio_docker_run_image_vs_image_p50 (target >= 20), over --image-iterations rounds.
 """
 
 from __future__ import annotations
@@ -409,6 +420,110 @@ def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
     return out
 
 
+class ImageCandidate(CorralCandidate):
+    """CorralCandidate on an image of the store (spec.image): its root is an overlay of the
+    image's layers instead of the host's /usr; the layers are unpacked already (warm)."""
+
+    def __init__(self, ref: str) -> None:
+        from corral.sandbox import SandboxSpec
+
+        super().__init__()
+        self.name = "image"
+        self._spec = SandboxSpec(image=ref)
+
+
+def true_image(directory: str) -> str:
+    """A `docker save` tarball of /bin/true, its libraries and the mount points only:
+    the same small image for Corral and for `docker run`; returns its REF."""
+    import hashlib
+    import io
+    import tarfile
+
+    from corral.sandbox.backends.docker.image import RootfsPlan, _ldd
+
+    plan = RootfsPlan()
+    plan.add_host_path("/bin/true")
+    for lib in sorted(_ldd([os.path.realpath("/bin/true")])):
+        plan.add_host_path(lib)
+    plan.dirs.update({"/etc", "/tmp", "/workspace", "/proc", "/dev", "/sys", "/run"})
+    layer = io.BytesIO()
+    plan.write_tar(layer)
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "config": {"Cmd": ["/bin/true"]},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             "sha256:" + hashlib.sha256(layer.getvalue()).hexdigest()]}}).encode()
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": ["corral-bench/true:1"],
+                            "Layers": ["layer.tar"]}]).encode()
+    path = os.path.join(directory, "true-image.tar")
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("manifest.json", manifest), ("config.json", config),
+                           ("layer.tar", layer.getvalue())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return "docker-archive:" + path
+
+
+def image_columns(iterations: int, warmup: int, url: str | None) -> dict:
+    """Native Corral on the host's /usr vs on an image (warm store) vs `docker run --rm` of
+    that image, round-robin in this run (a private store; a private dockerd unless url)."""
+    from corral.sandbox.backends.docker import client
+    from corral.sandbox.backends.docker.images import engine_image
+    from corral.sandbox.backends.docker.private_engine import PrivateEngine
+    from corral.sandbox.images.store import ImageStore
+
+    cli = shutil.which("docker")
+    work = tempfile.mkdtemp(prefix="corral-bench-image.")
+    before = os.environ.get("CORRAL_IMAGE_ROOT")
+    os.environ["CORRAL_IMAGE_ROOT"] = os.path.join(work, "store")
+    engine = None
+    try:
+        ref = true_image(work)
+        ImageStore().pull(ref)
+        corral, image = CorralCandidate(), ImageCandidate(ref)
+        candidates = [corral, image]
+        if cli is not None:
+            if url is None:
+                engine = PrivateEngine().start()
+                url = engine.url
+            name, _ = engine_image(client(url), url, ref)
+            candidates.append(CommandCandidate("docker_run_image", [
+                cli, "-H", url, "run", "--rm", "--network", "none", name, "/bin/true"]))
+        times = round_robin(candidates, iterations, warmup)
+    finally:
+        if engine is not None:
+            engine.stop()
+        if before is None:
+            os.environ.pop("CORRAL_IMAGE_ROOT", None)
+        else:
+            os.environ["CORRAL_IMAGE_ROOT"] = before
+        shutil.rmtree(work, ignore_errors=True)
+    out = ms_columns({name: summary(values) for name, values in times.items()})
+    out["ratio_image_vs_corral_p50"] = round(out["image_ms_p50"] / out["corral_ms_p50"], 3)
+    if "docker_run_image_ms_p50" in out:
+        out["ratio_docker_run_image_vs_image_p50"] = round(out["docker_run_image_ms_p50"]
+                                                           / out["image_ms_p50"], 1)
+    out["image_phases_ms"] = {k: summary(v) for k, v in image.phases.items()}
+    out["corral_phases_ms"] = {k: summary(v) for k, v in corral.phases.items()}
+    out["iterations"], out["warmup"] = iterations, warmup
+    out["targets"] = {"ratio_image_vs_corral_p50": "<= 1.3",
+                      "ratio_docker_run_image_vs_image_p50": ">= 20"}
+    return out
+
+
+def add_image_columns(result: dict, args) -> None:
+    """result["image"] (image_columns) and its headline keys at the top level."""
+    try:
+        image = image_columns(args.image_iterations, min(args.warmup, 5), args.docker_host)
+    except Exception as exc:  # noqa: BLE001 - the other columns still stand
+        image = {"error": str(exc)}
+    result["image"] = image
+    for key in ("image_ms_p50", "docker_run_image_ms_p50", "ratio_image_vs_corral_p50",
+                "ratio_docker_run_image_vs_image_p50"):
+        if key in image:
+            result[key] = image[key]
+
+
 def spawn_posix() -> float:
     """/bin/true by os.posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK))."""
     t0 = time.perf_counter()
@@ -711,6 +826,8 @@ SIZES = {
     "docker_iterations": harness.Size(
         20, 3, "rounds of native vs docker backend vs `docker run --rm`"),
     "rootless_iterations": harness.Size(60, 15, "rounds of rootless Corral vs rootless bwrap"),
+    "image_iterations": harness.Size(
+        60, 10, "rounds of Corral on the host's /usr vs on an image vs `docker run` of it"),
 }
 
 
@@ -724,11 +841,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docker-host", metavar="URL",
                         help="engine for the docker columns (default: start a private dockerd)")
     parser.add_argument("--no-docker", action="store_true", help="skip the docker columns")
+    parser.add_argument("--no-image", action="store_true",
+                        help="skip the image columns (image_ms_p50, docker_run_image_ms_p50)")
     parser.add_argument("--rootless-user", metavar="NAME",
                         help="ordinary user for the rootless columns (default: a temporary "
                              "one, made with useradd and removed)")
     parser.add_argument("--no-rootless", action="store_true", help="skip the rootless columns")
     parser.add_argument("--rootless-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pools", action="store_true",
+                        help="also time Create through a daemon: a warm-pool hit against a "
+                             "cold create (bench/pools.py: pool_create_ms_p50, "
+                             "cold_create_ms_p50)")
     args = parser.parse_args(argv)
     if args.rootless_worker:  # we are the unprivileged user: time, print, done
         print(json.dumps(rootless_worker(args.iterations, args.warmup,
@@ -798,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("docker_backend_ms_p50", "docker_run_ms_p50"):
             if key in docker:
                 result[key] = docker[key]
+    if not args.no_image and os.geteuid() == 0:  # an image's layers are idmapped: root
+        add_image_columns(result, args)
     if not args.no_rootless and os.geteuid() == 0:
         try:
             rootless = rootless_columns(args.rootless_iterations, min(args.warmup, 5),
@@ -808,6 +933,13 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("rootless_ms_p50", "rootless_single_ms_p50", "bwrap_rootless_ms_p50"):
             if key in rootless:
                 result[key] = rootless[key]
+    if args.pools and os.geteuid() == 0:  # the daemon makes sandboxes: root
+        import pools
+
+        try:
+            result.update(pools.pool_columns(min(args.iterations, 50), min(args.warmup, 3)))
+        except Exception as exc:  # noqa: BLE001 - the spawn columns still stand
+            result["pools"] = {"error": str(exc)}
     if args.profile:
         result["corral_profile_ms_per_iter"] = profile_corral(args.iterations, args.warmup)
     result["machine"] = machine_info(bwrap, unshare)
@@ -861,6 +993,14 @@ def print_table(r: dict) -> None:
               f"x{d['ratio_docker_run_vs_corral_p50']}")
     elif "error" in d:
         print(f"docker columns skipped: {d['error']}")
+    im = r.get("image", {})
+    if "image_ms_p50" in im:
+        print(f"image ({im['iterations']} rounds): corral {im['corral_ms_p50']:.3f}, on an image "
+              f"{im['image_ms_p50']:.3f} ms p50 (x{im['ratio_image_vs_corral_p50']}), `docker "
+              f"run --rm` of it {im.get('docker_run_image_ms_p50', float('nan')):.3f} ms "
+              f"(x{im.get('ratio_docker_run_image_vs_image_p50')} the image's)")
+    elif "error" in im:
+        print(f"image columns skipped: {im['error']}")
     a = r.get("cgroup_attach", {})
     if "attach_after_idle_ms_p50" in a:
         print(f"cgroup attach (cgroup.procs write): {a['attach_back_to_back_ms_p50']:.3f} ms right "

@@ -53,14 +53,15 @@ def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
     return TaskSpec(argv=tuple(msg.argv), sandbox=sandbox, selector=dict(msg.selector),
                     resources=dict(msg.resources), priority=msg.priority, retries=msg.retries,
                     max_runtime_s=msg.max_runtime_s, files=dict(msg.files),
-                    labels=dict(msg.labels))
+                    labels=dict(msg.labels), image=msg.image)
 
 
 def spec_to_proto(spec: TaskSpec) -> pb.TaskSpec:
     return pb.TaskSpec(
         argv=list(spec.argv), selector=spec.selector, resources=spec.resources,
         priority=spec.priority, retries=spec.retries, max_runtime_s=spec.max_runtime_s,
-        labels=spec.labels, sandbox=sandbox_spec_to_proto(spec.sandbox, ttl_s=0))
+        labels=spec.labels, sandbox=sandbox_spec_to_proto(spec.sandbox, ttl_s=0),
+        image=spec.image)
 
 
 def task_to_proto(task) -> pb.Task:
@@ -110,6 +111,7 @@ class TasksServicer(Servicer):
                          reason=task.reason, request_id=task.request_id,
                          parent_session=task.parent_session)
         answer.spec.resources.update(task.spec.resources)
+        answer.spec.image = task.spec.image  # also when only spec.sandbox.image named it
         return answer
 
     @streaming

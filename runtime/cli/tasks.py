@@ -14,7 +14,7 @@ from .flags import add_command, command_argv
 from .output import print_json_lines
 
 STATE_NAMES = ("", "QUEUED", "PLACED", "RUNNING", "RETRYING", "SUCCEEDED", "FAILED",
-               "CANCELLED")
+               "CANCELLED", "PULLING")
 
 
 RECOVER_DESCRIPTION = """\
@@ -69,6 +69,9 @@ def _add_submit(verbs) -> None:
     submit.add_argument("--max-runtime", metavar="DURATION",
                         help="wall-clock limit of one attempt, e.g. 30m or 2h")
     submit.add_argument("--memory", metavar="SIZE", help="memory limit of its sandbox")
+    submit.add_argument("--image", metavar="REF",
+                        help="run its sandbox on this image (docs/images.md), pulled by the "
+                             "node that runs it (the task is PULLING meanwhile)")
     submit.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
                         help="copy a local file into the task's /workspace (repeatable)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
@@ -173,6 +176,8 @@ def _submit(args) -> int:
         sandbox["memory_bytes"] = parse_size(args.memory, "memory")
     if args.env:
         sandbox["env"] = parse_pairs(args.env, "env")
+    if args.image:  # the sandbox's image field: the daemon makes it the task's (spec.image)
+        sandbox["image"] = args.image
     with connect(args) as client:
         task = client.submit_task(
             argv, selector=selector, resources=resources, priority=args.priority,
@@ -288,7 +293,7 @@ def _cancel(args) -> int:
     with connect(args) as client:
         task = client.cancel_task(args.task_id)
         end = time.monotonic() + 30
-        while task.state in (2, 3) and time.monotonic() < end:  # PLACED, RUNNING: wait
+        while task.state in (2, 3, 8) and time.monotonic() < end:  # PLACED, RUNNING, PULLING
             time.sleep(0.2)
             task = client.get_task(args.task_id)
     print(f"{task.id}: {STATE_NAMES[task.state]}")

@@ -27,6 +27,7 @@ from corral.sandbox.errors import Unavailable
 from corral.sandbox.locks import flock_held as _lock_held  # a live shim holds its lock
 
 from .files import TaskFiles, read_json
+from .images import PULLING_FILE
 from .runner import process_alive
 from .shim import LOCK_NAME
 
@@ -46,6 +47,7 @@ class _Watch:
     pidfd: int = -1
     fifo: int = -1
     started: bool = False
+    pulling: bool = False  # its pulling.json was reported (the task's image, images.py)
     # the st_mtime_ns of progress.json and result.json when last read (0: never seen)
     mtimes: dict[str, int] = field(default_factory=dict)
     checkpoint_seq: int = 0
@@ -255,6 +257,11 @@ class LocalExecutor:
 
     async def _sync(self, w: _Watch) -> None:
         sched = self.scheduler
+        if not w.started and not w.pulling:
+            pulling = read_json(os.path.join(w.attempt_dir, PULLING_FILE))
+            if pulling is not None:
+                w.pulling = True
+                await sched.on_pulling(w.task_id, w.attempt, pulling.get("image", ""))
         if not w.started:
             runner = read_json(os.path.join(w.attempt_dir, "runner.json"))
             if runner is not None:

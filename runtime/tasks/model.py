@@ -103,6 +103,9 @@ class TaskSpec:
     files: dict[str, bytes] = field(default_factory=dict)
     #: The client's key/value metadata (runtime/labels.py rules), to find the task by.
     labels: dict[str, str] = field(default_factory=dict)
+    #: An image REF (docs/images.md) the attempt's sandbox runs on, pulled by the node that
+    #: runs the attempt (the task is PULLING meanwhile); "" for the host's /usr.
+    image: str = ""
 
     def __post_init__(self):
         check_argv(self.argv, "spec.argv")
@@ -129,7 +132,21 @@ class TaskSpec:
         if total > MAX_FILES_BYTES:
             raise InvalidSpec("spec.files", f"{total} bytes is over the {MAX_FILES_BYTES} limit")
         check_labels(self.labels, "spec.labels")
+        self._check_image()
         _refuse_unsupported(self.sandbox)
+
+    def _check_image(self) -> None:
+        """spec.image is a REF (no NUL); spec.sandbox.image may only repeat it, or name
+        it alone (a client that sets only the sandbox's field: it becomes spec.image)."""
+        if not self.image and self.sandbox.image:
+            object.__setattr__(self, "image", self.sandbox.image)
+        if not isinstance(self.image, str) or "\0" in self.image or len(self.image) > 4096:
+            raise InvalidSpec("spec.image", "must be an image REF (docs/images.md), or empty "
+                                            "for the host's /usr")
+        if self.sandbox.image and self.sandbox.image != self.image:
+            raise InvalidSpec("spec.sandbox.image", f"{self.sandbox.image!r} differs from "
+                                                    f"spec.image {self.image!r}; name a task's "
+                                                    f"image once, in spec.image")
 
     def to_json(self) -> str:
         return json.dumps({
@@ -140,6 +157,7 @@ class TaskSpec:
             "files": {k: base64.b64encode(v).decode() for k, v in self.files.items()},
             # only when set: a task without labels is stored as before they existed
             **({"labels": self.labels} if self.labels else {}),
+            **({"image": self.image} if self.image else {}),
         }, sort_keys=True, separators=(",", ":"))
 
     @classmethod

@@ -35,6 +35,7 @@ import threading
 from corral.sandbox import fstree
 
 from .files import MAX_COPY_BYTES, TaskFiles, read_json
+from .images import PULLING_FILE
 
 log = logging.getLogger("corral.tasks.ray")
 
@@ -221,6 +222,7 @@ class NodeHost:
         adir = files.attempt_dir(attempt)
         known = f"{task_id}/{attempt}" in self._runners
         out: dict = {"known": known or os.path.isdir(adir)}
+        out["pulling"] = read_json(os.path.join(adir, PULLING_FILE))
         out["runner"] = read_json(os.path.join(adir, "runner.json"))
         if out["runner"] is not None:
             out["runner"]["ray_node_id"] = self.where()
@@ -426,6 +428,7 @@ class RayExecutor:
         await self._ray(lambda: os.makedirs(files.attempt_dir(attempt), exist_ok=True))
         log_offset = await self._ray(lambda: os.path.getsize(log_path)
                                      if os.path.exists(log_path) else 0)
+        pulling = False
         try:
             while True:
                 try:
@@ -437,6 +440,9 @@ class RayExecutor:
                         "outcome": "lost", "returncode": -1,
                         "reason": f"node {node} was lost ({type(exc).__name__})"})
                     return
+                if state.get("pulling") and not (started or pulling):
+                    pulling = True
+                    await sched.on_pulling(task_id, attempt, state["pulling"].get("image", ""))
                 if state.get("runner") and not started:
                     started = True
                     await sched.on_started(task_id, attempt,

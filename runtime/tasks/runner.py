@@ -46,6 +46,7 @@ from corral.sandbox.backends.base import ExitReason, SandboxLifecycle, ids_befor
 from corral.sandbox.errors import CorralError
 
 from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, tree_signature
+from .images import pull_on_node
 
 CHECKPOINT_DIR_INSIDE = "/workspace/.corral/checkpoint"
 #: The checkpoint directory, relative to the workspace.
@@ -247,6 +248,12 @@ class AttemptRunner:
         try:
             if self._cancel.is_set():
                 return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
+            if spec.image:  # pulled on this node, into its own store (the task is PULLING)
+                failed = pull_on_node(spec.image, self.dir, self._changed)
+                if failed is not None:
+                    return failed
+                if self._cancel.is_set():
+                    return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
             self.sandbox = new_sandbox(spec)
             self.sandbox.start()
             atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({

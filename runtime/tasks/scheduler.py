@@ -55,6 +55,8 @@ def sandbox_limits(spec: TaskSpec) -> SandboxSpec:
         held["cpus"] = float(spec.resources["cpu"])
     if "memory" in spec.resources:
         held["memory_bytes"] = max(8 << 20, int(spec.resources["memory"]))
+    if spec.image:  # the node pulls it (runner.py) before the sandbox starts on it
+        held["image"] = spec.image
     return dataclasses.replace(spec.sandbox, **held) if held else spec.sandbox
 
 
@@ -149,18 +151,20 @@ class Scheduler:
             if left:
                 await self.on_update(task.id, task.attempt, **left)
         outcome = executor.final_outcome(task) if executor is not None else None
+        before_start = task.state in (TaskState.PLACED, TaskState.PULLING)
         if outcome is not None:  # it ended while no daemon was watching
-            if task.state == TaskState.PLACED:
+            if task.state == TaskState.PLACED or (before_start
+                                                  and not _ended_before_start(outcome)):
                 await self._move(task, TaskState.RUNNING, task.reason)
             await self._finish_attempt(task, outcome)
-        elif task.state == TaskState.PLACED and not (executor and executor.started(task)):
+        elif before_start and not (executor and executor.started(task)):
             self._release(task)
             task.attempt -= 1  # that attempt never ran
             await self._move(task, TaskState.QUEUED, "placement undone: the daemon restarted "
                                                      "before the attempt started")
             self._enqueue(task)
         else:
-            if task.state == TaskState.PLACED:
+            if before_start:
                 await self._move(task, TaskState.RUNNING, task.reason)
             await self._finish_attempt(task, {"outcome": "lost", "returncode": -1,
                                               "reason": "its runner is gone (daemon restart "
@@ -586,10 +590,20 @@ class Scheduler:
             return None
         return task
 
+    async def on_pulling(self, task_id: str, attempt: int, image: str) -> None:
+        """The attempt's node began pulling the task's image (PLACED -> PULLING)."""
+        task = self._current(task_id, attempt)
+        if task is None or task.state != TaskState.PLACED:
+            return
+        await self._move(task, TaskState.PULLING, f"pulling {image} on {task.node}", audit=[(
+            "task.pulling", {"tenant": task.tenant, "peer": "scheduler", "detail": {
+                "task_id": task.id, "node": task.node, "attempt": attempt,
+                "image": image}})])
+
     async def on_started(self, task_id: str, attempt: int, started_at: float,
                          runner: dict) -> None:
         task = self._current(task_id, attempt)
-        if task is None or task.state != TaskState.PLACED:
+        if task is None or task.state not in (TaskState.PLACED, TaskState.PULLING):
             return
         task.started_at = started_at
         task.runner_json = json.dumps(runner)
@@ -627,9 +641,9 @@ class Scheduler:
         task = self._current(task_id, attempt)
         if task is None:
             return
-        if task.state == TaskState.PLACED:
-            if outcome.get("outcome") in ("error", "lost") or task.cancel_requested:
-                pass  # never started: PLACED moves straight on
+        if task.state in (TaskState.PLACED, TaskState.PULLING):
+            if _ended_before_start(outcome) or task.cancel_requested:
+                pass  # never started: PLACED (or PULLING) moves straight on
             else:
                 await self._move(task, TaskState.RUNNING, task.reason)
         await self._finish_attempt(task, outcome)
@@ -651,6 +665,8 @@ class Scheduler:
             to, why = TaskState.RETRYING, f"node {task.node} drained"
         elif kind == "timeout":
             to, why = TaskState.FAILED, f"max runtime of {task.spec.max_runtime_s:g}s reached"
+        elif kind == "pull_failed" and not outcome.get("retryable"):
+            to, why = TaskState.FAILED, reason  # the same image fails the same way again
         else:
             task.failures += 1
             if task.failures <= task.spec.retries:
@@ -659,7 +675,7 @@ class Scheduler:
                 to, why = TaskState.FAILED, reason
         if to in states.TERMINAL:
             task.finished_at = time.time()
-        if task.state == TaskState.PLACED and to == TaskState.SUCCEEDED:
+        if task.state in (TaskState.PLACED, TaskState.PULLING) and to == TaskState.SUCCEEDED:
             await self._move(task, TaskState.RUNNING, task.reason)
         await self._move(task, to, why, audit=[(
             "task." + to.name.lower(), {"tenant": task.tenant, "peer": "scheduler",
@@ -667,3 +683,8 @@ class Scheduler:
         if to == TaskState.RETRYING:
             self._enqueue(task)
             self.kick()
+
+
+def _ended_before_start(outcome: dict) -> bool:
+    """An exit record of an attempt whose command never ran (its task skips RUNNING)."""
+    return outcome.get("outcome") in ("error", "lost", "pull_failed")

@@ -11,6 +11,9 @@ Rules this module keeps:
   counter grows when a retry is *placed*, so an attempt that never started costs nothing.
 * PLACED -> QUEUED undoes a placement whose attempt never started (a drained node, a daemon
   that restarted between placing and launching).
+* PULLING is active too: placed, and its node pulls the task's image before the sandbox
+  starts (PLACED -> PULLING -> RUNNING). It ends like PLACED when the pull fails (RETRYING
+  or FAILED) or the placement is undone (QUEUED).
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ class TaskState(enum.IntEnum):
     SUCCEEDED = 5
     FAILED = 6
     CANCELLED = 7
+    PULLING = 8
 
 
 Q, P, R, RT = TaskState.QUEUED, TaskState.PLACED, TaskState.RUNNING, TaskState.RETRYING
 OK, FAIL, CAN = TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED
+PULL = TaskState.PULLING
 
 #: from -> the states it may move to.
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     Q: frozenset({P, CAN}),
-    P: frozenset({R, Q, RT, FAIL, CAN}),
+    P: frozenset({PULL, R, Q, RT, FAIL, CAN}),
+    PULL: frozenset({R, Q, RT, FAIL, CAN}),
     R: frozenset({OK, FAIL, CAN, RT}),
     RT: frozenset({P, CAN, FAIL}),
     OK: frozenset(),
@@ -47,7 +53,7 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 }
 
 WAITING = frozenset({Q, RT})
-ACTIVE = frozenset({P, R})
+ACTIVE = frozenset({P, PULL, R})
 TERMINAL = frozenset({OK, FAIL, CAN})
 
 

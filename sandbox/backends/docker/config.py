@@ -28,12 +28,30 @@ def seccomp_option(profile: str) -> str:
     return "seccomp=" + json.dumps(doc, separators=(",", ":"))
 
 
+#: Where a container on an image (spec.image) finds what Corral brings: its idle PID
+#: (the static corral-init: an image need not have `sleep`) and the agent helper.
+IMAGE_INIT = "/opt/corral/bin/corral-init"
+
+
+def _support_mounts(docker) -> list:
+    """Read-only binds of corral-init and the agent helper (the base image has copies)."""
+    from ... import contain
+
+    files = {IMAGE_INIT: contain.init_binary(), **contain.support_files()}
+    return [docker.types.Mount(inside, host, type="bind", read_only=True)
+            for inside, host in sorted(files.items())]
+
+
 def container_config(api, spec: SandboxSpec, image: str, sandbox_id: str, workspace: str,
-                     own_workspace: bool, fds_dir: str | None = None) -> dict:
-    """The create-container request for a spec (keyword arguments of create_container)."""
+                     own_workspace: bool, fds_dir: str | None = None,
+                     on_image: bool = False) -> dict:
+    """The create-container request for a spec (keyword arguments of create_container);
+    on_image: `image` is spec.image's, not Corral's base image."""
     docker = _sdk()
     user = f"{spec.uid_base}:{spec.uid_base}"
     mounts = [docker.types.Mount("/workspace", workspace, type="bind", read_only=False)]
+    if on_image:
+        mounts += _support_mounts(docker)
     for b in spec.binds:
         mounts.append(docker.types.Mount(b.target, b.source, type="bind",
                                          read_only=not b.writable))
@@ -66,7 +84,8 @@ def container_config(api, spec: SandboxSpec, image: str, sandbox_id: str, worksp
         labels[LABEL_FDS] = fds_dir
     labels.update({f"corral.label.{k}": v for k, v in spec.labels})
     return dict(
-        image=image, command=["sleep", "infinity"], hostname=spec.hostname, user=user,
+        image=image, command=[IMAGE_INIT] if on_image else ["sleep", "infinity"],
+        entrypoint=[] if on_image else None, hostname=spec.hostname, user=user,
         working_dir="/workspace", environment=spec.environment(), labels=labels,
         host_config=host_config, network_disabled=True, stop_signal="SIGKILL",
         name=f"corral-{sandbox_id}",

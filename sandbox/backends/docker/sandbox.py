@@ -36,6 +36,7 @@ from .engine import (
 )
 from .fds import _frame_payloads, _PassedFds, _StartGate, _wrapper_state, wrap
 from .image import base_image
+from .images import engine_image
 from .process import DockerProcess, _is_fd
 from .sweep import sweep
 
@@ -66,6 +67,8 @@ class DockerSandbox(SandboxLifecycle):
         self._fds_dir: str | None = None
         #: The seccomp profile the container runs under (its digest is the policy's).
         self._seccomp: seccomp.SeccompProfile | None = None
+        #: spec.image's config as the engine holds it (Entrypoint, Cmd, Env...).
+        self._image_config: dict = {}
 
     def start(self) -> None:
         """Create and start the container.
@@ -87,7 +90,10 @@ class DockerSandbox(SandboxLifecycle):
         if self.url not in DockerSandbox._swept:
             DockerSandbox._swept.add(self.url)
             sweep(self.url)
-        image = base_image(self.url)
+        if self.spec.image:  # loaded or pulled into the engine unless it holds it
+            image, self._image_config = engine_image(self.api, self.url, self.spec.image)
+        else:
+            image = base_image(self.url)
         self._move("starting")
         self.status_fd, self._status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
@@ -103,7 +109,8 @@ class DockerSandbox(SandboxLifecycle):
                 os.chown(self._fds_dir, self.spec.uid_base, self.spec.uid_base)
             os.chmod(self._fds_dir, 0o700)
             config = container_config(self.api, self.spec, image, self.id, self.workspace,
-                                      self._own_workspace, self._fds_dir)
+                                      self._own_workspace, self._fds_dir,
+                                      on_image=bool(self.spec.image))
             try:
                 self.container_id = self.api.create_container(**config)["Id"]
                 self.api.start(self.container_id)
@@ -123,6 +130,35 @@ class DockerSandbox(SandboxLifecycle):
     @property
     def seccomp_digest(self) -> str:
         return self._seccomp.digest
+
+    @property
+    def image_config(self) -> dict:
+        """The image's config (Env, Cmd, WorkingDir...), {} without spec.image."""
+        return self._image_config
+
+    def image_command(self, args: list[str]):
+        """The command `docker run` would run on this sandbox's image with these args,
+        resolved as the native backend does (sandbox/images/runconfig.py): the User's name
+        is looked up in the container's own /etc (its root, on a local engine).
+
+        Raises:
+            InvalidSpec: no command, or a User the image's /etc does not name.
+            UnsupportedHost: the engine is remote and the image names a User.
+        """
+        from ...images import runconfig
+
+        if not (self._image_config.get("User") or ""):
+            return runconfig.resolve(self._image_config, args, self.spec.env, -1)
+        if not (self.local and self.init_pid):
+            raise UnsupportedHost(f"the image's User {self._image_config['User']!r} is "
+                                  f"resolved in the container's /etc, which a remote engine "
+                                  f"({self.url}) does not show")
+        root_fd = os.open(f"/proc/{self.init_pid}/root",
+                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return runconfig.resolve(self._image_config, args, self.spec.env, root_fd)
+        finally:
+            os.close(root_fd)
 
     def _cleanup(self) -> None:
         """Remove the container (killing everything in it) and its temporary workspace."""
@@ -178,7 +214,8 @@ class DockerSandbox(SandboxLifecycle):
              cwd: str = "/workspace", stdin: int | None = PIPE, stdout: int | None = PIPE,
              stderr: int | None = PIPE, timeout_s: float | None = None,
              pass_fds: dict[int, int] | None = None,
-             tty: tuple[int, int] | None = None) -> DockerProcess:
+             tty: tuple[int, int] | None = None,
+             user: tuple[int, int] | None = None) -> DockerProcess:
         """Run argv in the sandbox; returns the running DockerProcess.
 
         Args:
@@ -187,6 +224,8 @@ class DockerSandbox(SandboxLifecycle):
                 not cross to an engine: a relay thread copies between them and the exec's
                 connection (stdout and stderr must then both be descriptors or DEVNULL).
             timeout_s: wall-clock limit, defaults to the spec's.
+            user: (uid, gid) to run as (an image's User, image_command()); default the
+                sandbox's own ids.
             tty: (rows, cols): run the command on a terminal of the engine's (a Tty exec:
                 its stdin, stdout, stderr and controlling terminal; stdin/stdout/stderr
                 are ignored). Process.stdin and .stdout are the raw stream, .stderr is
@@ -220,7 +259,7 @@ class DockerSandbox(SandboxLifecycle):
             steps = [held.step() for held in (gate, passed) if held is not None]
             exec_id = self._create_exec(wrap(list(argv), steps) if steps else list(argv),
                                         environment, cwd, stdin == PIPE or _is_fd(stdin),
-                                        tty is not None)
+                                        tty is not None, user)
             oom_before = self._oom_kills()
             sock, leftover = self._start_exec(exec_id, tty, console=gate is None)
         except BaseException:
@@ -252,17 +291,18 @@ class DockerSandbox(SandboxLifecycle):
         return proc
 
     def _create_exec(self, command: list[str], environment: list[str], cwd: str,
-                     stdin: bool, tty: bool) -> str:
-        """The engine's exec instance for command (as the sandbox's user); its id.
+                     stdin: bool, tty: bool, user: tuple[int, int] | None = None) -> str:
+        """The engine's exec instance for command (as the sandbox's user, or `user`); its
+        id.
 
         Raises:
             CorralError: the engine refused it.
         """
+        uid, gid = user if user is not None else (self.spec.uid_base, self.spec.uid_base)
         try:
             return self.api.exec_create(
                 self.container_id, command, stdout=True, stderr=True, stdin=stdin, tty=tty,
-                user=f"{self.spec.uid_base}:{self.spec.uid_base}", environment=environment,
-                workdir=cwd)["Id"]
+                user=f"{uid}:{gid}", environment=environment, workdir=cwd)["Id"]
         except _sdk().errors.APIError as exc:
             raise CorralError(f"docker: exec in {self.id}: {exc.explanation or exc}") from None
 
