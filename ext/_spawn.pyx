@@ -354,6 +354,7 @@ cdef extern from * nogil:
     int umount2(const char *target, int flags)
     int mkdir(const char *path, unsigned int mode)
     int symlink(const char *target, const char *linkpath)
+    int unlink(const char *path)
     int open(const char *path, int flags, ...)
     int fcntl(int fd, int cmd, ...)
     int execve(const char *path, char **argv, char **envp)
@@ -732,6 +733,12 @@ cdef int apply_mounts(child_plan *plan, int report_fd) noexcept nogil:
                 fail(report_fd, STEP_READONLY, i)
         elif op.kind == OP_FILE or op.kind == OP_TOUCH:
             fd = open(op.target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, op.mode)
+            if fd < 0 and errno == EEXIST and op.kind == OP_TOUCH and unlink(op.target) == 0:
+                # an image's own file (or link) where Corral binds one (the agent helper):
+                # replaced by a fresh mount point in the root's writable upper layer; a
+                # directory there still fails (unlink: EISDIR)
+                fd = open(op.target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+                          op.mode)
             if fd < 0:
                 fail(report_fd, STEP_WRITE_FILE, i)
             if op.kind == OP_FILE and corral_write_all(fd, op.data, op.data_len) != 0:

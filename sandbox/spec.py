@@ -282,8 +282,6 @@ class SandboxSpec:
             raise InvalidSpec("profile", "must name a profile or a JSON file")
         if not isinstance(self.image, str) or "\0" in self.image:
             raise InvalidSpec("image", "must be an image REF (or empty for the host's /usr)")
-        if self.image and self.backend != "native":
-            raise InvalidSpec("image", "only the native backend runs on an image for now")
         if self.backend not in BACKENDS:
             raise InvalidSpec("backend", f"{self.backend!r} is not a backend; use "
                                          f"{' or '.join(BACKENDS)}")

@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv and not args.image:
         return _fail("run: no command given; usage: corral run [OPTIONS] -- CMD [ARGS...]",
                      exits.EXIT_USAGE)
-    if args.image:
+    if args.image and args.backend != "docker":  # the engine loads or pulls it itself
         failed = _ensure_image(args.image)
         if failed is not None:
             return failed
@@ -173,11 +173,7 @@ def _ensure_image(ref: str) -> int | None:
     from corral.sandbox.images.store import ImageStore
 
     try:
-        store = ImageStore()
-        try:
-            store.get(ref)
-        except ImageNotFound:
-            store.pull(ref)
+        ImageStore().ensure(ref)
     except ImageNotFound as exc:
         return _fail(f"run: {exc}", 1)
     except (CorralError, OSError) as exc:

@@ -220,13 +220,8 @@ def _get(args) -> int:
 def _ls(args) -> int:
     state = STATE_NAMES.index(args.state.upper()) if args.state else 0
     with connect(args) as client:
-        if args.session:
-            from corral.v1 import task_pb2
-
-            tasks = client._call(client.tasks.List, task_pb2.ListTasksRequest(
-                state=state, selector=args.selector, parent_session=args.session)).tasks
-        else:
-            tasks = client.list_tasks(state=state, selector=args.selector)
+        tasks = client.list_tasks(state=state, selector=args.selector,
+                                  parent_session=args.session or "")
     if args.json:
         for t in tasks:
             print(json.dumps(task_dict(t), sort_keys=True))

@@ -38,18 +38,13 @@ def pull_failure(ref: str, exc: BaseException) -> dict:
 def pull_on_node(ref: str, attempt_dir: str, ring) -> dict | None:
     """Pull REF into this node's store unless it is there; None when the image is ready,
     else the attempt's exit record. `ring` tells the executor that pulling.json exists."""
-    from corral.sandbox.images.errors import ImageNotFound
     from corral.sandbox.images.store import ImageStore
 
     atomic_write(os.path.join(attempt_dir, PULLING_FILE),
                  json.dumps({"image": ref, "at": time.time()}).encode())
     ring()
     try:
-        store = ImageStore()
-        try:
-            store.get(ref)
-        except ImageNotFound:
-            store.pull(ref)
+        ImageStore().ensure(ref)
     except (CorralError, OSError) as exc:
         return pull_failure(ref, exc)
     return None

@@ -581,12 +581,7 @@ class Sandbox(SandboxLifecycle):
         (sandbox/images/runconfig.py: Entrypoint/Cmd, Env, WorkingDir, User)."""
         from ..images import runconfig
 
-        root_fd = os.open(f"/proc/{self.init_pid}/root",
-                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            return runconfig.resolve(self.image_config, args, self.spec.env, root_fd)
-        finally:
-            os.close(root_fd)
+        return runconfig.resolve_in(self.image_config, args, self.spec.env, self.init_pid)
 
     def _image_root(self) -> int:
         """The detached overlay root of spec.image (sandbox/images/overlay.py), over the

@@ -114,3 +114,14 @@ def resolve(config: dict, args: list[str], spec_env: tuple[tuple[str, str], ...]
     return Command(argv=command(config, args), env=environment(config, spec_env),
                    cwd=config.get("WorkingDir") or None,
                    user=user(config.get("User") or "", root_fd))
+
+
+def resolve_in(config: dict, args: list[str], spec_env: tuple[tuple[str, str], ...],
+               pid: int) -> Command:
+    """`resolve`, reading the image's /etc through the root of process pid (a sandbox's
+    PID 1, or a container's init on a local engine)."""
+    root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return resolve(config, args, spec_env, root_fd)
+    finally:
+        os.close(root_fd)

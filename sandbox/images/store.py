@@ -311,6 +311,18 @@ class ImageStore:
                         out.append(ImageRecord.from_json(json.load(f)))
         return sorted(out, key=lambda r: r.ref)
 
+    def ensure(self, ref: str, progress: Callable[[LayerEvent], None] | None = None, *,
+               on_bytes: Callable[[BlobProgress], None] | None = None) -> ImageRecord:
+        """The record of REF, pulling it first when the store does not hold it.
+
+        Raises:
+            as `pull` (ImageNotFound: REF is neither here nor anywhere it names).
+        """
+        try:
+            return self.get(ref)
+        except ImageNotFound:
+            return self.pull(ref, progress, on_bytes=on_bytes)
+
     def get(self, ref: str) -> ImageRecord:
         """The record of REF (as pulled, or its id, or a unique id prefix of 12+ hex)."""
         wanted = canonical_ref(ref)
@@ -345,6 +357,17 @@ class ImageStore:
                                     f"from the store; pull the image again")
             dirs.append(os.path.join(final, "root"))
         return Rootfs(tuple(dirs), self.config(record))
+
+    def layer_bytes(self, diff_id: str) -> int:
+        """Bytes of a complete layer's unpacked tree on disk (0: not in the store)."""
+        meta = _read_meta(self.layer_dir(diff_id))
+        return meta["unpacked_bytes"] if meta is not None else 0
+
+    def held(self, diff_id: str) -> bool:
+        """Whether a sandbox holds the layer now (`hold`): a look, it takes no hold."""
+        lock = self._p("locks", _hex(diff_id) + ".lock")
+        with self._flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as got:
+            return not got
 
     def hold(self, ref: str) -> HeldRootfs:
         """The rootfs of REF with each layer held (a shared flock) until `close()`: rm and

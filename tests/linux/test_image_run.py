@@ -253,3 +253,26 @@ def test_setup_failure_releases_the_layers(image, monkeypatch):
         Sandbox(SandboxSpec(image=image)).start()
     freed = ImageStore().remove(image)
     assert (freed.in_use, len(freed.layers)) == ([], 3)
+
+
+def test_an_image_of_its_own_agent_helper_or_a_link_there_gets_corrals(tmp_path, monkeypatch):
+    # images built from a Corral rootfs already hold /opt/corral/lib/corral_agent.py; one
+    # may hold a link there instead: either way the sandbox sees Corral's helper, bound
+    # read-only over a fresh mount point, and the link is not followed
+    from corral.sandbox.contain import support_files
+
+    monkeypatch.setenv("CORRAL_IMAGE_ROOT", str(tmp_path / "store"))
+    (helper_path,) = support_files().values()
+    ours = _read(helper_path)
+    for name, layer in (
+            ("file", Layer().dir("opt").dir("opt/corral").dir("opt/corral/lib")
+             .file("opt/corral/lib/corral_agent.py", b"# the image's stale copy\n")),
+            ("link", Layer().dir("opt").dir("opt/corral").dir("opt/corral/lib")
+             .symlink("opt/corral/lib/corral_agent.py", "/etc/passwd"))):
+        ref = write_oci(str(tmp_path / name), [tools_layer(), layer])
+        ImageStore().pull(ref)
+        with Sandbox(SandboxSpec(image=ref)) as sb:
+            proc = sb.exec(["/usr/bin/cat", "/opt/corral/lib/corral_agent.py"])
+            assert proc.communicate() == (ours, b""), name
+            assert _run(sb, "cat /etc/passwd")[1].startswith("root:x:0:0:"), name
+            assert _run(sb, "echo x > /opt/corral/lib/corral_agent.py")[0] != 0, name

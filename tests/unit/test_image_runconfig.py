@@ -94,5 +94,6 @@ class _Host(mounts.HostView):
 def test_spec_image_field():
     assert SandboxSpec().image == ""
     assert SandboxSpec.build(image="oci:/x").image == "oci:/x"
-    with pytest.raises(InvalidSpec, match="only the native backend runs on an image"):
-        SandboxSpec(image="oci:/x", backend="docker")
+    assert SandboxSpec(image="oci:/x", backend="docker").image == "oci:/x"  # both backends
+    with pytest.raises(InvalidSpec, match="must be an image REF"):
+        SandboxSpec(image="oci:/x\0")

@@ -153,12 +153,7 @@ class DockerSandbox(SandboxLifecycle):
             raise UnsupportedHost(f"the image's User {self._image_config['User']!r} is "
                                   f"resolved in the container's /etc, which a remote engine "
                                   f"({self.url}) does not show")
-        root_fd = os.open(f"/proc/{self.init_pid}/root",
-                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            return runconfig.resolve(self._image_config, args, self.spec.env, root_fd)
-        finally:
-            os.close(root_fd)
+        return runconfig.resolve_in(self._image_config, args, self.spec.env, self.init_pid)
 
     def _cleanup(self) -> None:
         """Remove the container (killing everything in it) and its temporary workspace."""
