@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         governance,
         image,
         listing,
+        mcp,
         probe,
         run,
         sandboxes,
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         daemon.add_parsers, listing.add_parsers, sandboxes.add_parsers,
                         cp.add_parsers, image.add_parsers, exec.add_parsers,
                         session.add_parsers, state.add_parsers, audit.add_parsers,
-                        governance.add_parsers, tasks.add_parsers):
+                        governance.add_parsers, tasks.add_parsers, mcp.add_parsers):
         add_parsers(sub)
     return parser
 
