@@ -73,6 +73,10 @@ _SERVING_FLAGS = (
           "audit and task records still write; new work is refused (RESOURCE_EXHAUSTED, "
           "health NOT_SERVING) until twice that is free (default: 64M, at most 5%% of the "
           "filesystem)", setting="disk_reserve_bytes", read="size_or_zero"),
+    _Flag("--image-store-size", "SIZE",
+          "bound of the image store's unpacked layers: past it, layers no image names, then "
+          "the least recently used images no sandbox holds, are removed (default: 0, no "
+          "bound)", setting="image_store_max_bytes", read="size_or_zero"),
 )
 
 #: Metrics, spans and the log format: all off or plain unless asked for.
