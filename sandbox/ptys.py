@@ -67,7 +67,7 @@ def get_window(fd: int) -> tuple[int, int]:
     return rows, cols
 
 
-def open_in_root(root: str, path: str, flags: int) -> int:
+def open_path_in_root(root: str, path: str, flags: int) -> int:
     """openat2(RESOLVE_IN_ROOT) of path beneath root: a link inside the sandbox resolves
     inside it (through /proc/<pid>/root an absolute one would reach the runtime's root)."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -95,7 +95,7 @@ def open_in_root(root: str, rows: int, cols: int, owner: int | None = None) -> t
     path = os.path.join(root, "dev/pts/ptmx")
     try:
         # O_NONBLOCK: a FIFO planted there would block the open; the flag is cleared below
-        master = open_in_root(root, "dev/pts/ptmx",
+        master = open_path_in_root(root, "dev/pts/ptmx",
                                os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise SandboxSetupError("open ptmx", path, exc.errno) from None
