@@ -22,9 +22,10 @@ run stays short: the daemon can raise its soft limit only up to that hard limit)
 With --scale 10,100,1000,5000 (issue 16) it instead piles up idle sandboxes under the
 daemon's own limits and reports, at each count, create_ms_p50_at_n (one more create and its
 destroy), list_ms_p50_at_n (one List call: a page of 100) and list_all_ms_at_n (every
-page), then idle_sandboxes,
-host_mib_per_idle_sandbox (MemTotal - MemAvailable, delta / N), daemon_mib_per_sandbox,
-daemon_fds_per_sandbox and the ratios of the last count to the first.
+page), also as one JSON line on stderr per count, then idle_sandboxes,
+host_mib_per_idle_sandbox (MemTotal - MemAvailable, delta / N), slab_mib_per_idle_sandbox
+(the kernel's Slab, delta / N), daemon_mib_per_sandbox, daemon_fds_per_sandbox and the
+ratios of the last count to the first.
 
 Prints one JSON object on the last line. Needs root (sandboxes, cgroups).
 """
@@ -149,13 +150,19 @@ def measure(nofile: int, sample: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _used_bytes() -> int:
-    """The host's used memory: MemTotal - MemAvailable (page cache that can go is not used)."""
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
     info = {}
     with open("/proc/meminfo") as f:
         for line in f:
             key, _, rest = line.partition(":")
             info[key] = int(rest.split()[0]) * 1024
+    return info
+
+
+def _used_bytes() -> int:
+    """The host's used memory: MemTotal - MemAvailable (page cache that can go is not used)."""
+    info = _meminfo()
     return info["MemTotal"] - info["MemAvailable"]
 
 
@@ -213,7 +220,7 @@ def scale(points: list[int], samples: int) -> dict:
                     raise
                 time.sleep(0.1)
         _create_once(client)  # warm: profiles loaded, spawner threads started
-        used0, rss0 = _used_bytes(), rss_bytes(pid)
+        used0, rss0, slab0 = _used_bytes(), rss_bytes(pid), _meminfo()["Slab"]
         budget = int(_total_bytes() * 0.6)
         for n in points:
             out["stopped_by"] = _grow(client, ids, n, budget)
@@ -224,10 +231,16 @@ def scale(points: list[int], samples: int) -> dict:
             # is 50 calls by design, so list_all_ms_at_n is given beside it
             out["list_ms_p50_at_n"][n] = _p50_ms(client.list_sandboxes_page, samples)
             out.setdefault("list_all_ms_at_n", {})[n] = _p50_ms(client.list_sandboxes, 3)
+            # one line per count on stderr: a run cut short still says how far it got
+            print(json.dumps({key: out[key][n] for key in (
+                "create_ms_p50_at_n", "list_ms_p50_at_n", "list_all_ms_at_n")} | {"n": n}),
+                file=sys.stderr, flush=True)
         n = len(ids)
         time.sleep(1.0)
         out["idle_sandboxes"] = n
         out["host_mib_per_idle_sandbox"] = round((_used_bytes() - used0) / n / 2**20, 3)
+        # most of it: kernel objects (namespaces, mounts, cgroups, superblocks' shrinkers)
+        out["slab_mib_per_idle_sandbox"] = round((_meminfo()["Slab"] - slab0) / n / 2**20, 3)
         out["daemon_mib_per_sandbox"] = round((rss_bytes(pid) - rss0) / n / 2**20, 4)
         out["daemon_fds_per_sandbox"] = round(fd_count(pid) / n, 2)
         first, last = min(out["create_ms_p50_at_n"]), max(out["create_ms_p50_at_n"])

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import grpc
 
 from corral.ext.sparse import data_ranges
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, stream_pb2, task_pb2
+from corral.v1 import (
+    audit_pb2,
+    image_pb2,
+    sandbox_pb2,
+    session_pb2,
+    snapshot_pb2,
+    stream_pb2,
+    task_pb2,
+)
 
 from .api.wire import MAX_MESSAGE_BYTES, varint
 from .locations import default_socket
@@ -287,6 +295,7 @@ class Client:
         self.tasks = service_stub(channel, task_pb2, "Tasks")
         self.nodes = service_stub(channel, task_pb2, "Nodes")
         self.snapshots = service_stub(channel, snapshot_pb2, "Snapshots")
+        self.images = service_stub(channel, image_pb2, "Images")
 
     @classmethod
     def connect(cls, socket: str | None = None, target: str | None = None,
@@ -384,6 +393,28 @@ class Client:
     def remove_snapshot(self, snapshot: str) -> None:
         self._call(self.snapshots.Remove, snapshot_pb2.RemoveSnapshotRequest(snapshot=snapshot))
 
+    # -- images: the daemon's store ---------------------------------------------------------
+
+    def images_list(self) -> list[image_pb2.Image]:
+        return list(self._call(self.images.List, image_pb2.ListImagesRequest()).images)
+
+    def image_get(self, ref: str) -> image_pb2.GetImageResponse:
+        """An image of the daemon's store (by REF, id or id prefix) and its config."""
+        return self._call(self.images.Get, image_pb2.GetImageRequest(ref=ref))
+
+    def image_pull(self, ref: str, timeout: float = 3600.0) -> Iterator[image_pb2.PullEvent]:
+        """Pull REF into the daemon's store: layer and bytes events, then `done` (the
+        record). A pull others wait on goes on when this iterator is dropped."""
+        try:
+            yield from self.images.Pull(image_pb2.PullImageRequest(ref=ref),
+                                        metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _wrap(exc) from None
+
+    def image_remove(self, ref: str) -> image_pb2.RemoveImageResponse:
+        """Remove an image (operators); layers a running sandbox holds stay."""
+        return self._call(self.images.Remove, image_pb2.RemoveImageRequest(ref=ref))
+
     def diff(self, sandbox_id: str, *, patch: bool = False,
              max_patch_bytes: int = 0) -> Iterator[sandbox_pb2.Change]:
         """What a copy-on-write workspace changed, path by path."""
@@ -430,9 +461,10 @@ class Client:
     def exec(self, sandbox_id: str, argv: list[str], **kw) -> Iterator[sandbox_pb2.ExecEvent]:
         """Run argv; yields started, output (stdout/stderr bytes exactly as written, one
         StreamBatch each) and exited. kw are ExecRequest fields: env, cwd, stdin,
-        keep_stdin_open, timeout_s, and allow_loss=True to never hold the command back
-        (a slow reader then loses output, and `batch.lost` says so); tty=True with rows
-        and cols runs it on a terminal (all output on stdout; see resize())."""
+        keep_stdin_open, timeout_s, user ("uid[:gid]" or a name), and allow_loss=True to
+        never hold the command back (a slow reader then loses output, and `batch.lost` says
+        so); tty=True with rows and cols runs it on a terminal (all output on stdout; see
+        resize())."""
         request = sandbox_pb2.ExecRequest(sandbox_id=sandbox_id, argv=argv, **kw)
         try:
             yield from self.sandboxes.Exec(request, metadata=self.metadata)

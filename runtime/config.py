@@ -91,6 +91,16 @@ class DaemonConfig:
     #: [secrets]: the per-tenant secret store (runtime/secret_store.py): dir, and
     #: [secrets.tenants.NAME] NAME = {file = PATH} or {value = "..."}.
     secrets: dict = field(default_factory=dict)
+    #: [pools.NAME]: warm pools (runtime/pools.py): size, backend, image, cpus, memory,
+    #: pids, tmp, ttl, profile, tenants; a Create of exactly that class takes a ready one.
+    pools: dict = field(default_factory=dict)
+    #: Bytes of unpacked layers the daemon's image store may hold (runtime/images.py): over
+    #: it, after each pull and every 5 minutes, the least recently used images no sandbox
+    #: runs on are removed (TOML: image_store_size = "20G"); 0 = no bound (the default).
+    image_store_max_bytes: int = 0
+    #: Most warm-pool sandboxes started a second, all pools together (fills also wait
+    #: while live creates spawn).
+    pool_refill_per_s: float = 2.0
     #: The config file these settings came from (inline secret values need it 0600).
     config_path: str | None = None
     #: [audit]: signing (signing_key, signing_command, signing_public_key, signing),
@@ -154,6 +164,17 @@ class DaemonConfig:
 
         return SecretStore.from_config(self.secrets, self.config_path)
 
+    def warm_pools(self):
+        """The PoolSpecs of [pools.NAME] (runtime/pools.py).
+
+        Raises:
+            InvalidSpec: a bad key or value, named pools.NAME.KEY (or pool_refill_per_s).
+        """
+        from .pools import check_pools
+
+        return check_pools(self.pools, self.sandbox_ttl_s, self.max_sandboxes,
+                           self.pool_refill_per_s)
+
     def validate(self) -> DaemonConfig:
         """Check every setting, naming the first bad one; returns self.
 
@@ -168,6 +189,7 @@ class DaemonConfig:
 
         check_audit_settings(self.audit)
         self.secret_store()  # its keys and inline values checked now, not at first use
+        self.warm_pools()
         self.policy_book()  # refuse a bad policy at start, naming its key
         return self
 
@@ -225,6 +247,10 @@ class DaemonConfig:
             raise InvalidSpec("workspace_inodes", f"{self.workspace_inodes} is under 64")
         if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
             raise InvalidSpec("disk_reserve_bytes", "must not be negative")
+        if isinstance(self.image_store_max_bytes, bool) or not isinstance(
+                self.image_store_max_bytes, int) or self.image_store_max_bytes < 0:
+            raise InvalidSpec("image_store_max_bytes", f"{self.image_store_max_bytes!r} must "
+                                                     "be a size in bytes >= 0 (0: no bound)")
         if not 0.05 <= self.resource_check_s <= 60:
             raise InvalidSpec("resource_check_s", "must be between 0.05 and 60 seconds")
 
@@ -280,7 +306,8 @@ class DaemonConfig:
 _DURATIONS = {"session_idle_ttl": "session_idle_ttl_s", "sandbox_ttl": "sandbox_ttl_s",
               "paused_ttl": "paused_ttl_s"}
 _SIZES = {"workspace_size": "workspace_bytes", "disk_reserve": "disk_reserve_bytes",
-          "audit_segment_size": "audit_segment_bytes"}
+          "audit_segment_size": "audit_segment_bytes",
+          "image_store_size": "image_store_max_bytes"}
 
 
 def retention_seconds(value, field_name: str = "audit_retention") -> float:
@@ -311,7 +338,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
     ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, event_loop
     ("auto"|"asyncio"|"uvloop"), gc_policy ("latency"|"default"), one table per tenant:
-    [tenants.acme] token = "...", and the secret store's [secrets].
+    [tenants.acme] token = "...", the secret store's [secrets], warm pools [pools.NAME]
+    and pool_refill_per_s, image_store_size ("20G"; or image_store_max_bytes, in bytes).
     """
     values: dict = {}
     if path:
@@ -362,7 +390,7 @@ def _from_mapping(raw: dict, path: str) -> dict:
                 policies[tenant] = {k: v for k, v in table.items() if k != "token"}
             out["tokens"] = tokens
             out["tenant_policies"] = policies
-        elif key in ("audit", "policy", "secrets"):
+        elif key in ("audit", "policy", "secrets", "pools"):
             if not isinstance(value, dict):
                 raise InvalidSpec("config", f"{path}: [{key}] must be a table")
             out[key] = dict(value)

@@ -20,10 +20,11 @@ import grpc
 from corral.sandbox import cgroup_tuning, workspace_fs
 from corral.sandbox.backends.native import sweep_for_this_process
 from corral.sandbox.errors import CorralError
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
+from corral.v1 import audit_pb2, image_pb2, sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
 
 from .api.audit import AuditServicer
 from .api.errors import exhaustion_listeners
+from .api.images import ImagesServicer
 from .api.sandboxes import SandboxesServicer
 from .api.sessions import SessionsServicer
 from .api.snapshots import SnapshotsServicer
@@ -33,6 +34,7 @@ from .audit import AuditLog
 from .auth import Authenticator
 from .config import DaemonConfig
 from .governance import Governance
+from .images import ImageService
 from .loop import GcPauses, LatencyGc, loop_factory
 from .metrics import NO_METRICS
 from .resources import ResourceGuard
@@ -61,7 +63,9 @@ class Daemon:
         self.policies = config.policy_book()
         self.sandboxes: SandboxManager | None = None
         self.sessions: SessionManager | None = None
+        self.pools = None  # warm pools of [pools.NAME] (runtime/pools.py WarmPools)
         self.state: SandboxState | None = None  # snapshots and change sets (runtime/snapshots.py)
+        self.images: ImageService | None = None  # the image store's service (runtime/images.py)
         self.scheduler = None  # corral.runtime.tasks.scheduler.Scheduler
         self.server: grpc.aio.Server | None = None
         self.tcp_port: int | None = None
@@ -169,12 +173,21 @@ class Daemon:
         self.sandboxes.metrics = self.metrics
         self.sandboxes.tracing = self.tracing
         self.sandboxes.start()
+        pools = cfg.warm_pools()
+        if pools:
+            from .pools import WarmPools
+
+            self.pools = WarmPools(self.sandboxes, pools, cfg.pool_refill_per_s, self.audit)
+            self.sandboxes.pools = self.pools
+            self.pools.start()
         self.sessions = SessionManager(self.sandboxes, self.audit,
                                        idle_ttl_s=cfg.session_idle_ttl_s,
                                        stream_log_bytes=cfg.stream_log_bytes)
         self.sessions.metrics = self.metrics
         self.sessions.start()
         self.state = _sandbox_state(cfg, self.sandboxes, self.audit)
+        self.images = ImageService(self.audit, max_bytes=cfg.image_store_max_bytes)
+        self.images.start()
 
     async def _start_server(self) -> None:
         """The gRPC server with every servicer, bound to the socket (and TCP, metrics)."""
@@ -188,6 +201,7 @@ class Daemon:
         sessions_desc = session_pb2.DESCRIPTOR.services_by_name["Sessions"]
         audit_desc = audit_pb2.DESCRIPTOR.services_by_name["Audit"]
         snapshots_desc = snapshot_pb2.DESCRIPTOR.services_by_name["Snapshots"]
+        images_desc = image_pb2.DESCRIPTOR.services_by_name["Images"]
         server.add_generic_rpc_handlers((
             generic_handler(sandboxes_desc, SandboxesServicer(self),
                             streaming_bytes=frozenset({"Exec", "Attach", "Download",
@@ -196,10 +210,11 @@ class Daemon:
                             streaming_bytes=frozenset({"Open", "OpenMany"})),
             generic_handler(audit_desc, AuditServicer(self)),
             generic_handler(snapshots_desc, SnapshotsServicer(self)),
+            generic_handler(images_desc, ImagesServicer(self)),
             *task_handlers(self),
         ))
         await self._add_health_and_reflection(server, [
-            sandboxes_desc, sessions_desc, audit_desc, snapshots_desc,
+            sandboxes_desc, sessions_desc, audit_desc, snapshots_desc, images_desc,
             *task_pb2.DESCRIPTOR.services_by_name.values()])
         self._bind_unix(server)
         if cfg.listen:
@@ -382,6 +397,10 @@ class Daemon:
             await self._step("scheduler", self.scheduler.stop)
         if self.sessions is not None:
             await self._step("sessions", lambda: self.sessions.shutdown(reason))
+        if self.images is not None:  # no more timed collections (a pull's thread ends alone)
+            await self._step("images", self.images.stop)
+        if self.pools is not None:  # no more fills; the ready ones destroyed
+            await self._step("pools", self.pools.stop)
         if self.sandboxes is not None:
             await self._step("sandboxes", lambda: self.sandboxes.shutdown(reason))
         if self.server is not None:

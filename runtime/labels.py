@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -197,9 +198,16 @@ def parse_page_token(token: str, kind: str, query: str, field: str = "page_token
 def page(items: Iterable, after: int, size: int, seq_of) -> tuple[list, int | None]:
     """One page: the first `size` items with seq > after, in seq order, and the seq to
     continue after (None when nothing follows)."""
-    ordered = sorted((x for x in items if seq_of(x) > after), key=seq_of)
-    chosen = ordered[:size]
-    more = len(ordered) > size
+    return page_in_order(sorted((x for x in items if seq_of(x) > after), key=seq_of),
+                         after, size, seq_of)
+
+
+def page_in_order(items: Iterable, after: int, size: int, seq_of) -> tuple[list, int | None]:
+    """page() of items already in seq order, read only up to one past the page: a page
+    of a long listing costs its size, not the listing's."""
+    chosen = list(itertools.islice((x for x in items if seq_of(x) > after), size + 1))
+    more = len(chosen) > size
+    del chosen[size:]
     return chosen, (seq_of(chosen[-1]) if more else None)
 
 
@@ -230,7 +238,12 @@ class ListQuery:
         return cls(selector, size, parse_page_token(request.page_token, kind, query), kind,
                    query)
 
-    def page(self, items: Iterable, seq_of) -> tuple[list, str]:
-        """This page of items (in seq order) and the token of the next ("" at the end)."""
-        chosen, last = page(items, self.after, self.size, seq_of)
+    def page(self, items: Iterable, seq_of, *, in_order: bool = False) -> tuple[list, str]:
+        """This page of items (in seq order) and the token of the next ("" at the end).
+
+        Args:
+            in_order: items already come in seq order (read lazily, see page_in_order).
+        """
+        chosen, last = (page_in_order if in_order else page)(items, self.after, self.size,
+                                                             seq_of)
         return chosen, (page_token(self.kind, self.query, last) if last is not None else "")

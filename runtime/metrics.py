@@ -362,7 +362,10 @@ class DaemonMetrics(NoMetrics):
         tokens = self._tokens_retired
         if daemon.sandboxes is not None:
             for msb in daemon.sandboxes.all():  # the live ones only
-                key = ("running", self.tenant_label(msb.tenant), msb.spec.backend)
+                if msb.pool and not msb.tenant:  # a warm pool's, nobody's until acquired
+                    key = ("pooled", "", msb.spec.backend)
+                else:
+                    key = ("running", self.tenant_label(msb.tenant), msb.spec.backend)
                 sandboxes[key] = sandboxes.get(key, 0) + 1
         with self._lock:
             for backend, n in self._starting.items():
@@ -384,8 +387,9 @@ class DaemonMetrics(NoMetrics):
             for task in list(daemon.scheduler.tasks.values()):
                 key = (task.state.name.lower(), self.tenant_label(task.tenant))
                 tasks[key] = tasks.get(key, 0) + 1
+        pools = daemon.pools.statistics() if getattr(daemon, "pools", None) else {}
         return {"sandboxes": sandboxes, "sessions": sessions, "tasks": tasks,
-                "tokens_in": tokens}
+                "tokens_in": tokens, "pools": pools}
 
     def held_from_any_thread(self) -> dict | None:
         loop = self._loop
@@ -418,7 +422,8 @@ class _HeldCollector:
 
         sandboxes = GaugeMetricFamily(
             "corral_sandboxes", "Sandboxes held, by state (starting: being spawned; "
-            "running), tenant and backend", labels=["state", "tenant", "backend"])
+            "running; pooled: ready in a warm pool, tenant \"\"), tenant and backend",
+            labels=["state", "tenant", "backend"])
         sessions = GaugeMetricFamily(
             "corral_sessions", "Sessions held, by state (attached, detached, closing, "
             "exited) and tenant", labels=["state", "tenant"])
@@ -426,6 +431,9 @@ class _HeldCollector:
             "corral_tasks", "Deep tasks kept, by state and tenant", labels=["state", "tenant"])
         tokens = CounterMetricFamily(
             "corral_session_tokens_in", "TOKEN entries the session agents wrote")
+        pools = GaugeMetricFamily(
+            "corral_pool_sandboxes", "Warm pools (runtime/pools.py): ready sandboxes, and "
+            "the size each keeps", labels=["pool", "state"])
         if held is not None:
             for (state, tenant, backend), n in sorted(held["sandboxes"].items()):
                 sandboxes.add_metric([state, tenant, backend], n)
@@ -434,7 +442,10 @@ class _HeldCollector:
             for (state, tenant), n in sorted(held["tasks"].items()):
                 tasks.add_metric([state, tenant], n)
             tokens.add_metric([], held["tokens_in"])
-        return [sandboxes, sessions, tasks, tokens]
+            for name, counts in sorted(held["pools"].items()):
+                pools.add_metric([name, "ready"], counts["ready"])
+                pools.add_metric([name, "size"], counts["size"])
+        return [sandboxes, sessions, tasks, tokens, pools]
 
     def describe(self):
         return self._families(None)

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -41,6 +41,7 @@ from corral.sandbox.workspace import MAX_READ_BYTES, Workspace
 from .auth import Caller, check_owner
 from .fair import FairSlots
 from .idempotency import RequestLedger
+from .images import exec_on_image
 from .labels import EVERYTHING, Selector
 from .metrics import NO_METRICS
 from .policy import PolicyBook, TenantPolicy
@@ -197,6 +198,8 @@ class ManagedSandbox:
     paused_at: float = 0.0
     #: Set while the sandbox runs (not paused): what an exec with wait_if_paused awaits.
     unpaused: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The warm pool (runtime/pools.py) it was made for; "" for a cold create.
+    pool: str = ""
 
     def __post_init__(self) -> None:
         self.unpaused.set()
@@ -264,6 +267,10 @@ class SandboxManager:
         self.limits = limits or SandboxLimits()
         self.runtime_dir = runtime_dir
         self._sandboxes: dict[str, ManagedSandbox] = {}
+        #: The same sandboxes by tenant, each tenant's in creation (seq) order: List reads
+        #: one page of them and Create counts them without a scan of every tenant's.
+        self._by_tenant: dict[str, dict[str, ManagedSandbox]] = {}
+        self._indexed_as: dict[str, str] = {}  # sandbox id -> the tenant it is indexed under
         self._seq = 0
         self._tombstones: OrderedDict[str, DestroyedSandbox] = OrderedDict()
         #: Create's request_id (runtime/idempotency.py): sandbox ids by tenant and id.
@@ -282,6 +289,9 @@ class SandboxManager:
         #: Where spec.secrets' values come from (runtime/secret_store.py; the daemon's
         #: [secrets]); an empty store refuses every binding by name.
         self.secrets = SecretStore()
+        #: The daemon's warm pools (runtime/pools.py WarmPools), None when it has none: a
+        #: matching Create takes a ready sandbox of theirs instead of spawning one.
+        self.pools = None
 
     # -- lifecycle of the manager ------------------------------------------------------------
 
@@ -332,13 +342,29 @@ class SandboxManager:
         tenant = caller.tenant
         rules.check_count("sandboxes", self.count(tenant) + self._pending_by_tenant.get(
             tenant, 0), "max_sandboxes")
-        if len(self._sandboxes) + self._pending >= self.limits.max_sandboxes:
-            raise ResourceExhausted(
-                f"the daemon already runs {self.limits.max_sandboxes} sandboxes")
         if ttl_s and ttl_s > self.limits.default_ttl_s:  # refused, never quietly shortened
             raise InvalidSpec("spec.ttl_s", f"{ttl_s:g} is over the daemon's maximum of "
                                             f"{self.limits.default_ttl_s:g} (sandbox_ttl)")
         ttl = rules.ttl(ttl_s, self.limits.default_ttl_s)
+        # a warm pool's ready sandbox (runtime/pools.py) already counts in max_sandboxes
+        msb = (await self.pools.acquire(caller, spec, ttl, owner_session, labels)
+               if self.pools else None)
+        if msb is None:
+            if len(self._sandboxes) + self._pending >= self.limits.max_sandboxes:
+                raise ResourceExhausted(
+                    f"the daemon already runs {self.limits.max_sandboxes} sandboxes")
+            msb = await self.launch(tenant, spec, expires_in=ttl, owner_session=owner_session,
+                                    labels=labels)
+        self.audit_created(caller, msb, ttl, msb.pool)
+        self.metrics.sandbox_created(spec.backend, t0)
+        return msb
+
+    async def launch(self, tenant: str, spec: SandboxSpec, *, expires_in: float,
+                     owner_session: str | None = None,
+                     labels: dict[str, str] | None = None) -> ManagedSandbox:
+        """Spawn a sandbox and hold it as `tenant`'s: the one path every sandbox takes (a
+        cold Create, and a warm pool's fill, whose tenant is "" until it is acquired). No
+        quota check and no audit record here: the caller makes both."""
         loop = asyncio.get_running_loop()
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         # a docker sandbox is a container on the engine at the daemon's DOCKER_HOST
@@ -346,7 +372,7 @@ class SandboxManager:
         values = (await self.run_blocking(self.secrets.values_for, tenant, spec.secrets)
                   if spec.secrets else None)
         sandbox = new_sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
-            loop.call_soon_threadsafe(self._net_event, caller.tenant, policy, event)),
+            loop.call_soon_threadsafe(self._net_event, tenant, policy, event)),
             secrets=values, tenant=tenant)
         del values  # the sandbox holds them now; nothing here keeps a copy
         self._pending += 1
@@ -365,28 +391,57 @@ class SandboxManager:
         digest = sandbox.policy_digest()
         policy["digest"] = digest
         msb = ManagedSandbox(
-            id=sandbox.id, tenant=caller.tenant, spec=sandbox.spec, sandbox=sandbox,
-            policy_digest=digest, created_at=now, expires_at=now + ttl,
+            id=sandbox.id, tenant=tenant, spec=sandbox.spec, sandbox=sandbox,
+            policy_digest=digest, created_at=now, expires_at=now + expires_in,
             workspace=_workspace_files(sandbox),
             owner_session=owner_session, labels=dict(labels or {}),
         )
+        self._sandboxes[msb.id] = msb
+        self.renumber(msb)
+        # PID 1 reports every exit on the status pipe; the loop reads it (no thread).
+        loop.add_reader(sandbox.status_fd, self._collect_exits, msb, sandbox.status_fd)
+        return msb
+
+    def renumber(self, msb: ManagedSandbox) -> None:
+        """Give msb the next place in creation order (List pages in it): at its spawn,
+        and again when a warm pool hands it to a tenant."""
         self._seq += 1
         msb.seq = self._seq
-        self._sandboxes[msb.id] = msb
-        # PID 1 reports every exit on the status pipe; the loop reads it (no thread).
-        loop = asyncio.get_running_loop()
-        loop.add_reader(sandbox.status_fd, self._collect_exits, msb, sandbox.status_fd)
+        if self._sandboxes.get(msb.id) is msb:  # a destroyed one stays out of the index
+            self._unindex(msb.id)
+            self._by_tenant.setdefault(msb.tenant, {})[msb.id] = msb
+            self._indexed_as[msb.id] = msb.tenant
+
+    def _unindex(self, sandbox_id: str) -> None:
+        """Take a sandbox out of its tenant's order (renumbered, maybe for a new tenant
+        when a warm pool hands it over, or destroyed)."""
+        tenant = self._indexed_as.pop(sandbox_id, None)
+        if tenant is not None:
+            held = self._by_tenant[tenant]
+            del held[sandbox_id]
+            if not held:
+                del self._by_tenant[tenant]
+
+    @property
+    def pending(self) -> int:
+        """Sandboxes being spawned now (cold creates and warm pools' fills)."""
+        return self._pending
+
+    def audit_created(self, caller: Caller, msb: ManagedSandbox, ttl: float,
+                      pool: str = "") -> None:
+        """The sandbox.create record of a sandbox handed to caller (pool: the warm pool
+        it came from, runtime/pools.py)."""
+        spec = msb.spec
         self.audit.append(
             "sandbox.create", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
-            session_id=owner_session or "",
-            detail={"policy_digest": digest, "profile": spec.profile,
+            session_id=msb.owner_session or "",
+            detail={"policy_digest": msb.policy_digest, "profile": spec.profile,
                     "memory_bytes": spec.memory_bytes, "pids_max": spec.pids_max,
-                    "cpus": spec.cpus, "ttl_s": ttl, "init_pid": sandbox.init_pid,
+                    "cpus": spec.cpus, "ttl_s": ttl, "init_pid": msb.sandbox.init_pid,
                     "allow_net": list(spec.allow_net), "backend": spec.backend,
-                    **({"labels": msb.labels} if msb.labels else {})},
+                    **({"labels": msb.labels} if msb.labels else {}),
+                    **({"pool": pool} if pool else {})},
         )
-        self.metrics.sandbox_created(spec.backend, t0)
-        return msb
 
     async def create_once(self, caller: Caller, spec: SandboxSpec, *, ttl_s: float | None,
                           labels: dict[str, str], request_id: str, fingerprint: str):
@@ -442,7 +497,7 @@ class SandboxManager:
         return msb
 
     def list(self, caller: Caller) -> list[ManagedSandbox]:
-        return [m for m in self._sandboxes.values() if m.tenant == caller.tenant]
+        return list(self._by_tenant.get(caller.tenant, {}).values())
 
     def find_live(self, caller: Caller, sandbox_id: str) -> ManagedSandbox | None:
         """The caller's live sandbox, or None (no denial recorded: for a caller that
@@ -451,12 +506,18 @@ class SandboxManager:
         return msb if msb is not None and msb.tenant == caller.tenant else None
 
     def find(self, caller: Caller, selector: Selector = EVERYTHING, *,
-             destroyed: bool = False) -> list:
+             destroyed: bool = False) -> Iterator:
         """The caller's live sandboxes (or, destroyed=True, the destroyed ones the daemon
-        still remembers) whose labels match selector, in creation order."""
-        pool = self._tombstones.values() if destroyed else self._sandboxes.values()
-        found = [m for m in pool if m.tenant == caller.tenant and selector.matches(m.labels)]
-        return sorted(found, key=lambda m: m.seq)
+        still remembers) whose labels match selector, in creation order.
+
+        Lazy for live ones: a page of List reads its page and one more, never every
+        sandbox (consume it before the next await: it walks the live index)."""
+        if destroyed:  # at most MAX_TOMBSTONES, in destroy order
+            found = [m for m in self._tombstones.values()
+                     if m.tenant == caller.tenant and selector.matches(m.labels)]
+            return iter(sorted(found, key=lambda m: m.seq))
+        held = self._by_tenant.get(caller.tenant, {})
+        return (m for m in held.values() if selector.matches(m.labels))
 
     def get_or_destroyed(self, caller: Caller, sandbox_id: str):
         """The caller's sandbox, live or remembered as destroyed (a DestroyedSandbox)."""
@@ -581,9 +642,14 @@ class SandboxManager:
     def all(self) -> list[ManagedSandbox]:
         return list(self._sandboxes.values())
 
+    @property
+    def held(self) -> int:
+        """Live sandboxes of every tenant, pooled ones included (max_sandboxes counts them)."""
+        return len(self._sandboxes)
+
     def count(self, tenant: str) -> int:
         """Live sandboxes of one tenant (what its max_sandboxes quota counts)."""
-        return sum(1 for m in self._sandboxes.values() if m.tenant == tenant)
+        return len(self._by_tenant.get(tenant, ()))
 
     async def destroy(self, caller: Caller, sandbox_id: str, reason: str = "requested") -> bool:
         """Destroy the caller's sandbox; True when it was already destroyed (the daemon
@@ -606,6 +672,7 @@ class SandboxManager:
             return
         msb.destroyed = True
         self._sandboxes.pop(msb.id, None)
+        self._unindex(msb.id)
         self._tombstones[msb.id] = DestroyedSandbox(
             id=msb.id, tenant=msb.tenant, spec=msb.spec, policy_digest=msb.policy_digest,
             created_at=msb.created_at, expires_at=msb.expires_at, labels=msb.labels,
@@ -703,7 +770,7 @@ class SandboxManager:
                    pass_fds: dict[int, int] | None = None, session_id: str = "",
                    stdout_mode: str = "text", stderr_mode: str = "text",
                    lossless: bool = False, tty: tuple[int, int] | None = None,
-                   wait_if_paused: bool = False) -> ExecHandle:
+                   wait_if_paused: bool = False, user: str = "") -> ExecHandle:
         """Start argv in the sandbox; output is read by the loop into two hubs.
 
         Args:
@@ -714,12 +781,20 @@ class SandboxManager:
             lossless: hubs with flow control (bytes mode only): a command whose output no
                 reader takes blocks in write(2) instead of losing it (runtime/streams.py).
             wait_if_paused: on a paused sandbox, wait for its resume instead of refusing.
+            user: "uid[:gid]" or "name[:group]" of the sandbox's /etc; empty: the image's
+                User, else root inside.
         """
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
         t0 = self.metrics.clock()
         self.admission("exec")
         msb = self.get(caller, sandbox_id)
+        if msb.sandbox.spec.image or user:  # as docker exec applies it (images.py)
+            on_image = await self.run_blocking(exec_on_image, msb.sandbox, list(argv), env, cwd,
+                                               user, tenant=caller.tenant)
+            argv, env, cwd, ids = on_image.argv, on_image.env, on_image.cwd, on_image.user
+        else:
+            ids = None
         cwd = _check_exec_request(argv, env, cwd, stdin, tty)
         await self._until_running(msb, wait_if_paused)
         loop = asyncio.get_running_loop()
@@ -735,7 +810,7 @@ class SandboxManager:
         )
         process, (in_w, out_r, err_r) = await self._spawn_command(
             caller, msb, exec_id, session_id, argv, env=env, cwd=cwd, pass_fds=pass_fds,
-            timeout_s=timeout_s, tty=tty)
+            timeout_s=timeout_s, tty=tty, user=ids)
         stdout, stderr = (self._output_hub(mode, lossless) for mode in (stdout_mode, stderr_mode))
         if tty is not None:
             # the pty master (two descriptors of it) replaces the stdin and stdout pipes;
@@ -762,7 +837,8 @@ class SandboxManager:
 
     async def _spawn_command(self, caller: Caller, msb: ManagedSandbox, exec_id: str,
                              session_id: str, argv: list[str], *, env, cwd: str, pass_fds,
-                             timeout_s: float | None, tty: tuple[int, int] | None):
+                             timeout_s: float | None, tty: tuple[int, int] | None,
+                             user: tuple[int, int] | None = None):
         """Start the command on a spawner thread with three new pipes; returns its Process
         and the daemon's ends (stdin's write end, stdout's and stderr's read ends).
 
@@ -778,6 +854,7 @@ class SandboxManager:
                     list(argv), env=env or None, cwd=cwd, stdin=in_r,
                     stdout=out_w, stderr=err_w, pass_fds=pass_fds,
                     timeout_s=timeout_s or None, **({"tty": tty} if tty else {}),
+                    **({"user": user} if user else {}),
                 ), "exec.spawn", backend=msb.spec.backend),
                 tenant=caller.tenant,
             )

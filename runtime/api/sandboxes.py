@@ -270,8 +270,8 @@ class SandboxesServicer(Servicer):
         found = self.manager.find(caller, listing.selector,
                                   destroyed=request.state == pb.SANDBOX_STATE_DESTROYED)
         if request.state == pb.SANDBOX_STATE_PAUSED:
-            found = [m for m in found if m.paused_at]
-        chosen, token = listing.page(found, lambda m: m.seq)
+            found = (m for m in found if m.paused_at)
+        chosen, token = listing.page(found, lambda m: m.seq, in_order=True)
         return pb.ListSandboxesResponse(sandboxes=[sandbox_to_proto(m) for m in chosen],
                                         next_page_token=token)
 
@@ -358,7 +358,7 @@ class SandboxesServicer(Servicer):
             # byte-exact output; lossless (flow control) unless the request allows loss
             stdout_mode="bytes", stderr_mode="bytes", lossless=not request.allow_loss,
             tty=(request.rows, request.cols) if request.tty else None,
-            wait_if_paused=request.wait_if_paused,
+            wait_if_paused=request.wait_if_paused, user=request.user,
         )
         watchers = exec_watchers(handle, lossy=request.allow_loss)
         yield pb.ExecEvent(started=pb.ExecStarted(

@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
                           "then non-zero (the command's own, or 1 when it exited 0)")
     exe.add_argument("--wait-if-paused", action="store_true",
                      help="on a paused sandbox, wait until it is resumed (default: refuse)")
+    exe.add_argument("-u", "--user", metavar="USER[:GROUP]", default="",
+                     help="run as this user of the sandbox's /etc (a name or a number; "
+                          "default: the image's User, else root inside)")
     exe.add_argument("sandbox_id", metavar="SANDBOX")
     add_command(exe)
     exe.set_defaults(handler=exec_verb)
@@ -50,6 +53,8 @@ def exec_verb(args) -> int:
         kw["allow_loss"] = True
     if args.wait_if_paused:
         kw["wait_if_paused"] = True
+    if args.user:
+        kw["user"] = args.user
     if args.timeout:
         from corral.sandbox.spec import parse_duration
 

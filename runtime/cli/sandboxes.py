@@ -63,6 +63,9 @@ def add_parsers(sub) -> None:
     create.add_argument("--backend", choices=("native", "docker"),
                         help="where the daemon runs it (default: native; docker uses the "
                              "daemon's DOCKER_HOST engine)")
+    create.add_argument("--image", metavar="REF",
+                        help="run on this image of the daemon's store, pulled through the "
+                             "daemon first when it is not there (docs/images.md)")
     create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--allow-net", action="append", default=[], metavar="RULE",
                         help="allow egress to HOST[:PORT], *.DOMAIN, IP or CIDR (repeatable)")
@@ -220,9 +223,41 @@ def create_verb(args) -> int:
             spec["snapshot"] = client.snapshot(args.fork).id
             print(f"corral: create: forking {args.fork} from snapshot {spec['snapshot']}",
                   file=sys.stderr)
+        if args.image:
+            spec["image"] = _image_on_daemon(client, args.image)
         print(client.create_sandbox(labels=labels, request_id=getattr(args, "request_id", ""),
                                     **spec).id)
     return 0
+
+
+def _image_on_daemon(client, ref: str) -> str:
+    """REF as the daemon's store names it, pulled through Images.Pull (a progress line a
+    layer on stderr) when the store does not hold it. A local path is made absolute here:
+    the daemon reads it on the same host, not from this directory."""
+    import grpc
+
+    from corral.runtime.client import ClientError
+    from corral.sandbox.images.sources import canonical_ref
+
+    from .image import human
+
+    ref = canonical_ref(ref) if ref.startswith(("oci:", "docker-archive:")) else ref
+    try:
+        return client.image_get(ref).image.ref
+    except ClientError as exc:
+        if exc.code.name != "NOT_FOUND":
+            raise
+    for event in client.image_pull(ref):
+        if event.HasField("layer"):
+            layer = event.layer
+            print(f"corral: create: layer {layer.index}/{layer.count} {layer.diff_id[:19]} "
+                  f"{layer.state} ({human(layer.tar_bytes)})", file=sys.stderr, flush=True)
+        elif event.HasField("done"):
+            print(f"corral: create: pulled {event.done.ref} {event.done.id[:19]}",
+                  file=sys.stderr, flush=True)
+            return event.done.ref
+    raise ClientError(grpc.StatusCode.DATA_LOSS, f"the daemon's pull of {ref} ended without "
+                                                f"its image record")
 
 
 def _state_and_secrets(args) -> dict:

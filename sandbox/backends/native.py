@@ -26,7 +26,14 @@ import time
 from dataclasses import dataclass
 
 from .. import cgroup_tuning, cgroups, contain, fstree, ids, ptys, workspace_fs
-from ..errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError, UnsupportedHost
+from ..errors import (
+    CommandNotFound,
+    CorralError,
+    InvalidSpec,
+    NotFound,
+    SandboxSetupError,
+    UnsupportedHost,
+)
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
 from .base import DEVNULL, PIPE, CompletedRun, ExitReason, SandboxLifecycle
@@ -1374,8 +1381,14 @@ def sweep(base: str | None = None) -> list[str]:
                 continue  # someone else removed it meanwhile
         if layout is None:
             layout = _cgroup_layout()
-        with contextlib.suppress(CorralError, OSError):
+        try:
             cgroups.Cgroup.open(layout, name).destroy()
+        except NotFound:
+            pass  # never made, or already gone
+        except (CorralError, OSError):
+            # still busy (a crash's many PID 1s are still dying): keep its state so the
+            # next sweep finds it again, rather than leaving a cgroup no one can name
+            continue
         if state and state.get("workspace"):
             if workspace_fs.is_managed(state["workspace"]):
                 workspace_fs.remove(state["workspace"])

@@ -76,9 +76,10 @@ def _read_etc(root_fd: int, name: str) -> list[list[str]]:
             if line and not line.startswith("#")]
 
 
-def user(spec: str, root_fd: int) -> tuple[int, int] | None:
+def user(spec: str, root_fd: int, what: str = "the image's User") -> tuple[int, int] | None:
     """User "uid[:gid]" or "name[:group]" resolved in the image's /etc/passwd and
-    /etc/group; None for root. A numeric uid alone takes its passwd entry's gid, else 0."""
+    /etc/group; None for root. A numeric uid alone takes its passwd entry's gid, else 0.
+    `what` names the setting in errors (an Exec request's `user`)."""
     if not spec:
         return None
     name, _, group = spec.partition(":")
@@ -92,7 +93,7 @@ def user(spec: str, root_fd: int) -> tuple[int, int] | None:
         passwd = _read_etc(root_fd, "passwd")
         entry = next((e for e in passwd if len(e) > 3 and e[0] == name), None)
         if entry is None or not (entry[2].isdigit() and entry[3].isdigit()):
-            raise InvalidSpec("user", f"the image's User {spec!r}: no user {name!r} in its "
+            raise InvalidSpec("user", f"{what} {spec!r}: no user {name!r} in its "
                                       f"/etc/passwd")
         uid, gid = int(entry[2]), int(entry[3])
     if group:
@@ -102,7 +103,7 @@ def user(spec: str, root_fd: int) -> tuple[int, int] | None:
             entry = next((e for e in _read_etc(root_fd, "group")
                           if len(e) > 2 and e[0] == group and e[2].isdigit()), None)
             if entry is None:
-                raise InvalidSpec("user", f"the image's User {spec!r}: no group {group!r} "
+                raise InvalidSpec("user", f"{what} {spec!r}: no group {group!r} "
                                           f"in its /etc/group")
             gid = int(entry[2])
     return uid, gid
@@ -114,6 +115,15 @@ def resolve(config: dict, args: list[str], spec_env: tuple[tuple[str, str], ...]
     return Command(argv=command(config, args), env=environment(config, spec_env),
                    cwd=config.get("WorkingDir") or None,
                    user=user(config.get("User") or "", root_fd))
+
+
+def user_in(spec: str, pid: int, what: str = "the image's User") -> tuple[int, int] | None:
+    """`user`, reading /etc through the root of process pid."""
+    root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return user(spec, root_fd, what)
+    finally:
+        os.close(root_fd)
 
 
 def resolve_in(config: dict, args: list[str], spec_env: tuple[tuple[str, str], ...],

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.runtime.client import ClientError
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
+from corral.v1 import audit_pb2, image_pb2, sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
 
 from .daemon_harness import DaemonProcess
 
@@ -38,7 +38,7 @@ DOCUMENTED = {
     "UNIMPLEMENTED", "UNAUTHENTICATED",
 }
 CALL_TIMEOUT_S = 1.5
-MODULES = (sandbox_pb2, session_pb2, audit_pb2, task_pb2, snapshot_pb2, health_pb2,
+MODULES = (sandbox_pb2, session_pb2, audit_pb2, task_pb2, snapshot_pb2, image_pb2, health_pb2,
            reflection_pb2)
 METHODS = [(service, method) for module in MODULES
            for service in module.DESCRIPTOR.services_by_name.values()

@@ -375,8 +375,13 @@ def test_set_timeout_shortens_a_sandbox_and_it_is_reaped(ttl_daemon):
     gone = c.list_sandboxes(state=sandbox_pb2.SANDBOX_STATE_DESTROYED)
     assert gone[-1].id == sb.id  # the latest destroyed (this module's daemon)
     assert c.destroy_sandbox(sb.id) is True
-    destroys = [r for r in ttl_daemon.records("sandbox.destroy") if r.sandbox_id == sb.id]
-    assert [json.loads(r.detail_json)["reason"] for r in destroys] == ["ttl"]
+
+    def destroys():  # the record follows the kernel teardown, after List stops showing it
+        return [json.loads(r.detail_json)["reason"]
+                for r in ttl_daemon.records("sandbox.destroy") if r.sandbox_id == sb.id]
+
+    assert wait_until(lambda: destroys() != [], timeout_s=10)
+    assert destroys() == ["ttl"]
 
 
 def test_set_timeout_refusals_are_exact(ttl_daemon):

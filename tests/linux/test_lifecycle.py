@@ -329,6 +329,32 @@ def test_caller_crash_kills_the_sandbox_and_sweep_removes_the_rest(how):
     assert traces(info["id"], info["workspace"]) == GONE
 
 
+def test_a_cgroup_still_busy_at_sweep_is_swept_again_later(monkeypatch):
+    # after a crash with many sandboxes, a cgroup can stay busy while its PID 1s die: the
+    # sweep keeps that sandbox's state (the next sweep retries) instead of forgetting a
+    # cgroup nobody could name afterwards
+    from corral.sandbox import cgroups
+    from corral.sandbox.errors import SandboxSetupError
+
+    caller = subprocess.Popen([sys.executable, "-c", CRASHING_CALLER, "exit"],
+                              stdout=subprocess.PIPE)
+    info = json.loads(caller.stdout.readline())
+    caller.wait(timeout=30)
+    caller.stdout.close()
+    assert wait_until(lambda: not any(alive(p) for p in info["pids"]), timeout_s=10), info
+    real_destroy = cgroups.Cgroup.destroy
+
+    def busy(self):
+        raise SandboxSetupError("cgroup rmdir", self.paths[0], errno.EBUSY, "a process remains")
+
+    monkeypatch.setattr(cgroups.Cgroup, "destroy", busy)
+    assert info["id"] not in sweep()
+    assert os.path.exists(info["runtime_dir"])  # kept for the next sweep
+    monkeypatch.setattr(cgroups.Cgroup, "destroy", real_destroy)
+    assert info["id"] in sweep()
+    assert traces(info["id"], info["workspace"]) == GONE
+
+
 def test_sweep_keeps_live_sandboxes():
     with Sandbox.create(spec()) as sb:
         assert sb.id not in sweep()

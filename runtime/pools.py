@@ -1,0 +1,323 @@
+"""Warm pools: sandboxes started before anyone asks, handed whole to a matching Create.
+
+A pool (`[pools.NAME]` in the daemon config) keeps `size` ready sandboxes of one spec
+class. Each is spawned by `SandboxManager.launch`, the path of every cold Create, so its
+isolation is a cold sandbox's; until acquired it belongs to no tenant (tenant "", which no
+caller can name) and is invisible to every List and Get.
+
+The match (`PoolSpec.serves`) is exact. A request is served by a pool when
+- its tenant is one of the pool's `tenants` (empty: every tenant);
+- its SandboxSpec equals the pool's class in every field but three: `env`, applied to
+  each command at acquire time (the sandbox's spec takes the request's env, and its policy
+  digest is computed again); `workspace`, a host directory mounted at acquire over the
+  sandbox's /workspace, idmapped to its root as a cold create does
+  (sandbox/live_mounts.py); and `labels`. So profile, limits (memory, pids, cpus, tmp,
+  nofile, fsize, command timeout), backend, image, hostname, uid range and every other
+  source of state must be the class's, and a request with workspace_cow, a snapshot,
+  binds, devices, allow_net or secrets is never a match and is created cold: those are
+  set up before PID 1 runs (the egress proxy and its CA trust are per sandbox from birth,
+  overlays and binds are built before the mount namespace is sealed). A host workspace on
+  a pool whose profile is "unconfined" goes cold too (and is refused there, with why);
+- its TTL is no longer than the pool's `ttl`: the sandbox's clock starts at acquire.
+The tenant, labels, TTL, owning session and (through create_once) request_id are set at
+acquire; the Create is audited as `sandbox.create` with `pool=NAME` in its detail. The
+pool's own spawns are system records, `sandbox.pool.fill` (tenant "", detail pool).
+
+A pooled sandbox is never given back: once acquired it is an ordinary sandbox of its
+tenant, destroyed by Destroy or its TTL, and the pool spawns a new one. Fills are
+serial, at most `pool_refill_per_s` starts a second for the whole daemon, and wait while
+any live Create is spawning (fills never take a spawner from live traffic). Ready
+sandboxes count against max_sandboxes like any live one (a cold Create is refused when
+ready + live + spawning reach it) but against no tenant's quota until acquired. On daemon
+stop the fills stop and every ready sandbox is destroyed (`sandbox.destroy`, reason
+"pool-drain"); after a crash they die with the daemon (PR_SET_PDEATHSIG) and the
+restart's sweep removes what they left, as for any sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from corral.sandbox import SandboxSpec
+from corral.sandbox.errors import CorralError, InvalidSpec
+from corral.sandbox.spec import parse_duration, parse_size
+from corral.sandbox.workspace import Workspace
+
+from .auth import Caller
+
+log = logging.getLogger("corral.pools")
+
+#: The owner of a ready sandbox: a name check_tenant refuses, so no caller can be it.
+POOL_TENANT = ""
+#: Who destroys ready sandboxes when the pools drain.
+POOL_CALLER = Caller(POOL_TENANT, "pool")
+#: Seconds a fill waits before looking again while live creates spawn or the daemon is full.
+BACKOFF_S = 0.05
+#: Longest wait after fills that failed in a row (the wait doubles from one second).
+MAX_FAILURE_WAIT_S = 60.0
+#: Keys of a [pools.NAME] table.
+POOL_KEYS = ("size", "backend", "image", "cpus", "memory", "pids", "tmp", "ttl", "profile",
+             "tenants")
+#: Backends a pool may hold (a docker container's env is fixed when it is created).
+POOL_BACKENDS = ("native",)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One [pools.NAME] table: the spec class its sandboxes have, and how many wait."""
+
+    name: str
+    #: Ready sandboxes the pool keeps.
+    size: int
+    #: What every sandbox of the pool is (fields a Create must equal, but env and labels).
+    template: SandboxSpec
+    #: Longest TTL (seconds) a request it serves may ask for.
+    ttl_s: float
+    #: Tenants it serves; empty = every tenant.
+    tenants: tuple[str, ...] = ()
+
+    def serves(self, tenant: str, spec: SandboxSpec, ttl_s: float) -> bool:
+        """Whether a Create of tenant for spec with this TTL takes one of ours (the
+        module docstring has the rule)."""
+        if self.tenants and tenant not in self.tenants:
+            return False
+        if ttl_s > self.ttl_s:
+            return False
+        if spec.workspace_cow:  # an overlay set up before PID 1 starts
+            return False
+        if spec.workspace is not None and self.template.profile == "unconfined":
+            return False  # refused cold, with the reason (no filter keeps setuid files out)
+        return dataclasses.replace(spec, env=(), labels=(), workspace=None) == self.template
+
+
+def pools_from_config(tables: dict, default_ttl_s: float) -> tuple[PoolSpec, ...]:
+    """The PoolSpecs of the daemon config's [pools.NAME] tables.
+
+    Raises:
+        InvalidSpec: a bad table or value, named pools.NAME.KEY.
+    """
+    from .config import check_tenant
+
+    if not isinstance(tables, dict):
+        raise InvalidSpec("pools", "must be a table of [pools.NAME] tables")
+    return tuple(_pool_from_table(name, table, default_ttl_s, check_tenant)
+                 for name, table in sorted(tables.items()))
+
+
+def _pool_from_table(name: str, table, default_ttl_s: float, check_tenant) -> PoolSpec:
+    """One [pools.NAME] table, checked key by key."""
+    where = f"pools.{name}"
+    check_tenant(name, where)  # the same alphabet: a metric label and an audit value
+    if not isinstance(table, dict):
+        raise InvalidSpec(where, "must be a table")
+    for key in table:
+        if key not in POOL_KEYS:
+            raise InvalidSpec(f"{where}.{key}", f"unknown setting; use {', '.join(POOL_KEYS)}")
+    size = table.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1024:
+        raise InvalidSpec(f"{where}.size", f"{size!r} must be a whole number from 1 to 1024")
+    backend = table.get("backend", "native")
+    if backend not in POOL_BACKENDS:
+        raise InvalidSpec(f"{where}.backend", f"{backend!r}: pools hold "
+                                              f"{' or '.join(POOL_BACKENDS)} sandboxes only")
+    kw: dict = {"backend": backend}
+    for key, field_name in (("image", "image"), ("profile", "profile")):
+        if key in table:
+            if not isinstance(table[key], str):
+                raise InvalidSpec(f"{where}.{key}", f"{table[key]!r} is not a string")
+            kw[field_name] = table[key]
+    for key, field_name in (("memory", "memory_bytes"), ("tmp", "tmp_bytes")):
+        if key in table:
+            kw[field_name] = parse_size(table[key], f"{where}.{key}")
+    if "pids" in table:
+        pids = table["pids"]
+        if isinstance(pids, bool) or not isinstance(pids, int) or pids < 1:
+            raise InvalidSpec(f"{where}.pids", f"{pids!r} must be a whole number >= 1")
+        kw["pids_max"] = pids
+    if "cpus" in table:
+        cpus = table["cpus"]
+        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0:
+            raise InvalidSpec(f"{where}.cpus", f"{cpus!r} must be a number of cores > 0")
+        kw["cpus"] = float(cpus)
+    ttl_s = parse_duration(table["ttl"], f"{where}.ttl") if "ttl" in table else default_ttl_s
+    if ttl_s > default_ttl_s:
+        raise InvalidSpec(f"{where}.ttl", f"{ttl_s:g} is over the daemon's sandbox_ttl "
+                                          f"({default_ttl_s:g})")
+    tenants = table.get("tenants", [])
+    if not isinstance(tenants, list):
+        raise InvalidSpec(f"{where}.tenants", "must be a list of tenant names")
+    tenants = tuple(check_tenant(t, f"{where}.tenants") for t in tenants)
+    try:
+        template = SandboxSpec(**kw)
+    except InvalidSpec as exc:  # named as the pool's key, not the spec's field
+        raise InvalidSpec(f"{where}.{exc.field}",
+                          str(exc).removeprefix(f"{exc.field}: ")) from None
+    return PoolSpec(name=name, size=size, template=template, ttl_s=ttl_s, tenants=tenants)
+
+
+def check_pools(tables: dict, default_ttl_s: float, max_sandboxes: int,
+                refill_per_s) -> tuple[PoolSpec, ...]:
+    """pools_from_config, plus the daemon-wide bounds: the pools leave room for cold
+    creates under max_sandboxes, and the refill rate is a positive number.
+
+    Raises:
+        InvalidSpec: naming pools.NAME.KEY, pools or pool_refill_per_s.
+    """
+    if isinstance(refill_per_s, bool) or not isinstance(refill_per_s, (int, float)) or not (
+            0 < refill_per_s <= 1000):
+        raise InvalidSpec("pool_refill_per_s", f"{refill_per_s!r} must be a number of "
+                                               f"sandboxes a second, above 0 and up to 1000")
+    pools = pools_from_config(tables, default_ttl_s)
+    total = sum(p.size for p in pools)
+    if pools and total >= max_sandboxes:
+        raise InvalidSpec("pools", f"the pools hold {total} sandboxes, which leaves no room "
+                                   f"under max_sandboxes ({max_sandboxes}) for cold creates")
+    return pools
+
+
+class WarmPools:
+    """The daemon's pools: ready sandboxes by pool, handed out by acquire(), refilled by
+    one background task at a bounded rate."""
+
+    def __init__(self, manager, pools: tuple[PoolSpec, ...], refill_per_s: float, audit):
+        self.manager = manager
+        self.audit = audit
+        self.pools = {p.name: p for p in pools}
+        self.ready: dict[str, deque] = {p.name: deque() for p in pools}
+        self._interval_s = 1.0 / refill_per_s
+        self._filling = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Begin filling (on the daemon's loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._refill())
+
+    def statistics(self) -> dict[str, dict[str, int]]:
+        """Each pool's ready sandboxes and size (the pool gauges of runtime/metrics.py)."""
+        return {name: {"ready": len(self.ready[name]), "size": pool.size}
+                for name, pool in self.pools.items()}
+
+    async def acquire(self, caller: Caller, spec: SandboxSpec, ttl_s: float,
+                      owner_session: str | None, labels: dict[str, str] | None):
+        """A ready sandbox of the first pool that serves this request, now the caller's
+        (its host workspace attached, TTL from now, labels, owning session, the request's
+        env), or None: go cold. The sandbox is taken before the first await, so no other
+        request can take the same one."""
+        for pool in self.pools.values():
+            ready = self.ready[pool.name]
+            if ready and pool.serves(caller.tenant, spec, ttl_s):
+                msb = ready.popleft()
+                break
+        else:
+            return None
+        self._wake.set()
+        if spec.workspace is not None and not await self._attach(caller, msb, spec.workspace):
+            return None
+        now = time.time()
+        msb.tenant = caller.tenant
+        msb.labels = dict(labels or {})
+        msb.owner_session = owner_session
+        msb.created_at, msb.expires_at = now, now + ttl_s
+        if spec.env or spec.workspace:  # every exec reads env from the sandbox's spec
+            msb.spec = msb.sandbox.spec = dataclasses.replace(
+                msb.spec, env=spec.env, workspace=spec.workspace)
+            msb.policy_digest = msb.sandbox.policy_digest()
+        self.manager.renumber(msb)
+        return msb
+
+    async def _attach(self, caller: Caller, msb, host_dir: str) -> bool:
+        """Mount the request's host directory at msb's /workspace (sandbox/live_mounts.py)
+        and point the file API at it; on failure the sandbox is destroyed and False says
+        go cold (whose own attempt reports the error)."""
+        from corral.sandbox.live_mounts import attach_workspace
+
+        try:
+            await self.manager.run_blocking(attach_workspace, msb.sandbox, host_dir,
+                                            tenant=caller.tenant)
+        except CorralError as exc:
+            log.warning("pool %s: attaching %s failed (%s); creating cold", msb.pool,
+                        host_dir, exc)
+            await self.manager.destroy(POOL_CALLER, msb.id, reason="pool-acquire-failed")
+            return False
+        st = os.stat(host_dir)  # as a cold create's file API: the directory's owner
+        msb.workspace = Workspace(host_dir, st.st_uid, st.st_gid)
+        return True
+
+    async def stop(self) -> None:
+        """Stop filling (a fill under way finishes and is kept, so nothing leaks), then
+        destroy every ready sandbox."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+        for name, ready in self.ready.items():
+            while ready:
+                msb = ready.popleft()
+                try:
+                    await self.manager.destroy(POOL_CALLER, msb.id, reason="pool-drain")
+                except Exception:  # noqa: BLE001 - the others still drain; the sweep has it
+                    log.exception("pool %s: destroying ready sandbox %s failed", name, msb.id)
+
+    def _most_short(self) -> PoolSpec | None:
+        """The pool furthest under its size (None: all full)."""
+        best, short = None, 0
+        for pool in self.pools.values():
+            missing = pool.size - len(self.ready[pool.name])
+            if missing > short:
+                best, short = pool, missing
+        return best
+
+    def _must_wait(self) -> bool:
+        """Live creates are spawning, or the daemon is at max_sandboxes."""
+        manager = self.manager
+        live_spawning = manager.pending - self._filling
+        return live_spawning > 0 or (
+            manager.held + manager.pending >= manager.limits.max_sandboxes)
+
+    async def _refill(self) -> None:
+        """One fill at a time, each start at least 1/pool_refill_per_s after the end of
+        the one before; waits while live creates spawn."""
+        failures = 0
+        while not self._stopping:
+            pool = self._most_short()
+            if pool is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._must_wait():
+                await asyncio.sleep(BACKOFF_S)
+                continue
+            try:
+                await self._fill(pool)
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - a failed fill must not end the pools
+                failures += 1
+                log.error("pool %s: starting a ready sandbox failed: %s", pool.name, exc)
+                await asyncio.sleep(min(MAX_FAILURE_WAIT_S, 2.0 ** (failures - 1)))
+            await asyncio.sleep(self._interval_s)
+
+    async def _fill(self, pool: PoolSpec) -> None:
+        """Spawn one ready sandbox for pool through the cold path, and record it."""
+        self._filling += 1
+        try:
+            msb = await self.manager.launch(POOL_TENANT, pool.template,
+                                            expires_in=float("inf"))
+        finally:
+            self._filling -= 1
+        msb.pool = pool.name
+        self.ready[pool.name].append(msb)
+        self.audit.append("sandbox.pool.fill", tenant=POOL_TENANT, peer="pool",
+                          sandbox_id=msb.id,
+                          detail={"pool": pool.name, "policy_digest": msb.policy_digest,
+                                  "backend": pool.template.backend,
+                                  "init_pid": msb.sandbox.init_pid})
