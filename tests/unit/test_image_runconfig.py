@@ -80,9 +80,17 @@ def test_the_plan_attaches_the_image_root_and_binds_no_host_system_dir():
     assert ops[-3] == mounts.MountOp("pivot", "/r")
     assert ops[-2] == mounts.MountOp("setattr", "/", flags=mounts.READ_ONLY, mode=0)
     default = mounts.plan(SandboxSpec(uid_base=100000), "/r", "/ws", host=_Host())
-    # everything from /dev on is the default plan's
-    assert ops[ops.index(mounts.MountOp("mkdir", "/r/dev", mode=0o755)):] == \
-        default[default.index(mounts.MountOp("mkdir", "/r/dev", mode=0o755)):]
+    # /dev is a tmpfs of its own on an image (nothing of it lands in the image's upper
+    # layer), a bind of the root tmpfs's own directory on the default root
+    dev = ops.index(mounts.MountOp("mkdir", "/r/dev", mode=0o755))
+    default_dev = default.index(mounts.MountOp("mkdir", "/r/dev", mode=0o755))
+    assert ops[dev + 1] == mounts.MountOp("mount", "/r/dev", source="tmpfs", fstype="tmpfs",
+                                          flags=mounts.MS_NOSUID | mounts.MS_NOEXEC,
+                                          data="mode=0755,size=64k")
+    assert default[default_dev + 1] == mounts.MountOp("mount", "/r/dev", source="/r/dev",
+                                                      flags=mounts.MS_BIND)
+    # everything after it is the default plan's
+    assert ops[dev + 2:] == default[default_dev + 2:]
 
 
 class _Host(mounts.HostView):

@@ -14,10 +14,14 @@ def test_every_package_directory_is_listed_in_pyproject():
         setuptools = tomllib.load(f)["tool"]["setuptools"]
     listed = set(setuptools["packages"])
     found = set()
+    # a folder mapped to a package of its own (runtime/sdk/ is `corral`) is not also a
+    # subpackage of the folder above it
+    mapped = {os.path.join(ROOT, folder) for folder in setuptools["package-dir"].values()}
     for name, folder in setuptools["package-dir"].items():
         base = os.path.join(ROOT, folder)
         for here, dirs, files in os.walk(base):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            dirs[:] = [d for d in dirs if d != "__pycache__"
+                       and os.path.join(here, d) not in mapped]
             if "__init__.py" in files:
                 rel = os.path.relpath(here, base)
                 found.add(name if rel == "." else f"{name}.{rel.replace(os.sep, '.')}")
