@@ -751,7 +751,9 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
         spy = subprocess.Popen(
             [shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
              "record", "--pid", str(daemon.pid), "--duration", str(int(duration)),
-             "--rate", "100", "--format", "raw", "--output", pyspy]
+             "--rate", "100", "--output", pyspy,
+             # FILE.svg: a flame graph; anything else: raw collapsed stacks
+             "--format", "flamegraph" if pyspy.endswith(".svg") else "raw"]
             # --native pauses the daemon for each sample (slower, but sees C frames)
             + (["--native"] if args.py_spy_native else ["--nonblocking"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -978,7 +980,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only-twin", action="store_true")
     ap.add_argument("--static-agent", action="store_true", help="link the agent statically")
     ap.add_argument("--py-spy", metavar="FILE",
-                    help="py-spy record (raw) the daemon over the N-session window")
+                    help="py-spy record the daemon over the N-session window (raw; "
+                         "a flame graph when FILE ends in .svg)")
     ap.add_argument("--py-spy-native", action="store_true",
                     help="with --py-spy: also sample C frames (grpc's Cython and C core)")
     ap.add_argument("--daemon-nice", type=int, default=0,

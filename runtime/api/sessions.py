@@ -9,7 +9,10 @@ batches without decoding them."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import socket
+import threading
 
 from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
 from corral.v1 import session_pb2 as pb
@@ -19,7 +22,7 @@ from ..metrics import NO_METRICS
 from ..policy import RateLimited
 from ..session_state import Exited, TaskNote, TurnEnded, TurnStarted
 from ..session_watch import MAX_REF_BYTES, STEERING, SessionWatch, Watched
-from ..streams import DEFAULT_BATCH_BYTES
+from ..streams import DEFAULT_BATCH_BYTES, prefer_readable
 from .bounds import (
     ECHO_REF_BYTES,
     EVENT_COST_BYTES,
@@ -37,6 +40,8 @@ log = logging.getLogger("corral.api.sessions")
 #: An OpenMany message is cut once it holds this many bytes (more sessions' news waits for
 #: the next one); far under gRPC's usual 4 MiB receive limit.
 MUX_MESSAGE_BYTES = 1 << 20
+#: requests written straight to the agent's control pipe: they take no opening slot
+CONTROL = frozenset({"input", "interrupt"})
 
 
 def _event(**kw) -> bytes:
@@ -267,7 +272,9 @@ class _Stream(SessionWatch):
             async for req in requests:
                 if self.error is not None:
                     break  # the stream is ending: read no more
-                while len(self.tasks) >= MANY_OPENING:
+                # steering never waits for an opening slot: control before output (#21)
+                while (len(self.tasks) >= MANY_OPENING
+                       and req.WhichOneof("request") not in CONTROL):
                     self._task_done.clear()
                     await self._task_done.wait()
                 ref = "" if self.single else req.ref  # Open's requests have no ref
@@ -393,13 +400,37 @@ class _Stream(SessionWatch):
         super().close()
 
 
+def grpc_wakeup_fds() -> tuple[int, ...]:
+    """The sockets through which grpc.aio's poller thread wakes the loop (the thread's
+    target is its PollerCompletionQueue, which holds the pair); () when grpc runs otherwise.
+
+    Only found this way: grpc keeps its queue in a module-level C variable.
+    """
+    for thread in threading.enumerate():
+        queue = getattr(getattr(thread, "_target", None), "__self__", None)
+        if type(queue).__name__ == "PollerCompletionQueue":
+            return tuple(ref.fileno() for ref in gc.get_referents(queue)
+                         if isinstance(ref, socket.socket) and ref.fileno() >= 0)
+    return ()
+
+
 class SessionsServicer(Servicer):
     def __init__(self, daemon):
         super().__init__(daemon)
         self.manager = daemon.sessions
+        self._preferring: asyncio.AbstractEventLoop | None = None
+
+    def _control_first(self) -> None:
+        """Once per loop: gRPC's wake-ups cut output drains short, so a steering request
+        is read (and written to its agent) ahead of the rest of a flood."""
+        loop = asyncio.get_running_loop()
+        if self._preferring is not loop:
+            self._preferring = loop
+            prefer_readable(loop, grpc_wakeup_fds())
 
     @streaming
     async def Open(self, request_iterator, context):
+        self._control_first()
         stream = _Stream(self, self.caller(context), single=True)
         requests = request_iterator.__aiter__()
         try:
@@ -414,6 +445,7 @@ class SessionsServicer(Servicer):
 
     @streaming
     async def OpenMany(self, request_iterator, context):
+        self._control_first()
         stream = _Stream(self, self.caller(context), single=False)
         async for message in stream.respond(request_iterator):
             yield message
