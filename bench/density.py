@@ -75,6 +75,19 @@ def daemon_pid(proc: subprocess.Popen) -> int:
     return proc.pid
 
 
+def _answering(client, within_s: float = 30.0):
+    """client, once the daemon answers (its socket exists before its server does)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            client.list_sandboxes_page(page_size=1)
+            return client
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def measure(nofile: int, sample: int) -> dict:
     root = tempfile.mkdtemp(prefix="corral-density-")
     proc, socket = harness.start_daemon(
@@ -83,16 +96,7 @@ def measure(nofile: int, sample: int) -> dict:
     pid = daemon_pid(proc)
     client = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client = Client.connect(socket=socket)
-                client.list_sandboxes()
-                break
-            except ClientError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        client = _answering(Client.connect(socket=socket))
         # warm: the first create loads profiles and starts the spawner threads
         first = client.create_sandbox(memory_bytes=64 << 20)
         time.sleep(0.2)
@@ -210,15 +214,7 @@ def scale(points: list[int], samples: int) -> dict:
     ids: list[str] = []
     out: dict = {"create_ms_p50_at_n": {}, "list_ms_p50_at_n": {}}
     try:
-        deadline = time.monotonic() + 30
-        while True:  # the socket exists before the server answers
-            try:
-                client.list_sandboxes()
-                break
-            except ClientError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        _answering(client)
         _create_once(client)  # warm: profiles loaded, spawner threads started
         used0, rss0, slab0 = _used_bytes(), rss_bytes(pid), _meminfo()["Slab"]
         budget = int(_total_bytes() * 0.6)

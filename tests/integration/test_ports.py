@@ -138,6 +138,10 @@ def _code(fn) -> tuple[str, str]:
 
 
 def test_expose_fetch_echo_concurrent_then_unexpose(pdaemon, acme, served):
+    # one expose first: the event loop's one-time descriptors then exist (on uvloop, libuv
+    # keeps a /dev/null descriptor for its EMFILE handling from the first listener on)
+    warm = acme.expose_port(served.id, 7000)
+    acme.unexpose_port(served.id, warm.port)
     baseline = _fds(pdaemon.pid)
     web = acme.expose_port(served.id, 8080)
     assert (web.host_address, web.port, web.sandbox_id) == ("127.0.0.1", 8080, served.id)
@@ -176,10 +180,12 @@ def test_expose_fetch_echo_concurrent_then_unexpose(pdaemon, acme, served):
         (_fds(pdaemon.pid), baseline)
 
     expose = _details(pdaemon, "sandbox.port.expose", served.id)
+    assert expose[0] == {"port": 7000, "host_address": "127.0.0.1", "host_port": warm.host_port}
+    expose = expose[1:]
     assert expose == [{"port": 8080, "host_address": "127.0.0.1", "host_port": web.host_port},
                       {"port": 9000, "host_address": "127.0.0.1",
                        "host_port": echo.host_port}]
-    unexpose = _details(pdaemon, "sandbox.port.unexpose", served.id)
+    unexpose = _details(pdaemon, "sandbox.port.unexpose", served.id)[1:]  # the warm one first
     assert unexpose == [
         {"port": 9000, "host_port": echo.host_port, "connections": 2, "reason": "requested"},
         {"port": 8080, "host_port": web.host_port, "connections": 3, "reason": "requested"}]

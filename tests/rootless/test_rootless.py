@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from corral.sandbox import cgroups, net
+from corral.sandbox import cgroup_tuning, cgroups, net
 
 from ..processes import wait_until
 from .conftest import as_user_do, run_as, subid_range
@@ -117,9 +117,12 @@ def test_doctor_as_a_user(rootless_user, user_python):
     report = json.loads(r.stdout)
     assert (report["uid"], report["rootless"]) == (rootless_user.uid, True)
     status = {c["feature"]: c["status"] for c in report["checks"]}
+    with open("/proc/self/mountinfo") as f:  # a host setting: as root made it
+        moves = "ok" if cgroup_tuning.is_on(f.read()) else "degraded"
     assert status == {"user namespaces": "ok", "subordinate ids": "ok",
-                      "idmapped mounts": "ok", "cgroups": "degraded", "landlock": "ok",
-                      "seccomp": "ok", "overlayfs": "ok", "egress": "degraded"}
+                      "idmapped mounts": "ok", "cgroups": "degraded", "cgroup moves": moves,
+                      "landlock": "ok", "seccomp": "ok", "overlayfs": "ok",
+                      "egress": "degraded"}
     cg = next(c for c in report["checks"] if c["feature"] == "cgroups")
     assert "not writable by uid" in cg["found"]
     assert cgroups.NO_DELEGATION in cg["without"]
