@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from corral.v1 import audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, stream_pb2, task_pb2
+from corral.v1 import (
+    audit_pb2,
+    image_pb2,
+    sandbox_pb2,
+    session_pb2,
+    snapshot_pb2,
+    stream_pb2,
+    task_pb2,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 _ROW = re.compile(r"^\| `(\w+)` \((\w+\.proto)\) \| (.+) \|$")
@@ -19,7 +27,8 @@ def _readme_services() -> dict[str, tuple[str, set[str]]]:
 
 def _proto_services() -> dict[str, tuple[str, set[str]]]:
     services = {}
-    for module in (audit_pb2, sandbox_pb2, session_pb2, snapshot_pb2, stream_pb2, task_pb2):
+    for module in (audit_pb2, image_pb2, sandbox_pb2, session_pb2, snapshot_pb2, stream_pb2,
+                   task_pb2):
         file = module.DESCRIPTOR.name.rsplit("/", 1)[-1]
         for service in module.DESCRIPTOR.services_by_name.values():
             services[service.name] = (file, {m.name for m in service.methods})
