@@ -195,6 +195,8 @@ class WarmPools:
         self._filling = 0
         self._wake = asyncio.Event()
         self._stopping = False
+        #: Destroys of sandboxes found dead at acquire (held so the loop keeps them).
+        self._dead: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -212,14 +214,9 @@ class WarmPools:
         (its host workspace attached, TTL from now, labels, owning session, the request's
         env), or None: go cold. The sandbox is taken before the first await, so no other
         request can take the same one."""
-        for pool in self.pools.values():
-            ready = self.ready[pool.name]
-            if ready and pool.serves(caller.tenant, spec, ttl_s):
-                msb = ready.popleft()
-                break
-        else:
+        msb = self._take(caller, spec, ttl_s)
+        if msb is None:
             return None
-        self._wake.set()
         if spec.workspace is not None and not await self._attach(caller, msb, spec.workspace):
             return None
         now = time.time()
@@ -233,6 +230,26 @@ class WarmPools:
             msb.policy_digest = msb.sandbox.policy_digest()
         self.manager.renumber(msb)
         return msb
+
+    def _take(self, caller: Caller, spec: SandboxSpec, ttl_s: float):
+        """A ready sandbox of the first pool that serves the request, or None. One whose
+        PID 1 has ended while it waited (killed from outside) is never handed out: it is
+        destroyed in the background and the next one is taken."""
+        for pool in self.pools.values():
+            ready = self.ready[pool.name]
+            if not pool.serves(caller.tenant, spec, ttl_s):
+                continue
+            while ready:
+                msb = ready.popleft()
+                self._wake.set()  # room to refill
+                if not msb.sandbox.init_exited():  # pools hold native sandboxes
+                    return msb
+                log.warning("pool %s: sandbox %s died while it waited; destroying it",
+                            pool.name, msb.id)
+                self._dead.add(asyncio.get_running_loop().create_task(
+                    self.manager.destroy(POOL_CALLER, msb.id, reason="pool-dead")))
+                self._dead = {t for t in self._dead if not t.done()}
+        return None
 
     async def _attach(self, caller: Caller, msb, host_dir: str) -> bool:
         """Mount the request's host directory at msb's /workspace (sandbox/live_mounts.py)

@@ -1199,6 +1199,13 @@ class Sandbox(SandboxLifecycle):
                 os.close(fd)
         return sent
 
+    def init_exited(self) -> bool:
+        """Whether PID 1 has ended (its pidfd polls readable), e.g. killed from outside
+        while the sandbox sat idle; a sandbox not started yet has not."""
+        if self._init_pidfd < 0:
+            return False
+        return bool(select.select([self._init_pidfd], [], [], 0)[0])
+
     def pids(self) -> list[int]:
         """Host pids of every process in the sandbox's cgroup (without a cgroup: in its
         PID namespace)."""

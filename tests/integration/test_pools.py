@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import grpc
 import pytest
@@ -126,6 +127,33 @@ def test_a_matching_create_takes_a_pooled_sandbox_with_the_requests_env(make_dae
     assert sorted(ids) == sorted({*ids}) and sb.id in ids
     daemon.stop()
     assert daemon.leftovers() == {}
+
+
+def test_a_pooled_sandbox_killed_while_it_waits_is_never_handed_out(make_daemon, tmp_path):
+    daemon, _ = pool_daemon(make_daemon, tmp_path)
+    ready = wait_fills(daemon, 2)
+    first_pid = json.loads(fills(daemon)[0].detail_json)["init_pid"]
+    os.kill(first_pid, signal.SIGKILL)  # from outside, as an operator or the OOM killer might
+    assert wait_until(lambda: not alive(first_pid) or _zombie(first_pid), timeout_s=10)
+    alpha = daemon.client("alpha")
+    sb = alpha.create_sandbox(**POOL_SPEC)
+    assert sb.id == ready[1]  # the dead one was skipped
+    out = run(alpha, sb.id, "echo alive")
+    assert (out.returncode, out.stdout) == (0, b"alive\n")
+    assert wait_until(lambda: any(
+        r.sandbox_id == ready[0] and json.loads(r.detail_json)["reason"] == "pool-dead"
+        for r in daemon.records("sandbox.destroy")), timeout_s=20)
+    assert sandbox_footprint(ready[0]) == {}
+    daemon.stop()
+    assert daemon.leftovers() == {}
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 def test_requests_that_do_not_match_the_class_are_created_cold(make_daemon, tmp_path):
