@@ -48,6 +48,9 @@ class _Source:
 
     path: str = ""
     value: bytes = field(default=b"", repr=False)
+    #: For an inline value: the config file it came from (a deep task's attempt reads it
+    #: again there, see locate).
+    config: str = ""
 
 
 class SecretStore:
@@ -120,6 +123,23 @@ class SecretStore:
             source = _Source(path=path)
         return source.value if source.path == "" else read_secret_file(source.path)
 
+    def locate(self, tenant: str, name: str) -> dict[str, str]:
+        """Where one secret's value lives, without the value: {"file": PATH}, or for an
+        inline value {"config": CONFIG_PATH, "tenant": T, "name": NAME}. A deep task's
+        attempt runs in a process of its own (runtime/tasks/shim.py), maybe after a daemon
+        restart: its plan carries this, and value_at reads the value there, at each attempt.
+
+        Raises:
+            NotFound, SecretUnavailable: as value (checked now, so a launch fails early).
+        """
+        self.value(tenant, name)  # the same checks; the value is dropped here
+        source = self._tenants.get(tenant, {}).get(name)
+        if source is None:
+            return {"file": os.path.join(self._tenant_dir(tenant), name)}
+        if source.path:
+            return {"file": source.path}
+        return {"config": source.config, "tenant": tenant, "name": name}
+
     def _tenant_dir(self, tenant: str) -> str | None:
         if self.directory is None or not _TENANT_RE.match(tenant):
             return None
@@ -141,7 +161,34 @@ def _source(key: str, name: str, entry, config_path: str | None) -> _Source:
         raise InvalidSpec(key, "an inline value needs a config file that only its owner "
                                f"may read (chmod 600 {config_path or 'the config'}), or use "
                                "{ file = PATH }")
-    return _Source(value=entry["value"].encode())
+    return _Source(value=entry["value"].encode(), config=config_path)
+
+
+def value_at(where: Mapping[str, str]) -> bytes:
+    """The value of a secret that SecretStore.locate placed (rules 2 and 4 as there): a
+    file's content, or an inline value read again from its config file, which must still
+    be readable by its owner only.
+
+    Raises:
+        NotFound: the file, or the entry in the config, is gone.
+        SecretUnavailable: the file or the config may not be used (path named).
+    """
+    if "file" in where:
+        return read_secret_file(where["file"])
+    import tomllib
+
+    config, tenant, name = where["config"], where["tenant"], where["name"]
+    try:
+        st = os.stat(config)
+        if _loose_mode(st.st_mode) or st.st_uid not in (0, os.geteuid()):
+            raise SecretUnavailable(f"secrets: {config} may be read by others now; chmod 600 "
+                                    f"{config}")
+        with open(config, "rb") as f:
+            entry = tomllib.load(f)["secrets"]["tenants"][tenant][name]
+        return entry["value"].encode()
+    except (OSError, KeyError, TypeError, AttributeError, tomllib.TOMLDecodeError):
+        raise NotFound(f"secrets: tenant {tenant!r} has no secret {name!r} in {config} "
+                       "any more") from None
 
 
 def _loose_mode(mode: int) -> bool:

@@ -10,7 +10,7 @@ from corral.runtime.terminal import visible
 
 from .connection import add_daemon_parser, connect, daemon_verb
 from .exits import EXIT_USAGE
-from .flags import add_command, command_argv
+from .flags import add_command, add_secret_flag, command_argv, parse_secrets
 from .output import print_json_lines
 
 STATE_NAMES = ("", "QUEUED", "PLACED", "RUNNING", "RETRYING", "SUCCEEDED", "FAILED",
@@ -75,6 +75,17 @@ def _add_submit(verbs) -> None:
     submit.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
                         help="copy a local file into the task's /workspace (repeatable)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    add_secret_flag(submit, "the daemon's secret store (for your tenant), read again at each "
+                            "attempt")
+    submit.add_argument("--workspace", metavar="DIR",
+                        help="with --cow: a directory on the daemon's host to show at "
+                             "/workspace (the tenant's policy host_dirs must allow it)")
+    submit.add_argument("--cow", action="store_true",
+                        help="copy-on-write: DIR is not touched; every attempt sees the "
+                             "changes of those before it; see `corral task diff|apply|discard`")
+    submit.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
+                        help="each attempt starts from this snapshot (id or name): its files, "
+                             "no copy; held while the task lives")
     submit.add_argument("--request-id", default="", metavar="ID",
                         help="idempotency key: submitting again with the same ID (a retry) "
                              "prints the task the first submission made, not a new one")
@@ -113,16 +124,39 @@ def _add_followers(verbs) -> None:
                                                      "save its /workspace/out files")
     result.add_argument("task_id", metavar="ID")
     result.add_argument("--out", metavar="DIR", help="write the output files under DIR")
+    _add_changes(verbs)
+
+
+def _add_changes(verbs) -> None:
+    """diff, apply, discard of a copy-on-write task (submit --workspace DIR --cow): the
+    Sandboxes calls of `corral diff|apply|discard`, by task id (a task's change set is
+    named after it, and outlives its attempts)."""
+    diff = add_daemon_parser(verbs, "diff", help="what a copy-on-write task changed in its "
+                                                 "workspace so far")
+    diff.add_argument("sandbox_id", metavar="ID")
+    diff.add_argument("--stat", action="store_true", help="one line per file: +added -removed")
+    diff.add_argument("--json", action="store_true", help="one JSON object per changed path")
+    apply = add_daemon_parser(verbs, "apply", help="write a finished copy-on-write task's "
+                                                   "changes into its directory")
+    apply.add_argument("sandbox_id", metavar="ID")
+    apply.add_argument("--force", action="store_true",
+                       help="write even over files changed on the host since the task began")
+    discard = add_daemon_parser(verbs, "discard", help="drop a finished copy-on-write task's "
+                                                       "changes")
+    discard.add_argument("sandbox_id", metavar="ID")
 
 
 @daemon_verb
 def task_verb(args) -> int:
     if args.task_verb is None:
-        print("corral: task: which verb? (submit, get, ls, watch, cancel, result)",
-              file=sys.stderr)
+        print("corral: task: which verb? (submit, get, ls, watch, cancel, result, diff, "
+              "apply, discard)", file=sys.stderr)
         return EXIT_USAGE
+    from .state import apply_verb, diff_verb, discard_verb
+
     return {"submit": _submit, "get": _get, "ls": _ls, "watch": _watch,
-            "cancel": _cancel, "result": _result, "recover": _recover}[args.task_verb](args)
+            "cancel": _cancel, "result": _result, "recover": _recover, "diff": diff_verb,
+            "apply": apply_verb, "discard": discard_verb}[args.task_verb](args)
 
 
 def _recover(args) -> int:
@@ -178,6 +212,18 @@ def _submit(args) -> int:
         sandbox["env"] = parse_pairs(args.env, "env")
     if args.image:  # the sandbox's image field: the daemon makes it the task's (spec.image)
         sandbox["image"] = args.image
+    if args.secret:
+        sandbox["secrets"] = [{"name": b.name, "hosts": list(b.hosts)}
+                              for b in (b.checked() for b in parse_secrets(args.secret))]
+    if args.from_snapshot:
+        sandbox["snapshot"] = args.from_snapshot
+    if args.workspace or args.cow:
+        if not (args.workspace and args.cow):
+            print("corral: task submit: a task takes a host directory copy-on-write only: "
+                  "--workspace DIR --cow", file=sys.stderr)
+            return EXIT_USAGE
+        sandbox["workspace_dir"] = os.path.abspath(args.workspace)
+        sandbox["workspace_cow"] = True
     with connect(args) as client:
         task = client.submit_task(
             argv, selector=selector, resources=resources, priority=args.priority,

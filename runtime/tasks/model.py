@@ -215,23 +215,17 @@ class DeepTask:
 
 
 def _refuse_unsupported(sandbox) -> None:
-    """What a task's sandbox cannot have yet, refused at submit, not failed at each attempt:
-    a host directory or a snapshot (an attempt makes its own workspace, from spec.files),
-    and secrets (an attempt runs under a shim, possibly on another node, away from the
-    daemon's secret store).
+    """What a task's sandbox cannot have, refused at submit, not failed at each attempt: a
+    host directory shown as it is (attempts and retries would write into it directly, with
+    no review); copy-on-write (workspace_cow) is taken: the task's change set outlives its
+    attempts, for diff, apply or discard (runner.py). Secrets (their values read by each
+    attempt's runner where the daemon's store keeps them) and a snapshot (held for the
+    task while it lives: holds.py) are taken too.
 
     Raises:
         InvalidSpec: naming the field.
     """
-    if sandbox.workspace is not None or sandbox.workspace_cow:
-        raise InvalidSpec("spec.sandbox.workspace_dir", "a deep task's attempt gets a workspace "
-                                                        "of its own (hand it files with "
-                                                        "spec.files); a host directory is not "
-                                                        "taken")
-    if sandbox.snapshot:
-        raise InvalidSpec("spec.sandbox.snapshot", "a deep task cannot start from a snapshot "
-                                                   "yet; hand it files with spec.files")
-    if sandbox.secrets:
-        raise InvalidSpec("spec.sandbox.secrets", "a deep task takes no secrets yet (its "
-                                                  "attempts run under a shim, on any node, "
-                                                  "away from the daemon's secret store)")
+    if sandbox.workspace is not None and not sandbox.workspace_cow:
+        raise InvalidSpec("spec.sandbox.workspace_dir", "a deep task takes a host directory "
+                                                        "copy-on-write only (workspace_cow); "
+                                                        "or hand it files with spec.files")

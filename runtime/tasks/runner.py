@@ -43,7 +43,7 @@ from corral.ext import TokenStream
 from corral.ext import agent as protocol
 from corral.sandbox import SandboxSpec, fstree, ids, new_sandbox, workspace_fs
 from corral.sandbox.backends.base import ExitReason, SandboxLifecycle, ids_before_workspace
-from corral.sandbox.errors import CorralError
+from corral.sandbox.errors import CorralError, FailedPrecondition
 
 from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, tree_signature
 from .images import pull_on_node
@@ -64,6 +64,9 @@ DIR_SCAN_S = 0.5
 #: attempt ends is taken then.
 CHECKPOINT_MIN_INTERVAL_S = 0.2
 CHECKPOINT_BYTES_PER_S = 4 << 20
+#: The attempt's egress records (one JSON object a line, net.connect, net.secret, ...):
+#: the daemon audits them as they come (local.py), as it does a sandbox's.
+NET_EVENTS_FILE = "net.jsonl"
 
 
 @dataclass
@@ -82,6 +85,12 @@ class AttemptPlan:
     #: Unique per run of an attempt (CORRAL_ATTEMPT_ID): attempt numbers say which try it
     #: is; this says which process tree, should one number ever run twice.
     attempt_id: str = ""
+    #: Where the values of sandbox.secrets live, by name (SecretStore.locate: a file, or
+    #: an inline value's config file), never the values: the runner reads them at the
+    #: attempt's start, so they never enter plan.json, the task store or a log.
+    secret_sources: dict[str, dict] = field(default_factory=dict)
+    #: Whose task it is (recorded with a copy-on-write workspace's change set).
+    tenant: str = ""
 
     def __post_init__(self) -> None:
         if not self.attempt_id:
@@ -146,6 +155,13 @@ class AttemptRunner:
         self._on_change = on_change  # extra callback (the Ray actor) after each persist
         self.sandbox: SandboxLifecycle | None = None
         self._control: _InputWriter | None = None  # the agent's control pipe, once it runs
+        #: The workspace is the runner's tmpfs (False: the sandbox's, from a snapshot).
+        self._own_workspace = True
+        #: A copy-on-write task's change set, the lock held on it and the link that
+        #: hands it to this attempt's sandbox (_carry_changes).
+        self._changes = None
+        self._changes_lock = -1
+        self._changes_link = ""
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -183,7 +199,9 @@ class AttemptRunner:
             self._ids.release()
         outcome["finished_at"] = time.time()
         atomic_write(os.path.join(self.dir, "exit.json"), json.dumps(outcome).encode())
-        workspace_fs.remove(self.workspace)
+        if self._own_workspace:
+            workspace_fs.remove(self.workspace)
+        self._release_changes()
         with contextlib.suppress(OSError):
             os.unlink(self._workspace_link)
         self._changed()
@@ -191,12 +209,85 @@ class AttemptRunner:
             os.close(self._bell)
             self._bell = -1
 
-    def _prepare_workspace(self, uid: int) -> dict[str, str]:
+    def _make_workspace(self, uid: int) -> None:
+        """The attempt's own /workspace: a capped tmpfs (an attempt from a snapshot gets its
+        sandbox's layered workspace instead: _use_sandbox_workspace)."""
         workspace_fs.remove(self.workspace)  # an earlier try of this very attempt
         workspace_fs.create(os.path.basename(self.workspace), uid, uid)
+        self._link_workspace()
+
+    def _link_workspace(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._workspace_link)
         os.symlink(self.workspace, self._workspace_link)
+
+    def _carry_changes(self, host_dir: str) -> None:
+        """Before a copy-on-write task's sandbox starts: hand it the task's change set.
+
+        The change set is named after the task (under the changes root, where the
+        Sandboxes calls Diff, Apply and Discard find it by the task id), made by the first
+        attempt and handed to each attempt's sandbox by a link named after the sandbox
+        (ChangeSet.hand_to), which the backend adopts (its upper layer moved to the new
+        sandbox's ids): every attempt sees the changes of those before it, across daemon
+        restarts. Held (LOCK_FILE) while this attempt runs: a diff reads it meanwhile;
+        apply and discard refuse it.
+        """
+        import fcntl
+
+        from corral.sandbox.state.changes import (
+            LOCK_FILE,
+            ChangeSet,
+            ChangesNotFound,
+            default_root,
+        )
+
+        task_id, root = self.plan.task_id, default_root()
+        try:
+            changes = ChangeSet.open(root, task_id)
+        except ChangesNotFound:
+            changes = ChangeSet.create(root, task_id, host_dir, upper_uid=0,
+                                       size_bytes=workspace_fs.max_bytes(),
+                                       inodes=workspace_fs.max_inodes(),
+                                       tenant=self.plan.tenant, hidden=(".corral",))
+        self._changes_lock = os.open(os.path.join(changes.path, LOCK_FILE),
+                                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._changes_lock, fcntl.LOCK_EX)
+        self._changes = changes
+        # held now: what an earlier attempt left (it died with its shim) goes first, its
+        # workspace overlay before the image under it, so the image is mounted once only
+        for name in os.listdir(root):
+            link = os.path.join(root, name)
+            if os.path.islink(link) and os.readlink(link) == task_id:
+                workspace_fs.remove(os.path.join(workspace_fs.root(), name))
+                os.unlink(link)
+        changes.unmount()
+        self._changes_link = changes.hand_to(self.sandbox.id)
+
+    def _release_changes(self) -> None:
+        """Let a copy-on-write task's change set go (its sandbox, destroyed, unmounted
+        it): the link to it, then the lock."""
+        if self._changes_link:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._changes_link)
+            self._changes_link = ""
+        if self._changes is not None:
+            self._changes.unmount()
+            self._changes = None
+        if self._changes_lock >= 0:
+            os.close(self._changes_lock)
+            self._changes_lock = -1
+
+    def _use_sandbox_workspace(self) -> None:
+        """An attempt from a snapshot or on a copy-on-write workspace: /workspace is the
+        sandbox's (an overlay, removed with the sandbox); the runner's files go there."""
+        workspace_fs.remove(self.workspace)  # a tmpfs an earlier try of it may have left
+        self.workspace = self.sandbox.workspace
+        self._own_workspace = False
+        self._link_workspace()
+
+    def _prepare_workspace(self, uid: int) -> dict[str, str]:
+        """Put the spec's files and the last checkpoint into the workspace; returns the
+        agent's environment (CORRAL_*)."""
         for rel, text in self.plan.files.items():
             path = os.path.join(self.workspace, os.path.normpath(rel))
             parent = os.path.dirname(path)
@@ -242,8 +333,14 @@ class AttemptRunner:
         if ids_before_workspace(spec) and spec.uid_base is None and os.geteuid() == 0:
             self._ids = ids.allocate(f"{plan.task_id}-{plan.attempt}")
             spec = dataclasses.replace(spec, uid_base=self._ids.base)
-        env = self._prepare_workspace(spec.uid_base or os.geteuid())
-        spec = dataclasses.replace(spec, workspace=self.workspace, devices=tuple(plan.devices))
+        # a snapshot's or copy-on-write workspace is made with the sandbox (_run_sandbox)
+        if spec.snapshot or spec.workspace_cow:
+            spec = dataclasses.replace(spec, devices=tuple(plan.devices))
+        else:
+            self._make_workspace(spec.uid_base or os.geteuid())
+            env = self._prepare_workspace(spec.uid_base or os.geteuid())
+            spec = dataclasses.replace(spec, workspace=self.workspace,
+                                       devices=tuple(plan.devices))
         log = _CappedLog(os.path.join(self.dir, "log"))
         try:
             if self._cancel.is_set():
@@ -254,8 +351,13 @@ class AttemptRunner:
                     return failed
                 if self._cancel.is_set():
                     return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
-            self.sandbox = new_sandbox(spec)
+            self.sandbox = self._new_sandbox(spec)
+            if spec.workspace_cow:
+                self._carry_changes(spec.workspace)
             self.sandbox.start()
+            if spec.snapshot or spec.workspace_cow:
+                self._use_sandbox_workspace()
+                env = self._prepare_workspace(self.sandbox.spec.uid_base)
             atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({
                 "pid": os.getpid(), "start": _start_time(os.getpid()),
                 "sandbox_id": self.sandbox.id, "started_at": time.time(),
@@ -268,6 +370,29 @@ class AttemptRunner:
             log.close()
             if self._control is not None:
                 self._control.close()
+
+    def _new_sandbox(self, spec: SandboxSpec) -> SandboxLifecycle:
+        """The attempt's sandbox, unstarted. Its secrets' values are read here, at each
+        attempt, from where the plan says they live (secret_sources: never the values),
+        and handed to the sandbox only: each attempt gets fresh placeholders. Its egress
+        records go to NET_EVENTS_FILE for the daemon's audit log."""
+        values = _secret_values(spec, self.plan.secret_sources) if spec.secrets else None
+        try:
+            return new_sandbox(spec, secrets=values, on_net_event=self._net_event)
+        finally:
+            del values
+
+    def _net_event(self, event: dict) -> None:
+        """An egress record of the proxy (on its thread): appended to NET_EVENTS_FILE, one
+        line, and the daemon told. Records name a secret, never its value."""
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        fd = os.open(os.path.join(self.dir, NET_EVENTS_FILE),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        self.files.ring(self._bell)
 
     def _start_agent(self, env: dict[str, str]):
         """Run the task's command with the events pipe at fd 3 and the control pipe at 4;
@@ -515,6 +640,38 @@ class _CappedLog:
         if self.dropped:
             self._f.write(f"\ncorral: log limit reached; {self.dropped} bytes dropped\n".encode())
         self._f.close()
+
+
+def locate_secrets(store, tenant: str, bindings) -> dict[str, dict]:
+    """Where each bound secret of the tenant lives (SecretStore.locate), for a plan; store
+    None is the empty store.
+
+    Raises:
+        NotFound, SecretUnavailable: naming the secret or its file, never a value.
+    """
+    from corral.runtime.secret_store import SecretStore
+
+    store = store if store is not None else SecretStore()
+    return {b.name: store.locate(tenant, b.name) for b in bindings}
+
+
+def _secret_values(spec: SandboxSpec, sources: dict[str, dict]) -> dict[str, bytes]:
+    """The values of spec.secrets, read where sources say (SecretStore.locate).
+
+    Raises:
+        FailedPrecondition: a secret has no source (an executor that gives none).
+        NotFound, SecretUnavailable: as secret_store.value_at (names, never values).
+    """
+    from corral.runtime.secret_store import value_at
+
+    values = {}
+    for binding in spec.secrets:
+        if binding.name not in sources:
+            raise FailedPrecondition(f"spec.sandbox.secrets: {binding.name}: this attempt's "
+                                     "executor gave it no source (only the local executor "
+                                     "runs tasks with secrets)")
+        values[binding.name] = value_at(sources[binding.name])
+    return values
 
 
 def _exit_record(proc, ending: str | None) -> dict:

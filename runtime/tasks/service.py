@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from .config import default_nodes
+from .holds import SnapshotHolds
 from .local import LocalExecutor
 from .scheduler import Scheduler
 
 
 async def start_scheduler(cfg, audit, policies=None) -> Scheduler:
     nodes = tuple(cfg.nodes) or default_nodes()
-    executors: dict = {"local": LocalExecutor()}
+    local = LocalExecutor()
+    local.secret_store = cfg.secret_store()  # its shims read the values (runner.py)
+    executors: dict = {"local": local}
     if any(n.executor == "ray" for n in nodes):
         try:
             import ray  # noqa: F401
@@ -24,4 +27,7 @@ async def start_scheduler(cfg, audit, policies=None) -> Scheduler:
     scheduler = Scheduler(cfg.state, audit, list(nodes), executors=executors,
                           policies=policies, retention_s=cfg.task_retention_s)
     await scheduler.start()
+    #: Snapshots held for the unfinished tasks that start from them (holds.py).
+    scheduler.snapshot_holds = SnapshotHolds()
+    scheduler.snapshot_holds.start(scheduler)
     return scheduler

@@ -40,7 +40,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .. import fstree
-from ..errors import InvalidSpec, NotFound, SandboxSetupError
+from ..errors import FailedPrecondition, InvalidSpec, NotFound, SandboxSetupError
+from ..locks import flock_held
 from ..workspace import _kind as kind_of
 from . import state_root
 
@@ -55,6 +56,10 @@ DEFAULT_BYTES = 1 << 30
 DEFAULT_INODES = 65536
 #: Most entries of a host directory a manifest records.
 MAX_MANIFEST_ENTRIES = 1_000_000
+#: A deep task's change set (named after the task) outlives its attempts: the runner of
+#: the attempt that runs on it holds this file (flock) for the attempt's whole life, so a
+#: daemon restarted meanwhile leaves it mounted, and apply and discard refuse it.
+LOCK_FILE = "lock"
 
 
 def default_root() -> str:
@@ -107,6 +112,9 @@ class ChangeSet:
         self.host_dir: str = self.meta["host_dir"]
         self.owner: tuple[int, int] = tuple(self.meta["owner"])
         self.tenant: str = self.meta.get("tenant", "")
+        #: Top-level names that are not the agent's changes (a deep task's .corral/):
+        #: diff and apply leave them out.
+        self.hidden: frozenset[str] = frozenset(self.meta.get("hidden", ()))
 
     @property
     def mnt(self) -> str:
@@ -137,13 +145,14 @@ class ChangeSet:
     @classmethod
     def create(cls, root: str, sandbox_id: str, host_dir: str, *, upper_uid: int,
                size_bytes: int = DEFAULT_BYTES, inodes: int = DEFAULT_INODES,
-               tenant: str = "") -> ChangeSet:
+               tenant: str = "", hidden: tuple[str, ...] = ()) -> ChangeSet:
         """Take the host directory's manifest and make the capped upper image, in a temp
         directory renamed into place when complete.
 
         Args:
             upper_uid: owner of upper/ (the sandbox's root outside: /workspace's owner).
             tenant: whose changes these are (recorded; the daemon checks it).
+            hidden: top-level names diff and apply leave out (ChangeSet.hidden).
 
         Raises:
             InvalidSpec: host_dir is not a directory (or too large to list).
@@ -153,6 +162,8 @@ class ChangeSet:
             raise InvalidSpec("sandbox_id", f"{sandbox_id!r} is not a sandbox id")
         os.makedirs(root, mode=0o700, exist_ok=True)
         final = os.path.join(root, sandbox_id)
+        if os.path.islink(final):  # a deep task's change set, handed to its attempt
+            return cls(final).adopt(host_dir, upper_uid)
         if os.path.lexists(final):
             raise InvalidSpec("sandbox_id", f"{sandbox_id} already has a change set")
         st = os.stat(host_dir)
@@ -166,7 +177,8 @@ class ChangeSet:
             fstree.write_synced(os.path.join(tmp, "manifest.json"), json.dumps(doc).encode())
             meta = {"host_dir": host_dir, "owner": [st.st_uid, st.st_gid],
                     "upper_uid": upper_uid, "bytes": size_bytes, "inodes": inodes,
-                    "created_at": time.time(), "sandbox": sandbox_id, "tenant": tenant}
+                    "created_at": time.time(), "sandbox": sandbox_id, "tenant": tenant,
+                    **({"hidden": list(hidden)} if hidden else {})}
             fstree.write_synced(os.path.join(tmp, "meta.json"), json.dumps(meta).encode())
             _make_image(os.path.join(tmp, "upper.img"), size_bytes, inodes, upper_uid)
             os.mkdir(os.path.join(tmp, "mnt"), 0o700)
@@ -208,10 +220,49 @@ class ChangeSet:
         except FileNotFoundError:
             return False
 
+    def hand_to(self, sandbox_id: str) -> str:
+        """Name this change set (a deep task's) for the sandbox of its next attempt: a
+        link ROOT/SANDBOX -> it, which create() adopts (adopt). Returns the link's path;
+        the caller removes it when the attempt ends."""
+        if not _ID.match(sandbox_id or ""):
+            raise InvalidSpec("sandbox_id", f"{sandbox_id!r} is not a sandbox id")
+        link = os.path.join(os.path.dirname(self.path), sandbox_id)
+        os.symlink(os.path.basename(self.path), link)
+        return link
+
+    def adopt(self, host_dir: str, upper_uid: int) -> ChangeSet:
+        """Take this change set (hand_to) for a sandbox of another id range: what the
+        upper layer holds of the last one's range is moved to upper_uid's, so the new
+        sandbox owns the changes of those before it.
+
+        Raises:
+            InvalidSpec: it was made for another host directory.
+        """
+        if os.path.realpath(host_dir) != self.host_dir:
+            raise InvalidSpec("workspace", f"the change set {self.meta['sandbox']} is of "
+                                           f"{self.host_dir!r}, not {host_dir!r}")
+        old = self.meta["upper_uid"]
+        if old != upper_uid:
+            mine = self.mount()
+            try:
+                _shift_ids(self.upper, old, upper_uid)
+            finally:
+                if mine:
+                    self.unmount()
+            self.meta["upper_uid"] = upper_uid
+            fstree.write_synced(os.path.join(self.path, "meta.json"),
+                                json.dumps(self.meta).encode())
+        return self
+
+    def held(self) -> bool:
+        """Does a deep task's attempt run on it now (LOCK_FILE held)?"""
+        return flock_held(os.path.join(self.path, LOCK_FILE))
+
     def in_use(self) -> bool:
-        """Is the image mounted writable (a sandbox's overlay runs on it)? A diff mounts it
-        read-only."""
-        return self.is_mounted() and not os.statvfs(self.mnt).f_flag & os.ST_RDONLY
+        """Is the image mounted writable (a sandbox's overlay runs on it), or a task's
+        attempt on it? A diff mounts it read-only."""
+        return self.held() or (self.is_mounted()
+                               and not os.statvfs(self.mnt).f_flag & os.ST_RDONLY)
 
     def mount(self, *, read_only: bool = False) -> bool:
         """Mount the upper image at mnt/ unless it is; True when this call mounted it.
@@ -259,6 +310,9 @@ class ChangeSet:
         paths were dropped (0 when the image could not be read)."""
         from .diff import diff
 
+        if self.held():
+            raise FailedPrecondition(f"{self.meta['sandbox']} still runs on these changes; "
+                                     "cancel it (or let it end) before discarding them")
         try:
             count = len(diff(self, lines=False))
         except (OSError, SandboxSetupError):
@@ -290,10 +344,33 @@ def sweep(root: str, in_use: set[str] = frozenset()) -> list[str]:
             continue
         with contextlib.suppress(OSError, ValueError, KeyError):
             changes = ChangeSet(path)
-            if changes.is_mounted():
+            if changes.is_mounted() and not changes.held():  # a task's attempt: running
                 changes.unmount()
                 touched.append(name)
     return touched
+
+
+#: The ids of one sandbox's range (sandbox/ids.py RANGE): what adopt moves.
+_RANGE = 65536
+
+
+def _shift_ids(top: str, old_base: int, new_base: int) -> None:
+    """Move the owners and groups in [old_base, old_base + _RANGE) of everything under
+    top (top included, links not followed) to the same offsets from new_base."""
+    def moved(i: int) -> int:
+        return new_base + i - old_base if old_base <= i < old_base + _RANGE else i
+
+    def each():
+        yield top
+        for dirpath, dirnames, filenames in os.walk(top):
+            yield from (os.path.join(dirpath, n) for n in dirnames + filenames)
+
+    for name in each():
+        st = os.lstat(name)
+        if (moved(st.st_uid), moved(st.st_gid)) != (st.st_uid, st.st_gid):
+            os.lchown(name, moved(st.st_uid), moved(st.st_gid))
+            if not stat.S_ISLNK(st.st_mode):  # chown drops the mode's special bits
+                os.chmod(name, stat.S_IMODE(st.st_mode))
 
 
 def _make_image(path: str, size_bytes: int, inodes: int, owner: int) -> None:

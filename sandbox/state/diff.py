@@ -110,6 +110,8 @@ class _Differ:
             for entry in fstree.walk(upper):
                 while len(hosts) > entry.depth + 1:
                     _close(hosts.pop())
+                if self.changes.hidden and entry.parts[0] in self.changes.hidden:
+                    continue
                 yield from self._entry(entry, hosts)
         finally:
             for fd in hosts:
