@@ -119,12 +119,58 @@ cdef extern from * nogil:
     static int corral_clone_userns_holder(void *stack_top) {
         return clone(corral_hold_userns, stack_top, CLONE_VM | CLONE_NEWUSER | SIGCHLD, NULL);
     }
+    static int corral_clone_shared_userns_holder(void *stack_top) {
+        /* The same, sharing the caller's descriptor table too: it may live for a while,
+           and a copy of the table would keep every descriptor open meanwhile (a file
+           being written stays busy for execve: ETXTBSY). */
+        return clone(corral_hold_userns, stack_top,
+                     CLONE_VM | CLONE_FILES | CLONE_NEWUSER | SIGCHLD, NULL);
+    }
+    struct corral_mntns_holder {
+        char **detach;      /* mount points to detach in the new namespace (NULL-ended) */
+        int ready_w;        /* one byte once the namespace is ready (or failed) */
+        int err;            /* errno of the failing step, 0 when none failed */
+        int failed;         /* -1: making the tree private; else index in detach */
+    };
+    static int corral_hold_mntns(void *arg) {
+        /* A process that only exists so that its new mount namespace can be opened: the
+           tree is made private first (so that nothing detached below propagates back to
+           the namespace it was copied from), then every listed mount point is detached,
+           each as often as something is mounted there. Shares the caller's memory: it
+           writes its result into the struct, then one byte, then waits for SIGKILL. */
+        struct corral_mntns_holder *h = arg;
+        h->err = 0;
+        h->failed = -1;
+        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) {
+            h->err = errno;
+        } else {
+            for (int i = 0; h->detach[i] != NULL && h->err == 0; i++) {
+                while (umount2(h->detach[i], MNT_DETACH) == 0) {}
+                if (errno != EINVAL && errno != ENOENT) {
+                    h->err = errno;
+                    h->failed = i;
+                }
+            }
+        }
+        while (write(h->ready_w, "r", 1) < 0 && errno == EINTR) {}
+        for (;;) pause();
+        return 0;
+    }
+    static int corral_clone_mntns_holder(void *stack_top, struct corral_mntns_holder *h) {
+        return clone(corral_hold_mntns, stack_top, CLONE_VM | CLONE_NEWNS | SIGCHLD, h);
+    }
     static int corral_exec_helper(void *arg) {
         /* A setuid id-map helper (newuidmap/newgidmap), run by the launcher. */
         char **argv = (char **)arg;
         static char *const empty_env[] = {NULL};
         execve(argv[0], argv, empty_env);
         _exit(127);
+    }
+    static int corral_start_helper(char **argv, void *stack_top) {
+        /* Returns at once: the helper runs on its own stack in this address space, with
+           this descriptor table (exec gives it its own, close-on-exec ones closed), until
+           it execs; argv and the stack must live until it has been waited for. */
+        return clone(corral_exec_helper, stack_top, CLONE_VM | CLONE_FILES | SIGCHLD, argv);
     }
     static int corral_wait_status(int pid) {
         int status = 0;
@@ -258,6 +304,21 @@ cdef extern from * nogil:
         struct pollfd p = {fd, POLLIN, 0};
         return poll(&p, 1, 0) == 1;
     }
+    static int corral_wait_readable(int fd) {
+        struct pollfd p = {fd, POLLIN, 0};
+        int n;
+        while ((n = poll(&p, 1, -1)) < 0 && errno == EINTR) {}
+        return n == 1 ? 0 : -1;
+    }
+    static int corral_file_empty(const char *path) {
+        char c;
+        ssize_t n;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return 1;
+        while ((n = read(fd, &c, 1)) < 0 && errno == EINTR) {}
+        close(fd);
+        return n != 1;
+    }
     #include <sys/mman.h>
     #define CORRAL_STACK_SIZE (256 * 1024)
     static void *corral_stack_alloc(void) {
@@ -315,6 +376,15 @@ cdef extern from * nogil:
     int corral_pidfd_open(pid_t pid)
     int corral_idmap_tree(int tree_fd, int userns_fd, unsigned long long extra, int recursive)
     int corral_clone_userns_holder(void *stack_top)
+    int corral_clone_shared_userns_holder(void *stack_top)
+    int corral_start_helper(char **argv, void *stack_top)
+    int corral_wait_status(int pid)
+    struct corral_mntns_holder:
+        char **detach
+        int ready_w
+        int err
+        int failed
+    int corral_clone_mntns_holder(void *stack_top, corral_mntns_holder *h)
     void corral_run_helpers(char **argv1, void *stack1, char **argv2, void *stack2,
                             int *status1, int *status2)
     int corral_open_tree_clone(const char *path)
@@ -337,6 +407,8 @@ cdef extern from * nogil:
     int corral_write_all(int fd, const char *buf, size_t len)
     void corral_set_errno(int e)
     int corral_fd_readable(int fd)
+    int corral_wait_readable(int fd)
+    int corral_file_empty(const char *path)
     ctypedef struct sigset_t:
         pass
     void *corral_stack_alloc()
@@ -454,16 +526,17 @@ cdef enum OpKind:
     OP_SYMLINK = 5      # source (link text), target
     OP_PIVOT = 6        # target: the new root
     OP_MASK_FILE = 7    # target: bind /dev/null over it when it exists
-    OP_MASK_DIR = 8     # target: empty read-only tmpfs over it when it exists
+    OP_MASK_DIR = 8     # target: source (an empty directory) bound read-only over it, when it exists
     OP_TOUCH = 9        # target: empty file (a bind-mount point)
     OP_RO_SELF = 10     # target: bound onto itself and made read-only, when it exists
     OP_ATTACH = 11      # target: attach the detached mount tree of descriptor `flags`
+    OP_SYSCTLS = 12     # target: the sandbox's own /proc/sys/user; the plan's sysctls go there
 
 OP_KINDS = {
     "mkdir": OP_MKDIR, "mount": OP_MOUNT, "setattr": OP_SETATTR, "file": OP_FILE,
     "symlink": OP_SYMLINK, "pivot": OP_PIVOT, "mask_file": OP_MASK_FILE,
     "mask_dir": OP_MASK_DIR, "touch": OP_TOUCH, "ro_self": OP_RO_SELF,
-    "attach": OP_ATTACH,
+    "attach": OP_ATTACH, "sysctls": OP_SYSCTLS,
 }
 
 cdef struct mount_op:
@@ -522,7 +595,7 @@ cdef struct child_plan:
     int pdeathsig
     int parent_pidfd     # pidfd of the runtime itself, set by spawn_init/spawn_join
     int exec_fd          # init: execveat this fd instead of argv[0]
-    char **sysctl_paths  # init: /proc/sys/user/* files of the new user namespace...
+    char **sysctl_names  # init: /proc/sys/user/* files of the new user namespace...
     char **sysctl_values # ...and the values written to them (NULL-terminated arrays)
     int ctty             # commands: make descriptor 0 (a pty slave) the controlling terminal
     long run_uid         # commands: the uid/gid inside to run as (-1: root)
@@ -556,8 +629,8 @@ cdef class ChildPlan:
             seccomp_bpf: raw struct sock_filter array, or None for no filter.
             seccomp_flags: flags of seccomp(SECCOMP_SET_MODE_FILTER), e.g. LOG.
             cgroup_fds: open cgroup.procs descriptors the child writes "0" into.
-            sysctls: (path, value) pairs PID 1 writes once it is root in its new user
-                namespace: that namespace's own /proc/sys/user limits.
+            sysctls: (name, value) pairs of that namespace's own /proc/sys/user limits,
+                which PID 1 writes at the plan's "sysctls" op (in the directory it names).
             ctty: after setsid and the fds, make descriptor 0 (which must be a terminal,
                 e.g. a pty slave of the sandbox's own devpts) the controlling terminal.
             user: (uid, gid) inside to run as, with no supplementary groups; None: root.
@@ -636,7 +709,7 @@ cdef class ChildPlan:
         self.c.ctty = 1 if ctty else 0
         self.c.run_uid, self.c.run_gid = (-1, -1) if user is None else (user[0], user[1])
         pairs = list(sysctls)
-        self.c.sysctl_paths = self._strv([path for path, _ in pairs])
+        self.c.sysctl_names = self._strv([name for name, _ in pairs])
         self.c.sysctl_values = self._strv([str(value) for _, value in pairs])
 
     def __dealloc__(self):
@@ -649,7 +722,7 @@ cdef class ChildPlan:
         free(self.c.envp)
         free(self.c.search_path)
         free(self.c.cgroup_fds)
-        free(self.c.sysctl_paths)
+        free(self.c.sysctl_names)
         free(self.c.sysctl_values)
 
     cdef void *_alloc(self, size_t size) except NULL:
@@ -751,9 +824,20 @@ cdef int apply_mounts(child_plan *plan, int report_fd) noexcept nogil:
             if mount("/dev/null", op.target, NULL, MS_BIND, NULL) != 0 and errno != ENOENT:
                 fail(report_fd, STEP_MOUNT, i)
         elif op.kind == OP_MASK_DIR:
-            if mount("tmpfs", op.target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                     "size=0,mode=0555") != 0 and errno != ENOENT:
+            # a bind of an empty directory, not a tmpfs: no superblock (and so no shrinker
+            # in every memory cgroup's table) per masked directory per sandbox
+            fd = open(op.target, O_PATH | O_CLOEXEC)
+            if fd < 0:
+                if errno == ENOENT:
+                    continue  # this kernel has no such directory: nothing to hide
                 fail(report_fd, STEP_MOUNT, i)
+            close(fd)
+            if mount(op.source, op.target, NULL, MS_BIND, NULL) != 0:
+                fail(report_fd, STEP_MOUNT, i)
+            if corral_mount_setattr(op.target, 0,
+                                    CORRAL_MOUNT_ATTR_RDONLY | CORRAL_MOUNT_ATTR_NOSUID
+                                    | CORRAL_MOUNT_ATTR_NODEV | CORRAL_MOUNT_ATTR_NOEXEC) != 0:
+                fail(report_fd, STEP_READONLY, i)
         elif op.kind == OP_RO_SELF:
             if mount(op.target, op.target, NULL, MS_BIND | MS_REC, NULL) != 0:
                 if errno == ENOENT:
@@ -766,6 +850,8 @@ cdef int apply_mounts(child_plan *plan, int report_fd) noexcept nogil:
         elif op.kind == OP_ATTACH:
             if corral_move_mount_fd(<int>op.flags, op.target) != 0:
                 fail(report_fd, STEP_MOUNT, i)
+        elif op.kind == OP_SYSCTLS:
+            write_sysctls(plan, op.target, report_fd)
         elif op.kind == OP_PIVOT:
             # pivot_root(".", ".") stacks the old root under the new one; detaching it
             # leaves only the new tree, with no directory needed for the old root.
@@ -917,13 +1003,26 @@ cdef void set_death_signal(child_plan *plan, int report_fd) noexcept nogil:
         _exit(126)
 
 
-cdef void write_sysctls(child_plan *plan, int report_fd) noexcept nogil:
+cdef void write_sysctls(child_plan *plan, const char *dir, int report_fd) noexcept nogil:
     """Cap this user namespace's own quotas (/proc/sys/user/*: the files are per user
-    namespace, and its root may lower them); a sandbox's charges stop here first."""
+    namespace, and its root may lower them); a sandbox's charges stop here first.
+
+    dir is the sandbox's own procfs, just mounted: in the host's, every user namespace
+    that looked a file up left a dentry of its own under one parent and name (the names
+    match, the namespace does not), all in one hash chain, so each lookup walked one
+    entry per sandbox held (1 ms each at 1,000 sandboxes, 12 files per create)."""
+    cdef char path[512]
+    cdef size_t dir_len = strlen(dir), name_len
     cdef int i = 0
-    while plan.sysctl_paths[i] != NULL:
-        if write_file(plan.sysctl_paths[i], plan.sysctl_values[i],
-                      strlen(plan.sysctl_values[i])) != 0:
+    while plan.sysctl_names[i] != NULL:
+        name_len = strlen(plan.sysctl_names[i])
+        if dir_len + name_len + 2 > sizeof(path):
+            corral_set_errno(36)  # ENAMETOOLONG
+            fail(report_fd, STEP_SYSCTL, i)
+        memcpy(path, dir, dir_len)
+        path[dir_len] = 47  # '/'
+        memcpy(path + dir_len + 1, plan.sysctl_names[i], name_len + 1)
+        if write_file(path, plan.sysctl_values[i], strlen(plan.sysctl_values[i])) != 0:
             fail(report_fd, STEP_SYSCTL, i)
         i += 1
 
@@ -937,7 +1036,6 @@ cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
     if corral_setresuid0() != 0:
         fail(report_fd, STEP_SETRESUID, -1)
     set_death_signal(plan, report_fd)
-    write_sysctls(plan, report_fd)
     if attach_cgroups(plan) != 0:
         fail(report_fd, STEP_CGROUP_ATTACH, -1)
     # A cgroup namespace rooted at the sandbox's own cgroup, now that we are in it.
@@ -964,6 +1062,9 @@ cdef struct init_args:
     const char *gid_map
     size_t gid_map_len
     long owner_uid      # >= 0: create the user namespace with this effective uid
+    int mount_ns_fd     # >= 0: the mount namespace PID 1's own is copied from
+    int user_ns_fd      # >= 0: PID 1's user namespace, being id-mapped by the helpers...
+    int map_pidfds[2]   # ...behind these pidfds (-1: a helper that never started)
     char **uid_helper   # not NULL: run these (newuidmap, newgidmap) instead of writing the
     char **gid_helper   # maps; argv[1] points to pid_text, filled in with PID 1's pid
     char *pid_text
@@ -1035,10 +1136,46 @@ cdef int run_map_helpers(init_args *a, long pid) noexcept nogil:
     return -1
 
 
+cdef int wait_for_maps(init_args *a) noexcept nogil:
+    """In the launcher, which joined the namespace being mapped: wait until both helpers
+    have exited (their pidfds turn readable); 0 when both maps are written."""
+    cdef int i
+    for i in range(2):
+        if a.map_pidfds[i] < 0 or corral_wait_readable(a.map_pidfds[i]) != 0:
+            return -1
+    if corral_file_empty("/proc/self/uid_map") or corral_file_empty("/proc/self/gid_map"):
+        return -1
+    return 0
+
+
 cdef int write_proc_file(long pid, const char *leaf, const char *data, size_t len) noexcept nogil:
     cdef char path[64]
     proc_path(path, pid, leaf)
     return write_file(path, data, len)
+
+
+cdef int enter_launcher_namespaces(init_args *a) noexcept nogil:
+    """Where the launcher clones PID 1 from; returns CLONE_NEWUSER, or 0 when PID 1 is
+    made in a user namespace joined here."""
+    # PID 1's mount namespace is a copy of the launcher's: join the small base namespace
+    # first, so the copy does not grow with the mounts the runtime holds (a workspace per
+    # sandbox) and neither does what PID 1 makes private and detaches at pivot_root.
+    if a.mount_ns_fd >= 0 and corral_setns(a.mount_ns_fd, CLONE_NEWNS) != 0:
+        fail(a.report_fd, STEP_SETNS, -1)
+    # The user namespace's owner is the creator's effective uid, and the kernel charges
+    # every per-user quota spent inside (inotify, mqueue bytes, namespaces) to the owner in
+    # the parent namespace as well: create it as the sandbox's own host uid, not as root.
+    if a.owner_uid >= 0:
+        corral_lift_user_pools()
+        if corral_become_owner(<unsigned int>a.owner_uid) != 0:
+            fail(a.report_fd, STEP_OWNER, -1)
+    # A user namespace whose helpers were started beforehand (UserNamespaceInProgress) is
+    # joined, and PID 1's other namespaces are made under it while they run.
+    if a.user_ns_fd >= 0:
+        if corral_setns(a.user_ns_fd, CLONE_NEWUSER) != 0:
+            fail(a.report_fd, STEP_SETNS, -1)
+        return 0
+    return CLONE_NEWUSER
 
 
 cdef int init_launcher(void *arg) noexcept nogil:
@@ -1046,13 +1183,15 @@ cdef int init_launcher(void *arg) noexcept nogil:
 
     PID 1 is cloned with CLONE_VM (no page tables copied) and CLONE_PARENT (it is the
     runtime's child). This launcher still has the runtime's privileges, so it writes
-    uid_map/setgroups/gid_map itself, releases PID 1, and waits until PID 1 has exec'd
+    uid_map/setgroups/gid_map itself (or runs newuidmap/newgidmap, or waits for those
+    started earlier on the user namespace it joined), releases PID 1, and waits until PID 1 has exec'd
     corral-init (or died) before exiting: only then may the runtime run on the memory
     PID 1 was borrowing.
     """
     cdef init_args *a = <init_args *>arg
     cdef int pid
     cdef int err
+    cdef int new_user
     cdef report r
     cdef int fds[2]
     # The two pipes between launcher and PID 1 are made here, not by the runtime: the
@@ -1065,15 +1204,9 @@ cdef int init_launcher(void *arg) noexcept nogil:
         fail(a.report_fd, STEP_CLONE, -1)
     a.exec_r = fds[0]
     a.exec_w = fds[1]
-    # The user namespace's owner is the creator's effective uid, and the kernel charges
-    # every per-user quota spent inside (inotify, mqueue bytes, namespaces) to the owner in
-    # the parent namespace as well: create it as the sandbox's own host uid, not as root.
-    if a.owner_uid >= 0:
-        corral_lift_user_pools()
-        if corral_become_owner(<unsigned int>a.owner_uid) != 0:
-            fail(a.report_fd, STEP_OWNER, -1)
+    new_user = enter_launcher_namespaces(a)
     pid = corral_vfork_clone_ns(init_main, a.init_stack_top,
-                                CLONE_PARENT | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
+                                CLONE_PARENT | new_user | CLONE_NEWPID | CLONE_NEWNS
                                 | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC, arg)
     err = errno
     if a.owner_uid >= 0 and corral_back_to_root() != 0:
@@ -1090,7 +1223,12 @@ cdef int init_launcher(void *arg) noexcept nogil:
     r.err = 0
     r.detail = pid
     corral_write_all(a.report_fd, <const char *>&r, sizeof(report))
-    if a.uid_helper != NULL:
+    if a.user_ns_fd >= 0:
+        # the helpers ran while PID 1's namespaces were made: wait for what is left
+        if wait_for_maps(a) != 0:
+            kill(pid, SIGKILL)
+            fail(a.report_fd, STEP_ID_MAPS, -1)
+    elif a.uid_helper != NULL:
         # Unprivileged, with subordinate ids: the setuid helpers check /etc/subuid and
         # /etc/subgid and write the maps (and setgroups) for us.
         format_pid(a.pid_text, pid)
@@ -1251,7 +1389,8 @@ def open_tree_clone(path):
 
 
 cdef char **helper_argv(list keep, list argv, char *pid_text) except NULL:
-    """A NULL-terminated C argv of a map helper; argv[1] is replaced by pid_text."""
+    """A NULL-terminated C array of argv's strings; argv[1] is replaced by pid_text
+    unless that is NULL (a map helper's argv gets PID 1's pid there)."""
     cdef char **v = <char **>malloc(sizeof(char *) * (len(argv) + 1))
     cdef int i
     if v == NULL:
@@ -1259,9 +1398,29 @@ cdef char **helper_argv(list keep, list argv, char *pid_text) except NULL:
     for i, item in enumerate(argv):
         raw = os.fsencode(item) + b"\0"
         keep.append(raw)
-        v[i] = pid_text if i == 1 else <char *>raw
+        v[i] = pid_text if i == 1 and pid_text != NULL else <char *>raw
     v[len(argv)] = NULL
     return v
+
+
+cdef int open_proc_ns(long pid, const char *leaf) except -1:
+    """A close-on-exec descriptor of /proc/<pid>/<leaf> (a namespace of a holder)."""
+    cdef char path[64]
+    cdef int fd, err
+    proc_path(path, pid, leaf)
+    fd = open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0:
+        err = errno
+        raise OSError(err, os.strerror(err), path.decode())
+    return fd
+
+
+cdef void kill_and_reap(int pid) noexcept nogil:
+    """SIGKILL a child (a namespace holder, a PID 1 that failed) and reap it."""
+    cdef int status = 0
+    kill(pid, SIGKILL)
+    while waitpid(pid, &status, 0) < 0 and errno == EINTR:
+        pass
 
 
 def userns_with_maps(bytes uid_map, bytes gid_map):
@@ -1276,8 +1435,7 @@ def userns_with_maps(bytes uid_map, bytes gid_map):
     """
     cdef void *stack = corral_stack_alloc()
     cdef sigset_t old_mask
-    cdef int pid, err = 0, status = 0, fd = -1
-    cdef char path[64]
+    cdef int pid, err = 0, fd = -1
     if stack == NULL:
         raise MemoryError("stack for the user namespace holder")
     try:
@@ -1294,17 +1452,191 @@ def userns_with_maps(bytes uid_map, bytes gid_map):
                 if write_proc_file(pid, leaf, data, len(data)) != 0:
                     err = errno
                     raise OSError(err, os.strerror(err), f"/proc/{pid}/{leaf.decode()}")
-            proc_path(path, pid, "ns/user")
-            fd = open(path, O_RDONLY | O_CLOEXEC)
-            if fd < 0:
-                err = errno
-                raise OSError(err, os.strerror(err), f"/proc/{pid}/ns/user")
+            fd = open_proc_ns(pid, "ns/user")
         finally:
-            kill(pid, SIGKILL)
             with nogil:
-                while waitpid(pid, &status, 0) < 0 and errno == EINTR:
-                    pass
+                kill_and_reap(pid)
     finally:
+        corral_stack_free(stack)
+    return fd
+
+
+cdef class UserNamespaceInProgress:
+    """A new user namespace that newuidmap and newgidmap are mapping while the caller goes
+    on preparing the sandbox (an unprivileged caller with subordinate ids).
+
+    Each helper is a setuid program that costs about 2 ms to start, and PID 1 can do
+    little before its maps exist (a file it creates needs a mapped owner: EOVERFLOW), so
+    run by the launcher after PID 1's clone they were on every create's path. Started
+    here first, on a namespace held by a process cloned into it (sharing this address
+    space and descriptor table, every signal blocked), they run while the runtime makes
+    the sandbox's directories, plans and descriptors, and while the launcher makes PID 1's
+    other namespaces in this one (spawn_init(user_namespace=...)); the launcher waits for
+    them (their pidfds) only then. close() waits for them and ends the holder.
+
+    Raises (constructor):
+        OSError: the holder could not be cloned.
+    """
+
+    cdef int holder
+    cdef int helper_pids[2]
+    cdef int helper_pidfds[2]   # what the launcher waits on (it is not their parent)
+    cdef int helper_status[2]   # wait statuses, once waited for (-1: never started)
+    cdef int helper_errno
+    cdef void *stack
+    cdef void *helper_stacks[2]
+    cdef char **helper_argvs[2]
+    cdef char pid_text[24]
+    cdef list keep
+
+    def __cinit__(self):
+        self.holder = -1
+        self.helper_pids[0] = self.helper_pids[1] = -1
+        self.helper_pidfds[0] = self.helper_pidfds[1] = -1
+        self.helper_status[0] = self.helper_status[1] = -1
+        self.keep = []
+
+    def __init__(self, uid_helper, gid_helper):
+        """uid_helper, gid_helper: argv of newuidmap and newgidmap (argv[1], the pid, is
+        the holder's)."""
+        cdef sigset_t old_mask
+        cdef int err = 0, i
+        try:
+            self.stack = corral_stack_alloc()
+            self.helper_stacks[0] = corral_stack_alloc()
+            self.helper_stacks[1] = corral_stack_alloc()
+            if self.stack == NULL or self.helper_stacks[0] == NULL or self.helper_stacks[1] == NULL:
+                raise MemoryError("stacks for the user namespace holder and its helpers")
+            with nogil:
+                corral_block_signals(&old_mask)
+                self.holder = corral_clone_shared_userns_holder(corral_stack_top(self.stack))
+                err = errno
+                corral_restore_signals(&old_mask)
+            if self.holder < 0:
+                raise OSError(err, "clone(CLONE_NEWUSER): " + os.strerror(err))
+            format_pid(self.pid_text, self.holder)
+            self.helper_argvs[0] = helper_argv(self.keep, list(uid_helper), self.pid_text)
+            self.helper_argvs[1] = helper_argv(self.keep, list(gid_helper), self.pid_text)
+            with nogil:
+                corral_block_signals(&old_mask)
+                for i in range(2):
+                    self.helper_pids[i] = corral_start_helper(
+                        self.helper_argvs[i], corral_stack_top(self.helper_stacks[i]))
+                    if self.helper_pids[i] < 0:
+                        self.helper_errno = errno
+                    else:
+                        self.helper_pidfds[i] = corral_pidfd_open(self.helper_pids[i])
+                corral_restore_signals(&old_mask)
+        except BaseException:
+            self.close()
+            raise
+
+    cdef int lend(self, init_args *args) except -1:
+        """Give the launcher the namespace (a descriptor spawn_init closes) and the
+        helpers' pidfds to wait on."""
+        args.user_ns_fd = open_proc_ns(self.holder, "ns/user")
+        args.map_pidfds[0] = self.helper_pidfds[0]
+        args.map_pidfds[1] = self.helper_pidfds[1]
+        return 0
+
+    cdef object explain(self, failure):
+        """failure, or for the launcher's "maps not written" the SpawnError naming the
+        helper that failed (STEP_ID_MAPS; detail = which helper << 16 | its wait status,
+        0xffff when it could not be started), once both have been waited for."""
+        cdef int i, err
+        if not isinstance(failure, SpawnError) or failure.step != STEP_ID_MAPS:
+            return failure
+        self.wait_helpers()
+        for i in range(2):
+            if self.helper_status[i] != 0:
+                err = 1 if self.helper_status[i] > 0 else self.helper_errno  # EPERM
+                return SpawnError(STEP_ID_MAPS, err,
+                                  ((i + 1) << 16) | (self.helper_status[i] & 0xffff))
+        return failure
+
+    cdef void wait_helpers(self) noexcept nogil:
+        cdef int i
+        for i in range(2):
+            if self.helper_pids[i] > 0:  # setuid: ours to wait for, not to kill
+                self.helper_status[i] = corral_wait_status(self.helper_pids[i])
+                self.helper_pids[i] = -1
+            if self.helper_pidfds[i] >= 0:
+                close(self.helper_pidfds[i])
+                self.helper_pidfds[i] = -1
+
+    def close(self):
+        """End the holder (and wait for helpers still running); idempotent."""
+        cdef int i
+        with nogil:
+            self.wait_helpers()
+            if self.holder > 0:
+                kill_and_reap(self.holder)
+                self.holder = -1
+        # only now that no helper can still be on them (waited above)
+        for i in range(2):
+            corral_stack_free(self.helper_stacks[i])
+            self.helper_stacks[i] = NULL
+            free(self.helper_argvs[i])
+            self.helper_argvs[i] = NULL
+        corral_stack_free(self.stack)
+        self.stack = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+
+def mount_namespace_without(detach):
+    """A descriptor of a new mount namespace: a private copy of this process's, with the
+    mount points in detach (paths, each the top of what goes) detached in it.
+
+    The copy is made by a holder process cloned into it (sharing this address space, on
+    its own stack, every signal blocked), which makes its tree private and detaches the
+    paths; its ns/mnt is opened and it is killed and reaped. The namespace lives as long
+    as the descriptor. Needs CAP_SYS_ADMIN (root).
+
+    Raises:
+        OSError: clone, a step in the holder (filename: the path) or the open failed.
+    """
+    cdef void *stack = corral_stack_alloc()
+    cdef sigset_t old_mask
+    cdef corral_mntns_holder holder
+    cdef int pid, err = 0, fd = -1
+    cdef int ready[2]
+    cdef list keep = []
+    if stack == NULL:
+        raise MemoryError("stack for the mount namespace holder")
+    ready[0] = ready[1] = -1
+    detach = list(detach)
+    holder.detach = NULL
+    try:
+        holder.detach = helper_argv(keep, detach, NULL)
+        cloexec_pipe(ready)
+        holder.ready_w = ready[1]
+        with nogil:
+            corral_block_signals(&old_mask)
+            pid = corral_clone_mntns_holder(corral_stack_top(stack), &holder)
+            err = errno
+            corral_restore_signals(&old_mask)
+        close(ready[1])
+        ready[1] = -1
+        if pid < 0:
+            raise OSError(err, "clone(CLONE_NEWNS): " + os.strerror(err))
+        try:
+            if read_byte(ready[0]) != 1:
+                raise OSError(5, "the mount namespace holder exited before it was ready")
+            if holder.err != 0:
+                what = "/" if holder.failed < 0 else detach[holder.failed]
+                step = "mount(MS_REC|MS_PRIVATE)" if holder.failed < 0 else "umount2(MNT_DETACH)"
+                raise OSError(holder.err, f"{step}: {os.strerror(holder.err)}", what)
+            fd = open_proc_ns(pid, "ns/mnt")
+        finally:
+            with nogil:
+                kill_and_reap(pid)
+    finally:
+        for end in (ready[0], ready[1]):
+            if end >= 0:
+                close(end)
+        free(holder.detach)
         corral_stack_free(stack)
     return fd
 
@@ -1321,7 +1653,8 @@ def idmap_tree(int tree_fd, int userns_fd, unsigned long long attrs=0, bint recu
 
 
 def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
-               map_helpers=None):
+               map_helpers=None, int mount_ns_fd=-1,
+               UserNamespaceInProgress user_namespace=None):
     """Create a sandbox's PID 1; returns (pid, pidfd).
 
     A vfork-style launcher clones PID 1 into new user, PID, mount, network, UTS and IPC
@@ -1330,7 +1663,12 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
     launcher creates the user namespace with that effective uid (the namespace's owner,
     charged for its per-user quotas), then returns to root to write the maps. With
     map_helpers = (newuidmap argv, newgidmap argv) the launcher runs those instead (argv[1]
-    becomes PID 1's pid): how an unprivileged caller maps its subordinate ids.
+    becomes PID 1's pid): how an unprivileged caller maps its subordinate ids. With
+    mount_ns_fd >= 0 the launcher joins that mount namespace first (root: the base
+    namespace of mount_namespace_without), so PID 1's is a copy of it, not of the runtime's.
+    With user_namespace (its helpers started earlier) the launcher joins that namespace,
+    makes PID 1's other namespaces in it and then waits for the helpers: uid_map, gid_map
+    and map_helpers are not used.
 
     Raises:
         SpawnError: the child failed a step (step, errno, detail are attributes).
@@ -1354,6 +1692,7 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         corral_stack_free(init_stack)
         raise MemoryError("stacks for the sandbox launcher")
     rep[0] = rep[1] = -1
+    args.user_ns_fd = -1
     args.uid_helper = NULL
     args.gid_helper = NULL
     args.pid_text = pid_text
@@ -1379,6 +1718,9 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         args.gid_map = gid_map
         args.gid_map_len = len(gid_map)
         args.owner_uid = owner_uid
+        args.mount_ns_fd = mount_ns_fd
+        if user_namespace is not None:
+            user_namespace.lend(&args)
         with nogil:
             corral_block_signals(&old_mask)
             launcher = corral_vfork_clone(init_launcher, corral_stack_top(launcher_stack),
@@ -1396,7 +1738,7 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
                 while waitpid(launcher, &status, 0) < 0 and errno == EINTR:
                     pass
     finally:
-        for fd in (rep[0], rep[1], plan.c.parent_pidfd):
+        for fd in (rep[0], rep[1], plan.c.parent_pidfd, args.user_ns_fd):
             if fd >= 0:
                 close(fd)
         plan.c.parent_pidfd = -1
@@ -1407,6 +1749,8 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         free(args.uid_helper)
         free(args.gid_helper)
     child = pid
+    if user_namespace is not None and failure is not None:
+        failure = user_namespace.explain(failure)
     if failure is None and not child:
         failure = OSError(5, f"sandbox launcher exited ({status:#x}) without creating PID 1")
     if failure is None:
@@ -1415,10 +1759,8 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
             return pid, pidfd
         failure = OSError(errno, "pidfd_open")
     if child:
-        kill(child, SIGKILL)
         with nogil:
-            while waitpid(child, &status, 0) < 0 and errno == EINTR:
-                pass
+            kill_and_reap(child)
     raise failure
 
 

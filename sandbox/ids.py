@@ -36,7 +36,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from .errors import CorralError, ResourceExhausted
+from .errors import CorralError, ResourceExhausted, SandboxSetupError
 from .procinfo import live_start_time
 
 #: Ids per sandbox (0..65535 inside, what most images expect).
@@ -438,6 +438,31 @@ class Rootless:
         why = ("no newuidmap/newgidmap (apt-get install uidmap)"
                if self.sub_uid and self.sub_gid else f"no range in {SUBUID}/{SUBGID}")
         return f"root inside = uid {self.uid}, the only id mapped ({why})"
+
+
+def map_in_background(helpers: tuple[list[str], list[str]] | None):
+    """Start newuidmap and newgidmap (helpers: Rootless.helpers()) on a new user namespace,
+    to run while the caller prepares the rest of the sandbox; None without helpers.
+
+    Returns an _spawn.UserNamespaceInProgress, for spawn_init(user_namespace=...) to make
+    PID 1 in; the caller close()s it after the spawn, whatever happened. Started under
+    WRITE_CLONE, as every clone is.
+
+    Raises:
+        SandboxSetupError: the namespace's holder could not be cloned (EAGAIN, ENOSPC:
+            this user's processes or user namespaces ran out).
+    """
+    if helpers is None:
+        return None
+    from corral.ext import _spawn
+
+    from .workspace import CLONING, WRITE_CLONE
+
+    try:
+        with WRITE_CLONE.hold(CLONING):
+            return _spawn.UserNamespaceInProgress(*helpers)
+    except OSError as exc:
+        raise SandboxSetupError("clone(CLONE_NEWUSER)", None, exc.errno or 5) from None
 
 
 def _own_entry(entries: list[SubIdEntry], uid: int) -> SubIdEntry | None:

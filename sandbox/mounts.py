@@ -81,6 +81,7 @@ class MountOp:
     """One step of the plan; field meaning depends on kind (see ext/_spawn.pyx OpKind)."""
 
     kind: str  # mkdir mount setattr file symlink pivot mask_file mask_dir touch ro_self attach
+    #            sysctls
     target: str
     source: str | None = None
     fstype: str | None = None
@@ -150,6 +151,7 @@ def plan(
     detached: dict[str, int] | None = None,
     support: dict[str, str] | None = None,
     image_root: int | None = None,
+    empty_dir: str | None = None,
 ) -> list[MountOp]:
     """Ordered mount operations that build the sandbox's filesystem view.
 
@@ -167,6 +169,8 @@ def plan(
             (sandbox/images/overlay.py), attached as the root instead of the tmpfs; no
             host system directory is bound and /etc is the image's (its generated
             hosts, hostname and resolv.conf are already in the overlay's upper layer).
+        empty_dir: an empty host directory bound read-only over each masked /proc
+            directory (default: "empty" beside root, which the runtime makes with it).
     """
     steps = _PlanSteps(root, host or HostView(), detached or {})
     # 1. Nothing we mount may propagate back to the host.
@@ -177,7 +181,7 @@ def plan(
     else:
         steps.host_root(spec)  # 2-4. a tmpfs root, host system directories, a minimal /etc
     steps.dev(spec, in_root_tmpfs=image_root is None)  # 5
-    steps.proc()  # 6
+    steps.proc(empty_dir or os.path.join(os.path.dirname(root), "empty"))  # 6
     # 7. Writable scratch: /tmp and the workspace.
     steps.mkdirs("/tmp", 0o1777)
     steps.add("mount", steps.inside("/tmp"), source="tmpfs", fstype="tmpfs",
@@ -296,14 +300,49 @@ class _PlanSteps:
                              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
             self.add("symlink", inside("/dev/" + name), source=target)
 
-    def proc(self) -> None:
-        """6. A fresh /proc of the sandbox's PID namespace, with the host-wide parts hidden."""
+    def proc(self, empty_dir: str) -> None:
+        """6. A fresh /proc of the sandbox's PID namespace, with the host-wide parts hidden
+        (masked directories: empty_dir bound over them, read-only). Its /proc/sys/user is
+        where PID 1 caps its user namespace's quotas, before /proc/sys is read-only."""
         self.mkdirs("/proc", 0o555)
         self.add("mount", self.inside("/proc"), source="proc", fstype="proc",
                  flags=MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        self.add("sysctls", self.inside("/proc/sys/user"))
         for path in PROC_READ_ONLY:
             self.add("ro_self", self.inside(path))
         for path in PROC_MASKED_FILES:
             self.add("mask_file", self.inside(path))
         for path in PROC_MASKED_DIRS:
-            self.add("mask_dir", self.inside(path))
+            self.add("mask_dir", self.inside(path), source=empty_dir)
+
+
+def base_namespace_detach(mount_points: list[str], needed: tuple[str, ...],
+                          needed_trees: tuple[str, ...]) -> list[str]:
+    """The mount points to detach from a copy of the runtime's mount namespace so that
+    it keeps only what a sandbox's setup reaches by path (the base namespace every PID 1
+    copies its own from; sandbox/contain.py base_mount_namespace).
+
+    Kept: every mount that holds a path in needed (it or one of its ancestors) and every
+    mount below a path in needed_trees (those are bound recursively). Everything else
+    goes: the tops of what goes, in the order given, each once (detaching a mount takes
+    what is mounted below it).
+
+    Args:
+        mount_points: the namespace's mount points (/proc/self/mountinfo's fifth field).
+        needed: absolute paths the setup opens or binds by path.
+        needed_trees: the subset bound with everything mounted below it.
+    """
+    def within(path: str, top: str) -> bool:
+        return top == "/" or path == top or path.startswith(top.rstrip("/") + "/")
+
+    def kept(point: str) -> bool:
+        return (any(within(path, point) for path in needed)
+                or any(within(point, tree) for tree in needed_trees))
+
+    drops: list[str] = []
+    for point in mount_points:
+        if kept(point) or any(within(point, top) for top in drops):
+            continue
+        drops = [top for top in drops if not within(top, point)]
+        drops.append(point)
+    return drops

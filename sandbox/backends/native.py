@@ -438,8 +438,11 @@ class Sandbox(SandboxLifecycle):
         privileged = os.geteuid() == 0
         self._move("starting")
         opened: list[int] = []
+        mapping = None
         try:
             id_maps = self._resolve_ids(privileged)
+            # rootless: the setuid id-map helpers run while the rest is prepared
+            mapping = ids.map_in_background(id_maps[2])
             if self.spec.snapshot:
                 self._hold_snapshot(privileged)
             layout = _cgroup_layout()
@@ -459,7 +462,7 @@ class Sandbox(SandboxLifecycle):
             image_fd = self._image_root() if self._image is not None else None
             if image_fd is not None:
                 opened.append(image_fd)
-            self._spawn_init(root, id_maps, cgroup_fds, detached, image_fd, opened)
+            self._spawn_init(root, id_maps, cgroup_fds, detached, image_fd, opened, mapping)
             if self.spec.allow_net:  # before any command runs
                 self._open_egress(privileged)
             self._move("running")
@@ -469,6 +472,8 @@ class Sandbox(SandboxLifecycle):
         finally:
             for fd in opened:
                 os.close(fd)
+            if mapping is not None:
+                mapping.close()
 
     def _make_runtime_dir(self, privileged: bool) -> str:
         """This sandbox's runtime directory and its (empty) root mount point; returns the
@@ -480,6 +485,8 @@ class Sandbox(SandboxLifecycle):
             _own_directory(os.path.dirname(os.path.dirname(self.runtime_dir)), 0o700)
             _own_directory(os.path.dirname(self.runtime_dir), 0o700)
         os.mkdir(self.runtime_dir, 0o711)
+        # bound read-only over the masked /proc directories (mounts.plan's empty_dir)
+        os.mkdir(os.path.join(self.runtime_dir, "empty"), 0o555)
         root = os.path.join(self.runtime_dir, "root")
         os.mkdir(root, 0o700)
         if privileged:
@@ -497,9 +504,11 @@ class Sandbox(SandboxLifecycle):
         return cgroup_fds
 
     def _spawn_init(self, root: str, id_maps, cgroup_fds: tuple[int, ...],
-                    detached: dict[str, int], image_fd: int | None, opened: list[int]) -> None:
+                    detached: dict[str, int], image_fd: int | None, opened: list[int],
+                    mapping=None) -> None:
         """Clone PID 1 into its namespaces (corral-init, run from a descriptor), with the
-        status pipe it reports every exit on."""
+        status pipe it reports every exit on; mapping: the user namespace whose id-map
+        helpers were started earlier (ids.map_in_background), PID 1's."""
         from corral.ext import _spawn
 
         uid_map, gid_map, helpers = id_maps
@@ -528,7 +537,8 @@ class Sandbox(SandboxLifecycle):
             with WRITE_CLONE.hold(CLONING):
                 self.init_pid, self._init_pidfd = _spawn.spawn_init(
                     plan, uid_map, gid_map, contain.namespace_owner(self.spec),
-                    map_helpers=helpers)
+                    map_helpers=helpers if mapping is None else None, user_namespace=mapping,
+                    mount_ns_fd=contain.base_mount_namespace(root))
         except OSError as exc:
             raise _setup_error(exc, ops, helpers=helpers) from None
         if self._ids is not None:
@@ -755,7 +765,9 @@ class Sandbox(SandboxLifecycle):
             self._snapshot.close()
             self._snapshot = None
         if self.changes is not None:
-            if self.init_pid is None:  # the start failed before anything ran
+            # the start failed before anything ran: drop the change set, unless a deep
+            # task's attempt holds it (it outlives this sandbox: earlier attempts' work)
+            if self.init_pid is None and not self.changes.held():
                 self.changes.discard()
                 self.changes = None
             else:
