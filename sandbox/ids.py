@@ -46,8 +46,9 @@ POOL_NAME = "corral"
 #: Where a new pool goes when that space is free: above the 100000..600100000 span that
 #: useradd hands out (login.defs SUB_UID_MIN/MAX), below 2^32.
 POOL_START = 1 << 30
-#: Ranges in a new pool: this many sandboxes can run at once on one host.
-POOL_SLOTS = 4096
+#: Ranges in a new pool: this many sandboxes can run at once on one host (2^30 ids, so
+#: the pool ends at 2^31, well below the 2^32 ids a kernel has).
+POOL_SLOTS = 16384
 SUBUID = "/etc/subuid"
 SUBGID = "/etc/subgid"
 MAX_ID = (1 << 32) - 2  # (uid_t)-1 is "no id"
