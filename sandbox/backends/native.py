@@ -29,6 +29,7 @@ from .. import cgroup_tuning, cgroups, contain, fstree, ids, ptys, workspace_fs
 from ..errors import (
     CommandNotFound,
     CorralError,
+    FailedPrecondition,
     InvalidSpec,
     NotFound,
     SandboxSetupError,
@@ -463,6 +464,8 @@ class Sandbox(SandboxLifecycle):
             if image_fd is not None:
                 opened.append(image_fd)
             self._spawn_init(root, id_maps, cgroup_fds, detached, image_fd, opened, mapping)
+            if not self.spec.die_with_parent:  # PID 1 may outlive us: say which it is
+                self._write_state()
             if self.spec.allow_net:  # before any command runs
                 self._open_egress(privileged)
             self._move("running")
@@ -896,11 +899,58 @@ class Sandbox(SandboxLifecycle):
             "init_pid": self.init_pid,
             "init_start": _start_time(self.init_pid) if self.init_pid else None,
             "workspace": self.workspace if self._own_workspace else None,
+            # PID 1 does not die with its creator: live restore re-adopts it (adopt())
+            "adoptable": not self.spec.die_with_parent,
         }
         tmp = os.path.join(self.runtime_dir, "state.json.tmp")
         with open(tmp, "w") as f:
             json.dump(state, f)
         os.replace(tmp, os.path.join(self.runtime_dir, "state.json"))
+
+    @classmethod
+    def adopt(cls, spec: SandboxSpec, name: str, *, init_pidfd: int, status_fd: int,
+              tenant: str = "") -> Sandbox:
+        """A running sandbox that a process now gone started with spec (its host ids
+        fixed) and die_with_parent=False, taken over by this one (live restore: the
+        descriptors come from runtime/holder.py). This object owns init_pidfd and
+        status_fd from here on; new commands, signals, pause and destroy work as for a
+        sandbox this process started. Commands the old process ran are not Processes
+        here: their exit reports arrive as unclaimed ones (collect_exits).
+
+        Raises:
+            FailedPrecondition: spec uses what lived in the dead process (egress proxy,
+                image or snapshot references, a copy-on-write change set, secret values),
+                or PID 1 has ended, or the runtime directory is not this sandbox's.
+        """
+        kept = [f for f in ("allow_net", "image", "snapshot", "workspace_cow", "secrets")
+                if getattr(spec, f)]
+        if kept:
+            raise FailedPrecondition(f"sandbox {name}: cannot be adopted with {', '.join(kept)}")
+        sb = cls(spec, name=name, tenant=tenant)
+        try:
+            with open(os.path.join(sb.runtime_dir, "state.json")) as f:
+                state = json.load(f)
+            with open(f"/proc/self/fdinfo/{init_pidfd}") as f:
+                pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+        except (OSError, ValueError, StopIteration) as exc:
+            raise FailedPrecondition(f"sandbox {name}: no runtime state ({exc})") from None
+        if pid <= 0 or pid != state.get("init_pid") or select.select([init_pidfd], [], [], 0)[0]:
+            raise FailedPrecondition(f"sandbox {name}: its PID 1 has ended")
+        sb.init_pid, sb._init_pidfd, sb.status_fd = pid, init_pidfd, status_fd
+        layout = _cgroup_layout()
+        delegated = cgroups.delegation_problem(layout) is None
+        sb._prepared = contain.prepare(spec, cgroup=delegated)
+        if delegated:
+            sb._cgroup = cgroups.Cgroup.open(layout, name)
+        if os.geteuid() == 0:  # its range of the pool, released at destroy
+            slot = os.path.join(ids.state_dir(), str(spec.uid_base))
+            if os.path.exists(slot):
+                sb._ids = ids.IdRange(spec.uid_base, spec.uid_count, slot)
+        sb.workspace = state.get("workspace") or spec.workspace
+        sb._own_workspace = bool(state.get("workspace"))
+        sb.state = "running"
+        sb._write_state()  # this process is its creator now (sweep leaves it alone)
+        return sb
 
     @property
     def seccomp_digest(self) -> str:
@@ -1368,7 +1418,8 @@ def sweep(base: str | None = None) -> list[str]:
     """Remove what sandboxes of dead callers left behind; returns the ids removed.
 
     A sandbox whose creator crashed dies with it (PR_SET_PDEATHSIG on PID 1), but its
-    directories, cgroup and temporary workspace stay until someone removes them.
+    directories, cgroup and temporary workspace stay until someone removes them. One made
+    with die_with_parent=False ("adoptable", live restore) is kept while its PID 1 lives.
     """
     base = base or runtime_base()
     removed = []
@@ -1388,7 +1439,7 @@ def sweep(base: str | None = None) -> list[str]:
             creator_alive = os.path.exists(f"/proc/{state.get('creator')}")
             init_alive = state.get("init_pid") and _start_time(state["init_pid"]) == state.get(
                 "init_start")
-            if init_alive and not creator_alive:
+            if init_alive and not creator_alive and not state.get("adoptable"):
                 _thaw_abandoned(name)
             if creator_alive or init_alive:
                 continue
