@@ -14,7 +14,8 @@ from corral.v1 import sandbox_pb2 as pb
 
 from ..labels import ListQuery, check_labels
 from .errors import Servicer, streaming, unary
-from .wire import field_bytes, field_varint, varint
+from .exits import exit_fields
+from .wire import field_bytes, field_varint, fill_typed, varint
 
 #: Sandboxes.Stats: the shortest and longest sampling interval a client may ask for.
 STATS_MIN_INTERVAL_S = 0.1
@@ -195,9 +196,10 @@ async def stream_exec(handle, watchers: dict):
                 pending[asyncio.ensure_future(
                     watchers[stream].next_batch(EXEC_BATCH_BYTES))] = stream
         await handle.exited.wait()
-        yield pb.ExecEvent(exited=pb.ExecExited(
+        yield fill_typed(pb.ExecEvent(exited=pb.ExecExited(
             returncode=handle.returncode, reason=handle.reason, duration_s=handle.duration_s,
-        )).SerializeToString()
+            **exit_fields(handle.returncode, handle.reason),
+        ))).SerializeToString()
     finally:
         for fut in pending:
             fut.cancel()
@@ -215,9 +217,10 @@ FILE_EVENT_KINDS = {
 
 
 def file_stat_to_proto(info) -> pb.FileStat:
-    return pb.FileStat(path=info.path, kind=info.kind, size=info.size, mode=info.mode,
-                       mtime=info.mtime, link_target=info.link_target,
-                       allocated_bytes=info.allocated_bytes)
+    return fill_typed(pb.FileStat(path=info.path, kind=info.kind, size=info.size,
+                                  mode=info.mode, mtime=info.mtime,
+                                  link_target=info.link_target,
+                                  allocated_bytes=info.allocated_bytes))
 
 
 def _download_chunk(offset: int, data: bytes) -> bytes:

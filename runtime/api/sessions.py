@@ -32,6 +32,7 @@ from .bounds import (
     bounded_message,
 )
 from .errors import Servicer, record_denial, streaming, unary
+from .exits import exit_fields
 from .sandboxes import spec_from_proto
 from .wire import field_bytes, first_seq, varint
 
@@ -54,7 +55,8 @@ def _session_event(ev) -> bytes:
     if isinstance(ev, TurnEnded):
         return _event(turn_ended=pb.TurnEnded(turn=ev.turn, status=ev.status, seq=ev.seq))
     if isinstance(ev, Exited):
-        return _event(exited=pb.SessionExited(returncode=ev.returncode, reason=ev.reason))
+        return _event(exited=pb.SessionExited(returncode=ev.returncode, reason=ev.reason,
+                                              **exit_fields(ev.returncode, ev.reason)))
     if isinstance(ev, TaskNote):
         return _event(task=pb.SessionTaskEvent(**ev.__dict__))
     raise TypeError(ev)
@@ -498,6 +500,7 @@ def session_info(session) -> pb.SessionInfo:
         state=pb.SESSION_STATE_EXITED if exited is not None else pb.SESSION_STATE_RUNNING,
         labels=session.labels, created_at=session.created_at, last_seq=session.last_seq,
         turn=session.turn, owns_sandbox=session.owns_sandbox, watchers=session.attached,
+        **(exit_fields(exited.returncode, exited.reason) if exited is not None else {}),
         returncode=exited.returncode if exited is not None else 0,
         reason=exited.reason if exited is not None else "")
 

@@ -6,6 +6,8 @@ A command's status follows the shell: its own exit code, or 128+N when signal N 
 
 from __future__ import annotations
 
+import signal as _signal
+
 # Re-exported: the verbs and the terminal code take them from here.
 from ...sandbox.exit_status import killed_by as killed_by
 from ...sandbox.exit_status import shell_status as shell_status
@@ -30,3 +32,16 @@ def exec_ending(command: str, exited) -> tuple[int, str]:
     if exited.reason == "oom":
         return EXIT_OOM, f"{command}: killed by the memory limit (OOM)"
     return shell_status(exited.returncode), ""
+
+
+def status_words(exited) -> str:
+    """How an ExecExited or SessionExited reads on stderr, in the API's terms: "status 3",
+    or "status 143, signal 15 (SIGTERM)" when a signal ended it."""
+    words = f"status {shell_status(exited.returncode)}"
+    if exited.signal:
+        try:
+            name = f" ({_signal.Signals(exited.signal).name})"
+        except ValueError:
+            name = ""
+        words += f", signal {exited.signal}{name}"
+    return words

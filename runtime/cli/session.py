@@ -13,7 +13,7 @@ import time
 from corral.runtime.terminal import visible
 
 from .connection import add_daemon_parser, connect, daemon_verb
-from .exits import EXIT_USAGE, shell_status
+from .exits import EXIT_USAGE, shell_status, status_words
 from .flags import RAW_HELP, add_command, add_label_flags, command_argv, parse_labels
 from .output import fail
 
@@ -168,8 +168,8 @@ def _follow(args, stream) -> int:
                       file=sys.stderr)
             elif kind == "exited":
                 rate = tokens / max(time.monotonic() - started, 1e-9)
-                print(f"corral: agent exited ({event.exited.reason}, code "
-                      f"{event.exited.returncode}); {tokens} tokens, {rate:,.0f} tokens/s",
+                print(f"corral: agent exited ({event.exited.reason}, "
+                      f"{status_words(event.exited)}); {tokens} tokens, {rate:,.0f} tokens/s",
                       file=sys.stderr)
                 return shell_status(event.exited.returncode)
     finally:

@@ -29,11 +29,13 @@ _EXPORTS = {
     **dict.fromkeys(("ExecExited", "ExecOutput", "ExecResult", "ExecStarted", "FileEntry",
                      "Sandbox", "SessionExited", "SessionInfo", "SessionLagged",
                      "SessionOpened", "SessionRefused", "SessionTaskNews", "Snapshot", "Task",
+                     "ArchiveResult", "FileEvent", "FileStat", "Transfer",
                      "TaskLog", "TaskResult", "Tokens", "TurnEnded", "TurnStarted"), "types"),
 }
 
 __all__ = [
     "AlreadyExists",
+    "ArchiveResult",
     "AsyncClient",
     "AsyncSession",
     "Client",
@@ -44,6 +46,8 @@ __all__ = [
     "ExecStarted",
     "FailedPrecondition",
     "FileEntry",
+    "FileEvent",
+    "FileStat",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
@@ -62,6 +66,7 @@ __all__ = [
     "TaskLog",
     "TaskResult",
     "Tokens",
+    "Transfer",
     "TurnEnded",
     "TurnStarted",
     "Unavailable",
@@ -95,11 +100,14 @@ if TYPE_CHECKING:
     )
     from .sync import Client, SandboxHandle, Session
     from .types import (
+        ArchiveResult,
         ExecExited,
         ExecOutput,
         ExecResult,
         ExecStarted,
         FileEntry,
+        FileEvent,
+        FileStat,
         Sandbox,
         SessionExited,
         SessionInfo,
@@ -112,6 +120,7 @@ if TYPE_CHECKING:
         TaskLog,
         TaskResult,
         Tokens,
+        Transfer,
         TurnEnded,
         TurnStarted,
     )

@@ -152,7 +152,10 @@ class AsyncClient:
         try:
             async for answer in translated_aiter(answers):
                 item = call.convert(answer)
-                if item is not None:
+                if call.many:
+                    for one in item:
+                        yield one
+                elif item is not None:
                     yield item
         finally:
             answers.cancel()
@@ -225,6 +228,38 @@ class AsyncClient:
 
     async def list_files(self, sandbox_id: str, path: str = "") -> list[types.FileEntry]:
         return await self._run(calls.list_files(sandbox_id, path))
+
+    async def stat(self, sandbox_id: str, path: str) -> types.FileStat:
+        return await self._run(calls.stat_file(sandbox_id, path))
+
+    async def upload(self, sandbox_id: str, path: str, source: calls.Source, *,
+                     mode: int = 0, offset: int = 0) -> types.Transfer:
+        """As Client.upload (the source is read between chunks, on the event loop)."""
+        with calls.Upload(sandbox_id, path, source, mode, offset) as upload:
+            return await self._run(upload.call())
+
+    async def download(self, sandbox_id: str, path: str, dest: calls.Dest, *,
+                       offset: int = 0, length: int = 0) -> types.Transfer:
+        """As Client.download."""
+        with calls.Download(sandbox_id, path, dest, offset, length) as download:
+            async for answer in self._stream(download.call()):
+                download.take(answer)
+            return download.result()
+
+    async def put_archive(self, sandbox_id: str, path: str, archive: calls.Source
+                          ) -> types.ArchiveResult:
+        with calls.PutArchive(sandbox_id, path, archive) as put:
+            return await self._run(put.call())
+
+    async def get_archive(self, sandbox_id: str, path: str, dest: calls.Dest
+                          ) -> types.FileStat:
+        with calls.GetArchive(sandbox_id, path, dest) as get:
+            async for answer in self._stream(get.call()):
+                get.take(answer)
+            return get.stat
+
+    def watch_files(self, sandbox_id: str, path: str = "") -> AsyncIterator[types.FileEvent]:
+        return self._stream(calls.watch_files(sandbox_id, path))
 
     async def snapshot(self, sandbox_id: str, name: str = "") -> types.Snapshot:
         return await self._run(calls.snapshot(sandbox_id, name))

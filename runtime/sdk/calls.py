@@ -6,25 +6,30 @@ clients refuse the same bad input with the same InvalidArgument naming the argum
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, BinaryIO
 
 import grpc
 
 from corral.v1 import sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
 
 from . import types
-from .errors import InvalidArgument
+from .errors import InvalidArgument, error_for
 
 #: SDK argument -> SandboxSpec field, for the arguments given as sizes ("256M", or bytes).
 SIZE_ARGS = {"memory": "memory_bytes", "tmp": "tmp_bytes"}
-#: SDK argument -> SandboxSpec field, for the arguments given as durations ("30s", "2h").
-DURATION_ARGS = {"ttl": "ttl_s", "command_timeout": "command_timeout_s"}
+#: SDK argument -> SandboxSpec's Duration field, for the arguments given as durations ("30s",
+#: "2h", seconds or a timedelta).
+DURATION_ARGS = {"ttl": "ttl", "command_timeout": "command_timeout"}
 #: SandboxSpec fields taken as they are.
 PLAIN_ARGS = ("profile", "pids_max", "cpus", "env", "hostname", "allow_net", "backend",
-              "image", "snapshot", "workspace_dir", "workspace_cow")
+              "image", "snapshot", "workspace_dir", "workspace_cow", "secrets")
 
 
 def invalid(argument: str, problem: str) -> InvalidArgument:
@@ -47,8 +52,8 @@ def size(value: str | int, argument: str) -> int:
         raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
 
-def duration(value: str | float | int, argument: str) -> float:
-    """Seconds of "30s", "5m", "1m30s", "500ms" or a plain number.
+def duration(value: str | float | int | timedelta, argument: str) -> float:
+    """Seconds of "30s", "5m", "1m30s", "500ms", a plain number or a timedelta.
 
     Raises:
         InvalidArgument: naming argument.
@@ -56,6 +61,8 @@ def duration(value: str | float | int, argument: str) -> float:
     from corral.sandbox.errors import InvalidSpec
     from corral.sandbox.spec import parse_duration
 
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
     try:
         return parse_duration(value, argument)
     except InvalidSpec as exc:
@@ -76,7 +83,8 @@ def sandbox_spec(settings: Mapping[str, Any]) -> sandbox_pb2.SandboxSpec:
             fields[SIZE_ARGS[name]] = size(value, name)
         elif name in DURATION_ARGS:
             seconds = duration(value, name)
-            fields[DURATION_ARGS[name]] = math.ceil(seconds) if name == "ttl" else seconds
+            fields[DURATION_ARGS[name]] = timedelta(
+                seconds=math.ceil(seconds) if name == "ttl" else seconds)
         elif name in PLAIN_ARGS:
             fields[name] = value
         else:
@@ -110,6 +118,8 @@ class Call:
     request: Any
     convert: Callable[[Any], Any]
     timeout: float | None = 60.0
+    #: A stream whose convert returns a list per answer (a batch), each item yielded alone.
+    many: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,7 +183,8 @@ def resume(sandbox_id: str) -> Call:
 
 def set_timeout(sandbox_id: str, ttl: str | float) -> Call:
     return Call("sandboxes", "SetTimeout", sandbox_pb2.SetTimeoutRequest(
-        sandbox_id=sandbox_id, ttl_s=math.ceil(duration(ttl, "ttl"))), types.Sandbox.from_proto)
+        sandbox_id=sandbox_id, ttl=timedelta(seconds=math.ceil(duration(ttl, "ttl")))),
+        types.Sandbox.from_proto)
 
 
 def exec_command(sandbox_id: str, argv: list[str], env: Mapping[str, str] | None, cwd: str,
@@ -181,10 +192,11 @@ def exec_command(sandbox_id: str, argv: list[str], env: Mapping[str, str] | None
     """Exec as a stream of typed events (ExecStarted, ExecOutput..., ExecExited)."""
     if isinstance(argv, str) or not argv:
         raise invalid("argv", "must be a non-empty list of strings, e.g. ['echo', 'hi']")
-    seconds = duration(timeout, "timeout") if timeout is not None else 0.0
-    return Call("sandboxes", "Exec", sandbox_pb2.ExecRequest(
-        sandbox_id=sandbox_id, argv=argv, env=env or {}, cwd=cwd, stdin=stdin,
-        timeout_s=seconds, allow_loss=allow_loss), types.exec_event, None)
+    request = sandbox_pb2.ExecRequest(sandbox_id=sandbox_id, argv=argv, env=env or {},
+                                      cwd=cwd, stdin=stdin, allow_loss=allow_loss)
+    if timeout is not None:
+        request.timeout.FromTimedelta(timedelta(seconds=duration(timeout, "timeout")))
+    return Call("sandboxes", "Exec", request, types.exec_event, None)
 
 
 def read_file(sandbox_id: str, path: str, max_bytes: str | int | None) -> Call:
@@ -203,6 +215,266 @@ def list_files(sandbox_id: str, path: str) -> Call:
     return Call("sandboxes", "ListFiles", sandbox_pb2.ListFilesRequest(
         sandbox_id=sandbox_id, path=path),
         lambda answer: [types.FileEntry.from_proto(e) for e in answer.entries])
+
+
+# -- files at any size ----------------------------------------------------------------------
+
+#: Bytes per upload chunk and per tar piece sent: a quarter of the 4 MiB a chunk may hold.
+PIECE = 1 << 20
+
+#: What an upload or an archive reads: bytes, a local path, or a binary file object (read
+#: from where it stands; never closed by the SDK).
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
+#: Where a download or an archive goes: a local path (created or, for a resumed download,
+#: continued) or a writable binary file object (written from where it stands).
+Dest = str | os.PathLike | BinaryIO
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+def _open_source(source: Source, argument: str) -> tuple[BinaryIO, bool]:
+    """The source as a binary file object, and whether the SDK opened it (and closes it)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return io.BytesIO(bytes(source)), True
+    if _is_path(source):
+        try:
+            return open(source, "rb"), True  # noqa: SIM115 - closed by the transfer
+        except OSError as exc:
+            raise invalid(argument, f"cannot read {os.fspath(source)!r}: "
+                                    f"{exc.strerror}") from None
+    if callable(getattr(source, "read", None)):
+        return source, False
+    raise invalid(argument, f"must be bytes, a local path or a binary file object, "
+                            f"not {type(source).__name__}")
+
+
+def _zeros(count: int) -> Iterator[bytes]:
+    """count zero bytes in pieces of at most PIECE (a hole, without holding it whole)."""
+    while count > 0:
+        piece = min(count, PIECE)
+        yield bytes(piece)
+        count -= piece
+
+
+def _checked(size: int, sha256: str, digest, what: str) -> None:
+    """Refuse (DATA_LOSS) a transfer whose daemon-side digest is not the SDK's count."""
+    if sha256 != digest.hexdigest():
+        raise error_for(grpc.StatusCode.DATA_LOSS,
+                        f"{what}: sha256 of bytes 0 to {size} is {sha256} at the daemon "
+                        f"but {digest.hexdigest()} here")
+
+
+class Upload:
+    """One Sandboxes.Upload, used as a context (the source is closed on every path).
+
+    The bytes of source from `offset` go in PIECE chunks; the SDK hashes bytes 0 to the
+    end as it reads them (for a resumed upload it reads the first `offset` bytes of the
+    source too) and refuses an answer whose sha256 differs, so a resume that continued the
+    wrong file is caught rather than trusted."""
+
+    def __init__(self, sandbox_id: str, path: str, source: Source, mode: int, offset: int):
+        if offset < 0:
+            raise invalid("offset", f"{offset} is negative")
+        self.file, self.owned = _open_source(source, "source")
+        self.start = sandbox_pb2.UploadStart(sandbox_id=sandbox_id, path=path, mode=mode,
+                                             offset=offset)
+        self.digest = hashlib.sha256()
+        self.sent = offset
+
+    def __enter__(self) -> Upload:
+        try:
+            self._hash_prefix()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.owned:
+            self.file.close()
+
+    def _hash_prefix(self) -> None:
+        left = self.start.offset
+        while left:
+            piece = self.file.read(min(left, PIECE))
+            if not piece:
+                raise invalid("offset", f"{self.start.offset} is beyond the end of source "
+                                        f"({self.start.offset - left} bytes)")
+            self.digest.update(piece)
+            left -= len(piece)
+
+    def requests(self) -> Iterator[sandbox_pb2.UploadRequest]:
+        yield sandbox_pb2.UploadRequest(start=self.start)
+        while piece := self.file.read(PIECE):
+            self.digest.update(piece)
+            yield sandbox_pb2.UploadRequest(chunk=sandbox_pb2.FileChunk(offset=self.sent,
+                                                                        data=piece))
+            self.sent += len(piece)
+        yield sandbox_pb2.UploadRequest(end=sandbox_pb2.UploadEnd(size=self.sent))
+
+    def finish(self, answer: sandbox_pb2.UploadResponse) -> types.Transfer:
+        _checked(answer.size, answer.sha256, self.digest, f"upload of {self.start.path}")
+        return types.Transfer(answer.size, answer.sha256, answer.bytes_received)
+
+    def call(self) -> Call:
+        return Call("sandboxes", "Upload", self.requests(), self.finish, None)
+
+
+class Download:
+    """One Sandboxes.Download, used as a context (a file it opened is closed on every path).
+
+    To a path: the file holds the sandbox file's bytes at their own offsets (holes stay
+    holes); offset > 0 continues that local file, whose first `offset` bytes are hashed so
+    the whole result is checked. To a file object: the bytes from offset on, written in
+    order (holes as zeros); only offset 0, so the check covers the whole file."""
+
+    def __init__(self, sandbox_id: str, path: str, dest: Dest, offset: int, length: int):
+        if offset < 0 or length < 0:
+            raise invalid("offset" if offset < 0 else "length", "must not be negative")
+        if offset and not _is_path(dest):
+            raise invalid("offset", "a resumed download continues a local file: give dest "
+                                    "as its path")
+        self.request = sandbox_pb2.DownloadRequest(sandbox_id=sandbox_id, path=path,
+                                                   offset=offset, length=length)
+        self.dest, self.owned = dest, _is_path(dest)
+        self.digest = hashlib.sha256()
+        self.position = offset
+        self.moved = 0
+        self.end: sandbox_pb2.DownloadEnd | None = None
+
+    def __enter__(self) -> Download:
+        if self.owned:
+            self.dest = self._open_local(self.dest)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            self.dest.close()
+
+    def _open_local(self, where) -> BinaryIO:
+        offset = self.request.offset
+        try:
+            file = open(where, "r+b" if offset else "wb")  # noqa: SIM115 - closed by __exit__
+        except OSError as exc:
+            raise invalid("dest", f"cannot write {os.fspath(where)!r}: {exc.strerror}") from None
+        held = 0
+        while held < offset and (piece := file.read(min(offset - held, PIECE))):
+            self.digest.update(piece)
+            held += len(piece)
+        if held < offset:
+            file.close()
+            raise invalid("offset", f"{offset} is beyond the end of {os.fspath(where)!r} "
+                                    f"({held} bytes)")
+        file.truncate(offset)
+        return file
+
+    def _hole(self, upto: int) -> None:
+        """Bytes position..upto are zeros: hashed, and skipped (own file) or written."""
+        for piece in _zeros(upto - self.position):
+            self.digest.update(piece)
+            if not self.owned:
+                self.dest.write(piece)
+        if self.owned:
+            self.dest.seek(upto)
+        self.position = max(self.position, upto)
+
+    def take(self, answer: sandbox_pb2.DownloadResponse) -> None:
+        part = answer.WhichOneof("part")
+        if part == "chunk":
+            self._hole(answer.chunk.offset)
+            self.digest.update(answer.chunk.data)
+            self.dest.write(answer.chunk.data)
+            self.position += len(answer.chunk.data)
+            self.moved += len(answer.chunk.data)
+        elif part == "end":
+            self._hole(answer.end.size)
+            if self.owned:
+                self.dest.truncate(answer.end.size)
+            self.end = answer.end
+
+    def result(self) -> types.Transfer:
+        if self.end is None:
+            raise error_for(grpc.StatusCode.DATA_LOSS, f"download of {self.request.path}: "
+                                                       f"the stream ended before its end")
+        _checked(self.end.size, self.end.sha256, self.digest,
+                 f"download of {self.request.path}")
+        return types.Transfer(self.end.size, self.end.sha256, self.moved)
+
+    def call(self) -> Call:
+        return Call("sandboxes", "Download", self.request, _same, None)
+
+
+class PutArchive:
+    """One Sandboxes.PutArchive (a tar stream of source extracted beneath path), used as a
+    context (the source is closed on every path)."""
+
+    def __init__(self, sandbox_id: str, path: str, source: Source):
+        self.file, self.owned = _open_source(source, "archive")
+        self.start = sandbox_pb2.PutArchiveStart(sandbox_id=sandbox_id, path=path)
+
+    def __enter__(self) -> PutArchive:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            self.file.close()
+
+    def requests(self) -> Iterator[sandbox_pb2.PutArchiveRequest]:
+        yield sandbox_pb2.PutArchiveRequest(start=self.start)
+        while piece := self.file.read(PIECE):
+            yield sandbox_pb2.PutArchiveRequest(data=piece)
+
+    def call(self) -> Call:
+        return Call("sandboxes", "PutArchive", self.requests(),
+                    types.ArchiveResult.from_proto, None)
+
+
+class GetArchive:
+    """One Sandboxes.GetArchive: the tar stream of path written to dest, used as a context
+    (a file it opened is closed on every path); the result is the stat of path."""
+
+    def __init__(self, sandbox_id: str, path: str, dest: Dest):
+        self.request = sandbox_pb2.GetArchiveRequest(sandbox_id=sandbox_id, path=path)
+        self.dest, self.owned = dest, _is_path(dest)
+        self.stat: types.FileStat | None = None
+
+    def __enter__(self) -> GetArchive:
+        if self.owned:
+            try:
+                self.dest = open(self.dest, "wb")  # noqa: SIM115 - closed by __exit__
+            except OSError as exc:
+                raise invalid("dest", f"cannot write {os.fspath(self.dest)!r}: "
+                                      f"{exc.strerror}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            self.dest.close()
+
+    def take(self, answer: sandbox_pb2.GetArchiveResponse) -> None:
+        if answer.WhichOneof("part") == "stat":
+            self.stat = types.FileStat.from_proto(answer.stat)
+        else:
+            self.dest.write(answer.data)
+
+    def call(self) -> Call:
+        return Call("sandboxes", "GetArchive", self.request, _same, None)
+
+
+def stat_file(sandbox_id: str, path: str) -> Call:
+    return Call("sandboxes", "StatFile", sandbox_pb2.StatFileRequest(
+        sandbox_id=sandbox_id, path=path), types.FileStat.from_proto)
+
+
+def watch_files(sandbox_id: str, path: str) -> Call:
+    """Sandboxes.WatchFiles as one FileEvent at a time, until the caller stops."""
+    return Call("sandboxes", "WatchFiles", sandbox_pb2.WatchFilesRequest(
+        sandbox_id=sandbox_id, path=path), types.file_events, None, many=True)
 
 
 # -- snapshots ------------------------------------------------------------------------------
@@ -292,8 +564,9 @@ def submit_task(argv: list[str], options: Mapping[str, Any]) -> Call:
     spec = task_pb2.TaskSpec(
         argv=argv, sandbox=sandbox_spec(settings), selector=own.get("selector") or {},
         resources=own.get("resources") or {}, priority=own.get("priority", 0),
-        retries=own.get("retries", 0), files=files, labels=own.get("labels") or {},
-        max_runtime_s=duration(runtime, "max_runtime") if runtime is not None else 0.0)
+        retries=own.get("retries", 0), files=files, labels=own.get("labels") or {})
+    if runtime is not None:
+        spec.max_runtime.FromTimedelta(timedelta(seconds=duration(runtime, "max_runtime")))
     return Call("tasks", "Submit", task_pb2.SubmitTaskRequest(
         spec=spec, request_id=own.get("request_id", ""),
         parent_session=own.get("parent_session", "")), types.Task.from_proto)

@@ -50,6 +50,24 @@ class SandboxHandle:
     def list_files(self, path: str = ""):
         return self.client.list_files(self.id, path)
 
+    def stat(self, path: str):
+        return self.client.stat(self.id, path)
+
+    def upload(self, path: str, source, *, mode: int = 0, offset: int = 0):
+        return self.client.upload(self.id, path, source, mode=mode, offset=offset)
+
+    def download(self, path: str, dest, *, offset: int = 0, length: int = 0):
+        return self.client.download(self.id, path, dest, offset=offset, length=length)
+
+    def put_archive(self, path: str, archive):
+        return self.client.put_archive(self.id, path, archive)
+
+    def get_archive(self, path: str, dest):
+        return self.client.get_archive(self.id, path, dest)
+
+    def watch_files(self, path: str = ""):
+        return self.client.watch_files(self.id, path)
+
     def pause(self):
         return self.client.pause(self.id)
 
@@ -188,7 +206,9 @@ class Client:
         try:
             for answer in translated_iter(answers):
                 item = call.convert(answer)
-                if item is not None:
+                if call.many:
+                    yield from item
+                elif item is not None:
                     yield item
         finally:
             answers.cancel()
@@ -207,7 +227,8 @@ class Client:
                        **settings: Any) -> SandboxHandle:
         """A new sandbox. settings: memory="256M", tmp="64M", ttl="30m", cpus=0.5,
         pids_max, image, snapshot, env, hostname, allow_net, command_timeout, profile,
-        backend, workspace_dir, workspace_cow. request_id: a retry with it returns the
+        backend, workspace_dir, workspace_cow, secrets=[{"name": N, "hosts": [HOST]}]
+        (values from the daemon's secret store). request_id: a retry with it returns the
         same sandbox."""
         return SandboxHandle(self, self._run(calls.create_sandbox(labels, request_id,
                                                                   settings)))
@@ -276,6 +297,48 @@ class Client:
     def list_files(self, sandbox_id: str, path: str = "") -> list[types.FileEntry]:
         return self._run(calls.list_files(sandbox_id, path))
 
+    def stat(self, sandbox_id: str, path: str) -> types.FileStat:
+        """One path's stat (a symlink is reported, never followed)."""
+        return self._run(calls.stat_file(sandbox_id, path))
+
+    def upload(self, sandbox_id: str, path: str, source: calls.Source, *, mode: int = 0,
+               offset: int = 0) -> types.Transfer:
+        """Stream source (bytes, a local path, a binary file object) into path, any size,
+        in chunks. offset N > 0 resumes: the sandbox file keeps its first N bytes and the
+        source's bytes from N follow. The sha256 of the result is checked (DATA_LOSS)."""
+        with calls.Upload(sandbox_id, path, source, mode, offset) as upload:
+            return self._run(upload.call())
+
+    def download(self, sandbox_id: str, path: str, dest: calls.Dest, *, offset: int = 0,
+                 length: int = 0) -> types.Transfer:
+        """Stream path, any size, to dest (a local path, holes kept; or a writable binary
+        file object). offset N > 0 resumes into the local file dest from byte N; length:
+        bytes at most (0: to the end). The sha256 of the result is checked (DATA_LOSS)."""
+        with calls.Download(sandbox_id, path, dest, offset, length) as download:
+            for answer in self._stream(download.call()):
+                download.take(answer)
+            return download.result()
+
+    def put_archive(self, sandbox_id: str, path: str, archive: calls.Source
+                    ) -> types.ArchiveResult:
+        """Extract a tar stream (bytes, a local .tar path or a file object) beneath the
+        existing directory path, confined to the workspace."""
+        with calls.PutArchive(sandbox_id, path, archive) as put:
+            return self._run(put.call())
+
+    def get_archive(self, sandbox_id: str, path: str, dest: calls.Dest) -> types.FileStat:
+        """Write a tar stream of path (a directory with everything below it, or a file) to
+        dest (a local path or a writable binary file object); returns path's stat."""
+        with calls.GetArchive(sandbox_id, path, dest) as get:
+            for answer in self._stream(get.call()):
+                get.take(answer)
+            return get.stat
+
+    def watch_files(self, sandbox_id: str, path: str = "") -> Iterator[types.FileEvent]:
+        """Changes under path (empty: the workspace) as FileEvent, first "watching", until
+        the caller stops iterating (which cancels the watch)."""
+        return self._stream(calls.watch_files(sandbox_id, path))
+
     # -- snapshots and forks ----------------------------------------------------------------
 
     def snapshot(self, sandbox_id: str, name: str = "") -> types.Snapshot:
@@ -325,7 +388,8 @@ class Client:
         """Submit a deep task. options: resources={"cpu": 0.5}, selector, priority,
         retries, max_runtime="1h", files={name: bytes}, labels, request_id (a retry with it
         returns the same task), parent_session; any other is a setting of the task's
-        sandbox (as create_sandbox: memory="512M", image=...)."""
+        sandbox (as create_sandbox: memory="512M", image=..., snapshot=ID_OR_NAME,
+        secrets=[{"name": N, "hosts": [HOST]}])."""
         return self._run(calls.submit_task(argv, options))
 
     def get_task(self, task_id: str) -> types.Task:

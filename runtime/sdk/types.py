@@ -1,16 +1,30 @@
 """corral.types: what the SDK returns, as plain dataclasses made from the daemon's answers.
 
 No protobuf message leaves the SDK: each `from_proto` below copies the fields a platform
-reads into a frozen dataclass (states as lower-case names, times as epoch seconds, None for
-"not set"), so callers never depend on the generated code.
+reads into a frozen dataclass (states as lower-case names, None for "not set"), so callers
+never depend on the generated code.
+
+Times are timezone-aware `datetime` (UTC) and lengths of time `timedelta`, read from the
+API's typed google.protobuf.Timestamp / Duration fields: what Python code compares,
+formats and adds without a unit to remember (the deprecated float seconds beside them on
+the wire are not read).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from corral.runtime.client import decode_batch
+from corral.sandbox.exit_status import shell_status
 from corral.v1 import sandbox_pb2, session_pb2, task_pb2
+
+
+def _when(msg, name: str) -> datetime | None:
+    """The typed time `name` of msg as an aware UTC datetime; None where it is unset."""
+    if not msg.HasField(name):
+        return None
+    return getattr(msg, name).ToDatetime(tzinfo=UTC)
 
 
 def _state_name(enum, value: int, prefix: str) -> str:
@@ -33,8 +47,8 @@ class Sandbox:
     cpus: float
     image: str
     snapshot: str  # the snapshot it started from ("" = none)
-    created_at: float
-    expires_at: float  # epoch seconds of its TTL (0: none)
+    created_at: datetime | None
+    expires_at: datetime | None  # when its TTL destroys it (None: no TTL)
 
     @classmethod
     def from_proto(cls, sb: sandbox_pb2.Sandbox) -> Sandbox:
@@ -42,7 +56,7 @@ class Sandbox:
                                                "SANDBOX_STATE_"),
                    tenant=sb.tenant, labels=dict(sb.labels), memory_bytes=sb.spec.memory_bytes,
                    cpus=sb.spec.cpus, image=sb.spec.image, snapshot=sb.spec.snapshot,
-                   created_at=sb.created_at, expires_at=sb.expires_at)
+                   created_at=_when(sb, "create_time"), expires_at=_when(sb, "expire_time"))
 
 
 @dataclass(frozen=True)
@@ -65,11 +79,19 @@ class ExecOutput:
 
 @dataclass(frozen=True)
 class ExecExited:
-    """How the command ended: returncode (128+N for signal N) and the reason in words."""
+    """How the command ended: returncode (-N when signal N ended it, as subprocess has it),
+    the reason ("exited", "signaled", "timeout", "oom") and signal (N, or 0 for none; a
+    timeout or OOM kill has its signal too). The shell's status is `exit_status`."""
 
     returncode: int
     reason: str
-    duration_s: float
+    duration: timedelta
+    signal: int = 0
+
+    @property
+    def exit_status(self) -> int:
+        """The exit code, or 128+N for signal N: what `corral exec` exits with."""
+        return shell_status(self.returncode)
 
 
 ExecEvent = ExecStarted | ExecOutput | ExecExited
@@ -84,7 +106,9 @@ def exec_event(ev: sandbox_pb2.ExecEvent) -> ExecEvent | None:
         stream = "stderr" if ev.output.stream == sandbox_pb2.OUTPUT_STREAM_STDERR else "stdout"
         return ExecOutput(stream, ev.output.batch.text, ev.output.batch.lost.count)
     if kind == "exited":
-        return ExecExited(ev.exited.returncode, ev.exited.reason, ev.exited.duration_s)
+        return ExecExited(ev.exited.returncode, ev.exited.reason,
+                          ev.exited.duration.ToTimedelta(),
+                          ev.exited.signal)
     return None
 
 
@@ -97,8 +121,9 @@ class ExecResult:
     reason: str
     stdout: bytes
     stderr: bytes
-    duration_s: float
+    duration: timedelta
     lost: int = 0  # output entries dropped (only with allow_loss=True)
+    signal: int = 0  # the signal that ended the command (0: none)
 
     @property
     def ok(self) -> bool:
@@ -124,10 +149,11 @@ class ExecCollector:
             self.exited = event
 
     def result(self) -> ExecResult:
-        ended = self.exited or ExecExited(-1, "the stream ended before the command", 0.0)
+        ended = self.exited or ExecExited(-1, "the stream ended before the command",
+                                          timedelta(0))
         return ExecResult(self.exec_id, ended.returncode, ended.reason,
                           b"".join(self.out["stdout"]), b"".join(self.out["stderr"]),
-                          ended.duration_s, self.lost)
+                          ended.duration, self.lost, ended.signal)
 
 
 @dataclass(frozen=True)
@@ -138,11 +164,11 @@ class FileEntry:
     kind: str  # "file", "dir", "link", ...
     size: int
     mode: int
-    mtime: float
+    mtime: datetime | None
 
     @classmethod
     def from_proto(cls, e: sandbox_pb2.FileEntry) -> FileEntry:
-        return cls(e.name, e.kind, e.size, e.mode, e.mtime)
+        return cls(e.name, e.kind, e.size, e.mode, _when(e, "modify_time"))
 
 
 @dataclass(frozen=True)
@@ -154,13 +180,13 @@ class Snapshot:
     source_sandbox: str
     parent: str
     image: str
-    created_at: float
+    created_at: datetime | None
     size_bytes: int
     files: int
 
     @classmethod
     def from_proto(cls, s) -> Snapshot:
-        return cls(s.id, s.name, s.source_sandbox, s.parent, s.image, s.created_at,
+        return cls(s.id, s.name, s.source_sandbox, s.parent, s.image, _when(s, "create_time"),
                    s.size_bytes, s.files)
 
 
@@ -199,8 +225,12 @@ class TurnEnded:
 
 @dataclass(frozen=True)
 class SessionExited:
+    """The agent ended: returncode (-N for signal N), reason ("exited", "signaled",
+    "timeout", "oom", "closed", "idle", "daemon-shutdown") and signal (0: none)."""
+
     returncode: int
     reason: str
+    signal: int = 0
 
 
 @dataclass(frozen=True)
@@ -248,7 +278,7 @@ def session_event(ev: session_pb2.SessionEvent) -> SessionEvent | None:
     if kind == "turn_ended":
         return TurnEnded(ev.turn_ended.turn, ev.turn_ended.status)
     if kind == "exited":
-        return SessionExited(ev.exited.returncode, ev.exited.reason)
+        return SessionExited(ev.exited.returncode, ev.exited.reason, ev.exited.signal)
     if kind == "lagged":
         return SessionLagged(ev.lagged.first_available_seq)
     if kind == "task":
@@ -307,8 +337,8 @@ class Task:
     reason: str
     exit_code: int
     parent_session: str
-    submitted_at: float
-    finished_at: float
+    submitted_at: datetime | None
+    finished_at: datetime | None  # None until it finished
 
     @property
     def done(self) -> bool:
@@ -318,8 +348,8 @@ class Task:
     def from_proto(cls, t: task_pb2.Task) -> Task:
         return cls(t.id, _state_name(task_pb2.TaskState, t.state, "TASK_STATE_"),
                    list(t.spec.argv), t.node, t.attempt, dict(t.spec.labels), t.progress_json,
-                   t.result_json, t.reason, t.exit_code, t.parent_session, t.submitted_at,
-                   t.finished_at)
+                   t.result_json, t.reason, t.exit_code, t.parent_session,
+                   _when(t, "submit_time"), _when(t, "finish_time"))
 
 
 @dataclass(frozen=True)
@@ -357,3 +387,77 @@ class TaskResult:
     def from_proto(cls, r: task_pb2.TaskResult) -> TaskResult:
         return cls(Task.from_proto(r.task), r.result_json,
                    [TaskFile(f.path, f.content, f.truncated) for f in r.files])
+
+
+# -- files at any size ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileStat:
+    """What the daemon knows of one path of the workspace (a link is never followed)."""
+
+    path: str  # relative to /workspace ("." for the workspace itself)
+    kind: str  # "file", "dir", "symlink" or "other"
+    size: int
+    mode: int
+    mtime: datetime | None
+    link_target: str  # "" unless kind == "symlink"
+    allocated_bytes: int  # storage really used: less than size for a sparse file
+
+    @classmethod
+    def from_proto(cls, s: sandbox_pb2.FileStat) -> FileStat:
+        return cls(s.path, s.kind, s.size, s.mode, _when(s, "modify_time"), s.link_target,
+                   s.allocated_bytes)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """The end of an upload or a download: the file's size there, the sha256 (hex) of its
+    bytes 0 to size, which the SDK checked against its own count, and the data bytes this
+    call moved (a resumed transfer moves less than size; holes are not moved)."""
+
+    size: int
+    sha256: str
+    moved: int
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    """What a tar archive put into a sandbox made; skipped: devices, FIFOs and sockets left
+    out (the first 16 of their names in skipped_names)."""
+
+    files: int
+    dirs: int
+    symlinks: int
+    hardlinks: int
+    bytes: int
+    skipped: int
+    skipped_names: list[str]
+
+    @classmethod
+    def from_proto(cls, r: sandbox_pb2.PutArchiveResponse) -> ArchiveResult:
+        return cls(r.files, r.dirs, r.symlinks, r.hardlinks, r.bytes, r.skipped,
+                   list(r.skipped_names))
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """One change under a watched directory. kind: "watching" (first, once: from here on
+    nothing is missed; dropped = directories watched), "created", "modified", "attrib",
+    "closed_write", "deleted", "moved_from", "moved_to" (a pair shares cookie), "overflow"
+    (dropped events were lost: look again) or "limit" (dropped directories not watched)."""
+
+    path: str  # relative to /workspace
+    kind: str
+    is_dir: bool
+    cookie: int
+    dropped: int
+
+    @classmethod
+    def from_proto(cls, e: sandbox_pb2.FileEvent) -> FileEvent:
+        return cls(e.path, _state_name(sandbox_pb2.FileEventKind, e.kind, "FILE_EVENT_KIND_"),
+                   e.is_dir, e.cookie, e.dropped)
+
+
+def file_events(answer: sandbox_pb2.WatchFilesResponse) -> list[FileEvent]:
+    """The typed events of one WatchFiles answer (a batch), in order."""
+    return [FileEvent.from_proto(e) for e in answer.events]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 
 import grpc
 import pytest
@@ -44,7 +45,9 @@ def test_sandbox_results_are_typed_dataclasses(sdk):
         assert isinstance(sb.info, corral.Sandbox)
         assert (sb.info.state, sb.info.memory_bytes, sb.info.labels) == (
             "running", 256 << 20, {"suite": "sdk"})
-        assert sb.info.expires_at - sb.info.created_at == pytest.approx(600, abs=1)
+        lifetime = sb.info.expires_at - sb.info.created_at  # datetimes, in UTC
+        assert sb.info.created_at.tzinfo is datetime.UTC
+        assert lifetime.total_seconds() == pytest.approx(600, abs=1)
         result = sb.run(["sh", "-c", "printf out; printf err >&2; exit 3"])
         assert isinstance(result, corral.ExecResult)
         assert (result.stdout, result.stderr, result.returncode, result.ok) == (
@@ -173,8 +176,11 @@ def test_a_task_is_submitted_watched_and_read(sdk):
     assert updates and all(isinstance(u, corral.Task | corral.TaskLog) for u in updates)
     finished = sdk.wait_task(task.id)
     assert (finished.state, finished.done, finished.exit_code) == ("succeeded", True, 0)
+    assert task.finished_at is None
+    assert task.submitted_at <= finished.finished_at  # datetimes, read from the typed fields
     result = sdk.task_result(task.id)
     assert isinstance(result, corral.TaskResult) and result.task.id == task.id
+    assert result.task.finished_at == finished.finished_at  # pre-encoded answers too
     assert task.id in [t.id for t in sdk.list_tasks(selector="suite=sdk")]
     _no_protobuf([updates, finished, result])
     long = sdk.submit_task(["sleep", "600"], memory="64M", resources={"cpu": 0.25})

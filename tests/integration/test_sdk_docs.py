@@ -28,8 +28,8 @@ BLOCKS = python_blocks(DOC.read_text())
 
 
 def test_the_page_has_its_examples():
-    # sandboxes, exec, snapshots, errors, sessions, tasks, asyncio
-    assert len(BLOCKS) == 7
+    # sandboxes, exec, files, snapshots, errors, sessions, tasks, asyncio
+    assert len(BLOCKS) == 8
     assert sum("AsyncClient" in b for b in BLOCKS) == 1
 
 
