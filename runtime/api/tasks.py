@@ -15,10 +15,13 @@ from corral.v1 import task_pb2 as pb
 
 from ..labels import Selector, page_token, parse_page_token
 from ..tasks.model import TaskSpec
+from ..tasks.ray_executor import node_local_fields
+from ..tasks.runner import locate_secrets
 from ..tasks.states import TaskState
 from . import wire
 from .bounds import SUBMIT_PENDING_ACKS, bounded_message
 from .errors import Servicer, streaming, unary
+from .exits import exit_status_fields
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
 from .sandboxes import spec_to_proto as sandbox_spec_to_proto
 
@@ -41,11 +44,13 @@ LOG_CHUNK = 64 << 10
 _DEFAULT_SANDBOX: SandboxSpec | None = None
 
 
-def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
-    """A validated TaskSpec; errors name the request field (spec.priority, ...)."""
+def spec_from_proto(msg: pb.TaskSpec, snapshot_id: str = "") -> TaskSpec:
+    """A validated TaskSpec; errors name the request field (spec.priority, ...).
+    msg.sandbox.snapshot may be a name: the caller resolves it (the tenant's snapshots)
+    and passes its id."""
     global _DEFAULT_SANDBOX
     if msg.HasField("sandbox") and msg.sandbox.ByteSize():
-        sandbox = sandbox_spec_from_proto(msg.sandbox)
+        sandbox = sandbox_spec_from_proto(msg.sandbox, snapshot_id)
     else:
         if _DEFAULT_SANDBOX is None:
             _DEFAULT_SANDBOX = sandbox_spec_from_proto(msg.sandbox)
@@ -54,6 +59,27 @@ def spec_from_proto(msg: pb.TaskSpec) -> TaskSpec:
                     resources=dict(msg.resources), priority=msg.priority, retries=msg.retries,
                     max_runtime_s=msg.max_runtime_s, files=dict(msg.files),
                     labels=dict(msg.labels), image=msg.image)
+
+
+def _refuse_local_state_on_ray(nodes, spec: TaskSpec) -> None:
+    """A task with secrets, a snapshot or a copy-on-write workspace runs on local nodes
+    only: a Ray node's attempt runs in an actor that reaches neither the daemon's secret
+    store nor its state directory (ray_executor.node_local_fields).
+
+    Raises:
+        InvalidSpec: on the first such field, naming them all and the Ray nodes its
+            selector matches.
+    """
+    fields = node_local_fields(spec.sandbox)
+    if not fields:
+        return
+    ray = sorted(n.name for n in nodes if n.executor == "ray"
+                 and all(n.labels.get(k) == v for k, v in spec.selector.items()))
+    if ray:
+        raise InvalidSpec(fields[0], f"a Ray node cannot honour {', '.join(fields)} (local "
+                                     f"nodes only); the selector {spec.selector or {}} "
+                                     f"matches the Ray nodes {', '.join(ray)}: select "
+                                     f"local nodes by their labels")
 
 
 def spec_to_proto(spec: TaskSpec) -> pb.TaskSpec:
@@ -72,7 +98,8 @@ def task_to_proto(task) -> pb.Task:
         result_json=task.result_json, checkpoint_seq=task.checkpoint_seq,
         started_at=task.started_at, finished_at=task.finished_at, exit_code=task.exit_code,
         devices=list(task.devices), request_id=task.request_id,
-        parent_session=task.parent_session)
+        parent_session=task.parent_session,
+        **(exit_status_fields(task.exit_code) if task.finished_at else {}))
 
 
 def node_to_proto(node, tasks=None) -> pb.Node:
@@ -97,12 +124,33 @@ class TasksServicer(Servicer):
             self.daemon.sessions.get(caller, request.parent_session)
         return request.parent_session
 
+    async def _spec(self, caller, msg: pb.TaskSpec) -> TaskSpec:
+        """The request's TaskSpec, its snapshot named by id, its secrets checked.
+
+        Raises:
+            NotFound: no such snapshot of the caller's, or no such secret in its store.
+            InvalidSpec: secrets, a snapshot or a workspace on a task that a Ray node
+                could run (the field).
+        """
+        snapshot_id = ""
+        if msg.sandbox.snapshot:  # an id or a name, of the caller's snapshots only
+            snapshot_id = (await self.daemon.sandboxes.run_blocking(
+                self.daemon.state.get, caller, msg.sandbox.snapshot)).id
+        spec = spec_from_proto(msg, snapshot_id)
+        _refuse_local_state_on_ray(self.scheduler.nodes.nodes.values(), spec)
+        if spec.sandbox.secrets:
+            await self.daemon.sandboxes.run_blocking(  # each name is in the tenant's store
+                locate_secrets, self.daemon.sandboxes.secrets, caller.tenant,
+                spec.sandbox.secrets)
+        return spec
+
     @unary
     async def Submit(self, request, context):
         caller = self.caller(context)
-        task = await self.scheduler.submit(caller, spec_from_proto(request.spec),
+        task = await self.scheduler.submit(caller, await self._spec(caller, request.spec),
                                            request.request_id,
                                            parent_session=self._parent(caller, request))
+        self.scheduler.snapshot_holds.sync(task)  # held from now until the task ends
         # The answer echoes the request's spec (no need to rebuild it from the domain
         # object) with what the task holds: the cpu and memory it got by default.
         answer = pb.Task(id=task.id, tenant=task.tenant, spec=request.spec,
@@ -112,6 +160,7 @@ class TasksServicer(Servicer):
                          parent_session=task.parent_session)
         answer.spec.resources.update(task.spec.resources)
         answer.spec.image = task.spec.image  # also when only spec.sandbox.image named it
+        answer.spec.sandbox.snapshot = task.spec.sandbox.snapshot  # the id, not a name
         return answer
 
     @streaming
@@ -126,7 +175,7 @@ class TasksServicer(Servicer):
         async def read() -> None:
             async for request in request_iterator:
                 try:
-                    item = sched.admit(caller, spec_from_proto(request.spec),
+                    item = sched.admit(caller, await self._spec(caller, request.spec),
                                        request.request_id,
                                        parent_session=self._parent(caller, request))
                 except CorralError as exc:
@@ -149,6 +198,7 @@ class TasksServicer(Servicer):
                                        error=committed[1])
                 else:
                     await sched.admitted(task, committed)
+                    sched.snapshot_holds.sync(task)
                     ack = pb.SubmitAck(index=index, task_id=task.id)
                 yield ack
                 index += 1
@@ -194,7 +244,7 @@ class TasksServicer(Servicer):
         if "\0" in request.path or request.path.startswith("/") or ".." in \
                 request.path.split("/"):
             raise InvalidSpec("path", f"{request.path!r} is not a path relative to out/")
-        head = pb.TaskResult(task=task_to_proto(task),
+        head = pb.TaskResult(task=wire.fill_typed(task_to_proto(task)),
                              result_json=task.result_json).SerializeToString()
         budget = result_budget(request.max_bytes, len(head))
         async with self._result_reads:  # at most RESULT_READS answers being built at once

@@ -1,4 +1,4 @@
-"""The egress records of a local attempt, into the daemon's audit log.
+"""The egress records of a deep task's attempt (local or on Ray), into the daemon's audit log.
 
 A sandbox the daemon runs hands its proxy's records (net.connect, net.secret, ...) to the
 daemon directly (runtime/sandboxes.py). A deep task's sandbox runs in its shim, which may
@@ -7,6 +7,8 @@ JSON object a line) and rings the task's bell, and the daemon audits what is new
 offset audited so far is kept beside the file (NET_AUDITED_FILE), so a daemon restarted
 in between audits each record once (one written just before a crash may be audited twice:
 at least once, never lost). Records name a secret, never its value (sandbox/intercept.py).
+An attempt on a Ray node writes the same file in its actor's directory; the daemon copies
+what is new with each poll (ray_executor.py) and audits its copy here, the same way.
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ from corral.sandbox import fstree
 
 from .files import MAX_COPY_BYTES, TaskFiles, read_json
 from .images import PULLING_FILE
+from .net_audit import audit_net_events
+from .runner import NET_EVENTS_FILE
 
 log = logging.getLogger("corral.tasks.ray")
 
@@ -52,6 +54,26 @@ def ray_environment() -> None:
     # Keep a driver on 127.0.0.1: Ray otherwise turns a loopback address into the host's
     # routable IP, where a cluster bound to loopback does not listen.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def node_local_fields(sandbox) -> list[str]:
+    """The API fields of a task's sandbox that only a local node can honour.
+
+    A Ray node's attempt runs in an actor on another machine, with a state directory of
+    its own: it has no way to the daemon's secret store (values must stay out of Ray's
+    object store and logs), nor to the daemon's snapshots or a task's copy-on-write change
+    set. Such a task is refused at submit where its selector matches a Ray node
+    (runtime/api/tasks.py), and fails, never runs without its state, should a Ray node
+    that matches appear later (RayExecutor.launch).
+    """
+    fields = []
+    if sandbox.secrets:
+        fields.append("spec.sandbox.secrets")
+    if sandbox.snapshot:
+        fields.append("spec.sandbox.snapshot")
+    if sandbox.workspace is not None:
+        fields.append("spec.sandbox.workspace_dir")
+    return fields
 
 
 def _tar_dir(path: str) -> bytes | None:
@@ -165,6 +187,11 @@ class NodeHost:
     """The body of a node's actor (a plain class so it is testable without Ray)."""
 
     def __init__(self, node: str, root: str | None = None):
+        # Ray installs uvloop's event loop policy in its workers; the sandboxes this actor
+        # runs need asyncio's own loops (pyroute2 opens its netlink sockets as datagram
+        # endpoints, which uvloop refuses: "invalid family 16"), so a sandbox with a
+        # network failed here. Ray's own loops are made without the policy.
+        asyncio.set_event_loop_policy(None)
         self.node = node
         self.root = root or _session_root(node)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -216,8 +243,10 @@ class NodeHost:
         runner.cancel()
         return True
 
-    def poll(self, task_id: str, attempt: int, have_checkpoint: int, log_offset: int) -> dict:
-        """What the attempt persisted since the daemon last asked."""
+    def poll(self, task_id: str, attempt: int, have_checkpoint: int, log_offset: int,
+             net_offset: int = 0) -> dict:
+        """What the attempt persisted since the daemon last asked: its log and egress
+        records (NET_EVENTS_FILE) from the offsets the daemon holds."""
         files = TaskFiles(self.root, task_id)
         adir = files.attempt_dir(attempt)
         known = f"{task_id}/{attempt}" in self._runners
@@ -234,13 +263,15 @@ class NodeHost:
         seq = files.latest_checkpoint()
         if seq > have_checkpoint:
             out["checkpoint"] = (seq, _tar_dir(files.checkpoint_dir(seq)))
-        with contextlib.suppress(OSError):
-            with open(os.path.join(adir, "log"), "rb") as f:
-                f.seek(log_offset)
-                out["log"] = f.read(MAX_LOG_CHUNK)
+        for key, name, offset in (("log", "log", log_offset),
+                                  ("net", NET_EVENTS_FILE, net_offset)):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(adir, name), "rb") as f:
+                    f.seek(offset)
+                    out[key] = f.read(MAX_LOG_CHUNK)
         exit_record = read_json(os.path.join(adir, "exit.json"))
-        if exit_record is not None and not out.get("log"):
-            out["exit"] = exit_record  # only once the log is drained
+        if exit_record is not None and not out.get("log") and not out.get("net"):
+            out["exit"] = exit_record  # only once the log and the records are drained
             if exit_record.get("outcome") == "succeeded":
                 out["out"] = _tar_dir(files.out)
         return out
@@ -367,6 +398,14 @@ class RayExecutor:
     # -- attempts ----------------------------------------------------------------------------
 
     async def launch(self, task, node, plan) -> None:
+        fields = node_local_fields(plan.sandbox)
+        if fields:  # a Ray node that matches appeared after the submit: never run it here
+            await self.scheduler.on_exit(task.id, plan.attempt, {
+                "outcome": "refused", "returncode": -1,
+                "reason": f"placed on the Ray node {node.name}, which cannot honour "
+                          f"{', '.join(fields)} (local nodes only): select local nodes "
+                          f"by their labels"})
+            return
         files = TaskFiles(plan.tasks_root, task.id)
         await self._ray(files.create)
         seq = files.latest_checkpoint()
@@ -424,16 +463,17 @@ class RayExecutor:
         sched = self.scheduler
         actor = self.actors[node]
         files = TaskFiles(sched.tasks_root, task_id)
-        log_path = os.path.join(files.attempt_dir(attempt), "log")
-        await self._ray(lambda: os.makedirs(files.attempt_dir(attempt), exist_ok=True))
-        log_offset = await self._ray(lambda: os.path.getsize(log_path)
-                                     if os.path.exists(log_path) else 0)
+        attempt_dir = files.attempt_dir(attempt)
+        log_path = os.path.join(attempt_dir, "log")
+        net_path = os.path.join(attempt_dir, NET_EVENTS_FILE)
+        await self._ray(lambda: os.makedirs(attempt_dir, exist_ok=True))
+        log_offset, net_offset = await self._ray(lambda: (_size(log_path), _size(net_path)))
         pulling = False
         try:
             while True:
                 try:
                     state = await self._call(actor.poll.remote(task_id, attempt, have,
-                                                               log_offset))
+                                                               log_offset, net_offset))
                 except Exception as exc:  # noqa: BLE001 - ActorDiedError: the node is gone
                     self._lost(node, f"its Ray actor died: {type(exc).__name__}")
                     await sched.on_exit(task_id, attempt, {
@@ -460,11 +500,15 @@ class RayExecutor:
                     kw["result_json"] = state["result"]
                 if kw:
                     await sched.on_update(task_id, attempt, **kw)
+                if state.get("net"):
+                    net_offset += await self._audit_net(task_id, attempt, net_path,
+                                                        state["net"])
                 if state.get("log"):
                     chunk = state["log"]
                     await self._ray(_append, log_path, chunk)
                     log_offset += len(chunk)
                     sched.on_log(task_id)
+                if state.get("log") or state.get("net"):
                     continue
                 if state.get("exit") is not None:
                     if state.get("out") is not None:
@@ -477,6 +521,23 @@ class RayExecutor:
         finally:
             if self._polls.get(task_id) is asyncio.current_task():
                 del self._polls[task_id]
+
+    async def _audit_net(self, task_id: str, attempt: int, net_path: str, chunk: bytes) -> int:
+        """Egress records of an attempt on a Ray node (net.connect, net.deny, ...): kept
+        in the daemon's copy of the attempt's NET_EVENTS_FILE and audited from it as a
+        local attempt's are (net_audit.py: each once, across daemon restarts); returns
+        how many bytes came."""
+        await self._ray(_append, net_path, chunk)
+        task = self.scheduler.tasks.get(task_id)
+        if task is not None:
+            await audit_net_events(self.scheduler.audit, task.tenant, task_id, attempt,
+                                   os.path.dirname(net_path))
+        return len(chunk)
+
+
+def _size(path: str) -> int:
+    """The size of a file the daemon copies from an actor (0: none yet)."""
+    return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 def _append(path: str, data: bytes) -> None:

@@ -65,8 +65,12 @@ DIR_SCAN_S = 0.5
 CHECKPOINT_MIN_INTERVAL_S = 0.2
 CHECKPOINT_BYTES_PER_S = 4 << 20
 #: The attempt's egress records (one JSON object a line, net.connect, net.secret, ...):
-#: the daemon audits them as they come (local.py), as it does a sandbox's.
+#: the daemon audits them as they come (local.py; ray_executor.py copies them from the
+#: actor first), as it does a sandbox's.
 NET_EVENTS_FILE = "net.jsonl"
+#: In a copy-on-write task's change set: the spec's files were written into it (by the
+#: attempt that made it); later attempts leave them as the agent left them.
+SPEC_FILES_WRITTEN = "spec-files-written"
 
 
 @dataclass
@@ -285,9 +289,19 @@ class AttemptRunner:
         self._own_workspace = False
         self._link_workspace()
 
-    def _prepare_workspace(self, uid: int) -> dict[str, str]:
-        """Put the spec's files and the last checkpoint into the workspace; returns the
-        agent's environment (CORRAL_*)."""
+    def _write_spec_files(self, uid: int) -> None:
+        """Put the spec's files into the workspace, owned by the agent.
+
+        A copy-on-write task's retry resumes its workspace as the attempts before it left
+        it: the spec's files go into its change set once (SPEC_FILES_WRITTEN, kept in the
+        change set, says they are there), so an agent's edits to them, and its deletions
+        of them, survive a retry. A change set discarded between attempts starts over,
+        files included. Any other attempt's workspace is fresh: it gets them each time.
+        """
+        marker = (os.path.join(self._changes.path, SPEC_FILES_WRITTEN)
+                  if self._changes is not None else "")
+        if marker and os.path.exists(marker):
+            return
         for rel, text in self.plan.files.items():
             path = os.path.join(self.workspace, os.path.normpath(rel))
             parent = os.path.dirname(path)
@@ -297,7 +311,16 @@ class AttemptRunner:
                 parent = os.path.dirname(parent)
             with open(path, "wb") as f:
                 f.write(text.encode("latin-1"))
+                if marker:  # on disk before the mark that says so
+                    os.fsync(f.fileno())
             os.chown(path, uid, uid)
+        if marker:  # after the files: a try that died before this writes them again
+            atomic_write(marker, b"")
+
+    def _prepare_workspace(self, uid: int) -> dict[str, str]:
+        """Put the spec's files (_write_spec_files) and the last checkpoint into the
+        workspace; returns the agent's environment (CORRAL_*)."""
+        self._write_spec_files(uid)
         corral_dir = os.path.join(self.workspace, ".corral")
         os.makedirs(corral_dir, exist_ok=True)
         os.chown(corral_dir, uid, uid)

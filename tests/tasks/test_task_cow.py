@@ -107,3 +107,39 @@ def test_a_task_takes_a_host_directory_only_copy_on_write(task_daemon, project):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.sandbox.workspace_dir: " in message and "workspace_cow" in message
     assert c.list_tasks() == []
+
+
+#: Attempt 1 edits one of the spec's files, deletes the other and fails; attempt 2 finds
+#: the workspace as attempt 1 left it (the spec's files are not written again).
+SPEC_FILES_AGENT = r"""
+set -eu
+cd /workspace
+if [ "$CORRAL_ATTEMPT" = 1 ]; then
+    echo "edited by attempt 1" > notes.txt
+    rm given/drop.txt
+    exit 3
+fi
+{ cat notes.txt; ls given; test -e given/drop.txt && echo drop-back || echo drop-gone; } \
+    > seen.txt
+"""
+
+
+def test_a_cow_retry_keeps_the_agents_edits_to_the_spec_files(task_daemon, project):
+    d = task_daemon()
+    c = d.client()
+    task = c.submit_task(["sh", "-c", SPEC_FILES_AGENT], retries=1, workspace_dir=str(project),
+                         workspace_cow=True,
+                         files={"notes.txt": b"from the spec\n", "given/drop.txt": b"x\n",
+                                "given/stay.txt": b"y\n"})
+    done = wait_done(c, task.id, 120)
+    assert (done.state, done.attempt) == (SUCCEEDED, 2), done.reason
+    marker = d.root / "state" / "changes" / task.id / "spec-files-written"
+    assert marker.exists()
+    changes = {ch.path: pb.ChangeKind.Name(ch.kind) for ch in c.diff(task.id)}
+    assert changes == {"notes.txt": "CHANGE_KIND_ADDED", "given": "CHANGE_KIND_ADDED",
+                       "given/stay.txt": "CHANGE_KIND_ADDED",
+                       "seen.txt": "CHANGE_KIND_ADDED"}, changes
+    c.apply(task.id)
+    assert (project / "seen.txt").read_text() == "edited by attempt 1\nstay.txt\ndrop-gone\n"
+    assert (project / "notes.txt").read_text() == "edited by attempt 1\n"
+    assert not (project / "given" / "drop.txt").exists()

@@ -167,10 +167,11 @@ def test_a_snapshot_is_held_while_its_task_lives(task_daemon):
     assert c.list_snapshots() == []
 
 
-def test_secrets_are_refused_where_a_ray_node_could_run_the_task():
-    """A Ray node's attempt has no safe way to the values: refused at submit, naming the
-    field and the nodes; a selector that keeps the task on local nodes is taken."""
-    from corral.runtime.api.tasks import _refuse_secrets_on_ray
+def test_node_local_state_is_refused_where_a_ray_node_could_run_the_task(tmp_path):
+    """A Ray node's attempt has no safe way to the values, the snapshots or the change
+    sets: refused at submit, naming the field and the nodes; a selector that keeps the
+    task on local nodes is taken."""
+    from corral.runtime.api.tasks import _refuse_local_state_on_ray
     from corral.runtime.tasks.model import TaskSpec
     from corral.runtime.tasks.nodes import Node, NodeConfig
     from corral.sandbox.errors import InvalidSpec
@@ -178,9 +179,15 @@ def test_secrets_are_refused_where_a_ray_node_could_run_the_task():
 
     nodes = [Node.from_config(NodeConfig("here", labels={"pool": "local"})),
              Node.from_config(NodeConfig("gpu1", labels={"pool": "gpu"}, executor="ray"))]
-    sandbox = SandboxSpec(secrets=(SecretBinding("API_TOKEN", ("api.test",)),))
-    with pytest.raises(InvalidSpec) as exc:
-        _refuse_secrets_on_ray(nodes, TaskSpec(argv=("true",), sandbox=sandbox))
-    assert exc.value.field == "spec.sandbox.secrets" and "gpu1" in str(exc.value)
-    _refuse_secrets_on_ray(nodes, TaskSpec(argv=("true",), sandbox=sandbox,
-                                           selector={"pool": "local"}))
+    cases = [("spec.sandbox.secrets",
+              SandboxSpec(secrets=(SecretBinding("API_TOKEN", ("api.test",)),))),
+             ("spec.sandbox.snapshot", SandboxSpec(snapshot="snap-0123456789ab")),
+             ("spec.sandbox.workspace_dir",
+              SandboxSpec(workspace=str(tmp_path), workspace_cow=True))]
+    for field, sandbox in cases:
+        with pytest.raises(InvalidSpec) as exc:
+            _refuse_local_state_on_ray(nodes, TaskSpec(argv=("true",), sandbox=sandbox))
+        assert exc.value.field == field and "Ray nodes gpu1" in str(exc.value)
+        _refuse_local_state_on_ray(nodes, TaskSpec(argv=("true",), sandbox=sandbox,
+                                                   selector={"pool": "local"}))
+    _refuse_local_state_on_ray(nodes, TaskSpec(argv=("true",)))  # nothing node-local
