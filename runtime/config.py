@@ -142,6 +142,11 @@ class DaemonConfig:
     #: The cyclic garbage collector (runtime/loop.py): "latency" (start-up frozen, full
     #: collections on a timer at an on-time tick) or "default" (Python's own).
     gc_policy: str = "latency"
+    #: Live restore (runtime/restore.py): sandboxes outlive a daemon restart (SIGKILL,
+    #: stop, upgrade), held by a holder process and re-adopted at start. Off by default,
+    #: as dockerd's --live-restore: a stopped daemon then leaves processes running that
+    #: nothing serves, which an operator must choose knowingly.
+    live_restore: bool = False
 
     def policy_book(self):
         """Every tenant's policy (runtime/policy.py), built from [policy] and [tenants.*].
@@ -299,6 +304,8 @@ class DaemonConfig:
         if not isinstance(self.cgroup_favordynmods, bool):
             raise InvalidSpec("cgroup_favordynmods", f"{self.cgroup_favordynmods!r} is not "
                                                      "true or false")
+        if not isinstance(self.live_restore, bool):
+            raise InvalidSpec("live_restore", f"{self.live_restore!r} is not true or false")
         if self.log_format not in ("text", "json"):
             raise InvalidSpec("log_format", f"{self.log_format!r} is not 'text' or 'json'")
 
@@ -339,7 +346,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, event_loop
     ("auto"|"asyncio"|"uvloop"), gc_policy ("latency"|"default"), one table per tenant:
     [tenants.acme] token = "...", the secret store's [secrets], warm pools [pools.NAME]
-    and pool_refill_per_s, image_store_size ("20G"; or image_store_max_bytes, in bytes).
+    and pool_refill_per_s, image_store_size ("20G"; or image_store_max_bytes, in bytes),
+    live_restore (true|false).
     """
     values: dict = {}
     if path:

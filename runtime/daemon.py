@@ -89,6 +89,10 @@ class Daemon:
         self.gc: LatencyGc | None = None
         #: "uvloop" or "asyncio": the loop serve_forever runs on.
         self.loop_name = ""
+        #: Live restore (runtime/restore.py) when cfg.live_restore; what start recovered.
+        self.live_restore = None
+        self._recovered: list = []
+        self._restored = 0
 
     async def start(self) -> None:
         """Build and wire every part, in dependency order, then serve."""
@@ -96,9 +100,11 @@ class Daemon:
         _raise_descriptor_limit()
         os.makedirs(cfg.state, mode=0o700, exist_ok=True)
         self._start_observability()
-        _prepare_workspaces(cfg)
+        _configure_workspaces(cfg)
         cgroup_tuning.configure(cfg.cgroup_favordynmods)
         favordynmods = cgroup_tuning.ensure()  # before any sandbox joins a cgroup
+        await self._recover_kept()  # before the sweeps: what they keep is re-owned
+        _sweep_workspaces()
         await self._open_records()
         self._start_sandboxes_and_sessions()
         from .tasks.service import start_scheduler
@@ -113,6 +119,7 @@ class Daemon:
             "tcp_port": self.tcp_port or 0, "metrics_port": self.metrics.port,
             "cgroup_favordynmods": favordynmods, "event_loop": _loop_name(),
             "gc_policy": cfg.gc_policy,
+            **({"live_restore": True, "restored": self._restored} if self.live_restore else {}),
             **self.governance.start_detail()})
         tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
         log.info("corral daemon listening on unix:%s%s", cfg.socket, tcp)
@@ -122,6 +129,21 @@ class Daemon:
         if cfg.gc_policy == "latency":  # last: what start-up made is frozen
             self.gc = LatencyGc()
             self.gc.start(asyncio.get_running_loop())
+
+    async def _recover_kept(self) -> None:
+        """Live restore on: adopt the sandboxes a previous daemon kept (the manager holds
+        them once built); off: kill what one left held, so the sweep removes it."""
+        from . import restore
+
+        loop = asyncio.get_running_loop()
+        if not self.config.live_restore:
+            killed = await loop.run_in_executor(None, restore.discard, self.config.state)
+            if killed:
+                log.info("live restore is off: killed %d sandboxes a daemon kept", killed)
+            return
+        self.live_restore = await loop.run_in_executor(
+            None, restore.LiveRestore, self.config.state)
+        self._recovered = await loop.run_in_executor(None, self.live_restore.recover)
 
     def _start_observability(self) -> None:
         """Metrics and tracing, when configured (only then are their libraries imported)."""
@@ -172,6 +194,10 @@ class Daemon:
         self.sandboxes.secrets = cfg.secret_store()
         self.sandboxes.metrics = self.metrics
         self.sandboxes.tracing = self.tracing
+        if self.live_restore is not None:
+            self.sandboxes.live_restore = self.live_restore
+            self._restored = self.sandboxes.restore(self._recovered)
+            self._recovered = []
         self.sandboxes.start()
         pools = cfg.warm_pools()
         if pools:
@@ -403,6 +429,9 @@ class Daemon:
             await self._step("pools", self.pools.stop)
         if self.sandboxes is not None:
             await self._step("sandboxes", lambda: self.sandboxes.shutdown(reason))
+        if self.live_restore is not None:  # the kept sandboxes' rows are written
+            await self._step("live restore", lambda: asyncio.to_thread(
+                self.live_restore.close))
         if self.server is not None:
             await self._step("server", lambda: self.server.stop(SHUTDOWN_GRACE_S))
         if self.audit is not None:
@@ -474,13 +503,17 @@ def _raise_descriptor_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _prepare_workspaces(cfg: DaemonConfig) -> None:
+def _configure_workspaces(cfg: DaemonConfig) -> None:
     """Workspaces: capped tmpfs mounts under a 0700 root, settings inherited by the task
-    shims through the environment; those of dead owners (a killed daemon's sandboxes, lost
-    attempts) go first, before anything is written."""
+    shims through the environment."""
     workspace_fs.configure(root_dir=cfg.workspace_root, size_bytes=cfg.workspace_bytes,
                            inodes=cfg.workspace_inodes)
     workspace_fs.ensure_root()
+
+
+def _sweep_workspaces() -> None:
+    """Those of dead owners (a killed daemon's sandboxes, lost attempts) go first, before
+    anything is written (live restore re-owned those of the sandboxes it adopted)."""
     for name in workspace_fs.sweep():
         log.info("removed workspace %s: its owner is gone", name)
 

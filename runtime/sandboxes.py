@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from corral.ext import TokenStream
 from corral.sandbox import Process, SandboxSpec, new_sandbox, ptys
@@ -46,6 +46,7 @@ from .labels import EVERYTHING, Selector
 from .metrics import NO_METRICS
 from .policy import PolicyBook, TenantPolicy
 from .ports import PortTable, check_port
+from .restore import KeptSandbox, LiveRestore, Recovered, unadoptable
 from .secret_store import SecretStore
 from .streams import StreamHub
 from .tracing import NO_TRACING
@@ -200,6 +201,8 @@ class ManagedSandbox:
     unpaused: asyncio.Event = field(default_factory=asyncio.Event)
     #: The warm pool (runtime/pools.py) it was made for; "" for a cold create.
     pool: str = ""
+    #: Kept across daemon restarts (live restore, runtime/restore.py).
+    kept: bool = False
 
     def __post_init__(self) -> None:
         self.unpaused.set()
@@ -292,6 +295,9 @@ class SandboxManager:
         #: The daemon's warm pools (runtime/pools.py WarmPools), None when it has none: a
         #: matching Create takes a ready sandbox of theirs instead of spawning one.
         self.pools = None
+        #: Live restore (runtime/restore.py), None when off: sandboxes that can be adopted
+        #: are spawned to outlive the daemon and recorded for the next one.
+        self.live_restore: LiveRestore | None = None
 
     # -- lifecycle of the manager ------------------------------------------------------------
 
@@ -303,13 +309,17 @@ class SandboxManager:
         self._shutting_down = True
 
     async def shutdown(self, reason: str = "daemon-shutdown") -> None:
-        """Destroy every sandbox; the spawner threads go last."""
+        """Destroy every sandbox but those live restore keeps for the next daemon (they
+        run on, held: an upgrade is a stop and a start); the spawner threads go last."""
         self._shutting_down = True
         if self._reaper is not None:
             self._reaper.cancel()
         for msb in list(self._sandboxes.values()):
             with contextlib.suppress(Exception):
-                await self._destroy(msb, reason, tenant="", peer="daemon")
+                if msb.kept:
+                    await self._let_go(msb)
+                else:
+                    await self._destroy(msb, reason, tenant="", peer="daemon")
         self._spawner.shutdown(wait=True)
 
     async def run_blocking(self, fn: Callable, *args, tenant: str = ""):
@@ -354,18 +364,26 @@ class SandboxManager:
                 raise ResourceExhausted(
                     f"the daemon already runs {self.limits.max_sandboxes} sandboxes")
             msb = await self.launch(tenant, spec, expires_in=ttl, owner_session=owner_session,
-                                    labels=labels)
+                                    labels=labels,
+                                    keep=not self.not_kept_because(spec, owner_session))
         self.audit_created(caller, msb, ttl, msb.pool)
         self.metrics.sandbox_created(spec.backend, t0)
         return msb
 
     async def launch(self, tenant: str, spec: SandboxSpec, *, expires_in: float,
                      owner_session: str | None = None,
-                     labels: dict[str, str] | None = None) -> ManagedSandbox:
+                     labels: dict[str, str] | None = None, keep: bool = False) -> ManagedSandbox:
         """Spawn a sandbox and hold it as `tenant`'s: the one path every sandbox takes (a
         cold Create, and a warm pool's fill, whose tenant is "" until it is acquired). No
-        quota check and no audit record here: the caller makes both."""
+        quota check and no audit record here: the caller makes both.
+
+        Args:
+            keep: live restore keeps it across restarts (not_kept_because() said it can):
+                its PID 1 does not die with the daemon.
+        """
         loop = asyncio.get_running_loop()
+        if keep:
+            spec = replace(spec, die_with_parent=False)
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         # a docker sandbox is a container on the engine at the daemon's DOCKER_HOST
         # secret values come from the daemon's store, for this tenant; never from a client
@@ -400,7 +418,95 @@ class SandboxManager:
         self.renumber(msb)
         # PID 1 reports every exit on the status pipe; the loop reads it (no thread).
         loop.add_reader(sandbox.status_fd, self._collect_exits, msb, sandbox.status_fd)
+        if keep:
+            msb.kept = True
+            self.live_restore.keep(sandbox, KeptSandbox(
+                msb.id, tenant, msb.spec.to_fields(), msb.labels, msb.created_at,
+                msb.expires_at, 0.0))
         return msb
+
+    def not_kept_because(self, spec: SandboxSpec, owner_session: str | None) -> str:
+        """Why a sandbox of spec would not outlive a daemon restart; "" when live restore
+        keeps it. Such a sandbox is still made (dies with the daemon, as with live restore
+        off): a Create never fails over an operator's setting, and sandbox.create says so."""
+        if self.live_restore is None:
+            return "live restore is off"
+        if owner_session:
+            return "a session's sandbox ends with its session"
+        kept = unadoptable(spec)
+        return f"its {', '.join(kept)} live in the daemon" if kept else ""
+
+    def restore(self, recovered: list[Recovered]) -> int:
+        """Hold the sandboxes live restore adopted at start (runtime/restore.py recover())
+        as the dead daemon did: tenant, labels, TTL, pause; their exits are collected again
+        and their TTLs reaped. Each is audited (sandbox.restore, with the reason for a lost
+        one); returns how many were restored."""
+        loop = asyncio.get_running_loop()
+        now, mono = time.time(), time.monotonic()
+        for result in recovered:
+            row, sandbox = result.row, result.sandbox
+            if sandbox is None:
+                self.audit.append("sandbox.restore", tenant=row.tenant, peer="daemon",
+                                  sandbox_id=row.id, detail={"restored": False,
+                                                             "reason": result.reason})
+                continue
+            if row.paused_at:  # frozen all along: its pause clock counts the downtime
+                sandbox.state = "paused"
+                sandbox._paused_at = mono - max(0.0, now - row.paused_at)
+            msb = ManagedSandbox(
+                id=row.id, tenant=row.tenant, spec=sandbox.spec, sandbox=sandbox,
+                policy_digest=sandbox.policy_digest(), created_at=row.created_at,
+                expires_at=row.expires_at, workspace=_workspace_files(sandbox),
+                labels=dict(row.labels), paused_at=row.paused_at, kept=True)
+            if row.paused_at:
+                msb.unpaused.clear()
+            self._sandboxes[msb.id] = msb
+            self.renumber(msb)
+            # what PID 1 reported while no daemon read comes first (unclaimed exits)
+            loop.add_reader(sandbox.status_fd, self._collect_exits, msb, sandbox.status_fd)
+            for key, fds in result.commands.items():
+                for fd in fds:
+                    self._drain_orphan_output(key, fd)
+            self.audit.append("sandbox.restore", tenant=row.tenant, peer="daemon",
+                              sandbox_id=row.id, detail={
+                                  "restored": True, "init_pid": sandbox.init_pid,
+                                  "paused": bool(row.paused_at),
+                                  "expires_at": round(row.expires_at, 3),
+                                  "commands": len(result.commands)})
+        return sum(1 for r in recovered if r.sandbox is not None)
+
+    def _drain_orphan_output(self, key: str, fd: int) -> None:
+        """Read and drop what a command of the dead daemon writes, so that it runs on
+        (no client can attach to it: the docs say so); at its end, the holder forgets it."""
+        loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+
+        def readable() -> None:
+            try:
+                while os.read(fd, 1 << 16):
+                    pass
+            except BlockingIOError:
+                return  # all read for now
+            except OSError:
+                pass  # as good as its end
+            loop.remove_reader(fd)
+            os.close(fd)
+            sandbox_id, _, exec_id = key.partition("/")
+            self.live_restore.forget_command(sandbox_id, exec_id)
+
+        loop.add_reader(fd, readable)
+
+    def _record(self, msb: ManagedSandbox) -> None:
+        """Its TTL deadline and pause, for the next daemon (a kept sandbox only)."""
+        if msb.kept and self.live_restore is not None:
+            self.live_restore.update(msb.id, msb.expires_at, msb.paused_at)
+
+    async def _let_go(self, msb: ManagedSandbox) -> None:
+        """A kept sandbox at a clean stop: it runs on, its descriptors held for the next
+        daemon; this one stops reading its exits and serving its ports."""
+        if msb.sandbox.status_fd >= 0:
+            asyncio.get_running_loop().remove_reader(msb.sandbox.status_fd)
+        await self._close_ports(msb, "daemon-shutdown")
 
     def renumber(self, msb: ManagedSandbox) -> None:
         """Give msb the next place in creation order (List pages in it): at its spawn,
@@ -440,8 +546,18 @@ class SandboxManager:
                     "cpus": spec.cpus, "ttl_s": ttl, "init_pid": msb.sandbox.init_pid,
                     "allow_net": list(spec.allow_net), "backend": spec.backend,
                     **({"labels": msb.labels} if msb.labels else {}),
-                    **({"pool": pool} if pool else {})},
+                    **({"pool": pool} if pool else {}),
+                    **self._restart_detail(msb)},
         )
+
+    def _restart_detail(self, msb: ManagedSandbox) -> dict:
+        """With live restore on: whether the sandbox outlives a restart, and why not."""
+        if self.live_restore is None:
+            return {}
+        if msb.kept:
+            return {"live_restore": "kept"}
+        why = self.not_kept_because(msb.spec, msb.owner_session) or "a warm pool's sandbox"
+        return {"live_restore": f"dies with the daemon: {why}"}
 
     async def create_once(self, caller: Caller, spec: SandboxSpec, *, ttl_s: float | None,
                           labels: dict[str, str], request_id: str, fingerprint: str):
@@ -468,8 +584,8 @@ class SandboxManager:
         kind = detail.pop("kind", "net.connect")
         sandbox_id = detail.pop("sandbox_id", "")
         detail["policy_digest"] = policy.get("digest", "")  # the policy that decided
-        future = self.audit.submit(kind, tenant=tenant, peer="egress", sandbox_id=sandbox_id,
-                                   detail=detail)
+        future = self.audit.submit_background(kind, tenant=tenant, peer="egress",
+                                              sandbox_id=sandbox_id, detail=detail)
         future.add_done_callback(
             lambda f: f.exception() and log.error("egress audit record lost: %s", f.exception()))
 
@@ -579,6 +695,7 @@ class SandboxManager:
         self.policies.of(caller).ttl(ttl_s, self.limits.default_ttl_s, field_name="ttl_s")
         before = msb.expires_at
         msb.expires_at = time.time() + ttl_s
+        self._record(msb)
         self.audit.append("sandbox.timeout", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=msb.id, session_id=msb.owner_session or "",
                           detail={"ttl_s": ttl_s, "expires_at": round(msb.expires_at, 3),
@@ -598,6 +715,7 @@ class SandboxManager:
             return msb
         msb.paused_at = time.time()
         msb.unpaused.clear()
+        self._record(msb)
         self.audit.append("sandbox.pause", tenant=caller.tenant, peer=caller.peer,
                           sandbox_id=msb.id, session_id=msb.owner_session or "",
                           detail={"ttl_left_s": round(max(0.0, msb.expires_at - msb.paused_at), 3)})
@@ -613,6 +731,7 @@ class SandboxManager:
         msb.expires_at += paused_for
         msb.paused_at = 0.0
         msb.unpaused.set()
+        self._record(msb)
         loop = asyncio.get_running_loop()
         for handle in msb.execs.values():  # their deadlines moved on: time them again
             if handle.running and handle.process.deadline is not None:
@@ -688,6 +807,8 @@ class SandboxManager:
                 asyncio.get_running_loop().remove_reader(msb.sandbox.status_fd)
         await self._close_ports(msb, "sandbox-destroyed")
         await self.run_blocking(msb.sandbox.destroy, tenant=msb.tenant)
+        if msb.kept:  # after the kill: the holder's copies of its descriptors go last
+            self.live_restore.forget(msb.id)
         self.audit.append("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
                           sandbox_id=msb.id, session_id=msb.owner_session or "",
                           detail={"reason": reason})
@@ -832,6 +953,8 @@ class SandboxManager:
         if not keep_stdin_open:
             writer.close()
         self._follow_exit(handle, loop)
+        if msb.kept:  # its output pipes outlive a daemon restart (runtime/restore.py)
+            self.live_restore.keep_command(msb.id, exec_id, [out_r, err_r])
         self.metrics.exec_started(msb.spec.backend, t0)
         return handle
 
@@ -927,6 +1050,8 @@ class SandboxManager:
         msb = self._sandboxes.get(handle.sandbox_id)
         if msb is not None:
             _retire_finished(msb.execs)
+            if msb.kept:
+                self.live_restore.forget_command(msb.id, handle.id)
         self.audit.append(
             {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),
             tenant=msb.tenant if msb else "", peer="daemon", sandbox_id=handle.sandbox_id,

@@ -361,10 +361,11 @@ class SessionManager:
 
     def _record_later(self, kind: str, **fields) -> None:
         """Audit a steering action already delivered (input, interrupt) without waiting for
-        the disk: the record joins the log's next group commit, so neither the agent nor the
-        event loop waits for an fsync, and the log keeps call order. Steering has no result
-        to hold back; a record that cannot be written is logged as an error."""
-        future = self.audit.submit(kind, **fields)
+        the disk: the record joins a background group (AuditLog.submit_background: up to 2 ms
+        for others to join), so neither the agent nor the event loop waits for an fsync, a
+        loaded daemon pays one commit per group, and the log keeps call order. Steering has
+        no result to hold back; a record that cannot be written is logged as an error."""
+        future = self.audit.submit_background(kind, **fields)
 
         def check(f) -> None:
             if f.exception() is not None:

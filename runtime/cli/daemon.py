@@ -149,6 +149,10 @@ def add_parsers(sub) -> None:
                             choices=flag.choices)
     daemon.add_argument("--metrics-public", action="store_true", default=None,
                         help="allow a --metrics address that is not loopback")
+    daemon.add_argument("--live-restore", action="store_true", default=None,
+                        help="keep sandboxes running across daemon restarts and stops, "
+                             "re-adopted by the next daemon (docs/operations.md, Live "
+                             "restore); default: off")
     daemon.set_defaults(handler=cmd_daemon)
 
 
@@ -168,7 +172,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     readers = _readers()
     try:
-        overrides = {"metrics_public": args.metrics_public}
+        overrides = {"metrics_public": args.metrics_public, "live_restore": args.live_restore}
         for flag in _FLAGS:
             value = getattr(args, flag.dest)
             if flag.read:  # unset or empty: the file's; the flag's name names what is wrong

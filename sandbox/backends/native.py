@@ -948,6 +948,8 @@ class Sandbox(SandboxLifecycle):
                 sb._ids = ids.IdRange(spec.uid_base, spec.uid_count, slot)
         sb.workspace = state.get("workspace") or spec.workspace
         sb._own_workspace = bool(state.get("workspace"))
+        if sb._own_workspace and workspace_fs.is_managed(sb.workspace):
+            workspace_fs._claim(name, None)  # its owner is this process: sweeps keep it
         sb.state = "running"
         sb._write_state()  # this process is its creator now (sweep leaves it alone)
         return sb

@@ -14,14 +14,18 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
+from corral.runtime import config, restore
+from corral.runtime.client import ClientError
 from corral.runtime.holder import (
     BATCH,
     SOCKET_NAME,
@@ -31,8 +35,17 @@ from corral.runtime.holder import (
 )
 from corral.sandbox import SandboxSpec, ids
 from corral.sandbox.backends.native import Sandbox, runtime_base, sweep
+from corral.sandbox.errors import InvalidSpec
+from corral.v1 import sandbox_pb2
 
-from .daemon_harness import set_child_subreaper
+from .daemon_harness import (
+    alive,
+    collect_exec,
+    reap,
+    sandbox_footprint,
+    set_child_subreaper,
+    wait_until,
+)
 
 
 def _holder_pid(client: HolderClient) -> int:
@@ -306,3 +319,224 @@ def test_an_adopted_sandbox_runs_new_commands_and_is_destroyed_whole(state_dir):
         if sandbox_id:  # on a failure: what the dead owner left
             sweep()
             ids.sweep()
+
+
+# -- through the daemon (runtime/restore.py, runtime/sandboxes.py) ---------------------------
+
+LIVE_RESTORE = "live_restore = true\n"
+
+
+class _Reaper:
+    """This test process as the subreaper of the daemons' orphans (PID 1s, the holder),
+    reaping the pids it is given on a thread of its own: a zombie PID 1 would look alive
+    to the sweeps, and host PID 1 here does not reap."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.wait(0.02):
+            for pid in list(self.pids):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        self.pids.discard(pid)
+                except ChildProcessError:  # not ours yet (its daemon lives), or gone
+                    if not os.path.exists(f"/proc/{pid}"):
+                        self.pids.discard(pid)
+
+
+@pytest.fixture
+def reaper():
+    set_child_subreaper(True)
+    r = _Reaper()
+    r.thread.start()
+    try:
+        yield r
+    finally:
+        r.done.set()
+        r.thread.join()
+        set_child_subreaper(False)
+        reap(r.pids)
+
+
+@pytest.fixture
+def kept_daemon(make_daemon, reaper):
+    """make_daemon(config=live_restore on); at the end, whatever a failed test left held
+    is killed and swept (discard: what a daemon with live restore off does)."""
+    made = []
+
+    def make(config: str = LIVE_RESTORE):
+        d = make_daemon(config=config)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.ensure_stopped()
+        if restore.discard(str(d.state)):
+            sweep()
+            ids.sweep()
+
+
+def _first(kept_daemon, reaper):
+    """A daemon with live restore on, started, and a client of it; its holder, started
+    with it, is reaped here when it ends."""
+    d = kept_daemon().start()
+    with HolderClient.connect(str(d.state / SOCKET_NAME)) as holder:
+        reaper.pids.add(_holder_pid(holder))
+    return d, d.client()
+
+
+def _rows(d) -> dict[str, tuple[float, float]]:
+    """restore.db as the daemon wrote it: id -> (expires_at, paused_at)."""
+    db = sqlite3.connect(f"file:{d.state / restore.DB_NAME}?mode=ro", uri=True)
+    try:
+        return {i: (e, p) for i, e, p in db.execute(
+            "SELECT id, expires_at, paused_at FROM sandboxes")}
+    finally:
+        db.close()
+
+
+def _details(d, kind: str) -> dict[str, dict]:
+    return {r.sandbox_id: json.loads(r.detail_json) for r in d.records(kind)}
+
+
+@pytest.mark.timeout(120)
+def test_kept_sandboxes_survive_a_sigkill_and_expire_on_time(kept_daemon, reaper):
+    d, c = _first(kept_daemon, reaper)
+    ran = c.create_sandbox(labels={"role": "ran"})
+    paused = c.create_sandbox(labels={"role": "paused"})
+    short = c.create_sandbox()
+    net = c.create_sandbox(allow_net=["example.com:443"])
+    c.write_file(ran.id, "mark", b"before")
+    c.pause(paused.id)
+    c.set_timeout(short.id, 4)
+    expected = {s.id: c.get_sandbox(s.id) for s in (ran, paused, short)}
+    reaper.pids.update(s.init_pid for s in (ran, paused, short, net))
+    assert wait_until(lambda: _rows(d).keys() == expected.keys() and all(
+        _rows(d)[i] == (s.expires_at, s.paused_at) for i, s in expected.items()))
+    created = _details(d, "sandbox.create")
+    assert created[net.id]["live_restore"] == "dies with the daemon: its allow_net live in " \
+                                              "the daemon"
+    assert created[ran.id]["live_restore"] == "kept"
+
+    assert d.kill() == -signal.SIGKILL
+    assert wait_until(lambda: not alive(net.init_pid)), "allow_net: dies with its daemon"
+    assert all(alive(s.init_pid) for s in expected.values())
+
+    d2 = kept_daemon().start()
+    c2 = d2.client()
+    listed = {s.id: s for s in c2.list_sandboxes()}
+    assert listed.keys() <= expected.keys() and {ran.id, paused.id} <= listed.keys()
+    for sandbox_id in (ran.id, paused.id):
+        got, before = listed[sandbox_id], expected[sandbox_id]
+        assert (got.labels, got.expires_at, got.paused_at, got.init_pid, got.state) == (
+            before.labels, before.expires_at, before.paused_at, before.init_pid, before.state)
+    assert listed[paused.id].state == sandbox_pb2.SANDBOX_STATE_PAUSED
+    assert collect_exec(c2.exec(ran.id, ["cat", "/workspace/mark"])).stdout == b"before"
+    with pytest.raises(ClientError) as refused:  # still frozen: refused, not hung
+        c2.exec(paused.id, ["true"], wait_if_paused=False).__next__()
+    assert refused.value.code.name == "FAILED_PRECONDITION"
+    c2.resume(paused.id)
+    assert collect_exec(c2.exec(paused.id, ["echo", "thawed"])).stdout == b"thawed\n"
+    # the short one's TTL, set before the kill, still runs out after the restart
+    assert wait_until(lambda: short.id in _details(d2, "sandbox.destroy"), timeout_s=20)
+    assert _details(d2, "sandbox.destroy")[short.id]["reason"] == "ttl"
+    restored = _details(d2, "sandbox.restore")
+    assert {k: v["restored"] for k, v in restored.items()} == dict.fromkeys(expected, True)
+    start = json.loads(d2.records("daemon.start")[-1].detail_json)
+    assert (start["live_restore"], start["restored"]) == (True, 3)
+    assert net.id in {r.sandbox_id for r in d2.records("sandbox.reaped")}
+    assert sandbox_footprint(net.id) == {}
+
+    for sandbox_id in (ran.id, paused.id):
+        c2.destroy_sandbox(sandbox_id)
+    assert d2.stop() == 0, d2.log()
+    for s in expected.values():
+        assert sandbox_footprint(s.id) == {}
+        assert not alive(s.init_pid)
+    assert not os.path.exists(d2.state / SOCKET_NAME)  # the holder ended: nothing held
+    assert _rows(d2) == {}
+
+
+@pytest.mark.timeout(120)
+def test_a_clean_stop_keeps_sandboxes_and_their_commands_running(kept_daemon, reaper):
+    d, c = _first(kept_daemon, reaper)
+    sb = c.create_sandbox(labels={"keep": "yes"})
+    reaper.pids.add(sb.init_pid)
+    # waits for a file, then writes 1 MB (far past a pipe's buffer), then says it finished
+    events = c.exec(sb.id, ["sh", "-c", "while [ ! -e go ]; do sleep 0.05; done; "
+                                        "head -c 1000000 /dev/zero; echo done > finished"])
+    command = next(events).started.pid
+    assert d.stop() == 0, d.log()  # an upgrade: stop, start (maybe a new binary)
+    with pytest.raises(ClientError):
+        collect_exec(events)  # its stream ended with the daemon; the command did not
+    assert alive(sb.init_pid) and alive(command)
+    assert d.records("sandbox.destroy") == []
+
+    d2 = kept_daemon().start()
+    c2 = d2.client()
+    assert [(s.id, dict(s.labels)) for s in c2.list_sandboxes()] == [(sb.id, {"keep": "yes"})]
+    assert _details(d2, "sandbox.restore")[sb.id]["commands"] == 1
+    c2.write_file(sb.id, "go", b"")
+    # no SIGPIPE, and no pipe left full: the new daemon drains (and drops) what it writes
+    assert wait_until(lambda: not alive(command), timeout_s=20)
+    assert c2.read_file(sb.id, "finished") == b"done\n"
+    assert collect_exec(c2.exec(sb.id, ["echo", "after"])).stdout == b"after\n"
+    assert d2.health() == "SERVING"
+    c2.destroy_sandbox(sb.id)
+    assert d2.stop() == 0, d2.log()
+    assert sandbox_footprint(sb.id) == {} and not alive(sb.init_pid)
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_pid_1_is_reported_and_live_restore_off_sweeps_the_rest(kept_daemon, reaper):
+    d, c = _first(kept_daemon, reaper)
+    died, left = c.create_sandbox(), c.create_sandbox()
+    reaper.pids.update((died.init_pid, left.init_pid))
+    c.pause(left.id)  # frozen: its PID 1 dies of SIGKILL only once thawed
+    assert wait_until(lambda: _rows(d).keys() == {died.id, left.id} and _rows(d)[left.id][1])
+    assert d.kill() == -signal.SIGKILL
+    os.kill(died.init_pid, signal.SIGKILL)  # while no daemon runs
+    assert wait_until(lambda: died.init_pid not in reaper.pids)
+
+    d2 = kept_daemon().start()
+    restored = _details(d2, "sandbox.restore")
+    assert (restored[died.id]["restored"], restored[died.id]["reason"]) == (
+        False, f"sandbox {died.id}: its PID 1 has ended")
+    assert (restored[left.id]["restored"], restored[left.id]["paused"]) == (True, True)
+    assert sandbox_footprint(died.id) == {}
+    assert d2.stop() == 0, d2.log()
+    assert alive(left.init_pid)  # kept again
+
+    off = kept_daemon(config="").start()  # live restore off: what was kept dies now
+    assert wait_until(lambda: not alive(left.init_pid))
+    assert left.id in {r.sandbox_id for r in off.records("sandbox.reaped")}
+    assert off.client().list_sandboxes() == []
+    assert sandbox_footprint(left.id) == {}
+    assert not os.path.exists(off.state / SOCKET_NAME)
+    assert not os.path.exists(off.state / restore.DB_NAME)
+    assert off.stop() == 0, off.log()
+
+
+def test_live_restore_is_off_unless_set_to_true(tmp_path):
+    assert config.load(None, {}).live_restore is False
+    path = tmp_path / "corral.toml"
+    path.write_text("live_restore = true\n")
+    assert config.load(str(path), {}).live_restore is True
+    path.write_text('live_restore = "yes"\n')
+    with pytest.raises(InvalidSpec, match=r"^live_restore: 'yes' is not true or false$"):
+        config.load(str(path), {})
+
+
+def test_the_daemon_flag_turns_it_on_over_the_file(tmp_path):
+    from corral.runtime.cli import build_parser
+
+    args = build_parser().parse_args(["daemon", "--live-restore"])
+    assert args.live_restore is True
+    assert build_parser().parse_args(["daemon"]).live_restore is None  # the file's, then off
+    path = tmp_path / "corral.toml"
+    path.write_text("live_restore = false\n")
+    assert config.load(str(path), {"live_restore": args.live_restore}).live_restore is True

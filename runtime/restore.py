@@ -1,0 +1,332 @@
+"""Live restore (config live_restore, `corral daemon --live-restore`): the daemon's
+sandboxes outlive a daemon restart (SIGKILL, crash, stop, binary upgrade), as containers
+outlive dockerd with its --live-restore.
+
+Two things outlive the daemon:
+
+- the holder (runtime/holder.py), a process of its own that keeps each kept sandbox's
+  PID 1 pidfd and corral-init's exit-status pipe (key: the sandbox id);
+- a SQLite file, <state>/restore.db (WAL, synchronous=FULL: a commit is on disk when it
+  returns), with one row per kept sandbox: what the daemon knew of it beyond the kernel
+  (its spec, tenant, labels, wall-clock TTL deadline, pause time).
+
+A sandbox is written to both right after its spawn, updated at pause, resume and
+SetTimeout, and removed at destroy. The writes run on one thread of their own, in order,
+off the create's path: a Create answers without waiting for the holder or the fsync (a
+daemon killed in that window loses that one sandbox: recover() finds a row with nothing
+held, or held descriptors with no row, and kills it).
+
+A daemon that starts with live restore on calls recover() before any sweep: each row is
+adopted (sandbox/backends/native.py Sandbox.adopt) with the descriptors the holder kept;
+one that cannot be (its PID 1 died meanwhile, a spec that is no longer adoptable) is
+killed and reported with the reason. A daemon that starts with live restore off calls
+discard(): what a previous daemon left held is killed, as if it had died with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import sqlite3
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from corral.sandbox import SandboxSpec, cgroups
+from corral.sandbox.errors import CorralError
+from corral.sandbox.procinfo import live_start_time
+
+from .holder import SOCKET_NAME, HolderClient, HolderError, start_or_connect
+
+log = logging.getLogger("corral.restore")
+
+#: The store's file in the state directory.
+DB_NAME = "restore.db"
+#: Positions in a sandbox's held group: PID 1's pidfd (killed by an orphaned holder) and
+#: the read end of corral-init's exit-status pipe.
+PIDFD, STATUS = 0, 1
+#: How long a killed PID 1 may take to be reaped (by init or a subreaper) before the sweep.
+REAP_WAIT_S = 5.0
+#: The spec fields whose state lives in the daemon's process (Sandbox.adopt refuses them).
+NOT_ADOPTABLE = ("allow_net", "image", "snapshot", "workspace_cow", "secrets")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    paused_at REAL NOT NULL
+)
+"""
+
+
+def unadoptable(spec: SandboxSpec) -> list[str]:
+    """The fields of spec that keep its sandbox from surviving a restart (its egress proxy,
+    image and snapshot references, change set or secret values live in the daemon)."""
+    found = [f for f in NOT_ADOPTABLE if getattr(spec, f)]
+    if spec.backend != "native":
+        found.append("backend")
+    return found
+
+
+@dataclass
+class KeptSandbox:
+    """One row of restore.db: what a restarted daemon needs beyond the kernel's objects."""
+
+    id: str
+    tenant: str
+    spec: dict  # SandboxSpec.to_fields()
+    labels: dict
+    created_at: float
+    expires_at: float  # Unix seconds
+    paused_at: float  # Unix seconds of the pause, 0 while running
+
+
+@dataclass
+class Recovered:
+    """A kept sandbox after recover(): adopted (sandbox set) or lost (reason set)."""
+
+    row: KeptSandbox
+    sandbox: object | None = None  # a native Sandbox
+    reason: str = ""
+    #: Holder key -> output read ends of each command that ran at the restart.
+    commands: dict[str, list[int]] = field(default_factory=dict)
+
+
+def command_key(sandbox_id: str, exec_id: str) -> str:
+    """The holder's key of a running command's output pipes."""
+    return f"{sandbox_id}/{exec_id}"
+
+
+class RestoreStore:
+    """restore.db: the rows of kept sandboxes (used by one thread at a time)."""
+
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # fsync at each commit, WAL included
+        self.db.execute(_SCHEMA)
+        os.chmod(path, 0o600)
+
+    def put(self, row: KeptSandbox) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO sandboxes VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.tenant, json.dumps(row.spec), json.dumps(row.labels),
+             row.created_at, row.expires_at, row.paused_at))
+
+    def update(self, sandbox_id: str, expires_at: float, paused_at: float) -> None:
+        self.db.execute("UPDATE sandboxes SET expires_at = ?, paused_at = ? WHERE id = ?",
+                        (expires_at, paused_at, sandbox_id))
+
+    def delete(self, sandbox_id: str) -> None:
+        self.db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def rows(self) -> list[KeptSandbox]:
+        return [KeptSandbox(i, t, json.loads(s), json.loads(lb), c, e, p) for i, t, s, lb, c, e, p
+                in self.db.execute("SELECT * FROM sandboxes ORDER BY created_at")]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class LiveRestore:
+    """The daemon's side of live restore: the holder connection, the store and the one
+    thread that writes both (module docstring)."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self.holder = start_or_connect(state_dir)
+        self.store = RestoreStore(os.path.join(state_dir, DB_NAME))
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-restore")
+        self._last: Future | None = None
+
+    # -- at start ----------------------------------------------------------------------------
+
+    def recover(self) -> list[Recovered]:
+        """Adopt every kept sandbox (blocking; before any sweep); each lost one is killed,
+        forgotten and reported with its reason. Held descriptors with no row are killed."""
+        from corral.sandbox.backends.native import Sandbox
+
+        held = set(self.holder.keys())
+        results = []
+        for row in self.store.rows():
+            result = Recovered(row)
+            fds: list[int] = []
+            try:
+                if row.id not in held:
+                    raise CorralError("the holder kept nothing of it")
+                held.discard(row.id)
+                fds = self.holder.get(row.id)
+                if len(fds) != 2:
+                    raise CorralError(f"the holder kept {len(fds)} descriptors, not 2")
+                spec = SandboxSpec.from_fields(row.spec)
+                result.sandbox = Sandbox.adopt(spec, row.id, init_pidfd=fds[PIDFD],
+                                               status_fd=fds[STATUS], tenant=row.tenant)
+            except (CorralError, HolderError, OSError, TypeError, ValueError) as exc:
+                result.reason = str(exc) or type(exc).__name__
+                _kill_and_close(row.id, fds)
+                self._drop(row.id)
+            results.append(result)
+            for key in [k for k in held if k.startswith(row.id + "/")]:
+                held.discard(key)
+                if result.sandbox is not None:
+                    result.commands[key] = self.holder.get(key)
+        for key in held:  # put, but its row never written (or its sandbox's is gone)
+            _kill_and_close(None if "/" in key else key, self.holder.get(key))
+            self.holder.forget(key)
+        return results
+
+    def _drop(self, sandbox_id: str) -> None:
+        """Forget a sandbox: its descriptors, its commands' and its row."""
+        with contextlib.suppress(HolderError):
+            for key in self.holder.keys():
+                if key == sandbox_id or key.startswith(sandbox_id + "/"):
+                    self.holder.forget(key)
+        self.store.delete(sandbox_id)
+
+    # -- while serving: writes in order on the writer thread ---------------------------------
+
+    def keep(self, sandbox, row: KeptSandbox) -> None:
+        """Hold sandbox's descriptors and write its row (in the background: copies of the
+        descriptors are taken now, so a destroy meanwhile cannot close them under us)."""
+        fds = [os.dup(sandbox._init_pidfd), os.dup(sandbox.status_fd)]
+
+        def write() -> None:
+            try:
+                self.holder.put(row.id, fds, kill=(PIDFD,))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self.store.put(row)
+
+        self._submit(write, row.id)
+
+    def keep_command(self, sandbox_id: str, exec_id: str, outputs: list[int]) -> None:
+        """Hold a command's output read ends (copies taken now): with the daemon gone, a
+        write of the command's fills the pipe instead of raising SIGPIPE, and the next
+        daemon drains what it writes (restore docs: the output itself is not kept)."""
+        fds = [os.dup(fd) for fd in outputs]
+        key = command_key(sandbox_id, exec_id)
+
+        def write() -> None:
+            try:
+                self.holder.put(key, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        self._submit(write, sandbox_id)
+
+    def forget_command(self, sandbox_id: str, exec_id: str) -> None:
+        key = command_key(sandbox_id, exec_id)
+        self._submit(lambda: self.holder.forget(key), sandbox_id)
+
+    def update(self, sandbox_id: str, expires_at: float, paused_at: float) -> None:
+        self._submit(lambda: self.store.update(sandbox_id, expires_at, paused_at), sandbox_id)
+
+    def forget(self, sandbox_id: str) -> None:
+        self._submit(lambda: self._drop(sandbox_id), sandbox_id)
+
+    def _submit(self, fn, sandbox_id: str) -> None:
+        future = self._writer.submit(fn)
+        future.add_done_callback(lambda f: f.exception() and log.error(
+            "live restore: sandbox %s not recorded: %s", sandbox_id, f.exception()))
+        self._last = future
+
+    def flush(self) -> None:
+        """Wait until every write queued so far is done (tests, and close)."""
+        if self._last is not None:
+            with contextlib.suppress(Exception):
+                self._last.result()
+
+    def close(self) -> None:
+        """Finish the queued writes and let go: the holder keeps what it holds for the
+        next daemon (it ends by itself when it holds nothing)."""
+        self._writer.shutdown(wait=True)
+        self.store.close()
+        self.holder.close()
+
+
+def discard(state_dir: str) -> int:
+    """Live restore is off: kill what a previous daemon (with it on) left held and stop its
+    holder, so that the sweep removes those sandboxes as it would after a crash. Returns
+    how many were killed (blocking; before any sweep)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(state_dir, DB_NAME))
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(state_dir, DB_NAME + suffix))
+    try:
+        holder = HolderClient.connect(os.path.join(state_dir, SOCKET_NAME))
+    except HolderError:
+        return 0
+    killed = 0
+    with holder:
+        for key in holder.keys():
+            killed += _kill_and_close(None if "/" in key else key, holder.get(key))
+        holder.stop()
+    return killed
+
+
+def _kill_and_close(sandbox_id: str | None, fds: list[int]) -> int:
+    """Kill sandbox_id's PID 1 (fds[0], its pidfd; with none held, the PID 1 its state.json
+    names, if that process still runs) and wait (bounded) until it is reaped, so that the
+    sweep that follows removes the rest; close fds. None: a command's pipes, only closed.
+    Returns how many were killed."""
+    killed = 0
+    if sandbox_id is not None:
+        pidfd = fds[0] if fds else _pidfd_from_state(sandbox_id)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            killed = 1
+            # a paused sandbox's PID 1 dies only once thawed (sweep leaves kept ones frozen)
+            with contextlib.suppress(CorralError, OSError):
+                cgroups.Cgroup.open(cgroups.detect(), sandbox_id).thaw()
+            select.select([pidfd], [], [], REAP_WAIT_S)  # readable once it has exited
+            _wait_reaped(pidfd)
+        except (OSError, TypeError):  # gone already, or none found (None)
+            pass
+        finally:
+            if not fds and pidfd is not None:
+                os.close(pidfd)
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return killed
+
+
+def _pidfd_from_state(sandbox_id: str) -> int | None:
+    """A pidfd of the PID 1 that sandbox_id's state.json names, if that very process (its
+    start time) still runs; None otherwise."""
+    from corral.sandbox.backends.native import runtime_base
+
+    try:
+        with open(os.path.join(runtime_base(), sandbox_id, "state.json")) as f:
+            state = json.load(f)
+        pidfd = os.pidfd_open(int(state["init_pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if live_start_time(int(state["init_pid"])) != state.get("init_start"):  # pid reused
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _wait_reaped(pidfd: int) -> None:
+    """Until /proc no longer shows the pidfd's process (its parent, init or a subreaper,
+    reaped it), at most REAP_WAIT_S."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+    except (OSError, ValueError, StopIteration):
+        return
+    end = time.monotonic() + REAP_WAIT_S
+    while pid > 0 and os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+        time.sleep(0.01)
