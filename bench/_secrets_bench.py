@@ -19,6 +19,9 @@ Connection setup = TCP connect + TLS handshake + one HTTP/1.1 request and its re
 (so the upstream leg is really open and the header really rewritten). Throughput = one
 POST of --mbytes MiB (a fixed length over the rewrite bound: streamed, scanned for other
 secrets' placeholders) until the server answers with the count it received.
+Downloads (DOWNLOADS) = curl fetching --mbytes MiB: on the host by HTTP/1.1, and in the
+secret's sandbox by HTTP/1.1 and by h2 (the response scrubbed as it streams; the server
+speaks HTTP/1.1, so h2 is translated by sandbox/intercept_h2.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ import tempfile
 import time
 
 NAME = "api.bench"
+#: The download ways (curl, a response of --mbytes MiB): the h1 and h2 interception's
+#: throughput from the server toward the sandbox, against the same download direct.
+DOWNLOADS = ("direct_download", "intercepted_h1_download", "intercepted_h2_download")
 
 SERVER = r"""
 import socket, ssl, sys, threading
@@ -44,6 +50,14 @@ def handle(c):
         while b'\r\n\r\n' not in head:
             head += t.recv(65536)
         head, _, body = head.partition(b'\r\n\r\n')
+        path = head.split(b' ')[1]
+        if path.startswith(b'/download/'):
+            size, block = int(path[10:]), b'd' * (1 << 18)
+            t.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n'
+                      % size)
+            for _ in range(size // len(block)):
+                t.sendall(block)
+            return
         length = int(head.lower().split(b'content-length:')[1].split(b'\r\n')[0])
         got, buf = len(body), bytearray(1 << 18)
         while got < length and (n := t.recv_into(buf)):
@@ -155,6 +169,9 @@ def measure(python: str, connections: int, mbytes: int, rounds: int, server_name
                     doc = json.loads(_client(way, argv, sandbox, passthrough))
                     lat[way] += doc["latencies_ms"][5:]
                     mbs[way].append(doc["mb_s"])
+                for way in DOWNLOADS[rnd % 3:] + DOWNLOADS[:rnd % 3]:
+                    mbs.setdefault(way, []).append(_download(
+                        way, mbytes, ca_file, server_address, sandbox))
     finally:
         server.kill()
         server.wait()
@@ -165,11 +182,23 @@ def measure(python: str, connections: int, mbytes: int, rounds: int, server_name
     return _summary(lat, mbs)
 
 
+def _download(way: str, mbytes: int, ca_file: str, server_address: str, sandbox) -> float:
+    """MB/s of one curl download of mbytes MiB: on the host over HTTP/1.1, or in the
+    secret's sandbox (intercepted, the response scrubbed as it streams) by HTTP/1.1 or h2."""
+    flags = "--http2" if way == "intercepted_h2_download" else "--http1.1"
+    if way == "direct_download":
+        flags += f" --cacert {ca_file} --resolve {NAME}:443:{server_address}"
+    argv = ["sh", "-c", f'exec curl -sS -o /dev/null -w "%{{speed_download}}" {flags} '
+                        f'-H "Authorization: Bearer $API_TOKEN" '
+                        f'https://{NAME}/download/{mbytes << 20}']
+    return float(_client(way, argv, sandbox, None)) / 1e6
+
+
 def _client(way: str, argv: list[str], sandbox, passthrough) -> bytes:
-    """The client's JSON line, run on the host or in the way's sandbox."""
-    if way == "direct_tls":
+    """The client's output, run on the host (direct_*) or in the way's sandbox."""
+    if way.startswith("direct"):
         return subprocess.run(argv, capture_output=True, check=True).stdout
-    proc = (sandbox if way == "intercepted" else passthrough).exec(argv)
+    proc = (sandbox if way.startswith("intercepted") else passthrough).exec(argv)
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{way} client failed: {err.decode()}")
@@ -187,10 +216,15 @@ def _summary(lat: dict, mbs: dict) -> dict:
     out["intercepted_throughput_ratio"] = round(mb["intercepted"] / mb["direct_tls"], 3)
     out["intercepted_throughput_ratio_passthrough"] = round(
         mb["intercepted"] / mb["passthrough_tls"], 3)
+    for proto in ("h1", "h2"):
+        out[f"intercepted_{proto}_download_ratio"] = round(
+            mb[f"intercepted_{proto}_download"] / mb["direct_download"], 3)
     out["intercepted_targets"] = {
         "overhead_ms_max": 3.0, "ratio_min": 0.3,
         "overhead_met": out["intercepted_connect_overhead_ms_p50"] <= 3.0,
         "overhead_met_over_host_direct": out["intercepted_over_direct_ms_p50"] <= 3.0,
         "ratio_met": out["intercepted_throughput_ratio"] >= 0.3,
+        "download_ratio_met": min(out["intercepted_h1_download_ratio"],
+                                  out["intercepted_h2_download_ratio"]) >= 0.3,
     }
     return out

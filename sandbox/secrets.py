@@ -265,7 +265,7 @@ class SandboxCA:
         if ctx is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.set_alpn_protocols(["http/1.1"])
+            ctx.set_alpn_protocols(["h2", "http/1.1"])  # h2: sandbox/intercept_h2.py
             ctx.num_tickets = 0  # sandboxes rarely resume; tickets would cost every handshake
             _load_chain(ctx, *self.leaf_pem(name))
             self._contexts[name] = ctx
