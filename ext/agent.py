@@ -57,6 +57,9 @@ CANCEL_TASK = "corral.cancel_task"
 TASK_INPUT = "corral.task_input"
 #: Where a delegated task's result files appear in the session's sandbox: DIR/<task id>/.
 TASK_RESULTS_DIR = "/workspace/.corral/tasks"
+#: One empty file per task whose TASK_DONE an agent of this workspace has taken: a TASK_DONE
+#: told again (the daemon died between sending it and storing that it did) is dropped.
+TASKS_TOLD_DIR = "/workspace/.corral/told"
 MAX_CONTROL_PAYLOAD = 1 << 20  # bytes; the runtime never sends more in one frame
 
 HEADER = struct.Struct("<IB")  # payload length, frame type
@@ -130,7 +133,7 @@ class Delegation:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self._messages:
-                message = self._messages.popleft()
+                message = self.agent._took(self._messages.popleft())
                 yield message
                 if message.kind in ("refused", "done"):
                     return
@@ -189,11 +192,12 @@ class Agent:
         control_fd: where control frames come from; None reads CORRAL_CONTROL_FD.
         env: the environment to read those variables from.
         stdout, stderr: the fallback streams when there is no events fd.
+        told_dir: where TASK_DONEs handed over are marked (TASKS_TOLD_DIR inside a sandbox).
     """
 
     def __init__(self, events_fd: int | None = None, control_fd: int | None = None, *,
                  env: Any = None, stdout: TextIO | None = None,
-                 stderr: TextIO | None = None) -> None:
+                 stderr: TextIO | None = None, told_dir: str | None = None) -> None:
         env = os.environ if env is None else env
         self.events_fd = _fd_from_env(env, EVENTS_FD_ENV) if events_fd is None else events_fd
         self.control_fd = (_fd_from_env(env, CONTROL_FD_ENV) if control_fd is None
@@ -209,6 +213,11 @@ class Agent:
         self._by_task: dict[str, Delegation] = {}
         self._refs = 0
         self._routed = 0  # task frames handed to a Delegation, ever
+        #: Where TASK_DONEs taken are marked (kept across agent restarts); None outside a
+        #: sandbox (no /workspace), where only this process remembers them.
+        self.told_dir = told_dir if told_dir is not None else (
+            TASKS_TOLD_DIR if os.path.isdir("/workspace") else None)
+        self._told_done: set[str] = set()
         if self.control_fd is not None:
             os.set_blocking(self.control_fd, False)
 
@@ -302,7 +311,7 @@ class Agent:
         self._pump(0)
         for handle in list(self._following):
             while handle._messages:
-                yield handle, handle._messages.popleft()
+                yield handle, self._took(handle._messages.popleft())
             if handle.done:
                 self._following.remove(handle)
 
@@ -407,10 +416,44 @@ class Agent:
                 fields = None
             if not isinstance(fields, dict):
                 continue  # not what v1.1 sends: ignore it like an unknown type
+            if frame_type == TASK_DONE and self._repeat(fields):
+                continue  # this workspace's agents were told already: once only
             message = TaskMessage(_TASK_KINDS[frame_type], fields)
             if not self._route(message):
+                self._took(message)
                 return Control("task", json.dumps({"event": message.kind, **fields}))
         return None
+
+    def _repeat(self, fields: dict) -> bool:
+        """True for a TASK_DONE of a task whose end an agent of this workspace was handed
+        already (its marker is in told_dir) or that this agent read before.
+
+        The runtime sends TASK_DONE and then stores that it did; a daemon killed between
+        the two sends it again after its restart, and the repeat is dropped here, so the
+        agent hears each task's end once."""
+        task_id = str(fields.get("task_id", ""))
+        if task_id in self._told_done:
+            return True
+        self._told_done.add(task_id)
+        path = self._told_path(task_id)
+        return path is not None and os.path.exists(path)
+
+    def _took(self, message: TaskMessage) -> TaskMessage:
+        """Mark a TASK_DONE in told_dir as it is handed to the agent's code (not when read:
+        an agent that dies before taking it is told again)."""
+        path = self._told_path(str(message.fields.get("task_id", "")))
+        if message.kind == "done" and path is not None:
+            try:
+                os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            except OSError:
+                pass  # no marker can be kept (e.g. a read-only workspace): this process knows
+        return message
+
+    def _told_path(self, task_id: str) -> str | None:
+        if self.told_dir is None or not task_id or "/" in task_id or task_id in (".", ".."):
+            return None
+        return os.path.join(self.told_dir, task_id)
 
     def _route(self, message: TaskMessage) -> bool:
         """Hand a task message to its Delegation; False when this agent holds none."""

@@ -14,7 +14,11 @@ Rules this module keeps:
 * The parent link is stored with the task (task store) and audited (`task.delegate`).
 * A task's end is told to its parent session once: its result files are copied into the
   session's /workspace/.corral/tasks/ID first, then TASK_DONE goes out, then the task is
-  marked delivered in the store. An end no live session could take (the daemon restarted,
+  marked delivered in the store. A crash between the last two sends it again after the
+  restart; the agent helper (corral_agent) marks each TASK_DONE it takes in the workspace
+  (/workspace/.corral/told/ID) and drops a repeat, so the agent hears it once. (Storing
+  first and sending after would lose the end instead: a lost result is worse than a repeat
+  the helper can recognise.) An end no live session could take (the daemon restarted,
   the agent exited) stays owed; a session started with `delegations_from` takes the tasks
   over and is told what it is owed.
 * Closing a session cancels its unfinished delegations unless it detaches.
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import posixpath
+import signal
 import stat
 
 from corral.ext import agent as protocol
@@ -55,6 +60,8 @@ MAX_REF_BYTES = 64
 #: Result files copied into a session's workspace per task, at most (entries, bytes).
 MAX_RESULT_ENTRIES = 1000
 MAX_RESULT_BYTES = 64 << 20
+#: Tests arm a SIGKILL between sending TASK_DONE and storing `delivered` with this variable.
+DELIVERY_FAULT_ENV = "CORRAL_TEST_DELIVERY_FAULT"
 _SPEC_KEYS = frozenset({"argv", "image", "selector", "resources", "priority", "max_runtime_s",
                         "max_runtime", "retries", "files", "labels"})
 
@@ -325,6 +332,7 @@ class Delegations:
                     **({"copy_error": copy_error} if copy_error else {})})
                 if not sent:
                     return  # owed: a session that takes the task over is told
+                await _fault_after_done_sent(self.sandboxes, session, task)
             self._note(session, TaskNote("done", 0, task_id=task.id, ref=task.parent_ref,
                                          state=task.state.name, node=task.node,
                                          attempt=task.attempt, result_json=task.result_json,
@@ -438,6 +446,23 @@ class Delegations:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _fault_after_done_sent(sandboxes, session, task: DeepTask) -> None:
+    """Tests only: with DELIVERY_FAULT_ENV set to "after_done_sent", the daemon SIGKILLs
+    itself once the agent has taken a TASK_DONE (its helper's marker is in the workspace,
+    looked for up to 10 s) and before `delivered` is stored: the window in which a crash
+    makes the restarted daemon tell the task's end again. Never set outside tests."""
+    if os.environ.get(DELIVERY_FAULT_ENV) != "after_done_sent":
+        return
+    workspace = sandboxes.get(Caller(session.tenant, "daemon"), session.sandbox_id).workspace
+    marker = f"{protocol.TASKS_TOLD_DIR.removeprefix('/workspace/')}/{task.id}"
+    for _ in range(1000):
+        with contextlib.suppress(CorralError):
+            workspace.read(marker, 1)
+            break
+        await asyncio.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _result_files(root: str) -> list[tuple[str, bytes]]:

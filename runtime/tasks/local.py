@@ -28,7 +28,8 @@ from corral.sandbox.locks import flock_held as _lock_held  # a live shim holds i
 
 from .files import TaskFiles, read_json
 from .images import PULLING_FILE
-from .runner import process_alive
+from .net_audit import audit_net_events
+from .runner import locate_secrets, process_alive
 from .shim import LOCK_NAME
 
 log = logging.getLogger("corral.tasks.local")
@@ -99,6 +100,8 @@ class LocalExecutor:
         self._zygote: Zygote | None = None
         self._direct: dict[int, subprocess.Popen] = {}  # shims started without the zygote
         self._stopping = False
+        #: The daemon's SecretStore (service.py): where a task's secrets live.
+        self.secret_store = None
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
@@ -125,6 +128,10 @@ class LocalExecutor:
     # -- attempts ----------------------------------------------------------------------------
 
     async def launch(self, task, node, plan) -> None:
+        plan.tenant = task.tenant
+        if plan.sandbox.secrets:  # where the values live, never the values (runner.py)
+            plan.secret_sources = await self._loop.run_in_executor(
+                None, locate_secrets, self.secret_store, task.tenant, plan.sandbox.secrets)
         files = TaskFiles(plan.tasks_root, task.id)
         attempt_dir = files.attempt_dir(plan.attempt)
 
@@ -279,6 +286,10 @@ class LocalExecutor:
             kw["checkpoint_seq"] = seq
         if kw:
             await sched.on_update(w.task_id, w.attempt, **kw)
+        task = sched.tasks.get(w.task_id)
+        if task is not None:
+            await audit_net_events(sched.audit, task.tenant, w.task_id, w.attempt,
+                                   w.attempt_dir)
         sched.on_log(w.task_id)
 
     def _on_exit(self, w: _Watch) -> None:

@@ -553,12 +553,15 @@ class Scheduler:
     # -- state changes -----------------------------------------------------------------------
 
     async def _move(self, task: DeepTask, to: TaskState, reason: str, audit=None) -> None:
+        """Change a task's state, store it, then tell watchers and listeners: a state is
+        reported only once it is stored (a session told RUNNING or SUCCEEDED before a
+        crash finds the same after the restart)."""
         states.check(task.state, to)
         task.state = to
         task.reason = reason
         task.updated_at = time.time()
-        self._notify(task)
         await self.store.update(task, audit)
+        self._notify(task)
 
     def _notify(self, task: DeepTask, log_bytes: bool = False) -> None:
         for q in self._watchers.get(task.id, ()):
@@ -667,6 +670,8 @@ class Scheduler:
             to, why = TaskState.FAILED, f"max runtime of {task.spec.max_runtime_s:g}s reached"
         elif kind == "pull_failed" and not outcome.get("retryable"):
             to, why = TaskState.FAILED, reason  # the same image fails the same way again
+        elif kind == "refused":
+            to, why = TaskState.FAILED, reason  # its node cannot honour its spec (no retry)
         else:
             task.failures += 1
             if task.failures <= task.spec.retries:
@@ -687,4 +692,4 @@ class Scheduler:
 
 def _ended_before_start(outcome: dict) -> bool:
     """An exit record of an attempt whose command never ran (its task skips RUNNING)."""
-    return outcome.get("outcome") in ("error", "lost", "pull_failed")
+    return outcome.get("outcome") in ("error", "lost", "pull_failed", "refused")

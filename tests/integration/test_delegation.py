@@ -310,3 +310,87 @@ def test_corral_session_takes_delegations_over_with_a_flag(daemon, client):
         "delegations stay with it\n")
     rec.stream.close_session()
     rec.join()
+
+
+def _ledger(client, sandbox_id: str, task_id: str) -> list[str]:
+    """The events the agents of a sandbox really took for a task (delegator.py's ledger)."""
+    try:
+        text = bytes(client.read_file(sandbox_id, "task-ledger.jsonl")).decode()
+    except ClientError as exc:  # no message taken yet: no ledger yet
+        assert exc.code.name == "NOT_FOUND", exc
+        return []
+    return [m["event"] for m in map(json.loads, text.splitlines()) if m.get("task_id") == task_id]
+
+
+def test_a_crash_between_task_done_and_its_commit_tells_the_agent_once(make_daemon,
+                                                                         monkeypatch):
+    """The daemon SIGKILLs itself (DELIVERY_FAULT_ENV) after writing TASK_DONE to the
+    agent's pipe, before storing `delivered`. Restarted (live restore keeps the sandbox),
+    it tells the taking-over session again; the agent helper drops the repeat by its
+    marker in the workspace, and the delivery is stored this time."""
+    from corral.runtime.tasks.delegation import DELIVERY_FAULT_ENV
+
+    monkeypatch.setenv(DELIVERY_FAULT_ENV, "after_done_sent")
+    d = make_daemon("fault", config="live_restore = true\n").start()
+    client = d.client()
+    rec, sb = _session(client)
+    try:
+        _delegate(rec, "quick", _task_spec(2, 0.05))
+        task_id = _first(rec, event="accepted", ref="quick")["task_id"]
+        assert d.proc.wait(timeout=90) == -9  # the fault point's SIGKILL
+        monkeypatch.delenv(DELIVERY_FAULT_ENV)
+        d.start()
+        client = d.client()
+        deadline = time.monotonic() + 30
+        while "done" not in _ledger(client, sb, task_id) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the old agent read the TASK_DONE written before the kill
+        assert _ledger(client, sb, task_id).count("done") == 1
+        assert client.read_file(sb, f".corral/told/{task_id}") == b""
+        req = session_pb2.SessionRequest(start=session_pb2.SessionStart(
+            argv=DELEGATOR, sandbox_id=sb, delegations_from=rec.session_id))
+        new = SessionRecorder(SessionStream(client.sessions, req, client.metadata))
+        new.wait_for(lambda r: any(e.event == "done" and e.task_id == task_id
+                                   for e in _watched(r)), 60, what="the task's end, again")
+        new.stream.send_input(json.dumps({"do": "echo", "text": "after"}))
+        new.wait_for(lambda r: "echo:after" in r.tokens(), 20, what="the echo")
+        assert _ledger(client, sb, task_id).count("done") == 1  # the repeat was dropped
+        assert not [m for m in _told(new) if m.get("task_id") == task_id]
+        new.stream.close_session()
+        new.join()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.client().destroy_sandbox(sb)
+    assert d.stop() == 0, d.log()
+    with sqlite3.connect(str(d.state / "tasks.db")) as db:
+        assert db.execute("SELECT delivered FROM tasks WHERE id = ?",
+                          (task_id,)).fetchone() == (1,)
+
+
+def _done_frame(task_id: str) -> bytes:
+    from corral.ext import agent as protocol
+
+    return protocol.encode_frame(protocol.TASK_DONE, json.dumps(
+        {"task_id": task_id, "ref": "r", "state": "SUCCEEDED"}).encode())
+
+
+def test_the_agent_helper_takes_a_task_done_once_per_workspace(tmp_path):
+    """A repeated TASK_DONE is dropped, by this agent and by a later one of the same
+    workspace (told_dir), once one was handed over; one read and never taken is not."""
+    from corral.ext import agent as protocol
+
+    told = tmp_path / "told"
+    r, w = os.pipe()
+    try:
+        os.write(w, _done_frame("task-a") + _done_frame("task-a"))
+        first = protocol.Agent(events_fd=None, control_fd=r, env={}, told_dir=str(told))
+        taken = first.wait(1)
+        assert (taken.kind, json.loads(taken.text)["task_id"]) == ("task", "task-a")
+        assert first.wait(0.05) is None  # the repeat in the same pipe
+        assert os.listdir(told) == ["task-a"]
+        os.write(w, _done_frame("task-a") + _done_frame("task-b"))
+        later = protocol.Agent(events_fd=None, control_fd=r, env={}, told_dir=str(told))
+        assert json.loads(later.wait(1).text)["task_id"] == "task-b"
+        assert sorted(os.listdir(told)) == ["task-a", "task-b"]
+    finally:
+        os.close(w)
+        os.close(r)
