@@ -35,6 +35,7 @@ from ..errors import (
     SandboxSetupError,
     UnsupportedHost,
 )
+from ..procinfo import live_start_time
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
 from .base import DEVNULL, PIPE, CompletedRun, ExitReason, SandboxLifecycle
@@ -897,7 +898,7 @@ class Sandbox(SandboxLifecycle):
             "id": self.id,
             "creator": os.getpid(),
             "init_pid": self.init_pid,
-            "init_start": _start_time(self.init_pid) if self.init_pid else None,
+            "init_start": live_start_time(self.init_pid) if self.init_pid else None,
             "workspace": self.workspace if self._own_workspace else None,
             # PID 1 does not die with its creator: live restore re-adopts it (adopt())
             "adoptable": not self.spec.die_with_parent,
@@ -1387,18 +1388,6 @@ def _cgroup_layout() -> cgroups.CgroupLayout:
     return cgroups.detect()
 
 
-def _start_time(pid: int | None) -> int | None:
-    """Start time of a process in clock ticks (field 22 of /proc/PID/stat)."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data.rsplit(")", 1)[1].split()[19])
-
-
 def _thaw_abandoned(name: str) -> None:
     """Thaw the cgroup of a sandbox whose creator died while it was frozen (a pause, a
     snapshot's capture): PID 1's PR_SET_PDEATHSIG SIGKILL waits for the thaw, and a frozen
@@ -1439,7 +1428,8 @@ def sweep(base: str | None = None) -> list[str]:
             state = None
         if state is not None:
             creator_alive = os.path.exists(f"/proc/{state.get('creator')}")
-            init_alive = state.get("init_pid") and _start_time(state["init_pid"]) == state.get(
+            # a zombie PID 1 (killed, its reaper not done yet) is dead: its sandbox is swept
+            init_alive = state.get("init_pid") and live_start_time(state["init_pid"]) == state.get(
                 "init_start")
             if init_alive and not creator_alive and not state.get("adoptable"):
                 _thaw_abandoned(name)
