@@ -44,6 +44,7 @@ from corral.ext import agent as protocol
 from corral.sandbox import SandboxSpec, fstree, ids, new_sandbox, workspace_fs
 from corral.sandbox.backends.base import ExitReason, SandboxLifecycle, ids_before_workspace
 from corral.sandbox.errors import CorralError, FailedPrecondition
+from corral.sandbox.procinfo import live_start_time
 
 from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, tree_signature
 from .images import pull_on_node
@@ -382,7 +383,7 @@ class AttemptRunner:
                 self._use_sandbox_workspace()
                 env = self._prepare_workspace(self.sandbox.spec.uid_base)
             atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({
-                "pid": os.getpid(), "start": _start_time(os.getpid()),
+                "pid": os.getpid(), "start": live_start_time(os.getpid()),
                 "sandbox_id": self.sandbox.id, "started_at": time.time(),
                 "attempt_id": plan.attempt_id}).encode())
             proc, outputs, events_r, control_w = self._start_agent(env)
@@ -713,19 +714,7 @@ def _exit_record(proc, ending: str | None) -> dict:
     return {"outcome": "failed", "returncode": rc, "reason": why}
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def process_alive(pid: int, start: int | None) -> bool:
     """pid is running (not a zombie) and is the same process (start time)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
+    now = live_start_time(pid)
+    return now is not None and (start is None or now == start)

@@ -15,8 +15,10 @@ import os
 import signal
 import sys
 
+from corral.sandbox.procinfo import live_start_time
+
 from .files import atomic_write
-from .runner import AttemptPlan, AttemptRunner, _start_time
+from .runner import AttemptPlan, AttemptRunner
 
 #: Held (flock) for the shim's whole life: a daemon that can take it knows the shim is gone.
 LOCK_NAME = "lock"
@@ -34,7 +36,7 @@ def main(argv: list[str]) -> int:
                    0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
     atomic_write(os.path.join(runner.dir, "shim.json"),
-                 json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid())}).encode())
+                 json.dumps({"pid": os.getpid(), "start": live_start_time(os.getpid())}).encode())
     signal.signal(signal.SIGTERM, lambda *_: runner.cancel())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -9,6 +9,7 @@ import functools
 import os
 
 from ... import fstree, workspace_fs
+from ...procinfo import live_start_time
 from .engine import client
 
 #: Label every Corral container carries: the sandbox id.
@@ -37,11 +38,9 @@ def _boot_id() -> str:
 
 
 def _start_time(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    """The start time in the creator token's form: "" when gone or a zombie."""
+    start = live_start_time(pid)
+    return "" if start is None else str(start)
 
 
 def _creator() -> str:
