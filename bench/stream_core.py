@@ -2,7 +2,9 @@
 
 Both implementations get the same input in the same run: a stream of protocol v1 TOKEN frames
 (average 4 bytes of text per token) fed in fixed-size reads, with 1 and then 4 subscribers
-draining every batch after each read, the way the runtime's adapter drives the core.
+draining every batch after each read, the way the runtime's adapter drives the core. Then
+take() alone: nanoseconds per call draining a log that holds the whole input with a PROGRESS
+event after every 8th token (the event path too), in 64 KiB and in 256-byte batches.
 
     python bench/stream_core.py --json      # one JSON object on stdout
 """
@@ -63,6 +65,38 @@ def run_once(impl, data: bytes, subscribers: int, read_size: int, take_bytes: in
     if stats.errors or any(c.next_seq != stats.next_seq for c in cursors):
         raise RuntimeError(f"{impl.IMPLEMENTATION}: the run lost data: {stats}")
     return elapsed, batches
+
+
+def with_events(data: bytes, event_frame: bytes, every: int = 8) -> bytes:
+    """`data` (TOKEN frames) with event_frame after every `every`-th frame."""
+    parts = []
+    pos = 0
+    count = 0
+    while pos < len(data):
+        end = pos + 5 + struct.unpack_from("<I", data, pos)[0]
+        parts.append(data[pos:end])
+        count += 1
+        if count % every == 0:
+            parts.append(event_frame)
+        pos = end
+    return b"".join(parts)
+
+
+def take_cost_ns(impl, data: bytes, max_bytes: int, repeats: int) -> float:
+    """Nanoseconds per take() draining a log that holds all of `data`, best of `repeats`."""
+    stream = impl.TokenStream("frames", log_bytes=1 << 30)
+    stream.feed(data)
+    best = float("inf")
+    for _ in range(repeats):
+        cursor = stream.subscribe()
+        take = stream.take
+        calls = 0
+        start = time.perf_counter()
+        while take(cursor, max_bytes) is not None:
+            calls += 1
+        best = min(best, (time.perf_counter() - start) / calls)
+        stream.unsubscribe(cursor)
+    return best * 1e9
 
 
 def measure(impl, data: bytes, tokens: int, subscribers: int, repeats: int, **kw) -> dict:
@@ -127,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         repeats = args.repeats if name == "cython" else args.python_repeats
         m = measure(impl, data, args.tokens, 1, repeats, **small)
         result[f"{name}_tokens_per_s_small_reads"] = round(m["tokens_per_s"])
+    mixed = with_events(data, impls["python"].encode_frame(3, b'{"step": 1}'))  # PROGRESS
+    for name, impl in impls.items():
+        repeats = args.repeats if name == "cython" else args.python_repeats
+        for max_bytes, suffix in ((64 << 10, "64k"), (256, "256")):
+            result[f"{name}_take_ns_{suffix}"] = round(take_cost_ns(impl, mixed, max_bytes,
+                                                                    repeats))
     result["ratio"] = round(result["cython_tokens_per_s"] / result["python_tokens_per_s"], 1)
     result["ratio_4subs"] = round(
         result["cython_tokens_per_s_4subs"] / result["python_tokens_per_s_4subs"], 1)

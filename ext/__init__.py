@@ -20,16 +20,18 @@ from types import ModuleType
 
 IMPL_ENV = "CORRAL_STREAM_IMPL"
 
-# the token core's public names, identical in both implementations
-_STREAM_API = frozenset({
+# the token core's public names, identical in both implementations (_stream_py's __all__)
+STREAM_API = frozenset({
     "BATCH_OVERHEAD",
     "DEFAULT_LOG_BYTES",
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_TAKE_BYTES",
     "ENTRY_OVERHEAD",
     "HEADER_SIZE",
+    "MAX_FIRST_SEQ",
     "MAX_FRAME_BYTES_LIMIT",
     "MAX_LOG_BYTES_LIMIT",
+    "MODES",
     "Cursor",
     "CursorStatistics",
     "ErrorCode",
@@ -43,7 +45,7 @@ _STREAM_API = frozenset({
     "encode_frame",
 })
 
-__all__ = sorted(_STREAM_API | {"IMPL_ENV", "STREAM_IMPL", "load_stream_impl"})
+__all__ = sorted(STREAM_API | {"IMPL_ENV", "STREAM_API", "STREAM_IMPL", "load_stream_impl"})
 
 _chosen: ModuleType | None = None
 
@@ -81,7 +83,7 @@ def load_stream_impl(choice: str | None = None) -> ModuleType:
 
 def __getattr__(name: str):
     global _chosen
-    if name in _STREAM_API or name == "STREAM_IMPL":
+    if name in STREAM_API or name == "STREAM_IMPL":
         if _chosen is None:
             _chosen = load_stream_impl()
         if name == "STREAM_IMPL":

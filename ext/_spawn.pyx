@@ -635,7 +635,6 @@ cdef class ChildPlan:
                 e.g. a pty slave of the sandbox's own devpts) the controlling terminal.
             user: (uid, gid) inside to run as, with no supplementary groups; None: root.
         """
-        cdef int i
         if not argv:
             raise ValueError("argv must not be empty")
         self.c.argv = self._strv(argv)
@@ -643,10 +642,28 @@ cdef class ChildPlan:
         self.c.search_path = self._strv(search_path)
         self.c.cwd = self._str(cwd)
         self.c.hostname = self._str(hostname) if hostname else NULL
+        self._set_mount_ops(mount_ops)
+        self._set_landlock(landlock_rules, landlock_handled, landlock_scoped, landlock_abi)
+        self._set_rlimits(rlimits)
+        self._set_fds(fds)
+        self._set_seccomp(seccomp_bpf, seccomp_flags)
+        self._set_cgroup_fds(cgroup_fds)
+        self.c.last_cap = last_cap
+        self.c.pdeathsig = pdeathsig
+        self.c.parent_pidfd = -1
+        self.c.exec_fd = exec_fd
+        self.c.ctty = 1 if ctty else 0
+        self.c.run_uid, self.c.run_gid = (-1, -1) if user is None else (user[0], user[1])
+        pairs = list(sysctls)
+        self.c.sysctl_names = self._strv([name for name, _ in pairs])
+        self.c.sysctl_values = self._strv([str(value) for _, value in pairs])
 
+    # Each _set_* fills one group of the C plan from its Python argument (in argument order).
+
+    cdef int _set_mount_ops(self, mount_ops) except -1:
+        cdef int i
         ops = list(mount_ops)
-        self.c.n_ops = len(ops)
-        self.c.ops = <mount_op *>self._alloc(sizeof(mount_op) * (self.c.n_ops + 1))
+        self.c.ops = <mount_op *>self._array(ops, sizeof(mount_op), &self.c.n_ops)
         for i, (kind, source, target, fstype, flags, data, mode) in enumerate(ops):
             self.c.ops[i].kind = OP_KINDS[kind]
             self.c.ops[i].source = self._str(source) if source is not None else NULL
@@ -661,32 +678,40 @@ cdef class ChildPlan:
                 self.c.ops[i].data = self._bytes(raw)
                 self.c.ops[i].data_len = len(raw)
             self.c.ops[i].mode = mode
+        return 0
 
+    cdef int _set_landlock(self, landlock_rules, handled, scoped, abi) except -1:
+        cdef int i
         rules = list(landlock_rules)
-        self.c.n_ll_rules = len(rules)
-        self.c.ll_rules = <ll_rule *>self._alloc(sizeof(ll_rule) * (self.c.n_ll_rules + 1))
+        self.c.ll_rules = <ll_rule *>self._array(rules, sizeof(ll_rule), &self.c.n_ll_rules)
         for i, (path, access) in enumerate(rules):
             self.c.ll_rules[i].path = self._str(path)
             self.c.ll_rules[i].access = access
-        self.c.ll_handled = landlock_handled
-        self.c.ll_scoped = landlock_scoped
-        self.c.ll_abi = landlock_abi
+        self.c.ll_handled = handled
+        self.c.ll_scoped = scoped
+        self.c.ll_abi = abi
+        return 0
 
+    cdef int _set_rlimits(self, rlimits) except -1:
+        cdef int i
         lims = list(rlimits)
-        self.c.n_rlimits = len(lims)
-        self.c.rlimits = <rlimit_op *>self._alloc(sizeof(rlimit_op) * (self.c.n_rlimits + 1))
+        self.c.rlimits = <rlimit_op *>self._array(lims, sizeof(rlimit_op), &self.c.n_rlimits)
         for i, (res, soft, hard) in enumerate(lims):
             self.c.rlimits[i].resource = res
             self.c.rlimits[i].soft = soft
             self.c.rlimits[i].hard = hard
+        return 0
 
+    cdef int _set_fds(self, fds) except -1:
+        cdef int i
         fdl = list(fds)
-        self.c.n_fds = len(fdl)
-        self.c.fds = <fd_map *>self._alloc(sizeof(fd_map) * (self.c.n_fds + 1))
+        self.c.fds = <fd_map *>self._array(fdl, sizeof(fd_map), &self.c.n_fds)
         for i, (pfd, cfd) in enumerate(fdl):
             self.c.fds[i].parent_fd = pfd
             self.c.fds[i].child_fd = cfd
+        return 0
 
+    cdef int _set_seccomp(self, seccomp_bpf, seccomp_flags) except -1:
         if seccomp_bpf:
             if len(seccomp_bpf) % 8 or len(seccomp_bpf) // 8 > 4096:
                 raise ValueError("seccomp program must be 1..4096 sock_filter entries")
@@ -696,21 +721,15 @@ cdef class ChildPlan:
         else:
             self.c.bpf = NULL
             self.c.bpf_len = 0
+        return 0
 
+    cdef int _set_cgroup_fds(self, cgroup_fds) except -1:
+        cdef int i
         cg = list(cgroup_fds)
-        self.c.n_cgroup_fds = len(cg)
-        self.c.cgroup_fds = <int *>self._alloc(sizeof(int) * (self.c.n_cgroup_fds + 1))
+        self.c.cgroup_fds = <int *>self._array(cg, sizeof(int), &self.c.n_cgroup_fds)
         for i, fd in enumerate(cg):
             self.c.cgroup_fds[i] = fd
-        self.c.last_cap = last_cap
-        self.c.pdeathsig = pdeathsig
-        self.c.parent_pidfd = -1
-        self.c.exec_fd = exec_fd
-        self.c.ctty = 1 if ctty else 0
-        self.c.run_uid, self.c.run_gid = (-1, -1) if user is None else (user[0], user[1])
-        pairs = list(sysctls)
-        self.c.sysctl_names = self._strv([name for name, _ in pairs])
-        self.c.sysctl_values = self._strv([str(value) for _, value in pairs])
+        return 0
 
     def __dealloc__(self):
         # The arrays are malloc'd; the strings they point into belong to self._keep.
@@ -731,6 +750,11 @@ cdef class ChildPlan:
             raise MemoryError()
         memset(p, 0, size)
         return p
+
+    cdef void *_array(self, list items, size_t item_size, int *count) except NULL:
+        # A zeroed C array for len(items) entries and a spare one; *count = len(items).
+        count[0] = len(items)
+        return self._alloc(item_size * (count[0] + 1))
 
     cdef char *_bytes(self, bytes raw) except NULL:
         # NUL-terminated copy kept alive by self._keep.
@@ -1083,28 +1107,16 @@ cdef int init_main(void *arg) noexcept nogil:
 
 cdef int proc_path(char *buf, long pid, const char *leaf) noexcept nogil:
     """buf = "/proc/<pid>/<leaf>" without snprintf (async-signal-safe)."""
-    cdef char digits[24]
-    cdef int n = 0, i = 0
-    cdef size_t leaf_len = strlen(leaf)
-    while True:
-        digits[n] = <char>(48 + pid % 10)
-        n += 1
-        pid //= 10
-        if pid == 0:
-            break
+    cdef int i
     memcpy(buf, b"/proc/", 6)
-    i = 6
-    while n > 0:
-        n -= 1
-        buf[i] = digits[n]
-        i += 1
+    i = 6 + format_pid(buf + 6, pid)
     buf[i] = 47  # '/'
-    memcpy(buf + i + 1, leaf, leaf_len + 1)
+    memcpy(buf + i + 1, leaf, strlen(leaf) + 1)
     return 0
 
 
-cdef void format_pid(char *buf, long pid) noexcept nogil:
-    """buf = decimal pid, NUL-terminated (buf holds at least 24 bytes)."""
+cdef int format_pid(char *buf, long pid) noexcept nogil:
+    """buf = decimal pid, NUL-terminated (buf holds at least 24 bytes); returns its length."""
     cdef char digits[24]
     cdef int n = 0, i = 0
     while True:
@@ -1118,6 +1130,7 @@ cdef void format_pid(char *buf, long pid) noexcept nogil:
         buf[i] = digits[n]
         i += 1
     buf[i] = 0
+    return i
 
 
 cdef int run_map_helpers(init_args *a, long pid) noexcept nogil:
@@ -1652,6 +1665,85 @@ def idmap_tree(int tree_fd, int userns_fd, unsigned long long attrs=0, bint recu
         raise OSError(errno, os.strerror(errno))
 
 
+cdef struct launch_stacks:
+    void *launcher
+    void *init
+    void *uid_helper    # the id map helpers' (NULL: none)
+    void *gid_helper
+
+
+cdef void free_launch_stacks(launch_stacks *stacks) noexcept:
+    corral_stack_free(stacks.launcher)
+    corral_stack_free(stacks.init)
+    corral_stack_free(stacks.uid_helper)
+    corral_stack_free(stacks.gid_helper)
+
+
+cdef int lend_map_helpers(init_args *args, launch_stacks *stacks, list keep,
+                          map_helpers) except -1:
+    """Have the launcher run map_helpers (newuidmap argv, newgidmap argv), each on a stack
+    of its own; their argv[1] is args.pid_text, which the launcher fills with PID 1's pid."""
+    stacks.uid_helper = corral_stack_alloc()
+    stacks.gid_helper = corral_stack_alloc()
+    if stacks.uid_helper == NULL or stacks.gid_helper == NULL:
+        raise MemoryError("stacks for the id map helpers")
+    args.helper_stack_top = corral_stack_top(stacks.uid_helper)
+    args.helper2_stack_top = corral_stack_top(stacks.gid_helper)
+    args.uid_helper = helper_argv(keep, list(map_helpers[0]), args.pid_text)
+    args.gid_helper = helper_argv(keep, list(map_helpers[1]), args.pid_text)
+    return 0
+
+
+cdef object clone_and_report(int (*fn)(void *) noexcept nogil, void *stack, void *arg,
+                             int *rep, int *status, str what, list ns_pid=None):
+    """Run fn as a vfork-style clone on stack (every signal blocked in this thread while it
+    borrows the address space) and read its reports from the pipe rep until EOF; returns
+    read_reports' (failure or None, pid). Closes both ends of rep (setting them to -1) and
+    waits for the clone to exit, its wait status in *status.
+
+    Raises:
+        OSError: the clone failed ("clone (<what>)"), or reading the reports did.
+    """
+    cdef sigset_t old_mask
+    cdef int child, err
+    with nogil:
+        corral_block_signals(&old_mask)
+        child = corral_vfork_clone(fn, corral_stack_top(stack), SIGCHLD, arg)
+        err = errno
+        corral_restore_signals(&old_mask)
+    close(rep[1])
+    rep[1] = -1
+    if child < 0:
+        raise OSError(err, f"clone ({what})")
+    try:
+        return read_reports(rep[0], ns_pid)
+    finally:
+        close(rep[0])
+        rep[0] = -1
+        with nogil:
+            while waitpid(child, status, 0) < 0 and errno == EINTR:
+                pass
+
+
+cdef tuple settle_init(failure, pid, int status, UserNamespaceInProgress user_namespace):
+    """(pid, pidfd) of the PID 1 the launcher reported; when it reported a failure (or no
+    PID 1, or its pidfd cannot be opened), PID 1 is killed and reaped and that is raised."""
+    cdef pid_t child = pid
+    if user_namespace is not None and failure is not None:
+        failure = user_namespace.explain(failure)
+    if failure is None and not child:
+        failure = OSError(5, f"sandbox launcher exited ({status:#x}) without creating PID 1")
+    if failure is None:
+        pidfd = corral_pidfd_open(child)
+        if pidfd >= 0:
+            return pid, pidfd
+        failure = OSError(errno, "pidfd_open")
+    if child:
+        with nogil:
+            kill_and_reap(child)
+    raise failure
+
+
 def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
                map_helpers=None, int mount_ns_fd=-1,
                UserNamespaceInProgress user_namespace=None):
@@ -1675,21 +1767,16 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         OSError: clone itself failed.
     """
     cdef int rep[2]
-    cdef int launcher = -1
     cdef int status = 0
-    cdef int err = 0
     cdef init_args args
-    cdef sigset_t old_mask
-    cdef pid_t child
-    cdef void *launcher_stack = corral_stack_alloc()
-    cdef void *init_stack = corral_stack_alloc()
-    cdef void *helper_stack = NULL
-    cdef void *helper2_stack = NULL
+    cdef launch_stacks stacks
     cdef char pid_text[24]
     cdef list keep = []
-    if launcher_stack == NULL or init_stack == NULL:
-        corral_stack_free(launcher_stack)
-        corral_stack_free(init_stack)
+    stacks.launcher = corral_stack_alloc()
+    stacks.init = corral_stack_alloc()
+    stacks.uid_helper = stacks.gid_helper = NULL
+    if stacks.launcher == NULL or stacks.init == NULL:
+        free_launch_stacks(&stacks)
         raise MemoryError("stacks for the sandbox launcher")
     rep[0] = rep[1] = -1
     args.user_ns_fd = -1
@@ -1700,19 +1787,12 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
     args.helper2_stack_top = NULL
     try:
         if map_helpers is not None:
-            helper_stack = corral_stack_alloc()
-            helper2_stack = corral_stack_alloc()
-            if helper_stack == NULL or helper2_stack == NULL:
-                raise MemoryError("stacks for the id map helpers")
-            args.helper_stack_top = corral_stack_top(helper_stack)
-            args.helper2_stack_top = corral_stack_top(helper2_stack)
-            args.uid_helper = helper_argv(keep, list(map_helpers[0]), pid_text)
-            args.gid_helper = helper_argv(keep, list(map_helpers[1]), pid_text)
+            lend_map_helpers(&args, &stacks, keep, map_helpers)
         cloexec_pipe(rep)
         plan.c.parent_pidfd = corral_pidfd_open(getpid()) if plan.c.pdeathsig else -1
         args.plan = &plan.c
         args.report_fd = rep[1]
-        args.init_stack_top = corral_stack_top(init_stack)
+        args.init_stack_top = corral_stack_top(stacks.init)
         args.uid_map = uid_map
         args.uid_map_len = len(uid_map)
         args.gid_map = gid_map
@@ -1721,47 +1801,17 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         args.mount_ns_fd = mount_ns_fd
         if user_namespace is not None:
             user_namespace.lend(&args)
-        with nogil:
-            corral_block_signals(&old_mask)
-            launcher = corral_vfork_clone(init_launcher, corral_stack_top(launcher_stack),
-                                          SIGCHLD, &args)
-            err = errno
-            corral_restore_signals(&old_mask)
-        close(rep[1])
-        rep[1] = -1
-        if launcher < 0:
-            raise OSError(err, "clone (sandbox launcher)")
-        try:
-            failure, pid = read_reports(rep[0])
-        finally:
-            with nogil:
-                while waitpid(launcher, &status, 0) < 0 and errno == EINTR:
-                    pass
+        failure, pid = clone_and_report(init_launcher, stacks.launcher, &args, rep, &status,
+                                        "sandbox launcher")
     finally:
         for fd in (rep[0], rep[1], plan.c.parent_pidfd, args.user_ns_fd):
             if fd >= 0:
                 close(fd)
         plan.c.parent_pidfd = -1
-        corral_stack_free(launcher_stack)
-        corral_stack_free(init_stack)
-        corral_stack_free(helper_stack)
-        corral_stack_free(helper2_stack)
+        free_launch_stacks(&stacks)
         free(args.uid_helper)
         free(args.gid_helper)
-    child = pid
-    if user_namespace is not None and failure is not None:
-        failure = user_namespace.explain(failure)
-    if failure is None and not child:
-        failure = OSError(5, f"sandbox launcher exited ({status:#x}) without creating PID 1")
-    if failure is None:
-        pidfd = corral_pidfd_open(child)
-        if pidfd >= 0:
-            return pid, pidfd
-        failure = OSError(errno, "pidfd_open")
-    if child:
-        with nogil:
-            kill_and_reap(child)
-    raise failure
+    return settle_init(failure, pid, status, user_namespace)
 
 
 def spawn_join(ChildPlan plan, int init_pidfd):
@@ -1778,11 +1828,8 @@ def spawn_join(ChildPlan plan, int init_pidfd):
         SpawnError: a step failed (execve's failure is step "execve").
     """
     cdef int rep[2]
-    cdef int helper = -1
     cdef int status = 0
-    cdef int err = 0
     cdef join_args args
-    cdef sigset_t old_mask
     cdef list ns_pid = []
     cdef void *helper_stack = corral_stack_alloc()
     cdef void *relay_stack = corral_stack_alloc()
@@ -1792,6 +1839,7 @@ def spawn_join(ChildPlan plan, int init_pidfd):
         corral_stack_free(relay_stack)
         corral_stack_free(command_stack)
         raise MemoryError("stacks for the join helper")
+    rep[0] = rep[1] = -1
     try:
         cloexec_pipe(rep)
         args.plan = &plan.c
@@ -1799,24 +1847,12 @@ def spawn_join(ChildPlan plan, int init_pidfd):
         args.report_fd = rep[1]
         args.relay_stack_top = corral_stack_top(relay_stack)
         args.command_stack_top = corral_stack_top(command_stack)
-        with nogil:
-            corral_block_signals(&old_mask)
-            helper = corral_vfork_clone(join_main, corral_stack_top(helper_stack), SIGCHLD,
-                                        &args)
-            err = errno
-            corral_restore_signals(&old_mask)
-        close(rep[1])
-        if helper < 0:
-            close(rep[0])
-            raise OSError(err, "clone (join helper)")
-        try:
-            failure, _ = read_reports(rep[0], ns_pid)
-        finally:
-            close(rep[0])
-            with nogil:
-                while waitpid(helper, &status, 0) < 0 and errno == EINTR:
-                    pass
+        failure, _ = clone_and_report(join_main, helper_stack, &args, rep, &status,
+                                      "join helper", ns_pid)
     finally:
+        for fd in (rep[0], rep[1]):
+            if fd >= 0:
+                close(fd)
         corral_stack_free(helper_stack)
         corral_stack_free(relay_stack)
         corral_stack_free(command_stack)

@@ -15,13 +15,15 @@ cdef class Cursor:
     cdef uint64_t _lost
 
 
+# The counters and log bounds are readonly so that one function, _stream_py.stream_statistics,
+# makes statistics() of both implementations.
 @cython.final
 cdef class TokenStream:
     cdef bint _text_mode
     cdef bint _bytes_mode              # one TOKEN entry per feed, bytes kept as they came
-    cdef bint _failed
-    cdef bint _closed
-    cdef uint64_t _log_limit          # bytes
+    cdef readonly bint _failed
+    cdef readonly bint _closed
+    cdef readonly uint64_t _log_limit  # bytes
     cdef uint32_t _max_frame          # payload bytes of one frame
 
     # The log. Entry e (_ehead <= e < _elen) has seq _first_seq + e - _ehead; its stored bytes
@@ -38,9 +40,9 @@ cdef class TokenStream:
     cdef size_t _ecap
     cdef size_t _ehead
     cdef size_t _elen
-    cdef uint64_t _first_seq
-    cdef uint64_t _next_seq
-    cdef uint64_t _log_bytes          # stored bytes + ENTRY_OVERHEAD per entry
+    cdef readonly uint64_t _first_seq
+    cdef readonly uint64_t _next_seq
+    cdef readonly uint64_t _log_bytes  # stored bytes + ENTRY_OVERHEAD per entry
 
     # Decoder state: a frame not complete yet (frames mode), a cut code point (text mode).
     cdef unsigned char* _pbuf
@@ -50,18 +52,18 @@ cdef class TokenStream:
     cdef unsigned char _tail[4]
     cdef Py_ssize_t _tail_len
 
-    cdef object _events               # deque of StreamEvent for next_event()
-    cdef object _cursors              # set of subscribed Cursor
+    cdef readonly object _events  # deque of StreamEvent for next_event()
+    cdef readonly object _cursors  # set of subscribed Cursor
 
     # counters for statistics()
-    cdef uint64_t _bytes_fed
-    cdef uint64_t _bytes_discarded
-    cdef uint64_t _frames
-    cdef uint64_t _tokens
-    cdef uint64_t _token_bytes
-    cdef uint64_t _n_events
-    cdef uint64_t _errors
-    cdef uint64_t _evicted
+    cdef readonly uint64_t _bytes_fed
+    cdef readonly uint64_t _bytes_discarded
+    cdef readonly uint64_t _frames
+    cdef readonly uint64_t _tokens
+    cdef readonly uint64_t _token_bytes
+    cdef readonly uint64_t _n_events
+    cdef readonly uint64_t _errors
+    cdef readonly uint64_t _evicted
 
     cdef int _feed_frames(self, const unsigned char* p, Py_ssize_t n, uint64_t base) except -1
     cdef int _feed_text(self, const unsigned char* p, Py_ssize_t n) except -1

@@ -8,8 +8,10 @@ from corral.ext._stream_py import DEFAULT_MAX_FRAME_BYTES as DEFAULT_MAX_FRAME_B
 from corral.ext._stream_py import DEFAULT_TAKE_BYTES as DEFAULT_TAKE_BYTES
 from corral.ext._stream_py import ENTRY_OVERHEAD as ENTRY_OVERHEAD
 from corral.ext._stream_py import HEADER_SIZE as HEADER_SIZE
+from corral.ext._stream_py import MAX_FIRST_SEQ as MAX_FIRST_SEQ
 from corral.ext._stream_py import MAX_FRAME_BYTES_LIMIT as MAX_FRAME_BYTES_LIMIT
 from corral.ext._stream_py import MAX_LOG_BYTES_LIMIT as MAX_LOG_BYTES_LIMIT
+from corral.ext._stream_py import MODES as MODES
 from corral.ext._stream_py import CursorStatistics as CursorStatistics
 from corral.ext._stream_py import ErrorCode as ErrorCode
 from corral.ext._stream_py import EventKind as EventKind
@@ -41,6 +43,7 @@ class TokenStream:
         *,
         log_bytes: int = ...,
         max_frame_bytes: int = ...,
+        first_seq: int = ...,
     ) -> None: ...
     def feed(self, data: bytes | bytearray | memoryview) -> int:
         """Decode more of the stream; returns how many log entries it appended."""
@@ -48,6 +51,8 @@ class TokenStream:
         """End of input: flush a partial code point, or report a partial frame."""
     def append_event(self, kind: int, payload: bytes = b"") -> int:
         """Append a runtime-made event; returns its seq."""
+    def pending_input(self) -> bytes:
+        """The bytes fed that are not part of an entry yet (a cut frame or code point)."""
     def next_event(self) -> StreamEvent | None:
         """The oldest non-token entry not pulled yet (errors included), or None."""
     @property

@@ -26,6 +26,7 @@ from corral.ext._stream_py import (
     DEFAULT_TAKE_BYTES,
     ENTRY_OVERHEAD,
     HEADER_SIZE,
+    MAX_FIRST_SEQ,
     MAX_FRAME_BYTES_LIMIT,
     MAX_LOG_BYTES_LIMIT,
     MODES,
@@ -37,6 +38,11 @@ from corral.ext._stream_py import (
     StreamClosedError,
     StreamEvent,
     StreamStatistics,
+    check_appended_kind,
+    check_held_seq,
+    check_stream_args,
+    stream_statistics,
+    subscription_start,
 )
 
 IMPLEMENTATION = "cython"
@@ -261,6 +267,153 @@ cdef object _payload_problem(int frame_type, const unsigned char* p, Py_ssize_t 
     return None
 
 
+# --- StreamBatch encoding (take) -----------------------------------------------------------
+
+cdef struct batch_plan:
+    # the log as take() reads it (TokenStream's arrays; arena[0] is at absolute offset abase)
+    const uint64_t* ends
+    const uint8_t* kinds
+    const uint8_t* codes
+    const unsigned char* arena
+    uint64_t abase
+    # the batch: log entries first..stop-1, seqs from start, stored bytes from offset pos0
+    size_t first
+    size_t stop
+    uint64_t start
+    uint64_t pos0
+    # sizes of its fields: the tokens' text (2), their lengths (3), the other entries (4)
+    uint64_t text_len
+    uint64_t lengths_len
+    uint64_t events_len      # every StreamEvent with its tag and length
+    size_t n_tokens
+    size_t n_events
+
+
+cdef inline void _fit_batch(batch_plan* b, size_t last, uint64_t max_bytes) noexcept nogil:
+    """Pass 1 of take(): how many of the entries b.first..last-1 fit in max_bytes (the first
+    always does); sets b.stop and the field sizes."""
+    cdef const uint64_t* ends = b.ends
+    cdef const uint8_t* kinds = b.kinds
+    cdef const uint8_t* codes = b.codes
+    cdef size_t first = b.first
+    cdef uint64_t start = b.start
+    cdef uint64_t prev = b.pos0
+    cdef uint64_t size, cost, event_size
+    cdef uint64_t used = BATCH_OVH
+    cdef uint64_t text_len = 0, lengths_len = 0, events_len = 0
+    cdef size_t n_tokens = 0, n_events = 0
+    cdef size_t j = first
+    while j < last:
+        size = ends[j] - prev
+        if kinds[j] == K_TOKEN:
+            cost = size + _vlen(size)
+        else:
+            event_size = _event_size(start + (j - first), kinds[j], codes[j], size)
+            cost = 1 + _vlen(event_size) + event_size
+        if j > first and used + cost > max_bytes:
+            break
+        used += cost
+        if kinds[j] == K_TOKEN:
+            text_len += size
+            lengths_len += cost - size
+            n_tokens += 1
+        else:
+            events_len += cost
+            n_events += 1
+        prev = ends[j]
+        j += 1
+    b.stop = j
+    b.text_len = text_len
+    b.lengths_len = lengths_len
+    b.events_len = events_len
+    b.n_tokens = n_tokens
+    b.n_events = n_events
+
+
+cdef inline unsigned char* _put_text(unsigned char* w, const batch_plan* b) noexcept nogil:
+    """Field 2: the batch's tokens' text, copied from the arena in runs between events."""
+    cdef const uint64_t* ends = b.ends
+    cdef const uint8_t* kinds = b.kinds
+    cdef const unsigned char* arena = b.arena
+    cdef uint64_t abase = b.abase
+    cdef uint64_t prev = b.pos0
+    cdef uint64_t run_start = b.pos0
+    cdef size_t j
+    w[0] = 0x12
+    w = _put_varint(w + 1, b.text_len)
+    if b.n_events == 0:
+        memcpy(w, arena + (prev - abase), b.text_len)
+        return w + b.text_len
+    for j in range(b.first, b.stop):
+        if kinds[j] != K_TOKEN:
+            memcpy(w, arena + (run_start - abase), prev - run_start)
+            w += prev - run_start
+            run_start = ends[j]
+        prev = ends[j]
+    memcpy(w, arena + (run_start - abase), prev - run_start)
+    return w + (prev - run_start)
+
+
+cdef inline unsigned char* _put_lengths(unsigned char* w, const batch_plan* b) noexcept nogil:
+    """Field 3: the tokens' lengths, packed varints."""
+    cdef const uint64_t* ends = b.ends
+    cdef const uint8_t* kinds = b.kinds
+    cdef uint64_t prev = b.pos0
+    cdef size_t j
+    w[0] = 0x1A
+    w = _put_varint(w + 1, b.lengths_len)
+    for j in range(b.first, b.stop):
+        if kinds[j] == K_TOKEN:
+            w = _put_varint(w, ends[j] - prev)
+        prev = ends[j]
+    return w
+
+
+cdef inline unsigned char* _put_event(unsigned char* w, uint64_t seq, uint8_t kind,
+                                      uint8_t code, const unsigned char* data,
+                                      uint64_t size) noexcept nogil:
+    """Field 4, one StreamEvent: seq, kind, then an ERROR's code and message or another
+    entry's payload."""
+    w[0] = 0x22
+    w = _put_varint(w + 1, _event_size(seq, kind, code, size))
+    w[0] = 0x08
+    w = _put_varint(w + 1, seq)
+    w[0] = 0x10
+    w = _put_varint(w + 1, kind)
+    if kind == K_ERROR:
+        w[0] = 0x20
+        w = _put_varint(w + 1, code)
+        if size:
+            w[0] = 0x2A
+            w = _put_varint(w + 1, size)
+            memcpy(w, data, size)
+            w += size
+    elif size:
+        w[0] = 0x1A
+        w = _put_varint(w + 1, size)
+        memcpy(w, data, size)
+        w += size
+    return w
+
+
+cdef inline unsigned char* _put_events(unsigned char* w, const batch_plan* b) noexcept nogil:
+    """Field 4 for every entry of the batch that is not a token, in seq order."""
+    cdef const uint64_t* ends = b.ends
+    cdef const uint8_t* kinds = b.kinds
+    cdef const uint8_t* codes = b.codes
+    cdef const unsigned char* arena = b.arena
+    cdef uint64_t abase = b.abase
+    cdef uint64_t prev = b.pos0
+    cdef uint64_t seq0 = b.start - b.first  # seq of log index j is seq0 + j
+    cdef size_t j
+    for j in range(b.first, b.stop):
+        if kinds[j] != K_TOKEN:
+            w = _put_event(w, seq0 + j, kinds[j], codes[j], arena + (prev - abase),
+                           ends[j] - prev)
+        prev = ends[j]
+    return w
+
+
 def encode_frame(int frame_type, payload=b""):
     """One protocol v1 frame: u32 LE payload length, u8 type, payload.
 
@@ -317,21 +470,14 @@ cdef class TokenStream:
         self._pbuf = NULL
 
     def __init__(self, mode="frames", *, log_bytes=DEFAULT_LOG_BYTES,
-                 max_frame_bytes=DEFAULT_MAX_FRAME_BYTES):
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'frames', 'text' or 'bytes', not {mode!r}")
-        if not 1 <= log_bytes <= MAX_LOG_BYTES_LIMIT:
-            raise ValueError(
-                f"log_bytes must be between 1 and {MAX_LOG_BYTES_LIMIT}, got {log_bytes}")
-        if not 1 <= max_frame_bytes <= MAX_FRAME_BYTES_LIMIT:
-            raise ValueError(f"max_frame_bytes must be between 1 and {MAX_FRAME_BYTES_LIMIT}, "
-                             f"got {max_frame_bytes}")
+                 max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, first_seq=1):
+        check_stream_args(mode, log_bytes, max_frame_bytes, first_seq)
         self._text_mode = mode == "text"
         self._bytes_mode = mode == "bytes"
         self._log_limit = log_bytes
         self._max_frame = max_frame_bytes
-        self._first_seq = 1
-        self._next_seq = 1
+        self._first_seq = first_seq
+        self._next_seq = first_seq
         self._events = deque()
         self._cursors = set()
 
@@ -540,10 +686,7 @@ cdef class TokenStream:
         Raises:
             ValueError: kind is not TOKEN..TOOL_CALL, or the payload breaks its kind's rules.
         """
-        if not EventKind.TOKEN <= kind <= EventKind.TOOL_CALL:
-            raise ValueError(
-                f"append_event() takes an event kind from 1 (TOKEN) to 7 (TOOL_CALL), "
-                f"got {int(kind)}")
+        check_appended_kind(kind)
         cdef bytes data = bytes(payload)
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef Py_ssize_t bad
@@ -562,6 +705,16 @@ cdef class TokenStream:
         self._n_events += 1
         self._append(p, len(data), <uint8_t>kind, 0)
         return self._next_seq - 1
+
+    def pending_input(self):
+        """The bytes fed that are not part of an entry yet: a frame cut by the end of the
+        last read (frames mode) or a cut UTF-8 sequence (text mode); b"" in bytes mode and
+        once framing is lost. Live restore's journal starts a segment with them."""
+        if self._failed:
+            return b""
+        if self._text_mode:
+            return PyBytes_FromStringAndSize(<const char*>self._tail, self._tail_len)
+        return PyBytes_FromStringAndSize(<const char*>self._pbuf, self._plen)
 
     def next_event(self):
         """The oldest non-token entry not pulled yet (errors included), or None."""
@@ -709,12 +862,7 @@ cdef class TokenStream:
             SeqEvictedError: the entry was evicted.
             ValueError: seq is below 1 or not written yet.
         """
-        if seq < 1:
-            raise ValueError(f"seq must be at least 1, got {seq}")
-        if seq >= self._next_seq:
-            raise ValueError(f"seq {seq} is not written yet; the next seq is {self._next_seq}")
-        if seq < self._first_seq:
-            raise SeqEvictedError(seq, self._first_seq)
+        check_held_seq(seq, self._first_seq, self._next_seq)
         cdef size_t e = self._ehead + <size_t>(seq - self._first_seq)
         cdef uint64_t start = self._ends[e - 1] if e > self._ehead else self._start_abs
         stored = PyBytes_FromStringAndSize(
@@ -734,17 +882,11 @@ cdef class TokenStream:
         Raises:
             ValueError: from_seq is below 1 or beyond next_seq.
         """
-        if from_seq is None:
-            from_seq = self._first_seq
-        elif from_seq < 1:
-            raise ValueError(f"from_seq must be at least 1, got {from_seq}")
-        elif from_seq > self._next_seq:
-            raise ValueError(
-                f"from_seq {from_seq} is ahead of the stream; the next seq is {self._next_seq}")
+        cdef uint64_t start = subscription_start(from_seq, self._first_seq, self._next_seq)
         cdef Cursor cursor = Cursor.__new__(Cursor)
         cursor._stream = self
         cursor._subscribed = True
-        cursor.next_seq = from_seq
+        cursor.next_seq = start
         self._cursors.add(cursor)
         return cursor
 
@@ -776,56 +918,30 @@ cdef class TokenStream:
         cdef Cursor c = self._check_cursor(cursor, False)
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
-        cdef uint64_t start = c.next_seq
+        cdef batch_plan b
         cdef uint64_t next_seq = self._next_seq
         cdef uint64_t lost = 0
-        if start < self._first_seq:
-            lost = self._first_seq - start
-            start = self._first_seq
-        if start >= next_seq:
+        b.start = c.next_seq
+        if b.start < self._first_seq:
+            lost = self._first_seq - b.start
+            b.start = self._first_seq
+        if b.start >= next_seq:
             return None
+        b.ends = self._ends
+        b.kinds = self._kinds
+        b.codes = self._codes
+        b.arena = self._arena
+        b.abase = self._arena_base
+        b.first = self._ehead + <size_t>(b.start - self._first_seq)
+        b.pos0 = b.ends[b.first - 1] if b.first > self._ehead else self._start_abs
+        _fit_batch(&b, self._elen, <uint64_t>max_bytes)
 
-        cdef const uint64_t* ends = self._ends
-        cdef const uint8_t* kinds = self._kinds
-        cdef const uint8_t* codes = self._codes
-        cdef size_t first = self._ehead + <size_t>(start - self._first_seq)
-        cdef size_t last = self._elen
-        cdef uint64_t pos0 = ends[first - 1] if first > self._ehead else self._start_abs
-        cdef uint64_t prev = pos0
-        cdef uint64_t size
-        cdef uint64_t used = BATCH_OVH
-        cdef uint64_t cost, event_size
-        cdef uint64_t text_len = 0, lengths_len = 0, events_len = 0
-        cdef size_t n_tokens = 0, n_events = 0
-        cdef size_t j = first
-
-        # pass 1: how many entries fit in max_bytes
-        while j < last:
-            size = ends[j] - prev
-            if kinds[j] == K_TOKEN:
-                cost = size + _vlen(size)
-            else:
-                event_size = _event_size(start + (j - first), kinds[j], codes[j], size)
-                cost = 1 + _vlen(event_size) + event_size
-            if j > first and used + cost > <uint64_t>max_bytes:
-                break
-            used += cost
-            if kinds[j] == K_TOKEN:
-                text_len += size
-                lengths_len += cost - size
-                n_tokens += 1
-            else:
-                events_len += cost
-                n_events += 1
-            prev = ends[j]
-            j += 1
-        cdef size_t stop = j
         cdef uint64_t lost_size = 0
-        cdef uint64_t total = 1 + _vlen(start) + 1 + _vlen(next_seq) + events_len
-        if text_len:
-            total += 1 + _vlen(text_len) + text_len
-        if n_tokens:
-            total += 1 + _vlen(lengths_len) + lengths_len
+        cdef uint64_t total = 1 + _vlen(b.start) + 1 + _vlen(next_seq) + b.events_len
+        if b.text_len:
+            total += 1 + _vlen(b.text_len) + b.text_len
+        if b.n_tokens:
+            total += 1 + _vlen(b.lengths_len) + b.lengths_len
         if lost:
             lost_size = 1 + _vlen(c.next_seq) + 1 + _vlen(lost)
             total += 1 + _vlen(lost_size) + lost_size
@@ -833,64 +949,15 @@ cdef class TokenStream:
         # pass 2: write the wire format into the bytes object we hand out
         out = PyBytes_FromStringAndSize(NULL, total)
         cdef unsigned char* w = <unsigned char*>PyBytes_AS_STRING(out)
-        cdef const unsigned char* arena = self._arena
-        cdef uint64_t abase = self._arena_base  # absolute offset of arena[0]
-        cdef uint64_t run_start
-        cdef uint64_t seq
         w[0] = 0x08
-        w = _put_varint(w + 1, start)
-        if text_len:
-            w[0] = 0x12
-            w = _put_varint(w + 1, text_len)
-            if n_events == 0:
-                memcpy(w, arena + (pos0 - abase), text_len)
-                w += text_len
-            else:
-                prev = pos0
-                run_start = pos0
-                for j in range(first, stop):
-                    if kinds[j] != K_TOKEN:
-                        memcpy(w, arena + (run_start - abase), prev - run_start)
-                        w += prev - run_start
-                        run_start = ends[j]
-                    prev = ends[j]
-                memcpy(w, arena + (run_start - abase), prev - run_start)
-                w += prev - run_start
-        if n_tokens:
-            w[0] = 0x1A
-            w = _put_varint(w + 1, lengths_len)
-            prev = pos0
-            for j in range(first, stop):
-                if kinds[j] == K_TOKEN:
-                    w = _put_varint(w, ends[j] - prev)
-                prev = ends[j]
-        if n_events:
-            prev = pos0
-            for j in range(first, stop):
-                if kinds[j] != K_TOKEN:
-                    size = ends[j] - prev
-                    seq = start + (j - first)
-                    w[0] = 0x22
-                    w = _put_varint(w + 1, _event_size(seq, kinds[j], codes[j], size))
-                    w[0] = 0x08
-                    w = _put_varint(w + 1, seq)
-                    w[0] = 0x10
-                    w = _put_varint(w + 1, kinds[j])
-                    if kinds[j] == K_ERROR:
-                        w[0] = 0x20
-                        w = _put_varint(w + 1, codes[j])
-                        if size:
-                            w[0] = 0x2A
-                            w = _put_varint(w + 1, size)
-                            memcpy(w, arena + (prev - abase), size)
-                            w += size
-                    elif size:
-                        w[0] = 0x1A
-                        w = _put_varint(w + 1, size)
-                        memcpy(w, arena + (prev - abase), size)
-                        w += size
-                prev = ends[j]
-        if lost:
+        w = _put_varint(w + 1, b.start)
+        if b.text_len:
+            w = _put_text(w, &b)
+        if b.n_tokens:
+            w = _put_lengths(w, &b)
+        if b.n_events:
+            w = _put_events(w, &b)
+        if lost:  # field 5, DataLost: from seq, count
             w[0] = 0x2A
             w = _put_varint(w + 1, lost_size)
             w[0] = 0x08
@@ -901,9 +968,9 @@ cdef class TokenStream:
         w = _put_varint(w + 1, next_seq)
         assert w == <unsigned char*>PyBytes_AS_STRING(out) + total, "StreamBatch size mismatch"
 
-        c.next_seq = start + (stop - first)
+        c.next_seq = b.start + (b.stop - b.first)
         c._batches += 1
-        c._entries += stop - first
+        c._entries += b.stop - b.first
         c._bytes += total
         c._lost += lost
         return out
@@ -915,27 +982,7 @@ cdef class TokenStream:
         cdef Cursor c
         for c in self._cursors:
             lag = max(lag, self._next_seq - c.next_seq)
-        return StreamStatistics(
-            mode=self._mode_name(),
-            bytes_fed=self._bytes_fed,
-            bytes_discarded=self._bytes_discarded,
-            frames=self._frames,
-            tokens=self._tokens,
-            token_bytes=self._token_bytes,
-            events=self._n_events,
-            errors=self._errors,
-            failed=self._failed,
-            closed=self._closed,
-            first_seq=self._first_seq,
-            next_seq=self._next_seq,
-            log_entries=self._next_seq - self._first_seq,
-            log_bytes=self._log_bytes,
-            log_bytes_limit=self._log_limit,
-            evicted_entries=self._evicted,
-            pending_events=len(self._events),
-            subscribers=len(self._cursors),
-            max_lag=lag,
-        )
+        return stream_statistics(self, self._mode_name(), lag)
 
     cdef str _mode_name(self):
         return "bytes" if self._bytes_mode else "text" if self._text_mode else "frames"

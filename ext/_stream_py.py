@@ -55,28 +55,9 @@ import struct
 from collections import deque
 from typing import NamedTuple
 
-__all__ = [
-    "BATCH_OVERHEAD",
-    "DEFAULT_LOG_BYTES",
-    "DEFAULT_MAX_FRAME_BYTES",
-    "DEFAULT_TAKE_BYTES",
-    "ENTRY_OVERHEAD",
-    "HEADER_SIZE",
-    "MAX_FRAME_BYTES_LIMIT",
-    "MAX_LOG_BYTES_LIMIT",
-    "MODES",
-    "Cursor",
-    "CursorStatistics",
-    "ErrorCode",
-    "EventKind",
-    "FrameType",
-    "SeqEvictedError",
-    "StreamClosedError",
-    "StreamEvent",
-    "StreamStatistics",
-    "TokenStream",
-    "encode_frame",
-]
+from corral.ext import STREAM_API
+
+__all__ = sorted(STREAM_API)  # one list of names for both implementations
 
 IMPLEMENTATION = "python"
 
@@ -85,6 +66,7 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20  # payload bytes of one frame
 MAX_FRAME_BYTES_LIMIT = 1 << 30  # the largest max_frame_bytes a stream accepts
 DEFAULT_LOG_BYTES = 8 << 20  # replay log budget per stream
 MAX_LOG_BYTES_LIMIT = 1 << 40
+MAX_FIRST_SEQ = 1 << 62  # the largest first_seq a stream accepts
 ENTRY_OVERHEAD = 16  # bytes each log entry costs on top of its stored bytes
 BATCH_OVERHEAD = 64  # bytes take() reserves for a batch's fixed fields (they need at most 58)
 DEFAULT_TAKE_BYTES = 64 << 10
@@ -302,6 +284,96 @@ def _payload_problem(frame_type: int, payload: bytes) -> tuple[ErrorCode, str] |
     return None
 
 
+# --- rules and records both implementations use (ext/_stream.pyx calls these too) ------
+
+
+def check_stream_args(mode: str, log_bytes: int, max_frame_bytes: int, first_seq: int) -> None:
+    """TokenStream's constructor arguments, checked.
+
+    Raises:
+        ValueError: an argument is out of range (the message names it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'frames', 'text' or 'bytes', not {mode!r}")
+    if not 1 <= log_bytes <= MAX_LOG_BYTES_LIMIT:
+        raise ValueError(
+            f"log_bytes must be between 1 and {MAX_LOG_BYTES_LIMIT}, got {log_bytes}")
+    if not 1 <= max_frame_bytes <= MAX_FRAME_BYTES_LIMIT:
+        raise ValueError(f"max_frame_bytes must be between 1 and {MAX_FRAME_BYTES_LIMIT}, "
+                         f"got {max_frame_bytes}")
+    if not 1 <= first_seq <= MAX_FIRST_SEQ:
+        raise ValueError(f"first_seq must be between 1 and {MAX_FIRST_SEQ}, got {first_seq}")
+
+
+def check_appended_kind(kind: int) -> None:
+    """append_event()'s kind: the runtime may append TOKEN..TOOL_CALL, never an ERROR.
+
+    Raises:
+        ValueError: kind is out of that range.
+    """
+    if not EventKind.TOKEN <= kind <= EventKind.TOOL_CALL:
+        raise ValueError(
+            f"append_event() takes an event kind from 1 (TOKEN) to 7 (TOOL_CALL), "
+            f"got {int(kind)}")
+
+
+def check_held_seq(seq: int, first_seq: int, next_seq: int) -> None:
+    """get()'s seq: written, and still in the log that holds first_seq..next_seq - 1.
+
+    Raises:
+        SeqEvictedError: the entry was evicted.
+        ValueError: seq is below 1 or not written yet.
+    """
+    if seq < 1:
+        raise ValueError(f"seq must be at least 1, got {seq}")
+    if seq >= next_seq:
+        raise ValueError(f"seq {seq} is not written yet; the next seq is {next_seq}")
+    if seq < first_seq:
+        raise SeqEvictedError(seq, first_seq)
+
+
+def subscription_start(from_seq: int | None, first_seq: int, next_seq: int) -> int:
+    """The seq a new cursor starts at: from_seq, or first_seq when it is None.
+
+    Raises:
+        ValueError: from_seq is below 1 or beyond next_seq.
+    """
+    if from_seq is None:
+        return first_seq
+    if from_seq < 1:
+        raise ValueError(f"from_seq must be at least 1, got {from_seq}")
+    if from_seq > next_seq:
+        raise ValueError(
+            f"from_seq {from_seq} is ahead of the stream; the next seq is {next_seq}")
+    return from_seq
+
+
+def stream_statistics(stream: TokenStream, mode: str, max_lag: int) -> StreamStatistics:
+    """statistics() of either implementation's TokenStream, which both keep their counters
+    under these attribute names (the compiled one as read-only attributes)."""
+    return StreamStatistics(
+        mode=mode,
+        bytes_fed=stream._bytes_fed,
+        bytes_discarded=stream._bytes_discarded,
+        frames=stream._frames,
+        tokens=stream._tokens,
+        token_bytes=stream._token_bytes,
+        events=stream._n_events,
+        errors=stream._errors,
+        failed=stream._failed,
+        closed=stream._closed,
+        first_seq=stream._first_seq,
+        next_seq=stream._next_seq,
+        log_entries=stream._next_seq - stream._first_seq,
+        log_bytes=stream._log_bytes,
+        log_bytes_limit=stream._log_limit,
+        evicted_entries=stream._evicted,
+        pending_events=len(stream._events),
+        subscribers=len(stream._cursors),
+        max_lag=max_lag,
+    )
+
+
 class Cursor:
     """A subscriber's position in one stream; pass it to `TokenStream.take()`."""
 
@@ -339,21 +411,16 @@ class TokenStream:
             per feed, no decoding).
         log_bytes: replay log budget in bytes (stored bytes + ENTRY_OVERHEAD per entry).
         max_frame_bytes: the largest frame payload accepted, in bytes.
+        first_seq: the seq of the first entry (1; more for a log rebuilt from a journal
+            whose older entries were evicted: live restore, runtime/journal.py).
 
     Raises:
         ValueError: an argument is out of range.
     """
 
     def __init__(self, mode: str = "frames", *, log_bytes: int = DEFAULT_LOG_BYTES,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'frames', 'text' or 'bytes', not {mode!r}")
-        if not 1 <= log_bytes <= MAX_LOG_BYTES_LIMIT:
-            raise ValueError(
-                f"log_bytes must be between 1 and {MAX_LOG_BYTES_LIMIT}, got {log_bytes}")
-        if not 1 <= max_frame_bytes <= MAX_FRAME_BYTES_LIMIT:
-            raise ValueError(f"max_frame_bytes must be between 1 and {MAX_FRAME_BYTES_LIMIT}, "
-                             f"got {max_frame_bytes}")
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, first_seq: int = 1) -> None:
+        check_stream_args(mode, log_bytes, max_frame_bytes, first_seq)
         self._mode = mode
         self._text_mode = mode == "text"
         self._bytes_mode = mode == "bytes"
@@ -368,8 +435,8 @@ class TokenStream:
         self._kinds: list[int] = []
         self._codes: list[int] = []
         self._ehead = 0
-        self._first_seq = 1
-        self._next_seq = 1
+        self._first_seq = first_seq
+        self._next_seq = first_seq
         self._log_bytes = 0
         # decoder
         self._buf = bytearray()  # bytes of a frame not complete yet
@@ -484,10 +551,7 @@ class TokenStream:
         Raises:
             ValueError: kind is not TOKEN..TOOL_CALL, or the payload breaks its kind's rules.
         """
-        if not EventKind.TOKEN <= kind <= EventKind.TOOL_CALL:
-            raise ValueError(
-                f"append_event() takes an event kind from 1 (TOKEN) to 7 (TOOL_CALL), "
-                f"got {int(kind)}")
+        check_appended_kind(kind)
         payload = bytes(payload)
         if kind == EventKind.TOKEN:
             try:
@@ -504,6 +568,16 @@ class TokenStream:
             raise ValueError(problem[1])
         self._n_events += 1
         return self._append(payload, kind, ErrorCode.NONE)
+
+    def pending_input(self) -> bytes:
+        """The bytes fed that are not part of an entry yet: a frame cut by the end of the
+        last read (frames mode) or a cut UTF-8 sequence (text mode); b"" in bytes mode and
+        once framing is lost. Live restore's journal starts a segment with them."""
+        if self._failed:
+            return b""
+        if self._text_mode:
+            return bytes(self._tail)
+        return bytes(self._buf)
 
     def next_event(self) -> StreamEvent | None:
         """The oldest non-token entry not pulled yet (errors included), or None."""
@@ -611,12 +685,7 @@ class TokenStream:
             SeqEvictedError: the entry was evicted.
             ValueError: seq is below 1 or not written yet.
         """
-        if seq < 1:
-            raise ValueError(f"seq must be at least 1, got {seq}")
-        if seq >= self._next_seq:
-            raise ValueError(f"seq {seq} is not written yet; the next seq is {self._next_seq}")
-        if seq < self._first_seq:
-            raise SeqEvictedError(seq, self._first_seq)
+        check_held_seq(seq, self._first_seq, self._next_seq)
         i = self._ehead + seq - self._first_seq
         start = self._ends[i - 1] if i > self._ehead else self._start_abs
         stored = bytes(self._arena[start - self._arena_base:self._ends[i] - self._arena_base])
@@ -635,14 +704,7 @@ class TokenStream:
         Raises:
             ValueError: from_seq is below 1 or beyond next_seq.
         """
-        if from_seq is None:
-            from_seq = self._first_seq
-        elif from_seq < 1:
-            raise ValueError(f"from_seq must be at least 1, got {from_seq}")
-        elif from_seq > self._next_seq:
-            raise ValueError(
-                f"from_seq {from_seq} is ahead of the stream; the next seq is {self._next_seq}")
-        cursor = Cursor(self, from_seq)
+        cursor = Cursor(self, subscription_start(from_seq, self._first_seq, self._next_seq))
         self._cursors.add(cursor)
         return cursor
 
@@ -761,27 +823,7 @@ class TokenStream:
 
     def statistics(self) -> StreamStatistics:
         lag = max((self._next_seq - c._next_seq for c in self._cursors), default=0)
-        return StreamStatistics(
-            mode=self._mode,
-            bytes_fed=self._bytes_fed,
-            bytes_discarded=self._bytes_discarded,
-            frames=self._frames,
-            tokens=self._tokens,
-            token_bytes=self._token_bytes,
-            events=self._n_events,
-            errors=self._errors,
-            failed=self._failed,
-            closed=self._closed,
-            first_seq=self._first_seq,
-            next_seq=self._next_seq,
-            log_entries=self._next_seq - self._first_seq,
-            log_bytes=self._log_bytes,
-            log_bytes_limit=self._log_limit,
-            evicted_entries=self._evicted,
-            pending_events=len(self._events),
-            subscribers=len(self._cursors),
-            max_lag=lag,
-        )
+        return stream_statistics(self, self._mode, lag)
 
     def __repr__(self) -> str:
         return (f"<TokenStream {self._mode} seq {self._first_seq}..{self._next_seq - 1} "

@@ -78,3 +78,16 @@ def test_the_choice_is_made_on_first_use_only():
 def test_unknown_attribute():
     with pytest.raises(AttributeError, match=r"^module 'corral.ext' has no attribute 'nope'$"):
         corral.ext.nope  # noqa: B018
+
+
+def test_both_implementations_define_every_api_name():
+    # STREAM_API is the one list of the token core's names (the twin's __all__ is made from it)
+    twin = importlib.import_module("corral.ext._stream_py")
+    assert sorted(twin.__all__) == sorted(corral.ext.STREAM_API)
+    impls = [twin] + ([importlib.import_module("corral.ext._stream")] if BUILT else [])
+    for impl in impls:
+        missing = sorted(name for name in corral.ext.STREAM_API if not hasattr(impl, name))
+        assert missing == [], f"{impl.__name__} lacks {missing}"
+    chosen = importlib.import_module(corral.ext.TokenStream.__module__)
+    for name in sorted(corral.ext.STREAM_API):
+        assert getattr(corral.ext, name) is getattr(chosen, name)
