@@ -46,6 +46,18 @@ def apply_quick(args: argparse.Namespace, sizes: dict[str, Size]) -> None:
             setattr(args, name, min(getattr(args, name), size.quick))
 
 
+def parse_args(description: str, sizes: dict[str, Size],
+               argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of a bench whose only flags are its sizes, --quick and --json (print
+    one JSON object): parsed from argv (None: sys.argv), --quick applied."""
+    parser = argparse.ArgumentParser(description=description)
+    add_sizes(parser, sizes)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    apply_quick(args, sizes)
+    return args
+
+
 def start_daemon(root: str, *flags: str, wrapper: tuple[str, ...] = ()) -> tuple[
         subprocess.Popen, str]:
     """A `corral daemon` with its socket, state and workspaces under root, started and

@@ -963,6 +963,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _print_columns(r: dict, name: str, measured: str, line) -> None:
+    """The line of the optional columns r[name]: line(columns) when `measured` is among
+    them, else why they were skipped (nothing when they were not asked for)."""
+    columns = r.get(name, {})
+    if measured in columns:
+        print(line(columns))
+    elif "error" in columns:
+        print(f"{name} columns skipped: {columns['error']}")
+
+
 def print_table(r: dict) -> None:
     m = r["machine"]
     print(f"spawn of /bin/true, {r['iterations']} rounds ({r['warmup']} warm-up), "
@@ -985,22 +995,16 @@ def print_table(r: dict) -> None:
         imp = r["cli_imports"]
         print(f"  imports {imp['total_ms']:.1f} ms; heaviest: " + ", ".join(
             f"{n} {ms:.1f}" for n, ms in imp["by_cumulative_ms"][:6]))
-    d = r.get("docker", {})
-    if "docker_run_ms_p50" in d:
-        print(f"docker ({d['iterations']} rounds, {d['engine']}): corral {d['corral_ms_p50']:.3f}"
-              f", docker backend {d['docker_backend_ms_p50']:.3f}, `docker run --rm` "
-              f"{d['docker_run_ms_p50']:.3f} ms p50; docker run / corral "
-              f"x{d['ratio_docker_run_vs_corral_p50']}")
-    elif "error" in d:
-        print(f"docker columns skipped: {d['error']}")
-    im = r.get("image", {})
-    if "image_ms_p50" in im:
-        print(f"image ({im['iterations']} rounds): corral {im['corral_ms_p50']:.3f}, on an image "
-              f"{im['image_ms_p50']:.3f} ms p50 (x{im['ratio_image_vs_corral_p50']}), `docker "
-              f"run --rm` of it {im.get('docker_run_image_ms_p50', float('nan')):.3f} ms "
-              f"(x{im.get('ratio_docker_run_image_vs_image_p50')} the image's)")
-    elif "error" in im:
-        print(f"image columns skipped: {im['error']}")
+    _print_columns(r, "docker", "docker_run_ms_p50", lambda d: (
+        f"docker ({d['iterations']} rounds, {d['engine']}): corral {d['corral_ms_p50']:.3f}, "
+        f"docker backend {d['docker_backend_ms_p50']:.3f}, `docker run --rm` "
+        f"{d['docker_run_ms_p50']:.3f} ms p50; docker run / corral "
+        f"x{d['ratio_docker_run_vs_corral_p50']}"))
+    _print_columns(r, "image", "image_ms_p50", lambda im: (
+        f"image ({im['iterations']} rounds): corral {im['corral_ms_p50']:.3f}, on an image "
+        f"{im['image_ms_p50']:.3f} ms p50 (x{im['ratio_image_vs_corral_p50']}), `docker "
+        f"run --rm` of it {im.get('docker_run_image_ms_p50', float('nan')):.3f} ms "
+        f"(x{im.get('ratio_docker_run_image_vs_image_p50')} the image's)"))
     a = r.get("cgroup_attach", {})
     if "attach_after_idle_ms_p50" in a:
         print(f"cgroup attach (cgroup.procs write): {a['attach_back_to_back_ms_p50']:.3f} ms right "

@@ -24,7 +24,6 @@ destroy is outside the timed part. Times are milliseconds of time.perf_counter()
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import shutil
@@ -170,11 +169,7 @@ def measure_pause(iterations: int, busy: int) -> tuple[list[float], list[float]]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_sizes(parser, SIZES)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    harness.apply_quick(args, SIZES)
+    args = harness.parse_args(__doc__.splitlines()[0], SIZES, argv)
     harness.require_root("snapshots and forks mount overlays of idmapped layers")
     from corral.sandbox.state.snapshots import SnapshotStore
 

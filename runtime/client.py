@@ -283,7 +283,7 @@ class Endpoint:
         return cls(f"unix:{path}", None, (("x-corral-tenant", tenant),) if tenant else ())
 
 
-class Client:
+class Client(contextlib.AbstractContextManager):
     """A connection to one daemon."""
 
     def __init__(self, channel: grpc.Channel, metadata: tuple = ()):
@@ -319,9 +319,6 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
-
-    def __enter__(self) -> Client:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

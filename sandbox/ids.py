@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import CorralError, ResourceExhausted, SandboxSetupError
-from .procinfo import live_start_time
+from .procinfo import live_start_time, sweep_dead_owners
 
 #: Ids per sandbox (0..65535 inside, what most images expect).
 RANGE = 65536
@@ -346,26 +346,14 @@ def _slot_alive(path: str) -> bool:
 def sweep() -> list[int]:
     """Release the ranges whose owner process and PID 1 are gone; returns their first ids."""
     directory = state_dir()
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    freed = []
-    for name in names:
-        if not name.isdigit():
-            continue
-        path = os.path.join(directory, name)
-        try:
-            alive = _slot_alive(path)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            alive = False
-        if not alive:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            freed.append(int(name))
-    return freed
+
+    def free(name: str) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+        return int(name)
+
+    return sweep_dead_owners(directory, lambda name: name if name.isdigit() else None,
+                             _slot_alive, free)
 
 
 def in_use() -> int:

@@ -40,7 +40,7 @@ import time
 
 from . import fstree
 from .errors import SandboxSetupError
-from .procinfo import live_start_time
+from .procinfo import live_start_time, sweep_dead_owners
 
 DEFAULT_BYTES = 1 << 30
 DEFAULT_INODES = 65536
@@ -218,28 +218,32 @@ def remove(path: str) -> None:
 def sweep() -> list[str]:
     """Remove the workspaces whose owner process is gone; returns their names."""
     base = root()
-    try:
-        names = os.listdir(base)
-    except FileNotFoundError:
-        return []
-    removed = []
-    for entry in names:
+
+    def workspace(entry: str) -> str | None:
         if not entry.endswith(".owner") or entry.startswith("."):
-            continue
-        name = entry[: -len(".owner")]
+            return None
+        return entry[: -len(".owner")]
+
+    def gone(name: str) -> str:
+        remove(os.path.join(base, name))
+        return name
+
+    return sweep_dead_owners(base, workspace, _owner_alive, gone)
+
+
+def _owner_alive(path: str) -> bool:
+    """Does the process a workspace's .owner file names still run (an unreadable record:
+    no)? OSError propagates (sweep_dead_owners tells a record gone from one unreadable)."""
+    with open(path) as f:
         try:
-            with open(os.path.join(base, entry)) as f:
-                owner = json.load(f)
-            start = live_start_time(int(owner["pid"]))
-            alive = start is not None and start == owner.get("start")
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, TypeError):
-            alive = False
-        if not alive:
-            remove(os.path.join(base, name))
-            removed.append(name)
-    return removed
+            owner = json.load(f)
+        except ValueError:
+            return False
+    try:
+        start = live_start_time(int(owner["pid"]))
+    except (ValueError, KeyError, TypeError):
+        return False
+    return start is not None and start == owner.get("start")
 
 
 def usage(path: str) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 from .connection import add_daemon_parser, connect, daemon_verb
 from .exits import EXIT_USAGE, exec_ending
-from .flags import add_command, add_terminal_flags, command_argv, parse_env
+from .flags import add_command, add_env_flag, add_terminal_flags, command_argv, parse_env
 from .output import fail
 
 EXEC_DESCRIPTION = """\
@@ -26,7 +26,7 @@ def add_parsers(sub) -> None:
         usage="corral exec [OPTIONS] SANDBOX -- CMD [ARGS...]",
         description=EXEC_DESCRIPTION)
     exe.add_argument("--timeout", metavar="DURATION")
-    exe.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    add_env_flag(exe)
     add_terminal_flags(exe)
     exe.add_argument("--allow-loss", action="store_true",
                      help="never hold the command back: output this reader is too slow for "

@@ -1,5 +1,6 @@
 """Flags and arguments several verbs share: the command after `--`, the terminal flags of
-run, exec and session, and the sandbox flags of run and probe."""
+run, exec and session, the sandbox flags of run and probe, and the workspace, file and
+environment flags of the daemon verbs that make a sandbox (create, session, task submit)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,30 @@ def add_label_flags(p: argparse.ArgumentParser, thing: str, lister: str,
                    help=f"a label to find the {thing} by (`corral {lister} --selector`); "
                         "repeatable")
     p.add_argument("--request-id", metavar="ID", default="", help=request_id_help)
+
+
+def add_env_flag(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--env KEY=VALUE (repeatable; parse_env reads them back)."""
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_put_flag(p: argparse.ArgumentParser, into: str) -> None:
+    """--put FILE[:PATH] (repeatable): a local file copied to `into` (e.g. "the task's
+    /workspace") before the command starts."""
+    p.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
+                   help=f"copy a local file into {into} (repeatable)")
+
+
+def add_host_workspace_flags(p: argparse.ArgumentParser, cow_help: str,
+                             needs_cow: bool = False) -> None:
+    """--workspace DIR, a directory on the daemon's host shown at /workspace, and --cow, its
+    copy-on-write view (`cow_help` says what the verb does with the changes); `needs_cow`:
+    the verb takes DIR only with --cow."""
+    p.add_argument("--workspace", metavar="DIR",
+                   help=("with --cow: " if needs_cow else "") +
+                        "a directory on the daemon's host to show at /workspace (the "
+                        "tenant's policy host_dirs must allow it)")
+    p.add_argument("--cow", action="store_true", help=cow_help)
 
 
 def add_profile(p: argparse.ArgumentParser, what: str) -> None:

@@ -15,6 +15,7 @@ from . import exits
 from .flags import (
     add_command,
     add_docker_host,
+    add_env_flag,
     add_profile,
     add_secret_flag,
     add_terminal_flags,
@@ -85,8 +86,7 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="also show a host path, read-only (repeatable)")
     p.add_argument("--rw", action="append", default=[], metavar="PATH[:INSIDE]",
                    help="also show a host path, writable (repeatable)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a variable in the command's environment (repeatable)")
+    add_env_flag(p, "set a variable in the command's environment (repeatable)")
     p.add_argument("--tmp-size", metavar="SIZE", help="size cap of /tmp (default: 64M)")
 
 

@@ -9,7 +9,15 @@ import time
 
 from .connection import add_daemon_parser, connect, daemon_verb, usage_error
 from .exits import EXIT_USAGE
-from .flags import add_label_flags, add_secret_flag, parse_env, parse_labels, parse_secrets
+from .flags import (
+    add_env_flag,
+    add_host_workspace_flags,
+    add_label_flags,
+    add_secret_flag,
+    parse_env,
+    parse_labels,
+    parse_secrets,
+)
 from .output import fail
 
 #: Exit status of `corral inspect` when the live state differs from the spec.
@@ -66,16 +74,13 @@ def add_parsers(sub) -> None:
     create.add_argument("--image", metavar="REF",
                         help="run on this image of the daemon's store, pulled through the "
                              "daemon first when it is not there (docs/images.md)")
-    create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    add_env_flag(create)
     create.add_argument("--allow-net", action="append", default=[], metavar="RULE",
                         help="allow egress to HOST[:PORT], *.DOMAIN, IP or CIDR (repeatable)")
     add_secret_flag(create, "the daemon's secret store (for your tenant)")
-    create.add_argument("--workspace", metavar="DIR",
-                        help="a directory on the daemon's host to show at /workspace (the "
-                             "tenant's policy host_dirs must allow it)")
-    create.add_argument("--cow", action="store_true",
-                        help="with --workspace: copy-on-write; DIR is not touched until "
-                             "`corral apply` (see `corral diff`, `corral discard`)")
+    add_host_workspace_flags(create, "with --workspace: copy-on-write; DIR is not touched "
+                                     "until `corral apply` (see `corral diff`, `corral "
+                                     "discard`)")
     start = create.add_mutually_exclusive_group()
     start.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
                        help="start from a snapshot (id or name): its files, no copy")

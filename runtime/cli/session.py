@@ -14,7 +14,14 @@ from corral.runtime.terminal import visible
 
 from .connection import add_daemon_parser, connect, daemon_verb
 from .exits import EXIT_USAGE, shell_status, status_words
-from .flags import RAW_HELP, add_command, add_label_flags, command_argv, parse_labels
+from .flags import (
+    RAW_HELP,
+    add_command,
+    add_label_flags,
+    add_put_flag,
+    command_argv,
+    parse_labels,
+)
 from .output import fail
 
 SESSION_DESCRIPTION = """\
@@ -50,9 +57,7 @@ def add_parsers(sub) -> None:
                          help="with --sandbox: if it is paused, wait for its resume instead "
                               "of failing")
     session.add_argument("--memory", metavar="SIZE", help="memory limit of the new sandbox")
-    session.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
-                         help="upload a local file into the new sandbox's /workspace first "
-                              "(repeatable)")
+    add_put_flag(session, "the new sandbox's /workspace first")
     add_command(session)
     session.set_defaults(handler=session_verb)
 

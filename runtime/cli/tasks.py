@@ -10,7 +10,16 @@ from corral.runtime.terminal import visible
 
 from .connection import add_daemon_parser, connect, daemon_verb
 from .exits import EXIT_USAGE
-from .flags import add_command, add_secret_flag, command_argv, parse_secrets
+from .flags import (
+    add_command,
+    add_env_flag,
+    add_host_workspace_flags,
+    add_label_flags,
+    add_put_flag,
+    add_secret_flag,
+    command_argv,
+    parse_secrets,
+)
 from .output import print_json_lines
 
 STATE_NAMES = ("", "QUEUED", "PLACED", "RUNNING", "RETRYING", "SUCCEEDED", "FAILED",
@@ -72,26 +81,19 @@ def _add_submit(verbs) -> None:
     submit.add_argument("--image", metavar="REF",
                         help="run its sandbox on this image (docs/images.md), pulled by the "
                              "node that runs it (the task is PULLING meanwhile)")
-    submit.add_argument("--put", action="append", default=[], metavar="FILE[:PATH]",
-                        help="copy a local file into the task's /workspace (repeatable)")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    add_put_flag(submit, "the task's /workspace")
+    add_env_flag(submit)
     add_secret_flag(submit, "the daemon's secret store (for your tenant), read again at each "
                             "attempt")
-    submit.add_argument("--workspace", metavar="DIR",
-                        help="with --cow: a directory on the daemon's host to show at "
-                             "/workspace (the tenant's policy host_dirs must allow it)")
-    submit.add_argument("--cow", action="store_true",
-                        help="copy-on-write: DIR is not touched; every attempt sees the "
-                             "changes of those before it; see `corral task diff|apply|discard`")
+    add_host_workspace_flags(submit, "copy-on-write: DIR is not touched; every attempt sees "
+                                     "the changes of those before it; see `corral task "
+                                     "diff|apply|discard`", needs_cow=True)
     submit.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
                         help="each attempt starts from this snapshot (id or name): its files, "
                              "no copy; held while the task lives")
-    submit.add_argument("--request-id", default="", metavar="ID",
-                        help="idempotency key: submitting again with the same ID (a retry) "
-                             "prints the task the first submission made, not a new one")
-    submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                        help="a label of the task, to find it by (`corral task ls "
-                             "--selector`); repeatable")
+    add_label_flags(submit, "task", "task ls",
+                    "idempotency key: submitting again with the same ID (a retry) prints the "
+                    "task the first submission made, not a new one")
     add_command(submit)
 
 

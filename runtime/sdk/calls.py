@@ -160,10 +160,18 @@ def get_sandbox(sandbox_id: str) -> Call:
                 types.Sandbox.from_proto)
 
 
+def _listing(service: str, request_type, enum, prefix: str, convert, selector: str,
+             state: str | None) -> Paged:
+    """A List of `service` by label selector and state name, read page by page from the
+    answer's field named like the service, each item made by `convert`."""
+    number = state_number(enum, prefix, state)
+    return Paged(Call(service, "List", request_type(selector=selector, state=number), _same),
+                 service, convert)
+
+
 def list_sandboxes(selector: str, state: str | None) -> Paged:
-    number = state_number(sandbox_pb2.SandboxState, "SANDBOX_STATE_", state)
-    return Paged(Call("sandboxes", "List", sandbox_pb2.ListSandboxesRequest(
-        selector=selector, state=number), _same), "sandboxes", types.Sandbox.from_proto)
+    return _listing("sandboxes", sandbox_pb2.ListSandboxesRequest, sandbox_pb2.SandboxState,
+                    "SANDBOX_STATE_", types.Sandbox.from_proto, selector, state)
 
 
 def destroy_sandbox(sandbox_id: str) -> Call:
@@ -540,9 +548,8 @@ def get_session(session_id: str) -> Call:
 
 
 def list_sessions(selector: str, state: str | None) -> Paged:
-    number = state_number(session_pb2.SessionState, "SESSION_STATE_", state)
-    return Paged(Call("sessions", "List", session_pb2.ListSessionsRequest(
-        selector=selector, state=number), _same), "sessions", types.SessionInfo.from_proto)
+    return _listing("sessions", session_pb2.ListSessionsRequest, session_pb2.SessionState,
+                    "SESSION_STATE_", types.SessionInfo.from_proto, selector, state)
 
 
 # -- deep tasks -----------------------------------------------------------------------------

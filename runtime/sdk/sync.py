@@ -159,7 +159,7 @@ class Session:
                     pass
 
 
-class Client:
+class Client(contextlib.AbstractContextManager):
     """A connection to one Corral daemon, with typed results.
 
         with corral.Client() as client:                  # $CORRAL_SOCKET or the default
@@ -184,9 +184,6 @@ class Client:
 
     def close(self) -> None:
         self.wire.close()
-
-    def __enter__(self) -> Client:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -50,6 +50,19 @@ class ExitReason(enum.StrEnum):
     OOM = "oom"
 
 
+class CommandClock:
+    """What every backend's Process keeps of its command's run: when it started, its
+    deadline (moved on at a resume, SandboxLifecycle), and how it ended once it has."""
+
+    def _start_clock(self, timeout_s: float | None) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s if timeout_s else None
+        self.returncode: int | None = None
+        self.reason: ExitReason | None = None
+        #: Called (with this Process) once it has ended, from whichever thread noticed.
+        self.on_exit = None
+
+
 @dataclass(frozen=True)
 class CompletedRun:
     """Outcome of ``run()``: like subprocess.CompletedProcess, plus why it ended."""

@@ -61,7 +61,7 @@ class LayerSource:
 
 
 @dataclass
-class ImageSource:
+class ImageSource(contextlib.AbstractContextManager):
     ref: str
     manifest: bytes
     manifest_digest: str
@@ -84,9 +84,6 @@ class ImageSource:
             fn()
         self._cleanup.clear()
 
-    def __enter__(self) -> ImageSource:
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
@@ -102,7 +99,7 @@ class BlobProgress:
     total: int | None
 
 
-class _CountingStream:
+class _CountingStream(contextlib.AbstractContextManager):
     def __init__(self, raw: BinaryIO, start: BlobProgress,
                  on_bytes: Callable[[BlobProgress], None]):
         self._raw, self._state, self._on_bytes = raw, start, on_bytes
@@ -116,9 +113,6 @@ class _CountingStream:
 
     def close(self) -> None:
         self._raw.close()
-
-    def __enter__(self) -> _CountingStream:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ...errors import CorralError, InvalidSpec
 from ...exit_status import signal_of
 from ...ptys import check_window
-from ..base import ExitReason
+from ..base import CommandClock, ExitReason
 from ..native import PIDFD_SIGNAL_PROCESS_GROUP
 from .engine import _sdk
 from .fds import write_all
@@ -62,7 +62,7 @@ class _Stdin:
                 self._sock.shutdown(socket.SHUT_WR)
 
 
-class DockerProcess:
+class DockerProcess(CommandClock):
     """A command running in a Docker sandbox (an exec instance).
 
     Output arrives multiplexed on the exec's hijacked connection; ``pump()`` splits it
@@ -93,11 +93,7 @@ class DockerProcess:
             self.stdin = os.fdopen(os.dup(sock.fileno()), "wb", buffering=0)
             self.stdout = os.fdopen(os.dup(sock.fileno()), "rb", buffering=0)
         self._keep = keep
-        self.started = time.monotonic()
-        self.deadline = self.started + timeout_s if timeout_s else None
-        self.returncode: int | None = None
-        self.reason: ExitReason | None = None
-        self.on_exit = None
+        self._start_clock(timeout_s)
         self._oom_before = oom_before
         self._timed_out = False
         self._pid = 0

@@ -1,0 +1,56 @@
+"""The flags several daemon verbs share (runtime/cli/flags.py) read the same on each verb:
+--env, --put, --workspace with --cow, --label and --request-id."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.runtime.cli import build_parser
+from corral.runtime.cli.flags import parse_env, parse_labels
+from corral.sandbox.errors import InvalidSpec
+
+
+def _parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_task_submit_reads_the_shared_flags():
+    args = _parse("task", "submit", "--put", "a.txt", "--put", "b.txt:in/b", "--env", "A=1",
+                  "--workspace", "/srv/repo", "--cow", "--label", "team=x",
+                  "--request-id", "r1", "--", "echo", "hi")
+    assert args.put == ["a.txt", "b.txt:in/b"]
+    assert parse_env(args.env) == {"A": "1"}
+    assert (args.workspace, args.cow) == ("/srv/repo", True)
+    assert parse_labels(args.label) == {"team": "x"}
+    assert args.request_id == "r1"
+
+
+def test_create_reads_the_shared_flags():
+    args = _parse("create", "--env", "B=", "--workspace", "/srv/repo", "--label", "k")
+    assert parse_env(args.env) == {"B": ""}
+    assert (args.workspace, args.cow) == ("/srv/repo", False)
+    assert parse_labels(args.label) == {"k": ""}
+    assert args.request_id == ""
+
+
+def test_session_put_and_exec_env():
+    assert _parse("session", "--put", "notes.md", "--", "agent").put == ["notes.md"]
+    assert _parse("session", "--", "agent").put == []
+    args = _parse("exec", "--env", "X=y=z", "SB", "--", "env")
+    assert parse_env(args.env) == {"X": "y=z"}
+
+
+def test_run_env_keeps_its_help_and_rejects_a_bare_key():
+    run_help = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    assert "set a variable in the command's environment" in run_help
+    args = _parse("run", "--env", "NOVALUE", "--", "true")
+    with pytest.raises(InvalidSpec, match="env"):
+        parse_env(args.env)
+
+
+def test_put_help_names_where_the_file_goes():
+    choices = build_parser()._subparsers._group_actions[0].choices
+    task_help = choices["task"]._subparsers._group_actions[0].choices["submit"].format_help()
+    assert "into the task's /workspace" in " ".join(task_help.split())
+    session_help = " ".join(choices["session"].format_help().split())
+    assert "into the new sandbox's /workspace first" in session_help
