@@ -19,6 +19,26 @@ from .model import TaskSpec, Unsatisfiable, check_label_key, check_label_value, 
 EPSILON = 1e-9
 
 
+def node_local_fields(sandbox) -> list[str]:
+    """The API fields of a task's sandbox that only a local node can honour.
+
+    A Ray node's attempt runs in an actor on another machine, with a state directory of
+    its own: it has no way to the daemon's secret store (values must stay out of Ray's
+    object store and logs), nor to the daemon's snapshots or a task's copy-on-write change
+    set. Such a task is refused at submit where its selector matches a Ray node
+    (runtime/api/tasks.py), is placed on local nodes only (NodeRegistry.place), and fails,
+    never runs without its state, should it reach a Ray node anyway (RayExecutor.launch).
+    """
+    fields = []
+    if sandbox.secrets:
+        fields.append("spec.sandbox.secrets")
+    if sandbox.snapshot:
+        fields.append("spec.sandbox.snapshot")
+    if sandbox.workspace is not None:
+        fields.append("spec.sandbox.workspace_dir")
+    return fields
+
+
 @dataclass
 class NodeConfig:
     """One `[[nodes]]` table of the daemon's config."""
@@ -170,11 +190,15 @@ class NodeRegistry:
         sets.sort(key=len)
         return set.intersection(*sets)
 
-    def place(self, selector: dict[str, str], resources: dict[str, float]) -> Node | None:
-        """The first schedulable node that matches the selector and has the resources free."""
+    def place(self, selector: dict[str, str], resources: dict[str, float],
+              local_only: bool = False) -> Node | None:
+        """The first schedulable node that matches the selector and has the resources free;
+        with local_only (node_local_fields), a node of the local executor only."""
         nodes = self.nodes
         for name in self._candidates(selector):
             node = nodes[name]
+            if local_only and node.executor != "local":
+                continue
             if node.schedulable and node.fits(resources):
                 return node
         return None

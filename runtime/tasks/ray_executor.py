@@ -37,6 +37,7 @@ from corral.sandbox import fstree
 from .files import MAX_COPY_BYTES, TaskFiles, read_json
 from .images import PULLING_FILE
 from .net_audit import audit_net_events
+from .nodes import node_local_fields
 from .runner import NET_EVENTS_FILE
 
 log = logging.getLogger("corral.tasks.ray")
@@ -54,26 +55,6 @@ def ray_environment() -> None:
     # Keep a driver on 127.0.0.1: Ray otherwise turns a loopback address into the host's
     # routable IP, where a cluster bound to loopback does not listen.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-def node_local_fields(sandbox) -> list[str]:
-    """The API fields of a task's sandbox that only a local node can honour.
-
-    A Ray node's attempt runs in an actor on another machine, with a state directory of
-    its own: it has no way to the daemon's secret store (values must stay out of Ray's
-    object store and logs), nor to the daemon's snapshots or a task's copy-on-write change
-    set. Such a task is refused at submit where its selector matches a Ray node
-    (runtime/api/tasks.py), and fails, never runs without its state, should a Ray node
-    that matches appear later (RayExecutor.launch).
-    """
-    fields = []
-    if sandbox.secrets:
-        fields.append("spec.sandbox.secrets")
-    if sandbox.snapshot:
-        fields.append("spec.sandbox.snapshot")
-    if sandbox.workspace is not None:
-        fields.append("spec.sandbox.workspace_dir")
-    return fields
 
 
 def _tar_dir(path: str) -> bytes | None:

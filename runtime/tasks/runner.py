@@ -386,9 +386,10 @@ class AttemptRunner:
                 "pid": os.getpid(), "start": live_start_time(os.getpid()),
                 "sandbox_id": self.sandbox.id, "started_at": time.time(),
                 "attempt_id": plan.attempt_id}).encode())
+            # running: told now, the agent's start overlaps the daemon's RUNNING commit
+            self._changed()
             proc, outputs, events_r, control_w = self._start_agent(env)
             self._control = _InputWriter(control_w)
-            self._changed()  # running
             return self._pump(proc, outputs, events_r, log)
         finally:
             log.close()

@@ -34,7 +34,7 @@ from ..policy import PolicyBook, TenantPolicy
 from . import states
 from .files import TaskFiles
 from .model import DeepTask, RequestIdReused, TaskSpec, check_request_id
-from .nodes import Node, NodeConfig, NodeRegistry
+from .nodes import Node, NodeConfig, NodeRegistry, node_local_fields
 from .retention import TaskRetention
 from .runner import AttemptPlan
 from .states import TaskState
@@ -485,7 +485,8 @@ class Scheduler:
                 return False
             task = self.tasks[task_id]
             t0 = time.perf_counter_ns()
-            node = self.nodes.place(task.spec.selector, task.spec.resources)
+            node = self.nodes.place(task.spec.selector, task.spec.resources,
+                                    bool(node_local_fields(task.spec.sandbox)))
             self.placement_ns += time.perf_counter_ns() - t0
             if node is None:
                 continue

@@ -65,11 +65,29 @@ def serve(sock: socket.socket) -> None:
                 sock.sendall(reply)
 
 
+def _warm_sandbox_start() -> None:
+    """What a sandbox's first start in a process pays once, paid here before any fork: the
+    native backend's lazy imports, the seccomp profile's load and BPF compile, the Landlock
+    probe (contain.prepare of a default spec; cached by profile digest). Measured: an
+    attempt's sandbox start fell from ~40 ms to ~7 ms (docs/architecture.md, deep tasks).
+    Best effort: a host where this fails still starts shims, each paying it itself."""
+    try:
+        from corral.ext import _spawn  # noqa: F401
+        from corral.sandbox import SandboxSpec, cgroups, contain, mounts  # noqa: F401
+        from corral.sandbox.backends import native  # noqa: F401
+
+        contain.prepare(SandboxSpec())
+    except Exception as exc:  # noqa: BLE001 - a cold first start is slower, not wrong
+        print(f"zygote: warming the sandbox start failed: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     # Warm: everything a shim imports, before the first fork.
     from corral.ext import TokenStream  # noqa: F401
 
     from . import runner, shim  # noqa: F401
+
+    _warm_sandbox_start()
 
     sock = socket.socket(fileno=int(argv[0]))
     try:
