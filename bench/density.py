@@ -164,6 +164,31 @@ def _meminfo() -> dict[str, int]:
     return info
 
 
+def _slab_caches() -> dict[str, tuple[int, int]]:
+    """/proc/slabinfo: each cache's (objects allocated, bytes they take)."""
+    caches = {}
+    with open("/proc/slabinfo") as f:
+        for line in f.readlines()[2:]:
+            fields = line.split()
+            caches[fields[0]] = (int(fields[2]), int(fields[2]) * int(fields[3]))
+    return caches
+
+
+def _kernel_growth(before: tuple, after: tuple, n: int, top: int = 25) -> dict:
+    """Per sandbox between two counts n apart: meminfo's kernel lines and the slab caches
+    that grew most (objects and bytes per sandbox)."""
+    (info0, slab0), (info1, slab1) = before, after
+    out = {key: round((info1[key] - info0[key]) / n) for key in
+           ("Slab", "SUnreclaim", "SReclaimable", "Percpu", "KernelStack", "PageTables")
+           if key in info1}
+    grown = sorted(((slab1[name][1] - slab0.get(name, (0, 0))[1], name) for name in slab1),
+                   reverse=True)[:top]
+    out["caches"] = {name: {"objs": round((slab1[name][0] - slab0.get(name, (0, 0))[0]) / n, 2),
+                            "bytes": round(grown_bytes / n)}
+                     for grown_bytes, name in grown}
+    return out
+
+
 def _used_bytes() -> int:
     """The host's used memory: MemTotal - MemAvailable (page cache that can go is not used)."""
     info = _meminfo()
@@ -199,12 +224,14 @@ def _create_once(client) -> None:
     client.destroy_sandbox(client.create_sandbox(memory_bytes=64 << 20).id)
 
 
-def scale(points: list[int], samples: int) -> dict:
+def scale(points: list[int], samples: int, kernel_detail: bool = False) -> dict:
     """Create and List latency as idle sandboxes pile up, and their memory cost.
 
     The daemon takes its hard RLIMIT_NOFILE (an idle sandbox holds 2 descriptors there);
     creation stops at the last point, when the host's used memory would pass 60% of RAM,
     or at the daemon's first refusal (idle_sandboxes then says how many, refused_with why).
+    With kernel_detail, kernel_growth_per_sandbox says which kernel objects grew, per
+    sandbox, between the last two counts.
     """
     root = tempfile.mkdtemp(prefix="corral-density-")
     proc, socket = harness.start_daemon(root, "--max-sandboxes", "100000",
@@ -218,10 +245,14 @@ def scale(points: list[int], samples: int) -> dict:
         _create_once(client)  # warm: profiles loaded, spawner threads started
         used0, rss0, slab0 = _used_bytes(), rss_bytes(pid), _meminfo()["Slab"]
         budget = int(_total_bytes() * 0.6)
+        snapshots = []
         for n in points:
             out["stopped_by"] = _grow(client, ids, n, budget)
             if out["stopped_by"]:
                 break
+            if kernel_detail:
+                time.sleep(1.0)  # RCU-freed objects of the last creates settle
+                snapshots.append((len(ids), (_meminfo(), _slab_caches())))
             out["create_ms_p50_at_n"][n] = _p50_ms(lambda: _create_once(client), samples)
             # one List call (a page of 100), as a platform polls it; every page of 5,000
             # is 50 calls by design, so list_all_ms_at_n is given beside it
@@ -231,6 +262,9 @@ def scale(points: list[int], samples: int) -> dict:
             print(json.dumps({key: out[key][n] for key in (
                 "create_ms_p50_at_n", "list_ms_p50_at_n", "list_all_ms_at_n")} | {"n": n}),
                 file=sys.stderr, flush=True)
+        if len(snapshots) >= 2:
+            (n0, before), (n1, after) = snapshots[-2:]
+            out["kernel_growth_per_sandbox"] = _kernel_growth(before, after, n1 - n0)
         n = len(ids)
         time.sleep(1.0)
         out["idle_sandboxes"] = n
@@ -266,10 +300,14 @@ def main() -> int:
     parser.add_argument("--scale", metavar="N,N,...",
                         help="instead: create and List latency and memory per idle sandbox "
                              "at these counts (issue 16: 10,100,1000,5000)")
+    parser.add_argument("--kernel-detail", action="store_true",
+                        help="with --scale: the kernel objects (slab caches, meminfo) grown "
+                             "per sandbox between the last two counts")
     args = parser.parse_args()
     if args.scale:
         points = sorted(int(p) for p in args.scale.split(","))
-        print(json.dumps(scale(points, max(8, args.sample // 2)), sort_keys=True))
+        result = scale(points, max(8, args.sample // 2), args.kernel_detail)
+        print(json.dumps(result, sort_keys=True))
         return 0
     result = measure(args.nofile, args.sample)
     print(json.dumps(result, sort_keys=True))
