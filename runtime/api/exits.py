@@ -12,16 +12,11 @@ def exit_fields(returncode: int, reason: str) -> dict:
     `exit_reason` (ExitReason: the word upper-cased, '-' as '_'; UNSPECIFIED for a word
     the enum lacks), `signal` (0: none) and `exit_status` (the shell's 128+N, as the CLI
     exits). The one place ExecExited, SessionExited and SessionInfo are filled from, so
-    the API and the CLI report a signal the same way."""
+    the API and the CLI report a signal the same way. Deep tasks pass their stored word
+    ("" when no command's end decided the task: UNSPECIFIED)."""
     try:
         typed = stream_pb2.ExitReason.Value("EXIT_REASON_" + reason.upper().replace("-", "_"))
     except ValueError:
         typed = stream_pb2.EXIT_REASON_UNSPECIFIED
-    return {"exit_reason": typed, **exit_status_fields(returncode)}
-
-
-def exit_status_fields(returncode: int) -> dict:
-    """`signal` (0: none) and `exit_status` (the shell's 128+N) of a returncode (-N:
-    signal N): the part of exit_fields a deep task's exit has (its reason is a sentence of
-    the runner's, not an ExitReason word)."""
-    return {"signal": max(0, -returncode), "exit_status": shell_status(returncode)}
+    return {"exit_reason": typed, "signal": max(0, -returncode),
+            "exit_status": shell_status(returncode)}

@@ -21,7 +21,7 @@ from ..tasks.states import TaskState
 from . import wire
 from .bounds import SUBMIT_PENDING_ACKS, bounded_message
 from .errors import Servicer, streaming, unary
-from .exits import exit_status_fields
+from .exits import exit_fields
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
 from .sandboxes import spec_to_proto as sandbox_spec_to_proto
 
@@ -99,7 +99,7 @@ def task_to_proto(task) -> pb.Task:
         started_at=task.started_at, finished_at=task.finished_at, exit_code=task.exit_code,
         devices=list(task.devices), request_id=task.request_id,
         parent_session=task.parent_session,
-        **(exit_status_fields(task.exit_code) if task.finished_at else {}))
+        **(exit_fields(task.exit_code, task.exit_reason) if task.finished_at else {}))
 
 
 def node_to_proto(node, tasks=None) -> pb.Node:

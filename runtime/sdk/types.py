@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from corral.runtime.client import decode_batch
 from corral.sandbox.exit_status import shell_status
-from corral.v1 import sandbox_pb2, session_pb2, task_pb2
+from corral.v1 import sandbox_pb2, session_pb2, stream_pb2, task_pb2
 
 
 def _when(msg, name: str) -> datetime | None:
@@ -339,6 +339,11 @@ class Task:
     parent_session: str
     submitted_at: datetime | None
     finished_at: datetime | None  # None until it finished
+    #: Once finished, why its last command ended: "exited", "signaled", "timeout", "oom",
+    #: "cancelled", or "unspecified" when no command's end decided it (pull failed, node
+    #: lost); "" until it finished.
+    exit_reason: str = ""
+    signal: int = 0  # the signal that ended its last attempt (0: none)
 
     @property
     def done(self) -> bool:
@@ -349,7 +354,9 @@ class Task:
         return cls(t.id, _state_name(task_pb2.TaskState, t.state, "TASK_STATE_"),
                    list(t.spec.argv), t.node, t.attempt, dict(t.spec.labels), t.progress_json,
                    t.result_json, t.reason, t.exit_code, t.parent_session,
-                   _when(t, "submit_time"), _when(t, "finish_time"))
+                   _when(t, "submit_time"), _when(t, "finish_time"),
+                   _state_name(stream_pb2.ExitReason, t.exit_reason, "EXIT_REASON_")
+                   if t.HasField("finish_time") else "", t.signal)
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,10 @@ class DeepTask:
     result_json: str = ""
     checkpoint_seq: int = 0
     exit_code: int = 0
+    #: How the last attempt's command ended, once the task finished, as an ExitReason word
+    #: ("exited", "signaled", "timeout", "oom", "cancelled"); "" when no command exit
+    #: decided it (never started, image pull failed, node lost, refused).
+    exit_reason: str = ""
     devices: tuple[str, ...] = ()
     #: What the executor needs to find the attempt again (JSON object).
     runner_json: str = ""

@@ -700,19 +700,24 @@ def _secret_values(spec: SandboxSpec, sources: dict[str, dict]) -> dict[str, byt
 
 
 def _exit_record(proc, ending: str | None) -> dict:
-    """The attempt's exit record: how it ended, its return code and why, in words."""
+    """The attempt's exit record: how it ended, its return code, why in words, and the
+    ExitReason word of its command's end (`exit_reason`)."""
     rc = proc.returncode if proc.returncode is not None else -9
     if ending is not None:
+        cancelled = ending == "cancelled"
         return {"outcome": ending, "returncode": rc,
-                "reason": "cancelled" if ending == "cancelled" else "max runtime reached"}
+                "reason": "cancelled" if cancelled else "max runtime reached",
+                "exit_reason": "cancelled" if cancelled else "timeout"}
     if rc == 0:
-        return {"outcome": "succeeded", "returncode": 0, "reason": "exited 0"}
+        return {"outcome": "succeeded", "returncode": 0, "reason": "exited 0",
+                "exit_reason": "exited"}
     why = f"exited {rc}" if rc > 0 else f"killed by signal {-rc}"
+    word = "exited" if rc > 0 else "signaled"
     if proc.reason == ExitReason.OOM:
-        why = "killed by the memory limit (OOM)"
+        why, word = "killed by the memory limit (OOM)", "oom"
     elif proc.reason == ExitReason.TIMEOUT:
-        why = "killed by its command timeout"
-    return {"outcome": "failed", "returncode": rc, "reason": why}
+        why, word = "killed by its command timeout", "timeout"
+    return {"outcome": "failed", "returncode": rc, "reason": why, "exit_reason": word}
 
 
 def process_alive(pid: int, start: int | None) -> bool:

@@ -681,6 +681,8 @@ class Scheduler:
                 to, why = TaskState.FAILED, reason
         if to in states.TERMINAL:
             task.finished_at = time.time()
+            task.exit_reason = ("cancelled" if to == TaskState.CANCELLED
+                                else outcome.get("exit_reason", ""))
         if task.state in (TaskState.PLACED, TaskState.PULLING) and to == TaskState.SUCCEEDED:
             await self._move(task, TaskState.RUNNING, task.reason)
         await self._move(task, to, why, audit=[(

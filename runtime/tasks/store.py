@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     request_id TEXT NOT NULL DEFAULT '',
     parent_session TEXT NOT NULL DEFAULT '',
     parent_ref TEXT NOT NULL DEFAULT '',
-    delivered INTEGER NOT NULL DEFAULT 0
+    delivered INTEGER NOT NULL DEFAULT 0,
+    exit_reason TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS node_flags (
     name TEXT PRIMARY KEY,
@@ -86,13 +87,14 @@ CREATE TABLE IF NOT EXISTS quarantine (
 _COLUMNS = ("id", "seq", "tenant", "spec", "submitted_at", "state", "node", "attempt",
             "updated_at", "started_at", "finished_at", "progress_json", "reason",
             "result_json", "checkpoint_seq", "exit_code", "devices", "runner_json", "failures",
-            "request_id", "parent_session", "parent_ref", "delivered")
+            "request_id", "parent_session", "parent_ref", "delivered", "exit_reason")
 #: Columns added after the first release, with their definitions: _connect adds the ones
 #: an older store lacks (its rows get the defaults: no request id, no parent session).
 _ADDED_COLUMNS = (("request_id", "TEXT NOT NULL DEFAULT ''"),
                   ("parent_session", "TEXT NOT NULL DEFAULT ''"),
                   ("parent_ref", "TEXT NOT NULL DEFAULT ''"),
-                  ("delivered", "INTEGER NOT NULL DEFAULT 0"))
+                  ("delivered", "INTEGER NOT NULL DEFAULT 0"),
+                  ("exit_reason", "TEXT NOT NULL DEFAULT ''"))
 
 
 def recover_hint(path: str) -> str:
@@ -115,7 +117,7 @@ class TaskStoreDamaged(CorralError):
 
 _MUTABLE = ("state", "node", "attempt", "updated_at", "started_at", "finished_at",
             "progress_json", "reason", "result_json", "checkpoint_seq", "exit_code", "devices",
-            "runner_json", "failures", "parent_session", "delivered")
+            "runner_json", "failures", "parent_session", "delivered", "exit_reason")
 _INSERT = (f"INSERT INTO tasks (id, seq, tenant, spec, submitted_at, request_id, parent_ref, "
            f"{', '.join(_MUTABLE)}) VALUES ({', '.join('?' * (7 + len(_MUTABLE)))})")
 _UPDATE = f"UPDATE tasks SET {', '.join(m + ' = ?' for m in _MUTABLE)} WHERE id = ?"
@@ -125,7 +127,7 @@ def _mutable_values(task: DeepTask) -> tuple:
     return (int(task.state), task.node, task.attempt, task.updated_at, task.started_at,
             task.finished_at, task.progress_json, task.reason, task.result_json,
             task.checkpoint_seq, task.exit_code, "\n".join(task.devices), task.runner_json,
-            task.failures, task.parent_session, int(task.delivered))
+            task.failures, task.parent_session, int(task.delivered), task.exit_reason)
 
 
 @dataclass
@@ -375,11 +377,13 @@ def task_from_row(row: tuple) -> DeepTask:
     """A DeepTask from the tasks columns in _COLUMNS order; raises when a value is wrong."""
     (tid, seq, tenant, spec, submitted_at, state, node, attempt, updated_at, started_at,
      finished_at, progress_json, reason, result_json, checkpoint_seq, exit_code, devices,
-     runner_json, failures, request_id, parent_session, parent_ref, delivered) = row
+     runner_json, failures, request_id, parent_session, parent_ref, delivered,
+     exit_reason) = row
     for name, value, kind in (("id", tid, str), ("tenant", tenant, str), ("node", node, str),
                               ("request_id", request_id, str),
                               ("parent_session", parent_session, str),
                               ("parent_ref", parent_ref, str),
+                              ("exit_reason", exit_reason, str),
                               ("devices", devices, str), ("seq", seq, int),
                               ("attempt", attempt, int), ("failures", failures, int)):
         if not isinstance(value, kind):
@@ -392,7 +396,7 @@ def task_from_row(row: tuple) -> DeepTask:
         checkpoint_seq=checkpoint_seq, exit_code=exit_code,
         devices=tuple(d for d in devices.split("\n") if d), runner_json=runner_json,
         failures=failures, request_id=request_id, parent_session=parent_session,
-        parent_ref=parent_ref, delivered=bool(delivered))
+        parent_ref=parent_ref, delivered=bool(delivered), exit_reason=exit_reason)
 
 
 def _why(exc: BaseException) -> str:

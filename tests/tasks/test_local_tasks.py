@@ -222,6 +222,30 @@ def test_failure_without_retries_fails(task_daemon):
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_a_finished_task_reports_its_exit_as_execs_do(task_daemon):
+    """Task.exit_reason, signal and exit_status say how the last command ended, in the
+    same words ExecExited uses: an exit, a signal, the max runtime, a cancel."""
+    from corral.v1 import stream_pb2
+
+    c = task_daemon(ONE_SLOT).client()
+    running = c.submit_task(["sleep", "30"])
+    assert c.get_task(running.id).exit_reason == stream_pb2.EXIT_REASON_UNSPECIFIED
+    wait_task(c, running.id, lambda t: t.state == RUNNING, what="running")
+    c.cancel_task(running.id)
+    cancelled = wait_done(c, running.id)
+    assert (cancelled.state, cancelled.exit_reason) == (CANCELLED,
+                                                        stream_pb2.EXIT_REASON_CANCELLED)
+    cases = [(["sh", "-c", "exit 7"], 0, (FAILED, stream_pb2.EXIT_REASON_EXITED, 0, 7)),
+             (["sh", "-c", "kill -TERM $$"], 0,
+              (FAILED, stream_pb2.EXIT_REASON_SIGNALED, 15, 143)),
+             (["sleep", "30"], 1, (FAILED, stream_pb2.EXIT_REASON_TIMEOUT, 9, 137)),
+             (["true"], 0, (SUCCEEDED, stream_pb2.EXIT_REASON_EXITED, 0, 0))]
+    for argv, max_runtime_s, want in cases:
+        done = wait_done(c, c.submit_task(argv, max_runtime_s=max_runtime_s).id)
+        assert (done.state, done.exit_reason, done.signal, done.exit_status) == want, (
+            argv, done.reason)
+
+
 def test_cli_verbs(task_daemon, tmp_path):
     d = task_daemon(ONE_SLOT)
     agent = tmp_path / "deep_task.py"
