@@ -979,10 +979,13 @@ cdef class TokenStream:
 
     def statistics(self):
         cdef uint64_t lag = 0
+        cdef Py_ssize_t lagged = 0
         cdef Cursor c
         for c in self._cursors:
             lag = max(lag, self._next_seq - c.next_seq)
-        return stream_statistics(self, self._mode_name(), lag)
+            if c.next_seq < self._first_seq:
+                lagged += 1
+        return stream_statistics(self, self._mode_name(), lag, lagged)
 
     cdef str _mode_name(self):
         return "bytes" if self._bytes_mode else "text" if self._text_mode else "frames"

@@ -163,6 +163,7 @@ class StreamStatistics:
     pending_events: int  # events queued for next_event()
     subscribers: int  # cursors not unsubscribed
     max_lag: int  # entries the furthest-behind subscriber has not taken (lost ones included)
+    lagged_subscribers: int = 0  # subscribers whose next entry was evicted: they lost entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +349,8 @@ def subscription_start(from_seq: int | None, first_seq: int, next_seq: int) -> i
     return from_seq
 
 
-def stream_statistics(stream: TokenStream, mode: str, max_lag: int) -> StreamStatistics:
+def stream_statistics(stream: TokenStream, mode: str, max_lag: int,
+                      lagged: int) -> StreamStatistics:
     """statistics() of either implementation's TokenStream, which both keep their counters
     under these attribute names (the compiled one as read-only attributes)."""
     return StreamStatistics(
@@ -371,6 +373,7 @@ def stream_statistics(stream: TokenStream, mode: str, max_lag: int) -> StreamSta
         pending_events=len(stream._events),
         subscribers=len(stream._cursors),
         max_lag=max_lag,
+        lagged_subscribers=lagged,
     )
 
 
@@ -822,8 +825,10 @@ class TokenStream:
     # --- introspection -----------------------------------------------------------------
 
     def statistics(self) -> StreamStatistics:
-        lag = max((self._next_seq - c._next_seq for c in self._cursors), default=0)
-        return stream_statistics(self, self._mode, lag)
+        behind = [c._next_seq for c in self._cursors]
+        lag = self._next_seq - min(behind, default=self._next_seq)
+        lagged = sum(1 for seq in behind if seq < self._first_seq)
+        return stream_statistics(self, self._mode, lag, lagged)
 
     def __repr__(self) -> str:
         return (f"<TokenStream {self._mode} seq {self._first_seq}..{self._next_seq - 1} "

@@ -360,6 +360,7 @@ class DaemonMetrics(NoMetrics):
         sessions: dict[tuple, int] = {}
         tasks: dict[tuple, int] = {}
         tokens = self._tokens_retired
+        lagged: dict[str, int] = {}
         if daemon.sandboxes is not None:
             for msb in daemon.sandboxes.all():  # the live ones only
                 if msb.pool and not msb.tenant:  # a warm pool's, nobody's until acquired
@@ -382,14 +383,18 @@ class DaemonMetrics(NoMetrics):
                     state = "attached" if session.attached else "detached"
                 key = (state, self.tenant_label(session.tenant))
                 sessions[key] = sessions.get(key, 0) + 1
-                tokens += session.hub.stream.statistics().tokens
+                stats = session.hub.stream.statistics()
+                tokens += stats.tokens
+                if stats.lagged_subscribers:
+                    tenant = self.tenant_label(session.tenant)
+                    lagged[tenant] = lagged.get(tenant, 0) + stats.lagged_subscribers
         if daemon.scheduler is not None:
             for task in list(daemon.scheduler.tasks.values()):
                 key = (task.state.name.lower(), self.tenant_label(task.tenant))
                 tasks[key] = tasks.get(key, 0) + 1
         pools = daemon.pools.statistics() if getattr(daemon, "pools", None) else {}
         return {"sandboxes": sandboxes, "sessions": sessions, "tasks": tasks,
-                "tokens_in": tokens, "pools": pools}
+                "tokens_in": tokens, "pools": pools, "lagged": lagged}
 
     def held_from_any_thread(self) -> dict | None:
         loop = self._loop
@@ -434,7 +439,13 @@ class _HeldCollector:
         pools = GaugeMetricFamily(
             "corral_pool_sandboxes", "Warm pools (runtime/pools.py): ready sandboxes, and "
             "the size each keeps", labels=["pool", "state"])
+        lagged = GaugeMetricFamily(
+            "corral_session_watchers_lagged", "Session watchers behind the replay log now: "
+            "their next entry was evicted, so they will be told SessionLagged (the counter "
+            "corral_session_lagged counts the tellings)", labels=["tenant"])
         if held is not None:
+            for tenant, n in sorted(held["lagged"].items()):
+                lagged.add_metric([tenant], n)
             for (state, tenant, backend), n in sorted(held["sandboxes"].items()):
                 sandboxes.add_metric([state, tenant, backend], n)
             for (state, tenant), n in sorted(held["sessions"].items()):
@@ -445,7 +456,7 @@ class _HeldCollector:
             for name, counts in sorted(held["pools"].items()):
                 pools.add_metric([name, "ready"], counts["ready"])
                 pools.add_metric([name, "size"], counts["size"])
-        return [sandboxes, sessions, tasks, tokens, pools]
+        return [sandboxes, sessions, tasks, tokens, pools, lagged]
 
     def describe(self):
         return self._families(None)

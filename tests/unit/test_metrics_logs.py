@@ -3,12 +3,14 @@ no-op hooks, and JSON log lines."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import io
 import json
 import logging
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -243,3 +245,34 @@ def test_configure_picks_the_format():
         assert not isinstance(logs.configure("text", stream=out).formatter, logs.JsonFormatter)
     finally:
         root.handlers[:] = saved
+
+
+def test_lagged_watchers_are_a_gauge_of_now_by_tenant():
+    """corral_session_watchers_lagged counts the watchers whose next entry the replay log
+    has already evicted, and drops once they have caught up."""
+    from corral.ext import TokenStream, encode_frame
+
+    stream = TokenStream(log_bytes=200)
+    slow, current = stream.subscribe(), stream.subscribe()
+    session = SimpleNamespace(exited=None, closing=False, attached=True, tenant="local",
+                              hub=SimpleNamespace(stream=stream))
+    daemon = _daemon()
+    daemon.sessions = SimpleNamespace(_sessions={"ses-1": session})
+    m = metrics.DaemonMetrics(daemon, "127.0.0.1:0")
+    loop = asyncio.new_event_loop()  # held gauges are read on the daemon's loop
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    m._loop = loop
+    try:
+        key = ("corral_session_watchers_lagged", (("tenant", "local"),))
+        assert key not in _samples(m)
+        for i in range(50):
+            stream.feed(encode_frame(1, f"{i:03d}".encode()))
+            stream.take(current)
+        assert _samples(m)[key] == 1  # slow's next entry is gone; current is not behind
+        assert stream.take(slow) is not None  # told what it lost, and caught up
+        assert key not in _samples(m)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

@@ -431,6 +431,7 @@ def test_slow_subscriber_is_told_what_it_lost(impl):
         taken.extend(g[2] for g in got)
     assert taken == [f"{i:03d}".encode() for i in range(50)]
     assert stream.statistics().max_lag == 50
+    assert stream.statistics().lagged_subscribers == 1  # slow's next entry was evicted
     got, batch = batch_entries(stream.take(slow))
     assert batch.HasField("lost")
     assert (batch.lost.first_lost_seq, batch.lost.count) == (1, 40)
@@ -439,6 +440,7 @@ def test_slow_subscriber_is_told_what_it_lost(impl):
     assert slow.statistics().lost_entries == 40
     assert stream.take(slow) is None
     assert stream.statistics().max_lag == 0
+    assert stream.statistics().lagged_subscribers == 0
 
 
 def test_subscribe_from_an_evicted_seq_reports_the_loss(impl):
