@@ -1,16 +1,22 @@
-"""Live restore's cost on Create: a daemon with live_restore on against one with it off.
+"""Live restore's cost on Create and on Exec's output: a daemon with live_restore on
+against one with it off.
 
 Starts two `corral daemon`s (root: they make sandboxes), one with `live_restore = true` in
 its config, one without. Each round times, in rotating order, one Create on each at the
 client over its unix socket; then, for the live restore one, how long after Create
 returned its row was readable in restore.db (the holder's put and the fsync'd row run on a
 thread of their own, off the Create: runtime/restore.py), polled outside the timed region.
-Both sandboxes are destroyed after each round.
+Then, in the same rotating order, one Exec of `head -c EXEC_MIB MiB /dev/zero` read to its
+end (a kept sandbox's command output goes through its journal on tmpfs: splice, header,
+read-back per read; runtime/journal.py) and one `true` (Exec's round trip). Both sandboxes
+are destroyed after each round.
 
   bench/live_restore.py [--iterations N] [--warmup N] [--quick] [--json]
 
 Keys: kept_create_ms_p50/p99 (live restore on), plain_create_ms_p50/p99 (off),
-ratio_kept_vs_plain_p50, kept_recorded_ms_p50/p99 (Create's return to its row on disk).
+ratio_kept_vs_plain_p50, kept_recorded_ms_p50/p99 (Create's return to its row on disk),
+kept_exec_mib_s_p50/min and plain_exec_mib_s_p50/min (output throughput of one command),
+kept_true_ms_p50/p99 and plain_true_ms_p50/p99 (a command's whole Exec).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import harness
 SIZES = {
     "iterations": harness.Size(40, 4, "rounds of one Create on each daemon"),
     "warmup": harness.Size(3, 1, "rounds run first and not counted"),
+    "exec_mib": harness.Size(64, 8, "MiB of output of the timed command"),
 }
 #: Longest wait for a row to reach restore.db before the bench gives up.
 RECORD_WAIT_S = 30.0
@@ -83,6 +90,11 @@ def run(args: argparse.Namespace) -> dict:
                     recorded = _recorded_after(db_path, made[name], returned)
                     if i >= args.warmup:
                         times["recorded"].append(recorded)
+            for name, client in order:
+                mib_s, true_ms = _exec_round(client, made[name], args.exec_mib)
+                if i >= args.warmup:
+                    times.setdefault(f"{name}_exec", []).append(mib_s)
+                    times.setdefault(f"{name}_true", []).append(true_ms)
             kept.destroy_sandbox(made["kept"])
             plain.destroy_sandbox(made["plain"])
         kept.close()
@@ -99,7 +111,28 @@ def run(args: argparse.Namespace) -> dict:
         result["kept_create_ms_p50"] / result["plain_create_ms_p50"], 3)
     result["kept_recorded_ms_p50"] = _p(times["recorded"], 50)
     result["kept_recorded_ms_p99"] = _p(times["recorded"], 99)
+    for name in ("kept", "plain"):
+        result[f"{name}_exec_mib_s_p50"] = _p(times[f"{name}_exec"], 50)
+        result[f"{name}_exec_mib_s_min"] = round(min(times[f"{name}_exec"]), 3)
+        result[f"{name}_true_ms_p50"] = _p(times[f"{name}_true"], 50)
+        result[f"{name}_true_ms_p99"] = _p(times[f"{name}_true"], 99)
     return result
+
+
+def _exec_round(client, sandbox_id: str, mib: int) -> tuple[float, float]:
+    """(MiB/s of a command's output read to its end, ms of an Exec of `true`)."""
+    t0 = time.perf_counter()
+    got = 0
+    for event in client.exec(sandbox_id, ["head", "-c", str(mib << 20), "/dev/zero"]):
+        if event.WhichOneof("event") == "output":
+            got += len(event.output.batch.text)
+    elapsed = time.perf_counter() - t0
+    if got != mib << 20:
+        raise RuntimeError(f"the command's output was {got} bytes, not {mib << 20}")
+    t0 = time.perf_counter()
+    for _ in client.exec(sandbox_id, ["true"]):
+        pass
+    return mib / elapsed, (time.perf_counter() - t0) * 1000
 
 
 def main(argv: list[str]) -> int:

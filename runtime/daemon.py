@@ -194,10 +194,10 @@ class Daemon:
         self.sandboxes.secrets = cfg.secret_store()
         self.sandboxes.metrics = self.metrics
         self.sandboxes.tracing = self.tracing
+        recovered, self._recovered = self._recovered, []
         if self.live_restore is not None:
             self.sandboxes.live_restore = self.live_restore
-            self._restored = self.sandboxes.restore(self._recovered)
-            self._recovered = []
+            self._restored = self.sandboxes.restore(recovered)
         self.sandboxes.start()
         pools = cfg.warm_pools()
         if pools:
@@ -210,6 +210,9 @@ class Daemon:
                                        idle_ttl_s=cfg.session_idle_ttl_s,
                                        stream_log_bytes=cfg.stream_log_bytes)
         self.sessions.metrics = self.metrics
+        if self.live_restore is not None:  # after their sandboxes and agents' commands
+            self.sessions.live_restore = self.live_restore
+            self.sessions.restore(recovered)
         self.sessions.start()
         self.state = _sandbox_state(cfg, self.sandboxes, self.audit)
         self.images = ImageService(self.audit, max_bytes=cfg.image_store_max_bytes)

@@ -40,6 +40,7 @@ from corral.sandbox import SandboxSpec, cgroups
 from corral.sandbox.errors import CorralError
 from corral.sandbox.procinfo import live_start_time
 
+from .command_journal import STDIN_SUFFIX
 from .holder import SOCKET_NAME, HolderClient, HolderError, start_or_connect
 
 log = logging.getLogger("corral.restore")
@@ -62,7 +63,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     labels TEXT NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
-    paused_at REAL NOT NULL
+    paused_at REAL NOT NULL,
+    owner_session TEXT NOT NULL DEFAULT ''
 )
 """
 
@@ -87,6 +89,8 @@ class KeptSandbox:
     created_at: float
     expires_at: float  # Unix seconds
     paused_at: float  # Unix seconds of the pause, 0 while running
+    #: The session that made it and ends with it ("" for a Create's sandbox).
+    owner_session: str = ""
 
 
 @dataclass
@@ -98,11 +102,22 @@ class Recovered:
     reason: str = ""
     #: Holder key -> output read ends of each command that ran at the restart.
     commands: dict[str, list[int]] = field(default_factory=dict)
+    #: Session id -> [events read end, control write end] of each session it ran.
+    sessions: dict[str, list[int]] = field(default_factory=dict)
 
 
 def command_key(sandbox_id: str, exec_id: str) -> str:
     """The holder's key of a running command's output pipes."""
     return f"{sandbox_id}/{exec_id}"
+
+
+def session_key(sandbox_id: str, session_id: str) -> str:
+    """The holder's key of a session's protocol pipes (events read end, control write end)."""
+    return f"{sandbox_id}/{SESSION_PREFIX}{session_id}"
+
+
+#: What follows "<sandbox id>/" in a session's holder key.
+SESSION_PREFIX = "session:"
 
 
 class RestoreStore:
@@ -113,13 +128,18 @@ class RestoreStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # fsync at each commit, WAL included
         self.db.execute(_SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(sandboxes)")}
+        if "owner_session" not in columns:  # a store an older daemon wrote
+            self.db.execute("ALTER TABLE sandboxes ADD COLUMN owner_session TEXT NOT NULL "
+                            "DEFAULT ''")
         os.chmod(path, 0o600)
 
     def put(self, row: KeptSandbox) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO sandboxes VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO sandboxes (id, tenant, spec, labels, created_at, "
+            "expires_at, paused_at, owner_session) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (row.id, row.tenant, json.dumps(row.spec), json.dumps(row.labels),
-             row.created_at, row.expires_at, row.paused_at))
+             row.created_at, row.expires_at, row.paused_at, row.owner_session))
 
     def update(self, sandbox_id: str, expires_at: float, paused_at: float) -> None:
         self.db.execute("UPDATE sandboxes SET expires_at = ?, paused_at = ? WHERE id = ?",
@@ -129,8 +149,10 @@ class RestoreStore:
         self.db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
 
     def rows(self) -> list[KeptSandbox]:
-        return [KeptSandbox(i, t, json.loads(s), json.loads(lb), c, e, p) for i, t, s, lb, c, e, p
-                in self.db.execute("SELECT * FROM sandboxes ORDER BY created_at")]
+        return [KeptSandbox(i, t, json.loads(s), json.loads(lb), c, e, p, o)
+                for i, t, s, lb, c, e, p, o in self.db.execute(
+                    "SELECT id, tenant, spec, labels, created_at, expires_at, paused_at, "
+                    "owner_session FROM sandboxes ORDER BY created_at")]
 
     def close(self) -> None:
         self.db.close()
@@ -176,7 +198,12 @@ class LiveRestore:
             results.append(result)
             for key in [k for k in held if k.startswith(row.id + "/")]:
                 held.discard(key)
-                if result.sandbox is not None:
+                if result.sandbox is None:
+                    continue
+                name = key[len(row.id) + 1:]
+                if name.startswith(SESSION_PREFIX):
+                    result.sessions[name[len(SESSION_PREFIX):]] = self.holder.get(key)
+                else:
                     result.commands[key] = self.holder.get(key)
         for key in held:  # put, but its row never written (or its sandbox's is gone)
             _kill_and_close(None if "/" in key else key, self.holder.get(key))
@@ -208,15 +235,39 @@ class LiveRestore:
 
         self._submit(write, row.id)
 
-    def keep_command(self, sandbox_id: str, exec_id: str, outputs: list[int]) -> None:
-        """Hold a command's output read ends (copies taken now): with the daemon gone, a
-        write of the command's fills the pipe instead of raising SIGPIPE, and the next
-        daemon drains what it writes (restore docs: the output itself is not kept)."""
+    def keep_command(self, sandbox_id: str, exec_id: str, outputs: list[int], stdin: int,
+                     journal, record) -> None:
+        """Hold a command's output read ends and stdin's write end (stdin -1: closed
+        already; copies taken now) and write its command.json (runtime/command_journal.py):
+        with the daemon gone, a write of the command's fills the pipe instead of raising
+        SIGPIPE, and the next daemon replays its output from the journal and reads on."""
         fds = [os.dup(fd) for fd in outputs]
+        stdin_fd = os.dup(stdin) if stdin >= 0 else -1
         key = command_key(sandbox_id, exec_id)
 
         def write() -> None:
             try:
+                record.start_time = live_start_time(record.pid) or 0 if record.pid else 0
+                journal.write_record(record)
+                self.holder.put(key, fds)
+                if stdin_fd >= 0:
+                    self.holder.put(key + STDIN_SUFFIX, [stdin_fd])
+            finally:
+                for fd in fds + ([stdin_fd] if stdin_fd >= 0 else []):
+                    os.close(fd)
+
+        self._submit(write, sandbox_id)
+
+    def keep_session(self, sandbox_id: str, session_id: str, pipes: list[int],
+                     journal, record: dict) -> None:
+        """Hold a session's events read end and control write end (copies taken now) and
+        write its session.json (runtime/session_journal.py)."""
+        fds = [os.dup(fd) for fd in pipes]
+        key = session_key(sandbox_id, session_id)
+
+        def write() -> None:
+            try:
+                journal.write_record(record)
                 self.holder.put(key, fds)
             finally:
                 for fd in fds:
@@ -224,9 +275,39 @@ class LiveRestore:
 
         self._submit(write, sandbox_id)
 
-    def forget_command(self, sandbox_id: str, exec_id: str) -> None:
-        key = command_key(sandbox_id, exec_id)
+    def forget_session(self, sandbox_id: str, session_id: str, journal) -> None:
+        """A session ended: the holder lets its pipes go and its journal goes."""
+        key = session_key(sandbox_id, session_id)
+
+        def write() -> None:
+            self.holder.forget(key)
+            journal.remove()
+
+        self._submit(write, sandbox_id)
+
+    def forget_stdin(self, sandbox_id: str, exec_id: str) -> None:
+        """The daemon closed a command's stdin: the holder's copy goes too (EOF)."""
+        key = command_key(sandbox_id, exec_id) + STDIN_SUFFIX
         self._submit(lambda: self.holder.forget(key), sandbox_id)
+
+    def forget_command(self, sandbox_id: str, exec_id: str, journal=None,
+                       exit_: tuple[int, str, float] | None = None) -> None:
+        """A command ended: its exit goes to its journal (for a restart before it is
+        collected), then the holder lets its descriptors go."""
+        key = command_key(sandbox_id, exec_id)
+
+        def write() -> None:
+            if journal is not None and exit_ is not None:
+                journal.write_exit(*exit_)
+            self.holder.forget(key)
+            self.holder.forget(key + STDIN_SUFFIX)
+
+        self._submit(write, sandbox_id)
+
+    def drop_journal(self, journal) -> None:
+        """A finished command was collected: its journal's files go (in order, after its
+        exit was written)."""
+        self._submit(journal.remove, "")
 
     def update(self, sandbox_id: str, expires_at: float, paused_at: float) -> None:
         self._submit(lambda: self.store.update(sandbox_id, expires_at, paused_at), sandbox_id)
@@ -270,7 +351,8 @@ def discard(state_dir: str) -> int:
     killed = 0
     with holder:
         for key in holder.keys():
-            killed += _kill_and_close(None if "/" in key else key, holder.get(key))
+            with contextlib.suppress(HolderError):  # forgotten meanwhile by its daemon
+                killed += _kill_and_close(None if "/" in key else key, holder.get(key))
         holder.stop()
     return killed
 

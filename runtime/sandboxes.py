@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from corral.ext import TokenStream
 from corral.sandbox import Process, SandboxSpec, new_sandbox, ptys
 from corral.sandbox.backends.base import SandboxLifecycle
 from corral.sandbox.errors import (
@@ -39,6 +38,9 @@ from corral.sandbox.spec import check_argv, check_env
 from corral.sandbox.workspace import MAX_READ_BYTES, Workspace
 
 from .auth import Caller, check_owner
+from .command_journal import CommandJournal, output_hub, output_window
+from .command_journal import keep as keep_command
+from .command_journal import rebuild as rebuild_commands
 from .fair import FairSlots
 from .idempotency import RequestLedger
 from .images import exec_on_image
@@ -101,6 +103,8 @@ class StdinWriter:
         self._limit = limit
         self._close_when_drained = False
         self.closed = False
+        #: Called once when it closes (live restore: the holder's copy goes too).
+        self.on_close: Callable[[], None] | None = None
 
     def write(self, data: bytes) -> None:
         """Queue data; raises ResourceExhausted when the reader is too far behind."""
@@ -151,6 +155,8 @@ class StdinWriter:
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(self.fd)
             os.close(self.fd)
+            if self.on_close is not None:
+                self.on_close()
 
 
 @dataclass
@@ -170,6 +176,8 @@ class ExecHandle:
     reason: str = ""
     duration_s: float = 0.0
     pid: int = 0  # host pid at the spawn (the Process forgets it once reaped)
+    #: Its output's replay windows on disk (live restore: runtime/command_journal.py).
+    journal: CommandJournal | None = None
 
     @property
     def running(self) -> bool:
@@ -422,7 +430,7 @@ class SandboxManager:
             msb.kept = True
             self.live_restore.keep(sandbox, KeptSandbox(
                 msb.id, tenant, msb.spec.to_fields(), msb.labels, msb.created_at,
-                msb.expires_at, 0.0))
+                msb.expires_at, 0.0, owner_session or ""))
         return msb
 
     def not_kept_because(self, spec: SandboxSpec, owner_session: str | None) -> str:
@@ -431,8 +439,6 @@ class SandboxManager:
         off): a Create never fails over an operator's setting, and sandbox.create says so."""
         if self.live_restore is None:
             return "live restore is off"
-        if owner_session:
-            return "a session's sandbox ends with its session"
         kept = unadoptable(spec)
         return f"its {', '.join(kept)} live in the daemon" if kept else ""
 
@@ -457,14 +463,18 @@ class SandboxManager:
                 id=row.id, tenant=row.tenant, spec=sandbox.spec, sandbox=sandbox,
                 policy_digest=sandbox.policy_digest(), created_at=row.created_at,
                 expires_at=row.expires_at, workspace=_workspace_files(sandbox),
-                labels=dict(row.labels), paused_at=row.paused_at, kept=True)
+                labels=dict(row.labels), paused_at=row.paused_at, kept=True,
+                owner_session=row.owner_session or None)
             if row.paused_at:
                 msb.unpaused.clear()
             self._sandboxes[msb.id] = msb
             self.renumber(msb)
             # what PID 1 reported while no daemon read comes first (unclaimed exits)
             loop.add_reader(sandbox.status_fd, self._collect_exits, msb, sandbox.status_fd)
-            for key, fds in result.commands.items():
+            rebuilt, problems = rebuild_commands(self, msb, result.commands)
+            for problem in problems:
+                log.warning("sandbox %s: a command's journal is lost: %s", msb.id, problem)
+            for key, fds in result.commands.items():  # held, but with no journal
                 for fd in fds:
                     self._drain_orphan_output(key, fd)
             self.audit.append("sandbox.restore", tenant=row.tenant, peer="daemon",
@@ -472,7 +482,7 @@ class SandboxManager:
                                   "restored": True, "init_pid": sandbox.init_pid,
                                   "paused": bool(row.paused_at),
                                   "expires_at": round(row.expires_at, 3),
-                                  "commands": len(result.commands)})
+                                  "commands": rebuilt})
         return sum(1 for r in recovered if r.sandbox is not None)
 
     def _drain_orphan_output(self, key: str, fd: int) -> None:
@@ -932,7 +942,11 @@ class SandboxManager:
         process, (in_w, out_r, err_r) = await self._spawn_command(
             caller, msb, exec_id, session_id, argv, env=env, cwd=cwd, pass_fds=pass_fds,
             timeout_s=timeout_s, tty=tty, user=ids)
-        stdout, stderr = (self._output_hub(mode, lossless) for mode in (stdout_mode, stderr_mode))
+        journal = (CommandJournal.for_sandbox(msb.sandbox.runtime_dir, exec_id, output_window(
+            self.limits.stream_log_bytes, self.limits.exec_replay_bytes, lossless)[0])
+            if msb.kept else None)  # live restore: output windows on disk too
+        stdout, stderr = (self._output_hub(mode, lossless, journal and journal.outputs[name])
+                          for name, mode in (("stdout", stdout_mode), ("stderr", stderr_mode)))
         if tty is not None:
             # the pty master (two descriptors of it) replaces the stdin and stdout pipes;
             # stderr's pipe, never given to the command, ends at once
@@ -946,15 +960,15 @@ class SandboxManager:
         stderr.attach_fd(err_r)
         writer = StdinWriter(in_w, loop)
         handle = ExecHandle(exec_id, msb.id, tuple(argv), process, stdout, stderr, writer,
-                            time.monotonic(), pid=process.pid or 0)
+                            time.monotonic(), pid=process.pid or 0, journal=journal)
         msb.execs[exec_id] = handle
         if stdin:
             writer.write(stdin)
         if not keep_stdin_open:
             writer.close()
         self._follow_exit(handle, loop)
-        if msb.kept:  # its output pipes outlive a daemon restart (runtime/restore.py)
-            self.live_restore.keep_command(msb.id, exec_id, [out_r, err_r])
+        if msb.kept:  # it outlives a daemon restart (runtime/command_journal.py)
+            keep_command(self.live_restore, msb, handle, journal, [out_r, err_r], lossless)
         self.metrics.exec_started(msb.spec.backend, t0)
         return handle
 
@@ -1008,15 +1022,14 @@ class SandboxManager:
         if process.deadline is not None:
             loop.call_at(loop.time() + process.remaining(), self._expire, handle)
 
-    def _output_hub(self, mode: str, lossless: bool) -> StreamHub:
+    def _output_hub(self, mode: str, lossless: bool, journal=None) -> StreamHub:
         """A hub for one output of a command. A lossless one holds the command back once
         a quarter of stream_log_bytes is unread, and keeps exec_replay_bytes of output
-        already sent on top, for a client that drops and resumes."""
-        if not lossless:
-            return StreamHub(TokenStream(mode, log_bytes=self.limits.stream_log_bytes))
-        hold = self.limits.stream_log_bytes // 4
-        return StreamHub(TokenStream(mode, log_bytes=hold + self.limits.exec_replay_bytes),
-                         lossless=True, hold_bytes=hold)
+        already sent on top, for a client that drops and resumes (journal: live
+        restore's copy of that window on disk)."""
+        log_bytes, hold = output_window(self.limits.stream_log_bytes,
+                                        self.limits.exec_replay_bytes, lossless)
+        return output_hub(mode, log_bytes, hold, journal)
 
     def _expire(self, handle: ExecHandle) -> None:
         """End a command at its deadline; not while its sandbox is paused (resume times it
@@ -1049,9 +1062,12 @@ class SandboxManager:
             handle.stdin.abort()
         msb = self._sandboxes.get(handle.sandbox_id)
         if msb is not None:
-            _retire_finished(msb.execs)
-            if msb.kept:
-                self.live_restore.forget_command(msb.id, handle.id)
+            if msb.kept:  # its exit is written before a retire can drop its journal
+                self.live_restore.forget_command(msb.id, handle.id, handle.journal, (
+                    handle.returncode, handle.reason, handle.duration_s))
+            for retired in _retire_finished(msb.execs):
+                if retired.journal is not None and self.live_restore is not None:
+                    self.live_restore.drop_journal(retired.journal)
         self.audit.append(
             {"oom": "exec.oom", "timeout": "exec.timeout"}.get(handle.reason, "exec.exit"),
             tenant=msb.tenant if msb else "", peer="daemon", sandbox_id=handle.sandbox_id,
@@ -1378,7 +1394,7 @@ class SandboxManager:
             self._watch_ended(tenant)
 
 
-def _retire_finished(execs: dict[str, ExecHandle]) -> None:
+def _retire_finished(execs: dict[str, ExecHandle]) -> list[ExecHandle]:
     """Forget the oldest finished commands past MAX_FINISHED_EXECS, or past
     MAX_FINISHED_OUTPUT_BYTES of replay log together (the newest one always stays).
 
@@ -1396,12 +1412,13 @@ def _retire_finished(execs: dict[str, ExecHandle]) -> None:
         if keep == MAX_FINISHED_EXECS or (keep and kept > MAX_FINISHED_OUTPUT_BYTES):
             break
         keep += 1
-    for exec_id in finished[:len(finished) - keep]:
-        handle = execs.pop(exec_id)
+    retired = [execs.pop(exec_id) for exec_id in finished[:len(finished) - keep]]
+    for handle in retired:
         # no new reader can come: output it still holds back is read to EOF (and its pipe
         # closed) for the readers it has, instead of waiting for one for ever
         handle.stdout.release_flow_control()
         handle.stderr.release_flow_control()
+    return retired
 
 
 def _check_exec_request(argv: list[str], env: dict[str, str] | None, cwd: str, stdin: bytes,

@@ -9,6 +9,10 @@ interrupt is SIGINT.
 
 Sessions outlive their clients: a dropped connection resumes from the last seq it saw, and
 a session nobody watches for `idle_ttl_s` is closed and its sandbox reaped.
+
+With live restore on, a session in a kept sandbox outlives the daemon too: its replay log,
+turn state and record are journaled (runtime/session_journal.py), the holder keeps its
+protocol pipes, and `restore` adopts it at start with the seqs it had.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import signal
 import time
@@ -31,7 +36,8 @@ from .idempotency import RequestLedger
 from .labels import EVERYTHING, Selector
 from .metrics import NO_METRICS
 from .sandboxes import signal_command
-from .session_state import Exited, SessionTurns
+from .session_journal import SessionJournal, load_sessions
+from .session_state import Exited, Phase, SessionTurns
 from .streams import AgentPipes, ControlWriter, StreamHub
 from .tasks.delegation import Delegations
 
@@ -65,6 +71,8 @@ class Session:
     created_at: float = 0.0  # Unix time
     #: Start order in this daemon: Sessions.List pages in this order.
     seq: int = 0
+    #: Live restore: its SessionJournal (it outlives a daemon restart); None otherwise.
+    kept: object = None
 
     @property
     def last_seq(self) -> int:
@@ -101,13 +109,14 @@ class PlainOutput:
 
     __slots__ = ("stream", "target", "kind", "next_seq")
 
-    def __init__(self, source: StreamHub, target: StreamHub, kind: int) -> None:
+    def __init__(self, source: StreamHub, target: StreamHub, kind: int,
+                 next_seq: int = 1) -> None:
         # The stream, not its hub: the hub holds this copier's callback, and a reference
         # back would be a cycle keeping both logs until the cyclic GC ran.
         self.stream = source.stream
         self.target = target
         self.kind = kind
-        self.next_seq = 1
+        self.next_seq = next_seq  # a restored session's copier starts past what was copied
         source.add_notify(self.copy)
         self.copy()  # what the hub read while the agent was starting
 
@@ -145,12 +154,21 @@ class SessionManager:
         self.requests = RequestLedger("session")
         #: The deep tasks sessions delegate (tasks/delegation.py), once attach_scheduler ran.
         self.delegations = None
+        #: Live restore (runtime/restore.py LiveRestore), None when off.
+        self.live_restore = None
 
     def attach_scheduler(self, scheduler, max_delegations: int) -> None:
         """Let sessions delegate deep tasks to scheduler (protocol v1.1), at most
         max_delegations unfinished ones per session."""
         self.delegations = Delegations(scheduler, self.sandboxes, self.audit,
                                        self._sessions.get, max_delegations)
+        # a restored session keeps its id, so its tasks' links hold; what they owe it (a
+        # TASK_DONE the dead daemon had not stored as delivered) is told now
+        restored = {s.id for s in self._sessions.values() if s.kept is not None
+                    and s.exited is None}
+        for task in list(scheduler.tasks.values()):
+            if task.parent_session in restored:
+                self.delegations.on_task(task)
 
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
@@ -167,7 +185,9 @@ class SessionManager:
     async def shutdown(self, reason: str) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        await asyncio.gather(*(self._end(s, reason) for s in list(self._sessions.values())),
+        # kept sessions run on for the next daemon (an upgrade is a stop and a start)
+        await asyncio.gather(*(self._end(s, reason) for s in list(self._sessions.values())
+                               if s.kept is None or s.exited is not None),
                              return_exceptions=True)
         if self.delegations is not None:
             await self.delegations.close()
@@ -267,9 +287,12 @@ class SessionManager:
         # own final TURN_END; watchers end when _watch_exit closes the hub.
         # The callback holds the session weakly: session -> hub -> callback -> session would
         # be a cycle, and the replay log (megabytes) would wait for the cyclic GC.
+        journal = (SessionJournal.for_sandbox(msb.sandbox.runtime_dir, session_id,
+                                              self.stream_log_bytes)
+                   if msb.kept and self.live_restore is not None else None)
         hub = StreamHub(TokenStream("frames", log_bytes=self.stream_log_bytes),
                         on_event=lambda ev: self._on_agent_event(holder[0](), ev),
-                        end_on_eof=False)
+                        end_on_eof=False, journal=journal and journal.events)
         session = Session(
             id=session_id, tenant=caller.tenant, sandbox_id=msb.id, owns_sandbox=owns,
             hub=hub, control=ControlWriter(pipes.control_w), exec_handle=handle,
@@ -281,6 +304,14 @@ class SessionManager:
         session.seq = self._seq
         holder.append(weakref.ref(session))
         hub.attach_fd(pipes.events_r)
+        if journal is not None:
+            session.kept = journal
+            self.live_restore.keep_session(msb.id, session_id, [pipes.events_r, pipes.control_w],
+                                           journal, {
+                "id": session_id, "tenant": caller.tenant, "sandbox_id": msb.id,
+                "owns_sandbox": owns, "exec_id": handle.id, "argv": list(argv),
+                "labels": dict(labels), "created_at": session.created_at,
+                "log_bytes": self.stream_log_bytes})
         self._sessions[session_id] = session
         loop = asyncio.get_running_loop()
         session.plain_output = (PlainOutput(handle.stdout, hub, EventKind.TOKEN),
@@ -321,7 +352,9 @@ class SessionManager:
         data = text.encode("utf-8")
         if len(data) > MAX_INPUT_BYTES:
             raise InvalidSpec("input.text", f"{len(data)} bytes is over the 1 MiB limit")
-        session.turns.input_arrived(session.id, session.hub.stream.next_seq)
+        started = session.turns.input_arrived(session.id, session.hub.stream.next_seq)
+        if started is not None and session.kept is not None:  # before the agent hears it
+            session.kept.write_turns(started.turn, "in_turn", started.seq)
         session.control.send_input(text)
         if not session.protocol_seen and session.exec_handle.stdin is not None:
             with contextlib.suppress(CorralError):
@@ -356,6 +389,115 @@ class SessionManager:
         if self.delegations is not None:
             await self.delegations.session_closing(caller, session.id, detach)
         await self._end(session, "closed")
+
+    # -- live restore ---------------------------------------------------------------------
+
+    def restore(self, recovered) -> int:
+        """Adopt the sessions of the sandboxes live restore adopted at start (each a
+        runtime/restore.py Recovered, after SandboxManager.restore rebuilt their commands):
+        a session comes back with its id, tenant, labels, turn state and replay log (the
+        same seqs), reading its agent's pipes again. One that cannot be is ended with the
+        reason (its watchers get its log and an exit saying why), audited, and a sandbox
+        it owned is destroyed. Returns how many were adopted."""
+        adopted = 0
+        for result in recovered:
+            msb = self.sandboxes._sandboxes.get(result.row.id) if result.sandbox else None
+            if msb is None:
+                continue
+            loaded, problems = load_sessions(msb.sandbox.runtime_dir)
+            for problem in problems:
+                self._audit_restore(msb.tenant, msb.id, problem.partition(":")[0],
+                                    problem.partition(": ")[2])
+            for found in loaded:
+                pipes = result.sessions.pop(found.record["id"], [])
+                adopted += self._adopt(msb, found, pipes)
+            for session_id, fds in result.sessions.items():  # held, with no journal
+                _close_fds(fds)
+                self.live_restore.forget_session(msb.id, session_id, _NoJournal())
+                self._audit_restore(msb.tenant, msb.id, session_id, "its journal is gone")
+            if msb.owner_session and msb.owner_session not in self._sessions:
+                self._destroy_later(msb, "its session could not be restored")
+        return adopted
+
+    def _adopt(self, msb, found, pipes: list[int]) -> int:
+        """One session (restore); 1 when adopted, 0 when it was ended instead."""
+        record = found.record
+        handle = msb.execs.get(record["exec_id"])
+        log = found.log
+        holder: list[weakref.ref] = []
+        hub = StreamHub(TokenStream("frames", log_bytes=int(record["log_bytes"]),
+                                    first_seq=log.first_seq if log else 1),
+                        on_event=lambda ev: self._on_agent_event(holder[0](), ev),
+                        end_on_eof=False, journal=found.journal.events)
+        events = hub.restore_log(log.records) if log else []
+        reason = ("its agent's command was not kept" if handle is None else
+                  "the holder kept none of its pipes" if len(pipes) != 2 else "")
+        if reason:
+            _close_fds(pipes)
+            pipes = [-1, -1]
+        session = Session(
+            id=record["id"], tenant=record["tenant"], sandbox_id=msb.id,
+            owns_sandbox=bool(record["owns_sandbox"]), hub=hub,
+            control=ControlWriter(pipes[1]) if not reason else _closed_control(),
+            exec_handle=handle, turns=_restored_turns(found.turns, events),
+            detached_since=time.monotonic(), labels=dict(record.get("labels", {})),
+            created_at=float(record.get("created_at", 0.0)), kept=found.journal)
+        self._seq += 1
+        session.seq = self._seq
+        holder.append(weakref.ref(session))
+        self._sessions[session.id] = session
+        if session.owns_sandbox:
+            msb.owner_session = session.id
+        if reason:
+            self._end_lost(session, reason)
+            return 0
+        hub.attach_fd(pipes[0])
+        session.plain_output = (
+            PlainOutput(handle.stdout, hub, EventKind.TOKEN, handle.stdout.stream.next_seq),
+            PlainOutput(handle.stderr, hub, EventKind.LOG, handle.stderr.stream.next_seq))
+        session._tasks = [asyncio.get_running_loop().create_task(self._watch_exit(session))]
+        self.audit.append("session.restore", tenant=session.tenant, peer="daemon",
+                          sandbox_id=msb.id, session_id=session.id, detail={
+                              "restored": True, "exec_id": handle.id, "turn": session.turn,
+                              "phase": session.turns.phase.value,
+                              "last_seq": session.last_seq})
+        return 1
+
+    def _end_lost(self, session: Session, reason: str) -> None:
+        """A session that could not be adopted: its log stays readable, it ends now with
+        reason (what a watcher that resumes is told), and a sandbox it owned goes."""
+        hub = session.hub
+        if session.turns.turn_open:
+            payload = json.dumps({"status": "interrupted", "forced": True,
+                                  "reason": reason}).encode()
+            session.turns.end_turn("interrupted", hub.append_event(EventKind.TURN_END, payload))
+        hub.close()
+        handle = session.exec_handle
+        if handle is not None and handle.running:  # an agent no one can drive any more
+            signal_command(handle.process, signal.SIGKILL)
+        session.exec_handle = None
+        session.turns.exit(-signal.SIGKILL, f"not restored: {reason}")
+        session.ended.set()
+        self._audit_restore(session.tenant, session.sandbox_id, session.id, reason)
+        if self.live_restore is not None:
+            self.live_restore.forget_session(session.sandbox_id, session.id, session.kept)
+        msb = self.sandboxes._sandboxes.get(session.sandbox_id)
+        if session.owns_sandbox and msb is not None:
+            self._destroy_later(msb, "its session could not be restored")
+
+    def _audit_restore(self, tenant: str, sandbox_id: str, session_id: str,
+                       reason: str) -> None:
+        log.warning("session %s of sandbox %s not restored: %s", session_id, sandbox_id, reason)
+        self.audit.append("session.restore", tenant=tenant, peer="daemon",
+                          sandbox_id=sandbox_id, session_id=session_id,
+                          detail={"restored": False, "reason": reason})
+
+    def _destroy_later(self, msb, reason: str) -> None:
+        async def destroy() -> None:
+            with contextlib.suppress(Exception):
+                await self.sandboxes._destroy(msb, reason, msb.tenant, "daemon")
+
+        asyncio.get_running_loop().create_task(destroy())
 
     # -- internals ------------------------------------------------------------------------
 
@@ -393,6 +535,8 @@ class SessionManager:
             session._interrupt_timer.cancel()
             session._interrupt_timer = None
         session.turns.end_turn(status, seq)
+        if session.kept is not None:
+            session.kept.write_turns(session.turns.turn, "between_turns", seq)
 
     def _force_turn_end(self, session: Session, status: str) -> None:
         session._interrupt_timer = None
@@ -421,6 +565,8 @@ class SessionManager:
         session.control.close()
         exited = session.turns.exit(handle.returncode, handle.reason)
         session.ended.set()
+        if session.kept is not None and self.live_restore is not None:
+            self.live_restore.forget_session(session.sandbox_id, session.id, session.kept)
         self.audit.append("session.exit", tenant=session.tenant, peer="daemon",
                           sandbox_id=session.sandbox_id, session_id=session.id,
                           detail={"returncode": handle.returncode, "reason": exited.reason})
@@ -486,3 +632,40 @@ class SessionManager:
                             await self.delegations.session_closing(
                                 Caller(session.tenant, "daemon"), session.id, detach=False)
                     await self._end(session, "idle")
+
+
+def _restored_turns(saved: dict, events: list[tuple[int, int, bytes]]) -> SessionTurns:
+    """The turn state turns.json kept, brought up to date with the log: a TURN_END entry
+    after its last change (the daemon died before it wrote the change) ends that turn."""
+    turns = SessionTurns()
+    turns.turn = int(saved.get("turn", 1))
+    turns.phase = Phase(saved.get("phase", Phase.IN_TURN.value))
+    if turns.phase is Phase.EXITED:  # never written: an exit ends the journal
+        turns.phase = Phase.BETWEEN_TURNS
+    changed_at = int(saved.get("seq", 0))
+    if turns.turn_open and any(seq > changed_at and kind == EventKind.TURN_END
+                               for seq, kind, _ in events):
+        turns.phase = Phase.BETWEEN_TURNS
+    return turns
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _closed_control() -> ControlWriter:
+    """A control writer whose pipe is already gone (a session ended at restore)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.close(r)
+    control = ControlWriter(w)
+    control.close()
+    return control
+
+
+class _NoJournal:
+    """The journal of a session whose directory is gone: nothing to remove."""
+
+    def remove(self) -> None:
+        pass

@@ -81,6 +81,8 @@ from corral.ext import agent as protocol
 from corral.ext._stream_py import ENTRY_OVERHEAD
 from corral.sandbox.errors import ControlClosed, ControlQueueFull, InvalidSpec
 
+from .journal import EVENT_BASE, FEED, JournalError
+
 if TYPE_CHECKING:
     from corral.ext._stream_py import StreamEvent, StreamStatistics, TokenStream
 
@@ -367,23 +369,29 @@ class StreamHub:
             The rest of the log keeps entries already taken, for a watcher that drops and
             resumes: make it larger than what a client can have in flight (its HTTP/2
             receive window and socket buffers). One read takes at most half of the hold.
+        journal: live restore's on-disk window of this stream (runtime/journal.py): each
+            read goes through it (splice into the journal, then into the core), so a
+            restarted daemon rebuilds the log with `restore_log`. None (the default): the
+            read path is the plain one, with no extra system call.
     """
 
     def __init__(self, stream: TokenStream, *,
                  on_event: Callable[[StreamEvent], None] | None = None,
                  read_budget: int | None = None, end_on_eof: bool = True,
-                 lossless: bool = False, hold_bytes: int | None = None) -> None:
+                 lossless: bool = False, hold_bytes: int | None = None,
+                 journal: Any = None) -> None:
         if read_budget is None:
             twin = type(stream).__module__.endswith("._stream_py")
             read_budget = TWIN_READ_BUDGET if twin else DEFAULT_READ_BUDGET
         if read_budget < 1:
             raise ValueError(f"read_budget must be at least 1 byte, got {read_budget}")
         self._lossless = lossless
+        self._hold_limit = 0
         if lossless:
             stats = stream.statistics()
             if stats.mode != "bytes":
                 raise ValueError(f"a lossless hub needs a bytes-mode stream, not {stats.mode!r}")
-            if stats.next_seq != 1:
+            if stats.next_seq != stats.first_seq or stats.first_seq != stream.first_seq:
                 raise ValueError("a lossless hub needs a stream nothing was fed to yet")
             limit = stats.log_bytes_limit
             hold = limit // 4 if hold_bytes is None else hold_bytes
@@ -404,9 +412,12 @@ class StreamHub:
         # _costs[_cost_head + i]; kept for the entries the log still holds (lossless only)
         self._costs: list[int] = [0]
         self._cost_head = 0
-        self._cost_seq = 1
+        self._cost_seq = stream.first_seq
         self._held: set[Any] = set()  # cursors of the watchers that hold the program back
-        self._low_seq = 1  # where the last of them left off, while there is none
+        self._low_seq = stream.first_seq  # where the last of them left off, while there is none
+        self._journal = journal
+        if journal is not None:
+            journal.bind(stream)
         self._stream = stream
         self._on_event = on_event
         self._read_budget = read_budget
@@ -468,11 +479,19 @@ class StreamHub:
         self._owns_fd = owns_fd
         buf, self._view = _read_buffer(self._read_budget)
         self._bufs = (buf,)
+        if self._lossless and (self._untaken() + self._read_budget + ENTRY_OVERHEAD
+                               > self._hold_limit):  # a restored log already holds enough
+            self._paused = True
+            self._pauses += 1
+            return
         self._start_reading()
 
     def _start_reading(self) -> None:
         loop, fd = self._loop, self._fd
         assert loop is not None and fd is not None
+        if self._journal is not None:  # every read goes through the journal first
+            loop.add_reader(fd, self._on_readable_journaled)
+            return
         reactor = _reactor_for(loop, self._stream, self._read_budget)
         if reactor is not None:
             reactor.add(fd, self, self._stream.feed)
@@ -494,6 +513,14 @@ class StreamHub:
     def _record_read(self, n: int, appended: int) -> None:
         """Account a read's entry (bytes mode: one per read) and stop reading when the
         untaken entries fill the held half of the log."""
+        self._record_cost(n, appended)
+        if not self._paused and (self._untaken() + self._read_budget + ENTRY_OVERHEAD
+                                 > self._hold_limit):
+            self._paused = True
+            self._pauses += 1
+            self._stop_reading()
+
+    def _record_cost(self, n: int, appended: int) -> None:
         costs = self._costs
         if appended:
             costs.append(costs[-1] + n + ENTRY_OVERHEAD)
@@ -505,11 +532,6 @@ class StreamHub:
                 if self._cost_head > 1024 and self._cost_head * 2 > len(costs):
                     del costs[:self._cost_head]
                     self._cost_head = 0
-        if not self._paused and (self._untaken() + self._read_budget + ENTRY_OVERHEAD
-                                 > self._hold_limit):
-            self._paused = True
-            self._pauses += 1
-            self._stop_reading()
 
     def _untaken(self) -> int:
         """Log cost of the entries the slowest holding watcher has not taken."""
@@ -603,6 +625,81 @@ class StreamHub:
             return
         self._after_read(n, self._stream.feed(self._view[:n]))
 
+    def _on_readable_journaled(self) -> None:
+        # _on_readable with the journal in between (live restore): the bytes leave the pipe
+        # for the journal in one splice(2), then come back into the shared buffer
+        fd = self._fd
+        if fd is None:
+            return
+        self._readable_events += 1
+        if self._stream.failed:  # framing is lost: what comes is dropped, not journaled
+            self._journal.close()
+            self._journal = None
+            self._stop_reading()
+            self._start_reading()
+            return
+        try:
+            n = self._journal.read_from(fd, self._view, self._stream.next_seq)
+        except BlockingIOError:
+            return
+        except JournalError as exc:  # tmpfs full: go on without it (the log is intact)
+            self._lose_journal(exc)
+            return
+        except OSError as exc:
+            self._end_input(exc)
+            return
+        self._read_calls += 1
+        if n == 0:
+            self._end_input(None)
+            return
+        self._after_read(n, self._stream.feed(self._view[:n]))
+
+    def _lose_journal(self, exc: Exception) -> None:
+        """The journal failed: this stream will not survive a restart; reading goes on."""
+        loop = self._loop or asyncio.get_running_loop()
+        loop.call_exception_handler({"message": "live restore: a stream's journal failed; "
+                                                "it will not survive a restart",
+                                     "exception": exc, "hub": self})
+        self._journal.remove()
+        self._journal = None
+        if self._fd is not None and not self._paused:
+            loop.remove_reader(self._fd)
+            self._start_reading()
+
+    journal = _read_only("_journal", "Live restore's on-disk window of the stream, or None.")
+    hold_limit = _read_only("_hold_limit", "A lossless hub's hold_bytes; 0 for another hub.")
+
+    def restore_log(self, records: list[tuple[int, bytes]]) -> list[tuple[int, int, bytes]]:
+        """Feed a journal's records (runtime/journal.py Loaded.records) to a hub nothing
+        was fed to or attached yet: the log comes back with the seqs it had. Returns
+        (seq, kind, payload) of its non-token entries, in order, for the caller's
+        bookkeeping (on_event is not called: they were handled before the restart);
+        watchers are not woken.
+
+        Raises:
+            RuntimeError: the hub already read or was fed.
+        """
+        if self._fd is not None or self._eof or self._entries:
+            raise RuntimeError("restore_log() needs a hub nothing was fed to yet")
+        stream = self._stream
+        events: list[tuple[int, int, bytes]] = []
+        for kind, data in records:
+            if kind == FEED:
+                appended = stream.feed(data)
+                if self._lossless:
+                    self._record_cost(len(data), appended)
+                event = stream.next_event()
+                while event is not None:
+                    events.append((event.seq, int(event.kind), event.payload))
+                    event = stream.next_event()
+            else:
+                seq = stream.append_event(kind - EVENT_BASE, data)
+                if kind - EVENT_BASE != protocol.TOKEN:
+                    events.append((seq, kind - EVENT_BASE, data))
+                appended = 1
+            self._entries += appended
+        return events
+
     def _dispatch_events(self) -> None:
         next_event = self._stream.next_event
         event = next_event()
@@ -620,6 +717,8 @@ class StreamHub:
             event = next_event()
 
     def _detach(self) -> None:
+        if self._journal is not None:  # nothing more to write; its files stay
+            self._journal.close()
         fd = self._fd
         if fd is None:
             return
@@ -660,6 +759,11 @@ class StreamHub:
             raise RuntimeError(
                 "append_event() after the hub ended: its watchers may already have finished; "
                 "use end_on_eof=False to add final events after EOF")
+        if self._journal is not None:  # first: a kill after it leaves the entry unseen
+            try:
+                self._journal.append_event(kind, payload, self._stream.next_seq)
+            except JournalError as exc:
+                self._lose_journal(exc)
         seq = self._stream.append_event(kind, payload)
         self._entries += 1
         if self._waiting or self._filling or self._notify:

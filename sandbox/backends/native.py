@@ -38,7 +38,7 @@ from ..errors import (
 from ..procinfo import live_start_time
 from ..spec import SandboxSpec
 from ..workspace import CLONING, WRITE_CLONE
-from .base import DEVNULL, PIPE, CompletedRun, ExitReason, SandboxLifecycle
+from .base import DEVNULL, PIPE, CommandClock, CompletedRun, ExitReason, SandboxLifecycle
 
 __all__ = ["DEVNULL", "PIPE", "CompletedRun", "ExitReason", "Process", "Sandbox", "sweep",
            "sweep_for_this_process"]
@@ -108,7 +108,7 @@ def _secret_set(spec: SandboxSpec, values):
     return SecretSet(spec.secrets, values or {})
 
 
-class Process:
+class Process(CommandClock):
     """A command running in a sandbox.
 
     Its parent is the sandbox's PID 1, which reaps it and reports its wait status on the
@@ -124,12 +124,7 @@ class Process:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        self.started = time.monotonic()
-        self.deadline = self.started + timeout_s if timeout_s else None
-        self.returncode: int | None = None
-        self.reason: ExitReason | None = None
-        #: Called (with this Process) once it has ended, from whichever thread noticed.
-        self.on_exit = None
+        self._start_clock(timeout_s)
         try:
             self.pidfd = os.pidfd_open(pid) if pid else -1
         except ProcessLookupError:  # it already ended; its status is on the way
@@ -954,6 +949,19 @@ class Sandbox(SandboxLifecycle):
         sb.state = "running"
         sb._write_state()  # this process is its creator now (sweep leaves it alone)
         return sb
+
+    def adopt_command(self, pid: int, ns_pid: int, argv: list[str],
+                      timeout_s: float | None = None) -> Process:
+        """A command that the process that started this sandbox ran, as a Process of this
+        one (live restore): its exit report, read already or still to come, ends it.
+
+        Args:
+            pid: its host pid, 0 when it is gone or its number may name another process.
+            timeout_s: what is left of its wall-clock limit; None: none.
+        """
+        proc = Process(self, pid, ns_pid, list(argv), None, None, None, timeout_s=timeout_s)
+        self._track(proc, 0)  # every report this object read came after its start
+        return proc
 
     @property
     def seccomp_digest(self) -> str:

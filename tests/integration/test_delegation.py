@@ -325,9 +325,10 @@ def _ledger(client, sandbox_id: str, task_id: str) -> list[str]:
 def test_a_crash_between_task_done_and_its_commit_tells_the_agent_once(make_daemon,
                                                                          monkeypatch):
     """The daemon SIGKILLs itself (DELIVERY_FAULT_ENV) after writing TASK_DONE to the
-    agent's pipe, before storing `delivered`. Restarted (live restore keeps the sandbox),
-    it tells the taking-over session again; the agent helper drops the repeat by its
-    marker in the workspace, and the delivery is stored this time."""
+    agent's pipe, before storing `delivered`. Restarted (live restore keeps the sandbox and
+    the session, with its id, so the task's link holds), it tells the restored session
+    again; the agent helper drops the repeat by its marker in the workspace, and the
+    delivery is stored this time."""
     from corral.runtime.tasks.delegation import DELIVERY_FAULT_ENV
 
     monkeypatch.setenv(DELIVERY_FAULT_ENV, "after_done_sent")
@@ -338,23 +339,23 @@ def test_a_crash_between_task_done_and_its_commit_tells_the_agent_once(make_daem
         _delegate(rec, "quick", _task_spec(2, 0.05))
         task_id = _first(rec, event="accepted", ref="quick")["task_id"]
         assert d.proc.wait(timeout=90) == -9  # the fault point's SIGKILL
+        rec.join()
         monkeypatch.delenv(DELIVERY_FAULT_ENV)
         d.start()
         client = d.client()
         deadline = time.monotonic() + 30
         while "done" not in _ledger(client, sb, task_id) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the old agent read the TASK_DONE written before the kill
+            time.sleep(0.05)  # the agent read the TASK_DONE written before the kill
         assert _ledger(client, sb, task_id).count("done") == 1
         assert client.read_file(sb, f".corral/told/{task_id}") == b""
-        req = session_pb2.SessionRequest(start=session_pb2.SessionStart(
-            argv=DELEGATOR, sandbox_id=sb, delegations_from=rec.session_id))
-        new = SessionRecorder(SessionStream(client.sessions, req, client.metadata))
+        new = SessionRecorder(client.resume_session(rec.session_id, after_seq=rec.last_seq))
         new.wait_for(lambda r: any(e.event == "done" and e.task_id == task_id
                                    for e in _watched(r)), 60, what="the task's end, again")
         new.stream.send_input(json.dumps({"do": "echo", "text": "after"}))
         new.wait_for(lambda r: "echo:after" in r.tokens(), 20, what="the echo")
         assert _ledger(client, sb, task_id).count("done") == 1  # the repeat was dropped
-        assert not [m for m in _told(new) if m.get("task_id") == task_id]
+        assert [m["event"] for m in _told(rec) + _told(new)
+                if m.get("task_id") == task_id].count("done") == 1
         new.stream.close_session()
         new.join()
     finally:
