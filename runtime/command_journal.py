@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 from corral.sandbox.procinfo import live_start_time
 
-from .journal import JournalError, Loaded, OutputJournal
+from .journal import JournalError, Loaded, OutputJournal, write_json
 
 #: The directory of a sandbox's command journals, in its runtime directory.
 JOURNAL_DIR = "journal"
@@ -57,13 +57,6 @@ class CommandRecord:
     hold_bytes: int  # 0 for a hub that is not lossless
 
 
-def _write_json(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-
-
 class CommandJournal:
     """One command's directory (module docstring)."""
 
@@ -79,11 +72,11 @@ class CommandJournal:
         return cls(os.path.join(sandbox_runtime_dir, JOURNAL_DIR, exec_id), log_bytes)
 
     def write_record(self, record: CommandRecord) -> None:
-        _write_json(os.path.join(self.directory, COMMAND_FILE), asdict(record))
+        write_json(os.path.join(self.directory, COMMAND_FILE), asdict(record))
 
     def write_exit(self, returncode: int, reason: str, duration_s: float) -> None:
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to keep
-            _write_json(os.path.join(self.directory, EXIT_FILE), {
+            write_json(os.path.join(self.directory, EXIT_FILE), {
                 "returncode": returncode, "reason": reason, "duration_s": duration_s})
 
     def remove(self) -> None:

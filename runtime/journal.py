@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import struct
@@ -61,6 +62,15 @@ assert HEADER.size == ENTRY_OVERHEAD  # a record costs what its log entry costs
 class JournalError(Exception):
     """A journal could not be written or read back; the message names the file."""
 
+
+
+def write_json(path: str, value: dict) -> None:
+    """Replace path with value as JSON, whole or not at all (a temp file renamed over it):
+    a record beside a journal that a SIGKILL cannot leave half written."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
 
 @dataclass
 class Loaded:

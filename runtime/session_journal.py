@@ -21,19 +21,12 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from .journal import JournalError, Loaded, OutputJournal
+from .journal import JournalError, Loaded, OutputJournal, write_json
 
 #: The directory of a sandbox's session journals, in its runtime directory.
 SESSIONS_DIR = "sessions"
 SESSION_FILE = "session.json"
 TURNS_FILE = "turns.json"
-
-
-def _write_json(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
 
 
 class SessionJournal:
@@ -50,12 +43,12 @@ class SessionJournal:
         return cls(os.path.join(sandbox_runtime_dir, SESSIONS_DIR, session_id), log_bytes)
 
     def write_record(self, record: dict) -> None:
-        _write_json(os.path.join(self.directory, SESSION_FILE), record)
+        write_json(os.path.join(self.directory, SESSION_FILE), record)
 
     def write_turns(self, turn: int, phase: str, seq: int) -> None:
         """The turn state after a change at entry seq (on the loop: a small tmpfs file)."""
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile: it has ended
-            _write_json(os.path.join(self.directory, TURNS_FILE),
+            write_json(os.path.join(self.directory, TURNS_FILE),
                         {"turn": turn, "phase": phase, "seq": seq})
 
     def remove(self) -> None:
