@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 from corral.sandbox.procinfo import live_start_time
 
-from .journal import JournalError, Loaded, OutputJournal, write_json
+from .journal import Loaded, OutputJournal, load_each, write_json
 
 #: The directory of a sandbox's command journals, in its runtime directory.
 JOURNAL_DIR = "journal"
@@ -95,32 +95,23 @@ class LoadedCommand:
     exit: dict | None
 
 
+def _load_command(directory: str) -> LoadedCommand:
+    with open(os.path.join(directory, COMMAND_FILE)) as f:
+        record = CommandRecord(**json.load(f))
+    journal = CommandJournal(directory, record.log_bytes)
+    logs = {out: journal.outputs[out].load() for out in OUTPUTS}
+    exit_ = None
+    with contextlib.suppress(FileNotFoundError):
+        with open(os.path.join(directory, EXIT_FILE)) as f:
+            exit_ = json.load(f)
+    return LoadedCommand(record, journal, logs, exit_)
+
+
 def load_commands(sandbox_runtime_dir: str) -> tuple[list[LoadedCommand], list[str]]:
     """The commands whose journals a sandbox's runtime directory holds, oldest first, and
     the problems met (a directory that cannot be read back is removed and named)."""
-    base = os.path.join(sandbox_runtime_dir, JOURNAL_DIR)
-    try:
-        names = os.listdir(base)
-    except FileNotFoundError:
-        return [], []
-    found, problems = [], []
-    for name in names:
-        directory = os.path.join(base, name)
-        try:
-            with open(os.path.join(directory, COMMAND_FILE)) as f:
-                fields = json.load(f)
-            record = CommandRecord(**fields)
-            journal = CommandJournal(directory, record.log_bytes)
-            logs = {out: journal.outputs[out].load() for out in OUTPUTS}
-            exit_ = None
-            with contextlib.suppress(FileNotFoundError):
-                with open(os.path.join(directory, EXIT_FILE)) as f:
-                    exit_ = json.load(f)
-        except (OSError, ValueError, TypeError, JournalError) as exc:
-            problems.append(f"{name}: {exc}")
-            shutil.rmtree(directory, ignore_errors=True)
-            continue
-        found.append(LoadedCommand(record, journal, logs, exit_))
+    found, problems = load_each(os.path.join(sandbox_runtime_dir, JOURNAL_DIR),
+                                _load_command, "{name}: {error}")
     found.sort(key=lambda c: c.record.started_wall)
     return found, problems
 

@@ -72,6 +72,25 @@ def write_json(path: str, value: dict) -> None:
         json.dump(value, f)
     os.replace(tmp, path)
 
+
+def load_each(base: str, load_one, problem: str) -> tuple[list, list[str]]:
+    """What load_one(directory) gives for each directory under base (none when base does
+    not exist), and the problems met: a directory that cannot be read back is removed and
+    named as problem.format(name=..., error=...)."""
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return [], []
+    found, problems = [], []
+    for name in names:
+        directory = os.path.join(base, name)
+        try:
+            found.append(load_one(directory))
+        except (OSError, ValueError, TypeError, KeyError, JournalError) as exc:
+            problems.append(problem.format(name=name, error=exc))
+            shutil.rmtree(directory, ignore_errors=True)
+    return found, problems
+
 @dataclass
 class Loaded:
     """What `OutputJournal.load` found: from first_seq on, in order, (FEED, input to feed)

@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from .journal import JournalError, Loaded, OutputJournal, write_json
+from .journal import Loaded, OutputJournal, load_each, write_json
 
 #: The directory of a sandbox's session journals, in its runtime directory.
 SESSIONS_DIR = "sessions"
@@ -66,30 +66,22 @@ class LoadedSession:
     log: Loaded | None
 
 
+def _load_session(directory: str) -> LoadedSession:
+    with open(os.path.join(directory, SESSION_FILE)) as f:
+        record = json.load(f)
+    turns = {"turn": 1, "phase": "in_turn", "seq": 0}
+    with contextlib.suppress(FileNotFoundError):
+        with open(os.path.join(directory, TURNS_FILE)) as f:
+            turns = json.load(f)
+    journal = SessionJournal(directory, int(record["log_bytes"]))
+    return LoadedSession(record, turns, journal, journal.events.load())
+
+
 def load_sessions(sandbox_runtime_dir: str) -> tuple[list[LoadedSession], list[str]]:
     """The sessions whose journals a sandbox's runtime directory holds, oldest first, and
     the problems met (session id: why; such a directory is removed)."""
-    base = os.path.join(sandbox_runtime_dir, SESSIONS_DIR)
-    try:
-        names = os.listdir(base)
-    except FileNotFoundError:
-        return [], []
-    found, problems = [], []
-    for name in names:
-        directory = os.path.join(base, name)
-        try:
-            with open(os.path.join(directory, SESSION_FILE)) as f:
-                record = json.load(f)
-            turns = {"turn": 1, "phase": "in_turn", "seq": 0}
-            with contextlib.suppress(FileNotFoundError):
-                with open(os.path.join(directory, TURNS_FILE)) as f:
-                    turns = json.load(f)
-            journal = SessionJournal(directory, int(record["log_bytes"]))
-            log = journal.events.load()
-        except (OSError, ValueError, TypeError, KeyError, JournalError) as exc:
-            problems.append(f"{name}: its journal cannot be read back ({exc})")
-            shutil.rmtree(directory, ignore_errors=True)
-            continue
-        found.append(LoadedSession(record, turns, journal, log))
+    found, problems = load_each(os.path.join(sandbox_runtime_dir, SESSIONS_DIR),
+                                _load_session,
+                                "{name}: its journal cannot be read back ({error})")
     found.sort(key=lambda s: s.record.get("created_at", 0.0))
     return found, problems
