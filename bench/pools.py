@@ -9,11 +9,16 @@ corral_sandbox_create_seconds histogram's sum across that one call (scraped befo
 after, outside the timed region). After each round both sandboxes are destroyed and the
 bench waits for the pool's refill, so no fill runs while a Create is timed.
 
-  bench/pools.py [--pool-iterations N] [--pool-warmup N] [--quick] [--json]
+  bench/pools.py [--pool-iterations N] [--pool-warmup N] [--secrets] [--quick] [--json]
 
 Keys: pool_create_ms_p50, cold_create_ms_p50 (client), pool_create_daemon_ms_p50,
 cold_create_daemon_ms_p50 (daemon), their p99, and ratio_cold_vs_pool_p50. Target: a pool
 hit <= 1 ms p50 at the daemon. bench/spawn.py --pools adds the same keys to its object.
+
+--secrets: the pool is of egress class "secrets" and every Create binds a secret from the
+daemon's store (both tenants have it), so a hit also reads the secret, makes the sandbox's
+CA, puts it in its trust directory and rebinds its egress link; the keys are then
+pool_secret_create_* and cold_secret_create_* (ratio_cold_vs_pool_secret_p50).
 """
 
 from __future__ import annotations
@@ -36,8 +41,12 @@ SIZES = {
 }
 #: The pool's class, as a Create asks for it.
 SPEC = {"memory_bytes": 128 << 20, "pids_max": 64, "tmp_bytes": 8 << 20, "cpus": 1.0}
+#: --secrets: the binding every Create asks for, and the value both tenants' stores hold.
+SECRET = {"secrets": [{"name": "BENCH_TOKEN", "hosts": ["api.example.com"]}]}
+SECRET_VALUE = "bench-" + "0" * 32
 CONFIG = """
 pool_refill_per_s = 50
+{secrets}
 [tenants.pooled]
 [tenants.cold]
 [pools.bench]
@@ -47,6 +56,7 @@ pids = 64
 tmp = "8M"
 cpus = 1
 tenants = ["pooled"]
+egress = "{egress}"
 """
 #: Seconds the bench waits for the pool to refill before it gives up.
 REFILL_WAIT_S = 60.0
@@ -97,24 +107,40 @@ class _Records:
             time.sleep(0.01)
 
 
-def _timed_create(client, port: int) -> tuple[str, float, float]:
+def _timed_create(client, port: int, spec: dict) -> tuple[str, float, float]:
     """(sandbox id, client ms, daemon ms) of one Create."""
     before = _create_seconds_sum(port)
     t0 = time.perf_counter()
-    sandbox = client.create_sandbox(**SPEC)
+    sandbox = client.create_sandbox(**spec)
     client_ms = (time.perf_counter() - t0) * 1e3
     return sandbox.id, client_ms, (_create_seconds_sum(port) - before) * 1e3
 
 
-def pool_columns(iterations: int, warmup: int) -> dict:
+def _config(root: str, secrets: bool) -> str:
+    """The daemon's config file (and, for --secrets, its store with both tenants' value)."""
+    section = ""
+    if secrets:
+        store = os.path.join(root, "secrets")
+        for tenant in ("pooled", "cold"):
+            os.makedirs(os.path.join(store, tenant))
+            path = os.path.join(store, tenant, SECRET["secrets"][0]["name"])
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(SECRET_VALUE)
+        section = f'[secrets]\ndir = "{store}"'
+    config = os.path.join(root, "corral.toml")
+    with open(config, "w") as f:
+        f.write(CONFIG.format(secrets=section, egress="secrets" if secrets else "none"))
+    os.chmod(config, 0o600)
+    return config
+
+
+def pool_columns(iterations: int, warmup: int, secrets: bool = False) -> dict:
     """The pool keys (module docstring), from a daemon of the bench's own."""
     from corral.runtime.client import Client
 
     root = tempfile.mkdtemp(prefix="corral-bench-pools-")
-    config = os.path.join(root, "corral.toml")
-    with open(config, "w") as f:
-        f.write(CONFIG)
-    os.chmod(config, 0o600)
+    config = _config(root, secrets)
+    spec = {**SPEC, **SECRET} if secrets else SPEC
     proc, socket = harness.start_daemon(root, "--config", config, "--metrics", "127.0.0.1:0")
     records = _Records(os.path.join(root, "state"))
     times: dict[str, list[float]] = {k: [] for k in ("pool", "cold", "pool_d", "cold_d")}
@@ -129,7 +155,7 @@ def pool_columns(iterations: int, warmup: int) -> dict:
             order = ("pool", "cold") if i % 2 == 0 else ("cold", "pool")
             made = []
             for kind in order:
-                sandbox_id, client_ms, daemon_ms = _timed_create(clients[kind], port)
+                sandbox_id, client_ms, daemon_ms = _timed_create(clients[kind], port, spec)
                 made.append((kind, sandbox_id))
                 if i >= warmup:
                     times[kind].append(client_ms)
@@ -148,13 +174,14 @@ def pool_columns(iterations: int, warmup: int) -> dict:
     if hits != warmup + iterations:
         raise RuntimeError(f"{hits} pool hits recorded for {warmup + iterations} rounds")
     result = {}
-    for kind, name in (("pool", "pool_create"), ("cold", "cold_create")):
+    tag = "_secret" if secrets else ""
+    for kind, name in (("pool", f"pool{tag}_create"), ("cold", f"cold{tag}_create")):
         result[f"{name}_ms_p50"] = round(statistics.median(times[kind]), 3)
         result[f"{name}_ms_p99"] = _p(times[kind], 99)
         result[f"{name}_daemon_ms_p50"] = round(statistics.median(times[kind + "_d"]), 3)
         result[f"{name}_daemon_ms_p99"] = _p(times[kind + "_d"], 99)
-    result["ratio_cold_vs_pool_p50"] = round(result["cold_create_ms_p50"]
-                                             / result["pool_create_ms_p50"], 1)
+    result[f"ratio_cold_vs_pool{tag}_p50"] = round(result[f"cold{tag}_create_ms_p50"]
+                                                   / result[f"pool{tag}_create_ms_p50"], 1)
     result["pool_iterations"] = iterations
     return result
 
@@ -162,13 +189,16 @@ def pool_columns(iterations: int, warmup: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_sizes(parser, SIZES)
+    parser.add_argument("--secrets", action="store_true",
+                        help="a pool of egress class secrets; every Create binds a secret")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     harness.apply_quick(args, SIZES)
     harness.require_root("the daemon makes sandboxes")
     if args.pool_iterations < 1 or args.pool_warmup < 0:
         parser.error("--pool-iterations must be at least 1, --pool-warmup at least 0")
-    harness.emit(pool_columns(args.pool_iterations, args.pool_warmup), args.json)
+    harness.emit(pool_columns(args.pool_iterations, args.pool_warmup, args.secrets),
+                 args.json)
     return 0
 
 

@@ -92,7 +92,8 @@ class DaemonConfig:
     #: [secrets.tenants.NAME] NAME = {file = PATH} or {value = "..."}.
     secrets: dict = field(default_factory=dict)
     #: [pools.NAME]: warm pools (runtime/pools.py): size, backend, image, cpus, memory,
-    #: pids, tmp, ttl, profile, tenants; a Create of exactly that class takes a ready one.
+    #: pids, tmp, ttl, profile, tenants, egress ("none", "allow_net" or "secrets": the
+    #: requests' egress it serves); a Create of exactly that class takes a ready one.
     pools: dict = field(default_factory=dict)
     #: Bytes of unpacked layers the daemon's image store may hold (runtime/images.py): over
     #: it, after each pull and every 5 minutes, the least recently used images no sandbox

@@ -234,7 +234,7 @@ class Daemon:
         server.add_generic_rpc_handlers((
             generic_handler(sandboxes_desc, SandboxesServicer(self),
                             streaming_bytes=frozenset({"Exec", "Attach", "Download",
-                                                       "GetArchive"})),
+                                                       "GetArchive", "List"})),
             generic_handler(sessions_desc, SessionsServicer(self),
                             streaming_bytes=frozenset({"Open", "OpenMany"})),
             generic_handler(audit_desc, AuditServicer(self)),

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import itertools
 import re
+import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -39,11 +40,29 @@ MAX_PAGE_SIZE = 1000
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _PREFIX_RE = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,80}$")
+#: What a quoted key may show as itself inside `["..."]`; every other character is escaped.
+_QUOTABLE = frozenset(string.ascii_letters + string.digits + " ._/-+=@,;!?()")
 
 
 def _shown(text: str) -> str:
     """A key as an error message names it: cut, so that a huge key stays a short message."""
     return text if len(text) <= 80 else text[:80] + "..."
+
+
+def key_path(field: str, key: str) -> str:
+    """The field path of a label key in an error message: `labels.team` for a key written
+    with the characters keys may have, else `labels["..."]` with every other character (a
+    quote, a colon, a bracket, a newline) escaped as \\xNN or \\uNNNN, so that
+    no key can put text into the `field.path: problem` shape of the message."""
+    if _PLAIN_KEY_RE.match(key):
+        return f"{field}.{key}"
+    cut, more = (key[:80], "...") if len(key) > 80 else (key, "")
+    quoted = "".join(c if c in _QUOTABLE else
+                     (f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                      f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+                     for c in cut)
+    return f'{field}["{quoted}{more}"]'
 
 
 def key_problem(key: str) -> str | None:
@@ -78,7 +97,7 @@ def check_labels(labels: Mapping[str, str], field: str = "labels") -> dict[str, 
     for key in sorted(labels):
         problem = key_problem(key) or value_problem(labels[key])
         if problem:
-            raise InvalidSpec(f"{field}.{_shown(key)}", problem)
+            raise InvalidSpec(key_path(field, key), problem)
     return dict(labels)
 
 

@@ -7,17 +7,31 @@ caller can name) and is invisible to every List and Get.
 
 The match (`PoolSpec.serves`) is exact. A request is served by a pool when
 - its tenant is one of the pool's `tenants` (empty: every tenant);
-- its SandboxSpec equals the pool's class in every field but three: `env`, applied to
+- its SandboxSpec equals the pool's class in every field but these: `env`, applied to
   each command at acquire time (the sandbox's spec takes the request's env, and its policy
   digest is computed again); `workspace`, a host directory mounted at acquire over the
   sandbox's /workspace, idmapped to its root as a cold create does
-  (sandbox/live_mounts.py); and `labels`. So profile, limits (memory, pids, cpus, tmp,
-  nofile, fsize, command timeout), backend, image, hostname, uid range and every other
-  source of state must be the class's, and a request with workspace_cow, a snapshot,
-  binds, devices, allow_net or secrets is never a match and is created cold: those are
-  set up before PID 1 runs (the egress proxy and its CA trust are per sandbox from birth,
-  overlays and binds are built before the mount namespace is sealed). A host workspace on
-  a pool whose profile is "unconfined" goes cold too (and is refused there, with why);
+  (sandbox/live_mounts.py); `labels`; and, on a pool with `egress`, `allow_net` and
+  `secrets` (below). So profile, limits (memory, pids, cpus, tmp, nofile, fsize, command
+  timeout), backend, image, hostname, uid range and every other source of state must be
+  the class's, and a request with workspace_cow, a snapshot, binds or devices is never a
+  match and is created cold: overlays and binds are built before the mount namespace is
+  sealed. A host workspace on a pool whose profile is "unconfined" goes cold too (and is
+  refused there, with why);
+- its egress is the pool's `egress` class: "none" (the default) serves requests without
+  allow_net and secrets, "allow_net" those with allow_net and no secrets, "secrets" those
+  with secrets (and any allow_net). What of egress is fixed before PID 1 runs is the
+  class's, so it is made at the fill as a cold create of the class makes it: the
+  generated /etc/resolv.conf names the egress resolver, the egress link (veth and
+  steering, sandbox/net.py) is made and registered with the proxy, and for "secrets" a
+  trust directory is bound read-only over /etc/ssl/certs. Until acquire the link's only
+  rule is BIRTH_RULE, a name that never resolves, and a "secrets" sandbox's trust holds a
+  CA of its own for no real host (BIRTH_SECRET). At acquire the request's secrets are
+  read from the store for its tenant (a SecretSet: placeholders and a CA made now), the
+  CA replaces the birth CA in the trust directory, and the proxy serves the link under
+  the request's rules, secrets and tenant (EgressProxy.rebind); commands then get the
+  placeholders and the proxy variables from the sandbox's spec, as a cold one's do. A
+  request whose secrets cannot be read goes cold (which reports why);
 - its TTL is no longer than the pool's `ttl`: the sandbox's clock starts at acquire.
 The tenant, labels, TTL, owning session and (through create_once) request_id are set at
 acquire; the Create is audited as `sandbox.create` with `pool=NAME` in its detail. The
@@ -47,7 +61,7 @@ from dataclasses import dataclass
 
 from corral.sandbox import SandboxSpec
 from corral.sandbox.errors import CorralError, InvalidSpec
-from corral.sandbox.spec import parse_duration, parse_size
+from corral.sandbox.spec import SecretBinding, parse_duration, parse_size
 from corral.sandbox.workspace import Workspace
 
 from .auth import Caller
@@ -64,7 +78,18 @@ BACKOFF_S = 0.05
 MAX_FAILURE_WAIT_S = 60.0
 #: Keys of a [pools.NAME] table.
 POOL_KEYS = ("size", "backend", "image", "cpus", "memory", "pids", "tmp", "ttl", "profile",
-             "tenants")
+             "tenants", "egress")
+#: A pool's egress classes: the requests it serves have no egress, allow_net only, or
+#: secrets (module docstring).
+POOL_EGRESS = ("none", "allow_net", "secrets")
+#: The rule a ready sandbox of an egress pool is born linked under: a name in .invalid,
+#: which never resolves (RFC 6761), so the link reaches nothing until acquire.
+BIRTH_HOST = "pool.invalid"
+BIRTH_RULE = f"{BIRTH_HOST}:1"
+#: The secret a ready sandbox of a "secrets" pool is born with, bound to BIRTH_HOST with a
+#: random value: it gives the sandbox its trust directory (with a CA for BIRTH_HOST only);
+#: acquire replaces it, its CA and its placeholder with the request's.
+BIRTH_SECRET = "CORRAL_POOL_BIRTH"
 #: Backends a pool may hold (a docker container's env is fixed when it is created).
 POOL_BACKENDS = ("native",)
 
@@ -82,6 +107,8 @@ class PoolSpec:
     ttl_s: float
     #: Tenants it serves; empty = every tenant.
     tenants: tuple[str, ...] = ()
+    #: One of POOL_EGRESS: which requests' egress it serves.
+    egress: str = "none"
 
     def serves(self, tenant: str, spec: SandboxSpec, ttl_s: float) -> bool:
         """Whether a Create of tenant for spec with this TTL takes one of ours (the
@@ -94,7 +121,26 @@ class PoolSpec:
             return False
         if spec.workspace is not None and self.template.profile == "unconfined":
             return False  # refused cold, with the reason (no filter keeps setuid files out)
-        return dataclasses.replace(spec, env=(), labels=(), workspace=None) == self.template
+        if egress_class(spec) != self.egress:
+            return False
+        return dataclasses.replace(spec, env=(), labels=(), workspace=None, allow_net=(),
+                                   secrets=()) == self.template
+
+    def birth(self) -> tuple[SandboxSpec, dict[str, str] | None]:
+        """The spec a ready sandbox is spawned with, and its secrets' values: the class,
+        with the birth rule or secret of an egress pool (module docstring)."""
+        if self.egress == "secrets":
+            return (dataclasses.replace(self.template, secrets=(
+                        SecretBinding(BIRTH_SECRET, (BIRTH_HOST,)),)),
+                    {BIRTH_SECRET: os.urandom(16).hex()})
+        if self.egress == "allow_net":
+            return dataclasses.replace(self.template, allow_net=(BIRTH_RULE,)), None
+        return self.template, None
+
+
+def egress_class(spec: SandboxSpec) -> str:
+    """The POOL_EGRESS class a request's spec needs."""
+    return "secrets" if spec.secrets else "allow_net" if spec.allow_net else "none"
 
 
 def pools_from_config(tables: dict, default_ttl_s: float) -> tuple[PoolSpec, ...]:
@@ -154,12 +200,17 @@ def _pool_from_table(name: str, table, default_ttl_s: float, check_tenant) -> Po
     if not isinstance(tenants, list):
         raise InvalidSpec(f"{where}.tenants", "must be a list of tenant names")
     tenants = tuple(check_tenant(t, f"{where}.tenants") for t in tenants)
+    egress = table.get("egress", "none")
+    if egress not in POOL_EGRESS:
+        raise InvalidSpec(f"{where}.egress", f"{egress!r}: use one of "
+                                             f"{', '.join(map(repr, POOL_EGRESS))}")
     try:
         template = SandboxSpec(**kw)
     except InvalidSpec as exc:  # named as the pool's key, not the spec's field
         raise InvalidSpec(f"{where}.{exc.field}",
                           str(exc).removeprefix(f"{exc.field}: ")) from None
-    return PoolSpec(name=name, size=size, template=template, ttl_s=ttl_s, tenants=tenants)
+    return PoolSpec(name=name, size=size, template=template, ttl_s=ttl_s, tenants=tenants,
+                    egress=egress)
 
 
 def check_pools(tables: dict, default_ttl_s: float, max_sandboxes: int,
@@ -211,34 +262,88 @@ class WarmPools:
     async def acquire(self, caller: Caller, spec: SandboxSpec, ttl_s: float,
                       owner_session: str | None, labels: dict[str, str] | None):
         """A ready sandbox of the first pool that serves this request, now the caller's
-        (its host workspace attached, TTL from now, labels, owning session, the request's
-        env), or None: go cold. The sandbox is taken before the first await, so no other
-        request can take the same one."""
-        msb = self._take(caller, spec, ttl_s)
+        (its host workspace attached, its egress under the request's rules and secrets,
+        TTL from now, labels, owning session, the request's env), or None: go cold. The
+        secrets are read before a sandbox is taken; the sandbox is taken with no await
+        between the check and the take, so no other request can take the same one."""
+        serving = [p for p in self.pools.values() if p.serves(caller.tenant, spec, ttl_s)]
+        if not any(self.ready[p.name] for p in serving):
+            return None
+        secrets = await self._secret_set(caller, spec) if spec.secrets else None
+        if spec.secrets and secrets is None:
+            return None
+        msb = self._take(serving)
         if msb is None:
             return None
         if spec.workspace is not None and not await self._attach(caller, msb, spec.workspace):
+            return None
+        egress = self.pools[msb.pool].egress != "none"
+        if spec.env or spec.workspace or egress:  # every exec reads env from the spec
+            msb.spec = msb.sandbox.spec = dataclasses.replace(
+                msb.spec, env=spec.env, workspace=spec.workspace, allow_net=spec.allow_net,
+                secrets=spec.secrets)
+            msb.policy_digest = msb.sandbox.policy_digest()
+        if egress and not await self._link(caller, msb, secrets):
             return None
         now = time.time()
         msb.tenant = caller.tenant
         msb.labels = dict(labels or {})
         msb.owner_session = owner_session
         msb.created_at, msb.expires_at = now, now + ttl_s
-        if spec.env or spec.workspace:  # every exec reads env from the sandbox's spec
-            msb.spec = msb.sandbox.spec = dataclasses.replace(
-                msb.spec, env=spec.env, workspace=spec.workspace)
-            msb.policy_digest = msb.sandbox.policy_digest()
         self.manager.renumber(msb)
         return msb
 
-    def _take(self, caller: Caller, spec: SandboxSpec, ttl_s: float):
-        """A ready sandbox of the first pool that serves the request, or None. One whose
-        PID 1 has ended while it waited (killed from outside) is never handed out: it is
-        destroyed in the background and the next one is taken."""
-        for pool in self.pools.values():
+    async def _secret_set(self, caller: Caller, spec: SandboxSpec):
+        """The request's SecretSet (values from the store for the caller's tenant, new
+        placeholders, its CA made), or None when it cannot be had: the cold create that
+        follows reports why."""
+        from corral.sandbox.secrets import SecretSet
+
+        def made():
+            values = self.manager.secrets.values_for(caller.tenant, spec.secrets)
+            secrets = SecretSet(spec.secrets, values)
+            del values
+            secrets.ca  # noqa: B018 - key and certificate made here, off the loop
+            return secrets
+
+        try:
+            return await self.manager.run_blocking(made, tenant=caller.tenant)
+        except CorralError:
+            return None
+
+    async def _link(self, caller: Caller, msb, secrets) -> bool:
+        """Put msb's egress under its (new) spec's rules, the request's secrets and the
+        caller's tenant: the CA of the secrets into its trust directory, then the proxy
+        rebound. On failure the sandbox is destroyed and False says go cold."""
+        from corral.sandbox.secrets import replace_trust_ca
+
+        sandbox = msb.sandbox
+        policy = {"digest": msb.policy_digest}  # stamped on its egress records
+        listener = self.manager.net_listener(caller.tenant, policy)
+
+        def link() -> None:
+            if secrets is not None:
+                replace_trust_ca(os.path.join(sandbox.runtime_dir, "trust"),
+                                 secrets.ca.cert_pem)
+            sandbox.egress.rebind(msb.spec.allow_net, listener, secrets=secrets)
+            sandbox.secrets, sandbox.on_net_event = secrets, listener
+
+        try:
+            await self.manager.run_blocking(link, tenant=caller.tenant)
+        except (CorralError, OSError) as exc:
+            log.warning("pool %s: linking %s's egress failed (%s); creating cold", msb.pool,
+                        msb.id, exc)
+            await self.manager.destroy(POOL_CALLER, msb.id, reason="pool-acquire-failed")
+            return False
+        return True
+
+    def _take(self, serving: list[PoolSpec]):
+        """A ready sandbox of the first of these pools (those that serve the request)
+        that has one, or None. One whose PID 1 has ended while it waited (killed from
+        outside) is never handed out: it is destroyed in the background and the next one
+        is taken."""
+        for pool in serving:
             ready = self.ready[pool.name]
-            if not pool.serves(caller.tenant, spec, ttl_s):
-                continue
             while ready:
                 msb = ready.popleft()
                 self._wake.set()  # room to refill
@@ -325,12 +430,14 @@ class WarmPools:
 
     async def _fill(self, pool: PoolSpec) -> None:
         """Spawn one ready sandbox for pool through the cold path, and record it."""
+        spec, values = pool.birth()
         self._filling += 1
         try:
-            msb = await self.manager.launch(POOL_TENANT, pool.template,
-                                            expires_in=float("inf"))
+            msb = await self.manager.launch(POOL_TENANT, spec, expires_in=float("inf"),
+                                            secret_values=values)
         finally:
             self._filling -= 1
+        del values
         msb.pool = pool.name
         self.ready[pool.name].append(msb)
         self.audit.append("sandbox.pool.fill", tenant=POOL_TENANT, peer="pool",

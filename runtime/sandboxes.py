@@ -211,6 +211,9 @@ class ManagedSandbox:
     pool: str = ""
     #: Kept across daemon restarts (live restore, runtime/restore.py).
     kept: bool = False
+    #: (what it was made of, its encoded Sandbox message): List's cache (runtime/api/
+    #: sandboxes.py sandbox_wire), rebuilt when any field the message shows changes.
+    wire_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.unpaused.set()
@@ -245,6 +248,7 @@ class DestroyedSandbox:
     paused_at: float = 0.0
     sandbox: None = None
     execs: dict = field(default_factory=dict)
+    wire_cache: tuple | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -380,7 +384,8 @@ class SandboxManager:
 
     async def launch(self, tenant: str, spec: SandboxSpec, *, expires_in: float,
                      owner_session: str | None = None,
-                     labels: dict[str, str] | None = None, keep: bool = False) -> ManagedSandbox:
+                     labels: dict[str, str] | None = None, keep: bool = False,
+                     secret_values: dict[str, bytes] | None = None) -> ManagedSandbox:
         """Spawn a sandbox and hold it as `tenant`'s: the one path every sandbox takes (a
         cold Create, and a warm pool's fill, whose tenant is "" until it is acquired). No
         quota check and no audit record here: the caller makes both.
@@ -388,18 +393,20 @@ class SandboxManager:
         Args:
             keep: live restore keeps it across restarts (not_kept_because() said it can):
                 its PID 1 does not die with the daemon.
+            secret_values: the values of spec.secrets, given by the daemon itself (a warm
+                pool's birth secret, runtime/pools.py); None: from the store.
         """
-        loop = asyncio.get_running_loop()
         if keep:
             spec = replace(spec, die_with_parent=False)
         policy: dict[str, str] = {}  # the digest, known once the sandbox is prepared
         # a docker sandbox is a container on the engine at the daemon's DOCKER_HOST
         # secret values come from the daemon's store, for this tenant; never from a client
-        values = (await self.run_blocking(self.secrets.values_for, tenant, spec.secrets)
-                  if spec.secrets else None)
-        sandbox = new_sandbox(spec, runtime_dir=self.runtime_dir, on_net_event=lambda event: (
-            loop.call_soon_threadsafe(self._net_event, tenant, policy, event)),
-            secrets=values, tenant=tenant)
+        values = secret_values if secret_values is not None else (
+            await self.run_blocking(self.secrets.values_for, tenant, spec.secrets)
+            if spec.secrets else None)
+        sandbox = new_sandbox(spec, runtime_dir=self.runtime_dir,
+                              on_net_event=self.net_listener(tenant, policy),
+                              secrets=values, tenant=tenant)
         del values  # the sandbox holds them now; nothing here keeps a copy
         self._pending += 1
         self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
@@ -425,7 +432,8 @@ class SandboxManager:
         self._sandboxes[msb.id] = msb
         self.renumber(msb)
         # PID 1 reports every exit on the status pipe; the loop reads it (no thread).
-        loop.add_reader(sandbox.status_fd, self._collect_exits, msb, sandbox.status_fd)
+        asyncio.get_running_loop().add_reader(sandbox.status_fd, self._collect_exits, msb,
+                                              sandbox.status_fd)
         if keep:
             msb.kept = True
             self.live_restore.keep(sandbox, KeptSandbox(
@@ -588,6 +596,13 @@ class SandboxManager:
         sandbox_id, _ = await self.requests.run(caller.tenant, request_id, fingerprint, make)
         return self.get_or_destroyed(caller, sandbox_id)
 
+    def net_listener(self, tenant: str, policy: dict):
+        """What the egress proxy calls (on its thread) for each attempt of tenant's
+        sandbox: an audit record on the loop. policy["digest"] is stamped on each, read
+        when the record is made (the digest is known only once the sandbox started)."""
+        loop = asyncio.get_running_loop()
+        return lambda event: loop.call_soon_threadsafe(self._net_event, tenant, policy, event)
+
     def _net_event(self, tenant: str, policy: dict, event: dict) -> None:
         """An egress attempt (proxy thread -> loop): one audit record, kind net.*."""
         detail = dict(event)
@@ -643,6 +658,8 @@ class SandboxManager:
                      if m.tenant == caller.tenant and selector.matches(m.labels)]
             return iter(sorted(found, key=lambda m: m.seq))
         held = self._by_tenant.get(caller.tenant, {})
+        if not selector.requirements:  # the usual List: no filter to call for each
+            return iter(held.values())
         return (m for m in held.values() if selector.matches(m.labels))
 
     def get_or_destroyed(self, caller: Caller, sandbox_id: str):

@@ -186,17 +186,18 @@ def as_exhaustion(exc: BaseException) -> ResourceExhausted | None:
     return None
 
 
-class CommandNotFound(CorralError):
-    """The program to run does not exist (or is not executable) inside the sandbox."""
+class CommandNotFound(InvalidSpec):
+    """The program to run does not exist (or is not executable) inside the sandbox.
 
-    grpc_status = "INVALID_ARGUMENT"
+    An InvalidSpec naming `argv[0]`, so it reads as every other refused argument; callers
+    that tell it apart (the CLI exits 127 for it) catch it before InvalidSpec.
+    """
 
     def __init__(self, argv0: str, errno: int):
         self.argv0 = argv0
         self.errno = errno
-        super().__init__(
-            f"command {argv0!r} cannot be executed inside the sandbox: {os.strerror(errno)}"
-        )
+        super().__init__("argv[0]", f"{argv0!r} cannot be executed inside the sandbox: "
+                                    f"{os.strerror(errno)}")
 
 
 class UnsupportedHost(FailedPrecondition):

@@ -561,6 +561,23 @@ class EgressLink:
     def egress_ns_inode(self) -> int:
         return self.attachment.egress_ns_inode
 
+    def rebind(self, allow_net, on_event=None, secrets=None) -> None:
+        """Put the link under other rules, listener and secrets (EgressProxy.rebind: a warm
+        pool's sandbox taken by a request); the same checks as open_egress.
+
+        Raises:
+            UnsupportedHost: a rule only transparent steering serves, on a rootless link.
+            FailedPrecondition: the link was used already (EgressProxy.rebind).
+        """
+        from .proxy import EgressPolicy
+
+        policy = EgressPolicy(allow_net, self.proxy.config)
+        if self.attachment.steering is None:  # rootless: the explicit proxy only
+            problem = rootless_rule_problem(policy.rules)
+            if problem is not None:
+                raise UnsupportedHost(f"allow_net: {problem}")
+        self.proxy.rebind(self.sandbox_id, policy, on_event, secrets=secrets)
+
     def close(self) -> None:
         """End the sandbox's connections (reported), then remove the link. Idempotent.
 

@@ -69,7 +69,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import InvalidSpec
+from .errors import FailedPrecondition, InvalidSpec
 from .secrets import Exfiltration
 
 GATEWAY = "100.127.255.1"  # same as net.GATEWAY (kept import-free of pyroute2/net)
@@ -819,6 +819,29 @@ class EgressProxy:
         """
         reg = _Registration(sandbox_id, policy, on_event, secrets=secrets or None)
         self._call(self._register(reg, tcp_listener, udp_sink))
+
+    def rebind(self, sandbox_id: str, policy: EgressPolicy,
+               on_event: Callable[[dict], None] | None, secrets=None) -> None:
+        """Serve a registered sandbox's sockets under another policy, listener and
+        secrets from its next connection on: a warm pool's sandbox (runtime/pools.py),
+        born linked under a rule that reaches nothing, handed to a request. Its sockets,
+        namespace and steering stay as they are.
+
+        Raises:
+            FailedPrecondition: the sandbox is not registered, or has already made a
+                connection or a DNS query (a ready sandbox runs nothing before it is
+                handed out: its history would belong to another policy).
+        """
+        self._call(self._rebind(sandbox_id, policy, on_event, secrets or None))
+
+    async def _rebind(self, sandbox_id: str, policy: EgressPolicy, on_event, secrets) -> None:
+        reg = self._regs.get(sandbox_id)
+        if reg is None:
+            raise FailedPrecondition(f"{sandbox_id} has no egress link to rebind")
+        if reg.tasks or reg.pins or reg.udp_denials or any(reg.counts.values()):
+            raise FailedPrecondition(f"{sandbox_id} has already used its egress link; "
+                                     "its policy is not replaced")
+        reg.policy, reg.on_event, reg.secrets = policy, on_event, secrets
 
     def unregister(self, sandbox_id: str) -> None:
         """Stop serving, end the sandbox's connections and report them. Idempotent."""

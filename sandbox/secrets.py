@@ -19,6 +19,7 @@ The rules this module keeps:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -345,16 +346,39 @@ def write_trust_dir(directory: str, ca_pem: bytes, system_dir: str = TRUST_DIR,
                     _write(target, f.read())
         except OSError:
             continue  # an entry that vanished or cannot be read: the bundle still works
-    system_bundle = b""
-    try:
-        with open(os.path.join(system_dir, bundle), "rb") as f:
-            system_bundle = f.read()
-    except OSError:
-        pass  # a host without a bundle: the sandbox trusts its CA only
-    if system_bundle and not system_bundle.endswith(b"\n"):
-        system_bundle += b"\n"
-    _write(os.path.join(directory, bundle), system_bundle + ca_pem)
+    _write(os.path.join(directory, bundle), _system_bundle(system_dir) + ca_pem)
     _write(os.path.join(directory, os.path.basename(TRUST_CA_ONLY)), ca_pem)
+
+
+def replace_trust_ca(directory: str, ca_pem: bytes, system_dir: str = TRUST_DIR) -> None:
+    """Put another CA in a trust directory write_trust_dir made: the bundle (the host's
+    plus ca_pem) and the CA alone are replaced whole, each by a rename in the directory,
+    so a reader sees the old file or the new one. A warm pool's sandbox (runtime/pools.py)
+    is born with a CA of its own that vouches for no real host; at acquire its directory,
+    bound read-only over TRUST_DIR inside, gets the CA of the request's secrets, and then
+    holds what a cold sandbox's holds."""
+    for name, data in ((os.path.basename(TRUST_BUNDLE), _system_bundle(system_dir) + ca_pem),
+                       (os.path.basename(TRUST_CA_ONLY), ca_pem)):
+        target = os.path.join(directory, name)
+        staged = os.path.join(directory, f".{name}.{os.urandom(4).hex()}")
+        _write(staged, data)
+        try:
+            os.replace(staged, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+            raise
+
+
+def _system_bundle(system_dir: str) -> bytes:
+    """The host's CA bundle, ending in a line break; b"" on a host without one (the
+    sandbox then trusts its CA only)."""
+    try:
+        with open(os.path.join(system_dir, os.path.basename(TRUST_BUNDLE)), "rb") as f:
+            data = f.read()
+    except OSError:
+        return b""
+    return data if not data or data.endswith(b"\n") else data + b"\n"
 
 
 def _entries(system_dir: str) -> list[str]:

@@ -112,6 +112,24 @@ def sandbox_to_proto(msb) -> pb.Sandbox:
     )
 
 
+def sandbox_wire(msb) -> bytes:
+    """msb as one entry of an encoded ListSandboxesResponse: its Sandbox message (typed
+    times filled) as field 1. Built once and kept on msb (`wire_cache`) until a field the
+    message shows changes: an idle sandbox costs List a key comparison, not a message
+    built, filled and encoded (~20 us)."""
+    init = msb.sandbox.init_pid if msb.sandbox is not None else 0
+    execs = (tuple((h.id, h.returncode, h.reason) for h in msb.execs.values())
+             if msb.execs else ())
+    key = (msb.spec, msb.tenant, msb.policy_digest, msb.created_at, msb.expires_at,
+           msb.paused_at, msb.destroyed, init, tuple(msb.labels.items()), execs)
+    cached = msb.wire_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    data = field_bytes(1, fill_typed(sandbox_to_proto(msb)).SerializeToString())
+    msb.wire_cache = (key, data)
+    return data
+
+
 #: Bytes of Change messages one DiffResponse carries (a diff with patches can be large).
 DIFF_BATCH_BYTES = 1 << 20
 _CHANGE_KINDS = {"added": pb.CHANGE_KIND_ADDED, "modified": pb.CHANGE_KIND_MODIFIED,
@@ -275,8 +293,9 @@ class SandboxesServicer(Servicer):
         if request.state == pb.SANDBOX_STATE_PAUSED:
             found = (m for m in found if m.paused_at)
         chosen, token = listing.page(found, lambda m: m.seq, in_order=True)
-        return pb.ListSandboxesResponse(sandboxes=[sandbox_to_proto(m) for m in chosen],
-                                        next_page_token=token)
+        # pre-encoded (runtime/daemon.py): each sandbox's cached entry, then the token
+        return b"".join([*map(sandbox_wire, chosen),
+                         field_bytes(2, token.encode()) if token else b""])
 
     @unary
     async def Pause(self, request, context):

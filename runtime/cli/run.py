@@ -156,10 +156,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run_streaming(spec, argv, docker_host=args.docker_host, raw=args.raw,
                               tty=args.tty, interactive=args.interactive, secrets=secrets)
+    except CommandNotFound as exc:  # an InvalidSpec: caught first, for its own exit status
+        return _fail(f"run: {exc}", exits.EXIT_NOT_FOUND)
     except InvalidSpec as exc:
         return _fail(f"run: {exc}", exits.EXIT_USAGE)
-    except CommandNotFound as exc:
-        return _fail(f"run: {exc}", exits.EXIT_NOT_FOUND)
     except SandboxSetupError as exc:
         return _fail(f"run: {exc}", exits.EXIT_SETUP_FAILED)
     except CorralError as exc:

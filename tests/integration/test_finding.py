@@ -93,7 +93,7 @@ def test_bad_labels_and_selectors_are_invalid_argument_naming_the_field(daemon):
     c = _tenant(daemon, "badlabels")
     code, msg = _refused(lambda: c.create_sandbox(labels={"bad key": "x"}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert msg.startswith("labels.bad key: the name 'bad key' must be 1-63 characters")
+    assert msg.startswith("labels[\"bad key\"]: the name 'bad key' must be 1-63 characters")
     code, msg = _refused(lambda: c.create_sandbox(labels={"team": "x" * 64}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert msg.startswith("labels.team: the value 'xxxx")

@@ -238,7 +238,7 @@ def test_command_not_found(argv, err):
         with pytest.raises(CommandNotFound) as info:
             sb.exec(argv)
         assert info.value.errno == err
-        assert str(info.value) == (f"command {argv[0]!r} cannot be executed inside the "
+        assert str(info.value) == (f"argv[0]: {argv[0]!r} cannot be executed inside the "
                                    f"sandbox: {os.strerror(err)}")
         proc = sb.exec(["true"])  # the sandbox is still usable
         proc.communicate()
@@ -416,7 +416,7 @@ def test_cli_oom():
 def test_cli_command_not_found(command):
     result = corral_cli("run", "--", command)
     assert result.returncode == 127
-    assert one_line(result.stderr) == (f"corral: run: command {command!r} cannot be executed "
+    assert one_line(result.stderr) == (f"corral: run: argv[0]: {command!r} cannot be executed "
                                        "inside the sandbox: No such file or directory")
 
 

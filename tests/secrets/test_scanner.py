@@ -18,6 +18,7 @@ from corral.sandbox.secrets import (
     Exfiltration,
     SecretSet,
     StreamRewriter,
+    replace_trust_ca,
     write_trust_dir,
 )
 from corral.sandbox.spec import SandboxSpec, SecretBinding
@@ -148,6 +149,26 @@ def test_the_trust_dir_holds_the_system_bundle_plus_the_ca(tmp_path):
     assert (trust / "local.pem").read_bytes() == b"LOCAL"  # lives in system: copied
     assert not (trust / "java").exists()
     assert oct(os.stat(trust).st_mode & 0o777) == "0o755"
+
+
+def test_replacing_the_ca_leaves_what_a_new_trust_dir_holds(tmp_path):
+    """A warm pool's sandbox is born with a CA of its own; acquire puts the request's in
+    (replace_trust_ca): afterwards the directory is what write_trust_dir of that CA makes."""
+    system = tmp_path / "system"
+    system.mkdir()
+    (system / "ca-certificates.crt").write_bytes(b"SYSTEM BUNDLE")  # no final newline
+    (system / "local.pem").write_bytes(b"LOCAL")
+    born, cold = tmp_path / "born", tmp_path / "cold"
+    write_trust_dir(str(born), b"BIRTH CA\n", str(system))
+    inode = os.stat(born / "ca-certificates.crt").st_ino
+    replace_trust_ca(str(born), b"REQUEST CA\n", str(system))
+    write_trust_dir(str(cold), b"REQUEST CA\n", str(system))
+    assert sorted(os.listdir(born)) == sorted(os.listdir(cold))  # no staged file left
+    for name in os.listdir(cold):
+        assert (born / name).read_bytes() == (cold / name).read_bytes(), name
+    assert b"BIRTH CA" not in (born / "ca-certificates.crt").read_bytes()
+    assert os.stat(born / "ca-certificates.crt").st_ino != inode  # renamed over, whole
+    assert oct(os.stat(born / "corral-sandbox-ca.crt").st_mode & 0o777) == "0o644"
 
 
 @pytest.mark.parametrize("secrets, message", [

@@ -43,7 +43,8 @@ def test_task_labels_selectors_pages_and_restart(task_daemon):
     with pytest.raises(ClientError) as bad:
         c.submit_task(["true"], labels={"bad key": "1"})
     assert bad.value.code.name == "INVALID_ARGUMENT"
-    assert "spec.labels.bad key: the name 'bad key' must be 1-63 characters" in str(bad.value)
+    assert ("spec.labels[\"bad key\"]: the name 'bad key' must be 1-63 characters"
+            in str(bad.value))
     with pytest.raises(ClientError) as bad:
         c.list_tasks(selector="a=b=c")
     assert bad.value.code.name == "INVALID_ARGUMENT"

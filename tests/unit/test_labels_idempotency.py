@@ -20,6 +20,9 @@ from corral.runtime.labels import (
 from corral.runtime.tasks.model import RequestIdReused
 from corral.sandbox.errors import InvalidSpec
 
+#: `field.path: problem`, as tests/unit/test_error_shape.py reads it.
+SHAPE = re.compile(r"^-{0,2}[A-Za-z_][\w-]*(\.[\w/-]+|\[[^\]]*\])*: \S")
+
 
 @pytest.mark.parametrize("key", ["a", "A9", "app.kubernetes.io/name", "x_y-z.w",
                                  "a" * 63, ("d" * 63 + ".") * 3 + "d" * 61 + "/n"])
@@ -27,19 +30,37 @@ def test_good_keys(key):
     assert check_labels({key: "v"}) == {key: "v"}
 
 
-@pytest.mark.parametrize("key,problem", [
-    ("", "the name '' must be"),
-    ("-a", "the name '-a' must be"),
-    ("a" * 64, "the name 'aaaa"),
-    ("/a", "the prefix before '/' is empty"),
-    ("Upper.case/a", "the prefix 'Upper.case' is not a DNS subdomain"),
-    ("a/b/c", "the prefix 'a/b' is not a DNS subdomain"),
-    ("a b", "the name 'a b' must be"),
+@pytest.mark.parametrize("key,path,problem", [
+    ("", 'labels[""]', "the name '' must be"),
+    ("-a", "labels.-a", "the name '-a' must be"),
+    ("a" * 64, "labels." + "a" * 64, "the name 'aaaa"),
+    ("/a", "labels./a", "the prefix before '/' is empty"),
+    ("Upper.case/a", "labels.Upper.case/a", "the prefix 'Upper.case' is not a DNS subdomain"),
+    ("a/b/c", "labels.a/b/c", "the prefix 'a/b' is not a DNS subdomain"),
+    ("a b", 'labels["a b"]', "the name 'a b' must be"),
 ])
-def test_bad_keys_name_the_label(key, problem):
-    with pytest.raises(InvalidSpec, match=r"^labels\." + re.escape(key[:80]) + ": "
-                       + re.escape(problem)):
+def test_bad_keys_name_the_label(key, path, problem):
+    with pytest.raises(InvalidSpec, match="^" + re.escape(f"{path}: {problem}")):
         check_labels({key: ""})
+
+
+@pytest.mark.parametrize("key,path", [
+    ("a: forged problem\nlabels.ok", r'labels["a\x3a forged problem\x0alabels.ok"]'),
+    ('x"]: y', r'labels["x\x22\x5d\x3a y"]'),
+    ("back\\slash", r'labels["back\x5cslash"]'),
+    ("t\u00e9\U0001f600", r'labels["t\xe9\U0001f600"]'),
+])
+def test_a_hostile_key_cannot_write_into_the_field_path(key, path):
+    """A key is put in its field path quoted, with quotes, colons, brackets, backslashes,
+    line breaks and non-ASCII escaped: the message still reads `field.path: problem`, with
+    the whole path before the first ': ', and one line."""
+    with pytest.raises(InvalidSpec) as caught:
+        check_labels({key: "v"})
+    message = str(caught.value)
+    assert caught.value.field == path
+    assert message.partition(": ")[0] == path
+    assert "\n" not in message
+    assert SHAPE.match(message)
 
 
 def test_values_and_counts():
