@@ -61,6 +61,11 @@ class DaemonConfig:
     #: Deep tasks one session may have delegated and not yet seen finish (protocol v1.1
     #: DELEGATE); one more is refused with RESOURCE_EXHAUSTED naming this key.
     max_delegations_per_session: int = 16
+    #: CPU weight of deep tasks' sandboxes and shims against real-time sessions' (cgroup v2
+    #: cpu.weight scale, 100 = an ordinary sandbox; v1 cpu.shares in proportion, and the
+    #: shim's nice value to match): when CPUs are contended, session agents go first.
+    #: 100 treats tasks like sessions.
+    task_cpu_weight: int = 10
     #: Deep-task nodes ([[nodes]] tables: name, labels, resources, devices, executor);
     #: none declared = one local node "local" with this machine's cpu and memory.
     nodes: tuple = ()
@@ -234,6 +239,11 @@ class DaemonConfig:
             raise InvalidSpec("max_delegations_per_session",
                               f"{self.max_delegations_per_session!r} must be a whole number "
                               ">= 0 (0: sessions may not delegate)")
+        w = self.task_cpu_weight
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 10_000:
+            raise InvalidSpec("task_cpu_weight", f"{w!r} must be a whole number from 1 to "
+                                                 "10000 (100 = the weight of a session's "
+                                                 "sandbox)")
         if not isinstance(self.mux_interval_ms, (int, float)) or not (
                 0 <= self.mux_interval_ms <= 1000):
             raise InvalidSpec("mux_interval_ms", f"{self.mux_interval_ms!r} must be between 0 "
@@ -337,10 +347,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
 
     The file uses the flag names: socket, listen, state, tls_cert, tls_key, tls_client_ca,
     session_idle_ttl ("5m"), sandbox_ttl ("1h"), paused_ttl ("24h"), max_sandboxes,
-    stream_log_bytes,
-    exec_replay_bytes,
-    mux_interval_ms, max_delegations_per_session, workspace_root, workspace_size ("1G"),
-    workspace_inodes,
+    stream_log_bytes, exec_replay_bytes, mux_interval_ms, max_delegations_per_session,
+    task_cpu_weight, workspace_root, workspace_size ("1G"), workspace_inodes,
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format

@@ -292,6 +292,11 @@ def delegation_problem(layout: CgroupLayout) -> str | None:
 # -- what a sandbox asks for -------------------------------------------------------------------
 
 
+def shares_of_weight(weight: int) -> int:
+    """cgroup v1's cpu.shares for a v2 cpu.weight: 100 -> 1024, never below v1's minimum 2."""
+    return max(2, round(weight * 1024 / 100))
+
+
 @dataclass(frozen=True)
 class CgroupLimits:
     """Resource limits of one sandbox; None means unlimited. Swap is always off."""
@@ -302,6 +307,9 @@ class CgroupLimits:
     pids_max: int | None = None
     #: In CPUs (0.5 = half of one CPU) per CFS_PERIOD_US; at least MIN_CPUS.
     cpu_quota: float | None = None
+    #: Share of contended CPU against sibling cgroups, on v2's cpu.weight scale (1..10000,
+    #: default 100); v1 writes cpu.shares = weight * 1024 / 100 (at least 2).
+    cpu_weight: int | None = None
 
     def __post_init__(self) -> None:
         m = self.memory_bytes
@@ -323,6 +331,16 @@ class CgroupLimits:
                 raise InvalidSpec(
                     "cpu_quota", f"must be at least {MIN_CPUS} CPUs, got {c!r}; use e.g. 0.5"
                 )
+
+        w = self.cpu_weight
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool)
+                              or not 1 <= w <= 10_000):
+            raise InvalidSpec("cpu_weight", f"must be a whole number from 1 to 10000, got {w!r}")
+
+    @property
+    def cpu_shares(self) -> int | None:
+        """v1's cpu.shares for cpu_weight (1024 = the default weight 100), or None."""
+        return None if self.cpu_weight is None else shares_of_weight(self.cpu_weight)
 
     @property
     def cfs_quota_us(self) -> int | None:
@@ -413,6 +431,8 @@ def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[Cgro
     if limits.cfs_quota_us is not None:
         ops.append(Write(os.path.join(leaf["cpu"], "cpu.cfs_period_us"), str(CFS_PERIOD_US)))
         ops.append(Write(os.path.join(leaf["cpu"], "cpu.cfs_quota_us"), str(limits.cfs_quota_us)))
+    if limits.cpu_shares is not None:
+        ops.append(Write(os.path.join(leaf["cpu"], "cpu.shares"), str(limits.cpu_shares)))
     return ops
 
 
@@ -435,6 +455,8 @@ def _plan_v2(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[Cgro
         ops.append(Write(os.path.join(leaf, "pids.max"), str(limits.pids_max)))
     if limits.cfs_quota_us is not None:
         ops.append(Write(os.path.join(leaf, "cpu.max"), f"{limits.cfs_quota_us} {CFS_PERIOD_US}"))
+    if limits.cpu_weight is not None:
+        ops.append(Write(os.path.join(leaf, "cpu.weight"), str(limits.cpu_weight)))
     return ops
 
 

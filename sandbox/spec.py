@@ -18,6 +18,8 @@ GiB = 1024 * MiB
 #: The largest byte count or limit a spec takes (cgroup page counters, tmpfs sizes and
 #: rlimits all hold it; int64 fields on the wire too).
 MAX_QUANTITY = 1 << 62
+#: The highest cpu_weight (cgroup v2's cpu.weight range is 1..10000).
+MAX_CPU_WEIGHT = 10_000
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
@@ -261,6 +263,11 @@ class SandboxSpec:
     #: changes (sandbox/state/changes.py) outlive the sandbox until applied or discarded;
     #: the host directory is not written while the sandbox runs.
     workspace_cow: bool = False
+    #: Relative CPU weight against other sandboxes when CPUs are contended, on cgroup v2's
+    #: scale (1..10000, 100 = an ordinary sandbox; v1 writes cpu.shares in proportion).
+    #: None: the ordinary weight. Deep tasks get the daemon's task_cpu_weight, so the
+    #: work of real-time sessions goes first.
+    cpu_weight: int | None = None
 
     def __post_init__(self):
         self._check_choices()
@@ -319,6 +326,11 @@ class SandboxSpec:
             raise InvalidSpec("pids_max", f"{self.pids_max} is below 2 (init + one command)")
         if self.cpus is not None and not (0.01 <= float(self.cpus) <= 4096):
             raise InvalidSpec("cpus", f"{self.cpus!r} must be between 0.01 and 4096 cores")
+        w = self.cpu_weight
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool)
+                              or not 1 <= w <= MAX_CPU_WEIGHT):
+            raise InvalidSpec("cpu_weight", f"{w!r} must be a whole number from 1 to "
+                                            f"{MAX_CPU_WEIGHT} (100 = an ordinary sandbox)")
         if self.timeout_s is not None and not float(self.timeout_s) > 0:
             raise InvalidSpec("timeout_s", f"{self.timeout_s!r} must be longer than zero")
 

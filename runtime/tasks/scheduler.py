@@ -47,10 +47,13 @@ SCAN_PER_TENANT = 32
 HEARTBEAT_S = 5.0
 
 
-def sandbox_limits(spec: TaskSpec) -> SandboxSpec:
+def sandbox_limits(spec: TaskSpec, cpu_weight: int | None = None) -> SandboxSpec:
     """The attempt's SandboxSpec: what the task holds is what its cgroup allows
-    (resources cpu -> CPU quota in cores, memory -> memory limit in bytes)."""
+    (resources cpu -> CPU quota in cores, memory -> memory limit in bytes), at cpu_weight
+    (the daemon's task_cpu_weight) unless the task's sandbox names its own."""
     held: dict = {}
+    if cpu_weight is not None and spec.sandbox.cpu_weight is None:
+        held["cpu_weight"] = cpu_weight
     if "cpu" in spec.resources:
         held["cpus"] = float(spec.resources["cpu"])
     if "memory" in spec.resources:
@@ -67,8 +70,10 @@ class Scheduler:
 
     def __init__(self, state_dir: str, audit, node_configs: list[NodeConfig], *,
                  executors: dict | None = None, policies: PolicyBook | None = None,
-                 retention_s: float = 0.0):
+                 retention_s: float = 0.0, cpu_weight: int | None = None):
         self.state_dir = state_dir
+        #: Tasks' sandboxes' CPU weight unless their spec names one (task_cpu_weight).
+        self.cpu_weight = cpu_weight
         #: Each tenant's operator policy: task limits, priority cap, task quotas.
         self.policies = policies or PolicyBook(TenantPolicy.tenant_default(), {})
         self.tasks_root = os.path.join(state_dir, "tasks")
@@ -526,7 +531,7 @@ class Scheduler:
             return
         plan = AttemptPlan(
             task_id=task.id, attempt=attempt, argv=list(task.spec.argv),
-            sandbox=sandbox_limits(task.spec),
+            sandbox=sandbox_limits(task.spec, self.cpu_weight),
             files={k: v.decode("latin-1") for k, v in task.spec.files.items()},
             devices=list(task.devices),
             deadline=(time.time() + task.spec.max_runtime_s) if task.spec.max_runtime_s else 0.0,

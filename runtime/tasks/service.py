@@ -25,7 +25,8 @@ async def start_scheduler(cfg, audit, policies=None) -> Scheduler:
         executors["ray"] = RayExecutor(address=cfg.ray_address,
                                        nodes=[n for n in nodes if n.executor == "ray"])
     scheduler = Scheduler(cfg.state, audit, list(nodes), executors=executors,
-                          policies=policies, retention_s=cfg.task_retention_s)
+                          policies=policies, retention_s=cfg.task_retention_s,
+                          cpu_weight=cfg.task_cpu_weight)
     await scheduler.start()
     #: Snapshots held for the unfinished tasks that start from them (holds.py).
     scheduler.snapshot_holds = SnapshotHolds()

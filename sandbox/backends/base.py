@@ -85,6 +85,8 @@ def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
     fields = {k: v for k, v in spec.__dict__.items() if k not in ("workspace", "labels")}
     if not spec.image:  # digests of sandboxes on the host's /usr stay what they were
         del fields["image"]
+    if spec.cpu_weight is None:  # named only when set: older digests stay what they were
+        del fields["cpu_weight"]
     for name in ("snapshot", "workspace_cow"):  # state sources: named only when used
         if not fields.get(name, True):
             del fields[name]

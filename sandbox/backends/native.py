@@ -496,7 +496,8 @@ class Sandbox(SandboxLifecycle):
         """The sandbox's cgroup with the spec's limits; returns the cgroup.procs
         descriptors PID 1 attaches itself through (also added to `opened`)."""
         limits = cgroups.CgroupLimits(memory_bytes=self.spec.memory_bytes,
-                                      pids_max=self.spec.pids_max, cpu_quota=self.spec.cpus)
+                                      pids_max=self.spec.pids_max, cpu_quota=self.spec.cpus,
+                                      cpu_weight=self.spec.cpu_weight)
         self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
         cgroup_fds = self._open_cgroup_procs()
         opened.extend(cgroup_fds)

@@ -31,7 +31,8 @@ def test_container_config_maps_the_whole_spec(tmp_path):
                        tmp_bytes=4 * MiB, nofile=77, fsize_bytes=5 * MiB, hostname="box",
                        env=(("A", "1"),), labels=(("team", "x"),),
                        binds=(BindMount(str(tmp_path / "data"), "/data", False),),
-                       uid_base=100000)  # fixed here; a sandbox takes its own at start
+                       uid_base=100000, cpu_weight=10)  # uid_base fixed here; a sandbox
+    # takes its own at start
     cfg = docker.container_config(_api(), spec, "corral-base:t", "sbx-1", "/w", True, "/f")
     hc = cfg["host_config"]
     assert (cfg["image"], cfg["command"], cfg["user"], cfg["working_dir"], cfg["hostname"]) == (
@@ -45,6 +46,7 @@ def test_container_config_maps_the_whole_spec(tmp_path):
         True, ["ALL"], "none", True)
     assert (hc["PidsLimit"], hc["Memory"], hc["MemorySwap"], hc["NanoCpus"]) == (
         33, 64 * MiB, 64 * MiB, 250_000_000)
+    assert hc["CpuShares"] == 102  # cpu_weight 10 of 100 -> 102 of the engine's 1024
     assert hc["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={4 * MiB},mode=1777"}
     assert [(m["Target"], m["Source"], m["ReadOnly"]) for m in hc["Mounts"]] == [
         ("/workspace", "/w", False), ("/data", str(tmp_path / "data"), True),

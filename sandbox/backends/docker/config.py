@@ -8,6 +8,7 @@ import json
 import os
 
 from ... import seccomp
+from ...cgroups import shares_of_weight
 from ...spec import SandboxSpec
 from .engine import _sdk
 from .fds import FDS_INSIDE
@@ -67,6 +68,7 @@ def container_config(api, spec: SandboxSpec, image: str, sandbox_id: str, worksp
         mem_limit=spec.memory_bytes,
         memswap_limit=spec.memory_bytes,  # no swap
         nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
+        cpu_shares=shares_of_weight(spec.cpu_weight) if spec.cpu_weight else None,
         tmpfs={"/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777"},
         shm_size=spec.tmp_bytes,
         mounts=mounts,
