@@ -21,6 +21,15 @@ def add_daemon_parser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     return p
 
 
+def add_target_parser(sub, name: str, *, dest: str = "sandbox_id", metavar: str = "SANDBOX",
+                      **kwargs) -> argparse.ArgumentParser:
+    """The parser of a daemon verb about one sandbox or task: add_daemon_parser's, with the
+    id it acts on as its first positional (`dest`, shown as `metavar`)."""
+    p = add_daemon_parser(sub, name, **kwargs)
+    p.add_argument(dest, metavar=metavar)
+    return p
+
+
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
     """--socket, --target, --token, --tenant and the TLS files of a daemon verb."""
     p.add_argument("--socket", metavar="PATH",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .connection import add_daemon_parser, connect, daemon_verb
+from .connection import add_target_parser, connect, daemon_verb
 from .exits import EXIT_USAGE, exec_ending
 from .flags import add_command, add_env_flag, add_terminal_flags, command_argv, parse_env
 from .output import fail
@@ -21,7 +21,7 @@ as Resize)."""
 
 
 def add_parsers(sub) -> None:
-    exe = add_daemon_parser(
+    exe = add_target_parser(
         sub, "exec", help="run a command in a daemon sandbox, streaming its output",
         usage="corral exec [OPTIONS] SANDBOX -- CMD [ARGS...]",
         description=EXEC_DESCRIPTION)
@@ -37,7 +37,6 @@ def add_parsers(sub) -> None:
     exe.add_argument("-u", "--user", metavar="USER[:GROUP]", default="",
                      help="run as this user of the sandbox's /etc (a name or a number; "
                           "default: the image's User, else root inside)")
-    exe.add_argument("sandbox_id", metavar="SANDBOX")
     add_command(exe)
     exe.set_defaults(handler=exec_verb)
 

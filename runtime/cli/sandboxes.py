@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .connection import add_daemon_parser, connect, daemon_verb, usage_error
+from .connection import add_daemon_parser, add_target_parser, connect, daemon_verb, usage_error
 from .exits import EXIT_USAGE
 from .flags import (
     add_env_flag,
@@ -43,18 +43,16 @@ SANDBOX PORT --remove` closes the forward."""
 
 
 def add_parsers(sub) -> None:
-    timeout = add_daemon_parser(
+    timeout = add_target_parser(
         sub, "timeout", help="set when a sandbox is destroyed: DURATION from now",
         description=TIMEOUT_DESCRIPTION)
-    timeout.add_argument("sandbox_id", metavar="SANDBOX")
     timeout.add_argument("duration", metavar="DURATION",
                          help="the new lifetime from now, e.g. 90s, 30m, 2h")
     timeout.set_defaults(handler=timeout_verb)
 
-    stats = add_daemon_parser(
+    stats = add_target_parser(
         sub, "stats", help="a sandbox's CPU, memory, pids and I/O, sampled until it is destroyed",
         description=STATS_DESCRIPTION)
-    stats.add_argument("sandbox_id", metavar="SANDBOX")
     stats.add_argument("--interval", metavar="DURATION", default="1s",
                        help="time between samples, 0.1s to 1h (default: %(default)s)")
     stats.add_argument("--no-stream", action="store_true",
@@ -91,17 +89,15 @@ def add_parsers(sub) -> None:
                     "sandbox the first one made instead of making another")
     create.set_defaults(handler=create_verb)
 
-    inspect = add_daemon_parser(
+    inspect = add_target_parser(
         sub, "inspect", help="show the policy a daemon sandbox really runs under",
         description=INSPECT_DESCRIPTION)
     inspect.add_argument("--json", action="store_true", help="the full report as JSON")
-    inspect.add_argument("sandbox_id", metavar="SANDBOX")
     inspect.set_defaults(handler=inspect_verb)
 
-    port = add_daemon_parser(
+    port = add_target_parser(
         sub, "port", help="expose a sandbox's port on the host, list or remove exposed ports",
         description=PORT_DESCRIPTION)
-    port.add_argument("sandbox_id", metavar="SANDBOX")
     port.add_argument("port", metavar="PORT", type=int, nargs="?",
                       help="the port a program listens on inside the sandbox (1-65535)")
     port.add_argument("--host-port", metavar="N", type=int, default=0,
@@ -109,8 +105,7 @@ def add_parsers(sub) -> None:
     port.add_argument("--remove", action="store_true", help="stop exposing PORT")
     port.set_defaults(handler=port_verb)
 
-    destroy = add_daemon_parser(sub, "destroy", help="destroy a sandbox on the daemon")
-    destroy.add_argument("sandbox_id", metavar="SANDBOX")
+    destroy = add_target_parser(sub, "destroy", help="destroy a sandbox on the daemon")
     destroy.set_defaults(handler=destroy_verb)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from .connection import add_daemon_parser, connect, daemon_verb
+from .connection import add_daemon_parser, add_target_parser, connect, daemon_verb
 
 PAUSE_DESCRIPTION = """\
 Freeze every process of SANDBOX in place (the cgroup freezer): it uses no CPU until `corral resume`.
@@ -20,13 +20,11 @@ moved on by the time it spent paused)."""
 
 
 def add_parsers(sub) -> None:
-    pause = add_daemon_parser(sub, "pause", help="freeze a sandbox in place (no CPU until resume)",
+    pause = add_target_parser(sub, "pause", help="freeze a sandbox in place (no CPU until resume)",
                               description=PAUSE_DESCRIPTION)
-    pause.add_argument("sandbox_id", metavar="SANDBOX")
     pause.set_defaults(handler=pause_verb)
-    resume = add_daemon_parser(sub, "resume", help="let a paused sandbox run again",
+    resume = add_target_parser(sub, "resume", help="let a paused sandbox run again",
                                description=RESUME_DESCRIPTION)
-    resume.add_argument("sandbox_id", metavar="SANDBOX")
     resume.set_defaults(handler=resume_verb)
     add_state_parsers(sub)
 
@@ -71,23 +69,25 @@ def add_state_parsers(sub) -> None:
     snap.add_argument("--name", default="", help="a name for the new snapshot (per tenant)")
     snap.add_argument("--json", action="store_true", help="print JSON")
     snap.set_defaults(handler=snapshot_verb)
-    diff = add_daemon_parser(sub, "diff", help="what a copy-on-write workspace changed",
+    diff = add_target_parser(sub, "diff", help="what a copy-on-write workspace changed",
                              description=DIFF_DESCRIPTION)
-    diff.add_argument("sandbox_id", metavar="SANDBOX")
-    diff.add_argument("--stat", action="store_true", help="one line per file: +added -removed")
-    diff.add_argument("--json", action="store_true", help="one JSON object per changed path")
+    add_diff_flags(diff)
     diff.set_defaults(handler=diff_verb)
-    apply = add_daemon_parser(sub, "apply", help="write a copy-on-write workspace's changes "
+    apply = add_target_parser(sub, "apply", help="write a copy-on-write workspace's changes "
                                                  "into its host directory",
                               description=APPLY_DESCRIPTION)
-    apply.add_argument("sandbox_id", metavar="SANDBOX")
     apply.add_argument("--force", action="store_true",
                        help="overwrite host files that changed since the sandbox started")
     apply.set_defaults(handler=apply_verb)
-    discard = add_daemon_parser(sub, "discard", help="drop a copy-on-write workspace's changes",
+    discard = add_target_parser(sub, "discard", help="drop a copy-on-write workspace's changes",
                                 description=DISCARD_DESCRIPTION)
-    discard.add_argument("sandbox_id", metavar="SANDBOX")
     discard.set_defaults(handler=discard_verb)
+
+
+def add_diff_flags(p) -> None:
+    """--stat and --json, the output flags diff_verb reads (`corral diff`, `corral task diff`)."""
+    p.add_argument("--stat", action="store_true", help="one line per file: +added -removed")
+    p.add_argument("--json", action="store_true", help="one JSON object per changed path")
 
 
 def _snapshot_fields(s) -> dict:

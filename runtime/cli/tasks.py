@@ -8,7 +8,7 @@ import time
 
 from corral.runtime.terminal import visible
 
-from .connection import add_daemon_parser, connect, daemon_verb
+from .connection import add_daemon_parser, add_target_parser, connect, daemon_verb
 from .exits import EXIT_USAGE
 from .flags import (
     add_command,
@@ -21,6 +21,7 @@ from .flags import (
     parse_secrets,
 )
 from .output import print_json_lines
+from .state import add_diff_flags, apply_verb, diff_verb, discard_verb
 
 STATE_NAMES = ("", "QUEUED", "PLACED", "RUNNING", "RETRYING", "SUCCEEDED", "FAILED",
                "CANCELLED", "PULLING")
@@ -99,8 +100,7 @@ def _add_submit(verbs) -> None:
 
 def _add_followers(verbs) -> None:
     """The verbs about one task or the list of them: get, ls, watch, cancel, result."""
-    get = add_daemon_parser(verbs, "get", help="show one task")
-    get.add_argument("task_id", metavar="ID")
+    get = add_target_parser(verbs, "get", help="show one task", dest="task_id", metavar="ID")
     get.add_argument("--json", action="store_true", help="print the task as JSON")
 
     ls = add_daemon_parser(verbs, "ls", help="list tasks, newest first")
@@ -112,19 +112,18 @@ def _add_followers(verbs) -> None:
     ls.add_argument("--session", default="", metavar="SESSION",
                     help="only the tasks that session delegated (or was linked to)")
 
-    watch = add_daemon_parser(
+    watch = add_target_parser(
         verbs, "watch", help="follow a task: live progress bar and its log",
-        description=WATCH_DESCRIPTION)
-    watch.add_argument("task_id", metavar="ID")
+        description=WATCH_DESCRIPTION, dest="task_id", metavar="ID")
     watch.add_argument("--raw", action="store_true",
                        help="write the log to a terminal unchanged")
 
-    cancel = add_daemon_parser(verbs, "cancel", help="cancel a task (kills its whole process tree)")
-    cancel.add_argument("task_id", metavar="ID")
+    add_target_parser(verbs, "cancel", help="cancel a task (kills its whole process tree)",
+                      dest="task_id", metavar="ID")
 
-    result = add_daemon_parser(verbs, "result", help="print a finished task's RESULT and "
-                                                     "save its /workspace/out files")
-    result.add_argument("task_id", metavar="ID")
+    result = add_target_parser(verbs, "result", help="print a finished task's RESULT and "
+                                                     "save its /workspace/out files",
+                               dest="task_id", metavar="ID")
     result.add_argument("--out", metavar="DIR", help="write the output files under DIR")
     _add_changes(verbs)
 
@@ -133,19 +132,15 @@ def _add_changes(verbs) -> None:
     """diff, apply, discard of a copy-on-write task (submit --workspace DIR --cow): the
     Sandboxes calls of `corral diff|apply|discard`, by task id (a task's change set is
     named after it, and outlives its attempts)."""
-    diff = add_daemon_parser(verbs, "diff", help="what a copy-on-write task changed in its "
-                                                 "workspace so far")
-    diff.add_argument("sandbox_id", metavar="ID")
-    diff.add_argument("--stat", action="store_true", help="one line per file: +added -removed")
-    diff.add_argument("--json", action="store_true", help="one JSON object per changed path")
-    apply = add_daemon_parser(verbs, "apply", help="write a finished copy-on-write task's "
-                                                   "changes into its directory")
-    apply.add_argument("sandbox_id", metavar="ID")
+    diff = add_target_parser(verbs, "diff", help="what a copy-on-write task changed in its "
+                                                 "workspace so far", metavar="ID")
+    add_diff_flags(diff)
+    apply = add_target_parser(verbs, "apply", help="write a finished copy-on-write task's "
+                                                   "changes into its directory", metavar="ID")
     apply.add_argument("--force", action="store_true",
                        help="write even over files changed on the host since the task began")
-    discard = add_daemon_parser(verbs, "discard", help="drop a finished copy-on-write task's "
-                                                       "changes")
-    discard.add_argument("sandbox_id", metavar="ID")
+    add_target_parser(verbs, "discard", help="drop a finished copy-on-write task's changes",
+                      metavar="ID")
 
 
 @daemon_verb
@@ -154,8 +149,6 @@ def task_verb(args) -> int:
         print("corral: task: which verb? (submit, get, ls, watch, cancel, result, diff, "
               "apply, discard)", file=sys.stderr)
         return EXIT_USAGE
-    from .state import apply_verb, diff_verb, discard_verb
-
     return {"submit": _submit, "get": _get, "ls": _ls, "watch": _watch,
             "cancel": _cancel, "result": _result, "recover": _recover, "diff": diff_verb,
             "apply": apply_verb, "discard": discard_verb}[args.task_verb](args)

@@ -1,5 +1,6 @@
 """The flags several daemon verbs share (runtime/cli/flags.py) read the same on each verb:
---env, --put, --workspace with --cow, --label and --request-id."""
+--env, --put, --workspace with --cow, --label and --request-id; so do the id of a verb about
+one sandbox or task (add_target_parser) and diff's output flags."""
 
 from __future__ import annotations
 
@@ -54,3 +55,26 @@ def test_put_help_names_where_the_file_goes():
     assert "into the task's /workspace" in " ".join(task_help.split())
     session_help = " ".join(choices["session"].format_help().split())
     assert "into the new sandbox's /workspace first" in session_help
+
+
+@pytest.mark.parametrize("verb", ["timeout", "stats", "inspect", "port", "destroy", "pause",
+                                  "resume", "diff", "apply", "discard", "exec"])
+def test_each_verb_about_one_sandbox_takes_it_first(verb):
+    extra = {"timeout": ["90s"], "exec": ["--", "true"]}.get(verb, [])
+    assert _parse(verb, "sb-1", *extra).sandbox_id == "sb-1"
+    with pytest.raises(SystemExit):  # the sandbox is required
+        _parse(verb)
+
+
+@pytest.mark.parametrize("verb", ["get", "watch", "cancel", "result"])
+def test_each_verb_about_one_task_reads_its_id(verb):
+    assert _parse("task", verb, "task-1").task_id == "task-1"
+
+
+def test_task_diff_reads_what_the_sandbox_diff_verb_reads():
+    # `corral task diff` runs the same diff_verb as `corral diff`, on the task's change set
+    plain = _parse("diff", "sb-1", "--stat", "--json")
+    task = _parse("task", "diff", "task-1", "--stat", "--json")
+    assert (plain.sandbox_id, plain.stat, plain.json) == ("sb-1", True, True)
+    assert (task.sandbox_id, task.stat, task.json) == ("task-1", True, True)
+    assert (task.handler, task.task_verb) == (_parse("task", "get", "x").handler, "diff")
