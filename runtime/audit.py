@@ -61,7 +61,9 @@ NORMAL         48-72 us      0.3-2.6 ms    7,600-12,700     7,400-10,600 (59-83 
 FULL costs one fsync (~0.2 ms here) per append; NORMAL's p99 is its checkpoint fsyncs. The
 daemon appends per exec, input, interrupt, file op and denial, not per token. `append` waits for
 the disk, so call it off the event loop; the daemon's loop uses `submit` instead, which queues
-the record for one committer thread and returns a future. That is group commit: everything
+the record for one committer thread and returns a future (`await record(...)` is submit and
+wait: the action goes on once its record is durable, and the loop serves every other
+session meanwhile). That is group commit: everything
 queued while a commit runs goes into the next transaction with a single fsync, so under load
 the log costs one fsync per group, not per record (`append` takes what was queued before it
 into its own transaction, keeping call order). Records nobody waits on (steering input,
@@ -112,6 +114,7 @@ own, so a long check never stalls appends or queries (WAL readers see a stable s
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -1103,6 +1106,13 @@ class AuditLog:
         with self._lock:
             self._commit_locked(item)
         return item.future.result()
+
+    async def record(self, kind: str, **fields: Unpack[RecordFields]) -> AuditRecord:
+        """`append` for the event loop: the record is durable when the await returns, and
+        the loop serves everything else while the commit thread writes it (`append` there
+        would stall every session and stream for the fsync, and for any group commit
+        running before it). Raises what `append` raises."""
+        return await asyncio.wrap_future(self.submit(kind, **fields))
 
     def submit(self, kind: str,
                **fields: Unpack[RecordFields]) -> concurrent.futures.Future[AuditRecord]:

@@ -378,7 +378,7 @@ class SandboxManager:
             msb = await self.launch(tenant, spec, expires_in=ttl, owner_session=owner_session,
                                     labels=labels,
                                     keep=not self.not_kept_because(spec, owner_session))
-        self.audit_created(caller, msb, ttl, msb.pool)
+        await self.audit_created(caller, msb, ttl, msb.pool)
         self.metrics.sandbox_created(spec.backend, t0)
         return msb
 
@@ -551,12 +551,12 @@ class SandboxManager:
         """Sandboxes being spawned now (cold creates and warm pools' fills)."""
         return self._pending
 
-    def audit_created(self, caller: Caller, msb: ManagedSandbox, ttl: float,
-                      pool: str = "") -> None:
+    async def audit_created(self, caller: Caller, msb: ManagedSandbox, ttl: float,
+                            pool: str = "") -> None:
         """The sandbox.create record of a sandbox handed to caller (pool: the warm pool
         it came from, runtime/pools.py)."""
         spec = msb.spec
-        self.audit.append(
+        await self.audit.record(
             "sandbox.create", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
             session_id=msb.owner_session or "",
             detail={"policy_digest": msb.policy_digest, "profile": spec.profile,
@@ -622,9 +622,9 @@ class SandboxManager:
         rep = await asyncio.get_running_loop().run_in_executor(
             None, live.report, msb.sandbox, msb.spec)
         problems = live.mismatches(rep, msb.spec)
-        self.audit.append("sandbox.inspect", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id,
-                          detail={"policy_digest": msb.policy_digest, "mismatches": problems})
+        await self.audit.record("sandbox.inspect", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id,
+                                detail={"policy_digest": msb.policy_digest, "mismatches": problems})
         return rep, problems, msb.policy_digest
 
     def get(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
@@ -723,10 +723,10 @@ class SandboxManager:
         before = msb.expires_at
         msb.expires_at = time.time() + ttl_s
         self._record(msb)
-        self.audit.append("sandbox.timeout", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=msb.id, session_id=msb.owner_session or "",
-                          detail={"ttl_s": ttl_s, "expires_at": round(msb.expires_at, 3),
-                                  "previous_expires_at": round(before, 3)})
+        await self.audit.record("sandbox.timeout", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=msb.id, session_id=msb.owner_session or "",
+                                detail={"ttl_s": ttl_s, "expires_at": round(msb.expires_at, 3),
+                                        "previous_expires_at": round(before, 3)})
         return msb
 
     async def pause(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
@@ -743,9 +743,10 @@ class SandboxManager:
         msb.paused_at = time.time()
         msb.unpaused.clear()
         self._record(msb)
-        self.audit.append("sandbox.pause", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=msb.id, session_id=msb.owner_session or "",
-                          detail={"ttl_left_s": round(max(0.0, msb.expires_at - msb.paused_at), 3)})
+        left = round(max(0.0, msb.expires_at - msb.paused_at), 3)
+        await self.audit.record("sandbox.pause", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=msb.id, session_id=msb.owner_session or "",
+                                detail={"ttl_left_s": left})
         return msb
 
     async def resume(self, caller: Caller, sandbox_id: str) -> ManagedSandbox:
@@ -763,10 +764,10 @@ class SandboxManager:
         for handle in msb.execs.values():  # their deadlines moved on: time them again
             if handle.running and handle.process.deadline is not None:
                 loop.call_at(loop.time() + handle.process.remaining(), self._expire, handle)
-        self.audit.append("sandbox.resume", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=msb.id, session_id=msb.owner_session or "",
-                          detail={"paused_s": round(paused_for, 3),
-                                  "expires_at": round(msb.expires_at, 3)})
+        await self.audit.record("sandbox.resume", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=msb.id, session_id=msb.owner_session or "",
+                                detail={"paused_s": round(paused_for, 3),
+                                        "expires_at": round(msb.expires_at, 3)})
         return msb
 
     async def _until_running(self, msb: ManagedSandbox, wait_if_paused: bool) -> None:
@@ -864,10 +865,10 @@ class SandboxManager:
         if msb.destroyed:  # destroyed while the listener was being made
             await self.ports.unexpose(msb.id, port)
             raise NotFound(f"sandbox {sandbox_id!r} does not exist")
-        self.audit.append("sandbox.port.expose", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=msb.id,
-                          detail={"port": port, "host_address": exposed.host_address,
-                                  "host_port": exposed.host_port})
+        await self.audit.record("sandbox.port.expose", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=msb.id,
+                                detail={"port": port, "host_address": exposed.host_address,
+                                        "host_port": exposed.host_port})
         return exposed
 
     async def unexpose_port(self, caller: Caller, sandbox_id: str, port: int):
@@ -949,7 +950,7 @@ class SandboxManager:
         exec_id = "exe-" + secrets.token_hex(6)
         # Audited before it runs (nothing may run unrecorded); the detail is bounded, so the
         # append cannot fail for the size of argv. The pid is in its exec.exit record.
-        self.audit.append(
+        await self.audit.record(
             "exec.start", tenant=caller.tenant, peer=caller.peer, sandbox_id=msb.id,
             session_id=session_id,
             detail={"exec_id": exec_id, "argv": list(argv),
@@ -1099,7 +1100,7 @@ class SandboxManager:
             raise NotFound(f"exec {exec_id!r} does not exist in sandbox {sandbox_id!r}")
         return handle
 
-    def send_input(self, caller: Caller, sandbox_id: str, exec_id: str, data: bytes,
+    async def send_input(self, caller: Caller, sandbox_id: str, exec_id: str, data: bytes,
                    close: bool) -> None:
         handle = self.get_exec(caller, sandbox_id, exec_id)
         if len(data) > MAX_INPUT_BYTES:
@@ -1110,9 +1111,9 @@ class SandboxManager:
             handle.stdin.write(data)
         if close:
             handle.stdin.close()
-        self.audit.append("exec.input", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id,
-                          detail={"exec_id": exec_id, "bytes": len(data), "close": close})
+        await self.audit.record("exec.input", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id,
+                                detail={"exec_id": exec_id, "bytes": len(data), "close": close})
 
     def resize(self, caller: Caller, sandbox_id: str, exec_id: str, rows: int,
                cols: int) -> None:
@@ -1136,7 +1137,7 @@ class SandboxManager:
         except (CorralError, OSError):
             raise Ended(f"{exec_id} has ended; its terminal is gone") from None
 
-    def signal(self, caller: Caller, sandbox_id: str, exec_id: str, sig: int) -> int:
+    async def signal(self, caller: Caller, sandbox_id: str, exec_id: str, sig: int) -> int:
         msb = self.get(caller, sandbox_id)
         if not 1 <= sig <= 64:
             raise InvalidSpec("signal", f"{sig} is not a signal number (1-64)")
@@ -1147,9 +1148,9 @@ class SandboxManager:
                 delivered = int(signal_command(handle.process, sig))
         else:
             delivered = msb.sandbox.signal(sig)
-        self.audit.append("sandbox.signal", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id,
-                          detail={"exec_id": exec_id, "signal": sig, "delivered": delivered})
+        await self.audit.record("sandbox.signal", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id,
+                                detail={"exec_id": exec_id, "signal": sig, "delivered": delivered})
         return delivered
 
     # -- files --------------------------------------------------------------------------------
@@ -1159,8 +1160,8 @@ class SandboxManager:
         msb = self.get(caller, sandbox_id)
         size = await asyncio.get_running_loop().run_in_executor(
             None, msb.workspace.write, path, content, mode or 0o644)
-        self.audit.append("file.write", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id, detail={"path": path, "bytes": size})
+        await self.audit.record("file.write", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id, detail={"path": path, "bytes": size})
         return size
 
     async def read_file(self, caller: Caller, sandbox_id: str, path: str,
@@ -1171,16 +1172,16 @@ class SandboxManager:
                                            f"{MAX_READ_BYTES} bytes (4 MiB) one ReadFile returns")
         data, truncated = await asyncio.get_running_loop().run_in_executor(
             None, msb.workspace.read, path, max_bytes)
-        self.audit.append("file.read", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id, detail={"path": path, "bytes": len(data)})
+        await self.audit.record("file.read", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id, detail={"path": path, "bytes": len(data)})
         return data, truncated
 
     async def list_files(self, caller: Caller, sandbox_id: str, path: str):
         msb = self.get(caller, sandbox_id)
         entries = await asyncio.get_running_loop().run_in_executor(
             None, msb.workspace.list, path or ".")
-        self.audit.append("file.list", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id, detail={"path": path or "."})
+        await self.audit.record("file.list", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id, detail={"path": path or "."})
         return entries
 
     # Files of any size, trees and watches (sandbox/workspace.py, archive.py,
@@ -1194,9 +1195,9 @@ class SandboxManager:
     MAX_FILE_WATCHES_PER_TENANT = 4
     _file_watches = 0
 
-    def _file_audit(self, record: str, caller: Caller, sandbox_id: str, **detail) -> None:
-        self.audit.append(record, tenant=caller.tenant, peer=caller.peer, sandbox_id=sandbox_id,
-                          detail=detail)
+    async def _file_audit(self, record: str, caller: Caller, sandbox_id: str, **detail) -> None:
+        await self.audit.record(record, tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id, detail=detail)
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -1204,31 +1205,31 @@ class SandboxManager:
     async def stat_file(self, caller: Caller, sandbox_id: str, path: str):
         msb = self.get(caller, sandbox_id)
         info = await self._in_thread(msb.workspace.stat, path or ".")
-        self._file_audit("file.stat", caller, sandbox_id, path=path or ".")
+        await self._file_audit("file.stat", caller, sandbox_id, path=path or ".")
         return info
 
     async def make_dir(self, caller: Caller, sandbox_id: str, path: str, mode: int,
                        parents: bool) -> int:
         msb = self.get(caller, sandbox_id)
         made = await self._in_thread(msb.workspace.mkdir, path, mode or 0o755, parents)
-        self._file_audit("file.mkdir", caller, sandbox_id, path=path, parents=parents,
-                         created=made)
+        await self._file_audit("file.mkdir", caller, sandbox_id, path=path, parents=parents,
+                               created=made)
         return made
 
     async def remove_file(self, caller: Caller, sandbox_id: str, path: str,
                           recursive: bool) -> str:
         msb = self.get(caller, sandbox_id)
         kind = await self._in_thread(msb.workspace.remove, path, recursive)
-        self._file_audit("file.remove", caller, sandbox_id, path=path, recursive=recursive,
-                         kind=kind)
+        await self._file_audit("file.remove", caller, sandbox_id, path=path, recursive=recursive,
+                               kind=kind)
         return kind
 
     async def rename_file(self, caller: Caller, sandbox_id: str, src: str, dst: str,
                           no_replace: bool) -> None:
         msb = self.get(caller, sandbox_id)
         await self._in_thread(msb.workspace.rename, src, dst, no_replace)
-        self._file_audit("file.rename", caller, sandbox_id, from_path=src, to_path=dst,
-                         no_replace=no_replace)
+        await self._file_audit("file.rename", caller, sandbox_id, from_path=src, to_path=dst,
+                               no_replace=no_replace)
 
     async def upload(self, caller: Caller, sandbox_id: str, path: str, *, mode: int,
                      offset: int, sha256: str, parts) -> tuple[int, str, int]:
@@ -1258,9 +1259,9 @@ class SandboxManager:
             complete = True
         finally:
             upload.close()  # waits for a write still running on the executor
-            self._file_audit("file.upload", caller, sandbox_id, path=path, offset=offset,
-                             bytes=upload.received, size=size, sha256=digest,
-                             complete=complete)
+            await self._file_audit("file.upload", caller, sandbox_id, path=path, offset=offset,
+                                   bytes=upload.received, size=size, sha256=digest,
+                                   complete=complete)
         if sha256 and digest != sha256:
             raise DigestMismatch(f"sha256: the file has {digest}, not {sha256} as the client "
                                  f"said; upload it again")
@@ -1273,8 +1274,8 @@ class SandboxManager:
         msb = self.get(caller, sandbox_id)
         parts = msb.workspace.download(path, offset, length)
         first = await self._in_thread(next, parts)  # refusals come before the audit record
-        self._file_audit("file.download", caller, sandbox_id, path=path, offset=offset,
-                         length=length)
+        await self._file_audit("file.download", caller, sandbox_id, path=path, offset=offset,
+                               length=length)
         return self._drain(parts, first)
 
     async def _drain(self, parts, first=None):
@@ -1329,16 +1330,16 @@ class SandboxManager:
         finally:
             extractor.close()
             r = report or extractor.report
-            self._file_audit("archive.put", caller, sandbox_id, path=path or ".",
-                             files=r.files, dirs=r.dirs, symlinks=r.symlinks,
-                             hardlinks=r.hardlinks, bytes=r.bytes, skipped=r.skipped,
-                             error=error)
+            await self._file_audit("archive.put", caller, sandbox_id, path=path or ".",
+                                   files=r.files, dirs=r.dirs, symlinks=r.symlinks,
+                                   hardlinks=r.hardlinks, bytes=r.bytes, skipped=r.skipped,
+                                   error=error)
 
     async def get_archive(self, caller: Caller, sandbox_id: str, path: str):
         """(FileStat of path, async iterator of tar bytes)."""
         msb = self.get(caller, sandbox_id)
         info, chunks = await self._in_thread(msb.workspace.archive, path or ".")
-        self._file_audit("archive.get", caller, sandbox_id, path=path or ".", kind=info.kind)
+        await self._file_audit("archive.get", caller, sandbox_id, path=path or ".", kind=info.kind)
 
         return info, self._drain(chunks)
 
@@ -1365,8 +1366,8 @@ class SandboxManager:
         except BaseException:
             self._watch_ended(caller.tenant)
             raise
-        self._file_audit("file.watch", caller, sandbox_id, path=path or ".",
-                         watched_dirs=watch.watched_dirs)
+        await self._file_audit("file.watch", caller, sandbox_id, path=path or ".",
+                               watched_dirs=watch.watched_dirs)
         return self._watch_stream(msb, watch, WatchEvent, caller.tenant)
 
     def _watch_ended(self, tenant: str) -> None:

@@ -228,9 +228,9 @@ class SessionManager:
                 raise Ended(f"request_id {request_id!r} started session {session_id}, "
                             "which has ended and is no longer held")
             if replayed:
-                self.audit.append("session.resume", tenant=caller.tenant, peer=caller.peer,
-                                  sandbox_id=session.sandbox_id, session_id=session.id,
-                                  detail={"after_seq": 0, "request_id": request_id})
+                await self.audit.record("session.resume", tenant=caller.tenant, peer=caller.peer,
+                                        sandbox_id=session.sandbox_id, session_id=session.id,
+                                        detail={"after_seq": 0, "request_id": request_id})
             return session
         if not argv:
             raise InvalidSpec("start.argv", "the agent command is empty")
@@ -317,11 +317,11 @@ class SessionManager:
         session.plain_output = (PlainOutput(handle.stdout, hub, EventKind.TOKEN),
                                 PlainOutput(handle.stderr, hub, EventKind.LOG))
         session._tasks = [loop.create_task(self._watch_exit(session))]
-        self.audit.append("session.open", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=msb.id, session_id=session_id,
-                          detail={"argv": list(argv), "owns_sandbox": owns,
-                                  "exec_id": handle.id, "policy_digest": msb.policy_digest,
-                                  **({"labels": labels} if labels else {})})
+        await self.audit.record("session.open", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=msb.id, session_id=session_id,
+                                detail={"argv": list(argv), "owns_sandbox": owns,
+                                        "exec_id": handle.id, "policy_digest": msb.policy_digest,
+                                        **({"labels": labels} if labels else {})})
         if first_input:
             self.input(caller, session, first_input, audit=False)
         return session
@@ -383,9 +383,9 @@ class SessionManager:
 
     async def close(self, caller: Caller, session: Session, detach: bool = False) -> None:
         """End the session; its unfinished delegations are cancelled unless detach."""
-        self.audit.append("session.close", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=session.sandbox_id, session_id=session.id,
-                          detail={"detach": True} if detach else {})
+        await self.audit.record("session.close", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=session.sandbox_id, session_id=session.id,
+                                detail={"detach": True} if detach else {})
         if self.delegations is not None:
             await self.delegations.session_closing(caller, session.id, detach)
         await self._end(session, "closed")
@@ -567,9 +567,9 @@ class SessionManager:
         session.ended.set()
         if session.kept is not None and self.live_restore is not None:
             self.live_restore.forget_session(session.sandbox_id, session.id, session.kept)
-        self.audit.append("session.exit", tenant=session.tenant, peer="daemon",
-                          sandbox_id=session.sandbox_id, session_id=session.id,
-                          detail={"returncode": handle.returncode, "reason": exited.reason})
+        await self.audit.record("session.exit", tenant=session.tenant, peer="daemon",
+                                sandbox_id=session.sandbox_id, session_id=session.id,
+                                detail={"returncode": handle.returncode, "reason": exited.reason})
         # The session's own log holds everything the command's output hubs read (PlainOutput
         # copied it): let those logs go now, not when the session is reaped.
         session.exec_handle = None
@@ -625,9 +625,10 @@ class SessionManager:
                 if now - session.detached_since >= self.idle_ttl_s:
                     log.info("session %s idle for %.0fs: reaping", session.id, self.idle_ttl_s)
                     if session.exited is None:
-                        self.audit.append("session.idle", tenant=session.tenant, peer="daemon",
-                                          sandbox_id=session.sandbox_id, session_id=session.id,
-                                          detail={"idle_ttl_s": self.idle_ttl_s})
+                        await self.audit.record(
+                            "session.idle", tenant=session.tenant, peer="daemon",
+                            sandbox_id=session.sandbox_id, session_id=session.id,
+                            detail={"idle_ttl_s": self.idle_ttl_s})
                         if self.delegations is not None:  # abandoned: its tasks go too
                             await self.delegations.session_closing(
                                 Caller(session.tenant, "daemon"), session.id, detach=False)

@@ -402,8 +402,8 @@ class SandboxesServicer(Servicer):
     @unary
     async def SendInput(self, request, context):
         caller = self.caller(context)
-        self.manager.send_input(caller, request.sandbox_id, request.exec_id, request.data,
-                                request.close)
+        await self.manager.send_input(caller, request.sandbox_id, request.exec_id,
+                                      request.data, request.close)
         return pb.SendInputResponse()
 
     @unary
@@ -416,7 +416,8 @@ class SandboxesServicer(Servicer):
     @unary
     async def Signal(self, request, context):
         caller = self.caller(context)
-        n = self.manager.signal(caller, request.sandbox_id, request.exec_id, request.signal)
+        n = await self.manager.signal(caller, request.sandbox_id, request.exec_id,
+                                      request.signal)
         return pb.SignalResponse(delivered=n)
 
     @unary

@@ -373,10 +373,10 @@ class Delegations:
         tasks = self.open_tasks(session_id)
         if not tasks:
             return
-        self.audit.append("session.delegations", tenant=caller.tenant, peer=caller.peer,
-                          session_id=session_id, detail={
-                              "action": "detached" if detach else "cancelled",
-                              "task_ids": [t.id for t in tasks]})
+        await self.audit.record("session.delegations", tenant=caller.tenant, peer=caller.peer,
+                                session_id=session_id, detail={
+                                    "action": "detached" if detach else "cancelled",
+                                    "task_ids": [t.id for t in tasks]})
         if detach:
             return
         for task in tasks:

@@ -360,8 +360,8 @@ class Scheduler:
 
     async def cancel(self, caller, task_id: str) -> DeepTask:
         task = self.get(caller, task_id)
-        self.audit.append("task.cancel", tenant=caller.tenant, peer=caller.peer,
-                          detail={"task_id": task.id, "state": task.state.name})
+        await self.audit.record("task.cancel", tenant=caller.tenant, peer=caller.peer,
+                                detail={"task_id": task.id, "state": task.state.name})
         if task.terminal:
             return task
         if task.state in states.WAITING:
@@ -387,9 +387,9 @@ class Scheduler:
         if len(text.encode()) > MAX_CONTROL_PAYLOAD:
             raise InvalidSpec("text", f"is over the {MAX_CONTROL_PAYLOAD}-byte input limit")
         await self._executor_of(task).send_input(task, text)
-        self.audit.append("task.input", tenant=caller.tenant, peer=caller.peer,
-                          detail={"task_id": task.id, "attempt": task.attempt,
-                                  "bytes": len(text.encode())})
+        await self.audit.record("task.input", tenant=caller.tenant, peer=caller.peer,
+                                detail={"task_id": task.id, "attempt": task.attempt,
+                                        "bytes": len(text.encode())})
         return task
 
     def result_dir(self, task: DeepTask) -> str:
