@@ -400,10 +400,11 @@ class WarmPools:
         return best
 
     def _must_wait(self) -> bool:
-        """Live creates are spawning, or the daemon is at max_sandboxes."""
+        """Live creates are under way (spawning, or a pool hit writing its record), or the
+        daemon is at max_sandboxes."""
         manager = self.manager
-        live_spawning = manager.pending - self._filling
-        return live_spawning > 0 or (
+        live = manager.pending - self._filling + manager.creating
+        return live > 0 or (
             manager.held + manager.pending >= manager.limits.max_sandboxes)
 
     async def _refill(self) -> None:

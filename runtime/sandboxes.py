@@ -293,6 +293,7 @@ class SandboxManager:
         self._spawner = ThreadPoolExecutor(max_workers=SPAWNERS, thread_name_prefix="corral-spawn")
         self._turns = FairSlots(SPAWNERS)
         self._pending = 0
+        self._creating = 0
         self._pending_by_tenant: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
         self._shutting_down = False
@@ -356,6 +357,21 @@ class SandboxManager:
         """
         if self._shutting_down:
             raise Unavailable("the daemon is shutting down")
+        self._creating += 1  # warm pools' refills wait for it (runtime/pools.py)
+        try:
+            return await self._create(caller, spec, ttl_s, owner_session, labels)
+        finally:
+            self._creating -= 1
+
+    @property
+    def creating(self) -> int:
+        """Creates under way now (a pool hit's included), which warm pools' refills wait
+        for: a refill started meanwhile would take the CPU a live Create is using."""
+        return self._creating
+
+    async def _create(self, caller: Caller, spec: SandboxSpec, ttl_s: float | None,
+                      owner_session: str | None,
+                      labels: dict[str, str] | None) -> ManagedSandbox:
         t0 = self.metrics.clock()
         self.admission("sandbox")
         rules = self.policies.of(caller)
