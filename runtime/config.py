@@ -61,10 +61,9 @@ class DaemonConfig:
     #: Deep tasks one session may have delegated and not yet seen finish (protocol v1.1
     #: DELEGATE); one more is refused with RESOURCE_EXHAUSTED naming this key.
     max_delegations_per_session: int = 16
-    #: CPU weight of deep tasks' sandboxes and shims against real-time sessions' (cgroup v2
-    #: cpu.weight scale, 100 = an ordinary sandbox; v1 cpu.shares in proportion, and the
-    #: shim's nice value to match): when CPUs are contended, session agents go first.
-    #: 100 treats tasks like sessions.
+    #: CPU weight of running deep tasks' sandboxes against real-time sessions' (cgroup v2
+    #: cpu.weight scale, 100 = an ordinary sandbox; v1 cpu.shares in proportion): when
+    #: CPUs are contended, session agents go first. 100 treats tasks like sessions.
     task_cpu_weight: int = 10
     #: Deep-task nodes ([[nodes]] tables: name, labels, resources, devices, executor);
     #: none declared = one local node "local" with this machine's cpu and memory.

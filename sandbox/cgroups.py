@@ -677,6 +677,23 @@ class Cgroup:
         path, value = self._freeze_file(False)
         _write("cgroup thaw", path, value)
 
+    def set_cpu_weight(self, weight: int | None) -> None:
+        """Change the live cgroup's share of contended CPU (CgroupLimits.cpu_weight; None:
+        the ordinary weight 100, v1's 1024 shares).
+
+        Raises:
+            InvalidSpec: a weight out of 1..10000.
+            SandboxSetupError: the write failed.
+        """
+        path, value = self._weight_file(weight)
+        _write("cgroup write", path, value)
+
+    def _weight_file(self, weight: int | None) -> tuple[str, str]:
+        limits = CgroupLimits(cpu_weight=100 if weight is None else weight)
+        if self.layout.version == 1:
+            return os.path.join(self._dir["cpu"], "cpu.shares"), str(limits.cpu_shares)
+        return os.path.join(self._dir["cpu"], "cpu.weight"), str(limits.cpu_weight)
+
     def _freeze_file(self, frozen: bool) -> tuple[str, str]:
         if self.layout.version == 1:
             return os.path.join(self._dir["freezer"], "freezer.state"), (

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import signal
 import sys
@@ -25,24 +24,12 @@ from .runner import AttemptPlan, AttemptRunner
 LOCK_NAME = "lock"
 
 
-def nice_of_weight(weight: int | None) -> int:
-    """The nice increment that gives a process about weight/100 of an ordinary one's CPU
-    when contended (the scheduler's weights step by ~1.25x a nice level), 0..19; a weight
-    of 100 or more leaves it as it is (the shim never raises its priority). The shim and
-    the sandbox it starts (which inherits the value, and may not lower it) then yield to
-    the daemon and to real-time sessions' agents in the same way as the task's cgroup."""
-    if weight is None or weight >= 100:
-        return 0
-    return min(19, round(math.log(100 / weight) / math.log(1.25)))
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m corral.runtime.tasks.shim PLAN.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         plan = AttemptPlan.from_json(f.read())
-    os.nice(nice_of_weight(plan.sandbox.cpu_weight))
     runner = AttemptRunner(plan)
     os.makedirs(runner.dir, mode=0o700, exist_ok=True)
     lock = os.open(os.path.join(runner.dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,

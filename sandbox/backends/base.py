@@ -11,6 +11,7 @@ daemon records of one (``policy_digest()``) is part of the contract.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -202,6 +203,27 @@ class SandboxLifecycle:
             if process.deadline is not None:
                 process.deadline += paused_for
         return paused_for
+
+    def set_cpu_weight(self, weight: int | None) -> bool:
+        """Change the live sandbox's share of contended CPU (SandboxSpec.cpu_weight; None:
+        the ordinary weight); its spec names the new weight from then on. False when this
+        sandbox cannot (a backend or host with no cgroup of its own): nothing changed.
+
+        Raises:
+            InvalidTransition: it is not running or paused.
+            InvalidSpec: a weight out of 1..10000.
+            SandboxSetupError: the kernel refused the write.
+        """
+        with self._lock:
+            if self.state not in ("running", "paused"):
+                raise InvalidTransition(self.state, "running")
+            if not self._apply_cpu_weight(weight):
+                return False
+            self.spec = dataclasses.replace(self.spec, cpu_weight=weight)
+        return True
+
+    def _apply_cpu_weight(self, weight: int | None) -> bool:
+        return False
 
     def _freeze(self) -> None:
         raise NotImplementedError

@@ -1321,6 +1321,12 @@ class Sandbox(SandboxLifecycle):
         self._cgroup.thaw()
         self._frozen = False
 
+    def _apply_cpu_weight(self, weight: int | None) -> bool:
+        if self._cgroup is None:
+            return False
+        self._cgroup.set_cpu_weight(weight)
+        return True
+
     def _running_processes(self) -> list[Process]:
         with self._status_lock:
             return list(self._processes.values())

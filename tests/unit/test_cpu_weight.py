@@ -1,7 +1,7 @@
 """cpu_weight: a sandbox's share of contended CPU, the lever that lets deep tasks yield to
 real-time sessions. Plans for both cgroup versions (v2's as data: this host is v1), the
-spec and config checks, the policy digest of sandboxes that do not set it, the shim's
-nice value, and the task spec the scheduler hands its runner."""
+spec and config checks, the policy digest of sandboxes that do not set it, and the task
+spec the scheduler hands its runner."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 from corral.runtime.config import DaemonConfig
 from corral.runtime.tasks.model import TaskSpec
 from corral.runtime.tasks.scheduler import sandbox_limits
-from corral.runtime.tasks.shim import nice_of_weight
 from corral.sandbox import SandboxSpec
 from corral.sandbox.backends.base import policy_digest
 from corral.sandbox.cgroups import CgroupLimits, Write, plan, shares_of_weight
@@ -65,12 +64,6 @@ def test_the_spec_round_trips_through_its_durable_form():
     spec = SandboxSpec(cpu_weight=25)
     assert spec.to_fields() == {"cpu_weight": 25}
     assert SandboxSpec.from_fields(spec.to_fields()) == spec
-
-
-@pytest.mark.parametrize(("weight", "nice"), [(None, 0), (100, 0), (500, 0), (50, 3),
-                                              (10, 10), (1, 19)])
-def test_the_shims_nice_value_matches_the_weight(weight, nice):
-    assert nice_of_weight(weight) == nice
 
 
 def test_the_scheduler_gives_a_task_the_daemons_weight():
