@@ -18,6 +18,7 @@ from .flags import (
     add_put_flag,
     add_secret_flag,
     command_argv,
+    parse_labels,
     parse_secrets,
 )
 from .output import print_json_lines
@@ -219,11 +220,11 @@ def _submit(args) -> int:
             return EXIT_USAGE
         sandbox["workspace_dir"] = os.path.abspath(args.workspace)
         sandbox["workspace_cow"] = True
+    labels = parse_labels(args.label)  # "=v" is refused here, as by corral create
     with connect(args) as client:
         task = client.submit_task(
             argv, selector=selector, resources=resources, priority=args.priority,
-            retries=args.retries, files=files, request_id=args.request_id,
-            labels={k: v for k, _, v in (item.partition("=") for item in args.label)},
+            retries=args.retries, files=files, request_id=args.request_id, labels=labels,
             max_runtime_s=parse_duration(args.max_runtime, "max-runtime")
             if args.max_runtime else 0.0, **sandbox)
     print(task.id)

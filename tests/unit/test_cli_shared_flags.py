@@ -78,3 +78,16 @@ def test_task_diff_reads_what_the_sandbox_diff_verb_reads():
     assert (plain.sandbox_id, plain.stat, plain.json) == ("sb-1", True, True)
     assert (task.sandbox_id, task.stat, task.json) == ("task-1", True, True)
     assert (task.handler, task.task_verb) == (_parse("task", "get", "x").handler, "diff")
+
+
+@pytest.mark.parametrize(("verb", "tail"), [(["create"], []),
+                                          (["task", "submit"], ["--", "true"])])
+def test_a_label_without_a_key_is_refused_before_any_daemon_is_reached(verb, tail, capsys,
+                                                                       tmp_path):
+    from corral.runtime import cli
+
+    socket = str(tmp_path / "nobody.sock")  # nothing listens: refused before connecting
+    rc = cli.main([*verb, "--socket", socket, "--label", "=v", *tail])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "label: '=v' is not KEY=VALUE" in err
