@@ -25,7 +25,9 @@ destroy), list_ms_p50_at_n (one List call: a page of 100) and list_all_ms_at_n (
 page), also as one JSON line on stderr per count, then idle_sandboxes,
 host_mib_per_idle_sandbox (MemTotal - MemAvailable, delta / N), slab_mib_per_idle_sandbox
 (the kernel's Slab, delta / N), daemon_mib_per_sandbox, daemon_fds_per_sandbox and the
-ratios of the last count to the first.
+ratios of the last count to the first; superblocks (those one sandbox made, by fstype) and
+empty_memcg_kib_before / _at_n (the slab one new empty memory cgroup takes: mostly its
+shrinker table, sized by the most superblocks the kernel has held at once since boot).
 
 Prints one JSON object on the last line. Needs root (sandboxes, cgroups).
 """
@@ -33,6 +35,7 @@ Prints one JSON object on the last line. Needs root (sandboxes, cgroups).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +47,7 @@ import time
 import harness
 
 from corral.runtime.client import Client, ClientError
+from corral.sandbox import mounts
 
 
 def fd_count(pid: int) -> int:
@@ -220,6 +224,47 @@ def _grow(client, ids: list[str], n: int, budget: int) -> str:
     return ""
 
 
+def sandbox_superblocks(init_pid: int) -> dict:
+    """The superblocks one sandbox made, from its PID 1's mount table: by fstype (its
+    workspace is one of the tmpfs), plus its IPC namespace's mqueue, which no table shows."""
+    with open(f"/proc/{init_pid}/mountinfo") as f:
+        own = mounts.own_superblocks(f.read())
+    by_type: dict[str, int] = {}
+    for fstype, *_ in own.values():
+        by_type[fstype] = by_type.get(fstype, 0) + 1
+    by_type["mqueue (its IPC namespace's, not mounted)"] = 1
+    return {"by_fstype": by_type, "per_sandbox": sum(by_type.values())}
+
+
+def empty_memcg_kib(count: int = 32) -> float | None:
+    """Slab one new, empty memory cgroup takes (KiB): mostly its shrinker table, whose size
+    follows the most memcg-aware shrinkers (superblocks) the kernel has held at once since
+    boot. None where no memory cgroup can be made here."""
+    for parent in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+        if os.path.exists(os.path.join(parent, "memory.usage_in_bytes" if parent.endswith(
+                "memory") else "cgroup.subtree_control")):
+            break
+    else:
+        return None
+    base = os.path.join(parent, f"corral-density-{os.getpid()}")
+    made = []
+    try:
+        os.mkdir(base)
+        time.sleep(0.2)
+        before = _meminfo()["Slab"]
+        for i in range(count):
+            os.mkdir(os.path.join(base, str(i)))
+            made.append(os.path.join(base, str(i)))
+        time.sleep(0.2)
+        return round((_meminfo()["Slab"] - before) / count / 1024, 1)
+    except OSError:
+        return None
+    finally:
+        for path in [*made, base]:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
 def _create_once(client) -> None:
     client.destroy_sandbox(client.create_sandbox(memory_bytes=64 << 20).id)
 
@@ -243,6 +288,7 @@ def scale(points: list[int], samples: int, kernel_detail: bool = False) -> dict:
     try:
         _answering(client)
         _create_once(client)  # warm: profiles loaded, spawner threads started
+        out["empty_memcg_kib_before"] = empty_memcg_kib()
         used0, rss0, slab0 = _used_bytes(), rss_bytes(pid), _meminfo()["Slab"]
         budget = int(_total_bytes() * 0.6)
         snapshots = []
@@ -268,6 +314,8 @@ def scale(points: list[int], samples: int, kernel_detail: bool = False) -> dict:
         n = len(ids)
         time.sleep(1.0)
         out["idle_sandboxes"] = n
+        if ids:
+            out["superblocks"] = sandbox_superblocks(client.get_sandbox(ids[0]).init_pid)
         out["host_mib_per_idle_sandbox"] = round((_used_bytes() - used0) / n / 2**20, 3)
         # most of it: kernel objects (namespaces, mounts, cgroups, superblocks' shrinkers)
         out["slab_mib_per_idle_sandbox"] = round((_meminfo()["Slab"] - slab0) / n / 2**20, 3)
@@ -278,6 +326,7 @@ def scale(points: list[int], samples: int, kernel_detail: bool = False) -> dict:
             out["create_ms_p50_at_n"][last] / out["create_ms_p50_at_n"][first], 3)
         out["ratio_list_at_n_vs_first"] = round(
             out["list_ms_p50_at_n"][last] / out["list_ms_p50_at_n"][first], 3)
+        out["empty_memcg_kib_at_n"] = empty_memcg_kib()
         return out
     finally:
         for sandbox_id in ids:

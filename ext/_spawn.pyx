@@ -425,6 +425,7 @@ cdef extern from * nogil:
               unsigned long flags, const void *data)
     int umount2(const char *target, int flags)
     int mkdir(const char *path, unsigned int mode)
+    int chmod(const char *path, unsigned int mode)
     int symlink(const char *target, const char *linkpath)
     int unlink(const char *path)
     int open(const char *path, int flags, ...)
@@ -820,7 +821,12 @@ cdef int apply_mounts(child_plan *plan, int report_fd) noexcept nogil:
     for i in range(plan.n_ops):
         op = &plan.ops[i]
         if op.kind == OP_MKDIR:
-            if mkdir(op.target, op.mode) != 0 and errno != EEXIST:
+            if mkdir(op.target, op.mode) == 0:
+                # mkdir honours the umask (a 1777 scratch directory would come out 1755):
+                # the mode a directory Corral makes is the plan's, whatever the umask
+                if chmod(op.target, op.mode) != 0:
+                    fail(report_fd, STEP_MKDIR, i)
+            elif errno != EEXIST:
                 fail(report_fd, STEP_MKDIR, i)
         elif op.kind == OP_MOUNT:
             if mount(op.source, op.target, op.fstype, op.flags, op.data) != 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .spec import SandboxSpec
 
@@ -137,6 +137,27 @@ def etc_files(spec: SandboxSpec) -> dict[str, str]:
     }
 
 
+#: tmpfs counts its size= in pages.
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+#: shmem keeps a symlink's target (with its NUL) in the inode up to this length, else in a page.
+_SHMEM_SHORT_SYMLINK = 128
+
+
+def tmpfs_pages(ops: list[MountOp], root: str) -> int:
+    """Pages of tmpfs blocks the plan's files and links under root take: each file's
+    content rounded up to pages, a page for each long link; directories and empty
+    mount-point files take none."""
+    pages = 0
+    for op in ops:
+        if not op.target.startswith(root + "/"):
+            continue
+        if op.kind == "file":
+            pages += -(-len((op.data or "").encode()) // PAGE_SIZE)
+        elif op.kind == "symlink" and len(os.fsencode(op.source or "")) + 1 > _SHMEM_SHORT_SYMLINK:
+            pages += 1
+    return pages
+
+
 def _parents(path: str) -> list[str]:
     """'/a/b/c' -> ['/a', '/a/b'] (the directories to create before c)."""
     parts = path.strip("/").split("/")[:-1]
@@ -183,9 +204,12 @@ def plan(
     steps.dev(spec, in_root_tmpfs=image_root is None)  # 5
     steps.proc(empty_dir or os.path.join(os.path.dirname(root), "empty"))  # 6
     # 7. Writable scratch: /tmp and the workspace.
-    steps.mkdirs("/tmp", 0o1777)
-    steps.add("mount", steps.inside("/tmp"), source="tmpfs", fstype="tmpfs",
-              flags=MS_NOSUID | MS_NODEV, data=f"mode=1777,size={spec.tmp_bytes}")
+    if image_root is None:
+        steps.scratch_dir("/tmp", ATTR_NOSUID | ATTR_NODEV)
+    else:
+        steps.mkdirs("/tmp", 0o1777)
+        steps.add("mount", steps.inside("/tmp"), source="tmpfs", fstype="tmpfs",
+                  flags=MS_NOSUID | MS_NODEV, data=f"mode=1777,size={spec.tmp_bytes}")
     steps.bind(workspace, "/workspace", writable=True, kind="dir")
     # 8. Corral's own support files, then the user's extra binds in the order given.
     for target, source in (support or {}).items():
@@ -196,6 +220,8 @@ def plan(
     steps.add("pivot", root)
     steps.add("setattr", "/", flags=READ_ONLY, mode=0)
     steps.add("setattr", "/dev", flags=READ_ONLY | ATTR_NOEXEC, mode=0)
+    if image_root is None:
+        steps.size_root_tmpfs(spec.tmp_bytes)
     return steps.ops
 
 
@@ -214,6 +240,24 @@ class _PlanSteps:
 
     def add(self, kind: str, target: str, **fields) -> None:
         self.ops.append(MountOp(kind, target, **fields))
+
+    def scratch_dir(self, path: str, attrs: int) -> None:
+        """A writable directory (mode 1777) of the tmpfs it lies in, bound onto itself for
+        mount flags of its own (attrs): a mount, but no superblock of its own."""
+        for d in _parents(path):
+            self.mkdirs(d)
+        self.made.add(path)
+        self.add("mkdir", self.inside(path), mode=0o1777)
+        self.add("mount", self.inside(path), source=self.inside(path), flags=MS_BIND)
+        self.add("setattr", self.inside(path), flags=attrs, mode=0)
+
+    def size_root_tmpfs(self, scratch_bytes: int) -> None:
+        """Size the root tmpfs to exactly what the plan writes into it plus scratch_bytes,
+        so that /tmp and /dev/shm (its directories) hold scratch_bytes together, no more."""
+        index = next(i for i, op in enumerate(self.ops)
+                     if op.kind == "mount" and op.target == self.root)
+        size = scratch_bytes + tmpfs_pages(self.ops, self.root) * PAGE_SIZE
+        self.ops[index] = replace(self.ops[index], data=f"mode=0755,size={size}")
 
     def mkdirs(self, path: str, mode: int = 0o755) -> None:
         for d in [*_parents(path), path]:
@@ -247,11 +291,12 @@ class _PlanSteps:
         self.add("setattr", self.inside(target), flags=attrs, mode=1)
 
     def host_root(self, spec: SandboxSpec) -> None:
-        """2. A small tmpfs as the new root (it only holds mount points and generated
-        /etc); 3. host system directories, read-only; 4. a minimal /etc: generated files
-        plus a few read-only host entries."""
+        """2. A tmpfs as the new root (it holds mount points, generated /etc, and the
+        scratch directories /tmp and /dev/shm, bound writable); 3. host system directories,
+        read-only; 4. a minimal /etc: generated files plus a few read-only host entries."""
+        # its size= is set by size_root_tmpfs once the plan is complete
         self.add("mount", self.root, source="tmpfs", fstype="tmpfs",
-                 flags=MS_NOSUID | MS_NODEV, data="mode=0755,size=4m")
+                 flags=MS_NOSUID | MS_NODEV, data="mode=0755")
         for d in HOST_SYSTEM_DIRS:
             self.bind(d, d, writable=False)
         self.mkdirs("/etc")
@@ -269,7 +314,9 @@ class _PlanSteps:
         shrinker, and the kernel sizes each memory cgroup's shrinker table by all of them,
         so one superblock less per sandbox cuts a cost that grows with the square of the
         sandboxes held. Both are read-only after the pivot. On an image's root /dev stays
-        a tmpfs of its own, so nothing of it is written into the image's upper layer.
+        a tmpfs of its own, so nothing of it is written into the image's upper layer; it
+        is sized for /dev/shm, its only writable part (its own entries take no blocks).
+        /dev/shm is a directory of whichever tmpfs holds /dev, bound onto itself.
         """
         inside = self.inside
         self.mkdirs("/dev")
@@ -277,7 +324,7 @@ class _PlanSteps:
             self.add("mount", inside("/dev"), source=inside("/dev"), flags=MS_BIND)
         else:
             self.add("mount", inside("/dev"), source="tmpfs", fstype="tmpfs",
-                     flags=MS_NOSUID | MS_NOEXEC, data="mode=0755,size=64k")
+                     flags=MS_NOSUID | MS_NOEXEC, data=f"mode=0755,size={spec.tmp_bytes}")
         self.made.discard("/dev/pts")
         self.made.discard("/dev/shm")
         host_nodes = [("/dev/" + dev, "/dev/" + dev) for dev in DEVICES
@@ -292,10 +339,7 @@ class _PlanSteps:
         self.add("mount", inside("/dev/pts"), source="devpts", fstype="devpts",
                  flags=MS_NOSUID | MS_NOEXEC, data="newinstance,ptmxmode=0666,mode=620")
         self.add("symlink", inside("/dev/ptmx"), source="pts/ptmx")
-        self.add("mkdir", inside("/dev/shm"), mode=0o1777)
-        self.add("mount", inside("/dev/shm"), source="tmpfs", fstype="tmpfs",
-                 flags=MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                 data=f"mode=1777,size={spec.tmp_bytes}")
+        self.scratch_dir("/dev/shm", ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC)
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
             self.add("symlink", inside("/dev/" + name), source=target)
@@ -346,3 +390,22 @@ def base_namespace_detach(mount_points: list[str], needed: tuple[str, ...],
         drops = [top for top in drops if not within(top, point)]
         drops.append(point)
     return drops
+
+
+#: Filesystems of which a sandbox may make a superblock of its own (ext4, devtmpfs and the
+#: like are the host's, shared by binds).
+PER_SANDBOX_FSTYPES = frozenset({"tmpfs", "devpts", "proc", "mqueue", "sysfs", "cgroup",
+                                 "cgroup2", "overlay", "ramfs"})
+
+
+def own_superblocks(mountinfo: str) -> dict[str, tuple[str, ...]]:
+    """{major:minor: (fstype, mount points...)} of the superblocks a sandbox's mount table
+    (its PID 1's /proc/PID/mountinfo) shows of its own kinds. Its IPC namespace's mqueue
+    superblock exists whether mounted or not, and is not shown unless mounted."""
+    found: dict[str, list[str]] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        if fstype in PER_SANDBOX_FSTYPES:
+            found.setdefault(fields[2], [fstype]).append(fields[4])
+    return {dev: tuple(entry) for dev, entry in found.items()}

@@ -86,11 +86,18 @@ def test_the_plan_attaches_the_image_root_and_binds_no_host_system_dir():
     default_dev = default.index(mounts.MountOp("mkdir", "/r/dev", mode=0o755))
     assert ops[dev + 1] == mounts.MountOp("mount", "/r/dev", source="tmpfs", fstype="tmpfs",
                                           flags=mounts.MS_NOSUID | mounts.MS_NOEXEC,
-                                          data="mode=0755,size=64k")
+                                          data=f"mode=0755,size={64 << 20}")
     assert default[default_dev + 1] == mounts.MountOp("mount", "/r/dev", source="/r/dev",
                                                       flags=mounts.MS_BIND)
-    # everything after it is the default plan's
-    assert ops[dev + 2:] == default[default_dev + 2:]
+    # everything after it is the default plan's, but /tmp: a tmpfs of its own on an image
+    # (writes to a directory of the root would land in the image's upper layer)
+    tmp = ops.index(mounts.MountOp("mkdir", "/r/tmp", mode=0o1777))
+    default_tmp = default.index(mounts.MountOp("mkdir", "/r/tmp", mode=0o1777))
+    assert ops[dev + 2:tmp] == default[default_dev + 2:default_tmp]
+    assert ops[tmp + 1] == mounts.MountOp("mount", "/r/tmp", source="tmpfs", fstype="tmpfs",
+                                          flags=mounts.MS_NOSUID | mounts.MS_NODEV,
+                                          data=f"mode=1777,size={64 << 20}")
+    assert ops[tmp + 2:-2] == default[default_tmp + 3:-2]
 
 
 class _Host(mounts.HostView):

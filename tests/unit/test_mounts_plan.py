@@ -10,10 +10,12 @@ from corral.sandbox.mounts import (
     MS_BIND,
     MS_PRIVATE,
     MS_REC,
+    PAGE_SIZE,
     READ_ONLY,
     HostView,
     MountOp,
     plan,
+    tmpfs_pages,
 )
 from corral.sandbox.spec import BindMount
 
@@ -106,12 +108,29 @@ def test_proc_masks_after_proc_mount_and_before_pivot():
     assert proc < pivot
 
 
-def test_tmp_and_shm_sizes_follow_the_spec():
-    ops = ops_for(SandboxSpec(tmp_bytes=8 << 20))
-    tmp = next(op for op in ops if op.target == ROOT + "/tmp" and op.kind == "mount")
-    assert tmp.data == "mode=1777,size=8388608"
-    shm = next(op for op in ops if op.target == ROOT + "/dev/shm" and op.kind == "mount")
-    assert "size=8388608" in shm.data
+def test_tmp_and_shm_are_directories_of_the_root_tmpfs_sized_for_them():
+    ops = ops_for(SandboxSpec(tmp_bytes=8 << 20, hostname="box1"))
+    # no tmpfs of their own: each is its directory (1777) bound onto itself for its flags
+    assert [op.target for op in ops if op.fstype == "tmpfs"] == [ROOT]
+    for path, attrs in (("/tmp", ATTR_NOSUID | ATTR_NODEV),
+                        ("/dev/shm", ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC)):
+        i = ops.index(MountOp("mkdir", ROOT + path, mode=0o1777))
+        assert ops[i + 1:i + 3] == [
+            MountOp("mount", ROOT + path, source=ROOT + path, flags=MS_BIND),
+            MountOp("setattr", ROOT + path, flags=attrs, mode=0)]
+    # the root holds the plan's own files (one page each, resolv.conf empty) and 8 MiB more
+    pages = sum(1 for op in ops if op.kind == "file" and op.data)
+    assert pages == 5
+    assert ops[1].data == f"mode=0755,size={(8 << 20) + pages * PAGE_SIZE}"
+
+
+def test_a_long_link_in_the_root_takes_a_page():
+    long_target = "/usr/share/" + "z" * 120
+    host = FakeHost(DEBIAN.entries | {"/etc/localtime": "link:" + long_target})
+    short = ops_for(SandboxSpec(tmp_bytes=8 << 20))
+    long = ops_for(SandboxSpec(tmp_bytes=8 << 20), host=host)
+    assert tmpfs_pages(long, ROOT) == tmpfs_pages(short, ROOT) + 1
+    assert tmpfs_pages(short, ROOT) == 5
 
 
 def test_workspace_writable_nosuid_nodev():
