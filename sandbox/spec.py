@@ -217,7 +217,8 @@ class SandboxSpec:
     timeout_s: float | None = None
     #: Host directory mounted writable at /workspace; None = a fresh temporary directory.
     workspace: str | None = None
-    #: Size cap of the tmpfs at /tmp (and /dev/shm), in bytes.
+    #: Size cap of /tmp and /dev/shm together, in bytes (an image root and the Docker
+    #: backend give each its own).
     tmp_bytes: int = 64 * MiB
     #: RLIMIT_NOFILE (open descriptors per process).
     nofile: int = 1024
