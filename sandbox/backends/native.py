@@ -52,6 +52,14 @@ def runtime_base() -> str:
     return workspace_fs.runtime_path("sandboxes")
 
 
+def _searchable(path: str) -> None:
+    """Let every user search path (add x for group and others, nothing else): a sandbox's
+    ids walk through it to their root mount point."""
+    st = os.stat(path)
+    if st.st_mode & 0o011 != 0o011:
+        os.chmod(path, (st.st_mode & 0o7777) | 0o011)
+
+
 def _own_directory(path: str, mode: int) -> None:
     """Make path (and its parents) and check that it is a directory of ours, not a link or
     a directory someone else planted in a shared /tmp.
@@ -477,15 +485,20 @@ class Sandbox(SandboxLifecycle):
     def _make_runtime_dir(self, privileged: bool) -> str:
         """This sandbox's runtime directory and its (empty) root mount point; returns the
         root. Root's tree is traversable by the sandbox's ids, a user's is private."""
+        base = os.path.dirname(self.runtime_dir)
         if privileged:
-            os.makedirs(os.path.dirname(self.runtime_dir), mode=0o711, exist_ok=True)
-            os.chmod(os.path.dirname(self.runtime_dir), 0o711)
+            os.makedirs(base, mode=0o711, exist_ok=True)
+            os.chmod(base, 0o711)
+            _searchable(os.path.dirname(base))  # made under the daemon's umask, maybe 077
         else:
-            _own_directory(os.path.dirname(os.path.dirname(self.runtime_dir)), 0o700)
-            _own_directory(os.path.dirname(self.runtime_dir), 0o700)
-        os.mkdir(self.runtime_dir, 0o711)
+            _own_directory(os.path.dirname(base), 0o700)
+            _own_directory(base, 0o700)
+        # modes set after mkdir, which honours the umask: PID 1's ids must reach root/
+        os.mkdir(self.runtime_dir)
+        os.chmod(self.runtime_dir, 0o711)
         # bound read-only over the masked /proc directories (mounts.plan's empty_dir)
-        os.mkdir(os.path.join(self.runtime_dir, "empty"), 0o555)
+        os.mkdir(os.path.join(self.runtime_dir, "empty"))
+        os.chmod(os.path.join(self.runtime_dir, "empty"), 0o555)
         root = os.path.join(self.runtime_dir, "root")
         os.mkdir(root, 0o700)
         if privileged:
