@@ -26,6 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 
+from corral.sandbox import ptys
 from corral.sandbox.procinfo import live_start_time
 
 from .journal import Loaded, OutputJournal, load_each, write_json
@@ -205,8 +206,9 @@ def rebuild(manager, msb, held: dict[str, list[int]]) -> tuple[int, list[str]]:
         if command.exit is not None:
             process = Process(msb.sandbox, 0, record.ns_pid, record.argv, None, None, None, None)
         else:
-            process = msb.sandbox.adopt_command(adoptable_pid(record), record.ns_pid,
-                                                record.argv, remaining_timeout(record))
+            process = msb.sandbox.adopt_command(
+                adoptable_pid(record), record.ns_pid, record.argv, remaining_timeout(record),
+                pty_fd=ptys.master_copy(outputs[0]) if outputs else -1)  # a tty: resize
         handle = _handle(manager, msb, command, process, hubs, outputs, stdin_fds, loop)
         msb.execs[record.exec_id] = handle
         if command.exit is None:

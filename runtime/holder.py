@@ -3,7 +3,8 @@ descriptors open while the daemon is away (SIGKILL, crash, stop, upgrade).
 
 What a sandbox needs to outlive its daemon is a set of open descriptors: PID 1's pidfd,
 the read end of corral-init's exit-status pipe, each running command's output read ends,
-stdin write end or pty master. Were the daemon their only holder, its death would close
+stdin write end or pty master, its egress proxy's listening sockets, egress namespace and
+BPF link (sandbox/net.py). Were the daemon their only holder, its death would close
 them: a command writing output would get SIGPIPE, and PID 1's exit reports would be lost.
 The holder keeps a copy of each, received over SCM_RIGHTS, and never reads or writes them,
 so the kernel's pipe buffers keep what was written meanwhile (a command blocks when its
@@ -26,9 +27,12 @@ connected.
 Protocol: SOCK_SEQPACKET, one JSON object per message, descriptors as SCM_RIGHTS ancillary
 data, at most BATCH per message (the kernel's SCM_MAX_FD is 253). Requests:
 
-- {"op": "put", "key": K, "kill": [i, ...], "replace": bool}: add the message's descriptors
-  to group K (replace: close what K held first); "kill" indexes, within this message, the
-  pidfds to SIGKILL at the orphan end. Answer {"ok": true, "held": N}.
+- {"op": "put", "key": K, "kill": [i, ...], "replace": bool, "transient": bool}: add the
+  message's descriptors to group K (replace: close what K held first); "kill" indexes,
+  within this message, the pidfds to SIGKILL at the orphan end. A transient group (a warm
+  pool's ready sandbox) belongs to the connection that put it: when that connection ends
+  its pidfds are SIGKILLed and the group closed, so it dies with its daemon; a put with
+  replace and not transient makes it an ordinary group. Answer {"ok": true, "held": N}.
 - {"op": "get", "key": K}: copies of K's descriptors, in answers {"ok": true, "more": bool}
   carrying up to BATCH each, in the order they were put.
 - {"op": "forget", "key": K}: close K's descriptors. Answer {"ok": true, "closed": N}.
@@ -78,6 +82,13 @@ class _Group:
     def __init__(self) -> None:
         self.fds: list[int] = []
         self.kill: set[int] = set()  # positions in fds
+        #: The connection whose end kills and closes it (a transient put), else None.
+        self.owner: socket.socket | None = None
+
+    def kill_all(self) -> None:
+        for position in sorted(self.kill):
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.fds[position], signal.SIGKILL)
 
     def close(self) -> int:
         for fd in self.fds:
@@ -169,6 +180,10 @@ class Holder:
         _close_all(fds)
         self.selector.unregister(conn)
         self.clients.discard(conn)
+        for key in [k for k, g in self.groups.items() if g.owner is conn]:
+            group = self.groups.pop(key)
+            group.kill_all()
+            group.close()
         conn.close()
         if not self.clients:
             self.alone_since = time.monotonic()
@@ -206,6 +221,7 @@ class Holder:
         group = self.groups.setdefault(key, _Group())
         if request.get("replace"):
             group.close()
+            group.owner = conn if request.get("transient") else None
         base = len(group.fds)
         group.fds.extend(fds)
         group.kill.update(base + i for i in kill)
@@ -224,9 +240,7 @@ class Holder:
     def orphan_end(self) -> None:
         """No daemon came back: kill the processes it asked for (module docstring)."""
         for group in self.groups.values():
-            for position in sorted(group.kill):
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(group.fds[position], signal.SIGKILL)
+            group.kill_all()
 
     def close(self) -> None:
         for group in self.groups.values():
@@ -344,9 +358,10 @@ class HolderClient:
         return answer, got
 
     def put(self, key: str, fds: list[int], kill: tuple[int, ...] = (),
-            replace: bool = True) -> int:
+            replace: bool = True, transient: bool = False) -> int:
         """Hand copies of fds to the holder under key (ours stay open); kill: positions in
-        fds of pidfds to SIGKILL if no daemon comes back. Returns how many key holds.
+        fds of pidfds to SIGKILL if no daemon comes back (transient: as soon as this
+        connection ends). Returns how many key holds.
 
         Raises:
             ValueError: kill names a position outside fds (field "kill").
@@ -359,6 +374,7 @@ class HolderClient:
             batch = fds[start:start + BATCH]
             answer, _ = self._call({
                 "op": "put", "key": key, "replace": replace and start == 0,
+                "transient": transient,
                 "kill": [i - start for i in kill if start <= i < start + len(batch)]}, batch)
             held = answer["held"]
         return held

@@ -46,6 +46,14 @@ ready + live + spawning reach it) but against no tenant's quota until acquired. 
 stop the fills stop and every ready sandbox is destroyed (`sandbox.destroy`, reason
 "pool-drain"); after a crash they die with the daemon (PR_SET_PDEATHSIG) and the
 restart's sweep removes what they left, as for any sandbox.
+
+With live restore on (runtime/restore.py), a pool whose class can be kept spawns its
+sandboxes to outlive the daemon (die_with_parent off) and hands each to the holder as a
+transient group: the holder SIGKILLs a ready sandbox's PID 1 as soon as the daemon's
+connection ends (SIGKILL, crash, stop), so ready sandboxes still die with their daemon. At
+acquire, once the sandbox is the tenant's (workspace attached, egress rebound), it is kept
+as a cold create's is (SandboxManager.keep: its descriptors held for good, its row in
+restore.db) and survives a restart; `sandbox.create` says `live_restore: kept`.
 """
 
 from __future__ import annotations
@@ -291,6 +299,11 @@ class WarmPools:
         msb.owner_session = owner_session
         msb.created_at, msb.expires_at = now, now + ttl_s
         self.manager.renumber(msb)
+        if not msb.spec.die_with_parent and not self.manager.not_kept_because(
+                msb.spec, owner_session):
+            if spec.workspace is not None:  # state.json names the attached one (adopt)
+                await self.manager.run_blocking(msb.sandbox._write_state, tenant=caller.tenant)
+            self.manager.keep(msb)
         return msb
 
     async def _secret_set(self, caller: Caller, spec: SandboxSpec):
@@ -390,6 +403,12 @@ class WarmPools:
                 except Exception:  # noqa: BLE001 - the others still drain; the sweep has it
                     log.exception("pool %s: destroying ready sandbox %s failed", name, msb.id)
 
+    def _keepable(self, spec: SandboxSpec) -> bool:
+        """Live restore is on and would keep a sandbox of spec (module docstring)."""
+        manager = self.manager
+        return (manager.live_restore is not None and spec.backend == "native"
+                and not manager.not_kept_because(spec, None))
+
     def _most_short(self) -> PoolSpec | None:
         """The pool furthest under its size (None: all full)."""
         best, short = None, 0
@@ -432,6 +451,9 @@ class WarmPools:
     async def _fill(self, pool: PoolSpec) -> None:
         """Spawn one ready sandbox for pool through the cold path, and record it."""
         spec, values = pool.birth()
+        keepable = self._keepable(spec)
+        if keepable:  # outlives the daemon once acquired; dies with it while ready
+            spec = dataclasses.replace(spec, die_with_parent=False)
         self._filling += 1
         try:
             msb = await self.manager.launch(POOL_TENANT, spec, expires_in=float("inf"),
@@ -439,6 +461,8 @@ class WarmPools:
         finally:
             self._filling -= 1
         del values
+        if keepable:
+            self.manager.live_restore.hold_ready(msb.sandbox)
         msb.pool = pool.name
         self.ready[pool.name].append(msb)
         self.audit.append("sandbox.pool.fill", tenant=POOL_TENANT, peer="pool",

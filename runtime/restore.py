@@ -5,7 +5,14 @@ outlive dockerd with its --live-restore.
 Two things outlive the daemon:
 
 - the holder (runtime/holder.py), a process of its own that keeps each kept sandbox's
-  PID 1 pidfd and corral-init's exit-status pipe (key: the sandbox id);
+  PID 1 pidfd and corral-init's exit-status pipe (key: the sandbox id) and, under
+  "<id>/state:NAME", what its image, snapshot and upper layers hold (flocked hold files,
+  detached tmpfs mounts: sandbox/images/kept.py) and, under "<id>/egress", its egress
+  link (allow_net, secrets: the proxy's sockets, egress namespace, BPF steering, its DNS
+  pins and secrets' placeholders and CA; sandbox/net.py kept_descriptors), which the next
+  daemon serves again (SandboxManager._relink_egress; the secret values are read again
+  from the store); a warm pool's ready sandbox is held transient (it dies when the
+  daemon's connection ends) until it is acquired;
 - a SQLite file, <state>/restore.db (WAL, synchronous=FULL: a commit is on disk when it
   returns), with one row per kept sandbox: what the daemon knew of it beyond the kernel
   (its spec, tenant, labels, wall-clock TTL deadline, pause time).
@@ -21,6 +28,12 @@ adopted (sandbox/backends/native.py Sandbox.adopt) with the descriptors the hold
 one that cannot be (its PID 1 died meanwhile, a spec that is no longer adoptable) is
 killed and reported with the reason. A daemon that starts with live restore off calls
 discard(): what a previous daemon left held is killed, as if it had died with it.
+
+A docker sandbox's container outlives its daemon by itself: the holder keeps nothing of
+it, its row's backend_state names the engine, container id and creation time, and a
+`kept` file in its runtime directory names this store, so that no process's docker sweep
+removes it while the row exists. recover() adopts it (DockerSandbox.adopt) and then
+sweeps each such engine of the containers no store keeps; discard() sweeps them too.
 """
 
 from __future__ import annotations
@@ -52,8 +65,8 @@ DB_NAME = "restore.db"
 PIDFD, STATUS = 0, 1
 #: How long a killed PID 1 may take to be reaped (by init or a subreaper) before the sweep.
 REAP_WAIT_S = 5.0
-#: The spec fields whose state lives in the daemon's process (Sandbox.adopt refuses them).
-NOT_ADOPTABLE = ("allow_net", "image", "snapshot", "workspace_cow", "secrets")
+#: Backends whose sandboxes a restarted daemon can adopt (a container outlives its client).
+ADOPTABLE_BACKENDS = ("native", "docker")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -64,18 +77,17 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     paused_at REAL NOT NULL,
-    owner_session TEXT NOT NULL DEFAULT ''
+    owner_session TEXT NOT NULL DEFAULT '',
+    backend_state TEXT NOT NULL DEFAULT '{}'
 )
 """
 
 
 def unadoptable(spec: SandboxSpec) -> list[str]:
-    """The fields of spec that keep its sandbox from surviving a restart (its egress proxy,
-    image and snapshot references, change set or secret values live in the daemon)."""
-    found = [f for f in NOT_ADOPTABLE if getattr(spec, f)]
-    if spec.backend != "native":
-        found.append("backend")
-    return found
+    """The fields of spec that keep its sandbox from surviving a restart: none of a native
+    or docker sandbox's (what lived only in the daemon's process, its egress, layers,
+    snapshot and change set, is now held or recorded), only another backend."""
+    return [] if spec.backend in ADOPTABLE_BACKENDS else ["backend"]
 
 
 @dataclass
@@ -91,6 +103,9 @@ class KeptSandbox:
     paused_at: float  # Unix seconds of the pause, 0 while running
     #: The session that made it and ends with it ("" for a Create's sandbox).
     owner_session: str = ""
+    #: What its backend checks it against at adoption (docker: the engine, container id
+    #: and creation time: DockerSandbox.kept_record); {} for a native sandbox.
+    backend_state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +119,8 @@ class Recovered:
     commands: dict[str, list[int]] = field(default_factory=dict)
     #: Session id -> [events read end, control write end] of each session it ran.
     sessions: dict[str, list[int]] = field(default_factory=dict)
+    #: Its egress as kept (sandbox/net.py kept_descriptors), [] when it has none.
+    egress: list[int] = field(default_factory=list)
 
 
 def command_key(sandbox_id: str, exec_id: str) -> str:
@@ -118,6 +135,11 @@ def session_key(sandbox_id: str, session_id: str) -> str:
 
 #: What follows "<sandbox id>/" in a session's holder key.
 SESSION_PREFIX = "session:"
+#: What follows "<sandbox id>/" in the holder key of a group of its filesystem state
+#: (image layer holds, a snapshot's hold, upper layers: sandbox/images/kept.py).
+STATE_PREFIX = "state:"
+#: What follows "<sandbox id>/" in the holder key of its egress (allow_net, secrets).
+EGRESS_NAME = "egress"
 
 
 class RestoreStore:
@@ -132,14 +154,19 @@ class RestoreStore:
         if "owner_session" not in columns:  # a store an older daemon wrote
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN owner_session TEXT NOT NULL "
                             "DEFAULT ''")
+        if "backend_state" not in columns:
+            self.db.execute("ALTER TABLE sandboxes ADD COLUMN backend_state TEXT NOT NULL "
+                            "DEFAULT '{}'")
         os.chmod(path, 0o600)
 
     def put(self, row: KeptSandbox) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO sandboxes (id, tenant, spec, labels, created_at, "
-            "expires_at, paused_at, owner_session) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "expires_at, paused_at, owner_session, backend_state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row.id, row.tenant, json.dumps(row.spec), json.dumps(row.labels),
-             row.created_at, row.expires_at, row.paused_at, row.owner_session))
+             row.created_at, row.expires_at, row.paused_at, row.owner_session,
+             json.dumps(row.backend_state)))
 
     def update(self, sandbox_id: str, expires_at: float, paused_at: float) -> None:
         self.db.execute("UPDATE sandboxes SET expires_at = ?, paused_at = ? WHERE id = ?",
@@ -149,10 +176,10 @@ class RestoreStore:
         self.db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
 
     def rows(self) -> list[KeptSandbox]:
-        return [KeptSandbox(i, t, json.loads(s), json.loads(lb), c, e, p, o)
-                for i, t, s, lb, c, e, p, o in self.db.execute(
+        return [KeptSandbox(i, t, json.loads(s), json.loads(lb), c, e, p, o, json.loads(b))
+                for i, t, s, lb, c, e, p, o, b in self.db.execute(
                     "SELECT id, tenant, spec, labels, created_at, expires_at, paused_at, "
-                    "owner_session FROM sandboxes ORDER BY created_at")]
+                    "owner_session, backend_state FROM sandboxes ORDER BY created_at")]
 
     def close(self) -> None:
         self.db.close()
@@ -177,10 +204,14 @@ class LiveRestore:
         from corral.sandbox.backends.native import Sandbox
 
         held = set(self.holder.keys())
-        results = []
-        for row in self.store.rows():
+        rows = self.store.rows()
+        results = self._recover_containers([r for r in rows if r.spec.get("backend") == "docker"])
+        for row in rows:
+            if row.spec.get("backend") == "docker":
+                continue
             result = Recovered(row)
             fds: list[int] = []
+            state: dict[str, list[int]] = {}  # adopt keeps copies of what it uses
             try:
                 if row.id not in held:
                     raise CorralError("the holder kept nothing of it")
@@ -189,19 +220,26 @@ class LiveRestore:
                 if len(fds) != 2:
                     raise CorralError(f"the holder kept {len(fds)} descriptors, not 2")
                 spec = SandboxSpec.from_fields(row.spec)
+                state = self._take_state(row.id, held)
                 result.sandbox = Sandbox.adopt(spec, row.id, init_pidfd=fds[PIDFD],
-                                               status_fd=fds[STATUS], tenant=row.tenant)
+                                               status_fd=fds[STATUS], tenant=row.tenant,
+                                               held=state)
             except (CorralError, HolderError, OSError, TypeError, ValueError) as exc:
                 result.reason = str(exc) or type(exc).__name__
                 _kill_and_close(row.id, fds)
                 self._drop(row.id)
+            finally:
+                for group in state.values():
+                    _kill_and_close(None, group)
             results.append(result)
             for key in [k for k in held if k.startswith(row.id + "/")]:
                 held.discard(key)
                 if result.sandbox is None:
                     continue
                 name = key[len(row.id) + 1:]
-                if name.startswith(SESSION_PREFIX):
+                if name == EGRESS_NAME:
+                    result.egress = self.holder.get(key)
+                elif name.startswith(SESSION_PREFIX):
                     result.sessions[name[len(SESSION_PREFIX):]] = self.holder.get(key)
                 else:
                     result.commands[key] = self.holder.get(key)
@@ -209,6 +247,45 @@ class LiveRestore:
             _kill_and_close(None if "/" in key else key, self.holder.get(key))
             self.holder.forget(key)
         return results
+
+    def _recover_containers(self, rows: list[KeptSandbox]) -> list[Recovered]:
+        """Adopt kept docker sandboxes: their containers outlived the daemon by themselves
+        (the holder keeps nothing of them; their commands' descriptors, if any, are let go
+        with the rest). A lost one's row goes, and the sweep of each engine that follows
+        removes its container, with every other one no store keeps."""
+        if not rows:
+            return []
+        from corral.sandbox.backends.docker import DockerSandbox
+
+        results = []
+        for row in rows:
+            result = Recovered(row)
+            try:
+                result.sandbox = DockerSandbox.adopt(
+                    SandboxSpec.from_fields(row.spec), row.id, row.backend_state,
+                    paused=bool(row.paused_at))
+            except (CorralError, OSError, TypeError, ValueError, KeyError) as exc:
+                result.reason = str(exc) or type(exc).__name__
+                self._drop(row.id)
+            results.append(result)
+        for url in sorted({str(r.backend_state.get("url") or "") for r in rows}):
+            DockerSandbox.sweep_engine(url or None)
+        return results
+
+    def _take_state(self, sandbox_id: str, held: set[str]) -> dict[str, list[int]]:
+        """Copies of sandbox_id's filesystem state groups (name -> descriptors), taken out
+        of held (the caller closes them; Sandbox.adopt keeps copies of what it uses)."""
+        prefix = f"{sandbox_id}/{STATE_PREFIX}"
+        state: dict[str, list[int]] = {}
+        try:
+            for key in sorted(k for k in held if k.startswith(prefix)):
+                held.discard(key)
+                state[key[len(prefix):]] = self.holder.get(key)
+        except HolderError:
+            for fds in state.values():
+                _kill_and_close(None, fds)
+            raise
+        return state
 
     def _drop(self, sandbox_id: str) -> None:
         """Forget a sandbox: its descriptors, its commands' and its row."""
@@ -223,17 +300,45 @@ class LiveRestore:
     def keep(self, sandbox, row: KeptSandbox) -> None:
         """Hold sandbox's descriptors and write its row (in the background: copies of the
         descriptors are taken now, so a destroy meanwhile cannot close them under us)."""
+        from corral.sandbox.images import kept
+
+        if row.spec.get("backend") == "docker":  # its container outlives us: only the row
+            row.backend_state = sandbox.kept_record(os.path.join(self.state_dir, DB_NAME))
+            self._submit(lambda: self.store.put(row), row.id)
+            return
         fds = [os.dup(sandbox._init_pidfd), os.dup(sandbox.status_fd)]
+        egress = _egress_descriptors(sandbox)
+        state = {name: [os.dup(fd) for fd in group]
+                 for name, group in kept.descriptors(sandbox).items()}
 
         def write() -> None:
             try:
                 self.holder.put(row.id, fds, kill=(PIDFD,))
+                if egress:  # before the row: a row means all of it is held
+                    self.holder.put(f"{row.id}/{EGRESS_NAME}", egress)
+                for name, group in state.items():
+                    self.holder.put(f"{row.id}/{STATE_PREFIX}{name}", group)
             finally:
-                for fd in fds:
+                for fd in fds + egress + [fd for group in state.values() for fd in group]:
                     os.close(fd)
             self.store.put(row)
 
         self._submit(write, row.id)
+
+    def hold_ready(self, sandbox) -> None:
+        """Hold a warm pool's ready sandbox (spawned to outlive the daemon) as transient:
+        the holder kills it when this daemon's connection ends, so it dies with the
+        daemon; keep() at acquire makes it an ordinary kept sandbox."""
+        fds = [os.dup(sandbox._init_pidfd), os.dup(sandbox.status_fd)]
+
+        def write() -> None:
+            try:
+                self.holder.put(sandbox.id, fds, kill=(PIDFD,), transient=True)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        self._submit(write, sandbox.id)
 
     def keep_command(self, sandbox_id: str, exec_id: str, outputs: list[int], stdin: int,
                      journal, record) -> None:
@@ -335,26 +440,72 @@ class LiveRestore:
         self.holder.close()
 
 
+def _egress_descriptors(sandbox) -> list[int]:
+    """Copies of what serves sandbox's egress (sandbox/net.py kept_descriptors), [] when
+    it has none or they cannot be had (then the next daemon finds them missing, and
+    kills and reports the sandbox)."""
+    if getattr(sandbox, "egress", None) is None:
+        return []
+    from corral.sandbox.net import kept_descriptors
+
+    try:
+        return kept_descriptors(sandbox.egress, sandbox.secrets)
+    except (OSError, CorralError) as exc:  # CorralError: its link is being removed
+        log.error("live restore: the egress of %s is not kept: %s", sandbox.id, exc)
+        return []
+
+
 def discard(state_dir: str) -> int:
     """Live restore is off: kill what a previous daemon (with it on) left held and stop its
     holder, so that the sweep removes those sandboxes as it would after a crash. Returns
     how many were killed (blocking; before any sweep)."""
+    containers = _kept_containers(state_dir)  # read before the store goes
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(state_dir, DB_NAME))
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(state_dir, DB_NAME + suffix))
+    killed = _remove_containers(containers)
     try:
         holder = HolderClient.connect(os.path.join(state_dir, SOCKET_NAME))
     except HolderError:
-        return 0
-    killed = 0
+        return killed
     with holder:
         for key in holder.keys():
             with contextlib.suppress(HolderError):  # forgotten meanwhile by its daemon
                 killed += _kill_and_close(None if "/" in key else key, holder.get(key))
         holder.stop()
     return killed
+
+
+def _kept_containers(state_dir: str) -> dict[str, set[str]]:
+    """The kept docker sandboxes restore.db names, by engine URL ({} without a store)."""
+    found: dict[str, set[str]] = {}
+    try:
+        db = sqlite3.connect(f"file:{os.path.join(state_dir, DB_NAME)}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return found
+    try:
+        for sandbox_id, state in db.execute("SELECT id, backend_state FROM sandboxes"):
+            url = json.loads(state).get("url")
+            if url:
+                found.setdefault(url, set()).add(sandbox_id)
+    except (sqlite3.Error, ValueError, AttributeError):
+        pass  # no store, or one written before docker sandboxes were kept
+    finally:
+        db.close()
+    return found
+
+
+def _remove_containers(containers: dict[str, set[str]]) -> int:
+    """Sweep each engine of kept containers once their store is gone (no store keeps
+    them now); returns how many of them were removed."""
+    if not containers:
+        return 0
+    from corral.sandbox.backends.docker import DockerSandbox
+
+    return sum(len(ids & set(DockerSandbox.sweep_engine(url)))
+               for url, ids in containers.items())
 
 
 def _kill_and_close(sandbox_id: str | None, fds: list[int]) -> int:

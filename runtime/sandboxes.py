@@ -451,11 +451,16 @@ class SandboxManager:
         asyncio.get_running_loop().add_reader(sandbox.status_fd, self._collect_exits, msb,
                                               sandbox.status_fd)
         if keep:
-            msb.kept = True
-            self.live_restore.keep(sandbox, KeptSandbox(
-                msb.id, tenant, msb.spec.to_fields(), msb.labels, msb.created_at,
-                msb.expires_at, 0.0, owner_session or ""))
+            self.keep(msb)
         return msb
+
+    def keep(self, msb: ManagedSandbox) -> None:
+        """Live restore keeps msb across restarts from now on (at its spawn, or when a
+        warm pool hands it to a tenant): its descriptors to the holder, its row written."""
+        msb.kept = True
+        self.live_restore.keep(msb.sandbox, KeptSandbox(
+            msb.id, msb.tenant, msb.spec.to_fields(), msb.labels, msb.created_at,
+            msb.expires_at, msb.paused_at, msb.owner_session or ""))
 
     def not_kept_because(self, spec: SandboxSpec, owner_session: str | None) -> str:
         """Why a sandbox of spec would not outlive a daemon restart; "" when live restore
@@ -474,6 +479,9 @@ class SandboxManager:
         loop = asyncio.get_running_loop()
         now, mono = time.time(), time.monotonic()
         for result in recovered:
+            if result.sandbox is not None and result.sandbox.spec.allow_net and \
+                    result.sandbox.spec.backend == "native":  # docker: no egress link
+                self._relink_egress(result)
             row, sandbox = result.row, result.sandbox
             if sandbox is None:
                 self.audit.append("sandbox.restore", tenant=row.tenant, peer="daemon",
@@ -508,6 +516,39 @@ class SandboxManager:
                                   "expires_at": round(row.expires_at, 3),
                                   "commands": rebuilt})
         return sum(1 for r in recovered if r.sandbox is not None)
+
+    def _relink_egress(self, result: Recovered) -> None:
+        """A restored sandbox's egress served again on what the holder kept (sandbox/net.py
+        relink_kept), its secrets' values read from the store again, its attempts audited
+        as before; one that cannot be is killed and reported lost (result.reason)."""
+        from corral.sandbox import net
+
+        sandbox, row = result.sandbox, result.row
+        fds, result.egress = result.egress, []
+        policy = {"digest": sandbox.policy_digest()}  # stamped on its egress records
+        listener = self.net_listener(row.tenant, policy)
+        try:
+            values = (self.secrets.values_for(row.tenant, sandbox.spec.secrets)
+                      if sandbox.spec.secrets else None)
+            sandbox.egress, sandbox.secrets = net.relink_kept(
+                row.id, fds, sandbox.spec.allow_net, sandbox.spec.secrets, values, listener)
+            del values
+        except (CorralError, OSError) as exc:
+            result.reason = f"its egress cannot be served again: {exc}"
+            result.sandbox = None
+            for held in [*result.commands.values(), *result.sessions.values()]:
+                for fd in held:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            result.commands, result.sessions = {}, {}
+            sandbox._frozen = bool(row.paused_at and sandbox._cgroup)  # killed frozen
+            with contextlib.suppress(CorralError, OSError):
+                sandbox.destroy()
+            self.live_restore.forget(row.id)
+            return
+        sandbox.on_net_event = listener
+        if sandbox.egress.attachment.steering is None:
+            sandbox.notes.append(net.ROOTLESS_NOTE)
 
     def _drain_orphan_output(self, key: str, fd: int) -> None:
         """Read and drop what a command of the dead daemon writes, so that it runs on
@@ -851,7 +892,9 @@ class SandboxManager:
                 asyncio.get_running_loop().remove_reader(msb.sandbox.status_fd)
         await self._close_ports(msb, "sandbox-destroyed")
         await self.run_blocking(msb.sandbox.destroy, tenant=msb.tenant)
-        if msb.kept:  # after the kill: the holder's copies of its descriptors go last
+        # after the kill: the holder's copies of its descriptors go last (a warm pool's
+        # sandbox spawned to be kept is held from its fill on: runtime/pools.py)
+        if msb.kept or (self.live_restore is not None and not msb.spec.die_with_parent):
             self.live_restore.forget(msb.id)
         self.audit.append("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
                           sandbox_id=msb.id, session_id=msb.owner_session or "",

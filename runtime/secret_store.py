@@ -17,7 +17,9 @@ sandbox, and hands it to the sandbox beside the spec (sandbox/secrets.py). The r
    mode 0600 or stricter: one that its group or others may read is refused, naming the
    path and its mode. Its value is its content, less one trailing newline.
 3. Files are read at each lookup, so replacing one rotates the secret for the sandboxes
-   created after (running sandboxes keep the value they started with).
+   created after (running sandboxes keep the value they started with, until a restart of
+   a daemon with live restore on: it reads each kept sandbox's values here again, and a
+   sandbox whose secret is gone from the store by then is killed and reported).
 4. No value is ever logged, put in an error message or shown by `repr`: errors name the
    tenant, the secret and the path.
 """

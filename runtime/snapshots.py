@@ -35,12 +35,13 @@ class SandboxState:
 
     def sweep(self) -> None:
         """What a crashed daemon left: capture temp dirs, dead holds, unnamed layers, change
-        sets left mounted."""
+        sets left mounted (but those of sandboxes live restore adopted: they run on them)."""
         swept = self.store.sweep()
         if swept.temp_dirs or swept.layers or swept.holds:
             log.info("snapshot store: removed %d temp dirs, %d layers, %d stale holds",
                      swept.temp_dirs, len(swept.layers), swept.holds)
-        for name in change_sets.sweep(self.changes_root):
+        live = {msb.id for msb in self.sandboxes.all()}
+        for name in change_sets.sweep(self.changes_root, live):
             log.info("change set %s: unmounted after a crash", name)
 
     # -- snapshots ----------------------------------------------------------------------------

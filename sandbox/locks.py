@@ -39,6 +39,14 @@ class Held:
         self._fds = list(fds)
         self._paths = list(paths)
 
+    def descriptors(self) -> list[int]:
+        """The descriptors that keep it (live restore's holder keeps copies of them)."""
+        return list(self._fds)
+
+    def paths(self) -> list[str]:
+        """The hold files close() unlinks."""
+        return list(self._paths)
+
     def close(self) -> None:
         fds, self._fds = self._fds, []
         paths, self._paths = self._paths, []

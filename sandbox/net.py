@@ -61,6 +61,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno as errno_mod
+import json
 import logging
 import os
 import socket
@@ -259,6 +260,17 @@ class SkLookup:
         except OSError as exc:
             text = log.value.decode(errors="replace").strip().splitlines()
             raise OSError(exc.errno, f"{exc.strerror}: {' | '.join(text[-3:])}") from None
+
+    @classmethod
+    def adopt(cls, map_fd: int, prog_fd: int, link_fd: int) -> SkLookup:
+        """The steering another process made, from its descriptors (live restore: the
+        holder kept them); this object owns them from here on."""
+        steering = cls.__new__(cls)
+        steering.map_fd, steering.prog_fd, steering.link_fd = map_fd, prog_fd, link_fd
+        return steering
+
+    def descriptors(self) -> list[int]:
+        return [self.map_fd, self.prog_fd, self.link_fd]
 
     def close(self) -> None:
         for name in ("link_fd", "prog_fd", "map_fd"):
@@ -556,6 +568,18 @@ class EgressLink:
         self.sandbox_id = sandbox_id
         self.attachment = attachment
         self.proxy = proxy
+        #: The memfd the proxy writes the sandbox's DNS pins to (live restore), or -1.
+        self.pins_fd = -1
+
+    def keep_pins(self, fd: int) -> None:
+        """From now on the proxy writes this sandbox's DNS pins to the memfd fd (owned
+        here from now on; its holder's copy outlives us): the next daemon reads them."""
+        old, self.pins_fd = self.pins_fd, fd
+        try:
+            self.proxy.keep_pins(self.sandbox_id, _pin_writer(fd))
+        finally:
+            if old >= 0:
+                os.close(old)
 
     @property
     def egress_ns_inode(self) -> int:
@@ -592,6 +616,32 @@ class EgressLink:
                 "egress of %s: the proxy did not end its connections: %s", self.sandbox_id, exc)
         finally:
             self.attachment.close()
+            if self.pins_fd >= 0:  # no pin is written after unregister
+                os.close(self.pins_fd)
+                self.pins_fd = -1
+
+
+def _served(sandbox_id: str, attachment: NetAttachment, allow_net, on_event,
+            secrets, pins=None) -> EgressLink:
+    """attachment registered with the process's proxy under allow_net (a rootless one,
+    with no steering, refused for a rule only steering serves); closed on failure."""
+    from .proxy import EgressPolicy, shared_proxy
+
+    try:
+        proxy = shared_proxy()
+        policy = EgressPolicy(allow_net, proxy.config)
+        if attachment.steering is None:
+            problem = rootless_rule_problem(policy.rules)
+            if problem is not None:
+                raise UnsupportedHost(f"allow_net: {problem}")
+        proxy.register(sandbox_id, attachment.tcp_listener, attachment.udp_sink, policy,
+                       on_event, secrets=secrets, pins=pins)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            shared_proxy().unregister(sandbox_id)
+        attachment.close()
+        raise
+    return EgressLink(sandbox_id, attachment, proxy)
 
 
 def open_egress(sandbox_id: str, init_pid: int, allow_net, on_event=None,
@@ -609,19 +659,227 @@ def open_egress(sandbox_id: str, init_pid: int, allow_net, on_event=None,
     """
     from .proxy import EgressPolicy, shared_proxy
 
-    proxy = shared_proxy()
-    policy = EgressPolicy(allow_net, proxy.config)
-    if rootless:
-        problem = rootless_rule_problem(policy.rules)
+    if rootless:  # refused before anything is made
+        problem = rootless_rule_problem(EgressPolicy(allow_net, shared_proxy().config).rules)
         if problem is not None:
             raise UnsupportedHost(f"allow_net: {problem}")
     attachment = attach_rootless(init_pid) if rootless else attach(init_pid)
+    return _served(sandbox_id, attachment, allow_net, on_event, secrets)
+
+
+# -- live restore: what outlives the daemon, and the link served again ----------------------
+#
+# A kept sandbox's egress is kernel objects only: the proxy's two sockets, the egress
+# namespace (which holds the veth and its rules), the sockmap, program and sk_lookup link.
+# The descriptor holder (runtime/holder.py) keeps a copy of each, after two memfds: a
+# sealed one that says which is which (and holds the secrets' placeholders and CA), and
+# one the proxy rewrites with the sandbox's DNS pins as they grow. A restarted daemon gets
+# them back (adopt_kept) and serves them again (reopen_egress). Connections the dead
+# daemon had accepted die with it; new ones wait in the listener's backlog until the next
+# daemon accepts them.
+
+#: The layout of a kept egress after its two memfds: root's and rootless.
+KEPT_ROOT = ("tcp", "udp", "netns", "bpf-map", "bpf-prog", "bpf_link")
+KEPT_ROOTLESS = ("tcp", "udp")
+#: The description memfd and the pins memfd come first.
+KEPT_HEAD = 2
+#: The largest memfd read back or pins written (a few secrets and one CA; pins past this
+#: are not kept: the last that fitted stay).
+KEPT_MAX_BYTES = 1 << 20
+_SEALS = ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE")
+_PINS_NAME = "corral-egress-pins"
+
+
+@dataclass
+class KeptEgress:
+    """A kept egress taken back: its attachment, pins memfd (both owned) and secrets."""
+
+    attachment: NetAttachment
+    #: SecretSet.kept_state() of the sandbox's secrets (placeholders, CA), None without.
+    secrets: dict | None
+    #: address -> names the dead daemon's resolver gave the sandbox (DNS pinning).
+    pins: dict[str, list[str]]
+    pins_fd: int
+
+
+def _pin_writer(fd: int):
+    """The proxy's pin sink: the whole map rewritten into the memfd fd (a daemon killed
+    mid-write leaves it unreadable, and the next one starts with no pins)."""
+
+    def write(pins: dict) -> None:
+        data = json.dumps({a: sorted(names) for a, names in pins.items()}).encode()
+        if len(data) <= KEPT_MAX_BYTES:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+
+    return write
+
+
+def kept_descriptors(link: EgressLink, secrets=None) -> list[int]:
+    """New descriptors for what another process needs to serve link's sandbox (live
+    restore): a sealed memfd describing the rest (and secrets' kept_state(): placeholders
+    and CA, never a value), a memfd the proxy keeps the DNS pins in from now on, then the
+    sockets, namespace and BPF objects. The caller hands them on and closes them."""
+    import fcntl
+
+    att = link.attachment
+    socks = [att.tcp_listener.fileno(), att.udp_sink.fileno()]
+    rest = [att.egress_ns_fd, *att.steering.descriptors()] if att.steering else []
+    description = json.dumps({
+        "version": 1, "fds": KEPT_ROOT if att.steering else KEPT_ROOTLESS,
+        "netns_inode": att.egress_ns_inode,
+        "secrets": secrets.kept_state() if secrets else None}).encode()
+    fds = [os.memfd_create("corral-egress", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)]
     try:
-        proxy.register(sandbox_id, attachment.tcp_listener, attachment.udp_sink, policy,
-                       on_event, secrets=secrets)
+        os.write(fds[0], description)
+        seals = 0
+        for name in _SEALS:
+            seals |= getattr(fcntl, name)
+        fcntl.fcntl(fds[0], fcntl.F_ADD_SEALS, seals)  # nobody changes it from here on
+        fds.append(os.memfd_create(_PINS_NAME, os.MFD_CLOEXEC))
+        fds += [os.dup(fd) for fd in socks + rest]
+        link.keep_pins(os.dup(fds[1]))
     except BaseException:
-        with contextlib.suppress(Exception):
-            proxy.unregister(sandbox_id)
-        attachment.close()
+        for fd in fds:
+            os.close(fd)
         raise
-    return EgressLink(sandbox_id, attachment, proxy)
+    return fds
+
+
+def adopt_kept(fds: list[int]) -> KeptEgress:
+    """The egress kept_descriptors() described, from the descriptors a holder gave back
+    (this function owns them: on failure every one is closed).
+
+    Raises:
+        SandboxSetupError: a descriptor is not what the description says (step named).
+    """
+    opened: list = list(fds)
+    try:
+        description = _kept_description(fds)
+        names, inode = description["fds"], description["netns_inode"]
+        _expect(fds[1], f"/memfd:{_PINS_NAME} (deleted)", "pins")
+        for i, kind in ((KEPT_HEAD, socket.SOCK_STREAM), (KEPT_HEAD + 1, socket.SOCK_DGRAM)):
+            opened[i] = _kept_socket(fds[i], inode, kind, names[i - KEPT_HEAD])
+        for fd, name in zip(fds[KEPT_HEAD + 2:], names[2:], strict=True):
+            _expect(fd, f"net:[{inode}]" if name == "netns" else f"anon_inode:{name}", name)
+        tcp, udp = opened[KEPT_HEAD:KEPT_HEAD + 2]
+        steering = SkLookup.adopt(*fds[-3:]) if len(names) == len(KEPT_ROOT) else None
+        attachment = NetAttachment(fds[KEPT_HEAD + 2] if steering else -1, inode, tcp, udp,
+                                   steering)
+        os.close(fds[0])
+        return KeptEgress(attachment, description.get("secrets"), _kept_pins(fds[1]), fds[1])
+    except BaseException:
+        for item in opened:
+            with contextlib.suppress(OSError):
+                item.close() if isinstance(item, socket.socket) else os.close(item)
+        raise
+
+
+def _expect(fd: int, want: str, name: str) -> None:
+    if os.readlink(f"/proc/self/fd/{fd}") != want:
+        raise SandboxSetupError("live restore", f"kept {name}", errno_mod.EBADF,
+                                f"descriptor {fd} is not {want}")
+
+
+def _kept_description(fds: list[int]) -> dict:
+    """The first memfd's description, checked against how many descriptors came with it."""
+    try:
+        description = json.loads(os.pread(fds[0], KEPT_MAX_BYTES, 0))
+        names = tuple(description["fds"])
+        int(description["netns_inode"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise SandboxSetupError("live restore", "kept egress description", errno_mod.EINVAL,
+                                str(exc) or type(exc).__name__) from None
+    if names not in (KEPT_ROOT, KEPT_ROOTLESS) or len(fds) != KEPT_HEAD + len(names):
+        raise SandboxSetupError("live restore", "kept egress description", errno_mod.EINVAL,
+                                f"{len(fds) - KEPT_HEAD} descriptors for {list(names)}")
+    return description
+
+
+def _kept_pins(fd: int) -> dict[str, list[str]]:
+    """The DNS pins in the pins memfd; {} when it cannot be read whole (a write cut off)."""
+    try:
+        pins = json.loads(os.pread(fd, KEPT_MAX_BYTES, 0) or b"{}")
+        if isinstance(pins, dict) and all(isinstance(n, list) for n in pins.values()):
+            return {str(a): [str(n) for n in names] for a, names in pins.items()}
+    except (OSError, ValueError):
+        pass
+    logging.getLogger("corral.net").warning("live restore: DNS pins unreadable; none kept")
+    return {}
+
+
+def _kept_socket(fd: int, inode: int, kind: int, name: str) -> socket.socket:
+    """A kept socket of the egress namespace (inode): its type and namespace checked."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise SandboxSetupError("live restore", f"kept {name}", exc.errno) from None
+    problem = ""
+    if sock.type != kind or sock.family != socket.AF_INET:
+        problem = f"descriptor {fd} is not an IPv4 {name} socket"
+    elif kind == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET,
+                                                            socket.SO_ACCEPTCONN):
+        problem = f"descriptor {fd} does not listen"
+    elif socket_netns_inode(sock) != inode:
+        problem = f"descriptor {fd} is not in network namespace {inode}"
+    if problem:
+        sock.detach()  # still in the caller's list: closed there
+        raise SandboxSetupError("live restore", f"kept {name}", errno_mod.EBADF, problem)
+    sock.setblocking(False)  # served from the proxy's event loop
+    return sock
+
+
+def reopen_egress(sandbox_id: str, kept: KeptEgress, allow_net, on_event=None,
+                  secrets=None) -> EgressLink:
+    """Serve a kept egress again under allow_net (the sandbox's spec): the link a dead
+    daemon made, with the same sockets, namespace, steering and DNS pins, registered with
+    this process's proxy, which keeps the pins in the same memfd from now on. The
+    attachment and memfd are closed on failure.
+
+    Raises:
+        UnsupportedHost, InvalidSpec: as open_egress for the rules.
+    """
+    try:
+        link = _served(sandbox_id, kept.attachment, allow_net, on_event, secrets,
+                       pins=kept.pins)
+    except BaseException:
+        os.close(kept.pins_fd)
+        raise
+    try:
+        link.keep_pins(kept.pins_fd)
+    except BaseException:
+        link.close()
+        raise
+    return link
+
+
+def relink_kept(sandbox_id: str, fds: list[int], allow_net, bindings=(),
+                secret_values=None, on_event=None):
+    """An adopted sandbox's kept egress served again (live restore): its descriptors as
+    the holder gave them back (owned here), its spec's allow_net and secret bindings, and
+    the secrets' values read again from the store. Returns (EgressLink, its SecretSet or
+    None): the same placeholders and CA as before, so its environment and trust hold.
+
+    Raises:
+        SandboxSetupError: nothing was kept, or a descriptor is not what it was.
+        InvalidSpec: on field "secrets": a value is missing now, or what was kept of them.
+        UnsupportedHost: as open_egress.
+    """
+    from .errors import InvalidSpec
+    from .secrets import SecretSet
+
+    if not fds:
+        raise SandboxSetupError("live restore", "kept egress", errno_mod.ENOENT,
+                                "the holder kept no egress descriptors")
+    kept = adopt_kept(fds)
+    secrets = None
+    if bindings:
+        try:
+            if kept.secrets is None:
+                raise InvalidSpec("secrets", "their placeholders and CA were not kept")
+            secrets = SecretSet.restored(bindings, secret_values or {}, kept.secrets)
+        except BaseException:
+            kept.attachment.close()
+            os.close(kept.pins_fd)
+            raise
+    return reopen_egress(sandbox_id, kept, allow_net, on_event, secrets), secrets

@@ -756,6 +756,9 @@ class _Registration:
     counts: dict = field(default_factory=lambda: {"allowed": 0, "denied": 0})
     #: address -> names our resolver answered with it, for this sandbox (DNS pinning)
     pins: dict = field(default_factory=dict)
+    #: Called (proxy thread) with pins each time they grow: live restore keeps them
+    #: (sandbox/net.py), so a raw client's cached address still pins after a restart.
+    pin_sink: Callable[[dict], None] | None = None
     tokens: float = EVENT_BURST
     refilled: float = field(default_factory=time.monotonic)
     #: The sandbox's secrets (sandbox/secrets.SecretSet), None without (rule 5a).
@@ -811,14 +814,28 @@ class EgressProxy:
 
     def register(self, sandbox_id: str, tcp_listener: socket.socket, udp_sink: socket.socket,
                  policy: EgressPolicy, on_event: Callable[[dict], None] | None,
-                 secrets=None) -> None:
+                 secrets=None, pins: Mapping[str, Iterable[str]] | None = None) -> None:
         """Start serving one sandbox's sockets (blocking until they are served).
 
         Args:
             secrets: the sandbox's SecretSet (rule 5a), or None.
+            pins: the DNS pins a dead process's proxy had given it (live restore).
         """
-        reg = _Registration(sandbox_id, policy, on_event, secrets=secrets or None)
+        reg = _Registration(sandbox_id, policy, on_event, secrets=secrets or None,
+                            pins={a: set(names) for a, names in (pins or {}).items()})
         self._call(self._register(reg, tcp_listener, udp_sink))
+
+    def keep_pins(self, sandbox_id: str, sink: Callable[[dict], None]) -> None:
+        """Call sink (on the proxy's thread) with the sandbox's DNS pins now and each time
+        they grow (live restore keeps them). Raises FailedPrecondition: not registered."""
+        self._call(self._keep_pins(sandbox_id, sink))
+
+    async def _keep_pins(self, sandbox_id: str, sink) -> None:
+        reg = self._regs.get(sandbox_id)
+        if reg is None:
+            raise FailedPrecondition(f"{sandbox_id} has no egress link to keep")
+        reg.pin_sink = sink
+        sink(reg.pins)
 
     def rebind(self, sandbox_id: str, policy: EgressPolicy,
                on_event: Callable[[dict], None] | None, secrets=None) -> None:
@@ -1158,8 +1175,14 @@ class EgressProxy:
             event.update(decision="deny", reason=f"no rule allows {name or q.name!r}")
         elif q.qtype == QTYPE_A and q.qclass == 1:
             answers = reg.policy.dns_answers(name, await self.resolver.resolve(name))
+            grew = False
             for addr in answers:
-                reg.pins.setdefault(addr, set()).add(name)
+                names = reg.pins.setdefault(addr, set())
+                grew = grew or name not in names
+                names.add(name)
+            if grew and reg.pin_sink is not None:
+                with contextlib.suppress(Exception):  # keeping them never breaks DNS
+                    reg.pin_sink(reg.pins)
             reply = build_dns_response(q, RCODE_NOERROR if answers else RCODE_NXDOMAIN,
                                        answers)
             event.update(decision="allow" if answers else "deny",

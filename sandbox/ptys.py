@@ -9,7 +9,8 @@ inside resolves inside), checks that what it opened is a pty multiplexer (charac
 device 5:2: a sandbox cannot plant something else there, its /dev is read-only, but a
 check costs one fstat), unlocks it and takes the slave with
 TIOCGPTPEER (no path lookup inside the sandbox at all). The master stays with the runtime
-(the CLI copies it to the user's terminal, the daemon streams it as Exec's stdout); the
+(the CLI copies it to the user's terminal, the daemon streams it as Exec's stdout, and
+live restore's holder keeps a copy across a daemon restart: `master_copy`); the
 slave becomes the command's stdin, stdout and stderr and, through _spawn's `ctty` step,
 its controlling terminal, so the pty's line discipline turns ^C / ^Z into SIGINT /
 SIGTSTP for the foreground group inside, as in a local shell.
@@ -54,6 +55,16 @@ def check_window(rows: int, cols: int) -> tuple[int, int]:
         if not 1 <= value <= MAX_WINDOW:
             raise InvalidSpec(name, f"{value} is not a terminal size; use 1 to {MAX_WINDOW}")
     return rows, cols
+
+
+def master_copy(fd: int) -> int:
+    """A copy of fd (close-on-exec) when it is a pty master, else -1: a tty command's
+    output that a restarted daemon took back from live restore's holder is its master,
+    on which resize works again."""
+    st = os.fstat(fd)
+    if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == _PTMX_RDEV):
+        return -1
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
 
 
 def set_window(fd: int, rows: int, cols: int) -> None:

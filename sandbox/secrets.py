@@ -9,9 +9,11 @@ The rules this module keeps:
    DNS name (case-folded, 63 bytes a label) and a scanner finds it by its prefix.
 2. The value is bytes in this object and nowhere else: not in the spec, the environment,
    the audit events (which name the secret), nor in `repr()`.
-3. Each sandbox has its own CA (ECDSA P-256), made here; its key stays in this process.
-   The CA is name-constrained to the bound hosts, so even its key could only vouch for
-   them. Leaf certificates are made per server name on first use and cached.
+3. Each sandbox has its own CA (ECDSA P-256), made here; its key stays in this process
+   (and, for a sandbox live restore keeps, in a sealed memfd the descriptor holder keeps:
+   `kept_state`, sandbox/net.py). The CA is name-constrained to the bound hosts, so even
+   its key could only vouch for them. Leaf certificates are made per server name on
+   first use and cached.
 4. `StreamRewriter` finds needles in a byte stream cut anywhere (a placeholder straddling
    two TCP segments, two TLS records or two body chunks): it holds back the last
    len(longest needle) - 1 bytes until more come or the stream ends.
@@ -20,6 +22,7 @@ The rules this module keeps:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -161,6 +164,40 @@ class SecretSet:
     def __repr__(self) -> str:
         return f"SecretSet({', '.join(s.name for s in self.secrets)})"
 
+    def kept_state(self) -> dict:
+        """What a restarted daemon needs to serve this set again (live restore): each
+        placeholder (the sandbox's environment holds it) and the CA with its key (its
+        trust directory holds the certificate). Never a value: those are read again."""
+        return {"placeholders": {s.name: s.placeholder.decode() for s in self.secrets},
+                "ca": [pem.decode() for pem in self.ca.kept_pem()]}
+
+    @classmethod
+    def restored(cls, bindings: Iterable[SecretBinding], values: Mapping[str, str | bytes],
+                 state: Mapping) -> SecretSet:
+        """The set a dead daemon served (its kept_state()) with values read again now:
+        the same placeholders and CA, so what the sandbox holds stays true.
+
+        Raises:
+            InvalidSpec: on field "secrets": as __init__, or the state lacks a binding's
+                placeholder or the CA.
+        """
+        made = cls(bindings, values)
+        placeholders = state.get("placeholders")
+        kept = []
+        for secret in made.secrets:
+            held = placeholders.get(secret.name) if isinstance(placeholders, dict) else None
+            if not isinstance(held, str) or not re.fullmatch(
+                    re.escape(PLACEHOLDER_PREFIX) + "[0-9a-f]{32}", held):
+                raise InvalidSpec("secrets", f"{secret.name}: its placeholder was not kept")
+            kept.append(dataclasses.replace(secret, placeholder=held.encode()))
+        made.secrets = tuple(kept)
+        try:
+            cert_pem, key_pem = (pem.encode() for pem in state["ca"])
+            made._ca = SandboxCA.from_pem(cert_pem, key_pem)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise InvalidSpec("secrets", "the sandbox's CA was not kept whole") from None
+        return made
+
     def __bool__(self) -> bool:
         return bool(self.secrets)
 
@@ -230,32 +267,67 @@ class SandboxCA:
 
     def __init__(self, hosts: Iterable[str]):
         from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corral sandbox CA"),
                              x509.NameAttribute(NameOID.SERIAL_NUMBER, os.urandom(8).hex())])
         permitted = [x509.DNSName(h[2:] if h.startswith("*.") else h) for h in hosts]
-        self._subject = subject
-        self._not_after = now + CERT_LIFETIME
-        public = self._key.public_key()
-        self.cert = (
+        public = key.public_key()
+        cert = (
             x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(public).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(self._not_after)
+            .not_valid_after(now + CERT_LIFETIME)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
                                          False), critical=True)
             .add_extension(x509.NameConstraints(permitted_subtrees=permitted or None,
                                                 excluded_subtrees=None), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(self._key, hashes.SHA256()))
-        self.cert_pem = self.cert.public_bytes(serialization.Encoding.PEM)
+            .sign(key, hashes.SHA256()))
+        self._hold(key, cert)
+
+    def _hold(self, key, cert) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        self._key, self.cert = key, cert
+        self._subject = cert.subject
+        self._not_after = cert.not_valid_after_utc
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self._contexts: dict[str, ssl.SSLContext] = {}
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes) -> SandboxCA:
+        """The CA kept_pem() gave (live restore: a restarted daemon's copy of it).
+
+        Raises:
+            ValueError: the PEMs are not an EC key and the certificate of its public key.
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or \
+                cert.public_key().public_numbers() != key.public_key().public_numbers():
+            raise ValueError("the kept key is not the CA certificate's")
+        ca = cls.__new__(cls)
+        ca._hold(key, cert)
+        return ca
+
+    def kept_pem(self) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM, unencrypted): for the holder's sealed memfd only
+        (sandbox/net.py kept_descriptors); never written to a file."""
+        from cryptography.hazmat.primitives import serialization
+
+        return self.cert_pem, self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
 
     def __repr__(self) -> str:
         return "SandboxCA()"

@@ -147,6 +147,14 @@ def _claim(name: str, owner_pid: int | None) -> str:
     return path
 
 
+def hand_to_init(name: str, init_pid: int) -> None:
+    """The workspace `name` of a sandbox that outlives its creator (live restore) belongs
+    to its PID 1 from now on: a sweep by any process (another daemon, `corral run`) keeps
+    it while that PID 1 runs, also while no daemon does (as ids.IdRange.note_init keeps
+    the sandbox's id range)."""
+    _claim(name, init_pid)
+
+
 def create_mounted(name: str, mount_fd: int, *, owner_pid: int | None = None) -> str:
     """Make the workspace `name` out of a detached mount the caller built (an overlay of a
     snapshot's layers, or of a host directory with its changes: sandbox/state), attached

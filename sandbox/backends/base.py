@@ -49,6 +49,9 @@ class ExitReason(enum.StrEnum):
     SIGNALED = "signaled"
     TIMEOUT = "timeout"
     OOM = "oom"
+    #: Its daemon stopped or died and took its stdio along (a docker sandbox's command
+    #: across a live restore: sandbox/backends/docker/sandbox.py adopt_command).
+    DAEMON_SHUTDOWN = "daemon-shutdown"
 
 
 class CommandClock:

@@ -470,6 +470,8 @@ class Sandbox(SandboxLifecycle):
             self._spawn_init(root, id_maps, cgroup_fds, detached, image_fd, opened, mapping)
             if not self.spec.die_with_parent:  # PID 1 may outlive us: say which it is
                 self._write_state()
+                if self._own_workspace and workspace_fs.is_managed(self.workspace):
+                    workspace_fs.hand_to_init(self.id, self.init_pid)  # swept once it ends
             if self.spec.allow_net:  # before any command runs
                 self._open_egress(privileged)
             self._move("running")
@@ -912,6 +914,10 @@ class Sandbox(SandboxLifecycle):
             # PID 1 does not die with its creator: live restore re-adopts it (adopt())
             "adoptable": not self.spec.die_with_parent,
         }
+        if not self.spec.die_with_parent:  # its layers' holds, as adopt() takes them back
+            from ..images import kept
+
+            state.update(kept.state_fields(self))
         tmp = os.path.join(self.runtime_dir, "state.json.tmp")
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -919,24 +925,26 @@ class Sandbox(SandboxLifecycle):
 
     @classmethod
     def adopt(cls, spec: SandboxSpec, name: str, *, init_pidfd: int, status_fd: int,
-              tenant: str = "") -> Sandbox:
+              tenant: str = "", held: dict[str, list[int]] | None = None) -> Sandbox:
         """A running sandbox that a process now gone started with spec (its host ids
         fixed) and die_with_parent=False, taken over by this one (live restore: the
         descriptors come from runtime/holder.py). This object owns init_pidfd and
         status_fd from here on; new commands, signals, pause and destroy work as for a
         sandbox this process started. Commands the old process ran are not Processes
-        here: their exit reports arrive as unclaimed ones (collect_exits).
+        here: their exit reports arrive as unclaimed ones (collect_exits). held: its
+        layered filesystem's descriptors by group (sandbox/images/kept.py; copies are
+        kept, the caller closes these).
 
         Raises:
-            FailedPrecondition: spec uses what lived in the dead process (egress proxy,
-                image or snapshot references, a copy-on-write change set, secret values),
-                or PID 1 has ended, or the runtime directory is not this sandbox's.
+            FailedPrecondition: PID 1 has ended, the runtime directory is not this
+                sandbox's, or what its image, snapshot or change set needs was not kept.
         """
-        kept = [f for f in ("allow_net", "image", "snapshot", "workspace_cow", "secrets")
-                if getattr(spec, f)]
-        if kept:
-            raise FailedPrecondition(f"sandbox {name}: cannot be adopted with {', '.join(kept)}")
-        sb = cls(spec, name=name, tenant=tenant)
+        import dataclasses
+
+        # its egress and secrets are linked again by the adopter (sandbox/net.py
+        # reopen_egress, secrets.SecretSet.restored): no values are had here
+        sb = cls(dataclasses.replace(spec, secrets=()), name=name, tenant=tenant)
+        sb.spec = spec
         try:
             with open(os.path.join(sb.runtime_dir, "state.json")) as f:
                 state = json.load(f)
@@ -959,21 +967,26 @@ class Sandbox(SandboxLifecycle):
         sb.workspace = state.get("workspace") or spec.workspace
         sb._own_workspace = bool(state.get("workspace"))
         if sb._own_workspace and workspace_fs.is_managed(sb.workspace):
-            workspace_fs._claim(name, None)  # its owner is this process: sweeps keep it
+            workspace_fs.hand_to_init(name, pid)  # sweeps keep it while PID 1 runs
+        from ..images import kept
+
+        kept.readopt(sb, state, held or {})
         sb.state = "running"
         sb._write_state()  # this process is its creator now (sweep leaves it alone)
         return sb
 
     def adopt_command(self, pid: int, ns_pid: int, argv: list[str],
-                      timeout_s: float | None = None) -> Process:
+                      timeout_s: float | None = None, pty_fd: int = -1) -> Process:
         """A command that the process that started this sandbox ran, as a Process of this
         one (live restore): its exit report, read already or still to come, ends it.
 
         Args:
             pid: its host pid, 0 when it is gone or its number may name another process.
             timeout_s: what is left of its wall-clock limit; None: none.
+            pty_fd: its pty master, owned by the Process from here on (resize()); -1: none.
         """
         proc = Process(self, pid, ns_pid, list(argv), None, None, None, timeout_s=timeout_s)
+        proc.pty_fd, proc.has_tty = pty_fd, pty_fd >= 0
         self._track(proc, 0)  # every report this object read came after its start
         return proc
 

@@ -283,16 +283,12 @@ class SnapshotStore:
         try:
             with self._locked(fcntl.LOCK_SH):
                 record = self.get(ref, tenant)
-                chain = self.chain(record)
                 path = self._p("holds", f"{record.id}.{holder}")
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 fds.append(fd)
                 paths.append(path)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                roots = tuple(os.path.join(self.layer_dir(r.root_digest), "root")
-                              for r in chain if r.root_digest)
-                workspaces = tuple(os.path.join(self.layer_dir(r.workspace_digest), "root")
-                                   for r in chain if r.workspace_digest)
+                roots, workspaces = self.layer_trees(record)
         except FileExistsError:
             HeldSnapshot(None, (), (), fds, paths).close()
             raise FailedPrecondition(f"{holder} already holds snapshot {ref}") from None
@@ -300,6 +296,15 @@ class SnapshotStore:
             HeldSnapshot(None, (), (), fds, paths).close()
             raise
         return HeldSnapshot(record, roots, workspaces, fds, paths)
+
+    def layer_trees(self, record: SnapshotRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The root and workspace layer trees of record's chain, top first."""
+        chain = self.chain(record)
+        roots = tuple(os.path.join(self.layer_dir(r.root_digest), "root")
+                      for r in chain if r.root_digest)
+        workspaces = tuple(os.path.join(self.layer_dir(r.workspace_digest), "root")
+                           for r in chain if r.workspace_digest)
+        return roots, workspaces
 
     def in_use(self, snapshot_id: str) -> int:
         """How many holders (running sandboxes) use the snapshot now."""

@@ -14,8 +14,15 @@ standard library, and the shared libraries they load), imports it with ``docker 
 and tags it by a digest of its contents, so each engine builds it once.
 
 Every container is labelled ``corral.sandbox=<id>`` and carries its creator; ``sweep()``
-removes the ones whose creator is gone. When no engine answers, ``Unavailable`` says where
-Corral looked and how to point it elsewhere (``DOCKER_HOST`` or ``--docker-host``).
+removes the ones whose creator is gone, unless live restore keeps them. When no engine
+answers, ``Unavailable`` says where Corral looked and how to point it elsewhere
+(``DOCKER_HOST`` or ``--docker-host``).
+
+Live restore: a container outlives the daemon that made it, so a restarted daemon adopts
+it (``DockerSandbox.adopt``, checked against the container id and creation time its
+restore.db row recorded). A command's stdin, stdout and stderr are the dead daemon's exec
+connection, which no engine call attaches again: a command running at the restart is
+killed and reported ended with reason ``daemon-shutdown`` (``LostCommand``).
 
 Modules, one per mechanism: engine (the Engine API client), config (spec -> container
 config), image (the base image), sweep (labels, creators, the sweep), process (a running
@@ -30,8 +37,8 @@ from .engine import API_VERSION, DEFAULT_DOCKER_HOST, client, engine_url
 from .fds import FDS_INSIDE
 from .image import IMAGE_REPOSITORY, RootfsPlan, base_image, rootfs_plan
 from .process import DockerProcess
-from .sandbox import DockerSandbox
-from .sweep import LABEL, LABEL_CREATOR, LABEL_FDS, LABEL_WORKSPACE, sweep
+from .sandbox import DockerSandbox, LostCommand
+from .sweep import LABEL, LABEL_CREATOR, LABEL_FDS, LABEL_RUNTIME, LABEL_WORKSPACE, sweep
 
 __all__ = [
     "API_VERSION",
@@ -41,9 +48,11 @@ __all__ = [
     "LABEL",
     "LABEL_CREATOR",
     "LABEL_FDS",
+    "LABEL_RUNTIME",
     "LABEL_WORKSPACE",
     "DockerProcess",
     "DockerSandbox",
+    "LostCommand",
     "RootfsPlan",
     "base_image",
     "client",

@@ -1,5 +1,6 @@
 """DockerSandbox: one container that idles while commands join it with exec (the same
-init/exec model as the native backend).
+init/exec model as the native backend); adopted by a restarted daemon (live restore:
+the container outlives its client, its commands' attach streams do not).
 """
 
 from __future__ import annotations
@@ -7,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import json
+import logging
 import os
 import re
 import shutil
+import signal as signal_mod
 import socket
 import sys
 import tempfile
@@ -18,11 +21,19 @@ import time
 import weakref
 from urllib.parse import quote
 
-from ... import seccomp, workspace_fs
-from ...errors import CommandNotFound, CorralError, InvalidSpec, SandboxSetupError, UnsupportedHost
+from ... import ids, seccomp, workspace_fs
+from ...errors import (
+    CommandNotFound,
+    CorralError,
+    FailedPrecondition,
+    InvalidSpec,
+    SandboxSetupError,
+    UnsupportedHost,
+)
 from ...ptys import check_window
 from ...spec import SandboxSpec
-from ..base import PIPE, SandboxLifecycle
+from ..base import PIPE, CommandClock, ExitReason, SandboxLifecycle
+from ..native import PIDFD_SIGNAL_PROCESS_GROUP
 from .config import container_config
 from .engine import (
     API_VERSION,
@@ -36,9 +47,21 @@ from .engine import (
 )
 from .fds import _frame_payloads, _PassedFds, _StartGate, _wrapper_state, wrap
 from .image import base_image
+from .images import _config as image_config_of
 from .images import engine_image
 from .process import DockerProcess, _is_fd
-from .sweep import sweep
+from .sweep import (
+    KEPT_FILE,
+    LABEL,
+    LABEL_FDS,
+    LABEL_RUNTIME,
+    LABEL_WORKSPACE,
+    _remove_runtime,
+    runtime_base,
+    sweep,
+)
+
+log = logging.getLogger("corral.docker")
 
 
 class DockerSandbox(SandboxLifecycle):
@@ -54,7 +77,13 @@ class DockerSandbox(SandboxLifecycle):
         self.local = _is_local(self.url)
         self.state = "new"
         self.container_id: str | None = None
+        #: The engine's creation time of the container (with its id, what live restore
+        #: checks a container against: kept_record()).
+        self.created = ""
         self.init_pid: int | None = None
+        #: Its directory on the host (the daemon's command journals; the `kept` mark).
+        self.runtime_dir: str | None = None
+        self._ids = None
         self.workspace: str | None = None
         self._own_workspace = False
         self._lock = threading.Lock()
@@ -98,8 +127,6 @@ class DockerSandbox(SandboxLifecycle):
         self.status_fd, self._status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             if self.spec.uid_base is None:  # its own host ids, as a native sandbox's
-                from ... import ids
-
                 self._ids = ids.allocate(self.id) if os.geteuid() == 0 else ids.IdRange(
                     os.getuid(), 1)
                 self.spec = self.spec.with_ids(self._ids.base, self._ids.count)
@@ -108,9 +135,12 @@ class DockerSandbox(SandboxLifecycle):
             if os.geteuid() == 0:
                 os.chown(self._fds_dir, self.spec.uid_base, self.spec.uid_base)
             os.chmod(self._fds_dir, 0o700)
+            self.runtime_dir = os.path.join(runtime_base(), self.id)
+            os.makedirs(self.runtime_dir, mode=0o700)
             config = container_config(self.api, self.spec, image, self.id, self.workspace,
                                       self._own_workspace, self._fds_dir,
                                       on_image=bool(self.spec.image))
+            config["labels"][LABEL_RUNTIME] = self.runtime_dir
             try:
                 self.container_id = self.api.create_container(**config)["Id"]
                 self.api.start(self.container_id)
@@ -120,7 +150,11 @@ class DockerSandbox(SandboxLifecycle):
                 if exc.status_code == 400 or "invalid" in str(message).lower():
                     raise InvalidSpec("spec", f"the engine refused it: {message}") from None
                 raise CorralError(f"docker: creating sandbox {self.id}: {message}") from None
+            self.created = info.get("Created", "")
             self.init_pid = int(info["State"].get("Pid") or 0) or None
+            if self._ids is not None and self.init_pid:  # taken while the container lives
+                self._ids.note_init(self.init_pid)
+            self._own_by_container()
             self._seccomp = seccomp.load_profile(self.spec.profile)
             self._move("running")
         except BaseException:
@@ -171,11 +205,14 @@ class DockerSandbox(SandboxLifecycle):
         if self._own_workspace and self.workspace:
             workspace_fs.remove(self.workspace)
             self._own_workspace = False
-        if getattr(self, "_ids", None) is not None:
+        if self._ids is not None:
             self._ids.release()
         if self._fds_dir is not None:
             shutil.rmtree(self._fds_dir, ignore_errors=True)
             self._fds_dir = None
+        if self.runtime_dir is not None:
+            _remove_runtime(self.runtime_dir)
+            self.runtime_dir = None
         for proc in list(self._procs):
             if proc._eof or not proc._pumping:  # a pump in progress closes its own
                 proc._close()
@@ -185,6 +222,135 @@ class DockerSandbox(SandboxLifecycle):
                     os.close(fd)
             self.status_fd = self._status_w = -1
         self._settle_destroyed()
+
+    # -- live restore ---------------------------------------------------------------------
+
+    def kept_record(self, store: str) -> dict:
+        """Live restore keeps this sandbox in the restore.db at store: mark its runtime
+        directory so (every sweep, of any process, then leaves the container while the
+        store has its row: sweep.kept_by_store) and return what adopt() checks the
+        container against (the engine, the container's id and creation time)."""
+        path = os.path.join(self.runtime_dir, KEPT_FILE)
+        with open(path + ".tmp", "w") as f:
+            f.write(store)
+        os.replace(path + ".tmp", path)
+        return {"url": self.url, "container_id": self.container_id, "created": self.created}
+
+    @classmethod
+    def adopt(cls, spec: SandboxSpec, name: str, record: dict, *,
+              paused: bool = False) -> DockerSandbox:
+        """The running container that a process now gone started for sandbox `name` (its
+        spec with host ids fixed), taken over by this one (live restore). New commands,
+        pause, resume and destroy work as for a sandbox this process started; the
+        commands the old process ran are lost (adopt_command).
+
+        Args:
+            record: kept_record()'s answer when the sandbox was kept.
+            paused: whether the daemon had it paused (the engine is made to agree).
+
+        Raises:
+            FailedPrecondition: the container is gone, has stopped, or is not the one
+                recorded (another id, creation time or sandbox label).
+            Unavailable: no engine answers at the recorded URL.
+        """
+        sb = cls(spec, docker_host=record.get("url") or None, name=name)
+        sb.api = client(sb.url)
+        info = sb._inspect_recorded(str(record.get("container_id") or ""),
+                                    str(record.get("created") or ""))
+        labels = info["Config"].get("Labels") or {}
+        sb.container_id, sb.created = info["Id"], info["Created"]
+        sb.init_pid = int(info["State"].get("Pid") or 0) or None
+        sb.runtime_dir = labels.get(LABEL_RUNTIME)
+        if not sb.runtime_dir or not os.path.isdir(sb.runtime_dir):
+            raise FailedPrecondition(f"sandbox {name}: its runtime directory "
+                                     f"{sb.runtime_dir!r} is gone")
+        sb._fds_dir = labels.get(LABEL_FDS)
+        sb.workspace = labels.get(LABEL_WORKSPACE) or spec.workspace
+        sb._own_workspace = bool(labels.get(LABEL_WORKSPACE))
+        sb._own_by_container()
+        slot = os.path.join(ids.state_dir(), str(spec.uid_base))
+        if os.geteuid() == 0 and os.path.exists(slot):  # its range, released at destroy
+            sb._ids = ids.IdRange(spec.uid_base, spec.uid_count, slot)
+        if spec.image:  # Env, User, WorkingDir... of the image it runs
+            sb._image_config = image_config_of(sb.api, sb.url, info["Config"]["Image"])
+        sb._seccomp = seccomp.load_profile(spec.profile)
+        if bool(info["State"].get("Paused")) != paused:  # a pause or resume cut short
+            sb._engine_call("pause" if paused else "unpause",
+                            sb.api.pause if paused else sb.api.unpause)
+        sb.status_fd, sb._status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        sb.state = "running"
+        return sb
+
+    def _own_by_container(self) -> None:
+        """Make the container's init (a local engine's) the owner of the workspace made
+        for it: a workspace sweep of any process keeps it while the container runs, as
+        the container outlives the process that made it (live restore)."""
+        if self._own_workspace and workspace_fs.is_managed(self.workspace):
+            workspace_fs._claim(self.id, self.init_pid if self.local else None)
+
+    def _inspect_recorded(self, container_id: str, created: str) -> dict:
+        """The engine's view of the recorded container, checked to be this sandbox's.
+
+        Raises:
+            FailedPrecondition: gone, stopped, or not the recorded one.
+        """
+        docker = _sdk()
+        if not container_id:
+            raise FailedPrecondition(f"sandbox {self.id}: no container was recorded")
+        try:
+            info = self.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            raise FailedPrecondition(f"sandbox {self.id}: its container {container_id[:12]} "
+                                     f"is gone") from None
+        except docker.errors.APIError as exc:
+            raise CorralError(f"docker: inspecting sandbox {self.id}: "
+                              f"{exc.explanation or exc}") from None
+        label = (info["Config"].get("Labels") or {}).get(LABEL)
+        if label != self.id or info.get("Created") != created:
+            raise FailedPrecondition(
+                f"sandbox {self.id}: container {container_id[:12]} is not the one recorded "
+                f"(sandbox label {label!r}, created {info.get('Created')!r}, not {created!r})")
+        state = info.get("State") or {}
+        if not state.get("Running"):
+            raise FailedPrecondition(
+                f"sandbox {self.id}: its container has stopped ({state.get('Status')}, exit "
+                f"code {state.get('ExitCode')})")
+        return info
+
+    def adopt_command(self, pid: int, ns_pid: int, argv: list[str],
+                      timeout_s: float | None = None, pty_fd: int = -1) -> LostCommand:
+        """A command the process that started this sandbox ran (live restore): lost. Its
+        stdin, stdout and stderr were that process's exec connection, which the engine
+        does not attach again; one still running (pid: its host pid, 0 when gone) is
+        killed with its process group, and it ends now (reason daemon-shutdown). pty_fd
+        (a native terminal's master, for resize) is closed: none is used here."""
+        if pty_fd >= 0:
+            os.close(pty_fd)
+        if pid and self.local:
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+                try:
+                    signal_mod.pidfd_send_signal(pidfd, signal_mod.SIGKILL, None,
+                                                 PIDFD_SIGNAL_PROCESS_GROUP)
+                except OSError:  # a kernel without group pidfd signals (before 6.9)
+                    signal_mod.pidfd_send_signal(pidfd, signal_mod.SIGKILL)
+                finally:
+                    os.close(pidfd)
+        return LostCommand(argv, ns_pid)
+
+    @classmethod
+    def sweep_engine(cls, url: str) -> list[str]:
+        """sweep() of the engine at url, standing for the one this process's first start
+        there would make (live restore: right after the kept containers were adopted).
+        An engine that does not answer, or fails the sweep, is left for that first start
+        (the daemon's start does not fail over it)."""
+        try:
+            removed = sweep(url)
+        except Exception as exc:  # the SDK raises requests/urllib3/API errors alike
+            log.warning("docker: sweeping the engine at %s: %s", url, exc)
+            return []
+        cls._swept.add(url)
+        return removed
 
     def _freeze(self) -> None:
         """The engine's pause (its cgroup freezer)."""
@@ -519,6 +685,42 @@ class DockerSandbox(SandboxLifecycle):
                     totals[op] += int(entry.get("value", 0))
             out["io_read_bytes"], out["io_write_bytes"] = totals["read"], totals["write"]
         return out
+
+
+class LostCommand(CommandClock):
+    """A command of a sandbox adopted after a restart whose stdio died with the daemon
+    that started it (adopt_command): it has ended, killed, with reason daemon-shutdown."""
+
+    has_tty = False
+    stdin = stdout = stderr = None
+    pid = 0
+
+    def __init__(self, argv: list[str], ns_pid: int = 0):
+        self.argv = tuple(argv)
+        self.ns_pid = ns_pid
+        self._start_clock(None)
+        self.reason = ExitReason.DAEMON_SHUTDOWN
+        self.returncode = -signal_mod.SIGKILL
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode
+
+    def remaining(self) -> float | None:
+        return None
+
+    def send_signal(self, sig: int) -> None:
+        pass
+
+    def signal_group(self, sig: int) -> bool:
+        return False
+
+    def kill(self) -> None:
+        pass
+
+    expire = kill
 
 
 if __name__ == "__main__":  # a quick manual check: python -m corral.sandbox.backends.docker
