@@ -464,9 +464,10 @@ class WarmPools:
         if keepable:
             self.manager.live_restore.hold_ready(msb.sandbox)
         msb.pool = pool.name
+        # recorded before it can be handed out: its fill precedes its create in the log
+        await self.audit.record("sandbox.pool.fill", tenant=POOL_TENANT, peer="pool",
+                                sandbox_id=msb.id,
+                                detail={"pool": pool.name, "policy_digest": msb.policy_digest,
+                                        "backend": pool.template.backend,
+                                        "init_pid": msb.sandbox.init_pid})
         self.ready[pool.name].append(msb)
-        self.audit.append("sandbox.pool.fill", tenant=POOL_TENANT, peer="pool",
-                          sandbox_id=msb.id,
-                          detail={"pool": pool.name, "policy_digest": msb.policy_digest,
-                                  "backend": pool.template.backend,
-                                  "init_pid": msb.sandbox.init_pid})

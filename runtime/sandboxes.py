@@ -896,9 +896,9 @@ class SandboxManager:
         # sandbox spawned to be kept is held from its fill on: runtime/pools.py)
         if msb.kept or (self.live_restore is not None and not msb.spec.die_with_parent):
             self.live_restore.forget(msb.id)
-        self.audit.append("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
-                          sandbox_id=msb.id, session_id=msb.owner_session or "",
-                          detail={"reason": reason})
+        await self.audit.record("sandbox.destroy", tenant=tenant or msb.tenant, peer=peer,
+                                sandbox_id=msb.id, session_id=msb.owner_session or "",
+                                detail={"reason": reason})
 
     # -- exposed ports (runtime/ports.py) --------------------------------------------------
 

@@ -68,13 +68,13 @@ class SandboxState:
         record = await self.sandboxes.run_blocking(
             lambda: msb.sandbox.snapshot(self.store, name=name, tenant=caller.tenant,
                                          max_bytes=left), tenant=caller.tenant)
-        self.audit.append("snapshot.create", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=msb.id, session_id=msb.owner_session or "",
-                          detail={"snapshot": record.id, "name": record.name,
-                                  "parent": record.parent, "size_bytes": record.size_bytes,
-                                  "files": record.files, "root_digest": record.root_digest,
-                                  "workspace_digest": record.workspace_digest,
-                                  "paused": bool(msb.paused_at)})
+        await self.audit.record("snapshot.create", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=msb.id, session_id=msb.owner_session or "",
+                                detail={"snapshot": record.id, "name": record.name,
+                                        "parent": record.parent, "size_bytes": record.size_bytes,
+                                        "files": record.files, "root_digest": record.root_digest,
+                                        "workspace_digest": record.workspace_digest,
+                                        "paused": bool(msb.paused_at)})
         return record
 
     def get(self, caller: Caller, ref: str) -> SnapshotRecord:
@@ -136,13 +136,13 @@ class SandboxState:
         destroyed = await self._end_live(caller, sandbox_id, "workspace changes applied")
         result = await self.sandboxes.run_blocking(lambda: apply(changes, force=force),
                                                    tenant=caller.tenant)
-        self.audit.append("workspace.apply", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id,
-                          detail={"host_dir": changes.host_dir, "force": force,
-                                  "written": len(result.written),
-                                  "removed": len(result.removed),
-                                  "skipped": [path for path, _ in result.skipped][:64],
-                                  "destroyed": destroyed})
+        await self.audit.record("workspace.apply", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id,
+                                detail={"host_dir": changes.host_dir, "force": force,
+                                        "written": len(result.written),
+                                        "removed": len(result.removed),
+                                        "skipped": [path for path, _ in result.skipped][:64],
+                                        "destroyed": destroyed})
         return result
 
     async def _end_live(self, caller: Caller, sandbox_id: str, reason: str) -> bool:
@@ -157,9 +157,9 @@ class SandboxState:
         changes = self._change_set(caller, sandbox_id)
         destroyed = await self._end_live(caller, sandbox_id, "workspace changes discarded")
         count = await self.sandboxes.run_blocking(changes.discard, tenant=caller.tenant)
-        self.audit.append("workspace.discard", tenant=caller.tenant, peer=caller.peer,
-                          sandbox_id=sandbox_id,
-                          detail={"host_dir": changes.host_dir, "discarded": count or 0,
-                                  "destroyed": destroyed})
+        await self.audit.record("workspace.discard", tenant=caller.tenant, peer=caller.peer,
+                                sandbox_id=sandbox_id,
+                                detail={"host_dir": changes.host_dir, "discarded": count or 0,
+                                        "destroyed": destroyed})
         return count or 0
 
