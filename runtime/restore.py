@@ -246,6 +246,9 @@ class LiveRestore:
         for key in held:  # put, but its row never written (or its sandbox's is gone)
             _kill_and_close(None if "/" in key else key, self.holder.get(key))
             self.holder.forget(key)
+        for name in _unheld(self.state_dir, {row.id for row in rows}):  # no tenant known
+            results.append(Recovered(KeptSandbox(name, "", {}, {}, 0.0, 0.0, 0.0),
+                                     reason=UNHELD_REASON))
         return results
 
     def _recover_containers(self, rows: list[KeptSandbox]) -> list[Recovered]:
@@ -466,6 +469,7 @@ def discard(state_dir: str) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(state_dir, DB_NAME + suffix))
     killed = _remove_containers(containers)
+    killed += len(_unheld(state_dir, set()))
     try:
         holder = HolderClient.connect(os.path.join(state_dir, SOCKET_NAME))
     except HolderError:
@@ -475,6 +479,38 @@ def discard(state_dir: str) -> int:
             with contextlib.suppress(HolderError):  # forgotten meanwhile by its daemon
                 killed += _kill_and_close(None if "/" in key else key, holder.get(key))
         holder.stop()
+    return killed
+
+
+#: Why a sandbox spawned to be kept, but never held, was killed at start.
+UNHELD_REASON = "its daemon died before handing it to the holder: killed"
+
+
+def _unheld(state_dir: str, known: set[str]) -> list[str]:
+    """Kill the PID 1s of sandboxes a daemon of state_dir spawned to be kept (their state.json
+    says kept_by it) and died before handing to the holder: no row, nothing held, a PID 1
+    that does not die with its parent and that the sweep would keep forever. Returns the
+    ids of those killed; the sweep that follows removes the rest."""
+    from corral.sandbox.backends.native import runtime_base
+
+    base, killed = runtime_base(), []
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return killed
+    for name in names:
+        if name in known:
+            continue
+        try:
+            with open(os.path.join(base, name, "state.json")) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict) or not state.get("adoptable") or (
+                state.get("kept_by") != state_dir):
+            continue
+        if _kill_and_close(name, []):
+            killed.append(name)
     return killed
 
 

@@ -424,6 +424,8 @@ class SandboxManager:
                               on_net_event=self.net_listener(tenant, policy),
                               secrets=values, tenant=tenant)
         del values  # the sandbox holds them now; nothing here keeps a copy
+        if self.live_restore is not None and not spec.die_with_parent and spec.backend == "native":
+            sandbox.kept_by = self.live_restore.state_dir  # unheld at a crash: killed at start
         self._pending += 1
         self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
         try:

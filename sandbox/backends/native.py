@@ -356,6 +356,10 @@ class Sandbox(SandboxLifecycle):
     """A native Linux sandbox: create / exec / signal / destroy (also a context manager)."""
 
     _swept = False
+    #: The live-restore state directory that is to hold this adoptable sandbox (set by the
+    #: daemon before start; in state.json): a daemon that died before handing it to its
+    #: holder left its PID 1 running unheld, and the next start there kills it.
+    kept_by = ""
 
     def __init__(self, spec: SandboxSpec | None = None, *, runtime_dir: str | None = None,
                  name: str | None = None, on_net_event=None, secrets=None,
@@ -913,6 +917,7 @@ class Sandbox(SandboxLifecycle):
             "workspace": self.workspace if self._own_workspace else None,
             # PID 1 does not die with its creator: live restore re-adopts it (adopt())
             "adoptable": not self.spec.die_with_parent,
+            **({"kept_by": self.kept_by} if self.kept_by else {}),
         }
         if not self.spec.die_with_parent:  # its layers' holds, as adopt() takes them back
             from ..images import kept
@@ -964,6 +969,7 @@ class Sandbox(SandboxLifecycle):
             slot = os.path.join(ids.state_dir(), str(spec.uid_base))
             if os.path.exists(slot):
                 sb._ids = ids.IdRange(spec.uid_base, spec.uid_count, slot)
+        sb.kept_by = str(state.get("kept_by") or "")
         sb.workspace = state.get("workspace") or spec.workspace
         sb._own_workspace = bool(state.get("workspace"))
         if sb._own_workspace and workspace_fs.is_managed(sb.workspace):

@@ -516,6 +516,43 @@ def test_a_dead_pid_1_is_reported_and_live_restore_off_sweeps_the_rest(kept_daem
     assert off.stop() == 0, off.log()
 
 
+@pytest.mark.timeout(120)
+def test_a_sandbox_its_daemon_died_before_holding_is_killed_at_the_next_start(kept_daemon,
+                                                                              reaper):
+    """The daemon spawns a kept sandbox, answers Create, and hands it to the holder and
+    restore.db just after, on a thread of its own: a SIGKILL in between leaves a PID 1 that
+    does not die with its parent and that nothing holds. Made here by taking the holder's
+    copies and the row away while no daemon runs; the next start finds it by its
+    state.json (kept_by this state directory), kills it and says so."""
+    d, c = _first(kept_daemon, reaper)
+    lost, kept = c.create_sandbox(), c.create_sandbox()
+    reaper.pids.update((lost.init_pid, kept.init_pid))
+    assert wait_until(lambda: _rows(d).keys() == {lost.id, kept.id})
+    with open(os.path.join(runtime_base(), lost.id, "state.json")) as f:
+        assert json.load(f)["kept_by"] == str(d.state)
+    assert d.kill() == -signal.SIGKILL
+    with HolderClient.connect(str(d.state / SOCKET_NAME)) as holder:
+        for fd in holder.get(lost.id):
+            os.close(fd)
+        holder.forget(lost.id)
+    db = sqlite3.connect(str(d.state / restore.DB_NAME))
+    with db:
+        db.execute("DELETE FROM sandboxes WHERE id = ?", (lost.id,))
+    db.close()
+    assert alive(lost.init_pid)  # nothing holds it, and it did not die with its daemon
+
+    d2 = kept_daemon().start()
+    assert wait_until(lambda: not alive(lost.init_pid))
+    restored = _details(d2, "sandbox.restore")
+    assert (restored[lost.id]["restored"], restored[lost.id]["reason"]) == (
+        False, restore.UNHELD_REASON)
+    assert restored[kept.id]["restored"] is True
+    assert sandbox_footprint(lost.id) == {}
+    assert [s.id for s in d2.client().list_sandboxes()] == [kept.id]
+    d2.client().destroy_sandbox(kept.id)
+    assert d2.stop() == 0, d2.log()
+
+
 def test_live_restore_is_off_unless_set_to_true(tmp_path):
     assert config.load(None, {}).live_restore is False
     path = tmp_path / "corral.toml"
