@@ -1155,7 +1155,9 @@ class AuditLog:
         """Queue item for the commit thread (started on first use); awaited: someone waits on
         it, so the thread commits at once."""
         with self._queue_cv:
-            if self._writer is None or self._stopping:
+            # a rotation has no writer for a moment (the sealed file moves, a new one opens)
+            # while it holds _lock, which the commit thread waits for: queue meanwhile
+            if self._closed or self._stopping or (self._writer is None and not self._rotating):
                 raise AuditError(self.path, "is closed" if self._closed or self._stopping
                                  else "is open read-only")
             self._queue.append(item)
@@ -1210,13 +1212,27 @@ class AuditLog:
             self._queue_cv.wait(remaining)
 
     def _commit_locked(self, item: _Pending | None) -> None:
-        """Write everything queued, then item, in one transaction. Caller holds _lock."""
+        """Write everything queued, then item, in one transaction, or in as many as a
+        segment's record limit needs (a group never runs past a seal). Caller holds _lock."""
         with self._queue_cv:
             items, self._queue, self._queue_awaited = self._queue, [], False
         if item is not None:
             items.append(item)
-        if not items:
-            return
+        while items:
+            room = self._room()
+            n = len(items) if room is None or room <= 0 else min(len(items), room)
+            self._commit_items(items[:n])
+            items = items[n:]
+
+    def _room(self) -> int | None:
+        """Records the active segment takes before its seal; None: no record limit (or the
+        seal itself being written). 0 or less: a rotation that had to wait is pending."""
+        if self._rotating or not self.segment_records:
+            return None
+        return self.segment_records - 1 - self._active_records
+
+    def _commit_items(self, items: list[_Pending]) -> None:
+        """Write items in one transaction, then rotate if the segment is full."""
         t0 = self.metrics.clock()
         if self._writer is None:
             error = AuditError(self.path, "is closed" if self._closed else "is open read-only")
@@ -1375,10 +1391,10 @@ class AuditLog:
             return None
         first = self._active_first
         seal = _prepare(SEAL_KIND, "", tenant="", peer="daemon", detail={
-            "first_seq": first, "records": self._active_records + 1 + len(self._queue),
+            "first_seq": first, "records": self._active_records + 1,
             "limit_records": self.segment_records, "limit_bytes": self.segment_bytes,
         })
-        self._commit_locked(seal)  # what is queued goes first: the seal is the last record
+        self._commit_items([seal])  # the seal alone: what is queued goes to the next segment
         try:
             last = seal.future.result().seq
         except AuditError:

@@ -16,11 +16,11 @@ from corral.sandbox.errors import AuditError
 SLOW_S = 0.2
 
 
-def _slow(log: audit.AuditLog) -> None:
+def _slow(log: audit.AuditLog, seconds: float = SLOW_S) -> None:
     real = log._insert
 
     def insert(rows):
-        time.sleep(SLOW_S)  # a slow disk: the fsync of a loaded host
+        time.sleep(seconds)  # a slow disk: the fsync of a loaded host
         return real(rows)
 
     log._insert = insert
@@ -85,3 +85,24 @@ def test_a_closed_log_refuses_at_once(tmp_path):
     log.close()
     with pytest.raises(AuditError, match="closed"):
         asyncio.run(log.record("file.write", tenant="t", peer="p"))
+
+
+def test_a_group_of_queued_records_never_runs_past_a_segments_seal(tmp_path):
+    """Records queued together (the event loop's record(), steering's background records)
+    are split at the segment's limit: every sealed segment holds exactly segment_records
+    records, its seal included, and the seal counts them."""
+    path = str(tmp_path / "a.db")
+    with audit.AuditLog.open(path, segment_records=8) as log:
+        _slow(log, 0.02)  # while one commit runs, the others queue up as one group
+
+        async def many():
+            await asyncio.gather(*(log.record("exec.input", tenant="t", peer="p")
+                                   for _ in range(40)))
+
+        asyncio.run(many())
+        segments = audit.list_segments(path)
+        assert len(segments) >= 4
+        for seg in segments:
+            assert seg.last_seq - seg.first_seq + 1 == 8
+        seals = log.query(kind=audit.SEAL_KIND, limit=100)
+        assert [r.detail["records"] for r in seals] == [8] * len(segments)
