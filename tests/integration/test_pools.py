@@ -314,6 +314,22 @@ class _Ran:
         return self._result.stdout, self._result.stderr
 
 
+def same_verdicts(daemon, pooled: str, cold: str) -> dict[str, dict]:
+    """The probe suite's shared-sandbox probes (the others make sandboxes of their own) run
+    in a pooled sandbox of tenant alpha and a cold one of tenant gamma; asserts both get the
+    same verdicts and outcomes, and returns them by tenant."""
+    probes = [p for p in suite.PROBES if p.own is None and p.procedure is None]
+    verdicts = {}
+    for tenant, sandbox_id in (("alpha", pooled), ("gamma", cold)):
+        ctx = suite.Context("native", "default", None)
+        ctx.shared = _DaemonSandbox(daemon.client(tenant), sandbox_id)
+        verdicts[tenant] = {p.name: suite.run_probe(ctx, p) for p in probes}
+    assert len(probes) >= 30
+    assert {n: (r.verdict, r.outcome) for n, r in verdicts["alpha"].items()} == {
+        n: (r.verdict, r.outcome) for n, r in verdicts["gamma"].items()}
+    return verdicts
+
+
 class _DaemonSandbox:
     """A sandbox of the daemon, exec'd through its client (what run_inside needs)."""
 
@@ -332,16 +348,7 @@ def test_the_probe_suite_gives_a_pooled_sandbox_the_verdicts_of_a_cold_one(make_
     pooled = daemon.client("alpha").create_sandbox(**POOL_SPEC).id
     cold = daemon.client("gamma").create_sandbox(**POOL_SPEC).id  # gamma: not served
     assert (pooled, "pool" in created_record(daemon, cold)[1]) == (ready, False)
-    # the probes that run in the shared sandbox (the others make sandboxes of their own)
-    probes = [p for p in suite.PROBES if p.own is None and p.procedure is None]
-    verdicts = {}
-    for tenant, sandbox_id in (("alpha", pooled), ("gamma", cold)):
-        ctx = suite.Context("native", "default", None)
-        ctx.shared = _DaemonSandbox(daemon.client(tenant), sandbox_id)
-        verdicts[tenant] = {p.name: suite.run_probe(ctx, p) for p in probes}
-    assert len(probes) >= 30
-    assert {n: (r.verdict, r.outcome) for n, r in verdicts["alpha"].items()} == {
-        n: (r.verdict, r.outcome) for n, r in verdicts["gamma"].items()}
+    verdicts = same_verdicts(daemon, pooled, cold)
     escaped = {n: r.evidence for n, r in verdicts["alpha"].items()
                if r.verdict != suite.CONTAINED}
     # these two judge against the suite's nofile (256) and fsize (16 MiB), which a Create

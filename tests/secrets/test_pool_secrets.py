@@ -18,7 +18,7 @@ from corral.runtime.client import ClientError
 from corral.sandbox.probes import suite
 
 from ..integration.daemon_harness import DaemonProcess, collect_exec, wait_until
-from ..integration.test_pools import _DaemonSandbox
+from ..integration.test_pools import same_verdicts
 from .conftest import SECRET_VALUE, cli_env
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
@@ -214,16 +214,7 @@ def test_the_probe_suite_gives_a_pooled_sandbox_with_a_secret_the_verdicts_of_a_
     pooled = daemon.client("alpha").create_sandbox(**CLASS, secrets=SECRET).id
     cold = daemon.client("gamma").create_sandbox(**CLASS, secrets=SECRET).id
     assert pooled == pools["keyed"][0]
-    # the probes that run in the shared sandbox (the others make sandboxes of their own)
-    probes = [p for p in suite.PROBES if p.own is None and p.procedure is None]
-    verdicts = {}
-    for tenant, sandbox_id in (("alpha", pooled), ("gamma", cold)):
-        ctx = suite.Context("native", "default", None)
-        ctx.shared = _DaemonSandbox(daemon.client(tenant), sandbox_id)
-        verdicts[tenant] = {p.name: suite.run_probe(ctx, p) for p in probes}
-    assert len(probes) >= 30
-    assert {n: (r.verdict, r.outcome) for n, r in verdicts["alpha"].items()} == {
-        n: (r.verdict, r.outcome) for n, r in verdicts["gamma"].items()}
+    verdicts = same_verdicts(daemon, pooled, cold)
     escaped = {n for n, r in verdicts["alpha"].items() if r.verdict != suite.CONTAINED}
     # the two limits a Create cannot ask for (as for a pooled sandbox without egress), and
     # the three probes that judge against no network at all: an egress sandbox has its

@@ -952,19 +952,22 @@ def test_custom_profile_rule_applies(tmp_path):
 
 @x86_64_only
 def test_custom_profile_args_follow_runc_semantics(tmp_path):
-    # one index repeated: any condition matches; distinct indexes: all must match
+    # one index repeated: any condition matches; distinct indexes: all must match. The
+    # descriptors are past any RLIMIT_NOFILE, so an lseek the filter lets through is EBADF
+    # whatever this process has open (fd 102 was once a pytest pipe: ESPIPE).
+    base = 1 << 24
     doc = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
         {"names": ["lseek"], "action": "SCMP_ACT_ERRNO", "errnoRet": 16, "args": [
-            {"index": 0, "value": 100, "op": "SCMP_CMP_EQ"},
-            {"index": 0, "value": 101, "op": "SCMP_CMP_EQ"}]},
+            {"index": 0, "value": base + 100, "op": "SCMP_CMP_EQ"},
+            {"index": 0, "value": base + 101, "op": "SCMP_CMP_EQ"}]},
         {"names": ["lseek"], "action": "SCMP_ACT_ERRNO", "errnoRet": 17, "args": [
-            {"index": 0, "value": 200, "op": "SCMP_CMP_EQ"},
+            {"index": 0, "value": base + 200, "op": "SCMP_CMP_EQ"},
             {"index": 2, "value": 0xF0, "valueTwo": 0x10, "op": "SCMP_CMP_MASKED_EQ"}]},
     ]}  # fmt: skip
     program = prepare(load_profile(write_profile(tmp_path, doc)))
 
     def probe():
-        return [sc("lseek", fd, 0, whence) for fd, whence in
+        return [sc("lseek", base + fd, 0, whence) for fd, whence in
                 ((100, 0), (101, 0), (102, 0), (200, 0x11), (200, 0), (201, 0x11))]  # fmt: skip
 
     ebadf, ebusy, eexist = errno.EBADF, errno.EBUSY, errno.EEXIST
