@@ -18,6 +18,7 @@ import time
 import grpc
 
 from corral.sandbox import cgroup_tuning, workspace_fs
+from corral.sandbox.backends.base import SWEPT_LISTENERS
 from corral.sandbox.backends.native import sweep_for_this_process
 from corral.sandbox.errors import CorralError
 from corral.v1 import audit_pb2, image_pb2, sandbox_pb2, session_pb2, snapshot_pb2, task_pb2
@@ -93,6 +94,8 @@ class Daemon:
         self.live_restore = None
         self._recovered: list = []
         self._restored = 0
+        #: (backend, sandbox id, engine) swept before the audit log opened (_on_swept).
+        self._swept_early: list[tuple[str, str, str]] = []
 
     async def start(self) -> None:
         """Build and wire every part, in dependency order, then serve."""
@@ -103,6 +106,9 @@ class Daemon:
         _configure_workspaces(cfg)
         cgroup_tuning.configure(cfg.cgroup_favordynmods)
         favordynmods = cgroup_tuning.ensure()  # before any sandbox joins a cgroup
+        # Every backend's sweep (live restore's adoption below, docker's first start on an
+        # engine) goes into the chain as sandbox.reaped, as the native sweep's does.
+        SWEPT_LISTENERS.append(self._on_swept)
         await self._recover_kept()  # before the sweeps: what they keep is re-owned
         _sweep_workspaces()
         await self._open_records()
@@ -183,6 +189,24 @@ class Daemon:
         for sandbox_id in await loop.run_in_executor(None, _sweep):
             self.audit.append("sandbox.reaped", tenant="", peer="daemon", sandbox_id=sandbox_id,
                               detail={"reason": "its daemon died"})
+        for backend, sandbox_id, where in self._swept_early:  # live restore's, just before
+            self._record_swept(backend, sandbox_id, where, wait=True)
+        self._swept_early = []
+
+    def _on_swept(self, backend: str, sandbox_ids: list[str], where: str) -> None:
+        """A backend's sweep removed sandbox_ids (any thread): sandbox.reaped for each, or,
+        before the audit log is open (live restore's recovery), once it is."""
+        for sandbox_id in sandbox_ids:
+            if self.audit is None:
+                self._swept_early.append((backend, sandbox_id, where))
+            else:
+                self._record_swept(backend, sandbox_id, where, wait=False)
+
+    def _record_swept(self, backend: str, sandbox_id: str, where: str, *, wait: bool) -> None:
+        record = self.audit.append if wait else self.audit.submit_background
+        record("sandbox.reaped", tenant="", peer="daemon", sandbox_id=sandbox_id,
+               detail={"reason": "its daemon died", "backend": backend,
+                       **({"engine": where} if where else {})})
 
     def _start_sandboxes_and_sessions(self) -> None:
         cfg = self.config
@@ -407,6 +431,8 @@ class Daemon:
     async def _stop_steps(self, reason: str, cause: str) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        with contextlib.suppress(ValueError):
+            SWEPT_LISTENERS.remove(self._on_swept)
         with contextlib.suppress(ValueError):
             exhaustion_listeners.remove(self._on_exhaustion)
         if self.server is not None:

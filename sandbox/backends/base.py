@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Self
@@ -82,6 +83,25 @@ class CompletedRun:
     def exit_status(self) -> int:
         """Shell convention: the exit code, or 128+N when killed by signal N."""
         return shell_status(self.returncode)
+
+
+#: Who hears of sandboxes a backend's sweep removed (their creator died): called as
+#: fn(backend, sandbox_ids, where) from whatever thread swept. The daemon records each as
+#: `sandbox.reaped`; a sweep with no listener (a `corral run` process) tells nobody.
+SWEPT_LISTENERS: list = []
+
+
+def report_swept(backend: str, sandbox_ids: list[str], where: str = "") -> None:
+    """Tell SWEPT_LISTENERS that a sweep removed sandbox_ids (where: the engine's URL, or
+    "" for the default one). A listener that fails is logged and the others still run: a
+    sweep is cleanup and never fails over its report."""
+    if not sandbox_ids:
+        return
+    for listener in list(SWEPT_LISTENERS):
+        try:
+            listener(backend, list(sandbox_ids), where)
+        except Exception:  # noqa: BLE001 - see the docstring
+            logging.getLogger("corral.sandbox").exception("reporting swept sandboxes")
 
 
 def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:

@@ -149,6 +149,18 @@ STRAY = textwrap.dedent("""
 """)
 
 
+def _reaped(client) -> dict[str, dict]:
+    """The daemon's sandbox.reaped records of docker sandboxes: sandbox id -> what each
+    says of the sweep (reason, backend, engine)."""
+    found = {}
+    for record in client.audit_query(kind="sandbox.reaped"):
+        detail = json.loads(record.detail_json)
+        if detail.get("backend") == "docker":
+            found[record.sandbox_id] = {k: detail[k] for k in ("reason", "backend", "engine")
+                                        if k in detail}
+    return found
+
+
 @pytest.mark.timeout(300)
 def test_the_sweep_keeps_what_the_store_keeps_and_removes_the_rest(daemons, docker_host):
     d = daemons()
@@ -172,6 +184,9 @@ def test_the_sweep_keeps_what_the_store_keeps_and_removes_the_rest(daemons, dock
     assert _containers(docker_host).keys() == {kept.id}
     assert not os.path.exists(stray_workspace)
     c2 = d2.client()
+    # what the sweep removed is in the chain, as the native sweep's is
+    assert _reaped(c2) == {stray_id: {"reason": "its daemon died", "backend": "docker",
+                                      "engine": docker_host}}
     assert [(s.id, s.state) for s in c2.list_sandboxes()] == [
         (kept.id, sandbox_pb2.SANDBOX_STATE_PAUSED)]
     assert _containers(docker_host)[kept.id]["State"] == "paused"
@@ -208,6 +223,34 @@ def test_a_clean_stop_keeps_the_container_and_live_restore_off_removes_it(
     try:
         assert _containers(docker_host) == {}  # no store keeps it now: swept at the start
         assert off.client().list_sandboxes() == []
+        assert _reaped(off.client()) == {sb.id: {"reason": "its daemon died",
+                                                 "backend": "docker", "engine": docker_host}}
         assert not os.path.exists(off.state / restore.DB_NAME)
     finally:
         assert off.stop() == 0, off.log()
+
+
+@pytest.mark.timeout(300)
+def test_the_first_docker_start_records_what_its_sweep_removes(docker_host, tmp_path):
+    """Live restore off: a container whose creator died is removed by the daemon's first
+    docker start on that engine, and the chain says so (sandbox.reaped)."""
+    d = DaemonProcess(tmp_path / "d").start()
+    try:
+        stray = subprocess.Popen([sys.executable, "-c", STRAY], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        stray_id, stray_workspace = stray.stdout.readline().split()
+        stray.kill()
+        stray.wait()
+        stray.stdin.close()
+        stray.stdout.close()
+        c = d.client()
+        assert _reaped(c) == {}
+        made = c.create_sandbox(backend="docker")
+        assert _containers(docker_host).keys() == {made.id}
+        assert not os.path.exists(stray_workspace)
+        assert wait_until(lambda: stray_id in _reaped(c))
+        assert _reaped(c) == {stray_id: {"reason": "its daemon died", "backend": "docker",
+                                         "engine": docker_host}}
+        c.destroy_sandbox(made.id)
+    finally:
+        assert d.stop() == 0, d.log()

@@ -13,7 +13,8 @@ import sqlite3
 
 from ... import fstree, workspace_fs
 from ...procinfo import live_start_time
-from .engine import client
+from ..base import report_swept
+from .engine import client, engine_url
 
 #: Label every Corral container carries: the sandbox id.
 LABEL = "corral.sandbox"
@@ -105,6 +106,7 @@ def sweep(url: str | None = None) -> list[str]:
         _remove_workspace(labels.get(LABEL_FDS))
         _remove_runtime(labels.get(LABEL_RUNTIME))
         removed.append(labels.get(LABEL, info["Id"][:12]))
+    report_swept("docker", removed, engine_url(url))
     return removed
 
 
