@@ -54,6 +54,24 @@ def atomic_write(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path))
 
 
+def replace_live(path: str, data: bytes) -> None:
+    """Replace path with data atomically (a reader sees the old content or the new), with
+    no fsync: for files that describe a running attempt and matter only while it runs (a
+    shim's pid, a runner's start, its latest progress). A daemon restart, the case they
+    serve, finds them in the page cache; an OS crash ends the attempt with them, and what
+    the daemon took from them is already in its own store. What outlives the attempt (its
+    exit record, result, checkpoints, steering input) goes through atomic_write."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def read_json(path: str) -> dict | None:
     try:
         with open(path, "rb") as f:

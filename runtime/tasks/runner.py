@@ -46,7 +46,7 @@ from corral.sandbox.backends.base import ExitReason, SandboxLifecycle, ids_befor
 from corral.sandbox.errors import CorralError, FailedPrecondition
 from corral.sandbox.procinfo import live_start_time
 
-from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, tree_signature
+from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, replace_live, tree_signature
 from .images import pull_on_node
 
 CHECKPOINT_DIR_INSIDE = "/workspace/.corral/checkpoint"
@@ -386,7 +386,7 @@ class AttemptRunner:
             if spec.snapshot or spec.workspace_cow:
                 self._use_sandbox_workspace()
                 env = self._prepare_workspace(self.sandbox.spec.uid_base)
-            atomic_write(os.path.join(self.dir, "runner.json"), json.dumps({
+            replace_live(os.path.join(self.dir, "runner.json"), json.dumps({
                 "pid": os.getpid(), "start": live_start_time(os.getpid()),
                 "sandbox_id": self.sandbox.id, "started_at": time.time(),
                 "attempt_id": plan.attempt_id}).encode())
@@ -616,7 +616,7 @@ class AttemptRunner:
                 return
             kind = int(ev.kind)
             if kind == protocol.PROGRESS:
-                atomic_write(os.path.join(self.dir, "progress.json"), bytes(ev.payload))
+                replace_live(os.path.join(self.dir, "progress.json"), bytes(ev.payload))
                 self._changed()
             elif kind == protocol.CHECKPOINT:  # taken when the pacer allows (the newest frame wins)
                 self._last_frame = bytes(ev.payload)

@@ -17,7 +17,7 @@ import sys
 
 from corral.sandbox.procinfo import live_start_time
 
-from .files import atomic_write
+from .files import replace_live
 from .runner import AttemptPlan, AttemptRunner
 
 #: Held (flock) for the shim's whole life: a daemon that can take it knows the shim is gone.
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     lock = os.open(os.path.join(runner.dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                    0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    atomic_write(os.path.join(runner.dir, "shim.json"),
+    replace_live(os.path.join(runner.dir, "shim.json"),
                  json.dumps({"pid": os.getpid(), "start": live_start_time(os.getpid())}).encode())
     signal.signal(signal.SIGTERM, lambda *_: runner.cancel())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
