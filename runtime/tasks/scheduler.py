@@ -45,6 +45,12 @@ log = logging.getLogger("corral.tasks")
 #: How many queued tasks of one tenant a pass tries before moving on to the next tenant.
 SCAN_PER_TENANT = 32
 HEARTBEAT_S = 5.0
+#: A change of progress alone reaches the task store at most this often per task (the
+#: latest wins). Watchers hear each at once, from memory. After a crash the attempt's own
+#: progress.json, read back when the daemon re-attaches or settles the attempt, is at least
+#: as new as the row; a checkpoint, a result or a state change is stored at once, and with
+#: it the progress of the moment.
+PROGRESS_STORE_INTERVAL_S = 1.0
 
 
 def sandbox_limits(spec: TaskSpec, cpu_weight: int | None = None) -> SandboxSpec:
@@ -103,6 +109,8 @@ class Scheduler:
         #: Removes finished tasks and lost attempts' workspaces after retention_s (0: never).
         self.retention = TaskRetention(self, retention_s)
         self._closing = False
+        #: task id -> the timer that stores its latest progress (_store_progress_later)
+        self._progress_due: dict[str, asyncio.TimerHandle] = {}
         #: Called with "task" before one is admitted: raises ResourceExhausted when the
         #: daemon cannot afford it (state disk full: runtime/resources.py).
         self.admission = lambda kind: None
@@ -187,6 +195,7 @@ class Scheduler:
         for queues in self._watchers.values():
             for q in queues:
                 q.put_nowait(None)
+        self._flush_progress()  # queued before the close, so written by it
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
 
     async def _beat(self) -> None:
@@ -639,7 +648,31 @@ class Scheduler:
         if changed:
             task.updated_at = time.time()
             self._notify(task)
-            await self.store.update(task)
+            if checkpoint_seq is None and result_json is None:
+                self._store_progress_later(task.id)
+            else:
+                await self.store.update(task)
+
+    def _store_progress_later(self, task_id: str) -> None:
+        """Store the task's row within PROGRESS_STORE_INTERVAL_S (one write however many
+        progress reports come meanwhile)."""
+        if task_id not in self._progress_due and self._loop is not None and not self._closing:
+            self._progress_due[task_id] = self._loop.call_later(
+                PROGRESS_STORE_INTERVAL_S, self._store_progress, task_id)
+
+    def _store_progress(self, task_id: str) -> None:
+        self._progress_due.pop(task_id, None)
+        task = self.tasks.get(task_id)
+        if task is not None:
+            written = self.store.update(task)
+            if written is not None:
+                written.add_done_callback(_log_store_failure)
+
+    def _flush_progress(self) -> None:
+        """Store every progress still waiting for its interval (the daemon is stopping)."""
+        for task_id, timer in list(self._progress_due.items()):
+            timer.cancel()
+            self._store_progress(task_id)
 
     def on_log(self, task_id: str) -> None:
         task = self.tasks.get(task_id)
@@ -696,6 +729,12 @@ class Scheduler:
         if to == TaskState.RETRYING:
             self._enqueue(task)
             self.kick()
+
+
+def _log_store_failure(future: asyncio.Future) -> None:
+    """A progress row that could not be written: logged (its file still has it)."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("storing a task's progress failed: %s", future.exception())
 
 
 def _ended_before_start(outcome: dict) -> bool:
