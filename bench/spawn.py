@@ -5,6 +5,9 @@ Every candidate runs from this one warm Python process, round-robin within each 
 
   corral    Sandbox.create() + exec(["/bin/true"]) + wait() + destroy(), native backend,
             default spec (fresh temp workspace, cgroup limits, landlock, seccomp "default")
+  corral_run  corral.sandbox.run(["/bin/true"]): the same sandbox and command as one-shot,
+            as `corral run` and bwrap do it (PID 1 starts the command itself: no join),
+            stdout/stderr piped and read to the end
   bwrap     subprocess.run(bwrap ... /bin/true) with the closest equivalent flags: all
             namespaces, same read-only host view and generated /etc, /proc, /dev, tmpfs /tmp
             with the same size cap, a fresh temp workspace at /workspace (made and removed
@@ -36,12 +39,14 @@ daemon (bench/pools.py has the method).
 Times are milliseconds of time.perf_counter(); p99 is the nearest-rank percentile. The
 JSON object has at least corral_ms_p50, corral_ms_p99, bwrap_ms_p50, bwrap_ms_p99,
 unshare_ms_p50, bwrap_bare_ms_p50 (issue 21's floor: `bwrap --unshare-all --die-with-parent
---new-session` with a read-only /usr, proc, dev and a tmpfs /tmp), with
-ratio_default_vs_bwrap_bare_p50, and cli_ms_p50; with a Docker engine (a private dockerd is
+--new-session` with a read-only /usr, proc, dev and a tmpfs /tmp), corral_run_ms_p50 with
+ratio_default_vs_bwrap_bare_p50 (corral_run over bwrap_bare, as issue 21 states it), and
+cli_ms_p50; with a Docker engine (a private dockerd is
 started unless --docker-host names one) also docker_backend_ms_p50 (create + exec + wait +
 destroy through Corral's docker backend) and docker_run_ms_p50 (plain `docker run --rm IMAGE
-/bin/true`), measured round-robin with native Corral in a separate, shorter run
-(--docker-iterations).
+/bin/true`), measured round-robin with native Corral (corral and corral_run) in a separate,
+shorter run (--docker-iterations): ratio_docker_run_vs_corral_run_p50 compares like with
+like (both one-shot).
 
 Images (as root, unless --no-image): `image_ms_p50` is the corral candidate on a small image
 of /bin/true and its libraries (spec.image, layers already unpacked in a private store),
@@ -83,8 +88,8 @@ BWRAP_GAPS = [
     "bwrap's /proc hides less: Corral also masks kcore, kallsyms, keys, timer_list, "
     "sched_debug and friends and makes /proc/{sys,irq,bus,fs,sysvipc} read-only",
     "one-shot: bwrap runs one command; a Corral sandbox keeps a PID-1 reaper so that later "
-    "exec() calls join it, and the figure includes starting that reaper, joining it "
-    "(setns) and tearing it down",
+    "exec() calls join it; the corral figure includes starting that reaper, joining it "
+    "(setns) and tearing it down, corral_run has PID 1 start the command (no join)",
     "state: Corral writes a state file and sweeps sandboxes of dead callers; bwrap keeps "
     "no state",
 ]
@@ -120,6 +125,21 @@ def ms_columns(summaries: dict[str, dict[str, float]]) -> dict[str, float]:
     """The result's flat keys of candidates' summaries: {name}_ms_{p50, p99, ...}."""
     return {f"{name}_ms_{key}": value for name, figures in summaries.items()
             for key, value in figures.items()}
+
+
+def ratio_columns(r: dict[str, float]) -> dict[str, float]:
+    """The ratios of the main round: issue 21's ratio_default_vs_bwrap_bare_* is run() of
+    the default policy (corral_run) against the bare bwrap command; the corral figures
+    (create + exec + wait + destroy) stand next to them as before."""
+    return {
+        "ratio_default_vs_bwrap_bare_p50": round(r["corral_run_ms_p50"]
+                                                 / r["bwrap_bare_ms_p50"], 3),
+        "ratio_default_vs_bwrap_bare_p99": round(r["corral_run_ms_p99"]
+                                                 / r["bwrap_bare_ms_p99"], 3),
+        "ratio_corral_vs_bwrap_bare_p50": round(r["corral_ms_p50"] / r["bwrap_bare_ms_p50"], 3),
+        "ratio_corral_vs_bwrap_p50": round(r["corral_ms_p50"] / r["bwrap_ms_p50"], 3),
+        "ratio_corral_vs_bwrap_p99": round(r["corral_ms_p99"] / r["bwrap_ms_p99"], 3),
+    }
 
 
 # -- candidates ----------------------------------------------------------------------------
@@ -158,6 +178,25 @@ class CorralCandidate:
         for key, dt in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             self.phases[key].append(dt * 1000)
         return (t4 - t0) * 1000
+
+
+class CorralRunCandidate:
+    """corral.sandbox.run(["/bin/true"]): a one-shot sandbox, as `corral run` makes one."""
+
+    name = "corral_run"
+
+    def __init__(self) -> None:
+        from corral.sandbox import run
+
+        self._run = run
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        done = self._run(["/bin/true"])
+        dt = (time.perf_counter() - t0) * 1000
+        if done.returncode != 0:
+            raise RuntimeError(f"corral run: /bin/true exited {done.returncode}")
+        return dt
 
 
 class BwrapCandidate:
@@ -401,6 +440,7 @@ def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
         image = docker_backend.base_image(url)
         candidates = [
             CorralCandidate(),
+            CorralRunCandidate(),
             DockerBackendCandidate(url),
             CommandCandidate("docker_run", [cli, "-H", url, "run", "--rm", "--network", "none",
                                             image, "/bin/true"]),
@@ -410,9 +450,11 @@ def docker_columns(iterations: int, warmup: int, url: str | None) -> dict:
         if engine is not None:
             engine.stop()
     out = ms_columns({name: summary(times[name])
-                      for name in ("corral", "docker_backend", "docker_run")})
+                      for name in ("corral", "corral_run", "docker_backend", "docker_run")})
     out["ratio_docker_run_vs_corral_p50"] = round(out["docker_run_ms_p50"]
                                                   / out["corral_ms_p50"], 1)
+    out["ratio_docker_run_vs_corral_run_p50"] = round(out["docker_run_ms_p50"]
+                                                      / out["corral_run_ms_p50"], 1)
     out["ratio_docker_backend_vs_corral_p50"] = round(out["docker_backend_ms_p50"]
                                                       / out["corral_ms_p50"], 1)
     out["iterations"], out["warmup"] = iterations, warmup
@@ -631,17 +673,19 @@ def install_profile() -> dict[str, float]:
     return acc
 
 
-def profile_corral(iterations: int, warmup: int) -> dict[str, float]:
-    """Per-iteration mean of each wrapped step, in ms (wrapped calls nest; see labels)."""
+def profile_corral(iterations: int, warmup: int, corral=None) -> dict[str, float]:
+    """Per-iteration mean of each wrapped step of corral (default: a CorralCandidate), in
+    ms (wrapped calls nest; see labels)."""
     acc = install_profile()
-    corral = CorralCandidate()
+    corral = corral or CorralCandidate()
     for _ in range(warmup):
         corral()
     acc.clear()
     total = 0.0
     for _ in range(iterations):
         total += corral()
-    out = {"total (create+exec+wait+destroy)": round(total / iterations, 3)}
+    what = "run()" if corral.name == "corral_run" else "create+exec+wait+destroy"
+    out = {f"total ({what})": round(total / iterations, 3)}
     for label, seconds in sorted(acc.items(), key=lambda kv: -kv[1]):
         out[label] = round(seconds / iterations * 1000, 3)
     return out
@@ -876,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = BwrapCandidate(bwrap)
     candidates = [
         corral,
+        CorralRunCandidate(),
         bw,
         CommandCandidate("unshare", [unshare, "--user", "--map-root-user", "--pid", "--fork",
                                      "--mount", "--net", "--uts", "--ipc", "/bin/true"]),
@@ -889,12 +934,9 @@ def main(argv: list[str] | None = None) -> int:
         bw.close()
 
     result: dict = ms_columns({name: summary(times[name]) for name in
-                               ("corral", "bwrap", "unshare", "bwrap_bare", "spawn_posix",
-                                "spawn_fork")})
-    result["ratio_default_vs_bwrap_bare_p50"] = round(result["corral_ms_p50"]
-                                                      / result["bwrap_bare_ms_p50"], 3)
-    result["ratio_corral_vs_bwrap_p50"] = round(result["corral_ms_p50"] / result["bwrap_ms_p50"], 3)
-    result["ratio_corral_vs_bwrap_p99"] = round(result["corral_ms_p99"] / result["bwrap_ms_p99"], 3)
+                               ("corral", "corral_run", "bwrap", "unshare", "bwrap_bare",
+                                "spawn_posix", "spawn_fork")})
+    result.update(ratio_columns(result))
     result["corral_phases_ms"] = {k: summary(v) for k, v in corral.phases.items()}
     result["iterations"] = args.iterations
     result["warmup"] = args.warmup
@@ -918,7 +960,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - no engine: the other columns still stand
             docker = {"error": str(exc)}
         result["docker"] = docker
-        for key in ("docker_backend_ms_p50", "docker_run_ms_p50"):
+        for key in ("docker_backend_ms_p50", "docker_run_ms_p50",
+                    "ratio_docker_run_vs_corral_run_p50"):
             if key in docker:
                 result[key] = docker[key]
     if not args.no_image and os.geteuid() == 0:  # an image's layers are idmapped: root
@@ -942,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
             result["pools"] = {"error": str(exc)}
     if args.profile:
         result["corral_profile_ms_per_iter"] = profile_corral(args.iterations, args.warmup)
+        result["corral_run_profile_ms_per_iter"] = profile_corral(
+            args.iterations, args.warmup, CorralRunCandidate())
     result["machine"] = machine_info(bwrap, unshare)
     result["machine"]["loadavg_start"] = load_start
     result["machine"]["loadavg_end"] = os.getloadavg()[0]
@@ -979,11 +1024,13 @@ def print_table(r: dict) -> None:
           f"kernel {m['kernel']}, {m['nproc']} CPUs, cgroup {m['cgroup']}, {m['bwrap']}, "
           f"load {m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}, commit {m['commit']}")
     print(f"{'candidate':<14}{'p50 ms':>9}{'p99 ms':>9}{'mean':>9}{'min':>9}{'max':>9}")
-    for name in ("corral", "bwrap", "unshare", "spawn_posix", "spawn_fork"):
+    for name in ("corral", "corral_run", "bwrap", "bwrap_bare", "unshare", "spawn_posix",
+                 "spawn_fork"):
         print(f"{name:<14}" + "".join(f"{r[f'{name}_ms_{k}']:>9.3f}"
                                       for k in ("p50", "p99", "mean", "min", "max")))
     print(f"corral / bwrap: p50 x{r['ratio_corral_vs_bwrap_p50']}, "
-          f"p99 x{r['ratio_corral_vs_bwrap_p99']}")
+          f"p99 x{r['ratio_corral_vs_bwrap_p99']}; corral_run / bwrap_bare: p50 "
+          f"x{r['ratio_default_vs_bwrap_bare_p50']}, p99 x{r['ratio_default_vs_bwrap_bare_p99']}")
     print("corral phases:  " + ", ".join(f"{k} {v['p50']:.3f}"
                                          for k, v in r["corral_phases_ms"].items()) + " (p50 ms)")
     if "cli_ms_p50" in r:
@@ -997,9 +1044,11 @@ def print_table(r: dict) -> None:
             f"{n} {ms:.1f}" for n, ms in imp["by_cumulative_ms"][:6]))
     _print_columns(r, "docker", "docker_run_ms_p50", lambda d: (
         f"docker ({d['iterations']} rounds, {d['engine']}): corral {d['corral_ms_p50']:.3f}, "
+        f"corral_run {d['corral_run_ms_p50']:.3f}, "
         f"docker backend {d['docker_backend_ms_p50']:.3f}, `docker run --rm` "
         f"{d['docker_run_ms_p50']:.3f} ms p50; docker run / corral "
-        f"x{d['ratio_docker_run_vs_corral_p50']}"))
+        f"x{d['ratio_docker_run_vs_corral_p50']}, / corral_run "
+        f"x{d['ratio_docker_run_vs_corral_run_p50']}"))
     _print_columns(r, "image", "image_ms_p50", lambda im: (
         f"image ({im['iterations']} rounds): corral {im['corral_ms_p50']:.3f}, on an image "
         f"{im['image_ms_p50']:.3f} ms p50 (x{im['ratio_image_vs_corral_p50']}), `docker "
@@ -1010,10 +1059,11 @@ def print_table(r: dict) -> None:
         print(f"cgroup attach (cgroup.procs write): {a['attach_back_to_back_ms_p50']:.3f} ms right "
               f"after another move, {a['attach_after_idle_ms_p50']:.3f} ms after {a['idle_s']} s "
               f"idle (max {a['attach_after_idle_ms_max']:.3f}); favordynmods: {a['favordynmods']}")
-    if "corral_profile_ms_per_iter" in r:
-        print("corral profile (ms per iteration; wrapped calls nest):")
-        for label, ms in r["corral_profile_ms_per_iter"].items():
-            print(f"  {ms:8.3f}  {label}")
+    for key in ("corral_profile_ms_per_iter", "corral_run_profile_ms_per_iter"):
+        if key in r:
+            print(f"{key.split('_profile')[0]} profile (ms per iteration; wrapped calls nest):")
+            for label, ms in r[key].items():
+                print(f"  {ms:8.3f}  {label}")
     print("bwrap lacks: " + "; ".join(g.split(":")[0] for g in r["notes"]["bwrap_lacks"]))
 
 

@@ -12,6 +12,10 @@ The parent (Python) turns a plan built by ``corral.sandbox.contain`` into a
 ``spawn_init(plan, ...)``
     clone() with new user/pid/mount/net/uts/ipc namespaces; the child becomes PID 1,
     builds the sandbox (mounts, pivot_root, limits, seccomp) and execs corral-init.
+    With ``command=`` (a sandbox that runs one command given at creation, as ``run()``
+    does), PID 1 clones that command itself once its mounts are in place, before it
+    contains itself: the command is PID 1's child from birth, in its cgroup and every
+    namespace, so no join helper, setns or relay runs for it.
 ``spawn_join(plan, init_pidfd, ...)``
     fork a helper that joins the sandbox's namespaces through the init's pidfd, which
     clones (CLONE_PARENT) the real process: a child of the caller, inside the sandbox,
@@ -1057,8 +1061,21 @@ cdef void write_sysctls(child_plan *plan, const char *dir, int report_fd) noexce
         i += 1
 
 
-cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
-    """PID 1 of a new sandbox; runs after clone() with the new namespaces."""
+cdef struct join_args:
+    child_plan *plan
+    int ns_pidfd
+    int report_fd
+    void *relay_stack_top
+    void *command_stack_top
+
+
+cdef void init_child(child_plan *plan, int go_fd, int report_fd,
+                     join_args *command) noexcept nogil:
+    """PID 1 of a new sandbox; runs after clone() with the new namespaces.
+
+    With a command (one-shot), PID 1 clones it right after the mounts: everything the
+    command joins (namespaces, cgroup and cgroup namespace, hostname, loopback, root) is
+    PID 1's by then, and the command contains itself exactly as a joined one does."""
     # The parent writes uid_map/gid_map, then one byte; EOF means it gave up.
     if read_byte(go_fd) != 1:
         fail(report_fd, STEP_WAIT_PARENT, -1)
@@ -1076,6 +1093,8 @@ cdef void init_child(child_plan *plan, int go_fd, int report_fd) noexcept nogil:
     if corral_loopback_up() != 0:
         fail(report_fd, STEP_LOOPBACK, -1)
     apply_mounts(plan, report_fd)
+    if command != NULL:
+        clone_command(command, report_fd)
     contain_and_exec(plan, report_fd, True)
 
 
@@ -1100,6 +1119,7 @@ cdef struct init_args:
     char *pid_text
     void *helper_stack_top
     void *helper2_stack_top
+    join_args *command  # not NULL: the one command PID 1 starts itself (spawn_init command=)
 
 
 cdef int init_main(void *arg) noexcept nogil:
@@ -1107,7 +1127,7 @@ cdef int init_main(void *arg) noexcept nogil:
     cdef init_args *a = <init_args *>arg
     close(a.go_w)
     close(a.exec_r)
-    init_child(a.plan, a.go_r, a.report_fd)
+    init_child(a.plan, a.go_r, a.report_fd, a.command)
     return 127  # not reached
 
 
@@ -1265,14 +1285,6 @@ cdef int init_launcher(void *arg) noexcept nogil:
     _exit(0)
 
 
-cdef struct join_args:
-    child_plan *plan
-    int ns_pidfd
-    int report_fd
-    void *relay_stack_top
-    void *command_stack_top
-
-
 cdef int command_main(void *arg) noexcept nogil:
     """The command: PID n of the sandbox; once its relay exits, a child of PID 1."""
     cdef join_args *a = <join_args *>arg
@@ -1289,6 +1301,13 @@ cdef int command_main(void *arg) noexcept nogil:
     return 127  # not reached: contain_and_exec execs or _exits
 
 
+cdef void clone_command(join_args *a, int report_fd) noexcept nogil:
+    """Clone the command (command_main) as this process's child and sleep until it has
+    exec'd or failed; a failed clone is reported on report_fd (the caller's pipe)."""
+    if corral_vfork_clone(command_main, a.command_stack_top, SIGCHLD, a) < 0:
+        fail(report_fd, STEP_CLONE, -1)
+
+
 cdef int relay_main(void *arg) noexcept nogil:
     """First process inside the sandbox's PID namespace: clones the command, then exits.
 
@@ -1297,8 +1316,7 @@ cdef int relay_main(void *arg) noexcept nogil:
     sandbox's PID 1.
     """
     cdef join_args *a = <join_args *>arg
-    if corral_vfork_clone(command_main, a.command_stack_top, SIGCHLD, arg) < 0:
-        fail(a.report_fd, STEP_CLONE, -1)
+    clone_command(a, a.report_fd)
     _exit(0)
 
 
@@ -1676,6 +1694,7 @@ cdef struct launch_stacks:
     void *init
     void *uid_helper    # the id map helpers' (NULL: none)
     void *gid_helper
+    void *command       # the one-shot command's (NULL: none)
 
 
 cdef void free_launch_stacks(launch_stacks *stacks) noexcept:
@@ -1683,6 +1702,7 @@ cdef void free_launch_stacks(launch_stacks *stacks) noexcept:
     corral_stack_free(stacks.init)
     corral_stack_free(stacks.uid_helper)
     corral_stack_free(stacks.gid_helper)
+    corral_stack_free(stacks.command)
 
 
 cdef int lend_map_helpers(init_args *args, launch_stacks *stacks, list keep,
@@ -1752,8 +1772,9 @@ cdef tuple settle_init(failure, pid, int status, UserNamespaceInProgress user_na
 
 def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
                map_helpers=None, int mount_ns_fd=-1,
-               UserNamespaceInProgress user_namespace=None):
-    """Create a sandbox's PID 1; returns (pid, pidfd).
+               UserNamespaceInProgress user_namespace=None, ChildPlan command=None):
+    """Create a sandbox's PID 1; returns (pid, pidfd), or (pid, pidfd, started) with a
+    command.
 
     A vfork-style launcher clones PID 1 into new user, PID, mount, network, UTS and IPC
     namespaces, writes its uid/gid maps and releases it; PID 1 contains itself and execs
@@ -1768,29 +1789,27 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
     makes PID 1's other namespaces in it and then waits for the helpers: uid_map, gid_map
     and map_helpers are not used.
 
+    With command (a ChildPlan built as spawn_join's), PID 1 clones that command as its own
+    child once its mounts are in place, and only then contains itself and execs
+    corral-init; the command contains itself exactly as a joined one (it has no cgroup
+    descriptors to write: it is born in PID 1's cgroup). It reports on a pipe of its own,
+    so `started` is its pid inside the sandbox, or the SpawnError it failed with (PID 1
+    is up then and reaps it: the caller decides, as after a failed spawn_join).
+
     Raises:
-        SpawnError: the child failed a step (step, errno, detail are attributes).
+        SpawnError: PID 1 failed a step (step, errno, detail are attributes).
         OSError: clone itself failed.
     """
     cdef int rep[2]
+    cdef int cmd_rep[2]
     cdef int status = 0
     cdef init_args args
+    cdef join_args cmd_args
     cdef launch_stacks stacks
     cdef char pid_text[24]
     cdef list keep = []
-    stacks.launcher = corral_stack_alloc()
-    stacks.init = corral_stack_alloc()
-    stacks.uid_helper = stacks.gid_helper = NULL
-    if stacks.launcher == NULL or stacks.init == NULL:
-        free_launch_stacks(&stacks)
-        raise MemoryError("stacks for the sandbox launcher")
-    rep[0] = rep[1] = -1
-    args.user_ns_fd = -1
-    args.uid_helper = NULL
-    args.gid_helper = NULL
-    args.pid_text = pid_text
-    args.helper_stack_top = NULL
-    args.helper2_stack_top = NULL
+    start_launch(&args, &stacks, pid_text, command is not None)
+    rep[0] = rep[1] = cmd_rep[0] = cmd_rep[1] = -1
     try:
         if map_helpers is not None:
             lend_map_helpers(&args, &stacks, keep, map_helpers)
@@ -1807,17 +1826,70 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         args.mount_ns_fd = mount_ns_fd
         if user_namespace is not None:
             user_namespace.lend(&args)
+        if command is not None:
+            cloexec_pipe(cmd_rep)
+            lend_command(&args, &cmd_args, command, cmd_rep[1], stacks.command)
         failure, pid = clone_and_report(init_launcher, stacks.launcher, &args, rep, &status,
                                         "sandbox launcher")
+        if command is not None:
+            started = command_started(cmd_rep)
     finally:
-        for fd in (rep[0], rep[1], plan.c.parent_pidfd, args.user_ns_fd):
+        for fd in (rep[0], rep[1], cmd_rep[0], cmd_rep[1], plan.c.parent_pidfd,
+                   args.user_ns_fd):
             if fd >= 0:
                 close(fd)
         plan.c.parent_pidfd = -1
         free_launch_stacks(&stacks)
         free(args.uid_helper)
         free(args.gid_helper)
-    return settle_init(failure, pid, status, user_namespace)
+    pid, pidfd = settle_init(failure, pid, status, user_namespace)
+    return (pid, pidfd) if command is None else (pid, pidfd, started)
+
+
+cdef int start_launch(init_args *args, launch_stacks *stacks, char *pid_text,
+                      bint with_command) except -1:
+    """The stacks of the launcher and PID 1 (and of a one-shot command), and the fields of
+    args that stay unset unless spawn_init's options set them."""
+    stacks.launcher = corral_stack_alloc()
+    stacks.init = corral_stack_alloc()
+    stacks.uid_helper = stacks.gid_helper = NULL
+    stacks.command = corral_stack_alloc() if with_command else NULL
+    if stacks.launcher == NULL or stacks.init == NULL or (
+            with_command and stacks.command == NULL):
+        free_launch_stacks(stacks)
+        raise MemoryError("stacks for the sandbox launcher")
+    args.command = NULL
+    args.user_ns_fd = -1
+    args.uid_helper = args.gid_helper = NULL
+    args.pid_text = pid_text
+    args.helper_stack_top = args.helper2_stack_top = NULL
+    return 0
+
+
+cdef object command_started(int cmd_rep[2]):
+    """The one-shot command's pid inside the sandbox, or the error it failed a step with,
+    from its report pipe. The launcher has returned, so PID 1 exec'd, which it did only
+    after the command had exec'd or failed: every report is in the pipe already."""
+    cdef list ns_pid = []
+    close(cmd_rep[1])
+    cmd_rep[1] = -1
+    failure, _ = read_reports(cmd_rep[0], ns_pid)
+    if failure is not None:
+        return failure
+    return ns_pid[0] if ns_pid else OSError(
+        5, "PID 1 exec'd without starting the sandbox's command")
+
+
+cdef int lend_command(init_args *args, join_args *cmd_args, ChildPlan command, int report_fd,
+                      void *stack) except -1:
+    """Have PID 1 start command (spawn_init command=) on stack, reporting on report_fd."""
+    cmd_args.plan = &command.c
+    cmd_args.ns_pidfd = -1
+    cmd_args.report_fd = report_fd
+    cmd_args.relay_stack_top = NULL
+    cmd_args.command_stack_top = corral_stack_top(stack)
+    args.command = cmd_args
+    return 0
 
 
 def spawn_join(ChildPlan plan, int init_pidfd):

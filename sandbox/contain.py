@@ -33,6 +33,12 @@ the cgroup, setns() into all seven namespaces at once, clones the command and ex
 the command becomes a child of PID 1, which reaps it and reports its wait status to the
 runtime on a pipe (descriptor 3 of corral-init); the command runs steps 4 and 8-15.
 
+A sandbox that runs one command given at creation (``run()``, ``corral run``; bwrap and
+``docker run`` do the same) starts it without a join: its ChildPlan goes to spawn_init with
+PID 1's, and PID 1 clones it right after step 7, before PID 1's own steps 8-15. The command
+is PID 1's child from birth, in its cgroup and namespaces, and runs steps 4 and 8-15 as a
+joined command does; it reports its pid and any failure on a pipe of its own.
+
 A child step that fails is reported by its name in ext/_spawn.pyx STEP_NAMES, which
 becomes SandboxSetupError.step.
 
@@ -239,10 +245,11 @@ def id_map(spec: SandboxSpec) -> bytes:
 INIT_STATUS_FD = 3
 
 
-def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
+def init_plan(prepared: Prepared, *, root: str, workspace: str | None, init_fd: int,
               cgroup_fds: tuple[int, ...], status_fd: int,
               detached: dict[str, int] | None = None, image_root: int | None = None):
-    """(ChildPlan, mount ops) of a sandbox's PID 1 (steps 4-15, exec'ing corral-init).
+    """(ChildPlan, mount ops) of a sandbox's PID 1 (steps 4-15, exec'ing corral-init);
+    workspace None: a scratch workspace (scratch_workspace_options), mounted by PID 1.
 
     The ops are returned so a failure report (which names an op index) can name its path.
     """
@@ -250,9 +257,8 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
 
     spec = prepared.spec
     ops = mounts.plan(spec, root, workspace, detached=detached, support=support_files(),
-                      image_root=image_root)
-    pooled = tuple((res, *resource.getrlimit(res)) for res in POOLED_RLIMITS) \
-        if namespace_owner(spec) >= 0 else ()
+                      image_root=image_root,
+                      scratch=scratch_workspace_options() if workspace is None else None)
     plan = _spawn.ChildPlan(
         argv=["corral-init"],
         envp=[],
@@ -260,7 +266,7 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
         fds=[(status_fd, INIT_STATUS_FD)],
         hostname=spec.hostname,
         mount_ops=[op.as_tuple() for op in ops],
-        rlimits=prepared.rlimits + pooled,
+        rlimits=prepared.rlimits + _pooled_rlimits(spec),
         sysctls=tuple((os.path.basename(path), value)
                       for path, value in user_namespace_sysctls()),
         seccomp_bpf=prepared.seccomp_bpf,
@@ -273,11 +279,21 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str, init_fd: int,
     return plan, ops
 
 
+def _pooled_rlimits(spec: SandboxSpec) -> tuple[tuple[int, int, int], ...]:
+    """The runtime's own values of POOLED_RLIMITS, which the launcher lifted for a new user
+    namespace it creates as the sandbox's owner (none lifted otherwise)."""
+    if namespace_owner(spec) < 0:
+        return ()
+    return tuple((res, *resource.getrlimit(res)) for res in POOLED_RLIMITS)
+
+
 def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
               fds: list[tuple[int, int]], cgroup_fds: tuple[int, ...], ctty: bool = False,
-              user: tuple[int, int] | None = None):
+              user: tuple[int, int] | None = None, by_init: bool = False):
     """The ChildPlan of a command joining the sandbox (steps 4, 8-15); user: (uid, gid)
-    inside to run as (an image's User), None for root.
+    inside to run as (an image's User), None for root; by_init: PID 1 starts it (one-shot,
+    spawn_init command=), so it inherits PID 1's lifted pooled rlimits and takes the
+    runtime's values back, which a joined command inherits from the runtime.
 
     No parent-death signal: a command's parent is the sandbox's PID 1 (its launcher exits
     at once), and it dies with PID 1, whose own parent-death signal ties it to the runtime.
@@ -292,7 +308,8 @@ def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
         search_path=[p for p in path.split(":") if p.startswith("/")],
         cwd=cwd,
         fds=fds,
-        rlimits=prepared.rlimits,
+        # the pooled values first: the spec's own (RLIMIT_NPROC without a cgroup) win
+        rlimits=(_pooled_rlimits(prepared.spec) if by_init else ()) + prepared.rlimits,
         landlock_rules=ll.rules,
         landlock_handled=ll.handled,
         landlock_abi=ll.abi,
@@ -303,6 +320,13 @@ def exec_plan(prepared: Prepared, argv: list[str], *, env: list[str], cwd: str,
         ctty=ctty,
         user=user,
     )
+
+
+def scratch_workspace_options() -> str:
+    """tmpfs options of a scratch workspace: the caps of a host one (workspace_fs)."""
+    from . import workspace_fs
+
+    return f"size={workspace_fs.max_bytes()},nr_inodes={workspace_fs.max_inodes()}"
 
 
 #: Where the agent protocol helper appears in every sandbox (PYTHONPATH points there).

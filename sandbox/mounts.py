@@ -5,13 +5,20 @@ which flags) without touching the system, so it is unit-tested without root. The
 (ext/_spawn.pyx) executes the ops in order: everything up to ``pivot`` happens on paths
 under ``root`` while the host tree is still visible (bind sources, and the fully visible
 /proc that mounting a new procfs requires); after ``pivot`` paths are sandbox paths.
+
+A policy's plan is computed once: every sandbox of the same shape (spec but its own ids,
+no user binds, no image) differs only in its root, workspace, empty directory and the
+workspace's descriptor, which are put into a cached template (``_PlanCache``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from .spec import SandboxSpec
@@ -167,19 +174,25 @@ def _parents(path: str) -> list[str]:
 def plan(
     spec: SandboxSpec,
     root: str,
-    workspace: str,
+    workspace: str | None,
     host: HostView | None = None,
     detached: dict[str, int] | None = None,
     support: dict[str, str] | None = None,
     image_root: int | None = None,
     empty_dir: str | None = None,
+    scratch: str | None = None,
 ) -> list[MountOp]:
     """Ordered mount operations that build the sandbox's filesystem view.
+
+    On the real host (host None), without user binds or an image, the plan comes from a
+    template of its policy made at the first call (_PLANS); otherwise it is made anew.
 
     Args:
         spec: the sandbox spec (binds, tmp size, hostname).
         root: host directory that becomes the sandbox's root (a tmpfs is mounted on it).
-        workspace: host directory mounted writable at /workspace.
+        workspace: host directory mounted writable at /workspace; None: a scratch
+            workspace, a tmpfs the sandbox mounts itself (mount options `scratch`, e.g.
+            "size=...,nr_inodes=..."), seen by nobody outside and gone with the sandbox.
         host: view of the host's paths (defaults to the real filesystem).
         detached: host paths the caller already cloned with open_tree(2), to their
             descriptors; the child attaches those instead of bind-mounting by path (the
@@ -193,7 +206,22 @@ def plan(
         empty_dir: an empty host directory bound read-only over each masked /proc
             directory (default: "empty" beside root, which the runtime makes with it).
     """
-    steps = _PlanSteps(root, host or HostView(), detached or {})
+    empty_dir = empty_dir or os.path.join(os.path.dirname(root), "empty")
+    detached = detached or {}
+    if workspace is None and scratch is None:
+        raise ValueError("a sandbox with no workspace directory needs scratch options")
+    if host is None and image_root is None and not spec.binds and set(detached) <= {workspace}:
+        return _PLANS.plan(spec, root, workspace, detached.get(workspace), support, empty_dir,
+                           scratch)
+    return _make_plan(spec, root, workspace, host or HostView(), detached, support, image_root,
+                      empty_dir, scratch)
+
+
+def _make_plan(spec: SandboxSpec, root: str, workspace: str | None, host: HostView,
+               detached: dict[str, int], support: dict[str, str] | None,
+               image_root: int | None, empty_dir: str, scratch: str | None) -> list[MountOp]:
+    """plan() itself, every step decided anew (the host is probed where it must be)."""
+    steps = _PlanSteps(root, host, detached)
     # 1. Nothing we mount may propagate back to the host.
     steps.add("mount", "/", source=None, flags=MS_REC | MS_PRIVATE)
     if image_root is not None:
@@ -202,7 +230,7 @@ def plan(
     else:
         steps.host_root(spec)  # 2-4. a tmpfs root, host system directories, a minimal /etc
     steps.dev(spec, in_root_tmpfs=image_root is None)  # 5
-    steps.proc(empty_dir or os.path.join(os.path.dirname(root), "empty"))  # 6
+    steps.proc(empty_dir)  # 6
     # 7. Writable scratch: /tmp and the workspace.
     if image_root is None:
         steps.scratch_dir("/tmp", ATTR_NOSUID | ATTR_NODEV)
@@ -210,7 +238,12 @@ def plan(
         steps.mkdirs("/tmp", 0o1777)
         steps.add("mount", steps.inside("/tmp"), source="tmpfs", fstype="tmpfs",
                   flags=MS_NOSUID | MS_NODEV, data=f"mode=1777,size={spec.tmp_bytes}")
-    steps.bind(workspace, "/workspace", writable=True, kind="dir")
+    if workspace is None:  # as a host workspace: capped, nosuid, nodev, root's inside
+        steps.mkdirs("/workspace")
+        steps.add("mount", steps.inside("/workspace"), source="tmpfs", fstype="tmpfs",
+                  flags=MS_NOSUID | MS_NODEV, data=f"mode=0755,{scratch}")
+    else:
+        steps.bind(workspace, "/workspace", writable=True, kind="dir")
     # 8. Corral's own support files, then the user's extra binds in the order given.
     for target, source in (support or {}).items():
         steps.bind(source, target, writable=False)
@@ -223,6 +256,88 @@ def plan(
     if image_root is None:
         steps.size_root_tmpfs(spec.tmp_bytes)
     return steps.ops
+
+
+class _PlanCache:
+    """Templates of plans by policy: made with placeholders for the sandbox's own root,
+    workspace and empty directory (and the workspace's descriptor), which each plan()
+    puts back. Bounded; safe to share between threads.
+
+    What a template depends on is its key: the spec with its per-sandbox ids and
+    workspace path left out, the support files, whether the workspace is detached. The
+    host paths it probes are the static system ones and Corral's support files.
+    """
+
+    #: placeholders: a NUL never occurs in a real path (ChildPlan refuses one)
+    ROOT, WORKSPACE, EMPTY = "\0root", "\0workspace", "\0empty"
+    WORKSPACE_FD = -2
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self._templates: OrderedDict[tuple, tuple[MountOp, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def plan(self, spec: SandboxSpec, root: str, workspace: str | None,
+             workspace_fd: int | None, support: dict[str, str] | None, empty_dir: str,
+             scratch: str | None) -> list[MountOp]:
+        detached = {} if workspace_fd is None else {workspace: workspace_fd}
+        key = (tuple(getattr(spec, name) for name in _policy_fields()),
+               tuple(sorted((support or {}).items())), workspace_fd is None,
+               scratch if workspace is None else None)
+        try:
+            hash(key)
+        except TypeError:  # a field of a kind no template is kept for: made anew
+            return _make_plan(spec, root, workspace, HostView(), detached, support, None,
+                              empty_dir, scratch)
+        with self._lock:
+            template = self._templates.get(key)
+            if template is not None:
+                self._templates.move_to_end(key)
+        if template is None:
+            detached = {} if workspace_fd is None else {self.WORKSPACE: self.WORKSPACE_FD}
+            template = tuple(_make_plan(spec, self.ROOT,
+                                        None if workspace is None else self.WORKSPACE,
+                                        HostView(), detached, support, None, self.EMPTY,
+                                        scratch))
+            with self._lock:
+                self._templates[key] = template
+                while len(self._templates) > self.SIZE:
+                    self._templates.popitem(last=False)
+        return self._fill(template, root, workspace, workspace_fd, empty_dir)
+
+    def _fill(self, template: tuple[MountOp, ...], root: str, workspace: str | None,
+              workspace_fd: int | None, empty_dir: str) -> list[MountOp]:
+        paths = {self.ROOT: root, self.WORKSPACE: workspace, self.EMPTY: empty_dir}
+
+        def real(value: str | None) -> str | None:
+            if value is None or value[:1] != "\0":
+                return value
+            placeholder, slash, rest = value.partition("/")
+            return paths[placeholder] + slash + rest
+
+        ops = []
+        for op in template:
+            # a frozen dataclass's __init__ sets each field through object.__setattr__:
+            # copying the instance dict is several times faster for ~100 ops
+            filled = object.__new__(MountOp)
+            filled.__dict__.update(op.__dict__)
+            filled.__dict__["target"] = real(op.target)
+            filled.__dict__["source"] = real(op.source)
+            if op.kind == "attach" and op.flags == self.WORKSPACE_FD:
+                filled.__dict__["flags"] = workspace_fd
+            ops.append(filled)
+        return ops
+
+
+_PLANS = _PlanCache()
+#: SandboxSpec fields that name one sandbox, not its policy: left out of a template's key.
+_PER_SANDBOX_FIELDS = frozenset({"uid_base", "uid_count", "workspace", "labels"})
+
+
+@functools.cache
+def _policy_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(SandboxSpec)
+                 if f.name not in _PER_SANDBOX_FIELDS)
 
 
 class _PlanSteps:

@@ -288,6 +288,13 @@ class SandboxLifecycle:
         """Start a command; returns its Process (the backend's)."""
         raise NotImplementedError
 
+    def start_running(self, argv: list[str], *, scratch_workspace: bool = False, **options):
+        """Start the sandbox with argv as its first command (exec()'s options); returns its
+        Process. A backend may start both at once (the native one: PID 1 starts it), and
+        with scratch_workspace give it a /workspace nobody outside sees (native only)."""
+        self.start()
+        return self.exec(argv, **options)
+
     def collect_exits(self) -> int:
         """Read the exits reported on status_fd without blocking; how many ended."""
         raise NotImplementedError
@@ -354,9 +361,12 @@ def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None
         timeout_s: float | None = None, docker_host: str | None = None) -> CompletedRun:
     """Run one command in a fresh sandbox (on spec.backend) and destroy it."""
     started = time.monotonic()
-    with open_sandbox(spec or SandboxSpec(), docker_host=docker_host) as sandbox:
-        proc = sandbox.exec(argv, timeout_s=timeout_s)
+    sandbox = new_sandbox(spec or SandboxSpec(), docker_host=docker_host)
+    try:  # destroyed on every path: a failed start cleans up, a failed command does not
+        proc = sandbox.start_running(argv, timeout_s=timeout_s, scratch_workspace=True)
         out, err = proc.communicate(input)
+    finally:
+        sandbox.destroy()
     return CompletedRun(tuple(argv), proc.returncode, out, err, proc.reason,
                         time.monotonic() - started)
 

@@ -430,8 +430,9 @@ class Sandbox(SandboxLifecycle):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Create PID 1 with its namespaces, cgroup and filesystem view.
+    def start(self, *, first: _FirstCommand | None = None) -> None:
+        """Create PID 1 with its namespaces, cgroup and filesystem view (first: the command
+        PID 1 starts itself, start_running).
 
         Raises:
             InvalidSpec: the spec's profile or paths are unusable.
@@ -462,7 +463,8 @@ class Sandbox(SandboxLifecycle):
             root = self._make_runtime_dir(privileged)
             if self.secrets is not None:
                 self._prepared = self._with_secret_trust(self._prepared)
-            self._setup_workspace()
+            if first is None or not first.scratch:  # a scratch one is PID 1's (mounts.plan)
+                self._setup_workspace()
             if self.spec.image:
                 self._hold_image(privileged)
             self._write_state()
@@ -471,7 +473,8 @@ class Sandbox(SandboxLifecycle):
             image_fd = self._image_root() if self._image is not None else None
             if image_fd is not None:
                 opened.append(image_fd)
-            self._spawn_init(root, id_maps, cgroup_fds, detached, image_fd, opened, mapping)
+            self._spawn_init(root, id_maps, cgroup_fds, detached, image_fd, opened, mapping,
+                             first)
             if not self.spec.die_with_parent:  # PID 1 may outlive us: say which it is
                 self._write_state()
                 if self._own_workspace and workspace_fs.is_managed(self.workspace):
@@ -524,10 +527,11 @@ class Sandbox(SandboxLifecycle):
 
     def _spawn_init(self, root: str, id_maps, cgroup_fds: tuple[int, ...],
                     detached: dict[str, int], image_fd: int | None, opened: list[int],
-                    mapping=None) -> None:
+                    mapping=None, first: _FirstCommand | None = None) -> None:
         """Clone PID 1 into its namespaces (corral-init, run from a descriptor), with the
         status pipe it reports every exit on; mapping: the user namespace whose id-map
-        helpers were started earlier (ids.map_in_background), PID 1's."""
+        helpers were started earlier (ids.map_in_background), PID 1's; first: the command
+        PID 1 starts itself (its outcome goes to first.started)."""
         from corral.ext import _spawn
 
         uid_map, gid_map, helpers = id_maps
@@ -552,16 +556,28 @@ class Sandbox(SandboxLifecycle):
         self._setup_files = frozenset(
             op.target[len(root) + 1:] for op in ops
             if op.kind in ("touch", "file", "symlink") and op.target.startswith(root + "/"))
+        command = self._first_plan(first) if first is not None else None
         try:
             with WRITE_CLONE.hold(CLONING):
-                self.init_pid, self._init_pidfd = _spawn.spawn_init(
+                spawned = _spawn.spawn_init(
                     plan, uid_map, gid_map, contain.namespace_owner(self.spec),
                     map_helpers=helpers if mapping is None else None, user_namespace=mapping,
-                    mount_ns_fd=contain.base_mount_namespace(root))
+                    mount_ns_fd=contain.base_mount_namespace(root), command=command)
         except OSError as exc:
             raise _setup_error(exc, ops, helpers=helpers) from None
+        self.init_pid, self._init_pidfd = spawned[:2]
+        if first is not None:
+            first.started = spawned[2]
         if self._ids is not None:
             self._ids.note_init(self.init_pid)
+
+    def _first_plan(self, first: _FirstCommand):
+        """The ChildPlan of the command PID 1 starts itself; no cgroup descriptors: it is
+        born in PID 1's cgroup (whose OOM kills are counted now, before it runs)."""
+        first.oom_before = self._oom_kills()
+        return contain.exec_plan(self._prepared, first.argv, env=first.environment,
+                                 cwd=first.cwd, fds=first.fds, cgroup_fds=(), user=first.user,
+                                 by_init=True)
 
     def _open_egress(self, privileged: bool) -> None:
         """The egress link and proxy of spec.allow_net (sandbox/net.py); an unprivileged
@@ -836,7 +852,7 @@ class Sandbox(SandboxLifecycle):
         namespaces: dict[tuple[int, int], int] = {}
         try:
             for source in [self.workspace, *(b.source for b in self.spec.binds)]:
-                if source in detached:
+                if source is None or source in detached:  # None: a scratch workspace
                     continue
                 try:
                     fd = _spawn.open_tree_clone(source)
@@ -1161,6 +1177,68 @@ class Sandbox(SandboxLifecycle):
         """
         if self.state != "running":
             raise CorralError(f"sandbox {self.id} is {self.state}; cannot exec")
+        return self._command(
+            argv, (stdin, stdout, stderr), tty, pass_fds, timeout_s,
+            lambda fds, ours: self._join(argv, self._command_environment(env), cwd, fds, tty,
+                                         user, ours))
+
+    def start_running(self, argv: list[str], *, env: dict[str, str] | None = None,
+                      cwd: str = "/workspace", stdin: int | None = PIPE,
+                      stdout: int | None = PIPE, stderr: int | None = PIPE,
+                      pass_fds: dict[int, int] | None = None, timeout_s: float | None = None,
+                      tty: tuple[int, int] | None = None,
+                      user: tuple[int, int] | None = None,
+                      scratch_workspace: bool = False) -> Process:
+        """Start the sandbox with argv as its first command (exec()'s arguments), which
+        PID 1 starts itself: no join helper, setns or relay (contain.py). Returns the
+        running Process; exec() runs more commands in the sandbox as usual.
+
+        With egress (spec.allow_net: its proxy is up before any command runs) or a tty (a
+        pty of the running sandbox's devpts) the sandbox starts, then the command joins.
+
+        scratch_workspace: when the spec names no workspace (nor a snapshot or a
+        copy-on-write one) and workspaces are tmpfs, /workspace is a tmpfs of the same caps
+        that PID 1 mounts itself: nothing of it exists on the host (self.workspace stays
+        None: no file API), and it is gone with the sandbox. For run(), whose workspace
+        nobody else sees.
+
+        Raises:
+            as start() and exec(). A command that could not be started (CommandNotFound)
+            leaves the sandbox running, as a failed exec() does: destroy it.
+        """
+        if self.spec.allow_net or tty is not None:
+            self.start()
+            return self.exec(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout,
+                             stderr=stderr, pass_fds=pass_fds, timeout_s=timeout_s, tty=tty,
+                             user=user)
+        scratch = scratch_workspace and not (
+            self.spec.workspace or self.spec.snapshot or self.spec.workspace_cow
+        ) and workspace_fs.kind() == "tmpfs"
+        return self._command(
+            argv, (stdin, stdout, stderr), None, pass_fds, timeout_s,
+            lambda fds, ours: self._start_first(argv, env, cwd, fds, user, scratch))
+
+    def _start_first(self, argv: list[str], env: dict[str, str] | None, cwd: str,
+                     fds: list[tuple[int, int]], user: tuple[int, int] | None,
+                     scratch: bool) -> tuple[int, int, int]:
+        """start() with argv as the command PID 1 starts itself; returns what _join does.
+
+        Raises:
+            CommandNotFound, SandboxSetupError: the command failed a step (the sandbox
+                stays running).
+        """
+        first = _FirstCommand(list(argv), self._command_environment(env), cwd, fds, user,
+                              scratch)
+        self.start(first=first)
+        if isinstance(first.started, OSError):
+            raise _setup_error(first.started, argv0=argv[0])
+        return first.started, 0, first.oom_before
+
+    def _command(self, argv: list[str], how: tuple, tty: tuple[int, int] | None,
+                 pass_fds: dict[int, int] | None, timeout_s: float | None, spawn) -> Process:
+        """The Process of argv with the stdio `how` asks for, started by spawn(fds, ours)
+        -> (its pid inside, exit reports read before it started, OOM kills counted then).
+        """
         if not argv:
             raise InvalidSpec("argv", "the command is empty")
         # descriptors this call opened and must close; the parent's ends of stdin, stdout,
@@ -1168,10 +1246,9 @@ class Sandbox(SandboxLifecycle):
         ours: list[int] = []
         parent_ends: list[int | None] = [None, None, None, None]
         try:
-            fds = self._command_stdio((stdin, stdout, stderr), tty, ours, parent_ends)
+            fds = self._command_stdio(how, tty, ours, parent_ends)
             fds += [(parent_fd, child_fd) for child_fd, parent_fd in (pass_fds or {}).items()]
-            ns_pid, after_report, oom_before = self._join(
-                argv, self._command_environment(env), cwd, fds, tty, user, ours)
+            ns_pid, after_report, oom_before = spawn(fds, ours)
         except BaseException:
             for fd in parent_ends:
                 if fd is not None:
@@ -1377,6 +1454,23 @@ PIDFD_SIGNAL_PROCESS_GROUP = 4
 ATTR_NOSUID_NODEV = 0x2 | 0x4
 
 
+@dataclass
+class _FirstCommand:
+    """The one command a sandbox's PID 1 starts itself (Sandbox.start_running)."""
+
+    argv: list[str]
+    environment: list[str]
+    cwd: str
+    fds: list[tuple[int, int]]
+    user: tuple[int, int] | None
+    #: /workspace is a tmpfs PID 1 mounts (start_running scratch_workspace)
+    scratch: bool = False
+    #: after the start: its pid inside the sandbox, or the OSError its spawn failed with
+    started: int | OSError | None = None
+    #: the cgroup's OOM kills counted before it ran
+    oom_before: int = 0
+
+
 @dataclass(frozen=True)
 class _ProcStat:
     """The fields of /proc/PID/stat a signal selection needs."""
@@ -1414,11 +1508,12 @@ def _userns(uid_map: bytes, gid_map: bytes) -> int:
 
 
 def _remove_tree(path: str) -> None:
-    """Remove a directory we created; the common cases (empty, or our own state file) fast."""
-    for name in ("state.json", "root"):
+    """Remove a directory we created; the common cases (empty, or our own state file and
+    the two directories _make_runtime_dir makes) fast, without a tree walk."""
+    for name in ("state.json", "root", "empty"):
         with contextlib.suppress(OSError):
             target = os.path.join(path, name)
-            os.rmdir(target) if name == "root" else os.unlink(target)
+            os.unlink(target) if name == "state.json" else os.rmdir(target)
     try:
         os.rmdir(path)
     except FileNotFoundError:
