@@ -186,45 +186,31 @@ def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
                    secrets: dict[str, str] | None = None) -> int:
     """Run argv, copying its output live and our stdin to it; returns the exit status
     (tty: on a pty, see corral.runtime.interactive; secrets: the values of
-    spec.secrets, which only the native backend takes)."""
+    spec.secrets, which only the native backend takes). Without a tty or an image the
+    sandbox is one-shot: its PID 1 starts argv itself (Sandbox.start_running), with a
+    scratch /workspace unless --workspace names one."""
     from corral.sandbox import ExitReason
-    from corral.sandbox.backends import open_sandbox
+    from corral.sandbox.backends import new_sandbox
 
     if secrets:
         from corral.sandbox.backends.native import Sandbox
 
-        opened = Sandbox(spec, secrets=secrets)
+        sandbox = Sandbox(spec, secrets=secrets)
     else:
-        opened = open_sandbox(spec, docker_host=docker_host)
-    with opened as sandbox:
-        for note in getattr(sandbox, "notes", ()):  # what it runs without, e.g. cgroups
-            print(f"corral: {note}", file=sys.stderr, flush=True)
-        extra: dict = {}
-        if spec.image:  # the image's Entrypoint/Cmd, Env, WorkingDir and User
-            from corral.sandbox.images import runconfig
-
-            for note in runconfig.notes(sandbox.image_config):
-                print(f"corral: {note}", file=sys.stderr, flush=True)
-            cmd = sandbox.image_command(argv)
-            argv = cmd.argv
-            extra = {"env": cmd.env, "user": cmd.user}
-            if cmd.cwd:
-                extra["cwd"] = cmd.cwd
-        if tty:
-            from corral.runtime import interactive as term
-
-            size = term.RawTerminal(0).window()
-            env = {"TERM": os.environ["TERM"]} if os.environ.get("TERM") else None
-            if extra:
-                extra["env"] = {**extra["env"], **(env or {})}
-                env = extra.pop("env")
-            proc = sandbox.exec(argv, tty=size, env=env, **extra)
-            stopped = term.run_on_terminal(proc, interactive=interactive, raw=raw)
-            if stopped is not None:
-                return exits.killed_by(stopped)
+        sandbox = new_sandbox(spec, docker_host=docker_host)
+    try:
+        if tty or spec.image:
+            sandbox.start()
+            _print_notes(sandbox)
+            proc = _run_started(sandbox, argv, raw=raw, tty=tty, interactive=interactive)
+            if isinstance(proc, int):  # the terminal's own stop (a signal)
+                return proc
         else:
-            proc = sandbox.exec(argv, **extra)
+            proc = sandbox.start_running(argv, scratch_workspace=True)
+            _print_notes(sandbox)
             _pump_streaming(proc, raw)
+    finally:
+        sandbox.destroy()
     if proc.reason == ExitReason.TIMEOUT:
         print(f"corral: {argv[0]}: killed after the {spec.timeout_s:g}s timeout", file=sys.stderr)
         return exits.EXIT_TIMEOUT
@@ -233,6 +219,41 @@ def _run_streaming(spec, argv: list[str], docker_host: str | None = None,
               file=sys.stderr)
         return exits.EXIT_OOM
     return exits.shell_status(proc.returncode)
+
+
+def _print_notes(sandbox) -> None:
+    for note in getattr(sandbox, "notes", ()):  # what it runs without, e.g. cgroups
+        print(f"corral: {note}", file=sys.stderr, flush=True)
+
+
+def _run_started(sandbox, argv: list[str], *, raw: bool, tty: bool, interactive: bool):
+    """argv in a started sandbox (an image's command, or on a pty); returns its Process
+    once it ended, or the exit status when the terminal stopped it."""
+    extra: dict = {}
+    if sandbox.spec.image:  # the image's Entrypoint/Cmd, Env, WorkingDir and User
+        from corral.sandbox.images import runconfig
+
+        for note in runconfig.notes(sandbox.image_config):
+            print(f"corral: {note}", file=sys.stderr, flush=True)
+        cmd = sandbox.image_command(argv)
+        argv = cmd.argv
+        extra = {"env": cmd.env, "user": cmd.user}
+        if cmd.cwd:
+            extra["cwd"] = cmd.cwd
+    if not tty:
+        proc = sandbox.exec(argv, **extra)
+        _pump_streaming(proc, raw)
+        return proc
+    from corral.runtime import interactive as term
+
+    size = term.RawTerminal(0).window()
+    env = {"TERM": os.environ["TERM"]} if os.environ.get("TERM") else None
+    if extra:
+        extra["env"] = {**extra["env"], **(env or {})}
+        env = extra.pop("env")
+    proc = sandbox.exec(argv, tty=size, env=env, **extra)
+    stopped = term.run_on_terminal(proc, interactive=interactive, raw=raw)
+    return exits.killed_by(stopped) if stopped is not None else proc
 
 
 def _pump_streaming(proc, raw: bool) -> None:

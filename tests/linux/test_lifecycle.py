@@ -394,6 +394,24 @@ def test_cli_exit_status_is_the_program_own(argv, code):
     assert result.stderr == b""
 
 
+def test_cli_run_is_one_shot_with_a_scratch_workspace_unless_given_one(tmp_path):
+    """`corral run` hands its command to PID 1 (the command is pid 2: no join helper or
+    relay ran) and, with no --workspace, gives it a scratch /workspace of its own; with
+    --workspace the directory is the command's, as before."""
+    result = corral_cli("run", "--", "/bin/sh", "-c",
+                        "echo $$; touch /workspace/made; grep ' /workspace ' /proc/self/mounts")
+    assert result.returncode == 0, result.stderr
+    pid, mount = result.stdout.decode().splitlines()
+    assert pid == "2"
+    assert mount.split()[2] == "tmpfs"
+    (tmp_path / "given").write_text("x")
+    result = corral_cli("run", "--workspace", str(tmp_path), "--", "/bin/sh", "-c",
+                        "echo $$; cat /workspace/given; touch /workspace/made")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == ["2", "x"]
+    assert (tmp_path / "made").exists()
+
+
 def test_cli_streams_output():
     result = corral_cli("run", "--", "/bin/sh", "-c", "echo to-out; echo to-err >&2")
     assert (result.stdout, result.stderr, result.returncode) == (b"to-out\n", b"to-err\n", 0)
