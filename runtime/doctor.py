@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ..sandbox.procinfo import read_or_none
 
@@ -41,6 +41,10 @@ class Check:
     required: bool = False  # native sandboxes cannot run without it
 
 
+#: What --json gives for each check: the fields of Check, in order.
+CHECK_FIELDS = tuple(f.name for f in fields(Check))
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "doctor", help="check the kernel features Corral uses, for the current user",
@@ -51,8 +55,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog="exit status: 0 native sandboxes can run for this user, 1 a required feature "
                "(user namespaces, seccomp) is missing, 2 usage error.")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object: user, kernel, checks (feature, status, found, "
-                        "without, required)")
+                   help=f"one JSON object: user, kernel, checks ({', '.join(CHECK_FIELDS)})")
     p.set_defaults(handler=main)
     return p
 

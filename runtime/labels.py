@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import re
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 
 from corral.sandbox.errors import InvalidSpec
@@ -177,6 +177,17 @@ def check_page_size(page_size: int, field: str = "page_size") -> int:
     if page_size > MAX_PAGE_SIZE:
         raise InvalidSpec(field, f"{page_size} is over the maximum of {MAX_PAGE_SIZE}")
     return page_size or DEFAULT_PAGE_SIZE
+
+
+def check_state(state: int, known: Container[int], name: str) -> int:
+    """A List request's state filter, unchanged: 0 (any) or a value of `known`.
+
+    Raises:
+        InvalidSpec: any other number, named as "N is not a <name>".
+    """
+    if state and state not in known:
+        raise InvalidSpec("state", f"{state} is not a {name}")
+    return state
 
 
 def _query_digest(kind: str, query: str) -> str:

@@ -61,8 +61,8 @@ class TurnEnded:
 
 @dataclass(frozen=True)
 class Exited:
-    returncode: int
-    reason: str
+    returncode: int  # the agent's exit code, or -N when signal N killed it
+    reason: str  # a requested close's reason, else how the agent ended, e.g. "exited"
 
 
 @dataclass(frozen=True)

@@ -619,11 +619,7 @@ class StreamHub:
         except OSError as exc:  # EIO (a pty's other side), EBADF, ...: input is over
             self._end_input(exc)
             return
-        self._read_calls += 1
-        if n == 0:
-            self._end_input(None)
-            return
-        self._after_read(n, self._stream.feed(self._view[:n]))
+        self._took(n)
 
     def _on_readable_journaled(self) -> None:
         # _on_readable with the journal in between (live restore): the bytes leave the pipe
@@ -648,6 +644,10 @@ class StreamHub:
         except OSError as exc:
             self._end_input(exc)
             return
+        self._took(n)
+
+    def _took(self, n: int) -> None:
+        """One read returned `n` bytes into the shared buffer (0: end of input): feed them."""
         self._read_calls += 1
         if n == 0:
             self._end_input(None)

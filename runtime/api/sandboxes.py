@@ -12,7 +12,7 @@ from corral.sandbox.seccomp import requested_profile
 from corral.sandbox.spec import SecretBinding
 from corral.v1 import sandbox_pb2 as pb
 
-from ..labels import ListQuery, check_labels
+from ..labels import ListQuery, check_labels, check_state
 from .errors import Servicer, streaming, unary
 from .exits import exit_fields
 from .wire import field_bytes, field_varint, fill_typed, varint
@@ -285,8 +285,7 @@ class SandboxesServicer(Servicer):
     @unary
     async def List(self, request, context):
         caller = self.caller(context)
-        if request.state not in pb.SandboxState.values():
-            raise InvalidSpec("state", f"{request.state} is not a SandboxState")
+        check_state(request.state, pb.SandboxState.values(), "SandboxState")
         listing = ListQuery.of(request, "sandboxes", request.state or pb.SANDBOX_STATE_RUNNING)
         found = self.manager.find(caller, listing.selector,
                                   destroyed=request.state == pb.SANDBOX_STATE_DESTROYED)

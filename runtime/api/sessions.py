@@ -17,7 +17,7 @@ import threading
 from corral.sandbox.errors import CorralError, InvalidSpec, PermissionDenied
 from corral.v1 import session_pb2 as pb
 
-from ..labels import ListQuery, check_labels
+from ..labels import ListQuery, check_labels, check_state
 from ..metrics import NO_METRICS
 from ..policy import RateLimited
 from ..session_state import Exited, TaskNote, TurnEnded, TurnStarted
@@ -459,8 +459,7 @@ class SessionsServicer(Servicer):
     @unary
     async def List(self, request, context):
         caller = self.caller(context)
-        if request.state not in SESSION_STATES:
-            raise InvalidSpec("state", f"{request.state} is not a SessionState")
+        check_state(request.state, SESSION_STATES, "SessionState")
         listing = ListQuery.of(request, "sessions", request.state)
         chosen, token = listing.page(
             self.manager.find(caller, listing.selector, SESSION_STATES[request.state]),

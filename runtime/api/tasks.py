@@ -13,7 +13,7 @@ from corral.sandbox.errors import CorralError, InvalidSpec, NotFinished, Permiss
 from corral.v1 import stream_pb2
 from corral.v1 import task_pb2 as pb
 
-from ..labels import Selector, page_token, parse_page_token
+from ..labels import Selector, check_state, page_token, parse_page_token
 from ..tasks.model import TaskSpec
 from ..tasks.ray_executor import node_local_fields
 from ..tasks.runner import locate_secrets
@@ -213,12 +213,8 @@ class TasksServicer(Servicer):
     @unary
     async def List(self, request, context):
         caller = self.caller(context)
-        state = None
-        if request.state:
-            try:
-                state = TaskState(request.state)
-            except ValueError:
-                raise InvalidSpec("state", f"{request.state} is not a TaskState value") from None
+        state = check_state(request.state, set(TaskState), "TaskState value")
+        state = TaskState(state) if state else None
         selector = Selector.parse(request.selector)
         query = f"{request.selector}\0{request.state}\0{request.parent_session}"
         before = parse_page_token(request.page_token, "tasks", query)

@@ -12,6 +12,7 @@ from corral.runtime.terminal import visible
 
 from .connection import add_daemon_parser, connect, daemon_verb
 from .exits import EXIT_USAGE
+from .flags import add_flag_for
 from .output import fail
 
 AUDIT_DESCRIPTION = """\
@@ -20,66 +21,87 @@ chose (argv, paths) are shown escaped (\\x9b, \\u202e), so a line reads as what 
 --json gives the exact text."""
 
 
+VERIFY_DESCRIPTION = """\
+Recompute the hash chain and name the first broken record. With --pubkey, also check every \
+audit.checkpoint signature against that Ed25519 public key (the daemon writes it to \
+<state>/audit-signing.key.pub) and that every record is covered by one: a copy re-hashed end \
+to end, head anchor included, fails, naming the first record past the last valid signature."""
+
+EXPORT_DESCRIPTION = """\
+Write records after --since (or the --cursor file's seq) as JSON lines: every column, \
+detail_json verbatim, hashes, and the audit.checkpoint records that carry the signatures, so \
+the output verifies with only the public key (`corral audit verify --file OUT --pubkey KEY`). \
+--format ocsf writes OCSF 1.1 API Activity events (class 6003), each keeping the record whole \
+under unmapped.corral_record."""
+
+
+def _add_record_filters(ap) -> None:
+    """tail's flags, which query's start with: which records, and how they print."""
+    ap.add_argument("--sandbox", metavar="ID")
+    ap.add_argument("--kind", metavar="KIND", help="exact kind or a prefix ending in '.'")
+    ap.add_argument("--json", action="store_true", help="one JSON object per record")
+
+
+def _add_query_flags(ap) -> None:
+    _add_record_filters(ap)
+    ap.add_argument("--session", metavar="ID")
+    ap.add_argument("--since", metavar="DURATION", help="e.g. 1h: records newer than that")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--of-tenant", dest="for_tenant", metavar="NAME",
+                    help="operators: another tenant's records")
+
+
+def _add_verify_flags(ap) -> None:
+    ap.description = VERIFY_DESCRIPTION
+    ap.add_argument("--pubkey", metavar="FILE", action="append",
+                    help="Ed25519 public key (PEM, or 32 bytes raw/hex/base64); repeat for a "
+                         "log signed by a rotated key")
+    add_flag_for(ap, "--pubkey", "--unsigned-tail-ok", action="store_true",
+                 help="accept records after the last checkpoint (a running daemon's newest), "
+                      "naming them, instead of failing")
+    ap.add_argument("--file", metavar="EXPORT",
+                    help="verify an exported copy (jsonl or ocsf lines, '-' for stdin) "
+                         "instead: needs only --pubkey, no daemon, no db")
+
+
+def _add_export_flags(ap) -> None:
+    ap.description = EXPORT_DESCRIPTION
+    ap.add_argument("--since", type=int, default=0, metavar="SEQ",
+                    help="records after this seq (the last one you already have; default 0: "
+                         "from the first)")
+    ap.add_argument("--format", choices=("jsonl", "ocsf"), default="jsonl")
+    ap.add_argument("--out", metavar="FILE", help="append to FILE (created 0600) instead of stdout")
+    ap.add_argument("--cursor", metavar="FILE",
+                    help="resume after the seq in FILE and store the last seq written there "
+                         "once the output is flushed")
+
+
+def _add_status_flags(ap) -> None:
+    ap.add_argument("--json", action="store_true", help="the figures as JSON")
+
+
+#: The audit verbs in `corral audit --help` order: name, help, and what adds the verb's own
+#: flags after --db, which every one has.
+AUDIT_VERBS = (
+    ("tail", "follow new records", _add_record_filters),
+    ("query", "search records", _add_query_flags),
+    ("verify", "check the hash chain (and with --pubkey its signatures); exit 1 when broken",
+     _add_verify_flags),
+    ("export", "stream records with hashes and signatures, for a SIEM", _add_export_flags),
+    ("status", "operators: signing key, checkpoints, each sink's lag", _add_status_flags),
+)
+
+
 def add_parsers(sub) -> None:
     audit = sub.add_parser(
         "audit", help="read and verify the audit log",
         description=AUDIT_DESCRIPTION)
     audit_sub = audit.add_subparsers(dest="audit_verb", metavar="VERB")
-    for name, text in (("tail", "follow new records"), ("query", "search records"),
-                       ("verify", "check the hash chain (and with --pubkey its signatures); "
-                                  "exit 1 when broken"),
-                       ("export", "stream records with hashes and signatures, for a SIEM"),
-                       ("status", "operators: signing key, checkpoints, each sink's lag")):
+    for name, text, add_flags in AUDIT_VERBS:
         ap = add_daemon_parser(audit_sub, name, help=text)
         ap.add_argument("--db", metavar="FILE",
                         help="read this audit.db directly instead of asking the daemon")
-        if name == "verify":
-            ap.description = (
-                "Recompute the hash chain and name the first broken record. With --pubkey, "
-                "also check every audit.checkpoint signature against that Ed25519 public key "
-                "(the daemon writes it to <state>/audit-signing.key.pub) and that every "
-                "record is covered by one: a copy re-hashed end to end, head anchor "
-                "included, fails, naming the first record past the last valid signature.")
-            ap.add_argument("--pubkey", metavar="FILE", action="append",
-                            help="Ed25519 public key (PEM, or 32 bytes raw/hex/base64); "
-                                 "repeat for a log signed by a rotated key")
-            ap.add_argument("--unsigned-tail-ok", action="store_true",
-                            help="with --pubkey: accept records after the last checkpoint (a "
-                                 "running daemon's newest), naming them, instead of failing")
-            ap.add_argument("--file", metavar="EXPORT",
-                            help="verify an exported copy (jsonl or ocsf lines, '-' for "
-                                 "stdin) instead: needs only --pubkey, no daemon, no db")
-        if name == "export":
-            ap.description = (
-                "Write records after --since (or the --cursor file's seq) as JSON lines: "
-                "every column, detail_json verbatim, hashes, and the audit.checkpoint "
-                "records that carry the signatures, so the output verifies with only the "
-                "public key (`corral audit verify --file OUT --pubkey KEY`). "
-                "--format ocsf writes OCSF 1.1 API Activity events (class 6003), each "
-                "keeping the record whole under unmapped.corral_record.")
-            ap.add_argument("--since", type=int, default=0, metavar="SEQ",
-                            help="records after this seq (the last one you already have; "
-                                 "default 0: from the first)")
-            ap.add_argument("--format", choices=("jsonl", "ocsf"), default="jsonl")
-            ap.add_argument("--out", metavar="FILE",
-                            help="append to FILE (created 0600) instead of stdout")
-            ap.add_argument("--cursor", metavar="FILE",
-                            help="resume after the seq in FILE and store the last seq "
-                                 "written there once the output is flushed")
-            continue
-        if name == "status":
-            ap.add_argument("--json", action="store_true", help="the figures as JSON")
-            continue
-        if name != "verify":
-            ap.add_argument("--sandbox", metavar="ID")
-            ap.add_argument("--kind", metavar="KIND", help="exact kind or a prefix ending in '.'")
-            ap.add_argument("--json", action="store_true", help="one JSON object per record")
-        if name == "query":
-            ap.add_argument("--session", metavar="ID")
-            ap.add_argument("--since", metavar="DURATION", help="e.g. 1h: records newer than that")
-            ap.add_argument("--limit", type=int, default=100)
-            ap.add_argument("--of-tenant", dest="for_tenant", metavar="NAME",
-                            help="operators: another tenant's records")
+        add_flags(ap)
     audit.set_defaults(handler=audit_verb)
 
 

@@ -10,6 +10,7 @@ import argparse
 import functools
 
 from .exits import EXIT_USAGE
+from .flags import add_flag_for
 from .output import fail
 
 
@@ -38,10 +39,10 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", metavar="TOKEN", help="bearer token for --target "
                                                      "(default: $CORRAL_TOKEN)")
     p.add_argument("--tenant", metavar="NAME", help="act as this tenant (local socket only)")
-    p.add_argument("--tls-ca", metavar="PEM",
-                   help="with --target: verify the daemon's TLS certificate against this CA")
-    p.add_argument("--tls-client-cert", metavar="PEM",
-                   help="with --target: client certificate for a daemon that asks for mTLS")
+    add_flag_for(p, "--target", "--tls-ca", metavar="PEM",
+                 help="verify the daemon's TLS certificate against this CA")
+    add_flag_for(p, "--target", "--tls-client-cert", metavar="PEM",
+                 help="client certificate for a daemon that asks for mTLS")
     p.add_argument("--tls-client-key", metavar="PEM", help="its private key")
 
 

@@ -1,6 +1,7 @@
 """Flags and arguments several verbs share: the command after `--`, the terminal flags of
-run, exec and session, the sandbox flags of run and probe, and the workspace, file and
-environment flags of the daemon verbs that make a sandbox (create, session, task submit)."""
+run, exec and session, the sandbox flags of run and probe, the workspace, snapshot, file and
+environment flags of the daemon verbs that make a sandbox (create, session, task submit),
+and `add_flag_for`, the form of a flag that acts only with another."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def command_argv(args: argparse.Namespace) -> list[str]:
     if argv and argv[0] == "--":
         argv = argv[1:]
     return argv
+
+
+def add_flag_for(p, needs: str, *names: str, help: str, **kwargs) -> None:
+    """A flag that acts only together with another (`needs`: "--attach", "--transport
+    http"); its help opens with "with NEEDS: ", the one wording every such flag uses.
+    `p` is a parser or an argument group; the rest is add_argument's."""
+    p.add_argument(*names, help=f"with {needs}: {help}", **kwargs)
+
+
+def add_from_flag(p, help: str) -> None:
+    """--from SNAPSHOT (args.from_snapshot): the snapshot, by id or name, that what the verb
+    makes starts from. `p` is a parser or an argument group."""
+    p.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT", help=help)
 
 
 def add_terminal_flags(p: argparse.ArgumentParser) -> None:

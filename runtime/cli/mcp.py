@@ -11,9 +11,12 @@ import os
 import signal
 
 from .connection import add_daemon_parser, connect, daemon_verb, usage_error
+from .flags import add_flag_for
 
 #: The tenant the tools act as on a private daemon unless --tenant names another.
 PRIVATE_TENANT = "mcp"
+#: The private daemon's state directory, beneath the user's, unless --state names another.
+PRIVATE_STATE = "mcp"
 
 MCP_DESCRIPTION = """\
 Serve Corral as MCP tools: sandbox_create, exec, file_read/write/list, session_start/read/
@@ -39,18 +42,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--transport", choices=("stdio", "http"), default="stdio",
                    help="stdio (default: the client starts `corral mcp`) or http "
                         "(streamable HTTP at http://LISTEN/mcp)")
-    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765",
-                   help="with --transport http: where to listen (default: %(default)s; "
-                        "port 0: any free one, printed on stderr)")
-    p.add_argument("--public", action="store_true",
-                   help="with --transport http: allow a --listen address that is not "
-                        "loopback; needs --http-token")
-    p.add_argument("--http-token", metavar="TOKEN",
-                   help="with --transport http: clients must send 'Authorization: Bearer "
-                        "TOKEN' (default: $CORRAL_MCP_TOKEN; none: no check, loopback only)")
+    add_flag_for(p, "--transport http", "--listen", metavar="HOST:PORT",
+                 default="127.0.0.1:8765", help="where to listen (default: %(default)s; "
+                                                "port 0: any free one, printed on stderr)")
+    add_flag_for(p, "--transport http", "--public", action="store_true",
+                 help="allow a --listen address that is not loopback; needs --http-token")
+    add_flag_for(p, "--transport http", "--http-token", metavar="TOKEN",
+                 help="clients must send 'Authorization: Bearer TOKEN' (default: "
+                      "$CORRAL_MCP_TOKEN; none: no check, loopback only)")
     p.add_argument("--state", metavar="DIR",
-                   help="state directory of the private daemon (default: "
-                        "<user state dir>/mcp, e.g. /var/lib/corral/mcp for root)")
+                   help=f"state directory of the private daemon (default: <user state dir>/"
+                        f"{PRIVATE_STATE}, e.g. /var/lib/corral/{PRIVATE_STATE} for root)")
     p.set_defaults(handler=mcp_verb)
 
 
@@ -109,7 +111,7 @@ def mcp_verb(args) -> int:
         from corral.runtime.locations import default_state
         from corral.runtime.mcp_server.private_daemon import PrivateDaemon
 
-        state = args.state or os.path.join(default_state(), "mcp")
+        state = args.state or os.path.join(default_state(), PRIVATE_STATE)
         try:
             private = PrivateDaemon(state).start()
         except RuntimeError as exc:

@@ -16,6 +16,7 @@ from .flags import (
     add_command,
     add_docker_host,
     add_env_flag,
+    add_flag_for,
     add_profile,
     add_secret_flag,
     add_terminal_flags,
@@ -71,21 +72,26 @@ terminal on stdin), 128+N when corral itself got signal N (SIGTERM, SIGHUP) unde
 """
 
 
+#: The limits of a local run as flags: (flag, metavar, help). An absent one keeps
+#: SandboxSpec's default, which the help names (the parser does not import the spec).
+LIMIT_FLAGS = (
+    ("--memory", "SIZE", "memory limit, e.g. 256M or 2G; no swap (default: 512M)"),
+    ("--pids", "N", "max processes and threads (default: 256)"),
+    ("--cpus", "CORES", "CPU quota in cores, e.g. 0.5 (default: 1)"),
+    ("--timeout", "DURATION", "wall-clock limit, e.g. 30s, 5m, 1h30m (default: none)"),
+)
+
+
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     add_profile(p, "seccomp profile")
-    p.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M or 2G; no swap "
-                                                     "(default: 512M)")
-    p.add_argument("--pids", metavar="N", help="max processes and threads (default: 256)")
-    p.add_argument("--cpus", metavar="CORES", help="CPU quota in cores, e.g. 0.5 (default: 1)")
-    p.add_argument("--timeout", metavar="DURATION",
-                   help="wall-clock limit, e.g. 30s, 5m, 1h30m (default: none)")
+    for flag, metavar, text in LIMIT_FLAGS:
+        p.add_argument(flag, metavar=metavar, help=text)
     p.add_argument("--workspace", metavar="DIR",
                    help="host directory mounted writable at /workspace, its owner as root "
                         "inside (default: a fresh temporary directory, removed afterwards)")
-    p.add_argument("--ro", action="append", default=[], metavar="PATH[:INSIDE]",
-                   help="also show a host path, read-only (repeatable)")
-    p.add_argument("--rw", action="append", default=[], metavar="PATH[:INSIDE]",
-                   help="also show a host path, writable (repeatable)")
+    for flag, how in (("--ro", "read-only"), ("--rw", "writable")):
+        p.add_argument(flag, action="append", default=[], metavar="PATH[:INSIDE]",
+                       help=f"also show a host path, {how} (repeatable)")
     add_env_flag(p, "set a variable in the command's environment (repeatable)")
     p.add_argument("--tmp-size", metavar="SIZE", help="size cap of /tmp (default: 64M)")
 
@@ -107,9 +113,9 @@ def add_parsers(sub) -> None:
                           "CIDR[:PORT] through Corral's egress proxy (repeatable; default: "
                           "no network but loopback)")
     add_secret_flag(run, "your variable NAME")
-    run.add_argument("--audit", metavar="FILE",
-                     help="with --allow-net: append every connection attempt to FILE as JSON "
-                          "lines (default: one line per attempt on stderr)")
+    add_flag_for(run, "--allow-net", "--audit", metavar="FILE",
+                 help="append every connection attempt to FILE as JSON lines (default: one "
+                      "line per attempt on stderr)")
     run.add_argument("--backend", choices=("native", "docker"), default="native",
                      help="where the sandbox runs: Corral's own kernel setup, or a container "
                           "on a Docker engine (default: %(default)s)")

@@ -11,6 +11,7 @@ from .connection import add_daemon_parser, add_target_parser, connect, daemon_ve
 from .exits import EXIT_USAGE
 from .flags import (
     add_env_flag,
+    add_from_flag,
     add_host_workspace_flags,
     add_label_flags,
     add_secret_flag,
@@ -80,8 +81,7 @@ def add_parsers(sub) -> None:
                                      "until `corral apply` (see `corral diff`, `corral "
                                      "discard`)")
     start = create.add_mutually_exclusive_group()
-    start.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
-                       help="start from a snapshot (id or name): its files, no copy")
+    add_from_flag(start, "start from a snapshot (id or name): its files, no copy")
     start.add_argument("--fork", metavar="SANDBOX",
                        help="snapshot SANDBOX, then start from that snapshot")
     add_label_flags(create, "sandbox", "ps",

@@ -17,6 +17,7 @@ from .exits import EXIT_USAGE, shell_status, status_words
 from .flags import (
     RAW_HELP,
     add_command,
+    add_flag_for,
     add_label_flags,
     add_put_flag,
     command_argv,
@@ -39,9 +40,9 @@ def add_parsers(sub) -> None:
         description=SESSION_DESCRIPTION,
     )
     session.add_argument("--attach", metavar="SESSION", help="attach to a running session")
-    session.add_argument("--after-seq", type=int, default=0, metavar="SEQ",
-                         help="with --attach: replay entries after this sequence number")
-    session.add_argument("--watch", action="store_true", help="with --attach: watch only")
+    add_flag_for(session, "--attach", "--after-seq", type=int, default=0, metavar="SEQ",
+                 help="replay entries after this sequence number")
+    add_flag_for(session, "--attach", "--watch", action="store_true", help="watch only")
     session.add_argument("--raw", action="store_true", help=RAW_HELP)
     session.add_argument("--input", metavar="TEXT", help="first input of the session")
     session.add_argument("--delegations-from", default="", metavar="SESSION",
@@ -53,9 +54,8 @@ def add_parsers(sub) -> None:
     session.add_argument("--sandbox", metavar="SB",
                          help="run the agent in this existing sandbox (kept after the session) "
                               "instead of a new one")
-    session.add_argument("--wait-if-paused", action="store_true",
-                         help="with --sandbox: if it is paused, wait for its resume instead "
-                              "of failing")
+    add_flag_for(session, "--sandbox", "--wait-if-paused", action="store_true",
+                 help="if it is paused, wait for its resume instead of failing")
     session.add_argument("--memory", metavar="SIZE", help="memory limit of the new sandbox")
     add_put_flag(session, "the new sandbox's /workspace first")
     add_command(session)

@@ -13,6 +13,7 @@ from .exits import EXIT_USAGE
 from .flags import (
     add_command,
     add_env_flag,
+    add_from_flag,
     add_host_workspace_flags,
     add_label_flags,
     add_put_flag,
@@ -90,9 +91,8 @@ def _add_submit(verbs) -> None:
     add_host_workspace_flags(submit, "copy-on-write: DIR is not touched; every attempt sees "
                                      "the changes of those before it; see `corral task "
                                      "diff|apply|discard`", needs_cow=True)
-    submit.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
-                        help="each attempt starts from this snapshot (id or name): its files, "
-                             "no copy; held while the task lives")
+    add_from_flag(submit, "each attempt starts from this snapshot (id or name): its files, no "
+                          "copy; held while the task lives")
     add_label_flags(submit, "task", "task ls",
                     "idempotency key: submitting again with the same ID (a retry) prints the "
                     "task the first submission made, not a new one")

@@ -6,6 +6,7 @@ clients refuse the same bad input with the same InvalidArgument naming the argum
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -13,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import grpc
 
@@ -274,7 +275,55 @@ def _checked(size: int, sha256: str, digest, what: str) -> None:
                         f"but {digest.hexdigest()} here")
 
 
-class Upload:
+def _open_dest(where, mode: str) -> BinaryIO:
+    """The local file a transfer writes, opened; the transfer closes it."""
+    try:
+        return open(where, mode)  # noqa: SIM115 - closed by the transfer's __exit__
+    except OSError as exc:
+        raise invalid("dest", f"cannot write {os.fspath(where)!r}: {exc.strerror}") from None
+
+
+class _Sending:
+    """The source of a call that streams it to the daemon, used as a context: the file the
+    SDK opened for bytes or a path is closed on every path; a file object of the caller's
+    is left open."""
+
+    def __init__(self, source: Source, argument: str):
+        self.file, self.owned = _open_source(source, argument)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.owned:
+            self.file.close()
+
+
+class _Receiving:
+    """The destination of a call that streams to the SDK, used as a context: a path is
+    opened by __enter__ (`_open`) and closed on every path; a file object of the caller's is
+    written to and left open."""
+
+    def __init__(self, dest: Dest):
+        self.dest, self.owned = dest, _is_path(dest)
+
+    def __enter__(self) -> Self:
+        if self.owned:
+            self.dest = self._open(self.dest)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            self.dest.close()
+
+    def _open(self, where) -> BinaryIO:
+        return _open_dest(where, "wb")
+
+
+class Upload(_Sending):
     """One Sandboxes.Upload, used as a context (the source is closed on every path).
 
     The bytes of source from `offset` go in PIECE chunks; the SDK hashes bytes 0 to the
@@ -285,26 +334,19 @@ class Upload:
     def __init__(self, sandbox_id: str, path: str, source: Source, mode: int, offset: int):
         if offset < 0:
             raise invalid("offset", f"{offset} is negative")
-        self.file, self.owned = _open_source(source, "source")
+        super().__init__(source, "source")
         self.start = sandbox_pb2.UploadStart(sandbox_id=sandbox_id, path=path, mode=mode,
                                              offset=offset)
         self.digest = hashlib.sha256()
         self.sent = offset
 
     def __enter__(self) -> Upload:
-        try:
+        # contextlib's recipe for an __enter__ that cleans up after itself when it fails
+        with contextlib.ExitStack() as on_failure:
+            on_failure.callback(self.close)
             self._hash_prefix()
-        except BaseException:
-            self.close()
-            raise
+            on_failure.pop_all()
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.owned:
-            self.file.close()
 
     def _hash_prefix(self) -> None:
         left = self.start.offset
@@ -333,7 +375,7 @@ class Upload:
         return Call("sandboxes", "Upload", self.requests(), self.finish, None)
 
 
-class Download:
+class Download(_Receiving):
     """One Sandboxes.Download, used as a context (a file it opened is closed on every path).
 
     To a path: the file holds the sandbox file's bytes at their own offsets (holes stay
@@ -347,29 +389,18 @@ class Download:
         if offset and not _is_path(dest):
             raise invalid("offset", "a resumed download continues a local file: give dest "
                                     "as its path")
+        super().__init__(dest)
         self.request = sandbox_pb2.DownloadRequest(sandbox_id=sandbox_id, path=path,
                                                    offset=offset, length=length)
-        self.dest, self.owned = dest, _is_path(dest)
         self.digest = hashlib.sha256()
         self.position = offset
         self.moved = 0
         self.end: sandbox_pb2.DownloadEnd | None = None
 
-    def __enter__(self) -> Download:
-        if self.owned:
-            self.dest = self._open_local(self.dest)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.owned:
-            self.dest.close()
-
-    def _open_local(self, where) -> BinaryIO:
+    def _open(self, where) -> BinaryIO:
+        """The local file; a resumed download's first `offset` bytes of it hashed."""
         offset = self.request.offset
-        try:
-            file = open(where, "r+b" if offset else "wb")  # noqa: SIM115 - closed by __exit__
-        except OSError as exc:
-            raise invalid("dest", f"cannot write {os.fspath(where)!r}: {exc.strerror}") from None
+        file = _open_dest(where, "r+b" if offset else "wb")
         held = 0
         while held < offset and (piece := file.read(min(offset - held, PIECE))):
             self.digest.update(piece)
@@ -417,20 +448,13 @@ class Download:
         return Call("sandboxes", "Download", self.request, _same, None)
 
 
-class PutArchive:
+class PutArchive(_Sending):
     """One Sandboxes.PutArchive (a tar stream of source extracted beneath path), used as a
     context (the source is closed on every path)."""
 
     def __init__(self, sandbox_id: str, path: str, source: Source):
-        self.file, self.owned = _open_source(source, "archive")
+        super().__init__(source, "archive")
         self.start = sandbox_pb2.PutArchiveStart(sandbox_id=sandbox_id, path=path)
-
-    def __enter__(self) -> PutArchive:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.owned:
-            self.file.close()
 
     def requests(self) -> Iterator[sandbox_pb2.PutArchiveRequest]:
         yield sandbox_pb2.PutArchiveRequest(start=self.start)
@@ -442,27 +466,14 @@ class PutArchive:
                     types.ArchiveResult.from_proto, None)
 
 
-class GetArchive:
+class GetArchive(_Receiving):
     """One Sandboxes.GetArchive: the tar stream of path written to dest, used as a context
     (a file it opened is closed on every path); the result is the stat of path."""
 
     def __init__(self, sandbox_id: str, path: str, dest: Dest):
+        super().__init__(dest)
         self.request = sandbox_pb2.GetArchiveRequest(sandbox_id=sandbox_id, path=path)
-        self.dest, self.owned = dest, _is_path(dest)
         self.stat: types.FileStat | None = None
-
-    def __enter__(self) -> GetArchive:
-        if self.owned:
-            try:
-                self.dest = open(self.dest, "wb")  # noqa: SIM115 - closed by __exit__
-            except OSError as exc:
-                raise invalid("dest", f"cannot write {os.fspath(self.dest)!r}: "
-                                      f"{exc.strerror}") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.owned:
-            self.dest.close()
 
     def take(self, answer: sandbox_pb2.GetArchiveResponse) -> None:
         if answer.WhichOneof("part") == "stat":

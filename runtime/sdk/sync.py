@@ -35,6 +35,10 @@ class SandboxHandle:
     def __repr__(self) -> str:
         return f"<sandbox {self.id}>"
 
+    def refresh(self):
+        """The sandbox as the daemon reports it now (`info` keeps what it was at the start)."""
+        return self.client.get_sandbox(self.id)
+
     def exec(self, argv: list[str], **options):
         return self.client.exec(self.id, argv, **options)
 
@@ -79,9 +83,6 @@ class SandboxHandle:
 
     def snapshot(self, name: str = ""):
         return self.client.snapshot(self.id, name)
-
-    def refresh(self):
-        return self.client.get_sandbox(self.id)
 
     def destroy(self):
         return self.client.destroy_sandbox(self.id)

@@ -64,7 +64,7 @@ class ExecStarted:
     """The command runs: the id to attach, signal or send input to, and its pid."""
 
     exec_id: str
-    pid: int
+    pid: int  # on the host (0 where a Docker engine does not say)
 
 
 @dataclass(frozen=True)

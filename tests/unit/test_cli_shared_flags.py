@@ -91,3 +91,27 @@ def test_a_label_without_a_key_is_refused_before_any_daemon_is_reached(verb, tai
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "label: '=v' is not KEY=VALUE" in err
+
+
+@pytest.mark.parametrize("verb", [["create"], ["task", "submit"]])
+def test_from_names_the_snapshot_on_each_verb_that_starts_from_one(verb):
+    tail = ["--", "true"] if verb[0] == "task" else []
+    assert _parse(*verb, "--from", "base", *tail).from_snapshot == "base"
+    assert _parse(*verb, *tail).from_snapshot is None
+
+
+@pytest.mark.parametrize(("verb", "flag", "needs"), [
+    (["session"], "--watch", "--attach"),
+    (["session"], "--wait-if-paused", "--sandbox"),
+    (["mcp"], "--listen", "--transport http"),
+    (["run"], "--audit", "--allow-net"),
+    (["ps"], "--tls-ca", "--target"),
+    (["audit", "verify"], "--unsigned-tail-ok", "--pubkey"),
+])
+def test_a_flag_that_acts_only_with_another_says_which_first(verb, flag, needs):
+    parser = build_parser()
+    for word in verb:
+        parser = parser._subparsers._group_actions[0].choices[word]
+    (action,) = [a for a in parser._actions if flag in a.option_strings]
+    assert action.help.startswith(f"with {needs}: ")
+    assert not action.help.startswith(f"with {needs}: with ")
