@@ -149,6 +149,18 @@ STRAY = textwrap.dedent("""
 """)
 
 
+def _stray_container() -> tuple[str, str]:
+    """A docker sandbox whose creator was SIGKILLed: (its id, its workspace)."""
+    stray = subprocess.Popen([sys.executable, "-c", STRAY], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    stray_id, stray_workspace = stray.stdout.readline().split()
+    stray.kill()
+    stray.wait()
+    stray.stdin.close()
+    stray.stdout.close()
+    return stray_id, stray_workspace
+
+
 def _reaped(client) -> dict[str, dict]:
     """The daemon's sandbox.reaped records of docker sandboxes: sandbox id -> what each
     says of the sweep (reason, backend, engine)."""
@@ -170,13 +182,7 @@ def test_the_sweep_keeps_what_the_store_keeps_and_removes_the_rest(daemons, dock
     assert wait_until(lambda: kept.id in _rows(d))
     labels = docker.client(docker_host).inspect_container(
         _containers(docker_host)[kept.id]["Id"])["Config"]["Labels"]
-    stray = subprocess.Popen([sys.executable, "-c", STRAY], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    stray_id, stray_workspace = stray.stdout.readline().split()
-    stray.kill()
-    stray.wait()
-    stray.stdin.close()
-    stray.stdout.close()
+    stray_id, stray_workspace = _stray_container()
     assert d.kill() == -signal.SIGKILL
     assert _containers(docker_host).keys() == {kept.id, stray_id}
 
@@ -236,13 +242,7 @@ def test_the_first_docker_start_records_what_its_sweep_removes(docker_host, tmp_
     docker start on that engine, and the chain says so (sandbox.reaped)."""
     d = DaemonProcess(tmp_path / "d").start()
     try:
-        stray = subprocess.Popen([sys.executable, "-c", STRAY], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
-        stray_id, stray_workspace = stray.stdout.readline().split()
-        stray.kill()
-        stray.wait()
-        stray.stdin.close()
-        stray.stdout.close()
+        stray_id, stray_workspace = _stray_container()
         c = d.client()
         assert _reaped(c) == {}
         made = c.create_sandbox(backend="docker")
