@@ -401,15 +401,17 @@ class Download(_Receiving):
         """The local file; a resumed download's first `offset` bytes of it hashed."""
         offset = self.request.offset
         file = _open_dest(where, "r+b" if offset else "wb")
-        held = 0
-        while held < offset and (piece := file.read(min(offset - held, PIECE))):
-            self.digest.update(piece)
-            held += len(piece)
-        if held < offset:
-            file.close()
-            raise invalid("offset", f"{offset} is beyond the end of {os.fspath(where)!r} "
-                                    f"({held} bytes)")
-        file.truncate(offset)
+        with contextlib.ExitStack() as on_failure:  # closed if reading or truncating fails
+            on_failure.callback(file.close)
+            held = 0
+            while held < offset and (piece := file.read(min(offset - held, PIECE))):
+                self.digest.update(piece)
+                held += len(piece)
+            if held < offset:
+                raise invalid("offset", f"{offset} is beyond the end of "
+                                        f"{os.fspath(where)!r} ({held} bytes)")
+            file.truncate(offset)
+            on_failure.pop_all()
         return file
 
     def _hole(self, upto: int) -> None:

@@ -2,6 +2,7 @@
 and that it closes those on every path (a failed __enter__ included) while a file object
 of the caller's stays open. No daemon: nothing here sends a request."""
 
+import errno
 import hashlib
 import io
 import os
@@ -80,3 +81,13 @@ def _open_paths() -> set[str]:
         except OSError:  # the descriptor listdir itself used
             pass
     return paths
+
+
+def test_a_resume_whose_local_file_cannot_be_truncated_closes_it():
+    # /dev/zero reads as long as asked, then refuses ftruncate with EINVAL: the failure
+    # after the file was opened and hashed must not leave the descriptor open.
+    with pytest.raises(OSError) as failed:
+        with calls.Download("sb", "/workspace/x", "/dev/zero", 9, 0):
+            pass
+    assert failed.value.errno == errno.EINVAL
+    assert "/dev/zero" not in _open_paths()
