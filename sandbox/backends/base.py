@@ -168,8 +168,12 @@ class SandboxLifecycle:
         """Make the sandbox (blocking): new -> running, or destroyed and raising."""
         raise NotImplementedError
 
-    def destroy(self) -> None:
-        """End every process of the sandbox and remove what it used. Idempotent."""
+    def destroy(self, *, remove_later: bool = False) -> None:
+        """End every process of the sandbox and remove what it used. Idempotent.
+
+        remove_later: return once every process is dead, and leave the removal of what is
+        then only directories (its cgroup, run directory, own workspace) to a background
+        thread (sandbox/undertaker.py; the native backend's one-shot `run()` does)."""
         with self._lock:
             if self.state == "destroyed":
                 return
@@ -178,9 +182,9 @@ class SandboxLifecycle:
                 return
             if self.state != "destroying":  # a second caller cleans up alongside
                 self._move("destroying")
-        self._cleanup()
+        self._cleanup(remove_later=remove_later)
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, *, remove_later: bool = False) -> None:
         raise NotImplementedError
 
     def pause(self) -> bool:
@@ -365,8 +369,8 @@ def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None
     try:  # destroyed on every path: a failed start cleans up, a failed command does not
         proc = sandbox.start_running(argv, timeout_s=timeout_s, scratch_workspace=True)
         out, err = proc.communicate(input)
-    finally:
-        sandbox.destroy()
+    finally:  # nothing of it runs once this returns; its directories go in the background
+        sandbox.destroy(remove_later=True)
     return CompletedRun(tuple(argv), proc.returncode, out, err, proc.reason,
                         time.monotonic() - started)
 

@@ -23,6 +23,7 @@ import stat as stat_mod
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import cgroup_tuning, cgroups, contain, fstree, ids, ptys, workspace_fs
@@ -37,6 +38,7 @@ from ..errors import (
 )
 from ..procinfo import live_start_time
 from ..spec import SandboxSpec
+from ..undertaker import undertaker
 from ..workspace import CLONING, WRITE_CLONE
 from .base import DEVNULL, PIPE, CommandClock, CompletedRun, ExitReason, SandboxLifecycle
 
@@ -1016,8 +1018,10 @@ class Sandbox(SandboxLifecycle):
     def seccomp_digest(self) -> str:
         return self._prepared.seccomp_profile.digest
 
-    def _cleanup(self) -> None:
-        """Kill every process of the sandbox and remove everything it used."""
+    def _cleanup(self, *, remove_later: bool = False) -> None:
+        """Kill every process of the sandbox and remove everything it used (its empty
+        cgroup, run directory, own workspace and id range in the background with
+        remove_later, once no process of it is left)."""
         if self._frozen:
             # a paused sandbox: SIGKILL every process while frozen, then thaw (what
             # Cgroup.kill does), so none runs another instruction; PID 1 frozen would
@@ -1052,20 +1056,38 @@ class Sandbox(SandboxLifecycle):
         for fd in self._cgroup_fds:
             os.close(fd)
         self._cgroup_fds = ()
-        if self._cgroup is not None:
-            self._cgroup.destroy()  # kills anything left (a process outside the PID ns)
-            self._cgroup = None
-        if self._own_workspace and self.workspace:
-            workspace_fs.remove(self.workspace)
-            self._own_workspace = False
-        _remove_tree(self.runtime_dir)
+        # in the background only what is directories by now: a process left in the cgroup
+        # (one outside the PID namespace) is killed by Cgroup.destroy before this returns
+        later = remove_later and (self._cgroup is None or not self._cgroup.pids())
+        removal, ids_range = self._removal(), self._ids
+        self._cgroup = self._ids = None
+        self._own_workspace = False
+        if not later:
+            removal()
         if self._image is not None:  # after PID 1 (and with it the overlay) is gone
             self._image.close()
             self._image = None
         self._release_state()
-        if self._ids is not None:  # nothing of the sandbox is left to own these ids
-            self._ids.release()
+        if later:
+            undertaker.bury(lambda: (removal(), ids_range and ids_range.release()))
+        elif ids_range is not None:  # nothing of the sandbox is left to own these ids
+            ids_range.release()
         self._settle_destroyed()
+
+    def _removal(self) -> Callable[[], None]:
+        """Removes what is left of a sandbox whose PID 1 is reaped: its cgroup (killing
+        anything still in it), own workspace and run directory."""
+        cgroup, runtime_dir = self._cgroup, self.runtime_dir
+        workspace = self.workspace if self._own_workspace else None
+
+        def remove() -> None:
+            if cgroup is not None:
+                cgroup.destroy()
+            if workspace:
+                workspace_fs.remove(workspace)
+            _remove_tree(runtime_dir)
+
+        return remove
 
     # -- exits reported by PID 1 ----------------------------------------------------------
 

@@ -25,6 +25,7 @@ import pytest
 import corral.sandbox.probes
 from corral.sandbox import BindMount, Sandbox, SandboxSpec, cgroups, run
 from corral.sandbox.backends.native import runtime_base
+from corral.sandbox.undertaker import undertaker
 
 from ..processes import alive, cgroup_dirs, wait_until  # noqa: F401 (for the tests)
 
@@ -270,6 +271,7 @@ def no_leftovers(request, cgroup_layout, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
     before = _footprint(cgroup_layout)
     yield
+    undertaker.flush()  # what run() left for the background thread to remove
     found = _leftovers(before, cgroup_layout, ours)
     if found:
         _remove(found, cgroup_layout)

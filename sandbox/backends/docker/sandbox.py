@@ -189,8 +189,10 @@ class DockerSandbox(SandboxLifecycle):
                                   f"({self.url}) does not show")
         return runconfig.resolve_in(self._image_config, args, self.spec.env, self.init_pid)
 
-    def _cleanup(self) -> None:
-        """Remove the container (killing everything in it) and its temporary workspace."""
+    def _cleanup(self, *, remove_later: bool = False) -> None:
+        """Remove the container (killing everything in it) and its temporary workspace;
+        all of it before returning (remove_later changes nothing: the engine's removal is
+        what kills)."""
         if self.container_id is not None and self.api is not None:
             docker = _sdk()
             for _ in range(3):
