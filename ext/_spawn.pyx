@@ -21,6 +21,13 @@ The parent (Python) turns a plan built by ``corral.sandbox.contain`` into a
     clones (CLONE_PARENT) the real process: a child of the caller, inside the sandbox,
     that applies landlock + seccomp again and execs the command.
 
+Neither copies the runtime's descriptor table, which in a daemon grows with the sandboxes
+it holds: the launcher and the join helper are cloned with CLONE_FILES and, first of all,
+cut a table of their own holding only the descriptors below the spawn's cut (fd_cut:
+above every descriptor the spawn hands its children). Their children copy that small
+table, and execve's close-on-exec pass walks only it. The descriptors the runtime keeps
+per sandbox are parked high (park_fd), so the cut stays low.
+
 Failures in a child are reported over a close-on-exec pipe as fixed-size records
 (step, errno, detail index); end-of-file without a record means execve succeeded.
 """
@@ -32,6 +39,7 @@ from posix.unistd cimport read, write, close, _exit, pipe, chdir, setsid, dup2, 
 from posix.types cimport pid_t
 
 import os
+from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit
 
 cdef extern from * nogil:
     """
@@ -70,6 +78,9 @@ cdef extern from * nogil:
     #endif
     #ifndef CLOSE_RANGE_CLOEXEC
     #define CLOSE_RANGE_CLOEXEC (1U << 2)
+    #endif
+    #ifndef CLOSE_RANGE_UNSHARE
+    #define CLOSE_RANGE_UNSHARE (1U << 1)
     #endif
     #ifndef AT_RECURSIVE
     #define AT_RECURSIVE 0x8000
@@ -120,8 +131,20 @@ cdef extern from * nogil:
         for (;;) pause();
         return 0;
     }
+    static int corral_unshare_fds_below(unsigned int cut) {
+        /* Give this process a descriptor table of its own that holds only the descriptors
+           below cut. A child cloned with CLONE_FILES calls this first: the kernel copies
+           O(cut) entries (close_range(CLOSE_RANGE_UNSHARE) over [cut, ~0] copies only
+           those below cut), where a clone without CLONE_FILES copies every descriptor of
+           the runtime (two per idle sandbox in a daemon). Linux 5.9; contain_and_exec's
+           CLOSE_RANGE_CLOEXEC already needs 5.11. */
+        return (int)syscall(SYS_close_range, cut, ~0U, CLOSE_RANGE_UNSHARE);
+    }
     static int corral_clone_userns_holder(void *stack_top) {
-        return clone(corral_hold_userns, stack_top, CLONE_VM | CLONE_NEWUSER | SIGCHLD, NULL);
+        /* CLONE_FILES: the holder never touches a descriptor, and lives only until the
+           caller has opened its namespace; a copy of the table would cost O(table). */
+        return clone(corral_hold_userns, stack_top,
+                     CLONE_VM | CLONE_FILES | CLONE_NEWUSER | SIGCHLD, NULL);
     }
     static int corral_clone_shared_userns_holder(void *stack_top) {
         /* The same, sharing the caller's descriptor table too: it may live for a while,
@@ -164,9 +187,13 @@ cdef extern from * nogil:
         return clone(corral_hold_mntns, stack_top, CLONE_VM | CLONE_NEWNS | SIGCHLD, h);
     }
     static int corral_exec_helper(void *arg) {
-        /* A setuid id-map helper (newuidmap/newgidmap), run by the launcher. */
+        /* A setuid id-map helper (newuidmap/newgidmap), run by the launcher or (sharing
+           the runtime's descriptor table) by UserNamespaceInProgress. It needs only
+           stdio: a table of its own with only those, so that execve neither copies nor
+           walks the runtime's. */
         char **argv = (char **)arg;
         static char *const empty_env[] = {NULL};
+        if (corral_unshare_fds_below(3) != 0) _exit(127);
         execve(argv[0], argv, empty_env);
         _exit(127);
     }
@@ -396,6 +423,7 @@ cdef extern from * nogil:
     int corral_setns(int fd, int nstype)
     int corral_unshare(int flags)
     int corral_close_range_cloexec(unsigned int first)
+    int corral_unshare_fds_below(unsigned int cut)
     int corral_setresuid0()
     int corral_become_owner(unsigned int uid)
     int corral_back_to_root()
@@ -447,7 +475,7 @@ cdef extern from * nogil:
     int MS_BIND, MS_REC, MS_PRIVATE, MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT
     int MNT_DETACH, AT_RECURSIVE
     int CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUTS
-    int CLONE_NEWIPC, CLONE_NEWCGROUP, CLONE_PARENT
+    int CLONE_NEWIPC, CLONE_NEWCGROUP, CLONE_PARENT, CLONE_FILES
     int SIGCHLD, SIGKILL
     int PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PR_SET_DUMPABLE
     int CORRAL_MOUNT_ATTR_RDONLY, CORRAL_MOUNT_ATTR_NOSUID, CORRAL_MOUNT_ATTR_NODEV
@@ -1002,8 +1030,9 @@ cdef void contain_and_exec(child_plan *plan, int report_fd, bint is_init) noexce
         # which landlock would refuse to execute; it runs nothing else, so it does not
         # need the filesystem rules.
         apply_landlock(plan, report_fd)
-    # rlimits after landlock: this child still holds every descriptor of the runtime (a
-    # daemon may have thousands), and landlock needs a few more below RLIMIT_NOFILE.
+    # rlimits after landlock: this child still holds the runtime's descriptors below the
+    # spawn's cut (fd_cut()), which may be more than the sandbox's RLIMIT_NOFILE, and
+    # landlock needs a few more below that limit.
     for i in range(plan.n_rlimits):
         if corral_set_rlimit(plan.rlimits[i].resource, plan.rlimits[i].soft,
                              plan.rlimits[i].hard) != 0:
@@ -1065,6 +1094,7 @@ cdef struct join_args:
     child_plan *plan
     int ns_pidfd
     int report_fd
+    unsigned int fd_cut     # the helper keeps only the descriptors below this (fd_cut())
     void *relay_stack_top
     void *command_stack_top
 
@@ -1120,6 +1150,7 @@ cdef struct init_args:
     void *helper_stack_top
     void *helper2_stack_top
     join_args *command  # not NULL: the one command PID 1 starts itself (spawn_init command=)
+    unsigned int fd_cut # the launcher keeps only the descriptors below this (fd_cut())
 
 
 cdef int init_main(void *arg) noexcept nogil:
@@ -1233,6 +1264,12 @@ cdef int init_launcher(void *arg) noexcept nogil:
     cdef int new_user
     cdef report r
     cdef int fds[2]
+    # First, while this table is still the runtime's (CLONE_FILES): one of our own, with
+    # only the descriptors below the cut, every one that the launcher, PID 1 and its
+    # command use among them. PID 1 and the command copy this small table, not the
+    # runtime's, and their execs walk only it.
+    if corral_unshare_fds_below(a.fd_cut) != 0:
+        fail(a.report_fd, STEP_FDS, -1)
     # The two pipes between launcher and PID 1 are made here, not by the runtime: the
     # runtime's own copy of a write end would keep the launcher from ever seeing EOF.
     if corral_pipe_cloexec(fds) != 0:
@@ -1331,6 +1368,9 @@ cdef int join_main(void *arg) noexcept nogil:
     cdef join_args *a = <join_args *>arg
     cdef int pid
     cdef int status
+    # As the launcher does: a table of our own, with only what the relay and command use.
+    if corral_unshare_fds_below(a.fd_cut) != 0:
+        fail(a.report_fd, STEP_FDS, -1)
     if attach_cgroups(a.plan) != 0:
         fail(a.report_fd, STEP_CGROUP_ATTACH, -1)
     if corral_setns(a.ns_pidfd, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
@@ -1410,6 +1450,64 @@ cdef int cloexec_pipe(int fds[2]) except -1:
     os.set_inheritable(fds[0], False)
     os.set_inheritable(fds[1], False)
     return 0
+
+
+cdef int plan_top_fd(const child_plan *p) noexcept nogil:
+    """The highest descriptor number a child running plan p uses (-1: none)."""
+    cdef int i, top = max(p.exec_fd, p.parent_pidfd)
+    for i in range(p.n_fds):
+        top = max(top, p.fds[i].parent_fd)
+    for i in range(p.n_cgroup_fds):
+        top = max(top, p.cgroup_fds[i])
+    for i in range(p.n_ops):
+        if p.ops[i].kind == OP_ATTACH:
+            top = max(top, <int>p.ops[i].flags)
+    return top
+
+
+cdef unsigned int fd_cut(int top) noexcept nogil:
+    """Where a spawn's first child cuts the descriptor table it shares with the runtime
+    (corral_unshare_fds_below): above every descriptor it or its children use (top), and
+    never below 3 (stdio stays, for the map helpers' messages).
+
+    Cut per spawn, not at a fixed number, it is right whatever the runtime holds; it is
+    small because the descriptors the runtime keeps per sandbox are parked high
+    (park_fd) and a spawn's own are made just before it, at the lowest free numbers."""
+    return <unsigned int>max(top + 1, 3)
+
+
+cdef unsigned int launch_fd_cut(init_args *a) noexcept nogil:
+    """fd_cut for spawn_init's launcher: PID 1's plan, the one-shot command's, and every
+    descriptor the launcher itself reads or writes."""
+    cdef int top = max(plan_top_fd(a.plan), max(a.report_fd, max(a.mount_ns_fd, a.user_ns_fd)))
+    if a.user_ns_fd >= 0:
+        top = max(top, max(a.map_pidfds[0], a.map_pidfds[1]))
+    if a.command != NULL:
+        top = max(top, max(plan_top_fd(a.command.plan), a.command.report_fd))
+    return fd_cut(top)
+
+
+#: The lowest number park_fd moves a long-lived descriptor to (lower when RLIMIT_NOFILE
+#: is small: half the soft limit).
+PARK_BASE = 4096
+
+
+def park_fd(int fd):
+    """Move fd (close-on-exec) to the first free number at or above PARK_BASE; returns
+    the descriptor to use from now on (fd itself when it cannot be moved).
+
+    For descriptors the runtime keeps as long as a sandbox lives (PID 1's pidfd, its
+    status pipe): parked there, they stay above every spawn's cut (fd_cut), so that a
+    spawn's children copy O(spawn's descriptors), not O(sandboxes held)."""
+    soft = getrlimit(RLIMIT_NOFILE)[0]
+    base = PARK_BASE if soft == RLIM_INFINITY else min(PARK_BASE, soft // 2)
+    if fd < 0 or base < 64 or fd >= base:
+        return fd
+    high = fcntl(fd, F_DUPFD_CLOEXEC, <int>base)
+    if high < 0:
+        return fd  # the parking range is full (EMFILE): still correct, only not cheap
+    close(fd)
+    return high
 
 
 def open_tree_clone(path):
@@ -1723,9 +1821,10 @@ cdef int lend_map_helpers(init_args *args, launch_stacks *stacks, list keep,
 cdef object clone_and_report(int (*fn)(void *) noexcept nogil, void *stack, void *arg,
                              int *rep, int *status, str what, list ns_pid=None):
     """Run fn as a vfork-style clone on stack (every signal blocked in this thread while it
-    borrows the address space) and read its reports from the pipe rep until EOF; returns
-    read_reports' (failure or None, pid). Closes both ends of rep (setting them to -1) and
-    waits for the clone to exit, its wait status in *status.
+    borrows the address space), sharing this process's descriptor table until fn's first
+    act gives it one of its own (corral_unshare_fds_below), and read its reports from the
+    pipe rep until EOF; returns read_reports' (failure or None, pid). Closes both ends of
+    rep (setting them to -1) and waits for the clone to exit, its wait status in *status.
 
     Raises:
         OSError: the clone failed ("clone (<what>)"), or reading the reports did.
@@ -1734,7 +1833,7 @@ cdef object clone_and_report(int (*fn)(void *) noexcept nogil, void *stack, void
     cdef int child, err
     with nogil:
         corral_block_signals(&old_mask)
-        child = corral_vfork_clone(fn, corral_stack_top(stack), SIGCHLD, arg)
+        child = corral_vfork_clone(fn, corral_stack_top(stack), SIGCHLD | CLONE_FILES, arg)
         err = errno
         corral_restore_signals(&old_mask)
     close(rep[1])
@@ -1762,7 +1861,7 @@ cdef tuple settle_init(failure, pid, int status, UserNamespaceInProgress user_na
     if failure is None:
         pidfd = corral_pidfd_open(child)
         if pidfd >= 0:
-            return pid, pidfd
+            return pid, park_fd(pidfd)
         failure = OSError(errno, "pidfd_open")
     if child:
         with nogil:
@@ -1829,6 +1928,7 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         if command is not None:
             cloexec_pipe(cmd_rep)
             lend_command(&args, &cmd_args, command, cmd_rep[1], stacks.command)
+        args.fd_cut = launch_fd_cut(&args)
         failure, pid = clone_and_report(init_launcher, stacks.launcher, &args, rep, &status,
                                         "sandbox launcher")
         if command is not None:
@@ -1887,6 +1987,7 @@ cdef int lend_command(init_args *args, join_args *cmd_args, ChildPlan command, i
     cmd_args.ns_pidfd = -1
     cmd_args.report_fd = report_fd
     cmd_args.relay_stack_top = NULL
+    cmd_args.fd_cut = 0  # PID 1 clones it with a copy of the launcher's table already cut
     cmd_args.command_stack_top = corral_stack_top(stack)
     args.command = cmd_args
     return 0
@@ -1917,18 +2018,25 @@ def spawn_join(ChildPlan plan, int init_pidfd):
         corral_stack_free(relay_stack)
         corral_stack_free(command_stack)
         raise MemoryError("stacks for the join helper")
+    cdef int low_pidfd = -1
     rep[0] = rep[1] = -1
     try:
         cloexec_pipe(rep)
+        # PID 1's pidfd is parked high (park_fd): a copy at the lowest free number, so
+        # that the helper's cut (fd_cut) stays low and the table it copies small
+        low_pidfd = fcntl(init_pidfd, F_DUPFD_CLOEXEC, 3)
+        if low_pidfd < 0:
+            raise OSError(errno, "fcntl(F_DUPFD_CLOEXEC) of PID 1's pidfd")
         args.plan = &plan.c
-        args.ns_pidfd = init_pidfd
+        args.ns_pidfd = low_pidfd
         args.report_fd = rep[1]
+        args.fd_cut = fd_cut(max(plan_top_fd(&plan.c), max(low_pidfd, rep[1])))
         args.relay_stack_top = corral_stack_top(relay_stack)
         args.command_stack_top = corral_stack_top(command_stack)
         failure, _ = clone_and_report(join_main, helper_stack, &args, rep, &status,
                                       "join helper", ns_pid)
     finally:
-        for fd in (rep[0], rep[1]):
+        for fd in (rep[0], rep[1], low_pidfd):
             if fd >= 0:
                 close(fd)
         corral_stack_free(helper_stack)

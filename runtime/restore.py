@@ -49,6 +49,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from corral.ext._spawn import park_fd
 from corral.sandbox import SandboxSpec, cgroups
 from corral.sandbox.errors import CorralError
 from corral.sandbox.procinfo import live_start_time
@@ -216,7 +217,8 @@ class LiveRestore:
                 if row.id not in held:
                     raise CorralError("the holder kept nothing of it")
                 held.discard(row.id)
-                fds = self.holder.get(row.id)
+                # parked high, as a start parks them: spawns then copy none of them
+                fds = [park_fd(fd) for fd in self.holder.get(row.id)]
                 if len(fds) != 2:
                     raise CorralError(f"the holder kept {len(fds)} descriptors, not 2")
                 spec = SandboxSpec.from_fields(row.spec)
@@ -558,7 +560,10 @@ def _kill_and_close(sandbox_id: str | None, fds: list[int]) -> int:
             # a paused sandbox's PID 1 dies only once thawed (sweep leaves kept ones frozen)
             with contextlib.suppress(CorralError, OSError):
                 cgroups.Cgroup.open(cgroups.detect(), sandbox_id).thaw()
-            select.select([pidfd], [], [], REAP_WAIT_S)  # readable once it has exited
+            # readable once it has exited; poll, not select: a parked pidfd is >= 1024
+            waiter = select.poll()
+            waiter.register(pidfd, select.POLLIN)
+            waiter.poll(REAP_WAIT_S * 1000)
             _wait_reaped(pidfd)
         except (OSError, TypeError):  # gone already, or none found (None)
             pass

@@ -54,6 +54,15 @@ def runtime_base() -> str:
     return workspace_fs.runtime_path("sandboxes")
 
 
+def _readable(fd: int, timeout: float | None) -> bool:
+    """Whether fd polls readable within timeout seconds (None: no limit). poll, not
+    select: select refuses descriptors from 1024 on (FD_SETSIZE), and the ones a sandbox
+    keeps are parked from 4096 on (_spawn.park_fd)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
+
+
 def _searchable(path: str) -> None:
     """Let every user search path (add x for group and others, nothing else): a sandbox's
     ids walk through it to their root mount point."""
@@ -546,6 +555,7 @@ class Sandbox(SandboxLifecycle):
             os.close(low)
         opened.append(init_fd)
         self.status_fd, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.status_fd = _spawn.park_fd(self.status_fd)  # kept: out of every spawn's cut
         opened.append(status_w)
         os.set_blocking(status_w, True)
         plan, ops = contain.init_plan(
@@ -975,7 +985,7 @@ class Sandbox(SandboxLifecycle):
                 pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
         except (OSError, ValueError, StopIteration) as exc:
             raise FailedPrecondition(f"sandbox {name}: no runtime state ({exc})") from None
-        if pid <= 0 or pid != state.get("init_pid") or select.select([init_pidfd], [], [], 0)[0]:
+        if pid <= 0 or pid != state.get("init_pid") or _readable(init_pidfd, 0):
             raise FailedPrecondition(f"sandbox {name}: its PID 1 has ended")
         sb.init_pid, sb._init_pidfd, sb.status_fd = pid, init_pidfd, status_fd
         layout = _cgroup_layout()
@@ -1134,8 +1144,7 @@ class Sandbox(SandboxLifecycle):
         fd = self.status_fd
         if fd < 0:
             return True  # nothing more will come: poll() settles every process now
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready)
+        return _readable(fd, timeout)
 
     def _host_pid(self, ns_pid: int) -> int:
         """The host pid of PID 1's child ns_pid, 0 when it already ended."""
@@ -1409,7 +1418,7 @@ class Sandbox(SandboxLifecycle):
         while the sandbox sat idle; a sandbox not started yet has not."""
         if self._init_pidfd < 0:
             return False
-        return bool(select.select([self._init_pidfd], [], [], 0)[0])
+        return _readable(self._init_pidfd, 0)
 
     def pids(self) -> list[int]:
         """Host pids of every process in the sandbox's cgroup (without a cgroup: in its

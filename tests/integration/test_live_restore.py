@@ -8,6 +8,7 @@ and come back to a new client unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -380,6 +381,18 @@ def kept_daemon(make_daemon, reaper):
             ids.sweep()
 
 
+def _pidfds(pid: int) -> dict[int, int]:
+    """Process pid's pidfds: descriptor number -> the pid it refers to."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError, StopIteration, ValueError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]":
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    found[int(fd)] = next(int(line.split()[1]) for line in f
+                                          if line.startswith("Pid:"))
+    return found
+
+
 def _first(kept_daemon, reaper):
     """A daemon with live restore on, started, and a client of it; its holder, started
     with it, is reaped here when it ends."""
@@ -445,6 +458,11 @@ def test_kept_sandboxes_survive_a_sigkill_and_expire_on_time(kept_daemon, reaper
     assert {k: v["restored"] for k, v in restored.items()} == dict.fromkeys(expected, True)
     start = json.loads(d2.records("daemon.start")[-1].detail_json)
     assert (start["live_restore"], start["restored"]) == (True, 4)
+    # PID 1s' pidfds the holder gave back are parked high, as a start parks them: no
+    # spawn's child copies them
+    init_pidfds = {pid: fd for fd, pid in _pidfds(d2.pid).items()
+                   if pid in {s.init_pid for s in expected.values()}}
+    assert len(init_pidfds) >= 3 and min(init_pidfds.values()) >= 1024, init_pidfds
 
     for sandbox_id in (ran.id, paused.id, net.id):
         c2.destroy_sandbox(sandbox_id)
