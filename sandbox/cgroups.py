@@ -48,7 +48,8 @@ from corral.sandbox.procinfo import read_or_none
 
 #: Name of the directory, in each hierarchy, that holds every sandbox cgroup.
 CORRAL_DIR = "corral"
-#: CFS period written with every CPU quota, in microseconds.
+#: CFS period of every CPU quota, in microseconds: v1 leaves it at a new cgroup's default,
+#: which is this; v2 writes it in cpu.max.
 CFS_PERIOD_US = 100_000
 #: Smallest memory limit accepted, in bytes.
 MIN_MEMORY_BYTES = 1 << 20
@@ -429,7 +430,9 @@ def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[Cgro
     if limits.pids_max is not None:
         ops.append(Write(os.path.join(leaf["pids"], "pids.max"), str(limits.pids_max)))
     if limits.cfs_quota_us is not None:
-        ops.append(Write(os.path.join(leaf["cpu"], "cpu.cfs_period_us"), str(CFS_PERIOD_US)))
+        # No cpu.cfs_period_us write: a new cgroup's period is already CFS_PERIOD_US (the
+        # kernel's default_cfs_period), and every bandwidth write walks every task group
+        # of the host (tg_set_cfs_bandwidth's schedulability check): one walk, not two.
         ops.append(Write(os.path.join(leaf["cpu"], "cpu.cfs_quota_us"), str(limits.cfs_quota_us)))
     if limits.cpu_shares is not None:
         ops.append(Write(os.path.join(leaf["cpu"], "cpu.shares"), str(limits.cpu_shares)))

@@ -320,7 +320,6 @@ def test_plan_v1_all_limits():
         Write(f"{MEM}/memory.swappiness", "0"),
         Write(f"{MEM}/memory.oom_control", "0"),
         Write("/sys/fs/cgroup/pids/corral/sb1/pids.max", "32"),
-        Write("/sys/fs/cgroup/cpu/corral/sb1/cpu.cfs_period_us", "100000"),
         Write("/sys/fs/cgroup/cpu/corral/sb1/cpu.cfs_quota_us", "50000"),
     ]
 
@@ -355,7 +354,6 @@ def test_plan_v1_comounted_cpu_cpuacct_makes_one_directory():
         Mkdir("/sys/fs/cgroup/freezer/corral/sb1"),
         Write(f"{MEM}/memory.swappiness", "0"),
         Write(f"{MEM}/memory.oom_control", "0"),
-        Write("/sys/fs/cgroup/cpu,cpuacct/corral/sb1/cpu.cfs_period_us", "100000"),
         Write("/sys/fs/cgroup/cpu,cpuacct/corral/sb1/cpu.cfs_quota_us", "150000"),
     ]
 
