@@ -1070,10 +1070,10 @@ class Sandbox(SandboxLifecycle):
         # (one outside the PID namespace) is killed by Cgroup.destroy before this returns
         later = remove_later and (self._cgroup is None or not self._cgroup.pids())
         removal, ids_range = self._removal(), self._ids
+        if not later:
+            removal()  # raising, it leaves them set: a second destroy tries again
         self._cgroup = self._ids = None
         self._own_workspace = False
-        if not later:
-            removal()
         if self._image is not None:  # after PID 1 (and with it the overlay) is gone
             self._image.close()
             self._image = None

@@ -484,3 +484,30 @@ def test_cli_unknown_option():
     assert "Traceback" not in result.stderr.decode()
     assert result.stderr.decode().splitlines()[-1] == (
         "corral: error: unrecognized arguments: --no-such-option")
+
+
+def test_a_destroy_whose_cgroup_stays_busy_is_tried_again_by_the_next(monkeypatch):
+    """The removal raised (a process would not leave the cgroup): the sandbox keeps what it
+    could not remove, so a second destroy() removes it rather than leaving it to a sweep."""
+    from corral.sandbox import cgroups
+
+    sb = Sandbox(SandboxSpec())
+    sb.start()
+    ident, workspace = sb.id, sb.workspace
+    real = cgroups.Cgroup.destroy
+    calls = []
+
+    def busy_once(self):
+        calls.append(self.name)
+        if len(calls) == 1:
+            raise SandboxSetupError("cgroup rmdir", self.paths[0], errno.EBUSY,
+                                    "a process remains")
+        real(self)
+
+    monkeypatch.setattr(cgroups.Cgroup, "destroy", busy_once)
+    with pytest.raises(SandboxSetupError):
+        sb.destroy()
+    assert traces(ident, workspace)["cgroups"]  # still there after the failed removal
+    sb.destroy()
+    assert calls == [ident, ident]
+    assert traces(ident, workspace) == GONE
