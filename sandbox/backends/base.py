@@ -363,7 +363,9 @@ def open_sandbox(spec: SandboxSpec, *, docker_host: str | None = None) -> Sandbo
 
 def run(argv: list[str], spec: SandboxSpec | None = None, *, input: bytes | None = None,
         timeout_s: float | None = None, docker_host: str | None = None) -> CompletedRun:
-    """Run one command in a fresh sandbox (on spec.backend) and destroy it."""
+    """Run one command in a fresh sandbox (on spec.backend) and destroy it: when this
+    returns, no process of the sandbox is left; its directories are removed by a
+    background thread (sandbox/undertaker.py; `undertaker.flush()` waits for that)."""
     started = time.monotonic()
     sandbox = new_sandbox(spec or SandboxSpec(), docker_host=docker_host)
     try:  # destroyed on every path: a failed start cleans up, a failed command does not
