@@ -78,7 +78,10 @@ def state_dir(tmp_path):
         return
     with client:
         pid = _holder_pid(client)
-        client.stop()
+        # a holder alone with nothing held ends by itself: it may have been ending while
+        # this connected, and then the stop finds the connection reset
+        with contextlib.suppress(HolderError):
+            client.stop()
     _wait_gone(pid)
 
 
