@@ -21,12 +21,12 @@ cdef class Cursor:
 cdef class TokenStream:
     cdef bint _text_mode
     cdef bint _bytes_mode              # one TOKEN entry per feed, bytes kept as they came
-    cdef readonly bint _failed
-    cdef readonly bint _closed
+    cdef readonly bint failed          # framing was lost; input after that point is ignored
+    cdef readonly bint closed          # close() was called: the input has ended
     cdef readonly uint64_t _log_limit  # bytes
     cdef uint32_t _max_frame          # payload bytes of one frame
 
-    # The log. Entry e (_ehead <= e < _elen) has seq _first_seq + e - _ehead; its stored bytes
+    # The log. Entry e (_ehead <= e < _elen) has seq first_seq + e - _ehead; its stored bytes
     # run from the previous entry's end (or _start_abs for the oldest) to _ends[e]. Offsets
     # are absolute stream-of-log offsets; _arena[0] sits at absolute offset _arena_base.
     cdef unsigned char* _arena
@@ -40,8 +40,8 @@ cdef class TokenStream:
     cdef size_t _ecap
     cdef size_t _ehead
     cdef size_t _elen
-    cdef readonly uint64_t _first_seq
-    cdef readonly uint64_t _next_seq
+    cdef readonly uint64_t first_seq   # the oldest seq in the log (next_seq when it is empty)
+    cdef readonly uint64_t next_seq    # the seq the next entry will get
     cdef readonly uint64_t _log_bytes  # stored bytes + ENTRY_OVERHEAD per entry
 
     # Decoder state: a frame not complete yet (frames mode), a cut code point (text mode).

@@ -476,8 +476,8 @@ cdef class TokenStream:
         self._bytes_mode = mode == "bytes"
         self._log_limit = log_bytes
         self._max_frame = max_frame_bytes
-        self._first_seq = first_seq
-        self._next_seq = first_seq
+        self.first_seq = first_seq
+        self.next_seq = first_seq
         self._events = deque()
         self._cursors = set()
 
@@ -498,16 +498,16 @@ cdef class TokenStream:
         """
         cdef Py_buffer view
         cdef uint64_t before, base
-        if self._closed:
+        if self.closed:
             raise StreamClosedError("feed() after close(): the stream has ended")
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             base = self._bytes_fed
             self._bytes_fed += view.len
-            if self._failed:
+            if self.failed:
                 self._bytes_discarded += view.len
                 return 0
-            before = self._next_seq
+            before = self.next_seq
             if self._bytes_mode:
                 if view.len:
                     self._tokens += 1
@@ -517,7 +517,7 @@ cdef class TokenStream:
                 self._feed_text(<const unsigned char*>view.buf, view.len)
             else:
                 self._feed_frames(<const unsigned char*>view.buf, view.len, base)
-            return self._next_seq - before
+            return self.next_seq - before
         finally:
             PyBuffer_Release(&view)
 
@@ -587,12 +587,12 @@ cdef class TokenStream:
         data = PyBytes_FromStringAndSize(<const char*>payload, length)
         self._n_events += 1
         self._append(payload, length, frame_type, 0)
-        self._events.append(StreamEvent(self._next_seq - 1, EventKind(frame_type), data,
+        self._events.append(StreamEvent(self.next_seq - 1, EventKind(frame_type), data,
                                         ErrorCode.NONE, ""))
         return 0
 
     cdef int _fail(self, uint64_t offset, uint64_t length, uint64_t remaining) except -1:
-        self._failed = True
+        self.failed = True
         self._bytes_discarded += remaining
         self._plen = 0
         return self._error(
@@ -605,7 +605,7 @@ cdef class TokenStream:
         self._errors += 1
         self._append(<const unsigned char*>PyBytes_AS_STRING(stored), len(stored), K_ERROR,
                      code)
-        self._events.append(StreamEvent(self._next_seq - 1, EventKind.ERROR, b"",
+        self._events.append(StreamEvent(self.next_seq - 1, EventKind.ERROR, b"",
                                         ErrorCode(code), message))
         return 0
 
@@ -651,18 +651,18 @@ cdef class TokenStream:
 
         Returns how many log entries it appended; a second call does nothing.
         """
-        cdef uint64_t before = self._next_seq
+        cdef uint64_t before = self.next_seq
         cdef size_t have
-        if self._closed:
+        if self.closed:
             return 0
-        self._closed = True
+        self.closed = True
         if self._text_mode:
             if self._tail_len:
                 self._tail_len = 0
                 self._tokens += 1
                 self._token_bytes += 3
                 self._append(<const unsigned char*>b"\xef\xbf\xbd", 3, K_TOKEN, 0)
-        elif not self._failed and self._plen:
+        elif not self.failed and self._plen:
             have = self._plen
             if have < HEADER:
                 message = (f"stream ended inside the frame header at byte {self._pend_off}: "
@@ -674,7 +674,7 @@ cdef class TokenStream:
             self._bytes_discarded += have
             self._plen = 0
             self._error(E_TRUNCATED_FRAME, message)
-        return self._next_seq - before
+        return self.next_seq - before
 
     def append_event(self, kind, payload=b""):
         """Append a runtime-made entry (e.g. a TURN_END after a forced stop); returns its seq.
@@ -698,19 +698,19 @@ cdef class TokenStream:
             self._tokens += 1
             self._token_bytes += len(data)
             self._append(p, len(data), K_TOKEN, 0)
-            return self._next_seq - 1
+            return self.next_seq - 1
         problem = _payload_problem(kind, p, len(data))
         if problem is not None:
             raise ValueError(problem[1])
         self._n_events += 1
         self._append(p, len(data), <uint8_t>kind, 0)
-        return self._next_seq - 1
+        return self.next_seq - 1
 
     def pending_input(self):
         """The bytes fed that are not part of an entry yet: a frame cut by the end of the
         last read (frames mode) or a cut UTF-8 sequence (text mode); b"" in bytes mode and
         once framing is lost. Live restore's journal starts a segment with them."""
-        if self._failed:
+        if self.failed:
             return b""
         if self._text_mode:
             return PyBytes_FromStringAndSize(<const char*>self._tail, self._tail_len)
@@ -743,7 +743,7 @@ cdef class TokenStream:
         self._kinds[e] = kind
         self._codes[e] = code
         self._elen = e + 1
-        self._next_seq += 1
+        self.next_seq += 1
         self._log_bytes += length + OVERHEAD
         if self._log_bytes > self._log_limit:
             self._evict()
@@ -760,7 +760,7 @@ cdef class TokenStream:
             start = end
             head += 1
         self._evicted += head - self._ehead
-        self._first_seq += head - self._ehead
+        self.first_seq += head - self._ehead
         self._start_abs = start
         self._ehead = head
 
@@ -836,25 +836,6 @@ cdef class TokenStream:
 
     # --- log -----------------------------------------------------------------------------
 
-    @property
-    def first_seq(self):
-        """The oldest seq still in the log (next_seq when the log is empty)."""
-        return self._first_seq
-
-    @property
-    def next_seq(self):
-        """The seq the next entry will get."""
-        return self._next_seq
-
-    @property
-    def failed(self):
-        """Framing was lost; input after that point is ignored."""
-        return self._failed
-
-    @property
-    def closed(self):
-        return self._closed
-
     def get(self, seq):
         """The log entry with this seq, tokens included (slow path: tests, debugging).
 
@@ -862,8 +843,8 @@ cdef class TokenStream:
             SeqEvictedError: the entry was evicted.
             ValueError: seq is below 1 or not written yet.
         """
-        check_held_seq(seq, self._first_seq, self._next_seq)
-        cdef size_t e = self._ehead + <size_t>(seq - self._first_seq)
+        check_held_seq(seq, self.first_seq, self.next_seq)
+        cdef size_t e = self._ehead + <size_t>(seq - self.first_seq)
         cdef uint64_t start = self._ends[e - 1] if e > self._ehead else self._start_abs
         stored = PyBytes_FromStringAndSize(
             <const char*>(self._arena + (start - self._arena_base)), self._ends[e] - start)
@@ -882,7 +863,7 @@ cdef class TokenStream:
         Raises:
             ValueError: from_seq is below 1 or beyond next_seq.
         """
-        cdef uint64_t start = subscription_start(from_seq, self._first_seq, self._next_seq)
+        cdef uint64_t start = subscription_start(from_seq, self.first_seq, self.next_seq)
         cdef Cursor cursor = Cursor.__new__(Cursor)
         cursor._stream = self
         cursor._subscribed = True
@@ -919,12 +900,12 @@ cdef class TokenStream:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         cdef batch_plan b
-        cdef uint64_t next_seq = self._next_seq
+        cdef uint64_t next_seq = self.next_seq
         cdef uint64_t lost = 0
         b.start = c.next_seq
-        if b.start < self._first_seq:
-            lost = self._first_seq - b.start
-            b.start = self._first_seq
+        if b.start < self.first_seq:
+            lost = self.first_seq - b.start
+            b.start = self.first_seq
         if b.start >= next_seq:
             return None
         b.ends = self._ends
@@ -932,7 +913,7 @@ cdef class TokenStream:
         b.codes = self._codes
         b.arena = self._arena
         b.abase = self._arena_base
-        b.first = self._ehead + <size_t>(b.start - self._first_seq)
+        b.first = self._ehead + <size_t>(b.start - self.first_seq)
         b.pos0 = b.ends[b.first - 1] if b.first > self._ehead else self._start_abs
         _fit_batch(&b, self._elen, <uint64_t>max_bytes)
 
@@ -982,8 +963,8 @@ cdef class TokenStream:
         cdef Py_ssize_t lagged = 0
         cdef Cursor c
         for c in self._cursors:
-            lag = max(lag, self._next_seq - c.next_seq)
-            if c.next_seq < self._first_seq:
+            lag = max(lag, self.next_seq - c.next_seq)
+            if c.next_seq < self.first_seq:
                 lagged += 1
         return stream_statistics(self, self._mode_name(), lag, lagged)
 
@@ -991,5 +972,5 @@ cdef class TokenStream:
         return "bytes" if self._bytes_mode else "text" if self._text_mode else "frames"
 
     def __repr__(self):
-        return (f"<TokenStream {self._mode_name()} seq {self._first_seq}..{self._next_seq - 1} "
+        return (f"<TokenStream {self._mode_name()} seq {self.first_seq}..{self.next_seq - 1} "
                 f"log {self._log_bytes}/{self._log_limit} B>")

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import operator
 import struct
 from collections import deque
 from typing import NamedTuple
@@ -349,6 +350,11 @@ def subscription_start(from_seq: int | None, first_seq: int, next_seq: int) -> i
     return from_seq
 
 
+def _read_only(attribute: str, doc: str) -> property:
+    """A read-only public view of a private attribute (the compiled twin's readonly ones)."""
+    return property(operator.attrgetter(attribute), doc=doc)
+
+
 def stream_statistics(stream: TokenStream, mode: str, max_lag: int,
                       lagged: int) -> StreamStatistics:
     """statistics() of either implementation's TokenStream, which both keep their counters
@@ -362,11 +368,11 @@ def stream_statistics(stream: TokenStream, mode: str, max_lag: int,
         token_bytes=stream._token_bytes,
         events=stream._n_events,
         errors=stream._errors,
-        failed=stream._failed,
-        closed=stream._closed,
-        first_seq=stream._first_seq,
-        next_seq=stream._next_seq,
-        log_entries=stream._next_seq - stream._first_seq,
+        failed=stream.failed,
+        closed=stream.closed,
+        first_seq=stream.first_seq,
+        next_seq=stream.next_seq,
+        log_entries=stream.next_seq - stream.first_seq,
         log_bytes=stream._log_bytes,
         log_bytes_limit=stream._log_limit,
         evicted_entries=stream._evicted,
@@ -662,24 +668,12 @@ class TokenStream:
 
     # --- log ---------------------------------------------------------------------------
 
-    @property
-    def first_seq(self) -> int:
-        """The oldest seq still in the log (next_seq when the log is empty)."""
-        return self._first_seq
-
-    @property
-    def next_seq(self) -> int:
-        """The seq the next entry will get."""
-        return self._next_seq
-
-    @property
-    def failed(self) -> bool:
-        """Framing was lost; input after that point is ignored."""
-        return self._failed
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    # read-only views (attributes of the compiled twin, see _stream.pxd)
+    first_seq = _read_only("_first_seq", "The oldest seq still in the log (next_seq when the "
+                                         "log is empty).")
+    next_seq = _read_only("_next_seq", "The seq the next entry will get.")
+    failed = _read_only("_failed", "Framing was lost; input after that point is ignored.")
+    closed = _read_only("_closed", "close() was called: the input has ended.")
 
     def get(self, seq: int) -> StreamEvent:
         """The log entry with this seq, tokens included (slow path: tests, debugging).

@@ -33,6 +33,7 @@ import ctypes
 import errno as errno_mod
 import hashlib
 import os
+import posixpath
 import stat
 import struct
 import threading
@@ -139,13 +140,25 @@ class AlreadyExists(CorralError):
 
 @dataclass(frozen=True)
 class FileStat:
-    path: str
+    """What one file is: the answer of stat, and each entry of a directory's list."""
+
+    path: str  # relative to /workspace
     kind: str  # file | dir | symlink | other
     size: int
     mode: int
     mtime: float
     link_target: str = ""
     allocated_bytes: int = 0
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result, link_target: str = "") -> FileStat:
+        return cls(path, _kind(st.st_mode), st.st_size, stat.S_IMODE(st.st_mode),
+                   st.st_mtime, link_target, st.st_blocks * 512)
+
+    @property
+    def name(self) -> str:
+        """The last component of path (a directory listing's entry name)."""
+        return posixpath.basename(self.path)
 
 
 def _kind(mode: int) -> str:
@@ -204,11 +217,7 @@ class Upload:
             fd = ws._open(path, flags, 0 if offset else mode & 0o777)  # openat2: no mode
             # without O_CREAT
             try:
-                st = os.fstat(fd)
-                _require_regular(st.st_mode, path)
-                if offset > st.st_size:
-                    raise InvalidSpec("offset", f"{offset} is past the end of {path!r} "
-                                                f"({st.st_size} bytes); resume at most there")
+                _regular_reaching(fd, path, offset, "; resume at most there")
                 os.ftruncate(fd, offset)
                 os.fchown(fd, ws.owner_uid, ws.owner_gid)
                 os.fchmod(fd, mode & 0o777)
@@ -297,15 +306,6 @@ class Upload:
             if self._file >= 0:
                 os.close(self._file)
                 self._file = -1
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    name: str
-    kind: str  # file | dir | symlink | other
-    size: int
-    mode: int
-    mtime: float
 
 
 def relative(path: str) -> str:
@@ -436,8 +436,9 @@ class Workspace:
         finally:
             os.close(fd)
 
-    def list(self, path: str = ".") -> list[FileEntry]:
-        """Entries of a directory (not recursive), sorted by name.
+    def list(self, path: str = ".") -> list[FileStat]:
+        """Entries of a directory (not recursive), sorted by name; a link is described, not
+        followed.
 
         Raises:
             ResourceExhausted: the directory has more than MAX_LIST_ENTRIES entries (it is
@@ -453,22 +454,19 @@ class Workspace:
                             f"{path!r} has more than {MAX_LIST_ENTRIES} entries; list one "
                             f"of its subdirectories or read files by name")
                     names.append(entry.name)
+            rel = relative(path)
             entries = []
             for name in sorted(names):
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
+                except FileNotFoundError:  # removed while listed
                     continue
-                if stat.S_ISREG(st.st_mode):
-                    kind = "file"
-                elif stat.S_ISDIR(st.st_mode):
-                    kind = "dir"
-                elif stat.S_ISLNK(st.st_mode):
-                    kind = "symlink"
-                else:
-                    kind = "other"
-                entries.append(FileEntry(name, kind, st.st_size, stat.S_IMODE(st.st_mode),
-                                         st.st_mtime))
+                target = ""
+                if stat.S_ISLNK(st.st_mode):
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(name, dir_fd=fd)
+                entries.append(FileStat.of(name if rel == "." else f"{rel}/{name}", st,
+                                           target))
             return entries
         finally:
             os.close(fd)
@@ -504,8 +502,7 @@ class Workspace:
                     target = os.readlink("", dir_fd=fd)
         finally:
             os.close(fd)
-        return FileStat(relative(path), _kind(st.st_mode), st.st_size, stat.S_IMODE(st.st_mode),
-                        st.st_mtime, target, st.st_blocks * 512)
+        return FileStat.of(relative(path), st, target)
 
     def mkdir(self, path: str, mode: int = 0o755, parents: bool = True) -> int:
         """Make a directory (and its missing parents with parents=True); returns how many
@@ -638,19 +635,13 @@ class Workspace:
         self._check_kind(path, must_exist=True)
         fd = self._open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            st = os.fstat(fd)
-            _require_regular(st.st_mode, path)
-            if offset > st.st_size:
-                raise InvalidSpec("offset", f"{offset} is past the end of {path!r} "
-                                            f"({st.st_size} bytes)")
+            st = _regular_reaching(fd, path, offset)
             end = min(st.st_size, offset + length) if length else st.st_size
             if end > self.max_size:  # only a sparse file can be: its holes would be hashed
                 raise InvalidSpec("path", f"{path!r} is {st.st_size} bytes (sparse), over the "
                                           f"workspace's cap of {self.max_size}; download a "
                                           f"range that ends below it (length)")
-            yield ("stat", FileStat(relative(path), "file", st.st_size,
-                                    stat.S_IMODE(st.st_mode), st.st_mtime, "",
-                                    st.st_blocks * 512))
+            yield ("stat", FileStat.of(relative(path), st))
             digest = hashlib.sha256()
             _hash_prefix(digest, fd, offset)
             pos = offset
@@ -722,6 +713,20 @@ def _require_regular(mode: int, path: str) -> None:
         return
     what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
     raise InvalidSpec("path", f"{path!r} is {what}, not a regular file")
+
+
+def _regular_reaching(fd: int, path: str, offset: int, hint: str = "") -> os.stat_result:
+    """fd's stat, once it is a regular file at least `offset` bytes long.
+
+    Raises:
+        InvalidSpec: not a regular file (path), or offset past its end.
+    """
+    st = os.fstat(fd)
+    _require_regular(st.st_mode, path)
+    if offset > st.st_size:
+        raise InvalidSpec("offset", f"{offset} is past the end of {path!r} "
+                                    f"({st.st_size} bytes){hint}")
+    return st
 
 
 def _translate(exc: OSError, path: str) -> Exception:

@@ -9,7 +9,7 @@ from corral.sandbox.errors import PermissionDenied
 from corral.v1 import audit_pb2 as pb
 
 from ..policy import QuotaExceeded
-from .errors import Servicer, streaming, unary
+from .servicer import Servicer, streaming, unary
 
 MAX_QUERY_RECORDS = 10000
 #: Bytes of records one Watch holds for a client that reads slower than they commit.

@@ -3,54 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
-import functools
 import logging
 
 import grpc
 
 from corral.sandbox.errors import CorralError, PermissionDenied, Unauthenticated, as_exhaustion
 
-from .. import tracing
-from ..logs import bind, bind_request
-from ..metrics import NO_METRICS, code_of
+from ..metrics import NO_METRICS
 from ..policy import QuotaExceeded
-from ..tracing import NO_TRACING
 from .bounds import bounded_message
 
 log = logging.getLogger("corral.api")
 
 #: Seconds an unauthenticated, over-quota or over-rate request waits for its refusal.
 REFUSAL_DELAY_S = 0.1
-#: Bytes of the unary request running in this task (0 for streams), for its rate weight.
-current_request_bytes: contextvars.ContextVar = contextvars.ContextVar(
-    "corral_request_bytes", default=0)
 #: The Caller of the RPC running in this task (set by Servicer.caller), for denial records.
 current_caller: contextvars.ContextVar = contextvars.ContextVar("corral_caller", default=None)
-
-
-class Servicer:
-    """Base of every servicer: who is calling, and the audit log denials go to."""
-
-    def __init__(self, daemon):
-        self.daemon = daemon
-        self.audit = daemon.audit
-
-    def caller(self, context):
-        """Who is calling; also counts the request against the tenant's request rate.
-
-        Raises:
-            Unauthenticated: an unknown token. QuotaExceeded: over the request rate.
-        """
-        caller = self.daemon.auth.identify(context)
-        current_caller.set(caller)
-        bind(tenant=caller.tenant)  # on this RPC's log lines (--log-format json)
-        tracing.current().set("corral.tenant", caller.tenant)
-        policies = getattr(self.daemon, "policies", None)
-        if policies is not None:
-            policies.charge(caller, policies.request_weight(current_request_bytes.get()))
-        return caller
 
 
 #: Called with each ResourceExhausted an RPC ended with (the daemon's health monitor looks
@@ -109,7 +78,7 @@ def record_denial(servicer, context, exc: CorralError, method: str) -> None:
             log.exception("%s: denial not recorded", method)
 
 
-async def _abort(servicer, context, exc: Exception, method: str) -> None:
+async def abort_for(servicer, context, exc: Exception, method: str) -> None:
     """End the RPC for exc: a CorralError with its own status, running out of descriptors,
     disk or memory RESOURCE_EXHAUSTED (as_exhaustion), anything else INTERNAL."""
     getattr(servicer.daemon, "metrics", NO_METRICS).rpc_failed(method, exc)
@@ -135,45 +104,3 @@ async def _abort(servicer, context, exc: Exception, method: str) -> None:
         await context.abort(status_of(exc), bounded_message(str(exc)))
     log.error("%s failed", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
-
-
-@contextlib.asynccontextmanager
-async def _rpc_scope(servicer, request, context, name: str):
-    """The frame every servicer method runs in: its request weighed and bound to the log,
-    a trace span, and any error but an abort turned into a gRPC status (_abort)."""
-    # what the request weighs against the tenant's rate (Servicer.caller charges it)
-    current_request_bytes.set(request.ByteSize() if hasattr(request, "ByteSize") else 0)
-    bind_request(request)  # its ids on this RPC's log lines
-    span = getattr(servicer.daemon, "tracing", NO_TRACING).rpc(name)
-    try:
-        yield
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:
-        span.failed(code_of(exc), str(exc))
-        await _abort(servicer, context, exc, name)
-    finally:
-        span.end()
-
-
-def unary(method):
-    """Wrap a unary servicer coroutine: CorralError -> its status; a bug -> INTERNAL."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        async with _rpc_scope(self, request, context, method.__qualname__):
-            return await method(self, request, context)
-
-    return wrapper
-
-
-def streaming(method):
-    """Same as unary, for async-generator servicer methods."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        async with _rpc_scope(self, request, context, method.__qualname__):
-            async for item in method(self, request, context):
-                yield item
-
-    return wrapper

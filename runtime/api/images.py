@@ -8,7 +8,7 @@ from corral.sandbox.images.store import LayerEvent
 from corral.v1 import image_pb2 as pb
 
 from ..images import PullDone
-from .errors import Servicer, streaming, unary
+from .servicer import Servicer, streaming, unary
 
 
 def image_to_proto(record) -> pb.Image:

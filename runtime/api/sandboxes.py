@@ -13,8 +13,8 @@ from corral.sandbox.spec import SecretBinding
 from corral.v1 import sandbox_pb2 as pb
 
 from ..labels import ListQuery, check_labels, check_state
-from .errors import Servicer, streaming, unary
 from .exits import exit_fields
+from .servicer import Servicer, relay, streaming, unary
 from .wire import field_bytes, field_varint, fill_typed, varint
 
 #: Sandboxes.Stats: the shortest and longest sampling interval a client may ask for.
@@ -256,6 +256,34 @@ async def _first(request_iterator, part: str):
     raise InvalidSpec(part, f"the first message must be a {part}")
 
 
+async def _upload_parts(request_iterator):
+    """An Upload's messages after its start, as SandboxManager.upload reads them."""
+    async for req in request_iterator:
+        which = req.WhichOneof("part")
+        if which == "chunk":
+            yield ("chunk", req.chunk.offset, req.chunk.data)
+        elif which == "end":
+            yield ("end", req.end.size)
+            return
+        else:
+            raise InvalidSpec("part", f"{which or 'an empty part'} after the start; "
+                                      f"send chunks, then an end")
+
+
+async def _archive_chunks(request_iterator):
+    """A PutArchive's tar bytes, the messages after its start."""
+    async for req in request_iterator:
+        if req.WhichOneof("part") != "data":
+            raise InvalidSpec("part", "only data may follow the start")
+        yield req.data
+
+
+def _file_entries(entries) -> pb.ListFilesResponse:
+    return pb.ListFilesResponse(entries=[
+        pb.FileEntry(name=e.name, kind=e.kind, size=e.size, mode=e.mode, mtime=e.mtime)
+        for e in entries])
+
+
 class SandboxesServicer(Servicer):
     def __init__(self, daemon):
         super().__init__(daemon)
@@ -278,9 +306,7 @@ class SandboxesServicer(Servicer):
             fingerprint=fingerprint.SerializeToString(deterministic=True).hex())
         return sandbox_to_proto(msb)
 
-    @unary
-    async def Get(self, request, context):
-        return sandbox_to_proto(self.manager.get(self.caller(context), request.sandbox_id))
+    Get = relay("manager.get", "sandbox_id", answer=sandbox_to_proto)
 
     @unary
     async def List(self, request, context):
@@ -296,15 +322,8 @@ class SandboxesServicer(Servicer):
         return b"".join([*map(sandbox_wire, chosen),
                          field_bytes(2, token.encode()) if token else b""])
 
-    @unary
-    async def Pause(self, request, context):
-        return sandbox_to_proto(
-            await self.manager.pause(self.caller(context), request.sandbox_id))
-
-    @unary
-    async def Resume(self, request, context):
-        return sandbox_to_proto(
-            await self.manager.resume(self.caller(context), request.sandbox_id))
+    Pause = relay("manager.pause", "sandbox_id", answer=sandbox_to_proto)
+    Resume = relay("manager.resume", "sandbox_id", answer=sandbox_to_proto)
 
     @streaming
     async def Diff(self, request, context):
@@ -330,17 +349,9 @@ class SandboxesServicer(Servicer):
         result = await self.daemon.state.apply(caller, request.sandbox_id, force=request.force)
         return pb.ApplyResponse(written=result.written, removed=result.removed)
 
-    @unary
-    async def Discard(self, request, context):
-        caller = self.caller(context)
-        return pb.DiscardResponse(
-            discarded=await self.daemon.state.discard(caller, request.sandbox_id))
-
-    @unary
-    async def SetTimeout(self, request, context):
-        caller = self.caller(context)
-        return sandbox_to_proto(
-            await self.manager.set_timeout(caller, request.sandbox_id, request.ttl_s))
+    Discard = relay("daemon.state.discard", "sandbox_id",
+                    answer=lambda n: pb.DiscardResponse(discarded=n))
+    SetTimeout = relay("manager.set_timeout", "sandbox_id", "ttl_s", answer=sandbox_to_proto)
 
     @streaming
     async def Stats(self, request, context):
@@ -398,98 +409,36 @@ class SandboxesServicer(Servicer):
         async for event in stream_exec(handle, watchers):
             yield event
 
-    @unary
-    async def SendInput(self, request, context):
-        caller = self.caller(context)
-        await self.manager.send_input(caller, request.sandbox_id, request.exec_id,
-                                      request.data, request.close)
-        return pb.SendInputResponse()
+    SendInput = relay("manager.send_input", "sandbox_id", "exec_id", "data", "close",
+                      empty=pb.SendInputResponse)
+    Resize = relay("manager.resize", "sandbox_id", "exec_id", "rows", "cols",
+                   empty=pb.ResizeResponse)
+    Signal = relay("manager.signal", "sandbox_id", "exec_id", "signal",
+                   answer=lambda n: pb.SignalResponse(delivered=n))
 
-    @unary
-    async def Resize(self, request, context):
-        caller = self.caller(context)
-        self.manager.resize(caller, request.sandbox_id, request.exec_id, request.rows,
-                            request.cols)
-        return pb.ResizeResponse()
-
-    @unary
-    async def Signal(self, request, context):
-        caller = self.caller(context)
-        n = await self.manager.signal(caller, request.sandbox_id, request.exec_id,
-                                      request.signal)
-        return pb.SignalResponse(delivered=n)
-
-    @unary
-    async def WriteFile(self, request, context):
-        caller = self.caller(context)
-        size = await self.manager.write_file(caller, request.sandbox_id, request.path,
-                                             request.content, request.mode)
-        return pb.WriteFileResponse(size=size)
-
-    @unary
-    async def ReadFile(self, request, context):
-        caller = self.caller(context)
-        data, truncated = await self.manager.read_file(caller, request.sandbox_id, request.path,
-                                                       request.max_bytes)
-        return pb.ReadFileResponse(content=data, truncated=truncated)
-
-    @unary
-    async def ListFiles(self, request, context):
-        caller = self.caller(context)
-        entries = await self.manager.list_files(caller, request.sandbox_id, request.path)
-        return pb.ListFilesResponse(entries=[
-            pb.FileEntry(name=e.name, kind=e.kind, size=e.size, mode=e.mode, mtime=e.mtime)
-            for e in entries])
+    WriteFile = relay("manager.write_file", "sandbox_id", "path", "content", "mode",
+                      answer=lambda size: pb.WriteFileResponse(size=size))
+    ReadFile = relay("manager.read_file", "sandbox_id", "path", "max_bytes",
+                     answer=lambda got: pb.ReadFileResponse(content=got[0], truncated=got[1]))
+    ListFiles = relay("manager.list_files", "sandbox_id", "path", answer=_file_entries)
 
     # -- files of any size -------------------------------------------------------------------
 
-    @unary
-    async def StatFile(self, request, context):
-        caller = self.caller(context)
-        info = await self.manager.stat_file(caller, request.sandbox_id, request.path)
-        return file_stat_to_proto(info)
-
-    @unary
-    async def MakeDir(self, request, context):
-        caller = self.caller(context)
-        made = await self.manager.make_dir(caller, request.sandbox_id, request.path,
-                                           request.mode, request.parents)
-        return pb.MakeDirResponse(created=made)
-
-    @unary
-    async def RemoveFile(self, request, context):
-        caller = self.caller(context)
-        kind = await self.manager.remove_file(caller, request.sandbox_id, request.path,
-                                              request.recursive)
-        return pb.RemoveFileResponse(kind=kind)
-
-    @unary
-    async def RenameFile(self, request, context):
-        caller = self.caller(context)
-        await self.manager.rename_file(caller, request.sandbox_id, request.from_path,
-                                       request.to_path, request.no_replace)
-        return pb.RenameFileResponse()
+    StatFile = relay("manager.stat_file", "sandbox_id", "path", answer=file_stat_to_proto)
+    MakeDir = relay("manager.make_dir", "sandbox_id", "path", "mode", "parents",
+                    answer=lambda made: pb.MakeDirResponse(created=made))
+    RemoveFile = relay("manager.remove_file", "sandbox_id", "path", "recursive",
+                       answer=lambda kind: pb.RemoveFileResponse(kind=kind))
+    RenameFile = relay("manager.rename_file", "sandbox_id", "from_path", "to_path",
+                       "no_replace", empty=pb.RenameFileResponse)
 
     @unary
     async def Upload(self, request_iterator, context):
         caller = self.caller(context)
         start = await _first(request_iterator, "start")
-
-        async def parts():
-            async for req in request_iterator:
-                which = req.WhichOneof("part")
-                if which == "chunk":
-                    yield ("chunk", req.chunk.offset, req.chunk.data)
-                elif which == "end":
-                    yield ("end", req.end.size)
-                    return
-                else:
-                    raise InvalidSpec("part", f"{which or 'an empty part'} after the start; "
-                                              f"send chunks, then an end")
-
         size, digest, received = await self.manager.upload(
             caller, start.sandbox_id, start.path, mode=start.mode, offset=start.offset,
-            sha256=start.sha256, parts=parts())
+            sha256=start.sha256, parts=_upload_parts(request_iterator))
         return pb.UploadResponse(size=size, sha256=digest, bytes_received=received)
 
     # Download and GetArchive yield encoded messages (identity serializer, runtime/daemon.py):
@@ -513,14 +462,8 @@ class SandboxesServicer(Servicer):
     async def PutArchive(self, request_iterator, context):
         caller = self.caller(context)
         start = await _first(request_iterator, "start")
-
-        async def chunks():
-            async for req in request_iterator:
-                if req.WhichOneof("part") != "data":
-                    raise InvalidSpec("part", "only data may follow the start")
-                yield req.data
-
-        r = await self.manager.put_archive(caller, start.sandbox_id, start.path, chunks())
+        r = await self.manager.put_archive(caller, start.sandbox_id, start.path,
+                                           _archive_chunks(request_iterator))
         return pb.PutArchiveResponse(files=r.files, dirs=r.dirs, symlinks=r.symlinks,
                                      hardlinks=r.hardlinks, bytes=r.bytes, skipped=r.skipped,
                                      skipped_names=r.skipped_names)
@@ -552,26 +495,12 @@ class SandboxesServicer(Servicer):
         return pb.InspectSandboxResponse(report_json=json.dumps(report), mismatches=problems,
                                          policy_digest=digest)
 
-    @unary
-    async def Destroy(self, request, context):
-        caller = self.caller(context)
-        already = await self.manager.destroy(caller, request.sandbox_id)
-        return pb.DestroySandboxResponse(already_destroyed=already)
-
-    @unary
-    async def ExposePort(self, request, context):
-        caller = self.caller(context)
-        return port_to_proto(await self.manager.expose_port(
-            caller, request.sandbox_id, request.port, request.host_port))
-
-    @unary
-    async def UnexposePort(self, request, context):
-        caller = self.caller(context)
-        return pb.UnexposePortResponse(port=port_to_proto(
-            await self.manager.unexpose_port(caller, request.sandbox_id, request.port)))
-
-    @unary
-    async def ListPorts(self, request, context):
-        caller = self.caller(context)
-        return pb.ListPortsResponse(ports=[
-            port_to_proto(p) for p in self.manager.list_ports(caller, request.sandbox_id)])
+    Destroy = relay("manager.destroy", "sandbox_id",
+                    answer=lambda already: pb.DestroySandboxResponse(already_destroyed=already))
+    ExposePort = relay("manager.expose_port", "sandbox_id", "port", "host_port",
+                       answer=port_to_proto)
+    UnexposePort = relay("manager.unexpose_port", "sandbox_id", "port",
+                         answer=lambda p: pb.UnexposePortResponse(port=port_to_proto(p)))
+    ListPorts = relay("manager.list_ports", "sandbox_id",
+                      answer=lambda ports: pb.ListPortsResponse(
+                          ports=[port_to_proto(p) for p in ports]))

@@ -31,9 +31,10 @@ from .bounds import (
     StreamOverflow,
     bounded_message,
 )
-from .errors import Servicer, record_denial, streaming, unary
+from .errors import record_denial
 from .exits import exit_fields
 from .sandboxes import spec_from_proto
+from .servicer import Servicer, relay, streaming, unary
 from .wire import field_bytes, first_seq, varint
 
 log = logging.getLogger("corral.api.sessions")
@@ -416,6 +417,18 @@ def grpc_wakeup_fds() -> tuple[int, ...]:
     return ()
 
 
+def session_info(session) -> pb.SessionInfo:
+    exited = session.exited
+    return pb.SessionInfo(
+        session_id=session.id, sandbox_id=session.sandbox_id,
+        state=pb.SESSION_STATE_EXITED if exited is not None else pb.SESSION_STATE_RUNNING,
+        labels=session.labels, created_at=session.created_at, last_seq=session.last_seq,
+        turn=session.turn, owns_sandbox=session.owns_sandbox, watchers=session.attached,
+        **(exit_fields(exited.returncode, exited.reason) if exited is not None else {}),
+        returncode=exited.returncode if exited is not None else 0,
+        reason=exited.reason if exited is not None else "")
+
+
 class SessionsServicer(Servicer):
     def __init__(self, daemon):
         super().__init__(daemon)
@@ -452,9 +465,7 @@ class SessionsServicer(Servicer):
         async for message in stream.respond(request_iterator):
             yield message
 
-    @unary
-    async def Get(self, request, context):
-        return session_info(self.manager.get(self.caller(context), request.session_id))
+    Get = relay("manager.get", "session_id", answer=session_info)
 
     @unary
     async def List(self, request, context):
@@ -490,18 +501,6 @@ def _start_kwargs(start) -> dict:
 
 SESSION_STATES = {pb.SESSION_STATE_UNSPECIFIED: None, pb.SESSION_STATE_RUNNING: False,
                   pb.SESSION_STATE_EXITED: True}
-
-
-def session_info(session) -> pb.SessionInfo:
-    exited = session.exited
-    return pb.SessionInfo(
-        session_id=session.id, sandbox_id=session.sandbox_id,
-        state=pb.SESSION_STATE_EXITED if exited is not None else pb.SESSION_STATE_RUNNING,
-        labels=session.labels, created_at=session.created_at, last_seq=session.last_seq,
-        turn=session.turn, owns_sandbox=session.owns_sandbox, watchers=session.attached,
-        **(exit_fields(exited.returncode, exited.reason) if exited is not None else {}),
-        returncode=exited.returncode if exited is not None else 0,
-        reason=exited.reason if exited is not None else "")
 
 
 def _error_event(exc: Exception) -> bytes:

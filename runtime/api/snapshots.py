@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from corral.v1 import snapshot_pb2 as pb
 
-from .errors import Servicer, unary
+from .servicer import Servicer, unary
 
 
 def snapshot_to_proto(record, in_use: int) -> pb.Snapshot:

@@ -20,10 +20,10 @@ from ..tasks.runner import locate_secrets
 from ..tasks.states import TaskState
 from . import wire
 from .bounds import SUBMIT_PENDING_ACKS, bounded_message
-from .errors import Servicer, streaming, unary
 from .exits import exit_fields
 from .sandboxes import spec_from_proto as sandbox_spec_from_proto
 from .sandboxes import spec_to_proto as sandbox_spec_to_proto
+from .servicer import Servicer, relay, streaming, unary
 
 #: File bytes of one Result answer when the request names none: the answer then fits the
 #: 4 MiB a gRPC client receives by default. A larger max_bytes is capped by the message
@@ -206,9 +206,7 @@ class TasksServicer(Servicer):
         finally:
             reader.cancel()
 
-    @unary
-    async def Get(self, request, context):
-        return task_to_proto(self.scheduler.get(self.caller(context), request.task_id))
+    Get = relay("scheduler.get", "task_id", answer=task_to_proto)
 
     @unary
     async def List(self, request, context):
@@ -227,10 +225,7 @@ class TasksServicer(Servicer):
             tasks=[task_to_proto(t) for t in tasks],
             next_page_token=page_token("tasks", query, tasks[-1].seq) if more else "")
 
-    @unary
-    async def Cancel(self, request, context):
-        task = await self.scheduler.cancel(self.caller(context), request.task_id)
-        return task_to_proto(task)
+    Cancel = relay("scheduler.cancel", "task_id", answer=task_to_proto)
 
     @unary
     async def Result(self, request, context):

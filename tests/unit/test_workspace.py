@@ -167,3 +167,14 @@ def test_listing_a_huge_directory_is_refused_not_read_whole(ws, monkeypatch):
         ws.list("many")
     os.unlink(os.path.join(ws.root, "many", "0"))
     assert [e.name for e in ws.list("many")] == ["1", "2", "3", "4", "5"]
+
+
+def test_list_entries_carry_the_facts_stat_gives(ws):
+    os.makedirs(os.path.join(ws.root, "sub"))
+    os.symlink("../elsewhere", os.path.join(ws.root, "sub", "link"))
+    ws.write("sub/data", b"x" * 5000, 0o640)
+    data, link = ws.list("/workspace/sub")
+    assert (link.path, link.name, link.kind, link.link_target) == (
+        "sub/link", "link", "symlink", "../elsewhere")
+    assert (data.path, data.name, data.size, data.mode) == ("sub/data", "data", 5000, 0o640)
+    assert data == ws.stat("sub/data")  # one answer for one file, whichever call gave it
