@@ -188,10 +188,10 @@ class CorralRunCandidate:
     so that it never runs beside the next candidate; `settled` holds run() plus that wait
     (the whole cost, as a caller that waited for the directories to go would see it)."""
 
-    name = "corral_run"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str = "corral_run") -> None:
         from corral.sandbox import run
+
+        self.name = name
         from corral.sandbox.undertaker import undertaker
 
         self._run = run
@@ -624,6 +624,30 @@ def round_robin(candidates: list, iterations: int, warmup: int) -> dict[str, lis
     return times
 
 
+def cgroup_pool_columns(bwrap: str, iterations: int, warmup: int) -> dict:
+    """run() with a cgroup pool (sandbox/cgroup_pool.py, as `corral daemon
+    --cgroup-pool-size 4` keeps one) against bare bwrap, alternating, in a pass of its own
+    after the main round (the pool is the process's: the main round's run() has none)."""
+    from corral.sandbox import cgroup_pool
+
+    pool = cgroup_pool.enable(4)
+    if pool is None:
+        return {"cgroup_pool": "none here (no delegated cgroups)"}
+    try:
+        times = round_robin([CorralRunCandidate("corral_run_pooled"),
+                             CommandCandidate("bwrap_bare_pool_pass", bwrap_bare_argv(bwrap))],
+                            iterations, warmup)
+        hits, misses = pool.hits, pool.misses
+    finally:
+        cgroup_pool.disable()
+    run, bare = summary(times["corral_run_pooled"]), summary(times["bwrap_bare_pool_pass"])
+    return {"corral_run_pooled_ms_p50": run["p50"], "corral_run_pooled_ms_p99": run["p99"],
+            "bwrap_bare_pool_pass_ms_p50": bare["p50"],
+            "ratio_pooled_vs_bwrap_bare_p50": round(run["p50"] / bare["p50"], 3),
+            "ratio_pooled_vs_bwrap_bare_p99": round(run["p99"] / bare["p99"], 3),
+            "cgroup_pool_hits": hits, "cgroup_pool_misses": misses}
+
+
 # -- Corral profile (wrappers around its functions, installed by this script only) ---------
 
 
@@ -951,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
     result["corral_run_settled_ms_p50"] = settled["p50"]
     result["corral_run_settled_ms_p99"] = settled["p99"]
     result["corral_phases_ms"] = {k: summary(v) for k, v in corral.phases.items()}
+    if os.geteuid() == 0:  # the cgroups are made by root
+        result.update(cgroup_pool_columns(bwrap, args.iterations, args.warmup))
     result["iterations"] = args.iterations
     result["warmup"] = args.warmup
     if not args.no_cli:

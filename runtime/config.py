@@ -141,6 +141,9 @@ class DaemonConfig:
     #: until reboot on Linux 6.18+): moving a sandbox's process into its cgroup then never
     #: waits for an RCU grace period (sandbox/cgroup_tuning.py). false leaves the host as is.
     cgroup_favordynmods: bool = True
+    #: Cgroups made ahead per limits class (sandbox/cgroup_pool.py): a create takes one
+    #: instead of making it; each serves one sandbox, then is removed. 0 = none.
+    cgroup_pool_size: int = 0
     #: The daemon's event loop (runtime/loop.py): "auto" (uvloop when installed), "asyncio"
     #: or "uvloop".
     event_loop: str = "auto"
@@ -314,6 +317,12 @@ class DaemonConfig:
         if not isinstance(self.cgroup_favordynmods, bool):
             raise InvalidSpec("cgroup_favordynmods", f"{self.cgroup_favordynmods!r} is not "
                                                      "true or false")
+        from corral.sandbox.cgroup_pool import MAX_SIZE
+
+        if (not isinstance(self.cgroup_pool_size, int) or isinstance(self.cgroup_pool_size, bool)
+                or not 0 <= self.cgroup_pool_size <= MAX_SIZE):
+            raise InvalidSpec("cgroup_pool_size", f"{self.cgroup_pool_size!r} is not a whole "
+                                                  f"number from 0 to {MAX_SIZE}")
         if not isinstance(self.live_restore, bool):
             raise InvalidSpec("live_restore", f"{self.live_restore!r} is not true or false")
         if self.log_format not in ("text", "json"):
@@ -351,7 +360,7 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
-    ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, event_loop
+    ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, cgroup_pool_size, event_loop
     ("auto"|"asyncio"|"uvloop"), gc_policy ("latency"|"default"), one table per tenant:
     [tenants.acme] token = "...", the secret store's [secrets], warm pools [pools.NAME]
     and pool_refill_per_s, image_store_size ("20G"; or image_store_max_bytes, in bytes),

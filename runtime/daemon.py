@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from corral.sandbox import cgroup_tuning, workspace_fs
+from corral.sandbox import cgroup_pool, cgroup_tuning, workspace_fs
 from corral.sandbox.backends.base import SWEPT_LISTENERS
 from corral.sandbox.backends.native import sweep_for_this_process
 from corral.sandbox.errors import CorralError
@@ -106,6 +106,7 @@ class Daemon:
         _configure_workspaces(cfg)
         cgroup_tuning.configure(cfg.cgroup_favordynmods)
         favordynmods = cgroup_tuning.ensure()  # before any sandbox joins a cgroup
+        cgroup_pool.enable(cfg.cgroup_pool_size)
         # Every backend's sweep (live restore's adoption below, docker's first start on an
         # engine) goes into the chain as sandbox.reaped, as the native sweep's does.
         SWEPT_LISTENERS.append(self._on_swept)
@@ -458,6 +459,8 @@ class Daemon:
             await self._step("pools", self.pools.stop)
         if self.sandboxes is not None:
             await self._step("sandboxes", lambda: self.sandboxes.shutdown(reason))
+        # the cgroups they gave back, and the ready ones, are removed
+        await self._step("cgroup pool", lambda: asyncio.to_thread(cgroup_pool.disable))
         if self.live_restore is not None:  # the kept sandboxes' rows are written
             await self._step("live restore", lambda: asyncio.to_thread(
                 self.live_restore.close))

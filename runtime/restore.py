@@ -559,7 +559,9 @@ def _kill_and_close(sandbox_id: str | None, fds: list[int]) -> int:
             killed = 1
             # a paused sandbox's PID 1 dies only once thawed (sweep leaves kept ones frozen)
             with contextlib.suppress(CorralError, OSError):
-                cgroups.Cgroup.open(cgroups.detect(), sandbox_id).thaw()
+                cgroups.Cgroup.open(cgroups.detect(),
+                                    (_state_of(sandbox_id) or {}).get("cgroup")
+                                    or sandbox_id).thaw()
             # readable once it has exited; poll, not select: a parked pidfd is >= 1024
             waiter = select.poll()
             waiter.register(pidfd, select.POLLIN)
@@ -576,14 +578,23 @@ def _kill_and_close(sandbox_id: str | None, fds: list[int]) -> int:
     return killed
 
 
-def _pidfd_from_state(sandbox_id: str) -> int | None:
-    """A pidfd of the PID 1 that sandbox_id's state.json names, if that very process (its
-    start time) still runs; None otherwise."""
+def _state_of(sandbox_id: str) -> dict | None:
+    """sandbox_id's state.json (sandbox/backends/native.py writes it), or None."""
     from corral.sandbox.backends.native import runtime_base
 
     try:
         with open(os.path.join(runtime_base(), sandbox_id, "state.json")) as f:
             state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _pidfd_from_state(sandbox_id: str) -> int | None:
+    """A pidfd of the PID 1 that sandbox_id's state.json names, if that very process (its
+    start time) still runs; None otherwise."""
+    state = _state_of(sandbox_id)
+    try:
         pidfd = os.pidfd_open(int(state["init_pid"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -868,8 +868,10 @@ def list_corral_cgroups(layout: CgroupLayout) -> list[str]:
     return sorted(names)
 
 
-def reap_orphans(layout: CgroupLayout, prefix: str = "") -> list[str]:
-    """Remove `corral/<prefix>*` cgroups that no process is in any more; returns their names.
+def reap_orphans(layout: CgroupLayout, prefix: str = "",
+                 pick: Callable[[str], bool] | None = None) -> list[str]:
+    """Remove `corral/<prefix>*` cgroups that no process is in any more (of them, those
+    `pick` chooses, when given); returns their names.
 
     Left by a daemon that crashed. A cgroup with a live process (a deep task's sandbox that
     outlives a daemon restart) is kept. Call it while no `Cgroup.create` of a matching name
@@ -877,7 +879,7 @@ def reap_orphans(layout: CgroupLayout, prefix: str = "") -> list[str]:
     """
     reaped = []
     for name in list_corral_cgroups(layout):
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or (pick is not None and not pick(name)):
             continue
         cg = Cgroup(layout, name)
         if cg.pids():

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import cgroup_tuning, cgroups, contain, fstree, ids, ptys, workspace_fs
+from .. import cgroup_pool, cgroup_tuning, cgroups, contain, fstree, ids, ptys, workspace_fs
 from ..errors import (
     CommandNotFound,
     CorralError,
@@ -478,6 +478,8 @@ class Sandbox(SandboxLifecycle):
                 self._setup_workspace()
             if self.spec.image:
                 self._hold_image(privileged)
+            if missing is None:  # before the state says which cgroup is the sandbox's
+                self._take_pooled_cgroup(layout)
             self._write_state()
             cgroup_fds = self._create_cgroup(layout, opened) if missing is None else ()
             detached = self._detach_binds(opened) if privileged else {}
@@ -525,13 +527,24 @@ class Sandbox(SandboxLifecycle):
             os.chown(root, self.spec.uid_base, self.spec.uid_base)
         return root
 
+    def _cgroup_limits(self) -> cgroups.CgroupLimits:
+        return cgroups.CgroupLimits(memory_bytes=self.spec.memory_bytes,
+                                    pids_max=self.spec.pids_max, cpu_quota=self.spec.cpus,
+                                    cpu_weight=self.spec.cpu_weight)
+
+    def _take_pooled_cgroup(self, layout: cgroups.CgroupLayout) -> None:
+        """The sandbox's cgroup from the process's pool, if it keeps a ready one with the
+        spec's limits (sandbox/cgroup_pool.py)."""
+        pool = cgroup_pool.current()
+        if pool is not None and pool.layout == layout:
+            self._cgroup = pool.take(self._cgroup_limits())
+
     def _create_cgroup(self, layout: cgroups.CgroupLayout, opened: list[int]) -> tuple[int, ...]:
-        """The sandbox's cgroup with the spec's limits; returns the cgroup.procs
-        descriptors PID 1 attaches itself through (also added to `opened`)."""
-        limits = cgroups.CgroupLimits(memory_bytes=self.spec.memory_bytes,
-                                      pids_max=self.spec.pids_max, cpu_quota=self.spec.cpus,
-                                      cpu_weight=self.spec.cpu_weight)
-        self._cgroup = cgroups.Cgroup.create(layout, self.id, limits)
+        """The sandbox's cgroup with the spec's limits (made now unless one was taken from
+        the pool); returns the cgroup.procs descriptors PID 1 attaches itself through (also
+        added to `opened`)."""
+        if self._cgroup is None:
+            self._cgroup = cgroups.Cgroup.create(layout, self.id, self._cgroup_limits())
         cgroup_fds = self._open_cgroup_procs()
         opened.extend(cgroup_fds)
         return cgroup_fds
@@ -942,6 +955,8 @@ class Sandbox(SandboxLifecycle):
             "creator": os.getpid(),
             "init_pid": self.init_pid,
             "init_start": live_start_time(self.init_pid) if self.init_pid else None,
+            # its own name, or a pooled one's (sandbox/cgroup_pool.py): what sweeps remove
+            "cgroup": self._cgroup.name if self._cgroup is not None else self.id,
             "workspace": self.workspace if self._own_workspace else None,
             # PID 1 does not die with its creator: live restore re-adopts it (adopt())
             "adoptable": not self.spec.die_with_parent,
@@ -992,7 +1007,7 @@ class Sandbox(SandboxLifecycle):
         delegated = cgroups.delegation_problem(layout) is None
         sb._prepared = contain.prepare(spec, cgroup=delegated)
         if delegated:
-            sb._cgroup = cgroups.Cgroup.open(layout, name)
+            sb._cgroup = cgroups.Cgroup.open(layout, state.get("cgroup") or name)
         if os.geteuid() == 0:  # its range of the pool, released at destroy
             slot = os.path.join(ids.state_dir(), str(spec.uid_base))
             if os.path.exists(slot):
@@ -1091,7 +1106,7 @@ class Sandbox(SandboxLifecycle):
         workspace = self.workspace if self._own_workspace else None
 
         def remove() -> None:
-            if cgroup is not None:
+            if cgroup is not None:  # a pooled one too: never reused (sandbox/cgroup_pool.py)
                 cgroup.destroy()
             if workspace:
                 workspace_fs.remove(workspace)
@@ -1590,7 +1605,7 @@ def sweep(base: str | None = None) -> list[str]:
     try:
         names = os.listdir(base)
     except FileNotFoundError:
-        return removed
+        names = []
     layout = None
     for name in names:
         path = os.path.join(base, name)
@@ -1605,7 +1620,7 @@ def sweep(base: str | None = None) -> list[str]:
             init_alive = state.get("init_pid") and live_start_time(state["init_pid"]) == state.get(
                 "init_start")
             if init_alive and not creator_alive and not state.get("adoptable"):
-                _thaw_abandoned(name)
+                _thaw_abandoned(state.get("cgroup") or name)
             if creator_alive or init_alive:
                 continue
         else:
@@ -1617,7 +1632,7 @@ def sweep(base: str | None = None) -> list[str]:
         if layout is None:
             layout = _cgroup_layout()
         try:
-            cgroups.Cgroup.open(layout, name).destroy()
+            cgroups.Cgroup.open(layout, (state or {}).get("cgroup") or name).destroy()
         except NotFound:
             pass  # never made, or already gone
         except (CorralError, OSError):
@@ -1631,4 +1646,7 @@ def sweep(base: str | None = None) -> list[str]:
                 fstree.remove_tree(state["workspace"], ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(name)
+    # the idle pooled cgroups of gone processes (not sandboxes: not in what it returns)
+    with contextlib.suppress(CorralError, OSError):
+        cgroup_pool.sweep(layout or _cgroup_layout())
     return removed

@@ -1,0 +1,164 @@
+"""Cgroups made ahead (sandbox/cgroup_pool.py): a sandbox takes one, as new as one made on
+demand, records it, and leaves nothing; the pools of gone processes are swept.
+
+The conftest's leak check runs after each test: a test that leaves a pool enabled, or a
+pooled cgroup behind, fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from corral.sandbox import Sandbox, SandboxSpec, cgroup_pool, cgroups
+from corral.sandbox.backends.native import runtime_base, sweep
+from corral.sandbox.undertaker import undertaker
+
+from ..processes import wait_until
+from .conftest import MiB
+
+SPEC = SandboxSpec(memory_bytes=96 * MiB, pids_max=40, cpus=0.5)
+
+
+@pytest.fixture
+def pool():
+    made = cgroup_pool.enable(2)
+    assert made is not None  # root on this host: delegated cgroups
+    try:
+        yield made
+    finally:
+        cgroup_pool.disable()
+
+
+def _limits(layout, name: str) -> dict[str, str]:
+    cg = cgroups.Cgroup(layout, name)
+
+    def read(controller, filename):
+        with open(os.path.join(cg.path(controller), filename)) as f:
+            return f.read().strip()
+
+    return {"memory": read("memory", "memory.limit_in_bytes"),
+            "memsw": read("memory", "memory.memsw.limit_in_bytes"),
+            "pids": read("pids", "pids.max"), "quota": read("cpu", "cpu.cfs_quota_us"),
+            "freezer": read("freezer", "freezer.state")}
+
+
+def _recorded(sb: Sandbox) -> str:
+    with open(os.path.join(sb.runtime_dir, "state.json")) as f:
+        return json.load(f)["cgroup"]
+
+
+def test_a_sandbox_takes_a_ready_cgroup_with_its_limits_and_new_counters(pool, cgroup_layout):
+    Sandbox.create(SPEC).destroy()  # the class's first create finds none and wakes the refill
+    undertaker.flush()
+    ready = pool.ready()
+    assert len(ready) == 2
+    with Sandbox(SPEC) as sb:
+        name = _recorded(sb)
+        assert name in ready and name.startswith(f"pool.{os.getpid()}.")
+        assert name not in pool.ready()
+        with open(f"/proc/{sb.init_pid}/cgroup") as f:
+            assert f"/corral/{name}\n" in f.read()
+        assert _limits(cgroup_layout, name) == {
+            "memory": str(96 * MiB), "memsw": str(96 * MiB), "pids": "40", "quota": "50000",
+            "freezer": "THAWED"}
+        # what a cgroup made for it would say: nothing used before it, no OOM kill
+        stats = cgroups.Cgroup(cgroup_layout, name).stats()
+        assert stats["oom_kills"] == 0 and stats["cpu_throttled_periods"] == 0
+        assert stats["memory_peak_bytes"] == stats["memory_bytes"]
+        assert sb.exec(["/bin/true"]).wait() == 0
+    undertaker.flush()
+    assert not cgroups.Cgroup(cgroup_layout, name).exists()  # used once, never reused
+    assert (pool.hits, pool.misses) == (1, 1)
+
+
+def test_no_cgroup_is_used_twice(pool, cgroup_layout):
+    """Its kernel counters (cpu.stat, cpuacct.stat, charged kernel memory) cannot all be
+    reset, so a pooled cgroup is removed after its sandbox, as one made on demand is."""
+    seen = []
+    for _ in range(5):
+        with Sandbox(SPEC) as sb:
+            seen.append(_recorded(sb))
+            assert sb.exec(["/bin/sh", "-c", "head -c 2000000 /dev/zero > /tmp/f"]).wait() == 0
+        undertaker.flush()
+    assert len(set(seen)) == 5
+    assert not any(cgroups.Cgroup(cgroup_layout, n).exists() for n in seen)
+    assert pool.hits == 4  # the first create of the class made its own
+
+
+def test_a_class_it_does_not_hold_is_made_on_demand_and_named_by_the_sandbox(pool):
+    with Sandbox(SandboxSpec(memory_bytes=80 * MiB)) as sb:
+        assert _recorded(sb) == sb.id
+
+
+def test_disable_removes_the_ready_cgroups(cgroup_layout):
+    pool = cgroup_pool.enable(3)
+    try:
+        Sandbox.create(SPEC).destroy()
+        undertaker.flush()
+        ready = pool.ready()
+        assert len(ready) == 3
+    finally:
+        cgroup_pool.disable()
+    assert cgroup_pool.current() is None
+    assert not any(cgroups.Cgroup(cgroup_layout, n).exists() for n in ready)
+    assert pool.take(cgroups.CgroupLimits()) is None  # a drained pool makes no more
+
+
+def test_the_sweep_removes_a_gone_processs_idle_pool_and_keeps_a_live_sandboxs(cgroup_layout,
+                                                                              tmp_path):
+    """A process that dies without draining its pool leaves ready cgroups; the sweep of
+    the next start removes them, but not a pooled cgroup a live sandbox of it runs in."""
+    out = tmp_path / "left.json"
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import json, os, sys
+        from corral.sandbox import Sandbox, SandboxSpec, cgroup_pool
+        from corral.sandbox.undertaker import undertaker
+        spec = SandboxSpec(memory_bytes={96 * MiB}, die_with_parent=False)
+        pool = cgroup_pool.enable(2)
+        Sandbox.create(spec).destroy()
+        undertaker.flush()
+        kept = Sandbox.create(spec)  # outlives this process (adoptable)
+        undertaker.flush()
+        with open(os.path.join(kept.runtime_dir, "state.json")) as f:
+            left = {{"ready": pool.ready(), "kept": kept.id,
+                    "kept_cgroup": json.load(f)["cgroup"], "pid": kept.init_pid}}
+        with open({str(out)!r}, "w") as f:
+            json.dump(left, f)
+        os._exit(0)  # no drain, no destroy: a crash
+    """)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # PID 1 keeps its stdio
+       stderr=(tmp_path / "stderr").open("w"), timeout=60)
+    assert child.returncode == 0, (tmp_path / "stderr").read_text()
+    left = json.loads(out.read_text())
+    assert len(left["ready"]) == 2 and left["kept_cgroup"].startswith("pool.")
+    try:
+        assert all(cgroups.Cgroup(cgroup_layout, n).exists() for n in left["ready"])
+        cgroup_pool.sweep(cgroup_layout)
+        assert not any(cgroups.Cgroup(cgroup_layout, n).exists() for n in left["ready"])
+        assert cgroups.Cgroup(cgroup_layout, left["kept_cgroup"]).pids()  # its sandbox runs
+    finally:
+        os.kill(left["pid"], 9)
+        wait_until(lambda: not os.path.exists(f"/proc/{left['pid']}/stat")
+                   or "Z" in open(f"/proc/{left['pid']}/stat").read().split(")")[1][:3], 5)
+        # the sandbox's own sweep finds its pooled cgroup by its state.json
+        wait_until(lambda: left["kept"] in sweep(), 5)
+    assert not cgroups.Cgroup(cgroup_layout, left["kept_cgroup"]).exists()
+    assert not os.path.exists(os.path.join(runtime_base(), left["kept"]))
+
+
+def test_a_live_processs_pool_is_not_swept(pool, cgroup_layout):
+    Sandbox.create(SPEC).destroy()
+    undertaker.flush()
+    ready = pool.ready()
+    assert ready and cgroup_pool.sweep(cgroup_layout) == []
+    assert pool.ready() == ready
+
+
+def test_pool_size_is_bounded():
+    with pytest.raises(ValueError, match=r"^a cgroup pool holds 1-64 per class, not 65$"):
+        cgroup_pool.CgroupPool(cgroups.detect(), 65)
