@@ -119,6 +119,18 @@ if os.environ.get("CORRAL_BENCH_GC_LOG"):
         with open(os.environ["CORRAL_BENCH_GC_LOG"], "w") as f:
             json.dump({"gc": _gc["stats"], "objects": len(gc.get_objects())}, f)
     atexit.register(_gc_dump)
+if os.environ.get("CORRAL_BENCH_INTERRUPT_LOG"):
+    # where an interrupt's time goes inside the daemon: (sandbox id, CLOCK_MONOTONIC ns when
+    # SessionManager.interrupt began, ns when it had written INTERRUPT), one line each
+    import time
+    from corral.runtime import sessions as _sessions
+    _stamps = open(os.environ["CORRAL_BENCH_INTERRUPT_LOG"], "a", buffering=1)
+    _interrupt = _sessions.SessionManager.interrupt
+    def _stamped(self, caller, session):
+        rx = time.monotonic_ns()
+        _interrupt(self, caller, session)
+        _stamps.write(f"{session.sandbox_id} {rx} {time.monotonic_ns()}\n")
+    _sessions.SessionManager.interrupt = _stamped
 if os.environ.get("CORRAL_BENCH_GC_FREEZE"):
     import gc
     gc.freeze()
@@ -147,6 +159,28 @@ def dist_ms(values_ns) -> dict:
     return {"n": len(v), "p50": ms(percentile(v, 50)), "p90": ms(percentile(v, 90)),
             "p99": ms(percentile(v, 99)), "p999": ms(percentile(v, 99.9)),
             "max": ms(v[-1] if v else None)}
+
+
+def interrupt_split(raw: list[tuple[str, int, int]], stamps_at: str) -> dict:
+    """Where the interrupts' time went (--daemon-env CORRAL_BENCH_INTERRUPT_LOG=FILE): the
+    client's send -> the daemon's SessionManager.interrupt (client, gRPC, the daemon's
+    loop), that call (its INTERRUPT write), and the write -> the agent's read (the agent's
+    wake-up). Each client record is matched with its sandbox's daemon stamp inside it."""
+    stamps: dict[str, list[tuple[int, int]]] = {}
+    with open(stamps_at) as f:
+        for line in f:
+            sandbox, rx, wr = line.split()
+            stamps.setdefault(sandbox, []).append((int(rx), int(wr)))
+    to_daemon, in_daemon, to_agent = [], [], []
+    for sandbox, sent, read in raw:
+        match = next(((rx, wr) for rx, wr in stamps.get(sandbox, ()) if sent <= rx <= read),
+                     None)
+        if match is not None:
+            to_daemon.append(match[0] - sent)
+            in_daemon.append(match[1] - match[0])
+            to_agent.append(read - match[1])
+    return {"matched": len(to_daemon), "of": len(raw), "send_to_daemon": dist_ms(to_daemon),
+            "daemon_call": dist_ms(in_daemon), "write_to_agent_read": dist_ms(to_agent)}
 
 
 # --- the agent ---------------------------------------------------------------------------------
@@ -498,6 +532,8 @@ class SessionDriver:
             return
         if "read_ns" in obj and self.pending_interrupt:
             self.w.interrupts.append(obj["read_ns"] - self.pending_interrupt)
+            self.w.interrupt_raw.append((self.sandbox_id, self.pending_interrupt,
+                                         obj["read_ns"]))
             self.w.interrupt_roundtrip.append(now - self.pending_interrupt)
             self.pending_interrupt = 0
             self.answered.set()
@@ -555,6 +591,7 @@ class Worker:
         self.latency = array("q")
         self.interrupts = array("q")
         self.interrupt_roundtrip = array("q")
+        self.interrupt_raw: list[tuple[str, int, int]] = []  # (sandbox, sent, agent read)
         self.inputs = array("q")
         self.t0 = self.t1 = 1 << 62
 
@@ -689,6 +726,7 @@ class Worker:
             "latency_ns": list(self.latency),
             "interrupt_ns": list(self.interrupts),
             "interrupt_roundtrip_ns": list(self.interrupt_roundtrip),
+            "interrupt_raw": self.interrupt_raw,
             "input_ns": list(self.inputs),
             "tokens": sum(d.tokens for d in drivers),
             "bursts": sum(d.bursts for d in drivers),
@@ -772,6 +810,7 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
     lat = [x for r in results for x in r["latency_ns"]]
     intr = [x for r in results for x in r["interrupt_ns"]]
     intr_rt = [x for r in results for x in r["interrupt_roundtrip_ns"]]
+    stamps_at = dict(kv.split("=", 1) for kv in args.daemon_env).get("CORRAL_BENCH_INTERRUPT_LOG")
     inputs = [x for r in results for x in r["input_ns"]]
     tokens = sum(r["tokens"] for r in results)
     bursts = sum(r["bursts"] for r in results)
@@ -791,6 +830,9 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
         "latency_ms": latency,
         "interrupt_ms": interrupt,
         "interrupt_roundtrip_ms": dist_ms(intr_rt),
+        **({"interrupt_split_ms": interrupt_split(
+            [tuple(x) for r in results for x in r["interrupt_raw"]], stamps_at)}
+           if stamps_at else {}),
         "input_ms": dist_ms(inputs),
         "tokens_per_s_delivered": round(tokens / duration),
         "tokens_per_s_offered": opened * args.rate,
