@@ -269,7 +269,8 @@ def _create_once(client) -> None:
     client.destroy_sandbox(client.create_sandbox(memory_bytes=64 << 20).id)
 
 
-def scale(points: list[int], samples: int, kernel_detail: bool = False) -> dict:
+def scale(points: list[int], samples: int, kernel_detail: bool = False,
+          daemon_args: tuple[str, ...] = ()) -> dict:
     """Create and List latency as idle sandboxes pile up, and their memory cost.
 
     The daemon takes its hard RLIMIT_NOFILE (an idle sandbox holds 2 descriptors there);
@@ -280,7 +281,7 @@ def scale(points: list[int], samples: int, kernel_detail: bool = False) -> dict:
     """
     root = tempfile.mkdtemp(prefix="corral-density-")
     proc, socket = harness.start_daemon(root, "--max-sandboxes", "100000",
-                                        "--workspace-size", "16M")
+                                        "--workspace-size", "16M", *daemon_args)
     pid = daemon_pid(proc)
     client = Client.connect(socket=socket)
     ids: list[str] = []
@@ -352,10 +353,15 @@ def main() -> int:
     parser.add_argument("--kernel-detail", action="store_true",
                         help="with --scale: the kernel objects (slab caches, meminfo) grown "
                              "per sandbox between the last two counts")
+    parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                        help="with --scale: an extra `corral daemon` argument, e.g. "
+                             "--daemon-arg=--cgroup-pool-size=4 (repeatable)")
     args = parser.parse_args()
     if args.scale:
         points = sorted(int(p) for p in args.scale.split(","))
-        result = scale(points, max(8, args.sample // 2), args.kernel_detail)
+        result = scale(points, max(8, args.sample // 2), args.kernel_detail,
+                       tuple(args.daemon_arg))
+        result["daemon_args"] = args.daemon_arg
         print(json.dumps(result, sort_keys=True))
         return 0
     result = measure(args.nofile, args.sample)
