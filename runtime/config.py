@@ -141,8 +141,8 @@ class DaemonConfig:
     #: until reboot on Linux 6.18+): moving a sandbox's process into its cgroup then never
     #: waits for an RCU grace period (sandbox/cgroup_tuning.py). false leaves the host as is.
     cgroup_favordynmods: bool = True
-    #: Cgroups made ahead per limits class (sandbox/cgroup_pool.py): a create takes one
-    #: instead of making it; each serves one sandbox, then is removed. 0 = none.
+    #: Cgroups kept ready per limits class (sandbox/cgroup_pool.py): a create takes one
+    #: instead of making it, a destroy gives it back renewed (v1). 0 = none.
     cgroup_pool_size: int = 0
     #: The daemon's event loop (runtime/loop.py): "auto" (uvloop when installed), "asyncio"
     #: or "uvloop".

@@ -545,6 +545,19 @@ def _rmdir_tree(path: str, retry_s: float) -> bool:
     return True
 
 
+#: Bytes a renewed memory cgroup may still have charged when it is handed out, at most:
+#: kernel caches of host files its last user looked up (sandbox/cgroup_pool.py).
+RENEW_RESIDUAL_BYTES = 1 << 20
+#: The memory cgroup's peaks and fail counts that Cgroup.renew writes back to zero (a peak
+#: restarts from the usage left); absent ones are skipped.
+RENEWED_MEMORY_COUNTERS = (
+    "memory.max_usage_in_bytes", "memory.failcnt",
+    "memory.memsw.max_usage_in_bytes", "memory.memsw.failcnt",
+    "memory.kmem.max_usage_in_bytes", "memory.kmem.failcnt",
+    "memory.kmem.tcp.max_usage_in_bytes", "memory.kmem.tcp.failcnt",
+)
+
+
 # -- the applied cgroup ------------------------------------------------------------------------
 
 
@@ -823,6 +836,63 @@ class Cgroup:
             "cpu_throttled_periods": _read_keyed(os.path.join(cpu, "cpu.stat")).get("nr_throttled"),
             "oom_kills": self.oom_kills(),
         }
+
+    # -- reuse (v1) --
+
+    def renew(self, limits: CgroupLimits) -> bool:
+        """Make this emptied v1 cgroup what a new one with `limits` is, for its next user:
+        every hierarchy but memory's gets a new directory (their counters, such as
+        cpu.stat's, cannot be reset); the memory cgroup is kept, its pages reclaimed
+        (memory.force_empty), its peak and fail counts written back to zero and its limits
+        written again. Keeping the memory cgroup is the point: removing one makes the
+        kernel reparent its share of every superblock's shrinker lists, work that grows
+        with every mount on the host (5 per sandbox).
+
+        Returns False, and the cgroup should be destroyed, when that cannot be: not v1, a
+        process in it, frozen, an OOM kill on record (a counter with no reset), or memory
+        sharing a hierarchy with another controller. What is still charged is not waited
+        for here: kernel objects of the last user's processes are freed an RCU grace period
+        after they exit (tens of ms), so its caller checks `memory_charged()` later.
+        """
+        mem = self._dir.get("memory")
+        if self.layout.version != 1 or mem is None or self.pids() or self._is_frozen():
+            return False
+        if sum(d == mem for d in self._dir.values()) > 1:
+            return False
+        if _read_keyed(os.path.join(mem, "memory.oom_control")).get("oom_kill", 0):
+            return False
+        try:
+            _write("cgroup renew", os.path.join(mem, "memory.force_empty"), "0")
+            self.reset_memory_counters()
+            others = [d for d in self.paths if d != mem]
+            for d in others:
+                os.rmdir(d)
+            for op in plan(self.layout, self.name, limits):
+                if isinstance(op, Mkdir):
+                    if op.path in others:
+                        os.mkdir(op.path, 0o755)
+                elif os.path.dirname(op.path) in others or os.path.dirname(op.path) == mem:
+                    _write("cgroup renew", op.path, op.value)
+        except (SandboxSetupError, OSError):
+            return False
+        return True
+
+    def reset_memory_counters(self) -> None:
+        """v1: write the memory cgroup's peaks (from what is charged now) and fail counts
+        back to zero (RENEWED_MEMORY_COUNTERS).
+
+        Raises:
+            SandboxSetupError: a write failed.
+        """
+        mem = self._dir["memory"]
+        for name in RENEWED_MEMORY_COUNTERS:
+            if os.path.exists(os.path.join(mem, name)):
+                _write("cgroup renew", os.path.join(mem, name), "0")
+
+    def memory_charged(self) -> int | None:
+        """Bytes charged to the memory cgroup now (v1 usage_in_bytes, v2 memory.current)."""
+        return _read_int(os.path.join(self._dir["memory"], "memory.usage_in_bytes"
+                                      if self.layout.version == 1 else "memory.current"))
 
     # -- removal --
 

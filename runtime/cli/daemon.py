@@ -122,9 +122,9 @@ _AUDIT_AND_RETENTION_FLAGS = (
           "Sessions.OpenMany: least ms between two messages of one stream; its sessions' "
           "news travels together (default: 2; 0: at once)", type=float),
     _Flag("--cgroup-pool-size", "N",
-          "keep N sandbox cgroups made ahead per limits class, so that a create takes one "
-          "instead of making it; each is used by one sandbox only (default: 0, none)",
-          type=int),
+          "keep N sandbox cgroups ready per limits class: a create takes one instead of "
+          "making it, and a destroy gives it back renewed (cgroup v1; counters, limits and "
+          "freezer state reset) instead of removing it (default: 0, none)", type=int),
 )
 
 #: The daemon's loop and collector (runtime/loop.py), chosen for latency by default.

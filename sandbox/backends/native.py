@@ -399,6 +399,7 @@ class Sandbox(SandboxLifecycle):
         self._own_workspace = False
         self._init_pidfd = -1
         self._cgroup: cgroups.Cgroup | None = None
+        self._pooled_as: cgroups.CgroupLimits | None = None  # a pooled cgroup's class
         self._cgroup_fds: tuple[int, ...] = ()
         self._prepared: contain.Prepared | None = None
         self._lock = threading.Lock()
@@ -537,7 +538,10 @@ class Sandbox(SandboxLifecycle):
         spec's limits (sandbox/cgroup_pool.py)."""
         pool = cgroup_pool.current()
         if pool is not None and pool.layout == layout:
-            self._cgroup = pool.take(self._cgroup_limits())
+            limits = self._cgroup_limits()
+            self._cgroup = pool.take(limits)
+            if self._cgroup is not None:  # its class, for giving it back (weights change)
+                self._pooled_as = limits
 
     def _create_cgroup(self, layout: cgroups.CgroupLayout, opened: list[int]) -> tuple[int, ...]:
         """The sandbox's cgroup with the spec's limits (made now unless one was taken from
@@ -1087,7 +1091,7 @@ class Sandbox(SandboxLifecycle):
         removal, ids_range = self._removal(), self._ids
         if not later:
             removal()  # raising, it leaves them set: a second destroy tries again
-        self._cgroup = self._ids = None
+        self._cgroup = self._ids = self._pooled_as = None
         self._own_workspace = False
         if self._image is not None:  # after PID 1 (and with it the overlay) is gone
             self._image.close()
@@ -1104,13 +1108,20 @@ class Sandbox(SandboxLifecycle):
         anything still in it), own workspace and run directory."""
         cgroup, runtime_dir = self._cgroup, self.runtime_dir
         workspace = self.workspace if self._own_workspace else None
+        pool, limits = cgroup_pool.current(), self._pooled_as
 
         def remove() -> None:
-            if cgroup is not None:  # a pooled one too: never reused (sandbox/cgroup_pool.py)
+            # one of this process's pool goes back to it (sandbox/cgroup_pool.py) once
+            # nothing is left in it, after the files whose pages it was charged for
+            reuse = (cgroup is not None and limits is not None and pool is not None
+                     and pool.owns(cgroup.name) and not cgroup.pids())
+            if cgroup is not None and not reuse:
                 cgroup.destroy()
             if workspace:
                 workspace_fs.remove(workspace)
             _remove_tree(runtime_dir)
+            if reuse:
+                pool.give_back(cgroup, limits)
 
         return remove
 

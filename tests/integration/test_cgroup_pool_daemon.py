@@ -1,6 +1,7 @@
-"""`corral daemon --cgroup-pool-size N`: sandboxes take cgroups made ahead, and every verb
-that acts on a sandbox's cgroup (exec, stats, pause, resume, destroy) finds the one it took;
-after a SIGKILL the next start sweeps the idle ones, and a stop leaves none."""
+"""`corral daemon --cgroup-pool-size N`: sandboxes take cgroups made ahead (and given back
+renewed), and every verb that acts on a sandbox's cgroup (exec, stats, pause, resume,
+destroy) finds the one it took; after a SIGKILL the next start sweeps the idle ones, and a
+stop leaves none."""
 
 from __future__ import annotations
 
@@ -48,9 +49,8 @@ def test_sandboxes_run_in_pooled_cgroups_and_a_stop_leaves_none(tmp_path):
             c.resume(sb.id)
             assert next(iter(c.stats(sb.id, interval_s=0.1))).pids >= 1
             c.destroy_sandbox(sb.id)
-        assert len(set(taken)) == 3  # each used by one sandbox only
-        assert not any(glob.glob(f"/sys/fs/cgroup/*/corral/{n}") for n in taken)
-        assert _pool_cgroups(d.pid)  # ready ones wait for the next create
+        assert len(set(taken)) < 3  # given back renewed, taken again
+        assert set(taken) <= set(_pool_cgroups(d.pid))  # ready for the next creates
         pid = d.pid
     finally:
         assert d.stop() == 0, d.log()

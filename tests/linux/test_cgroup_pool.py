@@ -1,5 +1,6 @@
-"""Cgroups made ahead (sandbox/cgroup_pool.py): a sandbox takes one, as new as one made on
-demand, records it, and leaves nothing; the pools of gone processes are swept.
+"""Cgroups made ahead (sandbox/cgroup_pool.py): a sandbox takes one, records it, and gives
+it back renewed for the next (or removed, when it cannot be); the pools of gone processes
+are swept.
 
 The conftest's leak check runs after each test: a test that leaves a pool enabled, or a
 pooled cgroup behind, fails it.
@@ -73,22 +74,75 @@ def test_a_sandbox_takes_a_ready_cgroup_with_its_limits_and_new_counters(pool, c
         assert stats["memory_peak_bytes"] == stats["memory_bytes"]
         assert sb.exec(["/bin/true"]).wait() == 0
     undertaker.flush()
-    assert not cgroups.Cgroup(cgroup_layout, name).exists()  # used once, never reused
+    pool.settle()
+    assert name in pool.ready() and pool.renewed == 1  # back, renewed for the next one
     assert (pool.hits, pool.misses) == (1, 1)
 
 
-def test_no_cgroup_is_used_twice(pool, cgroup_layout):
-    """Its kernel counters (cpu.stat, cpuacct.stat, charged kernel memory) cannot all be
-    reset, so a pooled cgroup is removed after its sandbox, as one made on demand is."""
-    seen = []
-    for _ in range(5):
+def _read(layout, name: str, controller: str, filename: str) -> str:
+    with open(os.path.join(cgroups.Cgroup(layout, name).path(controller), filename)) as f:
+        return f.read()
+
+
+def test_a_used_cgroup_comes_back_renewed(pool, cgroup_layout):
+    """Its next user finds the counters, limits and freezer state of a new cgroup: CPU time,
+    throttling, peaks, fail counts and refused forks from zero, a weight a task changed
+    back to the class's, thawed though its last sandbox was destroyed while paused."""
+    Sandbox.create(SPEC).destroy()  # the class's first create wakes the refill
+    undertaker.flush()
+    with Sandbox(SPEC) as sb:
+        name = _recorded(sb)
+        burn = ("i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; "  # CPU under the quota
+                "head -c 8000000 /dev/zero > /tmp/f; "  # memory: a peak of 8 MB or more
+                "for j in $(seq 60); do sleep 5 & done; wait")  # forks past pids.max (40)
+        sb.exec(["/bin/sh", "-c", burn]).wait()
+        assert int(_read(cgroup_layout, name, "cpuacct", "cpuacct.usage")) > 0
+        assert int(_read(cgroup_layout, name, "memory", "memory.max_usage_in_bytes")) > 8e6
+        assert "max 0" not in _read(cgroup_layout, name, "pids", "pids.events")
+        assert sb.set_cpu_weight(500)
+        assert sb.pause()
+        dirs = {c: os.stat(cgroups.Cgroup(cgroup_layout, name).path(c)).st_ino
+                for c in ("cpu", "pids", "freezer", "memory")}
+    undertaker.flush()
+    pool.settle()
+    assert name in pool.ready() and pool.renewed == 1
+    assert _limits(cgroup_layout, name) == {
+        "memory": str(96 * MiB), "memsw": str(96 * MiB), "pids": "40", "quota": "50000",
+        "freezer": "THAWED"}
+    assert _read(cgroup_layout, name, "cpu", "cpu.shares").strip() == "1024"
+    assert _read(cgroup_layout, name, "cpuacct", "cpuacct.usage").strip() == "0"
+    # new directories (cpu.stat and pids.events have no reset), the memory cgroup kept
+    renewed = {c: os.stat(cgroups.Cgroup(cgroup_layout, name).path(c)).st_ino for c in dirs}
+    assert [c for c in dirs if renewed[c] != dirs[c]] == ["cpu", "pids", "freezer"]
+    assert "nr_throttled 0\nthrottled_time 0" in _read(cgroup_layout, name, "cpu", "cpu.stat")
+    assert _read(cgroup_layout, name, "pids", "pids.events").strip() == "max 0"
+    for counter in ("memory.failcnt", "memory.memsw.failcnt", "memory.kmem.failcnt"):
+        assert _read(cgroup_layout, name, "memory", counter).strip() == "0"
+    # what is left charged (caches of host files it looked up) is under the bound
+    usage = int(_read(cgroup_layout, name, "memory", "memory.usage_in_bytes"))
+    assert int(_read(cgroup_layout, name, "memory", "memory.max_usage_in_bytes")) <= 1 << 20
+    assert usage <= cgroups.RENEW_RESIDUAL_BYTES
+    taken = []
+    for _ in range(2):  # the next creates take the renewed one or its neighbour
         with Sandbox(SPEC) as sb:
-            seen.append(_recorded(sb))
-            assert sb.exec(["/bin/sh", "-c", "head -c 2000000 /dev/zero > /tmp/f"]).wait() == 0
+            taken.append(_recorded(sb))
+            stats = cgroups.Cgroup(cgroup_layout, taken[-1]).stats()
+            assert stats["oom_kills"] == 0 and stats["cpu_throttled_periods"] == 0
         undertaker.flush()
-    assert len(set(seen)) == 5
-    assert not any(cgroups.Cgroup(cgroup_layout, n).exists() for n in seen)
-    assert pool.hits == 4  # the first create of the class made its own
+    assert name in taken
+
+
+def test_a_cgroup_with_an_oom_kill_on_record_is_removed_not_renewed(pool, cgroup_layout):
+    Sandbox.create(SPEC).destroy()
+    undertaker.flush()
+    with Sandbox(SPEC) as sb:
+        name = _recorded(sb)
+        proc = sb.exec(["/bin/sh", "-c", "head -c 400000000 /dev/zero | tail"])
+        assert proc.wait() != 0
+        assert cgroups.Cgroup(cgroup_layout, name).oom_kills() >= 1
+    undertaker.flush()
+    assert not cgroups.Cgroup(cgroup_layout, name).exists()
+    assert name not in pool.ready() and pool.renewed == 0
 
 
 def test_a_class_it_does_not_hold_is_made_on_demand_and_named_by_the_sandbox(pool):
@@ -135,7 +189,7 @@ def test_the_sweep_removes_a_gone_processs_idle_pool_and_keeps_a_live_sandboxs(c
        stderr=(tmp_path / "stderr").open("w"), timeout=60)
     assert child.returncode == 0, (tmp_path / "stderr").read_text()
     left = json.loads(out.read_text())
-    assert len(left["ready"]) == 2 and left["kept_cgroup"].startswith("pool.")
+    assert left["ready"] and left["kept_cgroup"].startswith("pool.")
     try:
         assert all(cgroups.Cgroup(cgroup_layout, n).exists() for n in left["ready"])
         cgroup_pool.sweep(cgroup_layout)
