@@ -143,7 +143,7 @@ class DaemonConfig:
     cgroup_favordynmods: bool = True
     #: Cgroups kept ready per limits class (sandbox/cgroup_pool.py): a create takes one
     #: instead of making it, a destroy gives it back renewed (v1). 0 = none.
-    cgroup_pool_size: int = 0
+    cgroup_pool_size: int = 4
     #: The daemon's event loop (runtime/loop.py): "auto" (uvloop when installed), "asyncio"
     #: or "uvloop".
     event_loop: str = "auto"

@@ -5,7 +5,7 @@ writes, one of which (the CPU quota) walks every task group of the host. Removin
 worse as the host fills: a memory cgroup's removal makes the kernel reparent its share of
 every superblock's shrinker lists (memcg_reparent_list_lrus), and each sandbox brings 5
 superblocks, so at 5,000 idle sandboxes every removal costs milliseconds of a core. A
-long-lived process that starts sandboxes (the daemon, with `cgroup_pool_size`) keeps a few
+long-lived process that starts sandboxes (the daemon: `cgroup_pool_size`, 4) keeps a few
 cgroups ready per limits class and renews them instead of removing them.
 
 - **Made ahead.** `take(limits)` hands out a ready cgroup of exactly those limits, or None

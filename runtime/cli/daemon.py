@@ -124,7 +124,7 @@ _AUDIT_AND_RETENTION_FLAGS = (
     _Flag("--cgroup-pool-size", "N",
           "keep N sandbox cgroups ready per limits class: a create takes one instead of "
           "making it, and a destroy gives it back renewed (cgroup v1; counters, limits and "
-          "freezer state reset) instead of removing it (default: 0, none)", type=int),
+          "freezer state reset) instead of removing it (default: 4; 0: none)", type=int),
 )
 
 #: The daemon's loop and collector (runtime/loop.py), chosen for latency by default.

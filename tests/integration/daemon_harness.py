@@ -237,21 +237,40 @@ class DaemonProcess:
         for sandbox_id, pids in self.created().items():
             left = sandbox_footprint(sandbox_id)
             live = [p for p in pids if p and alive(p)
-                    and (_in_sandbox(p, sandbox_id) or _comm(p) == "corral-init")]
+                    and (_in_sandbox(p, sandbox_id, self._pool) or _comm(p) == "corral-init")]
             if live:
                 left["live processes"] = live
             if left:
                 found[sandbox_id] = left
+        # the cgroups its pool held or lent (sandbox/cgroup_pool.py): a stop removes them
+        pooled = sorted(set(glob.glob(f"/sys/fs/cgroup/*/corral/{self._pool}*")
+                            + glob.glob(f"/sys/fs/cgroup/corral/{self._pool}*")))
+        if pooled:
+            found["(cgroup pool)"] = {"cgroups": pooled}
         return found
 
+    @property
+    def _pool(self) -> str:
+        """The name prefix of the cgroups of this daemon's cgroup pool."""
+        return f"pool.{self.pid}."
 
-def _in_sandbox(pid: int, sandbox_id: str) -> bool:
-    """Whether pid is (still) a process of that sandbox, not a recycled pid."""
+
+def sandbox_cgroup(sandbox_id: str) -> str:
+    """The name of a live sandbox's cgroup, as its state.json records it: its id, or a
+    pooled cgroup's name."""
+    with open(os.path.join(runtime_base(), sandbox_id, "state.json")) as f:
+        return json.load(f)["cgroup"]
+
+
+def _in_sandbox(pid: int, sandbox_id: str, pool_prefix: str) -> bool:
+    """Whether pid is (still) a process of that sandbox (or in a cgroup of the daemon's
+    pool, which a sandbox it lent one to ran in), not a recycled pid."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
-            return f"/corral/{sandbox_id}" in f.read()
+            text = f.read()
     except OSError:
         return False
+    return f"/corral/{sandbox_id}" in text or f"/corral/{pool_prefix}" in text
 
 
 def _comm(pid: int) -> str:

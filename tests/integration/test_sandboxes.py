@@ -13,7 +13,7 @@ import pytest
 from corral.runtime.client import ClientError
 from corral.v1 import sandbox_pb2
 
-from .daemon_harness import alive, collect_exec, sandbox_footprint, wait_until
+from .daemon_harness import alive, collect_exec, sandbox_cgroup, sandbox_footprint, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -266,9 +266,10 @@ def test_destroy_kills_every_process(client):
     t = threading.Thread(target=lambda: result.setdefault("res", collect_exec(events)),
                          daemon=True)
     t.start()
-    procs = f"/sys/fs/cgroup/pids/corral/{sb.id}/cgroup.procs"
+    name = sandbox_cgroup(sb.id)  # a pooled one's name, most of the time
+    procs = f"/sys/fs/cgroup/pids/corral/{name}/cgroup.procs"
     if not os.path.exists(procs):  # cgroup v2
-        procs = f"/sys/fs/cgroup/corral/{sb.id}/cgroup.procs"
+        procs = f"/sys/fs/cgroup/corral/{name}/cgroup.procs"
 
     def pids():
         with open(procs) as f:
