@@ -128,17 +128,18 @@ class CgroupPool:
         """Take back a cgroup of this pool whose sandbox is gone, renewed for its next user
         (Cgroup.renew, v1), or remove it: on v2, when it cannot be renewed, or when the
         class is full. Raises what its removal raises."""
-        with self._lock:
-            closed = self._closed
-        if not closed and cg.renew(limits):
+        if self._has_room(limits) and cg.renew(limits):
             with self._lock:
-                ready = self._ready.get(limits)
-                if (not self._closed and ready is not None
-                        and len(ready) + self._settling_count(limits) < self.size):
+                if self._has_room(limits):  # a refill may have filled it meanwhile
                     self._settling.append((cg, limits, time.monotonic()))
                     self.renewed += 1
                     return
         cg.destroy()
+
+    def _has_room(self, limits: cgroups.CgroupLimits) -> bool:
+        ready = self._ready.get(limits)
+        return (not self._closed and ready is not None
+                and len(ready) + self._settling_count(limits) < self.size)
 
     def settle(self, timeout_s: float = SETTLE_S) -> None:
         """Wait until every renewed cgroup is handed out or removed, at most timeout_s

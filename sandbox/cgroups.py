@@ -867,12 +867,11 @@ class Cgroup:
             others = [d for d in self.paths if d != mem]
             for d in others:
                 os.rmdir(d)
-            for op in plan(self.layout, self.name, limits):
-                if isinstance(op, Mkdir):
-                    if op.path in others:
-                        os.mkdir(op.path, 0o755)
-                elif os.path.dirname(op.path) in others or os.path.dirname(op.path) == mem:
+            for op in plan(self.layout, self.name, limits):  # every limit written again
+                if isinstance(op, Write):
                     _write("cgroup renew", op.path, op.value)
+                elif op.path in others:  # the new directories (not corral/ itself)
+                    os.mkdir(op.path, 0o755)
         except (SandboxSetupError, OSError):
             return False
         return True

@@ -1120,8 +1120,8 @@ class Sandbox(SandboxLifecycle):
             if workspace:
                 workspace_fs.remove(workspace)
             _remove_tree(runtime_dir)
-            if reuse:
-                pool.give_back(cgroup, limits)
+            if reuse:  # its renewal is the undertaker's, off a Destroy's path too
+                undertaker.bury(lambda: pool.give_back(cgroup, limits))
 
         return remove
 

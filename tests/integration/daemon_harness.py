@@ -242,11 +242,13 @@ class DaemonProcess:
                 left["live processes"] = live
             if left:
                 found[sandbox_id] = left
-        # the cgroups its pool held or lent (sandbox/cgroup_pool.py): a stop removes them
-        pooled = sorted(set(glob.glob(f"/sys/fs/cgroup/*/corral/{self._pool}*")
-                            + glob.glob(f"/sys/fs/cgroup/corral/{self._pool}*")))
-        if pooled:
-            found["(cgroup pool)"] = {"cgroups": pooled}
+        # the cgroups its pool held or lent (sandbox/cgroup_pool.py): its stop removes them
+        # (while it runs, ready ones are its own, not left behind)
+        if self.proc is not None and self.proc.poll() is not None:
+            pooled = sorted(set(glob.glob(f"/sys/fs/cgroup/*/corral/{self._pool}*")
+                                + glob.glob(f"/sys/fs/cgroup/corral/{self._pool}*")))
+            if pooled:
+                found["(cgroup pool)"] = {"cgroups": pooled}
         return found
 
     @property

@@ -27,6 +27,16 @@ LABELS = {
 SMALL = dict(num_cpus=1, object_store_memory=80 << 20, node_ip_address="127.0.0.1")
 
 
+def start_cluster():
+    """_start_cluster, started over once when a raylet does not register in time: four
+    raylets start on 2 shared cores and Ray waits 30 s (fixed) for each (seen in
+    back-to-back CI runs: a raylet that never registered and left no log of its own)."""
+    try:
+        return _start_cluster()
+    except Exception:
+        return _start_cluster()
+
+
 def _start_cluster():
     from ray.cluster_utils import Cluster
 
@@ -45,13 +55,7 @@ def _start_cluster():
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray_environment()
-    # Four raylets start on 2 shared cores and Ray waits 30 s (fixed) for each to register;
-    # start over once if one does not (seen once in back-to-back CI runs: a head raylet that
-    # never registered and left no log of its own).
-    try:
-        cluster, nodes = _start_cluster()
-    except Exception:
-        cluster, nodes = _start_cluster()
+    cluster, nodes = start_cluster()
     session_dir = cluster.head_node.get_session_dir_path()
     try:
         yield cluster, nodes

@@ -126,14 +126,14 @@ def ray_store(tmp_path_factory):
 
     from corral.runtime.tasks.ray_executor import ray_environment
 
-    from .test_ray import _start_cluster
+    from .test_ray import start_cluster
 
     root = str(tmp_path_factory.mktemp("ray-images"))
     before = os.environ.get("CORRAL_IMAGE_ROOT")
     os.environ["CORRAL_IMAGE_ROOT"] = root
     try:
         ray_environment()
-        cluster, _ = _start_cluster()
+        cluster, _ = start_cluster()
         try:
             yield cluster, root
         finally:
