@@ -167,14 +167,18 @@ def run_mixed(daemon, agent_path: str, args, log, run_sessions) -> dict:
     with Client.connect(socket=daemon.socket) as client:
         submit_ms = scheduler._submit_to_running(client, PROBES, resources={"cpu": 1})
     log(f"[mixed] {n} sessions x {args.rate} tokens/s alone, {args.duration}s window")
+    windows = {"baseline": [time.monotonic_ns()]}
     base = run_sessions(daemon, agent_path, n, args, duration=args.duration,
                         interrupt_every_s=args.interrupt_every, workers=args.workers)
+    windows["baseline"].append(time.monotonic_ns())
     load = DelegationLoad(daemon.socket, steps)
     load.start()
     try:
         log(f"[mixed] again, with {TASKS} delegated tasks going ({steps} x 100 ms each)")
+        windows["mixed"] = [time.monotonic_ns()]
         mixed = run_sessions(daemon, agent_path, n, args, duration=args.duration,
                              interrupt_every_s=args.interrupt_every, workers=args.workers)
+        windows["mixed"].append(time.monotonic_ns())
     finally:
         load.stop()
     baseline_p99, mixed_p99 = base["latency_ms_p99"], mixed["latency_ms_p99"]
@@ -199,6 +203,8 @@ def run_mixed(daemon, agent_path: str, args, log, run_sessions) -> dict:
         "daemon_cores_baseline": base["daemon_cores"],
         "daemon_cores_mixed": mixed["daemon_cores"],
         "loadavg": os.getloadavg()[0],
+        # CLOCK_MONOTONIC ns of each run_sessions call (set-up, window and tear-down)
+        "windows_ns": windows,
         "errors": load.errors[:5],
     }
     log(f"[mixed]   delegate->running p50 {out['delegate_to_running_ms_p50']} ms (submit "

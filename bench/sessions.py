@@ -50,6 +50,11 @@ the figure to compare A/B runs by on a machine with other load (latency moves fa
 `--daemon-package corral.runtime=DIR` runs the daemon with that package imported from DIR (a
 patched copy, for A/B runs of a prototype; repeatable); `--daemon-env K=V` adds to the daemon's
 environment (`CORRAL_BENCH_UVLOOP=1` installs uvloop first, if importable;
+`CORRAL_BENCH_LOOP_LAG_LOG=FILE` appends each late run (over 2 ms) of a 1 ms timer on the
+daemon's loop there: when, how late, and the loop thread's CPU time and run-queue wait
+meanwhile (ns).
+`CORRAL_BENCH_SLOW_TOKENS=FILE` (in the bench's own environment: its client workers read it)
+appends each token received over 20 ms late: when, and how late (ns).
 `CORRAL_BENCH_GC_LOG=FILE` writes the daemon's cyclic-GC pauses per generation there at exit;
 `CORRAL_BENCH_GC_FREEZE=1` freezes what the imports made). `--daemon-arg=--mux-interval-ms=0`
 passes a flag to `corral daemon`; `--api open` uses one Sessions.Open stream per session.
@@ -131,6 +136,30 @@ if os.environ.get("CORRAL_BENCH_INTERRUPT_LOG"):
         _interrupt(self, caller, session)
         _stamps.write(f"{session.sandbox_id} {rx} {time.monotonic_ns()}\n")
     _sessions.SessionManager.interrupt = _stamped
+if os.environ.get("CORRAL_BENCH_LOOP_LAG_LOG"):
+    # how late the daemon's event loop runs a 1 ms timer: one line per late wake-up
+    # (CLOCK_MONOTONIC ns when it ran, ns late, ns of the loop thread's CPU meanwhile: near
+    # the lateness, a long callback; ns it waited on a run queue: no CPU), over 2 ms late
+    import asyncio, time
+    from corral.runtime import daemon as _daemon
+    _lag_out = open(os.environ["CORRAL_BENCH_LOOP_LAG_LOG"], "a", buffering=1)
+    _start = _daemon.Daemon.start
+    async def _lag_probe():
+        sched = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        def waited():  # ns this thread has waited on a run queue
+            return int(os.pread(sched, 100, 0).split()[1])
+        while True:
+            due = time.monotonic_ns() + 1_000_000
+            cpu, queued = time.thread_time_ns(), waited()
+            await asyncio.sleep(0.001)
+            now = time.monotonic_ns()
+            if now - due > 2_000_000:
+                _lag_out.write(f"{now} {now - due} {time.thread_time_ns() - cpu} "
+                               f"{waited() - queued}\n")
+    async def _start_probed(self):
+        await _start(self)
+        self._bench_lag = asyncio.get_running_loop().create_task(_lag_probe())
+    _daemon.Daemon.start = _start_probed
 if os.environ.get("CORRAL_BENCH_GC_FREEZE"):
     import gc
     gc.freeze()
@@ -510,6 +539,8 @@ class SessionDriver:
                 for stamp in STAMP.findall(batch.text):
                     lat.append(now - int(stamp, 16))
                     self.bursts += 1
+                    if w.slow is not None and lat[-1] > 20_000_000:
+                        w.slow.write(f"{now} {lat[-1]}\n")
             for e in batch.events:
                 self._agent_event(e, now, in_window)
         elif kind == "opened":
@@ -594,6 +625,10 @@ class Worker:
         self.interrupt_raw: list[tuple[str, int, int]] = []  # (sandbox, sent, agent read)
         self.inputs = array("q")
         self.t0 = self.t1 = 1 << 62
+        slow = os.environ.get("CORRAL_BENCH_SLOW_TOKENS")
+        #: CORRAL_BENCH_SLOW_TOKENS=FILE: each token over 20 ms late, appended there as
+        #: "<CLOCK_MONOTONIC ns received> <ns late>" (a timeline of the tail)
+        self.slow = open(slow, "a", buffering=1 << 16) if slow else None
 
     def connect(self) -> None:
         """The grpc.aio channel; made inside the running loop, which it binds to."""

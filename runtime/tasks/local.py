@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from corral.sandbox.errors import Unavailable
 from corral.sandbox.locks import flock_held as _lock_held  # a live shim holds its lock
 
+from . import shim_cgroup
 from .files import TaskFiles, read_json
 from .images import PULLING_FILE
 from .net_audit import audit_net_events
@@ -58,7 +59,9 @@ class _Watch:
 class Zygote:
     """The daemon's end of zygote.py: spawn(plan, log) -> (pid, pidfd) of a new shim."""
 
-    def __init__(self):
+    def __init__(self, cgroup=None):
+        """Start it; with `cgroup` (shim_cgroup.make), move it there before it can fork a
+        shim (it forks one only when asked, and nobody can ask before this returns)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -72,6 +75,7 @@ class Zygote:
             theirs.close()
         self.sock = ours
         self._lock = threading.Lock()
+        shim_cgroup.join(cgroup, self.proc.pid)
 
     def spawn(self, plan_path: str, log_path: str) -> tuple[int, int]:
         """Blocking (run it off the loop). Raises OSError/ConnectionError when it is gone."""
@@ -92,8 +96,12 @@ class Zygote:
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, use_zygote: bool = True):
+    def __init__(self, use_zygote: bool = True, cpu_weight: int | None = None):
+        """cpu_weight: the daemon's task_cpu_weight, for the cgroup the zygote and the
+        shims run in (shim_cgroup.py); None leaves them in the daemon's."""
         self.scheduler = None
+        self._cpu_weight = cpu_weight
+        self._cgroup = None  # shim_cgroup.make's
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._use_zygote = use_zygote
@@ -106,9 +114,13 @@ class LocalExecutor:
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
         self._loop = asyncio.get_running_loop()
+        if self._cpu_weight is not None:
+            await self._loop.run_in_executor(None, shim_cgroup.sweep)
+            self._cgroup = await self._loop.run_in_executor(None, shim_cgroup.make,
+                                                            self._cpu_weight)
         if self._use_zygote:
             try:
-                self._zygote = Zygote()
+                self._zygote = Zygote(self._cgroup)
             except OSError as exc:
                 log.warning("no shim zygote (%s); each attempt starts a new interpreter", exc)
 
@@ -121,6 +133,9 @@ class LocalExecutor:
         if self._zygote is not None:
             await self._loop.run_in_executor(None, self._zygote.close)
             self._zygote = None
+        if self._cgroup is not None:  # kept while an attempt's shim runs on
+            shim_cgroup.release(self._cgroup)
+            self._cgroup = None
 
     def node_alive(self, node) -> bool:
         return True
@@ -179,6 +194,7 @@ class LocalExecutor:
                 stdin=subprocess.DEVNULL, stdout=shim_log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd="/")
         self._direct[proc.pid] = proc  # reaped when it exits
+        shim_cgroup.join(self._cgroup, proc.pid)
         return proc.pid, os.pidfd_open(proc.pid)
 
     def started(self, task) -> bool:

@@ -58,7 +58,13 @@ def _read_new(attempt_dir: str) -> tuple[list[dict], int]:
 
 async def audit_net_events(audit, tenant: str, task_id: str, attempt: int,
                            attempt_dir: str) -> int:
-    """Audit the attempt's egress records not yet audited; returns how many."""
+    """Audit the attempt's egress records not yet audited; returns how many.
+
+    Called at every bell of the attempt (each PROGRESS is one): an attempt with no egress
+    record has no NET_EVENTS_FILE, and that stat, here on the loop, is all it costs (no
+    pass on a worker thread, whose wake-ups and GIL hand-offs delay the loop)."""
+    if not os.path.exists(os.path.join(attempt_dir, NET_EVENTS_FILE)):
+        return 0
     lock = _passes.setdefault(attempt_dir, asyncio.Lock())
     async with lock:
         return await _audit_pass(audit, tenant, task_id, attempt, attempt_dir)

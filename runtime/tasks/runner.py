@@ -375,11 +375,7 @@ class AttemptRunner:
                     return failed
                 if self._cancel.is_set():
                     return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
-            # a native sandbox starts at the ordinary CPU weight and yields once its
-            # command runs (_yield_cpu): a busy host does not slow the task's start
-            deferred = spec.cpu_weight if spec.backend == "native" else None
-            self.sandbox = self._new_sandbox(
-                spec if deferred is None else dataclasses.replace(spec, cpu_weight=None))
+            self.sandbox = self._new_sandbox(spec)
             if spec.workspace_cow:
                 self._carry_changes(spec.workspace)
             self.sandbox.start()
@@ -394,8 +390,6 @@ class AttemptRunner:
             self._changed()
             proc, outputs, events_r, control_w = self._start_agent(env)
             self._control = _InputWriter(control_w)
-            if deferred is not None:
-                self._yield_cpu(deferred, log)
             return self._pump(proc, outputs, events_r, log)
         finally:
             log.close()
@@ -424,20 +418,6 @@ class AttemptRunner:
         finally:
             os.close(fd)
         self.files.ring(self._bell)
-
-    def _yield_cpu(self, weight: int, log) -> None:
-        """Lower the running sandbox to the plan's CPU weight (the daemon's task_cpu_weight:
-        deep work yields to real-time sessions). A sandbox that cannot (no cgroup of its
-        own) or a write the kernel refuses leaves it at the ordinary weight, said in the
-        attempt's log."""
-        try:
-            if self.sandbox.set_cpu_weight(weight):
-                return
-            why = "this sandbox has no cgroup of its own"
-        except CorralError as exc:
-            why = str(exc)
-        log.write(f"[corral] CPU weight {weight} not applied ({why}); the task runs at the "
-                  "ordinary weight\n".encode())
 
     def _start_agent(self, env: dict[str, str]):
         """Run the task's command with the events pipe at fd 3 and the control pipe at 4;

@@ -10,7 +10,7 @@ from .scheduler import Scheduler
 
 async def start_scheduler(cfg, audit, policies=None) -> Scheduler:
     nodes = tuple(cfg.nodes) or default_nodes()
-    local = LocalExecutor()
+    local = LocalExecutor(cpu_weight=cfg.task_cpu_weight)
     local.secret_store = cfg.secret_store()  # its shims read the values (runner.py)
     executors: dict = {"local": local}
     if any(n.executor == "ray" for n in nodes):

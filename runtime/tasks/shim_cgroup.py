@@ -1,0 +1,120 @@
+"""The cgroup the deep tasks' machinery runs in: their start yields to real-time sessions.
+
+A local attempt is started by a shim (shim.py) that the daemon's zygote (zygote.py) forks:
+the shim makes the attempt's workspace, starts its sandbox and relays its frames, and the
+sandbox's processes run in a cgroup of their own at the daemon's `task_cpu_weight`. Left in
+the daemon's cgroup, the zygote and its shims would compete with the daemon and with every
+session at the ordinary weight: at 32 delegated tasks in waves on 2 cores, their starts
+(the shims' Python, the sandboxes' setup before they join their cgroups) saturated the
+machine and the sessions' token latency p99 grew 15-19x (bench/README.md, the mixed run).
+
+So the daemon makes `corral/tasks.<pid>.<start time>` at `task_cpu_weight` (cpu.shares on
+v1, cpu.weight on v2), a sibling of the sandboxes' cgroups, and moves the zygote into it
+before it forks its first shim: every shim, and every sandbox process until it joins its
+own cgroup, is charged there. No memory or pids limit is set: a task's limits are its
+sandbox's.
+
+- Best effort: where the daemon cannot make cgroups (rootless without delegation), shims
+  run where the daemon does, and that is logged once.
+- Shims outlive a daemon that stops or dies (a deep task runs on), so the cgroup is not
+  removed while one is in it: `release()` removes it at the daemon's stop when empty, and
+  `sweep()` (the next daemon's start) removes the empty ones of daemons that are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from corral.sandbox import cgroups
+from corral.sandbox.errors import CorralError
+from corral.sandbox.procinfo import live_start_time
+
+log = logging.getLogger("corral.tasks")
+
+#: Names start with this; the rest is "<daemon pid>.<its start time>".
+PREFIX = "tasks."
+_NAME = re.compile(r"tasks\.(\d+)\.(\d+)")
+
+
+def name_for(pid: int) -> str:
+    return f"{PREFIX}{pid}.{live_start_time(pid)}"
+
+
+def _layout() -> cgroups.CgroupLayout | None:
+    try:
+        layout = cgroups.detect()
+    except CorralError as exc:
+        log.info("deep tasks' shims run in the daemon's cgroup: %s", exc)
+        return None
+    problem = cgroups.delegation_problem(layout)
+    if problem is not None:
+        log.info("deep tasks' shims run in the daemon's cgroup: %s", problem)
+        return None
+    return layout
+
+
+def make(weight: int) -> cgroups.Cgroup | None:
+    """This process's shims' cgroup at `weight` (made, or rewritten where it exists), or
+    None where cgroups cannot be made here (logged)."""
+    layout = _layout()
+    if layout is None:
+        return None
+    name = name_for(os.getpid())
+    limits = cgroups.CgroupLimits(cpu_weight=weight)
+    try:
+        existing = cgroups.Cgroup(layout, name)
+        if existing.exists():  # a second executor of this process
+            existing.set_cpu_weight(weight)
+            return existing
+        return cgroups.Cgroup.create(layout, name, limits)
+    except CorralError as exc:
+        log.warning("deep tasks' shims run in the daemon's cgroup: %s", exc)
+        return None
+
+
+def join(cgroup: cgroups.Cgroup | None, pid: int) -> bool:
+    """Move `pid` (the zygote, or a shim started without it) into `cgroup`; False (logged)
+    where that fails: it then runs at the ordinary weight."""
+    if cgroup is None:
+        return False
+    try:
+        cgroup.attach(pid)
+        return True
+    except CorralError as exc:
+        log.warning("a shim process stays in the daemon's cgroup: %s", exc)
+        return False
+
+
+def release(cgroup: cgroups.Cgroup | None) -> bool:
+    """Remove `cgroup` if no process is in it any more (at the daemon's stop); True if it
+    is gone. Shims still running keep it: the next daemon's sweep removes it after them."""
+    if cgroup is None:
+        return False
+    gone = True
+    for d in reversed(cgroup.paths):  # never Cgroup.destroy: that kills what is inside
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError:  # EBUSY: a shim is still in it
+            gone = False
+    return gone
+
+
+def sweep() -> list[str]:
+    """Remove the empty shims' cgroups of daemons that are gone; returns their names."""
+    layout = _layout()
+    if layout is None:
+        return []
+
+    def owner_gone(name: str) -> bool:
+        m = _NAME.fullmatch(name)
+        return m is not None and live_start_time(int(m.group(1))) != int(m.group(2))
+
+    try:
+        return cgroups.reap_orphans(layout, PREFIX, pick=owner_gone)
+    except (CorralError, OSError) as exc:
+        log.warning("sweeping the shims' cgroups of stopped daemons failed: %s", exc)
+        return []
