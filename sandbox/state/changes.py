@@ -51,6 +51,9 @@ _MNT_DETACH = 2
 _LOOP_CTL_GET_FREE, _LOOP_CONFIGURE = 0x4C82, 0x4C0A
 _LO_FLAGS_AUTOCLEAR = 4
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: How long a read-only mount (a diff) waits for the writable mount of a sandbox that just
+#: ended to be released (seconds).
+RELEASE_WAIT_S = 5.0
 #: Default cap of a change set's upper layer (bytes, inodes).
 DEFAULT_BYTES = 1 << 30
 DEFAULT_INODES = 65536
@@ -273,15 +276,23 @@ class ChangeSet:
         if self.is_mounted():
             return False
         image = os.path.join(self.path, "upper.img")
-        loop = _attach_loop(image, read_only)
-        try:
-            flags = _MS_NOSUID | _MS_NODEV | (_MS_RDONLY if read_only else 0)
-            if _libc.mount(os.fsencode(loop[1]), os.fsencode(self.mnt), b"ext4", flags,
-                           None) != 0:
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while True:
+            loop = _attach_loop(image, read_only)
+            try:
+                flags = _MS_NOSUID | _MS_NODEV | (_MS_RDONLY if read_only else 0)
+                if _libc.mount(os.fsencode(loop[1]), os.fsencode(self.mnt), b"ext4", flags,
+                               None) == 0:
+                    break
                 err = ctypes.get_errno()
+            finally:
+                os.close(loop[0])  # autoclear: the device goes with the last unmount
+            # EROFS on a read-only mount: the journal still needs recovery, because the
+            # writable mount of a sandbox that just ended is not released yet (its lazy
+            # unmount ends with the last reference, a moment later)
+            if not (read_only and err == errno_mod.EROFS) or time.monotonic() > deadline:
                 raise SandboxSetupError("mount changes image", image, err, f"on {loop[1]}")
-        finally:
-            os.close(loop[0])  # autoclear: the device goes with the last unmount
+            time.sleep(0.02)
         if not read_only:
             for name, mode in (("upper", 0o755), ("work", 0o700)):
                 with contextlib.suppress(FileExistsError):

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import resource
+import time
 
 import pytest
 
@@ -63,6 +64,18 @@ def fds_of(pid: int) -> dict[int, str]:
     return out
 
 
+def wait_until_asleep(pid: int, timeout_s: float = 10.0) -> None:
+    """Until the host pid sleeps in nanosleep: a `sleep` just exec'd still has the dynamic
+    loader's and locale's files open for a moment (its fd 3; on a busy host, longer)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open(f"/proc/{pid}/wchan") as f:
+            if "nanosleep" in f.read():
+                return
+        assert time.monotonic() < deadline, f"pid {pid} never went to sleep"
+        time.sleep(0.005)
+
+
 def assert_no_marker(fds: dict[int, str]) -> None:
     leaked = {n: target for n, target in fds.items() if MARKER in target}
     assert not leaked, f"the runtime's marker reached the sandbox: {leaked}"
@@ -78,6 +91,8 @@ def sandbox_views() -> dict[str, set[int]]:
         later = sb.exec(["sleep", "30"], stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
         views = {}
         for name, pid in (("init", sb.init_pid), ("first", first.pid), ("exec", later.pid)):
+            if name != "init":
+                wait_until_asleep(pid)
             fds = fds_of(pid)
             assert_no_marker(fds)
             views[name] = set(fds)
