@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import tomllib
@@ -13,11 +12,6 @@ from corral.sandbox.errors import InvalidSpec
 from corral.sandbox.spec import parse_duration, parse_size
 
 from .locations import default_socket, default_state
-
-#: The daemon's GIL switch interval (DaemonConfig.switch_interval_ms): default and bounds, ms.
-SWITCH_INTERVAL_MS = 1.0
-MIN_SWITCH_INTERVAL_MS = 0.1
-MAX_SWITCH_INTERVAL_MS = 100.0
 
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -157,10 +151,6 @@ class DaemonConfig:
     #: The cyclic garbage collector (runtime/loop.py): "latency" (start-up frozen, full
     #: collections on a timer at an on-time tick) or "default" (Python's own).
     gc_policy: str = "latency"
-    #: How long a thread may keep the GIL while another waits for it, in ms (Python's
-    #: sys.setswitchinterval; Python's own is 5): the longest the event loop waits behind
-    #: a worker thread (audit commits, the task store, executors) that runs Python.
-    switch_interval_ms: float = SWITCH_INTERVAL_MS
     #: Live restore (runtime/restore.py): sandboxes outlive a daemon restart (SIGKILL,
     #: stop, upgrade), held by a holder process and re-adopted at start. Off by default,
     #: as dockerd's --live-restore: a stopped daemon then leaves processes running that
@@ -325,12 +315,6 @@ class DaemonConfig:
             if getattr(self, name) not in allowed:
                 raise InvalidSpec(name, f"{getattr(self, name)!r} is not one of "
                                         f"{', '.join(allowed)}")
-        s = self.switch_interval_ms
-        if (not isinstance(s, int | float) or isinstance(s, bool) or not math.isfinite(s)
-                or not MIN_SWITCH_INTERVAL_MS <= s <= MAX_SWITCH_INTERVAL_MS):
-            raise InvalidSpec("switch_interval_ms", f"{s!r} is not a number of ms from "
-                                                    f"{MIN_SWITCH_INTERVAL_MS:g} to "
-                                                    f"{MAX_SWITCH_INTERVAL_MS:g}")
         if not isinstance(self.cgroup_favordynmods, bool):
             raise InvalidSpec("cgroup_favordynmods", f"{self.cgroup_favordynmods!r} is not "
                                                      "true or false")
@@ -378,8 +362,7 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
     ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, cgroup_pool_size, event_loop
-    ("auto"|"asyncio"|"uvloop"), gc_policy ("latency"|"default"), switch_interval_ms, one
-    table per tenant:
+    ("auto"|"asyncio"|"uvloop"), gc_policy ("latency"|"default"), one table per tenant:
     [tenants.acme] token = "...", the secret store's [secrets], warm pools [pools.NAME]
     and pool_refill_per_s, image_store_size ("20G"; or image_store_max_bytes, in bytes),
     live_restore (true|false).

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -127,7 +126,6 @@ class Daemon:
             "tcp_port": self.tcp_port or 0, "metrics_port": self.metrics.port,
             "cgroup_favordynmods": favordynmods, "event_loop": _loop_name(),
             "gc_policy": cfg.gc_policy,
-            "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
             **({"live_restore": True, "restored": self._restored} if self.live_restore else {}),
             **self.governance.start_detail()})
         tcp = f" and {cfg.listen.rpartition(':')[0]}:{self.tcp_port}" if cfg.listen else ""
@@ -613,8 +611,6 @@ def run(config: DaemonConfig) -> int:
     daemon = Daemon(config)
     daemon.exit_deadline_s = STOP_DEADLINE_S  # this process is the daemon: stops end it
     try:
-        # process-wide, so here (this process is the daemon) rather than in start()
-        sys.setswitchinterval(config.switch_interval_ms / 1000)
         factory, _ = loop_factory(config.event_loop)
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(daemon.serve_forever())

@@ -136,9 +136,6 @@ _LOOP_FLAGS = (
           "latency (default: start-up frozen, full collections from a 60 s timer at an "
           "on-time tick of the loop) or default (Python's own collector)",
           choices=("latency", "default")),
-    _Flag("--switch-interval-ms", "MS",
-          "longest a worker thread keeps the GIL while the event loop waits for it "
-          "(default: 1; Python's own: 5)", type=float),
 )
 
 _FLAGS = (*_SERVING_FLAGS, *_TELEMETRY_FLAGS, *_AUDIT_AND_RETENTION_FLAGS, *_LOOP_FLAGS)
