@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import errno as errno_mod
 import fcntl
+import glob
 import json
 import os
 import re
@@ -51,8 +52,8 @@ _MNT_DETACH = 2
 _LOOP_CTL_GET_FREE, _LOOP_CONFIGURE = 0x4C82, 0x4C0A
 _LO_FLAGS_AUTOCLEAR = 4
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-#: How long a read-only mount (a diff) waits for the writable mount of a sandbox that just
-#: ended to be released (seconds).
+#: How long a mount of a change set waits for the mount of a sandbox that just ended to be
+#: released (seconds).
 RELEASE_WAIT_S = 5.0
 #: Default cap of a change set's upper layer (bytes, inodes).
 DEFAULT_BYTES = 1 << 30
@@ -276,23 +277,25 @@ class ChangeSet:
         if self.is_mounted():
             return False
         image = os.path.join(self.path, "upper.img")
+        # a sandbox that just ended may still hold its writable mount (a lazy unmount ends
+        # with its last reference, a moment later): mounted again meanwhile, a read-only
+        # mount fails (EROFS: the journal needs recovery) and a writable one would be a
+        # second writer of the same filesystem
         deadline = time.monotonic() + RELEASE_WAIT_S
-        while True:
-            loop = _attach_loop(image, read_only)
-            try:
-                flags = _MS_NOSUID | _MS_NODEV | (_MS_RDONLY if read_only else 0)
-                if _libc.mount(os.fsencode(loop[1]), os.fsencode(self.mnt), b"ext4", flags,
-                               None) == 0:
-                    break
-                err = ctypes.get_errno()
-            finally:
-                os.close(loop[0])  # autoclear: the device goes with the last unmount
-            # EROFS on a read-only mount: the journal still needs recovery, because the
-            # writable mount of a sandbox that just ended is not released yet (its lazy
-            # unmount ends with the last reference, a moment later)
-            if not (read_only and err == errno_mod.EROFS) or time.monotonic() > deadline:
-                raise SandboxSetupError("mount changes image", image, err, f"on {loop[1]}")
+        while _attached(image):
+            if time.monotonic() > deadline:
+                raise SandboxSetupError("mount changes image", image, errno_mod.EBUSY,
+                                        "a mount of it that ended is still held")
             time.sleep(0.02)
+        loop = _attach_loop(image, read_only)
+        try:
+            flags = _MS_NOSUID | _MS_NODEV | (_MS_RDONLY if read_only else 0)
+            if _libc.mount(os.fsencode(loop[1]), os.fsencode(self.mnt), b"ext4", flags,
+                           None) != 0:
+                err = ctypes.get_errno()
+                raise SandboxSetupError("mount changes image", image, err, f"on {loop[1]}")
+        finally:
+            os.close(loop[0])  # autoclear: the device goes with the last unmount
         if not read_only:
             for name, mode in (("upper", 0o755), ("work", 0o700)):
                 with contextlib.suppress(FileExistsError):
@@ -403,6 +406,21 @@ def _make_image(path: str, size_bytes: int, inodes: int, owner: int) -> None:
     if done.returncode != 0:
         raise SandboxSetupError("mkfs.ext4", path, errno_mod.EIO,
                                 (done.stderr or done.stdout).strip()[:500])
+
+
+def _attached(image: str) -> bool:
+    """Does a loop device still back image (a mount of it, lazily unmounted, not yet
+    released: the device is autoclear and goes with it)?"""
+    wanted = os.path.realpath(image)
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                name = f.read().rstrip("\n")
+        except OSError:  # detached meanwhile
+            continue
+        if name.removesuffix(" (deleted)") == wanted:
+            return True
+    return False
 
 
 def _attach_loop(image: str, read_only: bool) -> tuple[int, str]:

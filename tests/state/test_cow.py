@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from corral.sandbox import Sandbox, SandboxSpec, workspace_fs
-from corral.sandbox.errors import FailedPrecondition
+from corral.sandbox.errors import FailedPrecondition, SandboxSetupError
 from corral.sandbox.state import changes as changes_mod
 from corral.sandbox.state.changes import ChangeSet, ChangesNotFound
 from corral.sandbox.state.diff import ApplyConflict, apply, diff
@@ -212,4 +212,52 @@ def test_sweep_unmounts_what_a_crash_left_mounted(tmp_path, changes_root):
     os.mkdir(os.path.join(changes_root, ".tmp-sbx-half.0000"))
     assert sorted(changes_mod.sweep(changes_root)) == [".tmp-sbx-half.0000", "sbx-crashed"]
     assert not changes.is_mounted() and os.listdir(changes_root) == ["sbx-crashed"]
+    changes.discard()
+
+
+def test_a_mount_waits_for_the_writable_mount_of_an_ended_sandbox_to_go(tmp_path,
+                                                                        changes_root,
+                                                                        monkeypatch):
+    """A sandbox's writable mount of its upper image is unmounted lazily: while something
+    still holds it (the sandbox's last references, a moment after its destroy), the image's
+    journal needs recovery, a read-only mount of it (a diff) failed with EROFS, and a
+    writable one (the next sandbox on it) would be a second writer. Both wait for it to go;
+    past RELEASE_WAIT_S they are refused (EBUSY), never mounted beside it."""
+    import threading
+
+    host = make_host(tmp_path)
+    changes = ChangeSet.create(changes_root, "sbx-ending", host, upper_uid=100000)
+    late = os.path.join(changes.upper, "late.txt")
+
+    def end_held() -> int:
+        """Mount writable, append a line, unmount lazily; returns the descriptor that
+        keeps that mount alive."""
+        changes.mount()
+        with open(late, "a") as f:
+            f.write("later\n")
+        holder = os.open(changes.upper, os.O_RDONLY | os.O_DIRECTORY)
+        changes.unmount()  # gone from mnt/, alive while `holder` is open
+        assert not changes.is_mounted()
+        return holder
+
+    for lines, read_only in ((1, True), (2, False)):
+        releaser = threading.Timer(0.5, os.close, (end_held(),))
+        releaser.start()
+        try:
+            assert changes.mount(read_only=read_only) is True
+            with open(late) as f:
+                assert f.read() == "later\n" * lines  # what the ended mount wrote
+        finally:
+            releaser.join()
+            changes.unmount()
+    monkeypatch.setattr(changes_mod, "RELEASE_WAIT_S", 0.2)
+    holder = end_held()
+    try:
+        with pytest.raises(SandboxSetupError, match="EBUSY"):
+            changes.mount(read_only=True)
+        assert not changes.is_mounted()
+    finally:
+        os.close(holder)
+    with changes.mounted():
+        assert [c.path for c in diff(changes)] == ["late.txt"]
     changes.discard()
