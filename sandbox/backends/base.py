@@ -16,6 +16,7 @@ import enum
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Self
@@ -174,15 +175,29 @@ class SandboxLifecycle:
         remove_later: return once every process is dead, and leave the removal of what is
         then only directories (its cgroup, run directory, own workspace) to a background
         thread (sandbox/undertaker.py; the native backend's one-shot `run()` does)."""
-        with self._lock:
-            if self.state == "destroyed":
-                return
-            if self.state == "new":
-                self._move("destroyed")
-                return
-            if self.state != "destroying":  # a second caller cleans up alongside
-                self._move("destroying")
-        self._cleanup(remove_later=remove_later)
+        while True:
+            with self._lock:
+                if self.state == "destroyed":
+                    return
+                if self.state == "new":
+                    self._move("destroyed")
+                    return
+                if self.state != "destroying":
+                    self._move("destroying")
+                # one clean-up at a time: two alongside closed the same descriptors and
+                # disposed of the same cgroup and id range twice. A second caller waits for
+                # the first's, and runs its own only when that one failed.
+                running = getattr(self, "_cleaning", None)
+                if running is None:
+                    running = self._cleaning = threading.Event()
+                    break
+            running.wait()
+        try:
+            self._cleanup(remove_later=remove_later)
+        finally:
+            with self._lock:
+                self._cleaning = None
+            running.set()
 
     def _cleanup(self, *, remove_later: bool = False) -> None:
         raise NotImplementedError

@@ -1085,14 +1085,30 @@ class Sandbox(SandboxLifecycle):
         for fd in self._cgroup_fds:
             os.close(fd)
         self._cgroup_fds = ()
+        # What is removed is claimed by one caller: a second destroy cleans up alongside
+        # (base.destroy), and two removals of one pooled cgroup would give it back twice
+        # (two sandboxes in one cgroup, the second's processes killed by the first's next
+        # removal) and release the id range twice (two sandboxes with one range).
+        with self._lock:
+            claim = (self._cgroup, self._ids, self._pooled_as, self._own_workspace)
+            self._cgroup = self._ids = self._pooled_as = None
+            self._own_workspace = False
+        cgroup, ids_range, pooled_as, own_workspace = claim
         # in the background only what is directories by now: a process left in the cgroup
-        # (one outside the PID namespace) is killed by Cgroup.destroy before this returns
-        later = remove_later and (self._cgroup is None or not self._cgroup.pids())
-        removal, ids_range = self._removal(), self._ids
+        # (one outside the PID namespace) is killed by Cgroup.destroy before this returns.
+        # Not a copy-on-write workspace: its overlay holds the change set's image mounted,
+        # and a diff or the next sandbox on it mounts that image as soon as this returns
+        later = (remove_later and (cgroup is None or not cgroup.pids())
+                 and self.changes is None)
+        removal = self._removal(cgroup, pooled_as, own_workspace)
         if not later:
-            removal()  # raising, it leaves them set: a second destroy tries again
-        self._cgroup = self._ids = self._pooled_as = None
-        self._own_workspace = False
+            try:
+                removal()
+            except BaseException:  # given back, so that a second destroy tries again
+                with self._lock:
+                    (self._cgroup, self._ids, self._pooled_as,
+                     self._own_workspace) = claim
+                raise
         if self._image is not None:  # after PID 1 (and with it the overlay) is gone
             self._image.close()
             self._image = None
@@ -1103,12 +1119,14 @@ class Sandbox(SandboxLifecycle):
             ids_range.release()
         self._settle_destroyed()
 
-    def _removal(self) -> Callable[[], None]:
+    def _removal(self, cgroup: cgroups.Cgroup | None, limits: cgroups.CgroupLimits | None,
+                 own_workspace: bool) -> Callable[[], None]:
         """Removes what is left of a sandbox whose PID 1 is reaped: its cgroup (killing
-        anything still in it), own workspace and run directory."""
-        cgroup, runtime_dir = self._cgroup, self.runtime_dir
-        workspace = self.workspace if self._own_workspace else None
-        pool, limits = cgroup_pool.current(), self._pooled_as
+        anything still in it; one of this process's pool, `limits` its class, goes back
+        to it), own workspace and run directory."""
+        runtime_dir = self.runtime_dir
+        workspace = self.workspace if own_workspace else None
+        pool = cgroup_pool.current()
 
         def remove() -> None:
             # one of this process's pool goes back to it (sandbox/cgroup_pool.py) once

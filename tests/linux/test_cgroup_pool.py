@@ -216,3 +216,45 @@ def test_a_live_processs_pool_is_not_swept(pool, cgroup_layout):
 def test_pool_size_is_bounded():
     with pytest.raises(ValueError, match=r"^a cgroup pool holds 1-64 per class, not 65$"):
         cgroup_pool.CgroupPool(cgroups.detect(), 65)
+
+
+def test_two_destroys_at_once_give_a_pooled_cgroup_back_once(pool):
+    """Two destroys of one sandbox at once: the second waits for the first's clean-up
+    (base.destroy) instead of running one alongside it. Alongside, both closed the same
+    descriptors (EBADF, or another thread's newly opened one) and both could give a
+    pooled cgroup back: two later sandboxes in one cgroup, the first's destroy killing
+    the second's processes."""
+    import threading
+
+    for _ in range(20):
+        sb = Sandbox.create(SPEC)
+        name = _recorded(sb)
+        start = threading.Barrier(2)
+        raised: list[BaseException] = []
+
+        def destroy(sb=sb, start=start, raised=raised) -> None:
+            start.wait()
+            try:
+                sb.destroy()
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                raised.append(exc)
+
+        threads = [threading.Thread(target=destroy) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert raised == [] and sb.state == "destroyed"  # the second waited, then saw it done
+        undertaker.flush()
+        pool.settle()
+        ready = pool.ready()
+        assert len(ready) == len(set(ready)), ready
+        if name in ready:  # given back once: the next two sandboxes get two cgroups
+            a, b = Sandbox.create(SPEC), Sandbox.create(SPEC)
+            try:
+                assert _recorded(a) != _recorded(b)
+            finally:
+                a.destroy()
+                b.destroy()
+            undertaker.flush()
+            pool.settle()
