@@ -190,7 +190,10 @@ class SandboxLifecycle:
                 running = getattr(self, "_cleaning", None)
                 if running is None:
                     running = self._cleaning = threading.Event()
+                    self._cleaner = threading.get_ident()
                     break
+                if self._cleaner == threading.get_ident():
+                    return  # called from its own clean-up (a callback): that one goes on
             running.wait()
         try:
             self._cleanup(remove_later=remove_later)
