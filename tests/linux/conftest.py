@@ -25,6 +25,7 @@ import pytest
 import corral.sandbox.probes
 from corral.sandbox import BindMount, Sandbox, SandboxSpec, cgroups, run
 from corral.sandbox.backends.native import runtime_base
+from corral.sandbox.procinfo import live_start_time
 from corral.sandbox.undertaker import undertaker
 
 from ..processes import alive, cgroup_dirs, wait_until  # noqa: F401 (for the tests)
@@ -189,8 +190,25 @@ def _cgroup_owner(layout, name: str) -> int | None:
     return None
 
 
+#: Cgroups a live process keeps ready or for its shims (sandbox/cgroup_pool.py,
+#: runtime/tasks/shim_cgroup.py): their names say whose they are.
+_OWNED_NAME = re.compile(r"(?:pool|tasks)\.(\d+)\.(\d+)(?:\.\d+)?")
+
+
+def _named_owner(name: str) -> int | None:
+    """The live process a pool or shims' cgroup's name names, or None."""
+    m = _OWNED_NAME.fullmatch(name)
+    if m is None:
+        return None
+    pid = int(m.group(1))
+    return pid if live_start_time(pid) == int(m.group(2)) else None
+
+
 def _owner(layout, sandbox_id: str) -> int | None:
-    return _creator(sandbox_id) or _cgroup_owner(layout, sandbox_id)
+    """Who made a new cgroup or sandbox: another process's (a daemon of a suite running
+    beside this one) is left alone, never removed as this test's leftover."""
+    return (_named_owner(sandbox_id) or _creator(sandbox_id)
+            or _cgroup_owner(layout, sandbox_id))
 
 
 def _foreign(layout, sandbox_id: str, ours: set[int]) -> bool:
