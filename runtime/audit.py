@@ -211,6 +211,11 @@ _SYNCHRONOUS = "FULL"
 BACKGROUND_COALESCE_S = 0.002
 BACKGROUND_GROUP = 256
 
+#: A due rotation that could not run (a verify or export holds the files, or sealing failed)
+#: is retried by the first commit this long after, doubling while it fails, up to the max.
+ROTATE_RETRY_S = 1.0
+ROTATE_RETRY_MAX_S = 60.0
+
 #: `query()` returns at most this many records per call; page on with after_seq.
 MAX_QUERY_LIMIT = 10_000
 
@@ -902,7 +907,12 @@ class AuditLog:
         self._active_bytes = 0
         self._active_first = self._last_seq + 1
         self._rotating = False
-        self._rotate_after = 0  # after a rotation that had to wait: retry at this many records
+        # A rotation that had to wait (a reader holds the files) or failed is retried on the
+        # first commit at or after this monotonic time, backing off while it keeps failing.
+        self._rotate_retry_at = 0.0
+        self._rotate_backoff_s = 0.0
+        self._pruning = False  # a prune holds the files lock: its own record must not rotate
+        self._monotonic: Callable[[], float] = _time.monotonic  # tests replace it
         self._rotations = 0
         self._sealed: dict[str, sqlite3.Connection] = {}
         self._clock: Callable[[], float] = _time.time  # record times; tests replace it
@@ -1248,12 +1258,25 @@ class AuditLog:
         self._advance_head(rows)
         self.metrics.audit_committed(t0)
         self._deliver(items, records)
-        if self._rotation_due():
-            try:
-                self._rotate_locked()
-            except Exception:  # noqa: BLE001 - the records are written; rotation retries
-                self._rotate_after = self._active_records + 1024
-                _log.exception("audit segment rotation failed; retrying later")
+        self._rotate_if_due()
+
+    def _rotate_if_due(self) -> None:
+        """Seal the active segment if it is full. Caller holds _lock."""
+        if not self._rotation_due():
+            return
+        try:
+            self._rotate_locked()
+        except Exception:  # noqa: BLE001 - the records are written; rotation retries
+            self._rotation_waits()
+            _log.exception("audit segment rotation failed; retrying in %.0fs",
+                           self._rotate_backoff_s)
+
+    def _rotation_waits(self) -> None:
+        """A due rotation could not run: retry after 1 s, doubling up to a minute while it
+        keeps failing (never a count of records: a quiet log would wait for ever)."""
+        self._rotate_backoff_s = min(ROTATE_RETRY_MAX_S,
+                                     max(ROTATE_RETRY_S, self._rotate_backoff_s * 2))
+        self._rotate_retry_at = self._monotonic() + self._rotate_backoff_s
 
     def _chain(self, items: list[_Pending]) -> tuple[list[tuple], list[AuditRecord]]:
         """Give items the next seqs, their times and hashes. -> (rows to insert, records)."""
@@ -1328,11 +1351,12 @@ class AuditLog:
     # -- segments ------------------------------------------------------------------------------
 
     def _rotation_due(self) -> bool:
-        if self._rotating or self._writer is None or self._active_records < self._rotate_after:
+        if self._rotating or self._pruning or self._writer is None:
             return False
         # a segment holds at most segment_records records, its seal included
-        return bool((self.segment_records and self._active_records + 1 >= self.segment_records)
+        full = bool((self.segment_records and self._active_records + 1 >= self.segment_records)
                     or (self.segment_bytes and self._active_bytes >= self.segment_bytes))
+        return full and (not self._rotate_retry_at or self._monotonic() >= self._rotate_retry_at)
 
     def rotate(self) -> Segment | None:
         """Seal the active segment now (if it holds records); None when it must wait."""
@@ -1349,11 +1373,11 @@ class AuditLog:
         first record's prev_hash is the seal's hash). Caller holds _lock.
 
         Returns None, writing nothing, while a verify or export reads the files or another
-        process has the active segment open (it is retried 1024 records later).
+        process has the active segment open (retried by the first commit a second later).
         """
         lock = _files_lock(self.path, exclusive=True)
         if lock is None:
-            self._rotate_after = self._active_records + 1024
+            self._rotation_waits()
             return None
         self._rotating = True
         try:
@@ -1387,7 +1411,7 @@ class AuditLog:
         finally:
             writer.execute("PRAGMA busy_timeout = 5000")
         if mode.lower() != "delete":
-            self._rotate_after = self._active_records + 1024
+            self._rotation_waits()
             return None
         first = self._active_first
         seal = _prepare(SEAL_KIND, "", tenant="", peer="daemon", detail={
@@ -1413,7 +1437,7 @@ class AuditLog:
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         self._active_records = self._active_bytes = 0
         self._active_first = last + 1
-        self._rotate_after = 0
+        self._rotate_retry_at = self._rotate_backoff_s = 0.0
         self._rotations += 1
         _log.info("audit segment %s sealed", segment.name)
         return segment
@@ -1430,8 +1454,10 @@ class AuditLog:
         with self._lock:
             if self._writer is None:
                 raise AuditError(self.path, "is closed" if self._closed else "is open read-only")
-            return self._prune_locked(self.retention_s if retention_s is None else retention_s,
-                                      now)
+            removed = self._prune_locked(
+                self.retention_s if retention_s is None else retention_s, now)
+            self._rotate_if_due()  # the prune record may have filled the segment
+            return removed
 
     def _prune_locked(self, retention_s: float, now: float | None, *,
                       files_locked: bool = False) -> int:
@@ -1464,7 +1490,13 @@ class AuditLog:
                 "first_seq": doomed[0][0].first_seq, "segments": len(doomed),
                 "retention_s": retention_s, "cutoff_time": cutoff,
             })
-            self._commit_locked(record)
+            # The record may fill the segment, but the seal waits for the removal: its
+            # rotation needs the files lock held here, and would prune these same segments.
+            self._pruning = True
+            try:
+                self._commit_locked(record)
+            finally:
+                self._pruning = False
             record.future.result()  # durable before anything is removed
             with self._read_lock:
                 for segment, _ in doomed:

@@ -447,6 +447,39 @@ def test_rotation_waits_while_a_check_holds_the_files(path):
         assert log.verify().ok
 
 
+def test_a_rotation_that_waited_is_retried_a_second_later_not_records_later(path):
+    now = [100.0]
+    with AuditLog.open(path, segment_records=5) as log:
+        log._monotonic = lambda: now[0]
+        lock = audit._files_lock(path, exclusive=False)
+        try:
+            fill(log, 4)  # 1-4, and the seal's turn: a verify is reading, so it waits
+        finally:
+            audit._release(lock)
+        fill(log, 1, start=4)  # within the second: still waiting
+        assert list_segments(path) == []
+        now[0] += audit.ROTATE_RETRY_S
+        fill(log, 1, start=5)  # the first record after it seals
+        assert [(s.first_seq, s.last_seq) for s in list_segments(path)] == [(1, 7)]
+        assert log.verify().ok
+
+
+def test_a_prune_record_that_fills_the_segment_seals_it(path):
+    # The prune holds the files lock while its record is written; the seal that record
+    # makes due must still follow, not wait for a rotation that can never take the lock.
+    with AuditLog.open(path, segment_records=5) as log:
+        log._clock = lambda: T0
+        fill(log, 8, time=T0)  # 1-4 + seal 5, 6-9 + seal 10
+        log._clock = lambda: T0 + 7200
+        fill(log, 3, start=8, time=T0 + 7200)  # 11-13 active
+        assert log.prune(retention_s=3600) == 2  # record 14, the fourth of five
+        assert [(s.first_seq, s.last_seq) for s in list_segments(path)] == [(11, 15)]
+        assert log.query(kind=PRUNE_KIND)[0].seq == 14
+        fill(log, 1, start=11, time=T0 + 7200)
+        assert log.last_seq() == 16
+        assert log.verify().ok
+
+
 def test_rotation_by_bytes(path):
     with AuditLog.open(path, segment_bytes=8192) as log:
         for i in range(40):
