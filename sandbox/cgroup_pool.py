@@ -47,13 +47,12 @@ import atexit
 import contextlib
 import itertools
 import os
-import re
 import threading
 import time
 
 from . import cgroups
 from .errors import CorralError
-from .procinfo import live_start_time
+from .procinfo import owned_name, owner_gone
 from .undertaker import undertaker
 
 #: Names of pooled cgroups start with this; the rest is "<pid>.<start time>.<n>".
@@ -66,7 +65,6 @@ MAX_SIZE = 64
 #: stays charged) before it is removed instead.
 SETTLE_S = 5.0
 
-_NAME = re.compile(r"pool\.(\d+)\.(\d+)\.\d+")
 
 
 class CgroupPool:
@@ -87,8 +85,7 @@ class CgroupPool:
         self._settling: list[tuple[cgroups.Cgroup, cgroups.CgroupLimits, float]] = []
         self._serial = itertools.count()
         self._closed = False
-        pid = os.getpid()
-        self._prefix = f"{PREFIX}{pid}.{live_start_time(pid)}."
+        self._prefix = owned_name(PREFIX) + "."
         #: Creates that took a ready cgroup, and those that found none.
         self.hits = 0
         self.misses = 0
@@ -281,11 +278,7 @@ def sweep(layout: cgroups.CgroupLayout) -> list[str]:
     One of a dead process's pool that holds a process belongs to a sandbox: that sandbox's
     own sweep (native.sweep, by its state.json) removes it, not this one.
     """
-    def owner_gone(name: str) -> bool:
-        m = _NAME.fullmatch(name)
-        return m is not None and live_start_time(int(m.group(1))) != int(m.group(2))
-
-    return cgroups.reap_orphans(layout, PREFIX, pick=owner_gone)
+    return cgroups.reap_orphans(layout, PREFIX, pick=lambda name: owner_gone(name, PREFIX))
 
 
 def _forget_in_child() -> None:

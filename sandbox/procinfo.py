@@ -4,6 +4,9 @@ process is gone (the id pool's slots, the workspaces)."""
 
 from __future__ import annotations
 
+import os
+import re
+
 
 def read_or_none(path: str, *, strip: bool = False) -> str | None:
     """The text of `path` (stripped of surrounding whitespace if `strip`), or None when it
@@ -25,6 +28,37 @@ def live_start_time(pid: int) -> int | None:
         return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+#: What follows the prefix of an owned name: "<pid>.<start time>", and a serial for a name
+#: one process uses many times (its pool's cgroups).
+_OWNED_SUFFIX = re.compile(r"(\d+)\.(\d+)(?:\.\d+)?")
+
+
+def owned_name(prefix: str, pid: int | None = None) -> str:
+    """``<prefix><pid>.<start time>``: a name (a cgroup's) that says which process owns it,
+    so that a later process can tell a live owner from a dead one whose pid was reused.
+    Default: this process."""
+    pid = os.getpid() if pid is None else pid
+    return f"{prefix}{pid}.{live_start_time(pid)}"
+
+
+def named_owner(name: str, prefix: str) -> tuple[int, bool] | None:
+    """(pid, alive) of the process an `owned_name` (optionally ``.<serial>`` after it)
+    names; None when name is not such a name."""
+    if not name.startswith(prefix):
+        return None
+    m = _OWNED_SUFFIX.fullmatch(name, len(prefix))
+    if m is None:
+        return None
+    pid = int(m.group(1))
+    return pid, live_start_time(pid) == int(m.group(2))
+
+
+def owner_gone(name: str, prefix: str) -> bool:
+    """Whether name is an `owned_name` whose process is gone (False for any other name)."""
+    owner = named_owner(name, prefix)
+    return owner is not None and not owner[1]
 
 
 def sweep_dead_owners(directory: str, pick, alive, release) -> list:

@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 from corral.sandbox import cgroups
 from corral.sandbox.errors import CorralError
-from corral.sandbox.procinfo import live_start_time
+from corral.sandbox.procinfo import owned_name, owner_gone
 
 log = logging.getLogger("corral.tasks")
 
 #: Names start with this; the rest is "<daemon pid>.<its start time>".
 PREFIX = "tasks."
-_NAME = re.compile(r"tasks\.(\d+)\.(\d+)")
 
 
 def name_for(pid: int) -> str:
-    return f"{PREFIX}{pid}.{live_start_time(pid)}"
+    return owned_name(PREFIX, pid)
 
 
 def _layout() -> cgroups.CgroupLayout | None:
@@ -109,12 +107,8 @@ def sweep() -> list[str]:
     if layout is None:
         return []
 
-    def owner_gone(name: str) -> bool:
-        m = _NAME.fullmatch(name)
-        return m is not None and live_start_time(int(m.group(1))) != int(m.group(2))
-
     try:
-        return cgroups.reap_orphans(layout, PREFIX, pick=owner_gone)
+        return cgroups.reap_orphans(layout, PREFIX, pick=lambda name: owner_gone(name, PREFIX))
     except (CorralError, OSError) as exc:
         log.warning("sweeping the shims' cgroups of stopped daemons failed: %s", exc)
         return []

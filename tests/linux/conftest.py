@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 import corral.sandbox.probes
-from corral.sandbox import BindMount, Sandbox, SandboxSpec, cgroups, run
+from corral.runtime.tasks import shim_cgroup
+from corral.sandbox import BindMount, Sandbox, SandboxSpec, cgroup_pool, cgroups, run
 from corral.sandbox.backends.native import runtime_base
-from corral.sandbox.procinfo import live_start_time
+from corral.sandbox.procinfo import named_owner
 from corral.sandbox.undertaker import undertaker
 
 from ..processes import alive, cgroup_dirs, wait_until  # noqa: F401 (for the tests)
@@ -190,18 +191,14 @@ def _cgroup_owner(layout, name: str) -> int | None:
     return None
 
 
-#: Cgroups a live process keeps ready or for its shims (sandbox/cgroup_pool.py,
-#: runtime/tasks/shim_cgroup.py): their names say whose they are.
-_OWNED_NAME = re.compile(r"(?:pool|tasks)\.(\d+)\.(\d+)(?:\.\d+)?")
-
-
 def _named_owner(name: str) -> int | None:
-    """The live process a pool or shims' cgroup's name names, or None."""
-    m = _OWNED_NAME.fullmatch(name)
-    if m is None:
-        return None
-    pid = int(m.group(1))
-    return pid if live_start_time(pid) == int(m.group(2)) else None
+    """The live process whose pool or shims' cgroup this is by its name (sandbox/cgroup_pool.py,
+    runtime/tasks/shim_cgroup.py), or None."""
+    for prefix in (cgroup_pool.PREFIX, shim_cgroup.PREFIX):
+        owner = named_owner(name, prefix)
+        if owner is not None and owner[1]:
+            return owner[0]
+    return None
 
 
 def _owner(layout, sandbox_id: str) -> int | None:

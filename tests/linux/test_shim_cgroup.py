@@ -11,6 +11,7 @@ import pytest
 
 from corral.runtime.tasks import shim_cgroup
 from corral.sandbox import cgroups
+from corral.sandbox.procinfo import live_start_time
 
 from ..tasks.test_task_cpu_weight import _as_written
 
@@ -49,7 +50,7 @@ def made():
 
 
 def test_made_at_the_task_weight_joined_and_kept_while_a_process_is_in_it(made):
-    assert made.name == f"tasks.{os.getpid()}.{shim_cgroup.live_start_time(os.getpid())}"
+    assert made.name == f"tasks.{os.getpid()}.{live_start_time(os.getpid())}"
     assert _weight(made.name) == _as_written(10)
     assert shim_cgroup.make(25).name == made.name  # the same process: rewritten, not made
     assert _weight(made.name) == _as_written(25)

@@ -10,7 +10,13 @@ import subprocess
 import sys
 
 from corral.sandbox import workspace_fs
-from corral.sandbox.procinfo import live_start_time, sweep_dead_owners
+from corral.sandbox.procinfo import (
+    live_start_time,
+    named_owner,
+    owned_name,
+    owner_gone,
+    sweep_dead_owners,
+)
 
 
 def _gone_pid() -> int:
@@ -55,3 +61,20 @@ def test_workspace_sweep_removes_only_the_dead_owners(tmp_path, monkeypatch):
 
     assert sorted(workspace_fs.sweep()) == ["dead", "garbled"]
     assert sorted(os.listdir(tmp_path)) == [".half.owner.tmp", "live", "live.owner"]
+
+
+def test_an_owned_name_says_whether_its_process_lives():
+    mine = owned_name("pool.")
+    assert mine == f"pool.{os.getpid()}.{live_start_time(os.getpid())}"
+    assert named_owner(mine, "pool.") == (os.getpid(), True)
+    assert named_owner(mine + ".7", "pool.") == (os.getpid(), True)  # a serial after it
+    assert not owner_gone(mine + ".7", "pool.")
+    # the same pid with another start time: a reused pid is not the owner
+    reused = f"pool.{os.getpid()}.{live_start_time(os.getpid()) + 1}"
+    assert named_owner(reused, "pool.") == (os.getpid(), False)
+    assert owner_gone(reused, "pool.")
+    gone = f"tasks.{_gone_pid()}.12345"
+    assert owner_gone(gone, "tasks.")
+    # other names are nobody's: never gone, never alive
+    for other in ("tasks.x.1", "tasks.1", mine, "pool.1.2.3.4", "sb-1234"):
+        assert named_owner(other, "tasks.") is None and not owner_gone(other, "tasks.")
