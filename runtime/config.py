@@ -61,10 +61,11 @@ class DaemonConfig:
     #: Deep tasks one session may have delegated and not yet seen finish (protocol v1.1
     #: DELEGATE); one more is refused with RESOURCE_EXHAUSTED naming this key.
     max_delegations_per_session: int = 16
-    #: CPU weight of deep tasks' sandboxes and of the shims that start them against
-    #: real-time sessions' (cgroup v2 cpu.weight scale, 100 = an ordinary sandbox; v1
-    #: cpu.shares in proportion): when CPUs are contended, session agents go first. 100
-    #: treats tasks like sessions.
+    #: CPU weight of all deep tasks together: of their cgroup group corral-batch/ (their
+    #: sandboxes and the shims that start them) against corral/ (sessions and sandboxes),
+    #: the daemon and the host's other processes (cgroup v2 cpu.weight scale, 100 = the
+    #: corral group's; v1 cpu.shares in proportion): when CPUs are contended, session
+    #: agents go first. 100 gives tasks together the weight of the sessions' group.
     task_cpu_weight: int = 10
     #: Deep-task nodes ([[nodes]] tables: name, labels, resources, devices, executor);
     #: none declared = one local node "local" with this machine's cpu and memory.

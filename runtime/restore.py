@@ -559,9 +559,7 @@ def _kill_and_close(sandbox_id: str | None, fds: list[int]) -> int:
             killed = 1
             # a paused sandbox's PID 1 dies only once thawed (sweep leaves kept ones frozen)
             with contextlib.suppress(CorralError, OSError):
-                cgroups.Cgroup.open(cgroups.detect(),
-                                    (_state_of(sandbox_id) or {}).get("cgroup")
-                                    or sandbox_id).thaw()
+                cgroups.recorded(cgroups.detect(), _state_of(sandbox_id), sandbox_id).thaw()
             # readable once it has exited; poll, not select: a parked pidfd is >= 1024
             waiter = select.poll()
             waiter.register(pidfd, select.POLLIN)

@@ -6,23 +6,29 @@ Shape (nsjail's cgroup.cc / cgroup2.cc, bubblewrap's plan-then-execute):
   (`layout_from_text`) takes text plus two probe callables, so v1, v2 and hybrid hosts are
   unit-tested without a kernel.
 - `plan(layout, name, limits)` is pure: the ordered `Mkdir` / `Write` ops that make
-  `corral/<name>` for that cgroup version.
+  `<group>/<name>` (`corral/<name>` by default) for that cgroup version.
 - `Cgroup.create()` applies the plan; `attach`, `freeze`, `kill`, `destroy` act on the result.
   In the sandbox's verbs: prepare = `plan`, setup_from_parent = `create` + `attach`,
   teardown = `destroy`.
 
 Where the cgroups live
-  v1: `<mount of each controller>/corral/<name>`, one directory per hierarchy: memory, pids,
+  v1: `<mount of each controller>/<group>/<name>`, one directory per hierarchy: memory, pids,
       cpu, freezer, and cpuacct when it is mounted apart from cpu (it only feeds `stats()`).
-  v2: `<P>/corral/<name>`, where P is the root of the unified mount when we may write its
+  v2: `<P>/<group>/<name>`, where P is the root of the unified mount when we may write its
       `cgroup.subtree_control` (a root daemon on a host: the root is exempt from v2's "no
       internal processes" rule, so enabling controllers there always works and nothing of
       systemd's is touched), otherwise the parent of the daemon's own cgroup (a delegated
       subtree, e.g. `user@1000.service/app.slice`). Never the daemon's own cgroup: it holds the
       daemon, and v2 refuses to enable controllers for the children of a cgroup that has
-      processes (EBUSY). `corral/` itself never holds processes; only its children do.
+      processes (EBUSY). A group itself never holds processes; only its children do.
       Inside a container whose cgroup namespace root holds processes, enabling controllers
       there fails with EBUSY; the error says how to move them into a leaf first.
+  The group is `corral/` for sandboxes and sessions, and `corral-batch/` beside it for batch
+  work (deep tasks: `SandboxSpec.batch`). Being siblings at the top, each group competes for
+  contended CPU as one entity with the host's other top-level groups and processes (the
+  daemon, its clients): the batch group's weight (`make_group`, the daemon's
+  task_cpu_weight) bounds all batch work together, however many tasks run. A weight inside
+  `corral/` could not: it orders a cgroup only against its siblings there.
 
 Cgroup namespace: the parent calls `attach(pid)` while the child still waits on its sync pipe,
 before the child runs `unshare(CLONE_NEWCGROUP)`. A cgroup namespace is rooted at the cgroup
@@ -34,6 +40,8 @@ Every kernel failure raises `SandboxSetupError(step, path, errno)` naming the fi
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno as _errno
 import math
 import os
@@ -46,8 +54,11 @@ from dataclasses import dataclass, field
 from corral.sandbox.errors import InvalidSpec, NotFound, SandboxSetupError, UnsupportedHost
 from corral.sandbox.procinfo import read_or_none
 
-#: Name of the directory, in each hierarchy, that holds every sandbox cgroup.
+#: Name of the directory, in each hierarchy, that holds the sandbox cgroups (the default group).
 CORRAL_DIR = "corral"
+#: The group beside it that holds batch work (deep tasks' sandboxes and their shims).
+BATCH_DIR = "corral-batch"
+GROUPS = (CORRAL_DIR, BATCH_DIR)
 #: CFS period of every CPU quota, in microseconds: v1 leaves it at a new cgroup's default,
 #: which is this; v2 writes it in cpu.max.
 CFS_PERIOD_US = 100_000
@@ -104,8 +115,13 @@ class CgroupLayout:
     own: Mapping[str, str] = field(default_factory=dict, hash=False)
     #: v1: the memory controller has memory.memsw.* (swap accounting), so swap can be capped.
     has_memsw: bool = False
+    #: The directory, at the top of each hierarchy (v2: in parent), that holds the cgroups
+    #: made through this layout: one of GROUPS (`in_group`).
+    group: str = CORRAL_DIR
 
     def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"a cgroup group is one of {GROUPS}, not {self.group!r}")
         if self.version == 2:
             if not self.root:
                 raise ValueError("a v2 CgroupLayout needs the unified mount point as root")
@@ -118,12 +134,16 @@ class CgroupLayout:
         else:
             raise ValueError(f"cgroup version must be 1 or 2, not {self.version!r}")
 
+    def in_group(self, group: str) -> CgroupLayout:
+        """The same hierarchies, making cgroups in `group` (one of GROUPS)."""
+        return self if group == self.group else dataclasses.replace(self, group=group)
+
     def bases(self) -> dict[str, str]:
-        """Controller -> the `corral` directory of its hierarchy (v2: one for all)."""
+        """Controller -> the group's directory in its hierarchy (v2: one for all)."""
         if self.version == 2:
-            base = os.path.join(self.parent, CORRAL_DIR)
+            base = os.path.join(self.parent, self.group)
             return {c: base for c in (*V2_REQUIRED, "freezer")}
-        return {c: os.path.join(mnt, CORRAL_DIR) for c, mnt in self.controllers.items()}
+        return {c: os.path.join(mnt, self.group) for c, mnt in self.controllers.items()}
 
 
 def _unescape(field_: str) -> str:
@@ -358,7 +378,7 @@ class CgroupLimits:
 @dataclass(frozen=True)
 class Mkdir:
     path: str
-    #: True for the shared `corral/` directories; a sandbox's own directory must be new.
+    #: True for a group's shared directories; a sandbox's own directory must be new.
     exist_ok: bool = False
 
 
@@ -397,7 +417,7 @@ def _v1_dirs(layout: CgroupLayout) -> dict[str, str]:
 
 
 def plan(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp]:
-    """The ordered ops that create `corral/<name>` with `limits`; pure, touches nothing.
+    """The ordered ops that create `<group>/<name>` with `limits`; pure, touches nothing.
 
     Raises:
         InvalidSpec: a bad name.
@@ -408,12 +428,35 @@ def plan(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp
     return _plan_v2(layout, name, limits)
 
 
+def group_plan(layout: CgroupLayout, cpu_weight: int | None = None) -> list[CgroupOp]:
+    """The ops that make the layout's group (v2: with the controllers enabled for its
+    children), then, with cpu_weight, set the group's own weight; pure."""
+    if layout.version == 1:
+        ops: list[CgroupOp] = [Mkdir(os.path.join(mnt, layout.group), exist_ok=True)
+                               for mnt in _v1_dirs(layout).values()]
+    else:
+        base = os.path.join(layout.parent, layout.group)
+        ops = [
+            # Enabling an already enabled controller is a no-op: every create may repeat it.
+            Write(os.path.join(layout.parent, "cgroup.subtree_control"), V2_ENABLE),
+            Mkdir(base, exist_ok=True),
+            Write(os.path.join(base, "cgroup.subtree_control"), V2_ENABLE),
+        ]
+    if cpu_weight is not None:
+        cpu = layout.bases()["cpu"]
+        limits = CgroupLimits(cpu_weight=cpu_weight)
+        ops.append(Write(os.path.join(cpu, "cpu.shares"), str(limits.cpu_shares))
+                   if layout.version == 1 else
+                   Write(os.path.join(cpu, "cpu.weight"), str(limits.cpu_weight)))
+    return ops
+
+
 def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp]:
     ops: list[CgroupOp] = []
     for mnt in _v1_dirs(layout).values():
-        ops.append(Mkdir(os.path.join(mnt, CORRAL_DIR), exist_ok=True))
-        ops.append(Mkdir(os.path.join(mnt, CORRAL_DIR, name)))
-    leaf = {c: os.path.join(mnt, CORRAL_DIR, name) for c, mnt in layout.controllers.items()}
+        ops.append(Mkdir(os.path.join(mnt, layout.group), exist_ok=True))
+        ops.append(Mkdir(os.path.join(mnt, layout.group, name)))
+    leaf = {c: os.path.join(mnt, layout.group, name) for c, mnt in layout.controllers.items()}
 
     mem = leaf["memory"]
     if limits.memory_bytes is not None:
@@ -440,16 +483,8 @@ def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[Cgro
 
 
 def _plan_v2(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp]:
-    parent = layout.parent
-    base = os.path.join(parent, CORRAL_DIR)
-    leaf = os.path.join(base, name)
-    ops: list[CgroupOp] = [
-        # Enabling an already enabled controller is a no-op, so every create may repeat these.
-        Write(os.path.join(parent, "cgroup.subtree_control"), V2_ENABLE),
-        Mkdir(base, exist_ok=True),
-        Write(os.path.join(base, "cgroup.subtree_control"), V2_ENABLE),
-        Mkdir(leaf),
-    ]
+    leaf = os.path.join(layout.parent, layout.group, name)
+    ops = [*group_plan(layout), Mkdir(leaf)]
     if limits.memory_bytes is not None:
         ops.append(Write(os.path.join(leaf, "memory.max"), str(limits.memory_bytes)))
     # Absent when the kernel has no swap accounting (swapaccount=0, no CONFIG_SWAP).
@@ -561,8 +596,59 @@ RENEWED_MEMORY_COUNTERS = (
 # -- the applied cgroup ------------------------------------------------------------------------
 
 
+def _apply(ops: list[CgroupOp]) -> None:
+    """Carry out a plan; on failure remove the directories it made (not the shared ones of
+    a group), then raise SandboxSetupError (EEXIST: a new directory's name is taken)."""
+    made: list[str] = []
+    try:
+        for op in ops:
+            if isinstance(op, Mkdir):
+                try:
+                    os.mkdir(op.path, 0o755)
+                except FileExistsError:
+                    if not op.exist_ok:
+                        raise SandboxSetupError("cgroup mkdir", op.path, _errno.EEXIST,
+                                                "a cgroup of that name exists") from None
+                    continue
+                except OSError as e:
+                    raise SandboxSetupError("cgroup mkdir", op.path, e.errno) from None
+                if not op.exist_ok:
+                    made.append(op.path)
+            elif op.optional and not os.path.exists(op.path):
+                continue
+            else:
+                _write("cgroup write", op.path, op.value)
+    except SandboxSetupError:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+
+
+def make_group(layout: CgroupLayout, cpu_weight: int | None = None) -> None:
+    """Make the layout's group where it is missing and, with cpu_weight, set the weight
+    of the group as a whole (`group_plan`).
+
+    Raises:
+        SandboxSetupError: a mkdir or write failed.
+    """
+    _apply(group_plan(layout, cpu_weight))
+
+
+def recorded(layout: CgroupLayout, state: Mapping | None, sandbox_id: str) -> Cgroup:
+    """The existing cgroup a sandbox's state.json names: "cgroup" (its id, or a pooled
+    cgroup's name) in the group "cgroup_group" (CORRAL_DIR when absent, as older states
+    are). Raises NotFound when it is gone."""
+    state = state or {}
+    group = state.get("cgroup_group") or CORRAL_DIR
+    if group not in GROUPS:
+        raise NotFound(f"sandbox {sandbox_id}: its state names an unknown cgroup group "
+                       f"{group!r}")
+    return Cgroup.open(layout.in_group(group), state.get("cgroup") or sandbox_id)
+
+
 class Cgroup:
-    """The cgroup `corral/<name>` of one sandbox, in every hierarchy the layout uses."""
+    """The cgroup `<group>/<name>` of one sandbox, in every hierarchy the layout uses."""
 
     def __init__(self, layout: CgroupLayout, name: str):
         """Address an existing or planned cgroup; use `create` or `open` instead."""
@@ -580,48 +666,19 @@ class Cgroup:
         Raises:
             SandboxSetupError: a mkdir or write failed (EEXIST: the name is taken).
         """
-        made: list[str] = []
-        try:
-            for op in plan(layout, name, limits):
-                if isinstance(op, Mkdir):
-                    try:
-                        os.mkdir(op.path, 0o755)
-                    except FileExistsError:
-                        if not op.exist_ok:
-                            raise SandboxSetupError(
-                                "cgroup mkdir",
-                                op.path,
-                                _errno.EEXIST,
-                                "a cgroup of that name exists",
-                            ) from None
-                        continue
-                    except OSError as e:
-                        raise SandboxSetupError("cgroup mkdir", op.path, e.errno) from None
-                    if not op.exist_ok:
-                        made.append(op.path)
-                elif op.optional and not os.path.exists(op.path):
-                    continue
-                else:
-                    _write("cgroup write", op.path, op.value)
-        except SandboxSetupError:
-            for d in reversed(made):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
-            raise
+        _apply(plan(layout, name, limits))
         return cls(layout, name)
 
     @classmethod
     def open(cls, layout: CgroupLayout, name: str) -> Cgroup:
-        """Adopt an existing `corral/<name>` (after a daemon restart, or to reap it).
+        """Adopt an existing `<group>/<name>` (after a daemon restart, or to reap it).
 
         Raises:
             NotFound: no hierarchy has that cgroup.
         """
         cg = cls(layout, name)
         if not cg.exists():
-            raise NotFound(f"no cgroup corral/{name} in {', '.join(cg.paths)}")
+            raise NotFound(f"no cgroup {layout.group}/{name} in {', '.join(cg.paths)}")
         return cg
 
     def exists(self) -> bool:
@@ -870,7 +927,7 @@ class Cgroup:
             for op in plan(self.layout, self.name, limits):  # every limit written again
                 if isinstance(op, Write):
                     _write("cgroup renew", op.path, op.value)
-                elif op.path in others:  # the new directories (not corral/ itself)
+                elif op.path in others:  # the new directories (not the group's own)
                     os.mkdir(op.path, 0o755)
         except (SandboxSetupError, OSError):
             return False
@@ -925,7 +982,8 @@ class Cgroup:
 
 
 def list_corral_cgroups(layout: CgroupLayout) -> list[str]:
-    """Names of every `corral/<name>` cgroup, in any hierarchy, sorted."""
+    """Names of every cgroup in the layout's group (`corral/<name>` by default), in any
+    hierarchy, sorted."""
     names: set[str] = set()
     for base in set(layout.bases().values()):
         try:
@@ -939,7 +997,7 @@ def list_corral_cgroups(layout: CgroupLayout) -> list[str]:
 
 def reap_orphans(layout: CgroupLayout, prefix: str = "",
                  pick: Callable[[str], bool] | None = None) -> list[str]:
-    """Remove `corral/<prefix>*` cgroups that no process is in any more (of them, those
+    """Remove `<group>/<prefix>*` cgroups that no process is in any more (of them, those
     `pick` chooses, when given); returns their names.
 
     Left by a daemon that crashed. A cgroup with a live process (a deep task's sandbox that

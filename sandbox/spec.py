@@ -269,6 +269,12 @@ class SandboxSpec:
     #: None: the ordinary weight. Deep tasks get the daemon's task_cpu_weight, so the
     #: work of real-time sessions goes first.
     cpu_weight: int | None = None
+    #: Batch work (a deep task's sandbox; the daemon sets it for every task): the sandbox's
+    #: cgroup is made in `corral-batch/`, beside `corral/` at the top of the hierarchy, whose
+    #: own weight (the daemon's task_cpu_weight) bounds all batch work together against the
+    #: sessions, the daemon and the rest of the host; cpu_weight then orders the sandbox
+    #: among the batch ones (sandbox/cgroups.py). The docker backend ignores it.
+    batch: bool = False
 
     def __post_init__(self):
         self._check_choices()
@@ -290,6 +296,8 @@ class SandboxSpec:
             raise InvalidSpec("profile", "must name a profile or a JSON file")
         if not isinstance(self.image, str) or "\0" in self.image:
             raise InvalidSpec("image", "must be an image REF (or empty for the host's /usr)")
+        if not isinstance(self.batch, bool):
+            raise InvalidSpec("batch", f"must be true or false, not {self.batch!r}")
         if self.backend not in BACKENDS:
             raise InvalidSpec("backend", f"{self.backend!r} is not a backend; use "
                                          f"{' or '.join(BACKENDS)}")

@@ -27,6 +27,8 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02) -> 
 
 
 def cgroup_dirs(sandbox_id: str) -> list[str]:
-    """Every cgroup directory of a sandbox, v1 hierarchies and unified."""
-    return sorted(glob.glob(f"/sys/fs/cgroup/*/corral/{sandbox_id}")
-                  + glob.glob(f"/sys/fs/cgroup/corral/{sandbox_id}"))
+    """Every cgroup directory of a sandbox, v1 hierarchies and unified, in either group
+    (corral/, or corral-batch/ for a deep task's)."""
+    return sorted(path for group in ("corral", "corral-batch")
+                  for path in (glob.glob(f"/sys/fs/cgroup/*/{group}/{sandbox_id}")
+                               + glob.glob(f"/sys/fs/cgroup/{group}/{sandbox_id}")))

@@ -56,8 +56,9 @@ PROGRESS_STORE_INTERVAL_S = 1.0
 def sandbox_limits(spec: TaskSpec, cpu_weight: int | None = None) -> SandboxSpec:
     """The attempt's SandboxSpec: what the task holds is what its cgroup allows
     (resources cpu -> CPU quota in cores, memory -> memory limit in bytes), at cpu_weight
-    (the daemon's task_cpu_weight) unless the task's sandbox names its own."""
-    held: dict = {}
+    (the daemon's task_cpu_weight) unless the task's sandbox names its own, as batch work
+    (its cgroup in corral-batch/, whose weight bounds all tasks together)."""
+    held: dict = {"batch": True}
     if cpu_weight is not None and spec.sandbox.cpu_weight is None:
         held["cpu_weight"] = cpu_weight
     if "cpu" in spec.resources:
@@ -66,7 +67,7 @@ def sandbox_limits(spec: TaskSpec, cpu_weight: int | None = None) -> SandboxSpec
         held["memory_bytes"] = max(8 << 20, int(spec.resources["memory"]))
     if spec.image:  # the node pulls it (runner.py) before the sandbox starts on it
         held["image"] = spec.image
-    return dataclasses.replace(spec.sandbox, **held) if held else spec.sandbox
+    return dataclasses.replace(spec.sandbox, **held)
 
 
 class Scheduler:

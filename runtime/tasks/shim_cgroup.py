@@ -1,24 +1,31 @@
-"""The cgroup the deep tasks' machinery runs in: their start yields to real-time sessions.
+"""The cgroups the deep tasks run in: `corral-batch/`, whose weight bounds them all.
 
 A local attempt is started by a shim (shim.py) that the daemon's zygote (zygote.py) forks:
-the shim makes the attempt's workspace, starts its sandbox and relays its frames, and the
-sandbox's processes run in a cgroup of their own at the daemon's `task_cpu_weight`. Left in
-the daemon's cgroup, the zygote and its shims would compete with the daemon and with every
-session at the ordinary weight: at 32 delegated tasks in waves on 2 cores, their starts
-(the shims' Python, the sandboxes' setup before they join their cgroups) saturated the
-machine and the sessions' token latency p99 grew 15-19x (bench/README.md, the mixed run).
+the shim makes the attempt's workspace, starts its sandbox and relays its frames. Every
+task's sandbox is batch work (`SandboxSpec.batch`): its cgroup is made in `corral-batch/`,
+beside `corral/` at the top of each hierarchy (sandbox/cgroups.py). Here the daemon makes
+that group at its `task_cpu_weight` (cpu.shares on v1, cpu.weight on v2), so that all tasks
+together, however many run, get that share of contended CPU against the sessions'
+`corral/`, the daemon and its clients. A weight on each task's cgroup inside `corral/`
+could not do it: it ordered tasks against the session sandboxes beside them, while the
+`corral` group kept one weight at the top whatever filled it (bench/README.md, the mixed
+run).
 
-So the daemon makes `corral/tasks.<pid>.<start time>` at `task_cpu_weight` (cpu.shares on
-v1, cpu.weight on v2), a sibling of the sandboxes' cgroups, and moves the zygote into it
-before it forks its first shim: every shim, and every sandbox process until it joins its
-own cgroup, is charged there. No memory or pids limit is set: a task's limits are its
+The shims, and every sandbox process until it joins its own cgroup, run in the group too:
+the daemon makes `corral-batch/tasks.<pid>.<start time>` (at the task weight, like each
+task's sandbox) and moves the zygote into it before it forks its first shim. Left in the
+daemon's cgroup, 32 starting shims (their Python, the sandboxes' set-up) competed with the
+daemon at the ordinary weight. No memory or pids limit is set: a task's limits are its
 sandbox's.
 
 - Best effort: where the daemon cannot make cgroups (rootless without delegation), shims
   run where the daemon does, and that is logged once.
-- Shims outlive a daemon that stops or dies (a deep task runs on), so the cgroup is not
-  removed while one is in it: `release()` removes it at the daemon's stop when empty, and
-  `sweep()` (the next daemon's start) removes the empty ones of daemons that are gone.
+- Shims outlive a daemon that stops or dies (a deep task runs on), so the shims' cgroup is
+  not removed while one is in it: `release()` removes it at the daemon's stop when empty,
+  and `sweep()` (the next daemon's start) removes the empty ones of daemons that are gone.
+  The group itself stays, like `corral/`.
+- One weight per host: the last daemon to start sets the group's. On a node without a
+  daemon (a Ray worker), the first task's sandbox makes the group at the ordinary weight.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ def name_for(pid: int) -> str:
 
 def _layout() -> cgroups.CgroupLayout | None:
     try:
-        layout = cgroups.detect()
+        layout = cgroups.detect().in_group(cgroups.BATCH_DIR)
     except CorralError as exc:
         log.info("deep tasks' shims run in the daemon's cgroup: %s", exc)
         return None
@@ -54,14 +61,16 @@ def _layout() -> cgroups.CgroupLayout | None:
 
 
 def make(weight: int) -> cgroups.Cgroup | None:
-    """This process's shims' cgroup at `weight` (made, or rewritten where it exists), or
-    None where cgroups cannot be made here (logged)."""
+    """The batch group at `weight`, and in it this process's shims' cgroup at `weight`
+    (made, or rewritten where it exists), or None where cgroups cannot be made here
+    (logged)."""
     layout = _layout()
     if layout is None:
         return None
     name = name_for(os.getpid())
     limits = cgroups.CgroupLimits(cpu_weight=weight)
     try:
+        cgroups.make_group(layout, weight)
         existing = cgroups.Cgroup(layout, name)
         if existing.exists():  # a second executor of this process
             existing.set_cpu_weight(weight)
@@ -102,13 +111,16 @@ def release(cgroup: cgroups.Cgroup | None) -> bool:
 
 
 def sweep() -> list[str]:
-    """Remove the empty shims' cgroups of daemons that are gone; returns their names."""
+    """Remove the empty shims' cgroups of daemons that are gone; returns their names. Also
+    those in `corral/`, where daemons before the batch group made them."""
     layout = _layout()
     if layout is None:
         return []
-
-    try:
-        return cgroups.reap_orphans(layout, PREFIX, pick=lambda name: owner_gone(name, PREFIX))
-    except (CorralError, OSError) as exc:
-        log.warning("sweeping the shims' cgroups of stopped daemons failed: %s", exc)
-        return []
+    removed = []
+    for group in (cgroups.BATCH_DIR, cgroups.CORRAL_DIR):
+        try:
+            removed += cgroups.reap_orphans(layout.in_group(group), PREFIX,
+                                            pick=lambda name: owner_gone(name, PREFIX))
+        except (CorralError, OSError) as exc:
+            log.warning("sweeping the shims' cgroups of stopped daemons failed: %s", exc)
+    return removed

@@ -112,7 +112,7 @@ def policy_digest(spec: SandboxSpec, seccomp_digest: str) -> str:
         del fields["image"]
     if spec.cpu_weight is None:  # named only when set: older digests stay what they were
         del fields["cpu_weight"]
-    for name in ("snapshot", "workspace_cow"):  # state sources: named only when used
+    for name in ("snapshot", "workspace_cow", "batch"):  # named only when used
         if not fields.get(name, True):
             del fields[name]
     fields["seccomp_digest"] = seccomp_digest

@@ -467,7 +467,7 @@ class Sandbox(SandboxLifecycle):
             mapping = ids.map_in_background(id_maps[2])
             if self.spec.snapshot:
                 self._hold_snapshot(privileged)
-            layout = _cgroup_layout()
+            layout = _cgroup_layout().in_group(self._cgroup_group)
             missing = cgroups.delegation_problem(layout)
             if missing is not None:
                 self.notes.append(cgroups.NO_DELEGATION)
@@ -527,6 +527,11 @@ class Sandbox(SandboxLifecycle):
         if privileged:
             os.chown(root, self.spec.uid_base, self.spec.uid_base)
         return root
+
+    @property
+    def _cgroup_group(self) -> str:
+        """Where the sandbox's cgroup is made: batch work beside corral/ (cgroups.py)."""
+        return cgroups.BATCH_DIR if self.spec.batch else cgroups.CORRAL_DIR
 
     def _cgroup_limits(self) -> cgroups.CgroupLimits:
         return cgroups.CgroupLimits(memory_bytes=self.spec.memory_bytes,
@@ -961,6 +966,9 @@ class Sandbox(SandboxLifecycle):
             "init_start": live_start_time(self.init_pid) if self.init_pid else None,
             # its own name, or a pooled one's (sandbox/cgroup_pool.py): what sweeps remove
             "cgroup": self._cgroup.name if self._cgroup is not None else self.id,
+            # named only for batch work: a state without it is corral/'s (cgroups.recorded)
+            **({"cgroup_group": self._cgroup_group}
+               if self._cgroup_group != cgroups.CORRAL_DIR else {}),
             "workspace": self.workspace if self._own_workspace else None,
             # PID 1 does not die with its creator: live restore re-adopts it (adopt())
             "adoptable": not self.spec.die_with_parent,
@@ -1011,7 +1019,7 @@ class Sandbox(SandboxLifecycle):
         delegated = cgroups.delegation_problem(layout) is None
         sb._prepared = contain.prepare(spec, cgroup=delegated)
         if delegated:
-            sb._cgroup = cgroups.Cgroup.open(layout, state.get("cgroup") or name)
+            sb._cgroup = cgroups.recorded(layout, state, name)
         if os.geteuid() == 0:  # its range of the pool, released at destroy
             slot = os.path.join(ids.state_dir(), str(spec.uid_base))
             if os.path.exists(slot):
@@ -1605,12 +1613,12 @@ def _cgroup_layout() -> cgroups.CgroupLayout:
     return cgroups.detect()
 
 
-def _thaw_abandoned(name: str) -> None:
+def _thaw_abandoned(state: dict, name: str) -> None:
     """Thaw the cgroup of a sandbox whose creator died while it was frozen (a pause, a
     snapshot's capture): PID 1's PR_SET_PDEATHSIG SIGKILL waits for the thaw, and a frozen
     sandbox would otherwise outlive its creator for good. The next sweep removes it."""
     with contextlib.suppress(CorralError, OSError):
-        cgroups.Cgroup.open(_cgroup_layout(), name).thaw()
+        cgroups.recorded(_cgroup_layout(), state, name).thaw()
 
 
 def sweep_for_this_process() -> list[str]:
@@ -1649,7 +1657,7 @@ def sweep(base: str | None = None) -> list[str]:
             init_alive = state.get("init_pid") and live_start_time(state["init_pid"]) == state.get(
                 "init_start")
             if init_alive and not creator_alive and not state.get("adoptable"):
-                _thaw_abandoned(state.get("cgroup") or name)
+                _thaw_abandoned(state, name)
             if creator_alive or init_alive:
                 continue
         else:
@@ -1661,7 +1669,7 @@ def sweep(base: str | None = None) -> list[str]:
         if layout is None:
             layout = _cgroup_layout()
         try:
-            cgroups.Cgroup.open(layout, (state or {}).get("cgroup") or name).destroy()
+            cgroups.recorded(layout, state, name).destroy()
         except NotFound:
             pass  # never made, or already gone
         except (CorralError, OSError):

@@ -147,8 +147,21 @@ _WORKSPACE_RE = re.compile(r"^corral-sbx-[0-9a-f]+-[A-Za-z0-9_]{8}$")
 @dataclass(frozen=True)
 class Footprint:
     runtime: frozenset[str]
+    #: corral/'s cgroups by name, the batch group's as "corral-batch/<name>"
     cgroups: frozenset[str]
     workspaces: frozenset[str]
+
+
+def _cgroup_entries(layout) -> frozenset[str]:
+    return frozenset(cgroups.list_corral_cgroups(layout)) | frozenset(
+        f"{cgroups.BATCH_DIR}/{name}"
+        for name in cgroups.list_corral_cgroups(layout.in_group(cgroups.BATCH_DIR)))
+
+
+def _cgroup(layout, entry: str) -> cgroups.Cgroup:
+    """The cgroup a Footprint entry names."""
+    group, _, name = entry.rpartition("/")
+    return cgroups.Cgroup(layout.in_group(group or cgroups.CORRAL_DIR), name)
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +177,7 @@ def _footprint(layout) -> Footprint:
         runtime = frozenset()
     return Footprint(
         runtime=runtime,
-        cgroups=frozenset(cgroups.list_corral_cgroups(layout)),
+        cgroups=_cgroup_entries(layout),
         workspaces=frozenset(p for p in glob.glob(os.path.join("/tmp", "corral-*"))
                              if _WORKSPACE_RE.match(os.path.basename(p)) and os.path.isdir(p)),
     )
@@ -182,7 +195,8 @@ def _cgroup_owner(layout, name: str) -> int | None:
     """The parent of the cgroup's PID 1: the process that created the sandbox (PID 1 is
     cloned as its child). Seen this way, a sandbox kept under another runtime directory
     (a daemon's) is still recognised."""
-    members = set(cgroups.Cgroup(layout, name).pids())
+    members = {pid for group in cgroups.GROUPS
+               for pid in cgroups.Cgroup(layout.in_group(group), name).pids()}
     for pid in members:
         with contextlib.suppress(OSError, KeyError, ValueError):
             parent = int(host_status(pid)["PPid"])
@@ -225,7 +239,8 @@ def _leftovers(before: Footprint, layout, ours: set[int]) -> dict[str, list[str]
     new_runtime = after.runtime - before.runtime
     new_cgroups = after.cgroups - before.cgroups
     new_workspaces = after.workspaces - before.workspaces
-    ids = new_runtime | new_cgroups | {_workspace_id(w) for w in new_workspaces}
+    ids = (new_runtime | {_cgroup(layout, c).name for c in new_cgroups}
+           | {_workspace_id(w) for w in new_workspaces})
     # A sandbox with no known owner yet may be another process's, half created or half
     # destroyed: give it a moment to show its owner (or to finish disappearing).
     if any(_owner(layout, i) is None for i in ids):
@@ -233,12 +248,13 @@ def _leftovers(before: Footprint, layout, ours: set[int]) -> dict[str, list[str]
     foreign = {i for i in ids if _foreign(layout, i, ours)}
     runtime = sorted(i for i in new_runtime
                      if i not in foreign and os.path.isdir(os.path.join(runtime_base(), i)))
-    cgs = sorted(c for c in new_cgroups if c not in foreign and cgroup_dirs(c))
+    cgs = sorted(c for c in new_cgroups
+                 if _cgroup(layout, c).name not in foreign and _cgroup(layout, c).exists())
     workspaces = sorted(w for w in new_workspaces
                         if _workspace_id(w) not in foreign and os.path.exists(w))
     processes = []
     for name in cgs:
-        for pid in cgroups.Cgroup(layout, name).pids():
+        for pid in _cgroup(layout, name).pids():
             with contextlib.suppress(OSError):
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -263,7 +279,7 @@ def _remove(found: dict[str, list[str]], layout) -> None:
             time.sleep(0.05)
     for name in found.get("cgroups", []):
         with contextlib.suppress(Exception):
-            cgroups.Cgroup.open(layout, name).destroy()
+            _cgroup(layout, name).destroy()
     for name in found.get("runtime dirs", []):
         shutil.rmtree(os.path.join(runtime_base(), name), ignore_errors=True)
     for path in found.get("workspaces", []):

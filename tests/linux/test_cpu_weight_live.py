@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _read(sandbox_id: str) -> str:
-    with open(_weight_file(sandbox_id)) as f:
+    with open(_weight_file(sandbox_id, cgroups.CORRAL_DIR)) as f:
         return f.read().strip()
 
 

@@ -297,22 +297,28 @@ def test_pass_fds():
 CRASHING_CALLER = textwrap.dedent("""
     import json, os, signal, sys, time
     from corral.sandbox import DEVNULL, Sandbox, SandboxSpec
-    sb = Sandbox.create(SandboxSpec(memory_bytes=64 << 20))
+    sb = Sandbox.create(SandboxSpec(memory_bytes=64 << 20, batch=sys.argv[2] == "batch"))
     proc = sb.exec(["sleep", "1000"], stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
     print(json.dumps({"id": sb.id, "init_pid": sb.init_pid, "workspace": sb.workspace,
-                      "runtime_dir": sb.runtime_dir, "pids": sb.pids()}), flush=True)
+                      "runtime_dir": sb.runtime_dir, "pids": sb.pids(),
+                      "cgroup": sb._cgroup.paths}), flush=True)
     if sys.argv[1] == "exit":
         os._exit(9)
     time.sleep(1000)  # the test SIGKILLs us here
 """)
 
 
-@pytest.mark.parametrize("how", ["exit", "sigkill"])
-def test_caller_crash_kills_the_sandbox_and_sweep_removes_the_rest(how):
-    caller = subprocess.Popen([sys.executable, "-c", CRASHING_CALLER, how],
+@pytest.mark.parametrize("how,group", [("exit", "corral"), ("sigkill", "corral"),
+                                       ("sigkill", "batch")])
+def test_caller_crash_kills_the_sandbox_and_sweep_removes_the_rest(how, group):
+    # batch: a deep task's sandbox, whose shim was killed; its cgroup is in corral-batch/,
+    # which only its state.json says
+    caller = subprocess.Popen([sys.executable, "-c", CRASHING_CALLER, how, group],
                               stdout=subprocess.PIPE)
     try:
         info = json.loads(caller.stdout.readline())
+        top = "corral-batch" if group == "batch" else "corral"
+        assert all(p.endswith(f"/{top}/{info['id']}") for p in info["cgroup"]), info
         if how == "sigkill":
             caller.send_signal(signal.SIGKILL)
         assert caller.wait(timeout=30) == (-9 if how == "sigkill" else 9)
@@ -336,7 +342,7 @@ def test_a_cgroup_still_busy_at_sweep_is_swept_again_later(monkeypatch):
     from corral.sandbox import cgroups
     from corral.sandbox.errors import SandboxSetupError
 
-    caller = subprocess.Popen([sys.executable, "-c", CRASHING_CALLER, "exit"],
+    caller = subprocess.Popen([sys.executable, "-c", CRASHING_CALLER, "exit", "corral"],
                               stdout=subprocess.PIPE)
     info = json.loads(caller.stdout.readline())
     caller.wait(timeout=30)

@@ -487,3 +487,86 @@ def test_layout_checks_itself():
         CgroupLayout(version=1, controllers={"memory": "/m", "cpu": "/c", "freezer": "/f"})
     with pytest.raises(ValueError, match=r"^cgroup version must be 1 or 2, not 3$"):
         CgroupLayout(version=3)
+
+
+# -- the batch group ---------------------------------------------------------------------------
+
+
+def test_the_batch_group_is_a_sibling_of_corral_at_the_top_on_v1():
+    batch = V1.in_group(cgroups.BATCH_DIR)
+    assert (V1.group, batch.group, V1.in_group(cgroups.CORRAL_DIR) is V1) == (
+        "corral", "corral-batch", True)
+    ops = plan(batch, "sb1", CgroupLimits(cpu_weight=10))
+    assert ops[:2] == [Mkdir("/sys/fs/cgroup/memory/corral-batch", exist_ok=True),
+                       Mkdir("/sys/fs/cgroup/memory/corral-batch/sb1")]
+    assert ops[-1] == Write("/sys/fs/cgroup/cpu/corral-batch/sb1/cpu.shares", "102")
+    assert Cgroup(batch, "sb1").path("cpu") == "/sys/fs/cgroup/cpu/corral-batch/sb1"
+    # the group's own weight: what bounds every batch cgroup together
+    assert cgroups.group_plan(batch, 10) == [
+        Mkdir("/sys/fs/cgroup/memory/corral-batch", exist_ok=True),
+        Mkdir("/sys/fs/cgroup/pids/corral-batch", exist_ok=True),
+        Mkdir("/sys/fs/cgroup/cpu/corral-batch", exist_ok=True),
+        Mkdir("/sys/fs/cgroup/freezer/corral-batch", exist_ok=True),
+        Mkdir("/sys/fs/cgroup/cpuacct/corral-batch", exist_ok=True),
+        Write("/sys/fs/cgroup/cpu/corral-batch/cpu.shares", "102"),
+    ]
+    assert cgroups.group_plan(batch)[-1] == Mkdir("/sys/fs/cgroup/cpuacct/corral-batch",
+                                                  exist_ok=True)  # no weight: none written
+
+
+def test_the_batch_group_on_v2_root_and_delegated():
+    assert cgroups.group_plan(V2.in_group(cgroups.BATCH_DIR), 10) == [
+        Write("/sys/fs/cgroup/cgroup.subtree_control", "+memory +pids +cpu"),
+        Mkdir("/sys/fs/cgroup/corral-batch", exist_ok=True),
+        Write("/sys/fs/cgroup/corral-batch/cgroup.subtree_control", "+memory +pids +cpu"),
+        Write("/sys/fs/cgroup/corral-batch/cpu.weight", "10"),
+    ]
+    app = "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice"
+    layout = layout_of(
+        V2_MOUNTS, V2_CGROUP, {f"{app}/cgroup.controllers": "cpu memory pids"}, False
+    ).in_group(cgroups.BATCH_DIR)
+    assert plan(layout, "sb1", CgroupLimits(cpu_weight=10)) == [
+        Write(f"{app}/cgroup.subtree_control", "+memory +pids +cpu"),
+        Mkdir(f"{app}/corral-batch", exist_ok=True),
+        Write(f"{app}/corral-batch/cgroup.subtree_control", "+memory +pids +cpu"),
+        Mkdir(f"{app}/corral-batch/sb1"),
+        Write(f"{app}/corral-batch/sb1/memory.swap.max", "0", optional=True),
+        Write(f"{app}/corral-batch/sb1/cpu.weight", "10"),
+    ]
+
+
+def test_a_group_is_corral_or_batch():
+    with pytest.raises(ValueError, match=r"^a cgroup group is one of \('corral', "
+                                         r"'corral-batch'\), not '\.\./x'$"):
+        V1.in_group("../x")
+
+
+def test_recorded_finds_the_group_a_state_names(fake_v1):
+    batch = fake_v1.in_group(cgroups.BATCH_DIR)
+    for mnt in fake_v1.controllers.values():  # plain directories: no knobs to write
+        os.makedirs(os.path.join(mnt, "corral-batch", "sb1"))
+    made = Cgroup(batch, "sb1")
+    found = cgroups.recorded(fake_v1, {"cgroup": "sb1", "cgroup_group": "corral-batch"}, "sb1")
+    assert found.paths == made.paths
+    # a state without the key (an older one, or corral/'s) is corral/'s: not this one
+    with pytest.raises(NotFound, match=r"^no cgroup corral/sb1 in "):
+        cgroups.recorded(fake_v1, {"cgroup": "sb1"}, "sb1")
+    with pytest.raises(NotFound, match=r"^sandbox sb1: its state names an unknown cgroup "
+                                       r"group '\.\.'$"):
+        cgroups.recorded(fake_v1, {"cgroup_group": ".."}, "sb1")
+    made.destroy()
+
+
+def test_make_group_sets_the_weight_of_the_group_itself(tmp_path):
+    controllers = {}
+    for c in ("memory", "pids", "cpu", "freezer"):
+        (tmp_path / c).mkdir()
+        controllers[c] = str(tmp_path / c)
+    layout = CgroupLayout(version=1, controllers=controllers, group=cgroups.BATCH_DIR)
+    (tmp_path / "cpu" / "corral-batch").mkdir()
+    (tmp_path / "cpu" / "corral-batch" / "cpu.shares").write_text("")  # a knob to write
+    cgroups.make_group(layout, 10)
+    assert (tmp_path / "cpu" / "corral-batch" / "cpu.shares").read_text() == "102"
+    assert sorted(os.listdir(tmp_path / "memory")) == ["corral-batch"]
+    cgroups.make_group(layout)  # again, no weight: nothing changes, nothing fails
+    assert (tmp_path / "cpu" / "corral-batch" / "cpu.shares").read_text() == "102"

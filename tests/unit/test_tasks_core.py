@@ -127,9 +127,12 @@ def test_held_resources_become_the_sandbox_limits():
     spec = TaskSpec(argv=("x",), sandbox=SandboxSpec(cpus=1.0, memory_bytes=1 << 29,
                                                      timeout_s=3.0),
                     resources={"cpu": 2, "memory": 3 << 30})
-    assert sandbox_limits(spec) == SandboxSpec(cpus=2.0, memory_bytes=3 << 30, timeout_s=3.0)
+    assert sandbox_limits(spec) == SandboxSpec(cpus=2.0, memory_bytes=3 << 30, timeout_s=3.0,
+                                               batch=True)
     plain = TaskSpec(argv=("x",), sandbox=SandboxSpec(cpus=1.0))
-    assert sandbox_limits(plain) is plain.sandbox
+    # every task is batch work, even one whose spec says otherwise
+    assert sandbox_limits(plain) == SandboxSpec(cpus=1.0, batch=True)
+    assert sandbox_limits(TaskSpec(argv=("x",), sandbox=SandboxSpec(batch=False))).batch
 
 
 # -- placement -------------------------------------------------------------------------------
