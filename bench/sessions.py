@@ -381,11 +381,12 @@ class Daemon:
                 for name, _, path in (p.partition("=") for p in packages))
         self.log = open(self.log_path, "wb")
         nice = extra_env.pop("__nice", None)
+        own_session = extra_env.pop("__own_session", None) is not None
         self.proc = subprocess.Popen(
             [sys.executable, "-c", DAEMON_LAUNCHER, "daemon", "--socket", self.socket,
              "--state", os.path.join(self.dir, "state"), "--session-idle-ttl", "10m",
              *daemon_args],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=own_session,
             preexec_fn=(lambda: os.nice(int(nice))) if nice else None)
         self.pid = self.proc.pid
         from corral.runtime.client import Client
@@ -937,6 +938,8 @@ def run_impl(impl: str, args, workdir: str, agent_path: str, log) -> dict:
     extra_env = dict(kv.split("=", 1) for kv in args.daemon_env)
     if args.daemon_nice:
         extra_env["__nice"] = str(args.daemon_nice)
+    if args.daemon_own_session:
+        extra_env["__own_session"] = "1"
     daemon = Daemon(workdir, impl, extra_env, args.daemon_package, args.daemon_arg)
     try:
         with open(agent_path, "rb") as f:
@@ -1063,6 +1066,11 @@ def main(argv=None) -> int:
                     help="with --py-spy: also sample C frames (grpc's Cython and C core)")
     ap.add_argument("--daemon-nice", type=int, default=0,
                     help="start the daemon at this nice value (experiment: CPU weight)")
+    ap.add_argument("--daemon-own-session", action="store_true",
+                    help="start the daemon in a session of its own (setsid): where the "
+                         "kernel groups processes by session for the CPU (autogroup), it "
+                         "then competes as its own group, as under a service manager's "
+                         "cgroup, instead of sharing one with the bench's clients")
     ap.add_argument("--client-nice", type=int, default=0,
                     help="run the client workers at this nice value")
     ap.add_argument("--daemon-env", action="append", default=[], metavar="K=V")
@@ -1118,7 +1126,7 @@ def main(argv=None) -> int:
         result["settings"] = {k: getattr(args, k) for k in (
             "sessions", "workers", "rate", "burst_ms", "duration", "warmup", "interrupt_every",
             "tokens", "twin_tokens", "repeats", "quick", "daemon_env", "daemon_package",
-            "daemon_nice", "client_nice", "parts", "api", "daemon_arg",
+            "daemon_nice", "daemon_own_session", "client_nice", "parts", "api", "daemon_arg",
             "pipe_bytes")}
         result["machine"]["loadavg_end"] = os.getloadavg()[0]
     finally:
