@@ -30,6 +30,7 @@ import errno as errno_mod
 import fcntl
 import glob
 import json
+import logging
 import os
 import re
 import secrets
@@ -45,6 +46,8 @@ from ..errors import FailedPrecondition, InvalidSpec, NotFound, SandboxSetupErro
 from ..locks import flock_held
 from ..workspace import _kind as kind_of
 from . import state_root
+
+_log = logging.getLogger("corral.sandbox")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MS_NOSUID, _MS_NODEV, _MS_RDONLY = 2, 4, 1
@@ -287,6 +290,33 @@ class ChangeSet:
                 raise SandboxSetupError("mount changes image", image, errno_mod.EBUSY,
                                         "a mount of it that ended is still held")
             time.sleep(0.02)
+        try:
+            self._mount_image(image, read_only)
+        except SandboxSetupError as exc:
+            if not read_only or exc.errno != errno_mod.EROFS:
+                raise
+            # A writable mount that never ended cleanly (the host went down under a
+            # sandbox or task on it) left the journal in need of recovery, which a
+            # read-only device cannot replay. Nothing else backs the image (waited for
+            # above): replay it with a writable mount, as the next sandbox's would, then
+            # mount it read-only.
+            _log.warning("changes image %s: its journal needs recovery (a mount of it did "
+                         "not end cleanly); replaying it", image)
+            self._mount_image(image, False)
+            if _libc.umount2(os.fsencode(self.mnt), 0) != 0:  # synchronous: journal done
+                err = ctypes.get_errno()
+                self.unmount()
+                raise SandboxSetupError("unmount changes image", image, err,
+                                        "after replaying its journal") from None
+            self._mount_image(image, True)
+        if not read_only:
+            for name, mode in (("upper", 0o755), ("work", 0o700)):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(self.mnt, name), mode)
+            os.chown(self.upper, self.meta["upper_uid"], self.meta["upper_uid"])
+        return True
+
+    def _mount_image(self, image: str, read_only: bool) -> None:
         loop = _attach_loop(image, read_only)
         try:
             flags = _MS_NOSUID | _MS_NODEV | (_MS_RDONLY if read_only else 0)
@@ -296,12 +326,6 @@ class ChangeSet:
                 raise SandboxSetupError("mount changes image", image, err, f"on {loop[1]}")
         finally:
             os.close(loop[0])  # autoclear: the device goes with the last unmount
-        if not read_only:
-            for name, mode in (("upper", 0o755), ("work", 0o700)):
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(os.path.join(self.mnt, name), mode)
-            os.chown(self.upper, self.meta["upper_uid"], self.meta["upper_uid"])
-        return True
 
     def unmount(self) -> None:
         """Unmount mnt/ (lazily: a reader still inside keeps its view); idempotent."""

@@ -16,6 +16,8 @@ from corral.sandbox.state import changes as changes_mod
 from corral.sandbox.state.changes import ChangeSet, ChangesNotFound
 from corral.sandbox.state.diff import ApplyConflict, apply, diff
 
+from ..processes import wait_until
+
 OWNER = (1000, 1000)
 
 
@@ -260,4 +262,33 @@ def test_a_mount_waits_for_the_writable_mount_of_an_ended_sandbox_to_go(tmp_path
         os.close(holder)
     with changes.mounted():
         assert [c.path for c in diff(changes)] == ["late.txt"]
+    changes.discard()
+
+
+def test_changes_left_by_a_host_crash_are_read_after_their_journal_is_replayed(tmp_path,
+                                                                               changes_root):
+    """The upper image as a power cut under a running sandbox leaves it: a copy taken while
+    it was mounted writable, its journal needing recovery. A read-only loop device cannot
+    replay it (EROFS); the diff replays it with a writable mount first and reads what the
+    sandbox wrote."""
+    import shutil
+    import subprocess
+
+    host = make_host(tmp_path)
+    changes = ChangeSet.create(changes_root, "sbx-crash", host, upper_uid=100000)
+    changes.mount()
+    with open(os.path.join(changes.upper, "made-before.txt"), "w") as f:
+        f.write("kept\n")
+    os.sync()
+    image = os.path.join(changes.path, "upper.img")
+    shutil.copyfile(image, image + ".at-crash")
+    changes.unmount()
+    assert wait_until(lambda: not changes_mod._attached(image), timeout_s=5)
+    os.replace(image + ".at-crash", image)
+    features = subprocess.run(["dumpe2fs", "-h", image], capture_output=True, text=True).stdout
+    assert "needs_recovery" in features  # what the test stands for: a dirty journal
+    assert [(c.path, c.kind) for c in diff(changes)] == [("made-before.txt", "added")]
+    assert not changes.is_mounted()  # the diff's read-only mount went with it
+    features = subprocess.run(["dumpe2fs", "-h", image], capture_output=True, text=True).stdout
+    assert "needs_recovery" not in features
     changes.discard()
