@@ -443,12 +443,17 @@ def group_plan(layout: CgroupLayout, cpu_weight: int | None = None) -> list[Cgro
             Write(os.path.join(base, "cgroup.subtree_control"), V2_ENABLE),
         ]
     if cpu_weight is not None:
-        cpu = layout.bases()["cpu"]
-        limits = CgroupLimits(cpu_weight=cpu_weight)
-        ops.append(Write(os.path.join(cpu, "cpu.shares"), str(limits.cpu_shares))
-                   if layout.version == 1 else
-                   Write(os.path.join(cpu, "cpu.weight"), str(limits.cpu_weight)))
+        ops.append(Write(*_weight_knob(layout.version, layout.bases()["cpu"], cpu_weight)))
     return ops
+
+
+def _weight_knob(version: int, cpu_dir: str, weight: int | None) -> tuple[str, str]:
+    """(file, value) that sets the cgroup at cpu_dir to weight (None: the ordinary 100):
+    v1 cpu.shares in proportion, v2 cpu.weight."""
+    limits = CgroupLimits(cpu_weight=100 if weight is None else weight)
+    if version == 1:
+        return os.path.join(cpu_dir, "cpu.shares"), str(limits.cpu_shares)
+    return os.path.join(cpu_dir, "cpu.weight"), str(limits.cpu_weight)
 
 
 def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp]:
@@ -762,10 +767,7 @@ class Cgroup:
         _write("cgroup write", path, value)
 
     def _weight_file(self, weight: int | None) -> tuple[str, str]:
-        limits = CgroupLimits(cpu_weight=100 if weight is None else weight)
-        if self.layout.version == 1:
-            return os.path.join(self._dir["cpu"], "cpu.shares"), str(limits.cpu_shares)
-        return os.path.join(self._dir["cpu"], "cpu.weight"), str(limits.cpu_weight)
+        return _weight_knob(self.layout.version, self._dir["cpu"], weight)
 
     def _freeze_file(self, frozen: bool) -> tuple[str, str]:
         if self.layout.version == 1:
