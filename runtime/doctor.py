@@ -218,8 +218,23 @@ def check_cgroups() -> Check:
                f"everything)")
     if problem is None:
         how = "as root" if os.geteuid() == 0 else "delegated to you"
-        return Check("cgroups", OK, f"v{layout.version} ({where}); writable {how}", without)
+        return Check("cgroups", OK, f"v{layout.version} ({where}); writable {how}; "
+                                    f"{_batch_group(layout)}", without)
     return Check("cgroups", DEGRADED, f"v{layout.version} ({where}); {problem}", without)
+
+
+def _batch_group(layout) -> str:
+    """What the deep tasks' group (corral-batch/, beside corral/) weighs now."""
+    from corral.sandbox import cgroups
+    from corral.sandbox.procinfo import read_or_none
+
+    cpu = layout.in_group(cgroups.BATCH_DIR).bases()["cpu"]
+    knob = "cpu.shares" if layout.version == 1 else "cpu.weight"
+    value = read_or_none(os.path.join(cpu, knob), strip=True)
+    if value is None:
+        return (f"deep tasks: {cgroups.BATCH_DIR}/ not made yet (a daemon makes it at its "
+                f"task_cpu_weight)")
+    return f"deep tasks: {cgroups.BATCH_DIR}/ at {knob} {value}"
 
 
 def check_cgroup_moves() -> Check:

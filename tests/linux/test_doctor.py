@@ -4,6 +4,7 @@ here, and the pool is shown."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,14 @@ def test_doctor_json_as_root():
     assert found.split("; ")[-2].endswith(" at /tmp): yes")
     assert found.split("; ")[-1] == "tmpfs (task workspaces) (a new tmpfs): yes"
     assert checks["cgroups"]["found"].startswith("v1 (")
+    # the deep tasks' group and its weight as a daemon (or an earlier test's) left it
+    shares = "/sys/fs/cgroup/cpu/corral-batch/cpu.shares"
+    batch = checks["cgroups"]["found"].split("; ")[-1]
+    if os.path.exists(shares):
+        with open(shares) as f:
+            assert batch == f"deep tasks: corral-batch/ at cpu.shares {f.read().strip()}"
+    else:
+        assert batch.startswith("deep tasks: corral-batch/ not made yet")
     assert checks["cgroup moves"]["found"].startswith("cgroup2 favordynmods is on")
 
 
