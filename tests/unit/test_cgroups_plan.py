@@ -382,12 +382,18 @@ def test_plan_v2_no_limits_still_disables_swap():
     ]
 
 
+#: the parent a delegated v2 layout (a user's app.slice) makes its groups in
+APP = "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice"
+
+
+def delegated_v2() -> CgroupLayout:
+    return layout_of(V2_MOUNTS, V2_CGROUP, {f"{APP}/cgroup.controllers": "cpu memory pids"},
+                     False)
+
+
 def test_plan_v2_delegated_parent_pids_and_cpu():
-    app = "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice"
-    layout = layout_of(
-        V2_MOUNTS, V2_CGROUP, {f"{app}/cgroup.controllers": "cpu memory pids"}, False
-    )
-    assert plan(layout, "sb1", CgroupLimits(pids_max=100, cpu_quota=2)) == [
+    app = APP
+    assert plan(delegated_v2(), "sb1", CgroupLimits(pids_max=100, cpu_quota=2)) == [
         Write(f"{app}/cgroup.subtree_control", "+memory +pids +cpu"),
         Mkdir(f"{app}/corral", exist_ok=True),
         Write(f"{app}/corral/cgroup.subtree_control", "+memory +pids +cpu"),
@@ -521,11 +527,9 @@ def test_the_batch_group_on_v2_root_and_delegated():
         Write("/sys/fs/cgroup/corral-batch/cgroup.subtree_control", "+memory +pids +cpu"),
         Write("/sys/fs/cgroup/corral-batch/cpu.weight", "10"),
     ]
-    app = "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice"
-    layout = layout_of(
-        V2_MOUNTS, V2_CGROUP, {f"{app}/cgroup.controllers": "cpu memory pids"}, False
-    ).in_group(cgroups.BATCH_DIR)
-    assert plan(layout, "sb1", CgroupLimits(cpu_weight=10)) == [
+    app = APP
+    assert plan(delegated_v2().in_group(cgroups.BATCH_DIR), "sb1",
+                CgroupLimits(cpu_weight=10)) == [
         Write(f"{app}/cgroup.subtree_control", "+memory +pids +cpu"),
         Mkdir(f"{app}/corral-batch", exist_ok=True),
         Write(f"{app}/corral-batch/cgroup.subtree_control", "+memory +pids +cpu"),
@@ -557,12 +561,8 @@ def test_recorded_finds_the_group_a_state_names(fake_v1):
     made.destroy()
 
 
-def test_make_group_sets_the_weight_of_the_group_itself(tmp_path):
-    controllers = {}
-    for c in ("memory", "pids", "cpu", "freezer"):
-        (tmp_path / c).mkdir()
-        controllers[c] = str(tmp_path / c)
-    layout = CgroupLayout(version=1, controllers=controllers, group=cgroups.BATCH_DIR)
+def test_make_group_sets_the_weight_of_the_group_itself(fake_v1, tmp_path):
+    layout = fake_v1.in_group(cgroups.BATCH_DIR)
     (tmp_path / "cpu" / "corral-batch").mkdir()
     (tmp_path / "cpu" / "corral-batch" / "cpu.shares").write_text("")  # a knob to write
     cgroups.make_group(layout, 10)
