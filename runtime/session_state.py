@@ -18,6 +18,11 @@ Rules this module keeps:
 * A client is told of a turn event only once it has every stream entry the event comes
   after (`deliverable`), so events and batches never cross on one stream. News of a
   delegated task (`TaskNote`, published by `tell`) keeps the same rule.
+* Every event but the exit is also kept in ``SessionTurns.log`` (the newest LOG_ENTRIES):
+  a stream that starts watching after entry N is first handed what it lacks (`missed`),
+  so an event published before anyone watched (an agent whose first turn ended while its
+  session's start was still being recorded, a turn that ended while the client was away)
+  is not lost.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from dataclasses import dataclass
 
 from corral.sandbox.errors import Ended, InvalidTransition
 
-#: News of delegated tasks a session keeps for clients that resume.
-TASK_LOG_ENTRIES = 4096
+#: Turn events and news of delegated tasks a session keeps for the streams that start
+#: watching it later (a start racing its agent's first turn, a resume).
+LOG_ENTRIES = 4096
 
 
 class Phase(enum.Enum):
@@ -46,26 +52,26 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TurnStarted:
     turn: int
     seq: int  # the first stream entry of the turn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TurnEnded:
     turn: int
     status: str
     seq: int  # the TURN_END entry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Exited:
     returncode: int  # the agent's exit code, or -N when signal N killed it
     reason: str  # a requested close's reason, else how the agent ended, e.g. "exited"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskNote:
     """What the session's agent was told of a task it delegated (protocol v1.1), as its
     watchers get it: event "accepted", "refused", "update" or "done"."""
@@ -91,7 +97,7 @@ class SessionTurns:
     called synchronously, in the order the changes happen.
     """
 
-    __slots__ = ("phase", "turn", "exited", "close_reason", "listeners", "task_log")
+    __slots__ = ("phase", "turn", "exited", "close_reason", "listeners", "log")
 
     def __init__(self) -> None:
         self.phase = Phase.IN_TURN
@@ -100,9 +106,10 @@ class SessionTurns:
         #: Set by the first request_close(): the reason the session's exit will give.
         self.close_reason: str | None = None
         self.listeners: set = set()
-        #: What the agent was told of the tasks it delegated, replayed to a client that
-        #: resumes: the session's log of its deep tasks (the oldest go first).
-        self.task_log: deque[TaskNote] = deque(maxlen=TASK_LOG_ENTRIES)
+        #: Every event published but the exit (turns started and ended, what the agent was
+        #: told of its deep tasks), oldest first: handed to the streams that start watching
+        #: later (see `missed`).
+        self.log: deque[TurnStarted | TurnEnded | TaskNote] = deque(maxlen=LOG_ENTRIES)
 
     @property
     def turn_open(self) -> bool:
@@ -161,7 +168,6 @@ class SessionTurns:
     def tell(self, note: TaskNote) -> TaskNote:
         """Log news of a delegated task and publish it to every listener (it changes no
         phase)."""
-        self.task_log.append(note)
         return self._publish(note)
 
     def _move(self, to: Phase) -> None:
@@ -172,6 +178,8 @@ class SessionTurns:
         self.phase = to
 
     def _publish(self, event):
+        if not isinstance(event, Exited):
+            self.log.append(event)
         for listener in list(self.listeners):
             listener.put_nowait(event)
         return event
@@ -187,3 +195,12 @@ def deliverable(event, next_seq: int) -> bool:
         return next_seq >= event.seq
     return True
 
+
+
+def missed(event, after: int) -> bool:
+    """Whether a client that has every entry up to `after` (0: none) and starts watching now
+    lacks this logged event: it comes after an entry the client does not have yet.
+
+    A turn's end is told after its TURN_END entry (seq); a turn's start and a task's news
+    before the entry `seq`. A client holding entry `seq` was told of either already."""
+    return event.seq > after

@@ -16,8 +16,10 @@ Rules this module keeps:
   must end (its sessions keep running; a resume comes back).
 * A turn event waits until the client has every entry it follows
   (`session_state.deliverable`); the exit goes out after the last entry, and then the
-  session leaves the stream. News of delegated tasks (`TaskNote`) travels the same way,
-  and a stream that resumes after entry N first gets the session's task log after N.
+  session leaves the stream. News of delegated tasks (`TaskNote`) travels the same way.
+  A stream that starts watching after entry N (0 for a start) first gets the turn events
+  and task news of the session's log that come after N (`session_state.missed`): nothing
+  published before the stream attached is lost.
 * A watch-only subscription may not steer.
 """
 
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 from corral.sandbox.errors import CorralError, Ended, InvalidSpec, NotFound, PermissionDenied
 
-from .session_state import Exited, deliverable
+from .session_state import Exited, deliverable, missed
 
 #: Request kinds that act on a session (a watch-only subscription may not send them).
 STEERING = frozenset({"input", "interrupt", "close"})
@@ -59,9 +61,11 @@ class Watched:
         self.exited: Exited | None = session.exited
         self.dirty = False
         self.watcher = session.hub.watch(after or None, field="resume.after_seq")
-        for note in session.turns.task_log:  # the news of its deep tasks this client may lack
-            if note.seq > after and watch.owe(watch.event_cost(note)):
-                self.events.append(note)
+        # the turn events and task news published before this stream watched: a start
+        # that raced its agent's first turn, a resume after a turn ended
+        for event in session.turns.log:
+            if missed(event, after) and watch.owe(watch.event_cost(event)):
+                self.events.append(event)
         # Not kept on self: watched -> bound method -> watched would be a reference cycle
         # holding the session (and its replay log) until the cyclic GC ran; bound methods
         # compare equal, so remove_notify(self.mark) finds it.

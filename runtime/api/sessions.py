@@ -59,7 +59,8 @@ def _session_event(ev) -> bytes:
         return _event(exited=pb.SessionExited(returncode=ev.returncode, reason=ev.reason,
                                               **exit_fields(ev.returncode, ev.reason)))
     if isinstance(ev, TaskNote):
-        return _event(task=pb.SessionTaskEvent(**ev.__dict__))
+        return _event(task=pb.SessionTaskEvent(
+            **{name: getattr(ev, name) for name in TaskNote.__slots__}))
     raise TypeError(ev)
 
 

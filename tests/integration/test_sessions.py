@@ -113,6 +113,38 @@ def test_resume_after_a_dropped_connection_loses_and_repeats_nothing(client, san
     assert second.first("exited").returncode == 0
 
 
+def test_a_stream_that_watches_after_a_turn_ended_is_told_of_it_once(client, sandbox):
+    # A turn event published before a stream watched (a start whose agent ended its first
+    # turn while the start was still being recorded: the soak's hang) used to be lost.
+    owner = _open(client, sandbox, "--tokens", 50)
+    owner.wait_for(lambda r: r.turn_ends(), what="turn_ended")
+    [ended] = owner.of_kind("turn_ended")
+    late = SessionRecorder(client.resume_session(owner.session_id, watch_only=True))
+    late.wait_for(lambda r: r.turn_ends(), what="the late stream's turn_ended")
+    assert late.entries == owner.entries
+    assert late.of_kind("turn_ended") == [ended]
+    # a stream holding the TURN_END entry was told of the end already: not again
+    after = SessionRecorder(client.resume_session(owner.session_id, after_seq=ended.seq,
+                                                  watch_only=True))
+    before = SessionRecorder(client.resume_session(owner.session_id, after_seq=ended.seq - 1,
+                                                   watch_only=True))
+    before.wait_for(lambda r: r.turn_ends(), what="turn_ended after resuming before it")
+    assert before.of_kind("turn_ended") == [ended]
+    owner.stream.send_input("more")  # turn 2: 50 tokens more, told live to every stream
+    for rec in (owner, late, after, before):
+        rec.wait_for(lambda r: len(r.of_kind("turn_ended")) == 2 - (r is after),
+                     what="turn 2's end")
+    owner.stream.close_session()
+    for rec in (owner, late, after, before):
+        rec.join()
+        assert rec.error is None, rec.error
+        assert [e.turn for e in rec.of_kind("turn_started")] == [2]
+        assert rec.first("exited").reason == "closed"
+    assert owner.turn_ends() == [(1, "completed"), (2, "completed")]
+    assert late.turn_ends() == before.turn_ends() == owner.turn_ends()
+    assert after.turn_ends() == [(2, "completed")]
+
+
 def test_watchers_get_identical_streams(client, sandbox):
     owner = _open(client, sandbox, "--idle", "--tokens", 5000, "--exit", 0)
     sid = owner.session_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from corral.ext import EventKind, TokenStream
-from corral.runtime.session_state import SessionTurns
+from corral.runtime.session_state import LOG_ENTRIES, SessionTurns, TurnEnded, TurnStarted
 from corral.runtime.session_watch import SessionWatch, Watched
 from corral.runtime.streams import StreamHub
 from corral.sandbox.errors import CorralError, ResourceExhausted
@@ -122,7 +122,72 @@ def test_a_session_already_exited_is_done_once_its_entries_are_taken():
     sub = Stream().sub(session=session)
     assert sub.exited == session.exited and not sub.done
     sub.watcher.take_ready()
+    assert not sub.done  # the turn's end, published before the stream watched, is owed
+    assert isinstance(sub.pop_deliverable(), TurnEnded)
     assert sub.done
+
+
+def end_turn(session, status: str = "completed") -> int:
+    seq = session.hub.append_event(EventKind.TURN_END, b'{"status":"%s"}' % status.encode())
+    session.turns.end_turn(status, seq)
+    return seq
+
+
+def taken(sub) -> list:
+    """Every turn event sub may have once it took every entry, in order."""
+    sub.watcher.take_ready()
+    events = []
+    while (event := sub.pop_deliverable()) is not None:
+        events.append(event)
+    return events
+
+
+def test_a_turn_that_ended_before_the_stream_watched_is_not_lost():
+    # The soak's hang: an agent's first turn ended while its session's start was still
+    # being recorded, before any stream watched it; the stream never heard of the end.
+    session = FakeSession()
+    session.token()
+    first_end = end_turn(session)
+    s = Stream()
+    sub = s.sub(session=session)
+    assert sub.pop_deliverable() is None  # not before the TURN_END entry
+    assert taken(sub) == [TurnEnded(1, "completed", first_end)]
+    # what happens next arrives live, once
+    session.turns.input_arrived("s", session.hub.stream.next_seq)
+    session.token()
+    second_end = end_turn(session, "interrupted")
+    assert taken(sub) == [TurnStarted(2, first_end + 1), TurnEnded(2, "interrupted", second_end)]
+    assert s.queued == 0
+
+
+def test_a_resume_gets_the_turn_events_after_its_seq_and_not_those_before():
+    session = FakeSession()
+    session.token()
+    first_end = end_turn(session)  # entry 2
+    session.turns.input_arrived("s", session.hub.stream.next_seq)  # turn 2 from entry 3
+    session.token()
+    session.token()
+    second_end = end_turn(session)  # entry 5
+    events = [TurnStarted(2, 3), TurnEnded(2, "completed", second_end)]
+    assert taken(Stream().sub(session=session, after=first_end)) == events
+    assert taken(Stream().sub(session=session, after=first_end - 1)) == [
+        TurnEnded(1, "completed", first_end), *events]
+    # holding the TURN_END entry, the client was told of that end already
+    assert taken(Stream().sub(session=session, after=second_end)) == []
+    assert taken(Stream().sub(session=session, after=3)) == events[1:]
+
+
+def test_the_log_keeps_the_newest_events_only():
+    session = FakeSession()
+    for _ in range(LOG_ENTRIES // 2 + 1):
+        end_turn(session)
+        session.turns.input_arrived("s", session.hub.stream.next_seq)
+    log = session.turns.log
+    assert len(log) == LOG_ENTRIES
+    assert log[0] == TurnEnded(2, "completed", 2) and log[-1].turn == LOG_ENTRIES // 2 + 2
+    end_turn(session)  # the exit is no event of the log
+    session.turns.exit(0, "exited")
+    assert isinstance(log[-1], TurnEnded)
 
 
 def test_past_the_limit_everything_queued_is_dropped_and_the_stream_must_end():
