@@ -102,6 +102,7 @@ class LocalExecutor:
         self.scheduler = None
         self._cpu_weight = cpu_weight
         self._cgroup = None  # shim_cgroup.make's
+        self._relay = None  # shim_cgroup.make_relay's, used only with _cgroup
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._use_zygote = use_zygote
@@ -118,6 +119,8 @@ class LocalExecutor:
             await self._loop.run_in_executor(None, shim_cgroup.sweep)
             self._cgroup = await self._loop.run_in_executor(None, shim_cgroup.make,
                                                             self._cpu_weight)
+            if self._cgroup is not None:
+                self._relay = await self._loop.run_in_executor(None, shim_cgroup.make_relay)
         if self._use_zygote:
             try:
                 self._zygote = Zygote(self._cgroup)
@@ -133,9 +136,9 @@ class LocalExecutor:
         if self._zygote is not None:
             await self._loop.run_in_executor(None, self._zygote.close)
             self._zygote = None
-        if self._cgroup is not None:  # kept while an attempt's shim runs on
-            shim_cgroup.release(self._cgroup)
-            self._cgroup = None
+        for cgroup in (self._cgroup, self._relay):  # kept while an attempt's shim runs on
+            shim_cgroup.release(cgroup)
+        self._cgroup = self._relay = None
 
     def node_alive(self, node) -> bool:
         return True
@@ -144,6 +147,8 @@ class LocalExecutor:
 
     async def launch(self, task, node, plan) -> None:
         plan.tenant = task.tenant
+        if self._cgroup is not None and self._relay is not None:
+            plan.relay_cgroup, plan.home_cgroup = list(self._relay.paths), list(self._cgroup.paths)
         if plan.sandbox.secrets:  # where the values live, never the values (runner.py)
             plan.secret_sources = await self._loop.run_in_executor(
                 None, locate_secrets, self.secret_store, task.tenant, plan.sandbox.secrets)

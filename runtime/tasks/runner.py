@@ -96,6 +96,10 @@ class AttemptPlan:
     secret_sources: dict[str, dict] = field(default_factory=dict)
     #: Whose task it is (recorded with a copy-on-write workspace's change set).
     tenant: str = ""
+    #: Local executor: the cgroup directories its shim relays from while the agent runs,
+    #: and those it came from (shim_cgroup.Moves); empty: it stays where it is.
+    relay_cgroup: list[str] = field(default_factory=list)
+    home_cgroup: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.attempt_id:
@@ -147,8 +151,12 @@ class CheckpointPacer:
 class AttemptRunner:
     """Runs one attempt; thread-safe cancel()."""
 
-    def __init__(self, plan: AttemptPlan, on_change=None):
+    def __init__(self, plan: AttemptPlan, on_change=None, on_phase=None):
+        """on_change: called after each persist (the Ray actor). on_phase: called with
+        "relay" once the agent runs and "home" once it and its sandbox are done (the shim
+        moves between its cgroups)."""
         self.plan = plan
+        self._on_phase = on_phase
         self.files = TaskFiles(plan.tasks_root, plan.task_id)
         self.dir = self.files.attempt_dir(plan.attempt)
         # The sandbox's /workspace: a capped tmpfs off the state filesystem (workspace_fs),
@@ -390,11 +398,17 @@ class AttemptRunner:
             self._changed()
             proc, outputs, events_r, control_w = self._start_agent(env)
             self._control = _InputWriter(control_w)
+            self._phase("relay")
             return self._pump(proc, outputs, events_r, log)
         finally:
+            self._phase("home")
             log.close()
             if self._control is not None:
                 self._control.close()
+
+    def _phase(self, where: str) -> None:
+        if self._on_phase is not None:
+            self._on_phase(where)
 
     def _new_sandbox(self, spec: SandboxSpec) -> SandboxLifecycle:
         """The attempt's sandbox, unstarted. Its secrets' values are read here, at each
@@ -590,14 +604,20 @@ class AttemptRunner:
         self._changed()
 
     def _drain(self, stream, log) -> None:
+        # Of the PROGRESS frames read at once only the newest is written (and rung): an
+        # agent that floods them costs one file write per read, not one per frame.
+        progress = None
         while True:
             ev = stream.next_event()
+            kind = -1 if ev is None else int(ev.kind)
+            if progress is not None and kind != protocol.PROGRESS:
+                replace_live(os.path.join(self.dir, "progress.json"), progress)
+                self._changed()
+                progress = None
             if ev is None:
                 return
-            kind = int(ev.kind)
             if kind == protocol.PROGRESS:
-                replace_live(os.path.join(self.dir, "progress.json"), bytes(ev.payload))
-                self._changed()
+                progress = bytes(ev.payload)
             elif kind == protocol.CHECKPOINT:  # taken when the pacer allows (the newest frame wins)
                 self._last_frame = bytes(ev.payload)
                 self._pacer.request()

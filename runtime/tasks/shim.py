@@ -5,6 +5,9 @@ dies with *this* process (PR_SET_PDEATHSIG), not with the daemon, so a daemon th
 restarted (or SIGKILLed) leaves the attempt running, and the next daemon re-attaches by
 reading the attempt's runner.json and watching this process through a pidfd. SIGTERM
 cancels the attempt: the sandbox is destroyed, which kills its whole process tree.
+
+While the attempt's agent runs, the shim relays from the daemon's relays' cgroup rather than
+the batch group (shim_cgroup.py: `Moves`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from corral.sandbox.procinfo import live_start_time
 
 from .files import replace_live
 from .runner import AttemptPlan, AttemptRunner
+from .shim_cgroup import Moves
 
 #: Held (flock) for the shim's whole life: a daemon that can take it knows the shim is gone.
 LOCK_NAME = "lock"
@@ -30,7 +34,7 @@ def main(argv: list[str]) -> int:
         return 2
     with open(argv[0]) as f:
         plan = AttemptPlan.from_json(f.read())
-    runner = AttemptRunner(plan)
+    runner = AttemptRunner(plan, on_phase=Moves(plan.relay_cgroup, plan.home_cgroup).enter)
     os.makedirs(runner.dir, mode=0o700, exist_ok=True)
     lock = os.open(os.path.join(runner.dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                    0o600)

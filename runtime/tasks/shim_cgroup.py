@@ -26,12 +26,23 @@ sandbox's.
   The group itself stays, like `corral/`.
 - One weight per host: the last daemon to start sets the group's. On a node without a
   daemon (a Ray worker), the first task's sandbox makes the group at the ordinary weight.
+
+Relaying is not batch work. Once its task's agent runs, a shim only passes frames on
+(progress, results, logs: a few per second), and a watcher waits on each of them. At the
+task weight, behind starting shims and busy task sandboxes, a PROGRESS frame reached the
+session 0.65-1.5 s late at p99 in the mixed bench. So a shim moves itself (`Moves`) into
+this daemon's relays' cgroup, `corral/relays.<pid>.<start time>`, at the ordinary weight
+beside the sessions' sandboxes, for as long as its agent runs, and back to the shims'
+cgroup for the attempt's end (its sandbox's removal, the results' copy). The relays'
+cgroup has a CPU quota (RELAY_CPUS for all of them together): a task that floods its
+shim with frames cannot take more from the sessions than that.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from corral.sandbox import cgroups
 from corral.sandbox.errors import CorralError
@@ -41,6 +52,10 @@ log = logging.getLogger("corral.tasks")
 
 #: Names start with this; the rest is "<daemon pid>.<its start time>".
 PREFIX = "tasks."
+#: The relays' cgroup (in corral/): this, then "<daemon pid>.<its start time>".
+RELAY_PREFIX = "relays."
+#: CPUs the relaying shims of one daemon may use together (a CFS quota).
+RELAY_CPUS = 0.5
 
 
 def name_for(pid: int) -> str:
@@ -81,6 +96,62 @@ def make(weight: int) -> cgroups.Cgroup | None:
         return None
 
 
+def make_relay() -> cgroups.Cgroup | None:
+    """This process's relays' cgroup in `corral/`, at the ordinary weight and RELAY_CPUS
+    (made, or found where it exists), or None where cgroups cannot be made here (logged:
+    shims then relay from the shims' cgroup)."""
+    try:
+        layout = cgroups.detect()
+    except CorralError as exc:
+        log.info("deep tasks' shims relay from their own cgroup: %s", exc)
+        return None
+    problem = cgroups.delegation_problem(layout)
+    if problem is not None:
+        log.info("deep tasks' shims relay from their own cgroup: %s", problem)
+        return None
+    existing = cgroups.Cgroup(layout, owned_name(RELAY_PREFIX, os.getpid()))
+    try:
+        if existing.exists():  # a second executor of this process
+            return existing
+        return cgroups.Cgroup.create(layout, existing.name,
+                                     cgroups.CgroupLimits(cpu_quota=RELAY_CPUS))
+    except CorralError as exc:
+        log.warning("deep tasks' shims relay from their own cgroup: %s", exc)
+        return None
+
+
+class Moves:
+    """A shim's moves between its two cgroups (directories, one per hierarchy, as
+    `Cgroup.paths`): into `relay` while its agent runs, back to `home` for the attempt's
+    end. Either list empty: the shim stays where it is. A move that fails is written to the
+    shim's log (its stderr) and the shim runs on where it is."""
+
+    def __init__(self, relay: list[str], home: list[str]) -> None:
+        self.relay = relay if home else []  # a shim that was not in its cgroup stays out
+        self.home = home if self.relay else []
+        self.where = "home"
+
+    def enter(self, where: str) -> bool:
+        """Move this process to `where` ("relay" or "home"); True once it is there."""
+        dirs = self.relay if where == "relay" else self.home
+        if not dirs or where == self.where:
+            return False
+        pid = str(os.getpid()).encode()
+        for d in dirs:
+            try:
+                fd = os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, pid)
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # its cgroup is gone (a stopped daemon's), or refused
+                print(f"corral: the shim stays in its cgroup: moving to {d}: {exc}",
+                      file=sys.stderr, flush=True)
+                return False
+        self.where = where
+        return True
+
+
 def join(cgroup: cgroups.Cgroup | None, pid: int) -> bool:
     """Move `pid` (the zygote, or a shim started without it) into `cgroup`; False (logged)
     where that fails: it then runs at the ordinary weight."""
@@ -111,16 +182,18 @@ def release(cgroup: cgroups.Cgroup | None) -> bool:
 
 
 def sweep() -> list[str]:
-    """Remove the empty shims' cgroups of daemons that are gone; returns their names. Also
-    those in `corral/`, where daemons before the batch group made them."""
+    """Remove the empty shims' and relays' cgroups of daemons that are gone; returns their
+    names. Also the shims' cgroups in `corral/`, where daemons before the batch group made
+    them."""
     layout = _layout()
     if layout is None:
         return []
     removed = []
-    for group in (cgroups.BATCH_DIR, cgroups.CORRAL_DIR):
+    for group, prefix in ((cgroups.BATCH_DIR, PREFIX), (cgroups.CORRAL_DIR, PREFIX),
+                          (cgroups.CORRAL_DIR, RELAY_PREFIX)):
         try:
-            removed += cgroups.reap_orphans(layout.in_group(group), PREFIX,
-                                            pick=lambda name: owner_gone(name, PREFIX))
+            removed += cgroups.reap_orphans(layout.in_group(group), prefix,
+                                            pick=lambda name, p=prefix: owner_gone(name, p))
         except (CorralError, OSError) as exc:
             log.warning("sweeping the shims' cgroups of stopped daemons failed: %s", exc)
     return removed

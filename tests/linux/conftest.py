@@ -206,9 +206,9 @@ def _cgroup_owner(layout, name: str) -> int | None:
 
 
 def _named_owner(name: str) -> int | None:
-    """The live process whose pool or shims' cgroup this is by its name (sandbox/cgroup_pool.py,
-    runtime/tasks/shim_cgroup.py), or None."""
-    for prefix in (cgroup_pool.PREFIX, shim_cgroup.PREFIX):
+    """The live process whose pool, shims' or relays' cgroup this is by its name
+    (sandbox/cgroup_pool.py, runtime/tasks/shim_cgroup.py), or None."""
+    for prefix in (cgroup_pool.PREFIX, shim_cgroup.PREFIX, shim_cgroup.RELAY_PREFIX):
         owner = named_owner(name, prefix)
         if owner is not None and owner[1]:
             return owner[0]

@@ -1,12 +1,14 @@
 """The cgroups of the deep tasks (runtime/tasks/shim_cgroup.py) on this host's real
 hierarchy: the batch group beside corral/ at the task weight; the shims' cgroup in it made
 at the task weight, joined, kept while a process is in it, removed when empty, and swept
-once its daemon is gone (also from corral/, where earlier daemons made it)."""
+once its daemon is gone (also from corral/, where earlier daemons made it); the relays'
+cgroup in corral/ a shim moves to while its agent runs, and back."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -111,4 +113,91 @@ def test_sweep_removes_the_empty_ones_of_gone_daemons_only(made):
         child.kill()
         child.wait()
         for cg in (dead, older, busy, other):
+            cg.destroy()
+
+
+def _quota(name: str) -> tuple[str, str]:
+    """(quota, period) of corral/<name>'s cpu controller, as v1 or v2 writes them."""
+    cpu = _cpu_dir(name, cgroups.CORRAL_DIR)
+    if cgroups.detect().version == 1:
+        return _read(os.path.join(cpu, "cpu.cfs_quota_us")), _read(
+            os.path.join(cpu, "cpu.cfs_period_us"))
+    quota, period = _read(os.path.join(cpu, "cpu.max")).split()
+    return quota, period
+
+
+MOVER = """
+import sys, time
+from corral.runtime.tasks.shim_cgroup import Moves
+moves = Moves(sys.argv[1].split(","), sys.argv[2].split(","))
+for where in sys.argv[3:]:
+    print(where, moves.enter(where), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_shim_relays_from_the_relays_cgroup_and_goes_home_after(made):
+    relay = shim_cgroup.make_relay()
+    assert relay is not None
+    try:
+        assert relay.name == f"relays.{os.getpid()}.{live_start_time(os.getpid())}"
+        assert relay.layout.group == cgroups.CORRAL_DIR
+        quota, period = _quota(relay.name)  # RELAY_CPUS for all relays together
+        assert int(quota) == int(shim_cgroup.RELAY_CPUS * int(period))
+        assert _read(os.path.join(_cpu_dir(relay.name, cgroups.CORRAL_DIR),
+                                  _weight_file())) == _as_written(100)  # the ordinary weight
+        assert shim_cgroup.make_relay().name == relay.name  # found again, not made twice
+        shim = subprocess.Popen(
+            [sys.executable, "-c", MOVER, ",".join(relay.paths), ",".join(made.paths),
+             "relay", "relay", "home"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert shim_cgroup.join(made, shim.pid)  # born in the shims' cgroup
+            shim.stdin.write("\n")
+            shim.stdin.flush()
+            # relaying: every hierarchy's cgroup is the relays'
+            assert shim.stdout.readline() == "relay True\n"
+            assert relay.pids() == [shim.pid] and made.pids() == []
+            assert f"/{cgroups.CORRAL_DIR}/{relay.name}\n" in _cgroup_of(shim.pid)
+            shim.stdin.write("\n")
+            shim.stdin.flush()
+            assert shim.stdout.readline() == "relay False\n"  # there already
+            shim.stdin.write("\n")
+            shim.stdin.flush()
+            assert shim.stdout.readline() == "home True\n"
+            assert made.pids() == [shim.pid] and relay.pids() == []
+        finally:
+            shim.kill()
+            shim.wait()
+    finally:
+        assert shim_cgroup.release(relay) is True
+    assert not os.path.exists(_cpu_dir(relay.name, cgroups.CORRAL_DIR))
+
+
+def test_a_shim_outside_its_cgroup_never_moves_and_a_failed_move_leaves_it_running(made,
+                                                                                   tmp_path):
+    assert shim_cgroup.Moves([], made.paths).enter("relay") is False
+    moves = shim_cgroup.Moves(["/relay-gone"], [])  # born outside: stays outside
+    assert (moves.relay, moves.home) == ([], [])
+    gone = [str(tmp_path / "gone")]  # a stopped daemon's relays' cgroup, removed meanwhile
+    moves = shim_cgroup.Moves(gone, made.paths)
+    assert moves.enter("relay") is False and moves.where == "home"
+
+
+def test_sweep_removes_the_empty_relays_cgroups_of_gone_daemons(made):
+    layout = cgroups.detect()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = cgroups.Cgroup.create(layout, f"relays.{gone.pid}.1", cgroups.CgroupLimits())
+    busy = cgroups.Cgroup.create(layout, f"relays.{gone.pid}.2", cgroups.CgroupLimits())
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        busy.attach(child.pid)  # a shim relaying for a task that outlived its daemon
+        swept = shim_cgroup.sweep()
+        assert dead.name in swept and not dead.exists()
+        assert busy.name not in swept and busy.exists() and child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+        for cg in (dead, busy):
             cg.destroy()

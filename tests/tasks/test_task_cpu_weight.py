@@ -3,7 +3,8 @@ daemon: a task's sandbox is batch work, made in `corral-batch/` beside `corral/`
 daemon sets that group's weight, which bounds all tasks together, to its task_cpu_weight (v1
 cpu.shares, v2 cpu.weight). Inside it the task's sandbox and the daemon's shims' cgroup
 (runtime/tasks/shim_cgroup.py), where the shim that starts it runs, are at that weight too;
-task_cpu_weight = 100 gives tasks together the weight of the sessions' group."""
+task_cpu_weight = 100 gives tasks together the weight of the sessions' group. Once the
+task's agent runs, its shim relays from the daemon's relays' cgroup in corral/."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 from corral.sandbox import cgroups
 from corral.sandbox.backends.native import runtime_base
 
+from ..processes import wait_until
 from .helpers import RUNNING, attempt_files, shims_under, wait_done, wait_task
 from .test_local_tasks import ONE_SLOT
 
@@ -30,8 +32,10 @@ def _weight_file(name: str = "", group: str = cgroups.BATCH_DIR) -> str:
 
 
 def _weights_of_a_running_task(daemon, client) -> tuple[str, str]:
-    """A running task's sandbox cgroup weight, and its shim's cgroup weight, as the host
-    sees them (its sandbox is made at its weight in the batch group: no later write)."""
+    """A running task's sandbox cgroup weight, and its daemon's shims' cgroup weight, as
+    the host sees them (its sandbox is made at its weight in the batch group: no later
+    write). While its agent runs, its shim relays from the daemon's relays' cgroup in
+    corral/, at the ordinary weight and a quota."""
     t = client.submit_task(["sleep", "60"])
     try:
         wait_task(client, t.id, lambda x: x.state == RUNNING, what="the task running")
@@ -45,7 +49,13 @@ def _weights_of_a_running_task(daemon, client) -> tuple[str, str]:
         with open(_weight_file(sandbox_id)) as f:
             sandbox_weight = f.read().strip()
         (shim,) = shims_under(str(daemon.state.parent))
-        shims = _cgroup_named(shim, f"tasks.{daemon.pid}.")
+        # the shim moves once the agent has started: give it that moment
+        assert wait_until(lambda: _cgroup_named(shim, cgroups.CORRAL_DIR)
+                          .startswith(f"relays.{daemon.pid}."), 10.0), _cgroups_of(shim)
+        relay = _cgroup_named(shim, cgroups.CORRAL_DIR)
+        with open(_weight_file(relay, cgroups.CORRAL_DIR)) as f:
+            assert f.read().strip() == _as_written(100)
+        (shims,) = _daemons_cgroups(daemon, cgroups.BATCH_DIR, "tasks.")
         with open(_weight_file(shims)) as f:
             return sandbox_weight, f.read().strip()
     finally:
@@ -53,15 +63,25 @@ def _weights_of_a_running_task(daemon, client) -> tuple[str, str]:
         wait_done(client, t.id)
 
 
-def _cgroup_named(pid: int, prefix: str) -> str:
-    """The name of pid's corral-batch/<prefix>... cgroup (every hierarchy holds the same)."""
-    group = f"/{cgroups.BATCH_DIR}/"
+def _cgroups_of(pid: int) -> str:
     with open(f"/proc/{pid}/cgroup") as f:
-        names = {line.rsplit(group, 1)[1].strip() for line in f if group in line}
-    assert len(names) == 1, names
-    (name,) = names
-    assert name.startswith(prefix), name
-    return name
+        return f.read()
+
+
+def _cgroup_named(pid: int, group: str) -> str:
+    """The name of pid's <group>/... cgroup ("" if it is in none; every hierarchy holds
+    the same)."""
+    names = {line.rsplit(f"/{group}/", 1)[1].strip()
+             for line in _cgroups_of(pid).splitlines() if f"/{group}/" in line}
+    assert len(names) <= 1, names
+    return names.pop() if names else ""
+
+
+def _daemons_cgroups(daemon, group: str, prefix: str) -> list[str]:
+    """The daemon's own <group>/<prefix><pid>.<start> cgroups."""
+    layout = cgroups.detect().in_group(group)
+    return [n for n in cgroups.list_corral_cgroups(layout)
+            if n.startswith(f"{prefix}{daemon.pid}.")]
 
 
 def _group_weight() -> str:
@@ -82,12 +102,15 @@ def test_a_task_cpu_weight_of_100_gives_tasks_the_weight_of_the_sessions(task_da
     assert _weights_of_a_running_task(d, d.client()) == (_as_written(100), _as_written(100))
 
 
-def test_the_shims_cgroup_goes_with_its_daemon(task_daemon):
-    """Made at start (the zygote is in it), removed at a stop that leaves no shim in it."""
+def test_the_shims_and_relays_cgroups_go_with_their_daemon(task_daemon):
+    """Made at start (the zygote is in the shims'), removed at a stop that leaves no shim
+    in them."""
     d = task_daemon(ONE_SLOT)
-    layout = cgroups.detect().in_group(cgroups.BATCH_DIR)
-    ours = [n for n in cgroups.list_corral_cgroups(layout) if n.startswith(f"tasks.{d.pid}.")]
-    assert len(ours) == 1
-    assert cgroups.Cgroup(layout, ours[0]).pids()  # the zygote
+    (shims,) = _daemons_cgroups(d, cgroups.BATCH_DIR, "tasks.")
+    (relays,) = _daemons_cgroups(d, cgroups.CORRAL_DIR, "relays.")
+    batch = cgroups.detect().in_group(cgroups.BATCH_DIR)
+    assert cgroups.Cgroup(batch, shims).pids()  # the zygote
+    assert not cgroups.Cgroup(cgroups.detect(), relays).pids()  # no task runs
     d.stop()
-    assert not cgroups.Cgroup(layout, ours[0]).exists()
+    assert not cgroups.Cgroup(batch, shims).exists()
+    assert not cgroups.Cgroup(cgroups.detect(), relays).exists()
