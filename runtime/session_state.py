@@ -18,23 +18,25 @@ Rules this module keeps:
 * A client is told of a turn event only once it has every stream entry the event comes
   after (`deliverable`), so events and batches never cross on one stream. News of a
   delegated task (`TaskNote`, published by `tell`) keeps the same rule.
-* Every event but the exit is also kept in ``SessionTurns.log`` (the newest LOG_ENTRIES):
-  a stream that starts watching after entry N is first handed what it lacks (`missed`),
-  so an event published before anyone watched (an agent whose first turn ended while its
-  session's start was still being recorded, a turn that ended while the client was away)
-  is not lost.
+* Every event but the exit is also logged (the newest LOG_ENTRIES turn events and as many
+  task notes, each kind on its own so that many short turns never push out a task's
+  news): a stream that starts watching after entry N is first handed what it lacks, in
+  the order it was published (`SessionTurns.logged_after`), so an event published before
+  anyone watched (an agent whose first turn ended while its session's start was still
+  being recorded, a turn that ended while the client was away) is not lost.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 from collections import deque
 from dataclasses import dataclass
 
 from corral.sandbox.errors import Ended, InvalidTransition
 
-#: Turn events and news of delegated tasks a session keeps for the streams that start
-#: watching it later (a start racing its agent's first turn, a resume).
+#: Turn events, and as many news of delegated tasks, a session keeps for the streams that
+#: start watching it later (a start racing its agent's first turn, a resume).
 LOG_ENTRIES = 4096
 
 
@@ -97,7 +99,8 @@ class SessionTurns:
     called synchronously, in the order the changes happen.
     """
 
-    __slots__ = ("phase", "turn", "exited", "close_reason", "listeners", "log")
+    __slots__ = ("phase", "turn", "exited", "close_reason", "listeners", "turn_log",
+                 "task_log", "_published")
 
     def __init__(self) -> None:
         self.phase = Phase.IN_TURN
@@ -106,10 +109,11 @@ class SessionTurns:
         #: Set by the first request_close(): the reason the session's exit will give.
         self.close_reason: str | None = None
         self.listeners: set = set()
-        #: Every event published but the exit (turns started and ended, what the agent was
-        #: told of its deep tasks), oldest first: handed to the streams that start watching
-        #: later (see `missed`).
-        self.log: deque[TurnStarted | TurnEnded | TaskNote] = deque(maxlen=LOG_ENTRIES)
+        #: (publication number, event), oldest first: the turns started and ended, and
+        #: what the agent was told of its deep tasks (see `logged_after`).
+        self.turn_log: deque[tuple[int, TurnStarted | TurnEnded]] = deque(maxlen=LOG_ENTRIES)
+        self.task_log: deque[tuple[int, TaskNote]] = deque(maxlen=LOG_ENTRIES)
+        self._published = 0
 
     @property
     def turn_open(self) -> bool:
@@ -177,9 +181,17 @@ class SessionTurns:
             raise InvalidTransition(self.phase.name, to.name)
         self.phase = to
 
+    def logged_after(self, after: int) -> list[TurnStarted | TurnEnded | TaskNote]:
+        """The logged events a client holding every entry up to `after` (0: none) lacks
+        (`missed`), in the order they were published."""
+        merged = heapq.merge(self.turn_log, self.task_log, key=lambda item: item[0])
+        return [event for _, event in merged if missed(event, after)]
+
     def _publish(self, event):
         if not isinstance(event, Exited):
-            self.log.append(event)
+            self._published += 1
+            log = self.task_log if isinstance(event, TaskNote) else self.turn_log
+            log.append((self._published, event))
         for listener in list(self.listeners):
             listener.put_nowait(event)
         return event

@@ -18,8 +18,8 @@ Rules this module keeps:
   (`session_state.deliverable`); the exit goes out after the last entry, and then the
   session leaves the stream. News of delegated tasks (`TaskNote`) travels the same way.
   A stream that starts watching after entry N (0 for a start) first gets the turn events
-  and task news of the session's log that come after N (`session_state.missed`): nothing
-  published before the stream attached is lost.
+  and task news of the session's log that come after N (`SessionTurns.logged_after`):
+  nothing published before the stream attached is lost.
 * A watch-only subscription may not steer.
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from corral.sandbox.errors import CorralError, Ended, InvalidSpec, NotFound, PermissionDenied
 
-from .session_state import Exited, deliverable, missed
+from .session_state import Exited, deliverable
 
 #: Request kinds that act on a session (a watch-only subscription may not send them).
 STEERING = frozenset({"input", "interrupt", "close"})
@@ -63,8 +63,8 @@ class Watched:
         self.watcher = session.hub.watch(after or None, field="resume.after_seq")
         # the turn events and task news published before this stream watched: a start
         # that raced its agent's first turn, a resume after a turn ended
-        for event in session.turns.log:
-            if missed(event, after) and watch.owe(watch.event_cost(event)):
+        for event in session.turns.logged_after(after):
+            if watch.owe(watch.event_cost(event)):
                 self.events.append(event)
         # Not kept on self: watched -> bound method -> watched would be a reference cycle
         # holding the session (and its replay log) until the cyclic GC ran; bound methods

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from corral.ext import EventKind, TokenStream
-from corral.runtime.session_state import LOG_ENTRIES, SessionTurns, TurnEnded, TurnStarted
+from corral.runtime.session_state import (
+    LOG_ENTRIES,
+    SessionTurns,
+    TaskNote,
+    TurnEnded,
+    TurnStarted,
+)
 from corral.runtime.session_watch import SessionWatch, Watched
 from corral.runtime.streams import StreamHub
 from corral.sandbox.errors import CorralError, ResourceExhausted
@@ -177,17 +183,25 @@ def test_a_resume_gets_the_turn_events_after_its_seq_and_not_those_before():
     assert taken(Stream().sub(session=session, after=3)) == events[1:]
 
 
-def test_the_log_keeps_the_newest_events_only():
+def test_the_log_keeps_the_newest_events_of_each_kind_in_publication_order():
     session = FakeSession()
-    for _ in range(LOG_ENTRIES // 2 + 1):
+    turns = session.turns
+    note = TaskNote("accepted", session.hub.stream.next_seq, task_id="task-1")
+    turns.tell(note)
+    for _ in range(LOG_ENTRIES // 2 + 1):  # many short turns: 2 events each
         end_turn(session)
-        session.turns.input_arrived("s", session.hub.stream.next_seq)
-    log = session.turns.log
-    assert len(log) == LOG_ENTRIES
-    assert log[0] == TurnEnded(2, "completed", 2) and log[-1].turn == LOG_ENTRIES // 2 + 2
+        turns.input_arrived("s", session.hub.stream.next_seq)
+    assert len(turns.turn_log) == LOG_ENTRIES
+    logged = turns.logged_after(0)
+    # the oldest turn events went; the task's news, published first, did not
+    assert logged[0] is note and logged[1] == TurnEnded(2, "completed", 2)
+    assert logged[-1].turn == LOG_ENTRIES // 2 + 2 and len(logged) == LOG_ENTRIES + 1
+    later = TaskNote("done", session.hub.stream.next_seq, task_id="task-1")
+    turns.tell(later)
     end_turn(session)  # the exit is no event of the log
-    session.turns.exit(0, "exited")
-    assert isinstance(log[-1], TurnEnded)
+    turns.exit(0, "exited")
+    assert turns.logged_after(0)[-2:] == [later, TurnEnded(LOG_ENTRIES // 2 + 2, "completed",
+                                                           session.hub.stream.next_seq - 1)]
 
 
 def test_past_the_limit_everything_queued_is_dropped_and_the_stream_must_end():
