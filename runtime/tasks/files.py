@@ -272,6 +272,19 @@ def tree_signature(rel: str, beneath: str) -> tuple:
     return tuple(sig)
 
 
+
+#: Doorbell bytes: what the shim persisted (one byte per change; the daemon looks at what
+#: the bytes it reads name, and at everything for BELL_ANY or a byte it does not know, as
+#: an older shim's "!").
+BELL_STARTED = b"s"  # runner.json or pulling.json
+BELL_PROGRESS = b"p"  # progress.json
+BELL_RESULT = b"r"  # result.json
+BELL_CHECKPOINT = b"c"  # a new checkpoint (checkpoints/LATEST)
+BELL_NET = b"n"  # egress records appended to the attempt's net events file
+BELL_ANY = b"!"  # anything (the attempt's end)
+BELLS = frozenset(BELL_STARTED + BELL_PROGRESS + BELL_RESULT + BELL_CHECKPOINT + BELL_NET)
+
+
 class TaskFiles:
     """Paths and atomic updates of one task's directory."""
 
@@ -369,12 +382,13 @@ class TaskFiles:
 
     # -- doorbell -------------------------------------------------------------------------------
 
-    def ring(self, fd: int) -> None:
-        """One byte into the notify FIFO; a full FIFO (no daemon reading) is fine."""
+    def ring(self, fd: int, what: bytes = BELL_ANY) -> None:
+        """One byte into the notify FIFO, saying what changed (BELL_*); a full FIFO (no
+        daemon reading) is fine."""
         if fd < 0:
             return
         with contextlib.suppress(OSError):
-            os.write(fd, b"!")
+            os.write(fd, what)
 
     def open_bell_writer(self) -> int:
         # O_RDWR: never blocks and never fails for want of a reader (the daemon may be down).

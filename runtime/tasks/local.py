@@ -4,7 +4,8 @@ Launch writes the attempt's plan and has the warm zygote (zygote.py) fork a shim
 (or, without one, starts ``python -m corral.runtime.tasks.shim``), in its own session; the
 executor then follows the attempt through two descriptors on the event
 loop, no thread and no polling: the task's notify FIFO (one byte per change the shim
-persisted) and a pidfd of the shim (readable once it has exited). After a daemon restart
+persisted, naming what changed: files.BELL_*, so a PROGRESS costs the daemon one file read)
+and a pidfd of the shim (readable once it has exited). After a daemon restart
 ``recover()`` finds a live shim by its lock (flock held for its whole life) and attaches
 the same way.
 """
@@ -27,7 +28,16 @@ from corral.sandbox.errors import Unavailable
 from corral.sandbox.locks import flock_held as _lock_held  # a live shim holds its lock
 
 from . import shim_cgroup
-from .files import TaskFiles, read_json
+from .files import (
+    BELL_CHECKPOINT,
+    BELL_NET,
+    BELL_PROGRESS,
+    BELL_RESULT,
+    BELL_STARTED,
+    BELLS,
+    TaskFiles,
+    read_json,
+)
 from .images import PULLING_FILE
 from .net_audit import audit_net_events
 from .runner import locate_secrets, process_alive
@@ -54,6 +64,9 @@ class _Watch:
     mtimes: dict[str, int] = field(default_factory=dict)
     checkpoint_seq: int = 0
     done: bool = False
+    #: What the bells rung since the last sync name (files.BELL_* bytes); None: anything
+    news: set[int] | None = field(default_factory=set)
+    sync_due: bool = False  # a sync task is made and has not taken `news` yet
 
 
 class Zygote:
@@ -269,49 +282,65 @@ class LocalExecutor:
             self._loop.add_reader(w.pidfd, self._on_exit, w)
         else:  # it had already exited (and been reaped) when we asked
             self._loop.call_soon(self._on_exit, w)
-        self._loop.call_soon(self._on_bell, w)  # what happened before we looked
+        self._loop.call_soon(self._on_bell, w, True)  # what happened before we looked
 
-    def _on_bell(self, w: _Watch) -> None:
+    def _on_bell(self, w: _Watch, first: bool = False) -> None:
+        """The shim rang (or, `first`, we start to follow it: anything may have changed).
+        What the bytes name joins the next sync; one sync task at a time is waiting."""
         if w.done:
             return
+        data = b""
         try:
-            while os.read(w.fifo, 4096):
-                pass
-        except BlockingIOError:
+            while chunk := os.read(w.fifo, 4096):
+                data += chunk
+        except OSError:  # BlockingIOError: all read
             pass
-        except OSError:
-            pass
-        self._loop.create_task(self._sync(w))
+        if first or not data or not BELLS.issuperset(data):  # BELL_ANY, an older shim's
+            w.news = None
+        elif w.news is not None:
+            w.news.update(data)
+        if not w.sync_due:
+            w.sync_due = True
+            self._loop.create_task(self._sync(w, from_bell=True))
 
-    async def _sync(self, w: _Watch) -> None:
+    async def _sync(self, w: _Watch, from_bell: bool = False) -> None:
+        """Report what the shim persisted: what its bells named (from_bell), else all."""
+        news = None
+        if from_bell:
+            news, w.news, w.sync_due = w.news, set(), False
+
+        def rung(bell: bytes) -> bool:
+            return news is None or bell[0] in news
+
         sched = self.scheduler
-        if not w.started and not w.pulling:
+        if rung(BELL_STARTED) and not w.started and not w.pulling:
             pulling = read_json(os.path.join(w.attempt_dir, PULLING_FILE))
             if pulling is not None:
                 w.pulling = True
                 await sched.on_pulling(w.task_id, w.attempt, pulling.get("image", ""))
-        if not w.started:
+        if rung(BELL_STARTED) and not w.started:
             runner = read_json(os.path.join(w.attempt_dir, "runner.json"))
             if runner is not None:
                 w.started = True
                 await sched.on_started(w.task_id, w.attempt, runner.get("started_at", 0.0),
                                        runner)
         kw = {}
-        for name in ("progress", "result"):
-            text = _changed_text(w, f"{name}.json")
+        for name, bell in (("progress", BELL_PROGRESS), ("result", BELL_RESULT)):
+            text = _changed_text(w, f"{name}.json") if rung(bell) else None
             if text is not None:
                 kw[f"{name}_json"] = text
-        seq = w.files.latest_checkpoint()
-        if seq != w.checkpoint_seq:
-            w.checkpoint_seq = seq
-            kw["checkpoint_seq"] = seq
+        if rung(BELL_CHECKPOINT):
+            seq = w.files.latest_checkpoint()
+            if seq != w.checkpoint_seq:
+                w.checkpoint_seq = seq
+                kw["checkpoint_seq"] = seq
         if kw:
             await sched.on_update(w.task_id, w.attempt, **kw)
         task = sched.tasks.get(w.task_id)
-        if task is not None:
+        if task is not None and rung(BELL_NET):
             await audit_net_events(sched.audit, task.tenant, w.task_id, w.attempt,
                                    w.attempt_dir)
-        sched.on_log(w.task_id)
+        sched.on_log(w.task_id)  # its log may have grown: watchers read on
 
     def _on_exit(self, w: _Watch) -> None:
         if w.done:

@@ -46,7 +46,20 @@ from corral.sandbox.backends.base import ExitReason, SandboxLifecycle, ids_befor
 from corral.sandbox.errors import CorralError, FailedPrecondition
 from corral.sandbox.procinfo import live_start_time
 
-from .files import TaskFiles, atomic_write, copy_tree, copy_tree_safe, replace_live, tree_signature
+from .files import (
+    BELL_ANY,
+    BELL_CHECKPOINT,
+    BELL_NET,
+    BELL_PROGRESS,
+    BELL_RESULT,
+    BELL_STARTED,
+    TaskFiles,
+    atomic_write,
+    copy_tree,
+    copy_tree_safe,
+    replace_live,
+    tree_signature,
+)
 from .images import pull_on_node
 
 CHECKPOINT_DIR_INSIDE = "/workspace/.corral/checkpoint"
@@ -179,8 +192,9 @@ class AttemptRunner:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def _changed(self) -> None:
-        self.files.ring(self._bell)
+    def _changed(self, what: bytes = BELL_ANY) -> None:
+        """What was persisted (a BELL_* byte) is rung to the daemon, then on_change."""
+        self.files.ring(self._bell, what)
         if self._on_change is not None:
             self._on_change()
 
@@ -378,7 +392,8 @@ class AttemptRunner:
             if self._cancel.is_set():
                 return {"outcome": "cancelled", "returncode": -9, "reason": "cancelled"}
             if spec.image:  # pulled on this node, into its own store (the task is PULLING)
-                failed = pull_on_node(spec.image, self.dir, self._changed)
+                failed = pull_on_node(spec.image, self.dir,
+                                      functools.partial(self._changed, BELL_STARTED))
                 if failed is not None:
                     return failed
                 if self._cancel.is_set():
@@ -395,7 +410,7 @@ class AttemptRunner:
                 "sandbox_id": self.sandbox.id, "started_at": time.time(),
                 "attempt_id": plan.attempt_id}).encode())
             # running: told now, the agent's start overlaps the daemon's RUNNING commit
-            self._changed()
+            self._changed(BELL_STARTED)
             proc, outputs, events_r, control_w = self._start_agent(env)
             self._control = _InputWriter(control_w)
             self._phase("relay")
@@ -431,7 +446,7 @@ class AttemptRunner:
             os.write(fd, line)
         finally:
             os.close(fd)
-        self.files.ring(self._bell)
+        self.files.ring(self._bell, BELL_NET)
 
     def _start_agent(self, env: dict[str, str]):
         """Run the task's command with the events pipe at fd 3 and the control pipe at 4;
@@ -601,7 +616,7 @@ class AttemptRunner:
         self.files.save_checkpoint(self._last_frame, CHECKPOINT_REL, beneath=self.workspace)
         now = time.monotonic()
         self._pacer.taken_at(now, self.files.last_checkpoint_bytes, now - began)
-        self._changed()
+        self._changed(BELL_CHECKPOINT)
 
     def _drain(self, stream, log) -> None:
         # Of the PROGRESS frames read at once only the newest is written (and rung): an
@@ -612,7 +627,7 @@ class AttemptRunner:
             kind = -1 if ev is None else int(ev.kind)
             if progress is not None and kind != protocol.PROGRESS:
                 replace_live(os.path.join(self.dir, "progress.json"), progress)
-                self._changed()
+                self._changed(BELL_PROGRESS)
                 progress = None
             if ev is None:
                 return
@@ -623,7 +638,7 @@ class AttemptRunner:
                 self._pacer.request()
             elif kind == protocol.RESULT:
                 atomic_write(os.path.join(self.dir, "result.json"), bytes(ev.payload))
-                self._changed()
+                self._changed(BELL_RESULT)
             elif kind == protocol.LOG:
                 log.write(bytes(ev.payload) + b"\n")
             elif kind == 64:  # malformed input: say so in the log

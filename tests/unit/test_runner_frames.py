@@ -36,7 +36,7 @@ def test_only_the_newest_progress_of_a_read_is_written_and_in_order(tmp_path, mo
     monkeypatch.setattr(runner_mod, "replace_live", record)
     monkeypatch.setattr(runner_mod, "atomic_write", record)
     rings = []
-    monkeypatch.setattr(runner, "_changed", lambda: rings.append(len(written)))
+    monkeypatch.setattr(runner, "_changed", lambda what: rings.append((len(written), what)))
     stream = TokenStream("frames")
     stream.feed(_frames(*[(protocol.PROGRESS, {"done": i}) for i in range(1000)],
                         (protocol.LOG, {"line": 1}), (protocol.PROGRESS, {"done": 1000}),
@@ -45,7 +45,8 @@ def test_only_the_newest_progress_of_a_read_is_written_and_in_order(tmp_path, mo
     runner._drain(stream, log)
     assert written == [("progress.json", {"done": 999}), ("progress.json", {"done": 1000}),
                        ("result.json", {"answer": 42}), ("progress.json", {"done": 1001})]
-    assert rings == [1, 2, 3, 4]  # each write is rung once, after it
+    # each write is rung once, after it, naming what changed
+    assert rings == [(1, b"p"), (2, b"p"), (3, b"r"), (4, b"p")]
     assert len(log.lines) == 1
     stream.feed(_frames((protocol.PROGRESS, {"done": 1002})))
     runner._drain(stream, log)  # a later read: its newest is written too

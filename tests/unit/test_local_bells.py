@@ -1,0 +1,118 @@
+"""The local executor's doorbell (runtime/tasks/local.py): a shim rings one byte per change,
+naming what it persisted (files.BELL_*); the daemon reads only what the bytes name, syncs
+once for many bells, and reads everything for BELL_ANY, an unknown byte (an older shim's
+"!") or when it starts to follow an attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from corral.runtime.tasks import local
+from corral.runtime.tasks.files import (
+    BELL_ANY,
+    BELL_CHECKPOINT,
+    BELL_NET,
+    BELL_PROGRESS,
+    BELL_RESULT,
+    TaskFiles,
+)
+
+
+class Scheduler:
+    """What _sync calls, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.tasks = {"task-1": type("Task", (), {"tenant": "t"})()}
+        self.audit = None
+
+    async def on_pulling(self, *args) -> None:
+        self.calls.append(("pulling", *args))
+
+    async def on_started(self, task_id, attempt, started_at, runner) -> None:
+        self.calls.append(("started", task_id))
+
+    async def on_update(self, task_id, attempt, **kw) -> None:
+        self.calls.append(("update", tuple(sorted(kw))))
+
+    def on_log(self, task_id) -> None:
+        self.calls.append(("log",))
+
+
+@pytest.fixture
+def attempt(tmp_path, monkeypatch):
+    """An executor following attempt 1 of task-1 through its real FIFO; the files it reads
+    are counted."""
+    files = TaskFiles(str(tmp_path), "task-1")
+    files.create()
+    attempt_dir = files.attempt_dir(1)
+    os.makedirs(attempt_dir)
+    for name, body in (("runner.json", {"started_at": 1.0}), ("progress.json", {"done": 1}),
+                       ("result.json", {"ok": True})):
+        with open(os.path.join(attempt_dir, name), "w") as f:
+            json.dump(body, f)
+    reads: list[str] = []
+    real_text = local._changed_text
+    monkeypatch.setattr(local, "_changed_text",
+                        lambda w, name: reads.append(name) or real_text(w, name))
+    monkeypatch.setattr(TaskFiles, "latest_checkpoint",
+                        lambda self: reads.append("LATEST") or 0)
+
+    async def net(audit, tenant, task_id, attempt, attempt_dir):
+        reads.append("net")
+        return 0
+
+    monkeypatch.setattr(local, "audit_net_events", net)
+    executor = local.LocalExecutor(use_zygote=False)
+    executor.scheduler = Scheduler()
+    w = local._Watch("task-1", 1, files, attempt_dir, pid=0)
+    w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    bell = files.open_bell_writer()
+    yield executor, w, files, bell, reads
+    os.close(bell)
+    os.close(w.fifo)
+
+
+def _rings(executor, w, files, bell, *bells: bytes, first: bool = False) -> None:
+    async def go() -> None:
+        executor._loop = asyncio.get_running_loop()
+        for what in bells:
+            files.ring(bell, what)
+        executor._on_bell(w, first)
+        await asyncio.sleep(0)  # the sync task runs
+        await asyncio.sleep(0)
+
+    asyncio.run(go())
+
+
+def test_the_first_look_reads_everything_then_a_progress_bell_only_its_file(attempt):
+    executor, w, files, bell, reads = attempt
+    _rings(executor, w, files, bell, first=True)
+    assert reads == ["progress.json", "result.json", "LATEST", "net"]
+    assert executor.scheduler.calls == [("started", "task-1"),
+                                        ("update", ("progress_json", "result_json")),
+                                        ("log",)]
+    reads.clear()
+    executor.scheduler.calls.clear()
+    os.utime(os.path.join(w.attempt_dir, "progress.json"), ns=(1, 1))  # rewritten
+    _rings(executor, w, files, bell, BELL_PROGRESS, BELL_PROGRESS, BELL_PROGRESS)
+    assert reads == ["progress.json"]  # three bells, one sync, one file
+    assert executor.scheduler.calls == [("update", ("progress_json",)), ("log",)]
+
+
+def test_bells_name_what_is_read_and_anything_else_reads_all(attempt):
+    executor, w, files, bell, reads = attempt
+    w.started = True
+    _rings(executor, w, files, bell, BELL_RESULT, BELL_NET)
+    assert reads == ["result.json", "net"]
+    reads.clear()
+    _rings(executor, w, files, bell, BELL_CHECKPOINT)
+    assert reads == ["LATEST"]
+    for unknown in (BELL_ANY, b"?"):  # the attempt's end; an older shim's byte
+        reads.clear()
+        _rings(executor, w, files, bell, BELL_PROGRESS, unknown)
+        assert reads == ["progress.json", "result.json", "LATEST", "net"]
