@@ -67,6 +67,7 @@ class _Watch:
     #: What the bells rung since the last sync name (files.BELL_* bytes); None: anything
     news: set[int] | None = field(default_factory=set)
     sync_due: bool = False  # a sync task is made and has not taken `news` yet
+    heard: bool = False  # a bell came: the shim's end of the FIFO was open
 
 
 class Zygote:
@@ -286,20 +287,34 @@ class LocalExecutor:
 
     def _on_bell(self, w: _Watch, first: bool = False) -> None:
         """The shim rang (or, `first`, we start to follow it: anything may have changed).
-        What the bytes name joins the next sync; one sync task at a time is waiting."""
+        What the bytes name joins the next sync; one sync task at a time is waiting.
+
+        The shim closes its end of the FIFO last of all: from then on the FIFO reads as
+        end-of-file and is always readable (level-triggered), so it is no longer watched:
+        its exit (the pidfd) does the last sync. Watched on, it would wake the loop again
+        and again, a sync each time, until the shim's interpreter had exited. (Before the
+        shim opens its end the FIFO reads as end-of-file too, but is not readable: only
+        an end-of-file after a bell was heard is the shim's.)"""
         if w.done:
             return
         data = b""
+        ended = False
         try:
             while chunk := os.read(w.fifo, 4096):
                 data += chunk
-        except OSError:  # BlockingIOError: all read
+            ended = True  # end-of-file: no writer is left
+        except BlockingIOError:  # all read; the shim's end is still open
             pass
-        if first or not data or not BELLS.issuperset(data):  # BELL_ANY, an older shim's
+        except OSError:
+            ended = True
+        w.heard = w.heard or bool(data)
+        if ended and w.heard and w.fifo >= 0:
+            self._loop.remove_reader(w.fifo)
+        if first or not BELLS.issuperset(data):  # BELL_ANY, an older shim's byte
             w.news = None
         elif w.news is not None:
             w.news.update(data)
-        if not w.sync_due:
+        if (data or first) and not w.sync_due:
             w.sync_due = True
             self._loop.create_task(self._sync(w, from_bell=True))
 

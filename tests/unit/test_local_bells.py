@@ -116,3 +116,40 @@ def test_bells_name_what_is_read_and_anything_else_reads_all(attempt):
         reads.clear()
         _rings(executor, w, files, bell, BELL_PROGRESS, unknown)
         assert reads == ["progress.json", "result.json", "LATEST", "net"]
+
+
+def test_a_shim_gone_from_its_fifo_is_no_longer_watched_and_one_not_there_yet_is(tmp_path):
+    files = TaskFiles(str(tmp_path), "task-2")
+    files.create()
+    os.makedirs(files.attempt_dir(1))
+    executor = local.LocalExecutor(use_zygote=False)
+    executor.scheduler = Scheduler()
+    w = local._Watch("task-2", 1, files, files.attempt_dir(1), pid=0)
+    w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    calls = []
+
+    def on_bell(w, first=False):
+        calls.append(first)
+        executor._on_bell(w, first)
+
+    async def go() -> None:
+        loop = executor._loop = asyncio.get_running_loop()
+        loop.add_reader(w.fifo, on_bell, w)
+        on_bell(w, True)  # the first look, before the shim opened its end: end-of-file
+        await asyncio.sleep(0.05)
+        assert calls == [True]  # still watched, and not readable meanwhile
+        bell = files.open_bell_writer()  # the shim starts, rings, and goes
+        files.ring(bell, BELL_PROGRESS)
+        await asyncio.sleep(0.05)
+        files.ring(bell, BELL_ANY)
+        os.close(bell)
+        await asyncio.sleep(0.1)
+        # the last bell and the end-of-file were read together, then it was let go: a
+        # FIFO without a writer stays readable, and would have woken the loop on and on
+        assert len(calls) <= 3 and not w.sync_due
+        assert loop.remove_reader(w.fifo) is False  # already removed
+
+    try:
+        asyncio.run(go())
+    finally:
+        os.close(w.fifo)
