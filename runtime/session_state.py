@@ -187,6 +187,12 @@ class SessionTurns:
         merged = heapq.merge(self.turn_log, self.task_log, key=lambda item: item[0])
         return [event for _, event in merged if missed(event, after)]
 
+    def remember(self, event: TurnStarted | TurnEnded) -> None:
+        """Log a turn event without publishing it (one from before a daemon restart: the
+        streams that resume are told of it, nobody watches yet)."""
+        self._published += 1
+        self.turn_log.append((self._published, event))
+
     def _publish(self, event):
         if not isinstance(event, Exited):
             self._published += 1

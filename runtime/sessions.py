@@ -37,7 +37,7 @@ from .labels import EVERYTHING, Selector
 from .metrics import NO_METRICS
 from .sandboxes import signal_command
 from .session_journal import SessionJournal, load_sessions
-from .session_state import Exited, Phase, SessionTurns
+from .session_state import Exited, Phase, SessionTurns, TurnEnded, TurnStarted
 from .streams import AgentPipes, ControlWriter, StreamHub
 from .tasks.delegation import Delegations
 
@@ -523,11 +523,7 @@ class SessionManager:
             self.delegations.on_tool_call(session, event.payload)
             return
         if event.kind == EventKind.TURN_END and session.turns.turn_open:
-            try:
-                status = json.loads(event.payload).get("status", "completed")
-            except (ValueError, AttributeError):
-                status = "completed"
-            self._turn_ended(session, str(status), event.seq)
+            self._turn_ended(session, turn_end_status(event.payload), event.seq)
 
     def _turn_ended(self, session: Session, status: str, seq: int) -> None:
         self.metrics.turn_ended(session.id)
@@ -637,17 +633,37 @@ class SessionManager:
 
 def _restored_turns(saved: dict, events: list[tuple[int, int, bytes]]) -> SessionTurns:
     """The turn state turns.json kept, brought up to date with the log: a TURN_END entry
-    after its last change (the daemon died before it wrote the change) ends that turn."""
+    after its last change (the daemon died before it wrote the change) ends that turn.
+
+    The turn's last event is logged again (`SessionTurns.remember`: its end, or the start of
+    the turn that runs), so that a client resuming from before it is told of it as it would
+    have been without the restart; a client waiting for a turn's end would wait for ever.
+    Older turns' events are not: which TURN_END entry ended which turn is not kept."""
     turns = SessionTurns()
     turns.turn = int(saved.get("turn", 1))
     turns.phase = Phase(saved.get("phase", Phase.IN_TURN.value))
     if turns.phase is Phase.EXITED:  # never written: an exit ends the journal
         turns.phase = Phase.BETWEEN_TURNS
     changed_at = int(saved.get("seq", 0))
-    if turns.turn_open and any(seq > changed_at and kind == EventKind.TURN_END
-                               for seq, kind, _ in events):
+    ends = {seq: payload for seq, kind, payload in events if kind == EventKind.TURN_END}
+    later = min((seq for seq in ends if seq > changed_at), default=None)
+    if turns.turn_open and later is not None:
         turns.phase = Phase.BETWEEN_TURNS
+        changed_at = later
+    if turns.phase is Phase.BETWEEN_TURNS and changed_at in ends:
+        turns.remember(TurnEnded(turns.turn, turn_end_status(ends[changed_at]), changed_at))
+    elif turns.turn_open and turns.turn > 1 and changed_at:
+        turns.remember(TurnStarted(turns.turn, changed_at))
     return turns
+
+
+def turn_end_status(payload: bytes) -> str:
+    """The status a TURN_END frame's JSON gives ("completed" where it gives none)."""
+    try:
+        status = json.loads(payload).get("status", "completed")
+    except (ValueError, AttributeError):
+        status = "completed"
+    return str(status)
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import random
 import shutil
 import socket
 import ssl
@@ -33,6 +32,7 @@ import pytest
 
 from corral.sandbox import net, proxy
 
+from ..hostnet import free_octet
 from ..linux.conftest import cgroup_layout, no_leftovers  # noqa: F401 (fixtures)
 
 
@@ -89,7 +89,7 @@ def _read_head(conn) -> bytes:
 def internet(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the egress tests need root")
-    octet = random.randint(16, 250)
+    octet = free_octet("cinet", "10.213")
     subnet = f"10.213.{octet}"
     host_if = f"cinet{octet}"
     root = tmp_path_factory.mktemp("internet")

@@ -163,19 +163,28 @@ def test_steering_after_restarts_and_a_session_that_cannot_be_adopted(
     d3 = kept_daemon().start()
     mux = d3.client().open_many()  # resumed through OpenMany this time
     mux.resume("a", steered.stream.session_id, after_seq=again.last_seq)
-    last, exited, closing = [], None, False
+    # a watcher from the start is told of the running turn's start, though it came before
+    # the restart (the turn ended before it was told live, on d2, is not rebuilt)
+    mux.resume("w", steered.stream.session_id, after_seq=0, watch_only=True)
+    last, exited, closing, started, ended = [], None, False, [], set()
     for ref, ev in mux:
-        assert ref == "a"
         kind = ev.WhichOneof("event")
-        if kind == "batch":
+        if ref == "w":
+            if kind == "turn_started":
+                started.append(ev.turn_started.turn)
+        elif kind == "batch":
             last.extend(batch_entries(ev.batch))
             if not closing and sum(1 for _, k, _ in last if k == EVENT_TOKEN) >= 10:
                 closing = True
                 mux.close_session("a")
         elif kind == "exited":
             exited = ev.exited
-            break
+        if kind == "exited":
+            ended.add(ref)
+            if ended == {"a", "w"}:
+                break
     mux.close()
+    assert started == [2]
     entries = steered.entries + again.entries + last
     assert [s for s, _, _ in entries] == list(range(1, len(entries) + 1))
     tokens = [p.decode() for _, k, p in entries if k == EVENT_TOKEN]

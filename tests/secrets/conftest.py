@@ -21,7 +21,6 @@ import datetime
 import ipaddress
 import json
 import os
-import random
 import shutil
 import socket
 import ssl
@@ -39,6 +38,7 @@ from cryptography.x509.oid import NameOID
 from corral.sandbox import net, proxy
 
 from ..egress.conftest import _read_head, _serve, no_egress_leftovers  # noqa: F401
+from ..hostnet import free_octet
 from ..linux.conftest import cgroup_layout, no_leftovers  # noqa: F401 (fixtures)
 
 #: The value the tests' secret holds; it must never be seen inside a sandbox.
@@ -150,7 +150,7 @@ def _raw(servers: Servers, conn) -> None:
 def servers(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the secrets tests need root")
-    octet = random.randint(16, 250)
+    octet = free_octet("csec", "10.214")
     subnet = f"10.214.{octet}"
     host_if = f"csec{octet}"
     root = tmp_path_factory.mktemp("secrets-internet")
