@@ -129,7 +129,9 @@ class Moves:
     def __init__(self, relay: list[str], home: list[str]) -> None:
         self.relay = relay if home else []  # a shim that was not in its cgroup stays out
         self.home = home if self.relay else []
-        self.where = "home"
+        #: "home", "relay", or None after a move that failed part way (some hierarchies
+        #: moved): the next move writes every directory again.
+        self.where: str | None = "home"
 
     def enter(self, where: str) -> bool:
         """Move this process to `where` ("relay" or "home"); True once it is there."""
@@ -147,6 +149,7 @@ class Moves:
             except OSError as exc:  # its cgroup is gone (a stopped daemon's), or refused
                 print(f"corral: the shim stays in its cgroup: moving to {d}: {exc}",
                       file=sys.stderr, flush=True)
+                self.where = None if d != dirs[0] else self.where
                 return False
         self.where = where
         return True

@@ -116,6 +116,11 @@ def test_sweep_removes_the_empty_ones_of_gone_daemons_only(made):
             cg.destroy()
 
 
+def _procs(directory: str) -> list[int]:
+    with open(os.path.join(directory, "cgroup.procs")) as f:
+        return [int(line) for line in f]
+
+
 def _quota(name: str) -> tuple[str, str]:
     """(quota, period) of corral/<name>'s cpu controller, as v1 or v2 writes them."""
     cpu = _cpu_dir(name, cgroups.CORRAL_DIR)
@@ -130,9 +135,9 @@ MOVER = """
 import sys, time
 from corral.runtime.tasks.shim_cgroup import Moves
 moves = Moves(sys.argv[1].split(","), sys.argv[2].split(","))
-for where in sys.argv[3:]:
-    print(where, moves.enter(where), flush=True)
+for where in sys.argv[3:]:  # each move once told to (a line on stdin)
     sys.stdin.readline()
+    print(where, moves.enter(where), flush=True)
 """
 
 
@@ -182,6 +187,25 @@ def test_a_shim_outside_its_cgroup_never_moves_and_a_failed_move_leaves_it_runni
     gone = [str(tmp_path / "gone")]  # a stopped daemon's relays' cgroup, removed meanwhile
     moves = shim_cgroup.Moves(gone, made.paths)
     assert moves.enter("relay") is False and moves.where == "home"
+    # a move that fails part way (one hierarchy moved) is undone by the move home
+    relay = shim_cgroup.make_relay()
+    child = subprocess.Popen([sys.executable, "-c", MOVER, ",".join([*relay.paths[:1], *gone]),
+                              ",".join(made.paths), "relay", "home"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert shim_cgroup.join(made, child.pid)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "relay False\n"
+        assert _procs(relay.paths[0]) == [child.pid]  # split: its first hierarchy moved
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "home True\n"
+        assert _procs(relay.paths[0]) == [] and _procs(made.paths[0]) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+        assert shim_cgroup.release(relay) is True
 
 
 def test_sweep_removes_the_empty_relays_cgroups_of_gone_daemons(made):
