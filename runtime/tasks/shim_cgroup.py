@@ -34,8 +34,9 @@ session 0.65-1.5 s late at p99 in the mixed bench. So a shim moves itself (`Move
 this daemon's relays' cgroup, `corral/relays.<pid>.<start time>`, at the ordinary weight
 beside the sessions' sandboxes, for as long as its agent runs, and back to the shims'
 cgroup for the attempt's end (its sandbox's removal, the results' copy). The relays'
-cgroup has a CPU quota (RELAY_CPUS for all of them together): a task that floods its
-shim with frames cannot take more from the sessions than that.
+cgroup has a CPU quota for all of them together (`relay_cpus()`: an eighth of the host's
+CPUs, at least half of one): a task that floods its shim with frames cannot take more from
+the sessions than that.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ log = logging.getLogger("corral.tasks")
 PREFIX = "tasks."
 #: The relays' cgroup (in corral/): this, then "<daemon pid>.<its start time>".
 RELAY_PREFIX = "relays."
-#: CPUs the relaying shims of one daemon may use together (a CFS quota).
-RELAY_CPUS = 0.5
+#: The relaying shims of one daemon may use this share of the host's CPUs together (a CFS
+#: quota), and at least RELAY_MIN_CPUS.
+RELAY_CPU_SHARE = 0.125
+RELAY_MIN_CPUS = 0.5
 
 
 def name_for(pid: int) -> str:
@@ -97,7 +100,7 @@ def make(weight: int) -> cgroups.Cgroup | None:
 
 
 def make_relay() -> cgroups.Cgroup | None:
-    """This process's relays' cgroup in `corral/`, at the ordinary weight and RELAY_CPUS
+    """This process's relays' cgroup in `corral/`, at the ordinary weight and `relay_cpus()`
     (made, or found where it exists), or None where cgroups cannot be made here (logged:
     shims then relay from the shims' cgroup)."""
     try:
@@ -114,10 +117,16 @@ def make_relay() -> cgroups.Cgroup | None:
         if existing.exists():  # a second executor of this process
             return existing
         return cgroups.Cgroup.create(layout, existing.name,
-                                     cgroups.CgroupLimits(cpu_quota=RELAY_CPUS))
+                                     cgroups.CgroupLimits(cpu_quota=relay_cpus()))
     except CorralError as exc:
         log.warning("deep tasks' shims relay from their own cgroup: %s", exc)
         return None
+
+
+def relay_cpus(host_cpus: int | None = None) -> float:
+    """The relays' CPU quota on a host of host_cpus (default: this one's)."""
+    cpus = host_cpus or os.cpu_count() or 1
+    return max(RELAY_MIN_CPUS, cpus * RELAY_CPU_SHARE)
 
 
 class Moves:

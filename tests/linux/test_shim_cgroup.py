@@ -147,8 +147,10 @@ def test_a_shim_relays_from_the_relays_cgroup_and_goes_home_after(made):
     try:
         assert relay.name == f"relays.{os.getpid()}.{live_start_time(os.getpid())}"
         assert relay.layout.group == cgroups.CORRAL_DIR
-        quota, period = _quota(relay.name)  # RELAY_CPUS for all relays together
-        assert int(quota) == int(shim_cgroup.RELAY_CPUS * int(period))
+        quota, period = _quota(relay.name)  # for all relays together
+        assert int(quota) == int(shim_cgroup.relay_cpus() * int(period))
+        # half a CPU on this 2-CPU host; an eighth of a larger one's
+        assert (shim_cgroup.relay_cpus(2), shim_cgroup.relay_cpus(64)) == (0.5, 8.0)
         assert _read(os.path.join(_cpu_dir(relay.name, cgroups.CORRAL_DIR),
                                   _weight_file())) == _as_written(100)  # the ordinary weight
         assert shim_cgroup.make_relay().name == relay.name  # found again, not made twice
