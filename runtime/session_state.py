@@ -190,14 +190,16 @@ class SessionTurns:
     def remember(self, event: TurnStarted | TurnEnded) -> None:
         """Log a turn event without publishing it (one from before a daemon restart: the
         streams that resume are told of it, nobody watches yet)."""
+        self._log(event)
+
+    def _log(self, event: TurnStarted | TurnEnded | TaskNote) -> None:
         self._published += 1
-        self.turn_log.append((self._published, event))
+        log = self.task_log if isinstance(event, TaskNote) else self.turn_log
+        log.append((self._published, event))
 
     def _publish(self, event):
         if not isinstance(event, Exited):
-            self._published += 1
-            log = self.task_log if isinstance(event, TaskNote) else self.turn_log
-            log.append((self._published, event))
+            self._log(event)
         for listener in list(self.listeners):
             listener.put_nowait(event)
         return event
@@ -212,7 +214,6 @@ def deliverable(event, next_seq: int) -> bool:
     if isinstance(event, TurnStarted | TaskNote):
         return next_seq >= event.seq
     return True
-
 
 
 def missed(event, after: int) -> bool:

@@ -293,8 +293,9 @@ class LocalExecutor:
         end-of-file and is always readable (level-triggered), so it is no longer watched:
         its exit (the pidfd) does the last sync. Watched on, it would wake the loop again
         and again, a sync each time, until the shim's interpreter had exited. (Before the
-        shim opens its end the FIFO reads as end-of-file too, but is not readable: only
-        an end-of-file after a bell was heard is the shim's.)"""
+        shim opens its end the FIFO reads as end-of-file too, but is not readable: an
+        end-of-file is the shim's once a bell was heard, or when the loop found the FIFO
+        readable, as it does only after a writer came and went.)"""
         if w.done:
             return
         data = b""
@@ -308,7 +309,7 @@ class LocalExecutor:
         except OSError:
             ended = True
         w.heard = w.heard or bool(data)
-        if ended and w.heard and w.fifo >= 0:
+        if ended and (w.heard or not first) and w.fifo >= 0:
             self._loop.remove_reader(w.fifo)
         if first or not BELLS.issuperset(data):  # BELL_ANY, an older shim's byte
             w.news = None

@@ -65,15 +65,23 @@ def name_for(pid: int) -> str:
     return owned_name(PREFIX, pid)
 
 
-def _layout() -> cgroups.CgroupLayout | None:
+#: What is logged where cgroups cannot be made here, for the shims' and the relays'.
+_NO_SHIMS_CGROUP = "deep tasks' shims run in the daemon's cgroup"
+_NO_RELAYS_CGROUP = "deep tasks' shims relay from their own cgroup"
+
+
+def _layout(group: str = cgroups.BATCH_DIR,
+            otherwise: str = _NO_SHIMS_CGROUP) -> cgroups.CgroupLayout | None:
+    """The layout of `group`, or None (logged: `otherwise`) where this process cannot make
+    cgroups there."""
     try:
-        layout = cgroups.detect().in_group(cgroups.BATCH_DIR)
+        layout = cgroups.detect().in_group(group)
     except CorralError as exc:
-        log.info("deep tasks' shims run in the daemon's cgroup: %s", exc)
+        log.info("%s: %s", otherwise, exc)
         return None
     problem = cgroups.delegation_problem(layout)
     if problem is not None:
-        log.info("deep tasks' shims run in the daemon's cgroup: %s", problem)
+        log.info("%s: %s", otherwise, problem)
         return None
     return layout
 
@@ -95,7 +103,7 @@ def make(weight: int) -> cgroups.Cgroup | None:
             return existing
         return cgroups.Cgroup.create(layout, name, limits)
     except CorralError as exc:
-        log.warning("deep tasks' shims run in the daemon's cgroup: %s", exc)
+        log.warning("%s: %s", _NO_SHIMS_CGROUP, exc)
         return None
 
 
@@ -103,14 +111,8 @@ def make_relay() -> cgroups.Cgroup | None:
     """This process's relays' cgroup in `corral/`, at the ordinary weight and `relay_cpus()`
     (made, or found where it exists), or None where cgroups cannot be made here (logged:
     shims then relay from the shims' cgroup)."""
-    try:
-        layout = cgroups.detect()
-    except CorralError as exc:
-        log.info("deep tasks' shims relay from their own cgroup: %s", exc)
-        return None
-    problem = cgroups.delegation_problem(layout)
-    if problem is not None:
-        log.info("deep tasks' shims relay from their own cgroup: %s", problem)
+    layout = _layout(cgroups.CORRAL_DIR, _NO_RELAYS_CGROUP)
+    if layout is None:
         return None
     existing = cgroups.Cgroup(layout, owned_name(RELAY_PREFIX, os.getpid()))
     try:
@@ -119,7 +121,7 @@ def make_relay() -> cgroups.Cgroup | None:
         return cgroups.Cgroup.create(layout, existing.name,
                                      cgroups.CgroupLimits(cpu_quota=relay_cpus()))
     except CorralError as exc:
-        log.warning("deep tasks' shims relay from their own cgroup: %s", exc)
+        log.warning("%s: %s", _NO_RELAYS_CGROUP, exc)
         return None
 
 

@@ -153,3 +153,26 @@ def test_a_shim_gone_from_its_fifo_is_no_longer_watched_and_one_not_there_yet_is
         asyncio.run(go())
     finally:
         os.close(w.fifo)
+
+
+def test_a_shim_that_ended_without_a_bell_is_let_go_too(tmp_path):
+    files = TaskFiles(str(tmp_path), "task-3")
+    files.create()
+    os.makedirs(files.attempt_dir(1))
+    executor = local.LocalExecutor(use_zygote=False)
+    executor.scheduler = Scheduler()
+    w = local._Watch("task-3", 1, files, files.attempt_dir(1), pid=0)
+    w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    calls = []
+
+    async def go() -> None:
+        loop = executor._loop = asyncio.get_running_loop()
+        loop.add_reader(w.fifo, lambda: calls.append(1) or executor._on_bell(w))
+        os.close(files.open_bell_writer())  # a shim that crashed before its first bell
+        await asyncio.sleep(0.1)
+        assert len(calls) == 1 and loop.remove_reader(w.fifo) is False
+
+    try:
+        asyncio.run(go())
+    finally:
+        os.close(w.fifo)
