@@ -44,13 +44,32 @@ class Scheduler:
 
 
 @pytest.fixture
-def attempt(tmp_path, monkeypatch):
-    """An executor following attempt 1 of task-1 through its real FIFO; the files it reads
-    are counted."""
-    files = TaskFiles(str(tmp_path), "task-1")
-    files.create()
-    attempt_dir = files.attempt_dir(1)
-    os.makedirs(attempt_dir)
+def following(tmp_path):
+    """follow(task_id) -> (executor, watch, files): an executor following attempt 1 of
+    the task through its real FIFO (closed after the test)."""
+    opened: list[int] = []
+
+    def follow(task_id: str):
+        files = TaskFiles(str(tmp_path), task_id)
+        files.create()
+        os.makedirs(files.attempt_dir(1))
+        executor = local.LocalExecutor(use_zygote=False)
+        executor.scheduler = Scheduler()
+        w = local._Watch(task_id, 1, files, files.attempt_dir(1), pid=0)
+        w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        opened.append(w.fifo)
+        return executor, w, files
+
+    yield follow
+    for fd in opened:
+        os.close(fd)
+
+
+@pytest.fixture
+def attempt(following, monkeypatch):
+    """task-1 followed, its files written; the files the executor reads are counted."""
+    executor, w, files = following("task-1")
+    attempt_dir = w.attempt_dir
     for name, body in (("runner.json", {"started_at": 1.0}), ("progress.json", {"done": 1}),
                        ("result.json", {"ok": True})):
         with open(os.path.join(attempt_dir, name), "w") as f:
@@ -67,14 +86,9 @@ def attempt(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(local, "audit_net_events", net)
-    executor = local.LocalExecutor(use_zygote=False)
-    executor.scheduler = Scheduler()
-    w = local._Watch("task-1", 1, files, attempt_dir, pid=0)
-    w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     bell = files.open_bell_writer()
     yield executor, w, files, bell, reads
     os.close(bell)
-    os.close(w.fifo)
 
 
 def _rings(executor, w, files, bell, *bells: bytes, first: bool = False) -> None:
@@ -118,14 +132,8 @@ def test_bells_name_what_is_read_and_anything_else_reads_all(attempt):
         assert reads == ["progress.json", "result.json", "LATEST", "net"]
 
 
-def test_a_shim_gone_from_its_fifo_is_no_longer_watched_and_one_not_there_yet_is(tmp_path):
-    files = TaskFiles(str(tmp_path), "task-2")
-    files.create()
-    os.makedirs(files.attempt_dir(1))
-    executor = local.LocalExecutor(use_zygote=False)
-    executor.scheduler = Scheduler()
-    w = local._Watch("task-2", 1, files, files.attempt_dir(1), pid=0)
-    w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+def test_a_shim_gone_from_its_fifo_is_no_longer_watched_and_one_not_there_yet_is(following):
+    executor, w, files = following("task-2")
     calls = []
 
     def on_bell(w, first=False):
@@ -149,20 +157,11 @@ def test_a_shim_gone_from_its_fifo_is_no_longer_watched_and_one_not_there_yet_is
         assert len(calls) <= 3 and not w.sync_due
         assert loop.remove_reader(w.fifo) is False  # already removed
 
-    try:
-        asyncio.run(go())
-    finally:
-        os.close(w.fifo)
+    asyncio.run(go())
 
 
-def test_a_shim_that_ended_without_a_bell_is_let_go_too(tmp_path):
-    files = TaskFiles(str(tmp_path), "task-3")
-    files.create()
-    os.makedirs(files.attempt_dir(1))
-    executor = local.LocalExecutor(use_zygote=False)
-    executor.scheduler = Scheduler()
-    w = local._Watch("task-3", 1, files, files.attempt_dir(1), pid=0)
-    w.fifo = os.open(files.notify_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+def test_a_shim_that_ended_without_a_bell_is_let_go_too(following):
+    executor, w, files = following("task-3")
     calls = []
 
     async def go() -> None:
@@ -172,7 +171,4 @@ def test_a_shim_that_ended_without_a_bell_is_let_go_too(tmp_path):
         await asyncio.sleep(0.1)
         assert len(calls) == 1 and loop.remove_reader(w.fifo) is False
 
-    try:
-        asyncio.run(go())
-    finally:
-        os.close(w.fifo)
+    asyncio.run(go())
