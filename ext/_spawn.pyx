@@ -262,6 +262,48 @@ cdef extern from * nogil:
             if (setrlimit(pooled[i], &inf) == 0) lifted++;
         return lifted;
     }
+    struct corral_ns_launch {
+        void *holder_stack_top;  /* the holder's stack (this address space) */
+        long owner_uid;          /* >= 0: create the namespaces with this effective uid */
+        int pid;                 /* the holder, a child of the caller (CLONE_PARENT) */
+        int err;                 /* errno of the failing step, 0 when none failed */
+    };
+    static int corral_ns_launcher(void *arg) {
+        /* vfork child of the runtime: clones a holder into a new user namespace and a
+           network namespace owned by it, created as the sandbox's own host uid with the
+           per-user limits lifted, as init_launcher creates PID 1's (the namespace copies
+           its creator's limits and is charged to its owner). The holder is the caller's
+           child, so this launcher exits at once and the caller writes the maps. */
+        struct corral_ns_launch *l = arg;
+        l->pid = -1;
+        l->err = 0;
+        if (l->owner_uid >= 0) {
+            corral_lift_user_pools();
+            if (corral_become_owner((unsigned int)l->owner_uid) != 0) {
+                l->err = errno;
+                _exit(1);
+            }
+        }
+        l->pid = clone(corral_hold_userns, l->holder_stack_top,
+                       CLONE_VM | CLONE_FILES | CLONE_PARENT | CLONE_NEWUSER | CLONE_NEWNET
+                       | SIGCHLD, NULL);
+        if (l->pid < 0) l->err = errno;
+        _exit(0);
+    }
+    static int corral_make_sandbox_namespaces(void *stack_top, struct corral_ns_launch *l) {
+        /* Run corral_ns_launcher (vfork-style, on stack_top) and reap it; returns the
+           holder's pid, or -1 with errno set. */
+        int status = 0;
+        int launcher = clone(corral_ns_launcher, stack_top,
+                             CLONE_VM | CLONE_VFORK | CLONE_FILES | SIGCHLD, l);
+        if (launcher < 0) return -1;
+        while (waitpid(launcher, &status, 0) < 0 && errno == EINTR) {}
+        if (l->pid < 0) {
+            errno = l->err ? l->err : EIO;
+            return -1;
+        }
+        return l->pid;
+    }
     static int corral_execveat_fd(int fd, char *const argv[], char *const envp[]) {
         return (int)syscall(SYS_execveat, fd, "", argv, envp, AT_EMPTY_PATH);
     }
@@ -416,6 +458,12 @@ cdef extern from * nogil:
         int err
         int failed
     int corral_clone_mntns_holder(void *stack_top, corral_mntns_holder *h)
+    struct corral_ns_launch:
+        void *holder_stack_top
+        long owner_uid
+        int pid
+        int err
+    int corral_make_sandbox_namespaces(void *stack_top, corral_ns_launch *l)
     void corral_run_helpers(char **argv1, void *stack1, char **argv2, void *stack2,
                             int *status1, int *status2)
     int corral_open_tree_clone(const char *path)
@@ -1143,6 +1191,8 @@ cdef struct init_args:
     long owner_uid      # >= 0: create the user namespace with this effective uid
     int mount_ns_fd     # >= 0: the mount namespace PID 1's own is copied from
     int user_ns_fd      # >= 0: PID 1's user namespace, being id-mapped by the helpers...
+    int maps_ready      # ...or mapped already (made ahead: sandbox_namespaces)
+    int net_ns_fd       # >= 0: PID 1's network namespace, made ahead (sandbox_namespaces)
     int map_pidfds[2]   # ...behind these pidfds (-1: a helper that never started)
     char **uid_helper   # not NULL: run these (newuidmap, newgidmap) instead of writing the
     char **gid_helper   # maps; argv[1] points to pid_text, filled in with PID 1's pid
@@ -1232,6 +1282,10 @@ cdef int enter_launcher_namespaces(init_args *a) noexcept nogil:
     # sandbox) and neither does what PID 1 makes private and detaches at pivot_root.
     if a.mount_ns_fd >= 0 and corral_setns(a.mount_ns_fd, CLONE_NEWNS) != 0:
         fail(a.report_fd, STEP_SETNS, -1)
+    # A network namespace made ahead (with its user namespace, sandbox_namespaces) is
+    # joined while this launcher is still root of the runtime's user namespace.
+    if a.net_ns_fd >= 0 and corral_setns(a.net_ns_fd, CLONE_NEWNET) != 0:
+        fail(a.report_fd, STEP_SETNS, -1)
     # The user namespace's owner is the creator's effective uid, and the kernel charges
     # every per-user quota spent inside (inotify, mqueue bytes, namespaces) to the owner in
     # the parent namespace as well: create it as the sandbox's own host uid, not as root.
@@ -1283,7 +1337,8 @@ cdef int init_launcher(void *arg) noexcept nogil:
     new_user = enter_launcher_namespaces(a)
     pid = corral_vfork_clone_ns(init_main, a.init_stack_top,
                                 CLONE_PARENT | new_user | CLONE_NEWPID | CLONE_NEWNS
-                                | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC, arg)
+                                | (CLONE_NEWNET if a.net_ns_fd < 0 else 0)
+                                | CLONE_NEWUTS | CLONE_NEWIPC, arg)
     err = errno
     if a.owner_uid >= 0 and corral_back_to_root() != 0:
         if pid > 0:
@@ -1299,7 +1354,9 @@ cdef int init_launcher(void *arg) noexcept nogil:
     r.err = 0
     r.detail = pid
     corral_write_all(a.report_fd, <const char *>&r, sizeof(report))
-    if a.user_ns_fd >= 0:
+    if a.maps_ready:
+        pass  # a namespace made ahead, with its maps
+    elif a.user_ns_fd >= 0:
         # the helpers ran while PID 1's namespaces were made: wait for what is left
         if wait_for_maps(a) != 0:
             kill(pid, SIGKILL)
@@ -1480,7 +1537,8 @@ cdef unsigned int launch_fd_cut(init_args *a) noexcept nogil:
     """fd_cut for spawn_init's launcher: PID 1's plan, the one-shot command's, and every
     descriptor the launcher itself reads or writes."""
     cdef int top = max(plan_top_fd(a.plan), max(a.report_fd, max(a.mount_ns_fd, a.user_ns_fd)))
-    if a.user_ns_fd >= 0:
+    top = max(top, a.net_ns_fd)
+    if a.user_ns_fd >= 0 and not a.maps_ready:
         top = max(top, max(a.map_pidfds[0], a.map_pidfds[1]))
     if a.command != NULL:
         top = max(top, max(plan_top_fd(a.command.plan), a.command.report_fd))
@@ -1594,6 +1652,58 @@ def userns_with_maps(bytes uid_map, bytes gid_map):
     finally:
         corral_stack_free(stack)
     return fd
+
+
+def sandbox_namespaces(bytes uid_map, bytes gid_map, long owner_uid=-1):
+    """(user namespace fd, network namespace fd): a new user namespace with these id maps
+    and a network namespace it owns, made ahead of a sandbox's PID 1, which joins both
+    (spawn_init's namespaces=) instead of creating them on its start's path.
+
+    They are made exactly as spawn_init's launcher makes PID 1's: by a holder cloned with
+    the owner's effective uid (owner_uid >= 0, the sandbox's host uid) and the per-user
+    limits lifted, sharing this address space, every signal blocked. The maps are written,
+    both descriptors opened, and the holder killed and reaped: nothing ever ran inside.
+    Needs root.
+
+    Raises:
+        OSError: a clone, a map write or an open failed (filename says which file).
+    """
+    cdef void *launcher_stack = corral_stack_alloc()
+    cdef void *holder_stack = corral_stack_alloc()
+    cdef corral_ns_launch launch
+    cdef sigset_t old_mask
+    cdef int pid, err = 0, user_fd = -1, net_fd = -1
+    try:
+        if launcher_stack == NULL or holder_stack == NULL:
+            raise MemoryError("stacks for the namespace holder")
+        launch.holder_stack_top = corral_stack_top(holder_stack)
+        launch.owner_uid = owner_uid
+        with nogil:
+            corral_block_signals(&old_mask)
+            pid = corral_make_sandbox_namespaces(corral_stack_top(launcher_stack), &launch)
+            err = errno
+            corral_restore_signals(&old_mask)
+        if pid < 0:
+            raise OSError(err, "clone(CLONE_NEWUSER | CLONE_NEWNET): " + os.strerror(err))
+        try:
+            for leaf, data in ((b"uid_map", uid_map), (b"setgroups", b"deny"),
+                               (b"gid_map", gid_map)):
+                if write_proc_file(pid, leaf, data, len(data)) != 0:
+                    err = errno
+                    raise OSError(err, os.strerror(err), f"/proc/{pid}/{leaf.decode()}")
+            user_fd = open_proc_ns(pid, "ns/user")
+            net_fd = open_proc_ns(pid, "ns/net")
+        except BaseException:
+            if user_fd >= 0:
+                close(user_fd)
+            raise
+        finally:
+            with nogil:
+                kill_and_reap(pid)
+    finally:
+        corral_stack_free(launcher_stack)
+        corral_stack_free(holder_stack)
+    return user_fd, net_fd
 
 
 cdef class UserNamespaceInProgress:
@@ -1871,7 +1981,8 @@ cdef tuple settle_init(failure, pid, int status, UserNamespaceInProgress user_na
 
 def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
                map_helpers=None, int mount_ns_fd=-1,
-               UserNamespaceInProgress user_namespace=None, ChildPlan command=None):
+               UserNamespaceInProgress user_namespace=None, ChildPlan command=None,
+               tuple namespaces=None):
     """Create a sandbox's PID 1; returns (pid, pidfd), or (pid, pidfd, started) with a
     command.
 
@@ -1887,6 +1998,10 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
     With user_namespace (its helpers started earlier) the launcher joins that namespace,
     makes PID 1's other namespaces in it and then waits for the helpers: uid_map, gid_map
     and map_helpers are not used.
+    With namespaces = (user namespace fd, network namespace fd) from sandbox_namespaces,
+    whose maps are written, the launcher joins both and makes PID 1's other namespaces in
+    them: uid_map, gid_map, owner_uid and map_helpers are not used. spawn_init closes both
+    descriptors, whatever the outcome (each pair starts one sandbox).
 
     With command (a ChildPlan built as spawn_join's), PID 1 clones that command as its own
     child once its mounts are in place, and only then contains itself and execs
@@ -1923,7 +2038,11 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         args.gid_map_len = len(gid_map)
         args.owner_uid = owner_uid
         args.mount_ns_fd = mount_ns_fd
-        if user_namespace is not None:
+        if namespaces is not None:
+            args.user_ns_fd, args.net_ns_fd = namespaces
+            args.maps_ready = 1
+            args.owner_uid = -1
+        elif user_namespace is not None:
             user_namespace.lend(&args)
         if command is not None:
             cloexec_pipe(cmd_rep)
@@ -1934,8 +2053,10 @@ def spawn_init(ChildPlan plan, bytes uid_map, bytes gid_map, long owner_uid=-1,
         if command is not None:
             started = command_started(cmd_rep)
     finally:
+        if namespaces is not None and args.user_ns_fd < 0:  # not lent to the launcher
+            args.user_ns_fd, args.net_ns_fd = namespaces
         for fd in (rep[0], rep[1], cmd_rep[0], cmd_rep[1], plan.c.parent_pidfd,
-                   args.user_ns_fd):
+                   args.user_ns_fd, args.net_ns_fd):
             if fd >= 0:
                 close(fd)
         plan.c.parent_pidfd = -1
@@ -1960,6 +2081,8 @@ cdef int start_launch(init_args *args, launch_stacks *stacks, char *pid_text,
         raise MemoryError("stacks for the sandbox launcher")
     args.command = NULL
     args.user_ns_fd = -1
+    args.maps_ready = 0
+    args.net_ns_fd = -1
     args.uid_helper = args.gid_helper = NULL
     args.pid_text = pid_text
     args.helper_stack_top = args.helper2_stack_top = NULL

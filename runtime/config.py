@@ -146,6 +146,9 @@ class DaemonConfig:
     #: Cgroups kept ready per limits class (sandbox/cgroup_pool.py): a create takes one
     #: instead of making it, a destroy gives it back renewed (v1). 0 = none.
     cgroup_pool_size: int = 4
+    #: (user, network) namespace pairs kept ready (sandbox/namespace_pool.py): a sandbox's
+    #: PID 1 joins one instead of creating them (root only). 0 = none.
+    namespace_pool_size: int = 4
     #: The daemon's event loop (runtime/loop.py): "auto" (uvloop when installed), "asyncio"
     #: or "uvloop".
     event_loop: str = "auto"
@@ -319,12 +322,13 @@ class DaemonConfig:
         if not isinstance(self.cgroup_favordynmods, bool):
             raise InvalidSpec("cgroup_favordynmods", f"{self.cgroup_favordynmods!r} is not "
                                                      "true or false")
-        from corral.sandbox.cgroup_pool import MAX_SIZE
+        from corral.sandbox import cgroup_pool, namespace_pool
 
-        if (not isinstance(self.cgroup_pool_size, int) or isinstance(self.cgroup_pool_size, bool)
-                or not 0 <= self.cgroup_pool_size <= MAX_SIZE):
-            raise InvalidSpec("cgroup_pool_size", f"{self.cgroup_pool_size!r} is not a whole "
-                                                  f"number from 0 to {MAX_SIZE}")
+        for name, most in (("cgroup_pool_size", cgroup_pool.MAX_SIZE),
+                           ("namespace_pool_size", namespace_pool.MAX_SIZE)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+                raise InvalidSpec(name, f"{value!r} is not a whole number from 0 to {most}")
         if not isinstance(self.live_restore, bool):
             raise InvalidSpec("live_restore", f"{self.live_restore!r} is not true or false")
         if self.log_format not in ("text", "json"):
@@ -362,7 +366,8 @@ def load(path: str | None, overrides: dict) -> DaemonConfig:
     disk_reserve ("64M"), resource_check_s, operators, verify_audit ("full"|"tail"),
     audit_segment_records, audit_segment_size ("64M"), audit_retention ("90d"),
     task_retention ("7d"), metrics ("127.0.0.1:9464"), metrics_public, log_format
-    ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, cgroup_pool_size, event_loop
+    ("text"|"json"), tracing ("otlp"|"file:PATH"), cgroup_favordynmods, cgroup_pool_size,
+    namespace_pool_size, event_loop
     ("auto"|"asyncio"|"uvloop"), gc_policy ("latency"|"default"), one table per tenant:
     [tenants.acme] token = "...", the secret store's [secrets], warm pools [pools.NAME]
     and pool_refill_per_s, image_store_size ("20G"; or image_store_max_bytes, in bytes),

@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from corral.sandbox import cgroup_pool, cgroup_tuning, workspace_fs
+from corral.sandbox import cgroup_pool, cgroup_tuning, namespace_pool, workspace_fs
 from corral.sandbox.backends.base import SWEPT_LISTENERS
 from corral.sandbox.backends.native import sweep_for_this_process
 from corral.sandbox.errors import CorralError
@@ -107,6 +107,7 @@ class Daemon:
         cgroup_tuning.configure(cfg.cgroup_favordynmods)
         favordynmods = cgroup_tuning.ensure()  # before any sandbox joins a cgroup
         cgroup_pool.enable(cfg.cgroup_pool_size)
+        namespace_pool.enable(cfg.namespace_pool_size)
         # Every backend's sweep (live restore's adoption below, docker's first start on an
         # engine) goes into the chain as sandbox.reaped, as the native sweep's does.
         SWEPT_LISTENERS.append(self._on_swept)
@@ -461,6 +462,8 @@ class Daemon:
             await self._step("sandboxes", lambda: self.sandboxes.shutdown(reason))
         # the cgroups they gave back, and the ready ones, are removed
         await self._step("cgroup pool", lambda: asyncio.to_thread(cgroup_pool.disable))
+        # the ready pairs' descriptors closed, their id ranges given back
+        await self._step("namespace pool", lambda: asyncio.to_thread(namespace_pool.disable))
         if self.live_restore is not None:  # the kept sandboxes' rows are written
             await self._step("live restore", lambda: asyncio.to_thread(
                 self.live_restore.close))

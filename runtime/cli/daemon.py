@@ -125,6 +125,10 @@ _AUDIT_AND_RETENTION_FLAGS = (
           "keep N sandbox cgroups ready per limits class: a create takes one instead of "
           "making it, and a destroy gives it back renewed (cgroup v1; counters, limits and "
           "freezer state reset) instead of removing it (default: 4; 0: none)", type=int),
+    _Flag("--namespace-pool-size", "N",
+          "keep N (user, network) namespace pairs ready, each made for one sandbox and "
+          "joined by its PID 1 instead of created on its start's path (root; default: 4; "
+          "0: none)", type=int),
 )
 
 #: The daemon's loop and collector (runtime/loop.py), chosen for latency by default.

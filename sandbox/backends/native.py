@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import cgroup_pool, cgroup_tuning, cgroups, contain, fstree, ids, ptys, workspace_fs
+from .. import (cgroup_pool, cgroup_tuning, cgroups, contain, fstree, ids, namespace_pool, ptys,
+               workspace_fs)
 from ..errors import (
     CommandNotFound,
     CorralError,
@@ -401,6 +402,11 @@ class Sandbox(SandboxLifecycle):
         self._cgroup: cgroups.Cgroup | None = None
         self._pooled_as: cgroups.CgroupLimits | None = None  # a pooled cgroup's class
         self._cgroup_fds: tuple[int, ...] = ()
+        # True while every process ever put in the cgroup was born in PID 1's PID namespace
+        # (start()'s PID 1 and its descendants; no join since): once PID 1 is reaped
+        # nothing of the sandbox is left, and destroy need not read the cgroup for
+        # stragglers. A join helper is in the cgroup before it enters the namespace.
+        self._born_inside = False
         self._prepared: contain.Prepared | None = None
         self._lock = threading.Lock()
         # PID 1 reports {ns pid, wait status} for every process it reaps on this pipe.
@@ -419,6 +425,8 @@ class Sandbox(SandboxLifecycle):
         self.secrets = _secret_set(self.spec, secrets)
         #: This sandbox's host ids, taken from Corral's pool at start (released at destroy).
         self._ids: ids.IdRange | None = None
+        # a (user, network) namespace pair made ahead, for PID 1 to join (namespace_pool)
+        self._namespaces: namespace_pool.ReadyNamespaces | None = None
         #: How ids map, in words (`corral inspect`, `corral doctor`).
         self.id_mapping: str = ""
         #: What this sandbox runs without that a default one has, one line each (e.g. no
@@ -591,15 +599,19 @@ class Sandbox(SandboxLifecycle):
             op.target[len(root) + 1:] for op in ops
             if op.kind in ("touch", "file", "symlink") and op.target.startswith(root + "/"))
         command = self._first_plan(first) if first is not None else None
+        # made ahead (namespace_pool): spawn_init closes them, whatever the outcome
+        namespaces = self._namespaces.hand_over() if self._namespaces is not None else None
         try:
             with WRITE_CLONE.hold(CLONING):
                 spawned = _spawn.spawn_init(
                     plan, uid_map, gid_map, contain.namespace_owner(self.spec),
                     map_helpers=helpers if mapping is None else None, user_namespace=mapping,
-                    mount_ns_fd=contain.base_mount_namespace(root), command=command)
+                    mount_ns_fd=contain.base_mount_namespace(root), command=command,
+                    namespaces=namespaces)
         except OSError as exc:
             raise _setup_error(exc, ops, helpers=helpers) from None
         self.init_pid, self._init_pidfd = spawned[:2]
+        self._born_inside = True
         if first is not None:
             first.started = spawned[2]
         if self._ids is not None:
@@ -607,8 +619,10 @@ class Sandbox(SandboxLifecycle):
 
     def _first_plan(self, first: _FirstCommand):
         """The ChildPlan of the command PID 1 starts itself; no cgroup descriptors: it is
-        born in PID 1's cgroup (whose OOM kills are counted now, before it runs)."""
-        first.oom_before = self._oom_kills()
+        born in PID 1's cgroup."""
+        # its cgroup was made by this start, or taken from the pool, which keeps none with
+        # an OOM kill on record (cgroup_pool): none has been counted in it yet
+        first.oom_before = 0
         return contain.exec_plan(self._prepared, first.argv, env=first.environment,
                                  cwd=first.cwd, fds=first.fds, cgroup_fds=(), user=first.user,
                                  by_init=True)
@@ -850,7 +864,11 @@ class Sandbox(SandboxLifecycle):
         """
         if privileged:
             if self.spec.uid_base is None:
-                self._ids = ids.allocate(self.id)
+                pool = namespace_pool.current()
+                self._namespaces = pool.take() if pool is not None else None
+                # the pair's range: its user namespace maps it already
+                self._ids = (self._namespaces.ids if self._namespaces is not None
+                             else ids.allocate(self.id))
                 self.spec = self.spec.with_ids(self._ids.base, self._ids.count)
             id_map = contain.id_map(self.spec)
             self.id_mapping = (f"root inside = uid {self.spec.uid_base}, ids 0..."
@@ -1072,9 +1090,13 @@ class Sandbox(SandboxLifecycle):
         if self._init_pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal_mod.pidfd_send_signal(self._init_pidfd, signal_mod.SIGKILL)
+        reaped = False
         if self.init_pid:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.init_pid, 0)
+                reaped = True
+        # every process born in its PID namespace is gone with a reaped PID 1
+        nothing_left = reaped and self._born_inside
         if self.status_fd >= 0:
             self.collect_exits()  # what PID 1 reported before it died
             with self._status_lock:
@@ -1090,6 +1112,9 @@ class Sandbox(SandboxLifecycle):
         if self._init_pidfd >= 0:
             os.close(self._init_pidfd)
             self._init_pidfd = -1
+        if self._namespaces is not None:  # a start that failed before PID 1's clone
+            self._namespaces.close()
+            self._namespaces = None
         for fd in self._cgroup_fds:
             os.close(fd)
         self._cgroup_fds = ()
@@ -1106,7 +1131,7 @@ class Sandbox(SandboxLifecycle):
         # (one outside the PID namespace) is killed by Cgroup.destroy before this returns.
         # Not a copy-on-write workspace: its overlay holds the change set's image mounted,
         # and a diff or the next sandbox on it mounts that image as soon as this returns
-        later = (remove_later and (cgroup is None or not cgroup.pids())
+        later = (remove_later and (cgroup is None or nothing_left or not cgroup.pids())
                  and self.changes is None)
         removal = self._removal(cgroup, pooled_as, own_workspace)
         if not later:
@@ -1404,6 +1429,7 @@ class Sandbox(SandboxLifecycle):
         """
         from corral.ext import _spawn
 
+        self._born_inside = False  # its helper joins the cgroup from outside the namespace
         cgroup_fds = self._open_cgroup_procs()
         ours.extend(cgroup_fds)
         plan = contain.exec_plan(
@@ -1622,10 +1648,12 @@ def _thaw_abandoned(state: dict, name: str) -> None:
 
 
 def sweep_for_this_process() -> list[str]:
-    """sweep() of the default base, standing for the one this process's first start
-    would make (a daemon sweeps as it starts: a sweep inside a caller's Create could fail
-    it for a sandbox that is not theirs)."""
+    """sweep() of the default base and the id pool's sweep, standing for those this
+    process's first start would make (a daemon sweeps as it starts: a sweep inside a
+    caller's Create could fail it for a sandbox that is not theirs)."""
     removed = sweep()
+    if os.geteuid() == 0:  # the id ranges of dead owners (sandboxes, a namespace pool's)
+        ids.sweep()
     Sandbox._swept = True
     return removed
 

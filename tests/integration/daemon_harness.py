@@ -249,7 +249,27 @@ class DaemonProcess:
                                 + glob.glob(f"/sys/fs/cgroup/corral/{self._pool}*")))
             if pooled:
                 found["(cgroup pool)"] = {"cgroups": pooled}
+            # the id ranges of its ready namespace pairs (sandbox/namespace_pool.py): a
+            # clean stop gives them back (a killed daemon's wait for the next sweep)
+            if self.proc.returncode == 0 and self.pool_id_slots():
+                found["(namespace pool)"] = {"id slots": self.pool_id_slots()}
         return found
+
+    def pool_id_slots(self) -> list[str]:
+        """Id slot files that this daemon's namespace pool holds."""
+        from corral.sandbox import ids, namespace_pool
+
+        held = []
+        for path in glob.glob(os.path.join(ids.state_dir(), "*")):
+            try:
+                with open(path) as f:
+                    record = json.loads(f.readline())
+            except (OSError, ValueError):
+                continue
+            if (record.get("pid") == self.pid
+                    and record.get("sandbox") == namespace_pool.POOL_OWNER):
+                held.append(path)
+        return sorted(held)
 
     @property
     def _pool(self) -> str:
