@@ -26,8 +26,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import (cgroup_pool, cgroup_tuning, cgroups, contain, fstree, ids, namespace_pool, ptys,
-               workspace_fs)
+from .. import (
+    cgroup_pool,
+    cgroup_tuning,
+    cgroups,
+    contain,
+    fstree,
+    ids,
+    namespace_pool,
+    ptys,
+    workspace_fs,
+)
 from ..errors import (
     CommandNotFound,
     CorralError,
