@@ -394,6 +394,7 @@ cdef extern from * nogil:
     }
     #include <sys/mman.h>
     #define CORRAL_STACK_SIZE (256 * 1024)
+    #define CORRAL_PATH_MAX 4096
     static void *corral_stack_alloc(void) {
         void *p = mmap(NULL, CORRAL_STACK_SIZE, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
@@ -491,6 +492,7 @@ cdef extern from * nogil:
     int corral_file_empty(const char *path)
     ctypedef struct sigset_t:
         pass
+    enum: CORRAL_PATH_MAX
     void *corral_stack_alloc()
     void corral_stack_free(void *p)
     void *corral_stack_top(void *p)
@@ -629,6 +631,9 @@ cdef struct mount_op:
     char *data
     size_t data_len
     unsigned int mode
+    int source_base     # >= 0: source is plan.bases[source_base] followed by this (MountTable)
+    int target_base     # the same for target
+    int plan_fd         # attach: move plan.attach_fd, not flags (MountTable)
 
 cdef struct ll_rule:
     char *path
@@ -653,6 +658,8 @@ cdef struct report:
 cdef struct child_plan:
     mount_op *ops
     int n_ops
+    char *bases[3]       # what a MountTable's placeholders stand for (NULL: none given)
+    int attach_fd        # the descriptor of a MountTable's attach op with plan_fd
     ll_rule *ll_rules
     int n_ll_rules
     unsigned long long ll_handled
@@ -683,17 +690,129 @@ cdef struct child_plan:
     long run_gid
 
 
-cdef class ChildPlan:
-    """Everything a child needs, as C data owned by this object (freed with it)."""
+cdef class _CData:
+    """C arrays and NUL-terminated strings whose memory this object owns (freed with it)."""
 
     cdef list _keep            # bytes objects whose buffers the C arrays point into
-    cdef child_plan c
 
     def __cinit__(self):
         self._keep = []
 
+    cdef void *_alloc(self, size_t size) except NULL:
+        cdef void *p = malloc(size)
+        if p == NULL:
+            raise MemoryError()
+        memset(p, 0, size)
+        return p
+
+    cdef void *_array(self, list items, size_t item_size, int *count) except NULL:
+        # A zeroed C array for len(items) entries and a spare one; *count = len(items).
+        count[0] = len(items)
+        return self._alloc(item_size * (count[0] + 1))
+
+    cdef char *_bytes(self, bytes raw) except NULL:
+        # NUL-terminated copy kept alive by self._keep.
+        cdef bytes buf = raw + b"\0"
+        self._keep.append(buf)
+        return <char *>buf
+
+    cdef char *_str(self, value) except NULL:
+        raw = os.fsencode(value)
+        if b"\0" in raw:
+            raise ValueError(f"{value!r} contains a NUL byte")
+        return self._bytes(raw)
+
+    cdef char **_strv(self, values) except NULL:
+        items = list(values)
+        cdef char **v = <char **>self._alloc(sizeof(char *) * (len(items) + 1))
+        cdef int i
+        try:
+            for i, item in enumerate(items):
+                v[i] = self._str(item)
+        except BaseException:
+            free(v)
+            raise
+        v[len(items)] = NULL
+        return v
+
+    cdef int _fill_ops(self, mount_op *out, list ops, tuple bases) except -1:
+        """out[i] = ops[i], (kind, source, target, fstype, flags, data, mode) tuples. With
+        bases (placeholder names), a source or target that is a placeholder, or one
+        followed by "/", is stored as its index and the rest; an attach whose descriptor
+        (flags) is negative takes the plan's attach_fd."""
+        cdef int i
+        for i, (kind, source, target, fstype, flags, data, mode) in enumerate(ops):
+            out[i].kind = OP_KINDS[kind]
+            out[i].source_base, source = _split_base(source, bases)
+            out[i].target_base, target = _split_base(target, bases)
+            out[i].source = self._str(source) if source is not None else NULL
+            out[i].target = self._str(target)
+            out[i].fstype = self._str(fstype) if fstype is not None else NULL
+            out[i].plan_fd = 1 if bases and kind == "attach" and flags < 0 else 0
+            out[i].flags = 0 if out[i].plan_fd else flags
+            if data is None:
+                out[i].data = NULL
+                out[i].data_len = 0
+            else:
+                raw = data.encode() if isinstance(data, str) else bytes(data)
+                out[i].data = self._bytes(raw)
+                out[i].data_len = len(raw)
+            out[i].mode = mode
+        return 0
+
+
+cdef tuple _split_base(value, tuple bases):
+    """(index of the placeholder value starts with, the rest), or (-1, value)."""
+    cdef int i
+    if value is None or not bases:
+        return -1, value
+    for i, name in enumerate(bases):
+        if value == name:
+            return i, ""
+        if value.startswith(name + "/"):
+            return i, value[len(name):]
+    return -1, value
+
+
+cdef class MountTable(_CData):
+    """A mount plan converted to C once, for every ChildPlan of the sandboxes that share
+    it (a template of mounts.py, one per policy): its paths under a sandbox's own
+    directories are kept as placeholders, which each ChildPlan's mount_bases stand for."""
+
+    cdef mount_op *ops
+    cdef int n_ops
+    cdef readonly int bases
+
+    def __init__(self, mount_ops, bases=()):
+        """mount_ops: (kind, source, target, fstype, flags, data, mode) tuples; bases:
+        the placeholder names (at most 3) their paths may start with, in the order a
+        ChildPlan's mount_bases gives their values."""
+        ops = list(mount_ops)
+        names = tuple(bases)
+        if len(names) > 3:
+            raise ValueError("a mount table has at most 3 placeholders")
+        self.bases = len(names)
+        self.ops = <mount_op *>self._array(ops, sizeof(mount_op), &self.n_ops)
+        self._fill_ops(self.ops, ops, names)
+
+    def __len__(self):
+        return self.n_ops
+
+    def __dealloc__(self):
+        free(self.ops)
+
+
+cdef class ChildPlan(_CData):
+    """Everything a child needs, as C data owned by this object (freed with it)."""
+
+    cdef child_plan c
+    cdef MountTable _table     # the shared mount ops, when a MountTable was given...
+    cdef bint _table_ops       # ...which c.ops then points into (a C flag: a collection
+                               # may clear _table before __dealloc__ runs)
+
     def __init__(self, *, argv, envp=(), search_path=(), cwd="/", hostname=None,
-                 mount_ops=(), landlock_rules=(), landlock_handled=0, landlock_scoped=0,
+                 mount_ops=(), mount_bases=(), attach_fd=-1, landlock_rules=(),
+                 landlock_handled=0, landlock_scoped=0,
                  landlock_abi=0, rlimits=(), fds=(), seccomp_bpf=None, seccomp_flags=0, cgroup_fds=(),
                  last_cap=40, pdeathsig=0, exec_fd=-1, sysctls=(), ctty=False, user=None):
         """Build the C arrays.
@@ -701,7 +820,10 @@ cdef class ChildPlan:
         Args:
             argv: the command (argv[0] is resolved through search_path when it has no '/').
             envp: "K=V" strings.
-            mount_ops: (kind, source, target, fstype, flags, data, mode) tuples.
+            mount_ops: (kind, source, target, fstype, flags, data, mode) tuples, or a
+                MountTable (shared, not copied).
+            mount_bases: a MountTable's placeholder values, as many as it has (paths).
+            attach_fd: the descriptor a MountTable's attach op with a negative one moves.
             landlock_rules: (path, access_mask) tuples; empty with landlock_handled=0
                 means no landlock.
             rlimits: (resource, soft, hard) tuples.
@@ -723,7 +845,7 @@ cdef class ChildPlan:
         self.c.search_path = self._strv(search_path)
         self.c.cwd = self._str(cwd)
         self.c.hostname = self._str(hostname) if hostname else NULL
-        self._set_mount_ops(mount_ops)
+        self._set_mount_ops(mount_ops, mount_bases, attach_fd)
         self._set_landlock(landlock_rules, landlock_handled, landlock_scoped, landlock_abi)
         self._set_rlimits(rlimits)
         self._set_fds(fds)
@@ -741,24 +863,28 @@ cdef class ChildPlan:
 
     # Each _set_* fills one group of the C plan from its Python argument (in argument order).
 
-    cdef int _set_mount_ops(self, mount_ops) except -1:
+    cdef int _set_mount_ops(self, mount_ops, mount_bases, int attach_fd) except -1:
         cdef int i
-        ops = list(mount_ops)
-        self.c.ops = <mount_op *>self._array(ops, sizeof(mount_op), &self.c.n_ops)
-        for i, (kind, source, target, fstype, flags, data, mode) in enumerate(ops):
-            self.c.ops[i].kind = OP_KINDS[kind]
-            self.c.ops[i].source = self._str(source) if source is not None else NULL
-            self.c.ops[i].target = self._str(target)
-            self.c.ops[i].fstype = self._str(fstype) if fstype is not None else NULL
-            self.c.ops[i].flags = flags
-            if data is None:
-                self.c.ops[i].data = NULL
-                self.c.ops[i].data_len = 0
-            else:
-                raw = data.encode() if isinstance(data, str) else bytes(data)
-                self.c.ops[i].data = self._bytes(raw)
-                self.c.ops[i].data_len = len(raw)
-            self.c.ops[i].mode = mode
+        cdef MountTable table
+        bases = list(mount_bases)
+        self.c.attach_fd = attach_fd
+        if isinstance(mount_ops, MountTable):
+            table = <MountTable>mount_ops
+            if len(bases) != table.bases:
+                raise ValueError(f"the mount table has {table.bases} placeholders, "
+                                 f"{len(bases)} values were given")
+            self._table = table
+            self._table_ops = True
+            self.c.ops = table.ops
+            self.c.n_ops = table.n_ops
+        else:
+            if bases:
+                raise ValueError("mount_bases go with a MountTable")
+            ops = list(mount_ops)
+            self.c.ops = <mount_op *>self._array(ops, sizeof(mount_op), &self.c.n_ops)
+            self._fill_ops(self.c.ops, ops, ())
+        for i in range(3):
+            self.c.bases[i] = self._str(bases[i]) if i < len(bases) else NULL
         return 0
 
     cdef int _set_landlock(self, landlock_rules, handled, scoped, abi) except -1:
@@ -814,7 +940,8 @@ cdef class ChildPlan:
 
     def __dealloc__(self):
         # The arrays are malloc'd; the strings they point into belong to self._keep.
-        free(self.c.ops)
+        if not self._table_ops:  # a table's ops are the table's
+            free(self.c.ops)
         free(self.c.ll_rules)
         free(self.c.rlimits)
         free(self.c.fds)
@@ -824,43 +951,6 @@ cdef class ChildPlan:
         free(self.c.cgroup_fds)
         free(self.c.sysctl_names)
         free(self.c.sysctl_values)
-
-    cdef void *_alloc(self, size_t size) except NULL:
-        cdef void *p = malloc(size)
-        if p == NULL:
-            raise MemoryError()
-        memset(p, 0, size)
-        return p
-
-    cdef void *_array(self, list items, size_t item_size, int *count) except NULL:
-        # A zeroed C array for len(items) entries and a spare one; *count = len(items).
-        count[0] = len(items)
-        return self._alloc(item_size * (count[0] + 1))
-
-    cdef char *_bytes(self, bytes raw) except NULL:
-        # NUL-terminated copy kept alive by self._keep.
-        cdef bytes buf = raw + b"\0"
-        self._keep.append(buf)
-        return <char *>buf
-
-    cdef char *_str(self, value) except NULL:
-        raw = os.fsencode(value)
-        if b"\0" in raw:
-            raise ValueError(f"{value!r} contains a NUL byte")
-        return self._bytes(raw)
-
-    cdef char **_strv(self, values) except NULL:
-        items = list(values)
-        cdef char **v = <char **>self._alloc(sizeof(char *) * (len(items) + 1))
-        cdef int i
-        try:
-            for i, item in enumerate(items):
-                v[i] = self._str(item)
-        except BaseException:
-            free(v)
-            raise
-        v[len(items)] = NULL
-        return v
 
 
 # --------------------------------------------------------------------------------------
@@ -895,11 +985,54 @@ cdef int attach_cgroups(child_plan *plan) noexcept nogil:
     return 0
 
 
+cdef int joined_path(char *buf, const char *base, const char *rest) noexcept nogil:
+    """buf = base + rest (buf holds CORRAL_PATH_MAX bytes); -1 (ENAMETOOLONG) when it
+    does not fit, or with no base (a placeholder the plan gave no value for: EINVAL)."""
+    cdef size_t a, b
+    if base == NULL:
+        corral_set_errno(22)
+        return -1
+    a = strlen(base)
+    b = strlen(rest)
+    if a + b + 1 > CORRAL_PATH_MAX:
+        corral_set_errno(36)
+        return -1
+    memcpy(buf, base, a)
+    memcpy(buf + a, rest, b + 1)
+    return 0
+
+
+cdef mount_op *resolved_op(child_plan *plan, int i, mount_op *cur, char *source_buf,
+                           char *target_buf) noexcept nogil:
+    """plan.ops[i] with its placeholders put back (a MountTable's), in cur; NULL (errno
+    set) when a path does not fit."""
+    cdef mount_op *op = &plan.ops[i]
+    if op.source_base < 0 and op.target_base < 0 and not op.plan_fd:
+        return op
+    cur[0] = op[0]
+    if op.source_base >= 0:
+        if joined_path(source_buf, plan.bases[op.source_base], op.source) != 0:
+            return NULL
+        cur.source = source_buf
+    if op.target_base >= 0:
+        if joined_path(target_buf, plan.bases[op.target_base], op.target) != 0:
+            return NULL
+        cur.target = target_buf
+    if op.plan_fd:
+        cur.flags = <unsigned long>plan.attach_fd
+    return cur
+
+
 cdef int apply_mounts(child_plan *plan, int report_fd) noexcept nogil:
     cdef int i, fd
     cdef mount_op *op
+    cdef mount_op cur
+    cdef char source_buf[CORRAL_PATH_MAX]
+    cdef char target_buf[CORRAL_PATH_MAX]
     for i in range(plan.n_ops):
-        op = &plan.ops[i]
+        op = resolved_op(plan, i, &cur, source_buf, target_buf)
+        if op == NULL:
+            fail(report_fd, STEP_MOUNT, i)
         if op.kind == OP_MKDIR:
             if mkdir(op.target, op.mode) == 0:
                 # mkdir honours the umask (a 1777 scratch directory would come out 1755):
@@ -1518,8 +1651,14 @@ cdef int plan_top_fd(const child_plan *p) noexcept nogil:
         top = max(top, p.cgroup_fds[i])
     for i in range(p.n_ops):
         if p.ops[i].kind == OP_ATTACH:
-            top = max(top, <int>p.ops[i].flags)
+            top = max(top, p.attach_fd if p.ops[i].plan_fd else <int>p.ops[i].flags)
     return top
+
+
+def plan_fd_cut(ChildPlan plan):
+    """The descriptor number below which a spawn of this plan keeps the runtime's
+    descriptors in its children (fd_cut of plan_top_fd)."""
+    return fd_cut(plan_top_fd(&plan.c))
 
 
 cdef unsigned int fd_cut(int top) noexcept nogil:

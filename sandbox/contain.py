@@ -57,6 +57,7 @@ import os
 import re
 import resource
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import landlock, mounts, seccomp
@@ -248,24 +249,45 @@ INIT_STATUS_FD = 3
 def init_plan(prepared: Prepared, *, root: str, workspace: str | None, init_fd: int,
               cgroup_fds: tuple[int, ...], status_fd: int,
               detached: dict[str, int] | None = None, image_root: int | None = None):
-    """(ChildPlan, mount ops) of a sandbox's PID 1 (steps 4-15, exec'ing corral-init);
+    """(ChildPlan, InitMounts) of a sandbox's PID 1 (steps 4-15, exec'ing corral-init);
     workspace None: a scratch workspace (scratch_workspace_options), mounted by PID 1.
 
-    The ops are returned so a failure report (which names an op index) can name its path.
+    A policy's mount plan is converted to C once (its template's MountTable, shared by
+    every ChildPlan of that policy); only the sandbox's own directories and workspace
+    descriptor are given per plan. The InitMounts names what the mounts make in the root
+    and, on a failure report (which names an op index), the op's path.
     """
     from corral.ext import _spawn
 
     spec = prepared.spec
-    ops = mounts.plan(spec, root, workspace, detached=detached, support=support_files(),
-                      image_root=image_root,
-                      scratch=scratch_workspace_options() if workspace is None else None)
+    detached = detached or {}
+    support = support_files()
+    scratch = scratch_workspace_options() if workspace is None else None
+    empty_dir = mounts.default_empty_dir(root)
+    template = mounts.template(spec, workspace, detached=detached, support=support,
+                               image_root=image_root, scratch=scratch)
+    if template is not None:
+        table = template.compiled
+        if table is None:  # two threads may both make it: either one serves
+            table = template.compiled = _spawn.MountTable(
+                [op.as_tuple() for op in template.ops], bases=mounts.Template.PLACEHOLDERS)
+        workspace_fd = detached.get(workspace) if workspace is not None else None
+        mount_args = {"mount_ops": table, "mount_bases": (root, workspace or "", empty_dir),
+                      "attach_fd": -1 if workspace_fd is None else workspace_fd}
+        made = InitMounts(template.setup_files,
+                          lambda: template.fill(root, workspace, workspace_fd, empty_dir))
+    else:
+        ops = mounts.plan(spec, root, workspace, detached=detached, support=support,
+                          image_root=image_root, scratch=scratch)
+        mount_args = {"mount_ops": [op.as_tuple() for op in ops]}
+        made = InitMounts(mounts.setup_files(ops, root), lambda: ops)
     plan = _spawn.ChildPlan(
         argv=["corral-init"],
         envp=[],
         cwd="/",
         fds=[(status_fd, INIT_STATUS_FD)],
         hostname=spec.hostname,
-        mount_ops=[op.as_tuple() for op in ops],
+        **mount_args,
         rlimits=prepared.rlimits + _pooled_rlimits(spec),
         sysctls=tuple((os.path.basename(path), value)
                       for path, value in user_namespace_sysctls()),
@@ -276,7 +298,17 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str | None, init_fd: 
         pdeathsig=9 if spec.die_with_parent else 0,
         exec_fd=init_fd,
     )
-    return plan, ops
+    return plan, made
+
+
+@dataclass(frozen=True)
+class InitMounts:
+    """What PID 1's mounts make: `setup_files`, the files and links they create in the
+    root (relative to it), and `ops()`, the MountOps themselves with the sandbox's own
+    paths (made on demand: only a failure report needs them)."""
+
+    setup_files: frozenset[str]
+    ops: Callable[[], list[mounts.MountOp]]
 
 
 def _pooled_rlimits(spec: SandboxSpec) -> tuple[tuple[int, int, int], ...]:

@@ -206,15 +206,39 @@ def plan(
         empty_dir: an empty host directory bound read-only over each masked /proc
             directory (default: "empty" beside root, which the runtime makes with it).
     """
-    empty_dir = empty_dir or os.path.join(os.path.dirname(root), "empty")
+    empty_dir = empty_dir or default_empty_dir(root)
     detached = detached or {}
     if workspace is None and scratch is None:
         raise ValueError("a sandbox with no workspace directory needs scratch options")
-    if host is None and image_root is None and not spec.binds and set(detached) <= {workspace}:
-        return _PLANS.plan(spec, root, workspace, detached.get(workspace), support, empty_dir,
-                           scratch)
+    if host is None:
+        found = template(spec, workspace, detached=detached, support=support,
+                         image_root=image_root, scratch=scratch)
+        if found is not None:
+            return found.fill(root, workspace, detached.get(workspace), empty_dir)
     return _make_plan(spec, root, workspace, host or HostView(), detached, support, image_root,
                       empty_dir, scratch)
+
+
+def default_empty_dir(root: str) -> str:
+    """The empty directory beside a sandbox's root, which the runtime makes with it."""
+    return os.path.join(os.path.dirname(root), "empty")
+
+
+def template(spec: SandboxSpec, workspace: str | None, *, detached: dict[str, int] | None = None,
+             support: dict[str, str] | None = None, image_root: int | None = None,
+             scratch: str | None = None) -> Template | None:
+    """The template plan() fills for these arguments on the real host, or None where it
+    makes the plan anew (user binds, an image, other detached paths than the workspace).
+
+    Raises:
+        ValueError: no workspace and no scratch options.
+    """
+    detached = detached or {}
+    if workspace is None and scratch is None:
+        raise ValueError("a sandbox with no workspace directory needs scratch options")
+    if image_root is not None or spec.binds or not set(detached) <= {workspace}:
+        return None
+    return _PLANS.template(spec, workspace, workspace in detached, support, scratch)
 
 
 def _make_plan(spec: SandboxSpec, root: str, workspace: str | None, host: HostView,
@@ -258,55 +282,28 @@ def _make_plan(spec: SandboxSpec, root: str, workspace: str | None, host: HostVi
     return steps.ops
 
 
-class _PlanCache:
-    """Templates of plans by policy: made with placeholders for the sandbox's own root,
-    workspace and empty directory (and the workspace's descriptor), which each plan()
-    puts back. Bounded; safe to share between threads.
+class Template:
+    """A policy's plan with placeholders (ROOT, WORKSPACE, EMPTY, and WORKSPACE_FD as an
+    attach's descriptor) for what each sandbox has of its own; `fill` puts them back.
 
-    What a template depends on is its key: the spec with its per-sandbox ids and
-    workspace path left out, the support files, whether the workspace is detached. The
-    host paths it probes are the static system ones and Corral's support files.
+    `compiled` is free for the spawn side to keep its own form of the ops in (contain.py
+    keeps the C MountTable there, made once per template).
     """
 
     #: placeholders: a NUL never occurs in a real path (ChildPlan refuses one)
     ROOT, WORKSPACE, EMPTY = "\0root", "\0workspace", "\0empty"
+    PLACEHOLDERS = (ROOT, WORKSPACE, EMPTY)
     WORKSPACE_FD = -2
-    SIZE = 64
 
-    def __init__(self) -> None:
-        self._templates: OrderedDict[tuple, tuple[MountOp, ...]] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, ops: tuple[MountOp, ...]) -> None:
+        self.ops = ops
+        #: what the setup makes in the root (bind-mount points, generated files), relative
+        #: to it: a snapshot of the root's upper layer leaves them out
+        self.setup_files = setup_files(ops, self.ROOT)
+        self.compiled: object | None = None
 
-    def plan(self, spec: SandboxSpec, root: str, workspace: str | None,
-             workspace_fd: int | None, support: dict[str, str] | None, empty_dir: str,
-             scratch: str | None) -> list[MountOp]:
-        detached = {} if workspace_fd is None else {workspace: workspace_fd}
-        key = (tuple(getattr(spec, name) for name in _policy_fields()),
-               tuple(sorted((support or {}).items())), workspace_fd is None,
-               scratch if workspace is None else None)
-        try:
-            hash(key)
-        except TypeError:  # a field of a kind no template is kept for: made anew
-            return _make_plan(spec, root, workspace, HostView(), detached, support, None,
-                              empty_dir, scratch)
-        with self._lock:
-            template = self._templates.get(key)
-            if template is not None:
-                self._templates.move_to_end(key)
-        if template is None:
-            detached = {} if workspace_fd is None else {self.WORKSPACE: self.WORKSPACE_FD}
-            template = tuple(_make_plan(spec, self.ROOT,
-                                        None if workspace is None else self.WORKSPACE,
-                                        HostView(), detached, support, None, self.EMPTY,
-                                        scratch))
-            with self._lock:
-                self._templates[key] = template
-                while len(self._templates) > self.SIZE:
-                    self._templates.popitem(last=False)
-        return self._fill(template, root, workspace, workspace_fd, empty_dir)
-
-    def _fill(self, template: tuple[MountOp, ...], root: str, workspace: str | None,
-              workspace_fd: int | None, empty_dir: str) -> list[MountOp]:
+    def fill(self, root: str, workspace: str | None, workspace_fd: int | None,
+             empty_dir: str) -> list[MountOp]:
         paths = {self.ROOT: root, self.WORKSPACE: workspace, self.EMPTY: empty_dir}
 
         def real(value: str | None) -> str | None:
@@ -316,7 +313,7 @@ class _PlanCache:
             return paths[placeholder] + slash + rest
 
         ops = []
-        for op in template:
+        for op in self.ops:
             # a frozen dataclass's __init__ sets each field through object.__setattr__:
             # copying the instance dict is several times faster for ~100 ops
             filled = object.__new__(MountOp)
@@ -327,6 +324,55 @@ class _PlanCache:
                 filled.__dict__["flags"] = workspace_fd
             ops.append(filled)
         return ops
+
+
+def setup_files(ops, root: str) -> frozenset[str]:
+    """The files and links a plan makes in the root (touch, file, symlink), relative to it."""
+    return frozenset(op.target[len(root) + 1:] for op in ops
+                     if op.kind in ("touch", "file", "symlink")
+                     and op.target.startswith(root + "/"))
+
+
+class _PlanCache:
+    """Templates of plans by policy (Template), made at the first plan of each. Bounded;
+    safe to share between threads.
+
+    What a template depends on is its key: the spec with its per-sandbox ids and
+    workspace path left out, the support files, whether the workspace is detached. The
+    host paths it probes are the static system ones and Corral's support files.
+    """
+
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self._templates: OrderedDict[tuple, Template] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def template(self, spec: SandboxSpec, workspace: str | None, detached_workspace: bool,
+                 support: dict[str, str] | None, scratch: str | None) -> Template | None:
+        """The template of this policy (made now if new), or None when the spec holds a
+        field of a kind no template is kept for."""
+        key = (tuple(getattr(spec, name) for name in _policy_fields()),
+               tuple(sorted((support or {}).items())), not detached_workspace,
+               scratch if workspace is None else None)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        with self._lock:
+            template = self._templates.get(key)
+            if template is not None:
+                self._templates.move_to_end(key)
+                return template
+        detached = {Template.WORKSPACE: Template.WORKSPACE_FD} if detached_workspace else {}
+        template = Template(tuple(_make_plan(
+            spec, Template.ROOT, None if workspace is None else Template.WORKSPACE,
+            HostView(), detached, support, None, Template.EMPTY, scratch)))
+        with self._lock:
+            template = self._templates.setdefault(key, template)
+            while len(self._templates) > self.SIZE:
+                self._templates.popitem(last=False)
+        return template
 
 
 _PLANS = _PlanCache()

@@ -597,16 +597,14 @@ class Sandbox(SandboxLifecycle):
         self.status_fd = _spawn.park_fd(self.status_fd)  # kept: out of every spawn's cut
         opened.append(status_w)
         os.set_blocking(status_w, True)
-        plan, ops = contain.init_plan(
+        plan, made = contain.init_plan(
             self._prepared, root=root, workspace=self.workspace, init_fd=init_fd,
             cgroup_fds=cgroup_fds, status_fd=status_w, detached=detached,
             image_root=image_fd,
         )
         # what the setup makes in the root (bind-mount points, generated files), which a
         # snapshot of the root's upper layer leaves out: a fork's setup makes them again
-        self._setup_files = frozenset(
-            op.target[len(root) + 1:] for op in ops
-            if op.kind in ("touch", "file", "symlink") and op.target.startswith(root + "/"))
+        self._setup_files = made.setup_files
         command = self._first_plan(first) if first is not None else None
         # made ahead (namespace_pool): spawn_init closes them, whatever the outcome
         namespaces = self._namespaces.hand_over() if self._namespaces is not None else None
@@ -618,7 +616,7 @@ class Sandbox(SandboxLifecycle):
                     mount_ns_fd=contain.base_mount_namespace(root), command=command,
                     namespaces=namespaces)
         except OSError as exc:
-            raise _setup_error(exc, ops, helpers=helpers) from None
+            raise _setup_error(exc, made.ops(), helpers=helpers) from None
         self.init_pid, self._init_pidfd = spawned[:2]
         self._born_inside = True
         if first is not None:
