@@ -625,27 +625,32 @@ def round_robin(candidates: list, iterations: int, warmup: int) -> dict[str, lis
 
 
 def cgroup_pool_columns(bwrap: str, iterations: int, warmup: int) -> dict:
-    """run() with a cgroup pool (sandbox/cgroup_pool.py, as `corral daemon
-    --cgroup-pool-size 4` keeps one) against bare bwrap, alternating, in a pass of its own
-    after the main round (the pool is the process's: the main round's run() has none)."""
-    from corral.sandbox import cgroup_pool
+    """run() with the pools `corral daemon` keeps by default, 4 cgroups (sandbox/cgroup_pool.py)
+    and 4 (user, network) namespace pairs (sandbox/namespace_pool.py), against bare bwrap,
+    alternating, in a pass of its own after the main round (the pools are the process's: the
+    main round's run() has none)."""
+    from corral.sandbox import cgroup_pool, namespace_pool
 
     pool = cgroup_pool.enable(4)
     if pool is None:
         return {"cgroup_pool": "none here (no delegated cgroups)"}
+    pairs = namespace_pool.enable(4)
     try:
         times = round_robin([CorralRunCandidate("corral_run_pooled"),
                              CommandCandidate("bwrap_bare_pool_pass", bwrap_bare_argv(bwrap))],
                             iterations, warmup)
         hits, misses = pool.hits, pool.misses
+        pair_counts = {} if pairs is None else {"namespace_pool_hits": pairs.hits,
+                                                "namespace_pool_misses": pairs.misses}
     finally:
         cgroup_pool.disable()
+        namespace_pool.disable()
     run, bare = summary(times["corral_run_pooled"]), summary(times["bwrap_bare_pool_pass"])
     return {"corral_run_pooled_ms_p50": run["p50"], "corral_run_pooled_ms_p99": run["p99"],
             "bwrap_bare_pool_pass_ms_p50": bare["p50"],
             "ratio_pooled_vs_bwrap_bare_p50": round(run["p50"] / bare["p50"], 3),
             "ratio_pooled_vs_bwrap_bare_p99": round(run["p99"] / bare["p99"], 3),
-            "cgroup_pool_hits": hits, "cgroup_pool_misses": misses}
+            "cgroup_pool_hits": hits, "cgroup_pool_misses": misses, **pair_counts}
 
 
 # -- Corral profile (wrappers around its functions, installed by this script only) ---------

@@ -81,6 +81,31 @@ def _searchable(path: str) -> None:
         os.chmod(path, (st.st_mode & 0o7777) | 0o011)
 
 
+def _read_small(path: str) -> bytes:
+    """The whole of a small (/proc) file, without a file object's layers."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+#: Sandboxes directories this (root) process made reachable for sandboxes' ids.
+_PREPARED_BASES: set[str] = set()
+
+
+def _prepare_privileged_base(base: str) -> None:
+    """Make the sandboxes directory `base` (mode 0711) and let every user search its
+    parent (made under the daemon's umask, maybe 077): sandboxes' ids walk through both."""
+    os.makedirs(base, mode=0o711, exist_ok=True)
+    os.chmod(base, 0o711)
+    _searchable(os.path.dirname(base))
+    _PREPARED_BASES.add(base)
+
+
 def _own_directory(path: str, mode: int) -> None:
     """Make path (and its parents) and check that it is a directory of ours, not a link or
     a directory someone else planted in a shared /tmp.
@@ -527,14 +552,18 @@ class Sandbox(SandboxLifecycle):
         root. Root's tree is traversable by the sandbox's ids, a user's is private."""
         base = os.path.dirname(self.runtime_dir)
         if privileged:
-            os.makedirs(base, mode=0o711, exist_ok=True)
-            os.chmod(base, 0o711)
-            _searchable(os.path.dirname(base))  # made under the daemon's umask, maybe 077
+            if base not in _PREPARED_BASES:
+                _prepare_privileged_base(base)
+            try:
+                os.mkdir(self.runtime_dir)
+            except FileNotFoundError:  # removed since this process prepared it
+                _prepare_privileged_base(base)
+                os.mkdir(self.runtime_dir)
         else:
             _own_directory(os.path.dirname(base), 0o700)
             _own_directory(base, 0o700)
+            os.mkdir(self.runtime_dir)
         # modes set after mkdir, which honours the umask: PID 1's ids must reach root/
-        os.mkdir(self.runtime_dir)
         os.chmod(self.runtime_dir, 0o711)
         # bound read-only over the masked /proc directories (mounts.plan's empty_dir)
         os.mkdir(os.path.join(self.runtime_dir, "empty"))
@@ -1004,8 +1033,13 @@ class Sandbox(SandboxLifecycle):
 
             state.update(kept.state_fields(self))
         tmp = os.path.join(self.runtime_dir, "state.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
+        data = json.dumps(state).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            if os.write(fd, data) != len(data):  # a small file: one write, or a full disk
+                raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC), tmp)
+        finally:
+            os.close(fd)
         os.replace(tmp, os.path.join(self.runtime_dir, "state.json"))
 
     @classmethod
@@ -1233,18 +1267,18 @@ class Sandbox(SandboxLifecycle):
     def _host_pid(self, ns_pid: int) -> int:
         """The host pid of PID 1's child ns_pid, 0 when it already ended."""
         try:
-            with open(f"/proc/{self.init_pid}/task/{self.init_pid}/children") as f:
-                children = f.read().split()
+            children = _read_small(
+                f"/proc/{self.init_pid}/task/{self.init_pid}/children").split()
         except OSError:
             return 0
         for pid in children:
             try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("NSpid:"):
-                            if int(line.split()[-1]) == ns_pid:
-                                return int(pid)
-                            break
+                status = _read_small(f"/proc/{int(pid)}/status")
+                for line in status.split(b"\n"):
+                    if line.startswith(b"NSpid:"):
+                        if int(line.split()[-1]) == ns_pid:
+                            return int(pid)
+                        break
             except (OSError, ValueError):
                 continue
         return 0
