@@ -148,12 +148,11 @@ def ratio_columns(r: dict[str, float]) -> dict[str, float]:
 class CorralCandidate:
     """Create + exec + wait + destroy through the Python API, timing each phase."""
 
-    name = "corral"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str = "corral") -> None:
         from corral.sandbox import DEVNULL as CORRAL_DEVNULL
         from corral.sandbox import Sandbox, SandboxSpec
 
+        self.name = name
         self._sandbox_cls = Sandbox
         self._spec = SandboxSpec()
         self._devnull = CORRAL_DEVNULL
@@ -635,21 +634,30 @@ def cgroup_pool_columns(bwrap: str, iterations: int, warmup: int) -> dict:
     if pool is None:
         return {"cgroup_pool": "none here (no delegated cgroups)"}
     pairs = namespace_pool.enable(4)
+    bw = BwrapCandidate(bwrap)
+    bw.name = "bwrap_pool_pass"
     try:
         times = round_robin([CorralRunCandidate("corral_run_pooled"),
-                             CommandCandidate("bwrap_bare_pool_pass", bwrap_bare_argv(bwrap))],
+                             CommandCandidate("bwrap_bare_pool_pass", bwrap_bare_argv(bwrap)),
+                             CorralCandidate("corral_pooled"), bw],
                             iterations, warmup)
         hits, misses = pool.hits, pool.misses
         pair_counts = {} if pairs is None else {"namespace_pool_hits": pairs.hits,
                                                 "namespace_pool_misses": pairs.misses}
     finally:
+        bw.close()
         cgroup_pool.disable()
         namespace_pool.disable()
     run, bare = summary(times["corral_run_pooled"]), summary(times["bwrap_bare_pool_pass"])
+    full, flags = summary(times["corral_pooled"]), summary(times["bwrap_pool_pass"])
     return {"corral_run_pooled_ms_p50": run["p50"], "corral_run_pooled_ms_p99": run["p99"],
             "bwrap_bare_pool_pass_ms_p50": bare["p50"],
             "ratio_pooled_vs_bwrap_bare_p50": round(run["p50"] / bare["p50"], 3),
             "ratio_pooled_vs_bwrap_bare_p99": round(run["p99"] / bare["p99"], 3),
+            "corral_pooled_ms_p50": full["p50"], "corral_pooled_ms_p99": full["p99"],
+            "bwrap_pool_pass_ms_p50": flags["p50"], "bwrap_pool_pass_ms_p99": flags["p99"],
+            "ratio_corral_pooled_vs_bwrap_p50": round(full["p50"] / flags["p50"], 3),
+            "ratio_corral_pooled_vs_bwrap_p99": round(full["p99"] / flags["p99"], 3),
             "cgroup_pool_hits": hits, "cgroup_pool_misses": misses, **pair_counts}
 
 
