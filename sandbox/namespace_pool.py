@@ -19,9 +19,10 @@ namespaces itself, in that user namespace.
 - **Who takes one.** A privileged start whose spec names no host ids (`uid_base`): the
   sandbox takes the pair's id range as its own, so its maps are those the pair was made
   with. Rootless starts map their ids with setuid helpers and make their own.
-- **Refilled in the background.** A take that leaves fewer than half of `size` ready wakes
-  a refill on the undertaker's thread (sandbox/undertaker.py), back to `size`. A take that
-  finds none returns None and the start makes its namespaces as before.
+- **Refilled in the background.** Every take wakes a refill on the undertaker's thread
+  (sandbox/undertaker.py), back to `size` (nothing comes back to the pool, so every pair
+  taken is one to make: at rest it holds exactly `size`). A take that finds none returns
+  None and the start makes its namespaces as before.
 - **What is held.** Two descriptors and one id range per ready pair; the ranges' slot files
   name this process, so a crashed one's are freed by the id pool's sweep like any other,
   and the namespaces die with the descriptors. `drain()` (the daemon's stop, and at exit)
@@ -100,8 +101,6 @@ class NamespacePool:
         if not 1 <= size <= MAX_SIZE:
             raise ValueError(f"a namespace pool holds 1-{MAX_SIZE}, not {size}")
         self.size = size
-        # refill below this: the next takes find one while the refill runs
-        self._low_water = max(1, size // 2)
         self._lock = threading.Lock()
         self._ready: list[ReadyNamespaces] = []
         self._refilling = False
@@ -121,7 +120,7 @@ class NamespacePool:
                 self.misses += 1
             else:
                 self.hits += 1
-            work = len(self._ready) < self._low_water and not self._refilling
+            work = not self._refilling
             if work:
                 self._refilling = True
         if work:

@@ -4,13 +4,12 @@ what runs keeps working."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from corral.runtime.client import ClientError
 
 from .daemon_harness import DaemonProcess, collect_exec, wait_until
+from .test_leaks import quiet_fd_count
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -24,10 +23,6 @@ class LimitedDaemon(DaemonProcess):
         return ["prlimit", f"--nofile={NOFILE}:{NOFILE}", "--", *super().command()]
 
 
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def test_descriptors_run_out_as_resource_exhausted(tmp_path):
     daemon = LimitedDaemon(tmp_path, args=("--max-sandboxes", "10000",
                                            "--workspace-root", str(tmp_path / "ws")))
@@ -35,9 +30,10 @@ def test_descriptors_run_out_as_resource_exhausted(tmp_path):
     try:
         client = daemon.client()
         first = client.create_sandbox()
-        before = _fds(daemon.pid)
+        # counted at rest: each create's namespace pair is made anew just after it returns
+        before = quiet_fd_count(daemon.pid)
         ids = [client.create_sandbox().id for _ in range(20)]
-        assert (_fds(daemon.pid) - before) / 20 == 2  # PID 1's pidfd and status pipe
+        assert (quiet_fd_count(daemon.pid) - before) / 20 == 2  # PID 1's pidfd, status pipe
 
         refused = None
         for _ in range(NOFILE):

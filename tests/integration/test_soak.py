@@ -54,6 +54,22 @@ def snapshot(pid: int) -> dict:
     }
 
 
+def quiet_snapshot(pid: int, timeout_s: float = 15.0) -> dict:
+    """snapshot() once the daemon holds still: the pools renew a destroyed sandbox's cgroup
+    and make a namespace pair anew after a create's (sandbox/cgroup_pool.py,
+    sandbox/namespace_pool.py) on the undertaker thread, just after the calls return, which
+    holds descriptors (and a short-lived holder child) meanwhile. Descriptors and children
+    the same over 5 looks 0.1 s apart, or the last seen."""
+    deadline = time.monotonic() + timeout_s
+    seen = [snapshot(pid)]
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen.append(snapshot(pid))
+        if len(seen) >= 5 and len({(s["fds"], s["children"]) for s in seen[-5:]}) == 1:
+            break
+    return seen[-1]
+
+
 def mounts_naming(pid: int, names: set[str]) -> list[str]:
     """Lines of the process's mountinfo that mention any of names."""
     with open(f"/proc/{pid}/mountinfo") as f:
@@ -105,13 +121,13 @@ def test_soak_sessions_commands_and_tasks_return_the_daemon_to_its_baseline(make
     client = daemon.client()
     for i in range(WARMUP):
         cycle(client, i)
-    base = snapshot(daemon.pid)
+    base = quiet_snapshot(daemon.pid)
     for i in range(WARMUP, WARMUP + CYCLES):
         cycle(client, i)
     # A finished exec's exit record and a sandbox's removal complete just after the calls
     # return: let the daemon settle before the last look.
     wait_until(lambda: snapshot(daemon.pid)["fds"] == base["fds"], 5.0)
-    after = snapshot(daemon.pid)
+    after = quiet_snapshot(daemon.pid)
     print(f"soak: {CYCLES} cycles, baseline {base}, after {after}")
 
     assert after["fds"] == base["fds"], os.listdir(f"/proc/{daemon.pid}/fd")
