@@ -249,14 +249,16 @@ class IdRange:
     count: int
     path: str | None = None  # its slot file; None when not allocated from the pool
 
-    def note_init(self, pid: int) -> None:
-        """Record the sandbox's PID 1: the range stays taken while it lives, even if the
+    def note_init(self, pid: int, sandbox: str | None = None) -> None:
+        """Record the sandbox's PID 1 (and the sandbox, when the range was taken before
+        its own: a namespace pool's): the range stays taken while PID 1 lives, even if the
         process that made it is gone (a task whose supervisor was restarted)."""
         if self.path is None:
             return
+        line = {"init_pid": pid, **({"sandbox": sandbox} if sandbox else {})}
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
-            os.write(fd, b'{"init_pid": %d}\n' % pid)
+            os.write(fd, json.dumps(line).encode() + b"\n")
         finally:
             os.close(fd)
 

@@ -651,7 +651,7 @@ class Sandbox(SandboxLifecycle):
         if first is not None:
             first.started = spawned[2]
         if self._ids is not None:
-            self._ids.note_init(self.init_pid)
+            self._ids.note_init(self.init_pid, self.id if self._namespaces is not None else None)
 
     def _first_plan(self, first: _FirstCommand):
         """The ChildPlan of the command PID 1 starts itself; no cgroup descriptors: it is

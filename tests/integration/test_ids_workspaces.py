@@ -19,15 +19,18 @@ from .daemon_harness import collect_exec
 
 
 def slot_of(sandbox_id: str) -> str | None:
+    """The id slot naming the sandbox: in its first record (a range taken for it), or in
+    its PID 1's (one a namespace pool took ahead, sandbox/namespace_pool.py)."""
     directory = ids.state_dir()
     for name in os.listdir(directory):
         if name.isdigit():
             try:
                 with open(os.path.join(directory, name)) as f:
-                    if json.loads(f.readline()).get("sandbox") == sandbox_id:
-                        return name
+                    records = [json.loads(line) for line in f if line.strip()]
             except (OSError, ValueError):
                 continue
+            if any(r.get("sandbox") == sandbox_id for r in records):
+                return name
     return None
 
 

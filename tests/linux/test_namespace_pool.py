@@ -61,7 +61,13 @@ def _open_fds() -> set[str]:
 
 
 @pytest.fixture
-def pool():
+def held_before():
+    """Namespace descriptors this process held before the test (other suites' egress)."""
+    return _open_fds()
+
+
+@pytest.fixture
+def pool(held_before):
     made = namespace_pool.enable(2)
     assert made is not None  # root here
     undertaker.flush()  # enable() starts the first refill
@@ -71,7 +77,7 @@ def pool():
         namespace_pool.disable()
         # every pair's range given back and both descriptors closed
         assert not _pool_slots()
-        assert not _open_fds()
+        assert _open_fds() == held_before
 
 
 def test_each_sandbox_joins_a_pair_of_its_own_that_no_other_sandbox_sees(pool):
@@ -138,7 +144,7 @@ def test_a_pooled_pair_looks_to_the_sandbox_like_one_made_at_its_start(pool):
 
 @pytest.mark.parametrize("gone", ["workspace", "bind"])
 def test_a_start_that_fails_with_a_pair_closes_it_and_gives_its_range_back(pool, tmp_path,
-                                                                           gone):
+                                                                           gone, held_before):
     """The workspace gone before the start (it fails before PID 1's clone), or a bind's
     source gone (PID 1 fails its mount, with the pair handed to spawn_init)."""
     taken_before = set(os.listdir(ids.state_dir()))
@@ -157,7 +163,7 @@ def test_a_start_that_fails_with_a_pair_closes_it_and_gives_its_range_back(pool,
     assert len(_pool_slots()) == ready
     assert set(os.listdir(ids.state_dir())) - taken_before <= {
         os.path.basename(path) for path in _pool_slots()}
-    assert len(_open_fds()) == 2 * ready  # nothing of the failed one
+    assert len(_open_fds() - held_before) == 2 * ready  # nothing of the failed one
 
 
 def test_spawn_init_closes_a_pair_it_was_handed_even_when_pid1_fails():
@@ -178,14 +184,14 @@ def test_spawn_init_closes_a_pair_it_was_handed_even_when_pid1_fails():
         base.release()
 
 
-def test_a_forked_child_closes_its_copies_of_the_ready_pairs(pool):
-    assert len(_open_fds()) == 4
+def test_a_forked_child_closes_its_copies_of_the_ready_pairs(pool, held_before):
+    assert len(_open_fds() - held_before) == 4
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read)
-            os.write(write, str(len(_open_fds())).encode())
+            os.write(write, str(len(_open_fds() - held_before)).encode())
         finally:
             os._exit(0)
     os.close(write)
@@ -194,7 +200,7 @@ def test_a_forked_child_closes_its_copies_of_the_ready_pairs(pool):
     finally:
         os.close(read)
         os.waitpid(pid, 0)
-    assert len(_open_fds()) == 4  # the parent's stay
+    assert len(_open_fds() - held_before) == 4  # the parent's stay
 
 
 def test_a_refill_that_cannot_map_a_range_stops_and_leaves_nothing(pool, monkeypatch):
