@@ -248,9 +248,12 @@ INIT_STATUS_FD = 3
 
 def init_plan(prepared: Prepared, *, root: str, workspace: str | None, init_fd: int,
               cgroup_fds: tuple[int, ...], status_fd: int,
-              detached: dict[str, int] | None = None, image_root: int | None = None):
+              detached: dict[str, int] | None = None, image_root: int | None = None,
+              empty_dir: str | None = None):
     """(ChildPlan, InitMounts) of a sandbox's PID 1 (steps 4-15, exec'ing corral-init);
     workspace None: a scratch workspace (scratch_workspace_options), mounted by PID 1.
+    empty_dir: the empty directory bound over masked /proc directories (default: "empty"
+    beside root).
 
     A policy's mount plan is converted to C once (its template's MountTable, shared by
     every ChildPlan of that policy); only the sandbox's own directories and workspace
@@ -263,7 +266,7 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str | None, init_fd: 
     detached = detached or {}
     support = support_files()
     scratch = scratch_workspace_options() if workspace is None else None
-    empty_dir = mounts.default_empty_dir(root)
+    empty_dir = empty_dir or mounts.default_empty_dir(root)
     template = mounts.template(spec, workspace, detached=detached, support=support,
                                image_root=image_root, scratch=scratch)
     if template is not None:
@@ -278,7 +281,7 @@ def init_plan(prepared: Prepared, *, root: str, workspace: str | None, init_fd: 
                           lambda: template.fill(root, workspace, workspace_fd, empty_dir))
     else:
         ops = mounts.plan(spec, root, workspace, detached=detached, support=support,
-                          image_root=image_root, scratch=scratch)
+                          image_root=image_root, empty_dir=empty_dir, scratch=scratch)
         mount_args = {"mount_ops": [op.as_tuple() for op in ops]}
         made = InitMounts(mounts.setup_files(ops, root), lambda: ops)
     plan = _spawn.ChildPlan(

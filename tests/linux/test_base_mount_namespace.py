@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from corral.sandbox import BindMount, SandboxSpec, contain, mounts, run
 
 
@@ -83,3 +85,27 @@ def test_masked_proc_directories_are_empty_and_read_only():
     expected = [f"{p} [] 30" if os.path.isdir(p) else f"{p} absent"  # 30: EROFS
                 for p in mounts.PROC_MASKED_DIRS]
     assert done.stdout.decode().splitlines() == expected, done.stderr
+
+
+def test_every_sandbox_binds_one_shared_empty_directory(tmp_path):
+    """The directory bound over the masked /proc directories is one per sandboxes
+    directory (beside it), made once, empty and read-only to all; none is made per
+    sandbox. One that holds something is refused, not bound."""
+    from corral.sandbox import Sandbox
+    from corral.sandbox.backends.native import empty_dir, runtime_base
+    from corral.sandbox.errors import SandboxSetupError
+
+    sb = Sandbox.create(SandboxSpec())
+    try:
+        assert sorted(os.listdir(sb.runtime_dir)) == ["root", "state.json"]
+        shared = empty_dir(runtime_base())
+        assert shared == os.path.join(os.path.dirname(runtime_base()), "empty")
+        st = os.stat(shared)
+        assert (st.st_mode & 0o7777, st.st_uid, os.listdir(shared)) == (0o555, 0, [])
+    finally:
+        sb.destroy()
+    planted = tmp_path / "empty"
+    planted.mkdir()
+    (planted / "x").write_text("not empty")
+    with pytest.raises(SandboxSetupError, match="not an empty directory"):
+        empty_dir(str(tmp_path / "sandboxes"))
