@@ -126,40 +126,42 @@ def last_cap() -> int:
         return 63  # dropping unknown capabilities returns EINVAL, which the child ignores
 
 
-#: Base mount namespaces of this process by sandboxes directory, each a descriptor held
-#: for the process's lifetime (one in practice: the runtime's own sandboxes directory).
+#: Base mount namespaces of this process by runtime tree, each a descriptor held for the
+#: process's lifetime (one in practice: the runtime's own tree, /run/corral as root).
 _base_namespaces: dict[str, int] = {}
 _base_lock = threading.Lock()
 
 
-def base_mount_namespace(root: str) -> int:
-    """The mount namespace the launcher of a sandbox whose root mount point is root joins
-    before cloning PID 1 (as root; -1, the runtime's own, for anyone else).
+def base_mount_namespace(tree: str) -> int:
+    """The mount namespace the launcher of a sandbox of Corral's runtime tree `tree` (the
+    directory of its sandboxes directory and of their shared root mount point and empty
+    directory, /run/corral as root) joins before cloning PID 1 (as root; -1, the runtime's
+    own, for anyone else).
 
     A private copy of the runtime's, made at the first call, keeping the mounts that hold
     what PID 1's setup opens or binds by path: the host system directories and /etc
     entries (with what is mounted below them), /proc, /dev, Corral's support files and the
-    sandboxes directory (each sandbox's root and its generated files). Every other mount
-    -- above all the workspaces of the sandboxes already there, in a restarted daemon --
-    is detached from it, so neither it nor any copy keeps them. What the runtime mounts
-    later stays in its own namespace only, where the file API and a restarted daemon find
-    it; a sandbox gets those as detached mounts. An unprivileged runtime mounts nothing
-    per sandbox (workspaces are plain directories): its own namespace is as small, and
-    so is that of root without CAP_SYS_ADMIN (EPERM here), whose workspaces are too.
+    runtime tree (the root mount point, the empty directory, each sandbox's generated
+    files). Every other mount -- above all the workspaces of the sandboxes already there,
+    in a restarted daemon -- is detached from it, so neither it nor any copy keeps them.
+    What the runtime mounts later stays in its own namespace only, where the file API and
+    a restarted daemon find it; a sandbox gets those as detached mounts. An unprivileged
+    runtime mounts nothing per sandbox (workspaces are plain directories): its own
+    namespace is as small, and so is that of root without CAP_SYS_ADMIN (EPERM here),
+    whose workspaces are too.
 
     Raises:
         SandboxSetupError: the namespace could not be made (step and path named).
     """
     if os.geteuid() != 0:
         return -1
-    sandboxes = os.path.dirname(os.path.dirname(root))
     with _base_lock:
-        fd = _base_namespaces.get(sandboxes)
+        fd = _base_namespaces.get(tree)
         if fd is None:
             from corral.ext import _spawn
 
             needed = (*mounts.HOST_SYSTEM_DIRS, *mounts.HOST_ETC_ENTRIES, "/proc", "/dev",
-                      *("/dev/" + name for name in mounts.DEVICES), sandboxes,
+                      *("/dev/" + name for name in mounts.DEVICES), tree,
                       *support_files().values())
             drops = mounts.base_namespace_detach(
                 _mount_points(), needed, mounts.HOST_SYSTEM_DIRS + mounts.HOST_ETC_ENTRIES)
@@ -168,9 +170,9 @@ def base_mount_namespace(root: str) -> int:
             except PermissionError:
                 fd = -1  # root without CAP_SYS_ADMIN (a container): the runtime's own
             except OSError as exc:
-                raise SandboxSetupError("base mount namespace", exc.filename or sandboxes,
+                raise SandboxSetupError("base mount namespace", exc.filename or tree,
                                         exc.errno or 5, exc.strerror or "") from None
-            _base_namespaces[sandboxes] = fd
+            _base_namespaces[tree] = fd
         return fd
 
 

@@ -102,23 +102,44 @@ def empty_dir(base: str) -> str:
     Raises:
         SandboxSetupError: it exists but is not an empty directory of this user's.
     """
-    path = os.path.join(os.path.dirname(base), "empty")
-    if path in _EMPTY_DIRS:
+    return _shared_directory(os.path.join(os.path.dirname(base), "empty"), 0o555)
+
+
+def root_mount_point(base: str) -> str:
+    """The directory every PID 1 of the sandboxes directory `base` mounts its root on, in
+    its own mount namespace (private: no sandbox nor the host sees another's mount there):
+    one beside `base`, made once per process, where a directory per sandbox cost a mkdir
+    and a rmdir per start.
+
+    Raises:
+        SandboxSetupError: it exists but is not an empty directory of this user's.
+    """
+    return _shared_directory(os.path.join(os.path.dirname(base), "root"), 0o711)
+
+
+def _shared_directory(path: str, mode: int) -> str:
+    """An empty directory of this user's at path, with mode, made (or checked) once per
+    process.
+
+    Raises:
+        SandboxSetupError: it exists but is not an empty directory of this user's.
+    """
+    if path in _SHARED_DIRS:
         return path
     with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o555)
+        os.mkdir(path, mode)
     st = os.lstat(path)
     if (not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
             or os.listdir(path)):
         raise SandboxSetupError("runtime directory", path, errno_mod.EPERM,
                                 "it is not an empty directory of this user's; remove it")
-    if st.st_mode & 0o7777 != 0o555:  # mkdir honours the umask; every sandbox reads it
-        os.chmod(path, 0o555)
-    _EMPTY_DIRS.add(path)
+    if st.st_mode & 0o7777 != mode:  # mkdir honours the umask; every sandbox reaches it
+        os.chmod(path, mode)
+    _SHARED_DIRS.add(path)
     return path
 
 
-_EMPTY_DIRS: set[str] = set()
+_SHARED_DIRS: set[str] = set()
 
 #: Sandboxes directories this (root) process made reachable for sandboxes' ids.
 _PREPARED_BASES: set[str] = set()
@@ -576,8 +597,9 @@ class Sandbox(SandboxLifecycle):
                 mapping.close()
 
     def _make_runtime_dir(self, privileged: bool) -> str:
-        """This sandbox's runtime directory and its (empty) root mount point; returns the
-        root. Root's tree is traversable by the sandbox's ids, a user's is private."""
+        """This sandbox's runtime directory; returns its root mount point (root_mount_point,
+        one for every sandbox). Root's tree is traversable by the sandbox's ids, a user's is
+        private."""
         base = os.path.dirname(self.runtime_dir)
         if privileged:
             if base not in _PREPARED_BASES:
@@ -591,13 +613,9 @@ class Sandbox(SandboxLifecycle):
             _own_directory(os.path.dirname(base), 0o700)
             _own_directory(base, 0o700)
             os.mkdir(self.runtime_dir)
-        # modes set after mkdir, which honours the umask: PID 1's ids must reach root/
+        # mode set after mkdir, which honours the umask
         os.chmod(self.runtime_dir, 0o711)
-        root = os.path.join(self.runtime_dir, "root")
-        os.mkdir(root, 0o700)
-        if privileged:
-            os.chown(root, self.spec.uid_base, self.spec.uid_base)
-        return root
+        return root_mount_point(base)
 
     @property
     def _cgroup_group(self) -> str:
@@ -667,7 +685,8 @@ class Sandbox(SandboxLifecycle):
                 spawned = _spawn.spawn_init(
                     plan, uid_map, gid_map, contain.namespace_owner(self.spec),
                     map_helpers=helpers if mapping is None else None, user_namespace=mapping,
-                    mount_ns_fd=contain.base_mount_namespace(root), command=command,
+                    mount_ns_fd=contain.base_mount_namespace(os.path.dirname(root)),
+                    command=command,
                     namespaces=namespaces)
         except OSError as exc:
             raise _setup_error(exc, made.ops(), helpers=helpers) from None

@@ -33,12 +33,12 @@ def _mount_points_in(ns_fd: int) -> list[str]:
 
 
 def test_base_namespace_keeps_none_of_the_runtimes_mounts(tmp_path):
-    sandboxes = tmp_path / "sandboxes"
-    (sandboxes / "sbx-test").mkdir(parents=True)
-    earlier, later = tmp_path / "earlier-workspace", tmp_path / "later-workspace"
+    tree = tmp_path / "corral"
+    (tree / "sandboxes" / "sbx-test").mkdir(parents=True)
+    earlier, later = tree / "earlier-workspace", tree / "later-workspace"
     _mount_tmpfs(earlier)  # as a restarted daemon finds its sandboxes' workspaces
     try:
-        ns_fd = contain.base_mount_namespace(str(sandboxes / "sbx-test" / "root"))
+        ns_fd = contain.base_mount_namespace(str(tree))
         try:
             _mount_tmpfs(later)
             points = _mount_points_in(ns_fd)
@@ -48,7 +48,7 @@ def test_base_namespace_keeps_none_of_the_runtimes_mounts(tmp_path):
             # the runtime's own namespace keeps both: only the copy leaves them out
             assert os.path.ismount(earlier) and os.path.ismount(later)
         finally:
-            os.close(contain._base_namespaces.pop(str(sandboxes)))
+            os.close(contain._base_namespaces.pop(str(tree)))
     finally:
         _unmount(later)
         _unmount(earlier)
@@ -97,7 +97,7 @@ def test_every_sandbox_binds_one_shared_empty_directory(tmp_path):
 
     sb = Sandbox.create(SandboxSpec())
     try:
-        assert sorted(os.listdir(sb.runtime_dir)) == ["root", "state.json"]
+        assert sorted(os.listdir(sb.runtime_dir)) == ["state.json"]
         shared = empty_dir(runtime_base())
         assert shared == os.path.join(os.path.dirname(runtime_base()), "empty")
         st = os.stat(shared)
