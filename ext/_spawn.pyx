@@ -1755,6 +1755,20 @@ cdef void kill_and_reap(int pid) noexcept nogil:
         pass
 
 
+cdef int write_id_maps(int pid, bytes uid_map, bytes gid_map) except -1:
+    """Write a holder's uid_map, setgroups ("deny") and gid_map, as root.
+
+    Raises:
+        OSError: a write failed (filename: the file).
+    """
+    cdef int err
+    for leaf, data in ((b"uid_map", uid_map), (b"setgroups", b"deny"), (b"gid_map", gid_map)):
+        if write_proc_file(pid, leaf, data, len(data)) != 0:
+            err = errno
+            raise OSError(err, os.strerror(err), f"/proc/{pid}/{leaf.decode()}")
+    return 0
+
+
 def userns_with_maps(bytes uid_map, bytes gid_map):
     """A descriptor of a new user namespace with these id maps (for an idmapped mount).
 
@@ -1779,11 +1793,7 @@ def userns_with_maps(bytes uid_map, bytes gid_map):
         if pid < 0:
             raise OSError(err, "clone(CLONE_NEWUSER): " + os.strerror(err))
         try:
-            for leaf, data in ((b"uid_map", uid_map), (b"setgroups", b"deny"),
-                               (b"gid_map", gid_map)):
-                if write_proc_file(pid, leaf, data, len(data)) != 0:
-                    err = errno
-                    raise OSError(err, os.strerror(err), f"/proc/{pid}/{leaf.decode()}")
+            write_id_maps(pid, uid_map, gid_map)
             fd = open_proc_ns(pid, "ns/user")
         finally:
             with nogil:
@@ -1825,11 +1835,7 @@ def sandbox_namespaces(bytes uid_map, bytes gid_map, long owner_uid=-1):
         if pid < 0:
             raise OSError(err, "clone(CLONE_NEWUSER | CLONE_NEWNET): " + os.strerror(err))
         try:
-            for leaf, data in ((b"uid_map", uid_map), (b"setgroups", b"deny"),
-                               (b"gid_map", gid_map)):
-                if write_proc_file(pid, leaf, data, len(data)) != 0:
-                    err = errno
-                    raise OSError(err, os.strerror(err), f"/proc/{pid}/{leaf.decode()}")
+            write_id_maps(pid, uid_map, gid_map)
             user_fd = open_proc_ns(pid, "ns/user")
             net_fd = open_proc_ns(pid, "ns/net")
         except BaseException:
