@@ -350,7 +350,7 @@ def new_sandbox(spec: SandboxSpec, *, runtime_dir: str | None = None, on_net_eve
     """An unstarted sandbox on the backend the spec names (``spec.backend``).
 
     Args:
-        runtime_dir: native only: where its root mount point and state file go.
+        runtime_dir: native only: the sandboxes directory its state file goes under.
         on_net_event: native only: called (on the proxy's thread) for each egress attempt.
         docker_host: docker only: the engine (default: $DOCKER_HOST, else the standard
             socket).

@@ -60,7 +60,8 @@ OOM_COUNT_GRACE_S = 0.1
 
 
 def runtime_base() -> str:
-    """Where sandboxes keep their root mount point and state file (one tree per user)."""
+    """Where sandboxes keep their state files and journals (one tree per user; their shared
+    root mount point and empty directory are beside it)."""
     return workspace_fs.runtime_path("sandboxes")
 
 
