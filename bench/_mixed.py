@@ -1,9 +1,11 @@
 """The mixed run of bench/sessions.py (`--parts mixed`): real-time sessions while deep tasks
 delegated by other sessions start, report progress and finish.
 
-Two windows on the same daemon, the same N paced sessions (min(--sessions, 128), at --rate
-tokens/s): first alone (the baseline), then while DelegationLoad keeps 32 delegated tasks
-going: two sessions of bench/agents/mixed_delegator.py delegate 16 each (the default
+--mixed-pairs pairs of windows on the same daemon, the same N paced sessions (min(--sessions,
+128), at --rate tokens/s), alone (the baseline) and while DelegationLoad keeps 32 delegated
+tasks going, alternating alone, mixed, mixed, alone, ... (window_order), so that a drift of
+the machine's load weighs on both kinds alike. In a mixed window two sessions of
+bench/agents/mixed_delegator.py delegate 16 tasks each (the default
 max_delegations_per_session), every task (bench/agents/mixed_task.py) reports PROGRESS every
 100 ms for --mixed-task-steps steps and ends, and the next wave starts once a wave is done.
 
@@ -15,8 +17,10 @@ Keys (under "mixed"):
                                bench/scheduler.py's Submit -> runner start on the same daemon
                                (the sandbox's start dominates both). Under the load:
                                delegate_to_running_ms_p50_under_load
-  mixed_latency_ms_p99         token latency p99 of the N sessions under the load; target
-                               within 10% of baseline_latency_ms_p99 (ratio reported)
+  mixed_latency_ms_p99         token latency p99 of the N sessions under the load, all its
+                               windows' samples pooled; target within 10% of
+                               baseline_latency_ms_p99, pooled alike (ratio reported;
+                               windows_latency_ms_p99 has each window's own)
   update_latency_ms_p99        the task's PROGRESS stamp (its clock) -> the watcher receiving
                                the SessionEvent.task that carries it
 All clocks are CLOCK_MONOTONIC of this machine (sandboxes share it).
@@ -152,62 +156,108 @@ def probe_delegate_to_running(socket: str, runs: int) -> list[int]:
     return probe.running_ns[:runs]
 
 
+def _p99_ms(samples: list[int]) -> float | None:
+    """Nearest-rank p99 in ms, as bench/sessions.py's dist_ms computes it."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    k = min(len(ordered) - 1, max(0, round(0.99 * (len(ordered) - 1))))
+    return round(ordered[k] / 1e6, 3)
+
+
+def window_order(pairs: int) -> list[str]:
+    """alone, mixed, mixed, alone, alone, mixed, ...: each kind as often in the early as in
+    the late part of the run, so that a drift of the machine's load over the run weighs on
+    both alike."""
+    order: list[str] = []
+    for i in range(pairs):
+        order += ["baseline", "mixed"] if i % 2 == 0 else ["mixed", "baseline"]
+    return order
+
+
 def run_mixed(daemon, agent_path: str, args, log, run_sessions) -> dict:
-    """Delegate -> running alone (with Submit -> running as its peer), then the baseline
-    window, then the same under DelegationLoad; run_sessions is bench/sessions.py's (passed
-    in: that module imports this one)."""
+    """Delegate -> running alone (with Submit -> running as its peer), then --mixed-pairs
+    pairs of windows on the same N sessions, alone and under DelegationLoad, alternating
+    (window_order); each kind's token latencies are pooled for its p99. run_sessions is
+    bench/sessions.py's (passed in: that module imports this one)."""
     import scheduler  # bench/scheduler.py: the Submit -> running peer
 
     from corral.runtime.client import Client
 
     n = min(args.sessions, 128)
     steps = getattr(args, "mixed_task_steps", 20)
+    pairs = max(1, getattr(args, "mixed_pairs", 1))
     log("[mixed] delegate -> running, one at a time; Submit -> running as its peer")
     alone = probe_delegate_to_running(daemon.socket, PROBES)
     with Client.connect(socket=daemon.socket) as client:
         submit_ms = scheduler._submit_to_running(client, PROBES, resources={"cpu": 1})
-    log(f"[mixed] {n} sessions x {args.rate} tokens/s alone, {args.duration}s window")
-    windows = {"baseline": [time.monotonic_ns()]}
-    base = run_sessions(daemon, agent_path, n, args, duration=args.duration,
-                        interrupt_every_s=args.interrupt_every, workers=args.workers)
-    windows["baseline"].append(time.monotonic_ns())
-    load = DelegationLoad(daemon.socket, steps)
-    load.start()
-    try:
-        log(f"[mixed] again, with {TASKS} delegated tasks going ({steps} x 100 ms each)")
-        windows["mixed"] = [time.monotonic_ns()]
-        mixed = run_sessions(daemon, agent_path, n, args, duration=args.duration,
-                             interrupt_every_s=args.interrupt_every, workers=args.workers)
-        windows["mixed"].append(time.monotonic_ns())
-    finally:
-        load.stop()
-    baseline_p99, mixed_p99 = base["latency_ms_p99"], mixed["latency_ms_p99"]
+    samples: dict[str, list[int]] = {"baseline": [], "mixed": []}
+    runs: dict[str, list[dict]] = {"baseline": [], "mixed": []}
+    windows: list[tuple[str, int, int]] = []
+    running_ns: list[int] = []
+    update_ns: list[int] = []
+    tasks_done = 0
+    errors: list[str] = []
+    task_cpu = 0.0
+    for kind in window_order(pairs):
+        load = None
+        if kind == "mixed":
+            load = DelegationLoad(daemon.socket, steps)
+            load.start()
+            task_cpu = load.cpu
+        log(f"[mixed] {n} sessions x {args.rate} tokens/s, {args.duration}s window, "
+            + ("alone" if load is None else f"with {TASKS} delegated tasks going "
+                                            f"({steps} x 100 ms each)"))
+        began = time.monotonic_ns()
+        try:
+            res = run_sessions(daemon, agent_path, n, args, duration=args.duration,
+                               interrupt_every_s=args.interrupt_every, workers=args.workers,
+                               keep_samples=True)
+        finally:
+            if load is not None:
+                load.stop()
+        windows.append((kind, began, time.monotonic_ns()))
+        samples[kind] += res.pop("latency_ns")
+        runs[kind].append(res)
+        if load is not None:
+            running_ns += load.running_ns
+            update_ns += load.update_ns
+            tasks_done += load.tasks_done
+            errors += load.errors
+        log(f"[mixed]   token p99 {res['latency_ms_p99']} ms")
+    baseline_p99, mixed_p99 = _p99_ms(samples["baseline"]), _p99_ms(samples["mixed"])
     out = {
-        "sessions": mixed["sessions"],
+        "sessions": min(r["sessions"] for r in runs["mixed"]),
         "delegated_tasks": TASKS,
         "delegate_to_running_ms_p50": _percentile(alone, 50),
         "delegate_to_running_ms_p99": _percentile(alone, 99),
         # the peer: Submit -> the runner's start (bench/scheduler.py's measure), same daemon
         "submit_to_running_ms_p50": round(sorted(submit_ms)[len(submit_ms) // 2], 2),
-        "delegate_to_running_ms_p50_under_load": _percentile(load.running_ns, 50),
+        "delegate_to_running_ms_p50_under_load": _percentile(running_ns, 50),
+        # each kind's windows pooled: the p99 of all their samples together
         "mixed_latency_ms_p99": mixed_p99,
         "baseline_latency_ms_p99": baseline_p99,
         "mixed_vs_baseline_p99": (round(mixed_p99 / baseline_p99, 3)
                                   if mixed_p99 and baseline_p99 else None),
-        "update_latency_ms_p50": _percentile(load.update_ns, 50),
-        "update_latency_ms_p99": _percentile(load.update_ns, 99),
-        "tasks_started": len(load.running_ns),
-        "tasks_finished": load.tasks_done,
-        "progress_updates_timed": len(load.update_ns),
-        "task_cpu_each": load.cpu,
-        "daemon_cores_baseline": base["daemon_cores"],
-        "daemon_cores_mixed": mixed["daemon_cores"],
+        "window_pairs": pairs,
+        # each window's own p99, in the order run (window_order)
+        "windows_latency_ms_p99": {k: [r["latency_ms_p99"] for r in v] for k, v in runs.items()},
+        "samples": {k: len(v) for k, v in samples.items()},
+        "update_latency_ms_p50": _percentile(update_ns, 50),
+        "update_latency_ms_p99": _percentile(update_ns, 99),
+        "tasks_started": len(running_ns),
+        "tasks_finished": tasks_done,
+        "progress_updates_timed": len(update_ns),
+        "task_cpu_each": task_cpu,
+        "daemon_cores_baseline": [r["daemon_cores"] for r in runs["baseline"]],
+        "daemon_cores_mixed": [r["daemon_cores"] for r in runs["mixed"]],
         "loadavg": os.getloadavg()[0],
-        # CLOCK_MONOTONIC ns of each run_sessions call (set-up, window and tear-down)
+        # (kind, CLOCK_MONOTONIC ns at the start and end of its run_sessions call: set-up,
+        # window and tear-down), in the order run
         "windows_ns": windows,
-        "errors": load.errors[:5],
+        "errors": errors[:5],
     }
     log(f"[mixed]   delegate->running p50 {out['delegate_to_running_ms_p50']} ms (submit "
         f"{out['submit_to_running_ms_p50']} ms), token p99 {mixed_p99} ms vs {baseline_p99} "
-        f"ms alone, update p99 {out['update_latency_ms_p99']} ms")
+        f"ms alone ({pairs} pairs pooled), update p99 {out['update_latency_ms_p99']} ms")
     return out

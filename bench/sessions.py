@@ -38,6 +38,8 @@ split by thread (/proc/PID/task/*/stat); its loop thread's time on a CPU and wai
 (daemon, bench clients, bench_agent, "other: NAME" for anything else running); the clients'
 own CPU (getrusage); the whole machine's busy time (/proc/stat); and CPU per batch message,
 the figure to compare A/B runs by on a machine with other load (latency moves far more).
+The clients' own cyclic GC over the window (`client_gc`): collections and pauses per
+generation, and how many interrupts (of those over 5 ms) a client sent while it collected.
 
     python bench/sessions.py                # readable summary
     python bench/sessions.py --json         # one JSON object on stdout
@@ -65,6 +67,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -210,6 +213,29 @@ def interrupt_split(raw: list[tuple[str, int, int]], stamps_at: str) -> dict:
             to_agent.append(read - match[1])
     return {"matched": len(to_daemon), "of": len(raw), "send_to_daemon": dist_ms(to_daemon),
             "daemon_call": dist_ms(in_daemon), "write_to_agent_read": dist_ms(to_agent)}
+
+
+def client_gc(results: list[dict]) -> dict:
+    """The clients' own cyclic GC over the window: collections and pauses per generation,
+    and how many interrupts were sent by a client that collected while the interrupt was
+    on its way (between its send and the agent's read): those are the client's pauses."""
+    by_gen: dict[str, list[int]] = {}
+    hit = slow_hit = slow = 0
+    for r in results:
+        pauses = [p for p in r.get("gc_pauses", ())]
+        for _, dur, gen in pauses:
+            by_gen.setdefault(str(gen), []).append(dur)
+        for _, sent, read in r["interrupt_raw"]:
+            during = any(start < read and start + dur > sent for start, dur, _ in pauses)
+            hit += during
+            if read - sent > 5_000_000:
+                slow += 1
+                slow_hit += during
+    return {"collections": {g: len(v) for g, v in sorted(by_gen.items())},
+            "pause_ms_max": {g: ms(max(v)) for g, v in sorted(by_gen.items())},
+            "pause_ms_total": ms(sum(sum(v) for v in by_gen.values())),
+            "interrupts_during_a_pause": hit,
+            "interrupts_over_5ms": slow, "of_them_during_a_pause": slow_hit}
 
 
 # --- the agent ---------------------------------------------------------------------------------
@@ -651,6 +677,23 @@ class Worker:
         self.mux_lock = asyncio.Lock()
         self.mux_messages = 0  # MuxBatch messages received inside the window
 
+    def watch_gc(self) -> list[tuple[int, int, int]]:
+        """Record this client's cyclic GC collections from now on: (CLOCK_MONOTONIC ns at
+        the start, ns it held the loop, generation), each one, so that the coordinator can
+        tell a client's own pause from the daemon's or the machine's."""
+        pauses: list[tuple[int, int, int]] = []
+        began = [0]
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start":
+                began[0] = time.monotonic_ns()
+            else:
+                pauses.append((began[0], time.monotonic_ns() - began[0], info["generation"]))
+
+        self._gc_callback = callback
+        gc.callbacks.append(callback)
+        return pauses
+
     async def mux_write(self, request) -> None:
         async with self.mux_lock:  # grpc.aio allows one write in flight per call
             await self.mux_call.write(request)
@@ -733,12 +776,14 @@ class Worker:
         rng = random.Random(cfg["seed"])
         await asyncio.sleep(max(0.0, (self.t0 - time.monotonic_ns()) / 1e9))
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        gc_pauses = self.watch_gc()
         interrupters = []
         if cfg["interrupt_every_s"] > 0:
             interrupters = [asyncio.ensure_future(d.interrupter(cfg["interrupt_every_s"], rng))
                             for d in drivers if d.error is None]
         await asyncio.sleep(max(0.0, (self.t1 - time.monotonic_ns()) / 1e9))
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        gc.callbacks.remove(self._gc_callback)
         window_s = (self.t1 - self.t0) / 1e9
         for task in interrupters:
             task.cancel()
@@ -772,6 +817,7 @@ class Worker:
             "agent_skipped": sum(f.get("skipped", 0) for f in finals),
             "agents_reported": len(finals),
             "errors": ([d.error for d in drivers if d.error] + setup_failures)[:5],
+            "gc_pauses": gc_pauses,
             "client_cpu_s": round((ru1.ru_utime + ru1.ru_stime)
                                   - (ru0.ru_utime + ru0.ru_stime), 3),
             "window_s": window_s,
@@ -792,7 +838,8 @@ def worker_main(cfg_json: str) -> int:
 
 
 def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: float,
-                 interrupt_every_s: float, workers: int, pyspy: str | None = None) -> dict:
+                 interrupt_every_s: float, workers: int, pyspy: str | None = None,
+                 keep_samples: bool = False) -> dict:
     workers = max(1, min(workers, n))
     share = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
     procs = []
@@ -870,6 +917,7 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
             [tuple(x) for r in results for x in r["interrupt_raw"]], stamps_at)}
            if stamps_at else {}),
         "input_ms": dist_ms(inputs),
+        "client_gc": client_gc(results),
         "tokens_per_s_delivered": round(tokens / duration),
         "tokens_per_s_offered": opened * args.rate,
         "bursts_delivered_ratio": round(bursts / expected_bursts, 4) if expected_bursts else None,
@@ -899,6 +947,8 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
         and out["bursts_delivered_ratio"] is not None and out["bursts_delivered_ratio"] >= 0.98)
     if pyspy:
         out["py_spy_raw"] = pyspy
+    if keep_samples:  # the raw token latencies, for a caller that pools windows (_mixed)
+        out["latency_ns"] = lat
     return out
 
 
@@ -1053,6 +1103,10 @@ def main(argv=None) -> int:
                          "mixed (sessions while delegated deep tasks run)")
     ap.add_argument("--mixed-task-steps", type=int, default=20,
                     help="mixed: PROGRESS reports (100 ms apart) of each delegated task (20)")
+    ap.add_argument("--mixed-pairs", type=int, default=2,
+                    help="mixed: pairs of windows, alone and under the tasks, alternating "
+                         "(alone, mixed, mixed, alone, ...); the p99s pool each kind's "
+                         "samples (default 2)")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     ap.add_argument("--sweep-step", type=int, default=32)
     ap.add_argument("--sweep-duration", type=float, default=6.0)
