@@ -609,8 +609,10 @@ class SessionDriver:
         await asyncio.sleep(rng.uniform(0, 2 * mean_s))
         while time.monotonic_ns() < t1 and not self.exited.done():
             self.answered.clear()
-            self.pending_interrupt = time.monotonic_ns()
+            self.pending_interrupt = sent = time.monotonic_ns()
             await self.send(interrupt=pb.SessionInterrupt())
+            # the client's own part: its turn to write on the stream, then gRPC's write
+            self.w.interrupt_write.append(time.monotonic_ns() - sent)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.answered.wait(), 10)
             self.answered.clear()
@@ -650,6 +652,7 @@ class Worker:
         self.interrupts = array("q")
         self.interrupt_roundtrip = array("q")
         self.interrupt_raw: list[tuple[str, int, int]] = []  # (sandbox, sent, agent read)
+        self.interrupt_write = array("q")  # sent -> the client's write() returned
         self.inputs = array("q")
         self.t0 = self.t1 = 1 << 62
         slow = os.environ.get("CORRAL_BENCH_SLOW_TOKENS")
@@ -808,6 +811,7 @@ class Worker:
             "interrupt_ns": list(self.interrupts),
             "interrupt_roundtrip_ns": list(self.interrupt_roundtrip),
             "interrupt_raw": self.interrupt_raw,
+            "interrupt_write_ns": list(self.interrupt_write),
             "input_ns": list(self.inputs),
             "tokens": sum(d.tokens for d in drivers),
             "bursts": sum(d.bursts for d in drivers),
@@ -913,6 +917,9 @@ def run_sessions(daemon: Daemon, agent_path: str, n: int, args, *, duration: flo
         "latency_ms": latency,
         "interrupt_ms": interrupt,
         "interrupt_roundtrip_ms": dist_ms(intr_rt),
+        # the client's send -> its write() returning (its turn on the stream, gRPC's write)
+        "interrupt_client_write_ms": dist_ms([x for r in results
+                                              for x in r["interrupt_write_ns"]]),
         **({"interrupt_split_ms": interrupt_split(
             [tuple(x) for r in results for x in r["interrupt_raw"]], stamps_at)}
            if stamps_at else {}),

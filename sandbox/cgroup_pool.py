@@ -43,15 +43,14 @@ cgroups it never uses.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
-import os
 import threading
 import time
 
 from . import cgroups
 from .errors import CorralError
+from .pool_slot import PoolSlot
 from .procinfo import owned_name, owner_gone
 from .undertaker import undertaker
 
@@ -239,14 +238,13 @@ class CgroupPool:
 
 # -- the process's pool ------------------------------------------------------------------------
 
-_pool: CgroupPool | None = None
+_slot: PoolSlot[CgroupPool] = PoolSlot()
 
 
 def enable(size: int) -> CgroupPool | None:
     """Keep `size` cgroups ready per limits class in this process (0: none, the default);
     returns the pool, or None when there is none (size 0, or no delegated cgroups here)."""
-    global _pool
-    disable()
+    _slot.disable()
     if size <= 0:
         return None
     from .backends.native import _cgroup_layout
@@ -254,22 +252,13 @@ def enable(size: int) -> CgroupPool | None:
     layout = _cgroup_layout()
     if cgroups.delegation_problem(layout) is not None:
         return None
-    _pool = CgroupPool(layout, size)
-    return _pool
+    return _slot.install(CgroupPool(layout, size))
 
 
-def disable() -> None:
-    """Remove the ready cgroups and keep none from now on."""
-    global _pool
-    pool, _pool = _pool, None
-    if pool is not None:
-        pool.drain()
-        undertaker.flush()  # a refill under way ends; what it made after the drain goes
-
-
-def current() -> CgroupPool | None:
-    """The process's pool, or None when it keeps none."""
-    return _pool
+#: Remove the ready cgroups and keep none from now on.
+disable = _slot.disable
+#: The process's pool, or None when it keeps none.
+current = _slot.current
 
 
 def sweep(layout: cgroups.CgroupLayout) -> list[str]:
@@ -279,12 +268,3 @@ def sweep(layout: cgroups.CgroupLayout) -> list[str]:
     own sweep (native.sweep, by its state.json) removes it, not this one.
     """
     return cgroups.reap_orphans(layout, PREFIX, pick=lambda name: owner_gone(name, PREFIX))
-
-
-def _forget_in_child() -> None:
-    global _pool
-    _pool = None  # the parent's: a forked child makes its own if it enables one
-
-
-atexit.register(lambda: _pool is not None and disable())
-os.register_at_fork(after_in_child=_forget_in_child)

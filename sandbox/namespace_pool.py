@@ -34,13 +34,13 @@ namespaces it never uses.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
 from dataclasses import dataclass
 
 from . import ids
+from .pool_slot import PoolSlot
 from .undertaker import undertaker
 
 log = logging.getLogger("corral.sandbox.namespace_pool")
@@ -171,47 +171,32 @@ def _discard(pair: ReadyNamespaces) -> None:
 
 # -- the process's pool ------------------------------------------------------------------------
 
-_pool: NamespacePool | None = None
+
+def _close_in_child(pool: NamespacePool) -> None:
+    """A forked child closes its copies of the parent's ready pairs (the ranges stay the
+    parent's): they would keep those namespaces alive after the parent used them."""
+    for pair in pool._ready:
+        pair.close()
+
+
+_slot: PoolSlot[NamespacePool] = PoolSlot(in_child=_close_in_child)
 
 
 def enable(size: int) -> NamespacePool | None:
     """Keep `size` pairs ready in this process (0: none, the default), made from now on in
     the background; returns the pool, or None when there is none (size 0, or not root:
     only root maps an id range of Corral's pool)."""
-    global _pool
-    disable()
+    _slot.disable()
     if size <= 0 or os.geteuid() != 0:
         return None
-    _pool = NamespacePool(size)
-    with _pool._lock:
-        _pool._refilling = True
-    undertaker.bury(_pool._refill)
-    return _pool
+    pool = _slot.install(NamespacePool(size))
+    with pool._lock:
+        pool._refilling = True
+    undertaker.bury(pool._refill)
+    return pool
 
 
-def disable() -> None:
-    """Close the ready pairs and keep none from now on."""
-    global _pool
-    pool, _pool = _pool, None
-    if pool is not None:
-        pool.drain()
-        undertaker.flush()  # a refill under way ends; what it made after the drain goes
-
-
-def current() -> NamespacePool | None:
-    """The process's pool, or None when it keeps none."""
-    return _pool
-
-
-def _forget_in_child() -> None:
-    """A forked child closes its copies of the parent's ready pairs (the ranges stay the
-    parent's): they would keep those namespaces alive after the parent used them."""
-    global _pool
-    pool, _pool = _pool, None
-    if pool is not None:
-        for pair in pool._ready:
-            pair.close()
-
-
-atexit.register(lambda: _pool is not None and disable())
-os.register_at_fork(after_in_child=_forget_in_child)
+#: Close the ready pairs and keep none from now on.
+disable = _slot.disable
+#: The process's pool, or None when it keeps none.
+current = _slot.current

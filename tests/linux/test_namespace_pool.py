@@ -115,11 +115,11 @@ def test_a_pooled_pair_looks_to_the_sandbox_like_one_made_at_its_start(pool):
               "cat /proc/self/uid_map /proc/self/gid_map /proc/self/setgroups")
     seen = {}
     for pooled in (True, False):
-        namespace_pool._pool = pool if pooled else None
+        namespace_pool._slot._pool = pool if pooled else None
         try:
             sb = Sandbox.create(SandboxSpec())
         finally:
-            namespace_pool._pool = pool
+            namespace_pool._slot._pool = pool
         try:
             out = sb.exec(["/bin/sh", "-c", script]).communicate()[0].decode()
             owner = _owner_uid(f"/proc/{sb.init_pid}/ns/user")
