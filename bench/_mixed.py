@@ -156,15 +156,6 @@ def probe_delegate_to_running(socket: str, runs: int) -> list[int]:
     return probe.running_ns[:runs]
 
 
-def _p99_ms(samples: list[int]) -> float | None:
-    """Nearest-rank p99 in ms, as bench/sessions.py's dist_ms computes it."""
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    k = min(len(ordered) - 1, max(0, round(0.99 * (len(ordered) - 1))))
-    return round(ordered[k] / 1e6, 3)
-
-
 def window_order(pairs: int) -> list[str]:
     """alone, mixed, mixed, alone, alone, mixed, ...: each kind as often in the early as in
     the late part of the run, so that a drift of the machine's load over the run weighs on
@@ -225,7 +216,8 @@ def run_mixed(daemon, agent_path: str, args, log, run_sessions) -> dict:
             tasks_done += load.tasks_done
             errors += load.errors
         log(f"[mixed]   token p99 {res['latency_ms_p99']} ms")
-    baseline_p99, mixed_p99 = _p99_ms(samples["baseline"]), _p99_ms(samples["mixed"])
+    baseline_p99 = _percentile(samples["baseline"], 99)
+    mixed_p99 = _percentile(samples["mixed"], 99)
     out = {
         "sessions": min(r["sessions"] for r in runs["mixed"]),
         "delegated_tasks": TASKS,

@@ -222,7 +222,7 @@ def client_gc(results: list[dict]) -> dict:
     by_gen: dict[str, list[int]] = {}
     hit = slow_hit = slow = 0
     for r in results:
-        pauses = [p for p in r.get("gc_pauses", ())]
+        pauses = r.get("gc_pauses", ())
         for _, dur, gen in pauses:
             by_gen.setdefault(str(gen), []).append(dur)
         for _, sent, read in r["interrupt_raw"]:
