@@ -24,13 +24,18 @@ Rules this module keeps:
   the order it was published (`SessionTurns.logged_after`), so an event published before
   anyone watched (an agent whose first turn ended while its session's start was still
   being recorded, a turn that ended while the client was away) is not lost.
+* What is logged can also be kept elsewhere: `SessionTurns.sink`, when set, is handed every
+  event as it is logged (runtime/session_journal.py writes them for live restore), and
+  `note_record` / `note_from_record` turn one into a JSON object and back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.sandbox.errors import Ended, InvalidTransition
@@ -100,7 +105,7 @@ class SessionTurns:
     """
 
     __slots__ = ("phase", "turn", "exited", "close_reason", "listeners", "turn_log",
-                 "task_log", "_published")
+                 "task_log", "sink", "_published")
 
     def __init__(self) -> None:
         self.phase = Phase.IN_TURN
@@ -113,6 +118,8 @@ class SessionTurns:
         #: what the agent was told of its deep tasks (see `logged_after`).
         self.turn_log: deque[tuple[int, TurnStarted | TurnEnded]] = deque(maxlen=LOG_ENTRIES)
         self.task_log: deque[tuple[int, TaskNote]] = deque(maxlen=LOG_ENTRIES)
+        #: Called with every event as it is logged (published or remembered), or None.
+        self.sink: Callable[[TurnStarted | TurnEnded | TaskNote], None] | None = None
         self._published = 0
 
     @property
@@ -187,8 +194,13 @@ class SessionTurns:
         merged = heapq.merge(self.turn_log, self.task_log, key=lambda item: item[0])
         return [event for _, event in merged if missed(event, after)]
 
-    def remember(self, event: TurnStarted | TurnEnded) -> None:
-        """Log a turn event without publishing it (one from before a daemon restart: the
+    def logged(self) -> list[TurnStarted | TurnEnded | TaskNote]:
+        """Every logged event still kept, in the order it was logged."""
+        merged = heapq.merge(self.turn_log, self.task_log, key=lambda item: item[0])
+        return [event for _, event in merged]
+
+    def remember(self, event: TurnStarted | TurnEnded | TaskNote) -> None:
+        """Log an event without publishing it (one from before a daemon restart: the
         streams that resume are told of it, nobody watches yet)."""
         self._log(event)
 
@@ -196,6 +208,8 @@ class SessionTurns:
         self._published += 1
         log = self.task_log if isinstance(event, TaskNote) else self.turn_log
         log.append((self._published, event))
+        if self.sink is not None:
+            self.sink(event)
 
     def _publish(self, event):
         if not isinstance(event, Exited):
@@ -223,3 +237,43 @@ def missed(event, after: int) -> bool:
     A turn's end is told after its TURN_END entry (seq); a turn's start and a task's news
     before the entry `seq`. A client holding entry `seq` was told of either already."""
     return event.seq > after
+
+
+#: The "kind" of each logged event's record (note_record).
+_KINDS: dict[type, str] = {TurnStarted: "turn_started", TurnEnded: "turn_ended",
+                           TaskNote: "task"}
+_TYPES = {kind: cls for cls, kind in _KINDS.items()}
+
+
+def note_record(event: TurnStarted | TurnEnded | TaskNote) -> dict:
+    """A logged event as a JSON object: its fields and its "kind"."""
+    return {"kind": _KINDS[type(event)], **dataclasses.asdict(event)}
+
+
+def note_from_record(record: dict) -> TurnStarted | TurnEnded | TaskNote:
+    """The event note_record made `record` from.
+
+    Raises:
+        ValueError: not such a record (an unknown kind, a field missing or of another
+            type).
+    """
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    cls = _TYPES.get(record.get("kind"))
+    if cls is None:
+        raise ValueError(f"unknown kind {record.get('kind')!r}")
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = record.get(field.name, _MISSING)
+        if value is _MISSING:
+            if field.default is dataclasses.MISSING:
+                raise ValueError(f"{field.name} missing")
+            continue
+        expected = int if field.type == "int" else str
+        if type(value) is not expected:
+            raise ValueError(f"{field.name} is not a {expected.__name__}")
+        values[field.name] = value
+    return cls(**values)
+
+
+_MISSING = object()

@@ -306,6 +306,7 @@ class SessionManager:
         hub.attach_fd(pipes.events_r)
         if journal is not None:
             session.kept = journal
+            journal.keep_notes(session.turns)
             self.live_restore.keep_session(msb.id, session_id, [pipes.events_r, pipes.control_w],
                                            journal, {
                 "id": session_id, "tenant": caller.tenant, "sandbox_id": msb.id,
@@ -430,6 +431,7 @@ class SessionManager:
                         on_event=lambda ev: self._on_agent_event(holder[0](), ev),
                         end_on_eof=False, journal=found.journal.events)
         events = hub.restore_log(log.records) if log else []
+        turns, added = _restored_turns(found.turns, events, found.notes)
         reason = ("its agent's command was not kept" if handle is None else
                   "the holder kept none of its pipes" if len(pipes) != 2 else "")
         if reason:
@@ -439,9 +441,12 @@ class SessionManager:
             id=record["id"], tenant=record["tenant"], sandbox_id=msb.id,
             owns_sandbox=bool(record["owns_sandbox"]), hub=hub,
             control=ControlWriter(pipes[1]) if not reason else _closed_control(),
-            exec_handle=handle, turns=_restored_turns(found.turns, events),
+            exec_handle=handle, turns=turns,
             detached_since=time.monotonic(), labels=dict(record.get("labels", {})),
             created_at=float(record.get("created_at", 0.0)), kept=found.journal)
+        found.journal.keep_notes(session.turns, found.note_lines)
+        for event in added:  # so that the next restart finds them too
+            found.journal.append_note(event)
         self._seq += 1
         session.seq = self._seq
         holder.append(weakref.ref(session))
@@ -631,14 +636,21 @@ class SessionManager:
                     await self._end(session, "idle")
 
 
-def _restored_turns(saved: dict, events: list[tuple[int, int, bytes]]) -> SessionTurns:
-    """The turn state turns.json kept, brought up to date with the log: a TURN_END entry
-    after its last change (the daemon died before it wrote the change) ends that turn.
+def _restored_turns(saved: dict, events: list[tuple[int, int, bytes]],
+                    notes: list | None = None) -> tuple[SessionTurns, list]:
+    """The turn state turns.json kept, brought up to date with the log (a TURN_END entry
+    after its last change: the daemon died before it wrote the change, so that turn has
+    ended), with what the session had logged for its watchers; and the events logged here
+    that notes did not hold, for the journal.
 
-    The turn's last event is logged again (`SessionTurns.remember`: its end, or the start of
-    the turn that runs), so that a client resuming from before it is told of it as it would
-    have been without the restart; a client waiting for a turn's end would wait for ever.
-    Older turns' events are not: which TURN_END entry ended which turn is not kept."""
+    `notes` (notes.jsonl, runtime/session_journal.py) is logged again as it was, so that a
+    client resuming from before the restart is told of everything it would have been told
+    without it, but a turn event of a turn past turns.json's (the daemon died after
+    logging a start and before writing it: the agent never heard that input). Then the
+    turn's last event is logged where notes lack it: the end the log shows, or the start
+    of the turn that runs. Without notes (a journal from before they were kept) that last
+    event is all that is logged; otherwise a client waiting for a turn's end would wait
+    for ever."""
     turns = SessionTurns()
     turns.turn = int(saved.get("turn", 1))
     turns.phase = Phase(saved.get("phase", Phase.IN_TURN.value))
@@ -650,11 +662,24 @@ def _restored_turns(saved: dict, events: list[tuple[int, int, bytes]]) -> Sessio
     if turns.turn_open and later is not None:
         turns.phase = Phase.BETWEEN_TURNS
         changed_at = later
+    last = None  # the last turn event logged again
+    for event in notes or ():
+        if isinstance(event, TurnStarted | TurnEnded):
+            if event.turn > turns.turn:
+                continue
+            last = event
+        turns.remember(event)
+    added = []
     if turns.phase is Phase.BETWEEN_TURNS and changed_at in ends:
-        turns.remember(TurnEnded(turns.turn, turn_end_status(ends[changed_at]), changed_at))
+        missing = TurnEnded(turns.turn, turn_end_status(ends[changed_at]), changed_at)
+        if not (isinstance(last, TurnEnded) and last.turn == turns.turn):
+            added.append(missing)
     elif turns.turn_open and turns.turn > 1 and changed_at:
-        turns.remember(TurnStarted(turns.turn, changed_at))
-    return turns
+        if not (isinstance(last, TurnStarted) and last.turn == turns.turn):
+            added.append(TurnStarted(turns.turn, changed_at))
+    for event in added:
+        turns.remember(event)
+    return turns, added
 
 
 def turn_end_status(payload: bytes) -> str:

@@ -428,8 +428,11 @@ class Delegations:
 
     @staticmethod
     def _note(session, note: TaskNote) -> None:
-        """Put the news in the session's task log, after the stream's newest entry."""
-        session.turns.tell(dataclasses.replace(note, seq=session.hub.stream.next_seq))
+        """Put the news in the session's task log, after the stream's newest entry; not
+        news the log holds already (a restarted daemon telling again what the session's
+        notes kept: the task's end, or the same update as the task's last)."""
+        if not _logged_already(session.turns.task_log, note):
+            session.turns.tell(dataclasses.replace(note, seq=session.hub.stream.next_seq))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -446,6 +449,22 @@ class Delegations:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _logged_already(task_log, note: TaskNote) -> bool:
+    """Whether task_log ((n, TaskNote) pairs, oldest first) holds `note` already: for an
+    end, any end of the task; for an update, the task's newest note, if it is the same
+    update (state, progress, attempt)."""
+    if note.event == "done":
+        return any(n.event == "done" and n.task_id == note.task_id for _, n in task_log)
+    if note.event != "update":
+        return False
+    for _, logged in reversed(task_log):
+        if logged.task_id == note.task_id:
+            return (logged.event == "update" and logged.state == note.state
+                    and logged.progress_json == note.progress_json
+                    and logged.attempt == note.attempt)
+    return False
 
 
 async def _fault_after_done_sent(sandboxes, session, task: DeepTask) -> None:

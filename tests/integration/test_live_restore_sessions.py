@@ -163,15 +163,20 @@ def test_steering_after_restarts_and_a_session_that_cannot_be_adopted(
     d3 = kept_daemon().start()
     mux = d3.client().open_many()  # resumed through OpenMany this time
     mux.resume("a", steered.stream.session_id, after_seq=again.last_seq)
-    # a watcher from the start is told of the running turn's start, though it came before
-    # the restart (the turn ended before it was told live, on d2, is not rebuilt)
+    # a watcher from the start is told of every turn event the session logged, though
+    # they came before the restart: turn 1's end (the interrupt, on d2) and turn 2's start
+    # (notes.jsonl), in the order they happened, each once
     mux.resume("w", steered.stream.session_id, after_seq=0, watch_only=True)
     last, exited, closing, started, ended = [], None, False, [], set()
+    told = []
     for ref, ev in mux:
         kind = ev.WhichOneof("event")
         if ref == "w":
             if kind == "turn_started":
                 started.append(ev.turn_started.turn)
+                told.append(("started", ev.turn_started.turn))
+            elif kind == "turn_ended":
+                told.append(("ended", ev.turn_ended.turn, ev.turn_ended.status))
         elif kind == "batch":
             last.extend(batch_entries(ev.batch))
             if not closing and sum(1 for _, k, _ in last if k == EVENT_TOKEN) >= 10:
@@ -185,6 +190,7 @@ def test_steering_after_restarts_and_a_session_that_cannot_be_adopted(
                 break
     mux.close()
     assert started == [2]
+    assert told[:2] == [("ended", 1, "interrupted"), ("started", 2)]
     entries = steered.entries + again.entries + last
     assert [s for s, _, _ in entries] == list(range(1, len(entries) + 1))
     tokens = [p.decode() for _, k, p in entries if k == EVENT_TOKEN]
