@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 
 from .journal import Loaded, OutputJournal, load_each, write_json
@@ -48,6 +49,9 @@ class SessionJournal:
         self._notes_fd = -1
         self._note_lines = 0
         self._turns: SessionTurns | None = None
+        #: The loop appends notes; live restore's writer thread removes the directory.
+        self._notes_lock = threading.Lock()
+        self._removed = False
 
     @classmethod
     def for_sandbox(cls, sandbox_runtime_dir: str, session_id: str,
@@ -74,21 +78,25 @@ class SessionJournal:
         """One logged event, as a line of notes.jsonl (on the loop: a short tmpfs write).
         A session whose directory is gone (it has ended) writes nothing."""
         line = (json.dumps(note_record(event), separators=(",", ":")) + "\n").encode()
-        if self._note_lines >= NOTES_COMPACT_LINES and self._turns is not None:
-            self._compact()  # the event is logged already: the rewrite holds it
-            return
-        try:
-            if self._notes_fd < 0:
-                self._notes_fd = os.open(os.path.join(self.directory, NOTES_FILE),
-                                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                                         0o600)
-            os.write(self._notes_fd, line)
-        except FileNotFoundError:
-            return
-        self._note_lines += 1
+        with self._notes_lock:
+            if self._removed:
+                return
+            if self._note_lines >= NOTES_COMPACT_LINES and self._turns is not None:
+                self._compact()  # the event is logged already: the rewrite holds it
+                return
+            try:
+                if self._notes_fd < 0:
+                    self._notes_fd = os.open(
+                        os.path.join(self.directory, NOTES_FILE),
+                        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.write(self._notes_fd, line)
+            except FileNotFoundError:
+                return
+            self._note_lines += 1
 
     def _compact(self) -> None:
-        """Rewrite notes.jsonl with what the session still keeps, whole or not at all."""
+        """Rewrite notes.jsonl with what the session still keeps, whole or not at all.
+        Caller holds _notes_lock."""
         events = self._turns.logged()
         path = os.path.join(self.directory, NOTES_FILE)
         try:
@@ -108,9 +116,9 @@ class SessionJournal:
 
     def remove(self) -> None:
         self.events.close()
-        self._close_notes()
-        if self._turns is not None:
-            self._turns.sink = None
+        with self._notes_lock:  # no note is being written, and none will be
+            self._removed = True
+            self._close_notes()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
