@@ -303,10 +303,11 @@ class SessionManager:
         self._seq += 1
         session.seq = self._seq
         holder.append(weakref.ref(session))
+        if journal is not None:  # before anything can be logged
+            journal.keep_notes(session.turns)
         hub.attach_fd(pipes.events_r)
         if journal is not None:
             session.kept = journal
-            journal.keep_notes(session.turns)
             self.live_restore.keep_session(msb.id, session_id, [pipes.events_r, pipes.control_w],
                                            journal, {
                 "id": session_id, "tenant": caller.tenant, "sandbox_id": msb.id,
