@@ -71,7 +71,12 @@ def test_a_sandbox_takes_a_ready_cgroup_with_its_limits_and_new_counters(pool, c
         # what a cgroup made for it would say: nothing used before it, no OOM kill
         stats = cgroups.Cgroup(cgroup_layout, name).stats()
         assert stats["oom_kills"] == 0 and stats["cpu_throttled_periods"] == 0
-        assert stats["memory_peak_bytes"] == stats["memory_bytes"]
+        # its peak is its PID 1's own: the usage now, give or take the charges the kernel
+        # takes and gives back in per-CPU batches (MEMCG_CHARGE_BATCH, 64 pages a CPU);
+        # a cgroup used before would show its last user's peak (8 MB or more below)
+        batches = 64 * os.sysconf("SC_PAGE_SIZE") * os.cpu_count()
+        assert stats["memory_bytes"] <= stats["memory_peak_bytes"]
+        assert stats["memory_peak_bytes"] <= stats["memory_bytes"] + batches
         assert sb.exec(["/bin/true"]).wait() == 0
     undertaker.flush()
     pool.settle()
