@@ -356,8 +356,17 @@ def test_a_crash_between_task_done_and_its_commit_tells_the_agent_once(make_daem
         assert _ledger(client, sb, task_id).count("done") == 1  # the repeat was dropped
         assert [m["event"] for m in _told(rec) + _told(new)
                 if m.get("task_id") == task_id].count("done") == 1
+        # a watcher from the start is told of the task's news from before the kill too
+        # (the session's notes.jsonl), then its end, each once
+        watcher = SessionRecorder(client.resume_session(rec.session_id, watch_only=True))
+        watcher.wait_for(lambda r: any(e.event == "done" and e.task_id == task_id
+                                       for e in _watched(r)), 30, what="the task's end")
+        told = [e.event for e in _watched(watcher) if e.task_id == task_id]
+        assert told[0] == "accepted" and told.count("accepted") == 1
+        assert told.count("done") == 1 and told[-1] == "done"
         new.stream.close_session()
         new.join()
+        watcher.join()
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.client().destroy_sandbox(sb)
