@@ -416,16 +416,19 @@ def _v1_dirs(layout: CgroupLayout) -> dict[str, str]:
     return seen
 
 
-def plan(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp]:
+def plan(layout: CgroupLayout, name: str, limits: CgroupLimits, *,
+         with_group: bool = True) -> list[CgroupOp]:
     """The ordered ops that create `<group>/<name>` with `limits`; pure, touches nothing.
+    Without with_group, not the ops that make the group itself (`group_plan`'s: its
+    directories, v2's controllers enabled for its children), for a group known to exist.
 
     Raises:
         InvalidSpec: a bad name.
     """
     check_name(name)
     if layout.version == 1:
-        return _plan_v1(layout, name, limits)
-    return _plan_v2(layout, name, limits)
+        return _plan_v1(layout, name, limits, with_group)
+    return _plan_v2(layout, name, limits, with_group)
 
 
 def group_plan(layout: CgroupLayout, cpu_weight: int | None = None) -> list[CgroupOp]:
@@ -456,10 +459,12 @@ def _weight_knob(version: int, cpu_dir: str, weight: int | None) -> tuple[str, s
     return os.path.join(cpu_dir, "cpu.weight"), str(limits.cpu_weight)
 
 
-def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp]:
+def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits,
+             with_group: bool = True) -> list[CgroupOp]:
     ops: list[CgroupOp] = []
     for mnt in _v1_dirs(layout).values():
-        ops.append(Mkdir(os.path.join(mnt, layout.group), exist_ok=True))
+        if with_group:
+            ops.append(Mkdir(os.path.join(mnt, layout.group), exist_ok=True))
         ops.append(Mkdir(os.path.join(mnt, layout.group, name)))
     leaf = {c: os.path.join(mnt, layout.group, name) for c, mnt in layout.controllers.items()}
 
@@ -487,9 +492,10 @@ def _plan_v1(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[Cgro
     return ops
 
 
-def _plan_v2(layout: CgroupLayout, name: str, limits: CgroupLimits) -> list[CgroupOp]:
+def _plan_v2(layout: CgroupLayout, name: str, limits: CgroupLimits,
+             with_group: bool = True) -> list[CgroupOp]:
     leaf = os.path.join(layout.parent, layout.group, name)
-    ops = [*group_plan(layout), Mkdir(leaf)]
+    ops = [*(group_plan(layout) if with_group else ()), Mkdir(leaf)]
     if limits.memory_bytes is not None:
         ops.append(Write(os.path.join(leaf, "memory.max"), str(limits.memory_bytes)))
     # Absent when the kernel has no swap accounting (swapaccount=0, no CONFIG_SWAP).
@@ -652,6 +658,11 @@ def recorded(layout: CgroupLayout, state: Mapping | None, sandbox_id: str) -> Cg
     return Cgroup.open(layout.in_group(group), state.get("cgroup") or sandbox_id)
 
 
+#: The groups (version, group, hierarchy directories) this process made or found: a
+#: create skips their ops (Cgroup.create). A set's add and discard are atomic.
+_GROUPS_MADE: set[tuple] = set()
+
+
 class Cgroup:
     """The cgroup `<group>/<name>` of one sandbox, in every hierarchy the layout uses."""
 
@@ -668,10 +679,26 @@ class Cgroup:
     def create(cls, layout: CgroupLayout, name: str, limits: CgroupLimits) -> Cgroup:
         """Apply `plan(layout, name, limits)`; on failure remove what was made, then raise.
 
+        The group's own ops are skipped once this process made or found the group (v1: a
+        mkdir per hierarchy; v2: a mkdir and two cgroup.subtree_control writes, under the
+        kernel's cgroup mutex), on every create after the first. Where the group went
+        meanwhile (removed, or its controllers disabled), the leaf's first op fails
+        ENOENT: the group is made again and the create tried once more.
+
         Raises:
             SandboxSetupError: a mkdir or write failed (EEXIST: the name is taken).
         """
+        key = (layout.version, layout.group, tuple(sorted(layout.bases().items())))
+        if key in _GROUPS_MADE:
+            try:
+                _apply(plan(layout, name, limits, with_group=False))
+                return cls(layout, name)
+            except SandboxSetupError as exc:
+                if exc.errno != _errno.ENOENT:
+                    raise
+                _GROUPS_MADE.discard(key)
         _apply(plan(layout, name, limits))
+        _GROUPS_MADE.add(key)
         return cls(layout, name)
 
     @classmethod

@@ -7,6 +7,8 @@ cgroup left nothing under /sys/fs/cgroup/*/corral/.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import glob
 import os
@@ -405,3 +407,34 @@ def test_v2_kill_reaches_a_double_forked_grandchild(make_v2, spawn, monkeypatch,
     cg.kill()
     assert cg.pids() == []
     assert child.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_a_group_removed_after_a_create_is_made_again_by_the_next(layout):
+    """Cgroup.create makes a group once per process, then skips its ops; a group removed
+    meanwhile (by an operator, a sweep) is made again, not reported as ENOENT."""
+    # the hierarchies' roots moved into a directory of this test's, so that the group
+    # ("corral" below it) is this test's alone to remove
+    roots = {c: os.path.join(mnt, f"{PREFIX}root") for c, mnt in layout.controllers.items()}
+    for root in set(roots.values()):
+        os.mkdir(root)
+    private = dataclasses.replace(layout, controllers=roots)
+    dirs = list(set(private.bases().values()))
+    try:
+        Cgroup.create(private, f"{PREFIX}a", CgroupLimits(pids_max=8)).destroy()
+        assert all(os.path.isdir(d) for d in dirs)
+        for d in dirs:  # empty now: the next create finds no group
+            os.rmdir(d)
+        again = Cgroup.create(private, f"{PREFIX}b", CgroupLimits(pids_max=8))
+        try:
+            assert all(os.path.isdir(os.path.join(d, f"{PREFIX}b")) for d in dirs)
+            with open(os.path.join(again.path("pids"), "pids.max")) as f:
+                assert f.read().strip() == "8"
+        finally:
+            again.destroy()
+        # and the create after that skips the group's ops again: it still works
+        Cgroup.create(private, f"{PREFIX}c", CgroupLimits()).destroy()
+    finally:
+        for d in [*dirs, *set(roots.values())]:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(d)
+    assert not any(os.path.exists(d) for d in [*dirs, *roots.values()])

@@ -19,6 +19,7 @@ from corral.sandbox.cgroups import (
     CgroupLimits,
     Mkdir,
     Write,
+    group_plan,
     layout_from_text,
     parse_mounts,
     parse_proc_cgroup,
@@ -377,6 +378,21 @@ def test_plan_v2_no_limits_still_disables_swap():
         Write("/sys/fs/cgroup/cgroup.subtree_control", "+memory +pids +cpu"),
         Mkdir("/sys/fs/cgroup/corral", exist_ok=True),
         Write("/sys/fs/cgroup/corral/cgroup.subtree_control", "+memory +pids +cpu"),
+        Mkdir("/sys/fs/cgroup/corral/sb1"),
+        Write("/sys/fs/cgroup/corral/sb1/memory.swap.max", "0", optional=True),
+    ]
+
+
+def test_plan_without_the_group_leaves_out_exactly_the_groups_ops():
+    """A group this process made already: only the sandbox's own directories and limits."""
+    limits = CgroupLimits(memory_bytes=64 * M, pids_max=32, cpu_quota=0.5)
+    for layout in (V1, HYBRID, V2):
+        whole = plan(layout, "sb1", limits)
+        group = set(group_plan(layout))
+        assert group and group <= set(whole)
+        assert plan(layout, "sb1", limits, with_group=False) == [
+            op for op in whole if op not in group]
+    assert plan(V2, "sb1", CgroupLimits(), with_group=False) == [
         Mkdir("/sys/fs/cgroup/corral/sb1"),
         Write("/sys/fs/cgroup/corral/sb1/memory.swap.max", "0", optional=True),
     ]
