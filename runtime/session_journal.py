@@ -150,13 +150,16 @@ def _load_session(directory: str) -> LoadedSession:
 
 def load_notes(path: str) -> tuple[list | None, int]:
     """The events notes.jsonl at path holds, in order, and its line count; (None, 0) when
-    there is no such file. A line that cannot be read back (the last one, cut by a
-    SIGKILL mid-write) is skipped."""
+    there is no such file. A last line cut by a SIGKILL mid-write is cut off the file (the
+    next append starts a line of its own); a line that cannot be read back is skipped."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         return None, 0
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
+        os.truncate(path, len(raw))
     events, lines = [], 0
     for line in raw.splitlines():
         lines += 1

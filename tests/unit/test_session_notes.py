@@ -56,12 +56,34 @@ def test_what_the_turns_log_is_appended_and_read_back_in_order(tmp_path):
     turns.tell(EVENTS[2])  # after the session's directory went: nothing written, no error
 
 
-def test_a_line_cut_by_a_kill_is_skipped_and_a_missing_file_is_none(tmp_path):
+def test_a_line_cut_by_a_kill_is_cut_off_and_a_missing_file_is_none(tmp_path):
     path = tmp_path / NOTES_FILE
     assert load_notes(str(path)) == (None, 0)
     good = json.dumps(note_record(EVENTS[0]))
     path.write_text(good + "\n" + good[:12])
-    assert load_notes(str(path)) == ([EVENTS[0]], 2)
+    assert load_notes(str(path)) == ([EVENTS[0]], 1)
+    assert path.read_text() == good + "\n"  # the next append starts a line of its own
+    path.write_text(good + "\n" + "not json\n" + good + "\n")
+    assert load_notes(str(path)) == ([EVENTS[0], EVENTS[0]], 3)  # a bad line is skipped
+
+
+def test_a_restored_session_appends_after_what_its_notes_held(tmp_path):
+    directory = str(tmp_path / "s1")
+    journal = SessionJournal(directory, 1 << 16)
+    turns = SessionTurns()
+    journal.keep_notes(turns)
+    turns.end_turn("completed", 4)
+    with open(os.path.join(directory, NOTES_FILE), "a") as f:
+        f.write('{"kind":"turn_st')  # the daemon killed mid-write
+    found, lines = load_notes(os.path.join(directory, NOTES_FILE))
+    again = SessionJournal(directory, 1 << 16)  # the next daemon's
+    restored = SessionTurns()
+    for event in found:
+        restored.remember(event)
+    again.keep_notes(restored, lines)
+    restored.tell(EVENTS[2])
+    assert load_notes(os.path.join(directory, NOTES_FILE)) == (
+        [TurnEnded(1, "completed", 4), EVENTS[2]], 2)
 
 
 def test_the_file_is_rewritten_with_what_the_session_keeps_once_it_is_long(tmp_path,
