@@ -191,8 +191,7 @@ class SessionTurns:
     def logged_after(self, after: int) -> list[TurnStarted | TurnEnded | TaskNote]:
         """The logged events a client holding every entry up to `after` (0: none) lacks
         (`missed`), in the order they were published."""
-        merged = heapq.merge(self.turn_log, self.task_log, key=lambda item: item[0])
-        return [event for _, event in merged if missed(event, after)]
+        return [event for event in self.logged() if missed(event, after)]
 
     def logged(self) -> list[TurnStarted | TurnEnded | TaskNote]:
         """Every logged event still kept, in the order it was logged."""
@@ -243,6 +242,7 @@ def missed(event, after: int) -> bool:
 _KINDS: dict[type, str] = {TurnStarted: "turn_started", TurnEnded: "turn_ended",
                            TaskNote: "task"}
 _TYPES = {kind: cls for cls, kind in _KINDS.items()}
+_MISSING = object()
 
 
 def note_record(event: TurnStarted | TurnEnded | TaskNote) -> dict:
@@ -275,5 +275,3 @@ def note_from_record(record: dict) -> TurnStarted | TurnEnded | TaskNote:
         values[field.name] = value
     return cls(**values)
 
-
-_MISSING = object()

@@ -658,8 +658,8 @@ def recorded(layout: CgroupLayout, state: Mapping | None, sandbox_id: str) -> Cg
     return Cgroup.open(layout.in_group(group), state.get("cgroup") or sandbox_id)
 
 
-#: The groups (version, group, hierarchy directories) this process made or found: a
-#: create skips their ops (Cgroup.create). A set's add and discard are atomic.
+#: The groups (their directories, by controller) this process made or found: a create
+#: skips their ops (Cgroup.create). A set's add and discard are atomic.
 _GROUPS_MADE: set[tuple] = set()
 
 
@@ -688,7 +688,7 @@ class Cgroup:
         Raises:
             SandboxSetupError: a mkdir or write failed (EEXIST: the name is taken).
         """
-        key = (layout.version, layout.group, tuple(sorted(layout.bases().items())))
+        key = tuple(sorted(layout.bases().items()))  # the group's own directories
         if key in _GROUPS_MADE:
             try:
                 _apply(plan(layout, name, limits, with_group=False))
